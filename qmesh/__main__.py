@@ -1,0 +1,3 @@
+from qmesh.cli import main
+
+raise SystemExit(main())

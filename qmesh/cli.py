@@ -1,0 +1,446 @@
+"""The ``qmesh`` command line.
+
+For: parsing arguments, loading the configuration, setting up logging, then
+either running roles (``qmesh --role gate``) or one management command
+(``keys``, ``enroll``, ``revoke``, ``identities``, ``apps``, ``up``,
+``version``). Errors the operator can fix (bad config, missing key, duplicate
+name) print one line on stderr and exit with status 2, without a traceback.
+
+Not for: what the roles do (:mod:`qmesh.runner`) or the local cluster
+launcher (:mod:`qmesh.up`); both are imported only when asked for, so the
+management commands work without them and start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import importlib
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from qmesh import __version__
+from qmesh.config import Config, ConfigError, load_config, parse_hostport
+from qmesh.identity import (
+    GateKeyMissing,
+    GateKeys,
+    IdentityError,
+    enroll,
+    write_private_file,
+)
+from qmesh.logs import LEVELS, setup_logging
+from qmesh.state import ROLES, StateError, StateStore
+
+__all__ = ["main"]
+
+RUN_ROLES: Final = ("gate", "minigate", "daemon")
+# Errors that are the operator's to fix: one line on stderr, exit status 2.
+_OPERATOR_ERRORS: Final = (ConfigError, IdentityError, StateError)
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+_DESCRIPTION = """\
+qmesh: a federated AI service mesh. One executable, three roles:
+
+  gate      the brain: authenticates edges, holds the real secrets, routes
+            qg:// capability requests, keeps inventory and accounts
+            (tunnel listener :11439, HTTP API :11480)
+  minigate  the edge sidecar beside an application: mimics Postgres (:11438)
+            and an OpenAI-compatible LLM API (:11435) on localhost and
+            carries the traffic to the Gate through a sealed tunnel
+  daemon    the hands on a compute node: reports hardware, runs models
+            (health endpoint :11450)
+
+Run roles with --role (repeatable), or give one command."""
+
+_EPILOG = """\
+examples:
+  qmesh keys init                         create the Gate's key pair
+  qmesh enroll minigate web-1 --out web-1.cred
+  qmesh --role gate --config gate.toml    run a Gate
+  qmesh --role minigate --config edge.toml
+  qmesh up --port-offset 100              a whole local mesh, shifted ports
+
+configuration: --config FILE (TOML), overridden by QMESH_<SECTION>__<KEY>
+environment variables, e.g. QMESH_GATE__TUNNEL_LISTEN=0.0.0.0:11439."""
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, in_command: bool) -> None:
+    # The same options are accepted after a command too (`qmesh enroll ...
+    # --config f`). There they default to SUPPRESS so that leaving them out
+    # does not overwrite a value given before the command.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_command else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--config", type=Path, metavar="FILE", default=default(None), help="TOML config file"
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=default(None),
+        help="state and key directory (overrides data_dir; default ~/.qmesh)",
+    )
+    group.add_argument(
+        "--log-level", choices=tuple(LEVELS), default=default(None), help="overrides log.level"
+    )
+    group.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default(False),
+        help="log one JSON object per line",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, in_command=True)
+
+    parser = argparse.ArgumentParser(
+        prog="qmesh",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(parser, in_command=False)
+    parser.add_argument(
+        "--role",
+        action="append",
+        choices=RUN_ROLES,
+        dest="roles",
+        default=[],
+        help="run this role (repeat to run several in one process)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    up = command("up", "run a gate, a minigate and a daemon together on this machine")
+    shift = up.add_mutually_exclusive_group()
+    shift.add_argument(
+        "--port-offset", type=int, default=0, metavar="N", help="add N to every listen port"
+    )
+    shift.add_argument("--ephemeral", action="store_true", help="listen on OS-chosen ports")
+    up.set_defaults(handler=_cmd_up)
+
+    command("version", "print the qmesh and wire protocol versions").set_defaults(
+        handler=_cmd_version
+    )
+
+    keys = command("keys", "manage the Gate's key pair")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    init = keys_commands.add_parser(
+        "init", parents=[common], help="create gate.key in the data directory"
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key (every issued credential stops working)",
+    )
+    init.set_defaults(handler=_cmd_keys_init)
+    keys_commands.add_parser(
+        "show", parents=[common], help="print the Gate's public key"
+    ).set_defaults(handler=_cmd_keys_show)
+
+    enroll_cmd = command("enroll", "issue a credential for a new minigate or daemon")
+    enroll_cmd.add_argument("role", choices=ROLES)
+    enroll_cmd.add_argument("name", help="a unique name for the edge, e.g. web-1")
+    enroll_cmd.add_argument(
+        "--gate",
+        metavar="HOST:PORT",
+        help="the Gate address edges dial (default: gate.tunnel_listen)",
+    )
+    enroll_cmd.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the credential to FILE (mode 0600)"
+    )
+    enroll_cmd.set_defaults(handler=_cmd_enroll)
+
+    revoke = command("revoke", "revoke an enrolled identity")
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_cmd_revoke)
+
+    identities = command("identities", "list enrolled minigates and daemons")
+    identities.add_argument("--json", action="store_true", help="print JSON")
+    identities.set_defaults(handler=_cmd_identities)
+
+    apps = command("apps", "manage applications and their app keys")
+    apps_commands = apps.add_subparsers(dest="apps_command", metavar="COMMAND", required=True)
+    add = apps_commands.add_parser(
+        "add", parents=[common], help="create an app and print its app key (shown once)"
+    )
+    add.add_argument("app_id")
+    add.set_defaults(handler=_cmd_apps_add)
+    apps_list = apps_commands.add_parser("list", parents=[common], help="list applications")
+    apps_list.add_argument("--json", action="store_true", help="print JSON")
+    apps_list.set_defaults(handler=_cmd_apps_list)
+    return parser
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _err(message: str) -> None:
+    print(f"qmesh: {message}", file=sys.stderr)
+
+
+def _open_store(config: Config) -> StateStore:
+    return StateStore.open(config.state_db_path)
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if args.data_dir is not None:
+        config = attrs.evolve(config, data_dir=args.data_dir.expanduser().absolute())
+    log = config.log
+    if args.log_level is not None:
+        log = attrs.evolve(log, level=args.log_level)
+    if args.log_json:
+        log = attrs.evolve(log, format="json")
+    return attrs.evolve(config, log=log)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _run_roles(config: Config, roles: Sequence[str]) -> int:
+    import trio
+
+    # Imported here: the runner pulls in every role's code, which the
+    # management commands do not need.
+    runner = importlib.import_module("qmesh.runner")
+    run_roles: Callable[[Config, Sequence[str]], Awaitable[None]] = runner.run_roles
+    try:
+        trio.run(run_roles, config, tuple(roles))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BaseExceptionGroup as group:
+        # Errors from inside the roles' nurseries arrive grouped. Ctrl-C alone
+        # is still just the operator stopping us, and the operator's own
+        # mistakes (a missing credential file) still deserve one line, not a
+        # traceback; anything else is a bug and propagates whole.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:
+            return EXIT_OK
+        operator, other = rest.split(_OPERATOR_ERRORS)
+        if operator is None or other is not None:
+            raise
+        for leaf in _leaves(operator):
+            _err(f"error: {leaf}")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _cmd_up(args: argparse.Namespace, config: Config) -> int:
+    up = importlib.import_module("qmesh.up")
+    return int(up.main(config, port_offset=args.port_offset, ephemeral=args.ephemeral))
+
+
+def _cmd_version(args: argparse.Namespace, config: Config | None) -> int:
+    print(f"qmesh {__version__}")
+    try:
+        from qmesh import _core
+    except ImportError:
+        print("wire protocol unknown (the qmesh._core extension is not built)")
+    else:
+        print(f"wire protocol {_core.PROTOCOL_VERSION}")
+    return EXIT_OK
+
+
+def _cmd_keys_init(args: argparse.Namespace, config: Config) -> int:
+    keys = GateKeys.create(config.data_dir, force=args.force)
+    print(_b64(keys.public_key))
+    _err(f"created {GateKeys.path_in(config.data_dir)} (the line above is its public key)")
+    return EXIT_OK
+
+
+def _load_gate_keys(config: Config) -> GateKeys:
+    try:
+        return GateKeys.load(config.data_dir)
+    except GateKeyMissing:
+        raise GateKeyMissing(
+            f"no gate key in {config.data_dir}; run `qmesh keys init` first "
+            "(or pass the Gate's --data-dir)"
+        ) from None
+
+
+def _cmd_keys_show(args: argparse.Namespace, config: Config) -> int:
+    print(_b64(_load_gate_keys(config).public_key))
+    return EXIT_OK
+
+
+def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
+    keys = _load_gate_keys(config)
+    gate_address: str = args.gate or config.gate.tunnel_listen
+    if args.gate is None:
+        # The listen address is only a good default when edges can dial it.
+        host, port = parse_hostport(gate_address)
+        if host in ("0.0.0.0", "::") or port == 0:
+            _err(
+                f"error: gate.tunnel_listen is {gate_address}, which edges cannot dial; "
+                "pass --gate HOST:PORT with the address they should use"
+            )
+            return EXIT_USAGE
+    out: Path | None = args.out
+    if out is not None and out.exists():
+        _err(f"error: {out} already exists; remove it or choose another --out")
+        return EXIT_USAGE
+    with _open_store(config) as store:
+        credential = enroll(store, keys, args.role, args.name, gate_address)
+    text = credential.encode()
+    if out is None:
+        print(text)
+        _err(
+            f"enrolled {args.role} {args.name!r}; the credential above is shown only once, "
+            "keep it secret"
+        )
+    else:
+        write_private_file(out, (text + "\n").encode("ascii"))
+        print(out)
+    return EXIT_OK
+
+
+def _cmd_revoke(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        identity = store.get_identity(args.name)
+        if identity is None:
+            _err(f"error: no identity named {args.name!r} (see `qmesh identities`)")
+            return EXIT_USAGE
+        if not store.revoke_identity(args.name):
+            print(f"{args.name} was already revoked at {_iso(identity.revoked_at)}")
+            return EXIT_OK
+    print(f"revoked {args.name}")
+    return EXIT_OK
+
+
+def _cmd_identities(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        identities = store.list_identities()
+    if args.json:
+        rows = [
+            {
+                "name": i.name,
+                "role": i.role,
+                "public_key": _b64(i.public_key),
+                "created_at": _iso(i.created_at),
+                "revoked_at": _iso(i.revoked_at),
+                "revoked": i.revoked,
+            }
+            for i in identities
+        ]
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not identities:
+        print("no identities enrolled (see `qmesh enroll --help`)")
+        return EXIT_OK
+    width = max(len("NAME"), *(len(i.name) for i in identities))
+    print(f"{'NAME':<{width}}  {'ROLE':<8}  {'STATUS':<7}  {'CREATED':<25}  PUBLIC KEY")
+    for i in identities:
+        status = "revoked" if i.revoked else "active"
+        print(
+            f"{i.name:<{width}}  {i.role:<8}  {status:<7}  {_iso(i.created_at):<25}  "
+            f"{_b64(i.public_key)}"
+        )
+    return EXIT_OK
+
+
+def _cmd_apps_add(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        key = store.add_app(args.app_id)
+    print(key)
+    _err(
+        f"created app {args.app_id!r}; the app key above is shown only once. "
+        f"Applications connect with user={args.app_id} and this key as the password."
+    )
+    return EXIT_OK
+
+
+def _cmd_apps_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        apps = store.list_apps()
+    if args.json:
+        print(json.dumps([{"app_id": a.app_id, "created_at": _iso(a.created_at)} for a in apps]))
+        return EXIT_OK
+    if not apps:
+        print("no apps (see `qmesh apps add --help`)")
+        return EXIT_OK
+    width = max(len("APP ID"), *(len(a.app_id) for a in apps))
+    print(f"{'APP ID':<{width}}  CREATED")
+    for a in apps:
+        print(f"{a.app_id:<{width}}  {_iso(a.created_at)}")
+    return EXIT_OK
+
+
+# -- entry point ------------------------------------------------------------------
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``qmesh`` command line; return the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return _exit_code(exc.code)
+    roles: list[str] = list(dict.fromkeys(args.roles))  # in order, without repeats
+    if args.command is None and not roles:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command is not None and roles:
+        parser.print_usage(sys.stderr)
+        _err(f"error: --role cannot be combined with the {args.command!r} command")
+        return EXIT_USAGE
+    if args.command == "version":
+        # Works whatever state the configuration is in.
+        return _cmd_version(args, None)
+    try:
+        config = _load_config(args)
+        setup_logging(config.log.level, config.log.format)
+        if roles:
+            return _run_roles(config, roles)
+        handler: Callable[[argparse.Namespace, Config], int] = args.handler
+        try:
+            return handler(args, config)
+        except OSError as exc:
+            # Management commands touch the data directory and output files;
+            # permission problems there are for the operator to fix.
+            _err(f"error: {exc}")
+            return EXIT_USAGE
+    except _OPERATOR_ERRORS as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE

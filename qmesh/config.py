@@ -1,0 +1,1006 @@
+"""qmesh configuration: one TOML file plus ``QMESH_*`` environment overrides.
+
+For: reading ``config.toml`` with :mod:`tomllib`, applying environment
+overrides, validating every value and turning the result into frozen attrs
+classes that the roles read. An error names the file and line (or the
+environment variable), the dotted key and what was expected, so an operator
+can fix it without reading code. Also the ``host:port`` grammar shared by the
+whole package (:func:`parse_hostport`, :func:`format_hostport`) and the
+Gate's forward-allow patterns (:func:`forward_allowed`).
+
+Not for: secrets (they live in the Gate's vault, never in this file), command
+line parsing (:mod:`qmesh.cli` applies its flags on top of a loaded
+:class:`Config`), or watching the file for changes.
+
+Environment overrides: ``QMESH_<SECTION>__<KEY>=value``. A double underscore
+separates levels and names are lower-cased, so ``QMESH_GATE__TUNNEL_LISTEN``
+sets ``gate.tunnel_listen`` and ``QMESH_DATA_DIR`` sets the top-level
+``data_dir``. The value is read as a TOML value when it parses as one (``2``,
+``2.5``, ``true``, ``["a:1", "b:*"]``) and as a plain string otherwise; a
+string setting keeps the variable's exact text (``QMESH_GATE__NAME=123`` is
+the name ``"123"``). ``QMESH_`` variables without a double underscore that do
+not name a top-level key are left alone: test suites and scripts use that
+prefix for their own settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Final, TypeAlias
+
+import attrs
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "ForwardConfig",
+    "GateConfig",
+    "LogConfig",
+    "MiniGateConfig",
+    "TunnelConfig",
+    "format_hostport",
+    "forward_allowed",
+    "load_config",
+    "parse_hostport",
+]
+
+KeyPath: TypeAlias = tuple[str | int, ...]
+"""A position in the config tree: table keys, and indexes into arrays of tables."""
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+ENV_PREFIX: Final = "QMESH_"
+
+# Hosts that accept connections on every interface, and names for this machine.
+# with_port_offset uses them to decide whether a `gate` address is this Gate.
+_WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", "*", ""})
+_LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+_HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}")
+_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_GATE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class ConfigError(Exception):
+    """The operator's configuration is wrong.
+
+    Raised for a missing or unreadable file, a TOML syntax error, an unknown
+    key, a value of the wrong type or out of range, or a bad environment
+    override. ``str(err)`` is the whole message, e.g.
+    ``config.toml:12: gate.tunnel_listen: expected "host:port", got "11439"``.
+    The parts are kept as attributes for callers that want them: ``origin``
+    (the file as given, or ``environment variable NAME``), ``line`` (when
+    known), ``key`` (the dotted key) and ``problem``.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        key: str | None = None,
+        origin: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.problem = problem
+        self.key = key
+        self.origin = origin
+        self.line = line
+        parts: list[str] = []
+        if origin is not None:
+            parts.append(origin if line is None else f"{origin}:{line}")
+        if key is not None:
+            parts.append(key)
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
+# --------------------------------------------------------------------------
+# host:port
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6addr]:port"``) into ``(host, port)``.
+
+    The port must be 0..65535 (0 asks the OS for an ephemeral port). IPv6
+    addresses need brackets; they are returned without them. Raises
+    ValueError saying what is wrong.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing ']' after an IPv6 address")
+        host = text[1:end]
+        if text[end + 1 : end + 2] != ":":
+            raise ValueError("missing ':port' after ']'")
+        port_text = text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError("only IPv6 addresses go inside [brackets]") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("missing ':port'")
+        if not host:
+            raise ValueError("missing host")
+        if ":" in host:
+            raise ValueError("an IPv6 address needs brackets: [addr]:port")
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError("host has characters not allowed in a host name")
+    if not _PORT_RE.fullmatch(port_text):
+        raise ValueError("port must be a number from 0 to 65535")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """The inverse of :func:`parse_hostport`: brackets around IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_forward_pattern(pattern: str) -> tuple[str, str]:
+    """``"host-glob:port-or-*"`` into its two halves; ValueError if malformed."""
+    if pattern.startswith("["):
+        end = pattern.find("]")
+        if end < 0 or pattern[end + 1 : end + 2] != ":":
+            raise ValueError('expected "[v6-address]:port"')
+        host, port = pattern[1:end], pattern[end + 2 :]
+    else:
+        host, sep, port = pattern.rpartition(":")
+        if not sep:
+            raise ValueError("missing ':port' (use ':*' for any port)")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError("missing or malformed host pattern")
+    if port != "*" and not (_PORT_RE.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise ValueError("port must be 1..65535 or '*'")
+    return host, port
+
+
+def forward_allowed(patterns: Iterable[str], host: str, port: int) -> bool:
+    """Whether ``host:port`` matches one of the Gate's ``forward_allow`` patterns.
+
+    A pattern is ``host:port``: the host may use :mod:`fnmatch` wildcards
+    (``*.internal``, ``10.0.0.*``) and is matched case-insensitively; the port
+    is a number or ``*``. IPv6 hosts are written in brackets. Patterns are
+    assumed valid (the config loader checked them).
+    """
+    host = host.lower()
+    for pattern in patterns:
+        host_glob, port_pat = _split_forward_pattern(pattern)
+        if (port_pat == "*" or int(port_pat) == port) and fnmatchcase(host, host_glob.lower()):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# The configuration classes
+
+
+@attrs.frozen
+class LogConfig:
+    """``[log]``: how the ``qmesh`` loggers write."""
+
+    level: str = "info"
+    """One of debug, info, warning, error."""
+    format: str = "text"
+    """``text`` (human-readable lines) or ``json`` (one object per line)."""
+
+
+@attrs.frozen
+class TunnelConfig:
+    """``[tunnel]``: the MiniGate/Daemon ⇄ Gate tunnel, the same on both ends."""
+
+    compression_level: int = 3
+    """zstd level, 1..19."""
+    max_frame_payload: int = 1_048_576
+    """Largest plaintext payload in one frame, 1 KiB..16 MiB."""
+    stream_window: int = 1_048_576
+    """Per-stream flow-control window in bytes (at least 64 KiB)."""
+    chunk_size: int = 65_536
+    """Bytes read from a local socket per frame, 1 KiB..max_frame_payload."""
+    heartbeat_interval_s: float = 5.0
+    dead_after_s: float = 15.0
+    """Silence after which a connection is declared dead (> heartbeat interval)."""
+    resume_grace_s: float = 60.0
+    """How long the Gate keeps a dropped session's state for a resume."""
+    reconnect_initial_s: float = 0.05
+    reconnect_max_s: float = 5.0
+    handshake_timeout_s: float = 10.0
+
+
+@attrs.frozen
+class GateConfig:
+    """``[gate]``: the central Gate."""
+
+    name: str = "gate"
+    tunnel_listen: str = "127.0.0.1:11439"
+    http_listen: str = "127.0.0.1:11480"
+    forward_allow: tuple[str, ...] = ()
+    """Targets edges may ask the Gate to forward to: see :func:`forward_allowed`."""
+
+
+@attrs.frozen
+class ForwardConfig:
+    """One ``[[minigate.forward]]``: listen locally, relay to ``target`` through the Gate."""
+
+    listen: str
+    target: str
+
+
+@attrs.frozen
+class MiniGateConfig:
+    """``[minigate]``: the edge sidecar."""
+
+    gate: str = "127.0.0.1:11439"
+    """The Gate's tunnel address to dial."""
+    credential_file: Path | None = None
+    forwards: tuple[ForwardConfig, ...] = ()
+    """From the ``[[minigate.forward]]`` tables."""
+    pg_listen: str = "127.0.0.1:11438"
+    llm_listen: str = "127.0.0.1:11435"
+
+
+@attrs.frozen
+class DaemonConfig:
+    """``[daemon]``: a compute node."""
+
+    gate: str = "127.0.0.1:11439"
+    credential_file: Path | None = None
+    health_listen: str = "127.0.0.1:11450"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".qmesh"
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration. Every section is optional in the file."""
+
+    data_dir: Path = attrs.field(factory=_default_data_dir)
+    log: LogConfig = LogConfig()
+    tunnel: TunnelConfig = TunnelConfig()
+    gate: GateConfig = GateConfig()
+    minigate: MiniGateConfig = MiniGateConfig()
+    daemon: DaemonConfig = DaemonConfig()
+
+    @property
+    def state_db_path(self) -> Path:
+        """The Gate's SQLite state store."""
+        return self.data_dir / "state.db"
+
+    def with_port_offset(self, offset: int) -> Config:
+        """A copy with every listen port moved by ``offset``.
+
+        ``minigate.gate`` and ``daemon.gate`` move too when they point at this
+        Gate's tunnel listener: the same port, and the same host, a loopback
+        name for a loopback listener, or any host when the Gate listens on
+        every interface. That is how ``qmesh up --port-offset`` runs a second
+        local mesh beside the first. Port 0 (ephemeral) stays 0; forward
+        targets never move. Raises ConfigError when a port would leave 1..65535.
+        """
+        if offset == 0:
+            return self
+        tunnel_host, tunnel_port = parse_hostport(self.gate.tunnel_listen)
+
+        def shift(address: str, key: str) -> str:
+            host, port = parse_hostport(address)
+            if port == 0:
+                return address
+            moved = port + offset
+            if not 1 <= moved <= 65535:
+                raise ConfigError(
+                    f"port {port} moved by {offset} is {moved}, outside 1..65535", key=key
+                )
+            return format_hostport(host, moved)
+
+        def shift_gate(address: str, key: str) -> str:
+            host, port = parse_hostport(address)
+            if port != 0 and port == tunnel_port and _same_host(host, tunnel_host):
+                return shift(address, key)
+            return address
+
+        gate = attrs.evolve(
+            self.gate,
+            tunnel_listen=shift(self.gate.tunnel_listen, "gate.tunnel_listen"),
+            http_listen=shift(self.gate.http_listen, "gate.http_listen"),
+        )
+        minigate = attrs.evolve(
+            self.minigate,
+            gate=shift_gate(self.minigate.gate, "minigate.gate"),
+            pg_listen=shift(self.minigate.pg_listen, "minigate.pg_listen"),
+            llm_listen=shift(self.minigate.llm_listen, "minigate.llm_listen"),
+            forwards=tuple(
+                attrs.evolve(f, listen=shift(f.listen, f"minigate.forward[{i}].listen"))
+                for i, f in enumerate(self.minigate.forwards)
+            ),
+        )
+        daemon = attrs.evolve(
+            self.daemon,
+            gate=shift_gate(self.daemon.gate, "daemon.gate"),
+            health_listen=shift(self.daemon.health_listen, "daemon.health_listen"),
+        )
+        return attrs.evolve(self, gate=gate, minigate=minigate, daemon=daemon)
+
+    def ephemeral(self) -> Config:
+        """A copy with every listen port set to 0, hosts kept.
+
+        The ``gate`` addresses that edges dial are left alone: the Gate's real
+        port is only known once it has bound, so whoever starts the roles must
+        pass it on (tests do this to run in parallel).
+        """
+
+        def zero(address: str) -> str:
+            return format_hostport(parse_hostport(address)[0], 0)
+
+        return attrs.evolve(
+            self,
+            gate=attrs.evolve(
+                self.gate,
+                tunnel_listen=zero(self.gate.tunnel_listen),
+                http_listen=zero(self.gate.http_listen),
+            ),
+            minigate=attrs.evolve(
+                self.minigate,
+                pg_listen=zero(self.minigate.pg_listen),
+                llm_listen=zero(self.minigate.llm_listen),
+                forwards=tuple(
+                    attrs.evolve(f, listen=zero(f.listen)) for f in self.minigate.forwards
+                ),
+            ),
+            daemon=attrs.evolve(self.daemon, health_listen=zero(self.daemon.health_listen)),
+        )
+
+
+def _same_host(host: str, listener: str) -> bool:
+    host, listener = host.lower(), listener.lower()
+    if host == listener or listener in _WILDCARD_HOSTS:
+        return True
+    return host in _LOOPBACK_HOSTS and listener in _LOOPBACK_HOSTS
+
+
+# --------------------------------------------------------------------------
+# Finding the line of a key
+#
+# tomllib returns plain dicts with no positions, so a second, much smaller
+# scanner walks the text: it follows [table] and [[array]] headers and `key =`
+# lines (dotted and quoted keys too), and skips the insides of strings and
+# multi-line arrays so that text in a value is never taken for a key. It only
+# runs on text tomllib has accepted, so it need not report errors; keys inside
+# inline tables are not recorded, and a lookup falls back to the nearest
+# enclosing key or header it did record, which for an inline table is the
+# right line anyway.
+
+
+@attrs.define
+class _ValueState:
+    """Where the scan is inside a value that may continue on the next line."""
+
+    string: str | None = None  # the open multi-line string delimiter
+    depth: int = 0  # open [ and { brackets
+
+    @property
+    def open(self) -> bool:
+        return self.string is not None or self.depth > 0
+
+
+def _scan_value(line: str, pos: int, state: _ValueState) -> None:
+    """Advance ``state`` over ``line[pos:]``, which is (part of) a value."""
+    n = len(line)
+    while pos < n:
+        if state.string is not None:
+            delim = state.string
+            if delim == '"""' and line[pos] == "\\":
+                pos += 2
+            elif line.startswith(delim, pos):
+                pos += 3
+                # A closing delimiter may be followed by up to two more quotes
+                # that belong to the string's content.
+                while pos < n and line[pos] == delim[0]:
+                    pos += 1
+                state.string = None
+            else:
+                pos += 1
+            continue
+        ch = line[pos]
+        if ch == "#":
+            return
+        if ch in "\"'":
+            if line.startswith(ch * 3, pos):
+                state.string = ch * 3
+                pos += 3
+            else:
+                pos = _skip_string(line, pos)
+            continue
+        if ch in "[{":
+            state.depth += 1
+        elif ch in "]}":
+            state.depth = max(0, state.depth - 1)
+        pos += 1
+
+
+def _skip_string(line: str, pos: int) -> int:
+    """Index after the one-line string that starts at ``line[pos]``."""
+    quote = line[pos]
+    pos += 1
+    while pos < len(line):
+        if quote == '"' and line[pos] == "\\":
+            pos += 2
+            continue
+        if line[pos] == quote:
+            return pos + 1
+        pos += 1
+    return pos
+
+
+def _parse_key(line: str, pos: int) -> tuple[list[str], int] | None:
+    """A (possibly dotted, possibly quoted) key at ``line[pos:]``: its parts and the end."""
+    parts: list[str] = []
+    n = len(line)
+    while True:
+        while pos < n and line[pos] in " \t":
+            pos += 1
+        if pos >= n:
+            return None
+        if line[pos] in "\"'":
+            end = _skip_string(line, pos)
+            try:
+                # tomllib decodes the escapes, so quoted keys compare like tomllib's.
+                parts.append(tomllib.loads(f"k = {line[pos:end]}")["k"])
+            except tomllib.TOMLDecodeError:
+                return None
+            pos = end
+        else:
+            match = _BARE_KEY_RE.match(line, pos)
+            if match is None:
+                return None
+            parts.append(match.group())
+            pos = match.end()
+        while pos < n and line[pos] in " \t":
+            pos += 1
+        if pos < n and line[pos] == ".":
+            pos += 1
+            continue
+        return parts, pos
+
+
+def _resolve(parts: Sequence[str], arrays: Mapping[KeyPath, int]) -> KeyPath:
+    """A header's key path, with the current index after each array of tables."""
+    out: list[str | int] = []
+    for part in parts:
+        out.append(part)
+        count = arrays.get(tuple(out))
+        if count:
+            out.append(count - 1)
+    return tuple(out)
+
+
+def _key_lines(text: str) -> dict[KeyPath, int]:
+    """The line (1-based) where each key path is first written."""
+    lines: dict[KeyPath, int] = {}
+    arrays: dict[KeyPath, int] = {}
+    table: KeyPath = ()
+    state = _ValueState()
+
+    def record(path: KeyPath, lineno: int) -> None:
+        for i in range(1, len(path) + 1):
+            lines.setdefault(path[:i], lineno)
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if state.open:
+            _scan_value(line, 0, state)
+            continue
+        stripped = line.lstrip()
+        pos = len(line) - len(stripped)
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("[["):
+            parsed = _parse_key(line, pos + 2)
+            if parsed is None:
+                continue
+            prefix = _resolve(parsed[0][:-1], arrays)
+            base = (*prefix, parsed[0][-1])
+            index = arrays.get(base, 0)
+            arrays[base] = index + 1
+            table = (*base, index)
+            record(table, lineno)
+            lines[table] = lineno
+        elif stripped.startswith("["):
+            parsed = _parse_key(line, pos + 1)
+            if parsed is None:
+                continue
+            table = _resolve(parsed[0], arrays)
+            record(table, lineno)
+        else:
+            parsed = _parse_key(line, pos)
+            if parsed is None:
+                continue
+            keys, end = parsed
+            while end < len(line) and line[end] in " \t":
+                end += 1
+            if end >= len(line) or line[end] != "=":
+                continue
+            record((*table, *keys), lineno)
+            _scan_value(line, end + 1, state)
+    return lines
+
+
+def _dotted(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            shown = part if _BARE_KEY_RE.fullmatch(part) else json.dumps(part)
+            out = f"{out}.{shown}" if out else shown
+    return out
+
+
+# --------------------------------------------------------------------------
+# Environment overrides
+
+
+def _parse_env_value(raw: str) -> object:
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    # A value with a newline could smuggle in more keys; then it is just text.
+    return parsed["v"] if parsed.keys() == {"v"} else raw
+
+
+_TOP_LEVEL_KEYS: Final = ("data_dir", "log", "tunnel", "gate", "minigate", "daemon")
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[KeyPath, str, str]]:
+    """``(path, variable, raw value)`` for each ``QMESH_*`` variable that is config."""
+    found: list[tuple[KeyPath, str, str]] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" in rest:
+            parts = tuple(part.lower() for part in rest.split("__"))
+            if not all(parts):
+                raise ConfigError(
+                    "malformed name: levels are separated by exactly two underscores",
+                    origin=f"environment variable {name}",
+                )
+        elif rest.lower() in _TOP_LEVEL_KEYS:
+            parts = (rest.lower(),)
+        else:
+            continue
+        found.append((parts, name, env[name]))
+    return found
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+
+def _describe(value: object) -> str:
+    """A short rendering of a bad value for an error message."""
+    if isinstance(value, str):
+        shown = json.dumps(value)
+        return shown if len(shown) <= 60 else shown[:56] + '..."'
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+@attrs.define
+class _Reader:
+    """Reads typed values out of the merged tree, raising ConfigError with locations."""
+
+    origin: str | None
+    base_dir: Path
+    home: Path
+    lines: dict[KeyPath, int]
+    env_vars: dict[KeyPath, str] = attrs.field(factory=dict)
+    env_raw: dict[KeyPath, str] = attrs.field(factory=dict)
+
+    def from_env(self, path: KeyPath) -> str | None:
+        for i in range(len(path), 0, -1):
+            var = self.env_vars.get(path[:i])
+            if var is not None:
+                return var
+        return None
+
+    def error(self, path: KeyPath, problem: str) -> ConfigError:
+        key = _dotted(path) if path else None
+        var = self.from_env(path)
+        if var is not None:
+            return ConfigError(problem, key=key, origin=f"environment variable {var}")
+        line = None
+        for i in range(len(path), 0, -1):
+            line = self.lines.get(path[:i])
+            if line is not None:
+                break
+        return ConfigError(problem, key=key, origin=self.origin, line=line)
+
+    def table(self, parent: Mapping[str, object], path: KeyPath) -> Mapping[str, object]:
+        value = parent.get(str(path[-1]), {}) if path else parent
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table, got {_describe(value)}")
+        return value
+
+    def check_keys(
+        self, table: Mapping[str, object], path: KeyPath, allowed: Sequence[str]
+    ) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise self.error((*path, key), f"unknown key{hint}")
+
+    def string(
+        self,
+        table: Mapping[str, object],
+        path: KeyPath,
+        key: str,
+        default: str,
+        *,
+        choices: Sequence[str] = (),
+    ) -> str:
+        if key not in table:
+            return default
+        where = (*path, key)
+        value = table[key]
+        if not isinstance(value, str) and where in self.env_raw:
+            value = self.env_raw[where]
+        if not isinstance(value, str):
+            raise self.error(where, f"expected a string, got {_describe(value)}")
+        if choices and value not in choices:
+            listed = ", ".join(json.dumps(c) for c in choices)
+            raise self.error(where, f"expected one of {listed}, got {_describe(value)}")
+        return value
+
+    def address(self, table: Mapping[str, object], path: KeyPath, key: str, default: str) -> str:
+        if key not in table:
+            return default
+        value = self.string(table, path, key, default)
+        self.check_address(value, (*path, key))
+        return value
+
+    def check_address(self, value: str, where: KeyPath) -> None:
+        try:
+            parse_hostport(value)
+        except ValueError as exc:
+            detail = "" if ":" not in value else f" ({exc})"
+            raise self.error(
+                where, f'expected "host:port", got {_describe(value)}{detail}'
+            ) from None
+
+    def integer(
+        self,
+        table: Mapping[str, object],
+        path: KeyPath,
+        key: str,
+        default: int,
+        *,
+        lo: int,
+        hi: int | None = None,
+    ) -> int:
+        if key not in table:
+            return default
+        value = table[key]
+        where = (*path, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(where, f"expected an integer, got {_describe(value)}")
+        if value < lo or (hi is not None and value > hi):
+            wanted = f"from {lo} to {hi}" if hi is not None else f"of at least {lo}"
+            raise self.error(where, f"expected an integer {wanted}, got {value}")
+        return value
+
+    def number(
+        self,
+        table: Mapping[str, object],
+        path: KeyPath,
+        key: str,
+        default: float,
+        *,
+        positive: bool,
+    ) -> float:
+        if key not in table:
+            return default
+        value = table[key]
+        where = (*path, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(where, f"expected a number of seconds, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise self.error(where, f"expected a finite number, got {value}")
+        if positive and value <= 0:
+            raise self.error(where, f"expected a number greater than 0, got {value}")
+        if value < 0:
+            raise self.error(where, f"expected a number of at least 0, got {value}")
+        return float(value)
+
+    def path(self, table: Mapping[str, object], path: KeyPath, key: str) -> Path | None:
+        if key not in table:
+            return None
+        where = (*path, key)
+        text = self.string(table, path, key, "")
+        if not text:
+            raise self.error(where, "expected a path, got an empty string")
+        return self.resolve_path(text, where)
+
+    def resolve_path(self, text: str, where: KeyPath) -> Path:
+        """``~`` expanded; a relative path is taken from the config file's
+        directory when written there, from the working directory when it came
+        from the environment, so the meaning does not depend on where qmesh
+        was started from."""
+        if text == "~" or text.startswith("~/"):
+            result = self.home / text[2:]
+        else:
+            result = Path(os.path.expanduser(text))
+        if not result.is_absolute():
+            base = Path.cwd() if self.from_env(where) is not None else self.base_dir
+            result = base / result
+        return result
+
+
+def _read_log(r: _Reader, root: Mapping[str, object]) -> LogConfig:
+    path: KeyPath = ("log",)
+    t = r.table(root, path)
+    r.check_keys(t, path, ("level", "format"))
+    d = LogConfig()
+    return LogConfig(
+        level=r.string(t, path, "level", d.level, choices=LOG_LEVELS),
+        format=r.string(t, path, "format", d.format, choices=LOG_FORMATS),
+    )
+
+
+def _read_tunnel(r: _Reader, root: Mapping[str, object]) -> TunnelConfig:
+    path: KeyPath = ("tunnel",)
+    t = r.table(root, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(TunnelConfig)])
+    d = TunnelConfig()
+    max_frame_payload = r.integer(
+        t, path, "max_frame_payload", d.max_frame_payload, lo=1024, hi=16_777_216
+    )
+    # A small max_frame_payload with no chunk_size written shrinks the default
+    # chunk to fit rather than failing on a value the operator never wrote.
+    default_chunk = min(d.chunk_size, max_frame_payload)
+    chunk_size = r.integer(t, path, "chunk_size", default_chunk, lo=1024)
+    if chunk_size > max_frame_payload:
+        raise r.error(
+            (*path, "chunk_size"),
+            f"must not exceed tunnel.max_frame_payload ({max_frame_payload}), got {chunk_size}",
+        )
+    heartbeat = r.number(t, path, "heartbeat_interval_s", d.heartbeat_interval_s, positive=True)
+    dead_after = r.number(t, path, "dead_after_s", d.dead_after_s, positive=True)
+    if dead_after <= heartbeat:
+        # Blame the key the operator wrote; dead_after_s when both are written.
+        blamed = "dead_after_s" if "dead_after_s" in t else "heartbeat_interval_s"
+        raise r.error(
+            (*path, blamed),
+            f"tunnel.dead_after_s ({dead_after}) must be greater than "
+            f"tunnel.heartbeat_interval_s ({heartbeat})",
+        )
+    initial = r.number(t, path, "reconnect_initial_s", d.reconnect_initial_s, positive=True)
+    maximum = r.number(t, path, "reconnect_max_s", d.reconnect_max_s, positive=True)
+    if maximum < initial:
+        blamed = "reconnect_max_s" if "reconnect_max_s" in t else "reconnect_initial_s"
+        raise r.error(
+            (*path, blamed),
+            f"tunnel.reconnect_max_s ({maximum}) must be at least "
+            f"tunnel.reconnect_initial_s ({initial})",
+        )
+    return TunnelConfig(
+        compression_level=r.integer(t, path, "compression_level", d.compression_level, lo=1, hi=19),
+        max_frame_payload=max_frame_payload,
+        stream_window=r.integer(t, path, "stream_window", d.stream_window, lo=65_536),
+        chunk_size=chunk_size,
+        heartbeat_interval_s=heartbeat,
+        dead_after_s=dead_after,
+        resume_grace_s=r.number(t, path, "resume_grace_s", d.resume_grace_s, positive=False),
+        reconnect_initial_s=initial,
+        reconnect_max_s=maximum,
+        handshake_timeout_s=r.number(
+            t, path, "handshake_timeout_s", d.handshake_timeout_s, positive=True
+        ),
+    )
+
+
+def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
+    path: KeyPath = ("gate",)
+    t = r.table(root, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(GateConfig)])
+    d = GateConfig()
+    name = r.string(t, path, "name", d.name)
+    if not _GATE_NAME_RE.fullmatch(name):
+        raise r.error(
+            (*path, "name"),
+            "expected 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
+            f"digit, got {_describe(name)}",
+        )
+    allow: list[str] = []
+    if "forward_allow" in t:
+        value = t["forward_allow"]
+        where: KeyPath = (*path, "forward_allow")
+        if not isinstance(value, list):
+            raise r.error(
+                where, f'expected an array of "host:port" patterns, got {_describe(value)}'
+            )
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise r.error((*where, i), f"expected a string, got {_describe(item)}")
+            try:
+                _split_forward_pattern(item)
+            except ValueError as exc:
+                raise r.error(
+                    (*where, i), f'expected a "host:port" pattern, got {_describe(item)} ({exc})'
+                ) from None
+            allow.append(item)
+    return GateConfig(
+        name=name,
+        tunnel_listen=r.address(t, path, "tunnel_listen", d.tunnel_listen),
+        http_listen=r.address(t, path, "http_listen", d.http_listen),
+        forward_allow=tuple(allow),
+    )
+
+
+def _read_forwards(r: _Reader, t: Mapping[str, object], path: KeyPath) -> tuple[ForwardConfig, ...]:
+    if "forward" not in t:
+        return ()
+    where: KeyPath = (*path, "forward")
+    value = t["forward"]
+    if not isinstance(value, list):
+        raise r.error(where, f"expected [[minigate.forward]] tables, got {_describe(value)}")
+    forwards: list[ForwardConfig] = []
+    for i, item in enumerate(value):
+        item_path: KeyPath = (*where, i)
+        if not isinstance(item, dict):
+            raise r.error(item_path, f"expected a table, got {_describe(item)}")
+        r.check_keys(item, item_path, ("listen", "target"))
+        for required in ("listen", "target"):
+            if required not in item:
+                raise r.error(item_path, f'missing key {required!r} ("host:port")')
+        forwards.append(
+            ForwardConfig(
+                listen=r.address(item, item_path, "listen", ""),
+                target=r.address(item, item_path, "target", ""),
+            )
+        )
+    return tuple(forwards)
+
+
+def _read_minigate(r: _Reader, root: Mapping[str, object]) -> MiniGateConfig:
+    path: KeyPath = ("minigate",)
+    t = r.table(root, path)
+    r.check_keys(t, path, ("gate", "credential_file", "forward", "pg_listen", "llm_listen"))
+    d = MiniGateConfig()
+    result = MiniGateConfig(
+        gate=r.address(t, path, "gate", d.gate),
+        credential_file=r.path(t, path, "credential_file"),
+        forwards=_read_forwards(r, t, path),
+        pg_listen=r.address(t, path, "pg_listen", d.pg_listen),
+        llm_listen=r.address(t, path, "llm_listen", d.llm_listen),
+    )
+    # Two MiniGate listeners on one fixed address would fail at bind time
+    # with a less helpful message; port 0 never collides.
+    seen: dict[tuple[str, int], str] = {}
+    named: list[tuple[KeyPath, str]] = [
+        ((*path, "pg_listen"), result.pg_listen),
+        ((*path, "llm_listen"), result.llm_listen),
+    ]
+    named += [((*path, "forward", i, "listen"), f.listen) for i, f in enumerate(result.forwards)]
+    for where, address in named:
+        host, port = parse_hostport(address)
+        if port == 0:
+            continue
+        other = seen.get((host.lower(), port))
+        if other is not None:
+            raise r.error(where, f"{address} is already used by {other}")
+        seen[(host.lower(), port)] = _dotted(where)
+    return result
+
+
+def _read_daemon(r: _Reader, root: Mapping[str, object]) -> DaemonConfig:
+    path: KeyPath = ("daemon",)
+    t = r.table(root, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(DaemonConfig)])
+    d = DaemonConfig()
+    return DaemonConfig(
+        gate=r.address(t, path, "gate", d.gate),
+        credential_file=r.path(t, path, "credential_file"),
+        health_listen=r.address(t, path, "health_listen", d.health_listen),
+    )
+
+
+def _read_config(r: _Reader, root: Mapping[str, object]) -> Config:
+    r.check_keys(root, (), _TOP_LEVEL_KEYS)
+    data_dir = r.home / ".qmesh"
+    if "data_dir" in root:
+        data_dir = r.path(root, (), "data_dir") or data_dir
+    return Config(
+        data_dir=data_dir,
+        log=_read_log(r, root),
+        tunnel=_read_tunnel(r, root),
+        gate=_read_gate(r, root),
+        minigate=_read_minigate(r, root),
+        daemon=_read_daemon(r, root),
+    )
+
+
+def _toml_error(exc: tomllib.TOMLDecodeError, text: str, origin: str) -> ConfigError:
+    message = str(exc)
+    # Python 3.11's tomllib has the position only in the message text.
+    match = re.search(r"\(at line (\d+), column \d+\)$", message)
+    if match:
+        line: int | None = int(match.group(1))
+    elif message.endswith("(at end of document)"):
+        line = text.count("\n") + (0 if text.endswith("\n") else 1)
+    else:
+        line = None
+    return ConfigError(f"invalid TOML: {message}", origin=origin, line=line)
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (None: defaults only), apply ``QMESH_*`` overrides from
+    ``env`` (default :data:`os.environ`), validate, and return the Config.
+
+    ``~`` in paths is the ``HOME`` of ``env`` when it has one. Raises
+    :class:`ConfigError`.
+    """
+    if env is None:
+        env = os.environ
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    data: dict[str, object] = {}
+    lines: dict[KeyPath, int] = {}
+    origin: str | None = None
+    base_dir = Path.cwd()
+    if path is not None:
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("no such file", origin=origin) from None
+        except UnicodeDecodeError:
+            raise ConfigError("not UTF-8 text (TOML files must be UTF-8)", origin=origin) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", origin=origin) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _toml_error(exc, text, origin) from None
+        lines = _key_lines(text)
+        base_dir = path.absolute().parent
+
+    reader = _Reader(origin=origin, base_dir=base_dir, home=home, lines=lines)
+    for key_path, var, raw in _env_overrides(env):
+        parent: dict[str, object] = data
+        for i, part in enumerate(key_path[:-1]):
+            if str(part) not in parent:
+                # A table that only this variable brought in: its errors are the variable's.
+                reader.env_vars.setdefault(key_path[: i + 1], var)
+            child = parent.setdefault(str(part), {})
+            if not isinstance(child, dict):
+                # The file's own value is wrong; report that, not the override.
+                raise reader.error(key_path[: i + 1], f"expected a table, got {_describe(child)}")
+            parent = child
+        parent[str(key_path[-1])] = _parse_env_value(raw)
+        reader.env_vars[key_path] = var
+        reader.env_raw[key_path] = raw
+    return _read_config(reader, data)

@@ -1,0 +1,1 @@
+"""Daemons: the compute nodes' agents, connected to the Gate through the tunnel."""

@@ -1,0 +1,57 @@
+"""The Gate role: the tunnel listener with the services edges may open."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.gate.forward import ForwardService
+from qmesh.identity import GateKeys
+from qmesh.state import StateStore
+from qmesh.tunnel import HandshakeRefused, TunnelServer
+
+log = logging.getLogger(__name__)
+
+
+class EnrolledEdges:
+    """Authenticates edges against the identities in the Gate's state store.
+
+    Each handshake reads the store, so ``qmesh revoke`` from another process
+    takes effect at the edge's next handshake without a restart.
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    async def authenticate(self, public_key: bytes) -> tuple[str, str]:
+        identity = await trio.to_thread.run_sync(self.store.find_identity_by_key, public_key)
+        if identity is None:
+            raise HandshakeRefused("not_enrolled", "this key is not enrolled at the gate")
+        if identity.revoked:
+            raise HandshakeRefused("revoked", f"identity {identity.name!r} was revoked")
+        return identity.name, identity.role
+
+
+async def run_gate(
+    config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the Gate until cancelled; ``started`` gets its endpoints."""
+    keys = GateKeys.load(config.data_dir)
+    store = StateStore.open(config.state_db_path)
+    try:
+        server = TunnelServer(
+            config.tunnel,
+            name=config.gate.name,
+            private_key=keys.private_key,
+            authenticate=EnrolledEdges(store).authenticate,
+            services={"forward": ForwardService(config.gate.forward_allow)},
+        )
+        host, port = parse_hostport(config.gate.tunnel_listen)
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            task_status.started({"tunnel": format_hostport(host, bound), "server": server})
+    finally:
+        store.close()

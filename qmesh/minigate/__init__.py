@@ -1,0 +1,1 @@
+"""MiniGate: the edge sidecar that mimics services on localhost and tunnels them to the Gate."""

@@ -1,0 +1,49 @@
+"""The MiniGate role: a tunnel client plus the local listeners it serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
+from qmesh.identity import load_credential
+from qmesh.minigate.forward import serve_forward
+from qmesh.tunnel import TunnelClient
+
+
+async def run_minigate(
+    config: Config,
+    *,
+    gate_address: tuple[str, int] | None = None,
+    task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the MiniGate until cancelled. ``gate_address`` overrides the
+    configured one (``qmesh up`` passes the Gate's bound port)."""
+    if config.minigate.credential_file is None:
+        raise ConfigError("minigate.credential_file is required (see `qmesh enroll minigate`)")
+    credential = load_credential(config.minigate.credential_file)
+    address = gate_address or parse_hostport(config.minigate.gate)
+    client = TunnelClient(
+        config.tunnel,
+        name=credential.name,
+        role="minigate",
+        private_key=credential.private_key,
+        gate_public_key=credential.gate_public_key,
+        gate_address=address,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        forwards = []
+        for forward in config.minigate.forwards:
+            host, _ = parse_hostport(forward.listen)
+            port = await nursery.start(serve_forward, client, forward.listen, forward.target)
+            forwards.append({"listen": format_hostport(host, port), "target": forward.target})
+        task_status.started(
+            {
+                "name": credential.name,
+                "gate": format_hostport(*address),
+                "forwards": forwards,
+                "client": client,
+            }
+        )

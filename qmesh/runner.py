@@ -1,0 +1,89 @@
+"""Runs one or more roles in one Trio nursery (``qmesh --role``, ``qmesh up``).
+
+When the Gate runs in the same process as edges, the edges connect to the
+port the Gate actually bound, so ``--ephemeral`` works for all three roles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from qmesh.config import Config, ConfigError, parse_hostport
+
+ROLES = ("gate", "minigate", "daemon")
+
+
+class RoleFailed(Exception):
+    """A role stopped on an error that the operator has to fix (bad config,
+    missing keys, a refused credential, a port in use)."""
+
+
+async def run_roles(
+    config: Config,
+    roles: Sequence[str],
+    *,
+    task_status: trio.TaskStatus[dict[str, dict[str, Any]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start ``roles`` (gate first) and run them until cancelled.
+
+    ``task_status.started`` receives each role's endpoints once all listen.
+    """
+    from qmesh.daemon.role import run_daemon
+    from qmesh.gate.role import run_gate
+    from qmesh.minigate.role import run_minigate
+
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ConfigError(f"unknown role {unknown[0] if unknown else ''!r}; choose from {ROLES}")
+    endpoints: dict[str, dict[str, Any]] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            gate_address: tuple[str, int] | None = None
+            if "gate" in roles:
+                endpoints["gate"] = await nursery.start(run_gate, config)
+                gate_address = parse_hostport(endpoints["gate"]["tunnel"])
+            if "minigate" in roles:
+                endpoints["minigate"] = await nursery.start(
+                    lambda task_status: run_minigate(
+                        config, gate_address=gate_address, task_status=task_status
+                    )
+                )
+            if "daemon" in roles:
+                endpoints["daemon"] = await nursery.start(
+                    lambda task_status: run_daemon(
+                        config, gate_address=gate_address, task_status=task_status
+                    )
+                )
+            task_status.started(endpoints)
+    except BaseExceptionGroup as group:
+        operator_errors = _operator_errors(group)
+        if operator_errors:
+            raise RoleFailed("; ".join(operator_errors)) from None
+        raise
+
+
+def _operator_errors(group: BaseExceptionGroup[Any]) -> list[str]:
+    """Messages of the leaf errors an operator can act on, or [] if any leaf
+    is something else (a bug must keep its traceback)."""
+    from qmesh.identity import CredentialError
+    from qmesh.state import StateError
+    from qmesh.tunnel import HandshakeRefused
+
+    fixable = (ConfigError, CredentialError, StateError, HandshakeRefused, OSError)
+    matched, rest = group.split(fixable)
+    if matched is None or rest is not None:
+        return []
+    messages: list[str] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            messages.append(str(error))
+
+    walk(matched)
+    return messages

@@ -1,0 +1,421 @@
+"""The Gate's state store: one SQLite database in WAL mode.
+
+For: the durable records the Gate needs, starting with enrolled edge
+identities (MiniGates and Daemons, by X25519 public key) and applications
+(app ids with SCRAM-SHA-256 verifiers of their app keys), plus the schema
+migrations that later tables are added through.
+
+Not for: private keys (edges keep theirs; the Gate's is a file, see
+:mod:`qmesh.identity`), secrets in clear (app keys are stored only as SCRAM
+verifiers, so even a copy of the database cannot log in), or async I/O. The
+store is synchronous; Trio code calls it with ``trio.to_thread.run_sync``,
+and one lock serialises the threads that share its connection.
+
+Several processes may open the same file (the running Gate and a ``qmesh
+enroll`` from the shell): WAL lets readers and one writer proceed together,
+and writes take ``BEGIN IMMEDIATE`` with a busy timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import attrs
+
+__all__ = [
+    "ROLES",
+    "SCRAM_ITERATIONS",
+    "App",
+    "AppExists",
+    "AppVerifier",
+    "Identity",
+    "IdentityExists",
+    "InvalidValue",
+    "StateError",
+    "StateStore",
+    "StateUnavailable",
+    "check_name",
+    "scram_keys",
+]
+
+ROLES: Final = ("minigate", "daemon")
+"""Roles an enrolled edge identity can have."""
+SCRAM_ITERATIONS: Final = 4096
+"""PBKDF2 rounds for app-key verifiers: PostgreSQL's default for SCRAM-SHA-256."""
+PUBLIC_KEY_LEN: Final = 32
+_BUSY_TIMEOUT_S: Final = 5.0
+# Identity names and app ids: 1-63 characters. 63 is PostgreSQL's limit for a
+# role name, and an app id is the user name an app gives the Postgres mimic.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+# Each entry is one schema version: the statements that take the database
+# from the previous version to it. Append only; never edit a released entry.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE identities (
+            name        TEXT PRIMARY KEY,
+            role        TEXT NOT NULL CHECK (role IN ('minigate', 'daemon')),
+            public_key  BLOB NOT NULL UNIQUE,
+            created_at  REAL NOT NULL,
+            revoked_at  REAL NULL
+        )
+        """,
+        """
+        CREATE TABLE apps (
+            app_id            TEXT PRIMARY KEY,
+            scram_salt        BLOB NOT NULL,
+            scram_iterations  INTEGER NOT NULL,
+            stored_key        BLOB NOT NULL,
+            server_key        BLOB NOT NULL,
+            created_at        REAL NOT NULL
+        )
+        """,
+    ),
+)
+
+
+class StateError(Exception):
+    """The state store cannot do what was asked: the request conflicts with
+    what is stored, a value is invalid, or the database cannot be used.
+    Raised for the operator's or caller's input, not for bugs."""
+
+
+class StateUnavailable(StateError):
+    """The database file cannot be opened or used: unreadable, not a SQLite
+    database, or written by a newer qmesh with a schema this one does not know."""
+
+
+class InvalidValue(StateError, ValueError):
+    """A name, role, app id or key is not acceptable."""
+
+
+class IdentityExists(StateError):
+    """An identity with this name (or this public key) is already enrolled."""
+
+
+class AppExists(StateError):
+    """An application with this app id already exists."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a valid identity name or app id, else raise InvalidValue."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidValue(
+            f"{what} must be 1-63 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit; got {name!r}"
+        )
+    return name
+
+
+def scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """``(StoredKey, ServerKey)`` for SCRAM-SHA-256 (RFC 5802, RFC 7677).
+
+    SaltedPassword = PBKDF2-HMAC-SHA256(password, salt, iterations);
+    ClientKey = HMAC(SaltedPassword, "Client Key"); StoredKey = SHA-256(ClientKey);
+    ServerKey = HMAC(SaltedPassword, "Server Key"). The password is used as
+    UTF-8 without SASLprep: the keys qmesh generates are ASCII, for which
+    SASLprep changes nothing.
+    """
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return stored_key, server_key
+
+
+@attrs.frozen
+class Identity:
+    """An enrolled MiniGate or Daemon."""
+
+    name: str
+    role: str
+    public_key: bytes
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@attrs.frozen
+class App:
+    """An application, as listed (without its verifier)."""
+
+    app_id: str
+    created_at: float
+
+
+@attrs.frozen
+class AppVerifier:
+    """What the Postgres mimic needs to run SCRAM-SHA-256 for an app."""
+
+    app_id: str
+    salt: bytes
+    iterations: int
+    stored_key: bytes = attrs.field(repr=False)
+    server_key: bytes = attrs.field(repr=False)
+    created_at: float
+
+
+# For unknown app ids verify_app_key still runs PBKDF2, against this salt, so
+# the time it takes does not tell a caller which app ids exist.
+_DUMMY_SALT: Final = secrets.token_bytes(16)
+
+
+def _identity(row: tuple[str, str, bytes, float, float | None]) -> Identity:
+    return Identity(
+        name=row[0], role=row[1], public_key=bytes(row[2]), created_at=row[3], revoked_at=row[4]
+    )
+
+
+_IDENTITY_COLUMNS: Final = "name, role, public_key, created_at, revoked_at"
+
+
+class StateStore:
+    """One connection to the Gate's SQLite database. Use :meth:`open`.
+
+    Thread-safe: every method takes the store's lock, so Trio tasks may call
+    it from worker threads (``trio.to_thread.run_sync``) concurrently.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path | str) -> StateStore:
+        """Open (creating if needed) the database at ``path`` and bring its
+        schema up to date. The file is created mode 0600; SQLite gives its
+        ``-wal`` and ``-shm`` files the same mode. Raises StateUnavailable."""
+        path = Path(path)
+        try:
+            if not path.parent.exists():
+                path.parent.mkdir(mode=0o700, parents=True)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise StateUnavailable(f"cannot create state database {path}: {exc}") from exc
+        try:
+            conn = sqlite3.connect(
+                path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"cannot open state database {path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateUnavailable(f"state database {path}: cannot use WAL mode (got {mode!r})")
+            # NORMAL is durable across application crashes in WAL mode; only
+            # a power cut can lose the last transactions, never corrupt the file.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StateUnavailable(f"cannot use state database {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close the connection. Calling it again does nothing."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plumbing --------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            # Using a closed store is a bug in the caller, not a state problem.
+            raise RuntimeError("the state store is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._connection()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction. IMMEDIATE takes the write lock up front, so
+        two processes never both read and then fail to upgrade."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            return int(row[0]) if row else 0
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+                current = 0
+            else:
+                current = int(row[0])
+            if current > len(MIGRATIONS):
+                raise StateUnavailable(
+                    f"state database {self.path} has schema version {current}, newer than "
+                    f"this qmesh knows ({len(MIGRATIONS)}); upgrade qmesh"
+                )
+            for statements in MIGRATIONS[current:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    # -- identities -------------------------------------------------------
+
+    def add_identity(self, name: str, role: str, public_key: bytes) -> Identity:
+        """Enroll an edge. Raises IdentityExists if the name or key is taken,
+        InvalidValue for a bad name, role or key."""
+        check_name(name)
+        if role not in ROLES:
+            raise InvalidValue(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_LEN:
+            raise InvalidValue(f"public key must be {PUBLIC_KEY_LEN} bytes")
+        identity = Identity(name=name, role=role, public_key=public_key, created_at=time.time())
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT name FROM identities WHERE name = ? OR public_key = ?", (name, public_key)
+            ).fetchone()
+            if existing is not None:
+                if existing[0] == name:
+                    raise IdentityExists(f"an identity named {name!r} already exists")
+                raise IdentityExists(f"this public key is already enrolled as {existing[0]!r}")
+            conn.execute(
+                "INSERT INTO identities (name, role, public_key, created_at) VALUES (?, ?, ?, ?)",
+                (name, role, public_key, identity.created_at),
+            )
+        return identity
+
+    def get_identity(self, name: str) -> Identity | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE name = ?", (name,)
+            ).fetchone()
+        return _identity(row) if row else None
+
+    def find_identity_by_key(self, public_key: bytes) -> Identity | None:
+        """The identity enrolled with ``public_key``, revoked or not: the
+        caller must check :attr:`Identity.revoked`."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE public_key = ?", (public_key,)
+            ).fetchone()
+        return _identity(row) if row else None
+
+    def list_identities(self) -> list[Identity]:
+        """All identities, revoked ones included, by name."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_IDENTITY_COLUMNS} FROM identities ORDER BY name"
+            ).fetchall()
+        return [_identity(row) for row in rows]
+
+    def revoke_identity(self, name: str) -> bool:
+        """Mark ``name`` revoked. True if it was active; False if it does not
+        exist or was already revoked (the first revocation time is kept)."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE identities SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (time.time(), name),
+            )
+            return cursor.rowcount == 1
+
+    # -- applications -----------------------------------------------------
+
+    def add_app(self, app_id: str) -> str:
+        """Create an application and return its new app key. The key is
+        returned this once: only its SCRAM verifier is stored. Raises
+        AppExists, or InvalidValue for a bad app id."""
+        check_name(app_id, "app id")
+        key = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        stored_key, server_key = scram_keys(key, salt, SCRAM_ITERATIONS)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone():
+                raise AppExists(f"an app with id {app_id!r} already exists")
+            conn.execute(
+                "INSERT INTO apps (app_id, scram_salt, scram_iterations, stored_key, server_key,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (app_id, salt, SCRAM_ITERATIONS, stored_key, server_key, time.time()),
+            )
+        return key
+
+    def get_app_verifier(self, app_id: str) -> AppVerifier | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key, created_at"
+                " FROM apps WHERE app_id = ?",
+                (app_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return AppVerifier(
+            app_id=row[0],
+            salt=bytes(row[1]),
+            iterations=int(row[2]),
+            stored_key=bytes(row[3]),
+            server_key=bytes(row[4]),
+            created_at=row[5],
+        )
+
+    def verify_app_key(self, app_id: str, key: str) -> bool:
+        """Whether ``key`` is ``app_id``'s app key (constant-time comparison)."""
+        verifier = self.get_app_verifier(app_id)
+        if verifier is None:
+            scram_keys(key, _DUMMY_SALT, SCRAM_ITERATIONS)
+            return False
+        stored_key, _ = scram_keys(key, verifier.salt, verifier.iterations)
+        return hmac.compare_digest(stored_key, verifier.stored_key)
+
+    def delete_app(self, app_id: str) -> bool:
+        """Remove an application and its verifier. True if it existed."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
+
+    def list_apps(self) -> list[App]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT app_id, created_at FROM apps ORDER BY app_id").fetchall()
+        return [App(app_id=row[0], created_at=row[1]) for row in rows]

@@ -1,0 +1,211 @@
+"""The edge's end of the tunnel: connect, authenticate, resume, forever.
+
+The client holds one :class:`Session` across any number of TCP connections.
+When a connection fails it reconnects with exponential backoff and full
+jitter (so a fleet of edges does not stampede a restarted Gate) and resumes
+the session; streams, and the applications behind them, never notice. Only if
+the Gate no longer knows the session (its grace period ran out, or it
+restarted) are the streams reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from qmesh.tunnel import handshake
+from qmesh.tunnel.errors import (
+    ConnectionLost,
+    HandshakeFailed,
+    HandshakeRefused,
+    PeerProtocolError,
+    SessionLost,
+)
+from qmesh.tunnel.services import ServiceHandler, dispatcher
+from qmesh.tunnel.session import Session
+from qmesh.tunnel.stream import TunnelStream
+
+if TYPE_CHECKING:
+    from qmesh.config import TunnelConfig
+
+log = logging.getLogger(__name__)
+
+
+class TunnelClient:
+    """Keeps an edge connected to its Gate."""
+
+    def __init__(
+        self,
+        settings: TunnelConfig,
+        *,
+        name: str,
+        role: str,
+        private_key: bytes,
+        gate_public_key: bytes,
+        gate_address: tuple[str, int],
+        services: Mapping[str, ServiceHandler] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.role = role
+        self._private_key = private_key
+        self._gate_public_key = gate_public_key
+        self.gate_address = gate_address
+        self.services = dict(services or {})
+        self.session: Session | None = None
+        self._session_ready = trio.Event()
+        self._connected = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Counters for operators (and tests).
+        self.connects = 0
+        self.resumptions = 0
+        self.sessions_lost = 0
+
+    def __repr__(self) -> str:
+        host, port = self.gate_address
+        return f"<TunnelClient {self.name!r} → {host}:{port}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def open_stream(self, request: dict[str, Any]) -> TunnelStream:
+        """Open a stream to a Gate service. Waits for the first session; after
+        that, works even while the connection is down."""
+        while self.session is None or self.session.lost:
+            await self._session_ready.wait()
+        return self.session.open_stream(request)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[TunnelClient] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect and stay connected until cancelled.
+
+        Raises :class:`HandshakeRefused` when the Gate refuses this edge's key:
+        no retry can fix a revoked or unknown credential.
+        """
+        refused: HandshakeRefused | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            try:
+                await self._connect_forever()
+            except HandshakeRefused as exc:
+                # Raised bare, not inside the nursery's exception group.
+                refused = exc
+                nursery.cancel_scope.cancel()
+            finally:
+                if self.session is not None:
+                    self.session.lose(SessionLost("edge shutting down"))
+        if refused is not None:
+            raise refused
+
+    async def _connect_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._connect_once()
+                failures = 0
+            except HandshakeRefused:
+                raise
+            except (OSError, HandshakeFailed, trio.TooSlowError) as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                host, port = self.gate_address
+                log.warning(
+                    "cannot reach gate %s:%d (%s); retrying in %.2fs",
+                    host,
+                    port,
+                    exc or "timeout",
+                    delay,
+                )
+                await trio.sleep(delay)
+                continue
+            # The connection was up and went down: retry at once, then back
+            # off if the Gate stays away.
+            await trio.sleep(self._backoff(0))
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(
+            self.settings.reconnect_max_s,
+            self.settings.reconnect_initial_s * 2 ** min(failures, 30),
+        )
+        return random.uniform(0, ceiling)
+
+    async def _connect_once(self) -> None:
+        assert self._nursery is not None
+        host, port = self.gate_address
+        session = self.session if self.session is not None and not self.session.lost else None
+        with trio.fail_after(self.settings.handshake_timeout_s):
+            transport = await trio.open_tcp_stream(host, port)
+            try:
+                hello = handshake.Hello(
+                    role=self.role,
+                    name=self.name,
+                    session_id=session.id if session else None,
+                    recv_next=session.recv_next if session else 0,
+                )
+                noise, welcome, leftover = await handshake.initiate(
+                    transport,
+                    local_private=self._private_key,
+                    gate_public=self._gate_public_key,
+                    hello=hello,
+                )
+            except BaseException:
+                await trio.aclose_forcefully(transport)
+                raise
+        self.connects += 1
+        if session is not None and welcome.resumed and welcome.session_id == session.id:
+            self.resumptions += 1
+        else:
+            if session is not None:
+                self.sessions_lost += 1
+                log.warning("gate did not resume %s; its streams are reset", session)
+                session.lose(SessionLost("gate did not resume the session"))
+            session = Session(
+                self.settings,
+                session_id=welcome.session_id,
+                initiator=True,
+                peer=welcome.gate,
+                handler=dispatcher(self.services),
+                handler_nursery=self._nursery,
+            )
+            session.peer_role = "gate"
+            self.session = session
+            self._session_ready.set()
+            self._session_ready = trio.Event()
+        try:
+            session.acknowledge(welcome.recv_next)
+        except PeerProtocolError as exc:
+            log.error("cannot resume %s: %s", session, exc)
+            session.lose(SessionLost(str(exc)))
+            await trio.aclose_forcefully(transport)
+            return
+        encoder, decoder = noise.into_codec(
+            send_reliable_seq=welcome.recv_next,
+            recv_reliable_seq=session.recv_next,
+            level=self.settings.compression_level,
+            max_payload=self.settings.max_frame_payload,
+        )
+        log.info(
+            "connected to gate %s:%d (%s)",
+            host,
+            port,
+            "resumed" if welcome.resumed else "new session",
+        )
+        self._connected.set()
+        try:
+            await session.serve_connection(transport, encoder, decoder, leftover)
+        except ConnectionLost as exc:
+            log.info("connection to gate lost: %s; resuming", exc)
+        except (SessionLost, PeerProtocolError) as exc:
+            log.warning("session with gate ended: %s", exc)
+        finally:
+            self._connected = trio.Event()

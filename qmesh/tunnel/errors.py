@@ -1,0 +1,62 @@
+"""The tunnel's exception family, split by who is at fault.
+
+- :class:`PeerProtocolError`: the other end broke the protocol (a bad frame, a
+  bad handshake message). The connection is torn down.
+- :class:`ConnectionLost`: the network failed or went silent. A session
+  survives it and resumes on a new connection.
+- :class:`HandshakeRefused`: the Gate said no (not enrolled, revoked). Retrying
+  with the same credential cannot help.
+- :class:`HandshakeFailed`: the handshake did not complete for another reason
+  (wrong Gate key, timeout, garbage).
+- :class:`SessionLost`: the session ended for good; its streams are reset.
+- :class:`StreamReset`: one stream was aborted by either end.
+
+Low-level errors (``trio.BrokenResourceError``, ``qmesh._core.FrameError``)
+are translated at the boundary, so callers see only these.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class TunnelError(Exception):
+    """Base class of every error raised by :mod:`qmesh.tunnel`."""
+
+
+class PeerProtocolError(TunnelError):
+    """The peer sent something the protocol forbids; raised on the connection's side."""
+
+
+class ConnectionLost(TunnelError):
+    """The transport failed, closed or went silent past the dead-peer threshold."""
+
+
+class HandshakeFailed(TunnelError):
+    """The handshake did not complete: wrong key, timeout or a malformed message."""
+
+
+class HandshakeRefused(HandshakeFailed):
+    """The Gate authenticated the edge's key and refused it (unknown or revoked).
+
+    ``code`` is machine-readable: ``not_enrolled``, ``revoked``, ``bad_hello``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"gate refused the handshake: {message} ({code})")
+        self.code = code
+        self.reason = message
+
+
+class SessionLost(TunnelError):
+    """The session cannot continue (peer said goodbye or its grace period ran out)."""
+
+
+class StreamReset(TunnelError, trio.BrokenResourceError):
+    """A stream was aborted. Subclasses ``trio.BrokenResourceError`` so generic
+    Trio stream code treats it as a broken stream."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"stream reset ({code}): {message}")
+        self.code = code
+        self.reason = message

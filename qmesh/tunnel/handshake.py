@@ -1,0 +1,194 @@
+"""The tunnel handshake over a Trio stream: preamble, then Noise IK.
+
+    edge → gate   PREAMBLE (8 bytes: b"QMSH", version, 3 zero bytes)
+    edge → gate   u16 length + Noise message 1, payload = HELLO (JSON)
+    gate → edge   u16 length + Noise message 2, payload = WELCOME (JSON)
+
+The preamble is the Noise prologue, so both ends also authenticate it. The
+HELLO names the edge's session (if resuming) and its ``recv_next``; the
+WELCOME answers with the session id, whether it was resumed, and the Gate's
+``recv_next``. A refusal is a WELCOME with ``ok: false`` — still encrypted to
+the edge, so only the key's owner learns why it was refused.
+
+This module is only about the bytes of the handshake; what the Gate decides
+(who is enrolled, which session to resume) is the server's business.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from qmesh import __version__, _core
+from qmesh.tunnel.errors import HandshakeFailed, HandshakeRefused
+
+PREAMBLE = b"QMSH" + bytes([_core.PROTOCOL_VERSION, 0, 0, 0])
+_LEN = struct.Struct(">H")
+MAX_HANDSHAKE_MESSAGE = 65535
+
+
+@attrs.frozen
+class Hello:
+    """What the edge says about itself in message 1."""
+
+    role: str
+    name: str
+    session_id: bytes | None
+    recv_next: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "v": _core.PROTOCOL_VERSION,
+                "role": self.role,
+                "name": self.name,
+                "session": self.session_id.hex() if self.session_id else None,
+                "recv_next": self.recv_next,
+                "software": f"qmesh/{__version__}",
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Hello:
+        try:
+            data = json.loads(payload)
+            session = data.get("session")
+            recv_next = data["recv_next"]
+            if not isinstance(recv_next, int) or recv_next < 0:
+                raise ValueError("recv_next")
+            return cls(
+                role=str(data["role"]),
+                name=str(data["name"]),
+                session_id=bytes.fromhex(session) if session else None,
+                recv_next=recv_next,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HandshakeFailed(f"malformed HELLO: {exc}") from None
+
+
+@attrs.frozen
+class Welcome:
+    """The Gate's answer in message 2 when it accepts the edge."""
+
+    session_id: bytes
+    resumed: bool
+    recv_next: int
+    gate: str
+
+
+class _Reader:
+    """Exact reads over a Trio stream, keeping what was read past the end."""
+
+    def __init__(self, transport: trio.abc.Stream) -> None:
+        self.transport = transport
+        self.buffer = bytearray()
+
+    async def read_exactly(self, n: int, what: str) -> bytes:
+        while len(self.buffer) < n:
+            try:
+                data = await self.transport.receive_some(65536)
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise HandshakeFailed(f"connection failed while reading {what}: {exc}") from None
+            if not data:
+                raise HandshakeFailed(f"peer closed the connection while sending {what}")
+            self.buffer += data
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    async def read_message(self, what: str) -> bytes:
+        (length,) = _LEN.unpack(await self.read_exactly(_LEN.size, what))
+        return await self.read_exactly(length, what)
+
+
+async def _send(transport: trio.abc.Stream, data: bytes, what: str) -> None:
+    try:
+        await transport.send_all(data)
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise HandshakeFailed(f"connection failed while sending {what}: {exc}") from None
+
+
+def _framed(message: bytes) -> bytes:
+    return _LEN.pack(len(message)) + message
+
+
+async def initiate(
+    transport: trio.abc.Stream,
+    *,
+    local_private: bytes,
+    gate_public: bytes,
+    hello: Hello,
+) -> tuple[_core.NoiseHandshake, Welcome, bytes]:
+    """Run the edge's side. Returns the finished handshake, the Gate's
+    WELCOME and any bytes received after it (the first frames)."""
+    noise = _core.NoiseHandshake.initiator(local_private, gate_public, PREAMBLE)
+    await _send(transport, PREAMBLE + _framed(noise.write_message(hello.to_json())), "HELLO")
+    reader = _Reader(transport)
+    message = await reader.read_message("WELCOME")
+    try:
+        payload = noise.read_message(message)
+        data: dict[str, Any] = json.loads(payload)
+    except _core.HandshakeError as exc:
+        raise HandshakeFailed(f"gate's reply did not authenticate: {exc}") from None
+    except ValueError:
+        raise HandshakeFailed("gate's WELCOME is not JSON") from None
+    if not data.get("ok"):
+        raise HandshakeRefused(str(data.get("code", "refused")), str(data.get("error", "")))
+    try:
+        welcome = Welcome(
+            session_id=bytes.fromhex(data["session"]),
+            resumed=bool(data["resumed"]),
+            recv_next=int(data["recv_next"]),
+            gate=str(data.get("gate", "")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise HandshakeFailed(f"malformed WELCOME: {exc}") from None
+    return noise, welcome, bytes(reader.buffer)
+
+
+Decide = Callable[[bytes, Hello], Awaitable[Welcome]]
+
+
+async def respond(
+    transport: trio.abc.Stream,
+    *,
+    local_private: bytes,
+    decide: Decide,
+) -> tuple[_core.NoiseHandshake, Hello, Welcome, bytes]:
+    """Run the Gate's side. ``decide(edge_public_key, hello)`` returns the
+    WELCOME or raises :class:`HandshakeRefused`, which is sent to the edge and
+    re-raised here."""
+    reader = _Reader(transport)
+    preamble = await reader.read_exactly(len(PREAMBLE), "the preamble")
+    if preamble != PREAMBLE:
+        raise HandshakeFailed(f"not a qmesh tunnel client (preamble {preamble[:8]!r})")
+    noise = _core.NoiseHandshake.responder(local_private, PREAMBLE)
+    try:
+        hello = Hello.from_json(noise.read_message(await reader.read_message("HELLO")))
+    except _core.HandshakeError as exc:
+        # Either garbage or a client holding the wrong Gate key: IK fails
+        # to decrypt message 1. Nothing can be sent that it could read.
+        raise HandshakeFailed(f"HELLO did not authenticate: {exc}") from None
+    edge_key = noise.remote_static()
+    if edge_key is None:  # impossible with IK; guard the type
+        raise HandshakeFailed("no static key in HELLO")
+    try:
+        welcome = await decide(edge_key, hello)
+    except HandshakeRefused as refusal:
+        reply = {"ok": False, "code": refusal.code, "error": refusal.reason}
+        await _send(transport, _framed(noise.write_message(json.dumps(reply).encode())), "refusal")
+        raise
+    reply = {
+        "ok": True,
+        "session": welcome.session_id.hex(),
+        "resumed": welcome.resumed,
+        "recv_next": welcome.recv_next,
+        "gate": welcome.gate,
+    }
+    await _send(transport, _framed(noise.write_message(json.dumps(reply).encode())), "WELCOME")
+    return noise, hello, welcome, bytes(reader.buffer)

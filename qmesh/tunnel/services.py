@@ -1,0 +1,60 @@
+"""Routing incoming streams to named services, and relaying bytes between streams."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
+
+from qmesh.tunnel.frames import ResetCode
+from qmesh.tunnel.stream import TunnelStream
+
+log = logging.getLogger(__name__)
+
+ServiceHandler = Callable[[TunnelStream], Awaitable[None]]
+"""Serves one incoming stream; ``stream.request`` is the peer's OPEN request."""
+
+
+def dispatcher(services: Mapping[str, ServiceHandler]) -> ServiceHandler:
+    """A stream handler that hands each stream to ``services[request["service"]]``."""
+
+    async def dispatch(stream: TunnelStream) -> None:
+        name = stream.request["service"]
+        service = services.get(name)
+        if service is None:
+            stream.reset(ResetCode.REFUSED, f"unknown service {name!r}")
+            return
+        await service(stream)
+
+    return dispatch
+
+
+async def splice(
+    a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *, chunk: int = 65536
+) -> None:
+    """Relay bytes both ways until both directions end, passing half-closes on.
+
+    If either side fails, both are closed at once (a tunnel stream closed early
+    sends RESET, so the far end learns of the failure instead of a clean EOF).
+    Closes both streams before returning; never raises for a broken stream.
+    """
+
+    async def pump(
+        source: trio.abc.HalfCloseableStream, sink: trio.abc.HalfCloseableStream
+    ) -> None:
+        try:
+            while data := await source.receive_some(chunk):
+                await sink.send_all(data)
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("relay ended: %s", exc)
+            nursery.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, a, b)
+            nursery.start_soon(pump, b, a)
+    finally:
+        await trio.aclose_forcefully(a)
+        await trio.aclose_forcefully(b)

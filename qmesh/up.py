@@ -1,0 +1,145 @@
+"""``qmesh up``: the whole mesh on one box, with nothing to prepare.
+
+On first start it creates the data directory, the Gate's keys, credentials
+for a local MiniGate and Daemon, and a demo application; later starts reuse
+them. It then runs the three roles in one process, writes
+``DATA_DIR/up.json`` (mode 0600) with every endpoint and the demo app's
+credentials, and prints how to use them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from qmesh import __version__
+from qmesh.config import Config
+from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
+from qmesh.runner import ROLES, run_roles
+from qmesh.state import StateStore
+
+DEMO_APP = "demo"
+
+
+@attrs.frozen
+class LocalSetup:
+    """What ``qmesh up`` prepared in the data directory."""
+
+    gate_public_key: bytes
+    minigate_credential: Path
+    daemon_credential: Path
+    demo_app_key: str
+
+
+def _local_credential(
+    store: StateStore, keys: GateKeys, role: str, directory: Path, gate_address: str
+) -> Path:
+    """Reuse ``directory/ROLE.cred`` while the Gate still honours it; otherwise
+    enroll a fresh local identity (``local-ROLE``, ``local-ROLE-2``, …)."""
+    path = directory / f"{role}.cred"
+    if path.exists():
+        credential = load_credential(path)
+        identity = store.find_identity_by_key(credential.public_key)
+        if identity is not None and not identity.revoked:
+            return path
+    suffix = 1
+    while True:
+        name = f"local-{role}" if suffix == 1 else f"local-{role}-{suffix}"
+        if store.get_identity(name) is None:
+            break
+        suffix += 1
+    credential = enroll(store, keys, role, name, gate_address)
+    write_private_file(path, (credential.encode() + "\n").encode(), replace=True)
+    return path
+
+
+def prepare(config: Config) -> LocalSetup:
+    """Create (or reuse) keys, local credentials and the demo app."""
+    keys, _created = GateKeys.load_or_create(config.data_dir)
+    credentials = config.data_dir / "credentials"
+    credentials.mkdir(mode=0o700, exist_ok=True)
+    with StateStore.open(config.state_db_path) as store:
+        minigate = _local_credential(
+            store, keys, "minigate", credentials, config.gate.tunnel_listen
+        )
+        daemon = _local_credential(store, keys, "daemon", credentials, config.gate.tunnel_listen)
+        key_file = credentials / f"app-{DEMO_APP}.key"
+        if store.get_app_verifier(DEMO_APP) is None or not key_file.exists():
+            if store.get_app_verifier(DEMO_APP) is not None:
+                store.delete_app(DEMO_APP)
+            write_private_file(key_file, (store.add_app(DEMO_APP) + "\n").encode(), replace=True)
+        demo_key = key_file.read_text().strip()
+    return LocalSetup(keys.public_key, minigate, daemon, demo_key)
+
+
+def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> dict[str, Any]:
+    gate = endpoints["gate"]
+    minigate = endpoints["minigate"]
+    daemon = endpoints["daemon"]
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "data_dir": str(config.data_dir),
+        "gate": {
+            "tunnel": gate["tunnel"],
+            "public_key": base64.b64encode(setup.gate_public_key).decode(),
+        },
+        "minigate": {"name": minigate["name"], "forwards": minigate["forwards"]},
+        "daemon": {"name": daemon["name"]},
+        "demo_app": {"app_id": DEMO_APP, "app_key": setup.demo_app_key},
+    }
+
+
+def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
+    lines = [
+        f"qmesh {summary['version']} is up (pid {summary['pid']}), data in {summary['data_dir']}",
+        f"  gate      tunnel listening on {summary['gate']['tunnel']}",
+        f"  minigate  {summary['minigate']['name']}, connected to the gate",
+    ]
+    for forward in summary["minigate"]["forwards"]:
+        lines.append(f"            forward {forward['listen']} → {forward['target']}")
+    if not summary["minigate"]["forwards"]:
+        lines.append("            no forwards configured ([[minigate.forward]] in --config)")
+    lines += [
+        f"  daemon    {summary['daemon']['name']}, connected to the gate",
+        f"  demo app  id '{DEMO_APP}'; its key and every endpoint are in {up_json} (mode 0600)",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def _run(config: Config, setup: LocalSetup) -> None:
+    async with trio.open_nursery() as nursery:
+        endpoints = await nursery.start(run_roles, config, ROLES)
+        for role in ("minigate", "daemon"):
+            with trio.fail_after(config.tunnel.handshake_timeout_s):
+                await endpoints[role]["client"].wait_connected()
+        summary = _summary(config, setup, endpoints)
+        up_json = config.data_dir / "up.json"
+        write_private_file(up_json, (json.dumps(summary, indent=2) + "\n").encode(), replace=True)
+        _print_banner(summary, up_json)
+
+
+def main(config: Config, *, port_offset: int = 0, ephemeral: bool = False) -> int:
+    if ephemeral:
+        config = config.ephemeral()
+    elif port_offset:
+        config = config.with_port_offset(port_offset)
+    setup = prepare(config)
+    config = attrs.evolve(
+        config,
+        minigate=attrs.evolve(config.minigate, credential_file=setup.minigate_credential),
+        daemon=attrs.evolve(config.daemon, credential_file=setup.daemon_credential),
+    )
+    try:
+        trio.run(_run, config, setup)
+    except KeyboardInterrupt:
+        print("qmesh up: stopped", file=sys.stderr)
+    return 0

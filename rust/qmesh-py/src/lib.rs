@@ -1,0 +1,547 @@
+//! `qmesh._core`: the Python face of `qmesh-wire` (see `qmesh/_core.pyi`,
+//! the contract this module implements).
+//!
+//! This crate only converts: Python arguments in, Python objects out, wire
+//! errors to Python exceptions, and the decision of when to release the GIL.
+//! All protocol logic lives in `qmesh-wire`, which has no pyo3 dependency.
+//!
+//! Thread safety. pyo3 0.30 requires every `#[pyclass]` to be `Send + Sync`
+//! unless it is `unsendable`, and `unsendable` would make a codec unusable
+//! from any thread but its creator's (Trio runs sync code in worker threads
+//! via `trio.to_thread`). Our classes are plain `Send + Sync` data (AES key
+//! schedule, zstd contexts, byte buffers, snow's state; zstd-safe and snow
+//! declare their contexts `Send + Sync`), and every method that mutates takes
+//! `&mut self`, i.e. pyo3's runtime-checked exclusive borrow. So two threads
+//! can never run the same codec at once: the second one gets a `RuntimeError`
+//! ("already borrowed") instead of a data race, even while the first has
+//! released the GIL. We deliberately do not use a `Mutex` inside: a thread
+//! blocking on it while holding the GIL, against a holder that needs the GIL
+//! back to finish, would deadlock.
+
+use std::borrow::Cow;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyTuple};
+
+use qmesh_wire as wire;
+use qmesh_wire::{DecoderConfig, EncoderConfig, FrameRef};
+
+/// Work on at least this many bytes runs with the GIL released.
+///
+/// Releasing is not free: re-acquiring can mean waiting behind another
+/// thread for up to the interpreter's switch interval (5 ms by default),
+/// while sealing or opening 64 KiB takes only tens of microseconds. Below
+/// the threshold we keep the GIL and finish quickly; above it the AES/zstd
+/// work is long enough that letting other Python threads (and Trio's event
+/// loop, when we run in a worker thread) proceed is worth the hand-off.
+const DETACH_THRESHOLD: usize = 64 * 1024;
+
+// The `#[pyo3(signature)]` defaults below are written as literals so they show
+// up in `__text_signature__` (which stubtest compares with the stub); keep
+// them equal to the wire crate's defaults.
+const _: () = assert!(wire::codec::DEFAULT_LEVEL == 3);
+const _: () = assert!(wire::codec::DEFAULT_MIN_COMPRESS == 64);
+
+create_exception!(
+    qmesh._core,
+    FrameError,
+    PyException,
+    "The peer's byte stream is not a valid frame stream; tear the connection down."
+);
+create_exception!(
+    qmesh._core,
+    Tampered,
+    FrameError,
+    "The AEAD tag did not verify: header or payload altered, or the wrong key."
+);
+create_exception!(
+    qmesh._core,
+    Replayed,
+    FrameError,
+    "An authentic frame whose sequence number was already received."
+);
+create_exception!(
+    qmesh._core,
+    Reordered,
+    FrameError,
+    "An authentic frame whose sequence number is ahead of the next expected one."
+);
+create_exception!(
+    qmesh._core,
+    Truncated,
+    FrameError,
+    "The byte stream ended inside a frame (raised by ``FrameDecoder.eof``)."
+);
+create_exception!(
+    qmesh._core,
+    FrameTooLarge,
+    FrameError,
+    "A header announced more bytes than the decoder's limit; nothing was allocated."
+);
+create_exception!(
+    qmesh._core,
+    Malformed,
+    FrameError,
+    "A bad version, frame type, flag or reserved bits, or an undecodable payload."
+);
+create_exception!(
+    qmesh._core,
+    HandshakeError,
+    PyException,
+    "The Noise handshake failed: bad message, failed decryption, or misuse."
+);
+
+/// The binding's one error type: a wire error, or a Python error raised
+/// while converting arguments.
+#[derive(Debug)]
+pub enum Error {
+    Wire(wire::Error),
+    Python(PyErr),
+}
+
+impl From<wire::Error> for Error {
+    fn from(err: wire::Error) -> Self {
+        Error::Wire(err)
+    }
+}
+
+impl From<PyErr> for Error {
+    fn from(err: PyErr) -> Self {
+        Error::Python(err)
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        let err = match err {
+            Error::Python(e) => return e,
+            Error::Wire(e) => e,
+        };
+        let msg = err.to_string();
+        match err {
+            wire::Error::Tampered => Tampered::new_err(msg),
+            wire::Error::Replayed => Replayed::new_err(msg),
+            wire::Error::Reordered => Reordered::new_err(msg),
+            wire::Error::Truncated => Truncated::new_err(msg),
+            wire::Error::FrameTooLarge => FrameTooLarge::new_err(msg),
+            wire::Error::Malformed(_) => Malformed::new_err(msg),
+            wire::Error::Handshake(_) => HandshakeError::new_err(msg),
+            wire::Error::InvalidArgument(_) => PyValueError::new_err(msg),
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The bytes of a `bytes`, `bytearray` or `memoryview` argument.
+///
+/// `bytes` is immutable, so it is borrowed (and may be read with the GIL
+/// released). Anything else exporting a buffer is copied while we hold the
+/// GIL: a `bytearray` could be mutated by another thread the moment we let
+/// go of it, and reading it then would be a data race.
+fn input<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
+    if let Ok(bytes) = obj.cast::<PyBytes>() {
+        return Ok(Cow::Borrowed(bytes.as_bytes()));
+    }
+    let buffer = PyBuffer::<u8>::get(obj)?;
+    Ok(Cow::Owned(buffer.to_vec(obj.py())?))
+}
+
+/// A frame type argument: anything not in `0..=255` is a `ValueError` (like
+/// `0x20..=0xFF`, which the encoder rejects), not pyo3's `OverflowError`.
+fn frame_type_arg(obj: &Bound<'_, PyAny>) -> PyResult<u8> {
+    obj.extract::<u8>().map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(obj.py()) {
+            PyValueError::new_err("frame type out of range (0x00..=0x1f)")
+        } else {
+            e
+        }
+    })
+}
+
+/// Validate, compress and seal `frames` straight into a new `bytes` of the
+/// exact size. `payload_bytes` (their total) decides about the GIL.
+fn encode_frames<'py>(
+    py: Python<'py>,
+    encoder: &mut wire::FrameEncoder,
+    frames: &[FrameRef<'_>],
+    payload_bytes: usize,
+) -> Result<Bound<'py, PyBytes>> {
+    let detach = payload_bytes >= DETACH_THRESHOLD;
+    // Validation happens first, inside prepare: an error leaves the counters
+    // untouched, and no sequence number is assigned until write_into.
+    let batch = if detach {
+        py.detach(|| encoder.prepare(frames))?
+    } else {
+        encoder.prepare(frames)?
+    };
+    let len = batch.encoded_len();
+    // The new bytes object is not visible to any other code until we return
+    // it, so filling it with the GIL released is safe.
+    let out = PyBytes::new_with(py, len, |buf| {
+        let written = if detach {
+            py.detach(|| batch.write_into(buf))
+        } else {
+            batch.write_into(buf)
+        };
+        written.map_err(|e| PyErr::from(Error::from(e)))
+    })?;
+    Ok(out)
+}
+
+/// Seals frames for one direction of one connection.
+///
+/// Sequence numbers are assigned here, from two counters: reliable frames
+/// (type < 0x10) continue from ``reliable_seq``; control frames start at 0.
+#[pyclass(module = "qmesh._core", name = "FrameEncoder")]
+pub struct FrameEncoder {
+    inner: wire::FrameEncoder,
+}
+
+#[pymethods]
+impl FrameEncoder {
+    #[new]
+    #[pyo3(signature = (
+        key,
+        *,
+        reliable_seq = 0,
+        level = 3,
+        max_payload = wire::MAX_PAYLOAD_LIMIT,
+        min_compress = 64,
+    ))]
+    fn new(
+        key: &[u8],
+        reliable_seq: u64,
+        level: i32,
+        max_payload: usize,
+        min_compress: usize,
+    ) -> Result<Self> {
+        let config = EncoderConfig {
+            reliable_seq,
+            level,
+            max_payload,
+            min_compress,
+        };
+        Ok(FrameEncoder {
+            inner: wire::FrameEncoder::new(key, config)?,
+        })
+    }
+
+    #[getter]
+    fn next_reliable_seq(&self) -> u64 {
+        self.inner.next_reliable_seq()
+    }
+
+    #[getter]
+    fn next_control_seq(&self) -> u64 {
+        self.inner.next_control_seq()
+    }
+
+    /// One frame, header and ciphertext. Raises ValueError for a bad type
+    /// or a payload over ``max_payload``.
+    fn encode<'py>(
+        &mut self,
+        py: Python<'py>,
+        frame_type: &Bound<'py, PyAny>,
+        stream_id: u32,
+        payload: &Bound<'py, PyAny>,
+    ) -> Result<Bound<'py, PyBytes>> {
+        let frame_type = frame_type_arg(frame_type)?;
+        let payload = input(payload)?;
+        let frames = [FrameRef {
+            frame_type,
+            stream_id,
+            payload: &payload,
+        }];
+        encode_frames(py, &mut self.inner, &frames, payload.len())
+    }
+
+    /// Many frames ``(frame_type, stream_id, payload)`` concatenated in one
+    /// buffer, in order. Validation happens before anything is encoded, so a
+    /// ValueError leaves the counters untouched.
+    fn encode_batch<'py>(
+        &mut self,
+        py: Python<'py>,
+        frames: &Bound<'py, PyAny>,
+    ) -> Result<Bound<'py, PyBytes>> {
+        let mut items = Vec::new();
+        for item in frames.try_iter()? {
+            let (frame_type, stream_id, payload): (Bound<'py, PyAny>, u32, Bound<'py, PyAny>) =
+                item?.extract()?;
+            items.push((frame_type_arg(&frame_type)?, stream_id, payload));
+        }
+        let payloads = items
+            .iter()
+            .map(|(_, _, p)| input(p))
+            .collect::<PyResult<Vec<Cow<'_, [u8]>>>>()?;
+        let refs: Vec<FrameRef<'_>> = items
+            .iter()
+            .zip(&payloads)
+            .map(|((frame_type, stream_id, _), payload)| FrameRef {
+                frame_type: *frame_type,
+                stream_id: *stream_id,
+                payload,
+            })
+            .collect();
+        let total = payloads.iter().map(|p| p.len()).sum();
+        encode_frames(py, &mut self.inner, &refs, total)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<FrameEncoder next_reliable_seq={} next_control_seq={}>",
+            self.inner.next_reliable_seq(),
+            self.inner.next_control_seq()
+        )
+    }
+}
+
+/// A decoded frame as Python sees it: ``(frame_type, stream_id, sequence,
+/// flags, payload)``.
+type PyFrame<'py> = (u8, u32, u64, u8, Bound<'py, PyBytes>);
+
+/// Opens frames for one direction of one connection (h11 style: ``feed``
+/// buffers, ``next_frames`` returns what is complete).
+///
+/// After the first error the decoder is poisoned: every later call raises
+/// the same error kind again.
+#[pyclass(module = "qmesh._core", name = "FrameDecoder")]
+pub struct FrameDecoder {
+    inner: wire::FrameDecoder,
+}
+
+#[pymethods]
+impl FrameDecoder {
+    #[new]
+    #[pyo3(signature = (key, *, reliable_seq = 0, max_payload = wire::MAX_PAYLOAD_LIMIT))]
+    fn new(key: &[u8], reliable_seq: u64, max_payload: usize) -> Result<Self> {
+        let config = DecoderConfig {
+            reliable_seq,
+            max_payload,
+        };
+        Ok(FrameDecoder {
+            inner: wire::FrameDecoder::new(key, config)?,
+        })
+    }
+
+    #[getter]
+    fn next_reliable_seq(&self) -> u64 {
+        self.inner.next_reliable_seq()
+    }
+
+    #[getter]
+    fn next_control_seq(&self) -> u64 {
+        self.inner.next_control_seq()
+    }
+
+    /// Bytes held that do not yet make a complete frame.
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+
+    fn feed(&mut self, data: &Bound<'_, PyAny>) -> Result<()> {
+        // A plain copy into our buffer; no parsing happens here, so there
+        // is nothing worth releasing the GIL for.
+        let data = input(data)?;
+        Ok(self.inner.feed(&data)?)
+    }
+
+    /// All complete frames (at most ``limit`` when > 0). If a bad frame
+    /// follows good ones, the good ones are returned and the error is raised
+    /// by the next call.
+    #[pyo3(signature = (limit = 0))]
+    fn next_frames<'py>(&mut self, py: Python<'py>, limit: i64) -> Result<Vec<PyFrame<'py>>> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let inner = &mut self.inner;
+        let frames = if inner.buffered() >= DETACH_THRESHOLD {
+            py.detach(|| inner.next_frames(limit))?
+        } else {
+            inner.next_frames(limit)?
+        };
+        Ok(frames
+            .into_iter()
+            .map(|f| {
+                (
+                    f.frame_type,
+                    f.stream_id,
+                    f.seq,
+                    f.flags,
+                    PyBytes::new(py, &f.payload),
+                )
+            })
+            .collect())
+    }
+
+    /// The transport ended: raises :class:`Truncated` if bytes of a partial
+    /// frame are buffered.
+    fn eof(&mut self) -> Result<()> {
+        Ok(self.inner.eof()?)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<FrameDecoder next_reliable_seq={} next_control_seq={} buffered={}>",
+            self.inner.next_reliable_seq(),
+            self.inner.next_control_seq(),
+            self.inner.buffered()
+        )
+    }
+}
+
+/// ``Noise_IK_25519_AESGCM_SHA256``: the initiator knows the responder's
+/// static key in advance; the responder learns and authenticates the
+/// initiator's static key from the first message. Two messages, one round
+/// trip, forward secrecy from ephemeral keys.
+///
+/// Handshake messages are small and the X25519 work is a few hundred
+/// microseconds at most, so none of these methods release the GIL.
+#[pyclass(module = "qmesh._core", name = "NoiseHandshake")]
+pub struct NoiseHandshake {
+    inner: wire::NoiseHandshake,
+}
+
+#[pymethods]
+impl NoiseHandshake {
+    #[staticmethod]
+    fn initiator(local_private: &[u8], remote_public: &[u8], prologue: &[u8]) -> Result<Self> {
+        Ok(NoiseHandshake {
+            inner: wire::NoiseHandshake::initiator(local_private, remote_public, prologue)?,
+        })
+    }
+
+    #[staticmethod]
+    fn responder(local_private: &[u8], prologue: &[u8]) -> Result<Self> {
+        Ok(NoiseHandshake {
+            inner: wire::NoiseHandshake::responder(local_private, prologue)?,
+        })
+    }
+
+    #[getter]
+    fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+
+    /// The next handshake message carrying ``payload`` (encrypted where the
+    /// pattern allows; at most 65,000 bytes).
+    fn write_message<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+    ) -> Result<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.inner.write_message(payload)?))
+    }
+
+    /// Process the peer's handshake message; return its payload.
+    fn read_message<'py>(
+        &mut self,
+        py: Python<'py>,
+        message: &[u8],
+    ) -> Result<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.inner.read_message(message)?))
+    }
+
+    /// The peer's static public key (32 bytes) once known.
+    fn remote_static<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.remote_static().map(|k| PyBytes::new(py, &k))
+    }
+
+    /// The handshake transcript hash: public, unique per connection.
+    fn handshake_hash<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.handshake_hash())
+    }
+
+    /// After the handshake: the encoder and decoder for this side, keyed
+    /// from the Noise split. The keys never leave Rust. Consumes the
+    /// handshake (a second call raises HandshakeError).
+    #[pyo3(signature = (
+        *,
+        send_reliable_seq = 0,
+        recv_reliable_seq = 0,
+        level = 3,
+        max_payload = wire::MAX_PAYLOAD_LIMIT,
+        min_compress = 64,
+    ))]
+    // The Python name is fixed by the stub. It cannot take `self` by value
+    // (Python owns the object); the Rust side marks the handshake consumed.
+    #[allow(clippy::wrong_self_convention)]
+    fn into_codec(
+        &mut self,
+        send_reliable_seq: u64,
+        recv_reliable_seq: u64,
+        level: i32,
+        max_payload: usize,
+        min_compress: usize,
+    ) -> Result<(FrameEncoder, FrameDecoder)> {
+        let send = EncoderConfig {
+            reliable_seq: send_reliable_seq,
+            level,
+            max_payload,
+            min_compress,
+        };
+        let recv = DecoderConfig {
+            reliable_seq: recv_reliable_seq,
+            max_payload,
+        };
+        let (encoder, decoder) = self.inner.into_codec(send, recv)?;
+        Ok((
+            FrameEncoder { inner: encoder },
+            FrameDecoder { inner: decoder },
+        ))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<NoiseHandshake initiator={} finished={}>",
+            self.inner.is_initiator(),
+            self.inner.is_finished()
+        )
+    }
+}
+
+/// The Rust hot path of qmesh (sans-IO): frame codec and Noise handshake.
+#[pymodule]
+mod _core {
+    use super::*;
+
+    #[pymodule_export]
+    use super::{FrameDecoder, FrameEncoder, NoiseHandshake};
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        let py = m.py();
+        m.add("PROTOCOL_VERSION", wire::PROTOCOL_VERSION)?;
+        m.add("HEADER_LEN", wire::HEADER_LEN)?;
+        m.add("TAG_LEN", wire::TAG_LEN)?;
+        m.add("MAX_PAYLOAD_LIMIT", wire::MAX_PAYLOAD_LIMIT)?;
+        m.add("FLAG_COMPRESSED", wire::FLAG_COMPRESSED)?;
+        m.add("CONTROL_TYPE_MIN", wire::CONTROL_TYPE_MIN)?;
+        m.add("NOISE_PATTERN", wire::NOISE_PATTERN)?;
+
+        // The stub's type aliases exist at runtime too, so that
+        // `from qmesh._core import Frame` works outside `TYPE_CHECKING`.
+        let bytes = py.get_type::<PyBytes>();
+        let buffer_like = bytes
+            .bitor(py.get_type::<PyByteArray>())?
+            .bitor(py.get_type::<PyMemoryView>())?;
+        m.add("BufferLike", buffer_like)?;
+        let int = py.get_type::<PyInt>();
+        let frame = py
+            .get_type::<PyTuple>()
+            .get_item((&int, &int, &int, &int, &bytes))?;
+        m.add("Frame", frame)?;
+
+        m.add("FrameError", py.get_type::<FrameError>())?;
+        m.add("Tampered", py.get_type::<Tampered>())?;
+        m.add("Replayed", py.get_type::<Replayed>())?;
+        m.add("Reordered", py.get_type::<Reordered>())?;
+        m.add("Truncated", py.get_type::<Truncated>())?;
+        m.add("FrameTooLarge", py.get_type::<FrameTooLarge>())?;
+        m.add("Malformed", py.get_type::<Malformed>())?;
+        m.add("HandshakeError", py.get_type::<HandshakeError>())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,671 @@
+//! Sans-IO frame codec: [`FrameEncoder`] seals frames for one direction of one
+//! connection, [`FrameDecoder`] opens them (h11 style: [`FrameDecoder::feed`]
+//! only buffers, [`FrameDecoder::next_frame`] returns what is complete).
+//!
+//! Not for: I/O, timers, retransmission or acknowledgement. Resumption is
+//! the caller's business; this module only lets it start the reliable
+//! counters where the previous connection left off.
+//!
+//! Invariants:
+//!
+//! * A key is used for one direction only, and each `(class, seq)` pair is
+//!   sealed at most once under it: the encoder's counters only move forward,
+//!   and it refuses to wrap them. So no AES-GCM nonce is ever reused.
+//! * The decoder checks everything it can from the 20-byte header alone
+//!   (version, type, flags, reserved byte, length limit) before it waits for
+//!   the body, so a hostile length field never makes it allocate.
+//! * The decoder authenticates before it judges the sequence number: a
+//!   forged header fails as [`Error::Tampered`], and only an authentic old
+//!   frame is [`Error::Replayed`] (an authentic future one, [`Error::Reordered`]).
+//! * After its first error a decoder is poisoned and repeats that error on
+//!   every later call: a frame stream with a hole in it is never resumed.
+
+use std::io::Cursor;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use bytes::{Buf, Bytes, BytesMut};
+use zstd::bulk::{Compressor, Decompressor};
+use zstd::zstd_safe;
+
+use crate::error::{Error, Result};
+use crate::frame::{
+    nonce, FrameClass, Header, FLAG_COMPRESSED, HEADER_LEN, KEY_LEN, MAX_PAYLOAD_LIMIT, TAG_LEN,
+};
+
+/// zstd levels the encoder accepts.
+pub const MIN_LEVEL: i32 = 1;
+/// zstd levels the encoder accepts.
+pub const MAX_LEVEL: i32 = 19;
+/// Default zstd level.
+pub const DEFAULT_LEVEL: i32 = 3;
+/// Default threshold below which payloads are never compressed.
+pub const DEFAULT_MIN_COMPRESS: usize = 64;
+/// The encoder keeps at most this much scratch capacity between batches, so
+/// one 16 MiB frame does not pin 16 MiB per connection for its lifetime.
+const SCRATCH_RETAIN: usize = 256 * 1024;
+
+fn cipher_from_key(key: &[u8]) -> Result<Aes256Gcm> {
+    if key.len() != KEY_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "key must be {KEY_LEN} bytes, got {}",
+            key.len()
+        )));
+    }
+    Ok(Aes256Gcm::new_from_slice(key).expect("length checked above"))
+}
+
+fn check_max_payload(max_payload: usize) -> Result<()> {
+    if max_payload > MAX_PAYLOAD_LIMIT {
+        return Err(Error::InvalidArgument(format!(
+            "max_payload must be at most {MAX_PAYLOAD_LIMIT}, got {max_payload}"
+        )));
+    }
+    Ok(())
+}
+
+/// Settings for a [`FrameEncoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderConfig {
+    /// Sequence number of the first reliable frame (resumption continues the
+    /// previous connection's count).
+    pub reliable_seq: u64,
+    /// zstd level, `MIN_LEVEL..=MAX_LEVEL`.
+    pub level: i32,
+    /// Largest plaintext payload accepted, at most [`MAX_PAYLOAD_LIMIT`].
+    pub max_payload: usize,
+    /// Payloads shorter than this are never compressed.
+    pub min_compress: usize,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            reliable_seq: 0,
+            level: DEFAULT_LEVEL,
+            max_payload: MAX_PAYLOAD_LIMIT,
+            min_compress: DEFAULT_MIN_COMPRESS,
+        }
+    }
+}
+
+/// Settings for a [`FrameDecoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderConfig {
+    /// Sequence number of the next reliable frame expected.
+    pub reliable_seq: u64,
+    /// Largest plaintext payload accepted, at most [`MAX_PAYLOAD_LIMIT`].
+    pub max_payload: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            reliable_seq: 0,
+            max_payload: MAX_PAYLOAD_LIMIT,
+        }
+    }
+}
+
+/// A frame to encode: the encoder assigns the sequence number and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub frame_type: u8,
+    pub stream_id: u32,
+    pub payload: &'a [u8],
+}
+
+/// A decoded, authenticated, in-order frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub frame_type: u8,
+    pub stream_id: u32,
+    pub seq: u64,
+    pub flags: u8,
+    /// The plaintext (decompressed if `flags` has [`FLAG_COMPRESSED`]).
+    pub payload: Bytes,
+}
+
+/// Where a prepared frame's body comes from.
+#[derive(Debug, Clone, Copy)]
+enum Body {
+    /// The caller's payload, as is.
+    Plain,
+    /// `scratch[start..start + len]`, zstd-compressed.
+    Compressed { start: usize, len: usize },
+}
+
+/// Seals frames for one direction of one connection.
+pub struct FrameEncoder {
+    cipher: Aes256Gcm,
+    compressor: Compressor<'static>,
+    /// Compressed bodies of the batch being prepared, back to back.
+    scratch: Vec<u8>,
+    /// One entry per frame of the batch being prepared.
+    plan: Vec<Body>,
+    next_reliable: u64,
+    next_control: u64,
+    max_payload: usize,
+    min_compress: usize,
+}
+
+impl std::fmt::Debug for FrameEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("FrameEncoder")
+            .field("next_reliable", &self.next_reliable)
+            .field("next_control", &self.next_control)
+            .field("max_payload", &self.max_payload)
+            .field("min_compress", &self.min_compress)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameEncoder {
+    /// An encoder keyed with `key` (32 bytes).
+    pub fn new(key: &[u8], config: EncoderConfig) -> Result<Self> {
+        let cipher = cipher_from_key(key)?;
+        check_max_payload(config.max_payload)?;
+        if !(MIN_LEVEL..=MAX_LEVEL).contains(&config.level) {
+            return Err(Error::InvalidArgument(format!(
+                "level must be in {MIN_LEVEL}..={MAX_LEVEL}, got {}",
+                config.level
+            )));
+        }
+        let compressor = Compressor::new(config.level)
+            .map_err(|e| Error::InvalidArgument(format!("zstd compressor: {e}")))?;
+        Ok(FrameEncoder {
+            cipher,
+            compressor,
+            scratch: Vec::new(),
+            plan: Vec::new(),
+            next_reliable: config.reliable_seq,
+            next_control: 0,
+            max_payload: config.max_payload,
+            min_compress: config.min_compress,
+        })
+    }
+
+    /// Sequence number the next reliable frame will carry.
+    pub fn next_reliable_seq(&self) -> u64 {
+        self.next_reliable
+    }
+
+    /// Sequence number the next control frame will carry.
+    pub fn next_control_seq(&self) -> u64 {
+        self.next_control
+    }
+
+    /// Largest payload accepted.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Validate and compress `frames` without assigning sequence numbers.
+    /// The returned batch knows its exact encoded length, so the caller can
+    /// allocate the output once (e.g. a Python `bytes`) and
+    /// [`PreparedBatch::write_into`] it. Dropping the batch unwritten leaves
+    /// the counters untouched.
+    ///
+    /// Every frame is validated before anything is compressed: an error
+    /// means nothing happened.
+    pub fn prepare<'e, 'f>(
+        &'e mut self,
+        frames: &'f [FrameRef<'f>],
+    ) -> Result<PreparedBatch<'e, 'f>> {
+        let mut n_reliable: u64 = 0;
+        let mut n_control: u64 = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            match FrameClass::of(frame.frame_type) {
+                Some(FrameClass::Reliable) => n_reliable += 1,
+                Some(FrameClass::Control) => n_control += 1,
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "frame {i}: frame type {:#04x} is out of range (0x00..=0x1f)",
+                        frame.frame_type
+                    )))
+                }
+            }
+            if frame.payload.len() > self.max_payload {
+                return Err(Error::InvalidArgument(format!(
+                    "frame {i}: payload of {} bytes exceeds max_payload ({})",
+                    frame.payload.len(),
+                    self.max_payload
+                )));
+            }
+        }
+        // The counters may reach u64::MAX but never carry it as a sequence
+        // number, so they can never wrap around to an already-used nonce.
+        if self.next_reliable.checked_add(n_reliable).is_none()
+            || self.next_control.checked_add(n_control).is_none()
+        {
+            return Err(Error::InvalidArgument("sequence numbers exhausted".into()));
+        }
+
+        self.scratch.clear();
+        if self.scratch.capacity() > SCRATCH_RETAIN {
+            self.scratch.shrink_to(SCRATCH_RETAIN);
+        }
+        self.plan.clear();
+        let mut total = 0usize;
+        for frame in frames {
+            let body = self.compress(frame.payload);
+            let body_len = match body {
+                Body::Plain => frame.payload.len(),
+                Body::Compressed { len, .. } => len,
+            };
+            self.plan.push(body);
+            total += HEADER_LEN + body_len + TAG_LEN;
+        }
+        Ok(PreparedBatch {
+            encoder: self,
+            frames,
+            len: total,
+        })
+    }
+
+    /// Compress `payload` onto the end of `scratch` if it is long enough and
+    /// the result strictly smaller; otherwise leave `scratch` as it was.
+    fn compress(&mut self, payload: &[u8]) -> Body {
+        if payload.is_empty() || payload.len() < self.min_compress {
+            return Body::Plain;
+        }
+        let start = self.scratch.len();
+        // Room for an output of up to len - 1 bytes (anything longer is not
+        // worth sending); zstd fails cleanly if its output would not fit.
+        self.scratch.reserve(payload.len() - 1);
+        let mut out = Cursor::new(&mut self.scratch);
+        out.set_position(start as u64);
+        // One-shot compression records the content size in the frame header,
+        // which the decoder needs to bound its allocation.
+        match self.compressor.compress_to_buffer(payload, &mut out) {
+            Ok(len) if len < payload.len() => Body::Compressed { start, len },
+            _ => {
+                self.scratch.truncate(start);
+                Body::Plain
+            }
+        }
+    }
+
+    /// Encode one frame into a new `Vec`.
+    pub fn encode(&mut self, frame_type: u8, stream_id: u32, payload: &[u8]) -> Result<Vec<u8>> {
+        self.encode_batch(&[FrameRef {
+            frame_type,
+            stream_id,
+            payload,
+        }])
+    }
+
+    /// Encode many frames, concatenated in order, into a new `Vec`.
+    pub fn encode_batch(&mut self, frames: &[FrameRef<'_>]) -> Result<Vec<u8>> {
+        let batch = self.prepare(frames)?;
+        let mut out = vec![0u8; batch.encoded_len()];
+        batch.write_into(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// A validated, compressed batch waiting for its output buffer; see
+/// [`FrameEncoder::prepare`].
+pub struct PreparedBatch<'e, 'f> {
+    encoder: &'e mut FrameEncoder,
+    frames: &'f [FrameRef<'f>],
+    len: usize,
+}
+
+impl PreparedBatch<'_, '_> {
+    /// Exact number of bytes [`PreparedBatch::write_into`] writes.
+    pub fn encoded_len(&self) -> usize {
+        self.len
+    }
+
+    /// Assign sequence numbers and seal every frame into `out`, which must be
+    /// exactly [`PreparedBatch::encoded_len`] bytes.
+    pub fn write_into(self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.len {
+            return Err(Error::InvalidArgument(format!(
+                "output buffer is {} bytes, batch needs {}",
+                out.len(),
+                self.len
+            )));
+        }
+        let enc = self.encoder;
+        let mut rest = out;
+        for (frame, body) in self.frames.iter().zip(&enc.plan) {
+            let (src, flags) = match *body {
+                Body::Plain => (frame.payload, 0),
+                Body::Compressed { start, len } => {
+                    (&enc.scratch[start..start + len], FLAG_COMPRESSED)
+                }
+            };
+            let class = FrameClass::of(frame.frame_type).expect("validated in prepare");
+            // Advance the counter before sealing: even if sealing failed, the
+            // sequence number would not be handed out twice.
+            let counter = match class {
+                FrameClass::Reliable => &mut enc.next_reliable,
+                FrameClass::Control => &mut enc.next_control,
+            };
+            let seq = *counter;
+            *counter += 1; // cannot overflow: checked in prepare
+
+            let header = Header {
+                frame_type: frame.frame_type,
+                flags,
+                stream_id: frame.stream_id,
+                seq,
+                length: u32::try_from(src.len() + TAG_LEN).expect("bounded by MAX_PAYLOAD_LIMIT"),
+            };
+            let (hdr, tail) = rest.split_at_mut(HEADER_LEN);
+            let hdr: &mut [u8; HEADER_LEN] = hdr.try_into().expect("HEADER_LEN bytes");
+            header.write_to(hdr);
+            let (body_out, tail) = tail.split_at_mut(src.len());
+            body_out.copy_from_slice(src);
+            let tag = enc
+                .cipher
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce(class, seq)), hdr, body_out)
+                .map_err(|_| Error::InvalidArgument("payload too long for AES-GCM".into()))?;
+            let (tag_out, tail) = tail.split_at_mut(TAG_LEN);
+            tag_out.copy_from_slice(&tag);
+            rest = tail;
+        }
+        debug_assert!(rest.is_empty());
+        Ok(())
+    }
+}
+
+/// Opens frames for one direction of one connection.
+pub struct FrameDecoder {
+    cipher: Aes256Gcm,
+    decompressor: Decompressor<'static>,
+    /// Bytes fed but not yet consumed. `split_to` hands frames off the front
+    /// without moving the rest; `reserve` reclaims the space once they are
+    /// dropped, so feeding and decoding stay linear in the bytes fed.
+    buf: BytesMut,
+    next_reliable: u64,
+    next_control: u64,
+    max_payload: usize,
+    poisoned: Option<Error>,
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("buffered", &self.buf.len())
+            .field("next_reliable", &self.next_reliable)
+            .field("next_control", &self.next_control)
+            .field("max_payload", &self.max_payload)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder keyed with `key` (32 bytes).
+    pub fn new(key: &[u8], config: DecoderConfig) -> Result<Self> {
+        let cipher = cipher_from_key(key)?;
+        check_max_payload(config.max_payload)?;
+        let decompressor = Decompressor::new()
+            .map_err(|e| Error::InvalidArgument(format!("zstd decompressor: {e}")))?;
+        Ok(FrameDecoder {
+            cipher,
+            decompressor,
+            buf: BytesMut::new(),
+            next_reliable: config.reliable_seq,
+            next_control: 0,
+            max_payload: config.max_payload,
+            poisoned: None,
+        })
+    }
+
+    /// Sequence number of the next reliable frame expected.
+    pub fn next_reliable_seq(&self) -> u64 {
+        self.next_reliable
+    }
+
+    /// Sequence number of the next control frame expected.
+    pub fn next_control_seq(&self) -> u64 {
+        self.next_control
+    }
+
+    /// Bytes held that have not been returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Largest payload accepted.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// The error this decoder is poisoned with, if any.
+    pub fn poisoned(&self) -> Option<&Error> {
+        self.poisoned.as_ref()
+    }
+
+    /// Buffer bytes from the transport. Never parses; fails only if the
+    /// decoder is poisoned.
+    pub fn feed(&mut self, data: &[u8]) -> Result<()> {
+        self.check_poison()?;
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// The transport ended: [`Error::Truncated`] if any bytes are still
+    /// buffered (a partial frame, or complete frames never asked for).
+    pub fn eof(&mut self) -> Result<()> {
+        self.check_poison()?;
+        if !self.buf.is_empty() {
+            return Err(self.poison(Error::Truncated));
+        }
+        Ok(())
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        self.check_poison()?;
+        self.decode_one().map_err(|e| self.poison(e))
+    }
+
+    /// All complete frames (at most `limit` when `limit > 0`). If a bad frame
+    /// follows good ones, the good ones are returned and the error comes from
+    /// the next call.
+    pub fn next_frames(&mut self, limit: usize) -> Result<Vec<Frame>> {
+        self.check_poison()?;
+        let mut frames = Vec::new();
+        while limit == 0 || frames.len() < limit {
+            match self.next_frame() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                // Poisoned now: the next call raises it.
+                Err(_) if !frames.is_empty() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(frames)
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, err: Error) -> Error {
+        self.poisoned = Some(err.clone());
+        err
+    }
+
+    fn decode_one(&mut self) -> Result<Option<Frame>> {
+        let Some(hdr_bytes) = self.buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let hdr_bytes: [u8; HEADER_LEN] = hdr_bytes.try_into().expect("HEADER_LEN bytes");
+        // Judged on the header alone, before the body arrives: a too-large
+        // length fails here with nothing allocated for it.
+        let header = Header::parse(&hdr_bytes, self.max_payload)?;
+        if self.buf.len() < header.frame_len() {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(header.frame_len());
+        frame.advance(HEADER_LEN);
+        let ct_len = header.length as usize - TAG_LEN;
+        let tag = Tag::clone_from_slice(&frame[ct_len..]);
+        frame.truncate(ct_len);
+
+        // Authenticate first (nonce from the header's own class and seq), so
+        // a forged header is Tampered and only authentic frames are judged on
+        // their sequence number.
+        let class = header.class();
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce(class, header.seq)),
+                &hdr_bytes,
+                &mut frame[..],
+                &tag,
+            )
+            .map_err(|_| Error::Tampered)?;
+
+        let counter = match class {
+            FrameClass::Reliable => &mut self.next_reliable,
+            FrameClass::Control => &mut self.next_control,
+        };
+        if header.seq < *counter {
+            return Err(Error::Replayed);
+        }
+        if header.seq > *counter {
+            return Err(Error::Reordered);
+        }
+        // An honest encoder never sends u64::MAX (it refuses to wrap), so
+        // this only fails for a peer that is misbehaving anyway.
+        *counter = counter
+            .checked_add(1)
+            .ok_or_else(|| Error::Malformed("sequence numbers exhausted".into()))?;
+
+        let payload = if header.flags & FLAG_COMPRESSED != 0 {
+            Bytes::from(self.decompress(&frame)?)
+        } else {
+            frame.freeze()
+        };
+        Ok(Some(Frame {
+            frame_type: header.frame_type,
+            stream_id: header.stream_id,
+            seq: header.seq,
+            flags: header.flags,
+            payload,
+        }))
+    }
+
+    /// Decompress an authenticated payload, allocating no more than the size
+    /// its zstd header declares, and only if that is within `max_payload`.
+    fn decompress(&mut self, data: &[u8]) -> Result<Vec<u8>> {
+        let size = zstd_safe::get_frame_content_size(data)
+            .map_err(|_| Error::Malformed("corrupt zstd frame header".into()))?
+            .ok_or_else(|| Error::Malformed("zstd frame without a content size".into()))?;
+        if size > self.max_payload as u64 {
+            return Err(Error::Malformed(format!(
+                "decompressed size {size} exceeds max_payload ({})",
+                self.max_payload
+            )));
+        }
+        let size = size as usize;
+        let mut out = Vec::with_capacity(size);
+        let written = self
+            .decompressor
+            .decompress_to_buffer(data, &mut out)
+            .map_err(|e| Error::Malformed(format!("zstd: {e}")))?;
+        if written != size || out.len() != size {
+            return Err(Error::Malformed(format!(
+                "zstd frame declared {size} bytes but produced {written}"
+            )));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_length_allocates_nothing() {
+        let mut dec = FrameDecoder::new(&[1u8; KEY_LEN], DecoderConfig::default()).unwrap();
+        let header = Header {
+            frame_type: 0,
+            flags: 0,
+            stream_id: 0,
+            seq: 0,
+            length: u32::MAX,
+        };
+        let mut bytes = header.to_bytes().to_vec();
+        bytes.extend_from_slice(&[0u8; 100]);
+        dec.feed(&bytes).unwrap();
+        assert_eq!(dec.next_frame(), Err(Error::FrameTooLarge));
+        // Only what was fed is held; nothing was reserved for the 4 GiB body.
+        assert_eq!(dec.buffered(), HEADER_LEN + 100);
+        assert!(dec.buf.capacity() < 4096, "capacity {}", dec.buf.capacity());
+    }
+
+    #[test]
+    fn a_max_length_header_waits_without_reserving() {
+        let mut dec = FrameDecoder::new(&[1u8; KEY_LEN], DecoderConfig::default()).unwrap();
+        let length = (MAX_PAYLOAD_LIMIT + TAG_LEN) as u32;
+        let header = Header {
+            frame_type: 0,
+            flags: 0,
+            stream_id: 0,
+            seq: 0,
+            length,
+        };
+        dec.feed(&header.to_bytes()).unwrap();
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert!(dec.buf.capacity() < 4096, "capacity {}", dec.buf.capacity());
+    }
+
+    #[test]
+    fn compressed_bodies_record_their_content_size() {
+        let mut enc = FrameEncoder::new(&[1u8; KEY_LEN], EncoderConfig::default()).unwrap();
+        let text = b"{\"k\": \"value\"} ".repeat(100);
+        let frames = [FrameRef {
+            frame_type: 0,
+            stream_id: 0,
+            payload: &text,
+        }];
+        let batch = enc.prepare(&frames).unwrap();
+        let Body::Compressed { start, len } = batch.encoder.plan[0] else {
+            panic!("expected compression");
+        };
+        let body = &batch.encoder.scratch[start..start + len];
+        assert_eq!(
+            zstd_safe::get_frame_content_size(body).unwrap(),
+            Some(text.len() as u64)
+        );
+    }
+
+    #[test]
+    fn scratch_does_not_stay_huge() {
+        let mut enc = FrameEncoder::new(&[1u8; KEY_LEN], EncoderConfig::default()).unwrap();
+        enc.encode(0, 0, &vec![0u8; 4 << 20]).unwrap();
+        enc.encode(0, 0, b"small").unwrap();
+        assert!(enc.scratch.capacity() <= SCRATCH_RETAIN);
+    }
+
+    #[test]
+    fn feeding_after_partial_consumption_stays_linear() {
+        // Many small frames fed one at a time: the buffer must not grow
+        // beyond a few frames, i.e. consumed space is reclaimed.
+        let key = [1u8; KEY_LEN];
+        let mut enc = FrameEncoder::new(&key, EncoderConfig::default()).unwrap();
+        let mut dec = FrameDecoder::new(&key, DecoderConfig::default()).unwrap();
+        let mut peak = 0;
+        for _ in 0..10_000 {
+            let f = enc.encode(0, 0, &[5u8; 40]).unwrap();
+            dec.feed(&f[..30]).unwrap();
+            assert!(dec.next_frames(0).unwrap().is_empty());
+            dec.feed(&f[30..]).unwrap();
+            assert_eq!(dec.next_frames(0).unwrap().len(), 1);
+            peak = peak.max(dec.buf.capacity());
+        }
+        assert!(peak < 4096, "peak capacity {peak}");
+    }
+}

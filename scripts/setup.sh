@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — make /.venv ready for development and tests. Idempotent.
+#
+#   scripts/setup.sh               venv + pip + maturin, then build qmesh._core
+#                                  (release) and install qmesh editable with
+#                                  its [test] extras
+#   scripts/setup.sh --tools-only  venv + pip + maturin only (build-wheel.sh)
+#
+# How the install works: `maturin develop --release --extras test` installs
+# the dependencies and an editable qmesh (a .pth file pointing at this
+# checkout, so Python edits need no reinstall) and puts the compiled
+# extension at qmesh/_core.abi3.so. A plain `pip install -e .` would build the
+# extension once and never again; here every run calls cargo, which rebuilds
+# only when a Rust source, Cargo.toml or Cargo.lock changed (a no-op build
+# takes about a second). The full install is repeated only when pyproject.toml
+# changes (its hash is kept in .venv/.qmesh-setup-stamp); otherwise only the
+# extension is rebuilt (`--skip-install`).
+#
+# Environment: QMESH_PYTHON=/path/to/python3.11 picks the interpreter;
+# QMESH_VERBOSE=1 streams the build output instead of logging it to
+# .cache/setup/*.log (printed on failure).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+VENV="$ROOT/.venv"
+LOG_DIR="$ROOT/.cache/setup"
+STAMP="$VENV/.qmesh-setup-stamp"
+TOOLS_ONLY=0
+
+case "${1:-}" in
+  "") ;;
+  --tools-only) TOOLS_ONLY=1 ;;
+  -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "setup: unknown argument: $1 (try --help)" >&2; exit 2 ;;
+esac
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a command with its output in a log file; on failure show the tail.
+logged() {
+  local name=$1; shift
+  local log="$LOG_DIR/$name.log"
+  if [[ ${QMESH_VERBOSE:-0} == 1 ]]; then
+    "$@" 2>&1 | tee "$log"
+    return "${PIPESTATUS[0]}"
+  fi
+  local rc=0
+  "$@" >"$log" 2>&1 || rc=$?
+  if ((rc != 0)); then
+    printf 'setup: `%s` failed (exit %d); last lines of %s:\n' "$*" "$rc" "${log#"$ROOT"/}" >&2
+    tail -n 60 "$log" | sed 's/^/    /' >&2
+  fi
+  return "$rc"
+}
+
+mkdir -p "$LOG_DIR"
+# Two setups at once (two shells, or a test run beside an editor hook) would
+# race on pip and on qmesh/_core.abi3.so; take turns.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$LOG_DIR/lock"
+  flock -w 1800 9 || die "another scripts/setup.sh has held $LOG_DIR/lock for 30 minutes"
+fi
+
+# -- interpreter ---------------------------------------------------------------
+is_py311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; }
+
+find_python() {
+  local candidate path
+  for candidate in "${QMESH_PYTHON:-}" python3.11 \
+      "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do
+    [[ -n $candidate ]] || continue
+    path=$(command -v "$candidate" 2>/dev/null) || continue
+    if is_py311 "$path"; then
+      # The real interpreter, not a pyenv shim in front of it.
+      "$path" -c 'import sys; print(sys.executable)'
+      return 0
+    fi
+  done
+  return 1
+}
+
+venv_ok() { [[ -x $VENV/bin/python ]] && is_py311 "$VENV/bin/python"; }
+
+if venv_ok; then
+  say ".venv exists ($("$VENV/bin/python" -V 2>&1))"
+else
+  PY=$(find_python) || die "Python 3.11 not found (set QMESH_PYTHON=/path/to/python3.11)"
+  if [[ -e $VENV ]]; then
+    say ".venv is broken or not Python 3.11; recreating it"
+    rm -rf "$VENV"
+  fi
+  say "creating .venv with $PY ($("$PY" -V 2>&1))"
+  if ! "$PY" -m venv "$VENV" 2>"$LOG_DIR/venv.log"; then
+    # Debian's own python3.11 ships venv/ensurepip separately.
+    if grep -q ensurepip "$LOG_DIR/venv.log" && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      say "installing Debian's python3.11-venv (ensurepip is missing)"
+      rm -rf "$VENV"
+      logged apt-venv env DEBIAN_FRONTEND=noninteractive \
+        sh -c 'apt-get update -qq && apt-get install -y -qq python3.11-venv'
+      "$PY" -m venv "$VENV"
+    else
+      cat "$LOG_DIR/venv.log" >&2
+      die "could not create .venv"
+    fi
+  fi
+fi
+
+# Everything below uses the venv's interpreter and tools.
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+PIP=("$VENV/bin/python" -m pip)
+
+if logged pip-upgrade "${PIP[@]}" install --upgrade pip; then
+  say "pip $("${PIP[@]}" --version | cut -d' ' -f2)"
+else
+  # An old pip still installs everything we need; do not stop for this.
+  say "warning: could not upgrade pip (see .cache/setup/pip-upgrade.log); continuing"
+fi
+
+# The build backend pyproject.toml asks for (e.g. "maturin>=1.5,<2").
+BUILD_REQUIRES=$("$VENV/bin/python" - <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["build-system"]["requires"]))
+PY
+)
+mapfile -t BUILD_REQUIRES <<<"$BUILD_REQUIRES"
+logged maturin-install "${PIP[@]}" install "${BUILD_REQUIRES[@]}"
+say "maturin $("$VENV/bin/maturin" --version | cut -d' ' -f2) (build backend: ${BUILD_REQUIRES[*]})"
+
+if ((TOOLS_ONLY)); then
+  say "done (--tools-only)"
+  exit 0
+fi
+
+# -- Rust + the extension ---------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
+  export PATH="$PATH:$HOME/.cargo/bin"
+fi
+command -v cargo >/dev/null 2>&1 \
+  || die "cargo not found; install Rust (https://rustup.rs), version >= the workspace rust-version"
+say "$(cargo --version)"
+
+want_stamp=$( { sha256sum pyproject.toml; "$VENV/bin/python" -V; } 2>&1 | sha256sum | cut -d' ' -f1)
+have_stamp=$(cat "$STAMP" 2>/dev/null || true)
+start=$SECONDS
+if [[ $want_stamp != "$have_stamp" ]] || ! "${PIP[@]}" show --quiet qmesh >/dev/null 2>&1; then
+  say "installing qmesh (editable, extras: test) and building qmesh._core (release);"
+  say "  the first build compiles every Rust dependency and takes a few minutes"
+  rm -f "$STAMP"
+  logged maturin-develop maturin develop --release --extras test
+  printf '%s\n' "$want_stamp" >"$STAMP"
+else
+  say "dependencies up to date; rebuilding qmesh._core if Rust sources changed"
+  logged maturin-develop maturin develop --release --skip-install
+fi
+say "build/install took $((SECONDS - start))s"
+
+# Prove the editable install works from outside the checkout.
+where=$(cd / && "$VENV/bin/python" -c \
+  'import qmesh, qmesh._core as c; print(f"{c.__file__} (wire protocol {c.PROTOCOL_VERSION})")') \
+  || die "qmesh._core does not import after the build"
+say "qmesh._core: $where"
+say "done"

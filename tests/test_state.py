@@ -1,0 +1,282 @@
+"""qmesh.state: the SQLite store on real files: schema, identities, apps and
+their SCRAM-SHA-256 verifiers, and use from several threads."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from qmesh.state import (
+    MIGRATIONS,
+    SCRAM_ITERATIONS,
+    AppExists,
+    IdentityExists,
+    InvalidValue,
+    StateStore,
+    StateUnavailable,
+    scram_keys,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    with StateStore.open(tmp_path / "state.db") as s:
+        yield s
+
+
+def key(n: int) -> bytes:
+    return bytes([n]) * 32
+
+
+def test_open_creates_a_private_wal_database(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.db"
+    with StateStore.open(path) as store:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert store.schema_version == len(MIGRATIONS)
+        store.add_identity("a", "daemon", key(1))
+        for extra in ("state.db-wal", "state.db-shm"):
+            assert stat.S_IMODE((path.parent / extra).stat().st_mode) == 0o600
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
+    finally:
+        conn.close()
+
+
+def test_foreign_keys_are_on(store: StateStore) -> None:
+    with store._read() as conn:
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_reopen_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with StateStore.open(path) as store:
+        store.add_identity("edge", "minigate", key(1))
+    with StateStore.open(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        assert [i.name for i in store.list_identities()] == ["edge"]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateStore.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateUnavailable, match="upgrade qmesh"):
+        StateStore.open(path)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateUnavailable, match="cannot"):
+        StateStore.open(path)
+
+
+def test_closed_store(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    store.close()
+    store.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        store.list_identities()
+
+
+# -- identities --------------------------------------------------------------------
+
+
+def test_add_and_look_up_identities(store: StateStore) -> None:
+    added = store.add_identity("web-1", "minigate", key(1))
+    store.add_identity("gpu.node_2", "daemon", key(2))
+    assert added.name == "web-1" and not added.revoked
+    assert store.get_identity("web-1") == added
+    assert store.find_identity_by_key(key(1)) == added
+    assert store.find_identity_by_key(key(3)) is None
+    assert store.get_identity("nobody") is None
+    listed = store.list_identities()
+    assert [(i.name, i.role, i.public_key) for i in listed] == [
+        ("gpu.node_2", "daemon", key(2)),
+        ("web-1", "minigate", key(1)),
+    ]
+
+
+def test_duplicate_name_or_key(store: StateStore) -> None:
+    store.add_identity("web-1", "minigate", key(1))
+    with pytest.raises(IdentityExists, match="web-1"):
+        store.add_identity("web-1", "daemon", key(2))
+    with pytest.raises(IdentityExists, match="already enrolled"):
+        store.add_identity("web-2", "minigate", key(1))
+    assert len(store.list_identities()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "public_key"),
+    [
+        ("", "minigate", key(1)),
+        ("-leading-dash", "minigate", key(1)),
+        ("has space", "minigate", key(1)),
+        ("x" * 64, "minigate", key(1)),
+        ("ok", "gate", key(1)),
+        ("ok", "minigate", b"short"),
+    ],
+)
+def test_invalid_identity(store: StateStore, name: str, role: str, public_key: bytes) -> None:
+    with pytest.raises(InvalidValue):
+        store.add_identity(name, role, public_key)
+    assert store.list_identities() == []
+
+
+def test_role_is_also_checked_by_the_database(store: StateStore) -> None:
+    with store._read() as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(
+            "INSERT INTO identities (name, role, public_key, created_at) VALUES (?,?,?,?)",
+            ("x", "gate", key(9), 0.0),
+        )
+
+
+def test_revoke(store: StateStore) -> None:
+    store.add_identity("web-1", "minigate", key(1))
+    assert store.revoke_identity("web-1") is True
+    revoked = store.get_identity("web-1")
+    assert revoked is not None and revoked.revoked and revoked.revoked_at is not None
+    assert store.revoke_identity("web-1") is False  # already revoked
+    again = store.get_identity("web-1")
+    assert again is not None and again.revoked_at == revoked.revoked_at
+    assert store.revoke_identity("nobody") is False
+    found = store.find_identity_by_key(key(1))
+    assert found is not None and found.revoked
+
+
+# -- applications -----------------------------------------------------------------
+
+
+def test_app_keys_verify(store: StateStore) -> None:
+    app_key = store.add_app("shop")
+    assert len(app_key) >= 40
+    assert store.verify_app_key("shop", app_key)
+    assert not store.verify_app_key("shop", app_key + "x")
+    assert not store.verify_app_key("shop", "")
+    assert not store.verify_app_key("other", app_key)
+    other_key = store.add_app("other")
+    assert other_key != app_key
+    assert not store.verify_app_key("shop", other_key)
+    assert [a.app_id for a in store.list_apps()] == ["other", "shop"]
+
+
+def test_delete_app(store: StateStore) -> None:
+    old_key = store.add_app("shop")
+    assert store.delete_app("shop") is True
+    assert store.get_app_verifier("shop") is None
+    assert not store.verify_app_key("shop", old_key)
+    assert store.delete_app("shop") is False
+    new_key = store.add_app("shop")  # the id can be reused, with a new key
+    assert store.verify_app_key("shop", new_key)
+    assert not store.verify_app_key("shop", old_key)
+
+
+def test_duplicate_and_invalid_app(store: StateStore) -> None:
+    store.add_app("shop")
+    with pytest.raises(AppExists):
+        store.add_app("shop")
+    with pytest.raises(InvalidValue):
+        store.add_app("bad id")
+
+
+def test_verifier_matches_the_scram_definition(store: StateStore) -> None:
+    app_key = store.add_app("shop")
+    verifier = store.get_app_verifier("shop")
+    assert verifier is not None
+    assert verifier.iterations == SCRAM_ITERATIONS == 4096
+    assert len(verifier.salt) == 16
+    salted = hashlib.pbkdf2_hmac("sha256", app_key.encode(), verifier.salt, 4096)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    assert verifier.stored_key == hashlib.sha256(client_key).digest()
+    assert verifier.server_key == hmac.new(salted, b"Server Key", "sha256").digest()
+    assert "stored_key" not in repr(verifier)
+    assert store.get_app_verifier("nobody") is None
+
+
+def test_scram_keys_against_rfc7677_example() -> None:
+    # RFC 7677 section 3: user "user", password "pencil".
+    client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO"
+    server_first = (
+        "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+    )
+    client_final_without_proof = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+    proof = base64.b64decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    server_signature = base64.b64decode("6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+    auth_message = f"{client_first_bare},{server_first},{client_final_without_proof}".encode()
+
+    stored_key, server_key = scram_keys(
+        "pencil", base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ=="), 4096
+    )
+
+    # The server's check of the client proof, and its own signature.
+    client_signature = hmac.new(stored_key, auth_message, "sha256").digest()
+    client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+    assert hashlib.sha256(client_key).digest() == stored_key
+    assert hmac.new(server_key, auth_message, "sha256").digest() == server_signature
+
+
+def test_the_app_key_itself_is_never_stored(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with StateStore.open(path) as store:
+        app_key = store.add_app("shop")
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("state.db"))
+    assert app_key.encode() not in raw
+    assert b"shop" in raw  # the scan does see the table's contents
+
+
+# -- threads and Trio -----------------------------------------------------------------
+
+
+def test_concurrent_writers_from_threads(store: StateStore) -> None:
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(10):
+                store.add_identity(f"t{t}-{i}", "daemon", bytes([t, i]) * 16)
+                store.list_identities()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(store.list_identities()) == 80
+
+
+def test_two_connections_to_one_file(tmp_path: Path) -> None:
+    # The running Gate and a `qmesh enroll` in a shell share the file.
+    path = tmp_path / "state.db"
+    with StateStore.open(path) as gate, StateStore.open(path) as cli:
+        cli.add_identity("web-1", "minigate", key(1))
+        assert gate.find_identity_by_key(key(1)) is not None
+        gate.revoke_identity("web-1")
+        found = cli.get_identity("web-1")
+        assert found is not None and found.revoked
+
+
+async def test_usable_from_trio_worker_threads(store: StateStore) -> None:
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(
+                trio.to_thread.run_sync, store.add_identity, f"edge-{n}", "minigate", key(n)
+            )
+    found = await trio.to_thread.run_sync(store.find_identity_by_key, key(3))
+    assert found is not None and found.name == "edge-3"

@@ -1,0 +1,254 @@
+"""The tunnel over real loopback sockets: streams, flow control, identity, resumption."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+from faultproxy import FaultProxy, Faults
+from tunnelkit import echo_service, fast_settings, keypair, make_edge, start_edge, start_gate
+
+from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
+
+
+async def roundtrip(stream: TunnelStream, payload: bytes) -> bytes:
+    received = bytearray()
+
+    async def read() -> None:
+        while data := await stream.receive_some():
+            received.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await stream.send_all(payload)
+        await stream.send_eof()
+    return bytes(received)
+
+
+async def test_streams_echo_and_close_cleanly(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    edge = await start_edge(nursery, gate, "edge-a")
+    with trio.fail_after(10):
+        payloads = [b"", b"x", os.urandom(70_000), b"json " * 100_000]
+        streams = [await edge.open_stream({"service": "echo"}) for _ in payloads]
+        results: dict[int, bytes] = {}
+
+        async def run(i: int) -> None:
+            results[i] = await roundtrip(streams[i], payloads[i])
+            await streams[i].aclose()
+
+        async with trio.open_nursery() as inner:
+            for i in range(len(payloads)):
+                inner.start_soon(run, i)
+    assert [results[i] for i in range(len(payloads))] == payloads
+    await trio.sleep(0.1)
+    session = edge.session
+    assert session is not None and session.stream_count == 0
+    (gate_session,) = gate.server.sessions.values()
+    assert gate_session.stream_count == 0
+
+
+async def test_unknown_service_is_reset(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    edge = await start_edge(nursery, gate, "edge-a")
+    stream = await edge.open_stream({"service": "nope"})
+    with trio.fail_after(5), pytest.raises(StreamReset, match="unknown service 'nope'"):
+        await stream.receive_some()
+
+
+async def test_slow_consumer_stalls_only_its_own_stream(nursery: trio.Nursery) -> None:
+    never_read = trio.Event()
+
+    async def hold(stream: TunnelStream) -> None:
+        await never_read.wait()
+
+    gate = await start_gate(nursery, {"echo": echo_service, "hold": hold})
+    edge = await start_edge(nursery, gate, "edge-a")
+    stalled = await edge.open_stream({"service": "hold"})
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        chunk = os.urandom(16384)
+        while True:
+            await stalled.send_all(chunk)
+            sent += len(chunk)
+
+    nursery.start_soon(flood)
+    await trio.sleep(0.5)
+    window = gate.server.settings.stream_window
+    # The sender is blocked by the receiver's window, not by the connection.
+    assert window <= sent <= window + 16384 * 2
+    other = await edge.open_stream({"service": "echo"})
+    with trio.fail_after(5):
+        assert await roundtrip(other, b"still flowing" * 1000) == b"still flowing" * 1000
+    never_read.set()
+
+
+async def test_unenrolled_edge_is_refused(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    stranger, _ = keypair()
+    edge = make_edge(gate, "stranger", private_key=stranger)
+    with trio.fail_after(5), pytest.raises(HandshakeRefused) as info:
+        await edge.run()
+    assert info.value.code == "not_enrolled"
+    assert not gate.server.sessions
+
+
+async def test_revoked_edge_is_refused_at_next_handshake(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    proxy = FaultProxy(("127.0.0.1", gate.port), Faults())
+    proxy_port = await nursery.start(proxy.serve)
+    edge = make_edge(gate, "edge-r", port=proxy_port)
+    refusal: HandshakeRefused | None = None
+
+    async def run_edge() -> None:
+        nonlocal refusal
+        with pytest.raises(HandshakeRefused) as info:
+            await edge.run()
+        refusal = info.value
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(run_edge)
+            stream = await edge.open_stream({"service": "echo"})
+            assert await roundtrip(stream, b"before") == b"before"
+            gate.registry.revoked.add("edge-r")
+            proxy.reset_all()  # the edge reconnects, and must be refused
+    assert refusal is not None and refusal.code == "revoked"
+    assert not gate.server.sessions_of("edge-r") or all(
+        s.lost or not s.attached for s in gate.server.sessions_of("edge-r")
+    )
+
+
+async def test_wrong_gate_key_never_connects(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    private, _ = gate.registry.enroll("edge-w")
+    _, wrong_public = keypair()
+    edge = await start_edge(nursery, gate, "edge-w", private_key=private, gate_public=wrong_public)
+    await trio.sleep(1.0)
+    assert not edge.connected
+    assert gate.server.handshake_failures >= 2  # and it keeps trying, with backoff
+    assert not gate.server.sessions
+
+
+async def test_garbage_and_silence_do_not_hurt_the_gate(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery, settings=fast_settings(handshake_timeout_s=0.5))
+    edge = await start_edge(nursery, gate, "edge-ok")
+    garbage = await trio.open_tcp_stream("127.0.0.1", gate.port)
+    await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    silent = await trio.open_tcp_stream("127.0.0.1", gate.port)
+    with trio.fail_after(5):
+        assert await garbage.receive_some() == b""  # closed by the gate
+        assert await silent.receive_some() == b""  # handshake timeout
+    stream = await edge.open_stream({"service": "echo"})
+    assert await roundtrip(stream, b"fine") == b"fine"
+
+
+async def test_session_resumes_after_connection_reset(nursery: trio.Nursery) -> None:
+    gate = await start_gate(nursery)
+    proxy = FaultProxy(("127.0.0.1", gate.port), Faults(reset_every=200_000))
+    proxy_port = await nursery.start(proxy.serve)
+    edge = await start_edge(nursery, gate, "edge-s", port=proxy_port)
+    payload = os.urandom(3_000_000)
+    stream = await edge.open_stream({"service": "echo"})
+    with trio.fail_after(60):
+        echoed = await roundtrip(stream, payload)
+    assert echoed == payload
+    assert proxy.resets >= 10
+    assert edge.resumptions >= 10 and edge.sessions_lost == 0
+    assert gate.server.resumptions == edge.resumptions
+
+
+async def test_expired_session_resets_streams(nursery: trio.Nursery) -> None:
+    settings = fast_settings(resume_grace_s=0.2)
+    gate = await start_gate(nursery, settings=settings)
+    proxy = FaultProxy(("127.0.0.1", gate.port), Faults())
+    proxy_port = await nursery.start(proxy.serve)
+    edge = await start_edge(nursery, gate, "edge-x", port=proxy_port, settings=settings)
+    stream = await edge.open_stream({"service": "echo"})
+    assert await roundtrip(stream, b"a") == b"a"
+    stream2 = await edge.open_stream({"service": "echo"})
+    await stream2.send_all(b"pending")
+    await trio.sleep(0.1)
+    # Keep the edge away longer than the grace period.
+    proxy.blocked = True
+    proxy.reset_all()
+    await trio.sleep(1.0)
+    assert not gate.server.sessions
+    proxy.blocked = False
+    with trio.fail_after(5), pytest.raises(StreamReset):
+        while True:
+            await stream2.receive_some()
+    await edge.wait_connected()
+    assert edge.sessions_lost == 1
+    fresh = await edge.open_stream({"service": "echo"})
+    assert await roundtrip(fresh, b"new session") == b"new session"
+
+
+@pytest.mark.slow
+async def test_100_mib_through_resets_delays_stalls_and_split_writes(
+    nursery: trio.Nursery,
+) -> None:
+    """Acceptance: client → MiniGate forward → Gate → echo server, byte-exact
+    through ≥ 50 resets, with the application's connection never failing."""
+    from qmesh.gate.forward import ForwardService
+    from qmesh.minigate.forward import serve_forward
+
+    async def echo_tcp(sock: trio.SocketStream) -> None:
+        try:
+            while data := await sock.receive_some(262144):
+                await sock.send_all(data)
+            await sock.send_eof()
+        finally:
+            await sock.aclose()
+
+    echo_listeners = await nursery.start(trio.serve_tcp, echo_tcp, 0)
+    echo_port = echo_listeners[0].socket.getsockname()[1]
+    target = f"127.0.0.1:{echo_port}"
+    gate = await start_gate(nursery, {"forward": ForwardService([f"127.0.0.1:{echo_port}"])})
+    total = 100 * 1024 * 1024
+    faults = Faults(
+        reset_every=3 * 1024 * 1024,
+        delay=0.002,
+        delay_probability=0.01,
+        stall_every=8 * 1024 * 1024,
+        stall_for=0.2,
+        split_first=64,
+    )
+    proxy = FaultProxy(("127.0.0.1", gate.port), faults)
+    proxy_port = await nursery.start(proxy.serve)
+    edge = await start_edge(nursery, gate, "edge-big", port=proxy_port)
+    local_port = await nursery.start(serve_forward, edge, "127.0.0.1:0", target)
+
+    app = await trio.open_tcp_stream("127.0.0.1", local_port)
+    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+    received = 0
+
+    async def send() -> None:
+        block = os.urandom(1024 * 1024)
+        for i in range(total // len(block)):
+            # Vary each block so a resent or duplicated block cannot hide.
+            piece = i.to_bytes(8, "big") + block[8:]
+            sent_hash.update(piece)
+            await app.send_all(piece)
+        await app.send_eof()
+
+    async def receive() -> None:
+        nonlocal received
+        while data := await app.receive_some(262144):
+            recv_hash.update(data)
+            received += len(data)
+
+    with trio.fail_after(600):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send)
+            inner.start_soon(receive)
+    await app.aclose()
+    print(f"100 MiB echoed: {proxy.resets} resets, {edge.resumptions} resumptions")
+    assert received == total
+    assert recv_hash.digest() == sent_hash.digest()
+    assert proxy.resets >= 50
+    assert edge.sessions_lost == 0

@@ -1,0 +1,118 @@
+"""Building blocks for tunnel tests: keys, a Gate and edges in one Trio loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from qmesh.config import TunnelConfig
+from qmesh.tunnel import HandshakeRefused, TunnelClient, TunnelServer, TunnelStream
+from qmesh.tunnel.services import ServiceHandler
+
+
+def keypair() -> tuple[bytes, bytes]:
+    key = X25519PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def fast_settings(**overrides: object) -> TunnelConfig:
+    """Short timers so tests notice dead peers and expire sessions quickly."""
+    values: dict[str, object] = {
+        "heartbeat_interval_s": 0.5,
+        "dead_after_s": 2.0,
+        "resume_grace_s": 30.0,
+        "reconnect_initial_s": 0.01,
+        "reconnect_max_s": 0.2,
+        "handshake_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return attrs.evolve(TunnelConfig(), **values)  # type: ignore[arg-type]
+
+
+async def echo_service(stream: TunnelStream) -> None:
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+@attrs.define
+class Registry:
+    """The Gate's view of enrolled edges, as ``authenticate`` sees it."""
+
+    edges: dict[bytes, tuple[str, str]] = attrs.field(factory=dict)
+    revoked: set[str] = attrs.field(factory=set)
+
+    def enroll(self, name: str, role: str = "minigate") -> tuple[bytes, bytes]:
+        private, public = keypair()
+        self.edges[public] = (name, role)
+        return private, public
+
+    async def authenticate(self, public_key: bytes) -> tuple[str, str]:
+        await trio.lowlevel.checkpoint()
+        identity = self.edges.get(public_key)
+        if identity is None:
+            raise HandshakeRefused("not_enrolled", "this key is not enrolled")
+        if identity[0] in self.revoked:
+            raise HandshakeRefused("revoked", f"{identity[0]} was revoked")
+        return identity
+
+
+@attrs.define
+class Gate:
+    server: TunnelServer
+    port: int
+    private: bytes
+    public: bytes
+    registry: Registry
+
+
+async def start_gate(
+    nursery: trio.Nursery,
+    services: Mapping[str, ServiceHandler] | None = None,
+    settings: TunnelConfig | None = None,
+) -> Gate:
+    private, public = keypair()
+    registry = Registry()
+    server = TunnelServer(
+        settings or fast_settings(),
+        name="test-gate",
+        private_key=private,
+        authenticate=registry.authenticate,
+        services=services if services is not None else {"echo": echo_service},
+    )
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    return Gate(server, port, private, public, registry)
+
+
+def make_edge(
+    gate: Gate,
+    name: str,
+    *,
+    port: int | None = None,
+    settings: TunnelConfig | None = None,
+    private_key: bytes | None = None,
+    gate_public: bytes | None = None,
+    services: Mapping[str, ServiceHandler] | None = None,
+) -> TunnelClient:
+    if private_key is None:
+        private_key, _ = gate.registry.enroll(name)
+    client = TunnelClient(
+        settings or fast_settings(),
+        name=name,
+        role="minigate",
+        private_key=private_key,
+        gate_public_key=gate_public or gate.public,
+        gate_address=("127.0.0.1", port or gate.port),
+        services=services,
+    )
+    return client
+
+
+async def start_edge(nursery: trio.Nursery, gate: Gate, name: str, **options: Any) -> TunnelClient:
+    client = make_edge(gate, name, **options)
+    await nursery.start(client.run)
+    return client
