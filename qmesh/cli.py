@@ -19,7 +19,7 @@ import datetime
 import importlib
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -228,34 +228,22 @@ def _run_roles(config: Config, roles: Sequence[str]) -> int:
     # Imported here: the runner pulls in every role's code, which the
     # management commands do not need.
     runner = importlib.import_module("qmesh.runner")
-    run_roles: Callable[[Config, Sequence[str]], Awaitable[None]] = runner.run_roles
     try:
-        trio.run(run_roles, config, tuple(roles))
+        trio.run(runner.run_roles, config, tuple(roles))
     except KeyboardInterrupt:
         return EXIT_OK
-    except BaseExceptionGroup as group:
-        # Errors from inside the roles' nurseries arrive grouped. Ctrl-C alone
-        # is still just the operator stopping us, and the operator's own
-        # mistakes (a missing credential file) still deserve one line, not a
-        # traceback; anything else is a bug and propagates whole.
-        _, rest = group.split(KeyboardInterrupt)
-        if rest is None:
-            return EXIT_OK
-        operator, other = rest.split(_OPERATOR_ERRORS)
-        if operator is None or other is not None:
-            raise
-        for leaf in _leaves(operator):
-            _err(f"error: {leaf}")
+    except runner.RoleFailed as exc:
+        # The runner turned the operator's mistakes (a missing credential, a
+        # revoked key, a port in use) into one message; bugs keep their
+        # traceback.
+        _err(f"error: {exc}")
         return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        # Ctrl-C can arrive grouped with the cancellations it caused.
+        if group.split(KeyboardInterrupt)[1] is None:
+            return EXIT_OK
+        raise
     return EXIT_OK
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
 
 
 def _cmd_up(args: argparse.Namespace, config: Config) -> int:

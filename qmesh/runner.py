@@ -68,11 +68,11 @@ async def run_roles(
 def _operator_errors(group: BaseExceptionGroup[Any]) -> list[str]:
     """Messages of the leaf errors an operator can act on, or [] if any leaf
     is something else (a bug must keep its traceback)."""
-    from qmesh.identity import CredentialError
+    from qmesh.identity import IdentityError
     from qmesh.state import StateError
     from qmesh.tunnel import HandshakeRefused
 
-    fixable = (ConfigError, CredentialError, StateError, HandshakeRefused, OSError)
+    fixable = (ConfigError, IdentityError, StateError, HandshakeRefused, OSError)
     matched, rest = group.split(fixable)
     if matched is None or rest is not None:
         return []

@@ -20,12 +20,13 @@ import attrs
 import trio
 
 from qmesh import __version__
-from qmesh.config import Config
+from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.runner import ROLES, run_roles
 from qmesh.state import StateStore
 
 DEMO_APP = "demo"
+DEFAULT_TUNNEL_PORT = 11439
 
 
 @attrs.frozen
@@ -65,11 +66,13 @@ def prepare(config: Config) -> LocalSetup:
     keys, _created = GateKeys.load_or_create(config.data_dir)
     credentials = config.data_dir / "credentials"
     credentials.mkdir(mode=0o700, exist_ok=True)
+    # The local edges always dial the port the Gate actually bound (runner);
+    # the address in their credentials only matters when copied elsewhere.
+    host, port = parse_hostport(config.gate.tunnel_listen)
+    recorded = format_hostport(host, port or DEFAULT_TUNNEL_PORT)
     with StateStore.open(config.state_db_path) as store:
-        minigate = _local_credential(
-            store, keys, "minigate", credentials, config.gate.tunnel_listen
-        )
-        daemon = _local_credential(store, keys, "daemon", credentials, config.gate.tunnel_listen)
+        minigate = _local_credential(store, keys, "minigate", credentials, recorded)
+        daemon = _local_credential(store, keys, "daemon", credentials, recorded)
         key_file = credentials / f"app-{DEMO_APP}.key"
         if store.get_app_verifier(DEMO_APP) is None or not key_file.exists():
             if store.get_app_verifier(DEMO_APP) is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qmesh import cli
-from qmesh.config import Config, ConfigError
+from qmesh.config import Config
 from qmesh.identity import (
     Credential,
     CredentialError,
@@ -480,30 +480,3 @@ def test_up_is_handed_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.main(["up", "--ephemeral"]) == 3
     assert [(offset, eph) for _, offset, eph in calls] == [(100, False), (0, True)]
     assert cli.main(["up", "--ephemeral", "--port-offset", "1"]) == 2
-
-
-@pytest.mark.usefixtures("restore_logging")
-def test_operator_errors_from_inside_roles_exit_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import trio
-
-    async def fail(message: str) -> None:
-        raise ConfigError(message)
-
-    async def run_roles(config: Config, roles: Sequence[str]) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fail, "daemon.credential_file is required")
-
-    fake_module(monkeypatch, "qmesh.runner", run_roles=run_roles)
-    assert cli.main(["--role", "daemon"]) == 2
-    assert "error: daemon.credential_file is required" in capsys.readouterr().err
-
-    async def buggy_roles(config: Config, roles: Sequence[str]) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fail, "operator")
-            raise ZeroDivisionError
-
-    fake_module(monkeypatch, "qmesh.runner", run_roles=buggy_roles)
-    with pytest.raises(BaseExceptionGroup):  # a bug is not hidden
-        cli.main(["--role", "daemon"])
