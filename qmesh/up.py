@@ -21,6 +21,7 @@ import trio
 
 from qmesh import __version__
 from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.gate.auth import ADMIN_APP
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.runner import ROLES, run_roles
 from qmesh.state import StateStore
@@ -37,6 +38,7 @@ class LocalSetup:
     minigate_credential: Path
     daemon_credential: Path
     demo_app_key: str
+    admin_key: str
 
 
 def _local_credential(
@@ -61,6 +63,16 @@ def _local_credential(
     return path
 
 
+def _app_key(store: StateStore, directory: Path, app_id: str) -> str:
+    """The key of local app ``app_id``, kept in ``directory`` (0600): the store
+    holds only its verifier, so a lost key file means a new key."""
+    key_file = directory / f"app-{app_id}.key"
+    if store.get_app_verifier(app_id) is None or not key_file.exists():
+        store.delete_app(app_id)
+        write_private_file(key_file, (store.add_app(app_id) + "\n").encode(), replace=True)
+    return key_file.read_text().strip()
+
+
 def prepare(config: Config) -> LocalSetup:
     """Create (or reuse) keys, local credentials and the demo app."""
     keys, _created = GateKeys.load_or_create(config.data_dir)
@@ -73,13 +85,9 @@ def prepare(config: Config) -> LocalSetup:
     with StateStore.open(config.state_db_path) as store:
         minigate = _local_credential(store, keys, "minigate", credentials, recorded)
         daemon = _local_credential(store, keys, "daemon", credentials, recorded)
-        key_file = credentials / f"app-{DEMO_APP}.key"
-        if store.get_app_verifier(DEMO_APP) is None or not key_file.exists():
-            if store.get_app_verifier(DEMO_APP) is not None:
-                store.delete_app(DEMO_APP)
-            write_private_file(key_file, (store.add_app(DEMO_APP) + "\n").encode(), replace=True)
-        demo_key = key_file.read_text().strip()
-    return LocalSetup(keys.public_key, minigate, daemon, demo_key)
+        demo_key = _app_key(store, credentials, DEMO_APP)
+        admin_key = _app_key(store, credentials, ADMIN_APP)
+    return LocalSetup(keys.public_key, minigate, daemon, demo_key, admin_key)
 
 
 def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> dict[str, Any]:
@@ -92,11 +100,17 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
         "data_dir": str(config.data_dir),
         "gate": {
             "tunnel": gate["tunnel"],
+            "http": gate["http"],
+            "admin_key": f"{ADMIN_APP}:{setup.admin_key}",
             "public_key": base64.b64encode(setup.gate_public_key).decode(),
         },
         "minigate": {"name": minigate["name"], "forwards": minigate["forwards"]},
         "daemon": {"name": daemon["name"]},
-        "demo_app": {"app_id": DEMO_APP, "app_key": setup.demo_app_key},
+        "demo_app": {
+            "app_id": DEMO_APP,
+            "app_key": setup.demo_app_key,
+            "bearer": f"{DEMO_APP}:{setup.demo_app_key}",
+        },
     }
 
 
@@ -104,6 +118,7 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
     lines = [
         f"qmesh {summary['version']} is up (pid {summary['pid']}), data in {summary['data_dir']}",
         f"  gate      tunnel listening on {summary['gate']['tunnel']}",
+        f"            http API on {summary['gate']['http']} (health: /healthz)",
         f"  minigate  {summary['minigate']['name']}, connected to the gate",
     ]
     for forward in summary["minigate"]["forwards"]:
@@ -112,7 +127,8 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         lines.append("            no forwards configured ([[minigate.forward]] in --config)")
     lines += [
         f"  daemon    {summary['daemon']['name']}, connected to the gate",
-        f"  demo app  id '{DEMO_APP}'; its key and every endpoint are in {up_json} (mode 0600)",
+        f"  demo app  id '{DEMO_APP}'; its key, the admin key and every endpoint are in",
+        f"            {up_json} (mode 0600)",
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)

@@ -8,10 +8,13 @@ from typing import Any
 import trio
 
 from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.gate.api import add_routes
+from qmesh.gate.auth import AppAuthenticator
 from qmesh.gate.forward import ForwardService
 from qmesh.identity import GateKeys
 from qmesh.state import StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelServer
+from qmesh.web.http import Router, serve_http
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,19 @@ async def run_gate(
             authenticate=EnrolledEdges(store).authenticate,
             services={"forward": ForwardService(config.gate.forward_allow)},
         )
+        router = Router()
+        add_routes(router, server, AppAuthenticator(store))
         host, port = parse_hostport(config.gate.tunnel_listen)
+        http_host, http_port = parse_hostport(config.gate.http_listen)
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
-            task_status.started({"tunnel": format_hostport(host, bound), "server": server})
+            http_bound = await nursery.start(serve_http, router, http_host, http_port)
+            task_status.started(
+                {
+                    "tunnel": format_hostport(host, bound),
+                    "http": f"http://{format_hostport(http_host, http_bound)}",
+                    "server": server,
+                }
+            )
     finally:
         store.close()
