@@ -81,6 +81,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Final
@@ -322,10 +323,114 @@ def _cross_check(core: object, key: bytes, payloads: Sequence[bytes]) -> str | N
     return None
 
 
-def run_codec(sizes: Sequence[int], min_time: float, reps: int) -> list[CodecResult]:
+def _codec_plans(
+    case: CodecCase, key: bytes, max_payload: int
+) -> dict[str, dict[str, Callable[[], None]]]:
+    """The timed passes for one case: ``{direction: {column: one pass}}``.
+
+    Everything a pass reads (pre-encoded frames, compressed payloads) is
+    prepared here, outside the timing."""
     import zstandard
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from qmesh import _core
+
+    payloads = case.payloads
+    cctx = zstandard.ZstdCompressor(level=LEVEL)
+    dctx = zstandard.ZstdDecompressor()
+    aead = AESGCM(key)
+    fixed_header = HEADER.pack(1, DATA_FRAME, 0, 0, 1, 0, 0)
+    fixed_nonce = bytes(12)
+
+    compressed = [cctx.compress(p) for p in payloads]
+    case.zstd_ratio = case.pass_bytes / sum(len(c) for c in compressed)
+    sealed_aes = [aead.encrypt(fixed_nonce, p, fixed_header) for p in payloads]
+    frames_in = [(DATA_FRAME, 1, p) for p in payloads]
+    batches_in = [frames_in[i : i + BATCH] for i in range(0, len(frames_in), BATCH)]
+
+    encoder = _core.FrameEncoder(key, level=LEVEL, max_payload=max_payload)
+    stream = _core.FrameEncoder(key, level=LEVEL, max_payload=max_payload)
+    single_frames = [stream.encode(DATA_FRAME, 1, p) for p in payloads]
+    batch_stream = _core.FrameEncoder(key, level=LEVEL, max_payload=max_payload)
+    batch_frames = [batch_stream.encode_batch(b) for b in batches_in]
+    py_sealer = PyPipeline(key)
+    py_stream = PyPipeline(key)
+    py_frames = [py_stream.seal(DATA_FRAME, 1, p) for p in payloads]
+
+    def q_seal() -> None:
+        enc = encoder.encode
+        for p in payloads:
+            enc(DATA_FRAME, 1, p)
+
+    def q_seal_batch() -> None:
+        enc = encoder.encode_batch
+        for b in batches_in:
+            enc(b)
+
+    def q_open() -> None:
+        # A fresh decoder per pass: it insists on sequence numbers from 0.
+        dec = _core.FrameDecoder(key, max_payload=max_payload)
+        feed, next_frames = dec.feed, dec.next_frames
+        for f in single_frames:
+            feed(f)
+            next_frames()
+
+    def q_open_batch() -> None:
+        dec = _core.FrameDecoder(key, max_payload=max_payload)
+        feed, next_frames = dec.feed, dec.next_frames
+        for b in batch_frames:
+            feed(b)
+            next_frames()
+
+    def p_seal() -> None:
+        seal = py_sealer.seal
+        for p in payloads:
+            seal(DATA_FRAME, 1, p)
+
+    def p_open() -> None:
+        op = PyPipeline(key).open
+        for f in py_frames:
+            op(f)
+
+    def z_seal() -> None:
+        c = cctx.compress
+        for p in payloads:
+            c(p)
+
+    def z_open() -> None:
+        d = dctx.decompress
+        for c in compressed:
+            d(c)
+
+    def a_seal() -> None:
+        e = aead.encrypt
+        for p in payloads:
+            e(fixed_nonce, p, fixed_header)
+
+    def a_open() -> None:
+        d = aead.decrypt
+        for s in sealed_aes:
+            d(fixed_nonce, s, fixed_header)
+
+    return {
+        "seal": {
+            "qmesh": q_seal,
+            "qmesh×64": q_seal_batch,
+            "py-pipe": p_seal,
+            "zstd": z_seal,
+            "aes-gcm": a_seal,
+        },
+        "open": {
+            "qmesh": q_open,
+            "qmesh×64": q_open_batch,
+            "py-pipe": p_open,
+            "zstd": z_open,
+            "aes-gcm": a_open,
+        },
+    }
+
+
+def run_codec(sizes: Sequence[int], min_time: float, reps: int) -> list[CodecResult]:
     from qmesh import _core
 
     key = os.urandom(32)
@@ -337,106 +442,15 @@ def run_codec(sizes: Sequence[int], min_time: float, reps: int) -> list[CodecRes
     if problem:
         print(f"WARNING: {problem}; the py-pipe column may not be comparable")
 
-    cctx = zstandard.ZstdCompressor(level=LEVEL)
-    dctx = zstandard.ZstdDecompressor()
-    aead = AESGCM(key)
-    fixed_header = HEADER.pack(1, DATA_FRAME, 0, 0, 1, 0, 0)
-    fixed_nonce = bytes(12)
-
     results: list[CodecResult] = []
     for kind in ("random", "json"):
         for size in sizes:
-            payloads = _pool(sources[kind], size)
-            case = CodecCase(kind, size, payloads)
-            n = case.pass_bytes
-            compressed = [cctx.compress(p) for p in payloads]
-            case.zstd_ratio = n / sum(len(c) for c in compressed)
-            sealed_aes = [aead.encrypt(fixed_nonce, p, fixed_header) for p in payloads]
-            frames_in = [(DATA_FRAME, 1, p) for p in payloads]
-            batches_in = [frames_in[i : i + BATCH] for i in range(0, len(frames_in), BATCH)]
-
-            encoder = _core.FrameEncoder(key, level=LEVEL, max_payload=max(sizes))
-            stream = _core.FrameEncoder(key, level=LEVEL, max_payload=max(sizes))
-            single_frames = [stream.encode(DATA_FRAME, 1, p) for p in payloads]
-            batch_stream = _core.FrameEncoder(key, level=LEVEL, max_payload=max(sizes))
-            batch_frames = [batch_stream.encode_batch(b) for b in batches_in]
-            py_seal = PyPipeline(key)
-            py_stream = PyPipeline(key)
-            py_frames = [py_stream.seal(DATA_FRAME, 1, p) for p in payloads]
-
-            def q_seal() -> None:
-                enc = encoder.encode
-                for p in payloads:
-                    enc(DATA_FRAME, 1, p)
-
-            def q_seal_batch() -> None:
-                for b in batches_in:
-                    encoder.encode_batch(b)
-
-            def q_open() -> None:
-                dec = _core.FrameDecoder(key, max_payload=max(sizes))
-                feed, next_frames = dec.feed, dec.next_frames
-                for f in single_frames:
-                    feed(f)
-                    next_frames()
-
-            def q_open_batch() -> None:
-                dec = _core.FrameDecoder(key, max_payload=max(sizes))
-                for b in batch_frames:
-                    dec.feed(b)
-                    dec.next_frames()
-
-            def p_seal() -> None:
-                seal = py_seal.seal
-                for p in payloads:
-                    seal(DATA_FRAME, 1, p)
-
-            def p_open() -> None:
-                reader = PyPipeline(key)
-                op = reader.open
-                for f in py_frames:
-                    op(f)
-
-            def z_seal() -> None:
-                c = cctx.compress
-                for p in payloads:
-                    c(p)
-
-            def z_open() -> None:
-                d = dctx.decompress
-                for c in compressed:
-                    d(c)
-
-            def a_seal() -> None:
-                e = aead.encrypt
-                for p in payloads:
-                    e(fixed_nonce, p, fixed_header)
-
-            def a_open() -> None:
-                d = aead.decrypt
-                for s in sealed_aes:
-                    d(fixed_nonce, s, fixed_header)
-
-            plans: dict[str, dict[str, Callable[[], None]]] = {
-                "seal": {
-                    "qmesh": q_seal,
-                    "qmesh×64": q_seal_batch,
-                    "py-pipe": p_seal,
-                    "zstd": z_seal,
-                    "aes-gcm": a_seal,
-                },
-                "open": {
-                    "qmesh": q_open,
-                    "qmesh×64": q_open_batch,
-                    "py-pipe": p_open,
-                    "zstd": z_open,
-                    "aes-gcm": a_open,
-                },
-            }
+            case = CodecCase(kind, size, _pool(sources[kind], size))
+            plans = _codec_plans(case, key, max(sizes))
             for direction, plan in plans.items():
                 result = CodecResult(case, direction)
                 for name, fn in plan.items():
-                    result.mbps[name] = measure(fn, n, min_time, reps)
+                    result.mbps[name] = measure(fn, case.pass_bytes, min_time, reps)
                 results.append(result)
                 _progress(f"codec {kind} {_size(size)} {direction} done")
     return results
@@ -473,7 +487,8 @@ def print_codec(results: Sequence[CodecResult], min_time: float, reps: int) -> N
     for r in results:
         m = r.mbps
         print(
-            f"{r.case.kind:<6} {_size(r.case.size):>7} {r.case.zstd_ratio:>5.2f}x {r.direction:<4} |"
+            f"{r.case.kind:<6} {_size(r.case.size):>7} {r.case.zstd_ratio:>5.2f}x "
+            f"{r.direction:<4} |"
             + "".join(f"{m[c]:>9.0f}" for c in cols)
             + f" |{_ratio(m['qmesh'], m['py-pipe']):>6.2f}x"
             + f"{_ratio(m['qmesh×64'], m['py-pipe']):>7.2f}x"
@@ -488,21 +503,25 @@ def _print_targets(results: Sequence[CodecResult]) -> None:
         return f"{value:.2f}x {'met' if value >= target else 'NOT met'}"
 
     print()
-    print("Targets from the issue (reported, not asserted; qmesh = one frame per call, ×64 batched):")
+    print("Targets from the issue (reported, not asserted; qmesh = one frame per call):")
     small = [r for r in results if r.case.size == KIB]
     if small:
         print("  qmesh >= 3x the pure-Python pipeline at 1 KiB:")
         for r in small:
             q = _ratio(r.mbps["qmesh"], r.mbps["py-pipe"])
             b = _ratio(r.mbps["qmesh×64"], r.mbps["py-pipe"])
-            print(f"    {r.case.kind:<6} {r.direction}: {verdict(q, 3.0)}   (×64: {verdict(b, 3.0)})")
+            print(
+                f"    {r.case.kind:<6} {r.direction}: {verdict(q, 3.0)}  (×64: {verdict(b, 3.0)})"
+            )
     mid = [r for r in results if r.case.size == 16 * KIB and r.case.kind == "json"]
     if mid:
         print('  qmesh >= 0.85x "zstd alone" at 16 KiB json (seal and open):')
         for r in mid:
             q = _ratio(r.mbps["qmesh"], r.mbps["zstd"])
             b = _ratio(r.mbps["qmesh×64"], r.mbps["zstd"])
-            print(f"    {r.case.kind:<6} {r.direction}: {verdict(q, 0.85)}   (×64: {verdict(b, 0.85)})")
+            print(
+                f"    {r.case.kind:<6} {r.direction}: {verdict(q, 0.85)}  (×64: {verdict(b, 0.85)})"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -744,9 +763,7 @@ class Mesh:
         return done.stdout
 
     def start(self) -> None:
-        servers = self._spawn(
-            "servers", [sys.executable, str(HERE), "--serve"], pipe_stdout=True
-        )
+        servers = self._spawn("servers", [sys.executable, str(HERE), "--serve"], pipe_stdout=True)
         assert servers.popen.stdout is not None
         line = servers.popen.stdout.readline().decode()
         if not line:
@@ -757,9 +774,8 @@ class Mesh:
         data = self.tmp / "data"
         cred = self.tmp / "edge.cred"
         self._qmesh("keys", "init")
-        self._qmesh(
-            "enroll", "minigate", "bench-edge", "--gate", f"127.0.0.1:{tunnel_port}", "--out", str(cred)
-        )
+        gate_address = f"127.0.0.1:{tunnel_port}"
+        self._qmesh("enroll", "minigate", "bench-edge", "--gate", gate_address, "--out", str(cred))
         gate_toml = self.tmp / "gate.toml"
         gate_toml.write_text(
             f"data_dir = {json.dumps(str(data))}\n"
@@ -875,32 +891,41 @@ def run_tcp(
             "qmesh": (mesh.fwd_echo, mesh.fwd_sink),
         }
 
-        def both(fn: Callable[[str], float], pick: Callable[[list[float]], float]) -> list[float]:
+        def both(
+            label: str, fn: Callable[[str], float], pick: Callable[[list[float]], float]
+        ) -> tuple[float, float]:
             values: dict[str, list[float]] = {"direct": [], "qmesh": []}
+            cpu: dict[str, float] = {}
+            wall = 0.0
             for _ in range(reps):  # interleaved, so drift hits both alike
                 for path in values:
+                    before = mesh.cpu_seconds()
+                    start = time.perf_counter()
                     values[path].append(fn(path))
-            return [pick(values["direct"]), pick(values["qmesh"])]
+                    if path == "qmesh":
+                        wall += time.perf_counter() - start
+                        for name, seconds in mesh.cpu_seconds().items():
+                            cpu[name] = cpu.get(name, 0.0) + seconds - before[name]
+            used = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cpu.items())
+            notes.append(f"{label} through qmesh: {wall:.1f} s wall, CPU {used}")
+            return pick(values["direct"]), pick(values["qmesh"])
+
+        def echo(path: str, data: bytes) -> float:
+            return echo_throughput(targets[path][0], total, data)
+
+        def upload(path: str, data: bytes) -> float:
+            return upload_throughput(targets[path][1], total, data)
 
         for kind, data in payloads.items():
-            cpu_before = mesh.cpu_seconds()
-            wall = time.perf_counter()
-            d, q = both(lambda path: echo_throughput(targets[path][0], total, data), max)
-            wall = time.perf_counter() - wall
-            cpu_after = mesh.cpu_seconds()
-            rows.append(TcpRow(f"echo {_size(total)} {kind}, MB/s one-way", d, q))
-            cpu = ", ".join(
-                f"{name} {cpu_after[name] - cpu_before[name]:.1f} s" for name in cpu_after
-            )
-            notes.append(
-                f"CPU of qmesh processes during the echo {kind} runs ({wall:.1f} s wall, "
-                f"direct and qmesh): {cpu}"
-            )
-            _progress(f"tcp: echo {kind} done")
+            label = f"echo {_size(total)} {kind}"
+            d, q = both(label, partial(echo, data=data), max)
+            rows.append(TcpRow(f"{label}, MB/s one-way", d, q))
+            _progress(f"tcp: {label} done")
         for kind, data in payloads.items():
-            d, q = both(lambda path: upload_throughput(targets[path][1], total, data), max)
-            rows.append(TcpRow(f"upload {_size(total)} {kind} to sink, MB/s", d, q))
-            _progress(f"tcp: upload {kind} done")
+            label = f"upload {_size(total)} {kind} to sink"
+            d, q = both(label, partial(upload, data=data), max)
+            rows.append(TcpRow(f"{label}, MB/s", d, q))
+            _progress(f"tcp: {label} done")
 
         samples: dict[str, list[list[float]]] = {"direct": [], "qmesh": []}
         for _ in range(reps):
@@ -946,8 +971,9 @@ def print_tcp(
             f"{r.metric:<{width}} | {r.unit_fmt.format(r.direct):>10} | "
             f"{r.unit_fmt.format(r.qmesh):>10} | {_ratio(r.qmesh, r.direct):>6.2f}x"
         )
+    print(f"qmesh CPU (user + system of the Gate and MiniGate processes), all {reps} run(s):")
     for note in notes:
-        print(f"note: {note}")
+        print(f"  {note}")
 
 
 # --------------------------------------------------------------------------
