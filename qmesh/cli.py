@@ -223,26 +223,17 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 
 def _run_roles(config: Config, roles: Sequence[str]) -> int:
-    import trio
-
     # Imported here: the runner pulls in every role's code, which the
     # management commands do not need.
     runner = importlib.import_module("qmesh.runner")
     try:
-        trio.run(runner.run_roles, config, tuple(roles))
-    except KeyboardInterrupt:
-        return EXIT_OK
+        runner.run_until_stopped(lambda: runner.run_roles(config, tuple(roles)))
     except runner.RoleFailed as exc:
         # The runner turned the operator's mistakes (a missing credential, a
         # revoked key, a port in use) into one message; bugs keep their
         # traceback.
         _err(f"error: {exc}")
         return EXIT_USAGE
-    except BaseExceptionGroup as group:
-        # Ctrl-C can arrive grouped with the cancellations it caused.
-        if group.split(KeyboardInterrupt)[1] is None:
-            return EXIT_OK
-        raise
     return EXIT_OK
 
 

@@ -6,7 +6,8 @@ port the Gate actually bound, so ``--ephemeral`` works for all three roles.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -63,6 +64,39 @@ async def run_roles(
         if operator_errors:
             raise RoleFailed("; ".join(operator_errors)) from None
         raise
+
+
+def run_until_stopped(main: Callable[[], Awaitable[object]]) -> None:
+    """``trio.run(main)`` until it returns or the operator stops it.
+
+    SIGTERM (systemd's stop) and Ctrl-C both cancel everything in order, so
+    edges say GOAWAY and listeners close; neither is an error. Other errors
+    propagate.
+    """
+
+    async def supervise() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def run_main() -> None:
+                    await main()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run_main)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(supervise)
+    except KeyboardInterrupt:
+        pass
+    except BaseExceptionGroup as group:
+        _interrupt, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            if len(rest.exceptions) == 1 and not isinstance(rest.exceptions[0], BaseExceptionGroup):
+                raise rest.exceptions[0] from None
+            raise rest from None
 
 
 def _operator_errors(group: BaseExceptionGroup[Any]) -> list[str]:

@@ -23,7 +23,7 @@ from qmesh import __version__
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.gate.auth import ADMIN_APP
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
-from qmesh.runner import ROLES, run_roles
+from qmesh.runner import ROLES, run_roles, run_until_stopped
 from qmesh.state import StateStore
 
 DEMO_APP = "demo"
@@ -144,6 +144,7 @@ async def _run(config: Config, setup: LocalSetup) -> None:
         up_json = config.data_dir / "up.json"
         write_private_file(up_json, (json.dumps(summary, indent=2) + "\n").encode(), replace=True)
         _print_banner(summary, up_json)
+        await trio.sleep_forever()
 
 
 def main(config: Config, *, port_offset: int = 0, ephemeral: bool = False) -> int:
@@ -157,8 +158,6 @@ def main(config: Config, *, port_offset: int = 0, ephemeral: bool = False) -> in
         minigate=attrs.evolve(config.minigate, credential_file=setup.minigate_credential),
         daemon=attrs.evolve(config.daemon, credential_file=setup.daemon_credential),
     )
-    try:
-        trio.run(_run, config, setup)
-    except KeyboardInterrupt:
-        print("qmesh up: stopped", file=sys.stderr)
+    run_until_stopped(lambda: _run(config, setup))
+    print("qmesh up: stopped", file=sys.stderr)
     return 0

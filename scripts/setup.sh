@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/setup.sh — make /.venv ready for development and tests. Idempotent.
+# scripts/setup.sh — make .venv ready for development and tests. Idempotent.
 #
 #   scripts/setup.sh               venv + pip + maturin, then build qmesh._core
 #                                  (release) and install qmesh editable with
@@ -31,7 +31,7 @@ TOOLS_ONLY=0
 case "${1:-}" in
   "") ;;
   --tools-only) TOOLS_ONLY=1 ;;
-  -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) echo "setup: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
@@ -49,6 +49,7 @@ logged() {
   local rc=0
   "$@" >"$log" 2>&1 || rc=$?
   if ((rc != 0)); then
+    # shellcheck disable=SC2016  # the backquotes are literal
     printf 'setup: `%s` failed (exit %d); last lines of %s:\n' "$*" "$rc" "${log#"$ROOT"/}" >&2
     tail -n 60 "$log" | sed 's/^/    /' >&2
   fi

@@ -9,6 +9,8 @@
 # pytest. A failing step does not stop the later ones (set QMESH_FAIL_FAST=1
 # to stop at the first failure), except setup: nothing runs without it. Exit
 # status 0 only when every step passed; a summary is printed at the end.
+# The check functions below run through `step`, which shellcheck cannot see.
+# shellcheck disable=SC2317
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

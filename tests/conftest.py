@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from pgcluster import PgCluster  # noqa: E402
+from pgcluster import PgCluster
 
 
 @pytest.fixture(scope="session")

@@ -423,6 +423,11 @@ def restore_logging() -> Iterator[None]:
 
 def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: object) -> None:
     module = types.ModuleType(name)
+    if name == "qmesh.runner":  # keep the real supervision, fake only the roles
+        from qmesh import runner
+
+        module.run_until_stopped = runner.run_until_stopped  # type: ignore[attr-defined]
+        module.RoleFailed = runner.RoleFailed  # type: ignore[attr-defined]
     for key, value in attrs.items():
         setattr(module, key, value)
     monkeypatch.setitem(sys.modules, name, module)

@@ -1,0 +1,18 @@
+"""Attributable graph memory: a knowledge graph in which every entity and
+every relation is linked to the exact sentences that support it, and answers
+that quote and cite those sentences or say "not found".
+
+Modules, each with one job: :mod:`~qmesh.memory.convert` (Markdown/HTML to
+text), :mod:`~qmesh.memory.sentences` (sentence spans and ids),
+:mod:`~qmesh.memory.terms` (words, stems, entity keys),
+:mod:`~qmesh.memory.extract` (entities and relations per sentence),
+:mod:`~qmesh.memory.schema` and :mod:`~qmesh.memory.store` (SQLite),
+:mod:`~qmesh.memory.query` (questions to cited facts and answers),
+:mod:`~qmesh.memory.verify` (checking an LLM-composed answer's citations),
+:mod:`~qmesh.memory.service` (the facade the API and CLI use),
+:mod:`~qmesh.memory.api` and :mod:`~qmesh.memory.cli`.
+
+This file imports nothing on purpose: :mod:`qmesh.state` imports
+:mod:`qmesh.memory.schema` for its migration, and anything heavier here would
+make that import circular.
+"""
