@@ -84,6 +84,53 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # The Gate's Postgres path: the vault of real database credentials
+    # (qmesh.pg.vault; values AES-256-GCM sealed, with a pending slot for a
+    # rotation in flight), the statement audit log (qmesh.pg.audit), and app
+    # keys that rotate with an overlap: the previous verifiers of an app stay
+    # valid until expires_at. They share the app's salt and iterations, so a
+    # SCRAM server can send one salt and check the proof against each.
+    (
+        """
+        CREATE TABLE vault_secrets (
+            alias               TEXT PRIMARY KEY,
+            key_fingerprint     BLOB NOT NULL,
+            nonce               BLOB NOT NULL,
+            ciphertext          BLOB NOT NULL,
+            pending_nonce       BLOB NULL,
+            pending_ciphertext  BLOB NULL,
+            pending_since       REAL NULL,
+            created_at          REAL NOT NULL,
+            updated_at          REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE pg_audit (
+            id                INTEGER PRIMARY KEY,
+            ts                REAL NOT NULL,
+            app               TEXT NOT NULL,
+            alias             TEXT NOT NULL,
+            statement         TEXT NULL,
+            statement_sha256  TEXT NOT NULL,
+            duration_ms       REAL NOT NULL,
+            rows              INTEGER NULL,
+            outcome           TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX pg_audit_ts ON pg_audit (ts)",
+        "CREATE INDEX pg_audit_app_ts ON pg_audit (app, ts)",
+        "ALTER TABLE apps ADD COLUMN key_created_at REAL NULL",
+        """
+        CREATE TABLE app_old_verifiers (
+            app_id      TEXT NOT NULL REFERENCES apps (app_id) ON DELETE CASCADE,
+            stored_key  BLOB NOT NULL,
+            server_key  BLOB NOT NULL,
+            created_at  REAL NOT NULL,
+            expires_at  REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX app_old_verifiers_app ON app_old_verifiers (app_id, expires_at)",
+    ),
 )
 
 
@@ -169,6 +216,9 @@ class AppVerifier:
     stored_key: bytes = attrs.field(repr=False)
     server_key: bytes = attrs.field(repr=False)
     created_at: float
+    expires_at: float | None = None
+    """None for the app's current key; for a previous key kept by
+    :meth:`StateStore.rotate_app_key`, when it stops working."""
 
 
 # For unknown app ids verify_app_key still runs PBKDF2, against this salt, so

@@ -44,11 +44,17 @@ class FaultProxy:
         self._next_reset = faults.reset_every
         self._enabled = True
         self._scopes: set[trio.CancelScope] = set()
+        self._frozen: set[trio.CancelScope] = set()
         self.blocked = False
 
     def disable(self) -> None:
         """Stop injecting faults (connections then pass bytes untouched)."""
         self._enabled = False
+
+    def blackhole_all(self) -> None:
+        """Silently drop every byte of the connections open now, forever,
+        without closing them: a network partition, not a reset."""
+        self._frozen.update(self._scopes)
 
     def reset_all(self) -> None:
         """Reset every open connection now."""
@@ -90,6 +96,8 @@ class FaultProxy:
         next_stall = faults.stall_every
         try:
             while data := await source.receive_some(65536):
+                if scope in self._frozen:
+                    continue
                 if self._enabled and faults.reset_every is not None:
                     assert self._next_reset is not None
                     if self.bytes_relayed + len(data) >= self._next_reset:

@@ -13,13 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tunnelkit import free_port
 
 
 def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

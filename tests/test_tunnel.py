@@ -8,7 +8,15 @@ import os
 import pytest
 import trio
 from faultproxy import FaultProxy, Faults
-from tunnelkit import echo_service, fast_settings, keypair, make_edge, start_edge, start_gate
+from tunnelkit import (
+    echo_service,
+    fast_settings,
+    free_port,
+    keypair,
+    make_edge,
+    start_edge,
+    start_gate,
+)
 
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
 
@@ -160,6 +168,41 @@ async def test_session_resumes_after_connection_reset(nursery: trio.Nursery) -> 
     assert proxy.resets >= 10
     assert edge.resumptions >= 10 and edge.sessions_lost == 0
     assert gate.server.resumptions == edge.resumptions
+
+
+async def test_silent_peer_is_detected_and_the_session_resumes(nursery: trio.Nursery) -> None:
+    settings = fast_settings(heartbeat_interval_s=0.2, dead_after_s=0.8)
+    gate = await start_gate(nursery, settings=settings)
+    proxy = FaultProxy(("127.0.0.1", gate.port), Faults())
+    proxy_port = await nursery.start(proxy.serve)
+    edge = await start_edge(nursery, gate, "edge-p", port=proxy_port, settings=settings)
+    stream = await edge.open_stream({"service": "echo"})
+    await stream.send_all(b"before ")
+    assert await stream.receive_some() == b"before "
+    proxy.blackhole_all()  # packets vanish; nobody closes anything
+    await stream.send_all(b"during the partition")
+    with trio.fail_after(5):
+        received = b""
+        while received != b"during the partition":
+            received += await stream.receive_some()
+    assert edge.resumptions == 1 and edge.sessions_lost == 0
+
+
+async def test_forward_policy_and_unreachable_targets(nursery: trio.Nursery) -> None:
+    from qmesh.gate.forward import ForwardService
+
+    closed_port = free_port()
+    gate = await start_gate(nursery, {"forward": ForwardService([f"127.0.0.1:{closed_port}"])})
+    edge = await start_edge(nursery, gate, "edge-f")
+    for target, reason in [
+        ("10.1.2.3:5432", "not allowed"),
+        (f"127.0.0.1:{closed_port + 1}", "not allowed"),
+        ("no-port", "bad forward target"),
+        (f"127.0.0.1:{closed_port}", "cannot connect"),
+    ]:
+        stream = await edge.open_stream({"service": "forward", "target": target})
+        with trio.fail_after(15), pytest.raises(StreamReset, match=reason):
+            await stream.receive_some()
 
 
 async def test_expired_session_resets_streams(nursery: trio.Nursery) -> None:
