@@ -198,3 +198,255 @@ class NoiseHandshake:
         """After the handshake: the encoder and decoder for this side, keyed
         from the Noise split. The keys never leave Rust. Consumes the
         handshake (a second call raises HandshakeError)."""
+
+# ---------------------------------------------------------------------------
+# Postgres wire protocol (rust/qmesh-pg, bound in rust/qmesh-py/src/pg.rs)
+#
+# Sans-IO like the frame codec: the MiniGate's Postgres listener and the
+# Gate's relay own the sockets and feed bytes in. Message bodies passed to
+# the ``parse_*`` functions are without the 5-byte header (``raw[5:]``).
+# Strings the protocol carries in the client's encoding are decoded as UTF-8
+# with replacement characters; forward the original bytes, never these.
+
+__all__ += [
+    "PG_BACKEND_TAGS",
+    "PG_DEFAULT_MAX_MESSAGE",
+    "PG_FRONTEND_TAGS",
+    "PG_GSSENC_REQUEST",
+    "PG_HEADER_LEN",
+    "PG_MAX_MESSAGE_LIMIT",
+    "PG_MAX_STARTUP_PACKET",
+    "PG_PROTOCOL_3_0",
+    "PG_SSL_REQUEST",
+    "PgEvent",
+    "PgMalformed",
+    "PgMessageTooLarge",
+    "PgScanner",
+    "PgStartup",
+    "PgTruncated",
+    "PgWireError",
+    "encode_authentication",
+    "encode_backend_key_data",
+    "encode_cancel_request",
+    "encode_error_response",
+    "encode_message",
+    "encode_negotiate_protocol_version",
+    "encode_parameter_status",
+    "encode_parse",
+    "encode_query",
+    "encode_ready_for_query",
+    "encode_sasl_initial_response",
+    "encode_startup",
+    "parse_authentication",
+    "parse_backend_key_data",
+    "parse_bind",
+    "parse_bind_names",
+    "parse_close",
+    "parse_command_complete",
+    "parse_copy_response",
+    "parse_data_row",
+    "parse_describe",
+    "parse_error_fields",
+    "parse_execute",
+    "parse_function_call",
+    "parse_negotiate_protocol_version",
+    "parse_notification",
+    "parse_parameter_status",
+    "parse_parse",
+    "parse_password",
+    "parse_query",
+    "parse_ready_for_query",
+    "parse_row_description",
+    "parse_sasl_initial_response",
+    "parse_sasl_mechanisms",
+    "parse_startup",
+]
+
+PG_PROTOCOL_3_0: Final[int]
+"""The protocol version of a 3.0 StartupMessage (196608)."""
+PG_HEADER_LEN: Final[int]
+"""Bytes in a typed message header: the type byte and the i32 length (5)."""
+PG_MAX_STARTUP_PACKET: Final[int]
+"""PostgreSQL's own cap on a startup packet (10000 bytes)."""
+PG_DEFAULT_MAX_MESSAGE: Final[int]
+"""Default cap on a message's length field (256 MiB): room for a 64 MiB bytea sent as hex."""
+PG_MAX_MESSAGE_LIMIT: Final[int]
+"""The largest ``max_message`` accepted (2**31 - 1: the length field is an i32)."""
+PG_FRONTEND_TAGS: Final[bytes]
+"""Type bytes a client may send after the startup packet."""
+PG_BACKEND_TAGS: Final[bytes]
+"""Type bytes a server may send."""
+PG_SSL_REQUEST: Final[bytes]
+"""The 8-byte SSLRequest packet."""
+PG_GSSENC_REQUEST: Final[bytes]
+"""The 8-byte GSSENCRequest packet."""
+
+class PgWireError(Exception):
+    """The peer's bytes are not valid Postgres protocol; end the connection."""
+
+class PgMalformed(PgWireError):
+    """An unknown message type, a bad length or a field that does not parse."""
+
+class PgMessageTooLarge(PgWireError):
+    """A length field announced more than the limit; nothing was allocated for it."""
+
+class PgTruncated(PgWireError):
+    """The stream ended inside a message (raised by ``PgScanner.eof``)."""
+
+PgEvent: TypeAlias = tuple[int, bytes]
+"""What :meth:`PgScanner.feed` reports: ``(tag, raw)`` for a message of a kind
+asked for (``raw`` starts with the header; it is a *prefix* when shorter than
+the header's length + 1), or ``(0, raw)`` for a run of bytes to forward as
+they are (relay mode only)."""
+
+@final
+class PgScanner:
+    """Finds Postgres message boundaries in one direction of one connection.
+
+    ``feed`` returns, in order, the messages of the kinds in ``full`` (whole,
+    up to ``max_message``) and ``peek`` (the header and the first
+    ``peek_max`` body bytes; the whole message when shorter); other kinds
+    are never copied or buffered, whatever their size. In ``relay`` mode it
+    also returns the bytes to forward, so that concatenating every ``raw``
+    gives back the input exactly; the caller may send something else in
+    place of a complete message. Without ``relay`` the caller forwards its
+    input itself.
+
+    A length field is checked against ``max_message`` from the header
+    alone. The first error (:class:`PgWireError`) poisons the scanner: later
+    calls raise it again. Events found before the error in the same feed are
+    lost with it; the connection is to be ended anyway.
+    """
+
+    def __new__(
+        cls,
+        *,
+        frontend: bool,
+        full: bytes | None = None,
+        peek: bytes | None = None,
+        relay: bool = False,
+        max_message: int = 268435456,
+        peek_max: int = 1024,
+    ) -> Self: ...
+    @property
+    def full(self) -> bytes:
+        """Kinds reported whole. Setting it applies from the next message header."""
+    @full.setter
+    def full(self, tags: bytes) -> None: ...
+    @property
+    def peek(self) -> bytes:
+        """Kinds reported by a prefix. Setting it applies from the next message header."""
+    @peek.setter
+    def peek(self, tags: bytes) -> None: ...
+    @property
+    def relay(self) -> bool: ...
+    @property
+    def messages(self) -> int:
+        """Messages scanned to their last byte."""
+    @property
+    def buffered(self) -> int:
+        """Bytes held (a partial header, a message being collected)."""
+    @property
+    def in_message(self) -> bool:
+        """Whether the scanner stopped inside a message or its header."""
+    def feed(self, data: BufferLike) -> list[PgEvent]: ...
+    def eof(self) -> None:
+        """The transport ended: raises :class:`PgTruncated` inside a message."""
+
+@final
+class PgStartup:
+    """A startup-phase packet, from :func:`parse_startup`."""
+
+    @property
+    def kind(self) -> str:
+        """``"startup"``, ``"ssl"``, ``"gssenc"`` or ``"cancel"``."""
+    @property
+    def length(self) -> int:
+        """Bytes the packet took."""
+    @property
+    def version(self) -> int:
+        """A StartupMessage's protocol version (``major << 16 | minor``), else 0."""
+    @property
+    def params(self) -> list[tuple[str, str]]:
+        """A StartupMessage's parameters, in the order sent."""
+    @property
+    def pid(self) -> int:
+        """A CancelRequest's process id, else 0."""
+    @property
+    def secret(self) -> bytes:
+        """A CancelRequest's secret key (4 bytes in protocol 3.0), else empty."""
+
+def parse_startup(data: BufferLike, max_length: int = 10000) -> PgStartup | None:
+    """The packet at the front of ``data``, or None if it is incomplete.
+    Raises :class:`PgMessageTooLarge` from the first four bytes when the length
+    exceeds ``max_length``, :class:`PgMalformed` for a bad length, an unknown
+    request code, a protocol other than 3.x or a broken parameter list."""
+
+def encode_message(tag: int, body: BufferLike) -> bytes: ...
+def encode_startup(params: Sequence[tuple[str, str]], version: int = 196608) -> bytes: ...
+def encode_cancel_request(pid: int, secret: bytes) -> bytes: ...
+def encode_error_response(fields: Sequence[tuple[str, str]], *, notice: bool = False) -> bytes:
+    """ErrorResponse (or NoticeResponse) from ``(code, value)`` pairs, e.g.
+    ``[("S", "FATAL"), ("V", "FATAL"), ("C", "28P01"), ("M", "...")]``."""
+
+def encode_query(sql: str) -> bytes: ...
+def encode_parse(name: bytes, sql: str, param_types: Sequence[int] = ...) -> bytes: ...
+def encode_authentication(code: int, data: bytes = ...) -> bytes: ...
+def encode_sasl_initial_response(mechanism: str, data: bytes) -> bytes: ...
+def encode_backend_key_data(pid: int, secret: bytes) -> bytes: ...
+def encode_parameter_status(name: str, value: str) -> bytes: ...
+def encode_ready_for_query(status: str) -> bytes: ...
+def encode_negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str]) -> bytes: ...
+def parse_query(body: bytes) -> str: ...
+def parse_parse(body: bytes) -> tuple[str, str, list[int]]:
+    """``(statement name, query, parameter type oids)``."""
+
+def parse_bind(
+    body: bytes,
+) -> tuple[str, str, list[int], list[bytes | None], list[int]]:
+    """``(portal, statement, parameter formats, parameters, result formats)``."""
+
+def parse_bind_names(body: bytes) -> tuple[str, str] | None:
+    """``(portal, statement)`` from the front of a Bind body; works on a peek
+    prefix; None when the names themselves are cut off."""
+
+def parse_execute(body: bytes) -> tuple[str, int]:
+    """``(portal, row limit)``."""
+
+def parse_close(body: bytes) -> tuple[str, str]:
+    """``(kind, name)``: kind ``"S"`` for a statement, ``"P"`` for a portal."""
+
+def parse_describe(body: bytes) -> tuple[str, str]: ...
+def parse_function_call(body: bytes) -> int:
+    """The function OID of a fast-path FunctionCall."""
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes | None]: ...
+def parse_password(body: bytes) -> bytes: ...
+def parse_authentication(body: bytes) -> tuple[int, bytes]:
+    """``(request code, the rest)``; the shape is checked for known codes."""
+
+def parse_sasl_mechanisms(body: bytes) -> list[str]:
+    """The mechanisms of an AuthenticationSASL body (code 10)."""
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]: ...
+def parse_backend_key_data(body: bytes) -> tuple[int, bytes]: ...
+def parse_ready_for_query(body: bytes) -> str:
+    """The transaction status: ``"I"`` idle, ``"T"`` in a transaction, ``"E"`` failed."""
+
+def parse_command_complete(body: bytes) -> tuple[str, int | None]:
+    """``(command tag, rows)``; rows is None for tags without a count."""
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse fields by code (``"C"`` is the SQLSTATE)."""
+
+def parse_notification(body: bytes) -> tuple[int, str, str]:
+    """``(process id, channel, payload)``."""
+
+def parse_row_description(body: bytes) -> list[tuple[str, int, int, int, int, int, int]]:
+    """Per column: name, table oid, column number, type oid, size, modifier, format."""
+
+def parse_data_row(body: bytes) -> list[bytes | None]: ...
+def parse_copy_response(body: bytes) -> tuple[int, list[int]]:
+    """``(overall format, per-column formats)`` of CopyIn/Out/BothResponse."""
+
+def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]: ...

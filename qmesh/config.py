@@ -35,6 +35,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final, TypeAlias
 
 import attrs
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "ForwardConfig",
+    "GateAppConfig",
     "GateConfig",
     "LogConfig",
     "MiniGateConfig",
@@ -59,6 +61,8 @@ KeyPath: TypeAlias = tuple[str | int, ...]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
+AUDIT_MODES: Final = ("text", "hash", "off")
+"""Values of ``gate.apps.APP.audit_statements``."""
 ENV_PREFIX: Final = "QMESH_"
 
 # Hosts that accept connections on every interface, and names for this machine.
@@ -70,6 +74,9 @@ _HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT_RE: Final = re.compile(r"[0-9]{1,5}")
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 _GATE_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# An app id, as qmesh.state.check_name accepts it (not imported: this module
+# depends on nothing else in qmesh).
+_APP_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class ConfigError(Exception):
@@ -222,6 +229,26 @@ class TunnelConfig:
 
 
 @attrs.frozen
+class GateAppConfig:
+    """One ``[gate.apps.APP_ID]`` table: what that application may do through
+    the Gate's Postgres path. An app without a table may use no database."""
+
+    databases: tuple[str, ...] = ()
+    """:mod:`fnmatch` patterns of the database aliases it may open (case-sensitive)."""
+    read_only: bool = False
+    statement_timeout_ms: int | None = None
+    max_sessions: int | None = None
+    """Concurrent sessions of this app through this Gate."""
+    audit_statements: str = "text"
+    """``text``, ``hash`` (SHA-256 of the statement only) or ``off``."""
+
+
+def _frozen_apps(value: Mapping[str, GateAppConfig]) -> Mapping[str, GateAppConfig]:
+    # A read-only view: the config is frozen all the way down.
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -230,6 +257,12 @@ class GateConfig:
     http_listen: str = "127.0.0.1:11480"
     forward_allow: tuple[str, ...] = ()
     """Targets edges may ask the Gate to forward to: see :func:`forward_allowed`."""
+    master_key_file: Path | None = None
+    """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.pg.masterkey`)."""
+    apps: Mapping[str, GateAppConfig] = attrs.field(
+        factory=dict, converter=_frozen_apps, hash=False
+    )
+    """From the ``[gate.apps.APP_ID]`` tables, by app id: see :mod:`qmesh.pg.policy`."""
 
 
 @attrs.frozen
@@ -736,6 +769,14 @@ class _Reader:
             raise self.error(where, f"expected a number of at least 0, got {value}")
         return float(value)
 
+    def boolean(self, table: Mapping[str, object], path: KeyPath, key: str, default: bool) -> bool:
+        if key not in table:
+            return default
+        value = table[key]
+        if not isinstance(value, bool):
+            raise self.error((*path, key), f"expected true or false, got {_describe(value)}")
+        return value
+
     def path(self, table: Mapping[str, object], path: KeyPath, key: str) -> Path | None:
         if key not in table:
             return None
@@ -858,7 +899,59 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
         tunnel_listen=r.address(t, path, "tunnel_listen", d.tunnel_listen),
         http_listen=r.address(t, path, "http_listen", d.http_listen),
         forward_allow=tuple(allow),
+        master_key_file=r.path(t, path, "master_key_file"),
+        apps=_read_gate_apps(r, t, path),
     )
+
+
+def _read_gate_apps(
+    r: _Reader, gate: Mapping[str, object], gate_path: KeyPath
+) -> dict[str, GateAppConfig]:
+    path: KeyPath = (*gate_path, "apps")
+    t = r.table(gate, path)
+    apps: dict[str, GateAppConfig] = {}
+    for app_id in t:
+        where: KeyPath = (*path, app_id)
+        if not _APP_ID_RE.fullmatch(app_id):
+            raise r.error(
+                where,
+                "an app id must be 1-63 letters, digits, '.', '_' or '-' starting with a "
+                "letter or digit",
+            )
+        table = r.table(t, where)
+        r.check_keys(table, where, [f.name for f in attrs.fields(GateAppConfig)])
+        d = GateAppConfig()
+        patterns: list[str] = []
+        if "databases" in table:
+            value = table["databases"]
+            dbs: KeyPath = (*where, "databases")
+            if not isinstance(value, list):
+                raise r.error(
+                    dbs,
+                    f'expected an array of alias patterns like ["app*"], got {_describe(value)}',
+                )
+            for i, item in enumerate(value):
+                if not isinstance(item, str) or not item or any(c.isspace() for c in item):
+                    raise r.error(
+                        (*dbs, i),
+                        f"expected an alias pattern without spaces, got {_describe(item)}",
+                    )
+                patterns.append(item)
+        timeout = max_sessions = None
+        if "statement_timeout_ms" in table:
+            timeout = r.integer(table, where, "statement_timeout_ms", 0, lo=1, hi=2_147_483_647)
+        if "max_sessions" in table:
+            max_sessions = r.integer(table, where, "max_sessions", 0, lo=1, hi=1_000_000)
+        apps[app_id] = GateAppConfig(
+            databases=tuple(patterns),
+            read_only=r.boolean(table, where, "read_only", d.read_only),
+            statement_timeout_ms=timeout,
+            max_sessions=max_sessions,
+            audit_statements=r.string(
+                table, where, "audit_statements", d.audit_statements, choices=AUDIT_MODES
+            ),
+        )
+    return apps
 
 
 def _read_forwards(r: _Reader, t: Mapping[str, object], path: KeyPath) -> tuple[ForwardConfig, ...]:

@@ -34,6 +34,8 @@ from typing import Final
 
 import attrs
 
+from qmesh.memory.schema import MIGRATION as MEMORY_MIGRATION
+
 __all__ = [
     "ROLES",
     "SCRAM_ITERATIONS",
@@ -131,6 +133,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX app_old_verifiers_app ON app_old_verifiers (app_id, expires_at)",
     ),
+    # The graph memory: documents, sentences, entities, relations and their
+    # provenance (qmesh.memory.schema says what the database enforces).
+    MEMORY_MIGRATION,
 )
 
 
@@ -327,7 +332,15 @@ class StateStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                # A deferred constraint that fails at COMMIT (or a busy
+                # database) leaves the transaction open; without this
+                # rollback every later BEGIN on the connection would fail.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @property
     def schema_version(self) -> int:
@@ -434,10 +447,13 @@ class StateStore:
         return key
 
     def get_app_verifier(self, app_id: str) -> AppVerifier | None:
+        """The verifier of ``app_id``'s current key, None for an unknown app.
+        During a rotation overlap the previous keys also verify: see
+        :meth:`get_app_verifiers`."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key, created_at"
-                " FROM apps WHERE app_id = ?",
+                "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key,"
+                " COALESCE(key_created_at, created_at) FROM apps WHERE app_id = ?",
                 (app_id,),
             ).fetchone()
         if row is None:
@@ -451,14 +467,96 @@ class StateStore:
             created_at=row[5],
         )
 
-    def verify_app_key(self, app_id: str, key: str) -> bool:
-        """Whether ``key`` is ``app_id``'s app key (constant-time comparison)."""
-        verifier = self.get_app_verifier(app_id)
-        if verifier is None:
+    def get_app_verifiers(self, app_id: str, *, now: float | None = None) -> list[AppVerifier]:
+        """Every verifier of ``app_id`` valid at ``now`` (default: the current
+        time), newest first: the current key, then previous keys still inside
+        their rotation overlap. Empty for an unknown app.
+
+        They all have the same salt and iterations, so a SCRAM server sends
+        that salt and accepts the client's proof if it matches any of them.
+        """
+        current = self.get_app_verifier(app_id)
+        if current is None:
+            return []
+        when = time.time() if now is None else now
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT stored_key, server_key, created_at, expires_at FROM app_old_verifiers"
+                " WHERE app_id = ? AND expires_at > ? ORDER BY created_at DESC, rowid DESC",
+                (app_id, when),
+            ).fetchall()
+        old = [
+            attrs.evolve(
+                current,
+                stored_key=bytes(row[0]),
+                server_key=bytes(row[1]),
+                created_at=row[2],
+                expires_at=row[3],
+            )
+            for row in rows
+        ]
+        return [current, *old]
+
+    def verify_app_key(self, app_id: str, key: str, *, now: float | None = None) -> bool:
+        """Whether ``key`` is one of ``app_id``'s valid app keys at ``now``
+        (default: the current time); constant-time comparisons."""
+        verifiers = self.get_app_verifiers(app_id, now=now)
+        if not verifiers:
             scram_keys(key, _DUMMY_SALT, SCRAM_ITERATIONS)
             return False
-        stored_key, _ = scram_keys(key, verifier.salt, verifier.iterations)
-        return hmac.compare_digest(stored_key, verifier.stored_key)
+        # One PBKDF2 serves every verifier: they share the salt and iterations.
+        stored_key, _ = scram_keys(key, verifiers[0].salt, verifiers[0].iterations)
+        matches = [hmac.compare_digest(stored_key, v.stored_key) for v in verifiers]
+        return any(matches)
+
+    def rotate_app_key(
+        self, app_id: str, overlap_s: float, *, now: float | None = None
+    ) -> tuple[str, float]:
+        """Give ``app_id`` a new app key; return it (this once: only its
+        verifier is stored) and the time until which the previous key keeps
+        working, ``now + overlap_s``.
+
+        The previous key stays valid for ``overlap_s`` seconds so that
+        applications can be moved to the new key without an outage. Keys from
+        earlier rotations keep their own expiry, except that an overlap of 0
+        ends every previous key at once (the response to a leaked key). The
+        new key reuses the app's salt and iterations (see
+        :meth:`get_app_verifiers`). Raises InvalidValue for an unknown app or
+        a negative overlap.
+        """
+        if not overlap_s >= 0:  # also catches NaN
+            raise InvalidValue(f"overlap must be a number of seconds >= 0; got {overlap_s}")
+        when = time.time() if now is None else now
+        key = secrets.token_urlsafe(32)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT scram_salt, scram_iterations, stored_key, server_key,"
+                " COALESCE(key_created_at, created_at) FROM apps WHERE app_id = ?",
+                (app_id,),
+            ).fetchone()
+            if row is None:
+                raise InvalidValue(f"no app with id {app_id!r}")
+            salt, iterations, old_stored, old_server, old_created = row
+            stored_key, server_key = scram_keys(key, bytes(salt), int(iterations))
+            if overlap_s > 0:
+                conn.execute(
+                    "DELETE FROM app_old_verifiers WHERE app_id = ? AND expires_at <= ?",
+                    (app_id, when),
+                )
+                conn.execute(
+                    "INSERT INTO app_old_verifiers"
+                    " (app_id, stored_key, server_key, created_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (app_id, old_stored, old_server, old_created, when + overlap_s),
+                )
+            else:
+                conn.execute("DELETE FROM app_old_verifiers WHERE app_id = ?", (app_id,))
+            conn.execute(
+                "UPDATE apps SET stored_key = ?, server_key = ?, key_created_at = ?"
+                " WHERE app_id = ?",
+                (stored_key, server_key, when, app_id),
+            )
+        return key, when + overlap_s
 
     def delete_app(self, app_id: str) -> bool:
         """Remove an application and its verifier. True if it existed."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,16 @@ from pgcluster import PgCluster
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
-    """One throwaway cluster for the whole run (initdb costs seconds)."""
-    with PgCluster(tmp_path_factory.mktemp("pg")) as cluster:
-        yield cluster
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway cluster for the whole run (initdb costs seconds).
+
+    Not under pytest's tmp_path: as root the server runs as ``postgres``,
+    which cannot enter pytest's private (0700) base directory. A directory
+    of its own in the system temp dir can be opened up to it.
+    """
+    base = Path(tempfile.mkdtemp(prefix="qmesh-pg-"))
+    try:
+        with PgCluster(base) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -14,6 +14,7 @@ __all__ = [
     "GraphMemoryError",
     "InvalidDocument",
     "InvalidQuestion",
+    "NotDocumentOwner",
     "ProvenanceError",
 ]
 
@@ -41,6 +42,10 @@ class DocumentNotFound(GraphMemoryError, LookupError):
 
 class DocumentConflict(GraphMemoryError):
     """A different document already has this id (and replacing was not asked for)."""
+
+
+class NotDocumentOwner(GraphMemoryError, PermissionError):
+    """Only the application that added a document (or the operator) may delete it."""
 
 
 class ProvenanceError(GraphMemoryError):

@@ -41,11 +41,13 @@ _STARTS_SENTENCE_RE: Final = re.compile(r"\s+[\"'“‘(\[]*[A-Z0-9À-ÖØ-Þ]")
 _ABBREVIATIONS: Final = frozenset(
     """
     mr mrs ms dr prof sr jr st mt ft rev hon gen col lt sgt capt cmdr adm gov pres sen rep
-    inc ltd co corp llc plc bros dept univ assn est approx vs fig figs vol vols pp
+    bros dept univ assn est approx vs fig figs vol vols pp
     ed eds e.g i.e cf al jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k u.n
     e.u a.m p.m
     """.split()
 )
+# Not "Inc.", "Ltd.", "Corp.": a company's suffix ends its name, so a capital
+# after it starts a new sentence far more often than it continues the name.
 _WORD_BEFORE_RE: Final = re.compile(r"([\w.]+)$")
 
 

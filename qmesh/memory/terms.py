@@ -102,6 +102,7 @@ def content_stems(text: str) -> list[str]:
     return list(dict.fromkeys(stem(w) for w in words(text) if w not in STOPWORDS))
 
 
+_THOUSANDS_RE: Final = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _DOT_RE: Final = re.compile(r"(?<!\d)\.|\.(?!\d)")
 _PUNCT_RE: Final = re.compile(r"[^\w&'%$€£.+-]+")
 
@@ -111,6 +112,7 @@ def entity_key(surface: str) -> str:
     case-folded, without a leading "the", a trailing possessive, acronym dots,
     punctuation, or a trailing corporate suffix ("Inc.", "Corporation")."""
     text = unicodedata.normalize("NFKC", surface).replace("’", "'").casefold().strip()
+    text = _THOUSANDS_RE.sub("", text)
     text = _DOT_RE.sub("", text)
     text = _PUNCT_RE.sub(" ", text)
     tokens = text.split()

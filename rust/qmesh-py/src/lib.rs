@@ -26,6 +26,8 @@ use pyo3::exceptions::{PyException, PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyTuple};
 
+mod pg;
+
 use qmesh_wire as wire;
 use qmesh_wire::{DecoderConfig, EncoderConfig, FrameRef};
 
@@ -542,6 +544,7 @@ mod _core {
         m.add("FrameTooLarge", py.get_type::<FrameTooLarge>())?;
         m.add("Malformed", py.get_type::<Malformed>())?;
         m.add("HandshakeError", py.get_type::<HandshakeError>())?;
+        pg::register(m)?;
         Ok(())
     }
 }

@@ -22,15 +22,15 @@
 
 use std::io::Cursor;
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use bytes::{Buf, Bytes, BytesMut};
 use zstd::bulk::{Compressor, Decompressor};
 use zstd::zstd_safe;
 
+use crate::aead::Cipher;
+use crate::entropy::looks_incompressible;
 use crate::error::{Error, Result};
 use crate::frame::{
-    nonce, FrameClass, Header, FLAG_COMPRESSED, HEADER_LEN, KEY_LEN, MAX_PAYLOAD_LIMIT, TAG_LEN,
+    nonce, FrameClass, Header, FLAG_COMPRESSED, HEADER_LEN, MAX_PAYLOAD_LIMIT, TAG_LEN,
 };
 
 /// zstd levels the encoder accepts.
@@ -44,16 +44,6 @@ pub const DEFAULT_MIN_COMPRESS: usize = 64;
 /// The encoder keeps at most this much scratch capacity between batches, so
 /// one 16 MiB frame does not pin 16 MiB per connection for its lifetime.
 const SCRATCH_RETAIN: usize = 256 * 1024;
-
-fn cipher_from_key(key: &[u8]) -> Result<Aes256Gcm> {
-    if key.len() != KEY_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "key must be {KEY_LEN} bytes, got {}",
-            key.len()
-        )));
-    }
-    Ok(Aes256Gcm::new_from_slice(key).expect("length checked above"))
-}
 
 fn check_max_payload(max_payload: usize) -> Result<()> {
     if max_payload > MAX_PAYLOAD_LIMIT {
@@ -137,7 +127,7 @@ enum Body {
 
 /// Seals frames for one direction of one connection.
 pub struct FrameEncoder {
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     compressor: Compressor<'static>,
     /// Compressed bodies of the batch being prepared, back to back.
     scratch: Vec<u8>,
@@ -164,7 +154,7 @@ impl std::fmt::Debug for FrameEncoder {
 impl FrameEncoder {
     /// An encoder keyed with `key` (32 bytes).
     pub fn new(key: &[u8], config: EncoderConfig) -> Result<Self> {
-        let cipher = cipher_from_key(key)?;
+        let cipher = Cipher::new(key)?;
         check_max_payload(config.max_payload)?;
         if !(MIN_LEVEL..=MAX_LEVEL).contains(&config.level) {
             return Err(Error::InvalidArgument(format!(
@@ -264,10 +254,12 @@ impl FrameEncoder {
         })
     }
 
-    /// Compress `payload` onto the end of `scratch` if it is long enough and
-    /// the result strictly smaller; otherwise leave `scratch` as it was.
+    /// Compress `payload` onto the end of `scratch` if it is long enough,
+    /// does not look like noise, and the result is strictly smaller;
+    /// otherwise leave `scratch` as it was.
     fn compress(&mut self, payload: &[u8]) -> Body {
-        if payload.is_empty() || payload.len() < self.min_compress {
+        if payload.is_empty() || payload.len() < self.min_compress || looks_incompressible(payload)
+        {
             return Body::Plain;
         }
         let start = self.scratch.len();
@@ -360,10 +352,7 @@ impl PreparedBatch<'_, '_> {
             header.write_to(hdr);
             let (body_out, tail) = tail.split_at_mut(src.len());
             body_out.copy_from_slice(src);
-            let tag = enc
-                .cipher
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce(class, seq)), hdr, body_out)
-                .map_err(|_| Error::InvalidArgument("payload too long for AES-GCM".into()))?;
+            let tag = enc.cipher.seal(nonce(class, seq), hdr, body_out);
             let (tag_out, tail) = tail.split_at_mut(TAG_LEN);
             tag_out.copy_from_slice(&tag);
             rest = tail;
@@ -375,7 +364,7 @@ impl PreparedBatch<'_, '_> {
 
 /// Opens frames for one direction of one connection.
 pub struct FrameDecoder {
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     decompressor: Decompressor<'static>,
     /// Bytes fed but not yet consumed. `split_to` hands frames off the front
     /// without moving the rest; `reserve` reclaims the space once they are
@@ -402,7 +391,7 @@ impl std::fmt::Debug for FrameDecoder {
 impl FrameDecoder {
     /// A decoder keyed with `key` (32 bytes).
     pub fn new(key: &[u8], config: DecoderConfig) -> Result<Self> {
-        let cipher = cipher_from_key(key)?;
+        let cipher = Cipher::new(key)?;
         check_max_payload(config.max_payload)?;
         let decompressor = Decompressor::new()
             .map_err(|e| Error::InvalidArgument(format!("zstd decompressor: {e}")))?;
@@ -510,21 +499,14 @@ impl FrameDecoder {
         let mut frame = self.buf.split_to(header.frame_len());
         frame.advance(HEADER_LEN);
         let ct_len = header.length as usize - TAG_LEN;
-        let tag = Tag::clone_from_slice(&frame[ct_len..]);
+        let tag: [u8; TAG_LEN] = frame[ct_len..].try_into().expect("TAG_LEN bytes");
         frame.truncate(ct_len);
 
         // Authenticate first (nonce from the header's own class and seq), so
         // a forged header is Tampered and only authentic frames are judged on
         // their sequence number.
         let class = header.class();
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&nonce(class, header.seq)),
-                &hdr_bytes,
-                &mut frame[..],
-                &tag,
-            )
-            .map_err(|_| Error::Tampered)?;
+        self.cipher.open(nonce(class, header.seq), &hdr_bytes, &mut frame[..], &tag)?;
 
         let counter = match class {
             FrameClass::Reliable => &mut self.next_reliable,
@@ -586,6 +568,7 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::KEY_LEN;
 
     #[test]
     fn oversized_length_allocates_nothing() {

@@ -12,7 +12,9 @@
 //! This crate deliberately has no pyo3 dependency, so it gets plain
 //! `cargo test` and `cargo fuzz`.
 
+mod aead;
 pub mod codec;
+mod entropy;
 pub mod error;
 pub mod frame;
 pub mod handshake;

@@ -1,0 +1,785 @@
+"""Entities and (subject, predicate, object) relations, one sentence at a time.
+
+For: the :class:`Extractor` protocol that every extractor implements (the
+built-in rules here; an LLM extractor reached through ``qg://task=extract``
+later), the :class:`Extraction` it returns, and :func:`check_extraction`,
+which proves that an extraction can be cited before anything is stored: every
+mention is a span of its sentence whose text is exactly that slice, and every
+relation joins two distinct mentions of the same sentence. An extractor only
+ever sees one sentence per :class:`Extraction`, so whatever it returns is
+supported by that sentence or rejected.
+
+:class:`RuleExtractor` is the fast default (thousands of sentences a second,
+no model): capitalised names, quoted terms, dates, money, percentages and
+numbers; relations from verb patterns ("X founded Y", "Y was acquired by X",
+"X is based in Y", "X works for Y", "X is the CEO of Y", "X, the CEO of Y,",
+"X is a chemist"), lists ("X and Y founded Z"), dates attached to events
+("founded in 1998"), and aliases ("International Business Machines (IBM)",
+"X, also known as Y").
+
+Not for: resolving mentions to entities across sentences or documents (the
+store does that, with the document as context), pronouns ("She founded it"
+yields nothing: its subject is not in the sentence, so it could not be cited
+as support anyway), negation (negated statements match no pattern, on
+purpose), or I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Final, Protocol
+
+import attrs
+
+from qmesh.memory.errors import ProvenanceError
+from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
+
+__all__ = [
+    "KINDS",
+    "Extraction",
+    "Extractor",
+    "Mention",
+    "Relation",
+    "RuleExtractor",
+    "check_extraction",
+]
+
+KINDS: Final = ("name", "org", "term", "concept", "date", "money", "percent", "number")
+"""Mention kinds. ``concept`` is a common-noun phrase that is the object of
+"is a"; ``term`` a quoted expression; the last four are values."""
+VALUE_KINDS: Final = frozenset({"date", "money", "percent", "number"})
+
+
+@attrs.frozen
+class Mention:
+    """``sentence[start:end] == text``."""
+
+    start: int
+    end: int
+    text: str
+    kind: str
+
+
+@attrs.frozen
+class Relation:
+    """``subject`` and ``object`` index the extraction's mentions."""
+
+    subject: int
+    predicate: str
+    object: int
+
+
+@attrs.frozen
+class Extraction:
+    mentions: tuple[Mention, ...] = ()
+    relations: tuple[Relation, ...] = ()
+    same_as: tuple[tuple[int, int], ...] = ()
+    """Pairs of mentions that name one entity, the fuller name first."""
+
+
+class Extractor(Protocol):
+    """Turns sentences into extractions, one per sentence, in order."""
+
+    @property
+    def name(self) -> str: ...
+
+    def extract(self, sentences: Sequence[str]) -> list[Extraction]: ...
+
+
+_MAX_PREDICATE: Final = 60
+
+
+def check_extraction(sentence: str, extraction: Extraction) -> None:
+    """Raise :class:`ProvenanceError` unless every mention slices ``sentence``
+    exactly and every relation and alias joins two distinct mentions."""
+    count = len(extraction.mentions)
+    for mention in extraction.mentions:
+        if not 0 <= mention.start < mention.end <= len(sentence):
+            raise ProvenanceError(f"mention {mention.text!r} lies outside its sentence")
+        if sentence[mention.start : mention.end] != mention.text or not mention.text.strip():
+            raise ProvenanceError(f"mention {mention.text!r} does not match its sentence span")
+        if mention.kind not in KINDS:
+            raise ProvenanceError(f"mention {mention.text!r} has unknown kind {mention.kind!r}")
+    for relation in extraction.relations:
+        if not (0 <= relation.subject < count and 0 <= relation.object < count):
+            raise ProvenanceError(f"relation {relation!r} names a mention the sentence lacks")
+        if relation.subject == relation.object:
+            raise ProvenanceError(f"relation {relation!r} joins a mention to itself")
+        predicate = relation.predicate
+        if not predicate or predicate != predicate.strip() or len(predicate) > _MAX_PREDICATE:
+            raise ProvenanceError(f"relation {relation!r} has an unusable predicate")
+    for a, b in extraction.same_as:
+        if not (0 <= a < count and 0 <= b < count) or a == b:
+            raise ProvenanceError(f"alias pair {(a, b)!r} names a mention the sentence lacks")
+
+
+# -- mentions -----------------------------------------------------------------
+
+_MONTH: Final = (
+    r"(?:January|February|March|April|May|June|July|August|September|October|November|December"
+    r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec)"
+)
+_DATE_RE: Final = re.compile(
+    rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"
+    rf"|\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,\s*\d{{4}}\b"
+    rf"|\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\s+\d{{4}}\b"
+    rf"|\b(?:early|mid|late)[- ]{_MONTH}\s+\d{{4}}\b"
+    rf"|\b{_MONTH}\s+\d{{4}}\b"
+    r"|\b\d{4}-\d{2}-\d{2}\b"
+    r"|\b(?:1[0-9]|20)\d{2}s?\b(?![,.]\d)"
+    r"|\b(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)\b"
+    r"|\b(?:January|February|March|April|June|July|August|September|October|November|December)\b"
+)
+_SCALE: Final = r"(?:\s?(?:thousand|million|billion|trillion|bn|mn|m|k)\b)?"
+_MONEY_RE: Final = re.compile(
+    rf"[$€£¥]\s?\d[\d,]*(?:\.\d+)?{_SCALE}"
+    rf"|\b\d[\d,]*(?:\.\d+)?{_SCALE}\s?(?:dollars|euros|pounds|USD|EUR|GBP)\b"
+)
+_PERCENT_RE: Final = re.compile(r"\b\d+(?:\.\d+)?\s?(?:%|percent\b|per cent\b)")
+_NUMBER_RE: Final = re.compile(
+    r"\b\d[\d,]*(?:\.\d+)?(?:\s(?:thousand|million|billion|trillion))?\b(?![.,]?\d)"
+)
+_QUOTED_RE: Final = re.compile(r"\"([^\"\n]{2,80}?)\"|“([^”\n]{2,80}?)”|‘([^’\n]{2,60}?)’")
+
+# Word tokens for name finding: words (with inner apostrophes, hyphens and
+# ampersands, and a trailing period kept for later inspection) or a single
+# other character.
+_TOKEN_RE: Final = re.compile(r"\w[\w'’&-]*\.?|&|[^\w\s]")
+_CONNECTORS: Final = frozenset(
+    {"of", "de", "del", "della", "der", "den", "van", "von", "la", "le", "du", "da", "di", "&"}
+)
+_NAME_ABBREVIATIONS: Final = frozenset(
+    {"corp", "inc", "ltd", "co", "jr", "sr", "st", "bros", "mt", "ft", "plc"}
+)
+_HONORIFICS: Final = frozenset({"mr", "mrs", "ms", "mx", "dr", "prof", "sir", "dame"})
+_TITLES: Final = frozenset(
+    """
+    ceo cto cfo coo cio cmo vp svp evp chairman chairwoman chair president founder
+    co-founder cofounder director manager chief head minister senator governor mayor
+    professor dean editor general
+    """.split()
+)
+# Capitalised words that start sentences without naming anything.
+_STARTERS: Final = (
+    STOPWORDS
+    | QUESTION_WORDS
+    | frozenset(
+        """
+        however today yesterday tomorrow later earlier meanwhile then also after before since
+        during although though despite following according unlike like as in on at by for
+        from with without founded based located born many several most some both each every
+        other another one two three four five first last next finally recently currently
+        initially originally eventually instead thus therefore furthermore moreover overall
+        yes no there here its it's this these those our we you i he she they his her their
+        while once soon now still only even all any such but and or so nor yet if unless
+        because whereas although until upon despite among between within beyond toward towards
+        nevertheless nonetheless indeed perhaps maybe afterwards additionally similarly
+        """.split()
+    )
+)
+_ORG_WORDS: Final = (
+    CORPORATE_SUFFIXES
+    | frozenset(
+        """
+        university institute college bank group foundation agency association council party
+        ministry department school hospital laboratory laboratories labs systems technologies
+        industries holdings partners airlines motors press society committee museum library
+        church club team fund federation union organization organisation corporation
+        """.split()
+    )
+)
+
+
+def _is_capitalised(token: str) -> bool:
+    return token[:1].isupper()
+
+
+def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
+    tokens = [(m.start(), m.end(), m.group()) for m in _TOKEN_RE.finditer(sentence)]
+    first_word = next((i for i, t in enumerate(tokens) if t[2][0].isalnum()), None)
+    i = 0
+    while i < len(tokens):
+        start, _, text = tokens[i]
+        if not (_is_capitalised(text) and text[0].isalpha()):
+            i += 1
+            continue
+        # Grow the name over adjacent capitalised tokens and connectors.
+        run = [i]
+        j = i
+        while True:
+            if tokens[j][2].endswith(".") and not _keeps_period(tokens[j][2]):
+                break
+            if tokens[j][2].lower().rstrip(".") in CORPORATE_SUFFIXES and len(run) > 1:
+                break  # "Umbrella Ltd. Hank Scorpio" is two names
+            if tokens[j][2].endswith(("'s", "’s")):
+                break
+            nxt = j + 1
+            if nxt < len(tokens) and tokens[nxt][2].lower() in _CONNECTORS:
+                if nxt + 1 < len(tokens) and _is_capitalised(tokens[nxt + 1][2]):
+                    if _adjacent(sentence, tokens, j, nxt) and _adjacent(
+                        sentence, tokens, nxt, nxt + 1
+                    ):
+                        run.extend((nxt, nxt + 1))
+                        j = nxt + 1
+                        continue
+                break
+            if (
+                nxt < len(tokens)
+                and _is_capitalised(tokens[nxt][2])
+                and tokens[nxt][2][0].isalpha()
+                and _adjacent(sentence, tokens, j, nxt)
+            ):
+                run.append(nxt)
+                j = nxt
+                continue
+            break
+        i = j + 1
+        words = [tokens[k] for k in run]
+        # Drop sentence-initial function words, honorifics and job titles.
+        while words:
+            lower = words[0][2].lower().rstrip(".")
+            at_start = first_word is not None and words[0][0] == tokens[first_word][0]
+            if (
+                (at_start and lower in _STARTERS)
+                or lower in _HONORIFICS
+                or lower in _TITLES
+                or lower in _CONNECTORS
+                or (lower in STOPWORDS and len(words) == 1)
+            ):
+                words = words[1:]
+                continue
+            break
+        while words and (
+            words[-1][2].lower().rstrip(".") in _TITLES or words[-1][2].lower() in _CONNECTORS
+        ):
+            words = words[:-1]
+        if not words:
+            continue
+        span_start = words[0][0]
+        last_start, last_end, last = words[-1]
+        if last.endswith(("'s", "’s")):
+            last_end -= 2
+        elif last.endswith(".") and not _keeps_period(last):
+            last_end -= 1
+        if len(words) == 1 and words[0][2].rstrip(".").lower() in {"i", "a"}:
+            continue
+        yield span_start, last_end
+
+
+def _keeps_period(token: str) -> bool:
+    base = token.rstrip(".")
+    return (len(base) == 1 and base.isupper()) or base.lower() in _NAME_ABBREVIATIONS
+
+
+def _adjacent(sentence: str, tokens: list[tuple[int, int, str]], a: int, b: int) -> bool:
+    gap = sentence[tokens[a][1] : tokens[b][0]]
+    return gap.isspace() and "\n" not in gap and len(gap) <= 2
+
+
+def _name_kind(text: str) -> str:
+    last = text.split()[-1].lower().rstrip(".")
+    return "org" if last in _ORG_WORDS else "name"
+
+
+def _is_title_line(sentence: str) -> bool:
+    """A heading: no terminal punctuation and every word capitalised or a function word."""
+    if sentence.rstrip()[-1:] in ".!?:;\"”)":
+        return False
+    tokens = re.findall(r"[^\W\d_][\w'’-]*", sentence)
+    if not tokens or len(tokens) > 10:
+        return False
+    return all(_is_capitalised(t) or t.lower() in STOPWORDS for t in tokens)
+
+
+def _find_mentions(sentence: str) -> list[Mention]:
+    candidates: list[tuple[int, int, int, str]] = []  # priority, start, end, kind
+    for match in _QUOTED_RE.finditer(sentence):
+        group = next(g for g in (1, 2, 3) if match.group(g) is not None)
+        inner = match.group(group)
+        stripped = inner.strip()
+        if (
+            stripped
+            and len(stripped.split()) <= 6
+            and stripped[-1] not in ",.;:!?"
+            and stripped.lower() not in STOPWORDS
+        ):
+            start = match.start(group) + (len(inner) - len(inner.lstrip()))
+            candidates.append((0, start, start + len(stripped), "term"))
+    for pattern, kind in ((_MONEY_RE, "money"), (_PERCENT_RE, "percent"), (_DATE_RE, "date")):
+        for match in pattern.finditer(sentence):
+            candidates.append((1, match.start(), match.end(), kind))
+    for start, end in _name_spans(sentence):
+        candidates.append((2, start, end, _name_kind(sentence[start:end])))
+    for match in _NUMBER_RE.finditer(sentence):
+        candidates.append((3, match.start(), match.end(), "number"))
+    taken: list[tuple[int, int]] = []
+    mentions: list[Mention] = []
+    for _, start, end, kind in sorted(candidates, key=lambda c: (c[0], c[1], -c[2])):
+        if any(start < t_end and t_start < end for t_start, t_end in taken):
+            continue
+        taken.append((start, end))
+        mentions.append(Mention(start, end, sentence[start:end], kind))
+    mentions.sort(key=lambda m: m.start)
+    return mentions
+
+
+# -- relations ----------------------------------------------------------------
+
+_E: Final = r"«\d+»"
+# A list of mentions: "A", "A and B", "A, B and C", "A, B, and C". A comma
+# list without "and" is not a list: "In 2015, Acme ..." is not two subjects.
+_LIST: Final = rf"{_E}(?:(?:\s*,\s*{_E})*\s*,?\s+(?:and|&)\s+{_E})?"
+_ADVERB: Final = r"(?:\s+(?:also|later|then|first|jointly|together|eventually|originally|\w+ly))?"
+_BE: Final = r"(?:is|was|are|were|has been|have been|had been|will be|would be|became)"
+_THE: Final = r"(?:(?:the|a|an|its|their|his|her)\s+)?"
+_PREP_DATE: Final = re.compile(r"\b(in|on|since)\s+«(\d+)»")
+_INDEX_RE: Final = re.compile(r"«(\d+)»")
+
+
+def _forms(*words: str) -> str:
+    return "|".join(sorted((re.escape(w).replace(r"\ ", r"\s+") for w in words), key=len)[::-1])
+
+
+# label: (active forms, passive participles, does a date attach to the object?)
+_TRANSITIVE: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]]] = {
+    "founded": (
+        ("founded", "co-founded", "cofounded", "established", "started", "set up"),
+        ("founded", "co-founded", "cofounded", "established", "started", "set up"),
+        True,
+    ),
+    "acquired": (
+        ("acquired", "acquires", "bought", "buys", "purchased", "took over"),
+        ("acquired", "bought", "purchased", "taken over"),
+        True,
+    ),
+    "owns": (("owns", "owned"), ("owned",), False),
+    "created": (("created", "creates"), ("created",), True),
+    "invented": (("invented",), ("invented",), True),
+    "designed": (("designed", "designs"), ("designed",), True),
+    "developed": (("developed", "develops"), ("developed",), True),
+    "built": (("built", "builds"), ("built",), True),
+    "wrote": (("wrote", "writes", "authored"), ("written", "authored"), True),
+    "discovered": (("discovered",), ("discovered",), True),
+    "launched": (("launched", "launches"), ("launched",), True),
+    "released": (("released", "releases"), ("released",), True),
+    "published": (("published", "publishes"), ("published",), True),
+    "makes": (("makes", "made", "manufactures", "manufactured", "produces", "produced"),
+              ("made", "manufactured", "produced"), False),
+    "leads": (("leads", "led", "heads", "headed", "runs", "ran", "manages", "managed",
+               "chairs", "chaired"), ("led", "headed", "run", "managed", "chaired"), False),
+    "joined": (("joined", "joins"), (), False),
+    "married": (("married",), (), False),
+    "won": (("won", "wins"), ("won",), False),
+    "received": (("received", "receives"), (), False),
+    "sold": (("sold", "sells"), ("sold",), True),
+    "funded": (("funded", "funds", "financed", "backed"), ("funded", "financed", "backed"), False),
+    "sued": (("sued", "sues"), ("sued",), False),
+    "employs": (("employs", "employed"), (), False),
+    "replaced": (("replaced", "succeeded"), ("replaced", "succeeded"), False),
+    "supplies": (("supplies", "supplied"), ("supplied",), False),
+    "licensed": (("licensed", "licenses"), ("licensed",), False),
+    "partnered with": (("partnered with", "partners with", "teamed up with"), (), False),
+    "merged with": (("merged with", "merges with"), (), False),
+    "competes with": (("competes with", "competed with", "rivals"), (), False),
+}  # fmt: skip
+
+_PARTICIPLES: Final = {"wrote": "written"}
+
+# label: forms that follow the subject (with or without "is/was"), then the object.
+_PREPOSITIONAL: Final[dict[str, tuple[str, ...]]] = {
+    "located in": (
+        "located in", "based in", "headquartered in", "situated in", "located at", "based at",
+        "headquartered at", "has its headquarters in", "has headquarters in",
+    ),
+    "works for": (
+        "works for", "worked for", "works at", "worked at", "employed by", "employed at",
+        "works with", "worked with",
+    ),
+    "born in": ("born in", "born on"),
+    "died in": ("died in", "died on", "passed away in", "passed away on"),
+    "lives in": ("lives in", "lived in", "resides in", "resided in"),
+    "moved to": ("moved to", "relocated to", "moves to"),
+    "studied at": ("studied at", "graduated from", "studies at", "attended"),
+    "operates in": ("operates in", "operated in", "sells in", "active in"),
+}  # fmt: skip
+
+_SUBJECT_LINK: Final = r"(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
+_AUXILIARY: Final = r"(?:\s+(?:has|have|had|will|would|did|does))?"
+
+
+def _compile_active() -> list[tuple[re.Pattern[str], str]]:
+    patterns = []
+    for label, (active, _, _) in _TRANSITIVE.items():
+        patterns.append((re.compile(
+            rf"(?P<s>{_LIST}){_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*active)})"
+            rf"\s+{_THE}(?P<o>{_LIST})"
+        ), label))  # fmt: skip
+    return patterns
+
+
+def _compile_passive() -> list[tuple[re.Pattern[str], str]]:
+    patterns = []
+    for label, (_, passive, _) in _TRANSITIVE.items():
+        if not passive:
+            continue
+        patterns.append((re.compile(
+            rf"(?P<o>{_LIST})(?:\s*,\s*(?:which|who)|\s+(?:which|that|who))?"
+            rf"(?:\s+{_BE}{_ADVERB}|\s*,)\s+(?P<v>{_forms(*passive)})"
+            rf"(?P<gap>(?:\s+(?:in|on|at|during|around|since)\s+{_THE}{_E})*)"
+            rf"(?:\s+by\s+{_THE}(?P<s>{_LIST}))?"
+        ), label))  # fmt: skip
+    return patterns
+
+
+def _compile_prepositional() -> list[tuple[re.Pattern[str], str]]:
+    patterns = []
+    for label, forms in _PREPOSITIONAL.items():
+        patterns.append((re.compile(
+            rf"(?P<s>{_LIST})(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
+            rf"(?:\s+{_BE}|\s*,)?{_ADVERB}\s+(?P<v>{_forms(*forms)})\s+{_THE}(?P<o>{_LIST})"
+        ), label))  # fmt: skip
+    return patterns
+
+
+# Verbs whose object may be a common noun phrase ("makes rocket skates"):
+# the phrase becomes a concept. Not "acquired" or "founded", whose common-noun
+# objects ("a stake", "the company") say little without their referent.
+_CONCEPT_OBJECT_VERBS: Final = ("makes", "created", "invented", "designed", "developed", "built",
+                                "discovered", "launched", "released", "published", "wrote", "sold")
+
+
+def _compile_concept_objects() -> re.Pattern[str]:
+    forms = [f for label in _CONCEPT_OBJECT_VERBS for f in _TRANSITIVE[label][0]]
+    labels = {f: label for label in _CONCEPT_OBJECT_VERBS for f in _TRANSITIVE[label][0]}
+    assert len(labels) == len(forms)
+    return re.compile(
+        rf"(?P<s>{_LIST}){_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*forms)})"
+        rf"\s+(?:(?:the|a|an|its|their|his|her)\s+)?(?P<np>[a-z][a-z-]*(?:\s+[a-z][a-z-]*){{0,3}}?)"
+        rf"{_NP_STOP}"
+    )
+
+
+_ACTIVE: Final = _compile_active()
+_PASSIVE: Final = _compile_passive()
+_PREPOSITIONS: Final = _compile_prepositional()
+
+_ROLE: Final = r"(?P<role>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*){0,3}?)"
+_ROLE_MODIFIERS: Final = frozenset(
+    {"current", "former", "first", "new", "founding", "then", "sole", "main", "interim", "acting"}
+)
+_ROLE_OF: Final = re.compile(
+    rf"(?P<s>{_LIST})\s+(?:{_BE}|remains|remained|served as|serves as|acts as|acted as|"
+    rf"works as|worked as)\s+{_THE}{_ROLE}\s+(?P<p>of|at|for)\s+{_THE}(?P<o>{_LIST})"
+)
+_ROLE_OF_REVERSED: Final = re.compile(
+    rf"(?:^|\b)(?:[Tt]he|[Ii]ts|[Tt]heir)\s+{_ROLE}\s+(?P<p>of|at)\s+{_THE}(?P<o>{_E})"
+    rf"\s+(?:is|was|has been|had been|remains)\s+(?P<s>{_LIST})"
+)
+_ROLE_APPOSITION: Final = re.compile(
+    rf"(?P<s>{_E})\s*,\s*(?:the|a|an|its|their)\s+{_ROLE}\s+(?P<p>of|at)\s+{_THE}(?P<o>{_E})"
+)
+_ROLE_POSSESSIVE: Final = re.compile(
+    rf"(?P<o>{_E})['’]s\s+(?P<role>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*)?),?\s+(?P<s>{_E})"
+    rf"|(?P<s2>{_E})\s+(?:is|was)\s+(?P<o2>{_E})['’]s\s+(?P<role2>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*)?)"
+)
+_NP_STOP: Final = (
+    r"(?=\s*(?:[,;:.!?()\"“”]|$)|\s+(?:who|which|that|but|in|at|of|for|from|with|based|"
+    r"located|founded|since|by|on|to|whose|where|when|until|after|before|during)\b)"
+)
+_CONCEPT_OBJECTS: Final = _compile_concept_objects()
+_CONCEPT_LABELS: Final = {
+    form.replace(" ", ""): label
+    for label in _CONCEPT_OBJECT_VERBS
+    for form in _TRANSITIVE[label][0]
+}
+_IS_A: Final = re.compile(
+    rf"(?P<s>{_LIST})\s+(?:is|was|are|were|became|remains|remained)\s+(?:a|an|one of the)\s+"
+    rf"(?P<np>[^,;:.!?()«»\"“”]{{1,60}}?){_NP_STOP}"
+)
+_IS_A_APPOSITION: Final = re.compile(
+    rf"(?P<s>{_E})\s*,\s*(?:a|an)\s+(?P<np>[^,;:.!?()«»\"“”]{{1,60}}?){_NP_STOP}"
+)
+_SAME_AS_PAREN: Final = re.compile(rf"(?P<a>{_E})\s*\(\s*(?P<aka>(?:also known as|aka|formerly|"
+                                   rf"or|known as)\s+)?(?P<b>{_E})\s*\)")  # fmt: skip
+_SAME_AS_PHRASE: Final = re.compile(
+    rf"(?P<a>{_E})\s*,?\s+(?:also known as|better known as|known as|formerly known as|"
+    rf"formerly|aka|now known as|renamed)\s+(?P<b>{_E})"
+)
+_COUNT: Final = re.compile(
+    rf"(?P<s>{_E})\s+(?:has|had|have|employs|employed)\s+(?:about\s+|around\s+|over\s+|"
+    rf"more than\s+|nearly\s+|almost\s+|some\s+)?(?P<o>{_E})\s+(?P<unit>employees|staff|"
+    rf"workers|members|customers|users|stores|offices|students|subscribers|locations)\b"
+)
+_PARTICIPLE_FIRST: Final = re.compile(
+    rf"^(?P<v>Founded|Established|Incorporated|Launched|Created)\s+(?P<p>in|on)\s+(?P<d>{_E})"
+    rf"\s*,\s*{_THE}(?P<s>{_E})"
+)
+_BORN_PAREN: Final = re.compile(rf"(?P<s>{_E})\s*\(\s*born\s+(?:on\s+|in\s+)?(?P<o>{_E})")
+_AGENT_KINDS: Final = frozenset({"name", "org", "term", "concept"})
+
+
+def _indexes(text: str) -> list[int]:
+    return [int(i) for i in _INDEX_RE.findall(text)]
+
+
+class _Sentence:
+    """One sentence being extracted: its mentions and the masked text in
+    which each mention is the placeholder ``«index»``."""
+
+    def __init__(self, sentence: str, mentions: list[Mention]) -> None:
+        self.sentence = sentence
+        self.mentions = mentions
+        self.relations: dict[tuple[int, str, int], None] = {}
+        self.same_as: dict[tuple[int, int], None] = {}
+        pieces: list[str] = []
+        # positions[i] is the sentence offset of masked[i] (placeholders map to -1).
+        self.positions: list[int] = []
+        cursor = 0
+        for index, mention in enumerate(mentions):
+            start, end = mention.start, mention.end
+            if mention.kind == "term" and start > cursor and end < len(sentence):
+                # The quotes around a term belong to its placeholder, so that
+                # 'makes the "Roadrunner Trap"' reads like 'makes the «1»'.
+                if sentence[start - 1] in "\"“‘" and sentence[end] in "\"”’":
+                    start, end = start - 1, end + 1
+            pieces.append(sentence[cursor:start])
+            self.positions.extend(range(cursor, start))
+            placeholder = f"«{index}»"
+            pieces.append(placeholder)
+            self.positions.extend([-1] * len(placeholder))
+            cursor = end
+        pieces.append(sentence[cursor:])
+        self.positions.extend(range(cursor, len(sentence)))
+        self.masked = "".join(pieces)
+
+    def kind(self, index: int) -> str:
+        return self.mentions[index].kind
+
+    def add(self, subject: int, predicate: str, obj: int) -> None:
+        if subject != obj:
+            self.relations[(subject, predicate, obj)] = None
+
+    def add_concept(self, start: int, end: int) -> int | None:
+        """A mention for masked[start:end] (which holds no placeholder)."""
+        first, last = self.positions[start], self.positions[end - 1]
+        if first < 0 or last < 0:
+            return None
+        text = self.sentence[first : last + 1]
+        if not text.strip():
+            return None
+        for index, mention in enumerate(self.mentions):
+            if mention.start == first and mention.end == last + 1:
+                return index
+        self.mentions.append(Mention(first, last + 1, text, "concept"))
+        return len(self.mentions) - 1
+
+
+def _date_facts(state: _Sentence, anchor: int, patient: list[int], label: str) -> None:
+    """Attach the nearest "in/on/since DATE" of the sentence to ``patient``."""
+    best: tuple[int, int, str] | None = None
+    for match in _PREP_DATE.finditer(state.masked):
+        index = int(match.group(2))
+        if state.kind(index) != "date":
+            continue
+        distance = abs(match.start() - anchor)
+        if best is None or distance < best[0]:
+            best = (distance, index, match.group(1))
+    if best is None:
+        return
+    _, date, preposition = best
+    suffix = "on" if preposition == "on" else "in"
+    participle = _PARTICIPLES.get(label, label)
+    for p in patient:
+        state.add(p, f"{participle} {suffix}", date)
+
+
+def _agents(state: _Sentence, text: str | None) -> list[int]:
+    if text is None:
+        return []
+    return [i for i in _indexes(text) if state.kind(i) in _AGENT_KINDS]
+
+
+def _relations(state: _Sentence) -> None:
+    masked = state.masked
+    consumed: list[tuple[int, int]] = []
+    for pattern, label in _ACTIVE:
+        for match in pattern.finditer(masked):
+            subjects = _agents(state, match.group("s"))
+            if label == "employs":
+                objects = [i for i in _indexes(match.group("o")) if state.kind(i) != "date"]
+            else:
+                objects = _agents(state, match.group("o"))
+            if not subjects or not objects:
+                continue
+            for s in subjects:
+                for o in objects:
+                    state.add(s, label, o)
+            if _TRANSITIVE[label][2]:
+                _date_facts(state, match.start("v"), objects, label)
+            consumed.append(match.span())
+    for pattern, label in _PASSIVE:
+        for match in pattern.finditer(masked):
+            objects = _agents(state, match.group("o"))
+            if not objects:
+                continue
+            subjects = _agents(state, match.group("s"))
+            for s in subjects:
+                for o in objects:
+                    state.add(s, label, o)
+            if _TRANSITIVE[label][2]:
+                _date_facts(state, match.start("v"), objects, label)
+            consumed.append(match.span())
+    for pattern, label in _PREPOSITIONS:
+        for match in pattern.finditer(masked):
+            subjects = _agents(state, match.group("s"))
+            objects = _indexes(match.group("o"))
+            if label not in ("born in", "died in"):
+                objects = [o for o in objects if state.kind(o) in _AGENT_KINDS]
+            for s in subjects:
+                for o in objects:
+                    predicate = label
+                    if label in ("born in", "died in") and match.group("v").endswith("on"):
+                        predicate = label[:-2] + "on"
+                    state.add(s, predicate, o)
+            consumed.append(match.span())
+    for match in _PARTICIPLE_FIRST.finditer(masked):
+        s, d = int(match.group("s")[1:-1]), int(match.group("d")[1:-1])
+        if state.kind(d) == "date" and state.kind(s) in _AGENT_KINDS:
+            verb = match.group("v").lower()
+            label = "founded" if verb in ("established", "incorporated") else verb
+            state.add(s, f"{label} {match.group('p')}", d)
+    for match in _BORN_PAREN.finditer(masked):
+        s, o = int(match.group("s")[1:-1]), int(match.group("o")[1:-1])
+        if state.kind(o) == "date" and state.kind(s) in _AGENT_KINDS:
+            state.add(s, "born on" if "," in state.mentions[o].text else "born in", o)
+    for pattern in (_ROLE_OF, _ROLE_OF_REVERSED, _ROLE_APPOSITION):
+        for match in pattern.finditer(masked):
+            role = _role(match.group("role"))
+            if role is None:
+                continue
+            predicate = f"{role} {match.group('p')}"
+            for s in _agents(state, match.group("s")):
+                for o in _agents(state, match.group("o")):
+                    state.add(s, predicate, o)
+            consumed.append(match.span())
+    for match in _ROLE_POSSESSIVE.finditer(masked):
+        role = _role(match.group("role") or match.group("role2"))
+        if role is None:
+            continue
+        s = int((match.group("s") or match.group("s2"))[1:-1])
+        o = int((match.group("o") or match.group("o2"))[1:-1])
+        if state.kind(s) in ("name", "org") and state.kind(o) in ("name", "org"):
+            state.add(s, f"{role} of", o)
+            consumed.append(match.span())
+    for match in _COUNT.finditer(masked):
+        s, o = int(match.group("s")[1:-1]), int(match.group("o")[1:-1])
+        if state.kind(o) == "number" and state.kind(s) in _AGENT_KINDS:
+            state.add(s, f"has {match.group('unit')}", o)
+    for match in _CONCEPT_OBJECTS.finditer(masked):
+        subjects = _agents(state, match.group("s"))
+        label = _CONCEPT_LABELS.get(re.sub(r"\s+", "", match.group("v")))
+        if not subjects or label is None:
+            continue
+        np_start, np_end = match.span("np")
+        if match.group("np").split()[0] in STOPWORDS:
+            continue
+        concept = state.add_concept(np_start, np_end)
+        if concept is not None:
+            for s in subjects:
+                state.add(s, label, concept)
+    for pattern in (_IS_A, _IS_A_APPOSITION):
+        for match in pattern.finditer(masked):
+            np_start, np_end = match.span("np")
+            if any(start <= np_start < end for start, end in consumed):
+                continue
+            subjects = _agents(state, match.group("s"))
+            for part_start, part_end in _conjuncts(masked, np_start, np_end):
+                concept = state.add_concept(part_start, part_end)
+                if concept is None:
+                    continue
+                for s in subjects:
+                    state.add(s, "is a", concept)
+    for pattern in (_SAME_AS_PAREN, _SAME_AS_PHRASE):
+        for match in pattern.finditer(masked):
+            a, b = int(match.group("a")[1:-1]), int(match.group("b")[1:-1])
+            if state.kind(a) not in ("name", "org", "term") or state.kind(b) not in (
+                "name",
+                "org",
+                "term",
+            ):
+                continue
+            explicit = pattern is _SAME_AS_PHRASE or match.group("aka")
+            if explicit or _is_acronym(state.mentions[b].text, state.mentions[a].text):
+                state.same_as[(a, b)] = None
+
+
+def _role(text: str) -> str | None:
+    words = text.split()
+    while words and words[0].lower() in _ROLE_MODIFIERS:
+        words = words[1:]
+    if not words or any(w.lower() in STOPWORDS for w in words):
+        return None
+    return " ".join(w if w.isupper() and len(w) > 1 else w.lower() for w in words).lower()
+
+
+def _conjuncts(masked: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Parts of "physicist and chemist", trimmed, without leading articles."""
+    text = masked[start:end]
+    position = 0
+    for piece in re.split(r"(\s+and\s+|\s+or\s+)", text):
+        piece_start = start + position
+        position += len(piece)
+        if re.fullmatch(r"\s+(?:and|or)\s+", piece):
+            continue
+        stripped = piece.strip()
+        offset = piece.find(stripped)
+        article = re.match(r"(?:a|an|the)\s+", stripped)
+        if article:
+            offset += article.end()
+            stripped = stripped[article.end() :]
+        if not stripped or len(stripped.split()) > 5 or stripped.lower() in STOPWORDS:
+            continue
+        yield piece_start + offset, piece_start + offset + len(stripped)
+
+
+def _is_acronym(short: str, long: str) -> bool:
+    letters = [c for c in short if c.isalpha()]
+    if not letters or not all(c.isupper() for c in letters) or len(letters) < 2:
+        return False
+    initials = [w[0].upper() for w in long.split() if w.lower() not in _CONNECTORS and w[0].isalpha()]
+    return letters == initials or (
+        letters[0] == initials[0] and _subsequence(letters, [c for c in long if c.isupper()])
+    )
+
+
+def _subsequence(needle: list[str], haystack: list[str]) -> bool:
+    it = iter(haystack)
+    return all(c in it for c in needle)
+
+
+class RuleExtractor:
+    """The built-in rule-based extractor (see the module docstring)."""
+
+    name: Final = "rules"
+
+    def extract(self, sentences: Sequence[str]) -> list[Extraction]:
+        return [self.extract_one(sentence) for sentence in sentences]
+
+    def extract_one(self, sentence: str) -> Extraction:
+        if _is_title_line(sentence):
+            return Extraction()
+        mentions = _find_mentions(sentence)
+        if not mentions:
+            return Extraction()
+        state = _Sentence(sentence, mentions)
+        _relations(state)
+        return Extraction(
+            mentions=tuple(state.mentions),
+            relations=tuple(Relation(s, p, o) for s, p, o in state.relations),
+            same_as=tuple(state.same_as),
+        )
+
+    def mentions(self, text: str) -> list[Mention]:
+        """Mentions only, title lines included: for finding entities in a question."""
+        return _find_mentions(text)

@@ -1,0 +1,229 @@
+"""qmesh.pg.audit: the statement audit log, on a real SQLite state store."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from qmesh.pg.audit import AuditLog, _Pending, list_audit
+from qmesh.state import StateStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    with StateStore.open(tmp_path / "state.db") as store:
+        yield store
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class CountingAuditLog(AuditLog):
+    """Remembers the size of every batch it writes."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.batches: list[int] = []
+
+    def _write_batch(self, batch: list[_Pending]) -> int:
+        self.batches.append(len(batch))
+        return super()._write_batch(batch)
+
+
+def record(audit: AuditLog, i: int, **overrides: object) -> None:
+    fields: dict[str, object] = {
+        "app": "shop",
+        "alias": "orders",
+        "statement": f"SELECT {i}",
+        "duration_s": 0.0015,
+        "rows": 1,
+        "outcome": "ok",
+    }
+    fields.update(overrides)
+    audit.record(**fields)  # type: ignore[arg-type]
+
+
+async def test_many_records_are_written_in_batches(store: StateStore) -> None:
+    audit = CountingAuditLog(store, batch_size=250)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in range(3000):
+            record(audit, i)
+            if i % 500 == 0:
+                await trio.sleep(0)  # let the writer take what has queued so far
+        with trio.fail_after(30):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert (audit.recorded, audit.written, audit.dropped, audit.failed) == (3000, 3000, 0, 0)
+    assert sum(audit.batches) == 3000
+    assert max(audit.batches) == 250  # many records per transaction, never more than asked
+    assert len(audit.batches) < 100
+    records = list_audit(store, limit=5000)
+    assert len(records) == 3000
+    assert [r.statement for r in records[:2]] == ["SELECT 2999", "SELECT 2998"]  # newest first
+    last = records[0]
+    assert (last.app, last.alias, last.rows, last.outcome) == ("shop", "orders", 1, "ok")
+    assert last.duration_ms == pytest.approx(1.5)
+    assert last.statement_sha256 == sha("SELECT 2999")
+
+
+async def test_hash_mode_stores_only_the_hash(store: StateStore) -> None:
+    audit = AuditLog(store, mode="hash")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1, statement="SELECT secret_column FROM t")
+        record(audit, 2, statement=b"UPDATE t SET x = 1", mode="text")  # per-app override
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    hashed, text = sorted(list_audit(store), key=lambda r: r.id)
+    assert hashed.statement is None
+    assert hashed.statement_sha256 == sha("SELECT secret_column FROM t")
+    assert text.statement == "UPDATE t SET x = 1"
+    raw = b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.is_file())
+    assert b"secret_column" not in raw
+    assert b"UPDATE t SET x = 1" in raw  # the check can see statements that are stored
+
+
+async def test_off_mode_stores_nothing(store: StateStore) -> None:
+    audit = AuditLog(store, mode="off")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in range(10):
+            record(audit, i)
+        record(audit, 99, mode="hash")  # an app whose policy asks for hashes still gets them
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert audit.recorded == 1
+    assert [r.statement for r in list_audit(store)] == [None]
+    with pytest.raises(ValueError, match="audit mode"):
+        AuditLog(store, mode="full")
+    with pytest.raises(ValueError, match="audit mode"):
+        record(audit, 1, mode="bogus")
+
+
+async def test_long_statements_are_truncated_but_hashed_whole(store: StateStore) -> None:
+    audit = AuditLog(store, max_statement_chars=100)
+    long = "SELECT '" + "x" * 5000 + "'"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1, statement=long)
+        record(audit, 2, statement=b"SELECT '\xff'")  # not UTF-8: stored with a replacement
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    first, second = sorted(list_audit(store), key=lambda r: r.id)
+    assert first.statement is not None
+    assert first.statement.startswith(long[:100])
+    assert "[truncated: 5009 characters in all]" in first.statement
+    assert first.statement_sha256 == sha(long)
+    assert second.statement == "SELECT '\ufffd'"
+    assert second.statement_sha256 == hashlib.sha256(b"SELECT '\xff'").hexdigest()
+
+
+async def test_a_full_queue_drops_and_reports_but_never_blocks(store: StateStore) -> None:
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("qmesh.pg.audit").addHandler(handler)
+    # Another connection holds the write lock, as a slow disk or a busy
+    # `qmesh` command would: the writer is stuck, the producer must not be.
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    audit = AuditLog(store, max_queue=20, batch_size=5)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(audit.run)
+            record(audit, 0)
+            await trio.sleep(0.1)  # the writer has taken a batch and waits for the lock
+            for i in range(1, 100):
+                record(audit, i)  # returns at once: the queue is bounded
+            assert audit.dropped == 100 - 1 - audit.max_queue
+            blocker.execute("COMMIT")
+            with trio.fail_after(10):
+                await audit.flush()
+            nursery.cancel_scope.cancel()
+    finally:
+        blocker.close()
+        logging.getLogger("qmesh.pg.audit").removeHandler(handler)
+    assert audit.written == 1 + audit.max_queue
+    assert len(list_audit(store, limit=1000)) == audit.written
+    assert any(f"dropped {audit.dropped} records" in m for m in messages), messages
+
+
+async def test_a_failed_batch_is_counted_and_the_service_goes_on(store: StateStore) -> None:
+    audit = AuditLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1, rows=object())  # sqlite refuses this value: the batch fails
+        with trio.fail_after(10):
+            await audit.flush()
+        record(audit, 2)
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert (audit.failed, audit.written) == (1, 1)
+
+
+async def test_records_from_threads_and_a_final_flush_on_cancel(store: StateStore) -> None:
+    audit = AuditLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in range(3):
+            await trio.to_thread.run_sync(functools.partial(record, audit, i))
+        for i in range(3, 50):
+            record(audit, i)
+        nursery.cancel_scope.cancel()  # before the writer had a chance to run
+    assert audit.written == 50
+    assert len(list_audit(store, limit=100)) == 50
+
+
+def test_records_queued_before_the_service_starts_are_written(store: StateStore) -> None:
+    audit = AuditLog(store)
+    record(audit, 1)
+    thread_done = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(audit.run)
+            with trio.fail_after(10):
+                await audit.flush()
+            thread_done.set()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert thread_done.is_set() and audit.written == 1
+
+
+async def test_list_audit_filters(store: StateStore) -> None:
+    audit = AuditLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1, app="shop", alias="orders")
+        record(audit, 2, app="shop", alias="billing", outcome="error 42P01", rows=None)
+        record(audit, 3, app="etl", alias="orders")
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert [r.statement for r in list_audit(store, app="shop")] == ["SELECT 2", "SELECT 1"]
+    assert [r.statement for r in list_audit(store, alias="orders")] == ["SELECT 3", "SELECT 1"]
+    assert [r.statement for r in list_audit(store, app="shop", alias="billing")] == ["SELECT 2"]
+    assert len(list_audit(store, limit=2)) == 2
+    assert list_audit(store, app="nobody") == []
+    assert list_audit(store, since=1e12) == []
+    error = list_audit(store, alias="billing")[0]
+    assert (error.outcome, error.rows) == ("error 42P01", None)
