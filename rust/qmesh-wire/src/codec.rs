@@ -506,7 +506,8 @@ impl FrameDecoder {
         // a forged header is Tampered and only authentic frames are judged on
         // their sequence number.
         let class = header.class();
-        self.cipher.open(nonce(class, header.seq), &hdr_bytes, &mut frame[..], &tag)?;
+        self.cipher
+            .open(nonce(class, header.seq), &hdr_bytes, &mut frame[..], &tag)?;
 
         let counter = match class {
             FrameClass::Reliable => &mut self.next_reliable,

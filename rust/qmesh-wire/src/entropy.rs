@@ -89,8 +89,8 @@ mod tests {
 
     #[test]
     fn text_and_structured_data_are_compressible() {
-        let json = br#"{"id": 123, "model": "gemma-3-270m", "choices": [{"text": "hello"}]}"#
-            .repeat(64);
+        let json =
+            br#"{"id": 123, "model": "gemma-3-270m", "choices": [{"text": "hello"}]}"#.repeat(64);
         assert!(!looks_incompressible(&json));
         let text = b"The quick brown fox jumps over the lazy dog. ".repeat(100);
         assert!(!looks_incompressible(&text));
