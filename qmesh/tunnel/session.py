@@ -96,6 +96,9 @@ class Session:
         # Receive side.
         self._recv_next = 0
         self._ack_sent = 0
+        # When the oldest unacknowledged reliable frame must be acknowledged
+        # by; None while everything received has been acknowledged.
+        self._ack_deadline: float | None = None
         # Connection.
         self._work = trio.Event()
         self._connection_scope: trio.CancelScope | None = None
@@ -189,6 +192,7 @@ class Session:
         self._connection_error = None
         self._last_heard = trio.current_time()
         self._ack_sent = self._recv_next  # the handshake told the peer
+        self._ack_deadline = None
         self._control.clear()
         self.connections += 1
         try:
@@ -294,7 +298,7 @@ class Session:
                         self._dispatch(frame_type, stream_id, payload)
                         if frame_type < _CONTROL_MIN:
                             self._recv_next = seq + 1
-                            self._wake()
+                self._schedule_ack()
                 data = b""
         except _core.FrameError as exc:
             kind = type(exc).__name__
@@ -352,18 +356,33 @@ class Session:
         if encoder.next_reliable_seq != self._send_next:
             raise AssertionError("resent frames did not end at the next sequence")
 
+    def _schedule_ack(self) -> None:
+        """After a read: make sure the writer acknowledges what arrived, at
+        once if much is unacknowledged, else within ACK_DELAY (so the ACK can
+        ride along with data going the other way)."""
+        unacked = self._recv_next - self._ack_sent
+        if unacked <= 0:
+            return
+        if self._ack_deadline is None:
+            self._ack_deadline = trio.current_time() + ACK_DELAY
+            self._wake()
+        elif unacked >= ACK_EVERY:
+            self._wake()
+
+    def _ack_due(self) -> bool:
+        return self._ack_deadline is not None and (
+            self._recv_next - self._ack_sent >= ACK_EVERY
+            or trio.current_time() >= self._ack_deadline
+        )
+
     async def _wait_for_work(self) -> None:
-        while not (self._pending or self._control or self._recv_next - self._ack_sent >= ACK_EVERY):
+        while not (self._pending or self._control or self._ack_due()):
             if self._work.is_set():
                 self._work = trio.Event()
                 continue
-            if self._recv_next > self._ack_sent:
-                # Something to acknowledge but not much: wait briefly so the
-                # ACK can ride with data, then send it alone.
-                with trio.move_on_after(ACK_DELAY):
+            if self._ack_deadline is not None:
+                with trio.move_on_at(self._ack_deadline):
                     await self._work.wait()
-                if not self._work.is_set():
-                    return
             else:
                 await self._work.wait()
 
@@ -372,6 +391,7 @@ class Session:
         if self._recv_next > self._ack_sent:
             batch.append((FrameType.ACK, 0, encode_u64(self._recv_next)))
             self._ack_sent = self._recv_next
+            self._ack_deadline = None
         batch.extend(self._control)
         self._control.clear()
         size = 0
