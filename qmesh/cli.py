@@ -3,8 +3,9 @@
 For: parsing arguments, loading the configuration, setting up logging, then
 either running roles (``qmesh --role gate``) or one management command
 (``keys``, ``enroll``, ``revoke``, ``identities``, ``apps``, ``up``,
-``version``, ``secrets``, ``audit``). Errors the operator can fix (bad config, missing key, duplicate
-name) print one line on stderr and exit with status 2, without a traceback.
+``version``, ``secrets``, ``audit``, ``memory``). Errors the operator can
+fix (bad config, missing key, duplicate name) print one line on stderr and
+exit with status 2, without a traceback.
 
 Not for: what the roles do (:mod:`qmesh.runner`) or the local cluster
 launcher (:mod:`qmesh.up`); both are imported only when asked for, so the
@@ -38,6 +39,7 @@ from qmesh.identity import (
     write_private_file,
 )
 from qmesh.logs import LEVELS, setup_logging
+from qmesh.memory import cli as memory_cli
 from qmesh.pg.errors import DsnError, PgError
 from qmesh.pg.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.vault import Vault, delete_secret, load_master_key
@@ -205,6 +207,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     rotate_key.set_defaults(handler=_cmd_apps_rotate_key)
     _add_pg_commands(command, common)
+    memory_cli.add_commands(
+        command("memory", "graph memory: add documents, ask questions answered with citations"),
+        common,
+    )
     return parser
 
 

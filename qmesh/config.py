@@ -284,6 +284,10 @@ class MiniGateConfig:
     """From the ``[[minigate.forward]]`` tables."""
     pg_listen: str = "127.0.0.1:11438"
     llm_listen: str = "127.0.0.1:11435"
+    pg_tls_cert: Path | None = None
+    """PEM certificate (chain) for TLS on ``pg_listen``; without it SSLRequest gets 'N'."""
+    pg_tls_key: Path | None = None
+    """PEM private key of ``pg_tls_cert`` (both or neither)."""
 
 
 @attrs.frozen
@@ -982,7 +986,12 @@ def _read_forwards(r: _Reader, t: Mapping[str, object], path: KeyPath) -> tuple[
 def _read_minigate(r: _Reader, root: Mapping[str, object]) -> MiniGateConfig:
     path: KeyPath = ("minigate",)
     t = r.table(root, path)
-    r.check_keys(t, path, ("gate", "credential_file", "forward", "pg_listen", "llm_listen"))
+    r.check_keys(
+        t,
+        path,
+        ("gate", "credential_file", "forward", "pg_listen", "llm_listen")
+        + ("pg_tls_cert", "pg_tls_key"),
+    )
     d = MiniGateConfig()
     result = MiniGateConfig(
         gate=r.address(t, path, "gate", d.gate),
@@ -990,7 +999,14 @@ def _read_minigate(r: _Reader, root: Mapping[str, object]) -> MiniGateConfig:
         forwards=_read_forwards(r, t, path),
         pg_listen=r.address(t, path, "pg_listen", d.pg_listen),
         llm_listen=r.address(t, path, "llm_listen", d.llm_listen),
+        pg_tls_cert=r.path(t, path, "pg_tls_cert"),
+        pg_tls_key=r.path(t, path, "pg_tls_key"),
     )
+    if (result.pg_tls_cert is None) != (result.pg_tls_key is None):
+        given, missing = ("pg_tls_cert", "pg_tls_key")
+        if result.pg_tls_cert is None:
+            given, missing = missing, given
+        raise r.error((*path, given), f"needs minigate.{missing} too (both or neither)")
     # Two MiniGate listeners on one fixed address would fail at bind time
     # with a less helpful message; port 0 never collides.
     seen: dict[tuple[str, int], str] = {}

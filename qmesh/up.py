@@ -23,6 +23,7 @@ from qmesh import __version__
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.gate.auth import ADMIN_APP
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
+from qmesh.pg.masterkey import ensure_master_key
 from qmesh.runner import ROLES, run_roles, run_until_stopped
 from qmesh.state import StateStore
 
@@ -76,6 +77,8 @@ def _app_key(store: StateStore, directory: Path, app_id: str) -> str:
 def prepare(config: Config) -> LocalSetup:
     """Create (or reuse) keys, local credentials and the demo app."""
     keys, _created = GateKeys.load_or_create(config.data_dir)
+    # The vault's master key: the Gate needs it for real database secrets.
+    ensure_master_key(config.data_dir)
     credentials = config.data_dir / "credentials"
     credentials.mkdir(mode=0o700, exist_ok=True)
     # The local edges always dial the port the Gate actually bound (runner);

@@ -59,7 +59,7 @@ async def test_many_records_are_written_in_batches(store: StateStore) -> None:
         for i in range(3000):
             record(audit, i)
             if i % 500 == 0:
-                await trio.sleep(0)  # let the writer take what has queued so far
+                await trio.lowlevel.checkpoint()  # let the writer take what has queued
         with trio.fail_after(30):
             await audit.flush()
         nursery.cancel_scope.cancel()

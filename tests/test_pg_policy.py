@@ -89,9 +89,7 @@ def test_policy_from_the_environment(tmp_path: Path) -> None:
     config = load_config(None, env=env)
     assert policy_for(config, "demo").allows("app1")
     assert policy_for(config, "demo").read_only
-    err = load_error(
-        write(tmp_path, "[gate]\n"), env={"QMESH_GATE__APPS__DEMO__MAX_SESSIONS": "0"}
-    )
+    err = load_error(write(tmp_path, "[gate]\n"), env={"QMESH_GATE__APPS__DEMO__MAX_SESSIONS": "0"})
     assert err.origin == "environment variable QMESH_GATE__APPS__DEMO__MAX_SESSIONS"
     assert err.key == "gate.apps.demo.max_sessions"
 
@@ -127,4 +125,8 @@ def test_bad_app_id_and_shape(tmp_path: Path) -> None:
     err = load_error(write(tmp_path, "[gate]\napps = 3\n"))
     assert (err.line, err.key) == (2, "gate.apps")
     err = load_error(write(tmp_path, "[gate.apps]\ndemo = true\n"))
-    assert (err.line, err.key, err.problem) == (2, "gate.apps.demo", "expected a table, got boolean true")
+    assert (err.line, err.key, err.problem) == (
+        2,
+        "gate.apps.demo",
+        "expected a table, got boolean true",
+    )

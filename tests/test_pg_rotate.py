@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pgcluster import PgCluster
 
 from qmesh.config import Config
 from qmesh.pg.errors import RotationError
@@ -29,11 +30,11 @@ KEY = bytes(range(32))
 class Role:
     """A dedicated login role and database on the shared cluster."""
 
-    def __init__(self, cluster: object) -> None:
+    def __init__(self, cluster: PgCluster) -> None:
         self.cluster = cluster
         self.name = f"rot_{secrets.token_hex(4)}"
         self.password = secrets.token_urlsafe(18)
-        psql = cluster.psql  # type: ignore[attr-defined]
+        psql = cluster.psql
         psql(f"CREATE ROLE {self.name} LOGIN PASSWORD '{self.password}'")
         psql(f"CREATE DATABASE {self.name} OWNER {self.name}")
         # Log every statement this role runs, so the test sees what the
@@ -42,14 +43,14 @@ class Role:
 
     @property
     def dsn(self) -> str:
-        return self.cluster.dsn_for(self.name, self.password, self.name)  # type: ignore[attr-defined]
+        return self.cluster.dsn_for(self.name, self.password, self.name)
 
     def logs_in(self, password: str) -> bool:
         cluster = self.cluster
         try:
             with psycopg.connect(
-                host=cluster.host,  # type: ignore[attr-defined]
-                port=cluster.port,  # type: ignore[attr-defined]
+                host=cluster.host,
+                port=cluster.port,
                 user=self.name,
                 password=password,
                 dbname=self.name,
@@ -62,7 +63,7 @@ class Role:
 
 
 @pytest.fixture
-def role(pg_cluster: object) -> Role:
+def role(pg_cluster: PgCluster) -> Role:
     return Role(pg_cluster)
 
 
@@ -72,9 +73,7 @@ def store(tmp_path: Path) -> Iterator[StateStore]:
         yield store
 
 
-def qmesh(
-    *args: str, tmp_path: Path, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def qmesh(*args: str, tmp_path: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
     env["HOME"] = str(tmp_path / "home")
     env["PYTHONPATH"] = str(REPO)
@@ -99,11 +98,13 @@ def test_scram_verifier_format() -> None:
     assert "pencil" not in verifier
 
 
-def test_secrets_rotate_on_the_real_server(pg_cluster: object, role: Role, tmp_path: Path) -> None:
+def test_secrets_rotate_on_the_real_server(
+    pg_cluster: PgCluster, role: Role, tmp_path: Path
+) -> None:
     assert qmesh("secrets", "init-master-key", tmp_path=tmp_path).returncode == 0
     stored = qmesh("secrets", "set", "db.rot", "--dsn-stdin", tmp_path=tmp_path, stdin=role.dsn)
     assert stored.returncode == 0, stored.stderr
-    log_file: Path = pg_cluster.log_file  # type: ignore[attr-defined]
+    log_file = pg_cluster.log_file
     log_before = log_file.stat().st_size
 
     with psycopg.connect(role.dsn) as before:  # a session opened before the rotation
@@ -127,14 +128,14 @@ def test_secrets_rotate_on_the_real_server(pg_cluster: object, role: Role, tmp_p
     output = rotated.stdout + rotated.stderr + stored.stdout + stored.stderr
     assert role.password not in output and new not in output
     log = log_file.read_bytes()[log_before:].decode(errors="replace")
-    assert f"ALTER ROLE {role.name} PASSWORD 'SCRAM-SHA-256$4096:" in log  # it was logged...
+    assert f'ALTER ROLE "{role.name}" PASSWORD \'SCRAM-SHA-256$4096:' in log  # logged...
     assert new not in log  # ...hashed
     raw = b"".join(p.read_bytes() for p in (tmp_path / "data").iterdir() if p.is_file())
     assert new.encode() not in raw and role.password.encode() not in raw
 
 
 def test_a_second_rotation_and_the_server_keeps_the_verifier(
-    pg_cluster: object, role: Role, store: StateStore
+    pg_cluster: PgCluster, role: Role, store: StateStore
 ) -> None:
     vault = Vault.open(store, KEY)
     vault.set("rot", role.dsn)
@@ -143,9 +144,7 @@ def test_a_second_rotation_and_the_server_keeps_the_verifier(
     assert first.verified and second.verified and first.settled is None
     assert first.secret.password != second.secret.password
     assert role.logs_in(second.secret.password) and not role.logs_in(first.secret.password)
-    stored = pg_cluster.psql(  # type: ignore[attr-defined]
-        f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role.name}'"
-    )
+    stored = pg_cluster.psql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role.name}'")
     assert stored.startswith("SCRAM-SHA-256$4096:")
 
 

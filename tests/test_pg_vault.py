@@ -151,12 +151,12 @@ def test_bad_master_key_in_env(tmp_path: Path, value: str, problem: str) -> None
 
 def test_master_key_file_problems(tmp_path: Path) -> None:
     config = Config(data_dir=tmp_path, gate=GateConfig(master_key_file=tmp_path / "mk"))
-    with pytest.raises(VaultError, match="does not exist.*init-master-key"):
+    with pytest.raises(VaultError, match=r"does not exist.*init-master-key"):
         load_master_key(config, env={})
     path = tmp_path / "mk"
     path.write_text(base64.b64encode(KEY).decode() + "\n")
     os.chmod(path, 0o640)
-    with pytest.raises(VaultError, match="mode 0640.*chmod 600"):
+    with pytest.raises(VaultError, match=r"mode 0640.*chmod 600"):
         load_master_key(config, env={})
     os.chmod(path, 0o600)
     assert load_master_key(config, env={}) == KEY
@@ -241,7 +241,7 @@ def test_a_row_sealed_with_another_key_is_reported(store: StateStore, vault: Vau
     vault.set("orders", f"host=db user=app password={PASSWORD}")
     other = Vault(store, OTHER_KEY)  # bypasses open()'s check, as a mixed vault would
     other.set("billing", f"host=db user=app password={PASSWORD}")
-    with pytest.raises(VaultError, match="'billing'.*wrong master key"):
+    with pytest.raises(VaultError, match=r"'billing'.*wrong master key"):
         vault.get("billing")
 
 

@@ -11,7 +11,10 @@ from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.gate.api import add_routes
 from qmesh.gate.auth import AppAuthenticator
 from qmesh.gate.forward import ForwardService
+from qmesh.gate.pg import PgService
 from qmesh.identity import GateKeys
+from qmesh.memory.api import add_routes as add_memory_routes
+from qmesh.memory.service import Memory
 from qmesh.state import StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelServer
 from qmesh.web.http import Router, serve_http
@@ -45,18 +48,26 @@ async def run_gate(
     keys = GateKeys.load(config.data_dir)
     store = StateStore.open(config.state_db_path)
     try:
+        pg = PgService.from_config(config, store)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
             private_key=keys.private_key,
             authenticate=EnrolledEdges(store).authenticate,
-            services={"forward": ForwardService(config.gate.forward_allow)},
+            services={
+                "forward": ForwardService(config.gate.forward_allow),
+                "pg": pg.serve,
+                "pg-cancel": pg.cancel,
+            },
         )
         router = Router()
-        add_routes(router, server, AppAuthenticator(store))
+        auth = AppAuthenticator(store)
+        add_routes(router, server, auth)
+        add_memory_routes(router, Memory(store), auth)
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)
         async with trio.open_nursery() as nursery:
+            await nursery.start(pg.run)
             bound = await nursery.start(server.serve, host, port)
             http_bound = await nursery.start(serve_http, router, http_host, http_port)
             task_status.started(
@@ -64,6 +75,7 @@ async def run_gate(
                     "tunnel": format_hostport(host, bound),
                     "http": f"http://{format_hostport(http_host, http_bound)}",
                     "server": server,
+                    "pg": pg,
                 }
             )
     finally:

@@ -165,9 +165,7 @@ def add_routes(router: Router, memory: Memory, auth: AppAuthenticator) -> None:
     async def query(request: Request) -> Response:
         await auth.require(request)
         body = _object(request, _QUERY_FIELDS)
-        answer = await _run(
-            functools.partial(memory.ask, body.get("question"), body.get("limit"))
-        )
+        answer = await _run(functools.partial(memory.ask, body.get("question"), body.get("limit")))
         return Response.json(answer.to_json())
 
     router.add("POST", "/v1/memory/documents", add_document)

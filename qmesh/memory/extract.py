@@ -36,6 +36,8 @@ from qmesh.memory.errors import ProvenanceError
 from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
 
 __all__ = [
+    "EVENT_PREDICATES",
+    "TRANSITIVE_FORMS",
     "KINDS",
     "Extraction",
     "Extractor",
@@ -178,16 +180,13 @@ _STARTERS: Final = (
         """.split()
     )
 )
-_ORG_WORDS: Final = (
-    CORPORATE_SUFFIXES
-    | frozenset(
-        """
+_ORG_WORDS: Final = CORPORATE_SUFFIXES | frozenset(
+    """
         university institute college bank group foundation agency association council party
         ministry department school hospital laboratory laboratories labs systems technologies
         industries holdings partners airlines motors press society committee museum library
         church club team fund federation union organization organisation corporation
         """.split()
-    )
 )
 
 
@@ -200,7 +199,7 @@ def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
     first_word = next((i for i, t in enumerate(tokens) if t[2][0].isalnum()), None)
     i = 0
     while i < len(tokens):
-        start, _, text = tokens[i]
+        text = tokens[i][2]
         if not (_is_capitalised(text) and text[0].isalpha()):
             i += 1
             continue
@@ -257,7 +256,7 @@ def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
         if not words:
             continue
         span_start = words[0][0]
-        last_start, last_end, last = words[-1]
+        _, last_end, last = words[-1]
         if last.endswith(("'s", "’s")):
             last_end -= 2
         elif last.endswith(".") and not _keeps_period(last):
@@ -284,7 +283,7 @@ def _name_kind(text: str) -> str:
 
 def _is_title_line(sentence: str) -> bool:
     """A heading: no terminal punctuation and every word capitalised or a function word."""
-    if sentence.rstrip()[-1:] in ".!?:;\"”)":
+    if sentence.rstrip()[-1:] in '.!?:;"”)':
         return False
     tokens = re.findall(r"[^\W\d_][\w'’-]*", sentence)
     if not tokens or len(tokens) > 10:
@@ -386,6 +385,18 @@ _TRANSITIVE: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]]] = {
 
 _PARTICIPLES: Final = {"wrote": "written"}
 
+TRANSITIVE_FORMS: Final = {
+    form: label for label, (active, passive, _) in _TRANSITIVE.items() for form in (*active, *passive)
+}
+"""Every verb form of the transitive predicates ("bought", "acquires") → its label ("acquired")."""
+EVENT_PREDICATES: Final = {
+    f"{_PARTICIPLES.get(label, label)} {preposition}": label
+    for label, (_, _, dated) in _TRANSITIVE.items()
+    if dated
+    for preposition in ("in", "on")
+}
+"""Date predicates ("founded in") → the transitive label whose object they date ("founded")."""
+
 # label: forms that follow the subject (with or without "is/was"), then the object.
 _PREPOSITIONAL: Final[dict[str, tuple[str, ...]]] = {
     "located in": (
@@ -404,6 +415,12 @@ _PREPOSITIONAL: Final[dict[str, tuple[str, ...]]] = {
     "operates in": ("operates in", "operated in", "sells in", "active in"),
 }  # fmt: skip
 
+# "Red Hat, based in Raleigh, makes ..." and "Hank Scorpio, the CEO of
+# Globex, founded ...": an apposition between a subject and its verb.
+_APPOSITION: Final = (
+    r"(?:\s*,\s*(?:based|located|headquartered|founded|established|born|a|an|the|its|their|"
+    r"his|her|now|formerly|also)\b[^,;()]*,)?"
+)
 _SUBJECT_LINK: Final = r"(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
 _AUXILIARY: Final = r"(?:\s+(?:has|have|had|will|would|did|does))?"
 
@@ -412,7 +429,7 @@ def _compile_active() -> list[tuple[re.Pattern[str], str]]:
     patterns = []
     for label, (active, _, _) in _TRANSITIVE.items():
         patterns.append((re.compile(
-            rf"(?P<s>{_LIST}){_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*active)})"
+            rf"(?P<s>{_LIST}){_APPOSITION}{_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*active)})"
             rf"\s+{_THE}(?P<o>{_LIST})"
         ), label))  # fmt: skip
     return patterns
@@ -445,8 +462,20 @@ def _compile_prepositional() -> list[tuple[re.Pattern[str], str]]:
 # Verbs whose object may be a common noun phrase ("makes rocket skates"):
 # the phrase becomes a concept. Not "acquired" or "founded", whose common-noun
 # objects ("a stake", "the company") say little without their referent.
-_CONCEPT_OBJECT_VERBS: Final = ("makes", "created", "invented", "designed", "developed", "built",
-                                "discovered", "launched", "released", "published", "wrote", "sold")
+_CONCEPT_OBJECT_VERBS: Final = (
+    "makes",
+    "created",
+    "invented",
+    "designed",
+    "developed",
+    "built",
+    "discovered",
+    "launched",
+    "released",
+    "published",
+    "wrote",
+    "sold",
+)
 
 
 def _compile_concept_objects() -> re.Pattern[str]:
@@ -454,7 +483,7 @@ def _compile_concept_objects() -> re.Pattern[str]:
     labels = {f: label for label in _CONCEPT_OBJECT_VERBS for f in _TRANSITIVE[label][0]}
     assert len(labels) == len(forms)
     return re.compile(
-        rf"(?P<s>{_LIST}){_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*forms)})"
+        rf"(?P<s>{_LIST}){_APPOSITION}{_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*forms)})"
         rf"\s+(?:(?:the|a|an|its|their|his|her)\s+)?(?P<np>[a-z][a-z-]*(?:\s+[a-z][a-z-]*){{0,3}}?)"
         rf"{_NP_STOP}"
     )
@@ -541,7 +570,7 @@ class _Sentence:
             if mention.kind == "term" and start > cursor and end < len(sentence):
                 # The quotes around a term belong to its placeholder, so that
                 # 'makes the "Roadrunner Trap"' reads like 'makes the «1»'.
-                if sentence[start - 1] in "\"“‘" and sentence[end] in "\"”’":
+                if sentence[start - 1] in '"“‘' and sentence[end] in '"”’':
                     start, end = start - 1, end + 1
             pieces.append(sentence[cursor:start])
             self.positions.extend(range(cursor, start))
@@ -678,8 +707,8 @@ def _relations(state: _Sentence) -> None:
             state.add(s, f"has {match.group('unit')}", o)
     for match in _CONCEPT_OBJECTS.finditer(masked):
         subjects = _agents(state, match.group("s"))
-        label = _CONCEPT_LABELS.get(re.sub(r"\s+", "", match.group("v")))
-        if not subjects or label is None:
+        verb = _CONCEPT_LABELS.get(re.sub(r"\s+", "", match.group("v")))
+        if not subjects or verb is None:
             continue
         np_start, np_end = match.span("np")
         if match.group("np").split()[0] in STOPWORDS:
@@ -687,7 +716,7 @@ def _relations(state: _Sentence) -> None:
         concept = state.add_concept(np_start, np_end)
         if concept is not None:
             for s in subjects:
-                state.add(s, label, concept)
+                state.add(s, verb, concept)
     for pattern in (_IS_A, _IS_A_APPOSITION):
         for match in pattern.finditer(masked):
             np_start, np_end = match.span("np")
@@ -747,7 +776,9 @@ def _is_acronym(short: str, long: str) -> bool:
     letters = [c for c in short if c.isalpha()]
     if not letters or not all(c.isupper() for c in letters) or len(letters) < 2:
         return False
-    initials = [w[0].upper() for w in long.split() if w.lower() not in _CONNECTORS and w[0].isalpha()]
+    initials = [
+        w[0].upper() for w in long.split() if w.lower() not in _CONNECTORS and w[0].isalpha()
+    ]
     return letters == initials or (
         letters[0] == initials[0] and _subsequence(letters, [c for c in long if c.isupper()])
     )

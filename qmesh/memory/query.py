@@ -33,6 +33,7 @@ from typing import Any, Final
 import attrs
 
 from qmesh.memory.errors import InvalidQuestion
+from qmesh.memory.extract import EVENT_PREDICATES, TRANSITIVE_FORMS, RuleExtractor
 from qmesh.memory.store import EntityRef, Fact, MemoryStore, StoredSentence
 from qmesh.memory.terms import QUESTION_WORDS, STOPWORDS, content_stems, entity_key, stem
 
@@ -178,10 +179,14 @@ class Answer:
 class _Question:
     groups: tuple[tuple[EntityRef, ...], ...]
     """One group per entity named in the question: the entities it may mean."""
+    roles: tuple[str | None, ...]
+    """Per group: "subject" or "object" of the question's verb, when it has one."""
+    verb: str | None
+    """The transitive predicate the question asks about ("acquired"), if any."""
     terms: frozenset[str]
     """Content stems not used up by entity names."""
-    unknown: frozenset[str]
-    """Stems of capitalised words that name nothing the memory knows."""
+    unknown: tuple[str, ...]
+    """Names in the question (lower-cased) that name nothing the memory knows."""
     search: tuple[str, ...]
     wh: str | None
 
@@ -202,10 +207,15 @@ def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT) -> Answer
     """Answer ``question`` from the memory in ``store`` (see the module docstring)."""
     question, limit = check_question(question, limit)
     tokens = [(m.start(), m.end(), m.group().rstrip(".")) for m in _TOKEN_RE.finditer(question)]
+    names = [
+        (m.start, m.end)
+        for m in _QUESTION_EXTRACTOR.mentions(question)
+        if m.kind in ("name", "org", "term")
+    ]
     with store.reader() as reader:
-        spans = _candidate_spans(question, tokens)
+        spans = _candidate_spans(question, tokens, names)
         known = reader.entities_by_key({key for _, _, key in spans})
-        parsed = _parse(tokens, spans, known)
+        parsed = _parse(question, tokens, spans, known, names)
         entity_ids = {e.id for group in parsed.groups for e in group}
         facts = {f.relation_id: f for f in reader.facts_about(entity_ids, _NEIGHBOURHOOD)}
         candidates = set(reader.sentences_mentioning(entity_ids, _MENTIONS))
@@ -222,11 +232,17 @@ def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT) -> Answer
 
 # -- the question ---------------------------------------------------------------
 
+_QUESTION_EXTRACTOR: Final = RuleExtractor()
+_BE: Final = frozenset({"is", "was", "are", "were", "been", "being", "be"})
+_VERB_STEMS: Final = {stem(f): label for f, label in TRANSITIVE_FORMS.items() if " " not in f}
+
 
 def _candidate_spans(
-    question: str, tokens: Sequence[tuple[int, int, str]]
+    question: str, tokens: Sequence[tuple[int, int, str]], names: Sequence[tuple[int, int]]
 ) -> list[tuple[int, int, str]]:
-    """(first token, last token + 1, key) for every span that could name an entity."""
+    """(first token, last token + 1, key) for every span that could name an
+    entity. A span may not cut through a capitalised name of the question:
+    "Aperture Robotics" is looked up whole, never as "Aperture"."""
     spans = []
     for i in range(len(tokens)):
         for j in range(i + 1, min(len(tokens), i + _MAX_NGRAM) + 1):
@@ -235,19 +251,26 @@ def _candidate_spans(
                 continue
             if words[0] in QUESTION_WORDS or words[-1] in STOPWORDS:
                 continue
-            key = entity_key(question[tokens[i][0] : tokens[j - 1][1]])
+            start, end = tokens[i][0], tokens[j - 1][1]
+            if any(start < n_end and n_start < end and (start, end) != (n_start, n_end)
+                   for n_start, n_end in names):  # fmt: skip
+                continue
+            key = entity_key(question[start:end])
             if key:
                 spans.append((i, j, key))
     return spans
 
 
 def _parse(
+    question: str,
     tokens: Sequence[tuple[int, int, str]],
     spans: Sequence[tuple[int, int, str]],
     known: dict[str, list[EntityRef]],
+    names: Sequence[tuple[int, int]],
 ) -> _Question:
     used = [False] * len(tokens)
     groups: list[tuple[EntityRef, ...]] = []
+    places: list[tuple[int, int]] = []
     # Longest names first: "Jane Doe" before "Doe".
     for i, j, key in sorted(spans, key=lambda s: (s[0] - s[1], s[0])):
         refs = known.get(key)
@@ -257,10 +280,14 @@ def _parse(
             used[k] = True
         if tuple(refs) not in groups:
             groups.append(tuple(refs))
+            places.append((i, j))
+    resolved = {(tokens[i][0], tokens[j - 1][1]) for i, j in places}
+    unknown = tuple(question[a:b].lower() for a, b in names if (a, b) not in resolved)
     terms: set[str] = set()
-    unknown: set[str] = set()
     search: list[str] = []
     wh = None
+    verb: str | None = None
+    verb_at = -1
     for index, (_, _, word) in enumerate(tokens):
         lower = word.lower()
         if wh is None and lower in ("who", "whom", "whose", "when", "where", "which", "what"):
@@ -274,9 +301,21 @@ def _parse(
             continue
         stemmed = stem(lower)
         terms.add(stemmed)
-        if word[:1].isupper() and index > 0:
-            unknown.add(stemmed)
-    return _Question(tuple(groups), frozenset(terms), frozenset(unknown), tuple(search), wh)
+        if verb is None and stemmed in _VERB_STEMS:
+            verb, verb_at = _VERB_STEMS[stemmed], index
+    roles: list[str | None] = []
+    passive = verb is not None and any(t[2].lower() in _BE for t in tokens[:verb_at])
+    for i, _ in places:
+        if verb is None:
+            roles.append(None)
+            continue
+        before = i < verb_at
+        # "What did Acme acquire?" asks about the subject; "Who acquired
+        # Acme?" and "When was Acme acquired?" about the object.
+        roles.append("subject" if before != passive else "object")
+    return _Question(
+        tuple(groups), tuple(roles), verb, frozenset(terms), unknown, tuple(search), wh
+    )
 
 
 # -- scoring and assembly ---------------------------------------------------------
@@ -296,6 +335,32 @@ def _wants(wh: str | None, kinds: Iterable[str]) -> bool:
     if wh in ("who", "where"):
         return bool(kinds & {"name", "org"})
     return True
+
+
+def _roles_agree(parsed: _Question, facts: Sequence[Fact]) -> bool:
+    """False when the sentence's facts about the question's verb all have
+    the question's entities the other way round ("Acme was acquired by
+    Globex" does not answer "What did Acme acquire?"). True when it has no
+    such fact: then only its words can be judged."""
+    if parsed.verb is None:
+        return True
+    about_verb = False
+    for fact in facts:
+        if fact.predicate == parsed.verb:
+            holders = {"subject": fact.subject.id, "object": fact.object.id}
+        elif EVENT_PREDICATES.get(fact.predicate) == parsed.verb:
+            holders = {"object": fact.subject.id}  # "Acme founded in 1998": Acme was founded
+        else:
+            continue
+        involved = False
+        for group, role in zip(parsed.groups, parsed.roles, strict=True):
+            ids = {e.id for e in group}
+            if ids & {fact.subject.id, fact.object.id}:
+                involved = True
+                if role is not None and holders.get(role) in ids:
+                    return True
+        about_verb = about_verb or involved
+    return not about_verb
 
 
 @attrs.frozen
@@ -324,6 +389,7 @@ def _score(
             predicate_stems |= _predicate_stems(fact.predicate)
             linked = linked or bool(parsed.terms & _predicate_stems(fact.predicate))
     covered = {t for t in parsed.terms if t in stems or t in predicate_stems}
+    text = sentence.text.lower()
     other_kinds = [kind for eid, kind in mentioned.items() if eid not in all_ids]
     wh_ok = _wants(parsed.wh, other_kinds)
     entity_share = covered_groups / len(group_ids) if group_ids else 0.0
@@ -333,7 +399,8 @@ def _score(
         supported = covered_groups == len(group_ids) and len(covered) >= need
     else:
         supported = bool(parsed.terms) and covered == parsed.terms
-    supported = supported and parsed.unknown <= stems
+    supported = supported and all(name in text for name in parsed.unknown)
+    supported = supported and _roles_agree(parsed, facts)
     if parsed.terms:
         supported = supported and wh_ok
     score = (
@@ -366,9 +433,7 @@ def _assemble(
         for seq, s in sentences.items()
     ]  # fmt: skip
     order = {seq: (s.document_id, s.start) for seq, s in sentences.items()}
-    supported = sorted(
-        (s for s in scored if s.supported), key=lambda s: (-s.score, order[s.seq])
-    )
+    supported = sorted((s for s in scored if s.supported), key=lambda s: (-s.score, order[s.seq]))
     chosen: list[int] = []
     if supported:
         best = supported[0].score
@@ -404,7 +469,9 @@ def _assemble(
     ranked = _rank_facts(parsed, facts, set(chosen))[:limit]
     views = []
     for fact in ranked:
-        cites = tuple(_citation(number(seq), sentences[seq]) for seq in fact.support if seq in sentences)
+        cites = tuple(
+            _citation(number(seq), sentences[seq]) for seq in fact.support if seq in sentences
+        )
         views.append(
             FactView(fact.subject.name, fact.subject.kind, fact.predicate, fact.object.name,
                      fact.object.kind, cites)

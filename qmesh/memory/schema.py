@@ -205,10 +205,13 @@ MIGRATION: Final[tuple[str, ...]] = (
     BEGIN
         DELETE FROM memory_relations
         WHERE id = OLD.relation_id
-          AND NOT EXISTS (SELECT 1 FROM memory_relation_support WHERE relation_id = OLD.relation_id);
+          AND NOT EXISTS (
+              SELECT 1 FROM memory_relation_support WHERE relation_id = OLD.relation_id
+          );
         UPDATE memory_relations
         SET anchor_seq = (
-            SELECT min(sentence_seq) FROM memory_relation_support WHERE relation_id = OLD.relation_id
+            SELECT min(sentence_seq) FROM memory_relation_support
+            WHERE relation_id = OLD.relation_id
         )
         WHERE id = OLD.relation_id AND anchor_seq = OLD.sentence_seq;
     END

@@ -78,7 +78,9 @@ def split_sentences(document_id: str, text: str) -> list[Sentence]:
     sentences = []
     for start, end in _spans(text):
         sentence = text[start:end]
-        sentences.append(Sentence(sentence_id(document_id, start, end, sentence), start, end, sentence))
+        sentences.append(
+            Sentence(sentence_id(document_id, start, end, sentence), start, end, sentence)
+        )
     return sentences
 
 

@@ -253,7 +253,7 @@ class MemoryReader:
         if row is None:
             raise DocumentNotFound(f"no document with id {document_id!r}")
         sentences = [
-            StoredSentence(*r, title=row[1])
+            StoredSentence(r[0], r[1], r[2], r[3], r[4], r[5], title=row[1])
             for r in self.conn.execute(
                 "SELECT seq, id, document_id, char_start, char_end, text FROM memory_sentences"
                 " WHERE document_id = ? ORDER BY char_start",
@@ -609,7 +609,10 @@ def _merge(conn: sqlite3.Connection, keep: int, drop: int) -> None:
 
 
 def _delete(conn: sqlite3.Connection, document_id: str) -> DeleteReport:
-    if conn.execute("SELECT 1 FROM memory_documents WHERE id = ?", (document_id,)).fetchone() is None:
+    if (
+        conn.execute("SELECT 1 FROM memory_documents WHERE id = ?", (document_id,)).fetchone()
+        is None
+    ):
         raise DocumentNotFound(f"no document with id {document_id!r}")
     sentences = conn.execute(
         "SELECT count(*) FROM memory_sentences WHERE document_id = ?", (document_id,)
@@ -659,7 +662,9 @@ def _relabel(conn: sqlite3.Connection, entity_ids: Sequence[int]) -> None:
     commonest remaining mention (merging into the entity that already has
     that key, if one does), so that every entity's name has a source."""
     for entity in entity_ids:
-        row: Any = conn.execute("SELECT key FROM memory_entities WHERE id = ?", (entity,)).fetchone()
+        row: Any = conn.execute(
+            "SELECT key FROM memory_entities WHERE id = ?", (entity,)
+        ).fetchone()
         if row is None:
             continue
         if conn.execute(

@@ -92,7 +92,7 @@ def stem(word: str) -> str:
                     if word[-1] not in "lsz":
                         word = word[:-1]
                 break
-    if len(word) > 4 and word.endswith("e"):
+    if len(word) > 3 and word.endswith("e"):
         word = word[:-1]
     return word
 

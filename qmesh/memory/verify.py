@@ -12,8 +12,11 @@ composed text into sentences and keeps a sentence only if
   is an invented citation, and the sentence goes),
 * at least one of its sources is still stored with the same id and exactly
   the same text (a source deleted meanwhile, or altered, does not count),
-* and, unless ``min_overlap`` is 0, enough of its content words appear in
-  the sentences it cites: a marker on an unrelated claim is not support.
+* every number it states (a year, an amount) appears in the sentences it
+  cites,
+* and, unless ``min_overlap`` is 0, at least that share of its content
+  words (stems) appear in the sentences it cites: a marker on an unrelated
+  claim is not support.
 
 Not for: calling the LLM (the capability router that would reach
 ``qg://task=extract`` and composition is not part of the mesh yet), or
@@ -35,8 +38,9 @@ from qmesh.memory.terms import content_stems
 
 __all__ = ["CheckedSentence", "Source", "VerifiedAnswer", "verify_answer"]
 
-DEFAULT_MIN_OVERLAP: Final = 0.5
+DEFAULT_MIN_OVERLAP: Final = 0.75
 _MARKER_RE: Final = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_NUMBER_RE: Final = re.compile(r"\d+(?:[.,]\d+)*")
 _LEADING_MARKERS_RE: Final = re.compile(r"^(?:\s*\[\d+(?:\s*,\s*\d+)*\])+")
 
 
@@ -136,11 +140,14 @@ def _problem(
     stored = [n for n in cites if n in valid]
     if not stored:
         return "cites only sources that are no longer stored as given"
+    claim_text = _MARKER_RE.sub(" ", text)
+    support_text = " ".join(given[n].text for n in stored)
+    numbers = set(_NUMBER_RE.findall(claim_text)) - set(_NUMBER_RE.findall(support_text))
+    if numbers:
+        return f"states {', '.join(sorted(numbers))}, which the sentences it cites do not"
     if min_overlap > 0:
-        claim = set(content_stems(_MARKER_RE.sub(" ", text))) - {str(n) for n in cites}
-        support: set[str] = set()
-        for n in stored:
-            support.update(content_stems(given[n].text))
+        claim = set(content_stems(claim_text))
+        support = set(content_stems(support_text))
         if claim and len(claim & support) / len(claim) < min_overlap:
             return "says more than the sentences it cites"
     return None

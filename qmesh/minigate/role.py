@@ -9,6 +9,7 @@ import trio
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.identity import load_credential
 from qmesh.minigate.forward import serve_forward
+from qmesh.minigate.pg import serve_pg, tls_context
 from qmesh.tunnel import TunnelClient
 
 
@@ -24,6 +25,15 @@ async def run_minigate(
         raise ConfigError("minigate.credential_file is required (see `qmesh enroll minigate`)")
     credential = load_credential(config.minigate.credential_file)
     address = gate_address or parse_hostport(config.minigate.gate)
+    pg_tls = None
+    if config.minigate.pg_tls_cert is not None and config.minigate.pg_tls_key is not None:
+        try:
+            pg_tls = tls_context(config.minigate.pg_tls_cert, config.minigate.pg_tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"cannot use {config.minigate.pg_tls_cert} / {config.minigate.pg_tls_key}: {exc}",
+                key="minigate.pg_tls_cert",
+            ) from None
     client = TunnelClient(
         config.tunnel,
         name=credential.name,
@@ -39,11 +49,18 @@ async def run_minigate(
             host, _ = parse_hostport(forward.listen)
             port = await nursery.start(serve_forward, client, forward.listen, forward.target)
             forwards.append({"listen": format_hostport(host, port), "target": forward.target})
+        pg_host, _ = parse_hostport(config.minigate.pg_listen)
+        pg_port = await nursery.start(
+            lambda task_status: serve_pg(
+                client, config.minigate.pg_listen, tls=pg_tls, task_status=task_status
+            )
+        )
         task_status.started(
             {
                 "name": credential.name,
                 "gate": format_hostport(*address),
                 "forwards": forwards,
+                "pg": format_hostport(pg_host, pg_port),
                 "client": client,
             }
         )

@@ -25,13 +25,20 @@ pub mod auth {
 pub enum Authentication<'a> {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
+    Md5Password {
+        salt: [u8; 4],
+    },
     /// The mechanisms the server offers, in its order of preference.
-    Sasl { mechanisms: Vec<&'a str> },
+    Sasl {
+        mechanisms: Vec<&'a str>,
+    },
     SaslContinue(&'a [u8]),
     SaslFinal(&'a [u8]),
     /// Kerberos, GSSAPI, SSPI: nothing qmesh speaks.
-    Other { code: i32, data: &'a [u8] },
+    Other {
+        code: i32,
+        data: &'a [u8],
+    },
 }
 
 /// One column of a RowDescription.
@@ -393,7 +400,11 @@ mod tests {
     fn error_fields_round_trip() {
         let raw = encode::error_response(
             b'E',
-            &[(b'S', "ERROR"), (b'C', "28P01"), (b'M', "password authentication failed")],
+            &[
+                (b'S', "ERROR"),
+                (b'C', "28P01"),
+                (b'M', "password authentication failed"),
+            ],
         )
         .unwrap();
         let fields = notice_fields(&raw[5..]).unwrap();

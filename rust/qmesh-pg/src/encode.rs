@@ -100,14 +100,18 @@ pub fn startup_message(version: u32, params: &[(&str, &str)]) -> Result<Vec<u8>>
     let mut body = Body::new();
     for (name, value) in params {
         if name.is_empty() {
-            return Err(Error::InvalidArgument("empty startup parameter name".into()));
+            return Err(Error::InvalidArgument(
+                "empty startup parameter name".into(),
+            ));
         }
         body.cstr(name.as_bytes())?.cstr(value.as_bytes())?;
     }
     body.u8(0);
     let rest = body.into_inner();
     if rest.len() + 8 > crate::startup::MAX_STARTUP_PACKET {
-        return Err(Error::InvalidArgument("startup packet over 10000 bytes".into()));
+        return Err(Error::InvalidArgument(
+            "startup packet over 10000 bytes".into(),
+        ));
     }
     Ok(untagged(version, &rest))
 }
@@ -220,7 +224,9 @@ pub fn parameter_status(name: &[u8], value: &[u8]) -> Result<Vec<u8>> {
 
 pub fn ready_for_query(status: u8) -> Result<Vec<u8>> {
     if !matches!(status, b'I' | b'T' | b'E') {
-        return Err(Error::InvalidArgument("status must be 'I', 'T' or 'E'".into()));
+        return Err(Error::InvalidArgument(
+            "status must be 'I', 'T' or 'E'".into(),
+        ));
     }
     message(b'Z', &[status])
 }

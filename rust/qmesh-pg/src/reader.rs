@@ -27,7 +27,10 @@ impl<'a> Reader<'a> {
     }
 
     fn short(&self, field: &str) -> crate::Error {
-        malformed(format!("{}: {field} runs past the end of the message", self.what))
+        malformed(format!(
+            "{}: {field} runs past the end of the message",
+            self.what
+        ))
     }
 
     /// The next `n` bytes.
@@ -117,7 +120,10 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         if len < 0 {
-            return Err(malformed(format!("{}: negative length of {field}", self.what)));
+            return Err(malformed(format!(
+                "{}: negative length of {field}",
+                self.what
+            )));
         }
         Ok(Some(self.bytes(len as usize, field)?))
     }

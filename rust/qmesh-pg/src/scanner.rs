@@ -488,7 +488,12 @@ mod tests {
                 sink.events.iter().map(|e| (e.0, e.1.len(), e.2)).collect();
             assert_eq!(
                 got,
-                vec![(b'B', 13, false), (b'E', 10, true), (b'Q', 14, true), (b'S', 5, true)]
+                vec![
+                    (b'B', 13, false),
+                    (b'E', 10, true),
+                    (b'Q', 14, true),
+                    (b'S', 5, true)
+                ]
             );
         }
     }
@@ -512,7 +517,9 @@ mod tests {
     fn unknown_type_and_short_length() {
         let mut s = scanner(Direction::Frontend, b"", b"", false);
         let err = s.feed(b"Z\0\0\0\x04", &mut Collect::default()).unwrap_err();
-        assert!(err.to_string().contains("invalid frontend message type 'Z'"));
+        assert!(err
+            .to_string()
+            .contains("invalid frontend message type 'Z'"));
         let mut s = scanner(Direction::Backend, b"", b"", false);
         let err = s.feed(b"Z\0\0\0\x03", &mut Collect::default()).unwrap_err();
         assert!(matches!(err, Error::Malformed(_)));
@@ -541,7 +548,11 @@ mod tests {
             s.feed(&chunk, &mut sink).unwrap();
             assert_eq!(s.buffered(), 0);
         }
-        s.feed(&vec![0u8; (length as usize - 4) - 199 * (1 << 20)], &mut sink).unwrap();
+        s.feed(
+            &vec![0u8; (length as usize - 4) - 199 * (1 << 20)],
+            &mut sink,
+        )
+        .unwrap();
         s.feed(b"Z\0\0\0\x05I", &mut sink).unwrap();
         assert_eq!(sink.events.len(), 1);
         assert_eq!(s.messages(), 2);
@@ -558,7 +569,11 @@ mod tests {
         s.feed(b"select", &mut sink).unwrap();
         let held = s.buffered();
         assert_eq!(held, 11);
-        if let Some(Current { body: Body::Full(buf), .. }) = &s.current {
+        if let Some(Current {
+            body: Body::Full(buf),
+            ..
+        }) = &s.current
+        {
             assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
         } else {
             panic!("not collecting");

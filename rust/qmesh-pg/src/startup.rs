@@ -58,7 +58,9 @@ pub fn parse_startup(buf: &[u8], max_length: usize) -> Result<Option<(Startup<'_
         });
     }
     if length < 8 {
-        return Err(malformed(format!("startup packet length {length} is below 8")));
+        return Err(malformed(format!(
+            "startup packet length {length} is below 8"
+        )));
     }
     if buf.len() < length {
         return Ok(None);
@@ -118,7 +120,11 @@ mod tests {
     fn startup_message_round_trips() {
         let raw = encode::startup_message(
             PROTOCOL_3_0,
-            &[("user", "app"), ("database", "db"), ("application_name", "é")],
+            &[
+                ("user", "app"),
+                ("database", "db"),
+                ("application_name", "é"),
+            ],
         )
         .unwrap();
         let (packet, used) = parse_startup(&raw, MAX_STARTUP_PACKET).unwrap().unwrap();
@@ -127,7 +133,11 @@ mod tests {
             packet,
             Startup::StartupMessage {
                 version: PROTOCOL_3_0,
-                params: vec![("user", "app"), ("database", "db"), ("application_name", "é")],
+                params: vec![
+                    ("user", "app"),
+                    ("database", "db"),
+                    ("application_name", "é")
+                ],
             }
         );
         // Every proper prefix is incomplete, never an error.
@@ -186,12 +196,18 @@ mod tests {
         assert!(matches!(parse_startup(&v2, 100), Err(Error::Malformed(_))));
         // SSLRequest with a body.
         let bad_ssl = [0, 0, 0, 9, 0x04, 0xd2, 0x16, 0x2f, 0];
-        assert!(matches!(parse_startup(&bad_ssl, 100), Err(Error::Malformed(_))));
+        assert!(matches!(
+            parse_startup(&bad_ssl, 100),
+            Err(Error::Malformed(_))
+        ));
         // Invalid UTF-8 in a name.
         let bad = [0, 0, 0, 12, 0, 3, 0, 0, 0xff, 0, 0, 0];
         assert!(matches!(parse_startup(&bad, 100), Err(Error::Malformed(_))));
         // A cancel key that is too short.
         let short = [0, 0, 0, 14, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0];
-        assert!(matches!(parse_startup(&short, 100), Err(Error::Malformed(_))));
+        assert!(matches!(
+            parse_startup(&short, 100),
+            Err(Error::Malformed(_))
+        ));
     }
 }

@@ -93,7 +93,10 @@ impl<'py> PySink<'py> {
     fn flush(&mut self) -> PyResult<()> {
         if !self.pending.is_empty() {
             let run = PyBytes::new(self.py, &self.pending);
-            self.events.push(PyTuple::new(self.py, [0u8.into_pyobject(self.py)?.into_any(), run.into_any()])?);
+            self.events.push(PyTuple::new(
+                self.py,
+                [0u8.into_pyobject(self.py)?.into_any(), run.into_any()],
+            )?);
             self.pending.clear();
         }
         Ok(())
@@ -282,8 +285,7 @@ fn parse_startup(
     max_length: usize,
 ) -> PyResult<Option<PgStartup>> {
     let data = super::input(data)?;
-    let Some((packet, length)) = pg::parse_startup(&data, max_length).map_err(PgErr::from)?
-    else {
+    let Some((packet, length)) = pg::parse_startup(&data, max_length).map_err(PgErr::from)? else {
         return Ok(None);
     };
     let mut out = PgStartup {
@@ -335,7 +337,10 @@ fn encode_message<'py>(
     body: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let body = super::input(body)?;
-    Ok(bytes_out(py, encode::message(tag, &body).map_err(PgErr::from)?))
+    Ok(bytes_out(
+        py,
+        encode::message(tag, &body).map_err(PgErr::from)?,
+    ))
 }
 
 #[pyfunction]
@@ -517,7 +522,10 @@ fn parse_bind(body: &[u8]) -> PgResult<PyBind> {
             text(b.portal),
             text(b.statement),
             b.param_formats,
-            b.params.into_iter().map(|p| p.map(<[u8]>::to_vec)).collect(),
+            b.params
+                .into_iter()
+                .map(|p| p.map(<[u8]>::to_vec))
+                .collect(),
             b.result_formats,
         )),
         _ => unreachable!("tag B parses as Bind"),
@@ -576,12 +584,11 @@ fn parse_password<'py>(py: Python<'py>, body: &[u8]) -> PgResult<Bound<'py, PyBy
 }
 
 #[pyfunction]
-fn parse_authentication<'py>(
-    py: Python<'py>,
-    body: &[u8],
-) -> PgResult<(i32, Bound<'py, PyBytes>)> {
+fn parse_authentication<'py>(py: Python<'py>, body: &[u8]) -> PgResult<(i32, Bound<'py, PyBytes>)> {
     if body.len() < 4 {
-        return Err(pg::Error::Malformed("Authentication: request code runs past the end".into()).into());
+        return Err(
+            pg::Error::Malformed("Authentication: request code runs past the end".into()).into(),
+        );
     }
     // Validate the shape for the codes that have one.
     pg::backend::authentication(body)?;
@@ -665,10 +672,7 @@ fn parse_row_description(body: &[u8]) -> PgResult<Vec<PyField>> {
 }
 
 #[pyfunction]
-fn parse_data_row<'py>(
-    py: Python<'py>,
-    body: &[u8],
-) -> PgResult<Vec<Option<Bound<'py, PyBytes>>>> {
+fn parse_data_row<'py>(py: Python<'py>, body: &[u8]) -> PgResult<Vec<Option<Bound<'py, PyBytes>>>> {
     match backend(b'D', body)? {
         pg::Backend::DataRow(values) => Ok(values
             .into_iter()
@@ -738,12 +742,16 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PG_FRONTEND_TAGS", PyBytes::new(py, pg::FRONTEND_TAGS))?;
     m.add("PG_BACKEND_TAGS", PyBytes::new(py, pg::BACKEND_TAGS))?;
     m.add("PG_SSL_REQUEST", PyBytes::new(py, &encode::ssl_request()))?;
-    m.add("PG_GSSENC_REQUEST", PyBytes::new(py, &encode::gssenc_request()))?;
+    m.add(
+        "PG_GSSENC_REQUEST",
+        PyBytes::new(py, &encode::gssenc_request()),
+    )?;
 
     // The stub's alias exists at runtime too (like `Frame` in lib.rs).
-    let event = py
-        .get_type::<PyTuple>()
-        .get_item((py.get_type::<pyo3::types::PyInt>(), py.get_type::<PyBytes>()))?;
+    let event = py.get_type::<PyTuple>().get_item((
+        py.get_type::<pyo3::types::PyInt>(),
+        py.get_type::<PyBytes>(),
+    ))?;
     m.add("PgEvent", event)?;
 
     m.add("PgWireError", py.get_type::<PgWireError>())?;

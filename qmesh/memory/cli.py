@@ -1,0 +1,268 @@
+"""``qmesh memory …``: the graph memory from the shell, on the data
+directory's state store (like ``qmesh apps``), without a running Gate.
+
+For: ``add FILE…`` (format from the extension unless ``--format``; the id
+is the file name without its extension unless ``--id``), ``ask "…"`` (the
+answer with numbered citations; exit status 1 when the answer is "not
+found", so scripts can tell), ``delete DOC_ID``, ``list`` and ``check``
+(the provenance integrity check over the whole store).
+
+Not for: parsing the global options or loading the configuration
+(:mod:`qmesh.cli` does both and hands the handlers a :class:`Config`). The
+memory modules are imported inside the handlers so that ``qmesh --help``
+and the other commands do not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from qmesh.config import Config
+    from qmesh.memory.service import Memory
+    from qmesh.state import StateStore
+
+__all__ = ["add_commands"]
+
+EXIT_OK: Final = 0
+EXIT_NOT_FOUND: Final = 1
+EXIT_PROBLEMS: Final = 1
+EXIT_USAGE: Final = 2
+_EXTENSIONS: Final = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".mdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".xhtml": "html",
+}
+
+
+def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """Add the ``memory`` subcommands to ``memory`` (``common`` carries the global options)."""
+    commands = memory.add_subparsers(dest="memory_command", metavar="COMMAND", required=True)
+
+    add = commands.add_parser(
+        "add", parents=[common], help="add documents (text, Markdown or HTML files)"
+    )
+    add.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    add.add_argument(
+        "--format",
+        choices=("auto", "text", "markdown", "html"),
+        default="auto",
+        help="default: from the extension (.md markdown, .html html, else text)",
+    )
+    add.add_argument(
+        "--id", dest="document_id", metavar="DOC_ID", help="document id (only with one FILE)"
+    )
+    add.add_argument("--title", help="document title (default: its first heading)")
+    add.add_argument(
+        "--replace", action="store_true", help="replace a different document with the same id"
+    )
+    add.set_defaults(handler=_cmd_add)
+
+    ask = commands.add_parser(
+        "ask", parents=[common], help="answer a question with numbered citations"
+    )
+    ask.add_argument("question")
+    ask.add_argument("--limit", type=int, default=10, metavar="N", help="facts to show (1-100)")
+    ask.add_argument("--facts", action="store_true", help="also print the facts found")
+    ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    ask.set_defaults(handler=_cmd_ask)
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="delete a document and the facts only it supports"
+    )
+    delete.add_argument("document_id", metavar="DOC_ID")
+    delete.set_defaults(handler=_cmd_delete)
+
+    listing = commands.add_parser("list", parents=[common], help="list stored documents")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_cmd_list)
+
+    commands.add_parser(
+        "check", parents=[common], help="check that every stored fact has a source"
+    ).set_defaults(handler=_cmd_check)
+
+
+def _err(message: str) -> None:
+    print(f"qmesh: {message}", file=sys.stderr)
+
+
+def _open(config: Config) -> tuple[StateStore, Memory]:
+    from qmesh.memory.service import Memory
+    from qmesh.state import StateStore
+
+    store = StateStore.open(config.state_db_path)
+    return store, Memory(store)
+
+
+def _default_id(path: Path) -> str | None:
+    name = path.name
+    for suffix in reversed(path.suffixes):
+        name = name.removesuffix(suffix)
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).lstrip("._-")[:128]
+    return cleaned or None
+
+
+def _cmd_add(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.memory.errors import GraphMemoryError
+
+    files: list[Path] = args.files
+    if args.document_id is not None and len(files) != 1:
+        _err("error: --id needs exactly one FILE")
+        return EXIT_USAGE
+    status = EXIT_OK
+    store, memory = _open(config)
+    with store:
+        for path in files:
+            fmt = args.format
+            if fmt == "auto":
+                fmt = _EXTENSIONS.get(path.suffix.lower(), "text")
+            try:
+                # utf-8-sig: a byte-order mark is not part of the text.
+                text = path.read_bytes().decode("utf-8-sig")
+            except OSError as exc:
+                _err(f"error: {path}: {exc.strerror or exc}")
+                status = EXIT_USAGE
+                continue
+            except UnicodeDecodeError as exc:
+                _err(f"error: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})")
+                status = EXIT_USAGE
+                continue
+            document_id = args.document_id or _default_id(path)
+            try:
+                report = memory.add(
+                    text,
+                    format=fmt,
+                    document_id=document_id,
+                    title=args.title,
+                    replace=args.replace,
+                )
+            except GraphMemoryError as exc:
+                _err(f"error: {path}: {exc}")
+                status = EXIT_USAGE
+                continue
+            if not report.created:
+                print(f"unchanged {report.document_id} (the same text is already stored)")
+                continue
+            verb = "replaced" if report.replaced else "added"
+            print(
+                f"{verb} {report.document_id}: {report.sentences} sentences, "
+                f"{report.mentions} mentions, {report.relations} relations"
+            )
+    return status
+
+
+def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.memory.errors import GraphMemoryError
+
+    store, memory = _open(config)
+    with store:
+        try:
+            answer = memory.ask(args.question, args.limit)
+        except GraphMemoryError as exc:
+            _err(f"error: {exc}")
+            return EXIT_USAGE
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=2, ensure_ascii=False))
+        return EXIT_OK if answer.found else EXIT_NOT_FOUND
+    if not answer.found:
+        print("not found")
+        known = f" (known entities in the question: {', '.join(answer.entities)})"
+        print(f"no stored sentence supports an answer{known if answer.entities else ''}")
+    else:
+        print(answer.answer)
+        print()
+        used = {int(n) for n in re.findall(r"\[(\d+)\]", answer.answer)}
+        for citation in answer.citations:
+            if citation.n in used:
+                print(
+                    f"[{citation.n}] {citation.document_id} "
+                    f"[{citation.start}:{citation.end}] {citation.text}"
+                )
+        for conflict in answer.conflicts:
+            values = "; ".join(
+                f"{value} {''.join(f'[{n}]' for n in ns)}" for value, ns in conflict.values
+            )
+            print(f"note: sources disagree on {conflict.about} / {conflict.predicate}: {values}")
+    if args.facts and answer.facts:
+        print()
+        print("facts:")
+        for fact in answer.facts:
+            cites = "".join(f"[{c.n}]" for c in fact.citations)
+            print(f"  {fact.subject} | {fact.predicate} | {fact.object} {cites}")
+    return EXIT_OK if answer.found else EXIT_NOT_FOUND
+
+
+def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.memory.errors import GraphMemoryError
+
+    store, memory = _open(config)
+    with store:
+        try:
+            report = memory.delete(args.document_id)
+        except GraphMemoryError as exc:
+            _err(f"error: {exc} (see `qmesh memory list`)")
+            return EXIT_USAGE
+    print(
+        f"deleted {report.document_id}: {report.sentences} sentences; "
+        f"removed {report.entities_removed} entities and {report.relations_removed} relations "
+        f"supported only by it; kept {report.relations_kept} relations with other sources"
+    )
+    return EXIT_OK
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _cmd_list(args: argparse.Namespace, config: Config) -> int:
+    store, memory = _open(config)
+    with store:
+        documents = memory.documents()
+    if args.json:
+        rows = [
+            {
+                "id": d.id,
+                "title": d.title,
+                "format": d.format,
+                "chars": d.chars,
+                "sentences": d.sentences,
+                "added_by": d.added_by,
+                "created_at": _iso(d.created_at),
+            }
+            for d in documents
+        ]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not documents:
+        print("no documents (see `qmesh memory add --help`)")
+        return EXIT_OK
+    width = max(len("ID"), *(len(d.id) for d in documents))
+    print(f"{'ID':<{width}}  {'FORMAT':<8}  {'SENTENCES':>9}  {'ADDED':<25}  TITLE")
+    for d in documents:
+        print(
+            f"{d.id:<{width}}  {d.format:<8}  {d.sentences:>9}  {_iso(d.created_at):<25}  "
+            f"{d.title or ''}"
+        )
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace, config: Config) -> int:
+    store, memory = _open(config)
+    with store:
+        problems = memory.store.integrity_problems()
+    bad = {name: count for name, count in problems.items() if count}
+    if not bad:
+        print("ok: every entity and relation has a stored source sentence")
+        return EXIT_OK
+    for name, count in bad.items():
+        print(f"{name}: {count}")
+    return EXIT_PROBLEMS

@@ -1,0 +1,275 @@
+"""The MiniGate's Postgres listener (default ``127.0.0.1:11438``): the near end
+of the ghost wire.
+
+For: the startup phase of each client connection, which has to be answered
+locally because it happens before any message is typed: SSLRequest (TLS
+with ``minigate.pg_tls_cert``/``pg_tls_key`` when configured, else ``N``),
+GSSENCRequest (``N``, then the client's next packet), direct TLS (a TLS
+ClientHello first, PostgreSQL 17's ``sslnegotiation=direct``, ALPN
+``postgresql``), CancelRequest (a ``pg-cancel`` tunnel stream to the Gate)
+and the StartupMessage, whose parameters open a ``pg`` tunnel stream. From
+then on the listener only relays bytes: authentication (SCRAM-SHA-256 with
+the app id and app key), policy and the real login all happen at the Gate,
+so this edge never holds a verifier, a policy or a real credential.
+
+Not for: reading the messages after the startup (the Gate does, with the
+same Rust parser), or connecting anywhere but the Gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from qmesh import _core
+from qmesh.config import parse_hostport
+from qmesh.tunnel.client import TunnelClient
+from qmesh.tunnel.errors import TunnelError
+from qmesh.tunnel.services import splice
+
+__all__ = ["serve_pg", "tls_context"]
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S: Final = 30.0
+"""A client must finish its startup packets within this (PostgreSQL: authentication_timeout)."""
+CANCEL_TIMEOUT_S: Final = 10.0
+_TLS_RECORD_HANDSHAKE: Final = 0x16
+_ALPN: Final = "postgresql"
+
+
+class StartupRefused(Exception):
+    """The client's startup packets are unacceptable; ``sqlstate`` and
+    ``message`` go back to it in a FATAL ErrorResponse."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server-side TLS context for ``pg_listen``. Raises OSError or
+    ssl.SSLError when the files cannot be used (checked at start-up)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols([_ALPN])
+    return context
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream that first returns bytes already read from it (for direct
+    TLS, where the ClientHello's first bytes were read to recognise it)."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self.stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _read_packet(stream: trio.abc.Stream, buffer: bytearray) -> _core.PgStartup:
+    """The next startup packet; what follows it stays in ``buffer``."""
+    while True:
+        packet = _core.parse_startup(buffer)
+        if packet is not None:
+            del buffer[: packet.length]
+            return packet
+        data = await stream.receive_some(_core.PG_MAX_STARTUP_PACKET)
+        if not data:
+            raise EOFError("the client closed the connection during the startup")
+        buffer += data
+
+
+def _fatal(sqlstate: str, message: str) -> bytes:
+    return _core.encode_error_response(
+        [("S", "FATAL"), ("V", "FATAL"), ("C", sqlstate), ("M", message)]
+    )
+
+
+async def serve_pg(
+    client: TunnelClient,
+    listen: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``listen`` ("host:port") and carry each Postgres client
+    connection to the Gate. ``task_status.started`` gets the bound port."""
+    host, port = parse_hostport(listen)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound: int = listeners[0].socket.getsockname()[1]
+    log.info("postgres listener on %s:%d%s", host, bound, " (TLS available)" if tls else "")
+
+    async def handle(local: trio.SocketStream) -> None:
+        try:
+            await _handle(client, local, tls)
+        finally:
+            await trio.aclose_forcefully(local)
+
+    task_status.started(bound)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _handle(client: TunnelClient, local: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
+    stream: trio.abc.Stream = local
+    buffer = bytearray()
+    encrypted = False
+    try:
+        with trio.fail_after(STARTUP_TIMEOUT_S):
+            first = await local.receive_some(_core.PG_MAX_STARTUP_PACKET)
+            if not first:
+                return
+            buffer += first
+            if buffer[0] == _TLS_RECORD_HANDSHAKE:
+                if tls is None:
+                    return  # a TLS ClientHello where no TLS is configured: just hang up
+                stream = await _start_tls(_Prefixed(local, bytes(buffer)), tls, direct=True)
+                buffer.clear()
+                encrypted = True
+            while True:
+                packet = await _read_packet(stream, buffer)
+                if packet.kind == "startup":
+                    break
+                if packet.kind == "cancel":
+                    await _cancel(client, packet)
+                    return
+                if buffer:
+                    # Bytes pipelined behind SSLRequest/GSSENCRequest would
+                    # have been sent in clear before the answer: refuse them
+                    # (the injection PostgreSQL fixed as CVE-2021-23214).
+                    raise StartupRefused("08P01", "unexpected data after an encryption request")
+                if packet.kind == "ssl" and tls is not None and not encrypted:
+                    await stream.send_all(b"S")
+                    stream = await _start_tls(stream, tls, direct=False)
+                    encrypted = True
+                elif packet.kind in ("ssl", "gssenc") and not encrypted:
+                    await stream.send_all(b"N")
+                else:
+                    raise StartupRefused("08P01", "an encryption request inside TLS")
+    except StartupRefused as exc:
+        log.info("refused a postgres client: %s", exc.message)
+        await _send_quietly(stream, _fatal(exc.sqlstate, exc.message))
+        return
+    except _core.PgWireError as exc:
+        log.info("refused a postgres client's startup packet: %s", exc)
+        await _send_quietly(stream, _fatal("08P01", f"invalid startup packet: {exc}"))
+        return
+    except (trio.TooSlowError, EOFError) as exc:
+        log.debug("postgres client gave up during the startup: %s", exc or "timeout")
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("postgres client connection failed during the startup: %s", exc)
+        return
+    params = packet.params
+    names = dict(params)
+    if not names.get("user"):
+        await _send_quietly(
+            stream, _fatal("28000", "no PostgreSQL user name specified in startup packet")
+        )
+        return
+    request = {
+        "service": "pg",
+        "version": packet.version,
+        "params": [list(p) for p in params],
+        "tls": encrypted,
+    }
+    try:
+        tunnel = await client.open_stream(request)
+    except ValueError:
+        await _send_quietly(stream, _fatal("08P01", "startup packet too large to forward"))
+        return
+    except TunnelError as exc:
+        log.warning("cannot open a pg stream to the gate: %s", exc)
+        await _send_quietly(stream, _fatal("08006", "qmesh: the gate is not reachable"))
+        return
+    log.debug("pg session for app %r, database %r", names["user"], names.get("database"))
+    if buffer:
+        await tunnel.send_all(bytes(buffer))
+    # splice() needs half-closeable streams; a TLS stream is not one, so the
+    # client's side is relayed through a wrapper that closes on EOF.
+    local_side = stream if isinstance(stream, trio.abc.HalfCloseableStream) else _NoHalfClose(stream)
+    await splice(local_side, tunnel)
+
+
+async def _start_tls(stream: trio.abc.Stream, context: ssl.SSLContext, *, direct: bool) -> trio.SSLStream[trio.abc.Stream]:
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise OSError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+    if direct and tls.selected_alpn_protocol() != _ALPN:
+        # PostgreSQL requires the ALPN for direct TLS, so a TLS client of
+        # another protocol cannot be confused for a Postgres one.
+        raise StartupRefused("08P01", "direct TLS without the 'postgresql' ALPN protocol")
+    return tls
+
+
+async def _cancel(client: TunnelClient, packet: _core.PgStartup) -> None:
+    """Carry a CancelRequest to the Gate and wait until it has acted on it
+    (libpq waits for the server to close the connection)."""
+    try:
+        with trio.move_on_after(CANCEL_TIMEOUT_S):
+            tunnel = await client.open_stream(
+                {"service": "pg-cancel", "pid": packet.pid, "secret": packet.secret.hex()}
+            )
+            try:
+                await tunnel.send_eof()
+                while await tunnel.receive_some():
+                    pass
+            finally:
+                await tunnel.aclose()
+    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.info("cancel request not delivered: %s", exc)
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+class _NoHalfClose(trio.abc.HalfCloseableStream):
+    """A stream without half-close (TLS) as a HalfCloseableStream whose
+    ``send_eof`` closes it: a Postgres server side that is done sending is
+    done with the connection."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.aclose()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
