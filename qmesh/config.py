@@ -54,6 +54,7 @@ __all__ = [
     "forward_allowed",
     "load_config",
     "parse_hostport",
+    "parse_size",
 ]
 
 KeyPath: TypeAlias = tuple[str | int, ...]
@@ -156,6 +157,28 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def format_hostport(host: str, port: int) -> str:
     """The inverse of :func:`parse_hostport`: brackets around IPv6 hosts."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_SIZE_RE: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+_SIZE_UNITS: Final = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``"2048"``, ``"512MiB"``, ``"8GB"``, ``"1.5G"``.
+
+    ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024; ``KB``/``MB``/``GB``/
+    ``TB`` and the bare letters are powers of 1000, as disk and memory
+    vendors write them. Raises ValueError saying what is wrong.
+    """
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'expected a size like "8GiB" or "512MB", got {text!r}')
+    number, unit = match.group(1), (match.group(2) or "").lower()
+    base = 1024 if unit.endswith("ib") else 1
+    scale = _SIZE_UNITS[unit[:1] if unit not in ("", "b") else unit]
+    if base == 1024:
+        scale = 1024 ** {"k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+    return int(float(number) * scale)
 
 
 def _split_forward_pattern(pattern: str) -> tuple[str, str]:

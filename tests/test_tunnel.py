@@ -295,3 +295,28 @@ async def test_100_mib_through_resets_delays_stalls_and_split_writes(
     assert recv_hash.digest() == sent_hash.digest()
     assert proxy.resets >= 50
     assert edge.sessions_lost == 0
+
+
+async def test_a_peer_that_never_acknowledges_loses_its_session(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qmesh.tunnel import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_UNACKED_BYTES", 2_000_000)
+    swallowed = trio.Event()
+
+    async def sink(stream: TunnelStream) -> None:
+        while await stream.receive_some():
+            pass
+        swallowed.set()
+
+    gate = await start_gate(nursery, {"sink": sink})
+    edge = await start_edge(nursery, gate, "edge-n")
+    await edge.wait_connected()
+    # As if the Gate read everything but never acknowledged any of it.
+    monkeypatch.setattr(edge.session, "_on_ack", lambda recv_next: None)
+    stream = await edge.open_stream({"service": "sink"})
+    with trio.fail_after(10), pytest.raises(StreamReset):
+        while True:
+            await stream.send_all(os.urandom(65536))
+    assert edge.session is not None and edge.session.lost

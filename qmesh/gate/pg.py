@@ -143,9 +143,7 @@ class _MessageReader:
 
     def __init__(self, stream: trio.abc.ReceiveStream, *, frontend: bool, what: str) -> None:
         tags = _core.PG_FRONTEND_TAGS if frontend else _core.PG_BACKEND_TAGS
-        self._scanner = _core.PgScanner(
-            frontend=frontend, full=tags, max_message=AUTH_MAX_MESSAGE
-        )
+        self._scanner = _core.PgScanner(frontend=frontend, full=tags, max_message=AUTH_MAX_MESSAGE)
         self._stream = stream
         self._what = what
         self._pending = bytearray()
@@ -294,7 +292,9 @@ async def _open_upstream(
     stream: trio.abc.Stream = tcp
     try:
         if secret.sslmode != "disable":
-            stream = await _negotiate_tls(tcp, secret.sslmode, secret.sslrootcert, secret.host, alias)
+            stream = await _negotiate_tls(
+                tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
+            )
         tls = isinstance(stream, trio.SSLStream)
         await stream.send_all(_core.encode_startup(params))
         reader = _MessageReader(stream, frontend=False, what="the database server")
@@ -330,7 +330,9 @@ async def _open_upstream(
                 if sqlstate == "28P01":
                     raise _UpstreamAuthRejected()
                 message = _scrub(fields.get("M", ""), secret)
-                log.warning("the server of alias %r refused the login: %s %s", alias, sqlstate, message)
+                log.warning(
+                    "the server of alias %r refused the login: %s %s", alias, sqlstate, message
+                )
                 raise UpstreamFailed(
                     sqlstate, f"qmesh: database alias {alias!r}: the server said: {message}"
                 )
@@ -503,7 +505,9 @@ class PgService:
             except trio.TooSlowError:
                 raise PgSessionError("08006", "qmesh: the login took too long") from None
             log.info("pg session: app %r, alias %r, from %s", app_id, alias, peer)
-            await self._run_session(stream, reader.leftover(), upstream, app_id, alias, secret, policy)
+            await self._run_session(
+                stream, reader.leftover(), upstream, app_id, alias, secret, policy
+            )
         except PgSessionError as exc:
             level = logging.INFO if exc.sqlstate in ("28P01", "3D000") else logging.WARNING
             log.log(level, "pg session of app %r (alias %r, %s) ended: %s %s",
@@ -789,8 +793,12 @@ class _Relay:
             scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, self.client_to_server, client_leftover, nursery.cancel_scope)
-            nursery.start_soon(guarded, self.server_to_client, self.server_leftover, nursery.cancel_scope)
+            nursery.start_soon(
+                guarded, self.client_to_server, client_leftover, nursery.cancel_scope
+            )
+            nursery.start_soon(
+                guarded, self.server_to_client, self.server_leftover, nursery.cancel_scope
+            )
         if ending is not None and ending.error is not None:
             exc = ending.error
             log.warning("pg session of app %r (alias %r) ended: %s %s",
@@ -816,7 +824,7 @@ class _Relay:
 
     # -- client → server ---------------------------------------------------------
 
-    async def client_to_server(self, data: bytes) -> None:
+    async def client_to_server(self, data: bytes | bytearray) -> None:
         guard = self.read_only or self.guard_timeout
         audit = self.audit is not None
         if guard:
@@ -844,7 +852,9 @@ class _Relay:
                         break
                 events = scanner.feed(data)
                 if guard:
-                    data = b"".join([raw if tag == 0 else on_event(tag, raw) for tag, raw in events])
+                    data = b"".join(
+                        [raw if tag == 0 else on_event(tag, raw) for tag, raw in events]
+                    )
                 else:
                     for tag, raw in events:
                         on_event(tag, raw)
@@ -942,7 +952,7 @@ class _Relay:
 
     # -- server → client ---------------------------------------------------------
 
-    async def server_to_client(self, data: bytes) -> None:
+    async def server_to_client(self, data: bytes | bytearray) -> None:
         kinds = b""
         if self.audit is not None:
             kinds += b"CEIZs"

@@ -115,7 +115,9 @@ _UNICODE_ESCAPES: Final = re.compile(r"u&['\"]")
 # quoting and comments can split or wrap words but not remove their letters.
 _READ_ONLY_TRIGGERS: Final = ("read", "set_config", "pg_settings", "characteristics")
 _TRIGGERS: Final = (*_READ_ONLY_TRIGGERS, "statement_timeout")
-_READ_ONLY_NAMES: Final = re.compile(r"(?<![a-z0-9_])(?:default_)?transaction_read_only(?![a-z0-9_])")
+_READ_ONLY_NAMES: Final = re.compile(
+    r"(?<![a-z0-9_])(?:default_)?transaction_read_only(?![a-z0-9_])"
+)
 _TIMEOUT_NAME: Final = re.compile(r"(?<![a-z0-9_])statement_timeout(?![a-z0-9_])")
 _READ_ONLY_HARMLESS: Final = re.compile(
     r"(?<![a-z0-9_])(?:show (?:default_)?transaction_read_only"
@@ -176,8 +178,12 @@ def check_statement(sql: str, *, read_only: bool, guard_timeout: bool) -> Refusa
 
 def _refuse(read_only: bool, what: str) -> Refusal:
     if read_only:
-        return Refusal(READ_ONLY_SQLSTATE, f"qmesh: this application's sessions are read-only; {what}")
-    return Refusal(TIMEOUT_SQLSTATE, f"qmesh: this application's policy fixes statement_timeout; {what}")
+        return Refusal(
+            READ_ONLY_SQLSTATE, f"qmesh: this application's sessions are read-only; {what}"
+        )
+    return Refusal(
+        TIMEOUT_SQLSTATE, f"qmesh: this application's policy fixes statement_timeout; {what}"
+    )
 
 
 def refusal_sql(refusal: Refusal) -> str:

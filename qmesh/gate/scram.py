@@ -84,8 +84,17 @@ class ScramServer:
     tell unknown apps from wrong keys (PostgreSQL's "mock authentication").
     """
 
-    def __init__(self, verifiers: Sequence[AppVerifier], app_id: str, mock_secret: bytes) -> None:
+    def __init__(
+        self,
+        verifiers: Sequence[AppVerifier],
+        app_id: str,
+        mock_secret: bytes,
+        *,
+        nonce_suffix: str | None = None,
+    ) -> None:
+        """``nonce_suffix`` replaces the random server nonce; only for test vectors."""
         self._verifiers = list(verifiers)
+        self._nonce_suffix = nonce_suffix
         if self._verifiers:
             first = self._verifiers[0]
             self._salt, self._iterations = first.salt, first.iterations
@@ -125,7 +134,8 @@ class ScramServer:
             raise ScramError("malformed client nonce")
         self._gs2_header = f"{flag},{authzid},"
         self._client_first_bare = bare
-        self._nonce = client_nonce + _b64(secrets.token_bytes(_NONCE_BYTES))
+        suffix = self._nonce_suffix or _b64(secrets.token_bytes(_NONCE_BYTES))
+        self._nonce = client_nonce + suffix
         self._server_first = f"r={self._nonce},s={_b64(self._salt)},i={self._iterations}"
         return self._server_first.encode("ascii")
 
@@ -169,11 +179,14 @@ class ScramServer:
 class ScramClient:
     """One SCRAM-SHA-256 exchange on the client side (the Gate logging in)."""
 
-    def __init__(self, password: str) -> None:
+    def __init__(self, password: str, *, user: str = "", nonce: str | None = None) -> None:
+        """PostgreSQL ignores the SCRAM ``user`` (libpq sends it empty);
+        ``nonce`` replaces the random client nonce, only for test vectors."""
+        if "," in user or "=" in user:
+            raise ValueError("a SCRAM user name with ',' or '=' needs escaping; not supported")
         self._password = password
-        self._nonce = _b64(secrets.token_bytes(_NONCE_BYTES))
-        # PostgreSQL ignores the SCRAM user name; libpq sends it empty too.
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._nonce = nonce or _b64(secrets.token_bytes(_NONCE_BYTES))
+        self._client_first_bare = f"n={user},r={self._nonce}"
         self._server_signature = b""
 
     def __repr__(self) -> str:

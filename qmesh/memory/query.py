@@ -410,6 +410,11 @@ def _score(
         + (0.5 if linked else 0.0)
         + (0.3 * hit / best_hit if best_hit > 0 else 0.0)
     )
+    if not parsed.terms and all_ids:
+        # "Tell me about Acme": prefer sentences that state facts about it
+        # over ones that only name it (a heading, a passing mention).
+        stated = sum(1 for f in facts if f.subject.id in all_ids or f.object.id in all_ids)
+        score += min(0.6, 0.2 * stated)
     return _Scored(sentence.seq, score, supported)
 
 
@@ -504,12 +509,13 @@ def _rank_facts(parsed: _Question, facts: Sequence[Fact], chosen: set[int]) -> l
 
     def score(fact: Fact) -> tuple[float, int]:
         value = 0.0
+        # The question's own entities first, then what the question asks.
         if fact.subject.id in ids or fact.object.id in ids:
-            value += 1.0
+            value += 2.0
         if fact.subject.id in ids and fact.object.id in ids:
             value += 1.0
         if parsed.terms & _predicate_stems(fact.predicate):
-            value += 2.0
+            value += 1.5
         if chosen.intersection(fact.support):
             value += 2.0
         other = fact.object if fact.subject.id in ids else fact.subject

@@ -70,7 +70,7 @@ class _Prefixed(trio.abc.Stream):
         self.stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             n = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:n], self._prefix[n:]
@@ -131,7 +131,9 @@ async def serve_pg(
     await trio.serve_listeners(handle, listeners)
 
 
-async def _handle(client: TunnelClient, local: trio.SocketStream, tls: ssl.SSLContext | None) -> None:
+async def _handle(
+    client: TunnelClient, local: trio.SocketStream, tls: ssl.SSLContext | None
+) -> None:
     stream: trio.abc.Stream = local
     buffer = bytearray()
     encrypted = False
@@ -208,11 +210,15 @@ async def _handle(client: TunnelClient, local: trio.SocketStream, tls: ssl.SSLCo
         await tunnel.send_all(bytes(buffer))
     # splice() needs half-closeable streams; a TLS stream is not one, so the
     # client's side is relayed through a wrapper that closes on EOF.
-    local_side = stream if isinstance(stream, trio.abc.HalfCloseableStream) else _NoHalfClose(stream)
+    local_side = (
+        stream if isinstance(stream, trio.abc.HalfCloseableStream) else _NoHalfClose(stream)
+    )
     await splice(local_side, tunnel)
 
 
-async def _start_tls(stream: trio.abc.Stream, context: ssl.SSLContext, *, direct: bool) -> trio.SSLStream[trio.abc.Stream]:
+async def _start_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext, *, direct: bool
+) -> trio.SSLStream[trio.abc.Stream]:
     tls = trio.SSLStream(stream, context, server_side=True)
     try:
         await tls.do_handshake()
@@ -259,7 +265,7 @@ class _NoHalfClose(trio.abc.HalfCloseableStream):
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self.stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

@@ -81,9 +81,7 @@ _TOPICS: Final = {
     "culture": """museum art artist artists exhibition history masks community music film
         book books theatre culture cultural heritage collection""",
 }
-_TOPIC_WORDS: Final = {
-    word: topic for topic, text in _TOPICS.items() for word in text.split()
-}
+_TOPIC_WORDS: Final = {word: topic for topic, text in _TOPICS.items() for word in text.split()}
 
 
 @attrs.frozen

@@ -28,9 +28,12 @@ _PII_RE: Final = re.compile(
     r"|(?P<SSN>\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b)"
     r"|(?P<IP>\b(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}"
     r"(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\b)"
-    r"|(?P<PHONE>(?<![\w.])\+?[0-9][0-9 ()./-]{7,16}[0-9](?![\w.]))"
+    r"|(?P<PHONE>(?<![\w.+(])(?:\+|\()?[0-9][0-9 ()./-]{7,16}[0-9](?!\w|[.-][0-9]))"
 )
 _DIGITS_RE: Final = re.compile(r"[0-9]")
+_DATE_RE: Final = re.compile(
+    r"[0-9]{4}[-/.][0-9]{1,2}[-/.][0-9]{1,2}|[0-9]{1,2}[-/.][0-9]{1,2}[-/.][0-9]{4}"
+)
 
 
 @attrs.frozen
@@ -69,7 +72,7 @@ def _accept(kind: str, text: str) -> bool:
         return _iban_ok(text)
     if kind == "PHONE":
         # At least 8 digits, and not a date or a plain decimal number.
-        return len(_DIGITS_RE.findall(text)) >= 8
+        return len(_DIGITS_RE.findall(text)) >= 8 and not _DATE_RE.fullmatch(text)
     return True
 
 

@@ -43,7 +43,9 @@ class NoRoute(QgError):
     """No candidate survives the filters. ``reasons`` maps each rejected
     candidate to why, so the caller can explain the refusal."""
 
-    def __init__(self, message: str, reasons: dict[str, str] | None = None, *, budget: bool = False):
+    def __init__(
+        self, message: str, reasons: dict[str, str] | None = None, *, budget: bool = False
+    ):
         super().__init__(message)
         self.reasons = reasons or {}
         self.budget = budget

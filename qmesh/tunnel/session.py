@@ -57,6 +57,9 @@ BATCH_BYTES = 512 * 1024
 # Acknowledge at least every this many reliable frames, or after ACK_DELAY.
 ACK_EVERY = 32
 ACK_DELAY = 0.01
+# A peer that stops acknowledging while it keeps reading would make us
+# retain frames forever; past this many bytes it is treated as broken.
+MAX_UNACKED_BYTES = 256 * 1024 * 1024
 
 _CONTROL_MIN = _core.CONTROL_TYPE_MIN
 
@@ -92,6 +95,7 @@ class Session:
         self._pending: deque[Frame] = deque()
         self._control: list[Frame] = []
         self._retained: deque[tuple[int, int, int, bytes]] = deque()  # (seq, type, id, payload)
+        self._retained_bytes = 0
         self._send_next = 0
         # Receive side.
         self._recv_next = 0
@@ -251,6 +255,7 @@ class Session:
         self._streams.clear()
         self._pending.clear()
         self._retained.clear()
+        self._retained_bytes = 0
         if self._connection_scope is not None:
             self._connection_scope.cancel()
         self.closed.set()
@@ -330,8 +335,13 @@ class Session:
                 for frame_type, stream_id, payload in batch:
                     if frame_type < _CONTROL_MIN:
                         self._retained.append((seq, frame_type, stream_id, payload))
+                        self._retained_bytes += len(payload)
                         seq += 1
                 self._send_next = seq
+                if self._retained_bytes > MAX_UNACKED_BYTES:
+                    unacked = f"{self._retained_bytes >> 20} MiB"
+                    self._fail_connection(PeerProtocolError(f"peer left {unacked} unacknowledged"))
+                    return
                 self.bytes_sent += len(data)
                 await transport.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -463,7 +473,7 @@ class Session:
             )
         retained = self._retained
         while retained and retained[0][0] < recv_next:
-            retained.popleft()
+            self._retained_bytes -= len(retained.popleft()[3])
 
     def _accept(self, stream_id: int, payload: bytes) -> None:
         peer_parity = 0 if self.initiator else 1
