@@ -59,15 +59,17 @@ from memory_corpus import DOCUMENTS, QUESTIONS  # noqa: E402
 
 from qmesh.memory.extract import RuleExtractor  # noqa: E402
 from qmesh.memory.query import Answer  # noqa: E402
-from qmesh.memory.service import Memory  # noqa: E402
 from qmesh.memory.sentences import split_sentences  # noqa: E402
+from qmesh.memory.service import Memory  # noqa: E402
 from qmesh.state import StateStore  # noqa: E402
 
 _PREFIXES = (
     "Acme Globex Initech Umbrella Hooli Stark Wayne Cyberdyne Soylent Tyrell Wonka Vandelay "
     "Aperture Oscorp Monarch Nakatomi Virtucon Gekko Duff Sirius"
 ).split()
-_SUFFIXES = "Systems Labs Industries Holdings Dynamics Analytics Foods Motors Energy Robotics".split()
+_SUFFIXES = (
+    "Systems Labs Industries Holdings Dynamics Analytics Foods Motors Energy Robotics".split()
+)
 _FIRST = (
     "Jane John Maria Wei Aisha Carlos Olga Kenji Fatima Liam Noor Pedro Ingrid Tariq Chloe "
     "Dmitri Amara Hugo Sofia Ravi"
@@ -152,8 +154,11 @@ def generate(docs: int, per_doc: int, seed: int) -> tuple[Generated, list[Compan
             kind = rng.randrange(14)
             if kind == 0:
                 year = c.year if rng.random() > 0.05 else c.year + rng.choice((-1, 1))
-                sentences.append(state(c, "founded",
-                    f"{c.name} was founded in {year} by {c.founder} in {c.city}."))  # fmt: skip
+                sentences.append(
+                    state(
+                        c, "founded", f"{c.name} was founded in {year} by {c.founder} in {c.city}."
+                    )
+                )
             elif kind == 1:
                 sentences.append(state(c, "located", f"{c.name} is headquartered in {c.city}."))
             elif kind == 2:
@@ -161,16 +166,24 @@ def generate(docs: int, per_doc: int, seed: int) -> tuple[Generated, list[Compan
             elif kind == 3:
                 amount = rng.randint(2, 900)
                 year = rng.randint(1990, 2023)
-                sentences.append(state(c, "acquired",
-                    f"In {year}, {c.name} acquired {other.name} for ${amount} million."))  # fmt: skip
+                sentences.append(
+                    state(
+                        c,
+                        "acquired",
+                        f"In {year}, {c.name} acquired {other.name} for ${amount} million.",
+                    )
+                )
             elif kind == 4:
                 day, month, year = rng.randint(1, 28), rng.choice(_MONTHS), rng.randint(1990, 2023)
-                sentences.append(state(c, "acquired",
-                    f"{other.name} was acquired by {c.name} on {day} {month} {year}."))  # fmt: skip
-            elif kind == 5:
                 sentences.append(
-                    f'{c.name} makes the "{c.product}", a compact {c.noun}.'
+                    state(
+                        c,
+                        "acquired",
+                        f"{other.name} was acquired by {c.name} on {day} {month} {year}.",
+                    )
                 )
+            elif kind == 5:
+                sentences.append(f'{c.name} makes the "{c.product}", a compact {c.noun}.')
             elif kind == 6:
                 sentences.append(state(c, "employees", f"{c.name} has {c.employees:,} employees."))
             elif kind == 7:
@@ -180,14 +193,19 @@ def generate(docs: int, per_doc: int, seed: int) -> tuple[Generated, list[Compan
                 state(c, "ceo", sentences[-1])
             elif kind == 8:
                 # The rules do not read these three: they count against recall.
-                sentences.append(state(c, "founded",
-                    f"Founded by {c.founder} in {c.year}, {c.name} grew quickly."))  # fmt: skip
+                sentences.append(
+                    state(
+                        c, "founded", f"Founded by {c.founder} in {c.year}, {c.name} grew quickly."
+                    )
+                )
             elif kind == 9:
-                sentences.append(state(c, "located",
-                    f"The headquarters of {c.name} are in {c.city}."))  # fmt: skip
+                sentences.append(
+                    state(c, "located", f"The headquarters of {c.name} are in {c.city}.")
+                )
             elif kind == 10:
-                sentences.append(state(c, "ceo",
-                    f"{c.name}'s chief executive, {c.ceo}, spoke at the event."))  # fmt: skip
+                sentences.append(
+                    state(c, "ceo", f"{c.name}'s chief executive, {c.ceo}, spoke at the event.")
+                )
             else:
                 sentences.append(rng.choice(_FILLER))
         fmt = ("text", "markdown", "html")[index % 3]
@@ -247,8 +265,9 @@ _ASKS = {
 }
 
 
-def bench_queries(memory: Memory, generated: Generated, companies: list[Company], n: int,
-                  seed: int) -> None:  # fmt: skip
+def bench_queries(
+    memory: Memory, generated: Generated, companies: list[Company], n: int, seed: int
+) -> None:
     rng = random.Random(seed + 1)
     latencies: list[float] = []
     cited_total = cited_right = stating_total = stating_cited = 0
@@ -282,10 +301,16 @@ def bench_queries(memory: Memory, generated: Generated, companies: list[Company]
     _row("query latency p99", f"{_percentile(ms, 0.99):.2f}", "ms")
     _row("query latency mean", f"{statistics.fmean(ms):.2f}", "ms")
     _row("answerable questions answered", f"{found}/{answerable}")
-    _row("citation precision (generated)", f"{cited_right / max(1, cited_total):.3f}",
-         f"{cited_right}/{cited_total} cited sentences state the asked fact")  # fmt: skip
-    _row("citation recall (generated, <=3 per answer)",
-         f"{stating_cited / max(1, stating_total):.3f}", f"{stating_cited}/{stating_total}")  # fmt: skip
+    _row(
+        "citation precision (generated)",
+        f"{cited_right / max(1, cited_total):.3f}",
+        f"{cited_right}/{cited_total} cited sentences state the asked fact",
+    )
+    _row(
+        "citation recall (generated, <=3 per answer)",
+        f"{stating_cited / max(1, stating_total):.3f}",
+        f"{stating_cited}/{stating_total}",
+    )
     _row("unanswerable -> 'not found'", f"{abstained}/{unanswerable}")
 
 
@@ -315,8 +340,11 @@ def bench_test_corpus(state_dir: Path) -> None:
                 abstained += not answer.found
         problems = sum(memory.store.integrity_problems().values())
     _row("questions", f"{len(QUESTIONS)}")
-    _row("citation precision", f"{cited_right / max(1, cited_total):.3f}",
-         f"{cited_right}/{cited_total}")  # fmt: skip
+    _row(
+        "citation precision",
+        f"{cited_right / max(1, cited_total):.3f}",
+        f"{cited_right}/{cited_total}",
+    )
     _row("citation recall", f"{needed_cited / max(1, needed):.3f}", f"{needed_cited}/{needed}")
     _row("unsupported -> 'not found'", f"{abstained}/{unsupported}")
     _row("citations whose offsets slice exactly", f"{exact}/{citations}")
@@ -345,15 +373,20 @@ def main(argv: Iterable[str] | None = None) -> int:
                     table: reader.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                     for table in ("memory_entities", "memory_relations", "memory_mentions")
                 }
-            _row("entities / relations / mentions stored",
-                 "{memory_entities:,} / {memory_relations:,} / {memory_mentions:,}".format(**counts))  # fmt: skip
+            _row(
+                "entities / relations / mentions stored",
+                "{memory_entities:,} / {memory_relations:,} / {memory_mentions:,}".format(**counts),
+            )
             print(f"\n2. queries on that store ({args.queries} questions)")
             bench_queries(memory, generated, companies, args.queries, args.seed)
             start = time.perf_counter()
             report = memory.delete(generated.documents[0][0])
-            _row("delete one document", f"{(time.perf_counter() - start) * 1000:.1f}",
-                 f"ms ({report.sentences} sentences, {report.relations_removed} relations "
-                 f"removed, {report.relations_kept} kept)")  # fmt: skip
+            _row(
+                "delete one document",
+                f"{(time.perf_counter() - start) * 1000:.1f}",
+                f"ms ({report.sentences} sentences, {report.relations_removed} relations "
+                f"removed, {report.relations_kept} kept)",
+            )
         print("\n3. the test corpus (tests/memory_corpus.py)")
         bench_test_corpus(Path(tmp))
     return 0

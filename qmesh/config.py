@@ -41,14 +41,19 @@ from typing import Final, TypeAlias
 import attrs
 
 __all__ = [
+    "BudgetConfig",
     "Config",
     "ConfigError",
     "DaemonConfig",
+    "DaemonRuntimeConfig",
     "ForwardConfig",
     "GateAppConfig",
     "GateConfig",
     "LogConfig",
     "MiniGateConfig",
+    "ProviderConfig",
+    "ProviderModelConfig",
+    "RoutingConfig",
     "TunnelConfig",
     "format_hostport",
     "forward_allowed",
@@ -272,6 +277,85 @@ def _frozen_apps(value: Mapping[str, GateAppConfig]) -> Mapping[str, GateAppConf
 
 
 @attrs.frozen
+class ProviderModelConfig:
+    """One ``[[gate.providers.models]]``: a model a provider serves, as the
+    router sees it."""
+
+    id: str
+    """The model id clients name (and ``/v1/models`` lists)."""
+    upstream: str | None = None
+    """The provider's own name for it (default: ``id``)."""
+    tasks: tuple[str, ...] = ("chat", "creative_writing", "code", "translate", "summarize")
+    price_in: float = 0.0
+    """USD per 1M input tokens."""
+    price_out: float = 0.0
+    """USD per 1M output tokens."""
+    latency_ms: float = 1000.0
+    """Expected latency of one request until measured."""
+    context: int = 8192
+    quality: int = 3
+    """Quality tier 1-5 (daemons' size classes map to the same scale)."""
+    family: str | None = None
+    size_class: str | None = None
+    """``xs``, ``s``, ``m``, ``l`` or ``xl``."""
+
+
+@attrs.frozen
+class ProviderConfig:
+    """One ``[[gate.providers]]``: a remote model API the Gate may route to."""
+
+    name: str
+    base_url: str
+    """``http(s)://host[:port]/prefix``; OpenAI-style requests go to ``BASE/chat/completions``."""
+    kind: str = "openai"
+    """``openai`` (any OpenAI-compatible server) or ``anthropic`` (``/v1/messages``)."""
+    api_key: str | None = None
+    """``store:NAME`` (``qmesh providers set-key NAME``), ``env:VAR``, or none."""
+    private: bool = False
+    """True for an endpoint under the operator's control (``privacy=private`` allows it)."""
+    models: tuple[ProviderModelConfig, ...] = ()
+
+
+@attrs.frozen
+class BudgetConfig:
+    """One ``[[gate.budgets]]``: a spend limit for an app or a team of apps."""
+
+    name: str
+    limit_usd: float
+    period: str = "month"
+    """``day`` or ``month`` (UTC)."""
+    mode: str = "hard"
+    """``hard``: paid providers blocked at 100 %; ``soft``: only warned."""
+    apps: tuple[str, ...] = ()
+    """The apps it pays for; an app's first budget in file order is its own."""
+
+
+def _frozen_groups(value: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class RoutingConfig:
+    """``[gate.routing]``: how the qg:// router behaves."""
+
+    extra_tasks: tuple[str, ...] = ()
+    """Task names accepted in DSNs beyond the built-in ones."""
+    cooldown_s: float = 30.0
+    """How long a node or provider that failed is passed over."""
+    max_hops: int = 4
+    """Candidates tried for one request before giving up."""
+    electricity_usd_per_kwh: float = 0.15
+    gate_cpu_watts: float = 15.0
+    """Power charged for the Gate's own skills (one core busy)."""
+    local_rate_usd_per_1m: float | None = None
+    """A flat rate for daemon work instead of power × time."""
+    equivalences: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=dict, converter=_frozen_groups, hash=False
+    )
+    """Group name → model ids that may stand in for each other."""
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -286,6 +370,15 @@ class GateConfig:
         factory=dict, converter=_frozen_apps, hash=False
     )
     """From the ``[gate.apps.APP_ID]`` tables, by app id: see :mod:`qmesh.pg.policy`."""
+    routing: RoutingConfig = RoutingConfig()
+    providers: tuple[ProviderConfig, ...] = ()
+    """From the ``[[gate.providers]]`` tables: see ``docs/qg.md``."""
+    budgets: tuple[BudgetConfig, ...] = ()
+    """From the ``[[gate.budgets]]`` tables: see :mod:`qmesh.finops.budgets`."""
+    daemon_stale_after_missed: int = 3
+    """Heartbeats a daemon may miss before the inventory calls it stale."""
+    daemon_gone_after_missed: int = 12
+    """… and gone (more than ``daemon_stale_after_missed``)."""
 
 
 @attrs.frozen
@@ -314,12 +407,51 @@ class MiniGateConfig:
 
 
 @attrs.frozen
+class DaemonRuntimeConfig:
+    """One ``[[daemon.runtime]]``: a model server the daemon drives over HTTP."""
+
+    kind: str
+    """``ollama`` (its native API) or ``openai`` (any OpenAI-compatible server)."""
+    url: str
+    """``http://host:port`` of the server."""
+    name: str = ""
+    """How the inventory names it; default ``KIND@host:port``."""
+    keep_alive: str = "10m"
+    """Ollama only: how long a model stays loaded after use (Ollama's syntax)."""
+    api_key_env: str | None = None
+    """OpenAI only: the environment variable holding a bearer key, if it needs one."""
+
+
+@attrs.frozen
 class DaemonConfig:
-    """``[daemon]``: a compute node."""
+    """``[daemon]``: a compute node (see docs/daemon.md)."""
 
     gate: str = "127.0.0.1:11439"
     credential_file: Path | None = None
     health_listen: str = "127.0.0.1:11450"
+    heartbeat_interval_s: float = 5.0
+    """Telemetry heartbeats to the Gate; the Gate counts missed ones."""
+    model_dirs: tuple[Path, ...] = ()
+    """Directories searched (recursively) for ``*.gguf`` files for llama.cpp."""
+    rescan_interval_s: float = 30.0
+    memory_budget: int | None = None
+    """Bytes llama.cpp models may hold together ("8GiB" in the file); None:
+    90 % of the model memory (VRAM, or RAM on CPU-only nodes) free at start."""
+    queue_limit: int = 4
+    """Requests that may wait per model before the daemon answers busy."""
+    parallel: int = 1
+    """Generations at once per model."""
+    context_length: int = 4096
+    """llama.cpp ``n_ctx`` (capped at each model's own)."""
+    threads: int | None = None
+    """llama.cpp threads; None: llama-cpp-python's default (half the CPUs)."""
+    gpu_layers: int | None = None
+    """llama.cpp layers on the GPU; None: the quantization planner's split; -1: all."""
+    load_timeout_s: float = 120.0
+    llama_cpp: bool = True
+    """Serve the GGUF files of ``model_dirs`` with llama.cpp."""
+    runtimes: tuple[DaemonRuntimeConfig, ...] = ()
+    """From the ``[[daemon.runtime]]`` tables."""
 
 
 def _default_data_dir() -> Path:
@@ -928,7 +1060,25 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
         forward_allow=tuple(allow),
         master_key_file=r.path(t, path, "master_key_file"),
         apps=_read_gate_apps(r, t, path),
+        routing=_read_routing(r, t, path),
+        providers=_read_providers(r, t, path),
+        budgets=_read_budgets(r, t, path),
+        **_read_daemon_thresholds(r, t, path),
     )
+
+
+def _read_daemon_thresholds(r: _Reader, t: Mapping[str, object], path: KeyPath) -> dict[str, int]:
+    d = GateConfig()
+    stale = r.integer(t, path, "daemon_stale_after_missed", d.daemon_stale_after_missed, lo=1)
+    gone = r.integer(t, path, "daemon_gone_after_missed", d.daemon_gone_after_missed, lo=2)
+    if gone <= stale:
+        blamed = "daemon_gone_after_missed" if "daemon_gone_after_missed" in t else "daemon_stale_after_missed"
+        raise r.error(
+            (*path, blamed),
+            f"gate.daemon_gone_after_missed ({gone}) must be more than "
+            f"gate.daemon_stale_after_missed ({stale})",
+        )
+    return {"daemon_stale_after_missed": stale, "daemon_gone_after_missed": gone}
 
 
 def _read_gate_apps(
@@ -979,6 +1129,187 @@ def _read_gate_apps(
             ),
         )
     return apps
+
+
+# -- the qg:// router's sections (providers, budgets, routing) ----------------
+
+_PROVIDER_KINDS: Final = ("openai", "anthropic")
+_SIZE_CLASSES: Final = ("xs", "s", "m", "l", "xl")
+_BUDGET_PERIODS: Final = ("day", "month")
+_BUDGET_MODES: Final = ("hard", "soft")
+_MODEL_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+_TASK_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _tables(r: _Reader, t: Mapping[str, object], path: KeyPath, key: str) -> list[KeyPath]:
+    """Paths of the ``[[…key]]`` array of tables in ``t`` (checked to be one)."""
+    if key not in t:
+        return []
+    where: KeyPath = (*path, key)
+    value = t[key]
+    if not isinstance(value, list):
+        raise r.error(where, f"expected [[{_dotted(where)}]] tables, got {_describe(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise r.error((*where, i), f"expected a table, got {_describe(item)}")
+    return [(*where, i) for i in range(len(value))]
+
+
+def _item(t: Mapping[str, object], where: KeyPath) -> Mapping[str, object]:
+    value = t[str(where[-2])]
+    assert isinstance(value, list)
+    item = value[int(where[-1])]
+    assert isinstance(item, dict)
+    return item
+
+
+def _strings(
+    t: Mapping[str, object],
+    path: KeyPath,
+    key: str,
+    default: tuple[str, ...],
+    pattern: re.Pattern[str],
+    what: str,
+    *,
+    r: _Reader,
+) -> tuple[str, ...]:
+    if key not in t:
+        return default
+    where: KeyPath = (*path, key)
+    value = t[key]
+    if not isinstance(value, list):
+        raise r.error(where, f"expected an array of {what}s, got {_describe(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not pattern.fullmatch(item):
+            raise r.error((*where, i), f"expected a {what}, got {_describe(item)}")
+    return tuple(str(v) for v in value)
+
+
+def _required(r: _Reader, t: Mapping[str, object], path: KeyPath, key: str, hint: str) -> None:
+    if key not in t:
+        raise r.error(path, f"missing key {key!r} ({hint})")
+
+
+def _read_routing(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> RoutingConfig:
+    path: KeyPath = (*gate_path, "routing")
+    t = r.table(gate, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(RoutingConfig)])
+    d = RoutingConfig()
+    groups: dict[str, tuple[str, ...]] = {}
+    table = r.table(t, (*path, "equivalences"))
+    for name in table:
+        groups[name] = _strings(
+            table, (*path, "equivalences"), name, (), _MODEL_ID_RE, "model id", r=r
+        )
+    local_rate = None
+    if "local_rate_usd_per_1m" in t:
+        local_rate = r.number(t, path, "local_rate_usd_per_1m", 0.0, positive=False)
+    return RoutingConfig(
+        extra_tasks=_strings(t, path, "extra_tasks", (), _TASK_NAME_RE, "task name", r=r),
+        cooldown_s=r.number(t, path, "cooldown_s", d.cooldown_s, positive=False),
+        max_hops=r.integer(t, path, "max_hops", d.max_hops, lo=1, hi=64),
+        electricity_usd_per_kwh=r.number(
+            t, path, "electricity_usd_per_kwh", d.electricity_usd_per_kwh, positive=False
+        ),
+        gate_cpu_watts=r.number(t, path, "gate_cpu_watts", d.gate_cpu_watts, positive=False),
+        local_rate_usd_per_1m=local_rate,
+        equivalences=groups,
+    )
+
+
+def _read_providers(
+    r: _Reader, gate: Mapping[str, object], gate_path: KeyPath
+) -> tuple[ProviderConfig, ...]:
+    providers: list[ProviderConfig] = []
+    names: set[str] = set()
+    for where in _tables(r, gate, gate_path, "providers"):
+        t = _item(gate, where)
+        r.check_keys(t, where, [f.name for f in attrs.fields(ProviderConfig)])
+        _required(r, t, where, "name", "a short name for the provider")
+        _required(r, t, where, "base_url", 'e.g. "https://api.example.com/v1"')
+        name = r.string(t, where, "name", "")
+        if not _GATE_NAME_RE.fullmatch(name) or name in names:
+            problem = "is used twice" if name in names else "must be 1-64 letters, digits, . _ -"
+            raise r.error((*where, "name"), f"provider name {_describe(name)} {problem}")
+        names.add(name)
+        base_url = r.string(t, where, "base_url", "")
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", base_url):
+            raise r.error(
+                (*where, "base_url"), f"expected an http(s):// URL, got {_describe(base_url)}"
+            )
+        api_key = None
+        if "api_key" in t:
+            api_key = r.string(t, where, "api_key", "")
+            if not re.fullmatch(r"(store|env):[A-Za-z0-9_.-]+", api_key):
+                # Never echo the value: it may be the key itself, pasted by mistake.
+                raise r.error(
+                    (*where, "api_key"),
+                    'expected "store:NAME" or "env:VARIABLE" (never the key itself)',
+                )
+        models: list[ProviderModelConfig] = []
+        for mwhere in _tables(r, t, where, "models"):
+            m = _item(t, mwhere)
+            r.check_keys(m, mwhere, [f.name for f in attrs.fields(ProviderModelConfig)])
+            _required(r, m, mwhere, "id", "the model id clients name")
+            d = ProviderModelConfig(id="")
+            model_id = r.string(m, mwhere, "id", "")
+            if not _MODEL_ID_RE.fullmatch(model_id):
+                raise r.error((*mwhere, "id"), f"expected a model id, got {_describe(model_id)}")
+            size_class = None
+            if "size_class" in m:
+                size_class = r.string(m, mwhere, "size_class", "", choices=_SIZE_CLASSES)
+            models.append(
+                ProviderModelConfig(
+                    id=model_id,
+                    upstream=r.string(m, mwhere, "upstream", model_id) if "upstream" in m else None,
+                    tasks=_strings(m, mwhere, "tasks", d.tasks, _TASK_NAME_RE, "task name", r=r),
+                    price_in=r.number(m, mwhere, "price_in", 0.0, positive=False),
+                    price_out=r.number(m, mwhere, "price_out", 0.0, positive=False),
+                    latency_ms=r.number(m, mwhere, "latency_ms", d.latency_ms, positive=True),
+                    context=r.integer(m, mwhere, "context", d.context, lo=1),
+                    quality=r.integer(m, mwhere, "quality", d.quality, lo=0, hi=5),
+                    family=r.string(m, mwhere, "family", "") or None,
+                    size_class=size_class,
+                )
+            )
+        providers.append(
+            ProviderConfig(
+                name=name,
+                base_url=base_url,
+                kind=r.string(t, where, "kind", "openai", choices=_PROVIDER_KINDS),
+                api_key=api_key,
+                private=r.boolean(t, where, "private", False),
+                models=tuple(models),
+            )
+        )
+    return tuple(providers)
+
+
+def _read_budgets(
+    r: _Reader, gate: Mapping[str, object], gate_path: KeyPath
+) -> tuple[BudgetConfig, ...]:
+    budgets: list[BudgetConfig] = []
+    names: set[str] = set()
+    for where in _tables(r, gate, gate_path, "budgets"):
+        t = _item(gate, where)
+        r.check_keys(t, where, [f.name for f in attrs.fields(BudgetConfig)])
+        _required(r, t, where, "name", "e.g. team-a")
+        _required(r, t, where, "limit_usd", "the most it may spend per period")
+        name = r.string(t, where, "name", "")
+        if not _APP_ID_RE.fullmatch(name) or name in names:
+            problem = "is used twice" if name in names else "must be 1-63 letters, digits, . _ -"
+            raise r.error((*where, "name"), f"budget name {_describe(name)} {problem}")
+        names.add(name)
+        budgets.append(
+            BudgetConfig(
+                name=name,
+                limit_usd=r.number(t, where, "limit_usd", 0.0, positive=False),
+                period=r.string(t, where, "period", "month", choices=_BUDGET_PERIODS),
+                mode=r.string(t, where, "mode", "hard", choices=_BUDGET_MODES),
+                apps=_strings(t, where, "apps", (), _APP_ID_RE, "app id", r=r),
+            )
+        )
+    return tuple(budgets)
 
 
 def _read_forwards(r: _Reader, t: Mapping[str, object], path: KeyPath) -> tuple[ForwardConfig, ...]:
@@ -1049,15 +1380,99 @@ def _read_minigate(r: _Reader, root: Mapping[str, object]) -> MiniGateConfig:
     return result
 
 
+_DAEMON_RUNTIME_KINDS: Final = ("ollama", "openai")
+_ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _read_daemon_runtimes(
+    r: _Reader, t: Mapping[str, object], path: KeyPath
+) -> tuple[DaemonRuntimeConfig, ...]:
+    runtimes: list[DaemonRuntimeConfig] = []
+    names: set[str] = set()
+    for where in _tables(r, t, path, "runtime"):
+        item = _item(t, where)
+        r.check_keys(item, where, [f.name for f in attrs.fields(DaemonRuntimeConfig)])
+        _required(r, item, where, "kind", "ollama or openai")
+        _required(r, item, where, "url", 'e.g. "http://127.0.0.1:11434"')
+        kind = r.string(item, where, "kind", "", choices=_DAEMON_RUNTIME_KINDS)
+        url = r.string(item, where, "url", "").rstrip("/")
+        match = re.fullmatch(r"http://([^\s/?#]+)(/[^\s?#]*)?", url)
+        if match is None:
+            raise r.error((*where, "url"), f"expected an http://host:port URL, got {_describe(url)}")
+        name = r.string(item, where, "name", f"{kind}@{match.group(1)}")
+        if not name or name in names or name == "llama.cpp":
+            raise r.error((*where, "name"), f"runtime name {_describe(name)} is empty or used twice")
+        names.add(name)
+        api_key_env = None
+        if "api_key_env" in item:
+            api_key_env = r.string(item, where, "api_key_env", "")
+            if not _ENV_NAME_RE.fullmatch(api_key_env):
+                raise r.error((*where, "api_key_env"), "expected an environment variable name")
+        runtimes.append(
+            DaemonRuntimeConfig(
+                kind=kind,
+                url=url,
+                name=name,
+                keep_alive=r.string(item, where, "keep_alive", "10m"),
+                api_key_env=api_key_env,
+            )
+        )
+    return tuple(runtimes)
+
+
 def _read_daemon(r: _Reader, root: Mapping[str, object]) -> DaemonConfig:
     path: KeyPath = ("daemon",)
     t = r.table(root, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(DaemonConfig)])
+    allowed = [f.name for f in attrs.fields(DaemonConfig) if f.name != "runtimes"]
+    r.check_keys(t, path, [*allowed, "runtime"])
     d = DaemonConfig()
+    model_dirs: list[Path] = []
+    if "model_dirs" in t:
+        where: KeyPath = (*path, "model_dirs")
+        value = t["model_dirs"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise r.error(where, f"expected an array of directories, got {_describe(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise r.error((*where, i), f"expected a directory, got {_describe(item)}")
+            model_dirs.append(r.resolve_path(item, (*where, i)))
+    budget = None
+    if "memory_budget" in t:
+        where = (*path, "memory_budget")
+        value = t["memory_budget"]
+        if isinstance(value, str):
+            try:
+                value = parse_size(value)
+            except ValueError as exc:
+                raise r.error(where, str(exc)) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise r.error(where, f'expected a size like "8GiB" or bytes, got {_describe(value)}')
+        budget = value
+    threads = gpu_layers = None
+    if "threads" in t:
+        threads = r.integer(t, path, "threads", 0, lo=1, hi=1024)
+    if "gpu_layers" in t:
+        gpu_layers = r.integer(t, path, "gpu_layers", 0, lo=-1, hi=100_000)
     return DaemonConfig(
         gate=r.address(t, path, "gate", d.gate),
         credential_file=r.path(t, path, "credential_file"),
         health_listen=r.address(t, path, "health_listen", d.health_listen),
+        heartbeat_interval_s=r.number(
+            t, path, "heartbeat_interval_s", d.heartbeat_interval_s, positive=True
+        ),
+        model_dirs=tuple(model_dirs),
+        rescan_interval_s=r.number(t, path, "rescan_interval_s", d.rescan_interval_s, positive=True),
+        memory_budget=budget,
+        queue_limit=r.integer(t, path, "queue_limit", d.queue_limit, lo=1, hi=100_000),
+        parallel=r.integer(t, path, "parallel", d.parallel, lo=1, hi=1024),
+        context_length=r.integer(t, path, "context_length", d.context_length, lo=64, hi=10_000_000),
+        threads=threads,
+        gpu_layers=gpu_layers,
+        load_timeout_s=r.number(t, path, "load_timeout_s", d.load_timeout_s, positive=True),
+        llama_cpp=r.boolean(t, path, "llama_cpp", d.llama_cpp),
+        runtimes=_read_daemon_runtimes(r, t, path),
     )
 
 

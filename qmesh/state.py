@@ -34,6 +34,7 @@ from typing import Final
 
 import attrs
 
+from qmesh.finops.schema import MIGRATION as FINOPS_MIGRATION
 from qmesh.memory.schema import MIGRATION as MEMORY_MIGRATION
 
 __all__ = [
@@ -136,6 +137,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # The graph memory: documents, sentences, entities, relations and their
     # provenance (qmesh.memory.schema says what the database enforces).
     MEMORY_MIGRATION,
+    # The capability router's books: the hash-chained request ledger and
+    # audit trail, their heads, and sealed provider API keys (qmesh.finops).
+    FINOPS_MIGRATION,
 )
 
 

@@ -89,7 +89,15 @@ QUESTIONS: Final[dict[str, tuple[str, ...]]] = {
         'Acme makes the "Roadrunner Trap", a mechanical trap.',
         "Acme also makes rocket skates.",
     ),
+    "Who acquired Initech?": (
+        "In 2015, Acme acquired Initech for $2 billion.",
+        "Acme acquired Initech in 2015.",
+    ),
     "Who is the CEO of Initech?": (),
+    # Initech was acquired; it acquired nothing.
+    "What did Initech acquire?": (),
+    # "Acme Labs" is not Acme: a name in a question is matched whole.
+    "What did Acme Labs acquire?": (),
     "What is the capital of Mars?": (),
     "When was Globex founded?": (),
     "Who founded Umbrella?": (),

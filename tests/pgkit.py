@@ -102,6 +102,13 @@ class Ghost:
         return values
 
 
+    def asyncpg_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        values = self.kwargs()
+        values["database"] = values.pop("dbname")
+        values.update(overrides)
+        return values
+
+
 def app_policy(**values: Any) -> GateAppConfig:
     return GateAppConfig(**values)
 
@@ -214,8 +221,10 @@ class RawClient:
         except TimeoutError:
             return False
 
-    def login(self, user: str, password: str, database: str) -> None:
-        self.send(_core.encode_startup([("user", user), ("database", database)]))
+    def login(
+        self, user: str, password: str, database: str, params: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        self.send(_core.encode_startup([("user", user), ("database", database), *params]))
         tag, body = self.message()
         assert tag == "R" and _core.parse_sasl_mechanisms(body) == ["SCRAM-SHA-256"]
         scram = ScramClient(password)

@@ -310,6 +310,16 @@ def test_alias_merge_keeps_provenance_and_survives_deletion(
     answer = memory.ask("What did International Business Machines acquire?")
     assert answer_sentences(answer) == {"IBM acquired Red Hat in 2019."}
     assert answer.entities == ("International Business Machines",)
+    conn = raw(state)
+    try:
+        aliases = conn.execute(
+            "SELECT a.alias_key, a.mentions FROM memory_aliases a JOIN memory_entities e"
+            " ON e.id = a.entity_id WHERE e.key = 'international business machines'"
+            " ORDER BY a.alias_key"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert aliases == [("ibm", 2), ("international business machines", 1)]
     # Without the definition, the entity is named by what is left: "IBM".
     memory.delete("def")
     assert_sound(state)

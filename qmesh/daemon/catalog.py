@@ -43,15 +43,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SIZE_CLASSES: Final = (
-    ("tiny", 1.0e9),
-    ("small", 4.0e9),
-    ("medium", 15.0e9),
-    ("large", 40.0e9),
-    ("xlarge", float("inf")),
+    ("xs", 1.0e9),
+    ("s", 4.0e9),
+    ("m", 15.0e9),
+    ("l", 40.0e9),
+    ("xl", float("inf")),
 )
-"""(class, parameter count below which it applies): tiny < 1B ≤ small < 4B ≤
-medium < 15B ≤ large < 40B ≤ xlarge. The bands follow how models are
-deployed: phones and CPUs, one consumer GPU, one big GPU, several GPUs."""
+"""(class, parameter count below which it applies): xs < 1B ≤ s < 4B ≤ m <
+15B ≤ l < 40B ≤ xl — the router's size tiers (``qmesh.qg.candidates``). The
+bands follow how models are deployed: phones and CPUs, one consumer GPU,
+one big GPU, several GPUs."""
 
 # general.file_type values (llama.cpp's LLAMA_FTYPE_*), named like the files are.
 _FILE_TYPES: Final = {

@@ -62,6 +62,8 @@ __all__ = [
     "Plan",
     "PlanError",
     "Variant",
+    "memory_need",
+    "place",
     "plan",
     "variants_for",
 ]
@@ -334,6 +336,11 @@ class Placement:
 
 def _overhead(variant: Variant) -> int:
     return COMPUTE_BUFFER_BYTES + variant.weights_bytes // 20
+
+
+def memory_need(variant: Variant, context: int) -> int:
+    """Bytes a loaded variant holds: weights + KV cache for ``context`` + compute buffer."""
+    return variant.weights_bytes + variant.kv_bytes_per_token * context + _overhead(variant)
 
 
 def place(variant: Variant, node: NodeSpec, context: int) -> Placement:

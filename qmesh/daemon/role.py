@@ -1,7 +1,12 @@
 """The Daemon role: a compute node's agent, connected to the Gate.
 
-The Gate opens streams *to* daemons; the ``status`` service answers what
-the node is, so the Gate can tell live nodes from stale ones.
+Wires the parts together: a :class:`~qmesh.daemon.node.DaemonNode`
+(telemetry, catalog, runtimes, scheduler), the tunnel client with the
+services the Gate opens to it (``status``: one JSON document about the
+node; ``infer``: :mod:`qmesh.daemon.infer`), the ``inventory`` stream it
+opens to the Gate (:mod:`qmesh.daemon.reporter`), and the local HTTP
+endpoint on ``daemon.health_listen`` (``GET /healthz``, ``GET /api/node``:
+the same document the Gate gets) for operators on the box.
 """
 
 from __future__ import annotations
@@ -10,14 +15,20 @@ import json
 import os
 import platform
 import time
+from functools import partial
 from typing import Any
 
 import trio
 
 from qmesh import __version__
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
+from qmesh.daemon.infer import serve_infer
+from qmesh.daemon.node import DaemonNode
+from qmesh.daemon.reporter import report_forever
+from qmesh.daemon.wire import INFER_SERVICE
 from qmesh.identity import load_credential
 from qmesh.tunnel import TunnelClient, TunnelStream
+from qmesh.web.http import Request, Response, Router, serve_http
 
 _STARTED = time.time()
 
@@ -36,6 +47,22 @@ async def status_service(stream: TunnelStream) -> None:
     await stream.send_eof()
 
 
+def _local_routes(node: DaemonNode, client: TunnelClient) -> Router:
+    router = Router()
+
+    async def healthz(request: Request) -> Response:
+        return Response.json(
+            {"status": "ok", "node": node.name, "gate_connected": client.connected}
+        )
+
+    async def node_view(request: Request) -> Response:
+        return Response.json({**node.hello(), "inventory": node.inventory()})
+
+    router.add("GET", "/healthz", healthz)
+    router.add("GET", "/api/node", node_view)
+    return router
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -47,6 +74,9 @@ async def run_daemon(
         raise ConfigError("daemon.credential_file is required (see `qmesh enroll daemon`)")
     credential = load_credential(config.daemon.credential_file)
     address = gate_address or parse_hostport(config.daemon.gate)
+    node = DaemonNode(config, credential.name)
+    await node.prepare()
+    assert node.scheduler is not None
     client = TunnelClient(
         config.tunnel,
         name=credential.name,
@@ -54,10 +84,25 @@ async def run_daemon(
         private_key=credential.private_key,
         gate_public_key=credential.gate_public_key,
         gate_address=address,
-        services={"status": status_service},
+        services={
+            "status": status_service,
+            INFER_SERVICE: partial(
+                serve_infer, scheduler=node.scheduler, on_runtime_failure=node.request_refresh
+            ),
+        },
     )
+    host, port = parse_hostport(config.daemon.health_listen)
     async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
         await nursery.start(client.run)
+        bound = await nursery.start(serve_http, _local_routes(node, client), host, port)
+        nursery.start_soon(report_forever, client, node)
         task_status.started(
-            {"name": credential.name, "gate": format_hostport(*address), "client": client}
+            {
+                "name": credential.name,
+                "gate": format_hostport(*address),
+                "health": f"http://{format_hostport(host, bound)}",
+                "client": client,
+                "node": node,
+            }
         )

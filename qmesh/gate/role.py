@@ -11,6 +11,9 @@ from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.gate.api import add_routes
 from qmesh.gate.auth import AppAuthenticator
 from qmesh.gate.forward import ForwardService
+from qmesh.gate.llm import LlmService
+from qmesh.gate.llm_api import add_llm_routes
+from qmesh.gate.llm_relay import LlmRelay
 from qmesh.gate.pg import PgService
 from qmesh.identity import GateKeys
 from qmesh.memory.api import add_routes as add_memory_routes
@@ -49,6 +52,8 @@ async def run_gate(
     store = StateStore.open(config.state_db_path)
     try:
         pg = PgService.from_config(config, store)
+        router = Router()
+        llm = LlmService.from_config(config, store)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
@@ -58,16 +63,18 @@ async def run_gate(
                 "forward": ForwardService(config.gate.forward_allow),
                 "pg": pg.serve,
                 "pg-cancel": pg.cancel,
+                "llm": LlmRelay(router),
             },
         )
-        router = Router()
         auth = AppAuthenticator(store)
         add_routes(router, server, auth)
         add_memory_routes(router, Memory(store), auth)
+        add_llm_routes(router, llm, auth)
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)
         async with trio.open_nursery() as nursery:
             await nursery.start(pg.run)
+            await nursery.start(llm.run)
             bound = await nursery.start(server.serve, host, port)
             http_bound = await nursery.start(serve_http, router, http_host, http_port)
             task_status.started(
@@ -76,6 +83,7 @@ async def run_gate(
                     "http": f"http://{format_hostport(http_host, http_bound)}",
                     "server": server,
                     "pg": pg,
+                    "llm": llm,
                 }
             )
     finally:

@@ -37,8 +37,8 @@ from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
 
 __all__ = [
     "EVENT_PREDICATES",
-    "TRANSITIVE_FORMS",
     "KINDS",
+    "TRANSITIVE_FORMS",
     "Extraction",
     "Extractor",
     "Mention",
@@ -386,7 +386,9 @@ _TRANSITIVE: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]]] = {
 _PARTICIPLES: Final = {"wrote": "written"}
 
 TRANSITIVE_FORMS: Final = {
-    form: label for label, (active, passive, _) in _TRANSITIVE.items() for form in (*active, *passive)
+    form: label
+    for label, (active, passive, _) in _TRANSITIVE.items()
+    for form in (*active, *passive)
 }
 """Every verb form of the transitive predicates ("bought", "acquires") → its label ("acquired")."""
 EVENT_PREDICATES: Final = {

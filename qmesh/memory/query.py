@@ -188,6 +188,9 @@ class _Question:
     unknown: tuple[str, ...]
     """Names in the question (lower-cased) that name nothing the memory knows."""
     search: tuple[str, ...]
+    """Words for full-text search: the content words outside the names."""
+    phrases: tuple[str, ...]
+    """The question's names of known entities, as written, for full-text search."""
     wh: str | None
 
 
@@ -219,7 +222,7 @@ def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT) -> Answer
         entity_ids = {e.id for group in parsed.groups for e in group}
         facts = {f.relation_id: f for f in reader.facts_about(entity_ids, _NEIGHBOURHOOD)}
         candidates = set(reader.sentences_mentioning(entity_ids, _MENTIONS))
-        hits = dict(reader.search(parsed.search, _SEARCH_HITS))
+        hits = dict(reader.search(parsed.search, _SEARCH_HITS, phrases=parsed.phrases))
         candidates |= set(hits)
         for fact in reader.facts_in_sentences(hits):
             facts.setdefault(fact.relation_id, fact)
@@ -294,11 +297,9 @@ def _parse(
             wh = "who" if lower in ("whom", "whose") else lower
         if lower in ("many", "much") and index > 0 and tokens[index - 1][2].lower() == "how":
             wh = "how many"
-        if lower in STOPWORDS or lower in QUESTION_WORDS:
+        if lower in STOPWORDS or lower in QUESTION_WORDS or used[index]:
             continue
         search.append(lower)
-        if used[index]:
-            continue
         stemmed = stem(lower)
         terms.add(stemmed)
         if verb is None and stemmed in _VERB_STEMS:
@@ -314,7 +315,14 @@ def _parse(
         # Acme?" and "When was Acme acquired?" about the object.
         roles.append("subject" if before != passive else "object")
     return _Question(
-        tuple(groups), tuple(roles), verb, frozenset(terms), unknown, tuple(search), wh
+        groups=tuple(groups),
+        roles=tuple(roles),
+        verb=verb,
+        terms=frozenset(terms),
+        unknown=unknown,
+        search=tuple(search),
+        phrases=tuple(question[tokens[i][0] : tokens[j - 1][1]] for i, j in places),
+        wh=wh,
     )
 
 

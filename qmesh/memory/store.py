@@ -337,16 +337,27 @@ class MemoryReader:
         ).fetchall()  # fmt: skip
         return [r[0] for r in rows]
 
-    def search(self, terms: Sequence[str], limit: int) -> list[tuple[int, float]]:
-        """Full-text hits for any of ``terms``: (sentence seq, bm25 score), best first.
-        bm25 is negated here so that larger is better."""
-        if not terms:
+    def search(
+        self, terms: Sequence[str], limit: int, *, phrases: Sequence[str] = ()
+    ) -> list[tuple[int, float]]:
+        """Full-text hits (sentence seq, bm25 score; larger is better), best
+        first: sentences with any of ``terms`` and, if given, every one of
+        ``phrases``. Requiring the question's names keeps the match set
+        small, so that bm25 does not have to score every sentence that
+        says "founded"."""
+        if not terms and not phrases:
             return []
-        query = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+        def quoted(text: str) -> str:
+            return '"' + text.replace('"', '""') + '"'
+
+        parts = [quoted(p) for p in phrases]
+        if terms:
+            parts.append("(" + " OR ".join(quoted(t) for t in terms) + ")")
         rows = self.conn.execute(
             "SELECT rowid, bm25(memory_sentences_fts) FROM memory_sentences_fts"
             " WHERE memory_sentences_fts MATCH ? ORDER BY rank LIMIT ?",
-            (query, limit),
+            (" AND ".join(parts), limit),
         ).fetchall()
         return [(int(r[0]), -float(r[1])) for r in rows]
 

@@ -13,6 +13,7 @@ its own tokenizer (SQLite FTS5's porter), used only to find candidates.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from typing import Final
@@ -75,8 +76,10 @@ def words(text: str) -> list[str]:
     return [w.lower().replace("’", "'") for w in _WORD_RE.findall(text)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stem(word: str) -> str:
-    """A crude, consistent stem of one lower-case word."""
+    """A crude, consistent stem of one lower-case word (cached: a corpus
+    repeats its words, and queries stem every candidate sentence)."""
     if word.endswith("'s"):
         word = word[:-2]
     irregular = _IRREGULAR.get(word)

@@ -9,6 +9,7 @@ import trio
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.identity import load_credential
 from qmesh.minigate.forward import serve_forward
+from qmesh.minigate.llm import serve_llm
 from qmesh.minigate.pg import serve_pg, tls_context
 from qmesh.tunnel import TunnelClient
 
@@ -55,12 +56,15 @@ async def run_minigate(
                 client, config.minigate.pg_listen, tls=pg_tls, task_status=task_status
             )
         )
+        llm_host, _ = parse_hostport(config.minigate.llm_listen)
+        llm_port = await nursery.start(serve_llm, client, config.minigate.llm_listen)
         task_status.started(
             {
                 "name": credential.name,
                 "gate": format_hostport(*address),
                 "forwards": forwards,
                 "pg": format_hostport(pg_host, pg_port),
+                "llm": f"http://{format_hostport(llm_host, llm_port)}/v1",
                 "client": client,
             }
         )

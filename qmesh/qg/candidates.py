@@ -55,7 +55,9 @@ class Candidate:
     """USD per 1M input tokens (providers)."""
     price_out: float = 0.0
     local_rate: float = 0.0
-    """USD per 1M tokens for local work (power × electricity, or a configured rate)."""
+    """USD per 1M tokens for local work, when a flat rate is configured."""
+    power_w: float = 0.0
+    """Power drawn while it works: local cost is power × time × electricity price."""
     quality: int = 0
     """Tier: 0 internal skill, 1..5 by size class; config may set it for providers."""
     latency_ms: float = 1.0
@@ -72,6 +74,8 @@ class Candidate:
     """Monotonic time before which it is not chosen (failed recently)."""
     order: int = 0
     """Configuration order: the last tie-breaker, so decisions are stable."""
+    upstream_model: str = ""
+    """The worker's own name for the model, when it differs from ``model``."""
     backend: Any = attrs.field(default=None, repr=False)
     """What the executor calls: a Skill, a provider client, a daemon handle."""
     # Derived, set by refresh(); read on the hot path.

@@ -68,6 +68,8 @@ class Decision:
     estimated_cost: float
     elapsed_us: float
     reason: str
+    shifted_from: Candidate | None = None
+    """The paid candidate a budget shift passed over for ``chosen``."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -78,6 +80,7 @@ class Decision:
             "reason": self.reason,
             "estimated_cost_usd": self.estimated_cost,
             "fallbacks": [c.id for c in self.fallbacks],
+            "shifted_from": None if self.shifted_from is None else self.shifted_from.id,
             "rejected": [{"candidate": cid, "reason": why} for cid, why in self.rejected],
             "decision_us": round(self.elapsed_us, 1),
         }
@@ -147,6 +150,13 @@ class Router:
             if candidate.id == candidate_id:
                 return candidate
         return None
+
+    def cool_down(self, candidate: Candidate, seconds: float) -> None:
+        """Pass over ``candidate`` and every other on its node for ``seconds``."""
+        until = time.monotonic() + seconds
+        for other in self._all:
+            if other is candidate or (candidate.node is not None and other.node == candidate.node):
+                other.cool_until = max(other.cool_until, until)
 
     def models(self) -> list[Candidate]:
         """One candidate per distinct model id, in order."""
@@ -332,6 +342,7 @@ class Router:
             estimated_cost=chosen_cost,
             elapsed_us=(time.perf_counter_ns() - started) / 1000,
             reason=reason,
+            shifted_from=paid_held if paid_held is not chosen else None,
         )
         self.decisions += 1
         self.recent.append(decision)

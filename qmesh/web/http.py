@@ -41,16 +41,18 @@ class HttpError(Exception):
         *,
         kind: str = "invalid_request_error",
         code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.code = code
+        self.param = param  # the request field at fault, as OpenAI's errors name it
 
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.kind, "code": self.code}}
-        return Response.json(body, status=self.status)
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return Response.json({"error": error}, status=self.status)
 
 
 @attrs.frozen
@@ -166,17 +168,21 @@ async def serve_http(
     task_status.started(bound)
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        await _serve_connection(router, stream, max_body)
+        try:
+            client = "{}:{}".format(*stream.socket.getpeername()[:2])
+        except OSError:
+            client = "?"
+        await serve_stream(router, stream, client=client, max_body=max_body)
 
     await trio.serve_listeners(serve_one, listeners)
 
 
-async def _serve_connection(router: Router, stream: trio.SocketStream, max_body: int) -> None:
+async def serve_stream(
+    router: Router, stream: trio.abc.Stream, *, client: str, max_body: int = MAX_BODY
+) -> None:
+    """Serve HTTP/1.1 on one already-open byte stream (a TCP connection, or
+    a tunnel stream carrying an edge's connection) until it ends; closes it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
-    try:
-        client = "{}:{}".format(*stream.socket.getpeername()[:2])
-    except OSError:
-        client = "?"
     try:
         while True:
             with trio.move_on_after(IDLE_TIMEOUT_S) as idle:
@@ -210,12 +216,12 @@ async def _serve_connection(router: Router, stream: trio.SocketStream, max_body:
         await trio.aclose_forcefully(stream)
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Event | None:
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | None:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(RECEIVE_SIZE)
-            conn.receive_data(data)  # b"" tells h11 about EOF
+            conn.receive_data(bytes(data))  # b"" tells h11 about EOF; bytes(b) is no copy
             continue
         if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
             return None
@@ -224,7 +230,7 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Ev
 
 
 async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream, head: h11.Request, max_body: int, client: str
+    conn: h11.Connection, stream: trio.abc.Stream, head: h11.Request, max_body: int, client: str
 ) -> Request:
     headers: dict[str, str] = {}
     for name, value in head.headers:
@@ -267,14 +273,14 @@ async def _handle(router: Router, request: Request) -> Response:
         return HttpError(500, "internal error", kind="server_error").response()
 
 
-async def _send(conn: h11.Connection, stream: trio.SocketStream, event: h11.Event) -> None:
+async def _send(conn: h11.Connection, stream: trio.abc.Stream, event: h11.Event) -> None:
     data = conn.send(event)
     if data:
         await stream.send_all(data)
 
 
 async def _send_response(
-    conn: h11.Connection, stream: trio.SocketStream, response: Response, *, close: bool = False
+    conn: h11.Connection, stream: trio.abc.Stream, response: Response, *, close: bool = False
 ) -> None:
     headers = [(k.encode(), v.encode()) for k, v in response.headers]
     headers.append((b"server", b"qmesh"))
@@ -294,7 +300,7 @@ async def _send_response(
     await _send(conn, stream, h11.EndOfMessage())
 
 
-async def _send_error(conn: h11.Connection, stream: trio.SocketStream, error: HttpError) -> None:
+async def _send_error(conn: h11.Connection, stream: trio.abc.Stream, error: HttpError) -> None:
     """Answer an error if the protocol state still allows a response, then give up."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 client on h11 and Trio, for talking to model servers.
+"""A small HTTP/1.1 client on h11 and Trio: how the runtime adapters talk to model servers.
 
 For: :func:`request`, an async context manager that sends one request (JSON
 body or none) and hands back a :class:`ClientResponse` whose body can be

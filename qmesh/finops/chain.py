@@ -1,0 +1,208 @@
+"""HMAC hash chains over append-only tables, and their verification.
+
+For: sealing each new row of ``qg_ledger`` / ``qg_audit`` with
+``hash = HMAC-SHA256(chain key, prev_hash ‖ canonical(row))``, where the
+canonical form is the row's id and data columns as compact JSON; keeping
+an authenticated head per chain (last id, last hash, row count) so that
+removing the newest rows is caught; and :func:`verify_chain`, which walks
+a table and reports every edited, inserted, deleted or reordered row.
+
+Why an HMAC and not a bare hash: with a bare hash anyone who can write the
+database can rewrite the whole chain after an edit and it verifies again.
+The chain key lives in a file beside the database (``chain.key``, mode
+0600), so an attacker needs both to forge. What this cannot catch: an
+attacker with the key, or a whole database rolled back to an older copy
+(head included) — keep the key off the database host's backups for that.
+
+Not for: what the rows mean (:mod:`qmesh.finops.ledger`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+__all__ = [
+    "CHAINS",
+    "GENESIS",
+    "ChainProblem",
+    "ChainReport",
+    "append_rows",
+    "chain_key_path",
+    "load_chain_key",
+    "verify_chain",
+]
+
+GENESIS: Final = b"\x00" * 32
+KEY_FILE: Final = "chain.key"
+CHAINS: Final = {
+    "ledger": (
+        "qg_ledger",
+        (
+            "ts",
+            "request_id",
+            "app",
+            "budget",
+            "task",
+            "candidate",
+            "kind",
+            "model",
+            "provider",
+            "tokens_in",
+            "tokens_out",
+            "cost_usd",
+            "shifted_from",
+            "avoided_usd",
+            "outcome",
+            "hops",
+            "reason",
+        ),
+    ),
+    "audit": ("qg_audit", ("ts", "actor", "action", "detail")),
+}
+"""Chain name → (table, data columns in hashing order)."""
+
+
+def chain_key_path(db_path: Path) -> Path:
+    return db_path.parent / KEY_FILE
+
+
+def load_chain_key(db_path: Path, *, create: bool = True) -> bytes:
+    """The chain key beside ``db_path``; created (0600) on first use if ``create``."""
+    path = chain_key_path(db_path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            raise
+        key = secrets.token_bytes(32)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key.hex().encode() + b"\n")
+        data = path.read_bytes()
+    return bytes.fromhex(data.decode().strip())
+
+
+def _canonical(row_id: int, values: Sequence[object]) -> bytes:
+    return json.dumps([row_id, *values], separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _seal(key: bytes, prev: bytes, row_id: int, values: Sequence[object]) -> bytes:
+    return hmac.new(key, prev + _canonical(row_id, values), hashlib.sha256).digest()
+
+
+def _head_mac(key: bytes, chain: str, last_id: int, last_hash: bytes, rows: int) -> bytes:
+    message = f"{chain}\x00{last_id}\x00{rows}\x00".encode() + last_hash
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def append_rows(
+    conn: sqlite3.Connection, key: bytes, chain: str, rows: Sequence[Sequence[object]]
+) -> None:
+    """Insert ``rows`` (data columns in :data:`CHAINS` order) into the
+    chain's table, sealed, and move the head. Call inside a write
+    transaction: the head read here must not change until it commits."""
+    table, columns = CHAINS[chain]
+    head = conn.execute(
+        "SELECT last_id, last_hash, rows FROM qg_chain_heads WHERE chain = ?", (chain,)
+    ).fetchone()
+    last_id, prev, count = (0, GENESIS, 0) if head is None else (head[0], bytes(head[1]), head[2])
+    # Ids are assigned here, not by SQLite, so the sealed id is the stored one.
+    next_id = int(
+        conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
+    )
+    next_id = max(next_id, last_id) + 1
+    placeholders = ", ".join("?" for _ in range(len(columns) + 3))
+    sql = (
+        f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash) "
+        f"VALUES ({placeholders})"
+    )
+    for values in rows:
+        digest = _seal(key, prev, next_id, values)
+        conn.execute(sql, (next_id, *values, prev, digest))
+        prev = digest
+        last_id = next_id
+        next_id += 1
+        count += 1
+    mac = _head_mac(key, chain, last_id, prev, count)
+    conn.execute(
+        "INSERT INTO qg_chain_heads (chain, last_id, last_hash, rows, mac) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (chain) DO UPDATE SET last_id = excluded.last_id,"
+        " last_hash = excluded.last_hash, rows = excluded.rows, mac = excluded.mac",
+        (chain, last_id, prev, count, mac),
+    )
+
+
+@attrs.frozen
+class ChainProblem:
+    row_id: int | None
+    problem: str
+
+
+@attrs.frozen
+class ChainReport:
+    chain: str
+    rows: int
+    problems: tuple[ChainProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_chain(conn: sqlite3.Connection, key: bytes, chain: str) -> ChainReport:
+    """Walk the chain and report every row whose seal or link is wrong, and
+    a head that does not match the last row (rows removed from the end)."""
+    table, columns = CHAINS[chain]
+    problems: list[ChainProblem] = []
+    prev = GENESIS
+    count = 0
+    last_id = 0
+    cursor = conn.execute(
+        f"SELECT id, {', '.join(columns)}, prev_hash, hash FROM {table} ORDER BY id"
+    )
+    for row in cursor:
+        row_id = int(row[0])
+        values = row[1 : 1 + len(columns)]
+        stored_prev, stored_hash = bytes(row[-2]), bytes(row[-1])
+        count += 1
+        if stored_prev != prev:
+            problems.append(
+                ChainProblem(
+                    row_id, "does not follow the row before it (a row was deleted or inserted)"
+                )
+            )
+        if not hmac.compare_digest(_seal(key, stored_prev, row_id, values), stored_hash):
+            problems.append(ChainProblem(row_id, "contents do not match its seal (edited)"))
+        prev = stored_hash
+        last_id = row_id
+    head = conn.execute(
+        "SELECT last_id, last_hash, rows, mac FROM qg_chain_heads WHERE chain = ?", (chain,)
+    ).fetchone()
+    if head is None:
+        if count:
+            problems.append(ChainProblem(None, "the chain's head record is missing"))
+    else:
+        h_id, h_hash, h_rows, h_mac = int(head[0]), bytes(head[1]), int(head[2]), bytes(head[3])
+        if not hmac.compare_digest(_head_mac(key, chain, h_id, h_hash, h_rows), bytes(h_mac)):
+            problems.append(ChainProblem(None, "the chain's head record was altered"))
+        if h_id != last_id or h_hash != prev or h_rows != count:
+            problems.append(
+                ChainProblem(
+                    None,
+                    f"the head says {h_rows} rows ending at id {h_id}; the table has {count} "
+                    f"ending at id {last_id} (rows removed or added)",
+                )
+            )
+    return ChainReport(chain=chain, rows=count, problems=tuple(problems))

@@ -1,0 +1,160 @@
+"""The request ledger: one hash-chained row per routed request.
+
+For: :class:`LedgerEntry` (who asked, what ran where, tokens, cost, what a
+budget shift avoided paying, every failover hop and the router's reason),
+and :class:`Ledger`, which takes entries on the request path without
+waiting (a list append) and writes them in batches from one background
+task (``run``): one transaction per batch keeps the per-request cost to
+microseconds. Also the audit events (``audit``) on the same path, and the
+reads FinOps needs (spend per budget since a time, rows for a report).
+
+Not for: budgets' arithmetic (:mod:`qmesh.finops.budgets`; the in-memory
+book is updated at settlement, before the row is written) or the chain
+itself (:mod:`qmesh.finops.chain`).
+
+Durability: a batch is written at most ``FLUSH_INTERVAL_S`` after its
+requests finished; a crash loses at most that much of the ledger (the
+budgets re-read the ledger at start-up, so they under-count by the same).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+
+from qmesh.finops.chain import append_rows, load_chain_key
+from qmesh.state import StateStore
+
+__all__ = ["FLUSH_INTERVAL_S", "AuditEvent", "Ledger", "LedgerEntry", "read_rows", "spent_since"]
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S: Final = 0.05
+MAX_BATCH: Final = 1024
+
+
+@attrs.frozen
+class LedgerEntry:
+    ts: float
+    request_id: str
+    app: str
+    budget: str | None
+    task: str
+    candidate: str
+    kind: str
+    model: str
+    provider: str | None
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    shifted_from: str | None
+    avoided_usd: float
+    """What the paid candidate the budget shifted away from would have cost."""
+    outcome: str
+    """``ok``, ``error``, ``stream_broken``, ``refused``."""
+    hops: str
+    """JSON list of ``{"candidate", "outcome", "ms"}``."""
+    reason: str
+
+    def values(self) -> tuple[object, ...]:
+        return attrs.astuple(self, recurse=False)
+
+
+@attrs.frozen
+class AuditEvent:
+    ts: float
+    actor: str
+    action: str
+    detail: str  # JSON
+
+    def values(self) -> tuple[object, ...]:
+        return attrs.astuple(self, recurse=False)
+
+
+class Ledger:
+    """Buffered, chained writes of ledger rows and audit events."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._key = load_chain_key(store.path)
+        self._entries: list[LedgerEntry] = []
+        self._events: list[AuditEvent] = []
+        self._wakeup = trio.Event()
+        self.written = 0
+
+    def record(self, entry: LedgerEntry) -> None:
+        self._entries.append(entry)
+        if len(self._entries) >= MAX_BATCH:
+            self._wakeup.set()
+
+    def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
+        self._events.append(
+            AuditEvent(time.time(), actor, action, json.dumps(detail, sort_keys=True))
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._entries) + len(self._events)
+
+    def _write(self, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]) -> None:
+        with self.store._write() as conn:
+            if entries:
+                append_rows(conn, self._key, "ledger", [e.values() for e in entries])
+            if events:
+                append_rows(conn, self._key, "audit", [e.values() for e in events])
+
+    async def flush(self) -> None:
+        """Write everything buffered now."""
+        while self._entries or self._events:
+            entries, self._entries = self._entries[:MAX_BATCH], self._entries[MAX_BATCH:]
+            events, self._events = self._events, []
+            await trio.to_thread.run_sync(self._write, entries, events)
+            self.written += len(entries)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush every ``FLUSH_INTERVAL_S`` (sooner when a batch fills) until
+        cancelled; the last flush on the way out is shielded."""
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(FLUSH_INTERVAL_S):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("writing the ledger failed; will retry")
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("final ledger flush failed")
+
+
+def spent_since(store: StateStore, since: float) -> dict[str | None, float]:
+    """Cost per budget name of ledger rows at or after ``since``."""
+    with store._read() as conn:
+        rows = conn.execute(
+            "SELECT budget, SUM(cost_usd) FROM qg_ledger WHERE ts >= ? GROUP BY budget", (since,)
+        ).fetchall()
+    return {row[0]: float(row[1] or 0.0) for row in rows}
+
+
+def read_rows(store: StateStore, since: float = 0.0) -> list[dict[str, Any]]:
+    """Ledger rows at or after ``since`` as dicts, oldest first."""
+    with store._read() as conn:
+        cursor = conn.execute(
+            "SELECT id, ts, request_id, app, budget, task, candidate, kind, model, provider,"
+            " tokens_in, tokens_out, cost_usd, shifted_from, avoided_usd, outcome, hops, reason"
+            " FROM qg_ledger WHERE ts >= ? ORDER BY id",
+            (since,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

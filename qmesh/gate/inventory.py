@@ -1,0 +1,312 @@
+"""The Gate's inventory: every compute node it knows, its models and whether it is alive.
+
+For: :class:`Inventory`, a plain in-memory table of :class:`Node` records
+fed by whatever reports nodes (today the daemons' ``inventory`` streams,
+:mod:`qmesh.gate.daemons`; later other sources), with liveness derived from
+heartbeats: a node is ``fresh`` while heartbeats arrive, ``stale`` once it
+has missed ``stale_after_missed`` of them (at the interval the node itself
+announced), ``gone`` after ``gone_after_missed`` — or at once when its
+session ends for good. Every state change records a human-readable
+``reason`` and the time it happened. A node that reports again is fresh.
+
+Sans-IO: no sockets, no tasks, and the time is passed in (``now``), so the
+state table is tested without sleeping. The Gate's sweeper task calls
+:meth:`Inventory.sweep` periodically; queries sweep first, so what they
+return is exact at the moment of the call.
+
+The data model is deliberately general (``kind``, ``source``, ``address``,
+``version``, models with free-form metadata) so other node kinds and
+sources fit without changing it. The router (issue 5) reads
+:meth:`Inventory.nodes` and :attr:`Node.models`.
+
+Not for: talking to nodes (:mod:`qmesh.gate.daemons`), HTTP
+(:mod:`qmesh.gate.daemon_api`) or persistence (it is rebuilt from reports
+after a Gate restart: daemons reconnect and report in full).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+__all__ = ["NODE_STATES", "Inventory", "InventoryModel", "Node", "Transition"]
+
+log = logging.getLogger(__name__)
+
+NODE_STATES: Final = ("fresh", "stale", "gone")
+
+
+@attrs.frozen
+class InventoryModel:
+    """One model on one node. ``metadata`` is everything the node said about it."""
+
+    id: str
+    runtime: str
+    state: str
+    """``available`` (on disk), ``loading``, ``loaded``, ``unloading``, ``failed``."""
+    family: str | None = None
+    size_class: str | None = None
+    equivalence: str | None = None
+    quantization: str | None = None
+    parameters: int | None = None
+    context_length: int | None = None
+    chat_template: bool | None = None
+    queue_depth: int = 0
+    active: int = 0
+    busy: bool = False
+    predicted_tps: float | None = None
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_report(cls, data: Mapping[str, Any]) -> InventoryModel:
+        def opt(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = data.get(key)
+            if kind is bool:
+                return value if isinstance(value, bool) else None
+            # bool is an int in Python; a true/false is never a count here.
+            return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+        return cls(
+            id=str(data.get("id", "")),
+            runtime=str(data.get("runtime", "")),
+            state=str(data.get("state", "available")),
+            family=opt("family", str),
+            size_class=opt("size_class", str),
+            equivalence=opt("equivalence", str),
+            quantization=opt("quantization", str),
+            parameters=opt("parameters", int),
+            context_length=opt("context_length", int),
+            chat_template=opt("chat_template", bool),
+            queue_depth=int(data.get("queue_depth") or 0),
+            active=int(data.get("active") or 0),
+            busy=bool(data.get("busy")),
+            predicted_tps=opt("predicted_tps", (int, float)),
+            metadata=dict(data),
+        )
+
+    def with_load(self, load: Mapping[str, Any]) -> InventoryModel:
+        return attrs.evolve(
+            self,
+            queue_depth=int(load.get("queue_depth") or 0),
+            active=int(load.get("active") or 0),
+            busy=bool(load.get("busy")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        data["metadata"] = dict(self.metadata)
+        return data
+
+
+@attrs.define(eq=False)
+class Node:
+    name: str
+    kind: str
+    """``daemon`` today; the field is for other kinds of worker."""
+    source: str
+    """Who told the Gate about it: ``tunnel`` for a daemon's own report."""
+    address: str | None = None
+    """Where the node connects from (its host name and the peer address the Gate sees)."""
+    version: str | None = None
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    state: str = "fresh"
+    reason: str = ""
+    state_since: float = 0.0
+    heartbeat_interval_s: float = 5.0
+    models: dict[str, InventoryModel] = attrs.field(factory=dict)
+    telemetry: dict[str, Any] | None = None
+    runtimes: list[dict[str, Any]] = attrs.field(factory=list)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+    reports: int = 0
+    connection: object | None = None
+    """The report stream's owner (the tunnel session); not serialized."""
+
+    def to_json(self, *, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "address": self.address,
+            "version": self.version,
+            "state": self.state,
+            "reason": self.reason,
+            "state_since": self.state_since,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "seconds_since_seen": round(max(0.0, now - self.last_seen), 3),
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+            "models": [m.to_json() for m in self.models.values()],
+            "telemetry": self.telemetry,
+            "runtimes": self.runtimes,
+            "reports": self.reports,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+@attrs.frozen
+class Transition:
+    node: str
+    old: str
+    new: str
+    reason: str
+
+
+class Inventory:
+    """Nodes by name. Every method takes ``now`` (seconds, wall clock)."""
+
+    def __init__(self, *, stale_after_missed: int = 3, gone_after_missed: int = 12) -> None:
+        if not 1 <= stale_after_missed < gone_after_missed:
+            raise ValueError("need 1 <= stale_after_missed < gone_after_missed")
+        self.stale_after_missed = stale_after_missed
+        self.gone_after_missed = gone_after_missed
+        self._nodes: dict[str, Node] = {}
+        self.version = 0
+        """Bumped on every change, so pollers (the router) can skip rebuilding."""
+
+    # -- reports --------------------------------------------------------------
+
+    def hello(
+        self,
+        name: str,
+        *,
+        now: float,
+        kind: str,
+        source: str,
+        connection: object | None,
+        address: str | None = None,
+        version: str | None = None,
+        heartbeat_interval_s: float = 5.0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Node:
+        """A node (re)introduced itself: it is fresh, and its report channel is ``connection``."""
+        node = self._nodes.get(name)
+        if node is None:
+            node = Node(name=name, kind=kind, source=source, first_seen=now, state_since=now)
+            node.state = "new"  # replaced below; lets _set log the first transition
+            self._nodes[name] = node
+        node.kind, node.source = kind, source
+        node.address, node.version = address, version
+        node.heartbeat_interval_s = max(heartbeat_interval_s, 0.001)
+        node.extra = dict(extra or {})
+        node.connection = connection
+        node.last_seen = now
+        self._set(node, "fresh", "reported in", now)
+        self.version += 1
+        return node
+
+    def report(
+        self,
+        name: str,
+        *,
+        now: float,
+        models: list[Mapping[str, Any]] | None = None,
+        telemetry: dict[str, Any] | None = None,
+        runtimes: list[dict[str, Any]] | None = None,
+        load: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Node | None:
+        """A full inventory (``models`` given) or a heartbeat (``load`` only)."""
+        node = self._nodes.get(name)
+        if node is None:
+            return None
+        node.last_seen = now
+        node.reports += 1
+        if models is not None:
+            node.models = {m.id: m for m in map(InventoryModel.from_report, models) if m.id}
+        if load:
+            for model_id, figures in load.items():
+                model = node.models.get(model_id)
+                if model is not None:
+                    node.models[model_id] = model.with_load(figures)
+        if telemetry is not None:
+            node.telemetry = telemetry
+        if runtimes is not None:
+            node.runtimes = runtimes
+        if node.state != "fresh":
+            self._set(node, "fresh", "heartbeats resumed", now)
+        self.version += 1
+        return node
+
+    def disconnected(
+        self, name: str, connection: object | None, *, now: float, reason: str
+    ) -> None:
+        """The report channel ``connection`` ended for good. Ignored if the
+        node has since reported on a newer one."""
+        node = self._nodes.get(name)
+        if node is None or node.connection is not connection:
+            return
+        node.connection = None
+        if node.state != "gone":
+            self._set(node, "gone", reason, now)
+            self.version += 1
+
+    # -- liveness ---------------------------------------------------------------
+
+    def sweep(self, now: float) -> list[Transition]:
+        """Apply the missed-heartbeat thresholds; returns what changed."""
+        changes: list[Transition] = []
+        for node in self._nodes.values():
+            missed = (now - node.last_seen) / node.heartbeat_interval_s
+            silent = now - node.last_seen
+            if missed >= self.gone_after_missed:
+                target = "gone"
+                why = f"no heartbeat for {silent:.1f}s ({self.gone_after_missed} missed at {node.heartbeat_interval_s:g}s)"
+            elif missed >= self.stale_after_missed:
+                target = "stale"
+                why = f"no heartbeat for {silent:.1f}s ({self.stale_after_missed} missed at {node.heartbeat_interval_s:g}s)"
+            else:
+                continue  # fresh nodes turn fresh again only by reporting
+            # A node that left on purpose stays gone; a gone node never goes back to stale.
+            if node.state == target or (node.state == "gone" and target == "stale"):
+                continue
+            old = node.state
+            self._set(node, target, why, now)
+            changes.append(Transition(node.name, old, target, why))
+        if changes:
+            self.version += 1
+        return changes
+
+    def _set(self, node: Node, state: str, reason: str, now: float) -> None:
+        if node.state != state:
+            log.info("node %s: %s → %s (%s)", node.name, node.state, state, reason)
+            node.state = state
+            node.state_since = now
+        node.reason = reason
+
+    # -- queries ------------------------------------------------------------------
+
+    def get(self, name: str, *, now: float) -> Node | None:
+        self.sweep(now)
+        return self._nodes.get(name)
+
+    def nodes(
+        self,
+        *,
+        now: float,
+        kind: str | None = None,
+        state: str | None = None,
+        model: str | None = None,
+    ) -> list[Node]:
+        """Nodes matching every filter given; ``model`` matches a model id or
+        an equivalence key (``gemma3:270m``)."""
+        self.sweep(now)
+        found = []
+        for node in sorted(self._nodes.values(), key=lambda n: n.name):
+            if kind is not None and node.kind != kind:
+                continue
+            if state is not None and node.state != state:
+                continue
+            if model is not None and not any(
+                m.id == model or m.equivalence == model for m in node.models.values()
+            ):
+                continue
+            found.append(node)
+        return found
+
+    def forget(self, name: str) -> bool:
+        """Drop a node entirely (an operator decommissioned it)."""
+        self.version += 1
+        return self._nodes.pop(name, None) is not None

@@ -1,0 +1,286 @@
+"""Fluid failover ("liquify"): run a routed call, moving it when a worker fails.
+
+For: :class:`Executor`, which takes the router's :class:`~qmesh.qg.router.Decision`
+and tries its chosen candidate, then the fallbacks, then anything else
+that passes the filters *now*, until one answers:
+
+- a busy worker (:class:`~qmesh.qg.errors.UpstreamBusy`) → the next
+  candidate (equivalent models are in the same ranking, see the router);
+- a failure before the first byte (:class:`~qmesh.qg.errors.UpstreamFailed`)
+  → the worker's node cools down for ``cooldown_s`` and the next candidate
+  takes the call, invisibly to the client;
+- a failure after bytes reached the client (a stream broken mid-way) → the
+  stream ends with an OpenAI-style error event and ``[DONE]``, never a hang.
+
+Each attempt reserves the candidate's maximum cost in the budget first
+(a paid one that does not fit a hard budget is skipped), and every
+request's hops, tokens, cost and outcome become one ledger entry.
+
+Not for: choosing (the router), HTTP (``qmesh.gate.llm_api``), or the
+backends' protocols (``qmesh.gate.backends``, ``qmesh.gate.providers``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Final
+
+import attrs
+
+from qmesh.config import RoutingConfig
+from qmesh.finops.budgets import Budget, BudgetBook, Reservation
+from qmesh.finops.ledger import Ledger, LedgerEntry
+from qmesh.gate.backends import Backend, ClientFault
+from qmesh.gate.calls import DONE_EVENT, Answer, Call, Usage, error_event
+from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
+from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError
+from qmesh.qg.router import BUDGET_BLOCK, Decision, Router
+
+__all__ = ["Executor", "RequestContext"]
+
+log = logging.getLogger(__name__)
+
+JOULES_PER_KWH: Final = 3_600_000.0
+
+
+@attrs.define
+class RequestContext:
+    """Who asked and who pays, for one request."""
+
+    app: str
+    request_id: str
+    budget: Budget | None
+    budget_state: str
+    hops: list[dict[str, object]] = attrs.field(factory=list)
+
+
+class Executor:
+    def __init__(
+        self, router: Router, book: BudgetBook, ledger: Ledger, routing: RoutingConfig
+    ) -> None:
+        self.router = router
+        self.book = book
+        self.ledger = ledger
+        self.routing = routing
+        self.failovers = 0
+
+    # -- candidates in order ----------------------------------------------------
+
+    def _candidates(
+        self, decision: Decision, call: Call, ctx: RequestContext
+    ) -> Iterator[Candidate]:
+        tried: set[str] = set()
+        first = (decision.chosen, *decision.fallbacks)
+        for candidate in first:
+            tried.add(candidate.id)
+            yield candidate
+        # Past the decision's own list: anything that passes the filters now.
+        # After a budget refusal that includes local work the first pass
+        # ranked below paid candidates.
+        state = (
+            BUDGET_BLOCK if any(h["outcome"] == "budget" for h in ctx.hops) else ctx.budget_state
+        )
+        for candidate in self.router.more_fallbacks(
+            decision, tried, tokens_in=call.tokens_in, tokens_out=call.max_tokens, budget=state
+        ):
+            tried.add(candidate.id)
+            yield candidate
+
+    def _admit(
+        self, candidate: Candidate, call: Call, ctx: RequestContext, now: float
+    ) -> Reservation | None:
+        if candidate.cool_until > now:
+            ctx.hops.append({"candidate": candidate.id, "outcome": "cooling", "ms": 0.0})
+            return None
+        ceiling = candidate.cost(call.tokens_in, call.max_tokens)
+        reservation = self.book.reserve(ctx.budget, ceiling, paid=candidate.paid)
+        if reservation is None:
+            ctx.hops.append({"candidate": candidate.id, "outcome": "budget", "ms": 0.0})
+        return reservation
+
+    def _cost(self, candidate: Candidate, tokens_in: int, tokens_out: int, seconds: float) -> float:
+        if candidate.kind == PROVIDER:
+            return candidate.cost(tokens_in, tokens_out)
+        if candidate.kind != INTERNAL and self.routing.local_rate_usd_per_1m is not None:
+            return self.routing.local_rate_usd_per_1m * (tokens_in + tokens_out) / 1e6
+        watts = candidate.power_w if candidate.kind != INTERNAL else self.routing.gate_cpu_watts
+        return watts * seconds / JOULES_PER_KWH * self.routing.electricity_usd_per_kwh
+
+    def _failed(self, candidate: Candidate, ctx: RequestContext, exc: Exception, ms: float) -> None:
+        busy = isinstance(exc, UpstreamBusy)
+        ctx.hops.append(
+            {
+                "candidate": candidate.id,
+                "outcome": "busy" if busy else "failed",
+                "ms": round(ms, 3),
+                "error": str(exc)[:200],
+            }
+        )
+        if not busy and self.routing.cooldown_s > 0:
+            self.router.cool_down(candidate, self.routing.cooldown_s)
+        self.router.telemetry_changed()
+        self.failovers += 1
+        log.info("request %s: %s on %s; trying the next", ctx.request_id, exc, candidate.id)
+
+    def _record(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate | None,
+        call: Call,
+        tokens: tuple[int, int],
+        cost: float,
+        outcome: str,
+    ) -> None:
+        shifted = decision.shifted_from
+        avoided = 0.0
+        if shifted is not None and candidate is not None and candidate is not shifted:
+            avoided = max(0.0, shifted.cost(*tokens) - cost)
+            if ctx.budget is not None:
+                ctx.budget.shifted += 1
+                ctx.budget.avoided += avoided
+        self.ledger.record(
+            LedgerEntry(
+                ts=time.time(),
+                request_id=ctx.request_id,
+                app=ctx.app,
+                budget=None if ctx.budget is None else ctx.budget.name,
+                task=decision.dsn.task,
+                candidate="" if candidate is None else candidate.id,
+                kind="" if candidate is None else candidate.kind,
+                model="" if candidate is None else candidate.model,
+                provider=None
+                if candidate is None or candidate.kind != PROVIDER
+                else candidate.node,
+                tokens_in=tokens[0],
+                tokens_out=tokens[1],
+                cost_usd=cost,
+                shifted_from=None if shifted is None else shifted.id,
+                avoided_usd=avoided,
+                outcome=outcome,
+                hops=json.dumps(ctx.hops, separators=(",", ":")),
+                reason=decision.reason,
+            )
+        )
+
+    def _exhausted(self, decision: Decision, ctx: RequestContext, call: Call) -> NoRoute:
+        self._record(decision, ctx, None, call, (0, 0), 0.0, "error")
+        summary = "; ".join(f"{h['candidate']}: {h['outcome']}" for h in ctx.hops[-5:])
+        if ctx.hops and all(h["outcome"] == "budget" for h in ctx.hops):
+            return NoRoute(
+                "budget spent: paid providers are blocked and no local candidate can do "
+                f"task={decision.dsn.task}",
+                budget=True,
+            )
+        return NoRoute(f"every candidate failed ({summary})")
+
+    # -- running -----------------------------------------------------------------
+
+    async def complete(self, decision: Decision, call: Call, ctx: RequestContext) -> Answer:
+        """The whole answer from the first candidate that gives one. Raises
+        NoRoute when all failed, ClientFault for the client's own mistake."""
+        attempts = 0
+        for candidate in self._candidates(decision, call, ctx):
+            if attempts >= self.routing.max_hops:
+                break
+            started = time.monotonic()
+            reservation = self._admit(candidate, call, ctx, started)
+            if reservation is None:
+                continue
+            attempts += 1
+            try:
+                backend: Backend = candidate.backend
+                answer = await backend.complete(candidate, call)
+            except UpstreamError as exc:
+                reservation.settle(0.0)
+                self._failed(candidate, ctx, exc, (time.monotonic() - started) * 1000)
+                continue
+            except ClientFault:
+                reservation.settle(0.0)
+                ctx.hops.append({"candidate": candidate.id, "outcome": "client_error", "ms": 0.0})
+                self._record(decision, ctx, candidate, call, (0, 0), 0.0, "client_error")
+                raise
+            except BaseException:
+                reservation.settle(0.0)
+                raise
+            seconds = time.monotonic() - started
+            candidate.observe_latency(seconds * 1000)
+            self.router.telemetry_changed()
+            tokens = (answer.tokens_in, answer.tokens_out)
+            cost = self._cost(candidate, *tokens, seconds)
+            reservation.settle(cost)
+            ctx.hops.append(
+                {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
+            )
+            self._record(decision, ctx, candidate, call, tokens, cost, "ok")
+            return answer
+        raise self._exhausted(decision, ctx, call)
+
+    async def stream(
+        self, decision: Decision, call: Call, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
+        """SSE events from the first candidate that starts answering; a
+        failure after that ends the stream with an error event."""
+        attempts = 0
+        for candidate in self._candidates(decision, call, ctx):
+            if attempts >= self.routing.max_hops:
+                break
+            started = time.monotonic()
+            reservation = self._admit(candidate, call, ctx, started)
+            if reservation is None:
+                continue
+            attempts += 1
+            usage = Usage()
+            streaming: Backend = candidate.backend
+            events = streaming.stream(candidate, call, usage)
+            sent = False
+            outcome = "ok"
+            try:
+                async for event in events:
+                    sent = True
+                    yield event
+            except UpstreamError as exc:
+                if not sent and exc.retryable:
+                    reservation.settle(0.0)
+                    self._failed(candidate, ctx, exc, (time.monotonic() - started) * 1000)
+                    continue
+                outcome = "stream_broken"
+                self.router.cool_down(candidate, self.routing.cooldown_s)
+                ctx.hops.append({"candidate": candidate.id, "outcome": "stream_broken", "ms": 0.0})
+                log.warning(
+                    "request %s: stream from %s broke: %s", ctx.request_id, candidate.id, exc
+                )
+                yield error_event(f"the model's stream broke off: {exc}", code="stream_broken")
+                yield DONE_EVENT
+            except ClientFault as fault:
+                outcome = "client_error"
+                yield error_event(
+                    fault.body[:500].decode("utf-8", "replace"), kind="invalid_request_error"
+                )
+                yield DONE_EVENT
+            finally:
+                await events.aclose()
+                seconds = time.monotonic() - started
+                if not reservation.settled:
+                    tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
+                    tokens = (usage.tokens_in or call.tokens_in, tokens_out)
+                    cost = self._cost(candidate, *tokens, seconds)
+                    reservation.settle(cost)
+                    if outcome == "ok":
+                        candidate.observe_latency(seconds * 1000)
+                        self.router.telemetry_changed()
+                        ctx.hops.append(
+                            {
+                                "candidate": candidate.id,
+                                "outcome": "ok",
+                                "ms": round(seconds * 1000, 3),
+                            }
+                        )
+                    self._record(decision, ctx, candidate, call, tokens, cost, outcome)
+            return
+        error = self._exhausted(decision, ctx, call)
+        yield error_event(str(error), kind="server_error", code="no_route")
+        yield DONE_EVENT

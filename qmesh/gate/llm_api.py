@@ -1,0 +1,225 @@
+"""The Gate's OpenAI-compatible API and the qg API, over :mod:`qmesh.web.http`.
+
+For: ``POST /v1/chat/completions`` (SSE when ``stream`` is true),
+``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` —
+where ``model`` is a ``qg://`` DSN or a concrete model id — and
+``POST /qg/v1/route`` (the router's explanation as JSON),
+``GET /qg/v1/skills``, ``GET /qg/v1/budgets``, ``GET /qg/v1/decisions``.
+Each request: authenticate the app key, read ``model``, parse the DSN,
+find the budget, decide, run with failover, answer. Errors are OpenAI-style
+bodies: 400 for a bad DSN or body (naming the problem), 401 for a bad app
+key, 402 when a spent budget blocks the only candidates, 404 for an
+unknown model, 503 when nothing can serve now.
+
+Not for: deciding (:mod:`qmesh.qg.router`) or running
+(:mod:`qmesh.gate.liquify`); this module only translates HTTP to those.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Final
+
+from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
+from qmesh.gate.backends import ClientFault
+from qmesh.gate.calls import Call
+from qmesh.gate.liquify import RequestContext
+from qmesh.gate.llm import LlmService
+from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
+from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
+from qmesh.qg.router import Decision
+from qmesh.web.http import HttpError, Request, Response, Router
+
+__all__ = ["add_llm_routes"]
+
+DEFAULT_MAX_TOKENS: Final = 512
+"""The completion ceiling assumed for cost reservation when a request sets none."""
+_JSON: Final = (("content-type", "application/json"),)
+_ENDPOINT_TASKS: Final = {"chat": "chat", "completions": "chat", "embeddings": "embed"}
+
+
+def _no_route(exc: NoRoute) -> HttpError:
+    if exc.budget or isinstance(exc, BudgetBlocked):
+        return HttpError(402, str(exc), kind="insufficient_quota", code="budget_exceeded")
+    return HttpError(503, str(exc), kind="server_error", code="no_route")
+
+
+class LlmApi:
+    def __init__(self, service: LlmService, auth: AppAuthenticator) -> None:
+        self.service = service
+        self.auth = auth
+        self.router = service.router
+
+    # -- shared steps --------------------------------------------------------------
+
+    def _dsn_for(self, model: object, endpoint: str) -> tuple[Dsn, str | None]:
+        """The DSN to route and the model pin, from a request's ``model``."""
+        if not isinstance(model, str) or not model:
+            raise HttpError(400, "'model' is required: a model id or a qg:// DSN", param="model")
+        if is_dsn(model):
+            try:
+                dsn = parse_dsn(model, tasks=self.service.tasks)
+            except DsnError as exc:
+                raise HttpError(400, str(exc), param="model", code="invalid_dsn") from None
+            if endpoint == "embeddings" and dsn.task != "embed":
+                raise HttpError(
+                    400,
+                    f"/v1/embeddings needs task=embed in the DSN, got task={dsn.task}",
+                    param="model",
+                    code="invalid_dsn",
+                )
+            return dsn, None
+        pin = self.router.resolve_model(model)
+        if pin is None:
+            raise HttpError(
+                404,
+                f"the model {model!r} does not exist here (see GET /v1/models, or use a "
+                "qg:// DSN such as qg://task=chat)",
+                param="model",
+                code="model_not_found",
+            )
+        task = _ENDPOINT_TASKS[endpoint]
+        for candidate in self.router.candidates:
+            if candidate.model == model or candidate.id == model:
+                if task not in candidate.tasks:
+                    task = next(iter(sorted(candidate.tasks)))
+                break
+        return Dsn(task=task), pin
+
+    async def _route(
+        self, request: Request, endpoint: str
+    ) -> tuple[Decision, Call, RequestContext]:
+        app = await self.auth.require(request)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "the request body must be a JSON object")
+        dsn, pin = self._dsn_for(body.get("model"), endpoint)
+        max_tokens = (
+            body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
+        )
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise HttpError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+        if endpoint == "embeddings":
+            max_tokens = 0
+        stream = bool(body.get("stream")) and endpoint != "embeddings"
+        # Token estimate from the raw size: exact counts come back in usage;
+        # walking the messages here would cost more than it would tell.
+        tokens_in = max(1, len(request.body) // 4)
+        try:
+            budget = self.service.book.for_app(app, dsn.budget)
+        except KeyError:
+            raise HttpError(400, f"unknown budget {dsn.budget!r}", param="model") from None
+        except PermissionError as exc:
+            raise HttpError(403, str(exc), kind="permission_error") from None
+        state = self.service.book.state(budget)
+        try:
+            decision = self.router.decide(
+                dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+            )
+        except NoRoute as exc:
+            raise _no_route(exc) from None
+        request_id = os.urandom(8).hex()
+        call = Call(
+            endpoint=endpoint,
+            body=body,
+            raw=request.body,
+            stream=stream,
+            request_id=request_id,
+            tokens_in=tokens_in,
+            max_tokens=max_tokens,
+        )
+        return decision, call, RequestContext(app, request_id, budget, state)
+
+    async def _serve(self, request: Request, endpoint: str) -> Response:
+        decision, call, ctx = await self._route(request, endpoint)
+        if call.stream:
+            return Response.event_stream(self.service.executor.stream(decision, call, ctx))
+        try:
+            answer = await self.service.executor.complete(decision, call, ctx)
+        except NoRoute as exc:
+            raise _no_route(exc) from None
+        except ClientFault as fault:
+            return Response(fault.status, fault.body, _JSON)
+        headers = (*_JSON, ("x-qmesh-route", ctx.hops[-1]["candidate"].__str__()))
+        return Response(200, answer.body, headers)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._serve(request, "embeddings")
+
+    async def models(self, request: Request) -> Response:
+        await self.auth.require(request)
+        data = [
+            {
+                "id": c.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "qmesh" if c.kind == "internal" else (c.node or c.kind),
+                "qmesh": {"kind": c.kind, "tasks": sorted(c.tasks), "context": c.context},
+            }
+            for c in self.router.models()
+        ]
+        return Response.json({"object": "list", "data": data})
+
+    async def route(self, request: Request) -> Response:
+        app = await self.auth.require(request)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "the request body must be a JSON object")
+        text = body.get("dsn", body.get("model"))
+        dsn, pin = self._dsn_for(text, "chat")
+        tokens_in = body.get("tokens_in", 1000)
+        max_tokens = body.get("max_tokens", 256)
+        if not all(isinstance(v, int) and v >= 0 for v in (tokens_in, max_tokens)):
+            raise HttpError(400, "'tokens_in' and 'max_tokens' must be integers >= 0")
+        try:
+            budget = self.service.book.for_app(app, dsn.budget)
+        except KeyError:
+            raise HttpError(400, f"unknown budget {dsn.budget!r}", param="dsn") from None
+        except PermissionError as exc:
+            raise HttpError(403, str(exc), kind="permission_error") from None
+        state = self.service.book.state(budget)
+        explanation = self.router.explain(
+            dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+        )
+        out: dict[str, Any] = explanation.as_dict()
+        out["budget"] = None if budget is None else budget.name
+        out["budget_state"] = state
+        return Response.json(out)
+
+    async def skills(self, request: Request) -> Response:
+        await self.auth.require(request)
+        return Response.json({"skills": self.service.skill_view()})
+
+    async def budgets(self, request: Request) -> Response:
+        app = await self.auth.require(request)
+        views = self.service.book.views()
+        if app != ADMIN_APP:
+            views = [v for v in views if app in v["apps"]]  # type: ignore[operator]
+        return Response.json({"budgets": views})
+
+    async def decisions(self, request: Request) -> Response:
+        await self.auth.require(request, admin=True)
+        limit = int((request.query.get("limit") or ["50"])[0])
+        recent = list(self.router.recent)[-max(1, min(limit, 1000)) :]
+        return Response.json({"decisions": [d.as_dict() for d in recent]})
+
+
+def add_llm_routes(router: Router, service: LlmService, auth: AppAuthenticator) -> LlmApi:
+    api = LlmApi(service, auth)
+    router.add("POST", "/v1/chat/completions", api.chat)
+    router.add("POST", "/v1/completions", api.completions)
+    router.add("POST", "/v1/embeddings", api.embeddings)
+    router.add("GET", "/v1/models", api.models)
+    router.add("POST", "/qg/v1/route", api.route)
+    router.add("GET", "/qg/v1/skills", api.skills)
+    router.add("GET", "/qg/v1/budgets", api.budgets)
+    router.add("GET", "/qg/v1/decisions", api.decisions)
+    return api

@@ -1,0 +1,268 @@
+"""Governance at the Gate over real sessions: read-only apps stay read-only
+(server-enforced, refusals consistent with the server's transaction state),
+a policy statement_timeout holds, max_sessions counts, and a password
+rotated by another process is picked up at the next login."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from pgcluster import PgCluster
+from pgkit import Ghost, RawClient, RealDb, app_policy, in_thread, start_ghost
+from psycopg.pq import DiagnosticField
+
+from qmesh import _core
+
+DIAG_SQLSTATE = DiagnosticField.SQLSTATE
+DIAG_MESSAGE = DiagnosticField.MESSAGE_PRIMARY
+
+
+@pytest.fixture(scope="module")
+def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
+    real = RealDb(pg_cluster, "gov")
+    real.superuser("CREATE TABLE ledger (i int)")
+    real.superuser(f"ALTER TABLE ledger OWNER TO {real.name}")
+    yield real
+
+
+def rows_in_ledger(db: RealDb) -> int:
+    return int(db.superuser("SELECT count(*) FROM ledger"))
+
+
+async def read_only_ghost(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> Ghost:
+    return await start_ghost(
+        nursery, db, tmp_path, policy=app_policy(databases=("main",), read_only=True)
+    )
+
+
+async def test_read_only_session_refuses_writes_and_escapes(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await read_only_ghost(nursery, db, tmp_path)
+    before = rows_in_ledger(db)
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+            assert conn.execute("SELECT count(*) FROM ledger").fetchone() is not None
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("INSERT INTO ledger VALUES (1)")  # the server says no
+            escapes = [
+                "SET default_transaction_read_only = off",
+                "SET SESSION default_transaction_read_only TO off",
+                'SET "DEFAULT_TRANSACTION_READ_ONLY" = off',
+                "SET/**/default_transaction_read_only = off",
+                "RESET default_transaction_read_only",
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+                "BEGIN READ WRITE",
+                "START TRANSACTION READ WRITE",
+                "SELECT set_config('default_transaction_read_only', 'off', false)",
+                "UPDATE pg_settings SET setting = 'off' WHERE name = 'default_transaction_read_only'",
+                "SELECT 1; SET default_transaction_read_only = off",
+            ]
+            for sql in escapes:
+                # Simple protocol (libpq's PQexec sends a Query message)...
+                result = conn.pgconn.exec_(sql.encode())
+                assert result.error_field(DIAG_SQLSTATE) == b"25006", sql
+                assert b"read-only" in (result.error_field(DIAG_MESSAGE) or b""), sql
+                # ... and extended (Parse/Bind/Execute).
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only"):
+                    conn.execute(sql)  # type: ignore[call-overload]
+            # Extended protocol with parameters: the Parse is replaced, Execute fails.
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(
+                    "SELECT set_config(%s, %s, false)", ("default_transaction_read_only", "off")
+                )
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("SELECT set_config(%s, %s, false)", ("search_path", "public"))
+            assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+            # Inside a transaction block the refusal aborts the transaction,
+            # as a failing statement would; ROLLBACK brings the session back.
+            conn.autocommit = False
+            conn.execute("SELECT 1")
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("SET TRANSACTION READ WRITE")
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("SELECT 1")
+            conn.rollback()
+            assert conn.execute("SELECT 5").fetchone() == (5,)
+            conn.rollback()
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert rows_in_ledger(db) == before
+
+
+async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Dynamic SQL the text check cannot see turns the setting off; the
+    server reports it (ParameterStatus) and the Gate ends the session."""
+    ghost = await read_only_ghost(nursery, db, tmp_path)
+    before = rows_in_ledger(db)
+    sneaky = (
+        "DO $$BEGIN EXECUTE format('SET %s = off', 'default_transaction' || '_read_only'); END$$"
+    )
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="has been ended"):
+                conn.execute(sneaky)
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("INSERT INTO ledger VALUES (2)")
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert rows_in_ledger(db) == before
+
+
+async def test_startup_options_cannot_lift_read_only(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await read_only_ghost(nursery, db, tmp_path)
+
+    def work() -> list[str]:
+        with psycopg.connect(**ghost.kwargs(), options="-c default_transaction_read_only=off") as c:
+            row = c.execute("SHOW default_transaction_read_only").fetchone()
+            assert row is not None
+        # A startup parameter naming the setting directly (libpq cannot send one).
+        raw = RawClient(ghost.port)
+        try:
+            raw.login(
+                ghost.app_id,
+                ghost.app_key,
+                ghost.alias,
+                [("default_transaction_read_only", "off"), ("transaction_read_only", "off")],
+            )
+            (_, body) = [m for m in raw.query("SHOW default_transaction_read_only") if m[0] == "D"][0]
+        finally:
+            raw.close()
+        return [str(row[0]), _core.parse_data_row(body)[0].decode()]  # type: ignore[union-attr]
+
+    assert await in_thread(work) == ["on", "on"]
+
+
+async def test_policy_statement_timeout(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
+    ghost = await start_ghost(
+        nursery, db, tmp_path, policy=app_policy(databases=("main",), statement_timeout_ms=300)
+    )
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("300ms",)
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(5)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="statement_timeout"):
+                conn.execute("SET statement_timeout = 0")
+            conn.execute("RESET statement_timeout")
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("300ms",)
+            conn.execute("INSERT INTO ledger VALUES (3)")  # not read-only: writes work
+
+    with trio.fail_after(30):
+        await in_thread(work)
+
+
+async def test_max_sessions(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
+    ghost = await start_ghost(
+        nursery, db, tmp_path, policy=app_policy(databases=("main",), max_sessions=2)
+    )
+
+    def work() -> None:
+        first = psycopg.connect(**ghost.kwargs())
+        second = psycopg.connect(**ghost.kwargs())
+        with pytest.raises(psycopg.OperationalError, match="too many sessions"):
+            psycopg.connect(**ghost.kwargs())
+        first.close()
+        for _ in range(50):  # the Gate notices the close asynchronously
+            try:
+                third = psycopg.connect(**ghost.kwargs())
+                break
+            except psycopg.OperationalError:
+                import time
+
+                time.sleep(0.05)
+        else:
+            raise AssertionError("a freed session slot was never reused")
+        assert third.execute("SELECT 1").fetchone() == (1,)
+        third.close()
+        second.close()
+
+    with trio.fail_after(30):
+        await in_thread(work)
+
+
+async def test_login_retries_with_a_rotation_in_flight(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Another process has put a new password on the server and in the
+    vault's pending slot but not promoted it yet: the first login gets
+    28P01, the Gate re-reads the vault and logs in with the pending one."""
+    other = RealDb(db.cluster, "rot")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    new_password = "rotated-" + secrets.token_urlsafe(12)
+    ghost.vault.begin_rotation(ghost.alias, new_password, stale_after_s=60)
+    other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    # The vault promoted afterwards: the current value works at once.
+    ghost.vault.finish_rotation(ghost.alias, promote=True)
+    with trio.fail_after(30):
+        await in_thread(work)
+
+
+async def test_login_rereads_a_vault_changed_by_another_process(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    other = RealDb(db.cluster, "rot")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    # Another process (here: a second Vault on the same database file)
+    # changes the password on the server and in the vault between this
+    # Gate's vault read and its login; simulated by wrapping the first read.
+    stale = ghost.vault.get(ghost.alias)
+    assert stale is not None
+    new_password = "changed-" + secrets.token_urlsafe(12)
+    other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
+    ghost.vault.put(stale.with_password(new_password))
+    reads: list[str] = []
+    real_get = ghost.vault.get
+
+    def get(alias: str) -> object:
+        reads.append(alias)
+        return stale if len(reads) == 1 else real_get(alias)
+
+    ghost.service.vault.get = get  # type: ignore[method-assign,union-attr]
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert len(reads) == 2
+
+
+async def test_real_server_refusing_the_vault_password_is_a_clear_error(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    other = RealDb(db.cluster, "bad")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    other.superuser(f"ALTER ROLE {other.name} PASSWORD 'nobody-knows-this'")
+
+    def work() -> str:
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(**ghost.kwargs())
+        return str(info.value)
+
+    message = await in_thread(work)
+    assert "refused the gate's credentials" in message
+    assert other.password not in message and "nobody-knows-this" not in message

@@ -1,0 +1,181 @@
+"""TLS on both hops of the ghost wire: the app ⇄ MiniGate (SSLRequest and
+direct TLS with ALPN), and the Gate ⇄ real server per the vault's sslmode
+(require, verify-full with sslrootcert; a wrong CA is refused)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import pwd
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pgcluster import PgCluster
+from pgkit import RealDb, in_thread, run, start_ghost
+
+from qmesh import _core
+from qmesh.minigate.pg import tls_context
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_ca_and_server(directory: Path, prefix: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{prefix} test CA"))
+        .issuer_name(_name(f"{prefix} test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_path, cert_path, key_path = (directory / f"{prefix}-{n}.pem" for n in ("ca", "cert", "key"))
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return ca_path, cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
+    yield RealDb(pg_cluster, "tls")
+
+
+@pytest.fixture(scope="module")
+def server_tls(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TLS on the shared cluster for this module; returns the CA file."""
+    ca, cert, key = make_ca_and_server(tmp_path_factory.mktemp("server-tls"), "server")
+    data = pg_cluster.data
+    for source, name in ((cert, "qmesh-test.crt"), (key, "qmesh-test.key")):
+        target = data / name
+        target.write_bytes(source.read_bytes())
+        target.chmod(0o600)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(target, user.pw_uid, user.pw_gid)
+    pg_cluster.psql("ALTER SYSTEM SET ssl_cert_file = 'qmesh-test.crt'")
+    pg_cluster.psql("ALTER SYSTEM SET ssl_key_file = 'qmesh-test.key'")
+    pg_cluster.psql("ALTER SYSTEM SET ssl = on")
+    pg_cluster.psql("SELECT pg_reload_conf()")
+    try:
+        yield ca
+    finally:
+        for setting in ("ssl", "ssl_cert_file", "ssl_key_file"):
+            pg_cluster.psql(f"ALTER SYSTEM RESET {setting}")
+        pg_cluster.psql("SELECT pg_reload_conf()")
+
+
+async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
+    ca, cert, key = make_ca_and_server(tmp_path / "edge", "edge")
+    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_context(cert, key))
+
+    def work() -> tuple[bool, bool]:
+        with psycopg.connect(
+            **ghost.kwargs(host="localhost"), sslmode="verify-full", sslrootcert=str(ca)
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            verified = conn.pgconn.ssl_in_use
+        with psycopg.connect(**ghost.kwargs(), sslmode="require") as conn:
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+            required = conn.pgconn.ssl_in_use
+        return verified, required
+
+    with trio.fail_after(30):
+        assert await in_thread(work) == (True, True)
+        code, out, err = await run(
+            ["psql", ghost.dsn(sslmode="require"), "-X", "-c", "\\conninfo"]
+        )
+    assert code == 0, err
+    assert "SSL connection (protocol: TLSv1.3" in out
+
+
+async def test_direct_tls_needs_the_postgresql_alpn(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ca, cert, key = make_ca_and_server(tmp_path / "edge", "edge")
+    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_context(cert, key))
+
+    def hello(alpn: list[str]) -> bytes:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(alpn)
+        with socket.create_connection(("127.0.0.1", ghost.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(_core.encode_startup([("user", ghost.app_id), ("database", "main")]))
+                return tls.recv(1)
+
+    assert await in_thread(lambda: hello(["postgresql"])) == b"R"  # AuthenticationSASL
+    assert await in_thread(lambda: hello(["http/1.1", "postgresql"])) == b"R"
+    with pytest.raises(ssl.SSLError):  # no common ALPN protocol: the handshake fails
+        await in_thread(lambda: hello(["http/1.1"]))
+
+
+async def test_gate_to_server_tls_by_sslmode(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, server_tls: Path
+) -> None:
+    def ssl_used(ghost_kwargs: dict[str, object]) -> bool:
+        with psycopg.connect(**ghost_kwargs) as conn:  # type: ignore[arg-type]
+            row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            value = row.fetchone()
+            assert value is not None
+            return bool(value[0])
+
+    cases = {
+        "disable": db.dsn("disable"),
+        "require": db.dsn("require"),
+        "verify-full": db.dsn("verify-full", sslrootcert=str(server_tls)),
+        "verify-ca": db.dsn("verify-ca", sslrootcert=str(server_tls)),
+    }
+    for mode, dsn in cases.items():
+        ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn)
+        with trio.fail_after(30):
+            assert await in_thread(lambda g=ghost: ssl_used(g.kwargs())) == (mode != "disable")
+
+    # verify-full against a CA that did not sign the server's certificate.
+    other_ca, _, _ = make_ca_and_server(tmp_path / "other", "other")
+    ghost = await start_ghost(
+        nursery, db, tmp_path, vault_dsn=db.dsn("verify-full", sslrootcert=str(other_ca))
+    )
+    with pytest.raises(psycopg.OperationalError, match="TLS to the server of database alias"):
+        await in_thread(lambda: ssl_used(ghost.kwargs()))
