@@ -3,7 +3,8 @@
 For: parsing arguments, loading the configuration, setting up logging, then
 either running roles (``qmesh --role gate``) or one management command
 (``keys``, ``enroll``, ``revoke``, ``identities``, ``apps``, ``up``,
-``version``, ``secrets``, ``audit``, ``memory``). Errors the operator can
+``version``, ``secrets``, ``audit``, ``memory``, ``route``, ``finops``,
+``ledger``, ``providers``, ``quant``, ``node``). Errors the operator can
 fix (bad config, missing key, duplicate name) print one line on stderr and
 exit with status 2, without a traceback.
 
@@ -31,6 +32,8 @@ import attrs
 
 from qmesh import __version__
 from qmesh.config import Config, ConfigError, load_config, parse_hostport
+from qmesh.daemon import cli as daemon_cli
+from qmesh.finops import cli as finops_cli
 from qmesh.identity import (
     GateKeyMissing,
     GateKeys,
@@ -43,6 +46,7 @@ from qmesh.memory import cli as memory_cli
 from qmesh.pg.errors import DsnError, PgError
 from qmesh.pg.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.vault import Vault, delete_secret, load_master_key
+from qmesh.qg import cli as qg_cli
 from qmesh.state import ROLES, StateError, StateStore
 
 __all__ = ["main"]
@@ -209,6 +213,20 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_pg_commands(command, common)
     memory_cli.add_commands(
         command("memory", "graph memory: add documents, ask questions answered with citations"),
+        common,
+    )
+    daemon_cli.add_quant_commands(
+        command("quant", "hardware-aware quantization: which variant of a model to run where"),
+        common,
+    )
+    daemon_cli.add_node_commands(
+        command("node", "this machine as a daemon sees it: telemetry and model catalog"), common
+    )
+    qg_cli.add_commands(command("route", "show how the Gate would route a qg:// DSN"))
+    finops_cli.add_commands(
+        command("finops", "spend, budgets and savings from the Gate's request ledger"),
+        command("ledger", "verify the request ledger's and qg audit trail's hash chains"),
+        command("providers", "API keys of remote model providers (sealed in the state store)"),
         common,
     )
     return parser
@@ -465,6 +483,13 @@ def _add_pg_commands(
     rotate.set_defaults(handler=_cmd_secrets_rotate)
 
     audit = command("audit", "list the statements applications ran through the Gate")
+    audit.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "verify"),
+        default="list",
+        help="list statements (default), or verify the ledger's and qg audit trail's hash chains",
+    )
     audit.add_argument("--app", metavar="APP", help="only this app's statements")
     audit.add_argument("--alias", metavar="ALIAS", help="only statements on this database alias")
     audit.add_argument(
@@ -597,6 +622,8 @@ def _iso_ms(ts: float) -> str:
 
 
 def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "verify":
+        return finops_cli.cmd_verify(args, config)
     from qmesh.pg.audit import list_audit
 
     with _open_store(config) as store:

@@ -1072,7 +1072,9 @@ def _read_daemon_thresholds(r: _Reader, t: Mapping[str, object], path: KeyPath) 
     stale = r.integer(t, path, "daemon_stale_after_missed", d.daemon_stale_after_missed, lo=1)
     gone = r.integer(t, path, "daemon_gone_after_missed", d.daemon_gone_after_missed, lo=2)
     if gone <= stale:
-        blamed = "daemon_gone_after_missed" if "daemon_gone_after_missed" in t else "daemon_stale_after_missed"
+        blamed = "daemon_gone_after_missed"
+        if blamed not in t:
+            blamed = "daemon_stale_after_missed"
         raise r.error(
             (*path, blamed),
             f"gate.daemon_gone_after_missed ({gone}) must be more than "
@@ -1343,9 +1345,11 @@ def _read_minigate(r: _Reader, root: Mapping[str, object]) -> MiniGateConfig:
     r.check_keys(
         t,
         path,
-        ("gate", "credential_file", "forward", "pg_listen", "llm_listen")
-        + ("pg_tls_cert", "pg_tls_key"),
-    )
+        (
+            "gate", "credential_file", "forward", "pg_listen", "llm_listen",
+            "pg_tls_cert", "pg_tls_key",
+        ),
+    )  # fmt: skip
     d = MiniGateConfig()
     result = MiniGateConfig(
         gate=r.address(t, path, "gate", d.gate),
@@ -1398,10 +1402,14 @@ def _read_daemon_runtimes(
         url = r.string(item, where, "url", "").rstrip("/")
         match = re.fullmatch(r"http://([^\s/?#]+)(/[^\s?#]*)?", url)
         if match is None:
-            raise r.error((*where, "url"), f"expected an http://host:port URL, got {_describe(url)}")
+            raise r.error(
+                (*where, "url"), f"expected an http://host:port URL, got {_describe(url)}"
+            )
         name = r.string(item, where, "name", f"{kind}@{match.group(1)}")
         if not name or name in names or name == "llama.cpp":
-            raise r.error((*where, "name"), f"runtime name {_describe(name)} is empty or used twice")
+            raise r.error(
+                (*where, "name"), f"runtime name {_describe(name)} is empty or used twice"
+            )
         names.add(name)
         api_key_env = None
         if "api_key_env" in item:
@@ -1463,7 +1471,9 @@ def _read_daemon(r: _Reader, root: Mapping[str, object]) -> DaemonConfig:
             t, path, "heartbeat_interval_s", d.heartbeat_interval_s, positive=True
         ),
         model_dirs=tuple(model_dirs),
-        rescan_interval_s=r.number(t, path, "rescan_interval_s", d.rescan_interval_s, positive=True),
+        rescan_interval_s=r.number(
+            t, path, "rescan_interval_s", d.rescan_interval_s, positive=True
+        ),
         memory_budget=budget,
         queue_limit=r.integer(t, path, "queue_limit", d.queue_limit, lo=1, hi=100_000),
         parallel=r.integer(t, path, "parallel", d.parallel, lo=1, hi=1024),

@@ -101,7 +101,6 @@ class Ghost:
         values.update(overrides)
         return values
 
-
     def asyncpg_kwargs(self, **overrides: Any) -> dict[str, Any]:
         values = self.kwargs()
         values["database"] = values.pop("dbname")
@@ -135,9 +134,7 @@ async def start_ghost(
     vault.set(alias, vault_dsn or db.dsn())
     config = attrs.evolve(
         Config(),
-        gate=attrs.evolve(
-            GateConfig(), apps={app_id: policy or GateAppConfig(databases=(alias,))}
-        ),
+        gate=attrs.evolve(GateConfig(), apps={app_id: policy or GateAppConfig(databases=(alias,))}),
     )
     service = PgService(config, store, vault=vault, audit=audit or AuditLog(store))
     await nursery.start(service.run)

@@ -111,7 +111,11 @@ async def test_real_password_never_reaches_the_client_side(
     def work() -> None:
         with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
             conn.execute("SELECT current_user, current_database()").fetchone()
-            for sql in ("SELECT * FROM pg_authid", "SELECT 1/0", "ALTER ROLE CURRENT_USER NOSUPERUSER"):
+            for sql in (
+                "SELECT * FROM pg_authid",
+                "SELECT 1/0",
+                "ALTER ROLE CURRENT_USER NOSUPERUSER",
+            ):
                 try:
                     conn.execute(sql)
                 except psycopg.Error as exc:

@@ -15,6 +15,7 @@ import pytest
 import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_asyncio, in_thread, run, start_ghost
+from psycopg.types.json import Jsonb
 
 from qmesh.pg.audit import list_audit
 
@@ -72,11 +73,11 @@ async def test_psycopg_types_prepared_statements_and_cursor(ghost: Ghost) -> Non
     def work() -> None:
         with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
             values = (
-                42, 2**40, 3.5, decimal.Decimal("12345.678901234567890"), "héllo ✓", b"\x00\xff" * 10,
-                True, None, datetime.date(2024, 2, 29),
+                42, 2**40, 3.5, decimal.Decimal("12345.678901234567890"), "héllo ✓",
+                b"\x00\xff" * 10, True, None, datetime.date(2024, 2, 29),
                 datetime.datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC),
                 uuid.UUID("12345678-1234-5678-1234-567812345678"), [1, 2, 3],
-                psycopg.types.json.Jsonb({"a": [1, {"b": None}]}),
+                Jsonb({"a": [1, {"b": None}]}),
             )  # fmt: skip
             row = conn.execute(
                 "SELECT %s::int, %s::bigint, %s::float8, %s::numeric, %s::text, %s::bytea,"
@@ -127,7 +128,9 @@ async def test_psycopg_copy_both_ways_and_notifications(ghost: Ghost) -> None:
             # LISTEN/NOTIFY: notifications arrive asynchronously.
             conn.execute("LISTEN qmesh_channel")
             with psycopg.connect(**ghost.kwargs(), autocommit=True) as other:
-                other.execute("SELECT pg_notify('qmesh_channel', 'hello ' || g) FROM generate_series(1, 3) g")
+                other.execute(
+                    "SELECT pg_notify('qmesh_channel', 'hello ' || g) FROM generate_series(1, 3) g"
+                )
                 other.execute("NOTIFY qmesh_channel, 'plain'")
             got = []
             for note in conn.notifies(timeout=10, stop_after=4):
@@ -252,7 +255,9 @@ async def test_wrong_key_unknown_alias_and_limits(ghost: Ghost, db: RealDb) -> N
     def work() -> None:
         with pytest.raises(psycopg.OperationalError) as info:
             connect(password="not-the-key")
-        assert "28P01" in str(info.value.sqlstate) or 'password authentication failed' in str(info.value)
+        assert "28P01" in str(info.value.sqlstate) or "password authentication failed" in str(
+            info.value
+        )
         with pytest.raises(psycopg.OperationalError) as info:
             connect(user="no-such-app")
         assert "password authentication failed" in str(info.value)

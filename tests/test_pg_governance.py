@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import psycopg
 import pytest
 import trio
@@ -62,7 +63,8 @@ async def test_read_only_session_refuses_writes_and_escapes(
                 "BEGIN READ WRITE",
                 "START TRANSACTION READ WRITE",
                 "SELECT set_config('default_transaction_read_only', 'off', false)",
-                "UPDATE pg_settings SET setting = 'off' WHERE name = 'default_transaction_read_only'",
+                "UPDATE pg_settings SET setting = 'off'"
+                " WHERE name = 'default_transaction_read_only'",
                 "SELECT 1; SET default_transaction_read_only = off",
             ]
             for sql in escapes:
@@ -72,7 +74,7 @@ async def test_read_only_session_refuses_writes_and_escapes(
                 assert b"read-only" in (result.error_field(DIAG_MESSAGE) or b""), sql
                 # ... and extended (Parse/Bind/Execute).
                 with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only"):
-                    conn.execute(sql)  # type: ignore[call-overload]
+                    conn.execute(sql)
             # Extended protocol with parameters: the Parse is replaced, Execute fails.
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute(
@@ -139,7 +141,8 @@ async def test_startup_options_cannot_lift_read_only(
                 ghost.alias,
                 [("default_transaction_read_only", "off"), ("transaction_read_only", "off")],
             )
-            (_, body) = [m for m in raw.query("SHOW default_transaction_read_only") if m[0] == "D"][0]
+            answer = raw.query("SHOW default_transaction_read_only")
+            body = next(b for tag, b in answer if tag == "D")
         finally:
             raw.close()
         return [str(row[0]), _core.parse_data_row(body)[0].decode()]  # type: ignore[union-attr]
@@ -266,3 +269,24 @@ async def test_real_server_refusing_the_vault_password_is_a_clear_error(
     message = await in_thread(work)
     assert "refused the gate's credentials" in message
     assert other.password not in message and "nobody-knows-this" not in message
+
+
+async def test_a_gate_without_its_vault_says_so(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qmesh.gate.pg import PgService
+
+    monkeypatch.delenv("QMESH_MASTER_KEY", raising=False)
+    ghost = await start_ghost(nursery, db, tmp_path)
+    # What from_config gives a Gate whose master key is missing.
+    config = ghost.service.config
+    bare = PgService.from_config(attrs.evolve(config, data_dir=tmp_path / "nokey"), ghost.store)
+    assert bare.vault is None and bare.vault_problem
+    ghost.service.vault, ghost.service.vault_problem = bare.vault, bare.vault_problem
+
+    def work() -> str:
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(**ghost.kwargs())
+        return str(info.value)
+
+    assert "vault is not available" in await in_thread(work)

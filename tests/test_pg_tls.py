@@ -124,9 +124,7 @@ async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_p
 
     with trio.fail_after(30):
         assert await in_thread(work) == (True, True)
-        code, out, err = await run(
-            ["psql", ghost.dsn(sslmode="require"), "-X", "-c", "\\conninfo"]
-        )
+        code, out, err = await run(["psql", ghost.dsn(sslmode="require"), "-X", "-c", "\\conninfo"])
     assert code == 0, err
     assert "SSL connection (protocol: TLSv1.3" in out
 

@@ -159,7 +159,9 @@ def _family(metadata: dict[str, Any], architecture: str) -> str:
     return architecture
 
 
-def describe_gguf(path: Path, *, runtime: str = "llama.cpp", header: GgufHeader | None = None) -> ModelInfo:
+def describe_gguf(
+    path: Path, *, runtime: str = "llama.cpp", header: GgufHeader | None = None
+) -> ModelInfo:
     """Catalogue one file. Raises CatalogError (or OSError if it cannot be read)."""
     try:
         header = header or scan_gguf(path)
@@ -174,7 +176,9 @@ def describe_gguf(path: Path, *, runtime: str = "llama.cpp", header: GgufHeader 
         value = meta.get(f"{arch}.{key}")
         if isinstance(value, list):  # per-layer values (some archs): take the largest
             value = max(value) if value else None
-        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return (
+            int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
 
     parameters = sum(t.n_elements for t in header.tensors)
     weights = sum(t.n_bytes for t in header.tensors)

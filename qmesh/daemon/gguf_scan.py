@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+try:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+except ImportError:  # the `llama` extra is not installed: the catalog says so
+    GGUF_MISSING = "the gguf package is not installed (pip install 'qmesh[llama]')"
+else:
+    GGUF_MISSING = ""
 
 __all__ = ["GgufError", "GgufHeader", "TensorInfo", "scan_gguf"]
 
@@ -37,19 +43,23 @@ MAX_STRING: Final = 1 << 26
 MAX_COUNT: Final = 1 << 32
 MAX_DIMS: Final = 8
 
-_SCALARS: Final = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
+_SCALARS: Final = (
+    {
+        GGUFValueType.UINT8: "<B",
+        GGUFValueType.INT8: "<b",
+        GGUFValueType.UINT16: "<H",
+        GGUFValueType.INT16: "<h",
+        GGUFValueType.UINT32: "<I",
+        GGUFValueType.INT32: "<i",
+        GGUFValueType.FLOAT32: "<f",
+        GGUFValueType.BOOL: "<?",
+        GGUFValueType.UINT64: "<Q",
+        GGUFValueType.INT64: "<q",
+        GGUFValueType.FLOAT64: "<d",
+    }
+    if not GGUF_MISSING
+    else {}
+)
 
 
 class GgufError(Exception):
@@ -159,6 +169,8 @@ def _tensor_bytes(type_code: int, n_elements: int) -> tuple[str, int]:
 
 def scan_gguf(path: Path) -> GgufHeader:
     """The header of the GGUF file at ``path``. Raises GgufError or OSError."""
+    if GGUF_MISSING:
+        raise GgufError(GGUF_MISSING)
     with path.open("rb") as file:
         try:
             data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)

@@ -72,7 +72,12 @@ async def serve_infer(
 
             async def admitted(slot: Slot) -> None:
                 await send(
-                    {"type": "accepted", "model": slot.id, "state": slot.state, "queue_depth": slot.waiting}
+                    {
+                        "type": "accepted",
+                        "model": slot.id,
+                        "state": slot.state,
+                        "queue_depth": slot.waiting,
+                    }
                 )
 
             async with scheduler.use(model, admitted=admitted) as slot:

@@ -1,16 +1,17 @@
-"""Host memory bandwidth, measured once with a copy benchmark and cached.
+"""Host memory bandwidth, measured once with a read benchmark and cached.
 
-For: :func:`measure_bandwidth` (a few hundred milliseconds of large
-``memmove`` copies on 1, 2, 4… threads; the best rate wins) and
-:func:`cached_bandwidth`, which keeps the result in the data directory so a
-restarted daemon does not pay for it again — unless the machine changed
-(another host name, CPU count or RAM size in the same data directory).
+For: :func:`measure_bandwidth` (well under a second of scanning large
+buffers with libc's ``memchr`` on 1, 2, 4… threads; the best rate wins, and
+the rate at each thread count is kept) and :func:`cached_bandwidth`, which
+keeps the result in the data directory so a restarted daemon does not pay
+for it again — unless the machine changed (another host name, CPU count or
+RAM size in the same data directory).
 
-The figure is STREAM's "copy" convention: bytes read plus bytes written per
-second. Decoding a token reads the weights once, so the planner compares
-this figure with bytes read per token; the copy rate is the closer stand-in
-on small machines, where a single thread already saturates the memory bus
-and writes cost about as much as reads.
+Why reads: decoding a token reads every weight once and writes almost
+nothing, so the planner divides *read* bandwidth by bytes read per token.
+``memchr`` over a zero-filled buffer is a SIMD scan that only reads, and
+ctypes releases the GIL around it, so threads scan in parallel the way
+llama.cpp's threads stream weights.
 
 Not for: GPU memory bandwidth (NVML gives bus width and clock; see
 :mod:`qmesh.daemon.telemetry`) or anything run per request.
@@ -19,6 +20,7 @@ Not for: GPU memory bandwidth (NVML gives bus width and clock; see
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -39,15 +41,17 @@ CACHE_NAME: Final = "membench.json"
 BUFFER_BYTES: Final = 64 * 1024 * 1024
 """Per thread: far beyond any CPU cache, so the copy goes to DRAM."""
 ROUNDS: Final = 3
-COPIES_PER_ROUND: Final = 3
+SCANS_PER_ROUND: Final = 3
 
 
 @attrs.frozen
 class BandwidthResult:
     gbps: float
-    """Copy bandwidth in GB/s (10⁹ bytes, read + written)."""
+    """Read bandwidth in GB/s (10⁹ bytes), the best over thread counts."""
     threads: int
     """Thread count that reached it."""
+    by_threads: dict[int, float]
+    """GB/s at each thread count tried."""
     measured_at: float
     seconds: float
     """How long the measurement took."""
@@ -60,45 +64,62 @@ class BandwidthResult:
             "measured_at": self.measured_at,
             "seconds": round(self.seconds, 3),
             "cached": self.cached,
-            "method": "memmove copy, (read + written bytes) / s, best of threads",
+            "by_threads": {str(k): round(v, 3) for k, v in self.by_threads.items()},
+            "method": "memchr scan of 64 MiB per thread (bytes read / s), best of threads",
         }
 
+    def at_threads(self, threads: int | None) -> float:
+        """GB/s with ``threads`` threads (the nearest count measured), or the best."""
+        if not threads or not self.by_threads:
+            return self.gbps
+        nearest = min(self.by_threads, key=lambda k: (abs(k - threads), -k))
+        return self.by_threads[nearest]
 
-def _copy_rate(threads: int, size: int) -> float:
-    """Best bytes/s over ROUNDS rounds of ``threads`` threads copying ``size`` bytes."""
-    pairs = [(ctypes.create_string_buffer(size), ctypes.create_string_buffer(size))]
-    pairs += [
-        (ctypes.create_string_buffer(size), ctypes.create_string_buffer(size))
-        for _ in range(threads - 1)
-    ]
-    for dst, src in pairs:  # touch every page first: first-touch faults are not bandwidth
-        ctypes.memmove(dst, src, size)
 
-    def work(dst: ctypes.Array[ctypes.c_char], src: ctypes.Array[ctypes.c_char]) -> None:
-        # ctypes releases the GIL around foreign calls, so threads copy in parallel.
-        for _ in range(COPIES_PER_ROUND):
-            ctypes.memmove(dst, src, size)
+def _libc_memchr() -> Any:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    memchr = libc.memchr
+    memchr.restype = ctypes.c_void_p
+    memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    return memchr
+
+
+def _read_rate(threads: int, size: int) -> float:
+    """Best bytes/s over ROUNDS rounds of ``threads`` threads each scanning ``size`` bytes."""
+    memchr = _libc_memchr()
+    buffers = [ctypes.create_string_buffer(size) for _ in range(threads)]
+    for buffer in buffers:  # fault every page in first: page faults are not bandwidth
+        ctypes.memset(buffer, 0, size)
+
+    def work(buffer: ctypes.Array[ctypes.c_char]) -> None:
+        for _ in range(SCANS_PER_ROUND):
+            # Looking for a byte that is not there reads the whole buffer.
+            memchr(buffer, 1, size)
 
     best = 0.0
     for _ in range(ROUNDS):
-        workers = [threading.Thread(target=work, args=pair) for pair in pairs]
+        workers = [threading.Thread(target=work, args=(b,)) for b in buffers]
         start = time.perf_counter()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
         elapsed = time.perf_counter() - start
-        best = max(best, 2 * size * COPIES_PER_ROUND * threads / elapsed)
+        best = max(best, size * SCANS_PER_ROUND * threads / elapsed)
     return best
 
 
-def measure_bandwidth(*, size: int = BUFFER_BYTES, max_threads: int | None = None) -> BandwidthResult:
+def measure_bandwidth(
+    *, size: int = BUFFER_BYTES, max_threads: int | None = None
+) -> BandwidthResult:
     """Measure now (blocking: run it in a worker thread from Trio code)."""
     started = time.perf_counter()
     limit = max_threads or min(os.cpu_count() or 1, 8)
     best, best_threads, threads = 0.0, 1, 1
+    by_threads: dict[int, float] = {}
     while threads <= limit:
-        rate = _copy_rate(threads, size)
+        rate = _read_rate(threads, size)
+        by_threads[threads] = rate / 1e9
         if rate > best:
             best, best_threads = rate, threads
         elif rate < best * 0.9:
@@ -107,6 +128,7 @@ def measure_bandwidth(*, size: int = BUFFER_BYTES, max_threads: int | None = Non
     return BandwidthResult(
         gbps=best / 1e9,
         threads=best_threads,
+        by_threads=by_threads,
         measured_at=time.time(),
         seconds=time.perf_counter() - started,
     )
@@ -131,6 +153,7 @@ def cached_bandwidth(directory: Path, *, remeasure: bool = False) -> BandwidthRe
                 return BandwidthResult(
                     gbps=float(data["gbps"]),
                     threads=int(data["threads"]),
+                    by_threads={int(k): float(v) for k, v in data["by_threads"].items()},
                     measured_at=float(data["measured_at"]),
                     seconds=float(data["seconds"]),
                     cached=True,
@@ -141,7 +164,7 @@ def cached_bandwidth(directory: Path, *, remeasure: bool = False) -> BandwidthRe
             log.warning("ignoring unreadable %s (%s); measuring again", path, exc)
     result = measure_bandwidth()
     log.info(
-        "host memory bandwidth: %.1f GB/s (copy, %d thread(s), %.2fs)",
+        "host memory bandwidth: %.1f GB/s (read, %d thread(s), measured in %.2fs)",
         result.gbps,
         result.threads,
         result.seconds,

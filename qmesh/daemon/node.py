@@ -16,16 +16,18 @@ or serving requests (:mod:`qmesh.daemon.infer`).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from typing import Any
 
+import attrs
 import trio
 
 from qmesh import __version__
 from qmesh.config import Config
 from qmesh.daemon.catalog import Catalog, ModelInfo
-from qmesh.daemon.membench import cached_bandwidth
+from qmesh.daemon.membench import BandwidthResult, cached_bandwidth
 from qmesh.daemon.quant import HEADROOM, NodeSpec, Variant, place
 from qmesh.daemon.runtimes.base import Runtime
 from qmesh.daemon.runtimes.llamacpp import LlamaCppRuntime
@@ -53,6 +55,7 @@ class DaemonNode:
         self.scheduler: Scheduler | None = None
         self.telemetry: Telemetry | None = None
         self.bandwidth: dict[str, Any] = {}
+        self._bandwidth: BandwidthResult | None = None
         self.changed = trio.Event()
         self.started_at = time.time()
         self._refresh_wanted = trio.Event()
@@ -66,6 +69,7 @@ class DaemonNode:
         """Measure (or read the cached) bandwidth, start NVML, scan models, build runtimes."""
         result = await trio.to_thread.run_sync(cached_bandwidth, self.data_dir)
         self.bandwidth = result.to_json()
+        self._bandwidth = result
         self.reader.host_bandwidth_gbps = result.gbps
         await trio.to_thread.run_sync(self.reader.start)
         self.telemetry = await trio.to_thread.run_sync(self.reader.read)
@@ -84,7 +88,9 @@ class DaemonNode:
             self.runtimes.append(self.llama)
         for runtime in self.settings.runtimes:
             if runtime.kind == "ollama":
-                self.runtimes.append(OllamaRuntime(runtime.name, runtime.url, keep_alive=runtime.keep_alive))
+                self.runtimes.append(
+                    OllamaRuntime(runtime.name, runtime.url, keep_alive=runtime.keep_alive)
+                )
             else:
                 self.runtimes.append(
                     OpenAICompatRuntime(runtime.name, runtime.url, api_key_env=runtime.api_key_env)
@@ -115,7 +121,7 @@ class DaemonNode:
             return 0
         placement = place(
             Variant.from_model(model),
-            NodeSpec.from_telemetry(self.telemetry),
+            self.node_spec(),
             self.llama.context_for(model) if self.llama else self.settings.context_length,
         )
         return -1 if placement.cpu_layers == 0 else sum(placement.gpu_layers)
@@ -154,7 +160,10 @@ class DaemonNode:
                 change = await trio.to_thread.run_sync(self.catalog.scan)
                 if change:
                     log.info(
-                        "catalog: +%s -%s ~%s", list(change.added), list(change.removed), list(change.changed)
+                        "catalog: +%s -%s ~%s",
+                        list(change.added),
+                        list(change.removed),
+                        list(change.changed),
                     )
                 next_scan = trio.current_time() + self.settings.rescan_interval_s
             await self.scheduler.refresh()
@@ -178,6 +187,16 @@ class DaemonNode:
             "started_at": self.started_at,
         }
 
+    def node_spec(self) -> NodeSpec:
+        """This node for the planner, with the host bandwidth llama.cpp's
+        threads get (llama-cpp-python uses half the CPUs unless told)."""
+        assert self.telemetry is not None
+        spec = NodeSpec.from_telemetry(self.telemetry, name=self.name)
+        if self._bandwidth is not None:
+            threads = self.settings.threads or max((os.cpu_count() or 2) // 2, 1)
+            spec = attrs.evolve(spec, host_bandwidth_gbps=self._bandwidth.at_threads(threads))
+        return spec
+
     def _predicted_tps(self, model: dict[str, Any]) -> float | None:
         if self.telemetry is None or "bytes_per_token" not in model:
             return None
@@ -186,7 +205,7 @@ class DaemonNode:
         except TypeError:
             return None
         context = self.llama.context_for(info) if self.llama else self.settings.context_length
-        placement = place(Variant.from_model(info), NodeSpec.from_telemetry(self.telemetry), context)
+        placement = place(Variant.from_model(info), self.node_spec(), context)
         return round(placement.decode_tps, 2)
 
     def inventory(self) -> dict[str, Any]:

@@ -144,11 +144,11 @@ class NodeSpec:
 
     def describe(self) -> str:
         parts = [
-            f"{g.name} {_gb(g.vram_free)} free, {g.bandwidth_gbps:g} GB/s, "
-            f"PCIe {'?' if g.pcie_gbps is None else f'{g.pcie_gbps:g} GB/s'}"
+            f"{g.name} {_gb(g.vram_free)} free, {g.bandwidth_gbps:.0f} GB/s, "
+            f"PCIe {'?' if g.pcie_gbps is None else f'{g.pcie_gbps:.1f} GB/s'}"
             for g in self.gpus
         ]
-        parts.append(f"RAM {_gb(self.ram_free)} free, {self.host_bandwidth_gbps:g} GB/s")
+        parts.append(f"RAM {_gb(self.ram_free)} free, {self.host_bandwidth_gbps:.1f} GB/s")
         return f"{self.name}: " + "; ".join(parts)
 
     @classmethod
@@ -185,11 +185,16 @@ class NodeSpec:
             key, sep, value = part.partition("=")
             if not sep or not key.strip() or not value.strip():
                 known = ", ".join(NODE_PRESETS)
-                raise PlanError(f"bad node spec {text!r}: expected a preset ({known}) or key=value,…")
+                raise PlanError(
+                    f"bad node spec {text!r}: expected a preset ({known}) or key=value,…"
+                )
             values[key.strip()] = value.strip()
         unknown = values.keys() - {"vram", "gpus", "gpu_bw", "pcie", "ram", "ram_bw", "cpus"}
         if unknown:
             raise PlanError(f"bad node spec {text!r}: unknown key {sorted(unknown)[0]!r}")
+        orphans = values.keys() & {"gpus", "gpu_bw", "pcie"}
+        if orphans and "vram" not in values:
+            raise PlanError(f"bad node spec {text!r}: {sorted(orphans)[0]} needs vram (per GPU)")
         try:
             gpus: tuple[GpuSpec, ...] = ()
             if "vram" in values:
@@ -197,7 +202,9 @@ class NodeSpec:
                 if "pcie" in values:
                     match = re.fullmatch(r"(\d)(?:\.0)?x(\d+)", values["pcie"])
                     if match is None:
-                        raise ValueError(f"pcie {values['pcie']!r}: expected GEN.0xWIDTH, e.g. 4.0x16")
+                        raise ValueError(
+                            f"pcie {values['pcie']!r}: expected GEN.0xWIDTH, e.g. 4.0x16"
+                        )
                     link = pcie_gbps(int(match.group(1)), int(match.group(2)))
                 count = int(values.get("gpus", "1"))
                 gpu = GpuSpec(
@@ -367,7 +374,9 @@ def place(variant: Variant, node: NodeSpec, context: int) -> Placement:
             decode_tps=1 / seconds,
             upload_s_per_batch=0.0,
             load_s=0.0,
-            why_not="" if need <= ram_usable else f"needs {_gb(need)} > {_gb(ram_usable)} usable RAM",
+            why_not=""
+            if need <= ram_usable
+            else f"needs {_gb(need)} > {_gb(ram_usable)} usable RAM",
         )
 
     if not node.gpus:
@@ -401,7 +410,9 @@ def _split(layers: int, rooms: list[int], layer_cost: int) -> list[int]:
     """``layers`` spread over devices in proportion to room, none past its room."""
     capacity = [r // max(layer_cost, 1) for r in rooms]
     total_room = sum(rooms) or 1
-    shares = [min(c, math.floor(layers * r / total_room)) for c, r in zip(capacity, rooms, strict=True)]
+    shares = [
+        min(c, math.floor(layers * r / total_room)) for c, r in zip(capacity, rooms, strict=True)
+    ]
     # Hand out what rounding left over to devices that still have room.
     left = layers - sum(shares)
     for i in sorted(range(len(rooms)), key=lambda i: -rooms[i]):
@@ -466,7 +477,9 @@ def _gpu_placement(
         decode_tps=1 / seconds if seconds > 0 else float("inf"),
         upload_s_per_batch=upload,
         load_s=load_s,
-        why_not="" if fits else f"{cpu_layers} layers need {_gb(cpu_bytes)} > {_gb(ram_usable)} usable RAM",
+        why_not=""
+        if fits
+        else f"{cpu_layers} layers need {_gb(cpu_bytes)} > {_gb(ram_usable)} usable RAM",
     )
 
 
@@ -532,7 +545,9 @@ class Plan:
                  f"node  {self.node.describe()}"]  # fmt: skip
         lines += [f"note  {note}" for note in self.node.notes]
         lines.append("")
-        header = f"  {'quant':<8} {'source':<8} {'weights':>9} {'placement':<38} {'tok/s':>8} {'verdict'}"
+        header = (
+            f"  {'quant':<8} {'source':<8} {'weights':>9} {'placement':<38} {'tok/s':>8} verdict"
+        )
         lines.append(header)
         for c in self.candidates:
             v, p = c.variant, c.placement
@@ -580,7 +595,8 @@ def plan(
         chosen = max(fitting, key=lambda vp: vp[1].decode_tps)
         summary = (
             f"no variant reaches {target:g} tok/s; chose the fastest that fits, "
-            f"{chosen[0].quantization} ({chosen[1].decode_tps:.1f} tok/s predicted, {chosen[1].where})"
+            f"{chosen[0].quantization} ({chosen[1].decode_tps:.1f} tok/s predicted, "
+            f"{chosen[1].where})"
         )
     else:
         summary = f"no variant of {model} fits this node at context {context}"

@@ -107,7 +107,11 @@ class Scheduler:
         self.on_change()
 
     def used_memory(self) -> int:
-        return sum(s.memory for s in self.slots.values() if s.managed and s.state in ("loading", "loaded", "unloading"))
+        return sum(
+            s.memory
+            for s in self.slots.values()
+            if s.managed and s.state in ("loading", "loaded", "unloading")
+        )
 
     def models(self) -> list[dict[str, Any]]:
         """Every model with its live state, for the inventory."""
@@ -132,7 +136,11 @@ class Scheduler:
     def load_report(self) -> dict[str, dict[str, Any]]:
         """The fast-changing part, sent with every heartbeat."""
         return {
-            s.id: {"active": s.active, "queue_depth": s.waiting, "busy": s.waiting >= self.queue_limit}
+            s.id: {
+                "active": s.active,
+                "queue_depth": s.waiting,
+                "busy": s.waiting >= self.queue_limit,
+            }
             for s in self.slots.values()
         }
 

@@ -126,7 +126,8 @@ class Telemetry:
     host: HostTelemetry
     gpus: tuple[GpuTelemetry, ...]
     nvml: str
-    """``"ok"``, or why there is no GPU view (e.g. ``"nvmlInit failed: NVML Shared Library Not Found"``)."""
+    """``"ok"``, or why there is no GPU view, e.g. ``"nvmlInit failed: NVML Shared
+    Library Not Found"``."""
     driver_version: str | None
     taken_at: float
 
@@ -168,7 +169,8 @@ def _import_pynvml() -> ModuleType | str:
         import pynvml
     except ImportError:
         return "pynvml is not installed (pip install nvidia-ml-py)"
-    return pynvml
+    module: ModuleType = pynvml
+    return module
 
 
 class TelemetryReader:

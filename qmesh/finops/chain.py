@@ -119,15 +119,10 @@ def append_rows(
     ).fetchone()
     last_id, prev, count = (0, GENESIS, 0) if head is None else (head[0], bytes(head[1]), head[2])
     # Ids are assigned here, not by SQLite, so the sealed id is the stored one.
-    next_id = int(
-        conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
-    )
+    next_id = int(conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
     next_id = max(next_id, last_id) + 1
     placeholders = ", ".join("?" for _ in range(len(columns) + 3))
-    sql = (
-        f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash) "
-        f"VALUES ({placeholders})"
-    )
+    sql = f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash) VALUES ({placeholders})"
     for values in rows:
         digest = _seal(key, prev, next_id, values)
         conn.execute(sql, (next_id, *values, prev, digest))

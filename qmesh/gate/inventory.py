@@ -249,20 +249,22 @@ class Inventory:
         """Apply the missed-heartbeat thresholds; returns what changed."""
         changes: list[Transition] = []
         for node in self._nodes.values():
-            missed = (now - node.last_seen) / node.heartbeat_interval_s
             silent = now - node.last_seen
+            missed = silent / node.heartbeat_interval_s
             if missed >= self.gone_after_missed:
-                target = "gone"
-                why = f"no heartbeat for {silent:.1f}s ({self.gone_after_missed} missed at {node.heartbeat_interval_s:g}s)"
+                target, limit = "gone", self.gone_after_missed
             elif missed >= self.stale_after_missed:
-                target = "stale"
-                why = f"no heartbeat for {silent:.1f}s ({self.stale_after_missed} missed at {node.heartbeat_interval_s:g}s)"
+                target, limit = "stale", self.stale_after_missed
             else:
                 continue  # fresh nodes turn fresh again only by reporting
             # A node that left on purpose stays gone; a gone node never goes back to stale.
             if node.state == target or (node.state == "gone" and target == "stale"):
                 continue
             old = node.state
+            why = (
+                f"no heartbeat for {silent:.1f}s "
+                f"({limit} missed at {node.heartbeat_interval_s:g}s intervals)"
+            )
             self._set(node, target, why, now)
             changes.append(Transition(node.name, old, target, why))
         if changes:

@@ -219,6 +219,31 @@ class Executor:
             return answer
         raise self._exhausted(decision, ctx, call)
 
+    def _settle_stream(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        call: Call,
+        usage: Usage,
+        started: float,
+        outcome: str,
+        reservation: Reservation,
+    ) -> None:
+        seconds = time.monotonic() - started
+        # Without usage in the stream: ≈ 4 bytes of text per token in ≈ 64-byte events.
+        tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
+        tokens = (usage.tokens_in or call.tokens_in, tokens_out)
+        cost = self._cost(candidate, *tokens, seconds)
+        reservation.settle(cost)
+        if outcome == "ok":
+            candidate.observe_latency(seconds * 1000)
+            self.router.telemetry_changed()
+            ctx.hops.append(
+                {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
+            )
+        self._record(decision, ctx, candidate, call, tokens, cost, outcome)
+
     async def stream(
         self, decision: Decision, call: Call, ctx: RequestContext
     ) -> AsyncIterator[bytes]:
@@ -238,6 +263,7 @@ class Executor:
             events = streaming.stream(candidate, call, usage)
             sent = False
             outcome = "ok"
+            tail: tuple[bytes, ...] = ()
             try:
                 async for event in events:
                     sent = True
@@ -249,37 +275,25 @@ class Executor:
                     continue
                 outcome = "stream_broken"
                 self.router.cool_down(candidate, self.routing.cooldown_s)
-                ctx.hops.append({"candidate": candidate.id, "outcome": "stream_broken", "ms": 0.0})
+                ctx.hops.append({"candidate": candidate.id, "outcome": outcome, "ms": 0.0})
                 log.warning(
                     "request %s: stream from %s broke: %s", ctx.request_id, candidate.id, exc
                 )
-                yield error_event(f"the model's stream broke off: {exc}", code="stream_broken")
-                yield DONE_EVENT
+                message = f"the model's stream broke off: {exc}"
+                tail = (error_event(message, code=outcome), DONE_EVENT)
             except ClientFault as fault:
                 outcome = "client_error"
-                yield error_event(
-                    fault.body[:500].decode("utf-8", "replace"), kind="invalid_request_error"
-                )
-                yield DONE_EVENT
+                message = fault.body[:500].decode("utf-8", "replace")
+                tail = (error_event(message, kind="invalid_request_error"), DONE_EVENT)
             finally:
                 await events.aclose()
-                seconds = time.monotonic() - started
                 if not reservation.settled:
-                    tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
-                    tokens = (usage.tokens_in or call.tokens_in, tokens_out)
-                    cost = self._cost(candidate, *tokens, seconds)
-                    reservation.settle(cost)
-                    if outcome == "ok":
-                        candidate.observe_latency(seconds * 1000)
-                        self.router.telemetry_changed()
-                        ctx.hops.append(
-                            {
-                                "candidate": candidate.id,
-                                "outcome": "ok",
-                                "ms": round(seconds * 1000, 3),
-                            }
-                        )
-                    self._record(decision, ctx, candidate, call, tokens, cost, outcome)
+                    self._settle_stream(
+                        decision, ctx, candidate, call, usage, started, outcome, reservation
+                    )
+            # Written to the ledger before the client hears how it ended.
+            for event in tail:
+                yield event
             return
         error = self._exhausted(decision, ctx, call)
         yield error_event(str(error), kind="server_error", code="no_route")

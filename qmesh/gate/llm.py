@@ -5,7 +5,8 @@ at start-up (:class:`LlmService`) — the built-in skills with their measured
 capacity, a candidate per provider model, the router, the pooled upstream
 client, the budget book seeded from the ledger — and running its background
 work (:meth:`LlmService.run`: the ledger writer, and folding the daemons'
-inventory into the router when the daemons' side provides one).
+inventory into the router: a candidate per model per node, rebuilt when
+nodes or models come and go, updated in place when only their load moves).
 
 Not for: HTTP handlers (:mod:`qmesh.gate.llm_api`) or execution
 (:mod:`qmesh.gate.liquify`).
@@ -14,6 +15,7 @@ Not for: HTTP handlers (:mod:`qmesh.gate.llm_api`) or execution
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -23,6 +25,9 @@ from qmesh.config import Config
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
 from qmesh.gate.backends import SkillBackend
+from qmesh.gate.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
+from qmesh.gate.daemons import DaemonClient
+from qmesh.gate.inventory import Inventory
 from qmesh.gate.liquify import Executor
 from qmesh.gate.provider_keys import resolve_api_key
 from qmesh.gate.providers import AnthropicProvider, OpenAIProvider
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 JOULES_PER_KWH: Final = 3_600_000.0
 SKILL_CONTEXT: Final = 1_000_000
+INVENTORY_POLL_S: Final = 0.2
+"""How often the router's daemon candidates catch up with the inventory."""
 
 
 class LlmService:
@@ -51,6 +58,7 @@ class LlmService:
         master_key: bytes | None = None,
         env: Mapping[str, str] | None = None,
         measure_skills: bool = True,
+        resolve_keys: bool = True,
     ) -> None:
         self.config = config
         self.store = store
@@ -69,7 +77,13 @@ class LlmService:
             model: group for group, models in routing.equivalences.items() for model in models
         }
         self.router.set_candidates("skills", self._skill_candidates())
-        self.router.set_candidates("providers", self._provider_candidates(master_key, env))
+        self.router.set_candidates(
+            "providers", self._provider_candidates(master_key, env, resolve_keys=resolve_keys)
+        )
+        self.inventory: Inventory | None = None
+        self.daemon_backend: DaemonBackend | None = None
+        self._daemon_candidates: list[Candidate] = []
+        self._daemon_shape: tuple[object, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config, store: StateStore) -> LlmService:
@@ -117,11 +131,13 @@ class LlmService:
         return out
 
     def _provider_candidates(
-        self, master_key: bytes | None, env: Mapping[str, str] | None
+        self, master_key: bytes | None, env: Mapping[str, str] | None, *, resolve_keys: bool
     ) -> list[Candidate]:
         out = []
         for provider in self.config.gate.providers:
-            api_key = resolve_api_key(provider.api_key, self.store, master_key, env)
+            api_key = None
+            if resolve_keys:
+                api_key = resolve_api_key(provider.api_key, self.store, master_key, env)
             upstream = parse_url(provider.base_url)
             cls = AnthropicProvider if provider.kind == "anthropic" else OpenAIProvider
             backend = cls(provider.name, self.pool, upstream, api_key)
@@ -149,6 +165,45 @@ class LlmService:
                 )
         return out
 
+    def attach_daemons(self, inventory: Inventory, client: DaemonClient) -> None:
+        """Route to the daemons' models too: :meth:`run` then follows the
+        inventory and keeps a candidate per (node, model) up to date."""
+        self.inventory = inventory
+        self.daemon_backend = DaemonBackend(client)
+
+    def _sync_daemons(self) -> None:
+        inventory = self.inventory
+        if inventory is None or self.daemon_backend is None:
+            return
+        nodes = inventory.nodes(now=time.time(), kind="daemon")
+        shape = tuple(
+            (n.name, n.state, tuple(sorted((m.id, m.state) for m in n.models.values())))
+            for n in nodes
+        )
+        if shape == self._daemon_shape:
+            # Only the load moved (a heartbeat): update in place, no rebuild.
+            refresh_load(self._daemon_candidates, {n.name: n for n in nodes})
+        else:
+            previous = {c.id: c for c in self._daemon_candidates}
+            self._daemon_candidates = daemon_candidates(
+                nodes,
+                self.daemon_backend,
+                equivalences=self._equivalence,
+                previous=previous,
+                extra_tasks=self.config.gate.routing.extra_tasks,
+            )
+            self.router.set_candidates("daemons", self._daemon_candidates)
+            self._daemon_shape = shape
+        self.router.telemetry_changed()
+
+    async def _follow_inventory(self) -> None:
+        seen = -1
+        while True:
+            if self.inventory is not None and self.inventory.version != seen:
+                seen = self.inventory.version
+                self._sync_daemons()
+            await trio.sleep(INVENTORY_POLL_S)
+
     def skill_view(self) -> list[dict[str, Any]]:
         return [
             {
@@ -170,6 +225,7 @@ class LlmService:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
+                nursery.start_soon(self._follow_inventory)
                 for line in (s.describe() for s in self.skills.values()):
                     log.info("skill %s", line)
                 task_status.started()

@@ -79,11 +79,9 @@ class LlmApi:
                 code="model_not_found",
             )
         task = _ENDPOINT_TASKS[endpoint]
-        for candidate in self.router.candidates:
-            if candidate.model == model or candidate.id == model:
-                if task not in candidate.tasks:
-                    task = next(iter(sorted(candidate.tasks)))
-                break
+        candidate = self.router.first_for_model(model)
+        if candidate is not None and task not in candidate.tasks:
+            task = min(candidate.tasks)  # a skill's model: its own task
         return Dsn(task=task), pin
 
     async def _route(

@@ -54,6 +54,7 @@ from qmesh import _core
 from qmesh.config import Config
 from qmesh.gate.pgguard import check_statement, parameter_count, refusal_sql
 from qmesh.gate.scram import MECHANISM, ScramClient, ScramError, ScramServer, md5_password
+from qmesh.logs import register_secret
 from qmesh.pg.audit import AuditLog
 from qmesh.pg.errors import VaultError
 from qmesh.pg.policy import AppPolicy, policy_for
@@ -452,6 +453,7 @@ class PgService:
         self.audit = audit if audit is not None else AuditLog(store)
         self._mock_secret = mock_secret or secrets.token_bytes(32)
         self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
+        self._registered: set[str] = set()
         self.active: dict[str, int] = {}
         """Open sessions per app id."""
         self.sessions_total = 0
@@ -609,6 +611,12 @@ class PgService:
             raise UpstreamFailed(
                 "08001", f"qmesh: the gate cannot read the credentials of alias {alias!r}"
             ) from None
+        if secret is not None and secret.password not in self._registered:
+            # The vault registers what it decrypts too; this keeps the
+            # promise here even if that changes. Once per password: each
+            # registration recompiles the redaction pattern.
+            self._registered.add(secret.password)
+            register_secret(secret.password)
         return secret
 
     async def _login(

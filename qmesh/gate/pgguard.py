@@ -207,11 +207,13 @@ def refusal_sql(refusal: Refusal) -> str:
 
 
 _PARAM: Final = re.compile(r"(?<![a-zA-Z0-9_$])\$([0-9]+)")
+_LITERAL: Final = re.compile(r"'(?:[^']|'')*'")
 
 
 def parameter_count(sql: str, declared: int) -> int:
     """How many parameters a Bind for ``sql`` will carry: the highest ``$n``
     in the text, or the declared count if higher. Used to prepare the
     refusal in place of a refused Parse so the client's Bind still fits."""
-    highest = max((int(m.group(1)) for m in _PARAM.finditer(sql)), default=0)
+    code = _LITERAL.sub(" ", normalise(sql))  # "$1" in a comment or a string is not one
+    highest = max((int(m.group(1)) for m in _PARAM.finditer(code)), default=0)
     return min(max(highest, declared), 65535)

@@ -10,7 +10,10 @@ import trio
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.gate.api import add_routes
 from qmesh.gate.auth import AppAuthenticator
+from qmesh.gate.daemon_api import add_daemon_routes
+from qmesh.gate.daemons import DaemonClient, InventoryService
 from qmesh.gate.forward import ForwardService
+from qmesh.gate.inventory import Inventory
 from qmesh.gate.llm import LlmService
 from qmesh.gate.llm_api import add_llm_routes
 from qmesh.gate.llm_relay import LlmRelay
@@ -54,6 +57,13 @@ async def run_gate(
         pg = PgService.from_config(config, store)
         router = Router()
         llm = LlmService.from_config(config, store)
+        inventory = Inventory(
+            stale_after_missed=config.gate.daemon_stale_after_missed,
+            gone_after_missed=config.gate.daemon_gone_after_missed,
+        )
+        inventory_service = InventoryService(inventory)
+        daemons = DaemonClient(inventory)
+        llm.attach_daemons(inventory, daemons)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
@@ -61,6 +71,7 @@ async def run_gate(
             authenticate=EnrolledEdges(store).authenticate,
             services={
                 "forward": ForwardService(config.gate.forward_allow),
+                "inventory": inventory_service,
                 "pg": pg.serve,
                 "pg-cancel": pg.cancel,
                 "llm": LlmRelay(router),
@@ -68,6 +79,7 @@ async def run_gate(
         )
         auth = AppAuthenticator(store)
         add_routes(router, server, auth)
+        add_daemon_routes(router, inventory, daemons, auth)
         add_memory_routes(router, Memory(store), auth)
         add_llm_routes(router, llm, auth)
         host, port = parse_hostport(config.gate.tunnel_listen)
@@ -75,6 +87,7 @@ async def run_gate(
         async with trio.open_nursery() as nursery:
             await nursery.start(pg.run)
             await nursery.start(llm.run)
+            await nursery.start(inventory_service.sweep_forever)
             bound = await nursery.start(server.serve, host, port)
             http_bound = await nursery.start(serve_http, router, http_host, http_port)
             task_status.started(
@@ -82,6 +95,8 @@ async def run_gate(
                     "tunnel": format_hostport(host, bound),
                     "http": f"http://{format_hostport(http_host, http_bound)}",
                     "server": server,
+                    "inventory": inventory,
+                    "daemons": daemons,
                     "pg": pg,
                     "llm": llm,
                 }

@@ -68,6 +68,8 @@ class Candidate:
     """0: no limit known."""
     free_memory_mb: float | None = None
     min_free_memory_mb: float = 0.0
+    busy: bool = False
+    """The node says this model cannot take more work now."""
     healthy: bool = True
     """False while the inventory says stale or gone."""
     cool_until: float = 0.0
@@ -108,6 +110,8 @@ class Candidate:
         return self.latency_ms * (1 + self.queue_depth)
 
     def busy_reason(self) -> str | None:
+        if self.busy:
+            return f"busy: its node reports it full (queue {self.queue_depth})"
         if self.queue_limit and self.queue_depth >= self.queue_limit:
             return f"busy: queue {self.queue_depth}/{self.queue_limit}"
         if self.free_memory_mb is not None and self.free_memory_mb < self.min_free_memory_mb:

@@ -119,6 +119,7 @@ class Router:
         self._sources: dict[str, list[Candidate]] = {}
         self._all: list[Candidate] = []
         self._by_task: dict[str, list[Candidate]] = {}
+        self._by_model: dict[str, Candidate] = {}
         self._rankings: dict[tuple[str, str, str | None, str], tuple[Candidate, ...]] = {}
         self._ranked_at = 0.0
         self._dirty = False
@@ -139,6 +140,11 @@ class Router:
             for task in candidate.tasks:
                 by_task.setdefault(task, []).append(candidate)
         self._by_task = by_task
+        by_model: dict[str, Candidate] = {}
+        for candidate in self._all:
+            by_model.setdefault(candidate.model, candidate)
+            by_model.setdefault(candidate.id, candidate)
+        self._by_model = by_model
         self._rankings.clear()
 
     @property
@@ -146,10 +152,12 @@ class Router:
         return self._all
 
     def get(self, candidate_id: str) -> Candidate | None:
-        for candidate in self._all:
-            if candidate.id == candidate_id:
-                return candidate
-        return None
+        candidate = self._by_model.get(candidate_id)
+        return candidate if candidate is not None and candidate.id == candidate_id else None
+
+    def first_for_model(self, model: str) -> Candidate | None:
+        """The first candidate serving ``model`` (a model id or a candidate id)."""
+        return self._by_model.get(model)
 
     def cool_down(self, candidate: Candidate, seconds: float) -> None:
         """Pass over ``candidate`` and every other on its node for ``seconds``."""
@@ -173,12 +181,12 @@ class Router:
         """The pin for a concrete model id: its equivalence group when it has
         one (so a busy node's request can go to an equivalent model), else
         the id itself; None when no candidate serves that model."""
-        for candidate in self._all:
-            if candidate.model == model or candidate.id == model:
-                if candidate.equivalence:
-                    return f"equiv:{candidate.equivalence}"
-                return candidate.model
-        return None
+        candidate = self._by_model.get(model)
+        if candidate is None:
+            return None
+        if candidate.equivalence:
+            return f"equiv:{candidate.equivalence}"
+        return candidate.model if candidate.model == model else candidate.id
 
     # -- scoring ---------------------------------------------------------------
 

@@ -212,6 +212,11 @@ async def serve_stream(
         await _send_error(conn, stream, HttpError(exc.error_status_hint, f"bad request: {exc}"))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:
+        # A streamed response's generator failed after the head was sent:
+        # all we can do is cut the connection (the client sees a truncated
+        # chunked body, not a clean end), and keep serving everyone else.
+        log.exception("response to %s failed while streaming", client)
     finally:
         await trio.aclose_forcefully(stream)
 

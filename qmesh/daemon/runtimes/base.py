@@ -17,7 +17,7 @@ Not for: memory budgets and eviction (the scheduler), catalogues of files
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Final, Literal
 
 import attrs
@@ -79,9 +79,7 @@ class GenerationRequest:
                     raise BadRequest(f"messages[{i}] needs a 'role' among {sorted(_ROLES)}")
                 content = message.get("content")
                 if isinstance(content, list):  # content parts: keep the text ones
-                    content = "".join(
-                        p.get("text", "") for p in content if isinstance(p, dict)
-                    )
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
                 if not isinstance(content, str):
                     raise BadRequest(f"messages[{i}].content must be a string")
                 messages.append({"role": message["role"], "content": content})
@@ -224,7 +222,9 @@ class Runtime(abc.ABC):
         """Free ``model``'s memory."""
 
     @abc.abstractmethod
-    def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def generate(
+        self, model: str, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the answer: :class:`Delta` events as text arrives, then one
         :class:`Finished`. Closing the iterator early abandons the request."""
 

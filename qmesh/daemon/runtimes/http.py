@@ -128,7 +128,7 @@ async def iter_sse(response: ClientResponse) -> AsyncIterator[str]:
 
 
 async def _next_event(
-    conn: h11.Connection, stream: trio.SocketStream, timeout: float, where: str
+    conn: h11.Connection, stream: trio.SocketStream, wait_s: float, where: str
 ) -> h11.Event:
     while True:
         try:
@@ -137,10 +137,10 @@ async def _next_event(
             raise HttpClientError(f"{where}: bad HTTP from the server: {exc}") from None
         if event is h11.NEED_DATA:
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_after(wait_s):
                     data = await stream.receive_some(RECEIVE_SIZE)
             except trio.TooSlowError:
-                raise HttpClientError(f"{where}: no data for {timeout:g}s") from None
+                raise HttpClientError(f"{where}: no data for {wait_s:g}s") from None
             except (trio.BrokenResourceError, OSError) as exc:
                 raise HttpClientError(f"{where}: connection failed: {exc}") from None
             conn.receive_data(data)

@@ -2,7 +2,8 @@
 
 For: :class:`LlamaCppRuntime`. Loading a model starts
 ``python -m llama_cpp.server --model FILE --model_alias ID`` on a free
-loopback port and waits until its ``GET /v1/models`` lists the model
+loopback port (through :mod:`~qmesh.daemon.runtimes.model_server`, so the
+server dies with the daemon even when the daemon is killed) and waits until its ``GET /v1/models`` lists the model
 (readiness); unloading terminates the process, which returns every byte of
 RAM and VRAM it held. A process that dies while loaded is restarted (with
 backoff, up to ``max_restarts`` times; then the model is marked failed and
@@ -29,7 +30,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -184,7 +185,7 @@ class LlamaCppRuntime(Runtime):
             if server.process.returncode is not None:
                 continue
             try:
-                models = await list_openai_models(server.url, timeout=5.0)
+                models = await list_openai_models(server.url, wait_s=5.0)
             except RuntimeFailed:
                 continue
             loaded += [m["id"] for m in models]
@@ -224,7 +225,7 @@ class LlamaCppRuntime(Runtime):
 
     async def generate(
         self, model: str, request: GenerationRequest
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         server = self.servers.get(model)
         if server is None or server.state != "ready":
             raise RuntimeFailed(f"{model} is not loaded")
@@ -253,7 +254,7 @@ class LlamaCppRuntime(Runtime):
     def _command(self, server: ModelServer) -> list[str]:
         model = server.model
         command = [
-            self.python, "-m", "llama_cpp.server",
+            self.python, "-m", "qmesh.daemon.runtimes.model_server", str(os.getpid()),
             "--model", model.path,
             "--model_alias", model.id,
             "--host", "127.0.0.1",
@@ -363,7 +364,7 @@ class LlamaCppRuntime(Runtime):
                         f"{server.process.returncode}: {_tail(server.log_path)}"
                     )
                 try:
-                    models = await list_openai_models(server.url, timeout=2.0)
+                    models = await list_openai_models(server.url, wait_s=2.0)
                 except RuntimeFailed:
                     models = []
                 if any(m["id"] == server.model.id for m in models):

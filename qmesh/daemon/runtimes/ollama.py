@@ -21,7 +21,7 @@ pulling models.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 from qmesh.daemon.errors import BadRequest, LoadFailed, RuntimeFailed, UnknownModel
@@ -51,9 +51,9 @@ class OllamaRuntime(Runtime):
         self.url = url.rstrip("/")
         self.keep_alive = keep_alive
 
-    async def _get(self, path: str, timeout: float = 10.0) -> Any:
+    async def _get(self, path: str, wait_s: float = 10.0) -> Any:
         try:
-            async with request("GET", self.url + path, read_timeout=timeout) as response:
+            async with request("GET", self.url + path, read_timeout=wait_s) as response:
                 return await response.json()
         except HttpClientError as exc:
             raise RuntimeFailed(str(exc)) from None
@@ -64,7 +64,9 @@ class OllamaRuntime(Runtime):
         for entry in body.get("models") or ():
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 continue
-            details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+            details = entry.get("details")
+            if not isinstance(details, dict):
+                details = {}
             models.append(
                 RuntimeModel(
                     id=entry["name"],
@@ -88,15 +90,17 @@ class OllamaRuntime(Runtime):
             if isinstance(m, dict) and isinstance(m.get("name"), str)
         ]
 
-    async def _post(self, path: str, body: dict[str, Any], timeout: float) -> Any:
+    async def _post(self, path: str, body: dict[str, Any], wait_s: float) -> Any:
         try:
             async with request(
-                "POST", self.url + path, json_body=body, read_timeout=timeout
+                "POST", self.url + path, json_body=body, read_timeout=wait_s
             ) as response:
                 return await response.json()
         except HttpStatusError as exc:
             if exc.status == 404:
-                raise UnknownModel(f"ollama at {self.url} has no model {body.get('model')!r}") from None
+                raise UnknownModel(
+                    f"ollama at {self.url} has no model {body.get('model')!r}"
+                ) from None
             raise LoadFailed(str(exc)) from None
         except HttpClientError as exc:
             raise RuntimeFailed(str(exc)) from None
@@ -133,7 +137,7 @@ class OllamaRuntime(Runtime):
 
     async def generate(
         self, model: str, request_: GenerationRequest
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         path, body = self._body(model, request_)
         final: dict[str, Any] | None = None
         try:
@@ -146,7 +150,9 @@ class OllamaRuntime(Runtime):
                     try:
                         event = json.loads(line)
                     except ValueError:
-                        raise RuntimeFailed(f"ollama sent a line that is not JSON: {line[:200]!r}") from None
+                        raise RuntimeFailed(
+                            f"ollama sent a line that is not JSON: {line[:200]!r}"
+                        ) from None
                     if event.get("error"):
                         raise RuntimeFailed(f"ollama: {event['error']}")
                     text = event.get("response")
@@ -176,7 +182,7 @@ class OllamaRuntime(Runtime):
 
     async def health(self) -> Health:
         try:
-            body = await self._get("/api/version", timeout=5.0)
+            body = await self._get("/api/version", wait_s=5.0)
         except RuntimeFailed as exc:
             return Health(False, str(exc))
         return Health(True, f"ollama {body.get('version', '?')}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Final
 
 from qmesh.daemon.errors import BadRequest, RuntimeFailed, UnknownModel
@@ -48,7 +48,7 @@ async def stream_openai(
     *,
     headers: Mapping[str, str] | None = None,
     read_timeout: float = READ_TIMEOUT_S,
-) -> AsyncIterator[GenerationEvent]:
+) -> AsyncGenerator[GenerationEvent, None]:
     """Run ``request_`` on the server at ``base_url`` (``http://host:port``), streaming."""
     path = "/v1/completions" if request_.endpoint == "completions" else "/v1/chat/completions"
     url = base_url.rstrip("/") + path
@@ -69,7 +69,9 @@ async def stream_openai(
                 try:
                     event = json.loads(data)
                 except ValueError:
-                    raise RuntimeFailed(f"{url}: a stream event is not JSON: {data[:200]!r}") from None
+                    raise RuntimeFailed(
+                        f"{url}: a stream event is not JSON: {data[:200]!r}"
+                    ) from None
                 if "error" in event:
                     raise RuntimeFailed(f"{url}: {event['error']}")
                 if isinstance(event.get("usage"), dict):
@@ -99,12 +101,12 @@ async def stream_openai(
 
 
 async def list_openai_models(
-    base_url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+    base_url: str, *, headers: Mapping[str, str] | None = None, wait_s: float = 10.0
 ) -> list[dict[str, Any]]:
     """The ``data`` of ``GET /v1/models``. Raises RuntimeFailed."""
     url = base_url.rstrip("/") + "/v1/models"
     try:
-        async with request("GET", url, headers=headers, read_timeout=timeout) as response:
+        async with request("GET", url, headers=headers, read_timeout=wait_s) as response:
             body = await response.json()
     except HttpClientError as exc:
         raise RuntimeFailed(str(exc)) from None
@@ -137,7 +139,9 @@ class OpenAICompatRuntime(Runtime):
             RuntimeModel(
                 id=m["id"],
                 memory_bytes=None,
-                details={k: v for k, v in m.items() if k in ("owned_by", "created", "max_model_len")},
+                details={
+                    k: v for k, v in m.items() if k in ("owned_by", "created", "max_model_len")
+                },
             )
             for m in models
         ]
@@ -154,13 +158,13 @@ class OpenAICompatRuntime(Runtime):
 
     async def generate(
         self, model: str, request: GenerationRequest
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         async for event in stream_openai(self.url, request, model, headers=self._headers()):
             yield event
 
     async def health(self) -> Health:
         try:
-            models = await list_openai_models(self.url, headers=self._headers(), timeout=5.0)
+            models = await list_openai_models(self.url, headers=self._headers(), wait_s=5.0)
         except RuntimeFailed as exc:
             return Health(False, str(exc))
         return Health(True, f"{len(models)} model(s)")

@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Postgres through qmesh against the stacks a user would otherwise build.
+
+One run, one table. On one throwaway PostgreSQL (scripts/pgcluster.py),
+pgbench's select-only (``-S``) and default TPC-B-like scripts, with 1 and 16
+clients, in the simple and prepared protocols, against:
+
+  (a) direct        pgbench → PostgreSQL, the real credentials
+  (b) pgbouncer     pgbench → PgBouncer (holds the real credentials; the
+                    client logs in with its own) → PostgreSQL
+  (c) stunnel+pgb   pgbench → stunnel (client) ═TLS═ stunnel (server) →
+                    PgBouncer → PostgreSQL: an encrypted hop with hidden
+                    credentials assembled from Debian packages
+  (d) qmesh         pgbench → MiniGate ═sealed tunnel═ Gate → PostgreSQL,
+                    `qmesh --role minigate` and `qmesh --role gate` as
+                    separate processes, default settings (audit on)
+
+Prints TPS and average latency per cell, and qmesh's TPS ratio to each
+(latency: what qmesh adds over direct at -c 1). Needs pgbench, pgbouncer and
+stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the machine it
+runs on; the run is never a pass/fail test.
+
+    python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,direct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from pgcluster import PgCluster  # noqa: E402
+
+TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh")
+APP_USER = "benchapp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def give_to_postgres(*paths: Path) -> None:
+    """As root, PostgreSQL and PgBouncer run as `postgres`: let it read these."""
+    if os.geteuid() != 0:
+        return
+    user = pwd.getpwnam("postgres")
+    for path in paths:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+class Stack:
+    """Every target's processes, started in ``base`` and stopped together."""
+
+    def __init__(self, base: Path, scale: int, audit: str = "text") -> None:
+        self.base = base
+        self.scale = scale
+        self.audit = audit
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.ports: dict[str, int] = {}
+        self.real_password = "real-" + secrets.token_urlsafe(16)
+        self.app_key = "app-" + secrets.token_urlsafe(16)  # PgBouncer's client password
+        self.qmesh_key = ""
+        self.pg: PgCluster | None = None
+
+    def spawn(self, name: str, command: list[str], **kwargs: object) -> None:
+        log = (self.base / f"{name}.log").open("wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
+        self.processes.append(process)
+
+    def start(self, targets: tuple[str, ...]) -> None:
+        self.pg = PgCluster(self.base / "pg").start()
+        pg = self.pg
+        self.ports["direct"] = pg.port
+        pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{self.real_password}'")
+        pg.psql("CREATE DATABASE bench OWNER bench")
+        env = {**os.environ, "PGPASSWORD": self.real_password}
+        subprocess.run(
+            ["pgbench", "-i", "-q", "-s", str(self.scale), "-h", "127.0.0.1",
+             "-p", str(pg.port), "-U", "bench", "bench"],
+            check=True, env=env, capture_output=True,
+        )  # fmt: skip
+        if "pgbouncer" in targets or "stunnel+pgb" in targets:
+            self._pgbouncer()
+        if "stunnel+pgb" in targets:
+            self._stunnel()
+        if "qmesh" in targets:
+            self._qmesh()
+
+    def _pgbouncer(self) -> None:
+        assert self.pg is not None
+        directory = self.base / "pgbouncer"
+        directory.mkdir()
+        port = free_port()
+        (directory / "userlist.txt").write_text(f'"{APP_USER}" "{self.app_key}"\n')
+        (directory / "pgbouncer.ini").write_text(
+            f"[databases]\nbench = host=127.0.0.1 port={self.pg.port} dbname=bench "
+            f"user=bench password={self.real_password}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+            f"unix_socket_dir =\nauth_type = scram-sha-256\n"
+            f"auth_file = {directory / 'userlist.txt'}\n"
+            # Session pooling: `-M prepared` needs it with PgBouncer 1.18.
+            "pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n"
+            f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
+        )
+        for path in (directory, *directory.iterdir()):
+            give_to_postgres(path)
+        os.chmod(directory, 0o755)
+        command = ["pgbouncer", str(directory / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            command[1:1] = ["-u", "postgres"]
+        self.spawn("pgbouncer", command)
+        wait_port(port)
+        self.ports["pgbouncer"] = port
+
+    def _stunnel(self) -> None:
+        directory = self.base / "stunnel"
+        directory.mkdir()
+        cert, key = self_signed(directory)
+        server_port, client_port = free_port(), free_port()
+        (directory / "server.conf").write_text(
+            f"foreground = yes\npid =\n[pg-server]\naccept = 127.0.0.1:{server_port}\n"
+            f"connect = 127.0.0.1:{self.ports['pgbouncer']}\ncert = {cert}\nkey = {key}\n"
+        )
+        (directory / "client.conf").write_text(
+            f"foreground = yes\npid =\n[pg-client]\nclient = yes\n"
+            f"accept = 127.0.0.1:{client_port}\nconnect = 127.0.0.1:{server_port}\n"
+            f"verifyPeer = yes\nCAfile = {cert}\n"
+        )
+        self.spawn("stunnel-server", ["stunnel", str(directory / "server.conf")])
+        self.spawn("stunnel-client", ["stunnel", str(directory / "client.conf")])
+        wait_port(server_port)
+        wait_port(client_port)
+        self.ports["stunnel+pgb"] = client_port
+
+    def _qmesh(self) -> None:
+        assert self.pg is not None
+        directory = self.base / "qmesh"
+        gate_dir = directory / "gate"
+        tunnel_port, http_port, pg_port = free_port(), free_port(), free_port()
+
+        def cli(*args: str, stdin: str | None = None) -> str:
+            result = subprocess.run(
+                [sys.executable, "-m", "qmesh", "--data-dir", str(gate_dir), *args],
+                input=stdin, capture_output=True, text=True, check=True, cwd=REPO,
+            )  # fmt: skip
+            return result.stdout
+
+        cli("keys", "init")
+        credential = directory / "edge.cred"
+        cli("enroll", "minigate", "bench-edge", "--gate", f"127.0.0.1:{tunnel_port}",
+            "--out", str(credential))  # fmt: skip
+        self.qmesh_key = cli("apps", "add", APP_USER).strip()
+        cli("secrets", "init-master-key")
+        dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode=disable"
+        cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
+        (directory / "gate.toml").write_text(
+            f'data_dir = "{gate_dir}"\n[log]\nlevel = "warning"\n'
+            f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel_port}"\n'
+            f'http_listen = "127.0.0.1:{http_port}"\n'
+            f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
+            f'audit_statements = "{self.audit}"\n'
+        )
+        (directory / "minigate.toml").write_text(
+            f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
+            f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
+            f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n'
+        )
+        for role in ("gate", "minigate"):
+            self.spawn(
+                f"qmesh-{role}",
+                [sys.executable, "-m", "qmesh", "--role", role,
+                 "--config", str(directory / f"{role}.toml")],
+                cwd=REPO,
+            )  # fmt: skip
+        wait_port(pg_port)
+        self.ports["qmesh"] = pg_port
+        # The MiniGate listens before its tunnel is up: wait for a real login.
+        end = time.monotonic() + 30
+        while subprocess.run(
+            ["psql", self.dsn("qmesh"), "-X", "-c", "SELECT 1"], capture_output=True
+        ).returncode:
+            if time.monotonic() > end:
+                raise RuntimeError("qmesh did not come up; see qmesh-*.log")
+            time.sleep(0.2)
+
+    def user_password(self, target: str) -> tuple[str, str]:
+        if target == "direct":
+            return "bench", self.real_password
+        if target == "qmesh":
+            return APP_USER, self.qmesh_key
+        return APP_USER, self.app_key
+
+    def dsn(self, target: str) -> str:
+        user, password = self.user_password(target)
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench?sslmode=disable"
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.pg is not None:
+            self.pg.stop()
+
+
+def pgbench(stack: Stack, target: str, script: str, clients: int, mode: str, duration: int) -> tuple[float, float]:
+    user, password = stack.user_password(target)
+    command = [
+        "pgbench", "-n", "-T", str(duration), "-c", str(clients), "-j", str(min(clients, 2)),
+        "-M", mode, "-h", "127.0.0.1", "-p", str(stack.ports[target]), "-U", user, "bench",
+    ]  # fmt: skip
+    if script == "select-only":
+        command.insert(1, "-S")
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password},
+        timeout=duration + 120,
+    )  # fmt: skip
+    failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
+    tps = re.search(r"tps = ([0-9.]+)", result.stdout)
+    latency = re.search(r"latency average = ([0-9.]+) ms", result.stdout)
+    if result.returncode or not tps or not latency or (failed and int(failed.group(1))):
+        raise RuntimeError(f"pgbench against {target} failed:\n{result.stdout}\n{result.stderr}")
+    return float(tps.group(1)), float(latency.group(1))
+
+
+@contextlib.contextmanager
+def stack_in(base: Path, scale: int, targets: tuple[str, ...], audit: str) -> Iterator[Stack]:
+    stack = Stack(base, scale, audit)
+    try:
+        stack.start(targets)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor")
+    parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--audit", choices=("text", "hash", "off"), default="text",
+        help="qmesh's audit_statements for the benchmark app (default: text, the default)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    targets = tuple(t for t in TARGETS if t in args.only.split(","))
+    for tool in ("pgbench", "psql", *(["pgbouncer"] if len(targets) > 1 else [])):
+        if shutil.which(tool) is None:
+            print(f"pg_compare: {tool} is not installed", file=sys.stderr)
+            return 2
+    if "stunnel+pgb" in targets and shutil.which("stunnel") is None:
+        print("pg_compare: stunnel is not installed (apt-get install stunnel4)", file=sys.stderr)
+        return 2
+    base = Path(tempfile.mkdtemp(prefix="qmesh-pgbench-"))
+    os.chmod(base, 0o755)
+    cases = [
+        (script, clients, mode)
+        for script in ("select-only", "tpcb-like")
+        for clients in (1, 16)
+        for mode in ("simple", "prepared")
+    ]
+    results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
+    try:
+        with stack_in(base, args.scale, targets, args.audit) as stack:
+            for case in cases:
+                for target in targets:
+                    results[(*case, target)] = pgbench(stack, target, *case, args.duration)
+                    print(".", end="", flush=True, file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"\nwork directory kept: {base}", file=sys.stderr)
+    print(file=sys.stderr)
+    print(
+        f"pgbench, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
+        f"qmesh audit {args.audit}; TPS (average latency ms)"
+    )
+    header = ["script", "-c", "protocol", *targets]
+    others = [t for t in targets if t != "qmesh"]
+    if "qmesh" in targets:
+        header += [f"qmesh/{t}" for t in others]
+        if "direct" in targets:
+            header.append("qmesh +µs")
+    rows = [header]
+    for script, clients, mode in cases:
+        row = [script, str(clients), mode]
+        for target in targets:
+            tps, latency = results[(script, clients, mode, target)]
+            row.append(f"{tps:,.0f} ({latency:.3f})")
+        if "qmesh" in targets:
+            q_tps, q_lat = results[(script, clients, mode, "qmesh")]
+            for target in others:
+                row.append(f"{q_tps / results[(script, clients, mode, target)][0]:.2f}x")
+            if "direct" in targets:
+                added = (q_lat - results[(script, clients, mode, "direct")][1]) * 1000
+                row.append(f"{added:+.0f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

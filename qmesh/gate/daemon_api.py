@@ -1,0 +1,242 @@
+"""The Gate's HTTP endpoints for the inventory and for running a model on a named node.
+
+For (all need the admin key):
+
+- ``GET /api/inventory`` — every node with state, reason, models and
+  telemetry; filters ``?kind=daemon&state=fresh&model=ID-or-equivalence``;
+- ``GET /api/inventory/{node}`` — one node;
+- ``POST /api/daemons/{node}/v1/completions`` and
+  ``POST /api/daemons/{node}/v1/chat/completions`` — an OpenAI-style request
+  run on that node (``model`` names the node's model), answered in OpenAI's
+  shapes: JSON, or server-sent events token by token with ``"stream": true``.
+  The answer also carries ``qmesh`` (node, runtime, timings).
+
+The node-addressed endpoints are an operator's and a test's tool; clients
+use the capability router's ``/v1/*`` (issue 5), which picks the node.
+
+Not for: the inventory's logic (:mod:`qmesh.gate.inventory`) or the tunnel
+exchange (:mod:`qmesh.gate.daemons`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from qmesh.gate.auth import AppAuthenticator
+from qmesh.gate.daemons import (
+    DaemonCallError,
+    DaemonClient,
+    Done,
+    InferenceFailed,
+    InferEvent,
+    ModelUnavailable,
+    NodeBusy,
+    NodeUnavailable,
+    RequestRejected,
+    Started,
+    TextDelta,
+)
+from qmesh.gate.inventory import NODE_STATES, Inventory
+from qmesh.web.http import HttpError, Request, Response, Router
+
+__all__ = ["add_daemon_routes"]
+
+
+def _http_error(error: DaemonCallError) -> HttpError:
+    if isinstance(error, RequestRejected):
+        return HttpError(400, str(error), code="bad_request")
+    if isinstance(error, NodeBusy):
+        return HttpError(429, str(error), kind="server_error", code="busy")
+    if isinstance(error, ModelUnavailable):
+        return HttpError(404, str(error), code="model_unavailable")
+    if isinstance(error, NodeUnavailable):
+        return HttpError(503, str(error), kind="server_error", code="node_unavailable")
+    return HttpError(502, str(error), kind="server_error", code="inference_failed")
+
+
+def _query(request: Request, key: str) -> str | None:
+    values = request.query.get(key)
+    return values[-1] if values else None
+
+
+def _chunk(endpoint: str, ident: str, model: str, created: int, text: str | None,
+           finish: str | None, *, first: bool = False) -> dict[str, Any]:  # fmt: skip
+    if endpoint == "completions":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": text or "",
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        kind = "text_completion"
+    else:
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    return {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+
+
+def _usage(done: Done) -> dict[str, Any]:
+    prompt = done.prompt_tokens
+    completion = done.completion_tokens
+    total = (
+        (prompt or 0) + (completion or 0) if prompt is not None or completion is not None else None
+    )
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def add_daemon_routes(
+    router: Router,
+    inventory: Inventory,
+    client: DaemonClient,
+    auth: AppAuthenticator,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    async def list_inventory(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        state = _query(request, "state")
+        if state is not None and state not in NODE_STATES:
+            raise HttpError(400, f"state must be one of {', '.join(NODE_STATES)}")
+        now = clock()
+        nodes = inventory.nodes(
+            now=now, kind=_query(request, "kind"), state=state, model=_query(request, "model")
+        )
+        return Response.json(
+            {
+                "nodes": [n.to_json(now=now) for n in nodes],
+                "stale_after_missed": inventory.stale_after_missed,
+                "gone_after_missed": inventory.gone_after_missed,
+                "version": inventory.version,
+            }
+        )
+
+    async def one_node(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        now = clock()
+        node = inventory.get(request.path_params["node"], now=now)
+        if node is None:
+            raise HttpError(404, f"no node named {request.path_params['node']!r}", code="not_found")
+        return Response.json(node.to_json(now=now))
+
+    def infer_handler(endpoint: str) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            await auth.require(request, admin=True)
+            body = request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                raise HttpError(400, "the body must be a JSON object with a 'model'")
+            node, model = request.path_params["node"], body["model"]
+            ident = f"{'cmpl' if endpoint == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
+            created = int(clock())
+            events = client.stream(node, model, endpoint, body)
+            if body.get("stream"):
+                # Wait for the node to start before answering 200, so busy,
+                # unknown model and unreachable node are proper HTTP errors.
+                try:
+                    first = await anext(events)
+                except DaemonCallError as error:
+                    await events.aclose()
+                    raise _http_error(error) from None
+                return Response.event_stream(
+                    _stream(events, first, endpoint, ident, model, created)
+                )
+            try:
+                started: Started | None = None
+                pieces: list[str] = []
+                done: Done | None = None
+                async with aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Started):
+                            started = event
+                        elif isinstance(event, TextDelta):
+                            pieces.append(event.text)
+                        else:
+                            done = event
+            except DaemonCallError as error:
+                raise _http_error(error) from None
+            assert done is not None
+            text = "".join(pieces)
+            if endpoint == "completions":
+                choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None,
+                                          "finish_reason": done.finish_reason}  # fmt: skip
+                kind = "text_completion"
+            else:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": done.finish_reason}  # fmt: skip
+                kind = "chat.completion"
+            return Response.json(
+                {
+                    "id": ident,
+                    "object": kind,
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": _usage(done),
+                    "qmesh": {
+                        "node": node,
+                        "runtime": None if started is None else started.runtime,
+                        "timings": done.timings,
+                    },
+                }
+            )
+
+        return handler
+
+    async def _stream(
+        events: AsyncGenerator[InferEvent, None],
+        first: InferEvent,
+        endpoint: str,
+        ident: str,
+        model: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        sent_role = False
+        try:
+            event: InferEvent | None = first
+            while event is not None:
+                if isinstance(event, Started):
+                    if endpoint != "completions":
+                        sent_role = True
+                        yield _sse(_chunk(endpoint, ident, model, created, None, None, first=True))
+                elif isinstance(event, TextDelta):
+                    yield _sse(_chunk(endpoint, ident, model, created, event.text, None,
+                                      first=not sent_role))  # fmt: skip
+                    sent_role = True
+                else:
+                    final = _chunk(endpoint, ident, model, created, None, event.finish_reason)
+                    final["usage"] = _usage(event)
+                    final["qmesh"] = {"node": _node_of(first), "timings": event.timings}
+                    yield _sse(final)
+                    break
+                event = await anext(events, None)
+        except InferenceFailed as error:
+            yield _sse({"error": {"message": str(error), "type": "server_error",
+                                  "code": "inference_failed"}})  # fmt: skip
+        except DaemonCallError as error:
+            yield _sse({"error": {"message": str(error), "type": "server_error", "code": None}})
+        finally:
+            await events.aclose()
+        yield _sse("[DONE]")
+
+    router.add("GET", "/api/inventory", list_inventory)
+    router.add("GET", "/api/inventory/{node}", one_node)
+    router.add("POST", "/api/daemons/{node}/v1/completions", infer_handler("completions"))
+    router.add("POST", "/api/daemons/{node}/v1/chat/completions", infer_handler("chat.completions"))
+
+
+def _node_of(event: InferEvent) -> str | None:
+    return event.node if isinstance(event, Started) else None

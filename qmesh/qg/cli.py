@@ -1,0 +1,121 @@
+"""``qmesh route 'qg://…' [--explain] [--json]``: what the router would do.
+
+For: checking a DSN and seeing the decision from the shell. By default the
+router is built here from the configuration (the Gate's skills, measured
+now, and the configured providers; no daemons, which only a running Gate
+knows); with ``--gate URL`` the running Gate's ``POST /qg/v1/route``
+answers instead, with its live inventory and budgets (the app key comes
+from ``QMESH_APP_KEY``, ``APP_ID:APP_KEY``).
+
+Not for: sending a request (use the OpenAI-compatible API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from qmesh.config import Config
+
+__all__ = ["add_commands"]
+
+EXIT_OK: Final = 0
+EXIT_NO_ROUTE: Final = 1
+EXIT_USAGE: Final = 2
+
+
+def add_commands(route: argparse.ArgumentParser) -> None:
+    route.add_argument("dsn", help="a qg:// DSN, e.g. 'qg://task=summarize;prefer=speed'")
+    route.add_argument(
+        "--explain", action="store_true", help="every candidate: filter verdict and score"
+    )
+    route.add_argument("--json", action="store_true", help="print JSON")
+    route.add_argument("--tokens-in", type=int, default=1000, metavar="N")
+    route.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    route.add_argument(
+        "--gate", metavar="URL", help="ask a running Gate (http://host:port); key in QMESH_APP_KEY"
+    )
+    route.set_defaults(handler=_cmd_route)
+
+
+def _remote(args: argparse.Namespace) -> dict[str, Any]:
+    token = os.environ.get("QMESH_APP_KEY")
+    if not token:
+        raise SystemExit("qmesh: error: --gate needs QMESH_APP_KEY=APP_ID:APP_KEY")
+    body = json.dumps(
+        {"dsn": args.dsn, "tokens_in": args.tokens_in, "max_tokens": args.max_tokens}
+    ).encode()
+    request = urllib.request.Request(
+        args.gate.rstrip("/") + "/qg/v1/route",
+        data=body,
+        headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", str(exc))
+        raise SystemExit(f"qmesh: error: {detail}") from None
+
+
+def _local(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from qmesh.gate.llm import LlmService
+    from qmesh.qg.dsn import parse_dsn
+    from qmesh.state import StateStore
+
+    with StateStore.open(config.state_db_path) as store:
+        service = LlmService(config, store, resolve_keys=False)
+        dsn = parse_dsn(args.dsn, tasks=service.tasks)
+        explanation = service.router.explain(
+            dsn, tokens_in=args.tokens_in, tokens_out=args.max_tokens
+        )
+        out = explanation.as_dict()
+        out["skills"] = service.skill_view()
+        return out
+
+
+def _print(result: dict[str, Any], explain: bool) -> None:
+    decision = result.get("decision")
+    print(f"dsn: {result['dsn']}")
+    if explain:
+        rows = result["candidates"]
+        width = max([len("CANDIDATE"), *(len(r["candidate"]) for r in rows)])
+        print(f"{'CANDIDATE':<{width}}  {'STATUS':<8}  {'SCORE':>12}  {'LAT MS':>9}  WHY")
+        for r in rows:
+            score = "" if "score" not in r else f"{r['score']:.6g}"
+            print(
+                f"{r['candidate']:<{width}}  {r['status']:<8}  {score:>12}  "
+                f"{r['expected_latency_ms']:>9.3f}  {r['reason'] or ''}"
+            )
+    if decision:
+        print(
+            f"choice: {decision['chosen']} ({decision['model']}): {decision['reason']}; "
+            f"estimated ${decision['estimated_cost_usd']:.6f}; decided in "
+            f"{decision['decision_us']} µs"
+        )
+        if decision["fallbacks"]:
+            print(f"fallbacks: {', '.join(decision['fallbacks'])}")
+    else:
+        print(f"no route: {result.get('error')}")
+
+
+def _cmd_route(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.qg.errors import DsnError
+
+    try:
+        result = _remote(args) if args.gate else _local(args, config)
+    except DsnError as exc:
+        print(f"qmesh: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print(result, args.explain)
+    return EXIT_OK if result.get("decision") else EXIT_NO_ROUTE

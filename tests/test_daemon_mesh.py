@@ -1,0 +1,307 @@
+"""A Gate and a daemon in one Trio loop over real loopback sockets, with the
+real Gemma model served by llama.cpp: inventory, streaming, queueing, swapping."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psutil
+import pytest
+import trio
+from daemonkit import (
+    GEMMA_ID,
+    GateDir,
+    daemon_config_text,
+    http_json,
+    make_gate_dir,
+    model_dir_with,
+    require_llama,
+)
+
+from qmesh.config import load_config
+from qmesh.daemon.node import DaemonNode
+from qmesh.daemon.role import run_daemon
+from qmesh.daemon.runtimes.http import iter_sse, request
+from qmesh.gate.daemons import (
+    DaemonClient,
+    Done,
+    ModelUnavailable,
+    NodeBusy,
+    NodeUnavailable,
+    Started,
+    TextDelta,
+)
+from qmesh.gate.inventory import Inventory
+from qmesh.gate.role import run_gate
+
+
+@attrs.define
+class Mesh:
+    gate_dir: GateDir
+    gate: dict[str, Any]
+    daemon: dict[str, Any]
+
+    @property
+    def http(self) -> str:
+        return str(self.gate["http"])
+
+    @property
+    def inventory(self) -> Inventory:
+        inventory: Inventory = self.gate["inventory"]
+        return inventory
+
+    @property
+    def client(self) -> DaemonClient:
+        client: DaemonClient = self.gate["daemons"]
+        return client
+
+    @property
+    def node(self) -> DaemonNode:
+        node: DaemonNode = self.daemon["node"]
+        return node
+
+
+async def start_mesh(
+    nursery: trio.Nursery, tmp_path: Path, *, models: tuple[str, ...] = (GEMMA_ID,), extra: str = ""
+) -> Mesh:
+    gate_dir = make_gate_dir(tmp_path)
+    credential = gate_dir.enroll_daemon("node-a", tmp_path / "node-a.cred")
+    dirs = (model_dir_with(tmp_path, *models),) if models else ()
+    config_file = tmp_path / "daemon.toml"
+    config_file.write_text(
+        daemon_config_text(tmp_path / "node-a", credential, gate_dir, model_dirs=dirs, extra=extra)
+    )
+    gate = await nursery.start(run_gate, gate_dir.config(tmp_path))
+    daemon = await nursery.start(run_daemon, load_config(config_file, env={}))
+    mesh = Mesh(gate_dir, gate, daemon)
+    with trio.fail_after(20):
+        while not mesh.inventory.nodes(now=time.time(), state="fresh"):
+            await trio.sleep(0.02)
+    return mesh
+
+
+async def test_node_reports_cpu_only_telemetry_and_catalog(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    mesh = await start_mesh(nursery, tmp_path)
+    status, body = await http_json("GET", mesh.http + "/api/inventory")
+    assert status == 401
+    status, body = await http_json("GET", mesh.http + "/api/inventory", bearer=mesh.gate_dir.bearer)
+    assert status == 200, body
+    (node,) = body["nodes"]
+    assert (node["name"], node["kind"], node["source"], node["state"]) == (
+        "node-a", "daemon", "tunnel", "fresh"
+    )  # fmt: skip
+    assert node["version"].startswith("qmesh/") and node["address"]
+    telemetry = node["telemetry"]
+    assert telemetry["cpu_only"] is True and telemetry["gpus"] == []
+    assert telemetry["nvml"].startswith("nvmlInit failed") or telemetry["nvml"].startswith("pynvml")
+    assert telemetry["host"]["memory_bandwidth_gbps"] > 0.1  # measured at start
+    assert telemetry["model_memory_free"] == telemetry["host"]["ram_available"]
+    bandwidth = json.loads((tmp_path / "node-a" / "daemon" / "membench.json").read_text())
+    assert node["extra"]["bandwidth"]["gbps"] == bandwidth["gbps"]  # cached in the data dir
+    (model,) = node["models"]
+    assert model["id"] == GEMMA_ID and model["runtime"] == "llama.cpp"
+    assert model["state"] == "available"  # on disk, not loaded until asked for
+    assert (model["family"], model["size_class"], model["equivalence"]) == (
+        "gemma3", "xs", "gemma3:270m"
+    )  # fmt: skip
+    assert (model["quantization"], model["parameters"], model["context_length"]) == (
+        "Q4_K_M", 268_098_176, 32768
+    )  # fmt: skip
+    assert model["chat_template"] is False and model["predicted_tps"] > 0
+    meta = model["metadata"]
+    assert (meta["architecture"], meta["size_label"], meta["file_size"]) == (
+        "gemma3", "270M", 253_113_024
+    )  # fmt: skip
+    # Filters.
+    for query, expected in (("?state=fresh", 1), ("?state=stale", 0), ("?model=gemma3:270m", 1),
+                            ("?kind=daemon&model=other", 0)):  # fmt: skip
+        status, body = await http_json(
+            "GET", mesh.http + "/api/inventory" + query, bearer=mesh.gate_dir.bearer
+        )
+        assert status == 200 and len(body["nodes"]) == expected, query
+    status, body = await http_json(
+        "GET", mesh.http + "/api/inventory?state=odd", bearer=mesh.gate_dir.bearer
+    )
+    assert status == 400
+    # The daemon's own local endpoint tells the same story.
+    status, local = await http_json("GET", mesh.daemon["health"] + "/api/node")
+    assert status == 200 and local["inventory"]["models"][0]["id"] == GEMMA_ID
+
+
+async def test_completion_streams_token_by_token(nursery: trio.Nursery, tmp_path: Path) -> None:
+    require_llama()
+    mesh = await start_mesh(nursery, tmp_path)
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    arrivals: list[float] = []
+    pieces: list[str] = []
+    events: list[Any] = []
+    async with aclosing(mesh.client.stream("node-a", GEMMA_ID, "completions", body)) as stream:
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, TextDelta):
+                arrivals.append(time.monotonic())
+                pieces.append(event.text)
+    assert isinstance(events[0], Started) and events[0].runtime == "llama.cpp"
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason in ("length", "stop")
+    assert len(pieces) == done.completion_tokens and len(pieces) >= 3
+    assert "".join(pieces).strip()  # real text came back
+    # Token by token: the pieces arrived spread over the generation, not in one burst.
+    assert arrivals[-1] - arrivals[0] > 0.2 * (len(arrivals) - 1) / 1000 * 10
+    assert len({round(t, 3) for t in arrivals}) >= len(arrivals) // 2
+    assert done.timings["decode_tps"] > 0 and done.timings["ttft_ms"] > 0
+
+    # The same through the Gate's HTTP API, as server-sent events.
+    url = f"{mesh.http}/api/daemons/node-a/v1/completions"
+    headers = {"authorization": f"Bearer {mesh.gate_dir.bearer}"}
+    chunks: list[dict[str, Any]] = []
+    with trio.fail_after(60):
+        async with request(
+            "POST", url, headers=headers, json_body={**body, "model": GEMMA_ID, "stream": True}
+        ) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            async for data in iter_sse(response):
+                if data == "[DONE]":
+                    break
+                chunks.append(json.loads(data))
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["text"]]
+    assert len(texts) >= 3 and chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert chunks[-1]["usage"]["completion_tokens"] == len(texts)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    # Greedy decoding is deterministic: the same text both ways.
+    assert "".join(texts) == "".join(pieces)
+
+    # Whole answers, completion and chat (the base model chats poorly: mechanics only).
+    status, answer = await http_json(
+        "POST", url, bearer=mesh.gate_dir.bearer, body={**body, "model": GEMMA_ID}
+    )
+    assert status == 200, answer
+    assert answer["choices"][0]["text"] == "".join(pieces)
+    assert answer["qmesh"]["node"] == "node-a" and answer["usage"]["completion_tokens"] >= 3
+    status, chat = await http_json(
+        "POST", f"{mesh.http}/api/daemons/node-a/v1/chat/completions", bearer=mesh.gate_dir.bearer,
+        body={"model": GEMMA_ID, "max_tokens": 6, "messages": [{"role": "user", "content": "Hi"}]},
+    )  # fmt: skip
+    assert status == 200, chat
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    # Without a chat template the base model may stop at once: shape only.
+    assert chat["choices"][0]["finish_reason"] in ("stop", "length")
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
+
+    # Errors the caller can act on.
+    with pytest.raises(ModelUnavailable, match="unknown_model"):
+        await mesh.client.complete("node-a", "no-such-model", "completions", body)
+    with pytest.raises(NodeUnavailable, match="no node named"):
+        await mesh.client.complete("node-z", GEMMA_ID, "completions", body)
+    status, error = await http_json(
+        "POST", url, bearer=mesh.gate_dir.bearer, body={"model": GEMMA_ID, "prompt": 42}
+    )
+    assert status == 400 and "'prompt' must be a string" in error["error"]["message"]
+
+
+async def test_full_queue_is_busy(nursery: trio.Nursery, tmp_path: Path) -> None:
+    require_llama()
+    mesh = await start_mesh(nursery, tmp_path, extra="queue_limit = 1\n")
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+    started = trio.Event()
+    results: list[str] = []
+
+    async def run(signal: trio.Event | None) -> None:
+        async with aclosing(mesh.client.stream("node-a", GEMMA_ID, "completions", body)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta) and signal is not None and not signal.is_set():
+                    signal.set()
+                if isinstance(event, Done):
+                    results.append(event.finish_reason)
+
+    async with trio.open_nursery() as requests:
+        requests.start_soon(run, started)
+        await started.wait()  # the first one is generating
+        requests.start_soon(run, None)  # the second waits in the queue (limit 1)
+        with trio.fail_after(10):
+            while mesh.node.scheduler is None or mesh.node.scheduler.slots[GEMMA_ID].waiting < 1:
+                await trio.sleep(0.01)
+        with pytest.raises(NodeBusy, match="busy"):
+            await mesh.client.complete("node-a", GEMMA_ID, "completions", body)
+        status, error = await http_json(
+            "POST", f"{mesh.http}/api/daemons/node-a/v1/completions",
+            bearer=mesh.gate_dir.bearer, body={**body, "model": GEMMA_ID, "stream": True},
+        )  # fmt: skip
+        assert status == 429 and error["error"]["code"] == "busy"
+        # The Gate hears about the full queue at once, not at the next heartbeat.
+        with trio.fail_after(5):
+            while True:
+                node = mesh.inventory.get("node-a", now=time.time())
+                assert node is not None
+                if node.models[GEMMA_ID].busy:
+                    break
+                await trio.sleep(0.02)
+    assert results == ["length", "length"]  # the admitted ones both finished
+
+
+@pytest.mark.slow
+async def test_swapping_under_a_memory_budget(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A budget that fits one model; A, B, A load and evict as expected —
+    checked against the runtime's own state (its live model servers)."""
+    require_llama()
+    mesh = await start_mesh(
+        nursery, tmp_path, models=("model-a", "model-b"), extra='memory_budget = "600MB"\n'
+    )
+    llama = mesh.node.llama
+    assert llama is not None
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+
+    async def ask(model: str) -> None:
+        _, text, done = await mesh.client.complete("node-a", model, "completions", body)
+        assert done.completion_tokens and done.completion_tokens >= 1
+
+    async def resident() -> tuple[list[str], dict[str, int | None]]:
+        return await llama.loaded_models(), {m: s.pid for m, s in llama.servers.items()}
+
+    await ask("model-a")
+    loaded, pids = await resident()
+    assert loaded == ["model-a"]
+    pid_a = pids["model-a"]
+    assert pid_a is not None and psutil.pid_exists(pid_a)
+
+    # B and B again while it loads: both wait for the one load.
+    async with trio.open_nursery() as both:
+        both.start_soon(ask, "model-b")
+        both.start_soon(ask, "model-b")
+    loaded, pids = await resident()
+    assert loaded == ["model-b"]
+    assert not _running(pid_a)  # A's server process is gone: its memory is free
+    scheduler = mesh.node.scheduler
+    assert scheduler is not None
+    assert scheduler.slots["model-b"].loads == 1
+    assert scheduler.slots["model-a"].evictions == 1
+
+    await ask("model-a")
+    loaded, pids = await resident()
+    assert loaded == ["model-a"] and pids["model-a"] != pid_a
+    assert scheduler.slots["model-b"].evictions == 1 and scheduler.slots["model-a"].loads == 2
+    assert scheduler.used_memory() <= 600_000_000
+    # And the Gate's inventory says the same.
+    with trio.fail_after(5):
+        while True:
+            node = mesh.inventory.get("node-a", now=time.time())
+            assert node is not None
+            states = {m.id: m.state for m in node.models.values()}
+            if states == {"model-a": "loaded", "model-b": "available"}:
+                break
+            await trio.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

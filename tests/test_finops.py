@@ -1,0 +1,240 @@
+"""FinOps over real sockets: budgets under concurrency, shifting to local,
+hard and soft limits, and the hash-chained ledger's verification."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
+
+from qmesh.config import BudgetConfig, RoutingConfig
+from qmesh.finops.budgets import BudgetBook
+from qmesh.finops.chain import load_chain_key, verify_chain
+from qmesh.finops.ledger import read_rows
+from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
+from qmesh.web.pool import HttpPool, parse_url
+
+TEXT = (
+    "The council voted to expand the bus network. The plan adds four new routes. "
+    "Supporters said traffic would fall. Opponents worried about the cost. "
+    "Work starts in the spring."
+)
+# No charge for the Gate's own skills here, so the ledger's total is the
+# paid spend alone and can be compared with the budget exactly.
+FREE_LOCAL = RoutingConfig(electricity_usd_per_kwh=0.0, cooldown_s=30.0)
+
+
+async def post(
+    pool: HttpPool, api: GateApi, model: str, *, app: str = "app-a", max_tokens: int = 500
+) -> tuple[int, dict[str, object]]:
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": TEXT}],
+    }
+    status, _, data = await pool.request(
+        "POST",
+        parse_url(api.base_url),
+        "/chat/completions",
+        headers={"authorization": f"Bearer {api.tokens[app]}", "content-type": "application/json"},
+        body=json.dumps(body).encode(),
+    )
+    return status, json.loads(data)
+
+
+async def test_500_concurrent_requests_never_overspend(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Each paid call costs 10 in + 500 out at $1/$2 per 1M = $0.00101.
+    acme = await start_provider(nursery, "acme", prompt_tokens=10, completion_tokens=500)
+    per_call = 10 * 1.0 / 1e6 + 500 * 2.0 / 1e6
+    limit = 100 * per_call
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[provider_config("acme", acme.port, [paid_model("acme-pro")])],
+        budgets=[BudgetConfig(name="team", limit_usd=limit, apps=("app-a",))],
+        routing=FREE_LOCAL,
+    )
+    pool = HttpPool()
+    results: list[tuple[int, dict[str, object]]] = []
+
+    async def one() -> None:
+        results.append(await post(pool, api, "qg://task=summarize;prefer=quality"))
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as inner:
+            for _ in range(500):
+                inner.start_soon(one)
+    await pool.aclose()
+    assert len(results) == 500 and all(status == 200 for status, _ in results)
+    paid = sum(1 for _, body in results if body["model"] == "acme-pro")
+    local = sum(1 for _, body in results if body["model"] == "qmesh-summarize")
+    assert paid + local == 500
+    assert 90 <= paid <= 100, paid
+    assert acme.requests == paid
+    await api.service.ledger.flush()
+    rows = read_rows(api.store)
+    assert len(rows) == 500
+    assert sum(r["cost_usd"] for r in rows) <= limit + 1e-12
+    budget = api.service.book.budgets["team"]
+    assert budget.reserved == pytest.approx(0.0, abs=1e-12)
+    assert budget.spent <= limit + 1e-12
+
+
+async def test_spent_hard_budget_without_local_equivalent_is_refused(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme", prompt_tokens=10, completion_tokens=500)
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[provider_config("acme", acme.port, [paid_model("acme-pro")])],
+        budgets=[BudgetConfig(name="tiny", limit_usd=0.0015, apps=("app-a",))],
+    )
+    pool = HttpPool()
+    first = await post(pool, api, "qg://task=creative_writing")
+    assert first[0] == 200
+    status, body = await post(pool, api, "qg://task=creative_writing")
+    assert status == 402
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "budget_exceeded"
+    assert "budget spent" in str(error["message"])
+    # Another app, not in the budget, is not affected.
+    status, _ = await post(pool, api, "qg://task=creative_writing", app="app-b")
+    assert status == 200
+    await pool.aclose()
+
+
+async def test_soft_budget_only_warns(nursery: trio.Nursery, tmp_path: Path) -> None:
+    acme = await start_provider(nursery, "acme", prompt_tokens=10, completion_tokens=500)
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[provider_config("acme", acme.port, [paid_model("acme-pro")])],
+        budgets=[BudgetConfig(name="soft", limit_usd=0.001, mode="soft", apps=("app-a",))],
+    )
+    pool = HttpPool()
+    for _ in range(3):
+        status, body = await post(pool, api, "qg://task=creative_writing")
+        assert status == 200 and body["model"] == "acme-pro"
+    await pool.aclose()
+    assert api.service.book.budgets["soft"].spent > 0.001
+
+
+async def test_projection_over_budget_shifts_to_local_and_counts_savings(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    cloud = await start_provider(nursery, "cloud", prompt_tokens=10, completion_tokens=500)
+    onprem = await start_provider(nursery, "onprem", prompt_tokens=10, completion_tokens=500)
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[
+            provider_config("cloud", cloud.port, [paid_model("fast", latency_ms=1)]),
+            # the operator's own server: no price, slower
+            provider_config(
+                "onprem",
+                onprem.port,
+                [paid_model("own", price_in=0.0, price_out=0.0, latency_ms=900)],
+                private=True,
+            ),
+        ],
+        budgets=[BudgetConfig(name="month", limit_usd=1.0, period="month", apps=("app-a",))],
+        routing=FREE_LOCAL,
+    )
+    budget = api.service.book.budgets["month"]
+    pool = HttpPool()
+    status, body = await post(pool, api, "qg://task=creative_writing;prefer=speed")
+    assert status == 200 and body["model"] == "fast"
+    # $0.20 in the first hour of a 30-day period projects far over $1.
+    budget.period_start = time.time() - 3600
+    budget.period_end = budget.period_start + 30 * 86_400
+    budget.spent = 0.2
+    assert api.service.book.state(budget) == BUDGET_SHIFT
+    status, body = await post(pool, api, "qg://task=creative_writing;prefer=speed")
+    assert status == 200 and body["model"] == "own"
+    # prefer=quality may still pay while the budget has room.
+    status, body = await post(pool, api, "qg://task=creative_writing;prefer=quality")
+    assert body["model"] == "fast"
+    await pool.aclose()
+    await api.service.ledger.flush()
+    shifted = [r for r in read_rows(api.store) if r["shifted_from"]]
+    assert len(shifted) == 1 and shifted[0]["avoided_usd"] > 0
+    assert shifted[0]["shifted_from"] == "provider:cloud/fast"
+    assert budget.shifted == 1
+
+
+def test_budget_states_and_reservations() -> None:
+    now = [1_700_000_000.0]
+    book = BudgetBook(
+        [BudgetConfig(name="b", limit_usd=1.0, period="day", apps=("a",))], clock=lambda: now[0]
+    )
+    budget = book.for_app("a")
+    assert budget is not None and book.state(budget) == BUDGET_OK
+    first = book.reserve(budget, 0.6, paid=True)
+    assert first is not None
+    assert book.reserve(budget, 0.6, paid=True) is None  # would overspend
+    local = book.reserve(budget, 0.6, paid=False)  # local work is never refused
+    assert local is not None
+    local.settle(0.0)
+    first.settle(0.5)
+    first.settle(0.5)  # idempotent
+    assert budget.spent == 0.5 and budget.reserved == 0.0
+    second = book.reserve(budget, 0.5, paid=True)
+    assert second is not None
+    second.settle(0.5)
+    assert book.state(budget) == BUDGET_BLOCK
+    now[0] += 86_400  # the next day: a fresh period
+    assert book.state(book.for_app("a")) == BUDGET_OK
+    with pytest.raises(PermissionError):
+        book.for_app("other", "b")
+
+
+async def test_ledger_chain_detects_edit_insert_and_delete(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    api = await start_api(nursery, tmp_path)
+    pool = HttpPool()
+    for _ in range(5):
+        assert (await post(pool, api, "qg://task=keywords"))[0] == 200
+    await pool.aclose()
+    api.service.ledger.audit("operator", "budget.changed", {"budget": "x"})
+    await api.service.ledger.flush()
+    key = load_chain_key(api.store.path)
+    db = api.store.path
+
+    def check(chain: str = "ledger") -> list[str]:
+        with sqlite3.connect(db) as conn:
+            return [p.problem for p in verify_chain(conn, key, chain).problems]
+
+    assert check() == [] and check("audit") == []
+    with sqlite3.connect(db) as conn:
+        (original,) = conn.execute("SELECT app FROM qg_ledger WHERE id = 2").fetchone()
+        conn.execute("UPDATE qg_ledger SET app = 'someone-else' WHERE id = 2")
+    assert any("edited" in p for p in check())
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE qg_ledger SET app = ? WHERE id = 2", (original,))
+    assert check() == []
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT * FROM qg_ledger WHERE id = 3").fetchone()
+        conn.execute("DELETE FROM qg_ledger WHERE id = 3")
+    assert any("deleted or inserted" in p for p in check())
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"INSERT INTO qg_ledger VALUES ({', '.join('?' * len(row))})", row)
+        conn.execute(
+            "INSERT INTO qg_ledger SELECT 100, ts, request_id, app, budget, task, candidate,"
+            " kind, model, provider, tokens_in, tokens_out, cost_usd, shifted_from, avoided_usd,"
+            " outcome, hops, reason, prev_hash, hash FROM qg_ledger WHERE id = 5"
+        )
+    assert any("removed or added" in p for p in check())
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM qg_ledger WHERE id = 100")
+        conn.execute("DELETE FROM qg_ledger WHERE id = 5")  # the newest row
+    assert any("removed or added" in p for p in check())
