@@ -161,7 +161,26 @@ def taskset(cpu: int) -> list[str]:
 _WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def wrk(url: str, token: str, connections: int, seconds: float, lua: Path) -> dict[str, float]:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time of a process and its children (LiteLLM may fork a worker)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for process in (root, *root.children(recursive=True)):
+            times = process.cpu_times()
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def wrk(
+    url: str, token: str, connections: int, seconds: float, lua: Path, pid: int | None = None
+) -> dict[str, float]:
     command = [
         *taskset(0),
         "wrk",
@@ -174,7 +193,9 @@ def wrk(url: str, token: str, connections: int, seconds: float, lua: Path) -> di
         url,
     ]
     env = {**os.environ, "BENCH_TOKEN": token}
+    cpu_before = cpu_seconds(pid)
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu_before
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
     latency: dict[str, float] = {}
     for pct, value, unit in _WRK_LATENCY.findall(out):
@@ -182,7 +203,10 @@ def wrk(url: str, token: str, connections: int, seconds: float, lua: Path) -> di
         latency[pct] = float(value) * scale
     errors = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
+    total = re.search(r"(\d+) requests in", out)
+    requests = float(total.group(1)) if total else 0.0
     return {
+        "cpu_rps": requests / cpu if cpu > 0 else float("nan"),
         "rps": rps,
         "p50": latency.get("50", float("nan")),
         "p99": latency.get("99", float("nan")),
@@ -305,19 +329,22 @@ def main() -> None:
     rows: list[tuple[str, int, dict[str, float]]] = []
     try:
         backend_port = free_port()
-        backend = subprocess.Popen(
-            [*taskset(0), PYTHON, __file__, "--backend", str(backend_port)]
-        )
+        backend = subprocess.Popen([*taskset(0), PYTHON, __file__, "--backend", str(backend_port)])
         processes.append(backend)
         wait_http(f"http://127.0.0.1:{backend_port}/v1/chat/completions", timeout=20)
-        contenders: list[tuple[str, str, str]] = [
-            ("direct backend", f"http://127.0.0.1:{backend_port}/v1/chat/completions", "none")
+        contenders: list[tuple[str, str, str, int]] = [
+            (
+                "direct backend",
+                f"http://127.0.0.1:{backend_port}/v1/chat/completions",
+                "none",
+                backend.pid,
+            )
         ]
         gate, gate_url, gate_token = start_gate(work, backend_port)
         processes.append(gate)
         check = post_once(gate_url, gate_token)
         assert check["choices"][0]["message"]["content"].startswith("Hello"), check
-        contenders.append(("qmesh Gate", gate_url, gate_token))
+        contenders.append(("qmesh Gate", gate_url, gate_token, gate.pid))
         if not args.skip_litellm:
             if not Path(args.litellm).exists() and shutil.which(args.litellm) is None:
                 print(f"note: no LiteLLM at {args.litellm}; its rows are skipped", file=sys.stderr)
@@ -325,12 +352,13 @@ def main() -> None:
                 litellm, lite_url, lite_key = start_litellm(work, backend_port, args.litellm)
                 processes.append(litellm)
                 post_once(lite_url, lite_key)
-                contenders.append(("LiteLLM proxy", lite_url, lite_key))
-        for name, url, token in contenders:
+                contenders.append(("LiteLLM proxy", lite_url, lite_key, litellm.pid))
+        for name, url, token, pid in contenders:
             for connections in counts:
                 # A short warm-up, then the measured run.
                 wrk(url, token, connections, min(2.0, args.seconds), lua)
-                rows.append((name, connections, wrk(url, token, connections, args.seconds, lua)))
+                result = wrk(url, token, connections, args.seconds, lua, pid)
+                rows.append((name, connections, result))
     finally:
         for process in reversed(processes):
             stop(process)
@@ -341,7 +369,7 @@ def main() -> None:
     )
     print(
         f"{'target':<16} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'+p50 ms':>8} {'+p99 ms':>8} {'of direct':>9} {'errors':>7}"
+        f"{'+p50 ms':>8} {'+p99 ms':>8} {'of direct':>9} {'req/CPU-s':>10} {'errors':>7}"
     )
     for name, connections, r in rows:
         base = direct[connections]
@@ -350,14 +378,23 @@ def main() -> None:
         share = r["rps"] / base["rps"] * 100
         print(
             f"{name:<16} {connections:>5} {r['rps']:>10,.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
-            f"{added50:>8.3f} {added99:>8.3f} {share:>8.2f}% {int(r['non2xx']):>7}"
+            f"{added50:>8.3f} {added99:>8.3f} {share:>8.2f}% {r['cpu_rps']:>10,.0f} "
+            f"{int(r['non2xx']):>7}"
         )
+    print(
+        "req/CPU-s: requests served per CPU-second the target process (and its children) "
+        "used: its throughput on a core of its own, whatever else ran on the machine"
+    )
     gate_rows = {c: r for n, c, r in rows if n == "qmesh Gate"}
     lite_rows = {c: r for n, c, r in rows if n == "LiteLLM proxy"}
     for connections in counts:
         if connections in lite_rows:
             ratio = gate_rows[connections]["rps"] / lite_rows[connections]["rps"]
-            print(f"Gate / LiteLLM req/s at {connections} connection(s): {ratio:.1f}x")
+            cpu_ratio = gate_rows[connections]["cpu_rps"] / lite_rows[connections]["cpu_rps"]
+            print(
+                f"Gate / LiteLLM at {connections} connection(s): {ratio:.1f}x req/s, "
+                f"{cpu_ratio:.1f}x req/CPU-s"
+            )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -32,14 +32,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nlp_texts import TEXTS  # noqa: E402
+from nlp_texts import TEXTS
 
-from qmesh.nlp.classify import classify  # noqa: E402
-from qmesh.nlp.embed import embed  # noqa: E402
-from qmesh.nlp.keywords import keywords  # noqa: E402
-from qmesh.nlp.redact import redact  # noqa: E402
-from qmesh.nlp.summarize import summarize, summary_sentences  # noqa: E402
-from qmesh.nlp.text import sentence_spans  # noqa: E402
+from qmesh.nlp.classify import classify
+from qmesh.nlp.embed import embed
+from qmesh.nlp.keywords import keywords
+from qmesh.nlp.redact import redact
+from qmesh.nlp.summarize import summarize, summary_sentences
+from qmesh.nlp.text import sentence_spans
 
 COUNT = 3
 _WORDS = re.compile(r"[^\W_]+(?:'[^\W_]+)?")

@@ -253,7 +253,9 @@ class Stack:
 
     def dsn(self, target: str) -> str:
         user, password = self.user_password(target)
-        return f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench?sslmode=disable"
+        return (
+            f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench?sslmode=disable"
+        )
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -268,7 +270,9 @@ class Stack:
             self.pg.stop()
 
 
-def pgbench(stack: Stack, target: str, script: str, clients: int, mode: str, duration: int) -> tuple[float, float]:
+def pgbench(
+    stack: Stack, target: str, script: str, clients: int, mode: str, duration: int
+) -> tuple[float, float]:
     user, password = stack.user_password(target)
     command = [
         "pgbench", "-n", "-T", str(duration), "-c", str(clients), "-j", str(min(clients, 2)),

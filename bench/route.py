@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qmesh.nlp.skills import builtin_skills  # noqa: E402
-from qmesh.qg.candidates import DAEMON, INTERNAL, PROVIDER, Candidate  # noqa: E402
-from qmesh.qg.dsn import parse_dsn  # noqa: E402
-from qmesh.qg.errors import NoRoute  # noqa: E402
-from qmesh.qg.router import BUDGET_OK, BUDGET_SHIFT, Router  # noqa: E402
+from qmesh.nlp.skills import builtin_skills
+from qmesh.qg.candidates import DAEMON, INTERNAL, PROVIDER, Candidate
+from qmesh.qg.dsn import parse_dsn
+from qmesh.qg.errors import NoRoute
+from qmesh.qg.router import BUDGET_OK, BUDGET_SHIFT, Router
 
 CHAT_TASKS = frozenset({"chat", "creative_writing", "code", "translate", "summarize"})
 FAMILIES = ("gemma3", "llama3", "qwen2", "mistral", "phi3")

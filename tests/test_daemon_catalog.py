@@ -122,7 +122,7 @@ def test_not_gguf_is_refused(tmp_path: Path) -> None:
     truncated = tmp_path / "cut.gguf"
     whole = write_gguf(tmp_path / "whole.gguf").read_bytes()
     truncated.write_bytes(whole[:200])
-    with pytest.raises(GgufError, match="truncated|past the end"):
+    with pytest.raises(GgufError, match=r"truncated|past the end"):
         scan_gguf(truncated)
 
 

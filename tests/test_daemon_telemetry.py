@@ -88,7 +88,14 @@ def fake_nvml(*, init_error: str | None = None) -> types.SimpleNamespace:
 
 @pytest.mark.parametrize(
     ("generation", "width", "expected"),
-    [(3, 4, 3.94), (3, 16, 15.76), (4, 16, 31.504), (5, 16, 63.008), (1, 1, 0.25), (None, 16, None)],
+    [
+        (3, 4, 3.94),
+        (3, 16, 15.76),
+        (4, 16, 31.504),
+        (5, 16, 63.008),
+        (1, 1, 0.25),
+        (None, 16, None),
+    ],
 )
 def test_pcie_link_bandwidth(generation: int | None, width: int, expected: float | None) -> None:
     assert pcie_gbps(generation, width) == expected

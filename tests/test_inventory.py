@@ -39,7 +39,9 @@ def test_heartbeats_drive_fresh_stale_gone() -> None:
     ]  # fmt: skip
     for now, beat, expected in steps:
         if beat:
-            inventory.report("node-a", now=now, load={GEMMA["id"]: {"queue_depth": 2, "busy": True}})
+            inventory.report(
+                "node-a", now=now, load={GEMMA["id"]: {"queue_depth": 2, "busy": True}}
+            )
         node = inventory.get("node-a", now=now)
         assert node is not None
         assert node.state == expected, (now, node.reason)

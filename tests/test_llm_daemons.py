@@ -71,7 +71,10 @@ class Mesh:
     async def wait_for_candidates(self, count: int) -> None:
         router = self.endpoints["llm"].router
         with trio.fail_after(60):
-            while len([c for c in router.candidates if c.kind == "daemon" and c.healthy]) < count:
+            while True:  # the inventory is polled: no event to wait for
+                healthy = [c for c in router.candidates if c.kind == "daemon" and c.healthy]
+                if len(healthy) >= count:
+                    return
                 await trio.sleep(0.1)
 
     def stop(self) -> None:
@@ -194,11 +197,14 @@ async def test_busy_daemon_sends_work_to_the_other_and_kill_9_loses_nothing(
         async with limiter:
             status, body = await ask(i)
             results.append(status)
+            if len(results) == 60:
+                third.set()
             assert status == 200, body
 
+    third = trio.Event()
+
     async def killer() -> None:
-        while len(results) < 60:
-            await trio.sleep(0.05)
+        await third.wait()
         mesh.processes["node-a"].send_signal(signal.SIGKILL)
 
     with trio.fail_after(600):

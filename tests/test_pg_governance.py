@@ -290,3 +290,50 @@ async def test_a_gate_without_its_vault_says_so(
         return str(info.value)
 
     assert "vault is not available" in await in_thread(work)
+
+
+async def test_rotation_during_pgbench_fails_no_transaction(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """`qmesh secrets rotate` (its library call) while pgbench runs through
+    the Gate: sessions opened before carry on, and with -C every transaction
+    is a new login across the rotation window; none fails. Afterwards the
+    old password no longer logs in to the real server."""
+    from pgkit import run
+
+    from qmesh.pg.rotate import rotate_password
+
+    other = RealDb(db.cluster, "rotbench")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    env = {"PGPASSWORD": ghost.app_key}
+    args = ["-h", "127.0.0.1", "-p", str(ghost.port), "-U", ghost.app_id, ghost.alias]
+    with trio.fail_after(60):
+        code, _, err = await run(["pgbench", "-i", "-s", "1", "-q", *args], env=env)
+    assert code == 0, err
+    outputs: list[str] = []
+
+    async def bench(*extra: str) -> None:
+        code, out, err = await run(["pgbench", "-n", "-S", "-T", "4", *extra, *args], env=env)
+        assert code == 0, err
+        outputs.append(out)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(bench, "-c", "4")
+            inner.start_soon(bench, "-c", "2", "-C")
+            for _ in range(3):
+                await trio.sleep(0.8)
+                await trio.to_thread.run_sync(rotate_password, ghost.vault, ghost.alias)
+    for out in outputs:
+        assert "number of failed transactions: 0 (0.000%)" in out, out
+    current = ghost.vault.get(ghost.alias)
+    assert current is not None and current.password != other.password
+
+    def old_password_logs_in() -> bool:
+        try:
+            psycopg.connect(other.dsn()).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    assert not await in_thread(old_password_logs_in)

@@ -56,7 +56,9 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("model", "node", "target", "quant", "where"), TABLE)
-def test_plan_table(model: ModelInfo, node: str, target: float, quant: str | None, where: str) -> None:
+def test_plan_table(
+    model: ModelInfo, node: str, target: float, quant: str | None, where: str
+) -> None:
     result = plan(
         model.equivalence, variants_for([model]), NodeSpec.parse(node), context=8192,
         target_tps=target,

@@ -1,8 +1,10 @@
 """The Gate's inventory: every compute node it knows, its models and whether it is alive.
 
 For: :class:`Inventory`, a plain in-memory table of :class:`Node` records
-fed by whatever reports nodes (today the daemons' ``inventory`` streams,
-:mod:`qmesh.gate.daemons`; later other sources), with liveness derived from
+fed by whatever reports nodes (the daemons' ``inventory`` streams,
+:mod:`qmesh.gate.daemons`, and the Gate's scans of configured addresses,
+:mod:`qmesh.gate.discovery`, through :meth:`Inventory.observe` and
+:meth:`Inventory.missed`), with liveness derived from
 heartbeats: a node is ``fresh`` while heartbeats arrive, ``stale`` once it
 has missed ``stale_after_missed`` of them (at the interval the node itself
 announced), ``gone`` after ``gone_after_missed`` — or at once when its
@@ -242,6 +244,60 @@ class Inventory:
         if node.state != "gone":
             self._set(node, "gone", reason, now)
             self.version += 1
+
+    # -- scans (qmesh.gate.discovery) ---------------------------------------------
+
+    def observe(
+        self,
+        name: str,
+        *,
+        now: float,
+        kind: str,
+        source: str,
+        address: str,
+        reason: str,
+        interval_s: float,
+        version: str | None = None,
+        models: list[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        telemetry: dict[str, Any] | None = None,
+        answered: bool = True,
+    ) -> Node:
+        """A scan checked ``name``. ``answered``: something is there (fresh,
+        ``last_seen`` moves); otherwise the entry is recorded as gone — a
+        configured address where nothing ever answered. ``interval_s``
+        (the scan period) plays the heartbeat's part in :meth:`sweep`."""
+        node = self._nodes.get(name)
+        if node is None:
+            node = Node(name=name, kind=kind, source=source, first_seen=now, state_since=now)
+            node.state = "new"  # replaced below; lets _set log the first transition
+            node.last_seen = now
+            self._nodes[name] = node
+        node.kind, node.source, node.address, node.version = kind, source, address, version
+        node.heartbeat_interval_s = max(interval_s, 0.001)
+        node.extra = dict(extra or {})
+        if models is not None:
+            node.models = {m.id: m for m in map(InventoryModel.from_report, models) if m.id}
+        if telemetry is not None:
+            node.telemetry = telemetry
+        node.reports += 1
+        if answered:
+            node.last_seen = now
+        self._set(node, "fresh" if answered else "gone", reason, now)
+        self.version += 1
+        return node
+
+    def missed(self, name: str, *, now: float, gone: bool, reason: str) -> Transition | None:
+        """A scan no longer finds ``name``: stale (or ``gone``) with the reason;
+        ``last_seen`` stays when it last answered. Returns the change, if any."""
+        node = self._nodes.get(name)
+        if node is None:
+            return None
+        target = "gone" if gone or node.state == "gone" else "stale"
+        old = node.state
+        self._set(node, target, reason, now)
+        self.version += 1
+        return None if old == target else Transition(name, old, target, reason)
 
     # -- liveness ---------------------------------------------------------------
 

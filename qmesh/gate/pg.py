@@ -517,6 +517,10 @@ class PgService:
             await self._send_quietly(stream, _error(exc))
         except _ClientGone:
             log.debug("pg client of app %r left during the login", app_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The stream was reset (the client's connection at the edge
+            # closed, or the tunnel session was lost).
+            log.debug("pg stream of app %r ended: %s", app_id, exc)
         except _core.PgWireError as exc:
             log.info("pg client of app %r broke the protocol during the login: %s", app_id, exc)
             await self._send_quietly(stream, _error(PgSessionError("08P01", f"qmesh: {exc}")))

@@ -197,7 +197,13 @@ async def _handle(
         "tls": encrypted,
     }
     try:
-        tunnel = await client.open_stream(request)
+        # Before the first session with the Gate exists, open_stream waits
+        # for it; a client should get an error, not a hang.
+        with trio.fail_after(STARTUP_TIMEOUT_S):
+            tunnel = await client.open_stream(request)
+    except trio.TooSlowError:
+        await _send_quietly(stream, _fatal("08006", "qmesh: the gate is not reachable"))
+        return
     except ValueError:
         await _send_quietly(stream, _fatal("08P01", "startup packet too large to forward"))
         return

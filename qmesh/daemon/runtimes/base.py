@@ -40,6 +40,11 @@ Endpoint = Literal["completions", "chat.completions"]
 ENDPOINTS: Final = ("completions", "chat.completions")
 MAX_TOKENS_LIMIT: Final = 1 << 20
 _ROLES: Final = frozenset({"system", "user", "assistant", "tool", "developer"})
+SAMPLING: Final = (
+    "max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+    "top_k", "min_p", "repeat_penalty",
+)  # fmt: skip
+"""Fields passed on to the runtime when the request sets them."""
 
 
 @attrs.frozen
@@ -52,6 +57,12 @@ class GenerationRequest:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    """The common extensions llama.cpp, vLLM and Ollama all take."""
+    min_p: float | None = None
+    repeat_penalty: float | None = None
 
     @classmethod
     def from_openai(cls, endpoint: str, body: Any) -> GenerationRequest:
@@ -100,6 +111,11 @@ class GenerationRequest:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise BadRequest("'seed' must be an integer")
+        top_k = body.get("top_k")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 1_000_000
+        ):
+            raise BadRequest("'top_k' must be an integer of at least 0")
         return cls(
             endpoint=endpoint,  # type: ignore[arg-type]
             prompt=prompt,
@@ -109,6 +125,11 @@ class GenerationRequest:
             top_p=_number(body, "top_p", 0.0, 1.0),
             stop=tuple(stop or ()),
             seed=seed,
+            presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
+            top_k=top_k,
+            min_p=_number(body, "min_p", 0.0, 1.0),
+            repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0),
         )
 
     def openai_body(self, model: str) -> dict[str, Any]:
@@ -118,7 +139,7 @@ class GenerationRequest:
             body["prompt"] = self.prompt
         else:
             body["messages"] = [dict(m) for m in self.messages]
-        for key in ("max_tokens", "temperature", "top_p", "seed"):
+        for key in SAMPLING:
             value = getattr(self, key)
             if value is not None:
                 body[key] = value

@@ -3,11 +3,12 @@
 For: :class:`LlamaCppRuntime`. Loading a model starts
 ``python -m llama_cpp.server --model FILE --model_alias ID`` on a free
 loopback port (through :mod:`~qmesh.daemon.runtimes.model_server`, so the
-server dies with the daemon even when the daemon is killed) and waits until its ``GET /v1/models`` lists the model
-(readiness); unloading terminates the process, which returns every byte of
-RAM and VRAM it held. A process that dies while loaded is restarted (with
-backoff, up to ``max_restarts`` times; then the model is marked failed and
-dropped). Generation streams through the server's OpenAI-compatible API
+server dies with the daemon even when the daemon is killed) and waits until
+its ``GET /v1/models`` lists the model (readiness); unloading terminates
+the process, which returns every byte of RAM and VRAM it held. A process
+that dies while loaded is restarted (with backoff, up to ``max_restarts``
+times; then the model is marked failed and dropped). Generation streams
+through the server's OpenAI-compatible API
 (:func:`~qmesh.daemon.runtimes.openai.stream_openai`). "What is loaded" is
 answered by asking each live process, not by our bookkeeping.
 
@@ -227,6 +228,10 @@ class LlamaCppRuntime(Runtime):
         self, model: str, request: GenerationRequest
     ) -> AsyncGenerator[GenerationEvent, None]:
         server = self.servers.get(model)
+        if server is not None and server.state in ("starting", "restarting"):
+            # A crashed server is being restarted: wait for it like for a load.
+            with trio.move_on_after(self.load_timeout_s):
+                await server.ready.wait()
         if server is None or server.state != "ready":
             raise RuntimeFailed(f"{model} is not loaded")
         async for event in stream_openai(server.url, request, model):

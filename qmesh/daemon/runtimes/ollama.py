@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from qmesh.daemon.errors import BadRequest, LoadFailed, RuntimeFailed, UnknownModel
 from qmesh.daemon.runtimes.base import (
+    SAMPLING,
     Delta,
     Finished,
     GenerationEvent,
@@ -117,10 +118,10 @@ class OllamaRuntime(Runtime):
         options: dict[str, Any] = {}
         if req.max_tokens is not None:
             options["num_predict"] = req.max_tokens
-        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed")):
-            value = getattr(req, ours)
+        for key in SAMPLING[1:]:  # Ollama's options share OpenAI's and llama.cpp's names
+            value = getattr(req, key)
             if value is not None:
-                options[theirs] = value
+                options[key] = value
         if req.stop:
             options["stop"] = list(req.stop)
         body: dict[str, Any] = {

@@ -80,8 +80,11 @@ async def stream_openai(
                     text = choice.get("text")
                     if text is None:
                         text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    if text or (text is not None and not choice.get("finish_reason")):
+                        # A token, even one that renders as nothing; the bare
+                        # closing chunk (no text, a finish reason) is not one.
                         chunks += 1
+                    if text:
                         yield Delta(text)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
