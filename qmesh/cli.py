@@ -4,7 +4,7 @@ For: parsing arguments, loading the configuration, setting up logging, then
 either running roles (``qmesh --role gate``) or one management command
 (``keys``, ``enroll``, ``revoke``, ``identities``, ``apps``, ``up``,
 ``version``, ``secrets``, ``audit``, ``memory``, ``route``, ``finops``,
-``ledger``, ``providers``, ``quant``, ``node``). Errors the operator can
+``ledger``, ``providers``, ``quant``, ``node``, ``inventory``). Errors the operator can
 fix (bad config, missing key, duplicate name) print one line on stderr and
 exit with status 2, without a traceback.
 
@@ -34,6 +34,7 @@ from qmesh import __version__
 from qmesh.config import Config, ConfigError, load_config, parse_hostport
 from qmesh.daemon import cli as daemon_cli
 from qmesh.finops import cli as finops_cli
+from qmesh.gate import inventory_cli
 from qmesh.identity import (
     GateKeyMissing,
     GateKeys,
@@ -223,6 +224,9 @@ def _build_parser() -> argparse.ArgumentParser:
         command("node", "this machine as a daemon sees it: telemetry and model catalog"), common
     )
     qg_cli.add_commands(command("route", "show how the Gate would route a qg:// DSN"))
+    inventory_cli.add_commands(
+        command("inventory", "the running Gate's nodes, models and discovered services")
+    )
     finops_cli.add_commands(
         command("finops", "spend, budgets and savings from the Gate's request ledger"),
         command("ledger", "verify the request ledger's and qg audit trail's hash chains"),

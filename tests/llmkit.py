@@ -192,3 +192,46 @@ async def start_api(
     add_llm_routes(router, service, AppAuthenticator(store))
     port: int = await nursery.start(serve_http, router, "127.0.0.1", 0)
     return GateApi(service, store, port, tokens)
+
+
+@attrs.define
+class FakeAnthropic:
+    """An Anthropic-style ``/v1/messages`` server with fixed usage."""
+
+    port: int = 0
+    bodies: list[dict[str, Any]] = attrs.field(factory=list)
+    keys: list[str | None] = attrs.field(factory=list)
+
+    async def messages(self, request: Request) -> Response:
+        body = request.json()
+        self.bodies.append(body)
+        self.keys.append(request.headers.get("x-api-key"))
+        if body.get("stream"):
+            return Response.event_stream(self._events())
+        return Response.json(
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "text", "text": "bonjour from claude-ish"}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 11, "output_tokens": 5},
+            }
+        )
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        events: list[dict[str, Any]] = [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 11}}},
+            {"type": "content_block_start", "index": 0},
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "bon"}},
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "jour"}},
+            {"type": "message_delta", "usage": {"output_tokens": 2}},
+            {"type": "message_stop"},
+        ]
+        for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        router = Router()
+        router.add("POST", "/v1/messages", self.messages)
+        await serve_http(router, "127.0.0.1", 0, task_status=task_status)

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import openai
 import pytest
 import trio
-from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
+from llmkit import FakeAnthropic, GateApi, paid_model, provider_config, start_api, start_provider
 
 from qmesh.config import RoutingConfig
 from qmesh.finops.ledger import read_rows
@@ -324,3 +325,44 @@ async def test_route_endpoint_explains(nursery: trio.Nursery, tmp_path: Path) ->
     assert rows["skill:summarize"]["status"] == "chosen"
     assert "privacy=local" in rows["provider:acme/big"]["reason"]
     assert raw["decision"]["chosen"] == "skill:summarize"
+
+
+async def test_anthropic_style_provider_is_translated(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    claude = FakeAnthropic()
+    claude.port = await nursery.start(claude.serve)
+    provider = attrs.evolve(
+        provider_config("anth", claude.port, [paid_model("claude-ish")], api_key="env:AK"),
+        kind="anthropic",
+        base_url=f"http://127.0.0.1:{claude.port}",
+    )
+    api = await start_api(nursery, tmp_path, providers=[provider], env={"AK": "ak-secret"})
+    c = client(api)
+
+    def run() -> tuple[str, str]:
+        reply = c.chat.completions.create(
+            model="claude-ish",
+            messages=[
+                {"role": "system", "content": "Answer in French."},
+                {"role": "user", "content": "hello"},
+            ],
+            max_tokens=50,
+        )
+        streamed = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in c.chat.completions.create(
+                model="claude-ish", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            if chunk.choices
+        )
+        return reply.choices[0].message.content or "", streamed
+
+    text, streamed = await in_thread(run)
+    assert text == "bonjour from claude-ish" and streamed == "bonjour"
+    assert claude.bodies[0]["system"] == "Answer in French."
+    assert claude.bodies[0]["messages"] == [{"role": "user", "content": "hello"}]
+    assert claude.bodies[0]["max_tokens"] == 50 and claude.keys[0] == "ak-secret"
+    rows = await flushed_rows(api, at_least=2)
+    assert (rows[0]["tokens_in"], rows[0]["tokens_out"]) == (11, 5)
+    assert (rows[1]["tokens_in"], rows[1]["tokens_out"]) == (11, 2)

@@ -184,11 +184,12 @@ def test_minigate_tls_config_needs_both_files(tmp_path: Path) -> None:
 
     config = tmp_path / "edge.toml"
     config.write_text('[minigate]\npg_tls_cert = "edge.crt"\n')
-    with pytest.raises(ConfigError, match="needs minigate.pg_tls_key too"):
+    with pytest.raises(ConfigError, match=r"needs minigate\.pg_tls_key too"):
         load_config(config, env={})
     config.write_text('[minigate]\npg_tls_key = "edge.key"\n')
-    with pytest.raises(ConfigError, match="needs minigate.pg_tls_cert too"):
+    with pytest.raises(ConfigError, match=r"needs minigate\.pg_tls_cert too"):
         load_config(config, env={})
     config.write_text('[minigate]\npg_tls_cert = "edge.crt"\npg_tls_key = "edge.key"\n')
     loaded = load_config(config, env={}).minigate
-    assert loaded.pg_tls_cert == tmp_path / "edge.crt" and loaded.pg_tls_key == tmp_path / "edge.key"
+    assert loaded.pg_tls_cert == tmp_path / "edge.crt"
+    assert loaded.pg_tls_key == tmp_path / "edge.key"

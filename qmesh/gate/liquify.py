@@ -57,6 +57,16 @@ class RequestContext:
     hops: list[dict[str, object]] = attrs.field(factory=list)
 
 
+def _reason(decision: Decision) -> str:
+    """The decision as the ledger keeps it: why, how fast, and what was passed over."""
+    text = f"{decision.reason}; decided in {decision.elapsed_us:.0f} µs"
+    if decision.rejected:
+        passed = "; ".join(f"{cid}: {why}" for cid, why in decision.rejected[:5])
+        more = len(decision.rejected) - 5
+        text += f"; passed over {passed}" + (f" (+{more} more)" if more > 0 else "")
+    return text
+
+
 class Executor:
     def __init__(
         self, router: Router, book: BudgetBook, ledger: Ledger, routing: RoutingConfig
@@ -162,7 +172,7 @@ class Executor:
                 avoided_usd=avoided,
                 outcome=outcome,
                 hops=json.dumps(ctx.hops, separators=(",", ":")),
-                reason=decision.reason,
+                reason=_reason(decision),
             )
         )
 

@@ -101,8 +101,11 @@ class LlmApi:
             max_tokens = 0
         stream = bool(body.get("stream")) and endpoint != "embeddings"
         # Token estimate from the raw size: exact counts come back in usage;
-        # walking the messages here would cost more than it would tell.
-        tokens_in = max(1, len(request.body) // 4)
+        # walking the messages here would cost more than it would tell. It
+        # errs high (≈ 4 bytes per token is typical for English, and the JSON
+        # around the text counts too) because it sizes the budget reservation,
+        # which must not be smaller than what the request really costs.
+        tokens_in = len(request.body) // 3 + 16
         try:
             budget = self.service.book.for_app(app, dsn.budget)
         except KeyError:

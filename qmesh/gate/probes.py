@@ -158,6 +158,10 @@ class HttpExchange:
     def feed(self, data: bytes) -> Outcome | None:
         if len(self._first) < PREVIEW:
             self._first += data[: PREVIEW - len(self._first)]
+        if self._head is None and self._first[:5] != b"HTTP/"[: len(self._first[:5])]:
+            # Every HTTP answer starts so: an SSH banner or binary noise is
+            # known for what it is without waiting for a head that never ends.
+            return self._not_http("does not start like an HTTP answer")
         try:
             self._conn.receive_data(data)
             while True:
@@ -474,7 +478,7 @@ def _sub(data: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 _QUANT_RE: Final = re.compile(
-    r"(?<![a-z0-9])(i?q[1-8](?:_[a-z0-9]{1,3})*|bf16|fp16|f16|f32)(?![a-z0-9])", re.IGNORECASE
+    r"(?<![a-z0-9])(i?q[1-8](?:_[a-z0-9]{1,3})+|bf16|fp16|f16|f32)(?![a-z0-9])", re.IGNORECASE
 )
 
 

@@ -17,6 +17,7 @@ from qmesh.gate.inventory import Inventory
 from qmesh.gate.llm import LlmService
 from qmesh.gate.llm_api import add_llm_routes
 from qmesh.gate.llm_relay import LlmRelay
+from qmesh.gate.ops_api import start_ops
 from qmesh.gate.pg import PgService
 from qmesh.identity import GateKeys
 from qmesh.memory.api import add_routes as add_memory_routes
@@ -82,12 +83,16 @@ async def run_gate(
         add_daemon_routes(router, inventory, daemons, auth)
         add_memory_routes(router, Memory(store), auth)
         add_llm_routes(router, llm, auth)
+        ops = start_ops(
+            config, router, auth=auth, server=server, inventory=inventory, llm=llm, store=store
+        )
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)
         async with trio.open_nursery() as nursery:
             await nursery.start(pg.run)
             await nursery.start(llm.run)
             await nursery.start(inventory_service.sweep_forever)
+            await nursery.start(ops.run)
             bound = await nursery.start(server.serve, host, port)
             http_bound = await nursery.start(serve_http, router, http_host, http_port)
             task_status.started(
@@ -99,6 +104,8 @@ async def run_gate(
                     "daemons": daemons,
                     "pg": pg,
                     "llm": llm,
+                    "metrics": ops.metrics,
+                    "scanner": ops.scanner,
                 }
             )
     finally:

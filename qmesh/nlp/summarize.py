@@ -20,6 +20,7 @@ target, so the extension would add build weight without need
 from __future__ import annotations
 
 import math
+import operator
 from typing import Final
 
 from qmesh.nlp.text import STOPWORDS, WORD_RE, sentence_spans
@@ -30,8 +31,9 @@ MAX_SENTENCES: Final = 200
 DAMPING: Final = 0.85
 # The ranking, which is all that is used, settles long before the scores
 # do: on the bench corpus 5 rounds already pick what 60 rounds pick.
-ITERATIONS: Final = 8
+ITERATIONS: Final = 6
 LEAD_BONUS: Final = 0.05
+_mul = operator.mul
 # log() of small lengths, precomputed: most sentences have < 64 content words.
 _LOG: Final = tuple(math.log(n) if n > 1 else 0.0 for n in range(256))
 
@@ -82,12 +84,16 @@ def _choose(text: str, spans: list[tuple[int, int]], count: int) -> list[int]:
                 neighbours[j].append((i, weight))
                 totals[i] += weight
                 totals[j] += weight
-    # Column-normalised weights, so an iteration is one sum per sentence.
-    inbound = [[(j, w / totals[j]) for j, w in row] for row in neighbours]
+    # Column-normalised weights as parallel index/weight lists, so an
+    # iteration is one C-level sum(map(...)) per sentence.
+    sources = [[j for j, _ in row] for row in neighbours]
+    weights = [[w / totals[j] for j, w in row] for row in neighbours]
+    rows = list(zip(sources, weights, strict=True))
     base = (1.0 - DAMPING) / n
     scores = [1.0 / n] * n
     for _ in range(ITERATIONS):
-        scores = [base + DAMPING * sum([scores[j] * c for j, c in row]) for row in inbound]
+        get = scores.__getitem__
+        scores = [base + DAMPING * sum(map(_mul, map(get, js), ws)) for js, ws in rows]
     scores[0] += LEAD_BONUS / n
     ranked = sorted(range(n), key=scores.__getitem__, reverse=True)
     return sorted(ranked[:count])

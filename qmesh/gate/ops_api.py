@@ -1,0 +1,214 @@
+"""The Gate's operator pages: the dashboard, its live data, /metrics, discovery.
+
+For:
+
+- ``GET /`` — the dashboard page, and ``GET /static/{file}`` its assets,
+  all served from the package (``qmesh/web/static/``): the page works with
+  no internet. Both are the same for everyone and hold no data: the page
+  asks for the admin key and keeps it in the tab's ``sessionStorage``;
+- ``GET /api/dashboard`` — one snapshot (:class:`~qmesh.gate.overview.Overview`);
+- ``GET /api/dashboard/stream`` — server-sent events, a snapshot whenever
+  the inventory changes and at least every second, for up to
+  ``STREAM_LIFETIME_S`` (the page then reconnects, which checks the key
+  again);
+- ``GET /metrics`` — Prometheus text format (:mod:`qmesh.gate.metrics`);
+- ``GET /api/discovery`` — the scanner's state and targets;
+  ``POST /api/discovery/scan`` — scan now and answer when it is done.
+
+Everything but the page and its assets needs the admin key
+(``Authorization: Bearer admin:KEY``): 401 without it. A Prometheus job
+sends it with ``authorization: {type: Bearer, credentials: "admin:KEY"}``.
+
+Not for: what the snapshot holds (:mod:`qmesh.gate.overview`) or the
+inventory API (:mod:`qmesh.gate.daemon_api`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from qmesh.config import Config
+from qmesh.gate.auth import AppAuthenticator
+from qmesh.gate.discovery import Scanner
+from qmesh.gate.inventory import Inventory
+from qmesh.gate.metrics import GateMetrics
+from qmesh.gate.overview import Overview
+from qmesh.tunnel import TunnelServer
+from qmesh.web.http import HttpError, Request, Response, Router
+from qmesh.web.prom import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from qmesh.gate.llm import LlmService
+    from qmesh.state import StateStore
+
+__all__ = ["Ops", "add_ops_routes", "load_static", "start_ops"]
+
+STREAM_INTERVAL_S: Final = 1.0
+STREAM_POLL_S: Final = 0.2
+"""How often the stream looks for an inventory change between snapshots."""
+STREAM_LIFETIME_S: Final = 300.0
+_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+# Only our own files, no inline script or style, no framing: the page can
+# neither load nor send anything elsewhere.
+_PAGE_HEADERS: Final = (
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+)
+
+
+@attrs.frozen
+class Ops:
+    """The Gate's observability parts, built by :func:`start_ops`."""
+
+    metrics: GateMetrics
+    scanner: Scanner
+    overview: Overview
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The metrics' history sampler and the scanner, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.metrics.run)
+            await nursery.start(self.scanner.run)
+            task_status.started()
+
+
+def start_ops(
+    config: Config,
+    router: Router,
+    *,
+    auth: AppAuthenticator,
+    server: TunnelServer,
+    inventory: Inventory,
+    llm: LlmService | None,
+    store: StateStore | None,
+) -> Ops:
+    """Build the scanner, metrics and dashboard, hook the metrics into the
+    router and the ledger, and add the routes; the caller runs :meth:`Ops.run`."""
+    scanner = Scanner(inventory, config.gate.discovery)
+    metrics = GateMetrics(server=server, inventory=inventory, llm=llm, scanner=scanner, store=store)
+    metrics.attach(router)
+    overview = Overview(
+        name=config.gate.name,
+        inventory=inventory,
+        server=server,
+        metrics=metrics,
+        scanner=scanner,
+        llm=llm,
+    )
+    add_ops_routes(router, auth=auth, overview=overview, metrics=metrics, scanner=scanner)
+    return Ops(metrics, scanner, overview)
+
+
+def load_static() -> dict[str, tuple[bytes, str]]:
+    """The dashboard's files (name → bytes, content type), read once."""
+    out: dict[str, tuple[bytes, str]] = {}
+    folder = resources.files("qmesh.web").joinpath("static")
+    for entry in folder.iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if entry.is_file() and suffix in _TYPES:
+            out[entry.name] = (entry.read_bytes(), _TYPES[suffix])
+    return out
+
+
+def add_ops_routes(
+    router: Router,
+    *,
+    auth: AppAuthenticator,
+    overview: Overview,
+    metrics: GateMetrics,
+    scanner: Scanner | None = None,
+) -> None:
+    static = load_static()
+    if "index.html" not in static:
+        raise RuntimeError("qmesh/web/static/index.html is missing from the package")
+
+    def asset(name: str, *, cache: str) -> Response:
+        found = static.get(name)
+        if found is None:
+            raise HttpError(404, f"no such file: {name}", code="not_found")
+        body, content_type = found
+        headers = (("content-type", content_type), ("cache-control", cache), *_PAGE_HEADERS)
+        return Response(200, body, headers)
+
+    async def page(request: Request) -> Response:
+        return asset("index.html", cache="no-cache")
+
+    async def static_file(request: Request) -> Response:
+        return asset(request.path_params["name"], cache="no-cache")
+
+    async def snapshot(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        return Response.json(await overview.snapshot(), headers=(("cache-control", "no-store"),))
+
+    async def stream(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        first = await overview.snapshot()  # errors become HTTP errors, before the 200
+        return Response.event_stream(_events(first))
+
+    async def _events(first: dict[str, object]) -> AsyncIterator[bytes]:
+        yield _sse(first)
+        seen = overview.inventory.version
+        ends = time.monotonic() + STREAM_LIFETIME_S
+        next_at = time.monotonic() + STREAM_INTERVAL_S
+        while time.monotonic() < ends:
+            await trio.sleep(STREAM_POLL_S)
+            if overview.inventory.version == seen and time.monotonic() < next_at:
+                continue
+            seen = overview.inventory.version
+            next_at = time.monotonic() + STREAM_INTERVAL_S
+            yield _sse(await overview.snapshot())
+        yield b"event: reconnect\ndata: {}\n\n"
+
+    async def prometheus(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        return Response.text(metrics.render(), content_type=CONTENT_TYPE)
+
+    async def discovery(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        if scanner is None:
+            return Response.json({"enabled": False, "targets": 0, "addresses": []})
+        view = scanner.view()
+        view["addresses"] = [
+            {"address": t.address, "configured": t.configured} for t in scanner.targets
+        ]
+        return Response.json(view)
+
+    async def scan(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        if scanner is None or not scanner.targets:
+            raise HttpError(
+                409, "discovery has no targets: list them in [gate.discovery]", code="disabled"
+            )
+        report = await scanner.scan_now()
+        return Response.json({"scan": None if report is None else report.to_json()})
+
+    router.add("GET", "/", page)
+    router.add("GET", "/static/{name}", static_file)
+    router.add("GET", "/api/dashboard", snapshot)
+    router.add("GET", "/api/dashboard/stream", stream)
+    router.add("GET", "/metrics", prometheus)
+    router.add("GET", "/api/discovery", discovery)
+    router.add("POST", "/api/discovery/scan", scan)
+
+
+def _sse(data: object) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
