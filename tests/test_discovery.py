@@ -47,7 +47,8 @@ OLLAMA = {
     "/api/tags": {
         "models": [
             {"name": "llama3.2:1b", "size": 1_321_098_329,
-             "details": {"family": "llama", "parameter_size": "1.2B", "quantization_level": "Q8_0"}},
+             "details": {"family": "llama", "parameter_size": "1.2B",
+                         "quantization_level": "Q8_0"}},
         ]
     },
     "/api/ps": {"models": []},
@@ -386,21 +387,24 @@ def test_discovery_config(tmp_path: Path) -> None:
     assert not load_config(None, env={"HOME": str(tmp_path)}).gate.discovery.enabled
 
 
+WHERE = "config.toml:2: gate.discovery."
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ('networks = ["10.0.0.0/24"]', "config.toml:2: gate.discovery.networks: needs gate.discovery.ports"),
-        ('networks = ["10.0.0.5/24"]\nports = [1]', "config.toml:2: gate.discovery.networks[0]: expected a CIDR"),
-        ('targets = ["10.0.0.5"]', 'config.toml:2: gate.discovery.targets[0]: expected "host:port"'),
-        ('targets = ["10.0.0.5:0"]', "config.toml:2: gate.discovery.targets[0]: port 0 cannot be scanned"),
-        ("ports = [70000]", "config.toml:2: gate.discovery.ports[0]: expected a port from 1 to 65535"),
-        ('hosts = ["a b"]\nports = [1]', "config.toml:2: gate.discovery.hosts[0]: expected a host name"),
+        ('networks = ["10.0.0.0/24"]', WHERE + "networks: needs gate.discovery.ports"),
+        ('networks = ["10.0.0.5/24"]\nports = [1]', WHERE + "networks[0]: expected a CIDR"),
+        ('targets = ["10.0.0.5"]', WHERE + 'targets[0]: expected "host:port"'),
+        ('targets = ["10.0.0.5:0"]', WHERE + "targets[0]: port 0 cannot be scanned"),
+        ("ports = [70000]", WHERE + "ports[0]: expected a port from 1 to 65535"),
+        ('hosts = ["a b"]\nports = [1]', WHERE + "hosts[0]: expected a host name"),
         ('networks = ["10.0.0.0/8"]\nports = [1]', "more than gate.discovery.max_targets (4096)"),
-        ("concurency = 4", "config.toml:2: gate.discovery.concurency: unknown key; did you mean 'concurrency'?"),
+        ("concurency = 4", WHERE + "concurency: unknown key; did you mean 'concurrency'?"),
         ("gone_after_misses = 1", "expected an integer from 2"),
         ("probe_timeout_s = 0", "expected a number greater than 0"),
     ],
-)  # fmt: skip
+)
 def test_discovery_config_errors(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "[gate.discovery]\n" + body + "\n"), env={})

@@ -366,3 +366,27 @@ async def test_anthropic_style_provider_is_translated(
     rows = await flushed_rows(api, at_least=2)
     assert (rows[0]["tokens_in"], rows[0]["tokens_out"]) == (11, 5)
     assert (rows[1]["tokens_in"], rows[1]["tokens_out"]) == (11, 2)
+
+
+async def test_memory_query_is_answered_from_the_graph_memory(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from qmesh.memory.service import Memory
+
+    api = await start_api(nursery, tmp_path)
+    memory = Memory(api.store)
+    memory.add(
+        "Acme Corporation was founded in 1998 by Jane Doe. Acme is headquartered in Springfield.",
+        document_id="acme",
+    )
+    api.service.attach_memory(memory)
+    c = client(api)
+    reply = await in_thread(
+        lambda: c.chat.completions.create(
+            model="qg://task=memory_query",
+            messages=[{"role": "user", "content": "Who founded Acme Corporation?"}],
+        )
+    )
+    text = reply.choices[0].message.content or ""
+    assert reply.model == "qmesh-memory"
+    assert "Jane Doe" in text and "[1]" in text

@@ -120,9 +120,9 @@ async def test_metrics_move_with_requests(nursery: trio.Nursery, tmp_path: Path)
     gate = await nursery.start(run_gate, load_config(config_file, env={}))
     http, bearer = gate["http"], gate_dir.bearer
 
-    status, body = await http_json("GET", http + "/metrics")
+    status, _ = await http_json("GET", http + "/metrics")
     assert status == 401
-    status, body = await http_json("GET", http + "/api/dashboard")
+    status, _ = await http_json("GET", http + "/api/dashboard")
     assert status == 401
 
     before = parse(await _metrics(http, bearer))
@@ -191,7 +191,7 @@ async def test_dashboard_notes_when_parts_are_missing(
     assert snapshot["routing"]["note"].startswith("No routed requests yet")
     assert snapshot["discovery"]["enabled"] is False
     assert snapshot["health"]["status"] == "warn"  # nothing to look after yet: said, not hidden
-    status, body = await http_json(
+    status, _ = await http_json(
         "POST", gate["http"] + "/api/discovery/scan", bearer=gate_dir.bearer
     )
     assert status == 409

@@ -86,12 +86,13 @@ def test_llama_cpp_server() -> None:
     finding = drive(
         {
             "/props": http(200, {
-                "default_generation_settings": {"n_ctx": 8192, "model": "/m/qwen2.5-7b-q5_k_m.gguf"},
+                "default_generation_settings": {"n_ctx": 8192},
                 "total_slots": 4, "chat_template": "{% for m in messages %}…",
                 "model_path": "/m/qwen2.5-7b-q5_k_m.gguf", "build_info": "b4589-1a2b3c4",
             }),
             "/health": http(200, {"status": "ok"}),
-            "/slots": http(200, [{"id": 0, "is_processing": True}, {"id": 1, "is_processing": False},
+            "/slots": http(200, [{"id": 0, "is_processing": True},
+                                 {"id": 1, "is_processing": False},
                                  {"id": 2, "is_processing": True}, {"id": 3}]),
             "/v1/models": http(200, {"object": "list", "data": [
                 {"id": "/m/qwen2.5-7b-q5_k_m.gguf", "owned_by": "llamacpp",
@@ -137,8 +138,8 @@ def test_llama_cpp_python_is_an_openai_server_not_llama_cpp() -> None:
             "/v1/models": http(200, {"object": "list", "data": [
                 {"id": path, "object": "model", "owned_by": "me", "permissions": []}
             ]}, server="uvicorn"),
-            "/openapi.json": http(200, {"openapi": "3.1.0",
-                                        "info": {"title": "🦙 llama.cpp Python API", "version": "0.3.36"}}),
+            "/openapi.json": http(200, {"openapi": "3.1.0", "info": {
+                "title": "🦙 llama.cpp Python API", "version": "0.3.36"}}),
         }
     )  # fmt: skip
     assert (finding.kind, finding.server, finding.version) == (

@@ -70,7 +70,7 @@ class SkillBackend:
         skill = self.skills[task]
         text = call.text()
         try:
-            if len(text) > THREAD_ABOVE_CHARS:
+            if skill.blocking or len(text) > THREAD_ABOVE_CHARS:
                 return skill, await trio.to_thread.run_sync(skill.run, text)
             return skill, skill.run(text)
         except Exception as exc:  # a skill bug must not look like a client error

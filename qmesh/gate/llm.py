@@ -31,7 +31,9 @@ from qmesh.gate.inventory import Inventory
 from qmesh.gate.liquify import Executor
 from qmesh.gate.provider_keys import resolve_api_key
 from qmesh.gate.providers import AnthropicProvider, OpenAIProvider
-from qmesh.nlp.skills import builtin_skills, measure
+from qmesh.memory.errors import GraphMemoryError
+from qmesh.memory.service import Memory
+from qmesh.nlp.skills import Skill, builtin_skills, measure
 from qmesh.pg.masterkey import load_master_key
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import BUILTIN_TASKS
@@ -164,6 +166,29 @@ class LlmService:
                     )
                 )
         return out
+
+    def attach_memory(self, memory: Memory) -> None:
+        """Answer ``task=memory_query`` from the graph memory: the question is
+        the last user message; the answer quotes stored sentences and lists
+        the numbered citations, or says it is not in memory."""
+
+        def answer(question: str) -> str:
+            try:
+                found = memory.ask(question)
+            except GraphMemoryError as exc:
+                return f"cannot ask the memory: {exc}"
+            lines = [found.answer]
+            if found.citations:
+                lines.append("")
+                lines += [
+                    f"[{c.n}] {c.document_title or c.document_id}: {c.text}"
+                    for c in found.citations
+                ]
+            return "\n".join(lines)
+
+        skill = Skill("memory_query", "qmesh-memory", answer, blocking=True)
+        self.skills["memory_query"] = skill
+        self.router.set_candidates("skills", self._skill_candidates())
 
     def attach_daemons(self, inventory: Inventory, client: DaemonClient) -> None:
         """Route to the daemons' models too: :meth:`run` then follows the

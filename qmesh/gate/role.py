@@ -81,7 +81,9 @@ async def run_gate(
         auth = AppAuthenticator(store)
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
-        add_memory_routes(router, Memory(store), auth)
+        memory = Memory(store)
+        add_memory_routes(router, memory, auth)
+        llm.attach_memory(memory)
         add_llm_routes(router, llm, auth)
         ops = start_ops(
             config, router, auth=auth, server=server, inventory=inventory, llm=llm, store=store

@@ -61,6 +61,8 @@ class Skill:
     fn: Callable[[str], str | list[float]]
     capacity: float = 0.0
     """Operations per second on one core, from :func:`measure` (0: not measured)."""
+    blocking: bool = False
+    """It does I/O (a database): always run in a worker thread, never measured."""
 
     def run(self, text: str) -> str | list[float]:
         return self.fn(text)
@@ -112,6 +114,8 @@ def measure(skills: dict[str, Skill], seconds: float = MEASURE_S) -> None:
     :data:`SAMPLE` (CPU time, so a busy machine lowers it only as much as
     it really slows the skill)."""
     for skill in skills.values():
+        if skill.blocking:
+            continue
         skill.run(SAMPLE)  # warm caches and lazy regex state
         runs = 0
         start = time.process_time()

@@ -44,6 +44,8 @@ DEFAULT_BATCH: Final = 1_000
 DEFAULT_MAX_STATEMENT_CHARS: Final = 8_192
 """Longer statements are stored truncated in ``text`` mode; the hash is of the whole."""
 _DROP_REPORT_INTERVAL_S: Final = 10.0
+# How long the writer waits for more records before a transaction.
+LINGER_S = 0.05
 _CLOSE_TIMEOUT_S: Final = 5.0
 
 
@@ -198,6 +200,11 @@ class AuditLog:
                 self._wakeup = trio.Event()
                 if not await self._write_some():
                     await self._wakeup.wait()
+                    # Let records gather: one transaction (and one fsync)
+                    # per linger, not per statement, keeps the audit off the
+                    # relay's latency.
+                    if len(self._queue) < self.batch_size:
+                        await trio.sleep(LINGER_S)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
                 while await self._write_some():
