@@ -145,6 +145,20 @@ if ((TOOLS_ONLY)); then
   exit 0
 fi
 
+# -- a browser for the dashboard's tests ------------------------------------------
+# Debian's Chromium, driven by Playwright (a test dependency in pyproject.toml);
+# Playwright's own browser downloads are never used. Only as root with apt.
+if [[ ! -x /usr/bin/chromium ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Debian's chromium for the dashboard tests"
+    logged apt-chromium env DEBIAN_FRONTEND=noninteractive \
+      sh -c 'apt-get update -qq && apt-get install -y -qq chromium'
+  else
+    say "warning: /usr/bin/chromium is missing; the dashboard's browser tests will skip" \
+      "(as root: apt-get install chromium)"
+  fi
+fi
+
 # -- Rust + the extension ---------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
   export PATH="$PATH:$HOME/.cargo/bin"

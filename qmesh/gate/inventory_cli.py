@@ -65,7 +65,9 @@ def add_commands(inventory: argparse.ArgumentParser) -> None:
         "--gate", metavar="URL", help="the Gate's HTTP address (http://host:port)"
     )
     inventory.add_argument(
-        "--key", metavar="admin:KEY", help=f"the admin key (default: ${KEY_ENV} or up.json)"
+        "--key",
+        metavar="admin:KEY",
+        help=f"the admin key (default: ${KEY_ENV} or up.json; on the command line `ps` shows it)",
     )
     inventory.set_defaults(handler=cmd_inventory)
 
@@ -235,6 +237,9 @@ def cmd_inventory(args: argparse.Namespace, config: Config) -> int:
 
 
 def _width() -> int:
+    # Piped into another program: whole reasons, however wide.
+    if not sys.stdout.isatty():
+        return 10_000
     return shutil.get_terminal_size((140, 40)).columns
 
 

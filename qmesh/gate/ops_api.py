@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 __all__ = ["Ops", "add_ops_routes", "load_static", "start_ops"]
 
 STREAM_INTERVAL_S: Final = 1.0
-STREAM_POLL_S: Final = 0.2
+STREAM_POLL_S: Final = 0.1
 """How often the stream looks for an inventory change between snapshots."""
+STREAM_MIN_GAP_S: Final = 0.4
+"""Snapshots no closer than this: heartbeats change the inventory several
+times a second on a busy mesh, and the page needs no more than this."""
 STREAM_LIFETIME_S: Final = 300.0
 _TYPES: Final = {
     ".html": "text/html; charset=utf-8",
@@ -168,13 +171,15 @@ def add_ops_routes(
         yield _sse(first)
         seen = overview.inventory.version
         ends = time.monotonic() + STREAM_LIFETIME_S
-        next_at = time.monotonic() + STREAM_INTERVAL_S
-        while time.monotonic() < ends:
+        sent = time.monotonic()
+        while sent < ends:
             await trio.sleep(STREAM_POLL_S)
-            if overview.inventory.version == seen and time.monotonic() < next_at:
+            quiet = time.monotonic() - sent
+            changed = overview.inventory.version != seen
+            if quiet < STREAM_INTERVAL_S and not (changed and quiet >= STREAM_MIN_GAP_S):
                 continue
             seen = overview.inventory.version
-            next_at = time.monotonic() + STREAM_INTERVAL_S
+            sent = time.monotonic()
             yield _sse(await overview.snapshot())
         yield b"event: reconnect\ndata: {}\n\n"
 

@@ -84,6 +84,7 @@ function duration(seconds) {
 
 function usd(n) {
   if (n === null || n === undefined) return "–";
+  if (n === 0) return "$0";
   if (Math.abs(n) >= 100) return `$${n.toFixed(0)}`;
   if (Math.abs(n) >= 1) return `$${n.toFixed(2)}`;
   return `$${n.toFixed(4)}`;
@@ -201,7 +202,7 @@ function renderHeader(d) {
   problems.hidden = worst.length === 0;
   problems.className = `problems ${health}`;
   problems.replaceChildren(...worst.slice(0, 6).map((p) =>
-    h("div", { class: "item" }, h("strong", { text: p.what }), h("span", { class: "muted", text: p.why }))));
+    h("div", { class: "item" }, h("strong", { text: p.what }), " ", h("span", { class: "muted", text: `— ${p.why}` }))));
 }
 
 function tile(label, value, sub, attrs) {
@@ -254,7 +255,7 @@ function renderNodes(d) {
     }
     const mm = node.model_memory;
     if (mm && mm.budget) {
-      meters.push(meter("Models", pct(mm.used, mm.budget), `${bytes(mm.used)} / ${bytes(mm.budget)} budget`, "mem"));
+      meters.push(meter("Model mem", pct(mm.used, mm.budget), `${bytes(mm.used)} / ${bytes(mm.budget)} budget`, "mem"));
     }
     const hw = node.gpus.length ? node.gpus.map((g) => g.name).join(", ") : "CPU-only";
     return h("article", { class: "card", "data-node": node.name, "data-state": node.state },
@@ -369,12 +370,12 @@ function renderRouting(d) {
   if (r.recent_decisions && r.recent_decisions.length) {
     parts.push(h("div", { class: "sub-head", text: "Recent decisions" }));
     parts.push(h("div", { class: "table-wrap" }, h("table", { class: "grid" },
-      h("thead", {}, h("tr", {}, ["DSN", "Chosen", "Why", "µs"].map((t) => h("th", { text: t })))),
+      h("thead", {}, h("tr", {}, ["DSN", "Chosen", "Why", "Decided in"].map((t) => h("th", { text: t })))),
       h("tbody", {}, r.recent_decisions.map((x) => h("tr", {},
         h("td", { class: "mono", text: x.dsn }),
         h("td", {}, kindBadge(x.kind), " ", h("span", { class: "mono", text: x.chosen })),
         h("td", { class: "why", text: x.reason }),
-        h("td", { class: "num", text: x.decision_us })))))));
+        h("td", { class: "num", text: `${x.decision_us} µs` })))))));
   }
   root.replaceChildren(...parts);
 }
@@ -562,7 +563,9 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   setInterval(() => {
-    if (mode === "on" && lastUpdate) $("live-text").textContent = `live · ${((Date.now() - lastUpdate) / 1000).toFixed(0)}s`;
+    if (mode !== "on" || !lastUpdate) return;
+    const quiet = (Date.now() - lastUpdate) / 1000;
+    $("live-text").textContent = quiet < 3 ? "live" : `live · no update for ${quiet.toFixed(0)}s`;
   }, 1000);
   if (key) start();
   else showLogin("");
