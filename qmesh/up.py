@@ -107,7 +107,12 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
             "admin_key": f"{ADMIN_APP}:{setup.admin_key}",
             "public_key": base64.b64encode(setup.gate_public_key).decode(),
         },
-        "minigate": {"name": minigate["name"], "forwards": minigate["forwards"]},
+        "minigate": {
+            "name": minigate["name"],
+            "pg": minigate["pg"],
+            "llm": minigate["llm"],
+            "forwards": minigate["forwards"],
+        },
         "daemon": {"name": daemon["name"]},
         "demo_app": {
             "app_id": DEMO_APP,
@@ -123,6 +128,9 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         f"  gate      tunnel listening on {summary['gate']['tunnel']}",
         f"            http API on {summary['gate']['http']} (health: /healthz)",
         f"  minigate  {summary['minigate']['name']}, connected to the gate",
+        f"            Postgres  postgresql://{DEMO_APP}:APP_KEY@{summary['minigate']['pg']}/ALIAS",
+        f"            LLM API   {summary['minigate']['llm']}  (Bearer {DEMO_APP}:APP_KEY,"
+        " model='qg://task=summarize')",
     ]
     for forward in summary["minigate"]["forwards"]:
         lines.append(f"            forward {forward['listen']} → {forward['target']}")
