@@ -143,7 +143,8 @@ class Mesh:
 
     def inventory_model(self) -> dict[str, Any]:
         nodes = self._get("/api/inventory")["nodes"]
-        return {m["id"]: m for m in nodes[0]["models"]}[self.model_id]
+        model: dict[str, Any] = {m["id"]: m for m in nodes[0]["models"]}[self.model_id]
+        return model
 
     def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
         """(TTFT s, decode tokens/s, tokens, text) for one streamed completion."""
@@ -200,7 +201,9 @@ class Direct:
     def __init__(self, model: Path, threads: int, context: int) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(str(model), n_ctx=context, n_threads=threads, verbose=False)
+        self.llm = Llama(
+            str(model), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
 
     def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
         start = time.perf_counter()
@@ -228,7 +231,7 @@ def predicted_tps(
     from qmesh.daemon.quant import NodeSpec, Variant, place
     from qmesh.daemon.telemetry import TelemetryReader
 
-    bandwidth = cached_bandwidth(data_dir)
+    bandwidth = cached_bandwidth(data_dir, remeasure=True)  # now, not a cached figure
     reader = TelemetryReader(host_bandwidth_gbps=bandwidth.gbps)
     reader.start()
     node = NodeSpec.from_telemetry(reader.read())
@@ -270,7 +273,7 @@ def main() -> None:
         same_text = 0
         for i in range(args.rounds):
             prompt = PROMPTS[i % len(PROMPTS)]
-            order = [("direct", direct), ("qmesh", mesh)]
+            order: list[tuple[str, Direct | Mesh]] = [("direct", direct), ("qmesh", mesh)]
             if i % 2:
                 order.reverse()
             texts = {}
@@ -284,7 +287,7 @@ def main() -> None:
         mesh.close()
 
     def median(name: str, index: int) -> float:
-        return statistics.median(r[index] for r in results[name])
+        return statistics.median(float(r[index]) for r in results[name])
 
     print()
     print(f"{'':8} {'TTFT ms (median)':>17} {'decode tok/s (median)':>22} {'tokens':>7}")

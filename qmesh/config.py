@@ -483,7 +483,8 @@ class DaemonConfig:
     context_length: int = 4096
     """llama.cpp ``n_ctx`` (capped at each model's own)."""
     threads: int | None = None
-    """llama.cpp threads; None: llama-cpp-python's default (half the CPUs)."""
+    """llama.cpp threads (generation and prompt batches); None:
+    llama-cpp-python's defaults (half the CPUs; all of them for batches)."""
     gpu_layers: int | None = None
     """llama.cpp layers on the GPU; None: the quantization planner's split; -1: all."""
     load_timeout_s: float = 120.0

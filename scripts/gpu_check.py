@@ -119,7 +119,9 @@ def _vram_used() -> int | None:
         return None
 
 
-async def _run_model(model_path: Path, gpu_layers: int, context: int, rounds: int, tokens: int) -> dict[str, Any]:
+async def _run_model(
+    model_path: Path, gpu_layers: int, context: int, rounds: int, tokens: int
+) -> dict[str, Any]:
     import trio
 
     from qmesh.daemon.catalog import Catalog

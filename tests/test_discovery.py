@@ -409,3 +409,56 @@ def test_discovery_config_errors(tmp_path: Path, body: str, message: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "[gate.discovery]\n" + body + "\n"), env={})
     assert message in str(info.value)
+
+
+# -- qmesh inventory against a Gate in this process ------------------------------------------------
+
+
+async def test_inventory_command_table_json_and_up_json(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import sys
+
+    ollama = await start_http(nursery, OLLAMA)
+    closed = closed_port()
+    gate_dir = make_gate_dir(tmp_path)
+    config_file = tmp_path / "gate.toml"
+    config_file.write_text(
+        gate_dir.config_text() + f'[gate.discovery]\ntargets = ["127.0.0.1:{ollama}", '
+        f'"127.0.0.1:{closed}"]\ninterval_s = 60\nconnect_timeout_s = 0.5\n'
+    )
+    gate = await nursery.start(run_gate, load_config(config_file, env={}))
+    env = {**os.environ, "QMESH_ADMIN_KEY": gate_dir.bearer}
+
+    async def qmesh(*args: str, **options: Any) -> Any:
+        with trio.fail_after(60):
+            return await trio.run_process(
+                [sys.executable, "-m", "qmesh", *args],
+                capture_stdout=True, capture_stderr=True, check=False, **options,
+            )  # fmt: skip
+
+    table = await qmesh("inventory", "--scan", "--gate", gate["http"], env=env)
+    assert table.returncode == 0, table.stderr
+    text = table.stdout.decode()
+    assert text.splitlines()[0].split()[:3] == ["NAME", "KIND", "STATE"]
+    assert f"127.0.0.1:{ollama}  ollama" in text and "llama3.2:1b Q8_0" in text
+    assert f"127.0.0.1:{closed}  absent" in text and "nothing listens there" in text
+    assert "2 entries: 1 fresh, 0 stale, 1 gone" in text
+
+    data_dir = tmp_path / "up"
+    data_dir.mkdir()
+    (data_dir / "up.json").write_text(
+        json.dumps({"gate": {"http": gate["http"], "admin_key": gate_dir.bearer}})
+    )
+    as_json = await qmesh("--data-dir", str(data_dir), "inventory", "--json", "--state", "fresh")
+    assert as_json.returncode == 0, as_json.stderr
+    (entry,) = json.loads(as_json.stdout)["nodes"]
+    assert entry["kind"] == "ollama" and entry["models"][0]["quantization"] == "Q8_0"
+
+    without = {k: v for k, v in os.environ.items() if k != "QMESH_ADMIN_KEY"}
+    no_key = await qmesh(
+        "--data-dir", str(tmp_path / "empty"), "inventory", "--gate", gate["http"], env=without
+    )
+    assert no_key.returncode == 2 and b"no admin key" in no_key.stderr

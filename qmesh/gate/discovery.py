@@ -214,6 +214,7 @@ class Scanner:
         self.next_scan_at: float | None = None
         self._misses: dict[str, int] = {}
         self._postgres: set[str] = set()
+        self._warned: set[str] = set()
         self._wake = trio.Event()
         self._done = trio.Event()
         # How long an entry may go without a scan before the inventory's
@@ -330,6 +331,11 @@ class Scanner:
                 )
                 return
             if not target.configured:
+                if finding.reason.startswith("unreachable") and target.host not in self._warned:
+                    # A host name that does not resolve is the operator's typo
+                    # more often than a machine that is off: say it once.
+                    self._warned.add(target.host)
+                    log.warning("discovery: %s: %s", target.host, finding.reason)
                 return
         self._misses.pop(name, None)
         extra: dict[str, Any] = {

@@ -36,6 +36,7 @@ from qmesh import __version__
 from qmesh.finops.ledger import LedgerEntry
 from qmesh.gate.inventory import NODE_STATES, Inventory
 from qmesh.tunnel import TunnelServer
+from qmesh.web.http import Router
 from qmesh.web.prom import Family, Registry, gauge_family
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ _GPU_FIELDS: Final = (
     ("qmesh_node_gpu_power_watts", "power_w"),
 )
 BUDGET_STATES: Final = ("ok", "shift", "block")
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # -- history ---------------------------------------------------------------------------------
@@ -256,7 +258,8 @@ class GateMetrics:
     # -- hooks --------------------------------------------------------------------------------
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http_requests.inc(method, route, str(status))
+        # Clients choose the method: an unknown one must not mint new series.
+        self.http_requests.inc(method if method in _METHODS else "other", route, str(status))
         self.http_latency.observe(seconds, route)
 
     def observe_entry(self, entry: LedgerEntry) -> None:
@@ -300,7 +303,7 @@ class GateMetrics:
                 }
             )
 
-    def attach(self, router: Any) -> None:
+    def attach(self, router: Router) -> None:
         """Hook into the Gate's HTTP router and the request ledger."""
         router.observe = self.observe_http
         if self.llm is not None:

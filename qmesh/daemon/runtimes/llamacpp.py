@@ -268,7 +268,9 @@ class LlamaCppRuntime(Runtime):
             "--n_gpu_layers", str(self._gpu_layers(model)),
         ]  # fmt: skip
         if self.threads:
-            command += ["--n_threads", str(self.threads)]
+            # Prompt batches too: on a small or shared machine a batch
+            # thread that waits for a busy core stalls the whole batch.
+            command += ["--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
         return command + list(self.extra_args)
 
     async def _supervise(

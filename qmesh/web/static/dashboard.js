@@ -111,8 +111,8 @@ function meter(name, percent, value, cls) {
   const level = percent >= 90 ? "crit" : percent >= 75 ? "hot" : "";
   return h("div", { class: "meter" },
     h("span", { class: "name", text: name }),
-    h("div", { class: `bar ${cls || ""} ${level}` }, h("span", { style: `width:${percent.toFixed(1)}%` })),
-    h("span", { class: "val", text: value }));
+    h("span", { class: "val", text: value }),
+    h("div", { class: `bar ${cls || ""} ${level}` }, h("span", { style: `width:${percent.toFixed(1)}%` })));
 }
 
 function empty(text) {
@@ -358,7 +358,7 @@ function renderRouting(d) {
   if (r.note) parts.push(h("p", { class: "muted", text: r.note }));
   parts.push(h("div", { class: "sub-head", text: `Recent failovers (${r.failovers_total ?? 0} total)` }));
   if (r.recent_failovers.length) {
-    parts.push(h("div", {}, r.recent_failovers.map((f) =>
+    parts.push(h("div", {}, r.recent_failovers.slice(0, 6).map((f) =>
       h("div", { class: "failover" },
         h("span", { class: "muted", text: new Date(f.ts * 1000).toLocaleTimeString() }), "  ",
         h("span", { class: "mono", text: f.from.join(", ") }), h("span", { class: "arrow", text: "→" }),
