@@ -146,8 +146,11 @@ class Mesh:
         model: dict[str, Any] = {m["id"]: m for m in nodes[0]["models"]}[self.model_id]
         return model
 
-    def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
-        """(TTFT s, decode tokens/s, tokens, text) for one streamed completion."""
+    def stream(
+        self, prompt: str, tokens: int, *, url: str | None = None
+    ) -> tuple[float, float, int, str]:
+        """(TTFT s, decode tokens/s, tokens, text) for one streamed completion,
+        through the Gate (or straight to ``url``)."""
         body = json.dumps(
             {
                 "model": self.model_id,
@@ -159,7 +162,7 @@ class Mesh:
             }
         ).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}/api/daemons/bench-node/v1/completions",
+            url or f"http://127.0.0.1:{self.http}/api/daemons/bench-node/v1/completions",
             data=body,
             headers={"authorization": f"Bearer {self.bearer}", "content-type": "application/json"},
         )
@@ -178,6 +181,12 @@ class Mesh:
                     text.append(piece)
         return (*_figures(start, stamps), "".join(text))
 
+    def model_server_url(self) -> str:
+        """The daemon's llama.cpp server for the model, to measure the hop it adds."""
+        nodes = self._get("/api/inventory")["nodes"]
+        (server,) = nodes[0]["runtimes"][0]["servers"]
+        return f"http://127.0.0.1:{server['port']}/v1/completions"
+
     def close(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
@@ -195,6 +204,17 @@ def _figures(start: float, stamps: list[float]) -> tuple[float, float, int]:
     ttft = stamps[0] - start
     tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     return ttft, tps, len(stamps)
+
+
+class ModelServer:
+    """The client straight to the daemon's model server: llama.cpp's own HTTP hop."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.url = mesh.model_server_url()
+
+    def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
+        return self.mesh.stream(prompt, tokens, url=self.url)
 
 
 class Direct:
@@ -269,13 +289,17 @@ def main() -> None:
         # Warm-up: loads the model in the daemon's server, faults pages in on both sides.
         mesh.stream("Hello", 8)
         direct.stream("Hello", 8)
-        results: dict[str, list[tuple[float, float, int, str]]] = {"direct": [], "qmesh": []}
+        server = ModelServer(mesh)
+        results: dict[str, list[tuple[float, float, int, str]]] = {
+            "direct": [], "server": [], "qmesh": []
+        }  # fmt: skip
         same_text = 0
+        sides: list[tuple[str, Direct | ModelServer | Mesh]] = [
+            ("direct", direct), ("server", server), ("qmesh", mesh)
+        ]  # fmt: skip
         for i in range(args.rounds):
             prompt = PROMPTS[i % len(PROMPTS)]
-            order: list[tuple[str, Direct | Mesh]] = [("direct", direct), ("qmesh", mesh)]
-            if i % 2:
-                order.reverse()
+            order = sides[i % 3 :] + sides[: i % 3]  # each side leads in turn
             texts = {}
             for name, side in order:
                 figures = side.stream(prompt, args.tokens)
@@ -291,14 +315,21 @@ def main() -> None:
 
     print()
     print(f"{'':8} {'TTFT ms (median)':>17} {'decode tok/s (median)':>22} {'tokens':>7}")
-    for name in ("direct", "qmesh"):
+    for name in ("direct", "server", "qmesh"):
         print(f"{name:8} {median(name, 0) * 1000:17.1f} {median(name, 1):22.2f} "
               f"{median(name, 2):7.0f}")  # fmt: skip
+    print(
+        "(server: the client straight to the daemon's llama.cpp model server, no Gate, no tunnel)"
+    )
     ratio = median("qmesh", 1) / median("direct", 1)
     ttft_extra = (median("qmesh", 0) - median("direct", 0)) * 1000
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     print(f"qmesh / direct decode tok/s: {ratio:.3f} (target ≥ {TARGET_RATIO}: {verdict}); "
-          f"TTFT +{ttft_extra:.1f} ms")  # fmt: skip
+          f"TTFT {ttft_extra:+.1f} ms")  # fmt: skip
+    hop = median("qmesh", 1) / median("server", 1)
+    own = median("server", 1) / median("direct", 1)
+    print(f"qmesh / server decode tok/s: {hop:.3f} (the Gate, the tunnel and the daemon's relay); "
+          f"server / direct: {own:.3f} (llama.cpp's own server)")  # fmt: skip
     print(f"identical greedy text in {same_text}/{args.rounds} rounds")
     at_threads, best, gbps = predicted_tps(
         args.model, args.threads, args.context, Path(tempfile.gettempdir()) / "qmesh-bench-membench"

@@ -327,9 +327,16 @@ async def _send_response(
     else:
         headers.append((b"transfer-encoding", b"chunked"))
         await _send(conn, stream, h11.Response(status_code=response.status, headers=headers))
-        async for chunk in response.stream:
-            if chunk:
-                await _send(conn, stream, h11.Data(data=chunk))
+        try:
+            async for chunk in response.stream:
+                if chunk:
+                    await _send(conn, stream, h11.Data(data=chunk))
+        finally:
+            # A client that hangs up mid-stream must stop the producer now
+            # (a generation on a daemon, say), not when the GC finds it.
+            aclose = getattr(response.stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
     await _send(conn, stream, h11.EndOfMessage())
 
 
