@@ -137,11 +137,6 @@ async def test_creative_writing_goes_to_the_daemon_model_and_streams(
     assert len(streamed.split()) >= 1
 
 
-@pytest.mark.xfail(
-    reason="the assembled Gemma GGUF has no chat template, so llama.cpp falls back to "
-    "llama-2 formatting and the model answers chats with an empty string (daemons issue)",
-    strict=False,
-)
 async def test_daemon_chat_has_real_text(mesh: Mesh, tmp_path: Path) -> None:
     mesh.start_daemon(tmp_path, "gpu-1")
     await mesh.wait_for_candidates(1)

@@ -271,6 +271,9 @@ class LlamaCppRuntime(Runtime):
             # Prompt batches too: on a small or shared machine a batch
             # thread that waits for a busy core stalls the whole batch.
             command += ["--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
+        chat_format = fallback_chat_format(model)
+        if chat_format is not None:
+            command += ["--chat_format", chat_format]
         return command + list(self.extra_args)
 
     async def _supervise(
@@ -392,3 +395,20 @@ class LlamaCppRuntime(Runtime):
             log.warning("model server for %s ignored SIGTERM; killing it", server.model.id)
             process.kill()
             await process.wait()
+
+
+# llama-cpp-python's names for the prompt formats of model families whose
+# base models ship without a chat template.
+_CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+def fallback_chat_format(model: ModelInfo) -> str | None:
+    """The chat format to impose on a model without its own template.
+
+    Without one, llama.cpp falls back to llama-2's [INST] format, which a
+    Gemma model answers with an empty string; its own turn markers work even
+    on the base model.
+    """
+    if model.chat_template:
+        return None
+    return _CHAT_FORMATS.get(model.architecture) or _CHAT_FORMATS.get(model.family)
