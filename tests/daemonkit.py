@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from processkit import free_port as free_port  # re-exported for the tests
 
 from qmesh.config import Config, load_config
 from qmesh.identity import GateKeys, enroll, write_private_file
@@ -66,13 +66,6 @@ def model_dir_with(tmp_path: Path, *names: str) -> Path:
         except OSError:
             target.write_bytes(source.read_bytes())
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 FAST_TUNNEL = (

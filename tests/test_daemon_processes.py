@@ -7,10 +7,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +23,11 @@ from daemonkit import (
     model_dir_with,
     require_llama,
 )
+from processkit import start_role, stop, wait_for
 
 HEARTBEAT_S = 0.3
 STALE_AFTER, GONE_AFTER = 3, 8  # missed heartbeats
 SWEEP_S = 0.5  # the Gate's sweeper period: state changes land within it
-
-
-def start_role(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "qmesh", "--role", role, "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def api(gate: GateDir, path: str, body: Any = None) -> Any:
@@ -64,16 +45,6 @@ def nodes(gate: GateDir) -> dict[str, dict[str, Any]]:
         return {n["name"]: n for n in api(gate, "/api/inventory")["nodes"]}
     except OSError:
         return {}  # the Gate is still starting
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
-    """Poll ``check`` until true; the seconds it took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture

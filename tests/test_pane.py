@@ -40,6 +40,8 @@ from daemonkit import (
 )
 from daemonkit import _missing as missing
 from pgcluster import PgCluster
+from processkit import start as start_process
+from processkit import start_role, stop, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -52,38 +54,6 @@ STALE_AFTER, GONE_AFTER = 3, 12
 SWEEP_S = 0.5
 STREAM_GAP_S = 0.5  # the dashboard stream's snapshots are at most this far apart after a change
 STALE_LIMIT_S = STALE_AFTER * HEARTBEAT_S + SWEEP_S + STREAM_GAP_S + 0.5
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
-def qmesh_role(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return start([sys.executable, "-m", "qmesh", "--role", role, "--config", str(config)], log)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_for(what: str, check: Any, timeout: float) -> float:
-    started = time.monotonic()
-    while True:
-        try:
-            if check():
-                return time.monotonic() - started
-        except (OSError, KeyError, ValueError):
-            pass
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class GarbageServer:
@@ -131,7 +101,7 @@ class Mesh:
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
-        self.llama = start(
+        self.llama = start_process(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gemma_path()),
              "--host", "127.0.0.1", "--port", str(self.llama_port), "--n_ctx", "512"],
             self.tmp / "llama-server.log",
@@ -148,7 +118,7 @@ class Mesh:
             '[[gate.budgets]]\nname = "ops"\nlimit_usd = 0.05\nperiod = "day"\n'
             'apps = ["admin"]\n'
         )
-        self.processes.append(qmesh_role("gate", config, self.tmp / "gate.log"))
+        self.processes.append(start_role("gate", config, self.tmp / "gate.log"))
         for name, port in self.health.items():
             credential = self.gate.enroll_daemon(name, self.tmp / f"{name}.cred")
             dirs = (model_dir_with(self.tmp, GEMMA_ID),) if name == "node-a" else ()
@@ -157,7 +127,7 @@ class Mesh:
             ).replace('health_listen = "127.0.0.1:0"', f'health_listen = "127.0.0.1:{port}"')
             path = self.tmp / f"{name}.toml"
             path.write_text(text)
-            self.daemons[name] = qmesh_role("daemon", path, self.tmp / f"{name}.log")
+            self.daemons[name] = start_role("daemon", path, self.tmp / f"{name}.log")
             self.processes.append(self.daemons[name])
         wait_for("the llama-cpp-python server", lambda: self.get_plain("/v1/models"), 120)
         wait_for(

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pgcluster import PgCluster
 from pgkit import RealDb
-from test_roles_cli import free_port, qmesh, start_role, stop
+from processkit import free_port, start_role, stop
+from test_roles_cli import qmesh
 
 
 def memory_contains(pid: int, needle: bytes) -> bool:

@@ -4,7 +4,6 @@ identities from `qmesh keys init` / `enroll` / `revoke`, TCP forwarding."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tunnelkit import free_port
+from processkit import free_port, start_role, stop
 
 
 def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -60,25 +59,6 @@ def echo() -> Iterator[EchoServer]:
     server = EchoServer()
     yield server
     server.close()
-
-
-def start_role(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "qmesh", "--role", role, "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def echo_through(port: int, payload: bytes, deadline: float = 20.0) -> bytes:

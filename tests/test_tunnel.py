@@ -8,10 +8,10 @@ import os
 import pytest
 import trio
 from faultproxy import FaultProxy, Faults
+from processkit import free_port
 from tunnelkit import (
     echo_service,
     fast_settings,
-    free_port,
     keypair,
     make_edge,
     start_edge,

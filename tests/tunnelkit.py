@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,14 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from qmesh.config import TunnelConfig
 from qmesh.tunnel import HandshakeRefused, TunnelClient, TunnelServer, TunnelStream
 from qmesh.tunnel.services import ServiceHandler
-
-
-def free_port() -> int:
-    """A port free on loopback right now (for configs that need a fixed one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def keypair() -> tuple[bytes, bytes]:

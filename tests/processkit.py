@@ -1,0 +1,55 @@
+"""Running qmesh roles as real processes in tests: start, stop, wait."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A port free on loopback right now (for configs that need a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``args`` with stdout and stderr appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_role(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return start([sys.executable, "-m", "qmesh", "--role", role, "--config", str(config)], log)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Ctrl-C, as an operator would; kill if it does not stop in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float) -> float:
+    """Poll ``check`` until it is true (errors of a service that is not up
+    yet count as false); the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            if check():
+                return time.monotonic() - started
+        except (OSError, KeyError, ValueError):
+            pass
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
