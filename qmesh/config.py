@@ -51,6 +51,7 @@ __all__ = [
     "GateAppConfig",
     "GateConfig",
     "LogConfig",
+    "MemoryConfig",
     "MiniGateConfig",
     "ProviderConfig",
     "ProviderModelConfig",
@@ -356,6 +357,21 @@ class RoutingConfig:
     """Group name → model ids that may stand in for each other."""
 
 
+MEMORY_EXTRACTORS: Final = ("rules", "llm")
+
+
+@attrs.frozen
+class MemoryConfig:
+    """``[gate.memory]``: how the graph memory uses the mesh's models (see docs/memory.md)."""
+
+    extractor: str = "rules"
+    """Default for ``POST /v1/memory/documents``: ``rules``, or ``llm`` (rules plus
+    the triples a model proposes through ``extract_dsn``, each checked against its sentence)."""
+    extract_dsn: str = "qg://task=extract;prefer=quality"
+    compose_dsn: str = "qg://task=chat;prefer=quality"
+    """Where ``"compose": "llm"`` answers are composed."""
+
+
 @attrs.frozen
 class DiscoveryConfig:
     """``[gate.discovery]``: what the Gate scans for services (see docs/inventory.md).
@@ -418,6 +434,8 @@ class GateConfig:
     """… and gone (more than ``daemon_stale_after_missed``)."""
     discovery: DiscoveryConfig = DiscoveryConfig()
     """From ``[gate.discovery]``: see :class:`DiscoveryConfig`."""
+    memory: MemoryConfig = MemoryConfig()
+    """From ``[gate.memory]``: see :class:`MemoryConfig`."""
 
 
 @attrs.frozen
@@ -1104,6 +1122,7 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
         providers=_read_providers(r, t, path),
         budgets=_read_budgets(r, t, path),
         discovery=_read_discovery(r, t, path),
+        memory=_read_memory(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
 
@@ -1323,6 +1342,23 @@ def _strings(
 def _required(r: _Reader, t: Mapping[str, object], path: KeyPath, key: str, hint: str) -> None:
     if key not in t:
         raise r.error(path, f"missing key {key!r} ({hint})")
+
+
+def _read_memory(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> MemoryConfig:
+    path: KeyPath = (*gate_path, "memory")
+    t = r.table(gate, path)
+    r.check_keys(t, path, [f.name for f in attrs.fields(MemoryConfig)])
+    d = MemoryConfig()
+    dsns: dict[str, str] = {}
+    for key in ("extract_dsn", "compose_dsn"):
+        value = r.string(t, path, key, getattr(d, key))
+        if not value.startswith("qg://"):
+            raise r.error((*path, key), f"expected a qg:// DSN, got {_describe(value)}")
+        dsns[key] = value
+    return MemoryConfig(
+        extractor=r.string(t, path, "extractor", d.extractor, choices=MEMORY_EXTRACTORS),
+        **dsns,
+    )
 
 
 def _read_routing(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> RoutingConfig:

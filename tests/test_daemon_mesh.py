@@ -339,3 +339,29 @@ async def test_crashed_model_server_fails_mid_stream_and_is_restarted(
         "node-a", GEMMA_ID, "completions", {**body, "max_tokens": 4}
     )
     assert text and done.completion_tokens == 4
+
+
+async def test_a_late_heartbeat_does_not_fail_a_connected_node(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """On a loaded machine heartbeats come late and the inventory calls the
+    node stale, then gone, while its tunnel session is alive: a request sent
+    to it then must still reach it (a failure here cools the node down, and
+    with no other node every request fails for ``cooldown_s``)."""
+    mesh = await start_mesh(nursery, tmp_path, models=())
+    body = {"prompt": "Hello", "max_tokens": 4}
+    # Ten seconds on: past daemon_gone_after_missed heartbeats (8 × 0.3 s).
+    late = DaemonClient(mesh.inventory, clock=lambda: time.time() + 10.0)
+    # As if no sweeper ran (it would hold the verdict back, see test_inventory):
+    # the heartbeats really are late, and the node is called gone.
+    mesh.inventory.listening = None
+    # The daemon itself answers (it has no such model): the request got there.
+    with pytest.raises(ModelUnavailable, match="unknown_model"):
+        await late.complete("node-a", GEMMA_ID, "completions", body)
+    mesh.inventory.listening = None
+    node = mesh.inventory.get("node-a", now=time.time() + 10.0)
+    assert node is not None and node.state == "gone"  # as the heartbeats have it
+    # A node whose report channel ended is still refused at once.
+    mesh.inventory.disconnected("node-a", node.connection, now=time.time(), reason="test")
+    with pytest.raises(NodeUnavailable, match="is gone"):
+        await late.complete("node-a", GEMMA_ID, "completions", body)

@@ -4,8 +4,11 @@ the daemon wire's line decoder."""
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from qmesh.daemon.wire import LineDecoder, WireError, encode
+from qmesh.gate.daemons import InventoryService
 from qmesh.gate.inventory import Inventory
 
 GEMMA = {
@@ -116,3 +119,34 @@ def test_line_decoder() -> None:
     partial.feed(b'{"type": "he')
     with pytest.raises(WireError, match="inside a line"):
         partial.feed(b"")
+
+
+async def test_a_held_up_gate_does_not_count_its_own_stall_as_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The Gate's process stalls (an overloaded machine) for longer than
+    ``gone_after_missed`` heartbeats while the node keeps sending them: they
+    wait unread in the socket. Neither a request's sweep on waking (before
+    the sweeper has run) nor the sweeper itself may call the node stale or
+    gone for it — the router would drop the only node and fail requests."""
+    clock = autojump_clock
+    inventory = Inventory(stale_after_missed=3, gone_after_missed=8)
+    service = InventoryService(inventory, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.sweep_forever, 0.5)
+        hello(inventory, "node-a", clock.current_time(), object())
+        await trio.sleep(0.5)  # one on-time sweep
+        node = inventory.get("node-a", now=clock.current_time())
+        assert node is not None and node.state == "fresh"
+        clock.jump(20.0)  # the Gate was held up; nothing ran, nothing was read
+        # A request arrives first: the sweeper is overdue, so no verdict yet.
+        node = inventory.get("node-a", now=clock.current_time())
+        assert node is not None and node.state == "fresh", node.reason
+        await trio.sleep(0.01)  # the late sweeper runs: excuses the stall
+        assert node.state == "fresh", node.reason
+        # The node's own silence still counts: 3 missed heartbeats → stale.
+        await trio.sleep(3.0)
+        assert node.state == "stale", node.reason
+        inventory.report("node-a", now=clock.current_time())
+        assert node.state == "fresh"
+        nursery.cancel_scope.cancel()

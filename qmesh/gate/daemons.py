@@ -45,7 +45,7 @@ from qmesh.daemon.wire import (
     WireError,
     encode,
 )
-from qmesh.gate.inventory import Inventory
+from qmesh.gate.inventory import STALL_SLACK_S, Inventory
 from qmesh.tunnel import Session, TunnelError, TunnelStream
 from qmesh.tunnel.frames import ResetCode
 
@@ -226,10 +226,25 @@ class InventoryService:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Apply the thresholds every ``interval_s``: state changes are logged as they happen."""
+        """Apply the thresholds every ``interval_s``: state changes are logged as they happen.
+
+        Waking up late means the Gate itself was held up (an overloaded
+        machine): that time is excused (:meth:`Inventory.excuse`), and
+        until this loop has caught up other sweeps wait for it, so heartbeats
+        queued unread in the Gate's sockets are not counted as the nodes'
+        silence — a slow node is not declared stale or gone (and dropped by
+        the router) because the Gate was slow."""
+        last = self.clock()
         task_status.started()
         while True:
-            self.inventory.sweep(self.clock())
+            now = self.clock()
+            late = now - last - interval_s
+            if late > STALL_SLACK_S:
+                log.info("the gate was held up for %.1fs; not counted as nodes' silence", late)
+                self.inventory.excuse(late, now=now)
+            self.inventory.listening = (now, interval_s)
+            self.inventory.sweep(now)
+            last = now
             await trio.sleep(interval_s)
 
 
@@ -256,12 +271,21 @@ class DaemonClient:
         node = self.inventory.get(node_name, now=self.clock())
         if node is None:
             raise NodeUnavailable(f"no node named {node_name!r}", node=node_name, model=model)
-        if node.state == "gone":
-            raise NodeUnavailable(
-                f"node {node_name} is gone ({node.reason})", node=node_name, model=model
-            )
+        # The tunnel session decides, not the heartbeat state: a node whose
+        # heartbeats are late (a loaded machine: "stale", even "gone" after
+        # a few seconds) but whose session is alive is slow, not dead. Failing
+        # here would cool the node down (qmesh.gate.liquify) and, with no
+        # other equivalent node, fail every request for ``cooldown_s``. A node
+        # that really died is caught by the accept timeout below, and the
+        # router does not choose a non-fresh node in the first place.
+        # (``Inventory.disconnected`` drops the connection of a node whose
+        # report channel ended, so that case still fails here at once.)
         session = node.connection
         if not isinstance(session, Session) or session.lost:
+            if node.state == "gone":
+                raise NodeUnavailable(
+                    f"node {node_name} is gone ({node.reason})", node=node_name, model=model
+                )
             raise NodeUnavailable(f"node {node_name} is not connected", node=node_name, model=model)
         return session
 

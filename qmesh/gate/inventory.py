@@ -39,6 +39,8 @@ __all__ = ["NODE_STATES", "Inventory", "InventoryModel", "Node", "Transition"]
 log = logging.getLogger(__name__)
 
 NODE_STATES: Final = ("fresh", "stale", "gone")
+STALL_SLACK_S: Final = 0.25
+"""The Gate's sweeper running later than this is the Gate held up, not the nodes."""
 
 
 @attrs.frozen
@@ -168,6 +170,9 @@ class Inventory:
         self._nodes: dict[str, Node] = {}
         self.version = 0
         """Bumped on every change, so pollers (the router) can skip rebuilding."""
+        self.listening: tuple[float, float] | None = None
+        """``(when, interval)``: the Gate's sweeper last ran at ``when`` and runs
+        every ``interval`` s (None: no sweeper; every sweep then applies)."""
 
     # -- reports --------------------------------------------------------------
 
@@ -301,8 +306,27 @@ class Inventory:
 
     # -- liveness ---------------------------------------------------------------
 
+    def excuse(self, seconds: float, *, now: float) -> None:
+        """The Gate itself did not run for ``seconds`` (its machine was
+        overloaded, its process stopped): heartbeats that arrived then are
+        still unread in its sockets, so that time is not the nodes' silence.
+        Called by the sweeper, which notices it woke up late."""
+        for node in self._nodes.values():
+            node.last_seen = min(now, node.last_seen + seconds)
+
     def sweep(self, now: float) -> list[Transition]:
-        """Apply the missed-heartbeat thresholds; returns what changed."""
+        """Apply the missed-heartbeat thresholds; returns what changed.
+
+        Skipped while the sweeper is overdue (see :attr:`listening`): the
+        Gate has just been held up and has not read the heartbeats waiting
+        for it yet; judging now would turn a slow, connected node stale or
+        gone — dropped by the router, every request on it failing — until
+        its next heartbeat. The sweeper excuses the stall when it runs.
+        """
+        if self.listening is not None:
+            when, interval = self.listening
+            if now - when > interval + STALL_SLACK_S:
+                return []
         changes: list[Transition] = []
         for node in self._nodes.values():
             silent = now - node.last_seen

@@ -6,7 +6,9 @@ capacity, a candidate per provider model, the router, the pooled upstream
 client, the budget book seeded from the ledger — and running its background
 work (:meth:`LlmService.run`: the ledger writer, and folding the daemons'
 inventory into the router: a candidate per model per node, rebuilt when
-nodes or models come and go, updated in place when only their load moves).
+nodes or models come and go, updated in place when only their load moves);
+and in-process model calls for the Gate's own features
+(:meth:`LlmService.complete_text`, used by the graph memory).
 
 Not for: HTTP handlers (:mod:`qmesh.gate.llm_api`) or execution
 (:mod:`qmesh.gate.liquify`).
@@ -14,7 +16,9 @@ Not for: HTTP handlers (:mod:`qmesh.gate.llm_api`) or execution
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -24,19 +28,22 @@ import trio
 from qmesh.config import Config
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
-from qmesh.gate.backends import SkillBackend
+from qmesh.gate.backends import ClientFault, SkillBackend
+from qmesh.gate.calls import Call
 from qmesh.gate.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
 from qmesh.gate.daemons import DaemonClient
 from qmesh.gate.inventory import Inventory
-from qmesh.gate.liquify import Executor
+from qmesh.gate.liquify import Executor, RequestContext
 from qmesh.gate.provider_keys import resolve_api_key
 from qmesh.gate.providers import AnthropicProvider, OpenAIProvider
 from qmesh.memory.errors import GraphMemoryError
+from qmesh.memory.llm import LlmUnavailable
 from qmesh.memory.service import Memory
 from qmesh.nlp.skills import Skill, builtin_skills, measure
 from qmesh.pg.masterkey import load_master_key
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
-from qmesh.qg.dsn import BUILTIN_TASKS
+from qmesh.qg.dsn import BUILTIN_TASKS, parse_dsn
+from qmesh.qg.errors import DsnError, NoRoute
 from qmesh.qg.router import TYPICAL_IN, TYPICAL_OUT, Router
 from qmesh.state import StateStore
 from qmesh.web.pool import HttpPool, parse_url
@@ -189,6 +196,53 @@ class LlmService:
         skill = Skill("memory_query", "qmesh-memory", answer, blocking=True)
         self.skills["memory_query"] = skill
         self.router.set_candidates("skills", self._skill_candidates())
+
+    async def complete_text(
+        self, app: str, dsn_text: str, system: str, user: str, *, max_tokens: int = 1024
+    ) -> str:
+        """The reply text of one chat call routed in-process by ``dsn_text``
+        (no HTTP), charged to ``app``'s budget and written to the ledger like
+        any other request. Raises :class:`LlmUnavailable` when no model
+        answered; an internal skill's answer does not count (a rule-based
+        skill is not the model the caller asked for)."""
+        try:
+            dsn = parse_dsn(dsn_text, tasks=self.tasks)
+            budget = self.book.for_app(app, dsn.budget)
+        except (DsnError, KeyError, PermissionError) as exc:
+            raise LlmUnavailable(f"cannot route {dsn_text}: {exc}") from None
+        state = self.book.state(budget)
+        body = {
+            "model": dsn_text,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+            ],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        raw = json.dumps(body).encode()
+        tokens_in = len(raw) // 3 + 16
+        try:
+            decision = self.router.decide(
+                dsn, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+            )
+            request_id = os.urandom(8).hex()
+            call = Call("chat", body, raw, False, request_id, tokens_in, max_tokens)
+            ctx = RequestContext(app, request_id, budget, state)
+            answer = await self.executor.complete(decision, call, ctx)
+        except (NoRoute, ClientFault) as exc:
+            raise LlmUnavailable(f"no model answered {dsn_text}: {exc}") from None
+        if str(ctx.hops[-1]["candidate"]).startswith("skill:"):
+            raise LlmUnavailable(f"{dsn_text} was answered by a built-in skill, not a model")
+        try:
+            content = json.loads(answer.body)["choices"][0]["message"]["content"]
+        except (ValueError, LookupError, TypeError):
+            raise LlmUnavailable(
+                f"the model's reply to {dsn_text} is not a chat completion"
+            ) from None
+        if not isinstance(content, str):
+            raise LlmUnavailable(f"the model's reply to {dsn_text} has no text")
+        return content
 
     def attach_daemons(self, inventory: Inventory, client: DaemonClient) -> None:
         """Route to the daemons' models too: :meth:`run` then follows the

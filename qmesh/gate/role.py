@@ -82,7 +82,7 @@ async def run_gate(
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
         memory = Memory(store)
-        add_memory_routes(router, memory, auth)
+        add_memory_routes(router, memory, auth, mesh=llm, config=config.gate.memory)
         llm.attach_memory(memory)
         add_llm_routes(router, llm, auth)
         ops = start_ops(

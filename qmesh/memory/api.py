@@ -12,18 +12,26 @@ exceptions to HTTP statuses (400 bad input, 404 unknown document, 403 not
 the owner, 409 id taken, 413 too large). The work (conversion, extraction,
 SQL) runs in a worker thread so the event loop keeps serving.
 
-Not for: ``qg://task=memory_query`` (the capability router that would send
-it here is not part of the mesh yet).
+With a model service (``mesh``, the Gate's :class:`~qmesh.gate.llm.LlmService`),
+``"extractor": "llm"`` on a document adds a model's checked triples
+(:class:`~qmesh.memory.llm.LlmExtractor`) and ``"compose": "llm"`` on a
+query has a model compose the answer, verified sentence by sentence
+(:func:`~qmesh.memory.llm.compose_answer`). Both are routed in-process
+through the capability router by the DSNs of ``[gate.memory]``, charged to
+the calling app.
+
+Not for: ``qg://task=memory_query`` (``LlmService.attach_memory`` answers it).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
+from qmesh.config import MEMORY_EXTRACTORS, MemoryConfig
 from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
 from qmesh.memory.errors import (
     DocumentConflict,
@@ -34,16 +42,25 @@ from qmesh.memory.errors import (
     InvalidQuestion,
     NotDocumentOwner,
 )
+from qmesh.memory.extract import Extractor
+from qmesh.memory.llm import LlmExtractor, compose_answer
 from qmesh.memory.service import Memory
 from qmesh.memory.store import DocumentInfo
 from qmesh.web.http import HttpError, Request, Response, Router
 
 __all__ = ["add_routes"]
 
-_DOCUMENT_FIELDS: Final = frozenset({"id", "title", "text", "format", "replace"})
-_QUERY_FIELDS: Final = frozenset({"question", "limit"})
+_DOCUMENT_FIELDS: Final = frozenset({"id", "title", "text", "format", "replace", "extractor"})
+_QUERY_FIELDS: Final = frozenset({"question", "limit", "compose"})
+_COMPOSERS: Final = ("extractive", "llm")
 
 T = TypeVar("T")
+
+
+class Mesh(Protocol):
+    """The Gate's model service, as the memory uses it."""
+
+    async def complete_text(self, app: str, dsn_text: str, system: str, user: str) -> str: ...
 
 
 def _status(error: GraphMemoryError) -> HttpError:
@@ -95,7 +112,39 @@ def _document_view(info: DocumentInfo) -> dict[str, Any]:
     }
 
 
-def add_routes(router: Router, memory: Memory, auth: AppAuthenticator) -> None:
+def _choice(body: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = body.get(key, default)
+    if value not in choices:
+        raise HttpError(400, f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+def add_routes(
+    router: Router,
+    memory: Memory,
+    auth: AppAuthenticator,
+    *,
+    mesh: Mesh | None = None,
+    config: MemoryConfig | None = None,
+) -> None:
+    settings = config or MemoryConfig()
+
+    def blocking_complete(app_id: str, dsn: str) -> Callable[[str, str], str]:
+        """A model call for code in a worker thread: back into the event loop."""
+        assert mesh is not None
+
+        def complete(system: str, user: str) -> str:
+            return trio.from_thread.run(mesh.complete_text, app_id, dsn, system, user)
+
+        return complete
+
+    def need_mesh(what: str) -> Mesh:
+        if mesh is None:
+            raise HttpError(
+                503, f"{what} needs the Gate's model service", kind="server_error", code="no_llm"
+            )
+        return mesh
+
     async def add_document(request: Request) -> Response:
         app_id = await auth.require(request)
         body = _object(request, _DOCUMENT_FIELDS)
@@ -104,6 +153,13 @@ def add_routes(router: Router, memory: Memory, auth: AppAuthenticator) -> None:
         replace = body.get("replace", False)
         if not isinstance(replace, bool):
             raise HttpError(400, "replace must be true or false")
+        choice = _choice(body, "extractor", MEMORY_EXTRACTORS, settings.extractor)
+        llm_extractor: LlmExtractor | None = None
+        extractor: Extractor | None = None
+        if choice == "llm":
+            need_mesh('"extractor": "llm"')
+            llm_extractor = LlmExtractor(blocking_complete(app_id, settings.extract_dsn))
+            extractor = llm_extractor
         report = await _run(
             functools.partial(
                 memory.add,
@@ -113,19 +169,21 @@ def add_routes(router: Router, memory: Memory, auth: AppAuthenticator) -> None:
                 title=body.get("title"),
                 added_by=app_id,
                 replace=replace,
+                extractor=extractor,
             )
         )
-        return Response.json(
-            {
-                "id": report.document_id,
-                "created": report.created,
-                "replaced": report.replaced,
-                "sentences": report.sentences,
-                "mentions": report.mentions,
-                "relations": report.relations,
-            },
-            status=201 if report.created else 200,
-        )
+        out: dict[str, Any] = {
+            "id": report.document_id,
+            "created": report.created,
+            "replaced": report.replaced,
+            "sentences": report.sentences,
+            "mentions": report.mentions,
+            "relations": report.relations,
+            "extractor": (extractor or memory.extractor).name,
+        }
+        if llm_extractor is not None:
+            out["llm"] = llm_extractor.stats.to_json()
+        return Response.json(out, status=201 if report.created else 200)
 
     async def list_documents(request: Request) -> Response:
         await auth.require(request)
@@ -163,10 +221,32 @@ def add_routes(router: Router, memory: Memory, auth: AppAuthenticator) -> None:
         )
 
     async def query(request: Request) -> Response:
-        await auth.require(request)
+        app_id = await auth.require(request)
         body = _object(request, _QUERY_FIELDS)
+        compose = _choice(body, "compose", _COMPOSERS, "extractive")
+        if compose == "llm":
+            need_mesh('"compose": "llm"')
         answer = await _run(functools.partial(memory.ask, body.get("question"), body.get("limit")))
-        return Response.json(answer.to_json())
+        out = answer.to_json()
+        out["composed_by"] = "extractive"
+        if compose == "llm":
+            composed = await _run(
+                functools.partial(
+                    compose_answer,
+                    answer,
+                    blocking_complete(app_id, settings.compose_dsn),
+                    memory.stored_sentences,
+                )
+            )
+            out["answer"] = composed.answer
+            out["composed_by"] = composed.composed_by
+            if composed.verified is not None:
+                out["dropped"] = [
+                    {"text": s.text, "reason": s.reason} for s in composed.verified.dropped
+                ]
+            if composed.error is not None:
+                out["compose_error"] = composed.error
+        return Response.json(out)
 
     router.add("POST", "/v1/memory/documents", add_document)
     router.add("GET", "/v1/memory/documents", list_documents)

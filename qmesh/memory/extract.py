@@ -1,13 +1,14 @@
 """Entities and (subject, predicate, object) relations, one sentence at a time.
 
 For: the :class:`Extractor` protocol that every extractor implements (the
-built-in rules here; an LLM extractor reached through ``qg://task=extract``
-later), the :class:`Extraction` it returns, and :func:`check_extraction`,
-which proves that an extraction can be cited before anything is stored: every
-mention is a span of its sentence whose text is exactly that slice, and every
-relation joins two distinct mentions of the same sentence. An extractor only
-ever sees one sentence per :class:`Extraction`, so whatever it returns is
-supported by that sentence or rejected.
+built-in rules here; :class:`qmesh.memory.llm.LlmExtractor` adds a model's
+triples through ``qg://task=extract``), the :class:`Extraction` it returns,
+and :func:`check_extraction`, which proves that an extraction can be cited
+before anything is stored: every mention is a span of its sentence whose
+text is exactly that slice, and every relation joins two distinct mentions
+of the same sentence. An extractor only ever sees one sentence per
+:class:`Extraction`, so whatever it returns is supported by that sentence
+or rejected.
 
 :class:`RuleExtractor` is the fast default (thousands of sentences a second,
 no model): capitalised names, quoted terms, dates, money, percentages and

@@ -76,8 +76,11 @@ class Memory:
         document_id: object = None,
         title: object = None,
         added_by: str | None = None,
+        extractor: Extractor | None = None,
     ) -> PreparedDocument:
-        """Validate, convert, split and extract; raises InvalidDocument."""
+        """Validate, convert, split and extract (with ``extractor``, or the
+        memory's own); raises InvalidDocument."""
+        extractor = extractor or self.extractor
         if not isinstance(format, str) or format not in FORMATS:
             raise InvalidDocument(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
         if not isinstance(text, str):
@@ -98,10 +101,10 @@ class Memory:
         sentences = split_sentences(document_id, converted.text)
         if not sentences:
             raise InvalidDocument(f"no text left to store after converting from {format}")
-        extractions = self.extractor.extract([s.text for s in sentences])
+        extractions = extractor.extract([s.text for s in sentences])
         if len(extractions) != len(sentences):
             raise InvalidDocument(
-                f"extractor {self.extractor.name!r} returned {len(extractions)} results "
+                f"extractor {extractor.name!r} returned {len(extractions)} results "
                 f"for {len(sentences)} sentences"
             )
         for sentence, extraction in zip(sentences, extractions, strict=True):
@@ -115,7 +118,7 @@ class Memory:
             source_sha256=source_sha256,
             sentences=sentences,
             extractions=extractions,
-            extractor=self.extractor.name,
+            extractor=extractor.name,
             added_by=added_by,
         )
 
@@ -128,9 +131,15 @@ class Memory:
         title: object = None,
         added_by: str | None = None,
         replace: bool = False,
+        extractor: Extractor | None = None,
     ) -> IngestReport:
         document = self.prepare(
-            text, format=format, document_id=document_id, title=title, added_by=added_by
+            text,
+            format=format,
+            document_id=document_id,
+            title=title,
+            added_by=added_by,
+            extractor=extractor,
         )
         return self.store.ingest(document, replace=replace)
 

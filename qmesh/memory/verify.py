@@ -18,8 +18,7 @@ composed text into sentences and keeps a sentence only if
   words (stems) appear in the sentences it cites: a marker on an unrelated
   claim is not support.
 
-Not for: calling the LLM (the capability router that would reach
-``qg://task=extract`` and composition is not part of the mesh yet), or
+Not for: calling the LLM (:func:`qmesh.memory.llm.compose_answer` does), or
 judging truth beyond the words: a sentence that rearranges its sources'
 words into a different claim can pass the overlap test. The extractive
 answers of :mod:`qmesh.memory.query` need no such check; they quote.
