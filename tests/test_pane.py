@@ -17,10 +17,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,8 +38,8 @@ from daemonkit import (
 )
 from daemonkit import _missing as missing
 from pgcluster import PgCluster
+from processkit import LoopbackServer, send_garbage, start_role, stop, wait_for
 from processkit import start as start_process
-from processkit import start_role, stop, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -56,30 +54,6 @@ STREAM_GAP_S = 0.5  # the dashboard stream's snapshots are at most this far apar
 STALE_LIMIT_S = STALE_AFTER * HEARTBEAT_S + SWEEP_S + STREAM_GAP_S + 0.5
 
 
-class GarbageServer:
-    """A TCP service that is not HTTP: it sends noise and hangs up."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(b"\x8f\x00\x17garbage\xff\xfe not a protocol\r\n\r\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class Mesh:
     def __init__(self, tmp: Path, pg: PgCluster) -> None:
         self.tmp = tmp
@@ -87,7 +61,7 @@ class Mesh:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.gate = make_gate_dir(tmp)
         self.http = f"http://127.0.0.1:{self.gate.http_port}"
-        self.garbage = GarbageServer()
+        self.garbage = LoopbackServer(send_garbage)
         self.nothing = free_port()
         self.llama_port = free_port()
         self.health = {"node-a": free_port(), "node-b": free_port()}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processkit import free_port, start_role, stop
+from processkit import LoopbackServer, echo, free_port, start_role, stop
 
 
 def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -24,39 +24,9 @@ def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-class EchoServer:
-    """A threaded TCP echo server on loopback (the 'service qmesh does not speak')."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def echo() -> Iterator[EchoServer]:
-    server = EchoServer()
+def echo_server() -> Iterator[LoopbackServer]:
+    server = LoopbackServer(echo)
     yield server
     server.close()
 
@@ -79,7 +49,9 @@ def echo_through(port: int, payload: bytes, deadline: float = 20.0) -> bytes:
             time.sleep(0.1)
 
 
-def test_forward_enroll_revoke_across_processes(tmp_path: Path, echo: EchoServer) -> None:
+def test_forward_enroll_revoke_across_processes(
+    tmp_path: Path, echo_server: LoopbackServer
+) -> None:
     gate_dir = tmp_path / "gate"
     tunnel_port, forward_port = free_port(), free_port()
     assert qmesh(gate_dir, "keys", "init").returncode == 0
@@ -95,7 +67,7 @@ def test_forward_enroll_revoke_across_processes(tmp_path: Path, echo: EchoServer
     gate_config.write_text(
         f'data_dir = "{gate_dir}"\n'
         f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel_port}"\n'
-        f'forward_allow = ["127.0.0.1:{echo.port}"]\n'
+        f'forward_allow = ["127.0.0.1:{echo_server.port}"]\n'
         "[tunnel]\nheartbeat_interval_s = 0.5\ndead_after_s = 2.0\n"
     )
     edge_config = tmp_path / "minigate.toml"
@@ -103,7 +75,7 @@ def test_forward_enroll_revoke_across_processes(tmp_path: Path, echo: EchoServer
         f'data_dir = "{tmp_path / "edge"}"\n'
         f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
         f'[[minigate.forward]]\nlisten = "127.0.0.1:{forward_port}"\n'
-        f'target = "127.0.0.1:{echo.port}"\n'
+        f'target = "127.0.0.1:{echo_server.port}"\n'
         "[tunnel]\nreconnect_max_s = 0.5\n"
     )
     gate = start_role("gate", gate_config, tmp_path / "gate.log")
