@@ -64,6 +64,27 @@ def _status_error(status: int, body: bytes, who: str) -> Exception:
     return UpstreamFailed(f"{who} answered {status}: {snippet}")
 
 
+async def _post(
+    client: HttpPool,
+    upstream: Upstream,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    who: str,
+) -> bytes:
+    """POST ``body`` and return the 200 answer's body; anything else is the
+    provider's failure, busy signal or the client's fault (_status_error)."""
+    try:
+        status, _headers, data = await client.request(
+            "POST", upstream, path, headers=headers, body=body, timeout_s=FIRST_BYTE_TIMEOUT_S
+        )
+    except PoolError as exc:
+        raise UpstreamFailed(f"{who}: {exc}") from None
+    if status != 200:
+        raise _status_error(status, data, who)
+    return data
+
+
 async def _relay(chunks: AsyncIterator[bytes], who: str, usage: Usage) -> AsyncIterator[bytes]:
     """Upstream SSE bytes to the client as they come, with a per-chunk
     timeout: a stalled upstream ends the stream, it never hangs it."""
@@ -115,19 +136,7 @@ class OpenAIProvider:
         model = candidate.upstream_model or candidate.model
         path = _PATHS[call.endpoint]
         body = self._body(call, model, stream=False)
-        try:
-            status, _headers, data = await self.client.request(
-                "POST",
-                self.upstream,
-                path,
-                headers=self._headers,
-                body=body,
-                timeout_s=FIRST_BYTE_TIMEOUT_S,
-            )
-        except PoolError as exc:
-            raise UpstreamFailed(f"{self.name}: {exc}") from None
-        if status != 200:
-            raise _status_error(status, data, self.name)
+        data = await _post(self.client, self.upstream, path, self._headers, body, self.name)
         tokens_in, tokens_out = read_usage(data)
         return Answer(data, tokens_in or call.tokens_in, tokens_out, model)
 
@@ -210,19 +219,9 @@ class AnthropicProvider:
             raise ClientFault(400, b'{"error":{"message":"no embeddings at this provider"}}')
         model = candidate.upstream_model or candidate.model
         body = self._body(call, model, stream=False)
-        try:
-            status, _headers, data = await self.client.request(
-                "POST",
-                self.upstream,
-                "/v1/messages",
-                headers=self._headers,
-                body=body,
-                timeout_s=FIRST_BYTE_TIMEOUT_S,
-            )
-        except PoolError as exc:
-            raise UpstreamFailed(f"{self.name}: {exc}") from None
-        if status != 200:
-            raise _status_error(status, data, self.name)
+        data = await _post(
+            self.client, self.upstream, "/v1/messages", self._headers, body, self.name
+        )
         try:
             reply = json.loads(data)
             text = "".join(
