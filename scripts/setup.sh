@@ -159,6 +159,20 @@ if [[ ! -x /usr/bin/chromium ]]; then
   fi
 fi
 
+# -- PostgreSQL for the tests ---------------------------------------------------
+# The tests start throwaway clusters from these binaries (scripts/pgcluster.py);
+# no server is left running. Machines of this kind ship them; install if not.
+if [[ ! -x ${QMESH_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Debian's PostgreSQL 15 binaries for the tests"
+    logged apt-postgresql env DEBIAN_FRONTEND=noninteractive \
+      sh -c 'apt-get update -qq && apt-get install -y -qq postgresql-15 postgresql-client-15'
+  else
+    say "warning: PostgreSQL 15 binaries are missing; the Postgres tests will fail" \
+      "(as root: apt-get install postgresql-15)"
+  fi
+fi
+
 # -- Rust + the extension ---------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
   export PATH="$PATH:$HOME/.cargo/bin"

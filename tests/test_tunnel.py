@@ -303,12 +303,9 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
     from qmesh.tunnel import session as session_module
 
     monkeypatch.setattr(session_module, "MAX_UNACKED_BYTES", 2_000_000)
-    swallowed = trio.Event()
-
     async def sink(stream: TunnelStream) -> None:
         while await stream.receive_some():
             pass
-        swallowed.set()
 
     gate = await start_gate(nursery, {"sink": sink})
     edge = await start_edge(nursery, gate, "edge-n")
