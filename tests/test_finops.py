@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -15,8 +17,9 @@ from llmkit import GateApi, paid_model, provider_config, start_api, start_provid
 from qmesh.config import BudgetConfig, RoutingConfig
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.chain import load_chain_key, verify_chain
-from qmesh.finops.ledger import read_rows
+from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
 from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
+from qmesh.state import StateStore
 from qmesh.web.pool import HttpPool, parse_url
 
 TEXT = (
@@ -238,3 +241,54 @@ async def test_ledger_chain_detects_edit_insert_and_delete(
         conn.execute("DELETE FROM qg_ledger WHERE id = 100")
         conn.execute("DELETE FROM qg_ledger WHERE id = 5")  # the newest row
     assert any("removed or added" in p for p in check())
+
+
+def ledger_entry(n: int) -> LedgerEntry:
+    return LedgerEntry(
+        ts=time.time(), request_id=f"r{n}", app="a", budget=None, task="keywords",
+        candidate="local:x", kind="local", model="x", provider=None, tokens_in=1,
+        tokens_out=1, cost_usd=0.0, shifted_from=None, avoided_usd=0.0, outcome="ok",
+        hops="[]", reason="",
+    )  # fmt: skip
+
+
+async def test_ledger_flush_waits_for_a_background_write_in_flight(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    ledger = Ledger(store)
+    write = ledger._write
+    in_thread = threading.Event()
+
+    def slow_write(*args: Any) -> None:
+        in_thread.set()
+        time.sleep(0.3)  # the background flush holds its rows in a worker thread
+        write(*args)
+
+    ledger._write = slow_write  # type: ignore[method-assign]
+    await nursery.start(ledger.run)
+    ledger.record(ledger_entry(0))
+    await trio.to_thread.run_sync(in_thread.wait)
+    await ledger.flush()  # nothing is buffered, but r0 is not written yet
+    assert [r["request_id"] for r in read_rows(store)] == ["r0"]
+
+
+async def test_ledger_keeps_rows_whose_write_failed(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state.db")
+    ledger = Ledger(store)
+    write = ledger._write
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    def flaky_write(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        write(*args)
+
+    ledger._write = flaky_write  # type: ignore[method-assign]
+    ledger.record(ledger_entry(0))
+    ledger.audit("operator", "budget.changed", {"budget": "x"})
+    with pytest.raises(sqlite3.OperationalError):
+        await ledger.flush()
+    assert ledger.pending == 2
+    await ledger.flush()
+    assert [r["request_id"] for r in read_rows(store)] == ["r0"] and ledger.pending == 0

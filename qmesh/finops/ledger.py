@@ -86,6 +86,9 @@ class Ledger:
         self._entries: list[LedgerEntry] = []
         self._events: list[AuditEvent] = []
         self._wakeup = trio.Event()
+        # One flush at a time: a caller's flush() must not return while the
+        # background flush still has rows in a worker thread.
+        self._flush_lock = trio.Lock()
         self.written = 0
         self.observers: list[Callable[[LedgerEntry], None]] = []
         """Told of every entry as it is recorded (the Gate's metrics and
@@ -115,12 +118,17 @@ class Ledger:
                 append_rows(conn, self._key, "audit", [e.values() for e in events])
 
     async def flush(self) -> None:
-        """Write everything buffered now."""
-        while self._entries or self._events:
-            entries, self._entries = self._entries[:MAX_BATCH], self._entries[MAX_BATCH:]
-            events, self._events = self._events, []
-            await trio.to_thread.run_sync(self._write, entries, events)
-            self.written += len(entries)
+        """Write everything buffered now; rows leave the buffer only once
+        written, so a failed write is retried by the next flush."""
+        async with self._flush_lock:
+            while self._entries or self._events:
+                entries, events = self._entries[:MAX_BATCH], self._events[:]
+                await trio.to_thread.run_sync(self._write, entries, events)
+                # Only flush removes, only record/audit append (at the end):
+                # the prefix written is still the prefix.
+                del self._entries[: len(entries)]
+                del self._events[: len(events)]
+                self.written += len(entries)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush every ``FLUSH_INTERVAL_S`` (sooner when a batch fills) until
