@@ -60,6 +60,7 @@ from qmesh.pg.errors import VaultError
 from qmesh.pg.policy import AppPolicy, policy_for
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
 from qmesh.state import AppVerifier, InvalidValue, StateStore, check_name
+from qmesh.tunnel.fastsocket import FastSocketStream, fast
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 
@@ -772,7 +773,7 @@ class _Relay:
         policy: AppPolicy,
     ) -> None:
         self.client = client
-        self.upstream = upstream.stream
+        self.upstream = fast(upstream.stream)
         self.server_leftover = upstream.leftover
         self.app_id = app_id
         self.alias = alias
@@ -785,32 +786,58 @@ class _Relay:
         self.portals: dict[bytes, bytes] = {}
         self.failed: str | None = None
         self.sending_to_client = False
+        self.guard = self.read_only or self.guard_timeout
+        self.client_scanner = self._client_scanner()
+        self.ending: _SessionOver | None = None
+        # Set while a direct write to the server (see _client_direct) could
+        # not finish: the rest is being sent, and nothing may overtake it.
+        self.carrying: trio.Event | None = None
+        self.nursery: trio.Nursery | None = None
+
+    def _client_scanner(self) -> _core.PgScanner:
+        if self.guard:
+            # Relay mode: Query, Parse and FunctionCall are held until
+            # complete so a refused one can be replaced before any of it
+            # reaches the server.
+            peek = b"BECS" if self.audit is not None else b""
+            return _core.PgScanner(frontend=True, full=b"QPF", peek=peek, relay=True)
+        if self.audit is not None:
+            # Observe mode: the input is forwarded as it is; the scanner
+            # reports the messages the audit needs.
+            return _core.PgScanner(frontend=True, full=b"QP", peek=b"BECSF")
+        return _core.PgScanner(frontend=True)  # framing and size checks only
+
+    def _end(self, ending: _SessionOver | None) -> None:
+        """End the session (both directions); the first reason given wins."""
+        self.ending = self.ending or ending
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     async def run(self, client_leftover: bytes) -> None:
-        ending: _SessionOver | None = None
-
-        async def guarded(pump: Any, data: bytes, scope: trio.CancelScope) -> None:
+        async def guarded(pump: Any, data: bytes) -> None:
             # The session ends when the server's side ends, or on any error.
             # A client that hangs up cleanly has its EOF passed to the server,
             # which then closes its side.
-            nonlocal ending
             try:
                 await pump(data)
                 if pump != self.server_to_client:
                     return
+                self._end(None)
             except _SessionOver as exc:
-                ending = ending or exc
+                self._end(exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 log.debug("pg relay for app %r ended: %s", self.app_id, exc)
-            scope.cancel()
+                self._end(None)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                guarded, self.client_to_server, client_leftover, nursery.cancel_scope
-            )
-            nursery.start_soon(
-                guarded, self.server_to_client, self.server_leftover, nursery.cancel_scope
-            )
+            self.nursery = nursery
+            if isinstance(self.upstream, FastSocketStream):
+                self.client.direct_sink = self._client_direct
+            nursery.start_soon(guarded, self.client_to_server, client_leftover)
+            nursery.start_soon(guarded, self.server_to_client, self.server_leftover)
+        self.client.direct_sink = None
+        self.nursery = None
+        ending = self.ending
         if ending is not None and ending.error is not None:
             exc = ending.error
             log.warning("pg session of app %r (alias %r) ended: %s %s",
@@ -837,53 +864,82 @@ class _Relay:
     # -- client → server ---------------------------------------------------------
 
     async def client_to_server(self, data: bytes | bytearray) -> None:
-        guard = self.read_only or self.guard_timeout
-        audit = self.audit is not None
-        if guard:
-            # Relay mode: Query, Parse and FunctionCall are held until
-            # complete so a refused one can be replaced before any of it
-            # reaches the server.
-            scanner = _core.PgScanner(
-                frontend=True, full=b"QPF", peek=b"BECS" if audit else b"", relay=True
-            )
-        elif audit:
-            # Observe mode: the input is forwarded as it is; the scanner
-            # reports the messages the audit needs.
-            scanner = _core.PgScanner(frontend=True, full=b"QP", peek=b"BECSF")
-        else:
-            scanner = _core.PgScanner(frontend=True)  # framing and size checks only
-        on_event = self._frontend_event
         receive = self.client.receive_some
         send = self.upstream.send_all
-        try:
-            while True:
+        while True:
+            if not data:
+                data = await receive(RECEIVE_SIZE)
                 if not data:
-                    data = await receive(RECEIVE_SIZE)
-                    if not data:
-                        scanner.eof()
-                        break
-                events = scanner.feed(data)
-                if guard:
-                    data = b"".join(
-                        [raw if tag == 0 else on_event(tag, raw) for tag, raw in events]
-                    )
-                else:
-                    for tag, raw in events:
-                        on_event(tag, raw)
-                if data:
-                    await send(data)
-                data = b""
+                    break
+            data = self._from_client(data)
+            if self.carrying is not None:
+                await self.carrying.wait()
+            if data:
+                await send(data)
+            data = b""
+        try:
+            self.client_scanner.eof()
         except _core.PgTruncated:
             raise _SessionOver(
                 PgSessionError("08P01", "qmesh: the client's stream ended inside a message")
             ) from None
-        except _core.PgWireError as exc:
-            raise _SessionOver(PgSessionError("08P01", f"qmesh: {exc}")) from None
+        if self.carrying is not None:
+            await self.carrying.wait()
         # The client hung up (after Terminate, normally): let the server know.
-        if isinstance(self.upstream, trio.SocketStream):
+        if isinstance(self.upstream, trio.abc.HalfCloseableStream):
             await self.upstream.send_eof()
         else:
             await trio.aclose_forcefully(self.upstream)
+
+    def _from_client(self, data: bytes | bytearray) -> bytes | bytearray:
+        """Scan client bytes; what to send the server in their place.
+        Raises _SessionOver for input that must end the session."""
+        on_event = self._frontend_event
+        try:
+            events = self.client_scanner.feed(data)
+        except _core.PgWireError as exc:
+            raise _SessionOver(PgSessionError("08P01", f"qmesh: {exc}")) from None
+        if self.guard:
+            return b"".join([raw if tag == 0 else on_event(tag, raw) for tag, raw in events])
+        for tag, raw in events:
+            on_event(tag, raw)
+        return data
+
+    def _client_direct(self, data: bytes) -> int:
+        """The client stream's direct sink: scan and write to the server from
+        the tunnel's reader, without waking client_to_server. Takes all of
+        ``data`` (a failure ends the session), or none while an unfinished
+        direct write is still being sent."""
+        if self.carrying is not None or self.nursery is None:
+            return 0
+        assert isinstance(self.upstream, FastSocketStream)
+        try:
+            out = self._from_client(data)
+        except _SessionOver as exc:
+            self._end(exc)
+            return len(data)
+        try:
+            sent = self.upstream.send_nowait(out) if out else 0
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("pg relay for app %r ended: %s", self.app_id, exc)
+            self._end(None)
+            return len(data)
+        if sent < len(out):
+            self.carrying = trio.Event()
+            self.nursery.start_soon(self._carry, out[sent:])
+        return len(data)
+
+    async def _carry(self, rest: bytes | bytearray) -> None:
+        """Finish a direct write the server's socket could not take at once."""
+        assert self.carrying is not None
+        try:
+            await self.upstream.send_all(rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("pg relay for app %r ended: %s", self.app_id, exc)
+            self._end(None)
+        finally:
+            self.carrying.set()
+            self.carrying = None
 
     def _frontend_event(self, tag: int, raw: bytes) -> bytes:
         """Look at one reported client message; return the bytes to send in

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
+from qmesh.tunnel.fastsocket import FastSocketStream, fast
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 
@@ -51,6 +52,10 @@ async def splice(
             log.debug("relay ended: %s", exc)
             nursery.cancel_scope.cancel()
 
+    a, b = fast(a), fast(b)
+    for source, sink in ((a, b), (b, a)):
+        if isinstance(source, TunnelStream) and isinstance(sink, FastSocketStream):
+            source.direct_sink = _nowait_sender(sink)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, a, b)
@@ -58,3 +63,16 @@ async def splice(
     finally:
         await trio.aclose_forcefully(a)
         await trio.aclose_forcefully(b)
+
+
+def _nowait_sender(sink: FastSocketStream) -> Callable[[bytes], int]:
+    """A TunnelStream ``direct_sink`` writing to ``sink``: a failure takes
+    nothing, so the relay's own send meets it and ends the relay."""
+
+    def send(data: bytes) -> int:
+        try:
+            return sink.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return 0
+
+    return send

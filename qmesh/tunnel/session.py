@@ -29,6 +29,7 @@ import trio
 
 from qmesh import _core
 from qmesh.tunnel.errors import ConnectionLost, PeerProtocolError, SessionLost, StreamReset
+from qmesh.tunnel.fastsocket import FastSocketStream, fast
 from qmesh.tunnel.frames import (
     FrameType,
     ResetCode,
@@ -103,8 +104,16 @@ class Session:
         # When the oldest unacknowledged reliable frame must be acknowledged
         # by; None while everything received has been acknowledged.
         self._ack_deadline: float | None = None
+        self._ack_armings = 0  # how often the deadline went from None to set
+        self._ack_timer_idle: trio.Event | None = None  # set to wake a parked ACK timer
         # Connection.
         self._work = trio.Event()
+        # The current connection's socket and encoder while frames may be
+        # sent from the task that queued them (see _kick); None otherwise.
+        self._direct: FastSocketStream | None = None
+        self._encoder: _core.FrameEncoder | None = None
+        self._writer_busy = False  # the writer is inside send_all
+        self._unsent = b""  # sealed bytes a direct send could not finish
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
         self._connection_error: BaseException | None = None
@@ -189,6 +198,7 @@ class Session:
         if self._lost is not None:
             raise self._lost
         await self.detach()
+        transport = fast(transport)
         scope = trio.CancelScope()
         done = trio.Event()
         self._connection_scope = scope
@@ -198,6 +208,7 @@ class Session:
         self._ack_sent = self._recv_next  # the handshake told the peer
         self._ack_deadline = None
         self._control.clear()
+        self._unsent = b""
         self.connections += 1
         try:
             with scope:
@@ -205,6 +216,7 @@ class Session:
                     nursery.start_soon(self._reader, transport, decoder, initial)
                     nursery.start_soon(self._writer, transport, encoder)
                     nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._ack_timer)
             error = self._connection_error or ConnectionLost("connection detached")
         except trio.Cancelled:
             # Our owner is shutting down (not a detach, which cancels only
@@ -212,6 +224,9 @@ class Session:
             await self._say_goodbye(transport, encoder, "peer shutting down")
             raise
         finally:
+            self._direct = None
+            self._encoder = None
+            self._writer_busy = False
             self._connection_scope = None
             self._connection_error = None
             done.set()
@@ -266,7 +281,7 @@ class Session:
         if self._lost is not None:
             return
         self._pending.append((frame_type, stream_id, payload))
-        self._wake()
+        self._kick()
 
     def forget_stream(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -281,6 +296,41 @@ class Session:
 
     def _wake(self) -> None:
         self._work.set()
+
+    def _kick(self) -> None:
+        """Get queued frames moving.
+
+        When no other task is ready to run, nothing else is about to join a
+        batch: seal and write now, from this task, instead of paying a task
+        switch to the writer on every request/response turn (the latency of
+        an interactive protocol like Postgres is mostly such switches).
+        Otherwise the writer collects everything queued in one batch.
+        """
+        if (
+            self._direct is None
+            or self._writer_busy
+            or self._unsent
+            or trio.lowlevel.current_statistics().tasks_runnable
+        ):
+            self._wake()
+            return
+        batch = self._take_batch()
+        if not batch:
+            return
+        assert self._encoder is not None
+        data = self._seal(self._encoder, batch)
+        if data is None:
+            return
+        try:
+            written = self._direct.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The frames are retained: a resumed connection resends them.
+            self._fail_connection(ConnectionLost(f"send failed: {exc}"))
+            return
+        self.bytes_sent += written
+        if written < len(data) or self._pending:
+            self._unsent = data[written:]
+            self._wake()
 
     async def _reader(
         self, transport: trio.abc.Stream, decoder: _core.FrameDecoder, initial: bytes
@@ -325,27 +375,44 @@ class Session:
 
     async def _writer(self, transport: trio.abc.Stream, encoder: _core.FrameEncoder) -> None:
         try:
+            self._writer_busy = True
             await self._resend(transport, encoder)
+            self._writer_busy = False
+            self._encoder = encoder
+            if isinstance(transport, FastSocketStream):
+                self._direct = transport
             while True:
                 await self._wait_for_work()
+                data, self._unsent = self._unsent, b""
                 batch = self._take_batch()
-                first_seq = encoder.next_reliable_seq
-                data = encoder.encode_batch(batch)
-                seq = first_seq
-                for frame_type, stream_id, payload in batch:
-                    if frame_type < _CONTROL_MIN:
-                        self._retained.append((seq, frame_type, stream_id, payload))
-                        self._retained_bytes += len(payload)
-                        seq += 1
-                self._send_next = seq
-                if self._retained_bytes > MAX_UNACKED_BYTES:
-                    unacked = f"{self._retained_bytes >> 20} MiB"
-                    self._fail_connection(PeerProtocolError(f"peer left {unacked} unacknowledged"))
-                    return
-                self.bytes_sent += len(data)
+                if batch:
+                    sealed = self._seal(encoder, batch)
+                    if sealed is None:
+                        return
+                    data += sealed
+                self._writer_busy = True
                 await transport.send_all(data)
+                self._writer_busy = False
+                self.bytes_sent += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail_connection(ConnectionLost(f"send failed: {exc}"))
+
+    def _seal(self, encoder: _core.FrameEncoder, batch: list[Frame]) -> bytes | None:
+        """Seal ``batch`` and retain its reliable frames; None (and the
+        connection failed) when the peer has left too much unacknowledged."""
+        seq = encoder.next_reliable_seq
+        data = encoder.encode_batch(batch)
+        for frame_type, stream_id, payload in batch:
+            if frame_type < _CONTROL_MIN:
+                self._retained.append((seq, frame_type, stream_id, payload))
+                self._retained_bytes += len(payload)
+                seq += 1
+        self._send_next = seq
+        if self._retained_bytes > MAX_UNACKED_BYTES:
+            unacked = f"{self._retained_bytes >> 20} MiB"
+            self._fail_connection(PeerProtocolError(f"peer left {unacked} unacknowledged"))
+            return None
+        return data
 
     async def _resend(self, transport: trio.abc.Stream, encoder: _core.FrameEncoder) -> None:
         """Reseal and send every unacknowledged frame, oldest first."""
@@ -367,17 +434,42 @@ class Session:
             raise AssertionError("resent frames did not end at the next sequence")
 
     def _schedule_ack(self) -> None:
-        """After a read: make sure the writer acknowledges what arrived, at
-        once if much is unacknowledged, else within ACK_DELAY (so the ACK can
-        ride along with data going the other way)."""
+        """After a read: make sure what arrived is acknowledged, at once if
+        much is unacknowledged, else within ACK_DELAY (so the ACK can ride
+        along with data going the other way)."""
         unacked = self._recv_next - self._ack_sent
         if unacked <= 0:
             return
-        if self._ack_deadline is None:
+        if unacked >= ACK_EVERY:
+            self._kick()
+        elif self._ack_deadline is None:
             self._ack_deadline = trio.current_time() + ACK_DELAY
-            self._wake()
-        elif unacked >= ACK_EVERY:
-            self._wake()
+            self._ack_armings += 1
+            if self._ack_timer_idle is not None:
+                self._ack_timer_idle.set()
+                self._ack_timer_idle = None
+
+    async def _ack_timer(self) -> None:
+        """Send a lone ACK when no outgoing frame carried one in time.
+
+        While traffic flows, deadlines are armed and met by piggybacked ACKs
+        on every request/response turn; waking this task for each would
+        cost a task switch per message. So it polls every ACK_DELAY while
+        deadlines keep being armed, and parks only after a quiet period.
+        """
+        armings_seen = -1
+        while True:
+            deadline = self._ack_deadline
+            if deadline is not None:
+                await trio.sleep_until(deadline)
+                if self._ack_due():
+                    self._kick()
+            elif self._ack_armings != armings_seen:
+                armings_seen = self._ack_armings
+                await trio.sleep(ACK_DELAY)
+            else:
+                self._ack_timer_idle = idle = trio.Event()
+                await idle.wait()
 
     def _ack_due(self) -> bool:
         return self._ack_deadline is not None and (
@@ -386,15 +478,11 @@ class Session:
         )
 
     async def _wait_for_work(self) -> None:
-        while not (self._pending or self._control or self._ack_due()):
+        while not (self._unsent or self._pending or self._control or self._ack_due()):
             if self._work.is_set():
                 self._work = trio.Event()
                 continue
-            if self._ack_deadline is not None:
-                with trio.move_on_at(self._ack_deadline):
-                    await self._work.wait()
-            else:
-                await self._work.wait()
+            await self._work.wait()
 
     def _take_batch(self) -> list[Frame]:
         batch: list[Frame] = []
@@ -426,7 +514,7 @@ class Session:
             ping_id += 1
             self._ping_sent_at = {ping_id: now}
             self._control.append((FrameType.PING, 0, encode_u64(ping_id)))
-            self._wake()
+            self._kick()
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -455,7 +543,7 @@ class Session:
             self._on_ack(decode_u64(payload, "ACK"))
         elif frame_type == FrameType.PING:
             self._control.append((FrameType.PONG, 0, payload))
-            self._wake()
+            self._kick()
         elif frame_type == FrameType.PONG:
             sent = self._ping_sent_at.pop(decode_u64(payload, "PONG"), None)
             if sent is not None:
