@@ -29,7 +29,7 @@ import trio
 
 from qmesh import _core
 from qmesh.tunnel.errors import ConnectionLost, PeerProtocolError, SessionLost, StreamReset
-from qmesh.tunnel.fastsocket import FastSocketStream, fast
+from qmesh.tunnel.fastsocket import FastSocketStream, fast, runnable_counter
 from qmesh.tunnel.frames import (
     FrameType,
     ResetCode,
@@ -113,6 +113,7 @@ class Session:
         self._direct: FastSocketStream | None = None
         self._encoder: _core.FrameEncoder | None = None
         self._writer_busy = False  # the writer is inside send_all
+        self._runnable: Callable[[], int] = lambda: 1  # set inside trio.run
         self._unsent = b""  # sealed bytes a direct send could not finish
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
@@ -199,6 +200,7 @@ class Session:
             raise self._lost
         await self.detach()
         transport = fast(transport)
+        self._runnable = runnable_counter()
         scope = trio.CancelScope()
         done = trio.Event()
         self._connection_scope = scope
@@ -310,7 +312,7 @@ class Session:
             self._direct is None
             or self._writer_busy
             or self._unsent
-            or trio.lowlevel.current_statistics().tasks_runnable
+            or self._runnable()
         ):
             self._wake()
             return
