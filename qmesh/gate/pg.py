@@ -52,6 +52,7 @@ import trio
 
 from qmesh import _core
 from qmesh.config import Config
+from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.gate.pgguard import check_statement, parameter_count, refusal_sql
 from qmesh.gate.scram import MECHANISM, ScramClient, ScramError, ScramServer, md5_password
 from qmesh.logs import register_secret
@@ -60,7 +61,6 @@ from qmesh.pg.errors import VaultError
 from qmesh.pg.policy import AppPolicy, policy_for
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
 from qmesh.state import AppVerifier, InvalidValue, StateStore, check_name
-from qmesh.tunnel.fastsocket import FastSocketStream, fast
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from qmesh.tunnel.fastsocket import FastSocketStream, fast
+from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 

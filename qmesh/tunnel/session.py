@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from qmesh import _core
+from qmesh.fastsocket import FastSocketStream, fast, runnable_counter
 from qmesh.tunnel.errors import ConnectionLost, PeerProtocolError, SessionLost, StreamReset
-from qmesh.tunnel.fastsocket import FastSocketStream, fast, runnable_counter
 from qmesh.tunnel.frames import (
     FrameType,
     ResetCode,
@@ -308,12 +308,7 @@ class Session:
         an interactive protocol like Postgres is mostly such switches).
         Otherwise the writer collects everything queued in one batch.
         """
-        if (
-            self._direct is None
-            or self._writer_busy
-            or self._unsent
-            or self._runnable()
-        ):
+        if self._direct is None or self._writer_busy or self._unsent or self._runnable():
             self._wake()
             return
         batch = self._take_batch()

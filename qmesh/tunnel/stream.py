@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from qmesh.fastsocket import YieldBudget
 from qmesh.tunnel.errors import StreamReset
-from qmesh.tunnel.fastsocket import YieldBudget
 from qmesh.tunnel.frames import (
     INITIAL_WINDOW,
     FrameType,

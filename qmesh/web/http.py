@@ -22,6 +22,8 @@ import attrs
 import h11
 import trio
 
+from qmesh.fastsocket import FastSocketStream
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
@@ -183,7 +185,7 @@ async def serve_http(
             client = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:
             client = "?"
-        await serve_stream(router, stream, client=client, max_body=max_body)
+        await serve_stream(router, FastSocketStream(stream), client=client, max_body=max_body)
 
     await trio.serve_listeners(serve_one, listeners)
 

@@ -34,6 +34,8 @@ import attrs
 import h11
 import trio
 
+from qmesh.fastsocket import FastSocketStream
+
 __all__ = [
     "ConnectFailed",
     "ConnectionBroken",
@@ -191,7 +193,8 @@ class HttpPool:
     async def _connect(self, upstream: Upstream) -> _Connection:
         try:
             with trio.fail_after(self.connect_timeout_s):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+                tcp = await trio.open_tcp_stream(upstream.host, upstream.port)
+                stream: trio.abc.Stream = FastSocketStream(tcp)
                 if upstream.scheme == "https":
                     if self._ssl is None:
                         self._ssl = ssl.create_default_context()
@@ -370,5 +373,5 @@ def _close_now(conn: _Connection) -> None:
     stream = conn.stream
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, trio.SocketStream | FastSocketStream):
         stream.socket.close()
