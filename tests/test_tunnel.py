@@ -317,3 +317,34 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
         while True:
             await stream.send_all(os.urandom(65536))
     assert edge.session is not None and edge.session.lost
+
+
+async def test_one_way_traffic_is_acknowledged_without_data_going_back(
+    nursery: trio.Nursery,
+) -> None:
+    # Nothing flows from the Gate on this stream, so no ACK can ride along:
+    # the ACK timer must send one alone, also after parking when idle.
+    async def sink(stream: TunnelStream) -> None:
+        while await stream.receive_some():
+            pass
+
+    # No heartbeat in the test's time: a PONG would carry an ACK too.
+    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
+    gate = await start_gate(nursery, {"sink": sink}, settings=quiet)
+    edge = await start_edge(nursery, gate, "edge-q", settings=quiet)
+    await edge.wait_connected()
+    stream = await edge.open_stream({"service": "sink"})
+    session = edge.session
+    assert session is not None
+    for _ in range(3):
+        sent_before = session._send_next
+        await stream.send_all(b"one small message")
+        with trio.fail_after(1):  # ACK_DELAY is 10 ms
+            while session._send_next == sent_before or session._retained:
+                await trio.sleep(0.005)
+        await trio.sleep(0.1)  # long enough for the timer to park
+    for _ in range(200):  # past ACK_EVERY frames in one burst
+        await stream.send_all(b"x")
+    with trio.fail_after(1):
+        while session._retained:
+            await trio.sleep(0.005)

@@ -1,0 +1,138 @@
+"""The relay's TCP stream: same contract as trio.SocketStream, over real sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+
+from qmesh.fastsocket import FastSocketStream, fast, runnable_counter
+
+
+async def connected_pair() -> tuple[FastSocketStream, trio.SocketStream]:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+    accepted, _ = await listener.accept()
+    listener.close()
+    return FastSocketStream(client), trio.SocketStream(accepted)
+
+
+async def test_bytes_both_ways_half_close_and_eof() -> None:
+    ours, theirs = await connected_pair()
+    payload = bytes(range(256)) * 20_000  # 5 MB: many partial writes
+    received = bytearray()
+
+    async def read_all() -> None:
+        while data := await theirs.receive_some(65536):
+            received.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await ours.send_all(payload)
+        await ours.send_eof()
+    assert received == payload
+    await theirs.send_all(b"reply")
+    await theirs.send_eof()
+    assert await ours.receive_some() == b"reply"
+    assert await ours.receive_some() == b""
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_closed_and_reset_sockets_raise_trio_errors() -> None:
+    ours, theirs = await connected_pair()
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some()
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"x")
+    with pytest.raises(trio.ClosedResourceError):
+        ours.send_nowait(b"x")
+    await theirs.aclose()
+
+    ours, theirs = await connected_pair()
+    # An abortive close (RST) from the peer.
+    theirs.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await theirs.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some()
+    await ours.aclose()
+
+
+async def test_send_nowait_takes_what_fits_and_never_waits() -> None:
+    ours, theirs = await connected_pair()
+    total = 0
+    for _ in range(1000):  # the kernel's buffers are far smaller than 1 GB
+        sent = ours.send_nowait(b"z" * 1_000_000)
+        if sent == 0:
+            break
+        total += sent
+    assert total > 0  # the kernel buffers filled, then it took nothing
+    drained = 0
+    while drained < total:
+        drained += len(await theirs.receive_some(1 << 20))
+    assert drained == total
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_a_stream_that_never_blocks_still_lets_other_tasks_run() -> None:
+    ours, theirs = await connected_pair()
+    await theirs.send_all(b"y" * 1000)  # fits the socket buffers: every read is immediate
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        ticks_before = ticks
+        for _ in range(200):  # each read completes at once
+            await ours.receive_some(1)
+        assert ticks - ticks_before >= 200 // 16 - 1
+        nursery.cancel_scope.cancel()
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_cancellation_is_noticed_even_when_calls_complete_at_once() -> None:
+    ours, theirs = await connected_pair()
+    await theirs.send_all(b"y" * 1000)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await ours.receive_some(1)
+        pytest.fail("a cancelled receive completed")
+    assert scope.cancelled_caught
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_fast_wraps_only_plain_tcp_streams() -> None:
+    ours, theirs = await connected_pair()
+    assert isinstance(fast(theirs), FastSocketStream)
+    memory, _ = trio.testing.memory_stream_pair()
+    assert fast(memory) is memory
+    assert fast(ours) is ours
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_runnable_counter_sees_tasks_ready_to_run() -> None:
+    count = runnable_counter()
+    assert count() == 0
+    event = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(event.wait)
+        assert count() == 1  # started, not yet run
+        await trio.testing.wait_all_tasks_blocked()
+        assert count() == 0  # parked on the event
+        event.set()
+        assert count() == 1
