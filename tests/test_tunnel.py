@@ -16,6 +16,7 @@ from tunnelkit import (
     make_edge,
     start_edge,
     start_gate,
+    until,
 )
 
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
@@ -303,6 +304,7 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
     from qmesh.tunnel import session as session_module
 
     monkeypatch.setattr(session_module, "MAX_UNACKED_BYTES", 2_000_000)
+
     async def sink(stream: TunnelStream) -> None:
         while await stream.receive_some():
             pass
@@ -338,13 +340,15 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
     assert session is not None
     for _ in range(3):
         sent_before = session._send_next
+
+        def sent_and_acknowledged(sent_before: int = sent_before) -> bool:
+            return session._send_next > sent_before and not session._retained
+
         await stream.send_all(b"one small message")
         with trio.fail_after(1):  # ACK_DELAY is 10 ms
-            while session._send_next == sent_before or session._retained:
-                await trio.sleep(0.005)
+            await until(sent_and_acknowledged)
         await trio.sleep(0.1)  # long enough for the timer to park
     for _ in range(200):  # past ACK_EVERY frames in one burst
         await stream.send_all(b"x")
     with trio.fail_after(1):
-        while session._retained:
-            await trio.sleep(0.005)
+        await until(lambda: not session._retained)

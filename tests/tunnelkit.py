@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -116,3 +116,9 @@ async def start_edge(nursery: trio.Nursery, gate: Gate, name: str, **options: An
     client = make_edge(gate, name, **options)
     await nursery.start(client.run)
     return client
+
+
+async def until(condition: Callable[[], bool], poll_s: float = 0.005) -> None:
+    """Wait for a condition on session internals that no event announces."""
+    while not condition():  # noqa: ASYNC110 - there is no event to wait on
+        await trio.sleep(poll_s)
