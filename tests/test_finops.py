@@ -253,7 +253,7 @@ def ledger_entry(n: int) -> LedgerEntry:
 
 
 async def test_ledger_flush_waits_for_a_background_write_in_flight(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = StateStore.open(tmp_path / "state.db")
     ledger = Ledger(store)
@@ -265,7 +265,7 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
         time.sleep(0.3)  # the background flush holds its rows in a worker thread
         write(*args)
 
-    ledger._write = slow_write  # type: ignore[method-assign]
+    monkeypatch.setattr(ledger, "_write", slow_write)
     await nursery.start(ledger.run)
     ledger.record(ledger_entry(0))
     await trio.to_thread.run_sync(in_thread.wait)
@@ -273,7 +273,9 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
     assert [r["request_id"] for r in read_rows(store)] == ["r0"]
 
 
-async def test_ledger_keeps_rows_whose_write_failed(tmp_path: Path) -> None:
+async def test_ledger_keeps_rows_whose_write_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = StateStore.open(tmp_path / "state.db")
     ledger = Ledger(store)
     write = ledger._write
@@ -284,7 +286,7 @@ async def test_ledger_keeps_rows_whose_write_failed(tmp_path: Path) -> None:
             raise failures.pop()
         write(*args)
 
-    ledger._write = flaky_write  # type: ignore[method-assign]
+    monkeypatch.setattr(ledger, "_write", flaky_write)
     ledger.record(ledger_entry(0))
     ledger.audit("operator", "budget.changed", {"budget": "x"})
     with pytest.raises(sqlite3.OperationalError):
