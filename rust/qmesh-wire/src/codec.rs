@@ -41,6 +41,15 @@ pub const MAX_LEVEL: i32 = 19;
 pub const DEFAULT_LEVEL: i32 = 3;
 /// Default threshold below which payloads are never compressed.
 pub const DEFAULT_MIN_COMPRESS: usize = 64;
+/// Payloads below this size are "small": zstd's fixed cost per call (about
+/// 5 µs at level 3, whatever the size) is more than most of them save.
+pub const SMALL_PAYLOAD: usize = 1024;
+/// After this many small payloads in a row that did not shrink, the encoder
+/// stops trying on small payloads...
+const SMALL_MISSES_TO_SKIP: u32 = 4;
+/// ...except every this many, to notice when small payloads start to
+/// compress again.
+const SMALL_PROBE_EVERY: u32 = 16;
 /// The encoder keeps at most this much scratch capacity between batches, so
 /// one 16 MiB frame does not pin 16 MiB per connection for its lifetime.
 const SCRATCH_RETAIN: usize = 256 * 1024;
@@ -137,6 +146,10 @@ pub struct FrameEncoder {
     next_control: u64,
     max_payload: usize,
     min_compress: usize,
+    /// Small payloads in a row that zstd could not shrink (saturating).
+    small_misses: u32,
+    /// Small payloads sent plain without trying, since the last probe.
+    small_skipped: u32,
 }
 
 impl std::fmt::Debug for FrameEncoder {
@@ -173,6 +186,8 @@ impl FrameEncoder {
             next_control: 0,
             max_payload: config.max_payload,
             min_compress: config.min_compress,
+            small_misses: 0,
+            small_skipped: 0,
         })
     }
 
@@ -257,11 +272,36 @@ impl FrameEncoder {
     /// Compress `payload` onto the end of `scratch` if it is long enough,
     /// does not look like noise, and the result is strictly smaller;
     /// otherwise leave `scratch` as it was.
+    ///
+    /// Small payloads are tried only while small payloads have been
+    /// shrinking: an interactive protocol's short messages (a Postgres
+    /// round trip's 60-byte reply) almost never do, and trying costs more
+    /// than sealing them. While they keep failing, one in
+    /// `SMALL_PROBE_EVERY` is still tried.
     fn compress(&mut self, payload: &[u8]) -> Body {
         if payload.is_empty() || payload.len() < self.min_compress || looks_incompressible(payload)
         {
             return Body::Plain;
         }
+        let small = payload.len() < SMALL_PAYLOAD;
+        if small && self.small_misses >= SMALL_MISSES_TO_SKIP {
+            self.small_skipped += 1;
+            if self.small_skipped < SMALL_PROBE_EVERY {
+                return Body::Plain;
+            }
+            self.small_skipped = 0;
+        }
+        let body = self.try_compress(payload);
+        if small {
+            self.small_misses = match body {
+                Body::Plain => self.small_misses.saturating_add(1),
+                Body::Compressed { .. } => 0,
+            };
+        }
+        body
+    }
+
+    fn try_compress(&mut self, payload: &[u8]) -> Body {
         let start = self.scratch.len();
         // Room for an output of up to len - 1 bytes (anything longer is not
         // worth sending); zstd fails cleanly if its output would not fit.
@@ -604,6 +644,42 @@ mod tests {
         dec.feed(&header.to_bytes()).unwrap();
         assert_eq!(dec.next_frame(), Ok(None));
         assert!(dec.buf.capacity() < 4096, "capacity {}", dec.buf.capacity());
+    }
+
+    fn compressed(enc: &mut FrameEncoder, payload: &[u8]) -> bool {
+        let frames = [FrameRef {
+            frame_type: 0,
+            stream_id: 0,
+            payload,
+        }];
+        let batch = enc.prepare(&frames).unwrap();
+        matches!(batch.encoder.plan[0], Body::Compressed { .. })
+    }
+
+    #[test]
+    fn small_payloads_that_never_shrink_are_mostly_not_tried() {
+        let mut enc = FrameEncoder::new(&[1u8; KEY_LEN], EncoderConfig::default()).unwrap();
+        // A Postgres-like reply: too short and varied for zstd to shrink.
+        let reply: &[u8] = b"T\x00\x00\x00\x21\x00\x01abalance\x00\x00\x00@\x06\x00\x03\x00\x00\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00D\x00\x00\x00\x0b\x00\x01\x00\x00\x00\x01\x30C\x00\x00\x00\x0dSELECT 1\x00Z\x00\x00\x00\x05I";
+        assert!(reply.len() >= DEFAULT_MIN_COMPRESS);
+        let text = b"{\"k\": \"value\"} ".repeat(40); // small, compresses well
+        for _ in 0..SMALL_MISSES_TO_SKIP {
+            assert!(!compressed(&mut enc, reply));
+        }
+        assert_eq!(enc.small_misses, SMALL_MISSES_TO_SKIP);
+        // Now skipping: a compressible small payload is sent plain until the
+        // probe, which succeeds and turns small compression back on.
+        for _ in 1..SMALL_PROBE_EVERY {
+            assert!(!compressed(&mut enc, &text));
+        }
+        assert!(compressed(&mut enc, &text));
+        assert_eq!(enc.small_misses, 0);
+        assert!(compressed(&mut enc, &text));
+        // Large payloads are always tried, whatever small ones did.
+        for _ in 0..SMALL_MISSES_TO_SKIP {
+            compressed(&mut enc, reply);
+        }
+        assert!(compressed(&mut enc, &b"{\"k\": \"value\"} ".repeat(100)));
     }
 
     #[test]
