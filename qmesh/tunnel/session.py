@@ -437,14 +437,14 @@ class Session:
         unacked = self._recv_next - self._ack_sent
         if unacked <= 0:
             return
-        if unacked >= ACK_EVERY:
-            self._kick()
-        elif self._ack_deadline is None:
+        if self._ack_deadline is None:
             self._ack_deadline = trio.current_time() + ACK_DELAY
             self._ack_armings += 1
             if self._ack_timer_idle is not None:
                 self._ack_timer_idle.set()
                 self._ack_timer_idle = None
+        if unacked >= ACK_EVERY:
+            self._kick()
 
     async def _ack_timer(self) -> None:
         """Send a lone ACK when no outgoing frame carried one in time.
