@@ -26,7 +26,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -96,11 +96,11 @@ def main() -> None:
     lexrank = LexRankSummarizer(stemmer)
     lexrank.stop_words = stop_words
 
-    def sumy_choice(summarizer: Callable[..., object], text: str) -> set[int]:
-        document = PlaintextParser.from_string(text, tokenizer).document  # type: ignore[arg-type]
+    def sumy_choice(summarizer: Callable[..., Iterable[object]], text: str) -> set[int]:
+        document = PlaintextParser.from_string(text, tokenizer).document
         sentences = [str(s) for s in document.sentences]
-        chosen = summarizer(document, COUNT)  # type: ignore[operator]
-        return {sentences.index(str(s)) for s in chosen}  # type: ignore[attr-defined]
+        chosen = summarizer(document, COUNT)
+        return {sentences.index(str(s)) for s in chosen}
 
     sizes = [len(t.encode()) for t in TEXTS]
     print(

@@ -6,7 +6,7 @@
 # Steps: scripts/setup.sh (venv + editable install + release build of
 # qmesh._core), cargo test (release, so the proptests run quickly; it shares
 # target/ with the extension build), mypy's stubtest on qmesh/_core.pyi, ruff,
-# pytest. A failing step does not stop the later ones (set QMESH_FAIL_FAST=1
+# mypy (strict, on qmesh, tests, bench and scripts), pytest. A failing step does not stop the later ones (set QMESH_FAIL_FAST=1
 # to stop at the first failure), except setup: nothing runs without it. Exit
 # status 0 only when every step passed; a summary is printed at the end.
 # The check functions below run through `step`, which shellcheck cannot see.
@@ -90,5 +90,6 @@ fi
 step "cargo test (release)" cargo_test
 step "stubtest qmesh._core" stubtest
 step "ruff check" ruff_check
+step "mypy (strict)" "$PY" -m mypy
 step pytest run_pytest "$@"
 finish

@@ -3,6 +3,8 @@ the daemon wire's line decoder."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -11,7 +13,7 @@ from qmesh.daemon.wire import LineDecoder, WireError, encode
 from qmesh.gate.daemons import InventoryService
 from qmesh.gate.inventory import Inventory
 
-GEMMA = {
+GEMMA: dict[str, Any] = {
     "id": "gemma-3-270m-q4_k_m", "runtime": "llama.cpp", "state": "available",
     "family": "gemma3", "size_class": "xs", "equivalence": "gemma3:270m",
     "quantization": "Q4_K_M", "parameters": 268098176, "context_length": 32768,
@@ -84,7 +86,10 @@ def test_filters() -> None:
     for name, at in (("a", 100.0), ("b", 95.0), ("c", 80.0)):
         hello(inventory, name, at, object())
     inventory.report("a", now=100.0, models=[GEMMA])
-    names = lambda **f: [n.name for n in inventory.nodes(now=100.0, **f)]  # noqa: E731
+
+    def names(**filters: str | None) -> list[str]:
+        return [n.name for n in inventory.nodes(now=100.0, **filters)]
+
     assert names() == ["a", "b", "c"]
     assert names(state="fresh") == ["a"] and names(state="stale") == ["b"]
     assert names(state="gone") == ["c"]
@@ -141,7 +146,8 @@ async def test_a_held_up_gate_does_not_count_its_own_stall_as_silence(
         clock.jump(20.0)  # the Gate was held up; nothing ran, nothing was read
         # A request arrives first: the sweeper is overdue, so no verdict yet.
         node = inventory.get("node-a", now=clock.current_time())
-        assert node is not None and node.state == "fresh", node.reason
+        assert node is not None
+        assert node.state == "fresh", node.reason
         await trio.sleep(0.01)  # the late sweeper runs: excuses the stall
         assert node.state == "fresh", node.reason
         # The node's own silence still counts: 3 missed heartbeats → stale.

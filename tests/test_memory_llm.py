@@ -21,6 +21,7 @@ from qmesh.config import (
     ConfigError,
     GateConfig,
     MemoryConfig,
+    ProviderConfig,
     RoutingConfig,
     load_config,
 )
@@ -109,7 +110,7 @@ async def start_gate(
     nursery: trio.Nursery, tmp_path: Path, script: Script | None, memory: MemoryConfig | None = None
 ) -> Gate:
     provider = None
-    providers = ()
+    providers: tuple[ProviderConfig, ...] = ()
     if script is not None:
         provider = ScriptedProvider(script)
         provider.port = await nursery.start(provider.serve)

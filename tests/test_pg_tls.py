@@ -5,6 +5,7 @@ direct TLS with ALPN), and the Gate ⇄ real server per the vault's sslmode
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import pwd
@@ -168,7 +169,8 @@ async def test_gate_to_server_tls_by_sslmode(
     for mode, dsn in cases.items():
         ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn)
         with trio.fail_after(30):
-            assert await in_thread(lambda g=ghost: ssl_used(g.kwargs())) == (mode != "disable")
+            used = await in_thread(functools.partial(ssl_used, ghost.kwargs()))
+            assert used == (mode != "disable")
 
     # verify-full against a CA that did not sign the server's certificate.
     other_ca, _, _ = make_ca_and_server(tmp_path / "other", "other")
