@@ -352,3 +352,29 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
         await stream.send_all(b"x")
     with trio.fail_after(1):
         await until(lambda: not session._retained)
+
+
+async def test_a_failing_direct_sink_resets_only_its_stream(nursery: trio.Nursery) -> None:
+    parked = trio.Event()
+
+    async def reader(stream: TunnelStream) -> None:
+        def broken(data: bytes) -> int:
+            raise RuntimeError("a bug in a relay")
+
+        stream.direct_sink = broken
+        parked.set()
+        with pytest.raises(StreamReset):
+            await stream.receive_some()
+
+    gate = await start_gate(nursery, {"reader": reader, "echo": echo_service})
+    edge = await start_edge(nursery, gate, "edge-s")
+    victim = await edge.open_stream({"service": "reader"})
+    bystander = await edge.open_stream({"service": "echo"})
+    with trio.fail_after(10):
+        await parked.wait()  # the reader waits with its sink set
+        await victim.send_all(b"hello")
+        with pytest.raises(StreamReset):
+            while await victim.receive_some():
+                pass
+        assert await roundtrip(bystander, b"still here") == b"still here"
+    assert edge.session is not None and not edge.session.lost

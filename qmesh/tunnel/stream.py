@@ -11,6 +11,7 @@ sends RESET so the peer learns that nobody will read what it sends.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from qmesh.tunnel.frames import (
 
 if TYPE_CHECKING:
     from qmesh.tunnel.session import Session
+
+log = logging.getLogger(__name__)
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
@@ -164,7 +167,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._recv_eof or self._recv_buffered + len(payload) > self._window:
             return False
         if self.direct_sink is not None and self._receiving and not self._recv_chunks:
-            taken = self.direct_sink(payload)
+            try:
+                taken = self.direct_sink(payload)
+            except Exception:
+                # A bug in one relay must not take the session's reader (and
+                # every other stream) down with it: end only this stream.
+                log.exception("the relay of stream %d failed", self.id)
+                self.reset(ResetCode.INTERNAL, "the relay failed")
+                return True
             if taken:
                 self._consumed(taken)
                 payload = payload[taken:]
