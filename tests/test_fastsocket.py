@@ -8,7 +8,7 @@ import struct
 import pytest
 import trio
 
-from qmesh.fastsocket import FastSocketStream, fast, runnable_counter
+from qmesh.fastsocket import FastSocketStream, connect_tcp, fast, runnable_counter
 
 
 async def connected_pair() -> tuple[FastSocketStream, trio.SocketStream]:
@@ -136,3 +136,20 @@ async def test_runnable_counter_sees_tasks_ready_to_run() -> None:
         assert count() == 0  # parked on the event
         event.set()
         assert count() == 1
+
+
+async def test_connect_tcp_to_literals_and_names() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    for host in ("127.0.0.1", "localhost"):
+        stream = await connect_tcp(host, port)
+        accepted, _ = await listener.accept()
+        await stream.send_all(b"ping")
+        assert await accepted.recv(4) == b"ping"
+        accepted.close()
+        await stream.aclose()
+    listener.close()
+    with pytest.raises(OSError):
+        await connect_tcp("127.0.0.1", port)  # nobody listens any more

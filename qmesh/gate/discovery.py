@@ -53,6 +53,7 @@ import attrs
 import trio
 
 from qmesh.config import DiscoveryConfig, format_hostport, parse_hostport
+from qmesh.fastsocket import connect_tcp
 from qmesh.gate.inventory import Inventory
 from qmesh.gate.probes import Exchange, Finding, Outcome, TargetProbe
 
@@ -117,7 +118,7 @@ async def run_exchange(
     """One exchange on a fresh connection; never raises for what the peer does."""
     try:
         with trio.fail_after(connect_timeout_s):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect_tcp(host, port)
     except trio.TooSlowError:
         return Outcome.failed("connect_timeout", f"{connect_timeout_s:g}s")
     except OSError as exc:

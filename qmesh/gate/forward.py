@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import trio
 
 from qmesh.config import forward_allowed, parse_hostport
+from qmesh.fastsocket import connect_tcp
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.services import splice
 from qmesh.tunnel.stream import TunnelStream
@@ -42,7 +43,7 @@ class ForwardService:
             return
         try:
             with trio.fail_after(CONNECT_TIMEOUT_S):
-                upstream = await trio.open_tcp_stream(host, port)
+                upstream = await connect_tcp(host, port)
         except (OSError, trio.TooSlowError) as exc:
             log.info("forward %s → %s:%d failed: %s", stream.session.peer, host, port, exc)
             stream.reset(ResetCode.CONNECT_FAILED, f"cannot connect to {host}:{port}")

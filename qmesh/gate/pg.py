@@ -52,7 +52,7 @@ import trio
 
 from qmesh import _core
 from qmesh.config import Config
-from qmesh.fastsocket import FastSocketStream, fast
+from qmesh.fastsocket import FastSocketStream, connect_tcp, fast
 from qmesh.gate.pgguard import check_statement, parameter_count, refusal_sql
 from qmesh.gate.scram import MECHANISM, ScramClient, ScramError, ScramServer, md5_password
 from qmesh.logs import register_secret
@@ -285,7 +285,7 @@ async def _open_upstream(
     _UpstreamAuthRejected (28P01)."""
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            tcp = await trio.open_tcp_stream(secret.host, secret.port)
+            tcp = await connect_tcp(secret.host, secret.port)
     except (OSError, trio.TooSlowError) as exc:
         log.warning("cannot connect to the server of alias %r: %s", alias, exc or "timeout")
         raise UpstreamFailed(
@@ -733,7 +733,7 @@ class PgService:
         conn: trio.abc.Stream | None = None
         try:
             with trio.fail_after(CANCEL_TIMEOUT_S):
-                tcp = await trio.open_tcp_stream(target.host, target.port)
+                tcp = await connect_tcp(target.host, target.port)
                 conn = tcp
                 if target.sslmode != "disable":
                     conn = await _negotiate_tls(

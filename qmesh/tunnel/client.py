@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from qmesh.fastsocket import connect_tcp
 from qmesh.tunnel import handshake
 from qmesh.tunnel.errors import (
     ConnectionLost,
@@ -144,7 +145,7 @@ class TunnelClient:
         host, port = self.gate_address
         session = self.session if self.session is not None and not self.session.lost else None
         with trio.fail_after(self.settings.handshake_timeout_s):
-            transport = await trio.open_tcp_stream(host, port)
+            transport = await connect_tcp(host, port)
             try:
                 hello = handshake.Hello(
                     role=self.role,

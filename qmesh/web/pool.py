@@ -34,7 +34,7 @@ import attrs
 import h11
 import trio
 
-from qmesh.fastsocket import FastSocketStream
+from qmesh.fastsocket import FastSocketStream, connect_tcp
 
 __all__ = [
     "ConnectFailed",
@@ -193,7 +193,7 @@ class HttpPool:
     async def _connect(self, upstream: Upstream) -> _Connection:
         try:
             with trio.fail_after(self.connect_timeout_s):
-                tcp = await trio.open_tcp_stream(upstream.host, upstream.port)
+                tcp = await connect_tcp(upstream.host, upstream.port)
                 stream: trio.abc.Stream = FastSocketStream(tcp)
                 if upstream.scheme == "https":
                     if self._ssl is None:

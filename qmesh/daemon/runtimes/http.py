@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from qmesh.fastsocket import connect_tcp
+
 __all__ = ["ClientResponse", "HttpClientError", "HttpStatusError", "iter_sse", "request"]
 
 RECEIVE_SIZE: Final = 65536
@@ -185,7 +187,7 @@ async def request(
     head += list((headers or {}).items())
     try:
         with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect_tcp(host, port)
     except trio.TooSlowError:
         raise HttpClientError(f"{where}: connect timed out after {connect_timeout:g}s") from None
     except OSError as exc:
