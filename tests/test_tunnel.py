@@ -378,3 +378,30 @@ async def test_a_failing_direct_sink_resets_only_its_stream(nursery: trio.Nurser
                 pass
         assert await roundtrip(bystander, b"still here") == b"still here"
     assert edge.session is not None and not edge.session.lost
+
+
+async def test_an_ack_waiting_for_a_busy_writer_does_not_spin(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
+    gate = await start_gate(nursery, settings=quiet)
+    edge = await start_edge(nursery, gate, "edge-w", settings=quiet)
+    stream = await edge.open_stream({"service": "echo"})
+    session = edge.session
+    assert session is not None
+    kicks = 0
+    kick = session._kick
+
+    def counting_kick() -> None:
+        nonlocal kicks
+        kicks += 1
+        kick()
+
+    await stream.send_all(b"ping")
+    assert await stream.receive_some() == b"ping"  # unacknowledged now
+    # As if the writer were stuck in a send to a full socket.
+    monkeypatch.setattr(session, "_writer_busy", True)
+    monkeypatch.setattr(session, "_wake", lambda: None)
+    monkeypatch.setattr(session, "_kick", counting_kick)
+    await trio.sleep(0.3)
+    assert session._ack_due() and 1 <= kicks <= 0.3 / 0.01 + 5

@@ -461,6 +461,10 @@ class Session:
                 await trio.sleep_until(deadline)
                 if self._ack_due():
                     self._kick()
+                    if self._ack_deadline is not None:
+                        # The writer has it, but is busy sending (a full
+                        # socket): look again later rather than spin.
+                        await trio.sleep(ACK_DELAY)
             elif self._ack_armings != armings_seen:
                 armings_seen = self._ack_armings
                 await trio.sleep(ACK_DELAY)
