@@ -789,6 +789,7 @@ class _Relay:
         self.guard = self.read_only or self.guard_timeout
         self.client_scanner = self._client_scanner()
         self.ending: _SessionOver | None = None
+        self.ended = False
         # Set while a direct write to the server (see _client_direct) could
         # not finish: the rest is being sent, and nothing may overtake it.
         self.carrying: trio.Event | None = None
@@ -809,6 +810,7 @@ class _Relay:
 
     def _end(self, ending: _SessionOver | None) -> None:
         """End the session (both directions); the first reason given wins."""
+        self.ended = True
         self.ending = self.ending or ending
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
@@ -910,6 +912,8 @@ class _Relay:
         the tunnel's reader, without waking client_to_server. Takes all of
         ``data`` (a failure ends the session), or none while an unfinished
         direct write is still being sent."""
+        if self.ended:
+            return len(data)  # nothing more reaches the server
         if self.carrying is not None or self.nursery is None:
             return 0
         assert isinstance(self.upstream, FastSocketStream)
