@@ -1,4 +1,8 @@
-"""A TCP stream for the relay hot path: no scheduling round per call.
+"""Socket plumbing for the hot paths (relays, tunnel, HTTP):
+:class:`FastSocketStream` (below), :func:`connect_tcp` (no resolver thread
+for IP literals) and :func:`runnable_counter` (is anything else about to run?).
+
+A TCP stream for the relay hot path: no scheduling round per call.
 
 Trio's ``SocketStream`` yields to the scheduler after every successful
 ``recv``/``send`` (a full checkpoint), and wraps each call in a conflict
