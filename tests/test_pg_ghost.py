@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 
 from qmesh.pg.audit import list_audit
 
-PGBENCH_SECONDS = os.environ.get("QMESH_PGBENCH_SECONDS", "5")
+# The issue asks for 10 s per protocol; QMESH_PGBENCH_SECONDS shortens it locally.
+PGBENCH_SECONDS = os.environ.get("QMESH_PGBENCH_SECONDS", "10")
 
 
 @pytest.fixture(scope="module")
