@@ -55,8 +55,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         how many it took (the rest is queued for the receiver as usual).
         Whoever sets it must be the one task that receives from this stream.
         It runs only while that task waits inside :meth:`receive_some`, so
-        never between a receive and the send that forwards it. It must not
-        raise."""
+        never between a receive and the send that forwards it. Should it
+        raise, only this stream is reset."""
         # Send side.
         self._send_credit = INITIAL_WINDOW
         self._eof_sent = False
