@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import ipaddress
 import os
 import pwd
@@ -13,7 +14,9 @@ import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import attrs
 import psycopg
 import pytest
 import trio
@@ -25,7 +28,10 @@ from pgcluster import PgCluster
 from pgkit import RealDb, in_thread, run, start_ghost
 
 from qmesh import _core
+from qmesh.gate import pg as gate_pg
+from qmesh.gate.scram import ScramClient, tls_server_end_point
 from qmesh.minigate.pg import tls_context
+from qmesh.pg.vault import DatabaseSecret
 
 
 def _name(common: str) -> x509.Name:
@@ -179,6 +185,87 @@ async def test_gate_to_server_tls_by_sslmode(
     )
     with pytest.raises(psycopg.OperationalError, match="TLS to the server of database alias"):
         await in_thread(lambda: ssl_used(ghost.kwargs()))
+
+
+async def test_gate_binds_its_scram_login_to_the_tls_channel(
+    nursery: trio.Nursery,
+    db: RealDb,
+    tmp_path: Path,
+    server_tls: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mechanisms: list[str] = []
+
+    def recording_client(*args: Any, **kwargs: Any) -> ScramClient:
+        client = ScramClient(*args, **kwargs)
+        mechanisms.append(client.mechanism)
+        return client
+
+    monkeypatch.setattr("qmesh.gate.pg.ScramClient", recording_client)
+
+    def select_one(ghost_kwargs: dict[str, Any]) -> object:
+        with psycopg.connect(**ghost_kwargs) as conn:
+            row = conn.execute("SELECT 1").fetchone()
+            return row[0] if row else None
+
+    # The default (prefer) binds over TLS; require insists and works; the
+    # server checks the binding data, so a login that passes proves it.
+    for extra in ({}, {"channel_binding": "require"}):
+        ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=db.dsn("require", **extra))
+        with trio.fail_after(30):
+            assert await in_thread(functools.partial(select_one, ghost.kwargs())) == 1
+    assert mechanisms == ["SCRAM-SHA-256-PLUS"] * 2
+    # disable: plain SCRAM over TLS.
+    mechanisms.clear()
+    ghost = await start_ghost(
+        nursery, db, tmp_path, vault_dsn=db.dsn("require", channel_binding="disable")
+    )
+    with trio.fail_after(30):
+        assert await in_thread(functools.partial(select_one, ghost.kwargs())) == 1
+    assert mechanisms == ["SCRAM-SHA-256"]
+
+    # A man in the middle shows another certificate: the binding data differs
+    # from what the server signs, and the server refuses the login.
+    monkeypatch.setattr("qmesh.gate.pg.tls_server_end_point", lambda der: b"\x00" * 32)
+    ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=db.dsn("require"))
+    with trio.fail_after(30), pytest.raises(psycopg.OperationalError) as info:
+        await in_thread(functools.partial(select_one, ghost.kwargs()))
+    assert "database alias" in str(info.value)
+
+
+def test_channel_binding_required_without_a_channel_is_refused() -> None:
+    secret = DatabaseSecret(
+        alias="main", host="h", port=5432, dbname="d", user="u", password="p",
+        sslmode="prefer", sslrootcert=None, channel_binding="require",
+    )  # fmt: skip
+    sasl = (10).to_bytes(4, "big") + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+    plain_only = (10).to_bytes(4, "big") + b"SCRAM-SHA-256\0\0"
+    # sslmode=prefer fell back to plain TCP: no channel to bind.
+    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
+        gate_pg._answer_auth(10, b"", sasl, secret, None, False, "main", None)
+    # TLS, but the server does not offer -PLUS.
+    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
+        gate_pg._answer_auth(10, b"", plain_only, secret, b"x" * 32, True, "main", None)
+    # Password methods cannot bind either.
+    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
+        gate_pg._answer_auth(5, b"salt", b"", secret, b"x" * 32, True, "main", None)
+    # prefer over TLS without -PLUS: plain SCRAM, saying "y" (could bind).
+    _, client = gate_pg._answer_auth(
+        10, b"", plain_only, attrs.evolve(secret, channel_binding="prefer"), b"x" * 32, True,
+        "main", None,
+    )  # fmt: skip
+    assert client is not None and not client.bound
+    assert client.client_first().startswith(b"y,,")
+
+
+def test_tls_server_end_point_follows_the_certificate_hash(tmp_path: Path) -> None:
+    _, cert_path, _ = make_ca_and_server(tmp_path, "cb")
+    der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()  # signed with SHA-256
+    with pytest.raises(ValueError):
+        tls_server_end_point(b"not a certificate")
 
 
 def test_minigate_tls_config_needs_both_files(tmp_path: Path) -> None:

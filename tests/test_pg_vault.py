@@ -54,6 +54,7 @@ def test_uri_and_key_value_forms_agree() -> None:
         "password": "s@cret",
         "sslmode": "verify-full",
         "sslrootcert": None,
+        "channel_binding": "prefer",
     }
 
 
@@ -73,6 +74,11 @@ def test_dsn_defaults_and_special_characters() -> None:
         (f"host=h user=u pasword={PASSWORD}", "unknown key 'pasword'; did you mean 'password'?"),
         (f"host=h user=u password={PASSWORD} port=54x32", "port: expected a number"),
         (f"host=h user=u password={PASSWORD} sslmode=requir", "sslmode: expected one of"),
+        (f"host=h user=u password={PASSWORD} channel_binding=on", "channel_binding: expected"),
+        (
+            f"host=h user=u password={PASSWORD} sslmode=disable channel_binding=require",
+            "channel_binding=require needs TLS",
+        ),
         (f"host=h user=u password=Pa55 {PASSWORD[4:]}", "the 4th key=value pair"),
         (f"host=h user=u password=Pa55 w0rd={PASSWORD}", "the 4th key=value pair: unknown key"),
         (f"host=h user=u password='{PASSWORD}", "the quoted value has no closing '"),
@@ -197,6 +203,22 @@ def test_round_trip_and_repr(store: StateStore, vault: Vault) -> None:
     vault.set("billing", f"host=db2 user=b password={PASSWORD}x")
     assert vault.list() == ["billing", "orders"] == list_aliases(store)
     assert [e.secret.alias for e in vault.entries()] == ["billing", "orders"]
+
+
+def test_entries_written_before_channel_binding_read_as_prefer(
+    store: StateStore, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qmesh.pg import vault as vault_module
+
+    with monkeypatch.context() as old_writer:
+        old_fields = tuple(f for f in vault_module._FIELDS if f != "channel_binding")
+        old_writer.setattr(vault_module, "_FIELDS", old_fields)
+        vault.set("old", f"postgresql://app:{PASSWORD}@db/orders?sslmode=require")
+    secret = Vault.open(store, KEY).get("old")
+    assert secret is not None and secret.channel_binding == "prefer"
+    strict = vault.set("new", f"host=db user=u password={PASSWORD} channel_binding=require")
+    assert Vault.open(store, KEY).get("new") == strict
+    assert strict.describe().endswith("sslmode=prefer channel_binding=require")
 
 
 def test_secret_is_not_stored_in_clear(store: StateStore, vault: Vault) -> None:

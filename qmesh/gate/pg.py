@@ -54,7 +54,15 @@ from qmesh import _core
 from qmesh.config import Config
 from qmesh.fastsocket import FastSocketStream, connect_tcp, fast
 from qmesh.gate.pgguard import check_statement, parameter_count, refusal_sql
-from qmesh.gate.scram import MECHANISM, ScramClient, ScramError, ScramServer, md5_password
+from qmesh.gate.scram import (
+    MECHANISM,
+    MECHANISM_PLUS,
+    ScramClient,
+    ScramError,
+    ScramServer,
+    md5_password,
+    tls_server_end_point,
+)
 from qmesh.logs import register_secret
 from qmesh.pg.audit import AuditLog
 from qmesh.pg.errors import VaultError
@@ -298,6 +306,7 @@ async def _open_upstream(
                 tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
             )
         tls = isinstance(stream, trio.SSLStream)
+        binding = _channel_binding(stream) if isinstance(stream, trio.SSLStream) else None
         await stream.send_all(_core.encode_startup(params))
         reader = _MessageReader(stream, frontend=False, what="the database server")
         scram: ScramClient | None = None
@@ -317,9 +326,15 @@ async def _open_upstream(
                             f"qmesh: the server of database alias {alias!r} skipped the end "
                             "of SCRAM authentication",
                         )
+                    if secret.channel_binding == "require" and not (scram and scram.bound):
+                        raise UpstreamFailed(
+                            "08001",
+                            f"qmesh: database alias {alias!r} requires channel binding, but the "
+                            "server let the gate in without it",
+                        )
                     authenticated = True
                     continue
-                answer = _answer_auth(code, data, body, secret, tls, alias, scram)
+                answer = _answer_auth(code, data, body, secret, binding, tls, alias, scram)
                 if code == AUTH_SASL:
                     scram = answer[1]
                 elif code == AUTH_SASL_FINAL:
@@ -384,23 +399,60 @@ async def _open_upstream(
         raise
 
 
+def _channel_binding(stream: trio.SSLStream[trio.abc.Stream]) -> bytes | None:
+    """The TLS connection's ``tls-server-end-point`` data; None when the
+    server's certificate cannot give it."""
+    certificate = stream.getpeercert(binary_form=True)
+    if not certificate:
+        return None
+    try:
+        return tls_server_end_point(certificate)
+    except ValueError:
+        return None
+
+
 def _answer_auth(
     code: int,
     data: bytes,
     body: bytes,
     secret: DatabaseSecret,
+    binding: bytes | None,
     tls: bool,
     alias: str,
     scram: ScramClient | None,
 ) -> tuple[bytes, ScramClient | None]:
-    """The Gate's answer to one authentication request of the real server."""
+    """The Gate's answer to one authentication request of the real server.
+
+    ``binding``: the TLS channel's binding data, when there is one.
+    """
+    require_binding = secret.channel_binding == "require"
     if code == AUTH_SASL:
-        if MECHANISM not in _core.parse_sasl_mechanisms(body):
+        mechanisms = _core.parse_sasl_mechanisms(body)
+        use_binding = secret.channel_binding != "disable" and binding is not None
+        if use_binding and MECHANISM_PLUS in mechanisms:
+            client = ScramClient(secret.password, channel_binding=binding)
+        elif require_binding:
+            raise UpstreamFailed(
+                "08001",
+                f"qmesh: database alias {alias!r} requires channel binding, which the server "
+                "does not offer over this connection",
+            )
+        elif MECHANISM in mechanisms:
+            # "y": we could bind, the server did not offer it (a server that
+            # did would see the downgrade); "n": there is no channel.
+            client = ScramClient(secret.password, binding_supported=use_binding)
+        else:
             raise UpstreamFailed(
                 "08001", f"qmesh: the server of alias {alias!r} offers no SCRAM-SHA-256"
             )
-        client = ScramClient(secret.password)
-        return _core.encode_sasl_initial_response(MECHANISM, client.client_first()), client
+        initial = _core.encode_sasl_initial_response(client.mechanism, client.client_first())
+        return initial, client
+    if require_binding and code in (AUTH_MD5, AUTH_CLEARTEXT):
+        raise UpstreamFailed(
+            "08001",
+            f"qmesh: database alias {alias!r} requires channel binding, but the server asks "
+            "for a password without SCRAM",
+        )
     if code == AUTH_SASL_CONTINUE and scram is not None:
         return _core.encode_message(_AUTH_RESPONSE, scram.client_final(data)), scram
     if code == AUTH_SASL_FINAL and scram is not None:

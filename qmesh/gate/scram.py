@@ -7,10 +7,11 @@ the Gate in to the real server with the vault's password and checks the
 server's signature, so a server that does not know the password cannot pass
 for the real one. :func:`md5_password` answers the legacy MD5 challenge.
 
-Not for: sockets or message framing (``qmesh.gate.pg`` moves the bytes),
-channel binding (``-PLUS``: the app's TLS ends at the MiniGate, so there is
-no channel to bind to; towards the real server qmesh sends the ``n`` flag,
-which servers accept with or without TLS).
+Channel binding (``-PLUS``) is on the client side only: towards the real
+server over TLS the Gate binds the channel (see :class:`ScramClient`); the
+app's TLS ends at the MiniGate, so app logins have no channel to bind to.
+
+Not for: sockets or message framing (``qmesh.gate.pg`` moves the bytes).
 
 Like PostgreSQL, the server ignores the user name inside the SCRAM messages
 (the startup packet's ``user`` is the identity), and passwords are used as
@@ -29,9 +30,19 @@ from typing import Final
 
 from qmesh.state import AppVerifier
 
-__all__ = ["MECHANISM", "ScramClient", "ScramError", "ScramServer", "md5_password"]
+__all__ = [
+    "MECHANISM",
+    "MECHANISM_PLUS",
+    "ScramClient",
+    "ScramError",
+    "ScramServer",
+    "md5_password",
+    "tls_server_end_point",
+]
 
 MECHANISM: Final = "SCRAM-SHA-256"
+MECHANISM_PLUS: Final = "SCRAM-SHA-256-PLUS"
+_BINDING_TYPE: Final = "tls-server-end-point"
 _NONCE_BYTES: Final = 18
 _MAX_MESSAGE: Final = 2048
 # A server asking for more rounds than this is refused: each round costs the
@@ -177,9 +188,26 @@ class ScramServer:
 
 
 class ScramClient:
-    """One SCRAM-SHA-256 exchange on the client side (the Gate logging in)."""
+    """One SCRAM-SHA-256 exchange on the client side (the Gate logging in).
 
-    def __init__(self, password: str, *, user: str = "", nonce: str | None = None) -> None:
+    Channel binding (RFC 5802 section 6, as libpq does it): with
+    ``channel_binding`` (the ``tls-server-end-point`` data of the TLS
+    connection, see :func:`tls_server_end_point`) the exchange is
+    SCRAM-SHA-256-PLUS, and the proof covers the server's certificate, so a
+    man in the middle who terminates TLS cannot relay it. Without it,
+    ``binding_supported`` says "y" (over TLS, when the server offered no
+    PLUS: a server that did would see the downgrade) instead of "n".
+    """
+
+    def __init__(
+        self,
+        password: str,
+        *,
+        user: str = "",
+        nonce: str | None = None,
+        channel_binding: bytes | None = None,
+        binding_supported: bool = False,
+    ) -> None:
         """PostgreSQL ignores the SCRAM ``user`` (libpq sends it empty);
         ``nonce`` replaces the random client nonce, only for test vectors."""
         if "," in user or "=" in user:
@@ -188,12 +216,24 @@ class ScramClient:
         self._nonce = nonce or _b64(secrets.token_bytes(_NONCE_BYTES))
         self._client_first_bare = f"n={user},r={self._nonce}"
         self._server_signature = b""
+        if channel_binding is not None:
+            self._gs2_header = f"p={_BINDING_TYPE},,"
+        else:
+            self._gs2_header = "y,," if binding_supported else "n,,"
+        self._binding_data = channel_binding or b""
+        self.mechanism = MECHANISM_PLUS if channel_binding is not None else MECHANISM
+        """What to name in the SASLInitialResponse."""
 
     def __repr__(self) -> str:
-        return "<ScramClient>"
+        return f"<ScramClient {self.mechanism}>"
+
+    @property
+    def bound(self) -> bool:
+        """Whether this exchange binds the TLS channel (SCRAM-SHA-256-PLUS)."""
+        return self.mechanism == MECHANISM_PLUS
 
     def client_first(self) -> bytes:
-        return f"n,,{self._client_first_bare}".encode("ascii")
+        return f"{self._gs2_header}{self._client_first_bare}".encode("ascii")
 
     def client_final(self, server_first: bytes) -> bytes:
         try:
@@ -215,7 +255,8 @@ class ScramClient:
         client_key = _hmac(salted, b"Client Key")
         stored_key = hashlib.sha256(client_key).digest()
         server_key = _hmac(salted, b"Server Key")
-        without_proof = f"c=biws,r={nonce}"
+        binding = _b64(self._gs2_header.encode("ascii") + self._binding_data)
+        without_proof = f"c={binding},r={nonce}"
         auth_message = f"{self._client_first_bare},{text},{without_proof}".encode("ascii")
         signature = _hmac(stored_key, auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
@@ -244,3 +285,21 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
     inner = hashlib.md5((password + user).encode("utf-8"), usedforsecurity=False).hexdigest()
     outer = hashlib.md5(inner.encode("ascii") + salt, usedforsecurity=False).hexdigest()
     return b"md5" + outer.encode("ascii")
+
+
+def tls_server_end_point(certificate_der: bytes) -> bytes:
+    """RFC 5929's ``tls-server-end-point`` channel binding data: the hash of
+    the server's certificate, with the certificate's own signature hash, or
+    SHA-256 when that is MD5 or SHA-1 (or unknown, as for Ed25519).
+    Raises ValueError for bytes that are not a DER certificate."""
+    # Imported here: only Gates that log in over TLS need it.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(certificate_der)
+    return digest.finalize()

@@ -32,7 +32,7 @@ import os
 import re
 import threading
 import time
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from cryptography.exceptions import InvalidTag
@@ -68,7 +68,12 @@ _ALIAS_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # Associated data: a version label and the alias. Changing the format of the
 # plaintext means a new label, so old rows can never be read as new ones.
 _AD_PREFIX: Final = b"qmesh-vault-v1\x00"
-_FIELDS: Final = ("host", "port", "dbname", "user", "password", "sslmode", "sslrootcert")
+_FIELDS: Final = (
+    "host", "port", "dbname", "user", "password", "sslmode", "sslrootcert", "channel_binding",
+)  # fmt: skip
+# Fields added after the first release, with the value entries written before
+# them mean.
+_LATER_FIELDS: Final = {"channel_binding": "prefer"}
 
 
 def check_alias(alias: str) -> str:
@@ -96,11 +101,17 @@ class DatabaseSecret:
     with libpq's meanings."""
     sslrootcert: str | None
     """CA file for ``verify-ca``/``verify-full``; None: the system's trust store."""
+    channel_binding: str = "prefer"
+    """``disable``, ``prefer`` or ``require``, with libpq's meanings: bind the
+    SCRAM login to the TLS channel when possible, or insist on it."""
 
     def describe(self) -> str:
         """``user@host:port/dbname sslmode=…``: for messages, without the password."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}/{self.dbname} sslmode={self.sslmode}"
+        text = f"{self.user}@{host}:{self.port}/{self.dbname} sslmode={self.sslmode}"
+        if self.channel_binding != "prefer":
+            text += f" channel_binding={self.channel_binding}"
+        return text
 
     def with_password(self, password: str) -> DatabaseSecret:
         return attrs.evolve(self, password=password)
@@ -209,7 +220,10 @@ class Vault:
             ) from None
         try:
             data = json.loads(plaintext)
-            secret = DatabaseSecret(alias=alias, **{name: data[name] for name in _FIELDS})
+            values: dict[str, Any] = {
+                name: data[name] if name in data else _LATER_FIELDS[name] for name in _FIELDS
+            }
+            secret = DatabaseSecret(alias=alias, **values)
         except (ValueError, KeyError, TypeError):
             # Authentic but unreadable: written by another qmesh version.
             raise VaultError(f"secret {alias!r} has a format this qmesh cannot read") from None
