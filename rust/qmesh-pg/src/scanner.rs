@@ -71,6 +71,14 @@ impl Direction {
             Direction::Backend => BACKEND_TAGS,
         }
     }
+
+    /// The direction's name: `"frontend"` or `"backend"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Frontend => "frontend",
+            Direction::Backend => "backend",
+        }
+    }
 }
 
 /// A set of message type bytes.
@@ -298,10 +306,7 @@ impl Scanner {
     fn classify(&self, header: &[u8; HEADER_LEN]) -> Result<Current> {
         let tag = header[0];
         if !self.valid.contains(tag) {
-            let side = match self.config.direction {
-                Direction::Frontend => "frontend",
-                Direction::Backend => "backend",
-            };
+            let side = self.config.direction.name();
             return Err(malformed(format!(
                 "invalid {side} message type {}",
                 describe_tag(tag)

@@ -234,12 +234,9 @@ impl PgScanner {
         let config = self.inner.config();
         format!(
             "<PgScanner {} full={:?} peek={:?} relay={} messages={} buffered={}>",
-            match config.direction {
-                pg::Direction::Frontend => "frontend",
-                pg::Direction::Backend => "backend",
-            },
-            String::from_utf8_lossy(&config.full.to_bytes()),
-            String::from_utf8_lossy(&config.peek.to_bytes()),
+            config.direction.name(),
+            text(&config.full.to_bytes()),
+            text(&config.peek.to_bytes()),
             config.relay,
             self.inner.messages(),
             self.inner.buffered(),
@@ -317,8 +314,9 @@ fn parse_startup(
 
 // -- builders ------------------------------------------------------------
 
-fn bytes_out(py: Python<'_>, v: Vec<u8>) -> Bound<'_, PyBytes> {
-    PyBytes::new(py, &v)
+/// A builder's result as Python ``bytes``, or its error raised.
+fn encoded(py: Python<'_>, built: pg::Result<Vec<u8>>) -> PyResult<Bound<'_, PyBytes>> {
+    Ok(PyBytes::new(py, &built.map_err(PgErr::from)?))
 }
 
 fn char_arg(value: &str, what: &str) -> PyResult<u8> {
@@ -337,10 +335,7 @@ fn encode_message<'py>(
     body: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let body = super::input(body)?;
-    Ok(bytes_out(
-        py,
-        encode::message(tag, &body).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::message(tag, &body))
 }
 
 #[pyfunction]
@@ -354,10 +349,7 @@ fn encode_startup<'py>(
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
-    Ok(bytes_out(
-        py,
-        encode::startup_message(version, &refs).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::startup_message(version, &refs))
 }
 
 #[pyfunction]
@@ -366,10 +358,7 @@ fn encode_cancel_request<'py>(
     pid: u32,
     secret: &[u8],
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::cancel_request(pid, secret).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::cancel_request(pid, secret))
 }
 
 #[pyfunction]
@@ -384,18 +373,12 @@ fn encode_error_response<'py>(
         coded.push((char_arg(code, "a field code")?, value.as_str()));
     }
     let tag = if notice { b'N' } else { b'E' };
-    Ok(bytes_out(
-        py,
-        encode::error_response(tag, &coded).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::error_response(tag, &coded))
 }
 
 #[pyfunction]
 fn encode_query<'py>(py: Python<'py>, sql: &str) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::query(sql.as_bytes()).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::query(sql.as_bytes()))
 }
 
 #[pyfunction]
@@ -406,10 +389,7 @@ fn encode_parse<'py>(
     sql: &str,
     param_types: Vec<u32>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::parse(name, sql.as_bytes(), &param_types).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::parse(name, sql.as_bytes(), &param_types))
 }
 
 #[pyfunction]
@@ -419,10 +399,7 @@ fn encode_authentication<'py>(
     code: i32,
     data: Vec<u8>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::authentication(code, &data).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::authentication(code, &data))
 }
 
 #[pyfunction]
@@ -431,10 +408,7 @@ fn encode_sasl_initial_response<'py>(
     mechanism: &str,
     data: &[u8],
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::sasl_initial_response(mechanism, data).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::sasl_initial_response(mechanism, data))
 }
 
 #[pyfunction]
@@ -443,10 +417,7 @@ fn encode_backend_key_data<'py>(
     pid: u32,
     secret: &[u8],
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
-        py,
-        encode::backend_key_data(pid, secret).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::backend_key_data(pid, secret))
 }
 
 #[pyfunction]
@@ -455,19 +426,16 @@ fn encode_parameter_status<'py>(
     name: &str,
     value: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(bytes_out(
+    encoded(
         py,
-        encode::parameter_status(name.as_bytes(), value.as_bytes()).map_err(PgErr::from)?,
-    ))
+        encode::parameter_status(name.as_bytes(), value.as_bytes()),
+    )
 }
 
 #[pyfunction]
 fn encode_ready_for_query<'py>(py: Python<'py>, status: &str) -> PyResult<Bound<'py, PyBytes>> {
     let status = char_arg(status, "status")?;
-    Ok(bytes_out(
-        py,
-        encode::ready_for_query(status).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::ready_for_query(status))
 }
 
 #[pyfunction]
@@ -477,10 +445,7 @@ fn encode_negotiate_protocol_version<'py>(
     unrecognized: Vec<String>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let refs: Vec<&str> = unrecognized.iter().map(String::as_str).collect();
-    Ok(bytes_out(
-        py,
-        encode::negotiate_protocol_version(newest_minor, &refs).map_err(PgErr::from)?,
-    ))
+    encoded(py, encode::negotiate_protocol_version(newest_minor, &refs))
 }
 
 // -- field parsers (message bodies, without the 5-byte header) -------------
@@ -545,20 +510,24 @@ fn parse_execute(body: &[u8]) -> PgResult<(String, i32)> {
     }
 }
 
-#[pyfunction]
-fn parse_close(body: &[u8]) -> PgResult<(String, String)> {
-    match frontend(b'C', body)? {
-        pg::Frontend::Close { kind, name } => Ok(((kind as char).to_string(), text(name))),
-        _ => unreachable!("tag C parses as Close"),
+/// ``(kind, name)`` of a Close (tag `C`) or Describe (tag `D`) body.
+fn kind_and_name(tag: u8, body: &[u8]) -> PgResult<(String, String)> {
+    match frontend(tag, body)? {
+        pg::Frontend::Close { kind, name } | pg::Frontend::Describe { kind, name } => {
+            Ok(((kind as char).to_string(), text(name)))
+        }
+        _ => unreachable!("tag {} parses as Close or Describe", tag as char),
     }
 }
 
 #[pyfunction]
+fn parse_close(body: &[u8]) -> PgResult<(String, String)> {
+    kind_and_name(b'C', body)
+}
+
+#[pyfunction]
 fn parse_describe(body: &[u8]) -> PgResult<(String, String)> {
-    match frontend(b'D', body)? {
-        pg::Frontend::Describe { kind, name } => Ok(((kind as char).to_string(), text(name))),
-        _ => unreachable!("tag D parses as Describe"),
-    }
+    kind_and_name(b'D', body)
 }
 
 #[pyfunction]
