@@ -28,7 +28,6 @@ class ForwardService:
 
     def __init__(self, allow: Sequence[str]) -> None:
         self.allow = tuple(allow)
-        self.active = 0
 
     async def __call__(self, stream: TunnelStream) -> None:
         target = stream.request.get("target")
@@ -48,8 +47,4 @@ class ForwardService:
             log.info("forward %s → %s:%d failed: %s", stream.session.peer, host, port, exc)
             stream.reset(ResetCode.CONNECT_FAILED, f"cannot connect to {host}:{port}")
             return
-        self.active += 1
-        try:
-            await splice(stream, upstream)
-        finally:
-            self.active -= 1
+        await splice(stream, upstream)

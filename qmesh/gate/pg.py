@@ -53,7 +53,7 @@ import trio
 from qmesh import _core
 from qmesh.config import Config
 from qmesh.fastsocket import FastSocketStream, connect_tcp, fast
-from qmesh.gate.pgguard import check_statement, parameter_count, refusal_sql
+from qmesh.gate.pgguard import Refusal, check_statement, parameter_count, refusal_sql
 from qmesh.gate.scram import (
     MECHANISM,
     MECHANISM_PLUS,
@@ -179,6 +179,21 @@ def _error(exc: PgSessionError) -> bytes:
     return _core.encode_error_response(
         [("S", exc.severity), ("V", exc.severity), ("C", exc.sqlstate), ("M", exc.message)]
     )
+
+
+async def _send_quietly(stream: TunnelStream, data: bytes) -> None:
+    """Send ``data`` (an error) to the client and end the stream, giving up
+    after 5 s and ignoring a broken stream."""
+    try:
+        with trio.move_on_after(5):
+            await stream.send_all(data)
+            await stream.send_eof()
+            # Wait for the client to hang up, so the error is delivered
+            # before the RESET that closing early would send.
+            while await stream.receive_some():
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass
 
 
 def _startup_params(request: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
@@ -509,7 +524,6 @@ class PgService:
         self._registered: set[str] = set()
         self.active: dict[str, int] = {}
         """Open sessions per app id."""
-        self.sessions_total = 0
         self.cancels_forwarded = 0
 
     @classmethod
@@ -555,7 +569,6 @@ class PgService:
                     secret = await self._admit(app_id, alias, policy)
                     self.active[app_id] = self.active.get(app_id, 0) + 1
                     counted = True
-                    self.sessions_total += 1
                     upstream = await self._login(alias, secret, params, policy)
             except trio.TooSlowError:
                 raise PgSessionError("08006", "qmesh: the login took too long") from None
@@ -567,7 +580,7 @@ class PgService:
             level = logging.INFO if exc.sqlstate in ("28P01", "3D000") else logging.WARNING
             log.log(level, "pg session of app %r (alias %r, %s) ended: %s %s",
                     app_id, alias, peer, exc.sqlstate, exc.message)  # fmt: skip
-            await self._send_quietly(stream, _error(exc))
+            await _send_quietly(stream, _error(exc))
         except _ClientGone:
             log.debug("pg client of app %r left during the login", app_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -576,25 +589,13 @@ class PgService:
             log.debug("pg stream of app %r ended: %s", app_id, exc)
         except _core.PgWireError as exc:
             log.info("pg client of app %r broke the protocol during the login: %s", app_id, exc)
-            await self._send_quietly(stream, _error(PgSessionError("08P01", f"qmesh: {exc}")))
+            await _send_quietly(stream, _error(PgSessionError("08P01", f"qmesh: {exc}")))
         finally:
             if counted:
                 self.active[app_id] -= 1
                 if not self.active[app_id]:
                     del self.active[app_id]
             await trio.aclose_forcefully(stream)
-
-    async def _send_quietly(self, stream: TunnelStream, data: bytes) -> None:
-        try:
-            with trio.move_on_after(5):
-                await stream.send_all(data)
-                await stream.send_eof()
-                # Wait for the client to hang up, so the error is delivered
-                # before the RESET that closing early would send.
-                while await stream.receive_some():
-                    pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            pass
 
     async def _negotiate_version(
         self, stream: TunnelStream, version: int, params: Sequence[tuple[str, str]]
@@ -836,7 +837,6 @@ class _Relay:
         self.pending: deque[_Pending] = deque()
         self.statements: dict[bytes, bytes] = {}
         self.portals: dict[bytes, bytes] = {}
-        self.failed: str | None = None
         self.sending_to_client = False
         self.guard = self.read_only or self.guard_timeout
         self.client_scanner = self._client_scanner()
@@ -897,23 +897,13 @@ class _Relay:
             log.warning("pg session of app %r (alias %r) ended: %s %s",
                         self.app_id, self.alias, exc.sqlstate, exc.message)  # fmt: skip
             if not self.sending_to_client:
-                await self._tell_client(_error(exc))
+                await _send_quietly(self.client, _error(exc))
         else:
             with trio.move_on_after(5):
                 try:
                     await self.client.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-
-    async def _tell_client(self, data: bytes) -> None:
-        with trio.move_on_after(5):
-            try:
-                await self.client.send_all(data)
-                await self.client.send_eof()
-                while await self.client.receive_some():
-                    pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     # -- client → server ---------------------------------------------------------
 
@@ -1003,7 +993,7 @@ class _Relay:
         try:
             if tag == _Q:
                 sql = raw[5:-1]
-                if self.read_only or self.guard_timeout:
+                if self.guard:
                     raw = self._guard_query(sql, raw)
                 if self.audit is not None:
                     self.pending.append(_Pending(_Q, sql, time.monotonic()))
@@ -1011,7 +1001,7 @@ class _Relay:
                 name_end = raw.index(0, 5)
                 name, sql_end = raw[5:name_end], raw.index(0, name_end + 1)
                 sql = raw[name_end + 1 : sql_end]
-                if self.read_only or self.guard_timeout:
+                if self.guard:
                     raw = self._guard_parse(name, sql, raw)
                 if self.audit is not None:
                     self._remember(self.statements, name, sql)
@@ -1038,7 +1028,7 @@ class _Relay:
                     self.pending.append(_Pending(_S, b"", time.monotonic()))
             elif tag == _F:
                 oid = int.from_bytes(raw[5:9], "big") if len(raw) >= 9 else -1
-                if (self.read_only or self.guard_timeout) and oid == _SET_CONFIG_OID:
+                if self.guard and oid == _SET_CONFIG_OID:
                     log.warning("refused a fast-path set_config call of app %r", self.app_id)
                     raw = _NO_FUNCTION_CALL
                 if self.audit is not None:
@@ -1054,20 +1044,24 @@ class _Relay:
             names.pop(next(iter(names)))  # oldest first; only the audit text is lost
         names[name] = text
 
-    def _guard_query(self, sql: bytes, raw: bytes) -> bytes:
-        text = sql.decode("utf-8", "replace")
+    def _refusal(self, text: str, what: str) -> Refusal | None:
+        """The guard's refusal of statement ``text`` (logged), or None."""
         refusal = check_statement(text, read_only=self.read_only, guard_timeout=self.guard_timeout)
+        if refusal is not None:
+            log.warning("refused %s of app %r: %s", what, self.app_id, refusal.message)
+        return refusal
+
+    def _guard_query(self, sql: bytes, raw: bytes) -> bytes:
+        refusal = self._refusal(sql.decode("utf-8", "replace"), "a statement")
         if refusal is None:
             return raw
-        log.warning("refused a statement of app %r: %s", self.app_id, refusal.message)
         return _core.encode_query(refusal_sql(refusal))
 
     def _guard_parse(self, name: bytes, sql: bytes, raw: bytes) -> bytes:
         text = sql.decode("utf-8", "replace")
-        refusal = check_statement(text, read_only=self.read_only, guard_timeout=self.guard_timeout)
+        refusal = self._refusal(text, "a prepared statement")
         if refusal is None:
             return raw
-        log.warning("refused a prepared statement of app %r: %s", self.app_id, refusal.message)
         _, _, declared = _core.parse_parse(raw[5:])
         # bytea accepts any parameter bytes, in text or binary format, so
         # the client's Bind still fits and Execute is what fails.
@@ -1130,10 +1124,7 @@ class _Relay:
             if head.kind == _Q:
                 head.error = head.error or sqlstate
             elif head.kind == _E:
-                self.failed = sqlstate
                 self._finish(pending.popleft(), f"error:{sqlstate}")
-            else:
-                self.failed = sqlstate
         elif tag in (_I, _SUSPENDED) and head.kind == _E:
             self._finish(pending.popleft(), "ok")
 
@@ -1149,7 +1140,6 @@ class _Relay:
                 break
             # An Execute the server skipped after an earlier error.
             self._finish(item, "skipped")
-        self.failed = None
 
     def _finish(self, item: _Pending, outcome: str) -> None:
         assert self.audit is not None

@@ -214,12 +214,10 @@ async def _handle(
     log.debug("pg session for app %r, database %r", names["user"], names.get("database"))
     if buffer:
         await tunnel.send_all(bytes(buffer))
-    # splice() needs half-closeable streams; a TLS stream is not one, so the
-    # client's side is relayed through a wrapper that closes on EOF.
-    local_side = (
-        stream if isinstance(stream, trio.abc.HalfCloseableStream) else _NoHalfClose(stream)
-    )
-    await splice(local_side, tunnel)
+    # A TLS client stream cannot be half-closed: splice() closes it once the
+    # Gate's side ends (a Postgres server done sending is done with the
+    # connection).
+    await splice(stream, tunnel)
 
 
 async def _start_tls(
@@ -261,27 +259,3 @@ async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-
-
-class _NoHalfClose(trio.abc.HalfCloseableStream):
-    """A stream without half-close (TLS) as a HalfCloseableStream whose
-    ``send_eof`` closes it: a Postgres server side that is done sending is
-    done with the connection."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.aclose()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()

@@ -31,23 +31,26 @@ def dispatcher(services: Mapping[str, ServiceHandler]) -> ServiceHandler:
     return dispatch
 
 
-async def splice(
-    a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *, chunk: int = 65536
-) -> None:
+async def splice(a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = 65536) -> None:
     """Relay bytes both ways until both directions end, passing half-closes on.
+
+    When one side ends, the other is half-closed if it can be (a
+    ``HalfCloseableStream``), else closed: a stream without half-close (TLS)
+    that is done receiving is done with the connection.
 
     If either side fails, both are closed at once (a tunnel stream closed early
     sends RESET, so the far end learns of the failure instead of a clean EOF).
     Closes both streams before returning; never raises for a broken stream.
     """
 
-    async def pump(
-        source: trio.abc.HalfCloseableStream, sink: trio.abc.HalfCloseableStream
-    ) -> None:
+    async def pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         try:
             while data := await source.receive_some(chunk):
                 await sink.send_all(data)
-            await sink.send_eof()
+            if isinstance(sink, trio.abc.HalfCloseableStream):
+                await sink.send_eof()
+            else:
+                await sink.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("relay ended: %s", exc)
             nursery.cancel_scope.cancel()

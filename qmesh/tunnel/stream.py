@@ -154,10 +154,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._queue(FrameType.RESET, encode_reason(code, reason))
         self._fail(StreamReset(code, reason))
 
-    @property
-    def receive_finished(self) -> bool:
-        return self._recv_eof and not self._recv_chunks
-
     # -- the session's side ----------------------------------------------
 
     def on_data(self, payload: bytes) -> bool:
