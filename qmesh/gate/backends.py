@@ -20,12 +20,12 @@ from typing import Final, Protocol
 import trio
 
 from qmesh.gate.calls import (
-    DONE_EVENT,
     Answer,
     Call,
     Usage,
     chat_chunk,
     chat_completion,
+    stream_end,
     text_completion,
 )
 from qmesh.nlp.skills import Skill, estimate_tokens
@@ -119,7 +119,5 @@ class SkillBackend:
         for start in range(0, len(content), STREAM_PIECE_CHARS):
             piece = content[start : start + STREAM_PIECE_CHARS]
             yield chat_chunk(rid, model, content=piece, endpoint=endpoint)
-        yield chat_chunk(rid, model, finish="stop", endpoint=endpoint)
-        if (call.body.get("stream_options") or {}).get("include_usage"):
-            yield chat_chunk(rid, model, usage=(usage.tokens_in, usage.tokens_out))
-        yield DONE_EVENT
+        for chunk in stream_end(call, model, usage, endpoint=endpoint):
+            yield chunk

@@ -27,7 +27,10 @@ __all__ = [
     "chat_chunk",
     "chat_completion",
     "error_event",
+    "estimate_call_tokens",
     "read_usage",
+    "sse",
+    "stream_end",
     "text_completion",
 ]
 
@@ -115,6 +118,27 @@ def read_usage(body: bytes) -> tuple[int, int]:
     )
 
 
+def estimate_call_tokens(raw: bytes) -> int:
+    """Prompt tokens estimated from a request body's size: exact counts come
+    back in usage. It errs high (≈ 4 bytes per token is typical for English,
+    and the JSON around the text counts too) because it sizes the budget
+    reservation, which must not be smaller than what the request really costs."""
+    return len(raw) // 3 + 16
+
+
+def _usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": tokens_in,
+        "completion_tokens": tokens_out,
+        "total_tokens": tokens_in + tokens_out,
+    }
+
+
+def sse(data: object) -> bytes:
+    """One SSE ``data:`` event carrying ``data`` as compact JSON."""
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
 def chat_completion(
     request_id: str, model: str, content: str, tokens_in: int, tokens_out: int
 ) -> bytes:
@@ -131,11 +155,7 @@ def chat_completion(
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {
-                "prompt_tokens": tokens_in,
-                "completion_tokens": tokens_out,
-                "total_tokens": tokens_in + tokens_out,
-            },
+            "usage": _usage(tokens_in, tokens_out),
         },
         separators=(",", ":"),
     ).encode()
@@ -151,11 +171,7 @@ def text_completion(
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-            "usage": {
-                "prompt_tokens": tokens_in,
-                "completion_tokens": tokens_out,
-                "total_tokens": tokens_in + tokens_out,
-            },
+            "usage": _usage(tokens_in, tokens_out),
         },
         separators=(",", ":"),
     ).encode()
@@ -196,15 +212,24 @@ def chat_chunk(
         }
     if usage is not None:
         data["choices"] = []
-        data["usage"] = {
-            "prompt_tokens": usage[0],
-            "completion_tokens": usage[1],
-            "total_tokens": usage[0] + usage[1],
-        }
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        data["usage"] = _usage(*usage)
+    return sse(data)
 
 
 def error_event(message: str, *, kind: str = "upstream_error", code: str | None = None) -> bytes:
     """The SSE event that ends a broken stream: OpenAI clients raise on it."""
     body = {"error": {"message": message, "type": kind, "code": code}}
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    return sse(body)
+
+
+def stream_end(
+    call: Call, model: str, usage: Usage, *, finish: str = "stop", endpoint: str = "chat"
+) -> tuple[bytes, ...]:
+    """The events that close a stream: the finish chunk, the usage chunk when
+    the client asked for one (``stream_options.include_usage``), and ``[DONE]``."""
+    rid = call.request_id
+    chunks = [chat_chunk(rid, model, finish=finish, endpoint=endpoint)]
+    if (call.body.get("stream_options") or {}).get("include_usage"):
+        chunks.append(chat_chunk(rid, model, usage=(usage.tokens_in, usage.tokens_out)))
+    chunks.append(DONE_EVENT)
+    return tuple(chunks)

@@ -24,12 +24,12 @@ from typing import Any, Final
 
 from qmesh.gate.backends import ClientFault
 from qmesh.gate.calls import (
-    DONE_EVENT,
     Answer,
     Call,
     Usage,
     chat_chunk,
     chat_completion,
+    stream_end,
     text_completion,
 )
 from qmesh.gate.daemons import (
@@ -138,10 +138,8 @@ class DaemonBackend:
             raise _translate(exc, streamed=streamed) from None
         if not streamed and kind == "chat":
             yield chat_chunk(rid, name, role="assistant", content="")
-        yield chat_chunk(rid, name, finish=finish, endpoint=kind)
-        if (call.body.get("stream_options") or {}).get("include_usage"):
-            yield chat_chunk(rid, name, usage=(usage.tokens_in, usage.tokens_out))
-        yield DONE_EVENT
+        for chunk in stream_end(call, name, usage, finish=finish, endpoint=kind):
+            yield chunk
 
 
 def _power_w(node: Node) -> float:

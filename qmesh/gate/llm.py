@@ -29,7 +29,7 @@ from qmesh.config import Config
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
 from qmesh.gate.backends import ClientFault, SkillBackend
-from qmesh.gate.calls import Call
+from qmesh.gate.calls import Call, estimate_call_tokens
 from qmesh.gate.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
 from qmesh.gate.daemons import DaemonClient
 from qmesh.gate.inventory import Inventory
@@ -221,7 +221,7 @@ class LlmService:
             "temperature": 0,
         }
         raw = json.dumps(body).encode()
-        tokens_in = len(raw) // 3 + 16
+        tokens_in = estimate_call_tokens(raw)
         try:
             decision = self.router.decide(
                 dsn, tokens_in=tokens_in, tokens_out=max_tokens, budget=state

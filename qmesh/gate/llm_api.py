@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
 from qmesh.gate.backends import ClientFault
-from qmesh.gate.calls import Call
+from qmesh.gate.calls import Call, estimate_call_tokens
 from qmesh.gate.liquify import RequestContext
 from qmesh.gate.llm import LlmService
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
@@ -100,12 +100,9 @@ class LlmApi:
         if endpoint == "embeddings":
             max_tokens = 0
         stream = bool(body.get("stream")) and endpoint != "embeddings"
-        # Token estimate from the raw size: exact counts come back in usage;
-        # walking the messages here would cost more than it would tell. It
-        # errs high (≈ 4 bytes per token is typical for English, and the JSON
-        # around the text counts too) because it sizes the budget reservation,
-        # which must not be smaller than what the request really costs.
-        tokens_in = len(request.body) // 3 + 16
+        # Token estimate from the raw size: walking the messages here would
+        # cost more than it would tell (see estimate_call_tokens).
+        tokens_in = estimate_call_tokens(request.body)
         try:
             budget = self.service.book.for_app(app, dsn.budget)
         except KeyError:
@@ -141,7 +138,7 @@ class LlmApi:
             raise _no_route(exc) from None
         except ClientFault as fault:
             return Response(fault.status, fault.body, _JSON)
-        headers = (*_JSON, ("x-qmesh-route", ctx.hops[-1]["candidate"].__str__()))
+        headers = (*_JSON, ("x-qmesh-route", str(ctx.hops[-1]["candidate"])))
         return Response(200, answer.body, headers)
 
     # -- handlers ----------------------------------------------------------------------

@@ -25,7 +25,6 @@ inventory API (:mod:`qmesh.gate.daemon_api`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -36,6 +35,7 @@ import trio
 
 from qmesh.config import Config
 from qmesh.gate.auth import AppAuthenticator
+from qmesh.gate.calls import sse
 from qmesh.gate.discovery import Scanner
 from qmesh.gate.inventory import Inventory
 from qmesh.gate.metrics import GateMetrics
@@ -168,7 +168,7 @@ def add_ops_routes(
         return Response.event_stream(_events(first))
 
     async def _events(first: dict[str, object]) -> AsyncIterator[bytes]:
-        yield _sse(first)
+        yield sse(first)
         seen = overview.inventory.version
         ends = time.monotonic() + STREAM_LIFETIME_S
         sent = time.monotonic()
@@ -180,7 +180,7 @@ def add_ops_routes(
                 continue
             seen = overview.inventory.version
             sent = time.monotonic()
-            yield _sse(await overview.snapshot())
+            yield sse(await overview.snapshot())
         yield b"event: reconnect\ndata: {}\n\n"
 
     async def prometheus(request: Request) -> Response:
@@ -213,7 +213,3 @@ def add_ops_routes(
     router.add("GET", "/metrics", prometheus)
     router.add("GET", "/api/discovery", discovery)
     router.add("POST", "/api/discovery/scan", scan)
-
-
-def _sse(data: object) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"

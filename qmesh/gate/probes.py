@@ -312,10 +312,6 @@ class TargetProbe:
         self._failures: list[tuple[str, Outcome]] = []
         self._current: Exchange | None = None
 
-    @property
-    def answered_http(self) -> bool:
-        return bool(self._answers)
-
     def next_exchange(self) -> Exchange | None:
         if self._phase == "pg":
             self._current = PgSslExchange()

@@ -27,17 +27,17 @@ import trio
 
 from qmesh.gate.backends import ClientFault
 from qmesh.gate.calls import (
-    DONE_EVENT,
     Answer,
     Call,
     Usage,
     chat_chunk,
     chat_completion,
     read_usage,
+    stream_end,
 )
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.errors import StreamBroken, UpstreamBusy, UpstreamFailed
-from qmesh.web.pool import HttpPool, PoolError, ResponseTimeout, Upstream
+from qmesh.web.pool import HttpPool, PoolError, Upstream
 
 __all__ = ["AnthropicProvider", "OpenAIProvider"]
 
@@ -156,8 +156,6 @@ class OpenAIProvider:
                     raise _status_error(response.status, await response.read(), self.name)
                 async for chunk in _relay(response.__aiter__(), self.name, usage):
                     yield chunk
-        except ResponseTimeout as exc:
-            raise UpstreamFailed(f"{self.name}: {exc}") from None
         except PoolError as exc:
             raise UpstreamFailed(f"{self.name}: {exc}") from None
 
@@ -268,10 +266,8 @@ class AnthropicProvider:
                             out = self._translate(line[5:].strip(), rid, model, usage)
                             if out:
                                 yield out
-                yield chat_chunk(rid, model, finish="stop")
-                if (call.body.get("stream_options") or {}).get("include_usage"):
-                    yield chat_chunk(rid, model, usage=(usage.tokens_in, usage.tokens_out))
-                yield DONE_EVENT
+                for end in stream_end(call, model, usage):
+                    yield end
         except PoolError as exc:
             raise UpstreamFailed(f"{self.name}: {exc}") from None
 

@@ -295,7 +295,8 @@ class Router:
         :meth:`resolve_model`). Raises NoRoute (BudgetBlocked when a spent
         hard budget is why)."""
         started = time.perf_counter_ns()
-        ranking = self._ranking(dsn.task, dsn.prefer, self._pin(dsn, model), dsn.privacy)
+        pin = self._pin(dsn, model)
+        ranking = self._ranking(dsn.task, dsn.prefer, pin, dsn.privacy)
         now = time.monotonic()
         rejected: list[tuple[str, str]] = []
         chosen: Candidate | None = None
@@ -343,7 +344,7 @@ class Router:
             raise NoRoute(f"no candidate can serve {dsn.format()} now ({summary})", reasons)
         decision = Decision(
             dsn=dsn,
-            pin=self._pin(dsn, model),
+            pin=pin,
             chosen=chosen,
             fallbacks=tuple(extra),
             rejected=tuple(rejected),
