@@ -1018,6 +1018,11 @@ class _Reader:
         return result
 
 
+def _field_names(cls: type[attrs.AttrsInstance]) -> list[str]:
+    """The keys a table read into ``cls`` may hold: its attribute names."""
+    return [f.name for f in attrs.fields(cls)]
+
+
 def _read_log(r: _Reader, root: Mapping[str, object]) -> LogConfig:
     path: KeyPath = ("log",)
     t = r.table(root, path)
@@ -1032,7 +1037,7 @@ def _read_log(r: _Reader, root: Mapping[str, object]) -> LogConfig:
 def _read_tunnel(r: _Reader, root: Mapping[str, object]) -> TunnelConfig:
     path: KeyPath = ("tunnel",)
     t = r.table(root, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(TunnelConfig)])
+    r.check_keys(t, path, _field_names(TunnelConfig))
     d = TunnelConfig()
     max_frame_payload = r.integer(
         t, path, "max_frame_payload", d.max_frame_payload, lo=1024, hi=16_777_216
@@ -1084,7 +1089,7 @@ def _read_tunnel(r: _Reader, root: Mapping[str, object]) -> TunnelConfig:
 def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
     path: KeyPath = ("gate",)
     t = r.table(root, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(GateConfig)])
+    r.check_keys(t, path, _field_names(GateConfig))
     d = GateConfig()
     name = r.string(t, path, "name", d.name)
     if not _GATE_NAME_RE.fullmatch(name):
@@ -1158,7 +1163,7 @@ def _read_gate_apps(
                 "letter or digit",
             )
         table = r.table(t, where)
-        r.check_keys(table, where, [f.name for f in attrs.fields(GateAppConfig)])
+        r.check_keys(table, where, _field_names(GateAppConfig))
         d = GateAppConfig()
         patterns: list[str] = []
         if "databases" in table:
@@ -1196,7 +1201,7 @@ def _read_gate_apps(
 def _read_discovery(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> DiscoveryConfig:
     path: KeyPath = (*gate_path, "discovery")
     t = r.table(gate, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(DiscoveryConfig)])
+    r.check_keys(t, path, _field_names(DiscoveryConfig))
     d = DiscoveryConfig()
 
     def array(key: str) -> list[object]:
@@ -1347,7 +1352,7 @@ def _required(r: _Reader, t: Mapping[str, object], path: KeyPath, key: str, hint
 def _read_memory(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> MemoryConfig:
     path: KeyPath = (*gate_path, "memory")
     t = r.table(gate, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(MemoryConfig)])
+    r.check_keys(t, path, _field_names(MemoryConfig))
     d = MemoryConfig()
     dsns: dict[str, str] = {}
     for key in ("extract_dsn", "compose_dsn"):
@@ -1364,7 +1369,7 @@ def _read_memory(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> 
 def _read_routing(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> RoutingConfig:
     path: KeyPath = (*gate_path, "routing")
     t = r.table(gate, path)
-    r.check_keys(t, path, [f.name for f in attrs.fields(RoutingConfig)])
+    r.check_keys(t, path, _field_names(RoutingConfig))
     d = RoutingConfig()
     groups: dict[str, tuple[str, ...]] = {}
     table = r.table(t, (*path, "equivalences"))
@@ -1388,6 +1393,25 @@ def _read_routing(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) ->
     )
 
 
+def _unique_name(
+    r: _Reader,
+    t: Mapping[str, object],
+    where: KeyPath,
+    names: set[str],
+    pattern: re.Pattern[str],
+    rule: str,
+    what: str,
+) -> str:
+    """Read ``name`` from ``t``: it must match ``pattern`` and not be in ``names``
+    (which it then joins). ``rule`` says what the pattern wants, ``what`` the noun."""
+    name = r.string(t, where, "name", "")
+    if not pattern.fullmatch(name) or name in names:
+        problem = "is used twice" if name in names else rule
+        raise r.error((*where, "name"), f"{what} name {_describe(name)} {problem}")
+    names.add(name)
+    return name
+
+
 def _read_providers(
     r: _Reader, gate: Mapping[str, object], gate_path: KeyPath
 ) -> tuple[ProviderConfig, ...]:
@@ -1395,14 +1419,12 @@ def _read_providers(
     names: set[str] = set()
     for where in _tables(r, gate, gate_path, "providers"):
         t = _item(gate, where)
-        r.check_keys(t, where, [f.name for f in attrs.fields(ProviderConfig)])
+        r.check_keys(t, where, _field_names(ProviderConfig))
         _required(r, t, where, "name", "a short name for the provider")
         _required(r, t, where, "base_url", 'e.g. "https://api.example.com/v1"')
-        name = r.string(t, where, "name", "")
-        if not _GATE_NAME_RE.fullmatch(name) or name in names:
-            problem = "is used twice" if name in names else "must be 1-64 letters, digits, . _ -"
-            raise r.error((*where, "name"), f"provider name {_describe(name)} {problem}")
-        names.add(name)
+        name = _unique_name(
+            r, t, where, names, _GATE_NAME_RE, "must be 1-64 letters, digits, . _ -", "provider"
+        )
         base_url = r.string(t, where, "base_url", "")
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", base_url):
             raise r.error(
@@ -1420,7 +1442,7 @@ def _read_providers(
         models: list[ProviderModelConfig] = []
         for mwhere in _tables(r, t, where, "models"):
             m = _item(t, mwhere)
-            r.check_keys(m, mwhere, [f.name for f in attrs.fields(ProviderModelConfig)])
+            r.check_keys(m, mwhere, _field_names(ProviderModelConfig))
             _required(r, m, mwhere, "id", "the model id clients name")
             d = ProviderModelConfig(id="")
             model_id = r.string(m, mwhere, "id", "")
@@ -1463,14 +1485,12 @@ def _read_budgets(
     names: set[str] = set()
     for where in _tables(r, gate, gate_path, "budgets"):
         t = _item(gate, where)
-        r.check_keys(t, where, [f.name for f in attrs.fields(BudgetConfig)])
+        r.check_keys(t, where, _field_names(BudgetConfig))
         _required(r, t, where, "name", "e.g. team-a")
         _required(r, t, where, "limit_usd", "the most it may spend per period")
-        name = r.string(t, where, "name", "")
-        if not _APP_ID_RE.fullmatch(name) or name in names:
-            problem = "is used twice" if name in names else "must be 1-63 letters, digits, . _ -"
-            raise r.error((*where, "name"), f"budget name {_describe(name)} {problem}")
-        names.add(name)
+        name = _unique_name(
+            r, t, where, names, _APP_ID_RE, "must be 1-63 letters, digits, . _ -", "budget"
+        )
         budgets.append(
             BudgetConfig(
                 name=name,
@@ -1564,7 +1584,7 @@ def _read_daemon_runtimes(
     names: set[str] = set()
     for where in _tables(r, t, path, "runtime"):
         item = _item(t, where)
-        r.check_keys(item, where, [f.name for f in attrs.fields(DaemonRuntimeConfig)])
+        r.check_keys(item, where, _field_names(DaemonRuntimeConfig))
         _required(r, item, where, "kind", "ollama or openai")
         _required(r, item, where, "url", 'e.g. "http://127.0.0.1:11434"')
         kind = r.string(item, where, "kind", "", choices=_DAEMON_RUNTIME_KINDS)
@@ -1600,7 +1620,7 @@ def _read_daemon_runtimes(
 def _read_daemon(r: _Reader, root: Mapping[str, object]) -> DaemonConfig:
     path: KeyPath = ("daemon",)
     t = r.table(root, path)
-    allowed = [f.name for f in attrs.fields(DaemonConfig) if f.name != "runtimes"]
+    allowed = [n for n in _field_names(DaemonConfig) if n != "runtimes"]
     r.check_keys(t, path, [*allowed, "runtime"])
     d = DaemonConfig()
     model_dirs: list[Path] = []

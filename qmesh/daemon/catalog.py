@@ -109,9 +109,6 @@ class ModelInfo:
         tune = f"-{self.finetune}" if self.finetune else ""
         return f"{self.family}:{self.size_label.lower()}{tune}"
 
-    def kv_bytes(self, context: int) -> int:
-        return self.kv_bytes_per_token * context
-
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         data["equivalence"] = self.equivalence

@@ -38,8 +38,6 @@ __all__ = ["Scheduler", "Slot"]
 
 log = logging.getLogger(__name__)
 
-STATES = ("available", "loading", "loaded", "unloading", "failed")
-
 
 @attrs.define(eq=False)
 class Slot:

@@ -51,7 +51,6 @@ __all__ = [
 KINDS: Final = ("name", "org", "term", "concept", "date", "money", "percent", "number")
 """Mention kinds. ``concept`` is a common-noun phrase that is the object of
 "is a"; ``term`` a quoted expression; the last four are values."""
-VALUE_KINDS: Final = frozenset({"date", "money", "percent", "number"})
 
 
 @attrs.frozen
@@ -632,6 +631,24 @@ def _agents(state: _Sentence, text: str | None) -> list[int]:
     return [i for i in _indexes(text) if state.kind(i) in _AGENT_KINDS]
 
 
+def _add_transitive(
+    state: _Sentence,
+    match: re.Match[str],
+    subjects: list[int],
+    label: str,
+    objects: list[int],
+    consumed: list[tuple[int, int]],
+) -> None:
+    """Record ``label`` between every subject and object of a transitive-verb
+    match, its date facts when the verb takes one, and the span it used."""
+    for s in subjects:
+        for o in objects:
+            state.add(s, label, o)
+    if _TRANSITIVE[label][2]:
+        _date_facts(state, match.start("v"), objects, label)
+    consumed.append(match.span())
+
+
 def _relations(state: _Sentence) -> None:
     masked = state.masked
     consumed: list[tuple[int, int]] = []
@@ -644,24 +661,14 @@ def _relations(state: _Sentence) -> None:
                 objects = _agents(state, match.group("o"))
             if not subjects or not objects:
                 continue
-            for s in subjects:
-                for o in objects:
-                    state.add(s, label, o)
-            if _TRANSITIVE[label][2]:
-                _date_facts(state, match.start("v"), objects, label)
-            consumed.append(match.span())
+            _add_transitive(state, match, subjects, label, objects, consumed)
     for pattern, label in _PASSIVE:
         for match in pattern.finditer(masked):
             objects = _agents(state, match.group("o"))
             if not objects:
                 continue
             subjects = _agents(state, match.group("s"))
-            for s in subjects:
-                for o in objects:
-                    state.add(s, label, o)
-            if _TRANSITIVE[label][2]:
-                _date_facts(state, match.start("v"), objects, label)
-            consumed.append(match.span())
+            _add_transitive(state, match, subjects, label, objects, consumed)
     for pattern, label in _PREPOSITIONS:
         for match in pattern.finditer(masked):
             subjects = _agents(state, match.group("s"))

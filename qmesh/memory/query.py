@@ -69,7 +69,6 @@ _TOKEN_RE: Final = re.compile(r"\w+(?:['’.&-]\w+)*\.?")
 # subject per object): two different values are a conflict between sources.
 _ONE_VALUE: Final = frozenset({"located in", "born in", "born on", "died in", "died on"})
 _ONE_SUBJECT: Final = frozenset({"ceo of", "capital of", "president of", "chairman of"})
-_VALUE_KINDS: Final = frozenset({"date", "money", "percent", "number"})
 
 # Words in a question that point at a predicate with other words in it.
 _PREDICATE_WORDS: Final[dict[str, frozenset[str]]] = {
