@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,6 +48,20 @@ DSNS = (
 )
 
 
+def chat_shape(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """A chat model's family and size, drawn in that order, and the
+    candidate fields they fix."""
+    family = rng.choice(FAMILIES)
+    size = rng.choice(SIZES)
+    fields = {
+        "tasks": CHAT_TASKS,
+        "family": family,
+        "size_class": size,
+        "equivalence": f"{family}:{size}",
+    }
+    return family, size, fields
+
+
 def build(n: int, rng: random.Random) -> Router:
     router = Router()
     skills = [
@@ -65,17 +80,13 @@ def build(n: int, rng: random.Random) -> Router:
     remaining = n - len(skills)
     n_providers = max(10, remaining // 10)
     for i in range(n_providers):
-        family = rng.choice(FAMILIES)
-        size = rng.choice(SIZES)
+        family, size, shape = chat_shape(rng)
         providers.append(
             Candidate(
                 id=f"provider:p{i % 12}/m{i}",
                 kind=PROVIDER,
                 model=f"cloud-{family}-{size}-{i}",
-                tasks=CHAT_TASKS,
-                family=family,
-                size_class=size,
-                equivalence=f"{family}:{size}",
+                **shape,
                 node=f"provider:p{i % 12}",
                 local=False,
                 private=False,
@@ -88,17 +99,13 @@ def build(n: int, rng: random.Random) -> Router:
         )
     for i in range(remaining - n_providers):
         node = f"node-{i // 3}"
-        family = rng.choice(FAMILIES)
-        size = rng.choice(SIZES)
+        family, size, shape = chat_shape(rng)
         daemons.append(
             Candidate(
                 id=f"node:{node}/{family}-{size}-{i % 3}",
                 kind=DAEMON,
                 model=f"{family}-{size}-q4",
-                tasks=CHAT_TASKS,
-                family=family,
-                size_class=size,
-                equivalence=f"{family}:{size}",
+                **shape,
                 node=node,
                 context=rng.choice((2048, 4096, 8192)),
                 local_rate=rng.uniform(0.01, 0.2),

@@ -367,20 +367,21 @@ def _codec_plans(
         for b in batches_in:
             enc(b)
 
-    def q_open() -> None:
-        # A fresh decoder per pass: it insists on sequence numbers from 0.
-        dec = _core.FrameDecoder(key, max_payload=max_payload)
-        feed, next_frames = dec.feed, dec.next_frames
-        for f in single_frames:
-            feed(f)
-            next_frames()
+    def q_opener(wire: list[bytes]) -> Callable[[], None]:
+        """A timed pass that feeds ``wire`` chunk by chunk to a fresh decoder
+        (it insists on sequence numbers from 0), taking the frames after each."""
 
-    def q_open_batch() -> None:
-        dec = _core.FrameDecoder(key, max_payload=max_payload)
-        feed, next_frames = dec.feed, dec.next_frames
-        for b in batch_frames:
-            feed(b)
-            next_frames()
+        def q_open() -> None:
+            dec = _core.FrameDecoder(key, max_payload=max_payload)
+            feed, next_frames = dec.feed, dec.next_frames
+            for chunk in wire:
+                feed(chunk)
+                next_frames()
+
+        return q_open
+
+    q_open = q_opener(single_frames)
+    q_open_batch = q_opener(batch_frames)
 
     def p_seal() -> None:
         seal = py_sealer.seal

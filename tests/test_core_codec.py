@@ -13,9 +13,9 @@ import random
 import threading
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tunnelkit import keypair
 
 from qmesh import _core
 from qmesh._core import (
@@ -40,11 +40,6 @@ from qmesh._core import (
 KEY = bytes(range(32))
 OTHER_KEY = bytes(32)
 PROLOGUE = b"qmesh test prologue"
-
-
-def keypair() -> tuple[bytes, bytes]:
-    private = X25519PrivateKey.generate()
-    return private.private_bytes_raw(), private.public_key().public_bytes_raw()
 
 
 def make_payload(kind: str, size: int, seed: int) -> bytes:
@@ -302,8 +297,9 @@ def test_truncated_then_eof(cut: int) -> None:
 def test_clean_eof() -> None:
     dec = FrameDecoder(KEY)
     dec.eof()
-    decode_all(dec, one_frame())
+    assert decode_all(dec, one_frame()) == [(0x02, 7, 0, FLAG_COMPRESSED, b"x" * 500)]
     dec.eof()
+    assert dec.buffered == 0
 
 
 def test_four_gib_length_is_too_large() -> None:

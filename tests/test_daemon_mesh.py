@@ -239,14 +239,14 @@ async def test_full_queue_is_busy(nursery: trio.Nursery, tmp_path: Path) -> None
             bearer=mesh.gate_dir.bearer, body={**body, "model": GEMMA_ID, "stream": True},
         )  # fmt: skip
         assert status == 429 and error["error"]["code"] == "busy"
+
+        def gate_sees_busy() -> bool:
+            node = mesh.inventory.get("node-a", now=time.time())
+            assert node is not None
+            return node.models[GEMMA_ID].busy
+
         # The Gate hears about the full queue at once, not at the next heartbeat.
-        with trio.fail_after(5):
-            while True:
-                node = mesh.inventory.get("node-a", now=time.time())
-                assert node is not None
-                if node.models[GEMMA_ID].busy:
-                    break
-                await trio.sleep(0.02)
+        await wait_until(gate_sees_busy, 5)
     assert results == ["length", "length"]  # the admitted ones both finished
 
 
@@ -292,15 +292,15 @@ async def test_swapping_under_a_memory_budget(nursery: trio.Nursery, tmp_path: P
     assert loaded == ["model-a"] and pids["model-a"] != pid_a
     assert scheduler.slots["model-b"].evictions == 1 and scheduler.slots["model-a"].loads == 2
     assert scheduler.used_memory() <= 600_000_000
+
+    def gate_sees_swap() -> bool:
+        node = mesh.inventory.get("node-a", now=time.time())
+        assert node is not None
+        states = {m.id: m.state for m in node.models.values()}
+        return states == {"model-a": "loaded", "model-b": "available"}
+
     # And the Gate's inventory says the same.
-    with trio.fail_after(5):
-        while True:
-            node = mesh.inventory.get("node-a", now=time.time())
-            assert node is not None
-            states = {m.id: m.state for m in node.models.values()}
-            if states == {"model-a": "loaded", "model-b": "available"}:
-                break
-            await trio.sleep(0.02)
+    await wait_until(gate_sees_swap, 5)
 
 
 def _running(pid: int) -> bool:

@@ -29,6 +29,7 @@ from daemonkit import (
     require_llama,
     wait_until,
 )
+from processkit import stop
 
 from qmesh.config import load_config
 from qmesh.daemon.errors import BadRequest, RuntimeFailed, UnknownModel
@@ -301,8 +302,7 @@ def llama_server() -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        stop(process, timeout=15)
 
 
 async def test_openai_compatible_adapter(llama_server: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 from daemonkit import http_json, make_gate_dir
+from processkit import free_port as closed_port
 
 from qmesh.config import ConfigError, DiscoveryConfig, load_config
 from qmesh.gate.discovery import Scanner, Target, probe_target, targets_from_config
@@ -112,13 +113,6 @@ def blackhole() -> Iterator[int]:
     for filler in fillers:
         filler.close()
     server.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- a whole scan through a real Gate --------------------------------------------------------------

@@ -5,20 +5,18 @@ provider server, failover, streaming, errors."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import openai
 import pytest
 import trio
 from llmkit import FakeAnthropic, GateApi, paid_model, provider_config, start_api, start_provider
+from pgkit import in_thread
 
 from qmesh.config import RoutingConfig
 from qmesh.finops.ledger import read_rows
-
-T = TypeVar("T")
 
 TEXT = (
     "The city council voted on Tuesday to expand the bus network into the northern suburbs. "
@@ -34,10 +32,6 @@ def client(api: GateApi, app: str = "app-a", **options: Any) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=api.base_url, api_key=api.tokens[app], max_retries=0, timeout=20, **options
     )
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    return await trio.to_thread.run_sync(fn)
 
 
 async def flushed_rows(api: GateApi, at_least: int = 1) -> list[dict[str, Any]]:

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import openai
+import processkit
 import pytest
 import trio
 from daemonkit import (
@@ -39,6 +40,7 @@ class Mesh:
         self.endpoints = endpoints
         self.token = token
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: list[IO[bytes]] = []
 
     @property
     def base_url(self) -> str:
@@ -61,6 +63,7 @@ class Mesh:
             )
         )
         log = (tmp_path / name / "daemon.log").open("wb")
+        self.logs.append(log)
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "qmesh", "--role", "daemon", "--config", str(config)],
             stdout=log,
@@ -79,13 +82,9 @@ class Mesh:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            processkit.stop(process, timeout=10)
+        for log in self.logs:
+            log.close()
 
 
 @pytest.fixture

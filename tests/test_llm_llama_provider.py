@@ -17,6 +17,7 @@ import pytest
 import trio
 from daemonkit import gemma_path, require_llama
 from llmkit import GateApi, paid_model, provider_config, start_api
+from processkit import stop
 
 from qmesh.config import BudgetConfig, RoutingConfig
 from qmesh.finops.ledger import read_rows
@@ -63,8 +64,7 @@ async def llama_port(tmp_path: Path) -> AsyncIterator[int]:
                 break
         yield port
     finally:
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process, timeout=20)
 
 
 async def gate_with_llama(
