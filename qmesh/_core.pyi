@@ -40,6 +40,7 @@ __all__ = [
     "HandshakeError",
     "Malformed",
     "NoiseHandshake",
+    "TunnelEngine",
     "Reordered",
     "Replayed",
     "Tampered",
@@ -157,6 +158,103 @@ class FrameDecoder:
     def eof(self) -> None:
         """The transport ended: raises :class:`Truncated` if bytes of a partial
         frame are buffered."""
+
+@final
+class TunnelEngine:
+    """The per-message path of one tunnel session, on a thread of its own.
+
+    Owns, while attached, the connection's socket (Python keeps the socket
+    object and closes it after :meth:`detach`), the codec, retention of
+    unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
+    Everything else arrives through :meth:`take`; ``notify_fd`` becomes
+    readable when there is something to take.
+    """
+
+    def __new__(
+        cls,
+        *,
+        ack_every: int = 32,
+        ack_delay: float = 0.01,
+        max_unacked: int = 268435456,
+        read_size: int = 262144,
+        chunk_size: int = 65536,
+        tap_delay: float = 0.02,
+        tap_batch: int = 256,
+    ) -> Self: ...
+    @property
+    def notify_fd(self) -> int: ...
+    def stats(self) -> tuple[int, int, int, int, int, int, int, bool]:
+        """``(recv_next, send_next, retained_frames, retained_bytes, bytes_sent,
+        bytes_received, native_streams, attached)``."""
+
+    def silent_for(self) -> float:
+        """Seconds since the tunnel socket last delivered bytes."""
+
+    def acknowledge(self, peer_recv_next: int) -> None:
+        """Apply the peer's ``recv_next`` from a handshake (ValueError if it
+        does not fit what was sent)."""
+
+    def attach(
+        self, fd: int, encoder: FrameEncoder, decoder: FrameDecoder, initial: bytes
+    ) -> None:
+        """Carry the session over the connected socket ``fd``. Takes the codec
+        (the Python objects are unusable afterwards); resends what the peer
+        has not acknowledged; ``initial`` is what was read past the handshake."""
+
+    def detach(self) -> None:
+        """Stop using the current connection's socket (safe to close after this)."""
+
+    def send(self, frames: Sequence[tuple[int, int, bytes]]) -> None:
+        """Seal and send ``(frame_type, stream_id, payload)`` frames, or keep the
+        reliable ones for the next connection while none is attached."""
+
+    def take(
+        self,
+    ) -> tuple[
+        list[tuple[int, int, bytes]],
+        list[tuple[int, list[tuple[float, bool, int, bytes]]]],
+        list[tuple[int, tuple[str, int, str, int, bool, bool]]],
+        tuple[str, str] | None,
+    ]:
+        """``(frames, taps, ended, error)``: frames for Python to dispatch,
+        ``(stream_id, records)`` from native streams' scanners, ``(stream_id,
+        outcome)`` of native streams that ended, and the current connection's
+        error as ``("lost" | "protocol", message)``. Handle taps, then endings,
+        then frames (a frame for a stream can follow the stream's ending).
+        A tap record is ``(time.monotonic() when seen, came from the tunnel,
+        type byte, message)``; an outcome ``(ending, code, detail, credit,
+        eof_sent, eof_received)``."""
+
+    def attach_native(
+        self,
+        stream_id: int,
+        fd: int,
+        *,
+        credit: int,
+        window: int,
+        to_socket: bytes = ...,
+        consumed: int = 0,
+        eof_received: bool = False,
+        end_on_socket_eof: bool = False,
+        pg_frontend: tuple[bytes, bytes] | None = None,
+        pg_backend: bytes | None = None,
+    ) -> None:
+        """Relay stream ``stream_id`` natively between the tunnel and the
+        connected, non-blocking socket ``fd`` until it ends (reported by
+        :meth:`take`). The other arguments carry the stream's state over.
+        ``pg_frontend=(full, peek)`` scans the bytes from the tunnel as a
+        Postgres client's, ``pg_backend=full`` those from the socket as a
+        server's, reporting those kinds as taps."""
+
+    def abort_native(self, stream_id: int) -> tuple[str, int, str, int, bool, bool] | None:
+        """Take a native stream back: its socket is unwatched when this returns.
+        None if it had already ended (its ending is, or was, in :meth:`take`)."""
+
+    def lose(self) -> None:
+        """The session is over: drop retained frames and every native stream."""
+
+    def close(self) -> None:
+        """Stop the engine's thread (also happens when the object is collected)."""
 
 @final
 class NoiseHandshake:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
+import struct
 
 import pytest
 import trio
@@ -19,6 +22,7 @@ from tunnelkit import (
     until,
 )
 
+from qmesh import _core
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
 
 
@@ -304,21 +308,40 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
     from qmesh.tunnel import session as session_module
 
     monkeypatch.setattr(session_module, "MAX_UNACKED_BYTES", 2_000_000)
+    original = session_module.Session._new_engine
 
-    async def sink(stream: TunnelStream) -> None:
-        while await stream.receive_some():
-            pass
+    def mute_gate(self: session_module.Session) -> _core.TunnelEngine:
+        if self.initiator:
+            return original(self)
+        # As if the Gate read everything but never acknowledged any of it.
+        return _core.TunnelEngine(ack_every=2**40, ack_delay=3600.0)
 
-    gate = await start_gate(nursery, {"sink": sink})
-    edge = await start_edge(nursery, gate, "edge-n")
+    monkeypatch.setattr(session_module.Session, "_new_engine", mute_gate)
+    hold = trio.Event()
+
+    async def hold_service(stream: TunnelStream) -> None:
+        await hold.wait()  # never reads, so no WINDOW frame carries an ACK either
+
+    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
+    gate = await start_gate(nursery, {"hold": hold_service}, settings=quiet)
+    edge = await start_edge(nursery, gate, "edge-n", settings=quiet)
     await edge.wait_connected()
-    # As if the Gate read everything but never acknowledged any of it.
-    monkeypatch.setattr(edge.session, "_on_ack", lambda recv_next: None)
-    stream = await edge.open_stream({"service": "sink"})
-    with trio.fail_after(10), pytest.raises(StreamReset):
-        while True:
-            await stream.send_all(os.urandom(65536))
-    assert edge.session is not None and edge.session.lost
+    session = edge.session
+    assert session is not None
+
+    async def fill(stream: TunnelStream) -> None:
+        with contextlib.suppress(StreamReset):
+            await stream.send_all(os.urandom(256 * 1024))  # its whole initial credit
+
+    streams = [await edge.open_stream({"service": "hold"}) for _ in range(12)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            for stream in streams:
+                inner.start_soon(fill, stream)
+        await until(lambda: session.lost)
+    with pytest.raises(StreamReset):
+        await streams[0].receive_some()
+    hold.set()
 
 
 async def test_one_way_traffic_is_acknowledged_without_data_going_back(
@@ -339,10 +362,10 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
     session = edge.session
     assert session is not None
     for _ in range(3):
-        sent_before = session._send_next
+        sent_before = session.send_next
 
         def sent_and_acknowledged(sent_before: int = sent_before) -> bool:
-            return session._send_next > sent_before and not session._retained
+            return session.send_next > sent_before and not session.retained_frames
 
         await stream.send_all(b"one small message")
         with trio.fail_after(1):  # ACK_DELAY is 10 ms
@@ -351,57 +374,85 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
     for _ in range(200):  # past ACK_EVERY frames in one burst
         await stream.send_all(b"x")
     with trio.fail_after(1):
-        await until(lambda: not session._retained)
+        await until(lambda: not session.retained_frames)
 
 
-async def test_a_failing_direct_sink_resets_only_its_stream(nursery: trio.Nursery) -> None:
-    parked = trio.Event()
+async def test_a_native_relay_whose_socket_fails_resets_only_its_stream(
+    nursery: trio.Nursery,
+) -> None:
+    from qmesh.gate.forward import ForwardService
 
-    async def reader(stream: TunnelStream) -> None:
-        def broken(data: bytes) -> int:
-            raise RuntimeError("a bug in a relay")
+    async def abort_after_first_bytes(sock: trio.SocketStream) -> None:
+        await sock.receive_some()
+        # Close with RST: the Gate's native relay meets ECONNRESET.
+        sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.socket.close()
 
-        stream.direct_sink = broken
-        parked.set()
-        with pytest.raises(StreamReset):
-            await stream.receive_some()
-
-    gate = await start_gate(nursery, {"reader": reader, "echo": echo_service})
+    listeners = await nursery.start(trio.serve_tcp, abort_after_first_bytes, 0)
+    port = listeners[0].socket.getsockname()[1]
+    forward = ForwardService([f"127.0.0.1:{port}"])
+    gate = await start_gate(nursery, {"forward": forward, "echo": echo_service})
     edge = await start_edge(nursery, gate, "edge-s")
-    victim = await edge.open_stream({"service": "reader"})
+    victim = await edge.open_stream({"service": "forward", "target": f"127.0.0.1:{port}"})
     bystander = await edge.open_stream({"service": "echo"})
     with trio.fail_after(10):
-        await parked.wait()  # the reader waits with its sink set
         await victim.send_all(b"hello")
         with pytest.raises(StreamReset):
             while await victim.receive_some():
                 pass
         assert await roundtrip(bystander, b"still here") == b"still here"
+        (gate_session,) = gate.server.sessions.values()
+        await until(lambda: gate_session.native_streams == 0)
     assert edge.session is not None and not edge.session.lost
 
 
-async def test_an_ack_waiting_for_a_busy_writer_does_not_spin(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+async def test_native_relays_keep_each_streams_bytes_and_flow_control(
+    nursery: trio.Nursery,
 ) -> None:
-    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
-    gate = await start_gate(nursery, settings=quiet)
-    edge = await start_edge(nursery, gate, "edge-w", settings=quiet)
-    stream = await edge.open_stream({"service": "echo"})
+    """Several native relays at once, one of them with a reader that stalls:
+    every stream is byte-exact and the stall holds back only its own stream."""
+    from qmesh.gate.forward import ForwardService
+    from qmesh.minigate.forward import serve_forward
+
+    async def echo_tcp(sock: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await sock.receive_some(65536):
+                await sock.send_all(data)
+            await sock.send_eof()
+        await sock.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, echo_tcp, 0)
+    target = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    gate = await start_gate(nursery, {"forward": ForwardService([target])})
+    edge = await start_edge(nursery, gate, "edge-r")
+    local_port = await nursery.start(serve_forward, edge, "127.0.0.1:0", target)
+    stalled = await trio.open_tcp_stream("127.0.0.1", local_port)
+    await stalled.send_all(os.urandom(8 * 1024 * 1024))  # echoed into a reader that never reads
+    results: dict[int, bool] = {}
+
+    async def exchange(i: int) -> None:
+        payload = os.urandom(3 * 1024 * 1024 + i)
+        app = await trio.open_tcp_stream("127.0.0.1", local_port)
+        received = bytearray()
+
+        async def send() -> None:
+            await app.send_all(payload)
+            await app.send_eof()
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send)
+            while data := await app.receive_some(65536):
+                received.extend(data)
+        await app.aclose()
+        results[i] = bytes(received) == payload
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            for i in range(4):
+                inner.start_soon(exchange, i)
+    assert results == {0: True, 1: True, 2: True, 3: True}
     session = edge.session
-    assert session is not None
-    kicks = 0
-    kick = session._kick
-
-    def counting_kick() -> None:
-        nonlocal kicks
-        kicks += 1
-        kick()
-
-    await stream.send_all(b"ping")
-    assert await stream.receive_some() == b"ping"  # unacknowledged now
-    # As if the writer were stuck in a send to a full socket.
-    monkeypatch.setattr(session, "_writer_busy", True)
-    monkeypatch.setattr(session, "_wake", lambda: None)
-    monkeypatch.setattr(session, "_kick", counting_kick)
-    await trio.sleep(0.3)
-    assert session._ack_due() and 1 <= kicks <= 0.3 / 0.01 + 5
+    assert session is not None and session.native_streams == 1  # the stalled one
+    await stalled.aclose()
+    with trio.fail_after(10):
+        await until(lambda: session.native_streams == 0)

@@ -41,8 +41,36 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = 65536) 
     If either side fails, both are closed at once (a tunnel stream closed early
     sends RESET, so the far end learns of the failure instead of a clean EOF).
     Closes both streams before returning; never raises for a broken stream.
-    """
 
+    A tunnel stream spliced to a plain TCP socket is relayed by the session's
+    engine (:meth:`TunnelStream.relay_native`): no Python per message.
+    """
+    try:
+        pair = _native_pair(a, b)
+        if pair is not None:
+            stream, sock = pair
+            outcome = await stream.relay_native(sock)
+            if outcome.failed:
+                log.debug("relay ended: %s %s", outcome.ending, outcome.detail)
+            return
+        await _pump_both(fast(a), fast(b), chunk)
+    finally:
+        await trio.aclose_forcefully(a)
+        await trio.aclose_forcefully(b)
+
+
+def _native_pair(
+    a: trio.abc.Stream, b: trio.abc.Stream
+) -> tuple[TunnelStream, trio.SocketStream | FastSocketStream] | None:
+    for stream, sock in ((a, b), (b, a)):
+        if isinstance(stream, TunnelStream) and isinstance(
+            sock, trio.SocketStream | FastSocketStream
+        ):
+            return stream, sock
+    return None
+
+
+async def _pump_both(a: trio.abc.Stream, b: trio.abc.Stream, chunk: int) -> None:
     async def pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         try:
             while data := await source.receive_some(chunk):
@@ -55,27 +83,6 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = 65536) 
             log.debug("relay ended: %s", exc)
             nursery.cancel_scope.cancel()
 
-    a, b = fast(a), fast(b)
-    for source, sink in ((a, b), (b, a)):
-        if isinstance(source, TunnelStream) and isinstance(sink, FastSocketStream):
-            source.direct_sink = _nowait_sender(sink)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b)
-            nursery.start_soon(pump, b, a)
-    finally:
-        await trio.aclose_forcefully(a)
-        await trio.aclose_forcefully(b)
-
-
-def _nowait_sender(sink: FastSocketStream) -> Callable[[bytes], int]:
-    """A TunnelStream ``direct_sink`` writing to ``sink``: a failure takes
-    nothing, so the relay's own send meets it and ends the relay."""
-
-    def send(data: bytes) -> int:
-        try:
-            return sink.send_nowait(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return 0
-
-    return send
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, a, b)
+        nursery.start_soon(pump, b, a)

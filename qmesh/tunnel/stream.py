@@ -7,6 +7,11 @@ only its own stream, never the connection.
 
 A stream ends cleanly when both sides have sent CLOSE; ``aclose`` before that
 sends RESET so the peer learns that nobody will read what it sends.
+
+A stream relayed to a plain socket can be handed to the session's engine
+(:meth:`TunnelStream.relay_native`): from then until it ends, its frames never
+reach Python. Its state (credit, windows, half-closes) goes with it and comes
+back when it ends, so the protocol seen by the peer is the same either way.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
-from qmesh.fastsocket import YieldBudget
+from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
     INITIAL_WINDOW,
@@ -32,6 +37,25 @@ if TYPE_CHECKING:
     from qmesh.tunnel.session import Session
 
 log = logging.getLogger(__name__)
+
+TapRecord = tuple[float, bool, int, bytes]
+"""A Postgres message a native stream's scanner saw: ``(time.monotonic()
+when seen, came from the tunnel, type byte, message with header)``."""
+
+
+class NativeOutcome(NamedTuple):
+    """How a native relay ended (see ``qmesh._core.TunnelEngine``)."""
+
+    ending: str  # clean, socket_eof, reset, protocol, socket, postgres, aborted
+    code: int  # the peer's reset code, for "reset"
+    detail: str
+    credit: int
+    eof_sent: bool
+    eof_received: bool
+
+    @property
+    def failed(self) -> bool:
+        return self.ending not in ("clean", "socket_eof")
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
@@ -49,14 +73,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._recv_buffered = 0
         self._recv_eof = False
         self._consumed_unreported = 0
-        self.direct_sink: Callable[[bytes], int] | None = None
-        """Takes arriving bytes straight from the session's reader while the
-        receiving task is parked, saving a task switch per message; returns
-        how many it took (the rest is queued for the receiver as usual).
-        Whoever sets it must be the one task that receives from this stream.
-        It runs only while that task waits inside :meth:`receive_some`, so
-        never between a receive and the send that forwards it. Should it
-        raise, only this stream is reset."""
+        # Set while the engine relays this stream natively.
+        self._native_done: trio.Event | None = None
+        self._native_outcome: NativeOutcome | None = None
+        self._on_tap: Callable[[list[TapRecord]], None] | None = None
         # Send side.
         self._send_credit = INITIAL_WINDOW
         self._eof_sent = False
@@ -147,6 +167,65 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
+    async def relay_native(
+        self,
+        sock: trio.SocketStream | FastSocketStream,
+        *,
+        end_on_socket_eof: bool = False,
+        pg_frontend: tuple[bytes, bytes] | None = None,
+        pg_backend: bytes | None = None,
+        on_tap: Callable[[list[TapRecord]], None] | None = None,
+    ) -> NativeOutcome:
+        """Relay this stream to the connected ``sock`` in the engine, both
+        ways, until it ends; half-closes pass on as in
+        :func:`qmesh.tunnel.services.splice`. With ``end_on_socket_eof`` it
+        ends (after sending CLOSE) when the socket reaches end of stream.
+
+        ``pg_frontend=(full, peek)`` checks the bytes from the tunnel as a
+        Postgres client's messages and reports those kinds to ``on_tap``
+        (``pg_backend=full``: the socket's bytes, as the server's); a bad
+        message ends the relay ("postgres") before it reaches the socket.
+
+        Cancelling takes the stream back at once. The caller still owns both
+        ends: it closes the socket and this stream afterwards.
+        """
+        if self._sending or self._receiving:
+            raise trio.BusyResourceError("another task is using this stream")
+        self._check_sendable()
+        to_socket = b"".join(self._recv_chunks)
+        self._recv_chunks.clear()
+        self._recv_buffered = 0
+        self._native_done = done = trio.Event()
+        self._native_outcome = None
+        self._on_tap = on_tap
+        self._sending = self._receiving = True
+        try:
+            self.session.attach_native(
+                self,
+                sock.socket.fileno(),
+                credit=self._send_credit,
+                window=self._window,
+                to_socket=to_socket,
+                consumed=self._consumed_unreported,
+                eof_received=self._recv_eof,
+                end_on_socket_eof=end_on_socket_eof,
+                pg_frontend=pg_frontend,
+                pg_backend=pg_backend,
+            )
+            try:
+                await done.wait()
+            except BaseException:
+                outcome = self.session.abort_native(self.id)
+                if outcome is not None:
+                    self.on_native_end(outcome)
+                raise
+        finally:
+            self._sending = self._receiving = False
+            self._native_done = None
+            self._on_tap = None
+        assert self._native_outcome is not None
+        return self._native_outcome
+
     def reset(self, code: ResetCode, reason: str) -> None:
         """Abort both directions and tell the peer why."""
         if self._closed or self._reset is not None:
@@ -162,18 +241,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return True  # in flight when we gave up on the stream; drop it
         if self._recv_eof or self._recv_buffered + len(payload) > self._window:
             return False
-        if self.direct_sink is not None and self._receiving and not self._recv_chunks:
-            try:
-                taken = self.direct_sink(payload)
-            except Exception:
-                # A bug in one relay must not take the session's reader (and
-                # every other stream) down with it: end only this stream.
-                log.exception("the relay of stream %d failed", self.id)
-                self.reset(ResetCode.INTERNAL, "the relay failed")
-                return True
-            if taken:
-                self._consumed(taken)
-                payload = payload[taken:]
         if payload:
             self._recv_chunks.append(payload)
             self._recv_buffered += len(payload)
@@ -191,6 +258,36 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def on_reset(self, code: int, reason: str) -> None:
         self._fail(StreamReset(code, reason))
+        if self._native_done is not None:
+            # The session is over; the engine has dropped the native relay.
+            self._native_outcome = NativeOutcome(
+                "reset", code, reason, 0, self._eof_sent, self._recv_eof
+            )
+            self._native_done.set()
+
+    def on_tap(self, records: list[TapRecord]) -> None:
+        if self._on_tap is None:
+            return
+        try:
+            self._on_tap(records)
+        except Exception:
+            # A bug in one relay's audit must not take the session's pump
+            # (and every other stream) down with it.
+            log.exception("the audit tap of stream %d failed", self.id)
+
+    def on_native_end(self, outcome: NativeOutcome) -> None:
+        """The engine gave the stream back: carry on from its state."""
+        self._send_credit = outcome.credit
+        self._eof_sent = self._eof_sent or outcome.eof_sent
+        self._recv_eof = self._recv_eof or outcome.eof_received
+        if outcome.ending == "reset":
+            self._fail(StreamReset(outcome.code, outcome.detail))
+        elif outcome.ending == "protocol":  # the engine has sent RESET
+            self._fail(StreamReset(ResetCode.PROTOCOL_ERROR, outcome.detail))
+        self._forget_if_finished()
+        if self._native_done is not None:
+            self._native_outcome = outcome
+            self._native_done.set()
 
     def _fail(self, error: StreamReset) -> None:
         if self._reset is None:

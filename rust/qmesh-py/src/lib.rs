@@ -26,6 +26,7 @@ use pyo3::exceptions::{PyException, PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyTuple};
 
+mod engine;
 mod pg;
 
 use qmesh_wire as wire;
@@ -200,7 +201,27 @@ fn encode_frames<'py>(
 /// (type < 0x10) continue from ``reliable_seq``; control frames start at 0.
 #[pyclass(module = "qmesh._core", name = "FrameEncoder")]
 pub struct FrameEncoder {
-    inner: wire::FrameEncoder,
+    /// `None` once handed to a `TunnelEngine`.
+    inner: Option<wire::FrameEncoder>,
+}
+
+fn handed_over() -> PyErr {
+    PyValueError::new_err("this codec was handed to a TunnelEngine")
+}
+
+impl FrameEncoder {
+    fn codec(&self) -> PyResult<&wire::FrameEncoder> {
+        self.inner.as_ref().ok_or_else(handed_over)
+    }
+
+    fn codec_mut(&mut self) -> PyResult<&mut wire::FrameEncoder> {
+        self.inner.as_mut().ok_or_else(handed_over)
+    }
+
+    /// Give the codec to an engine; the Python object is unusable afterwards.
+    pub(crate) fn take(&mut self) -> PyResult<wire::FrameEncoder> {
+        self.inner.take().ok_or_else(handed_over)
+    }
 }
 
 #[pymethods]
@@ -228,18 +249,18 @@ impl FrameEncoder {
             min_compress,
         };
         Ok(FrameEncoder {
-            inner: wire::FrameEncoder::new(key, config)?,
+            inner: Some(wire::FrameEncoder::new(key, config)?),
         })
     }
 
     #[getter]
-    fn next_reliable_seq(&self) -> u64 {
-        self.inner.next_reliable_seq()
+    fn next_reliable_seq(&self) -> PyResult<u64> {
+        Ok(self.codec()?.next_reliable_seq())
     }
 
     #[getter]
-    fn next_control_seq(&self) -> u64 {
-        self.inner.next_control_seq()
+    fn next_control_seq(&self) -> PyResult<u64> {
+        Ok(self.codec()?.next_control_seq())
     }
 
     /// One frame, header and ciphertext. Raises ValueError for a bad type
@@ -258,7 +279,7 @@ impl FrameEncoder {
             stream_id,
             payload: &payload,
         }];
-        encode_frames(py, &mut self.inner, &frames, payload.len())
+        encode_frames(py, self.codec_mut()?, &frames, payload.len())
     }
 
     /// Many frames ``(frame_type, stream_id, payload)`` concatenated in one
@@ -289,15 +310,18 @@ impl FrameEncoder {
             })
             .collect();
         let total = payloads.iter().map(|p| p.len()).sum();
-        encode_frames(py, &mut self.inner, &refs, total)
+        encode_frames(py, self.codec_mut()?, &refs, total)
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<FrameEncoder next_reliable_seq={} next_control_seq={}>",
-            self.inner.next_reliable_seq(),
-            self.inner.next_control_seq()
-        )
+        match &self.inner {
+            Some(codec) => format!(
+                "<FrameEncoder next_reliable_seq={} next_control_seq={}>",
+                codec.next_reliable_seq(),
+                codec.next_control_seq()
+            ),
+            None => "<FrameEncoder handed to a TunnelEngine>".into(),
+        }
     }
 }
 
@@ -312,7 +336,23 @@ type PyFrame<'py> = (u8, u32, u64, u8, Bound<'py, PyBytes>);
 /// the same error kind again.
 #[pyclass(module = "qmesh._core", name = "FrameDecoder")]
 pub struct FrameDecoder {
-    inner: wire::FrameDecoder,
+    /// `None` once handed to a `TunnelEngine`.
+    inner: Option<wire::FrameDecoder>,
+}
+
+impl FrameDecoder {
+    fn codec(&self) -> PyResult<&wire::FrameDecoder> {
+        self.inner.as_ref().ok_or_else(handed_over)
+    }
+
+    fn codec_mut(&mut self) -> PyResult<&mut wire::FrameDecoder> {
+        self.inner.as_mut().ok_or_else(handed_over)
+    }
+
+    /// Give the codec to an engine; the Python object is unusable afterwards.
+    pub(crate) fn take(&mut self) -> PyResult<wire::FrameDecoder> {
+        self.inner.take().ok_or_else(handed_over)
+    }
 }
 
 #[pymethods]
@@ -325,31 +365,31 @@ impl FrameDecoder {
             max_payload,
         };
         Ok(FrameDecoder {
-            inner: wire::FrameDecoder::new(key, config)?,
+            inner: Some(wire::FrameDecoder::new(key, config)?),
         })
     }
 
     #[getter]
-    fn next_reliable_seq(&self) -> u64 {
-        self.inner.next_reliable_seq()
+    fn next_reliable_seq(&self) -> PyResult<u64> {
+        Ok(self.codec()?.next_reliable_seq())
     }
 
     #[getter]
-    fn next_control_seq(&self) -> u64 {
-        self.inner.next_control_seq()
+    fn next_control_seq(&self) -> PyResult<u64> {
+        Ok(self.codec()?.next_control_seq())
     }
 
     /// Bytes held that do not yet make a complete frame.
     #[getter]
-    fn buffered(&self) -> usize {
-        self.inner.buffered()
+    fn buffered(&self) -> PyResult<usize> {
+        Ok(self.codec()?.buffered())
     }
 
     fn feed(&mut self, data: &Bound<'_, PyAny>) -> Result<()> {
         // A plain copy into our buffer; no parsing happens here, so there
         // is nothing worth releasing the GIL for.
         let data = input(data)?;
-        Ok(self.inner.feed(&data)?)
+        Ok(self.codec_mut()?.feed(&data)?)
     }
 
     /// All complete frames (at most ``limit`` when > 0). If a bad frame
@@ -358,7 +398,7 @@ impl FrameDecoder {
     #[pyo3(signature = (limit = 0))]
     fn next_frames<'py>(&mut self, py: Python<'py>, limit: i64) -> Result<Vec<PyFrame<'py>>> {
         let limit = usize::try_from(limit).unwrap_or(0);
-        let inner = &mut self.inner;
+        let inner = self.codec_mut()?;
         let frames = if inner.buffered() >= DETACH_THRESHOLD {
             py.detach(|| inner.next_frames(limit))?
         } else {
@@ -381,16 +421,19 @@ impl FrameDecoder {
     /// The transport ended: raises :class:`Truncated` if bytes of a partial
     /// frame are buffered.
     fn eof(&mut self) -> Result<()> {
-        Ok(self.inner.eof()?)
+        Ok(self.codec_mut()?.eof()?)
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<FrameDecoder next_reliable_seq={} next_control_seq={} buffered={}>",
-            self.inner.next_reliable_seq(),
-            self.inner.next_control_seq(),
-            self.inner.buffered()
-        )
+        match &self.inner {
+            Some(codec) => format!(
+                "<FrameDecoder next_reliable_seq={} next_control_seq={} buffered={}>",
+                codec.next_reliable_seq(),
+                codec.next_control_seq(),
+                codec.buffered()
+            ),
+            None => "<FrameDecoder handed to a TunnelEngine>".into(),
+        }
     }
 }
 
@@ -490,8 +533,12 @@ impl NoiseHandshake {
         };
         let (encoder, decoder) = self.inner.into_codec(send, recv)?;
         Ok((
-            FrameEncoder { inner: encoder },
-            FrameDecoder { inner: decoder },
+            FrameEncoder {
+                inner: Some(encoder),
+            },
+            FrameDecoder {
+                inner: Some(decoder),
+            },
         ))
     }
 
@@ -545,6 +592,7 @@ mod _core {
         m.add("Malformed", py.get_type::<Malformed>())?;
         m.add("HandshakeError", py.get_type::<HandshakeError>())?;
         pg::register(m)?;
+        engine::register(m)?;
         Ok(())
     }
 }

@@ -1,0 +1,1255 @@
+//! The tunnel engine: one thread per session that owns the per-message path.
+//!
+//! Python (Trio) keeps the session's meaning: handshakes, which streams exist,
+//! services, policy, heartbeats. The engine keeps what every message touches:
+//!
+//! * the tunnel socket of the current connection (reads, opens, dispatches;
+//!   seals and writes, batching everything that became ready in one round);
+//! * the reliable counters: retention of sealed frames until acknowledged,
+//!   `recv_next`, and ACKs (piggybacked, or alone after `ack_delay`);
+//! * PING → PONG;
+//! * **native streams**: a tunnel stream whose other end is a plain socket
+//!   (a relayed Postgres connection, a TCP forward). Their DATA, WINDOW,
+//!   CLOSE and RESET frames never reach Python: bytes go from the tunnel to
+//!   the socket and back with per-stream credit flow control exactly as
+//!   `qmesh/tunnel/stream.py` does it. A stream may carry Postgres scanners
+//!   (`qmesh-pg`) that check framing and collect the messages an audit needs
+//!   ("taps", delivered to Python in batches, stamped with the time seen).
+//!
+//! Every other frame goes up to Python as an [`Event`], with a wake-up on an
+//! eventfd Trio waits on. The invariants of `qmesh/tunnel/session.py` hold
+//! unchanged: a reliable frame is retained from sealing until acknowledged;
+//! `recv_next` moves only once a frame has been dispatched (to a socket, or
+//! into the event queue, which belongs to the session and outlives the
+//! connection); control frames belong to one connection.
+//!
+//! Locking: all state sits behind one mutex, taken by the engine thread for a
+//! round and by Python's thread for a call. The engine thread never touches
+//! the GIL, so a Python thread blocking on the mutex while holding the GIL
+//! cannot deadlock against it.
+//!
+//! Sockets are borrowed, never owned: Python keeps each socket object alive
+//! and closes it only after the engine has stopped watching it
+//! ([`Engine::detach`], a native stream's end or [`Engine::abort_native`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use qmesh_pg as pg;
+use qmesh_wire::{FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
+
+use crate::sys::{self, Epoll, EventFd, BROKEN, READABLE, WRITABLE};
+
+/// Frame types the engine acts on (see `qmesh/tunnel/frames.py`).
+pub mod frame_type {
+    pub const DATA: u8 = 0x02;
+    pub const CLOSE: u8 = 0x03;
+    pub const RESET: u8 = 0x04;
+    pub const WINDOW: u8 = 0x05;
+    pub const ACK: u8 = 0x10;
+    pub const PING: u8 = 0x11;
+    pub const PONG: u8 = 0x12;
+}
+use frame_type::*;
+
+/// Reset code for a stream that broke flow control (`ResetCode.PROTOCOL_ERROR`).
+const RESET_PROTOCOL_ERROR: u16 = 4;
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_TUNNEL: u64 = 1;
+const TOKEN_FIRST_STREAM: u64 = 2;
+
+/// While this much sealed data waits for the tunnel socket, native streams
+/// stop reading their sockets (credit alone would allow a window per stream).
+const UNSENT_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Bytes read from one native socket per round, so one busy stream cannot
+/// delay the others' turns.
+const NATIVE_READS_PER_ROUND: usize = 4;
+
+/// Tuning, fixed for an engine's life.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Acknowledge at once when this many reliable frames are unacknowledged...
+    pub ack_every: u64,
+    /// ...else at most this long after the first one arrived.
+    pub ack_delay: Duration,
+    /// A peer leaving more than this many bytes unacknowledged is broken.
+    pub max_unacked: usize,
+    /// Bytes asked of the tunnel socket per read.
+    pub read_size: usize,
+    /// Largest DATA payload a native stream sends.
+    pub chunk_size: usize,
+    /// Tap records wait at most this long before Python is woken for them...
+    pub tap_delay: Duration,
+    /// ...or until this many are waiting.
+    pub tap_batch: usize,
+}
+
+/// Why the current connection cannot carry the session any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnError {
+    /// The network failed or the peer hung up: the session may resume.
+    Lost(String),
+    /// The peer broke the protocol: resending the same frames would break it
+    /// again, so the session is over.
+    Protocol(String),
+}
+
+/// A Postgres message a native stream's scanner reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TapRecord {
+    /// `time.monotonic()` when the engine saw it.
+    pub at: f64,
+    /// Arrived from the tunnel (the client), else from the socket (the server).
+    pub from_tunnel: bool,
+    pub tag: u8,
+    /// The message, header included (a prefix for a peek kind).
+    pub raw: Vec<u8>,
+}
+
+/// How a native stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Both directions closed, everything delivered.
+    Clean,
+    /// The socket reached end of stream on a stream asked to end there.
+    SocketEof,
+    /// The peer reset the stream.
+    Reset { code: u16, reason: String },
+    /// The peer broke flow control; the engine sent RESET.
+    Protocol(String),
+    /// The socket failed.
+    Socket(String),
+    /// A Postgres scanner rejected the bytes (framing, size, truncation);
+    /// what came before the bad message was relayed, nothing after it.
+    Postgres(String),
+    /// Python took the stream back ([`Engine::abort_native`]) or the session ended.
+    Aborted,
+}
+
+/// A native stream's end, with what Python needs to carry on with the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// Send credit left.
+    pub credit: u64,
+    /// CLOSE was sent (the socket reached end of stream).
+    pub eof_sent: bool,
+    /// CLOSE was received.
+    pub eof_received: bool,
+}
+
+/// What the engine hands up to Python.
+#[derive(Debug)]
+pub enum Event {
+    /// A frame for Python to dispatch.
+    Frame {
+        frame_type: u8,
+        stream_id: u32,
+        payload: Bytes,
+    },
+    /// Postgres messages a native stream's scanners reported, in order.
+    Tap {
+        stream_id: u32,
+        records: Vec<TapRecord>,
+    },
+    /// A native stream ended; its socket is no longer watched.
+    Ended { stream_id: u32, outcome: Outcome },
+}
+
+/// Postgres scanning for a native stream (the Gate's side of a session).
+#[derive(Debug, Clone, Default)]
+pub struct PgTap {
+    /// Scan the client's messages (tunnel → socket): `Some((full, peek))`
+    /// kinds to report; framing and limits are checked even when both are empty.
+    pub frontend: Option<(Vec<u8>, Vec<u8>)>,
+    /// Scan the server's messages (socket → tunnel), reporting these kinds whole.
+    pub backend: Option<Vec<u8>>,
+}
+
+/// A stream to relay natively, with the state Python had for it.
+#[derive(Debug, Clone)]
+pub struct NativeSpec {
+    pub stream_id: u32,
+    pub fd: RawFd,
+    /// Bytes that arrived for the stream before; written to the socket first.
+    pub to_socket: Vec<u8>,
+    /// Send credit the stream has.
+    pub credit: u64,
+    /// Receive window the stream granted.
+    pub window: u64,
+    /// Bytes consumed but not yet reported in a WINDOW frame.
+    pub consumed: u64,
+    /// The peer has already sent CLOSE.
+    pub eof_received: bool,
+    /// End the stream (sending CLOSE) as soon as the socket reaches end of
+    /// stream, instead of waiting for the peer's CLOSE too.
+    pub end_on_socket_eof: bool,
+    pub tap: PgTap,
+}
+
+struct Conn {
+    fd: RawFd,
+    encoder: FrameEncoder,
+    decoder: FrameDecoder,
+    /// Sealed bytes not yet written, from `written` on.
+    unsent: Vec<u8>,
+    written: usize,
+    interest: u32,
+    error: Option<ConnError>,
+}
+
+impl Conn {
+    fn backlog(&self) -> usize {
+        self.unsent.len() - self.written
+    }
+}
+
+struct Retained {
+    seq: u64,
+    frame_type: u8,
+    stream_id: u32,
+    payload: Bytes,
+}
+
+struct Native {
+    fd: RawFd,
+    credit: u64,
+    window: u64,
+    consumed: u64,
+    to_socket: VecDeque<Bytes>,
+    to_socket_len: usize,
+    socket_eof: bool,
+    eof_received: bool,
+    shut: bool,
+    end_on_socket_eof: bool,
+    interest: u32,
+    frontend: Option<pg::Scanner>,
+    backend: Option<pg::Scanner>,
+    records: Vec<TapRecord>,
+}
+
+impl Native {
+    /// Feed the scanner for this direction (if any), recording its reports.
+    fn scan(&mut self, data: &[u8], from_tunnel: bool) -> Result<(), String> {
+        let scanner = if from_tunnel { &mut self.frontend } else { &mut self.backend };
+        let Some(scanner) = scanner.as_mut() else {
+            return Ok(());
+        };
+        let mut sink = Recorder {
+            records: &mut self.records,
+            at: sys::monotonic(),
+            from_tunnel,
+        };
+        scanner.feed(data, &mut sink).map_err(|err| err.to_string())
+    }
+
+    /// Write queued bytes to the socket until it would block; then, once
+    /// everything is written and the peer has closed, half-close the socket.
+    fn write_out(&mut self) -> Result<(), String> {
+        while let Some(front) = self.to_socket.front_mut() {
+            match sys::send(self.fd, front) {
+                Ok(n) => {
+                    self.consumed += n as u64;
+                    self.to_socket_len -= n;
+                    if n == front.len() {
+                        self.to_socket.pop_front();
+                    } else {
+                        let _ = front.split_to(n);
+                    }
+                }
+                Err(err) if sys::would_block(&err) => return Ok(()),
+                Err(err) => return Err(format!("send failed: {err}")),
+            }
+        }
+        if self.eof_received && !self.shut {
+            self.shut = true;
+            sys::shutdown_write(self.fd).map_err(|err| format!("shutdown failed: {err}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects a scanner's reports as tap records.
+struct Recorder<'a> {
+    records: &'a mut Vec<TapRecord>,
+    at: f64,
+    from_tunnel: bool,
+}
+
+impl pg::Sink for Recorder<'_> {
+    fn pass(&mut self, _bytes: &[u8]) {}
+
+    fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
+        self.records.push(TapRecord {
+            at: self.at,
+            from_tunnel: self.from_tunnel,
+            tag,
+            raw: raw.to_vec(),
+        });
+    }
+}
+
+type OutFrame = (u8, u32, Bytes);
+
+struct State {
+    config: Config,
+    conn: Option<Conn>,
+    retained: VecDeque<Retained>,
+    retained_bytes: usize,
+    send_next: u64,
+    recv_next: u64,
+    ack_sent: u64,
+    ack_deadline: Option<Instant>,
+    /// Frames the engine made this round (and reliable ones waiting for a
+    /// connection), sealed together at the end of the round.
+    out: Vec<OutFrame>,
+    events: VecDeque<Event>,
+    notified: bool,
+    /// The connection failed and Python has not been told.
+    error_unreported: bool,
+    natives: HashMap<u32, Native>,
+    /// Native streams whose socket interest may have changed this round.
+    dirty: Vec<u32>,
+    /// Sockets of native streams that ended this round, to stop watching
+    /// before the lock is released (Python closes them once it learns).
+    unwatch: Vec<RawFd>,
+    tap_deadline: Option<Instant>,
+    tap_waiting: usize,
+    bytes_sent: u64,
+    bytes_received: u64,
+    last_heard: Instant,
+    closed: bool,
+    read_buf: Vec<u8>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    epoll: Epoll,
+    wake: EventFd,
+    notify: EventFd,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state may still be
+        // used to shut down cleanly, so take it anyway.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The engine of one session; see the module documentation.
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Counters for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub recv_next: u64,
+    pub send_next: u64,
+    pub retained_frames: usize,
+    pub retained_bytes: usize,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub native_streams: usize,
+    pub attached: bool,
+}
+
+impl Engine {
+    pub fn new(config: Config) -> std::io::Result<Engine> {
+        let read_buf = vec![0; config.read_size.max(config.chunk_size)];
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                config,
+                conn: None,
+                retained: VecDeque::new(),
+                retained_bytes: 0,
+                send_next: 0,
+                recv_next: 0,
+                ack_sent: 0,
+                ack_deadline: None,
+                out: Vec::new(),
+                events: VecDeque::new(),
+                notified: false,
+                error_unreported: false,
+                natives: HashMap::new(),
+                dirty: Vec::new(),
+                unwatch: Vec::new(),
+                tap_deadline: None,
+                tap_waiting: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                last_heard: Instant::now(),
+                closed: false,
+                read_buf,
+            }),
+            epoll: Epoll::new()?,
+            wake: EventFd::new()?,
+            notify: EventFd::new()?,
+        });
+        shared.epoll.add(shared.wake.fd(), TOKEN_WAKE, READABLE)?;
+        let runner = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("qmesh-tunnel".into())
+            .spawn(move || run(&runner))?;
+        Ok(Engine {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Readable whenever [`Engine::take`] has something.
+    pub fn notify_fd(&self) -> RawFd {
+        self.shared.notify.fd()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let st = self.shared.lock();
+        Stats {
+            recv_next: st.recv_next,
+            send_next: st.send_next,
+            retained_frames: st.retained.len(),
+            retained_bytes: st.retained_bytes,
+            bytes_sent: st.bytes_sent,
+            bytes_received: st.bytes_received,
+            native_streams: st.natives.len(),
+            attached: st.conn.is_some(),
+        }
+    }
+
+    /// Time since the tunnel socket last delivered bytes.
+    pub fn silent_for(&self) -> Duration {
+        self.shared.lock().last_heard.elapsed()
+    }
+
+    /// Apply the peer's `recv_next` from a handshake; the encoder for the
+    /// next connection must start at it.
+    pub fn acknowledge(&self, peer_recv_next: u64) -> Result<(), String> {
+        let mut st = self.shared.lock();
+        st.on_ack(peer_recv_next)?;
+        match st.retained.front() {
+            Some(oldest) if oldest.seq != peer_recv_next => Err(format!(
+                "peer resumes at {peer_recv_next}, oldest retained frame is {}",
+                oldest.seq
+            )),
+            None if peer_recv_next != st.send_next => Err(format!(
+                "peer resumes at {peer_recv_next}, but {} frames were sent",
+                st.send_next
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Carry the session over a new connection: resend every unacknowledged
+    /// frame, then whatever waited for a connection, then process `initial`
+    /// (bytes read past the handshake).
+    pub fn attach(
+        &self,
+        fd: RawFd,
+        encoder: FrameEncoder,
+        decoder: FrameDecoder,
+        initial: &[u8],
+    ) -> Result<(), String> {
+        let mut st = self.shared.lock();
+        if st.conn.is_some() {
+            return Err("a connection is already attached".into());
+        }
+        if encoder.next_reliable_seq() != st.retained.front().map_or(st.send_next, |r| r.seq) {
+            return Err("the encoder does not start at the oldest unacknowledged frame".into());
+        }
+        st.conn = Some(Conn {
+            fd,
+            encoder,
+            decoder,
+            unsent: Vec::new(),
+            written: 0,
+            interest: 0,
+            error: None,
+        });
+        st.ack_sent = st.recv_next; // the handshake told the peer
+        st.ack_deadline = None;
+        st.last_heard = Instant::now();
+        st.out.retain(|(t, _, _)| *t < CONTROL_TYPE_MIN);
+        st.resend();
+        if !initial.is_empty() {
+            st.bytes_received += initial.len() as u64;
+            st.on_tunnel_bytes(initial);
+        }
+        st.mark_all_dirty();
+        st.finish(&self.shared);
+        drop(st);
+        self.shared.wake.signal(); // deadlines may have changed
+        Ok(())
+    }
+
+    /// Stop using the current connection; once this returns the engine no
+    /// longer touches its socket.
+    pub fn detach(&self) {
+        let mut st = self.shared.lock();
+        if let Some(conn) = st.conn.take() {
+            if conn.interest != 0 {
+                self.shared.epoll.delete(conn.fd);
+            }
+        }
+        st.ack_deadline = None;
+        st.mark_all_dirty();
+        st.finish(&self.shared);
+    }
+
+    /// Seal and send `frames` now (or keep the reliable ones for the next
+    /// connection while none is attached).
+    pub fn send(&self, frames: Vec<OutFrame>) {
+        let mut st = self.shared.lock();
+        st.out.extend(frames);
+        st.finish(&self.shared);
+    }
+
+    /// Everything waiting for Python, and the current connection's error.
+    pub fn take(&self) -> (Vec<Event>, Option<ConnError>) {
+        let mut st = self.shared.lock();
+        self.shared.notify.drain();
+        st.notified = false;
+        st.error_unreported = false;
+        let events = st.events.drain(..).collect();
+        let error = st.conn.as_ref().and_then(|c| c.error.clone());
+        (events, error)
+    }
+
+    /// Relay a stream natively from now on. Frames for it that are still
+    /// waiting in the event queue are taken over (they are newer than
+    /// `spec.to_socket`).
+    pub fn attach_native(&self, spec: NativeSpec) -> Result<(), String> {
+        let mut st = self.shared.lock();
+        if st.natives.contains_key(&spec.stream_id) {
+            return Err(format!("stream {} is already native", spec.stream_id));
+        }
+        let scanner = |direction, full: &[u8], peek: &[u8]| {
+            let mut config = pg::ScannerConfig::new(direction);
+            config.full = pg::TagSet::from_bytes(full);
+            config.peek = pg::TagSet::from_bytes(peek);
+            pg::Scanner::new(config).map_err(|e| e.to_string())
+        };
+        let frontend = match &spec.tap.frontend {
+            Some((full, peek)) => Some(scanner(pg::Direction::Frontend, full, peek)?),
+            None => None,
+        };
+        let backend = match &spec.tap.backend {
+            Some(full) => Some(scanner(pg::Direction::Backend, full, &[])?),
+            None => None,
+        };
+        let sid = spec.stream_id;
+        let mut native = Native {
+            fd: spec.fd,
+            credit: spec.credit,
+            window: spec.window,
+            consumed: spec.consumed,
+            to_socket: VecDeque::new(),
+            to_socket_len: 0,
+            socket_eof: false,
+            eof_received: spec.eof_received,
+            shut: false,
+            end_on_socket_eof: spec.end_on_socket_eof,
+            interest: 0,
+            frontend,
+            backend,
+            records: Vec::new(),
+        };
+        if !spec.to_socket.is_empty() {
+            native.to_socket_len = spec.to_socket.len();
+            native.to_socket.push_back(Bytes::from(spec.to_socket));
+        }
+        st.natives.insert(sid, native);
+        // Frames for the stream that Python has not taken yet are the
+        // engine's now, in the order they arrived.
+        let (mine, rest): (VecDeque<Event>, VecDeque<Event>) =
+            st.events.drain(..).partition(|e| {
+                matches!(e, Event::Frame { stream_id, frame_type, .. }
+                    if *stream_id == sid && (DATA..=WINDOW).contains(frame_type))
+            });
+        st.events = rest;
+        // What Python held already is scanned as if it had just arrived.
+        st.scan_initial(sid);
+        for event in mine {
+            if let Event::Frame {
+                frame_type,
+                payload,
+                ..
+            } = event
+            {
+                if let Err(err) = st.native_frame(sid, frame_type, payload) {
+                    st.fail(err);
+                }
+            }
+        }
+        if st.natives.contains_key(&sid) {
+            st.write_native(sid);
+            st.check_done(sid);
+        }
+        st.dirty.push(sid);
+        st.finish(&self.shared);
+        Ok(())
+    }
+
+    /// Take a native stream back (its relay task was cancelled): the engine
+    /// stops watching its socket before this returns. `None` if it had
+    /// already ended (its `Ended` event is queued or taken).
+    pub fn abort_native(&self, stream_id: u32) -> Option<Outcome> {
+        let mut st = self.shared.lock();
+        let outcome = st.remove_native(stream_id, Ending::Aborted);
+        st.finish(&self.shared);
+        outcome
+    }
+
+    /// The session is over: forget retained frames and every native stream
+    /// (their sockets are no longer watched when this returns).
+    pub fn lose(&self) {
+        let mut st = self.shared.lock();
+        st.retained.clear();
+        st.retained_bytes = 0;
+        st.out.clear();
+        let ids: Vec<u32> = st.natives.keys().copied().collect();
+        for sid in ids {
+            if let Some(native) = st.natives.remove(&sid) {
+                if native.interest != 0 {
+                    self.shared.epoll.delete(native.fd);
+                }
+            }
+        }
+    }
+
+    /// Stop the engine thread (also done on drop).
+    pub fn close(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.closed = true;
+            if let Some(conn) = st.conn.take() {
+                self.shared.epoll.delete(conn.fd);
+            }
+            for native in st.natives.values() {
+                self.shared.epoll.delete(native.fd);
+            }
+            st.natives.clear();
+        }
+        self.shared.wake.signal();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run(shared: &Shared) {
+    let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut timeout: Option<Duration> = None;
+    loop {
+        let n = match shared.epoll.wait(&mut ready, timeout) {
+            Ok(n) => n,
+            Err(_) => 0, // EBADF/EINVAL cannot happen on our own epoll
+        };
+        let mut st = shared.lock();
+        if st.closed {
+            return;
+        }
+        for event in &ready[..n] {
+            // epoll_event is packed: copy the fields out, never borrow them.
+            let (token, flags) = (event.u64, event.events);
+            match token {
+                TOKEN_WAKE => shared.wake.drain(),
+                TOKEN_TUNNEL => st.tunnel_ready(flags),
+                token => st.native_ready((token - TOKEN_FIRST_STREAM) as u32, flags),
+            }
+        }
+        st.on_timers(Instant::now());
+        st.finish(shared);
+        timeout = st
+            .next_deadline()
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+fn wire_error_kind(err: &qmesh_wire::Error) -> &'static str {
+    use qmesh_wire::Error::*;
+    match err {
+        Tampered => "Tampered",
+        Replayed => "Replayed",
+        Reordered => "Reordered",
+        Truncated => "Truncated",
+        FrameTooLarge => "FrameTooLarge",
+        Malformed(_) => "Malformed",
+        Handshake(_) | InvalidArgument(_) => "FrameError",
+    }
+}
+
+fn decode_u32(payload: &[u8], what: &str) -> Result<u32, ConnError> {
+    <[u8; 4]>::try_from(payload)
+        .map(u32::from_be_bytes)
+        .map_err(|_| ConnError::Protocol(format!("{what} frame: expected 4 bytes, got {}", payload.len())))
+}
+
+fn decode_u64(payload: &[u8], what: &str) -> Result<u64, ConnError> {
+    <[u8; 8]>::try_from(payload)
+        .map(u64::from_be_bytes)
+        .map_err(|_| ConnError::Protocol(format!("{what} frame: expected 8 bytes, got {}", payload.len())))
+}
+
+fn encode_reason(code: u16, reason: &str) -> Bytes {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    Bytes::from(payload)
+}
+
+impl State {
+    fn conn_usable(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.error.is_none())
+    }
+
+    fn mark_all_dirty(&mut self) {
+        self.dirty.extend(self.natives.keys().copied());
+    }
+
+    fn fail(&mut self, error: ConnError) {
+        if let Some(conn) = self.conn.as_mut() {
+            if conn.error.is_none() {
+                conn.error = Some(error);
+                self.error_unreported = true;
+                self.mark_all_dirty();
+            }
+        }
+    }
+
+    fn on_ack(&mut self, recv_next: u64) -> Result<(), String> {
+        if recv_next > self.send_next {
+            return Err(format!(
+                "peer acknowledges {recv_next}, only {} frames were sent",
+                self.send_next
+            ));
+        }
+        while self.retained.front().is_some_and(|r| r.seq < recv_next) {
+            let frame = self.retained.pop_front().expect("checked above");
+            self.retained_bytes -= frame.payload.len();
+        }
+        Ok(())
+    }
+
+    // -- sending ----------------------------------------------------------
+
+    /// Reseal every retained frame on the new connection, oldest first.
+    fn resend(&mut self) {
+        let frames: Vec<OutFrame> = self
+            .retained
+            .iter()
+            .map(|r| (r.frame_type, r.stream_id, r.payload.clone()))
+            .collect();
+        let seq = self.retained.front().map_or(self.send_next, |r| r.seq);
+        self.retained.clear();
+        self.retained_bytes = 0;
+        self.send_next = seq;
+        if !frames.is_empty() {
+            self.seal(frames);
+        }
+    }
+
+    /// Seal `frames` (with an ACK in front when one is owed) onto the
+    /// connection's unsent bytes and retain the reliable ones.
+    fn seal(&mut self, frames: Vec<OutFrame>) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let ack = self.recv_next.to_be_bytes();
+        let owe_ack = self.recv_next > self.ack_sent;
+        let mut refs = Vec::with_capacity(frames.len() + 1);
+        if owe_ack {
+            refs.push(FrameRef {
+                frame_type: ACK,
+                stream_id: 0,
+                payload: &ack,
+            });
+        }
+        refs.extend(frames.iter().map(|(t, sid, payload)| FrameRef {
+            frame_type: *t,
+            stream_id: *sid,
+            payload,
+        }));
+        let mut seq = conn.encoder.next_reliable_seq();
+        let prepared = match conn.encoder.prepare(&refs) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                let error = ConnError::Protocol(format!("cannot seal frames: {err}"));
+                self.fail(error);
+                return;
+            }
+        };
+        let start = conn.unsent.len();
+        conn.unsent.resize(start + prepared.encoded_len(), 0);
+        if let Err(err) = prepared.write_into(&mut conn.unsent[start..]) {
+            conn.unsent.truncate(start);
+            self.fail(ConnError::Protocol(format!("cannot seal frames: {err}")));
+            return;
+        }
+        if owe_ack {
+            self.ack_sent = self.recv_next;
+            self.ack_deadline = None;
+        }
+        for (frame_type, stream_id, payload) in frames {
+            if frame_type < CONTROL_TYPE_MIN {
+                self.retained_bytes += payload.len();
+                self.retained.push_back(Retained {
+                    seq,
+                    frame_type,
+                    stream_id,
+                    payload,
+                });
+                seq += 1;
+            }
+        }
+        self.send_next = seq;
+        if self.retained_bytes > self.config.max_unacked {
+            let mib = self.retained_bytes >> 20;
+            self.fail(ConnError::Protocol(format!("peer left {mib} MiB unacknowledged")));
+        }
+    }
+
+    /// Write unsent bytes until the socket would block.
+    fn flush(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if conn.error.is_some() {
+            return;
+        }
+        while conn.written < conn.unsent.len() {
+            match sys::send(conn.fd, &conn.unsent[conn.written..]) {
+                Ok(n) => {
+                    conn.written += n;
+                    self.bytes_sent += n as u64;
+                }
+                Err(err) if sys::would_block(&err) => break,
+                Err(err) => {
+                    self.fail(ConnError::Lost(format!("send failed: {err}")));
+                    return;
+                }
+            }
+        }
+        if conn.written == conn.unsent.len() {
+            conn.unsent.clear();
+            if conn.unsent.capacity() > 1 << 20 {
+                conn.unsent.shrink_to(64 * 1024);
+            }
+            conn.written = 0;
+        }
+    }
+
+    /// End of a round: seal what was made, write, adjust what the sockets
+    /// are watched for, wake Python if it has something to take.
+    fn finish(&mut self, shared: &Shared) {
+        if self.conn.is_some() {
+            let ack_now = self.recv_next > self.ack_sent
+                && (self.recv_next - self.ack_sent >= self.config.ack_every
+                    || self.ack_deadline.is_some_and(|d| d <= Instant::now()));
+            if !self.out.is_empty() || ack_now {
+                let frames = std::mem::take(&mut self.out);
+                self.seal(frames);
+            }
+            self.flush();
+        } else {
+            // Control frames belong to a connection; reliable ones wait.
+            self.out.retain(|(t, _, _)| *t < CONTROL_TYPE_MIN);
+        }
+        for fd in self.unwatch.drain(..) {
+            shared.epoll.delete(fd);
+        }
+        self.update_interests(&shared.epoll);
+        if (!self.events.is_empty() || self.error_unreported) && !self.notified {
+            self.notified = true;
+            shared.notify.signal();
+        }
+    }
+
+    fn update_interests(&mut self, epoll: &Epoll) {
+        let (usable, backlog) = match &self.conn {
+            Some(conn) if conn.error.is_none() => (true, conn.backlog()),
+            _ => (false, 0),
+        };
+        if let Some(conn) = self.conn.as_mut() {
+            let want = match &conn.error {
+                None if backlog > 0 => READABLE | WRITABLE,
+                None => READABLE,
+                Some(_) => 0,
+            };
+            set_interest(epoll, conn.fd, TOKEN_TUNNEL, &mut conn.interest, want);
+        }
+        let may_read = usable && backlog < UNSENT_HIGH_WATER;
+        for sid in std::mem::take(&mut self.dirty) {
+            if let Some(native) = self.natives.get_mut(&sid) {
+                let mut want = 0;
+                if may_read && !native.socket_eof && native.credit > 0 {
+                    want |= READABLE;
+                }
+                if !native.to_socket.is_empty() {
+                    want |= WRITABLE;
+                }
+                let token = TOKEN_FIRST_STREAM + u64::from(sid);
+                set_interest(epoll, native.fd, token, &mut native.interest, want);
+            }
+        }
+        if !may_read {
+            // Natives stay dirty until reading may resume.
+            self.dirty.clear();
+        }
+    }
+
+    // -- receiving --------------------------------------------------------
+
+    fn tunnel_ready(&mut self, flags: u32) {
+        if !self.conn_usable() {
+            return;
+        }
+        if flags & (READABLE | BROKEN) != 0 {
+            self.read_tunnel();
+        }
+        if flags & WRITABLE != 0 {
+            self.flush();
+            // Draining a backlog may let natives read again.
+            self.mark_all_dirty();
+        }
+    }
+
+    fn read_tunnel(&mut self) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let size = self.config.read_size;
+        let fd = self.conn.as_ref().map(|c| c.fd).expect("usable connection");
+        match sys::read(fd, &mut buf[..size]) {
+            Ok(0) => {
+                let conn = self.conn.as_mut().expect("usable connection");
+                let error = match conn.decoder.eof() {
+                    Err(err) => bad_frame(&err),
+                    Ok(()) => ConnError::Lost("peer closed the connection".into()),
+                };
+                self.fail(error);
+            }
+            Ok(n) => {
+                self.bytes_received += n as u64;
+                self.on_tunnel_bytes(&buf[..n]);
+            }
+            Err(err) if sys::would_block(&err) => {}
+            Err(err) => self.fail(ConnError::Lost(format!("receive failed: {err}"))),
+        }
+        self.read_buf = buf;
+    }
+
+    fn on_tunnel_bytes(&mut self, data: &[u8]) {
+        self.last_heard = Instant::now();
+        let conn = self.conn.as_mut().expect("attached");
+        if let Err(err) = conn.decoder.feed(data) {
+            self.fail(bad_frame(&err));
+            return;
+        }
+        loop {
+            let conn = self.conn.as_mut().expect("attached");
+            // Until empty: a bad frame behind good ones fails on the call
+            // after the one that returned the good ones.
+            let frames = match conn.decoder.next_frames(0) {
+                Ok(frames) if frames.is_empty() => break,
+                Ok(frames) => frames,
+                Err(err) => {
+                    self.fail(bad_frame(&err));
+                    return;
+                }
+            };
+            for frame in frames {
+                if let Err(err) = self.dispatch(frame.frame_type, frame.stream_id, frame.payload) {
+                    self.fail(err);
+                    return;
+                }
+                if frame.frame_type < CONTROL_TYPE_MIN {
+                    self.recv_next = frame.seq + 1;
+                }
+            }
+        }
+        if self.recv_next > self.ack_sent && self.ack_deadline.is_none() {
+            self.ack_deadline = Some(Instant::now() + self.config.ack_delay);
+        }
+    }
+
+    fn dispatch(&mut self, frame_type: u8, stream_id: u32, payload: Bytes) -> Result<(), ConnError> {
+        match frame_type {
+            ACK => self
+                .on_ack(decode_u64(&payload, "ACK")?)
+                .map_err(ConnError::Protocol),
+            PING => {
+                self.out.push((PONG, 0, payload));
+                Ok(())
+            }
+            DATA..=WINDOW if self.natives.contains_key(&stream_id) => {
+                self.native_frame(stream_id, frame_type, payload)
+            }
+            _ => {
+                self.events.push_back(Event::Frame {
+                    frame_type,
+                    stream_id,
+                    payload,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    // -- native streams ---------------------------------------------------
+
+    fn native_frame(&mut self, sid: u32, frame_type: u8, payload: Bytes) -> Result<(), ConnError> {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return Ok(());
+        };
+        match frame_type {
+            DATA => {
+                if native.eof_received
+                    || native.to_socket_len + payload.len() > native.window as usize
+                {
+                    let why = "flow-control window exceeded";
+                    self.out.push((RESET, sid, encode_reason(RESET_PROTOCOL_ERROR, why)));
+                    self.end_native(sid, Ending::Protocol(why.into()));
+                    return Ok(());
+                }
+                // Scanned before it is written: a bad message never reaches the server.
+                if let Err(why) = native.scan(&payload, true) {
+                    self.end_native(sid, Ending::Postgres(why));
+                    return Ok(());
+                }
+                native.to_socket_len += payload.len();
+                native.to_socket.push_back(payload);
+                self.note_records(sid);
+                self.write_native(sid);
+            }
+            WINDOW => {
+                native.credit += u64::from(decode_u32(&payload, "WINDOW")?);
+                self.dirty.push(sid);
+            }
+            CLOSE => {
+                native.eof_received = true;
+                if native.frontend.as_ref().is_some_and(|s| s.eof().is_err()) {
+                    let why = "the client's stream ended inside a message";
+                    self.end_native(sid, Ending::Postgres(why.into()));
+                    return Ok(());
+                }
+                self.write_native(sid);
+                self.check_done(sid);
+            }
+            _ => {
+                if payload.len() < 2 {
+                    return Err(ConnError::Protocol("RESET frame: missing code".into()));
+                }
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                let reason = String::from_utf8_lossy(&payload[2..payload.len().min(1026)]).into();
+                self.end_native(sid, Ending::Reset { code, reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// Scan what Python handed over with the stream, as if it had just arrived.
+    fn scan_initial(&mut self, sid: u32) {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return;
+        };
+        let chunks: Vec<Bytes> = native.to_socket.iter().cloned().collect();
+        for chunk in chunks {
+            if let Err(why) = native.scan(&chunk, true) {
+                self.end_native(sid, Ending::Postgres(why));
+                return;
+            }
+        }
+        self.note_records(sid);
+    }
+
+    fn native_ready(&mut self, sid: u32, flags: u32) {
+        if !self.natives.contains_key(&sid) {
+            return; // ended since epoll reported it
+        }
+        if flags & WRITABLE != 0 {
+            self.write_native(sid);
+            self.check_done(sid);
+        }
+        if flags & (READABLE | BROKEN) != 0 {
+            self.read_native(sid);
+        }
+        self.dirty.push(sid);
+    }
+
+    fn write_native(&mut self, sid: u32) {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return;
+        };
+        let result = native.write_out();
+        // Grant credit in large steps, as TunnelStream does.
+        if native.consumed >= native.window / 2 && native.consumed > 0 && !native.eof_received {
+            let grant = native.consumed.min(u64::from(u32::MAX)) as u32;
+            native.consumed -= u64::from(grant);
+            self.out.push((WINDOW, sid, Bytes::copy_from_slice(&grant.to_be_bytes())));
+        }
+        self.dirty.push(sid);
+        if let Err(why) = result {
+            self.end_native(sid, Ending::Socket(why));
+        }
+    }
+
+    fn read_native(&mut self, sid: u32) {
+        let chunk_size = self.config.chunk_size;
+        let mut buf = std::mem::take(&mut self.read_buf);
+        for _ in 0..NATIVE_READS_PER_ROUND {
+            let Some(native) = self.natives.get_mut(&sid) else {
+                break;
+            };
+            if native.socket_eof || native.credit == 0 {
+                break;
+            }
+            let size = chunk_size.min(native.credit as usize);
+            match sys::read(native.fd, &mut buf[..size]) {
+                Ok(0) => {
+                    native.socket_eof = true;
+                    let end_now = native.end_on_socket_eof;
+                    self.out.push((CLOSE, sid, Bytes::new()));
+                    if end_now {
+                        self.end_native(sid, Ending::SocketEof);
+                    } else {
+                        self.check_done(sid);
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    native.credit -= n as u64;
+                    if let Err(why) = native.scan(&buf[..n], false) {
+                        self.end_native(sid, Ending::Postgres(format!("server: {why}")));
+                        break;
+                    }
+                    self.out.push((DATA, sid, Bytes::copy_from_slice(&buf[..n])));
+                    self.note_records(sid);
+                    if n < size {
+                        break; // drained for now
+                    }
+                }
+                Err(err) if sys::would_block(&err) => break,
+                Err(err) => {
+                    self.end_native(sid, Ending::Socket(format!("receive failed: {err}")));
+                    break;
+                }
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    fn check_done(&mut self, sid: u32) {
+        if let Some(native) = self.natives.get(&sid) {
+            if native.socket_eof && native.eof_received && native.shut {
+                self.end_native(sid, Ending::Clean);
+            }
+        }
+    }
+
+    /// Count new tap records; Python is woken for them in batches.
+    fn note_records(&mut self, sid: u32) {
+        let waiting = self.natives.get(&sid).map_or(0, |n| n.records.len());
+        if waiting == 0 {
+            return;
+        }
+        self.tap_waiting = self.tap_waiting.max(waiting);
+        if self.tap_deadline.is_none() {
+            self.tap_deadline = Some(Instant::now() + self.config.tap_delay);
+        }
+        if self.tap_waiting >= self.config.tap_batch {
+            self.flush_taps();
+        }
+    }
+
+    fn flush_taps(&mut self) {
+        for (sid, native) in self.natives.iter_mut() {
+            if !native.records.is_empty() {
+                self.events.push_back(Event::Tap {
+                    stream_id: *sid,
+                    records: std::mem::take(&mut native.records),
+                });
+            }
+        }
+        self.tap_deadline = None;
+        self.tap_waiting = 0;
+    }
+
+    fn end_native(&mut self, sid: u32, ending: Ending) {
+        if let Some(outcome) = self.remove_native(sid, ending) {
+            self.events.push_back(Event::Ended {
+                stream_id: sid,
+                outcome,
+            });
+        }
+    }
+
+    /// Forget a native stream; its socket is unwatched by the round's finish().
+    fn remove_native(&mut self, sid: u32, ending: Ending) -> Option<Outcome> {
+        let mut native = self.natives.remove(&sid)?;
+        if native.interest != 0 {
+            self.unwatch.push(native.fd);
+        }
+        if !native.records.is_empty() {
+            self.events.push_back(Event::Tap {
+                stream_id: sid,
+                records: std::mem::take(&mut native.records),
+            });
+        }
+        Some(Outcome {
+            ending,
+            credit: native.credit,
+            eof_sent: native.socket_eof,
+            eof_received: native.eof_received,
+        })
+    }
+
+    // -- timers -----------------------------------------------------------
+
+    fn on_timers(&mut self, now: Instant) {
+        if self.tap_deadline.is_some_and(|d| d <= now) {
+            self.flush_taps();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let ack = if self.conn_usable() { self.ack_deadline } else { None };
+        match (ack, self.tap_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn bad_frame(err: &qmesh_wire::Error) -> ConnError {
+    let mut text = String::new();
+    let _ = write!(text, "bad frame: {}: {err}", wire_error_kind(err));
+    ConnError::Lost(text)
+}
+
+fn set_interest(epoll: &Epoll, fd: RawFd, token: u64, current: &mut u32, want: u32) {
+    if want == *current {
+        return;
+    }
+    // An unwatched socket (want 0) is deleted rather than kept with no
+    // events: epoll reports hang-ups regardless, which would spin.
+    let result = match (*current, want) {
+        (_, 0) => {
+            epoll.delete(fd);
+            Ok(())
+        }
+        (0, _) => epoll.add(fd, token, want),
+        _ => epoll.modify(fd, token, want),
+    };
+    *current = if result.is_ok() { want } else { 0 };
+}

@@ -1,0 +1,170 @@
+//! The few Linux system calls the engine needs, as safe functions over raw
+//! file descriptors it does not own (Python owns the sockets; the engine only
+//! borrows their numbers while they are registered with it).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+fn check(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `read(2)`, retried on EINTR. `Ok(0)` is end of stream.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes.
+        let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match check(ret) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `send(2)` with MSG_NOSIGNAL (a closed peer is an error, not SIGPIPE),
+/// retried on EINTR. Sockets only.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, readable region of `buf.len()` bytes.
+        let ret = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        match check(ret) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `shutdown(fd, SHUT_WR)`; a socket already disconnected is not an error.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain system call on a descriptor number.
+    let ret = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    match check(ret as isize) {
+        Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+pub fn would_block(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Readiness the engine asks for (level-triggered).
+pub const READABLE: u32 = libc::EPOLLIN as u32;
+pub const WRITABLE: u32 = libc::EPOLLOUT as u32;
+/// Hang-up and error are reported whatever was asked for.
+pub const BROKEN: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
+/// An epoll instance (owned: closed on drop).
+pub struct Epoll(RawFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        check(fd as isize).map(|_| Epoll(fd))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: `event` outlives the call; the kernel copies it.
+        let ret = unsafe { libc::epoll_ctl(self.0, op, fd, &mut event) };
+        check(ret as isize).map(|_| ())
+    }
+
+    pub fn add(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
+    pub fn modify(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, events)
+    }
+
+    /// Stop watching `fd`. Once this returns, a later `wait` reports nothing
+    /// new for it, so its owner may close it (a report already returned
+    /// is the caller's to ignore).
+    pub fn delete(&self, fd: RawFd) {
+        // Errors mean it was not registered (or already closed): either way
+        // it is not watched any more.
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+    }
+
+    /// Wait for readiness; `None` waits without a deadline.
+    pub fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let millis = match timeout {
+            // Round up: waking a little late is fine, early means a spin.
+            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+            None => -1,
+        };
+        // SAFETY: `events` is a valid buffer of `events.len()` entries.
+        let ret =
+            unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as _, millis) };
+        match check(ret as isize) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// A non-blocking eventfd (owned): one side signals, the other waits for it
+/// to become readable and drains it.
+pub struct EventFd(RawFd);
+
+impl EventFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        check(fd as isize).map(|_| EventFd(fd))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0
+    }
+
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64. It cannot fail short of
+        // the counter overflowing, which needs 2^64 signals without a drain.
+        unsafe { libc::write(self.0, (&one as *const u64).cast(), 8) };
+    }
+
+    pub fn drain(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64; EAGAIN (nothing to drain) is fine.
+        unsafe { libc::read(self.0, (&mut value as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// `time.monotonic()`'s clock, in seconds, so Python can compare the times
+/// the engine stamps on what it reports.
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
