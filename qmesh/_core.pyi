@@ -40,11 +40,11 @@ __all__ = [
     "HandshakeError",
     "Malformed",
     "NoiseHandshake",
-    "TunnelEngine",
     "Reordered",
     "Replayed",
     "Tampered",
     "Truncated",
+    "TunnelEngine",
 ]
 
 BufferLike: TypeAlias = bytes | bytearray | memoryview
@@ -194,9 +194,7 @@ class TunnelEngine:
         """Apply the peer's ``recv_next`` from a handshake (ValueError if it
         does not fit what was sent)."""
 
-    def attach(
-        self, fd: int, encoder: FrameEncoder, decoder: FrameDecoder, initial: bytes
-    ) -> None:
+    def attach(self, fd: int, encoder: FrameEncoder, decoder: FrameDecoder, initial: bytes) -> None:
         """Carry the session over the connected socket ``fd``. Takes the codec
         (the Python objects are unusable afterwards); resends what the peer
         has not acknowledged; ``initial`` is what was read past the handshake."""

@@ -95,16 +95,6 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 remaining = remaining[sent:]
         await self._budget.checkpoint()
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Write what the kernel takes now, without waiting: the number of
-        bytes written (0 when it would block)."""
-        try:
-            return os.write(self._fileno(), data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise _translate(exc) from exc
-
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 

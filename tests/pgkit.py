@@ -101,6 +101,15 @@ class Ghost:
         values.update(overrides)
         return values
 
+    async def audit_settled(self) -> None:
+        """Wait until every session has ended at the Gate, then flush the
+        audit: a native relay hands its audit records over in batches, the
+        last when the session ends."""
+        with trio.fail_after(10):
+            while self.service.active:
+                await trio.sleep(0.005)
+        await self.service.audit.flush()
+
     def asyncpg_kwargs(self, **overrides: Any) -> dict[str, Any]:
         values = self.kwargs()
         values["database"] = values.pop("dbname")

@@ -430,7 +430,7 @@ async def test_audit_records_each_statement(ghost: Ghost) -> None:
 
     with trio.fail_after(30):
         await in_thread(work)
-    await ghost.service.audit.flush()
+    await ghost.audit_settled()
     records = list(reversed(list_audit(ghost.store, app=ghost.app_id, limit=100)))
     got = [(r.statement, r.rows, r.outcome) for r in records]
     assert ("SELECT g FROM generate_series(1, 5) g", 5, "ok") in got
@@ -458,7 +458,7 @@ async def test_audit_hash_mode_keeps_no_text(
             conn.execute("SELECT 'secret business'")
 
     await in_thread(work)
-    await ghost.service.audit.flush()
+    await ghost.audit_settled()
     (record,) = [r for r in list_audit(ghost.store) if r.statement_sha256 == hashlib.sha256(
         b"SELECT 'secret business'").hexdigest()]  # fmt: skip
     assert record.statement is None and record.outcome == "ok"

@@ -427,7 +427,6 @@ async def test_native_relays_keep_each_streams_bytes_and_flow_control(
     edge = await start_edge(nursery, gate, "edge-r")
     local_port = await nursery.start(serve_forward, edge, "127.0.0.1:0", target)
     stalled = await trio.open_tcp_stream("127.0.0.1", local_port)
-    await stalled.send_all(os.urandom(8 * 1024 * 1024))  # echoed into a reader that never reads
     results: dict[int, bool] = {}
 
     async def exchange(i: int) -> None:
@@ -446,10 +445,15 @@ async def test_native_relays_keep_each_streams_bytes_and_flow_control(
         await app.aclose()
         results[i] = bytes(received) == payload
 
-    with trio.fail_after(60):
-        async with trio.open_nursery() as inner:
-            for i in range(4):
-                inner.start_soon(exchange, i)
+    async with trio.open_nursery() as background:
+        # Echoed back into a reader that never reads: every buffer and
+        # window on this stream's path fills up, and this send never ends.
+        background.start_soon(stalled.send_all, os.urandom(64 * 1024 * 1024))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                for i in range(4):
+                    inner.start_soon(exchange, i)
+        background.cancel_scope.cancel()
     assert results == {0: True, 1: True, 2: True, 3: True}
     session = edge.session
     assert session is not None and session.native_streams == 1  # the stalled one

@@ -70,7 +70,7 @@ from qmesh.pg.policy import AppPolicy, policy_for
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
 from qmesh.state import AppVerifier, InvalidValue, StateStore, check_name
 from qmesh.tunnel.frames import ResetCode
-from qmesh.tunnel.stream import TunnelStream
+from qmesh.tunnel.stream import TapRecord, TunnelStream
 
 __all__ = ["PgService", "PgSessionError", "UpstreamFailed"]
 
@@ -841,11 +841,7 @@ class _Relay:
         self.guard = self.read_only or self.guard_timeout
         self.client_scanner = self._client_scanner()
         self.ending: _SessionOver | None = None
-        self.ended = False
-        # Set while a direct write to the server (see _client_direct) could
-        # not finish: the rest is being sent, and nothing may overtake it.
-        self.carrying: trio.Event | None = None
-        self.nursery: trio.Nursery | None = None
+        self.scope: trio.CancelScope | None = None
 
     def _client_scanner(self) -> _core.PgScanner:
         if self.guard:
@@ -862,12 +858,74 @@ class _Relay:
 
     def _end(self, ending: _SessionOver | None) -> None:
         """End the session (both directions); the first reason given wins."""
-        self.ended = True
         self.ending = self.ending or ending
-        if self.nursery is not None:
-            self.nursery.cancel_scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
 
     async def run(self, client_leftover: bytes) -> None:
+        with trio.CancelScope() as self.scope:
+            if self._native(client_leftover):
+                await self._run_native()
+            else:
+                await self._run_in_python(client_leftover)
+        self.scope = None
+        ending = self.ending
+        if ending is not None and ending.error is not None:
+            exc = ending.error
+            log.warning("pg session of app %r (alias %r) ended: %s %s",
+                        self.app_id, self.alias, exc.sqlstate, exc.message)  # fmt: skip
+            if not self.sending_to_client:
+                await _send_quietly(self.client, _error(exc))
+        else:
+            with trio.move_on_after(5):
+                try:
+                    await self.client.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    def _native(self, client_leftover: bytes) -> bool:
+        """Whether the session's engine can relay this session: the statement
+        guard must see each statement before it is sent (Python), and bytes
+        already read on either side take the Python path too (rare: clients
+        wait for ReadyForQuery before their first query)."""
+        return (
+            not self.guard
+            and not client_leftover
+            and not self.server_leftover
+            and isinstance(self.upstream, FastSocketStream | trio.SocketStream)
+        )
+
+    async def _run_native(self) -> None:
+        """Relay in the tunnel engine: no Python per message. The engine
+        checks the client's framing and limits and, with the audit on, hands
+        the messages the audit needs to :meth:`_on_tap` in batches."""
+        assert isinstance(self.upstream, FastSocketStream | trio.SocketStream)
+        audit = self.audit is not None
+        outcome = await self.client.relay_native(
+            self.upstream,
+            # The session ends when the server's side ends.
+            end_on_socket_eof=True,
+            pg_frontend=(b"QP", b"BECSF") if audit else (b"", b""),
+            pg_backend=b"CEIZs" if audit else None,
+            on_tap=self._on_tap if audit else None,
+        )
+        if outcome.ending == "postgres":
+            self._end(_SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
+        elif outcome.failed:
+            log.debug("pg relay for app %r ended: %s %s", self.app_id, outcome.ending,
+                      outcome.detail)  # fmt: skip
+
+    def _on_tap(self, records: list[TapRecord]) -> None:
+        try:
+            for at, from_client, tag, raw in records:
+                if from_client:
+                    self._frontend_event(tag, raw, at)
+                else:
+                    self._backend_event(tag, raw, at)
+        except _SessionOver as exc:
+            self._end(exc)
+
+    async def _run_in_python(self, client_leftover: bytes) -> None:
         async def guarded(pump: Any, data: bytes) -> None:
             # The session ends when the server's side ends, or on any error.
             # A client that hangs up cleanly has its EOF passed to the server,
@@ -884,26 +942,8 @@ class _Relay:
                 self._end(None)
 
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            if isinstance(self.upstream, FastSocketStream):
-                self.client.direct_sink = self._client_direct
             nursery.start_soon(guarded, self.client_to_server, client_leftover)
             nursery.start_soon(guarded, self.server_to_client, self.server_leftover)
-        self.client.direct_sink = None
-        self.nursery = None
-        ending = self.ending
-        if ending is not None and ending.error is not None:
-            exc = ending.error
-            log.warning("pg session of app %r (alias %r) ended: %s %s",
-                        self.app_id, self.alias, exc.sqlstate, exc.message)  # fmt: skip
-            if not self.sending_to_client:
-                await _send_quietly(self.client, _error(exc))
-        else:
-            with trio.move_on_after(5):
-                try:
-                    await self.client.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
 
     # -- client → server ---------------------------------------------------------
 
@@ -916,8 +956,6 @@ class _Relay:
                 if not data:
                     break
             data = self._from_client(data)
-            if self.carrying is not None:
-                await self.carrying.wait()
             if data:
                 await send(data)
             data = b""
@@ -927,8 +965,6 @@ class _Relay:
             raise _SessionOver(
                 PgSessionError("08P01", "qmesh: the client's stream ended inside a message")
             ) from None
-        if self.carrying is not None:
-            await self.carrying.wait()
         # The client hung up (after Terminate, normally): let the server know.
         if isinstance(self.upstream, trio.abc.HalfCloseableStream):
             await self.upstream.send_eof()
@@ -943,60 +979,24 @@ class _Relay:
             events = self.client_scanner.feed(data)
         except _core.PgWireError as exc:
             raise _SessionOver(PgSessionError("08P01", f"qmesh: {exc}")) from None
+        now = time.monotonic()
         if self.guard:
-            return b"".join([raw if tag == 0 else on_event(tag, raw) for tag, raw in events])
+            return b"".join([raw if tag == 0 else on_event(tag, raw, now) for tag, raw in events])
         for tag, raw in events:
-            on_event(tag, raw)
+            on_event(tag, raw, now)
         return data
 
-    def _client_direct(self, data: bytes) -> int:
-        """The client stream's direct sink: scan and write to the server from
-        the tunnel's reader, without waking client_to_server. Takes all of
-        ``data`` (a failure ends the session), or none while an unfinished
-        direct write is still being sent."""
-        if self.ended:
-            return len(data)  # nothing more reaches the server
-        if self.carrying is not None or self.nursery is None:
-            return 0
-        assert isinstance(self.upstream, FastSocketStream)
-        try:
-            out = self._from_client(data)
-        except _SessionOver as exc:
-            self._end(exc)
-            return len(data)
-        try:
-            sent = self.upstream.send_nowait(out) if out else 0
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("pg relay for app %r ended: %s", self.app_id, exc)
-            self._end(None)
-            return len(data)
-        if sent < len(out):
-            self.carrying = trio.Event()
-            self.nursery.start_soon(self._carry, out[sent:])
-        return len(data)
-
-    async def _carry(self, rest: bytes | bytearray) -> None:
-        """Finish a direct write the server's socket could not take at once."""
-        assert self.carrying is not None
-        try:
-            await self.upstream.send_all(rest)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("pg relay for app %r ended: %s", self.app_id, exc)
-            self._end(None)
-        finally:
-            self.carrying.set()
-            self.carrying = None
-
-    def _frontend_event(self, tag: int, raw: bytes) -> bytes:
-        """Look at one reported client message; return the bytes to send in
-        its place (relay mode uses them; observe mode ignores them)."""
+    def _frontend_event(self, tag: int, raw: bytes, now: float) -> bytes:
+        """Look at one reported client message, seen at ``now``
+        (``time.monotonic()``); return the bytes to send in its place (relay
+        mode uses them; observe mode ignores them)."""
         try:
             if tag == _Q:
                 sql = raw[5:-1]
                 if self.guard:
                     raw = self._guard_query(sql, raw)
                 if self.audit is not None:
-                    self.pending.append(_Pending(_Q, sql, time.monotonic()))
+                    self.pending.append(_Pending(_Q, sql, now))
             elif tag == _P:
                 name_end = raw.index(0, 5)
                 name, sql_end = raw[5:name_end], raw.index(0, name_end + 1)
@@ -1017,7 +1017,7 @@ class _Relay:
                 if self.audit is not None:
                     portal = raw[5 : raw.index(0, 5)]
                     text = self.portals.get(portal, _UNKNOWN_STATEMENT)
-                    self.pending.append(_Pending(_E, text, time.monotonic()))
+                    self.pending.append(_Pending(_E, text, now))
             elif tag == _C:
                 if self.audit is not None:
                     kind, _ = _core.parse_close(raw[5:])
@@ -1025,14 +1025,14 @@ class _Relay:
                     (self.statements if kind == "S" else self.portals).pop(name, None)
             elif tag == _S:
                 if self.audit is not None:
-                    self.pending.append(_Pending(_S, b"", time.monotonic()))
+                    self.pending.append(_Pending(_S, b"", now))
             elif tag == _F:
                 oid = int.from_bytes(raw[5:9], "big") if len(raw) >= 9 else -1
                 if self.guard and oid == _SET_CONFIG_OID:
                     log.warning("refused a fast-path set_config call of app %r", self.app_id)
                     raw = _NO_FUNCTION_CALL
                 if self.audit is not None:
-                    self.pending.append(_Pending(_S, b"", time.monotonic()))
+                    self.pending.append(_Pending(_S, b"", now))
         except (ValueError, _core.PgWireError) as exc:
             raise _SessionOver(
                 PgSessionError("08P01", f"qmesh: malformed client message: {exc}")
@@ -1086,14 +1086,15 @@ class _Relay:
                 if not data:
                     return
             if scanner is not None:
+                now = time.monotonic()
                 for tag, raw in scanner.feed(data):
-                    on_event(tag, raw)
+                    on_event(tag, raw, now)
             self.sending_to_client = True
             await send(data)
             self.sending_to_client = False
             data = b""
 
-    def _backend_event(self, tag: int, raw: bytes) -> None:
+    def _backend_event(self, tag: int, raw: bytes, now: float) -> None:
         if tag == _PSTATUS:
             if self.read_only:
                 name, value = _core.parse_parameter_status(raw[5:])
@@ -1108,7 +1109,7 @@ class _Relay:
             return
         pending = self.pending
         if tag == _Z:
-            self._ready()
+            self._ready(now)
             return
         if not pending:
             return
@@ -1118,36 +1119,36 @@ class _Relay:
             if rows is not None:
                 head.rows = (head.rows or 0) + rows
             if head.kind == _E:
-                self._finish(pending.popleft(), "ok")
+                self._finish(pending.popleft(), "ok", now)
         elif tag == _ERROR:
             sqlstate = _core.parse_error_fields(raw[5:]).get("C", "XX000")
             if head.kind == _Q:
                 head.error = head.error or sqlstate
             elif head.kind == _E:
-                self._finish(pending.popleft(), f"error:{sqlstate}")
+                self._finish(pending.popleft(), f"error:{sqlstate}", now)
         elif tag in (_I, _SUSPENDED) and head.kind == _E:
-            self._finish(pending.popleft(), "ok")
+            self._finish(pending.popleft(), "ok", now)
 
-    def _ready(self) -> None:
+    def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""
         pending = self.pending
         while pending:
             item = pending.popleft()
             if item.kind == _Q:
-                self._finish(item, f"error:{item.error}" if item.error else "ok")
+                self._finish(item, f"error:{item.error}" if item.error else "ok", now)
                 break
             if item.kind == _S:
                 break
             # An Execute the server skipped after an earlier error.
-            self._finish(item, "skipped")
+            self._finish(item, "skipped", now)
 
-    def _finish(self, item: _Pending, outcome: str) -> None:
+    def _finish(self, item: _Pending, outcome: str, now: float) -> None:
         assert self.audit is not None
         self.audit.record(
             app=self.app_id,
             alias=self.alias,
             statement=item.text,
-            duration_s=time.monotonic() - item.started,
+            duration_s=now - item.started,
             rows=item.rows,
             outcome=outcome,
             mode=self.audit_mode,

@@ -28,8 +28,6 @@ connection, runs the handshake and hands the socket and resulting codec to
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 

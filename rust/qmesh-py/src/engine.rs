@@ -203,7 +203,10 @@ impl TunnelEngine {
                         .collect();
                     taps.push((stream_id, records));
                 }
-                relay::Event::Ended { stream_id, outcome: o } => {
+                relay::Event::Ended {
+                    stream_id,
+                    outcome: o,
+                } => {
                     ended.push((stream_id, outcome(o)));
                 }
             }

@@ -125,8 +125,9 @@ pub enum Ending {
     Protocol(String),
     /// The socket failed.
     Socket(String),
-    /// A Postgres scanner rejected the bytes (framing, size, truncation);
-    /// what came before the bad message was relayed, nothing after it.
+    /// A Postgres scanner rejected the bytes (framing, size, truncation).
+    /// The chunk holding the bad message was neither relayed nor reported
+    /// (so the audit never lists a statement the server did not get).
     Postgres(String),
     /// Python took the stream back ([`Engine::abort_native`]) or the session ended.
     Aborted,
@@ -235,18 +236,28 @@ struct Native {
 }
 
 impl Native {
-    /// Feed the scanner for this direction (if any), recording its reports.
+    /// Feed the scanner for this direction (if any), recording its reports;
+    /// on error nothing of `data` is recorded.
     fn scan(&mut self, data: &[u8], from_tunnel: bool) -> Result<(), String> {
-        let scanner = if from_tunnel { &mut self.frontend } else { &mut self.backend };
+        let scanner = if from_tunnel {
+            &mut self.frontend
+        } else {
+            &mut self.backend
+        };
         let Some(scanner) = scanner.as_mut() else {
             return Ok(());
         };
+        let before = self.records.len();
         let mut sink = Recorder {
             records: &mut self.records,
             at: sys::monotonic(),
             from_tunnel,
         };
-        scanner.feed(data, &mut sink).map_err(|err| err.to_string())
+        scanner.feed(data, &mut sink).map_err(|err| {
+            // The chunk is not relayed: forget what it reported.
+            self.records.truncate(before);
+            err.to_string()
+        })
     }
 
     /// Write queued bytes to the socket until it would block; then, once
@@ -319,8 +330,13 @@ struct State {
     /// Sockets of native streams that ended this round, to stop watching
     /// before the lock is released (Python closes them once it learns).
     unwatch: Vec<RawFd>,
+    /// Natives stopped reading (no usable connection, or a backlog).
+    reading_paused: bool,
     tap_deadline: Option<Instant>,
     tap_waiting: usize,
+    /// The deadline the engine thread sleeps until (None: no deadline), so
+    /// a call from Python that sets an earlier one knows to wake it.
+    sleeping_until: Option<Instant>,
     bytes_sent: u64,
     bytes_received: u64,
     last_heard: Instant,
@@ -339,7 +355,9 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; the state may still be
         // used to shut down cleanly, so take it anyway.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -382,7 +400,9 @@ impl Engine {
                 natives: HashMap::new(),
                 dirty: Vec::new(),
                 unwatch: Vec::new(),
+                reading_paused: false,
                 tap_deadline: None,
+                sleeping_until: None,
                 tap_waiting: 0,
                 bytes_sent: 0,
                 bytes_received: 0,
@@ -484,8 +504,6 @@ impl Engine {
         }
         st.mark_all_dirty();
         st.finish(&self.shared);
-        drop(st);
-        self.shared.wake.signal(); // deadlines may have changed
         Ok(())
     }
 
@@ -568,11 +586,10 @@ impl Engine {
         st.natives.insert(sid, native);
         // Frames for the stream that Python has not taken yet are the
         // engine's now, in the order they arrived.
-        let (mine, rest): (VecDeque<Event>, VecDeque<Event>) =
-            st.events.drain(..).partition(|e| {
-                matches!(e, Event::Frame { stream_id, frame_type, .. }
+        let (mine, rest): (VecDeque<Event>, VecDeque<Event>) = st.events.drain(..).partition(|e| {
+            matches!(e, Event::Frame { stream_id, frame_type, .. }
                     if *stream_id == sid && (DATA..=WINDOW).contains(frame_type))
-            });
+        });
         st.events = rest;
         // What Python held already is scanned as if it had just arrived.
         st.scan_initial(sid);
@@ -654,10 +671,8 @@ fn run(shared: &Shared) {
     let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut timeout: Option<Duration> = None;
     loop {
-        let n = match shared.epoll.wait(&mut ready, timeout) {
-            Ok(n) => n,
-            Err(_) => 0, // EBADF/EINVAL cannot happen on our own epoll
-        };
+        // EBADF/EINVAL cannot happen on our own epoll.
+        let n = shared.epoll.wait(&mut ready, timeout).unwrap_or(0);
         let mut st = shared.lock();
         if st.closed {
             return;
@@ -672,9 +687,10 @@ fn run(shared: &Shared) {
             }
         }
         st.on_timers(Instant::now());
-        st.finish(shared);
+        st.finish_round(shared, true);
+        st.sleeping_until = st.next_deadline();
         timeout = st
-            .next_deadline()
+            .sleeping_until
             .map(|deadline| deadline.saturating_duration_since(Instant::now()));
     }
 }
@@ -695,13 +711,23 @@ fn wire_error_kind(err: &qmesh_wire::Error) -> &'static str {
 fn decode_u32(payload: &[u8], what: &str) -> Result<u32, ConnError> {
     <[u8; 4]>::try_from(payload)
         .map(u32::from_be_bytes)
-        .map_err(|_| ConnError::Protocol(format!("{what} frame: expected 4 bytes, got {}", payload.len())))
+        .map_err(|_| {
+            ConnError::Protocol(format!(
+                "{what} frame: expected 4 bytes, got {}",
+                payload.len()
+            ))
+        })
 }
 
 fn decode_u64(payload: &[u8], what: &str) -> Result<u64, ConnError> {
     <[u8; 8]>::try_from(payload)
         .map(u64::from_be_bytes)
-        .map_err(|_| ConnError::Protocol(format!("{what} frame: expected 8 bytes, got {}", payload.len())))
+        .map_err(|_| {
+            ConnError::Protocol(format!(
+                "{what} frame: expected 8 bytes, got {}",
+                payload.len()
+            ))
+        })
 }
 
 fn encode_reason(code: u16, reason: &str) -> Bytes {
@@ -817,7 +843,9 @@ impl State {
         self.send_next = seq;
         if self.retained_bytes > self.config.max_unacked {
             let mib = self.retained_bytes >> 20;
-            self.fail(ConnError::Protocol(format!("peer left {mib} MiB unacknowledged")));
+            self.fail(ConnError::Protocol(format!(
+                "peer left {mib} MiB unacknowledged"
+            )));
         }
     }
 
@@ -854,6 +882,12 @@ impl State {
     /// End of a round: seal what was made, write, adjust what the sockets
     /// are watched for, wake Python if it has something to take.
     fn finish(&mut self, shared: &Shared) {
+        self.finish_round(shared, false);
+    }
+
+    /// [`Self::finish`]; `on_engine_thread` when the engine thread itself
+    /// runs it (it recomputes its sleep afterwards, no wake-up needed).
+    fn finish_round(&mut self, shared: &Shared, on_engine_thread: bool) {
         if self.conn.is_some() {
             let ack_now = self.recv_next > self.ack_sent
                 && (self.recv_next - self.ack_sent >= self.config.ack_every
@@ -871,6 +905,16 @@ impl State {
             shared.epoll.delete(fd);
         }
         self.update_interests(&shared.epoll);
+        if let (Some(deadline), false) = (self.next_deadline(), on_engine_thread) {
+            if self
+                .sleeping_until
+                .is_none_or(|sleeping| deadline < sleeping)
+            {
+                // The engine thread must wake up earlier than it planned.
+                self.sleeping_until = Some(deadline);
+                shared.wake.signal();
+            }
+        }
         if (!self.events.is_empty() || self.error_unreported) && !self.notified {
             self.notified = true;
             shared.notify.signal();
@@ -891,6 +935,11 @@ impl State {
             set_interest(epoll, conn.fd, TOKEN_TUNNEL, &mut conn.interest, want);
         }
         let may_read = usable && backlog < UNSENT_HIGH_WATER;
+        if may_read && self.reading_paused {
+            // Natives that lost READABLE while reading was paused get it back.
+            self.reading_paused = false;
+            self.mark_all_dirty();
+        }
         for sid in std::mem::take(&mut self.dirty) {
             if let Some(native) = self.natives.get_mut(&sid) {
                 let mut want = 0;
@@ -904,9 +953,8 @@ impl State {
                 set_interest(epoll, native.fd, token, &mut native.interest, want);
             }
         }
-        if !may_read {
-            // Natives stay dirty until reading may resume.
-            self.dirty.clear();
+        if !may_read && !self.natives.is_empty() {
+            self.reading_paused = true;
         }
     }
 
@@ -983,7 +1031,12 @@ impl State {
         }
     }
 
-    fn dispatch(&mut self, frame_type: u8, stream_id: u32, payload: Bytes) -> Result<(), ConnError> {
+    fn dispatch(
+        &mut self,
+        frame_type: u8,
+        stream_id: u32,
+        payload: Bytes,
+    ) -> Result<(), ConnError> {
         match frame_type {
             ACK => self
                 .on_ack(decode_u64(&payload, "ACK")?)
@@ -1018,7 +1071,8 @@ impl State {
                     || native.to_socket_len + payload.len() > native.window as usize
                 {
                     let why = "flow-control window exceeded";
-                    self.out.push((RESET, sid, encode_reason(RESET_PROTOCOL_ERROR, why)));
+                    self.out
+                        .push((RESET, sid, encode_reason(RESET_PROTOCOL_ERROR, why)));
                     self.end_native(sid, Ending::Protocol(why.into()));
                     return Ok(());
                 }
@@ -1096,7 +1150,8 @@ impl State {
         if native.consumed >= native.window / 2 && native.consumed > 0 && !native.eof_received {
             let grant = native.consumed.min(u64::from(u32::MAX)) as u32;
             native.consumed -= u64::from(grant);
-            self.out.push((WINDOW, sid, Bytes::copy_from_slice(&grant.to_be_bytes())));
+            self.out
+                .push((WINDOW, sid, Bytes::copy_from_slice(&grant.to_be_bytes())));
         }
         self.dirty.push(sid);
         if let Err(why) = result {
@@ -1133,7 +1188,8 @@ impl State {
                         self.end_native(sid, Ending::Postgres(format!("server: {why}")));
                         break;
                     }
-                    self.out.push((DATA, sid, Bytes::copy_from_slice(&buf[..n])));
+                    self.out
+                        .push((DATA, sid, Bytes::copy_from_slice(&buf[..n])));
                     self.note_records(sid);
                     if n < size {
                         break; // drained for now
@@ -1223,7 +1279,11 @@ impl State {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let ack = if self.conn_usable() { self.ack_deadline } else { None };
+        let ack = if self.conn_usable() {
+            self.ack_deadline
+        } else {
+            None
+        };
         match (ack, self.tap_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

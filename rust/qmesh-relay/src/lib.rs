@@ -6,6 +6,6 @@ pub mod engine;
 mod sys;
 
 pub use engine::{
-    ConnError, Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord,
+    Config, ConnError, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord,
 };
 pub use sys::monotonic;
