@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 from pgcluster import PgCluster
-from tunnelkit import Gate, fast_settings, start_edge, start_gate
+from tunnelkit import Gate, fast_settings, start_edge, start_gate, until
 
 from qmesh import _core
 from qmesh.config import Config, GateAppConfig, GateConfig, TunnelConfig
@@ -106,8 +106,7 @@ class Ghost:
         audit: a native relay hands its audit records over in batches, the
         last when the session ends."""
         with trio.fail_after(10):
-            while self.service.active:
-                await trio.sleep(0.005)
+            await until(lambda: not self.service.active)
         await self.service.audit.flush()
 
     def asyncpg_kwargs(self, **overrides: Any) -> dict[str, Any]:
