@@ -65,6 +65,31 @@ SELECT current_user;
 # -- psycopg 3 -----------------------------------------------------------------------
 
 
+async def test_sessions_are_relayed_by_both_engines_without_python(ghost: Ghost) -> None:
+    """Once logged in, a session's messages go through the Rust engines of
+    the MiniGate and the Gate, not through Python, and come back to Python
+    (and are audited) when the session ends."""
+    edge_session = ghost.edge.session
+    assert edge_session is not None
+    (gate_session,) = ghost.gate.server.sessions.values()
+
+    def native_counts() -> tuple[int, int]:
+        return edge_session.native_streams, gate_session.native_streams
+
+    def work() -> tuple[int, int]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            for i in range(50):
+                assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+            return trio.from_thread.run_sync(native_counts)
+
+    with trio.fail_after(30):
+        assert await in_thread(work) == (1, 1)
+        await ghost.audit_settled()
+    assert native_counts() == (0, 0)
+    statements = [r.statement for r in list_audit(ghost.store, app=ghost.app_id, limit=100)]
+    assert statements.count("SELECT $1::int") == 50
+
+
 async def test_psycopg_types_prepared_statements_and_cursor(ghost: Ghost) -> None:
     import datetime
     import decimal
