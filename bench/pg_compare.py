@@ -112,10 +112,13 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 class Stack:
     """Every target's processes, started in ``base`` and stopped together."""
 
-    def __init__(self, base: Path, scale: int, audit: str = "text") -> None:
+    def __init__(
+        self, base: Path, scale: int, audit: str = "text", statement_timeout_ms: int = 0
+    ) -> None:
         self.base = base
         self.scale = scale
         self.audit = audit
+        self.statement_timeout_ms = statement_timeout_ms
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ports: dict[str, int] = {}
         self.real_password = "real-" + secrets.token_urlsafe(16)
@@ -220,6 +223,11 @@ class Stack:
             f'http_listen = "127.0.0.1:{http_port}"\n'
             f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
             f'audit_statements = "{self.audit}"\n'
+            + (
+                f"statement_timeout_ms = {self.statement_timeout_ms}\n"
+                if self.statement_timeout_ms
+                else ""
+            )
         )
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
@@ -293,8 +301,10 @@ def pgbench(
 
 
 @contextlib.contextmanager
-def stack_in(base: Path, scale: int, targets: tuple[str, ...], audit: str) -> Iterator[Stack]:
-    stack = Stack(base, scale, audit)
+def stack_in(
+    base: Path, scale: int, targets: tuple[str, ...], audit: str, statement_timeout_ms: int
+) -> Iterator[Stack]:
+    stack = Stack(base, scale, audit, statement_timeout_ms)
     try:
         stack.start(targets)
         yield stack
@@ -311,6 +321,11 @@ def main() -> int:
     parser.add_argument(
         "--audit", choices=("text", "hash", "off"), default="text",
         help="qmesh's audit_statements for the benchmark app (default: text, the default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--statement-timeout-ms", type=int, default=0,
+        help="give the benchmark app a statement_timeout_ms policy: its sessions then take "
+        "the statement guard's (Python) relay",
     )  # fmt: skip
     args = parser.parse_args()
     targets = tuple(t for t in TARGETS if t in args.only.split(","))
@@ -331,7 +346,7 @@ def main() -> int:
     ]
     results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
     try:
-        with stack_in(base, args.scale, targets, args.audit) as stack:
+        with stack_in(base, args.scale, targets, args.audit, args.statement_timeout_ms) as stack:
             for case in cases:
                 for target in targets:
                     results[(*case, target)] = pgbench(stack, target, *case, args.duration)
@@ -344,7 +359,13 @@ def main() -> int:
     print(file=sys.stderr)
     print(
         f"pgbench, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
-        f"qmesh audit {args.audit}; TPS (average latency ms)"
+        f"qmesh audit {args.audit}"
+        + (
+            f", statement_timeout_ms {args.statement_timeout_ms}"
+            if args.statement_timeout_ms
+            else ""
+        )
+        + "; TPS (average latency ms)"
     )
     header = ["script", "-c", "protocol", *targets]
     others = [t for t in targets if t != "qmesh"]

@@ -210,7 +210,7 @@ class TunnelEngine:
         self,
     ) -> tuple[
         list[tuple[int, int, bytes]],
-        list[tuple[int, list[tuple[float, bool, int, bytes]]]],
+        list[tuple[int, list[tuple[float, bool, int, bytes, bool]]]],
         list[tuple[int, tuple[str, int, str, int, bool, bool]]],
         tuple[str, str] | None,
     ]:
@@ -220,8 +220,8 @@ class TunnelEngine:
         error as ``("lost" | "protocol", message)``. Handle taps, then endings,
         then frames (a frame for a stream can follow the stream's ending).
         A tap record is ``(time.monotonic() when seen, came from the tunnel,
-        type byte, message)``; an outcome ``(ending, code, detail, credit,
-        eof_sent, eof_received)``."""
+        type byte, message, held for a verdict)``; an outcome ``(ending, code,
+        detail, credit, eof_sent, eof_received)``."""
 
     def attach_native(
         self,
@@ -236,13 +236,24 @@ class TunnelEngine:
         end_on_socket_eof: bool = False,
         pg_frontend: tuple[bytes, bytes] | None = None,
         pg_backend: bytes | None = None,
+        pg_guard: bytes | None = None,
+        pg_backend_guard: bytes | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
         :meth:`take`). The other arguments carry the stream's state over.
         ``pg_frontend=(full, peek)`` scans the bytes from the tunnel as a
         Postgres client's, ``pg_backend=full`` those from the socket as a
-        server's, reporting those kinds as taps."""
+        server's, reporting those kinds as taps. ``pg_guard`` kinds (with
+        ``pg_frontend``) are held: each is reported as a tap record with
+        ``hold`` set, and nothing more reaches the socket until
+        :meth:`verdict`; ``pg_backend_guard`` kinds (with ``pg_backend``)
+        likewise on the server's side."""
+
+    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
+        """The verdict on the message a native stream holds (the client's when
+        ``from_tunnel``, else the server's): relay ``replacement`` in its
+        place (the message itself, or another), then carry on."""
 
     def abort_native(self, stream_id: int) -> tuple[str, int, str, int, bool, bool] | None:
         """Take a native stream back: its socket is unwatched when this returns.

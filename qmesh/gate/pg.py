@@ -884,13 +884,11 @@ class _Relay:
                     pass
 
     def _native(self, client_leftover: bytes) -> bool:
-        """Whether the session's engine can relay this session: the statement
-        guard must see each statement before it is sent (Python), and bytes
-        already read on either side take the Python path too (rare: clients
-        wait for ReadyForQuery before their first query)."""
+        """Whether the session's engine can relay this session: not over TLS
+        to the server, and with nothing read ahead on either side (rare:
+        clients wait for ReadyForQuery before their first query)."""
         return (
-            not self.guard
-            and not client_leftover
+            not client_leftover
             and not self.server_leftover
             and isinstance(self.upstream, FastSocketStream | trio.SocketStream)
         )
@@ -898,16 +896,28 @@ class _Relay:
     async def _run_native(self) -> None:
         """Relay in the tunnel engine: no Python per message. The engine
         checks the client's framing and limits and, with the audit on, hands
-        the messages the audit needs to :meth:`_on_tap` in batches."""
+        the messages the audit needs to :meth:`_on_tap` in batches. With a
+        statement guard it holds each Query, Parse and FunctionCall (and what
+        follows) until :meth:`_on_tap` says what to send in its place: one
+        trip through Python per statement, none per row or reply."""
         assert isinstance(self.upstream, FastSocketStream | trio.SocketStream)
         audit = self.audit is not None
+        if self.guard:
+            frontend = (b"", b"BECS" if audit else b"")
+        else:
+            frontend = (b"QP", b"BECSF") if audit else (b"", b"")
+        # A read-only session's ParameterStatus reports are held until
+        # checked: a session that got its read-only setting turned off is
+        # ended before the client sees the statement succeed.
         outcome = await self.client.relay_native(
             self.upstream,
             # The session ends when the server's side ends.
             end_on_socket_eof=True,
-            pg_frontend=(b"QP", b"BECSF") if audit else (b"", b""),
-            pg_backend=b"CEIZs" if audit else None,
-            on_tap=self._on_tap if audit else None,
+            pg_frontend=frontend,
+            pg_backend=b"CEIZs" if audit else (b"" if self.read_only else None),
+            pg_guard=b"QPF" if self.guard else None,
+            pg_backend_guard=b"S" if self.read_only else None,
+            on_tap=self._on_tap if audit or self.guard else None,
         )
         if outcome.ending == "postgres":
             self._end(_SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
@@ -915,15 +925,21 @@ class _Relay:
             log.debug("pg relay for app %r ended: %s %s", self.app_id, outcome.ending,
                       outcome.detail)  # fmt: skip
 
-    def _on_tap(self, records: list[TapRecord]) -> None:
+    def _on_tap(self, records: list[TapRecord]) -> bytes | None:
+        """Audit (and guard) what the engine saw, in order; the replacement
+        for a held message, which ends the batch."""
+        replacement = None
         try:
-            for at, from_client, tag, raw in records:
+            for at, from_client, tag, raw, held in records:
                 if from_client:
-                    self._frontend_event(tag, raw, at)
+                    replacement = self._frontend_event(tag, raw, at)
                 else:
                     self._backend_event(tag, raw, at)
+                    replacement = raw if held else None
         except _SessionOver as exc:
             self._end(exc)
+            return None
+        return replacement
 
     async def _run_in_python(self, client_leftover: bytes) -> None:
         async def guarded(pump: Any, data: bytes) -> None:

@@ -297,6 +297,9 @@ class Session:
         self._send_pending()  # the stream's queued frames go out before any native one
         self._engine.attach_native(stream.id, fd, **state)
 
+    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
+        self._engine.verdict(stream_id, replacement, from_tunnel=from_tunnel)
+
     def abort_native(self, stream_id: int) -> NativeOutcome | None:
         outcome = self._engine.abort_native(stream_id)
         return None if outcome is None else NativeOutcome(*outcome)

@@ -38,9 +38,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TapRecord = tuple[float, bool, int, bytes]
+TapRecord = tuple[float, bool, int, bytes, bool]
 """A Postgres message a native stream's scanner saw: ``(time.monotonic()
-when seen, came from the tunnel, type byte, message with header)``."""
+when seen, came from the tunnel, type byte, message with header, held)``.
+A held message (a guarded kind) waits for the tap's verdict."""
+
+TapHandler = Callable[[list[TapRecord]], bytes | None]
+"""Takes a batch of tap records, in order; a batch ends with at most one
+held record, and then the handler returns the bytes to relay in its place
+(None: no verdict, the relay is ending)."""
 
 
 class NativeOutcome(NamedTuple):
@@ -76,7 +82,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         # Set while the engine relays this stream natively.
         self._native_done: trio.Event | None = None
         self._native_outcome: NativeOutcome | None = None
-        self._on_tap: Callable[[list[TapRecord]], None] | None = None
+        self._on_tap: TapHandler | None = None
         # Send side.
         self._send_credit = INITIAL_WINDOW
         self._eof_sent = False
@@ -174,7 +180,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         end_on_socket_eof: bool = False,
         pg_frontend: tuple[bytes, bytes] | None = None,
         pg_backend: bytes | None = None,
-        on_tap: Callable[[list[TapRecord]], None] | None = None,
+        pg_guard: bytes | None = None,
+        pg_backend_guard: bytes | None = None,
+        on_tap: TapHandler | None = None,
     ) -> NativeOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
@@ -185,6 +193,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         Postgres client's messages and reports those kinds to ``on_tap``
         (``pg_backend=full``: the socket's bytes, as the server's); a bad
         message ends the relay ("postgres") before it reaches the socket.
+        ``pg_guard`` kinds (``pg_backend_guard``: the server's) are held until
+        ``on_tap`` returns what to relay in their place (see :data:`TapHandler`).
 
         Cancelling takes the stream back at once. The caller still owns both
         ends: it closes the socket and this stream afterwards.
@@ -211,6 +221,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 end_on_socket_eof=end_on_socket_eof,
                 pg_frontend=pg_frontend,
                 pg_backend=pg_backend,
+                pg_guard=pg_guard,
+                pg_backend_guard=pg_backend_guard,
             )
             try:
                 await done.wait()
@@ -269,11 +281,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._on_tap is None:
             return
         try:
-            self._on_tap(records)
+            verdict = self._on_tap(records)
         except Exception:
             # A bug in one relay's audit must not take the session's pump
             # (and every other stream) down with it.
-            log.exception("the audit tap of stream %d failed", self.id)
+            log.exception("the tap of stream %d failed", self.id)
+            outcome = self.session.abort_native(self.id)
+            if outcome is not None:
+                self.on_native_end(outcome)
+            self.reset(ResetCode.INTERNAL, "the relay failed")
+            return
+        _at, from_tunnel, _tag, _raw, held = records[-1]
+        if verdict is not None and held:
+            self.session.verdict(self.id, verdict, from_tunnel=from_tunnel)
 
     def on_native_end(self, outcome: NativeOutcome) -> None:
         """The engine gave the stream back: carry on from its state."""

@@ -96,6 +96,10 @@ impl TagSet {
         set
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+
     pub fn contains(&self, tag: u8) -> bool {
         self.0[(tag >> 6) as usize] & (1 << (tag & 63)) != 0
     }

@@ -18,8 +18,8 @@ use crate::{FrameDecoder, FrameEncoder, DETACH_THRESHOLD};
 
 /// ``(ending, code, detail, credit, eof_sent, eof_received)``.
 type PyOutcome = (&'static str, u16, String, u64, bool, bool);
-/// ``(at, from_tunnel, tag, raw)``.
-type PyTapRecord<'py> = (f64, bool, u8, Bound<'py, PyBytes>);
+/// ``(at, from_tunnel, tag, raw, hold)``.
+type PyTapRecord<'py> = (f64, bool, u8, Bound<'py, PyBytes>, bool);
 type PyTaken<'py> = (
     Vec<(u8, u32, Bound<'py, PyBytes>)>,
     Vec<(u32, Vec<PyTapRecord<'py>>)>,
@@ -199,7 +199,7 @@ impl TunnelEngine {
                 relay::Event::Tap { stream_id, records } => {
                     let records = records
                         .into_iter()
-                        .map(|r| (r.at, r.from_tunnel, r.tag, PyBytes::new(py, &r.raw)))
+                        .map(|r| (r.at, r.from_tunnel, r.tag, PyBytes::new(py, &r.raw), r.hold))
                         .collect();
                     taps.push((stream_id, records));
                 }
@@ -223,7 +223,11 @@ impl TunnelEngine {
     /// :meth:`take`). The other arguments carry the stream's state over.
     /// ``pg_frontend=(full, peek)`` scans the bytes from the tunnel as a
     /// Postgres client's, ``pg_backend=full`` those from the socket as a
-    /// server's, reporting those kinds as taps.
+    /// server's, reporting those kinds as taps. ``pg_guard`` kinds (with
+    /// ``pg_frontend``) are held: each is reported as a tap record with
+    /// ``hold`` set, and nothing more reaches the socket until
+    /// :meth:`verdict`; ``pg_backend_guard`` kinds (with ``pg_backend``)
+    /// likewise on the server's side.
     #[pyo3(signature = (
         stream_id,
         fd,
@@ -236,6 +240,8 @@ impl TunnelEngine {
         end_on_socket_eof = false,
         pg_frontend = None,
         pg_backend = None,
+        pg_guard = None,
+        pg_backend_guard = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attach_native(
@@ -250,6 +256,8 @@ impl TunnelEngine {
         end_on_socket_eof: bool,
         pg_frontend: Option<(Vec<u8>, Vec<u8>)>,
         pg_backend: Option<Vec<u8>>,
+        pg_guard: Option<Vec<u8>>,
+        pg_backend_guard: Option<Vec<u8>>,
     ) -> PyResult<()> {
         let spec = relay::NativeSpec {
             stream_id,
@@ -263,10 +271,22 @@ impl TunnelEngine {
             tap: relay::PgTap {
                 frontend: pg_frontend,
                 backend: pg_backend,
+                guard: pg_guard.unwrap_or_default(),
+                backend_guard: pg_backend_guard.unwrap_or_default(),
             },
         };
         self.inner
             .attach_native(spec)
+            .map_err(PyValueError::new_err)
+    }
+
+    /// The verdict on the message a native stream holds (the client's when
+    /// ``from_tunnel``, else the server's): relay ``replacement`` in its
+    /// place (the message itself, or another), then carry on.
+    #[pyo3(signature = (stream_id, replacement, *, from_tunnel = true))]
+    fn verdict(&self, stream_id: u32, replacement: &[u8], from_tunnel: bool) -> PyResult<()> {
+        self.inner
+            .verdict(stream_id, replacement.to_vec(), from_tunnel)
             .map_err(PyValueError::new_err)
     }
 

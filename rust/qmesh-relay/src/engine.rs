@@ -110,6 +110,9 @@ pub struct TapRecord {
     pub tag: u8,
     /// The message, header included (a prefix for a peek kind).
     pub raw: Vec<u8>,
+    /// A guarded message held back: nothing more of the stream reaches the
+    /// socket until Python gives its verdict ([`Engine::verdict`]).
+    pub hold: bool,
 }
 
 /// How a native stream ended.
@@ -171,6 +174,14 @@ pub struct PgTap {
     pub frontend: Option<(Vec<u8>, Vec<u8>)>,
     /// Scan the server's messages (socket → tunnel), reporting these kinds whole.
     pub backend: Option<Vec<u8>>,
+    /// Client message kinds held for a verdict (a statement guard): each is
+    /// reported (with `hold`) as soon as it is complete, and it and all that
+    /// follows wait until Python sends what to relay in its place. Needs
+    /// `frontend`.
+    pub guard: Vec<u8>,
+    /// Server message kinds held for a verdict the same way (what the
+    /// server sends after one waits). Needs `backend`.
+    pub backend_guard: Vec<u8>,
 }
 
 /// A stream to relay natively, with the state Python had for it.
@@ -222,9 +233,13 @@ struct Native {
     fd: RawFd,
     credit: u64,
     window: u64,
+    /// Input bytes consumed (written, or replaced) but not yet reported in a
+    /// WINDOW frame.
     consumed: u64,
-    to_socket: VecDeque<Bytes>,
-    to_socket_len: usize,
+    /// Input bytes received from the tunnel and not yet consumed: what the
+    /// peer's credit covers.
+    unconsumed: usize,
+    to_socket: VecDeque<Chunk>,
     socket_eof: bool,
     eof_received: bool,
     shut: bool,
@@ -232,53 +247,180 @@ struct Native {
     interest: u32,
     frontend: Option<pg::Scanner>,
     backend: Option<pg::Scanner>,
+    /// Kinds the frontend scanner reports for the tap (not held).
+    tapped: pg::TagSet,
+    guard: pg::TagSet,
+    /// Waiting for a verdict on a held client message (its length); `held`
+    /// is what followed it.
+    awaiting: Option<usize>,
+    held: VecDeque<Segment>,
+    /// The same for the server's side.
+    back_guard: pg::TagSet,
+    back_tapped: pg::TagSet,
+    back_awaiting: Option<usize>,
+    back_held: VecDeque<Segment>,
     records: Vec<TapRecord>,
 }
 
+/// Bytes for the socket, and how many input bytes they stand for (a
+/// guard's replacement differs in length from what it replaces).
+struct Chunk {
+    data: Bytes,
+    input: usize,
+}
+
+/// Scanned client input, in order, in guard mode.
+enum Segment {
+    Data(Bytes),
+    Record(TapRecord),
+    Hold(TapRecord),
+}
+
 impl Native {
-    /// Feed the scanner for this direction (if any), recording its reports;
-    /// on error nothing of `data` is recorded.
-    fn scan(&mut self, data: &[u8], from_tunnel: bool) -> Result<(), String> {
-        let scanner = if from_tunnel {
-            &mut self.frontend
+    /// Bytes read from the socket: scan them (if asked) and return what to
+    /// send now, in DATA frames, and the record of a message that now awaits
+    /// a verdict (what follows it is held). On a scan error nothing of
+    /// `data` is sent or recorded.
+    fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), String> {
+        let Some(scanner) = self.backend.as_mut() else {
+            return Ok((vec![Bytes::copy_from_slice(data)], None));
+        };
+        if self.back_guard.is_empty() {
+            let before = self.records.len();
+            let mut sink = Recorder {
+                records: &mut self.records,
+                at: sys::monotonic(),
+                from_tunnel: false,
+            };
+            if let Err(err) = scanner.feed(data, &mut sink) {
+                // The chunk is not relayed: forget what it reported.
+                self.records.truncate(before);
+                return Err(err.to_string());
+            }
+            return Ok((vec![Bytes::copy_from_slice(data)], None));
+        }
+        let mut sink = Splitter::new(self.back_tapped, self.back_guard, false);
+        scanner
+            .feed(data, &mut sink)
+            .map_err(|err| err.to_string())?;
+        sink.flush();
+        Ok(self.release_back(sink.segments))
+    }
+
+    /// The server's scanned segments: what may be sent now, and a new hold.
+    fn release_back(
+        &mut self,
+        segments: impl IntoIterator<Item = Segment>,
+    ) -> (Vec<Bytes>, Option<TapRecord>) {
+        let mut send = Vec::new();
+        let mut hold = None;
+        for segment in segments {
+            if self.back_awaiting.is_some() {
+                self.back_held.push_back(segment);
+                continue;
+            }
+            match segment {
+                Segment::Data(data) => send.push(data),
+                Segment::Record(record) => self.records.push(record),
+                Segment::Hold(record) => {
+                    self.back_awaiting = Some(record.raw.len());
+                    hold = Some(record);
+                }
+            }
+        }
+        (send, hold)
+    }
+
+    /// Take bytes from the tunnel: scan them (if asked) and queue them for
+    /// the socket, or hold them behind a message awaiting its verdict. On a
+    /// scan error nothing of `data` is queued or recorded. Returns the
+    /// record of a message that now awaits a verdict.
+    fn inbound(&mut self, data: Bytes) -> Result<Option<TapRecord>, String> {
+        let Some(scanner) = self.frontend.as_mut() else {
+            self.queue(data.clone(), data.len());
+            return Ok(None);
+        };
+        if self.guard.is_empty() {
+            // Observe mode: the input is relayed as it is.
+            let before = self.records.len();
+            let mut sink = Recorder {
+                records: &mut self.records,
+                at: sys::monotonic(),
+                from_tunnel: true,
+            };
+            if let Err(err) = scanner.feed(&data, &mut sink) {
+                self.records.truncate(before);
+                return Err(err.to_string());
+            }
+            let input = data.len();
+            self.queue(data, input);
+            return Ok(None);
+        }
+        let mut sink = Splitter::new(self.tapped, self.guard, true);
+        scanner
+            .feed(&data, &mut sink)
+            .map_err(|err| err.to_string())?;
+        sink.flush();
+        Ok(self.release(sink.segments))
+    }
+
+    /// Queue scanned segments for the socket until one must be held.
+    fn release(&mut self, segments: impl IntoIterator<Item = Segment>) -> Option<TapRecord> {
+        let mut hold = None;
+        for segment in segments {
+            if self.awaiting.is_some() {
+                self.held.push_back(segment);
+                continue;
+            }
+            match segment {
+                Segment::Data(data) => {
+                    let input = data.len();
+                    self.queue(data, input);
+                }
+                Segment::Record(record) => self.records.push(record),
+                Segment::Hold(record) => {
+                    self.awaiting = Some(record.raw.len());
+                    hold = Some(record);
+                }
+            }
+        }
+        hold
+    }
+
+    fn queue(&mut self, data: Bytes, input: usize) {
+        if data.is_empty() {
+            self.consumed += input as u64;
+            self.unconsumed -= input;
         } else {
-            &mut self.backend
-        };
-        let Some(scanner) = scanner.as_mut() else {
-            return Ok(());
-        };
-        let before = self.records.len();
-        let mut sink = Recorder {
-            records: &mut self.records,
-            at: sys::monotonic(),
-            from_tunnel,
-        };
-        scanner.feed(data, &mut sink).map_err(|err| {
-            // The chunk is not relayed: forget what it reported.
-            self.records.truncate(before);
-            err.to_string()
-        })
+            self.to_socket.push_back(Chunk { data, input });
+        }
     }
 
     /// Write queued bytes to the socket until it would block; then, once
     /// everything is written and the peer has closed, half-close the socket.
     fn write_out(&mut self) -> Result<(), String> {
         while let Some(front) = self.to_socket.front_mut() {
-            match sys::send(self.fd, front) {
+            match sys::send(self.fd, &front.data) {
+                Ok(n) if n == front.data.len() => {
+                    self.consumed += front.input as u64;
+                    self.unconsumed -= front.input;
+                    self.to_socket.pop_front();
+                }
                 Ok(n) => {
-                    self.consumed += n as u64;
-                    self.to_socket_len -= n;
-                    if n == front.len() {
-                        self.to_socket.pop_front();
-                    } else {
-                        let _ = front.split_to(n);
+                    // A plain chunk's bytes are its input, one for one; a
+                    // replacement counts as consumed once all of it is written.
+                    if front.input == front.data.len() {
+                        front.input -= n;
+                        self.consumed += n as u64;
+                        self.unconsumed -= n;
                     }
+                    let _ = front.data.split_to(n);
                 }
                 Err(err) if sys::would_block(&err) => return Ok(()),
                 Err(err) => return Err(format!("send failed: {err}")),
             }
         }
-        if self.eof_received && !self.shut {
+        if self.eof_received && !self.shut && self.awaiting.is_none() && self.held.is_empty() {
             self.shut = true;
             sys::shutdown_write(self.fd).map_err(|err| format!("shutdown failed: {err}"))?;
         }
@@ -302,7 +444,69 @@ impl pg::Sink for Recorder<'_> {
             from_tunnel: self.from_tunnel,
             tag,
             raw: raw.to_vec(),
+            hold: false,
         });
+    }
+}
+
+/// A relay-mode scanner's output as segments: bytes to forward, records for
+/// the tap, and guarded messages to hold.
+struct Splitter {
+    segments: Vec<Segment>,
+    pending: Vec<u8>,
+    tapped: pg::TagSet,
+    guard: pg::TagSet,
+    at: f64,
+    from_tunnel: bool,
+}
+
+impl Splitter {
+    fn new(tapped: pg::TagSet, guard: pg::TagSet, from_tunnel: bool) -> Splitter {
+        Splitter {
+            segments: Vec::new(),
+            pending: Vec::new(),
+            tapped,
+            guard,
+            at: sys::monotonic(),
+            from_tunnel,
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let data = Bytes::from(std::mem::take(&mut self.pending));
+            self.segments.push(Segment::Data(data));
+        }
+    }
+
+    fn record(&self, tag: u8, raw: &[u8], hold: bool) -> TapRecord {
+        TapRecord {
+            at: self.at,
+            from_tunnel: self.from_tunnel,
+            tag,
+            raw: raw.to_vec(),
+            hold,
+        }
+    }
+}
+
+impl pg::Sink for Splitter {
+    fn pass(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    fn message(&mut self, tag: u8, raw: &[u8], complete: bool) {
+        if complete && self.guard.contains(tag) {
+            self.flush();
+            let record = self.record(tag, raw, true);
+            self.segments.push(Segment::Hold(record));
+            return;
+        }
+        self.pending.extend_from_slice(raw);
+        if self.tapped.contains(tag) {
+            let record = self.record(tag, raw, false);
+            self.segments.push(Segment::Record(record));
+        }
     }
 }
 
@@ -548,28 +752,48 @@ impl Engine {
         if st.natives.contains_key(&spec.stream_id) {
             return Err(format!("stream {} is already native", spec.stream_id));
         }
-        let scanner = |direction, full: &[u8], peek: &[u8]| {
+        let scanner = |direction, full: &[u8], peek: &[u8], relay: bool| {
             let mut config = pg::ScannerConfig::new(direction);
             config.full = pg::TagSet::from_bytes(full);
             config.peek = pg::TagSet::from_bytes(peek);
+            config.relay = relay;
             pg::Scanner::new(config).map_err(|e| e.to_string())
         };
-        let frontend = match &spec.tap.frontend {
-            Some((full, peek)) => Some(scanner(pg::Direction::Frontend, full, peek)?),
-            None => None,
+        let guard = &spec.tap.guard;
+        let (frontend, tapped) = match &spec.tap.frontend {
+            Some((full, peek)) => {
+                // A guard needs its kinds whole, and the bytes handed back
+                // in order (relay mode) so it can hold what follows.
+                let all_full = [full.as_slice(), guard].concat();
+                let relay = !guard.is_empty();
+                let tapped = pg::TagSet::from_bytes(&[full.as_slice(), peek].concat());
+                (
+                    Some(scanner(pg::Direction::Frontend, &all_full, peek, relay)?),
+                    tapped,
+                )
+            }
+            None if guard.is_empty() => (None, pg::TagSet::EMPTY),
+            None => return Err("a guard needs the frontend scanner".into()),
         };
-        let backend = match &spec.tap.backend {
-            Some(full) => Some(scanner(pg::Direction::Backend, full, &[])?),
-            None => None,
+        let back_guard = &spec.tap.backend_guard;
+        let (backend, back_tapped) = match &spec.tap.backend {
+            Some(full) => {
+                let all_full = [full.as_slice(), back_guard].concat();
+                let relay = !back_guard.is_empty();
+                let scanner = scanner(pg::Direction::Backend, &all_full, &[], relay)?;
+                (Some(scanner), pg::TagSet::from_bytes(full))
+            }
+            None if back_guard.is_empty() => (None, pg::TagSet::EMPTY),
+            None => return Err("a backend guard needs the backend scanner".into()),
         };
         let sid = spec.stream_id;
-        let mut native = Native {
+        let native = Native {
             fd: spec.fd,
             credit: spec.credit,
             window: spec.window,
             consumed: spec.consumed,
+            unconsumed: 0,
             to_socket: VecDeque::new(),
-            to_socket_len: 0,
             socket_eof: false,
             eof_received: spec.eof_received,
             shut: false,
@@ -577,13 +801,21 @@ impl Engine {
             interest: 0,
             frontend,
             backend,
+            tapped,
+            guard: pg::TagSet::from_bytes(guard),
+            awaiting: None,
+            held: VecDeque::new(),
+            back_guard: pg::TagSet::from_bytes(back_guard),
+            back_tapped,
+            back_awaiting: None,
+            back_held: VecDeque::new(),
             records: Vec::new(),
         };
-        if !spec.to_socket.is_empty() {
-            native.to_socket_len = spec.to_socket.len();
-            native.to_socket.push_back(Bytes::from(spec.to_socket));
-        }
         st.natives.insert(sid, native);
+        // What Python held already goes first, through the same path.
+        if !spec.to_socket.is_empty() {
+            st.inbound(sid, Bytes::from(spec.to_socket));
+        }
         // Frames for the stream that Python has not taken yet are the
         // engine's now, in the order they arrived.
         let (mine, rest): (VecDeque<Event>, VecDeque<Event>) = st.events.drain(..).partition(|e| {
@@ -591,8 +823,6 @@ impl Engine {
                     if *stream_id == sid && (DATA..=WINDOW).contains(frame_type))
         });
         st.events = rest;
-        // What Python held already is scanned as if it had just arrived.
-        st.scan_initial(sid);
         for event in mine {
             if let Event::Frame {
                 frame_type,
@@ -612,6 +842,21 @@ impl Engine {
         st.dirty.push(sid);
         st.finish(&self.shared);
         Ok(())
+    }
+
+    /// Python's verdict on a held message (the client's when `from_tunnel`,
+    /// else the server's): relay `replacement` in its place (the message
+    /// itself, or something else), then carry on.
+    pub fn verdict(
+        &self,
+        stream_id: u32,
+        replacement: Vec<u8>,
+        from_tunnel: bool,
+    ) -> Result<(), String> {
+        let mut st = self.shared.lock();
+        let result = st.verdict(stream_id, Bytes::from(replacement), from_tunnel);
+        st.finish(&self.shared);
+        result
     }
 
     /// Take a native stream back (its relay task was cancelled): the engine
@@ -943,7 +1188,11 @@ impl State {
         for sid in std::mem::take(&mut self.dirty) {
             if let Some(native) = self.natives.get_mut(&sid) {
                 let mut want = 0;
-                if may_read && !native.socket_eof && native.credit > 0 {
+                if may_read
+                    && !native.socket_eof
+                    && native.credit > 0
+                    && native.back_awaiting.is_none()
+                {
                     want |= READABLE;
                 }
                 if !native.to_socket.is_empty() {
@@ -1067,8 +1316,7 @@ impl State {
         };
         match frame_type {
             DATA => {
-                if native.eof_received
-                    || native.to_socket_len + payload.len() > native.window as usize
+                if native.eof_received || native.unconsumed + payload.len() > native.window as usize
                 {
                     let why = "flow-control window exceeded";
                     self.out
@@ -1076,15 +1324,7 @@ impl State {
                     self.end_native(sid, Ending::Protocol(why.into()));
                     return Ok(());
                 }
-                // Scanned before it is written: a bad message never reaches the server.
-                if let Err(why) = native.scan(&payload, true) {
-                    self.end_native(sid, Ending::Postgres(why));
-                    return Ok(());
-                }
-                native.to_socket_len += payload.len();
-                native.to_socket.push_back(payload);
-                self.note_records(sid);
-                self.write_native(sid);
+                self.inbound(sid, payload);
             }
             WINDOW => {
                 native.credit += u64::from(decode_u32(&payload, "WINDOW")?);
@@ -1112,19 +1352,86 @@ impl State {
         Ok(())
     }
 
-    /// Scan what Python handed over with the stream, as if it had just arrived.
-    fn scan_initial(&mut self, sid: u32) {
+    /// Bytes from the tunnel for a native stream (counted against its
+    /// window), scanned before they are written: a bad message never
+    /// reaches the server.
+    fn inbound(&mut self, sid: u32, payload: Bytes) {
         let Some(native) = self.natives.get_mut(&sid) else {
             return;
         };
-        let chunks: Vec<Bytes> = native.to_socket.iter().cloned().collect();
-        for chunk in chunks {
-            if let Err(why) = native.scan(&chunk, true) {
-                self.end_native(sid, Ending::Postgres(why));
-                return;
-            }
+        native.unconsumed += payload.len();
+        match native.inbound(payload) {
+            Err(why) => self.end_native(sid, Ending::Postgres(why)),
+            Ok(hold) => self.after_release(sid, hold),
         }
-        self.note_records(sid);
+    }
+
+    /// After segments were released: a held message goes to Python at once
+    /// (behind the records that came before it), the rest is written.
+    fn after_release(&mut self, sid: u32, hold: Option<TapRecord>) {
+        self.hand_up(sid, hold);
+        self.write_native(sid);
+        self.check_done(sid);
+    }
+
+    /// Tap records to Python: a held message at once, behind the records
+    /// that came before it; others in batches. True if a message is held.
+    fn hand_up(&mut self, sid: u32, hold: Option<TapRecord>) -> bool {
+        let Some(record) = hold else {
+            self.note_records(sid);
+            return false;
+        };
+        if let Some(native) = self.natives.get_mut(&sid) {
+            let mut records = std::mem::take(&mut native.records);
+            records.push(record);
+            self.events.push_back(Event::Tap {
+                stream_id: sid,
+                records,
+            });
+        }
+        true
+    }
+
+    fn verdict(&mut self, sid: u32, replacement: Bytes, from_tunnel: bool) -> Result<(), String> {
+        if !from_tunnel {
+            return self.verdict_from_socket(sid, replacement);
+        }
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return Ok(()); // ended meanwhile
+        };
+        let Some(input) = native.awaiting.take() else {
+            return Err(format!("stream {sid} holds no message"));
+        };
+        native.queue(replacement, input);
+        let held: Vec<Segment> = native.held.drain(..).collect();
+        let hold = native.release(held);
+        self.after_release(sid, hold);
+        Ok(())
+    }
+
+    fn verdict_from_socket(&mut self, sid: u32, replacement: Bytes) -> Result<(), String> {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return Ok(()); // ended meanwhile
+        };
+        let Some(held_len) = native.back_awaiting.take() else {
+            return Err(format!("stream {sid} holds no server message"));
+        };
+        // The held message's bytes were paid for with credit when read.
+        let credit = native.credit + held_len as u64;
+        if (replacement.len() as u64) > credit {
+            return Err("the replacement exceeds the stream's send credit".into());
+        }
+        native.credit = credit - replacement.len() as u64;
+        if !replacement.is_empty() {
+            self.out.push((DATA, sid, replacement));
+        }
+        let held: Vec<Segment> = native.back_held.drain(..).collect();
+        let (send, hold) = native.release_back(held);
+        self.out
+            .extend(send.into_iter().map(|data| (DATA, sid, data)));
+        self.hand_up(sid, hold);
+        self.dirty.push(sid); // reading may resume
+        Ok(())
     }
 
     fn native_ready(&mut self, sid: u32, flags: u32) {
@@ -1166,7 +1473,7 @@ impl State {
             let Some(native) = self.natives.get_mut(&sid) else {
                 break;
             };
-            if native.socket_eof || native.credit == 0 {
+            if native.socket_eof || native.credit == 0 || native.back_awaiting.is_some() {
                 break;
             }
             let size = chunk_size.min(native.credit as usize);
@@ -1184,15 +1491,17 @@ impl State {
                 }
                 Ok(n) => {
                     native.credit -= n as u64;
-                    if let Err(why) = native.scan(&buf[..n], false) {
-                        self.end_native(sid, Ending::Postgres(format!("server: {why}")));
-                        break;
-                    }
+                    let (send, hold) = match native.outbound(&buf[..n]) {
+                        Ok(result) => result,
+                        Err(why) => {
+                            self.end_native(sid, Ending::Postgres(format!("server: {why}")));
+                            break;
+                        }
+                    };
                     self.out
-                        .push((DATA, sid, Bytes::copy_from_slice(&buf[..n])));
-                    self.note_records(sid);
-                    if n < size {
-                        break; // drained for now
+                        .extend(send.into_iter().map(|data| (DATA, sid, data)));
+                    if self.hand_up(sid, hold) || n < size {
+                        break; // holding, or drained for now
                     }
                 }
                 Err(err) if sys::would_block(&err) => break,

@@ -614,6 +614,8 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
         tap: PgTap {
             frontend: Some((b"QP".to_vec(), Vec::new())),
             backend: None,
+            guard: Vec::new(),
+            backend_guard: Vec::new(),
         },
         ..native(7, sock_b)
     };
@@ -656,6 +658,79 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
     assert_eq!(read_to_eof(&srv_b), b"", "bad bytes reached the server");
 }
 
+/// A statement guard: each guarded message is held, with everything behind
+/// it, until the verdict; the socket gets the verdict's bytes in its place,
+/// the consumed input is credited back, and order is kept.
+#[test]
+fn guarded_messages_wait_for_a_verdict() {
+    let link = Link::new();
+    let (sock_b, srv_b) = link.native_socket();
+    let spec = NativeSpec {
+        window: 4096,
+        tap: PgTap {
+            frontend: Some((Vec::new(), b"S".to_vec())),
+            backend: None,
+            guard: b"Q".to_vec(),
+            backend_guard: Vec::new(),
+        },
+        ..native(9, sock_b)
+    };
+    link.b.attach_native(spec).expect("native B");
+
+    let first = pg_query("DROP TABLE a");
+    let sync = pg_message(b'S', b"");
+    let second = pg_query("SELECT 2");
+    let input = [first.clone(), sync.clone(), second.clone()].concat();
+    link.a.send(vec![frame(DATA, 9, &input)]);
+
+    let mut b = Inbox::new(&link.b);
+    b.wait_until("the first held message", |events| {
+        tap_records(events, 9).iter().any(|r| r.hold)
+    });
+    let records = b.tap_records(9);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!((records[0].tag, records[0].hold), (b'Q', true));
+    assert_eq!(records[0].raw, first);
+    b.settle();
+    assert_eq!(
+        b.tap_records(9).len(),
+        1,
+        "nothing behind the held message is reported yet"
+    );
+
+    let replacement = pg_query("SELECT 'refused'");
+    link.b
+        .verdict(9, replacement.clone(), true)
+        .expect("verdict");
+    b.wait_until("the second held message", |events| {
+        tap_records(events, 9).iter().filter(|r| r.hold).count() == 2
+    });
+    let records = b.tap_records(9);
+    let kinds: Vec<(u8, bool)> = records.iter().map(|r| (r.tag, r.hold)).collect();
+    assert_eq!(kinds, vec![(b'Q', true), (b'S', false), (b'Q', true)]);
+    assert_eq!(
+        read_up_to(&srv_b, replacement.len() + sync.len()),
+        [replacement.clone(), sync.clone()].concat()
+    );
+    link.b.verdict(9, second.clone(), true).expect("verdict");
+    assert_eq!(read_up_to(&srv_b, second.len()), second);
+    assert!(
+        link.b.verdict(9, Vec::new(), true).is_err(),
+        "nothing is held any more"
+    );
+    assert!(
+        link.b.verdict(9, Vec::new(), false).is_err(),
+        "no server message is held"
+    );
+
+    // All input was consumed, so the peer may send a whole window again.
+    let big = pg_message(b'd', &vec![b'x'; 4000]);
+    link.a.send(vec![frame(DATA, 9, &big)]);
+    assert_eq!(read_up_to(&srv_b, big.len()), big);
+    assert!(b.ended(9).is_none());
+    link.release(sock_b);
+}
+
 /// `Ending::Postgres` promises that the chunk holding a bad message is
 /// neither relayed nor audited: the server and the audit agree, also when a
 /// valid message precedes the bad one in the same DATA frame.
@@ -667,6 +742,8 @@ fn postgres_rejection_drops_and_forgets_the_whole_bad_chunk() {
         tap: PgTap {
             frontend: Some((b"Q".to_vec(), Vec::new())),
             backend: None,
+            guard: Vec::new(),
+            backend_guard: Vec::new(),
         },
         ..native(8, sock_b)
     };
@@ -702,6 +779,8 @@ fn postgres_tap_reports_handed_over_bytes() {
         tap: PgTap {
             frontend: Some((b"Q".to_vec(), Vec::new())),
             backend: None,
+            guard: Vec::new(),
+            backend_guard: Vec::new(),
         },
         ..native(9, sock_b)
     };
