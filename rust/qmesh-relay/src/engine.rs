@@ -286,17 +286,7 @@ impl Native {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         };
         if self.back_guard.is_empty() {
-            let before = self.records.len();
-            let mut sink = Recorder {
-                records: &mut self.records,
-                at: sys::monotonic(),
-                from_tunnel: false,
-            };
-            if let Err(err) = scanner.feed(data, &mut sink) {
-                // The chunk is not relayed: forget what it reported.
-                self.records.truncate(before);
-                return Err(err.to_string());
-            }
+            observe(scanner, &mut self.records, data, false)?;
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         }
         let mut sink = Splitter::new(self.back_tapped, self.back_guard, false);
@@ -342,16 +332,7 @@ impl Native {
         };
         if self.guard.is_empty() {
             // Observe mode: the input is relayed as it is.
-            let before = self.records.len();
-            let mut sink = Recorder {
-                records: &mut self.records,
-                at: sys::monotonic(),
-                from_tunnel: true,
-            };
-            if let Err(err) = scanner.feed(&data, &mut sink) {
-                self.records.truncate(before);
-                return Err(err.to_string());
-            }
+            observe(scanner, &mut self.records, &data, true)?;
             let input = data.len();
             self.queue(data, input);
             return Ok(None);
@@ -426,6 +407,26 @@ impl Native {
         }
         Ok(())
     }
+}
+
+/// Scan `data` in observe mode, appending the reports to `records`; on
+/// error the chunk is not relayed, so nothing it reported is kept.
+fn observe(
+    scanner: &mut pg::Scanner,
+    records: &mut Vec<TapRecord>,
+    data: &[u8],
+    from_tunnel: bool,
+) -> Result<(), String> {
+    let before = records.len();
+    let mut sink = Recorder {
+        records,
+        at: sys::monotonic(),
+        from_tunnel,
+    };
+    scanner.feed(data, &mut sink).map_err(|err| {
+        records.truncate(before);
+        err.to_string()
+    })
 }
 
 /// Collects a scanner's reports as tap records.
