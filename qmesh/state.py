@@ -255,6 +255,7 @@ class StateStore:
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self.path = path
+        self._commits = 0
 
     @classmethod
     def open(cls, path: Path | str) -> StateStore:
@@ -338,6 +339,7 @@ class StateStore:
                 raise
             try:
                 conn.execute("COMMIT")
+                self._commits += 1
             except BaseException:
                 # A deferred constraint that fails at COMMIT (or a busy
                 # database) leaves the transaction open; without this
@@ -345,6 +347,15 @@ class StateStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def change_marker(self) -> tuple[int, int]:
+        """A value that differs after any commit to the database, by this
+        process or another (``qmesh revoke`` from a shell): SQLite's
+        ``PRAGMA data_version`` moves only for other connections' commits, so
+        this connection's own are counted beside it. Cheap: no table is read."""
+        with self._read() as conn:
+            version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+            return version, self._commits
 
     @property
     def schema_version(self) -> int:

@@ -19,6 +19,7 @@ from qmesh.gate.llm_api import add_llm_routes
 from qmesh.gate.llm_relay import LlmRelay
 from qmesh.gate.ops_api import start_ops
 from qmesh.gate.pg import PgService
+from qmesh.gate.watch import StateWatcher
 from qmesh.identity import GateKeys
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.service import Memory
@@ -55,6 +56,7 @@ async def run_gate(
     keys = GateKeys.load(config.data_dir)
     store = StateStore.open(config.state_db_path)
     try:
+        watcher = StateWatcher(store)
         pg = PgService.from_config(config, store)
         router = Router()
         llm = LlmService.from_config(config, store)
@@ -91,6 +93,7 @@ async def run_gate(
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)
         async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
             await nursery.start(pg.run)
             await nursery.start(llm.run)
             await nursery.start(inventory_service.sweep_forever)
@@ -108,6 +111,7 @@ async def run_gate(
                     "llm": llm,
                     "metrics": ops.metrics,
                     "scanner": ops.scanner,
+                    "watcher": watcher,
                 }
             )
     finally:
