@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qmesh.config import TunnelConfig
 from qmesh.tunnel import HandshakeRefused, TunnelClient, TunnelServer, TunnelStream
+from qmesh.tunnel.handshake import Hello
 from qmesh.tunnel.services import ServiceHandler
 
 
@@ -51,7 +53,7 @@ class Registry:
         self.edges[public] = (name, role)
         return private, public
 
-    async def authenticate(self, public_key: bytes) -> tuple[str, str]:
+    async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
         await trio.lowlevel.checkpoint()
         identity = self.edges.get(public_key)
         if identity is None:
@@ -122,3 +124,63 @@ async def until(condition: Callable[[], bool], poll_s: float = 0.005) -> None:
     """Wait for a condition on session internals that no event announces."""
     while not condition():  # noqa: ASYNC110 - there is no event to wait on
         await trio.sleep(poll_s)
+
+
+async def roundtrip(stream: TunnelStream, payload: bytes) -> bytes:
+    """Send ``payload`` and EOF on an echo stream; what came back."""
+    received = bytearray()
+
+    async def read() -> None:
+        while data := await stream.receive_some():
+            received.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await stream.send_all(payload)
+        await stream.send_eof()
+    return bytes(received)
+
+
+class Recorder(trio.abc.Stream):
+    """A stream that remembers every byte sent through it: what an on-path
+    observer of the tunnel would capture."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sent = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def raw_handshake(
+    port: int, gate_public: bytes, private_key: bytes, hello_json: bytes
+) -> tuple[trio.SocketStream, bytes]:
+    """Send a handshake's first message with any HELLO payload, as a hostile
+    client would; the open connection and the bytes sent."""
+    from qmesh import _core
+    from qmesh.tunnel.handshake import PREAMBLE
+
+    noise = _core.NoiseHandshake.initiator(private_key, gate_public, PREAMBLE)
+    message = noise.write_message(hello_json)
+    data = PREAMBLE + len(message).to_bytes(2, "big") + message
+    transport = await trio.open_tcp_stream("127.0.0.1", port)
+    await transport.send_all(data)
+    return transport, data
+
+
+async def wait_closed(transport: trio.SocketStream) -> None:
+    """Read until the peer closes (what it sent before is not looked at)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while await transport.receive_some(65536):
+            pass

@@ -61,14 +61,7 @@ def add_commands(inventory: argparse.ArgumentParser) -> None:
     inventory.add_argument("--state", choices=_STATES, help="only entries in this state")
     inventory.add_argument("--model", metavar="ID", help="only entries with this model")
     inventory.add_argument("--scan", action="store_true", help="scan the targets first and wait")
-    inventory.add_argument(
-        "--gate", metavar="URL", help="the Gate's HTTP address (http://host:port)"
-    )
-    inventory.add_argument(
-        "--key",
-        metavar="admin:KEY",
-        help=f"the admin key (default: ${KEY_ENV} or up.json; on the command line `ps` shows it)",
-    )
+    add_gate_options(inventory)
     inventory.set_defaults(handler=cmd_inventory)
 
 
@@ -109,10 +102,28 @@ def admin_key(args: argparse.Namespace, config: Config) -> str:
     return key
 
 
-def _call(method: str, url: str, key: str, *, timeout: float = 30.0) -> Any:
-    request = urllib.request.Request(
-        url, method=method, headers={"authorization": f"Bearer {key}", "accept": "application/json"}
+def add_gate_options(parser: argparse.ArgumentParser) -> None:
+    """``--gate`` and ``--key``: which Gate, and the admin key for it."""
+    parser.add_argument(
+        "--gate", metavar="URL", help="the Gate's HTTP address (http://host:port)"
     )
+    parser.add_argument(
+        "--key",
+        metavar="admin:KEY",
+        help=f"the admin key (default: ${KEY_ENV} or up.json; on the command line `ps` shows it)",
+    )
+
+
+def call(
+    method: str, url: str, key: str, *, body: Any = None, timeout: float = 30.0
+) -> Any:
+    """One admin API call; the JSON answer, or :class:`CliError` saying why not."""
+    headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["content-type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -134,7 +145,7 @@ def fetch(args: argparse.Namespace, base: str, key: str) -> dict[str, Any]:
     url = f"{base}/api/inventory"
     if query:
         url += "?" + urllib.parse.urlencode(query)
-    data = _call("GET", url, key)
+    data = call("GET", url, key)
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
         raise CliError(f"{url} did not answer with an inventory", EXIT_FAILURE)
     return data
@@ -222,7 +233,7 @@ def cmd_inventory(args: argparse.Namespace, config: Config) -> int:
         base = gate_url(args, config)
         key = admin_key(args, config)
         if args.scan:
-            _call("POST", f"{base}/api/discovery/scan", key, timeout=600)
+            call("POST", f"{base}/api/discovery/scan", key, timeout=600)
         if not args.watch:
             data = fetch(args, base, key)
             if args.json:

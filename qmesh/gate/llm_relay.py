@@ -1,34 +1,102 @@
 """The ``llm`` tunnel service: an edge's LLM-port connection, served by the
-Gate's own HTTP router.
+Gate's application routes.
 
 A MiniGate relays each connection an application makes to its LLM port
 (default ``127.0.0.1:11435``) as one tunnel stream; here that stream is
-served exactly like a TCP connection to the Gate's HTTP port (h11 works
-over any Trio stream), so the OpenAI-compatible API, its authentication
-(the app's own key in ``Authorization``), streaming and errors are the
-same through the tunnel as they are directly.
+served like a TCP connection to the Gate's HTTP port (h11 works over any
+Trio stream), so the OpenAI-compatible API, its authentication (the app's
+own key in ``Authorization``), streaming and errors are the same through
+the tunnel as they are directly.
+
+Only the application routes, though: the OpenAI-compatible API and graph
+memory (``/v1/…``) and the capability API (``/qg/v1/…``). The admin API,
+dashboard and metrics live on the Gate's own listener, and the admin key is
+refused here outright: an edge's localhost port is reachable by every local
+user of the edge's box, and is no place for the operator's credential.
 
 Not for: the API itself (:mod:`qmesh.gate.llm_api`).
 """
 
 from __future__ import annotations
 
-from qmesh.tunnel.stream import TunnelStream
-from qmesh.web.http import Router, serve_stream
+from collections.abc import Callable
+from typing import Final
 
-__all__ = ["LlmRelay"]
+from qmesh.gate.auth import ADMIN_APP
+from qmesh.tunnel.stream import TunnelStream
+from qmesh.web.http import Handler, HttpError, Request, Response, Router, serve_stream
+
+__all__ = ["APP_ROUTE_PREFIXES", "AppRoutes", "LlmRelay"]
+
+APP_ROUTE_PREFIXES: Final = ("/v1/", "/qg/v1/")
+
+
+class AppRoutes(Router):
+    """A view of the Gate's router with the application routes only."""
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self._inner = router
+        self._guarded: dict[Handler, Handler] = {}
+        self._original: dict[Handler, Handler] = {}
+
+    @property
+    def observe(self) -> Callable[[str, str, int, float], None] | None:
+        # The Gate's metrics count requests from edges with the rest.
+        return self._inner.observe
+
+    @observe.setter
+    def observe(self, value: Callable[[str, str, int, float], None] | None) -> None:
+        if value is not None:
+            self._inner.observe = value
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        raise TypeError("AppRoutes is a read-only view; add routes to the Gate's router")
+
+    def route_of(self, handler: Handler | None) -> str:
+        return self._inner.route_of(self._original.get(handler) if handler else None)
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        if not path.startswith(APP_ROUTE_PREFIXES):
+            raise HttpError(
+                404,
+                f"no route for {path} here: an edge serves the application API only "
+                "(/v1/… and /qg/v1/…); the admin API is on the Gate's own listener",
+                code="not_found",
+            )
+        handler, params = self._inner.resolve(method, path)
+        return self._guard(handler), params
+
+    def _guard(self, handler: Handler) -> Handler:
+        guarded = self._guarded.get(handler)
+        if guarded is None:
+
+            async def guarded(request: Request) -> Response:
+                token = request.bearer_token() or ""
+                if token.partition(":")[0] == ADMIN_APP:
+                    raise HttpError(
+                        403,
+                        "the admin key is not accepted through an edge; "
+                        "use the Gate's own HTTP listener",
+                        kind="permission_error",
+                    )
+                return await handler(request)
+
+            self._guarded[handler] = guarded
+            self._original[guarded] = handler
+        return guarded
 
 
 class LlmRelay:
     """The ``llm`` service handler."""
 
     def __init__(self, router: Router) -> None:
-        self.router = router
+        self.routes = AppRoutes(router)
         self.active = 0
 
     async def __call__(self, stream: TunnelStream) -> None:
         self.active += 1
         try:
-            await serve_stream(self.router, stream, client=f"tunnel:{stream.session.peer}")
+            await serve_stream(self.routes, stream, client=f"tunnel:{stream.session.peer}")
         finally:
             self.active -= 1

@@ -61,6 +61,7 @@ class TunnelClient:
         self._session_ready = trio.Event()
         self._connected = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._last_timestamp = 0
         # Counters for operators (and tests).
         self.connects = 0
         self.resumptions = 0
@@ -133,6 +134,12 @@ class TunnelClient:
             # off if the Gate stays away.
             await trio.sleep(self._backoff(0))
 
+    def _next_timestamp(self) -> int:
+        # Strictly growing even if the wall clock steps back while we run;
+        # the Gate refuses a HELLO whose timestamp is not above the last.
+        self._last_timestamp = max(handshake.clock_ns(), self._last_timestamp + 1)
+        return self._last_timestamp
+
     def _backoff(self, failures: int) -> float:
         ceiling = min(
             self.settings.reconnect_max_s,
@@ -152,6 +159,7 @@ class TunnelClient:
                     name=self.name,
                     session_id=session.id if session else None,
                     recv_next=session.recv_next if session else 0,
+                    timestamp=self._next_timestamp(),
                 )
                 noise, welcome, leftover = await handshake.initiate(
                     transport,

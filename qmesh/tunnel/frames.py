@@ -13,6 +13,7 @@ import json
 import struct
 from typing import Any
 
+from qmesh import peerjson
 from qmesh.tunnel.errors import PeerProtocolError
 
 
@@ -50,6 +51,9 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _MAX_REASON = 1024
 _MAX_OPEN = 16 * 1024
+# An OPEN names a service and a few flat fields; a little nesting is allowed
+# for options, none of the depth a hostile peer would need to hurt a parser.
+_MAX_OPEN_DEPTH = 4
 
 
 def encode_u32(value: int) -> bytes:
@@ -93,10 +97,12 @@ def encode_open(request: dict[str, Any]) -> bytes:
 
 
 def decode_open(payload: bytes) -> dict[str, Any]:
-    """The OPEN request; a malformed one is the stream's problem, not the session's."""
-    if len(payload) > _MAX_OPEN:
-        raise ValueError("OPEN request too large")
-    request = json.loads(payload)
+    """The OPEN request; a malformed one is the stream's problem, not the
+    session's. Raises ValueError (a :class:`peerjson.PeerJsonError` for
+    oversized, too deep or malformed JSON)."""
+    request = peerjson.loads(
+        payload, max_bytes=_MAX_OPEN, max_depth=_MAX_OPEN_DEPTH, what="OPEN request"
+    )
     if not isinstance(request, dict) or not isinstance(request.get("service"), str):
         raise ValueError("OPEN request must be a JSON object with a string 'service'")
     return request

@@ -5,7 +5,11 @@
     gate → edge   u16 length + Noise message 2, payload = WELCOME (JSON)
 
 The preamble is the Noise prologue, so both ends also authenticate it. The
-HELLO names the edge's session (if resuming) and its ``recv_next``; the
+HELLO names the edge's session (if resuming), its ``recv_next`` and a
+timestamp (nanoseconds since the epoch) that must grow with every handshake
+of the same edge key: Noise IK's message 1 can be replayed by anyone who saw
+it, and the Gate refuses a replay by that timestamp, as WireGuard does with
+its TAI64N field. The
 WELCOME answers with the session id, whether it was resumed, and the Gate's
 ``recv_next``. A refusal is a WELCOME with ``ok: false`` — still encrypted to
 the edge, so only the key's owner learns why it was refused.
@@ -18,18 +22,59 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
 
-from qmesh import __version__, _core
+from qmesh import __version__, _core, peerjson
 from qmesh.tunnel.errors import HandshakeFailed, HandshakeRefused
 
 PREAMBLE = b"QMSH" + bytes([_core.PROTOCOL_VERSION, 0, 0, 0])
 _LEN = struct.Struct(">H")
 MAX_HANDSHAKE_MESSAGE = 65535
+# HELLO and WELCOME are flat objects; nothing legitimate nests at all.
+_MAX_JSON_DEPTH: Final = 2
+_MAX_NAME: Final = 255
+_U64_LIMIT: Final = 2**64
+_SESSION_ID_HEX: Final = 32
+
+
+def _u64(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U64_LIMIT:
+        raise ValueError(f"{what} must be an integer in [0, 2^64)")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) > _MAX_NAME:
+        raise ValueError(f"{what} must be a string of at most {_MAX_NAME} characters")
+    return value
+
+
+def _object(payload: bytes, what: str) -> dict[str, Any]:
+    data = peerjson.loads(
+        payload, max_bytes=MAX_HANDSHAKE_MESSAGE, max_depth=_MAX_JSON_DEPTH, what=what
+    )
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return data
+
+
+def _session_id(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != _SESSION_ID_HEX:
+        raise ValueError(f"session must be {_SESSION_ID_HEX} hex digits")
+    return bytes.fromhex(value)
+
+
+def clock_ns() -> int:
+    """The HELLO timestamp: wall-clock nanoseconds, so it keeps growing
+    across restarts of the edge (the Gate remembers the last one it saw)."""
+    return time.time_ns()
 
 
 @attrs.frozen
@@ -40,6 +85,7 @@ class Hello:
     name: str
     session_id: bytes | None
     recv_next: int
+    timestamp: int
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -49,25 +95,25 @@ class Hello:
                 "name": self.name,
                 "session": self.session_id.hex() if self.session_id else None,
                 "recv_next": self.recv_next,
+                "ts": self.timestamp,
                 "software": f"qmesh/{__version__}",
             }
         ).encode()
 
     @classmethod
     def from_json(cls, payload: bytes) -> Hello:
+        """Every field checked for type and range: this is a stranger's input
+        (anyone holding the Gate's public key can send it)."""
         try:
-            data = json.loads(payload)
-            session = data.get("session")
-            recv_next = data["recv_next"]
-            if not isinstance(recv_next, int) or recv_next < 0:
-                raise ValueError("recv_next")
+            data = _object(payload, "HELLO")
             return cls(
-                role=str(data["role"]),
-                name=str(data["name"]),
-                session_id=bytes.fromhex(session) if session else None,
-                recv_next=recv_next,
+                role=_text(data.get("role"), "role"),
+                name=_text(data.get("name"), "name"),
+                session_id=_session_id(data.get("session")),
+                recv_next=_u64(data.get("recv_next"), "recv_next"),
+                timestamp=_u64(data.get("ts"), "ts"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except ValueError as exc:
             raise HandshakeFailed(f"malformed HELLO: {exc}") from None
 
 
@@ -131,22 +177,26 @@ async def initiate(
     reader = _Reader(transport)
     message = await reader.read_message("WELCOME")
     try:
-        payload = noise.read_message(message)
-        data: dict[str, Any] = json.loads(payload)
+        data = _object(noise.read_message(message), "WELCOME")
     except _core.HandshakeError as exc:
         raise HandshakeFailed(f"gate's reply did not authenticate: {exc}") from None
-    except ValueError:
-        raise HandshakeFailed("gate's WELCOME is not JSON") from None
+    except ValueError as exc:
+        raise HandshakeFailed(f"gate's WELCOME is unreadable: {exc}") from None
     if not data.get("ok"):
-        raise HandshakeRefused(str(data.get("code", "refused")), str(data.get("error", "")))
-    try:
-        welcome = Welcome(
-            session_id=bytes.fromhex(data["session"]),
-            resumed=bool(data["resumed"]),
-            recv_next=int(data["recv_next"]),
-            gate=str(data.get("gate", "")),
+        raise HandshakeRefused(
+            str(data.get("code", "refused"))[:_MAX_NAME], str(data.get("error", ""))[:1024]
         )
-    except (KeyError, ValueError, TypeError) as exc:
+    try:
+        session_id = _session_id(data.get("session"))
+        if session_id is None:
+            raise ValueError("no session")
+        welcome = Welcome(
+            session_id=session_id,
+            resumed=data.get("resumed") is True,
+            recv_next=_u64(data.get("recv_next"), "recv_next"),
+            gate=_text(data.get("gate", ""), "gate"),
+        )
+    except ValueError as exc:
         raise HandshakeFailed(f"malformed WELCOME: {exc}") from None
     return noise, welcome, bytes(reader.buffer)
 

@@ -4,16 +4,24 @@ A session whose connection drops is kept, detached, for the resume grace
 period; an edge that comes back within it continues where it stopped.
 Resuming requires the same enrolled key that opened the session.
 
-A replayed handshake message can at worst make the Gate drop a session's
-current connection (it cannot complete the handshake without the edge's
-ephemeral key); an on-path attacker could do that with a TCP reset anyway.
+This listener is a boundary: anyone who knows the Gate's public key can
+reach the handshake, and every enrolled edge can send frames. One place,
+:meth:`TunnelServer._handle_connection`, stands between a connection and the
+process: whatever goes wrong while serving it ends that connection (after
+authentication, at worst its session) with a logged reason, and never the
+listener or another edge's session. Bounds: handshakes in flight, handshake
+time, sessions per identity; streams per session are bounded by the session.
+
+A replayed handshake message is refused by its HELLO timestamp (checked by
+``authenticate``, which keeps the newest one per key); without that check a
+replay could make the Gate drop a session's live connection.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,8 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Authenticate = Callable[[bytes], Awaitable[tuple[str, str]]]
-"""Maps an edge's public key to ``(name, role)`` or raises HandshakeRefused."""
+Authenticate = Callable[[bytes, handshake.Hello], Awaitable[tuple[str, str]]]
+"""Maps an edge's public key and HELLO to ``(name, role)`` or raises
+HandshakeRefused (not enrolled, revoked, a replayed HELLO)."""
 
 
 class TunnelServer:
@@ -49,17 +58,29 @@ class TunnelServer:
         private_key: bytes,
         authenticate: Authenticate,
         services: Mapping[str, ServiceHandler],
+        services_by_role: Mapping[str, Collection[str]] | None = None,
     ) -> None:
+        """``services_by_role`` names the services each edge role may open
+        (a role it does not list may open none); None opens every service to
+        every role."""
         self.settings = settings
         self.name = name
         self._private_key = private_key
         self._authenticate = authenticate
         self.services = dict(services)
+        self._services_by_role = (
+            None
+            if services_by_role is None
+            else {role: frozenset(names) for role, names in services_by_role.items()}
+        )
         self.sessions: dict[bytes, Session] = {}
         self._generation: dict[bytes, int] = {}
         self._nursery: trio.Nursery | None = None
+        self._handshakes_in_flight = 0
         self.resumptions = 0
         self.handshake_failures = 0
+        self.handshakes_shed = 0
+        self.connection_errors = 0
 
     def __repr__(self) -> str:
         return f"<TunnelServer {self.name!r} sessions={len(self.sessions)}>"
@@ -90,7 +111,44 @@ class TunnelServer:
     def sessions_of(self, peer: str) -> list[Session]:
         return [s for s in self.sessions.values() if s.peer == peer]
 
+    def end_session(self, session: Session, reason: str) -> None:
+        """End ``session`` for good: the edge is told ``reason`` (GOAWAY) and
+        may not resume it."""
+        log.info("ending %s: %s", session, reason)
+        session.end(reason)
+        self._forget(session)
+
+    def end_sessions_of(self, peer: str, reason: str) -> int:
+        """End every session of the identity ``peer``; how many there were."""
+        sessions = self.sessions_of(peer)
+        for session in sessions:
+            self.end_session(session, reason)
+        return len(sessions)
+
     async def _handle_connection(self, transport: trio.SocketStream) -> None:
+        """Serve one connection, start to end; never raises (see the module
+        docstring: this is the boundary)."""
+        address = _address(transport)
+        try:
+            if self._handshakes_in_flight >= self.settings.max_handshakes_in_flight:
+                self.handshakes_shed += 1
+                if self.handshakes_shed % 1000 == 1:  # a flood must not flood the log too
+                    log.warning(
+                        "%d handshakes in flight: closing new connections (%d so far, from %s)",
+                        self._handshakes_in_flight,
+                        self.handshakes_shed,
+                        address,
+                    )
+                return
+            await self._serve(transport, address)
+        except Exception:
+            self.connection_errors += 1
+            log.exception("connection from %s failed unexpectedly; closed", address)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(transport)
+
+    async def _serve(self, transport: trio.SocketStream, address: str) -> None:
         generation = 0
 
         async def decide(edge_key: bytes, hello: handshake.Hello) -> handshake.Welcome:
@@ -99,6 +157,7 @@ class TunnelServer:
             generation = self._generation[welcome.session_id]
             return welcome
 
+        self._handshakes_in_flight += 1
         try:
             with trio.fail_after(self.settings.handshake_timeout_s):
                 noise, hello, welcome, leftover = await handshake.respond(
@@ -106,13 +165,13 @@ class TunnelServer:
                 )
         except (HandshakeFailed, trio.TooSlowError) as exc:
             self.handshake_failures += 1
-            log.info("handshake from %s failed: %s", _address(transport), exc or "timeout")
-            await trio.aclose_forcefully(transport)
+            log.info("handshake from %s failed: %s", address, exc or "timeout")
             return
+        finally:
+            self._handshakes_in_flight -= 1
         session = self.sessions.get(welcome.session_id)
         if session is None or self._generation.get(session.id) != generation:
             # A newer handshake for the same session won the race.
-            await trio.aclose_forcefully(transport)
             return
         encoder, decoder = noise.into_codec(
             send_reliable_seq=hello.recv_next if welcome.resumed else 0,
@@ -125,8 +184,9 @@ class TunnelServer:
             "resumed" if welcome.resumed else "opened",
             session,
             hello.role,
-            _address(transport),
+            address,
         )
+        session.address = address
         try:
             await session.serve_connection(transport, encoder, decoder, leftover)
         except ConnectionLost as exc:
@@ -136,9 +196,15 @@ class TunnelServer:
         except (SessionLost, PeerProtocolError) as exc:
             log.info("%s ended: %s", session, exc)
             self._forget(session)
+        except Exception:
+            # A fault of ours while serving this session: it cannot be trusted
+            # to resume, so it ends; the caller logs the traceback.
+            session.lose(SessionLost("internal error at the gate"))
+            self._forget(session)
+            raise
 
     async def _decide(self, edge_key: bytes, hello: handshake.Hello) -> handshake.Welcome:
-        name, role = await self._authenticate(edge_key)
+        name, role = await self._authenticate(edge_key, hello)
         if hello.name != name or hello.role != role:
             log.warning(
                 "edge %s (%s) introduced itself as %s (%s)", name, role, hello.name, hello.role
@@ -163,19 +229,24 @@ class TunnelServer:
                 )
             if self._nursery is None:
                 raise HandshakeRefused("not_ready", "gate is starting")
+            self._make_room_for(name)
+            services = self._services_for(role)
             session = Session(
                 self.settings,
                 session_id=os.urandom(16),
                 initiator=False,
                 peer=name,
-                handler=dispatcher(self.services),
+                handler=dispatcher(
+                    services, role=role, withheld=self.services.keys() - services.keys()
+                ),
                 handler_nursery=self._nursery,
             )
             session.peer_role = role
             self.sessions[session.id] = session
-        else:
-            self.resumptions += 1
         assert session is not None
+        if resumed:
+            self.resumptions += 1
+            session.resumptions += 1
         generation = self._generation.get(session.id, 0) + 1
         self._generation[session.id] = generation
         return handshake.Welcome(
@@ -184,6 +255,25 @@ class TunnelServer:
             recv_next=session.recv_next,
             gate=self.name,
         )
+
+    def _services_for(self, role: str) -> Mapping[str, ServiceHandler]:
+        if self._services_by_role is None:
+            return self.services
+        allowed = self._services_by_role.get(role, frozenset())
+        return {name: handler for name, handler in self.services.items() if name in allowed}
+
+    def _make_room_for(self, name: str) -> None:
+        """Keep ``name`` under its session cap: detached sessions go first
+        (oldest first: an edge that restarted will not resume them), then a
+        new session is refused."""
+        cap = self.settings.max_sessions_per_identity
+        sessions = self.sessions_of(name)
+        for old in [s for s in sessions if not s.attached][: max(0, len(sessions) - cap + 1)]:
+            self.end_session(old, "replaced by a newer session of the same edge")
+        if len(self.sessions_of(name)) >= cap:
+            raise HandshakeRefused(
+                "too_many_sessions", f"{name!r} already has {cap} live sessions at this gate"
+            )
 
     async def _expire_later(self, session: Session, generation: int) -> None:
         await trio.sleep(self.settings.resume_grace_s)

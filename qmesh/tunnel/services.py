@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import trio
 
@@ -17,14 +17,24 @@ ServiceHandler = Callable[[TunnelStream], Awaitable[None]]
 """Serves one incoming stream; ``stream.request`` is the peer's OPEN request."""
 
 
-def dispatcher(services: Mapping[str, ServiceHandler]) -> ServiceHandler:
-    """A stream handler that hands each stream to ``services[request["service"]]``."""
+def dispatcher(
+    services: Mapping[str, ServiceHandler], *, role: str = "", withheld: Collection[str] = ()
+) -> ServiceHandler:
+    """A stream handler that hands each stream to ``services[request["service"]]``.
+
+    ``withheld`` names services that exist but are not open to this peer's
+    ``role``; they are refused as such rather than as unknown.
+    """
 
     async def dispatch(stream: TunnelStream) -> None:
         name = stream.request["service"]
         service = services.get(name)
         if service is None:
-            stream.reset(ResetCode.REFUSED, f"unknown service {name!r}")
+            shown = repr(name[:64])
+            if name in withheld:
+                stream.reset(ResetCode.REFUSED, f"service {shown} is not open to {role} edges")
+            else:
+                stream.reset(ResetCode.REFUSED, f"unknown service {shown}")
             return
         await service(stream)
 

@@ -28,6 +28,7 @@ connection, runs the handshake and hands the socket and resulting codec to
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +111,11 @@ class Session:
         self._lost: SessionLost | None = None
         self._pump_scope = trio.CancelScope()
         self.closed = trio.Event()
-        # Counters for operators (and tests).
+        # For operators (``qmesh sessions``) and tests.
+        self.opened_at = time.time()
+        self.address = ""  # the peer's address on the latest connection
         self.connections = 0
+        self.resumptions = 0
         self.rtt: float | None = None
         handler_nursery.start_soon(self._pump)
 
@@ -261,6 +265,13 @@ class Session:
         # almost always has for one small frame.
         self._engine.send([(FrameType.GOAWAY, 0, encode_reason(0, reason))])
 
+    def end(self, reason: str) -> None:
+        """End the session for good and tell the peer why (GOAWAY), so that
+        it neither retries nor expects a resume."""
+        if self._lost is None and self._attached:
+            self._say_goodbye(reason)
+        self.lose(SessionLost(reason))
+
     def lose(self, error: SessionLost) -> None:
         """End the session for good: reset every stream, drop the connection."""
         if self._lost is not None:
@@ -360,7 +371,14 @@ class Session:
         with self._pump_scope:
             while True:
                 await trio.lowlevel.wait_readable(fd)
-                self._take()
+                try:
+                    self._take()
+                except Exception:
+                    # A fault of ours on this session's input must end this
+                    # session, never the nursery it runs in (the Gate's).
+                    log.exception("session %s: failed to handle its frames", self.id.hex()[:12])
+                    self.end("internal error handling the peer's frames")
+                    return
 
     def _take(self) -> None:
         frames, taps, ended, error = self._engine.take()
@@ -427,6 +445,11 @@ class Session:
         if stream_id % 2 != peer_parity or stream_id <= self._last_peer_stream_id:
             raise PeerProtocolError(f"peer opened stream {stream_id} out of order")
         self._last_peer_stream_id = stream_id
+        if len(self._streams) >= self.settings.max_streams_per_session:
+            limit = self.settings.max_streams_per_session
+            reason = encode_reason(ResetCode.REFUSED, f"too many open streams (limit {limit})")
+            self.queue_frame(FrameType.RESET, stream_id, reason)
+            return
         try:
             request = decode_open(payload)
         except ValueError as exc:
