@@ -61,6 +61,7 @@ from qmesh.memory.extract import RuleExtractor  # noqa: E402
 from qmesh.memory.query import Answer  # noqa: E402
 from qmesh.memory.sentences import split_sentences  # noqa: E402
 from qmesh.memory.service import Memory  # noqa: E402
+from qmesh.memory.store import OPERATOR  # noqa: E402
 from qmesh.state import StateStore  # noqa: E402
 
 _PREFIXES = (
@@ -282,7 +283,7 @@ def bench_queries(
             question = _ASKS[relation].format(company.name)
             gold = generated.stating.get((company.name, relation), set())
         start = time.perf_counter()
-        answer = memory.ask(question)
+        answer = memory.ask(question, access=OPERATOR)
         latencies.append(time.perf_counter() - start)
         cited = _cited(answer)
         if gold:
@@ -321,9 +322,12 @@ def bench_test_corpus(state_dir: Path) -> None:
             memory.add(text, format=fmt, document_id=document_id)
         cited_total = cited_right = needed = needed_cited = 0
         unsupported = abstained = exact = citations = 0
-        stored = {d.id: memory.document(d.id)[1] for d in memory.documents()}
+        stored = {
+            d.id: memory.document(d.id, access=OPERATOR)[1]
+            for d in memory.documents(access=OPERATOR)
+        }
         for question, gold in QUESTIONS.items():
-            answer = memory.ask(question)
+            answer = memory.ask(question, access=OPERATOR)
             cited = _cited(answer)
             for citation in (*answer.citations, *(c for f in answer.facts for c in f.citations)):
                 citations += 1
@@ -380,7 +384,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             print(f"\n2. queries on that store ({args.queries} questions)")
             bench_queries(memory, generated, companies, args.queries, args.seed)
             start = time.perf_counter()
-            report = memory.delete(generated.documents[0][0])
+            report = memory.delete(generated.documents[0][0], access=OPERATOR)
             _row(
                 "delete one document",
                 f"{(time.perf_counter() - start) * 1000:.1f}",

@@ -34,7 +34,7 @@ from qmesh import __version__
 from qmesh.config import Config, ConfigError, load_config, parse_hostport
 from qmesh.daemon import cli as daemon_cli
 from qmesh.finops import cli as finops_cli
-from qmesh.gate import inventory_cli
+from qmesh.gate import inventory_cli, sessions_cli
 from qmesh.identity import (
     GateKeyMissing,
     GateKeys,
@@ -211,6 +211,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how long the previous key keeps working (default %(default)g; 0: stops now)",
     )
     rotate_key.set_defaults(handler=_cmd_apps_rotate_key)
+    disable = apps_commands.add_parser(
+        "disable",
+        parents=[common],
+        help="refuse an app's keys everywhere and end its Postgres sessions (within a second "
+        "at a running Gate); its keys are kept for 'enable'",
+    )
+    disable.add_argument("app_id")
+    disable.set_defaults(handler=_cmd_apps_disable)
+    enable = apps_commands.add_parser(
+        "enable", parents=[common], help="accept a disabled app's keys again"
+    )
+    enable.add_argument("app_id")
+    enable.set_defaults(handler=_cmd_apps_enable)
     _add_pg_commands(command, common)
     memory_cli.add_commands(
         command("memory", "graph memory: add documents, ask questions answered with citations"),
@@ -226,6 +239,9 @@ def _build_parser() -> argparse.ArgumentParser:
     qg_cli.add_commands(command("route", "show how the Gate would route a qg:// DSN"))
     inventory_cli.add_commands(
         command("inventory", "the running Gate's nodes, models and discovered services")
+    )
+    sessions_cli.add_commands(
+        command("sessions", "the running Gate's live tunnel sessions; 'kill' ends them")
     )
     finops_cli.add_commands(
         command("finops", "spend, budgets and savings from the Gate's request ledger"),
@@ -415,15 +431,46 @@ def _cmd_apps_list(args: argparse.Namespace, config: Config) -> int:
     with _open_store(config) as store:
         apps = store.list_apps()
     if args.json:
-        print(json.dumps([{"app_id": a.app_id, "created_at": _iso(a.created_at)} for a in apps]))
+        rows = [
+            {
+                "app_id": a.app_id,
+                "created_at": _iso(a.created_at),
+                "disabled": a.disabled,
+                "disabled_at": _iso(a.disabled_at),
+            }
+            for a in apps
+        ]
+        print(json.dumps(rows))
         return EXIT_OK
     if not apps:
         print("no apps (see `qmesh apps add --help`)")
         return EXIT_OK
     width = max(len("APP ID"), *(len(a.app_id) for a in apps))
-    print(f"{'APP ID':<{width}}  CREATED")
+    print(f"{'APP ID':<{width}}  {'STATUS':<8}  CREATED")
     for a in apps:
-        print(f"{a.app_id:<{width}}  {_iso(a.created_at)}")
+        status = "disabled" if a.disabled else "active"
+        print(f"{a.app_id:<{width}}  {status:<8}  {_iso(a.created_at)}")
+    return EXIT_OK
+
+
+def _cmd_apps_disable(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        if not store.set_app_disabled(args.app_id, True):
+            print(f"app {args.app_id!r} was already disabled")
+            return EXIT_OK
+    print(
+        f"disabled app {args.app_id!r}: its keys are refused on every path and its live "
+        "Postgres sessions end (within a second at a running Gate)"
+    )
+    return EXIT_OK
+
+
+def _cmd_apps_enable(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        if not store.set_app_disabled(args.app_id, False):
+            print(f"app {args.app_id!r} was not disabled")
+            return EXIT_OK
+    print(f"enabled app {args.app_id!r}: its keys work again")
     return EXIT_OK
 
 

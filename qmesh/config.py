@@ -6,7 +6,8 @@ classes that the roles read. An error names the file and line (or the
 environment variable), the dotted key and what was expected, so an operator
 can fix it without reading code. Also the ``host:port`` grammar shared by the
 whole package (:func:`parse_hostport`, :func:`format_hostport`) and the
-Gate's forward-allow patterns (:func:`forward_allowed`).
+grammar of the Gate's ``forward_allow`` rules (:func:`parse_forward_rule`,
+:func:`forward_allowed`).
 
 Not for: secrets (they live in the Gate's vault, never in this file), command
 line parsing (:mod:`qmesh.cli` applies its flags on top of a loaded
@@ -33,7 +34,6 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -48,8 +48,10 @@ __all__ = [
     "DaemonRuntimeConfig",
     "DiscoveryConfig",
     "ForwardConfig",
+    "ForwardRule",
     "GateAppConfig",
     "GateConfig",
+    "HttpConfig",
     "LogConfig",
     "MemoryConfig",
     "MiniGateConfig",
@@ -58,8 +60,11 @@ __all__ = [
     "RoutingConfig",
     "TunnelConfig",
     "format_hostport",
+    "forward_address",
     "forward_allowed",
     "load_config",
+    "normalize_forward_name",
+    "parse_forward_rule",
     "parse_hostport",
     "parse_size",
 ]
@@ -188,38 +193,154 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-def _split_forward_pattern(pattern: str) -> tuple[str, str]:
-    """``"host-glob:port-or-*"`` into its two halves; ValueError if malformed."""
-    if pattern.startswith("["):
-        end = pattern.find("]")
-        if end < 0 or pattern[end + 1 : end + 2] != ":":
-            raise ValueError('expected "[v6-address]:port"')
-        host, port = pattern[1:end], pattern[end + 2 :]
-    else:
-        host, sep, port = pattern.rpartition(":")
-        if not sep:
-            raise ValueError("missing ':port' (use ':*' for any port)")
-    if not host or any(c.isspace() for c in host):
-        raise ValueError("missing or malformed host pattern")
-    if port != "*" and not (_PORT_RE.fullmatch(port) and 1 <= int(port) <= 65535):
-        raise ValueError("port must be 1..65535 or '*'")
-    return host, port
+# --------------------------------------------------------------------------
+# forward_allow rules
+#
+# An edge names a forward target ("host:port"); the Gate connects only where
+# a rule admits it. A rule is an IP address, a CIDR block or an exact host
+# name, with a port: never a glob. Globs were matched against the text the
+# edge sent, so "10.0.0.*:6379" admitted "10.0.0.1.evil.example:6379", a name
+# that resolves wherever its owner likes. Rules here are about *addresses*:
+# the Gate resolves a name itself and checks what it resolved to (see
+# qmesh.gate.forward), so what the text looks like never decides.
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_RULE_GLOB_CHARS: Final = frozenset("*?")
+# IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are IPv4 on the wire: rules and
+# targets are compared in their IPv4 form.
+_V4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+_RULE_EXAMPLES: Final = (
+    'write an IP address ("10.0.0.5:6379"), a CIDR block ("10.0.0.0/24:6379", '
+    '"[fd00::/8]:5432") or an exact host name ("db.internal:5432")'
+)
 
 
-def forward_allowed(patterns: Iterable[str], host: str, port: int) -> bool:
-    """Whether ``host:port`` matches one of the Gate's ``forward_allow`` patterns.
+@attrs.frozen
+class ForwardRule:
+    """One parsed ``forward_allow`` rule: exactly one of ``network`` (an IP
+    address is a block of one) and ``name`` is set."""
 
-    A pattern is ``host:port``: the host may use :mod:`fnmatch` wildcards
-    (``*.internal``, ``10.0.0.*``) and is matched case-insensitively; the port
-    is a number or ``*``. IPv6 hosts are written in brackets. Patterns are
-    assumed valid (the config loader checked them).
+    text: str
+    """The rule as the operator wrote it (for messages)."""
+    port: int | None
+    """1..65535, or None for ``*`` (any port)."""
+    network: IPNetwork | None = None
+    name: str | None = None
+    """Lower case, without a trailing dot."""
+
+    def admits_port(self, port: int) -> bool:
+        return 0 < port <= 65535 and (self.port is None or self.port == port)
+
+    def admits(self, host: str, port: int) -> bool:
+        """Whether this rule alone admits ``host:port``. ``host`` is an IP
+        address (admitted by a network rule containing it) or a host name
+        (admitted by the name rule spelling it, case-insensitively); a name is
+        never compared with a network rule, nor an address with a name rule."""
+        if not self.admits_port(port):
+            return False
+        address = forward_address(host)
+        if address is not None:
+            return self.network is not None and address in self.network
+        return self.name is not None and self.name == normalize_forward_name(host)
+
+
+def forward_address(host: str) -> IPAddress | None:
+    """``host`` as an IP address to check against rules, or None for a name.
+
+    A zone (``fe80::1%eth0``) is dropped for the comparison and an
+    IPv4-mapped IPv6 address becomes its IPv4 address. Only canonical
+    literals count: ``127.1`` or ``2130706433`` are names here (getaddrinfo
+    would read them as IPv4, which is why names are resolved and checked by
+    address rather than trusted).
     """
-    host = host.lower()
-    for pattern in patterns:
-        host_glob, port_pat = _split_forward_pattern(pattern)
-        if (port_pat == "*" or int(port_pat) == port) and fnmatchcase(host, host_glob.lower()):
-            return True
-    return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def normalize_forward_name(host: str) -> str:
+    """A host name as rules compare it: lower case, no trailing dot."""
+    return host.lower().removesuffix(".")
+
+
+def _check_rule_name(name: str) -> None:
+    labels = name.removesuffix(".").split(".")
+    if not _HOSTNAME_RE.fullmatch(name) or any(not label for label in labels):
+        raise ValueError("not an IP address, a CIDR block or a host name")
+    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
+        # "10.0.0" or "0x7f.1" are not names: getaddrinfo reads them as IPv4.
+        raise ValueError("looks like an incomplete IP address, which is not a host name")
+
+
+def parse_forward_rule(text: str) -> ForwardRule:
+    """Parse one ``forward_allow`` rule; ValueError saying what is wrong.
+
+    Grammar (``PORT`` is 1..65535, or ``*`` for any port)::
+
+        10.0.0.5:PORT           one IPv4 address
+        10.0.0.0/24:PORT        an IPv4 CIDR block (no host bits set)
+        [fd00::5]:PORT          one IPv6 address, in brackets
+        [fd00::/8]:PORT         an IPv6 CIDR block, in brackets
+        db.internal:PORT        exactly this host name (case-insensitive)
+
+    Wildcards (``*``, ``?``) in the host are refused, with a message saying
+    what to write instead.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError('expected "[IPv6 address or block]:port"')
+        host, port_text = text[1:end], text[end + 2 :]
+        bracketed = True
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError('missing ":port" (a number, or "*" for any port)')
+        bracketed = False
+    if not host:
+        raise ValueError("missing host")
+    if _RULE_GLOB_CHARS & set(host):
+        raise ValueError(f"wildcards are not allowed; {_RULE_EXAMPLES}")
+    if port_text == "*":
+        port = None
+    elif _PORT_RE.fullmatch(port_text) and 1 <= int(port_text) <= 65535:
+        port = int(port_text)
+    else:
+        raise ValueError('port must be a number from 1 to 65535, or "*" for any port')
+    if ":" in host and not bracketed:
+        raise ValueError('an IPv6 address or block needs brackets: "[fd00::/8]:5432"')
+    if "%" in host:
+        raise ValueError("an IPv6 zone (%…) cannot be part of a rule")
+    if bracketed or "/" in host or forward_address(host) is not None:
+        try:
+            network = ipaddress.ip_network(host, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not an IP address or CIDR block ({exc})") from None
+        if bracketed != (network.version == 6):
+            raise ValueError("only IPv6 addresses and blocks go inside [brackets]")
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
+            raise ValueError("write an IPv4-mapped address or block in its IPv4 form")
+        return ForwardRule(text, port, network=network)
+    _check_rule_name(host)
+    return ForwardRule(text, port, name=normalize_forward_name(host))
+
+
+def forward_allowed(rules: Iterable[str | ForwardRule], host: str, port: int) -> bool:
+    """Whether one of ``rules`` admits ``host:port`` as given, without
+    resolving anything: an IP address by a network rule containing it, a host
+    name by a name rule spelling it. (The Gate also admits a name whose
+    resolved addresses network rules admit: qmesh.gate.forward.) Rules given
+    as text are parsed; ValueError if one is malformed."""
+    return any(
+        (rule if isinstance(rule, ForwardRule) else parse_forward_rule(rule)).admits(host, port)
+        for rule in rules
+    )
 
 
 # --------------------------------------------------------------------------
@@ -256,6 +377,14 @@ class TunnelConfig:
     reconnect_initial_s: float = 0.05
     reconnect_max_s: float = 5.0
     handshake_timeout_s: float = 10.0
+    """A connection that has not finished its handshake by then is closed."""
+    max_handshakes_in_flight: int = 256
+    """Unauthenticated connections the Gate handshakes at once; more are closed
+    at once (a stranger's flood costs a socket accept each, nothing more)."""
+    max_sessions_per_identity: int = 8
+    """Live and detached sessions one enrolled key may hold at the Gate."""
+    max_streams_per_session: int = 4096
+    """Streams the peer may have open in one session; more OPENs are refused."""
 
 
 @attrs.frozen
@@ -276,6 +405,10 @@ class GateAppConfig:
 def _frozen_apps(value: Mapping[str, GateAppConfig]) -> Mapping[str, GateAppConfig]:
     # A read-only view: the config is frozen all the way down.
     return MappingProxyType(dict(value))
+
+
+def _frozen_rules(value: Mapping[str, Sequence[str]]) -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType({edge: tuple(rules) for edge, rules in value.items()})
 
 
 @attrs.frozen
@@ -370,6 +503,12 @@ class MemoryConfig:
     extract_dsn: str = "qg://task=extract;prefer=quality"
     compose_dsn: str = "qg://task=chat;prefer=quality"
     """Where ``"compose": "llm"`` answers are composed."""
+    max_document_bytes: int = 2 * 1024 * 1024
+    """Largest document ``POST /v1/memory/documents`` accepts, in bytes of
+    UTF-8 text (413 beyond); ingest time grows in proportion to it."""
+    threads: int = 2
+    """Worker threads the memory's blocking work (ingest, queries) may use at
+    once: a pool of its own, so documents never starve tunnel handshakes."""
 
 
 @attrs.frozen
@@ -409,6 +548,44 @@ class DiscoveryConfig:
 
 
 @attrs.frozen
+class HttpConfig:
+    """``[gate.http]``: limits of the Gate's HTTP API — its own listener and
+    the ``llm`` tunnel service, which serves the same routes — and of the
+    app-key checks behind it (see docs/http.md). The defaults are safe for a
+    Gate on the open network; each bounds what one peer can make it spend."""
+
+    max_connections: int = 512
+    """Open connections on the HTTP listener; beyond it a new one is answered
+    503 and closed at once."""
+    max_header_bytes: int = 65_536
+    """Request line and headers of one request (431 beyond)."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Body of one request (413 beyond)."""
+    idle_timeout_s: float = 75.0
+    """A kept-alive connection waiting for its next request is closed after this."""
+    request_timeout_s: float = 30.0
+    """From a request's first byte to the end of its body (408 beyond); also
+    the longest one write of the answer may wait for a client that does not read."""
+    max_requests_per_app: int = 64
+    """Requests of one app in progress at once (streamed answers until their
+    end); beyond it 429."""
+    auth_failures_per_s: float = 10.0
+    """Failed app-key checks allowed per source address, on average …"""
+    auth_failure_burst: int = 20
+    """… and in a burst; beyond them 429, without running PBKDF2."""
+    hash_threads: int = 2
+    """Threads that may run PBKDF2 for app keys at once (their own pool, so
+    that key checks never starve tunnel handshakes or vault reads)."""
+    tls: str = "auto"
+    """``auto``: TLS unless the listener is on a loopback address; ``on``;
+    ``off`` (TLS ends at a proxy in front). See :mod:`qmesh.gate.tls`."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with ``tls_key``. Unset: one is generated in
+    the data directory at first start, and its fingerprint is the pin."""
+    tls_key: Path | None = None
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -416,7 +593,13 @@ class GateConfig:
     tunnel_listen: str = "127.0.0.1:11439"
     http_listen: str = "127.0.0.1:11480"
     forward_allow: tuple[str, ...] = ()
-    """Targets edges may ask the Gate to forward to: see :func:`forward_allowed`."""
+    """Targets every edge may ask the Gate to forward to: IP, CIDR or exact
+    host name rules with a port (see :func:`parse_forward_rule`)."""
+    forward_allow_edges: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=dict, converter=_frozen_rules, hash=False
+    )
+    """From ``[gate.forward_allow_edges]``: more rules for one edge, by its
+    identity name; that edge may use these and ``forward_allow``."""
     master_key_file: Path | None = None
     """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.pg.masterkey`)."""
     apps: Mapping[str, GateAppConfig] = attrs.field(
@@ -436,6 +619,8 @@ class GateConfig:
     """From ``[gate.discovery]``: see :class:`DiscoveryConfig`."""
     memory: MemoryConfig = MemoryConfig()
     """From ``[gate.memory]``: see :class:`MemoryConfig`."""
+    http: HttpConfig = HttpConfig()
+    """From ``[gate.http]``: see :class:`HttpConfig`."""
 
 
 @attrs.frozen
@@ -1083,6 +1268,15 @@ def _read_tunnel(r: _Reader, root: Mapping[str, object]) -> TunnelConfig:
         handshake_timeout_s=r.number(
             t, path, "handshake_timeout_s", d.handshake_timeout_s, positive=True
         ),
+        max_handshakes_in_flight=r.integer(
+            t, path, "max_handshakes_in_flight", d.max_handshakes_in_flight, lo=1
+        ),
+        max_sessions_per_identity=r.integer(
+            t, path, "max_sessions_per_identity", d.max_sessions_per_identity, lo=1
+        ),
+        max_streams_per_session=r.integer(
+            t, path, "max_streams_per_session", d.max_streams_per_session, lo=1
+        ),
     )
 
 
@@ -1098,29 +1292,12 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
             "expected 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
             f"digit, got {_describe(name)}",
         )
-    allow: list[str] = []
-    if "forward_allow" in t:
-        value = t["forward_allow"]
-        where: KeyPath = (*path, "forward_allow")
-        if not isinstance(value, list):
-            raise r.error(
-                where, f'expected an array of "host:port" patterns, got {_describe(value)}'
-            )
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise r.error((*where, i), f"expected a string, got {_describe(item)}")
-            try:
-                _split_forward_pattern(item)
-            except ValueError as exc:
-                raise r.error(
-                    (*where, i), f'expected a "host:port" pattern, got {_describe(item)} ({exc})'
-                ) from None
-            allow.append(item)
     return GateConfig(
         name=name,
         tunnel_listen=r.address(t, path, "tunnel_listen", d.tunnel_listen),
         http_listen=r.address(t, path, "http_listen", d.http_listen),
-        forward_allow=tuple(allow),
+        forward_allow=_read_forward_rules(r, t, (*path, "forward_allow")),
+        forward_allow_edges=_read_forward_allow_edges(r, t, path),
         master_key_file=r.path(t, path, "master_key_file"),
         apps=_read_gate_apps(r, t, path),
         routing=_read_routing(r, t, path),
@@ -1128,8 +1305,47 @@ def _read_gate(r: _Reader, root: Mapping[str, object]) -> GateConfig:
         budgets=_read_budgets(r, t, path),
         discovery=_read_discovery(r, t, path),
         memory=_read_memory(r, t, path),
+        http=_read_http(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
+
+
+def _read_forward_rules(r: _Reader, t: Mapping[str, object], where: KeyPath) -> tuple[str, ...]:
+    """An array of forward_allow rules at ``where``, each checked now, so that
+    a glob or a typo stops the Gate at start rather than refusing at run time."""
+    key = str(where[-1])
+    if key not in t:
+        return ()
+    value = t[key]
+    if not isinstance(value, list):
+        raise r.error(where, f'expected an array of "host:port" rules, got {_describe(value)}')
+    rules: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise r.error((*where, i), f"expected a string, got {_describe(item)}")
+        try:
+            parse_forward_rule(item)
+        except ValueError as exc:
+            raise r.error((*where, i), f"bad forward rule {_describe(item)}: {exc}") from None
+        rules.append(item)
+    return tuple(rules)
+
+
+def _read_forward_allow_edges(
+    r: _Reader, gate: Mapping[str, object], gate_path: KeyPath
+) -> dict[str, tuple[str, ...]]:
+    path: KeyPath = (*gate_path, "forward_allow_edges")
+    t = r.table(gate, path)
+    edges: dict[str, tuple[str, ...]] = {}
+    for edge in t:
+        if not _APP_ID_RE.fullmatch(edge):
+            raise r.error(
+                (*path, edge),
+                "an edge's identity name must be 1-63 letters, digits, '.', '_' or '-' "
+                "starting with a letter or digit",
+            )
+        edges[edge] = _read_forward_rules(r, t, (*path, edge))
+    return edges
 
 
 def _read_daemon_thresholds(r: _Reader, t: Mapping[str, object], path: KeyPath) -> dict[str, int]:
@@ -1362,7 +1578,44 @@ def _read_memory(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> 
         dsns[key] = value
     return MemoryConfig(
         extractor=r.string(t, path, "extractor", d.extractor, choices=MEMORY_EXTRACTORS),
+        max_document_bytes=r.integer(
+            t, path, "max_document_bytes", d.max_document_bytes, lo=1024, hi=64 * 1024 * 1024
+        ),
+        threads=r.integer(t, path, "threads", d.threads, lo=1, hi=64),
         **dsns,
+    )
+
+
+def _read_http(r: _Reader, gate: Mapping[str, object], gate_path: KeyPath) -> HttpConfig:
+    path: KeyPath = (*gate_path, "http")
+    t = r.table(gate, path)
+    r.check_keys(t, path, _field_names(HttpConfig))
+    d = HttpConfig()
+    tls_cert, tls_key = r.path(t, path, "tls_cert"), r.path(t, path, "tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        blamed = "tls_key" if tls_key is None else "tls_cert"
+        raise r.error((*path, blamed), "tls_cert and tls_key go together: set both or neither")
+    return HttpConfig(
+        max_connections=r.integer(t, path, "max_connections", d.max_connections, lo=1),
+        max_header_bytes=r.integer(
+            t, path, "max_header_bytes", d.max_header_bytes, lo=1024, hi=16 * 1024 * 1024
+        ),
+        max_body_bytes=r.integer(t, path, "max_body_bytes", d.max_body_bytes, lo=1024),
+        idle_timeout_s=r.number(t, path, "idle_timeout_s", d.idle_timeout_s, positive=True),
+        request_timeout_s=r.number(
+            t, path, "request_timeout_s", d.request_timeout_s, positive=True
+        ),
+        max_requests_per_app=r.integer(
+            t, path, "max_requests_per_app", d.max_requests_per_app, lo=1
+        ),
+        auth_failures_per_s=r.number(
+            t, path, "auth_failures_per_s", d.auth_failures_per_s, positive=True
+        ),
+        auth_failure_burst=r.integer(t, path, "auth_failure_burst", d.auth_failure_burst, lo=1),
+        hash_threads=r.integer(t, path, "hash_threads", d.hash_threads, lo=1, hi=256),
+        tls=r.string(t, path, "tls", d.tls, choices=("auto", "on", "off")),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
 
 

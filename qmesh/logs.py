@@ -3,7 +3,9 @@
 For: :func:`setup_logging` (human-readable lines, or one JSON object per
 line), and redaction: values passed to :func:`register_secret` and anything
 that looks like a credential (``qmesh-cred-v1.…``, ``password=…``, the
-password in ``postgresql://user:pass@host``, ``Bearer …``) are replaced by
+password in ``postgresql://user:pass@host``, the whole credential after
+``Bearer`` or in an ``Authorization`` header, e.g. qmesh's own
+``Bearer APP_ID:APP_KEY``, Basic credentials, ``app_key=…``) are replaced by
 ``[REDACTED]`` before a line is written, whether they arrive in the message,
 its arguments, ``extra`` fields or an exception's text.
 
@@ -22,6 +24,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Final, TextIO
 
 __all__ = ["RedactingFilter", "redact", "register_secret", "setup_logging"]
@@ -35,21 +38,63 @@ LEVELS: Final = {
 }
 FORMATS: Final = ("text", "json")
 
+# A credential token: everything up to whitespace, a quote or a bracket.
+# "[" is excluded so that an already redacted "[REDACTED]" is never matched
+# again, and ":" is included: qmesh's own bearer token is "APP_ID:APP_KEY",
+# so stopping at the colon would hide the app id and print the key.
+_TOKEN: Final = r"""[^\s"'`,;<>()\[\]{}]+"""
+
+
+def _redact_basic(match: re.Match[str]) -> str:
+    """``Basic <base64 of user:password>`` → ``Basic [REDACTED]``. Other words
+    after "basic" (prose: "basic setup") do not decode to printable text with
+    a colon in it, and are left alone."""
+    encoded = match.group(2)
+    try:
+        decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        text = decoded.decode("utf-8")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return match.group(0)
+    if ":" in text and text.isprintable():
+        return f"{match.group(1)}{REDACTED}"
+    return match.group(0)
+
+
 # Patterns for secrets nobody registered: credentials handed to us by an
-# operator, and the shapes in which passwords usually travel.
-_PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
+# operator, and the shapes in which passwords usually travel. Applied in
+# order; each leaves "[REDACTED]" where a later one cannot match it again.
+_PATTERNS: Final[tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...]] = (
     (re.compile(r"qmesh-cred-v1\.[A-Za-z0-9_-]+=*"), f"qmesh-cred-v1.{REDACTED}"),
-    # userinfo in any URL: postgresql://user:secret@host, redis://:secret@host
-    (re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"), rf"\g<1>{REDACTED}@"),
-    # password=x, PGPASSWORD=x, "password": "x", api_key: x ...
+    # userinfo in any URL: postgresql://user:secret@host, redis://:secret@host.
+    # The password runs to the *last* "@" of the address, so one with "@",
+    # ":" or "/" in it (postgresql://u:p@ss/w@host) goes whole.
+    (
+        re.compile(r"""([A-Za-z][A-Za-z0-9+.-]*://[^:/\s"'<>]*:)[^\s"'<>]*@"""),
+        rf"\g<1>{REDACTED}@",
+    ),
+    # password=x, PGPASSWORD=x, "password": "x", api_key: x, "bearer": "id:key" ...
     (
         re.compile(
-            r"""(?i)(password|passwd|pwd|secret|api[_-]?key)(["']?\s*[=:]\s*)"""
-            r"""("[^"]*"|'[^']*'|[^\s,;&"'}\])]+)"""
+            r"""(?i)(password|passwd|pwd|secret|api[_-]?key|app[_-]?key|bearer"""
+            r"""|(?:access|refresh|auth|id)[_-]?token)(["']?\s*[=:]\s*)"""
+            # Not again over its own "[REDACTED]": formatters redact twice.
+            r"""(?!\[REDACTED\])("[^"]*"|'[^']*'|[^\s,;&"'}\])]+)"""
         ),
         rf"\g<1>\g<2>{REDACTED}",
     ),
-    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/-]+=*"), rf"\g<1>{REDACTED}"),
+    # An Authorization header's credential, whatever its scheme (kept).
+    (
+        re.compile(
+            r"""(?i)\b((?:proxy-)?authorization["']?\s*[=:]\s*["']?"""
+            # Possessive: once a scheme matched, it is never taken for the token.
+            rf"""(?:[A-Za-z][A-Za-z0-9_-]*\s+)?+){_TOKEN}"""
+        ),
+        rf"\g<1>{REDACTED}",
+    ),
+    # A bearer token anywhere: "Bearer demo:KEY" hides "demo:KEY" whole.
+    (re.compile(rf"(?i)\b(bearer\s+){_TOKEN}"), rf"\g<1>{REDACTED}"),
+    # Basic credentials outside a header line (a header list, a repr).
+    (re.compile(r"(?i)\b(basic\s+)([A-Za-z0-9+/]{4,}={0,2})(?![A-Za-z0-9+/=])"), _redact_basic),
 )
 
 _registry_lock = threading.Lock()

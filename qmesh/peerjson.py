@@ -26,7 +26,13 @@ DEFAULT_MAX_DEPTH: Final = 32
 
 # A JSON string, escapes included. Strings are removed before brackets are
 # counted, since a bracket inside a string does not nest anything.
-_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# Linear, because it runs on the event loop holding the GIL, over bodies of
+# megabytes: an unterminated string runs to the end of the input (json.loads
+# rejects it; a bracket after its opening quote nests nothing before that),
+# where failing to match made the search start again at every escaped quote
+# inside it ('"' + '\\"' * 20,000: 11 s); and plain bytes go in runs, not one
+# alternation per byte (17 times faster on a 7 MB document).
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 # +1 for an opening bracket, -1 for a closing one, indexed by byte value.
 _DELTA: Final = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))

@@ -36,12 +36,14 @@ import attrs
 
 from qmesh.finops.schema import MIGRATION as FINOPS_MIGRATION
 from qmesh.memory.schema import MIGRATION as MEMORY_MIGRATION
+from qmesh.memory.schema import SHARING_MIGRATION as MEMORY_SHARING_MIGRATION
 
 __all__ = [
     "ROLES",
     "SCRAM_ITERATIONS",
     "App",
     "AppExists",
+    "AppKeys",
     "AppVerifier",
     "Identity",
     "IdentityExists",
@@ -140,6 +142,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # The capability router's books: the hash-chained request ledger and
     # audit trail, their heads, and sealed provider API keys (qmesh.finops).
     FINOPS_MIGRATION,
+    # The newest HELLO timestamp seen per edge key: a replayed Noise message 1
+    # carries an old one and is refused (qmesh.tunnel.handshake).
+    (
+        """
+        CREATE TABLE edge_hellos (
+            public_key  BLOB PRIMARY KEY,
+            last_ts     INTEGER NOT NULL
+        )
+        """,
+    ),
+    # An app the operator disabled (qmesh apps disable): its keys are refused
+    # on every path and its live Postgres sessions end; enabling restores it.
+    ("ALTER TABLE apps ADD COLUMN disabled_at REAL NULL",),
+    # Graph memory documents belong to the app that added them; "shared" lets
+    # every app read one (qmesh.memory.schema).
+    MEMORY_SHARING_MIGRATION,
 )
 
 
@@ -213,6 +231,12 @@ class App:
 
     app_id: str
     created_at: float
+    disabled_at: float | None = None
+    """When ``qmesh apps disable`` switched it off; None while it is enabled."""
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 @attrs.frozen
@@ -228,6 +252,35 @@ class AppVerifier:
     expires_at: float | None = None
     """None for the app's current key; for a previous key kept by
     :meth:`StateStore.rotate_app_key`, when it stops working."""
+
+
+@attrs.frozen
+class AppKeys:
+    """Everything that decides whether an app's key is accepted, read at once:
+    the verifiers valid at the time of reading (current first) and whether
+    the operator disabled the app. A disabled app's keys verify but must be
+    refused: callers that proved a key check :attr:`disabled` next."""
+
+    app_id: str
+    verifiers: tuple[AppVerifier, ...]
+    disabled_at: float | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
+
+    def verifier_for(self, stored_key: bytes, *, now: float | None = None) -> AppVerifier | None:
+        """The verifier whose StoredKey is ``stored_key`` and that is still
+        valid at ``now`` (default: the current time), or None. For callers
+        that remember which verifier a key matched (a cache, a live session)
+        and re-check it after a change without PBKDF2."""
+        when = time.time() if now is None else now
+        for verifier in self.verifiers:
+            if hmac.compare_digest(verifier.stored_key, stored_key) and (
+                verifier.expires_at is None or verifier.expires_at > when
+            ):
+                return verifier
+        return None
 
 
 # For unknown app ids verify_app_key still runs PBKDF2, against this salt, so
@@ -441,6 +494,21 @@ class StateStore:
             )
             return cursor.rowcount == 1
 
+    def accept_hello_timestamp(self, public_key: bytes, timestamp: int) -> bool:
+        """Record ``timestamp`` as the newest HELLO of ``public_key``; False
+        (and nothing recorded) unless it is above every earlier one: then the
+        HELLO is a replay. Atomic across processes sharing the database."""
+        if not 0 <= timestamp < 2**63:  # SQLite's INTEGER
+            return False
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO edge_hellos (public_key, last_ts) VALUES (?, ?)"
+                " ON CONFLICT (public_key) DO UPDATE SET last_ts = excluded.last_ts"
+                " WHERE excluded.last_ts > edge_hellos.last_ts",
+                (public_key, timestamp),
+            )
+            return cursor.rowcount == 1
+
     # -- applications -----------------------------------------------------
 
     def add_app(self, app_id: str) -> str:
@@ -482,47 +550,86 @@ class StateStore:
             created_at=row[5],
         )
 
-    def get_app_verifiers(self, app_id: str, *, now: float | None = None) -> list[AppVerifier]:
-        """Every verifier of ``app_id`` valid at ``now`` (default: the current
-        time), newest first: the current key, then previous keys still inside
-        their rotation overlap. Empty for an unknown app.
-
-        They all have the same salt and iterations, so a SCRAM server sends
-        that salt and accepts the client's proof if it matches any of them.
-        """
-        current = self.get_app_verifier(app_id)
-        if current is None:
-            return []
+    def get_app_keys(self, app_id: str, *, now: float | None = None) -> AppKeys | None:
+        """``app_id``'s verifiers valid at ``now`` (default: the current time)
+        and whether it is disabled, read together; None for an unknown app."""
         when = time.time() if now is None else now
         with self._read() as conn:
+            row = conn.execute(
+                "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key,"
+                " COALESCE(key_created_at, created_at), disabled_at FROM apps WHERE app_id = ?",
+                (app_id,),
+            ).fetchone()
+            if row is None:
+                return None
             rows = conn.execute(
                 "SELECT stored_key, server_key, created_at, expires_at FROM app_old_verifiers"
                 " WHERE app_id = ? AND expires_at > ? ORDER BY created_at DESC, rowid DESC",
                 (app_id, when),
             ).fetchall()
+        current = AppVerifier(
+            app_id=row[0],
+            salt=bytes(row[1]),
+            iterations=int(row[2]),
+            stored_key=bytes(row[3]),
+            server_key=bytes(row[4]),
+            created_at=row[5],
+        )
         old = [
             attrs.evolve(
                 current,
-                stored_key=bytes(row[0]),
-                server_key=bytes(row[1]),
-                created_at=row[2],
-                expires_at=row[3],
+                stored_key=bytes(old_row[0]),
+                server_key=bytes(old_row[1]),
+                created_at=old_row[2],
+                expires_at=old_row[3],
             )
-            for row in rows
+            for old_row in rows
         ]
-        return [current, *old]
+        return AppKeys(app_id=row[0], verifiers=(current, *old), disabled_at=row[6])
+
+    def get_app_verifiers(self, app_id: str, *, now: float | None = None) -> list[AppVerifier]:
+        """Every verifier of ``app_id`` valid at ``now`` (default: the current
+        time), newest first: the current key, then previous keys still inside
+        their rotation overlap. Empty for an unknown app. A disabled app's
+        verifiers are listed too: see :meth:`get_app_keys`.
+
+        They all have the same salt and iterations, so a SCRAM server sends
+        that salt and accepts the client's proof if it matches any of them.
+        """
+        keys = self.get_app_keys(app_id, now=now)
+        return [] if keys is None else list(keys.verifiers)
 
     def verify_app_key(self, app_id: str, key: str, *, now: float | None = None) -> bool:
         """Whether ``key`` is one of ``app_id``'s valid app keys at ``now``
-        (default: the current time); constant-time comparisons."""
-        verifiers = self.get_app_verifiers(app_id, now=now)
-        if not verifiers:
+        (default: the current time) and the app is enabled; constant-time
+        comparisons. Runs PBKDF2 (thousands of rounds): not for a hot path."""
+        keys = self.get_app_keys(app_id, now=now)
+        if keys is None:
             scram_keys(key, _DUMMY_SALT, SCRAM_ITERATIONS)
             return False
         # One PBKDF2 serves every verifier: they share the salt and iterations.
-        stored_key, _ = scram_keys(key, verifiers[0].salt, verifiers[0].iterations)
-        matches = [hmac.compare_digest(stored_key, v.stored_key) for v in verifiers]
-        return any(matches)
+        first = keys.verifiers[0]
+        stored_key, _ = scram_keys(key, first.salt, first.iterations)
+        return keys.verifier_for(stored_key, now=now) is not None and not keys.disabled
+
+    def set_app_disabled(self, app_id: str, disabled: bool) -> bool:
+        """Disable or enable ``app_id``. True if that changed its state; False
+        if it already was so (a disabled app keeps its first disabling time).
+        A disabled app keeps its keys, which are refused until it is enabled
+        again. Raises InvalidValue for an unknown app."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT disabled_at FROM apps WHERE app_id = ?", (app_id,)
+            ).fetchone()
+            if row is None:
+                raise InvalidValue(f"no app with id {app_id!r}")
+            if (row[0] is not None) == disabled:
+                return False
+            conn.execute(
+                "UPDATE apps SET disabled_at = ? WHERE app_id = ?",
+                (time.time() if disabled else None, app_id),
+            )
+            return True
 
     def rotate_app_key(
         self, app_id: str, overlap_s: float, *, now: float | None = None
@@ -580,5 +687,7 @@ class StateStore:
 
     def list_apps(self) -> list[App]:
         with self._read() as conn:
-            rows = conn.execute("SELECT app_id, created_at FROM apps ORDER BY app_id").fetchall()
-        return [App(app_id=row[0], created_at=row[1]) for row in rows]
+            rows = conn.execute(
+                "SELECT app_id, created_at, disabled_at FROM apps ORDER BY app_id"
+            ).fetchall()
+        return [App(app_id=row[0], created_at=row[1], disabled_at=row[2]) for row in rows]

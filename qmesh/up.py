@@ -104,6 +104,7 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
         "gate": {
             "tunnel": gate["tunnel"],
             "http": gate["http"],
+            "tls_fingerprint": gate["tls_fingerprint"],
             "admin_key": f"{ADMIN_APP}:{setup.admin_key}",
             "public_key": base64.b64encode(setup.gate_public_key).decode(),
         },
@@ -127,6 +128,11 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         f"qmesh {summary['version']} is up (pid {summary['pid']}), data in {summary['data_dir']}",
         f"  gate      tunnel listening on {summary['gate']['tunnel']}",
         f"            http API on {summary['gate']['http']} (health: /healthz)",
+        *(
+            [f"            TLS certificate {pin} (qmesh commands pin it from up.json)"]
+            if (pin := summary["gate"]["tls_fingerprint"])
+            else []
+        ),
         f"  minigate  {summary['minigate']['name']}, connected to the gate",
         f"            Postgres  postgresql://{DEMO_APP}:APP_KEY@{summary['minigate']['pg']}/ALIAS",
         f"            LLM API   {summary['minigate']['llm']}  (Bearer {DEMO_APP}:APP_KEY,"

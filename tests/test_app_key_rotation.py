@@ -150,3 +150,65 @@ def test_apps_from_the_first_schema_keep_working(tmp_path: Path) -> None:
         assert verifier is not None and verifier.created_at == T0
         new_key, _ = store.rotate_app_key("shop", 60)
         assert store.verify_app_key("shop", "old-key") and store.verify_app_key("shop", new_key)
+
+
+def test_a_disabled_app_keeps_its_keys_but_they_do_not_verify(store: StateStore) -> None:
+    key = store.add_app("shop")
+    store.add_app("blog")
+    assert store.set_app_disabled("shop", True)
+    assert not store.set_app_disabled("shop", True)  # already: the first time is kept
+    keys = store.get_app_keys("shop")
+    assert keys is not None and keys.disabled and len(keys.verifiers) == 1
+    assert not store.verify_app_key("shop", key)
+    assert [(a.app_id, a.disabled) for a in store.list_apps()] == [
+        ("blog", False),
+        ("shop", True),
+    ]
+    assert store.get_app_verifiers("shop") == list(keys.verifiers)  # still there, for enable
+    assert store.set_app_disabled("shop", False)
+    assert not store.set_app_disabled("shop", False)
+    assert store.verify_app_key("shop", key)
+    with pytest.raises(InvalidValue, match="no app"):
+        store.set_app_disabled("nobody", True)
+
+
+def test_verifier_for_matches_a_remembered_stored_key_only_while_valid(
+    store: StateStore,
+) -> None:
+    store.add_app("shop")
+    first = store.get_app_verifier("shop")
+    assert first is not None
+    store.rotate_app_key("shop", 600, now=T0)
+    keys = store.get_app_keys("shop", now=T0 + 1)
+    assert keys is not None
+    previous = keys.verifier_for(first.stored_key, now=T0 + 1)
+    assert previous is not None and previous.expires_at == T0 + 600
+    assert keys.verifier_for(first.stored_key, now=T0 + 600) is None
+    assert keys.verifier_for(b"\0" * 32, now=T0 + 1) is None
+    store.rotate_app_key("shop", 0, now=T0 + 2)
+    after = store.get_app_keys("shop", now=T0 + 2)
+    assert after is not None and after.verifier_for(first.stored_key, now=T0 + 2) is None
+    assert store.get_app_keys("nobody") is None
+
+
+def test_apps_from_before_disabling_existed_are_enabled(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    before = MIGRATIONS.index(("ALTER TABLE apps ADD COLUMN disabled_at REAL NULL",))
+    conn.execute("INSERT INTO schema_version VALUES (?)", (before,))
+    for statements in MIGRATIONS[:before]:
+        for statement in statements:
+            conn.execute(statement)
+    salt = b"s" * 16
+    stored, server = scram_keys("old-key", salt, SCRAM_ITERATIONS)
+    conn.execute(
+        "INSERT INTO apps (app_id, scram_salt, scram_iterations, stored_key, server_key,"
+        " created_at) VALUES ('shop', ?, ?, ?, ?, ?)",
+        (salt, SCRAM_ITERATIONS, stored, server, T0),
+    )
+    conn.close()
+    with StateStore.open(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        (app,) = store.list_apps()
+        assert not app.disabled and store.verify_app_key("shop", "old-key")

@@ -94,7 +94,7 @@ def test_full_file(tmp_path: Path) -> None:
         [gate]
         name = "gate-eu.1"
         tunnel_listen = "[::]:9000"
-        forward_allow = ["db.internal:5432", "*.cache:*", "[fd00::1]:80"]
+        forward_allow = ["db.internal:5432", "10.0.0.0/24:*", "[fd00::1]:80"]
 
         [minigate]
         credential_file = "~/edge.cred"
@@ -120,7 +120,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.tunnel.resume_grace_s == 0.0
     assert config.gate.name == "gate-eu.1"
     assert config.gate.tunnel_listen == "[::]:9000"
-    assert config.gate.forward_allow == ("db.internal:5432", "*.cache:*", "[fd00::1]:80")
+    assert config.gate.forward_allow == ("db.internal:5432", "10.0.0.0/24:*", "[fd00::1]:80")
     assert config.minigate.credential_file == Path("/home/op/edge.cred")
     assert config.minigate.forwards == (
         ForwardConfig(listen="127.0.0.1:15432", target="db.internal:5432"),
@@ -337,7 +337,7 @@ def test_env_overrides_file_and_defaults(tmp_path: Path) -> None:
         "QMESH_TUNNEL__COMPRESSION_LEVEL": "7",
         "QMESH_DATA_DIR": "/x",
         "QMESH_LOG__LEVEL": "debug",
-        "QMESH_GATE__FORWARD_ALLOW": '["db:5432", "*:443"]',
+        "QMESH_GATE__FORWARD_ALLOW": '["db:5432", "10.0.0.0/8:443"]',
         "QMESH_MINIGATE__FORWARD": '[{listen = "127.0.0.1:7", target = "t:8"}]',
         "PATH": "/bin",
     }
@@ -348,7 +348,7 @@ def test_env_overrides_file_and_defaults(tmp_path: Path) -> None:
     assert config.tunnel.compression_level == 7
     assert config.data_dir == Path("/x")
     assert config.log.level == "debug"
-    assert config.gate.forward_allow == ("db:5432", "*:443")
+    assert config.gate.forward_allow == ("db:5432", "10.0.0.0/8:443")
     assert config.minigate.forwards == (ForwardConfig("127.0.0.1:7", "t:8"),)
 
 
@@ -505,13 +505,15 @@ def test_format_then_parse_round_trips(host: str, port: int) -> None:
 
 
 def test_forward_allowed() -> None:
-    patterns = ["db.internal:5432", "*.cache:*", "10.0.0.*:80", "[fd00::1]:443"]
-    assert forward_allowed(patterns, "db.internal", 5432)
-    assert forward_allowed(patterns, "DB.Internal", 5432)
-    assert not forward_allowed(patterns, "db.internal", 5433)
-    assert forward_allowed(patterns, "redis.cache", 6379)
-    assert not forward_allowed(patterns, "redis.cache.evil.com", 6379)
-    assert forward_allowed(patterns, "10.0.0.7", 80)
-    assert not forward_allowed(patterns, "10.0.1.7", 80)
-    assert forward_allowed(patterns, "fd00::1", 443)
+    # More cases, and the Gate's resolution of names: tests/test_forward.py.
+    rules = ["db.internal:5432", "redis.cache:*", "10.0.0.0/24:80", "[fd00::1]:443"]
+    assert forward_allowed(rules, "db.internal", 5432)
+    assert forward_allowed(rules, "DB.Internal", 5432)
+    assert not forward_allowed(rules, "db.internal", 5433)
+    assert forward_allowed(rules, "redis.cache", 6379)
+    assert not forward_allowed(rules, "redis.cache.evil.com", 6379)
+    assert forward_allowed(rules, "10.0.0.7", 80)
+    assert not forward_allowed(rules, "10.0.1.7", 80)
+    assert not forward_allowed(rules, "10.0.0.7.evil.com", 80)
+    assert forward_allowed(rules, "fd00::1", 443)
     assert not forward_allowed([], "db.internal", 5432)

@@ -10,14 +10,15 @@ import pytest
 import trio
 import trio.lowlevel
 
+from qmesh.config import HttpConfig
 from qmesh.gate.auth import AppAuthenticator
 from qmesh.state import StateStore
 from qmesh.web.http import HttpError, Request, Response, Router, serve_http
 
 
-async def start(nursery: trio.Nursery, router: Router, **options: int) -> int:
+async def start(nursery: trio.Nursery, router: Router, limits: HttpConfig | None = None) -> int:
     port: int = await nursery.start(lambda task_status: serve_http(
-        router, "127.0.0.1", 0, task_status=task_status, **options))  # fmt: skip
+        router, "127.0.0.1", 0, limits=limits, task_status=task_status))  # fmt: skip
     return port
 
 
@@ -100,7 +101,7 @@ async def test_errors_are_openai_style_json(nursery: trio.Nursery) -> None:
 async def test_oversized_and_malformed_requests_do_not_hurt_the_server(
     nursery: trio.Nursery,
 ) -> None:
-    port = await start(nursery, make_router(), max_body=1000)
+    port = await start(nursery, make_router(), HttpConfig(max_body_bytes=1000))
     big = await exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
     assert status_of(big) == 413
     garbage = await exchange(port, b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")

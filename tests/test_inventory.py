@@ -116,8 +116,10 @@ def test_line_decoder() -> None:
     assert decoder.feed(b"") == []
     with pytest.raises(WireError, match="longer than 64"):
         LineDecoder(max_line=64).feed(b"x" * 65)
-    with pytest.raises(WireError, match="not JSON"):
+    with pytest.raises(WireError, match="malformed line"):
         LineDecoder().feed(b"{oops\n")
+    with pytest.raises(WireError, match="nested too deep"):
+        LineDecoder().feed(b"[" * 16_000 + b"\n")
     with pytest.raises(WireError, match="'type'"):
         LineDecoder().feed(b"[1, 2]\n")
     partial = LineDecoder()

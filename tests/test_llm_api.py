@@ -373,6 +373,7 @@ async def test_memory_query_is_answered_from_the_graph_memory(
     memory.add(
         "Acme Corporation was founded in 1998 by Jane Doe. Acme is headquartered in Springfield.",
         document_id="acme",
+        shared=True,
     )
     api.service.attach_memory(memory)
     c = client(api)

@@ -167,6 +167,20 @@ def test_credential_never_appears(fmt: str) -> None:
         ("dict {'password': 'Pa55 w0rd!x'}", "Pa55 w0rd!x"),
         ('json {"password": "Pa55w0rd!x"}', "Pa55w0rd!x"),
         ("header Authorization: Bearer sk-Pa55w0rdx", "sk-Pa55w0rdx"),
+        # Issue 11, finding 10: qmesh's own bearer is APP_ID:APP_KEY, and the
+        # key after the colon used to be printed.
+        ("header Authorization: Bearer demo:Pa55w0rdx_-Q", "Pa55w0rdx_-Q"),
+        ("calling with bearer demo:Pa55w0rdx_-Q now", "Pa55w0rdx_-Q"),
+        ("headers [(b'authorization', b'Bearer demo:Pa55w0rdx_-Q')]", "Pa55w0rdx_-Q"),
+        ('up.json {"bearer": "demo:Pa55w0rdx_-Q"}', "Pa55w0rdx_-Q"),
+        ("flags app_key=Pa55w0rdx_-Q", "Pa55w0rdx_-Q"),
+        ("header Authorization: Basic ZGVtbzpQYTU1dzByZHhfLVE=", "ZGVtbzpQYTU1dzByZHhfLVE"),
+        ("headers [(b'authorization', b'Basic ZGVtbzpQYTU1dzByZHhfLVE=')]", "ZGVtbzpQYTU1dzBy"),
+        ("header Authorization: Pa55w0rdx_-Q", "Pa55w0rdx_-Q"),
+        ("header x-api-key: Pa55w0rdx_-Q", "Pa55w0rdx_-Q"),
+        # A password with the URL's own delimiters in it goes whole.
+        ("dsn postgresql://demo:Pa55@w0rd:x/y@localhost:11438/shop", "w0rd:x/y"),
+        ("dsn postgresql://me@corp.example:Pa55w0rdx@db/shop", "Pa55w0rdx"),
     ],
 )
 def test_password_patterns_never_appear(fmt: str, template: str, hidden: str) -> None:
@@ -181,6 +195,38 @@ def test_redaction_keeps_the_useful_parts() -> None:
     assert redact("postgresql://shop:pw@db:5432/x") == f"postgresql://shop:{REDACTED}@db:5432/x"
     assert redact("password=pw user=shop") == f"password={REDACTED} user=shop"
     assert redact("tokens=120 cost=0.01") == "tokens=120 cost=0.01"
+    assert redact("Bearer demo:KEY sent") == f"Bearer {REDACTED} sent"
+    assert redact("Authorization: Basic ZGVtbzpLRVk=") == f"Authorization: Basic {REDACTED}"
+    # "basic" in prose is not a credential (nothing that decodes to "user:pass").
+    assert redact("a basic setup, basic information") == "a basic setup, basic information"
+    assert redact("postgresql://shop@db:5432/x") == "postgresql://shop@db:5432/x"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password=pw",
+        "app_key: pw",
+        '{"bearer": "demo:KEY"}',
+        "Authorization: Bearer demo:KEY",
+        "Authorization: Basic ZGVtbzpLRVk=",
+        "postgresql://u:p@ss@h/db",
+    ],
+)
+def test_redacting_twice_changes_nothing(text: str) -> None:
+    # The filter redacts the message and the text formatter the whole line
+    # again: a second pass must not mangle "[REDACTED]" or eat the scheme.
+    once = redact(text)
+    assert REDACTED in once
+    assert redact(once) == once
+
+
+def test_a_text_line_is_redacted_once_cleanly() -> None:
+    out = capture("text")
+    logging.getLogger("qmesh").info("auth %s then %s", "Authorization: Bearer demo:K", "app_key=K")
+    line = out.getvalue()
+    assert f"Authorization: Bearer {REDACTED} then app_key={REDACTED}\n" in line
+    assert "demo:K" not in line and "]]" not in line
 
 
 def test_empty_secret_is_ignored() -> None:

@@ -1,5 +1,6 @@
 """The graph memory's HTTP API over real loopback sockets: the Gate's h11
-server on port 0, a real state store, apps with real keys."""
+server on port 0, a real state store, apps with real keys. Who may see and
+change which document: tests/test_memory_access.py."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ async def api(
     state = StateStore.open(tmp_path / "state.db")
     tokens = {app: f"{app}:{state.add_app(app)}" for app in ("app-a", "app-b", ADMIN_APP)}
     router = Router()
-    add_routes(router, Memory(state, max_document_chars=20_000), AppAuthenticator(state))
+    add_routes(router, Memory(state, max_document_bytes=20_000), AppAuthenticator(state))
     port: int = await nursery.start(lambda task_status: serve_http(
         router, "127.0.0.1", 0, task_status=task_status))  # fmt: skip
     with state:
@@ -86,16 +87,17 @@ async def add_corpus(client: Client) -> None:
 
 
 async def test_documents_are_added_listed_and_read(api: tuple[Client, Client, Client]) -> None:
-    a, b, _ = api
+    a, _, _ = api
     await add_corpus(a)
-    listing = await b.call("GET", "/v1/memory/documents")
+    listing = await a.call("GET", "/v1/memory/documents")
     assert listing.status == 200
     rows = {d["id"]: d for d in listing.body["documents"]}
     assert set(rows) == set(DOCUMENTS)
     assert rows["acme-wiki"]["title"] == "Acme Corp. – Wiki"
     assert rows["acme-wiki"]["added_by"] == "app-a"
+    assert rows["acme-wiki"]["shared"] is False
     assert rows["globex-press"]["chars"] == len(DOCUMENTS["globex-press"][1])
-    document = await b.call("GET", "/v1/memory/documents/globex-press")
+    document = await a.call("GET", "/v1/memory/documents/globex-press")
     assert document.body["text"] == DOCUMENTS["globex-press"][1]
     for sentence in document.body["sentences"]:
         assert document.body["text"][sentence["start"] : sentence["end"]] == sentence["text"]
@@ -110,9 +112,9 @@ async def test_documents_are_added_listed_and_read(api: tuple[Client, Client, Cl
 async def test_query_returns_cited_facts_and_an_extractive_answer(
     api: tuple[Client, Client, Client],
 ) -> None:
-    a, b, _ = api
+    a, _, _ = api
     await add_corpus(a)
-    reply = await b.call("POST", "/v1/memory/query", {"question": "Who founded Acme?"})
+    reply = await a.call("POST", "/v1/memory/query", {"question": "Who founded Acme?"})
     assert reply.status == 200
     body = reply.body
     assert body["found"] is True
@@ -123,7 +125,7 @@ async def test_query_returns_cited_facts_and_an_extractive_answer(
     for citation in body["citations"]:
         document_id = citation["document_id"]
         if document_id not in documents:
-            stored = await b.call("GET", f"/v1/memory/documents/{document_id}")
+            stored = await a.call("GET", f"/v1/memory/documents/{document_id}")
             documents[document_id] = stored.body["text"]
         assert documents[document_id][citation["start"] : citation["end"]] == citation["text"]
     fact = body["facts"][0]
@@ -131,9 +133,9 @@ async def test_query_returns_cited_facts_and_an_extractive_answer(
     assert all({"document_id", "sentence_id", "start", "end", "text"} <= set(c)
                for f in body["facts"] for c in f["citations"])  # fmt: skip
     assert body["conflicts"][0]["predicate"] == "founded"
-    limited = await b.call("POST", "/v1/memory/query", {"question": "Acme?", "limit": 2})
+    limited = await a.call("POST", "/v1/memory/query", {"question": "Acme?", "limit": 2})
     assert len(limited.body["facts"]) == 2
-    unsupported = await b.call(
+    unsupported = await a.call(
         "POST", "/v1/memory/query", {"question": "What is the capital of Mars?"}
     )
     assert unsupported.status == 200
@@ -143,6 +145,12 @@ async def test_query_returns_cited_facts_and_an_extractive_answer(
 async def test_delete_is_for_the_owner_or_admin(api: tuple[Client, Client, Client]) -> None:
     a, b, admin = api
     await add_corpus(a)
+    # Not shared: for app-b the document does not exist.
+    hidden = await b.call("DELETE", "/v1/memory/documents/acme-wiki")
+    assert hidden.status == 404
+    shared = await a.call("PATCH", "/v1/memory/documents/acme-wiki", {"shared": True})
+    assert shared.status == 200 and shared.body["shared"] is True
+    # Shared: app-b may read it, never delete it.
     refused = await b.call("DELETE", "/v1/memory/documents/acme-wiki")
     assert refused.status == 403
     assert refused.body["error"]["type"] == "permission_error"
@@ -152,7 +160,7 @@ async def test_delete_is_for_the_owner_or_admin(api: tuple[Client, Client, Clien
     assert (await a.call("GET", "/v1/memory/documents/acme-wiki")).status == 404
     assert (await a.call("DELETE", "/v1/memory/documents/acme-wiki")).status == 404
     assert (await admin.call("DELETE", "/v1/memory/documents/curie")).status == 200
-    after = await b.call("POST", "/v1/memory/query", {"question": "Who founded Acme?"})
+    after = await a.call("POST", "/v1/memory/query", {"question": "Who founded Acme?"})
     assert {c["document_id"] for c in after.body["citations"]
             if f"[{c['n']}]" in after.body["answer"]} == {"acme-history"}  # fmt: skip
 
@@ -169,7 +177,18 @@ async def test_bad_requests_get_clear_errors(api: tuple[Client, Client, Client])
         ("POST", documents, {"text": "Hi.", "id": "a/b"}, 400, "document id"),
         ("POST", documents, {"text": "Hi.", "colour": "red"}, 400, "unknown field(s) colour"),
         ("POST", documents, {"text": "Hi.", "replace": "yes"}, 400, "replace must be"),
-        ("POST", documents, {"text": "x " * 10_001}, 413, "limit is 20000"),
+        ("POST", documents, {"text": "x " * 10_001}, 413, "the limit is 20,000 bytes"),
+        ("POST", documents, {"text": "é" * 10_001}, 413, "20,002 bytes; the limit is 20,000"),
+        ("POST", documents, b"[" * 200_000, 413, "request body is 200,000 bytes"),
+        ("POST", documents, b"[" * 100_000, 400, "nested too deep"),
+        # An unterminated string full of escaped quotes: the nesting check
+        # once started over at each of them (quadratic, on the event loop).
+        ("POST", documents, b'{"text": "' + b'\\"' * 60_000, 400, "Unterminated string"),
+        ("POST", documents, {"text": "\ud800 lone"}, 400, "lone surrogate"),
+        ("POST", documents, {"text": "Hi.", "shared": "yes"}, 400, "shared must be"),
+        ("PATCH", f"{documents}/missing", {"shared": "no"}, 400, "shared must be"),
+        ("PATCH", f"{documents}/missing", {}, 400, "shared (true or false) is required"),
+        ("PATCH", f"{documents}/missing", {"shared": True}, 404, "no document"),
         ("POST", documents, b"{not json", 400, "not valid JSON"),
         ("POST", documents, [1, 2], 400, "JSON object"),
         ("POST", "/v1/memory/query", {"question": ""}, 400, "non-empty"),
@@ -198,6 +217,7 @@ async def test_bad_requests_get_clear_errors(api: tuple[Client, Client, Client])
         ("POST", "/v1/memory/documents"),
         ("GET", "/v1/memory/documents"),
         ("GET", "/v1/memory/documents/x"),
+        ("PATCH", "/v1/memory/documents/x"),
         ("DELETE", "/v1/memory/documents/x"),
         ("POST", "/v1/memory/query"),
     ],

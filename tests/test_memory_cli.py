@@ -10,6 +10,7 @@ from pathlib import Path
 from memory_corpus import DOCUMENTS
 
 from qmesh.memory.service import Memory
+from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
 
 _SUFFIX = {"text": ".txt", "markdown": ".md", "html": ".html"}
@@ -46,7 +47,9 @@ def test_memory_commands(tmp_path: Path) -> None:
 
     listing = qmesh(data, "list")
     assert listing.returncode == 0
-    assert re.search(r"^acme-wiki\s+html\s+5\s+\S+\s+Acme Corp\. – Wiki$", listing.stdout, re.M)
+    assert re.search(
+        r"^acme-wiki\s+html\s+5\s+\(operator\)\s+\S+\s+Acme Corp\. – Wiki$", listing.stdout, re.M
+    )
 
     ask = qmesh(data, "ask", "Who founded Acme?")
     assert ask.returncode == 0, ask.stderr
@@ -60,7 +63,7 @@ def test_memory_commands(tmp_path: Path) -> None:
     with StateStore.open(data / "state.db") as state:
         memory = Memory(state)
         for _, document_id, start, end, text in citations:
-            assert memory.document(document_id)[1][int(start) : int(end)] == text
+            assert memory.document(document_id, access=OPERATOR)[1][int(start) : int(end)] == text
     assert "note: sources disagree on Acme Corporation / founded: 1998 [1]; 1999 [2]" in rest
 
     missing = qmesh(data, "ask", "What is the capital of Mars?")

@@ -32,6 +32,7 @@ from qmesh.gate.llm_api import add_llm_routes
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.llm import EXTRACT_SYSTEM, LlmExtractor, parse_triples
 from qmesh.memory.service import Memory
+from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
 from qmesh.web.http import Request, Response, Router, serve_http
 
@@ -278,7 +279,7 @@ async def test_llm_extractor_stores_only_supported_triples(
         names = {e for es in reader.entities_by_key(["initech"]).values() for e in es}
     assert names == set()
     assert not any(listing.store.integrity_problems().values())
-    assert [d.extractor for d in listing.documents()] == ["rules+llm"]
+    assert [d.extractor for d in listing.documents(access=OPERATOR)] == ["rules+llm"]
 
 
 async def test_llm_extractor_is_the_configured_default_and_survives_no_model(

@@ -4,6 +4,7 @@ the check of LLM-composed answers."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from qmesh.memory.errors import (
 from qmesh.memory.extract import Extraction, Mention, Relation
 from qmesh.memory.query import NOT_FOUND, Answer
 from qmesh.memory.service import Memory
+from qmesh.memory.store import OPERATOR, Access
 from qmesh.memory.verify import Source, verify_answer
 from qmesh.state import StateStore
 
@@ -121,7 +123,7 @@ def test_every_fact_has_provenance_after_ingest(memory: Memory, state: StateStor
 
 @pytest.mark.parametrize("question", list(QUESTIONS))
 def test_questions_cite_exactly_the_supporting_sentences(memory: Memory, question: str) -> None:
-    answer = memory.ask(question)
+    answer = memory.ask(question, access=OPERATOR)
     expected = set(QUESTIONS[question])
     if not expected:
         assert not answer.found
@@ -139,12 +141,12 @@ def test_questions_cite_exactly_the_supporting_sentences(memory: Memory, questio
 def test_citations_slice_the_original_document(memory: Memory) -> None:
     checked = 0
     for question in QUESTIONS:
-        answer = memory.ask(question)
+        answer = memory.ask(question, access=OPERATOR)
         for citation in (*answer.citations, *(c for f in answer.facts for c in f.citations)):
             fmt, source = DOCUMENTS[citation.document_id]
             # Plain text is stored as given, so the caller's own string slices;
             # Markdown and HTML are stored as the converted text.
-            stored = memory.document(citation.document_id)[1]
+            stored = memory.document(citation.document_id, access=OPERATOR)[1]
             original = source if fmt == "text" else stored
             assert original[citation.start : citation.end] == citation.text
             assert citation.sentence_id.startswith(f"{citation.document_id}:{citation.start}-")
@@ -153,7 +155,7 @@ def test_citations_slice_the_original_document(memory: Memory) -> None:
 
 
 def test_conflicting_sources_are_reported_with_their_citations(memory: Memory) -> None:
-    answer = memory.ask("When was Acme founded?")
+    answer = memory.ask("When was Acme founded?", access=OPERATOR)
     (conflict,) = answer.conflicts
     assert conflict.about == "Acme Corporation"
     assert conflict.predicate == "founded"
@@ -162,12 +164,12 @@ def test_conflicting_sources_are_reported_with_their_citations(memory: Memory) -
     by_number = {c.n: c for c in answer.citations}
     assert {by_number[n].document_id for n in values["1998"]} == {"acme-history"}
     assert {by_number[n].document_id for n in values["1999"]} == {"acme-wiki"}
-    headquarters = memory.ask("Where is Acme headquartered?").conflicts
+    headquarters = memory.ask("Where is Acme headquartered?", access=OPERATOR).conflicts
     assert [dict(c.values).keys() for c in headquarters] == [{"Springfield", "Shelbyville"}]
 
 
 def test_facts_of_the_neighbourhood_are_returned_with_citations(memory: Memory) -> None:
-    answer = memory.ask("Who founded Acme?", limit=5)
+    answer = memory.ask("Who founded Acme?", limit=5, access=OPERATOR)
     assert len(answer.facts) == 5
     top = {(f.subject, f.predicate, f.object) for f in answer.facts[:2]}
     assert top == {
@@ -178,15 +180,15 @@ def test_facts_of_the_neighbourhood_are_returned_with_citations(memory: Memory) 
     assert {c.document_id for c in jane.citations} == {"acme-history", "acme-wiki"}
     assert answer.entities == ("Acme Corporation",)
     # Unsupported: the facts about Initech are still there, the answer is not.
-    initech = memory.ask("Who is the CEO of Initech?")
+    initech = memory.ask("Who is the CEO of Initech?", access=OPERATOR)
     assert not initech.found
     assert any(f.object == "Initech" for f in initech.facts)
 
 
 def test_aliases_and_surnames_join_one_entity(memory: Memory) -> None:
-    ibm = memory.ask("Who is the CEO of International Business Machines?")
+    ibm = memory.ask("Who is the CEO of International Business Machines?", access=OPERATOR)
     assert ibm.entities == ("International Business Machines",)
-    doe = memory.ask("Where did Doe work before?")
+    doe = memory.ask("Where did Doe work before?", access=OPERATOR)
     assert "Jane Doe" in doe.entities
     assert any(
         f.subject == "Jane Doe" and f.predicate == "works for" and f.object == "Globex Corporation"
@@ -197,10 +199,10 @@ def test_aliases_and_surnames_join_one_entity(memory: Memory) -> None:
 def test_question_and_document_limits(memory: Memory, state: StateStore) -> None:
     for question, limit in (("", 10), ("   ", 10), ("x" * 5000, 10), ("ok?", 0), ("ok?", 101)):
         with pytest.raises(InvalidQuestion):
-            memory.ask(question, limit)
+            memory.ask(question, limit, access=OPERATOR)
     with pytest.raises(InvalidQuestion):
-        memory.ask("ok?", True)
-    small = Memory(state, max_document_chars=100)
+        memory.ask("ok?", True, access=OPERATOR)
+    small = Memory(state, max_document_bytes=100)
     with pytest.raises(DocumentTooLarge, match="limit is 100"):
         small.add("x " * 60)
     bad: list[tuple[dict[str, Any], str]] = [
@@ -226,8 +228,8 @@ def test_same_text_is_idempotent_and_other_text_needs_replace(memory: Memory) ->
         memory.add("Globex was founded in 1989.", document_id="globex-press")
     replaced = memory.add("Globex was founded in 1989.", document_id="globex-press", replace=True)
     assert replaced.created and replaced.replaced
-    assert memory.ask("When was Globex founded?").found
-    assert not memory.ask("Who is the CEO of Globex?").found
+    assert memory.ask("When was Globex founded?", access=OPERATOR).found
+    assert not memory.ask("Who is the CEO of Globex?", access=OPERATOR).found
     generated = memory.add("Initech is based in Austin.")
     assert generated.document_id.startswith("doc-")
     assert memory.add("Initech is based in Austin.").document_id == generated.document_id
@@ -239,27 +241,27 @@ def test_same_text_is_idempotent_and_other_text_needs_replace(memory: Memory) ->
 def test_deleting_a_document_keeps_facts_with_other_sources(
     memory: Memory, state: StateStore
 ) -> None:
-    before = memory.ask("Who founded Acme?")
+    before = memory.ask("Who founded Acme?", access=OPERATOR)
     jane = next(f for f in before.facts if f.subject == "Jane Doe" and f.predicate == "founded")
     assert {c.document_id for c in jane.citations} == {"acme-history", "acme-wiki"}
 
-    report = memory.delete("acme-wiki")
+    report = memory.delete("acme-wiki", access=OPERATOR)
     assert report.sentences == 5
     assert report.relations_removed > 0 and report.relations_kept > 0
     assert_sound(state)
 
-    after = memory.ask("Who founded Acme?")
+    after = memory.ask("Who founded Acme?", access=OPERATOR)
     facts = {(f.subject, f.predicate, f.object): f for f in after.facts}
     # Supported by both: kept, now with only the remaining source.
     kept = facts[("Jane Doe", "founded", "Acme Corporation")]
     assert {c.document_id for c in kept.citations} == {"acme-history"}
-    acquired = memory.ask("What did Acme acquire?")
+    acquired = memory.ask("What did Acme acquire?", access=OPERATOR)
     initech = next(f for f in acquired.facts if f.predicate == "acquired")
     assert {c.document_id for c in initech.citations} == {"acme-history"}
     # Supported only by the deleted document: gone, and so are its entities.
     assert ("John Smith", "founded", "Acme Corporation") not in facts
-    assert not memory.ask("Who does John Smith work for?").found
-    assert memory.ask("When was Acme founded?").conflicts == ()
+    assert not memory.ask("Who does John Smith work for?", access=OPERATOR).found
+    assert memory.ask("When was Acme founded?", access=OPERATOR).conflicts == ()
     assert answer_sentences(after) == {
         "Acme Corporation was founded in 1998 by Jane Doe in Springfield."
     }
@@ -278,12 +280,12 @@ def test_deleting_a_document_keeps_facts_with_other_sources(
     finally:
         conn.close()
     with pytest.raises(DocumentNotFound):
-        memory.delete("acme-wiki")
+        memory.delete("acme-wiki", access=OPERATOR)
 
 
 def test_deleting_everything_leaves_an_empty_graph(memory: Memory, state: StateStore) -> None:
-    for document in memory.documents():
-        memory.delete(document.id)
+    for document in memory.documents(access=OPERATOR):
+        memory.delete(document.id, access=OPERATOR)
     for table in ("memory_sentences", "memory_entities", "memory_mentions", "memory_relations",
                   "memory_relation_support", "memory_sentences_fts"):  # fmt: skip
         assert count(state, table) == 0, table
@@ -291,10 +293,10 @@ def test_deleting_everything_leaves_an_empty_graph(memory: Memory, state: StateS
 
 def test_only_the_owner_deletes(state: StateStore) -> None:
     memory = Memory(state)
-    memory.add("Initech is based in Austin.", document_id="n", added_by="app-a")
+    memory.add("Initech is based in Austin.", document_id="n", added_by="app-a", shared=True)
     with pytest.raises(NotDocumentOwner):
-        memory.delete("n", owner="app-b")
-    memory.delete("n", owner="app-a")
+        memory.delete("n", access=Access.of_app("app-b"))
+    memory.delete("n", access=Access.of_app("app-a"))
 
 
 @pytest.mark.parametrize("definition_first", [True, False])
@@ -307,7 +309,7 @@ def test_alias_merge_keeps_provenance_and_survives_deletion(
     for document_id, text in (definition, use) if definition_first else (use, definition):
         memory.add(text, document_id=document_id)
     assert_sound(state)
-    answer = memory.ask("What did International Business Machines acquire?")
+    answer = memory.ask("What did International Business Machines acquire?", access=OPERATOR)
     assert answer_sentences(answer) == {"IBM acquired Red Hat in 2019."}
     assert answer.entities == ("International Business Machines",)
     conn = raw(state)
@@ -321,10 +323,28 @@ def test_alias_merge_keeps_provenance_and_survives_deletion(
         conn.close()
     assert aliases == [("ibm", 2), ("international business machines", 1)]
     # Without the definition, the entity is named by what is left: "IBM".
-    memory.delete("def")
+    memory.delete("def", access=OPERATOR)
     assert_sound(state)
-    assert memory.ask("What did IBM acquire?").entities == ("IBM",)
-    assert not memory.ask("What did International Business Machines acquire?").found
+    assert memory.ask("What did IBM acquire?", access=OPERATOR).entities == ("IBM",)
+    assert not memory.ask(
+        "What did International Business Machines acquire?", access=OPERATOR
+    ).found
+
+
+def test_a_name_after_an_alias_merge_is_its_own_entity(state: StateStore) -> None:
+    """A merge deletes the alias's entity and SQLite hands its id to the next
+    new entity: "Lotus" must not be folded into IBM as if it were the alias
+    (the ingest used to fail its foreign key check at COMMIT)."""
+    memory = Memory(state)
+    memory.add(
+        "International Business Machines (IBM) makes mainframes. IBM acquired Lotus.",
+        document_id="ibm",
+    )
+    assert_sound(state)
+    answer = memory.ask("What did IBM acquire?", access=OPERATOR)
+    assert [(f.subject, f.predicate, f.object) for f in answer.facts] == [
+        ("International Business Machines", "acquired", "Lotus")
+    ]
 
 
 # -- what the schema refuses ------------------------------------------------------------
@@ -411,7 +431,7 @@ def test_a_commit_refused_by_the_schema_leaves_the_store_usable(state: StateStor
         )
     # The failed COMMIT was rolled back: the next write works.
     memory.add("Globex acquired Umbrella.", document_id="b")
-    assert [d.id for d in memory.documents()] == ["a", "b"]
+    assert [d.id for d in memory.documents(access=OPERATOR)] == ["a", "b"]
 
 
 class _LyingExtractor:
@@ -436,7 +456,7 @@ def test_an_extractor_cannot_store_unsupported_facts(state: StateStore) -> None:
         memory = Memory(state, _LyingExtractor(extraction))
         with pytest.raises(ProvenanceError):
             memory.add("Acme grew fast. It hired many people.", document_id="lie")
-        assert memory.documents() == []
+        assert memory.documents(access=OPERATOR) == []
     assert count(state, "memory_sentences") == 0
 
 
@@ -444,7 +464,7 @@ def test_an_extractor_cannot_store_unsupported_facts(state: StateStore) -> None:
 
 
 def test_composed_answers_keep_only_sentences_that_cite_stored_sentences(memory: Memory) -> None:
-    answer = memory.ask("When was Acme founded?")
+    answer = memory.ask("When was Acme founded?", access=OPERATOR)
     sources = [Source(c.n, c.sentence_id, c.text) for c in answer.citations[:2]]
     assert [s.document_id for s in answer.citations[:2]] == ["acme-history", "acme-wiki"]
     composed = (
@@ -455,7 +475,8 @@ def test_composed_answers_keep_only_sentences_that_cite_stored_sentences(memory:
         "Acme was founded in 2001 by Jane Doe [1][2]. "
         "It later moved to Mars [7]."
     )
-    checked = verify_answer(composed, sources, memory.stored_sentences)
+    stored = functools.partial(memory.stored_sentences, access=OPERATOR)
+    checked = verify_answer(composed, sources, stored)
     assert [s.kept for s in checked.sentences] == [True, True, False, False, False, False]
     assert [s.reason for s in checked.dropped] == [
         "cites nothing",
@@ -469,10 +490,10 @@ def test_composed_answers_keep_only_sentences_that_cite_stored_sentences(memory:
     )
     assert checked.cited == (1, 2)
     # A source deleted (or altered) since it was given no longer supports anything.
-    memory.delete("acme-wiki")
-    after = verify_answer(composed, sources, memory.stored_sentences)
+    memory.delete("acme-wiki", access=OPERATOR)
+    after = verify_answer(composed, sources, stored)
     assert [s.kept for s in after.sentences] == [True, False, False, False, False, False]
     tampered = [Source(1, sources[0].sentence_id, sources[0].text + " Allegedly.")]
     assert not verify_answer("Acme was founded in 1998 [1].", tampered,
-                             memory.stored_sentences).found  # fmt: skip
-    assert not verify_answer("Nothing cited here.", sources, memory.stored_sentences).found
+                             stored).found  # fmt: skip
+    assert not verify_answer("Nothing cited here.", sources, stored).found

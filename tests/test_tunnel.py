@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 
+import attrs
 import pytest
 import trio
 from faultproxy import FaultProxy, Faults
@@ -24,6 +25,7 @@ from tunnelkit import (
 
 from qmesh import _core
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
+from qmesh.tunnel.frames import INITIAL_WINDOW
 
 
 async def roundtrip(stream: TunnelStream, payload: bytes) -> bytes:
@@ -302,45 +304,117 @@ async def test_100_mib_through_resets_delays_stalls_and_split_writes(
     assert edge.sessions_lost == 0
 
 
+def mute_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give the Gate's sessions an engine that never sends an ACK on its own.
+
+    Only on its own: every frame an engine seals still carries an ACK of all
+    it has received (engine.rs, ``seal``), so the Gate acknowledges the moment
+    it sends anything at all.
+    """
+    from qmesh.tunnel import session as session_module
+
+    original = session_module.Session._new_engine
+
+    def mute_gate(self: session_module.Session) -> _core.TunnelEngine:
+        if self.initiator:
+            return original(self)
+        return _core.TunnelEngine(ack_every=2**40, ack_delay=3600.0)
+
+    monkeypatch.setattr(session_module.Session, "_new_engine", mute_gate)
+
+
 async def test_a_peer_that_never_acknowledges_loses_its_session(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from qmesh.tunnel import session as session_module
 
     monkeypatch.setattr(session_module, "MAX_UNACKED_BYTES", 2_000_000)
-    original = session_module.Session._new_engine
-
-    def mute_gate(self: session_module.Session) -> _core.TunnelEngine:
-        if self.initiator:
-            return original(self)
-        # As if the Gate read everything but never acknowledged any of it.
-        return _core.TunnelEngine(ack_every=2**40, ack_delay=3600.0)
-
-    monkeypatch.setattr(session_module.Session, "_new_engine", mute_gate)
+    mute_the_gate(monkeypatch)
     hold = trio.Event()
 
     async def hold_service(stream: TunnelStream) -> None:
-        await hold.wait()  # never reads, so no WINDOW frame carries an ACK either
+        await hold.wait()  # never reads, so no WINDOW frame for consumed bytes
 
-    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
+    # The Gate must send nothing at all, since any frame would carry an ACK:
+    # no heartbeat in the test's time (nor a PING from the edge to answer),
+    # and streams whose window is the protocol's initial credit, so that
+    # accepting one grants nothing (a larger window is granted with a WINDOW
+    # frame at once). Issue 11, finding 11: with the default 1 MiB window,
+    # each stream the Gate accepted sent a WINDOW that acknowledged all data
+    # received so far; on a busy machine the Gate took the OPENs late, that
+    # ACK covered up to 7 of the 12 streams' data, the rest stayed under the
+    # limit and the session, acknowledged after all, rightly lived on
+    # (test_any_frame_from_the_gate_acknowledges_what_it_received).
+    quiet = fast_settings(
+        heartbeat_interval_s=60.0, dead_after_s=120.0, stream_window=INITIAL_WINDOW
+    )
     gate = await start_gate(nursery, {"hold": hold_service}, settings=quiet)
     edge = await start_edge(nursery, gate, "edge-n", settings=quiet)
     await edge.wait_connected()
     session = edge.session
     assert session is not None
+    # Now: once the edge has lost this session it starts another one.
+    (gate_session,) = gate.server.sessions.values()
 
     async def fill(stream: TunnelStream) -> None:
         with contextlib.suppress(StreamReset):
-            await stream.send_all(os.urandom(256 * 1024))  # its whole initial credit
+            await stream.send_all(os.urandom(INITIAL_WINDOW))  # its whole initial credit
 
+    # 12 × 256 KiB = 3 MiB, over the 2 MB limit with nothing acknowledged.
     streams = [await edge.open_stream({"service": "hold"}) for _ in range(12)]
     with trio.fail_after(10):
         async with trio.open_nursery() as inner:
             for stream in streams:
                 inner.start_soon(fill, stream)
         await until(lambda: session.lost)
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamReset, match="unacknowledged"):
         await streams[0].receive_some()
+    # What makes it fail every time: the Gate never wrote one frame.
+    assert gate_session.bytes_sent == 0
+    hold.set()
+
+
+async def test_any_frame_from_the_gate_acknowledges_what_it_received(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cause of finding 11, made deterministic: an engine that never sends
+    a lone ACK still acknowledges with every frame it sends, here the WINDOW
+    that grants a new stream its larger window."""
+    mute_the_gate(monkeypatch)
+    hold = trio.Event()
+
+    async def hold_service(stream: TunnelStream) -> None:
+        await hold.wait()
+
+    # The Gate's streams have the default window (1 MiB), larger than the
+    # initial credit: it grants the rest with a WINDOW when it accepts one.
+    # The edge's have just the initial credit, so that it sends OPEN and DATA
+    # only (a WINDOW from the edge, sealed after the Gate's last frame, would
+    # stay unacknowledged by this Gate for good).
+    quiet = fast_settings(heartbeat_interval_s=60.0, dead_after_s=120.0)
+    assert quiet.stream_window > INITIAL_WINDOW
+    gate = await start_gate(nursery, {"hold": hold_service}, settings=quiet)
+    edge_settings = attrs.evolve(quiet, stream_window=INITIAL_WINDOW)
+    edge = await start_edge(nursery, gate, "edge-w", settings=edge_settings)
+    await edge.wait_connected()
+    session = edge.session
+    assert session is not None
+    (gate_session,) = gate.server.sessions.values()
+    with trio.fail_after(10):
+        first = await edge.open_stream({"service": "hold"})
+        # The Gate's WINDOW for it acknowledged the OPEN.
+        await until(lambda: gate_session.stream_count == 1 and not session.retained_frames)
+        data_frames = INITIAL_WINDOW // quiet.chunk_size
+        sealed = session.send_next + data_frames
+        await first.send_all(os.urandom(INITIAL_WINDOW))
+        # Everything is sealed (not only queued), in the Gate's engine, and
+        # nothing of it is acknowledged...
+        await until(lambda: gate_session.recv_next == session.send_next == sealed)
+        assert session.retained_frames == data_frames
+        # ...until the Gate accepts another stream: its WINDOW carries the ACK.
+        await edge.open_stream({"service": "hold"})
+        await until(lambda: not session.retained_frames)
+    assert gate_session.stream_count == 2
     hold.set()
 
 

@@ -276,3 +276,47 @@ async def test_services_are_open_by_role(nursery: trio.Nursery) -> None:
             await refused.receive_some()
         allowed = await edge.open_stream({"service": "echo"})
         assert await roundtrip(allowed, b"minigate") == b"minigate"
+
+
+async def test_a_peer_that_answers_pings_but_never_acknowledges_loses_its_session(
+    nursery: trio.Nursery,
+) -> None:
+    """A hostile edge that keeps the connection alive (PONG for every PING)
+    but never acknowledges a frame would make the Gate retain them forever:
+    it loses its session after ``dead_after_s`` without an acknowledgement."""
+    from qmesh.tunnel import handshake
+    from qmesh.tunnel.frames import FrameType
+
+    gate = await start_gate(nursery)
+    private, _ = gate.registry.enroll("no-acks")
+    transport = await trio.open_tcp_stream("127.0.0.1", gate.port)
+    hello = handshake.Hello(
+        role="minigate", name="no-acks", session_id=None, recv_next=0, timestamp=clock_ns()
+    )
+    noise, _, leftover = await handshake.initiate(
+        transport, local_private=private, gate_public=gate.public, hello=hello
+    )
+    encoder, decoder = noise.into_codec()
+    decoder.feed(leftover)
+    # One echo stream with a little data: the Gate's echo is reliable and
+    # stays retained, since this peer sends no ACK (and never WINDOW either).
+    await transport.send_all(
+        encoder.encode(FrameType.OPEN, 1, b'{"service":"echo"}')
+        + encoder.encode(FrameType.DATA, 1, b"ping me back")
+    )
+    (session,) = gate.server.sessions_of("no-acks")
+    pongs = 0
+    with trio.fail_after(20):
+        while not session.lost:
+            data = await transport.receive_some(65536)
+            if not data:
+                break
+            decoder.feed(data)
+            for frame_type, _stream, _seq, _flags, payload in decoder.next_frames():
+                if frame_type == FrameType.PING:
+                    pongs += 1
+                    await transport.send_all(encoder.encode(FrameType.PONG, 0, payload))
+        await until(lambda: session.lost)
+    assert pongs >= 1  # it was alive the whole time, never silent
+    assert gate.server.sessions_of("no-acks") == []
+    await transport.aclose()

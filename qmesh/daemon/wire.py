@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from qmesh import peerjson
+
 __all__ = [
     "ERROR_CODES",
     "INFER_SERVICE",
@@ -36,6 +38,9 @@ INFER_SERVICE: Final = "infer"
 MAX_LINE: Final = 4 * 1024 * 1024
 """Longest line either end accepts (a full inventory with hundreds of models
 fits many times over; a prompt larger than this is refused)."""
+MAX_DEPTH: Final = 64
+"""Deepest JSON nesting in a line: a chat request with tool schemas nests a
+dozen levels; nothing legitimate comes near this."""
 
 ERROR_CODES: Final = frozenset(
     {
@@ -98,9 +103,9 @@ class LineDecoder:
 
 def _parse(line: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"not JSON: {exc}") from None
+        value = peerjson.loads(line, max_bytes=MAX_LINE, max_depth=MAX_DEPTH, what="line")
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise WireError("expected a JSON object with a string 'type'")
     return value

@@ -3,10 +3,8 @@
 For: asking a Gate's ``GET /api/inventory`` (daemons and the services its
 scans found) and printing a table, the JSON, or a table redrawn in place
 every ``--interval`` seconds until Ctrl-C. ``--scan`` asks for a scan
-first and waits for it. Which Gate: ``--gate URL``, else ``gate.http`` in
-``DATA_DIR/up.json`` (written by ``qmesh up``), else ``gate.http_listen``
-from the configuration. The admin key: ``--key``, else ``QMESH_ADMIN_KEY``,
-else ``gate.admin_key`` in ``DATA_DIR/up.json``.
+first and waits for it. Which Gate, and with which key and pin: see
+:mod:`qmesh.gate.admin_client`.
 
 Not for: the inventory itself (:mod:`qmesh.gate.inventory`) or its HTTP
 handlers (:mod:`qmesh.gate.daemon_api`).
@@ -16,37 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+
+from qmesh.gate.admin_client import EXIT_FAILURE, EXIT_USAGE, CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
     from qmesh.config import Config
 
 __all__ = ["add_commands"]
 
-KEY_ENV: Final = "QMESH_ADMIN_KEY"
 EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 _STATES: Final = ("fresh", "stale", "gone")
 _COLOURS: Final = {"fresh": "32", "stale": "33", "gone": "90"}
 _CLEAR: Final = "\x1b[H\x1b[J"
 """Cursor home, then clear to the end: the table redraws in place."""
-
-
-class CliError(Exception):
-    """Something the operator must fix; ``status`` is the exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def add_commands(inventory: argparse.ArgumentParser) -> None:
@@ -65,89 +50,14 @@ def add_commands(inventory: argparse.ArgumentParser) -> None:
     inventory.set_defaults(handler=cmd_inventory)
 
 
-# -- where and who ------------------------------------------------------------------------
-
-
-def _up_json(config: Config) -> dict[str, Any]:
-    path = config.data_dir / "up.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    gate = data.get("gate") if isinstance(data, dict) else None
-    return gate if isinstance(gate, dict) else {}
-
-
-def gate_url(args: argparse.Namespace, config: Config) -> str:
-    if args.gate:
-        return str(args.gate).rstrip("/")
-    up = _up_json(config).get("http")
-    if isinstance(up, str) and up:
-        return up.rstrip("/")
-    from qmesh.config import format_hostport, parse_hostport
-
-    host, port = parse_hostport(config.gate.http_listen)
-    if host in ("0.0.0.0", "::", "*", ""):
-        host = "127.0.0.1"
-    return f"http://{format_hostport(host, port)}"
-
-
-def admin_key(args: argparse.Namespace, config: Config) -> str:
-    key = args.key or os.environ.get(KEY_ENV) or _up_json(config).get("admin_key")
-    if not isinstance(key, str) or not key:
-        raise CliError(
-            f"no admin key: pass --key admin:KEY, set {KEY_ENV}, or run where "
-            f"{Path(config.data_dir) / 'up.json'} exists (qmesh up writes it)"
-        )
-    return key
-
-
-def add_gate_options(parser: argparse.ArgumentParser) -> None:
-    """``--gate`` and ``--key``: which Gate, and the admin key for it."""
-    parser.add_argument(
-        "--gate", metavar="URL", help="the Gate's HTTP address (http://host:port)"
-    )
-    parser.add_argument(
-        "--key",
-        metavar="admin:KEY",
-        help=f"the admin key (default: ${KEY_ENV} or up.json; on the command line `ps` shows it)",
-    )
-
-
-def call(
-    method: str, url: str, key: str, *, body: Any = None, timeout: float = 30.0
-) -> Any:
-    """One admin API call; the JSON answer, or :class:`CliError` saying why not."""
-    headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read() or b"{}").get("error", {}).get("message") or str(exc)
-        except ValueError:
-            detail = str(exc)
-        if exc.code in (401, 403):
-            raise CliError(f"the Gate refused the key: {detail}") from None
-        raise CliError(f"{method} {url}: HTTP {exc.code}: {detail}", EXIT_FAILURE) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the Gate at {url}: {reason}", EXIT_FAILURE) from None
-
-
-def fetch(args: argparse.Namespace, base: str, key: str) -> dict[str, Any]:
+def fetch(args: argparse.Namespace, gate: GateApi) -> dict[str, Any]:
     query = {k: v for k in ("kind", "state", "model") if (v := getattr(args, k, None))}
-    url = f"{base}/api/inventory"
+    path = "/api/inventory"
     if query:
-        url += "?" + urllib.parse.urlencode(query)
-    data = call("GET", url, key)
+        path += "?" + urllib.parse.urlencode(query)
+    data = gate.call("GET", path)
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
-        raise CliError(f"{url} did not answer with an inventory", EXIT_FAILURE)
+        raise CliError(f"{gate.base}{path} did not answer with an inventory", EXIT_FAILURE)
     return data
 
 
@@ -230,18 +140,17 @@ def format_table(data: dict[str, Any], *, colour: bool = False, width: int = 120
 
 def cmd_inventory(args: argparse.Namespace, config: Config) -> int:
     try:
-        base = gate_url(args, config)
-        key = admin_key(args, config)
+        gate = GateApi.from_args(args, config)
         if args.scan:
-            call("POST", f"{base}/api/discovery/scan", key, timeout=600)
+            gate.call("POST", "/api/discovery/scan", timeout=600)
         if not args.watch:
-            data = fetch(args, base, key)
+            data = fetch(args, gate)
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
                 print(format_table(data, colour=sys.stdout.isatty(), width=_width()))
             return EXIT_OK
-        return _watch(args, base, key)
+        return _watch(args, gate)
     except CliError as exc:
         print(f"qmesh: error: {exc}", file=sys.stderr)
         return exc.status
@@ -254,12 +163,12 @@ def _width() -> int:
     return shutil.get_terminal_size((140, 40)).columns
 
 
-def _watch(args: argparse.Namespace, base: str, key: str) -> int:
+def _watch(args: argparse.Namespace, gate: GateApi) -> int:
     interval = max(float(args.interval), 0.2)
     try:
         while True:
             try:
-                data = fetch(args, base, key)
+                data = fetch(args, gate)
                 body = (
                     json.dumps(data, indent=2)
                     if args.json
@@ -270,7 +179,7 @@ def _watch(args: argparse.Namespace, base: str, key: str) -> int:
                     raise
                 body = f"qmesh: {exc} (retrying every {interval:g}s)"
             stamp = time.strftime("%H:%M:%S")
-            sys.stdout.write(f"{_CLEAR}{base}  {stamp}  every {interval:g}s, Ctrl-C stops\n\n")
+            sys.stdout.write(f"{_CLEAR}{gate.base}  {stamp}  every {interval:g}s, Ctrl-C stops\n\n")
             sys.stdout.write(body + "\n")
             sys.stdout.flush()
             time.sleep(interval)

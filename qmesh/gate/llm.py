@@ -39,6 +39,7 @@ from qmesh.gate.providers import AnthropicProvider, OpenAIProvider
 from qmesh.memory.errors import GraphMemoryError
 from qmesh.memory.llm import LlmUnavailable
 from qmesh.memory.service import Memory
+from qmesh.memory.store import SHARED_ONLY
 from qmesh.nlp.skills import Skill, builtin_skills, measure
 from qmesh.pg.masterkey import load_master_key
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
@@ -177,11 +178,13 @@ class LlmService:
     def attach_memory(self, memory: Memory) -> None:
         """Answer ``task=memory_query`` from the graph memory: the question is
         the last user message; the answer quotes stored sentences and lists
-        the numbered citations, or says it is not in memory."""
+        the numbered citations, or says it is not in memory. A skill is not
+        told which app calls it, so it reads only the documents shared with
+        every app."""
 
         def answer(question: str) -> str:
             try:
-                found = memory.ask(question)
+                found = memory.ask(question, access=SHARED_ONLY)
             except GraphMemoryError as exc:
                 return f"cannot ask the memory: {exc}"
             lines = [found.answer]

@@ -35,7 +35,7 @@ class AppRoutes(Router):
     """A view of the Gate's router with the application routes only."""
 
     def __init__(self, router: Router) -> None:
-        super().__init__()
+        super().__init__(router.limits)
         self._inner = router
         self._guarded: dict[Handler, Handler] = {}
         self._original: dict[Handler, Handler] = {}

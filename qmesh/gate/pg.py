@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import ssl
 import time
@@ -68,7 +69,7 @@ from qmesh.pg.audit import AuditLog
 from qmesh.pg.errors import VaultError
 from qmesh.pg.policy import AppPolicy, policy_for
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
-from qmesh.state import AppVerifier, InvalidValue, StateStore, check_name
+from qmesh.state import AppKeys, AppVerifier, InvalidValue, StateStore, check_name
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TapRecord, TunnelStream
 
@@ -501,6 +502,51 @@ class _Pending:
     error: str | None = None
 
 
+KEY_REVOKED: Final = "57P01"
+"""SQLSTATE of the FATAL that ends a live session whose app was disabled or
+deleted, or whose app key stopped working (rotated without overlap, or its
+overlap ended): admin_shutdown, as PostgreSQL's own pg_terminate_backend.
+Clients and pools read it as "this connection is gone, open another"; the
+next login then gets 28000 (disabled) or 28P01 (old key)."""
+
+
+@attrs.define(eq=False)
+class _LiveSession:
+    """A session past authentication: which verifier let it in, so that a
+    change to the app's keys can be judged without PBKDF2, and how to end it."""
+
+    app_id: str
+    stored_key: bytes
+    expires_at: float | None
+    """Wall clock: the end of the verifier's rotation overlap (None: the current key)."""
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    """Around admission, the login upstream and the relay."""
+    relay: _Relay | None = None
+    ending: PgSessionError | None = None
+    ended_by_relay: bool = False
+
+    def end(self, error: PgSessionError) -> None:
+        """End the session with ``error`` (a FATAL for the client); the first reason wins."""
+        if self.ending is not None:
+            return
+        self.ending = error
+        relay = self.relay
+        if relay is not None and relay.scope is not None:
+            # The relay sends the error itself, once it knows it is not
+            # half-way through a message to the client.
+            self.ended_by_relay = True
+            relay.end(_SessionOver(error))
+        else:
+            self.scope.cancel()
+
+
+def _overlap_ended(session: _LiveSession) -> str:
+    return (
+        f'qmesh: the rotation overlap of the app key this session of "{session.app_id}" '
+        "logged in with has ended; log in again with the current key"
+    )
+
+
 class PgService:
     """The ``pg`` and ``pg-cancel`` service handlers, and their shared state."""
 
@@ -525,6 +571,14 @@ class PgService:
         self.active: dict[str, int] = {}
         """Open sessions per app id."""
         self.cancels_forwarded = 0
+        self.live: dict[str, set[_LiveSession]] = {}
+        """Sessions past authentication, by app id: see :meth:`refresh_apps`."""
+        self.sessions_ended = 0
+        """Live sessions ended because their app or key lost its standing."""
+        # Bumped by every refresh_apps: a login that read its app's keys
+        # before a refresh ran checks them again once it is tracked.
+        self._generation = 0
+        self._expiry_changed = trio.Event()
 
     @classmethod
     def from_config(cls, config: Config, store: StateStore) -> PgService:
@@ -541,8 +595,100 @@ class PgService:
         return cls(config, store, vault=vault, vault_problem=problem, mock_secret=mock)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The service's own task: the audit log's writer."""
-        await self.audit.run(task_status=task_status)
+        """The service's own tasks: the audit log's writer, and the end of
+        sessions whose key's rotation overlap runs out."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.audit.run)
+            nursery.start_soon(self._end_expired_sessions)
+            task_status.started()
+
+    # -- live sessions and trust changes -------------------------------------------
+
+    async def refresh_apps(self) -> None:
+        """Judge every live session again after a change to the state store
+        (the Gate's StateWatcher calls this): a session ends with a FATAL
+        (:data:`KEY_REVOKED`) when its app was disabled or deleted, or when
+        the verifier it logged in with is no longer valid (``qmesh apps
+        rotate-key --overlap 0``). Sessions on a key inside its overlap
+        carry on — until the overlap ends (:meth:`_end_expired_sessions`).
+        One read per app with live sessions; no PBKDF2."""
+        self._generation += 1
+        if not self.live:
+            return
+        apps = list(self.live)
+        current = await trio.to_thread.run_sync(self._read_keys, apps)
+        for app_id, keys in current.items():
+            for session in list(self.live.get(app_id, ())):
+                self._judge(session, keys)
+
+    def _read_keys(self, apps: Sequence[str]) -> dict[str, AppKeys | None]:
+        return {app_id: self.store.get_app_keys(app_id) for app_id in apps}
+
+    def _judge(self, session: _LiveSession, keys: AppKeys | None) -> None:
+        app_id = session.app_id
+        if keys is None:
+            reason = f'qmesh: app "{app_id}" was deleted; its sessions are ended'
+        elif keys.disabled:
+            reason = f'qmesh: app "{app_id}" was disabled by the operator; its sessions are ended'
+        else:
+            verifier = keys.verifier_for(session.stored_key)
+            if verifier is not None:
+                if verifier.expires_at != session.expires_at:
+                    # A current key becomes a previous one, with an expiry, on rotation.
+                    session.expires_at = verifier.expires_at
+                    self._expiry_changed.set()
+                return
+            if session.expires_at is not None and session.expires_at <= time.time():
+                # Its overlap ran out; this refresh came before the timer did.
+                reason = _overlap_ended(session)
+            else:
+                reason = (
+                    f'qmesh: the app key this session of "{app_id}" logged in with was revoked '
+                    "(qmesh apps rotate-key); log in again with the current key"
+                )
+        self._end_session(session, reason)
+
+    def _end_session(self, session: _LiveSession, reason: str) -> None:
+        if session.ending is None:
+            self.sessions_ended += 1
+            log.warning("ending a pg session: %s", reason)
+        session.end(PgSessionError(KEY_REVOKED, reason))
+
+    def _track(self, app_id: str, verifier: AppVerifier) -> _LiveSession:
+        session = _LiveSession(app_id, verifier.stored_key, verifier.expires_at)
+        self.live.setdefault(app_id, set()).add(session)
+        if session.expires_at is not None:
+            self._expiry_changed.set()
+        return session
+
+    def _untrack(self, session: _LiveSession) -> None:
+        sessions = self.live.get(session.app_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self.live[session.app_id]
+
+    async def _end_expired_sessions(self) -> None:
+        """End each session on a previous app key when that key's overlap
+        ends, whether or not anything else changes at that moment."""
+        while True:
+            soonest = min(
+                (
+                    s.expires_at
+                    for sessions in self.live.values()
+                    for s in sessions
+                    if s.expires_at is not None and s.ending is None
+                ),
+                default=math.inf,
+            )
+            self._expiry_changed = trio.Event()
+            with trio.move_on_after(max(0.0, soonest - time.time())):
+                await self._expiry_changed.wait()
+            now = time.time()
+            for sessions in list(self.live.values()):
+                for session in list(sessions):
+                    if session.expires_at is not None and session.expires_at <= now:
+                        self._end_session(session, _overlap_ended(session))
 
     # -- pg ----------------------------------------------------------------------
 
@@ -552,30 +698,47 @@ class PgService:
         app_id = alias = "?"
         reader = _MessageReader(stream, frontend=True, what="the client")
         counted = False
+        live: _LiveSession | None = None
         try:
+            deadline = trio.current_time() + LOGIN_TIMEOUT_S
             try:
                 version, params = _startup_params(stream.request)
                 names = dict(params)
                 app_id = names.get("user", "")
                 alias = names.get("database") or app_id
-                with trio.fail_after(LOGIN_TIMEOUT_S):
+                with trio.fail_at(deadline):
                     await self._negotiate_version(stream, version, params)
                     if names.get("replication", "false").lower() not in ("false", "off", "no", "0"):
                         raise PgSessionError(
                             "0A000", "qmesh: replication connections are not supported"
                         )
-                    await self._authenticate(stream, reader, app_id)
-                    policy = policy_for(self.config, app_id)
-                    secret = await self._admit(app_id, alias, policy)
-                    self.active[app_id] = self.active.get(app_id, 0) + 1
-                    counted = True
-                    upstream = await self._login(alias, secret, params, policy)
+                    generation = self._generation
+                    verifier = await self._authenticate(stream, reader, app_id)
             except trio.TooSlowError:
                 raise PgSessionError("08006", "qmesh: the login took too long") from None
-            log.info("pg session: app %r, alias %r, from %s", app_id, alias, peer)
-            await self._run_session(
-                stream, reader.leftover(), upstream, app_id, alias, secret, policy
-            )
+            # From here on a change to the app's keys can end the session.
+            live = self._track(app_id, verifier)
+            with live.scope:
+                if generation != self._generation:
+                    # A refresh ran while this login read the keys: it could
+                    # not see this session yet, so judge it now.
+                    keys = await trio.to_thread.run_sync(self.store.get_app_keys, app_id)
+                    self._judge(live, keys)
+                try:
+                    with trio.fail_at(deadline):
+                        policy = policy_for(self.config, app_id)
+                        secret = await self._admit(app_id, alias, policy)
+                        self.active[app_id] = self.active.get(app_id, 0) + 1
+                        counted = True
+                        upstream = await self._login(alias, secret, params, policy)
+                except trio.TooSlowError:
+                    raise PgSessionError("08006", "qmesh: the login took too long") from None
+                log.info("pg session: app %r, alias %r, from %s", app_id, alias, peer)
+                await self._run_session(
+                    stream, reader.leftover(), upstream, app_id, alias, secret, policy, live
+                )
+            if live.ending is not None and not live.ended_by_relay:
+                raise live.ending
         except PgSessionError as exc:
             level = logging.INFO if exc.sqlstate in ("28P01", "3D000") else logging.WARNING
             log.log(level, "pg session of app %r (alias %r, %s) ended: %s %s",
@@ -591,6 +754,8 @@ class PgService:
             log.info("pg client of app %r broke the protocol during the login: %s", app_id, exc)
             await _send_quietly(stream, _error(PgSessionError("08P01", f"qmesh: {exc}")))
         finally:
+            if live is not None:
+                self._untrack(live)
             if counted:
                 self.active[app_id] -= 1
                 if not self.active[app_id]:
@@ -609,11 +774,16 @@ class PgService:
     async def _authenticate(
         self, stream: TunnelStream, reader: _MessageReader, app_id: str
     ) -> AppVerifier:
+        """The verifier the client's SCRAM proof matched. SCRAM's server side
+        computes HMACs only (the client runs PBKDF2), so nothing here needs
+        the HTTP API's hashing threads."""
+        keys: AppKeys | None = None
         try:
             check_name(app_id, "app id")
-            verifiers = await trio.to_thread.run_sync(self.store.get_app_verifiers, app_id)
+            keys = await trio.to_thread.run_sync(self.store.get_app_keys, app_id)
         except InvalidValue:
-            verifiers = []  # still run the exchange: no hint that the name is malformed
+            pass  # still run the exchange: no hint that the name is malformed
+        verifiers = list(keys.verifiers) if keys is not None else []
         scram = ScramServer(verifiers, app_id, self._mock_secret)
         await stream.send_all(_core.encode_authentication(AUTH_SASL, MECHANISM.encode() + b"\0\0"))
         refused = PgSessionError("28P01", f'password authentication failed for user "{app_id}"')
@@ -636,6 +806,11 @@ class PgService:
                 raise refused from None
             raise PgSessionError("08P01", f"qmesh: malformed SCRAM message ({exc})") from None
         assert scram.verified is not None
+        if keys is not None and keys.disabled:
+            # The proof checked, so saying why is no hint to someone guessing keys.
+            raise PgSessionError(
+                "28000", f'qmesh: app "{app_id}" is disabled by the operator (qmesh apps enable)'
+            )
         await stream.send_all(
             _core.encode_authentication(AUTH_SASL_FINAL, server_final)
             + _core.encode_authentication(AUTH_OK)
@@ -722,6 +897,7 @@ class PgService:
         alias: str,
         secret: DatabaseSecret,
         policy: AppPolicy,
+        live: _LiveSession,
     ) -> None:
         minted: tuple[int, bytes] | None = None
         try:
@@ -732,6 +908,7 @@ class PgService:
             hello.append(upstream.ready)
             await stream.send_all(b"".join(hello))
             relay = _Relay(self, stream, upstream, app_id, alias, policy)
+            live.relay = relay  # no checkpoint until run() has its scope
             await relay.run(client_leftover)
         finally:
             if minted is not None:
@@ -769,7 +946,7 @@ class PgService:
         try:
             pid = int(request["pid"])
             key = bytes.fromhex(str(request["secret"]))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):  # Overflow: a pid of Infinity
             stream.reset(ResetCode.REFUSED, "malformed cancel request")
             return
         target = self._cancel_keys.get((pid, key))
@@ -855,6 +1032,10 @@ class _Relay:
             # reports the messages the audit needs.
             return _core.PgScanner(frontend=True, full=b"QP", peek=b"BECSF")
         return _core.PgScanner(frontend=True)  # framing and size checks only
+
+    def end(self, ending: _SessionOver) -> None:
+        """End the session from outside (its key lost its standing)."""
+        self._end(ending)
 
     def _end(self, ending: _SessionOver | None) -> None:
         """End the session (both directions); the first reason given wins."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Final
 
 import trio
 
@@ -19,34 +21,67 @@ from qmesh.gate.llm_api import add_llm_routes
 from qmesh.gate.llm_relay import LlmRelay
 from qmesh.gate.ops_api import start_ops
 from qmesh.gate.pg import PgService
+from qmesh.gate.tls import load_or_create, tls_wanted
 from qmesh.gate.watch import StateWatcher
 from qmesh.identity import GateKeys
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.service import Memory
 from qmesh.state import StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelServer
+from qmesh.tunnel.handshake import Hello
 from qmesh.web.http import Router, serve_http
 
 log = logging.getLogger(__name__)
 
 
-class EnrolledEdges:
-    """Authenticates edges against the identities in the Gate's state store.
+SERVICES_BY_ROLE: Final[Mapping[str, frozenset[str]]] = {
+    # A MiniGate relays its applications' connections; a Daemon reports its
+    # inventory (the Gate opens streams to it, not the other way round).
+    "minigate": frozenset({"pg", "pg-cancel", "llm", "forward"}),
+    "daemon": frozenset({"inventory"}),
+}
+"""The tunnel services each edge role may open at the Gate."""
 
-    Each handshake reads the store, so ``qmesh revoke`` from another process
-    takes effect at the edge's next handshake without a restart.
+
+class EnrolledEdges:
+    """Authenticates edges against the identities in the Gate's state store,
+    and ends the sessions of identities that lose their standing.
+
+    Each handshake reads the store and records the HELLO's timestamp (a
+    replayed HELLO is refused). ``qmesh revoke`` from another process reaches
+    the running Gate through its :class:`StateWatcher`: :meth:`sweep` then
+    ends every session of a revoked identity, telling the edge why.
     """
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
 
-    async def authenticate(self, public_key: bytes) -> tuple[str, str]:
-        identity = await trio.to_thread.run_sync(self.store.find_identity_by_key, public_key)
+    async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
+        return await trio.to_thread.run_sync(self._authenticate, public_key, hello.timestamp)
+
+    def _authenticate(self, public_key: bytes, timestamp: int) -> tuple[str, str]:
+        identity = self.store.find_identity_by_key(public_key)
         if identity is None:
             raise HandshakeRefused("not_enrolled", "this key is not enrolled at the gate")
         if identity.revoked:
             raise HandshakeRefused("revoked", f"identity {identity.name!r} was revoked")
+        if not self.store.accept_hello_timestamp(public_key, timestamp):
+            raise HandshakeRefused(
+                "replayed",
+                "HELLO timestamp is not newer than this key's last one "
+                "(a replayed handshake, or the edge's clock went back)",
+            )
         return identity.name, identity.role
+
+    async def sweep(self, server: TunnelServer) -> None:
+        """End the sessions of identities that are revoked (or gone)."""
+        identities = await trio.to_thread.run_sync(self.store.list_identities)
+        standing = {i.name: i.revoked for i in identities}
+        for peer in {s.peer for s in server.sessions.values()}:
+            revoked = standing.get(peer, True)
+            if revoked:
+                reason = "identity revoked" if peer in standing else "identity no longer enrolled"
+                server.end_sessions_of(peer, reason)
 
 
 async def run_gate(
@@ -58,7 +93,7 @@ async def run_gate(
     try:
         watcher = StateWatcher(store)
         pg = PgService.from_config(config, store)
-        router = Router()
+        router = Router(config.gate.http)
         llm = LlmService.from_config(config, store)
         inventory = Inventory(
             stale_after_missed=config.gate.daemon_stale_after_missed,
@@ -67,20 +102,27 @@ async def run_gate(
         inventory_service = InventoryService(inventory)
         daemons = DaemonClient(inventory)
         llm.attach_daemons(inventory, daemons)
+        edges = EnrolledEdges(store)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
             private_key=keys.private_key,
-            authenticate=EnrolledEdges(store).authenticate,
+            authenticate=edges.authenticate,
             services={
-                "forward": ForwardService(config.gate.forward_allow),
+                "forward": ForwardService(
+                    config.gate.forward_allow, config.gate.forward_allow_edges
+                ),
                 "inventory": inventory_service,
                 "pg": pg.serve,
                 "pg-cancel": pg.cancel,
                 "llm": LlmRelay(router),
             },
+            services_by_role=SERVICES_BY_ROLE,
         )
-        auth = AppAuthenticator(store)
+        watcher.subscribe("revocations", lambda: edges.sweep(server))
+        auth = AppAuthenticator(store, config.gate.http)
+        watcher.subscribe("app keys (http)", auth.refresh)
+        watcher.subscribe("app keys (pg)", pg.refresh_apps)
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
         memory = Memory(store)
@@ -99,11 +141,27 @@ async def run_gate(
             await nursery.start(inventory_service.sweep_forever)
             await nursery.start(ops.run)
             bound = await nursery.start(server.serve, host, port)
-            http_bound = await nursery.start(serve_http, router, http_host, http_port)
+            tls = (
+                load_or_create(
+                    config.data_dir,
+                    cert_file=config.gate.http.tls_cert,
+                    key_file=config.gate.http.tls_key,
+                )
+                if tls_wanted(config.gate.http.tls, http_host)
+                else None
+            )
+            http_bound = await nursery.start(
+                partial(serve_http, tls=None if tls is None else tls.context),
+                router,
+                http_host,
+                http_port,
+            )
+            scheme = "http" if tls is None else "https"
             task_status.started(
                 {
                     "tunnel": format_hostport(host, bound),
-                    "http": f"http://{format_hostport(http_host, http_bound)}",
+                    "http": f"{scheme}://{format_hostport(http_host, http_bound)}",
+                    "tls_fingerprint": None if tls is None else tls.fingerprint,
                     "server": server,
                     "inventory": inventory,
                     "daemons": daemons,

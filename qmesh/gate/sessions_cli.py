@@ -2,9 +2,8 @@
 Gate's live tunnel sessions, and ending them without revoking anything.
 
 For: asking a Gate's ``GET /api/sessions`` and ``POST /api/sessions/kill``
-with the admin key, found as ``qmesh inventory`` finds them (``--gate``,
-``--key``, ``QMESH_ADMIN_KEY``, ``up.json``). A killed edge may connect
-again at once; to keep it out, ``qmesh revoke NAME`` (which also ends its
+with the admin key (which Gate, key and pin: :mod:`qmesh.gate.admin_client`).
+A killed edge may connect again at once; to keep it out, ``qmesh revoke NAME`` (which also ends its
 sessions within a second).
 
 Not for: the sessions themselves (:mod:`qmesh.tunnel.server`).
@@ -18,7 +17,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from qmesh.gate.inventory_cli import CliError, add_gate_options, admin_key, call, gate_url
+from qmesh.gate.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -75,19 +74,18 @@ def format_sessions(sessions: list[dict[str, Any]]) -> str:
 
 def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
     try:
-        base = gate_url(args, config)
-        key = admin_key(args, config)
+        gate = GateApi.from_args(args, config)
         if args.target is None:
-            data = call("GET", f"{base}/api/sessions", key)
+            data = gate.call("GET", "/api/sessions")
             sessions = data.get("sessions") if isinstance(data, dict) else None
             if not isinstance(sessions, list):
-                raise CliError(f"{base}/api/sessions did not answer with sessions", 1)
+                raise CliError(f"{gate.base}/api/sessions did not answer with sessions", 1)
             print(json.dumps(data, indent=2) if args.json else format_sessions(sessions))
             return 0
-        data = call("POST", f"{base}/api/sessions/kill", key, body={"target": args.target})
+        data = gate.call("POST", "/api/sessions/kill", body={"target": args.target})
         ended = data.get("ended") if isinstance(data, dict) else None
         if not isinstance(ended, list):
-            raise CliError(f"{base}/api/sessions/kill did not say what it ended", 1)
+            raise CliError(f"{gate.base}/api/sessions/kill did not say what it ended", 1)
         if args.json:
             print(json.dumps(data, indent=2))
         else:

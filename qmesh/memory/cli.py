@@ -2,10 +2,12 @@
 directory's state store (like ``qmesh apps``), without a running Gate.
 
 For: ``add FILE…`` (format from the extension unless ``--format``; the id
-is the file name without its extension unless ``--id``), ``ask "…"`` (the
-answer with numbered citations; exit status 1 when the answer is "not
-found", so scripts can tell), ``delete DOC_ID``, ``list`` and ``check``
-(the provenance integrity check over the whole store).
+is the file name without its extension unless ``--id``; ``--shared`` lets
+every app read them), ``ask "…"`` (the answer with numbered citations; exit
+status 1 when the answer is "not found", so scripts can tell), ``delete
+DOC_ID``, ``share DOC_ID`` (``--off`` to stop), ``list`` and ``check`` (the
+provenance integrity check over the whole store). The shell is the
+operator's: these commands see and change every app's documents.
 
 Not for: parsing the global options or loading the configuration
 (:mod:`qmesh.cli` does both and hands the handlers a :class:`Config`). The
@@ -65,6 +67,9 @@ def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParse
     add.add_argument(
         "--replace", action="store_true", help="replace a different document with the same id"
     )
+    add.add_argument(
+        "--shared", action="store_true", help="let every app read them (default: only admin)"
+    )
     add.set_defaults(handler=_cmd_add)
 
     ask = commands.add_parser(
@@ -81,6 +86,13 @@ def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParse
     )
     delete.add_argument("document_id", metavar="DOC_ID")
     delete.set_defaults(handler=_cmd_delete)
+
+    share = commands.add_parser(
+        "share", parents=[common], help="let every app read a document (--off: only its owner)"
+    )
+    share.add_argument("document_id", metavar="DOC_ID")
+    share.add_argument("--off", action="store_true", help="stop sharing it")
+    share.set_defaults(handler=_cmd_share)
 
     listing = commands.add_parser("list", parents=[common], help="list stored documents")
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -100,7 +112,7 @@ def _open(config: Config) -> tuple[StateStore, Memory]:
     from qmesh.state import StateStore
 
     store = StateStore.open(config.state_db_path)
-    return store, Memory(store)
+    return store, Memory(store, max_document_bytes=config.gate.memory.max_document_bytes)
 
 
 def _default_id(path: Path) -> str | None:
@@ -143,6 +155,7 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
                     format=fmt,
                     document_id=document_id,
                     title=args.title,
+                    shared=True if args.shared else None,
                     replace=args.replace,
                 )
             except GraphMemoryError as exc:
@@ -162,11 +175,12 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
     from qmesh.memory.errors import GraphMemoryError
+    from qmesh.memory.store import OPERATOR
 
     store, memory = _open(config)
     with store:
         try:
-            answer = memory.ask(args.question, args.limit)
+            answer = memory.ask(args.question, args.limit, access=OPERATOR)
         except GraphMemoryError as exc:
             _err(f"error: {exc}")
             return EXIT_USAGE
@@ -203,11 +217,12 @@ def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
     from qmesh.memory.errors import GraphMemoryError
+    from qmesh.memory.store import OPERATOR
 
     store, memory = _open(config)
     with store:
         try:
-            report = memory.delete(args.document_id)
+            report = memory.delete(args.document_id, access=OPERATOR)
         except GraphMemoryError as exc:
             _err(f"error: {exc} (see `qmesh memory list`)")
             return EXIT_USAGE
@@ -219,14 +234,34 @@ def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _cmd_share(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.memory.errors import GraphMemoryError
+    from qmesh.memory.store import OPERATOR
+
+    store, memory = _open(config)
+    with store:
+        try:
+            memory.share(args.document_id, not args.off, access=OPERATOR)
+        except GraphMemoryError as exc:
+            _err(f"error: {exc} (see `qmesh memory list`)")
+            return EXIT_USAGE
+    if args.off:
+        print(f"{args.document_id} is no longer shared: only its owner (and admin) can read it")
+    else:
+        print(f"{args.document_id} is shared: every app can read it")
+    return EXIT_OK
+
+
 def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.memory.store import OPERATOR
+
     store, memory = _open(config)
     with store:
-        documents = memory.documents()
+        documents = memory.documents(access=OPERATOR)
     if args.json:
         rows = [
             {
@@ -236,6 +271,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
                 "chars": d.chars,
                 "sentences": d.sentences,
                 "added_by": d.added_by,
+                "shared": d.shared,
                 "created_at": _iso(d.created_at),
             }
             for d in documents
@@ -246,11 +282,16 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
         print("no documents (see `qmesh memory add --help`)")
         return EXIT_OK
     width = max(len("ID"), *(len(d.id) for d in documents))
-    print(f"{'ID':<{width}}  {'FORMAT':<8}  {'SENTENCES':>9}  {'ADDED':<25}  TITLE")
-    for d in documents:
+    owners = [(d.added_by or "(operator)") + (" shared" if d.shared else "") for d in documents]
+    owner_width = max(len("OWNER"), *(len(o) for o in owners))
+    print(
+        f"{'ID':<{width}}  {'FORMAT':<8}  {'SENTENCES':>9}  {'OWNER':<{owner_width}}  "
+        f"{'ADDED':<25}  TITLE"
+    )
+    for d, owner in zip(documents, owners, strict=True):
         print(
-            f"{d.id:<{width}}  {d.format:<8}  {d.sentences:>9}  {_iso(d.created_at):<25}  "
-            f"{d.title or ''}"
+            f"{d.id:<{width}}  {d.format:<8}  {d.sentences:>9}  {owner:<{owner_width}}  "
+            f"{_iso(d.created_at):<25}  {d.title or ''}"
         )
     return EXIT_OK
 

@@ -27,8 +27,10 @@ purpose), or I/O.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import Final, Protocol
 
 import attrs
@@ -39,6 +41,9 @@ from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
 __all__ = [
     "EVENT_PREDICATES",
     "KINDS",
+    "MAX_MENTIONS",
+    "MAX_RELATIONS",
+    "RULE_MENTIONS",
     "TRANSITIVE_FORMS",
     "Extraction",
     "Extractor",
@@ -91,11 +96,33 @@ class Extractor(Protocol):
 
 _MAX_PREDICATE: Final = 60
 
+RULE_MENTIONS: Final = 32
+"""Mentions the rules keep in one sentence (the first by priority). Prose has
+a handful; a sentence with hundreds is a list of numbers, and matching the
+relation patterns costs time in proportion to its mentions."""
+_CANDIDATES: Final = 2 * RULE_MENTIONS
+MAX_MENTIONS: Final = 256
+"""Mentions any extractor may return for one sentence: the store writes a
+row per mention inside the state store's one write transaction, so this
+(with the document size) bounds how long an ingest holds it."""
+MAX_RELATIONS: Final = 256
+"""Relations (and alias pairs) any extractor may return for one sentence."""
+
 
 def check_extraction(sentence: str, extraction: Extraction) -> None:
     """Raise :class:`ProvenanceError` unless every mention slices ``sentence``
-    exactly and every relation and alias joins two distinct mentions."""
+    exactly, every relation and alias joins two distinct mentions, and there
+    are at most :data:`MAX_MENTIONS` and :data:`MAX_RELATIONS` of them."""
     count = len(extraction.mentions)
+    if (
+        count > MAX_MENTIONS
+        or len(extraction.relations) > MAX_RELATIONS
+        or len(extraction.same_as) > MAX_RELATIONS
+    ):
+        raise ProvenanceError(
+            f"an extraction of {count} mentions and {len(extraction.relations)} relations is "
+            f"more than one sentence can state (at most {MAX_MENTIONS} and {MAX_RELATIONS})"
+        )
     for mention in extraction.mentions:
         if not 0 <= mention.start < mention.end <= len(sentence):
             raise ProvenanceError(f"mention {mention.text!r} lies outside its sentence")
@@ -293,7 +320,10 @@ def _is_title_line(sentence: str) -> bool:
 
 def _find_mentions(sentence: str) -> list[Mention]:
     candidates: list[tuple[int, int, int, str]] = []  # priority, start, end, kind
-    for match in _QUOTED_RE.finditer(sentence):
+    # At most _CANDIDATES of each kind, in sentence order: no more than
+    # RULE_MENTIONS are kept, so the rest of a sentence of 500 numbers
+    # would only be sorted and thrown away.
+    for match in islice(_QUOTED_RE.finditer(sentence), _CANDIDATES):
         group = next(g for g in (1, 2, 3) if match.group(g) is not None)
         inner = match.group(group)
         stripped = inner.strip()
@@ -306,18 +336,27 @@ def _find_mentions(sentence: str) -> list[Mention]:
             start = match.start(group) + (len(inner) - len(inner.lstrip()))
             candidates.append((0, start, start + len(stripped), "term"))
     for pattern, kind in ((_MONEY_RE, "money"), (_PERCENT_RE, "percent"), (_DATE_RE, "date")):
-        for match in pattern.finditer(sentence):
+        for match in islice(pattern.finditer(sentence), _CANDIDATES):
             candidates.append((1, match.start(), match.end(), kind))
-    for start, end in _name_spans(sentence):
+    for start, end in islice(_name_spans(sentence), _CANDIDATES):
         candidates.append((2, start, end, _name_kind(sentence[start:end])))
-    for match in _NUMBER_RE.finditer(sentence):
+    for match in islice(_NUMBER_RE.finditer(sentence), _CANDIDATES):
         candidates.append((3, match.start(), match.end(), "number"))
-    taken: list[tuple[int, int]] = []
+    # The spans taken so far are disjoint, so sorted by start they are sorted
+    # by end too, and the only one that can overlap [start, end) is the last
+    # that starts before ``end``: a bisection, not a scan of every span (a
+    # sentence of a few hundred numbers made that quadratic).
+    taken_starts: list[int] = []
+    taken_ends: list[int] = []
     mentions: list[Mention] = []
     for _, start, end, kind in sorted(candidates, key=lambda c: (c[0], c[1], -c[2])):
-        if any(start < t_end and t_start < end for t_start, t_end in taken):
+        if len(mentions) == RULE_MENTIONS:
+            break
+        before = bisect.bisect_left(taken_starts, end)
+        if before and taken_ends[before - 1] > start:
             continue
-        taken.append((start, end))
+        taken_starts.insert(before, start)
+        taken_ends.insert(before, end)
         mentions.append(Mention(start, end, sentence[start:end], kind))
     mentions.sort(key=lambda m: m.start)
     return mentions
@@ -588,7 +627,9 @@ class _Sentence:
         return self.mentions[index].kind
 
     def add(self, subject: int, predicate: str, obj: int) -> None:
-        if subject != obj:
+        # A list times a list ("A, B, … and Z acquired …") multiplies: past
+        # the cap the sentence is a table, not a statement worth every pair.
+        if subject != obj and len(self.relations) < MAX_RELATIONS:
             self.relations[(subject, predicate, obj)] = None
 
     def add_concept(self, start: int, end: int) -> int | None:

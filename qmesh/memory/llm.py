@@ -27,13 +27,13 @@ in the worker thread that ingests the document).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
 
+from qmesh import peerjson
 from qmesh.memory.errors import ProvenanceError
 from qmesh.memory.extract import (
     KINDS,
@@ -137,8 +137,11 @@ def _json_object(reply: str) -> Any:
     start, end = reply.find("{"), reply.rfind("}")
     if start < 0 or end <= start:
         return None
+    text = reply[start : end + 1]
     try:
-        return json.loads(reply[start : end + 1])
+        # A model's reply is not ours: nesting that deep would make the
+        # standard parser raise RecursionError, not ValueError.
+        return peerjson.loads(text, max_bytes=4 * len(text) + 16, what="model reply")
     except ValueError:
         return None
 

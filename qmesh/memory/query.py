@@ -19,6 +19,11 @@ location, a CEO) are compared, and disagreements between sources are
 reported as conflicts, each value with its citations, never resolved by
 guessing.
 
+Every step reads as the asker (:class:`~qmesh.memory.store.Access`): the
+entities, facts, sentences and full-text hits are those of documents it may
+see, so an answer, its facts and its conflicts never draw on another app's
+private document.
+
 Not for: composing prose (an LLM may do that; :mod:`qmesh.memory.verify`
 checks its citations), or SQL (:mod:`qmesh.memory.store`).
 """
@@ -34,7 +39,7 @@ import attrs
 
 from qmesh.memory.errors import InvalidQuestion
 from qmesh.memory.extract import EVENT_PREDICATES, TRANSITIVE_FORMS, RuleExtractor
-from qmesh.memory.store import EntityRef, Fact, MemoryStore, StoredSentence
+from qmesh.memory.store import Access, EntityRef, Fact, MemoryStore, StoredSentence
 from qmesh.memory.terms import QUESTION_WORDS, STOPWORDS, content_stems, entity_key, stem
 
 __all__ = [
@@ -198,6 +203,10 @@ def check_question(question: object, limit: object) -> tuple[str, int]:
         raise InvalidQuestion("question must be a non-empty string")
     if len(question) > MAX_QUESTION_CHARS:
         raise InvalidQuestion(f"question must be at most {MAX_QUESTION_CHARS} characters")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidQuestion("question is not valid Unicode (a lone surrogate)") from None
     if limit is None:
         limit = DEFAULT_LIMIT
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
@@ -205,8 +214,9 @@ def check_question(question: object, limit: object) -> tuple[str, int]:
     return question.strip(), limit
 
 
-def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT) -> Answer:
-    """Answer ``question`` from the memory in ``store`` (see the module docstring)."""
+def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT, *, access: Access) -> Answer:
+    """Answer ``question`` from what ``access`` may read of the memory in
+    ``store`` (see the module docstring)."""
     question, limit = check_question(question, limit)
     tokens = [(m.start(), m.end(), m.group().rstrip(".")) for m in _TOKEN_RE.finditer(question)]
     names = [
@@ -214,7 +224,7 @@ def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT) -> Answer
         for m in _QUESTION_EXTRACTOR.mentions(question)
         if m.kind in ("name", "org", "term")
     ]
-    with store.reader() as reader:
+    with store.reader(access) as reader:
         spans = _candidate_spans(question, tokens, names)
         known = reader.entities_by_key({key for _, _, key in spans})
         parsed = _parse(question, tokens, spans, known, names)

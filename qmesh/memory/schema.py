@@ -28,15 +28,21 @@ Aliases are not a separate table: every mention keeps its surface form and
 its normalised key, so an entity's aliases are its mentions' keys, each with
 its own provenance (the view ``memory_aliases``).
 
-Not for: the queries (:mod:`qmesh.memory.store`). This module imports
-nothing from qmesh, because :mod:`qmesh.state` imports it.
+Documents belong to the application that added them (``added_by``; NULL:
+the operator). :data:`SHARING_MIGRATION`, a later schema version, adds
+``shared``: whether every other application may read the document too.
+Documents stored before it are not shared: nobody chose to share them.
+
+Not for: the queries (:mod:`qmesh.memory.store`), which decide who sees
+what. This module imports nothing from qmesh, because :mod:`qmesh.state`
+imports it.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MIGRATION"]
+__all__ = ["MIGRATION", "SHARING_MIGRATION"]
 
 MIGRATION: Final[tuple[str, ...]] = (
     """
@@ -222,3 +228,12 @@ MIGRATION: Final[tuple[str, ...]] = (
     FROM memory_mentions GROUP BY entity_id, surface_key
     """,
 )
+
+SHARING_MIGRATION: Final[tuple[str, ...]] = (
+    """
+    ALTER TABLE memory_documents
+    ADD COLUMN shared INTEGER NOT NULL DEFAULT 0 CHECK (shared IN (0, 1))
+    """,
+    "CREATE INDEX memory_documents_added_by ON memory_documents (added_by)",
+)
+"""Whether a document is shared with every application (see the module docstring)."""

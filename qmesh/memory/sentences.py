@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from itertools import islice
 from typing import Final
 
 import attrs
@@ -35,8 +36,10 @@ MAX_SENTENCE_CHARS: Final = 1000
 # a boundary, whatever the punctuation.
 _BLOCK_BREAK_RE: Final = re.compile(r"\n[ \t\r\f\v]*\n\s*|\n(?=[ \t]*(?:[-*+•]|\d{1,3}[.)])\s)")
 # A candidate end: terminal punctuation, closing quotes/brackets, then space
-# or the end of the block.
-_END_RE: Final = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+# or the end of the block. It starts only at the first mark of a run and takes
+# the run whole: tried from every mark, a long run of them ("." * 100,000)
+# backtracks quadratically.
+_END_RE: Final = re.compile(r"(?<![.!?…])[.!?…]++[\"'”’)\]]*+(?=\s|$)")
 _STARTS_SENTENCE_RE: Final = re.compile(r"\s+[\"'“‘(\[]*[A-Z0-9À-ÖØ-Þ]")
 _ABBREVIATIONS: Final = frozenset(
     """
@@ -73,10 +76,12 @@ class Sentence:
         return self.id.rsplit(":", 1)[1]
 
 
-def split_sentences(document_id: str, text: str) -> list[Sentence]:
-    """The sentences of ``text``, in order, without overlaps."""
+def split_sentences(document_id: str, text: str, *, limit: int | None = None) -> list[Sentence]:
+    """The sentences of ``text``, in order, without overlaps; only the first
+    ``limit`` if given (so that a caller with a cap need not split, hash and
+    hold every one of a million one-word lines before refusing them)."""
     sentences = []
-    for start, end in _spans(text):
+    for start, end in islice(_spans(text), limit):
         sentence = text[start:end]
         sentences.append(
             Sentence(sentence_id(document_id, start, end, sentence), start, end, sentence)
@@ -93,18 +98,24 @@ def _spans(text: str) -> Iterator[tuple[int, int]]:
 
 
 def _block_spans(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    # Where the block's text ends: a candidate end at or after it ends the
+    # block (found once here rather than by stripping the rest of the block
+    # at every candidate, which is quadratic in a block of many of them).
+    last = end
+    while last > start and text[last - 1].isspace():
+        last -= 1
     position = start
     for match in _END_RE.finditer(text, start, end):
         stop = match.end()
-        if not _is_boundary(text, match.start(), stop, end):
+        if not _is_boundary(text, match.start(), stop, end, last):
             continue
         yield from _trimmed(text, position, stop)
         position = stop
     yield from _trimmed(text, position, end)
 
 
-def _is_boundary(text: str, punct: int, stop: int, end: int) -> bool:
-    if stop >= end or not text[stop:end].strip():
+def _is_boundary(text: str, punct: int, stop: int, end: int, last: int) -> bool:
+    if stop >= last:
         return True
     if not _STARTS_SENTENCE_RE.match(text, stop, end):
         return False

@@ -1,13 +1,25 @@
 """The graph memory as one object: validate, convert, split, extract, store;
-delete; list; ask.
+delete; list; share; ask.
 
 For: the single entry point that the HTTP API and the CLI share, so both
 accept and refuse exactly the same input (sizes, formats, ids) with the same
-messages. Extraction runs before the write transaction, so the state
-store's lock is held only for the SQL.
+messages, and so that every read says who is reading (:class:`Access`,
+required: there is no "everything" by default). Extraction runs before the
+write transaction, so the state store's lock is held only for the SQL.
+
+Bounded work. A document is at most ``max_document_bytes`` of UTF-8 and
+:data:`MAX_SENTENCES` sentences, each extraction at most
+:data:`~qmesh.memory.extract.MAX_MENTIONS` mentions, and the document at
+most :data:`MAX_DOCUMENT_MENTIONS` in all; everything from conversion to SQL
+is linear in the document. ``checkpoint`` (see
+:data:`~qmesh.memory.store.Checkpoint`) is called between conversion,
+splitting, every :data:`_EXTRACT_BATCH` sentences of extraction and every
+sentence written, so a caller that gives up stops the work soon, and it
+leaves nothing behind.
 
 Not for: async code. Every method blocks (SQLite and CPU work); Trio
-callers wrap them in ``trio.to_thread.run_sync``.
+callers wrap them in ``trio.to_thread.run_sync`` (the HTTP API does, on a
+limiter of its own).
 """
 
 from __future__ import annotations
@@ -19,10 +31,13 @@ from typing import Final
 
 from qmesh.memory.convert import FORMATS, convert
 from qmesh.memory.errors import DocumentTooLarge, InvalidDocument
-from qmesh.memory.extract import Extractor, RuleExtractor, check_extraction
+from qmesh.memory.extract import Extraction, Extractor, RuleExtractor, check_extraction
 from qmesh.memory.query import DEFAULT_LIMIT, Answer, ask, check_question
 from qmesh.memory.sentences import split_sentences
 from qmesh.memory.store import (
+    OPERATOR,
+    Access,
+    Checkpoint,
     DeleteReport,
     DocumentInfo,
     IngestReport,
@@ -32,11 +47,27 @@ from qmesh.memory.store import (
 )
 from qmesh.state import StateStore
 
-__all__ = ["MAX_DOCUMENT_CHARS", "MAX_TITLE_CHARS", "Memory", "check_document_id"]
+__all__ = [
+    "DEFAULT_MAX_DOCUMENT_BYTES",
+    "MAX_DOCUMENT_MENTIONS",
+    "MAX_SENTENCES",
+    "MAX_TITLE_CHARS",
+    "Memory",
+    "check_document_id",
+]
 
-MAX_DOCUMENT_CHARS: Final = 1_000_000
-"""Characters of submitted source per document (about 10,000 sentences)."""
+DEFAULT_MAX_DOCUMENT_BYTES: Final = 2 * 1024 * 1024
+"""UTF-8 bytes of submitted source per document, unless configured
+(``[gate.memory] max_document_bytes``): a long book's worth of prose."""
+MAX_SENTENCES: Final = 50_000
+"""Sentences per document: 2 MiB of prose has about 20,000; a document of
+one-word lines would otherwise give a row (and a full-text entry) per word."""
+MAX_DOCUMENT_MENTIONS: Final = 250_000
+"""Mentions per document: with the sentences, what bounds the rows one
+ingest writes, and so how long it holds the state store's lock."""
 MAX_TITLE_CHARS: Final = 300
+# Sentences extracted between two checkpoints: a few milliseconds of rules.
+_EXTRACT_BATCH: Final = 64
 # No ":" in ids: a sentence id is DOC_ID:START-END:HASH.
 _DOCUMENT_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -54,6 +85,21 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _no_checkpoint() -> None:
+    pass
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; InvalidDocument for a lone surrogate, which JSON
+    can carry ("\\ud800") but no UTF-8 text, and so no stored document, can."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDocument(
+            f"{what} is not valid Unicode: a lone surrogate at character {exc.start}"
+        ) from None
+
+
 class Memory:
     """Graph memory over the Gate's state store."""
 
@@ -62,11 +108,19 @@ class Memory:
         state: StateStore,
         extractor: Extractor | None = None,
         *,
-        max_document_chars: int = MAX_DOCUMENT_CHARS,
+        max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
     ) -> None:
         self.store = MemoryStore(state)
         self.extractor: Extractor = extractor or RuleExtractor()
-        self.max_document_chars = max_document_chars
+        self.max_document_bytes = max_document_bytes
+
+    def check_size(self, size: int) -> None:
+        """DocumentTooLarge if ``size`` bytes of source are over the limit."""
+        if size > self.max_document_bytes:
+            raise DocumentTooLarge(
+                f"the document is {size:,} bytes; the limit is {self.max_document_bytes:,} "
+                "bytes of UTF-8 text ([gate.memory] max_document_bytes)"
+            )
 
     def prepare(
         self,
@@ -76,39 +130,67 @@ class Memory:
         document_id: object = None,
         title: object = None,
         added_by: str | None = None,
+        shared: bool | None = None,
         extractor: Extractor | None = None,
+        checkpoint: Checkpoint = _no_checkpoint,
     ) -> PreparedDocument:
         """Validate, convert, split and extract (with ``extractor``, or the
-        memory's own); raises InvalidDocument."""
+        memory's own); raises InvalidDocument (DocumentTooLarge over a limit)."""
         extractor = extractor or self.extractor
         if not isinstance(format, str) or format not in FORMATS:
             raise InvalidDocument(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
         if not isinstance(text, str):
             raise InvalidDocument("text must be a string")
-        if len(text) > self.max_document_chars:
-            raise DocumentTooLarge(
-                f"document is {len(text)} characters; the limit is {self.max_document_chars}"
-            )
+        # Characters first: a string over the limit in characters is over it
+        # in bytes too, and is refused without being encoded.
+        if len(text) > self.max_document_bytes:
+            self.check_size(len(text))
+        source = _utf8(text, "text")
+        self.check_size(len(source))
         if not text.strip():
             raise InvalidDocument("text is empty")
         if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE_CHARS):
             raise InvalidDocument(f"title must be a string of at most {MAX_TITLE_CHARS} characters")
-        source_sha256 = _sha256(text)
+        if title is not None:
+            _utf8(title, "title")
+        if shared is not None and not isinstance(shared, bool):
+            raise InvalidDocument("shared must be true or false")
+        source_sha256 = hashlib.sha256(source).hexdigest()
         if document_id is None:
-            document_id = f"doc-{source_sha256[:16]}"
+            # An app's own text gets an id of its own: the same text from two
+            # apps must not meet under one id, where the second would learn
+            # that the first stored exactly this text.
+            seed = source if added_by is None else f"{added_by}\n".encode() + source
+            document_id = f"doc-{hashlib.sha256(seed).hexdigest()[:16]}"
         document_id = check_document_id(document_id)
+        checkpoint()
         converted = convert(text, format)
-        sentences = split_sentences(document_id, converted.text)
+        checkpoint()
+        sentences = split_sentences(document_id, converted.text, limit=MAX_SENTENCES + 1)
         if not sentences:
             raise InvalidDocument(f"no text left to store after converting from {format}")
-        extractions = extractor.extract([s.text for s in sentences])
+        if len(sentences) > MAX_SENTENCES:
+            raise DocumentTooLarge(
+                f"the document has more than {MAX_SENTENCES:,} sentences, the limit"
+            )
+        texts = [s.text for s in sentences]
+        extractions: list[Extraction] = []
+        for first in range(0, len(texts), _EXTRACT_BATCH):
+            checkpoint()
+            extractions += extractor.extract(texts[first : first + _EXTRACT_BATCH])
         if len(extractions) != len(sentences):
             raise InvalidDocument(
                 f"extractor {extractor.name!r} returned {len(extractions)} results "
                 f"for {len(sentences)} sentences"
             )
+        mentions = 0
         for sentence, extraction in zip(sentences, extractions, strict=True):
             check_extraction(sentence.text, extraction)
+            mentions += len(extraction.mentions)
+        if mentions > MAX_DOCUMENT_MENTIONS:
+            raise DocumentTooLarge(
+                f"the document names {mentions:,} things; the limit is {MAX_DOCUMENT_MENTIONS:,}"
+            )
         return PreparedDocument(
             id=document_id,
             title=title if title else converted.title,
@@ -120,6 +202,7 @@ class Memory:
             extractions=extractions,
             extractor=extractor.name,
             added_by=added_by,
+            shared=shared,
         )
 
     def add(
@@ -130,36 +213,59 @@ class Memory:
         document_id: object = None,
         title: object = None,
         added_by: str | None = None,
+        shared: bool | None = None,
         replace: bool = False,
         extractor: Extractor | None = None,
+        access: Access | None = None,
+        checkpoint: Checkpoint = _no_checkpoint,
     ) -> IngestReport:
+        """Add a document for ``added_by`` (None: the operator), with the
+        rights of ``access`` (default: those of ``added_by``). ``shared``
+        lets every app read it (None: as the document it repeats or
+        replaces, else not)."""
+        if access is None:
+            access = OPERATOR if added_by is None else Access.of_app(added_by)
         document = self.prepare(
             text,
             format=format,
             document_id=document_id,
             title=title,
             added_by=added_by,
+            shared=shared,
             extractor=extractor,
+            checkpoint=checkpoint,
         )
-        return self.store.ingest(document, replace=replace)
+        return self.store.ingest(document, replace=replace, access=access, checkpoint=checkpoint)
 
-    def delete(self, document_id: str, *, owner: str | None = None) -> DeleteReport:
-        """See :meth:`MemoryStore.delete`; ``owner=None`` is the operator."""
-        return self.store.delete(check_document_id(document_id), owner=owner)
+    def delete(
+        self, document_id: str, *, access: Access, checkpoint: Checkpoint = _no_checkpoint
+    ) -> DeleteReport:
+        """See :meth:`MemoryStore.delete`."""
+        return self.store.delete(
+            check_document_id(document_id), access=access, checkpoint=checkpoint
+        )
 
-    def documents(self) -> list[DocumentInfo]:
-        return self.store.list_documents()
+    def share(self, document_id: str, shared: bool, *, access: Access) -> None:
+        """See :meth:`MemoryStore.set_shared`."""
+        self.store.set_shared(check_document_id(document_id), shared, access=access)
 
-    def document(self, document_id: str) -> tuple[DocumentInfo, str, list[StoredSentence]]:
-        return self.store.get_document(check_document_id(document_id))
+    def documents(self, *, access: Access) -> list[DocumentInfo]:
+        return self.store.list_documents(access)
 
-    def ask(self, question: object, limit: object = DEFAULT_LIMIT) -> Answer:
-        """Answer from the memory; InvalidQuestion for an empty or over-long
-        question or a limit outside 1-100 (None means the default)."""
+    def document(
+        self, document_id: str, *, access: Access
+    ) -> tuple[DocumentInfo, str, list[StoredSentence]]:
+        return self.store.get_document(check_document_id(document_id), access)
+
+    def ask(self, question: object, limit: object = DEFAULT_LIMIT, *, access: Access) -> Answer:
+        """Answer from the documents ``access`` may read; InvalidQuestion for
+        an empty or over-long question or a limit outside 1-100 (None means
+        the default)."""
         text, count = check_question(question, limit)
-        return ask(self.store, text, count)
+        return ask(self.store, text, count, access=access)
 
-    def stored_sentences(self, sentence_ids: Iterable[str]) -> dict[str, str]:
-        """Sentence id → stored text, for :func:`qmesh.memory.verify.verify_answer`."""
-        with self.store.reader() as reader:
+    def stored_sentences(self, sentence_ids: Iterable[str], *, access: Access) -> dict[str, str]:
+        """Sentence id → stored text of the sentences ``access`` may read,
+        for :func:`qmesh.memory.verify.verify_answer`."""
+        with self.store.reader(access) as reader:
             return {i: s.text for i, s in reader.sentences_by_id(sentence_ids).items()}

@@ -1,6 +1,17 @@
 """The graph memory's SQL: storing a prepared document with its facts,
 deleting one, listing, the look-ups a query needs, and an integrity check.
 
+Every read and every change is made as someone (:class:`Access`): an
+application sees the documents it added and those shared with every app,
+and changes only its own; the operator (the CLI, the ``admin`` app) sees
+and changes everything. The graph itself is one per Gate (an entity is a
+normalised name, whoever wrote it), but what a reader is shown of it comes
+only from the sentences of documents it may see: an entity it knows from
+no such sentence does not exist for it, a relation is listed with its
+visible supporting sentences only, and an entity's name is the surface of
+one of its visible mentions. So nothing of a private document reaches
+another app, not even the spelling of a name it merged into an alias.
+
 For: all reads and writes of the ``memory_*`` tables (see
 :mod:`qmesh.memory.schema` for what the database itself enforces). Entity
 resolution happens here because it needs the stored graph: a mention joins
@@ -14,7 +25,9 @@ survivor, so merging never loses provenance.
 
 Not for: splitting, extracting or ranking (pure code elsewhere), or
 threads: every method is synchronous and runs under the state store's lock,
-and Trio callers use ``trio.to_thread.run_sync``.
+and Trio callers use ``trio.to_thread.run_sync``. A long ingest calls its
+``checkpoint`` once per sentence, so a caller that gives up (a request
+cancelled, the Gate stopping) can make it roll back and let go of the lock.
 """
 
 from __future__ import annotations
@@ -23,7 +36,8 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import attrs
@@ -40,6 +54,10 @@ from qmesh.memory.terms import entity_key
 from qmesh.state import StateStore
 
 __all__ = [
+    "OPERATOR",
+    "SHARED_ONLY",
+    "Access",
+    "Checkpoint",
     "DeleteReport",
     "DocumentInfo",
     "EntityRef",
@@ -50,6 +68,51 @@ __all__ = [
     "PreparedDocument",
     "StoredSentence",
 ]
+
+
+Checkpoint = Callable[[], None]
+"""Called between units of blocking work; raises to stop it (the work then
+leaves nothing behind). ``trio.from_thread.check_cancelled`` is one."""
+
+
+def _no_checkpoint() -> None:
+    pass
+
+
+@attrs.frozen
+class Access:
+    """Who reads or changes the memory.
+
+    ``app`` is the application (None: nobody in particular); ``everything``
+    lets it see and change every document, as the operator does."""
+
+    app: str | None
+    everything: bool = False
+
+    @classmethod
+    def of_app(cls, app: str) -> Access:
+        """An application: its own documents and the shared ones."""
+        return cls(app)
+
+    def may_read(self, added_by: str | None, shared: bool) -> bool:
+        return self.everything or shared or (self.app is not None and added_by == self.app)
+
+    def may_change(self, added_by: str | None) -> bool:
+        return self.everything or (self.app is not None and added_by == self.app)
+
+    def visible(self, document: str) -> tuple[str, tuple[object, ...]]:
+        """A SQL condition on the ``memory_documents`` row aliased ``document``
+        that holds for the documents this reader may see, and its parameters."""
+        if self.everything:
+            return "1", ()
+        # added_by = NULL is never true: with no app, only shared documents.
+        return f"({document}.shared = 1 OR {document}.added_by = ?)", (self.app,)
+
+
+OPERATOR: Final = Access(None, everything=True)
+"""The operator (the CLI, the ``admin`` app): every document."""
+SHARED_ONLY: Final = Access(None)
+"""A reader that is no application in particular: the shared documents only."""
 
 
 @attrs.frozen
@@ -66,6 +129,9 @@ class PreparedDocument:
     extractions: Sequence[Extraction]
     extractor: str
     added_by: str | None = None
+    shared: bool | None = None
+    """Whether other applications may read it; None: as the document it
+    replaces or repeats was, else not."""
 
 
 @attrs.frozen
@@ -100,6 +166,7 @@ class DocumentInfo:
     added_by: str | None
     extractor: str
     created_at: float
+    shared: bool
 
 
 @attrs.frozen
@@ -134,7 +201,18 @@ def _json_ids(ids: Iterable[int]) -> str:
     return json.dumps(sorted(set(ids)))
 
 
+def _document_info(row: Sequence[Any]) -> DocumentInfo:
+    """From the columns id, title, format, chars, sentences, sha256,
+    added_by, extractor, created_at, shared."""
+    id_, title, fmt, chars, sentences, sha256, added_by, extractor, created_at, shared = row
+    return DocumentInfo(
+        id_, title, fmt, chars, sentences, sha256, added_by, extractor, created_at, bool(shared)
+    )
+
+
 _IN_IDS: Final = "(SELECT value FROM json_each(?))"
+# Sentences deleted per statement: a few milliseconds of cascades.
+_DELETE_BATCH: Final = 500
 _IN_KEYS: Final = _IN_IDS
 
 
@@ -146,24 +224,60 @@ class MemoryStore:
 
     # -- writing ------------------------------------------------------------
 
-    def ingest(self, document: PreparedDocument, *, replace: bool = False) -> IngestReport:
-        """Store ``document``. The same text under the same id again changes
-        nothing (``created=False``); other text under an existing id raises
+    def ingest(
+        self,
+        document: PreparedDocument,
+        *,
+        replace: bool = False,
+        access: Access = OPERATOR,
+        checkpoint: Checkpoint = _no_checkpoint,
+    ) -> IngestReport:
+        """Store ``document`` as ``access``. The same text under the same id
+        again changes nothing but, if asked, whether it is shared
+        (``created=False``); other text under an existing id raises
         DocumentConflict unless ``replace``, which deletes the old one first
-        in the same transaction. ProvenanceError if a fact would lack a source."""
+        in the same transaction and keeps its owner. Only the owner (or the
+        operator) may do either: another app gets NotDocumentOwner for a
+        document it can read (a shared one) and DocumentConflict for one it
+        cannot, without learning anything of its content. ProvenanceError if
+        a fact would lack a source; whatever ``checkpoint`` raises rolls the
+        whole document back."""
         if len(document.sentences) != len(document.extractions):
             raise ProvenanceError("one extraction per sentence is required")
         for sentence in document.sentences:
             if document.text[sentence.start : sentence.end] != sentence.text:
                 raise ProvenanceError(f"sentence {sentence.id} does not slice its document")
+        # Normalised before the transaction: the state store's lock is held
+        # only for the SQL.
+        keys = [[entity_key(m.text) for m in e.mentions] for e in document.extractions]
+        checkpoint()
         try:
             with self.state._write() as conn:
                 row = conn.execute(
-                    "SELECT sha256, format FROM memory_documents WHERE id = ?", (document.id,)
+                    "SELECT sha256, format, added_by, shared FROM memory_documents WHERE id = ?",
+                    (document.id,),
                 ).fetchone()
                 replaced = False
+                owner, shared = document.added_by, bool(document.shared)
                 if row is not None:
-                    if row[0] == document.sha256 and row[1] == document.format:
+                    old_sha256, old_format, old_owner, old_shared = row
+                    if not access.may_change(old_owner):
+                        if access.may_read(old_owner, bool(old_shared)):
+                            raise NotDocumentOwner(
+                                f"document {document.id!r} belongs to another application; "
+                                "only it can replace it"
+                            )
+                        raise DocumentConflict(
+                            f"the document id {document.id!r} is taken; choose another"
+                        )
+                    if document.shared is None:
+                        shared = bool(old_shared)
+                    if old_sha256 == document.sha256 and old_format == document.format:
+                        if shared != bool(old_shared):
+                            conn.execute(
+                                "UPDATE memory_documents SET shared = ? WHERE id = ?",
+                                (int(shared), document.id),
+                            )
                         count = conn.execute(
                             "SELECT count(*) FROM memory_sentences WHERE document_id = ?",
                             (document.id,),
@@ -174,9 +288,11 @@ class MemoryStore:
                             f"a different document with id {document.id!r} exists; delete it "
                             "first or ask to replace it"
                         )
-                    _delete(conn, document.id)
+                    _delete(conn, document.id, OPERATOR, checkpoint)
                     replaced = True
-                mentions, relations = _insert(conn, document)
+                    owner = old_owner  # replacing is editing: the owner stays
+                checkpoint()
+                mentions, relations = _insert(conn, document, keys, owner, shared, checkpoint)
         except sqlite3.IntegrityError as exc:
             # The schema refused a fact without a source: the extractor's
             # output and the checks in Python disagree, which is a bug.
@@ -185,40 +301,72 @@ class MemoryStore:
             document.id, True, replaced, len(document.sentences), mentions, relations
         )
 
-    def delete(self, document_id: str, *, owner: str | None = None) -> DeleteReport:
+    def delete(
+        self,
+        document_id: str,
+        *,
+        access: Access = OPERATOR,
+        checkpoint: Checkpoint = _no_checkpoint,
+    ) -> DeleteReport:
         """Delete a document, its sentences and every fact that only it
-        supported; facts with other sources stay, with those sources. With
-        ``owner``, refuse (NotDocumentOwner) unless that app added the document."""
+        supported; facts with other sources stay, with those sources.
+        DocumentNotFound unless ``access`` may see it, NotDocumentOwner
+        unless it may change it. The report counts what ``access`` can see.
+        Whatever ``checkpoint`` raises rolls the deletion back."""
         with self.state._write() as conn:
-            if owner is not None:
-                row = conn.execute(
-                    "SELECT added_by FROM memory_documents WHERE id = ?", (document_id,)
-                ).fetchone()
-                if row is not None and row[0] != owner:
-                    raise NotDocumentOwner(
-                        f"document {document_id!r} was added by another application"
-                    )
-            return _delete(conn, document_id)
+            row = conn.execute(
+                "SELECT added_by, shared FROM memory_documents WHERE id = ?", (document_id,)
+            ).fetchone()
+            if row is None or not access.may_read(row[0], bool(row[1])):
+                raise DocumentNotFound(f"no document with id {document_id!r}")
+            if not access.may_change(row[0]):
+                raise NotDocumentOwner(
+                    f"document {document_id!r} was added by another application; only it "
+                    "can delete it"
+                )
+            return _delete(conn, document_id, access, checkpoint)
+
+    def set_shared(self, document_id: str, shared: bool, *, access: Access = OPERATOR) -> None:
+        """Share a document with every application, or stop sharing it
+        (DocumentNotFound, NotDocumentOwner as for :meth:`delete`)."""
+        with self.state._write() as conn:
+            row = conn.execute(
+                "SELECT added_by, shared FROM memory_documents WHERE id = ?", (document_id,)
+            ).fetchone()
+            if row is None or not access.may_read(row[0], bool(row[1])):
+                raise DocumentNotFound(f"no document with id {document_id!r}")
+            if not access.may_change(row[0]):
+                raise NotDocumentOwner(
+                    f"document {document_id!r} was added by another application; only it "
+                    "can share it"
+                )
+            conn.execute(
+                "UPDATE memory_documents SET shared = ? WHERE id = ?", (int(shared), document_id)
+            )
 
     # -- reading ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[MemoryReader]:
-        """A consistent snapshot for a sequence of reads (one read transaction)."""
+    def reader(self, access: Access = OPERATOR) -> Iterator[MemoryReader]:
+        """A consistent snapshot for a sequence of reads (one read
+        transaction) of what ``access`` may see."""
         with self.state._read() as conn:
             conn.execute("BEGIN")
             try:
-                yield MemoryReader(conn)
+                yield MemoryReader(conn, access)
             finally:
                 conn.execute("COMMIT")
 
-    def list_documents(self) -> list[DocumentInfo]:
-        with self.reader() as reader:
+    def list_documents(self, access: Access = OPERATOR) -> list[DocumentInfo]:
+        with self.reader(access) as reader:
             return reader.documents()
 
-    def get_document(self, document_id: str) -> tuple[DocumentInfo, str, list[StoredSentence]]:
-        """A document's record, its stored text and its sentences. DocumentNotFound."""
-        with self.reader() as reader:
+    def get_document(
+        self, document_id: str, access: Access = OPERATOR
+    ) -> tuple[DocumentInfo, str, list[StoredSentence]]:
+        """A document's record, its stored text and its sentences.
+        DocumentNotFound, also for one that ``access`` may not see."""
+        with self.reader(access) as reader:
             return reader.document(document_id)
 
     def integrity_problems(self) -> dict[str, int]:
@@ -228,27 +376,48 @@ class MemoryStore:
 
 
 class MemoryReader:
-    """Reads on one connection inside one transaction (see :meth:`MemoryStore.reader`)."""
+    """Reads on one connection inside one transaction (see
+    :meth:`MemoryStore.reader`), of what ``access`` may see: every method
+    answers from the sentences of visible documents only."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, access: Access = OPERATOR) -> None:
         self.conn = conn
+        self.access = access
+        visible, self._params = access.visible("d")
+        # Sentences (aliased s) of visible documents; "?" stands for _params.
+        self._sentence_visible = (
+            "EXISTS (SELECT 1 FROM memory_documents AS d WHERE d.id = s.document_id AND "
+            + visible + ")"
+        )  # fmt: skip
+        self._document_visible = visible
+
+    def _visible_sentence(self, seq_column: str) -> str:
+        """A condition that the sentence ``seq_column`` is in a visible document."""
+        if self.access.everything:
+            return "1"
+        return (
+            f"EXISTS (SELECT 1 FROM memory_sentences AS s WHERE s.seq = {seq_column} AND "
+            + self._sentence_visible + ")"
+        )  # fmt: skip
 
     def documents(self) -> list[DocumentInfo]:
         rows = self.conn.execute(
             "SELECT d.id, d.title, d.format, length(d.text),"
             " (SELECT count(*) FROM memory_sentences AS s WHERE s.document_id = d.id),"
-            " d.sha256, d.added_by, d.extractor, d.created_at"
-            " FROM memory_documents AS d ORDER BY d.created_at, d.id"
-        ).fetchall()
-        return [DocumentInfo(*row) for row in rows]
+            " d.sha256, d.added_by, d.extractor, d.created_at, d.shared"
+            " FROM memory_documents AS d WHERE " + self._document_visible
+            + " ORDER BY d.created_at, d.id",
+            self._params,
+        ).fetchall()  # fmt: skip
+        return [_document_info(row) for row in rows]
 
     def document(self, document_id: str) -> tuple[DocumentInfo, str, list[StoredSentence]]:
         row = self.conn.execute(
             "SELECT d.id, d.title, d.format, length(d.text),"
             " (SELECT count(*) FROM memory_sentences AS s WHERE s.document_id = d.id),"
-            " d.sha256, d.added_by, d.extractor, d.created_at, d.text"
-            " FROM memory_documents AS d WHERE d.id = ?",
-            (document_id,),
+            " d.sha256, d.added_by, d.extractor, d.created_at, d.shared, d.text"
+            " FROM memory_documents AS d WHERE d.id = ? AND " + self._document_visible,
+            (document_id, *self._params),
         ).fetchone()
         if row is None:
             raise DocumentNotFound(f"no document with id {document_id!r}")
@@ -260,80 +429,143 @@ class MemoryReader:
                 (document_id,),
             )
         ]
-        return DocumentInfo(*row[:9]), row[9], sentences
+        return _document_info(row[:10]), row[10], sentences
 
     def entities_by_key(self, keys: Iterable[str]) -> dict[str, list[EntityRef]]:
         """For each key that names something: the entity with that key first,
-        then every other entity that has a mention with that surface key."""
+        then every other entity that has a mention with that surface key.
+        Only visible mentions count: that an alias ("International Business
+        Machines" for "IBM") was learnt from a document the reader cannot
+        see must not let the reader look an entity up by it. (An entity's own
+        key is the surface key of one of its mentions, so for the operator
+        this is every entity with that key.)"""
         keys_json = json.dumps(sorted(set(keys)))
         found: dict[str, list[EntityRef]] = {}
-        for key, eid, name, kind, _ in self.conn.execute(
-            "SELECT key, id, name, kind, 0 FROM memory_entities WHERE key IN " + _IN_KEYS
-            + " UNION SELECT m.surface_key, e.id, e.name, e.kind, 1 FROM memory_mentions AS m"
-            " JOIN memory_entities AS e ON e.id = m.entity_id"
-            " WHERE m.surface_key IN " + _IN_KEYS + " ORDER BY 5, 2",
-            (keys_json, keys_json),
+        for key, eid, kind, _ in self.conn.execute(
+            "SELECT DISTINCT v.surface_key, e.id, e.kind, e.key != v.surface_key"
+            " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
+            " WHERE v.surface_key IN " + _IN_KEYS + " AND "
+            + self._visible_sentence("v.sentence_seq") + " ORDER BY 4, 2",
+            (keys_json, *self._params),
         ).fetchall():  # fmt: skip
             refs = found.setdefault(key, [])
             if all(r.id != eid for r in refs):
-                refs.append(EntityRef(eid, name, kind))
-        return found
+                refs.append(EntityRef(eid, "", kind))
+        names = self._names({r.id for refs in found.values() for r in refs})
+        return {
+            key: [EntityRef(r.id, names[r.id], r.kind) for r in refs if r.id in names]
+            for key, refs in found.items()
+        }
+
+    def _names(self, entity_ids: Iterable[int]) -> dict[int, str]:
+        """Each entity's name as this reader may see it: its own name when a
+        visible mention says it, else the commonest visible surface of its
+        key, else of any visible mention (the name may come from a document
+        the reader cannot see). Entities with no visible mention are left out."""
+        ids = _json_ids(entity_ids)
+        if self.access.everything:
+            return {
+                int(r[0]): r[1]
+                for r in self.conn.execute(
+                    "SELECT id, name FROM memory_entities WHERE id IN " + _IN_IDS, (ids,)
+                )
+            }
+        surfaces: dict[int, Counter[tuple[bool, str]]] = {}
+        own: dict[int, str] = {}
+        for eid, name, key, surface, surface_key, count in self.conn.execute(
+            "SELECT e.id, e.name, e.key, v.surface, v.surface_key, count(*)"
+            " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
+            " WHERE v.entity_id IN " + _IN_IDS + " AND " + self._visible_sentence("v.sentence_seq")
+            + " GROUP BY e.id, v.surface, v.surface_key",
+            (ids, *self._params),
+        ):  # fmt: skip
+            if surface == name:
+                own[eid] = name
+            surfaces.setdefault(eid, Counter())[(surface_key == key, surface)] += count
+        names = {}
+        for eid, counts in surfaces.items():
+            # Own-key surfaces first, then the commonest, then the smallest.
+            best = min(counts.items(), key=lambda item: (not item[0][0], -item[1], item[0][1]))
+            names[eid] = own.get(eid, best[0][1])
+        return names
 
     def facts_about(self, entity_ids: Iterable[int], limit: int) -> list[Fact]:
-        """Relations with one of ``entity_ids`` at either end (their 1-hop neighbourhood)."""
+        """Relations with one of ``entity_ids`` at either end (their 1-hop
+        neighbourhood) that a visible sentence supports."""
         ids = _json_ids(entity_ids)
+        supported = self._supported("r.id")
         rows = self.conn.execute(
-            "SELECT id FROM memory_relations WHERE subject_id IN " + _IN_IDS
-            + " UNION SELECT id FROM memory_relations WHERE object_id IN " + _IN_IDS
-            + " LIMIT ?",
-            (ids, ids, limit),
+            "SELECT r.id FROM memory_relations AS r WHERE r.subject_id IN " + _IN_IDS
+            + " AND " + supported
+            + " UNION SELECT r.id FROM memory_relations AS r WHERE r.object_id IN " + _IN_IDS
+            + " AND " + supported + " LIMIT ?",
+            (ids, *self._params, ids, *self._params, limit),
         ).fetchall()  # fmt: skip
         return self.facts([r[0] for r in rows])
 
+    def _supported(self, relation_column: str) -> str:
+        """A condition that a visible sentence supports ``relation_column``."""
+        if self.access.everything:
+            return "1"
+        return (
+            "EXISTS (SELECT 1 FROM memory_relation_support AS p WHERE p.relation_id = "
+            + relation_column + " AND " + self._visible_sentence("p.sentence_seq") + ")"
+        )  # fmt: skip
+
     def facts_in_sentences(self, seqs: Iterable[int]) -> list[Fact]:
         rows = self.conn.execute(
-            "SELECT DISTINCT relation_id FROM memory_relation_support WHERE sentence_seq IN "
-            + _IN_IDS,
-            (_json_ids(seqs),),
-        ).fetchall()
+            "SELECT DISTINCT p.relation_id FROM memory_relation_support AS p"
+            " WHERE p.sentence_seq IN " + _IN_IDS + " AND "
+            + self._visible_sentence("p.sentence_seq"),
+            (_json_ids(seqs), *self._params),
+        ).fetchall()  # fmt: skip
         return self.facts([r[0] for r in rows])
 
     def facts(self, relation_ids: Sequence[int]) -> list[Fact]:
+        """The relations, each with its visible supporting sentences (one
+        with none is left out) and the names this reader may see."""
         if not relation_ids:
             return []
         ids = _json_ids(relation_ids)
         support: dict[int, list[int]] = {}
         for rid, seq in self.conn.execute(
-            "SELECT relation_id, sentence_seq FROM memory_relation_support"
-            " WHERE relation_id IN " + _IN_IDS + " ORDER BY sentence_seq",
-            (ids,),
-        ):
+            "SELECT p.relation_id, p.sentence_seq FROM memory_relation_support AS p"
+            " WHERE p.relation_id IN " + _IN_IDS + " AND "
+            + self._visible_sentence("p.sentence_seq") + " ORDER BY p.sentence_seq",
+            (ids, *self._params),
+        ):  # fmt: skip
             support.setdefault(rid, []).append(seq)
-        facts = []
-        for rid, sid, sname, skind, predicate, oid, oname, okind in self.conn.execute(
-            "SELECT r.id, s.id, s.name, s.kind, r.predicate, o.id, o.name, o.kind"
+        rows = self.conn.execute(
+            "SELECT r.id, s.id, s.kind, r.predicate, o.id, o.kind"
             " FROM memory_relations AS r"
             " JOIN memory_entities AS s ON s.id = r.subject_id"
             " JOIN memory_entities AS o ON o.id = r.object_id"
             " WHERE r.id IN " + _IN_IDS + " ORDER BY r.id",
             (ids,),
-        ):
+        ).fetchall()
+        rows = [row for row in rows if row[0] in support]
+        names = self._names({row[1] for row in rows} | {row[4] for row in rows})
+        facts = []
+        for rid, sid, skind, predicate, oid, okind in rows:
+            if sid not in names or oid not in names:
+                continue  # cannot happen: a support mentions both ends
             facts.append(
                 Fact(
                     rid,
-                    EntityRef(sid, sname, skind),
+                    EntityRef(sid, names[sid], skind),
                     predicate,
-                    EntityRef(oid, oname, okind),
-                    tuple(support.get(rid, ())),
+                    EntityRef(oid, names[oid], okind),
+                    tuple(support[rid]),
                 )
             )
         return facts
 
     def sentences_mentioning(self, entity_ids: Iterable[int], limit: int) -> list[int]:
         rows = self.conn.execute(
-            "SELECT DISTINCT sentence_seq FROM memory_mentions WHERE entity_id IN " + _IN_IDS
-            + " ORDER BY sentence_seq LIMIT ?",
-            (_json_ids(entity_ids), limit),
+            "SELECT DISTINCT m.sentence_seq FROM memory_mentions AS m WHERE m.entity_id IN "
+            + _IN_IDS + " AND " + self._visible_sentence("m.sentence_seq")
+            + " ORDER BY m.sentence_seq LIMIT ?",
+            (_json_ids(entity_ids), *self._params, limit),
         ).fetchall()  # fmt: skip
         return [r[0] for r in rows]
 
@@ -341,9 +573,9 @@ class MemoryReader:
         self, terms: Sequence[str], limit: int, *, phrases: Sequence[str] = ()
     ) -> list[tuple[int, float]]:
         """Full-text hits (sentence seq, bm25 score; larger is better), best
-        first: sentences with any of ``terms`` and, if given, every one of
-        ``phrases``. Requiring the question's names keeps the match set
-        small, so that bm25 does not have to score every sentence that
+        first: visible sentences with any of ``terms`` and, if given, every
+        one of ``phrases``. Requiring the question's names keeps the match
+        set small, so that bm25 does not have to score every sentence that
         says "founded"."""
         if not terms and not phrases:
             return []
@@ -356,17 +588,18 @@ class MemoryReader:
             parts.append("(" + " OR ".join(quoted(t) for t in terms) + ")")
         rows = self.conn.execute(
             "SELECT rowid, bm25(memory_sentences_fts) FROM memory_sentences_fts"
-            " WHERE memory_sentences_fts MATCH ? ORDER BY rank LIMIT ?",
-            (" AND ".join(parts), limit),
-        ).fetchall()
+            " WHERE memory_sentences_fts MATCH ? AND "
+            + self._visible_sentence("memory_sentences_fts.rowid") + " ORDER BY rank LIMIT ?",
+            (" AND ".join(parts), *self._params, limit),
+        ).fetchall()  # fmt: skip
         return [(int(r[0]), -float(r[1])) for r in rows]
 
     def sentences(self, seqs: Iterable[int]) -> dict[int, StoredSentence]:
         rows = self.conn.execute(
             "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
             " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.seq IN " + _IN_IDS,
-            (_json_ids(seqs),),
+            " WHERE s.seq IN " + _IN_IDS + " AND " + self._document_visible,
+            (_json_ids(seqs), *self._params),
         ).fetchall()
         return {r[0]: StoredSentence(*r) for r in rows}
 
@@ -374,20 +607,21 @@ class MemoryReader:
         rows = self.conn.execute(
             "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
             " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.id IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(set(ids))),),
+            " WHERE s.id IN (SELECT value FROM json_each(?)) AND " + self._document_visible,
+            (json.dumps(sorted(set(ids))), *self._params),
         ).fetchall()
         return {r[1]: StoredSentence(*r) for r in rows}
 
     def mentions_in(self, seqs: Iterable[int]) -> dict[int, dict[int, str]]:
-        """For each sentence: the entities it mentions, with their kinds."""
+        """For each visible sentence: the entities it mentions, with their kinds."""
         found: dict[int, dict[int, str]] = {}
         for seq, eid, kind in self.conn.execute(
             "SELECT m.sentence_seq, m.entity_id, e.kind FROM memory_mentions AS m"
             " JOIN memory_entities AS e ON e.id = m.entity_id"
-            " WHERE m.sentence_seq IN " + _IN_IDS,
-            (_json_ids(seqs),),
-        ):
+            " WHERE m.sentence_seq IN " + _IN_IDS + " AND "
+            + self._visible_sentence("m.sentence_seq"),
+            (_json_ids(seqs), *self._params),
+        ):  # fmt: skip
             found.setdefault(seq, {})[eid] = kind
         return found
 
@@ -480,6 +714,9 @@ class _Resolver:
                 ).lastrowid
                 or 0
             )
+            # SQLite reuses the id of an entity a merge deleted: the new one
+            # is not that entity ("X (Y) … Z": Z must not become X).
+            self.merged.pop(entity, None)
         entity = self.canonical(entity)
         self.local[key] = entity
         if kind == "name" and " " in key:
@@ -501,10 +738,17 @@ class _Resolver:
                 people.add(keep)
 
 
-def _insert(conn: sqlite3.Connection, document: PreparedDocument) -> tuple[int, int]:
+def _insert(
+    conn: sqlite3.Connection,
+    document: PreparedDocument,
+    keys: Sequence[Sequence[str]],
+    owner: str | None,
+    shared: bool,
+    checkpoint: Checkpoint,
+) -> tuple[int, int]:
     conn.execute(
         "INSERT INTO memory_documents (id, title, format, text, sha256, source_sha256, added_by,"
-        " extractor, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " extractor, created_at, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             document.id,
             document.title,
@@ -512,15 +756,21 @@ def _insert(conn: sqlite3.Connection, document: PreparedDocument) -> tuple[int, 
             document.text,
             document.sha256,
             document.source_sha256,
-            document.added_by,
+            owner,
             document.extractor,
             time.time(),
+            int(shared),
         ),
     )
     resolver = _Resolver(conn)
     mention_count = 0
     supports: set[tuple[int, int]] = set()
-    for sentence, extraction in zip(document.sentences, document.extractions, strict=True):
+    # (subject, predicate, object) -> relation id, found or created by this
+    # ingest; a merge rewrites relations, so it empties this.
+    relation_ids: dict[tuple[int, str, int], int] = {}
+    rows = zip(document.sentences, document.extractions, keys, strict=True)
+    for sentence, extraction, mention_keys in rows:
+        checkpoint()
         seq = int(
             conn.execute(
                 "INSERT INTO memory_sentences (id, document_id, char_start, char_end, text)"
@@ -530,8 +780,7 @@ def _insert(conn: sqlite3.Connection, document: PreparedDocument) -> tuple[int, 
             or 0
         )
         entities: list[int | None] = []
-        for mention in extraction.mentions:
-            key = entity_key(mention.text)
+        for mention, key in zip(extraction.mentions, mention_keys, strict=True):
             if not key:
                 entities.append(None)
                 continue
@@ -548,6 +797,7 @@ def _insert(conn: sqlite3.Connection, document: PreparedDocument) -> tuple[int, 
             ea, eb = entities[a], entities[b]
             if ea is not None and eb is not None:
                 resolver.merge(ea, eb)
+                relation_ids.clear()
         for relation in extraction.relations:
             subject, obj = entities[relation.subject], entities[relation.object]
             if subject is None or obj is None:
@@ -555,7 +805,10 @@ def _insert(conn: sqlite3.Connection, document: PreparedDocument) -> tuple[int, 
             subject, obj = resolver.canonical(subject), resolver.canonical(obj)
             if subject == obj:
                 continue
-            relation_id = _relation(conn, subject, relation.predicate, obj, seq)
+            triple = (subject, relation.predicate, obj)
+            relation_id = relation_ids.get(triple)
+            if relation_id is None:
+                relation_id = relation_ids[triple] = _relation(conn, *triple, seq)
             conn.execute(
                 "INSERT OR IGNORE INTO memory_relation_support (relation_id, sentence_seq)"
                 " VALUES (?, ?)",
@@ -619,7 +872,11 @@ def _merge(conn: sqlite3.Connection, keep: int, drop: int) -> None:
     conn.execute("DELETE FROM memory_entities WHERE id = ?", (drop,))
 
 
-def _delete(conn: sqlite3.Connection, document_id: str) -> DeleteReport:
+def _delete(
+    conn: sqlite3.Connection, document_id: str, access: Access, checkpoint: Checkpoint
+) -> DeleteReport:
+    """Delete the document (which exists; the caller checked who may);
+    the report counts, of what was there, what ``access`` can still see."""
     if (
         conn.execute("SELECT 1 FROM memory_documents WHERE id = ?", (document_id,)).fetchone()
         is None
@@ -646,7 +903,17 @@ def _delete(conn: sqlite3.Connection, document_id: str) -> DeleteReport:
     ]
     # The cascade and the triggers in the schema do the pruning: sentences go,
     # their mentions and supports go with them, and an entity or relation
-    # whose last source went is deleted.
+    # whose last source went is deleted. Sentences go a batch at a time, so
+    # that a caller that gives up is heard within a batch, not after seconds.
+    while True:
+        checkpoint()
+        deleted = conn.execute(
+            "DELETE FROM memory_sentences WHERE seq IN (SELECT seq FROM memory_sentences"
+            " WHERE document_id = ? LIMIT ?)",
+            (document_id, _DELETE_BATCH),
+        ).rowcount
+        if deleted < _DELETE_BATCH:
+            break
     conn.execute("DELETE FROM memory_documents WHERE id = ?", (document_id,))
     kept_entities = [
         r[0]
@@ -654,15 +921,17 @@ def _delete(conn: sqlite3.Connection, document_id: str) -> DeleteReport:
             "SELECT id FROM memory_entities WHERE id IN " + _IN_IDS, (_json_ids(entities),)
         )
     ]
+    # What is left is counted as the caller sees it: that another app's
+    # private document still states a fact is not the caller's to know.
+    reader = MemoryReader(conn, access)
+    visible_entities = len(reader._names(kept_entities))
+    kept_relations = len(reader.facts(relations))
     _relabel(conn, kept_entities)
-    kept_relations = conn.execute(
-        "SELECT count(*) FROM memory_relations WHERE id IN " + _IN_IDS, (_json_ids(relations),)
-    ).fetchone()[0]
     return DeleteReport(
         document_id=document_id,
         sentences=int(sentences),
-        entities_removed=len(entities) - len(kept_entities),
-        entities_kept=len(kept_entities),
+        entities_removed=len(entities) - visible_entities,
+        entities_kept=visible_entities,
         relations_removed=len(relations) - int(kept_relations),
         relations_kept=int(kept_relations),
     )

@@ -7,6 +7,7 @@ import logging
 
 import trio
 
+from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
@@ -39,4 +40,4 @@ async def serve_forward(
         await splice(local, stream)
 
     task_status.started(bound)
-    await trio.serve_listeners(relay, listeners)
+    await trio.serve_listeners(guarded(relay, f"connection forwarded to {target}", log), listeners)

@@ -17,6 +17,7 @@ import logging
 
 import trio
 
+from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
@@ -61,4 +62,4 @@ async def serve_llm(
         await splice(local, stream)
 
     task_status.started(bound)
-    await trio.serve_listeners(relay, listeners)
+    await trio.serve_listeners(guarded(relay, "LLM client connection", log), listeners)

@@ -26,6 +26,7 @@ from typing import Final
 import trio
 
 from qmesh import _core
+from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
@@ -128,7 +129,7 @@ async def serve_pg(
             await trio.aclose_forcefully(local)
 
     task_status.started(bound)
-    await trio.serve_listeners(handle, listeners)
+    await trio.serve_listeners(guarded(handle, "Postgres client connection", log), listeners)
 
 
 async def _handle(

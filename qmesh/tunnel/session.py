@@ -352,11 +352,27 @@ class Session:
         interval = self.settings.heartbeat_interval_s
         dead_after = self.settings.dead_after_s
         ping_id = 0
+        # The oldest frame still unacknowledged, and since when. A live peer
+        # acknowledges within ACK_DELAY; one that keeps answering PINGs but
+        # never acknowledges would make us retain frames forever (below
+        # MAX_UNACKED_BYTES when it also grants no window): like TCP's user
+        # timeout, it loses the session after dead_after_s.
+        oldest, since = -1, trio.current_time()
         while True:
             await trio.sleep(min(interval, dead_after / 3))
             silent = self._engine.silent_for()
             if silent > dead_after:
                 self._fail_connection(ConnectionLost(f"peer silent for {silent:.1f}s"))
+                return
+            now = trio.current_time()
+            _, send_next, retained, *_ = self._engine.stats()  # one consistent snapshot
+            first_unacked = send_next - retained
+            if not retained or first_unacked != oldest:
+                oldest, since = first_unacked, now
+            elif now - since > dead_after:
+                self._fail_connection(
+                    PeerProtocolError(f"peer acknowledged nothing for {now - since:.1f}s")
+                )
                 return
             ping_id += 1
             self._ping_sent_at = {ping_id: trio.current_time()}

@@ -1,9 +1,21 @@
 """A small HTTP/1.1 server on h11 and Trio, for the Gate's APIs.
 
 h11 is the sans-IO protocol core; this module is the thin Trio loop around
-it plus routing. Keep-alive, request size limits, idle and header timeouts,
-and streamed responses (SSE) are handled here so handlers only map a
+it plus routing. Keep-alive, limits (connections, header and body sizes,
+idle, request and write timeouts: :class:`qmesh.config.HttpConfig`) and
+streamed responses (SSE) are handled here so handlers only map a
 :class:`Request` to a :class:`Response`.
+
+It is a boundary: another party's bytes arrive here. Whatever goes wrong
+while serving one connection — a malformed request, a handler that raises
+any exception at all (``RecursionError``, ``KeyError``, an exception group,
+even ``SystemExit``), a response that cannot be encoded, a streamed answer
+that fails half-way — is answered (500) if the answer has not started, logged
+with its reason, and ends at most that connection: never the server, never
+another connection. The one place that enforces it is :func:`_boundary`,
+around each connection; :func:`_handle` turns a failed handler into a 500
+first so that the connection can carry on. Only cancellation (the server
+shutting down), ``KeyboardInterrupt`` and ``GeneratorExit`` pass through.
 
 Not for: TLS termination or HTTP/2 (put a proxy in front), nor anything that
 needs per-request imports — the router is built once at start-up.
@@ -11,26 +23,58 @@ needs per-request imports — the router is built once at start-up.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import h11
 import trio
 
+from qmesh import peerjson
+from qmesh.config import HttpConfig
 from qmesh.fastsocket import FastSocketStream
+
+__all__ = [
+    "Handler",
+    "HttpError",
+    "Request",
+    "RequestScope",
+    "Response",
+    "Router",
+    "serve_http",
+    "serve_stream",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 16 * 1024 * 1024
-MAX_HEADER = 64 * 1024
-IDLE_TIMEOUT_S = 75.0  # between requests on a kept-alive connection
-REQUEST_TIMEOUT_S = 30.0  # to receive one whole request once it started
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE: Final = 65536
+# Over the connection limit a new connection gets a 503 and is closed; the
+# answer may wait this long for a client that does not read it …
+_REFUSE_TIMEOUT_S: Final = 1.0
+# … and at most this many such answers are in flight: beyond them a new
+# connection is closed without one, so a flood costs an accept and a close.
+_MAX_REFUSING: Final = 64
+# What a refused client sent is read (and dropped) before the close, up to
+# this much: closing a socket with unread input resets the connection, and
+# the reset can destroy the 503 before the client reads it.
+_REFUSE_DRAIN_BYTES: Final = 65536
+# accept() failures that mean "out of file descriptors or memory for now":
+# wait and retry rather than end the server (as trio.serve_listeners does).
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY_S: Final = 0.1
+# Exceptions that are not a peer's doing and must reach their catcher:
+# cancellation (a shutdown, a deadline), Ctrl-C, and a generator's close.
+_PASS_THROUGH: Final = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
 
 
 class HttpError(Exception):
@@ -45,6 +89,7 @@ class HttpError(Exception):
         kind: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -52,10 +97,43 @@ class HttpError(Exception):
         self.kind = kind
         self.code = code
         self.param = param  # the request field at fault, as OpenAI's errors name it
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def response(self) -> Response:
         error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return Response.json({"error": error}, status=self.status)
+        return Response.json({"error": error}, status=self.status, headers=self.headers)
+
+
+class RequestScope:
+    """What lasts as long as one request, its answer included (a streamed
+    answer until its last chunk, or until the client hangs up): callbacks
+    run when it is over, whatever happened. For per-request accounting such
+    as the per-app limit of concurrent requests."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self._claims: set[object] = set()
+
+    def claim(self, key: object) -> bool:
+        """True the first time ``key`` is claimed in this request: lets a
+        check that a handler may run twice count the request once."""
+        if key in self._claims:
+            return False
+        self._claims.add(key)
+        return True
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> None:
+        """Run the callbacks, newest first; one that fails is logged and
+        does not stop the others."""
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in reversed(callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("a request's close callback failed")
 
 
 @attrs.frozen
@@ -67,12 +145,18 @@ class Request:
     body: bytes
     path_params: Mapping[str, str] = attrs.field(factory=dict)
     client: str = ""
+    source: str = ""
+    """Who to hold to account for failed authentications: the peer's address
+    without its port (an edge's name through the tunnel)."""
+    scope: RequestScope = attrs.field(factory=RequestScope, eq=False, repr=False)
 
-    def json(self) -> Any:
-        """The body as JSON, or a 400 that says why not."""
+    def json(self, *, max_depth: int = peerjson.DEFAULT_MAX_DEPTH) -> Any:
+        """The body as JSON, or a 400 that says why not. Nesting is bounded
+        (a deep one would crash the parser); the size was bounded by the
+        server (``max_body_bytes``) before the handler ran."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            return peerjson.loads(self.body, max_bytes=len(self.body), max_depth=max_depth)
+        except peerjson.PeerJsonError as exc:
             raise HttpError(400, f"request body is not valid JSON: {exc}") from None
 
     def bearer_token(self) -> str | None:
@@ -110,11 +194,18 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+_INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
+
 
 class Router:
-    """Method + path → handler. Paths are exact, or have ``{name}`` segments."""
+    """Method + path → handler. Paths are exact, or have ``{name}`` segments.
 
-    def __init__(self) -> None:
+    ``limits`` travel with the router: every server of these routes (the
+    Gate's listener, the ``llm`` tunnel service) applies the same ones.
+    """
+
+    def __init__(self, limits: HttpConfig | None = None) -> None:
+        self.limits = limits if limits is not None else HttpConfig()
         self._exact: dict[tuple[str, str], Handler] = {}
         self._patterns: list[tuple[str, tuple[str, ...], Handler]] = []
         self._routes: dict[Handler, str] = {}
@@ -166,55 +257,240 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     return params
 
 
+# -- the boundary ----------------------------------------------------------------
+
+
+def _split(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (what must pass through, what the boundary ends here)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_PASS_THROUGH)
+    if isinstance(exc, _PASS_THROUGH):
+        return exc, None
+    return None, exc
+
+
+@contextlib.contextmanager
+def _boundary(what: str) -> Iterator[None]:
+    """Ends whatever ``what`` (one connection) raised, with a logged reason.
+
+    Catches BaseException on purpose: a peer must not be able to end the
+    server with any exception type, SystemExit and exception groups
+    included. Cancellation, KeyboardInterrupt and GeneratorExit are split
+    out of groups and re-raised, since they belong to someone else.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        passed, caught = _split(exc)
+        if caught is not None:
+            log.error("%s ended by an unexpected %s", what, type(caught).__name__,
+                      exc_info=caught)  # fmt: skip
+        if passed is exc:
+            raise
+        if passed is not None:
+            raise passed from None
+
+
+# -- serving ---------------------------------------------------------------------
+
+
+@attrs.define
+class _Connections:
+    active: int = 0
+    refusing: int = 0
+    overloaded: bool = False  # the limit was hit since the last warning
+
+
 async def serve_http(
     router: Router,
     host: str,
     port: int,
     *,
-    max_body: int = MAX_BODY,
+    limits: HttpConfig | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``router`` on ``host:port``; ``task_status.started`` gets the bound port."""
+    """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
+    bound port. ``limits`` default to the router's. With ``tls``, every
+    connection is TLS (its handshake bounded by the request timeout)."""
+    limits = limits if limits is not None else router.limits
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening on %s:%d", host, bound)
-    task_status.started(bound)
+    connections = _Connections()
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_forever, listener, nursery, router, limits, connections, tls)
+        task_status.started(bound)
 
-    async def serve_one(stream: trio.SocketStream) -> None:
-        try:
-            client = "{}:{}".format(*stream.socket.getpeername()[:2])
-        except OSError:
-            client = "?"
-        await serve_stream(router, FastSocketStream(stream), client=client, max_body=max_body)
 
-    await trio.serve_listeners(serve_one, listeners)
+async def _accept_forever(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    router: Router,
+    limits: HttpConfig,
+    connections: _Connections,
+    tls: ssl.SSLContext | None,
+) -> None:
+    # Counted here, at accept, and not in the connection's task: the count
+    # is then exact for the next accept, whatever the scheduler does.
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("http: cannot accept a connection (%s); retrying shortly", exc)
+                await trio.sleep(_ACCEPT_RETRY_S)
+                continue
+            if connections.active >= limits.max_connections:
+                if not connections.overloaded:
+                    connections.overloaded = True
+                    log.warning(
+                        "http: %d connections open (gate.http.max_connections); "
+                        "refusing new ones with 503",
+                        connections.active,
+                    )
+                if connections.refusing >= _MAX_REFUSING:
+                    stream.socket.close()  # no checkpoint: the accept loop goes on at once
+                    continue
+                connections.refusing += 1
+                nursery.start_soon(_refuse, stream, limits, connections)
+                continue
+            connections.active += 1
+            nursery.start_soon(_serve_tcp, stream, router, limits, connections, tls)
+
+
+async def _serve_tcp(
+    stream: trio.SocketStream,
+    router: Router,
+    limits: HttpConfig,
+    connections: _Connections,
+    tls: ssl.SSLContext | None,
+) -> None:
+    try:
+        with _boundary("http connection"):
+            try:
+                host, port = stream.socket.getpeername()[:2]
+                client, source = f"{host}:{port}", str(host)
+            except OSError:
+                client = source = "?"
+            transport: trio.abc.Stream = FastSocketStream(stream)
+            if tls is not None:
+                secure = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+                try:
+                    with trio.fail_after(limits.request_timeout_s):
+                        await secure.do_handshake()
+                except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    log.info("tls handshake with %s failed: %s", client, exc or "timeout")
+                    await trio.aclose_forcefully(stream)
+                    return
+                transport = secure
+            await serve_stream(router, transport, client=client, source=source, limits=limits)
+    finally:
+        connections.active -= 1
+        if connections.active < limits.max_connections:
+            connections.overloaded = False
+
+
+async def _refuse(stream: trio.SocketStream, limits: HttpConfig, connections: _Connections) -> None:
+    try:
+        with _boundary("refused http connection"):
+            error = HttpError(
+                503,
+                "the gate has too many open HTTP connections "
+                f"(gate.http.max_connections = {limits.max_connections}); retry shortly",
+                kind="server_error",
+                code="overloaded",
+                headers=(("retry-after", "1"),),
+            )
+            try:
+                with trio.move_on_after(_REFUSE_TIMEOUT_S):
+                    await stream.send_all(_raw_response(error.response()))
+                    await stream.send_eof()
+                    drained = 0
+                    while drained < _REFUSE_DRAIN_BYTES:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            break
+                        drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(stream)
+    finally:
+        connections.refusing -= 1
 
 
 async def serve_stream(
-    router: Router, stream: trio.abc.Stream, *, client: str, max_body: int = MAX_BODY
+    router: Router,
+    stream: trio.abc.Stream,
+    *,
+    client: str,
+    source: str | None = None,
+    limits: HttpConfig | None = None,
 ) -> None:
     """Serve HTTP/1.1 on one already-open byte stream (a TCP connection, or
-    a tunnel stream carrying an edge's connection) until it ends; closes it."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
+    a tunnel stream carrying an edge's connection) until it ends; closes it.
+    Never raises for anything the peer or a handler did (see the module's
+    docstring). ``source`` (default: ``client``) is what failed
+    authentications are counted against; ``limits`` default to the router's."""
+    what = f"http connection from {client}"
+    try:
+        with _boundary(what):
+            await _serve_connection(
+                router,
+                stream,
+                client,
+                client if source is None else source,
+                limits if limits is not None else router.limits,
+            )
+    finally:
+        # Closed after the reason is logged, so the log never lags the close.
+        with _boundary(f"closing the {what}"):
+            await trio.aclose_forcefully(stream)
+
+
+class _Unsendable(Exception):
+    """A handler's response cannot be encoded (a bug in the handler)."""
+
+
+class _ClientTooSlow(Exception):
+    """A write to the client waited longer than ``request_timeout_s``."""
+
+
+async def _serve_connection(
+    router: Router, stream: trio.abc.Stream, client: str, source: str, limits: HttpConfig
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+    write_timeout = limits.request_timeout_s
+    head_only = False  # the answer to a HEAD request has no body
     try:
         while True:
-            with trio.move_on_after(IDLE_TIMEOUT_S) as idle:
-                event = await _next_event(conn, stream)
-            if idle.cancelled_caught or event is None:
-                return
-            if not isinstance(event, h11.Request):
+            head_only = False
+            if not await _wait_for_request(conn, stream, limits.idle_timeout_s):
                 return
             try:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    request = await _read_request(conn, stream, event, max_body, client)
+                # From the request's first byte to the end of its body.
+                with trio.fail_after(limits.request_timeout_s):
+                    event = await _next_event(conn, stream)
+                    if not isinstance(event, h11.Request):
+                        return
+                    head_only = event.method == b"HEAD"
+                    request = await _read_request(conn, stream, event, limits, client, source)
             except trio.TooSlowError:
-                await _send_error(conn, stream, HttpError(408, "request took too long"))
+                timeout = HttpError(408, "request took too long")
+                await _send_error(conn, stream, timeout, limits, head_only)
                 return
             except HttpError as error:
-                await _send_error(conn, stream, error)
+                await _send_error(conn, stream, error, limits, head_only)
                 return
-            response = await _handle(router, request)
-            await _send_response(conn, stream, response)
+            try:
+                response = await _handle(router, request)
+                await _send_response(conn, stream, response, write_timeout, head_only=head_only)
+            finally:
+                request.scope.close()
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -222,16 +498,30 @@ async def serve_stream(
             except h11.LocalProtocolError:
                 return
     except h11.RemoteProtocolError as exc:
-        await _send_error(conn, stream, HttpError(exc.error_status_hint, f"bad request: {exc}"))
+        bad = HttpError(exc.error_status_hint, f"bad request: {exc}")
+        await _send_error(conn, stream, bad, limits, head_only)
+    except _Unsendable:
+        # Nothing of the answer was written: a plain 500, then close (h11's
+        # state is spoilt by the failed encoding, so it is written by hand).
+        with trio.move_on_after(write_timeout):
+            await stream.send_all(_raw_response(_INTERNAL_ERROR.response(), head_only=head_only))
+    except _ClientTooSlow:
+        log.info("http client %s stopped reading its answer; closed the connection", client)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    except Exception:
-        # A streamed response's generator failed after the head was sent:
-        # all we can do is cut the connection (the client sees a truncated
-        # chunked body, not a clean end), and keep serving everyone else.
-        log.exception("response to %s failed while streaming", client)
-    finally:
-        await trio.aclose_forcefully(stream)
+        pass  # the peer went away
+
+
+async def _wait_for_request(conn: h11.Connection, stream: trio.abc.Stream, idle: float) -> bool:
+    """Wait up to ``idle`` seconds for the first bytes of the next request;
+    False when they did not come (the connection should close quietly)."""
+    buffered, closed = conn.trailing_data
+    if buffered or closed:
+        return True  # a pipelined request, or the peer's EOF, is already here
+    with trio.move_on_after(idle):
+        data = await stream.receive_some(RECEIVE_SIZE)
+        conn.receive_data(bytes(data))  # b"" tells h11 about EOF; bytes(b) is no copy
+        return True
+    return False
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | None:
@@ -248,8 +538,19 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Even
 
 
 async def _read_request(
-    conn: h11.Connection, stream: trio.abc.Stream, head: h11.Request, max_body: int, client: str
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    head: h11.Request,
+    limits: HttpConfig,
+    client: str,
+    source: str,
 ) -> Request:
+    # h11 bounds a head that is still arriving; one that came whole in a
+    # single read is measured here, so the limit does not depend on timing.
+    size = len(head.method) + len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
+    if size > limits.max_header_bytes:
+        raise HttpError(431, f"request head over {limits.max_header_bytes} bytes")
+    max_body = limits.max_body_bytes
     headers: dict[str, str] = {}
     for name, value in head.headers:
         key = name.decode("latin-1").lower()
@@ -282,21 +583,31 @@ async def _read_request(
         headers=headers,
         body=bytes(body),
         client=client,
+        source=source,
     )
 
 
 async def _handle(router: Router, request: Request) -> Response:
+    """The handler's response; a 500 for anything it raised but an HttpError."""
     observe = router.observe
     started = time.perf_counter() if observe is not None else 0.0
     handler: Handler | None = None
     try:
         handler, params = router.resolve(request.method, request.path)
         response = await handler(attrs.evolve(request, path_params=params) if params else request)
+        if not isinstance(response, Response):
+            raise TypeError(f"the handler returned {type(response).__name__}, not a Response")
     except HttpError as error:
         response = error.response()
-    except Exception:
-        log.exception("handler for %s %s failed", request.method, request.path)
-        response = HttpError(500, "internal error", kind="server_error").response()
+    except BaseException as exc:
+        passed, caught = _split(exc)
+        if passed is exc:
+            raise
+        log.error("handler for %s %s (from %s) failed: %s", request.method, request.path,
+                  request.client, type(caught).__name__, exc_info=caught)  # fmt: skip
+        if passed is not None:
+            raise passed from None
+        response = _INTERNAL_ERROR.response()
     if observe is not None:
         observe(
             request.method, router.route_of(handler), response.status, time.perf_counter() - started
@@ -304,49 +615,96 @@ async def _handle(router: Router, request: Request) -> Response:
     return response
 
 
-async def _send(conn: h11.Connection, stream: trio.abc.Stream, event: h11.Event) -> None:
-    data = conn.send(event)
-    if data:
+async def _write(stream: trio.abc.Stream, data: bytes, limit_s: float) -> None:
+    # move_on_after, not fail_after: a TooSlowError from here would look
+    # like one from a response's producer, which is another matter.
+    with trio.move_on_after(limit_s) as scope:
         await stream.send_all(data)
+    if scope.cancelled_caught:
+        raise _ClientTooSlow
 
 
-async def _send_response(
-    conn: h11.Connection, stream: trio.abc.Stream, response: Response, *, close: bool = False
-) -> None:
-    headers = [(k.encode(), v.encode()) for k, v in response.headers]
-    headers.append((b"server", b"qmesh"))
-    if close:
-        headers.append((b"connection", b"close"))
-    if response.stream is None:
+def _encode(conn: h11.Connection, response: Response, close: bool, head_only: bool) -> bytes:
+    """The response's head (and, unless streamed, its body and end) as bytes;
+    for a HEAD request, the head and end only (its headers still say what
+    the body would be). Raises _Unsendable, before anything is written, for
+    a malformed one."""
+    try:
+        headers = [(k.encode(), v.encode()) for k, v in response.headers]
+        headers.append((b"server", b"qmesh"))
+        if close:
+            headers.append((b"connection", b"close"))
+        if response.stream is not None:
+            headers.append((b"transfer-encoding", b"chunked"))
+            data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+            return data + (conn.send(h11.EndOfMessage()) or b"") if head_only else data
         headers.append((b"content-length", str(len(response.body)).encode()))
         # Head, body and end in one write: one syscall per response, not three.
         data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-        if response.body:
+        if response.body and not head_only:
             data += conn.send(h11.Data(data=response.body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
-        return
-    else:
-        headers.append((b"transfer-encoding", b"chunked"))
-        await _send(conn, stream, h11.Response(status_code=response.status, headers=headers))
-        try:
-            async for chunk in response.stream:
-                if chunk:
-                    await _send(conn, stream, h11.Data(data=chunk))
-        finally:
-            # A client that hangs up mid-stream must stop the producer now
-            # (a generation on a daemon, say), not when the GC finds it.
-            aclose = getattr(response.stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-    await _send(conn, stream, h11.EndOfMessage())
+        return data + (conn.send(h11.EndOfMessage()) or b"")
+    except Exception:
+        log.exception("a response (status %r) cannot be encoded", response.status)
+        raise _Unsendable from None
 
 
-async def _send_error(conn: h11.Connection, stream: trio.abc.Stream, error: HttpError) -> None:
+async def _send_response(
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    response: Response,
+    write_timeout: float,
+    *,
+    close: bool = False,
+    head_only: bool = False,
+) -> None:
+    producer = response.stream
+    try:
+        await _write(stream, _encode(conn, response, close, head_only), write_timeout)
+        if producer is None or head_only:
+            return
+        async for chunk in producer:
+            if chunk:
+                await _write(stream, conn.send(h11.Data(data=chunk)) or b"", write_timeout)
+        await _write(stream, conn.send(h11.EndOfMessage()) or b"", write_timeout)
+    finally:
+        # A client that hangs up mid-stream must stop the producer now
+        # (a generation on a daemon, say), not when the GC finds it.
+        aclose = getattr(producer, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _send_error(
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    error: HttpError,
+    limits: HttpConfig,
+    head_only: bool,
+) -> None:
     """Answer an error if the protocol state still allows a response, then give up."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     try:
-        await _send_response(conn, stream, error.response(), close=True)
-    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        await _send_response(
+            conn,
+            stream,
+            error.response(),
+            limits.request_timeout_s,
+            close=True,
+            head_only=head_only,
+        )
+    except (_ClientTooSlow, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _raw_response(response: Response, *, head_only: bool = False) -> bytes:
+    """A complete response with ``Connection: close``, encoded without h11:
+    for answers outside a request cycle (a refused connection) or after h11
+    gave up on one (a handler's response that could not be encoded)."""
+    reason = HTTPStatus(response.status).phrase
+    lines = [f"HTTP/1.1 {response.status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    lines += ["server: qmesh", f"content-length: {len(response.body)}", "connection: close"]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body

@@ -2,7 +2,8 @@
 //!
 //! `fuzz_decoder_quick` runs with every `cargo test`. `fuzz_decoder_long` is
 //! the stand-in for `cargo fuzz` on machines without nightly/libFuzzer
-//! (see scripts/fuzz.sh); it is `#[ignore]`d and sized by QMESH_FUZZ_CASES:
+//! (see scripts/fuzz.sh); it is `#[ignore]`d and sized by QMESH_FUZZ_CASES
+//! or QMESH_FUZZ_SECONDS, seeded by QMESH_FUZZ_SEED (see `fuzzkit`):
 //!
 //! ```text
 //! QMESH_FUZZ_CASES=200000 cargo test --release -p qmesh-wire -- --ignored fuzz_decoder_long
@@ -18,10 +19,10 @@
 //! * an unmutated stream decodes completely.
 
 mod common;
+mod fuzzkit;
 
 use common::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
 use qmesh_wire::{DecoderConfig, Error, FrameDecoder, HEADER_LEN, TAG_LEN};
 
 #[derive(Debug, Clone)]
@@ -285,27 +286,15 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run(cases: u32) {
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
-    });
-    runner.run(&case(), |c| run_case(&c)).unwrap();
-}
-
 #[test]
 fn fuzz_decoder_quick() {
-    run(256);
+    fuzzkit::quick("frame_decoder", 256, case(), |c| run_case(&c));
 }
 
 #[test]
-#[ignore = "long: run via scripts/fuzz.sh (QMESH_FUZZ_CASES sets the count)"]
+#[ignore = "long: run via scripts/fuzz.sh (QMESH_FUZZ_CASES / QMESH_FUZZ_SECONDS)"]
 fn fuzz_decoder_long() {
-    let cases = std::env::var("QMESH_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    run(cases);
+    fuzzkit::long("frame_decoder", case(), |c| run_case(&c));
 }
 
 #[test]

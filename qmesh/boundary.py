@@ -1,0 +1,74 @@
+"""Where another party's bytes arrive, one failure ends one connection.
+
+For: the per-connection handlers of every listener (the Gate's tunnel and
+HTTP listeners, the MiniGate's Postgres, LLM and forward listeners). Inside
+:func:`peer_boundary` anything a peer's input makes our code raise — a
+``RecursionError``, a ``KeyError`` from a bug, an exception group — is logged
+with the reason and ends that connection only; the listener, the process and
+every other peer carry on.
+
+Catches ``BaseException`` on purpose: a peer must not be able to end the
+server with any exception type, ``SystemExit`` and exception groups
+included. Cancellation, ``KeyboardInterrupt`` and ``GeneratorExit`` belong to
+someone else (shutdown, the operator, the interpreter): they are split out of
+groups and passed on.
+
+Not for: expected failures (a peer closing, a protocol error the handler
+answers itself), which handlers catch and report in their own words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final, TypeVar
+
+import trio
+
+__all__ = ["guarded", "peer_boundary"]
+
+_PASS_THROUGH: Final = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _split(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (what must pass through, what the boundary ends here)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_PASS_THROUGH)
+    if isinstance(exc, _PASS_THROUGH):
+        return exc, None
+    return None, exc
+
+
+@contextlib.contextmanager
+def peer_boundary(what: str, logger: logging.Logger = log) -> Iterator[None]:
+    """Ends whatever ``what`` (one connection) raised, with a logged reason."""
+    try:
+        yield
+    except BaseException as exc:
+        passed, caught = _split(exc)
+        if caught is not None:
+            logger.error(
+                "%s ended by an unexpected %s", what, type(caught).__name__, exc_info=caught
+            )
+        if passed is exc:
+            raise
+        if passed is not None:
+            raise passed from None
+
+
+def guarded(
+    handler: Callable[[T], Awaitable[None]], what: str, logger: logging.Logger = log
+) -> Callable[[T], Awaitable[None]]:
+    """``handler`` for one connection, inside :func:`peer_boundary`; for
+    ``trio.serve_listeners`` and the like."""
+
+    async def handle(connection: T) -> None:
+        with peer_boundary(what, logger):
+            await handler(connection)
+
+    return handle

@@ -1,0 +1,229 @@
+"""Live Postgres sessions lose their standing with their app key
+(qmesh.gate.pg): ``qmesh apps disable`` and ``rotate-key --overlap 0`` end
+them with a FATAL (57P01) through the Gate's StateWatcher; a session on a key
+inside its rotation overlap carries on until the overlap ends.
+
+Real psycopg clients → MiniGate → tunnel → Gate → a real PostgreSQL; the
+trust changes are written through a second connection to the state
+database, as a ``qmesh`` command in another process writes them. Each
+session under test is inside a running statement when its key loses its
+standing, so the FATAL is what the client reads; waits are on events and
+on conditions with generous deadlines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import psycopg
+import pytest
+import trio
+from pgcluster import PgCluster
+from pgkit import Ghost, RealDb, in_thread, start_ghost
+
+from qmesh.gate.pg import KEY_REVOKED
+from qmesh.gate.watch import StateWatcher
+from qmesh.state import StateStore
+
+DEADLINE_S = 30.0  # generous: the event must happen, how fast is for bench/
+SLEEP = "SELECT pg_sleep(30)"
+
+
+@pytest.fixture(scope="module")
+def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
+    yield RealDb(pg_cluster, prefix="keys")
+
+
+@attrs.define
+class Watched:
+    ghost: Ghost
+    watcher: StateWatcher
+    refreshes: int = 0
+
+    def other_process(self) -> StateStore:
+        """A second connection to the Gate's state database."""
+        return StateStore.open(self.ghost.store.path)
+
+    async def refreshed(self) -> None:
+        seen = self.refreshes
+        await until(lambda: self.refreshes > seen)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(DEADLINE_S):
+        while not condition():  # noqa: ASYNC110 - a condition, polled with a deadline
+            await trio.sleep(0.01)
+
+
+async def start(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> Watched:
+    ghost = await start_ghost(nursery, db, tmp_path)
+    watcher = StateWatcher(ghost.store, interval_s=0.02)
+    watched = Watched(ghost, watcher)
+    watcher.subscribe("app keys (pg)", ghost.service.refresh_apps)
+
+    async def count() -> None:
+        watched.refreshes += 1
+
+    watcher.subscribe("test", count)  # runs after refresh_apps has finished
+    await nursery.start(watcher.run)
+    return watched
+
+
+def connect(ghost: Ghost, key: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(**ghost.kwargs(password=key), autocommit=True)
+
+
+async def sleeping(db: RealDb, count: int) -> None:
+    """Wait until ``count`` sessions run SLEEP at the real server."""
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity"
+        f" WHERE query = '{SLEEP}' AND state = 'active' AND usename = '{db.name}'"
+    )
+    with trio.fail_after(DEADLINE_S):
+        while int((await in_thread(lambda: db.superuser(sql))).strip() or 0) < count:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+def stop_sleepers(db: RealDb) -> None:
+    """The real server notices a vanished client only when its statement
+    ends: end the leftover statements now rather than in 30 s."""
+    db.superuser(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE query = '{SLEEP}' AND usename = '{db.name}'"
+    )
+
+
+async def ended_while_sleeping(ghost: Ghost, key: str, started: trio.Event) -> psycopg.Error:
+    """Log in with ``key``, run SLEEP; the error that ended it."""
+
+    def session() -> psycopg.Error:
+        with connect(ghost, key) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            trio.from_thread.run_sync(started.set)
+            try:
+                conn.execute(SLEEP)
+            except psycopg.Error as exc:
+                return exc
+        raise AssertionError("the statement finished: the session was not ended")
+
+    return await in_thread(session)
+
+
+async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    watched = await start(nursery, db, tmp_path)
+    ghost = watched.ghost
+    errors: list[psycopg.Error] = []
+    try:
+        async with trio.open_nursery() as sessions:
+            for _ in range(2):
+                started = trio.Event()
+
+                async def one(started: trio.Event = started) -> None:
+                    errors.append(await ended_while_sleeping(ghost, ghost.app_key, started))
+
+                sessions.start_soon(one)
+                await started.wait()
+            await sleeping(db, 2)
+            with watched.other_process() as other:
+                assert other.set_app_disabled(ghost.app_id, True)
+    finally:
+        await in_thread(lambda: stop_sleepers(db))
+    assert len(errors) == 2
+    for error in errors:
+        assert error.sqlstate == KEY_REVOKED, error
+        assert f'app "{ghost.app_id}" was disabled' in str(error)
+    assert ghost.service.sessions_ended == 2
+    # A new login with the right key is refused, saying why …
+    with pytest.raises(psycopg.OperationalError) as info:
+        await in_thread(lambda: connect(ghost, ghost.app_key).close())
+    assert "is disabled" in str(info.value)
+    # … until the app is enabled again.
+    with watched.other_process() as other:
+        assert other.set_app_disabled(ghost.app_id, False)
+
+    def works() -> object:
+        with connect(ghost, ghost.app_key) as conn:
+            row = conn.execute("SELECT 1").fetchone()
+            return None if row is None else row[0]
+
+    assert await in_thread(works) == 1
+
+
+async def test_rotation_spares_sessions_inside_the_overlap_and_ends_them_without_one(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    watched = await start(nursery, db, tmp_path)
+    ghost = watched.ghost
+    old_key = ghost.app_key
+    errors: list[psycopg.Error] = []
+    try:
+        async with trio.open_nursery() as sessions:
+            started_old = trio.Event()
+
+            async def on_old_key() -> None:
+                errors.append(await ended_while_sleeping(ghost, old_key, started_old))
+
+            sessions.start_soon(on_old_key)
+            await started_old.wait()
+            with watched.other_process() as other:
+                new_key, _ = other.rotate_app_key(ghost.app_id, 3600)
+            await watched.refreshed()
+            # The old key is inside its overlap: its session carries on.
+            assert ghost.service.sessions_ended == 0
+            started_new = trio.Event()
+
+            async def on_new_key() -> None:
+                errors.append(await ended_while_sleeping(ghost, new_key, started_new))
+
+            sessions.start_soon(on_new_key)
+            await started_new.wait()
+            await sleeping(db, 2)
+            assert ghost.service.sessions_ended == 0
+            # A leaked key: no overlap. Every previous key stops, and with
+            # it every session that logged in with one.
+            with watched.other_process() as other:
+                newest, _ = other.rotate_app_key(ghost.app_id, 0)
+    finally:
+        await in_thread(lambda: stop_sleepers(db))
+    assert len(errors) == 2
+    for error in errors:
+        assert error.sqlstate == KEY_REVOKED, error
+        assert "was revoked" in str(error)
+    for key in (old_key, new_key):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            await in_thread(lambda key=key: connect(ghost, key).close())  # type: ignore[misc]
+    await in_thread(lambda: connect(ghost, newest).close())
+
+
+async def test_a_session_ends_when_its_keys_overlap_runs_out(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    watched = await start(nursery, db, tmp_path)
+    ghost = watched.ghost
+    errors: list[psycopg.Error] = []
+    try:
+        async with trio.open_nursery() as sessions:
+            started = trio.Event()
+
+            async def on_old_key() -> None:
+                errors.append(await ended_while_sleeping(ghost, ghost.app_key, started))
+
+            sessions.start_soon(on_old_key)
+            await started.wait()
+            await sleeping(db, 1)
+            with watched.other_process() as other:
+                other.rotate_app_key(ghost.app_id, 3)
+            rotated = time.monotonic()
+            await watched.refreshed()
+            # Nothing else changes: the end of the overlap alone ends it.
+    finally:
+        await in_thread(lambda: stop_sleepers(db))
+    assert time.monotonic() - rotated >= 2.5  # not before the overlap was over
+    (error,) = errors
+    assert error.sqlstate == KEY_REVOKED, error
+    assert "rotation overlap" in str(error) and "has ended" in str(error)
