@@ -26,20 +26,22 @@ from typing import Final, TypeVar
 
 import trio
 
-__all__ = ["guarded", "peer_boundary"]
+__all__ = ["PASS_THROUGH", "guarded", "peer_boundary", "split_failure"]
 
-_PASS_THROUGH: Final = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
+PASS_THROUGH: Final = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
+"""Not a peer's doing, and must reach their catcher: cancellation (a
+shutdown, a deadline), Ctrl-C, and a generator's close."""
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def _split(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+def split_failure(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
     """``exc`` as (what must pass through, what the boundary ends here)."""
     if isinstance(exc, BaseExceptionGroup):
-        return exc.split(_PASS_THROUGH)
-    if isinstance(exc, _PASS_THROUGH):
+        return exc.split(PASS_THROUGH)
+    if isinstance(exc, PASS_THROUGH):
         return exc, None
     return None, exc
 
@@ -50,7 +52,7 @@ def peer_boundary(what: str, logger: logging.Logger = log) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        passed, caught = _split(exc)
+        passed, caught = split_failure(exc)
         if caught is not None:
             logger.error(
                 "%s ended by an unexpected %s", what, type(caught).__name__, exc_info=caught

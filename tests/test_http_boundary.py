@@ -6,8 +6,10 @@ Real sockets on loopback; autojump_clock for the timeouts."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,7 +37,7 @@ async def exchange(port: int, raw: bytes) -> bytes:
         return await read_to_end(stream)
 
 
-async def read_to_end(stream: trio.SocketStream) -> bytes:
+async def read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
     received = bytearray()
     with trio.fail_after(10):
         try:
@@ -224,6 +226,33 @@ async def test_connections_beyond_the_limit_get_a_quick_503(nursery: trio.Nurser
             await trio.sleep(0.01)
     assert status_of(answer) == 200
     await held[1].aclose()
+
+
+async def test_a_tls_listener_refuses_over_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from qmesh.gate.tls import load_or_create
+
+    server_tls = load_or_create(tmp_path)
+    router, limits = make_router(), HttpConfig(max_connections=1)
+    port: int = await nursery.start(
+        functools.partial(serve_http, limits=limits, tls=server_tls.context), router, "127.0.0.1", 0
+    )
+    client_tls = ssl.create_default_context(cafile=str(server_tls.cert_file))
+
+    async def connect() -> trio.SSLStream[trio.SocketStream]:
+        return await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=client_tls, https_compatible=True
+        )
+
+    held = await connect()
+    async with held:
+        await held.send_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            assert b" 200 " in await held.receive_some(65536)
+        refused = await connect()
+        async with refused:
+            await refused.send_all(get("/ok"))
+            answer = await read_to_end(refused)
+        assert status_of(answer) == 503 and b"max_connections = 1" in answer
 
 
 async def test_header_and_body_limits_are_configurable(nursery: trio.Nursery) -> None:

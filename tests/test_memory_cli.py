@@ -10,7 +10,7 @@ from pathlib import Path
 from memory_corpus import DOCUMENTS
 
 from qmesh.memory.service import Memory
-from qmesh.memory.store import OPERATOR
+from qmesh.memory.store import OPERATOR, Access
 from qmesh.state import StateStore
 
 _SUFFIX = {"text": ".txt", "markdown": ".md", "html": ".html"}
@@ -79,6 +79,18 @@ def test_memory_commands(tmp_path: Path) -> None:
     unknown = qmesh(data, "delete", "acme-wiki")
     assert unknown.returncode == 2
     assert "no document with id 'acme-wiki'" in unknown.stderr
+
+    shared = qmesh(data, "share", "acme-history")
+    assert shared.returncode == 0 and "every app can read it" in shared.stdout
+    listing = qmesh(data, "list")
+    assert re.search(
+        r"^acme-history\s+markdown\s+\d+\s+\(operator\) shared\s", listing.stdout, re.M
+    )
+    with StateStore.open(data / "state.db") as state:
+        readers = Memory(state).documents(access=Access.of_app("any-app"))
+        assert [d.id for d in readers] == ["acme-history"]
+    assert qmesh(data, "share", "acme-history", "--off").returncode == 0
+    assert qmesh(data, "share", "nothing").returncode == 2
 
     check = qmesh(data, "check")
     assert check.returncode == 0 and check.stdout.startswith("ok:")

@@ -37,6 +37,17 @@ DEFAULT_MAX_TOKENS: Final = 512
 _JSON: Final = (("content-type", "application/json"),)
 _ENDPOINT_TASKS: Final = {"chat": "chat", "completions": "chat", "embeddings": "embed"}
 
+MAX_TOKEN_COUNT: Final = 100_000_000
+"""Largest token count a request may name: far above any model's context,
+and small enough that prices and budgets stay exact (an unbounded integer
+from a client would overflow their float arithmetic)."""
+
+
+def _token_count(value: object, *, least: int) -> bool:
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_TOKEN_COUNT
+    )
+
 
 def _no_route(exc: NoRoute) -> HttpError:
     if exc.budget or isinstance(exc, BudgetBlocked):
@@ -95,8 +106,12 @@ class LlmApi:
         max_tokens = (
             body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
         )
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise HttpError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+        if not _token_count(max_tokens, least=1):
+            raise HttpError(
+                400,
+                f"'max_tokens' must be an integer from 1 to {MAX_TOKEN_COUNT}",
+                param="max_tokens",
+            )
         if endpoint == "embeddings":
             max_tokens = 0
         stream = bool(body.get("stream")) and endpoint != "embeddings"
@@ -175,8 +190,10 @@ class LlmApi:
         dsn, pin = self._dsn_for(text, "chat")
         tokens_in = body.get("tokens_in", 1000)
         max_tokens = body.get("max_tokens", 256)
-        if not all(isinstance(v, int) and v >= 0 for v in (tokens_in, max_tokens)):
-            raise HttpError(400, "'tokens_in' and 'max_tokens' must be integers >= 0")
+        if not all(_token_count(v, least=0) for v in (tokens_in, max_tokens)):
+            raise HttpError(
+                400, f"'tokens_in' and 'max_tokens' must be integers from 0 to {MAX_TOKEN_COUNT}"
+            )
         try:
             budget = self.service.book.for_app(app, dsn.budget)
         except KeyError:

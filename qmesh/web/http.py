@@ -12,7 +12,7 @@ any exception at all (``RecursionError``, ``KeyError``, an exception group,
 even ``SystemExit``), a response that cannot be encoded, a streamed answer
 that fails half-way — is answered (500) if the answer has not started, logged
 with its reason, and ends at most that connection: never the server, never
-another connection. The one place that enforces it is :func:`_boundary`,
+another connection. The one place that enforces it is :func:`qmesh.boundary.peer_boundary`,
 around each connection; :func:`_handle` turns a failed handler into a 500
 first so that the connection can carry on. Only cancellation (the server
 shutting down), ``KeyboardInterrupt`` and ``GeneratorExit`` pass through.
@@ -23,13 +23,12 @@ needs per-request imports — the router is built once at start-up.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +38,7 @@ import h11
 import trio
 
 from qmesh import peerjson
+from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
 from qmesh.fastsocket import FastSocketStream
 
@@ -72,9 +72,6 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _ACCEPT_RETRY_S: Final = 0.1
-# Exceptions that are not a peer's doing and must reach their catcher:
-# cancellation (a shutdown, a deadline), Ctrl-C, and a generator's close.
-_PASS_THROUGH: Final = (trio.Cancelled, KeyboardInterrupt, GeneratorExit)
 
 
 class HttpError(Exception):
@@ -257,40 +254,6 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     return params
 
 
-# -- the boundary ----------------------------------------------------------------
-
-
-def _split(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
-    """``exc`` as (what must pass through, what the boundary ends here)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(_PASS_THROUGH)
-    if isinstance(exc, _PASS_THROUGH):
-        return exc, None
-    return None, exc
-
-
-@contextlib.contextmanager
-def _boundary(what: str) -> Iterator[None]:
-    """Ends whatever ``what`` (one connection) raised, with a logged reason.
-
-    Catches BaseException on purpose: a peer must not be able to end the
-    server with any exception type, SystemExit and exception groups
-    included. Cancellation, KeyboardInterrupt and GeneratorExit are split
-    out of groups and re-raised, since they belong to someone else.
-    """
-    try:
-        yield
-    except BaseException as exc:
-        passed, caught = _split(exc)
-        if caught is not None:
-            log.error("%s ended by an unexpected %s", what, type(caught).__name__,
-                      exc_info=caught)  # fmt: skip
-        if passed is exc:
-            raise
-        if passed is not None:
-            raise passed from None
-
-
 # -- serving ---------------------------------------------------------------------
 
 
@@ -356,7 +319,7 @@ async def _accept_forever(
                     stream.socket.close()  # no checkpoint: the accept loop goes on at once
                     continue
                 connections.refusing += 1
-                nursery.start_soon(_refuse, stream, limits, connections)
+                nursery.start_soon(_refuse, stream, limits, connections, tls)
                 continue
             connections.active += 1
             nursery.start_soon(_serve_tcp, stream, router, limits, connections, tls)
@@ -370,7 +333,7 @@ async def _serve_tcp(
     tls: ssl.SSLContext | None,
 ) -> None:
     try:
-        with _boundary("http connection"):
+        with peer_boundary("http connection", log):
             try:
                 host, port = stream.socket.getpeername()[:2]
                 client, source = f"{host}:{port}", str(host)
@@ -394,9 +357,17 @@ async def _serve_tcp(
             connections.overloaded = False
 
 
-async def _refuse(stream: trio.SocketStream, limits: HttpConfig, connections: _Connections) -> None:
+async def _refuse(
+    stream: trio.SocketStream,
+    limits: HttpConfig,
+    connections: _Connections,
+    tls: ssl.SSLContext | None,
+) -> None:
+    """Answer 503 and close. On a TLS listener the answer goes over TLS (a
+    plain one would read as a broken handshake); the handshake counts against
+    the same second, and at most _MAX_REFUSING of these run at once."""
     try:
-        with _boundary("refused http connection"):
+        with peer_boundary("refused http connection", log):
             error = HttpError(
                 503,
                 "the gate has too many open HTTP connections "
@@ -405,20 +376,28 @@ async def _refuse(stream: trio.SocketStream, limits: HttpConfig, connections: _C
                 code="overloaded",
                 headers=(("retry-after", "1"),),
             )
+            transport: trio.abc.Stream = stream
             try:
                 with trio.move_on_after(_REFUSE_TIMEOUT_S):
-                    await stream.send_all(_raw_response(error.response()))
-                    await stream.send_eof()
+                    if tls is not None:
+                        secure = trio.SSLStream(
+                            stream, tls, server_side=True, https_compatible=True
+                        )
+                        transport = secure
+                        await secure.do_handshake()
+                    await transport.send_all(_raw_response(error.response()))
+                    if isinstance(transport, trio.abc.HalfCloseableStream):
+                        await transport.send_eof()
                     drained = 0
                     while drained < _REFUSE_DRAIN_BYTES:
-                        data = await stream.receive_some(RECEIVE_SIZE)
+                        data = await transport.receive_some(RECEIVE_SIZE)
                         if not data:
                             break
                         drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(transport)
     finally:
         connections.refusing -= 1
 
@@ -438,7 +417,7 @@ async def serve_stream(
     authentications are counted against; ``limits`` default to the router's."""
     what = f"http connection from {client}"
     try:
-        with _boundary(what):
+        with peer_boundary(what, log):
             await _serve_connection(
                 router,
                 stream,
@@ -448,7 +427,7 @@ async def serve_stream(
             )
     finally:
         # Closed after the reason is logged, so the log never lags the close.
-        with _boundary(f"closing the {what}"):
+        with peer_boundary(f"closing the {what}", log):
             await trio.aclose_forcefully(stream)
 
 
@@ -600,7 +579,7 @@ async def _handle(router: Router, request: Request) -> Response:
     except HttpError as error:
         response = error.response()
     except BaseException as exc:
-        passed, caught = _split(exc)
+        passed, caught = split_failure(exc)
         if passed is exc:
             raise
         log.error("handler for %s %s (from %s) failed: %s", request.method, request.path,
