@@ -503,9 +503,12 @@ class MemoryConfig:
     extract_dsn: str = "qg://task=extract;prefer=quality"
     compose_dsn: str = "qg://task=chat;prefer=quality"
     """Where ``"compose": "llm"`` answers are composed."""
-    max_document_bytes: int = 2 * 1024 * 1024
+    max_document_bytes: int = 512 * 1024
     """Largest document ``POST /v1/memory/documents`` accepts, in bytes of
-    UTF-8 text (413 beyond); ingest time grows in proportion to it."""
+    UTF-8 text (413 beyond). Ingest time grows in proportion to it, and so
+    does the one write transaction that stores a document (about 1.5 s per
+    512 KiB of short sentences on a 2-core box), which the Gate's other
+    writers wait behind."""
     threads: int = 2
     """Worker threads the memory's blocking work (ingest, queries) may use at
     once: a pool of its own, so documents never starve tunnel handshakes."""

@@ -90,6 +90,7 @@ async def run_gate(
     """Serve the Gate until cancelled; ``started`` gets its endpoints."""
     keys = GateKeys.load(config.data_dir)
     store = StateStore.open(config.state_db_path)
+    memory_store: StateStore | None = None
     try:
         watcher = StateWatcher(store)
         pg = PgService.from_config(config, store)
@@ -125,7 +126,12 @@ async def run_gate(
         watcher.subscribe("app keys (pg)", pg.refresh_apps)
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
-        memory = Memory(store)
+        # Memory writes through a connection of its own: under WAL the main
+        # connection's readers (handshakes, key checks, vault reads) never
+        # wait for an ingest's transaction, and its writers wait only for the
+        # SQL of one document (bounded by gate.memory.max_document_bytes).
+        memory_store = StateStore.open(config.state_db_path)
+        memory = Memory(memory_store)
         add_memory_routes(router, memory, auth, mesh=llm, config=config.gate.memory)
         llm.attach_memory(memory)
         add_llm_routes(router, llm, auth)
@@ -173,4 +179,6 @@ async def run_gate(
                 }
             )
     finally:
+        if memory_store is not None:
+            memory_store.close()
         store.close()

@@ -56,7 +56,7 @@ __all__ = [
     "check_document_id",
 ]
 
-DEFAULT_MAX_DOCUMENT_BYTES: Final = 2 * 1024 * 1024
+DEFAULT_MAX_DOCUMENT_BYTES: Final = 512 * 1024
 """UTF-8 bytes of submitted source per document, unless configured
 (``[gate.memory] max_document_bytes``): a long book's worth of prose."""
 MAX_SENTENCES: Final = 50_000
