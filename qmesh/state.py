@@ -533,22 +533,8 @@ class StateStore:
         """The verifier of ``app_id``'s current key, None for an unknown app.
         During a rotation overlap the previous keys also verify: see
         :meth:`get_app_verifiers`."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key,"
-                " COALESCE(key_created_at, created_at) FROM apps WHERE app_id = ?",
-                (app_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return AppVerifier(
-            app_id=row[0],
-            salt=bytes(row[1]),
-            iterations=int(row[2]),
-            stored_key=bytes(row[3]),
-            server_key=bytes(row[4]),
-            created_at=row[5],
-        )
+        keys = self.get_app_keys(app_id)
+        return None if keys is None else keys.verifiers[0]
 
     def get_app_keys(self, app_id: str, *, now: float | None = None) -> AppKeys | None:
         """``app_id``'s verifiers valid at ``now`` (default: the current time)

@@ -9,33 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+from httpkit import exchange, start, status_of
 
 from qmesh.config import HttpConfig
 from qmesh.gate.auth import AppAuthenticator
 from qmesh.state import StateStore
-from qmesh.web.http import HttpError, Request, Response, Router, serve_http
-
-
-async def start(nursery: trio.Nursery, router: Router, limits: HttpConfig | None = None) -> int:
-    port: int = await nursery.start(lambda task_status: serve_http(
-        router, "127.0.0.1", 0, limits=limits, task_status=task_status))  # fmt: skip
-    return port
-
-
-async def exchange(port: int, raw: bytes) -> bytes:
-    """Send raw bytes, read until the server closes."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(raw)
-        received = bytearray()
-        with trio.fail_after(5):
-            while data := await stream.receive_some(65536):
-                received += data
-    return bytes(received)
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
+from qmesh.web.http import HttpError, Request, Response, Router
 
 
 def body_of(response: bytes) -> bytes:

@@ -18,42 +18,14 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from httpkit import exchange, read_to_end, start, status_of
 
 from qmesh.config import ConfigError, HttpConfig, load_config
 from qmesh.web.http import Request, Response, Router, serve_http
 
 
-async def start(nursery: trio.Nursery, router: Router, limits: HttpConfig | None = None) -> int:
-    port: int = await nursery.start(lambda task_status: serve_http(
-        router, "127.0.0.1", 0, limits=limits, task_status=task_status))  # fmt: skip
-    return port
-
-
-async def exchange(port: int, raw: bytes) -> bytes:
-    """Send raw bytes, read until the server closes."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(raw)
-        return await read_to_end(stream)
-
-
-async def read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
-    received = bytearray()
-    with trio.fail_after(10):
-        try:
-            while data := await stream.receive_some(65536):
-                received += data
-        except trio.BrokenResourceError:
-            pass  # a reset after the answer: what came before still counts
-    return bytes(received)
-
-
 def get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
 
 
 def body_of(response: bytes) -> bytes:

@@ -18,6 +18,7 @@ from tunnelkit import (
     fast_settings,
     keypair,
     make_edge,
+    roundtrip,
     start_edge,
     start_gate,
     until,
@@ -26,20 +27,6 @@ from tunnelkit import (
 from qmesh import _core
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
 from qmesh.tunnel.frames import INITIAL_WINDOW
-
-
-async def roundtrip(stream: TunnelStream, payload: bytes) -> bytes:
-    received = bytearray()
-
-    async def read() -> None:
-        while data := await stream.receive_some():
-            received.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read)
-        await stream.send_all(payload)
-        await stream.send_eof()
-    return bytes(received)
 
 
 async def test_streams_echo_and_close_cleanly(nursery: trio.Nursery) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "GateTls",
     "PinMismatch",
     "fingerprint_of",
+    "generate_self_signed",
     "load_or_create",
     "pinned_connection",
     "tls_wanted",
@@ -91,7 +92,7 @@ def load_or_create(
     if cert_file is None or key_file is None:
         cert_file, key_file = data_dir / CERT_FILE, data_dir / KEY_FILE
         if not cert_file.exists() or not key_file.exists():
-            _generate(cert_file, key_file)
+            generate_self_signed(cert_file, key_file)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
@@ -101,7 +102,11 @@ def load_or_create(
     return GateTls(context, fingerprint_of(der), cert_file)
 
 
-def _generate(cert_file: Path, key_file: Path) -> None:
+def generate_self_signed(
+    cert_file: Path, key_file: Path, *, valid_for: datetime.timedelta = _VALID_FOR
+) -> None:
+    """A new ECDSA P-256 key (written 0600) and a self-signed certificate for
+    ``localhost``, this host's name and the loopback addresses."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qmesh gate")])
     now = datetime.datetime.now(datetime.UTC)
@@ -118,7 +123,7 @@ def _generate(cert_file: Path, key_file: Path) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + _VALID_FOR)
+        .not_valid_after(now + valid_for)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

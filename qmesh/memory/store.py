@@ -314,32 +314,14 @@ class MemoryStore:
         unless it may change it. The report counts what ``access`` can see.
         Whatever ``checkpoint`` raises rolls the deletion back."""
         with self.state._write() as conn:
-            row = conn.execute(
-                "SELECT added_by, shared FROM memory_documents WHERE id = ?", (document_id,)
-            ).fetchone()
-            if row is None or not access.may_read(row[0], bool(row[1])):
-                raise DocumentNotFound(f"no document with id {document_id!r}")
-            if not access.may_change(row[0]):
-                raise NotDocumentOwner(
-                    f"document {document_id!r} was added by another application; only it "
-                    "can delete it"
-                )
+            _check_owner(conn, document_id, access, "delete")
             return _delete(conn, document_id, access, checkpoint)
 
     def set_shared(self, document_id: str, shared: bool, *, access: Access = OPERATOR) -> None:
         """Share a document with every application, or stop sharing it
         (DocumentNotFound, NotDocumentOwner as for :meth:`delete`)."""
         with self.state._write() as conn:
-            row = conn.execute(
-                "SELECT added_by, shared FROM memory_documents WHERE id = ?", (document_id,)
-            ).fetchone()
-            if row is None or not access.may_read(row[0], bool(row[1])):
-                raise DocumentNotFound(f"no document with id {document_id!r}")
-            if not access.may_change(row[0]):
-                raise NotDocumentOwner(
-                    f"document {document_id!r} was added by another application; only it "
-                    "can share it"
-                )
+            _check_owner(conn, document_id, access, "share")
             conn.execute(
                 "UPDATE memory_documents SET shared = ? WHERE id = ?", (int(shared), document_id)
             )
@@ -870,6 +852,21 @@ def _merge(conn: sqlite3.Connection, keep: int, drop: int) -> None:
             [(target, seq) for seq in support],
         )
     conn.execute("DELETE FROM memory_entities WHERE id = ?", (drop,))
+
+
+def _check_owner(conn: sqlite3.Connection, document_id: str, access: Access, verb: str) -> None:
+    """DocumentNotFound unless ``access`` may see the document (another
+    app's private one does not exist for it), NotDocumentOwner unless it may
+    ``verb`` it."""
+    row = conn.execute(
+        "SELECT added_by, shared FROM memory_documents WHERE id = ?", (document_id,)
+    ).fetchone()
+    if row is None or not access.may_read(row[0], bool(row[1])):
+        raise DocumentNotFound(f"no document with id {document_id!r}")
+    if not access.may_change(row[0]):
+        raise NotDocumentOwner(
+            f"document {document_id!r} was added by another application; only it can {verb} it"
+        )
 
 
 def _delete(
