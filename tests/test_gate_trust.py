@@ -11,7 +11,9 @@ condition with a generous limit.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -320,6 +322,19 @@ async def test_the_cli_talks_to_a_tls_gate_only_through_its_pinned_certificate(
             mesh.qmesh, "sessions", "--gate", url.replace("https", "http"), "--key", mesh.dir.bearer
         )
         assert status.returncode == 1
+        # An app's command pins the same way.
+        with StateStore.open(mesh.dir.path / "state.db") as store:
+            app_key = f"app-t:{store.add_app('app-t')}"
+        route = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "qmesh", "route", "qg://task=summarize", "--json",
+                 "--gate", url, "--fingerprint", pin],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "QMESH_APP_KEY": app_key},
+            )
+        )  # fmt: skip
+        assert route.returncode == 0, route.stderr
+        assert json.loads(route.stdout)["decision"]["chosen"]  # answered by the Gate
     # The generated certificate is kept: the pin survives a restart.
     from qmesh.gate.tls import load_or_create
 

@@ -5,7 +5,8 @@ router is built here from the configuration (the Gate's skills, measured
 now, and the configured providers; no daemons, which only a running Gate
 knows); with ``--gate URL`` the running Gate's ``POST /qg/v1/route``
 answers instead, with its live inventory and budgets (the app key comes
-from ``QMESH_APP_KEY``, ``APP_ID:APP_KEY``).
+from ``QMESH_APP_KEY``, ``APP_ID:APP_KEY``; an https Gate's certificate is
+pinned, see :mod:`qmesh.gate.admin_client`).
 
 Not for: sending a request (use the OpenAI-compatible API).
 """
@@ -16,9 +17,9 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any, Final
+
+from qmesh.gate.admin_client import PIN_ENV, CliError, GateApi
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -39,7 +40,14 @@ def add_commands(route: argparse.ArgumentParser) -> None:
     route.add_argument("--tokens-in", type=int, default=1000, metavar="N")
     route.add_argument("--max-tokens", type=int, default=256, metavar="N")
     route.add_argument(
-        "--gate", metavar="URL", help="ask a running Gate (http://host:port); key in QMESH_APP_KEY"
+        "--gate",
+        metavar="URL",
+        help="ask a running Gate (http(s)://host:port); key in QMESH_APP_KEY",
+    )
+    route.add_argument(
+        "--fingerprint",
+        metavar="sha256:HEX",
+        help=f"an https Gate's certificate fingerprint (default: ${PIN_ENV})",
     )
     route.set_defaults(handler=_cmd_route)
 
@@ -48,21 +56,14 @@ def _remote(args: argparse.Namespace) -> dict[str, Any]:
     token = os.environ.get("QMESH_APP_KEY")
     if not token:
         raise SystemExit("qmesh: error: --gate needs QMESH_APP_KEY=APP_ID:APP_KEY")
-    body = json.dumps(
-        {"dsn": args.dsn, "tokens_in": args.tokens_in, "max_tokens": args.max_tokens}
-    ).encode()
-    request = urllib.request.Request(
-        args.gate.rstrip("/") + "/qg/v1/route",
-        data=body,
-        headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
-    )
+    pin = args.fingerprint or os.environ.get(PIN_ENV)
+    gate = GateApi(args.gate.rstrip("/"), token, pin)
+    body = {"dsn": args.dsn, "tokens_in": args.tokens_in, "max_tokens": args.max_tokens}
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
-    except urllib.error.HTTPError as exc:
-        detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", str(exc))
-        raise SystemExit(f"qmesh: error: {detail}") from None
+        result: dict[str, Any] = gate.call("POST", "/qg/v1/route", body=body)
+    except CliError as exc:
+        raise SystemExit(f"qmesh: error: {exc}") from None
+    return result
 
 
 def _local(args: argparse.Namespace, config: Config) -> dict[str, Any]:
