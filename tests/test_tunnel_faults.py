@@ -10,8 +10,7 @@ import os
 import pytest
 import trio
 import trio.lowlevel
-from test_tunnel import roundtrip
-from tunnelkit import start_edge, start_gate
+from tunnelkit import roundtrip, start_edge, start_gate
 
 HEADER = 20
 CONTROL_MIN = 0x10
