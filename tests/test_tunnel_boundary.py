@@ -239,7 +239,9 @@ async def test_a_detached_session_makes_room_for_a_new_one(nursery: trio.Nursery
             assert first.session is not None
             old = first.session.id
             first_run.cancel_scope.cancel()
-        # The edge process "restarted": its old session is detached (or gone).
+        # The edge process "restarted"; once the Gate has seen its old
+        # connection go, that session is detached (or gone) and gives way.
+        await until(lambda: not any(s.attached for s in gate.server.sessions_of("edge-a")))
         second = await start_edge(nursery, gate, "edge-a", private_key=private)
         await second.wait_connected()
         assert second.session is not None and second.session.id != old
