@@ -226,6 +226,11 @@ async def test_memory_work_has_its_own_threads_and_is_abandoned_on_cancel(
             await client.call("POST", "/v1/memory/documents", {"id": f"d{n}", "text": "Hi."})
         except (OSError, IndexError, ValueError, trio.BrokenResourceError):
             pass  # the server went away: it is being shut down
+        except trio.TooSlowError:
+            # No answer within the client's own limit: expected, the ingest is
+            # held until the Gate stops. On a loaded machine the queue can take
+            # longer than that limit to fill; the server side is what counts.
+            pass
 
     # If cancellation waited for the ingests, they would end only when this
     # releases them: the shutdown would take this long, not an instant.
