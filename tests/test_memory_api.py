@@ -32,19 +32,25 @@ class Client:
     port: int
     token: str | None
 
-    async def send(self, raw: bytes) -> Reply:
+    async def send(self, raw: bytes, *, limit_s: float = 10) -> Reply:
         stream = await trio.open_tcp_stream("127.0.0.1", self.port)
         async with stream:
             await stream.send_all(raw)
             received = bytearray()
-            with trio.fail_after(10):
+            with trio.fail_after(limit_s):
                 while data := await stream.receive_some(65536):
                     received += data
         head, _, body = bytes(received).partition(b"\r\n\r\n")
         return Reply(int(head.split(b" ", 2)[1]), json.loads(body))
 
     async def call(
-        self, method: str, path: str, body: Any = None, *, token: str | None = "default"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = "default",
+        limit_s: float = 10,
     ) -> Reply:
         data = (
             b""
@@ -56,7 +62,7 @@ class Client:
                 f"Content-Length: {len(data)}"]  # fmt: skip
         if token is not None:
             head.append(f"Authorization: Bearer {token}")
-        return await self.send(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        return await self.send(("\r\n".join(head) + "\r\n\r\n").encode() + data, limit_s=limit_s)
 
 
 @pytest.fixture
