@@ -77,7 +77,7 @@ def give_to_postgres(*paths: Path) -> None:
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    from qmesh.gate.tls import generate_self_signed
+    from qmesh.web.tls import generate_self_signed
 
     cert_path, key_path = directory / "tls.crt", directory / "tls.key"
     generate_self_signed(cert_path, key_path, valid_for=datetime.timedelta(days=1))

@@ -34,7 +34,7 @@ from qmesh import __version__
 from qmesh.config import Config, ConfigError, load_config, parse_hostport
 from qmesh.daemon import cli as daemon_cli
 from qmesh.finops import cli as finops_cli
-from qmesh.gate import inventory_cli, sessions_cli
+from qmesh.fleet import cli as inventory_cli
 from qmesh.identity import (
     GateKeyMissing,
     GateKeys,
@@ -44,6 +44,7 @@ from qmesh.identity import (
 )
 from qmesh.logs import LEVELS, setup_logging
 from qmesh.memory import cli as memory_cli
+from qmesh.ops import cli as sessions_cli
 from qmesh.pg.errors import DsnError, PgError
 from qmesh.pg.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.vault import Vault, delete_secret, load_master_key

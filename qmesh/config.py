@@ -202,7 +202,7 @@ def parse_size(text: str) -> int:
 # edge sent, so "10.0.0.*:6379" admitted "10.0.0.1.evil.example:6379", a name
 # that resolves wherever its owner likes. Rules here are about *addresses*:
 # the Gate resolves a name itself and checks what it resolved to (see
-# qmesh.gate.forward), so what the text looks like never decides.
+# qmesh.forward.service), so what the text looks like never decides.
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -335,7 +335,7 @@ def forward_allowed(rules: Iterable[str | ForwardRule], host: str, port: int) ->
     """Whether one of ``rules`` admits ``host:port`` as given, without
     resolving anything: an IP address by a network rule containing it, a host
     name by a name rule spelling it. (The Gate also admits a name whose
-    resolved addresses network rules admit: qmesh.gate.forward.) Rules given
+    resolved addresses network rules admit: qmesh.forward.service.) Rules given
     as text are parsed; ValueError if one is malformed."""
     return any(
         (rule if isinstance(rule, ForwardRule) else parse_forward_rule(rule)).admits(host, port)
@@ -581,7 +581,7 @@ class HttpConfig:
     that key checks never starve tunnel handshakes or vault reads)."""
     tls: str = "auto"
     """``auto``: TLS unless the listener is on a loopback address; ``on``;
-    ``off`` (TLS ends at a proxy in front). See :mod:`qmesh.gate.tls`."""
+    ``off`` (TLS ends at a proxy in front). See :mod:`qmesh.web.tls`."""
     tls_cert: Path | None = None
     """PEM certificate chain; with ``tls_key``. Unset: one is generated in
     the data directory at first start, and its fingerprint is the pin."""

@@ -21,11 +21,11 @@ import trio
 
 from qmesh import __version__
 from qmesh.config import Config, format_hostport, parse_hostport
-from qmesh.gate.auth import ADMIN_APP
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.pg.masterkey import ensure_master_key
 from qmesh.runner import ROLES, run_roles, run_until_stopped
 from qmesh.state import StateStore
+from qmesh.web.auth import ADMIN_APP
 
 DEMO_APP = "demo"
 DEFAULT_TUNNEL_PORT = 11439

@@ -22,10 +22,10 @@ from qmesh.config import (
     ProviderModelConfig,
     RoutingConfig,
 )
-from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
-from qmesh.gate.llm import LlmService
-from qmesh.gate.llm_api import add_llm_routes
+from qmesh.llm.api import add_llm_routes
+from qmesh.llm.service import LlmService
 from qmesh.state import StateStore
+from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router, serve_http
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()

@@ -25,10 +25,10 @@ from tunnelkit import Gate, fast_settings, start_edge, start_gate, until
 
 from qmesh import _core
 from qmesh.config import Config, GateAppConfig, GateConfig, TunnelConfig
-from qmesh.gate.pg import PgService
-from qmesh.gate.scram import ScramClient
-from qmesh.minigate.pg import serve_pg
 from qmesh.pg.audit import AuditLog
+from qmesh.pg.edge import serve_pg
+from qmesh.pg.scram import ScramClient
+from qmesh.pg.service import PgService
 from qmesh.pg.vault import Vault
 from qmesh.state import StateStore
 from qmesh.tunnel import TunnelClient

@@ -22,7 +22,7 @@ from tunnelkit import fast_settings, keypair
 from qmesh.config import load_config
 from qmesh.gate.role import run_gate
 from qmesh.identity import GateKeys
-from qmesh.minigate.llm import serve_llm
+from qmesh.llm.edge import serve_llm
 from qmesh.state import StateStore
 from qmesh.tunnel import TunnelClient
 

@@ -1,4 +1,4 @@
-"""App keys on the Gate's HTTP API bite at once (qmesh.gate.auth): rotation
+"""App keys on the Gate's HTTP API bite at once (qmesh.web.auth): rotation
 without overlap, the end of an overlap and ``qmesh apps disable`` reach the
 auth cache through the StateWatcher; failed checks are rate-limited per
 source and hashed in threads of their own; requests per app are bounded.
@@ -22,10 +22,10 @@ import pytest
 import trio
 
 from qmesh.config import HttpConfig
-from qmesh.gate import auth as auth_module
-from qmesh.gate.auth import AppAuthenticator
+from qmesh.web import auth as auth_module
 from qmesh.gate.watch import StateWatcher
 from qmesh.state import StateStore
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router, serve_http
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """Live Postgres sessions lose their standing with their app key
-(qmesh.gate.pg): ``qmesh apps disable`` and ``rotate-key --overlap 0`` end
+(qmesh.pg.service): ``qmesh apps disable`` and ``rotate-key --overlap 0`` end
 them with a FATAL (57P01) through the Gate's StateWatcher; a session on a key
 inside its rotation overlap carries on until the overlap ends.
 
@@ -24,8 +24,8 @@ import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
 
-from qmesh.gate.pg import KEY_REVOKED
 from qmesh.gate.watch import StateWatcher
+from qmesh.pg.service import KEY_REVOKED
 from qmesh.state import StateStore
 
 DEADLINE_S = 30.0  # generous: the event must happen, how fast is for bench/

@@ -30,7 +30,7 @@ from qmesh.config import load_config
 from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.role import run_daemon
 from qmesh.daemon.runtimes.http import iter_sse, request
-from qmesh.gate.daemons import (
+from qmesh.fleet.daemons import (
     DaemonClient,
     Done,
     InferenceFailed,
@@ -40,7 +40,7 @@ from qmesh.gate.daemons import (
     Started,
     TextDelta,
 )
-from qmesh.gate.inventory import Inventory
+from qmesh.fleet.inventory import Inventory
 from qmesh.gate.role import run_gate
 
 

@@ -18,9 +18,9 @@ from daemonkit import http_json, make_gate_dir
 from processkit import free_port as closed_port
 
 from qmesh.config import ConfigError, DiscoveryConfig, load_config
-from qmesh.gate.discovery import Scanner, Target, probe_target, targets_from_config
-from qmesh.gate.inventory import Inventory
-from qmesh.gate.probes import Finding
+from qmesh.fleet.discovery import Scanner, Target, probe_target, targets_from_config
+from qmesh.fleet.inventory import Inventory
+from qmesh.fleet.probes import Finding
 from qmesh.gate.role import run_gate
 from qmesh.web.http import Request, Response, Router, serve_http
 

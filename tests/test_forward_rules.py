@@ -27,7 +27,7 @@ from qmesh.config import (
     load_config,
     parse_forward_rule,
 )
-from qmesh.gate.forward import ForwardService, resolve_tcp
+from qmesh.forward.service import ForwardService, resolve_tcp
 from qmesh.tunnel import StreamReset, TunnelClient
 from qmesh.tunnel.frames import ResetCode
 

@@ -336,7 +336,7 @@ async def test_the_cli_talks_to_a_tls_gate_only_through_its_pinned_certificate(
         assert route.returncode == 0, route.stderr
         assert json.loads(route.stdout)["decision"]["chosen"]  # answered by the Gate
     # The generated certificate is kept: the pin survives a restart.
-    from qmesh.gate.tls import load_or_create
+    from qmesh.web.tls import load_or_create
 
     assert load_or_create(mesh.dir.path).fingerprint == pin
     assert oct((mesh.dir.path / "gate-http.key").stat().st_mode & 0o777) == "0o600"

@@ -12,8 +12,8 @@ import trio.lowlevel
 from httpkit import exchange, start, status_of
 
 from qmesh.config import HttpConfig
-from qmesh.gate.auth import AppAuthenticator
 from qmesh.state import StateStore
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 

@@ -201,7 +201,7 @@ async def test_connections_beyond_the_limit_get_a_quick_503(nursery: trio.Nurser
 
 
 async def test_a_tls_listener_refuses_over_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
-    from qmesh.gate.tls import load_or_create
+    from qmesh.web.tls import load_or_create
 
     server_tls = load_or_create(tmp_path)
     router, limits = make_router(), HttpConfig(max_connections=1)

@@ -10,8 +10,8 @@ import trio
 import trio.testing
 
 from qmesh.daemon.wire import LineDecoder, WireError, encode
-from qmesh.gate.daemons import InventoryService
-from qmesh.gate.inventory import Inventory
+from qmesh.fleet.daemons import InventoryService
+from qmesh.fleet.inventory import Inventory
 
 GEMMA: dict[str, Any] = {
     "id": "gemma-3-270m-q4_k_m", "runtime": "llama.cpp", "state": "available",

@@ -11,10 +11,10 @@ import trio
 from llmkit import paid_model, provider_config, start_api, start_provider
 from tunnelkit import start_edge, start_gate
 
-from qmesh.gate.auth import AppAuthenticator
-from qmesh.gate.llm_api import add_llm_routes
-from qmesh.gate.llm_relay import LlmRelay
-from qmesh.minigate.llm import serve_llm
+from qmesh.llm.api import add_llm_routes
+from qmesh.llm.edge import serve_llm
+from qmesh.llm.relay import LlmRelay
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router
 
 TEXT = (

@@ -14,10 +14,10 @@ import pytest
 import trio
 from memory_corpus import DOCUMENTS
 
-from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
 from qmesh.memory.api import add_routes
 from qmesh.memory.service import Memory
 from qmesh.state import StateStore
+from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import Router, serve_http
 
 

@@ -31,7 +31,6 @@ import trio
 from processkit import free_port, start_role, wait_for
 from test_memory_api import Client
 
-from qmesh.gate.auth import AppAuthenticator
 from qmesh.memory.api import add_routes
 from qmesh.memory.convert import convert
 from qmesh.memory.errors import DocumentTooLarge
@@ -39,6 +38,7 @@ from qmesh.memory.extract import MAX_RELATIONS, RULE_MENTIONS, Extraction, RuleE
 from qmesh.memory.service import MAX_SENTENCES, Memory
 from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router, serve_http
 
 # (format, Python expression of about 256 KB): each took minutes or more.

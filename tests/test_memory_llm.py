@@ -26,14 +26,14 @@ from qmesh.config import (
     load_config,
 )
 from qmesh.finops.ledger import read_rows
-from qmesh.gate.auth import AppAuthenticator
-from qmesh.gate.llm import LlmService
-from qmesh.gate.llm_api import add_llm_routes
+from qmesh.llm.api import add_llm_routes
+from qmesh.llm.service import LlmService
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.llm import EXTRACT_SYSTEM, LlmExtractor, parse_triples
 from qmesh.memory.service import Memory
 from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Request, Response, Router, serve_http
 
 ACME = (

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qmesh import __version__
 from qmesh.config import load_config
-from qmesh.gate.metrics import BurnDown, History
 from qmesh.gate.role import run_gate
+from qmesh.ops.metrics import BurnDown, History
 from qmesh.web.prom import Registry, gauge_family
 
 

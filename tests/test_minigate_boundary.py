@@ -9,9 +9,9 @@ from typing import Any, cast
 import pytest
 import trio
 
-from qmesh.minigate.forward import serve_forward
-from qmesh.minigate.llm import serve_llm
-from qmesh.minigate.pg import serve_pg
+from qmesh.forward.edge import serve_forward
+from qmesh.llm.edge import serve_llm
+from qmesh.pg.edge import serve_pg
 from qmesh.tunnel import TunnelClient, TunnelError
 
 

@@ -274,7 +274,7 @@ async def test_real_server_refusing_the_vault_password_is_a_clear_error(
 async def test_a_gate_without_its_vault_says_so(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from qmesh.gate.pg import PgService
+    from qmesh.pg.service import PgService
 
     monkeypatch.delenv("QMESH_MASTER_KEY", raising=False)
     ghost = await start_ghost(nursery, db, tmp_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmesh.gate.pgguard import check_statement, normalise, parameter_count, refusal_sql
+from qmesh.pg.guard import check_statement, normalise, parameter_count, refusal_sql
 
 REFUSED_WHEN_READ_ONLY = [
     "SET default_transaction_read_only = off",

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from qmesh.gate.scram import ScramClient, ScramError, ScramServer, md5_password
+from qmesh.pg.scram import ScramClient, ScramError, ScramServer, md5_password
 from qmesh.state import AppVerifier, scram_keys
 
 # RFC 7677, section 3.

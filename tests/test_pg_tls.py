@@ -28,9 +28,9 @@ from pgcluster import PgCluster
 from pgkit import RealDb, in_thread, run, start_ghost
 
 from qmesh import _core
-from qmesh.gate import pg as gate_pg
-from qmesh.gate.scram import ScramClient, tls_server_end_point
-from qmesh.minigate.pg import tls_context
+from qmesh.pg import login as gate_login
+from qmesh.pg.edge import tls_context
+from qmesh.pg.scram import ScramClient, tls_server_end_point
 from qmesh.pg.vault import DatabaseSecret
 
 
@@ -201,7 +201,7 @@ async def test_gate_binds_its_scram_login_to_the_tls_channel(
         mechanisms.append(client.mechanism)
         return client
 
-    monkeypatch.setattr("qmesh.gate.pg.ScramClient", recording_client)
+    monkeypatch.setattr("qmesh.pg.login.ScramClient", recording_client)
 
     def select_one(ghost_kwargs: dict[str, Any]) -> object:
         with psycopg.connect(**ghost_kwargs) as conn:
@@ -226,7 +226,7 @@ async def test_gate_binds_its_scram_login_to_the_tls_channel(
 
     # A man in the middle shows another certificate: the binding data differs
     # from what the server signs, and the server refuses the login.
-    monkeypatch.setattr("qmesh.gate.pg.tls_server_end_point", lambda der: b"\x00" * 32)
+    monkeypatch.setattr("qmesh.pg.login.tls_server_end_point", lambda der: b"\x00" * 32)
     ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=db.dsn("require"))
     with trio.fail_after(30), pytest.raises(psycopg.OperationalError) as info:
         await in_thread(functools.partial(select_one, ghost.kwargs()))
@@ -241,16 +241,16 @@ def test_channel_binding_required_without_a_channel_is_refused() -> None:
     sasl = (10).to_bytes(4, "big") + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
     plain_only = (10).to_bytes(4, "big") + b"SCRAM-SHA-256\0\0"
     # sslmode=prefer fell back to plain TCP: no channel to bind.
-    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
-        gate_pg._answer_auth(10, b"", sasl, secret, None, False, "main", None)
+    with pytest.raises(gate_login.UpstreamFailed, match="requires channel binding"):
+        gate_login._answer_auth(10, b"", sasl, secret, None, False, "main", None)
     # TLS, but the server does not offer -PLUS.
-    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
-        gate_pg._answer_auth(10, b"", plain_only, secret, b"x" * 32, True, "main", None)
+    with pytest.raises(gate_login.UpstreamFailed, match="requires channel binding"):
+        gate_login._answer_auth(10, b"", plain_only, secret, b"x" * 32, True, "main", None)
     # Password methods cannot bind either.
-    with pytest.raises(gate_pg.UpstreamFailed, match="requires channel binding"):
-        gate_pg._answer_auth(5, b"salt", b"", secret, b"x" * 32, True, "main", None)
+    with pytest.raises(gate_login.UpstreamFailed, match="requires channel binding"):
+        gate_login._answer_auth(5, b"salt", b"", secret, b"x" * 32, True, "main", None)
     # prefer over TLS without -PLUS: plain SCRAM, saying "y" (could bind).
-    _, client = gate_pg._answer_auth(
+    _, client = gate_login._answer_auth(
         10, b"", plain_only, attrs.evolve(secret, channel_binding="prefer"), b"x" * 32, True,
         "main", None,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""qmesh.gate.probes, sans-IO: canned answers in, findings out — what each
+"""qmesh.fleet.probes, sans-IO: canned answers in, findings out — what each
 kind of server looks like, and what garbage, silence and resets turn into."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmesh.gate.probes import (
+from qmesh.fleet.probes import (
     PG_SSL_REQUEST,
     Finding,
     HttpExchange,

@@ -183,7 +183,7 @@ async def test_silent_peer_is_detected_and_the_session_resumes(nursery: trio.Nur
 
 
 async def test_forward_policy_and_unreachable_targets(nursery: trio.Nursery) -> None:
-    from qmesh.gate.forward import ForwardService
+    from qmesh.forward.service import ForwardService
 
     closed_port = free_port()
     gate = await start_gate(nursery, {"forward": ForwardService([f"127.0.0.1:{closed_port}"])})
@@ -231,8 +231,8 @@ async def test_100_mib_through_resets_delays_stalls_and_split_writes(
 ) -> None:
     """Acceptance: client → MiniGate forward → Gate → echo server, byte-exact
     through ≥ 50 resets, with the application's connection never failing."""
-    from qmesh.gate.forward import ForwardService
-    from qmesh.minigate.forward import serve_forward
+    from qmesh.forward.edge import serve_forward
+    from qmesh.forward.service import ForwardService
 
     async def echo_tcp(sock: trio.SocketStream) -> None:
         try:
@@ -441,7 +441,7 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
 async def test_a_native_relay_whose_socket_fails_resets_only_its_stream(
     nursery: trio.Nursery,
 ) -> None:
-    from qmesh.gate.forward import ForwardService
+    from qmesh.forward.service import ForwardService
 
     async def abort_after_first_bytes(sock: trio.SocketStream) -> None:
         await sock.receive_some()
@@ -472,8 +472,8 @@ async def test_native_relays_keep_each_streams_bytes_and_flow_control(
 ) -> None:
     """Several native relays at once, one of them with a reader that stalls:
     every stream is byte-exact and the stall holds back only its own stream."""
-    from qmesh.gate.forward import ForwardService
-    from qmesh.minigate.forward import serve_forward
+    from qmesh.forward.edge import serve_forward
+    from qmesh.forward.service import ForwardService
 
     async def echo_tcp(sock: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError):

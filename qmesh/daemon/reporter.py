@@ -10,7 +10,7 @@ opens a new one on the next session and reports in full again, so a
 reconnected daemon is fresh at once.
 
 Not for: what the lines say (:class:`~qmesh.daemon.node.DaemonNode`) or
-the Gate's side (:mod:`qmesh.gate.daemons`).
+the Gate's side (:mod:`qmesh.fleet.daemons`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ bytes into JSON objects with a size cap checked before anything is kept;
 both ends spell them the same way.
 
 Not for: sockets or streams (the roles own those), nor the meaning of an
-inventory (:mod:`qmesh.gate.inventory`) or of a request
+inventory (:mod:`qmesh.fleet.inventory`) or of a request
 (:mod:`qmesh.daemon.runtimes.base`).
 """
 

@@ -154,7 +154,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_set_key(args: argparse.Namespace, config: Config) -> int:
-    from qmesh.gate.provider_keys import store_key
+    from qmesh.llm.provider_keys import store_key
     from qmesh.pg.masterkey import load_master_key
 
     if sys.stdin.isatty():
@@ -169,7 +169,7 @@ def _cmd_set_key(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_list_keys(args: argparse.Namespace, config: Config) -> int:
-    from qmesh.gate.provider_keys import list_keys
+    from qmesh.llm.provider_keys import list_keys
 
     with _store(config) as store:
         keys = list_keys(store)
@@ -181,7 +181,7 @@ def _cmd_list_keys(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_delete_key(args: argparse.Namespace, config: Config) -> int:
-    from qmesh.gate.provider_keys import delete_key
+    from qmesh.llm.provider_keys import delete_key
 
     with _store(config) as store:
         if not delete_key(store, args.name):

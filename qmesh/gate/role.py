@@ -10,26 +10,26 @@ from typing import Any, Final
 import trio
 
 from qmesh.config import Config, format_hostport, parse_hostport
-from qmesh.gate.api import add_routes
-from qmesh.gate.auth import AppAuthenticator
-from qmesh.gate.daemon_api import add_daemon_routes
-from qmesh.gate.daemons import DaemonClient, InventoryService
-from qmesh.gate.forward import ForwardService
-from qmesh.gate.inventory import Inventory
-from qmesh.gate.llm import LlmService
-from qmesh.gate.llm_api import add_llm_routes
-from qmesh.gate.llm_relay import LlmRelay
-from qmesh.gate.ops_api import start_ops
-from qmesh.gate.pg import PgService
-from qmesh.gate.tls import load_or_create, tls_wanted
+from qmesh.fleet.api import add_daemon_routes
+from qmesh.fleet.daemons import DaemonClient, InventoryService
+from qmesh.fleet.inventory import Inventory
+from qmesh.forward.service import ForwardService
 from qmesh.gate.watch import StateWatcher
 from qmesh.identity import GateKeys
+from qmesh.llm.api import add_llm_routes
+from qmesh.llm.relay import LlmRelay
+from qmesh.llm.service import LlmService
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.service import Memory
+from qmesh.ops.api import start_ops
+from qmesh.ops.sessions import add_routes
+from qmesh.pg.service import PgService
 from qmesh.state import StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelServer
 from qmesh.tunnel.handshake import Hello
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router, serve_http
+from qmesh.web.tls import load_or_create, tls_wanted
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ client that hangs up, the Gate stopping on SIGTERM) is never held up by an
 ingest. The abandoned work sees the cancellation at its next checkpoint
 (:func:`trio.from_thread.check_cancelled`), rolls back and stops.
 
-With a model service (``mesh``, the Gate's :class:`~qmesh.gate.llm.LlmService`),
+With a model service (``mesh``, the Gate's :class:`~qmesh.llm.service.LlmService`),
 ``"extractor": "llm"`` on a document adds a model's checked triples
 (:class:`~qmesh.memory.llm.LlmExtractor`) and ``"compose": "llm"`` on a
 query has a model compose the answer, verified sentence by sentence
@@ -49,7 +49,6 @@ import trio
 
 from qmesh import peerjson
 from qmesh.config import MEMORY_EXTRACTORS, MemoryConfig
-from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
 from qmesh.memory.errors import (
     DocumentConflict,
     DocumentNotFound,
@@ -63,6 +62,7 @@ from qmesh.memory.extract import Extractor
 from qmesh.memory.llm import LlmExtractor, compose_answer
 from qmesh.memory.service import Memory
 from qmesh.memory.store import Access, Checkpoint, DocumentInfo, IngestReport
+from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 __all__ = ["add_routes", "document_body_limit"]

@@ -18,7 +18,7 @@ For:
 
 The model is reached through a :data:`Complete` callable ``(system, user) ->
 reply text`` that raises :class:`LlmUnavailable` when no model answered; the
-Gate builds it over its capability router (``qmesh.gate.llm``), tests can
+Gate builds it over its capability router (``qmesh.llm.service``), tests can
 pass anything.
 
 Not for: routing, HTTP, or trio (everything here blocks; the extractor runs

@@ -7,10 +7,10 @@ from typing import Any
 import trio
 
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
+from qmesh.forward.edge import serve_forward
 from qmesh.identity import load_credential
-from qmesh.minigate.forward import serve_forward
-from qmesh.minigate.llm import serve_llm
-from qmesh.minigate.pg import serve_pg, tls_context
+from qmesh.llm.edge import serve_llm
+from qmesh.pg.edge import serve_pg, tls_context
 from qmesh.tunnel import TunnelClient
 
 

@@ -8,7 +8,7 @@ that sets ``capacity`` (operations per second on one core), which the
 router advertises ("summarize: yes, 4,100/s") and uses as the skill's
 expected latency.
 
-Not for: HTTP (``qmesh.gate.llm_api``) or choosing between a skill and a
+Not for: HTTP (``qmesh.llm.api``) or choosing between a skill and a
 model (``qmesh.qg.router``).
 """
 

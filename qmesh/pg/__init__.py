@@ -8,6 +8,6 @@ audit log (:mod:`qmesh.pg.audit`) and password rotation on the real server
 (:mod:`qmesh.pg.rotate`). Errors: :mod:`qmesh.pg.errors`.
 
 Not for: the Postgres wire protocol, the MiniGate's listener or the Gate's
-relay (``qmesh.gate.pg``, ``qmesh.minigate.pg`` and the Rust parser build on
+relay (``qmesh.pg.service``, ``qmesh.pg.edge`` and the Rust parser build on
 this package and are not part of it).
 """

@@ -6,7 +6,7 @@ now, and the configured providers; no daemons, which only a running Gate
 knows); with ``--gate URL`` the running Gate's ``POST /qg/v1/route``
 answers instead, with its live inventory and budgets (the app key comes
 from ``QMESH_APP_KEY``, ``APP_ID:APP_KEY``; an https Gate's certificate is
-pinned, see :mod:`qmesh.gate.admin_client`).
+pinned, see :mod:`qmesh.web.admin_client`).
 
 Not for: sending a request (use the OpenAI-compatible API).
 """
@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
-from qmesh.gate.admin_client import PIN_ENV, CliError, GateApi
+from qmesh.web.admin_client import PIN_ENV, CliError, GateApi
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -67,7 +67,7 @@ def _remote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _local(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from qmesh.gate.llm import LlmService
+    from qmesh.llm.service import LlmService
     from qmesh.qg.dsn import parse_dsn
     from qmesh.state import StateStore
 

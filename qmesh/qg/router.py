@@ -15,7 +15,7 @@ cost, budget), so its cost depends on how many are rejected, not on how
 many exist. Live state that can change between re-sorts (busy, cooling,
 unhealthy) is read at decision time, never from the cached ranking.
 
-Not for: running the request or retrying (``qmesh.gate.liquify``), or the
+Not for: running the request or retrying (``qmesh.llm.executor``), or the
 books (``qmesh.finops``): the budget's state comes in as an argument.
 """
 

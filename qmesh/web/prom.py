@@ -12,7 +12,7 @@ histograms as cumulative ``_bucket`` series with ``+Inf``, ``_sum`` and
 
 One Trio thread updates and renders, so there are no locks.
 
-Not for: what qmesh measures (:mod:`qmesh.gate.metrics`) or serving it
+Not for: what qmesh measures (:mod:`qmesh.ops.metrics`) or serving it
 (:mod:`qmesh.web.http`).
 """
 

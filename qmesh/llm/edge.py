@@ -4,7 +4,7 @@ An application on the edge box points its OpenAI client at
 ``http://127.0.0.1:11435/v1`` (``minigate.llm_listen``) with its app key as
 the API key (``APP_ID:APP_KEY``). Each connection becomes one ``llm``
 tunnel stream that the Gate serves with its own HTTP router
-(:mod:`qmesh.gate.llm_relay`), so keep-alive, SSE streaming and every
+(:mod:`qmesh.llm.relay`), so keep-alive, SSE streaming and every
 error pass through unchanged, sealed and compressed by the tunnel.
 
 Not for: parsing HTTP here: the MiniGate relays bytes and holds no

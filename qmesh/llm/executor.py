@@ -16,8 +16,8 @@ Each attempt reserves the candidate's maximum cost in the budget first
 (a paid one that does not fit a hard budget is skipped), and every
 request's hops, tokens, cost and outcome become one ledger entry.
 
-Not for: choosing (the router), HTTP (``qmesh.gate.llm_api``), or the
-backends' protocols (``qmesh.gate.backends``, ``qmesh.gate.providers``).
+Not for: choosing (the router), HTTP (``qmesh.llm.api``), or the
+backends' protocols (``qmesh.llm.backends``, ``qmesh.llm.providers``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import attrs
 from qmesh.config import RoutingConfig
 from qmesh.finops.budgets import Budget, BudgetBook, Reservation
 from qmesh.finops.ledger import Ledger, LedgerEntry
-from qmesh.gate.backends import Backend, ClientFault
-from qmesh.gate.calls import DONE_EVENT, Answer, Call, Usage, error_event
+from qmesh.llm.backends import Backend, ClientFault
+from qmesh.llm.calls import DONE_EVENT, Answer, Call, Usage, error_event
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError
 from qmesh.qg.router import BUDGET_BLOCK, Decision, Router

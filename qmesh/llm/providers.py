@@ -25,8 +25,8 @@ from typing import Any, Final
 
 import trio
 
-from qmesh.gate.backends import ClientFault
-from qmesh.gate.calls import (
+from qmesh.llm.backends import ClientFault
+from qmesh.llm.calls import (
     Answer,
     Call,
     Usage,

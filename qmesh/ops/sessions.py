@@ -4,7 +4,7 @@
 ends an identity's sessions, or one session, without revoking anything (the
 edge may connect again; ``qmesh revoke`` is what keeps it out). Both need the
 admin key, and like every admin endpoint they are served on the Gate's own
-listener only (see :mod:`qmesh.gate.llm_relay`).
+listener only (see :mod:`qmesh.llm.relay`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 from qmesh import __version__
-from qmesh.gate.auth import AppAuthenticator
 from qmesh.tunnel import Session, TunnelServer
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 SHORT_ID: Final = 12

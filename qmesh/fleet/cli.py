@@ -4,10 +4,10 @@ For: asking a Gate's ``GET /api/inventory`` (daemons and the services its
 scans found) and printing a table, the JSON, or a table redrawn in place
 every ``--interval`` seconds until Ctrl-C. ``--scan`` asks for a scan
 first and waits for it. Which Gate, and with which key and pin: see
-:mod:`qmesh.gate.admin_client`.
+:mod:`qmesh.web.admin_client`.
 
-Not for: the inventory itself (:mod:`qmesh.gate.inventory`) or its HTTP
-handlers (:mod:`qmesh.gate.daemon_api`).
+Not for: the inventory itself (:mod:`qmesh.fleet.inventory`) or its HTTP
+handlers (:mod:`qmesh.fleet.api`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Final
 
-from qmesh.gate.admin_client import EXIT_FAILURE, EXIT_USAGE, CliError, GateApi, add_gate_options
+from qmesh.web.admin_client import EXIT_FAILURE, EXIT_USAGE, CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
     from qmesh.config import Config

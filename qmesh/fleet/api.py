@@ -14,8 +14,8 @@ For (all need the admin key):
 The node-addressed endpoints are an operator's and a test's tool; clients
 use the capability router's ``/v1/*`` (issue 5), which picks the node.
 
-Not for: the inventory's logic (:mod:`qmesh.gate.inventory`) or the tunnel
-exchange (:mod:`qmesh.gate.daemons`).
+Not for: the inventory's logic (:mod:`qmesh.fleet.inventory`) or the tunnel
+exchange (:mod:`qmesh.fleet.daemons`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from qmesh.gate.auth import AppAuthenticator
-from qmesh.gate.daemons import (
+from qmesh.fleet.daemons import (
     DaemonCallError,
     DaemonClient,
     Done,
@@ -41,7 +40,8 @@ from qmesh.gate.daemons import (
     Started,
     TextDelta,
 )
-from qmesh.gate.inventory import NODE_STATES, Inventory
+from qmesh.fleet.inventory import NODE_STATES, Inventory
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 __all__ = ["add_daemon_routes"]

@@ -7,7 +7,7 @@ read from a response *without* decoding the whole body, and builders for
 OpenAI-shaped responses (chat completion, completion, SSE chunks, error
 events) that internal skills and translated providers answer with.
 
-Not for: HTTP (``qmesh.gate.llm_api``) or choosing a backend.
+Not for: HTTP (``qmesh.llm.api``) or choosing a backend.
 """
 
 from __future__ import annotations

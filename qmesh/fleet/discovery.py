@@ -32,8 +32,8 @@ How a finding lands in the inventory, under the address as its name:
 A slow or hostile address costs at most ``target_timeout_s`` and one of
 the ``concurrency`` slots; the rest of the scan goes on beside it.
 
-Not for: what an answer means (:mod:`qmesh.gate.probes`, sans-IO) or how
-the inventory ages entries (:mod:`qmesh.gate.inventory`).
+Not for: what an answer means (:mod:`qmesh.fleet.probes`, sans-IO) or how
+the inventory ages entries (:mod:`qmesh.fleet.inventory`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import trio
 
 from qmesh.config import DiscoveryConfig, format_hostport, parse_hostport
 from qmesh.fastsocket import connect_tcp
-from qmesh.gate.inventory import Inventory
-from qmesh.gate.probes import Exchange, Finding, Outcome, TargetProbe
+from qmesh.fleet.inventory import Inventory
+from qmesh.fleet.probes import Exchange, Finding, Outcome, TargetProbe
 
 __all__ = ["Scanner", "Target", "probe_target", "run_exchange", "targets_from_config"]
 

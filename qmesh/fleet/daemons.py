@@ -25,7 +25,7 @@ do next:
   repeat it to the client).
 
 Not for: choosing the node (the router, issue 5) or HTTP
-(:mod:`qmesh.gate.daemon_api`).
+(:mod:`qmesh.fleet.api`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from qmesh.daemon.wire import (
     WireError,
     encode,
 )
-from qmesh.gate.inventory import STALL_SLACK_S, Inventory
+from qmesh.fleet.inventory import STALL_SLACK_S, Inventory
 from qmesh.tunnel import Session, TunnelError, TunnelStream
 from qmesh.tunnel.frames import ResetCode
 
@@ -274,7 +274,7 @@ class DaemonClient:
         # The tunnel session decides, not the heartbeat state: a node whose
         # heartbeats are late (a loaded machine: "stale", even "gone" after
         # a few seconds) but whose session is alive is slow, not dead. Failing
-        # here would cool the node down (qmesh.gate.liquify) and, with no
+        # here would cool the node down (qmesh.llm.executor) and, with no
         # other equivalent node, fail every request for ``cooldown_s``. A node
         # that really died is caught by the accept timeout below, and the
         # router does not choose a non-fresh node in the first place.

@@ -19,7 +19,7 @@ How a target is decided, so that what a name *looks like* never decides:
   that port, or only name rules and this is not one of them), it is refused
   without asking DNS at all.
 
-Not for: the MiniGate's listening side (:mod:`qmesh.minigate.forward`).
+Not for: the MiniGate's listening side (:mod:`qmesh.forward.edge`).
 """
 
 from __future__ import annotations

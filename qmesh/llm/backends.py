@@ -1,4 +1,4 @@
-"""What the executor calls to run a :class:`~qmesh.gate.calls.Call` on a
+"""What the executor calls to run a :class:`~qmesh.llm.calls.Call` on a
 candidate, and the Gate's own backend: the internal NLP skills.
 
 For: the :class:`Backend` protocol (``complete`` for a whole answer,
@@ -7,8 +7,8 @@ errors, so the failover loop treats every kind of worker alike) and
 :class:`SkillBackend`, which answers chat, completion and embedding calls
 with a skill's output in OpenAI's shapes.
 
-Not for: remote providers (:mod:`qmesh.gate.providers`) or daemons (the
-daemons issue's client, adapted in :mod:`qmesh.gate.daemon_backend`).
+Not for: remote providers (:mod:`qmesh.llm.providers`) or daemons (the
+daemons issue's client, adapted in :mod:`qmesh.llm.daemon_backend`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Final, Protocol
 
 import trio
 
-from qmesh.gate.calls import (
+from qmesh.llm.calls import (
     Answer,
     Call,
     Usage,

@@ -6,12 +6,12 @@ For:
   all served from the package (``qmesh/web/static/``): the page works with
   no internet. Both are the same for everyone and hold no data: the page
   asks for the admin key and keeps it in the tab's ``sessionStorage``;
-- ``GET /api/dashboard`` — one snapshot (:class:`~qmesh.gate.overview.Overview`);
+- ``GET /api/dashboard`` — one snapshot (:class:`~qmesh.ops.overview.Overview`);
 - ``GET /api/dashboard/stream`` — server-sent events, a snapshot whenever
   the inventory changes and at least every second, for up to
   ``STREAM_LIFETIME_S`` (the page then reconnects, which checks the key
   again);
-- ``GET /metrics`` — Prometheus text format (:mod:`qmesh.gate.metrics`);
+- ``GET /metrics`` — Prometheus text format (:mod:`qmesh.ops.metrics`);
 - ``GET /api/discovery`` — the scanner's state and targets;
   ``POST /api/discovery/scan`` — scan now and answer when it is done.
 
@@ -19,8 +19,8 @@ Everything but the page and its assets needs the admin key
 (``Authorization: Bearer admin:KEY``): 401 without it. A Prometheus job
 sends it with ``authorization: {type: Bearer, credentials: "admin:KEY"}``.
 
-Not for: what the snapshot holds (:mod:`qmesh.gate.overview`) or the
-inventory API (:mod:`qmesh.gate.daemon_api`).
+Not for: what the snapshot holds (:mod:`qmesh.ops.overview`) or the
+inventory API (:mod:`qmesh.fleet.api`).
 """
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ import attrs
 import trio
 
 from qmesh.config import Config
-from qmesh.gate.auth import AppAuthenticator
-from qmesh.gate.calls import sse
-from qmesh.gate.discovery import Scanner
-from qmesh.gate.inventory import Inventory
-from qmesh.gate.metrics import GateMetrics
-from qmesh.gate.overview import Overview
+from qmesh.fleet.discovery import Scanner
+from qmesh.fleet.inventory import Inventory
+from qmesh.llm.calls import sse
+from qmesh.ops.metrics import GateMetrics
+from qmesh.ops.overview import Overview
 from qmesh.tunnel import TunnelServer
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 from qmesh.web.prom import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from qmesh.gate.llm import LlmService
+    from qmesh.llm.service import LlmService
     from qmesh.state import StateStore
 
 __all__ = ["Ops", "add_ops_routes", "load_static", "start_ops"]

@@ -7,9 +7,9 @@ The admin key: ``--key``, else ``QMESH_ADMIN_KEY``, else ``up.json``. For an
 ``https://`` Gate the certificate's fingerprint is pinned: ``--fingerprint``,
 else ``QMESH_GATE_FINGERPRINT``, else ``gate.tls_fingerprint`` in
 ``up.json``; no request (and so no key) goes to a Gate that does not present
-exactly that certificate (:func:`qmesh.gate.tls.pinned_connection`).
+exactly that certificate (:func:`qmesh.web.tls.pinned_connection`).
 
-Not for: the admin API itself (:mod:`qmesh.gate.api`), or applications.
+Not for: the admin API itself (:mod:`qmesh.ops.sessions`), or applications.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from qmesh.gate.tls import pinned_connection
+from qmesh.web.tls import pinned_connection
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -153,7 +153,7 @@ def _base_url(args: argparse.Namespace, config: Config, up: dict[str, Any]) -> s
     if isinstance(recorded, str) and recorded:
         return recorded.rstrip("/")
     from qmesh.config import format_hostport, parse_hostport
-    from qmesh.gate.tls import tls_wanted
+    from qmesh.web.tls import tls_wanted
 
     host, port = parse_hostport(config.gate.http_listen)
     scheme = "https" if tls_wanted(config.gate.http.tls, host) else "http"

@@ -38,8 +38,8 @@ PostgreSQL, and addresses last found to be PostgreSQL, are asked that
 first, so the server is not sent an HTTP request it would log as an
 invalid startup packet.
 
-Not for: sockets, time or concurrency (:mod:`qmesh.gate.discovery`), or
-keeping the results (:mod:`qmesh.gate.inventory`).
+Not for: sockets, time or concurrency (:mod:`qmesh.fleet.discovery`), or
+keeping the results (:mod:`qmesh.fleet.inventory`).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ class Finding:
     """The software when known: ``ollama``, ``llama.cpp``, ``llama-cpp-python``, ``vllm``…"""
     version: str | None = None
     models: tuple[dict[str, Any], ...] = ()
-    """Each in the shape :meth:`qmesh.gate.inventory.InventoryModel.from_report` reads."""
+    """Each in the shape :meth:`qmesh.fleet.inventory.InventoryModel.from_report` reads."""
     telemetry: dict[str, Any] | None = None
     details: dict[str, Any] = attrs.field(factory=dict)
 

@@ -2,7 +2,7 @@
 Gate's live tunnel sessions, and ending them without revoking anything.
 
 For: asking a Gate's ``GET /api/sessions`` and ``POST /api/sessions/kill``
-with the admin key (which Gate, key and pin: :mod:`qmesh.gate.admin_client`).
+with the admin key (which Gate, key and pin: :mod:`qmesh.web.admin_client`).
 A killed edge may connect again at once; to keep it out, ``qmesh revoke NAME`` (which also ends its
 sessions within a second).
 
@@ -17,7 +17,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from qmesh.gate.admin_client import CliError, GateApi, add_gate_options
+from qmesh.web.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
     from qmesh.config import Config

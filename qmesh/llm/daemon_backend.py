@@ -3,16 +3,16 @@
 For: :func:`daemon_candidates` — one :class:`~qmesh.qg.candidates.Candidate`
 per model on each known node, with the node's live figures (queue depth,
 busy, predicted tokens/s, free model memory, GPU power draw, fresh or not);
-and :class:`DaemonBackend`, the :class:`~qmesh.gate.backends.Backend` that
-runs a call on a node through :class:`~qmesh.gate.daemons.DaemonClient`
+and :class:`DaemonBackend`, the :class:`~qmesh.llm.backends.Backend` that
+runs a call on a node through :class:`~qmesh.fleet.daemons.DaemonClient`
 and answers in OpenAI's shapes. The daemon client's errors are translated
 here, at the boundary, into the qg family the failover loop understands:
 busy → :class:`UpstreamBusy`; unreachable node or model → :class:`UpstreamFailed`;
 a failure after text was streamed → :class:`StreamBroken`; a rejected
 request → the client's fault.
 
-Not for: the tunnel exchange with the daemon (:mod:`qmesh.gate.daemons`)
-or the inventory's bookkeeping (:mod:`qmesh.gate.inventory`).
+Not for: the tunnel exchange with the daemon (:mod:`qmesh.fleet.daemons`)
+or the inventory's bookkeeping (:mod:`qmesh.fleet.inventory`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any, Final
 
-from qmesh.gate.backends import ClientFault
-from qmesh.gate.calls import (
+from qmesh.fleet.daemons import (
+    DaemonCallError,
+    DaemonClient,
+    Done,
+    NodeBusy,
+    RequestRejected,
+    TextDelta,
+)
+from qmesh.fleet.inventory import Node
+from qmesh.llm.backends import ClientFault
+from qmesh.llm.calls import (
     Answer,
     Call,
     Usage,
@@ -32,15 +41,6 @@ from qmesh.gate.calls import (
     stream_end,
     text_completion,
 )
-from qmesh.gate.daemons import (
-    DaemonCallError,
-    DaemonClient,
-    Done,
-    NodeBusy,
-    RequestRejected,
-    TextDelta,
-)
-from qmesh.gate.inventory import Node
 from qmesh.nlp.skills import estimate_tokens
 from qmesh.qg.candidates import DAEMON, SIZE_TIERS, Candidate
 from qmesh.qg.errors import StreamBroken, UpstreamBusy, UpstreamFailed

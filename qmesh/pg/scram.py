@@ -11,7 +11,7 @@ Channel binding (``-PLUS``) is on the client side only: towards the real
 server over TLS the Gate binds the channel (see :class:`ScramClient`); the
 app's TLS ends at the MiniGate, so app logins have no channel to bind to.
 
-Not for: sockets or message framing (``qmesh.gate.pg`` moves the bytes).
+Not for: sockets or message framing (``qmesh.pg.service`` moves the bytes).
 
 Like PostgreSQL, the server ignores the user name inside the SCRAM messages
 (the startup packet's ``user`` is the identity), and passwords are used as

@@ -4,7 +4,7 @@ For: :class:`Overview`, which assembles the single pane of glass from the
 parts that hold the facts — nodes (the daemons connected to this Gate)
 with CPU, GPUs, memory, load and their models; services found by scans;
 every model in one list with where it runs and its quantization; routing
-(decisions and requests per second from :class:`~qmesh.gate.metrics.History`,
+(decisions and requests per second from :class:`~qmesh.ops.metrics.History`,
 recent decisions, recent failovers); budgets with their burn-down;
 tunnel sessions; the scanner's state; and an overall health verdict with
 the reasons behind it. It copies figures out and never changes anything.
@@ -13,7 +13,7 @@ Where a part is missing (no capability service, no budgets configured,
 no discovery targets) its section says so in ``note`` instead of being
 absent, so the page can explain an empty panel.
 
-Not for: HTTP, auth or streaming (:mod:`qmesh.gate.ops_api`), or the
+Not for: HTTP, auth or streaming (:mod:`qmesh.ops.api`), or the
 page itself (``qmesh/web/static/``).
 """
 
@@ -25,13 +25,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from qmesh import __version__
-from qmesh.gate.inventory import Inventory, InventoryModel, Node
-from qmesh.gate.metrics import GateMetrics
+from qmesh.fleet.inventory import Inventory, InventoryModel, Node
+from qmesh.ops.metrics import GateMetrics
 from qmesh.tunnel import TunnelServer
 
 if TYPE_CHECKING:
-    from qmesh.gate.discovery import Scanner
-    from qmesh.gate.llm import LlmService
+    from qmesh.fleet.discovery import Scanner
+    from qmesh.llm.service import LlmService
 
 __all__ = ["Overview"]
 

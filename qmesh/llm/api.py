@@ -12,7 +12,7 @@ key, 402 when a spent budget blocks the only candidates, 404 for an
 unknown model, 503 when nothing can serve now.
 
 Not for: deciding (:mod:`qmesh.qg.router`) or running
-(:mod:`qmesh.gate.liquify`); this module only translates HTTP to those.
+(:mod:`qmesh.llm.executor`); this module only translates HTTP to those.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from __future__ import annotations
 import os
 from typing import Any, Final
 
-from qmesh.gate.auth import ADMIN_APP, AppAuthenticator
-from qmesh.gate.backends import ClientFault
-from qmesh.gate.calls import Call, estimate_call_tokens
-from qmesh.gate.liquify import RequestContext
-from qmesh.gate.llm import LlmService
+from qmesh.llm.backends import ClientFault
+from qmesh.llm.calls import Call, estimate_call_tokens
+from qmesh.llm.executor import RequestContext
+from qmesh.llm.service import LlmService
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
 from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
 from qmesh.qg.router import Decision
+from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 __all__ = ["add_llm_routes"]

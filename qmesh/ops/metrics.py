@@ -17,7 +17,7 @@ once from the ledger table, then kept up to date by the same hook, so a
 dashboard refresh never rescans the ledger).
 
 Not for: the text format (:mod:`qmesh.web.prom`) or HTTP
-(:mod:`qmesh.gate.ops_api`).
+(:mod:`qmesh.ops.api`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ import trio
 
 from qmesh import __version__
 from qmesh.finops.ledger import LedgerEntry
-from qmesh.gate.inventory import NODE_STATES, Inventory
+from qmesh.fleet.inventory import NODE_STATES, Inventory
 from qmesh.tunnel import TunnelServer
 from qmesh.web.http import Router
 from qmesh.web.prom import Family, Registry, gauge_family
 
 if TYPE_CHECKING:
     from qmesh.finops.budgets import Budget
-    from qmesh.gate.discovery import Scanner
-    from qmesh.gate.llm import LlmService
+    from qmesh.fleet.discovery import Scanner
+    from qmesh.llm.service import LlmService
     from qmesh.state import StateStore
 
 __all__ = ["BurnDown", "GateMetrics", "History"]

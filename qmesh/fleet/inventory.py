@@ -2,8 +2,8 @@
 
 For: :class:`Inventory`, a plain in-memory table of :class:`Node` records
 fed by whatever reports nodes (the daemons' ``inventory`` streams,
-:mod:`qmesh.gate.daemons`, and the Gate's scans of configured addresses,
-:mod:`qmesh.gate.discovery`, through :meth:`Inventory.observe` and
+:mod:`qmesh.fleet.daemons`, and the Gate's scans of configured addresses,
+:mod:`qmesh.fleet.discovery`, through :meth:`Inventory.observe` and
 :meth:`Inventory.missed`), with liveness derived from
 heartbeats: a node is ``fresh`` while heartbeats arrive, ``stale`` once it
 has missed ``stale_after_missed`` of them (at the interval the node itself
@@ -21,8 +21,8 @@ The data model is deliberately general (``kind``, ``source``, ``address``,
 sources fit without changing it. The router (issue 5) reads
 :meth:`Inventory.nodes` and :attr:`Node.models`.
 
-Not for: talking to nodes (:mod:`qmesh.gate.daemons`), HTTP
-(:mod:`qmesh.gate.daemon_api`) or persistence (it is rebuilt from reports
+Not for: talking to nodes (:mod:`qmesh.fleet.daemons`), HTTP
+(:mod:`qmesh.fleet.api`) or persistence (it is rebuilt from reports
 after a Gate restart: daemons reconnect and report in full).
 """
 
@@ -250,7 +250,7 @@ class Inventory:
             self._set(node, "gone", reason, now)
             self.version += 1
 
-    # -- scans (qmesh.gate.discovery) ---------------------------------------------
+    # -- scans (qmesh.fleet.discovery) ---------------------------------------------
 
     def observe(
         self,

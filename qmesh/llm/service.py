@@ -10,8 +10,8 @@ nodes or models come and go, updated in place when only their load moves);
 and in-process model calls for the Gate's own features
 (:meth:`LlmService.complete_text`, used by the graph memory).
 
-Not for: HTTP handlers (:mod:`qmesh.gate.llm_api`) or execution
-(:mod:`qmesh.gate.liquify`).
+Not for: HTTP handlers (:mod:`qmesh.llm.api`) or execution
+(:mod:`qmesh.llm.executor`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import trio
 from qmesh.config import Config
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
-from qmesh.gate.backends import ClientFault, SkillBackend
-from qmesh.gate.calls import Call, estimate_call_tokens
-from qmesh.gate.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
-from qmesh.gate.daemons import DaemonClient
-from qmesh.gate.inventory import Inventory
-from qmesh.gate.liquify import Executor, RequestContext
-from qmesh.gate.provider_keys import resolve_api_key
-from qmesh.gate.providers import AnthropicProvider, OpenAIProvider
+from qmesh.fleet.daemons import DaemonClient
+from qmesh.fleet.inventory import Inventory
+from qmesh.llm.backends import ClientFault, SkillBackend
+from qmesh.llm.calls import Call, estimate_call_tokens
+from qmesh.llm.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
+from qmesh.llm.executor import Executor, RequestContext
+from qmesh.llm.provider_keys import resolve_api_key
+from qmesh.llm.providers import AnthropicProvider, OpenAIProvider
 from qmesh.memory.errors import GraphMemoryError
 from qmesh.memory.llm import LlmUnavailable
 from qmesh.memory.service import Memory

@@ -14,7 +14,7 @@ dashboard and metrics live on the Gate's own listener, and the admin key is
 refused here outright: an edge's localhost port is reachable by every local
 user of the edge's box, and is no place for the operator's credential.
 
-Not for: the API itself (:mod:`qmesh.gate.llm_api`).
+Not for: the API itself (:mod:`qmesh.llm.api`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from qmesh.gate.auth import ADMIN_APP
 from qmesh.tunnel.stream import TunnelStream
+from qmesh.web.auth import ADMIN_APP
 from qmesh.web.http import Handler, HttpError, Request, Response, Router, serve_stream
 
 __all__ = ["APP_ROUTE_PREFIXES", "AppRoutes", "LlmRelay"]
