@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from qmesh.config import HttpConfig
-from qmesh.web import auth as auth_module
-from qmesh.gate.watch import StateWatcher
 from qmesh.state import StateStore
+from qmesh.state.watch import StateWatcher
+from qmesh.web import auth as auth_module
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router, serve_http
 

@@ -24,9 +24,9 @@ import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
 
-from qmesh.gate.watch import StateWatcher
 from qmesh.pg.service import KEY_REVOKED
 from qmesh.state import StateStore
+from qmesh.state.watch import StateWatcher
 
 DEADLINE_S = 30.0  # generous: the event must happen, how fast is for bench/
 SLEEP = "SELECT pg_sleep(30)"

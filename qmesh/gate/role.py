@@ -14,7 +14,6 @@ from qmesh.fleet.api import add_daemon_routes
 from qmesh.fleet.daemons import DaemonClient, InventoryService
 from qmesh.fleet.inventory import Inventory
 from qmesh.forward.service import ForwardService
-from qmesh.gate.watch import StateWatcher
 from qmesh.identity import GateKeys
 from qmesh.llm.api import add_llm_routes
 from qmesh.llm.relay import LlmRelay
@@ -25,6 +24,7 @@ from qmesh.ops.api import start_ops
 from qmesh.ops.sessions import add_routes
 from qmesh.pg.service import PgService
 from qmesh.state import StateStore
+from qmesh.state.watch import StateWatcher
 from qmesh.tunnel import HandshakeRefused, TunnelServer
 from qmesh.tunnel.handshake import Hello
 from qmesh.web.auth import AppAuthenticator

@@ -13,7 +13,7 @@ one of its visible mentions. So nothing of a private document reaches
 another app, not even the spelling of a name it merged into an alias.
 
 For: all reads and writes of the ``memory_*`` tables (see
-:mod:`qmesh.memory.schema` for what the database itself enforces). Entity
+:mod:`qmesh.state.memory_tables` for what the database itself enforces). Entity
 resolution happens here because it needs the stored graph: a mention joins
 the entity whose key it normalises to (:func:`~qmesh.memory.terms.entity_key`),
 else the one entity that already has a mention with that surface key (an

@@ -6,7 +6,7 @@ successful check is therefore remembered, keyed by a SHA-256 of the token,
 together with *which* stored verifier it matched. Trust changes bite at
 once all the same:
 
-- the Gate's :class:`~qmesh.gate.watch.StateWatcher` calls :meth:`refresh`
+- the Gate's :class:`~qmesh.state.watch.StateWatcher` calls :meth:`refresh`
   after every change to the state store (``qmesh apps rotate-key``,
   ``disable``, ``enable``, an app deleted, from any process); it re-reads
   each cached app's current verifiers and drops every entry whose verifier

@@ -2,8 +2,8 @@
 
 For: the durable records the Gate needs, starting with enrolled edge
 identities (MiniGates and Daemons, by X25519 public key) and applications
-(app ids with SCRAM-SHA-256 verifiers of their app keys), plus the schema
-migrations that later tables are added through.
+(app ids with SCRAM-SHA-256 verifiers of their app keys), applying the
+schema versions of :mod:`qmesh.state.migrations` as it opens.
 
 Not for: private keys (edges keep theirs; the Gate's is a file, see
 :mod:`qmesh.identity`), secrets in clear (app keys are stored only as SCRAM
@@ -34,9 +34,7 @@ from typing import Final
 
 import attrs
 
-from qmesh.finops.schema import MIGRATION as FINOPS_MIGRATION
-from qmesh.memory.schema import MIGRATION as MEMORY_MIGRATION
-from qmesh.memory.schema import SHARING_MIGRATION as MEMORY_SHARING_MIGRATION
+from qmesh.state.migrations import MIGRATIONS
 
 __all__ = [
     "ROLES",
@@ -65,100 +63,6 @@ _BUSY_TIMEOUT_S: Final = 5.0
 # role name, and an app id is the user name an app gives the Postgres mimic.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
-# Each entry is one schema version: the statements that take the database
-# from the previous version to it. Append only; never edit a released entry.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE identities (
-            name        TEXT PRIMARY KEY,
-            role        TEXT NOT NULL CHECK (role IN ('minigate', 'daemon')),
-            public_key  BLOB NOT NULL UNIQUE,
-            created_at  REAL NOT NULL,
-            revoked_at  REAL NULL
-        )
-        """,
-        """
-        CREATE TABLE apps (
-            app_id            TEXT PRIMARY KEY,
-            scram_salt        BLOB NOT NULL,
-            scram_iterations  INTEGER NOT NULL,
-            stored_key        BLOB NOT NULL,
-            server_key        BLOB NOT NULL,
-            created_at        REAL NOT NULL
-        )
-        """,
-    ),
-    # The Gate's Postgres path: the vault of real database credentials
-    # (qmesh.pg.vault; values AES-256-GCM sealed, with a pending slot for a
-    # rotation in flight), the statement audit log (qmesh.pg.audit), and app
-    # keys that rotate with an overlap: the previous verifiers of an app stay
-    # valid until expires_at. They share the app's salt and iterations, so a
-    # SCRAM server can send one salt and check the proof against each.
-    (
-        """
-        CREATE TABLE vault_secrets (
-            alias               TEXT PRIMARY KEY,
-            key_fingerprint     BLOB NOT NULL,
-            nonce               BLOB NOT NULL,
-            ciphertext          BLOB NOT NULL,
-            pending_nonce       BLOB NULL,
-            pending_ciphertext  BLOB NULL,
-            pending_since       REAL NULL,
-            created_at          REAL NOT NULL,
-            updated_at          REAL NOT NULL
-        )
-        """,
-        """
-        CREATE TABLE pg_audit (
-            id                INTEGER PRIMARY KEY,
-            ts                REAL NOT NULL,
-            app               TEXT NOT NULL,
-            alias             TEXT NOT NULL,
-            statement         TEXT NULL,
-            statement_sha256  TEXT NOT NULL,
-            duration_ms       REAL NOT NULL,
-            rows              INTEGER NULL,
-            outcome           TEXT NOT NULL
-        )
-        """,
-        "CREATE INDEX pg_audit_ts ON pg_audit (ts)",
-        "CREATE INDEX pg_audit_app_ts ON pg_audit (app, ts)",
-        "ALTER TABLE apps ADD COLUMN key_created_at REAL NULL",
-        """
-        CREATE TABLE app_old_verifiers (
-            app_id      TEXT NOT NULL REFERENCES apps (app_id) ON DELETE CASCADE,
-            stored_key  BLOB NOT NULL,
-            server_key  BLOB NOT NULL,
-            created_at  REAL NOT NULL,
-            expires_at  REAL NOT NULL
-        )
-        """,
-        "CREATE INDEX app_old_verifiers_app ON app_old_verifiers (app_id, expires_at)",
-    ),
-    # The graph memory: documents, sentences, entities, relations and their
-    # provenance (qmesh.memory.schema says what the database enforces).
-    MEMORY_MIGRATION,
-    # The capability router's books: the hash-chained request ledger and
-    # audit trail, their heads, and sealed provider API keys (qmesh.finops).
-    FINOPS_MIGRATION,
-    # The newest HELLO timestamp seen per edge key: a replayed Noise message 1
-    # carries an old one and is refused (qmesh.tunnel.handshake).
-    (
-        """
-        CREATE TABLE edge_hellos (
-            public_key  BLOB PRIMARY KEY,
-            last_ts     INTEGER NOT NULL
-        )
-        """,
-    ),
-    # An app the operator disabled (qmesh apps disable): its keys are refused
-    # on every path and its live Postgres sessions end; enabling restores it.
-    ("ALTER TABLE apps ADD COLUMN disabled_at REAL NULL",),
-    # Graph memory documents belong to the app that added them; "shared" lets
-    # every app read one (qmesh.memory.schema).
-    MEMORY_SHARING_MIGRATION,
-)
 
 
 class StateError(Exception):

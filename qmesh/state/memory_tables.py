@@ -34,7 +34,7 @@ the operator). :data:`SHARING_MIGRATION`, a later schema version, adds
 Documents stored before it are not shared: nobody chose to share them.
 
 Not for: the queries (:mod:`qmesh.memory.store`), which decide who sees
-what. This module imports nothing from qmesh, because :mod:`qmesh.state`
+what. This module imports nothing from qmesh, because :mod:`qmesh.state.migrations`
 imports it.
 """
 

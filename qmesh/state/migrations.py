@@ -1,0 +1,115 @@
+"""The state store's schema, one version per entry, in the order they apply.
+
+For: every table of the Gate's state database — edge identities and apps
+here, the graph memory's (:mod:`qmesh.state.memory_tables`) and FinOps'
+(:mod:`qmesh.state.finops_tables`) in their own modules — as one ordered
+list, because a schema version is a number for the whole database.
+
+Not for: reading or writing rows (:mod:`qmesh.state.store`, and the
+capabilities' own stores such as :mod:`qmesh.memory.store`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from qmesh.state.finops_tables import MIGRATION as FINOPS_MIGRATION
+from qmesh.state.memory_tables import MIGRATION as MEMORY_MIGRATION
+from qmesh.state.memory_tables import SHARING_MIGRATION as MEMORY_SHARING_MIGRATION
+
+__all__ = ["MIGRATIONS"]
+
+# Each entry is one schema version: the statements that take the database
+# from the previous version to it. Append only; never edit a released entry.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE identities (
+            name        TEXT PRIMARY KEY,
+            role        TEXT NOT NULL CHECK (role IN ('minigate', 'daemon')),
+            public_key  BLOB NOT NULL UNIQUE,
+            created_at  REAL NOT NULL,
+            revoked_at  REAL NULL
+        )
+        """,
+        """
+        CREATE TABLE apps (
+            app_id            TEXT PRIMARY KEY,
+            scram_salt        BLOB NOT NULL,
+            scram_iterations  INTEGER NOT NULL,
+            stored_key        BLOB NOT NULL,
+            server_key        BLOB NOT NULL,
+            created_at        REAL NOT NULL
+        )
+        """,
+    ),
+    # The Gate's Postgres path: the vault of real database credentials
+    # (qmesh.pg.vault; values AES-256-GCM sealed, with a pending slot for a
+    # rotation in flight), the statement audit log (qmesh.pg.audit), and app
+    # keys that rotate with an overlap: the previous verifiers of an app stay
+    # valid until expires_at. They share the app's salt and iterations, so a
+    # SCRAM server can send one salt and check the proof against each.
+    (
+        """
+        CREATE TABLE vault_secrets (
+            alias               TEXT PRIMARY KEY,
+            key_fingerprint     BLOB NOT NULL,
+            nonce               BLOB NOT NULL,
+            ciphertext          BLOB NOT NULL,
+            pending_nonce       BLOB NULL,
+            pending_ciphertext  BLOB NULL,
+            pending_since       REAL NULL,
+            created_at          REAL NOT NULL,
+            updated_at          REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE pg_audit (
+            id                INTEGER PRIMARY KEY,
+            ts                REAL NOT NULL,
+            app               TEXT NOT NULL,
+            alias             TEXT NOT NULL,
+            statement         TEXT NULL,
+            statement_sha256  TEXT NOT NULL,
+            duration_ms       REAL NOT NULL,
+            rows              INTEGER NULL,
+            outcome           TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX pg_audit_ts ON pg_audit (ts)",
+        "CREATE INDEX pg_audit_app_ts ON pg_audit (app, ts)",
+        "ALTER TABLE apps ADD COLUMN key_created_at REAL NULL",
+        """
+        CREATE TABLE app_old_verifiers (
+            app_id      TEXT NOT NULL REFERENCES apps (app_id) ON DELETE CASCADE,
+            stored_key  BLOB NOT NULL,
+            server_key  BLOB NOT NULL,
+            created_at  REAL NOT NULL,
+            expires_at  REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX app_old_verifiers_app ON app_old_verifiers (app_id, expires_at)",
+    ),
+    # The graph memory: documents, sentences, entities, relations and their
+    # provenance (qmesh.state.memory_tables says what the database enforces).
+    MEMORY_MIGRATION,
+    # The capability router's books: the hash-chained request ledger and
+    # audit trail, their heads, and sealed provider API keys (qmesh.finops).
+    FINOPS_MIGRATION,
+    # The newest HELLO timestamp seen per edge key: a replayed Noise message 1
+    # carries an old one and is refused (qmesh.tunnel.handshake).
+    (
+        """
+        CREATE TABLE edge_hellos (
+            public_key  BLOB PRIMARY KEY,
+            last_ts     INTEGER NOT NULL
+        )
+        """,
+    ),
+    # An app the operator disabled (qmesh apps disable): its keys are refused
+    # on every path and its live Postgres sessions end; enabling restores it.
+    ("ALTER TABLE apps ADD COLUMN disabled_at REAL NULL",),
+    # Graph memory documents belong to the app that added them; "shared" lets
+    # every app read one (qmesh.state.memory_tables).
+    MEMORY_SHARING_MIGRATION,
+)
