@@ -27,7 +27,7 @@ latency is the gateway's wrk percentile minus the direct backend's at the
 same connection count; "of direct" is the gateway's req/s as a fraction of
 the direct backend's in the same run. Nothing is asserted.
 
-Targets (the issue): added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct
+Targets: added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct
 backend's req/s; ≥ 25× LiteLLM's req/s.
 """
 

@@ -19,7 +19,7 @@ side: the median time to first token (TTFT) and decode tokens/s (tokens
 after the first ÷ time after the first), and qmesh ÷ direct. Then the
 quantization planner's prediction for this machine against both.
 
-Nothing is asserted; the issue's target is printed with met / NOT met.
+Nothing is asserted; the target is printed with met / NOT met.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ models, then times ``Router.decide`` for a mix of DSNs — speed, cost,
 quality, local, balanced, a model pin, privacy, max_cost, max_latency — with
 live telemetry moving between decisions (a latency observation after each
 decision marks the rankings stale, so the amortised re-sort is included).
-Prints p50/p90/p99 per DSN and overall. The issue's target: p50 ≤ 50 µs.
+Prints p50/p90/p99 per DSN and overall. The target: p50 ≤ 50 µs.
 Nothing is asserted.
 """
 

@@ -16,7 +16,7 @@ moment that write commits, until its effect is observable:
 - rotate-key --overlap 0: the old key gets 401 on ``GET /v1/models``;
 - apps disable: the app's key gets 403 (``app_disabled``).
 
-The issue's bound is 1 s for each. The Gate notices a change by polling the
+The bound is 1 s for each. The Gate notices a change by polling the
 store's ``PRAGMA data_version`` every 100 ms (qmesh.state.watch), so about
 50 ms on average is expected plus the work each change triggers. Nothing is
 asserted: the tests assert that each effect happens; this measures how fast.

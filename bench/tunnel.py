@@ -504,7 +504,7 @@ def _print_targets(results: Sequence[CodecResult]) -> None:
         return f"{value:.2f}x {'met' if value >= target else 'NOT met'}"
 
     print()
-    print("Targets from the issue (reported, not asserted; qmesh = one frame per call):")
+    print("Targets (reported, not asserted; qmesh = one frame per call):")
     small = [r for r in results if r.case.size == KIB]
     if small:
         print("  qmesh >= 3x the pure-Python pipeline at 1 KiB:")

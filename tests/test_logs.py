@@ -167,7 +167,7 @@ def test_credential_never_appears(fmt: str) -> None:
         ("dict {'password': 'Pa55 w0rd!x'}", "Pa55 w0rd!x"),
         ('json {"password": "Pa55w0rd!x"}', "Pa55w0rd!x"),
         ("header Authorization: Bearer sk-Pa55w0rdx", "sk-Pa55w0rdx"),
-        # Issue 11, finding 10: qmesh's own bearer is APP_ID:APP_KEY, and the
+        # qmesh's own bearer is APP_ID:APP_KEY, and the
         # key after the colon used to be printed.
         ("header Authorization: Bearer demo:Pa55w0rdx_-Q", "Pa55w0rdx_-Q"),
         ("calling with bearer demo:Pa55w0rdx_-Q now", "Pa55w0rdx_-Q"),

@@ -2,7 +2,7 @@
 app sees and changes only its own documents unless their owner shared them,
 ``admin`` sees and changes all, and nothing of a private document reaches
 another app through a list, a read, a query, a delete report or a failed
-write (issue 11, finding 6 and "Memory belongs to apps")."""
+write."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def cited_documents(answer: dict[str, Any]) -> set[str]:
 async def test_another_app_cannot_replace_a_document(
     apps: tuple[Client, Client, Client, StateStore],
 ) -> None:
-    """Finding 6: app B replaced app A's document with "replace": true."""
+    """App B once replaced app A's document with "replace": true."""
     a, b, admin, _ = apps
     assert (await a.call("POST", DOCS, {"id": "acme", "text": ACME})).status == 201
     # Private to app-a: the id is taken, and that is all app-b learns; with

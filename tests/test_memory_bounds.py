@@ -1,5 +1,5 @@
 """Memory ingest is linear and bounded, runs on threads of its own, and
-never holds up a shutdown (issue 11, finding 5).
+never holds up a shutdown.
 
 Before: 200 KB of ``"**a "`` took minutes in the Markdown converter (and a
 heading line of spaces, a run of full stops, ``"<a "`` in HTML took as long
@@ -348,7 +348,7 @@ def test_sigterm_stops_a_gate_busy_with_memory_work(tmp_path: Path) -> None:
         )
         started = time.monotonic()
         gate.send_signal(signal.SIGTERM)
-        # The issue asks for 5 s; the limit here is generous (a loaded
+        # The promise is 5 s; the limit here is generous (a loaded
         # machine) but far below the minutes the work would take.
         code = gate.wait(timeout=20)
         stopped_s = time.monotonic() - started

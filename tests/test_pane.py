@@ -1,4 +1,4 @@
-"""The issue's acceptance, as an operator would see it: a Gate process
+"""The single pane of glass, as an operator would see it: a Gate process
 scanning its configured addresses — two daemons (``qmesh --role daemon``
 processes, enrolled, their own data directories), a separately started
 ``python -m llama_cpp.server`` with the Gemma model, a real PostgreSQL, an

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from qmesh.pg.audit import list_audit
 
-# The issue asks for 10 s per protocol; QMESH_PGBENCH_SECONDS shortens it locally.
+# 10 s per protocol by default; QMESH_PGBENCH_SECONDS shortens it locally.
 PGBENCH_SECONDS = os.environ.get("QMESH_PGBENCH_SECONDS", "10")
 
 

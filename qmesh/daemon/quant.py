@@ -9,7 +9,7 @@ predicted decode speed and the reason it was or was not chosen. Pure
 functions on plain data: the daemon feeds it live telemetry, ``qmesh quant
 plan`` feeds it telemetry or a simulated node, tests feed it tables.
 
-The rule (issue 4): the highest-quality variant whose weights plus KV cache
+The rule: the highest-quality variant whose weights plus KV cache
 for the requested context fit in free memory with headroom, and whose
 predicted decode speed meets the target. If none meets the target, the
 fastest variant that fits, flagged. If none fits, no choice.

@@ -12,7 +12,7 @@ For (all need the admin key):
   The answer also carries ``qmesh`` (node, runtime, timings).
 
 The node-addressed endpoints are an operator's and a test's tool; clients
-use the capability router's ``/v1/*`` (issue 5), which picks the node.
+use the capability router's ``/v1/*`` (:mod:`qmesh.llm`), which picks the node.
 
 Not for: the inventory's logic (:mod:`qmesh.fleet.inventory`) or the tunnel
 exchange (:mod:`qmesh.fleet.daemons`).

@@ -24,7 +24,7 @@ do next:
   says whether text was already streamed (then a retry elsewhere would
   repeat it to the client).
 
-Not for: choosing the node (the router, issue 5) or HTTP
+Not for: choosing the node (the router, :mod:`qmesh.llm`) or HTTP
 (:mod:`qmesh.fleet.api`).
 """
 

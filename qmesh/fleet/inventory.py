@@ -18,7 +18,7 @@ return is exact at the moment of the call.
 
 The data model is deliberately general (``kind``, ``source``, ``address``,
 ``version``, models with free-form metadata) so other node kinds and
-sources fit without changing it. The router (issue 5) reads
+sources fit without changing it. The router (:mod:`qmesh.llm`) reads
 :meth:`Inventory.nodes` and :attr:`Node.models`.
 
 Not for: talking to nodes (:mod:`qmesh.fleet.daemons`), HTTP

@@ -7,8 +7,8 @@ errors, so the failover loop treats every kind of worker alike) and
 :class:`SkillBackend`, which answers chat, completion and embedding calls
 with a skill's output in OpenAI's shapes.
 
-Not for: remote providers (:mod:`qmesh.llm.providers`) or daemons (the
-daemons issue's client, adapted in :mod:`qmesh.llm.daemon_backend`).
+Not for: remote providers (:mod:`qmesh.llm.providers`) or daemons (their
+client, adapted in :mod:`qmesh.llm.daemon_backend`).
 """
 
 from __future__ import annotations
