@@ -59,9 +59,9 @@ from memory_corpus import DOCUMENTS, QUESTIONS  # noqa: E402
 
 from qmesh.memory.extract import RuleExtractor  # noqa: E402
 from qmesh.memory.query import Answer  # noqa: E402
+from qmesh.memory.records import OPERATOR  # noqa: E402
 from qmesh.memory.sentences import split_sentences  # noqa: E402
 from qmesh.memory.service import Memory  # noqa: E402
-from qmesh.memory.store import OPERATOR  # noqa: E402
 from qmesh.state import StateStore  # noqa: E402
 
 _PREFIXES = (

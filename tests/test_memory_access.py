@@ -17,8 +17,8 @@ from test_memory_api import Client
 
 from qmesh.memory.api import add_routes
 from qmesh.memory.errors import DocumentConflict, DocumentNotFound, NotDocumentOwner
+from qmesh.memory.records import OPERATOR, SHARED_ONLY, Access
 from qmesh.memory.service import Memory
-from qmesh.memory.store import OPERATOR, SHARED_ONLY, Access
 from qmesh.state import MIGRATIONS, StateStore
 from qmesh.state.memory_tables import SHARING_MIGRATION as MEMORY_SHARING_MIGRATION
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator

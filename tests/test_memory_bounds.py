@@ -34,9 +34,11 @@ from test_memory_api import Client
 from qmesh.memory.api import add_routes
 from qmesh.memory.convert import convert
 from qmesh.memory.errors import DocumentTooLarge
-from qmesh.memory.extract import MAX_RELATIONS, RULE_MENTIONS, Extraction, RuleExtractor
+from qmesh.memory.extract import RuleExtractor
+from qmesh.memory.extraction import MAX_RELATIONS, Extraction
+from qmesh.memory.mentions import RULE_MENTIONS
+from qmesh.memory.records import OPERATOR
 from qmesh.memory.service import MAX_SENTENCES, Memory
-from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router, serve_http

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from memory_corpus import DOCUMENTS
 
+from qmesh.memory.records import OPERATOR, Access
 from qmesh.memory.service import Memory
-from qmesh.memory.store import OPERATOR, Access
 from qmesh.state import StateStore
 
 _SUFFIX = {"text": ".txt", "markdown": ".md", "html": ".html"}

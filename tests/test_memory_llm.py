@@ -30,8 +30,8 @@ from qmesh.llm.api import add_llm_routes
 from qmesh.llm.service import LlmService
 from qmesh.memory.api import add_routes as add_memory_routes
 from qmesh.memory.llm import EXTRACT_SYSTEM, LlmExtractor, parse_triples
+from qmesh.memory.records import OPERATOR
 from qmesh.memory.service import Memory
-from qmesh.memory.store import OPERATOR
 from qmesh.state import StateStore
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Request, Response, Router, serve_http

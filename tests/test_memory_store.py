@@ -22,10 +22,10 @@ from qmesh.memory.errors import (
     NotDocumentOwner,
     ProvenanceError,
 )
-from qmesh.memory.extract import Extraction, Mention, Relation
+from qmesh.memory.extraction import Extraction, Mention, Relation
 from qmesh.memory.query import NOT_FOUND, Answer
+from qmesh.memory.records import OPERATOR, Access
 from qmesh.memory.service import Memory
-from qmesh.memory.store import OPERATOR, Access
 from qmesh.memory.verify import Source, verify_answer
 from qmesh.state import StateStore
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from qmesh.memory.convert import convert
 from qmesh.memory.errors import ProvenanceError
-from qmesh.memory.extract import Extraction, Mention, Relation, RuleExtractor, check_extraction
+from qmesh.memory.extract import RuleExtractor
+from qmesh.memory.extraction import Extraction, Mention, Relation, check_extraction
 from qmesh.memory.sentences import MAX_SENTENCE_CHARS, sentence_hash, split_sentences
 from qmesh.memory.terms import entity_key, stem
 

@@ -38,8 +38,8 @@ from qmesh.llm.provider_keys import resolve_api_key
 from qmesh.llm.providers import AnthropicProvider, OpenAIProvider
 from qmesh.memory.errors import GraphMemoryError
 from qmesh.memory.llm import LlmUnavailable
+from qmesh.memory.records import SHARED_ONLY
 from qmesh.memory.service import Memory
-from qmesh.memory.store import SHARED_ONLY
 from qmesh.nlp.skills import Skill, builtin_skills, measure
 from qmesh.pg.masterkey import load_master_key
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate

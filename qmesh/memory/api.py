@@ -58,10 +58,10 @@ from qmesh.memory.errors import (
     InvalidQuestion,
     NotDocumentOwner,
 )
-from qmesh.memory.extract import Extractor
+from qmesh.memory.extraction import Extractor
 from qmesh.memory.llm import LlmExtractor, compose_answer
+from qmesh.memory.records import Access, Checkpoint, DocumentInfo, IngestReport
 from qmesh.memory.service import Memory
-from qmesh.memory.store import Access, Checkpoint, DocumentInfo, IngestReport
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 

@@ -175,7 +175,7 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
     from qmesh.memory.errors import GraphMemoryError
-    from qmesh.memory.store import OPERATOR
+    from qmesh.memory.records import OPERATOR
 
     store, memory = _open(config)
     with store:
@@ -217,7 +217,7 @@ def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
     from qmesh.memory.errors import GraphMemoryError
-    from qmesh.memory.store import OPERATOR
+    from qmesh.memory.records import OPERATOR
 
     store, memory = _open(config)
     with store:
@@ -236,7 +236,7 @@ def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_share(args: argparse.Namespace, config: Config) -> int:
     from qmesh.memory.errors import GraphMemoryError
-    from qmesh.memory.store import OPERATOR
+    from qmesh.memory.records import OPERATOR
 
     store, memory = _open(config)
     with store:
@@ -257,7 +257,7 @@ def _iso(ts: float) -> str:
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
-    from qmesh.memory.store import OPERATOR
+    from qmesh.memory.records import OPERATOR
 
     store, memory = _open(config)
     with store:

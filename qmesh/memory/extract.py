@@ -1,16 +1,7 @@
 """Entities and (subject, predicate, object) relations, one sentence at a time.
 
-For: the :class:`Extractor` protocol that every extractor implements (the
-built-in rules here; :class:`qmesh.memory.llm.LlmExtractor` adds a model's
-triples through ``qg://task=extract``), the :class:`Extraction` it returns,
-and :func:`check_extraction`, which proves that an extraction can be cited
-before anything is stored: every mention is a span of its sentence whose
-text is exactly that slice, and every relation joins two distinct mentions
-of the same sentence. An extractor only ever sees one sentence per
-:class:`Extraction`, so whatever it returns is supported by that sentence
-or rejected.
-
-:class:`RuleExtractor` is the fast default (thousands of sentences a second,
+For: :class:`RuleExtractor` (what it returns, and the check every
+extraction passes, are in :mod:`qmesh.memory.extraction`). It is the fast default (thousands of sentences a second,
 no model): capitalised names, quoted terms, dates, money, percentages and
 numbers; relations from verb patterns ("X founded Y", "Y was acquired by X",
 "X is based in Y", "X works for Y", "X is the CEO of Y", "X, the CEO of Y,",
@@ -27,340 +18,20 @@ purpose), or I/O.
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections.abc import Iterator, Sequence
-from itertools import islice
-from typing import Final, Protocol
+from typing import Final
 
-import attrs
-
-from qmesh.memory.errors import ProvenanceError
-from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
-
-__all__ = [
-    "EVENT_PREDICATES",
-    "KINDS",
-    "MAX_MENTIONS",
-    "MAX_RELATIONS",
-    "RULE_MENTIONS",
-    "TRANSITIVE_FORMS",
-    "Extraction",
-    "Extractor",
-    "Mention",
-    "Relation",
-    "RuleExtractor",
-    "check_extraction",
-]
-
-KINDS: Final = ("name", "org", "term", "concept", "date", "money", "percent", "number")
-"""Mention kinds. ``concept`` is a common-noun phrase that is the object of
-"is a"; ``term`` a quoted expression; the last four are values."""
-
-
-@attrs.frozen
-class Mention:
-    """``sentence[start:end] == text``."""
-
-    start: int
-    end: int
-    text: str
-    kind: str
-
-
-@attrs.frozen
-class Relation:
-    """``subject`` and ``object`` index the extraction's mentions."""
-
-    subject: int
-    predicate: str
-    object: int
-
-
-@attrs.frozen
-class Extraction:
-    mentions: tuple[Mention, ...] = ()
-    relations: tuple[Relation, ...] = ()
-    same_as: tuple[tuple[int, int], ...] = ()
-    """Pairs of mentions that name one entity, the fuller name first."""
-
-
-class Extractor(Protocol):
-    """Turns sentences into extractions, one per sentence, in order."""
-
-    @property
-    def name(self) -> str: ...
-
-    def extract(self, sentences: Sequence[str]) -> list[Extraction]: ...
-
-
-_MAX_PREDICATE: Final = 60
-
-RULE_MENTIONS: Final = 32
-"""Mentions the rules keep in one sentence (the first by priority). Prose has
-a handful; a sentence with hundreds is a list of numbers, and matching the
-relation patterns costs time in proportion to its mentions."""
-_CANDIDATES: Final = 2 * RULE_MENTIONS
-MAX_MENTIONS: Final = 256
-"""Mentions any extractor may return for one sentence: the store writes a
-row per mention inside the state store's one write transaction, so this
-(with the document size) bounds how long an ingest holds it."""
-MAX_RELATIONS: Final = 256
-"""Relations (and alias pairs) any extractor may return for one sentence."""
-
-
-def check_extraction(sentence: str, extraction: Extraction) -> None:
-    """Raise :class:`ProvenanceError` unless every mention slices ``sentence``
-    exactly, every relation and alias joins two distinct mentions, and there
-    are at most :data:`MAX_MENTIONS` and :data:`MAX_RELATIONS` of them."""
-    count = len(extraction.mentions)
-    if (
-        count > MAX_MENTIONS
-        or len(extraction.relations) > MAX_RELATIONS
-        or len(extraction.same_as) > MAX_RELATIONS
-    ):
-        raise ProvenanceError(
-            f"an extraction of {count} mentions and {len(extraction.relations)} relations is "
-            f"more than one sentence can state (at most {MAX_MENTIONS} and {MAX_RELATIONS})"
-        )
-    for mention in extraction.mentions:
-        if not 0 <= mention.start < mention.end <= len(sentence):
-            raise ProvenanceError(f"mention {mention.text!r} lies outside its sentence")
-        if sentence[mention.start : mention.end] != mention.text or not mention.text.strip():
-            raise ProvenanceError(f"mention {mention.text!r} does not match its sentence span")
-        if mention.kind not in KINDS:
-            raise ProvenanceError(f"mention {mention.text!r} has unknown kind {mention.kind!r}")
-    for relation in extraction.relations:
-        if not (0 <= relation.subject < count and 0 <= relation.object < count):
-            raise ProvenanceError(f"relation {relation!r} names a mention the sentence lacks")
-        if relation.subject == relation.object:
-            raise ProvenanceError(f"relation {relation!r} joins a mention to itself")
-        predicate = relation.predicate
-        if not predicate or predicate != predicate.strip() or len(predicate) > _MAX_PREDICATE:
-            raise ProvenanceError(f"relation {relation!r} has an unusable predicate")
-    for a, b in extraction.same_as:
-        if not (0 <= a < count and 0 <= b < count) or a == b:
-            raise ProvenanceError(f"alias pair {(a, b)!r} names a mention the sentence lacks")
-
-
-# -- mentions -----------------------------------------------------------------
-
-_MONTH: Final = (
-    r"(?:January|February|March|April|May|June|July|August|September|October|November|December"
-    r"|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec)"
+from qmesh.memory.extraction import (
+    MAX_RELATIONS,
+    Extraction,
+    Mention,
+    Relation,
 )
-_DATE_RE: Final = re.compile(
-    rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\.?,?\s+\d{{4}}\b"
-    rf"|\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,\s*\d{{4}}\b"
-    rf"|\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\s+\d{{4}}\b"
-    rf"|\b(?:early|mid|late)[- ]{_MONTH}\s+\d{{4}}\b"
-    rf"|\b{_MONTH}\s+\d{{4}}\b"
-    r"|\b\d{4}-\d{2}-\d{2}\b"
-    r"|\b(?:1[0-9]|20)\d{2}s?\b(?![,.]\d)"
-    r"|\b(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)\b"
-    r"|\b(?:January|February|March|April|June|July|August|September|October|November|December)\b"
-)
-_SCALE: Final = r"(?:\s?(?:thousand|million|billion|trillion|bn|mn|m|k)\b)?"
-_MONEY_RE: Final = re.compile(
-    rf"[$€£¥]\s?\d[\d,]*(?:\.\d+)?{_SCALE}"
-    rf"|\b\d[\d,]*(?:\.\d+)?{_SCALE}\s?(?:dollars|euros|pounds|USD|EUR|GBP)\b"
-)
-_PERCENT_RE: Final = re.compile(r"\b\d+(?:\.\d+)?\s?(?:%|percent\b|per cent\b)")
-_NUMBER_RE: Final = re.compile(
-    r"\b\d[\d,]*(?:\.\d+)?(?:\s(?:thousand|million|billion|trillion))?\b(?![.,]?\d)"
-)
-_QUOTED_RE: Final = re.compile(r"\"([^\"\n]{2,80}?)\"|“([^”\n]{2,80}?)”|‘([^’\n]{2,60}?)’")
+from qmesh.memory.mentions import CONNECTORS, find_mentions, is_title_line
+from qmesh.memory.terms import STOPWORDS
 
-# Word tokens for name finding: words (with inner apostrophes, hyphens and
-# ampersands, and a trailing period kept for later inspection) or a single
-# other character.
-_TOKEN_RE: Final = re.compile(r"\w[\w'’&-]*\.?|&|[^\w\s]")
-_CONNECTORS: Final = frozenset(
-    {"of", "de", "del", "della", "der", "den", "van", "von", "la", "le", "du", "da", "di", "&"}
-)
-_NAME_ABBREVIATIONS: Final = frozenset(
-    {"corp", "inc", "ltd", "co", "jr", "sr", "st", "bros", "mt", "ft", "plc"}
-)
-_HONORIFICS: Final = frozenset({"mr", "mrs", "ms", "mx", "dr", "prof", "sir", "dame"})
-_TITLES: Final = frozenset(
-    """
-    ceo cto cfo coo cio cmo vp svp evp chairman chairwoman chair president founder
-    co-founder cofounder director manager chief head minister senator governor mayor
-    professor dean editor general
-    """.split()
-)
-# Capitalised words that start sentences without naming anything.
-_STARTERS: Final = (
-    STOPWORDS
-    | QUESTION_WORDS
-    | frozenset(
-        """
-        however today yesterday tomorrow later earlier meanwhile then also after before since
-        during although though despite following according unlike like as in on at by for
-        from with without founded based located born many several most some both each every
-        other another one two three four five first last next finally recently currently
-        initially originally eventually instead thus therefore furthermore moreover overall
-        yes no there here its it's this these those our we you i he she they his her their
-        while once soon now still only even all any such but and or so nor yet if unless
-        because whereas although until upon despite among between within beyond toward towards
-        nevertheless nonetheless indeed perhaps maybe afterwards additionally similarly
-        """.split()
-    )
-)
-_ORG_WORDS: Final = CORPORATE_SUFFIXES | frozenset(
-    """
-        university institute college bank group foundation agency association council party
-        ministry department school hospital laboratory laboratories labs systems technologies
-        industries holdings partners airlines motors press society committee museum library
-        church club team fund federation union organization organisation corporation
-        """.split()
-)
-
-
-def _is_capitalised(token: str) -> bool:
-    return token[:1].isupper()
-
-
-def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
-    tokens = [(m.start(), m.end(), m.group()) for m in _TOKEN_RE.finditer(sentence)]
-    first_word = next((i for i, t in enumerate(tokens) if t[2][0].isalnum()), None)
-    i = 0
-    while i < len(tokens):
-        text = tokens[i][2]
-        if not (_is_capitalised(text) and text[0].isalpha()):
-            i += 1
-            continue
-        # Grow the name over adjacent capitalised tokens and connectors.
-        run = [i]
-        j = i
-        while True:
-            if tokens[j][2].endswith(".") and not _keeps_period(tokens[j][2]):
-                break
-            if tokens[j][2].lower().rstrip(".") in CORPORATE_SUFFIXES and len(run) > 1:
-                break  # "Umbrella Ltd. Hank Scorpio" is two names
-            if tokens[j][2].endswith(("'s", "’s")):
-                break
-            nxt = j + 1
-            if nxt < len(tokens) and tokens[nxt][2].lower() in _CONNECTORS:
-                if nxt + 1 < len(tokens) and _is_capitalised(tokens[nxt + 1][2]):
-                    if _adjacent(sentence, tokens, j, nxt) and _adjacent(
-                        sentence, tokens, nxt, nxt + 1
-                    ):
-                        run.extend((nxt, nxt + 1))
-                        j = nxt + 1
-                        continue
-                break
-            if (
-                nxt < len(tokens)
-                and _is_capitalised(tokens[nxt][2])
-                and tokens[nxt][2][0].isalpha()
-                and _adjacent(sentence, tokens, j, nxt)
-            ):
-                run.append(nxt)
-                j = nxt
-                continue
-            break
-        i = j + 1
-        words = [tokens[k] for k in run]
-        # Drop sentence-initial function words, honorifics and job titles.
-        while words:
-            lower = words[0][2].lower().rstrip(".")
-            at_start = first_word is not None and words[0][0] == tokens[first_word][0]
-            if (
-                (at_start and lower in _STARTERS)
-                or lower in _HONORIFICS
-                or lower in _TITLES
-                or lower in _CONNECTORS
-                or (lower in STOPWORDS and len(words) == 1)
-            ):
-                words = words[1:]
-                continue
-            break
-        while words and (
-            words[-1][2].lower().rstrip(".") in _TITLES or words[-1][2].lower() in _CONNECTORS
-        ):
-            words = words[:-1]
-        if not words:
-            continue
-        span_start = words[0][0]
-        _, last_end, last = words[-1]
-        if last.endswith(("'s", "’s")):
-            last_end -= 2
-        elif last.endswith(".") and not _keeps_period(last):
-            last_end -= 1
-        if len(words) == 1 and words[0][2].rstrip(".").lower() in {"i", "a"}:
-            continue
-        yield span_start, last_end
-
-
-def _keeps_period(token: str) -> bool:
-    base = token.rstrip(".")
-    return (len(base) == 1 and base.isupper()) or base.lower() in _NAME_ABBREVIATIONS
-
-
-def _adjacent(sentence: str, tokens: list[tuple[int, int, str]], a: int, b: int) -> bool:
-    gap = sentence[tokens[a][1] : tokens[b][0]]
-    return gap.isspace() and "\n" not in gap and len(gap) <= 2
-
-
-def _name_kind(text: str) -> str:
-    last = text.split()[-1].lower().rstrip(".")
-    return "org" if last in _ORG_WORDS else "name"
-
-
-def _is_title_line(sentence: str) -> bool:
-    """A heading: no terminal punctuation and every word capitalised or a function word."""
-    if sentence.rstrip()[-1:] in '.!?:;"”)':
-        return False
-    tokens = re.findall(r"[^\W\d_][\w'’-]*", sentence)
-    if not tokens or len(tokens) > 10:
-        return False
-    return all(_is_capitalised(t) or t.lower() in STOPWORDS for t in tokens)
-
-
-def _find_mentions(sentence: str) -> list[Mention]:
-    candidates: list[tuple[int, int, int, str]] = []  # priority, start, end, kind
-    # At most _CANDIDATES of each kind, in sentence order: no more than
-    # RULE_MENTIONS are kept, so the rest of a sentence of 500 numbers
-    # would only be sorted and thrown away.
-    for match in islice(_QUOTED_RE.finditer(sentence), _CANDIDATES):
-        group = next(g for g in (1, 2, 3) if match.group(g) is not None)
-        inner = match.group(group)
-        stripped = inner.strip()
-        if (
-            stripped
-            and len(stripped.split()) <= 6
-            and stripped[-1] not in ",.;:!?"
-            and stripped.lower() not in STOPWORDS
-        ):
-            start = match.start(group) + (len(inner) - len(inner.lstrip()))
-            candidates.append((0, start, start + len(stripped), "term"))
-    for pattern, kind in ((_MONEY_RE, "money"), (_PERCENT_RE, "percent"), (_DATE_RE, "date")):
-        for match in islice(pattern.finditer(sentence), _CANDIDATES):
-            candidates.append((1, match.start(), match.end(), kind))
-    for start, end in islice(_name_spans(sentence), _CANDIDATES):
-        candidates.append((2, start, end, _name_kind(sentence[start:end])))
-    for match in islice(_NUMBER_RE.finditer(sentence), _CANDIDATES):
-        candidates.append((3, match.start(), match.end(), "number"))
-    # The spans taken so far are disjoint, so sorted by start they are sorted
-    # by end too, and the only one that can overlap [start, end) is the last
-    # that starts before ``end``: a bisection, not a scan of every span (a
-    # sentence of a few hundred numbers made that quadratic).
-    taken_starts: list[int] = []
-    taken_ends: list[int] = []
-    mentions: list[Mention] = []
-    for _, start, end, kind in sorted(candidates, key=lambda c: (c[0], c[1], -c[2])):
-        if len(mentions) == RULE_MENTIONS:
-            break
-        before = bisect.bisect_left(taken_starts, end)
-        if before and taken_ends[before - 1] > start:
-            continue
-        taken_starts.insert(before, start)
-        taken_ends.insert(before, end)
-        mentions.append(Mention(start, end, sentence[start:end], kind))
-    mentions.sort(key=lambda m: m.start)
-    return mentions
-
+__all__ = ["EVENT_PREDICATES", "TRANSITIVE_FORMS", "RuleExtractor"]
 
 # -- relations ----------------------------------------------------------------
 
@@ -828,7 +499,7 @@ def _is_acronym(short: str, long: str) -> bool:
     if not letters or not all(c.isupper() for c in letters) or len(letters) < 2:
         return False
     initials = [
-        w[0].upper() for w in long.split() if w.lower() not in _CONNECTORS and w[0].isalpha()
+        w[0].upper() for w in long.split() if w.lower() not in CONNECTORS and w[0].isalpha()
     ]
     return letters == initials or (
         letters[0] == initials[0] and _subsequence(letters, [c for c in long if c.isupper()])
@@ -849,9 +520,9 @@ class RuleExtractor:
         return [self.extract_one(sentence) for sentence in sentences]
 
     def extract_one(self, sentence: str) -> Extraction:
-        if _is_title_line(sentence):
+        if is_title_line(sentence):
             return Extraction()
-        mentions = _find_mentions(sentence)
+        mentions = find_mentions(sentence)
         if not mentions:
             return Extraction()
         state = _Sentence(sentence, mentions)
@@ -864,4 +535,4 @@ class RuleExtractor:
 
     def mentions(self, text: str) -> list[Mention]:
         """Mentions only, title lines included: for finding entities in a question."""
-        return _find_mentions(text)
+        return find_mentions(text)

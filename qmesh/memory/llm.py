@@ -35,14 +35,8 @@ import attrs
 
 from qmesh import peerjson
 from qmesh.memory.errors import ProvenanceError
-from qmesh.memory.extract import (
-    KINDS,
-    Extraction,
-    Mention,
-    Relation,
-    RuleExtractor,
-    check_extraction,
-)
+from qmesh.memory.extract import RuleExtractor
+from qmesh.memory.extraction import KINDS, Extraction, Mention, Relation, check_extraction
 from qmesh.memory.query import Answer
 from qmesh.memory.terms import STOPWORDS, content_stems
 from qmesh.memory.verify import Source, StoredLookup, VerifiedAnswer, verify_answer

@@ -39,7 +39,8 @@ import attrs
 
 from qmesh.memory.errors import InvalidQuestion
 from qmesh.memory.extract import EVENT_PREDICATES, TRANSITIVE_FORMS, RuleExtractor
-from qmesh.memory.store import Access, EntityRef, Fact, MemoryStore, StoredSentence
+from qmesh.memory.records import Access, EntityRef, Fact, StoredSentence
+from qmesh.memory.store import MemoryStore
 from qmesh.memory.terms import QUESTION_WORDS, STOPWORDS, content_stems, entity_key, stem
 
 __all__ = [

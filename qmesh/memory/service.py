@@ -31,20 +31,21 @@ from typing import Final
 
 from qmesh.memory.convert import FORMATS, convert
 from qmesh.memory.errors import DocumentTooLarge, InvalidDocument
-from qmesh.memory.extract import Extraction, Extractor, RuleExtractor, check_extraction
+from qmesh.memory.extract import RuleExtractor
+from qmesh.memory.extraction import Extraction, Extractor, check_extraction
 from qmesh.memory.query import DEFAULT_LIMIT, Answer, ask, check_question
-from qmesh.memory.sentences import split_sentences
-from qmesh.memory.store import (
+from qmesh.memory.records import (
     OPERATOR,
     Access,
     Checkpoint,
     DeleteReport,
     DocumentInfo,
     IngestReport,
-    MemoryStore,
     PreparedDocument,
     StoredSentence,
 )
+from qmesh.memory.sentences import split_sentences
+from qmesh.memory.store import MemoryStore
 from qmesh.state import StateStore
 
 __all__ = [

@@ -33,14 +33,10 @@ cancelled, the Gate stopping) can make it roll back and let go of the lock.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
-
-import attrs
 
 from qmesh.memory.errors import (
     DocumentConflict,
@@ -48,172 +44,27 @@ from qmesh.memory.errors import (
     NotDocumentOwner,
     ProvenanceError,
 )
-from qmesh.memory.extract import Extraction
-from qmesh.memory.sentences import Sentence
+from qmesh.memory.reader import MemoryReader
+from qmesh.memory.records import (
+    IN_IDS,
+    OPERATOR,
+    Access,
+    Checkpoint,
+    DeleteReport,
+    DocumentInfo,
+    IngestReport,
+    PreparedDocument,
+    StoredSentence,
+    json_ids,
+    no_checkpoint,
+)
 from qmesh.memory.terms import entity_key
 from qmesh.state import StateStore
 
-__all__ = [
-    "OPERATOR",
-    "SHARED_ONLY",
-    "Access",
-    "Checkpoint",
-    "DeleteReport",
-    "DocumentInfo",
-    "EntityRef",
-    "Fact",
-    "IngestReport",
-    "MemoryReader",
-    "MemoryStore",
-    "PreparedDocument",
-    "StoredSentence",
-]
+__all__ = ["MemoryStore"]
 
-
-Checkpoint = Callable[[], None]
-"""Called between units of blocking work; raises to stop it (the work then
-leaves nothing behind). ``trio.from_thread.check_cancelled`` is one."""
-
-
-def _no_checkpoint() -> None:
-    pass
-
-
-@attrs.frozen
-class Access:
-    """Who reads or changes the memory.
-
-    ``app`` is the application (None: nobody in particular); ``everything``
-    lets it see and change every document, as the operator does."""
-
-    app: str | None
-    everything: bool = False
-
-    @classmethod
-    def of_app(cls, app: str) -> Access:
-        """An application: its own documents and the shared ones."""
-        return cls(app)
-
-    def may_read(self, added_by: str | None, shared: bool) -> bool:
-        return self.everything or shared or (self.app is not None and added_by == self.app)
-
-    def may_change(self, added_by: str | None) -> bool:
-        return self.everything or (self.app is not None and added_by == self.app)
-
-    def visible(self, document: str) -> tuple[str, tuple[object, ...]]:
-        """A SQL condition on the ``memory_documents`` row aliased ``document``
-        that holds for the documents this reader may see, and its parameters."""
-        if self.everything:
-            return "1", ()
-        # added_by = NULL is never true: with no app, only shared documents.
-        return f"({document}.shared = 1 OR {document}.added_by = ?)", (self.app,)
-
-
-OPERATOR: Final = Access(None, everything=True)
-"""The operator (the CLI, the ``admin`` app): every document."""
-SHARED_ONLY: Final = Access(None)
-"""A reader that is no application in particular: the shared documents only."""
-
-
-@attrs.frozen
-class PreparedDocument:
-    """A document ready to store: converted, split and extracted (by the service)."""
-
-    id: str
-    title: str | None
-    format: str
-    text: str
-    sha256: str
-    source_sha256: str
-    sentences: Sequence[Sentence]
-    extractions: Sequence[Extraction]
-    extractor: str
-    added_by: str | None = None
-    shared: bool | None = None
-    """Whether other applications may read it; None: as the document it
-    replaces or repeats was, else not."""
-
-
-@attrs.frozen
-class IngestReport:
-    document_id: str
-    created: bool
-    """False when the same text was already stored under this id (nothing changed)."""
-    replaced: bool
-    sentences: int
-    mentions: int
-    relations: int
-
-
-@attrs.frozen
-class DeleteReport:
-    document_id: str
-    sentences: int
-    entities_removed: int
-    entities_kept: int
-    relations_removed: int
-    relations_kept: int
-
-
-@attrs.frozen
-class DocumentInfo:
-    id: str
-    title: str | None
-    format: str
-    chars: int
-    sentences: int
-    sha256: str
-    added_by: str | None
-    extractor: str
-    created_at: float
-    shared: bool
-
-
-@attrs.frozen
-class StoredSentence:
-    seq: int
-    id: str
-    document_id: str
-    start: int
-    end: int
-    text: str
-    title: str | None = None
-
-
-@attrs.frozen
-class EntityRef:
-    id: int
-    name: str
-    kind: str
-
-
-@attrs.frozen
-class Fact:
-    relation_id: int
-    subject: EntityRef
-    predicate: str
-    object: EntityRef
-    support: tuple[int, ...]
-    """Sequence numbers of the supporting sentences, in document order."""
-
-
-def _json_ids(ids: Iterable[int]) -> str:
-    return json.dumps(sorted(set(ids)))
-
-
-def _document_info(row: Sequence[Any]) -> DocumentInfo:
-    """From the columns id, title, format, chars, sentences, sha256,
-    added_by, extractor, created_at, shared."""
-    id_, title, fmt, chars, sentences, sha256, added_by, extractor, created_at, shared = row
-    return DocumentInfo(
-        id_, title, fmt, chars, sentences, sha256, added_by, extractor, created_at, bool(shared)
-    )
-
-
-_IN_IDS: Final = "(SELECT value FROM json_each(?))"
 # Sentences deleted per statement: a few milliseconds of cascades.
 _DELETE_BATCH: Final = 500
-_IN_KEYS: Final = _IN_IDS
 
 
 class MemoryStore:
@@ -230,7 +81,7 @@ class MemoryStore:
         *,
         replace: bool = False,
         access: Access = OPERATOR,
-        checkpoint: Checkpoint = _no_checkpoint,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> IngestReport:
         """Store ``document`` as ``access``. The same text under the same id
         again changes nothing but, if asked, whether it is shared
@@ -306,7 +157,7 @@ class MemoryStore:
         document_id: str,
         *,
         access: Access = OPERATOR,
-        checkpoint: Checkpoint = _no_checkpoint,
+        checkpoint: Checkpoint = no_checkpoint,
     ) -> DeleteReport:
         """Delete a document, its sentences and every fact that only it
         supported; facts with other sources stay, with those sources.
@@ -355,303 +206,6 @@ class MemoryStore:
         """Counts of provenance violations over the whole store (all zero when sound)."""
         with self.reader() as reader:
             return reader.integrity_problems()
-
-
-class MemoryReader:
-    """Reads on one connection inside one transaction (see
-    :meth:`MemoryStore.reader`), of what ``access`` may see: every method
-    answers from the sentences of visible documents only."""
-
-    def __init__(self, conn: sqlite3.Connection, access: Access = OPERATOR) -> None:
-        self.conn = conn
-        self.access = access
-        visible, self._params = access.visible("d")
-        # Sentences (aliased s) of visible documents; "?" stands for _params.
-        self._sentence_visible = (
-            "EXISTS (SELECT 1 FROM memory_documents AS d WHERE d.id = s.document_id AND "
-            + visible + ")"
-        )  # fmt: skip
-        self._document_visible = visible
-
-    def _visible_sentence(self, seq_column: str) -> str:
-        """A condition that the sentence ``seq_column`` is in a visible document."""
-        if self.access.everything:
-            return "1"
-        return (
-            f"EXISTS (SELECT 1 FROM memory_sentences AS s WHERE s.seq = {seq_column} AND "
-            + self._sentence_visible + ")"
-        )  # fmt: skip
-
-    def documents(self) -> list[DocumentInfo]:
-        rows = self.conn.execute(
-            "SELECT d.id, d.title, d.format, length(d.text),"
-            " (SELECT count(*) FROM memory_sentences AS s WHERE s.document_id = d.id),"
-            " d.sha256, d.added_by, d.extractor, d.created_at, d.shared"
-            " FROM memory_documents AS d WHERE " + self._document_visible
-            + " ORDER BY d.created_at, d.id",
-            self._params,
-        ).fetchall()  # fmt: skip
-        return [_document_info(row) for row in rows]
-
-    def document(self, document_id: str) -> tuple[DocumentInfo, str, list[StoredSentence]]:
-        row = self.conn.execute(
-            "SELECT d.id, d.title, d.format, length(d.text),"
-            " (SELECT count(*) FROM memory_sentences AS s WHERE s.document_id = d.id),"
-            " d.sha256, d.added_by, d.extractor, d.created_at, d.shared, d.text"
-            " FROM memory_documents AS d WHERE d.id = ? AND " + self._document_visible,
-            (document_id, *self._params),
-        ).fetchone()
-        if row is None:
-            raise DocumentNotFound(f"no document with id {document_id!r}")
-        sentences = [
-            StoredSentence(r[0], r[1], r[2], r[3], r[4], r[5], title=row[1])
-            for r in self.conn.execute(
-                "SELECT seq, id, document_id, char_start, char_end, text FROM memory_sentences"
-                " WHERE document_id = ? ORDER BY char_start",
-                (document_id,),
-            )
-        ]
-        return _document_info(row[:10]), row[10], sentences
-
-    def entities_by_key(self, keys: Iterable[str]) -> dict[str, list[EntityRef]]:
-        """For each key that names something: the entity with that key first,
-        then every other entity that has a mention with that surface key.
-        Only visible mentions count: that an alias ("International Business
-        Machines" for "IBM") was learnt from a document the reader cannot
-        see must not let the reader look an entity up by it. (An entity's own
-        key is the surface key of one of its mentions, so for the operator
-        this is every entity with that key.)"""
-        keys_json = json.dumps(sorted(set(keys)))
-        found: dict[str, list[EntityRef]] = {}
-        for key, eid, kind, _ in self.conn.execute(
-            "SELECT DISTINCT v.surface_key, e.id, e.kind, e.key != v.surface_key"
-            " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
-            " WHERE v.surface_key IN " + _IN_KEYS + " AND "
-            + self._visible_sentence("v.sentence_seq") + " ORDER BY 4, 2",
-            (keys_json, *self._params),
-        ).fetchall():  # fmt: skip
-            refs = found.setdefault(key, [])
-            if all(r.id != eid for r in refs):
-                refs.append(EntityRef(eid, "", kind))
-        names = self._names({r.id for refs in found.values() for r in refs})
-        return {
-            key: [EntityRef(r.id, names[r.id], r.kind) for r in refs if r.id in names]
-            for key, refs in found.items()
-        }
-
-    def _names(self, entity_ids: Iterable[int]) -> dict[int, str]:
-        """Each entity's name as this reader may see it: its own name when a
-        visible mention says it, else the commonest visible surface of its
-        key, else of any visible mention (the name may come from a document
-        the reader cannot see). Entities with no visible mention are left out."""
-        ids = _json_ids(entity_ids)
-        if self.access.everything:
-            return {
-                int(r[0]): r[1]
-                for r in self.conn.execute(
-                    "SELECT id, name FROM memory_entities WHERE id IN " + _IN_IDS, (ids,)
-                )
-            }
-        surfaces: dict[int, Counter[tuple[bool, str]]] = {}
-        own: dict[int, str] = {}
-        for eid, name, key, surface, surface_key, count in self.conn.execute(
-            "SELECT e.id, e.name, e.key, v.surface, v.surface_key, count(*)"
-            " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
-            " WHERE v.entity_id IN " + _IN_IDS + " AND " + self._visible_sentence("v.sentence_seq")
-            + " GROUP BY e.id, v.surface, v.surface_key",
-            (ids, *self._params),
-        ):  # fmt: skip
-            if surface == name:
-                own[eid] = name
-            surfaces.setdefault(eid, Counter())[(surface_key == key, surface)] += count
-        names = {}
-        for eid, counts in surfaces.items():
-            # Own-key surfaces first, then the commonest, then the smallest.
-            best = min(counts.items(), key=lambda item: (not item[0][0], -item[1], item[0][1]))
-            names[eid] = own.get(eid, best[0][1])
-        return names
-
-    def facts_about(self, entity_ids: Iterable[int], limit: int) -> list[Fact]:
-        """Relations with one of ``entity_ids`` at either end (their 1-hop
-        neighbourhood) that a visible sentence supports."""
-        ids = _json_ids(entity_ids)
-        supported = self._supported("r.id")
-        rows = self.conn.execute(
-            "SELECT r.id FROM memory_relations AS r WHERE r.subject_id IN " + _IN_IDS
-            + " AND " + supported
-            + " UNION SELECT r.id FROM memory_relations AS r WHERE r.object_id IN " + _IN_IDS
-            + " AND " + supported + " LIMIT ?",
-            (ids, *self._params, ids, *self._params, limit),
-        ).fetchall()  # fmt: skip
-        return self.facts([r[0] for r in rows])
-
-    def _supported(self, relation_column: str) -> str:
-        """A condition that a visible sentence supports ``relation_column``."""
-        if self.access.everything:
-            return "1"
-        return (
-            "EXISTS (SELECT 1 FROM memory_relation_support AS p WHERE p.relation_id = "
-            + relation_column + " AND " + self._visible_sentence("p.sentence_seq") + ")"
-        )  # fmt: skip
-
-    def facts_in_sentences(self, seqs: Iterable[int]) -> list[Fact]:
-        rows = self.conn.execute(
-            "SELECT DISTINCT p.relation_id FROM memory_relation_support AS p"
-            " WHERE p.sentence_seq IN " + _IN_IDS + " AND "
-            + self._visible_sentence("p.sentence_seq"),
-            (_json_ids(seqs), *self._params),
-        ).fetchall()  # fmt: skip
-        return self.facts([r[0] for r in rows])
-
-    def facts(self, relation_ids: Sequence[int]) -> list[Fact]:
-        """The relations, each with its visible supporting sentences (one
-        with none is left out) and the names this reader may see."""
-        if not relation_ids:
-            return []
-        ids = _json_ids(relation_ids)
-        support: dict[int, list[int]] = {}
-        for rid, seq in self.conn.execute(
-            "SELECT p.relation_id, p.sentence_seq FROM memory_relation_support AS p"
-            " WHERE p.relation_id IN " + _IN_IDS + " AND "
-            + self._visible_sentence("p.sentence_seq") + " ORDER BY p.sentence_seq",
-            (ids, *self._params),
-        ):  # fmt: skip
-            support.setdefault(rid, []).append(seq)
-        rows = self.conn.execute(
-            "SELECT r.id, s.id, s.kind, r.predicate, o.id, o.kind"
-            " FROM memory_relations AS r"
-            " JOIN memory_entities AS s ON s.id = r.subject_id"
-            " JOIN memory_entities AS o ON o.id = r.object_id"
-            " WHERE r.id IN " + _IN_IDS + " ORDER BY r.id",
-            (ids,),
-        ).fetchall()
-        rows = [row for row in rows if row[0] in support]
-        names = self._names({row[1] for row in rows} | {row[4] for row in rows})
-        facts = []
-        for rid, sid, skind, predicate, oid, okind in rows:
-            if sid not in names or oid not in names:
-                continue  # cannot happen: a support mentions both ends
-            facts.append(
-                Fact(
-                    rid,
-                    EntityRef(sid, names[sid], skind),
-                    predicate,
-                    EntityRef(oid, names[oid], okind),
-                    tuple(support[rid]),
-                )
-            )
-        return facts
-
-    def sentences_mentioning(self, entity_ids: Iterable[int], limit: int) -> list[int]:
-        rows = self.conn.execute(
-            "SELECT DISTINCT m.sentence_seq FROM memory_mentions AS m WHERE m.entity_id IN "
-            + _IN_IDS + " AND " + self._visible_sentence("m.sentence_seq")
-            + " ORDER BY m.sentence_seq LIMIT ?",
-            (_json_ids(entity_ids), *self._params, limit),
-        ).fetchall()  # fmt: skip
-        return [r[0] for r in rows]
-
-    def search(
-        self, terms: Sequence[str], limit: int, *, phrases: Sequence[str] = ()
-    ) -> list[tuple[int, float]]:
-        """Full-text hits (sentence seq, bm25 score; larger is better), best
-        first: visible sentences with any of ``terms`` and, if given, every
-        one of ``phrases``. Requiring the question's names keeps the match
-        set small, so that bm25 does not have to score every sentence that
-        says "founded"."""
-        if not terms and not phrases:
-            return []
-
-        def quoted(text: str) -> str:
-            return '"' + text.replace('"', '""') + '"'
-
-        parts = [quoted(p) for p in phrases]
-        if terms:
-            parts.append("(" + " OR ".join(quoted(t) for t in terms) + ")")
-        rows = self.conn.execute(
-            "SELECT rowid, bm25(memory_sentences_fts) FROM memory_sentences_fts"
-            " WHERE memory_sentences_fts MATCH ? AND "
-            + self._visible_sentence("memory_sentences_fts.rowid") + " ORDER BY rank LIMIT ?",
-            (" AND ".join(parts), *self._params, limit),
-        ).fetchall()  # fmt: skip
-        return [(int(r[0]), -float(r[1])) for r in rows]
-
-    def sentences(self, seqs: Iterable[int]) -> dict[int, StoredSentence]:
-        rows = self.conn.execute(
-            "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
-            " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.seq IN " + _IN_IDS + " AND " + self._document_visible,
-            (_json_ids(seqs), *self._params),
-        ).fetchall()
-        return {r[0]: StoredSentence(*r) for r in rows}
-
-    def sentences_by_id(self, ids: Iterable[str]) -> dict[str, StoredSentence]:
-        rows = self.conn.execute(
-            "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
-            " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.id IN (SELECT value FROM json_each(?)) AND " + self._document_visible,
-            (json.dumps(sorted(set(ids))), *self._params),
-        ).fetchall()
-        return {r[1]: StoredSentence(*r) for r in rows}
-
-    def mentions_in(self, seqs: Iterable[int]) -> dict[int, dict[int, str]]:
-        """For each visible sentence: the entities it mentions, with their kinds."""
-        found: dict[int, dict[int, str]] = {}
-        for seq, eid, kind in self.conn.execute(
-            "SELECT m.sentence_seq, m.entity_id, e.kind FROM memory_mentions AS m"
-            " JOIN memory_entities AS e ON e.id = m.entity_id"
-            " WHERE m.sentence_seq IN " + _IN_IDS + " AND "
-            + self._visible_sentence("m.sentence_seq"),
-            (_json_ids(seqs), *self._params),
-        ):  # fmt: skip
-            found.setdefault(seq, {})[eid] = kind
-        return found
-
-    def integrity_problems(self) -> dict[str, int]:
-        checks = {
-            "entities_without_mentions": "SELECT count(*) FROM memory_entities AS e WHERE NOT"
-            " EXISTS (SELECT 1 FROM memory_mentions AS m WHERE m.entity_id = e.id)",
-            "entities_named_by_no_mention": "SELECT count(*) FROM memory_entities AS e WHERE NOT"
-            " EXISTS (SELECT 1 FROM memory_mentions AS m WHERE m.entity_id = e.id"
-            " AND m.surface_key = e.key)",
-            "relations_without_support": "SELECT count(*) FROM memory_relations AS r WHERE NOT"
-            " EXISTS (SELECT 1 FROM memory_relation_support AS p WHERE p.relation_id = r.id)",
-            "support_not_mentioning_both_ends": "SELECT count(*) FROM memory_relation_support"
-            " AS p JOIN memory_relations AS r ON r.id = p.relation_id WHERE NOT EXISTS"
-            " (SELECT 1 FROM memory_mentions WHERE entity_id = r.subject_id"
-            " AND sentence_seq = p.sentence_seq) OR NOT EXISTS (SELECT 1 FROM memory_mentions"
-            " WHERE entity_id = r.object_id AND sentence_seq = p.sentence_seq)",
-            "mentions_not_slicing_their_sentence": "SELECT count(*) FROM memory_mentions AS m"
-            " JOIN memory_sentences AS s ON s.seq = m.sentence_seq WHERE m.char_start <"
-            " s.char_start OR m.char_end > s.char_end OR substr(s.text, m.char_start -"
-            " s.char_start + 1, m.char_end - m.char_start) != m.surface",
-            "sentences_not_slicing_their_document": "SELECT count(*) FROM memory_sentences AS s"
-            " JOIN memory_documents AS d ON d.id = s.document_id WHERE"
-            " substr(d.text, s.char_start + 1, s.char_end - s.char_start) != s.text",
-            "dangling_anchors": "SELECT (SELECT count(*) FROM memory_entities AS e WHERE NOT"
-            " EXISTS (SELECT 1 FROM memory_mentions AS m WHERE m.entity_id = e.id AND"
-            " m.sentence_seq = e.anchor_seq AND m.char_start = e.anchor_start)) + (SELECT"
-            " count(*) FROM memory_relations AS r WHERE NOT EXISTS (SELECT 1 FROM"
-            " memory_relation_support AS p WHERE p.relation_id = r.id AND p.sentence_seq ="
-            " r.anchor_seq))",
-            "fts_rows_missing": "SELECT (SELECT count(*) FROM memory_sentences) -"
-            " (SELECT count(*) FROM memory_sentences_fts_docsize)",
-        }
-        problems = {name: int(self.conn.execute(sql).fetchone()[0]) for name, sql in checks.items()}
-        problems["foreign_key_violations"] = sum(
-            len(self.conn.execute(f"PRAGMA foreign_key_check({table})").fetchall())
-            for table in (
-                "memory_sentences",
-                "memory_entities",
-                "memory_mentions",
-                "memory_relations",
-                "memory_relation_support",
-            )
-        )
-        return problems
-
-
-# -- ingest -------------------------------------------------------------------
 
 
 class _Resolver:
@@ -915,7 +469,7 @@ def _delete(
     kept_entities = [
         r[0]
         for r in conn.execute(
-            "SELECT id FROM memory_entities WHERE id IN " + _IN_IDS, (_json_ids(entities),)
+            "SELECT id FROM memory_entities WHERE id IN " + IN_IDS, (json_ids(entities),)
         )
     ]
     # What is left is counted as the caller sees it: that another app's
