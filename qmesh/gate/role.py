@@ -9,9 +9,11 @@ from typing import Any, Final
 
 import trio
 
+from qmesh.admission import EnrolledEdges
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.fleet.api import add_daemon_routes
 from qmesh.fleet.daemons import DaemonClient, InventoryService
+from qmesh.fleet.discovery import Scanner
 from qmesh.fleet.inventory import Inventory
 from qmesh.forward.service import ForwardService
 from qmesh.identity import GateKeys
@@ -25,8 +27,7 @@ from qmesh.ops.sessions import add_routes
 from qmesh.pg.service import PgService
 from qmesh.state import StateStore
 from qmesh.state.watch import StateWatcher
-from qmesh.tunnel import HandshakeRefused, TunnelServer
-from qmesh.tunnel.handshake import Hello
+from qmesh.tunnel import TunnelServer
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router, serve_http
 from qmesh.web.tls import load_or_create, tls_wanted
@@ -41,47 +42,6 @@ SERVICES_BY_ROLE: Final[Mapping[str, frozenset[str]]] = {
     "daemon": frozenset({"inventory"}),
 }
 """The tunnel services each edge role may open at the Gate."""
-
-
-class EnrolledEdges:
-    """Authenticates edges against the identities in the Gate's state store,
-    and ends the sessions of identities that lose their standing.
-
-    Each handshake reads the store and records the HELLO's timestamp (a
-    replayed HELLO is refused). ``qmesh revoke`` from another process reaches
-    the running Gate through its :class:`StateWatcher`: :meth:`sweep` then
-    ends every session of a revoked identity, telling the edge why.
-    """
-
-    def __init__(self, store: StateStore) -> None:
-        self.store = store
-
-    async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
-        return await trio.to_thread.run_sync(self._authenticate, public_key, hello.timestamp)
-
-    def _authenticate(self, public_key: bytes, timestamp: int) -> tuple[str, str]:
-        identity = self.store.find_identity_by_key(public_key)
-        if identity is None:
-            raise HandshakeRefused("not_enrolled", "this key is not enrolled at the gate")
-        if identity.revoked:
-            raise HandshakeRefused("revoked", f"identity {identity.name!r} was revoked")
-        if not self.store.accept_hello_timestamp(public_key, timestamp):
-            raise HandshakeRefused(
-                "replayed",
-                "HELLO timestamp is not newer than this key's last one "
-                "(a replayed handshake, or the edge's clock went back)",
-            )
-        return identity.name, identity.role
-
-    async def sweep(self, server: TunnelServer) -> None:
-        """End the sessions of identities that are revoked (or gone)."""
-        identities = await trio.to_thread.run_sync(self.store.list_identities)
-        standing = {i.name: i.revoked for i in identities}
-        for peer in {s.peer for s in server.sessions.values()}:
-            revoked = standing.get(peer, True)
-            if revoked:
-                reason = "identity revoked" if peer in standing else "identity no longer enrolled"
-                server.end_sessions_of(peer, reason)
 
 
 async def run_gate(
@@ -135,8 +95,16 @@ async def run_gate(
         add_memory_routes(router, memory, auth, mesh=llm, config=config.gate.memory)
         llm.attach_memory(memory)
         add_llm_routes(router, llm, auth)
+        scanner = Scanner(inventory, config.gate.discovery)
         ops = start_ops(
-            config, router, auth=auth, server=server, inventory=inventory, llm=llm, store=store
+            config,
+            router,
+            auth=auth,
+            server=server,
+            inventory=inventory,
+            scanner=scanner,
+            llm=llm,
+            store=store,
         )
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)
@@ -145,7 +113,8 @@ async def run_gate(
             await nursery.start(pg.run)
             await nursery.start(llm.run)
             await nursery.start(inventory_service.sweep_forever)
-            await nursery.start(ops.run)
+            await nursery.start(ops.metrics.run)
+            await nursery.start(scanner.run)
             bound = await nursery.start(server.serve, host, port)
             tls = (
                 load_or_create(
@@ -174,7 +143,7 @@ async def run_gate(
                     "pg": pg,
                     "llm": llm,
                     "metrics": ops.metrics,
-                    "scanner": ops.scanner,
+                    "scanner": scanner,
                     "watcher": watcher,
                 }
             )

@@ -80,18 +80,11 @@ _PAGE_HEADERS: Final = (
 
 @attrs.frozen
 class Ops:
-    """The Gate's observability parts, built by :func:`start_ops`."""
+    """The Gate's observability parts, built by :func:`start_ops`; the
+    caller runs ``metrics.run`` (the history sampler)."""
 
     metrics: GateMetrics
-    scanner: Scanner
     overview: Overview
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The metrics' history sampler and the scanner, until cancelled."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.metrics.run)
-            await nursery.start(self.scanner.run)
-            task_status.started()
 
 
 def start_ops(
@@ -101,12 +94,12 @@ def start_ops(
     auth: AppAuthenticator,
     server: TunnelServer,
     inventory: Inventory,
+    scanner: Scanner,
     llm: LlmService | None,
     store: StateStore | None,
 ) -> Ops:
-    """Build the scanner, metrics and dashboard, hook the metrics into the
-    router and the ledger, and add the routes; the caller runs :meth:`Ops.run`."""
-    scanner = Scanner(inventory, config.gate.discovery)
+    """Build the metrics and the dashboard, hook the metrics into the router
+    and the ledger, and add the routes."""
     metrics = GateMetrics(server=server, inventory=inventory, llm=llm, scanner=scanner, store=store)
     metrics.attach(router)
     overview = Overview(
@@ -118,7 +111,7 @@ def start_ops(
         llm=llm,
     )
     add_ops_routes(router, auth=auth, overview=overview, metrics=metrics, scanner=scanner)
-    return Ops(metrics, scanner, overview)
+    return Ops(metrics, overview)
 
 
 def load_static() -> dict[str, tuple[bytes, str]]:
