@@ -5,14 +5,13 @@ that quote and cite those sentences or say "not found".
 Modules, each with one job: :mod:`~qmesh.memory.convert` (Markdown/HTML to
 text), :mod:`~qmesh.memory.sentences` (sentence spans and ids),
 :mod:`~qmesh.memory.terms` (words, stems, entity keys),
-:mod:`~qmesh.memory.extract` (entities and relations per sentence),
-:mod:`~qmesh.state.memory_tables` and :mod:`~qmesh.memory.store` (SQLite),
+:mod:`~qmesh.memory.extraction` (what an extractor returns, and its check),
+:mod:`~qmesh.memory.mentions` and :mod:`~qmesh.memory.extract` (the rules:
+mentions, then relations, per sentence), :mod:`~qmesh.memory.records`,
+:mod:`~qmesh.memory.reader` and :mod:`~qmesh.memory.store` (SQLite reads and
+writes; the tables are in :mod:`qmesh.state.memory_tables`),
 :mod:`~qmesh.memory.query` (questions to cited facts and answers),
 :mod:`~qmesh.memory.verify` (checking an LLM-composed answer's citations),
 :mod:`~qmesh.memory.service` (the facade the API and CLI use),
 :mod:`~qmesh.memory.api` and :mod:`~qmesh.memory.cli`.
-
-This file imports nothing on purpose: :mod:`qmesh.state` imports
-:mod:`qmesh.state.memory_tables` for its migration, and anything heavier here would
-make that import circular.
 """

@@ -1,13 +1,23 @@
-"""The Gate's side of the ghost wire that is not the wire itself.
+"""PostgreSQL through the mesh: the ghost wire and what governs it.
 
-For: the vault of real database credentials (:mod:`qmesh.pg.vault`,
-encrypted at rest with the operator's master key, :mod:`qmesh.pg.masterkey`),
-parsing the DSNs an operator stores there (:mod:`qmesh.pg.dsn`), per-app
-policy read from the configuration (:mod:`qmesh.pg.policy`), the statement
-audit log (:mod:`qmesh.pg.audit`) and password rotation on the real server
-(:mod:`qmesh.pg.rotate`). Errors: :mod:`qmesh.pg.errors`.
+The path of one query, module by module:
 
-Not for: the Postgres wire protocol, the MiniGate's listener or the Gate's
-relay (``qmesh.pg.service``, ``qmesh.pg.edge`` and the Rust parser build on
-this package and are not part of it).
+- :mod:`~qmesh.pg.edge` — the MiniGate's Postgres listener
+  (``127.0.0.1:11438``): answers SSLRequest, reads the StartupMessage and
+  opens a ``pg`` tunnel stream with it;
+- :mod:`~qmesh.pg.service` — the Gate's ``pg`` and ``pg-cancel`` services:
+  the app's SCRAM login (:mod:`~qmesh.pg.scram`), its policy
+  (:mod:`~qmesh.pg.policy`), the real credentials (:mod:`~qmesh.pg.vault`,
+  sealed with :mod:`~qmesh.pg.masterkey`), live-session control;
+- :mod:`~qmesh.pg.login` — the Gate's login to the real server (TLS as the
+  alias's sslmode says, SCRAM/MD5);
+- :mod:`~qmesh.pg.relay` — both directions after login, in the tunnel
+  engine where it can: the statement guard (:mod:`~qmesh.pg.guard`) and the
+  statement audit (:mod:`~qmesh.pg.audit`).
+
+Also: :mod:`~qmesh.pg.dsn` (the DSNs operators store),
+:mod:`~qmesh.pg.rotate` (password rotation on the real server),
+:mod:`~qmesh.pg.cli` (``qmesh secrets``, ``qmesh audit``) and
+:mod:`~qmesh.pg.errors`. Message parsing is the Rust core's
+(``rust/qmesh-pg``, as ``qmesh._core``).
 """
