@@ -1,13 +1,13 @@
 """Entities and (subject, predicate, object) relations, one sentence at a time.
 
-For: :class:`RuleExtractor` (what it returns, and the check every
-extraction passes, are in :mod:`qmesh.memory.extraction`). It is the fast default (thousands of sentences a second,
-no model): capitalised names, quoted terms, dates, money, percentages and
-numbers; relations from verb patterns ("X founded Y", "Y was acquired by X",
-"X is based in Y", "X works for Y", "X is the CEO of Y", "X, the CEO of Y,",
-"X is a chemist"), lists ("X and Y founded Z"), dates attached to events
-("founded in 1998"), and aliases ("International Business Machines (IBM)",
-"X, also known as Y").
+For: :class:`RuleExtractor` (what it returns, and the check every extraction
+passes, are in :mod:`qmesh.memory.extraction`). It is the fast default
+(thousands of sentences a second, no model): capitalised names, quoted
+terms, dates, money, percentages and numbers; relations from verb patterns
+("X founded Y", "Y was acquired by X", "X is based in Y", "X works for Y",
+"X is the CEO of Y", "X, the CEO of Y,", "X is a chemist"), lists ("X and Y
+founded Z"), dates attached to events ("founded in 1998"), and aliases
+("International Business Machines (IBM)", "X, also known as Y").
 
 Not for: resolving mentions to entities across sentences or documents (the
 store does that, with the document as context), pronouns ("She founded it"
