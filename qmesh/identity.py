@@ -32,7 +32,8 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qmesh.config import parse_hostport
-from qmesh.state import ROLES, InvalidValue, StateStore, check_name
+from qmesh.roles import EDGE_ROLES
+from qmesh.state import InvalidValue, StateStore, check_name
 
 __all__ = [
     "CREDENTIAL_PREFIX",
@@ -274,8 +275,8 @@ class Credential:
             raise CredentialError("the credential's keys are corrupted") from None
         if len(private_key) != KEY_LEN or len(gate_public_key) != KEY_LEN:
             raise CredentialError("the credential's keys have the wrong length")
-        if fields["role"] not in ROLES:
-            raise CredentialError(f"the credential's role is not one of {', '.join(ROLES)}")
+        if fields["role"] not in EDGE_ROLES:
+            raise CredentialError(f"the credential's role is not one of {', '.join(EDGE_ROLES)}")
         try:
             check_name(fields["name"])
         except InvalidValue:

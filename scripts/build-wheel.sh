@@ -80,7 +80,7 @@ for p in platforms:
 with zipfile.ZipFile(path) as z:
     names = set(z.namelist())
     dist_info = f"qmesh-{m.group(1)}.dist-info"
-    for required in ("qmesh/__init__.py", "qmesh/cli.py", "qmesh/_core.abi3.so",
+    for required in ("qmesh/__init__.py", "qmesh/cli/__init__.py", "qmesh/_core.abi3.so",
                      "qmesh/_core.pyi", "qmesh/py.typed", f"{dist_info}/entry_points.txt"):
         if required not in names:
             problems.append(f"missing {required}")

@@ -423,8 +423,8 @@ def restore_logging() -> Iterator[None]:
 
 def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: object) -> None:
     module = types.ModuleType(name)
-    if name == "qmesh.runner":  # keep the real supervision, fake only the roles
-        from qmesh import runner
+    if name == "qmesh.cli.runner":  # keep the real supervision, fake only the roles
+        from qmesh.cli import runner
 
         module.run_until_stopped = runner.run_until_stopped  # type: ignore[attr-defined]
         module.RoleFailed = runner.RoleFailed  # type: ignore[attr-defined]
@@ -443,7 +443,7 @@ def test_roles_run_under_trio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         await trio.lowlevel.checkpoint()  # fails outside trio.run
         calls.append((config, roles))
 
-    fake_module(monkeypatch, "qmesh.runner", run_roles=run_roles)
+    fake_module(monkeypatch, "qmesh.cli.runner", run_roles=run_roles)
     config = tmp_path / "c.toml"
     config.write_text('[gate]\nname = "g7"\n')
     monkeypatch.delenv("QMESH_DATA_DIR", raising=False)
@@ -466,7 +466,7 @@ def test_ctrl_c_exits_quietly(
     async def run_roles(config: Config, roles: Sequence[str]) -> None:
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "qmesh.runner", run_roles=run_roles)
+    fake_module(monkeypatch, "qmesh.cli.runner", run_roles=run_roles)
     assert cli.main(["--role", "daemon"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
@@ -480,7 +480,7 @@ def test_up_is_handed_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((config, port_offset, ephemeral))
         return 3
 
-    fake_module(monkeypatch, "qmesh.up", main=up_main)
+    fake_module(monkeypatch, "qmesh.cli.up", main=up_main)
     assert cli.main(["up", "--port-offset", "100"]) == 3
     assert cli.main(["up", "--ephemeral"]) == 3
     assert [(offset, eph) for _, offset, eph in calls] == [(100, False), (0, True)]

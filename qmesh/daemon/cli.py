@@ -25,23 +25,29 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command
+
 if TYPE_CHECKING:
     from qmesh.config import Config
     from qmesh.daemon.catalog import ModelInfo
     from qmesh.daemon.quant import NodeSpec
     from qmesh.daemon.telemetry import Telemetry
 
-__all__ = ["add_node_commands", "add_quant_commands"]
+__all__ = ["add_commands"]
 
-EXIT_OK: Final = 0
-EXIT_USAGE: Final = 2
 DEFAULT_TARGET_TPS: Final = 10.0
 """Reading speed: below it a streamed answer feels slow. 0 disables the target."""
 
 
-def add_quant_commands(quant: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    commands = quant.add_subparsers(dest="quant_command", metavar="COMMAND", required=True)
-    plan = commands.add_parser(
+def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    quant = add_command(
+        commands,
+        common,
+        "quant",
+        "hardware-aware quantization: which variant of a model to run where",
+    )
+    quant_commands = quant.add_subparsers(dest="quant_command", metavar="COMMAND", required=True)
+    plan = quant_commands.add_parser(
         "plan",
         parents=[common],
         help="choose a model's quantization for a node, and explain the choice",
@@ -67,10 +73,11 @@ def add_quant_commands(quant: argparse.ArgumentParser, common: argparse.Argument
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_cmd_plan)
 
-
-def add_node_commands(node: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    commands = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    telemetry = commands.add_parser(
+    node = add_command(
+        commands, common, "node", "this machine as a daemon sees it: telemetry and model catalog"
+    )
+    node_commands = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    telemetry = node_commands.add_parser(
         "telemetry", parents=[common], help="this machine as a daemon reports it"
     )
     telemetry.add_argument(
@@ -78,7 +85,7 @@ def add_node_commands(node: argparse.ArgumentParser, common: argparse.ArgumentPa
     )
     telemetry.add_argument("--json", action="store_true", help="print JSON")
     telemetry.set_defaults(handler=_cmd_telemetry)
-    catalog = commands.add_parser(
+    catalog = node_commands.add_parser(
         "catalog", parents=[common], help="the GGUF models in daemon.model_dirs (or DIR…)"
     )
     catalog.add_argument("dirs", nargs="*", type=Path, metavar="DIR")

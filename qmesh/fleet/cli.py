@@ -20,21 +20,24 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Final
 
-from qmesh.web.admin_client import EXIT_FAILURE, EXIT_USAGE, CliError, GateApi, add_gate_options
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.web.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
     from qmesh.config import Config
 
 __all__ = ["add_commands"]
 
-EXIT_OK: Final = 0
 _STATES: Final = ("fresh", "stale", "gone")
 _COLOURS: Final = {"fresh": "32", "stale": "33", "gone": "90"}
 _CLEAR: Final = "\x1b[H\x1b[J"
 """Cursor home, then clear to the end: the table redraws in place."""
 
 
-def add_commands(inventory: argparse.ArgumentParser) -> None:
+def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    inventory = add_command(
+        commands, common, "inventory", "the running Gate's nodes, models and discovered services"
+    )
     inventory.add_argument("--json", action="store_true", help="print the Gate's JSON")
     inventory.add_argument(
         "--watch", action="store_true", help="redraw the table in place until Ctrl-C"

@@ -19,5 +19,6 @@ The path of one chat completion, module by module:
   :mod:`~qmesh.llm.daemon_backend` (a model on a compute node, through
   :mod:`qmesh.fleet.daemons`).
 
-:mod:`~qmesh.llm.calls` holds the call and answer types they share.
+:mod:`~qmesh.llm.calls` holds the call and answer types they share;
+:mod:`~qmesh.llm.cli` the ``qmesh route`` and ``qmesh providers`` commands.
 """

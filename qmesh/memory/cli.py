@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+
 if TYPE_CHECKING:
     from qmesh.config import Config
     from qmesh.memory.service import Memory
@@ -32,10 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = ["add_commands"]
 
-EXIT_OK: Final = 0
-EXIT_NOT_FOUND: Final = 1
-EXIT_PROBLEMS: Final = 1
-EXIT_USAGE: Final = 2
+EXIT_NOT_FOUND: Final = EXIT_FAILURE
+"""``ask``: no stored sentence supports an answer."""
+EXIT_PROBLEMS: Final = EXIT_FAILURE
+"""``check``: a stored fact has no source."""
 _EXTENSIONS: Final = {
     ".md": "markdown",
     ".markdown": "markdown",
@@ -46,11 +48,16 @@ _EXTENSIONS: Final = {
 }
 
 
-def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    """Add the ``memory`` subcommands to ``memory`` (``common`` carries the global options)."""
-    commands = memory.add_subparsers(dest="memory_command", metavar="COMMAND", required=True)
+def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    memory = add_command(
+        commands,
+        common,
+        "memory",
+        "graph memory: add documents, ask questions answered with citations",
+    )
+    memory_commands = memory.add_subparsers(dest="memory_command", metavar="COMMAND", required=True)
 
-    add = commands.add_parser(
+    add = memory_commands.add_parser(
         "add", parents=[common], help="add documents (text, Markdown or HTML files)"
     )
     add.add_argument("files", nargs="+", type=Path, metavar="FILE")
@@ -72,7 +79,7 @@ def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParse
     )
     add.set_defaults(handler=_cmd_add)
 
-    ask = commands.add_parser(
+    ask = memory_commands.add_parser(
         "ask", parents=[common], help="answer a question with numbered citations"
     )
     ask.add_argument("question")
@@ -81,24 +88,24 @@ def add_commands(memory: argparse.ArgumentParser, common: argparse.ArgumentParse
     ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     ask.set_defaults(handler=_cmd_ask)
 
-    delete = commands.add_parser(
+    delete = memory_commands.add_parser(
         "delete", parents=[common], help="delete a document and the facts only it supports"
     )
     delete.add_argument("document_id", metavar="DOC_ID")
     delete.set_defaults(handler=_cmd_delete)
 
-    share = commands.add_parser(
+    share = memory_commands.add_parser(
         "share", parents=[common], help="let every app read a document (--off: only its owner)"
     )
     share.add_argument("document_id", metavar="DOC_ID")
     share.add_argument("--off", action="store_true", help="stop sharing it")
     share.set_defaults(handler=_cmd_share)
 
-    listing = commands.add_parser("list", parents=[common], help="list stored documents")
+    listing = memory_commands.add_parser("list", parents=[common], help="list stored documents")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_list)
 
-    commands.add_parser(
+    memory_commands.add_parser(
         "check", parents=[common], help="check that every stored fact has a source"
     ).set_defaults(handler=_cmd_check)
 

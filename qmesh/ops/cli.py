@@ -17,6 +17,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, Subcommands, add_command
 from qmesh.web.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
@@ -27,7 +28,10 @@ __all__ = ["add_commands", "format_sessions"]
 _COLUMNS = ("SESSION", "PEER", "ROLE", "ADDRESS", "SINCE", "STREAMS", "BYTES IN/OUT", "RESUMED")
 
 
-def add_commands(sessions: argparse.ArgumentParser) -> None:
+def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    sessions = add_command(
+        commands, common, "sessions", "the running Gate's live tunnel sessions; 'kill' ends them"
+    )
     sessions.add_argument("--json", action="store_true", help="print the Gate's JSON")
     add_gate_options(sessions)
     sessions.set_defaults(handler=cmd_sessions, target=None)
@@ -79,19 +83,21 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
             data = gate.call("GET", "/api/sessions")
             sessions = data.get("sessions") if isinstance(data, dict) else None
             if not isinstance(sessions, list):
-                raise CliError(f"{gate.base}/api/sessions did not answer with sessions", 1)
+                raise CliError(
+                    f"{gate.base}/api/sessions did not answer with sessions", EXIT_FAILURE
+                )
             print(json.dumps(data, indent=2) if args.json else format_sessions(sessions))
-            return 0
+            return EXIT_OK
         data = gate.call("POST", "/api/sessions/kill", body={"target": args.target})
         ended = data.get("ended") if isinstance(data, dict) else None
         if not isinstance(ended, list):
-            raise CliError(f"{gate.base}/api/sessions/kill did not say what it ended", 1)
+            raise CliError(f"{gate.base}/api/sessions/kill did not say what it ended", EXIT_FAILURE)
         if args.json:
             print(json.dumps(data, indent=2))
         else:
             for session in ended:
                 print(f"ended session {session.get('session')} of {session.get('peer')}")
-        return 0
+        return EXIT_OK
     except CliError as exc:
         print(f"qmesh: error: {exc}", file=sys.stderr)
         return exc.status

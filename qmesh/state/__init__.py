@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from qmesh.state.migrations import MIGRATIONS
 from qmesh.state.store import (
-    ROLES,
     SCRAM_ITERATIONS,
     App,
     AppExists,
@@ -34,7 +33,6 @@ from qmesh.state.store import (
 
 __all__ = [
     "MIGRATIONS",
-    "ROLES",
     "SCRAM_ITERATIONS",
     "App",
     "AppExists",

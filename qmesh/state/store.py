@@ -34,10 +34,10 @@ from typing import Final
 
 import attrs
 
+from qmesh.roles import EDGE_ROLES
 from qmesh.state.migrations import MIGRATIONS
 
 __all__ = [
-    "ROLES",
     "SCRAM_ITERATIONS",
     "App",
     "AppExists",
@@ -53,8 +53,6 @@ __all__ = [
     "scram_keys",
 ]
 
-ROLES: Final = ("minigate", "daemon")
-"""Roles an enrolled edge identity can have."""
 SCRAM_ITERATIONS: Final = 4096
 """PBKDF2 rounds for app-key verifiers: PostgreSQL's default for SCRAM-SHA-256."""
 PUBLIC_KEY_LEN: Final = 32
@@ -345,8 +343,8 @@ class StateStore:
         """Enroll an edge. Raises IdentityExists if the name or key is taken,
         InvalidValue for a bad name, role or key."""
         check_name(name)
-        if role not in ROLES:
-            raise InvalidValue(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        if role not in EDGE_ROLES:
+            raise InvalidValue(f"role must be one of {', '.join(EDGE_ROLES)}; got {role!r}")
         if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_LEN:
             raise InvalidValue(f"public key must be {PUBLIC_KEY_LEN} bytes")
         identity = Identity(name=name, role=role, public_key=public_key, created_at=time.time())

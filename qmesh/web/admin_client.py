@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from qmesh.cmdline import EXIT_FAILURE, EXIT_USAGE
 from qmesh.web.tls import pinned_connection
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ __all__ = ["KEY_ENV", "PIN_ENV", "CliError", "GateApi", "add_gate_options"]
 
 KEY_ENV: Final = "QMESH_ADMIN_KEY"
 PIN_ENV: Final = "QMESH_GATE_FINGERPRINT"
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 
 
 class CliError(Exception):

@@ -2,6 +2,9 @@
 
 When the Gate runs in the same process as edges, the edges connect to the
 port the Gate actually bound, so ``--ephemeral`` works for all three roles.
+
+Not for: the command line around it (:mod:`qmesh.cli.roles`). This module
+imports every role's package, so the CLI imports it only to run roles.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from typing import Any
 import trio
 
 from qmesh.config import Config, ConfigError, parse_hostport
-
-ROLES = ("gate", "minigate", "daemon")
+from qmesh.roles import ROLES
 
 
 class RoleFailed(Exception):

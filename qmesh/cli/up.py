@@ -5,6 +5,8 @@ for a local MiniGate and Daemon, and a demo application; later starts reuse
 them. It then runs the three roles in one process, writes
 ``DATA_DIR/up.json`` (mode 0600) with every endpoint and the demo app's
 credentials, and prints how to use them.
+
+Not for: parsing ``qmesh up``'s options (:mod:`qmesh.cli.roles`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import attrs
 import trio
 
 from qmesh import __version__
+from qmesh.cli.runner import run_roles, run_until_stopped
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.pg.masterkey import ensure_master_key
-from qmesh.runner import ROLES, run_roles, run_until_stopped
+from qmesh.roles import EDGE_ROLES, ROLES
 from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP
 
@@ -154,7 +157,7 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
 async def _run(config: Config, setup: LocalSetup) -> None:
     async with trio.open_nursery() as nursery:
         endpoints = await nursery.start(run_roles, config, ROLES)
-        for role in ("minigate", "daemon"):
+        for role in EDGE_ROLES:
             with trio.fail_after(config.tunnel.handshake_timeout_s):
                 await endpoints[role]["client"].wait_connected()
         summary = _summary(config, setup, endpoints)

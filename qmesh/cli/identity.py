@@ -1,0 +1,177 @@
+"""``qmesh keys``, ``enroll``, ``revoke`` and ``identities``: who may join the mesh.
+
+For: the Gate's key pair (``keys init|show``), issuing a credential for a
+new MiniGate or Daemon (``enroll``), revoking one (``revoke``; a running
+Gate ends its sessions within a second) and listing them (``identities``),
+on the data directory's files and state store, without a running Gate.
+
+Not for: the keys and credentials themselves (:mod:`qmesh.identity`) or the
+handshake that checks them (:mod:`qmesh.tunnel`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+from pathlib import Path
+
+from qmesh.cmdline import (
+    EXIT_OK,
+    EXIT_USAGE,
+    Subcommands,
+    add_command,
+    iso_seconds,
+    print_err,
+)
+from qmesh.config import Config, parse_hostport
+from qmesh.identity import GateKeyMissing, GateKeys, enroll, write_private_file
+from qmesh.roles import EDGE_ROLES
+from qmesh.state import StateStore
+
+__all__ = ["add_commands"]
+
+
+def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
+    keys = add_command(commands, common, "keys", "manage the Gate's key pair")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    init = keys_commands.add_parser(
+        "init", parents=[common], help="create gate.key in the data directory"
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing key (every issued credential stops working)",
+    )
+    init.set_defaults(handler=_cmd_keys_init)
+    keys_commands.add_parser(
+        "show", parents=[common], help="print the Gate's public key"
+    ).set_defaults(handler=_cmd_keys_show)
+
+    enroll_cmd = add_command(
+        commands, common, "enroll", "issue a credential for a new minigate or daemon"
+    )
+    enroll_cmd.add_argument("role", choices=EDGE_ROLES)
+    enroll_cmd.add_argument("name", help="a unique name for the edge, e.g. web-1")
+    enroll_cmd.add_argument(
+        "--gate",
+        metavar="HOST:PORT",
+        help="the Gate address edges dial (default: gate.tunnel_listen)",
+    )
+    enroll_cmd.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the credential to FILE (mode 0600)"
+    )
+    enroll_cmd.set_defaults(handler=_cmd_enroll)
+
+    revoke = add_command(commands, common, "revoke", "revoke an enrolled identity")
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_cmd_revoke)
+
+    identities = add_command(commands, common, "identities", "list enrolled minigates and daemons")
+    identities.add_argument("--json", action="store_true", help="print JSON")
+    identities.set_defaults(handler=_cmd_identities)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _open_store(config: Config) -> StateStore:
+    return StateStore.open(config.state_db_path)
+
+
+def _load_gate_keys(config: Config) -> GateKeys:
+    try:
+        return GateKeys.load(config.data_dir)
+    except GateKeyMissing:
+        raise GateKeyMissing(
+            f"no gate key in {config.data_dir}; run `qmesh keys init` first "
+            "(or pass the Gate's --data-dir)"
+        ) from None
+
+
+def _cmd_keys_init(args: argparse.Namespace, config: Config) -> int:
+    keys = GateKeys.create(config.data_dir, force=args.force)
+    print(_b64(keys.public_key))
+    print_err(f"created {GateKeys.path_in(config.data_dir)} (the line above is its public key)")
+    return EXIT_OK
+
+
+def _cmd_keys_show(args: argparse.Namespace, config: Config) -> int:
+    print(_b64(_load_gate_keys(config).public_key))
+    return EXIT_OK
+
+
+def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
+    keys = _load_gate_keys(config)
+    gate_address: str = args.gate or config.gate.tunnel_listen
+    if args.gate is None:
+        # The listen address is only a good default when edges can dial it.
+        host, port = parse_hostport(gate_address)
+        if host in ("0.0.0.0", "::") or port == 0:
+            print_err(
+                f"error: gate.tunnel_listen is {gate_address}, which edges cannot dial; "
+                "pass --gate HOST:PORT with the address they should use"
+            )
+            return EXIT_USAGE
+    out: Path | None = args.out
+    if out is not None and out.exists():
+        print_err(f"error: {out} already exists; remove it or choose another --out")
+        return EXIT_USAGE
+    with _open_store(config) as store:
+        credential = enroll(store, keys, args.role, args.name, gate_address)
+    text = credential.encode()
+    if out is None:
+        print(text)
+        print_err(
+            f"enrolled {args.role} {args.name!r}; the credential above is shown only once, "
+            "keep it secret"
+        )
+    else:
+        write_private_file(out, (text + "\n").encode("ascii"))
+        print(out)
+    return EXIT_OK
+
+
+def _cmd_revoke(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        identity = store.get_identity(args.name)
+        if identity is None:
+            print_err(f"error: no identity named {args.name!r} (see `qmesh identities`)")
+            return EXIT_USAGE
+        if not store.revoke_identity(args.name):
+            print(f"{args.name} was already revoked at {iso_seconds(identity.revoked_at)}")
+            return EXIT_OK
+    print(f"revoked {args.name}")
+    return EXIT_OK
+
+
+def _cmd_identities(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        identities = store.list_identities()
+    if args.json:
+        rows = [
+            {
+                "name": i.name,
+                "role": i.role,
+                "public_key": _b64(i.public_key),
+                "created_at": iso_seconds(i.created_at),
+                "revoked_at": iso_seconds(i.revoked_at),
+                "revoked": i.revoked,
+            }
+            for i in identities
+        ]
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not identities:
+        print("no identities enrolled (see `qmesh enroll --help`)")
+        return EXIT_OK
+    width = max(len("NAME"), *(len(i.name) for i in identities))
+    print(f"{'NAME':<{width}}  {'ROLE':<8}  {'STATUS':<7}  {'CREATED':<25}  PUBLIC KEY")
+    for i in identities:
+        status = "revoked" if i.revoked else "active"
+        print(
+            f"{i.name:<{width}}  {i.role:<8}  {status:<7}  {iso_seconds(i.created_at):<25}  "
+            f"{_b64(i.public_key)}"
+        )
+    return EXIT_OK
