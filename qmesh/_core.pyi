@@ -1,7 +1,12 @@
-"""The Rust hot path of qmesh (sans-IO): frame codec and Noise handshake.
+"""qmesh's Rust core: the sealed frame codec, the Noise handshake, the tunnel
+protocol's frame types, reset codes and reason codec, the Postgres wire
+parser, and the tunnel engine.
 
-Nothing here touches a socket or a clock. Trio code in :mod:`qmesh.tunnel`
-owns all I/O and feeds bytes in and out.
+The codec, the handshake and the Postgres parser are sans-IO: bytes in,
+bytes or events out, no socket, no clock. :class:`TunnelEngine` is the one
+exception: it owns a session's sockets on the per-message path, on a thread
+of its own, while Trio code in :mod:`qmesh.tunnel` keeps control (handshakes,
+which streams exist, policy) and hands it the sockets.
 
 Wire format (see docs/protocol.md): every frame is a 20-byte header followed
 by an AES-256-GCM ciphertext of ``length`` bytes (the tag included)::
@@ -21,17 +26,30 @@ sequences restart at 0 on every connection. Keys are fresh per connection.
 """
 
 from collections.abc import Sequence
-from typing import Final, Self, TypeAlias, final
+from typing import ClassVar, Final, Self, TypeAlias, final
 
 __all__ = [
     "CONTROL_TYPE_MIN",
     "FLAG_COMPRESSED",
+    "FRAME_TYPES",
     "HEADER_LEN",
     "MAX_PAYLOAD_LIMIT",
+    "MAX_REASON",
     "NOISE_PATTERN",
+    "PG_BACKEND_TAGS",
+    "PG_DEFAULT_MAX_MESSAGE",
+    "PG_FRONTEND_TAGS",
+    "PG_GSSENC_REQUEST",
+    "PG_HEADER_LEN",
+    "PG_MAX_MESSAGE_LIMIT",
+    "PG_MAX_STARTUP_PACKET",
+    "PG_PROTOCOL_3_0",
+    "PG_SSL_REQUEST",
     "PROTOCOL_VERSION",
+    "RESET_CODES",
     "TAG_LEN",
     "BufferLike",
+    "EngineStats",
     "Frame",
     "FrameDecoder",
     "FrameEncoder",
@@ -40,11 +58,61 @@ __all__ = [
     "HandshakeError",
     "Malformed",
     "NoiseHandshake",
+    "PeerClosed",
+    "PgEvent",
+    "PgMalformed",
+    "PgMessageTooLarge",
+    "PgScanner",
+    "PgStartup",
+    "PgTruncated",
+    "PgWireError",
+    "ProtocolViolation",
+    "RelayEnding",
+    "RelayOutcome",
     "Reordered",
     "Replayed",
     "Tampered",
+    "TapRecord",
+    "TapSpec",
     "Truncated",
     "TunnelEngine",
+    "decode_reason",
+    "encode_authentication",
+    "encode_backend_key_data",
+    "encode_cancel_request",
+    "encode_error_response",
+    "encode_message",
+    "encode_negotiate_protocol_version",
+    "encode_parameter_status",
+    "encode_parse",
+    "encode_query",
+    "encode_ready_for_query",
+    "encode_reason",
+    "encode_sasl_initial_response",
+    "encode_startup",
+    "parse_authentication",
+    "parse_backend_key_data",
+    "parse_bind",
+    "parse_bind_names",
+    "parse_close",
+    "parse_command_complete",
+    "parse_copy_response",
+    "parse_data_row",
+    "parse_describe",
+    "parse_error_fields",
+    "parse_execute",
+    "parse_function_call",
+    "parse_negotiate_protocol_version",
+    "parse_notification",
+    "parse_parameter_status",
+    "parse_parse",
+    "parse_password",
+    "parse_query",
+    "parse_ready_for_query",
+    "parse_row_description",
+    "parse_sasl_initial_response",
+    "parse_sasl_mechanisms",
+    "parse_startup",
 ]
 
 BufferLike: TypeAlias = bytes | bytearray | memoryview
@@ -63,6 +131,25 @@ CONTROL_TYPE_MIN: Final[int]
 """Frame types below this (0x10) are reliable; 0x10..0x1F are control; above is malformed."""
 NOISE_PATTERN: Final[str]
 """The Noise protocol name used by :class:`NoiseHandshake`."""
+FRAME_TYPES: Final[dict[str, int]]
+"""Every frame type of the protocol by name (``"OPEN"``: 0x01, ...), in
+order: the one definition :class:`qmesh.tunnel.frames.FrameType` takes its
+values from."""
+RESET_CODES: Final[dict[str, int]]
+"""Every RESET code by name (``"CANCEL"``: 0, ...), in order; see
+:class:`qmesh.tunnel.frames.ResetCode`."""
+MAX_REASON: Final[int]
+"""Bytes of reason text a RESET or GOAWAY carries at most (1024)."""
+
+def encode_reason(code: int, reason: str) -> bytes:
+    """The payload of a RESET or GOAWAY: ``code`` (u16, big-endian), then
+    ``reason`` as UTF-8 (lone surrogates as ``?``), cut at :data:`MAX_REASON`
+    bytes, even inside a character."""
+
+def decode_reason(payload: bytes) -> tuple[int, str]:
+    """``(code, reason)`` of a RESET or GOAWAY payload: the reason's first
+    :data:`MAX_REASON` bytes, decoded as UTF-8 with U+FFFD for what is not.
+    Raises :class:`Malformed` when the payload cannot hold the code."""
 
 Frame: TypeAlias = tuple[int, int, int, int, bytes]
 """A decoded frame: ``(frame_type, stream_id, sequence, flags, payload)``."""
@@ -90,6 +177,17 @@ class Malformed(FrameError):
 
 class HandshakeError(Exception):
     """The Noise handshake failed: bad message, failed decryption, or misuse."""
+
+class PeerClosed(Exception):
+    """The peer closed the tunnel connection between frames; the session may resume."""
+
+class ProtocolViolation(Exception):
+    """The peer broke the tunnel protocol in authentic frames; the session cannot go on.
+
+    A malformed ACK, WINDOW or RESET payload, an acknowledgement of frames
+    never sent, a resumption at frames it had already acknowledged, or more
+    unacknowledged bytes than the engine keeps: resending the same frames
+    would break the same rule again."""
 
 @final
 class FrameEncoder:
@@ -159,6 +257,123 @@ class FrameDecoder:
         """The transport ended: raises :class:`Truncated` if bytes of a partial
         frame are buffered."""
 
+TapRecord: TypeAlias = tuple[float, bool, int, bytes, bool]
+"""A message a native stream's scanner reported: ``(time.monotonic() when
+seen, came from the tunnel, type byte, the message with its header (a prefix
+for a peeked kind), held for a verdict)``."""
+
+@final
+class TapSpec:
+    """The scanners of a native relay (:meth:`TunnelEngine.attach_native`):
+    which Postgres message kinds the engine reports as :data:`TapRecord` and
+    which it holds for a verdict, each way. Built by the code that knows the
+    bytes are Postgres; the tunnel passes it through."""
+
+    def __new__(
+        cls,
+        *,
+        frontend: tuple[bytes, bytes] | None = None,
+        backend: bytes | None = None,
+        guard: bytes | None = None,
+        backend_guard: bytes | None = None,
+    ) -> Self:
+        """``frontend=(full, peek)`` scans the bytes from the tunnel as a
+        Postgres client's and reports those kinds (whole, or a prefix);
+        ``backend=full`` scans the socket's bytes as a server's. Framing and
+        size are checked even when nothing is reported. ``guard`` kinds (with
+        ``frontend``) are held: each is reported whole, as a record with
+        ``held`` set, and nothing more reaches the socket until
+        :meth:`TunnelEngine.verdict`; ``backend_guard`` kinds (with
+        ``backend``) likewise on the server's side. ValueError for a guard
+        without its scanner."""
+
+@final
+class RelayEnding:
+    """How a native relay ended (:attr:`RelayOutcome.ending`)."""
+
+    CLEAN: ClassVar[RelayEnding]
+    """Both directions closed, everything delivered."""
+    SOCKET_EOF: ClassVar[RelayEnding]
+    """The socket reached end of stream on a relay asked to end there."""
+    RESET: ClassVar[RelayEnding]
+    """The peer reset the stream (``code`` and ``detail`` say why)."""
+    PROTOCOL: ClassVar[RelayEnding]
+    """The peer broke flow control; the engine sent RESET."""
+    SOCKET: ClassVar[RelayEnding]
+    """The socket failed."""
+    POSTGRES: ClassVar[RelayEnding]
+    """A Postgres scanner rejected the bytes; nothing of them was relayed."""
+    ABORTED: ClassVar[RelayEnding]
+    """Python took the stream back, or the session ended."""
+    def __int__(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class RelayOutcome:
+    """A native relay's end, with what the stream needs to carry on."""
+
+    def __new__(
+        cls,
+        ending: RelayEnding,
+        *,
+        code: int = 0,
+        detail: str = ...,
+        credit: int = 0,
+        eof_sent: bool = False,
+        eof_received: bool = False,
+    ) -> Self: ...
+    @property
+    def ending(self) -> RelayEnding: ...
+    @property
+    def code(self) -> int:
+        """The peer's reset code, for ``RESET``; else 0."""
+    @property
+    def detail(self) -> str:
+        """The peer's reason, or what went wrong; empty for a clean end."""
+    @property
+    def credit(self) -> int:
+        """Send credit left."""
+    @property
+    def eof_sent(self) -> bool:
+        """CLOSE was sent (the socket reached end of stream)."""
+    @property
+    def eof_received(self) -> bool:
+        """CLOSE was received."""
+    @property
+    def failed(self) -> bool:
+        """Whether the relay ended other than by its ends closing."""
+
+@final
+class EngineStats:
+    """A snapshot of a :class:`TunnelEngine`'s counters, all from one moment."""
+
+    @property
+    def recv_next(self) -> int:
+        """Sequence of the next reliable frame expected from the peer."""
+    @property
+    def send_next(self) -> int:
+        """Sequence the next reliable frame sent will get."""
+    @property
+    def retained_frames(self) -> int:
+        """Reliable frames sent and not yet acknowledged."""
+    @property
+    def retained_bytes(self) -> int:
+        """Their payload bytes."""
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to tunnel connections."""
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from tunnel connections."""
+    @property
+    def native_streams(self) -> int:
+        """Streams the engine relays natively now."""
+    @property
+    def attached(self) -> bool:
+        """Whether a connection is attached."""
+
 @final
 class TunnelEngine:
     """The per-message path of one tunnel session, on a thread of its own.
@@ -183,21 +398,22 @@ class TunnelEngine:
     ) -> Self: ...
     @property
     def notify_fd(self) -> int: ...
-    def stats(self) -> tuple[int, int, int, int, int, int, int, bool]:
-        """``(recv_next, send_next, retained_frames, retained_bytes, bytes_sent,
-        bytes_received, native_streams, attached)``."""
+    def stats(self) -> EngineStats:
+        """The counters, all from one moment."""
 
     def silent_for(self) -> float:
         """Seconds since the tunnel socket last delivered bytes."""
 
     def acknowledge(self, peer_recv_next: int) -> None:
-        """Apply the peer's ``recv_next`` from a handshake (ValueError if it
-        does not fit what was sent)."""
+        """Apply the peer's ``recv_next`` from a handshake
+        (:class:`ProtocolViolation` if it does not fit what was sent)."""
 
     def attach(self, fd: int, encoder: FrameEncoder, decoder: FrameDecoder, initial: bytes) -> None:
         """Carry the session over the connected socket ``fd``. Takes the codec
         (the Python objects are unusable afterwards); resends what the peer
-        has not acknowledged; ``initial`` is what was read past the handshake."""
+        has not acknowledged; ``initial`` is what was read past the handshake.
+        ValueError if a connection is attached, or the encoder does not
+        start at the oldest unacknowledged frame."""
 
     def detach(self) -> None:
         """Stop using the current connection's socket (safe to close after this)."""
@@ -210,18 +426,20 @@ class TunnelEngine:
         self,
     ) -> tuple[
         list[tuple[int, int, bytes]],
-        list[tuple[int, list[tuple[float, bool, int, bytes, bool]]]],
-        list[tuple[int, tuple[str, int, str, int, bool, bool]]],
-        tuple[str, str] | None,
+        list[tuple[int, list[TapRecord]]],
+        list[tuple[int, RelayOutcome]],
+        BaseException | None,
     ]:
         """``(frames, taps, ended, error)``: frames for Python to dispatch,
         ``(stream_id, records)`` from native streams' scanners, ``(stream_id,
-        outcome)`` of native streams that ended, and the current connection's
-        error as ``("lost" | "protocol", message)``. Handle taps, then endings,
-        then frames (a frame for a stream can follow the stream's ending).
-        A tap record is ``(time.monotonic() when seen, came from the tunnel,
-        type byte, message, held for a verdict)``; an outcome ``(ending, code,
-        detail, credit, eof_sent, eof_received)``."""
+        outcome)`` of native streams that ended, and why the current
+        connection failed, as an exception (not raised): :class:`PeerClosed`;
+        an ``OSError`` (with ``errno``) from the socket; a :class:`FrameError`
+        subclass for bad bytes (the connection's fault: the session may
+        resume); :class:`ProtocolViolation` (the peer's: the session is over);
+        ``ValueError`` for frames given to :meth:`send` that cannot be sealed.
+        Handle taps, then endings, then frames (a frame for a stream can
+        follow the stream's ending)."""
 
     def attach_native(
         self,
@@ -234,28 +452,20 @@ class TunnelEngine:
         consumed: int = 0,
         eof_received: bool = False,
         end_on_socket_eof: bool = False,
-        pg_frontend: tuple[bytes, bytes] | None = None,
-        pg_backend: bytes | None = None,
-        pg_guard: bytes | None = None,
-        pg_backend_guard: bytes | None = None,
+        tap: TapSpec | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
-        :meth:`take`). The other arguments carry the stream's state over.
-        ``pg_frontend=(full, peek)`` scans the bytes from the tunnel as a
-        Postgres client's, ``pg_backend=full`` those from the socket as a
-        server's, reporting those kinds as taps. ``pg_guard`` kinds (with
-        ``pg_frontend``) are held: each is reported as a tap record with
-        ``hold`` set, and nothing more reaches the socket until
-        :meth:`verdict`; ``pg_backend_guard`` kinds (with ``pg_backend``)
-        likewise on the server's side."""
+        :meth:`take`). The other arguments carry the stream's state over;
+        ``tap`` says what the stream's scanners report and hold. ValueError
+        if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
         """The verdict on the message a native stream holds (the client's when
         ``from_tunnel``, else the server's): relay ``replacement`` in its
         place (the message itself, or another), then carry on."""
 
-    def abort_native(self, stream_id: int) -> tuple[str, int, str, int, bool, bool] | None:
+    def abort_native(self, stream_id: int) -> RelayOutcome | None:
         """Take a native stream back: its socket is unwatched when this returns.
         None if it had already ended (its ending is, or was, in :meth:`take`)."""
 
@@ -312,62 +522,10 @@ class NoiseHandshake:
 # Sans-IO like the frame codec: the MiniGate's Postgres listener and the
 # Gate's relay own the sockets and feed bytes in. Message bodies passed to
 # the ``parse_*`` functions are without the 5-byte header (``raw[5:]``).
-# Strings the protocol carries in the client's encoding are decoded as UTF-8
-# with replacement characters; forward the original bytes, never these.
-
-__all__ += [
-    "PG_BACKEND_TAGS",
-    "PG_DEFAULT_MAX_MESSAGE",
-    "PG_FRONTEND_TAGS",
-    "PG_GSSENC_REQUEST",
-    "PG_HEADER_LEN",
-    "PG_MAX_MESSAGE_LIMIT",
-    "PG_MAX_STARTUP_PACKET",
-    "PG_PROTOCOL_3_0",
-    "PG_SSL_REQUEST",
-    "PgEvent",
-    "PgMalformed",
-    "PgMessageTooLarge",
-    "PgScanner",
-    "PgStartup",
-    "PgTruncated",
-    "PgWireError",
-    "encode_authentication",
-    "encode_backend_key_data",
-    "encode_cancel_request",
-    "encode_error_response",
-    "encode_message",
-    "encode_negotiate_protocol_version",
-    "encode_parameter_status",
-    "encode_parse",
-    "encode_query",
-    "encode_ready_for_query",
-    "encode_sasl_initial_response",
-    "encode_startup",
-    "parse_authentication",
-    "parse_backend_key_data",
-    "parse_bind",
-    "parse_bind_names",
-    "parse_close",
-    "parse_command_complete",
-    "parse_copy_response",
-    "parse_data_row",
-    "parse_describe",
-    "parse_error_fields",
-    "parse_execute",
-    "parse_function_call",
-    "parse_negotiate_protocol_version",
-    "parse_notification",
-    "parse_parameter_status",
-    "parse_parse",
-    "parse_password",
-    "parse_query",
-    "parse_ready_for_query",
-    "parse_row_description",
-    "parse_sasl_initial_response",
-    "parse_sasl_mechanisms",
-    "parse_startup",
-]
+# The names and SQL of the client's statement messages (Query, Parse, Bind,
+# Execute, Close, Describe) are returned as the client's bytes; other strings
+# are decoded as UTF-8 with replacement characters, for reading: forward the
+# original bytes, never these.
 
 PG_PROTOCOL_3_0: Final[int]
 """The protocol version of a 3.0 StartupMessage (196608)."""
@@ -504,26 +662,30 @@ def encode_backend_key_data(pid: int, secret: bytes) -> bytes: ...
 def encode_parameter_status(name: str, value: str) -> bytes: ...
 def encode_ready_for_query(status: str) -> bytes: ...
 def encode_negotiate_protocol_version(newest_minor: int, unrecognized: Sequence[str]) -> bytes: ...
-def parse_query(body: bytes) -> str: ...
-def parse_parse(body: bytes) -> tuple[str, str, list[int]]:
+def parse_query(body: bytes) -> bytes:
+    """The SQL text, without its terminating NUL."""
+
+def parse_parse(body: bytes) -> tuple[bytes, bytes, list[int]]:
     """``(statement name, query, parameter type oids)``."""
 
 def parse_bind(
     body: bytes,
-) -> tuple[str, str, list[int], list[bytes | None], list[int]]:
+) -> tuple[bytes, bytes, list[int], list[bytes | None], list[int]]:
     """``(portal, statement, parameter formats, parameters, result formats)``."""
 
-def parse_bind_names(body: bytes) -> tuple[str, str] | None:
+def parse_bind_names(body: bytes) -> tuple[bytes, bytes] | None:
     """``(portal, statement)`` from the front of a Bind body; works on a peek
     prefix; None when the names themselves are cut off."""
 
-def parse_execute(body: bytes) -> tuple[str, int]:
+def parse_execute(body: bytes) -> tuple[bytes, int]:
     """``(portal, row limit)``."""
 
-def parse_close(body: bytes) -> tuple[str, str]:
+def parse_close(body: bytes) -> tuple[str, bytes]:
     """``(kind, name)``: kind ``"S"`` for a statement, ``"P"`` for a portal."""
 
-def parse_describe(body: bytes) -> tuple[str, str]: ...
+def parse_describe(body: bytes) -> tuple[str, bytes]:
+    """``(kind, name)``, as for :func:`parse_close`."""
+
 def parse_function_call(body: bytes) -> int:
     """The function OID of a fast-path FunctionCall."""
 

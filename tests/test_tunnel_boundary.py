@@ -150,7 +150,9 @@ async def test_an_unexpected_error_handling_frames_ends_only_that_session(
     on_data = TunnelStream.on_data
 
     def failing_at_the_gate(self: TunnelStream, payload: bytes) -> bool:
-        if not self.session.initiator and payload == b"poison":
+        session = self.session
+        assert isinstance(session, session_module.Session)
+        if not session.initiator and payload == b"poison":
             raise error
         return on_data(self, payload)
 

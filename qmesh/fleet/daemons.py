@@ -48,6 +48,7 @@ from qmesh.daemon.wire import (
 from qmesh.fleet.inventory import STALL_SLACK_S, Inventory
 from qmesh.tunnel import Session, TunnelError, TunnelStream
 from qmesh.tunnel.frames import ResetCode
+from qmesh.tunnel.stream import StreamHost
 
 __all__ = [
     "DaemonCallError",
@@ -179,7 +180,7 @@ class InventoryService:
             await trio.aclose_forcefully(stream)
 
     def _apply(
-        self, name: str, session: Session, message: dict[str, Any], said_hello: bool
+        self, name: str, session: StreamHost, message: dict[str, Any], said_hello: bool
     ) -> bool:
         kind = message["type"]
         now = self.clock()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -29,7 +30,7 @@ from qmesh.pg.audit import AuditLog
 from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql
 from qmesh.pg.login import PgSessionError, Upstream, error_response
 from qmesh.pg.policy import AppPolicy
-from qmesh.tunnel.stream import TapRecord, TunnelStream
+from qmesh.tunnel.stream import TunnelStream
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,28 @@ _Q, _P, _B, _E, _C, _S, _F = (ord(c) for c in "QPBECSF")
 _Z, _I, _SUSPENDED = (ord(c) for c in "ZIs")
 _ERROR = ord("E")
 _PSTATUS = ord("S")
+
+# The message kinds each scanner reports, by what looks at them. A scanner
+# copies only the kinds it is asked for (DataRows and COPY data never), so
+# each set is as small as its reader allows.
+
+GUARDED: Final = b"QPF"
+"""Client kinds the statement guard holds, whole, until checked: each can run
+SQL (Query, Parse) or call a function directly (FunctionCall), and a refused
+one is replaced before any of it reaches the server."""
+AUDIT_STATEMENTS: Final = b"QP"
+"""Client kinds the audit needs whole: the statement text of Query and Parse."""
+AUDIT_NAMES: Final = b"BECS"
+"""Client kinds the audit follows by their front only (a peek): Bind and
+Execute name a portal, Close a statement or portal; Sync ends a batch."""
+AUDIT_FASTPATH: Final = b"F"
+"""FunctionCall: the audit only counts it (a peek); the guard holds it whole."""
+AUDIT_OUTCOMES: Final = b"CEIZs"
+"""Server kinds that end a statement for the audit: CommandComplete,
+ErrorResponse, EmptyQueryResponse, ReadyForQuery, PortalSuspended."""
+READ_ONLY_WATCH: Final = b"S"
+"""ParameterStatus: a read-only session is ended if the server reports that
+``default_transaction_read_only`` was turned off."""
 _SET_CONFIG_OID: Final = 2078  # pg_catalog.set_config(text, text, boolean)
 # A FunctionCall of OID 0: the server answers "function with OID 0 does not
 # exist" and ReadyForQuery; sent in place of a refused fast-path call.
@@ -73,6 +96,15 @@ class _Pending:
     started: float
     rows: int | None = None
     error: str | None = None
+
+
+@attrs.frozen
+class _Tap:
+    """A native relay's tap (:class:`qmesh.tunnel.stream.NativeTap`): the
+    engine's scanners for the session, and the relay that hears them."""
+
+    spec: _core.TapSpec
+    on_records: Callable[[list[_core.TapRecord]], bytes | None]
 
 
 class SessionOver(Exception):
@@ -115,15 +147,15 @@ class Relay:
 
     def _client_scanner(self) -> _core.PgScanner:
         if self.guard:
-            # Relay mode: Query, Parse and FunctionCall are held until
-            # complete so a refused one can be replaced before any of it
-            # reaches the server.
-            peek = b"BECS" if self.audit is not None else b""
-            return _core.PgScanner(frontend=True, full=b"QPF", peek=peek, relay=True)
+            # Relay mode: the guarded kinds are collected whole, so a refused
+            # one can be replaced before any of it reaches the server.
+            peek = AUDIT_NAMES if self.audit is not None else b""
+            return _core.PgScanner(frontend=True, full=GUARDED, peek=peek, relay=True)
         if self.audit is not None:
             # Observe mode: the input is forwarded as it is; the scanner
             # reports the messages the audit needs.
-            return _core.PgScanner(frontend=True, full=b"QP", peek=b"BECSF")
+            peek = AUDIT_NAMES + AUDIT_FASTPATH
+            return _core.PgScanner(frontend=True, full=AUDIT_STATEMENTS, peek=peek)
         return _core.PgScanner(frontend=True)  # framing and size checks only
 
     def end(self, ending: SessionOver) -> None:
@@ -177,29 +209,34 @@ class Relay:
         assert isinstance(self.upstream, FastSocketStream | trio.SocketStream)
         audit = self.audit is not None
         if self.guard:
-            frontend = (b"", b"BECS" if audit else b"")
+            # The engine collects the guarded kinds whole itself.
+            frontend = (b"", AUDIT_NAMES if audit else b"")
+        elif audit:
+            frontend = (AUDIT_STATEMENTS, AUDIT_NAMES + AUDIT_FASTPATH)
         else:
-            frontend = (b"QP", b"BECSF") if audit else (b"", b"")
+            frontend = (b"", b"")
         # A read-only session's ParameterStatus reports are held until
         # checked: a session that got its read-only setting turned off is
         # ended before the client sees the statement succeed.
+        spec = _core.TapSpec(
+            frontend=frontend,
+            backend=AUDIT_OUTCOMES if audit else (b"" if self.read_only else None),
+            guard=GUARDED if self.guard else None,
+            backend_guard=READ_ONLY_WATCH if self.read_only else None,
+        )
         outcome = await self.client.relay_native(
             self.upstream,
             # The session ends when the server's side ends.
             end_on_socket_eof=True,
-            pg_frontend=frontend,
-            pg_backend=b"CEIZs" if audit else (b"" if self.read_only else None),
-            pg_guard=b"QPF" if self.guard else None,
-            pg_backend_guard=b"S" if self.read_only else None,
-            on_tap=self._on_tap if audit or self.guard else None,
+            tap=_Tap(spec, self._on_tap),
         )
-        if outcome.ending == "postgres":
+        if outcome.ending == _core.RelayEnding.POSTGRES:
             self._end(SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
         elif outcome.failed:
             log.debug("pg relay for app %r ended: %s %s", self.app_id, outcome.ending,
                       outcome.detail)  # fmt: skip
 
-    def _on_tap(self, records: list[TapRecord]) -> bytes | None:
+    def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
         """Audit (and guard) what the engine saw, in order; the replacement
         for a held message, which ends the batch."""
         replacement = None
@@ -280,45 +317,44 @@ class Relay:
         """Look at one reported client message, seen at ``now``
         (``time.monotonic()``); return the bytes to send in its place (relay
         mode uses them; observe mode ignores them)."""
+        # Query, Parse and (under the guard) FunctionCall arrive whole. Bind,
+        # Execute and Close may come as a peek, the first 1024 bytes of the
+        # body: room for any name Postgres tells apart (it compares only the
+        # first 63 bytes).
         try:
             if tag == _Q:
-                sql = raw[5:-1]
+                sql = _core.parse_query(raw[5:])
                 if self.guard:
                     raw = self._guard_query(sql, raw)
                 if self.audit is not None:
                     self.pending.append(_Pending(_Q, sql, now))
             elif tag == _P:
-                name_end = raw.index(0, 5)
-                name, sql_end = raw[5:name_end], raw.index(0, name_end + 1)
-                sql = raw[name_end + 1 : sql_end]
+                name, sql, declared = _core.parse_parse(raw[5:])
                 if self.guard:
-                    raw = self._guard_parse(name, sql, raw)
+                    raw = self._guard_parse(name, sql, len(declared), raw)
                 if self.audit is not None:
                     self._remember(self.statements, name, sql)
             elif tag == _B:
                 names = _core.parse_bind_names(raw[5:])
                 if names is not None and self.audit is not None:
-                    portal_end = raw.index(0, 5)
-                    portal = raw[5:portal_end]
-                    statement = raw[portal_end + 1 : raw.index(0, portal_end + 1)]
+                    portal, statement = names
                     text = self.statements.get(statement, _UNKNOWN_STATEMENT)
                     self._remember(self.portals, portal, text)
             elif tag == _E:
                 if self.audit is not None:
-                    portal = raw[5 : raw.index(0, 5)]
+                    portal, _ = _core.parse_execute(raw[5:])
                     text = self.portals.get(portal, _UNKNOWN_STATEMENT)
                     self.pending.append(_Pending(_E, text, now))
             elif tag == _C:
                 if self.audit is not None:
-                    kind, _ = _core.parse_close(raw[5:])
-                    name = raw[6 : raw.index(0, 6)]
+                    kind, name = _core.parse_close(raw[5:])
                     (self.statements if kind == "S" else self.portals).pop(name, None)
             elif tag == _S:
                 if self.audit is not None:
                     self.pending.append(_Pending(_S, b"", now))
             elif tag == _F:
-                oid = int.from_bytes(raw[5:9], "big") if len(raw) >= 9 else -1
-                if self.guard and oid == _SET_CONFIG_OID:
+                # Only the guard needs the function; observe mode sees a peek.
+                if self.guard and _core.parse_function_call(raw[5:]) == _SET_CONFIG_OID:
                     log.warning("refused a fast-path set_config call of app %r", self.app_id)
                     raw = _NO_FUNCTION_CALL
                 if self.audit is not None:
@@ -347,15 +383,16 @@ class Relay:
             return raw
         return _core.encode_query(refusal_sql(refusal))
 
-    def _guard_parse(self, name: bytes, sql: bytes, raw: bytes) -> bytes:
+    def _guard_parse(self, name: bytes, sql: bytes, declared: int, raw: bytes) -> bytes:
+        """``raw`` (a Parse of ``sql`` as ``name`` with ``declared``
+        parameter types), or what to send in its place."""
         text = sql.decode("utf-8", "replace")
         refusal = self._refusal(text, "a prepared statement")
         if refusal is None:
             return raw
-        _, _, declared = _core.parse_parse(raw[5:])
         # bytea accepts any parameter bytes, in text or binary format, so
         # the client's Bind still fits and Execute is what fails.
-        types = [17] * parameter_count(text, len(declared))
+        types = [17] * parameter_count(text, declared)
         return _core.encode_parse(name, refusal_sql(refusal), types)
 
     # -- server → client ---------------------------------------------------------
@@ -363,9 +400,9 @@ class Relay:
     async def server_to_client(self, data: bytes | bytearray) -> None:
         kinds = b""
         if self.audit is not None:
-            kinds += b"CEIZs"
+            kinds += AUDIT_OUTCOMES
         if self.read_only:
-            kinds += b"S"
+            kinds += READ_ONLY_WATCH
         scanner = _core.PgScanner(frontend=False, full=kinds) if kinds else None
         on_event = self._backend_event
         receive = self.upstream.receive_some

@@ -1,7 +1,8 @@
 """The sealed, resumable tunnel between edges (MiniGate, Daemon) and the Gate.
 
 One TCP connection carries many logical streams. The Rust core seals and
-opens frames; this package owns the sockets, the timers and the state that
+opens frames, and its engine (one per session) carries the per-message path;
+this package owns connecting and handshakes, the timers, and the state that
 outlives a connection (a :class:`~qmesh.tunnel.session.Session`).
 """
 

@@ -1,9 +1,14 @@
 """Frame types of the tunnel protocol and the codecs of their small payloads.
 
-The Rust core seals and opens frames without knowing what they mean; this
-module is where the meaning lives. Types below 0x10 are *reliable* (kept until
-acknowledged and resent after a reconnect); 0x10-0x1F are *control* frames
-that belong to one connection only. See docs/protocol.md.
+The codec seals and opens frames without knowing what they mean; the
+session gives them meaning, and so does the Rust engine, which handles the
+per-message frames itself. So that both read the protocol alike, frame types,
+reset codes and the RESET/GOAWAY reason codec are defined once, in Rust
+(``qmesh-wire``'s ``protocol`` module), and taken from :mod:`qmesh._core`
+here; ``tests/test_engine_contract.py`` holds the two sides to each other.
+Types below 0x10 are *reliable* (kept until acknowledged and resent after a
+reconnect); 0x10-0x1F are *control* frames that belong to one connection
+only. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -13,32 +18,35 @@ import json
 import struct
 from typing import Any
 
-from qmesh import peerjson
+from qmesh import _core, peerjson
 from qmesh.tunnel.errors import PeerProtocolError
+
+_TYPES = _core.FRAME_TYPES
+_CODES = _core.RESET_CODES
 
 
 class FrameType(enum.IntEnum):
-    OPEN = 0x01  # payload: JSON object naming the service
-    DATA = 0x02  # payload: stream bytes
-    CLOSE = 0x03  # empty: the sender will send no more data on this stream
-    RESET = 0x04  # u16 code + UTF-8 reason: abort the stream both ways
-    WINDOW = 0x05  # u32: the receiver grants this many more bytes of credit
-    ACK = 0x10  # u64: the next reliable sequence the sender expects
-    PING = 0x11  # u64: echoed in a PONG
-    PONG = 0x12
-    GOAWAY = 0x13  # u16 code + UTF-8 reason: the session ends for good
+    OPEN = _TYPES["OPEN"]  # payload: JSON object naming the service
+    DATA = _TYPES["DATA"]  # payload: stream bytes
+    CLOSE = _TYPES["CLOSE"]  # empty: the sender will send no more data on this stream
+    RESET = _TYPES["RESET"]  # u16 code + UTF-8 reason: abort the stream both ways
+    WINDOW = _TYPES["WINDOW"]  # u32: the receiver grants this many more bytes of credit
+    ACK = _TYPES["ACK"]  # u64: the next reliable sequence the sender expects
+    PING = _TYPES["PING"]  # u64: echoed in a PONG
+    PONG = _TYPES["PONG"]
+    GOAWAY = _TYPES["GOAWAY"]  # u16 code + UTF-8 reason: the session ends for good
 
 
-RELIABLE_TYPES = frozenset(t for t in FrameType if t < 0x10)
+RELIABLE_TYPES = frozenset(t for t in FrameType if t < _core.CONTROL_TYPE_MIN)
 
 
 class ResetCode(enum.IntEnum):
-    CANCEL = 0  # the stream's owner closed it before both directions ended
-    REFUSED = 1  # no such service, or policy forbids it
-    CONNECT_FAILED = 2  # the service could not reach its target
-    SESSION_LOST = 3  # the whole session ended
-    PROTOCOL_ERROR = 4  # the stream broke a rule (flow control, bad OPEN)
-    INTERNAL = 5  # the handler failed
+    CANCEL = _CODES["CANCEL"]  # the stream's owner closed it before both directions ended
+    REFUSED = _CODES["REFUSED"]  # no such service, or policy forbids it
+    CONNECT_FAILED = _CODES["CONNECT_FAILED"]  # the service could not reach its target
+    SESSION_LOST = _CODES["SESSION_LOST"]  # the whole session ended
+    PROTOCOL_ERROR = _CODES["PROTOCOL_ERROR"]  # the stream broke a rule (flow control, bad OPEN)
+    INTERNAL = _CODES["INTERNAL"]  # the handler failed
 
 
 # Every stream starts with this much send credit in each direction; a
@@ -46,10 +54,8 @@ class ResetCode(enum.IntEnum):
 # frame right away. A constant keeps OPEN free of negotiation.
 INITIAL_WINDOW = 256 * 1024
 
-_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_MAX_REASON = 1024
 _MAX_OPEN = 16 * 1024
 # An OPEN names a service and a few flat fields; a little nesting is allowed
 # for options, none of the depth a hostile peer would need to hurt a parser.
@@ -78,15 +84,19 @@ def decode_u64(payload: bytes, what: str) -> int:
     return value
 
 
-def encode_reason(code: int, reason: str) -> bytes:
-    return _U16.pack(code) + reason.encode("utf-8", "replace")[:_MAX_REASON]
+encode_reason = _core.encode_reason
+"""The RESET/GOAWAY payload: u16 code + the reason as UTF-8, cut at
+``_core.MAX_REASON`` bytes."""
 
 
 def decode_reason(payload: bytes, what: str) -> tuple[int, str]:
-    if len(payload) < _U16.size:
-        raise PeerProtocolError(f"{what} frame: missing code")
-    code: int = _U16.unpack_from(payload)[0]
-    return code, payload[_U16.size : _U16.size + _MAX_REASON].decode("utf-8", "replace")
+    """The code and reason of a ``what`` (RESET or GOAWAY) frame; the
+    reason's first ``_core.MAX_REASON`` bytes, read as UTF-8 with U+FFFD for
+    what is not. A payload too short for the code breaks the protocol."""
+    try:
+        return _core.decode_reason(payload)
+    except _core.Malformed:
+        raise PeerProtocolError(f"{what} frame: missing code") from None
 
 
 def encode_open(request: dict[str, Any]) -> bytes:

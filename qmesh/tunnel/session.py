@@ -36,7 +36,13 @@ import trio
 
 from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, runnable_counter
-from qmesh.tunnel.errors import ConnectionLost, PeerProtocolError, SessionLost, StreamReset
+from qmesh.tunnel.errors import (
+    ConnectionLost,
+    PeerProtocolError,
+    SessionLost,
+    StreamReset,
+    TunnelError,
+)
 from qmesh.tunnel.frames import (
     FrameType,
     ResetCode,
@@ -48,7 +54,7 @@ from qmesh.tunnel.frames import (
     encode_reason,
     encode_u64,
 )
-from qmesh.tunnel.stream import NativeOutcome, TunnelStream
+from qmesh.tunnel.stream import TunnelStream
 
 if TYPE_CHECKING:
     from qmesh.config import TunnelConfig
@@ -136,27 +142,27 @@ class Session:
 
     @property
     def recv_next(self) -> int:
-        return self._engine.stats()[0]
+        return self._engine.stats().recv_next
 
     @property
     def send_next(self) -> int:
-        return self._engine.stats()[1]
+        return self._engine.stats().send_next
 
     @property
     def retained_frames(self) -> int:
-        return self._engine.stats()[2]
+        return self._engine.stats().retained_frames
 
     @property
     def bytes_sent(self) -> int:
-        return self._engine.stats()[4]
+        return self._engine.stats().bytes_sent
 
     @property
     def bytes_received(self) -> int:
-        return self._engine.stats()[5]
+        return self._engine.stats().bytes_received
 
     @property
     def native_streams(self) -> int:
-        return self._engine.stats()[6]
+        return self._engine.stats().native_streams
 
     @property
     def attached(self) -> bool:
@@ -183,16 +189,26 @@ class Session:
             raise SessionLost("stream ids exhausted; open a new session")
         self._next_stream_id += 2
         self.queue_frame(FrameType.OPEN, stream_id, encode_open(request))
-        stream = TunnelStream(self, stream_id, request)
+        stream = self._new_stream(stream_id, request)
         self._streams[stream_id] = stream
         return stream
+
+    def _new_stream(self, stream_id: int, request: dict[str, Any]) -> TunnelStream:
+        settings = self.settings
+        return TunnelStream(
+            self,
+            stream_id,
+            request,
+            window=settings.stream_window,
+            chunk_size=settings.chunk_size,
+        )
 
     def acknowledge(self, peer_recv_next: int) -> None:
         """Apply the peer's ``recv_next`` from a handshake; the encoder for the
         new connection must start at that sequence."""
         try:
             self._engine.acknowledge(peer_recv_next)
-        except ValueError as exc:
+        except _core.ProtocolViolation as exc:
             raise PeerProtocolError(str(exc)) from None
 
     async def serve_connection(
@@ -301,19 +317,40 @@ class Session:
     def forget_stream(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
 
-    def attach_native(self, stream: TunnelStream, fd: int, **state: Any) -> None:
-        """Hand ``stream`` to the engine, relayed to the socket ``fd``."""
+    def attach_native(
+        self,
+        stream_id: int,
+        fd: int,
+        *,
+        credit: int,
+        window: int,
+        to_socket: bytes,
+        consumed: int,
+        eof_received: bool,
+        end_on_socket_eof: bool,
+        tap: _core.TapSpec | None,
+    ) -> None:
+        """Hand stream ``stream_id`` to the engine, relayed to the socket ``fd``."""
         if self._lost is not None:
             raise self._lost
         self._send_pending()  # the stream's queued frames go out before any native one
-        self._engine.attach_native(stream.id, fd, **state)
+        self._engine.attach_native(
+            stream_id,
+            fd,
+            credit=credit,
+            window=window,
+            to_socket=to_socket,
+            consumed=consumed,
+            eof_received=eof_received,
+            end_on_socket_eof=end_on_socket_eof,
+            tap=tap,
+        )
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
         self._engine.verdict(stream_id, replacement, from_tunnel=from_tunnel)
 
-    def abort_native(self, stream_id: int) -> NativeOutcome | None:
-        outcome = self._engine.abort_native(stream_id)
-        return None if outcome is None else NativeOutcome(*outcome)
+    def abort_native(self, stream_id: int) -> _core.RelayOutcome | None:
+        return self._engine.abort_native(stream_id)
 
     # -- sending ----------------------------------------------------------------
 
@@ -365,8 +402,9 @@ class Session:
                 self._fail_connection(ConnectionLost(f"peer silent for {silent:.1f}s"))
                 return
             now = trio.current_time()
-            _, send_next, retained, *_ = self._engine.stats()  # one consistent snapshot
-            first_unacked = send_next - retained
+            stats = self._engine.stats()  # one consistent snapshot
+            retained = stats.retained_frames
+            first_unacked = stats.send_next - retained
             if not retained or first_unacked != oldest:
                 oldest, since = first_unacked, now
             elif now - since > dead_after:
@@ -405,23 +443,32 @@ class Session:
         for stream_id, outcome in ended:
             stream = self._streams.get(stream_id)
             if stream is not None:
-                stream.on_native_end(NativeOutcome(*outcome))
+                stream.on_native_end(outcome)
         try:
             for frame_type, stream_id, payload in frames:
                 self._dispatch(frame_type, stream_id, payload)
         except (ConnectionLost, SessionLost, PeerProtocolError) as exc:
             self._fail_connection(exc)
         if error is not None:
-            kind, message = error
-            if kind == "protocol":
-                self._fail_connection(PeerProtocolError(message))
-                return
-            if message.startswith("bad frame"):
-                # A connection cut mid-frame is usually the network, not an attack.
-                level = logging.INFO if ": Truncated:" in message else logging.WARNING
-                log.log(level, "session %s: rejected frame from %s: %s",
-                        self.id.hex()[:12], self.peer, message)  # fmt: skip
-            self._fail_connection(ConnectionLost(message))
+            self._fail_connection(self._engine_error(error))
+
+    def _engine_error(self, error: BaseException) -> TunnelError:
+        """The engine's reason the connection failed, in the tunnel's terms."""
+        if isinstance(error, _core.FrameError):
+            # Bad bytes end the connection, not the session: damage in transit
+            # looks the same. A connection cut mid-frame is usually the
+            # network, not an attack.
+            level = logging.INFO if isinstance(error, _core.Truncated) else logging.WARNING
+            log.log(level, "session %s: rejected frame from %s: %s: %s",
+                    self.id.hex()[:12], self.peer, type(error).__name__, error)  # fmt: skip
+            return ConnectionLost(f"bad frame: {error}")
+        if isinstance(error, _core.PeerClosed | OSError):
+            return ConnectionLost(str(error))
+        if isinstance(error, _core.ProtocolViolation):
+            return PeerProtocolError(str(error))
+        # Frames of ours the engine could not seal: resending them would fail
+        # again, so the session cannot go on.
+        return SessionLost(f"tunnel engine failed: {error}")
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -475,7 +522,7 @@ class Session:
             reason = encode_reason(ResetCode.REFUSED, "this end accepts no streams")
             self.queue_frame(FrameType.RESET, stream_id, reason)
             return
-        stream = TunnelStream(self, stream_id, request)
+        stream = self._new_stream(stream_id, request)
         self._streams[stream_id] = stream
         self._handler_nursery.start_soon(self._run_handler, self._handler, stream)
 

@@ -12,17 +12,22 @@ A stream relayed to a plain socket can be handed to the session's engine
 (:meth:`TunnelStream.relay_native`): from then until it ends, its frames never
 reach Python. Its state (credit, windows, half-closes) goes with it and comes
 back when it ends, so the protocol seen by the peer is the same either way.
+
+A stream knows its session only as a :class:`StreamHost`, the few calls it
+makes. What a native relay's scanners look for is a :class:`NativeTap`, built
+by the package that knows what the bytes mean and passed through to the
+engine unread.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, Protocol
 
 import trio
 
+from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec
 from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
@@ -33,47 +38,90 @@ from qmesh.tunnel.frames import (
     encode_u32,
 )
 
-if TYPE_CHECKING:
-    from qmesh.tunnel.session import Session
-
 log = logging.getLogger(__name__)
 
-TapRecord = tuple[float, bool, int, bytes, bool]
-"""A Postgres message a native stream's scanner saw: ``(time.monotonic()
-when seen, came from the tunnel, type byte, message with header, held)``.
-A held message (a guarded kind) waits for the tap's verdict."""
 
-TapHandler = Callable[[list[TapRecord]], bytes | None]
-"""Takes a batch of tap records, in order; a batch ends with at most one
-held record, and then the handler returns the bytes to relay in its place
-(None: no verdict, the relay is ending)."""
-
-
-class NativeOutcome(NamedTuple):
-    """How a native relay ended (see ``qmesh._core.TunnelEngine``)."""
-
-    ending: str  # clean, socket_eof, reset, protocol, socket, postgres, aborted
-    code: int  # the peer's reset code, for "reset"
-    detail: str
-    credit: int
-    eof_sent: bool
-    eof_received: bool
+class StreamHost(Protocol):
+    """The session a stream lives in, as the stream and its handlers see it:
+    who is at the other end, and the calls a stream makes.
+    :class:`qmesh.tunnel.session.Session` is the one implementation."""
 
     @property
-    def failed(self) -> bool:
-        return self.ending not in ("clean", "socket_eof")
+    def peer(self) -> str:
+        """The other end's name (the edge's or node's)."""
+
+    @property
+    def peer_role(self) -> str:
+        """The other end's role (``edge``, ``daemon``, ...)."""
+
+    def queue_frame(self, frame_type: int, stream_id: int, payload: bytes) -> None:
+        """Send a frame of this stream (kept for the next connection while
+        there is none)."""
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The stream is done: frames that still arrive for it are dropped."""
+
+    def attach_native(
+        self,
+        stream_id: int,
+        fd: int,
+        *,
+        credit: int,
+        window: int,
+        to_socket: bytes,
+        consumed: int,
+        eof_received: bool,
+        end_on_socket_eof: bool,
+        tap: TapSpec | None,
+    ) -> None:
+        """Hand the stream, with its state, to the engine, relayed to the
+        socket ``fd`` (see ``qmesh._core.TunnelEngine.attach_native``)."""
+
+    def abort_native(self, stream_id: int) -> RelayOutcome | None:
+        """Take the stream back from the engine; None if it had ended."""
+
+    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
+        """Relay ``replacement`` in place of the message the stream holds."""
+
+
+class NativeTap(Protocol):
+    """What a native relay reports besides relaying, and who hears it.
+
+    Built by the package that knows what the bytes are; the stream hands
+    :attr:`spec` to the engine as it is, and the records it yields to
+    :meth:`on_records`."""
+
+    @property
+    def spec(self) -> TapSpec:
+        """The engine's scanners for the relay."""
+
+    def on_records(self, records: list[TapRecord]) -> bytes | None:
+        """A batch of records, in order. A batch ends with at most one held
+        record (``held`` set); then return the bytes to relay in its place
+        (None: no verdict, the relay is ending)."""
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
-    """A bidirectional byte stream multiplexed over a :class:`Session`."""
+    """A bidirectional byte stream multiplexed over a session.
 
-    def __init__(self, session: Session, stream_id: int, request: dict[str, Any]) -> None:
+    ``window`` is the receive window to grant (never below the protocol's
+    initial credit: credit can only be granted, not taken back);
+    ``chunk_size`` the largest DATA payload to send."""
+
+    def __init__(
+        self,
+        session: StreamHost,
+        stream_id: int,
+        request: dict[str, Any],
+        *,
+        window: int,
+        chunk_size: int,
+    ) -> None:
         self.session = session
         self.id = stream_id
         self.request = request
-        # Never below the protocol's initial credit: we can only grant, not take back.
-        self._window = max(session.settings.stream_window, INITIAL_WINDOW)
-        self._chunk_size = session.settings.chunk_size
+        self._window = max(window, INITIAL_WINDOW)
+        self._chunk_size = chunk_size
         # Receive side.
         self._recv_chunks: deque[bytes] = deque()
         self._recv_buffered = 0
@@ -81,8 +129,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._consumed_unreported = 0
         # Set while the engine relays this stream natively.
         self._native_done: trio.Event | None = None
-        self._native_outcome: NativeOutcome | None = None
-        self._on_tap: TapHandler | None = None
+        self._native_outcome: RelayOutcome | None = None
+        self._tap: NativeTap | None = None
         # Send side.
         self._send_credit = INITIAL_WINDOW
         self._eof_sent = False
@@ -178,23 +226,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         sock: trio.SocketStream | FastSocketStream,
         *,
         end_on_socket_eof: bool = False,
-        pg_frontend: tuple[bytes, bytes] | None = None,
-        pg_backend: bytes | None = None,
-        pg_guard: bytes | None = None,
-        pg_backend_guard: bytes | None = None,
-        on_tap: TapHandler | None = None,
-    ) -> NativeOutcome:
+        tap: NativeTap | None = None,
+    ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
         :func:`qmesh.tunnel.services.splice`. With ``end_on_socket_eof`` it
         ends (after sending CLOSE) when the socket reaches end of stream.
 
-        ``pg_frontend=(full, peek)`` checks the bytes from the tunnel as a
-        Postgres client's messages and reports those kinds to ``on_tap``
-        (``pg_backend=full``: the socket's bytes, as the server's); a bad
-        message ends the relay ("postgres") before it reaches the socket.
-        ``pg_guard`` kinds (``pg_backend_guard``: the server's) are held until
-        ``on_tap`` returns what to relay in their place (see :data:`TapHandler`).
+        With a ``tap``, the engine scans the bytes as its spec says and
+        hands what it reports to the tap, holding what it must until the
+        tap's verdict; bytes its scanners reject end the relay (e.g.
+        ``RelayEnding.POSTGRES``) before they reach the socket.
 
         Cancelling takes the stream back at once. The caller still owns both
         ends: it closes the socket and this stream afterwards.
@@ -207,11 +249,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._recv_buffered = 0
         self._native_done = done = trio.Event()
         self._native_outcome = None
-        self._on_tap = on_tap
+        self._tap = tap
         self._sending = self._receiving = True
         try:
             self.session.attach_native(
-                self,
+                self.id,
                 sock.socket.fileno(),
                 credit=self._send_credit,
                 window=self._window,
@@ -219,10 +261,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 consumed=self._consumed_unreported,
                 eof_received=self._recv_eof,
                 end_on_socket_eof=end_on_socket_eof,
-                pg_frontend=pg_frontend,
-                pg_backend=pg_backend,
-                pg_guard=pg_guard,
-                pg_backend_guard=pg_backend_guard,
+                tap=None if tap is None else tap.spec,
             )
             try:
                 await done.wait()
@@ -234,7 +273,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = self._receiving = False
             self._native_done = None
-            self._on_tap = None
+            self._tap = None
         assert self._native_outcome is not None
         return self._native_outcome
 
@@ -272,16 +311,20 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._fail(StreamReset(code, reason))
         if self._native_done is not None:
             # The session is over; the engine has dropped the native relay.
-            self._native_outcome = NativeOutcome(
-                "reset", code, reason, 0, self._eof_sent, self._recv_eof
+            self._native_outcome = RelayOutcome(
+                RelayEnding.RESET,
+                code=code,
+                detail=reason,
+                eof_sent=self._eof_sent,
+                eof_received=self._recv_eof,
             )
             self._native_done.set()
 
     def on_tap(self, records: list[TapRecord]) -> None:
-        if self._on_tap is None:
+        if self._tap is None:
             return
         try:
-            verdict = self._on_tap(records)
+            verdict = self._tap.on_records(records)
         except Exception:
             # A bug in one relay's audit must not take the session's pump
             # (and every other stream) down with it.
@@ -295,14 +338,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if verdict is not None and held:
             self.session.verdict(self.id, verdict, from_tunnel=from_tunnel)
 
-    def on_native_end(self, outcome: NativeOutcome) -> None:
+    def on_native_end(self, outcome: RelayOutcome) -> None:
         """The engine gave the stream back: carry on from its state."""
         self._send_credit = outcome.credit
         self._eof_sent = self._eof_sent or outcome.eof_sent
         self._recv_eof = self._recv_eof or outcome.eof_received
-        if outcome.ending == "reset":
+        if outcome.ending == RelayEnding.RESET:
             self._fail(StreamReset(outcome.code, outcome.detail))
-        elif outcome.ending == "protocol":  # the engine has sent RESET
+        elif outcome.ending == RelayEnding.PROTOCOL:  # the engine has sent RESET
             self._fail(StreamReset(ResetCode.PROTOCOL_ERROR, outcome.detail))
         self._forget_if_finished()
         if self._native_done is not None:

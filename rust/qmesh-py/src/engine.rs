@@ -9,42 +9,270 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyBaseException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
-use crate::{FrameDecoder, FrameEncoder, DETACH_THRESHOLD};
+use crate::{Error, FrameDecoder, FrameEncoder, Result, DETACH_THRESHOLD};
 
-/// ``(ending, code, detail, credit, eof_sent, eof_received)``.
-type PyOutcome = (&'static str, u16, String, u64, bool, bool);
-/// ``(at, from_tunnel, tag, raw, hold)``.
+/// ``(at, from_tunnel, tag, raw, hold)``: a tuple rather than a class, since
+/// the audit gets one per statement and tuples are the cheapest to build.
 type PyTapRecord<'py> = (f64, bool, u8, Bound<'py, PyBytes>, bool);
 type PyTaken<'py> = (
     Vec<(u8, u32, Bound<'py, PyBytes>)>,
     Vec<(u32, Vec<PyTapRecord<'py>>)>,
-    Vec<(u32, PyOutcome)>,
-    Option<(&'static str, String)>,
+    Vec<(u32, RelayOutcome)>,
+    Option<Py<PyBaseException>>,
 );
 
-fn outcome(outcome: relay::Outcome) -> PyOutcome {
-    let (ending, code, detail) = match outcome.ending {
-        relay::Ending::Clean => ("clean", 0, String::new()),
-        relay::Ending::SocketEof => ("socket_eof", 0, String::new()),
-        relay::Ending::Reset { code, reason } => ("reset", code, reason),
-        relay::Ending::Protocol(why) => ("protocol", 0, why),
-        relay::Ending::Socket(why) => ("socket", 0, why),
-        relay::Ending::Postgres(why) => ("postgres", 0, why),
-        relay::Ending::Aborted => ("aborted", 0, String::new()),
-    };
-    (
+/// How a native relay ended.
+#[pyclass(
+    module = "qmesh._core",
+    name = "RelayEnding",
+    eq,
+    eq_int,
+    frozen,
+    hash,
+    from_py_object
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayEnding {
+    /// Both directions closed, everything delivered.
+    #[pyo3(name = "CLEAN")]
+    Clean = 0,
+    /// The socket reached end of stream on a relay asked to end there.
+    #[pyo3(name = "SOCKET_EOF")]
+    SocketEof = 1,
+    /// The peer reset the stream (``code`` and ``detail`` say why).
+    #[pyo3(name = "RESET")]
+    Reset = 2,
+    /// The peer broke flow control; the engine sent RESET.
+    #[pyo3(name = "PROTOCOL")]
+    Protocol = 3,
+    /// The socket failed.
+    #[pyo3(name = "SOCKET")]
+    Socket = 4,
+    /// A Postgres scanner rejected the bytes; nothing of them was relayed.
+    #[pyo3(name = "POSTGRES")]
+    Postgres = 5,
+    /// Python took the stream back, or the session ended.
+    #[pyo3(name = "ABORTED")]
+    Aborted = 6,
+}
+
+impl RelayEnding {
+    /// The name Python sees.
+    fn name(self) -> &'static str {
+        match self {
+            RelayEnding::Clean => "CLEAN",
+            RelayEnding::SocketEof => "SOCKET_EOF",
+            RelayEnding::Reset => "RESET",
+            RelayEnding::Protocol => "PROTOCOL",
+            RelayEnding::Socket => "SOCKET",
+            RelayEnding::Postgres => "POSTGRES",
+            RelayEnding::Aborted => "ABORTED",
+        }
+    }
+}
+
+/// Python's spelling of a bool, for the reprs.
+fn py_bool(value: bool) -> &'static str {
+    if value {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+/// A native relay's end, with what the stream needs to carry on.
+#[pyclass(module = "qmesh._core", name = "RelayOutcome", frozen, get_all)]
+#[derive(Debug, Clone)]
+pub struct RelayOutcome {
+    ending: RelayEnding,
+    /// The peer's reset code, for ``RESET``; else 0.
+    code: u16,
+    /// The peer's reason, or what went wrong; empty for a clean end.
+    detail: String,
+    /// Send credit left.
+    credit: u64,
+    /// CLOSE was sent (the socket reached end of stream).
+    eof_sent: bool,
+    /// CLOSE was received.
+    eof_received: bool,
+}
+
+impl From<relay::Outcome> for RelayOutcome {
+    fn from(outcome: relay::Outcome) -> Self {
+        let (ending, code, detail) = match outcome.ending {
+            relay::Ending::Clean => (RelayEnding::Clean, 0, String::new()),
+            relay::Ending::SocketEof => (RelayEnding::SocketEof, 0, String::new()),
+            relay::Ending::Reset { code, reason } => (RelayEnding::Reset, code, reason),
+            relay::Ending::Protocol(v) => (RelayEnding::Protocol, 0, v.to_string()),
+            relay::Ending::Socket(err) => (RelayEnding::Socket, 0, err.to_string()),
+            relay::Ending::Postgres(err) => (RelayEnding::Postgres, 0, err.to_string()),
+            relay::Ending::Aborted => (RelayEnding::Aborted, 0, String::new()),
+        };
+        RelayOutcome {
+            ending,
+            code,
+            detail,
+            credit: outcome.credit,
+            eof_sent: outcome.eof_sent,
+            eof_received: outcome.eof_received,
+        }
+    }
+}
+
+#[pymethods]
+impl RelayOutcome {
+    #[new]
+    #[pyo3(signature = (
         ending,
-        code,
-        detail,
-        outcome.credit,
-        outcome.eof_sent,
-        outcome.eof_received,
-    )
+        *,
+        code = 0,
+        detail = String::new(),
+        credit = 0,
+        eof_sent = false,
+        eof_received = false,
+    ))]
+    fn new(
+        ending: RelayEnding,
+        code: u16,
+        detail: String,
+        credit: u64,
+        eof_sent: bool,
+        eof_received: bool,
+    ) -> Self {
+        RelayOutcome {
+            ending,
+            code,
+            detail,
+            credit,
+            eof_sent,
+            eof_received,
+        }
+    }
+
+    /// Whether the relay ended other than by its ends closing.
+    #[getter]
+    fn failed(&self) -> bool {
+        !matches!(self.ending, RelayEnding::Clean | RelayEnding::SocketEof)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let detail = self.detail.as_str().into_pyobject(py)?.repr()?;
+        Ok(format!(
+            "RelayOutcome(RelayEnding.{}, code={}, detail={detail}, credit={}, eof_sent={}, \
+             eof_received={})",
+            self.ending.name(),
+            self.code,
+            self.credit,
+            py_bool(self.eof_sent),
+            py_bool(self.eof_received),
+        ))
+    }
+}
+
+/// The scanners of a native relay: which Postgres message kinds the engine
+/// reports (as tap records) and holds for a verdict, each way. Built by the
+/// code that knows the bytes are Postgres; the tunnel passes it through.
+#[pyclass(module = "qmesh._core", name = "TapSpec", frozen)]
+pub struct TapSpec {
+    inner: relay::PgTap,
+}
+
+#[pymethods]
+impl TapSpec {
+    /// ``frontend=(full, peek)`` scans the bytes from the tunnel as a
+    /// Postgres client's and reports those kinds (whole, or a prefix);
+    /// ``backend=full`` scans the socket's bytes as a server's. ``guard``
+    /// kinds (with ``frontend``) are held: each is reported as a record
+    /// with ``held`` set, and nothing more reaches the socket until
+    /// ``TunnelEngine.verdict``; ``backend_guard`` kinds (with ``backend``)
+    /// likewise on the server's side.
+    #[new]
+    #[pyo3(signature = (*, frontend = None, backend = None, guard = None, backend_guard = None))]
+    fn new(
+        frontend: Option<(Vec<u8>, Vec<u8>)>,
+        backend: Option<Vec<u8>>,
+        guard: Option<Vec<u8>>,
+        backend_guard: Option<Vec<u8>>,
+    ) -> Result<Self> {
+        let guard = guard.unwrap_or_default();
+        let backend_guard = backend_guard.unwrap_or_default();
+        // Checked here, where the mistake is made, rather than when a
+        // stream is handed over.
+        if !guard.is_empty() && frontend.is_none() {
+            return Err(PyValueError::new_err("a guard needs the frontend scanner").into());
+        }
+        if !backend_guard.is_empty() && backend.is_none() {
+            let why = "a backend guard needs the backend scanner";
+            return Err(PyValueError::new_err(why).into());
+        }
+        Ok(TapSpec {
+            inner: relay::PgTap {
+                frontend,
+                backend,
+                guard,
+                backend_guard,
+            },
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        // Tag sets are ASCII letters; written the way Python writes bytes.
+        let tags = |t: &[u8]| format!("b'{}'", t.escape_ascii());
+        let tap = &self.inner;
+        let frontend = tap.frontend.as_ref().map_or("None".into(), |(full, peek)| {
+            format!("({}, {})", tags(full), tags(peek))
+        });
+        let backend = tap.backend.as_deref().map_or("None".into(), tags);
+        format!(
+            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={})",
+            tags(&tap.guard),
+            tags(&tap.backend_guard),
+        )
+    }
+}
+
+/// A snapshot of an engine's counters, for operators and tests.
+#[pyclass(module = "qmesh._core", name = "EngineStats", frozen, get_all)]
+#[derive(Debug, Clone)]
+pub struct EngineStats {
+    /// Sequence of the next reliable frame expected from the peer.
+    recv_next: u64,
+    /// Sequence the next reliable frame sent will get.
+    send_next: u64,
+    /// Reliable frames sent and not yet acknowledged.
+    retained_frames: usize,
+    /// Their payload bytes.
+    retained_bytes: usize,
+    /// Bytes written to, and read from, tunnel connections.
+    bytes_sent: u64,
+    bytes_received: u64,
+    /// Streams the engine relays natively now.
+    native_streams: usize,
+    /// Whether a connection is attached.
+    attached: bool,
+}
+
+#[pymethods]
+impl EngineStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "<EngineStats recv_next={} send_next={} retained_frames={} retained_bytes={} \
+             bytes_sent={} bytes_received={} native_streams={} attached={}>",
+            self.recv_next,
+            self.send_next,
+            self.retained_frames,
+            self.retained_bytes,
+            self.bytes_sent,
+            self.bytes_received,
+            self.native_streams,
+            py_bool(self.attached),
+        )
+    }
 }
 
 /// The per-message path of one tunnel session, on a thread of its own.
@@ -80,15 +308,14 @@ impl TunnelEngine {
         chunk_size: usize,
         tap_delay: f64,
         tap_batch: usize,
-    ) -> PyResult<Self> {
+    ) -> Result<Self> {
         let seconds = |value: f64, what: &str| {
             Duration::try_from_secs_f64(value)
                 .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0")))
         };
         if read_size == 0 || chunk_size == 0 || ack_every == 0 {
-            return Err(PyValueError::new_err(
-                "read_size, chunk_size and ack_every must be positive",
-            ));
+            let why = "read_size, chunk_size and ack_every must be positive";
+            return Err(PyValueError::new_err(why).into());
         }
         let config = relay::Config {
             ack_every,
@@ -99,8 +326,9 @@ impl TunnelEngine {
             tap_delay: seconds(tap_delay, "tap_delay")?,
             tap_batch: tap_batch.max(1),
         };
-        let inner = relay::Engine::new(config).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(TunnelEngine { inner })
+        Ok(TunnelEngine {
+            inner: relay::Engine::new(config)?,
+        })
     }
 
     #[getter]
@@ -108,20 +336,19 @@ impl TunnelEngine {
         self.inner.notify_fd()
     }
 
-    /// ``(recv_next, send_next, retained_frames, retained_bytes, bytes_sent,
-    /// bytes_received, native_streams, attached)``.
-    fn stats(&self) -> (u64, u64, usize, usize, u64, u64, usize, bool) {
+    /// The counters, all from one moment.
+    fn stats(&self) -> EngineStats {
         let s = self.inner.stats();
-        (
-            s.recv_next,
-            s.send_next,
-            s.retained_frames,
-            s.retained_bytes,
-            s.bytes_sent,
-            s.bytes_received,
-            s.native_streams,
-            s.attached,
-        )
+        EngineStats {
+            recv_next: s.recv_next,
+            send_next: s.send_next,
+            retained_frames: s.retained_frames,
+            retained_bytes: s.retained_bytes,
+            bytes_sent: s.bytes_sent,
+            bytes_received: s.bytes_received,
+            native_streams: s.native_streams,
+            attached: s.attached,
+        }
     }
 
     /// Seconds since the tunnel socket last delivered bytes.
@@ -129,12 +356,10 @@ impl TunnelEngine {
         self.inner.silent_for().as_secs_f64()
     }
 
-    /// Apply the peer's ``recv_next`` from a handshake (ValueError if it
-    /// does not fit what was sent).
-    fn acknowledge(&self, peer_recv_next: u64) -> PyResult<()> {
-        self.inner
-            .acknowledge(peer_recv_next)
-            .map_err(PyValueError::new_err)
+    /// Apply the peer's ``recv_next`` from a handshake
+    /// (:class:`ProtocolViolation` if it does not fit what was sent).
+    fn acknowledge(&self, peer_recv_next: u64) -> Result<()> {
+        Ok(self.inner.acknowledge(peer_recv_next)?)
     }
 
     /// Carry the session over the connected socket ``fd``. Takes the codec
@@ -147,12 +372,11 @@ impl TunnelEngine {
         mut encoder: PyRefMut<'_, FrameEncoder>,
         mut decoder: PyRefMut<'_, FrameDecoder>,
         initial: &[u8],
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let encoder = encoder.take()?;
         let decoder = decoder.take()?;
         // Resending a large backlog seals all of it: let Python run meanwhile.
-        py.detach(|| self.inner.attach(fd, encoder, decoder, initial))
-            .map_err(PyValueError::new_err)
+        Ok(py.detach(|| self.inner.attach(fd, encoder, decoder, initial))?)
     }
 
     /// Stop using the current connection's socket (safe to close after this).
@@ -181,9 +405,10 @@ impl TunnelEngine {
 
     /// ``(frames, taps, ended, error)``: frames for Python to dispatch,
     /// ``(stream_id, records)`` from native streams' scanners, ``(stream_id,
-    /// outcome)`` of native streams that ended, and the current connection's
-    /// error as ``("lost" | "protocol", message)``. Handle taps, then endings,
-    /// then frames (a frame for a stream can follow the stream's ending).
+    /// outcome)`` of native streams that ended, and why the current
+    /// connection failed, as an exception (not raised). Handle taps, then
+    /// endings, then frames (a frame for a stream can follow the stream's
+    /// ending).
     fn take<'py>(&self, py: Python<'py>) -> PyTaken<'py> {
         let (events, error) = self.inner.take();
         let mut frames = Vec::new();
@@ -207,27 +432,19 @@ impl TunnelEngine {
                     stream_id,
                     outcome: o,
                 } => {
-                    ended.push((stream_id, outcome(o)));
+                    ended.push((stream_id, o.into()));
                 }
             }
         }
-        let error = error.map(|e| match e {
-            relay::ConnError::Lost(why) => ("lost", why),
-            relay::ConnError::Protocol(why) => ("protocol", why),
-        });
+        let error = error.map(|e| PyErr::from(Error::from(e)).into_value(py));
         (frames, taps, ended, error)
     }
 
     /// Relay stream ``stream_id`` natively between the tunnel and the
     /// connected, non-blocking socket ``fd`` until it ends (reported by
-    /// :meth:`take`). The other arguments carry the stream's state over.
-    /// ``pg_frontend=(full, peek)`` scans the bytes from the tunnel as a
-    /// Postgres client's, ``pg_backend=full`` those from the socket as a
-    /// server's, reporting those kinds as taps. ``pg_guard`` kinds (with
-    /// ``pg_frontend``) are held: each is reported as a tap record with
-    /// ``hold`` set, and nothing more reaches the socket until
-    /// :meth:`verdict`; ``pg_backend_guard`` kinds (with ``pg_backend``)
-    /// likewise on the server's side.
+    /// :meth:`take`). The other arguments carry the stream's state over;
+    /// ``tap`` says what the stream's scanners report and hold (see
+    /// :class:`TapSpec`).
     #[pyo3(signature = (
         stream_id,
         fd,
@@ -238,10 +455,7 @@ impl TunnelEngine {
         consumed = 0,
         eof_received = false,
         end_on_socket_eof = false,
-        pg_frontend = None,
-        pg_backend = None,
-        pg_guard = None,
-        pg_backend_guard = None,
+        tap = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attach_native(
@@ -254,11 +468,8 @@ impl TunnelEngine {
         consumed: u64,
         eof_received: bool,
         end_on_socket_eof: bool,
-        pg_frontend: Option<(Vec<u8>, Vec<u8>)>,
-        pg_backend: Option<Vec<u8>>,
-        pg_guard: Option<Vec<u8>>,
-        pg_backend_guard: Option<Vec<u8>>,
-    ) -> PyResult<()> {
+        tap: Option<PyRef<'_, TapSpec>>,
+    ) -> Result<()> {
         let spec = relay::NativeSpec {
             stream_id,
             fd,
@@ -268,32 +479,24 @@ impl TunnelEngine {
             consumed,
             eof_received,
             end_on_socket_eof,
-            tap: relay::PgTap {
-                frontend: pg_frontend,
-                backend: pg_backend,
-                guard: pg_guard.unwrap_or_default(),
-                backend_guard: pg_backend_guard.unwrap_or_default(),
-            },
+            tap: tap.map(|t| t.inner.clone()).unwrap_or_default(),
         };
-        self.inner
-            .attach_native(spec)
-            .map_err(PyValueError::new_err)
+        Ok(self.inner.attach_native(spec)?)
     }
 
     /// The verdict on the message a native stream holds (the client's when
     /// ``from_tunnel``, else the server's): relay ``replacement`` in its
     /// place (the message itself, or another), then carry on.
     #[pyo3(signature = (stream_id, replacement, *, from_tunnel = true))]
-    fn verdict(&self, stream_id: u32, replacement: &[u8], from_tunnel: bool) -> PyResult<()> {
-        self.inner
-            .verdict(stream_id, replacement.to_vec(), from_tunnel)
-            .map_err(PyValueError::new_err)
+    fn verdict(&self, stream_id: u32, replacement: &[u8], from_tunnel: bool) -> Result<()> {
+        let replacement = replacement.to_vec();
+        Ok(self.inner.verdict(stream_id, replacement, from_tunnel)?)
     }
 
     /// Take a native stream back: its socket is unwatched when this returns.
     /// None if it had already ended (its ending is, or was, in :meth:`take`).
-    fn abort_native(&self, stream_id: u32) -> Option<PyOutcome> {
-        self.inner.abort_native(stream_id).map(outcome)
+    fn abort_native(&self, stream_id: u32) -> Option<RelayOutcome> {
+        self.inner.abort_native(stream_id).map(RelayOutcome::from)
     }
 
     /// The session is over: drop retained frames and every native stream.
@@ -309,5 +512,24 @@ impl TunnelEngine {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<TunnelEngine>()
+    m.add_class::<TunnelEngine>()?;
+    m.add_class::<RelayEnding>()?;
+    m.add_class::<RelayOutcome>()?;
+    m.add_class::<EngineStats>()?;
+    m.add_class::<TapSpec>()?;
+    // The stub's alias exists at runtime too (like `Frame` in lib.rs).
+    let py = m.py();
+    let (int, float, bool_) = (
+        py.get_type::<pyo3::types::PyInt>(),
+        py.get_type::<pyo3::types::PyFloat>(),
+        py.get_type::<pyo3::types::PyBool>(),
+    );
+    let record = py.get_type::<pyo3::types::PyTuple>().get_item((
+        &float,
+        &bool_,
+        &int,
+        py.get_type::<PyBytes>(),
+        &bool_,
+    ))?;
+    m.add("TapRecord", record)
 }

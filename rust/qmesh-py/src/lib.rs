@@ -1,9 +1,16 @@
-//! `qmesh._core`: the Python face of `qmesh-wire` (see `qmesh/_core.pyi`,
-//! the contract this module implements).
+//! `qmesh._core`: the one Python binding of qmesh's Rust crates (see
+//! `qmesh/_core.pyi`, the contract this module implements):
 //!
-//! This crate only converts: Python arguments in, Python objects out, wire
-//! errors to Python exceptions, and the decision of when to release the GIL.
-//! All protocol logic lives in `qmesh-wire`, which has no pyo3 dependency.
+//! * `qmesh-wire`, the sealed frame codec, the Noise handshake and the
+//!   protocol's frame types, reset codes and reason codec (this file);
+//! * `qmesh-pg`, the sans-IO Postgres wire parser ([`pg`]);
+//! * `qmesh-relay`, the tunnel engine that owns a session's sockets on the
+//!   per-message path ([`engine`]).
+//!
+//! This crate only converts: Python arguments in, Python objects out, every
+//! crate's errors to Python exceptions ([`error`]), and the decision of when
+//! to release the GIL. All protocol logic lives in the wrapped crates, which
+//! have no pyo3 dependency.
 //!
 //! Thread safety. pyo3 0.30 requires every `#[pyclass]` to be `Send + Sync`
 //! unless it is `unsendable`, and `unsendable` would make a codec unusable
@@ -21,14 +28,15 @@
 use std::borrow::Cow;
 
 use pyo3::buffer::PyBuffer;
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyOverflowError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyInt, PyMemoryView, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyTuple};
 
 mod engine;
+mod error;
 mod pg;
 
+pub use error::{Error, Result};
 use qmesh_wire as wire;
 use qmesh_wire::{DecoderConfig, EncoderConfig, FrameRef};
 
@@ -47,97 +55,6 @@ const DETACH_THRESHOLD: usize = 64 * 1024;
 // them equal to the wire crate's defaults.
 const _: () = assert!(wire::codec::DEFAULT_LEVEL == 3);
 const _: () = assert!(wire::codec::DEFAULT_MIN_COMPRESS == 64);
-
-create_exception!(
-    qmesh._core,
-    FrameError,
-    PyException,
-    "The peer's byte stream is not a valid frame stream; tear the connection down."
-);
-create_exception!(
-    qmesh._core,
-    Tampered,
-    FrameError,
-    "The AEAD tag did not verify: header or payload altered, or the wrong key."
-);
-create_exception!(
-    qmesh._core,
-    Replayed,
-    FrameError,
-    "An authentic frame whose sequence number was already received."
-);
-create_exception!(
-    qmesh._core,
-    Reordered,
-    FrameError,
-    "An authentic frame whose sequence number is ahead of the next expected one."
-);
-create_exception!(
-    qmesh._core,
-    Truncated,
-    FrameError,
-    "The byte stream ended inside a frame (raised by ``FrameDecoder.eof``)."
-);
-create_exception!(
-    qmesh._core,
-    FrameTooLarge,
-    FrameError,
-    "A header announced more bytes than the decoder's limit; nothing was allocated."
-);
-create_exception!(
-    qmesh._core,
-    Malformed,
-    FrameError,
-    "A bad version, frame type, flag or reserved bits, or an undecodable payload."
-);
-create_exception!(
-    qmesh._core,
-    HandshakeError,
-    PyException,
-    "The Noise handshake failed: bad message, failed decryption, or misuse."
-);
-
-/// The binding's one error type: a wire error, or a Python error raised
-/// while converting arguments.
-#[derive(Debug)]
-pub enum Error {
-    Wire(wire::Error),
-    Python(PyErr),
-}
-
-impl From<wire::Error> for Error {
-    fn from(err: wire::Error) -> Self {
-        Error::Wire(err)
-    }
-}
-
-impl From<PyErr> for Error {
-    fn from(err: PyErr) -> Self {
-        Error::Python(err)
-    }
-}
-
-impl From<Error> for PyErr {
-    fn from(err: Error) -> PyErr {
-        let err = match err {
-            Error::Python(e) => return e,
-            Error::Wire(e) => e,
-        };
-        let msg = err.to_string();
-        match err {
-            wire::Error::Tampered => Tampered::new_err(msg),
-            wire::Error::Replayed => Replayed::new_err(msg),
-            wire::Error::Reordered => Reordered::new_err(msg),
-            wire::Error::Truncated => Truncated::new_err(msg),
-            wire::Error::FrameTooLarge => FrameTooLarge::new_err(msg),
-            wire::Error::Malformed(_) => Malformed::new_err(msg),
-            wire::Error::Handshake(_) => HandshakeError::new_err(msg),
-            wire::Error::InvalidArgument(_) => PyValueError::new_err(msg),
-        }
-    }
-}
-
-type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The bytes of a `bytes`, `bytearray` or `memoryview` argument.
 ///
@@ -163,6 +80,38 @@ fn frame_type_arg(obj: &Bound<'_, PyAny>) -> PyResult<u8> {
             e
         }
     })
+}
+
+/// The RESET/GOAWAY payload: ``code`` (u16) and ``reason`` as UTF-8, cut at
+/// ``MAX_REASON`` bytes.
+#[pyfunction]
+fn encode_reason<'py>(
+    py: Python<'py>,
+    code: u16,
+    reason: &Bound<'py, PyString>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let payload = match reason.to_str() {
+        Ok(text) => wire::encode_reason(code, text),
+        // A str with lone surrogates has no UTF-8 form; encode it the way
+        // Python's "replace" error handler does (a "?" each), as the tunnel
+        // always has. Rare enough that the detour through Python is fine.
+        Err(_) => {
+            let encoded = reason.call_method1("encode", ("utf-8", "replace"))?;
+            let bytes = encoded.cast::<PyBytes>()?.as_bytes();
+            let text =
+                std::str::from_utf8(bytes).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            wire::encode_reason(code, text)
+        }
+    };
+    Ok(PyBytes::new(py, &payload))
+}
+
+/// ``(code, reason)`` of a RESET/GOAWAY payload; raises :class:`Malformed`
+/// when it is too short to hold the code.
+#[pyfunction]
+fn decode_reason(payload: &[u8]) -> Result<(u16, String)> {
+    let (code, reason) = wire::decode_reason(payload)?;
+    Ok((code, reason.into_owned()))
 }
 
 /// Validate, compress and seal `frames` straight into a new `bytes` of the
@@ -551,13 +500,14 @@ impl NoiseHandshake {
     }
 }
 
-/// The Rust hot path of qmesh (sans-IO): frame codec and Noise handshake.
+/// qmesh's Rust core: the sealed frame codec and Noise handshake, the
+/// Postgres wire parser, and the tunnel engine.
 #[pymodule]
 mod _core {
     use super::*;
 
     #[pymodule_export]
-    use super::{FrameDecoder, FrameEncoder, NoiseHandshake};
+    use super::{decode_reason, encode_reason, FrameDecoder, FrameEncoder, NoiseHandshake};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -569,6 +519,19 @@ mod _core {
         m.add("FLAG_COMPRESSED", wire::FLAG_COMPRESSED)?;
         m.add("CONTROL_TYPE_MIN", wire::CONTROL_TYPE_MIN)?;
         m.add("NOISE_PATTERN", wire::NOISE_PATTERN)?;
+        m.add("MAX_REASON", wire::MAX_REASON)?;
+        // Name → value, in protocol order: `qmesh/tunnel/frames.py` builds
+        // its enums from these, and a test holds the two to each other.
+        let frame_types = PyDict::new(py);
+        for (name, value) in wire::frame_type::ALL {
+            frame_types.set_item(name, value)?;
+        }
+        m.add("FRAME_TYPES", frame_types)?;
+        let reset_codes = PyDict::new(py);
+        for (name, value) in wire::reset_code::ALL {
+            reset_codes.set_item(name, value)?;
+        }
+        m.add("RESET_CODES", reset_codes)?;
 
         // The stub's type aliases exist at runtime too, so that
         // `from qmesh._core import Frame` works outside `TYPE_CHECKING`.
@@ -583,14 +546,7 @@ mod _core {
             .get_item((&int, &int, &int, &int, &bytes))?;
         m.add("Frame", frame)?;
 
-        m.add("FrameError", py.get_type::<FrameError>())?;
-        m.add("Tampered", py.get_type::<Tampered>())?;
-        m.add("Replayed", py.get_type::<Replayed>())?;
-        m.add("Reordered", py.get_type::<Reordered>())?;
-        m.add("Truncated", py.get_type::<Truncated>())?;
-        m.add("FrameTooLarge", py.get_type::<FrameTooLarge>())?;
-        m.add("Malformed", py.get_type::<Malformed>())?;
-        m.add("HandshakeError", py.get_type::<HandshakeError>())?;
+        error::register(m)?;
         pg::register(m)?;
         engine::register(m)?;
         Ok(())

@@ -1,11 +1,12 @@
 //! `qmesh._core`'s Postgres half: the Python face of `qmesh-pg` (see the
 //! `Pg*` names in `qmesh/_core.pyi`).
 //!
-//! Like the rest of this crate it only converts. Strings the protocol
-//! carries in the client's encoding (query text, error messages, names) are
-//! decoded as UTF-8 with replacement characters: qmesh reads them to audit
-//! and to enforce policy, never to forward them; forwarding always uses the
-//! original bytes.
+//! Like the rest of this crate it only converts. The names and SQL of the
+//! client's statement messages stay `bytes` (they are in the client's
+//! encoding, and the Gate keys and audits by them as sent); other strings
+//! (the server's messages, startup parameters) are decoded as UTF-8 with
+//! replacement characters, for qmesh to read, never to forward: forwarding
+//! always uses the original bytes.
 //!
 //! The GIL is never released here. The scanner's work is a header check per
 //! message plus copying what it reports, a few microseconds for the 64-256
@@ -15,63 +16,14 @@
 
 use std::borrow::Cow;
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use qmesh_pg as pg;
 use qmesh_pg::encode;
 
-create_exception!(
-    qmesh._core,
-    PgWireError,
-    PyException,
-    "The peer's bytes are not valid Postgres protocol; end the connection."
-);
-create_exception!(
-    qmesh._core,
-    PgMalformed,
-    PgWireError,
-    "An unknown message type, a bad length or a field that does not parse."
-);
-create_exception!(
-    qmesh._core,
-    PgMessageTooLarge,
-    PgWireError,
-    "A length field announced more than the limit; nothing was allocated for it."
-);
-create_exception!(
-    qmesh._core,
-    PgTruncated,
-    PgWireError,
-    "The stream ended inside a message (raised by ``PgScanner.eof``)."
-);
-
-/// `qmesh-pg`'s error on its way to Python. A newtype rather than a variant
-/// of the crate's `Error`, so the frame codec's half of the binding stays
-/// untouched; it converts the same way (one `From` into `PyErr`).
-struct PgErr(pg::Error);
-
-impl From<pg::Error> for PgErr {
-    fn from(err: pg::Error) -> Self {
-        PgErr(err)
-    }
-}
-
-impl From<PgErr> for PyErr {
-    fn from(err: PgErr) -> PyErr {
-        let msg = err.0.to_string();
-        match err.0 {
-            pg::Error::TooLarge { .. } => PgMessageTooLarge::new_err(msg),
-            pg::Error::Malformed(_) => PgMalformed::new_err(msg),
-            pg::Error::Truncated => PgTruncated::new_err(msg),
-            pg::Error::InvalidArgument(_) => PyValueError::new_err(msg),
-        }
-    }
-}
-
-type PgResult<T> = Result<T, PgErr>;
+use crate::{Error, Result};
 
 fn text(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw).into_owned()
@@ -151,7 +103,7 @@ impl PgScanner {
         relay: bool,
         max_message: usize,
         peek_max: usize,
-    ) -> PgResult<Self> {
+    ) -> Result<Self> {
         let direction = if frontend {
             pg::Direction::Frontend
         } else {
@@ -221,12 +173,12 @@ impl PgScanner {
             events: Vec::new(),
             pending: Vec::new(),
         };
-        self.inner.feed(&data, &mut sink).map_err(PgErr::from)?;
+        self.inner.feed(&data, &mut sink).map_err(Error::from)?;
         sink.flush()?;
         PyList::new(py, sink.events)
     }
 
-    fn eof(&self) -> PgResult<()> {
+    fn eof(&self) -> Result<()> {
         Ok(self.inner.eof()?)
     }
 
@@ -282,7 +234,7 @@ fn parse_startup(
     max_length: usize,
 ) -> PyResult<Option<PgStartup>> {
     let data = super::input(data)?;
-    let Some((packet, length)) = pg::parse_startup(&data, max_length).map_err(PgErr::from)? else {
+    let Some((packet, length)) = pg::parse_startup(&data, max_length).map_err(Error::from)? else {
         return Ok(None);
     };
     let mut out = PgStartup {
@@ -316,7 +268,7 @@ fn parse_startup(
 
 /// A builder's result as Python ``bytes``, or its error raised.
 fn encoded(py: Python<'_>, built: pg::Result<Vec<u8>>) -> PyResult<Bound<'_, PyBytes>> {
-    Ok(PyBytes::new(py, &built.map_err(PgErr::from)?))
+    Ok(PyBytes::new(py, &built.map_err(Error::from)?))
 }
 
 fn char_arg(value: &str, what: &str) -> PyResult<u8> {
@@ -450,46 +402,58 @@ fn encode_negotiate_protocol_version<'py>(
 
 // -- field parsers (message bodies, without the 5-byte header) -------------
 
-fn frontend<'a>(tag: u8, body: &'a [u8]) -> PgResult<pg::Frontend<'a>> {
+fn frontend<'a>(tag: u8, body: &'a [u8]) -> Result<pg::Frontend<'a>> {
     Ok(pg::Frontend::parse(tag, body)?)
 }
 
-fn backend<'a>(tag: u8, body: &'a [u8]) -> PgResult<pg::Backend<'a>> {
+fn backend<'a>(tag: u8, body: &'a [u8]) -> Result<pg::Backend<'a>> {
     Ok(pg::Backend::parse(tag, body)?)
 }
 
+// Names and SQL from the client come back as `bytes`: they are in the
+// client's encoding, the relay keys its statement and portal tables by them
+// and records them in the audit as sent.
+
 #[pyfunction]
-fn parse_query(body: &[u8]) -> PgResult<String> {
+fn parse_query<'py>(py: Python<'py>, body: &[u8]) -> Result<Bound<'py, PyBytes>> {
     match frontend(b'Q', body)? {
-        pg::Frontend::Query { sql } => Ok(text(sql)),
+        pg::Frontend::Query { sql } => Ok(PyBytes::new(py, sql)),
         _ => unreachable!("tag Q parses as Query"),
     }
 }
 
+type PyParse<'py> = (Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<u32>);
+
 #[pyfunction]
-fn parse_parse(body: &[u8]) -> PgResult<(String, String, Vec<u32>)> {
+fn parse_parse<'py>(py: Python<'py>, body: &[u8]) -> Result<PyParse<'py>> {
     match frontend(b'P', body)? {
         pg::Frontend::Parse {
             name,
             sql,
             param_types,
-        } => Ok((text(name), text(sql), param_types)),
+        } => Ok((PyBytes::new(py, name), PyBytes::new(py, sql), param_types)),
         _ => unreachable!("tag P parses as Parse"),
     }
 }
 
-type PyBind = (String, String, Vec<i16>, Vec<Option<Vec<u8>>>, Vec<i16>);
+type PyBind<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Vec<i16>,
+    Vec<Option<Bound<'py, PyBytes>>>,
+    Vec<i16>,
+);
 
 #[pyfunction]
-fn parse_bind(body: &[u8]) -> PgResult<PyBind> {
+fn parse_bind<'py>(py: Python<'py>, body: &[u8]) -> Result<PyBind<'py>> {
     match frontend(b'B', body)? {
         pg::Frontend::Bind(b) => Ok((
-            text(b.portal),
-            text(b.statement),
+            PyBytes::new(py, b.portal),
+            PyBytes::new(py, b.statement),
             b.param_formats,
             b.params
                 .into_iter()
-                .map(|p| p.map(<[u8]>::to_vec))
+                .map(|p| p.map(|p| PyBytes::new(py, p)))
                 .collect(),
             b.result_formats,
         )),
@@ -497,41 +461,47 @@ fn parse_bind(body: &[u8]) -> PgResult<PyBind> {
     }
 }
 
+type PyNames<'py> = (Bound<'py, PyBytes>, Bound<'py, PyBytes>);
+
 #[pyfunction]
-fn parse_bind_names(body: &[u8]) -> Option<(String, String)> {
-    pg::frontend::bind_names(body).map(|(p, s)| (text(p), text(s)))
+fn parse_bind_names<'py>(py: Python<'py>, body: &[u8]) -> Option<PyNames<'py>> {
+    pg::frontend::bind_names(body).map(|(p, s)| (PyBytes::new(py, p), PyBytes::new(py, s)))
 }
 
 #[pyfunction]
-fn parse_execute(body: &[u8]) -> PgResult<(String, i32)> {
+fn parse_execute<'py>(py: Python<'py>, body: &[u8]) -> Result<(Bound<'py, PyBytes>, i32)> {
     match frontend(b'E', body)? {
-        pg::Frontend::Execute { portal, max_rows } => Ok((text(portal), max_rows)),
+        pg::Frontend::Execute { portal, max_rows } => Ok((PyBytes::new(py, portal), max_rows)),
         _ => unreachable!("tag E parses as Execute"),
     }
 }
 
 /// ``(kind, name)`` of a Close (tag `C`) or Describe (tag `D`) body.
-fn kind_and_name(tag: u8, body: &[u8]) -> PgResult<(String, String)> {
+fn kind_and_name<'py>(
+    py: Python<'py>,
+    tag: u8,
+    body: &[u8],
+) -> Result<(String, Bound<'py, PyBytes>)> {
     match frontend(tag, body)? {
         pg::Frontend::Close { kind, name } | pg::Frontend::Describe { kind, name } => {
-            Ok(((kind as char).to_string(), text(name)))
+            Ok(((kind as char).to_string(), PyBytes::new(py, name)))
         }
         _ => unreachable!("tag {} parses as Close or Describe", tag as char),
     }
 }
 
 #[pyfunction]
-fn parse_close(body: &[u8]) -> PgResult<(String, String)> {
-    kind_and_name(b'C', body)
+fn parse_close<'py>(py: Python<'py>, body: &[u8]) -> Result<(String, Bound<'py, PyBytes>)> {
+    kind_and_name(py, b'C', body)
 }
 
 #[pyfunction]
-fn parse_describe(body: &[u8]) -> PgResult<(String, String)> {
-    kind_and_name(b'D', body)
+fn parse_describe<'py>(py: Python<'py>, body: &[u8]) -> Result<(String, Bound<'py, PyBytes>)> {
+    kind_and_name(py, b'D', body)
 }
 
 #[pyfunction]
-fn parse_function_call(body: &[u8]) -> PgResult<u32> {
+fn parse_function_call(body: &[u8]) -> Result<u32> {
     match frontend(b'F', body)? {
         pg::Frontend::FunctionCall { oid, .. } => Ok(oid),
         _ => unreachable!("tag F parses as FunctionCall"),
@@ -542,18 +512,18 @@ fn parse_function_call(body: &[u8]) -> PgResult<u32> {
 fn parse_sasl_initial_response<'py>(
     py: Python<'py>,
     body: &[u8],
-) -> PgResult<(String, Option<Bound<'py, PyBytes>>)> {
+) -> Result<(String, Option<Bound<'py, PyBytes>>)> {
     let (mechanism, data) = pg::frontend::sasl_initial_response(body)?;
     Ok((mechanism.to_owned(), data.map(|d| PyBytes::new(py, d))))
 }
 
 #[pyfunction]
-fn parse_password<'py>(py: Python<'py>, body: &[u8]) -> PgResult<Bound<'py, PyBytes>> {
+fn parse_password<'py>(py: Python<'py>, body: &[u8]) -> Result<Bound<'py, PyBytes>> {
     Ok(PyBytes::new(py, pg::frontend::password_message(body)?))
 }
 
 #[pyfunction]
-fn parse_authentication<'py>(py: Python<'py>, body: &[u8]) -> PgResult<(i32, Bound<'py, PyBytes>)> {
+fn parse_authentication<'py>(py: Python<'py>, body: &[u8]) -> Result<(i32, Bound<'py, PyBytes>)> {
     if body.len() < 4 {
         return Err(
             pg::Error::Malformed("Authentication: request code runs past the end".into()).into(),
@@ -566,7 +536,7 @@ fn parse_authentication<'py>(py: Python<'py>, body: &[u8]) -> PgResult<(i32, Bou
 }
 
 #[pyfunction]
-fn parse_sasl_mechanisms(body: &[u8]) -> PgResult<Vec<String>> {
+fn parse_sasl_mechanisms(body: &[u8]) -> Result<Vec<String>> {
     match pg::backend::authentication(body)? {
         pg::Authentication::Sasl { mechanisms } => {
             Ok(mechanisms.into_iter().map(str::to_owned).collect())
@@ -576,34 +546,31 @@ fn parse_sasl_mechanisms(body: &[u8]) -> PgResult<Vec<String>> {
 }
 
 #[pyfunction]
-fn parse_parameter_status(body: &[u8]) -> PgResult<(String, String)> {
+fn parse_parameter_status(body: &[u8]) -> Result<(String, String)> {
     let (name, value) = pg::backend::parameter_status(body)?;
     Ok((text(name), text(value)))
 }
 
 #[pyfunction]
-fn parse_backend_key_data<'py>(
-    py: Python<'py>,
-    body: &[u8],
-) -> PgResult<(u32, Bound<'py, PyBytes>)> {
+fn parse_backend_key_data<'py>(py: Python<'py>, body: &[u8]) -> Result<(u32, Bound<'py, PyBytes>)> {
     let (pid, secret) = pg::backend::backend_key_data(body)?;
     Ok((pid, PyBytes::new(py, secret)))
 }
 
 #[pyfunction]
-fn parse_ready_for_query(body: &[u8]) -> PgResult<String> {
+fn parse_ready_for_query(body: &[u8]) -> Result<String> {
     Ok((pg::backend::ready_for_query(body)? as char).to_string())
 }
 
 #[pyfunction]
-fn parse_command_complete(body: &[u8]) -> PgResult<(String, Option<u64>)> {
+fn parse_command_complete(body: &[u8]) -> Result<(String, Option<u64>)> {
     let tag = pg::backend::command_complete(body)?;
     Ok((text(tag), pg::command_rows(tag)))
 }
 
 #[pyfunction]
 fn parse_error_fields<'py>(py: Python<'py>, body: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-    let fields = pg::backend::notice_fields(body).map_err(PgErr::from)?;
+    let fields = pg::backend::notice_fields(body).map_err(Error::from)?;
     let out = PyDict::new(py);
     for (code, value) in fields {
         out.set_item((code as char).to_string(), text(value))?;
@@ -612,7 +579,7 @@ fn parse_error_fields<'py>(py: Python<'py>, body: &[u8]) -> PyResult<Bound<'py, 
 }
 
 #[pyfunction]
-fn parse_notification(body: &[u8]) -> PgResult<(u32, String, String)> {
+fn parse_notification(body: &[u8]) -> Result<(u32, String, String)> {
     let (pid, channel, payload) = pg::backend::notification(body)?;
     Ok((pid, text(channel), text(payload)))
 }
@@ -620,7 +587,7 @@ fn parse_notification(body: &[u8]) -> PgResult<(u32, String, String)> {
 type PyField = (String, u32, i16, u32, i16, i32, i16);
 
 #[pyfunction]
-fn parse_row_description(body: &[u8]) -> PgResult<Vec<PyField>> {
+fn parse_row_description(body: &[u8]) -> Result<Vec<PyField>> {
     match backend(b'T', body)? {
         pg::Backend::RowDescription(fields) => Ok(fields
             .into_iter()
@@ -641,7 +608,7 @@ fn parse_row_description(body: &[u8]) -> PgResult<Vec<PyField>> {
 }
 
 #[pyfunction]
-fn parse_data_row<'py>(py: Python<'py>, body: &[u8]) -> PgResult<Vec<Option<Bound<'py, PyBytes>>>> {
+fn parse_data_row<'py>(py: Python<'py>, body: &[u8]) -> Result<Vec<Option<Bound<'py, PyBytes>>>> {
     match backend(b'D', body)? {
         pg::Backend::DataRow(values) => Ok(values
             .into_iter()
@@ -652,17 +619,18 @@ fn parse_data_row<'py>(py: Python<'py>, body: &[u8]) -> PgResult<Vec<Option<Boun
 }
 
 #[pyfunction]
-fn parse_copy_response(body: &[u8]) -> PgResult<(u8, Vec<i16>)> {
+fn parse_copy_response(body: &[u8]) -> Result<(u8, Vec<i16>)> {
     Ok(pg::backend::copy_response(body)?)
 }
 
 #[pyfunction]
-fn parse_negotiate_protocol_version(body: &[u8]) -> PgResult<(u32, Vec<String>)> {
+fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(u32, Vec<String>)> {
     let (minor, options) = pg::backend::negotiate_protocol_version(body)?;
     Ok((minor, options.into_iter().map(str::to_owned).collect()))
 }
 
-/// Add the Postgres classes, functions, constants and exceptions to the module.
+/// Add the Postgres classes, functions and constants to the module (its
+/// exceptions are in `error.rs`, with every other crate's).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PgScanner>()?;
@@ -722,11 +690,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<PyBytes>(),
     ))?;
     m.add("PgEvent", event)?;
-
-    m.add("PgWireError", py.get_type::<PgWireError>())?;
-    m.add("PgMalformed", py.get_type::<PgMalformed>())?;
-    m.add("PgMessageTooLarge", py.get_type::<PgMessageTooLarge>())?;
-    m.add("PgTruncated", py.get_type::<PgTruncated>())?;
     Ok(())
 }
 

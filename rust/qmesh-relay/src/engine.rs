@@ -33,7 +33,6 @@
 //! ([`Engine::detach`], a native stream's end or [`Engine::abort_native`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -41,24 +40,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qmesh_pg as pg;
-use qmesh_wire::{FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
+use qmesh_wire::frame_type::{ACK, CLOSE, DATA, PING, PONG, RESET, WINDOW};
+use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
 
+use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
 use crate::sys::{self, Epoll, EventFd, BROKEN, READABLE, WRITABLE};
-
-/// Frame types the engine acts on (see `qmesh/tunnel/frames.py`).
-pub mod frame_type {
-    pub const DATA: u8 = 0x02;
-    pub const CLOSE: u8 = 0x03;
-    pub const RESET: u8 = 0x04;
-    pub const WINDOW: u8 = 0x05;
-    pub const ACK: u8 = 0x10;
-    pub const PING: u8 = 0x11;
-    pub const PONG: u8 = 0x12;
-}
-use frame_type::*;
-
-/// Reset code for a stream that broke flow control (`ResetCode.PROTOCOL_ERROR`).
-const RESET_PROTOCOL_ERROR: u16 = 4;
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_TUNNEL: u64 = 1;
@@ -90,16 +76,6 @@ pub struct Config {
     pub tap_batch: usize,
 }
 
-/// Why the current connection cannot carry the session any more.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnError {
-    /// The network failed or the peer hung up: the session may resume.
-    Lost(String),
-    /// The peer broke the protocol: resending the same frames would break it
-    /// again, so the session is over.
-    Protocol(String),
-}
-
 /// A Postgres message a native stream's scanner reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TapRecord {
@@ -125,13 +101,13 @@ pub enum Ending {
     /// The peer reset the stream.
     Reset { code: u16, reason: String },
     /// The peer broke flow control; the engine sent RESET.
-    Protocol(String),
+    Protocol(Violation),
     /// The socket failed.
-    Socket(String),
+    Socket(SocketError),
     /// A Postgres scanner rejected the bytes (framing, size, truncation).
     /// The chunk holding the bad message was neither relayed nor reported
     /// (so the audit never lists a statement the server did not get).
-    Postgres(String),
+    Postgres(PgError),
     /// Python took the stream back ([`Engine::abort_native`]) or the session ended.
     Aborted,
 }
@@ -213,7 +189,8 @@ struct Conn {
     unsent: Vec<u8>,
     written: usize,
     interest: u32,
-    error: Option<ConnError>,
+    /// Why the connection cannot carry the session any more.
+    error: Option<Error>,
 }
 
 impl Conn {
@@ -281,18 +258,19 @@ impl Native {
     /// send now, in DATA frames, and the record of a message that now awaits
     /// a verdict (what follows it is held). On a scan error nothing of
     /// `data` is sent or recorded.
-    fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), String> {
+    fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), PgError> {
         let Some(scanner) = self.backend.as_mut() else {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         };
         if self.back_guard.is_empty() {
-            observe(scanner, &mut self.records, data, false)?;
+            observe(scanner, &mut self.records, data, Side::Server)?;
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         }
         let mut sink = Splitter::new(self.back_tapped, self.back_guard, false);
-        scanner
-            .feed(data, &mut sink)
-            .map_err(|err| err.to_string())?;
+        scanner.feed(data, &mut sink).map_err(|error| PgError {
+            side: Side::Server,
+            error,
+        })?;
         sink.flush();
         Ok(self.release_back(sink.segments))
     }
@@ -325,22 +303,23 @@ impl Native {
     /// the socket, or hold them behind a message awaiting its verdict. On a
     /// scan error nothing of `data` is queued or recorded. Returns the
     /// record of a message that now awaits a verdict.
-    fn inbound(&mut self, data: Bytes) -> Result<Option<TapRecord>, String> {
+    fn inbound(&mut self, data: Bytes) -> Result<Option<TapRecord>, PgError> {
         let Some(scanner) = self.frontend.as_mut() else {
             self.queue(data.clone(), data.len());
             return Ok(None);
         };
         if self.guard.is_empty() {
             // Observe mode: the input is relayed as it is.
-            observe(scanner, &mut self.records, &data, true)?;
+            observe(scanner, &mut self.records, &data, Side::Client)?;
             let input = data.len();
             self.queue(data, input);
             return Ok(None);
         }
         let mut sink = Splitter::new(self.tapped, self.guard, true);
-        scanner
-            .feed(&data, &mut sink)
-            .map_err(|err| err.to_string())?;
+        scanner.feed(&data, &mut sink).map_err(|error| PgError {
+            side: Side::Client,
+            error,
+        })?;
         sink.flush();
         Ok(self.release(sink.segments))
     }
@@ -379,7 +358,7 @@ impl Native {
 
     /// Write queued bytes to the socket until it would block; then, once
     /// everything is written and the peer has closed, half-close the socket.
-    fn write_out(&mut self) -> Result<(), String> {
+    fn write_out(&mut self) -> Result<(), SocketError> {
         while let Some(front) = self.to_socket.front_mut() {
             match sys::send(self.fd, &front.data) {
                 Ok(n) if n == front.data.len() => {
@@ -398,12 +377,12 @@ impl Native {
                     let _ = front.data.split_to(n);
                 }
                 Err(err) if sys::would_block(&err) => return Ok(()),
-                Err(err) => return Err(format!("send failed: {err}")),
+                Err(err) => return Err(SocketError::new("send", &err)),
             }
         }
         if self.eof_received && !self.shut && self.awaiting.is_none() && self.held.is_empty() {
             self.shut = true;
-            sys::shutdown_write(self.fd).map_err(|err| format!("shutdown failed: {err}"))?;
+            sys::shutdown_write(self.fd).map_err(|err| SocketError::new("shutdown", &err))?;
         }
         Ok(())
     }
@@ -415,17 +394,17 @@ fn observe(
     scanner: &mut pg::Scanner,
     records: &mut Vec<TapRecord>,
     data: &[u8],
-    from_tunnel: bool,
-) -> Result<(), String> {
+    side: Side,
+) -> Result<(), PgError> {
     let before = records.len();
     let mut sink = Recorder {
         records,
         at: sys::monotonic(),
-        from_tunnel,
+        from_tunnel: side == Side::Client,
     };
-    scanner.feed(data, &mut sink).map_err(|err| {
+    scanner.feed(data, &mut sink).map_err(|error| {
         records.truncate(before);
-        err.to_string()
+        PgError { side, error }
     })
 }
 
@@ -656,20 +635,21 @@ impl Engine {
 
     /// Apply the peer's `recv_next` from a handshake; the encoder for the
     /// next connection must start at it.
-    pub fn acknowledge(&self, peer_recv_next: u64) -> Result<(), String> {
+    /// [`Error::Protocol`] if it does not fit what was sent.
+    pub fn acknowledge(&self, peer_recv_next: u64) -> Result<()> {
         let mut st = self.shared.lock();
         st.on_ack(peer_recv_next)?;
-        match st.retained.front() {
-            Some(oldest) if oldest.seq != peer_recv_next => Err(format!(
-                "peer resumes at {peer_recv_next}, oldest retained frame is {}",
-                oldest.seq
-            )),
-            None if peer_recv_next != st.send_next => Err(format!(
-                "peer resumes at {peer_recv_next}, but {} frames were sent",
-                st.send_next
-            )),
-            _ => Ok(()),
+        // After on_ack, nothing below peer_recv_next is held: a mismatch
+        // means the peer wants frames it had already acknowledged.
+        let oldest = st.retained.front().map_or(st.send_next, |r| r.seq);
+        if oldest != peer_recv_next {
+            return Err(Violation::ResumeBehind {
+                resume: peer_recv_next,
+                oldest,
+            }
+            .into());
         }
+        Ok(())
     }
 
     /// Carry the session over a new connection: resend every unacknowledged
@@ -681,13 +661,15 @@ impl Engine {
         encoder: FrameEncoder,
         decoder: FrameDecoder,
         initial: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let mut st = self.shared.lock();
         if st.conn.is_some() {
-            return Err("a connection is already attached".into());
+            return Err(invalid("a connection is already attached"));
         }
         if encoder.next_reliable_seq() != st.retained.front().map_or(st.send_next, |r| r.seq) {
-            return Err("the encoder does not start at the oldest unacknowledged frame".into());
+            return Err(invalid(
+                "the encoder does not start at the oldest unacknowledged frame",
+            ));
         }
         st.conn = Some(Conn {
             fd,
@@ -735,7 +717,7 @@ impl Engine {
     }
 
     /// Everything waiting for Python, and the current connection's error.
-    pub fn take(&self) -> (Vec<Event>, Option<ConnError>) {
+    pub fn take(&self) -> (Vec<Event>, Option<Error>) {
         let mut st = self.shared.lock();
         self.shared.notify.drain();
         st.notified = false;
@@ -748,17 +730,20 @@ impl Engine {
     /// Relay a stream natively from now on. Frames for it that are still
     /// waiting in the event queue are taken over (they are newer than
     /// `spec.to_socket`).
-    pub fn attach_native(&self, spec: NativeSpec) -> Result<(), String> {
+    pub fn attach_native(&self, spec: NativeSpec) -> Result<()> {
         let mut st = self.shared.lock();
         if st.natives.contains_key(&spec.stream_id) {
-            return Err(format!("stream {} is already native", spec.stream_id));
+            return Err(invalid(format!(
+                "stream {} is already native",
+                spec.stream_id
+            )));
         }
         let scanner = |direction, full: &[u8], peek: &[u8], relay: bool| {
             let mut config = pg::ScannerConfig::new(direction);
             config.full = pg::TagSet::from_bytes(full);
             config.peek = pg::TagSet::from_bytes(peek);
             config.relay = relay;
-            pg::Scanner::new(config).map_err(|e| e.to_string())
+            pg::Scanner::new(config).map_err(|e| invalid(e.to_string()))
         };
         let guard = &spec.tap.guard;
         let (frontend, tapped) = match &spec.tap.frontend {
@@ -774,7 +759,7 @@ impl Engine {
                 )
             }
             None if guard.is_empty() => (None, pg::TagSet::EMPTY),
-            None => return Err("a guard needs the frontend scanner".into()),
+            None => return Err(invalid("a guard needs the frontend scanner")),
         };
         let back_guard = &spec.tap.backend_guard;
         let (backend, back_tapped) = match &spec.tap.backend {
@@ -785,7 +770,7 @@ impl Engine {
                 (Some(scanner), pg::TagSet::from_bytes(full))
             }
             None if back_guard.is_empty() => (None, pg::TagSet::EMPTY),
-            None => return Err("a backend guard needs the backend scanner".into()),
+            None => return Err(invalid("a backend guard needs the backend scanner")),
         };
         let sid = spec.stream_id;
         let native = Native {
@@ -831,8 +816,8 @@ impl Engine {
                 ..
             } = event
             {
-                if let Err(err) = st.native_frame(sid, frame_type, payload) {
-                    st.fail(err);
+                if let Err(violation) = st.native_frame(sid, frame_type, payload) {
+                    st.fail(violation.into());
                 }
             }
         }
@@ -848,12 +833,7 @@ impl Engine {
     /// Python's verdict on a held message (the client's when `from_tunnel`,
     /// else the server's): relay `replacement` in its place (the message
     /// itself, or something else), then carry on.
-    pub fn verdict(
-        &self,
-        stream_id: u32,
-        replacement: Vec<u8>,
-        from_tunnel: bool,
-    ) -> Result<(), String> {
+    pub fn verdict(&self, stream_id: u32, replacement: Vec<u8>, from_tunnel: bool) -> Result<()> {
         let mut st = self.shared.lock();
         let result = st.verdict(stream_id, Bytes::from(replacement), from_tunnel);
         st.finish(&self.shared);
@@ -941,45 +921,17 @@ fn run(shared: &Shared) {
     }
 }
 
-fn wire_error_kind(err: &qmesh_wire::Error) -> &'static str {
-    use qmesh_wire::Error::*;
-    match err {
-        Tampered => "Tampered",
-        Replayed => "Replayed",
-        Reordered => "Reordered",
-        Truncated => "Truncated",
-        FrameTooLarge => "FrameTooLarge",
-        Malformed(_) => "Malformed",
-        Handshake(_) | InvalidArgument(_) => "FrameError",
-    }
+fn invalid(why: impl Into<String>) -> Error {
+    Error::InvalidArgument(why.into())
 }
 
-fn decode_u32(payload: &[u8], what: &str) -> Result<u32, ConnError> {
-    <[u8; 4]>::try_from(payload)
-        .map(u32::from_be_bytes)
-        .map_err(|_| {
-            ConnError::Protocol(format!(
-                "{what} frame: expected 4 bytes, got {}",
-                payload.len()
-            ))
-        })
-}
-
-fn decode_u64(payload: &[u8], what: &str) -> Result<u64, ConnError> {
-    <[u8; 8]>::try_from(payload)
-        .map(u64::from_be_bytes)
-        .map_err(|_| {
-            ConnError::Protocol(format!(
-                "{what} frame: expected 8 bytes, got {}",
-                payload.len()
-            ))
-        })
-}
-
-fn encode_reason(code: u16, reason: &str) -> Bytes {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(reason.as_bytes());
-    Bytes::from(payload)
+/// The fixed-size integer payload of an ACK or WINDOW frame.
+fn int_payload<const N: usize>(payload: &[u8], frame_type: u8) -> Result<[u8; N], Violation> {
+    <[u8; N]>::try_from(payload).map_err(|_| Violation::PayloadSize {
+        frame_type,
+        expected: N,
+        got: payload.len(),
+    })
 }
 
 impl State {
@@ -991,7 +943,7 @@ impl State {
         self.dirty.extend(self.natives.keys().copied());
     }
 
-    fn fail(&mut self, error: ConnError) {
+    fn fail(&mut self, error: Error) {
         if let Some(conn) = self.conn.as_mut() {
             if conn.error.is_none() {
                 conn.error = Some(error);
@@ -1001,12 +953,12 @@ impl State {
         }
     }
 
-    fn on_ack(&mut self, recv_next: u64) -> Result<(), String> {
+    fn on_ack(&mut self, recv_next: u64) -> Result<(), Violation> {
         if recv_next > self.send_next {
-            return Err(format!(
-                "peer acknowledges {recv_next}, only {} frames were sent",
-                self.send_next
-            ));
+            return Err(Violation::AckBeyondSent {
+                acked: recv_next,
+                sent: self.send_next,
+            });
         }
         while self.retained.front().is_some_and(|r| r.seq < recv_next) {
             let frame = self.retained.pop_front().expect("checked above");
@@ -1058,8 +1010,7 @@ impl State {
         let prepared = match conn.encoder.prepare(&refs) {
             Ok(prepared) => prepared,
             Err(err) => {
-                let error = ConnError::Protocol(format!("cannot seal frames: {err}"));
-                self.fail(error);
+                self.fail(Error::Seal(err));
                 return;
             }
         };
@@ -1067,7 +1018,7 @@ impl State {
         conn.unsent.resize(start + prepared.encoded_len(), 0);
         if let Err(err) = prepared.write_into(&mut conn.unsent[start..]) {
             conn.unsent.truncate(start);
-            self.fail(ConnError::Protocol(format!("cannot seal frames: {err}")));
+            self.fail(Error::Seal(err));
             return;
         }
         if owe_ack {
@@ -1088,10 +1039,8 @@ impl State {
         }
         self.send_next = seq;
         if self.retained_bytes > self.config.max_unacked {
-            let mib = self.retained_bytes >> 20;
-            self.fail(ConnError::Protocol(format!(
-                "peer left {mib} MiB unacknowledged"
-            )));
+            let bytes = self.retained_bytes;
+            self.fail(Violation::Unacknowledged { bytes }.into());
         }
     }
 
@@ -1111,7 +1060,7 @@ impl State {
                 }
                 Err(err) if sys::would_block(&err) => break,
                 Err(err) => {
-                    self.fail(ConnError::Lost(format!("send failed: {err}")));
+                    self.fail(SocketError::new("send", &err).into());
                     return;
                 }
             }
@@ -1232,8 +1181,8 @@ impl State {
             Ok(0) => {
                 let conn = self.conn.as_mut().expect("usable connection");
                 let error = match conn.decoder.eof() {
-                    Err(err) => bad_frame(&err),
-                    Ok(()) => ConnError::Lost("peer closed the connection".into()),
+                    Err(err) => Error::Frame(err),
+                    Ok(()) => Error::Lost,
                 };
                 self.fail(error);
             }
@@ -1242,7 +1191,7 @@ impl State {
                 self.on_tunnel_bytes(&buf[..n]);
             }
             Err(err) if sys::would_block(&err) => {}
-            Err(err) => self.fail(ConnError::Lost(format!("receive failed: {err}"))),
+            Err(err) => self.fail(SocketError::new("receive", &err).into()),
         }
         self.read_buf = buf;
     }
@@ -1251,7 +1200,7 @@ impl State {
         self.last_heard = Instant::now();
         let conn = self.conn.as_mut().expect("attached");
         if let Err(err) = conn.decoder.feed(data) {
-            self.fail(bad_frame(&err));
+            self.fail(Error::Frame(err));
             return;
         }
         loop {
@@ -1262,13 +1211,15 @@ impl State {
                 Ok(frames) if frames.is_empty() => break,
                 Ok(frames) => frames,
                 Err(err) => {
-                    self.fail(bad_frame(&err));
+                    self.fail(Error::Frame(err));
                     return;
                 }
             };
             for frame in frames {
-                if let Err(err) = self.dispatch(frame.frame_type, frame.stream_id, frame.payload) {
-                    self.fail(err);
+                if let Err(violation) =
+                    self.dispatch(frame.frame_type, frame.stream_id, frame.payload)
+                {
+                    self.fail(violation.into());
                     return;
                 }
                 if frame.frame_type < CONTROL_TYPE_MIN {
@@ -1286,11 +1237,9 @@ impl State {
         frame_type: u8,
         stream_id: u32,
         payload: Bytes,
-    ) -> Result<(), ConnError> {
+    ) -> Result<(), Violation> {
         match frame_type {
-            ACK => self
-                .on_ack(decode_u64(&payload, "ACK")?)
-                .map_err(ConnError::Protocol),
+            ACK => self.on_ack(u64::from_be_bytes(int_payload(&payload, ACK)?)),
             PING => {
                 self.out.push((PONG, 0, payload));
                 Ok(())
@@ -1311,7 +1260,7 @@ impl State {
 
     // -- native streams ---------------------------------------------------
 
-    fn native_frame(&mut self, sid: u32, frame_type: u8, payload: Bytes) -> Result<(), ConnError> {
+    fn native_frame(&mut self, sid: u32, frame_type: u8, payload: Bytes) -> Result<(), Violation> {
         let Some(native) = self.natives.get_mut(&sid) else {
             return Ok(());
         };
@@ -1319,34 +1268,33 @@ impl State {
             DATA => {
                 if native.eof_received || native.unconsumed + payload.len() > native.window as usize
                 {
-                    let why = "flow-control window exceeded";
-                    self.out
-                        .push((RESET, sid, encode_reason(RESET_PROTOCOL_ERROR, why)));
-                    self.end_native(sid, Ending::Protocol(why.into()));
+                    let violation = Violation::FlowControl;
+                    let why = violation.to_string();
+                    let reason = qmesh_wire::encode_reason(reset_code::PROTOCOL_ERROR, &why);
+                    self.out.push((RESET, sid, Bytes::from(reason)));
+                    self.end_native(sid, Ending::Protocol(violation));
                     return Ok(());
                 }
                 self.inbound(sid, payload);
             }
             WINDOW => {
-                native.credit += u64::from(decode_u32(&payload, "WINDOW")?);
+                native.credit += u64::from(u32::from_be_bytes(int_payload(&payload, WINDOW)?));
                 self.dirty.push(sid);
             }
             CLOSE => {
                 native.eof_received = true;
-                if native.frontend.as_ref().is_some_and(|s| s.eof().is_err()) {
-                    let why = "the client's stream ended inside a message";
-                    self.end_native(sid, Ending::Postgres(why.into()));
+                if let Some(Err(error)) = native.frontend.as_ref().map(pg::Scanner::eof) {
+                    let side = Side::Client;
+                    self.end_native(sid, Ending::Postgres(PgError { side, error }));
                     return Ok(());
                 }
                 self.write_native(sid);
                 self.check_done(sid);
             }
             _ => {
-                if payload.len() < 2 {
-                    return Err(ConnError::Protocol("RESET frame: missing code".into()));
-                }
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                let reason = String::from_utf8_lossy(&payload[2..payload.len().min(1026)]).into();
+                let (code, reason) = qmesh_wire::decode_reason(&payload)
+                    .map_err(|_| Violation::MissingCode { frame_type })?;
+                let reason = reason.into_owned();
                 self.end_native(sid, Ending::Reset { code, reason });
             }
         }
@@ -1362,7 +1310,7 @@ impl State {
         };
         native.unconsumed += payload.len();
         match native.inbound(payload) {
-            Err(why) => self.end_native(sid, Ending::Postgres(why)),
+            Err(err) => self.end_native(sid, Ending::Postgres(err)),
             Ok(hold) => self.after_release(sid, hold),
         }
     }
@@ -1393,7 +1341,7 @@ impl State {
         true
     }
 
-    fn verdict(&mut self, sid: u32, replacement: Bytes, from_tunnel: bool) -> Result<(), String> {
+    fn verdict(&mut self, sid: u32, replacement: Bytes, from_tunnel: bool) -> Result<()> {
         if !from_tunnel {
             return self.verdict_from_socket(sid, replacement);
         }
@@ -1401,7 +1349,7 @@ impl State {
             return Ok(()); // ended meanwhile
         };
         let Some(input) = native.awaiting.take() else {
-            return Err(format!("stream {sid} holds no message"));
+            return Err(invalid(format!("stream {sid} holds no message")));
         };
         native.queue(replacement, input);
         let held: Vec<Segment> = native.held.drain(..).collect();
@@ -1410,17 +1358,17 @@ impl State {
         Ok(())
     }
 
-    fn verdict_from_socket(&mut self, sid: u32, replacement: Bytes) -> Result<(), String> {
+    fn verdict_from_socket(&mut self, sid: u32, replacement: Bytes) -> Result<()> {
         let Some(native) = self.natives.get_mut(&sid) else {
             return Ok(()); // ended meanwhile
         };
         let Some(held_len) = native.back_awaiting.take() else {
-            return Err(format!("stream {sid} holds no server message"));
+            return Err(invalid(format!("stream {sid} holds no server message")));
         };
         // The held message's bytes were paid for with credit when read.
         let credit = native.credit + held_len as u64;
         if (replacement.len() as u64) > credit {
-            return Err("the replacement exceeds the stream's send credit".into());
+            return Err(invalid("the replacement exceeds the stream's send credit"));
         }
         native.credit = credit - replacement.len() as u64;
         if !replacement.is_empty() {
@@ -1462,8 +1410,8 @@ impl State {
                 .push((WINDOW, sid, Bytes::copy_from_slice(&grant.to_be_bytes())));
         }
         self.dirty.push(sid);
-        if let Err(why) = result {
-            self.end_native(sid, Ending::Socket(why));
+        if let Err(err) = result {
+            self.end_native(sid, Ending::Socket(err));
         }
     }
 
@@ -1494,8 +1442,8 @@ impl State {
                     native.credit -= n as u64;
                     let (send, hold) = match native.outbound(&buf[..n]) {
                         Ok(result) => result,
-                        Err(why) => {
-                            self.end_native(sid, Ending::Postgres(format!("server: {why}")));
+                        Err(err) => {
+                            self.end_native(sid, Ending::Postgres(err));
                             break;
                         }
                     };
@@ -1507,7 +1455,7 @@ impl State {
                 }
                 Err(err) if sys::would_block(&err) => break,
                 Err(err) => {
-                    self.end_native(sid, Ending::Socket(format!("receive failed: {err}")));
+                    self.end_native(sid, Ending::Socket(SocketError::new("receive", &err)));
                     break;
                 }
             }
@@ -1599,12 +1547,6 @@ impl State {
             (a, b) => a.or(b),
         }
     }
-}
-
-fn bad_frame(err: &qmesh_wire::Error) -> ConnError {
-    let mut text = String::new();
-    let _ = write!(text, "bad frame: {}: {err}", wire_error_kind(err));
-    ConnError::Lost(text)
 }
 
 fn set_interest(epoll: &Epoll, fd: RawFd, token: u64, current: &mut u32, want: u32) {

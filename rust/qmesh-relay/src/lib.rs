@@ -1,11 +1,12 @@
 //! qmesh's tunnel engine (see [`engine`]): the per-message path of a session
 //! (tunnel socket, sealing, retention and ACKs, natively relayed streams) on
-//! a thread of its own, outside Python.
+//! a thread of its own, outside Python. [`error`] holds its one error type,
+//! split by who is at fault.
 
 pub mod engine;
+pub mod error;
 mod sys;
 
-pub use engine::{
-    Config, ConnError, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord,
-};
+pub use engine::{Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord};
+pub use error::{Error, PgError, Result, Side, SocketError, Violation};
 pub use sys::monotonic;

@@ -27,22 +27,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use qmesh_pg as pg;
 use qmesh_relay::{
-    monotonic, Config, ConnError, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats,
-    TapRecord,
+    monotonic, Config, Ending, Engine, Error, Event, NativeSpec, Outcome, PgError, PgTap, Side,
+    Stats, TapRecord, Violation,
 };
+use qmesh_wire::frame_type::{ACK, CLOSE, DATA, OPEN, PING, PONG, RESET, WINDOW};
 use qmesh_wire::{DecoderConfig, EncoderConfig, FrameDecoder, FrameEncoder};
-
-// -- frame types (qmesh/tunnel/frames.py) ----------------------------------
-
-const OPEN: u8 = 0x01;
-const DATA: u8 = 0x02;
-const CLOSE: u8 = 0x03;
-const RESET: u8 = 0x04;
-const WINDOW: u8 = 0x05;
-const ACK: u8 = 0x10;
-const PING: u8 = 0x11;
-const PONG: u8 = 0x12;
 
 /// Every wait gives up (and fails the test) after this long.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -241,7 +232,7 @@ impl<'e> Inbox<'e> {
     /// Take what is waiting. A connection error fails the test: none of
     /// these scenarios should break the tunnel.
     fn poll(&mut self) {
-        let (events, error): (Vec<Event>, Option<ConnError>) = self.engine.take();
+        let (events, error): (Vec<Event>, Option<Error>) = self.engine.take();
         self.events.extend(events);
         if let Some(error) = error {
             panic!(
@@ -553,7 +544,7 @@ fn flow_control_violation_resets_the_stream() {
     assert_eq!(
         b.ended(3),
         Some(&Outcome {
-            ending: Ending::Protocol(why.into()),
+            ending: Ending::Protocol(Violation::FlowControl),
             credit: 777,
             eof_sent: false,
             eof_received: false,
@@ -651,7 +642,16 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
         .send(vec![frame(DATA, 7, &[0x00, 0, 0, 0, 8, 1, 2, 3, 4])]);
     b.wait_until("Ended for stream 7", |events| ended(events, 7).is_some());
     let outcome = b.ended(7).expect("checked").clone();
-    assert!(matches!(outcome.ending, Ending::Postgres(_)), "{outcome:?}");
+    assert!(
+        matches!(
+            outcome.ending,
+            Ending::Postgres(PgError {
+                side: Side::Client,
+                error: pg::Error::Malformed(_)
+            })
+        ),
+        "{outcome:?}"
+    );
     assert_eq!((outcome.eof_sent, outcome.eof_received), (false, false));
     assert_eq!(b.tap_records(7).len(), 1, "no record for the bad bytes");
     link.release(sock_b);
@@ -715,11 +715,17 @@ fn guarded_messages_wait_for_a_verdict() {
     link.b.verdict(9, second.clone(), true).expect("verdict");
     assert_eq!(read_up_to(&srv_b, second.len()), second);
     assert!(
-        link.b.verdict(9, Vec::new(), true).is_err(),
+        matches!(
+            link.b.verdict(9, Vec::new(), true),
+            Err(Error::InvalidArgument(_))
+        ),
         "nothing is held any more"
     );
     assert!(
-        link.b.verdict(9, Vec::new(), false).is_err(),
+        matches!(
+            link.b.verdict(9, Vec::new(), false),
+            Err(Error::InvalidArgument(_))
+        ),
         "no server message is held"
     );
 
@@ -758,7 +764,10 @@ fn postgres_rejection_drops_and_forgets_the_whole_bad_chunk() {
     b.wait_until("Ended for stream 8", |events| ended(events, 8).is_some());
     assert!(matches!(
         b.ended(8).expect("checked").ending,
-        Ending::Postgres(_)
+        Ending::Postgres(PgError {
+            side: Side::Client,
+            ..
+        })
     ));
     // The Query is not reported as seen...
     assert!(b.tap_records(8).is_empty());
@@ -837,8 +846,12 @@ fn resumption_delivers_retained_frames_exactly_once() {
     // The handshake: each side learns the other's recv_next.
     let (b_recv, a_recv) = (link.b.stats().recv_next, link.a.stats().recv_next);
     assert_eq!((b_recv, a_recv), (3, 0));
-    assert!(
-        link.a.acknowledge(7).is_err(),
+    assert_eq!(
+        link.a.acknowledge(7),
+        Err(Error::Protocol(Violation::AckBeyondSent {
+            acked: 7,
+            sent: 6
+        })),
         "acknowledged a frame never sent"
     );
     link.a.acknowledge(b_recv).expect("A resumes");
@@ -847,15 +860,15 @@ fn resumption_delivers_retained_frames_exactly_once() {
 
     // An encoder that does not start at the oldest retained frame is refused.
     let (probe, _peer) = nonblocking_pair();
-    assert!(link
-        .a
-        .attach(
+    assert!(matches!(
+        link.a.attach(
             probe.as_raw_fd(),
             encoder(&key(3), 4),
             decoder(&key(4), 0),
             &[]
-        )
-        .is_err());
+        ),
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(!link.a.stats().attached);
 
     link.connect(&key(3), &key(4), b_recv, 0);
@@ -899,7 +912,10 @@ fn abort_native_returns_the_outcome_once() {
     };
     link.b.attach_native(spec).expect("native B");
     assert!(
-        link.b.attach_native(native(11, sock_b)).is_err(),
+        matches!(
+            link.b.attach_native(native(11, sock_b)),
+            Err(Error::InvalidArgument(_))
+        ),
         "attached twice"
     );
     assert_eq!(link.b.stats().native_streams, 1);
@@ -946,4 +962,33 @@ fn abort_native_returns_the_outcome_once() {
             ..
         }
     )));
+}
+
+/// A peer that breaks the protocol in an authentic frame fails the
+/// connection with the typed violation, for Python to end the session.
+#[test]
+fn a_reset_without_its_code_is_a_protocol_violation() {
+    let link = Link::new();
+    let (sock_b, _srv_b) = link.native_socket();
+    link.b.attach_native(native(13, sock_b)).expect("native B");
+    link.a.send(vec![frame(RESET, 13, b"\x00")]);
+
+    let start = Instant::now();
+    let error = loop {
+        if let (_, Some(error)) = link.b.take() {
+            break error;
+        }
+        assert!(start.elapsed() < DEADLINE, "no connection error at B");
+        thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(
+        error,
+        Error::Protocol(Violation::MissingCode { frame_type: RESET })
+    );
+    assert_eq!(error.to_string(), "RESET frame: missing code");
+    assert!(
+        link.b.abort_native(13).is_some(),
+        "the stream outlives the connection"
+    );
+    link.release(sock_b);
 }
