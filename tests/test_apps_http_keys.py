@@ -253,6 +253,30 @@ async def test_failed_checks_are_rate_limited_per_source_without_pbkdf2(
     assert info.value.status == 401
 
 
+async def test_many_first_requests_with_one_key_cost_one_pbkdf2_and_no_refusal(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A pool opening 50 connections at once sends one key 50 times before
+    its first check ends: all are let in, one PBKDF2 serves them, and none
+    counts against the failure budget (here far smaller than 50)."""
+    limits = HttpConfig(auth_failures_per_s=0.001, auth_failure_burst=3)
+    api = await start_api(nursery, tmp_path, limits)
+    good = "shop:" + api.store.add_app("shop")
+    answers: list[str | None] = []
+
+    async def first_request() -> None:
+        answers.append(await api.auth.app_for(good, source="127.0.0.1"))
+
+    async with trio.open_nursery() as requests:
+        for _ in range(50):
+            requests.start_soon(first_request)
+    assert answers == ["shop"] * 50
+    assert api.auth.hashes == 1
+    # The failure budget is whole: three wrong keys are still judged.
+    for _ in range(3):
+        assert await api.status("shop:wrong") == 401
+
+
 async def test_pbkdf2_runs_in_its_own_threads_and_never_starves_the_default_pool(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -246,15 +246,17 @@ async def test_memory_work_has_its_own_threads_and_is_abandoned_on_cancel(
             client = Client(port, token)
             for n in range(documents):
                 gate.start_soon(post, client, n)
+            # A thread holds its token before it reaches the extractor: wait
+            # for both, or a slow thread start reads as a missing ingest.
             await until(
                 "every document to be running or queued on the memory's threads",
                 lambda: (
                     limiter.borrowed_tokens == threads
                     and limiter.statistics().tasks_waiting == documents - threads
+                    and extractor.entered == threads
                 ),
                 limit_s=60,
             )
-            assert extractor.entered == threads
             # Trio's default pool is untouched: a handshake's thread starts.
             assert default.borrowed_tokens == 0
             with trio.fail_after(10):

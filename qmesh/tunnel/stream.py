@@ -52,7 +52,7 @@ class StreamHost(Protocol):
 
     @property
     def peer_role(self) -> str:
-        """The other end's role (``edge``, ``daemon``, ...)."""
+        """The other end's role: ``gate`` at an edge, ``minigate`` or ``daemon`` at the Gate."""
 
     def queue_frame(self, frame_type: int, stream_id: int, payload: bytes) -> None:
         """Send a frame of this stream (kept for the next connection while

@@ -155,6 +155,9 @@ class AppAuthenticator:
         self.hash_limiter = trio.CapacityLimiter(self.limits.hash_threads)
         """PBKDF2 runs under this, never under trio's default thread limiter."""
         self._in_progress: dict[str, int] = {}
+        # Checks under way, by token digest: a second request with the same
+        # token waits for the first check instead of hashing again.
+        self._checking: dict[bytes, trio.Event] = {}
         self._throttle_logged = -math.inf
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
@@ -170,11 +173,29 @@ class AppAuthenticator:
         if not sep or not app_id or not key:
             return None
         digest = hashlib.sha256(token.encode()).digest()
-        cached = self._verified.get(digest)
-        if cached is not None:
-            if cached.fresh(time.monotonic(), self._wall_clock()):
-                return cached.app_id
-            del self._verified[digest]
+        while True:
+            cached = self._verified.get(digest)
+            if cached is not None:
+                if cached.fresh(time.monotonic(), self._wall_clock()):
+                    return cached.app_id
+                del self._verified[digest]
+            # An app that opens many connections at once (a pool starting, a
+            # Gate restarting) sends one key many times before its first check
+            # ends: one PBKDF2 serves them all, and they do not each reserve a
+            # failure token, which would refuse a valid key with 429.
+            under_way = self._checking.get(digest)
+            if under_way is None:
+                break
+            await under_way.wait()
+        done = self._checking[digest] = trio.Event()
+        try:
+            return await self._check(digest, app_id, key, source)
+        finally:
+            del self._checking[digest]
+            done.set()
+
+    async def _check(self, digest: bytes, app_id: str, key: str, source: str) -> str | None:
+        """One PBKDF2 check of ``key``, its result cached on success."""
         if not self._failures.take(source):
             wait = max(1, math.ceil(self._failures.retry_after(source)))
             self._log_throttled(source)
