@@ -8,7 +8,7 @@ For:
   for as JSON through ``qg://task=extract``). A proposed triple is kept only
   when its subject and object are literal spans of that sentence, they
   differ, its predicate's words occur in the sentence, and the result still
-  passes :func:`~qmesh.memory.extract.check_extraction`. A model can
+  passes :func:`~qmesh.memory.extraction.check_extraction`. A model can
   therefore add facts but never one its sentence does not state in its own
   words; a model that fails or answers garbage adds nothing.
 * :func:`compose_answer`: numbered sources (the extractive answer's

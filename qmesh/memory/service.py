@@ -9,7 +9,7 @@ write transaction, so the state store's lock is held only for the SQL.
 
 Bounded work. A document is at most ``max_document_bytes`` of UTF-8 and
 :data:`MAX_SENTENCES` sentences, each extraction at most
-:data:`~qmesh.memory.extract.MAX_MENTIONS` mentions, and the document at
+:data:`~qmesh.memory.extraction.MAX_MENTIONS` mentions, and the document at
 most :data:`MAX_DOCUMENT_MENTIONS` in all; everything from conversion to SQL
 is linear in the document. ``checkpoint`` (see
 :data:`~qmesh.memory.store.Checkpoint`) is called between conversion,
