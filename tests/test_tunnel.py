@@ -326,7 +326,7 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
     # no heartbeat in the test's time (nor a PING from the edge to answer),
     # and streams whose window is the protocol's initial credit, so that
     # accepting one grants nothing (a larger window is granted with a WINDOW
-    # frame at once). Issue 11, finding 11: with the default 1 MiB window,
+    # frame at once). With the default 1 MiB window, this test once failed:
     # each stream the Gate accepted sent a WINDOW that acknowledged all data
     # received so far; on a busy machine the Gate took the OPENs late, that
     # ACK covered up to 7 of the 12 streams' data, the rest stayed under the
@@ -364,7 +364,7 @@ async def test_a_peer_that_never_acknowledges_loses_its_session(
 async def test_any_frame_from_the_gate_acknowledges_what_it_received(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cause of finding 11, made deterministic: an engine that never sends
+    """Why that test once failed, made deterministic: an engine that never sends
     a lone ACK still acknowledges with every frame it sends, here the WINDOW
     that grants a new stream its larger window."""
     mute_the_gate(monkeypatch)
