@@ -6,6 +6,11 @@ them. It then runs the three roles in one process, writes
 ``DATA_DIR/up.json`` (mode 0600) with every endpoint and the demo app's
 credentials, and prints how to use them.
 
+Its daemon serves the GGUF files of the model cache that ``scripts/setup.sh``
+fills (``QMESH_MODEL_CACHE``, default ``~/.cache/qmesh/models``) besides any
+``daemon.model_dirs``, so ``qg://task=creative_writing`` has a model on the
+first run; without a cache it says so in one line and starts anyway.
+
 Not for: parsing ``qmesh up``'s options (:mod:`qmesh.cli.roles`).
 """
 
@@ -24,6 +29,7 @@ import trio
 from qmesh import __version__
 from qmesh.cli.runner import run_roles, run_until_stopped
 from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.daemon.catalog import MODEL_CACHE_ENV, model_cache, serving_dirs
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.pg.masterkey import ensure_master_key
 from qmesh.roles import EDGE_ROLES, ROLES
@@ -117,7 +123,7 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
             "llm": minigate["llm"],
             "forwards": minigate["forwards"],
         },
-        "daemon": {"name": daemon["name"]},
+        "daemon": {"name": daemon["name"], "models": sorted(daemon["node"].catalog.models)},
         "demo_app": {
             "app_id": DEMO_APP,
             "app_key": setup.demo_app_key,
@@ -147,6 +153,8 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         lines.append("            no forwards configured ([[minigate.forward]] in --config)")
     lines += [
         f"  daemon    {summary['daemon']['name']}, connected to the gate",
+        "            models    "
+        + (", ".join(summary["daemon"]["models"]) or "none (see daemon.model_dirs)"),
         f"  demo app  id '{DEMO_APP}'; its key, the admin key and every endpoint are in",
         f"            {up_json} (mode 0600)",
         "Ctrl-C stops everything.",
@@ -173,10 +181,20 @@ def main(config: Config, *, port_offset: int = 0, ephemeral: bool = False) -> in
     elif port_offset:
         config = config.with_port_offset(port_offset)
     setup = prepare(config)
+    model_dirs = serving_dirs(config.daemon.model_dirs)
+    if not model_cache().is_dir():
+        serves = "daemon.model_dirs only" if model_dirs else "no models"
+        print(
+            f"qmesh up: no model cache at {model_cache()} (scripts/setup.sh fills it; "
+            f"{MODEL_CACHE_ENV} moves it): the daemon serves {serves}",
+            file=sys.stderr,
+        )
     config = attrs.evolve(
         config,
         minigate=attrs.evolve(config.minigate, credential_file=setup.minigate_credential),
-        daemon=attrs.evolve(config.daemon, credential_file=setup.daemon_credential),
+        daemon=attrs.evolve(
+            config.daemon, credential_file=setup.daemon_credential, model_dirs=model_dirs
+        ),
     )
     run_until_stopped(lambda: _run(config, setup))
     print("qmesh up: stopped", file=sys.stderr)

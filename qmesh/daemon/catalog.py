@@ -20,8 +20,9 @@ choosing a quantization (:mod:`qmesh.daemon.quant`).
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,17 +31,51 @@ import attrs
 from qmesh.daemon.gguf_scan import GgufError, GgufHeader, SkippedArray, scan_gguf
 
 __all__ = [
+    "MODEL_CACHE_ENV",
     "SIZE_CLASSES",
     "Catalog",
     "CatalogError",
     "ModelInfo",
     "describe_gguf",
+    "model_cache",
     "quant_name",
+    "serving_dirs",
     "size_class",
     "size_label",
 ]
 
 log = logging.getLogger(__name__)
+
+MODEL_CACHE_ENV: Final = "QMESH_MODEL_CACHE"
+"""Where ``scripts/setup.sh`` puts the models it fetches, if not the default."""
+
+
+def model_cache(environ: Mapping[str, str] = os.environ) -> Path:
+    """The model cache that ``scripts/setup.sh`` fills (``~/.cache/qmesh/models``
+    unless ``QMESH_MODEL_CACHE`` says otherwise), whether or not it exists."""
+    configured = environ.get(MODEL_CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "qmesh" / "models"
+
+
+def serving_dirs(
+    model_dirs: Sequence[Path], environ: Mapping[str, str] = os.environ
+) -> tuple[Path, ...]:
+    """``model_dirs`` and, where it exists, the model cache: what the daemon
+    of ``qmesh up`` serves, and where the model commands look up an id."""
+    cache = model_cache(environ)
+    if not cache.is_dir() or any(_same_dir(cache, d) for d in model_dirs):
+        return tuple(model_dirs)
+    return (*model_dirs, cache)
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
 
 SIZE_CLASSES: Final = (
     ("xs", 1.0e9),

@@ -4,15 +4,17 @@ For: ``quant plan MODEL [--node NODE] [--context N] [--target-tps X]``,
 which explains which quantization of MODEL to run on NODE with the numbers
 (:mod:`qmesh.daemon.quant`); ``node telemetry`` and ``node catalog``, which
 print what a daemon on this machine would report (NVML or CPU-only, the
-measured memory bandwidth, the GGUF files of ``daemon.model_dirs``).
+measured memory bandwidth, the GGUF files of ``daemon.model_dirs`` and of
+the model cache that ``scripts/setup.sh`` fills, as ``qmesh up``'s daemon
+serves them).
 
 MODEL is a ``.gguf`` path (its equivalent files in the same directory are
 variants too), or a model id or equivalence key (``gemma3:270m``) among the
-files of ``daemon.model_dirs``. NODE is ``local`` (this machine's live
-telemetry, the default), a preset (``cpu``, ``gpu4``, ``gpu4-pcie3x4``,
-``gpu8``, ``gpu8-pcie3x4``, ``gpu24``, ``gpu80``), a spec
-(``vram=8GiB,gpu_bw=448,pcie=4.0x16,ram=32GiB,ram_bw=50``) or
-``@FILE.json`` (a telemetry object, e.g. a node from ``GET /api/inventory``).
+files of ``daemon.model_dirs`` and the model cache. NODE is ``local`` (this
+machine's live telemetry, the default), a preset (``cpu``, ``gpu4``,
+``gpu4-pcie3x4``, ``gpu8``, ``gpu8-pcie3x4``, ``gpu24``, ``gpu80``), a spec
+(``vram=8GiB,gpu_bw=448,pcie=4.0x16,ram=32GiB,ram_bw=50``) or ``@FILE.json``
+(a telemetry object, e.g. a node from ``GET /api/inventory``).
 
 Not for: parsing the global options (:mod:`qmesh.cli`) or running models.
 """
@@ -86,7 +88,9 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     telemetry.add_argument("--json", action="store_true", help="print JSON")
     telemetry.set_defaults(handler=_cmd_telemetry)
     catalog = node_commands.add_parser(
-        "catalog", parents=[common], help="the GGUF models in daemon.model_dirs (or DIR…)"
+        "catalog",
+        parents=[common],
+        help="the GGUF models in daemon.model_dirs and the model cache (or DIR…)",
     )
     catalog.add_argument("dirs", nargs="*", type=Path, metavar="DIR")
     catalog.add_argument("--json", action="store_true", help="print JSON")
@@ -117,7 +121,7 @@ def _local_telemetry(config: Config, *, remeasure: bool = False) -> Telemetry:
 
 
 def _resolve_models(config: Config, text: str) -> list[ModelInfo]:
-    from qmesh.daemon.catalog import Catalog, CatalogError, describe_gguf
+    from qmesh.daemon.catalog import Catalog, CatalogError, describe_gguf, model_cache, serving_dirs
     from qmesh.daemon.quant import PlanError
 
     path = Path(text).expanduser()
@@ -130,14 +134,17 @@ def _resolve_models(config: Config, text: str) -> list[ModelInfo]:
         catalog.scan()
         same = [m for m in catalog.models.values() if m.equivalence == chosen.equivalence]
         return same or [chosen]
-    catalog = Catalog(config.daemon.model_dirs)
+    dirs = serving_dirs(config.daemon.model_dirs)
+    catalog = Catalog(dirs)
     catalog.scan()
     by_id = catalog.models.get(text)
     key = by_id.equivalence if by_id is not None else text.lower()
     found = [m for m in catalog.models.values() if m.equivalence == key]
     if not found:
         known = ", ".join(sorted({m.equivalence for m in catalog.models.values()})) or "none"
-        where = ", ".join(map(str, config.daemon.model_dirs)) or "no daemon.model_dirs configured"
+        where = ", ".join(map(str, dirs)) or (
+            f"no daemon.model_dirs configured and no model cache at {model_cache()}"
+        )
         raise PlanError(f"no model {text!r} ({where}; known: {known}); give a .gguf path")
     return found
 
@@ -199,11 +206,14 @@ def _cmd_telemetry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_catalog(args: argparse.Namespace, config: Config) -> int:
-    from qmesh.daemon.catalog import Catalog
+    from qmesh.daemon.catalog import Catalog, model_cache, serving_dirs
 
-    dirs = args.dirs or list(config.daemon.model_dirs)
+    dirs = args.dirs or list(serving_dirs(config.daemon.model_dirs))
     if not dirs:
-        _err("no model directories: give DIR or set daemon.model_dirs")
+        _err(
+            f"no model directories: give DIR, set daemon.model_dirs, or fill the model cache "
+            f"{model_cache()} (scripts/setup.sh does)"
+        )
         return EXIT_USAGE
     catalog = Catalog(dirs)
     catalog.scan()
