@@ -1,7 +1,9 @@
 """``qmesh up`` on a first run, as a real process with no config file: its
 daemon serves the model cache that ``scripts/setup.sh`` fills, the model
-commands find the same models, and a missing cache is one clear line, not
-a failed start."""
+commands find the same models, a missing cache is one clear line, not a
+failed start, and the Gate probes this machine's usual service ports unless
+told not to. (Other software may listen on those ports here: the tests
+assert which addresses are probed, not what answers.)"""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from processkit import stop, wait_for
 from test_daemon_catalog import write_gguf  # skips this module without the gguf package
 
+from qmesh.cli.up import LOCAL_SERVICES, local_discovery
+from qmesh.config import Config, load_config
 from qmesh.daemon.catalog import MODEL_CACHE_ENV, describe_gguf
 
 UP_TIMEOUT_S = 90.0  # generous: the first start measures memory bandwidth
@@ -40,12 +45,15 @@ def up_json(data_dir: Path) -> dict[str, Any] | None:
     return summary
 
 
-def run_up(tmp_path: Path, cache: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def run_up(
+    tmp_path: Path, cache: Path, *options: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     data_dir = tmp_path / "data"
     log = tmp_path / "up.log"
+    command = ["up", "--ephemeral", "--data-dir", str(data_dir), *options]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "qmesh", "up", "--ephemeral", "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "qmesh", *command],
             env={**os.environ, MODEL_CACHE_ENV: str(cache)},
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,
@@ -68,6 +76,18 @@ def test_the_daemon_of_up_serves_the_model_cache(tmp_path: Path) -> None:
         assert summary["daemon"]["models"] == [model_id]
         assert f"models    {model_id}" in log.read_text()
         assert "no model cache" not in log.read_text()
+        # Discovery of this machine, on by default.
+        local = [f"127.0.0.1:{port}" for _, port in LOCAL_SERVICES]
+        assert summary["discovery"]["targets"] == local
+        request = urllib.request.Request(
+            summary["gate"]["http"] + "/api/discovery",
+            headers={"Authorization": f"Bearer {summary['gate']['admin_key']}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            scanner = json.load(answer)
+        assert scanner["enabled"] is True
+        assert [a["address"] for a in scanner["addresses"]] == local
+        assert f"discovery probing {', '.join(local)}" in log.read_text()
     finally:
         stop(process)
 
@@ -82,7 +102,7 @@ def test_the_daemon_of_up_serves_the_model_cache(tmp_path: Path) -> None:
 
 def test_without_a_model_cache_up_says_so_in_one_line_and_starts(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-cache"
-    process, data_dir, log = run_up(tmp_path, missing)
+    process, data_dir, log = run_up(tmp_path, missing, "--no-discovery")
     try:
         wait_for("the banner", lambda: "Ctrl-C stops everything" in log.read_text(), UP_TIMEOUT_S)
         summary = up_json(data_dir)
@@ -91,9 +111,23 @@ def test_without_a_model_cache_up_says_so_in_one_line_and_starts(tmp_path: Path)
         (line,) = [line for line in text.splitlines() if "no model cache" in line]
         assert str(missing) in line and "scripts/setup.sh" in line and MODEL_CACHE_ENV in line
         assert "models    none" in text
+        assert summary["discovery"]["targets"] == [] and "discovery off" in text
     finally:
         stop(process)
 
     nothing = qmesh(missing, "node", "catalog", cwd=tmp_path)
     assert nothing.returncode == 2
     assert str(missing) in nothing.stderr and "scripts/setup.sh" in nothing.stderr
+
+
+def test_local_discovery_leaves_configured_targets_and_the_gates_own_port_alone(
+    tmp_path: Path,
+) -> None:
+    default = local_discovery(load_config(None, env={"HOME": str(tmp_path)}))
+    own = default.gate.http_listen.rpartition(":")[2]
+    assert f"127.0.0.1:{own}" not in default.gate.discovery.targets
+    assert len(default.gate.discovery.targets) == len(LOCAL_SERVICES) - 1
+    config_file = tmp_path / "gate.toml"
+    config_file.write_text('[gate.discovery]\ntargets = ["127.0.0.1:9"]\n')
+    configured: Config = load_config(config_file, env={"HOME": str(tmp_path)})
+    assert local_discovery(configured).gate.discovery.targets == ("127.0.0.1:9",)

@@ -31,6 +31,12 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         "--port-offset", type=int, default=0, metavar="N", help="add N to every listen port"
     )
     shift.add_argument("--ephemeral", action="store_true", help="listen on OS-chosen ports")
+    up.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="do not probe this machine's usual service ports (Ollama, llama.cpp, vLLM, "
+        "LM Studio, PostgreSQL, qmesh)",
+    )
     up.set_defaults(handler=_cmd_up)
 
     add_command(
@@ -56,7 +62,14 @@ def run_roles(config: Config, roles: Sequence[str]) -> int:
 
 def _cmd_up(args: argparse.Namespace, config: Config) -> int:
     up = importlib.import_module("qmesh.cli.up")
-    return int(up.main(config, port_offset=args.port_offset, ephemeral=args.ephemeral))
+    return int(
+        up.main(
+            config,
+            port_offset=args.port_offset,
+            ephemeral=args.ephemeral,
+            discover=not args.no_discovery,
+        )
+    )
 
 
 def cmd_version(args: argparse.Namespace, config: Config | None) -> int:

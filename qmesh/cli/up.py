@@ -9,7 +9,11 @@ credentials, and prints how to use them.
 Its daemon serves the GGUF files of the model cache that ``scripts/setup.sh``
 fills (``QMESH_MODEL_CACHE``, default ``~/.cache/qmesh/models``) besides any
 ``daemon.model_dirs``, so ``qg://task=creative_writing`` has a model on the
-first run; without a cache it says so in one line and starts anyway.
+first run; without a cache it says so in one line and starts anyway. Its
+Gate probes this machine's usual service ports (:data:`LOCAL_SERVICES`)
+unless the configuration names discovery targets of its own or
+``--no-discovery`` is given, so the dashboard and ``qmesh inventory`` show
+what already runs here.
 
 Not for: parsing ``qmesh up``'s options (:mod:`qmesh.cli.roles`).
 """
@@ -21,7 +25,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -37,6 +41,15 @@ from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP
 
 DEMO_APP = "demo"
+LOCAL_SERVICES: Final = (
+    ("Ollama", 11434),
+    ("llama.cpp server", 8080),
+    ("vLLM", 8000),
+    ("LM Studio", 1234),
+    ("PostgreSQL", 5432),
+    ("qmesh Gate", 11480),
+)
+"""The usual loopback ports of what a machine running qmesh may already serve."""
 DEFAULT_TUNNEL_PORT = 11439
 
 
@@ -124,6 +137,10 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
             "forwards": minigate["forwards"],
         },
         "daemon": {"name": daemon["name"], "models": sorted(daemon["node"].catalog.models)},
+        "discovery": {
+            "targets": list(config.gate.discovery.targets),
+            "interval_s": config.gate.discovery.interval_s,
+        },
         "demo_app": {
             "app_id": DEMO_APP,
             "app_key": setup.demo_app_key,
@@ -151,6 +168,13 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         lines.append(f"            forward {forward['listen']} → {forward['target']}")
     if not summary["minigate"]["forwards"]:
         lines.append("            no forwards configured ([[minigate.forward]] in --config)")
+    discovery = summary["discovery"]
+    lines.append(
+        f"  discovery probing {', '.join(discovery['targets'])} every {discovery['interval_s']:g} s"
+        " (--no-discovery turns it off)"
+        if discovery["targets"]
+        else "  discovery off"
+    )
     lines += [
         f"  daemon    {summary['daemon']['name']}, connected to the gate",
         "            models    "
@@ -175,11 +199,29 @@ async def _run(config: Config, setup: LocalSetup) -> None:
         await trio.sleep_forever()
 
 
-def main(config: Config, *, port_offset: int = 0, ephemeral: bool = False) -> int:
+def local_discovery(config: Config) -> Config:
+    """``config`` with the Gate probing :data:`LOCAL_SERVICES` on loopback,
+    unless it names discovery targets of its own. The Gate's own HTTP port
+    is left out: it would find itself."""
+    if config.gate.discovery.enabled:
+        return config
+    _, own_port = parse_hostport(config.gate.http_listen)
+    targets = tuple(
+        format_hostport("127.0.0.1", port) for _, port in LOCAL_SERVICES if port != own_port
+    )
+    discovery = attrs.evolve(config.gate.discovery, targets=targets)
+    return attrs.evolve(config, gate=attrs.evolve(config.gate, discovery=discovery))
+
+
+def main(
+    config: Config, *, port_offset: int = 0, ephemeral: bool = False, discover: bool = True
+) -> int:
     if ephemeral:
         config = config.ephemeral()
     elif port_offset:
         config = config.with_port_offset(port_offset)
+    if discover:
+        config = local_discovery(config)
     setup = prepare(config)
     model_dirs = serving_dirs(config.daemon.model_dirs)
     if not model_cache().is_dir():
