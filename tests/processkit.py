@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,3 +93,17 @@ def echo(conn: socket.socket) -> None:
 
 def send_garbage(conn: socket.socket) -> None:
     conn.sendall(b"\x8f\x00\x17garbage\xff\xfe not a protocol\r\n\r\n")
+
+
+def forget_demo_database(data_dir: Path) -> None:
+    """Stop and remove the demo PostgreSQL a ``qmesh up`` of ``data_dir``
+    started (as root it lives in the postgres user's home, outside it)."""
+    from qmesh.pg.demo import DemoDatabase, DemoDbUnavailable
+
+    try:
+        database = DemoDatabase.at(data_dir)
+    except DemoDbUnavailable:
+        return  # it could not have started
+    database.stop()
+    if database.cluster != database.base:
+        shutil.rmtree(database.cluster, ignore_errors=True)

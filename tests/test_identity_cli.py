@@ -474,14 +474,16 @@ def test_ctrl_c_exits_quietly(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_up_is_handed_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Config, int, bool, bool]] = []
+    calls: list[tuple[Config, int, bool, bool, bool]] = []
 
-    def up_main(config: Config, *, port_offset: int, ephemeral: bool, discover: bool) -> int:
-        calls.append((config, port_offset, ephemeral, discover))
+    def up_main(
+        config: Config, *, port_offset: int, ephemeral: bool, discover: bool, demo_db: bool
+    ) -> int:
+        calls.append((config, port_offset, ephemeral, discover, demo_db))
         return 3
 
     fake_module(monkeypatch, "qmesh.cli.up", main=up_main)
     assert cli.main(["up", "--port-offset", "100"]) == 3
-    assert cli.main(["up", "--ephemeral", "--no-discovery"]) == 3
-    assert [call[1:] for call in calls] == [(100, False, True), (0, True, False)]
+    assert cli.main(["up", "--ephemeral", "--no-discovery", "--no-demo-db"]) == 3
+    assert [call[1:] for call in calls] == [(100, False, True, True), (0, True, False, False)]
     assert cli.main(["up", "--ephemeral", "--port-offset", "1"]) == 2

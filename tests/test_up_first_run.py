@@ -1,26 +1,30 @@
 """``qmesh up`` on a first run, as a real process with no config file: its
 daemon serves the model cache that ``scripts/setup.sh`` fills, the model
 commands find the same models, a missing cache is one clear line, not a
-failed start, and the Gate probes this machine's usual service ports unless
-told not to. (Other software may listen on those ports here: the tests
-assert which addresses are probed, not what answers.)"""
+failed start, the Gate probes this machine's usual service ports unless
+told not to, and a throwaway PostgreSQL answers ``psql`` through the
+MiniGate with nothing configured. (Other software may listen on those ports
+here: the tests assert which addresses are probed, not what answers.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from processkit import stop, wait_for
+import pytest
+from processkit import forget_demo_database, stop, wait_for
 from test_daemon_catalog import write_gguf  # skips this module without the gguf package
 
 from qmesh.cli.up import LOCAL_SERVICES, local_discovery
 from qmesh.config import Config, load_config
 from qmesh.daemon.catalog import MODEL_CACHE_ENV, describe_gguf
+from qmesh.pg.demo import PG_BIN_ENV
 
 UP_TIMEOUT_S = 90.0  # generous: the first start measures memory bandwidth
 
@@ -45,8 +49,21 @@ def up_json(data_dir: Path) -> dict[str, Any] | None:
     return summary
 
 
+def psql(dsn: str, sql: str) -> str:
+    result = subprocess.run(
+        ["psql", dsn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def wait_for_banner(log: Path) -> None:
+    wait_for("the banner", lambda: "Ctrl-C stops everything" in log.read_text(), UP_TIMEOUT_S)
+
+
 def run_up(
-    tmp_path: Path, cache: Path, *options: str
+    tmp_path: Path, cache: Path, *options: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     data_dir = tmp_path / "data"
     log = tmp_path / "up.log"
@@ -54,7 +71,7 @@ def run_up(
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "qmesh", *command],
-            env={**os.environ, MODEL_CACHE_ENV: str(cache)},
+            env={**os.environ, MODEL_CACHE_ENV: str(cache), **(env or {})},
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -68,9 +85,9 @@ def test_the_daemon_of_up_serves_the_model_cache(tmp_path: Path) -> None:
     cache.mkdir()
     model = describe_gguf(write_gguf(cache / "tiny-f16.gguf"))
     model_id = model.id
-    process, data_dir, log = run_up(tmp_path, cache)
+    process, data_dir, log = run_up(tmp_path, cache, "--no-demo-db")
     try:
-        wait_for("the banner", lambda: "Ctrl-C stops everything" in log.read_text(), UP_TIMEOUT_S)
+        wait_for_banner(log)
         summary = up_json(data_dir)
         assert summary is not None
         assert summary["daemon"]["models"] == [model_id]
@@ -102,9 +119,12 @@ def test_the_daemon_of_up_serves_the_model_cache(tmp_path: Path) -> None:
 
 def test_without_a_model_cache_up_says_so_in_one_line_and_starts(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-cache"
-    process, data_dir, log = run_up(tmp_path, missing, "--no-discovery")
+    no_binaries = tmp_path / "no-pg-bin"
+    process, data_dir, log = run_up(
+        tmp_path, missing, "--no-discovery", env={PG_BIN_ENV: str(no_binaries)}
+    )
     try:
-        wait_for("the banner", lambda: "Ctrl-C stops everything" in log.read_text(), UP_TIMEOUT_S)
+        wait_for_banner(log)
         summary = up_json(data_dir)
         assert summary is not None and summary["daemon"]["models"] == []
         text = log.read_text()
@@ -112,6 +132,9 @@ def test_without_a_model_cache_up_says_so_in_one_line_and_starts(tmp_path: Path)
         assert str(missing) in line and "scripts/setup.sh" in line and MODEL_CACHE_ENV in line
         assert "models    none" in text
         assert summary["discovery"]["targets"] == [] and "discovery off" in text
+        assert summary["demo_db"] is None
+        (line,) = [line for line in text.splitlines() if "no demo database" in line]
+        assert "no PostgreSQL server binaries" in line and PG_BIN_ENV in line
     finally:
         stop(process)
 
@@ -131,3 +154,33 @@ def test_local_discovery_leaves_configured_targets_and_the_gates_own_port_alone(
     config_file.write_text('[gate.discovery]\ntargets = ["127.0.0.1:9"]\n')
     configured: Config = load_config(config_file, env={"HOME": str(tmp_path)})
     assert local_discovery(configured).gate.discovery.targets == ("127.0.0.1:9",)
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
+def test_the_demo_database_answers_psql_through_the_minigate_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "models"
+    data_dir = tmp_path / "data"
+    try:
+        for sql, expected in (
+            ("CREATE TABLE notes (body text); INSERT INTO notes VALUES ('kept')", "INSERT 0 1"),
+            ("SELECT body FROM notes", "kept"),
+        ):
+            process, data_dir, log = run_up(tmp_path, cache, "--no-discovery")
+            try:
+                wait_for_banner(log)
+                summary = up_json(data_dir)
+                assert summary is not None and summary["demo_db"] is not None, log.read_text()
+                dsn = summary["demo_db"]["psql"]
+                assert dsn.startswith(f"postgresql://demo:{summary['demo_app']['app_key']}@")
+                assert dsn.endswith(f"@{summary['minigate']['pg']}/demo")
+                assert psql(dsn, "SELECT 1") == "1"
+                assert psql(dsn, sql).splitlines()[-1] == expected
+            finally:
+                stop(process)
+            assert "database  psql 'postgresql://demo:APP_KEY@" in log.read_text()
+            log.unlink()  # the next start writes its own
+            (data_dir / "up.json").unlink()
+    finally:
+        forget_demo_database(data_dir)

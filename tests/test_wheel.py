@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 import pytest
+from processkit import forget_demo_database
 
 pytestmark = pytest.mark.slow
 
@@ -234,6 +235,7 @@ def up_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        forget_demo_database(data_dir)
 
 
 def test_up_smoke(up_process: tuple[subprocess.Popen[bytes], Path, Path]) -> None:

@@ -37,6 +37,11 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         help="do not probe this machine's usual service ports (Ollama, llama.cpp, vLLM, "
         "LM Studio, PostgreSQL, qmesh)",
     )
+    up.add_argument(
+        "--no-demo-db",
+        action="store_true",
+        help="do not start the throwaway PostgreSQL (vault alias 'demo') for the demo app",
+    )
     up.set_defaults(handler=_cmd_up)
 
     add_command(
@@ -68,6 +73,7 @@ def _cmd_up(args: argparse.Namespace, config: Config) -> int:
             port_offset=args.port_offset,
             ephemeral=args.ephemeral,
             discover=not args.no_discovery,
+            demo_db=not args.no_demo_db,
         )
     )
 

@@ -21,6 +21,7 @@ Not for: parsing ``qmesh up``'s options (:mod:`qmesh.cli.roles`).
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import os
 import sys
@@ -32,10 +33,12 @@ import trio
 
 from qmesh import __version__
 from qmesh.cli.runner import run_roles, run_until_stopped
-from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.config import Config, GateAppConfig, format_hostport, parse_hostport
 from qmesh.daemon.catalog import MODEL_CACHE_ENV, model_cache, serving_dirs
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
+from qmesh.pg.demo import DEMO_ALIAS, DemoDatabase, DemoDbUnavailable
 from qmesh.pg.masterkey import ensure_master_key
+from qmesh.pg.vault import Vault
 from qmesh.roles import EDGE_ROLES, ROLES
 from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP
@@ -115,10 +118,40 @@ def prepare(config: Config) -> LocalSetup:
     return LocalSetup(keys.public_key, minigate, daemon, demo_key, admin_key)
 
 
-def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> dict[str, Any]:
+def start_demo_database(config: Config) -> tuple[Config, DemoDatabase | None]:
+    """Start the demo database, store it in the vault and let the demo app
+    open it; or say in one line why not, and go on without it."""
+    try:
+        database = DemoDatabase.at(config.data_dir)
+        with StateStore.open(config.state_db_path) as store:
+            vault = Vault.open(store, ensure_master_key(config.data_dir))
+            if DEMO_ALIAS in vault.list() and not database.exists:
+                raise DemoDbUnavailable(
+                    f"the vault's alias {DEMO_ALIAS!r} is the operator's own; qmesh up leaves it"
+                )
+            database.start()
+            try:
+                vault.set(DEMO_ALIAS, database.dsn())
+            except BaseException:
+                database.stop()
+                raise
+    except DemoDbUnavailable as exc:
+        print(f"qmesh up: no demo database: {exc}", file=sys.stderr)
+        return config, None
+    apps = dict(config.gate.apps)
+    policy = apps.get(DEMO_APP, GateAppConfig())
+    if not any(fnmatch.fnmatchcase(DEMO_ALIAS, pattern) for pattern in policy.databases):
+        apps[DEMO_APP] = attrs.evolve(policy, databases=(*policy.databases, DEMO_ALIAS))
+    return attrs.evolve(config, gate=attrs.evolve(config.gate, apps=apps)), database
+
+
+def _summary(
+    config: Config, setup: LocalSetup, endpoints: dict[str, Any], *, demo_db: bool
+) -> dict[str, Any]:
     gate = endpoints["gate"]
     minigate = endpoints["minigate"]
     daemon = endpoints["daemon"]
+    psql = f"postgresql://{DEMO_APP}:{setup.demo_app_key}@{minigate['pg']}/{DEMO_ALIAS}"
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -137,6 +170,7 @@ def _summary(config: Config, setup: LocalSetup, endpoints: dict[str, Any]) -> di
             "forwards": minigate["forwards"],
         },
         "daemon": {"name": daemon["name"], "models": sorted(daemon["node"].catalog.models)},
+        "demo_db": {"alias": DEMO_ALIAS, "psql": psql} if demo_db else None,
         "discovery": {
             "targets": list(config.gate.discovery.targets),
             "interval_s": config.gate.discovery.interval_s,
@@ -168,6 +202,12 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         lines.append(f"            forward {forward['listen']} → {forward['target']}")
     if not summary["minigate"]["forwards"]:
         lines.append("            no forwards configured ([[minigate.forward]] in --config)")
+    lines.append(
+        f"            database  psql 'postgresql://{DEMO_APP}:APP_KEY@{summary['minigate']['pg']}"
+        f"/{DEMO_ALIAS}'  (a throwaway PostgreSQL in DATA_DIR/demo-db)"
+        if summary["demo_db"]
+        else "            database  none started (see above; --no-demo-db hides this)"
+    )
     discovery = summary["discovery"]
     lines.append(
         f"  discovery probing {', '.join(discovery['targets'])} every {discovery['interval_s']:g} s"
@@ -186,13 +226,13 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
-async def _run(config: Config, setup: LocalSetup) -> None:
+async def _run(config: Config, setup: LocalSetup, *, demo_db: bool) -> None:
     async with trio.open_nursery() as nursery:
         endpoints = await nursery.start(run_roles, config, ROLES)
         for role in EDGE_ROLES:
             with trio.fail_after(config.tunnel.handshake_timeout_s):
                 await endpoints[role]["client"].wait_connected()
-        summary = _summary(config, setup, endpoints)
+        summary = _summary(config, setup, endpoints, demo_db=demo_db)
         up_json = config.data_dir / "up.json"
         write_private_file(up_json, (json.dumps(summary, indent=2) + "\n").encode(), replace=True)
         _print_banner(summary, up_json)
@@ -214,7 +254,12 @@ def local_discovery(config: Config) -> Config:
 
 
 def main(
-    config: Config, *, port_offset: int = 0, ephemeral: bool = False, discover: bool = True
+    config: Config,
+    *,
+    port_offset: int = 0,
+    ephemeral: bool = False,
+    discover: bool = True,
+    demo_db: bool = True,
 ) -> int:
     if ephemeral:
         config = config.ephemeral()
@@ -238,6 +283,13 @@ def main(
             config.daemon, credential_file=setup.daemon_credential, model_dirs=model_dirs
         ),
     )
-    run_until_stopped(lambda: _run(config, setup))
+    database = None
+    if demo_db:
+        config, database = start_demo_database(config)
+    try:
+        run_until_stopped(lambda: _run(config, setup, demo_db=database is not None))
+    finally:
+        if database is not None:
+            database.stop()
     print("qmesh up: stopped", file=sys.stderr)
     return 0
