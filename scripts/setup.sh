@@ -173,6 +173,17 @@ if [[ ! -x ${QMESH_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb ]]; then
   fi
 fi
 
+# -- jq, which the README's commands use to read up.json ----------------------------
+if ! command -v jq >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing jq (the README reads up.json with it)"
+    logged apt-jq env DEBIAN_FRONTEND=noninteractive \
+      sh -c 'apt-get update -qq && apt-get install -y -qq jq'
+  else
+    say "warning: jq is missing; the README's examples use it (as root: apt-get install jq)"
+  fi
+fi
+
 # -- Rust + the extension ---------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
   export PATH="$PATH:$HOME/.cargo/bin"
