@@ -206,7 +206,7 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         f"            database  psql 'postgresql://{DEMO_APP}:APP_KEY@{summary['minigate']['pg']}"
         f"/{DEMO_ALIAS}'  (a throwaway PostgreSQL in DATA_DIR/demo-db)"
         if summary["demo_db"]
-        else "            database  none started (see above; --no-demo-db hides this)"
+        else "            database  no demo database (--no-demo-db, or the reason above)"
     )
     discovery = summary["discovery"]
     lines.append(
