@@ -128,12 +128,12 @@ def test_without_a_model_cache_up_says_so_in_one_line_and_starts(tmp_path: Path)
         summary = up_json(data_dir)
         assert summary is not None and summary["daemon"]["models"] == []
         text = log.read_text()
-        (line,) = [line for line in text.splitlines() if "no model cache" in line]
+        (line,) = [line for line in text.splitlines() if line.startswith("qmesh up: no model")]
         assert str(missing) in line and "scripts/setup.sh" in line and MODEL_CACHE_ENV in line
         assert "models    none" in text
         assert summary["discovery"]["targets"] == [] and "discovery off" in text
         assert summary["demo_db"] is None
-        (line,) = [line for line in text.splitlines() if "no demo database" in line]
+        (line,) = [line for line in text.splitlines() if line.startswith("qmesh up: no demo")]
         assert "no PostgreSQL server binaries" in line and PG_BIN_ENV in line
     finally:
         stop(process)
