@@ -31,7 +31,14 @@ import trio
 
 StreamT = TypeVar("StreamT", bound=trio.abc.Stream)
 
-__all__ = ["FastSocketStream", "YieldBudget", "connect_tcp", "fast", "runnable_counter"]
+__all__ = [
+    "FastSocketStream",
+    "YieldBudget",
+    "connect_tcp",
+    "fast",
+    "free_loopback_port",
+    "runnable_counter",
+]
 
 _DEFAULT_RECEIVE = 65536
 
@@ -163,3 +170,13 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a child server that takes
+    its port on the command line. Bind-and-release: another process could
+    take it first; the child then fails to bind, and its caller says so."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

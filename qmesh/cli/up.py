@@ -21,7 +21,6 @@ Not for: parsing ``qmesh up``'s options (:mod:`qmesh.cli.roles`).
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from qmesh.daemon.catalog import MODEL_CACHE_ENV, model_cache, serving_dirs
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.pg.demo import DEMO_ALIAS, DemoDatabase, DemoDbUnavailable
 from qmesh.pg.masterkey import ensure_master_key
+from qmesh.pg.policy import policy_for
 from qmesh.pg.vault import Vault
 from qmesh.roles import EDGE_ROLES, ROLES
 from qmesh.state import StateStore
@@ -138,10 +138,11 @@ def start_demo_database(config: Config) -> tuple[Config, DemoDatabase | None]:
     except DemoDbUnavailable as exc:
         print(f"qmesh up: no demo database: {exc}", file=sys.stderr)
         return config, None
+    if policy_for(config, DEMO_APP).allows(DEMO_ALIAS):
+        return config, database
     apps = dict(config.gate.apps)
     policy = apps.get(DEMO_APP, GateAppConfig())
-    if not any(fnmatch.fnmatchcase(DEMO_ALIAS, pattern) for pattern in policy.databases):
-        apps[DEMO_APP] = attrs.evolve(policy, databases=(*policy.databases, DEMO_ALIAS))
+    apps[DEMO_APP] = attrs.evolve(policy, databases=(*policy.databases, DEMO_ALIAS))
     return attrs.evolve(config, gate=attrs.evolve(config.gate, apps=apps)), database
 
 

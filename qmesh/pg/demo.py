@@ -29,13 +29,14 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
 import attrs
+
+from qmesh.fastsocket import free_loopback_port
 
 __all__ = ["DEMO_ALIAS", "PG_BIN_ENV", "DemoDatabase", "DemoDbUnavailable", "find_pg_bin"]
 
@@ -72,13 +73,6 @@ def find_pg_bin(environ: Mapping[str, str] = os.environ) -> Path | None:
 def _major_version(path: Path) -> int:
     match = re.fullmatch(r"\d+", path.parent.name)
     return int(match.group()) if match else -1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @attrs.define
@@ -144,7 +138,7 @@ class DemoDatabase:
         if (self.data / "postmaster.pid").exists():
             # A qmesh up that was killed left its server behind: it is ours.
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
-        self.port = _free_port()
+        self.port = free_loopback_port()
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.run_dir / "server.log"),
             "-w", "-t", "60", "-o", f"-p {self.port}", "start",

@@ -62,7 +62,6 @@ _BUSY_TIMEOUT_S: Final = 5.0
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
-
 class StateError(Exception):
     """The state store cannot do what was asked: the request conflicts with
     what is stored, a value is invalid, or the database cannot be used.

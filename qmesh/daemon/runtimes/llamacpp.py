@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -48,6 +47,7 @@ from qmesh.daemon.runtimes.base import (
     RuntimeModel,
 )
 from qmesh.daemon.runtimes.openai import list_openai_models, stream_openai
+from qmesh.fastsocket import free_loopback_port
 
 __all__ = ["LlamaCppRuntime", "ModelServer"]
 
@@ -57,15 +57,6 @@ READY_POLL_S: Final = 0.1
 STOP_GRACE_S: Final = 5.0
 RESTART_BACKOFF_S: Final = (0.5, 2.0, 5.0)
 LOG_TAIL_BYTES: Final = 2000
-
-
-def _free_port() -> int:
-    # Bind-and-release: another process could take the port before the
-    # server binds it; the server then exits at once and we try another.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _tail(path: Path) -> str:
@@ -335,7 +326,7 @@ class LlamaCppRuntime(Runtime):
     async def _start_once(self, server: ModelServer) -> None:
         """Start the process and wait until it serves; LoadFailed if it does not."""
         for attempt in range(3):
-            server.port = _free_port()
+            server.port = free_loopback_port()
             server.state = "starting" if server.restarts == 0 else "restarting"
             with server.log_path.open("ab") as log_file:
                 log_file.write(f"--- qmesh: {' '.join(self._command(server))}\n".encode())
