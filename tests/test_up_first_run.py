@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -184,3 +185,20 @@ def test_the_demo_database_answers_psql_through_the_minigate_and_keeps_its_data(
             (data_dir / "up.json").unlink()
     finally:
         forget_demo_database(data_dir)
+
+
+def test_a_port_already_taken_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "qmesh", "up", "--no-demo-db", "--no-discovery",
+             "--data-dir", str(tmp_path / "data")],
+            env={**os.environ, "QMESH_GATE__TUNNEL_LISTEN": f"127.0.0.1:{port}"},
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "Address already in use" in line

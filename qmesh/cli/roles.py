@@ -66,16 +66,21 @@ def run_roles(config: Config, roles: Sequence[str]) -> int:
 
 
 def _cmd_up(args: argparse.Namespace, config: Config) -> int:
+    runner = importlib.import_module("qmesh.cli.runner")
     up = importlib.import_module("qmesh.cli.up")
-    return int(
-        up.main(
-            config,
-            port_offset=args.port_offset,
-            ephemeral=args.ephemeral,
-            discover=not args.no_discovery,
-            demo_db=not args.no_demo_db,
+    try:
+        return int(
+            up.main(
+                config,
+                port_offset=args.port_offset,
+                ephemeral=args.ephemeral,
+                discover=not args.no_discovery,
+                demo_db=not args.no_demo_db,
+            )
         )
-    )
+    except runner.RoleFailed as exc:  # as for --role: one line, no traceback
+        print_err(f"error: {exc}")
+        return EXIT_USAGE
 
 
 def cmd_version(args: argparse.Namespace, config: Config | None) -> int:

@@ -96,9 +96,19 @@ def run_until_stopped(main: Callable[[], Awaitable[object]]) -> None:
     except BaseExceptionGroup as group:
         _interrupt, rest = group.split(KeyboardInterrupt)
         if rest is not None:
-            if len(rest.exceptions) == 1 and not isinstance(rest.exceptions[0], BaseExceptionGroup):
-                raise rest.exceptions[0] from None
+            # One failure (a role that could not start, wrapped by each
+            # nursery it crossed) is raised as itself, so callers can catch it.
+            leaves = _leaves(rest)
+            if len(leaves) == 1:
+                raise leaves[0] from None
             raise rest from None
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``'s groups, however deeply nested."""
+    if not isinstance(error, BaseExceptionGroup):
+        return [error]
+    return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
 
 
 def _operator_errors(group: BaseExceptionGroup[Any]) -> list[str]:
@@ -112,14 +122,4 @@ def _operator_errors(group: BaseExceptionGroup[Any]) -> list[str]:
     matched, rest = group.split(fixable)
     if matched is None or rest is not None:
         return []
-    messages: list[str] = []
-
-    def walk(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                walk(inner)
-        else:
-            messages.append(str(error))
-
-    walk(matched)
-    return messages
+    return [str(leaf) for leaf in _leaves(matched)]
