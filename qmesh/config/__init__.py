@@ -42,7 +42,6 @@ from __future__ import annotations
 from qmesh.config.address import (
     ForwardRule,
     IPAddress,
-    IPNetwork,
     format_hostport,
     forward_address,
     forward_allowed,
@@ -51,7 +50,6 @@ from qmesh.config.address import (
     parse_hostport,
     parse_size,
 )
-from qmesh.config.env import ENV_PREFIX
 from qmesh.config.errors import ConfigError
 from qmesh.config.gate_schema import (
     AUDIT_MODES,
@@ -68,8 +66,6 @@ from qmesh.config.gate_schema import (
 )
 from qmesh.config.loader import load_config
 from qmesh.config.schema import (
-    LOG_FORMATS,
-    LOG_LEVELS,
     Config,
     DaemonConfig,
     DaemonRuntimeConfig,
@@ -78,13 +74,9 @@ from qmesh.config.schema import (
     MiniGateConfig,
     TunnelConfig,
 )
-from qmesh.config.toml_lines import KeyPath
 
 __all__ = [
     "AUDIT_MODES",
-    "ENV_PREFIX",
-    "LOG_FORMATS",
-    "LOG_LEVELS",
     "MEMORY_EXTRACTORS",
     "BudgetConfig",
     "Config",
@@ -98,8 +90,6 @@ __all__ = [
     "GateConfig",
     "HttpConfig",
     "IPAddress",
-    "IPNetwork",
-    "KeyPath",
     "LogConfig",
     "MemoryConfig",
     "MiniGateConfig",

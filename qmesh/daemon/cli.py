@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -95,10 +94,6 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     catalog.add_argument("dirs", nargs="*", type=Path, metavar="DIR")
     catalog.add_argument("--json", action="store_true", help="print JSON")
     catalog.set_defaults(handler=_cmd_catalog)
-
-
-def _err(message: str) -> None:
-    print(f"qmesh: error: {message}", file=sys.stderr)
 
 
 def _local_node(config: Config, *, remeasure: bool = False) -> NodeSpec:
@@ -171,7 +166,7 @@ def _cmd_plan(args: argparse.Namespace, config: Config) -> int:
             target_tps=args.target_tps or None,
         )
     except PlanError as exc:
-        _err(str(exc))
+        print_err(f"error: {exc}")
         return EXIT_USAGE
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -210,9 +205,9 @@ def _cmd_catalog(args: argparse.Namespace, config: Config) -> int:
 
     dirs = args.dirs or list(serving_dirs(config.daemon.model_dirs))
     if not dirs:
-        _err(
-            f"no model directories: give DIR, set daemon.model_dirs, or fill the model cache "
-            f"{model_cache()} (scripts/setup.sh does)"
+        print_err(
+            "error: no model directories: give DIR, set daemon.model_dirs, or fill the model "
+            f"cache {model_cache()} (scripts/setup.sh does)"
         )
         return EXIT_USAGE
     catalog = Catalog(dirs)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 import time
 from typing import TYPE_CHECKING, Final
 
-from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -102,16 +101,15 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
 
     db = config.state_db_path
     if not db.exists():
-        print(f"qmesh: error: no state database at {db}", file=sys.stderr)
+        print_err(f"error: no state database at {db}")
         return EXIT_USAGE
     _store(config).close()  # brings the schema up to date
     try:
         key = load_chain_key(db, create=False)
     except FileNotFoundError:
-        print(
-            f"qmesh: error: no chain key at {chain_key_path(db)}: nothing was ever written, "
-            "or the key was lost (then the chains cannot be verified)",
-            file=sys.stderr,
+        print_err(
+            f"error: no chain key at {chain_key_path(db)}: nothing was ever written, "
+            "or the key was lost (then the chains cannot be verified)"
         )
         return EXIT_USAGE
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:

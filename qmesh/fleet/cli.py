@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Final
 
-from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
 from qmesh.web.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def cmd_inventory(args: argparse.Namespace, config: Config) -> int:
             return EXIT_OK
         return _watch(args, gate)
     except CliError as exc:
-        print(f"qmesh: error: {exc}", file=sys.stderr)
+        print_err(f"error: {exc}")
         return exc.status
 
 

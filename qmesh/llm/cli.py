@@ -28,7 +28,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
 from qmesh.web.admin_client import PIN_ENV, CliError, GateApi
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def _cmd_route(args: argparse.Namespace, config: Config) -> int:
     try:
         result = _remote(args) if args.gate else _local(args, config)
     except DsnError as exc:
-        print(f"qmesh: error: {exc}", file=sys.stderr)
+        print_err(f"error: {exc}")
         return EXIT_USAGE
     if args.json:
         print(json.dumps(result, indent=2))
@@ -196,7 +196,7 @@ def _cmd_delete_key(args: argparse.Namespace, config: Config) -> int:
 
     with _open_store(config) as store:
         if not delete_key(store, args.name):
-            print(f"qmesh: error: no stored key {args.name!r}", file=sys.stderr)
+            print_err(f"error: no stored key {args.name!r}")
             return EXIT_USAGE
     print(f"deleted the API key {args.name!r}")
     return EXIT_OK

@@ -18,14 +18,20 @@ and the other commands do not pay for them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command
+from qmesh.cmdline import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Subcommands,
+    add_command,
+    iso_seconds,
+    print_err,
+)
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -110,10 +116,6 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     ).set_defaults(handler=_cmd_check)
 
 
-def _err(message: str) -> None:
-    print(f"qmesh: {message}", file=sys.stderr)
-
-
 def _open(config: Config) -> tuple[StateStore, Memory]:
     from qmesh.memory.service import Memory
     from qmesh.state import StateStore
@@ -135,7 +137,7 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
 
     files: list[Path] = args.files
     if args.document_id is not None and len(files) != 1:
-        _err("error: --id needs exactly one FILE")
+        print_err("error: --id needs exactly one FILE")
         return EXIT_USAGE
     status = EXIT_OK
     store, memory = _open(config)
@@ -148,11 +150,11 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
                 # utf-8-sig: a byte-order mark is not part of the text.
                 text = path.read_bytes().decode("utf-8-sig")
             except OSError as exc:
-                _err(f"error: {path}: {exc.strerror or exc}")
+                print_err(f"error: {path}: {exc.strerror or exc}")
                 status = EXIT_USAGE
                 continue
             except UnicodeDecodeError as exc:
-                _err(f"error: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})")
+                print_err(f"error: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})")
                 status = EXIT_USAGE
                 continue
             document_id = args.document_id or _default_id(path)
@@ -166,7 +168,7 @@ def _cmd_add(args: argparse.Namespace, config: Config) -> int:
                     replace=args.replace,
                 )
             except GraphMemoryError as exc:
-                _err(f"error: {path}: {exc}")
+                print_err(f"error: {path}: {exc}")
                 status = EXIT_USAGE
                 continue
             if not report.created:
@@ -189,7 +191,7 @@ def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
         try:
             answer = memory.ask(args.question, args.limit, access=OPERATOR)
         except GraphMemoryError as exc:
-            _err(f"error: {exc}")
+            print_err(f"error: {exc}")
             return EXIT_USAGE
     if args.json:
         print(json.dumps(answer.to_json(), indent=2, ensure_ascii=False))
@@ -231,7 +233,7 @@ def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
         try:
             report = memory.delete(args.document_id, access=OPERATOR)
         except GraphMemoryError as exc:
-            _err(f"error: {exc} (see `qmesh memory list`)")
+            print_err(f"error: {exc} (see `qmesh memory list`)")
             return EXIT_USAGE
     print(
         f"deleted {report.document_id}: {report.sentences} sentences; "
@@ -250,17 +252,13 @@ def _cmd_share(args: argparse.Namespace, config: Config) -> int:
         try:
             memory.share(args.document_id, not args.off, access=OPERATOR)
         except GraphMemoryError as exc:
-            _err(f"error: {exc} (see `qmesh memory list`)")
+            print_err(f"error: {exc} (see `qmesh memory list`)")
             return EXIT_USAGE
     if args.off:
         print(f"{args.document_id} is no longer shared: only its owner (and admin) can read it")
     else:
         print(f"{args.document_id} is shared: every app can read it")
     return EXIT_OK
-
-
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _cmd_list(args: argparse.Namespace, config: Config) -> int:
@@ -279,7 +277,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
                 "sentences": d.sentences,
                 "added_by": d.added_by,
                 "shared": d.shared,
-                "created_at": _iso(d.created_at),
+                "created_at": iso_seconds(d.created_at),
             }
             for d in documents
         ]
@@ -298,7 +296,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
     for d, owner in zip(documents, owners, strict=True):
         print(
             f"{d.id:<{width}}  {d.format:<8}  {d.sentences:>9}  {owner:<{owner_width}}  "
-            f"{_iso(d.created_at):<25}  {d.title or ''}"
+            f"{iso_seconds(d.created_at):<25}  {d.title or ''}"
         )
     return EXIT_OK
 

@@ -19,7 +19,6 @@ from qmesh.memory.errors import (
 )
 from qmesh.memory.records import (
     IN_IDS,
-    IN_KEYS,
     OPERATOR,
     Access,
     DocumentInfo,
@@ -102,7 +101,7 @@ class MemoryReader:
         for key, eid, kind, _ in self.conn.execute(
             "SELECT DISTINCT v.surface_key, e.id, e.kind, e.key != v.surface_key"
             " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
-            " WHERE v.surface_key IN " + IN_KEYS + " AND "
+            " WHERE v.surface_key IN " + IN_IDS + " AND "
             + self._visible_sentence("v.sentence_seq") + " ORDER BY 4, 2",
             (keys_json, *self._params),
         ).fetchall():  # fmt: skip

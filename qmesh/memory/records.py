@@ -20,7 +20,6 @@ from qmesh.memory.sentences import Sentence
 
 __all__ = [
     "IN_IDS",
-    "IN_KEYS",
     "OPERATOR",
     "SHARED_ONLY",
     "Access",
@@ -179,4 +178,3 @@ def document_info(row: Sequence[Any]) -> DocumentInfo:
 
 
 IN_IDS: Final = "(SELECT value FROM json_each(?))"
-IN_KEYS: Final = IN_IDS

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
-from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, Subcommands, add_command
+from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, Subcommands, add_command, print_err
 from qmesh.web.admin_client import CliError, GateApi, add_gate_options
 
 if TYPE_CHECKING:
@@ -99,5 +98,5 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
                 print(f"ended session {session.get('session')} of {session.get('peer')}")
         return EXIT_OK
     except CliError as exc:
-        print(f"qmesh: error: {exc}", file=sys.stderr)
+        print_err(f"error: {exc}")
         return exc.status

@@ -449,7 +449,9 @@ class Session:
                 self._dispatch(frame_type, stream_id, payload)
         except (ConnectionLost, SessionLost, PeerProtocolError) as exc:
             self._fail_connection(exc)
-        if error is not None:
+        # The engine reports a failed connection on every take until it is
+        # detached: judge (and log) it once.
+        if error is not None and self._connection_error is None:
             self._fail_connection(self._engine_error(error))
 
     def _engine_error(self, error: BaseException) -> TunnelError:

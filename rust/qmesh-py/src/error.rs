@@ -156,16 +156,17 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         match err {
             Error::Python(err) => err,
-            Error::Wire(err) => wire_error(&err, err.to_string()),
-            Error::Pg(err) => pg_error(&err, err.to_string()),
+            Error::Wire(err) => wire_error(&err),
+            Error::Pg(err) => pg_error(&err),
             Error::Os(err) => err.into(),
             Error::Relay(err) => relay_error(err),
         }
     }
 }
 
-/// The exception for a wire error; `msg` is its text (the engine adds context).
-fn wire_error(err: &wire::Error, msg: String) -> PyErr {
+/// The exception class for a wire error, with the error's own text.
+fn wire_error(err: &wire::Error) -> PyErr {
+    let msg = err.to_string();
     match err {
         wire::Error::Tampered => Tampered::new_err(msg),
         wire::Error::Replayed => Replayed::new_err(msg),
@@ -178,8 +179,9 @@ fn wire_error(err: &wire::Error, msg: String) -> PyErr {
     }
 }
 
-/// The exception for a Postgres wire error; `msg` as for [`wire_error`].
-fn pg_error(err: &pg::Error, msg: String) -> PyErr {
+/// The exception class for a Postgres wire error, with the error's own text.
+fn pg_error(err: &pg::Error) -> PyErr {
+    let msg = err.to_string();
     match err {
         pg::Error::TooLarge { .. } => PgMessageTooLarge::new_err(msg),
         pg::Error::Malformed(_) => PgMalformed::new_err(msg),
@@ -193,9 +195,8 @@ fn relay_error(err: relay::Error) -> PyErr {
     match err {
         relay::Error::Lost => PeerClosed::new_err(msg),
         // The kind's own text: the class already says it is a bad frame.
-        relay::Error::Frame(err) => wire_error(&err, err.to_string()),
+        relay::Error::Frame(err) => wire_error(&err),
         relay::Error::Protocol(_) => ProtocolViolation::new_err(msg),
-        relay::Error::Postgres(err) => pg_error(&err.error, msg),
         // OSError(errno, text) is what Python's own socket calls raise: the
         // constructor picks the subclass (BrokenPipeError, ...) from errno.
         relay::Error::Socket(err) => PyOSError::new_err((err.errno, msg)),

@@ -9,8 +9,8 @@
 //! * the peer broke the protocol in frames that are authentic
 //!   ([`Error::Protocol`]): resending the same frames would break it again,
 //!   so the session is over;
-//! * a native stream's Postgres bytes are not the protocol ([`Error::Postgres`]):
-//!   that stream ends, nothing else does;
+//! * a native stream's Postgres bytes are not the protocol: not an error of
+//!   the engine at all, but how that stream ends ([`crate::Ending::Postgres`]);
 //! * the engine's own caller asked for something its state does not allow
 //!   ([`Error::InvalidArgument`]).
 //!
@@ -98,8 +98,6 @@ pub enum Error {
     Frame(wire::Error),
     /// The peer broke the tunnel protocol in authentic frames.
     Protocol(Violation),
-    /// A native stream's Postgres bytes are not the protocol.
-    Postgres(PgError),
     /// A system call on a socket failed.
     Socket(SocketError),
     /// Frames the engine was given cannot be sealed (the codec's own
@@ -115,12 +113,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<Violation> for Error {
     fn from(violation: Violation) -> Self {
         Error::Protocol(violation)
-    }
-}
-
-impl From<PgError> for Error {
-    fn from(err: PgError) -> Self {
-        Error::Postgres(err)
     }
 }
 
@@ -198,7 +190,6 @@ impl fmt::Display for Error {
             Error::Lost => f.write_str("peer closed the connection"),
             Error::Frame(err) => write!(f, "bad frame: {err}"),
             Error::Protocol(violation) => violation.fmt(f),
-            Error::Postgres(err) => err.fmt(f),
             Error::Socket(err) => err.fmt(f),
             Error::Seal(err) => write!(f, "cannot seal frames: {err}"),
             Error::InvalidArgument(why) => f.write_str(why),
@@ -210,7 +201,6 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Frame(err) | Error::Seal(err) => Some(err),
-            Error::Postgres(err) => Some(&err.error),
             _ => None,
         }
     }
