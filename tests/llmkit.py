@@ -18,6 +18,7 @@ from qmesh.config import (
     BudgetConfig,
     Config,
     GateConfig,
+    HttpConfig,
     ProviderConfig,
     ProviderModelConfig,
     RoutingConfig,
@@ -175,6 +176,7 @@ async def start_api(
     routing: RoutingConfig | None = None,
     apps: Sequence[str] = ("app-a", "app-b"),
     env: dict[str, str] | None = None,
+    http: HttpConfig | None = None,
 ) -> GateApi:
     store = StateStore.open(tmp_path / "state.db")
     tokens = {app: f"{app}:{store.add_app(app)}" for app in (*apps, ADMIN_APP)}
@@ -188,8 +190,8 @@ async def start_api(
     )
     service = LlmService(config, store, env=env or {})
     await nursery.start(service.run)
-    router = Router()
-    add_llm_routes(router, service, AppAuthenticator(store))
+    router = Router(http)
+    add_llm_routes(router, service, AppAuthenticator(store, http))
     port: int = await nursery.start(serve_http, router, "127.0.0.1", 0)
     return GateApi(service, store, port, tokens)
 

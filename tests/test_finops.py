@@ -14,7 +14,7 @@ import pytest
 import trio
 from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
 
-from qmesh.config import BudgetConfig, RoutingConfig
+from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.chain import load_chain_key, verify_chain
 from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
@@ -63,6 +63,10 @@ async def test_500_concurrent_requests_never_overspend(
         providers=[provider_config("acme", acme.port, [paid_model("acme-pro")])],
         budgets=[BudgetConfig(name="team", limit_usd=limit, apps=("app-a",))],
         routing=FREE_LOCAL,
+        # All 500 at once from one app: the per-app cap on requests in
+        # progress (64 by default) must not answer 429 before the budget is
+        # what decides.
+        http=HttpConfig(max_requests_per_app=500),
     )
     pool = HttpPool()
     results: list[tuple[int, dict[str, object]]] = []
