@@ -1,6 +1,8 @@
 """Socket plumbing for the hot paths (relays, tunnel, HTTP):
 :class:`FastSocketStream` (below), :func:`connect_tcp` (no resolver thread
-for IP literals) and :func:`runnable_counter` (is anything else about to run?).
+for IP literals), :func:`runnable_counter` (is anything else about to run?)
+and :func:`open_listeners` (a listener that cannot bind says where and what
+to do about it).
 
 A TCP stream for the relay hot path: no scheduling round per call.
 
@@ -33,10 +35,12 @@ StreamT = TypeVar("StreamT", bound=trio.abc.Stream)
 
 __all__ = [
     "FastSocketStream",
+    "ListenError",
     "YieldBudget",
     "connect_tcp",
     "fast",
     "free_loopback_port",
+    "open_listeners",
     "runnable_counter",
 ]
 
@@ -180,3 +184,32 @@ def free_loopback_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the address, what it was
+    for and what the operator can do (an :class:`OSError`, so a role that
+    cannot start reports it in one line)."""
+
+
+async def open_listeners(host: str, port: int, *, purpose: str) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` whose failure says which address, for what."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            why = (
+                f"another program already listens there (`ss -ltnp 'sport = :{port}'` shows "
+                "which); stop it, or choose another port in the config "
+                "(qmesh up: --port-offset N, or --ephemeral for free ports)"
+            )
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (a port below 1024 needs CAP_NET_BIND_SERVICE)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = "this machine has no such address"
+        else:
+            why = exc.strerror or str(exc)
+        error = ListenError(f"cannot listen on {address} for {purpose}: {why}")
+        error.errno = exc.errno
+        raise error from None

@@ -365,3 +365,109 @@ async def test_a_late_heartbeat_does_not_fail_a_connected_node(
     mesh.inventory.disconnected("node-a", node.connection, now=time.time(), reason="test")
     with pytest.raises(NodeUnavailable, match="is gone"):
         await late.complete("node-a", GEMMA_ID, "completions", body)
+
+
+async def test_an_operator_stops_starts_and_unloads_a_model(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``POST /api/models/stop`` lets the running request finish, unloads the
+    model and takes it out of service: the router answers its task with a
+    503 that says why, and sends work that has an equivalent there. The stop
+    outlives a daemon restart; ``start`` puts it back at once."""
+    require_llama()
+    mesh = await start_mesh(nursery, tmp_path)
+    llama, scheduler = mesh.node.llama, mesh.node.scheduler
+    assert llama is not None and scheduler is not None
+    admin = mesh.gate_dir.bearer
+    models_api = f"{mesh.http}/api/models"
+
+    async def chat(dsn: str) -> tuple[int, Any]:
+        return await http_json(
+            "POST", f"{mesh.http}/v1/chat/completions", bearer=admin,
+            body={"model": dsn, "max_tokens": 4,
+                  "messages": [{"role": "user", "content": "Boats bring in cod. The market sells it."}]},
+        )  # fmt: skip
+
+    status, answer = await chat("qg://task=summarize;prefer=quality")
+    assert status == 200 and answer["model"] == GEMMA_ID  # the daemon's model is the better one
+    assert await llama.loaded_models() == [GEMMA_ID]
+
+    # A generation is running when the operator stops the model: it finishes.
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    generating = trio.Event()
+    finished: list[str] = []
+    stop_answer: list[tuple[int, Any]] = []
+
+    async def generate() -> None:
+        async with aclosing(mesh.client.stream("node-a", GEMMA_ID, "completions", body)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    generating.set()
+                elif isinstance(event, Done):
+                    assert not stop_answer  # the stop waited for this request
+                    finished.append(event.finish_reason)
+
+    async with trio.open_nursery() as running:
+        running.start_soon(generate)
+        await generating.wait()
+
+        async def stop() -> None:
+            stop_answer.append(await http_json("POST", models_api + "/stop", bearer=admin,
+                                               body={"model": GEMMA_ID}))  # fmt: skip
+
+        running.start_soon(stop)
+        # New requests are refused at once, before the running one is done.
+        await wait_until(lambda: GEMMA_ID in scheduler.stopped)
+        with pytest.raises(ModelUnavailable, match="stopped"):
+            await mesh.client.complete("node-a", GEMMA_ID, "completions", body)
+    assert finished == ["length"]
+    ((status, stopped),) = stop_answer
+    assert status == 200, stopped
+    assert stopped["nodes"] == [
+        {"node": "node-a", "ok": True, "state": "available", "stopped": True, "error": None}
+    ]
+    assert await llama.loaded_models() == []  # its memory is free
+    node = mesh.inventory.get("node-a", now=time.time())
+    assert node is not None and node.models[GEMMA_ID].stopped  # the Gate knows at once
+
+    # The router: work with an equivalent moves; work without one gets a reason.
+    status, answer = await chat("qg://task=summarize;prefer=quality")
+    assert status == 200 and answer["model"] == "qmesh-summarize"
+    status, error = await chat("qg://task=creative_writing")
+    assert status == 503, error
+    assert f"stopped on node-a by an operator (qmesh models start {GEMMA_ID})" in (
+        error["error"]["message"]
+    )
+
+    # Stopped survives the daemon's restart.
+    assert json.loads(mesh.node.stopped_file.read_text()) == [GEMMA_ID]
+    again = DaemonNode(mesh.node.config, "node-a")
+    assert again._read_stopped() == [GEMMA_ID]
+
+    status, started = await http_json("POST", models_api + "/start", bearer=admin,
+                                      body={"model": GEMMA_ID, "node": "node-a"})  # fmt: skip
+    assert status == 200 and started["nodes"][0]["stopped"] is False
+    status, answer = await chat("qg://task=creative_writing")  # at once: no wait for a report
+    assert status == 200 and answer["model"] == GEMMA_ID
+    assert json.loads(mesh.node.stopped_file.read_text()) == []
+
+    # Unload frees the memory and leaves the model in service.
+    status, unloaded = await http_json("POST", models_api + "/unload", bearer=admin,
+                                       body={"model": GEMMA_ID})  # fmt: skip
+    assert status == 200 and unloaded["nodes"][0]["state"] == "available"
+    assert await llama.loaded_models() == []
+    assert GEMMA_ID not in scheduler.stopped
+
+    # What an operator can get wrong, and who may do it at all.
+    for path, payload, expected in (
+        ("/stop", {"model": "no-such-model"}, 404),
+        ("/stop", {"model": GEMMA_ID, "node": "node-z"}, 404),
+        ("/stop", {"node": "node-a"}, 400),
+        ("/stop", {"model": GEMMA_ID, "node": 7}, 400),
+        ("/explode", {"model": GEMMA_ID}, 404),
+    ):
+        status, error = await http_json("POST", models_api + path, bearer=admin, body=payload)
+        assert status == expected, (path, payload, error)
+    status, _ = await http_json("POST", models_api + "/stop", body={"model": GEMMA_ID})
+    assert status == 401
+    assert GEMMA_ID not in scheduler.stopped

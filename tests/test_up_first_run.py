@@ -201,4 +201,5 @@ def test_a_port_already_taken_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert "Address already in use" in line
+    assert f"cannot listen on 127.0.0.1:{port} for the Gate's tunnel: another program" in line
+    assert "--port-offset N, or --ephemeral" in line  # what to do about it

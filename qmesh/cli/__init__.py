@@ -15,7 +15,7 @@ belong to no capability live in this package: running roles, ``up`` and
 capability's commands live with the capability: ``secrets`` and ``audit``
 (:mod:`qmesh.pg.cli`), ``memory`` (:mod:`qmesh.memory.cli`), ``quant`` and
 ``node`` (:mod:`qmesh.daemon.cli`), ``route`` and ``providers``
-(:mod:`qmesh.llm.cli`), ``inventory`` (:mod:`qmesh.fleet.cli`),
+(:mod:`qmesh.llm.cli`), ``inventory`` and ``models`` (:mod:`qmesh.fleet.cli`),
 ``sessions`` (:mod:`qmesh.ops.cli`), ``finops`` and ``ledger``
 (:mod:`qmesh.finops.cli`). They import :mod:`qmesh.cmdline`, never this
 package.
@@ -63,7 +63,7 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     memory_cli.add_commands,  # memory
     daemon_cli.add_commands,  # quant, node
     llm_cli.add_commands,  # route, providers
-    inventory_cli.add_commands,  # inventory
+    inventory_cli.add_commands,  # inventory, models
     sessions_cli.add_commands,  # sessions
     finops_cli.add_commands,  # finops, ledger
 )

@@ -6,6 +6,7 @@ tell "send it elsewhere" (``busy``) from "nobody can run this"
 (``bad_request``) without parsing messages. Split by who is at fault:
 
 - the caller: :class:`BadRequest`, :class:`UnknownModel`;
+- the operator: :class:`ModelStopped`;
 - this node's capacity: :class:`Busy`;
 - the model or its runtime: :class:`LoadFailed`, :class:`RuntimeFailed`.
 
@@ -15,7 +16,15 @@ at the boundary), so the scheduler and the service see nothing else.
 
 from __future__ import annotations
 
-__all__ = ["BadRequest", "Busy", "DaemonError", "LoadFailed", "RuntimeFailed", "UnknownModel"]
+__all__ = [
+    "BadRequest",
+    "Busy",
+    "DaemonError",
+    "LoadFailed",
+    "ModelStopped",
+    "RuntimeFailed",
+    "UnknownModel",
+]
 
 
 class DaemonError(Exception):
@@ -34,6 +43,12 @@ class UnknownModel(DaemonError):
     """No runtime on this node has a model by that name."""
 
     code = "unknown_model"
+
+
+class ModelStopped(DaemonError):
+    """An operator stopped the model on this node (``qmesh models stop``)."""
+
+    code = "stopped"
 
 
 class Busy(DaemonError):

@@ -28,12 +28,13 @@ from qmesh.daemon.scheduler import Scheduler, Slot
 from qmesh.daemon.wire import LineDecoder, WireError, encode, error_event
 from qmesh.tunnel import TunnelStream
 
-__all__ = ["serve_infer"]
+__all__ = ["read_request", "serve_infer"]
 
 log = logging.getLogger(__name__)
 
 
-async def _read_request(stream: TunnelStream) -> dict[str, Any]:
+async def read_request(stream: TunnelStream) -> dict[str, Any]:
+    """The one request line a Gate writes on a stream it opens (then EOF)."""
     decoder = LineDecoder()
     while True:
         data = await stream.receive_some()
@@ -62,7 +63,7 @@ async def serve_infer(
     received = clock()
     try:
         try:
-            message = await _read_request(stream)
+            message = await read_request(stream)
             if message.get("type") != "request" or not isinstance(message.get("model"), str):
                 raise BadRequest("expected a 'request' line naming a 'model'")
             model = message["model"]

@@ -15,10 +15,12 @@ or serving requests (:mod:`qmesh.daemon.infer`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -48,6 +50,7 @@ class DaemonNode:
         self.name = name
         self.settings = config.daemon
         self.data_dir = config.data_dir / "daemon"
+        self.stopped_file = self.data_dir / "stopped-models.json"
         self.reader = reader or TelemetryReader()
         self.catalog = Catalog(self.settings.model_dirs)
         self.runtimes: list[Runtime] = []
@@ -103,6 +106,7 @@ class DaemonNode:
             budget=budget,
             queue_limit=self.settings.queue_limit,
             parallel=self.settings.parallel,
+            stopped=await trio.to_thread.run_sync(self._read_stopped),
             on_change=self.mark_changed,
         )
         log.info(
@@ -113,6 +117,31 @@ class DaemonNode:
             budget / 1e6,
             ", ".join(r.name for r in self.runtimes) or "none",
         )
+
+    # -- models an operator stopped: kept across restarts ------------------------
+
+    def _read_stopped(self) -> list[str]:
+        try:
+            with open(self.stopped_file, encoding="utf-8") as file:
+                ids = json.load(file)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.stopped_file, exc)
+            return []
+        if not isinstance(ids, list):
+            return []
+        stopped = [i for i in ids if isinstance(i, str)]
+        if stopped:
+            log.info("models stopped by an operator: %s", ", ".join(stopped))
+        return stopped
+
+    def save_stopped(self, ids: Iterable[str]) -> None:
+        """Write the stopped models' ids (a restart keeps them stopped)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.stopped_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(sorted(ids)) + "\n", encoding="utf-8")
+        os.replace(temporary, self.stopped_file)
 
     def _gpu_layers(self, model: ModelInfo) -> int:
         if self.settings.gpu_layers is not None:

@@ -3,7 +3,8 @@
 Wires the parts together: a :class:`~qmesh.daemon.node.DaemonNode`
 (telemetry, catalog, runtimes, scheduler), the tunnel client with the
 services the Gate opens to it (``status``: one JSON document about the
-node; ``infer``: :mod:`qmesh.daemon.infer`), the ``inventory`` stream it
+node; ``infer``: :mod:`qmesh.daemon.infer`; ``control``:
+:mod:`qmesh.daemon.control`), the ``inventory`` stream it
 opens to the Gate (:mod:`qmesh.daemon.reporter`), and the local HTTP
 endpoint on ``daemon.health_listen`` (``GET /healthz``, ``GET /api/node``:
 the same document the Gate gets) for operators on the box.
@@ -22,10 +23,11 @@ import trio
 
 from qmesh import __version__
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
+from qmesh.daemon.control import serve_control
 from qmesh.daemon.infer import serve_infer
 from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.reporter import report_forever
-from qmesh.daemon.wire import INFER_SERVICE
+from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
 from qmesh.identity import load_credential
 from qmesh.tunnel import TunnelClient, TunnelStream
 from qmesh.web.http import Request, Response, Router, serve_http
@@ -89,13 +91,19 @@ async def run_daemon(
             INFER_SERVICE: partial(
                 serve_infer, scheduler=node.scheduler, on_runtime_failure=node.request_refresh
             ),
+            CONTROL_SERVICE: partial(serve_control, node=node),
         },
     )
     host, port = parse_hostport(config.daemon.health_listen)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         await nursery.start(client.run)
-        bound = await nursery.start(serve_http, _local_routes(node, client), host, port)
+        bound = await nursery.start(
+            partial(serve_http, purpose="the daemon's health endpoint"),
+            _local_routes(node, client),
+            host,
+            port,
+        )
         nursery.start_soon(report_forever, client, node)
         task_status.started(
             {

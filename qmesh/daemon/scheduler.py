@@ -9,7 +9,10 @@ evicts the least recently used idle models of memory-managed runtimes
 (llama.cpp) until it fits, or waits for one to become idle; (3) limits
 concurrent generations per model (``parallel``). :meth:`Scheduler.models`
 is the per-model state the inventory reports: state, queue depth, active
-requests, busy, loads and evictions.
+requests, busy, loads and evictions. :meth:`Scheduler.stop` takes a model
+out of service (new requests are refused at once with
+:class:`~qmesh.daemon.errors.ModelStopped`, those already admitted finish,
+then it is unloaded) until :meth:`Scheduler.start`.
 
 Invariants: a model with requests running or waiting is never evicted;
 memory is reserved (state ``loading``) before the load starts, so two loads
@@ -24,14 +27,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
 
-from qmesh.daemon.errors import Busy, DaemonError, LoadFailed, RuntimeFailed, UnknownModel
+from qmesh.daemon.errors import (
+    Busy,
+    DaemonError,
+    LoadFailed,
+    ModelStopped,
+    RuntimeFailed,
+    UnknownModel,
+)
 from qmesh.daemon.runtimes.base import Health, Runtime, RuntimeModel
 
 __all__ = ["Scheduler", "Slot"]
@@ -85,6 +95,7 @@ class Scheduler:
         budget: int | None,
         queue_limit: int = 4,
         parallel: int = 1,
+        stopped: Iterable[str] = (),
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.runtimes = list(runtimes)
@@ -93,6 +104,9 @@ class Scheduler:
         self.parallel = parallel
         self.on_change = on_change
         self.slots: dict[str, Slot] = {}
+        self.stopped: set[str] = set(stopped)
+        """Model ids an operator stopped; kept by id, so a model that leaves
+        and comes back (a rescan, a runtime restart) is still stopped."""
         self.health: dict[str, Health] = {}
         self._memory_lock = trio.Lock()
         self._changed = trio.Event()
@@ -119,6 +133,7 @@ class Scheduler:
                 "runtime": slot.runtime.name,
                 "runtime_kind": slot.runtime.kind,
                 "state": slot.state,
+                "stopped": slot.id in self.stopped,
                 "error": slot.error,
                 "active": slot.active,
                 "queue_depth": slot.waiting,
@@ -201,9 +216,9 @@ class Scheduler:
         generation slot while the block runs. Raises UnknownModel, Busy,
         LoadFailed. ``admitted`` is awaited once the request has a place in
         the queue, before any waiting for a load."""
-        slot = self.slots.get(model_id)
-        if slot is None:
-            raise UnknownModel(f"this node has no model {model_id!r}")
+        slot = self._slot(model_id)
+        if model_id in self.stopped:
+            raise ModelStopped(f"{model_id} is stopped on this node (qmesh models start)")
         if slot.waiting >= self.queue_limit:
             raise Busy(
                 f"{model_id}: {slot.waiting} request(s) already wait "
@@ -318,11 +333,34 @@ class Scheduler:
             victim.settled.set()
             self._notify()
 
-    async def unload(self, model_id: str) -> None:
-        """Unload on request (an operator, or shutdown); waits for running requests."""
+    def _slot(self, model_id: str) -> Slot:
         slot = self.slots.get(model_id)
         if slot is None:
             raise UnknownModel(f"this node has no model {model_id!r}")
+        return slot
+
+    async def stop(self, model_id: str) -> Slot:
+        """Take ``model_id`` out of service: new requests are refused from now
+        on, the running and queued ones finish, then it is unloaded."""
+        self._slot(model_id)
+        if model_id not in self.stopped:
+            self.stopped.add(model_id)
+            log.info("%s stopped by the operator: no new requests", model_id)
+            self._notify()
+        return await self.unload(model_id)
+
+    def start(self, model_id: str) -> Slot:
+        """Put a stopped model back in service (it loads on its next request)."""
+        slot = self._slot(model_id)
+        if model_id in self.stopped:
+            self.stopped.discard(model_id)
+            log.info("%s started by the operator", model_id)
+            self._notify()
+        return slot
+
+    async def unload(self, model_id: str) -> Slot:
+        """Unload on request (an operator, or shutdown); waits for running requests."""
+        slot = self._slot(model_id)
         while slot.active or slot.waiting:
             await self._changed.wait()
         async with self._memory_lock:
@@ -336,3 +374,4 @@ class Scheduler:
                     slot.state = "available"
                     slot.settled.set()
                     self._notify()
+        return slot

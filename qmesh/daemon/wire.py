@@ -1,9 +1,11 @@
 """The daemon ⇄ Gate messages carried on tunnel streams: JSON lines, sans-IO.
 
-For: the two services of docs/daemon.md — ``inventory`` (opened by the
+For: the services of docs/daemon.md — ``inventory`` (opened by the
 daemon, a long-lived stream of ``hello`` / ``inventory`` / ``heartbeat``
-lines) and ``infer`` (opened by the Gate: one request line, then ``start`` /
-``delta``… / ``end`` or ``error`` lines back). :class:`LineDecoder` splits
+lines), ``infer`` (opened by the Gate: one request line, then ``start`` /
+``delta``… / ``end`` or ``error`` lines back) and ``control`` (opened by the
+Gate: one ``stop`` / ``start`` / ``unload`` line, one ``done`` or ``error``
+line back). :class:`LineDecoder` splits
 bytes into JSON objects with a size cap checked before anything is kept;
 :func:`encode` is its inverse; the ``*_event`` helpers build the lines, so
 both ends spell them the same way.
@@ -21,6 +23,8 @@ from typing import Any, Final
 from qmesh import peerjson
 
 __all__ = [
+    "CONTROL_OPERATIONS",
+    "CONTROL_SERVICE",
     "ERROR_CODES",
     "INFER_SERVICE",
     "INVENTORY_SERVICE",
@@ -35,6 +39,9 @@ __all__ = [
 WIRE_VERSION: Final = 1
 INVENTORY_SERVICE: Final = "inventory"
 INFER_SERVICE: Final = "infer"
+CONTROL_SERVICE: Final = "control"
+CONTROL_OPERATIONS: Final = ("stop", "start", "unload")
+"""What a ``control`` line may ask (its ``type``)."""
 MAX_LINE: Final = 4 * 1024 * 1024
 """Longest line either end accepts (a full inventory with hundreds of models
 fits many times over; a prompt larger than this is refused)."""
@@ -47,12 +54,13 @@ ERROR_CODES: Final = frozenset(
         "bad_request",  # the request line is malformed or names no model
         "unknown_model",  # the node has no such model
         "busy",  # the model's queue is full: send the work elsewhere
+        "stopped",  # an operator stopped the model on this node: send the work elsewhere
         "load_failed",  # the model could not be loaded (memory, bad file)
         "runtime_failed",  # the runtime failed before or during generation
         "shutting_down",  # the daemon is stopping
     }
 )
-"""Values of ``code`` in an ``error`` line of the ``infer`` service."""
+"""Values of ``code`` in an ``error`` line of the ``infer`` and ``control`` services."""
 
 
 class WireError(Exception):

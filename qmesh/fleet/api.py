@@ -9,7 +9,12 @@ For (all need the admin key):
   ``POST /api/daemons/{node}/v1/chat/completions`` — an OpenAI-style request
   run on that node (``model`` names the node's model), answered in OpenAI's
   shapes: JSON, or server-sent events token by token with ``"stream": true``.
-  The answer also carries ``qmesh`` (node, runtime, timings).
+  The answer also carries ``qmesh`` (node, runtime, timings);
+- ``POST /api/models/stop``, ``/start``, ``/unload`` — body ``{"model": ID}``
+  and optionally ``"node"``: take a model out of service on every node that
+  has it (or one), put it back, or free its memory. Answers once every node
+  is done: ``{"model", "nodes": [{"node", "ok", "state", "stopped",
+  "error"}]}``; an error status only when no node succeeded.
 
 The node-addressed endpoints are an operator's and a test's tool; clients
 use the capability router's ``/v1/*`` (:mod:`qmesh.llm`), which picks the node.
@@ -27,6 +32,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import trio
+
+from qmesh.daemon.wire import CONTROL_OPERATIONS
 from qmesh.fleet.daemons import (
     DaemonCallError,
     DaemonClient,
@@ -232,10 +240,61 @@ def add_daemon_routes(
             await events.aclose()
         yield _sse("[DONE]")
 
+    async def control_model(request: Request) -> Response:
+        await auth.require(request, admin=True)
+        operation = request.path_params["operation"]
+        if operation not in CONTROL_OPERATIONS:
+            raise HttpError(
+                404, f"no such operation {operation!r}: {', '.join(CONTROL_OPERATIONS)}"
+            )
+        body = request.json()
+        model = body.get("model") if isinstance(body, dict) else None
+        only = body.get("node") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not (only is None or isinstance(only, str)):
+            raise HttpError(400, "the body must be a JSON object with a 'model' (and a 'node')")
+        now = clock()
+        nodes = [
+            n.name
+            for n in inventory.nodes(now=now, kind="daemon")
+            if model in n.models and (only is None or n.name == only)
+        ]
+        if not nodes:
+            where = f"node {only!r}" if only is not None else "no daemon"
+            raise HttpError(404, f"{where} has no model {model!r}", code="not_found")
+        results: dict[str, dict[str, Any]] = {}
+        errors: list[DaemonCallError] = []
+
+        async def one(node: str) -> None:
+            try:
+                done = await client.control(node, operation, model)
+            except DaemonCallError as error:
+                errors.append(error)
+                results[node] = {"node": node, "ok": False, "error": str(error)}
+                return
+            state, stopped = str(done.get("state")), done.get("stopped") is True
+            inventory.model_changed(node, model, state=state, stopped=stopped)
+            results[node] = {
+                "node": node,
+                "ok": True,
+                "state": state,
+                "stopped": stopped,
+                "error": None,
+            }
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+        if len(errors) == len(nodes):
+            raise _http_error(errors[0])
+        return Response.json(
+            {"model": model, "operation": operation, "nodes": [results[n] for n in nodes]}
+        )
+
     router.add("GET", "/api/inventory", list_inventory)
     router.add("GET", "/api/inventory/{node}", one_node)
     router.add("POST", "/api/daemons/{node}/v1/completions", infer_handler("completions"))
     router.add("POST", "/api/daemons/{node}/v1/chat/completions", infer_handler("chat.completions"))
+    router.add("POST", "/api/models/{operation}", control_model)
 
 
 def _node_of(event: InferEvent) -> str | None:

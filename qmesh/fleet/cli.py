@@ -1,10 +1,14 @@
-"""``qmesh inventory [--json] [--watch]``: the running Gate's inventory in a terminal.
+"""``qmesh inventory`` and ``qmesh models``: the running Gate's fleet in a terminal.
 
-For: asking a Gate's ``GET /api/inventory`` (daemons and the services its
-scans found) and printing a table, the JSON, or a table redrawn in place
-every ``--interval`` seconds until Ctrl-C. ``--scan`` asks for a scan
-first and waits for it. Which Gate, and with which key and pin: see
-:mod:`qmesh.web.admin_client`.
+For: ``qmesh inventory [--json] [--watch]`` asks a Gate's ``GET
+/api/inventory`` (daemons and the services its scans found) and prints a
+table, the JSON, or a table redrawn in place every ``--interval`` seconds
+until Ctrl-C; ``--scan`` asks for a scan first and waits for it. ``qmesh
+models`` lists every daemon's models with their state, and ``qmesh models
+stop|start|unload MODEL [--node NODE]`` takes one out of service (the
+router sends its work to an equivalent, or answers 503 saying why), puts it
+back, or frees its memory (``POST /api/models/...``). Which Gate, and with
+which key and pin: see :mod:`qmesh.web.admin_client`.
 
 Not for: the inventory itself (:mod:`qmesh.fleet.inventory`) or its HTTP
 handlers (:mod:`qmesh.fleet.api`).
@@ -31,6 +35,14 @@ __all__ = ["add_commands"]
 _STATES: Final = ("fresh", "stale", "gone")
 _COLOURS: Final = {"fresh": "32", "stale": "33", "gone": "90"}
 _CLEAR: Final = "\x1b[H\x1b[J"
+_MODEL_OPERATIONS: Final = {
+    "stop": "take a model out of service: new requests go to an equivalent model or get a "
+    "503 that says why; running ones finish; then it leaves memory. It stays stopped, "
+    "across daemon restarts, until 'start'",
+    "start": "put a stopped model back in service (it loads on its next request)",
+    "unload": "free a model's memory now, after its running requests (it loads again "
+    "on its next request)",
+}
 """Cursor home, then clear to the end: the table redraws in place."""
 
 
@@ -51,6 +63,21 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     inventory.add_argument("--scan", action="store_true", help="scan the targets first and wait")
     add_gate_options(inventory)
     inventory.set_defaults(handler=cmd_inventory)
+
+    models = add_command(
+        commands, common, "models", "the daemons' models; 'stop', 'start', 'unload' one"
+    )
+    models.add_argument("--json", action="store_true", help="print the Gate's JSON")
+    add_gate_options(models)
+    models.set_defaults(handler=cmd_models, operation=None)
+    operations = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    for operation, help_text in _MODEL_OPERATIONS.items():
+        command = operations.add_parser(operation, help=help_text, description=help_text)
+        command.add_argument("model", metavar="MODEL", help="the model's id (qmesh models)")
+        command.add_argument("--node", help="only on this daemon (default: every daemon with it)")
+        command.add_argument("--json", action="store_true", help="print the Gate's JSON")
+        add_gate_options(command)
+        command.set_defaults(handler=cmd_models, operation=operation)
 
 
 def fetch(args: argparse.Namespace, gate: GateApi) -> dict[str, Any]:
@@ -138,7 +165,63 @@ def format_table(data: dict[str, Any], *, colour: bool = False, width: int = 120
     return "\n".join(lines)
 
 
-# -- the command -------------------------------------------------------------------------------
+def format_models(data: dict[str, Any]) -> str:
+    """One row per (daemon, model) of an inventory."""
+    head = ("NODE", "MODEL", "QUANT", "STATE", "QUEUE", "ACTIVE", "NODE STATE")
+    rows = [
+        (
+            str(node.get("name")),
+            str(model.get("id")),
+            str(model.get("quantization") or "-"),
+            "stopped" if model.get("stopped") else str(model.get("state")),
+            str(model.get("queue_depth", 0)),
+            str(model.get("active", 0)),
+            str(node.get("state")),
+        )
+        for node in data["nodes"]
+        if isinstance(node, dict) and node.get("kind") == "daemon"
+        for model in node.get("models") or ()
+        if isinstance(model, dict)
+    ]
+    if not rows:
+        return "no daemon reports a model"
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (head, *rows)
+    )
+
+
+def format_operation(answer: dict[str, Any]) -> str:
+    lines = []
+    for result in answer.get("nodes") or ():
+        if not result.get("ok"):
+            lines.append(f"{result.get('node')}: failed: {result.get('error')}")
+            continue
+        state = "stopped" if result.get("stopped") else "in service"
+        lines.append(f"{result.get('node')}: {answer.get('model')} {state} ({result.get('state')})")
+    return "\n".join(lines)
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    try:
+        gate = GateApi.from_args(args, config)
+        if args.operation is None:
+            data = gate.call("GET", "/api/inventory?kind=daemon")
+            print(json.dumps(data, indent=2) if args.json else format_models(data))
+            return EXIT_OK
+        body = {"model": args.model, **({"node": args.node} if args.node else {})}
+        # Stopping waits for the running requests: as long as the Gate waits, and a little more.
+        answer = gate.call("POST", f"/api/models/{args.operation}", body=body, timeout=330)
+        print(json.dumps(answer, indent=2) if args.json else format_operation(answer))
+        results = answer.get("nodes") or ()
+        return EXIT_OK if all(r.get("ok") for r in results) else EXIT_FAILURE
+    except CliError as exc:
+        print_err(f"error: {exc}")
+        return exc.status
 
 
 def cmd_inventory(args: argparse.Namespace, config: Config) -> int:

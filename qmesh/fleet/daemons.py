@@ -12,6 +12,9 @@ on a given node and model and streams the answer back::
             if isinstance(event, TextDelta):
                 print(event.text, end="")
 
+:meth:`DaemonClient.control` stops, starts or unloads a model on a node
+(an operator's ``qmesh models stop``).
+
 Events: one :class:`Started`, then :class:`TextDelta` per piece of text as
 the node produces it (token by token), then one :class:`Done`. Failures
 raise the :class:`DaemonCallError` family, split by what the caller should
@@ -40,6 +43,7 @@ import attrs
 import trio
 
 from qmesh.daemon.wire import (
+    CONTROL_SERVICE,
     INFER_SERVICE,
     LineDecoder,
     WireError,
@@ -70,6 +74,8 @@ ACCEPT_TIMEOUT_S: Final = 10.0
 """A node must acknowledge a request this fast (before any model load)."""
 IDLE_TIMEOUT_S: Final = 600.0
 """Longest silence once accepted: a large model may take minutes to load."""
+CONTROL_TIMEOUT_S: Final = 300.0
+"""Longest wait for a stop or unload: the requests already running finish first."""
 
 
 # -- errors ---------------------------------------------------------------------
@@ -111,6 +117,7 @@ class InferenceFailed(DaemonCallError):
 _ERRORS: Final[dict[str, type[DaemonCallError]]] = {
     "busy": NodeBusy,
     "unknown_model": ModelUnavailable,
+    "stopped": ModelUnavailable,
     "load_failed": ModelUnavailable,
     "bad_request": RequestRejected,
     "shutting_down": NodeUnavailable,
@@ -380,6 +387,52 @@ class DaemonClient:
         if error_class is None or partial:
             return InferenceFailed(text, node=node, model=model, partial=partial)
         return error_class(text, node=node, model=model)
+
+    async def control(
+        self, node: str, operation: str, model: str, *, timeout_s: float = CONTROL_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """Stop, start or unload ``model`` on ``node`` (:mod:`qmesh.daemon.control`);
+        the node's ``done`` line: model, state, stopped."""
+        session = self._session(node, model)
+        try:
+            tunnel = session.open_stream({"service": CONTROL_SERVICE, "model": model})
+        except TunnelError as exc:
+            raise NodeUnavailable(f"node {node}: {exc}", node=node, model=model) from None
+        decoder = LineDecoder(max_line=64 * 1024)
+        try:
+            await tunnel.send_all(encode({"type": operation, "model": model}))
+            await tunnel.send_eof()
+            with trio.move_on_after(timeout_s):
+                while True:
+                    data = await tunnel.receive_some()
+                    for message in decoder.feed(data):
+                        if message["type"] == "error":
+                            raise self._error(node, model, message, False)
+                        if message["type"] != "done":
+                            raise WireError(f"unexpected {message['type']!r} line")
+                        return message
+                    if not data:
+                        raise NodeUnavailable(
+                            f"node {node} ended the control stream without an answer",
+                            node=node,
+                            model=model,
+                        )
+            raise NodeUnavailable(
+                f"node {node} did not finish '{operation} {model}' within {timeout_s:g}s "
+                "(requests still running on it)",
+                node=node,
+                model=model,
+            )
+        except WireError as exc:
+            raise NodeUnavailable(
+                f"node {node} broke the protocol: {exc}", node=node, model=model
+            ) from None
+        except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NodeUnavailable(
+                f"node {node}: the stream broke: {exc}", node=node, model=model
+            ) from None
+        finally:
+            await trio.aclose_forcefully(tunnel)
 
     async def complete(
         self, node: str, model: str, endpoint: str, body: dict[str, Any]

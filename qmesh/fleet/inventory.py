@@ -51,6 +51,10 @@ class InventoryModel:
     runtime: str
     state: str
     """``available`` (on disk), ``loading``, ``loaded``, ``unloading``, ``failed``."""
+    stopped: bool = False
+    """An operator took it out of service on its node (``qmesh models stop``)."""
+    error: str | None = None
+    """Why it is ``failed``, as the node said."""
     family: str | None = None
     size_class: str | None = None
     equivalence: str | None = None
@@ -77,6 +81,8 @@ class InventoryModel:
             id=str(data.get("id", "")),
             runtime=str(data.get("runtime", "")),
             state=str(data.get("state", "available")),
+            stopped=data.get("stopped") is True,
+            error=opt("error", str),
             family=opt("family", str),
             size_class=opt("size_class", str),
             equivalence=opt("equivalence", str),
@@ -236,6 +242,16 @@ class Inventory:
             self._set(node, "fresh", "heartbeats resumed", now)
         self.version += 1
         return node
+
+    def model_changed(self, name: str, model_id: str, *, state: str, stopped: bool) -> None:
+        """A node confirmed an operator's change to one model (stop, start,
+        unload): true at once, before its next full report says so too."""
+        node = self._nodes.get(name)
+        model = None if node is None else node.models.get(model_id)
+        if node is None or model is None:
+            return
+        node.models[model_id] = attrs.evolve(model, state=state, stopped=stopped)
+        self.version += 1
 
     def disconnected(
         self, name: str, connection: object | None, *, now: float, reason: str

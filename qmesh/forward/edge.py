@@ -9,6 +9,7 @@ import trio
 
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
+from qmesh.fastsocket import open_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.services import splice
@@ -26,7 +27,7 @@ async def serve_forward(
     """Listen on ``listen`` ("host:port") and relay each connection to ``target``
     through the tunnel. ``task_status.started`` gets the bound port."""
     host, port = parse_hostport(listen)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port, purpose=f"the forward to {target}")
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("forwarding %s:%d → %s through the gate", host, bound, target)
 

@@ -126,7 +126,11 @@ async def run_gate(
                 else None
             )
             http_bound = await nursery.start(
-                partial(serve_http, tls=None if tls is None else tls.context),
+                partial(
+                    serve_http,
+                    tls=None if tls is None else tls.context,
+                    purpose="the Gate's HTTP API",
+                ),
                 router,
                 http_host,
                 http_port,

@@ -65,6 +65,7 @@ class LlmApi:
 
     def _dsn_for(self, model: object, endpoint: str) -> tuple[Dsn, str | None]:
         """The DSN to route and the model pin, from a request's ``model``."""
+        self.service.sync_inventory()
         if not isinstance(model, str) or not model:
             raise HttpError(400, "'model' is required: a model id or a qg:// DSN", param="model")
         if is_dsn(model):
@@ -169,6 +170,7 @@ class LlmApi:
 
     async def models(self, request: Request) -> Response:
         await self.auth.require(request)
+        self.service.sync_inventory()
         data = [
             {
                 "id": c.model,

@@ -30,7 +30,7 @@ from qmesh.fleet.daemons import (
     RequestRejected,
     TextDelta,
 )
-from qmesh.fleet.inventory import Node
+from qmesh.fleet.inventory import InventoryModel, Node
 from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import (
     Answer,
@@ -148,6 +148,14 @@ def _power_w(node: Node) -> float:
     return watts
 
 
+def _out_of_service(node: str, model: InventoryModel) -> str | None:
+    if model.stopped:
+        return f"stopped on {node} by an operator (qmesh models start {model.id})"
+    if model.state == "failed":
+        return f"failed to load on {node}: {model.error or 'no reason given'}"
+    return None
+
+
 def daemon_candidates(
     nodes: Iterable[Node],
     backend: DaemonBackend,
@@ -168,8 +176,6 @@ def daemon_candidates(
         free = telemetry.get("model_memory_free")
         power = _power_w(node)
         for model in node.models.values():
-            if model.state == "failed":
-                continue
             cid = f"node:{node.name}/{model.id}"
             family, size = model.family, model.size_class
             equivalence = (
@@ -201,6 +207,7 @@ def daemon_candidates(
                 busy=model.busy,
                 free_memory_mb=None if free is None else float(free) / 1e6,
                 healthy=node.state == "fresh",
+                out_of_service=_out_of_service(node.name, model),
                 cool_until=0.0 if old is None else old.cool_until,
                 power_w=power,
                 backend=backend,

@@ -19,6 +19,7 @@ import trio
 
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
+from qmesh.fastsocket import open_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.services import splice
@@ -44,7 +45,7 @@ async def serve_llm(
 ) -> None:
     """Listen on ``listen`` ("host:port"); ``task_status.started`` gets the bound port."""
     host, port = parse_hostport(listen)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port, purpose="the MiniGate's LLM API")
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("LLM API on %s:%d (relayed to the gate)", host, bound)
 

@@ -94,6 +94,7 @@ class LlmService:
         self.daemon_backend: DaemonBackend | None = None
         self._daemon_candidates: list[Candidate] = []
         self._daemon_shape: tuple[object, ...] = ()
+        self._inventory_seen = -1
 
     @classmethod
     def from_config(cls, config: Config, store: StateStore) -> LlmService:
@@ -225,6 +226,7 @@ class LlmService:
         }
         raw = json.dumps(body).encode()
         tokens_in = estimate_call_tokens(raw)
+        self.sync_inventory()
         try:
             decision = self.router.decide(
                 dsn, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
@@ -253,13 +255,23 @@ class LlmService:
         self.inventory = inventory
         self.daemon_backend = DaemonBackend(client)
 
+    def sync_inventory(self) -> None:
+        """Bring the router up to date with the inventory, if it changed.
+
+        Called before each decision as well as every ``INVENTORY_POLL_S``: a
+        change the Gate has already acknowledged (an operator's ``qmesh
+        models stop``) holds for the very next request."""
+        if self.inventory is not None and self.inventory.version != self._inventory_seen:
+            self._inventory_seen = self.inventory.version
+            self._sync_daemons()
+
     def _sync_daemons(self) -> None:
         inventory = self.inventory
         if inventory is None or self.daemon_backend is None:
             return
         nodes = inventory.nodes(now=time.time(), kind="daemon")
         shape = tuple(
-            (n.name, n.state, tuple(sorted((m.id, m.state) for m in n.models.values())))
+            (n.name, n.state, tuple(sorted((m.id, m.state, m.stopped) for m in n.models.values())))
             for n in nodes
         )
         if shape == self._daemon_shape:
@@ -279,11 +291,8 @@ class LlmService:
         self.router.telemetry_changed()
 
     async def _follow_inventory(self) -> None:
-        seen = -1
         while True:
-            if self.inventory is not None and self.inventory.version != seen:
-                seen = self.inventory.version
-                self._sync_daemons()
+            self.sync_inventory()
             await trio.sleep(INVENTORY_POLL_S)
 
     def skill_view(self) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ import trio
 from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
+from qmesh.fastsocket import open_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.services import splice
@@ -118,7 +119,7 @@ async def serve_pg(
     """Listen on ``listen`` ("host:port") and carry each Postgres client
     connection to the Gate. ``task_status.started`` gets the bound port."""
     host, port = parse_hostport(listen)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port, purpose="the MiniGate's Postgres")
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("postgres listener on %s:%d%s", host, bound, " (TLS available)" if tls else "")
 

@@ -72,6 +72,9 @@ class Candidate:
     """The node says this model cannot take more work now."""
     healthy: bool = True
     """False while the inventory says stale or gone."""
+    out_of_service: str | None = None
+    """Why its node will not run it at all now (an operator stopped it, it
+    failed to load); None when it may be chosen."""
     cool_until: float = 0.0
     """Monotonic time before which it is not chosen (failed recently)."""
     order: int = 0

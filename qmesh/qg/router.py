@@ -257,6 +257,8 @@ class Router:
         now: float,
     ) -> tuple[str | None, float]:
         """``(reason it is refused or None, estimated cost)``."""
+        if candidate.out_of_service is not None:
+            return candidate.out_of_service, 0.0
         if not candidate.healthy:
             return "unhealthy: its node is stale or gone", 0.0
         if candidate.cool_until > now:

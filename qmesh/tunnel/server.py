@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from qmesh.fastsocket import open_listeners
 from qmesh.tunnel import handshake
 from qmesh.tunnel.errors import (
     ConnectionLost,
@@ -93,7 +94,7 @@ class TunnelServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port``; ``task_status.started`` gets the bound port."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(host, port, purpose="the Gate's tunnel")
         bound_port: int = listeners[0].socket.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:

@@ -40,7 +40,7 @@ import trio
 from qmesh import peerjson
 from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import FastSocketStream
+from qmesh.fastsocket import FastSocketStream, open_listeners
 
 __all__ = [
     "Handler",
@@ -271,13 +271,15 @@ async def serve_http(
     *,
     limits: HttpConfig | None = None,
     tls: ssl.SSLContext | None = None,
+    purpose: str = "HTTP",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
-    bound port. ``limits`` default to the router's. With ``tls``, every
-    connection is TLS (its handshake bounded by the request timeout)."""
+    bound port (``purpose`` names it if it cannot bind). ``limits`` default
+    to the router's. With ``tls``, every connection is TLS (its handshake
+    bounded by the request timeout)."""
     limits = limits if limits is not None else router.limits
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_listeners(host, port, purpose=purpose)
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening on %s:%d", host, bound)
     connections = _Connections()
