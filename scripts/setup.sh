@@ -173,14 +173,15 @@ if [[ ! -x ${QMESH_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb ]]; then
   fi
 fi
 
-# -- jq, which the README's commands use to read up.json ----------------------------
-if ! command -v jq >/dev/null 2>&1; then
+# -- jq and curl, which the README's walk uses (tests/test_readme_walk.py) ----------
+if ! command -v jq >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing jq (the README reads up.json with it)"
+    say "installing jq and curl (the README's walk uses them)"
     logged apt-jq env DEBIAN_FRONTEND=noninteractive \
-      sh -c 'apt-get update -qq && apt-get install -y -qq jq'
+      sh -c 'apt-get update -qq && apt-get install -y -qq jq curl'
   else
-    say "warning: jq is missing; the README's examples use it (as root: apt-get install jq)"
+    say "warning: jq or curl is missing; the README's walk uses them" \
+      "(as root: apt-get install jq curl)"
   fi
 fi
 

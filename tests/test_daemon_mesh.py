@@ -382,11 +382,9 @@ async def test_an_operator_stops_starts_and_unloads_a_model(
     models_api = f"{mesh.http}/api/models"
 
     async def chat(dsn: str) -> tuple[int, Any]:
-        return await http_json(
-            "POST", f"{mesh.http}/v1/chat/completions", bearer=admin,
-            body={"model": dsn, "max_tokens": 4,
-                  "messages": [{"role": "user", "content": "Boats bring in cod. The market sells it."}]},
-        )  # fmt: skip
+        text = "Boats bring in cod. The market sells it."
+        body = {"model": dsn, "max_tokens": 4, "messages": [{"role": "user", "content": text}]}
+        return await http_json("POST", f"{mesh.http}/v1/chat/completions", bearer=admin, body=body)
 
     status, answer = await chat("qg://task=summarize;prefer=quality")
     assert status == 200 and answer["model"] == GEMMA_ID  # the daemon's model is the better one
@@ -435,8 +433,9 @@ async def test_an_operator_stops_starts_and_unloads_a_model(
     assert status == 200 and answer["model"] == "qmesh-summarize"
     status, error = await chat("qg://task=creative_writing")
     assert status == 503, error
-    assert f"stopped on node-a by an operator (qmesh models start {GEMMA_ID})" in (
-        error["error"]["message"]
+    assert (
+        f"stopped on node-a by an operator (qmesh models start {GEMMA_ID})"
+        in (error["error"]["message"])
     )
 
     # Stopped survives the daemon's restart.

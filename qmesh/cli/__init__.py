@@ -192,7 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return roles_cli.cmd_version(args, None)
     try:
         config = _load_config(args)
-        setup_logging(config.log.level, config.log.format)
+        level = config.log.level
+        if not roles and args.command != "up" and args.log_level is None and level == "info":
+            # A one-shot command prints its answer; the progress lines that
+            # suit a running role would bury it (--log-level info shows them).
+            level = "warning"
+        setup_logging(level, config.log.format)
         if roles:
             return roles_cli.run_roles(config, roles)
         handler: Handler = args.handler

@@ -176,6 +176,10 @@ class Inventory:
         self._nodes: dict[str, Node] = {}
         self.version = 0
         """Bumped on every change, so pollers (the router) can skip rebuilding."""
+        self.models_version = 0
+        """Bumped when a node changes state or its models (ids, states,
+        stopped) change — not by a heartbeat's load figures: cheap enough for
+        the router to check before every decision."""
         self.listening: tuple[float, float] | None = None
         """``(when, interval)``: the Gate's sweeper last ran at ``when`` and runs
         every ``interval`` s (None: no sweeper; every sweep then applies)."""
@@ -228,7 +232,10 @@ class Inventory:
         node.last_seen = now
         node.reports += 1
         if models is not None:
+            before = _model_states(node)
             node.models = {m.id: m for m in map(InventoryModel.from_report, models) if m.id}
+            if _model_states(node) != before:
+                self.models_version += 1
         if load:
             for model_id, figures in load.items():
                 model = node.models.get(model_id)
@@ -252,6 +259,7 @@ class Inventory:
             return
         node.models[model_id] = attrs.evolve(model, state=state, stopped=stopped)
         self.version += 1
+        self.models_version += 1
 
     def disconnected(
         self, name: str, connection: object | None, *, now: float, reason: str
@@ -372,6 +380,7 @@ class Inventory:
             log.info("node %s: %s → %s (%s)", node.name, node.state, state, reason)
             node.state = state
             node.state_since = now
+            self.models_version += 1
         node.reason = reason
 
     # -- queries ------------------------------------------------------------------
@@ -408,3 +417,7 @@ class Inventory:
         """Drop a node entirely (an operator decommissioned it)."""
         self.version += 1
         return self._nodes.pop(name, None) is not None
+
+
+def _model_states(node: Node) -> list[tuple[str, str, bool]]:
+    return [(m.id, m.state, m.stopped) for m in node.models.values()]

@@ -95,6 +95,7 @@ class LlmService:
         self._daemon_candidates: list[Candidate] = []
         self._daemon_shape: tuple[object, ...] = ()
         self._inventory_seen = -1
+        self._models_seen = -1
 
     @classmethod
     def from_config(cls, config: Config, store: StateStore) -> LlmService:
@@ -255,14 +256,19 @@ class LlmService:
         self.inventory = inventory
         self.daemon_backend = DaemonBackend(client)
 
-    def sync_inventory(self) -> None:
+    def sync_inventory(self, *, load: bool = False) -> None:
         """Bring the router up to date with the inventory, if it changed.
 
-        Called before each decision as well as every ``INVENTORY_POLL_S``: a
-        change the Gate has already acknowledged (an operator's ``qmesh
-        models stop``) holds for the very next request."""
-        if self.inventory is not None and self.inventory.version != self._inventory_seen:
-            self._inventory_seen = self.inventory.version
+        Before each decision (``load=False``) only a change of which models
+        exist and may be used counts — an operator's ``qmesh models stop``
+        holds for the very next request, while heartbeats' load figures wait
+        for the poll every ``INVENTORY_POLL_S`` (``load=True``)."""
+        inventory = self.inventory
+        if inventory is None:
+            return
+        seen = inventory.version if load else inventory.models_version
+        if seen != (self._inventory_seen if load else self._models_seen):
+            self._inventory_seen, self._models_seen = inventory.version, inventory.models_version
             self._sync_daemons()
 
     def _sync_daemons(self) -> None:
@@ -292,7 +298,7 @@ class LlmService:
 
     async def _follow_inventory(self) -> None:
         while True:
-            self.sync_inventory()
+            self.sync_inventory(load=True)
             await trio.sleep(INVENTORY_POLL_S)
 
     def skill_view(self) -> list[dict[str, Any]]:
