@@ -29,3 +29,14 @@ def pg_cluster() -> Iterator[PgCluster]:
             yield cluster
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_location(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """Where a test's Gate state lives, once per backend: a SQLite file, or
+    a database of its own (and a role owning it) on the shared cluster."""
+    if request.param == "sqlite":
+        return tmp_path / "state.db"
+    from pgkit import RealDb
+
+    return RealDb(request.getfixturevalue("pg_cluster"), prefix="state").dsn()

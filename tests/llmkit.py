@@ -167,6 +167,17 @@ class GateApi:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
+MASTER_KEY = bytes(range(32))
+
+
+async def close_at_the_end(store: StateStore) -> None:
+    """Close the store when the test's nursery ends (a PostgreSQL one holds connections)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        store.close()
+
+
 async def start_api(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -177,8 +188,11 @@ async def start_api(
     apps: Sequence[str] = ("app-a", "app-b"),
     env: dict[str, str] | None = None,
     http: HttpConfig | None = None,
+    state: Path | str | None = None,
 ) -> GateApi:
-    store = StateStore.open(tmp_path / "state.db")
+    """``state``: where the Gate's state lives (default: SQLite in ``tmp_path``)."""
+    store = StateStore.open(state or tmp_path / "state.db")
+    nursery.start_soon(close_at_the_end, store)
     tokens = {app: f"{app}:{store.add_app(app)}" for app in (*apps, ADMIN_APP)}
     config = attrs.evolve(
         Config(data_dir=tmp_path),
@@ -188,7 +202,9 @@ async def start_api(
             routing=routing or RoutingConfig(cooldown_s=30.0),
         ),
     )
-    service = LlmService(config, store, env=env or {})
+    # On PostgreSQL the ledger's chain key is sealed with the vault's master key.
+    master_key = None if store.dialect == "sqlite" else MASTER_KEY
+    service = LlmService(config, store, env=env or {}, master_key=master_key)
     await nursery.start(service.run)
     router = Router(http)
     add_llm_routes(router, service, AppAuthenticator(store, http))

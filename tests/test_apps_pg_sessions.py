@@ -45,7 +45,7 @@ class Watched:
 
     def other_process(self) -> StateStore:
         """A second connection to the Gate's state database."""
-        return StateStore.open(self.ghost.store.path)
+        return StateStore.open(self.ghost.store.location)
 
     async def refreshed(self) -> None:
         seen = self.refreshes

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 import trio
-from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
+from llmkit import (
+    MASTER_KEY,
+    GateApi,
+    close_at_the_end,
+    paid_model,
+    provider_config,
+    start_api,
+    start_provider,
+)
 
 from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
 from qmesh.finops.budgets import BudgetBook
@@ -51,7 +59,7 @@ async def post(
 
 
 async def test_500_concurrent_requests_never_overspend(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, state_location: Path | str
 ) -> None:
     # Each paid call costs 10 in + 500 out at $1/$2 per 1M = $0.00101.
     acme = await start_provider(nursery, "acme", prompt_tokens=10, completion_tokens=500)
@@ -67,6 +75,7 @@ async def test_500_concurrent_requests_never_overspend(
         # progress (64 by default) must not answer 429 before the budget is
         # what decides.
         http=HttpConfig(max_requests_per_app=500),
+        state=state_location,
     )
     pool = HttpPool()
     results: list[tuple[int, dict[str, object]]] = []
@@ -92,6 +101,8 @@ async def test_500_concurrent_requests_never_overspend(
     budget = api.service.book.budgets["team"]
     assert budget.reserved == pytest.approx(0.0, abs=1e-12)
     assert budget.spent <= limit + 1e-12
+    with api.store._read() as conn:
+        assert verify_chain(conn, api.service.ledger._key, "ledger").ok
 
 
 async def test_spent_hard_budget_without_local_equivalent_is_refused(
@@ -205,43 +216,51 @@ def test_budget_states_and_reservations() -> None:
 
 
 async def test_ledger_chain_detects_edit_insert_and_delete(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, state_location: Path | str
 ) -> None:
-    api = await start_api(nursery, tmp_path)
+    api = await start_api(nursery, tmp_path, state=state_location)
     pool = HttpPool()
     for _ in range(5):
         assert (await post(pool, api, "qg://task=keywords"))[0] == 200
     await pool.aclose()
     api.service.ledger.audit("operator", "budget.changed", {"budget": "x"})
     await api.service.ledger.flush()
-    key = load_chain_key(api.store.path)
-    db = api.store.path
+    key = load_chain_key(api.store, master_key=MASTER_KEY)
+    # Whoever can write the database, outside the Gate, as an attacker would.
+    tamper = api.store._write
 
     def check(chain: str = "ledger") -> list[str]:
-        with sqlite3.connect(db) as conn:
+        with api.store._read() as conn:
             return [p.problem for p in verify_chain(conn, key, chain).problems]
 
     assert check() == [] and check("audit") == []
-    with sqlite3.connect(db) as conn:
+    with tamper() as conn:
         (original,) = conn.execute("SELECT app FROM qg_ledger WHERE id = 2").fetchone()
         conn.execute("UPDATE qg_ledger SET app = 'someone-else' WHERE id = 2")
     assert any("edited" in p for p in check())
-    with sqlite3.connect(db) as conn:
+    with tamper() as conn:
         conn.execute("UPDATE qg_ledger SET app = ? WHERE id = 2", (original,))
     assert check() == []
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT * FROM qg_ledger WHERE id = 3").fetchone()
+    columns = "id, ts, request_id, app, budget, task, candidate, kind, model, provider, tokens_in"
+    columns += ", tokens_out, cost_usd, shifted_from, avoided_usd, outcome, hops, reason"
+    with tamper() as conn:
+        row = conn.execute(
+            f"SELECT {columns}, prev_hash, hash FROM qg_ledger WHERE id = 3"
+        ).fetchone()
         conn.execute("DELETE FROM qg_ledger WHERE id = 3")
     assert any("deleted or inserted" in p for p in check())
-    with sqlite3.connect(db) as conn:
-        conn.execute(f"INSERT INTO qg_ledger VALUES ({', '.join('?' * len(row))})", row)
+    with tamper() as conn:
+        placeholders = ", ".join("?" * len(row))
         conn.execute(
-            "INSERT INTO qg_ledger SELECT 100, ts, request_id, app, budget, task, candidate,"
-            " kind, model, provider, tokens_in, tokens_out, cost_usd, shifted_from, avoided_usd,"
-            " outcome, hops, reason, prev_hash, hash FROM qg_ledger WHERE id = 5"
+            f"INSERT INTO qg_ledger ({columns}, prev_hash, hash) VALUES ({placeholders})", row
+        )
+        conn.execute(
+            f"INSERT INTO qg_ledger ({columns}, prev_hash, hash) SELECT 100"
+            + columns.removeprefix("id")
+            + ", prev_hash, hash FROM qg_ledger WHERE id = 5"
         )
     assert any("removed or added" in p for p in check())
-    with sqlite3.connect(db) as conn:
+    with tamper() as conn:
         conn.execute("DELETE FROM qg_ledger WHERE id = 100")
         conn.execute("DELETE FROM qg_ledger WHERE id = 5")  # the newest row
     assert any("removed or added" in p for p in check())
@@ -257,10 +276,11 @@ def ledger_entry(n: int) -> LedgerEntry:
 
 
 async def test_ledger_flush_waits_for_a_background_write_in_flight(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, state_location: Path | str
 ) -> None:
-    store = StateStore.open(tmp_path / "state.db")
-    ledger = Ledger(store)
+    store = StateStore.open(state_location)
+    nursery.start_soon(close_at_the_end, store)
+    ledger = Ledger(store, master_key=MASTER_KEY)
     write = ledger._write
     in_thread = threading.Event()
 
@@ -278,10 +298,14 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
 
 
 async def test_ledger_keeps_rows_whose_write_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, state_location: Path | str
 ) -> None:
-    store = StateStore.open(tmp_path / "state.db")
-    ledger = Ledger(store)
+    with StateStore.open(state_location) as store:
+        await ledger_keeps_failed_rows(store, monkeypatch)
+
+
+async def ledger_keeps_failed_rows(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = Ledger(store, master_key=MASTER_KEY)
     write = ledger._write
     failures = [sqlite3.OperationalError("database is locked")]
 

@@ -185,7 +185,5 @@ def test_role_packages_hold_only_composition(role: str, graph: dict[str, set[str
 
 
 def test_no_module_is_a_bag() -> None:
-    sizes = {
-        name: len(path.read_text().splitlines()) for name, path in source_modules().items()
-    }
+    sizes = {name: len(path.read_text().splitlines()) for name, path in source_modules().items()}
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -47,6 +47,7 @@ def memory(state: StateStore) -> Memory:
 def raw(state: StateStore) -> sqlite3.Connection:
     """A second, independent connection to the same file, as a person with
     the sqlite3 shell would have (foreign keys on, as the store runs)."""
+    assert state.path is not None  # the memory is SQLite's
     conn = sqlite3.connect(state.path, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
     return conn

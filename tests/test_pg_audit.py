@@ -1,25 +1,25 @@
-"""qmesh.pg.audit: the statement audit log, on a real SQLite state store."""
+"""qmesh.pg.audit: the statement audit log, on a real state store: SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
-import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from statekit import stored_bytes
 
 from qmesh.pg.audit import AuditLog, _Pending, list_audit
 from qmesh.state import StateStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    with StateStore.open(tmp_path / "state.db") as store:
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as store:
         yield store
 
 
@@ -89,7 +89,7 @@ async def test_hash_mode_stores_only_the_hash(store: StateStore) -> None:
     assert hashed.statement is None
     assert hashed.statement_sha256 == sha("SELECT secret_column FROM t")
     assert text.statement == "UPDATE t SET x = 1"
-    raw = b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.is_file())
+    raw = stored_bytes(store)
     assert b"secret_column" not in raw
     assert b"UPDATE t SET x = 1" in raw  # the check can see statements that are stored
 
@@ -131,7 +131,9 @@ async def test_long_statements_are_truncated_but_hashed_whole(store: StateStore)
     assert second.statement_sha256 == hashlib.sha256(b"SELECT '\xff'").hexdigest()
 
 
-async def test_a_full_queue_drops_and_reports_but_never_blocks(store: StateStore) -> None:
+async def test_a_full_queue_drops_and_reports_but_never_blocks(
+    store: StateStore, state_location: Path | str
+) -> None:
     messages: list[str] = []
 
     class Collect(logging.Handler):
@@ -142,8 +144,16 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(store: StateStore
     logging.getLogger("qmesh.pg.audit").addHandler(handler)
     # Another connection holds the write lock, as a slow disk or a busy
     # `qmesh` command would: the writer is stuck, the producer must not be.
-    blocker = sqlite3.connect(store.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with StateStore.open(state_location) as other, other._write():
+            holding.set()
+            release.wait()
+
+    blocker = threading.Thread(target=hold_the_write_lock)
+    blocker.start()
+    holding.wait()
     audit = AuditLog(store, max_queue=20, batch_size=5)
     try:
         async with trio.open_nursery() as nursery:
@@ -153,12 +163,13 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(store: StateStore
             for i in range(1, 100):
                 record(audit, i)  # returns at once: the queue is bounded
             assert audit.dropped == 100 - 1 - audit.max_queue
-            blocker.execute("COMMIT")
+            release.set()
             with trio.fail_after(10):
                 await audit.flush()
             nursery.cancel_scope.cancel()
     finally:
-        blocker.close()
+        release.set()
+        blocker.join()
         logging.getLogger("qmesh.pg.audit").removeHandler(handler)
     assert audit.written == 1 + audit.max_queue
     assert len(list_audit(store, limit=1000)) == audit.written

@@ -1,11 +1,14 @@
-"""qmesh.state: the SQLite store on real files: schema, identities, apps and
-their SCRAM-SHA-256 verifiers, and use from several threads."""
+"""qmesh.state on both backends — a SQLite file and a real PostgreSQL: schema,
+identities, apps and their SCRAM-SHA-256 verifiers, and use from several
+threads and connections. What only one backend has (a file's mode, WAL, a
+read-only replica) is tested on that one."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import socket
 import sqlite3
 import stat
 import threading
@@ -14,9 +17,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from pgcluster import PgCluster
+from tunnelkit import until
 
 from qmesh.state import (
+    INTEGRITY_ERRORS,
     MIGRATIONS,
+    POSTGRES_MIGRATIONS,
     SCRAM_ITERATIONS,
     AppExists,
     IdentityExists,
@@ -28,8 +35,8 @@ from qmesh.state import (
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    with StateStore.open(tmp_path / "state.db") as s:
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as s:
         yield s
 
 
@@ -53,29 +60,26 @@ def test_open_creates_a_private_wal_database(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_foreign_keys_are_on(store: StateStore) -> None:
-    with store._read() as conn:
+def test_foreign_keys_are_on_in_sqlite(tmp_path: Path) -> None:
+    # (PostgreSQL enforces foreign keys always.)
+    with StateStore.open(tmp_path / "state.db") as store, store._read() as conn:
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_reopen_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    with StateStore.open(path) as store:
+def test_reopen_keeps_data_and_does_not_migrate_again(state_location: Path | str) -> None:
+    with StateStore.open(state_location) as store:
         store.add_identity("edge", "minigate", key(1))
-    with StateStore.open(path) as store:
-        assert store.schema_version == len(MIGRATIONS)
+        steps = len(store.migrations)
+    with StateStore.open(state_location) as store:
+        assert store.schema_version == steps
         assert [i.name for i in store.list_identities()] == ["edge"]
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    StateStore.open(path).close()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
-    conn.commit()
-    conn.close()
+def test_newer_schema_is_refused(state_location: Path | str) -> None:
+    with StateStore.open(state_location) as store, store._write() as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (len(store.migrations) + 1,))
     with pytest.raises(StateUnavailable, match="upgrade qmesh"):
-        StateStore.open(path)
+        StateStore.open(state_location)
 
 
 def test_not_a_database(tmp_path: Path) -> None:
@@ -85,8 +89,8 @@ def test_not_a_database(tmp_path: Path) -> None:
         StateStore.open(path)
 
 
-def test_closed_store(tmp_path: Path) -> None:
-    store = StateStore.open(tmp_path / "state.db")
+def test_closed_store(state_location: Path | str) -> None:
+    store = StateStore.open(state_location)
     store.close()
     store.close()  # twice is fine
     with pytest.raises(RuntimeError, match="closed"):
@@ -138,7 +142,7 @@ def test_invalid_identity(store: StateStore, name: str, role: str, public_key: b
 
 
 def test_role_is_also_checked_by_the_database(store: StateStore) -> None:
-    with store._read() as conn, pytest.raises(sqlite3.IntegrityError):
+    with store._read() as conn, pytest.raises(INTEGRITY_ERRORS):
         conn.execute(
             "INSERT INTO identities (name, role, public_key, created_at) VALUES (?,?,?,?)",
             ("x", "gate", key(9), 0.0),
@@ -261,10 +265,9 @@ def test_concurrent_writers_from_threads(store: StateStore) -> None:
     assert len(store.list_identities()) == 80
 
 
-def test_two_connections_to_one_file(tmp_path: Path) -> None:
-    # The running Gate and a `qmesh enroll` in a shell share the file.
-    path = tmp_path / "state.db"
-    with StateStore.open(path) as gate, StateStore.open(path) as cli:
+def test_two_stores_on_one_database(state_location: Path | str) -> None:
+    # The running Gate and a `qmesh enroll` in a shell (or two Gates) share it.
+    with StateStore.open(state_location) as gate, StateStore.open(state_location) as cli:
         cli.add_identity("web-1", "minigate", key(1))
         assert gate.find_identity_by_key(key(1)) is not None
         gate.revoke_identity("web-1")
@@ -280,3 +283,83 @@ async def test_usable_from_trio_worker_threads(store: StateStore) -> None:
             )
     found = await trio.to_thread.run_sync(store.find_identity_by_key, key(3))
     assert found is not None and found.name == "edge-3"
+
+
+async def test_the_change_marker_moves_after_another_stores_commit(
+    state_location: Path | str,
+) -> None:
+    """How a Gate learns of a `qmesh revoke` run elsewhere (qmesh.state.watch)."""
+    with StateStore.open(state_location) as gate, StateStore.open(state_location) as cli:
+        before = gate.change_marker()
+        assert gate.change_marker() == before  # nothing happened
+        cli.add_identity("web-1", "minigate", key(1))
+        # PostgreSQL delivers the NOTIFY asynchronously: wait for it.
+        await until(lambda: gate.change_marker() != before)
+        with pytest.raises(IdentityExists):
+            cli.add_identity("web-1", "minigate", key(1))
+        settled = gate.change_marker()
+        cli.list_identities()  # reads and failed writes commit nothing
+        assert gate.change_marker() == settled
+
+
+# -- PostgreSQL only ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_location(state_location: Path | str) -> str:
+    if not isinstance(state_location, str):
+        pytest.skip("PostgreSQL only")
+    return state_location
+
+
+def test_gates_starting_together_migrate_once(pg_location: str) -> None:
+    """The first store migrates under the write lock; the others wait and
+    find nothing to do (a second migration would fail on CREATE TABLE)."""
+    errors: list[BaseException] = []
+    stores: list[StateStore] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(StateStore.open(pg_location))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert errors == [] and len(stores) == 4
+    with StateStore.open(pg_location) as store, store._read() as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (len(POSTGRES_MIGRATIONS),)
+        ]
+
+
+def test_bad_database_urls_are_one_line_that_says_what(
+    pg_location: str, pg_cluster: PgCluster
+) -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    for url, expected in (
+        (
+            f"postgresql://qmesh:pw@127.0.0.1:{port}/state",
+            f"cannot connect to postgresql://qmesh@127.0.0.1:{port}/state",
+        ),
+        (pg_location.replace("@", "x@", 1), "password authentication failed"),
+        (pg_location.split("?")[0] + "_missing?sslmode=disable", "does not exist"),
+    ):
+        with pytest.raises(StateUnavailable) as refused:
+            StateStore.open(url)
+        message = str(refused.value)
+        assert expected in message and "\n" not in message, message
+        assert "pw" not in message.replace("password", "")  # never the password
+    # A read-only session (as on a standby) is refused before anything is written.
+    with pytest.raises(StateUnavailable, match="read-only"):
+        StateStore.open(pg_location + "&options=-c%20default_transaction_read_only%3Don")

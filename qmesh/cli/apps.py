@@ -65,7 +65,7 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
 
 
 def _open_store(config: Config) -> StateStore:
-    return StateStore.open(config.state_db_path)
+    return StateStore.open(config.state_location)
 
 
 def _cmd_add(args: argparse.Namespace, config: Config) -> int:

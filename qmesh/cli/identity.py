@@ -77,7 +77,7 @@ def _b64(data: bytes) -> str:
 
 
 def _open_store(config: Config) -> StateStore:
-    return StateStore.open(config.state_db_path)
+    return StateStore.open(config.state_location)
 
 
 def _load_gate_keys(config: Config) -> GateKeys:

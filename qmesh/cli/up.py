@@ -110,7 +110,7 @@ def prepare(config: Config) -> LocalSetup:
     # the address in their credentials only matters when copied elsewhere.
     host, port = parse_hostport(config.gate.tunnel_listen)
     recorded = format_hostport(host, port or DEFAULT_TUNNEL_PORT)
-    with StateStore.open(config.state_db_path) as store:
+    with StateStore.open(config.state_location) as store:
         minigate = _local_credential(store, keys, "minigate", credentials, recorded)
         daemon = _local_credential(store, keys, "daemon", credentials, recorded)
         demo_key = _app_key(store, credentials, DEMO_APP)
@@ -123,7 +123,7 @@ def start_demo_database(config: Config) -> tuple[Config, DemoDatabase | None]:
     open it; or say in one line why not, and go on without it."""
     try:
         database = DemoDatabase.at(config.data_dir)
-        with StateStore.open(config.state_db_path) as store:
+        with StateStore.open(config.state_location) as store:
             vault = Vault.open(store, ensure_master_key(config.data_dir))
             if DEMO_ALIAS in vault.list() and not database.exists:
                 raise DemoDbUnavailable(

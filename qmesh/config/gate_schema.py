@@ -255,6 +255,10 @@ class GateConfig:
     identity name; that edge may use these and ``forward_allow``."""
     master_key_file: Path | None = None
     """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.pg.masterkey`)."""
+    database_url: str | None = None
+    """``postgresql://…`` (any libpq URL): the Gate's state in PostgreSQL,
+    shared by every Gate given the same URL; None: ``DATA_DIR/state.db``
+    (SQLite). See docs/state.md."""
     apps: Mapping[str, GateAppConfig] = attrs.field(
         factory=dict, converter=_frozen_apps, hash=False
     )

@@ -51,6 +51,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         forward_allow=_read_forward_rules(r, t, (*path, "forward_allow")),
         forward_allow_edges=_read_forward_allow_edges(r, t, path),
         master_key_file=r.path(t, path, "master_key_file"),
+        database_url=_read_database_url(r, t, path),
         apps=_read_gate_apps(r, t, path),
         routing=read_routing(r, t, path),
         providers=read_providers(r, t, path),
@@ -60,6 +61,18 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         http=_read_http(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
+
+
+def _read_database_url(r: Reader, t: Mapping[str, object], path: KeyPath) -> str | None:
+    if "database_url" not in t:
+        return None
+    url = r.string(t, path, "database_url", "")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise r.error(
+            (*path, "database_url"),
+            "expected a postgresql:// URL (leave it out for the SQLite state in DATA_DIR)",
+        )
+    return url
 
 
 def _read_forward_rules(r: Reader, t: Mapping[str, object], where: KeyPath) -> tuple[str, ...]:

@@ -173,8 +173,13 @@ class Config:
 
     @property
     def state_db_path(self) -> Path:
-        """The Gate's SQLite state store."""
+        """The Gate's SQLite state file (the graph memory's, whatever the backend)."""
         return self.data_dir / "state.db"
+
+    @property
+    def state_location(self) -> Path | str:
+        """Where the Gate's state lives: ``gate.database_url``, else the SQLite file."""
+        return self.gate.database_url or self.state_db_path
 
     def with_port_offset(self, offset: int) -> Config:
         """A copy with every listen port moved by ``offset``.

@@ -9,10 +9,13 @@ a table and reports every edited, inserted, deleted or reordered row.
 
 Why an HMAC and not a bare hash: with a bare hash anyone who can write the
 database can rewrite the whole chain after an edit and it verifies again.
-The chain key lives in a file beside the database (``chain.key``, mode
-0600), so an attacker needs both to forge. What this cannot catch: an
-attacker with the key, or a whole database rolled back to an older copy
-(head included) — keep the key off the database host's backups for that.
+The chain key is kept apart from the rows: on SQLite in a file beside the
+database (``chain.key``, mode 0600); on PostgreSQL in the state itself,
+sealed (AES-256-GCM) with the vault's master key, so every Gate holding the
+master key can verify and extend the chains and a database dump alone
+cannot forge them. What this cannot catch: an attacker with the key, or a
+whole database rolled back to an older copy (head included) — keep the key
+(or the master key) off the database host's backups for that.
 
 Not for: what the rows mean (:mod:`qmesh.finops.ledger`).
 """
@@ -25,16 +28,23 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from qmesh.pg.masterkey import key_fingerprint
+from qmesh.state import StateError, StateStore
+from qmesh.state.db import Connection
 
 __all__ = [
     "CHAINS",
     "GENESIS",
+    "ChainKeyMissing",
     "ChainProblem",
     "ChainReport",
     "append_rows",
@@ -77,14 +87,37 @@ def chain_key_path(db_path: Path) -> Path:
     return db_path.parent / KEY_FILE
 
 
-def load_chain_key(db_path: Path, *, create: bool = True) -> bytes:
-    """The chain key beside ``db_path``; created (0600) on first use if ``create``."""
+class ChainKeyMissing(StateError):
+    """The chain key is not there (nothing was ever written, or it was lost),
+    or it cannot be opened with this master key."""
+
+
+def load_chain_key(
+    store: StateStore, *, master_key: bytes | None = None, create: bool = True
+) -> bytes:
+    """The chains' key: on SQLite the file beside the database, on
+    PostgreSQL the state's sealed copy (``master_key`` required). Created on
+    first use if ``create``; raises ChainKeyMissing otherwise."""
+    if store.path is not None:
+        return _key_file(store.path, create=create)
+    if master_key is None:
+        raise ChainKeyMissing(
+            f"the ledger's chain key in {store.location} is sealed with the vault's master "
+            "key, and none was given (gate.master_key_file or QMESH_MASTER_KEY)"
+        )
+    return _sealed_key(store, master_key, create=create)
+
+
+def _key_file(db_path: Path, *, create: bool) -> bytes:
     path = chain_key_path(db_path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         if not create:
-            raise
+            raise ChainKeyMissing(
+                f"no chain key at {path}: nothing was ever written, or the key was lost "
+                "(then the chains cannot be verified)"
+            ) from None
         key = secrets.token_bytes(32)
         with contextlib.suppress(FileExistsError):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -92,6 +125,38 @@ def load_chain_key(db_path: Path, *, create: bool = True) -> bytes:
                 out.write(key.hex().encode() + b"\n")
         data = path.read_bytes()
     return bytes.fromhex(data.decode().strip())
+
+
+_KEY_AAD: Final = b"qmesh-state-key\x00chain"
+
+
+def _sealed_key(store: StateStore, master_key: bytes, *, create: bool) -> bytes:
+    with store._read() as conn:
+        row = conn.execute(
+            "SELECT key_fingerprint, nonce, ciphertext FROM state_keys WHERE name = 'chain'"
+        ).fetchone()
+    if row is None:
+        if not create:
+            raise ChainKeyMissing(f"no chain key in {store.location}: nothing was ever written")
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(master_key).encrypt(nonce, secrets.token_bytes(32), _KEY_AAD)
+        with store._write() as conn:
+            # Two Gates starting together: the first one's key wins, both use it.
+            conn.execute(
+                "INSERT INTO state_keys (name, key_fingerprint, nonce, ciphertext, created_at)"
+                " VALUES ('chain', ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (key_fingerprint(master_key), nonce, sealed, time.time()),
+            )
+        return _sealed_key(store, master_key, create=False)
+    fingerprint, nonce, sealed = (bytes(value) for value in row)
+    try:
+        return AESGCM(master_key).decrypt(nonce, sealed, _KEY_AAD)
+    except InvalidTag:
+        ours = key_fingerprint(master_key).hex()[:16]
+        raise ChainKeyMissing(
+            f"the chain key in {store.location} is sealed with another master key "
+            f"(fingerprint {fingerprint.hex()[:16]}, this one {ours})"
+        ) from None
 
 
 def _canonical(row_id: int, values: Sequence[object]) -> bytes:
@@ -107,9 +172,7 @@ def _head_mac(key: bytes, chain: str, last_id: int, last_hash: bytes, rows: int)
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
-def append_rows(
-    conn: sqlite3.Connection, key: bytes, chain: str, rows: Sequence[Sequence[object]]
-) -> None:
+def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequence[object]]) -> None:
     """Insert ``rows`` (data columns in :data:`CHAINS` order) into the
     chain's table, sealed, and move the head. Call inside a write
     transaction: the head read here must not change until it commits."""
@@ -118,7 +181,7 @@ def append_rows(
         "SELECT last_id, last_hash, rows FROM qg_chain_heads WHERE chain = ?", (chain,)
     ).fetchone()
     last_id, prev, count = (0, GENESIS, 0) if head is None else (head[0], bytes(head[1]), head[2])
-    # Ids are assigned here, not by SQLite, so the sealed id is the stored one.
+    # Ids are assigned here, not by the database, so the sealed id is the stored one.
     next_id = int(conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
     next_id = max(next_id, last_id) + 1
     placeholders = ", ".join("?" for _ in range(len(columns) + 3))
@@ -156,7 +219,7 @@ class ChainReport:
         return not self.problems
 
 
-def verify_chain(conn: sqlite3.Connection, key: bytes, chain: str) -> ChainReport:
+def verify_chain(conn: Connection, key: bytes, chain: str) -> ChainReport:
     """Walk the chain and report every row whose seal or link is wrong, and
     a head that does not match the last row (rows removed from the end)."""
     table, columns = CHAINS[chain]

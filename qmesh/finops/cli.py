@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -64,7 +63,7 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
 def _store(config: Config) -> StateStore:
     from qmesh.state import StateStore
 
-    return StateStore.open(config.state_db_path)
+    return StateStore.open(config.state_location)
 
 
 def _cmd_report(args: argparse.Namespace, config: Config) -> int:
@@ -97,23 +96,21 @@ def _cmd_budgets(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     """Verify both chains; exit 1 and name each problem when any is found."""
-    from qmesh.finops.chain import CHAINS, chain_key_path, load_chain_key, verify_chain
+    from qmesh.finops.chain import CHAINS, ChainKeyMissing, load_chain_key, verify_chain
+    from qmesh.pg.masterkey import load_master_key
 
-    db = config.state_db_path
-    if not db.exists():
-        print_err(f"error: no state database at {db}")
+    if config.gate.database_url is None and not config.state_db_path.exists():
+        print_err(f"error: no state database at {config.state_db_path}")
         return EXIT_USAGE
-    _store(config).close()  # brings the schema up to date
-    try:
-        key = load_chain_key(db, create=False)
-    except FileNotFoundError:
-        print_err(
-            f"error: no chain key at {chain_key_path(db)}: nothing was ever written, "
-            "or the key was lost (then the chains cannot be verified)"
-        )
-        return EXIT_USAGE
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        reports = [verify_chain(conn, key, chain) for chain in CHAINS]
+    with _store(config) as store:  # brings the schema up to date
+        master_key = None if store.dialect == "sqlite" else load_master_key(config)
+        try:
+            key = load_chain_key(store, master_key=master_key, create=False)
+        except ChainKeyMissing as exc:
+            print_err(f"error: {exc}")
+            return EXIT_USAGE
+        with store._read() as conn:
+            reports = [verify_chain(conn, key, chain) for chain in CHAINS]
     if getattr(args, "json", False):
         print(
             json.dumps(

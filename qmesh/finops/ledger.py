@@ -80,9 +80,10 @@ class AuditEvent:
 class Ledger:
     """Buffered, chained writes of ledger rows and audit events."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, *, master_key: bytes | None = None) -> None:
+        """``master_key``: the vault's, which seals the chain key on PostgreSQL."""
         self.store = store
-        self._key = load_chain_key(store.path)
+        self._key = load_chain_key(store, master_key=master_key)
         self._entries: list[LedgerEntry] = []
         self._events: list[AuditEvent] = []
         self._wakeup = trio.Event()

@@ -49,7 +49,7 @@ async def run_gate(
 ) -> None:
     """Serve the Gate until cancelled; ``started`` gets its endpoints."""
     keys = GateKeys.load(config.data_dir)
-    store = StateStore.open(config.state_db_path)
+    store = StateStore.open(config.state_location)
     memory_store: StateStore | None = None
     try:
         watcher = StateWatcher(store)

@@ -86,7 +86,7 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
 def _open_store(config: Config) -> StateStore:
     from qmesh.state import StateStore
 
-    return StateStore.open(config.state_db_path)
+    return StateStore.open(config.state_location)
 
 
 # -- route -----------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class LlmService:
         self.pool = HttpPool()
         self.router = Router()
         self.book = BudgetBook(config.gate.budgets)
-        self.ledger = Ledger(store)
+        self.ledger = Ledger(store, master_key=master_key)
         self.executor = Executor(self.router, self.book, self.ledger, routing)
         self._equivalence = {
             model: group for group, models in routing.equivalences.items() for model in models
@@ -100,9 +100,12 @@ class LlmService:
     @classmethod
     def from_config(cls, config: Config, store: StateStore) -> LlmService:
         """As the Gate builds it: the vault's master key is read only when a
-        provider's key is in the store."""
+        provider's key is in the store, or the state is on PostgreSQL."""
         master_key = None
-        if any((p.api_key or "").startswith("store:") for p in config.gate.providers):
+        if store.dialect != "sqlite" or any(
+            (p.api_key or "").startswith("store:") for p in config.gate.providers
+        ):
+            # On PostgreSQL the ledger's chain key is sealed with it too.
             master_key = load_master_key(config)
         return cls(config, store, master_key=master_key)
 

@@ -36,7 +36,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from qmesh.memory.errors import (
     DocumentConflict,
@@ -59,7 +59,7 @@ from qmesh.memory.records import (
     no_checkpoint,
 )
 from qmesh.memory.terms import entity_key
-from qmesh.state import StateStore
+from qmesh.state import StateStore, StateUnavailable
 
 __all__ = ["MemoryStore"]
 
@@ -71,7 +71,18 @@ class MemoryStore:
     """The memory tables of one :class:`~qmesh.state.StateStore`."""
 
     def __init__(self, state: StateStore) -> None:
+        if state.dialect != "sqlite":
+            # Its provenance rules are SQLite triggers and its search FTS5;
+            # a Gate on PostgreSQL keeps the memory in DATA_DIR's SQLite file.
+            raise StateUnavailable(
+                f"the graph memory needs a SQLite state store, not {state.location}"
+            )
         self.state = state
+
+    @contextlib.contextmanager
+    def _sqlite(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        with self.state._write() if write else self.state._read() as conn:
+            yield cast(sqlite3.Connection, conn)
 
     # -- writing ------------------------------------------------------------
 
@@ -103,7 +114,7 @@ class MemoryStore:
         keys = [[entity_key(m.text) for m in e.mentions] for e in document.extractions]
         checkpoint()
         try:
-            with self.state._write() as conn:
+            with self._sqlite(write=True) as conn:
                 row = conn.execute(
                     "SELECT sha256, format, added_by, shared FROM memory_documents WHERE id = ?",
                     (document.id,),
@@ -164,14 +175,14 @@ class MemoryStore:
         DocumentNotFound unless ``access`` may see it, NotDocumentOwner
         unless it may change it. The report counts what ``access`` can see.
         Whatever ``checkpoint`` raises rolls the deletion back."""
-        with self.state._write() as conn:
+        with self._sqlite(write=True) as conn:
             _check_owner(conn, document_id, access, "delete")
             return _delete(conn, document_id, access, checkpoint)
 
     def set_shared(self, document_id: str, shared: bool, *, access: Access = OPERATOR) -> None:
         """Share a document with every application, or stop sharing it
         (DocumentNotFound, NotDocumentOwner as for :meth:`delete`)."""
-        with self.state._write() as conn:
+        with self._sqlite(write=True) as conn:
             _check_owner(conn, document_id, access, "share")
             conn.execute(
                 "UPDATE memory_documents SET shared = ? WHERE id = ?", (int(shared), document_id)
@@ -183,7 +194,7 @@ class MemoryStore:
     def reader(self, access: Access = OPERATOR) -> Iterator[MemoryReader]:
         """A consistent snapshot for a sequence of reads (one read
         transaction) of what ``access`` may see."""
-        with self.state._read() as conn:
+        with self._sqlite(write=False) as conn:
             conn.execute("BEGIN")
             try:
                 yield MemoryReader(conn, access)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -32,7 +31,7 @@ import attrs
 import trio
 
 from qmesh.config import AUDIT_MODES
-from qmesh.state import StateError, StateStore
+from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 
 __all__ = ["AUDIT_MODES", "AuditLog", "AuditRecord", "list_audit"]
 
@@ -272,7 +271,7 @@ class AuditLog:
                     " duration_ms, rows, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-        except (sqlite3.Error, StateError) as exc:
+        except (*DATABASE_ERRORS, StateError) as exc:
             logger.error("audit: could not write %d records: %s", len(batch), exc)
             return 0
         return len(batch)

@@ -120,7 +120,7 @@ def _db_alias(text: str) -> str:
 
 
 def _open_store(config: Config) -> StateStore:
-    return StateStore.open(config.state_db_path)
+    return StateStore.open(config.state_location)
 
 
 @contextlib.contextmanager

@@ -158,7 +158,7 @@ class Vault:
         self._registered_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<Vault in {self._store.path} key={self._fingerprint.hex()}>"
+        return f"<Vault in {self._store.location} key={self._fingerprint.hex()}>"
 
     @classmethod
     def open(cls, store: StateStore, master_key: bytes) -> Vault:
@@ -171,7 +171,9 @@ class Vault:
         with store._read() as conn:
             fingerprints = {
                 bytes(row[0])
-                for row in conn.execute("SELECT DISTINCT key_fingerprint FROM vault_secrets")
+                for row in conn.execute(
+                    "SELECT DISTINCT key_fingerprint FROM vault_secrets"
+                ).fetchall()
             }
         if fingerprints and vault._fingerprint not in fingerprints:
             raise VaultError(vault._wrong_key_message(fingerprints))

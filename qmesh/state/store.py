@@ -1,19 +1,19 @@
-"""The Gate's state store: one SQLite database in WAL mode.
+"""The Gate's state store: SQLite (one file, the default) or PostgreSQL.
 
 For: the durable records the Gate needs, starting with enrolled edge
 identities (MiniGates and Daemons, by X25519 public key) and applications
 (app ids with SCRAM-SHA-256 verifiers of their app keys), applying the
-schema versions of :mod:`qmesh.state.migrations` as it opens.
+backend's schema versions (:mod:`qmesh.state.migrations`,
+:mod:`qmesh.state.pg_schema`) as it opens; the capabilities' own stores
+(the vault, the ledger, the audit, the memory) run their statements on its
+connections through ``_read()`` and ``_write()``.
 
 Not for: private keys (edges keep theirs; the Gate's is a file, see
 :mod:`qmesh.identity`), secrets in clear (app keys are stored only as SCRAM
 verifiers, so even a copy of the database cannot log in), or async I/O. The
-store is synchronous; Trio code calls it with ``trio.to_thread.run_sync``,
-and one lock serialises the threads that share its connection.
-
-Several processes may open the same file (the running Gate and a ``qmesh
-enroll`` from the shell): WAL lets readers and one writer proceed together,
-and writes take ``BEGIN IMMEDIATE`` with a busy timeout.
+store is synchronous; Trio code calls it with ``trio.to_thread.run_sync``.
+How each backend shares itself between threads, processes and Gates, and
+keeps one writer at a time: :mod:`qmesh.state.db`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -35,20 +31,23 @@ from typing import Final
 import attrs
 
 from qmesh.roles import EDGE_ROLES
+from qmesh.state.db import DATABASE_ERRORS, Connection, Database, open_database
+from qmesh.state.errors import (
+    AppExists,
+    IdentityExists,
+    InvalidValue,
+    StateUnavailable,
+)
 from qmesh.state.migrations import MIGRATIONS
+from qmesh.state.pg_schema import POSTGRES_MIGRATIONS
 
 __all__ = [
     "SCRAM_ITERATIONS",
     "App",
-    "AppExists",
     "AppKeys",
     "AppVerifier",
     "Identity",
-    "IdentityExists",
-    "InvalidValue",
-    "StateError",
     "StateStore",
-    "StateUnavailable",
     "check_name",
     "scram_keys",
 ]
@@ -56,33 +55,9 @@ __all__ = [
 SCRAM_ITERATIONS: Final = 4096
 """PBKDF2 rounds for app-key verifiers: PostgreSQL's default for SCRAM-SHA-256."""
 PUBLIC_KEY_LEN: Final = 32
-_BUSY_TIMEOUT_S: Final = 5.0
 # Identity names and app ids: 1-63 characters. 63 is PostgreSQL's limit for a
 # role name, and an app id is the user name an app gives the Postgres mimic.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-
-
-class StateError(Exception):
-    """The state store cannot do what was asked: the request conflicts with
-    what is stored, a value is invalid, or the database cannot be used.
-    Raised for the operator's or caller's input, not for bugs."""
-
-
-class StateUnavailable(StateError):
-    """The database file cannot be opened or used: unreadable, not a SQLite
-    database, or written by a newer qmesh with a schema this one does not know."""
-
-
-class InvalidValue(StateError, ValueError):
-    """A name, role, app id or key is not acceptable."""
-
-
-class IdentityExists(StateError):
-    """An identity with this name (or this public key) is already enrolled."""
-
-
-class AppExists(StateError):
-    """An application with this app id already exists."""
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -199,61 +174,41 @@ _IDENTITY_COLUMNS: Final = "name, role, public_key, created_at, revoked_at"
 
 
 class StateStore:
-    """One connection to the Gate's SQLite database. Use :meth:`open`.
+    """The Gate's state database, SQLite or PostgreSQL. Use :meth:`open`.
 
-    Thread-safe: every method takes the store's lock, so Trio tasks may call
-    it from worker threads (``trio.to_thread.run_sync``) concurrently.
+    Thread-safe: Trio tasks call it from worker threads
+    (``trio.to_thread.run_sync``) concurrently; the backend serialises what
+    must be (:mod:`qmesh.state.db`).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn: sqlite3.Connection | None = conn
-        self._lock = threading.Lock()
-        self.path = path
-        self._commits = 0
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self.dialect = database.dialect
+        self.location = database.location
+        """Where the state lives, for messages: a path, or a URL without its password."""
+        self.path: Path | None = Path(database.location) if database.dialect == "sqlite" else None
+        """The SQLite file; None on PostgreSQL."""
 
     @classmethod
-    def open(cls, path: Path | str) -> StateStore:
-        """Open (creating if needed) the database at ``path`` and bring its
-        schema up to date. The file is created mode 0600; SQLite gives its
-        ``-wal`` and ``-shm`` files the same mode. Raises StateUnavailable."""
-        path = Path(path)
+    def open(cls, location: Path | str) -> StateStore:
+        """Open the state at ``location`` — a SQLite file (created 0600 with
+        its directory if missing) or a ``postgresql://`` URL — and bring its
+        schema up to date. Raises StateUnavailable."""
+        database = open_database(location)
+        store = cls(database)
         try:
-            if not path.parent.exists():
-                path.parent.mkdir(mode=0o700, parents=True)
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as exc:
-            raise StateUnavailable(f"cannot create state database {path}: {exc}") from exc
-        try:
-            conn = sqlite3.connect(
-                path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise StateUnavailable(f"cannot open state database {path}: {exc}") from exc
-        try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StateUnavailable(f"state database {path}: cannot use WAL mode (got {mode!r})")
-            # NORMAL is durable across application crashes in WAL mode; only
-            # a power cut can lose the last transactions, never corrupt the file.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            store = cls(conn, path)
             store._migrate()
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StateUnavailable(f"cannot use state database {path}: {exc}") from exc
+        except DATABASE_ERRORS as exc:
+            database.close()
+            raise StateUnavailable(f"cannot use state database {database.location}: {exc}") from exc
         except BaseException:
-            conn.close()
+            database.close()
             raise
         return store
 
     def close(self) -> None:
-        """Close the connection. Calling it again does nothing."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Close the database. Calling it again does nothing."""
+        self._db.close()
 
     def __enter__(self) -> StateStore:
         return self
@@ -268,48 +223,25 @@ class StateStore:
 
     # -- plumbing --------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            # Using a closed store is a bug in the caller, not a state problem.
-            raise RuntimeError("the state store is closed")
-        return self._conn
+    def _read(self) -> contextlib.AbstractContextManager[Connection]:
+        """Statements outside a transaction (each sees committed data)."""
+        return self._db.read()
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._connection()
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction. IMMEDIATE takes the write lock up front, so
-        two processes never both read and then fail to upgrade."""
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-                self._commits += 1
-            except BaseException:
-                # A deferred constraint that fails at COMMIT (or a busy
-                # database) leaves the transaction open; without this
-                # rollback every later BEGIN on the connection would fail.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction: committed at the end of the block, rolled back
+        on an exception; one writer at a time across every process and Gate."""
+        return self._db.write()
 
     def change_marker(self) -> tuple[int, int]:
         """A value that differs after any commit to the database, by this
-        process or another (``qmesh revoke`` from a shell): SQLite's
-        ``PRAGMA data_version`` moves only for other connections' commits, so
-        this connection's own are counted beside it. Cheap: no table is read."""
-        with self._read() as conn:
-            version: int = conn.execute("PRAGMA data_version").fetchone()[0]
-            return version, self._commits
+        process or another (``qmesh revoke`` from a shell, another Gate).
+        Cheap: no table is read."""
+        return self._db.change_marker()
+
+    @property
+    def migrations(self) -> tuple[tuple[str, ...], ...]:
+        """This backend's schema steps (each backend numbers its own)."""
+        return MIGRATIONS if self.dialect == "sqlite" else POSTGRES_MIGRATIONS
 
     @property
     def schema_version(self) -> int:
@@ -318,6 +250,10 @@ class StateStore:
             return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
+        """Apply the pending steps in one write transaction: the write lock
+        (SQLite's, or the advisory lock on PostgreSQL) makes a second Gate
+        starting at the same moment wait, then find nothing to do."""
+        steps = self.migrations
         with self._write() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
@@ -326,15 +262,15 @@ class StateStore:
                 current = 0
             else:
                 current = int(row[0])
-            if current > len(MIGRATIONS):
+            if current > len(steps):
                 raise StateUnavailable(
-                    f"state database {self.path} has schema version {current}, newer than "
-                    f"this qmesh knows ({len(MIGRATIONS)}); upgrade qmesh"
+                    f"state database {self.location} has schema version {current}, newer than "
+                    f"this qmesh knows ({len(steps)}); upgrade qmesh"
                 )
-            for statements in MIGRATIONS[current:]:
+            for statements in steps[current:]:
                 for statement in statements:
                     conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+            conn.execute("UPDATE schema_version SET version = ?", (len(steps),))
 
     # -- identities -------------------------------------------------------
 
@@ -399,7 +335,7 @@ class StateStore:
         """Record ``timestamp`` as the newest HELLO of ``public_key``; False
         (and nothing recorded) unless it is above every earlier one: then the
         HELLO is a replay. Atomic across processes sharing the database."""
-        if not 0 <= timestamp < 2**63:  # SQLite's INTEGER
+        if not 0 <= timestamp < 2**63:  # SQLite's INTEGER, PostgreSQL's BIGINT
             return False
         with self._write() as conn:
             cursor = conn.execute(
@@ -441,6 +377,7 @@ class StateStore:
         """``app_id``'s verifiers valid at ``now`` (default: the current time)
         and whether it is disabled, read together; None for an unknown app."""
         when = time.time() if now is None else now
+        order = "rowid" if self.dialect == "sqlite" else "seq"  # insertion order
         with self._read() as conn:
             row = conn.execute(
                 "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key,"
@@ -451,7 +388,7 @@ class StateStore:
                 return None
             rows = conn.execute(
                 "SELECT stored_key, server_key, created_at, expires_at FROM app_old_verifiers"
-                " WHERE app_id = ? AND expires_at > ? ORDER BY created_at DESC, rowid DESC",
+                f" WHERE app_id = ? AND expires_at > ? ORDER BY created_at DESC, {order} DESC",
                 (app_id, when),
             ).fetchall()
         current = AppVerifier(

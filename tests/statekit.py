@@ -1,0 +1,21 @@
+"""Helpers for tests that run on both state backends (the ``state_location`` fixture)."""
+
+from __future__ import annotations
+
+from qmesh.state import StateStore
+
+
+def stored_bytes(store: StateStore) -> bytes:
+    """Everything the state holds, as an attacker with a copy would see it:
+    the SQLite files, or every row of every table (bytea as PostgreSQL prints it)."""
+    if store.path is not None:
+        return b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.is_file())
+    with store._read() as conn:
+        tables = [row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()]  # fmt: skip
+        return "\n".join(
+            str(row[0])
+            for table in tables
+            for row in conn.execute(f"SELECT row_to_json(t)::text FROM {table} t").fetchall()
+        ).encode()
