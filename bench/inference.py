@@ -69,7 +69,7 @@ class Mesh:
 
     def __init__(self, model: Path, threads: int, context: int) -> None:
         from qmesh.identity import GateKeys, enroll, write_private_file
-        from qmesh.pg.masterkey import ensure_master_key
+        from qmesh.masterkey import ensure_master_key
         from qmesh.state import StateStore
 
         self.tmp = Path(tempfile.mkdtemp(prefix="qmesh-bench-inference-"))

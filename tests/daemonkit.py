@@ -24,7 +24,7 @@ from processkit import free_port as free_port  # re-exported for the tests
 
 from qmesh.config import Config, load_config
 from qmesh.identity import GateKeys, enroll, write_private_file
-from qmesh.pg.masterkey import ensure_master_key
+from qmesh.masterkey import ensure_master_key
 from qmesh.state import StateStore
 
 MODEL_ENV = "QMESH_TEST_MODEL"

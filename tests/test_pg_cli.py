@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from qmesh.config import Config
+from qmesh.masterkey import load_master_key
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.masterkey import load_master_key
 from qmesh.pg.vault import Vault
 from qmesh.state import StateStore
 

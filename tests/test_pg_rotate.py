@@ -17,8 +17,8 @@ import pytest
 from pgcluster import PgCluster
 
 from qmesh.config import Config
+from qmesh.masterkey import load_master_key
 from qmesh.pg.errors import RotationError
-from qmesh.pg.masterkey import load_master_key
 from qmesh.pg.rotate import rotate_password, scram_verifier
 from qmesh.pg.vault import DatabaseSecret, Vault
 from qmesh.state import StateStore, StateUnavailable

@@ -1,4 +1,4 @@
-"""qmesh.pg.dsn, qmesh.pg.masterkey and qmesh.pg.vault on a real state store,
+"""qmesh.pg.dsn, qmesh.masterkey and qmesh.pg.vault on a real state store,
 SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import pytest
 from statekit import stored_bytes
 
 from qmesh.config import Config, GateConfig
-from qmesh.pg.dsn import parse_dsn
-from qmesh.pg.errors import DsnError, VaultError
-from qmesh.pg.masterkey import (
+from qmesh.masterkey import (
     MASTER_KEY_ENV,
+    MasterKeyError,
     create_master_key,
     ensure_master_key,
     load_master_key,
 )
+from qmesh.pg.dsn import parse_dsn
+from qmesh.pg.errors import DsnError, VaultError
 from qmesh.pg.vault import DatabaseSecret, Vault, delete_secret, list_aliases
 from qmesh.state import StateStore
 
@@ -127,7 +128,7 @@ def test_master_key_file_is_created_private_and_never_replaced(tmp_path: Path) -
     assert base64.b64decode(path.read_text()) == key
     config = Config(data_dir=tmp_path / "data")
     assert load_master_key(config, env={}) == key
-    with pytest.raises(VaultError, match="already exists; refusing"):
+    with pytest.raises(MasterKeyError, match="already exists; refusing"):
         create_master_key(path)
     assert load_master_key(config, env={}) == key
     assert sorted(p.name for p in path.parent.iterdir()) == ["master.key"]  # no temp file
@@ -152,7 +153,7 @@ def test_master_key_from_env_wins(tmp_path: Path) -> None:
     ],
 )
 def test_bad_master_key_in_env(tmp_path: Path, value: str, problem: str) -> None:
-    with pytest.raises(VaultError, match=problem) as info:
+    with pytest.raises(MasterKeyError, match=problem) as info:
         load_master_key(Config(data_dir=tmp_path), env={MASTER_KEY_ENV: value})
     assert MASTER_KEY_ENV in str(info.value)
     if value:
@@ -161,19 +162,19 @@ def test_bad_master_key_in_env(tmp_path: Path, value: str, problem: str) -> None
 
 def test_master_key_file_problems(tmp_path: Path) -> None:
     config = Config(data_dir=tmp_path, gate=GateConfig(master_key_file=tmp_path / "mk"))
-    with pytest.raises(VaultError, match=r"does not exist.*init-master-key"):
+    with pytest.raises(MasterKeyError, match=r"does not exist.*init-master-key"):
         load_master_key(config, env={})
     path = tmp_path / "mk"
     path.write_text(base64.b64encode(KEY).decode() + "\n")
     os.chmod(path, 0o640)
-    with pytest.raises(VaultError, match=r"mode 0640.*chmod 600"):
+    with pytest.raises(MasterKeyError, match=r"mode 0640.*chmod 600"):
         load_master_key(config, env={})
     os.chmod(path, 0o600)
     assert load_master_key(config, env={}) == KEY
     path.write_bytes(KEY)  # 32 raw bytes are accepted too
     assert load_master_key(config, env={}) == KEY
     path.write_text("short\n")
-    with pytest.raises(VaultError, match="not a master key"):
+    with pytest.raises(MasterKeyError, match="not a master key"):
         load_master_key(config, env={})
 
 

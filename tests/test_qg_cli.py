@@ -17,7 +17,7 @@ from llmkit import paid_model, provider_config, start_provider
 from qmesh.config import Config, GateConfig, ProviderConfig
 from qmesh.finops.ledger import Ledger, LedgerEntry
 from qmesh.llm.service import LlmService
-from qmesh.pg.masterkey import load_master_key
+from qmesh.masterkey import load_master_key
 from qmesh.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,8 +35,8 @@ from qmesh.cli.runner import run_roles, run_until_stopped
 from qmesh.config import Config, GateAppConfig, format_hostport, parse_hostport
 from qmesh.daemon.catalog import MODEL_CACHE_ENV, model_cache, serving_dirs
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
+from qmesh.masterkey import ensure_master_key
 from qmesh.pg.demo import DEMO_ALIAS, DemoDatabase, DemoDbUnavailable
-from qmesh.pg.masterkey import ensure_master_key
 from qmesh.pg.policy import policy_for
 from qmesh.pg.vault import Vault
 from qmesh.roles import EDGE_ROLES, ROLES

@@ -254,7 +254,7 @@ class GateConfig:
     """From ``[gate.forward_allow_edges]``: more rules for one edge, by its
     identity name; that edge may use these and ``forward_allow``."""
     master_key_file: Path | None = None
-    """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.pg.masterkey`)."""
+    """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.masterkey`)."""
     database_url: str | None = None
     """``postgresql://…`` (any libpq URL): the Gate's state in PostgreSQL,
     shared by every Gate given the same URL; None: ``DATA_DIR/state.db``

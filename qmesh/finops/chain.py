@@ -37,7 +37,7 @@ import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from qmesh.pg.masterkey import key_fingerprint
+from qmesh.masterkey import key_fingerprint
 from qmesh.state import StateError, StateStore
 from qmesh.state.db import Connection
 

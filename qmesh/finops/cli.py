@@ -97,7 +97,7 @@ def _cmd_budgets(args: argparse.Namespace, config: Config) -> int:
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     """Verify both chains; exit 1 and name each problem when any is found."""
     from qmesh.finops.chain import CHAINS, ChainKeyMissing, load_chain_key, verify_chain
-    from qmesh.pg.masterkey import load_master_key
+    from qmesh.masterkey import load_master_key
 
     if config.gate.database_url is None and not config.state_db_path.exists():
         print_err(f"error: no state database at {config.state_db_path}")

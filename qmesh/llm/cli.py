@@ -166,7 +166,7 @@ def _cmd_route(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_set_key(args: argparse.Namespace, config: Config) -> int:
     from qmesh.llm.provider_keys import store_key
-    from qmesh.pg.masterkey import load_master_key
+    from qmesh.masterkey import load_master_key
 
     if sys.stdin.isatty():
         value = getpass.getpass(f"API key for {args.name} (not echoed): ")

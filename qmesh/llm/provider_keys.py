@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qmesh.logs import register_secret
-from qmesh.pg.masterkey import key_fingerprint
+from qmesh.masterkey import key_fingerprint
 from qmesh.state import InvalidValue, StateError, StateStore
 
 __all__ = [

@@ -36,12 +36,12 @@ from qmesh.llm.daemon_backend import DaemonBackend, daemon_candidates, refresh_l
 from qmesh.llm.executor import Executor, RequestContext
 from qmesh.llm.provider_keys import resolve_api_key
 from qmesh.llm.providers import AnthropicProvider, OpenAIProvider
+from qmesh.masterkey import load_master_key
 from qmesh.memory.errors import GraphMemoryError
 from qmesh.memory.llm import LlmUnavailable
 from qmesh.memory.records import SHARED_ONLY
 from qmesh.memory.service import Memory
 from qmesh.nlp.skills import Skill, builtin_skills, measure
-from qmesh.pg.masterkey import load_master_key
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import BUILTIN_TASKS, parse_dsn
 from qmesh.qg.errors import DsnError, NoRoute

@@ -8,7 +8,7 @@ The path of one query, module by module:
 - :mod:`~qmesh.pg.service` — the Gate's ``pg`` and ``pg-cancel`` services:
   the app's SCRAM login (:mod:`~qmesh.pg.scram`), its policy
   (:mod:`~qmesh.pg.policy`), the real credentials (:mod:`~qmesh.pg.vault`,
-  sealed with :mod:`~qmesh.pg.masterkey`), live-session control;
+  sealed with :mod:`~qmesh.masterkey`), live-session control;
 - :mod:`~qmesh.pg.login` — the Gate's login to the real server (TLS as the
   alias's sslmode says, SCRAM/MD5);
 - :mod:`~qmesh.pg.relay` — both directions after login, in the tunnel

@@ -8,7 +8,7 @@ the real server), and the statement audit (``audit`` lists what apps ran;
 on the data directory's files and state store, without a running Gate.
 
 Not for: the vault, master key, audit log and rotation themselves
-(:mod:`qmesh.pg.vault`, :mod:`qmesh.pg.masterkey`, :mod:`qmesh.pg.audit`,
+(:mod:`qmesh.pg.vault`, :mod:`qmesh.masterkey`, :mod:`qmesh.pg.audit`,
 :mod:`qmesh.pg.rotate`), or parsing the global options and loading the
 configuration (:mod:`qmesh.cli` does both and hands the handlers a
 :class:`Config`).
@@ -37,8 +37,8 @@ from qmesh.cmdline import (
     iso_seconds,
     print_err,
 )
+from qmesh.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.errors import DsnError, PgError
-from qmesh.pg.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.vault import Vault, delete_secret, load_master_key
 from qmesh.state import StateStore
 

@@ -4,7 +4,7 @@ For: storing, reading, listing and deleting the credentials the Gate logs in
 to real PostgreSQL servers with, one per *alias* (the database name an
 application asks the MiniGate for). Each value is the DSN's parts as JSON,
 sealed with AES-256-GCM under the operator's master key
-(:mod:`qmesh.pg.masterkey`): a fresh random 96-bit nonce per write, and the
+(:mod:`qmesh.masterkey`): a fresh random 96-bit nonce per write, and the
 alias as associated data, so a ciphertext moved to another alias's row fails
 authentication instead of handing one alias's password to another. Each row
 records the fingerprint of the key that sealed it, so a wrong master key is
@@ -39,14 +39,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qmesh.logs import register_secret
-from qmesh.pg.dsn import SSLMODES, DsnFields, parse_dsn
-from qmesh.pg.errors import VaultError
-from qmesh.pg.masterkey import (
+from qmesh.masterkey import (
     MASTER_KEY_LEN,
     ensure_master_key,
     key_fingerprint,
     load_master_key,
 )
+from qmesh.pg.dsn import SSLMODES, DsnFields, parse_dsn
+from qmesh.pg.errors import VaultError
 from qmesh.state import StateStore
 
 __all__ = [

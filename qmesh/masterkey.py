@@ -1,4 +1,8 @@
-"""The operator's master key: the 32 bytes that encrypt the vault.
+"""The operator's master key: the 32 bytes that seal every secret at rest.
+
+It seals the vault's database credentials (:mod:`qmesh.pg.vault`), the
+providers' API keys (:mod:`qmesh.llm.provider_keys`) and, on PostgreSQL,
+the ledger's chain key (:mod:`qmesh.finops.chain`).
 
 For: finding the key (``QMESH_MASTER_KEY``, else the file named by
 ``gate.master_key_file``, else ``DATA_DIR/master.key``), checking it (32
@@ -6,7 +10,7 @@ bytes; a file readable by its owner only), creating the file (``qmesh
 secrets init-master-key``, ``qmesh up``) and a non-secret fingerprint that
 tells one key from another in error messages.
 
-Not for: encrypting anything (:mod:`qmesh.pg.vault` does) or key rotation.
+Not for: encrypting anything (the stores above do) or key rotation.
 
 The file holds the key as one line of base64, so that ``export
 QMESH_MASTER_KEY=$(cat master.key)`` works; a file of exactly 32 raw bytes
@@ -31,18 +35,24 @@ from typing import Final
 from qmesh.config import Config
 from qmesh.identity import write_private_file
 from qmesh.logs import register_secret
-from qmesh.pg.errors import VaultError
+from qmesh.state import StateError
 
 __all__ = [
     "MASTER_KEY_ENV",
     "MASTER_KEY_FILE",
     "MASTER_KEY_LEN",
+    "MasterKeyError",
     "create_master_key",
     "ensure_master_key",
     "key_fingerprint",
     "load_master_key",
     "master_key_path",
 ]
+
+
+class MasterKeyError(StateError):
+    """The master key is missing, unreadable, badly formed or too open."""
+
 
 MASTER_KEY_LEN: Final = 32
 MASTER_KEY_ENV: Final = "QMESH_MASTER_KEY"
@@ -71,11 +81,11 @@ def _decode(data: bytes, where: str) -> bytes:
         text = text.replace(b"-", b"+").replace(b"_", b"/")
         key = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise VaultError(
+        raise MasterKeyError(
             f"{where}: not a master key: expected {MASTER_KEY_LEN} bytes in base64"
         ) from None
     if len(key) != MASTER_KEY_LEN:
-        raise VaultError(
+        raise MasterKeyError(
             f"{where}: not a master key: expected {MASTER_KEY_LEN} bytes in base64, "
             f"got {len(key)} bytes"
         )
@@ -86,26 +96,26 @@ def _read_key_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise VaultError(
+        raise MasterKeyError(
             f"no master key: {path} does not exist and {MASTER_KEY_ENV} is not set; "
             "create one with `qmesh secrets init-master-key`"
         ) from None
     except OSError as exc:
-        raise VaultError(f"cannot read master key {path}: {exc.strerror}") from None
+        raise MasterKeyError(f"cannot read master key {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         # fstat on the open file, so the mode checked is that of the file read.
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise VaultError(f"master key {path} is not a regular file")
+            raise MasterKeyError(f"master key {path} is not a regular file")
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
-            raise VaultError(
+            raise MasterKeyError(
                 f"master key {path} has mode {mode:04o}: it must be readable by its owner "
                 f"only (chmod 600 {path})"
             )
         data = f.read(_MAX_FILE_BYTES + 1)
     if len(data) > _MAX_FILE_BYTES:
-        raise VaultError(f"{path}: not a master key: the file is too large")
+        raise MasterKeyError(f"{path}: not a master key: the file is too large")
     return _decode(data, str(path))
 
 
@@ -114,10 +124,10 @@ def _from_env(env: Mapping[str, str]) -> bytes | None:
     if raw is None:
         return None
     if not raw.strip():
-        raise VaultError(f"{MASTER_KEY_ENV} is set but empty")
+        raise MasterKeyError(f"{MASTER_KEY_ENV} is set but empty")
     # _decode takes 32 raw bytes as a key; from the environment only base64 is meant.
     if len(raw.encode()) == MASTER_KEY_LEN:
-        raise VaultError(
+        raise MasterKeyError(
             f"{MASTER_KEY_ENV}: not a master key: expected {MASTER_KEY_LEN} bytes in base64"
         )
     return _decode(raw.encode("utf-8", errors="replace"), MASTER_KEY_ENV)
@@ -130,7 +140,7 @@ def _loaded(key: bytes) -> bytes:
 
 def load_master_key(config: Config, *, env: Mapping[str, str] | None = None) -> bytes:
     """The master key from ``QMESH_MASTER_KEY`` (base64 of 32 bytes) or from
-    :func:`master_key_path`. Raises :class:`VaultError` saying what is
+    :func:`master_key_path`. Raises :class:`MasterKeyError` saying what is
     missing or wrong; the message never contains the key."""
     key = _from_env(os.environ if env is None else env)
     if key is not None:
@@ -153,7 +163,7 @@ def create_master_key(path: Path) -> bytes:
     try:
         os.link(temp, path)
     except FileExistsError:
-        raise VaultError(
+        raise MasterKeyError(
             f"{path} already exists; refusing to replace it (the vault's secrets are "
             "encrypted with it)"
         ) from None
@@ -173,6 +183,6 @@ def ensure_master_key(data_dir: Path, *, env: Mapping[str, str] | None = None) -
     path = data_dir / MASTER_KEY_FILE
     if not path.exists():
         # Two `qmesh up` racing: the loser's create fails, and it reads the winner's file.
-        with contextlib.suppress(VaultError):
+        with contextlib.suppress(MasterKeyError):
             return create_master_key(path)
     return _loaded(_read_key_file(path))
