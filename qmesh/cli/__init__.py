@@ -11,7 +11,8 @@ Each command module adds its commands in the same shape,
 command a handler ``(args, config) -> exit status``. The commands that
 belong to no capability live in this package: running roles, ``up`` and
 ``version`` (:mod:`qmesh.cli.roles`), the Gate's keys and edge identities
-(:mod:`qmesh.cli.identity`) and applications (:mod:`qmesh.cli.apps`). A
+(:mod:`qmesh.cli.identity`), applications (:mod:`qmesh.cli.apps`) and the
+state store itself (:mod:`qmesh.cli.state`). A
 capability's commands live with the capability: ``secrets`` and ``audit``
 (:mod:`qmesh.pg.cli`), ``memory`` (:mod:`qmesh.memory.cli`), ``quant`` and
 ``node`` (:mod:`qmesh.daemon.cli`), ``route`` and ``providers``
@@ -37,6 +38,7 @@ import attrs
 
 from qmesh.cli import apps, identity
 from qmesh.cli import roles as roles_cli
+from qmesh.cli import state as state_cli
 from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AddCommands, Handler, print_err
 from qmesh.config import Config, ConfigError, load_config
 from qmesh.daemon import cli as daemon_cli
@@ -59,6 +61,7 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     roles_cli.add_commands,  # up, version
     identity.add_commands,  # keys, enroll, revoke, identities
     apps.add_commands,  # apps
+    state_cli.add_commands,  # state
     pg_cli.add_commands,  # secrets, audit
     memory_cli.add_commands,  # memory
     daemon_cli.add_commands,  # quant, node

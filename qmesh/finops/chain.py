@@ -50,6 +50,7 @@ __all__ = [
     "append_rows",
     "chain_key_path",
     "load_chain_key",
+    "seal_chain_key",
     "verify_chain",
 ]
 
@@ -128,6 +129,19 @@ def _key_file(db_path: Path, *, create: bool) -> bytes:
 
 
 _KEY_AAD: Final = b"qmesh-state-key\x00chain"
+
+
+def seal_chain_key(conn: Connection, key: bytes, master_key: bytes) -> None:
+    """Store ``key`` as the state's chain key, sealed with ``master_key``,
+    replacing any (``qmesh state migrate`` moves a SQLite state's key file)."""
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(master_key).encrypt(nonce, key, _KEY_AAD)
+    conn.execute("DELETE FROM state_keys WHERE name = 'chain'")
+    conn.execute(
+        "INSERT INTO state_keys (name, key_fingerprint, nonce, ciphertext, created_at)"
+        " VALUES ('chain', ?, ?, ?, ?)",
+        (key_fingerprint(master_key), nonce, sealed, time.time()),
+    )
 
 
 def _sealed_key(store: StateStore, master_key: bytes, *, create: bool) -> bytes:

@@ -190,14 +190,16 @@ class StateStore:
         """The SQLite file; None on PostgreSQL."""
 
     @classmethod
-    def open(cls, location: Path | str) -> StateStore:
+    def open(cls, location: Path | str, *, migrate: bool = True) -> StateStore:
         """Open the state at ``location`` — a SQLite file (created 0600 with
         its directory if missing) or a ``postgresql://`` URL — and bring its
-        schema up to date. Raises StateUnavailable."""
+        schema up to date (unless ``migrate`` is false: ``qmesh state
+        status`` looks without changing anything). Raises StateUnavailable."""
         database = open_database(location)
         store = cls(database)
         try:
-            store._migrate()
+            if migrate:
+                store._migrate()
         except DATABASE_ERRORS as exc:
             database.close()
             raise StateUnavailable(f"cannot use state database {database.location}: {exc}") from exc
@@ -245,7 +247,17 @@ class StateStore:
 
     @property
     def schema_version(self) -> int:
+        """The version the database is at (0: nothing applied yet)."""
         with self._read() as conn:
+            exists = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
+                if self.dialect == "sqlite"
+                else "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+                " AND tablename = ?",
+                ("schema_version",),
+            ).fetchone()[0]
+            if not exists:
+                return 0
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             return int(row[0]) if row else 0
 

@@ -1,0 +1,124 @@
+"""Copying one state store into another: ``qmesh state migrate --to URL``.
+
+For: :func:`copy_state`, which copies every table the two backends share
+(:data:`SHARED_TABLES`) from a source store into a target store in **one**
+write transaction on the target — so a failure leaves the target as it
+was — and compares the row counts afterwards. Rows are copied as stored:
+vault and provider-key rows stay sealed with the master key, ledger and
+audit rows keep their ids and hashes (the chains still verify with the same
+key), and an app's verifiers stay verifiers. A target that already holds
+rows is refused unless ``replace`` (then its rows go first, in the same
+transaction).
+
+Not for: the graph memory's tables (SQLite only today: they stay in the
+SQLite file), the chain key (:mod:`qmesh.finops.chain`, which the command
+moves) or choosing what to copy where (the command line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import attrs
+
+from qmesh.state.db import Connection
+from qmesh.state.errors import StateError
+from qmesh.state.store import StateStore
+
+__all__ = ["SHARED_TABLES", "CopyReport", "TargetNotEmpty", "copy_state", "table_counts"]
+
+SHARED_TABLES: Final = (
+    "identities",
+    "edge_hellos",
+    "apps",
+    "app_old_verifiers",
+    "vault_secrets",
+    "pg_audit",
+    "qg_ledger",
+    "qg_audit",
+    "qg_chain_heads",
+    "qg_provider_keys",
+)
+"""Every table both backends have, parents before children (foreign keys)."""
+_INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}
+"""Tables without an id whose SQLite insertion order carries meaning."""
+_GENERATED_IDS: Final = ("pg_audit",)
+"""PostgreSQL tables whose identity column must continue after the copied ids."""
+
+
+class TargetNotEmpty(StateError):
+    """The target already holds rows, and replacing them was not asked for."""
+
+
+@attrs.frozen
+class CopyReport:
+    counts: dict[str, tuple[int, int]]
+    """Table → (rows in the source, rows in the target after the copy)."""
+
+    @property
+    def ok(self) -> bool:
+        return all(source == target for source, target in self.counts.values())
+
+
+def table_counts(store: StateStore, tables: Sequence[str] = SHARED_TABLES) -> dict[str, int]:
+    with store._read() as conn:
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+
+
+def _columns(conn: Connection, store: StateStore, table: str) -> list[str]:
+    if store.dialect == "sqlite":
+        return [str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = ?"
+        " AND coalesce(identity_generation, '') != 'ALWAYS'"
+        " ORDER BY ordinal_position",
+        (table,),
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def copy_state(
+    source: StateStore,
+    target: StateStore,
+    *,
+    replace: bool = False,
+    also: Callable[[Connection], None] = lambda conn: None,
+) -> CopyReport:
+    """Copy :data:`SHARED_TABLES` from ``source`` into ``target``; raises
+    TargetNotEmpty (nothing written) unless the target is empty or ``replace``.
+    ``also`` runs last inside the target's transaction (the chain key)."""
+    before = table_counts(source)
+    with source._read() as read, target._write() as write:
+        present = {
+            t: int(write.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in SHARED_TABLES
+        }
+        if any(present.values()) and not replace:
+            held = ", ".join(f"{t} ({n})" for t, n in present.items() if n)
+            raise TargetNotEmpty(
+                f"{target.location} already holds rows: {held}; "
+                "--replace empties those tables first"
+            )
+        for table in reversed(SHARED_TABLES):
+            write.execute(f"DELETE FROM {table}")
+        for table in SHARED_TABLES:
+            wanted = _columns(write, target, table)
+            columns = [c for c in _columns(read, source, table) if c in wanted]
+            listed = ", ".join(columns)
+            order = _INSERTION_ORDER.get(table, "1")
+            rows: list[Sequence[Any]] = read.execute(
+                f"SELECT {listed} FROM {table} ORDER BY {order}"
+            ).fetchall()
+            if rows:
+                marks = ", ".join("?" for _ in columns)
+                write.executemany(f"INSERT INTO {table} ({listed}) VALUES ({marks})", rows)
+        also(write)
+        if target.dialect == "postgresql":
+            for table in _GENERATED_IDS:
+                write.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                    f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+                )
+    after = table_counts(target)
+    return CopyReport({t: (before[t], after[t]) for t in SHARED_TABLES})
