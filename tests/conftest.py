@@ -31,6 +31,16 @@ def pg_cluster() -> Iterator[PgCluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _close_state_stores() -> Iterator[None]:
+    """Set up before, so torn down after, every other fixture of the test."""
+    from statekit import OPEN_STORES
+
+    yield
+    while OPEN_STORES:
+        OPEN_STORES.pop().close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state_location(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
     """Where a test's Gate state lives, once per backend: a SQLite file, or

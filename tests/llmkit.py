@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import trio
 import trio.lowlevel
+from statekit import close_after_the_test
 
 from qmesh.config import (
     BudgetConfig,
@@ -170,14 +171,6 @@ class GateApi:
 MASTER_KEY = bytes(range(32))
 
 
-async def close_at_the_end(store: StateStore) -> None:
-    """Close the store when the test's nursery ends (a PostgreSQL one holds connections)."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        store.close()
-
-
 async def start_api(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -192,7 +185,7 @@ async def start_api(
 ) -> GateApi:
     """``state``: where the Gate's state lives (default: SQLite in ``tmp_path``)."""
     store = StateStore.open(state or tmp_path / "state.db")
-    nursery.start_soon(close_at_the_end, store)
+    close_after_the_test(store)
     tokens = {app: f"{app}:{store.add_app(app)}" for app in (*apps, ADMIN_APP)}
     config = attrs.evolve(
         Config(data_dir=tmp_path),

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 from pgcluster import PgCluster
+from statekit import close_after_the_test
 from tunnelkit import Gate, fast_settings, start_edge, start_gate, until
 
 from qmesh import _core
@@ -132,10 +133,13 @@ async def start_ghost(
     edge_port: Callable[[Gate], Awaitable[int]] | None = None,
     tls: ssl.SSLContext | None = None,
     audit: AuditLog | None = None,
+    state: Path | str | None = None,
 ) -> Ghost:
     """Everything in ``nursery``. ``edge_port`` may put a proxy between the
-    MiniGate and the Gate: it gets the Gate and returns the port to dial."""
-    store = StateStore.open(tmp_path / f"state-{secrets.token_hex(3)}.db")
+    MiniGate and the Gate: it gets the Gate and returns the port to dial.
+    ``state``: where the Gate's state lives (default: a SQLite file)."""
+    store = StateStore.open(state or tmp_path / f"state-{secrets.token_hex(3)}.db")
+    close_after_the_test(store)
     app_id = f"app-{secrets.token_hex(3)}"
     app_key = store.add_app(app_id)
     vault = Vault.open(store, MASTER_KEY)

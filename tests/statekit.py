@@ -19,3 +19,14 @@ def stored_bytes(store: StateStore) -> bytes:
             for table in tables
             for row in conn.execute(f"SELECT row_to_json(t)::text FROM {table} t").fetchall()
         ).encode()
+
+
+OPEN_STORES: list[StateStore] = []
+
+
+def close_after_the_test(store: StateStore) -> StateStore:
+    """Close ``store`` once the test is over — after its nursery, whose tasks
+    may still be using it, has ended (conftest's ``_close_state_stores``):
+    a PostgreSQL store holds connections to the shared cluster."""
+    OPEN_STORES.append(store)
+    return store

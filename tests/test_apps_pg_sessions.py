@@ -5,7 +5,10 @@ inside its rotation overlap carries on until the overlap ends.
 
 Real psycopg clients → MiniGate → tunnel → Gate → a real PostgreSQL; the
 trust changes are written through a second connection to the state
-database, as a ``qmesh`` command in another process writes them. Each
+database, as a ``qmesh`` command in another process (or another Gate)
+writes them — on both backends: a SQLite file, whose commits the Gate sees
+in ``PRAGMA data_version``, and PostgreSQL, whose commits reach it as
+NOTIFY. Each
 session under test is inside a running statement when its key loses its
 standing, so the FATAL is what the client reads; waits are on events and
 on conditions with generous deadlines.
@@ -41,11 +44,12 @@ def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
 class Watched:
     ghost: Ghost
     watcher: StateWatcher
+    state: Path | str
     refreshes: int = 0
 
     def other_process(self) -> StateStore:
         """A second connection to the Gate's state database."""
-        return StateStore.open(self.ghost.store.location)
+        return StateStore.open(self.state)
 
     async def refreshed(self) -> None:
         seen = self.refreshes
@@ -58,10 +62,10 @@ async def until(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.01)
 
 
-async def start(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> Watched:
-    ghost = await start_ghost(nursery, db, tmp_path)
+async def start(nursery: trio.Nursery, db: RealDb, tmp_path: Path, state: Path | str) -> Watched:
+    ghost = await start_ghost(nursery, db, tmp_path, state=state)
     watcher = StateWatcher(ghost.store, interval_s=0.02)
-    watched = Watched(ghost, watcher)
+    watched = Watched(ghost, watcher, state)
     watcher.subscribe("app keys (pg)", ghost.service.refresh_apps)
 
     async def count() -> None:
@@ -113,9 +117,9 @@ async def ended_while_sleeping(ghost: Ghost, key: str, started: trio.Event) -> p
 
 
 async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
 ) -> None:
-    watched = await start(nursery, db, tmp_path)
+    watched = await start(nursery, db, tmp_path, state_location)
     ghost = watched.ghost
     errors: list[psycopg.Error] = []
     try:
@@ -155,9 +159,9 @@ async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
 
 
 async def test_rotation_spares_sessions_inside_the_overlap_and_ends_them_without_one(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
 ) -> None:
-    watched = await start(nursery, db, tmp_path)
+    watched = await start(nursery, db, tmp_path, state_location)
     ghost = watched.ghost
     old_key = ghost.app_key
     errors: list[psycopg.Error] = []
@@ -201,9 +205,9 @@ async def test_rotation_spares_sessions_inside_the_overlap_and_ends_them_without
 
 
 async def test_a_session_ends_when_its_keys_overlap_runs_out(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
 ) -> None:
-    watched = await start(nursery, db, tmp_path)
+    watched = await start(nursery, db, tmp_path, state_location)
     ghost = watched.ghost
     errors: list[psycopg.Error] = []
     try:

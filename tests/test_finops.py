@@ -15,12 +15,12 @@ import trio
 from llmkit import (
     MASTER_KEY,
     GateApi,
-    close_at_the_end,
     paid_model,
     provider_config,
     start_api,
     start_provider,
 )
+from statekit import close_after_the_test
 
 from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
 from qmesh.finops.budgets import BudgetBook
@@ -279,7 +279,7 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, state_location: Path | str
 ) -> None:
     store = StateStore.open(state_location)
-    nursery.start_soon(close_at_the_end, store)
+    close_after_the_test(store)
     ledger = Ledger(store, master_key=MASTER_KEY)
     write = ledger._write
     in_thread = threading.Event()
