@@ -53,6 +53,7 @@ from qmesh import _core
 from qmesh.config import Config
 from qmesh.fastsocket import connect_tcp
 from qmesh.logs import register_secret
+from qmesh.masterkey import MasterKeyError
 from qmesh.pg.audit import AuditLog
 from qmesh.pg.errors import VaultError
 from qmesh.pg.login import (
@@ -211,7 +212,7 @@ class PgService:
             vault: Vault | None = Vault.open(store, master_key)
             problem = None
             mock = hmac.new(master_key, b"qmesh pg mock scram", hashlib.sha256).digest()
-        except VaultError as exc:
+        except (MasterKeyError, VaultError) as exc:
             log.warning("the Postgres path is disabled: %s", exc)
             vault, problem, mock = None, str(exc), None
         return cls(config, store, vault=vault, vault_problem=problem, mock_secret=mock)
