@@ -27,6 +27,8 @@ import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
 
+from qmesh.config import GateAppConfig
+from qmesh.pg.policy import policy_to_json
 from qmesh.pg.service import KEY_REVOKED
 from qmesh.state import StateStore
 from qmesh.state.watch import StateWatcher
@@ -231,3 +233,44 @@ async def test_a_session_ends_when_its_keys_overlap_runs_out(
     (error,) = errors
     assert error.sqlstate == KEY_REVOKED, error
     assert "rotation overlap" in str(error) and "has ended" in str(error)
+
+
+async def test_a_policy_stored_in_the_state_is_followed_by_new_sessions(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
+) -> None:
+    """``qmesh apps policy`` writes the state; the Gate reloads it on the
+    change and the next session follows it: it wins over [gate.apps.*] for
+    the whole app, and forgetting it gives the config's back."""
+    watched = await start(nursery, db, tmp_path, state_location)
+    ghost = watched.ghost
+    assert ghost.service.policies.source(ghost.app_id) == "config"
+
+    def store_policy(policy: GateAppConfig | None) -> None:
+        with watched.other_process() as other:
+            if policy is not None:
+                other.set_app_policy(ghost.app_id, policy_to_json(policy))
+            else:
+                assert other.clear_app_policy(ghost.app_id)
+
+    def query(sql: str) -> object:
+        with connect(ghost, ghost.app_key) as conn:
+            row = conn.execute(sql).fetchone()
+            return None if row is None else row[0]
+
+    await in_thread(lambda: store_policy(GateAppConfig(databases=("other-*",))))
+    await watched.refreshed()
+    refused = f'may not use database alias "{ghost.alias}"'
+    with pytest.raises(psycopg.OperationalError, match=refused):
+        await in_thread(lambda: query("SELECT 1"))
+
+    await in_thread(lambda: store_policy(GateAppConfig(databases=(ghost.alias,), read_only=True)))
+    await watched.refreshed()
+    assert ghost.service.policies.source(ghost.app_id) == "state"
+    assert await in_thread(lambda: query("SHOW default_transaction_read_only")) == "on"
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await in_thread(lambda: query("CREATE TABLE policy_probe (x int)"))
+
+    await in_thread(lambda: store_policy(None))  # forget it: [gate.apps.APP] again
+    await watched.refreshed()
+    assert ghost.service.policies.source(ghost.app_id) == "config"
+    assert await in_thread(lambda: query("SHOW default_transaction_read_only")) == "off"

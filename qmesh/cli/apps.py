@@ -1,21 +1,27 @@
-"""``qmesh apps add|list|rotate-key|disable|enable``: applications and their app keys.
+"""``qmesh apps add|list|rotate-key|disable|enable|policy``: applications, their keys and policy.
 
-For: managing the applications that may use the mesh, on the data
-directory's state store, without a running Gate. An app key is printed
-once, when it is made: the store keeps only its verifiers.
+For: managing the applications that may use the mesh, on the state store
+(``DATA_DIR``'s, or ``gate.database_url``), without a running Gate. An app
+key is printed once, when it is made: the store keeps only its verifiers.
+``policy`` shows an app's rights on the Postgres path and where they come
+from, and stores changed ones in the state, where every Gate on it follows
+them (:mod:`qmesh.pg.policy` says which wins over ``[gate.apps.*]``).
 
 Not for: how keys are checked (:mod:`qmesh.state`, :mod:`qmesh.web.auth`)
-or per-app policy (the configuration).
+or how a policy is enforced (:mod:`qmesh.pg`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Final
+from typing import Any, Final
 
-from qmesh.cmdline import EXIT_OK, Subcommands, add_command, iso_seconds, print_err
-from qmesh.config import Config
+import attrs
+
+from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
+from qmesh.config import AUDIT_MODES, Config, GateAppConfig
+from qmesh.pg.policy import PolicyBook, policy_to_json
 from qmesh.state import StateStore
 
 __all__ = ["add_commands"]
@@ -62,6 +68,50 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     )
     enable.add_argument("app_id")
     enable.set_defaults(handler=_cmd_enable)
+    _add_policy_command(apps_commands, common)
+
+
+def _count_or_none(text: str) -> int | None:
+    if text == "none":
+        return None
+    if not text.isdigit() or int(text) > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}")
+    return int(text)
+
+
+def _add_policy_command(apps_commands: Any, common: argparse.ArgumentParser) -> None:
+    policy = apps_commands.add_parser(
+        "policy",
+        parents=[common],
+        help="show or change what an app may do on the Postgres path (kept in the state: "
+        "every Gate on it follows)",
+        description="Without options: the app's policy and where it comes from. With any, the "
+        "policy is stored in the state, starting from the current one; a stored policy wins "
+        "over [gate.apps.APP] in the config for the whole app, and running Gates apply it to "
+        "new sessions within a second.",
+    )
+    policy.add_argument("app_id")
+    policy.add_argument(
+        "--databases", metavar="PATTERNS", help="comma-separated alias patterns ('' for none)"
+    )
+    mode = policy.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", dest="read_only", action="store_true", default=None)
+    mode.add_argument("--read-write", dest="read_only", action="store_false")
+    policy.add_argument(
+        "--statement-timeout-ms", type=_count_or_none, metavar="MS|none",
+        help="the sessions' statement_timeout (none: the server's)",
+    )  # fmt: skip
+    policy.add_argument(
+        "--max-sessions", type=_count_or_none, metavar="N|none",
+        help="concurrent sessions per Gate (none: no limit)",
+    )  # fmt: skip
+    policy.add_argument("--audit", choices=AUDIT_MODES, help="what the statement audit keeps")
+    policy.add_argument(
+        "--from-config", action="store_true",
+        help="forget the stored policy: [gate.apps.APP] applies again",
+    )  # fmt: skip
+    policy.add_argument("--json", action="store_true", help="print JSON")
+    policy.set_defaults(handler=_cmd_policy, statement_timeout_ms=..., max_sessions=...)
 
 
 def _open_store(config: Config) -> StateStore:
@@ -135,4 +185,56 @@ def _cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
     else:
         ends = "and any earlier ones stopped working"
     print_err(f"new key for app {args.app_id!r} above, shown only once; the previous key {ends}")
+    return EXIT_OK
+
+
+def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
+    changes: dict[str, Any] = {}
+    if args.databases is not None:
+        changes["databases"] = tuple(p.strip() for p in args.databases.split(",") if p.strip())
+    if args.read_only is not None:
+        changes["read_only"] = args.read_only
+    if args.statement_timeout_ms is not ...:
+        if args.statement_timeout_ms == 0:
+            args.statement_timeout_ms = None
+        changes["statement_timeout_ms"] = args.statement_timeout_ms
+    if args.max_sessions is not ...:
+        changes["max_sessions"] = args.max_sessions
+    if args.audit is not None:
+        changes["audit_statements"] = args.audit
+    if changes and args.from_config:
+        print_err("error: --from-config cannot be combined with changes")
+        return EXIT_USAGE
+    with _open_store(config) as store:
+        if store.get_app_keys(args.app_id) is None:
+            print_err(f"error: no app with id {args.app_id!r}")
+            return EXIT_USAGE
+        book = PolicyBook(config)
+        book.load(store)
+        if args.from_config:
+            store.clear_app_policy(args.app_id)
+        elif changes:
+            current = book.settings(args.app_id) or GateAppConfig()
+            store.set_app_policy(args.app_id, policy_to_json(attrs.evolve(current, **changes)))
+        book.load(store)
+    settings = book.settings(args.app_id)
+    source = book.source(args.app_id)
+    if args.json:
+        data = None if settings is None else json.loads(policy_to_json(settings))
+        print(json.dumps({"app_id": args.app_id, "source": source, "policy": data}, indent=2))
+        return EXIT_OK
+    where = {
+        "state": "the state (every Gate on it; [gate.apps] is not used for this app)",
+        "config": f"[gate.apps.{args.app_id}] in this config (no policy stored in the state)",
+        None: "none: this app may open no database",
+    }[source]
+    print(f"app                   {args.app_id}\nsource                {where}")
+    if settings is not None:
+        print(f"databases             {', '.join(settings.databases) or '(none)'}")
+        print(f"read_only             {'yes' if settings.read_only else 'no'}")
+        timeout = settings.statement_timeout_ms
+        print(f"statement_timeout_ms  {'the server default' if timeout is None else timeout}")
+        limit = settings.max_sessions
+        print(f"max_sessions          {'no limit' if limit is None else limit}")
+        print(f"audit_statements      {settings.audit_statements}")
     return EXIT_OK

@@ -72,7 +72,7 @@ from qmesh.pg.login import (
     open_upstream,
     upstream_params,
 )
-from qmesh.pg.policy import AppPolicy, policy_for
+from qmesh.pg.policy import AppPolicy, PolicyBook
 from qmesh.pg.relay import Relay, SessionOver, send_quietly
 from qmesh.pg.scram import (
     MECHANISM,
@@ -185,6 +185,8 @@ class PgService:
     ) -> None:
         self.config = config
         self.store = store
+        self.policies = PolicyBook(config)
+        """Every app's policy, the state's over the config's: reloaded on each change."""
         self.vault = vault
         self.vault_problem = vault_problem
         self.audit = audit if audit is not None else AuditLog(store)
@@ -220,6 +222,7 @@ class PgService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The service's own tasks: the audit log's writer, and the end of
         sessions whose key's rotation overlap runs out."""
+        await trio.to_thread.run_sync(self.policies.load, self.store)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.audit.run)
             nursery.start_soon(self._end_expired_sessions)
@@ -234,7 +237,9 @@ class PgService:
         the verifier it logged in with is no longer valid (``qmesh apps
         rotate-key --overlap 0``). Sessions on a key inside its overlap
         carry on — until the overlap ends (:meth:`_end_expired_sessions`).
-        One read per app with live sessions; no PBKDF2."""
+        One read per app with live sessions; no PBKDF2. The apps' policies
+        are read again too: new sessions follow a changed one at once."""
+        await trio.to_thread.run_sync(self.policies.load, self.store)
         self._generation += 1
         if not self.live:
             return
@@ -349,7 +354,7 @@ class PgService:
                     self._judge(live, keys)
                 try:
                     with trio.fail_at(deadline):
-                        policy = policy_for(self.config, app_id)
+                        policy = self.policies.policy_for(app_id)
                         secret = await self._admit(app_id, alias, policy)
                         self.active[app_id] = self.active.get(app_id, 0) + 1
                         counted = True

@@ -39,6 +39,7 @@ SHARED_TABLES: Final = (
     "qg_audit",
     "qg_chain_heads",
     "qg_provider_keys",
+    "app_policies",
 )
 """Every table both backends have, parents before children (foreign keys)."""
 _INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}

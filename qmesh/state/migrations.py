@@ -112,4 +112,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # Graph memory documents belong to the app that added them; "shared" lets
     # every app read one (qmesh.state.memory_tables).
     MEMORY_SHARING_MIGRATION,
+    # Per-app policy kept in the state, so every Gate on it enforces the same
+    # rules (qmesh apps policy; JSON of qmesh.config.GateAppConfig's fields).
+    (
+        """
+        CREATE TABLE app_policies (
+            app_id      TEXT PRIMARY KEY REFERENCES apps (app_id) ON DELETE CASCADE,
+            policy      TEXT NOT NULL,
+            updated_at  REAL NOT NULL
+        )
+        """,
+    ),
 )

@@ -160,4 +160,14 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Per-app policy kept in the state (qmesh apps policy).
+    (
+        """
+        CREATE TABLE app_policies (
+            app_id      TEXT PRIMARY KEY REFERENCES apps (app_id) ON DELETE CASCADE,
+            policy      TEXT NOT NULL,
+            updated_at  DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 )

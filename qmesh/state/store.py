@@ -521,6 +521,33 @@ class StateStore:
         with self._write() as conn:
             return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
 
+    # -- per-app policy ----------------------------------------------------
+
+    def set_app_policy(self, app_id: str, policy: str) -> None:
+        """Store ``app_id``'s policy (JSON, as :mod:`qmesh.pg.policy` writes
+        it), replacing any. Raises InvalidValue for an unknown app."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM apps WHERE app_id = ?", (app_id,)).fetchone() is None:
+                raise InvalidValue(f"no app with id {app_id!r}")
+            conn.execute(
+                "INSERT INTO app_policies (app_id, policy, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (app_id) DO UPDATE SET policy = excluded.policy,"
+                " updated_at = excluded.updated_at",
+                (app_id, policy, time.time()),
+            )
+
+    def clear_app_policy(self, app_id: str) -> bool:
+        """Forget ``app_id``'s stored policy (the config file's applies again)."""
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM app_policies WHERE app_id = ?", (app_id,))
+            return cursor.rowcount == 1
+
+    def app_policies(self) -> dict[str, str]:
+        """Every stored policy, by app id (JSON text)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT app_id, policy FROM app_policies").fetchall()
+        return {str(row[0]): str(row[1]) for row in rows}
+
     def list_apps(self) -> list[App]:
         with self._read() as conn:
             rows = conn.execute(

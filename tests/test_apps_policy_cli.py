@@ -1,0 +1,93 @@
+"""``qmesh apps policy``: an app's Postgres rights, shown with their source,
+changed into the state (which wins over ``[gate.apps.*]`` for the whole app)
+and given back to the config, as an operator types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    file = tmp_path / "gate.toml"
+    file.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        '[gate.apps.shop]\ndatabases = ["orders"]\nstatement_timeout_ms = 5000\n'
+    )
+    for app in ("shop", "batch"):
+        assert qmesh(file, "apps", "add", app).returncode == 0
+    return file
+
+
+def policy(config: Path, app: str, *args: str) -> dict[str, object]:
+    result = qmesh(config, "apps", "policy", app, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def test_show_change_and_give_back(config: Path) -> None:
+    shown = qmesh(config, "apps", "policy", "shop")
+    assert shown.returncode == 0, shown.stderr
+    assert "source                [gate.apps.shop] in this config" in shown.stdout
+    assert "databases             orders" in shown.stdout
+    assert "statement_timeout_ms  5000" in shown.stdout
+    none = qmesh(config, "apps", "policy", "batch")
+    assert "none: this app may open no database" in none.stdout
+
+    # A change starts from the current policy and is stored in the state.
+    changed = policy(config, "shop", "--databases", "orders, billing*", "--read-only",
+                     "--max-sessions", "3", "--audit", "hash")  # fmt: skip
+    assert changed == {
+        "app_id": "shop",
+        "source": "state",
+        "policy": {
+            "databases": ["orders", "billing*"],
+            "read_only": True,
+            "statement_timeout_ms": 5000,  # kept from the config's
+            "max_sessions": 3,
+            "audit_statements": "hash",
+        },
+    }
+    again = policy(config, "shop", "--statement-timeout-ms", "none", "--max-sessions", "none")
+    assert again["policy"] == {**changed["policy"], "statement_timeout_ms": None,  # type: ignore[dict-item]
+                               "max_sessions": None}  # fmt: skip
+    assert policy(config, "batch", "--databases", "reports")["source"] == "state"
+
+    back = policy(config, "shop", "--from-config")
+    assert back["source"] == "config"
+    assert back["policy"] == {
+        "databases": ["orders"], "read_only": False, "statement_timeout_ms": 5000,
+        "max_sessions": None, "audit_statements": "text",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nobody",), "no app with id 'nobody'"),
+        (("shop", "--from-config", "--read-only"), "--from-config cannot be combined"),
+        (("shop", "--max-sessions", "-1"), "expected a whole number or 'none', got '-1'"),
+        (("shop", "--audit", "all"), "invalid choice: 'all'"),
+        (("shop", "--read-only", "--read-write"), "not allowed with argument"),
+    ],
+)
+def test_mistakes_are_one_line(config: Path, args: tuple[str, ...], message: str) -> None:
+    result = qmesh(config, "apps", "policy", *args)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert policy(config, "shop")["source"] == "config"  # nothing was stored
