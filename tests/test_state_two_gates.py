@@ -1,0 +1,147 @@
+"""Two Gate processes on one PostgreSQL state: what is changed through the
+state — a new vault secret, an app's policy, an app-key rotation, an edge's
+revocation — is in force at the other Gate without a restart.
+
+Real processes throughout: ``qmesh --role gate`` twice (one data directory
+for the keys, each Gate on its own ports), a ``qmesh --role minigate``
+connected to the second Gate, ``qmesh`` commands for every change, psql's
+library (psycopg) as the application and a real PostgreSQL as its database.
+How fast each change bites is printed (``-s``); ``bench/trust.py`` is where
+speed is measured, so the deadlines here are generous."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from pgcluster import PgCluster
+from pgkit import RealDb
+from processkit import free_port, start_role, stop, wait_for
+
+DEADLINE_S = 30.0
+
+
+def qmesh(
+    data_dir: Path, url: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
+    env["QMESH_GATE__DATABASE_URL"] = url
+    result = subprocess.run(
+        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
+        env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def gate_config(path: Path, data_dir: Path, url: str) -> tuple[int, int]:
+    tunnel, http = free_port(), free_port()
+    path.write_text(
+        f'data_dir = "{data_dir}"\n'
+        f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel}"\nhttp_listen = "127.0.0.1:{http}"\n'
+        f'database_url = "{url}"\n'
+        "[tunnel]\nheartbeat_interval_s = 0.5\ndead_after_s = 3.0\n"
+    )
+    return tunnel, http
+
+
+def status_of(url: str, bearer: str) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {bearer}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def bites(what: str, check: Callable[[], object]) -> None:
+    took = wait_for(what, check, DEADLINE_S)
+    print(f"{what}: in force at the other Gate after {took * 1000:.0f} ms")
+
+
+def test_changes_made_through_the_state_are_in_force_at_another_gate(
+    tmp_path: Path, pg_cluster: PgCluster
+) -> None:
+    url = RealDb(pg_cluster, prefix="shared").dsn()
+    orders = RealDb(pg_cluster, prefix="orders")
+    data = tmp_path / "gate"
+    qmesh(data, url, "keys", "init")
+    qmesh(data, url, "secrets", "init-master-key")
+    shop_key = qmesh(data, url, "apps", "add", "shop").stdout.strip().splitlines()[-1]
+    _, a_http = gate_config(tmp_path / "a.toml", data, url)
+    b_tunnel, b_http = gate_config(tmp_path / "b.toml", data, url)
+    credential = tmp_path / "edge.cred"
+    qmesh(data, url, "enroll", "minigate", "edge-1", "--gate", f"127.0.0.1:{b_tunnel}",
+          "--out", str(credential))  # fmt: skip
+    pg_port = free_port()
+    (tmp_path / "edge.toml").write_text(
+        f'data_dir = "{tmp_path / "edge"}"\n'
+        f'[minigate]\ngate = "127.0.0.1:{b_tunnel}"\ncredential_file = "{credential}"\n'
+        f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:{free_port()}"\n'
+        "[tunnel]\nreconnect_max_s = 0.5\nheartbeat_interval_s = 0.5\ndead_after_s = 3.0\n"
+    )
+    gate_a = start_role("gate", tmp_path / "a.toml", tmp_path / "a.log")
+    gate_b = start_role("gate", tmp_path / "b.toml", tmp_path / "b.log")
+    edge = start_role("minigate", tmp_path / "edge.toml", tmp_path / "edge.log")
+    models_b = f"http://127.0.0.1:{b_http}/v1/models"
+    try:
+        for port in (a_http, b_http):
+            wait_for("a Gate's HTTP API", lambda p=port: status_of(  # type: ignore[misc]
+                f"http://127.0.0.1:{p}/healthz", "") == 200, 60)  # fmt: skip
+        assert status_of(models_b, f"shop:{shop_key}") == 200
+
+        def select_one() -> bool:
+            with psycopg.connect(
+                host="127.0.0.1", port=pg_port, user="shop", password=shop_key,
+                dbname="orders", connect_timeout=10,
+            ) as conn:  # fmt: skip
+                return conn.execute("SELECT 1").fetchone() == (1,)
+
+        def refused_now(check: Callable[[], object]) -> Callable[[], bool]:
+            def attempt() -> bool:
+                try:
+                    check()
+                except psycopg.OperationalError:
+                    return True
+                return False
+
+            return attempt
+
+        # Before: no such alias, and no policy for it.
+        assert refused_now(select_one)()
+        # A vault secret and a policy, written by commands: the other Gate uses both.
+        qmesh(data, url, "secrets", "set", "db.orders", "--dsn-stdin", stdin=orders.dsn())
+        qmesh(data, url, "apps", "policy", "shop", "--databases", "orders")
+        bites("a new vault secret and policy", lambda: not refused_now(select_one)())
+
+        qmesh(data, url, "apps", "policy", "shop", "--databases", "reports")
+        bites("a policy change", refused_now(select_one))
+
+        # A key rotation without overlap: the old key stops working at B.
+        new_key = qmesh(data, url, "apps", "rotate-key", "shop", "--overlap", "0")
+        rotated = new_key.stdout.strip().splitlines()[-1]
+        bites("an app-key rotation", lambda: status_of(models_b, f"shop:{shop_key}") == 401)
+        assert status_of(models_b, f"shop:{rotated}") == 200
+
+        # A revocation: the edge's live session at B ends, and it cannot come back.
+        qmesh(data, url, "revoke", "edge-1")
+        started = time.monotonic()
+        assert edge.wait(timeout=DEADLINE_S) == 2
+        print(f"a revocation: the edge at the other Gate gave up after "
+              f"{(time.monotonic() - started) * 1000:.0f} ms")  # fmt: skip
+        assert "revoked" in (tmp_path / "edge.log").read_text()
+        assert gate_a.poll() is None and gate_b.poll() is None
+    finally:
+        for process in (edge, gate_b, gate_a):
+            stop(process)
+    for log in tmp_path.glob("*.log"):
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert shop_key not in text and orders.password not in text  # no secret in a log
