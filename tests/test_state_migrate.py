@@ -25,7 +25,7 @@ from qmesh.llm.provider_keys import load_key, store_key
 from qmesh.masterkey import load_master_key
 from qmesh.pg.audit import AuditLog, list_audit
 from qmesh.pg.vault import Vault
-from qmesh.state import StateStore
+from qmesh.state import POSTGRES_MIGRATIONS, StateStore
 from qmesh.state.copy import SHARED_TABLES, table_counts
 
 PASSWORD = "real-Pa55/word"
@@ -101,7 +101,8 @@ async def test_migrate_copies_everything_and_a_gate_serves_it(
     assert f"state    sqlite at {gate.path / 'state.db'} (DATA_DIR)" in status.stdout
     pending = qmesh(gate, "state", "status", url=url)
     assert pending.returncode == 0, pending.stderr
-    assert "schema   version 0 of 1: 1 step(s) pending" in pending.stdout
+    steps = len(POSTGRES_MIGRATIONS)
+    assert f"schema   version 0 of {steps}: {steps} step(s) pending" in pending.stdout
     assert "real-" not in pending.stdout  # the URL's password is never shown
 
     done = qmesh(gate, "state", "migrate", "--to", url)
@@ -132,7 +133,7 @@ async def test_migrate_copies_everything_and_a_gate_serves_it(
     assert verified.returncode == 0, verified.stderr
     assert "ledger: 25 rows, ok" in verified.stdout
     status = qmesh(gate, "state", "status", url=url)
-    assert "schema   version 1 of 1: up to date" in status.stdout
+    assert f"schema   version {steps} of {steps}: up to date" in status.stdout
     assert "qg_ledger 25" in status.stdout and "graph memory stays in SQLite" in status.stdout
 
     # A Gate on the target serves the migrated app keys, and extends the chain.
