@@ -3,7 +3,7 @@ the same instant backend, measured with wrk. One run, one table.
 
 Usage:
     .venv/bin/python bench/gateway.py [--seconds 10] [--connections 1,64]
-        [--litellm PATH] [--skip-litellm]
+        [--litellm PATH] [--skip-litellm] [--pg-state]
 
 What runs (all on loopback, each a separate process):
 - backend: a small asyncio server (below) that answers every
@@ -13,6 +13,10 @@ What runs (all on loopback, each a separate process):
   (``bench-model``) pointing at the backend, log level warning; requests
   carry an app key (``Authorization: Bearer bench:KEY``), name the model,
   and go through auth, routing, the pooled upstream client and the ledger;
+- with ``--pg-state``, the same Gate a second time with its state in
+  PostgreSQL (``gate.database_url``, a throwaway cluster from
+  scripts/pgcluster.py on the same machine), so the two backends are
+  compared in one run;
 - LiteLLM: ``litellm --config … --num_workers 1`` (from ``--litellm``, by
   default ``.cache/bench/litellm-venv/bin/litellm``; install it there with
   ``python3 -m venv .cache/bench/litellm-venv &&
@@ -226,15 +230,20 @@ wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
 # -- the contenders --------------------------------------------------------------------------
 
 
-def start_gate(work: Path, backend_port: int) -> tuple[subprocess.Popen[bytes], str, str]:
-    data = work / "gate"
+def start_gate(
+    work: Path, backend_port: int, database_url: str | None = None
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    name = "gate-pg" if database_url else "gate"
+    data = work / name
     data.mkdir()
     port = free_port()
-    config = work / "gate.toml"
+    config = work / f"{name}.toml"
+    state = f'database_url = "{database_url}"\n' if database_url else ""
     config.write_text(
         f'data_dir = "{data}"\n[log]\nlevel = "warning"\n'
         f'[gate]\ntunnel_listen = "127.0.0.1:{free_port()}"\nhttp_listen = "127.0.0.1:{port}"\n'
-        f'[[gate.providers]]\nname = "bench"\nbase_url = "http://127.0.0.1:{backend_port}/v1"\n'
+        + state
+        + f'[[gate.providers]]\nname = "bench"\nbase_url = "http://127.0.0.1:{backend_port}/v1"\n'
         f'[[gate.providers.models]]\nid = "{MODEL}"\nprice_in = 0.15\nprice_out = 0.6\n'
     )
     qmesh = [PYTHON, "-m", "qmesh", "--config", str(config)]
@@ -246,7 +255,7 @@ def start_gate(work: Path, backend_port: int) -> tuple[subprocess.Popen[bytes], 
     process = subprocess.Popen(
         [*taskset(1), *qmesh, "--role", "gate"],
         stdout=subprocess.DEVNULL,
-        stderr=(work / "gate.log").open("wb"),
+        stderr=(work / f"{name}.log").open("wb"),
         cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -314,6 +323,9 @@ def main() -> None:
     parser.add_argument("--connections", default="1,64")
     parser.add_argument("--litellm", default=str(ROOT / ".cache/bench/litellm-venv/bin/litellm"))
     parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument(
+        "--pg-state", action="store_true", help="also a Gate whose state is in PostgreSQL"
+    )
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend is not None:
@@ -326,6 +338,7 @@ def main() -> None:
     lua = work / "post.lua"
     lua.write_text(LUA % REQUEST)
     processes: list[subprocess.Popen[bytes]] = []
+    cleanups: list[Any] = []
     rows: list[tuple[str, int, dict[str, float]]] = []
     try:
         backend_port = free_port()
@@ -345,6 +358,22 @@ def main() -> None:
         check = post_once(gate_url, gate_token)
         assert check["choices"][0]["message"]["content"].startswith("Hello"), check
         contenders.append(("qmesh Gate", gate_url, gate_token, gate.pid))
+        if args.pg_state:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from pgcluster import PgCluster
+
+            # Its own directory, open to the postgres user (the server runs as it under root).
+            pg_base = Path(tempfile.mkdtemp(prefix="qmesh-gw-pg-"))
+            os.chmod(pg_base, 0o755)
+            cleanups.append(lambda: shutil.rmtree(pg_base, ignore_errors=True))
+            cluster = PgCluster(pg_base / "pg").start()
+            cleanups.append(cluster.stop)
+            cluster.psql("CREATE DATABASE qmesh_state")
+            url = cluster.dsn_for("postgres", cluster.password, "qmesh_state")
+            pg_gate, pg_url, pg_token = start_gate(work, backend_port, url)
+            processes.append(pg_gate)
+            post_once(pg_url, pg_token)
+            contenders.append(("Gate, PG state", pg_url, pg_token, pg_gate.pid))
         if not args.skip_litellm:
             if not Path(args.litellm).exists() and shutil.which(args.litellm) is None:
                 print(f"note: no LiteLLM at {args.litellm}; its rows are skipped", file=sys.stderr)
@@ -362,6 +391,8 @@ def main() -> None:
     finally:
         for process in reversed(processes):
             stop(process)
+        for cleanup in reversed(cleanups):
+            cleanup()
     direct = {c: r for n, c, r in rows if n == "direct backend"}
     print(
         f"wrk -t1, {args.seconds:g} s per run; wrk + backend on CPU 0, the gateway on CPU 1; "
@@ -386,6 +417,11 @@ def main() -> None:
         "used: its throughput on a core of its own, whatever else ran on the machine"
     )
     gate_rows = {c: r for n, c, r in rows if n == "qmesh Gate"}
+    pg_rows = {c: r for n, c, r in rows if n == "Gate, PG state"}
+    for connections in counts:
+        if connections in pg_rows:
+            ratio = pg_rows[connections]["rps"] / gate_rows[connections]["rps"]
+            print(f"PG state / SQLite state at {connections} connection(s): {ratio:.2f}x req/s")
     lite_rows = {c: r for n, c, r in rows if n == "LiteLLM proxy"}
     for connections in counts:
         if connections in lite_rows:

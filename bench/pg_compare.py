@@ -14,13 +14,20 @@ clients, in the simple and prepared protocols, against:
   (d) qmesh         pgbench → MiniGate ═sealed tunnel═ Gate → PostgreSQL,
                     `qmesh --role minigate` and `qmesh --role gate` as
                     separate processes, default settings (audit on)
+  (e) qmesh-pgstate the same, with the Gate's own state (app keys, vault,
+                    audit) in PostgreSQL (`gate.database_url`, a database of
+                    its own on the same server) instead of SQLite
+
+The "logins" rows run pgbench with -C: a new connection, and so a whole
+login through the stack (SCRAM, the vault, the server's authentication),
+for every transaction; their TPS is logins per second.
 
 Prints TPS and average latency per cell, and qmesh's TPS ratio to each
 (latency: what qmesh adds over direct at -c 1). Needs pgbench, pgbouncer and
 stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the machine it
 runs on; the run is never a pass/fail test.
 
-    python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,direct]
+    python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh")
+TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate")
 APP_USER = "benchapp"
 
 
@@ -98,7 +105,7 @@ class Stack:
         self.ports: dict[str, int] = {}
         self.real_password = "real-" + secrets.token_urlsafe(16)
         self.app_key = "app-" + secrets.token_urlsafe(16)  # PgBouncer's client password
-        self.qmesh_key = ""
+        self.qmesh_keys: dict[str, str] = {}
         self.pg: PgCluster | None = None
 
     def spawn(self, name: str, command: list[str], **kwargs: object) -> None:
@@ -122,8 +129,9 @@ class Stack:
             self._pgbouncer()
         if "stunnel+pgb" in targets:
             self._stunnel()
-        if "qmesh" in targets:
-            self._qmesh()
+        for target in ("qmesh", "qmesh-pgstate"):
+            if target in targets:
+                self._qmesh(target)
 
     def _pgbouncer(self) -> None:
         assert self.pg is not None
@@ -171,9 +179,15 @@ class Stack:
         wait_port(client_port)
         self.ports["stunnel+pgb"] = client_port
 
-    def _qmesh(self) -> None:
+    def _qmesh(self, target: str) -> None:
         assert self.pg is not None
-        directory = self.base / "qmesh"
+        directory = self.base / target
+        state = ""
+        if target == "qmesh-pgstate":
+            self.pg.psql("CREATE DATABASE qmesh_state")
+            url = self.pg.dsn_for("postgres", self.pg.password, "qmesh_state")
+            state = f'database_url = "{url}"\n'
+        environment = {**os.environ, **({"QMESH_GATE__DATABASE_URL": url} if state else {})}
         gate_dir = directory / "gate"
         tunnel_port, http_port, pg_port = free_port(), free_port(), free_port()
 
@@ -181,6 +195,7 @@ class Stack:
             result = subprocess.run(
                 [sys.executable, "-m", "qmesh", "--data-dir", str(gate_dir), *args],
                 input=stdin, capture_output=True, text=True, check=True, cwd=REPO,
+                env=environment,
             )  # fmt: skip
             return result.stdout
 
@@ -188,7 +203,7 @@ class Stack:
         credential = directory / "edge.cred"
         cli("enroll", "minigate", "bench-edge", "--gate", f"127.0.0.1:{tunnel_port}",
             "--out", str(credential))  # fmt: skip
-        self.qmesh_key = cli("apps", "add", APP_USER).strip()
+        self.qmesh_keys[target] = cli("apps", "add", APP_USER).strip()
         cli("secrets", "init-master-key")
         dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode=disable"
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
@@ -196,7 +211,8 @@ class Stack:
             f'data_dir = "{gate_dir}"\n[log]\nlevel = "warning"\n'
             f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel_port}"\n'
             f'http_listen = "127.0.0.1:{http_port}"\n'
-            f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
+            + state
+            + f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
             f'audit_statements = "{self.audit}"\n'
             + (
                 f"statement_timeout_ms = {self.statement_timeout_ms}\n"
@@ -211,17 +227,17 @@ class Stack:
         )
         for role in ("gate", "minigate"):
             self.spawn(
-                f"qmesh-{role}",
+                f"{target}-{role}",
                 [sys.executable, "-m", "qmesh", "--role", role,
                  "--config", str(directory / f"{role}.toml")],
                 cwd=REPO,
             )  # fmt: skip
         wait_port(pg_port)
-        self.ports["qmesh"] = pg_port
+        self.ports[target] = pg_port
         # The MiniGate listens before its tunnel is up: wait for a real login.
         end = time.monotonic() + 30
         while subprocess.run(
-            ["psql", self.dsn("qmesh"), "-X", "-c", "SELECT 1"], capture_output=True
+            ["psql", self.dsn(target), "-X", "-c", "SELECT 1"], capture_output=True
         ).returncode:
             if time.monotonic() > end:
                 raise RuntimeError("qmesh did not come up; see qmesh-*.log")
@@ -230,8 +246,8 @@ class Stack:
     def user_password(self, target: str) -> tuple[str, str]:
         if target == "direct":
             return "bench", self.real_password
-        if target == "qmesh":
-            return APP_USER, self.qmesh_key
+        if target in self.qmesh_keys:
+            return APP_USER, self.qmesh_keys[target]
         return APP_USER, self.app_key
 
     def dsn(self, target: str) -> str:
@@ -261,8 +277,10 @@ def pgbench(
         "pgbench", "-n", "-T", str(duration), "-c", str(clients), "-j", str(min(clients, 2)),
         "-M", mode, "-h", "127.0.0.1", "-p", str(stack.ports[target]), "-U", user, "bench",
     ]  # fmt: skip
-    if script == "select-only":
+    if script in ("select-only", "logins"):
         command.insert(1, "-S")
+    if script == "logins":
+        command.insert(1, "-C")  # a new connection, so a whole login, per transaction
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password},
         timeout=duration + 120,
@@ -318,7 +336,7 @@ def main() -> int:
         for script in ("select-only", "tpcb-like")
         for clients in (1, 16)
         for mode in ("simple", "prepared")
-    ]
+    ] + [("logins", clients, "simple") for clients in (1, 8)]
     results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
     try:
         with stack_in(base, args.scale, targets, args.audit, args.statement_timeout_ms) as stack:

@@ -200,13 +200,16 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
     next_id = max(next_id, last_id) + 1
     placeholders = ", ".join("?" for _ in range(len(columns) + 3))
     sql = f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash) VALUES ({placeholders})"
+    sealed: list[tuple[object, ...]] = []
     for values in rows:
         digest = _seal(key, prev, next_id, values)
-        conn.execute(sql, (next_id, *values, prev, digest))
+        sealed.append((next_id, *values, prev, digest))
         prev = digest
         last_id = next_id
         next_id += 1
         count += 1
+    # One batch: PostgreSQL pipelines it instead of a round trip per row.
+    conn.executemany(sql, sealed)
     mac = _head_mac(key, chain, last_id, prev, count)
     conn.execute(
         "INSERT INTO qg_chain_heads (chain, last_id, last_hash, rows, mac) VALUES (?, ?, ?, ?, ?)"

@@ -112,7 +112,7 @@ class Ledger:
         return len(self._entries) + len(self._events)
 
     def _write(self, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]) -> None:
-        with self.store._write() as conn:
+        with self.store._write(announce=False) as conn:
             if entries:
                 append_rows(conn, self._key, "ledger", [e.values() for e in entries])
             if events:

@@ -265,7 +265,7 @@ class AuditLog:
                 )
             )
         try:
-            with self.store._write() as conn:
+            with self.store._write(announce=False) as conn:
                 conn.executemany(
                     "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256,"
                     " duration_ms, rows, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -116,7 +116,7 @@ class Database(Protocol):
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
 
-    def write(self) -> contextlib.AbstractContextManager[Connection]: ...
+    def write(self, *, announce: bool = True) -> contextlib.AbstractContextManager[Connection]: ...
 
     def change_marker(self) -> tuple[int, int]: ...
 
@@ -187,9 +187,10 @@ class SqliteDatabase:
             yield self._connection()
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, *, announce: bool = True) -> Iterator[Connection]:
         """A write transaction. IMMEDIATE takes the write lock up front, so
-        two processes never both read and then fail to upgrade."""
+        two processes never both read and then fail to upgrade. Without
+        ``announce`` it does not move this process's change marker."""
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -200,7 +201,8 @@ class SqliteDatabase:
                 raise
             try:
                 conn.execute("COMMIT")
-                self._commits += 1
+                if announce:
+                    self._commits += 1
             except BaseException:
                 # A deferred constraint that fails at COMMIT (or a busy
                 # database) leaves the transaction open; without this
@@ -334,14 +336,16 @@ class PostgresDatabase:
             yield _PgConnection(conn)
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, *, announce: bool = True) -> Iterator[Connection]:
         """A write transaction under the single-writer advisory lock; its
-        NOTIFY is delivered if, and only if, it commits."""
+        NOTIFY (unless not ``announce``) is delivered if, and only if, it commits."""
         with self._checkout() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
             yield _PgConnection(conn)
-            conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-        self._commits += 1
+            if announce:
+                conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        if announce:
+            self._commits += 1
 
     @contextlib.contextmanager
     def _checkout(self) -> Iterator[psycopg.Connection[Any]]:

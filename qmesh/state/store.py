@@ -229,10 +229,15 @@ class StateStore:
         """Statements outside a transaction (each sees committed data)."""
         return self._db.read()
 
-    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+    def _write(self, *, announce: bool = True) -> contextlib.AbstractContextManager[Connection]:
         """A write transaction: committed at the end of the block, rolled back
-        on an exception; one writer at a time across every process and Gate."""
-        return self._db.write()
+        on an exception; one writer at a time across every process and Gate.
+
+        ``announce=False`` for writes that change nothing a running Gate
+        reacts to (ledger and audit rows): they do not wake the Gates'
+        state watchers, which would otherwise re-read trust after every
+        batch (on SQLite, another process's commit is seen all the same)."""
+        return self._db.write(announce=announce)
 
     def change_marker(self) -> tuple[int, int]:
         """A value that differs after any commit to the database, by this
