@@ -310,7 +310,10 @@ class PostgresDatabase:
             conn = psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StateUnavailable(f"cannot connect to {self.location}: {reason}") from None
+            raise StateUnavailable(
+                f"cannot connect to {self.location}: {reason} (check gate.database_url: "
+                "is the server up, and are its address and credentials right?)"
+            ) from None
         try:
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             read_only = conn.execute("SHOW transaction_read_only").fetchone()
