@@ -52,6 +52,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg_pool
 
+from qmesh.logs import register_secret
 from qmesh.state.errors import StateUnavailable
 
 __all__ = [
@@ -279,6 +280,9 @@ class PostgresDatabase:
             parts = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise StateUnavailable(f"gate.database_url is not a PostgreSQL URL: {exc}") from None
+        if parts.get("password"):
+            # psycopg and its pool log connection problems; never the password.
+            register_secret(str(parts["password"]))
         parts.setdefault("connect_timeout", connect_timeout_s)
         parts.setdefault("application_name", "qmesh-gate")
         self._conninfo = psycopg.conninfo.make_conninfo("", **parts)
