@@ -23,9 +23,10 @@ from llmkit import (
 from statekit import close_after_the_test
 
 from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
-from qmesh.finops.budgets import BudgetBook
+from qmesh.finops.budgets import BudgetBook, Reservation
 from qmesh.finops.chain import load_chain_key, verify_chain
 from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
+from qmesh.finops.totals import BudgetTotals
 from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
 from qmesh.state import StateStore
 from qmesh.web.pool import HttpPool, parse_url
@@ -189,30 +190,74 @@ async def test_projection_over_budget_shifts_to_local_and_counts_savings(
     assert budget.shifted == 1
 
 
-def test_budget_states_and_reservations() -> None:
+async def test_budget_states_and_reservations() -> None:
     now = [1_700_000_000.0]
     book = BudgetBook(
         [BudgetConfig(name="b", limit_usd=1.0, period="day", apps=("a",))], clock=lambda: now[0]
     )
     budget = book.for_app("a")
     assert budget is not None and book.state(budget) == BUDGET_OK
-    first = book.reserve(budget, 0.6, paid=True)
+    first = await book.reserve(budget, 0.6, paid=True)
     assert first is not None
-    assert book.reserve(budget, 0.6, paid=True) is None  # would overspend
-    local = book.reserve(budget, 0.6, paid=False)  # local work is never refused
+    assert await book.reserve(budget, 0.6, paid=True) is None  # would overspend
+    local = await book.reserve(budget, 0.6, paid=False)  # local work is never refused
     assert local is not None
-    local.settle(0.0)
-    first.settle(0.5)
-    first.settle(0.5)  # idempotent
+    await local.settle(0.0)
+    await first.settle(0.5)
+    await first.settle(0.5)  # idempotent
     assert budget.spent == 0.5 and budget.reserved == 0.0
-    second = book.reserve(budget, 0.5, paid=True)
+    second = await book.reserve(budget, 0.5, paid=True)
     assert second is not None
-    second.settle(0.5)
+    await second.settle(0.5)
     assert book.state(budget) == BUDGET_BLOCK
     now[0] += 86_400  # the next day: a fresh period
     assert book.state(book.for_app("a")) == BUDGET_OK
     with pytest.raises(PermissionError):
         book.for_app("other", "b")
+
+
+async def test_gates_sharing_a_state_never_overspend_a_hard_budget_together(
+    state_location: Path | str,
+) -> None:
+    """Two Gates' books, each on its own connection to one state, 250
+    concurrent paid reservations each against one hard budget: together they
+    hold exactly what fits, and what they spend — paid and local — adds up
+    in the shared totals, which each Gate then sees."""
+    config = BudgetConfig(name="team", limit_usd=1.0, period="month", apps=("a",))
+    PRICE = 1 / 64
+    stores = [close_after_the_test(StateStore.open(state_location)) for _ in range(2)]
+    books = [BudgetBook([config], totals=BudgetTotals(store)) for store in stores]
+    for book in books:
+        budget = book.for_app("a")
+        assert budget is not None
+        await book.seed_shared(budget, 0.0)
+    held: list[tuple[BudgetBook, Reservation]] = []
+
+    async def reserve(book: BudgetBook) -> None:
+        reservation = await book.reserve(book.for_app("a"), PRICE, paid=True)
+        if reservation is not None:
+            held.append((book, reservation))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(250):
+            for book in books:
+                nursery.start_soon(reserve, book)
+    assert len(held) == 64  # 64 × $1/64 = the limit, across both Gates
+    assert {id(book) for book, _ in held} == {id(books[0]), id(books[1])}
+    for _, reservation in held:
+        await reservation.settle(PRICE)
+    for book in books:  # local work is charged, never refused
+        local = await book.reserve(book.for_app("a"), 0.0625, paid=False)
+        assert local is not None
+        await local.settle(0.0625)
+    for _ in range(2):  # each adds its own, then reads the other's
+        for book in books:
+            await book.sync()
+    for book in books:
+        budget = book.budgets["team"]
+        assert budget.spent == 1.125 and budget.reserved == 0.0  # exact in binary
+        assert book.state(budget) == BUDGET_BLOCK
+        assert await book.reserve(budget, PRICE, paid=True) is None
 
 
 async def test_ledger_chain_detects_edit_insert_and_delete(

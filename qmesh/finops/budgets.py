@@ -1,13 +1,19 @@
 """Budgets: spend limits per app or team and period, kept without overspending.
 
-For: :class:`BudgetBook`, the Gate's in-memory book of each budget's
-settled spend in the current period and its outstanding reservations.
-Admission reserves the request's *maximum* cost (:meth:`BudgetBook.reserve`)
-and completion settles the actual cost (:meth:`Reservation.settle`).
-Reserve and the check before it run without an ``await`` in between, on
-the Gate's one Trio thread, so concurrent requests cannot together pass a
-check that only one of them fits: with a hard budget, the total of settled
-and reserved never exceeds the limit.
+For: :class:`BudgetBook`, the Gate's book of each budget's settled spend in
+the current period and its outstanding reservations. Admission reserves the
+request's *maximum* cost (:meth:`BudgetBook.reserve`) and completion settles
+the actual cost (:meth:`Reservation.settle`).
+
+With the state's shared totals (:class:`~qmesh.finops.totals.BudgetTotals`,
+as every Gate runs), a paid request's check-and-reserve and its settlement
+are each one write transaction in the state, so every Gate on it together
+never commits more than a hard budget's limit; local work — never refused —
+is charged in memory and added to the shared totals every
+``SYNC_INTERVAL_S`` (:meth:`BudgetBook.sync_forever`), which also brings
+in what the other Gates spent. Without shared totals (a book on its own),
+reserve and its check run without an ``await`` in between, on the Gate's
+one Trio thread, which gives the same guarantee within one process.
 
 :meth:`BudgetBook.state` tells the router what to do: ``ok``; ``shift``
 when the spend projected to the period's end (burn rate so far) exceeds
@@ -27,11 +33,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import attrs
+import trio
 
 from qmesh.config import BudgetConfig
+from qmesh.finops.totals import BudgetTotals, Key, Totals
 from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
 
-__all__ = ["Budget", "BudgetBook", "Reservation", "period_bounds"]
+__all__ = ["SYNC_INTERVAL_S", "Budget", "BudgetBook", "Reservation", "period_bounds"]
+
+SYNC_INTERVAL_S: Final = 1.0
+"""How often local spend reaches the shared totals, and the other Gates' spend this one."""
 
 # Early in a period a few requests would project an absurd burn rate; the
 # projection treats at least this share of the period as elapsed.
@@ -61,10 +72,23 @@ class Budget:
     shifted: int = 0
     avoided: float = 0.0
     blocked: int = 0
+    held_locally: float = 0.0
+    """Reserved for local work in this process (not in the shared totals)."""
+    unsynced: float = 0.0
+    """Local spend not yet added to the shared totals."""
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def key(self) -> Key:
+        return self.name, self.period_start
+
+    def mirror(self, totals: Totals) -> None:
+        """Take the shared totals, plus what this process holds that they lack."""
+        self.spent = totals[0] + self.unsynced
+        self.reserved = totals[1] + self.held_locally
 
     def burn_rate(self, now: float) -> float:
         """USD per hour so far this period."""
@@ -101,25 +125,46 @@ class Reservation:
 
     budget: Budget | None
     amount: float
+    totals: BudgetTotals | None = None
+    """Where it is held: the shared totals (a paid request), or None (this process)."""
+    key: Key | None = None
     settled: bool = False
 
-    def settle(self, actual: float) -> None:
-        """Release the hold and charge ``actual``. Idempotent."""
+    async def settle(self, actual: float) -> None:
+        """Release the hold and charge ``actual``. Idempotent; finishes even
+        when the request was cancelled (the money was spent all the same)."""
         if self.settled:
             return
         self.settled = True
-        if self.budget is not None:
-            self.budget.reserved = max(0.0, self.budget.reserved - self.amount)
-            self.budget.spent += actual
+        budget = self.budget
+        if budget is None:
+            return
+        if self.totals is not None and self.key is not None:
+            with trio.CancelScope(shield=True):
+                totals = await trio.to_thread.run_sync(
+                    self.totals.settle, self.key, self.amount, actual
+                )
+            if budget.key == self.key:
+                budget.mirror(totals)
+            return
+        budget.reserved = max(0.0, budget.reserved - self.amount)
+        budget.held_locally = max(0.0, budget.held_locally - self.amount)
+        budget.spent += actual
+        budget.unsynced += actual
 
 
 class BudgetBook:
     """Every configured budget's running totals."""
 
     def __init__(
-        self, configs: Iterable[BudgetConfig], *, clock: Callable[[], float] = time.time
+        self,
+        configs: Iterable[BudgetConfig],
+        *,
+        clock: Callable[[], float] = time.time,
+        totals: BudgetTotals | None = None,
     ) -> None:
         self._clock = clock
+        self.totals = totals
         now = clock()
         self.budgets: dict[str, Budget] = {}
         self._by_app: dict[str, Budget] = {}
@@ -131,10 +176,40 @@ class BudgetBook:
                 self._by_app.setdefault(app, budget)
 
     def seed(self, spent: Mapping[str | None, float]) -> None:
-        """Set each budget's settled spend (from the ledger, this period)."""
+        """Set each budget's settled spend (from the ledger, this period);
+        with shared totals :meth:`seed_shared` instead."""
         for name, amount in spent.items():
             if name is not None and name in self.budgets:
                 self.budgets[name].spent = amount
+
+    async def seed_shared(self, budget: Budget, ledger_spent: float) -> None:
+        """Start the period's shared totals from the ledger unless a Gate did."""
+        assert self.totals is not None
+        budget.mirror(await trio.to_thread.run_sync(self.totals.seed, budget.key, ledger_spent))
+
+    async def sync(self) -> None:
+        """Add local spend to the shared totals; take everyone's back."""
+        if self.totals is None or not self.budgets:
+            return
+        for budget in self.budgets.values():
+            self._roll(budget)
+        pending = {b.key: b.unsynced for b in self.budgets.values() if b.unsynced}
+        keys = [b.key for b in self.budgets.values()]
+        current = await trio.to_thread.run_sync(self.totals.add_spent, pending, keys)
+        for budget in self.budgets.values():
+            budget.unsynced = max(0.0, budget.unsynced - pending.get(budget.key, 0.0))
+            if budget.key in current:
+                budget.mirror(current[budget.key])
+
+    async def sync_forever(self, interval_s: float = SYNC_INTERVAL_S) -> None:
+        """:meth:`sync` every ``interval_s`` until cancelled, and once more then."""
+        try:
+            while True:
+                await trio.sleep(interval_s)
+                await self.sync()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.sync()
 
     def earliest_period_start(self) -> float:
         return min((b.period_start for b in self.budgets.values()), default=self._clock())
@@ -158,7 +233,7 @@ class BudgetBook:
         now = self._clock()
         if now >= budget.period_end:
             budget.period_start, budget.period_end = period_bounds(budget.config.period, now)
-            budget.spent = 0.0
+            budget.spent = budget.reserved = budget.unsynced = budget.held_locally = 0.0
             budget.shifted = budget.blocked = 0
             budget.avoided = 0.0
 
@@ -173,17 +248,30 @@ class BudgetBook:
             return BUDGET_SHIFT
         return BUDGET_OK
 
-    def reserve(self, budget: Budget | None, amount: float, *, paid: bool) -> Reservation | None:
+    async def reserve(
+        self, budget: Budget | None, amount: float, *, paid: bool
+    ) -> Reservation | None:
         """Hold ``amount`` for a request; None when a hard budget cannot
         cover it and the candidate is paid (local work is never refused:
         its cost is charged, but a budget exists to stop paid spend)."""
         if budget is None:
             return Reservation(None, amount)
-        if paid and budget.config.mode == "hard":
-            if budget.spent + budget.reserved + amount > budget.config.limit_usd:
+        hard = budget.config.mode == "hard"
+        if paid and self.totals is not None:
+            key = budget.key
+            limit = budget.config.limit_usd if hard else None
+            held, totals = await trio.to_thread.run_sync(self.totals.reserve, key, amount, limit)
+            if budget.key == key:
+                budget.mirror(totals)
+            if not held:
                 budget.blocked += 1
                 return None
+            return Reservation(budget, amount, self.totals, key)
+        if paid and hard and budget.spent + budget.reserved + amount > budget.config.limit_usd:
+            budget.blocked += 1
+            return None
         budget.reserved += amount
+        budget.held_locally += amount
         return Reservation(budget, amount)
 
     def views(self) -> list[dict[str, object]]:

@@ -99,14 +99,14 @@ class Executor:
             tried.add(candidate.id)
             yield candidate
 
-    def _admit(
+    async def _admit(
         self, candidate: Candidate, call: Call, ctx: RequestContext, now: float
     ) -> Reservation | None:
         if candidate.cool_until > now:
             ctx.hops.append({"candidate": candidate.id, "outcome": "cooling", "ms": 0.0})
             return None
         ceiling = candidate.cost(call.tokens_in, call.max_tokens)
-        reservation = self.book.reserve(ctx.budget, ceiling, paid=candidate.paid)
+        reservation = await self.book.reserve(ctx.budget, ceiling, paid=candidate.paid)
         if reservation is None:
             ctx.hops.append({"candidate": candidate.id, "outcome": "budget", "ms": 0.0})
         return reservation
@@ -197,7 +197,7 @@ class Executor:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
-            reservation = self._admit(candidate, call, ctx, started)
+            reservation = await self._admit(candidate, call, ctx, started)
             if reservation is None:
                 continue
             attempts += 1
@@ -205,23 +205,23 @@ class Executor:
                 backend: Backend = candidate.backend
                 answer = await backend.complete(candidate, call)
             except UpstreamError as exc:
-                reservation.settle(0.0)
+                await reservation.settle(0.0)
                 self._failed(candidate, ctx, exc, (time.monotonic() - started) * 1000)
                 continue
             except ClientFault:
-                reservation.settle(0.0)
+                await reservation.settle(0.0)
                 ctx.hops.append({"candidate": candidate.id, "outcome": "client_error", "ms": 0.0})
                 self._record(decision, ctx, candidate, call, (0, 0), 0.0, "client_error")
                 raise
             except BaseException:
-                reservation.settle(0.0)
+                await reservation.settle(0.0)
                 raise
             seconds = time.monotonic() - started
             candidate.observe_latency(seconds * 1000)
             self.router.telemetry_changed()
             tokens = (answer.tokens_in, answer.tokens_out)
             cost = self._cost(candidate, *tokens, seconds)
-            reservation.settle(cost)
+            await reservation.settle(cost)
             ctx.hops.append(
                 {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
             )
@@ -229,7 +229,7 @@ class Executor:
             return answer
         raise self._exhausted(decision, ctx, call)
 
-    def _settle_stream(
+    async def _settle_stream(
         self,
         decision: Decision,
         ctx: RequestContext,
@@ -245,7 +245,7 @@ class Executor:
         tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
         tokens = (usage.tokens_in or call.tokens_in, tokens_out)
         cost = self._cost(candidate, *tokens, seconds)
-        reservation.settle(cost)
+        await reservation.settle(cost)
         if outcome == "ok":
             candidate.observe_latency(seconds * 1000)
             self.router.telemetry_changed()
@@ -264,7 +264,7 @@ class Executor:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
-            reservation = self._admit(candidate, call, ctx, started)
+            reservation = await self._admit(candidate, call, ctx, started)
             if reservation is None:
                 continue
             attempts += 1
@@ -280,7 +280,7 @@ class Executor:
                     yield event
             except UpstreamError as exc:
                 if not sent and exc.retryable:
-                    reservation.settle(0.0)
+                    await reservation.settle(0.0)
                     self._failed(candidate, ctx, exc, (time.monotonic() - started) * 1000)
                     continue
                 outcome = "stream_broken"
@@ -298,7 +298,7 @@ class Executor:
             finally:
                 await events.aclose()
                 if not reservation.settled:
-                    self._settle_stream(
+                    await self._settle_stream(
                         decision, ctx, candidate, call, usage, started, outcome, reservation
                     )
             # Written to the ledger before the client hears how it ended.

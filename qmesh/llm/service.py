@@ -28,6 +28,7 @@ import trio
 from qmesh.config import Config
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
+from qmesh.finops.totals import BudgetTotals
 from qmesh.fleet.daemons import DaemonClient
 from qmesh.fleet.inventory import Inventory
 from qmesh.llm.backends import ClientFault, SkillBackend
@@ -80,7 +81,7 @@ class LlmService:
         self.skill_backend = SkillBackend(self.skills)
         self.pool = HttpPool()
         self.router = Router()
-        self.book = BudgetBook(config.gate.budgets)
+        self.book = BudgetBook(config.gate.budgets, totals=BudgetTotals(store))
         self.ledger = Ledger(store, master_key=master_key)
         self.executor = Executor(self.router, self.book, self.ledger, routing)
         self._equivalence = {
@@ -318,13 +319,16 @@ class LlmService:
     # -- running -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Seed the budgets from the ledger, then write the ledger until cancelled."""
+        """Seed the budgets' shared totals from the ledger (unless a Gate
+        already did this period), then write the ledger and keep the totals
+        in step until cancelled."""
         for budget in self.book.budgets.values():
             spent = await trio.to_thread.run_sync(spent_since, self.store, budget.period_start)
-            self.book.seed({budget.name: spent.get(budget.name, 0.0)})
+            await self.book.seed_shared(budget, spent.get(budget.name, 0.0))
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.ledger.run)
+                nursery.start_soon(self.book.sync_forever)
                 nursery.start_soon(self._follow_inventory)
                 for line in (s.describe() for s in self.skills.values()):
                     log.info("skill %s", line)

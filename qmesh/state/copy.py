@@ -40,6 +40,7 @@ SHARED_TABLES: Final = (
     "qg_chain_heads",
     "qg_provider_keys",
     "app_policies",
+    "budget_totals",
 )
 """Every table both backends have, parents before children (foreign keys)."""
 _INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}

@@ -123,4 +123,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Budgets' running totals per period, shared by every Gate on the state
+    # (qmesh.finops.totals): paid reservations are checked against them.
+    (
+        """
+        CREATE TABLE budget_totals (
+            name          TEXT NOT NULL,
+            period_start  REAL NOT NULL,
+            spent         REAL NOT NULL,
+            reserved      REAL NOT NULL,
+            PRIMARY KEY (name, period_start)
+        )
+        """,
+    ),
 )

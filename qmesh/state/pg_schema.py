@@ -170,4 +170,16 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Budgets' running totals per period (qmesh.finops.totals).
+    (
+        """
+        CREATE TABLE budget_totals (
+            name          TEXT NOT NULL,
+            period_start  DOUBLE PRECISION NOT NULL,
+            spent         DOUBLE PRECISION NOT NULL,
+            reserved      DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (name, period_start)
+        )
+        """,
+    ),
 )

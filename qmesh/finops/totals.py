@@ -1,0 +1,106 @@
+"""Budgets' running totals in the state, shared by every Gate on it.
+
+For: :class:`BudgetTotals`, one row of ``budget_totals`` per budget and
+period (``spent``, ``reserved``), changed only in write transactions — the
+state's single-writer rule (:mod:`qmesh.state.db`) makes a paid request's
+check-and-reserve atomic across every Gate, so several Gates together never
+commit more than a hard budget's limit. A paid request's reservation and
+its settlement are each one transaction; local work, which no budget
+refuses, is added in batches (:meth:`BudgetTotals.add_spent`), which also
+reads back what the other Gates spent.
+
+Not for: deciding anything (:mod:`qmesh.finops.budgets`) or the ledger rows
+(:mod:`qmesh.finops.ledger`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from qmesh.state import StateStore
+
+__all__ = ["BudgetTotals", "Key", "Totals"]
+
+Key = tuple[str, float]
+"""(budget name, period start)."""
+Totals = tuple[float, float]
+"""(spent, reserved) in USD."""
+
+
+class BudgetTotals:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def seed(self, key: Key, spent: float) -> Totals:
+        """Create the period's row with ``spent`` (what the ledger says was
+        spent before) unless a Gate already did; the row as it is."""
+        with self.store._write(announce=False) as conn:
+            conn.execute(
+                "INSERT INTO budget_totals (name, period_start, spent, reserved)"
+                " VALUES (?, ?, ?, 0) ON CONFLICT (name, period_start) DO NOTHING",
+                (*key, spent),
+            )
+            row = conn.execute(
+                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                key,
+            ).fetchone()
+        return float(row[0]), float(row[1])
+
+    def reserve(self, key: Key, amount: float, limit: float | None) -> tuple[bool, Totals]:
+        """Hold ``amount`` unless that would take spent + reserved past
+        ``limit`` (None: no limit); whether it was held, and the totals."""
+        with self.store._write(announce=False) as conn:
+            conn.execute(
+                "INSERT INTO budget_totals (name, period_start, spent, reserved)"
+                " VALUES (?, ?, 0, 0) ON CONFLICT (name, period_start) DO NOTHING",
+                key,
+            )
+            row = conn.execute(
+                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                key,
+            ).fetchone()
+            spent, reserved = float(row[0]), float(row[1])
+            if limit is not None and spent + reserved + amount > limit:
+                return False, (spent, reserved)
+            conn.execute(
+                "UPDATE budget_totals SET reserved = reserved + ?"
+                " WHERE name = ? AND period_start = ?",
+                (amount, *key),
+            )
+        return True, (spent, reserved + amount)
+
+    def settle(self, key: Key, held: float, actual: float) -> Totals:
+        """Release ``held`` and charge ``actual``; the totals after."""
+        with self.store._write(announce=False) as conn:
+            conn.execute(
+                "UPDATE budget_totals SET spent = spent + ?,"
+                " reserved = CASE WHEN reserved > ? THEN reserved - ? ELSE 0 END"
+                " WHERE name = ? AND period_start = ?",
+                (actual, held, held, *key),
+            )
+            row = conn.execute(
+                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                key,
+            ).fetchone()
+        return (0.0, 0.0) if row is None else (float(row[0]), float(row[1]))
+
+    def add_spent(self, increments: Mapping[Key, float], keys: list[Key]) -> dict[Key, Totals]:
+        """Add local spend, then read every budget's current totals (the
+        other Gates' included) in one transaction."""
+        with self.store._write(announce=False) as conn:
+            for key, amount in increments.items():
+                conn.execute(
+                    "INSERT INTO budget_totals (name, period_start, spent, reserved)"
+                    " VALUES (?, ?, ?, 0) ON CONFLICT (name, period_start)"
+                    " DO UPDATE SET spent = budget_totals.spent + excluded.spent",
+                    (*key, amount),
+                )
+            totals: dict[Key, Totals] = {}
+            for key in keys:
+                row = conn.execute(
+                    "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                    key,
+                ).fetchone()
+                if row is not None:
+                    totals[key] = (float(row[0]), float(row[1]))
+        return totals
