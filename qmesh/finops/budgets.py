@@ -76,6 +76,8 @@ class Budget:
     """Reserved for local work in this process (not in the shared totals)."""
     unsynced: float = 0.0
     """Local spend not yet added to the shared totals."""
+    totals_version: int = -1
+    """The version of the shared totals last taken (newer ones only)."""
 
     @property
     def name(self) -> str:
@@ -86,9 +88,15 @@ class Budget:
         return self.name, self.period_start
 
     def mirror(self, totals: Totals) -> None:
-        """Take the shared totals, plus what this process holds that they lack."""
-        self.spent = totals[0] + self.unsynced
-        self.reserved = totals[1] + self.held_locally
+        """Take the shared totals, plus what this process holds that they
+        lack — unless a newer version was taken already (transactions of
+        concurrent requests finish in any order)."""
+        spent, reserved, version = totals
+        if version < self.totals_version:
+            return
+        self.totals_version = version
+        self.spent = spent + self.unsynced
+        self.reserved = reserved + self.held_locally
 
     def burn_rate(self, now: float) -> float:
         """USD per hour so far this period."""
@@ -234,6 +242,7 @@ class BudgetBook:
         if now >= budget.period_end:
             budget.period_start, budget.period_end = period_bounds(budget.config.period, now)
             budget.spent = budget.reserved = budget.unsynced = budget.held_locally = 0.0
+            budget.totals_version = -1
             budget.shifted = budget.blocked = 0
             budget.avoided = 0.0
 

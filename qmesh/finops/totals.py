@@ -16,6 +16,7 @@ Not for: deciding anything (:mod:`qmesh.finops.budgets`) or the ledger rows
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Final
 
 from qmesh.state import StateStore
 
@@ -23,8 +24,14 @@ __all__ = ["BudgetTotals", "Key", "Totals"]
 
 Key = tuple[str, float]
 """(budget name, period start)."""
-Totals = tuple[float, float]
-"""(spent, reserved) in USD."""
+Totals = tuple[float, float, int]
+"""(spent, reserved) in USD, and the row's version: every change adds one,
+so a Gate applying answers that arrive out of order keeps the newest."""
+
+
+_READ: Final = (
+    "SELECT spent, reserved, version FROM budget_totals WHERE name = ? AND period_start = ?"
+)
 
 
 class BudgetTotals:
@@ -41,10 +48,10 @@ class BudgetTotals:
                 (*key, spent),
             )
             row = conn.execute(
-                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                _READ,
                 key,
             ).fetchone()
-        return float(row[0]), float(row[1])
+        return _totals(row)
 
     def reserve(self, key: Key, amount: float, limit: float | None) -> tuple[bool, Totals]:
         """Hold ``amount`` unless that would take spent + reserved past
@@ -56,33 +63,33 @@ class BudgetTotals:
                 key,
             )
             row = conn.execute(
-                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                _READ,
                 key,
             ).fetchone()
-            spent, reserved = float(row[0]), float(row[1])
+            spent, reserved, version = _totals(row)
             if limit is not None and spent + reserved + amount > limit:
-                return False, (spent, reserved)
+                return False, (spent, reserved, version)
             conn.execute(
-                "UPDATE budget_totals SET reserved = reserved + ?"
+                "UPDATE budget_totals SET reserved = reserved + ?, version = version + 1"
                 " WHERE name = ? AND period_start = ?",
                 (amount, *key),
             )
-        return True, (spent, reserved + amount)
+        return True, (spent, reserved + amount, version + 1)
 
     def settle(self, key: Key, held: float, actual: float) -> Totals:
         """Release ``held`` and charge ``actual``; the totals after."""
         with self.store._write(announce=False) as conn:
             conn.execute(
                 "UPDATE budget_totals SET spent = spent + ?,"
-                " reserved = CASE WHEN reserved > ? THEN reserved - ? ELSE 0 END"
-                " WHERE name = ? AND period_start = ?",
+                " reserved = CASE WHEN reserved > ? THEN reserved - ? ELSE 0 END,"
+                " version = version + 1 WHERE name = ? AND period_start = ?",
                 (actual, held, held, *key),
             )
             row = conn.execute(
-                "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                _READ,
                 key,
             ).fetchone()
-        return (0.0, 0.0) if row is None else (float(row[0]), float(row[1]))
+        return (0.0, 0.0, 0) if row is None else _totals(row)
 
     def add_spent(self, increments: Mapping[Key, float], keys: list[Key]) -> dict[Key, Totals]:
         """Add local spend, then read every budget's current totals (the
@@ -92,15 +99,20 @@ class BudgetTotals:
                 conn.execute(
                     "INSERT INTO budget_totals (name, period_start, spent, reserved)"
                     " VALUES (?, ?, ?, 0) ON CONFLICT (name, period_start)"
-                    " DO UPDATE SET spent = budget_totals.spent + excluded.spent",
+                    " DO UPDATE SET spent = budget_totals.spent + excluded.spent,"
+                    " version = budget_totals.version + 1",
                     (*key, amount),
                 )
             totals: dict[Key, Totals] = {}
             for key in keys:
                 row = conn.execute(
-                    "SELECT spent, reserved FROM budget_totals WHERE name = ? AND period_start = ?",
+                    _READ,
                     key,
                 ).fetchone()
                 if row is not None:
-                    totals[key] = (float(row[0]), float(row[1]))
+                    totals[key] = _totals(row)
         return totals
+
+
+def _totals(row: Any) -> Totals:
+    return float(row[0]), float(row[1]), int(row[2])

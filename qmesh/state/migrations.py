@@ -132,6 +132,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             period_start  REAL NOT NULL,
             spent         REAL NOT NULL,
             reserved      REAL NOT NULL,
+            version       INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (name, period_start)
         )
         """,

@@ -178,6 +178,7 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             period_start  DOUBLE PRECISION NOT NULL,
             spent         DOUBLE PRECISION NOT NULL,
             reserved      DOUBLE PRECISION NOT NULL,
+            version       BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (name, period_start)
         )
         """,
