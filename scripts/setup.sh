@@ -64,6 +64,19 @@ logged() {
   return "$rc"
 }
 
+# apt_install LOG PURPOSE PACKAGE...: install Debian packages when running as
+# root with apt-get; otherwise warn with the command that would.
+apt_install() {
+  local log=$1 purpose=$2; shift 2
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing $* ($purpose)"
+    logged "apt-$log" env DEBIAN_FRONTEND=noninteractive \
+      sh -c "apt-get update -qq && apt-get install -y -qq $*"
+  else
+    say "warning: $* missing ($purpose); as root: apt-get install $*"
+  fi
+}
+
 mkdir -p "$LOG_DIR"
 # Two setups at once (two shells, or a test run beside an editor hook) would
 # race on pip and on qmesh/_core.abi3.so; take turns.
@@ -149,40 +162,20 @@ fi
 # Debian's Chromium, driven by Playwright (a test dependency in pyproject.toml);
 # Playwright's own browser downloads are never used. Only as root with apt.
 if [[ ! -x /usr/bin/chromium ]]; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing Debian's chromium for the dashboard tests"
-    logged apt-chromium env DEBIAN_FRONTEND=noninteractive \
-      sh -c 'apt-get update -qq && apt-get install -y -qq chromium'
-  else
-    say "warning: /usr/bin/chromium is missing; the dashboard's browser tests will skip" \
-      "(as root: apt-get install chromium)"
-  fi
+  apt_install chromium "the dashboard's browser tests; without it they skip" chromium
 fi
 
 # -- PostgreSQL for the tests ---------------------------------------------------
 # The tests start throwaway clusters from these binaries (scripts/pgcluster.py);
 # no server is left running. Machines of this kind ship them; install if not.
 if [[ ! -x ${QMESH_PG_BIN:-/usr/lib/postgresql/15/bin}/initdb ]]; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing Debian's PostgreSQL 15 binaries for the tests"
-    logged apt-postgresql env DEBIAN_FRONTEND=noninteractive \
-      sh -c 'apt-get update -qq && apt-get install -y -qq postgresql-15 postgresql-client-15'
-  else
-    say "warning: PostgreSQL 15 binaries are missing; the Postgres tests will fail" \
-      "(as root: apt-get install postgresql-15)"
-  fi
+  apt_install postgresql "the Postgres tests and qmesh up's demo database" \
+    postgresql-15 postgresql-client-15
 fi
 
 # -- jq and curl, which the README's walk uses (tests/test_readme_walk.py) ----------
 if ! command -v jq >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    say "installing jq and curl (the README's walk uses them)"
-    logged apt-jq env DEBIAN_FRONTEND=noninteractive \
-      sh -c 'apt-get update -qq && apt-get install -y -qq jq curl'
-  else
-    say "warning: jq or curl is missing; the README's walk uses them" \
-      "(as root: apt-get install jq curl)"
-  fi
+  apt_install jq "the README's walk uses them" jq curl
 fi
 
 # -- Rust + the extension ---------------------------------------------------------
