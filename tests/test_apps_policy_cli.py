@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from qmesh.config import Config, GateAppConfig, GateConfig
+from qmesh.pg.policy import PolicyBook
+from qmesh.state import StateStore
+
 
 def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
@@ -91,3 +95,23 @@ def test_mistakes_are_one_line(config: Path, args: tuple[str, ...], message: str
     assert result.returncode == 2, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
     assert policy(config, "shop")["source"] == "config"  # nothing was stored
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ["[" * 100_000, '{"databases": "orders"}', '{"databases": [], "sudo": true}', "x" * 70_000],
+)
+def test_a_stored_policy_that_cannot_be_used_denies_its_app(tmp_path: Path, stored: str) -> None:
+    """Whoever wrote the shared state, a Gate reading it neither crashes
+    (nesting deep enough to exhaust the stack) nor falls back to the config."""
+    config = Config(
+        data_dir=tmp_path, gate=GateConfig(apps={"shop": GateAppConfig(databases=("orders",))})
+    )
+    with StateStore.open(tmp_path / "state.db") as store:
+        store.add_app("shop")
+        store.set_app_policy("shop", stored)
+        book = PolicyBook(config)
+        book.load(store)
+    assert book.source("shop") == "state"
+    assert book.policy_for("shop").max_sessions == 0
+    assert not book.policy_for("shop").allows("orders")

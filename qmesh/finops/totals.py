@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from qmesh.state import StateStore
+from qmesh.state.db import Connection
 
 __all__ = ["BudgetTotals", "Key", "Totals"]
 
@@ -42,31 +43,13 @@ class BudgetTotals:
         """Create the period's row with ``spent`` (what the ledger says was
         spent before) unless a Gate already did; the row as it is."""
         with self.store._write(announce=False) as conn:
-            conn.execute(
-                "INSERT INTO budget_totals (name, period_start, spent, reserved)"
-                " VALUES (?, ?, ?, 0) ON CONFLICT (name, period_start) DO NOTHING",
-                (*key, spent),
-            )
-            row = conn.execute(
-                _READ,
-                key,
-            ).fetchone()
-        return _totals(row)
+            return _ensure(conn, key, spent)
 
     def reserve(self, key: Key, amount: float, limit: float | None) -> tuple[bool, Totals]:
         """Hold ``amount`` unless that would take spent + reserved past
         ``limit`` (None: no limit); whether it was held, and the totals."""
         with self.store._write(announce=False) as conn:
-            conn.execute(
-                "INSERT INTO budget_totals (name, period_start, spent, reserved)"
-                " VALUES (?, ?, 0, 0) ON CONFLICT (name, period_start) DO NOTHING",
-                key,
-            )
-            row = conn.execute(
-                _READ,
-                key,
-            ).fetchone()
-            spent, reserved, version = _totals(row)
+            spent, reserved, version = _ensure(conn, key, 0.0)
             if limit is not None and spent + reserved + amount > limit:
                 return False, (spent, reserved, version)
             conn.execute(
@@ -85,10 +68,7 @@ class BudgetTotals:
                 " version = version + 1 WHERE name = ? AND period_start = ?",
                 (actual, held, held, *key),
             )
-            row = conn.execute(
-                _READ,
-                key,
-            ).fetchone()
+            row = conn.execute(_READ, key).fetchone()
         return (0.0, 0.0, 0) if row is None else _totals(row)
 
     def add_spent(self, increments: Mapping[Key, float], keys: list[Key]) -> dict[Key, Totals]:
@@ -105,13 +85,20 @@ class BudgetTotals:
                 )
             totals: dict[Key, Totals] = {}
             for key in keys:
-                row = conn.execute(
-                    _READ,
-                    key,
-                ).fetchone()
+                row = conn.execute(_READ, key).fetchone()
                 if row is not None:
                     totals[key] = _totals(row)
         return totals
+
+
+def _ensure(conn: Connection, key: Key, spent: float) -> Totals:
+    """The period's row, created with ``spent`` if no Gate made it yet."""
+    conn.execute(
+        "INSERT INTO budget_totals (name, period_start, spent, reserved)"
+        " VALUES (?, ?, ?, 0) ON CONFLICT (name, period_start) DO NOTHING",
+        (*key, spent),
+    )
+    return _totals(conn.execute(_READ, key).fetchone())
 
 
 def _totals(row: Any) -> Totals:

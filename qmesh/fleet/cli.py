@@ -207,17 +207,23 @@ def format_operation(answer: dict[str, Any]) -> str:
 
 
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.fleet.daemons import CONTROL_TIMEOUT_S  # the Gate side: only when asked for
+
     try:
         gate = GateApi.from_args(args, config)
         if args.operation is None:
-            data = gate.call("GET", "/api/inventory?kind=daemon")
+            args.kind = "daemon"
+            data = fetch(args, gate)
             print(json.dumps(data, indent=2) if args.json else format_models(data))
             return EXIT_OK
         body = {"model": args.model, **({"node": args.node} if args.node else {})}
         # Stopping waits for the running requests: as long as the Gate waits, and a little more.
-        answer = gate.call("POST", f"/api/models/{args.operation}", body=body, timeout=330)
+        path = f"/api/models/{args.operation}"
+        answer = gate.call("POST", path, body=body, timeout=CONTROL_TIMEOUT_S + 30)
+        results = answer.get("nodes") if isinstance(answer, dict) else None
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise CliError(f"{gate.base}{path} did not answer with a result per node", EXIT_FAILURE)
         print(json.dumps(answer, indent=2) if args.json else format_operation(answer))
-        results = answer.get("nodes") or ()
         return EXIT_OK if all(r.get("ok") for r in results) else EXIT_FAILURE
     except CliError as exc:
         print_err(f"error: {exc}")

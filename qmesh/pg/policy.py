@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import attrs
 
+from qmesh import peerjson
 from qmesh.config import AUDIT_MODES, Config, GateAppConfig
 from qmesh.state import InvalidValue, StateStore
 
@@ -99,6 +100,7 @@ def policy_for(config: Config, app_id: str) -> AppPolicy:
 # -- stored policies ---------------------------------------------------------------------
 
 _MAX_INT: Final = 2**31 - 1
+_MAX_POLICY_BYTES: Final = 64 * 1024
 
 
 def policy_to_json(app: GateAppConfig) -> str:
@@ -127,9 +129,11 @@ def policy_from_json(text: str) -> GateAppConfig:
     """A stored policy, checked as the configuration's reader checks a
     ``[gate.apps.*]`` table. Raises InvalidValue."""
     try:
-        data = json.loads(text)
-    except ValueError:
-        raise InvalidValue("a stored policy is not JSON") from None
+        # The state is shared (every Gate and command on it writes it): parse
+        # what comes back with its size and depth bounded.
+        data = peerjson.loads(text, max_bytes=_MAX_POLICY_BYTES, max_depth=4, what="policy")
+    except ValueError as exc:
+        raise InvalidValue(f"a stored policy is not usable JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidValue("a stored policy is not a JSON object")
     unknown = set(data) - {"databases", "read_only", "statement_timeout_ms", "max_sessions",
