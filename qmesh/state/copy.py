@@ -18,7 +18,7 @@ moves) or choosing what to copy where (the command line).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
 
@@ -46,6 +46,7 @@ SHARED_TABLES: Final = (
 _INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}
 """Tables without an id whose SQLite insertion order carries meaning."""
 _GENERATED_IDS: Final = ("pg_audit",)
+_BATCH_ROWS: Final = 5000
 """PostgreSQL tables whose identity column must continue after the copied ids."""
 
 
@@ -109,11 +110,10 @@ def copy_state(
             columns = [c for c in _columns(read, source, table) if c in wanted]
             listed = ", ".join(columns)
             order = _INSERTION_ORDER.get(table, "1")
-            rows: list[Sequence[Any]] = read.execute(
-                f"SELECT {listed} FROM {table} ORDER BY {order}"
-            ).fetchall()
-            if rows:
-                marks = ", ".join("?" for _ in columns)
+            marks = ", ".join("?" for _ in columns)
+            cursor = read.execute(f"SELECT {listed} FROM {table} ORDER BY {order}")
+            # In batches: a ledger of millions of rows never sits in memory whole.
+            while rows := cursor.fetchmany(_BATCH_ROWS):
                 write.executemany(f"INSERT INTO {table} ({listed}) VALUES ({marks})", rows)
         also(write)
         if target.dialect == "postgresql":
