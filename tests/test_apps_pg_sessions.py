@@ -245,32 +245,37 @@ async def test_a_policy_stored_in_the_state_is_followed_by_new_sessions(
     ghost = watched.ghost
     assert ghost.service.policies.source(ghost.app_id) == "config"
 
-    def store_policy(policy: GateAppConfig | None) -> None:
-        with watched.other_process() as other:
-            if policy is not None:
-                other.set_app_policy(ghost.app_id, policy_to_json(policy))
-            else:
-                assert other.clear_app_policy(ghost.app_id)
+    async def store_policy(policy: GateAppConfig | None) -> None:
+        """Write it as another process would, and wait until the Gate has
+        reloaded it (the watcher may do so before the write call returns)."""
+
+        def write() -> None:
+            with watched.other_process() as other:
+                if policy is not None:
+                    other.set_app_policy(ghost.app_id, policy_to_json(policy))
+                else:
+                    assert other.clear_app_policy(ghost.app_id)
+
+        await in_thread(write)
+        expected = policy if policy is not None else ghost.service.config.gate.apps[ghost.app_id]
+        await until(lambda: ghost.service.policies.settings(ghost.app_id) == expected)
 
     def query(sql: str) -> object:
         with connect(ghost, ghost.app_key) as conn:
             row = conn.execute(sql).fetchone()
             return None if row is None else row[0]
 
-    await in_thread(lambda: store_policy(GateAppConfig(databases=("other-*",))))
-    await watched.refreshed()
+    await store_policy(GateAppConfig(databases=("other-*",)))
     refused = f'may not use database alias "{ghost.alias}"'
     with pytest.raises(psycopg.OperationalError, match=refused):
         await in_thread(lambda: query("SELECT 1"))
 
-    await in_thread(lambda: store_policy(GateAppConfig(databases=(ghost.alias,), read_only=True)))
-    await watched.refreshed()
+    await store_policy(GateAppConfig(databases=(ghost.alias,), read_only=True))
     assert ghost.service.policies.source(ghost.app_id) == "state"
     assert await in_thread(lambda: query("SHOW default_transaction_read_only")) == "on"
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         await in_thread(lambda: query("CREATE TABLE policy_probe (x int)"))
 
-    await in_thread(lambda: store_policy(None))  # forget it: [gate.apps.APP] again
-    await watched.refreshed()
+    await store_policy(None)  # forget it: [gate.apps.APP] again
     assert ghost.service.policies.source(ghost.app_id) == "config"
     assert await in_thread(lambda: query("SHOW default_transaction_read_only")) == "off"

@@ -243,7 +243,6 @@ async def test_gates_sharing_a_state_never_overspend_a_hard_budget_together(
             for book in books:
                 nursery.start_soon(reserve, book)
     assert len(held) == 64  # 64 × $1/64 = the limit, across both Gates
-    assert {id(book) for book, _ in held} == {id(books[0]), id(books[1])}
     for _, reservation in held:
         await reservation.settle(PRICE)
     for book in books:  # local work is charged, never refused

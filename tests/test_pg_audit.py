@@ -153,7 +153,7 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(
 
     blocker = threading.Thread(target=hold_the_write_lock)
     blocker.start()
-    holding.wait()
+    assert holding.wait(60), "the other connection never took the write lock"
     audit = AuditLog(store, max_queue=20, batch_size=5)
     try:
         async with trio.open_nursery() as nursery:

@@ -104,25 +104,32 @@ def test_changes_made_through_the_state_are_in_force_at_another_gate(
             ) as conn:  # fmt: skip
                 return conn.execute("SELECT 1").fetchone() == (1,)
 
-        def refused_now(check: Callable[[], object]) -> Callable[[], bool]:
-            def attempt() -> bool:
-                try:
-                    check()
-                except psycopg.OperationalError:
-                    return True
+        not_allowed = 'may not use database alias "orders"'
+
+        def refused() -> bool:
+            """The Gate refused the session for the app's policy (and for nothing else)."""
+            try:
+                select_one()
+            except psycopg.OperationalError as exc:
+                return not_allowed in str(exc)
+            return False
+
+        def served() -> bool:
+            try:
+                return select_one()
+            except psycopg.OperationalError:
                 return False
 
-            return attempt
-
-        # Before: no such alias, and no policy for it.
-        assert refused_now(select_one)()
+        # Before: no policy for the alias. Waiting for that answer also waits
+        # for the edge to be up and connected to the other Gate.
+        wait_for("the other Gate's refusal, through the edge", refused, 60)
         # A vault secret and a policy, written by commands: the other Gate uses both.
         qmesh(data, url, "secrets", "set", "db.orders", "--dsn-stdin", stdin=orders.dsn())
         qmesh(data, url, "apps", "policy", "shop", "--databases", "orders")
-        bites("a new vault secret and policy", lambda: not refused_now(select_one)())
+        bites("a new vault secret and policy", served)
 
         qmesh(data, url, "apps", "policy", "shop", "--databases", "reports")
-        bites("a policy change", refused_now(select_one))
+        bites("a policy change", refused)
 
         # A key rotation without overlap: the old key stops working at B.
         new_key = qmesh(data, url, "apps", "rotate-key", "shop", "--overlap", "0")
