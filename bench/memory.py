@@ -16,7 +16,7 @@ state nothing extractable, in all three formats (plain text, Markdown,
 HTML). Each company has one set of true attributes, but about 5% of founding
 statements give another year, as real sources disagree. Rates are sentences
 per second for the whole ``Memory.add`` (convert, split, extract, SQL in one
-transaction per document, into a WAL SQLite file in a temporary directory),
+transaction per document, into a fresh state store),
 and separately for the rule-based extractor alone.
 
 Part 2, queries: ``--queries`` questions about random companies (who founded
@@ -33,6 +33,12 @@ precision and recall of the answers against the sentences each question is
 known to need, "not found" on the unsupported questions, and a check that
 every citation's offsets slice the stored document to exactly its text.
 
+Each part runs on every backend of ``--backends`` (default: SQLite, then
+PostgreSQL on a throwaway local cluster started with scripts/pgcluster.py),
+printed side by side, and the run ends with how many questions got the same
+answer on both (found or not, and the same cited sentences), listing any
+that differ.
+
 Nothing is asserted; the numbers move by tens of percent on a small shared
 machine, so compare within a run.
 """
@@ -40,7 +46,9 @@ machine, so compare within a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import os
 import random
 import statistics
 import sys
@@ -231,19 +239,23 @@ def _cited(answer: Answer) -> set[str]:
     return {c.text for c in answer.citations if f"[{c.n}]" in answer.answer}
 
 
-def _row(label: str, value: str, note: str = "") -> None:
-    print(f"  {label:<44} {value:>14}  {note}")
+Rows = dict[str, tuple[str, str]]
+"""Label -> (value, note), in the order printed."""
+Answers = list[tuple[str, bool, frozenset[str]]]
+"""Question, found, cited sentences: what two backends must agree on."""
 
 
-def bench_ingest(memory: Memory, generated: Generated) -> int:
+def bench_ingest(memory: Memory, generated: Generated) -> Rows:
     start = time.perf_counter()
     sentences = 0
     for document_id, fmt, source in generated.documents:
         sentences += memory.add(source, format=fmt, document_id=document_id).sentences
     elapsed = time.perf_counter() - start
-    _row("documents", f"{len(generated.documents):,}")
-    _row("sentences", f"{sentences:,}")
-    _row("ingest (convert+split+extract+SQL)", f"{sentences / elapsed:,.0f}", "sentences/s")
+    rows: Rows = {
+        "documents": (f"{len(generated.documents):,}", ""),
+        "sentences": (f"{sentences:,}", ""),
+        "ingest (convert+split+extract+SQL)": (f"{sentences / elapsed:,.0f}", "sentences/s"),
+    }
     texts = [
         s.text
         for document_id, fmt, source in generated.documents[:60]
@@ -252,9 +264,20 @@ def bench_ingest(memory: Memory, generated: Generated) -> int:
     extractor = RuleExtractor()
     start = time.perf_counter()
     extractor.extract(texts)
-    rate = len(texts) / (time.perf_counter() - start)
-    _row("rule extractor alone", f"{rate:,.0f}", "sentences/s")
-    return sentences
+    rows["rule extractor alone"] = (
+        f"{len(texts) / (time.perf_counter() - start):,.0f}",
+        "sentences/s",
+    )
+    with memory.store.reader() as reader:
+        counts = {
+            table: reader.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("memory_entities", "memory_relations", "memory_mentions")
+        }
+    rows["entities / relations / mentions stored"] = (
+        "{memory_entities:,} / {memory_relations:,} / {memory_mentions:,}".format(**counts),
+        "",
+    )
+    return rows
 
 
 _ASKS = {
@@ -268,8 +291,9 @@ _ASKS = {
 
 def bench_queries(
     memory: Memory, generated: Generated, companies: list[Company], n: int, seed: int
-) -> None:
+) -> tuple[Rows, Answers]:
     rng = random.Random(seed + 1)
+    answers: Answers = []
     latencies: list[float] = []
     cited_total = cited_right = stating_total = stating_cited = 0
     answerable = found = unanswerable = abstained = 0
@@ -286,6 +310,7 @@ def bench_queries(
         answer = memory.ask(question, access=OPERATOR)
         latencies.append(time.perf_counter() - start)
         cited = _cited(answer)
+        answers.append((question, answer.found, frozenset(cited)))
         if gold:
             answerable += 1
             found += answer.found
@@ -297,26 +322,28 @@ def bench_queries(
             unanswerable += 1
             abstained += not answer.found
     ms = [x * 1000 for x in latencies]
-    _row("questions", f"{n:,}")
-    _row("query latency p50", f"{_percentile(ms, 0.5):.2f}", "ms")
-    _row("query latency p99", f"{_percentile(ms, 0.99):.2f}", "ms")
-    _row("query latency mean", f"{statistics.fmean(ms):.2f}", "ms")
-    _row("answerable questions answered", f"{found}/{answerable}")
-    _row(
-        "citation precision (generated)",
-        f"{cited_right / max(1, cited_total):.3f}",
-        f"{cited_right}/{cited_total} cited sentences state the asked fact",
-    )
-    _row(
-        "citation recall (generated, <=3 per answer)",
-        f"{stating_cited / max(1, stating_total):.3f}",
-        f"{stating_cited}/{stating_total}",
-    )
-    _row("unanswerable -> 'not found'", f"{abstained}/{unanswerable}")
+    rows: Rows = {
+        "questions": (f"{n:,}", ""),
+        "query latency p50": (f"{_percentile(ms, 0.5):.2f}", "ms"),
+        "query latency p99": (f"{_percentile(ms, 0.99):.2f}", "ms"),
+        "query latency mean": (f"{statistics.fmean(ms):.2f}", "ms"),
+        "answerable questions answered": (f"{found}/{answerable}", ""),
+        "citation precision (generated)": (
+            f"{cited_right / max(1, cited_total):.3f}",
+            "cited sentences that state the asked fact",
+        ),
+        "citation recall (generated, <=3 per answer)": (
+            f"{stating_cited / max(1, stating_total):.3f}",
+            "",
+        ),
+        "unanswerable -> 'not found'": (f"{abstained}/{unanswerable}", ""),
+    }
+    return rows, answers
 
 
-def bench_test_corpus(state_dir: Path) -> None:
-    with StateStore.open(state_dir / "corpus.db") as state:
+def bench_test_corpus(location: Path | str) -> tuple[Rows, Answers]:
+    answers: Answers = []
+    with StateStore.open(location) as state:
         memory = Memory(state)
         for document_id, (fmt, text) in DOCUMENTS.items():
             memory.add(text, format=fmt, document_id=document_id)
@@ -329,6 +356,7 @@ def bench_test_corpus(state_dir: Path) -> None:
         for question, gold in QUESTIONS.items():
             answer = memory.ask(question, access=OPERATOR)
             cited = _cited(answer)
+            answers.append((question, answer.found, frozenset(cited)))
             for citation in (*answer.citations, *(c for f in answer.facts for c in f.citations)):
                 citations += 1
                 exact += stored[citation.document_id][citation.start : citation.end] == (
@@ -343,16 +371,51 @@ def bench_test_corpus(state_dir: Path) -> None:
                 unsupported += 1
                 abstained += not answer.found
         problems = sum(memory.store.integrity_problems().values())
-    _row("questions", f"{len(QUESTIONS)}")
-    _row(
-        "citation precision",
-        f"{cited_right / max(1, cited_total):.3f}",
-        f"{cited_right}/{cited_total}",
-    )
-    _row("citation recall", f"{needed_cited / max(1, needed):.3f}", f"{needed_cited}/{needed}")
-    _row("unsupported -> 'not found'", f"{abstained}/{unsupported}")
-    _row("citations whose offsets slice exactly", f"{exact}/{citations}")
-    _row("provenance violations in the store", f"{problems}")
+    rows: Rows = {
+        "questions": (f"{len(QUESTIONS)}", ""),
+        "citation precision": (f"{cited_right / max(1, cited_total):.3f}", ""),
+        "citation recall": (f"{needed_cited / max(1, needed):.3f}", ""),
+        "unsupported -> 'not found'": (f"{abstained}/{unsupported}", ""),
+        "citations whose offsets slice exactly": (f"{exact}/{citations}", ""),
+        "provenance violations in the store": (f"{problems}", ""),
+    }
+    return rows, answers
+
+
+@attrs.frozen
+class BackendRun:
+    ingest: Rows
+    queries: Rows
+    corpus: Rows
+    answers: Answers
+
+
+def run_backend(
+    generated: Generated,
+    companies: list[Company],
+    args: argparse.Namespace,
+    locations: tuple[Path | str, Path | str],
+) -> BackendRun:
+    """The three parts on one backend: ``locations`` are two empty stores."""
+    with StateStore.open(locations[0]) as state:
+        memory = Memory(state)
+        ingest = bench_ingest(memory, generated)
+        queries, answers = bench_queries(memory, generated, companies, args.queries, args.seed)
+        start = time.perf_counter()
+        report = memory.delete(generated.documents[0][0], access=OPERATOR)
+        queries["delete one document"] = (
+            f"{(time.perf_counter() - start) * 1000:.1f}",
+            f"ms ({report.sentences} sentences)",
+        )
+    corpus, corpus_answers = bench_test_corpus(locations[1])
+    return BackendRun(ingest, queries, corpus, answers + corpus_answers)
+
+
+def _print_part(title: str, parts: list[Rows]) -> None:
+    print(f"\n{title}")
+    for label, (_, note) in parts[0].items():
+        values = "".join(f"{rows[label][0]:>24}" for rows in parts)
+        print(f"  {label:<44}{values}  {note}")
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -362,38 +425,67 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="20 documents, 100 questions")
+    parser.add_argument(
+        "--backends",
+        default="sqlite,postgresql",
+        help="state stores to run on, side by side (PostgreSQL: a throwaway local cluster)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.quick:
         args.docs, args.queries = 20, 100
+    backends = args.backends.split(",")
+    if not set(backends) <= {"sqlite", "postgresql"}:
+        parser.error("--backends takes sqlite and/or postgresql")
     generated, companies = generate(args.docs, args.sentences_per_doc, args.seed)
-    with tempfile.TemporaryDirectory(prefix="qmesh-bench-memory-") as tmp:
-        print("graph memory benchmark (SQLite WAL file, one thread)")
-        print("\n1. ingest, generated corpus")
-        with StateStore.open(Path(tmp) / "state.db") as state:
-            memory = Memory(state)
-            bench_ingest(memory, generated)
-            with memory.store.reader() as reader:
-                counts = {
-                    table: reader.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                    for table in ("memory_entities", "memory_relations", "memory_mentions")
-                }
-            _row(
-                "entities / relations / mentions stored",
-                "{memory_entities:,} / {memory_relations:,} / {memory_mentions:,}".format(**counts),
-            )
-            print(f"\n2. queries on that store ({args.queries} questions)")
-            bench_queries(memory, generated, companies, args.queries, args.seed)
-            start = time.perf_counter()
-            report = memory.delete(generated.documents[0][0], access=OPERATOR)
-            _row(
-                "delete one document",
-                f"{(time.perf_counter() - start) * 1000:.1f}",
-                f"ms ({report.sentences} sentences, {report.relations_removed} relations "
-                f"removed, {report.relations_kept} kept)",
-            )
-        print("\n3. the test corpus (tests/memory_corpus.py)")
-        bench_test_corpus(Path(tmp))
+    runs: dict[str, BackendRun] = {}
+    with contextlib.ExitStack() as cleanup:
+        tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="qmesh-bench-memory-")))
+        for backend in backends:
+            if backend == "sqlite":
+                locations: tuple[Path | str, Path | str] = (tmp / "state.db", tmp / "corpus.db")
+            else:
+                locations = _postgres_databases(cleanup, tmp)
+            print(f"running on {backend}...", file=sys.stderr)
+            runs[backend] = run_backend(generated, companies, args, locations)
+    print("graph memory benchmark, one thread: " + " against ".join(
+        {"sqlite": "SQLite (WAL file)", "postgresql": "PostgreSQL (local, over TCP)"}[b]
+        for b in backends
+    ))  # fmt: skip
+    print(f"  {'':<44}" + "".join(f"{b:>24}" for b in backends))
+    done = list(runs.values())
+    _print_part("1. ingest, generated corpus", [r.ingest for r in done])
+    _print_part(f"2. queries on that store ({args.queries} questions)", [r.queries for r in done])
+    _print_part("3. the test corpus (tests/memory_corpus.py)", [r.corpus for r in done])
+    if len(done) == 2:
+        first, second = done[0].answers, done[1].answers
+        same = sum(a == b for a, b in zip(first, second, strict=True))
+        print(
+            f"\nsame answers on both backends (found, and the sentences cited): {same}/{len(first)}"
+        )
+        for a, b in zip(first, second, strict=True):
+            if a != b:
+                print(f"  differs: {a[0]!r}: {backends[0]} found={a[1]} cites {sorted(a[2])};"
+                      f" {backends[1]} found={b[1]} cites {sorted(b[2])}")  # fmt: skip
     return 0
+
+
+def _postgres_databases(cleanup: contextlib.ExitStack, tmp: Path) -> tuple[str, str]:
+    """Two empty databases on a throwaway PostgreSQL (scripts/pgcluster.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pgcluster import PgCluster
+
+    # Its own directory, open to the postgres user (the server runs as it under root).
+    base = tmp / "pg"
+    base.mkdir()
+    os.chmod(tmp, 0o755)
+    os.chmod(base, 0o755)
+    cluster = cleanup.enter_context(PgCluster(base / "cluster"))
+    cluster.psql("CREATE DATABASE bench_memory")
+    cluster.psql("CREATE DATABASE bench_corpus")
+    return (
+        cluster.dsn_for("postgres", cluster.password, "bench_memory"),
+        cluster.dsn_for("postgres", cluster.password, "bench_corpus"),
+    )
 
 
 if __name__ == "__main__":

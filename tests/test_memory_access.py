@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from statekit import close_after_the_test
 from test_memory_api import Client
 
 from qmesh.memory.api import add_routes
@@ -31,21 +32,20 @@ GLOBEX = "Globex was founded in 1989 by Hank Scorpio. Globex is based in Cypress
 
 @pytest.fixture
 async def apps(
-    tmp_path: Path, nursery: trio.Nursery
+    state_location: str | Path, nursery: trio.Nursery
 ) -> AsyncIterator[tuple[Client, Client, Client, StateStore]]:
-    state = StateStore.open(tmp_path / "state.db")
+    state = close_after_the_test(StateStore.open(state_location))
     tokens = {app: f"{app}:{state.add_app(app)}" for app in ("app-a", "app-b", ADMIN_APP)}
     router = Router()
     add_routes(router, Memory(state), AppAuthenticator(state))
     port: int = await nursery.start(lambda task_status: serve_http(
         router, "127.0.0.1", 0, task_status=task_status))  # fmt: skip
-    with state:
-        yield (
-            Client(port, tokens["app-a"]),
-            Client(port, tokens["app-b"]),
-            Client(port, tokens[ADMIN_APP]),
-            state,
-        )
+    yield (
+        Client(port, tokens["app-a"]),
+        Client(port, tokens["app-b"]),
+        Client(port, tokens[ADMIN_APP]),
+        state,
+    )
 
 
 async def ids(client: Client) -> set[str]:
@@ -173,11 +173,11 @@ async def test_delete_reports_only_what_the_caller_can_see(
     assert report.body["relations_removed"] == 2
 
 
-def test_names_and_facts_come_only_from_visible_documents(tmp_path: Path) -> None:
+def test_names_and_facts_come_only_from_visible_documents(state_location: str | Path) -> None:
     """One graph per Gate, but a reader is shown only what visible sentences
     say: an alias learnt from a private document ("International Business
     Machines (IBM)") does not rename what another app knows as "IBM"."""
-    with StateStore.open(tmp_path / "state.db") as state:
+    with StateStore.open(state_location) as state:
         memory = Memory(state)
         memory.add(
             "International Business Machines (IBM) makes mainframes. IBM acquired Lotus.",

@@ -156,11 +156,11 @@ def give_up_after(calls: int) -> Callable[[], None]:
     return checkpoint
 
 
-def test_work_given_up_at_a_checkpoint_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_work_given_up_at_a_checkpoint_leaves_nothing_behind(state_location: str | Path) -> None:
     """The checkpoints are where a cancelled (abandoned) ingest or delete
     stops: during extraction, during the SQL, during a delete's cascades;
     each time the transaction is rolled back and the store stays usable."""
-    with StateStore.open(tmp_path / "state.db") as state:
+    with StateStore.open(state_location) as state:
         memory = Memory(state)
         text = "Jane Doe founded Acme Corp in 1998 in Springfield. " * 1500
         # 3: in the extraction (24 batches); 200: in the SQL (a sentence each).

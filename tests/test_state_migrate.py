@@ -1,8 +1,8 @@
 """``qmesh state migrate --to postgresql://…`` and ``qmesh state status``, as an
 operator runs them: a SQLite state made by today's code (apps with a rotated
 key, revoked edges, the vault, a provider key, the ledger and its chains,
-the statement audit) copied into a real PostgreSQL, then used there by the
-commands and by a Gate."""
+the statement audit, the graph memory) copied into a real PostgreSQL, then
+used there by the commands and by a Gate."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
 from qmesh.gate.role import run_gate
 from qmesh.llm.provider_keys import load_key, store_key
 from qmesh.masterkey import load_master_key
+from qmesh.memory.query import Answer
+from qmesh.memory.records import OPERATOR
+from qmesh.memory.service import Memory
 from qmesh.pg.audit import AuditLog, list_audit
 from qmesh.pg.vault import Vault
 from qmesh.state import POSTGRES_MIGRATIONS, StateStore
@@ -50,6 +53,17 @@ def entry(n: int) -> LedgerEntry:
     )  # fmt: skip
 
 
+ACME = (
+    "Acme Corporation was founded in 1998 by Jane Doe in Springfield. "
+    "Jane Doe is the CEO of Acme. Acme acquired Initech in 2005."
+)
+ALIAS = "International Business Machines (IBM) makes mainframes. IBM acquired Red Hat."
+
+
+def cited(answer: Answer) -> list[tuple[str, int, int, str]]:
+    return [(c.sentence_id, c.start, c.end, c.text) for c in answer.citations]
+
+
 async def make_state(gate: GateDir) -> dict[str, str]:
     """Everything a running Gate writes, written by the code that writes it."""
     master_key = load_master_key(Config(data_dir=gate.path), env={})
@@ -71,6 +85,11 @@ async def make_state(gate: GateDir) -> dict[str, str]:
         for n in range(25):
             ledger.record(entry(n))
         ledger.audit("operator", "budget.changed", {"budget": "team"})
+        memory = Memory(store)
+        memory.add(ACME, document_id="acme", added_by="shop")
+        memory.add(ALIAS, document_id="ibm", shared=True)
+        memory.delete("ibm", access=OPERATOR)  # ids with a gap: they are copied as they are
+        memory.add(ALIAS, document_id="ibm", shared=True)
         await ledger.flush()
         audit = AuditLog(store)
         async with trio.open_nursery() as nursery:
@@ -91,9 +110,13 @@ async def test_migrate_copies_everything_and_a_gate_serves_it(
     gate = make_gate_dir(tmp_path)
     keys = await make_state(gate)
     url = RealDb(pg_cluster, prefix="migrated").dsn()
+    questions = ("Who founded Acme?", "What did International Business Machines acquire?")
     with StateStore.open(gate.path / "state.db") as source:
         expected = table_counts(source)
+        answers = [cited(Memory(source).ask(q, access=OPERATOR)) for q in questions]
     assert all(expected[t] for t in ("apps", "app_old_verifiers", "vault_secrets", "qg_ledger"))
+    assert all(expected[t] for t in SHARED_TABLES if t.startswith("memory_"))
+    assert all(answers)
 
     # Status before: SQLite, up to date; the target's status: nothing applied yet.
     status = qmesh(gate, "state", "status")
@@ -127,6 +150,16 @@ async def test_migrate_copies_everything_and_a_gate_serves_it(
         assert not target.accept_hello_timestamp(bytes([2]) * 32, 1_700_000_000)  # a replay
         assert [r["request_id"] for r in read_rows(target)][:3] == ["r0", "r1", "r2"]
         assert len(list_audit(target, limit=100)) == 7
+        # The memory answers with the same citations, keeps who owns what,
+        # and goes on: new rows get ids after the copied ones.
+        memory = Memory(target)
+        assert [cited(memory.ask(q, access=OPERATOR)) for q in questions] == answers
+        assert [(d.id, d.added_by, d.shared) for d in memory.documents(access=OPERATOR)] == [
+            ("acme", "shop", False), ("ibm", None, True)
+        ]  # fmt: skip
+        memory.add("Globex acquired Umbrella in 2011.", document_id="globex")
+        assert memory.ask("What did Globex acquire?", access=OPERATOR).found
+        assert not any(memory.store.integrity_problems().values())
 
     # The commands use it once gate.database_url says so.
     verified = qmesh(gate, "ledger", "verify", url=url)
@@ -134,7 +167,7 @@ async def test_migrate_copies_everything_and_a_gate_serves_it(
     assert "ledger: 25 rows, ok" in verified.stdout
     status = qmesh(gate, "state", "status", url=url)
     assert f"schema   version {steps} of {steps}: up to date" in status.stdout
-    assert "qg_ledger 25" in status.stdout and "graph memory stays in SQLite" in status.stdout
+    assert "qg_ledger 25" in status.stdout and "memory_documents 3" in status.stdout
 
     # A Gate on the target serves the migrated app keys, and extends the chain.
     (tmp_path / "gate.toml").write_text(gate.config_text())

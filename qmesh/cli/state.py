@@ -44,9 +44,9 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         parents=[common],
         help="copy DATA_DIR's SQLite state into PostgreSQL",
         description="Copy the SQLite state of DATA_DIR (identities, apps and keys, the vault, "
-        "provider keys, the ledger and audit chains, the statement audit) into the "
-        "PostgreSQL database at URL, in one transaction; then set gate.database_url to it. "
-        "The graph memory stays in DATA_DIR/state.db.",
+        "provider keys, the ledger and audit chains, the statement audit, app policies, "
+        "budget totals, the graph memory) into the PostgreSQL database at URL, in one "
+        "transaction; then set gate.database_url to it.",
     )
     migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://…")
     migrate.add_argument(
@@ -72,7 +72,6 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             "latest_version": latest,
             "pending_steps": max(latest - version, 0),
             "rows": counts,
-            "memory": str(config.state_db_path),
         }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -87,8 +86,6 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     print(f"schema   version {version} of {latest}: {state}")
     if counts:
         print("rows     " + ", ".join(f"{t} {n}" for t, n in counts.items()))
-    if store.dialect != "sqlite":
-        print(f"memory   {report['memory']} (the graph memory stays in SQLite)")
     return EXIT_OK
 
 
@@ -142,7 +139,6 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
             verdict = "ok" if chain.ok else f"{len(chain.problems)} problem(s)"
             print(f"chain {chain.chain}: {chain.rows} rows verified on the target, {verdict}")
         print("chain key: moved into the target, sealed with the master key")
-    print(f"graph memory: stays in {config.state_db_path}")
     ok = report.ok and all(c.ok for c in chains)
     if ok:
         print("next: set gate.database_url (or QMESH_GATE__DATABASE_URL) to the target's URL")

@@ -86,12 +86,15 @@ async def run_gate(
         watcher.subscribe("app keys (pg)", pg.refresh_apps)
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
-        # Memory writes through a connection of its own: under WAL the main
-        # connection's readers (handshakes, key checks, vault reads) never
-        # wait for an ingest's transaction, and its writers wait only for the
-        # SQL of one document (bounded by gate.memory.max_document_bytes).
-        memory_store = StateStore.open(config.state_db_path)
-        memory = Memory(memory_store)
+        # On SQLite, memory writes through a connection of its own: under WAL
+        # the main connection's readers (handshakes, key checks, vault reads)
+        # never wait for an ingest's transaction, and its writers wait only
+        # for the SQL of one document (bounded by gate.memory.max_document_bytes).
+        # On PostgreSQL the store's pool gives an ingest a connection of its
+        # own, and the memory's writer lock is not the other tables'.
+        if store.dialect == "sqlite":
+            memory_store = StateStore.open(config.state_location)
+        memory = Memory(memory_store or store)
         add_memory_routes(router, memory, auth, mesh=llm, config=config.gate.memory)
         llm.attach_memory(memory)
         add_llm_routes(router, llm, auth)

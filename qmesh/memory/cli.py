@@ -120,7 +120,7 @@ def _open(config: Config) -> tuple[StateStore, Memory]:
     from qmesh.memory.service import Memory
     from qmesh.state import StateStore
 
-    store = StateStore.open(config.state_db_path)
+    store = StateStore.open(config.state_location)
     return store, Memory(store, max_document_bytes=config.gate.memory.max_document_bytes)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -41,7 +42,7 @@ from qmesh.memory.errors import InvalidQuestion
 from qmesh.memory.extract import EVENT_PREDICATES, TRANSITIVE_FORMS, RuleExtractor
 from qmesh.memory.records import Access, EntityRef, Fact, StoredSentence
 from qmesh.memory.store import MemoryStore
-from qmesh.memory.terms import QUESTION_WORDS, STOPWORDS, content_stems, entity_key, stem
+from qmesh.memory.terms import QUESTION_WORDS, STOPWORDS, content_stems, entity_key, stem, words
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -232,15 +233,15 @@ def ask(store: MemoryStore, question: str, limit: int = DEFAULT_LIMIT, *, access
         entity_ids = {e.id for group in parsed.groups for e in group}
         facts = {f.relation_id: f for f in reader.facts_about(entity_ids, _NEIGHBOURHOOD)}
         candidates = set(reader.sentences_mentioning(entity_ids, _MENTIONS))
-        hits = dict(reader.search(parsed.search, _SEARCH_HITS, phrases=parsed.phrases))
-        candidates |= set(hits)
+        hits = reader.search(parsed.search, _SEARCH_HITS, phrases=parsed.phrases)
+        candidates.update(hits)
         for fact in reader.facts_in_sentences(hits):
             facts.setdefault(fact.relation_id, fact)
         for fact in facts.values():
             candidates.update(fact.support)
         sentences = reader.sentences(candidates)
         mentions = reader.mentions_in(candidates)
-    return _assemble(question, parsed, list(facts.values()), sentences, mentions, hits, limit)
+    return _assemble(question, parsed, list(facts.values()), sentences, mentions, limit)
 
 
 # -- the question ---------------------------------------------------------------
@@ -391,15 +392,14 @@ class _Scored:
 def _score(
     parsed: _Question,
     sentence: StoredSentence,
+    stems: frozenset[str],
     facts: Sequence[Fact],
     mentioned: dict[int, str],
-    hit: float,
-    best_hit: float,
+    relevance: float,
 ) -> _Scored:
     group_ids = [{e.id for e in group} for group in parsed.groups]
     all_ids = set().union(*group_ids) if group_ids else set()
     covered_groups = sum(1 for ids in group_ids if ids & mentioned.keys())
-    stems = set(content_stems(sentence.text))
     predicate_stems: set[str] = set()
     linked = False
     for fact in facts:
@@ -426,7 +426,7 @@ def _score(
         + 1.5 * term_share
         + (0.5 if wh_ok else 0.0)
         + (0.5 if linked else 0.0)
-        + (0.3 * hit / best_hit if best_hit > 0 else 0.0)
+        + 0.3 * relevance
     )
     if not parsed.terms and all_ids:
         # "Tell me about Acme": prefer sentences that state facts about it
@@ -436,23 +436,52 @@ def _score(
     return _Scored(sentence.seq, score, supported)
 
 
+_BM25_K1: Final = 1.2
+_BM25_B: Final = 0.75
+
+
+def _relevance(
+    terms: frozenset[str], stems: dict[int, frozenset[str]], lengths: dict[int, int]
+) -> dict[int, float]:
+    """BM25 of each candidate sentence for the question's stems, with the
+    candidates as the collection (their document frequencies and average
+    length). Computed here, not by the database, so that both backends —
+    whose full-text rankings differ (FTS5's bm25, PostgreSQL's ts_rank) —
+    score a sentence alike: the database only finds the hits."""
+    if not stems or not terms:
+        return dict.fromkeys(stems, 0.0)
+    n = len(stems)
+    df = Counter(t for present in stems.values() for t in terms & present)
+    idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
+    average = sum(lengths.values()) / n or 1.0
+    return {
+        seq: sum(idf[t] for t in terms & present)
+        * (_BM25_K1 + 1)
+        / (1 + _BM25_K1 * (1 - _BM25_B + _BM25_B * lengths[seq] / average))
+        for seq, present in stems.items()
+    }
+
+
 def _assemble(
     question: str,
     parsed: _Question,
     facts: list[Fact],
     sentences: dict[int, StoredSentence],
     mentions: dict[int, dict[int, str]],
-    hits: dict[int, float],
     limit: int,
 ) -> Answer:
     by_sentence: dict[int, list[Fact]] = {}
     for fact in facts:
         for seq in fact.support:
             by_sentence.setdefault(seq, []).append(fact)
-    best_hit = max(hits.values(), default=0.0)
+    stems = {seq: frozenset(content_stems(s.text)) for seq, s in sentences.items()}
+    lengths = {seq: len(words(s.text)) for seq, s in sentences.items()}
+    asked = parsed.terms.union(*(content_stems(p) for p in parsed.phrases))
+    relevance = _relevance(asked, stems, lengths)
+    best = max(relevance.values(), default=0.0)
     scored = [
-        _score(parsed, s, by_sentence.get(seq, []), mentions.get(seq, {}), hits.get(seq, 0.0),
-               best_hit)
+        _score(parsed, s, stems[seq], by_sentence.get(seq, []), mentions.get(seq, {}),
+               relevance[seq] / best if best > 0 else 0.0)
         for seq, s in sentences.items()
     ]  # fmt: skip
     order = {seq: (s.document_id, s.start) for seq, s in sentences.items()}

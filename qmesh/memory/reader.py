@@ -9,27 +9,34 @@ writes (:mod:`qmesh.memory.store`).
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from qmesh.memory.errors import (
     DocumentNotFound,
 )
 from qmesh.memory.records import (
-    IN_IDS,
     OPERATOR,
     Access,
     DocumentInfo,
     EntityRef,
     Fact,
+    Lists,
     StoredSentence,
     document_info,
-    json_ids,
 )
+from qmesh.state.db import Connection, Dialect
 
 __all__ = ["MemoryReader"]
+
+_MEMORY_TABLES: Final = (
+    "memory_sentences",
+    "memory_entities",
+    "memory_mentions",
+    "memory_relations",
+    "memory_relation_support",
+)
 
 
 class MemoryReader:
@@ -37,9 +44,11 @@ class MemoryReader:
     :meth:`MemoryStore.reader`), of what ``access`` may see: every method
     answers from the sentences of visible documents only."""
 
-    def __init__(self, conn: sqlite3.Connection, access: Access = OPERATOR) -> None:
+    def __init__(self, conn: Connection, dialect: Dialect, access: Access = OPERATOR) -> None:
         self.conn = conn
+        self.dialect = dialect
         self.access = access
+        self._lists = Lists(dialect)
         visible, self._params = access.visible("d")
         # Sentences (aliased s) of visible documents; "?" stands for _params.
         self._sentence_visible = (
@@ -51,7 +60,7 @@ class MemoryReader:
     def _visible_sentence(self, seq_column: str) -> str:
         """A condition that the sentence ``seq_column`` is in a visible document."""
         if self.access.everything:
-            return "1"
+            return "TRUE"
         return (
             f"EXISTS (SELECT 1 FROM memory_sentences AS s WHERE s.seq = {seq_column} AND "
             + self._sentence_visible + ")"
@@ -96,14 +105,13 @@ class MemoryReader:
         see must not let the reader look an entity up by it. (An entity's own
         key is the surface key of one of its mentions, so for the operator
         this is every entity with that key.)"""
-        keys_json = json.dumps(sorted(set(keys)))
         found: dict[str, list[EntityRef]] = {}
         for key, eid, kind, _ in self.conn.execute(
             "SELECT DISTINCT v.surface_key, e.id, e.kind, e.key != v.surface_key"
             " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
-            " WHERE v.surface_key IN " + IN_IDS + " AND "
+            " WHERE " + self._lists.among("v.surface_key") + " AND "
             + self._visible_sentence("v.sentence_seq") + " ORDER BY 4, 2",
-            (keys_json, *self._params),
+            (self._lists.of(keys), *self._params),
         ).fetchall():  # fmt: skip
             refs = found.setdefault(key, [])
             if all(r.id != eid for r in refs):
@@ -119,12 +127,12 @@ class MemoryReader:
         visible mention says it, else the commonest visible surface of its
         key, else of any visible mention (the name may come from a document
         the reader cannot see). Entities with no visible mention are left out."""
-        ids = json_ids(entity_ids)
+        ids = self._lists.of(entity_ids)
         if self.access.everything:
             return {
                 int(r[0]): r[1]
                 for r in self.conn.execute(
-                    "SELECT id, name FROM memory_entities WHERE id IN " + IN_IDS, (ids,)
+                    "SELECT id, name FROM memory_entities WHERE " + self._lists.among("id"), (ids,)
                 )
             }
         surfaces: dict[int, Counter[tuple[bool, str]]] = {}
@@ -132,7 +140,8 @@ class MemoryReader:
         for eid, name, key, surface, surface_key, count in self.conn.execute(
             "SELECT e.id, e.name, e.key, v.surface, v.surface_key, count(*)"
             " FROM memory_mentions AS v JOIN memory_entities AS e ON e.id = v.entity_id"
-            " WHERE v.entity_id IN " + IN_IDS + " AND " + self._visible_sentence("v.sentence_seq")
+            " WHERE " + self._lists.among("v.entity_id") + " AND "
+            + self._visible_sentence("v.sentence_seq")
             + " GROUP BY e.id, v.surface, v.surface_key",
             (ids, *self._params),
         ):  # fmt: skip
@@ -149,13 +158,13 @@ class MemoryReader:
     def facts_about(self, entity_ids: Iterable[int], limit: int) -> list[Fact]:
         """Relations with one of ``entity_ids`` at either end (their 1-hop
         neighbourhood) that a visible sentence supports."""
-        ids = json_ids(entity_ids)
+        ids = self._lists.of(entity_ids)
         supported = self._supported("r.id")
         rows = self.conn.execute(
-            "SELECT r.id FROM memory_relations AS r WHERE r.subject_id IN " + IN_IDS
+            "SELECT r.id FROM memory_relations AS r WHERE " + self._lists.among("r.subject_id")
             + " AND " + supported
-            + " UNION SELECT r.id FROM memory_relations AS r WHERE r.object_id IN " + IN_IDS
-            + " AND " + supported + " LIMIT ?",
+            + " UNION SELECT r.id FROM memory_relations AS r WHERE "
+            + self._lists.among("r.object_id") + " AND " + supported + " ORDER BY 1 LIMIT ?",
             (ids, *self._params, ids, *self._params, limit),
         ).fetchall()  # fmt: skip
         return self.facts([r[0] for r in rows])
@@ -163,7 +172,7 @@ class MemoryReader:
     def _supported(self, relation_column: str) -> str:
         """A condition that a visible sentence supports ``relation_column``."""
         if self.access.everything:
-            return "1"
+            return "TRUE"
         return (
             "EXISTS (SELECT 1 FROM memory_relation_support AS p WHERE p.relation_id = "
             + relation_column + " AND " + self._visible_sentence("p.sentence_seq") + ")"
@@ -172,9 +181,9 @@ class MemoryReader:
     def facts_in_sentences(self, seqs: Iterable[int]) -> list[Fact]:
         rows = self.conn.execute(
             "SELECT DISTINCT p.relation_id FROM memory_relation_support AS p"
-            " WHERE p.sentence_seq IN " + IN_IDS + " AND "
+            " WHERE " + self._lists.among("p.sentence_seq") + " AND "
             + self._visible_sentence("p.sentence_seq"),
-            (json_ids(seqs), *self._params),
+            (self._lists.of(seqs), *self._params),
         ).fetchall()  # fmt: skip
         return self.facts([r[0] for r in rows])
 
@@ -183,11 +192,11 @@ class MemoryReader:
         with none is left out) and the names this reader may see."""
         if not relation_ids:
             return []
-        ids = json_ids(relation_ids)
+        ids = self._lists.of(relation_ids)
         support: dict[int, list[int]] = {}
         for rid, seq in self.conn.execute(
             "SELECT p.relation_id, p.sentence_seq FROM memory_relation_support AS p"
-            " WHERE p.relation_id IN " + IN_IDS + " AND "
+            " WHERE " + self._lists.among("p.relation_id") + " AND "
             + self._visible_sentence("p.sentence_seq") + " ORDER BY p.sentence_seq",
             (ids, *self._params),
         ):  # fmt: skip
@@ -197,7 +206,7 @@ class MemoryReader:
             " FROM memory_relations AS r"
             " JOIN memory_entities AS s ON s.id = r.subject_id"
             " JOIN memory_entities AS o ON o.id = r.object_id"
-            " WHERE r.id IN " + IN_IDS + " ORDER BY r.id",
+            " WHERE " + self._lists.among("r.id") + " ORDER BY r.id",
             (ids,),
         ).fetchall()
         rows = [row for row in rows if row[0] in support]
@@ -219,23 +228,25 @@ class MemoryReader:
 
     def sentences_mentioning(self, entity_ids: Iterable[int], limit: int) -> list[int]:
         rows = self.conn.execute(
-            "SELECT DISTINCT m.sentence_seq FROM memory_mentions AS m WHERE m.entity_id IN "
-            + IN_IDS + " AND " + self._visible_sentence("m.sentence_seq")
+            "SELECT DISTINCT m.sentence_seq FROM memory_mentions AS m WHERE "
+            + self._lists.among("m.entity_id") + " AND " + self._visible_sentence("m.sentence_seq")
             + " ORDER BY m.sentence_seq LIMIT ?",
-            (json_ids(entity_ids), *self._params, limit),
+            (self._lists.of(entity_ids), *self._params, limit),
         ).fetchall()  # fmt: skip
         return [r[0] for r in rows]
 
-    def search(
-        self, terms: Sequence[str], limit: int, *, phrases: Sequence[str] = ()
-    ) -> list[tuple[int, float]]:
-        """Full-text hits (sentence seq, bm25 score; larger is better), best
-        first: visible sentences with any of ``terms`` and, if given, every
-        one of ``phrases``. Requiring the question's names keeps the match
-        set small, so that bm25 does not have to score every sentence that
-        says "founded"."""
+    def search(self, terms: Sequence[str], limit: int, *, phrases: Sequence[str] = ()) -> list[int]:
+        """Full-text hits (sentence seqs), best first: visible sentences
+        with any of ``terms`` and, if given, every one of ``phrases``.
+        Requiring the question's names keeps the match set small, so that
+        ranking does not have to score every sentence that says "founded".
+        SQLite ranks by FTS5's bm25, PostgreSQL by ``ts_rank`` normalised by
+        length; only which sentences are among the best ``limit`` depends on
+        it (the query scores the hits itself, alike on both)."""
         if not terms and not phrases:
             return []
+        if self.dialect == "postgresql":
+            return self._search_tsvector(terms, limit, phrases)
 
         def quoted(text: str) -> str:
             return '"' + text.replace('"', '""') + '"'
@@ -244,19 +255,38 @@ class MemoryReader:
         if terms:
             parts.append("(" + " OR ".join(quoted(t) for t in terms) + ")")
         rows = self.conn.execute(
-            "SELECT rowid, bm25(memory_sentences_fts) FROM memory_sentences_fts"
+            "SELECT rowid FROM memory_sentences_fts"
             " WHERE memory_sentences_fts MATCH ? AND "
             + self._visible_sentence("memory_sentences_fts.rowid") + " ORDER BY rank LIMIT ?",
             (" AND ".join(parts), *self._params, limit),
         ).fetchall()  # fmt: skip
-        return [(int(r[0]), -float(r[1])) for r in rows]
+        return [int(r[0]) for r in rows]
+
+    def _search_tsvector(
+        self, terms: Sequence[str], limit: int, phrases: Sequence[str]
+    ) -> list[int]:
+        # Each term and phrase is one bound parameter, read as a phrase in the
+        # index's own configuration: the same words, stems and folding.
+        phrase = "phraseto_tsquery('memory_search', memory_fold(?))"
+        query = " && ".join(
+            [phrase] * len(phrases)
+            + (["(" + " || ".join([phrase] * len(terms)) + ")"] if terms else [])
+        )
+        rows = self.conn.execute(
+            "SELECT hit.seq FROM memory_sentences AS hit,"
+            " (SELECT " + query + " AS query) AS q"
+            " WHERE hit.search @@ q.query AND " + self._visible_sentence("hit.seq")
+            + " ORDER BY ts_rank(hit.search, q.query, 1) DESC, hit.seq LIMIT ?",
+            (*phrases, *terms, *self._params, limit),
+        ).fetchall()  # fmt: skip
+        return [int(r[0]) for r in rows]
 
     def sentences(self, seqs: Iterable[int]) -> dict[int, StoredSentence]:
         rows = self.conn.execute(
             "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
             " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.seq IN " + IN_IDS + " AND " + self._document_visible,
-            (json_ids(seqs), *self._params),
+            " WHERE " + self._lists.among("s.seq") + " AND " + self._document_visible,
+            (self._lists.of(seqs), *self._params),
         ).fetchall()
         return {r[0]: StoredSentence(*r) for r in rows}
 
@@ -264,8 +294,8 @@ class MemoryReader:
         rows = self.conn.execute(
             "SELECT s.seq, s.id, s.document_id, s.char_start, s.char_end, s.text, d.title"
             " FROM memory_sentences AS s JOIN memory_documents AS d ON d.id = s.document_id"
-            " WHERE s.id IN (SELECT value FROM json_each(?)) AND " + self._document_visible,
-            (json.dumps(sorted(set(ids))), *self._params),
+            " WHERE " + self._lists.among("s.id") + " AND " + self._document_visible,
+            (self._lists.of(ids), *self._params),
         ).fetchall()
         return {r[1]: StoredSentence(*r) for r in rows}
 
@@ -275,9 +305,9 @@ class MemoryReader:
         for seq, eid, kind in self.conn.execute(
             "SELECT m.sentence_seq, m.entity_id, e.kind FROM memory_mentions AS m"
             " JOIN memory_entities AS e ON e.id = m.entity_id"
-            " WHERE m.sentence_seq IN " + IN_IDS + " AND "
+            " WHERE " + self._lists.among("m.sentence_seq") + " AND "
             + self._visible_sentence("m.sentence_seq"),
-            (json_ids(seqs), *self._params),
+            (self._lists.of(seqs), *self._params),
         ):  # fmt: skip
             found.setdefault(seq, {})[eid] = kind
         return found
@@ -309,21 +339,20 @@ class MemoryReader:
             " count(*) FROM memory_relations AS r WHERE NOT EXISTS (SELECT 1 FROM"
             " memory_relation_support AS p WHERE p.relation_id = r.id AND p.sentence_seq ="
             " r.anchor_seq))",
-            "fts_rows_missing": "SELECT (SELECT count(*) FROM memory_sentences) -"
-            " (SELECT count(*) FROM memory_sentences_fts_docsize)",
         }
-        problems = {name: int(self.conn.execute(sql).fetchone()[0]) for name, sql in checks.items()}
-        problems["foreign_key_violations"] = sum(
-            len(self.conn.execute(f"PRAGMA foreign_key_check({table})").fetchall())
-            for table in (
-                "memory_sentences",
-                "memory_entities",
-                "memory_mentions",
-                "memory_relations",
-                "memory_relation_support",
+        if self.dialect == "sqlite":
+            checks["fts_rows_missing"] = (
+                "SELECT (SELECT count(*) FROM memory_sentences) -"
+                " (SELECT count(*) FROM memory_sentences_fts_docsize)"
             )
-        )
+        problems = {name: int(self.conn.execute(sql).fetchone()[0]) for name, sql in checks.items()}
+        if self.dialect == "sqlite":
+            # PostgreSQL checks every foreign key at its statement or COMMIT,
+            # and derives the search column from the text: nothing to count.
+            problems["foreign_key_violations"] = sum(
+                len(self.conn.execute(f"PRAGMA foreign_key_check({table})").fetchall())
+                for table in _MEMORY_TABLES
+            )
+        else:
+            problems["fts_rows_missing"] = problems["foreign_key_violations"] = 0
         return problems
-
-
-# -- ingest -------------------------------------------------------------------

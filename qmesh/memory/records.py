@@ -19,7 +19,6 @@ from qmesh.memory.extraction import Extraction
 from qmesh.memory.sentences import Sentence
 
 __all__ = [
-    "IN_IDS",
     "OPERATOR",
     "SHARED_ONLY",
     "Access",
@@ -29,10 +28,10 @@ __all__ = [
     "EntityRef",
     "Fact",
     "IngestReport",
+    "Lists",
     "PreparedDocument",
     "StoredSentence",
     "document_info",
-    "json_ids",
     "no_checkpoint",
 ]
 
@@ -71,7 +70,7 @@ class Access:
         """A SQL condition on the ``memory_documents`` row aliased ``document``
         that holds for the documents this reader may see, and its parameters."""
         if self.everything:
-            return "1", ()
+            return "TRUE", ()
         # added_by = NULL is never true: with no app, only shared documents.
         return f"({document}.shared = 1 OR {document}.added_by = ?)", (self.app,)
 
@@ -164,8 +163,25 @@ class Fact:
     """Sequence numbers of the supporting sentences, in document order."""
 
 
-def json_ids(ids: Iterable[int]) -> str:
-    return json.dumps(sorted(set(ids)))
+@attrs.frozen
+class Lists:
+    """A list of values bound as one parameter, as each backend reads one:
+    a JSON array for SQLite's ``json_each``, an array for PostgreSQL's
+    ``= ANY``. One parameter, whatever the list's length, so the statement
+    stays one text (prepared once) and never meets a limit on parameters."""
+
+    dialect: str
+
+    def among(self, column: str) -> str:
+        """A condition that ``column`` is one of the values given by :meth:`of`."""
+        if self.dialect == "sqlite":
+            return f"{column} IN (SELECT value FROM json_each(?))"
+        return f"{column} = ANY(?)"
+
+    def of(self, values: Iterable[int] | Iterable[str]) -> object:
+        """The parameter for :meth:`among`."""
+        ordered: list[Any] = sorted(set(values))
+        return json.dumps(ordered) if self.dialect == "sqlite" else ordered
 
 
 def document_info(row: Sequence[Any]) -> DocumentInfo:
@@ -175,6 +191,3 @@ def document_info(row: Sequence[Any]) -> DocumentInfo:
     return DocumentInfo(
         id_, title, fmt, chars, sentences, sha256, added_by, extractor, created_at, bool(shared)
     )
-
-
-IN_IDS: Final = "(SELECT value FROM json_each(?))"

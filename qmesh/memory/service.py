@@ -92,13 +92,18 @@ def _no_checkpoint() -> None:
 
 def _utf8(text: str, what: str) -> bytes:
     """``text`` as UTF-8; InvalidDocument for a lone surrogate, which JSON
-    can carry ("\\ud800") but no UTF-8 text, and so no stored document, can."""
+    can carry ("\\ud800") but no UTF-8 text, and so no stored document, can,
+    and for NUL, which PostgreSQL's text cannot hold (refused on SQLite too:
+    a document is stored alike on either backend)."""
     try:
-        return text.encode("utf-8")
+        encoded = text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidDocument(
             f"{what} is not valid Unicode: a lone surrogate at character {exc.start}"
         ) from None
+    if b"\0" in encoded:
+        raise InvalidDocument(f"{what} holds a NUL character (U+0000) at {text.index(chr(0))}")
+    return encoded
 
 
 class Memory:

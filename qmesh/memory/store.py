@@ -23,8 +23,13 @@ pair from the extractor ("International Business Machines (IBM)") merges the
 two entities, moving every mention and every supporting sentence to the
 survivor, so merging never loses provenance.
 
+The same statements run on both backends of the state store (SQLite, and
+PostgreSQL with the schema of :mod:`qmesh.state.memory_tables`); a write
+takes the memory's own writer lock, so on PostgreSQL an ingest never holds
+up the ledger or a key rotation.
+
 Not for: splitting, extracting or ranking (pure code elsewhere), or
-threads: every method is synchronous and runs under the state store's lock,
+threads: every method is synchronous and blocks on the database,
 and Trio callers use ``trio.to_thread.run_sync``. A long ingest calls its
 ``checkpoint`` once per sentence, so a caller that gives up (a request
 cancelled, the Gate stopping) can make it roll back and let go of the lock.
@@ -33,10 +38,9 @@ cancelled, the Gate stopping) can make it roll back and let go of the lock.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from qmesh.memory.errors import (
     DocumentConflict,
@@ -46,20 +50,20 @@ from qmesh.memory.errors import (
 )
 from qmesh.memory.reader import MemoryReader
 from qmesh.memory.records import (
-    IN_IDS,
     OPERATOR,
     Access,
     Checkpoint,
     DeleteReport,
     DocumentInfo,
     IngestReport,
+    Lists,
     PreparedDocument,
     StoredSentence,
-    json_ids,
     no_checkpoint,
 )
 from qmesh.memory.terms import entity_key
-from qmesh.state import StateStore, StateUnavailable
+from qmesh.state import StateStore
+from qmesh.state.db import INTEGRITY_ERRORS, Connection, Dialect
 
 __all__ = ["MemoryStore"]
 
@@ -71,18 +75,11 @@ class MemoryStore:
     """The memory tables of one :class:`~qmesh.state.StateStore`."""
 
     def __init__(self, state: StateStore) -> None:
-        if state.dialect != "sqlite":
-            # Its provenance rules are SQLite triggers and its search FTS5;
-            # a Gate on PostgreSQL keeps the memory in DATA_DIR's SQLite file.
-            raise StateUnavailable(
-                f"the graph memory needs a SQLite state store, not {state.location}"
-            )
         self.state = state
 
-    @contextlib.contextmanager
-    def _sqlite(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        with self.state._write() if write else self.state._read() as conn:
-            yield cast(sqlite3.Connection, conn)
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        # No Gate reacts to the memory's rows: its writes wake no watcher.
+        return self.state._write(announce=False, scope="memory")
 
     # -- writing ------------------------------------------------------------
 
@@ -114,7 +111,7 @@ class MemoryStore:
         keys = [[entity_key(m.text) for m in e.mentions] for e in document.extractions]
         checkpoint()
         try:
-            with self._sqlite(write=True) as conn:
+            with self._write() as conn:
                 row = conn.execute(
                     "SELECT sha256, format, added_by, shared FROM memory_documents WHERE id = ?",
                     (document.id,),
@@ -150,12 +147,12 @@ class MemoryStore:
                             f"a different document with id {document.id!r} exists; delete it "
                             "first or ask to replace it"
                         )
-                    _delete(conn, document.id, OPERATOR, checkpoint)
+                    _delete(conn, self.state.dialect, document.id, OPERATOR, checkpoint)
                     replaced = True
                     owner = old_owner  # replacing is editing: the owner stays
                 checkpoint()
                 mentions, relations = _insert(conn, document, keys, owner, shared, checkpoint)
-        except sqlite3.IntegrityError as exc:
+        except INTEGRITY_ERRORS as exc:
             # The schema refused a fact without a source: the extractor's
             # output and the checks in Python disagree, which is a bug.
             raise ProvenanceError(f"the store refused an unsupported fact: {exc}") from exc
@@ -175,14 +172,14 @@ class MemoryStore:
         DocumentNotFound unless ``access`` may see it, NotDocumentOwner
         unless it may change it. The report counts what ``access`` can see.
         Whatever ``checkpoint`` raises rolls the deletion back."""
-        with self._sqlite(write=True) as conn:
+        with self._write() as conn:
             _check_owner(conn, document_id, access, "delete")
-            return _delete(conn, document_id, access, checkpoint)
+            return _delete(conn, self.state.dialect, document_id, access, checkpoint)
 
     def set_shared(self, document_id: str, shared: bool, *, access: Access = OPERATOR) -> None:
         """Share a document with every application, or stop sharing it
         (DocumentNotFound, NotDocumentOwner as for :meth:`delete`)."""
-        with self._sqlite(write=True) as conn:
+        with self._write() as conn:
             _check_owner(conn, document_id, access, "share")
             conn.execute(
                 "UPDATE memory_documents SET shared = ? WHERE id = ?", (int(shared), document_id)
@@ -194,12 +191,8 @@ class MemoryStore:
     def reader(self, access: Access = OPERATOR) -> Iterator[MemoryReader]:
         """A consistent snapshot for a sequence of reads (one read
         transaction) of what ``access`` may see."""
-        with self._sqlite(write=False) as conn:
-            conn.execute("BEGIN")
-            try:
-                yield MemoryReader(conn, access)
-            finally:
-                conn.execute("COMMIT")
+        with self.state._snapshot() as conn:
+            yield MemoryReader(conn, self.state.dialect, access)
 
     def list_documents(self, access: Access = OPERATOR) -> list[DocumentInfo]:
         with self.reader(access) as reader:
@@ -222,7 +215,7 @@ class MemoryStore:
 class _Resolver:
     """Maps mentions of one document to entity ids, creating and merging entities."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.local: dict[str, int] = {}  # key -> entity, within this document
         self.surnames: dict[str, set[int]] = {}  # last word of a person's name -> entities
@@ -256,10 +249,9 @@ class _Resolver:
             entity = int(
                 self.conn.execute(
                     "INSERT INTO memory_entities (key, name, kind, anchor_seq, anchor_start)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?) RETURNING id",
                     (key, surface, kind, seq, start),
-                ).lastrowid
-                or 0
+                ).fetchone()[0]
             )
             # SQLite reuses the id of an entity a merge deleted: the new one
             # is not that entity ("X (Y) … Z": Z must not become X).
@@ -286,7 +278,7 @@ class _Resolver:
 
 
 def _insert(
-    conn: sqlite3.Connection,
+    conn: Connection,
     document: PreparedDocument,
     keys: Sequence[Sequence[str]],
     owner: str | None,
@@ -321,10 +313,9 @@ def _insert(
         seq = int(
             conn.execute(
                 "INSERT INTO memory_sentences (id, document_id, char_start, char_end, text)"
-                " VALUES (?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?) RETURNING seq",
                 (sentence.id, document.id, sentence.start, sentence.end, sentence.text),
-            ).lastrowid
-            or 0
+            ).fetchone()[0]
         )
         entities: list[int | None] = []
         for mention, key in zip(extraction.mentions, mention_keys, strict=True):
@@ -334,8 +325,8 @@ def _insert(
             start = sentence.start + mention.start
             entity = resolver.resolve(key, mention.text, mention.kind, seq, start)
             conn.execute(
-                "INSERT OR IGNORE INTO memory_mentions (entity_id, sentence_seq, char_start,"
-                " char_end, surface, surface_key) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO memory_mentions (entity_id, sentence_seq, char_start, char_end,"
+                " surface, surface_key) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (entity, seq, start, sentence.start + mention.end, mention.text, key),
             )
             mention_count += 1
@@ -357,15 +348,15 @@ def _insert(
             if relation_id is None:
                 relation_id = relation_ids[triple] = _relation(conn, *triple, seq)
             conn.execute(
-                "INSERT OR IGNORE INTO memory_relation_support (relation_id, sentence_seq)"
-                " VALUES (?, ?)",
+                "INSERT INTO memory_relation_support (relation_id, sentence_seq)"
+                " VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (relation_id, seq),
             )
             supports.add((relation_id, seq))
     return mention_count, len(supports)
 
 
-def _relation(conn: sqlite3.Connection, subject: int, predicate: str, obj: int, seq: int) -> int:
+def _relation(conn: Connection, subject: int, predicate: str, obj: int, seq: int) -> int:
     """The id of (subject, predicate, object), created with ``seq`` as its anchor
     if new: the caller must insert that support in the same transaction."""
     row = conn.execute(
@@ -377,20 +368,19 @@ def _relation(conn: sqlite3.Connection, subject: int, predicate: str, obj: int, 
     return int(
         conn.execute(
             "INSERT INTO memory_relations (subject_id, predicate, object_id, anchor_seq)"
-            " VALUES (?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?) RETURNING id",
             (subject, predicate, obj, seq),
-        ).lastrowid
-        or 0
+        ).fetchone()[0]
     )
 
 
-def _merge(conn: sqlite3.Connection, keep: int, drop: int) -> None:
+def _merge(conn: Connection, keep: int, drop: int) -> None:
     """Fold entity ``drop`` into ``keep``: its mentions and its relations'
     supporting sentences move to ``keep``; then ``drop`` is deleted."""
     conn.execute(
-        "INSERT OR IGNORE INTO memory_mentions (entity_id, sentence_seq, char_start, char_end,"
-        " surface, surface_key) SELECT ?, sentence_seq, char_start, char_end, surface,"
-        " surface_key FROM memory_mentions WHERE entity_id = ?",
+        "INSERT INTO memory_mentions (entity_id, sentence_seq, char_start, char_end, surface,"
+        " surface_key) SELECT ?, sentence_seq, char_start, char_end, surface, surface_key"
+        " FROM memory_mentions WHERE entity_id = ? ON CONFLICT DO NOTHING",
         (keep, drop),
     )
     relations = conn.execute(
@@ -412,14 +402,14 @@ def _merge(conn: sqlite3.Connection, keep: int, drop: int) -> None:
         ]
         target = _relation(conn, subject, predicate, obj, support[0])
         conn.executemany(
-            "INSERT OR IGNORE INTO memory_relation_support (relation_id, sentence_seq)"
-            " VALUES (?, ?)",
+            "INSERT INTO memory_relation_support (relation_id, sentence_seq)"
+            " VALUES (?, ?) ON CONFLICT DO NOTHING",
             [(target, seq) for seq in support],
         )
     conn.execute("DELETE FROM memory_entities WHERE id = ?", (drop,))
 
 
-def _check_owner(conn: sqlite3.Connection, document_id: str, access: Access, verb: str) -> None:
+def _check_owner(conn: Connection, document_id: str, access: Access, verb: str) -> None:
     """DocumentNotFound unless ``access`` may see the document (another
     app's private one does not exist for it), NotDocumentOwner unless it may
     ``verb`` it."""
@@ -435,7 +425,7 @@ def _check_owner(conn: sqlite3.Connection, document_id: str, access: Access, ver
 
 
 def _delete(
-    conn: sqlite3.Connection, document_id: str, access: Access, checkpoint: Checkpoint
+    conn: Connection, dialect: Dialect, document_id: str, access: Access, checkpoint: Checkpoint
 ) -> DeleteReport:
     """Delete the document (which exists; the caller checked who may);
     the report counts, of what was there, what ``access`` can still see."""
@@ -477,15 +467,16 @@ def _delete(
         if deleted < _DELETE_BATCH:
             break
     conn.execute("DELETE FROM memory_documents WHERE id = ?", (document_id,))
+    lists = Lists(dialect)
     kept_entities = [
         r[0]
         for r in conn.execute(
-            "SELECT id FROM memory_entities WHERE id IN " + IN_IDS, (json_ids(entities),)
+            "SELECT id FROM memory_entities WHERE " + lists.among("id"), (lists.of(entities),)
         )
     ]
     # What is left is counted as the caller sees it: that another app's
     # private document still states a fact is not the caller's to know.
-    reader = MemoryReader(conn, access)
+    reader = MemoryReader(conn, dialect, access)
     visible_entities = len(reader._names(kept_entities))
     kept_relations = len(reader.facts(relations))
     _relabel(conn, kept_entities)
@@ -499,7 +490,7 @@ def _delete(
     )
 
 
-def _relabel(conn: sqlite3.Connection, entity_ids: Sequence[int]) -> None:
+def _relabel(conn: Connection, entity_ids: Sequence[int]) -> None:
     """Give an entity whose name lost its last mention the name of its
     commonest remaining mention (merging into the entity that already has
     that key, if one does), so that every entity's name has a source."""
@@ -516,7 +507,8 @@ def _relabel(conn: sqlite3.Connection, entity_ids: Sequence[int]) -> None:
             continue
         key, surface = conn.execute(
             "SELECT surface_key, min(surface) FROM memory_mentions WHERE entity_id = ?"
-            " GROUP BY surface_key ORDER BY count(*) DESC, length(surface_key) DESC LIMIT 1",
+            " GROUP BY surface_key ORDER BY count(*) DESC, length(surface_key) DESC, surface_key"
+            " LIMIT 1",
             (entity,),
         ).fetchone()
         other = conn.execute("SELECT id FROM memory_entities WHERE key = ?", (key,)).fetchone()

@@ -10,9 +10,14 @@ key), and an app's verifiers stay verifiers. A target that already holds
 rows is refused unless ``replace`` (then its rows go first, in the same
 transaction).
 
-Not for: the graph memory's tables (SQLite only today: they stay in the
-SQLite file), the chain key (:mod:`qmesh.finops.chain`, which the command
-moves) or choosing what to copy where (the command line).
+The graph memory's tables are copied too, ids included, so every citation
+keeps its sentence id and sequence number; on PostgreSQL its triggers check
+each copied mention and supporting sentence as they arrive, and its deferred
+foreign keys check every entity's and relation's anchor at COMMIT, so a
+copy that lost a fact's source would not commit.
+
+Not for: the chain key (:mod:`qmesh.finops.chain`, which the command moves)
+or choosing what to copy where (the command line).
 """
 
 from __future__ import annotations
@@ -41,13 +46,24 @@ SHARED_TABLES: Final = (
     "qg_provider_keys",
     "app_policies",
     "budget_totals",
+    "memory_documents",
+    "memory_sentences",
+    "memory_entities",
+    "memory_mentions",
+    "memory_relations",
+    "memory_relation_support",
 )
 """Every table both backends have, parents before children (foreign keys)."""
 _INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}
 """Tables without an id whose SQLite insertion order carries meaning."""
-_GENERATED_IDS: Final = ("pg_audit",)
-_BATCH_ROWS: Final = 5000
+_GENERATED_IDS: Final = {
+    "pg_audit": "id",
+    "memory_sentences": "seq",
+    "memory_entities": "id",
+    "memory_relations": "id",
+}
 """PostgreSQL tables whose identity column must continue after the copied ids."""
+_BATCH_ROWS: Final = 5000
 
 
 class TargetNotEmpty(StateError):
@@ -75,7 +91,7 @@ def _columns(conn: Connection, store: StateStore, table: str) -> list[str]:
     rows = conn.execute(
         "SELECT column_name FROM information_schema.columns"
         " WHERE table_schema = current_schema() AND table_name = ?"
-        " AND coalesce(identity_generation, '') != 'ALWAYS'"
+        " AND coalesce(identity_generation, '') != 'ALWAYS' AND is_generated = 'NEVER'"
         " ORDER BY ordinal_position",
         (table,),
     ).fetchall()
@@ -93,7 +109,7 @@ def copy_state(
     TargetNotEmpty (nothing written) unless the target is empty or ``replace``.
     ``also`` runs last inside the target's transaction (the chain key)."""
     before = table_counts(source)
-    with source._read() as read, target._write() as write:
+    with source._read() as read, target._write(scope="all") as write:
         present = {
             t: int(write.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in SHARED_TABLES
         }
@@ -117,10 +133,10 @@ def copy_state(
                 write.executemany(f"INSERT INTO {table} ({listed}) VALUES ({marks})", rows)
         also(write)
         if target.dialect == "postgresql":
-            for table in _GENERATED_IDS:
+            for table, column in _GENERATED_IDS.items():
                 write.execute(
-                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
-                    f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+                    f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                    f" coalesce((SELECT max({column}) FROM {table}), 0) + 1, false)"
                 )
     after = table_counts(target)
     return CopyReport({t: (before[t], after[t]) for t in SHARED_TABLES})

@@ -61,8 +61,10 @@ __all__ = [
     "Connection",
     "Cursor",
     "Database",
+    "Dialect",
     "PostgresDatabase",
     "SqliteDatabase",
+    "WriteScope",
     "describe_url",
     "is_database_url",
     "open_database",
@@ -83,8 +85,18 @@ CONNECT_TIMEOUT_S: Final = 10
 POOL_SIZE: Final = 8
 """PostgreSQL connections per Gate: enough for the worker threads that use
 the store at once (key checks, ledger and audit batches, the admin API)."""
-_WRITE_LOCK: Final = 0x716D657368_01
-"""``pg_advisory_xact_lock`` key of the single-writer rule ("qmesh" + 1)."""
+WriteScope = Literal["state", "memory", "all"]
+"""Which writers a write transaction excludes on PostgreSQL: ``state``
+(every table but the graph memory's), ``memory`` (the graph memory's
+tables, written by ingests that may take a while and touch nothing else)
+or ``all`` (both, in that order: a copy of the whole state). On SQLite every
+write transaction excludes every other."""
+_WRITE_LOCKS: Final[dict[WriteScope, tuple[int, ...]]] = {
+    "state": (0x716D657368_01,),  # "qmesh" + 1
+    "memory": (0x716D657368_02,),
+    "all": (0x716D657368_01, 0x716D657368_02),
+}
+"""``pg_advisory_xact_lock`` keys of the single-writer rule, per scope."""
 NOTIFY_CHANNEL: Final = "qmesh_state"
 
 
@@ -119,7 +131,11 @@ class Database(Protocol):
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
 
-    def write(self, *, announce: bool = True) -> contextlib.AbstractContextManager[Connection]: ...
+    def snapshot(self) -> contextlib.AbstractContextManager[Connection]: ...
+
+    def write(
+        self, *, announce: bool = True, scope: WriteScope = "state"
+    ) -> contextlib.AbstractContextManager[Connection]: ...
 
     def change_marker(self) -> tuple[int, int]: ...
 
@@ -190,10 +206,22 @@ class SqliteDatabase:
             yield self._connection()
 
     @contextlib.contextmanager
-    def write(self, *, announce: bool = True) -> Iterator[Connection]:
+    def snapshot(self) -> Iterator[Connection]:
+        """A read transaction: every statement sees the same committed state."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def write(self, *, announce: bool = True, scope: WriteScope = "state") -> Iterator[Connection]:
         """A write transaction. IMMEDIATE takes the write lock up front, so
-        two processes never both read and then fail to upgrade. Without
-        ``announce`` it does not move this process's change marker."""
+        two processes never both read and then fail to upgrade: one lock for
+        every ``scope``. Without ``announce`` it does not move this
+        process's change marker."""
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -236,11 +264,12 @@ _PLACEHOLDER: Final = re.compile(r"'[^']*'|\?|%")
 
 @functools.lru_cache(maxsize=1024)
 def _psycopg_sql(sql: str) -> str:
-    """``?`` → ``%s`` and a literal ``%`` → ``%%``, outside string literals."""
+    """``?`` → ``%s`` outside string literals, and every ``%`` → ``%%``
+    (psycopg reads ``%`` as a placeholder even inside a literal)."""
 
     def replace(match: re.Match[str]) -> str:
         token = match.group(0)
-        return "%s" if token == "?" else "%%" if token == "%" else token
+        return "%s" if token == "?" else token.replace("%", "%%")
 
     return _PLACEHOLDER.sub(replace, sql)
 
@@ -345,11 +374,20 @@ class PostgresDatabase:
             yield _PgConnection(conn)
 
     @contextlib.contextmanager
-    def write(self, *, announce: bool = True) -> Iterator[Connection]:
-        """A write transaction under the single-writer advisory lock; its
-        NOTIFY (unless not ``announce``) is delivered if, and only if, it commits."""
+    def snapshot(self) -> Iterator[Connection]:
+        """A read-only transaction on one snapshot (REPEATABLE READ)."""
         with self._checkout() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _PgConnection(conn)
+
+    @contextlib.contextmanager
+    def write(self, *, announce: bool = True, scope: WriteScope = "state") -> Iterator[Connection]:
+        """A write transaction under the single-writer advisory lock of
+        ``scope``; its NOTIFY (unless not ``announce``) is delivered if, and
+        only if, it commits."""
+        with self._checkout() as conn, conn.transaction():
+            for key in _WRITE_LOCKS[scope]:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
             yield _PgConnection(conn)
             if announce:
                 conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")

@@ -10,14 +10,16 @@ migrate`` copies one into the other.
 
 Each entry is one schema version. Append only; never edit a released entry.
 
-Not for: the graph memory's tables, which use SQLite's FTS5 and triggers
-today and have no PostgreSQL version yet (a Gate on PostgreSQL keeps its
-memory in ``DATA_DIR``'s SQLite file; see docs/state.md).
+The graph memory's tables are defined beside SQLite's, in
+:mod:`qmesh.state.memory_tables`, where what the database enforces is
+explained once for both.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from qmesh.state.memory_tables import POSTGRES_MIGRATION as MEMORY_MIGRATION
 
 __all__ = ["POSTGRES_MIGRATIONS"]
 
@@ -183,4 +185,6 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # The graph memory (qmesh.state.memory_tables says what the database enforces).
+    MEMORY_MIGRATION,
 )

@@ -31,7 +31,7 @@ from typing import Final
 import attrs
 
 from qmesh.roles import EDGE_ROLES
-from qmesh.state.db import DATABASE_ERRORS, Connection, Database, open_database
+from qmesh.state.db import DATABASE_ERRORS, Connection, Database, WriteScope, open_database
 from qmesh.state.errors import (
     AppExists,
     IdentityExists,
@@ -229,15 +229,23 @@ class StateStore:
         """Statements outside a transaction (each sees committed data)."""
         return self._db.read()
 
-    def _write(self, *, announce: bool = True) -> contextlib.AbstractContextManager[Connection]:
+    def _snapshot(self) -> contextlib.AbstractContextManager[Connection]:
+        """A read transaction: its statements see one committed state."""
+        return self._db.snapshot()
+
+    def _write(
+        self, *, announce: bool = True, scope: WriteScope = "state"
+    ) -> contextlib.AbstractContextManager[Connection]:
         """A write transaction: committed at the end of the block, rolled back
         on an exception; one writer at a time across every process and Gate.
 
         ``announce=False`` for writes that change nothing a running Gate
         reacts to (ledger and audit rows): they do not wake the Gates'
         state watchers, which would otherwise re-read trust after every
-        batch (on SQLite, another process's commit is seen all the same)."""
-        return self._db.write(announce=announce)
+        batch (on SQLite, another process's commit is seen all the same).
+        ``scope`` (see :data:`~qmesh.state.db.WriteScope`) lets the graph
+        memory's long ingests run beside other writers on PostgreSQL."""
+        return self._db.write(announce=announce, scope=scope)
 
     def change_marker(self) -> tuple[int, int]:
         """A value that differs after any commit to the database, by this
