@@ -1,6 +1,7 @@
 """Two Gate processes on one PostgreSQL state: what is changed through the
 state — a new vault secret, an app's policy, an app-key rotation, an edge's
-revocation — is in force at the other Gate without a restart.
+revocation — is in force at the other Gate without a restart, and what one
+Gate's graph memory learns the other answers from, with the same citation.
 
 Real processes throughout: ``qmesh --role gate`` twice (one data directory
 for the keys, each Gate on its own ports), a ``qmesh --role minigate``
@@ -11,6 +12,7 @@ speed is measured, so the deadlines here are generous."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pgcluster import PgCluster
@@ -59,6 +62,18 @@ def status_of(url: str, bearer: str) -> int:
             return int(answer.status)
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def post_json(url: str, bearer: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return int(answer.status), json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
 
 
 def bites(what: str, check: Callable[[], object]) -> None:
@@ -130,6 +145,17 @@ def test_changes_made_through_the_state_are_in_force_at_another_gate(
 
         qmesh(data, url, "apps", "policy", "shop", "--databases", "reports")
         bites("a policy change", refused)
+
+        # The graph memory is one for the cluster: learnt at A, cited at B.
+        said = "Brindle Fish Market was founded in 1911 by Ada Brindle."
+        code, added = post_json(f"http://127.0.0.1:{a_http}/v1/memory/documents",
+                                f"shop:{shop_key}", {"text": said, "id": "brindle"})  # fmt: skip
+        assert code == 201, added
+        code, answer = post_json(f"http://127.0.0.1:{b_http}/v1/memory/query", f"shop:{shop_key}",
+                                 {"question": "Who founded the Brindle Fish Market?"})  # fmt: skip
+        assert code == 200, answer
+        assert answer["found"] and [c["text"] for c in answer["citations"]] == [said]
+        assert answer["citations"][0]["sentence_id"].startswith("brindle:")
 
         # A key rotation without overlap: the old key stops working at B.
         new_key = qmesh(data, url, "apps", "rotate-key", "shop", "--overlap", "0")
