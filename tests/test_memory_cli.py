@@ -1,7 +1,9 @@
-"""``qmesh memory …`` as an operator runs it: real subprocesses on a real data directory."""
+"""``qmesh memory …`` as an operator runs it: real subprocesses on a real data
+directory, its state in SQLite or (``gate.database_url``) in PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -16,17 +18,20 @@ from qmesh.state import StateStore
 _SUFFIX = {"text": ".txt", "markdown": ".md", "html": ".html"}
 
 
-def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), "memory", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def test_memory_commands(tmp_path: Path) -> None:
+def test_memory_commands(tmp_path: Path, state_location: str | Path) -> None:
     data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
+    if isinstance(state_location, str):
+        env["QMESH_GATE__DATABASE_URL"] = state_location
+    else:
+        state_location = data / "state.db"
+
+    def qmesh(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), "memory", *args],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+
     files = []
     for document_id, (fmt, text) in DOCUMENTS.items():
         path = tmp_path / f"{document_id}{_SUFFIX[fmt]}"
@@ -60,7 +65,7 @@ def test_memory_commands(tmp_path: Path) -> None:
     )
     citations = re.findall(r"^\[(\d+)\] (\S+) \[(\d+):(\d+)\] (.+)$", rest, re.M)
     assert [c[0] for c in citations] == ["1", "2"]
-    with StateStore.open(data / "state.db") as state:
+    with StateStore.open(state_location) as state:
         memory = Memory(state)
         for _, document_id, start, end, text in citations:
             assert memory.document(document_id, access=OPERATOR)[1][int(start) : int(end)] == text
@@ -86,7 +91,7 @@ def test_memory_commands(tmp_path: Path) -> None:
     assert re.search(
         r"^acme-history\s+markdown\s+\d+\s+\(operator\) shared\s", listing.stdout, re.M
     )
-    with StateStore.open(data / "state.db") as state:
+    with StateStore.open(state_location) as state:
         readers = Memory(state).documents(access=Access.of_app("any-app"))
         assert [d.id for d in readers] == ["acme-history"]
     assert qmesh(data, "share", "acme-history", "--off").returncode == 0
