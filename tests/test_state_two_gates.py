@@ -48,7 +48,8 @@ def gate_config(path: Path, data_dir: Path, url: str) -> tuple[int, int]:
     tunnel, http = free_port(), free_port()
     path.write_text(
         f'data_dir = "{data_dir}"\n'
-        f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel}"\nhttp_listen = "127.0.0.1:{http}"\n'
+        f'[gate]\nname = "{path.stem}"\n'
+        f'tunnel_listen = "127.0.0.1:{tunnel}"\nhttp_listen = "127.0.0.1:{http}"\n'
         f'database_url = "{url}"\n'
         "[tunnel]\nheartbeat_interval_s = 0.5\ndead_after_s = 3.0\n"
     )

@@ -18,8 +18,8 @@ capability's commands live with the capability: ``secrets`` and ``audit``
 ``node`` (:mod:`qmesh.daemon.cli`), ``route`` and ``providers``
 (:mod:`qmesh.llm.cli`), ``inventory`` and ``models`` (:mod:`qmesh.fleet.cli`),
 ``sessions`` (:mod:`qmesh.ops.cli`), ``finops`` and ``ledger``
-(:mod:`qmesh.finops.cli`). They import :mod:`qmesh.cmdline`, never this
-package.
+(:mod:`qmesh.finops.cli`), ``gates`` (:mod:`qmesh.cluster.cli`). They import
+:mod:`qmesh.cmdline`, never this package.
 
 Not for: what the roles do (:mod:`qmesh.cli.runner`) or the local cluster
 launcher (:mod:`qmesh.cli.up`); both are imported only when asked for, so
@@ -39,6 +39,7 @@ import attrs
 from qmesh.cli import apps, identity
 from qmesh.cli import roles as roles_cli
 from qmesh.cli import state as state_cli
+from qmesh.cluster import cli as cluster_cli
 from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AddCommands, Handler, print_err
 from qmesh.config import Config, ConfigError, load_config
 from qmesh.daemon import cli as daemon_cli
@@ -62,6 +63,7 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     identity.add_commands,  # keys, enroll, revoke, identities
     apps.add_commands,  # apps
     state_cli.add_commands,  # state
+    cluster_cli.add_commands,  # gates
     pg_cli.add_commands,  # secrets, audit
     memory_cli.add_commands,  # memory
     daemon_cli.add_commands,  # quant, node

@@ -23,6 +23,7 @@ __all__ = [
     "AUDIT_MODES",
     "MEMORY_EXTRACTORS",
     "BudgetConfig",
+    "ClusterConfig",
     "DiscoveryConfig",
     "GateAppConfig",
     "GateConfig",
@@ -141,6 +142,18 @@ class RoutingConfig:
 
 
 MEMORY_EXTRACTORS: Final = ("rules", "llm")
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``[gate.cluster]``: how Gates sharing one state know of each other (docs/cluster.md)."""
+
+    heartbeat_interval_s: float = 1.0
+    """How often this Gate writes its heartbeat into the state."""
+    gone_after_s: float = 4.0
+    """Silence after which the other Gates and ``qmesh gates`` call this Gate
+    gone (at least twice the heartbeat interval). Each Gate states its own,
+    in its row of the registry, so every reader applies the same deadline."""
 
 
 @attrs.frozen
@@ -278,3 +291,5 @@ class GateConfig:
     """From ``[gate.memory]``: see :class:`MemoryConfig`."""
     http: HttpConfig = HttpConfig()
     """From ``[gate.http]``: see :class:`HttpConfig`."""
+    cluster: ClusterConfig = ClusterConfig()
+    """From ``[gate.cluster]``: see :class:`ClusterConfig`."""

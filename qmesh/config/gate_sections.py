@@ -19,6 +19,7 @@ from qmesh.config.address import HOSTNAME_RE, parse_forward_rule, parse_hostport
 from qmesh.config.gate_schema import (
     AUDIT_MODES,
     MEMORY_EXTRACTORS,
+    ClusterConfig,
     DiscoveryConfig,
     GateAppConfig,
     GateConfig,
@@ -59,6 +60,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         discovery=_read_discovery(r, t, path),
         memory=_read_memory(r, t, path),
         http=_read_http(r, t, path),
+        cluster=_read_cluster(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
 
@@ -111,6 +113,22 @@ def _read_forward_allow_edges(
             )
         edges[edge] = _read_forward_rules(r, t, (*path, edge))
     return edges
+
+
+def _read_cluster(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> ClusterConfig:
+    path: KeyPath = (*gate_path, "cluster")
+    t = r.table(gate, path)
+    r.check_keys(t, path, field_names(ClusterConfig))
+    d = ClusterConfig()
+    interval = r.number(t, path, "heartbeat_interval_s", d.heartbeat_interval_s, positive=True)
+    gone = r.number(t, path, "gone_after_s", d.gone_after_s, positive=True)
+    if gone < 2 * interval:
+        raise r.error(
+            (*path, "gone_after_s" if "gone_after_s" in t else "heartbeat_interval_s"),
+            f"must be at least twice gate.cluster.heartbeat_interval_s ({interval:g}), "
+            f"got gone after {gone:g}",
+        )
+    return ClusterConfig(heartbeat_interval_s=interval, gone_after_s=gone)
 
 
 def _read_daemon_thresholds(r: Reader, t: Mapping[str, object], path: KeyPath) -> dict[str, int]:

@@ -10,6 +10,7 @@ from typing import Any, Final
 import trio
 
 from qmesh.admission import EnrolledEdges
+from qmesh.cluster import GateRegistry
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.fleet.api import add_daemon_routes
 from qmesh.fleet.daemons import DaemonClient, InventoryService
@@ -139,6 +140,15 @@ async def run_gate(
                 http_port,
             )
             scheme = "http" if tls is None else "https"
+            registry = GateRegistry(
+                store,
+                config.gate.cluster,
+                name=config.gate.name,
+                tunnel=format_hostport(host, bound),
+                http=f"{scheme}://{format_hostport(http_host, http_bound)}",
+                sessions=lambda: len(server.sessions),
+            )
+            await nursery.start(registry.run)
             task_status.started(
                 {
                     "tunnel": format_hostport(host, bound),
@@ -152,6 +162,7 @@ async def run_gate(
                     "metrics": ops.metrics,
                     "scanner": scanner,
                     "watcher": watcher,
+                    "registry": registry,
                 }
             )
     finally:

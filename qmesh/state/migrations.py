@@ -137,4 +137,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # The Gates sharing this state, each with its heartbeat (qmesh.cluster).
+    (
+        """
+        CREATE TABLE gates (
+            name          TEXT PRIMARY KEY,
+            instance      TEXT NOT NULL,
+            tunnel        TEXT NOT NULL,
+            http          TEXT NOT NULL,
+            host          TEXT NOT NULL,
+            version       TEXT NOT NULL,
+            started_at    REAL NOT NULL,
+            heartbeat_at  REAL NOT NULL,
+            gone_after_s  REAL NOT NULL,
+            sessions      INTEGER NOT NULL DEFAULT 0,
+            stopped_at    REAL NULL
+        )
+        """,
+    ),
 )

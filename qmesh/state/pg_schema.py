@@ -187,4 +187,22 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # The graph memory (qmesh.state.memory_tables says what the database enforces).
     MEMORY_MIGRATION,
+    # The Gates sharing this state, each with its heartbeat (qmesh.cluster).
+    (
+        """
+        CREATE TABLE gates (
+            name          TEXT PRIMARY KEY,
+            instance      TEXT NOT NULL,
+            tunnel        TEXT NOT NULL,
+            http          TEXT NOT NULL,
+            host          TEXT NOT NULL,
+            version       TEXT NOT NULL,
+            started_at    DOUBLE PRECISION NOT NULL,
+            heartbeat_at  DOUBLE PRECISION NOT NULL,
+            gone_after_s  DOUBLE PRECISION NOT NULL,
+            sessions      BIGINT NOT NULL DEFAULT 0,
+            stopped_at    DOUBLE PRECISION NULL
+        )
+        """,
+    ),
 )
