@@ -91,7 +91,7 @@ async def _measure(tmp: Path, trials: int) -> dict[str, list[float]]:
                 role="minigate",
                 private_key=private,
                 gate_public_key=keys.public_key,
-                gate_address=("127.0.0.1", gate_dir.tunnel_port),
+                gate_addresses=[("127.0.0.1", gate_dir.tunnel_port)],
             )
             scope = trio.CancelScope()
 

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -44,6 +45,7 @@ __all__ = [
     "GateKeyMissing",
     "GateKeys",
     "IdentityError",
+    "dial_addresses",
     "enroll",
     "load_credential",
     "write_private_file",
@@ -216,6 +218,8 @@ class Credential:
     private_key: bytes
     gate_public_key: bytes
     gate_address: str
+    """The Gates' tunnel addresses, separated by commas (one in credentials
+    from before Gates formed clusters, which read the same)."""
 
     def __repr__(self) -> str:
         return (
@@ -226,6 +230,10 @@ class Credential:
     @property
     def public_key(self) -> bytes:
         return public_key_of(self.private_key)
+
+    @property
+    def gate_addresses(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.gate_address.split(","))
 
     def encode(self) -> str:
         """``qmesh-cred-v1.`` + unpadded base64url of compact JSON."""
@@ -282,7 +290,8 @@ class Credential:
         except InvalidValue:
             raise CredentialError("the credential's name is not valid") from None
         try:
-            parse_hostport(fields["gate"])
+            for address in fields["gate"].split(","):
+                parse_hostport(address.strip())
         except ValueError:
             raise CredentialError("the credential's gate address is not host:port") from None
         return cls(
@@ -300,18 +309,22 @@ def enroll(
     """Create an identity for a new edge and return its credential.
 
     The edge's key pair is generated here; only the public key is stored.
-    The returned credential is the only copy of the private key. Raises
-    CredentialError for an unusable gate address and the store's errors
-    (IdentityExists, InvalidValue) for the name and role.
+    The returned credential is the only copy of the private key.
+    ``gate_address`` is one "host:port" or several separated by commas (the
+    Gates of a cluster). Raises CredentialError for an unusable gate
+    address and the store's errors (IdentityExists, InvalidValue) for the
+    name and role.
     """
-    try:
-        _, port = parse_hostport(gate_address)
-    except ValueError as exc:
-        raise CredentialError(f"gate address {gate_address!r} is not host:port: {exc}") from None
-    if port == 0:
-        raise CredentialError(
-            f"gate address {gate_address!r} has port 0; give the port edges should dial"
-        )
+    for address in gate_address.split(","):
+        address = address.strip()
+        try:
+            _, port = parse_hostport(address)
+        except ValueError as exc:
+            raise CredentialError(f"gate address {address!r} is not host:port: {exc}") from None
+        if port == 0:
+            raise CredentialError(
+                f"gate address {address!r} has port 0; give the port edges should dial"
+            )
     private = X25519PrivateKey.generate()
     private_key = private.private_bytes_raw()
     store.add_identity(name, role, private.public_key().public_bytes_raw())
@@ -322,6 +335,11 @@ def enroll(
         gate_public_key=keys.public_key,
         gate_address=gate_address,
     )
+
+
+def dial_addresses(configured: Sequence[str], credential: Credential) -> list[tuple[str, int]]:
+    """Where an edge dials: the Gates its configuration lists, else its credential's."""
+    return [parse_hostport(address) for address in configured or credential.gate_addresses]
 
 
 def load_credential(path: Path) -> Credential:

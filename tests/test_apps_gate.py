@@ -88,7 +88,7 @@ async def start_mesh(nursery: trio.Nursery, tmp_path: Path) -> Mesh:
         role="minigate",
         private_key=private,
         gate_public_key=GateKeys.load(gate_dir.path).public_key,
-        gate_address=("127.0.0.1", gate_dir.tunnel_port),
+        gate_addresses=[("127.0.0.1", gate_dir.tunnel_port)],
     )
     await nursery.start(edge.run)
     edge_port = await nursery.start(serve_llm, edge, "127.0.0.1:0")

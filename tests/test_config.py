@@ -58,11 +58,11 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
         (),
     )
     m = config.minigate
-    assert (m.gate, m.credential_file, m.forwards) == ("127.0.0.1:11439", None, ())
+    assert (m.gate, m.credential_file, m.forwards) == ((), None, ())  # the credential's Gates
     assert (m.pg_listen, m.llm_listen) == ("127.0.0.1:11438", "127.0.0.1:11435")
     d = config.daemon
     assert (d.gate, d.credential_file, d.health_listen) == (
-        "127.0.0.1:11439",
+        (),
         None,
         "127.0.0.1:11450",
     )
@@ -181,6 +181,9 @@ INVALID = [
     ('[minigate]\ngate = "gate.example"', "minigate.gate", 3, 'expected "host:port"'),
     ('[daemon]\nhealth_listen = "h:-1"', "daemon.health_listen", 3, "0 to 65535"),
     ('[daemon]\ngate = "h h:1"', "daemon.gate", 3, "host"),
+    ("[daemon]\ngate = []", "daemon.gate", 3, 'at least one "host:port"'),
+    ('[minigate]\ngate = ["g1:1", 5]', "minigate.gate[1]", 3, "expected a string"),
+    ('[minigate]\ngate = "g1:1, g2"', "minigate.gate", 3, 'expected "host:port"'),
     (
         '[minigate]\npg_listen = "127.0.0.1:5"\nllm_listen = "127.0.0.1:5"',
         "minigate.llm_listen",
@@ -409,7 +412,11 @@ def test_file_error_under_an_env_override_blames_the_file(tmp_path: Path) -> Non
 def test_port_offset_moves_listeners_and_local_gate_addresses() -> None:
     base = load_config(
         None,
-        env={"QMESH_MINIGATE__FORWARD": '[{listen = "127.0.0.1:15432", target = "db:5432"}]'},
+        env={
+            "QMESH_MINIGATE__FORWARD": '[{listen = "127.0.0.1:15432", target = "db:5432"}]',
+            "QMESH_MINIGATE__GATE": "127.0.0.1:11439, gate-2.example:11439",
+            "QMESH_DAEMON__GATE": '["localhost:11439"]',
+        },
     )
     moved = base.with_port_offset(100)
     assert moved.gate.tunnel_listen == "127.0.0.1:11539"
@@ -418,8 +425,10 @@ def test_port_offset_moves_listeners_and_local_gate_addresses() -> None:
     assert moved.minigate.llm_listen == "127.0.0.1:11535"
     assert moved.minigate.forwards == (ForwardConfig("127.0.0.1:15532", "db:5432"),)
     assert moved.daemon.health_listen == "127.0.0.1:11550"
-    assert moved.minigate.gate == "127.0.0.1:11539"
-    assert moved.daemon.gate == "127.0.0.1:11539"
+    # This Gate's address moves; another Gate's does not.
+    assert moved.minigate.gate == ("127.0.0.1:11539", "gate-2.example:11439")
+    assert moved.daemon.gate == ("localhost:11539",)
+    assert load_config(None, env={}).minigate.gate == ()  # the credential's Gates
     assert moved.data_dir == base.data_dir and moved.tunnel == base.tunnel
     assert base.with_port_offset(0) is base
     assert base.with_port_offset(100).with_port_offset(-100) == base
@@ -438,8 +447,8 @@ def test_port_offset_leaves_remote_gates_and_port_zero_alone() -> None:
     moved = config.with_port_offset(10)
     assert moved.gate.tunnel_listen == "0.0.0.0:11449"
     assert moved.gate.http_listen == "[::1]:0"
-    assert moved.minigate.gate == "gate.example.com:9999"  # another port: another gate
-    assert moved.daemon.gate == "10.0.0.5:11449"  # the Gate listens on every interface
+    assert moved.minigate.gate == ("gate.example.com:9999",)  # another port: another gate
+    assert moved.daemon.gate == ("10.0.0.5:11449",)  # the Gate listens on every interface
 
 
 def test_port_offset_out_of_range() -> None:
@@ -455,6 +464,7 @@ def test_ephemeral_zeroes_every_listener() -> None:
         env={
             "QMESH_MINIGATE__FORWARD": '[{listen = "127.0.0.1:15432", target = "db:5432"}]',
             "QMESH_GATE__HTTP_LISTEN": "[::1]:8080",
+            "QMESH_MINIGATE__GATE": "127.0.0.1:11439",
         },
     ).ephemeral()
     assert config.gate.tunnel_listen == "127.0.0.1:0"
@@ -463,7 +473,7 @@ def test_ephemeral_zeroes_every_listener() -> None:
     assert config.minigate.llm_listen == "127.0.0.1:0"
     assert config.minigate.forwards == (ForwardConfig("127.0.0.1:0", "db:5432"),)
     assert config.daemon.health_listen == "127.0.0.1:0"
-    assert config.minigate.gate == "127.0.0.1:11439"
+    assert config.minigate.gate == ("127.0.0.1:11439",)
 
 
 # -- host:port and forward patterns ---------------------------------------------------

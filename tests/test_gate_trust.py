@@ -76,7 +76,7 @@ class Mesh:
             role=role,
             private_key=private,
             gate_public_key=self.keys.public_key,
-            gate_address=("127.0.0.1", self.dir.tunnel_port),
+            gate_addresses=[("127.0.0.1", self.dir.tunnel_port)],
         )
 
     def qmesh(self, *args: str) -> subprocess.CompletedProcess[str]:

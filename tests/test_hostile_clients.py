@@ -229,7 +229,7 @@ async def start_target(nursery: trio.Nursery, tmp_path: Path, errors: ErrorLog) 
         role="minigate",
         private_key=_enroll(gate_dir.path, "edge-honest"),
         gate_public_key=keys.public_key,
-        gate_address=("127.0.0.1", gate_dir.tunnel_port),
+        gate_addresses=[("127.0.0.1", gate_dir.tunnel_port)],
     )
     await nursery.start(edge.run)
     target = Target(

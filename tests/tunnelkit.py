@@ -108,7 +108,7 @@ def make_edge(
         role="minigate",
         private_key=private_key,
         gate_public_key=gate_public or gate.public,
-        gate_address=("127.0.0.1", port or gate.port),
+        gate_addresses=[("127.0.0.1", port or gate.port)],
         services=services,
     )
     return client

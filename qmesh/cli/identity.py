@@ -56,7 +56,9 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     enroll_cmd.add_argument(
         "--gate",
         metavar="HOST:PORT",
-        help="the Gate address edges dial (default: gate.tunnel_listen)",
+        action="append",
+        help="a Gate address the edge dials; repeat it for each Gate of a cluster "
+        "(default: gate.tunnel_listen)",
     )
     enroll_cmd.add_argument(
         "--out", type=Path, metavar="FILE", help="write the credential to FILE (mode 0600)"
@@ -104,7 +106,7 @@ def _cmd_keys_show(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
     keys = _load_gate_keys(config)
-    gate_address: str = args.gate or config.gate.tunnel_listen
+    gate_address: str = ",".join(args.gate) if args.gate else config.gate.tunnel_listen
     if args.gate is None:
         # The listen address is only a good default when edges can dial it.
         host, port = parse_hostport(gate_address)

@@ -93,6 +93,9 @@ def read_tunnel(r: Reader, root: Mapping[str, object]) -> TunnelConfig:
         resume_grace_s=r.number(t, path, "resume_grace_s", d.resume_grace_s, positive=False),
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
+        failover_jitter_s=r.number(
+            t, path, "failover_jitter_s", d.failover_jitter_s, positive=False
+        ),
         handshake_timeout_s=r.number(
             t, path, "handshake_timeout_s", d.handshake_timeout_s, positive=True
         ),
@@ -146,7 +149,7 @@ def read_minigate(r: Reader, root: Mapping[str, object]) -> MiniGateConfig:
     )  # fmt: skip
     d = MiniGateConfig()
     result = MiniGateConfig(
-        gate=r.address(t, path, "gate", d.gate),
+        gate=r.addresses(t, path, "gate"),
         credential_file=r.path(t, path, "credential_file"),
         forwards=_read_forwards(r, t, path),
         pg_listen=r.address(t, path, "pg_listen", d.pg_listen),
@@ -254,7 +257,7 @@ def read_daemon(r: Reader, root: Mapping[str, object]) -> DaemonConfig:
     if "gpu_layers" in t:
         gpu_layers = r.integer(t, path, "gpu_layers", 0, lo=-1, hi=100_000)
     return DaemonConfig(
-        gate=r.address(t, path, "gate", d.gate),
+        gate=r.addresses(t, path, "gate"),
         credential_file=r.path(t, path, "credential_file"),
         health_listen=r.address(t, path, "health_listen", d.health_listen),
         heartbeat_interval_s=r.number(

@@ -140,6 +140,34 @@ class Reader:
         self.check_address(value, (*path, key))
         return value
 
+    def addresses(self, table: Mapping[str, object], path: KeyPath, key: str) -> tuple[str, ...]:
+        """A list of "host:port": an array of strings, or one string with the
+        addresses separated by commas (as an environment variable gives it).
+        Absent: ``()``."""
+        if key not in table:
+            return ()
+        where = (*path, key)
+        value = table[key]
+        if isinstance(value, str):
+            items: list[object] = [part.strip() for part in value.split(",")]
+        elif isinstance(value, list):
+            items = list(value)
+        else:
+            raise self.error(
+                where, f'expected "host:port" or an array of them, got {describe(value)}'
+            )
+        if not items:
+            raise self.error(where, 'expected at least one "host:port"')
+        addresses: list[str] = []
+        for i, item in enumerate(items):
+            at = where if isinstance(value, str) else (*where, i)
+            if not isinstance(item, str):
+                raise self.error(at, f"expected a string, got {describe(item)}")
+            self.check_address(item, at)
+            if item not in addresses:
+                addresses.append(item)
+        return tuple(addresses)
+
     def check_address(self, value: str, where: KeyPath) -> None:
         try:
             parse_hostport(value)

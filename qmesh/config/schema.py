@@ -70,6 +70,9 @@ class TunnelConfig:
     """How long the Gate keeps a dropped session's state for a resume."""
     reconnect_initial_s: float = 0.05
     reconnect_max_s: float = 5.0
+    failover_jitter_s: float = 0.5
+    """An edge that cannot reach its Gate tries the next Gate of its list
+    after a random pause of up to this long (see docs/cluster.md)."""
     handshake_timeout_s: float = 10.0
     """A connection that has not finished its handshake by then is closed."""
     max_handshakes_in_flight: int = 256
@@ -93,8 +96,9 @@ class ForwardConfig:
 class MiniGateConfig:
     """``[minigate]``: the edge sidecar."""
 
-    gate: str = "127.0.0.1:11439"
-    """The Gate's tunnel address to dial."""
+    gate: tuple[str, ...] = ()
+    """The Gates' tunnel addresses to dial ("host:port"; a host name may
+    resolve to several); empty: the credential's. See docs/cluster.md."""
     credential_file: Path | None = None
     forwards: tuple[ForwardConfig, ...] = ()
     """From the ``[[minigate.forward]]`` tables."""
@@ -126,7 +130,8 @@ class DaemonRuntimeConfig:
 class DaemonConfig:
     """``[daemon]``: a compute node (see docs/daemon.md)."""
 
-    gate: str = "127.0.0.1:11439"
+    gate: tuple[str, ...] = ()
+    """As ``minigate.gate``."""
     credential_file: Path | None = None
     health_listen: str = "127.0.0.1:11450"
     heartbeat_interval_s: float = 5.0
@@ -184,8 +189,8 @@ class Config:
     def with_port_offset(self, offset: int) -> Config:
         """A copy with every listen port moved by ``offset``.
 
-        ``minigate.gate`` and ``daemon.gate`` move too when they point at this
-        Gate's tunnel listener: the same port, and the same host, a loopback
+        Addresses in ``minigate.gate`` and ``daemon.gate`` move too when they
+        point at this Gate's tunnel listener: the same port, and the same host, a loopback
         name for a loopback listener, or any host when the Gate listens on
         every interface. That is how ``qmesh up --port-offset`` runs a second
         local mesh beside the first. Port 0 (ephemeral) stays 0; forward
@@ -206,11 +211,14 @@ class Config:
                 )
             return format_hostport(host, moved)
 
-        def shift_gate(address: str, key: str) -> str:
-            host, port = parse_hostport(address)
-            if port != 0 and port == tunnel_port and _same_host(host, tunnel_host):
-                return shift(address, key)
-            return address
+        def shift_gates(addresses: tuple[str, ...], key: str) -> tuple[str, ...]:
+            moved = []
+            for address in addresses:
+                host, port = parse_hostport(address)
+                if port != 0 and port == tunnel_port and _same_host(host, tunnel_host):
+                    address = shift(address, key)
+                moved.append(address)
+            return tuple(moved)
 
         gate = attrs.evolve(
             self.gate,
@@ -219,7 +227,7 @@ class Config:
         )
         minigate = attrs.evolve(
             self.minigate,
-            gate=shift_gate(self.minigate.gate, "minigate.gate"),
+            gate=shift_gates(self.minigate.gate, "minigate.gate"),
             pg_listen=shift(self.minigate.pg_listen, "minigate.pg_listen"),
             llm_listen=shift(self.minigate.llm_listen, "minigate.llm_listen"),
             forwards=tuple(
@@ -229,7 +237,7 @@ class Config:
         )
         daemon = attrs.evolve(
             self.daemon,
-            gate=shift_gate(self.daemon.gate, "daemon.gate"),
+            gate=shift_gates(self.daemon.gate, "daemon.gate"),
             health_listen=shift(self.daemon.health_listen, "daemon.health_listen"),
         )
         return attrs.evolve(self, gate=gate, minigate=minigate, daemon=daemon)

@@ -28,7 +28,7 @@ from qmesh.daemon.infer import serve_infer
 from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.reporter import report_forever
 from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
-from qmesh.identity import load_credential
+from qmesh.identity import dial_addresses, load_credential
 from qmesh.tunnel import TunnelClient, TunnelStream
 from qmesh.web.http import Request, Response, Router, serve_http
 
@@ -75,7 +75,7 @@ async def run_daemon(
     if config.daemon.credential_file is None:
         raise ConfigError("daemon.credential_file is required (see `qmesh enroll daemon`)")
     credential = load_credential(config.daemon.credential_file)
-    address = gate_address or parse_hostport(config.daemon.gate)
+    addresses = [gate_address] if gate_address else dial_addresses(config.daemon.gate, credential)
     node = DaemonNode(config, credential.name)
     await node.prepare()
     assert node.scheduler is not None
@@ -85,7 +85,7 @@ async def run_daemon(
         role="daemon",
         private_key=credential.private_key,
         gate_public_key=credential.gate_public_key,
-        gate_address=address,
+        gate_addresses=addresses,
         services={
             "status": status_service,
             INFER_SERVICE: partial(
@@ -108,7 +108,7 @@ async def run_daemon(
         task_status.started(
             {
                 "name": credential.name,
-                "gate": format_hostport(*address),
+                "gate": ",".join(format_hostport(*a) for a in addresses),
                 "health": f"http://{format_hostport(host, bound)}",
                 "client": client,
                 "node": node,

@@ -7,13 +7,29 @@ tunnel stream that the Gate serves with its own HTTP router
 (:mod:`qmesh.llm.relay`), so keep-alive, SSE streaming and every
 error pass through unchanged, sealed and compressed by the tunnel.
 
+A request survives the loss of its Gate. The relay keeps the bytes the
+application sent since the Gate last answered (the request in flight) until
+the first byte of the answer arrives. If the tunnel session is lost before
+then — the Gate died and the edge moved to another Gate of the cluster, or
+the Gate restarted — those bytes are sent again on a new stream, and the
+application sees one answer, late. Once an answer has begun, a lost session
+ends the application's connection, as a broken stream ends anywhere. No
+HTTP is parsed for this: a connection alternates between the application's
+request and the Gate's answer, so the first byte of an answer is where the
+request stops being replayable, and the application's next bytes start the
+next request. (A request that reached the dead Gate may so run twice: the
+price of never losing one. A request larger than :data:`MAX_REPLAY_BYTES`
+is not kept, and is not replayed.)
+
 Not for: parsing HTTP here: the MiniGate relays bytes and holds no
 secrets, so authentication, routing and accounting all stay at the Gate.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+from typing import Final
 
 import trio
 
@@ -21,12 +37,19 @@ from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.fastsocket import open_listeners
 from qmesh.tunnel.client import TunnelClient
-from qmesh.tunnel.errors import TunnelError
-from qmesh.tunnel.services import splice
+from qmesh.tunnel.errors import StreamReset, TunnelError
+from qmesh.tunnel.frames import ResetCode
+from qmesh.tunnel.stream import TunnelStream
 
-__all__ = ["serve_llm"]
+__all__ = ["MAX_REPLAY_BYTES", "serve_llm"]
 
 log = logging.getLogger(__name__)
+
+MAX_REPLAY_BYTES: Final = 8 * 1024 * 1024
+"""The largest request kept for a replay (a chat with long documents fits)."""
+_REPLAY_WAIT_S: Final = 30.0
+"""How long a request in flight waits for the edge to reach a Gate again."""
+_CHUNK: Final = 65536
 
 _BODY = (
     b'{"error":{"message":"the qmesh gate is unreachable","type":"server_error","code":"no_gate"}}'
@@ -51,16 +74,116 @@ async def serve_llm(
 
     async def relay(local: trio.SocketStream) -> None:
         try:
-            stream = await client.open_stream({"service": "llm"})
-        except TunnelError as exc:
-            log.warning("cannot reach the gate for an LLM request: %s", exc)
-            try:
-                await local.send_all(_UNAVAILABLE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await _Connection(client, local).run()
+        finally:
             await trio.aclose_forcefully(local)
-            return
-        await splice(local, stream)
 
     task_status.started(bound)
     await trio.serve_listeners(guarded(relay, "LLM client connection", log), listeners)
+
+
+class _Ending(enum.Enum):
+    DONE = "done"  # both directions ended, or the application left
+    LOST = "lost"  # the tunnel session was lost
+
+
+class _Connection:
+    """One application connection, relayed over as many streams as it takes."""
+
+    def __init__(self, client: TunnelClient, local: trio.SocketStream) -> None:
+        self.client = client
+        self.local = local
+        self.pending = bytearray()
+        """What the application sent since the Gate last answered."""
+        self.kept = True
+        """Whether ``pending`` holds all of it (false past MAX_REPLAY_BYTES)."""
+        self.answering = False
+        """The Gate has begun answering the application's last request."""
+        self.app_done = False
+
+    async def run(self) -> None:
+        try:
+            stream = await self.client.open_stream({"service": "llm"})
+        except TunnelError as exc:
+            log.warning("cannot reach the gate for an LLM request: %s", exc)
+            await self._unavailable()
+            return
+        while await self._relay(stream) is _Ending.LOST:
+            if self.answering or not self.pending or not self.kept:
+                # An answer had begun, or nothing was in flight: as any
+                # broken connection, this one ends.
+                return
+            log.info("gate lost with an LLM request in flight; replaying it (%d bytes)",
+                     len(self.pending))  # fmt: skip
+            with trio.move_on_after(_REPLAY_WAIT_S):
+                try:
+                    stream = await self.client.open_stream({"service": "llm"})
+                except TunnelError as exc:
+                    log.warning("cannot replay an LLM request: %s", exc)
+                else:
+                    continue
+            await self._unavailable()
+            return
+
+    async def _relay(self, stream: TunnelStream) -> _Ending:
+        ending = _Ending.DONE
+
+        def end(how: _Ending) -> None:
+            nonlocal ending
+            ending = how
+            nursery.cancel_scope.cancel()
+
+        async def guard(direction: str) -> None:
+            try:
+                await (self._to_gate(stream) if direction == "up" else self._from_gate(stream))
+            except StreamReset as exc:
+                end(_Ending.LOST if exc.code == ResetCode.SESSION_LOST else _Ending.DONE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("LLM relay ended: %s", exc)
+                end(_Ending.DONE)
+
+        try:
+            try:
+                if self.pending:  # a replay
+                    await stream.send_all(bytes(self.pending))
+                if self.app_done:
+                    await stream.send_eof()
+            except StreamReset as exc:  # the new session is gone too
+                return _Ending.LOST if exc.code == ResetCode.SESSION_LOST else _Ending.DONE
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guard, "up")
+                nursery.start_soon(guard, "down")
+        finally:
+            await trio.aclose_forcefully(stream)
+        return ending
+
+    async def _to_gate(self, stream: TunnelStream) -> None:
+        if self.app_done:
+            return
+        while data := await self.local.receive_some(_CHUNK):
+            if self.answering:  # the application's next request begins
+                self.answering = False
+                self.pending.clear()
+                self.kept = True
+            if self.kept:
+                self.pending += data
+                if len(self.pending) > MAX_REPLAY_BYTES:
+                    self.kept = False
+                    self.pending.clear()
+            await stream.send_all(data)
+        self.app_done = True
+        await stream.send_eof()
+
+    async def _from_gate(self, stream: TunnelStream) -> None:
+        while data := await stream.receive_some(_CHUNK):
+            self.answering = True
+            self.pending.clear()
+            await self.local.send_all(data)
+        await self.local.send_eof()
+
+    async def _unavailable(self) -> None:
+        """Answer the request in flight with 503: no Gate can be reached."""
+        try:
+            await self.local.send_all(_UNAVAILABLE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

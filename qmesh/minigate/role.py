@@ -8,7 +8,7 @@ import trio
 
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.forward.edge import serve_forward
-from qmesh.identity import load_credential
+from qmesh.identity import dial_addresses, load_credential
 from qmesh.llm.edge import serve_llm
 from qmesh.pg.edge import serve_pg, tls_context
 from qmesh.tunnel import TunnelClient
@@ -21,11 +21,12 @@ async def run_minigate(
     task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the MiniGate until cancelled. ``gate_address`` overrides the
-    configured one (``qmesh up`` passes the Gate's bound port)."""
+    configured Gates and the credential's (``qmesh up`` passes the Gate's
+    bound port)."""
     if config.minigate.credential_file is None:
         raise ConfigError("minigate.credential_file is required (see `qmesh enroll minigate`)")
     credential = load_credential(config.minigate.credential_file)
-    address = gate_address or parse_hostport(config.minigate.gate)
+    addresses = [gate_address] if gate_address else dial_addresses(config.minigate.gate, credential)
     pg_tls = None
     if config.minigate.pg_tls_cert is not None and config.minigate.pg_tls_key is not None:
         try:
@@ -41,7 +42,7 @@ async def run_minigate(
         role="minigate",
         private_key=credential.private_key,
         gate_public_key=credential.gate_public_key,
-        gate_address=address,
+        gate_addresses=addresses,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
@@ -61,7 +62,7 @@ async def run_minigate(
         task_status.started(
             {
                 "name": credential.name,
-                "gate": format_hostport(*address),
+                "gate": ",".join(format_hostport(*a) for a in addresses),
                 "forwards": forwards,
                 "pg": format_hostport(pg_host, pg_port),
                 "llm": f"http://{format_hostport(llm_host, llm_port)}/v1",

@@ -1,18 +1,37 @@
 """The edge's end of the tunnel: connect, authenticate, resume, forever.
 
 The client holds one :class:`Session` across any number of TCP connections.
-When a connection fails it reconnects with exponential backoff and full
-jitter (so a fleet of edges does not stampede a restarted Gate) and resumes
-the session; streams, and the applications behind them, never notice. Only if
-the Gate no longer knows the session (its grace period ran out, or it
-restarted) are the streams reset.
+When a connection fails it reconnects and resumes the session; streams, and
+the applications behind them, never notice. Only if the Gate no longer
+knows the session (its grace period ran out, it restarted, or the edge
+moved to another Gate of the cluster) are the streams reset.
+
+An edge may know several Gates (a cluster; a host name that resolves to
+several addresses counts as several). It starts at a random one, so that a
+fleet spreads over the cluster, and stays with the Gate it has:
+
+- a connection that ends (reset, closed) is retried on the same Gate first,
+  where the session can resume; a Gate that refuses it, or cannot be
+  reached, is left for the next one after a random pause of up to
+  ``tunnel.failover_jitter_s`` (thousands of edges do not land on the
+  survivors at once);
+- a connection that went silent past ``tunnel.dead_after_s`` (a hung or cut
+  off Gate) moves to the next Gate at once: waiting for a silent Gate's
+  handshake would cost ``tunnel.handshake_timeout_s`` more;
+- when every Gate failed in turn, exponential backoff with full jitter
+  (``tunnel.reconnect_initial_s`` to ``reconnect_max_s``) before the next
+  round, so a fleet does not stampede a restarted cluster.
+
+Names are resolved again at every round: a DNS name's addresses may change.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,6 +43,7 @@ from qmesh.tunnel.errors import (
     HandshakeFailed,
     HandshakeRefused,
     PeerProtocolError,
+    PeerSilent,
     SessionLost,
 )
 from qmesh.tunnel.services import ServiceHandler, dispatcher
@@ -47,15 +67,20 @@ class TunnelClient:
         role: str,
         private_key: bytes,
         gate_public_key: bytes,
-        gate_address: tuple[str, int],
+        gate_addresses: Sequence[tuple[str, int]],
         services: Mapping[str, ServiceHandler] | None = None,
     ) -> None:
+        if not gate_addresses:
+            raise ValueError("an edge needs at least one Gate address")
         self.settings = settings
         self.name = name
         self.role = role
         self._private_key = private_key
         self._gate_public_key = gate_public_key
-        self.gate_address = gate_address
+        self.gate_addresses = tuple(gate_addresses)
+        self._targets: list[tuple[str, int]] = list(self.gate_addresses)
+        # Where this edge starts: a fleet spreads over the cluster.
+        self._index = random.randrange(len(self._targets))
         self.services = dict(services or {})
         self.session: Session | None = None
         self._session_ready = trio.Event()
@@ -70,6 +95,11 @@ class TunnelClient:
     def __repr__(self) -> str:
         host, port = self.gate_address
         return f"<TunnelClient {self.name!r} → {host}:{port}>"
+
+    @property
+    def gate_address(self) -> tuple[str, int]:
+        """The Gate this edge is connected to, or will try next."""
+        return self._targets[self._index % len(self._targets)]
 
     @property
     def connected(self) -> bool:
@@ -110,29 +140,46 @@ class TunnelClient:
             raise refused
 
     async def _connect_forever(self) -> None:
-        failures = 0
+        # Each address of a name is a Gate of its own, from the start: the
+        # fleet spreads over them too.
+        self._targets = await _resolve(self.gate_addresses) or self._targets
+        self._index = random.randrange(len(self._targets))
+        rounds = 0  # rounds in which every Gate failed, since the last connection
+        failed = 0  # Gates that failed in this round
         while True:
             try:
-                await self._connect_once()
-                failures = 0
+                silent = await self._connect_once()
             except HandshakeRefused:
                 raise
             except (OSError, HandshakeFailed, trio.TooSlowError) as exc:
-                failures += 1
-                delay = self._backoff(failures)
                 host, port = self.gate_address
-                log.warning(
-                    "cannot reach gate %s:%d (%s); retrying in %.2fs",
-                    host,
-                    port,
-                    exc or "timeout",
-                    delay,
-                )
+                failed += 1
+                if failed < len(self._targets):
+                    delay = random.uniform(0, self.settings.failover_jitter_s)
+                    log.warning("cannot reach gate %s:%d (%s); trying the next in %.2fs",
+                                host, port, exc or "timeout", delay)  # fmt: skip
+                else:
+                    rounds, failed = rounds + 1, 0
+                    delay = self._backoff(rounds)
+                    log.warning("cannot reach gate %s:%d (%s); retrying in %.2fs",
+                                host, port, exc or "timeout", delay)  # fmt: skip
                 await trio.sleep(delay)
+                await self._next_gate(resolve=failed == 0)
                 continue
-            # The connection was up and went down: retry at once, then back
-            # off if the Gate stays away.
-            await trio.sleep(self._backoff(0))
+            rounds = failed = 0
+            if silent:
+                # A hung or cut-off Gate: the next one, at once.
+                await self._next_gate(resolve=False)
+            else:
+                # The connection was up and went down: the same Gate first
+                # (the session may resume there), a moment later.
+                await trio.sleep(self._backoff(0))
+
+    async def _next_gate(self, *, resolve: bool) -> None:
+        """Move to the next Gate; with ``resolve``, look the names up again first."""
+        if resolve:
+            self._targets = await _resolve(self.gate_addresses) or list(self.gate_addresses)
+        self._index = (self._index + 1) % len(self._targets)
 
     def _next_timestamp(self) -> int:
         # Strictly growing even if the wall clock steps back while we run;
@@ -147,7 +194,9 @@ class TunnelClient:
         )
         return random.uniform(0, ceiling)
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self) -> bool:
+        """One connection to the current Gate, served until it ends; whether
+        it ended by going silent. Raises when it could not be made."""
         assert self._nursery is not None
         host, port = self.gate_address
         session = self.session if self.session is not None and not self.session.lost else None
@@ -196,7 +245,7 @@ class TunnelClient:
             log.error("cannot resume %s: %s", session, exc)
             session.lose(SessionLost(str(exc)))
             await trio.aclose_forcefully(transport)
-            return
+            return False
         encoder, decoder = noise.into_codec(
             send_reliable_seq=welcome.recv_next,
             recv_reliable_seq=session.recv_next,
@@ -213,8 +262,30 @@ class TunnelClient:
         try:
             await session.serve_connection(transport, encoder, decoder, leftover)
         except ConnectionLost as exc:
-            log.info("connection to gate lost: %s; resuming", exc)
+            log.info("connection to gate %s:%d lost: %s; resuming", host, port, exc)
+            return isinstance(exc, PeerSilent)
         except (SessionLost, PeerProtocolError) as exc:
             log.warning("session with gate ended: %s", exc)
         finally:
             self._connected = trio.Event()
+        return False
+
+
+async def _resolve(addresses: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Every address the entries name: an IP literal as is, a host name as
+    each of its addresses (in the resolver's order); names that do not
+    resolve now are left out. Order kept, duplicates dropped."""
+    found: list[tuple[str, int]] = []
+    for host, port in addresses:
+        try:
+            ipaddress.ip_address(host)
+            resolved = [(host, port)]
+        except ValueError:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve gate address %s: %s", host, exc)
+                continue
+            resolved = [(str(info[4][0]), port) for info in infos]
+        found += [a for a in resolved if a not in found]
+    return found

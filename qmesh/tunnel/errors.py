@@ -32,6 +32,11 @@ class ConnectionLost(TunnelError):
     """The transport failed, closed or went silent past the dead-peer threshold."""
 
 
+class PeerSilent(ConnectionLost):
+    """The connection went silent past the dead-peer threshold (the peer may
+    be hung or cut off, where a dead one refuses or resets)."""
+
+
 class HandshakeFailed(TunnelError):
     """The handshake did not complete: wrong key, timeout or a malformed message."""
 

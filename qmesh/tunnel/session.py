@@ -39,6 +39,7 @@ from qmesh.fastsocket import FastSocketStream, runnable_counter
 from qmesh.tunnel.errors import (
     ConnectionLost,
     PeerProtocolError,
+    PeerSilent,
     SessionLost,
     StreamReset,
     TunnelError,
@@ -399,7 +400,7 @@ class Session:
             await trio.sleep(min(interval, dead_after / 3))
             silent = self._engine.silent_for()
             if silent > dead_after:
-                self._fail_connection(ConnectionLost(f"peer silent for {silent:.1f}s"))
+                self._fail_connection(PeerSilent(f"peer silent for {silent:.1f}s"))
                 return
             now = trio.current_time()
             stats = self._engine.stats()  # one consistent snapshot
