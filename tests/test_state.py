@@ -6,6 +6,7 @@ read-only replica) is tested on that one."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import sqlite3
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import psycopg.conninfo
 import pytest
 import trio
@@ -21,6 +23,7 @@ from pgcluster import PgCluster
 from tunnelkit import until
 
 from qmesh.state import (
+    DATABASE_ERRORS,
     INTEGRITY_ERRORS,
     MIGRATIONS,
     POSTGRES_MIGRATIONS,
@@ -32,6 +35,7 @@ from qmesh.state import (
     StateUnavailable,
     scram_keys,
 )
+from qmesh.state import db as state_db
 
 
 @pytest.fixture
@@ -339,6 +343,31 @@ def test_gates_starting_together_migrate_once(pg_location: str) -> None:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [
             (len(POSTGRES_MIGRATIONS),)
         ]
+
+
+@pytest.mark.parametrize("idle", [False, True])
+def test_connections_the_server_ended_are_replaced(
+    pg_location: str, monkeypatch: pytest.MonkeyPatch, idle: bool
+) -> None:
+    """pg_terminate_backend on every connection of the store (a server
+    restart looks the same): a connection that sat idle is checked before
+    use and replaced, so the call succeeds; one in steady use is not checked,
+    so one call fails with a database error, and the next succeeds."""
+    monkeypatch.setattr(state_db, "_CHECK_AFTER_IDLE_S", -1.0 if idle else 1e9)
+    with StateStore.open(pg_location) as store:
+        store.add_app("shop")
+        assert [a.app_id for a in store.list_apps()] == ["shop"]
+        with psycopg.connect(pg_location, application_name="dba") as dba:
+            ended = dba.execute(
+                "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
+                " WHERE application_name = 'qmesh-gate' AND datname = current_database()"
+            ).fetchone()
+        # Waited for: each backend has exited (the pool's and the listener's).
+        assert ended is not None and ended[0] >= 2
+        calls = [] if idle else [pytest.raises(DATABASE_ERRORS)]
+        for expectation in [*calls, contextlib.nullcontext()]:
+            with expectation:
+                assert [a.app_id for a in store.list_apps()] == ["shop"]
 
 
 def test_bad_database_urls_are_one_line_that_says_what(

@@ -22,7 +22,8 @@ Each backend is its own implementation of what correctness rests on:
   hold — and ends with ``NOTIFY qmesh_state``, which PostgreSQL delivers
   only if it commits; a listening connection counts those notifications for
   ``change_marker()``. Connections the server dropped are replaced by the
-  pool (checked before reuse).
+  pool: checked before reuse when they sat idle; a call that finds its
+  connection broken fails, and has every idle one checked.
 
 The SQL text is shared where the two dialects agree (standard SQL, ``ON
 CONFLICT`` upserts, ``RETURNING``): the PostgreSQL connection rewrites the
@@ -44,6 +45,8 @@ import os
 import re
 import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -80,6 +83,8 @@ INTEGRITY_ERRORS: Final = (sqlite3.IntegrityError, psycopg.errors.IntegrityError
 """A constraint refused the statement (on PostgreSQL: at the statement or at COMMIT)."""
 
 _BUSY_TIMEOUT_S: Final = 5.0
+_CHECK_AFTER_IDLE_S: Final = 2.0
+"""A pooled PostgreSQL connection idle longer than this is checked before use."""
 CONNECT_TIMEOUT_S: Final = 10
 """How long opening a PostgreSQL state database may take before it is unreachable."""
 POOL_SIZE: Final = 8
@@ -321,6 +326,9 @@ class PostgresDatabase:
         self._notifications = 0
         self._closed = False
         self._listen_lock = threading.Lock()
+        self._returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
         # One direct connection first: its error says why (refused, password,
         # no such database), where a pool would only time out.
         self._listener: psycopg.Connection[Any] | None = self._listen()
@@ -329,7 +337,8 @@ class PostgresDatabase:
             min_size=1,
             max_size=pool_size,
             kwargs={"autocommit": True},
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=self._check_if_idle,
+            reset=self._returned,
             name="qmesh-state",
             timeout=float(connect_timeout_s),
             open=False,
@@ -339,6 +348,19 @@ class PostgresDatabase:
         except psycopg_pool.PoolTimeout as exc:
             self._close_listener()
             raise StateUnavailable(f"cannot connect to {self.location}: {exc}") from None
+
+    def _returned(self, conn: psycopg.Connection[Any]) -> None:
+        self._returned_at[conn] = time.monotonic()
+
+    def _check_if_idle(self, conn: psycopg.Connection[Any]) -> None:
+        """The pool's check before lending a connection (a round trip), only
+        for one that sat idle: a connection in steady use proves itself, and
+        the check would cost every state call one more round trip. A server
+        that went away meanwhile fails the call that finds out
+        (DATABASE_ERRORS), which has every idle connection checked
+        (:meth:`_checkout`)."""
+        if time.monotonic() - self._returned_at.get(conn, 0.0) > _CHECK_AFTER_IDLE_S:
+            psycopg_pool.ConnectionPool.check_connection(conn)
 
     def _listen(self) -> psycopg.Connection[Any]:
         try:
@@ -400,7 +422,16 @@ class PostgresDatabase:
             raise RuntimeError("the state store is closed")
         try:
             with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.OperationalError:
+                    if conn.broken:
+                        # The server ended this connection (a restart, a
+                        # failover, pg_terminate_backend): the idle ones are
+                        # likely dead too, and are checked and replaced now,
+                        # so that this call is the only one to fail.
+                        self._pool.check()
+                    raise
         except psycopg_pool.PoolTimeout as exc:
             raise StateUnavailable(f"{self.location}: no connection available: {exc}") from None
 
