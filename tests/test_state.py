@@ -364,8 +364,10 @@ def test_connections_the_server_ended_are_replaced(
             ).fetchone()
         # Waited for: each backend has exited (the pool's and the listener's).
         assert ended is not None and ended[0] >= 2
-        calls = [] if idle else [pytest.raises(DATABASE_ERRORS)]
-        for expectation in [*calls, contextlib.nullcontext()]:
+        expectations: list[contextlib.AbstractContextManager[object]] = [contextlib.nullcontext()]
+        if not idle:
+            expectations.insert(0, pytest.raises(DATABASE_ERRORS))
+        for expectation in expectations:
             with expectation:
                 assert [a.app_id for a in store.list_apps()] == ["shop"]
 
