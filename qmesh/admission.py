@@ -12,8 +12,11 @@ Not for: issuing or storing credentials (:mod:`qmesh.identity`,
 
 from __future__ import annotations
 
+import hashlib
+
 import trio
 
+from qmesh.config.reader import GATE_NAME_RE
 from qmesh.state import StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelServer
 from qmesh.tunnel.handshake import Hello
@@ -31,11 +34,28 @@ class EnrolledEdges:
     ends every session of a revoked identity, telling the edge why.
     """
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, *, gate_public_key: bytes | None = None) -> None:
         self.store = store
+        self.gate_public_key = gate_public_key
+        """The cluster's own key: a peer holding it is another Gate (role ``gate``)."""
 
     async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
+        if self.gate_public_key is not None and public_key == self.gate_public_key:
+            return await trio.to_thread.run_sync(self._authenticate_gate, hello)
         return await trio.to_thread.run_sync(self._authenticate, public_key, hello.timestamp)
+
+    def _authenticate_gate(self, hello: Hello) -> tuple[str, str]:
+        """Another Gate of the cluster: it proved it holds the Gate key. Its
+        HELLO timestamps are kept per Gate name (every Gate has the same key)."""
+        name = hello.name.removeprefix("gate:")
+        if hello.role != "gate" or name == hello.name or not GATE_NAME_RE.fullmatch(name):
+            raise HandshakeRefused("not_enrolled", "the Gate key is for the Gates of the cluster")
+        replay_key = hashlib.sha256(b"qmesh gate\0" + name.encode()).digest()
+        if not self.store.accept_hello_timestamp(replay_key, hello.timestamp):
+            raise HandshakeRefused(
+                "replayed", "HELLO timestamp is not newer than this Gate's last one"
+            )
+        return hello.name, "gate"
 
     def _authenticate(self, public_key: bytes, timestamp: int) -> tuple[str, str]:
         identity = self.store.find_identity_by_key(public_key)
@@ -55,7 +75,7 @@ class EnrolledEdges:
         """End the sessions of identities that are revoked (or gone)."""
         identities = await trio.to_thread.run_sync(self.store.list_identities)
         standing = {i.name: i.revoked for i in identities}
-        for peer in {s.peer for s in server.sessions.values()}:
+        for peer in {s.peer for s in server.sessions.values() if s.peer_role != "gate"}:
             revoked = standing.get(peer, True)
             if revoked:
                 reason = "identity revoked" if peer in standing else "identity no longer enrolled"

@@ -135,7 +135,7 @@ def format_table(data: dict[str, Any], *, colour: bool = False, width: int = 120
                 str(n.get("name")),
                 str(n.get("kind")),
                 str(n.get("state")),
-                str(n.get("source")),
+                f"via {n['gate']}" if n.get("gate") else str(n.get("source")),
                 software or "-",
                 _models(n),
                 _ago(seen),

@@ -304,8 +304,12 @@ class DaemonClient:
         ``chat.completions``) on ``model`` at ``node``, streaming. Close the
         iterator (``contextlib.aclosing``) to abandon the request early."""
         session = self._session(node, model)
+        request = {"service": INFER_SERVICE, "model": model}
+        attached = self.inventory.get(node, now=self.clock())
+        if attached is not None and attached.gate is not None:
+            request["node"] = node  # the Gate it is attached to relays the stream
         try:
-            tunnel = session.open_stream({"service": INFER_SERVICE, "model": model})
+            tunnel = session.open_stream(request)
         except TunnelError as exc:
             raise NodeUnavailable(f"node {node}: {exc}", node=node, model=model) from None
         decoder = LineDecoder()
@@ -394,6 +398,13 @@ class DaemonClient:
         """Stop, start or unload ``model`` on ``node`` (:mod:`qmesh.daemon.control`);
         the node's ``done`` line: model, state, stopped."""
         session = self._session(node, model)
+        attached = self.inventory.get(node, now=self.clock())
+        if attached is not None and attached.gate is not None:
+            raise NodeUnavailable(
+                f"node {node} is attached to gate {attached.gate}: control it through that Gate",
+                node=node,
+                model=model,
+            )
         try:
             tunnel = session.open_stream({"service": CONTROL_SERVICE, "model": model})
         except TunnelError as exc:

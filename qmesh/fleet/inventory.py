@@ -132,6 +132,9 @@ class Node:
     runtimes: list[dict[str, Any]] = attrs.field(factory=list)
     extra: dict[str, Any] = attrs.field(factory=dict)
     reports: int = 0
+    gate: str | None = None
+    """The Gate of the cluster the node is attached to, when not this one
+    (its reports and requests go through that Gate: qmesh.cluster.fabric)."""
     connection: object | None = None
     """The report stream's owner (the tunnel session); not serialized."""
 
@@ -153,6 +156,7 @@ class Node:
             "telemetry": self.telemetry,
             "runtimes": self.runtimes,
             "reports": self.reports,
+            "gate": self.gate,
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -198,8 +202,10 @@ class Inventory:
         version: str | None = None,
         heartbeat_interval_s: float = 5.0,
         extra: Mapping[str, Any] | None = None,
+        gate: str | None = None,
     ) -> Node:
-        """A node (re)introduced itself: it is fresh, and its report channel is ``connection``."""
+        """A node (re)introduced itself: it is fresh, and its report channel
+        is ``connection`` (at the Gate ``gate``, when not this one)."""
         node = self._nodes.get(name)
         if node is None:
             node = Node(name=name, kind=kind, source=source, first_seen=now, state_since=now)
@@ -209,6 +215,9 @@ class Inventory:
         node.address, node.version = address, version
         node.heartbeat_interval_s = max(heartbeat_interval_s, 0.001)
         node.extra = dict(extra or {})
+        if node.gate != gate:
+            node.gate = gate
+            self.models_version += 1  # the same models, reached another way
         node.connection = connection
         node.last_seen = now
         self._set(node, "fresh", "reported in", now)

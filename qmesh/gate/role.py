@@ -11,6 +11,13 @@ import trio
 
 from qmesh.admission import EnrolledEdges
 from qmesh.cluster import GateRegistry
+from qmesh.cluster.fabric import (
+    GATE_INVENTORY_SERVICE,
+    GATE_ROLE,
+    PEER_SERVICES,
+    PeerLinks,
+    PeerServices,
+)
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.fleet.api import add_daemon_routes
 from qmesh.fleet.daemons import DaemonClient, InventoryService
@@ -41,6 +48,8 @@ SERVICES_BY_ROLE: Final[Mapping[str, frozenset[str]]] = {
     # inventory (the Gate opens streams to it, not the other way round).
     "minigate": frozenset({"pg", "pg-cancel", "llm", "forward"}),
     "daemon": frozenset({"inventory"}),
+    # Another Gate of the cluster follows this one's nodes and runs requests on them.
+    GATE_ROLE: PEER_SERVICES,
 }
 """The tunnel services each edge role may open at the Gate."""
 
@@ -64,7 +73,8 @@ async def run_gate(
         inventory_service = InventoryService(inventory)
         daemons = DaemonClient(inventory)
         llm.attach_daemons(inventory, daemons)
-        edges = EnrolledEdges(store)
+        edges = EnrolledEdges(store, gate_public_key=keys.public_key)
+        peers = PeerServices(inventory)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
@@ -78,6 +88,8 @@ async def run_gate(
                 "pg": pg.serve,
                 "pg-cancel": pg.cancel,
                 "llm": LlmRelay(router),
+                GATE_INVENTORY_SERVICE: peers.inventory_feed,
+                "infer": peers.infer,
             },
             services_by_role=SERVICES_BY_ROLE,
         )
@@ -146,9 +158,21 @@ async def run_gate(
                 name=config.gate.name,
                 tunnel=format_hostport(host, bound),
                 http=f"{scheme}://{format_hostport(http_host, http_bound)}",
-                sessions=lambda: len(server.sessions),
+                sessions=lambda: sum(
+                    1 for s in server.sessions.values() if s.peer_role != GATE_ROLE
+                ),
             )
             await nursery.start(registry.run)
+            links = PeerLinks(
+                store,
+                inventory,
+                config.tunnel,
+                name=config.gate.name,
+                private_key=keys.private_key,
+                public_key=keys.public_key,
+                interval_s=config.gate.cluster.heartbeat_interval_s,
+            )
+            await nursery.start(links.run)
             task_status.started(
                 {
                     "tunnel": format_hostport(host, bound),
@@ -163,6 +187,7 @@ async def run_gate(
                     "scanner": scanner,
                     "watcher": watcher,
                     "registry": registry,
+                    "links": links,
                 }
             )
     finally:
