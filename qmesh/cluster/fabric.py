@@ -13,6 +13,8 @@ of a cluster share, with the role ``gate``. Over it a Gate
   with ``gate`` set to where they are attached, so the router, ``qmesh
   inventory`` and the dashboard show the whole cluster; a node left out of
   a snapshot, or whose Gate's session ends, is gone here too;
+- passes on a **cancel request** whose key it did not mint (``pg-cancel``),
+  naming the edge: the Gate that minted the key for that edge acts on it;
 - runs **inference** on them: the router's daemon call opens its ``infer``
   stream on the peer session instead of a daemon's, naming the node, and
   the other Gate (:class:`PeerServices`) splices it to that node's own
@@ -57,8 +59,10 @@ log = logging.getLogger(__name__)
 GATE_ROLE: Final = "gate"
 """The tunnel role of a Gate connected to another Gate."""
 GATE_INVENTORY_SERVICE: Final = "gate-inventory"
-PEER_SERVICES: Final = frozenset({GATE_INVENTORY_SERVICE, INFER_SERVICE})
+PEER_SERVICES: Final = frozenset({GATE_INVENTORY_SERVICE, INFER_SERVICE, "pg-cancel"})
 """The tunnel services a Gate opens at another Gate."""
+ASK_TIMEOUT_S: Final = 5.0
+"""How long a request to every other Gate (a cancel) may take in all."""
 SNAPSHOT_INTERVAL_S: Final = 1.0
 """How often a Gate sends its own nodes to the others; a remote node is
 stale here after missing as many snapshots as a daemon may miss heartbeats."""
@@ -276,6 +280,28 @@ class PeerLinks:
                 else [],
             )
         self._drop(peer, set(reports), f"no longer attached to gate {peer}")
+
+    async def ask_all(self, request: dict[str, Any]) -> None:
+        """Open ``request`` at every linked Gate at once and wait for each to
+        close it (a cancel request: the Gate that minted the key acts)."""
+
+        async def ask(peer: str, client: TunnelClient) -> None:
+            try:
+                stream = await client.open_stream(request)
+                try:
+                    await stream.send_eof()
+                    while await stream.receive_some():
+                        pass
+                finally:
+                    await trio.aclose_forcefully(stream)
+            except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("gate %s did not take a %s request: %s", peer, request["service"], exc)
+
+        with trio.move_on_after(ASK_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for peer, client in list(self.clients.items()):
+                    if client.session is not None and not client.session.lost:
+                        nursery.start_soon(ask, peer, client)
 
     def _drop(self, peer: str, keep: set[str], reason: str) -> None:
         """``peer``'s nodes not in ``keep`` are gone here."""

@@ -173,6 +173,7 @@ async def run_gate(
                 interval_s=config.gate.cluster.heartbeat_interval_s,
             )
             await nursery.start(links.run)
+            pg.ask_other_gates = links.ask_all
             task_status.started(
                 {
                     "tunnel": format_hostport(host, bound),

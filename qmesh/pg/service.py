@@ -43,7 +43,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -196,6 +196,10 @@ class PgService:
         self.active: dict[str, int] = {}
         """Open sessions per app id."""
         self.cancels_forwarded = 0
+        self.ask_other_gates: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        """Where a cancel request whose key this Gate did not mint goes: the
+        other Gates of the cluster (qmesh.cluster.fabric), each of which
+        honours it if it minted the key for that edge."""
         self.live: dict[str, set[_LiveSession]] = {}
         """Sessions past authentication, by app id: see :meth:`refresh_apps`."""
         self.sessions_ended = 0
@@ -568,20 +572,30 @@ class PgService:
         """Handle one ``pg-cancel`` stream: ``{"pid": int, "secret": hex}``.
 
         Like PostgreSQL, an unknown key is ignored without an answer; a key
-        is only honoured from the edge that carries its session.
+        is only honoured from the edge that carries its session. A key this
+        Gate did not mint may be another Gate's (the edge moved, or the
+        application cancels through another edge of the same identity): it
+        is passed to the other Gates, with the edge's name. Another Gate's
+        request (role ``gate``) names the edge itself, and is never passed on.
         """
         request = stream.request
+        from_gate = stream.session.peer_role == "gate"
         try:
             pid = int(request["pid"])
             key = bytes.fromhex(str(request["secret"]))
+            edge = str(request["edge"]) if from_gate else stream.session.peer
         except (KeyError, ValueError, TypeError, OverflowError):  # Overflow: a pid of Infinity
             stream.reset(ResetCode.REFUSED, "malformed cancel request")
             return
         target = self._cancel_keys.get((pid, key))
-        if target is None or target.edge != stream.session.peer:
-            log.info("ignored a cancel request with an unknown key from %s", stream.session.peer)
-        else:
+        if target is not None and target.edge == edge:
             await self._forward_cancel(target)
+        elif target is None and not from_gate and self.ask_other_gates is not None:
+            await self.ask_other_gates(
+                {"service": "pg-cancel", "pid": pid, "secret": key.hex(), "edge": edge}
+            )
+        else:
+            log.info("ignored a cancel request with an unknown key from %s", edge)
         try:
             await stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
