@@ -394,3 +394,37 @@ def test_bad_database_urls_are_one_line_that_says_what(
     # A read-only session (as on a standby) is refused before anything is written.
     with pytest.raises(StateUnavailable, match="read-only"):
         StateStore.open(pg_location + "&options=-c%20default_transaction_read_only%3Don")
+
+
+def test_app_sessions_are_counted_across_live_gates(store: StateStore) -> None:
+    """max_sessions across Gates: each Gate's sessions count while it is
+    live; a gone or stopped Gate's do not, and a restarted Gate starts at 0."""
+    store.add_app("shop")
+    now = 1_000.0
+    with store._write() as conn:
+        conn.executemany(
+            "INSERT INTO gates (name, instance, tunnel, http, host, version, started_at,"
+            " heartbeat_at, gone_after_s, sessions, stopped_at)"
+            " VALUES (?, 'i', 't', 'h', 'host', 'v', 0, ?, 4, 0, NULL)",
+            [("gate-a", now), ("gate-b", now)],
+        )
+    assert store.claim_app_session("gate-a", "shop", 3, now)
+    assert store.claim_app_session("gate-a", "shop", 3, now)
+    assert store.claim_app_session("gate-b", "shop", 3, now)
+    assert not store.claim_app_session("gate-b", "shop", 3, now)  # 3 held in all
+    store.release_app_session("gate-a", "shop")
+    assert store.claim_app_session("gate-b", "shop", 3, now)
+    assert not store.claim_app_session("gate-a", "shop", 3, now)
+    # gate-a falls silent: its one session no longer counts at gate-b.
+    later = now + 10
+    with store._write() as conn:
+        conn.execute("UPDATE gates SET heartbeat_at = ? WHERE name = 'gate-b'", (later,))
+    assert store.claim_app_session("gate-b", "shop", 3, later)
+    assert not store.claim_app_session("gate-b", "shop", 3, later)  # gate-b holds 3
+    # Releasing more than was claimed never goes below zero.
+    for _ in range(5):
+        store.release_app_session("gate-a", "shop")
+    with store._read() as conn:
+        assert conn.execute(
+            "SELECT sessions FROM app_sessions WHERE gate = 'gate-a'"
+        ).fetchone() == (0,)

@@ -178,6 +178,8 @@ class GateRegistry:
                 (self.name, self.instance, self.tunnel, self.http, self.host, __version__, now,
                  now, self.settings.gone_after_s),
             )  # fmt: skip
+            # Sessions counted by an earlier run of this Gate ended with it.
+            conn.execute("DELETE FROM app_sessions WHERE gate = ?", (self.name,))
 
     def _beat(self, sessions: int) -> None:
         with self.store._write(announce=False) as conn:

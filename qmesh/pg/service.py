@@ -80,7 +80,15 @@ from qmesh.pg.scram import (
     ScramServer,
 )
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
-from qmesh.state import AppKeys, AppVerifier, InvalidValue, StateStore, check_name
+from qmesh.state import (
+    DATABASE_ERRORS,
+    AppKeys,
+    AppVerifier,
+    InvalidValue,
+    StateError,
+    StateStore,
+    check_name,
+)
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 
@@ -329,7 +337,7 @@ class PgService:
         peer = stream.session.peer
         app_id = alias = "?"
         reader = MessageReader(stream, frontend=True, what="the client")
-        counted = False
+        counted = claimed = False
         live: _LiveSession | None = None
         try:
             deadline = trio.current_time() + LOGIN_TIMEOUT_S
@@ -360,6 +368,9 @@ class PgService:
                     with trio.fail_at(deadline):
                         policy = self.policies.policy_for(app_id)
                         secret = await self._admit(app_id, alias, policy)
+                        if policy.max_sessions is not None:
+                            await self._claim(app_id, policy.max_sessions)
+                            claimed = True
                         self.active[app_id] = self.active.get(app_id, 0) + 1
                         counted = True
                         upstream = await self._login(alias, secret, params, policy)
@@ -393,6 +404,10 @@ class PgService:
                 if not self.active[app_id]:
                     del self.active[app_id]
             await trio.aclose_forcefully(stream)
+            if claimed:
+                # Last: a stopping Gate is cancelled here, and its count no
+                # longer matters (a stopped Gate's sessions are not counted).
+                await self._release(app_id)
 
     async def _negotiate_version(
         self, stream: TunnelStream, version: int, params: Sequence[tuple[str, str]]
@@ -461,12 +476,32 @@ class PgService:
         secret = await self._read_vault(self.vault.get, alias)
         if secret is None:
             raise PgSessionError("3D000", f'qmesh: database alias "{alias}" does not exist')
-        limit = policy.max_sessions
-        if limit is not None and self.active.get(app_id, 0) >= limit:
+        return secret
+
+    async def _claim(self, app_id: str, limit: int) -> None:
+        """Count the session against ``max_sessions`` across every live Gate
+        of the state (:meth:`StateStore.claim_app_session`); 53300 at the limit."""
+        try:
+            admitted = await trio.to_thread.run_sync(
+                self.store.claim_app_session, self.config.gate.name, app_id, limit, time.time()
+            )
+        except (StateError, *DATABASE_ERRORS) as exc:
+            log.error("cannot count the sessions of app %r: %s", app_id, exc)
+            raise PgSessionError(
+                "53300", f'qmesh: cannot count the sessions of app "{app_id}" now; retry'
+            ) from None
+        if not admitted:
             raise PgSessionError(
                 "53300", f'qmesh: too many sessions for app "{app_id}" (max_sessions = {limit})'
             )
-        return secret
+
+    async def _release(self, app_id: str) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self.store.release_app_session, self.config.gate.name, app_id
+            )
+        except (StateError, *DATABASE_ERRORS) as exc:
+            log.warning("cannot uncount a session of app %r: %s", app_id, exc)
 
     async def _read_vault(self, get: Any, alias: str) -> DatabaseSecret | None:
         try:

@@ -155,4 +155,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Postgres sessions per app and Gate, so that max_sessions holds across
+    # the cluster (StateStore.claim_app_session).
+    (
+        """
+        CREATE TABLE app_sessions (
+            gate      TEXT NOT NULL,
+            app_id    TEXT NOT NULL REFERENCES apps (app_id) ON DELETE CASCADE,
+            sessions  INTEGER NOT NULL CHECK (sessions >= 0),
+            PRIMARY KEY (gate, app_id)
+        )
+        """,
+    ),
 )

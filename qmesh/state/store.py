@@ -561,6 +561,40 @@ class StateStore:
             rows = conn.execute("SELECT app_id, policy FROM app_policies").fetchall()
         return {str(row[0]): str(row[1]) for row in rows}
 
+    # -- Postgres sessions per app, across the Gates ---------------------------
+
+    def claim_app_session(self, gate: str, app_id: str, limit: int, now: float) -> bool:
+        """Count one more Postgres session of ``app_id`` at ``gate``, unless
+        the Gates hold ``limit`` already: the sessions of ``gate`` and of
+        every live Gate of the registry (a gone or stopped Gate's do not
+        count). One write transaction: two Gates at the limit cannot both
+        admit. False at the limit."""
+        with self._write(announce=False) as conn:
+            held = conn.execute(
+                "SELECT coalesce(sum(s.sessions), 0) FROM app_sessions AS s"
+                " LEFT JOIN gates AS g ON g.name = s.gate"
+                " WHERE s.app_id = ? AND (s.gate = ? OR (g.stopped_at IS NULL"
+                " AND ? - g.heartbeat_at <= g.gone_after_s))",
+                (app_id, gate, now),
+            ).fetchone()[0]
+            if int(held) >= limit:
+                return False
+            conn.execute(
+                "INSERT INTO app_sessions (gate, app_id, sessions) VALUES (?, ?, 1)"
+                " ON CONFLICT (gate, app_id) DO UPDATE SET sessions = app_sessions.sessions + 1",
+                (gate, app_id),
+            )
+            return True
+
+    def release_app_session(self, gate: str, app_id: str) -> None:
+        """A session :meth:`claim_app_session` counted has ended."""
+        with self._write(announce=False) as conn:
+            conn.execute(
+                "UPDATE app_sessions SET sessions = sessions - 1"
+                " WHERE gate = ? AND app_id = ? AND sessions > 0",
+                (gate, app_id),
+            )
+
     def list_apps(self) -> list[App]:
         with self._read() as conn:
             rows = conn.execute(
