@@ -253,6 +253,22 @@ async def test_failed_checks_are_rate_limited_per_source_without_pbkdf2(
     assert info.value.status == 401
 
 
+async def test_the_failure_limit_is_shared_by_the_gates_of_a_cluster(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """With three live Gates each allows a third of the burst: an address
+    that spreads its guesses over every Gate gets no more than one Gate gives."""
+    limits = HttpConfig(auth_failures_per_s=0.001, auth_failure_burst=6)
+    api = await start_api(nursery, tmp_path, limits)
+    api.store.add_app("shop")
+    api.auth.share_limits(3)
+    for _ in range(2):
+        assert await api.status("shop:wrong") == 401
+    assert await api.status("shop:wrong") == 429
+    api.auth.share_limits(1)  # the others left: the whole burst again, refilled as before
+    assert api.auth._failures.burst == 6
+
+
 async def test_many_first_requests_with_one_key_cost_one_pbkdf2_and_no_refusal(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -158,9 +158,13 @@ class PeerLinks:
         private_key: bytes,
         public_key: bytes,
         interval_s: float,
+        on_cluster_size: Callable[[int], None] = lambda gates: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.on_cluster_size = on_cluster_size
+        """Told how many Gates are live (this one included) after each look
+        at the registry: limits kept per Gate take their share."""
         self.inventory = inventory
         self.settings = settings
         self.name = name
@@ -188,6 +192,7 @@ class PeerLinks:
                         for g in gates
                         if g.name != self.name and g.state(now) == "live"
                     }
+                    self.on_cluster_size(1 + len(live))
                     for peer, (address, scope) in list(self.links.items()):
                         if live.get(peer) != address:
                             scope.cancel()

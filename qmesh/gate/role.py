@@ -171,6 +171,7 @@ async def run_gate(
                 private_key=keys.private_key,
                 public_key=keys.public_key,
                 interval_s=config.gate.cluster.heartbeat_interval_s,
+                on_cluster_size=auth.share_limits,
             )
             await nursery.start(links.run)
             pg.ask_other_gates = links.ask_all

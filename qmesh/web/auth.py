@@ -162,6 +162,15 @@ class AppAuthenticator:
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
 
+    def share_limits(self, gates: int) -> None:
+        """This Gate is one of ``gates`` live Gates: the failure limits are
+        for the whole cluster, so each Gate allows its share (an address
+        that spreads its guesses over every Gate gets no more than one Gate
+        would give it)."""
+        gates = max(1, gates)
+        self._failures.rate = self.limits.auth_failures_per_s / gates
+        self._failures.burst = max(1, self.limits.auth_failure_burst // gates)
+
     # -- checking a token ----------------------------------------------------------
 
     async def app_for(self, token: str | None, *, source: str = "") -> str | None:
