@@ -95,6 +95,33 @@ class PgCluster:
                   "-w", "-t", "60", "start")  # fmt: skip
         return self
 
+    def standby(self, base: Path) -> PgCluster:
+        """A streaming replica of this running cluster in ``base``, started
+        (``pg_basebackup -R``: it follows this one until promoted)."""
+        replica = PgCluster(base)
+        replica.base.mkdir(parents=True, exist_ok=True)
+        replica.run_dir.mkdir(exist_ok=True)
+        shutil.copy(self.password_file, replica.password_file)
+        if self._as_postgres:
+            user = pwd.getpwnam("postgres")
+            os.chmod(replica.base, 0o755)
+            for path in (replica.run_dir, replica.password_file):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            replica.data.mkdir(mode=0o700)
+            os.chown(replica.data, user.pw_uid, user.pw_gid)
+        source = f"host={self.host} port={self.port} user={SUPERUSER} password={self.password}"
+        self._run("pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream", "-c", "fast",
+                  "-d", source, "--no-sync")  # fmt: skip
+        with (replica.data / "postgresql.conf").open("a") as conf:
+            conf.write(f"\nport = {replica.port}\nunix_socket_directories = '{replica.run_dir}'\n")
+        replica._run("pg_ctl", "-D", str(replica.data), "-l", str(replica.log_file),
+                     "-w", "-t", "60", "start")  # fmt: skip
+        return replica
+
+    def promote(self) -> None:
+        """Make this standby the primary."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

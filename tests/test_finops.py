@@ -366,3 +366,33 @@ async def ledger_keeps_failed_rows(store: StateStore, monkeypatch: pytest.Monkey
     assert ledger.pending == 2
     await ledger.flush()
     assert [r["request_id"] for r in read_rows(store)] == ["r0"] and ledger.pending == 0
+
+
+async def test_a_write_that_committed_but_failed_is_not_written_twice(
+    monkeypatch: pytest.MonkeyPatch, state_location: Path | str
+) -> None:
+    """The answer to COMMIT lost (the database failed over just then): the
+    retry finds the rows stored and adds only the ones that are not."""
+    with StateStore.open(state_location) as store:
+        ledger = Ledger(store, master_key=MASTER_KEY)
+        write = ledger._write
+        lost_answers = [1]
+
+        def commit_then_fail(*args: Any) -> None:
+            write(*args)
+            if lost_answers:
+                lost_answers.pop()
+                raise sqlite3.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(ledger, "_write", commit_then_fail)
+        ledger.record(ledger_entry(0))
+        ledger.audit("operator", "budget.changed", {"budget": "x"})
+        with pytest.raises(sqlite3.OperationalError):
+            await ledger.flush()
+        ledger.record(ledger_entry(1))
+        await ledger.flush()
+        assert [r["request_id"] for r in read_rows(store)] == ["r0", "r1"]
+        with store._read() as conn:
+            assert conn.execute("SELECT count(*) FROM qg_audit").fetchone()[0] == 1
+            assert verify_chain(conn, ledger._key, "ledger").ok
+            assert verify_chain(conn, ledger._key, "audit").ok

@@ -29,7 +29,8 @@ import attrs
 import trio
 
 from qmesh.finops.chain import append_rows, load_chain_key
-from qmesh.state import StateStore
+from qmesh.state import DATABASE_ERRORS, StateError, StateStore
+from qmesh.state.db import Connection
 
 __all__ = ["FLUSH_INTERVAL_S", "AuditEvent", "Ledger", "LedgerEntry", "read_rows", "spent_since"]
 
@@ -91,6 +92,8 @@ class Ledger:
         # background flush still has rows in a worker thread.
         self._flush_lock = trio.Lock()
         self.written = 0
+        self._uncertain = False
+        """The last write failed: it may have committed all the same."""
         self.observers: list[Callable[[LedgerEntry], None]] = []
         """Told of every entry as it is recorded (the Gate's metrics and
         dashboard): called on the request path, so they must be cheap."""
@@ -113,6 +116,11 @@ class Ledger:
 
     def _write(self, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]) -> None:
         with self.store._write(announce=False) as conn:
+            if self._uncertain:
+                # The last write failed, perhaps after it committed (the
+                # answer to COMMIT lost with the connection, as when the
+                # database fails over): rows it stored are not stored twice.
+                entries, events = _not_yet_written(conn, entries, events)
             if entries:
                 append_rows(conn, self._key, "ledger", [e.values() for e in entries])
             if events:
@@ -124,7 +132,12 @@ class Ledger:
         async with self._flush_lock:
             while self._entries or self._events:
                 entries, events = self._entries[:MAX_BATCH], self._events[:]
-                await trio.to_thread.run_sync(self._write, entries, events)
+                try:
+                    await trio.to_thread.run_sync(self._write, entries, events)
+                except BaseException:
+                    self._uncertain = True
+                    raise
+                self._uncertain = False
                 # Only flush removes, only record/audit append (at the end):
                 # the prefix written is still the prefix.
                 del self._entries[: len(entries)]
@@ -142,6 +155,8 @@ class Ledger:
                 self._wakeup = trio.Event()
                 try:
                     await self.flush()
+                except (StateError, *DATABASE_ERRORS) as exc:
+                    log.warning("writing the ledger failed (%s); will retry", exc)
                 except Exception:
                     log.exception("writing the ledger failed; will retry")
         finally:
@@ -150,6 +165,30 @@ class Ledger:
                     await self.flush()
                 except Exception:
                     log.exception("final ledger flush failed")
+
+
+def _not_yet_written(
+    conn: Connection, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]
+) -> tuple[list[LedgerEntry], list[AuditEvent]]:
+    """The entries and events not in the books yet (each found by its time
+    and its own fields; rows since the oldest of them, a few seconds' worth)."""
+    since = min([e.ts for e in entries] + [e.ts for e in events], default=0.0)
+    stored_entries = {
+        (row[0], row[1])
+        for row in conn.execute(
+            "SELECT ts, request_id FROM qg_ledger WHERE ts >= ?", (since,)
+        ).fetchall()
+    }
+    stored_events = {
+        (row[0], row[1], row[2])
+        for row in conn.execute(
+            "SELECT ts, actor, action FROM qg_audit WHERE ts >= ?", (since,)
+        ).fetchall()
+    }
+    return (
+        [e for e in entries if (e.ts, e.request_id) not in stored_entries],
+        [e for e in events if (e.ts, e.actor, e.action) not in stored_events],
+    )
 
 
 def spent_since(store: StateStore, since: float) -> dict[str | None, float]:
