@@ -34,10 +34,13 @@ class EnrolledEdges:
     ends every session of a revoked identity, telling the edge why.
     """
 
-    def __init__(self, store: StateStore, *, gate_public_key: bytes | None = None) -> None:
+    def __init__(
+        self, store: StateStore, *, gate_public_key: bytes | None = None, gate_name: str = ""
+    ) -> None:
         self.store = store
         self.gate_public_key = gate_public_key
         """The cluster's own key: a peer holding it is another Gate (role ``gate``)."""
+        self.gate_name = gate_name
 
     async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
         if self.gate_public_key is not None and public_key == self.gate_public_key:
@@ -46,11 +49,13 @@ class EnrolledEdges:
 
     def _authenticate_gate(self, hello: Hello) -> tuple[str, str]:
         """Another Gate of the cluster: it proved it holds the Gate key. Its
-        HELLO timestamps are kept per Gate name (every Gate has the same key)."""
+        HELLO timestamps are kept per pair of Gates: every Gate has the same
+        key, and one Gate's links to two others run their clocks apart."""
         name = hello.name.removeprefix("gate:")
         if hello.role != "gate" or name == hello.name or not GATE_NAME_RE.fullmatch(name):
             raise HandshakeRefused("not_enrolled", "the Gate key is for the Gates of the cluster")
-        replay_key = hashlib.sha256(b"qmesh gate\0" + name.encode()).digest()
+        pair = f"{name}\0{self.gate_name}".encode()
+        replay_key = hashlib.sha256(b"qmesh gate\0" + pair).digest()
         if not self.store.accept_hello_timestamp(replay_key, hello.timestamp):
             raise HandshakeRefused(
                 "replayed", "HELLO timestamp is not newer than this Gate's last one"

@@ -66,6 +66,8 @@ ASK_TIMEOUT_S: Final = 5.0
 SNAPSHOT_INTERVAL_S: Final = 1.0
 """How often a Gate sends its own nodes to the others; a remote node is
 stale here after missing as many snapshots as a daemon may miss heartbeats."""
+REFUSED_RETRY_S: Final = 5.0
+"""A Gate that refused this one's handshake is asked again after this long."""
 MAX_NODES: Final = 10_000
 """Nodes one snapshot may carry; past it the peer's stream ends."""
 
@@ -205,25 +207,34 @@ class PeerLinks:
                 await trio.sleep(self.interval_s)
 
     async def _link(self, peer: str, address: str, scope: trio.CancelScope) -> None:
-        client = TunnelClient(
-            self.settings,
-            name=f"gate:{self.name}",
-            role=GATE_ROLE,
-            private_key=self._private_key,
-            gate_public_key=self._public_key,
-            gate_addresses=[parse_hostport(address)],
-        )
+        """Stay linked to ``peer`` until ``scope`` is cancelled (it left the
+        registry). A refused handshake (a Gate with another key: not of this
+        cluster) is retried after a pause, and never ends this Gate."""
         with scope:
             log.info("linking to gate %s at %s", peer, address)
             try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(client.run)
-                    self.clients[peer] = client
-                    while True:
-                        await self._follow(peer, client)
-                        await trio.sleep(self.settings.reconnect_initial_s)
-            except TunnelError as exc:
-                log.warning("link to gate %s ended: %s", peer, exc)
+                while True:
+                    client = TunnelClient(
+                        self.settings,
+                        name=f"gate:{self.name}",
+                        role=GATE_ROLE,
+                        private_key=self._private_key,
+                        gate_public_key=self._public_key,
+                        gate_addresses=[parse_hostport(address)],
+                    )
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(client.run)
+                            self.clients[peer] = client
+                            while True:
+                                await self._follow(peer, client)
+                                await trio.sleep(self.settings.reconnect_initial_s)
+                    except* TunnelError as group:
+                        log.warning("link to gate %s refused: %s; retrying in %gs",
+                                    peer, group.exceptions[0], REFUSED_RETRY_S)  # fmt: skip
+                    self.clients.pop(peer, None)
+                    self._drop(peer, set(), f"gate {peer} refused this one")
+                    await trio.sleep(REFUSED_RETRY_S)
             finally:
                 self.clients.pop(peer, None)
                 self._drop(peer, set(), f"gate {peer} left the cluster")

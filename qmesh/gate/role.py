@@ -73,7 +73,7 @@ async def run_gate(
         inventory_service = InventoryService(inventory)
         daemons = DaemonClient(inventory)
         llm.attach_daemons(inventory, daemons)
-        edges = EnrolledEdges(store, gate_public_key=keys.public_key)
+        edges = EnrolledEdges(store, gate_public_key=keys.public_key, gate_name=config.gate.name)
         peers = PeerServices(inventory)
         server = TunnelServer(
             config.tunnel,
