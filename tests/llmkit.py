@@ -178,15 +178,19 @@ async def start_api(
     providers: Sequence[ProviderConfig] = (),
     budgets: Sequence[BudgetConfig] = (),
     routing: RoutingConfig | None = None,
-    apps: Sequence[str] = ("app-a", "app-b"),
+    apps: Sequence[str] | None = ("app-a", "app-b"),
     env: dict[str, str] | None = None,
     http: HttpConfig | None = None,
     state: Path | str | None = None,
 ) -> GateApi:
-    """``state``: where the Gate's state lives (default: SQLite in ``tmp_path``)."""
+    """``state``: where the Gate's state lives (default: SQLite in ``tmp_path``);
+    ``apps`` are added to it with the admin app, unless None (another Gate
+    on the same state added them: no tokens then)."""
     store = StateStore.open(state or tmp_path / "state.db")
     close_after_the_test(store)
-    tokens = {app: f"{app}:{store.add_app(app)}" for app in (*apps, ADMIN_APP)}
+    tokens = (
+        {} if apps is None else {app: f"{app}:{store.add_app(app)}" for app in (*apps, ADMIN_APP)}
+    )
     config = attrs.evolve(
         Config(data_dir=tmp_path),
         gate=GateConfig(

@@ -106,6 +106,55 @@ async def test_500_concurrent_requests_never_overspend(
         assert verify_chain(conn, api.service.ledger._key, "ledger").ok
 
 
+async def test_three_gates_with_100_paid_requests_each_never_overspend_together(
+    nursery: trio.Nursery, tmp_path: Path, state_location: Path | str
+) -> None:
+    """Three Gates' LLM services on one state, one priced provider, a hard
+    budget worth 50 paid calls, 100 concurrent requests at each Gate: the
+    paid calls that were made fit the budget, the rest were served by the
+    local skill, and the ledger has one row per answered request."""
+    acme = await start_provider(nursery, "acme", prompt_tokens=10, completion_tokens=500)
+    per_call = 10 * 1.0 / 1e6 + 500 * 2.0 / 1e6
+    limit = 50 * per_call
+    gates = []
+    for n in range(3):
+        work = tmp_path / f"gate-{n}"
+        work.mkdir()
+        gates.append(
+            await start_api(
+                nursery, work, state=state_location, routing=FREE_LOCAL,
+                providers=[provider_config("acme", acme.port, [paid_model("acme-pro")])],
+                budgets=[BudgetConfig(name="team", limit_usd=limit, apps=("app-a",))],
+                http=HttpConfig(max_requests_per_app=100), apps=("app-a",) if n == 0 else None,
+            )
+        )  # fmt: skip
+    for api in gates[1:]:
+        api.tokens.update(gates[0].tokens)  # one app, one key, at every Gate
+    pool = HttpPool()
+    results: list[tuple[int, dict[str, object]]] = []
+
+    async def one(api: GateApi) -> None:
+        results.append(await post(pool, api, "qg://task=summarize;prefer=quality"))
+
+    with trio.fail_after(180):
+        async with trio.open_nursery() as inner:
+            for _ in range(100):
+                for api in gates:
+                    inner.start_soon(one, api)
+    await pool.aclose()
+    assert len(results) == 300 and all(status == 200 for status, _ in results), results[:3]
+    paid = sum(1 for _, body in results if body["model"] == "acme-pro")
+    assert 40 <= paid <= 50, paid  # the budget, not a Gate's share of it, decided
+    assert acme.requests == paid
+    for api in gates:
+        await api.service.ledger.flush()
+    rows = read_rows(gates[0].store)
+    assert len(rows) == 300
+    assert sum(r["cost_usd"] for r in rows) <= limit + 1e-12
+    with gates[0].store._read() as conn:
+        assert verify_chain(conn, gates[0].service.ledger._key, "ledger").ok
+
+
 async def test_spent_hard_budget_without_local_equivalent_is_refused(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
