@@ -22,6 +22,7 @@ from daemonkit import (
     GEMMA_ID,
     daemon_config_text,
     gemma_path,
+    http_json,
     make_gate_dir,
     model_dir_with,
     require_llama,
@@ -62,6 +63,7 @@ async def test_a_request_at_one_gate_is_served_by_a_daemon_at_another(
     gate_dir = make_gate_dir(tmp_path)
     with StateStore.open(url) as store:
         token = f"app:{store.add_app('app')}"
+        admin = f"admin:{store.add_app('admin')}"
     gate_a = await start_gate(nursery, tmp_path, gate_dir.path, url, "gate-a")
     gate_b = await start_gate(nursery, tmp_path, gate_dir.path, url, "gate-b")
 
@@ -108,5 +110,12 @@ async def test_a_request_at_one_gate_is_served_by_a_daemon_at_another(
         model, text = await trio.to_thread.run_sync(ask)
         assert model == GEMMA_ID  # the daemon at Gate B answered the request at Gate A
         assert len(text.split()) >= 2
+        # The dashboard and the inventory API at A show the node, and where it is.
+        status, dashboard = await http_json("GET", f"{gate_a['http']}/api/dashboard", bearer=admin)
+        assert status == 200
+        assert [(n["name"], n["gate"]) for n in dashboard["nodes"]] == [("gpu-b", "gate-b")]
+        status, inventory = await http_json("GET", f"{gate_a['http']}/api/inventory", bearer=admin)
+        assert status == 200
+        assert [(n["name"], n["gate"]) for n in inventory["nodes"]] == [("gpu-b", "gate-b")]
     finally:
         processkit.stop(daemon, timeout=10)

@@ -87,6 +87,7 @@ def _node_view(node: Node, now: float) -> dict[str, Any]:
         "name": node.name,
         "kind": node.kind,
         "source": node.source,
+        "gate": node.gate,
         "state": node.state,
         "reason": node.reason,
         "state_since": node.state_since,

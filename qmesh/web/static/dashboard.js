@@ -262,6 +262,7 @@ function renderNodes(d) {
       h("div", { class: "card-head" }, h("h3", { text: node.name }), pill(node.state), h("span", { class: "spacer" }),
         h("span", { class: "muted", text: `seen ${ago(node.age_s)}` })),
       h("div", { class: "card-meta" },
+        node.gate ? h("span", { class: "badge", "data-gate": node.gate, text: `via ${node.gate}` }) : null,
         h("span", { text: node.address || "" }), h("span", { text: node.version || "" }), h("span", { text: hw }),
         node.bandwidth_gbps ? h("span", { text: `${node.bandwidth_gbps.toFixed(1)} GB/s RAM` }) : null),
       node.state !== "fresh" ? h("div", { class: "reason", "data-reason": "", text: node.reason }) : null,
