@@ -67,19 +67,24 @@ class PgCluster:
             log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
             raise RuntimeError(f"{args[0]} failed: {result.stderr.strip()}\n{log}")
 
+    def _prepare_data_dir(self) -> None:
+        """As root, the server runs as ``postgres``: its directories are its own."""
+        if not self._as_postgres:
+            return
+        user = pwd.getpwnam("postgres")
+        os.chmod(self.base, 0o755)
+        for path in (self.run_dir, self.password_file):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        self.data.mkdir(mode=0o700)
+        os.chown(self.data, user.pw_uid, user.pw_gid)
+
     def start(self) -> PgCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(exist_ok=True)
         if not self.data.exists():
             self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
             os.chmod(self.password_file, 0o600)
-            if self._as_postgres:
-                user = pwd.getpwnam("postgres")
-                os.chmod(self.base, 0o755)
-                for path in (self.run_dir, self.password_file):
-                    os.chown(path, user.pw_uid, user.pw_gid)
-                self.data.mkdir(mode=0o700)
-                os.chown(self.data, user.pw_uid, user.pw_gid)
+            self._prepare_data_dir()
             self._run(
                 "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=scram-sha-256",
                 f"--pwfile={self.password_file}", "--no-sync", "-E", "UTF8", "--locale=C",
@@ -102,13 +107,7 @@ class PgCluster:
         replica.base.mkdir(parents=True, exist_ok=True)
         replica.run_dir.mkdir(exist_ok=True)
         shutil.copy(self.password_file, replica.password_file)
-        if self._as_postgres:
-            user = pwd.getpwnam("postgres")
-            os.chmod(replica.base, 0o755)
-            for path in (replica.run_dir, replica.password_file):
-                os.chown(path, user.pw_uid, user.pw_gid)
-            replica.data.mkdir(mode=0o700)
-            os.chown(replica.data, user.pw_uid, user.pw_gid)
+        replica._prepare_data_dir()
         source = f"host={self.host} port={self.port} user={SUPERUSER} password={self.password}"
         self._run("pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream", "-c", "fast",
                   "-d", source, "--no-sync")  # fmt: skip

@@ -17,13 +17,12 @@ from typing import Any
 import psycopg
 import psycopg.errors
 import trio
+from clusterkit import start_gate
 from daemonkit import FAST_TUNNEL, make_gate_dir, wait_until
 from pgcluster import PgCluster
 from pgkit import RealDb
-from processkit import free_port
 
 from qmesh.config import GateAppConfig, load_config
-from qmesh.gate.role import run_gate
 from qmesh.identity import Credential, GateKeys, enroll, write_private_file
 from qmesh.masterkey import ensure_master_key
 from qmesh.minigate.role import run_minigate
@@ -31,17 +30,6 @@ from qmesh.pg.policy import policy_to_json
 from qmesh.pg.vault import Vault
 from qmesh.state import StateStore
 from qmesh.tunnel import TunnelClient
-
-
-def gate_file(tmp_path: Path, data: Path, url: str, name: str) -> Path:
-    file = tmp_path / f"{name}.toml"
-    file.write_text(
-        f'data_dir = "{data}"\n'
-        f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{free_port()}"\n'
-        f'http_listen = "127.0.0.1:{free_port()}"\ndatabase_url = "{url}"\n'
-        "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n" + FAST_TUNNEL
-    )
-    return file
 
 
 async def test_a_cancel_request_at_another_gate_stops_the_query(
@@ -58,12 +46,8 @@ async def test_a_cancel_request_at_another_gate_stops_the_query(
         credential = enroll(store, GateKeys.load(gate_dir.path), "minigate", "edge-1", "x:1")
     credential_file = tmp_path / "edge.cred"
     write_private_file(credential_file, (credential.encode() + "\n").encode())
-    gate_a: dict[str, Any] = await nursery.start(
-        run_gate, load_config(gate_file(tmp_path, gate_dir.path, url, "gate-a"), env={})
-    )
-    gate_b: dict[str, Any] = await nursery.start(
-        run_gate, load_config(gate_file(tmp_path, gate_dir.path, url, "gate-b"), env={})
-    )
+    gate_a, gate_b = [await start_gate(nursery, tmp_path, gate_dir.path, url, name)
+                      for name in ("gate-a", "gate-b")]  # fmt: skip
     await wait_until(lambda: "gate-b" in gate_a["links"].clients, 30)
     await wait_until(lambda: "gate-a" in gate_b["links"].clients, 30)
     edge_file = tmp_path / "edge.toml"

@@ -15,28 +15,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
+from clusterkit import gate_config, gates, qmesh
 from pgcluster import PgCluster
-from processkit import free_port, start_role, stop, wait_for
+from processkit import start_role, stop, wait_for
 
 DEADLINE_S = 60.0
-
-
-def qmesh(data_dir: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
-    env["QMESH_GATE__DATABASE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
 
 
 class Traffic:
@@ -96,22 +86,12 @@ def test_gates_follow_a_database_failover_under_load(tmp_path: Path) -> None:
         key = added.stdout.strip().splitlines()[-1]
         https: dict[str, int] = {}
         for name in ("gate-a", "gate-b"):
-            https[name] = free_port()
-            (tmp_path / f"{name}.toml").write_text(
-                f'data_dir = "{data}"\n'
-                f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{free_port()}"\n'
-                f'http_listen = "127.0.0.1:{https[name]}"\n'
-                "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n"
-            )
+            _, https[name] = gate_config(tmp_path / f"{name}.toml", data, None, name)
             processes[name] = start_role_with_url(tmp_path, name, url)
 
-        def gates() -> dict[str, Any]:
-            listed = qmesh(data, url, "gates", "--json")
-            assert listed.returncode == 0, listed.stderr
-            return {g["name"]: g for g in json.loads(listed.stdout)}
-
-        wait_for("both Gates live", lambda: all(g["state"] == "live" for g in gates().values())
-                 and len(gates()) == 2, DEADLINE_S)  # fmt: skip
+        wait_for("both Gates live", lambda: [
+            g["state"] for g in gates(data, url).values()
+        ] == ["live"] * 2, DEADLINE_S)  # fmt: skip
         traffic = [
             Traffic(f"http://127.0.0.1:{port}/v1/chat/completions", f"shop:{key}")
             for port in https.values()
@@ -122,7 +102,7 @@ def test_gates_follow_a_database_failover_under_load(tmp_path: Path) -> None:
         replica.promote()
         promoted = time.time()
         took = wait_for("both Gates heartbeating on the new primary", lambda: all(
-            g["heartbeat_at"] > promoted for g in gates().values()
+            g["heartbeat_at"] > promoted for g in gates(data, url).values()
         ), DEADLINE_S)  # fmt: skip
         print(f"Gates writing to the promoted replica {took:.1f} s after the promotion")
         before = [t.answered for t in traffic]

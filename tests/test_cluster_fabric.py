@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import attrs
 import openai
 import processkit
 import pytest
 import trio
+from clusterkit import start_gate
 from daemonkit import (
-    FAST_TUNNEL,
     GEMMA_ID,
     daemon_config_text,
     gemma_path,
@@ -30,28 +29,11 @@ from daemonkit import (
 )
 from pgcluster import PgCluster
 from pgkit import RealDb
-from processkit import free_port
 
-from qmesh.config import load_config
-from qmesh.gate.role import run_gate
 from qmesh.identity import GateKeys, enroll, write_private_file
 from qmesh.state import StateStore
 
 pytestmark = pytest.mark.slow
-
-
-async def start_gate(
-    nursery: trio.Nursery, tmp_path: Path, data: Path, url: str, name: str
-) -> dict[str, Any]:
-    file = tmp_path / f"{name}.toml"
-    file.write_text(
-        f'data_dir = "{data}"\n'
-        f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{free_port()}"\n'
-        f'http_listen = "127.0.0.1:{free_port()}"\ndatabase_url = "{url}"\n'
-        "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n" + FAST_TUNNEL
-    )
-    endpoints: dict[str, Any] = await nursery.start(run_gate, load_config(file, env={}))
-    return endpoints
 
 
 async def test_a_request_at_one_gate_is_served_by_a_daemon_at_another(

@@ -12,11 +12,7 @@ failover took is printed (``-s``); ``bench/cluster.py`` measures it."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +20,8 @@ from typing import Any
 
 import openai
 import psycopg
+from clusterkit import gate_config, gates
+from clusterkit import qmesh_ok as qmesh
 from pgcluster import PgCluster
 from pgkit import RealDb
 from processkit import free_port, start_role, stop, wait_for
@@ -31,33 +29,12 @@ from processkit import free_port, start_role, stop, wait_for
 DEADLINE_S = 60.0
 
 
-def qmesh(
-    data_dir: Path, url: str, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
-    env["QMESH_GATE__DATABASE_URL"] = url
-    result = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
-        env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result
+class Application:
+    """A loop in a thread of its own, as an application runs one, until stopped."""
 
-
-def gates(data_dir: Path, url: str) -> dict[str, dict[str, Any]]:
-    listed = json.loads(qmesh(data_dir, url, "gates", "--json").stdout)
-    return {g["name"]: g for g in listed}
-
-
-class Traffic:
-    """Chat completions one after another on one keep-alive client, until stopped."""
-
-    def __init__(self, base_url: str, key: str) -> None:
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
-        self.answered: list[float] = []
-        self.errors: list[str] = []
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self.run, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -66,9 +43,26 @@ class Traffic:
         self._stop.set()
         self._thread.join(timeout=60)
 
-    def _run(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Traffic(Application):
+    """Chat completions one after another on one keep-alive client."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        super().__init__()
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+        self.answered: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
         n = 0
-        while not self._stop.is_set():
+        while not self.stopping:
             n += 1
             try:
                 reply = self.client.chat.completions.create(
@@ -81,32 +75,24 @@ class Traffic:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-class Sessions:
-    """psycopg, as an application with a reconnect loop: ``SELECT 1`` over
-    and over; a lost connection is counted and a new one opened at once."""
+class Sessions(Application):
+    """psycopg with a reconnect loop: ``SELECT 1`` over and over; a lost
+    connection is counted and a new one opened at once."""
 
     def __init__(self, **connect: Any) -> None:
+        super().__init__()
         self.connect = connect
         self.queries: list[float] = []
         self.lost: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 with psycopg.connect(**self.connect, connect_timeout=10) as conn:
-                    while not self._stop.is_set():
+                    while not self.stopping:
                         assert conn.execute("SELECT 1").fetchone() == (1,)
                         self.queries.append(time.monotonic())
-                        self._stop.wait(0.01)  # a steady trickle, not a busy loop
+                        time.sleep(0.01)  # a steady trickle, not a busy loop
             except psycopg.OperationalError as exc:
                 self.lost.append(str(exc).strip().splitlines()[0])
 
@@ -122,12 +108,7 @@ def test_an_edge_survives_the_kill_of_its_gate(tmp_path: Path, pg_cluster: PgClu
     qmesh(data, url, "apps", "policy", "shop", "--databases", "orders")
     tunnels = {name: free_port() for name in ("gate-a", "gate-b", "gate-c")}
     for name, tunnel in tunnels.items():
-        (tmp_path / f"{name}.toml").write_text(
-            f'data_dir = "{data}"\n'
-            f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{tunnel}"\n'
-            f'http_listen = "127.0.0.1:{free_port()}"\ndatabase_url = "{url}"\n'
-            "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n"
-        )
+        gate_config(tmp_path / f"{name}.toml", data, url, name, tunnel=tunnel)
     credential = tmp_path / "edge.cred"
     qmesh(data, url, "enroll", "minigate", "edge-1", "--out", str(credential),
           *(arg for t in tunnels.values() for arg in ("--gate", f"127.0.0.1:{t}")))  # fmt: skip

@@ -4,44 +4,16 @@ a clean stop, a restart, and a second Gate that takes a live Gate's name."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from clusterkit import gate_config, gates, qmesh
 from pgcluster import PgCluster
 from pgkit import RealDb
 from processkit import free_port, start_role, stop, wait_for
 
 DEADLINE_S = 30.0
-
-
-def qmesh(data_dir: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
-    env["QMESH_GATE__DATABASE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-
-
-def gate_config(path: Path, data_dir: Path, url: str, name: str, tunnel: int) -> None:
-    path.write_text(
-        f'data_dir = "{data_dir}"\n'
-        f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{tunnel}"\n'
-        f'http_listen = "127.0.0.1:{free_port()}"\ndatabase_url = "{url}"\n'
-        "[gate.cluster]\nheartbeat_interval_s = 0.5\ngone_after_s = 2.0\n"
-    )
-
-
-def gates(data_dir: Path, url: str) -> dict[str, dict[str, Any]]:
-    listed = qmesh(data_dir, url, "gates", "--json")
-    assert listed.returncode == 0, listed.stderr
-    return {g["name"]: g for g in json.loads(listed.stdout)}
 
 
 def test_gates_register_heartbeat_and_are_marked_gone_or_stopped(
@@ -53,7 +25,8 @@ def test_gates_register_heartbeat_and_are_marked_gone_or_stopped(
     assert qmesh(data, url, "secrets", "init-master-key").returncode == 0
     ports = {"gate-a": free_port(), "gate-b": free_port()}
     for name, port in ports.items():
-        gate_config(tmp_path / f"{name}.toml", data, url, name, port)
+        gate_config(tmp_path / f"{name}.toml", data, url, name, tunnel=port,
+                    heartbeat_s=0.5, gone_after_s=2.0)  # fmt: skip
     started = {
         name: start_role("gate", tmp_path / f"{name}.toml", tmp_path / f"{name}.log")
         for name in ports
@@ -74,7 +47,7 @@ def test_gates_register_heartbeat_and_are_marked_gone_or_stopped(
         assert table[1].split()[:3] == ["gate-a", "live", f"127.0.0.1:{ports['gate-a']}"]
 
         # A second Gate that takes a live Gate's name, elsewhere: refused, in one line.
-        gate_config(tmp_path / "impostor.toml", data, url, "gate-a", free_port())
+        gate_config(tmp_path / "impostor.toml", data, url, "gate-a")
         impostor = start_role("gate", tmp_path / "impostor.toml", tmp_path / "impostor.log")
         assert impostor.wait(timeout=DEADLINE_S) == 2
         refusal = (tmp_path / "impostor.log").read_text()

@@ -13,9 +13,6 @@ speed is measured, so the deadlines here are generous."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import clusterkit
 import psycopg
+from clusterkit import qmesh_ok as qmesh
 from pgcluster import PgCluster
 from pgkit import RealDb
 from processkit import free_port, start_role, stop, wait_for
@@ -31,29 +30,11 @@ from processkit import free_port, start_role, stop, wait_for
 DEADLINE_S = 30.0
 
 
-def qmesh(
-    data_dir: Path, url: str, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
-    env["QMESH_GATE__DATABASE_URL"] = url
-    result = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
-        env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result
-
-
 def gate_config(path: Path, data_dir: Path, url: str) -> tuple[int, int]:
-    tunnel, http = free_port(), free_port()
-    path.write_text(
-        f'data_dir = "{data_dir}"\n'
-        f'[gate]\nname = "{path.stem}"\n'
-        f'tunnel_listen = "127.0.0.1:{tunnel}"\nhttp_listen = "127.0.0.1:{http}"\n'
-        f'database_url = "{url}"\n'
-        "[tunnel]\nheartbeat_interval_s = 0.5\ndead_after_s = 3.0\n"
-    )
-    return tunnel, http
+    return clusterkit.gate_config(
+        path, data_dir, url, path.stem,
+        extra="[tunnel]\nheartbeat_interval_s = 0.5\ndead_after_s = 3.0\n",
+    )  # fmt: skip
 
 
 def status_of(url: str, bearer: str) -> int:
