@@ -23,6 +23,7 @@ from llmkit import (
 from statekit import close_after_the_test
 
 from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
+from qmesh.finops import ledger as ledger_module
 from qmesh.finops.budgets import BudgetBook, Reservation
 from qmesh.finops.chain import load_chain_key, verify_chain
 from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
@@ -445,3 +446,33 @@ async def test_a_write_that_committed_but_failed_is_not_written_twice(
             assert conn.execute("SELECT count(*) FROM qg_audit").fetchone()[0] == 1
             assert verify_chain(conn, ledger._key, "ledger").ok
             assert verify_chain(conn, ledger._key, "audit").ok
+
+
+async def test_requests_are_refused_while_the_ledger_cannot_keep_more(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state's database is away long enough for the Gate to hold as many
+    ledger rows as it keeps: requests get 503 (with Retry-After) rather than
+    go unaccounted, and are served again once the rows are written."""
+    monkeypatch.setattr(ledger_module, "MAX_PENDING", 3)
+    api = await start_api(nursery, tmp_path)
+    write = api.service.ledger._write
+    away = [True]
+
+    def database_away(*args: Any) -> None:
+        if away:
+            raise sqlite3.OperationalError("the database is away")
+        write(*args)
+
+    monkeypatch.setattr(api.service.ledger, "_write", database_away)
+    pool = HttpPool()
+    for _ in range(3):
+        assert (await post(pool, api, "qg://task=keywords"))[0] == 200
+    status, body = await post(pool, api, "qg://task=keywords")
+    assert status == 503 and body["error"]["code"] == "ledger_unavailable", body
+    away.clear()
+    await api.service.ledger.flush()
+    assert (await post(pool, api, "qg://task=keywords"))[0] == 200
+    await pool.aclose()
+    await api.service.ledger.flush()
+    assert len(read_rows(api.store)) == 4

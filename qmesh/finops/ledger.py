@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S: Final = 0.05
 MAX_BATCH: Final = 1024
+MAX_PENDING: Final = 100_000
+"""Ledger rows a Gate keeps waiting for its database (a few tens of MB);
+past it, new LLM requests are refused until they are written."""
 
 
 @attrs.frozen
@@ -113,6 +116,12 @@ class Ledger:
     @property
     def pending(self) -> int:
         return len(self._entries) + len(self._events)
+
+    @property
+    def full(self) -> bool:
+        """As many rows wait for the database as a Gate keeps: new requests
+        are refused until they are written (:data:`MAX_PENDING`)."""
+        return len(self._entries) >= MAX_PENDING
 
     def _write(self, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]) -> None:
         with self.store._write(announce=False) as conn:

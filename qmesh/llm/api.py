@@ -100,6 +100,14 @@ class LlmApi:
         self, request: Request, endpoint: str
     ) -> tuple[Decision, Call, RequestContext]:
         app = await self.auth.require(request)
+        if self.service.ledger.full:
+            # Every request is accounted for, or not served: the books
+            # cannot be written (the state's database is away) and the rows
+            # waiting for it are as many as a Gate keeps.
+            raise HttpError(
+                503, "the gate cannot write its ledger now; retry later",
+                kind="server_error", code="ledger_unavailable", headers=(("retry-after", "5"),),
+            )  # fmt: skip
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
