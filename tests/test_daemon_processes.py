@@ -111,7 +111,7 @@ def test_two_daemons_kill_stale_gone_restart(
     # Counted from the last heartbeat, which came up to one interval before the kill.
     assert time.monotonic() - killed >= (GONE_AFTER - 1) * HEARTBEAT_S
     assert states()["node-b"] == "fresh"  # the other daemon never missed a beat
-    # The model server died with its daemon (PR_SET_PDEATHSIG), freeing its memory.
+    # The model server died with its daemon (it watches the daemon's pidfd), freeing its memory.
     wait_for("the orphaned model server to exit", lambda: not _alive(server_pid), 10)
     # Asking a gone node is a clear error, not a hang.
     with pytest.raises(urllib.error.HTTPError) as failure:

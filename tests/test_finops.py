@@ -469,7 +469,9 @@ async def test_requests_are_refused_while_the_ledger_cannot_keep_more(
     for _ in range(3):
         assert (await post(pool, api, "qg://task=keywords"))[0] == 200
     status, body = await post(pool, api, "qg://task=keywords")
-    assert status == 503 and body["error"]["code"] == "ledger_unavailable", body
+    error = body["error"]
+    assert status == 503 and isinstance(error, dict), body
+    assert error["code"] == "ledger_unavailable"
     away.clear()
     await api.service.ledger.flush()
     assert (await post(pool, api, "qg://task=keywords"))[0] == 200

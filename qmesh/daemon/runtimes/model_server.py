@@ -2,12 +2,18 @@
 
 For: ``python -m qmesh.daemon.runtimes.model_server DAEMON_PID ARGS…``, run
 by :class:`~qmesh.daemon.runtimes.llamacpp.LlamaCppRuntime` for each model.
-On Linux it asks the kernel to SIGKILL this process when the daemon dies
-(``prctl(PR_SET_PDEATHSIG)``), then runs ``llama_cpp.server`` with ARGS. A
-daemon killed with ``kill -9`` cannot stop its model servers itself, and an
-orphaned server would hold the model's memory forever; this way the memory
-comes back with the daemon's death. If the daemon is already gone by the
-time this runs, it exits at once.
+It starts a thread that waits for the daemon *process* to exit (a pidfd on
+Linux; elsewhere, or where pidfds are refused, it watches for this process
+being re-parented) and then kills this process, and runs
+``llama_cpp.server`` with ARGS. A daemon killed with ``kill -9`` cannot stop
+its model servers itself, and an orphaned server would hold the model's
+memory forever; this way the memory comes back with the daemon's death. If
+the daemon is already gone by the time this runs, it exits at once.
+
+Not ``prctl(PR_SET_PDEATHSIG)``: that signal follows the *thread* that
+forked, not the process, and the daemon forks from a Trio worker thread
+(``trio.lowlevel.open_process`` runs ``Popen`` there), which exits after
+10 s idle — killing a healthy model server in the middle of a request.
 
 Not for: anything else — it imports only the standard library before
 handing over, so it starts as fast as the server itself.
@@ -15,24 +21,44 @@ handing over, so it starts as fast as the server itself.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import runpy
-import signal
+import select
 import sys
+import threading
+import time
 
-PR_SET_PDEATHSIG = 1
+REPARENT_POLL_S = 0.5
+"""Without a pidfd there is no event for a parent's death: how often to look."""
+
+
+def _watch(parent: int) -> None:
+    """Exit this process (and every thread of it) once ``parent`` has exited."""
+    try:
+        pidfd: int | None = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # not Linux ≥ 5.3, or refused (seccomp)
+        pidfd = None
+    # Checked after opening: while the daemon is still our parent its pid
+    # cannot have been reused, so the pidfd is the daemon's.
+    if os.getppid() != parent:
+        sys.exit("the daemon exited before its model server started")
+
+    def wait_then_exit() -> None:
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)  # readable once the process has exited
+            poller.poll()
+        else:
+            while os.getppid() == parent:
+                time.sleep(REPARENT_POLL_S)
+        os._exit(1)  # now, whatever llama.cpp's threads are doing
+
+    threading.Thread(target=wait_then_exit, name="qmesh-daemon-watch", daemon=True).start()
 
 
 def main() -> None:
     parent, args = int(sys.argv[1]), sys.argv[2:]
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    # Checked after prctl: a daemon that died before it would never signal us.
-    if os.getppid() != parent:
-        sys.exit("the daemon exited before its model server started")
+    _watch(parent)
     sys.argv = ["llama_cpp.server", *args]
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 
