@@ -41,7 +41,8 @@ class Application:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:  # started (a test may fail before it starts it)
+            self._thread.join(timeout=60)
 
     @property
     def stopping(self) -> bool:
