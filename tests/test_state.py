@@ -428,3 +428,17 @@ def test_app_sessions_are_counted_across_live_gates(store: StateStore) -> None:
         assert conn.execute(
             "SELECT sessions FROM app_sessions WHERE gate = 'gate-a'"
         ).fetchone() == (0,)
+
+
+def test_opening_an_up_to_date_state_waits_for_no_writer(state_location: Path | str) -> None:
+    """A command that opens the state (``qmesh gates``, every ``qmesh``
+    command) while a Gate holds the writer lock does not queue behind it:
+    only a store with steps to apply takes the lock."""
+    opened: list[StateStore] = []
+    with StateStore.open(state_location) as gate, gate._write():
+        thread = threading.Thread(target=lambda: opened.append(StateStore.open(state_location)))
+        thread.start()
+        thread.join(timeout=30)
+        assert opened, "opening the state waited for the writer"
+    for store in opened:
+        store.close()

@@ -47,12 +47,19 @@ from qmesh.config import TunnelConfig, parse_hostport
 from qmesh.daemon.wire import INFER_SERVICE, LineDecoder, WireError, encode
 from qmesh.fleet.inventory import Inventory, Node
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
-from qmesh.tunnel import TunnelClient, TunnelError, TunnelStream
+from qmesh.tunnel import TunnelClient, TunnelError, TunnelServer, TunnelStream
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.services import splice
 from qmesh.tunnel.session import Session
 
-__all__ = ["GATE_INVENTORY_SERVICE", "GATE_ROLE", "PEER_SERVICES", "PeerLinks", "PeerServices"]
+__all__ = [
+    "GATE_INVENTORY_SERVICE",
+    "GATE_ROLE",
+    "PEER_SERVICES",
+    "PeerLinks",
+    "PeerServices",
+    "edge_sessions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,11 @@ REFUSED_RETRY_S: Final = 5.0
 """A Gate that refused this one's handshake is asked again after this long."""
 MAX_NODES: Final = 10_000
 """Nodes one snapshot may carry; past it the peer's stream ends."""
+
+
+def edge_sessions(server: TunnelServer) -> int:
+    """The tunnel sessions of edges (MiniGates, daemons), not of other Gates."""
+    return sum(1 for s in server.sessions.values() if s.peer_role != GATE_ROLE)
 
 
 def remote(node: Node) -> bool:

@@ -17,6 +17,7 @@ from qmesh.cluster.fabric import (
     PEER_SERVICES,
     PeerLinks,
     PeerServices,
+    edge_sessions,
 )
 from qmesh.config import Config, format_hostport, parse_hostport
 from qmesh.fleet.api import add_daemon_routes
@@ -158,9 +159,7 @@ async def run_gate(
                 name=config.gate.name,
                 tunnel=format_hostport(host, bound),
                 http=f"{scheme}://{format_hostport(http_host, http_bound)}",
-                sessions=lambda: sum(
-                    1 for s in server.sessions.values() if s.peer_role != GATE_ROLE
-                ),
+                sessions=lambda: edge_sessions(server),
             )
             await nursery.start(registry.run)
             links = PeerLinks(

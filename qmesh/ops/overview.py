@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from qmesh import __version__
+from qmesh.cluster.fabric import edge_sessions
 from qmesh.fleet.inventory import Inventory, InventoryModel, Node
 from qmesh.ops.metrics import GateMetrics
 from qmesh.tunnel import TunnelServer
@@ -278,7 +279,7 @@ def _summary(
         "gpus": gpus,
         "models": len(models),
         "models_loaded": sum(1 for m in models if m["state"] == "loaded"),
-        "sessions": len(server.sessions),
+        "sessions": edge_sessions(server),
     }
 
 

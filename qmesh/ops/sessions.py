@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from qmesh import __version__
+from qmesh.cluster.fabric import edge_sessions
 from qmesh.tunnel import Session, TunnelServer
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
@@ -55,9 +56,11 @@ def _sessions_named(server: TunnelServer, target: str) -> list[Session]:
 
 def add_routes(router: Router, server: TunnelServer, auth: AppAuthenticator) -> None:
     async def healthz(request: Request) -> Response:
-        return Response.json(
-            {"status": "ok", "version": __version__, "sessions": len(server.sessions)}
-        )
+        edges = edge_sessions(server)
+        return Response.json({
+            "status": "ok", "version": __version__, "sessions": edges,
+            "gate_links": len(server.sessions) - edges,
+        })  # fmt: skip
 
     def tunnel_view() -> dict[str, Any]:
         return {

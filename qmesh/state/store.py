@@ -277,8 +277,13 @@ class StateStore:
     def _migrate(self) -> None:
         """Apply the pending steps in one write transaction: the write lock
         (SQLite's, or the advisory lock on PostgreSQL) makes a second Gate
-        starting at the same moment wait, then find nothing to do."""
+        starting at the same moment wait, then find nothing to do. A store
+        already up to date (every open but the first) is seen with a read and
+        takes no lock: a command opening the state does not queue behind the
+        Gates' writers, nor they behind it."""
         steps = self.migrations
+        if self.schema_version == len(steps):
+            return
         with self._write() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
