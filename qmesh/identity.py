@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -33,11 +33,13 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qmesh.config import parse_hostport
+from qmesh.logs import register_secret
 from qmesh.roles import EDGE_ROLES
 from qmesh.state import InvalidValue, StateStore, check_name
 
 __all__ = [
     "CREDENTIAL_PREFIX",
+    "GATE_KEY_ENV",
     "GATE_KEY_FILE",
     "Credential",
     "CredentialError",
@@ -53,6 +55,8 @@ __all__ = [
 
 CREDENTIAL_PREFIX: Final = "qmesh-cred-v1."
 GATE_KEY_FILE: Final = "gate.key"
+GATE_KEY_ENV: Final = "QMESH_GATE_KEY"
+"""The Gate key in the environment, as ``base64 -w0 gate.key`` prints it."""
 KEY_LEN: Final = 32
 
 log = logging.getLogger(__name__)
@@ -154,9 +158,21 @@ class GateKeys:
         return data_dir / GATE_KEY_FILE
 
     @classmethod
-    def load(cls, data_dir: Path) -> GateKeys:
-        """Read ``data_dir/gate.key``. Raises GateKeyMissing or GateKeyError;
+    def load(cls, data_dir: Path, *, env: Mapping[str, str] | None = None) -> GateKeys:
+        """``QMESH_GATE_KEY`` (base64 of the 32 bytes: the Gates of a cluster
+        may get their shared key from a secret manager, as the master key),
+        else ``data_dir/gate.key``. Raises GateKeyMissing or GateKeyError;
         logs a warning if other users can read the file."""
+        value = (os.environ if env is None else env).get(GATE_KEY_ENV)
+        if value:
+            register_secret(value.strip())
+            try:
+                raw = base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != KEY_LEN:
+                raise GateKeyError(f"{GATE_KEY_ENV} is not the base64 of {KEY_LEN} bytes")
+            return cls.from_private(raw)
         path = cls.path_in(data_dir)
         try:
             raw = path.read_bytes()

@@ -94,6 +94,18 @@ def test_load_errors(tmp_path: Path) -> None:
         GateKeys.load(tmp_path)
 
 
+def test_the_gate_key_from_the_environment(tmp_path: Path) -> None:
+    """The Gates of a cluster share one key: ``QMESH_GATE_KEY`` (as
+    ``base64 -w0 gate.key`` prints it) stands for the file."""
+    keys = GateKeys.create(tmp_path / "first")
+    exported = base64.b64encode((tmp_path / "first" / "gate.key").read_bytes()).decode()
+    assert GateKeys.load(tmp_path / "nowhere", env={"QMESH_GATE_KEY": exported}) == keys
+    for bad in ("not base64!", base64.b64encode(b"short").decode()):
+        with pytest.raises(GateKeyError, match="QMESH_GATE_KEY is not the base64 of 32") as info:
+            GateKeys.load(tmp_path, env={"QMESH_GATE_KEY": bad})
+        assert bad not in str(info.value)
+
+
 def test_load_warns_about_a_readable_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     GateKeys.create(tmp_path)
     (tmp_path / "gate.key").chmod(0o644)
