@@ -76,7 +76,7 @@ stale here after missing as many snapshots as a daemon may miss heartbeats."""
 REFUSED_RETRY_S: Final = 5.0
 """A Gate that refused this one's handshake is asked again after this long."""
 MAX_NODES: Final = 10_000
-"""Nodes one snapshot may carry; past it the peer's stream ends."""
+"""Nodes one snapshot carries at most (a peer's further lines are ignored)."""
 
 
 def edge_sessions(server: TunnelServer) -> int:
