@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""How long an application waits when its edge's Gate is killed: failover
-of LLM requests and Postgres sessions in a cluster of Gates. One run, one
-table per measurement, one column per ``tunnel.failover_jitter_s``.
+"""A cluster of Gates, two parts: how long an application waits when its
+edge's Gate is killed (failover of LLM requests and Postgres sessions; one
+table per measurement, one column per ``tunnel.failover_jitter_s``), then
+what a chat completion served by a daemon attached to another Gate adds to
+one served by a daemon attached to the Gate asked. ``--only failover`` or
+``--only remote`` runs one part.
 
-What runs (real processes, 127.0.0.1 and free ports only, everything under
+Part 1, failover. What runs (real processes, 127.0.0.1 and free ports only, everything under
 one temporary directory removed at the end):
 
 - a throwaway PostgreSQL (scripts/pgcluster.py) holding the Gates' shared
@@ -78,16 +81,57 @@ columns of one run. Nothing is asserted. A warning names the files of
 ``qmesh/`` that changed during the run: a Gate restarted after that ran
 other code than the rest.
 
-    .venv/bin/python bench/cluster.py [--kills 20] [--jitter 0.5,0.1]
-        [--gates 3] [--steady 5] [--round-timeout 60] [--logs DIR]
+Part 2, a remote node (docs/cluster.md, "One fabric"). A PostgreSQL and two
+Gates (``gate-a``, ``gate-b``) as above, in their own directory, with
+``[gate.routing] cooldown_s = 0`` (a failed request then costs only itself,
+not 30 s of failures at that Gate: it is counted and the timing goes on); one
+``qmesh --role daemon`` enrolled with gate-b only (``qmesh enroll daemon
+bench-node --gate B``), ``llama_cpp = false``, its one runtime ``[[daemon.runtime]]
+kind = "openai"``: an OpenAI-compatible server in a thread of this process
+that answers at once (``GET /v1/models``: one model, ``bench-instant``;
+``POST /v1/chat/completions``: ``ok``, one token, with usage; server-sent
+events when asked to stream, as the daemon always does), so the mesh is
+measured, not a model. Once ``GET /api/inventory`` (admin app key) shows the
+node fresh at gate-b as its own (``"gate": null``) and at gate-a via gate-b
+(``"gate": "gate-b"``), and the registry counts one edge session at gate-b
+and none at gate-a, ``--requests`` (300) rounds, after 20 of warm-up, each
+send one non-streamed chat completion for ``bench-instant`` (max_tokens 8)
+on each of three paths, in an order that rotates every round:
+
+  runtime directly   the instant server itself (the client's and the
+                     server's own cost)
+  local              gate-b's ``/v1/chat/completions``: gate-b → daemon
+  remote             gate-a's: gate-a → gate-b over their fabric link →
+                     daemon (gate-b splices the stream to the daemon)
+
+Each path is ``http.client`` on one keep-alive connection (TCP_NODELAY),
+timed with ``time.perf_counter`` around request and answer; an answer
+counts only with HTTP 200, the content ``ok`` and, at a Gate,
+``x-qmesh-route: node:bench-node/bench-instant`` (the daemon's candidate;
+gate-a has no session of its own to the node, so there it went through
+gate-b); anything else is an error, counted and printed with the request
+numbers. Printed: p50/p99/mean/max per path (answers only), remote − local
+(differences of those figures, and the median within a round), the CPU the
+Gates and the daemon used per round (``/proc``), the daemon's calls to its
+runtime per completion, and the Gates' and the daemon's warnings and
+failovers ("trying the next") logged meanwhile. After the run the node must
+still be placed as before, or the part fails.
+
+    .venv/bin/python bench/cluster.py [--only failover|remote] [--kills 20]
+        [--jitter 0.5,0.1] [--gates 3] [--steady 5] [--round-timeout 60]
+        [--requests 300] [--logs DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
+import functools
 import hashlib
+import http.client
+import http.server
 import json
 import os
 import re
@@ -274,8 +318,9 @@ class Round:
 class Cluster:
     """The PostgreSQL, the Gates and the MiniGates of one run, in ``base``."""
 
-    def __init__(self, base: Path, gates: int) -> None:
+    def __init__(self, base: Path, gates: int, gate_toml: str = "") -> None:
         self.base = base
+        self.gate_toml = gate_toml  # appended to each Gate's configuration
         self.data = base / "gate-data"
         self.processes: list[subprocess.Popen[bytes]] = []
         self.pg = PgCluster(base / "pg")
@@ -312,7 +357,7 @@ class Cluster:
                 f'data_dir = "{self.data}"\n'
                 f'[gate]\nname = "{name}"\ntunnel_listen = "127.0.0.1:{gate.tunnel}"\n'
                 f'http_listen = "127.0.0.1:{gate.http}"\ndatabase_url = "{self.url}"\n'
-                "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n"
+                "[gate.cluster]\nheartbeat_interval_s = 0.25\ngone_after_s = 1.0\n" + self.gate_toml
             )
             self.gates[name] = gate
         for gate in self.gates.values():  # one at a time, each live before the next
@@ -856,6 +901,368 @@ def report(runs: list[Run], args: argparse.Namespace, watch: HeartbeatWatch) -> 
         )
 
 
+# -- a daemon attached to another Gate ----------------------------------------------------
+
+NODE = "bench-node"
+INSTANT_MODEL = "bench-instant"
+ROUTE = f"node:{NODE}/{INSTANT_MODEL}"  # the x-qmesh-route of the daemon's candidate
+ANSWER = "ok"
+WARMUP = 20  # rounds before the measured ones
+_USAGE = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+_MODELS_BODY = json.dumps(
+    {"object": "list", "data": [{"id": INSTANT_MODEL, "object": "model", "owned_by": "bench"}]}
+).encode()
+_COMPLETION_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": INSTANT_MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": ANSWER},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _USAGE,
+    }
+).encode()
+_CHUNK = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0}
+_STREAM_BODY = (
+    b"".join(
+        b"data: " + json.dumps({**_CHUNK, "model": INSTANT_MODEL, **event}).encode() + b"\n\n"
+        for event in (
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ANSWER}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": _USAGE},
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+
+
+class InstantServer(http.server.ThreadingHTTPServer):
+    """An OpenAI-compatible runtime that answers at once: ``GET /v1/models``
+    lists one model; ``POST /v1/chat/completions`` answers ``ok`` (1 token),
+    as server-sent events when the body asks ``stream`` (the daemon always
+    does: qmesh/daemon/runtimes/openai.py) and as one JSON object otherwise.
+    Requests are counted by method, path and whether the daemon sent them."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), InstantHandler)
+        self.counts: collections.Counter[tuple[str, str, bool]] = collections.Counter()
+        self._thread = threading.Thread(target=self.serve_forever, name="runtime", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.shutdown()
+        self.server_close()
+
+
+class InstantHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for the direct client
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def _answer(self, status: int, content_type: str, body: bytes) -> None:
+        server = self.server
+        assert isinstance(server, InstantServer)
+        server.counts[(self.command, self.path, self.headers.get("user-agent") == "qmesh")] += 1
+        head = (
+            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Not Found'}\r\n"
+            f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        self.wfile.write(head.encode() + body)  # one write: no Nagle/delayed-ACK stall
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._answer(200, "application/json", _MODELS_BODY)
+        else:
+            self._answer(404, "application/json", b'{"error":"not found"}')
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+        if self.path != "/v1/chat/completions" or body.get("model") != INSTANT_MODEL:
+            self._answer(404, "application/json", b'{"error":"no such model"}')
+        elif body.get("stream"):
+            self._answer(200, "text/event-stream", _STREAM_BODY)
+        else:
+            self._answer(200, "application/json", _COMPLETION_BODY)
+
+
+class ChatPath:
+    """Non-streamed chat completions on one keep-alive connection (reopened
+    after an error), each checked: HTTP 200, the answer ``ok`` and, at a
+    Gate, ``x-qmesh-route`` naming the daemon's candidate."""
+
+    def __init__(self, label: str, port: int, key: str | None, route: str | None) -> None:
+        self.label = label
+        self.port = port
+        self.route = route
+        self.headers = {"content-type": "application/json"}
+        if key is not None:
+            self.headers["authorization"] = f"Bearer {key}"
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.seconds: list[float] = []
+        self.errors: list[tuple[int, str]] = []  # (request number, what)
+
+    def ask(self, n: int) -> float:
+        """One request's latency in seconds; raises ValueError or OSError."""
+        body = json.dumps(
+            {
+                "model": INSTANT_MODEL,
+                "messages": [{"role": "user", "content": f"request {n}: one hop or two"}],
+                "max_tokens": 8,
+            }
+        ).encode()
+        if self.conn.sock is None:
+            self.conn.connect()
+            assert self.conn.sock is not None
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        try:
+            self.conn.request("POST", "/v1/chat/completions", body, self.headers)
+            response = self.conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.conn.close()
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}: {data[:200]!r}")
+        route = response.getheader("x-qmesh-route")
+        if self.route is not None and route != self.route:
+            raise ValueError(f"routed to {route!r}, not {self.route!r}")
+        answer = json.loads(data)
+        if answer["choices"][0]["message"]["content"] != ANSWER:
+            raise ValueError(f"an unexpected answer: {data[:200]!r}")
+        return elapsed
+
+    def measure(self, n: int) -> None:
+        try:
+            self.seconds.append(self.ask(n))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            self.errors.append((n, str(exc)[:240]))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def node_seen(http_port: int, admin_key: str) -> tuple[str, str | None] | None:
+    """(state, gate) of the bench's node in the Gate's ``GET /api/inventory``,
+    if it is listed with the instant model."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/api/inventory",
+        headers={"authorization": f"Bearer {admin_key}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        body = json.loads(answer.read())
+    for node in body["nodes"]:
+        if node["name"] == NODE and any(m["id"] == INSTANT_MODEL for m in node["models"]):
+            return str(node["state"]), node["gate"]
+    return None
+
+
+def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    if process is None:
+        return 0.0
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@attrs.define
+class RemoteRun:
+    paths: list[ChatPath]
+    pairs: list[float]  # per round: remote − local, seconds
+    runtime_calls: dict[str, float]  # the daemon's calls to its runtime, per completion
+    cpu_ms: dict[str, float]  # CPU ms per measured round (one request on each path)
+    log_lines: list[str]  # the Gates' and the daemon's warnings and failovers meanwhile
+
+
+def start_daemon(cluster: Cluster, gate: GateProc, runtime_port: int) -> subprocess.Popen[bytes]:
+    """``qmesh --role daemon`` enrolled with ``gate`` only, its one runtime
+    the instant server, no llama.cpp."""
+    credential = cluster.base / f"{NODE}.cred"
+    cluster.cli(
+        "enroll", "daemon", NODE, "--out", str(credential), "--gate", f"127.0.0.1:{gate.tunnel}"
+    )
+    config = cluster.base / f"{NODE}.toml"
+    config.write_text(
+        f'data_dir = "{cluster.base / NODE}"\n'
+        f'[daemon]\ncredential_file = "{credential}"\nhealth_listen = "127.0.0.1:0"\n'
+        "heartbeat_interval_s = 1.0\nllama_cpp = false\n"
+        f'[[daemon.runtime]]\nkind = "openai"\nurl = "http://127.0.0.1:{runtime_port}"\n'
+        'name = "instant"\n'
+    )
+    return cluster.spawn("daemon", config, cluster.base / f"{NODE}.log")
+
+
+def run_remote(base: Path, args: argparse.Namespace) -> RemoteRun:
+    base.mkdir()
+    os.chmod(base, 0o755)  # as root the server runs as `postgres`
+    # A failed request puts the node aside for gate.routing.cooldown_s (30 s),
+    # failing every request for it at that Gate meanwhile: here a failure
+    # costs that one request, counted as an error, and the timing goes on.
+    cluster = Cluster(base, 2, "[gate.routing]\ncooldown_s = 0\n")
+    runtime = InstantServer()
+    paths: list[ChatPath] = []
+    try:
+        runtime.start()
+        cluster.start()
+        admin = "admin:" + cluster.cli("apps", "add", "admin").strip().splitlines()[-1]
+        gate_a, gate_b = cluster.gates["gate-a"], cluster.gates["gate-b"]
+        daemon = start_daemon(cluster, gate_b, runtime.port)
+
+        def placed() -> bool:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited: {last_line(base / f'{NODE}.log')}")
+            rows = cluster.registry()
+            return (
+                node_seen(gate_a.http, admin) == ("fresh", "gate-b")
+                and node_seen(gate_b.http, admin) == ("fresh", None)
+                and rows["gate-a"].sessions == 0
+                and rows["gate-b"].sessions == 1
+            )
+
+        wait_for(f"{NODE} fresh at gate-b (its own) and at gate-a (via gate-b)", placed)
+        key = f"shop:{cluster.app_key}"
+        paths = [
+            ChatPath("runtime directly", runtime.port, None, None),
+            ChatPath("gate-b → daemon (local node)", gate_b.http, key, ROUTE),
+            ChatPath("gate-a → gate-b → daemon (remote)", gate_a.http, key, ROUTE),
+        ]
+        for path in paths:  # the first answer through each path, then a warm-up
+            wait_for(f"an answer through {path.label}", functools.partial(path.ask, 0))
+        for i in range(WARMUP):
+            for path in paths:
+                path.measure(i)
+        for path in paths:
+            path.seconds.clear()
+            path.errors.clear()
+        processes = {"gate-a": gate_a.process, "gate-b": gate_b.process, "daemon": daemon}
+        cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}
+        calls_before = runtime.counts.copy()
+        offsets = {log: log.stat().st_size for log in base.glob("*.log")}
+        pairs: list[float] = []
+        for i in range(args.requests):
+            order = paths[i % 3 :] + paths[: i % 3]  # each path first, second, third in turn
+            done = {id(p): len(p.seconds) for p in paths}
+            for path in order:
+                path.measure(i + 1)
+            local, remote = paths[1], paths[2]
+            if len(local.seconds) > done[id(local)] and len(remote.seconds) > done[id(remote)]:
+                pairs.append(remote.seconds[-1] - local.seconds[-1])
+        cpu_ms = {
+            name: 1000 * (cpu_seconds(p) - cpu_before[name]) / args.requests
+            for name, p in processes.items()
+        }
+        calls = runtime.counts - calls_before
+        answered = len(paths[1].seconds) + len(paths[2].seconds)
+        runtime_calls = {
+            f"{method} {target}": count / max(1, answered)
+            for (method, target, from_daemon), count in sorted(calls.items())
+            if from_daemon
+        }
+        log_lines = [
+            f"{log.stem}: {line}"
+            for log, offset in sorted(offsets.items())
+            for line in log.read_bytes()[offset:].decode(errors="replace").splitlines()
+            if re.search(r"WARNING|ERROR|CRITICAL|trying the next", line)
+        ]
+        if not placed():
+            raise RuntimeError(f"{NODE} is no longer attached to gate-b alone after the run")
+        return RemoteRun(paths, pairs, runtime_calls, cpu_ms, log_lines)
+    finally:
+        for path in paths:
+            path.close()
+        with contextlib.suppress(Exception):
+            cluster.close()
+        runtime.stop()
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for log in base.glob("*.log"):
+                shutil.copy(log, args.logs / f"remote-{log.name}")
+
+
+def report_remote(run: RemoteRun, args: argparse.Namespace) -> None:
+    print(
+        "\nOne daemon attached to gate-b, asked at gate-b (a local node) and at gate-a (a "
+        "remote node: gate-a → gate-b over their fabric link → daemon); 2 Gates on one "
+        "PostgreSQL state, gate.routing.cooldown_s = 0; the daemon's runtime an instant "
+        f"OpenAI-compatible server (a 1-token answer, no model). {args.requests} non-streamed "
+        "chat completions per path, one at a time, the paths in turn, one keep-alive "
+        f"connection each, after {WARMUP} rounds of warm-up; {os.cpu_count()} CPUs, "
+        "everything on this machine. Latency in ms."
+    )
+    rows = [["path", "p50", "p99", "mean", "max", "answers", "errors"]]
+    for path in run.paths:
+        ordered = sorted(path.seconds)
+        figures = (
+            [percentile(ordered, 0.5), percentile(ordered, 0.99), mean(ordered), ordered[-1]]
+            if ordered
+            else []
+        )
+        cells = [f"{1000 * v:.2f}" for v in figures] or ["-"] * 4
+        rows.append([path.label, *cells, str(len(ordered)), str(len(path.errors))])
+    local, remote = (sorted(p.seconds) for p in run.paths[1:])
+    if local and remote:
+        rows.append(
+            [
+                "remote − local",
+                *(
+                    f"{1000 * (percentile(remote, f) - percentile(local, f)):+.2f}"
+                    for f in (0.5, 0.99)
+                ),
+                f"{1000 * (mean(remote) - mean(local)):+.2f}",
+                "",
+                "",
+                "",
+            ]
+        )
+    table(rows)
+    if run.pairs:
+        print(
+            f"remote − local within a round (its two requests), median "
+            f"{1000 * percentile(sorted(run.pairs), 0.5):+.2f} ms over {len(run.pairs)} rounds"
+        )
+    print(
+        "CPU ms per measured round (one request on each path): "
+        + ", ".join(f"{name} {cpu:.2f}" for name, cpu in run.cpu_ms.items())
+    )
+    print(
+        "the daemon's calls to its runtime per completion: "
+        + (", ".join(f"{call} {n:.2f}" for call, n in run.runtime_calls.items()) or "none")
+    )
+    for path in run.paths:
+        kinds: dict[str, list[int]] = {}
+        for n, error in path.errors:
+            kinds.setdefault(re.sub(r"\d+\.\d+ s\b", "N s", error), []).append(n)
+        for error, numbers in kinds.items():
+            shown = ", ".join(map(str, numbers[:10])) + (", …" if len(numbers) > 10 else "")
+            print(f"  {path.label}: error ×{len(numbers)} (request {shown}): {error}")
+    if run.log_lines:
+        print("their logs meanwhile (warnings, failovers):")
+        for line in run.log_lines[:20]:
+            print(f"  {line[:300]}")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def source_digests() -> dict[str, str]:
     """qmesh's source files: a Gate restarted mid-run loads them again."""
     return {
@@ -868,29 +1275,9 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=20, help="kill -9 rounds per jitter value")
-    parser.add_argument(
-        "--jitter", default="0.5,0.1", help="tunnel.failover_jitter_s values, one column each"
-    )
-    parser.add_argument("--gates", type=int, default=3, help="Gate processes (at least 2)")
-    parser.add_argument(
-        "--steady", type=int, default=5, help="LLM answers in a round before its kill"
-    )
-    parser.add_argument(
-        "--round-timeout", type=float, default=60.0, help="seconds before a round counts as failed"
-    )
-    parser.add_argument("--logs", type=Path, help="copy the processes' logs here at the end")
-    args = parser.parse_args()
-    if args.gates < 2:
-        parser.error("--gates must be at least 2")
+def run_failover(base: Path, args: argparse.Namespace) -> None:
+    """The first part: kill rounds per jitter value, then its report."""
     jitters = [float(j) for j in args.jitter.split(",")]
-    # SIGTERM as Ctrl-C: the finally below stops every process and removes the directory.
-    signal.signal(signal.SIGTERM, interrupt)
-    base = Path(tempfile.mkdtemp(prefix="qmesh-cluster-bench-"))
-    os.chmod(base, 0o755)  # as root the server runs as `postgres`
-    sources = source_digests()
     cluster = Cluster(base, args.gates)
     watch = HeartbeatWatch(cluster)
     runs: list[Run] = []
@@ -907,8 +1294,46 @@ def main() -> int:
             args.logs.mkdir(parents=True, exist_ok=True)
             for log in base.glob("*.log"):
                 shutil.copy(log, args.logs / log.name)
-        shutil.rmtree(base, ignore_errors=True)
     report(runs, args, watch)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only", choices=("failover", "remote"), help="run one part (default: both, in turn)"
+    )
+    parser.add_argument("--kills", type=int, default=20, help="kill -9 rounds per jitter value")
+    parser.add_argument(
+        "--jitter", default="0.5,0.1", help="tunnel.failover_jitter_s values, one column each"
+    )
+    parser.add_argument("--gates", type=int, default=3, help="Gate processes (at least 2)")
+    parser.add_argument(
+        "--steady", type=int, default=5, help="LLM answers in a round before its kill"
+    )
+    parser.add_argument(
+        "--round-timeout", type=float, default=60.0, help="seconds before a round counts as failed"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=300, help="remote part: chat completions per path"
+    )
+    parser.add_argument("--logs", type=Path, help="copy the processes' logs here at the end")
+    args = parser.parse_args()
+    if args.gates < 2:
+        parser.error("--gates must be at least 2")
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
+    # SIGTERM as Ctrl-C: the finally blocks stop every process and remove the directory.
+    signal.signal(signal.SIGTERM, interrupt)
+    base = Path(tempfile.mkdtemp(prefix="qmesh-cluster-bench-"))
+    os.chmod(base, 0o755)  # as root the server runs as `postgres`
+    sources = source_digests()
+    try:
+        if args.only in (None, "failover"):
+            run_failover(base, args)
+        if args.only in (None, "remote"):
+            report_remote(run_remote(base / "remote", args), args)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     after = source_digests()
     changed = sorted(n for n in sources.keys() | after.keys() if sources.get(n) != after.get(n))
     if changed:

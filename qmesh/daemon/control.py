@@ -21,7 +21,7 @@ import logging
 import trio
 
 from qmesh.daemon.errors import BadRequest, DaemonError
-from qmesh.daemon.infer import read_request
+from qmesh.daemon.infer import PEER_EOF_WAIT_S, read_request
 from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.wire import CONTROL_OPERATIONS, encode, error_event
 from qmesh.tunnel import TunnelStream
@@ -63,6 +63,7 @@ async def serve_control(stream: TunnelStream, node: DaemonNode) -> None:
             reply = error_event("runtime_failed", f"cannot record the stopped models: {exc}")
         await stream.send_all(encode(reply))
         await stream.send_eof()
+        await stream.drain(PEER_EOF_WAIT_S)  # then the stream closes, not resets
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("control stream %s closed by the gate", stream.id)
     finally:

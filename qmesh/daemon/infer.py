@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -28,9 +28,13 @@ from qmesh.daemon.scheduler import Scheduler, Slot
 from qmesh.daemon.wire import LineDecoder, WireError, encode, error_event
 from qmesh.tunnel import TunnelStream
 
-__all__ = ["read_request", "serve_infer"]
+__all__ = ["PEER_EOF_WAIT_S", "read_request", "serve_infer"]
 
 log = logging.getLogger(__name__)
+
+PEER_EOF_WAIT_S: Final = 5.0
+"""How long a finished exchange waits for the Gate to end its side (it ends
+it right after its request; only a misbehaving Gate makes this wait)."""
 
 
 async def read_request(stream: TunnelStream) -> dict[str, Any]:
@@ -110,6 +114,9 @@ async def serve_infer(
         except DaemonError as exc:
             await send(error_event(exc.code, str(exc)))
         await stream.send_eof()
+        # The Gate ends its side after the request line (as a rule, already
+        # done): wait for that end, so the stream closes rather than resets.
+        await stream.drain(PEER_EOF_WAIT_S)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         # The Gate gave up on this request (its client went away); the
         # generation was abandoned when the block above unwound.

@@ -212,6 +212,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    async def drain(self, timeout_s: float) -> None:
+        """Read and drop what the peer still sends, until its EOF or for at
+        most ``timeout_s``. A stream closed after both ends finished closes
+        cleanly; closed before the peer's EOF it is reset, and a peer still
+        finishing its side (a request's EOF after the request) takes that
+        reset for a broken exchange, though the answer reached it whole."""
+        with trio.move_on_after(timeout_s):
+            while await self.receive_some():
+                pass
+
     async def aclose(self) -> None:
         if not self._closed:
             if self._reset is None and not (self._eof_sent and self._recv_eof):
