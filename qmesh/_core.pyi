@@ -276,6 +276,7 @@ class TapSpec:
         backend: bytes | None = None,
         guard: bytes | None = None,
         backend_guard: bytes | None = None,
+        backend_to_socket: bool = False,
     ) -> Self:
         """``frontend=(full, peek)`` scans the bytes from the tunnel as a
         Postgres client's and reports those kinds (whole, or a prefix);
@@ -284,7 +285,10 @@ class TapSpec:
         ``frontend``) are held: each is reported whole, as a record with
         ``held`` set, and nothing more reaches the socket until
         :meth:`TunnelEngine.verdict`; ``backend_guard`` kinds (with
-        ``backend``) likewise on the server's side. ValueError for a guard
+        ``backend``) likewise on the server's side. ``backend_to_socket`` (the
+        MiniGate's side, where the tunnel brings a server's messages) follows
+        the framing of what reaches the socket, for
+        :attr:`RelayOutcome.between_messages`. ValueError for a guard
         without its scanner."""
 
 @final
@@ -323,6 +327,7 @@ class RelayOutcome:
         credit: int = 0,
         eof_sent: bool = False,
         eof_received: bool = False,
+        between_messages: bool = False,
     ) -> Self: ...
     @property
     def ending(self) -> RelayEnding: ...
@@ -341,6 +346,11 @@ class RelayOutcome:
     @property
     def eof_received(self) -> bool:
         """CLOSE was received."""
+    @property
+    def between_messages(self) -> bool:
+        """The socket was left between two Postgres messages, where the
+        relay may end it with one of its own (only ever true with
+        ``TapSpec(backend_to_socket=True)``)."""
     @property
     def failed(self) -> bool:
         """Whether the relay ended other than by its ends closing."""
@@ -469,8 +479,10 @@ class TunnelEngine:
         """Take a native stream back: its socket is unwatched when this returns.
         None if it had already ended (its ending is, or was, in :meth:`take`)."""
 
-    def lose(self) -> None:
-        """The session is over: drop retained frames and every native stream."""
+    def lose(self) -> list[int]:
+        """The session is over: drop retained frames and every native stream.
+        Returns the streams whose socket was left between two Postgres
+        messages (:attr:`RelayOutcome.between_messages`)."""
 
     def close(self) -> None:
         """Stop the engine's thread (also happens when the object is collected)."""
@@ -563,6 +575,20 @@ PgEvent: TypeAlias = tuple[int, bytes]
 asked for (``raw`` starts with the header; it is a *prefix* when shorter than
 the header's length + 1), or ``(0, raw)`` for a run of bytes to forward as
 they are (relay mode only)."""
+
+@final
+class PgMessageCursor:
+    """Whether a relayed stream of typed Postgres messages stands between
+    two of them, for a proxy that ends it with a message of its own (an
+    ErrorResponse when its upstream is lost). It follows the framing only
+    and checks nothing."""
+
+    def __new__(cls) -> Self: ...
+    def advance(self, data: bytes | bytearray | memoryview) -> None:
+        """Account for the stream's next bytes."""
+    @property
+    def between_messages(self) -> bool:
+        """Every message begun so far is complete."""
 
 @final
 class PgScanner:

@@ -78,13 +78,13 @@ class Traffic(Application):
 
 class Sessions(Application):
     """psycopg with a reconnect loop: ``SELECT 1`` over and over; a lost
-    connection is counted and a new one opened at once."""
+    connection is counted (with its SQLSTATE) and a new one opened at once."""
 
     def __init__(self, **connect: Any) -> None:
         super().__init__()
         self.connect = connect
         self.queries: list[float] = []
-        self.lost: list[str] = []
+        self.lost: list[tuple[str | None, str]] = []
 
     def run(self) -> None:
         while not self.stopping:
@@ -95,7 +95,7 @@ class Sessions(Application):
                         self.queries.append(time.monotonic())
                         time.sleep(0.01)  # a steady trickle, not a busy loop
             except psycopg.OperationalError as exc:
-                self.lost.append(str(exc).strip().splitlines()[0])
+                self.lost.append((exc.sqlstate, str(exc).strip().splitlines()[0]))
 
 
 def test_an_edge_survives_the_kill_of_its_gate(tmp_path: Path, pg_cluster: PgCluster) -> None:
@@ -163,8 +163,11 @@ def test_an_edge_survives_the_kill_of_its_gate(tmp_path: Path, pg_cluster: PgClu
         traffic.stop()
         sessions.stop()
         assert traffic.errors == []
-        # The Postgres session on the dead Gate ended; the reconnection succeeded.
+        # The Postgres session on the dead Gate ended with a connection
+        # failure (SQLSTATE class 08), as from a server shutting down; the
+        # reconnection succeeded.
         assert 1 <= len(sessions.lost) <= 3, sessions.lost
+        assert all(state == "08006" for state, _ in sessions.lost), sessions.lost
         wait_for("the edge's session at a survivor", lambda: sum(
             g["sessions"] for n, g in gates(data, url).items() if n != victim
         ) == 1, DEADLINE_S)  # fmt: skip

@@ -17,7 +17,10 @@ import trio
 from faultproxy import FaultProxy, Faults
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
+from test_pg_tls import make_ca_and_server
 from tunnelkit import Gate
+
+from qmesh.pg.edge import tls_context
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,66 @@ async def test_session_survives_tunnel_resets(
         await in_thread(work)
     assert proxies[0].resets >= 3, proxies[0].resets
     assert ghost.edge.resumptions >= 3 and ghost.edge.sessions_lost == 0
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["engine", "tls-in-python"])
+async def test_a_lost_gate_session_ends_postgres_clients_with_08006(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, tls: bool
+) -> None:
+    """When the session with the Gate is lost for good (here the Gate ends
+    it; a dead Gate that no other could stand in for looks the same to the
+    edge), a running statement and an idle client's next one both fail
+    with SQLSTATE 08006, as when a PostgreSQL server shuts down, and the
+    next connection works. Both relays: the engine's and, for a TLS
+    client, the Python one."""
+    context, sslmode = None, "disable"
+    if tls:
+        _, cert, key = make_ca_and_server(tmp_path, "edge")
+        context, sslmode = tls_context(cert, key), "require"
+    ghost = await start_ghost(nursery, db, tmp_path, tls=context)
+    kwargs = ghost.kwargs(sslmode=sslmode, autocommit=True)
+    marker = f"lost-gate-{tls}"
+
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        conn = psycopg.connect(**kwargs)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        return conn
+
+    def failure(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> psycopg.Error:
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute(sql.encode())
+        return caught.value
+
+    def running() -> bool:
+        return "1" in db.superuser(
+            "SELECT count(*) FROM pg_stat_activity"
+            f" WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        )
+
+    idle = await in_thread(connect)
+    busy = await in_thread(connect)
+    errors: dict[str, psycopg.Error] = {}
+
+    async def run_busy() -> None:
+        sql = f"SELECT pg_sleep(5) -- {marker}"
+        errors["busy"] = await in_thread(lambda: failure(busy, sql))
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as running_statement:
+                running_statement.start_soon(run_busy)
+                while not await in_thread(running):
+                    await trio.sleep(0.02)
+                assert ghost.gate.server.end_sessions_of("edge-pg", "the gate is going away") == 1
+            errors["idle"] = await in_thread(lambda: failure(idle, "SELECT 1"))
+            for which, error in errors.items():
+                assert error.sqlstate == "08006", (which, error)
+                assert "qmesh: the connection to the gate was lost" in str(error), which
+            again = await in_thread(connect)
+            again.close()
+    finally:
+        idle.close()
+        busy.close()
 
 
 class CaptureProxy:

@@ -12,6 +12,14 @@ then on the listener only relays bytes: authentication (SCRAM-SHA-256 with
 the app id and app key), policy and the real login all happen at the Gate,
 so this edge never holds a verifier, a policy or a real credential.
 
+When the session with the Gate is lost (its Gate died and no other could
+take the session over), a client gets what PostgreSQL itself sends when it
+shuts down: a FATAL ErrorResponse, SQLSTATE 08006, then the end of the
+connection. The error is only sent where a message may begin, so the relay
+follows the framing of what it wrote to the client (in the engine, or with
+:class:`_core.PgMessageCursor` on the TLS path); a client left inside a cut
+message just sees the connection end.
+
 Not for: reading the messages after the startup (the Gate does, with the
 same Rust parser), or connecting anywhere but the Gate.
 """
@@ -28,10 +36,12 @@ import trio
 from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
-from qmesh.fastsocket import open_listeners
+from qmesh.fastsocket import FastSocketStream, open_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
-from qmesh.tunnel.services import splice
+from qmesh.tunnel.frames import ResetCode
+from qmesh.tunnel.services import pump_both
+from qmesh.tunnel.stream import TunnelStream
 
 __all__ = ["serve_pg", "tls_context"]
 
@@ -62,6 +72,36 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols([_ALPN])
     return context
+
+
+class _Counted(trio.abc.Stream):
+    """The client's stream on the Python (TLS) path, following the framing
+    of the server messages sent to it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._cursor = _core.PgMessageCursor()
+        self._interrupted = False
+
+    @property
+    def between_messages(self) -> bool:
+        """Every message sent so far reached the client whole."""
+        return not self._interrupted and self._cursor.between_messages
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._interrupted = True  # until it is known that all of it went
+        await self.stream.send_all(data)
+        self._cursor.advance(data)
+        self._interrupted = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class _Prefixed(trio.abc.Stream):
@@ -107,6 +147,19 @@ def _fatal(sqlstate: str, message: str) -> bytes:
     return _core.encode_error_response(
         [("S", "FATAL"), ("V", "FATAL"), ("C", sqlstate), ("M", message)]
     )
+
+
+_GATE_LOST: Final = _fatal("08006", "qmesh: the connection to the gate was lost; connect again")
+
+
+class _ServerToClient:
+    """The engine follows the framing of the server messages it writes to
+    the client, and reports nothing."""
+
+    spec: Final = _core.TapSpec(backend_to_socket=True)
+
+    def on_records(self, records: list[_core.TapRecord]) -> bytes | None:
+        return None
 
 
 async def serve_pg(
@@ -216,10 +269,32 @@ async def _handle(
     log.debug("pg session for app %r, database %r", names["user"], names.get("database"))
     if buffer:
         await tunnel.send_all(bytes(buffer))
-    # A TLS client stream cannot be half-closed: splice() closes it once the
-    # Gate's side ends (a Postgres server done sending is done with the
-    # connection).
-    await splice(stream, tunnel)
+    await _relay(stream, tunnel)
+
+
+async def _relay(stream: trio.abc.Stream, tunnel: TunnelStream) -> None:
+    """Relay the session both ways until it ends (in the engine unless the
+    client speaks TLS); a lost Gate session ends with the FATAL 08006 that
+    the module docstring describes."""
+    try:
+        if isinstance(stream, trio.SocketStream | FastSocketStream):
+            outcome = await tunnel.relay_native(stream, tap=_ServerToClient())
+            between_messages = outcome.between_messages
+        else:
+            # A TLS client stream cannot be half-closed: the pump closes it
+            # once the Gate's side ends (a Postgres server done sending is
+            # done with the connection).
+            counted = _Counted(stream)
+            await pump_both(counted, tunnel)
+            between_messages = counted.between_messages
+        failure = tunnel.failure
+        if failure is not None and failure.code == ResetCode.SESSION_LOST:
+            log.info("a postgres session ended with the gate session: %s", failure.reason)
+            if between_messages:
+                await _send_quietly(stream, _GATE_LOST)
+    finally:
+        await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(tunnel)
 
 
 async def _start_tls(

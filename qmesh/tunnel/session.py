@@ -294,9 +294,11 @@ class Session:
         if self._lost is not None:
             return
         self._lost = error
-        self._engine.lose()
+        between_messages = set(self._engine.lose())
         for stream in list(self._streams.values()):
-            stream.on_reset(ResetCode.SESSION_LOST, str(error))
+            stream.on_reset(
+                ResetCode.SESSION_LOST, str(error), between_messages=stream.id in between_messages
+            )
         self._streams.clear()
         self._pending.clear()
         if self._connection_scope is not None:

@@ -287,6 +287,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         assert self._native_outcome is not None
         return self._native_outcome
 
+    @property
+    def failure(self) -> StreamReset | None:
+        """Why the stream was aborted (by the peer, the end of the session
+        or this side), or None."""
+        return self._reset
+
     def reset(self, code: ResetCode, reason: str) -> None:
         """Abort both directions and tell the peer why."""
         if self._closed or self._reset is not None:
@@ -317,7 +323,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_credit += increment
         self._lot.unpark_all()
 
-    def on_reset(self, code: int, reason: str) -> None:
+    def on_reset(self, code: int, reason: str, *, between_messages: bool = False) -> None:
+        """The peer reset the stream, or (``SESSION_LOST``) the session is
+        over; ``between_messages`` is the engine's word on a native relay's
+        socket (:attr:`RelayOutcome.between_messages`)."""
         self._fail(StreamReset(code, reason))
         if self._native_done is not None:
             # The session is over; the engine has dropped the native relay.
@@ -327,6 +336,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 detail=reason,
                 eof_sent=self._eof_sent,
                 eof_received=self._recv_eof,
+                between_messages=between_messages,
             )
             self._native_done.set()
 

@@ -10,6 +10,8 @@
 //!   without being copied, however large.
 //! * [`frontend`], [`backend`]: typed messages and their fields, parsed by
 //!   borrowing from the body.
+//! * [`MessageCursor`]: whether a relayed stream stands between two
+//!   messages, for a proxy that ends it with a message of its own.
 //! * [`encode`]: builders for the messages a proxy has to write itself.
 //! * [`error`]: the one error type.
 //!
@@ -21,6 +23,7 @@
 //! only finds it.
 
 pub mod backend;
+mod cursor;
 pub mod encode;
 pub mod error;
 pub mod frontend;
@@ -29,6 +32,7 @@ pub mod scanner;
 pub mod startup;
 
 pub use backend::{command_rows, Authentication, Backend, Field};
+pub use cursor::MessageCursor;
 pub use error::{Error, Result};
 pub use frontend::{Bind, Frontend};
 pub use scanner::{

@@ -100,6 +100,9 @@ pub struct RelayOutcome {
     eof_sent: bool,
     /// CLOSE was received.
     eof_received: bool,
+    /// The socket was left between two Postgres messages (only ever true
+    /// with ``TapSpec(backend_to_socket=True)``).
+    between_messages: bool,
 }
 
 impl From<relay::Outcome> for RelayOutcome {
@@ -120,6 +123,7 @@ impl From<relay::Outcome> for RelayOutcome {
             credit: outcome.credit,
             eof_sent: outcome.eof_sent,
             eof_received: outcome.eof_received,
+            between_messages: outcome.between_messages,
         }
     }
 }
@@ -135,6 +139,7 @@ impl RelayOutcome {
         credit = 0,
         eof_sent = false,
         eof_received = false,
+        between_messages = false,
     ))]
     fn new(
         ending: RelayEnding,
@@ -143,6 +148,7 @@ impl RelayOutcome {
         credit: u64,
         eof_sent: bool,
         eof_received: bool,
+        between_messages: bool,
     ) -> Self {
         RelayOutcome {
             ending,
@@ -151,6 +157,7 @@ impl RelayOutcome {
             credit,
             eof_sent,
             eof_received,
+            between_messages,
         }
     }
 
@@ -164,12 +171,13 @@ impl RelayOutcome {
         let detail = self.detail.as_str().into_pyobject(py)?.repr()?;
         Ok(format!(
             "RelayOutcome(RelayEnding.{}, code={}, detail={detail}, credit={}, eof_sent={}, \
-             eof_received={})",
+             eof_received={}, between_messages={})",
             self.ending.name(),
             self.code,
             self.credit,
             py_bool(self.eof_sent),
             py_bool(self.eof_received),
+            py_bool(self.between_messages),
         ))
     }
 }
@@ -190,14 +198,25 @@ impl TapSpec {
     /// kinds (with ``frontend``) are held: each is reported as a record
     /// with ``held`` set, and nothing more reaches the socket until
     /// ``TunnelEngine.verdict``; ``backend_guard`` kinds (with ``backend``)
-    /// likewise on the server's side.
+    /// likewise on the server's side. ``backend_to_socket`` (the
+    /// MiniGate's side, where the tunnel brings a server's messages) follows
+    /// the framing of what reaches the socket, for
+    /// ``RelayOutcome.between_messages``.
     #[new]
-    #[pyo3(signature = (*, frontend = None, backend = None, guard = None, backend_guard = None))]
+    #[pyo3(signature = (
+        *,
+        frontend = None,
+        backend = None,
+        guard = None,
+        backend_guard = None,
+        backend_to_socket = false,
+    ))]
     fn new(
         frontend: Option<(Vec<u8>, Vec<u8>)>,
         backend: Option<Vec<u8>>,
         guard: Option<Vec<u8>>,
         backend_guard: Option<Vec<u8>>,
+        backend_to_socket: bool,
     ) -> Result<Self> {
         let guard = guard.unwrap_or_default();
         let backend_guard = backend_guard.unwrap_or_default();
@@ -216,6 +235,7 @@ impl TapSpec {
                 backend,
                 guard,
                 backend_guard,
+                backend_to_socket,
             },
         })
     }
@@ -229,9 +249,11 @@ impl TapSpec {
         });
         let backend = tap.backend.as_deref().map_or("None".into(), tags);
         format!(
-            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={})",
+            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={}, \
+             backend_to_socket={})",
             tags(&tap.guard),
             tags(&tap.backend_guard),
+            py_bool(tap.backend_to_socket),
         )
     }
 }
@@ -500,8 +522,10 @@ impl TunnelEngine {
     }
 
     /// The session is over: drop retained frames and every native stream.
-    fn lose(&self) {
-        self.inner.lose();
+    /// Returns the streams whose socket was left between two Postgres
+    /// messages (``RelayOutcome.between_messages``).
+    fn lose(&self) -> Vec<u32> {
+        self.inner.lose()
     }
 
     /// Stop the engine's thread (also happens when the object is collected).

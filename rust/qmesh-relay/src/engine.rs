@@ -122,6 +122,9 @@ pub struct Outcome {
     pub eof_sent: bool,
     /// CLOSE was received.
     pub eof_received: bool,
+    /// The socket was left between two Postgres messages (only ever true for
+    /// a stream with [`PgTap::backend_to_socket`]).
+    pub between_messages: bool,
 }
 
 /// What the engine hands up to Python.
@@ -158,6 +161,12 @@ pub struct PgTap {
     /// Server message kinds held for a verdict the same way (what the
     /// server sends after one waits). Needs `backend`.
     pub backend_guard: Vec<u8>,
+    /// The bytes written to the socket are a server's messages (the
+    /// MiniGate's side): follow their framing, so that the stream's end says
+    /// whether the socket was left between two messages
+    /// ([`Outcome::between_messages`]), where a message of the proxy's own
+    /// may follow.
+    pub backend_to_socket: bool,
 }
 
 /// A stream to relay natively, with the state Python had for it.
@@ -237,6 +246,8 @@ struct Native {
     back_awaiting: Option<usize>,
     back_held: VecDeque<Segment>,
     records: Vec<TapRecord>,
+    /// The framing of what was written to the socket, when asked for.
+    written: Option<pg::MessageCursor>,
 }
 
 /// Bytes for the socket, and how many input bytes they stand for (a
@@ -347,6 +358,12 @@ impl Native {
         hold
     }
 
+    fn between_messages(&self) -> bool {
+        self.written
+            .as_ref()
+            .is_some_and(pg::MessageCursor::between_messages)
+    }
+
     fn queue(&mut self, data: Bytes, input: usize) {
         if data.is_empty() {
             self.consumed += input as u64;
@@ -362,11 +379,17 @@ impl Native {
         while let Some(front) = self.to_socket.front_mut() {
             match sys::send(self.fd, &front.data) {
                 Ok(n) if n == front.data.len() => {
+                    if let Some(cursor) = &mut self.written {
+                        cursor.advance(&front.data);
+                    }
                     self.consumed += front.input as u64;
                     self.unconsumed -= front.input;
                     self.to_socket.pop_front();
                 }
                 Ok(n) => {
+                    if let Some(cursor) = &mut self.written {
+                        cursor.advance(&front.data[..n]);
+                    }
                     // A plain chunk's bytes are its input, one for one; a
                     // replacement counts as consumed once all of it is written.
                     if front.input == front.data.len() {
@@ -796,6 +819,7 @@ impl Engine {
             back_awaiting: None,
             back_held: VecDeque::new(),
             records: Vec::new(),
+            written: spec.tap.backend_to_socket.then(pg::MessageCursor::new),
         };
         st.natives.insert(sid, native);
         // What Python held already goes first, through the same path.
@@ -851,20 +875,24 @@ impl Engine {
     }
 
     /// The session is over: forget retained frames and every native stream
-    /// (their sockets are no longer watched when this returns).
-    pub fn lose(&self) {
+    /// (their sockets are no longer watched when this returns). Returns the
+    /// streams whose socket was left between two Postgres messages
+    /// ([`Outcome::between_messages`]).
+    pub fn lose(&self) -> Vec<u32> {
         let mut st = self.shared.lock();
         st.retained.clear();
         st.retained_bytes = 0;
         st.out.clear();
-        let ids: Vec<u32> = st.natives.keys().copied().collect();
-        for sid in ids {
-            if let Some(native) = st.natives.remove(&sid) {
-                if native.interest != 0 {
-                    self.shared.epoll.delete(native.fd);
-                }
+        let mut between_messages = Vec::new();
+        for (sid, native) in std::mem::take(&mut st.natives) {
+            if native.interest != 0 {
+                self.shared.epoll.delete(native.fd);
+            }
+            if native.between_messages() {
+                between_messages.push(sid);
             }
         }
+        between_messages
     }
 
     /// Stop the engine thread (also done on drop).
@@ -1525,6 +1553,7 @@ impl State {
             credit: native.credit,
             eof_sent: native.socket_eof,
             eof_received: native.eof_received,
+            between_messages: native.between_messages(),
         })
     }
 

@@ -548,6 +548,7 @@ fn flow_control_violation_resets_the_stream() {
             credit: 777,
             eof_sent: false,
             eof_received: false,
+            between_messages: false,
         })
     );
 
@@ -587,6 +588,7 @@ fn peer_reset_ends_the_stream() {
             credit: WINDOW_SIZE,
             eof_sent: false,
             eof_received: false,
+            between_messages: false,
         })
     );
     assert_eq!(b.frames(), Vec::<SeenFrame>::new());
@@ -607,6 +609,7 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
             backend: None,
             guard: Vec::new(),
             backend_guard: Vec::new(),
+            ..PgTap::default()
         },
         ..native(7, sock_b)
     };
@@ -672,6 +675,7 @@ fn guarded_messages_wait_for_a_verdict() {
             backend: None,
             guard: b"Q".to_vec(),
             backend_guard: Vec::new(),
+            ..PgTap::default()
         },
         ..native(9, sock_b)
     };
@@ -750,6 +754,7 @@ fn postgres_rejection_drops_and_forgets_the_whole_bad_chunk() {
             backend: None,
             guard: Vec::new(),
             backend_guard: Vec::new(),
+            ..PgTap::default()
         },
         ..native(8, sock_b)
     };
@@ -790,6 +795,7 @@ fn postgres_tap_reports_handed_over_bytes() {
             backend: None,
             guard: Vec::new(),
             backend_guard: Vec::new(),
+            ..PgTap::default()
         },
         ..native(9, sock_b)
     };
@@ -928,6 +934,7 @@ fn abort_native_returns_the_outcome_once() {
             credit: 1234,
             eof_sent: false,
             eof_received: true,
+            between_messages: false,
         })
     );
     assert_eq!(link.b.abort_native(11), None);
@@ -991,4 +998,44 @@ fn a_reset_without_its_code_is_a_protocol_violation() {
         "the stream outlives the connection"
     );
     link.release(sock_b);
+}
+
+/// With `backend_to_socket`, a stream's end says whether its socket was
+/// left between two Postgres messages (where the MiniGate may add an
+/// ErrorResponse of its own): after whole messages yes, inside one no, and
+/// never for a stream that did not ask.
+#[test]
+fn backend_to_socket_says_whether_the_socket_was_left_between_messages() {
+    let link = Link::new();
+    let (sock_whole, srv_whole) = link.native_socket();
+    let (sock_cut, srv_cut) = link.native_socket();
+    let (sock_plain, srv_plain) = link.native_socket();
+    let tap = PgTap {
+        backend_to_socket: true,
+        ..PgTap::default()
+    };
+    let spec = |sid, fd| NativeSpec {
+        tap: tap.clone(),
+        ..native(sid, fd)
+    };
+    link.b.attach_native(spec(15, sock_whole)).expect("native 15");
+    link.b.attach_native(spec(17, sock_cut)).expect("native 17");
+    link.b.attach_native(native(19, sock_plain)).expect("native 19");
+    let messages = [pg_message(b'C', b"SELECT 1\0"), pg_message(b'Z', b"I")].concat();
+    link.a.send(vec![
+        frame(DATA, 15, &messages[..7]),
+        frame(DATA, 15, &messages[7..]),
+        frame(DATA, 17, &messages[..messages.len() - 1]),
+        frame(DATA, 19, &messages),
+    ]);
+    assert_eq!(read_up_to(&srv_whole, messages.len()), messages);
+    assert_eq!(read_up_to(&srv_cut, messages.len() - 1), messages[..messages.len() - 1]);
+    assert_eq!(read_up_to(&srv_plain, messages.len()), messages);
+
+    assert!(!link.b.abort_native(17).expect("17 is live").between_messages);
+    assert_eq!(link.b.lose(), vec![15]);
+    assert_eq!(link.b.stats().native_streams, 0);
+    for fd in [sock_whole, sock_cut, sock_plain] {
+        link.release(fd);
+    }
 }
