@@ -61,6 +61,7 @@ __all__ = [
     "PeerClosed",
     "PgEvent",
     "PgMalformed",
+    "PgMessageCursor",
     "PgMessageTooLarge",
     "PgScanner",
     "PgStartup",

@@ -106,7 +106,7 @@ async def test_a_lost_gate_session_ends_postgres_clients_with_08006(
         with trio.fail_after(60):
             async with trio.open_nursery() as running_statement:
                 running_statement.start_soon(run_busy)
-                while not await in_thread(running):
+                while not await in_thread(running):  # noqa: ASYNC110 - the server, polled
                     await trio.sleep(0.02)
                 assert ghost.gate.server.end_sessions_of("edge-pg", "the gate is going away") == 1
             errors["idle"] = await in_thread(lambda: failure(idle, "SELECT 1"))

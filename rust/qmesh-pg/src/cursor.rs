@@ -27,7 +27,9 @@ impl MessageCursor {
     pub fn advance(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.body_left > 0 {
-                let n = bytes.len().min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
                 bytes = &bytes[n..];
                 self.body_left -= n as u64;
                 continue;

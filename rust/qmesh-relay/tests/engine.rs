@@ -1018,9 +1018,13 @@ fn backend_to_socket_says_whether_the_socket_was_left_between_messages() {
         tap: tap.clone(),
         ..native(sid, fd)
     };
-    link.b.attach_native(spec(15, sock_whole)).expect("native 15");
+    link.b
+        .attach_native(spec(15, sock_whole))
+        .expect("native 15");
     link.b.attach_native(spec(17, sock_cut)).expect("native 17");
-    link.b.attach_native(native(19, sock_plain)).expect("native 19");
+    link.b
+        .attach_native(native(19, sock_plain))
+        .expect("native 19");
     let messages = [pg_message(b'C', b"SELECT 1\0"), pg_message(b'Z', b"I")].concat();
     link.a.send(vec![
         frame(DATA, 15, &messages[..7]),
@@ -1029,10 +1033,19 @@ fn backend_to_socket_says_whether_the_socket_was_left_between_messages() {
         frame(DATA, 19, &messages),
     ]);
     assert_eq!(read_up_to(&srv_whole, messages.len()), messages);
-    assert_eq!(read_up_to(&srv_cut, messages.len() - 1), messages[..messages.len() - 1]);
+    assert_eq!(
+        read_up_to(&srv_cut, messages.len() - 1),
+        messages[..messages.len() - 1]
+    );
     assert_eq!(read_up_to(&srv_plain, messages.len()), messages);
 
-    assert!(!link.b.abort_native(17).expect("17 is live").between_messages);
+    assert!(
+        !link
+            .b
+            .abort_native(17)
+            .expect("17 is live")
+            .between_messages
+    );
     assert_eq!(link.b.lose(), vec![15]);
     assert_eq!(link.b.stats().native_streams, 0);
     for fd in [sock_whole, sock_cut, sock_plain] {
