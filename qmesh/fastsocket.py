@@ -2,7 +2,9 @@
 :class:`FastSocketStream` (below), :func:`connect_tcp` (no resolver thread
 for IP literals), :func:`runnable_counter` (is anything else about to run?)
 and :func:`open_listeners` (a listener that cannot bind says where and what
-to do about it).
+to do about it), :func:`serve_listeners`, :func:`out_of_descriptors` and
+:func:`raise_open_file_limit` (running out of a resource refuses new work,
+it never ends the process).
 
 A TCP stream for the relay hot path: no scheduling round per call.
 
@@ -24,10 +26,13 @@ from __future__ import annotations
 import collections
 import errno
 import ipaddress
+import logging
 import os
+import resource
 import socket
-from collections.abc import Callable
-from typing import TypeVar
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
 
 import trio
 
@@ -41,10 +46,83 @@ __all__ = [
     "fast",
     "free_loopback_port",
     "open_listeners",
+    "out_of_descriptors",
+    "raise_open_file_limit",
     "runnable_counter",
+    "serve_listeners",
 ]
 
+log = logging.getLogger(__name__)
+
 _DEFAULT_RECEIVE = 65536
+
+CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""Failures that mean "out of file descriptors or memory for now": what
+needed them is refused, and the process goes on."""
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` says the process (or the system) is out of file
+    descriptors or memory for now (:data:`CAPACITY_ERRNOS`)."""
+    return isinstance(exc, OSError) and exc.errno in CAPACITY_ERRNOS
+
+
+ACCEPT_RETRY_S: Final = 0.1
+"""After accept() fails for want of descriptors or memory, wait this long."""
+
+
+async def serve_listeners(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listeners: Sequence[trio.SocketListener],
+    *,
+    what: str,
+    handler_nursery: trio.Nursery | None = None,
+) -> None:
+    """``trio.serve_listeners``, quieter when descriptors run out: accept
+    waits :data:`ACCEPT_RETRY_S` and tries again, logging one line (no
+    traceback) per second of shortage at most, so that a flood of
+    connections neither ends the server nor floods the log."""
+    async with trio.open_nursery() as nursery:
+        handlers = handler_nursery or nursery
+        for listener in listeners:
+            nursery.start_soon(_accept_forever, handler, listener, what, handlers)
+
+
+async def _accept_forever(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    listener: trio.SocketListener,
+    what: str,
+    handlers: trio.Nursery,
+) -> None:
+    logged = 0.0
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if not out_of_descriptors(exc):
+                    raise
+                if time.monotonic() - logged >= 1.0:
+                    logged = time.monotonic()
+                    log.warning("%s: cannot accept connections for now (%s)", what, exc)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            handlers.start_soon(handler, stream)
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit, as
+    servers that hold a descriptor per connection do (the soft limit is often
+    1,024 while the hard one allows far more). Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, target
 
 
 class YieldBudget:

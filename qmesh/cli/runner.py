@@ -9,6 +9,7 @@ imports every role's package, so the CLI imports it only to run roles.
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 import trio
 
 from qmesh.config import Config, ConfigError, parse_hostport
+from qmesh.fastsocket import raise_open_file_limit
 from qmesh.roles import ROLES
+
+log = logging.getLogger(__name__)
 
 
 class RoleFailed(Exception):
@@ -41,6 +45,11 @@ async def run_roles(
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
         raise ConfigError(f"unknown role {unknown[0] if unknown else ''!r}; choose from {ROLES}")
+    # A descriptor per connection, session and relayed stream: the soft
+    # limit (often 1,024) would cap a Gate long before memory does.
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("open files: soft limit raised from %d to %d", before, after)
     endpoints: dict[str, dict[str, Any]] = {}
     try:
         async with trio.open_nursery() as nursery:

@@ -105,6 +105,7 @@ def read_tunnel(r: Reader, root: Mapping[str, object]) -> TunnelConfig:
         max_sessions_per_identity=r.integer(
             t, path, "max_sessions_per_identity", d.max_sessions_per_identity, lo=1
         ),
+        max_sessions=r.integer(t, path, "max_sessions", d.max_sessions, lo=0),
         max_streams_per_session=r.integer(
             t, path, "max_streams_per_session", d.max_streams_per_session, lo=1
         ),

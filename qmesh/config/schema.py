@@ -80,6 +80,11 @@ class TunnelConfig:
     at once (a stranger's flood costs a socket accept each, nothing more)."""
     max_sessions_per_identity: int = 8
     """Live and detached sessions one enrolled key may hold at the Gate."""
+    max_sessions: int = 0
+    """Live and detached sessions the Gate holds in all; past it a new one
+    is refused with ``gate_full`` and the edge tries the next Gate. 0: a
+    quarter of the open-file limit (a session holds three descriptors, and
+    its streams' sockets need room too)."""
     max_streams_per_session: int = 4096
     """Streams the peer may have open in one session; more OPENs are refused."""
 

@@ -9,7 +9,7 @@ import trio
 
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
-from qmesh.fastsocket import open_listeners
+from qmesh.fastsocket import open_listeners, serve_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.services import splice
@@ -41,4 +41,8 @@ async def serve_forward(
         await splice(local, stream)
 
     task_status.started(bound)
-    await trio.serve_listeners(guarded(relay, f"connection forwarded to {target}", log), listeners)
+    await serve_listeners(
+        guarded(relay, f"connection forwarded to {target}", log),
+        listeners,
+        what=f"forward to {target}",
+    )

@@ -35,7 +35,7 @@ import trio
 
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
-from qmesh.fastsocket import open_listeners
+from qmesh.fastsocket import open_listeners, serve_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import StreamReset, TunnelError
 from qmesh.tunnel.frames import ResetCode
@@ -79,7 +79,9 @@ async def serve_llm(
             await trio.aclose_forcefully(local)
 
     task_status.started(bound)
-    await trio.serve_listeners(guarded(relay, "LLM client connection", log), listeners)
+    await serve_listeners(
+        guarded(relay, "LLM client connection", log), listeners, what="llm listener"
+    )
 
 
 class _Ending(enum.Enum):

@@ -36,7 +36,7 @@ import trio
 from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
-from qmesh.fastsocket import FastSocketStream, open_listeners
+from qmesh.fastsocket import FastSocketStream, open_listeners, serve_listeners
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.frames import ResetCode
@@ -183,7 +183,9 @@ async def serve_pg(
             await trio.aclose_forcefully(local)
 
     task_status.started(bound)
-    await trio.serve_listeners(guarded(handle, "Postgres client connection", log), listeners)
+    await serve_listeners(
+        guarded(handle, "Postgres client connection", log), listeners, what="postgres listener"
+    )
 
 
 async def _handle(

@@ -149,9 +149,9 @@ class TunnelClient:
         while True:
             try:
                 silent = await self._connect_once()
-            except HandshakeRefused:
-                raise
             except (OSError, HandshakeFailed, trio.TooSlowError) as exc:
+                if isinstance(exc, HandshakeRefused) and not exc.retryable:
+                    raise
                 host, port = self.gate_address
                 failed += 1
                 if failed < len(self._targets):

@@ -5,7 +5,8 @@
 - :class:`ConnectionLost`: the network failed or went silent. A session
   survives it and resumes on a new connection.
 - :class:`HandshakeRefused`: the Gate said no (not enrolled, revoked). Retrying
-  with the same credential cannot help.
+  with the same credential cannot help, unless the refusal is
+  :attr:`~HandshakeRefused.retryable` (the Gate is starting, or full).
 - :class:`HandshakeFailed`: the handshake did not complete for another reason
   (wrong Gate key, timeout, garbage).
 - :class:`SessionLost`: the session ended for good; its streams are reset.
@@ -16,6 +17,8 @@ are translated at the boundary, so callers see only these.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 import trio
 
@@ -44,13 +47,24 @@ class HandshakeFailed(TunnelError):
 class HandshakeRefused(HandshakeFailed):
     """The Gate authenticated the edge's key and refused it (unknown or revoked).
 
-    ``code`` is machine-readable: ``not_enrolled``, ``revoked``, ``bad_hello``.
+    ``code`` is machine-readable: ``not_enrolled``, ``revoked``, ``replayed``,
+    ``too_many_sessions``; and two that say "not now, not here":
+    ``not_ready`` (the Gate is starting) and ``gate_full`` (it holds all the
+    sessions it can), after which an edge tries the next Gate (:attr:`retryable`).
     """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"gate refused the handshake: {message} ({code})")
         self.code = code
         self.reason = message
+
+    @property
+    def retryable(self) -> bool:
+        """The refusal is about the Gate's state, not the edge's key."""
+        return self.code in RETRYABLE_REFUSALS
+
+
+RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full"})
 
 
 class SessionLost(TunnelError):

@@ -10,7 +10,15 @@ reach the handshake, and every enrolled edge can send frames. One place,
 process: whatever goes wrong while serving it ends that connection (after
 authentication, at worst its session) with a logged reason, and never the
 listener or another edge's session. Bounds: handshakes in flight, handshake
-time, sessions per identity; streams per session are bounded by the session.
+time, sessions per identity and in all; streams per session are bounded by
+the session.
+
+Running out of file descriptors or memory refuses what needed them and
+nothing else: accept waits and retries (:func:`serve_listeners`), a session
+that cannot be made is refused with ``gate_full`` (so its edge tries the
+next Gate of the cluster), and the sessions already held carry on. The
+session cap (``tunnel.max_sessions``) refuses before the descriptors run
+out, which keeps room for the streams of the sessions held.
 
 A replayed handshake message is refused by its HELLO timestamp (checked by
 ``authenticate``, which keeps the newest one per key); without that check a
@@ -21,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import trio
 
-from qmesh.fastsocket import open_listeners
+from qmesh.fastsocket import open_listeners, out_of_descriptors, serve_listeners
 from qmesh.tunnel import handshake
 from qmesh.tunnel.errors import (
     ConnectionLost,
@@ -82,6 +91,8 @@ class TunnelServer:
         self.handshake_failures = 0
         self.handshakes_shed = 0
         self.connection_errors = 0
+        self.sessions_refused = 0
+        self.max_sessions = settings.max_sessions or _sessions_for_open_file_limit()
 
     def __repr__(self) -> str:
         return f"<TunnelServer {self.name!r} sessions={len(self.sessions)}>"
@@ -101,8 +112,8 @@ class TunnelServer:
                 self._nursery = nursery
                 log.info("tunnel listening on %s:%d", host, bound_port)
                 task_status.started(bound_port)
-                await trio.serve_listeners(
-                    self._handle_connection, listeners, handler_nursery=nursery
+                await serve_listeners(
+                    self._handle_connection, listeners, what="tunnel", handler_nursery=nursery
                 )
         finally:
             for session in list(self.sessions.values()):
@@ -142,9 +153,12 @@ class TunnelServer:
                     )
                 return
             await self._serve(transport, address)
-        except Exception:
+        except Exception as exc:
             self.connection_errors += 1
-            log.exception("connection from %s failed unexpectedly; closed", address)
+            if out_of_descriptors(exc):
+                log.warning("connection from %s closed: %s", address, exc)
+            else:
+                log.exception("connection from %s failed unexpectedly; closed", address)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(transport)
@@ -232,16 +246,22 @@ class TunnelServer:
                 raise HandshakeRefused("not_ready", "gate is starting")
             self._make_room_for(name)
             services = self._services_for(role)
-            session = Session(
-                self.settings,
-                session_id=os.urandom(16),
-                initiator=False,
-                peer=name,
-                handler=dispatcher(
-                    services, role=role, withheld=self.services.keys() - services.keys()
-                ),
-                handler_nursery=self._nursery,
-            )
+            self._make_room()
+            try:
+                session = Session(
+                    self.settings,
+                    session_id=os.urandom(16),
+                    initiator=False,
+                    peer=name,
+                    handler=dispatcher(
+                        services, role=role, withheld=self.services.keys() - services.keys()
+                    ),
+                    handler_nursery=self._nursery,
+                )
+            except OSError as exc:
+                if not out_of_descriptors(exc):
+                    raise
+                raise self._gate_full(f"cannot open a session: {exc.strerror or exc}") from None
             session.peer_role = role
             self.sessions[session.id] = session
         assert session is not None
@@ -256,6 +276,26 @@ class TunnelServer:
             recv_next=session.recv_next,
             gate=self.name,
         )
+
+    def _make_room(self) -> None:
+        """Keep the Gate under its session cap: a detached session (the
+        oldest first) gives way to a new one, since its edge may never come
+        back; with every session live, the new one is refused."""
+        excess = len(self.sessions) - self.max_sessions + 1
+        if excess <= 0:
+            return
+        for old in [s for s in self.sessions.values() if not s.attached][:excess]:
+            self.end_session(old, "replaced by a new session: the gate is full")
+        if len(self.sessions) >= self.max_sessions:
+            live = len(self.sessions)
+            raise self._gate_full(f"it holds {live} live sessions (tunnel.max_sessions)")
+
+    def _gate_full(self, why: str) -> HandshakeRefused:
+        """Count and log (sparingly) a new session refused; the refusal."""
+        self.sessions_refused += 1
+        if self.sessions_refused % 1000 == 1:  # a storm of edges must not flood the log
+            log.warning("refusing new sessions (%d so far): %s", self.sessions_refused, why)
+        return HandshakeRefused("gate_full", f"the gate is full: {why}; try another")
 
     def _services_for(self, role: str) -> Mapping[str, ServiceHandler]:
         if self._services_by_role is None:
@@ -287,6 +327,15 @@ class TunnelServer:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             self._generation.pop(session.id, None)
+
+
+def _sessions_for_open_file_limit() -> int:
+    """The default session cap: a quarter of the open-file limit (three
+    descriptors per session, and room for its streams' sockets)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft // 4)
 
 
 def _address(transport: trio.SocketStream) -> str:

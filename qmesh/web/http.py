@@ -23,7 +23,6 @@ needs per-request imports — the router is built once at start-up.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import ssl
@@ -40,7 +39,7 @@ import trio
 from qmesh import peerjson
 from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import FastSocketStream, open_listeners
+from qmesh.fastsocket import FastSocketStream, open_listeners, out_of_descriptors
 
 __all__ = [
     "Handler",
@@ -66,11 +65,8 @@ _MAX_REFUSING: Final = 64
 # this much: closing a socket with unread input resets the connection, and
 # the reset can destroy the 503 before the client reads it.
 _REFUSE_DRAIN_BYTES: Final = 65536
-# accept() failures that mean "out of file descriptors or memory for now":
-# wait and retry rather than end the server (as trio.serve_listeners does).
-_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-)
+# After accept() fails for want of descriptors or memory, wait this long and
+# retry rather than end the server (as trio.serve_listeners does).
 _ACCEPT_RETRY_S: Final = 0.1
 
 
@@ -304,7 +300,7 @@ async def _accept_forever(
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                if not out_of_descriptors(exc):
                     raise
                 log.error("http: cannot accept a connection (%s); retrying shortly", exc)
                 await trio.sleep(_ACCEPT_RETRY_S)

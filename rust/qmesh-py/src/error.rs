@@ -158,9 +158,24 @@ impl From<Error> for PyErr {
             Error::Python(err) => err,
             Error::Wire(err) => wire_error(&err),
             Error::Pg(err) => pg_error(&err),
-            Error::Os(err) => err.into(),
+            Error::Os(err) => os_error(err),
             Error::Relay(err) => relay_error(err),
         }
+    }
+}
+
+/// ``OSError(errno, strerror)``, as Python's own system calls raise it: the
+/// constructor picks the subclass from errno, and callers can test
+/// ``exc.errno`` (EMFILE, say) instead of parsing text.
+fn os_error(err: io::Error) -> PyErr {
+    match err.raw_os_error() {
+        Some(errno) => {
+            let text = err.to_string();
+            let suffix = format!(" (os error {errno})");
+            let strerror = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+            PyOSError::new_err((errno, strerror))
+        }
+        None => err.into(),
     }
 }
 
