@@ -75,6 +75,8 @@ __all__ = [
     "Tampered",
     "TapRecord",
     "TapSpec",
+    "TlsClient",
+    "TlsError",
     "Truncated",
     "TunnelEngine",
     "decode_reason",
@@ -278,6 +280,7 @@ class TapSpec:
         guard: bytes | None = None,
         backend_guard: bytes | None = None,
         backend_to_socket: bool = False,
+        guard_screen: list[bytes] | None = None,
     ) -> Self:
         """``frontend=(full, peek)`` scans the bytes from the tunnel as a
         Postgres client's and reports those kinds (whole, or a prefix);
@@ -286,7 +289,11 @@ class TapSpec:
         ``frontend``) are held: each is reported whole, as a record with
         ``held`` set, and nothing more reaches the socket until
         :meth:`TunnelEngine.verdict`; ``backend_guard`` kinds (with
-        ``backend``) likewise on the server's side. ``backend_to_socket`` (the
+        ``backend``) likewise on the server's side. With ``guard_screen``, a
+        held Query or Parse (the kinds that carry SQL text) is only held if
+        it contains one of those words (ASCII letters in any case); one that
+        names none is relayed at once and reported unheld if its kind is in
+        ``frontend``. ``backend_to_socket`` (the
         MiniGate's side, where the tunnel brings a server's messages) follows
         the framing of what reaches the socket, for
         :attr:`RelayOutcome.between_messages`. ValueError for a guard
@@ -464,12 +471,15 @@ class TunnelEngine:
         eof_received: bool = False,
         end_on_socket_eof: bool = False,
         tap: TapSpec | None = None,
+        tls: TlsClient | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
         :meth:`take`). The other arguments carry the stream's state over;
-        ``tap`` says what the stream's scanners report and hold. ValueError
-        if the stream is native already."""
+        ``tap`` says what the stream's scanners report and hold; ``tls``, a
+        connection whose handshake is done, is the socket's TLS layer from
+        now on (the object is spent: :attr:`TlsClient.handed_over`).
+        ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
         """The verdict on the message a native stream holds (the client's when
@@ -570,6 +580,56 @@ class PgMessageTooLarge(PgWireError):
 
 class PgTruncated(PgWireError):
     """The stream ended inside a message (raised by ``PgScanner.eof``)."""
+
+class TlsError(OSError):
+    """TLS with a server failed: its certificate, its handshake or a record
+    (an OSError, as Python's ssl.SSLError is)."""
+
+@final
+class TlsClient:
+    """A TLS client connection (rustls, TLS 1.2 and 1.3), sans-IO: the
+    caller moves ciphertext between it and the socket. Python drives the
+    handshake and the login with it, then hands it to a native relay
+    (:meth:`TunnelEngine.attach_native`), which carries on with the same
+    connection; after that every method but :attr:`handed_over` raises
+    ValueError."""
+
+    def __new__(
+        cls,
+        server_name: str,
+        *,
+        verify: str,
+        root_certificates: bytes | None = None,
+        alpn: list[bytes] | None = None,
+    ) -> Self:
+        """``verify``: ``"full"`` (the chain up to ``root_certificates``, PEM,
+        and ``server_name``), ``"ca"`` (the chain only) or ``"none"`` (only the
+        handshake's signatures: the server holds the key of the certificate
+        it sent). ``server_name`` is a DNS name (sent as SNI) or an IP
+        address. TlsError for unusable certificates, ValueError for a bad
+        ``verify``."""
+    def receive(self, data: bytes) -> bytes:
+        """Ciphertext from the server; the plaintext it completed. TlsError
+        when it is not acceptable (a bad certificate, a bad record, an alert)."""
+    def receive_eof(self) -> bool:
+        """The server's TCP stream ended: whether it had closed TLS first."""
+    def send(self, data: bytes) -> None:
+        """Plaintext for the server, sealed with the next :meth:`outgoing`."""
+    def outgoing(self) -> bytes:
+        """The ciphertext to write to the socket now (handshake or records)."""
+    def close(self) -> None:
+        """Queue close_notify."""
+    @property
+    def handshaking(self) -> bool: ...
+    @property
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER), once the handshake has it."""
+    @property
+    def protocol_version(self) -> str | None:
+        """``"TLSv1.3"`` or ``"TLSv1.2"``, once negotiated."""
+    @property
+    def handed_over(self) -> bool:
+        """The connection belongs to a native relay now."""
 
 PgEvent: TypeAlias = tuple[int, bytes]
 """What :meth:`PgScanner.feed` reports: ``(tag, raw)`` for a message of a kind

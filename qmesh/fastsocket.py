@@ -78,7 +78,8 @@ async def serve_listeners(
     what: str,
     handler_nursery: trio.Nursery | None = None,
 ) -> None:
-    """``trio.serve_listeners``, quieter when descriptors run out: accept
+    """``trio.serve_listeners`` (each connection closed once its handler
+    returns), quieter when descriptors run out: accept
     waits :data:`ACCEPT_RETRY_S` and tries again, logging one line (no
     traceback) per second of shortage at most, so that a flood of
     connections neither ends the server nor floods the log."""
@@ -107,7 +108,17 @@ async def _accept_forever(
                     log.warning("%s: cannot accept connections for now (%s)", what, exc)
                 await trio.sleep(ACCEPT_RETRY_S)
                 continue
-            handlers.start_soon(handler, stream)
+            handlers.start_soon(_run_handler, handler, stream)
+
+
+async def _run_handler(
+    handler: Callable[[trio.SocketStream], Awaitable[object]], stream: trio.SocketStream
+) -> None:
+    # As trio.serve_listeners: the connection is closed once its handler is done.
+    try:
+        await handler(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 def raise_open_file_limit() -> tuple[int, int]:

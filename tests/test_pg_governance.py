@@ -18,6 +18,9 @@ from pgkit import Ghost, RawClient, RealDb, app_policy, in_thread, start_ghost
 from psycopg.pq import DiagnosticField
 
 from qmesh import _core
+from qmesh.pg.audit import list_audit
+from qmesh.pg.guard import Refusal
+from qmesh.pg.relay import Relay
 
 DIAG_SQLSTATE = DiagnosticField.SQLSTATE
 DIAG_MESSAGE = DiagnosticField.MESSAGE_PRIMARY
@@ -98,6 +101,42 @@ async def test_read_only_session_refuses_writes_and_escapes(
     with trio.fail_after(30):
         await in_thread(work)
     assert rows_in_ledger(db) == before
+
+
+async def test_statements_that_name_nothing_guarded_skip_the_python_check(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay engine holds for the guard only the statements that name a
+    word the guard looks for: the others reach the server without a trip
+    through Python (and are still audited); the named ones are still
+    checked and refused."""
+    checked: list[str] = []
+    original = Relay._refusal
+
+    def counting(self: Relay, text: str, what: str) -> Refusal | None:
+        checked.append(text)
+        return original(self, text, what)
+
+    monkeypatch.setattr(Relay, "_refusal", counting)
+    ghost = await read_only_ghost(nursery, db, tmp_path)
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            for i in range(20):
+                assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+                assert conn.pgconn.exec_(b"SELECT count(*) FROM ledger").status == 2
+            assert conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only"):
+                conn.execute("SET default_TRANSACTION_read_only = off")
+
+    with trio.fail_after(30):
+        await in_thread(work)
+        await ghost.audit_settled()
+    # The Parse of SHOW and of the SET (psycopg's extended protocol).
+    assert checked == ["SHOW transaction_read_only", "SET default_TRANSACTION_read_only = off"]
+    statements = [r.statement for r in list_audit(ghost.store, app=ghost.app_id, limit=200)]
+    assert statements.count("SELECT $1::int + 1") == 20
+    assert statements.count("SELECT count(*) FROM ledger") == 20
 
 
 async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check(

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pgcluster import PgCluster
 from pgkit import RealDb, in_thread, run, start_ghost
+from tunnelkit import until
 
 from qmesh import _core
 from qmesh.pg import login as gate_login
@@ -185,6 +186,42 @@ async def test_gate_to_server_tls_by_sslmode(
     )
     with pytest.raises(psycopg.OperationalError, match="TLS to the server of database alias"):
         await in_thread(lambda: ssl_used(ghost.kwargs()))
+
+
+async def test_tls_to_the_server_is_relayed_in_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, server_tls: Path
+) -> None:
+    """Over TLS to the server the session is still relayed natively: the
+    engine reads and writes the TLS records itself. Large values both ways
+    (records split across many socket reads and writes), COPY out, a run
+    of small queries, and the session's data intact."""
+    dsn = db.dsn("verify-full", sslrootcert=str(server_tls))
+    ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn)
+    (gate_session,) = ghost.gate.server.sessions.values()
+    blob = os.urandom(3 * 1024 * 1024 + 7)
+
+    def work() -> tuple[object, int, list[bytes], int]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            row = conn.execute("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            version = row.fetchone()
+            native = trio.from_thread.run_sync(lambda: gate_session.native_streams)
+            conn.execute("CREATE TEMP TABLE blobs (i int, b bytea)")
+            for i in range(3):
+                conn.execute("INSERT INTO blobs VALUES (%s, %s)", (i, blob))
+            values = [r[0] for r in conn.execute("SELECT b FROM blobs ORDER BY i").fetchall()]
+            for i in range(200):
+                assert conn.execute("SELECT %s::int * 2", (i,)).fetchone() == (i * 2,)
+            with conn.cursor() as cur, cur.copy("COPY (SELECT i, b FROM blobs) TO STDOUT") as copy:
+                copied = sum(1 for _ in copy.rows())
+            return version, native, values, copied
+
+    with trio.fail_after(120):
+        version, native, values, copied = await in_thread(work)
+    assert version in (("TLSv1.3",), ("TLSv1.2",)), version
+    assert native == 1
+    assert values == [blob] * 3
+    assert copied == 3
+    await until(lambda: gate_session.native_streams == 0)
 
 
 async def test_gate_binds_its_scram_login_to_the_tls_channel(

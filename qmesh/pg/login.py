@@ -18,7 +18,6 @@ is passed on.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -37,6 +36,7 @@ from qmesh.pg.scram import (
     md5_password,
     tls_server_end_point,
 )
+from qmesh.pg.server_tls import ServerTls, start_tls
 from qmesh.pg.vault import DatabaseSecret
 
 log = logging.getLogger(__name__)
@@ -150,43 +150,23 @@ def _scrub(text: str, secret: DatabaseSecret) -> str:
     return text
 
 
-def _tls_context(sslmode: str, sslrootcert: str | None) -> ssl.SSLContext:
-    """libpq's meaning of sslmode: ``verify-full`` checks the chain and the
-    host name, ``verify-ca`` the chain only, ``require`` nothing unless a
-    root certificate is given (then it acts as verify-ca), ``prefer``
-    nothing. Without sslrootcert the system's CAs are used for verification."""
-    verify = sslmode in ("verify-ca", "verify-full") or (
-        sslmode == "require" and sslrootcert is not None
-    )
-    if not verify:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(cafile=sslrootcert)
-        context.check_hostname = sslmode == "verify-full"
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 async def negotiate_tls(
     tcp: trio.SocketStream, sslmode: str, sslrootcert: str | None, host: str, alias: str
 ) -> trio.abc.Stream:
-    """SSLRequest, then TLS if the server says 'S'. Returns the stream to use."""
+    """SSLRequest, then TLS if the server says 'S' (in the Rust core, see
+    :mod:`qmesh.pg.server_tls`). Returns the stream to use."""
     await tcp.send_all(_core.PG_SSL_REQUEST)
     # Exactly one byte: anything the server sends after 'S' before the TLS
     # handshake would be unauthenticated (CVE-2021-23222), so it is never read here.
     answer = await tcp.receive_some(1)
     if answer == b"S":
-        stream = trio.SSLStream(tcp, _tls_context(sslmode, sslrootcert), server_hostname=host)
         try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            log.warning("TLS to the server of alias %r failed: %s", alias, exc.__cause__ or exc)
+            return await start_tls(tcp, sslmode, sslrootcert, host)
+        except (OSError, trio.BrokenResourceError) as exc:  # _core.TlsError is an OSError
+            log.warning("TLS to the server of alias %r failed: %s", alias, exc)
             raise UpstreamFailed(
                 "08001", f"qmesh: TLS to the server of database alias {alias!r} failed"
             ) from None
-        return stream
     if answer == b"N" and sslmode in ("disable", "prefer"):
         return tcp
     if answer == b"N":
@@ -229,8 +209,8 @@ async def open_upstream(
             stream = await negotiate_tls(
                 tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
             )
-        tls = isinstance(stream, trio.SSLStream)
-        binding = _channel_binding(stream) if isinstance(stream, trio.SSLStream) else None
+        tls = isinstance(stream, ServerTls)
+        binding = _channel_binding(stream) if isinstance(stream, ServerTls) else None
         await stream.send_all(_core.encode_startup(params))
         reader = MessageReader(stream, frontend=False, what="the database server")
         scram: ScramClient | None = None
@@ -323,10 +303,10 @@ async def open_upstream(
         raise
 
 
-def _channel_binding(stream: trio.SSLStream[trio.abc.Stream]) -> bytes | None:
+def _channel_binding(stream: ServerTls) -> bytes | None:
     """The TLS connection's ``tls-server-end-point`` data; None when the
     server's certificate cannot give it."""
-    certificate = stream.getpeercert(binary_form=True)
+    certificate = stream.tls.peer_certificate
     if not certificate:
         return None
     try:

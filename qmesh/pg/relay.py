@@ -1,8 +1,8 @@
 """Both directions of one logged-in Postgres session at the Gate.
 
 For: relaying between the client's tunnel stream and the real server, in
-the tunnel engine (no Python per message) where it can, in Python where the
-server's side is TLS or bytes were read ahead. Only the messages that the
+the tunnel engine (no Python per message, TLS to the server included) where
+it can, in Python where bytes were read ahead during the login. Only the messages that the
 policy needs are looked at: Query/Parse/FunctionCall text (the read-only and
 statement-timeout guard, :mod:`qmesh.pg.guard`), Bind/Execute/Close/Sync
 (audit bookkeeping), CommandComplete/ErrorResponse/ReadyForQuery (audit
@@ -27,9 +27,16 @@ import trio
 from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql
+from qmesh.pg.guard import (
+    Refusal,
+    check_statement,
+    parameter_count,
+    refusal_sql,
+    screen_words,
+)
 from qmesh.pg.login import PgSessionError, Upstream, error_response
 from qmesh.pg.policy import AppPolicy
+from qmesh.pg.server_tls import ServerTls
 from qmesh.tunnel.stream import TunnelStream
 
 log = logging.getLogger(__name__)
@@ -190,14 +197,14 @@ class Relay:
                     pass
 
     def _native(self, client_leftover: bytes) -> bool:
-        """Whether the session's engine can relay this session: not over TLS
-        to the server, and with nothing read ahead on either side (rare:
-        clients wait for ReadyForQuery before their first query)."""
-        return (
-            not client_leftover
-            and not self.server_leftover
-            and isinstance(self.upstream, FastSocketStream | trio.SocketStream)
-        )
+        """Whether the session's engine can relay this session: with nothing
+        read ahead on either side (rare: clients wait for ReadyForQuery
+        before their first query)."""
+        if client_leftover or self.server_leftover:
+            return False
+        if isinstance(self.upstream, ServerTls):
+            return not self.upstream.buffered
+        return isinstance(self.upstream, FastSocketStream | trio.SocketStream)
 
     async def _run_native(self) -> None:
         """Relay in the tunnel engine: no Python per message. The engine
@@ -206,11 +213,18 @@ class Relay:
         statement guard it holds each Query, Parse and FunctionCall (and what
         follows) until :meth:`_on_tap` says what to send in its place: one
         trip through Python per statement, none per row or reply."""
-        assert isinstance(self.upstream, FastSocketStream | trio.SocketStream)
+        tls: _core.TlsClient | None = None
+        if isinstance(self.upstream, ServerTls):
+            upstream: trio.abc.Stream = self.upstream.transport
+            tls = self.upstream.tls
+        else:
+            upstream = self.upstream
+        assert isinstance(upstream, FastSocketStream | trio.SocketStream)
         audit = self.audit is not None
         if self.guard:
-            # The engine collects the guarded kinds whole itself.
-            frontend = (b"", AUDIT_NAMES if audit else b"")
+            # The engine collects the guarded kinds whole itself; the audit
+            # still needs the statements the guard's screen lets through.
+            frontend = (AUDIT_STATEMENTS, AUDIT_NAMES) if audit else (b"", b"")
         elif audit:
             frontend = (AUDIT_STATEMENTS, AUDIT_NAMES + AUDIT_FASTPATH)
         else:
@@ -223,12 +237,14 @@ class Relay:
             backend=AUDIT_OUTCOMES if audit else (b"" if self.read_only else None),
             guard=GUARDED if self.guard else None,
             backend_guard=READ_ONLY_WATCH if self.read_only else None,
+            guard_screen=screen_words(read_only=self.read_only, guard_timeout=self.guard_timeout),
         )
         outcome = await self.client.relay_native(
-            self.upstream,
+            upstream,
             # The session ends when the server's side ends.
             end_on_socket_eof=True,
             tap=_Tap(spec, self._on_tap),
+            tls=tls,
         )
         if outcome.ending == _core.RelayEnding.POSTGRES:
             self._end(SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
@@ -243,7 +259,9 @@ class Relay:
         try:
             for at, from_client, tag, raw, held in records:
                 if from_client:
-                    replacement = self._frontend_event(tag, raw, at)
+                    # Only held statements need the guard: the engine's
+                    # screen passed the others (they name nothing guarded).
+                    replacement = self._frontend_event(tag, raw, at, check=held)
                 else:
                     self._backend_event(tag, raw, at)
                     replacement = raw if held else None
@@ -313,10 +331,12 @@ class Relay:
             on_event(tag, raw, now)
         return data
 
-    def _frontend_event(self, tag: int, raw: bytes, now: float) -> bytes:
+    def _frontend_event(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
         """Look at one reported client message, seen at ``now``
         (``time.monotonic()``); return the bytes to send in its place (relay
-        mode uses them; observe mode ignores them)."""
+        mode uses them; observe mode ignores them). ``check``: whether the
+        statement guard (if the session has one) must look at it."""
+        guard = self.guard and check
         # Query, Parse and (under the guard) FunctionCall arrive whole. Bind,
         # Execute and Close may come as a peek, the first 1024 bytes of the
         # body: room for any name Postgres tells apart (it compares only the
@@ -324,13 +344,13 @@ class Relay:
         try:
             if tag == _Q:
                 sql = _core.parse_query(raw[5:])
-                if self.guard:
+                if guard:
                     raw = self._guard_query(sql, raw)
                 if self.audit is not None:
                     self.pending.append(_Pending(_Q, sql, now))
             elif tag == _P:
                 name, sql, declared = _core.parse_parse(raw[5:])
-                if self.guard:
+                if guard:
                     raw = self._guard_parse(name, sql, len(declared), raw)
                 if self.audit is not None:
                     self._remember(self.statements, name, sql)
@@ -354,7 +374,7 @@ class Relay:
                     self.pending.append(_Pending(_S, b"", now))
             elif tag == _F:
                 # Only the guard needs the function; observe mode sees a peek.
-                if self.guard and _core.parse_function_call(raw[5:]) == _SET_CONFIG_OID:
+                if guard and _core.parse_function_call(raw[5:]) == _SET_CONFIG_OID:
                     log.warning("refused a fast-path set_config call of app %r", self.app_id)
                     raw = _NO_FUNCTION_CALL
                 if self.audit is not None:

@@ -332,6 +332,7 @@ class Session:
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: _core.TapSpec | None,
+        tls: _core.TlsClient | None = None,
     ) -> None:
         """Hand stream ``stream_id`` to the engine, relayed to the socket ``fd``."""
         if self._lost is not None:
@@ -347,6 +348,7 @@ class Session:
             eof_received=eof_received,
             end_on_socket_eof=end_on_socket_eof,
             tap=tap,
+            tls=tls,
         )
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:

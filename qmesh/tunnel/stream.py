@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import trio
 
-from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec
+from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsClient
 from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
@@ -73,6 +73,7 @@ class StreamHost(Protocol):
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: TapSpec | None,
+        tls: TlsClient | None,
     ) -> None:
         """Hand the stream, with its state, to the engine, relayed to the
         socket ``fd`` (see ``qmesh._core.TunnelEngine.attach_native``)."""
@@ -237,6 +238,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         *,
         end_on_socket_eof: bool = False,
         tap: NativeTap | None = None,
+        tls: TlsClient | None = None,
     ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
@@ -247,6 +249,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         hands what it reports to the tap, holding what it must until the
         tap's verdict; bytes its scanners reject end the relay (e.g.
         ``RelayEnding.POSTGRES``) before they reach the socket.
+
+        With ``tls`` (a connection over ``sock`` whose handshake is done), the
+        engine speaks TLS on the socket from now on; the connection is spent.
 
         Cancelling takes the stream back at once. The caller still owns both
         ends: it closes the socket and this stream afterwards.
@@ -272,6 +277,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 eof_received=self._recv_eof,
                 end_on_socket_eof=end_on_socket_eof,
                 tap=None if tap is None else tap.spec,
+                tls=tls,
             )
             try:
                 await done.wait()

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
+use crate::tls::TlsClient;
 use crate::{Error, FrameDecoder, FrameEncoder, Result, DETACH_THRESHOLD};
 
 /// ``(at, from_tunnel, tag, raw, hold)``: a tuple rather than a class, since
@@ -198,7 +199,8 @@ impl TapSpec {
     /// kinds (with ``frontend``) are held: each is reported as a record
     /// with ``held`` set, and nothing more reaches the socket until
     /// ``TunnelEngine.verdict``; ``backend_guard`` kinds (with ``backend``)
-    /// likewise on the server's side. ``backend_to_socket`` (the
+    /// likewise on the server's side; ``guard_screen`` words let a Query or
+    /// Parse that names none of them through without a verdict. ``backend_to_socket`` (the
     /// MiniGate's side, where the tunnel brings a server's messages) follows
     /// the framing of what reaches the socket, for
     /// ``RelayOutcome.between_messages``.
@@ -210,6 +212,7 @@ impl TapSpec {
         guard = None,
         backend_guard = None,
         backend_to_socket = false,
+        guard_screen = None,
     ))]
     fn new(
         frontend: Option<(Vec<u8>, Vec<u8>)>,
@@ -217,6 +220,7 @@ impl TapSpec {
         guard: Option<Vec<u8>>,
         backend_guard: Option<Vec<u8>>,
         backend_to_socket: bool,
+        guard_screen: Option<Vec<Vec<u8>>>,
     ) -> Result<Self> {
         let guard = guard.unwrap_or_default();
         let backend_guard = backend_guard.unwrap_or_default();
@@ -236,6 +240,7 @@ impl TapSpec {
                 guard,
                 backend_guard,
                 backend_to_socket,
+                guard_screen: guard_screen.unwrap_or_default(),
             },
         })
     }
@@ -478,6 +483,7 @@ impl TunnelEngine {
         eof_received = false,
         end_on_socket_eof = false,
         tap = None,
+        tls = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attach_native(
@@ -491,7 +497,12 @@ impl TunnelEngine {
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
+        tls: Option<PyRefMut<'_, TlsClient>>,
     ) -> Result<()> {
+        let tls = match tls {
+            Some(mut client) => Some(client.hand_over()?),
+            None => None,
+        };
         let spec = relay::NativeSpec {
             stream_id,
             fd,
@@ -502,6 +513,7 @@ impl TunnelEngine {
             eof_received,
             end_on_socket_eof,
             tap: tap.map(|t| t.inner.clone()).unwrap_or_default(),
+            tls,
         };
         Ok(self.inner.attach_native(spec)?)
     }

@@ -108,6 +108,14 @@ create_exception!(
     "The stream ended inside a message (raised by ``PgScanner.eof``)."
 );
 
+create_exception!(
+    qmesh._core,
+    TlsError,
+    PyOSError,
+    "TLS with a server failed: its certificate, its handshake or a record \
+     (an OSError, as Python's ssl.SSLError is)."
+);
+
 /// The binding's one error type: an error of one of the crates it wraps, an
 /// OS error, or a Python error raised while converting arguments.
 #[derive(Debug)]
@@ -116,6 +124,7 @@ pub enum Error {
     Pg(pg::Error),
     Relay(relay::Error),
     Os(io::Error),
+    Tls(relay::tls::TlsError),
     Python(PyErr),
 }
 
@@ -146,6 +155,12 @@ impl From<io::Error> for Error {
     }
 }
 
+impl From<relay::tls::TlsError> for Error {
+    fn from(err: relay::tls::TlsError) -> Self {
+        Error::Tls(err)
+    }
+}
+
 impl From<PyErr> for Error {
     fn from(err: PyErr) -> Self {
         Error::Python(err)
@@ -159,6 +174,7 @@ impl From<Error> for PyErr {
             Error::Wire(err) => wire_error(&err),
             Error::Pg(err) => pg_error(&err),
             Error::Os(err) => os_error(err),
+            Error::Tls(err) => TlsError::new_err(err.to_string()),
             Error::Relay(err) => relay_error(err),
         }
     }
@@ -236,5 +252,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PgMalformed", py.get_type::<PgMalformed>())?;
     m.add("PgMessageTooLarge", py.get_type::<PgMessageTooLarge>())?;
     m.add("PgTruncated", py.get_type::<PgTruncated>())?;
+    m.add("TlsError", py.get_type::<TlsError>())?;
     Ok(())
 }

@@ -35,6 +35,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, P
 mod engine;
 mod error;
 mod pg;
+mod tls;
 
 pub use error::{Error, Result};
 use qmesh_wire as wire;
@@ -549,6 +550,7 @@ mod _core {
         error::register(m)?;
         pg::register(m)?;
         engine::register(m)?;
+        tls::register(m)?;
         Ok(())
     }
 }

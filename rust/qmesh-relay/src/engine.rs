@@ -45,6 +45,7 @@ use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_
 
 use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
 use crate::sys::{self, Epoll, EventFd, BROKEN, READABLE, WRITABLE};
+use crate::tls::TlsLink;
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_TUNNEL: u64 = 1;
@@ -161,6 +162,12 @@ pub struct PgTap {
     /// Server message kinds held for a verdict the same way (what the
     /// server sends after one waits). Needs `backend`.
     pub backend_guard: Vec<u8>,
+    /// Words that a held Query or Parse (the kinds that carry SQL text) must
+    /// contain, one of them at least (ASCII letters in any case), to be held:
+    /// a statement that names none of them cannot touch what the guard
+    /// protects, so it is relayed at once and reported like any tapped
+    /// message. Empty: every guarded message is held.
+    pub guard_screen: Vec<Vec<u8>>,
     /// The bytes written to the socket are a server's messages (the
     /// MiniGate's side): follow their framing, so that the stream's end says
     /// whether the socket was left between two messages
@@ -170,7 +177,7 @@ pub struct PgTap {
 }
 
 /// A stream to relay natively, with the state Python had for it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NativeSpec {
     pub stream_id: u32,
     pub fd: RawFd,
@@ -188,6 +195,18 @@ pub struct NativeSpec {
     /// stream, instead of waiting for the peer's CLOSE too.
     pub end_on_socket_eof: bool,
     pub tap: PgTap,
+    /// The socket's TLS connection, its handshake done: the engine reads and
+    /// writes records itself from now on.
+    pub tls: Option<TlsHandover>,
+}
+
+/// A TLS client connection handed to the engine (see [`crate::tls`]).
+pub struct TlsHandover(pub rustls::ClientConnection);
+
+impl std::fmt::Debug for TlsHandover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsHandover")
+    }
 }
 
 struct Conn {
@@ -245,9 +264,13 @@ struct Native {
     back_tapped: pg::TagSet,
     back_awaiting: Option<usize>,
     back_held: VecDeque<Segment>,
+    /// See [`PgTap::guard_screen`].
+    guard_screen: Vec<Vec<u8>>,
     records: Vec<TapRecord>,
     /// The framing of what was written to the socket, when asked for.
     written: Option<pg::MessageCursor>,
+    /// The socket's TLS layer, if it has one.
+    tls: Option<TlsLink>,
 }
 
 /// Bytes for the socket, and how many input bytes they stand for (a
@@ -277,7 +300,7 @@ impl Native {
             observe(scanner, &mut self.records, data, Side::Server)?;
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         }
-        let mut sink = Splitter::new(self.back_tapped, self.back_guard, false);
+        let mut sink = Splitter::new(self.back_tapped, self.back_guard, &[], false);
         scanner.feed(data, &mut sink).map_err(|error| PgError {
             side: Side::Server,
             error,
@@ -326,7 +349,7 @@ impl Native {
             self.queue(data, input);
             return Ok(None);
         }
-        let mut sink = Splitter::new(self.tapped, self.guard, true);
+        let mut sink = Splitter::new(self.tapped, self.guard, &self.guard_screen, true);
         scanner.feed(&data, &mut sink).map_err(|error| PgError {
             side: Side::Client,
             error,
@@ -358,6 +381,25 @@ impl Native {
         hold
     }
 
+    /// Read from the socket (through its TLS layer, if any).
+    fn read_socket(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.tls.as_mut() {
+            None => sys::read(self.fd, buf),
+            Some(tls) => tls.read(self.fd, buf),
+        }
+    }
+
+    /// Whether the socket must be watched for room to write.
+    fn wants_write(&self) -> bool {
+        !self.to_socket.is_empty() || self.tls.as_ref().is_some_and(TlsLink::wants_write)
+    }
+
+    /// Plaintext waits inside the TLS layer: a read must be tried without
+    /// a socket event once credit (or a verdict) allows it.
+    fn tls_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsLink::has_pending)
+    }
+
     fn between_messages(&self) -> bool {
         self.written
             .as_ref()
@@ -376,8 +418,22 @@ impl Native {
     /// Write queued bytes to the socket until it would block; then, once
     /// everything is written and the peer has closed, half-close the socket.
     fn write_out(&mut self) -> Result<(), SocketError> {
+        let send_error = |err: &std::io::Error| SocketError::new("send", err);
         while let Some(front) = self.to_socket.front_mut() {
-            match sys::send(self.fd, &front.data) {
+            let sent = match self.tls.as_mut() {
+                None => sys::send(self.fd, &front.data),
+                Some(tls) => {
+                    // Sealed into records (the layer holds a bounded amount),
+                    // then written as far as the socket takes them.
+                    let taken = tls.write(&front.data);
+                    tls.flush(self.fd).map_err(|e| send_error(&e))?;
+                    match taken {
+                        Ok(0) => Err(std::io::ErrorKind::WouldBlock.into()),
+                        other => other,
+                    }
+                }
+            };
+            match sent {
                 Ok(n) if n == front.data.len() => {
                     if let Some(cursor) = &mut self.written {
                         cursor.advance(&front.data);
@@ -400,10 +456,20 @@ impl Native {
                     let _ = front.data.split_to(n);
                 }
                 Err(err) if sys::would_block(&err) => return Ok(()),
-                Err(err) => return Err(SocketError::new("send", &err)),
+                Err(err) => return Err(send_error(&err)),
             }
         }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.flush(self.fd).map_err(|e| send_error(&e))?;
+        }
         if self.eof_received && !self.shut && self.awaiting.is_none() && self.held.is_empty() {
+            if let Some(tls) = self.tls.as_mut() {
+                tls.close();
+                tls.flush(self.fd).map_err(|e| send_error(&e))?;
+                if tls.wants_write() {
+                    return Ok(()); // the rest when the socket has room
+                }
+            }
             self.shut = true;
             sys::shutdown_write(self.fd).map_err(|err| SocketError::new("shutdown", &err))?;
         }
@@ -454,25 +520,54 @@ impl pg::Sink for Recorder<'_> {
 
 /// A relay-mode scanner's output as segments: bytes to forward, records for
 /// the tap, and guarded messages to hold.
-struct Splitter {
+struct Splitter<'s> {
     segments: Vec<Segment>,
     pending: Vec<u8>,
     tapped: pg::TagSet,
     guard: pg::TagSet,
+    screen: &'s [Vec<u8>],
     at: f64,
     from_tunnel: bool,
 }
 
-impl Splitter {
-    fn new(tapped: pg::TagSet, guard: pg::TagSet, from_tunnel: bool) -> Splitter {
+/// The message kinds that carry SQL text (Query, Parse): the ones a guard
+/// screen applies to.
+const SQL_TEXT_KINDS: &[u8] = b"QP";
+
+/// Whether `raw` contains one of `words`, ASCII letters compared in any case.
+fn mentions_any(raw: &[u8], words: &[Vec<u8>]) -> bool {
+    words.iter().any(|word| {
+        !word.is_empty()
+            && raw
+                .windows(word.len())
+                .any(|window| window.eq_ignore_ascii_case(word))
+    })
+}
+
+impl<'s> Splitter<'s> {
+    fn new(
+        tapped: pg::TagSet,
+        guard: pg::TagSet,
+        screen: &'s [Vec<u8>],
+        from_tunnel: bool,
+    ) -> Splitter<'s> {
         Splitter {
             segments: Vec::new(),
             pending: Vec::new(),
             tapped,
             guard,
+            screen,
             at: sys::monotonic(),
             from_tunnel,
         }
+    }
+
+    /// A guarded message to hold: a SQL text that passes the screen is not.
+    fn holds(&self, tag: u8, raw: &[u8]) -> bool {
+        self.guard.contains(tag)
+            && (self.screen.is_empty()
+                || !SQL_TEXT_KINDS.contains(&tag)
+                || mentions_any(raw, self.screen))
     }
 
     fn flush(&mut self) {
@@ -493,13 +588,13 @@ impl Splitter {
     }
 }
 
-impl pg::Sink for Splitter {
+impl pg::Sink for Splitter<'_> {
     fn pass(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
     }
 
     fn message(&mut self, tag: u8, raw: &[u8], complete: bool) {
-        if complete && self.guard.contains(tag) {
+        if complete && self.holds(tag, raw) {
             self.flush();
             let record = self.record(tag, raw, true);
             self.segments.push(Segment::Hold(record));
@@ -549,6 +644,10 @@ struct State {
     last_heard: Instant,
     closed: bool,
     read_buf: Vec<u8>,
+    /// Natives whose TLS layer holds plaintext that a read may now take
+    /// (credit came back, or a verdict): read at the end of the round, not
+    /// in the middle of reading the tunnel (which holds `read_buf`).
+    tls_resume: Vec<u32>,
 }
 
 struct Shared {
@@ -616,6 +715,7 @@ impl Engine {
                 last_heard: Instant::now(),
                 closed: false,
                 read_buf,
+                tls_resume: Vec::new(),
             }),
             epoll: Epoll::new()?,
             wake: EventFd::new()?,
@@ -818,8 +918,10 @@ impl Engine {
             back_tapped,
             back_awaiting: None,
             back_held: VecDeque::new(),
+            guard_screen: spec.tap.guard_screen,
             records: Vec::new(),
             written: spec.tap.backend_to_socket.then(pg::MessageCursor::new),
+            tls: spec.tls.map(|handover| TlsLink::new(handover.0)),
         };
         st.natives.insert(sid, native);
         // What Python held already goes first, through the same path.
@@ -1111,6 +1213,11 @@ impl State {
     /// [`Self::finish`]; `on_engine_thread` when the engine thread itself
     /// runs it (it recomputes its sleep afterwards, no wake-up needed).
     fn finish_round(&mut self, shared: &Shared, on_engine_thread: bool) {
+        for sid in std::mem::take(&mut self.tls_resume) {
+            if self.natives.get(&sid).is_some_and(Native::tls_pending) {
+                self.read_native(sid);
+            }
+        }
         if self.conn.is_some() {
             let ack_now = self.recv_next > self.ack_sent
                 && (self.recv_next - self.ack_sent >= self.config.ack_every
@@ -1173,7 +1280,7 @@ impl State {
                 {
                     want |= READABLE;
                 }
-                if !native.to_socket.is_empty() {
+                if native.wants_write() {
                     want |= WRITABLE;
                 }
                 let token = TOKEN_FIRST_STREAM + u64::from(sid);
@@ -1308,6 +1415,7 @@ impl State {
             WINDOW => {
                 native.credit += u64::from(u32::from_be_bytes(int_payload(&payload, WINDOW)?));
                 self.dirty.push(sid);
+                self.resume_tls_reads(sid);
             }
             CLOSE => {
                 native.eof_received = true;
@@ -1408,6 +1516,7 @@ impl State {
             .extend(send.into_iter().map(|data| (DATA, sid, data)));
         self.hand_up(sid, hold);
         self.dirty.push(sid); // reading may resume
+        self.resume_tls_reads(sid);
         Ok(())
     }
 
@@ -1454,7 +1563,8 @@ impl State {
                 break;
             }
             let size = chunk_size.min(native.credit as usize);
-            match sys::read(native.fd, &mut buf[..size]) {
+            let short_means_drained = native.tls.is_none();
+            match native.read_socket(&mut buf[..size]) {
                 Ok(0) => {
                     native.socket_eof = true;
                     let end_now = native.end_on_socket_eof;
@@ -1477,7 +1587,7 @@ impl State {
                     };
                     self.out
                         .extend(send.into_iter().map(|data| (DATA, sid, data)));
-                    if self.hand_up(sid, hold) || n < size {
+                    if self.hand_up(sid, hold) || (n < size && short_means_drained) {
                         break; // holding, or drained for now
                     }
                 }
@@ -1489,6 +1599,14 @@ impl State {
             }
         }
         self.read_buf = buf;
+    }
+
+    /// Plaintext the TLS layer holds is read at the end of the round: no
+    /// socket event would announce it.
+    fn resume_tls_reads(&mut self, sid: u32) {
+        if self.natives.get(&sid).is_some_and(Native::tls_pending) {
+            self.tls_resume.push(sid);
+        }
     }
 
     fn check_done(&mut self, sid: u32) {

@@ -171,6 +171,7 @@ fn native(stream_id: u32, fd: RawFd) -> NativeSpec {
         eof_received: false,
         end_on_socket_eof: false,
         tap: PgTap::default(),
+        tls: None,
     }
 }
 

@@ -1,0 +1,394 @@
+//! TLS from the engine to a server (the Gate's connection to a PostgreSQL
+//! that asks for TLS), with rustls.
+//!
+//! One connection lives two lives: Python drives its handshake and the login
+//! through [`TlsClient`] (sans-IO: ciphertext in, plaintext out and back),
+//! then a native relay takes the same connection over ([`TlsLink`]) and
+//! reads and writes records on the socket itself, so a TLS session costs no
+//! Python per message either.
+//!
+//! Verification follows libpq's `sslmode`: [`Verify::Full`] checks the chain
+//! and the host name, [`Verify::Chain`] the chain only, [`Verify::None`]
+//! neither (`require` without a root certificate). Even then the handshake's
+//! signatures are checked, so the server proves it holds the key of the
+//! certificate it sent (what channel binding relies on).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
+    SignatureScheme,
+};
+
+use crate::sys;
+
+/// What the client checks of the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Nothing but the handshake's signatures (libpq's `require`).
+    None,
+    /// The chain up to a trusted root, whatever name it is for (`verify-ca`).
+    Chain,
+    /// The chain and the server's name (`verify-full`).
+    Full,
+}
+
+/// Why TLS failed: the text of rustls' error or of the configuration's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError(pub String);
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+impl From<rustls::Error> for TlsError {
+    fn from(err: rustls::Error) -> Self {
+        TlsError(err.to_string())
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// A client configuration: `roots_pem` holds the trusted certificates (PEM;
+/// ignored for [`Verify::None`]), `alpn` the protocols offered.
+pub fn client_config(
+    verify: Verify,
+    roots_pem: &[u8],
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let verifier: Arc<dyn ServerCertVerifier> = match verify {
+        Verify::None => Arc::new(SignaturesOnly(provider)),
+        Verify::Chain | Verify::Full => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(roots_pem) {
+                let cert = cert.map_err(|e| TlsError(format!("root certificates: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError(format!("root certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError("no root certificate to verify against".into()));
+            }
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError(e.to_string()))?;
+            if verify == Verify::Full {
+                webpki
+            } else {
+                Arc::new(AnyName(webpki))
+            }
+        }
+    };
+    let mut config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
+}
+
+/// A new client connection to `server_name` (a DNS name or an IP address).
+pub fn connect(config: Arc<ClientConfig>, server_name: &str) -> Result<ClientConnection, TlsError> {
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| TlsError(format!("{server_name:?} is not a valid server name")))?;
+    Ok(ClientConnection::new(config, name)?)
+}
+
+/// `require`: any certificate, but the handshake must be signed by its key.
+#[derive(Debug)]
+struct SignaturesOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SignaturesOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain is checked, the name it is for is not.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A client connection driven from outside (sans-IO): the caller moves the
+/// ciphertext between it and the socket. For the handshake and the login.
+pub struct TlsClient {
+    conn: ClientConnection,
+}
+
+impl TlsClient {
+    pub fn new(conn: ClientConnection) -> Self {
+        TlsClient { conn }
+    }
+
+    /// Take ciphertext from the server; returns the plaintext it completed.
+    pub fn receive(&mut self, mut ciphertext: &[u8]) -> Result<Vec<u8>, TlsError> {
+        let mut plain = Vec::new();
+        while !ciphertext.is_empty() {
+            self.conn
+                .read_tls(&mut ciphertext)
+                .map_err(|e| TlsError(e.to_string()))?;
+            self.conn.process_new_packets()?;
+            self.drain_plaintext(&mut plain)?;
+        }
+        Ok(plain)
+    }
+
+    fn drain_plaintext(&mut self, plain: &mut Vec<u8>) -> Result<(), TlsError> {
+        match self.conn.reader().read_to_end(plain) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(TlsError(e.to_string())),
+        }
+    }
+
+    /// The server ended the stream (end of TCP stream): whether it had said
+    /// so within TLS first (close_notify).
+    pub fn receive_eof(&mut self) -> bool {
+        let _ = self.conn.read_tls(&mut io::empty());
+        let _ = self.conn.process_new_packets();
+        matches!(self.conn.reader().read(&mut [0; 1]), Ok(0))
+    }
+
+    /// Queue plaintext for the server.
+    pub fn send(&mut self, plaintext: &[u8]) -> Result<(), TlsError> {
+        self.conn
+            .writer()
+            .write_all(plaintext)
+            .map_err(|e| TlsError(e.to_string()))
+    }
+
+    /// The ciphertext to write to the socket now.
+    pub fn outgoing(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+        out
+    }
+
+    pub fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// The server's certificate (DER), once the handshake has it.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        self.conn
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| cert.as_ref().to_vec())
+    }
+
+    /// `"TLSv1.3"` or `"TLSv1.2"`, once negotiated.
+    pub fn protocol_version(&self) -> Option<&'static str> {
+        self.conn.protocol_version().and_then(|v| v.as_str())
+    }
+
+    /// Say close_notify (sent with the next [`TlsClient::outgoing`]).
+    pub fn close(&mut self) {
+        self.conn.send_close_notify();
+    }
+
+    pub fn into_connection(self) -> ClientConnection {
+        self.conn
+    }
+}
+
+/// A socket's TLS layer inside a native relay.
+pub struct TlsLink {
+    conn: Box<ClientConnection>,
+    /// Plaintext decrypted and not yet taken.
+    pending: usize,
+    close_sent: bool,
+}
+
+struct Fd(RawFd);
+
+impl Read for Fd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        sys::read(self.0, buf)
+    }
+}
+
+impl Write for Fd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sys::send(self.0, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TlsLink {
+    pub fn new(conn: ClientConnection) -> Self {
+        TlsLink {
+            conn: Box::new(conn),
+            pending: 0,
+            close_sent: false,
+        }
+    }
+
+    /// Plaintext is waiting inside the TLS layer (no socket event will say so).
+    pub fn has_pending(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Ciphertext is waiting to be written.
+    pub fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Up to `buf.len()` bytes of plaintext, reading records from `fd` as
+    /// needed: `Ok(0)` at the end of the stream, `WouldBlock` when the
+    /// socket has nothing more for now. Records that need an answer (a key
+    /// update) queue it; [`TlsLink::flush`] writes it.
+    pub fn read(&mut self, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => {
+                    self.pending = self.pending.saturating_sub(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The TCP stream ended without close_notify. A Postgres
+                // server's messages delimit themselves, so a cut is seen by
+                // the client as a cut message, as libpq treats it.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if self.conn.read_tls(&mut Fd(fd))? == 0 {
+                let state = self.process()?;
+                if state == 0 {
+                    return Ok(0);
+                }
+                continue;
+            }
+            self.process()?;
+        }
+    }
+
+    fn process(&mut self) -> io::Result<usize> {
+        let state = self
+            .conn
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.pending = state.plaintext_bytes_to_read();
+        Ok(self.pending)
+    }
+
+    /// Take as much of `plaintext` as the TLS layer's buffer allows (sealed
+    /// into records, not yet written); how much.
+    pub fn write(&mut self, plaintext: &[u8]) -> io::Result<usize> {
+        self.conn.writer().write(plaintext)
+    }
+
+    /// Write sealed records to `fd` until it would block or none are left.
+    pub fn flush(&mut self, fd: RawFd) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut Fd(fd)) {
+                Ok(_) => {}
+                Err(e) if sys::would_block(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue close_notify, once.
+    pub fn close(&mut self) {
+        if !self.close_sent {
+            self.close_sent = true;
+            self.conn.send_close_notify();
+        }
+    }
+}
