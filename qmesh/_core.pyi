@@ -61,7 +61,6 @@ __all__ = [
     "PeerClosed",
     "PgEvent",
     "PgMalformed",
-    "PgMessageCursor",
     "PgMessageTooLarge",
     "PgScanner",
     "PgStartup",
@@ -75,8 +74,9 @@ __all__ = [
     "Tampered",
     "TapRecord",
     "TapSpec",
-    "TlsClient",
     "TlsError",
+    "TlsServerConfig",
+    "TlsSession",
     "Truncated",
     "TunnelEngine",
     "decode_reason",
@@ -279,7 +279,7 @@ class TapSpec:
         backend: bytes | None = None,
         guard: bytes | None = None,
         backend_guard: bytes | None = None,
-        backend_to_socket: bool = False,
+        farewell: bytes | None = None,
         guard_screen: list[bytes] | None = None,
     ) -> Self:
         """``frontend=(full, peek)`` scans the bytes from the tunnel as a
@@ -293,11 +293,11 @@ class TapSpec:
         held Query or Parse (the kinds that carry SQL text) is only held if
         it contains one of those words (ASCII letters in any case); one that
         names none is relayed at once and reported unheld if its kind is in
-        ``frontend``. ``backend_to_socket`` (the
-        MiniGate's side, where the tunnel brings a server's messages) follows
-        the framing of what reaches the socket, for
-        :attr:`RelayOutcome.between_messages`. ValueError for a guard
-        without its scanner."""
+        ``frontend``. A ``farewell`` (a server message of the relay's own, for
+        the MiniGate's side, where the tunnel brings a server's messages) is
+        written to the socket if the session is lost while the socket stands
+        between two messages: the engine follows the framing of what it
+        writes there to know. ValueError for a guard without its scanner."""
 
 @final
 class RelayEnding:
@@ -335,7 +335,6 @@ class RelayOutcome:
         credit: int = 0,
         eof_sent: bool = False,
         eof_received: bool = False,
-        between_messages: bool = False,
     ) -> Self: ...
     @property
     def ending(self) -> RelayEnding: ...
@@ -354,11 +353,6 @@ class RelayOutcome:
     @property
     def eof_received(self) -> bool:
         """CLOSE was received."""
-    @property
-    def between_messages(self) -> bool:
-        """The socket was left between two Postgres messages, where the
-        relay may end it with one of its own (only ever true with
-        ``TapSpec(backend_to_socket=True)``)."""
     @property
     def failed(self) -> bool:
         """Whether the relay ended other than by its ends closing."""
@@ -471,14 +465,14 @@ class TunnelEngine:
         eof_received: bool = False,
         end_on_socket_eof: bool = False,
         tap: TapSpec | None = None,
-        tls: TlsClient | None = None,
+        tls: TlsSession | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
         :meth:`take`). The other arguments carry the stream's state over;
         ``tap`` says what the stream's scanners report and hold; ``tls``, a
         connection whose handshake is done, is the socket's TLS layer from
-        now on (the object is spent: :attr:`TlsClient.handed_over`).
+        now on (the object is spent: :attr:`TlsSession.handed_over`).
         ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
@@ -490,10 +484,9 @@ class TunnelEngine:
         """Take a native stream back: its socket is unwatched when this returns.
         None if it had already ended (its ending is, or was, in :meth:`take`)."""
 
-    def lose(self) -> list[int]:
-        """The session is over: drop retained frames and every native stream.
-        Returns the streams whose socket was left between two Postgres
-        messages (:attr:`RelayOutcome.between_messages`)."""
+    def lose(self) -> None:
+        """The session is over: drop retained frames and every native stream
+        (after writing its :class:`TapSpec` farewell)."""
 
     def close(self) -> None:
         """Stop the engine's thread (also happens when the object is collected)."""
@@ -586,35 +579,50 @@ class TlsError(OSError):
     (an OSError, as Python's ssl.SSLError is)."""
 
 @final
-class TlsClient:
-    """A TLS client connection (rustls, TLS 1.2 and 1.3), sans-IO: the
-    caller moves ciphertext between it and the socket. Python drives the
-    handshake and the login with it, then hands it to a native relay
+class TlsServerConfig:
+    """A TLS server's certificate chain and private key, loaded once and
+    shared by its connections (:meth:`TlsSession.server`)."""
+
+    def __new__(
+        cls, certificate_chain: bytes, private_key: bytes, *, alpn: list[bytes] | None = None
+    ) -> Self:
+        """PEM; ``alpn``: the protocols offered (a client that offers others
+        is refused). TlsError for unusable files."""
+
+@final
+class TlsSession:
+    """A TLS connection (rustls, TLS 1.2 and 1.3), client or server,
+    sans-IO: the caller moves ciphertext between it and the socket. Python
+    drives the handshake and what precedes the relay with it (a login, a
+    startup packet), then hands it to a native relay
     (:meth:`TunnelEngine.attach_native`), which carries on with the same
     connection; after that every method but :attr:`handed_over` raises
     ValueError."""
 
-    def __new__(
-        cls,
+    @staticmethod
+    def client(
         server_name: str,
         *,
         verify: str,
         root_certificates: bytes | None = None,
         alpn: list[bytes] | None = None,
-    ) -> Self:
-        """``verify``: ``"full"`` (the chain up to ``root_certificates``, PEM,
-        and ``server_name``), ``"ca"`` (the chain only) or ``"none"`` (only the
-        handshake's signatures: the server holds the key of the certificate
-        it sent). ``server_name`` is a DNS name (sent as SNI) or an IP
-        address. TlsError for unusable certificates, ValueError for a bad
-        ``verify``."""
+    ) -> TlsSession:
+        """A client. ``verify``: ``"full"`` (the chain up to
+        ``root_certificates``, PEM, and ``server_name``), ``"ca"`` (the chain
+        only) or ``"none"`` (only the handshake's signatures: the server holds
+        the key of the certificate it sent). ``server_name`` is a DNS name
+        (sent as SNI) or an IP address. TlsError for unusable certificates,
+        ValueError for a bad ``verify``."""
+    @staticmethod
+    def server(config: TlsServerConfig) -> TlsSession:
+        """A server, with ``config``'s certificate."""
     def receive(self, data: bytes) -> bytes:
-        """Ciphertext from the server; the plaintext it completed. TlsError
+        """Ciphertext from the peer; the plaintext it completed. TlsError
         when it is not acceptable (a bad certificate, a bad record, an alert)."""
     def receive_eof(self) -> bool:
-        """The server's TCP stream ended: whether it had closed TLS first."""
+        """The peer's TCP stream ended: whether it had closed TLS first."""
     def send(self, data: bytes) -> None:
-        """Plaintext for the server, sealed with the next :meth:`outgoing`."""
+        """Plaintext for the peer, sealed with the next :meth:`outgoing`."""
     def outgoing(self) -> bytes:
         """The ciphertext to write to the socket now (handshake or records)."""
     def close(self) -> None:
@@ -623,10 +631,13 @@ class TlsClient:
     def handshaking(self) -> bool: ...
     @property
     def peer_certificate(self) -> bytes | None:
-        """The server's certificate (DER), once the handshake has it."""
+        """The peer's certificate (DER), once the handshake has it."""
     @property
     def protocol_version(self) -> str | None:
         """``"TLSv1.3"`` or ``"TLSv1.2"``, once negotiated."""
+    @property
+    def alpn_protocol(self) -> bytes | None:
+        """The protocol agreed by ALPN, if any."""
     @property
     def handed_over(self) -> bool:
         """The connection belongs to a native relay now."""
@@ -636,20 +647,6 @@ PgEvent: TypeAlias = tuple[int, bytes]
 asked for (``raw`` starts with the header; it is a *prefix* when shorter than
 the header's length + 1), or ``(0, raw)`` for a run of bytes to forward as
 they are (relay mode only)."""
-
-@final
-class PgMessageCursor:
-    """Whether a relayed stream of typed Postgres messages stands between
-    two of them, for a proxy that ends it with a message of its own (an
-    ErrorResponse when its upstream is lost). It follows the framing only
-    and checks nothing."""
-
-    def __new__(cls) -> Self: ...
-    def advance(self, data: bytes | bytearray | memoryview) -> None:
-        """Account for the stream's next bytes."""
-    @property
-    def between_messages(self) -> bool:
-        """Every message begun so far is complete."""
 
 @final
 class PgScanner:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
-import ssl
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -131,7 +130,7 @@ async def start_ghost(
     vault_dsn: str | None = None,
     settings: TunnelConfig | None = None,
     edge_port: Callable[[Gate], Awaitable[int]] | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: _core.TlsServerConfig | None = None,
     audit: AuditLog | None = None,
     state: Path | str | None = None,
 ) -> Ghost:

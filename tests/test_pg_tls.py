@@ -30,7 +30,7 @@ from tunnelkit import until
 
 from qmesh import _core
 from qmesh.pg import login as gate_login
-from qmesh.pg.edge import tls_context
+from qmesh.pg.edge import tls_config
 from qmesh.pg.scram import ScramClient, tls_server_end_point
 from qmesh.pg.vault import DatabaseSecret
 
@@ -117,9 +117,13 @@ def server_tls(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) 
 
 async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
     ca, cert, key = make_ca_and_server(tmp_path / "edge", "edge")
-    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_context(cert, key))
+    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_config(cert, key))
+    await ghost.edge.wait_connected()
+    edge_session = ghost.edge.session
+    assert edge_session is not None
+    blob = os.urandom(2 * 1024 * 1024)
 
-    def work() -> tuple[bool, bool]:
+    def work() -> tuple[bool, bool, int]:
         with psycopg.connect(
             **ghost.kwargs(host="localhost"), sslmode="verify-full", sslrootcert=str(ca)
         ) as conn:
@@ -128,10 +132,14 @@ async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_p
         with psycopg.connect(**ghost.kwargs(), sslmode="require") as conn:
             assert conn.execute("SELECT 2").fetchone() == (2,)
             required = conn.pgconn.ssl_in_use
-        return verified, required
+            # The TLS session is relayed by the MiniGate's engine, large
+            # values both ways included.
+            native = trio.from_thread.run_sync(lambda: edge_session.native_streams)
+            assert conn.execute("SELECT %s::bytea", (blob,)).fetchone() == (blob,)
+        return verified, required, native
 
     with trio.fail_after(30):
-        assert await in_thread(work) == (True, True)
+        assert await in_thread(work) == (True, True, 1)
         code, out, err = await run(["psql", ghost.dsn(sslmode="require"), "-X", "-c", "\\conninfo"])
     assert code == 0, err
     assert "SSL connection (protocol: TLSv1.3" in out
@@ -141,7 +149,7 @@ async def test_direct_tls_needs_the_postgresql_alpn(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
     ca, cert, key = make_ca_and_server(tmp_path / "edge", "edge")
-    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_context(cert, key))
+    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_config(cert, key))
 
     def hello(alpn: list[str]) -> bytes:
         context = ssl.create_default_context(cafile=str(ca))
@@ -197,6 +205,7 @@ async def test_tls_to_the_server_is_relayed_in_the_engine(
     of small queries, and the session's data intact."""
     dsn = db.dsn("verify-full", sslrootcert=str(server_tls))
     ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn)
+    await ghost.edge.wait_connected()
     (gate_session,) = ghost.gate.server.sessions.values()
     blob = os.urandom(3 * 1024 * 1024 + 7)
 

@@ -10,7 +10,7 @@ from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.forward.edge import serve_forward
 from qmesh.identity import dial_addresses, load_credential
 from qmesh.llm.edge import serve_llm
-from qmesh.pg.edge import serve_pg, tls_context
+from qmesh.pg.edge import serve_pg, tls_config
 from qmesh.tunnel import TunnelClient
 
 
@@ -30,8 +30,8 @@ async def run_minigate(
     pg_tls = None
     if config.minigate.pg_tls_cert is not None and config.minigate.pg_tls_key is not None:
         try:
-            pg_tls = tls_context(config.minigate.pg_tls_cert, config.minigate.pg_tls_key)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            pg_tls = tls_config(config.minigate.pg_tls_cert, config.minigate.pg_tls_key)
+        except OSError as exc:  # _core.TlsError is an OSError
             raise ConfigError(
                 f"cannot use {config.minigate.pg_tls_cert} / {config.minigate.pg_tls_key}: {exc}",
                 key="minigate.pg_tls_cert",

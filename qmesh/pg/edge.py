@@ -3,7 +3,8 @@ of the ghost wire.
 
 For: the startup phase of each client connection, which has to be answered
 locally because it happens before any message is typed: SSLRequest (TLS
-with ``minigate.pg_tls_cert``/``pg_tls_key`` when configured, else ``N``),
+with ``minigate.pg_tls_cert``/``pg_tls_key`` when configured, else ``N``;
+rustls in the Rust core, and the relay engine carries the TLS session on),
 GSSENCRequest (``N``, then the client's next packet), direct TLS (a TLS
 ClientHello first, PostgreSQL 17's ``sslnegotiation=direct``, ALPN
 ``postgresql``), CancelRequest (a ``pg-cancel`` tunnel stream to the Gate)
@@ -15,10 +16,9 @@ so this edge never holds a verifier, a policy or a real credential.
 When the session with the Gate is lost (its Gate died and no other could
 take the session over), a client gets what PostgreSQL itself sends when it
 shuts down: a FATAL ErrorResponse, SQLSTATE 08006, then the end of the
-connection. The error is only sent where a message may begin, so the relay
-follows the framing of what it wrote to the client (in the engine, or with
-:class:`_core.PgMessageCursor` on the TLS path); a client left inside a cut
-message just sees the connection end.
+connection. The relay engine writes it (``TapSpec(farewell=...)``), and only
+where a message may begin: it follows the framing of what it wrote to the
+client, and a client left inside a cut message just sees the connection end.
 
 Not for: reading the messages after the startup (the Gate does, with the
 same Rust parser), or connecting anywhere but the Gate.
@@ -27,7 +27,6 @@ same Rust parser), or connecting anywhere but the Gate.
 from __future__ import annotations
 
 import logging
-import ssl
 from pathlib import Path
 from typing import Final
 
@@ -37,13 +36,13 @@ from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.fastsocket import FastSocketStream, open_listeners, serve_listeners
+from qmesh.tls import TlsStream
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.frames import ResetCode
-from qmesh.tunnel.services import pump_both
 from qmesh.tunnel.stream import TunnelStream
 
-__all__ = ["serve_pg", "tls_context"]
+__all__ = ["serve_pg", "tls_config"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ STARTUP_TIMEOUT_S: Final = 30.0
 """A client must finish its startup packets within this (PostgreSQL: authentication_timeout)."""
 CANCEL_TIMEOUT_S: Final = 10.0
 _TLS_RECORD_HANDSHAKE: Final = 0x16
-_ALPN: Final = "postgresql"
+_ALPN: Final = b"postgresql"
 
 
 class StartupRefused(Exception):
@@ -64,70 +63,11 @@ class StartupRefused(Exception):
         self.message = message
 
 
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """The server-side TLS context for ``pg_listen``. Raises OSError or
-    ssl.SSLError when the files cannot be used (checked at start-up)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols([_ALPN])
-    return context
-
-
-class _Counted(trio.abc.Stream):
-    """The client's stream on the Python (TLS) path, following the framing
-    of the server messages sent to it."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self._cursor = _core.PgMessageCursor()
-        self._interrupted = False
-
-    @property
-    def between_messages(self) -> bool:
-        """Every message sent so far reached the client whole."""
-        return not self._interrupted and self._cursor.between_messages
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._interrupted = True  # until it is known that all of it went
-        await self.stream.send_all(data)
-        self._cursor.advance(data)
-        self._interrupted = False
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-class _Prefixed(trio.abc.Stream):
-    """A stream that first returns bytes already read from it (for direct
-    TLS, where the ClientHello's first bytes were read to recognise it)."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self.stream = stream
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:n], self._prefix[n:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+def tls_config(cert: Path, key: Path) -> _core.TlsServerConfig:
+    """The TLS server configuration for ``pg_listen`` (TLS 1.2 and 1.3;
+    ALPN ``postgresql``). Raises OSError (``_core.TlsError`` is one) when the
+    files cannot be used (checked at start-up)."""
+    return _core.TlsServerConfig(cert.read_bytes(), key.read_bytes(), alpn=[_ALPN])
 
 
 async def _read_packet(stream: trio.abc.Stream, buffer: bytearray) -> _core.PgStartup:
@@ -153,10 +93,10 @@ _GATE_LOST: Final = _fatal("08006", "qmesh: the connection to the gate was lost;
 
 
 class _ServerToClient:
-    """The engine follows the framing of the server messages it writes to
-    the client, and reports nothing."""
+    """The engine writes the lost-Gate error between two server messages
+    if the session is lost, and reports nothing."""
 
-    spec: Final = _core.TapSpec(backend_to_socket=True)
+    spec: Final = _core.TapSpec(farewell=_GATE_LOST)
 
     def on_records(self, records: list[_core.TapRecord]) -> bytes | None:
         return None
@@ -166,7 +106,7 @@ async def serve_pg(
     client: TunnelClient,
     listen: str,
     *,
-    tls: ssl.SSLContext | None = None,
+    tls: _core.TlsServerConfig | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``listen`` ("host:port") and carry each Postgres client
@@ -189,7 +129,7 @@ async def serve_pg(
 
 
 async def _handle(
-    client: TunnelClient, local: trio.SocketStream, tls: ssl.SSLContext | None
+    client: TunnelClient, local: trio.SocketStream, tls: _core.TlsServerConfig | None
 ) -> None:
     stream: trio.abc.Stream = local
     buffer = bytearray()
@@ -203,7 +143,7 @@ async def _handle(
             if buffer[0] == _TLS_RECORD_HANDSHAKE:
                 if tls is None:
                     return  # a TLS ClientHello where no TLS is configured: just hang up
-                stream = await _start_tls(_Prefixed(local, bytes(buffer)), tls, direct=True)
+                stream = await _start_tls(local, tls, direct=True, prefix=bytes(buffer))
                 buffer.clear()
                 encrypted = True
             while True:
@@ -220,7 +160,7 @@ async def _handle(
                     raise StartupRefused("08P01", "unexpected data after an encryption request")
                 if packet.kind == "ssl" and tls is not None and not encrypted:
                     await stream.send_all(b"S")
-                    stream = await _start_tls(stream, tls, direct=False)
+                    stream = await _start_tls(local, tls, direct=False)
                     encrypted = True
                 elif packet.kind in ("ssl", "gssenc") and not encrypted:
                     await stream.send_all(b"N")
@@ -275,43 +215,43 @@ async def _handle(
 
 
 async def _relay(stream: trio.abc.Stream, tunnel: TunnelStream) -> None:
-    """Relay the session both ways until it ends (in the engine unless the
-    client speaks TLS); a lost Gate session ends with the FATAL 08006 that
-    the module docstring describes."""
+    """Relay the session both ways in the engine (TLS included) until it
+    ends; a lost Gate session ends with the FATAL 08006 that the module
+    docstring describes."""
     try:
-        if isinstance(stream, trio.SocketStream | FastSocketStream):
-            outcome = await tunnel.relay_native(stream, tap=_ServerToClient())
-            between_messages = outcome.between_messages
+        if isinstance(stream, TlsStream):
+            # Whatever the startup left unread was sent with the startup.
+            assert not stream.buffered
+            outcome = await tunnel.relay_native(
+                stream.transport, tap=_ServerToClient(), tls=stream.tls
+            )
         else:
-            # A TLS client stream cannot be half-closed: the pump closes it
-            # once the Gate's side ends (a Postgres server done sending is
-            # done with the connection).
-            counted = _Counted(stream)
-            await pump_both(counted, tunnel)
-            between_messages = counted.between_messages
+            assert isinstance(stream, trio.SocketStream | FastSocketStream)
+            outcome = await tunnel.relay_native(stream, tap=_ServerToClient())
         failure = tunnel.failure
         if failure is not None and failure.code == ResetCode.SESSION_LOST:
             log.info("a postgres session ended with the gate session: %s", failure.reason)
-            if between_messages:
-                await _send_quietly(stream, _GATE_LOST)
+        elif outcome.failed:
+            log.debug("postgres relay ended: %s %s", outcome.ending, outcome.detail)
     finally:
         await trio.aclose_forcefully(stream)
         await trio.aclose_forcefully(tunnel)
 
 
 async def _start_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, *, direct: bool
-) -> trio.SSLStream[trio.abc.Stream]:
-    tls = trio.SSLStream(stream, context, server_side=True)
-    try:
-        await tls.do_handshake()
-    except trio.BrokenResourceError as exc:
-        raise OSError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
-    if direct and tls.selected_alpn_protocol() != _ALPN:
+    local: trio.SocketStream, config: _core.TlsServerConfig, *, direct: bool, prefix: bytes = b""
+) -> TlsStream:
+    """The TLS handshake with the client; ``prefix``: what was already read
+    of it (direct TLS). Raises OSError (``_core.TlsError`` is one) or
+    ``trio.BrokenResourceError`` when it fails."""
+    stream = TlsStream(local, _core.TlsSession.server(config))
+    stream.feed(prefix)
+    await stream.handshake()
+    if direct and stream.tls.alpn_protocol != _ALPN:
         # PostgreSQL requires the ALPN for direct TLS, so a TLS client of
         # another protocol cannot be confused for a Postgres one.
         raise StartupRefused("08P01", "direct TLS without the 'postgresql' ALPN protocol")
-    return tls
+    return stream
 
 
 async def _cancel(client: TunnelClient, packet: _core.PgStartup) -> None:

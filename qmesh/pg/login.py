@@ -36,8 +36,9 @@ from qmesh.pg.scram import (
     md5_password,
     tls_server_end_point,
 )
-from qmesh.pg.server_tls import ServerTls, start_tls
+from qmesh.pg.server_tls import start_tls
 from qmesh.pg.vault import DatabaseSecret
+from qmesh.tls import TlsStream
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,8 @@ async def open_upstream(
             stream = await negotiate_tls(
                 tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
             )
-        tls = isinstance(stream, ServerTls)
-        binding = _channel_binding(stream) if isinstance(stream, ServerTls) else None
+        tls = isinstance(stream, TlsStream)
+        binding = _channel_binding(stream) if isinstance(stream, TlsStream) else None
         await stream.send_all(_core.encode_startup(params))
         reader = MessageReader(stream, frontend=False, what="the database server")
         scram: ScramClient | None = None
@@ -303,7 +304,7 @@ async def open_upstream(
         raise
 
 
-def _channel_binding(stream: ServerTls) -> bytes | None:
+def _channel_binding(stream: TlsStream) -> bytes | None:
     """The TLS connection's ``tls-server-end-point`` data; None when the
     server's certificate cannot give it."""
     certificate = stream.tls.peer_certificate

@@ -36,7 +36,7 @@ from qmesh.pg.guard import (
 )
 from qmesh.pg.login import PgSessionError, Upstream, error_response
 from qmesh.pg.policy import AppPolicy
-from qmesh.pg.server_tls import ServerTls
+from qmesh.tls import TlsStream
 from qmesh.tunnel.stream import TunnelStream
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class Relay:
         before their first query)."""
         if client_leftover or self.server_leftover:
             return False
-        if isinstance(self.upstream, ServerTls):
+        if isinstance(self.upstream, TlsStream):
             return not self.upstream.buffered
         return isinstance(self.upstream, FastSocketStream | trio.SocketStream)
 
@@ -213,8 +213,8 @@ class Relay:
         statement guard it holds each Query, Parse and FunctionCall (and what
         follows) until :meth:`_on_tap` says what to send in its place: one
         trip through Python per statement, none per row or reply."""
-        tls: _core.TlsClient | None = None
-        if isinstance(self.upstream, ServerTls):
+        tls: _core.TlsSession | None = None
+        if isinstance(self.upstream, TlsStream):
             upstream: trio.abc.Stream = self.upstream.transport
             tls = self.upstream.tls
         else:

@@ -63,7 +63,7 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = 65536) 
             if outcome.failed:
                 log.debug("relay ended: %s %s", outcome.ending, outcome.detail)
             return
-        await pump_both(fast(a), fast(b), chunk=chunk)
+        await _pump_both(fast(a), fast(b), chunk)
     finally:
         await trio.aclose_forcefully(a)
         await trio.aclose_forcefully(b)
@@ -80,11 +80,7 @@ def _native_pair(
     return None
 
 
-async def pump_both(a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = 65536) -> None:
-    """Relay bytes both ways in Python, as :func:`splice` does, until both
-    directions end or either fails; closes neither stream (the caller may
-    still have something to say on one of them)."""
-
+async def _pump_both(a: trio.abc.Stream, b: trio.abc.Stream, chunk: int) -> None:
     async def pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
         try:
             while data := await source.receive_some(chunk):

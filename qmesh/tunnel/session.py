@@ -294,11 +294,9 @@ class Session:
         if self._lost is not None:
             return
         self._lost = error
-        between_messages = set(self._engine.lose())
+        self._engine.lose()
         for stream in list(self._streams.values()):
-            stream.on_reset(
-                ResetCode.SESSION_LOST, str(error), between_messages=stream.id in between_messages
-            )
+            stream.on_reset(ResetCode.SESSION_LOST, str(error))
         self._streams.clear()
         self._pending.clear()
         if self._connection_scope is not None:
@@ -332,7 +330,7 @@ class Session:
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: _core.TapSpec | None,
-        tls: _core.TlsClient | None = None,
+        tls: _core.TlsSession | None = None,
     ) -> None:
         """Hand stream ``stream_id`` to the engine, relayed to the socket ``fd``."""
         if self._lost is not None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import trio
 
-from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsClient
+from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsSession
 from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
@@ -73,7 +73,7 @@ class StreamHost(Protocol):
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: TapSpec | None,
-        tls: TlsClient | None,
+        tls: TlsSession | None,
     ) -> None:
         """Hand the stream, with its state, to the engine, relayed to the
         socket ``fd`` (see ``qmesh._core.TunnelEngine.attach_native``)."""
@@ -238,7 +238,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         *,
         end_on_socket_eof: bool = False,
         tap: NativeTap | None = None,
-        tls: TlsClient | None = None,
+        tls: TlsSession | None = None,
     ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
@@ -329,10 +329,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_credit += increment
         self._lot.unpark_all()
 
-    def on_reset(self, code: int, reason: str, *, between_messages: bool = False) -> None:
-        """The peer reset the stream, or (``SESSION_LOST``) the session is
-        over; ``between_messages`` is the engine's word on a native relay's
-        socket (:attr:`RelayOutcome.between_messages`)."""
+    def on_reset(self, code: int, reason: str) -> None:
+        """The peer reset the stream, or (``SESSION_LOST``) the session is over."""
         self._fail(StreamReset(code, reason))
         if self._native_done is not None:
             # The session is over; the engine has dropped the native relay.
@@ -342,7 +340,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 detail=reason,
                 eof_sent=self._eof_sent,
                 eof_received=self._recv_eof,
-                between_messages=between_messages,
             )
             self._native_done.set()
 

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
-use crate::tls::TlsClient;
+use crate::tls::TlsSession;
 use crate::{Error, FrameDecoder, FrameEncoder, Result, DETACH_THRESHOLD};
 
 /// ``(at, from_tunnel, tag, raw, hold)``: a tuple rather than a class, since
@@ -101,9 +101,6 @@ pub struct RelayOutcome {
     eof_sent: bool,
     /// CLOSE was received.
     eof_received: bool,
-    /// The socket was left between two Postgres messages (only ever true
-    /// with ``TapSpec(backend_to_socket=True)``).
-    between_messages: bool,
 }
 
 impl From<relay::Outcome> for RelayOutcome {
@@ -124,7 +121,6 @@ impl From<relay::Outcome> for RelayOutcome {
             credit: outcome.credit,
             eof_sent: outcome.eof_sent,
             eof_received: outcome.eof_received,
-            between_messages: outcome.between_messages,
         }
     }
 }
@@ -140,7 +136,6 @@ impl RelayOutcome {
         credit = 0,
         eof_sent = false,
         eof_received = false,
-        between_messages = false,
     ))]
     fn new(
         ending: RelayEnding,
@@ -149,7 +144,6 @@ impl RelayOutcome {
         credit: u64,
         eof_sent: bool,
         eof_received: bool,
-        between_messages: bool,
     ) -> Self {
         RelayOutcome {
             ending,
@@ -158,7 +152,6 @@ impl RelayOutcome {
             credit,
             eof_sent,
             eof_received,
-            between_messages,
         }
     }
 
@@ -172,13 +165,12 @@ impl RelayOutcome {
         let detail = self.detail.as_str().into_pyobject(py)?.repr()?;
         Ok(format!(
             "RelayOutcome(RelayEnding.{}, code={}, detail={detail}, credit={}, eof_sent={}, \
-             eof_received={}, between_messages={})",
+             eof_received={})",
             self.ending.name(),
             self.code,
             self.credit,
             py_bool(self.eof_sent),
             py_bool(self.eof_received),
-            py_bool(self.between_messages),
         ))
     }
 }
@@ -200,10 +192,10 @@ impl TapSpec {
     /// with ``held`` set, and nothing more reaches the socket until
     /// ``TunnelEngine.verdict``; ``backend_guard`` kinds (with ``backend``)
     /// likewise on the server's side; ``guard_screen`` words let a Query or
-    /// Parse that names none of them through without a verdict. ``backend_to_socket`` (the
-    /// MiniGate's side, where the tunnel brings a server's messages) follows
-    /// the framing of what reaches the socket, for
-    /// ``RelayOutcome.between_messages``.
+    /// Parse that names none of them through without a verdict. A
+    /// ``farewell`` (the MiniGate's side, where the tunnel brings a server's
+    /// messages) is written to the socket if the session is lost between
+    /// two messages.
     #[new]
     #[pyo3(signature = (
         *,
@@ -211,7 +203,7 @@ impl TapSpec {
         backend = None,
         guard = None,
         backend_guard = None,
-        backend_to_socket = false,
+        farewell = None,
         guard_screen = None,
     ))]
     fn new(
@@ -219,7 +211,7 @@ impl TapSpec {
         backend: Option<Vec<u8>>,
         guard: Option<Vec<u8>>,
         backend_guard: Option<Vec<u8>>,
-        backend_to_socket: bool,
+        farewell: Option<Vec<u8>>,
         guard_screen: Option<Vec<Vec<u8>>>,
     ) -> Result<Self> {
         let guard = guard.unwrap_or_default();
@@ -239,7 +231,7 @@ impl TapSpec {
                 backend,
                 guard,
                 backend_guard,
-                backend_to_socket,
+                farewell: farewell.unwrap_or_default(),
                 guard_screen: guard_screen.unwrap_or_default(),
             },
         })
@@ -254,11 +246,9 @@ impl TapSpec {
         });
         let backend = tap.backend.as_deref().map_or("None".into(), tags);
         format!(
-            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={}, \
-             backend_to_socket={})",
+            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={})",
             tags(&tap.guard),
             tags(&tap.backend_guard),
-            py_bool(tap.backend_to_socket),
         )
     }
 }
@@ -497,7 +487,7 @@ impl TunnelEngine {
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
-        tls: Option<PyRefMut<'_, TlsClient>>,
+        tls: Option<PyRefMut<'_, TlsSession>>,
     ) -> Result<()> {
         let tls = match tls {
             Some(mut client) => Some(client.hand_over()?),
@@ -533,11 +523,10 @@ impl TunnelEngine {
         self.inner.abort_native(stream_id).map(RelayOutcome::from)
     }
 
-    /// The session is over: drop retained frames and every native stream.
-    /// Returns the streams whose socket was left between two Postgres
-    /// messages (``RelayOutcome.between_messages``).
-    fn lose(&self) -> Vec<u32> {
-        self.inner.lose()
+    /// The session is over: drop retained frames and every native stream
+    /// (after its farewell, see ``TapSpec``).
+    fn lose(&self) {
+        self.inner.lose();
     }
 
     /// Stop the engine's thread (also happens when the object is collected).

@@ -629,38 +629,12 @@ fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(u32, Vec<String>)> {
     Ok((minor, options.into_iter().map(str::to_owned).collect()))
 }
 
-/// Whether a relayed stream of Postgres messages stands between two of them
-/// (see ``qmesh/_core.pyi``).
-#[pyclass(module = "qmesh._core", name = "PgMessageCursor")]
-#[derive(Default)]
-pub struct PgMessageCursor {
-    inner: pg::MessageCursor,
-}
-
-#[pymethods]
-impl PgMessageCursor {
-    #[new]
-    fn new() -> Self {
-        Self::default()
-    }
-
-    fn advance(&mut self, data: &[u8]) {
-        self.inner.advance(data);
-    }
-
-    #[getter]
-    fn between_messages(&self) -> bool {
-        self.inner.between_messages()
-    }
-}
-
 /// Add the Postgres classes, functions and constants to the module (its
 /// exceptions are in `error.rs`, with every other crate's).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PgScanner>()?;
     m.add_class::<PgStartup>()?;
-    m.add_class::<PgMessageCursor>()?;
     m.add_function(wrap_pyfunction!(parse_startup, m)?)?;
     m.add_function(wrap_pyfunction!(encode_message, m)?)?;
     m.add_function(wrap_pyfunction!(encode_startup, m)?)?;

@@ -1,7 +1,11 @@
-//! `qmesh._core.TlsClient`: a TLS client connection (rustls) that Python
-//! drives through its handshake and login, then hands to a native relay
+//! `qmesh._core.TlsSession`: a TLS connection (rustls), client or server,
+//! that Python drives through its handshake and what precedes the relay (a
+//! login, a startup packet), then hands to a native relay
 //! (`TunnelEngine.attach_native(..., tls=...)`), which carries on with the
-//! same connection without Python.
+//! same connection without Python. `TlsServerConfig`: a server's
+//! certificate and key, loaded once.
+
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -11,40 +15,62 @@ use qmesh_relay::TlsHandover;
 
 use crate::Result;
 
-/// A TLS client connection, sans-IO (see ``qmesh/_core.pyi``).
-#[pyclass(module = "qmesh._core", name = "TlsClient")]
-pub struct TlsClient {
-    inner: Option<tls::TlsClient>,
+const HANDED_OVER: &str = "the TLS connection was handed to a relay";
+
+/// A server's certificate chain and key (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "TlsServerConfig", frozen)]
+pub struct TlsServerConfig {
+    inner: Arc<rustls::ServerConfig>,
 }
 
-impl TlsClient {
-    fn live(&mut self) -> PyResult<&mut tls::TlsClient> {
+#[pymethods]
+impl TlsServerConfig {
+    #[new]
+    #[pyo3(signature = (certificate_chain, private_key, *, alpn = None))]
+    fn new(
+        certificate_chain: &[u8],
+        private_key: &[u8],
+        alpn: Option<Vec<Vec<u8>>>,
+    ) -> Result<Self> {
+        let inner = tls::server_config(certificate_chain, private_key, alpn.unwrap_or_default())?;
+        Ok(TlsServerConfig { inner })
+    }
+}
+
+/// A TLS connection, sans-IO (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "TlsSession")]
+pub struct TlsSession {
+    inner: Option<tls::TlsSession>,
+}
+
+impl TlsSession {
+    fn live(&mut self) -> PyResult<&mut tls::TlsSession> {
         self.inner
             .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the TLS connection was handed to a relay"))
+            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))
     }
 
-    fn live_ref(&self) -> PyResult<&tls::TlsClient> {
+    fn live_ref(&self) -> PyResult<&tls::TlsSession> {
         self.inner
             .as_ref()
-            .ok_or_else(|| PyValueError::new_err("the TLS connection was handed to a relay"))
+            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))
     }
 
     /// The connection, for a native relay; the object is spent afterwards.
     pub fn hand_over(&mut self) -> PyResult<TlsHandover> {
-        let client = self
+        let session = self
             .inner
             .take()
-            .ok_or_else(|| PyValueError::new_err("the TLS connection was handed to a relay"))?;
-        Ok(TlsHandover(client.into_connection()))
+            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))?;
+        Ok(TlsHandover(session.into_connection()))
     }
 }
 
 #[pymethods]
-impl TlsClient {
-    #[new]
+impl TlsSession {
+    #[staticmethod]
     #[pyo3(signature = (server_name, *, verify, root_certificates = None, alpn = None))]
-    fn new(
+    fn client(
         server_name: &str,
         verify: &str,
         root_certificates: Option<&[u8]>,
@@ -65,8 +91,16 @@ impl TlsClient {
             alpn.unwrap_or_default(),
         )?;
         let conn = tls::connect(config, server_name)?;
-        Ok(TlsClient {
-            inner: Some(tls::TlsClient::new(conn)),
+        Ok(TlsSession {
+            inner: Some(tls::TlsSession::new(conn)),
+        })
+    }
+
+    #[staticmethod]
+    fn server(config: &TlsServerConfig) -> Result<Self> {
+        let conn = tls::accept(config.inner.clone())?;
+        Ok(TlsSession {
+            inner: Some(tls::TlsSession::new(conn)),
         })
     }
 
@@ -110,12 +144,19 @@ impl TlsClient {
     }
 
     #[getter]
+    fn alpn_protocol<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let alpn = self.live_ref()?.alpn_protocol();
+        Ok(alpn.map(|a| PyBytes::new(py, &a)))
+    }
+
+    #[getter]
     fn handed_over(&self) -> bool {
         self.inner.is_none()
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<TlsClient>()?;
+    m.add_class::<TlsServerConfig>()?;
+    m.add_class::<TlsSession>()?;
     Ok(())
 }

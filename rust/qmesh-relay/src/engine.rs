@@ -123,9 +123,6 @@ pub struct Outcome {
     pub eof_sent: bool,
     /// CLOSE was received.
     pub eof_received: bool,
-    /// The socket was left between two Postgres messages (only ever true for
-    /// a stream with [`PgTap::backend_to_socket`]).
-    pub between_messages: bool,
 }
 
 /// What the engine hands up to Python.
@@ -168,12 +165,13 @@ pub struct PgTap {
     /// protects, so it is relayed at once and reported like any tapped
     /// message. Empty: every guarded message is held.
     pub guard_screen: Vec<Vec<u8>>,
-    /// The bytes written to the socket are a server's messages (the
-    /// MiniGate's side): follow their framing, so that the stream's end says
-    /// whether the socket was left between two messages
-    /// ([`Outcome::between_messages`]), where a message of the proxy's own
-    /// may follow.
-    pub backend_to_socket: bool,
+    /// A server message of the relay's own (an ErrorResponse), for a
+    /// socket that gets a server's messages (the MiniGate's side): if the
+    /// session is lost while the socket stands between two messages, it is
+    /// written there (without blocking, TLS included) before the socket is
+    /// given back. The engine follows the framing of what it writes to the
+    /// socket to know. Empty: nothing is followed or written.
+    pub farewell: Vec<u8>,
 }
 
 /// A stream to relay natively, with the state Python had for it.
@@ -200,8 +198,8 @@ pub struct NativeSpec {
     pub tls: Option<TlsHandover>,
 }
 
-/// A TLS client connection handed to the engine (see [`crate::tls`]).
-pub struct TlsHandover(pub rustls::ClientConnection);
+/// A TLS connection handed to the engine (see [`crate::tls`]).
+pub struct TlsHandover(pub rustls::Connection);
 
 impl std::fmt::Debug for TlsHandover {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,8 +265,9 @@ struct Native {
     /// See [`PgTap::guard_screen`].
     guard_screen: Vec<Vec<u8>>,
     records: Vec<TapRecord>,
-    /// The framing of what was written to the socket, when asked for.
-    written: Option<pg::MessageCursor>,
+    /// The framing of what was written to the socket, with the farewell
+    /// to write after a whole message (see [`PgTap::farewell`]).
+    written: Option<(pg::MessageCursor, Vec<u8>)>,
     /// The socket's TLS layer, if it has one.
     tls: Option<TlsLink>,
 }
@@ -400,10 +399,26 @@ impl Native {
         self.tls.as_ref().is_some_and(TlsLink::has_pending)
     }
 
-    fn between_messages(&self) -> bool {
-        self.written
-            .as_ref()
-            .is_some_and(pg::MessageCursor::between_messages)
+    /// The session is lost: write the farewell if the socket stands
+    /// between two messages. Best effort: a socket without room gets what
+    /// fits, and a client cut inside a message gets nothing.
+    fn say_farewell(&mut self) {
+        let Some((cursor, farewell)) = self.written.take() else {
+            return;
+        };
+        if !cursor.between_messages() {
+            return;
+        }
+        match self.tls.as_mut() {
+            None => {
+                let _ = sys::send(self.fd, &farewell);
+            }
+            Some(tls) => {
+                let _ = tls.write(&farewell);
+                tls.close();
+                let _ = tls.flush(self.fd);
+            }
+        }
     }
 
     fn queue(&mut self, data: Bytes, input: usize) {
@@ -435,7 +450,7 @@ impl Native {
             };
             match sent {
                 Ok(n) if n == front.data.len() => {
-                    if let Some(cursor) = &mut self.written {
+                    if let Some((cursor, _)) = &mut self.written {
                         cursor.advance(&front.data);
                     }
                     self.consumed += front.input as u64;
@@ -443,7 +458,7 @@ impl Native {
                     self.to_socket.pop_front();
                 }
                 Ok(n) => {
-                    if let Some(cursor) = &mut self.written {
+                    if let Some((cursor, _)) = &mut self.written {
                         cursor.advance(&front.data[..n]);
                     }
                     // A plain chunk's bytes are its input, one for one; a
@@ -920,7 +935,8 @@ impl Engine {
             back_held: VecDeque::new(),
             guard_screen: spec.tap.guard_screen,
             records: Vec::new(),
-            written: spec.tap.backend_to_socket.then(pg::MessageCursor::new),
+            written: (!spec.tap.farewell.is_empty())
+                .then(|| (pg::MessageCursor::new(), spec.tap.farewell)),
             tls: spec.tls.map(|handover| TlsLink::new(handover.0)),
         };
         st.natives.insert(sid, native);
@@ -977,24 +993,19 @@ impl Engine {
     }
 
     /// The session is over: forget retained frames and every native stream
-    /// (their sockets are no longer watched when this returns). Returns the
-    /// streams whose socket was left between two Postgres messages
-    /// ([`Outcome::between_messages`]).
-    pub fn lose(&self) -> Vec<u32> {
+    /// (their sockets are no longer watched when this returns), after
+    /// writing each one's farewell ([`PgTap::farewell`]).
+    pub fn lose(&self) {
         let mut st = self.shared.lock();
         st.retained.clear();
         st.retained_bytes = 0;
         st.out.clear();
-        let mut between_messages = Vec::new();
-        for (sid, native) in std::mem::take(&mut st.natives) {
+        for (_, mut native) in std::mem::take(&mut st.natives) {
             if native.interest != 0 {
                 self.shared.epoll.delete(native.fd);
             }
-            if native.between_messages() {
-                between_messages.push(sid);
-            }
+            native.say_farewell();
         }
-        between_messages
     }
 
     /// Stop the engine thread (also done on drop).
@@ -1671,7 +1682,6 @@ impl State {
             credit: native.credit,
             eof_sent: native.socket_eof,
             eof_received: native.eof_received,
-            between_messages: native.between_messages(),
         })
     }
 

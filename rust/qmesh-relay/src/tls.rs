@@ -1,13 +1,14 @@
-//! TLS from the engine to a server (the Gate's connection to a PostgreSQL
-//! that asks for TLS), with rustls.
+//! TLS on a native stream's socket, with rustls: as a client (the Gate's
+//! connection to a PostgreSQL that asks for TLS) and as a server (the
+//! MiniGate's Postgres listener for applications that speak TLS).
 //!
-//! One connection lives two lives: Python drives its handshake and the login
-//! through [`TlsClient`] (sans-IO: ciphertext in, plaintext out and back),
-//! then a native relay takes the same connection over ([`TlsLink`]) and
-//! reads and writes records on the socket itself, so a TLS session costs no
-//! Python per message either.
+//! One connection lives two lives: Python drives its handshake and the
+//! startup or login through [`TlsSession`] (sans-IO: ciphertext in,
+//! plaintext out and back), then a native relay takes the same connection
+//! over ([`TlsLink`]) and reads and writes records on the socket itself, so
+//! a TLS session costs no Python per message either.
 //!
-//! Verification follows libpq's `sslmode`: [`Verify::Full`] checks the chain
+//! A client's verification follows libpq's `sslmode`: [`Verify::Full`] checks the chain
 //! and the host name, [`Verify::Chain`] the chain only, [`Verify::None`]
 //! neither (`require` without a root certificate). Even then the handshake's
 //! signatures are checked, so the server proves it holds the key of the
@@ -22,10 +23,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
-    SignatureScheme,
+    CertificateError, ClientConfig, ClientConnection, Connection, DigitallySignedStruct,
+    RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
 };
 
 use crate::sys;
@@ -105,10 +106,39 @@ pub fn client_config(
 }
 
 /// A new client connection to `server_name` (a DNS name or an IP address).
-pub fn connect(config: Arc<ClientConfig>, server_name: &str) -> Result<ClientConnection, TlsError> {
+pub fn connect(config: Arc<ClientConfig>, server_name: &str) -> Result<Connection, TlsError> {
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| TlsError(format!("{server_name:?} is not a valid server name")))?;
-    Ok(ClientConnection::new(config, name)?)
+    Ok(Connection::Client(ClientConnection::new(config, name)?))
+}
+
+/// A server configuration: the certificate chain and its private key (PEM),
+/// the protocols `alpn` offers (the client must pick one of them if it
+/// offers any).
+pub fn server_config(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError("no certificate in the certificate file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| TlsError(format!("private key: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
+}
+
+/// A new server connection.
+pub fn accept(config: Arc<ServerConfig>) -> Result<Connection, TlsError> {
+    Ok(Connection::Server(ServerConnection::new(config)?))
 }
 
 /// `require`: any certificate, but the handshake must be signed by its key.
@@ -207,15 +237,16 @@ impl ServerCertVerifier for AnyName {
     }
 }
 
-/// A client connection driven from outside (sans-IO): the caller moves the
-/// ciphertext between it and the socket. For the handshake and the login.
-pub struct TlsClient {
-    conn: ClientConnection,
+/// A connection driven from outside (sans-IO): the caller moves the
+/// ciphertext between it and the socket. For the handshake and what comes
+/// before the relay (a login, a startup packet).
+pub struct TlsSession {
+    conn: Connection,
 }
 
-impl TlsClient {
-    pub fn new(conn: ClientConnection) -> Self {
-        TlsClient { conn }
+impl TlsSession {
+    pub fn new(conn: Connection) -> Self {
+        TlsSession { conn }
     }
 
     /// Take ciphertext from the server; returns the plaintext it completed.
@@ -283,19 +314,24 @@ impl TlsClient {
         self.conn.protocol_version().and_then(|v| v.as_str())
     }
 
-    /// Say close_notify (sent with the next [`TlsClient::outgoing`]).
+    /// The application protocol agreed by ALPN, if any.
+    pub fn alpn_protocol(&self) -> Option<Vec<u8>> {
+        self.conn.alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    /// Say close_notify (sent with the next [`TlsSession::outgoing`]).
     pub fn close(&mut self) {
         self.conn.send_close_notify();
     }
 
-    pub fn into_connection(self) -> ClientConnection {
+    pub fn into_connection(self) -> Connection {
         self.conn
     }
 }
 
 /// A socket's TLS layer inside a native relay.
 pub struct TlsLink {
-    conn: Box<ClientConnection>,
+    conn: Box<Connection>,
     /// Plaintext decrypted and not yet taken.
     pending: usize,
     close_sent: bool,
@@ -320,7 +356,7 @@ impl Write for Fd {
 }
 
 impl TlsLink {
-    pub fn new(conn: ClientConnection) -> Self {
+    pub fn new(conn: Connection) -> Self {
         TlsLink {
             conn: Box::new(conn),
             pending: 0,

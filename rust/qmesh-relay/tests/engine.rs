@@ -549,7 +549,6 @@ fn flow_control_violation_resets_the_stream() {
             credit: 777,
             eof_sent: false,
             eof_received: false,
-            between_messages: false,
         })
     );
 
@@ -589,7 +588,6 @@ fn peer_reset_ends_the_stream() {
             credit: WINDOW_SIZE,
             eof_sent: false,
             eof_received: false,
-            between_messages: false,
         })
     );
     assert_eq!(b.frames(), Vec::<SeenFrame>::new());
@@ -935,7 +933,6 @@ fn abort_native_returns_the_outcome_once() {
             credit: 1234,
             eof_sent: false,
             eof_received: true,
-            between_messages: false,
         })
     );
     assert_eq!(link.b.abort_native(11), None);
@@ -1001,18 +998,19 @@ fn a_reset_without_its_code_is_a_protocol_violation() {
     link.release(sock_b);
 }
 
-/// With `backend_to_socket`, a stream's end says whether its socket was
-/// left between two Postgres messages (where the MiniGate may add an
-/// ErrorResponse of its own): after whole messages yes, inside one no, and
-/// never for a stream that did not ask.
+/// With a farewell, a lost session writes it to each socket left between
+/// two Postgres messages (where the MiniGate's FATAL 08006 may go): after
+/// whole messages it follows them, inside one nothing is added, and a
+/// stream without a farewell gets none.
 #[test]
-fn backend_to_socket_says_whether_the_socket_was_left_between_messages() {
+fn a_lost_session_says_farewell_between_messages_only() {
     let link = Link::new();
     let (sock_whole, srv_whole) = link.native_socket();
     let (sock_cut, srv_cut) = link.native_socket();
     let (sock_plain, srv_plain) = link.native_socket();
+    let farewell = pg_message(b'E', b"SFATAL\0C08006\0Mgone\0\0");
     let tap = PgTap {
-        backend_to_socket: true,
+        farewell: farewell.clone(),
         ..PgTap::default()
     };
     let spec = |sid, fd| NativeSpec {
@@ -1027,29 +1025,23 @@ fn backend_to_socket_says_whether_the_socket_was_left_between_messages() {
         .attach_native(native(19, sock_plain))
         .expect("native 19");
     let messages = [pg_message(b'C', b"SELECT 1\0"), pg_message(b'Z', b"I")].concat();
+    let cut = &messages[..messages.len() - 1];
     link.a.send(vec![
         frame(DATA, 15, &messages[..7]),
         frame(DATA, 15, &messages[7..]),
-        frame(DATA, 17, &messages[..messages.len() - 1]),
+        frame(DATA, 17, cut),
         frame(DATA, 19, &messages),
     ]);
     assert_eq!(read_up_to(&srv_whole, messages.len()), messages);
-    assert_eq!(
-        read_up_to(&srv_cut, messages.len() - 1),
-        messages[..messages.len() - 1]
-    );
+    assert_eq!(read_up_to(&srv_cut, cut.len()), cut);
     assert_eq!(read_up_to(&srv_plain, messages.len()), messages);
 
-    assert!(
-        !link
-            .b
-            .abort_native(17)
-            .expect("17 is live")
-            .between_messages
-    );
-    assert_eq!(link.b.lose(), vec![15]);
+    link.b.lose();
     assert_eq!(link.b.stats().native_streams, 0);
     for fd in [sock_whole, sock_cut, sock_plain] {
         link.release(fd);
     }
+    assert_eq!(read_to_eof(&srv_whole), farewell);
+    assert_eq!(read_to_eof(&srv_cut), b"");
+    assert_eq!(read_to_eof(&srv_plain), b"");
 }
