@@ -93,6 +93,7 @@ __all__ = [
     "encode_reason",
     "encode_sasl_initial_response",
     "encode_startup",
+    "engine_threads",
     "parse_authentication",
     "parse_backend_key_data",
     "parse_bind",
@@ -386,9 +387,15 @@ class EngineStats:
     def attached(self) -> bool:
         """Whether a connection is attached."""
 
+def engine_threads() -> int:
+    """How many engine threads run in this process (0 before the first
+    :class:`TunnelEngine`): about one per core, each serving the sessions of
+    many engines, so a Gate with thousands of edges holds a few threads."""
+
 @final
 class TunnelEngine:
-    """The per-message path of one tunnel session, on a thread of its own.
+    """The per-message path of one tunnel session, run by one of the
+    process's engine threads (:func:`engine_threads`).
 
     Owns, while attached, the connection's socket (Python keeps the socket
     object and closes it after :meth:`detach`), the codec, retention of

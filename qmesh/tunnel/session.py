@@ -12,8 +12,9 @@ Invariants (both ends keep them, which is what makes resumption exact):
 - control frames (ACK, PING, PONG, GOAWAY) belong to one connection and are
   never retained.
 
-The per-message work lives in a :class:`qmesh._core.TunnelEngine` (Rust, a
-thread of its own): the connection's socket, sealing and opening, retention,
+The per-message work lives in a :class:`qmesh._core.TunnelEngine` (Rust, run
+by one of the process's few engine threads, each serving many sessions):
+the connection's socket, sealing and opening, retention,
 ACKs and PONGs, and *native* streams, whose bytes go between the tunnel and a
 plain socket without Python (see :meth:`TunnelStream.relay_native`). This
 module keeps the meaning: which streams exist, opening and accepting them,

@@ -1,7 +1,7 @@
 //! `qmesh._core.TunnelEngine`: the Python face of `qmesh-relay`'s engine.
 //!
-//! Unlike the codec classes, the engine has a thread of its own and a mutex
-//! inside. That is safe here because the engine thread never needs the GIL:
+//! Unlike the codec classes, the engine runs on an engine thread and has a
+//! mutex inside. That is safe here because engine threads never need the GIL:
 //! a Python thread waiting for the mutex while holding the GIL only waits
 //! for a round of pure Rust work to end.
 
@@ -292,7 +292,7 @@ impl EngineStats {
     }
 }
 
-/// The per-message path of one tunnel session, on a thread of its own.
+/// The per-message path of one tunnel session, run by an engine thread.
 ///
 /// Owns, while attached, the connection's socket (Python keeps the socket
 /// object and closes it after :meth:`detach`), the codec, retention of
@@ -536,7 +536,15 @@ impl TunnelEngine {
     }
 }
 
+/// How many engine threads run in this process (0 before the first
+/// ``TunnelEngine``): about one per core, each serving many sessions.
+#[pyfunction]
+fn engine_threads() -> usize {
+    relay::engine_threads()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(engine_threads, m)?)?;
     m.add_class::<TunnelEngine>()?;
     m.add_class::<RelayEnding>()?;
     m.add_class::<RelayOutcome>()?;

@@ -1,4 +1,6 @@
-//! The tunnel engine: one thread per session that owns the per-message path.
+//! The tunnel engine: the per-message path of one session, run by one of the
+//! process's engine threads (`reactor.rs`: about one per core, each serving
+//! many sessions).
 //!
 //! Python (Trio) keeps the session's meaning: handshakes, which streams exist,
 //! services, policy, heartbeats. The engine keeps what every message touches:
@@ -24,7 +26,8 @@
 //! connection); control frames belong to one connection.
 //!
 //! Locking: all state sits behind one mutex, taken by the engine thread for a
-//! round and by Python's thread for a call. The engine thread never touches
+//! round (one batch of this session's events, or its timers) and by Python's
+//! thread for a call. The engine thread never touches
 //! the GIL, so a Python thread blocking on the mutex while holding the GIL
 //! cannot deadlock against it.
 //!
@@ -34,8 +37,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,10 +46,10 @@ use qmesh_wire::frame_type::{ACK, CLOSE, DATA, PING, PONG, RESET, WINDOW};
 use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
 
 use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
-use crate::sys::{self, Epoll, EventFd, BROKEN, READABLE, WRITABLE};
+use crate::reactor::{self, Driven, Registration};
+use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
 
-const TOKEN_WAKE: u64 = 0;
 const TOKEN_TUNNEL: u64 = 1;
 const TOKEN_FIRST_STREAM: u64 = 2;
 
@@ -651,9 +653,9 @@ struct State {
     reading_paused: bool,
     tap_deadline: Option<Instant>,
     tap_waiting: usize,
-    /// The deadline the engine thread sleeps until (None: no deadline), so
-    /// a call from Python that sets an earlier one knows to wake it.
-    sleeping_until: Option<Instant>,
+    /// The earliest deadline handed to the engine thread's timers (None:
+    /// none pending), so that only an earlier one is handed over again.
+    scheduled: Option<Instant>,
     bytes_sent: u64,
     bytes_received: u64,
     last_heard: Instant,
@@ -667,8 +669,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    epoll: Epoll,
-    wake: EventFd,
+    registration: Registration,
     notify: EventFd,
 }
 
@@ -685,7 +686,6 @@ impl Shared {
 /// The engine of one session; see the module documentation.
 pub struct Engine {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
 }
 
 /// Counters for operators and tests.
@@ -704,7 +704,11 @@ pub struct Stats {
 impl Engine {
     pub fn new(config: Config) -> std::io::Result<Engine> {
         let read_buf = vec![0; config.read_size.max(config.chunk_size)];
-        let shared = Arc::new(Shared {
+        reactor::start_pool()?;
+        let notify = EventFd::new()?;
+        let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
+            registration: Registration::new(me.clone() as Weak<dyn Driven>),
+            notify,
             state: Mutex::new(State {
                 config,
                 conn: None,
@@ -723,7 +727,7 @@ impl Engine {
                 unwatch: Vec::new(),
                 reading_paused: false,
                 tap_deadline: None,
-                sleeping_until: None,
+                scheduled: None,
                 tap_waiting: 0,
                 bytes_sent: 0,
                 bytes_received: 0,
@@ -732,19 +736,8 @@ impl Engine {
                 read_buf,
                 tls_resume: Vec::new(),
             }),
-            epoll: Epoll::new()?,
-            wake: EventFd::new()?,
-            notify: EventFd::new()?,
         });
-        shared.epoll.add(shared.wake.fd(), TOKEN_WAKE, READABLE)?;
-        let runner = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("qmesh-tunnel".into())
-            .spawn(move || run(&runner))?;
-        Ok(Engine {
-            shared,
-            thread: Some(thread),
-        })
+        Ok(Engine { shared })
     }
 
     /// Readable whenever [`Engine::take`] has something.
@@ -838,7 +831,7 @@ impl Engine {
         let mut st = self.shared.lock();
         if let Some(conn) = st.conn.take() {
             if conn.interest != 0 {
-                self.shared.epoll.delete(conn.fd);
+                self.shared.registration.unwatch(conn.fd);
             }
         }
         st.ack_deadline = None;
@@ -1002,29 +995,24 @@ impl Engine {
         st.out.clear();
         for (_, mut native) in std::mem::take(&mut st.natives) {
             if native.interest != 0 {
-                self.shared.epoll.delete(native.fd);
+                self.shared.registration.unwatch(native.fd);
             }
             native.say_farewell();
         }
     }
 
-    /// Stop the engine thread (also done on drop).
+    /// Stop: the engine thread no longer watches any of its sockets when
+    /// this returns (also done on drop).
     pub fn close(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            st.closed = true;
-            if let Some(conn) = st.conn.take() {
-                self.shared.epoll.delete(conn.fd);
-            }
-            for native in st.natives.values() {
-                self.shared.epoll.delete(native.fd);
-            }
-            st.natives.clear();
+        let mut st = self.shared.lock();
+        st.closed = true;
+        if let Some(conn) = st.conn.take() {
+            self.shared.registration.unwatch(conn.fd);
         }
-        self.shared.wake.signal();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        for native in st.natives.values() {
+            self.shared.registration.unwatch(native.fd);
         }
+        st.natives.clear();
     }
 }
 
@@ -1034,31 +1022,30 @@ impl Drop for Engine {
     }
 }
 
-fn run(shared: &Shared) {
-    let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
-    let mut timeout: Option<Duration> = None;
-    loop {
-        // EBADF/EINVAL cannot happen on our own epoll.
-        let n = shared.epoll.wait(&mut ready, timeout).unwrap_or(0);
-        let mut st = shared.lock();
+impl Driven for Shared {
+    fn ready(&self, events: &[(u64, u32)]) {
+        let mut st = self.lock();
         if st.closed {
             return;
         }
-        for event in &ready[..n] {
-            // epoll_event is packed: copy the fields out, never borrow them.
-            let (token, flags) = (event.u64, event.events);
+        for &(token, flags) in events {
             match token {
-                TOKEN_WAKE => shared.wake.drain(),
                 TOKEN_TUNNEL => st.tunnel_ready(flags),
                 token => st.native_ready((token - TOKEN_FIRST_STREAM) as u32, flags),
             }
         }
         st.on_timers(Instant::now());
-        st.finish_round(shared, true);
-        st.sleeping_until = st.next_deadline();
-        timeout = st
-            .sleeping_until
-            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        st.finish(self);
+    }
+
+    fn timer(&self, now: Instant) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        st.scheduled = None;
+        st.on_timers(now);
+        st.finish(self);
     }
 }
 
@@ -1218,12 +1205,6 @@ impl State {
     /// End of a round: seal what was made, write, adjust what the sockets
     /// are watched for, wake Python if it has something to take.
     fn finish(&mut self, shared: &Shared) {
-        self.finish_round(shared, false);
-    }
-
-    /// [`Self::finish`]; `on_engine_thread` when the engine thread itself
-    /// runs it (it recomputes its sleep afterwards, no wake-up needed).
-    fn finish_round(&mut self, shared: &Shared, on_engine_thread: bool) {
         for sid in std::mem::take(&mut self.tls_resume) {
             if self.natives.get(&sid).is_some_and(Native::tls_pending) {
                 self.read_native(sid);
@@ -1243,17 +1224,13 @@ impl State {
             self.out.retain(|(t, _, _)| *t < CONTROL_TYPE_MIN);
         }
         for fd in self.unwatch.drain(..) {
-            shared.epoll.delete(fd);
+            shared.registration.unwatch(fd);
         }
-        self.update_interests(&shared.epoll);
-        if let (Some(deadline), false) = (self.next_deadline(), on_engine_thread) {
-            if self
-                .sleeping_until
-                .is_none_or(|sleeping| deadline < sleeping)
-            {
-                // The engine thread must wake up earlier than it planned.
-                self.sleeping_until = Some(deadline);
-                shared.wake.signal();
+        self.update_interests(&shared.registration);
+        if let Some(deadline) = self.next_deadline() {
+            if self.scheduled.is_none_or(|pending| deadline < pending) {
+                self.scheduled = Some(deadline);
+                shared.registration.schedule(deadline);
             }
         }
         if (!self.events.is_empty() || self.error_unreported) && !self.notified {
@@ -1262,7 +1239,7 @@ impl State {
         }
     }
 
-    fn update_interests(&mut self, epoll: &Epoll) {
+    fn update_interests(&mut self, watch: &Registration) {
         let (usable, backlog) = match &self.conn {
             Some(conn) if conn.error.is_none() => (true, conn.backlog()),
             _ => (false, 0),
@@ -1273,7 +1250,7 @@ impl State {
                 None => READABLE,
                 Some(_) => 0,
             };
-            set_interest(epoll, conn.fd, TOKEN_TUNNEL, &mut conn.interest, want);
+            watch.set_interest(conn.fd, TOKEN_TUNNEL, &mut conn.interest, want);
         }
         let may_read = usable && backlog < UNSENT_HIGH_WATER;
         if may_read && self.reading_paused {
@@ -1295,7 +1272,7 @@ impl State {
                     want |= WRITABLE;
                 }
                 let token = TOKEN_FIRST_STREAM + u64::from(sid);
-                set_interest(epoll, native.fd, token, &mut native.interest, want);
+                watch.set_interest(native.fd, token, &mut native.interest, want);
             }
         }
         if !may_read && !self.natives.is_empty() {
@@ -1704,21 +1681,4 @@ impl State {
             (a, b) => a.or(b),
         }
     }
-}
-
-fn set_interest(epoll: &Epoll, fd: RawFd, token: u64, current: &mut u32, want: u32) {
-    if want == *current {
-        return;
-    }
-    // An unwatched socket (want 0) is deleted rather than kept with no
-    // events: epoll reports hang-ups regardless, which would spin.
-    let result = match (*current, want) {
-        (_, 0) => {
-            epoll.delete(fd);
-            Ok(())
-        }
-        (0, _) => epoll.add(fd, token, want),
-        _ => epoll.modify(fd, token, want),
-    };
-    *current = if result.is_ok() { want } else { 0 };
 }

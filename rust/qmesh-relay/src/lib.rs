@@ -1,11 +1,13 @@
 //! qmesh's tunnel engine (see [`engine`]): the per-message path of a session
-//! (tunnel socket, sealing, retention and ACKs, natively relayed streams) on
-//! a thread of its own, outside Python. [`error`] holds its one error type,
-//! split by who is at fault; [`tls`] the TLS client a native stream's
-//! socket may speak (the Gate to a database server).
+//! (tunnel socket, sealing, retention and ACKs, natively relayed streams)
+//! outside Python, on a small pool of engine threads that each serve many
+//! sessions (`reactor.rs`). [`error`] holds its one error type, split by who
+//! is at fault; [`tls`] the TLS a native stream's socket may speak (the Gate
+//! to a database server, an application to the MiniGate).
 
 pub mod engine;
 pub mod error;
+mod reactor;
 mod sys;
 pub mod tls;
 
@@ -13,4 +15,5 @@ pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
+pub use reactor::engine_threads;
 pub use sys::monotonic;
