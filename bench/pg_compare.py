@@ -18,6 +18,20 @@ clients, in the simple and prepared protocols, against:
                     audit) in PostgreSQL (`gate.database_url`, a database of
                     its own on the same server) instead of SQLite
 
+With --server-tls the server has TLS on (a throwaway self-signed certificate)
+and every hop to it uses it: direct with sslmode=require, PgBouncer (alone and
+behind stunnel) with server_tls_sslmode = require, qmesh and qmesh-pgstate with
+a vault DSN of sslmode=require; and one more target runs on the same server:
+
+  (f) qmesh-plain   qmesh exactly as without --server-tls (vault DSN
+                    sslmode=disable), so that qmesh/qmesh-plain is what TLS
+                    to the server costs qmesh, measured in the same run
+
+Before the first pgbench, a psql through each target checks pg_stat_ssl: TLS
+on the server's hop for every target but qmesh-plain. The issue's targets
+(qmesh with server TLS ≥ 0.9× qmesh-plain and ≥ 1.0× stunnel+pgb) are
+printed under the table with "met"/"NOT met" per row; nothing is asserted.
+
 The "logins" rows run pgbench with -C: a new connection, and so a whole
 login through the stack (SCRAM, the vault, the server's authentication),
 for every transaction; their TPS is logins per second.
@@ -28,6 +42,7 @@ stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the machine it
 runs on; the run is never a pass/fail test.
 
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
+    python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
 """
 
 from __future__ import annotations
@@ -54,8 +69,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate")
+TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-plain")
+QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-plain")
+TLS_ONLY = ("qmesh-plain",)  # targets that run only with --server-tls
 APP_USER = "benchapp"
+# --server-tls: the issue's targets, qmesh (server TLS) / another target.
+TLS_GOALS = (("qmesh-plain", 0.9), ("stunnel+pgb", 1.0))
 
 
 def free_port() -> int:
@@ -95,9 +114,15 @@ class Stack:
     """Every target's processes, started in ``base`` and stopped together."""
 
     def __init__(
-        self, base: Path, scale: int, audit: str = "text", statement_timeout_ms: int = 0
+        self,
+        base: Path,
+        scale: int,
+        audit: str = "text",
+        statement_timeout_ms: int = 0,
+        server_tls: bool = False,
     ) -> None:
         self.base = base
+        self.server_tls = server_tls
         self.scale = scale
         self.audit = audit
         self.statement_timeout_ms = statement_timeout_ms
@@ -116,6 +141,8 @@ class Stack:
     def start(self, targets: tuple[str, ...]) -> None:
         self.pg = PgCluster(self.base / "pg").start()
         pg = self.pg
+        if self.server_tls:
+            self._server_tls()
         self.ports["direct"] = pg.port
         pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{self.real_password}'")
         pg.psql("CREATE DATABASE bench OWNER bench")
@@ -129,9 +156,47 @@ class Stack:
             self._pgbouncer()
         if "stunnel+pgb" in targets:
             self._stunnel()
-        for target in ("qmesh", "qmesh-pgstate"):
+        for target in QMESH_TARGETS:
             if target in targets:
                 self._qmesh(target)
+        if self.server_tls:
+            self._check_server_tls(targets)
+
+    def _server_tls(self) -> None:
+        """ssl = on with a throwaway self-signed certificate (as in
+        tests/test_pg_tls.py: ALTER SYSTEM, then a reload)."""
+        assert self.pg is not None
+        directory = self.base / "server-tls"
+        directory.mkdir()
+        cert, key = self_signed(directory)
+        os.chmod(key, 0o600)  # PostgreSQL refuses a key others can read
+        for path in (directory, cert, key):
+            give_to_postgres(path)
+        os.chmod(directory, 0o755)
+        self.pg.psql(f"ALTER SYSTEM SET ssl_cert_file = '{cert}'")
+        self.pg.psql(f"ALTER SYSTEM SET ssl_key_file = '{key}'")
+        self.pg.psql("ALTER SYSTEM SET ssl = on")
+        self.pg.psql("SELECT pg_reload_conf()")
+        end = time.monotonic() + 30
+        while self.pg.psql("SHOW ssl") != "on":
+            if time.monotonic() > end:
+                raise RuntimeError(f"ssl did not come on; see {self.pg.log_file}")
+            time.sleep(0.1)
+
+    def _check_server_tls(self, targets: tuple[str, ...]) -> None:
+        """Each target's session on the server is TLS, but qmesh-plain's."""
+        for target in targets:
+            result = subprocess.run(
+                ["psql", self.dsn(target), "-X", "-A", "-t", "-c",
+                 "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            expected = "f" if target in TLS_ONLY else "t"
+            if result.returncode or result.stdout.strip() != expected:
+                raise RuntimeError(
+                    f"{target}: TLS to the server should be {expected!r}, psql said "
+                    f"{result.stdout.strip()!r} {result.stderr.strip()!r}"
+                )
 
     def _pgbouncer(self) -> None:
         assert self.pg is not None
@@ -147,7 +212,8 @@ class Stack:
             f"auth_file = {directory / 'userlist.txt'}\n"
             # Session pooling: `-M prepared` needs it with PgBouncer 1.18.
             "pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n"
-            f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
+            + ("server_tls_sslmode = require\n" if self.server_tls else "")
+            + f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
         )
         for path in (directory, *directory.iterdir()):
             give_to_postgres(path)
@@ -205,7 +271,9 @@ class Stack:
             "--out", str(credential))  # fmt: skip
         self.qmesh_keys[target] = cli("apps", "add", APP_USER).strip()
         cli("secrets", "init-master-key")
-        dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode=disable"
+        # qmesh-plain: qmesh as without --server-tls, on the same (TLS) server.
+        sslmode = "require" if self.server_tls and target not in TLS_ONLY else "disable"
+        dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode={sslmode}"
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
         (directory / "gate.toml").write_text(
             f'data_dir = "{gate_dir}"\n[log]\nlevel = "warning"\n'
@@ -250,10 +318,16 @@ class Stack:
             return APP_USER, self.qmesh_keys[target]
         return APP_USER, self.app_key
 
+    def sslmode(self, target: str) -> str:
+        """The client's sslmode: TLS from pgbench/psql only where it talks to
+        the (TLS) server itself; the other targets' client hops stay as they are."""
+        return "require" if self.server_tls and target == "direct" else "disable"
+
     def dsn(self, target: str) -> str:
         user, password = self.user_password(target)
         return (
-            f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench?sslmode=disable"
+            f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench"
+            f"?sslmode={self.sslmode(target)}"
         )
 
     def stop(self) -> None:
@@ -281,9 +355,11 @@ def pgbench(
         command.insert(1, "-S")
     if script == "logins":
         command.insert(1, "-C")  # a new connection, so a whole login, per transaction
+    env = {**os.environ, "PGPASSWORD": password}
+    if stack.server_tls and target == "direct":
+        env["PGSSLMODE"] = stack.sslmode(target)
     result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password},
-        timeout=duration + 120,
+        command, capture_output=True, text=True, env=env, timeout=duration + 120
     )  # fmt: skip
     failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
     tps = re.search(r"tps = ([0-9.]+)", result.stdout)
@@ -295,9 +371,14 @@ def pgbench(
 
 @contextlib.contextmanager
 def stack_in(
-    base: Path, scale: int, targets: tuple[str, ...], audit: str, statement_timeout_ms: int
+    base: Path,
+    scale: int,
+    targets: tuple[str, ...],
+    audit: str,
+    statement_timeout_ms: int,
+    server_tls: bool,
 ) -> Iterator[Stack]:
-    stack = Stack(base, scale, audit, statement_timeout_ms)
+    stack = Stack(base, scale, audit, statement_timeout_ms, server_tls)
     try:
         stack.start(targets)
         yield stack
@@ -309,7 +390,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor")
-    parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument(
+        "--only", default=None,
+        help=f"comma-separated targets (default: all; {', '.join(TLS_ONLY)} "
+        "only with --server-tls)",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--audit", choices=("text", "hash", "off"), default="text",
@@ -320,8 +405,19 @@ def main() -> int:
         help="give the benchmark app a statement_timeout_ms policy: its sessions then take "
         "the statement guard's (Python) relay",
     )  # fmt: skip
+    parser.add_argument(
+        "--server-tls", action="store_true",
+        help="TLS on the server and on every hop to it (sslmode=require, PgBouncer's "
+        "server_tls_sslmode = require), plus qmesh-plain: qmesh without it, same server",
+    )  # fmt: skip
     args = parser.parse_args()
-    targets = tuple(t for t in TARGETS if t in args.only.split(","))
+    if args.only is None:
+        targets = tuple(t for t in TARGETS if args.server_tls or t not in TLS_ONLY)
+    else:
+        targets = tuple(t for t in TARGETS if t in args.only.split(","))
+        if not args.server_tls and any(t in TLS_ONLY for t in targets):
+            print(f"pg_compare: {', '.join(TLS_ONLY)} needs --server-tls", file=sys.stderr)
+            return 2
     for tool in ("pgbench", "psql", *(["pgbouncer"] if len(targets) > 1 else [])):
         if shutil.which(tool) is None:
             print(f"pg_compare: {tool} is not installed", file=sys.stderr)
@@ -339,7 +435,9 @@ def main() -> int:
     ] + [("logins", clients, "simple") for clients in (1, 8)]
     results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
     try:
-        with stack_in(base, args.scale, targets, args.audit, args.statement_timeout_ms) as stack:
+        with stack_in(
+            base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls
+        ) as stack:
             for case in cases:
                 for target in targets:
                     results[(*case, target)] = pgbench(stack, target, *case, args.duration)
@@ -358,6 +456,7 @@ def main() -> int:
             if args.statement_timeout_ms
             else ""
         )
+        + (", server TLS (sslmode=require; qmesh-plain: disable)" if args.server_tls else "")
         + "; TPS (average latency ms)"
     )
     header = ["script", "-c", "protocol", *targets]
@@ -385,6 +484,20 @@ def main() -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * width for width in widths))
+    if args.server_tls and "qmesh" in targets:
+        for other, goal in TLS_GOALS:
+            if other not in targets:
+                continue
+            missed = [
+                f"{script} -c {clients} {mode}"
+                for script, clients, mode in cases
+                if results[(script, clients, mode, "qmesh")][0]
+                < goal * results[(script, clients, mode, other)][0]
+            ]
+            print(
+                f"target qmesh/{other} >= {goal:.2f}x: "
+                + ("met in every row" if not missed else f"NOT met in {', '.join(missed)}")
+            )
     return 0
 
 
