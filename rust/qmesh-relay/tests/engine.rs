@@ -740,6 +740,54 @@ fn guarded_messages_wait_for_a_verdict() {
     link.release(sock_b);
 }
 
+/// With a guard screen, a guarded Query or Parse that names none of its
+/// words (ASCII letters in any case) is relayed at once and reported unheld;
+/// one that names a word is held as before, and so is what follows it.
+#[test]
+fn the_guard_screen_holds_only_statements_that_name_its_words() {
+    let link = Link::new();
+    let (sock_b, srv_b) = link.native_socket();
+    let spec = NativeSpec {
+        tap: PgTap {
+            frontend: Some((b"QP".to_vec(), Vec::new())),
+            guard: b"QP".to_vec(),
+            guard_screen: vec![b"read".to_vec(), b"set_config".to_vec()],
+            ..PgTap::default()
+        },
+        ..native(21, sock_b)
+    };
+    link.b.attach_native(spec).expect("native B");
+
+    let plain = pg_query("SELECT abalance FROM accounts");
+    let named = pg_query("SET default_transaction_READ_only = off");
+    let after = pg_query("SELECT 3");
+    link.a.send(vec![frame(DATA, 21, &plain)]);
+    assert_eq!(
+        read_up_to(&srv_b, plain.len()),
+        plain,
+        "relayed without a verdict"
+    );
+    link.a.send(vec![frame(
+        DATA,
+        21,
+        &[named.clone(), after.clone()].concat(),
+    )]);
+
+    let mut b = Inbox::new(&link.b);
+    b.wait_until("the held statement", |events| {
+        tap_records(events, 21).iter().any(|r| r.hold)
+    });
+    let records = b.tap_records(21);
+    let seen: Vec<(Vec<u8>, bool)> = records.iter().map(|r| (r.raw.clone(), r.hold)).collect();
+    assert_eq!(seen, vec![(plain.clone(), false), (named.clone(), true)]);
+    link.b.verdict(21, named.clone(), true).expect("verdict");
+    assert_eq!(
+        read_up_to(&srv_b, named.len() + after.len()),
+        [named, after].concat()
+    );
+    link.release(sock_b);
+}
+
 /// `Ending::Postgres` promises that the chunk holding a bad message is
 /// neither relayed nor audited: the server and the audit agree, also when a
 /// valid message precedes the bad one in the same DATA frame.
