@@ -24,6 +24,7 @@ from tunnelkit import (
     until,
 )
 
+from qmesh import _core
 from qmesh.config import TunnelConfig, load_config
 from qmesh.identity import GateKeys, enroll
 from qmesh.state import StateStore
@@ -71,6 +72,30 @@ async def test_a_full_gate_refuses_new_sessions_until_there_is_room(nursery: tri
         assert [s.peer for s in spare.sessions.values()] == ["edge-3"]
         stream = await both.open_stream({"service": "echo"})
         assert await roundtrip(stream, b"at the spare") == b"at the spare"
+
+
+def _threads() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
+async def test_sessions_share_a_few_engine_threads(nursery: trio.Nursery) -> None:
+    """A hundred more sessions (two hundred engines: both ends are in this
+    process) add no thread: the engines share the process's engine threads,
+    about one per core."""
+    gate = await start_gate(nursery)
+    first = await start_edge(nursery, gate, "edge-first")
+    await first.wait_connected()
+    before = _threads()
+    edges = [await start_edge(nursery, gate, f"edge-{i}") for i in range(100)]
+    with trio.fail_after(30):
+        for edge in edges:
+            await edge.wait_connected()
+    assert len(gate.server.sessions) == 101
+    assert _threads() - before < 10, (before, _threads())
+    assert 1 <= _core.engine_threads() <= (os.cpu_count() or 1)
+    stream = await edges[-1].open_stream({"service": "echo"})
+    assert await roundtrip(stream, b"still one thread per core") == b"still one thread per core"
 
 
 def _open_files(pid: int) -> int:
