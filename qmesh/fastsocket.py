@@ -42,6 +42,7 @@ __all__ = [
     "FastSocketStream",
     "ListenError",
     "YieldBudget",
+    "accept",
     "connect_tcp",
     "fast",
     "free_loopback_port",
@@ -89,25 +90,32 @@ async def serve_listeners(
             nursery.start_soon(_accept_forever, handler, listener, what, handlers)
 
 
+async def accept(listener: trio.SocketListener, *, what: str) -> trio.SocketStream:
+    """The next connection. While descriptors or memory are short, waits
+    :data:`ACCEPT_RETRY_S` between tries and logs one line (no traceback)
+    per second of shortage at most; other errors are raised."""
+    logged = -1.0
+    while True:
+        try:
+            return await listener.accept()
+        except OSError as exc:
+            if not out_of_descriptors(exc):
+                raise
+            if logged < 0 or time.monotonic() - logged >= 1.0:
+                logged = time.monotonic()
+                log.warning("%s: cannot accept connections for now (%s)", what, exc)
+            await trio.sleep(ACCEPT_RETRY_S)
+
+
 async def _accept_forever(
     handler: Callable[[trio.SocketStream], Awaitable[object]],
     listener: trio.SocketListener,
     what: str,
     handlers: trio.Nursery,
 ) -> None:
-    logged = 0.0
     async with listener:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if not out_of_descriptors(exc):
-                    raise
-                if time.monotonic() - logged >= 1.0:
-                    logged = time.monotonic()
-                    log.warning("%s: cannot accept connections for now (%s)", what, exc)
-                await trio.sleep(ACCEPT_RETRY_S)
-                continue
+            stream = await accept(listener, what=what)
             handlers.start_soon(_run_handler, handler, stream)
 
 

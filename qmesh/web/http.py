@@ -39,7 +39,7 @@ import trio
 from qmesh import peerjson
 from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import FastSocketStream, open_listeners, out_of_descriptors
+from qmesh.fastsocket import FastSocketStream, accept, open_listeners
 
 __all__ = [
     "Handler",
@@ -65,9 +65,6 @@ _MAX_REFUSING: Final = 64
 # this much: closing a socket with unread input resets the connection, and
 # the reset can destroy the 503 before the client reads it.
 _REFUSE_DRAIN_BYTES: Final = 65536
-# After accept() fails for want of descriptors or memory, wait this long and
-# retry rather than end the server (as trio.serve_listeners does).
-_ACCEPT_RETRY_S: Final = 0.1
 
 
 class HttpError(Exception):
@@ -297,14 +294,7 @@ async def _accept_forever(
     # is then exact for the next accept, whatever the scheduler does.
     async with listener:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if not out_of_descriptors(exc):
-                    raise
-                log.error("http: cannot accept a connection (%s); retrying shortly", exc)
-                await trio.sleep(_ACCEPT_RETRY_S)
-                continue
+            stream = await accept(listener, what="http")
             if connections.active >= limits.max_connections:
                 if not connections.overloaded:
                     connections.overloaded = True
