@@ -660,10 +660,9 @@ struct State {
     bytes_received: u64,
     last_heard: Instant,
     closed: bool,
-    read_buf: Vec<u8>,
     /// Natives whose TLS layer holds plaintext that a read may now take
     /// (credit came back, or a verdict): read at the end of the round, not
-    /// in the middle of reading the tunnel (which holds `read_buf`).
+    /// in the middle of reading the tunnel.
     tls_resume: Vec<u32>,
 }
 
@@ -703,7 +702,6 @@ pub struct Stats {
 
 impl Engine {
     pub fn new(config: Config) -> std::io::Result<Engine> {
-        let read_buf = vec![0; config.read_size.max(config.chunk_size)];
         reactor::start_pool()?;
         let notify = EventFd::new()?;
         let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
@@ -733,7 +731,6 @@ impl Engine {
                 bytes_received: 0,
                 last_heard: Instant::now(),
                 closed: false,
-                read_buf,
                 tls_resume: Vec::new(),
             }),
         });
@@ -1049,6 +1046,31 @@ impl Driven for Shared {
     }
 }
 
+thread_local! {
+    /// Read buffers of the threads that run engines (engine threads, and
+    /// Python's when a call reads): a few per thread rather than one per
+    /// session, whose 256 KiB would be most of a session's memory.
+    static READ_BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer of at least `size` bytes (hand it back with [`give_back`]).
+fn take_buffer(size: usize) -> Vec<u8> {
+    let buf = READ_BUFFERS.with(|pool| pool.borrow_mut().pop());
+    match buf {
+        Some(buf) if buf.len() >= size => buf,
+        _ => vec![0; size],
+    }
+}
+
+fn give_back(buf: Vec<u8>) {
+    READ_BUFFERS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < 4 {
+            pool.push(buf);
+        }
+    });
+}
+
 fn invalid(why: impl Into<String>) -> Error {
     Error::InvalidArgument(why.into())
 }
@@ -1297,8 +1319,8 @@ impl State {
     }
 
     fn read_tunnel(&mut self) {
-        let mut buf = std::mem::take(&mut self.read_buf);
         let size = self.config.read_size;
+        let mut buf = take_buffer(size);
         let fd = self.conn.as_ref().map(|c| c.fd).expect("usable connection");
         match sys::read(fd, &mut buf[..size]) {
             Ok(0) => {
@@ -1316,7 +1338,7 @@ impl State {
             Err(err) if sys::would_block(&err) => {}
             Err(err) => self.fail(SocketError::new("receive", &err).into()),
         }
-        self.read_buf = buf;
+        give_back(buf);
     }
 
     fn on_tunnel_bytes(&mut self, data: &[u8]) {
@@ -1542,7 +1564,7 @@ impl State {
 
     fn read_native(&mut self, sid: u32) {
         let chunk_size = self.config.chunk_size;
-        let mut buf = std::mem::take(&mut self.read_buf);
+        let mut buf = take_buffer(chunk_size);
         for _ in 0..NATIVE_READS_PER_ROUND {
             let Some(native) = self.natives.get_mut(&sid) else {
                 break;
@@ -1586,7 +1608,7 @@ impl State {
                 }
             }
         }
-        self.read_buf = buf;
+        give_back(buf);
     }
 
     /// Plaintext the TLS layer holds is read at the end of the round: no
