@@ -1,14 +1,19 @@
 """The Gate's OpenAI-compatible endpoint vs the LiteLLM proxy, in front of
-the same instant backend, measured with wrk. One run, one table.
+the same instant backend, measured with wrk (peak), oha (a constant offered
+rate) and a streamed completion's time to first byte.
 
 Usage:
     .venv/bin/python bench/gateway.py [--seconds 10] [--connections 1,64]
         [--litellm PATH] [--skip-litellm] [--pg-state]
+        [--rate 1000] [--rate-connections 16] [--ttfb-requests 500]
 
 What runs (all on loopback, each a separate process):
 - backend: a small asyncio server (below) that answers every
   ``POST /v1/chat/completions`` at once with the same JSON completion,
-  keep-alive, no parsing beyond the HTTP head;
+  keep-alive, no parsing beyond the HTTP head and a look for
+  ``"stream": true`` in the body; a streamed request gets an SSE answer
+  (chunked: role, two content deltas, finish, usage, ``[DONE]``), its first
+  event at once and each next one ``STREAM_GAP_S`` (2 ms) later;
 - the Gate: ``python -m qmesh --role gate`` with one priced provider model
   (``bench-model``) pointing at the backend, log level warning; requests
   carry an app key (``Authorization: Bearer bench:KEY``), name the model,
@@ -24,15 +29,34 @@ What runs (all on loopback, each a separate process):
   (``LITELLM_LOCAL_MODEL_COST_MAP=True``, ``LITELLM_TELEMETRY_DISABLED=true``)
   with a master key.
 
-Pinning (``taskset``): wrk and the backend share CPU 0, the gateway under
-test gets CPU 1. wrk posts a fixed chat body (a Lua script sets method, body
-and headers) with 1 and 64 connections for ``--seconds`` each. Added
-latency is the gateway's wrk percentile minus the direct backend's at the
-same connection count; "of direct" is the gateway's req/s as a fraction of
-the direct backend's in the same run. Nothing is asserted.
+Pinning (``taskset``): wrk, oha, the streaming client and the backend share
+CPU 0, the gateway under test gets CPU 1. wrk posts a fixed chat body (a Lua
+script sets method, body and headers) with 1 and 64 connections for
+``--seconds`` each, as fast as answers come (peak req/s). Added latency is
+the gateway's percentile minus the direct backend's in the same
+measurement; "of direct" is the gateway's req/s as a fraction of the direct
+backend's in the same run.
 
-Targets: added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct
-backend's req/s; ≥ 25× LiteLLM's req/s.
+Constant rate (oha, https://github.com/hatoo/oha, ``cargo install oha
+--locked``; skipped with a note when it is missing): ``oha -q --rate`` (1,000
+req/s) for ``--seconds`` on ``--rate-connections`` (16) keep-alive
+connections, ``--latency-correction`` (each request's latency counts from
+when it was due, so a stall is not hidden by the requests it delayed), ``-w``
+(requests still out at the deadline are waited for). Printed: the rate
+answered with 200, p50/p99/p99.9, added p50/p99, the target's CPU (% of one
+core).
+
+Time to first byte: ``--ttfb-requests`` (500) streamed chat completions,
+after 50 of warm-up, each to the direct backend and then to the Gate, on one
+keep-alive connection each (raw sockets, this process pinned to CPU 0): from
+the request's send to the first ``data:`` after the response head; each
+stream is read to its end before the next request.
+
+Targets, printed with met / NOT met under the tables; nothing is asserted:
+added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct backend's req/s; ≥ 25×
+LiteLLM's req/s; peak ≥ 5,000 req/s with the Gate on one core; p99 ≤ 5 ms at
+64 connections; at 1,000 req/s offered, added p50 ≤ 0.3 ms and added p99
+≤ 1 ms; a streamed completion's added time to first byte (p50) ≤ 0.3 ms.
 """
 
 from __future__ import annotations
@@ -52,6 +76,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -81,6 +106,39 @@ REQUEST = json.dumps(
     },
     separators=(",", ":"),
 )
+STREAM_REQUEST = json.dumps({**json.loads(REQUEST), "stream": True}, separators=(",", ":"))
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+# A streamed answer as OpenAI sends one: role, two content deltas, the finish,
+# the usage chunk (the Gate always asks for it), then [DONE].
+STREAM_EVENTS = [
+    b"data: %s\n\n" % json.dumps(event, separators=(",", ":")).encode()
+    for event in (
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"content": "Hello from"}),
+        _chunk({"content": " the bench backend."}),
+        _chunk({}, "stop"),
+        {
+            **_chunk({}),
+            "choices": [],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+        },
+    )
+] + [b"data: [DONE]\n\n"]
+STREAM_GAP_S = 0.002
+"""The backend sends the first event at once and each next one this much
+later, so a first byte that comes back is the first event, not the whole
+stream."""
 
 
 # -- the instant backend (runs as `gateway.py --backend PORT`) -------------------
@@ -91,6 +149,11 @@ class _Backend(asyncio.Protocol):
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
         % (len(COMPLETION), COMPLETION)
     )
+    STREAM_HEAD = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    STREAM = re.compile(rb'"stream"\s*:\s*true')
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -108,8 +171,24 @@ class _Backend(asyncio.Protocol):
             total = end + 4 + length
             if len(self.buffer) < total:
                 return
+            body = self.buffer[end + 4 : total]
             self.buffer = self.buffer[total:]
-            self.transport.write(self.RESPONSE)
+            if self.STREAM.search(body):
+                self.stream()  # clients do not pipeline behind a stream
+            else:
+                self.transport.write(self.RESPONSE)
+
+    def stream(self) -> None:
+        chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in STREAM_EVENTS]
+        chunks[-1] += b"0\r\n\r\n"
+        self.transport.write(self.STREAM_HEAD + chunks[0])
+        loop = asyncio.get_running_loop()
+        for index, chunk in enumerate(chunks[1:], 1):
+            loop.call_later(index * STREAM_GAP_S, self.send, chunk)
+
+    def send(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
 
 def run_backend(port: int) -> None:
@@ -219,6 +298,142 @@ def wrk(
     }
 
 
+OHA_INSTALL = "cargo install oha --locked  (puts oha in ~/.cargo/bin)"
+OHA_JSON = ["--output-format", "json"]
+
+
+def find_oha() -> str | None:
+    found = shutil.which("oha")
+    if found:
+        return found
+    home = Path.home() / ".cargo/bin/oha"
+    return str(home) if home.exists() else None
+
+
+def oha(
+    executable: str,
+    url: str,
+    token: str,
+    rate: float,
+    connections: int,
+    seconds: float,
+    pid: int | None = None,
+) -> dict[str, float]:
+    """A constant offered rate: oha sends ``rate`` requests a second whatever
+    the answers' latency, and with --latency-correction counts each one from
+    when it was due, not from when a free connection sent it (no coordinated
+    omission)."""
+    command = [
+        *taskset(0),
+        executable,
+        "-q",
+        f"{rate:g}",
+        "-z",
+        f"{seconds:g}s",
+        "-w",  # requests still out at the deadline are waited for, not counted as errors
+        "--latency-correction",
+        "-c",
+        str(connections),
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-H",
+        f"Authorization: Bearer {token}",
+        "-d",
+        REQUEST,
+        "--no-tui",
+        *OHA_JSON,
+        url,
+    ]
+    cpu_before = cpu_seconds(pid)
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu_before
+    report = json.loads(out)
+    elapsed = float(report["summary"]["total"])
+    percentiles = report["latencyPercentiles"]
+    codes = report.get("statusCodeDistribution") or {}
+    ok = float(codes.get("200", 0))
+    errors = sum(float(n) for code, n in codes.items() if code != "200")
+    errors += sum(float(n) for n in (report.get("errorDistribution") or {}).values())
+
+    def ms(key: str) -> float:
+        value = percentiles.get(key)
+        return float(value) * 1000 if value is not None else float("nan")
+
+    return {
+        "rps": ok / elapsed,  # answered with 200 a second: the rate it kept up with
+        "p50": ms("p50"),
+        "p99": ms("p99"),
+        "p999": ms("p99.9"),
+        "errors": errors,
+        "cpu": cpu / elapsed * 100 if pid is not None else float("nan"),
+    }
+
+
+def ttfb(urls: list[tuple[str, str]], count: int) -> list[list[float]]:
+    """Time to the first SSE event of a streamed completion, ms: one
+    keep-alive connection per URL, ``count`` rounds of one request to each in
+    turn (so drift hits all alike), from the request's send to the first
+    ``data:`` after the response head. The whole stream is read before the
+    next request."""
+    connections = []
+    requests = []
+    for url, token in urls:
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port
+        body = STREAM_REQUEST.encode()
+        head = (
+            f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+            f"content-type: application/json\r\nauthorization: Bearer {token}\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        requests.append(head.encode() + body)
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connections.append(sock)
+    samples: list[list[float]] = [[] for _ in urls]
+    try:
+        for _ in range(count):
+            for sock, request, times in zip(connections, requests, samples, strict=True):
+                times.append(_one_stream(sock, request))
+    finally:
+        for sock in connections:
+            sock.close()
+    return samples
+
+
+def _one_stream(sock: socket.socket, request: bytes) -> float:
+    start = time.perf_counter()
+    sock.sendall(request)
+    buffer = b""
+    first: float | None = None
+    head_end = -1
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(f"connection closed mid-stream: {buffer[:300]!r}")
+        buffer += data
+        if head_end < 0:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            if not buffer.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"not a 200: {buffer[:300]!r}")
+        if first is None and b"data:" in buffer[head_end:]:
+            first = time.perf_counter()
+        if buffer.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of a chunked body
+            break
+    if first is None or b"data: [DONE]" not in buffer:
+        raise RuntimeError(f"no [DONE] in the stream: {buffer[-300:]!r}")
+    return (first - start) * 1000
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 LUA = """
 wrk.method = "POST"
 wrk.body = [[%s]]
@@ -326,6 +541,18 @@ def main() -> None:
     parser.add_argument(
         "--pg-state", action="store_true", help="also a Gate whose state is in PostgreSQL"
     )
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="oha's offered req/s (default 1000)"
+    )
+    parser.add_argument(
+        "--rate-connections", type=int, default=16, help="oha's connections (default 16)"
+    )
+    parser.add_argument(
+        "--ttfb-requests",
+        type=int,
+        default=500,
+        help="streamed completions per target for time to first byte (0: skip)",
+    )
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend is not None:
@@ -334,12 +561,18 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk")
     counts = [int(c) for c in args.connections.split(",")]
+    oha_path = find_oha()
+    if oha_path is None:
+        print(f"note: oha is missing, the constant-rate rows are skipped: {OHA_INSTALL}")
     work = Path(tempfile.mkdtemp(prefix="qmesh-gw-bench-"))
     lua = work / "post.lua"
     lua.write_text(LUA % REQUEST)
     processes: list[subprocess.Popen[bytes]] = []
     cleanups: list[Any] = []
     rows: list[tuple[str, int, dict[str, float]]] = []
+    rate_rows: list[tuple[str, dict[str, float]]] = []
+    first_bytes: list[list[float]] = []
+    contenders_names: list[str] = []
     try:
         backend_port = free_port()
         backend = subprocess.Popen([*taskset(0), PYTHON, __file__, "--backend", str(backend_port)])
@@ -388,6 +621,23 @@ def main() -> None:
                 wrk(url, token, connections, min(2.0, args.seconds), lua)
                 result = wrk(url, token, connections, args.seconds, lua, pid)
                 rows.append((name, connections, result))
+        if oha_path is not None:
+            for name, url, token, pid in contenders:
+                result = oha(
+                    oha_path, url, token, args.rate, args.rate_connections, args.seconds, pid
+                )
+                rate_rows.append((name, result))
+        if args.ttfb_requests > 0:
+            targets = [(url, token) for _, url, token, _ in contenders[:2]]
+            contenders_names.extend(name for name, _, _, _ in contenders[:2])
+            ttfb(targets, min(50, args.ttfb_requests))  # warm-up
+            # The client shares CPU 0 with the backend, like wrk.
+            affinity = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {0})
+            try:
+                first_bytes = ttfb(targets, args.ttfb_requests)
+            finally:
+                os.sched_setaffinity(0, affinity)
     finally:
         for process in reversed(processes):
             stop(process)
@@ -431,6 +681,78 @@ def main() -> None:
                 f"Gate / LiteLLM at {connections} connection(s): {ratio:.1f}x req/s, "
                 f"{cpu_ratio:.1f}x req/CPU-s"
             )
+    rate_direct = next((r for n, r in rate_rows if n == "direct backend"), None)
+    if rate_direct is not None:
+        print()
+        print(
+            f"oha -q {args.rate:g} --latency-correction -c {args.rate_connections}, "
+            f"{args.seconds:g} s per run, on CPU 0; latency from when each request was due"
+        )
+        print(
+            f"{'target':<16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
+            f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU %':>6} {'errors':>7}"
+        )
+        for name, r in rate_rows:
+            direct_row = name == "direct backend"
+            added50 = 0.0 if direct_row else r["p50"] - rate_direct["p50"]
+            added99 = 0.0 if direct_row else r["p99"] - rate_direct["p99"]
+            print(
+                f"{name:<16} {r['rps']:>8,.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
+                f"{r['p999']:>9.3f} {added50:>8.3f} {added99:>8.3f} {r['cpu']:>6.1f} "
+                f"{int(r['errors']):>7}"
+            )
+        print("CPU %: of one core, the target process (and its children) over the run")
+    if first_bytes:
+        print()
+        print(
+            f"streamed completion ({len(STREAM_EVENTS)} SSE events, the first at once, then one "
+            f"every {STREAM_GAP_S * 1000:g} ms), {args.ttfb_requests} sequential requests per "
+            "target on one keep-alive connection each, client on CPU 0; time from the request "
+            "sent to the first data: event"
+        )
+        print(f"{'target':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}")
+        base50, base99 = (percentile(first_bytes[0], q) for q in (0.5, 0.99))
+        for index, times in enumerate(first_bytes):
+            p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
+            added50, added99 = (p50 - base50, p99 - base99) if index else (0.0, 0.0)
+            name = contenders_names[index]
+            print(f"{name:<16} {p50:>8.3f} {p99:>8.3f} {added50:>8.3f} {added99:>8.3f}")
+    print()
+    print("targets (the Gate, SQLite state, on CPU 1):")
+
+    def verdict(label: str, value: float, limit: float, unit: str, most: bool) -> None:
+        ok = value <= limit if most else value >= limit
+        sign = "≤" if most else "≥"
+        print(
+            f"  {label:<44} {value:>9,.3f} {unit:<5} ({sign} {limit:g}) "
+            f"{'met' if ok else 'NOT met'}"
+        )
+
+    if 1 in gate_rows:
+        added = gate_rows[1]["p50"] - direct[1]["p50"]
+        verdict("wrk, 1 connection: added p50", added, 0.5, "ms", True)
+    if gate_rows:
+        peak = max(r["rps"] for r in gate_rows.values())
+        verdict("wrk: peak req/s", peak, 5000, "req/s", False)
+    for connections, r in gate_rows.items():
+        share = r["rps"] / direct[connections]["rps"] * 100
+        verdict(f"wrk, {connections} connection(s): of direct req/s", share, 4, "%", False)
+    if 64 in gate_rows:
+        verdict("wrk, 64 connections: p99", gate_rows[64]["p99"], 5, "ms", True)
+    for connections in counts:
+        if connections in lite_rows:
+            ratio = gate_rows[connections]["rps"] / lite_rows[connections]["rps"]
+            verdict(f"wrk, {connections} connection(s): × LiteLLM req/s", ratio, 25, "x", False)
+    gate_rate = next((r for n, r in rate_rows if n == "qmesh Gate"), None)
+    if rate_direct is not None and gate_rate is not None:
+        label = f"oha, {args.rate:g} req/s offered: added"
+        verdict(f"{label} p50", gate_rate["p50"] - rate_direct["p50"], 0.3, "ms", True)
+        verdict(f"{label} p99", gate_rate["p99"] - rate_direct["p99"], 1, "ms", True)
+    elif oha_path is None:
+        print(f"  oha, {args.rate:g} req/s offered: not measured (no oha: {OHA_INSTALL})")
+    if len(first_bytes) > 1:
+        added = percentile(first_bytes[1], 0.5) - percentile(first_bytes[0], 0.5)
+        verdict("streamed completion: added time to first byte", added, 0.3, "ms", True)
     shutil.rmtree(work, ignore_errors=True)
 
 
