@@ -440,12 +440,17 @@ impl Native {
             let sent = match self.tls.as_mut() {
                 None => sys::send(self.fd, &front.data),
                 Some(tls) => {
-                    // Sealed into records (the layer holds a bounded amount),
-                    // then written as far as the socket takes them.
-                    let taken = tls.write(&front.data);
-                    tls.flush(self.fd).map_err(|e| send_error(&e))?;
-                    match taken {
-                        Ok(0) => Err(std::io::ErrorKind::WouldBlock.into()),
+                    // Sealed into records; the layer holds a bounded amount,
+                    // written out when it is full and once after the loop,
+                    // so that queued chunks leave in one write.
+                    match tls.write(&front.data) {
+                        Ok(0) => {
+                            tls.flush(self.fd).map_err(|e| send_error(&e))?;
+                            match tls.write(&front.data) {
+                                Ok(0) => Err(std::io::ErrorKind::WouldBlock.into()),
+                                other => other,
+                            }
+                        }
                         other => other,
                     }
                 }
