@@ -73,8 +73,12 @@ async def run_roles(
             # What the roles built at start (skills' tables, the state's
             # caches, the config) lives as long as the process: out of the
             # collector's reach, a full collection no longer walks it and
-            # pauses every connection for tens of milliseconds.
+            # pauses every connection for tens of milliseconds. A request
+            # allocates about a thousand objects, nearly all freed by
+            # reference counting: the youngest generation is collected every
+            # 50,000 allocations rather than every 700.
             gc.freeze()
+            gc.set_threshold(50_000, 20, 20)
             task_status.started(endpoints)
     except BaseExceptionGroup as group:
         operator_errors = _operator_errors(group)
