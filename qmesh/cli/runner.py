@@ -74,9 +74,11 @@ async def run_roles(
             # caches, the config) lives as long as the process: out of the
             # collector's reach, a full collection no longer walks it and
             # pauses every connection for tens of milliseconds. A request
-            # allocates about a thousand objects, nearly all freed by
+            # allocates many short-lived objects, nearly all freed by
             # reference counting: the youngest generation is collected every
-            # 50,000 allocations rather than every 700.
+            # 50,000 allocations rather than every 700 (measured with
+            # bench/gateway.py: at 1,000 req/s offered, added p99 37-120 ms
+            # before, 7-10 ms after).
             gc.freeze()
             gc.set_threshold(50_000, 20, 20)
             task_status.started(endpoints)
