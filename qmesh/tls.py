@@ -85,6 +85,12 @@ class TlsStream(trio.abc.Stream):
         connection over while there is some)."""
         return bytes(self._plain)
 
+    def take_buffered(self) -> bytes:
+        """Plaintext received and not yet read, which is now the caller's."""
+        data = bytes(self._plain)
+        self._plain.clear()
+        return data
+
     async def aclose(self) -> None:
         if not self.tls.handed_over:
             try:

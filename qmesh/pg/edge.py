@@ -220,8 +220,10 @@ async def _relay(stream: trio.abc.Stream, tunnel: TunnelStream) -> None:
     docstring describes."""
     try:
         if isinstance(stream, TlsStream):
-            # Whatever the startup left unread was sent with the startup.
-            assert not stream.buffered
+            # What the client sent behind its startup packet, decrypted
+            # already, goes first.
+            if pipelined := stream.take_buffered():
+                await tunnel.send_all(pipelined)
             outcome = await tunnel.relay_native(
                 stream.transport, tap=_ServerToClient(), tls=stream.tls
             )
