@@ -145,6 +145,38 @@ async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_p
     assert "SSL connection (protocol: TLSv1.3" in out
 
 
+async def test_bytes_pipelined_behind_the_startup_over_tls_reach_the_gate(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A TLS client that sends 30 KB behind its StartupMessage, in one burst,
+    before any answer: the bytes decrypted with the startup packet go to the
+    Gate ahead of the engine's relay, and the Gate judges them (a Query
+    where the SCRAM exchange should be is a protocol violation): the client
+    reads the Gate's answer and an ErrorResponse, not a dropped connection."""
+    _, cert, key = make_ca_and_server(tmp_path / "edge", "edge")
+    ghost = await start_ghost(nursery, db, tmp_path, tls=tls_config(cert, key))
+
+    def work() -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", ghost.port), timeout=20) as raw:
+            raw.sendall(_core.PG_SSL_REQUEST)
+            assert raw.recv(1) == b"S"
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                startup = _core.encode_startup([("user", ghost.app_id), ("database", "main")])
+                tls.sendall(startup + _core.encode_query("SELECT 1") * 2000)
+                received = b""
+                while chunk := tls.recv(65536):
+                    received += chunk
+                return received
+
+    with trio.fail_after(30):
+        answer = await in_thread(work)
+    assert answer[:1] == b"R", answer[:64]  # the Gate's AuthenticationSASL
+    assert b"E" in answer and b"C08P01" in answer, answer
+
+
 async def test_direct_tls_needs_the_postgresql_alpn(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
