@@ -17,20 +17,26 @@ clients, in the simple and prepared protocols, against:
   (e) qmesh-pgstate the same, with the Gate's own state (app keys, vault,
                     audit) in PostgreSQL (`gate.database_url`, a database of
                     its own on the same server) instead of SQLite
+  (f) qmesh-guard   qmesh with a statement guard: the benchmark app's policy
+                    has statement_timeout_ms = 60000, so its sessions take
+                    the guard (guarded messages wait for a verdict from
+                    Python); qmesh-guard/qmesh is what the guard costs,
+                    measured in the same run (the issue's target: ≥ 0.9×)
 
 With --server-tls the server has TLS on (a throwaway self-signed certificate)
 and every hop to it uses it: direct with sslmode=require, PgBouncer (alone and
 behind stunnel) with server_tls_sslmode = require, qmesh and qmesh-pgstate with
 a vault DSN of sslmode=require; and one more target runs on the same server:
 
-  (f) qmesh-plain   qmesh exactly as without --server-tls (vault DSN
+  (g) qmesh-plain   qmesh exactly as without --server-tls (vault DSN
                     sslmode=disable), so that qmesh/qmesh-plain is what TLS
                     to the server costs qmesh, measured in the same run
 
 Before the first pgbench, a psql through each target checks pg_stat_ssl: TLS
 on the server's hop for every target but qmesh-plain. The issue's targets
 (qmesh with server TLS ≥ 0.9× qmesh-plain and ≥ 1.0× stunnel+pgb) are
-printed under the table with "met"/"NOT met" per row; nothing is asserted.
+printed under the table with "met"/"NOT met" per row; so is qmesh-guard's
+(≥ 0.9× qmesh), with or without --server-tls. Nothing is asserted.
 
 The "logins" rows run pgbench with -C: a new connection, and so a whole
 login through the stack (SCRAM, the vault, the server's authentication),
@@ -42,6 +48,7 @@ stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the machine it
 runs on; the run is never a pass/fail test.
 
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
+    python bench/pg_compare.py --only direct,qmesh,qmesh-guard
     python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
 """
 
@@ -69,12 +76,18 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from pgcluster import PgCluster  # noqa: E402
 
-TARGETS = ("direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-plain")
-QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-plain")
+TARGETS = (
+    "direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain",
+)  # fmt: skip
+QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain")
 TLS_ONLY = ("qmesh-plain",)  # targets that run only with --server-tls
+GUARD_TIMEOUT_MS = 60_000  # qmesh-guard's statement_timeout_ms
 APP_USER = "benchapp"
-# --server-tls: the issue's targets, qmesh (server TLS) / another target.
-TLS_GOALS = (("qmesh-plain", 0.9), ("stunnel+pgb", 1.0))
+# The issue's targets: (target, baseline, minimum TPS ratio target/baseline).
+# --server-tls: qmesh (server TLS) against another target.
+TLS_GOALS = (("qmesh", "qmesh-plain", 0.9), ("qmesh", "stunnel+pgb", 1.0))
+# Always: qmesh with a statement guard against qmesh.
+GUARD_GOALS = (("qmesh-guard", "qmesh", 0.9),)
 
 
 def free_port() -> int:
@@ -275,6 +288,8 @@ class Stack:
         sslmode = "require" if self.server_tls and target not in TLS_ONLY else "disable"
         dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode={sslmode}"
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
+        # qmesh-guard: a statement_timeout_ms policy, so its sessions take the guard.
+        timeout = GUARD_TIMEOUT_MS if target == "qmesh-guard" else self.statement_timeout_ms
         (directory / "gate.toml").write_text(
             f'data_dir = "{gate_dir}"\n[log]\nlevel = "warning"\n'
             f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel_port}"\n'
@@ -282,11 +297,7 @@ class Stack:
             + state
             + f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
             f'audit_statements = "{self.audit}"\n'
-            + (
-                f"statement_timeout_ms = {self.statement_timeout_ms}\n"
-                if self.statement_timeout_ms
-                else ""
-            )
+            + (f"statement_timeout_ms = {timeout}\n" if timeout else "")
         )
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
@@ -403,7 +414,7 @@ def main() -> int:
     parser.add_argument(
         "--statement-timeout-ms", type=int, default=0,
         help="give the benchmark app a statement_timeout_ms policy: its sessions then take "
-        "the statement guard's (Python) relay",
+        f"the statement guard's (Python) relay (qmesh-guard's is always {GUARD_TIMEOUT_MS})",
     )  # fmt: skip
     parser.add_argument(
         "--server-tls", action="store_true",
@@ -456,13 +467,22 @@ def main() -> int:
             if args.statement_timeout_ms
             else ""
         )
+        + (
+            f", qmesh-guard statement_timeout_ms {GUARD_TIMEOUT_MS}"
+            if "qmesh-guard" in targets
+            else ""
+        )
         + (", server TLS (sslmode=require; qmesh-plain: disable)" if args.server_tls else "")
         + "; TPS (average latency ms)"
     )
     header = ["script", "-c", "protocol", *targets]
-    others = [t for t in targets if t != "qmesh"]
+    # qmesh-guard is measured against qmesh (qmesh-guard/qmesh), not qmesh against it.
+    others = [t for t in targets if t not in ("qmesh", "qmesh-guard")]
+    guard = "qmesh" in targets and "qmesh-guard" in targets
     if "qmesh" in targets:
         header += [f"qmesh/{t}" for t in others]
+        if guard:
+            header.append("qmesh-guard/qmesh")
         if "direct" in targets:
             header.append("qmesh +µs")
     rows = [header]
@@ -475,6 +495,8 @@ def main() -> int:
             q_tps, q_lat = results[(script, clients, mode, "qmesh")]
             for target in others:
                 row.append(f"{q_tps / results[(script, clients, mode, target)][0]:.2f}x")
+            if guard:
+                row.append(f"{results[(script, clients, mode, 'qmesh-guard')][0] / q_tps:.2f}x")
             if "direct" in targets:
                 added = (q_lat - results[(script, clients, mode, "direct")][1]) * 1000
                 row.append(f"{added:+.0f}")
@@ -484,20 +506,19 @@ def main() -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * width for width in widths))
-    if args.server_tls and "qmesh" in targets:
-        for other, goal in TLS_GOALS:
-            if other not in targets:
-                continue
-            missed = [
-                f"{script} -c {clients} {mode}"
-                for script, clients, mode in cases
-                if results[(script, clients, mode, "qmesh")][0]
-                < goal * results[(script, clients, mode, other)][0]
-            ]
-            print(
-                f"target qmesh/{other} >= {goal:.2f}x: "
-                + ("met in every row" if not missed else f"NOT met in {', '.join(missed)}")
-            )
+    for target, baseline, goal in (TLS_GOALS if args.server_tls else ()) + GUARD_GOALS:
+        if target not in targets or baseline not in targets:
+            continue
+        missed = [
+            f"{script} -c {clients} {mode}"
+            for script, clients, mode in cases
+            if results[(script, clients, mode, target)][0]
+            < goal * results[(script, clients, mode, baseline)][0]
+        ]
+        print(
+            f"target {target}/{baseline} >= {goal:.2f}x: "
+            + ("met in every row" if not missed else f"NOT met in {', '.join(missed)}")
+        )
     return 0
 
 
