@@ -626,8 +626,6 @@ class TlsSession:
     def receive(self, data: bytes) -> bytes:
         """Ciphertext from the peer; the plaintext it completed. TlsError
         when it is not acceptable (a bad certificate, a bad record, an alert)."""
-    def receive_eof(self) -> bool:
-        """The peer's TCP stream ended: whether it had closed TLS first."""
     def send(self, data: bytes) -> None:
         """Plaintext for the peer, sealed with the next :meth:`outgoing`."""
     def outgoing(self) -> bytes:

@@ -57,15 +57,15 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_RECEIVE = 65536
 
-CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 """Failures that mean "out of file descriptors or memory for now": what
 needed them is refused, and the process goes on."""
 
 
 def out_of_descriptors(exc: BaseException) -> bool:
     """Whether ``exc`` says the process (or the system) is out of file
-    descriptors or memory for now (:data:`CAPACITY_ERRNOS`)."""
-    return isinstance(exc, OSError) and exc.errno in CAPACITY_ERRNOS
+    descriptors or memory for now (EMFILE, ENFILE, ENOMEM, ENOBUFS)."""
+    return isinstance(exc, OSError) and exc.errno in _CAPACITY_ERRNOS
 
 
 ACCEPT_RETRY_S: Final = 0.1

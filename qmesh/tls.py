@@ -69,7 +69,6 @@ class TlsStream(trio.abc.Stream):
         while not self._plain and not self._eof:
             data = await self.transport.receive_some(RECEIVE_SIZE)
             if not data:
-                self.tls.receive_eof()
                 self._eof = True
                 break
             self._plain += self.tls.receive(data)

@@ -83,7 +83,7 @@ class TunnelConfig:
     max_sessions: int = 0
     """Live and detached sessions the Gate holds in all; past it a new one
     is refused with ``gate_full`` and the edge tries the next Gate. 0: a
-    quarter of the open-file limit (a session holds three descriptors, and
+    quarter of the open-file limit (a session holds two descriptors, and
     its streams' sockets need room too)."""
     max_streams_per_session: int = 4096
     """Streams the peer may have open in one session; more OPENs are refused."""

@@ -10,7 +10,7 @@ The path of one query, module by module:
   (:mod:`~qmesh.pg.policy`), the real credentials (:mod:`~qmesh.pg.vault`,
   sealed with :mod:`~qmesh.masterkey`), live-session control;
 - :mod:`~qmesh.pg.login` — the Gate's login to the real server (TLS as the
-  alias's sslmode says, SCRAM/MD5);
+  alias's sslmode says, :mod:`~qmesh.pg.server_tls`; SCRAM/MD5);
 - :mod:`~qmesh.pg.relay` — both directions after login, in the tunnel
   engine where it can: the statement guard (:mod:`~qmesh.pg.guard`) and the
   statement audit (:mod:`~qmesh.pg.audit`).

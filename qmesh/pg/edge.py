@@ -36,6 +36,7 @@ from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.fastsocket import FastSocketStream, open_listeners, serve_listeners
+from qmesh.pg.server_tls import ALPN
 from qmesh.tls import TlsStream
 from qmesh.tunnel.client import TunnelClient
 from qmesh.tunnel.errors import TunnelError
@@ -50,7 +51,6 @@ STARTUP_TIMEOUT_S: Final = 30.0
 """A client must finish its startup packets within this (PostgreSQL: authentication_timeout)."""
 CANCEL_TIMEOUT_S: Final = 10.0
 _TLS_RECORD_HANDSHAKE: Final = 0x16
-_ALPN: Final = b"postgresql"
 
 
 class StartupRefused(Exception):
@@ -67,7 +67,7 @@ def tls_config(cert: Path, key: Path) -> _core.TlsServerConfig:
     """The TLS server configuration for ``pg_listen`` (TLS 1.2 and 1.3;
     ALPN ``postgresql``). Raises OSError (``_core.TlsError`` is one) when the
     files cannot be used (checked at start-up)."""
-    return _core.TlsServerConfig(cert.read_bytes(), key.read_bytes(), alpn=[_ALPN])
+    return _core.TlsServerConfig(cert.read_bytes(), key.read_bytes(), alpn=[ALPN])
 
 
 async def _read_packet(stream: trio.abc.Stream, buffer: bytearray) -> _core.PgStartup:
@@ -249,7 +249,7 @@ async def _start_tls(
     stream = TlsStream(local, _core.TlsSession.server(config))
     stream.feed(prefix)
     await stream.handshake()
-    if direct and stream.tls.alpn_protocol != _ALPN:
+    if direct and stream.tls.alpn_protocol != ALPN:
         # PostgreSQL requires the ALPN for direct TLS, so a TLS client of
         # another protocol cannot be confused for a Postgres one.
         raise StartupRefused("08P01", "direct TLS without the 'postgresql' ALPN protocol")

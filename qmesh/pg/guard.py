@@ -110,7 +110,7 @@ def normalise(sql: str) -> str:
     return " ".join("".join(out).lower().split())
 
 
-_UNICODE_ESCAPES: Final = re.compile(r"u&['\"]")
+_UNICODE_ESCAPE_STARTS: Final = ("u&'", 'u&"')
 # Every refusal below needs one of these words in the (lower-cased) text;
 # quoting and comments can split or wrap words but not remove their letters.
 _READ_ONLY_TRIGGERS: Final = ("read", "set_config", "pg_settings", "characteristics")
@@ -145,7 +145,7 @@ def screen_words(*, read_only: bool, guard_timeout: bool) -> list[bytes]:
     triggers = _TRIGGERS if guard_timeout else _READ_ONLY_TRIGGERS
     if not (read_only or guard_timeout):
         return []
-    return [word.encode() for word in (*triggers, "u&'", 'u&"')]
+    return [word.encode() for word in (*triggers, *_UNICODE_ESCAPE_STARTS)]
 
 
 def check_statement(sql: str, *, read_only: bool, guard_timeout: bool) -> Refusal | None:
@@ -155,7 +155,7 @@ def check_statement(sql: str, *, read_only: bool, guard_timeout: bool) -> Refusa
     if not (read_only or guard_timeout):
         return None
     lowered = sql.lower()
-    if _UNICODE_ESCAPES.search(lowered):
+    if any(start in lowered for start in _UNICODE_ESCAPE_STARTS):
         # U&"transaction\\005fread_only" names a setting this module cannot
         # see; refuse rather than decode the escapes' grammar here.
         return _refuse(read_only, "Unicode-escaped names (U&) are not accepted")

@@ -30,9 +30,11 @@ import trio
 from qmesh import _core
 from qmesh.tls import TlsStream
 
-__all__ = ["start_tls", "verification"]
+__all__ = ["ALPN", "start_tls", "verification"]
 
-_ALPN: Final = [b"postgresql"]
+ALPN: Final = b"postgresql"
+"""PostgreSQL's ALPN protocol name (PostgreSQL 17): offered to servers,
+required of clients that start with direct TLS."""
 _SYSTEM_BUNDLES: Final = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 
 
@@ -77,7 +79,7 @@ async def start_tls(
     (an OSError) or ``trio.BrokenResourceError`` when it fails."""
     verify = verification(sslmode, sslrootcert)
     roots = await trio.to_thread.run_sync(_roots, sslrootcert) if verify != "none" else None
-    tls = _core.TlsSession.client(host, verify=verify, root_certificates=roots, alpn=_ALPN)
+    tls = _core.TlsSession.client(host, verify=verify, root_certificates=roots, alpn=[ALPN])
     stream = TlsStream(tcp, tls)
     await stream.handshake()
     return stream

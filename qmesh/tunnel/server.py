@@ -246,7 +246,7 @@ class TunnelServer:
                 raise HandshakeRefused("not_ready", "gate is starting")
             self._make_room_for(name)
             services = self._services_for(role)
-            self._make_room()
+            self._make_room_at_gate()
             try:
                 session = Session(
                     self.settings,
@@ -277,7 +277,7 @@ class TunnelServer:
             gate=self.name,
         )
 
-    def _make_room(self) -> None:
+    def _make_room_at_gate(self) -> None:
         """Keep the Gate under its session cap: a detached session (the
         oldest first) gives way to a new one, since its edge may never come
         back; with every session live, the new one is refused."""
@@ -330,7 +330,7 @@ class TunnelServer:
 
 
 def _sessions_for_open_file_limit() -> int:
-    """The default session cap: a quarter of the open-file limit (three
+    """The default session cap: a quarter of the open-file limit (two
     descriptors per session, and room for its streams' sockets)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:

@@ -109,10 +109,6 @@ impl TlsSession {
         Ok(PyBytes::new(py, &plain))
     }
 
-    fn receive_eof(&mut self) -> PyResult<bool> {
-        Ok(self.live()?.receive_eof())
-    }
-
     fn send(&mut self, data: &[u8]) -> Result<()> {
         Ok(self.live()?.send(data)?)
     }

@@ -216,7 +216,7 @@ impl TlsSession {
         TlsSession { conn }
     }
 
-    /// Take ciphertext from the server; returns the plaintext it completed.
+    /// Take ciphertext from the peer; returns the plaintext it completed.
     pub fn receive(&mut self, mut ciphertext: &[u8]) -> Result<Vec<u8>, TlsError> {
         let mut plain = Vec::new();
         while !ciphertext.is_empty() {
@@ -237,15 +237,7 @@ impl TlsSession {
         }
     }
 
-    /// The server ended the stream (end of TCP stream): whether it had said
-    /// so within TLS first (close_notify).
-    pub fn receive_eof(&mut self) -> bool {
-        let _ = self.conn.read_tls(&mut io::empty());
-        let _ = self.conn.process_new_packets();
-        matches!(self.conn.reader().read(&mut [0; 1]), Ok(0))
-    }
-
-    /// Queue plaintext for the server.
+    /// Queue plaintext for the peer.
     pub fn send(&mut self, plaintext: &[u8]) -> Result<(), TlsError> {
         self.conn
             .writer()
@@ -268,7 +260,7 @@ impl TlsSession {
         self.conn.is_handshaking()
     }
 
-    /// The server's certificate (DER), once the handshake has it.
+    /// The peer's certificate (DER), once the handshake has it.
     pub fn peer_certificate(&self) -> Option<Vec<u8>> {
         self.conn
             .peer_certificates()
