@@ -1,7 +1,7 @@
 """The HTTP server as a boundary (qmesh.web.http): whatever one peer's
 request makes a handler do ends at most that request or connection, with a
 logged reason; limits on connections, header and body sizes and times hold.
-Real sockets on loopback; autojump_clock for the timeouts."""
+Real sockets on loopback, and real (short) timeouts."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ async def test_a_handler_that_raises_anything_gets_a_500_and_the_server_serves_o
     # Each failure is logged with its reason (and the details stay in the log).
     logged = caplog.text
     reasons = ["KeyError", "AssertionError", "ExceptionGroup", "SystemExit", "CancelledError"]
-    reasons += ["RecursionError", "TypeError", "LocalProtocolError"]
+    reasons += ["RecursionError", "TypeError", "a response header cannot be sent: 'x-bad'"]
     for reason in reasons:
         assert reason in logged, reason
     async with bystander:
@@ -239,10 +239,12 @@ async def test_header_and_body_limits_are_configurable(nursery: trio.Nursery) ->
     assert status_of(await exchange(port, get("/ok"))) == 200
 
 
-async def test_a_request_that_trickles_in_gets_a_408(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> None:
-    limits = HttpConfig(request_timeout_s=5.0, idle_timeout_s=1000.0)
+# The engine keeps real time (Trio's fake clock cannot reach it): the
+# timeouts below are short, and only their lower bound is exact.
+
+
+async def test_a_request_that_trickles_in_gets_a_408(nursery: trio.Nursery) -> None:
+    limits = HttpConfig(request_timeout_s=0.5, idle_timeout_s=1000.0)
     port = await start(nursery, make_router(), limits)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -251,21 +253,19 @@ async def test_a_request_that_trickles_in_gets_a_408(
         answer = await read_to_end(stream)
     assert status_of(answer) == 408
     # The request timeout, not the (much longer) idle one, bounded it.
-    assert trio.current_time() - started < 100
+    assert 0.5 <= trio.current_time() - started < 10
 
 
-async def test_an_idle_connection_is_closed_quietly(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> None:
-    port = await start(nursery, make_router(), HttpConfig(idle_timeout_s=3.0))
+async def test_an_idle_connection_is_closed_quietly(nursery: trio.Nursery) -> None:
+    port = await start(nursery, make_router(), HttpConfig(idle_timeout_s=0.5))
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
+        started = trio.current_time()  # before the idle time can begin
         await stream.send_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")  # kept alive
         first = await stream.receive_some(65536)
         assert b" 200 " in first
-        started = trio.current_time()
         assert await read_to_end(stream) == b""  # closed, without an answer
-    assert 3 <= trio.current_time() - started < 100
+    assert 0.5 <= trio.current_time() - started < 10
 
 
 def test_the_limits_are_read_from_gate_http(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ even ``SystemExit``), a response that cannot be encoded, a streamed answer
 that fails half-way — is answered (500) if the answer has not started, logged
 with its reason, and ends at most that connection: never the server, never
 another connection. The one place that enforces it is :func:`qmesh.boundary.peer_boundary`,
-around each connection; :func:`_handle` turns a failed handler into a 500
+around each connection; :func:`handle_request` turns a failed handler into a 500
 first so that the connection can carry on. Only cancellation (the server
 shutting down), ``KeyboardInterrupt`` and ``GeneratorExit`` pass through.
 
@@ -29,7 +29,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -41,15 +41,21 @@ from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
 from qmesh.fastsocket import FastSocketStream, accept, open_listeners
 
+if TYPE_CHECKING:
+    from qmesh.web.native import NativeExchange
+
 __all__ = [
     "Handler",
     "HttpError",
     "Request",
+    "ConnectionCounts",
     "RequestScope",
     "Response",
     "Router",
+    "handle_request",
     "serve_http",
     "serve_stream",
+    "split_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,7 +66,7 @@ RECEIVE_SIZE: Final = 65536
 _REFUSE_TIMEOUT_S: Final = 1.0
 # … and at most this many such answers are in flight: beyond them a new
 # connection is closed without one, so a flood costs an accept and a close.
-_MAX_REFUSING: Final = 64
+MAX_REFUSING: Final = 64
 # What a refused client sent is read (and dropped) before the close, up to
 # this much: closing a socket with unread input resets the connection, and
 # the reset can destroy the 503 before the client reads it.
@@ -139,6 +145,9 @@ class Request:
     """Who to hold to account for failed authentications: the peer's address
     without its port (an edge's name through the tunnel)."""
     scope: RequestScope = attrs.field(factory=RequestScope, eq=False, repr=False)
+    native: NativeExchange | None = attrs.field(default=None, eq=False, repr=False)
+    """Set when the request came through the HTTP engine: a handler may
+    then have the engine relay an upstream's answer itself."""
 
     def json(self, *, max_depth: int = peerjson.DEFAULT_MAX_DEPTH) -> Any:
         """The body as JSON, or a 400 that says why not. Nesting is bounded
@@ -161,6 +170,9 @@ class Response:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     stream: AsyncIterator[bytes] | None = None  # sent chunked after headers when set
+    relayed: bool = False
+    """The answer was written by the HTTP engine (an upstream's, relayed):
+    nothing is left to send."""
 
     @classmethod
     def json(
@@ -180,6 +192,10 @@ class Response:
         """Server-sent events: ``events`` yields already-formatted ``data: …\\n\\n`` chunks."""
         headers = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
         return cls(200, b"", headers, events)
+
+    @classmethod
+    def already_relayed(cls, status: int = 200) -> Response:
+        return cls(status, relayed=True)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -251,7 +267,10 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
 
 
 @attrs.define
-class _Connections:
+class ConnectionCounts:
+    """A listener's connections: served, being refused, and whether the
+    limit was reported."""
+
     active: int = 0
     refusing: int = 0
     overloaded: bool = False  # the limit was hit since the last warning
@@ -269,13 +288,19 @@ async def serve_http(
 ) -> None:
     """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
     bound port (``purpose`` names it if it cannot bind). ``limits`` default
-    to the router's. With ``tls``, every connection is TLS (its handshake
-    bounded by the request timeout)."""
+    to the router's. Plain HTTP is served by the HTTP engine
+    (:mod:`qmesh.web.native`); with ``tls``, every connection is TLS (its
+    handshake bounded by the request timeout) and served here, on h11."""
     limits = limits if limits is not None else router.limits
     listeners = await open_listeners(host, port, purpose=purpose)
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening on %s:%d", host, bound)
-    connections = _Connections()
+    if tls is None:
+        from qmesh.web.native import serve_native
+
+        await serve_native(router, listeners, limits, task_status=task_status, port=bound)
+        return
+    connections = ConnectionCounts()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_forever, listener, nursery, router, limits, connections, tls)
@@ -287,7 +312,7 @@ async def _accept_forever(
     nursery: trio.Nursery,
     router: Router,
     limits: HttpConfig,
-    connections: _Connections,
+    connections: ConnectionCounts,
     tls: ssl.SSLContext | None,
 ) -> None:
     # Counted here, at accept, and not in the connection's task: the count
@@ -303,11 +328,11 @@ async def _accept_forever(
                         "refusing new ones with 503",
                         connections.active,
                     )
-                if connections.refusing >= _MAX_REFUSING:
+                if connections.refusing >= MAX_REFUSING:
                     stream.socket.close()  # no checkpoint: the accept loop goes on at once
                     continue
                 connections.refusing += 1
-                nursery.start_soon(_refuse, stream, limits, connections, tls)
+                nursery.start_soon(refuse_connection, stream, limits, connections, tls)
                 continue
             connections.active += 1
             nursery.start_soon(_serve_tcp, stream, router, limits, connections, tls)
@@ -317,7 +342,7 @@ async def _serve_tcp(
     stream: trio.SocketStream,
     router: Router,
     limits: HttpConfig,
-    connections: _Connections,
+    connections: ConnectionCounts,
     tls: ssl.SSLContext | None,
 ) -> None:
     try:
@@ -345,15 +370,15 @@ async def _serve_tcp(
             connections.overloaded = False
 
 
-async def _refuse(
+async def refuse_connection(
     stream: trio.SocketStream,
     limits: HttpConfig,
-    connections: _Connections,
+    connections: ConnectionCounts,
     tls: ssl.SSLContext | None,
 ) -> None:
     """Answer 503 and close. On a TLS listener the answer goes over TLS (a
     plain one would read as a broken handshake); the handshake counts against
-    the same second, and at most _MAX_REFUSING of these run at once."""
+    the same second, and at most MAX_REFUSING of these run at once."""
     try:
         with peer_boundary("refused http connection", log):
             error = HttpError(
@@ -454,7 +479,7 @@ async def _serve_connection(
                 await _send_error(conn, stream, error, limits, head_only)
                 return
             try:
-                response = await _handle(router, request)
+                response = await handle_request(router, request)
                 await _send_response(conn, stream, response, write_timeout, head_only=head_only)
             finally:
                 request.scope.close()
@@ -537,12 +562,7 @@ async def _read_request(
                 raise HttpError(413, f"request body over {max_body} bytes")
         elif isinstance(event, h11.EndOfMessage):
             break
-    raw_target = head.target.decode("latin-1")
-    if "?" in raw_target or "#" in raw_target or not raw_target.startswith("/"):
-        target = urlsplit(raw_target)
-        path, query = target.path or "/", parse_qs(target.query)
-    else:  # the common case, without the cost of urlsplit and parse_qs
-        path, query = raw_target, {}
+    path, query = split_target(head.target.decode("latin-1"))
     return Request(
         method=head.method.decode("ascii"),
         path=path,
@@ -554,7 +574,15 @@ async def _read_request(
     )
 
 
-async def _handle(router: Router, request: Request) -> Response:
+def split_target(raw_target: str) -> tuple[str, dict[str, list[str]]]:
+    """A request target's path and query."""
+    if "?" in raw_target or "#" in raw_target or not raw_target.startswith("/"):
+        target = urlsplit(raw_target)
+        return target.path or "/", parse_qs(target.query)
+    return raw_target, {}  # the common case, without the cost of urlsplit and parse_qs
+
+
+async def handle_request(router: Router, request: Request) -> Response:
     """The handler's response; a 500 for anything it raised but an HttpError."""
     observe = router.observe
     started = time.perf_counter() if observe is not None else 0.0

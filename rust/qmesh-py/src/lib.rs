@@ -34,6 +34,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, P
 
 mod engine;
 mod error;
+mod http;
 mod pg;
 mod tls;
 
@@ -551,6 +552,7 @@ mod _core {
         pg::register(m)?;
         engine::register(m)?;
         tls::register(m)?;
+        http::register(m)?;
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod http;
 mod reactor;
 mod sys;
 pub mod tls;
@@ -15,5 +16,6 @@ pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
+pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, Usage};
 pub use reactor::engine_threads;
 pub use sys::monotonic;

@@ -1,0 +1,273 @@
+//! `qmesh._core.HttpEngine`: the Gate's HTTP engine (`qmesh_relay::http`),
+//! and what it reports: `HttpRequest`, `HttpProxied`, `HttpNotice`.
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use qmesh_relay::http::{self as relay, HttpEvent, ProxyOutcome};
+
+use crate::Result;
+
+fn latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| b as char).collect()
+}
+
+fn seconds(value: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| PyValueError::new_err(format!("{what} must be a number of seconds >= 0")))
+}
+
+/// A whole request for Python to answer (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpRequest", frozen, get_all)]
+pub struct HttpRequest {
+    exchange: u64,
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Py<PyBytes>,
+    peer: String,
+}
+
+/// What came of a proxied request (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpProxied", frozen, get_all)]
+pub struct HttpProxied {
+    exchange: u64,
+    kind: &'static str,
+    reason: Option<String>,
+    timeout: bool,
+    status: u16,
+    body: Py<PyBytes>,
+    content_type: Option<String>,
+    client_gone: bool,
+    open: bool,
+    tokens_in: u64,
+    tokens_out: u64,
+    bytes_out: u64,
+    first_byte_at: f64,
+}
+
+/// ``drained`` or ``gone`` (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpNotice", frozen, get_all)]
+pub struct HttpNotice {
+    exchange: u64,
+    kind: &'static str,
+}
+
+/// The HTTP engine (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpEngine", frozen)]
+pub struct HttpEngine {
+    inner: relay::HttpEngine,
+}
+
+fn proxied(py: Python<'_>, exchange: u64, outcome: ProxyOutcome) -> HttpProxied {
+    let mut out = HttpProxied {
+        exchange,
+        kind: "failed",
+        reason: None,
+        timeout: false,
+        status: 0,
+        body: PyBytes::new(py, b"").unbind(),
+        content_type: None,
+        client_gone: false,
+        open: false,
+        tokens_in: 0,
+        tokens_out: 0,
+        bytes_out: 0,
+        first_byte_at: 0.0,
+    };
+    match outcome {
+        ProxyOutcome::Failed { reason, timeout } => {
+            out.reason = Some(reason);
+            out.timeout = timeout;
+        }
+        ProxyOutcome::Refused {
+            status,
+            body,
+            content_type,
+        } => {
+            out.kind = "refused";
+            out.status = status;
+            out.body = PyBytes::new(py, &body).unbind();
+            out.content_type = content_type.as_deref().map(latin1);
+        }
+        ProxyOutcome::Relayed {
+            broken,
+            client_gone,
+            open,
+            usage,
+        } => {
+            out.kind = "relayed";
+            out.status = 200;
+            out.reason = broken;
+            out.client_gone = client_gone;
+            out.open = open;
+            out.tokens_in = usage.tokens_in;
+            out.tokens_out = usage.tokens_out;
+            out.bytes_out = usage.bytes_out;
+            out.first_byte_at = usage.first_byte_at;
+        }
+    }
+    out
+}
+
+#[pymethods]
+impl HttpEngine {
+    #[new]
+    #[pyo3(signature = (
+        *,
+        max_header_bytes,
+        max_body_bytes,
+        idle_timeout,
+        request_timeout,
+        max_idle_per_upstream = 64,
+        upstream_idle = 30.0,
+    ))]
+    fn new(
+        max_header_bytes: usize,
+        max_body_bytes: usize,
+        idle_timeout: f64,
+        request_timeout: f64,
+        max_idle_per_upstream: usize,
+        upstream_idle: f64,
+    ) -> Result<Self> {
+        let config = relay::HttpConfig {
+            max_head: max_header_bytes,
+            max_body: max_body_bytes,
+            idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+            request_timeout: seconds(request_timeout, "request_timeout")?,
+            max_idle_per_upstream,
+            upstream_idle: seconds(upstream_idle, "upstream_idle")?,
+        };
+        Ok(HttpEngine {
+            inner: relay::HttpEngine::new(config)?,
+        })
+    }
+
+    #[getter]
+    fn notify_fd(&self) -> RawFd {
+        self.inner.notify_fd()
+    }
+
+    fn adopt(&self, fd: RawFd, peer: &str) -> Result<()> {
+        Ok(self.inner.adopt(fd, peer)?)
+    }
+
+    #[pyo3(signature = (exchange, status, headers, body, *, close = false))]
+    fn respond(&self, exchange: u64, status: u16, headers: &[u8], body: &[u8], close: bool) -> bool {
+        self.inner.respond(exchange, status, headers, body, close)
+    }
+
+    fn start(&self, exchange: u64, status: u16, headers: &[u8]) -> bool {
+        self.inner.start(exchange, status, headers)
+    }
+
+    fn write(&self, exchange: u64, data: &[u8]) -> Option<usize> {
+        self.inner.write(exchange, data)
+    }
+
+    fn finish(&self, exchange: u64) -> bool {
+        self.inner.finish(exchange)
+    }
+
+    fn abort(&self, exchange: u64) {
+        self.inner.abort(exchange);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn proxy(
+        &self,
+        exchange: u64,
+        host: &str,
+        port: u16,
+        request: &[u8],
+        headers: &[u8],
+        first_byte_timeout: f64,
+        chunk_timeout: f64,
+    ) -> PyResult<bool> {
+        let ip = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("{host:?} is not an IP address")))?;
+        Ok(self.inner.proxy(
+            exchange,
+            SocketAddr::new(ip, port),
+            Arc::from(request),
+            Arc::from(headers),
+            seconds(first_byte_timeout, "first_byte_timeout")?,
+            seconds(chunk_timeout, "chunk_timeout")?,
+        ))
+    }
+
+    fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let events = self.inner.take();
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            let object: Py<PyAny> = match event {
+                HttpEvent::Request {
+                    exchange,
+                    head,
+                    body,
+                    peer,
+                } => Py::new(
+                    py,
+                    HttpRequest {
+                        exchange,
+                        method: head.method,
+                        target: head.target,
+                        headers: head
+                            .headers
+                            .into_iter()
+                            .map(|(name, value)| (name, latin1(&value)))
+                            .collect(),
+                        body: PyBytes::new(py, &body).unbind(),
+                        peer: peer.to_string(),
+                    },
+                )?
+                .into_any(),
+                HttpEvent::Proxied { exchange, outcome } => {
+                    Py::new(py, proxied(py, exchange, outcome))?.into_any()
+                }
+                HttpEvent::Drained { exchange } => Py::new(
+                    py,
+                    HttpNotice {
+                        exchange,
+                        kind: "drained",
+                    },
+                )?
+                .into_any(),
+                HttpEvent::Gone { exchange } => Py::new(
+                    py,
+                    HttpNotice {
+                        exchange,
+                        kind: "gone",
+                    },
+                )?
+                .into_any(),
+            };
+            out.push(object);
+        }
+        Ok(out)
+    }
+
+    /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused)``.
+    fn stats(&self) -> (usize, usize, usize, u64, u64, u64) {
+        let s = self.inner.stats();
+        (s.clients, s.upstreams, s.idle_upstreams, s.requests, s.proxied, s.reused)
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<HttpEngine>()?;
+    m.add_class::<HttpRequest>()?;
+    m.add_class::<HttpProxied>()?;
+    m.add_class::<HttpNotice>()?;
+    Ok(())
+}

@@ -1,0 +1,1315 @@
+//! The HTTP engine: the Gate's LLM path outside Python.
+//!
+//! The engine owns client connections Python accepted (and handed over with
+//! [`HttpEngine::adopt`]) and a pool of keep-alive connections to upstream
+//! model servers. On an engine thread (`reactor.rs`) it reads and parses
+//! each request (`qmesh-http`: bounded heads and bodies, length or chunked)
+//! and hands it whole to Python as one [`HttpEvent::Request`]. Python
+//! decides (authentication, routing, budgets) and answers with one command:
+//!
+//! * [`HttpEngine::respond`]: a whole response it built;
+//! * [`HttpEngine::start`] / [`HttpEngine::write`] / [`HttpEngine::finish`]:
+//!   a chunked response it produces piece by piece, with
+//!   [`HttpEvent::Drained`] as back-pressure;
+//! * [`HttpEngine::proxy`]: send these request bytes to that upstream and
+//!   relay its answer. A 200 is relayed as it arrives (server-sent events
+//!   pass through without Python), its usage figures read on the way; any
+//!   other status, a refused connection or a silent upstream is reported
+//!   before a byte reaches the client, so Python can try the next candidate.
+//!   The result comes back as one [`HttpEvent::Proxied`].
+//!
+//! A peer's mistake ends that peer's connection only: a malformed or
+//! oversized request is answered (400, 408, 413, 431, 501) and the
+//! connection closed after a lingering drain; an upstream that breaks its
+//! framing is a failed or broken relay. Time is bounded everywhere: the
+//! idle keep-alive, a request's arrival, a write to a client that does not
+//! read, an upstream's first byte and each later read.
+//!
+//! Locking and ownership: as in `engine.rs`, all state sits behind one
+//! mutex, and the engine thread never touches the GIL. Unlike the tunnel
+//! engine, this one owns its sockets (it closes them).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use qmesh_http::{
+    encode_chunk, parse_request, parse_response, BodyDecoder, Framing, HttpError, Limits,
+    RequestHead, UsageScan, LAST_CHUNK,
+};
+use socket2::{Domain, Socket, Type};
+
+use crate::reactor::{self, Driven, Registration};
+use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
+
+/// How often deadlines are checked: timeouts are seconds, so a tenth of one
+/// is precise enough, and one scan per tick is cheaper than a timer each.
+const TICK: Duration = Duration::from_millis(100);
+/// Bytes read from one socket per call.
+const READ_SIZE: usize = 65536;
+/// A client's unsent output above which its upstream is not read (and a
+/// Python producer is told to wait) …
+const HIGH_WATER: usize = 256 * 1024;
+/// … until it is below this.
+const LOW_WATER: usize = 64 * 1024;
+/// A refused (non-200) upstream answer kept for Python at most.
+const MAX_ERROR_BODY: usize = 65536;
+/// An upstream response head at most.
+const MAX_UPSTREAM_HEAD: usize = 65536;
+/// After an error answer the client's further input is read and dropped,
+/// up to this much and this long, so that closing does not reset the
+/// connection under the answer before the client has read it.
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Limits and times of one engine.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub max_head: usize,
+    pub max_body: usize,
+    /// A kept-alive connection waiting for its next request is closed after this.
+    pub idle_timeout: Duration,
+    /// From a request's first byte to the end of its body (408 beyond); also
+    /// the longest one write may wait for a client that does not read.
+    pub request_timeout: Duration,
+    /// Idle upstream connections kept per address.
+    pub max_idle_per_upstream: usize,
+    /// An idle upstream connection is closed after this.
+    pub upstream_idle: Duration,
+}
+
+/// What happened to a [`HttpEngine::proxy`].
+#[derive(Debug, Clone)]
+pub enum ProxyOutcome {
+    /// Nothing reached the client: the upstream could not be reached, broke
+    /// off or timed out (`timeout`) before answering.
+    Failed { reason: String, timeout: bool },
+    /// The upstream answered another status than 200; nothing reached the
+    /// client. `body` is the start of its answer.
+    Refused {
+        status: u16,
+        body: Vec<u8>,
+        content_type: Option<Vec<u8>>,
+    },
+    /// Relayed to its end (`ended`), or cut short: the upstream broke off or
+    /// went silent after bytes reached the client (`broken` says why), or the
+    /// client went away (`client_gone`). After a break in a chunked answer
+    /// the exchange stays open for Python's closing words (`write`,
+    /// `finish`); otherwise the connection is closed.
+    Relayed {
+        broken: Option<String>,
+        client_gone: bool,
+        open: bool,
+        usage: Usage,
+    },
+}
+
+/// Figures of a relayed answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Body bytes relayed to the client.
+    pub bytes_out: u64,
+    /// When the answer's head came (the monotonic clock, see `sys::monotonic`).
+    pub first_byte_at: f64,
+}
+
+/// What the engine tells Python.
+#[derive(Debug)]
+pub enum HttpEvent {
+    /// A whole request, for Python to answer (`exchange` names it).
+    Request {
+        exchange: u64,
+        head: RequestHead,
+        body: Vec<u8>,
+        peer: Arc<str>,
+    },
+    Proxied {
+        exchange: u64,
+        outcome: ProxyOutcome,
+    },
+    /// A producer's output went below the low-water mark.
+    Drained { exchange: u64 },
+    /// The client's connection ended before the exchange was answered.
+    Gone { exchange: u64 },
+}
+
+/// Counters, from one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpStats {
+    pub clients: usize,
+    pub upstreams: usize,
+    pub idle_upstreams: usize,
+    pub requests: u64,
+    pub proxied: u64,
+    pub reused: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the first byte of a request.
+    Idle,
+    /// Reading a request's head and body.
+    Reading {
+        head: Option<(RequestHead, BodyDecoder)>,
+        body: Vec<u8>,
+    },
+    /// The request is Python's to answer.
+    Python,
+    /// An upstream's answer is being relayed.
+    Relaying { upstream: u64 },
+    /// Python writes a chunked answer.
+    Streaming,
+    /// An answer is being written, then the connection ends with a
+    /// lingering drain.
+    Closing,
+    /// Output written and shut; dropping the client's input until it stops.
+    Lingering { drained: usize },
+}
+
+struct Client {
+    socket: Socket,
+    interest: u32,
+    peer: Arc<str>,
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+    phase: Phase,
+    exchange: u64,
+    keep_alive: bool,
+    head_only: bool,
+    /// Python was told it may write again once output falls below LOW_WATER.
+    drain_wanted: bool,
+    deadline: Option<Instant>,
+    /// When the current unsent output last made progress.
+    stalled_since: Option<Instant>,
+    /// What a request's deadline means when it passes.
+    deadline_is_idle: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpPhase {
+    Connecting,
+    Exchanging,
+    Idle,
+}
+
+struct Upstream {
+    socket: Socket,
+    interest: u32,
+    addr: SocketAddr,
+    phase: UpPhase,
+    request: Arc<[u8]>,
+    sent: usize,
+    rbuf: Vec<u8>,
+    client: u64,
+    exchange: u64,
+    reused: bool,
+    received: bool,
+    head: Option<(u16, BodyDecoder, bool)>,
+    content_type: Option<Vec<u8>>,
+    extra_headers: Arc<[u8]>,
+    relaying: bool,
+    chunked_out: bool,
+    error_body: Vec<u8>,
+    usage: UsageScan,
+    bytes_out: u64,
+    first_byte_at: f64,
+    first_byte_timeout: Duration,
+    chunk_timeout: Duration,
+    deadline: Option<Instant>,
+}
+
+struct State {
+    config: HttpConfig,
+    closed: bool,
+    clients: HashMap<u64, Client>,
+    upstreams: HashMap<u64, Upstream>,
+    idle: HashMap<SocketAddr, Vec<u64>>,
+    exchanges: HashMap<u64, u64>,
+    events: Vec<HttpEvent>,
+    notified: bool,
+    next_id: u64,
+    ticking: bool,
+    stats: HttpStats,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    notify: EventFd,
+    registration: std::sync::OnceLock<Registration>,
+}
+
+/// The engine (see the module's documentation).
+pub struct HttpEngine {
+    shared: Arc<Shared>,
+}
+
+fn lock(mutex: &Mutex<State>) -> MutexGuard<'_, State> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        418 => "I'm a Teapot",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// A response head: status line, the given headers, then framing.
+fn response_head(status: u16, headers: &[u8], framing: Option<usize>, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + headers.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+    out.extend_from_slice(headers);
+    out.extend_from_slice(b"server: qmesh\r\n");
+    match framing {
+        Some(length) => out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes()),
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// An OpenAI-style error body, as the Python server writes them.
+fn error_body(error: &HttpError) -> Vec<u8> {
+    let mut message = String::with_capacity(error.message.len());
+    for c in error.message.chars() {
+        match c {
+            '"' => message.push_str("\\\""),
+            '\\' => message.push_str("\\\\"),
+            c if (c as u32) < 0x20 || !c.is_ascii() => {
+                message.push_str(&format!("\\u{:04x}", c as u32 & 0xffff))
+            }
+            c => message.push(c),
+        }
+    }
+    let kind = if error.status >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    format!(
+        "{{\"error\":{{\"message\":\"{message}\",\"type\":\"{kind}\",\"param\":null,\"code\":null}}}}"
+    )
+    .into_bytes()
+}
+
+fn read_into(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    let len = buf.len();
+    // SAFETY: the spare capacity is at least READ_SIZE writable bytes;
+    // `read` initialises the first `n` of them, and only those are kept.
+    let n = unsafe {
+        let spare = std::slice::from_raw_parts_mut(buf.as_mut_ptr().add(len), READ_SIZE);
+        sys::read(socket.as_raw_fd(), spare)?
+    };
+    // SAFETY: see above.
+    unsafe { buf.set_len(len + n) };
+    Ok(n)
+}
+
+impl HttpEngine {
+    pub fn new(config: HttpConfig) -> io::Result<Self> {
+        reactor::start_pool()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                config,
+                closed: false,
+                clients: HashMap::new(),
+                upstreams: HashMap::new(),
+                idle: HashMap::new(),
+                exchanges: HashMap::new(),
+                events: Vec::new(),
+                notified: false,
+                next_id: 1,
+                ticking: false,
+                stats: HttpStats::default(),
+            }),
+            notify: EventFd::new()?,
+            registration: std::sync::OnceLock::new(),
+        });
+        let weak: Weak<dyn Driven> = Arc::downgrade(&shared) as Weak<Shared>;
+        let _ = shared.registration.set(Registration::new(weak));
+        Ok(HttpEngine { shared })
+    }
+
+    pub fn notify_fd(&self) -> RawFd {
+        self.shared.notify.fd()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State, &Registration) -> R) -> R {
+        let mut st = lock(&self.shared.state);
+        let reg = self.shared.registration.get().expect("registered at creation");
+        let result = f(&mut st, reg);
+        st.finish(&self.shared, reg);
+        result
+    }
+
+    /// Serve the connected socket `fd` (the engine owns it from now on).
+    pub fn adopt(&self, fd: RawFd, peer: &str) -> io::Result<()> {
+        // SAFETY: the caller hands over a connected socket it no longer uses.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        socket.set_nonblocking(true)?;
+        let _ = socket.set_tcp_nodelay(true); // not TCP (a test's socketpair): fine
+        self.with(|st, reg| {
+            if st.closed {
+                return;
+            }
+            let id = st.id();
+            let deadline = Some(Instant::now() + st.config.idle_timeout);
+            st.clients.insert(
+                id,
+                Client {
+                    socket,
+                    interest: 0,
+                    peer: Arc::from(peer),
+                    rbuf: Vec::new(),
+                    out: Vec::new(),
+                    phase: Phase::Idle,
+                    exchange: 0,
+                    keep_alive: true,
+                    head_only: false,
+                    drain_wanted: false,
+                    deadline,
+                    stalled_since: None,
+                    deadline_is_idle: true,
+                },
+            );
+            st.update_client(reg, id);
+        });
+        Ok(())
+    }
+
+    /// Answer `exchange` with a whole response (`headers` are `name: value\r\n`
+    /// lines); false if its client is gone.
+    pub fn respond(&self, exchange: u64, status: u16, headers: &[u8], body: &[u8], close: bool) -> bool {
+        self.with(|st, reg| {
+            let Some(id) = st.python_client(exchange) else { return false };
+            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            let close = close || !client.keep_alive;
+            let mut data = response_head(status, headers, Some(body.len()), close);
+            if !client.head_only {
+                data.extend_from_slice(body);
+            }
+            client.out.extend_from_slice(&data);
+            client.keep_alive = !close;
+            st.answered(reg, id);
+            true
+        })
+    }
+
+    /// Start a chunked answer to `exchange`; false if its client is gone.
+    pub fn start(&self, exchange: u64, status: u16, headers: &[u8]) -> bool {
+        self.with(|st, reg| {
+            let Some(id) = st.python_client(exchange) else { return false };
+            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            let head = response_head(status, headers, None, !client.keep_alive);
+            client.out.extend_from_slice(&head);
+            if client.head_only {
+                st.answered(reg, id); // a HEAD answer has no body, not even an empty one
+            } else {
+                client.phase = Phase::Streaming;
+                st.flush_client(reg, id);
+            }
+            true
+        })
+    }
+
+    /// Append a chunk to a started answer: the bytes now waiting to be
+    /// written (at or over the high-water mark: wait for `Drained`), or
+    /// `None` if the client is gone.
+    pub fn write(&self, exchange: u64, data: &[u8]) -> Option<usize> {
+        self.with(|st, reg| {
+            let id = st.streaming_client(exchange)?;
+            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            encode_chunk(data, &mut client.out);
+            st.flush_client(reg, id);
+            let client = st.clients.get_mut(&id)?;
+            if client.out.len() >= HIGH_WATER {
+                client.drain_wanted = true;
+            }
+            Some(client.out.len())
+        })
+    }
+
+    /// End a started answer; false if the client is gone.
+    pub fn finish(&self, exchange: u64) -> bool {
+        self.with(|st, reg| {
+            let Some(id) = st.streaming_client(exchange) else { return false };
+            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            client.out.extend_from_slice(LAST_CHUNK);
+            st.answered(reg, id);
+            true
+        })
+    }
+
+    /// End `exchange`'s connection now, whatever was written.
+    pub fn abort(&self, exchange: u64) {
+        self.with(|st, reg| {
+            if let Some(&id) = st.exchanges.get(&exchange) {
+                st.drop_client(reg, id);
+            }
+        });
+    }
+
+    /// Send `request` (a whole HTTP/1.1 request) to `addr` on a pooled or
+    /// new connection and relay a 200 answer to `exchange`'s client, with
+    /// `headers` added to its head. False if the client is gone.
+    pub fn proxy(
+        &self,
+        exchange: u64,
+        addr: SocketAddr,
+        request: Arc<[u8]>,
+        headers: Arc<[u8]>,
+        first_byte_timeout: Duration,
+        chunk_timeout: Duration,
+    ) -> bool {
+        self.with(|st, reg| {
+            let Some(client) = st.python_client(exchange) else { return false };
+            st.stats.proxied += 1;
+            let upstream = st.checkout(reg, addr, request, headers, client, exchange);
+            match upstream {
+                Ok(up) => {
+                    st.upstreams.get_mut(&up).expect("just made").first_byte_timeout =
+                        first_byte_timeout;
+                    let u = st.upstreams.get_mut(&up).expect("just made");
+                    u.chunk_timeout = chunk_timeout;
+                    u.deadline = Some(Instant::now() + first_byte_timeout);
+                    st.clients.get_mut(&client).expect("live").phase = Phase::Relaying { upstream: up };
+                    st.upstream_progress(reg, up);
+                }
+                Err(err) => st.emit(HttpEvent::Proxied {
+                    exchange,
+                    outcome: ProxyOutcome::Failed {
+                        reason: format!("cannot connect to {addr}: {err}"),
+                        timeout: false,
+                    },
+                }),
+            }
+            true
+        })
+    }
+
+    /// Everything to report since the last call (drains `notify_fd`).
+    pub fn take(&self) -> Vec<HttpEvent> {
+        self.shared.notify.drain();
+        let mut st = lock(&self.shared.state);
+        st.notified = false;
+        std::mem::take(&mut st.events)
+    }
+
+    pub fn stats(&self) -> HttpStats {
+        let st = lock(&self.shared.state);
+        HttpStats {
+            clients: st.clients.len(),
+            upstreams: st.upstreams.len(),
+            idle_upstreams: st.idle.values().map(Vec::len).sum(),
+            ..st.stats
+        }
+    }
+
+    /// Close every connection; the engine serves nothing more.
+    pub fn close(&self) {
+        self.with(|st, reg| {
+            st.closed = true;
+            for (_, client) in st.clients.drain() {
+                reg.unwatch(client.socket.as_raw_fd());
+            }
+            for (_, upstream) in st.upstreams.drain() {
+                reg.unwatch(upstream.socket.as_raw_fd());
+            }
+            st.idle.clear();
+            st.exchanges.clear();
+        });
+    }
+}
+
+impl Drop for HttpEngine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Driven for Shared {
+    fn ready(&self, events: &[(u64, u32)]) {
+        let mut st = lock(&self.state);
+        let reg = self.registration.get().expect("registered at creation");
+        if st.closed {
+            return;
+        }
+        for &(token, flags) in events {
+            if st.clients.contains_key(&token) {
+                st.client_ready(reg, token, flags);
+            } else if st.upstreams.contains_key(&token) {
+                st.upstream_ready(reg, token, flags);
+            }
+        }
+        st.finish(self, reg);
+    }
+
+    fn timer(&self, now: Instant) {
+        let mut st = lock(&self.state);
+        let reg = self.registration.get().expect("registered at creation");
+        st.ticking = false;
+        if st.closed {
+            return;
+        }
+        st.expire(reg, now);
+        st.finish(self, reg);
+    }
+}
+
+impl State {
+    fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn emit(&mut self, event: HttpEvent) {
+        self.events.push(event);
+    }
+
+    /// End of a round: wake Python if there is news, keep the tick going
+    /// while anything has a deadline.
+    fn finish(&mut self, shared: &Shared, reg: &Registration) {
+        if !self.events.is_empty() && !self.notified {
+            self.notified = true;
+            shared.notify.signal();
+        }
+        if !(self.ticking || self.clients.is_empty() && self.upstreams.is_empty()) {
+            self.ticking = true;
+            reg.schedule(Instant::now() + TICK);
+        }
+    }
+
+    fn python_client(&self, exchange: u64) -> Option<u64> {
+        let id = *self.exchanges.get(&exchange)?;
+        let client = self.clients.get(&id)?;
+        matches!(client.phase, Phase::Python).then_some(id)
+    }
+
+    fn streaming_client(&self, exchange: u64) -> Option<u64> {
+        let id = *self.exchanges.get(&exchange)?;
+        let client = self.clients.get(&id)?;
+        matches!(client.phase, Phase::Streaming).then_some(id)
+    }
+
+    // -- clients -------------------------------------------------------------
+
+    fn update_client(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else { return };
+        let reading = matches!(
+            client.phase,
+            Phase::Idle | Phase::Reading { .. } | Phase::Lingering { .. }
+        );
+        let want = if reading { READABLE } else { 0 } | if client.out.is_empty() { 0 } else { WRITABLE };
+        reg.set_interest(client.socket.as_raw_fd(), id, &mut client.interest, want);
+    }
+
+    fn client_ready(&mut self, reg: &Registration, id: u64, flags: u32) {
+        if flags & WRITABLE != 0 || flags & BROKEN != 0 {
+            self.flush_client(reg, id);
+        }
+        if flags & (READABLE | BROKEN) != 0 {
+            self.read_client(reg, id);
+        }
+    }
+
+    /// Write what is waiting; a client that cannot take it any more is dropped.
+    fn flush_client(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else { return };
+        let mut written = 0;
+        let mut failed = false;
+        while written < client.out.len() {
+            match sys::send(client.socket.as_raw_fd(), &client.out[written..]) {
+                Ok(n) => written += n,
+                Err(err) if sys::would_block(&err) => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        client.out.drain(..written);
+        if failed {
+            self.drop_client(reg, id);
+            return;
+        }
+        if written > 0 || client.out.is_empty() {
+            client.stalled_since = (!client.out.is_empty()).then(Instant::now);
+        }
+        if client.drain_wanted && client.out.len() < LOW_WATER {
+            client.drain_wanted = false;
+            let exchange = client.exchange;
+            self.emit(HttpEvent::Drained { exchange });
+        }
+        let client = self.clients.get_mut(&id).expect("still here");
+        if client.out.is_empty() && matches!(client.phase, Phase::Closing) {
+            let _ = sys::shutdown_write(client.socket.as_raw_fd());
+            client.phase = Phase::Lingering { drained: 0 };
+            client.deadline = Some(Instant::now() + LINGER);
+            client.deadline_is_idle = true;
+        }
+        if let Phase::Relaying { upstream } = client.phase {
+            self.update_upstream(reg, upstream);
+        }
+        self.update_client(reg, id);
+    }
+
+    fn read_client(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else { return };
+        if let Phase::Lingering { drained } = &mut client.phase {
+            let mut scratch = Vec::new();
+            match read_into(&client.socket, &mut scratch) {
+                Ok(0) => self.drop_client(reg, id),
+                Ok(n) if *drained + n < LINGER_BYTES => *drained += n,
+                Err(err) if sys::would_block(&err) => {}
+                _ => self.drop_client(reg, id),
+            }
+            return;
+        }
+        if !matches!(client.phase, Phase::Idle | Phase::Reading { .. }) {
+            return;
+        }
+        match read_into(&client.socket, &mut client.rbuf) {
+            Ok(0) => {
+                // The peer is done: quietly between requests, or mid-request.
+                if matches!(client.phase, Phase::Reading { .. }) {
+                    let error = HttpError::new(400, "connection closed inside the request");
+                    self.refuse(reg, id, &error);
+                    self.drop_client(reg, id);
+                } else {
+                    self.drop_client(reg, id);
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(err) if sys::would_block(&err) => return,
+            Err(_) => {
+                self.drop_client(reg, id);
+                return;
+            }
+        }
+        self.parse_client(reg, id);
+    }
+
+    /// Take requests from what the client sent, as far as the phase allows.
+    fn parse_client(&mut self, reg: &Registration, id: u64) {
+        let limits = Limits {
+            max_head: self.config.max_head,
+            max_body: self.config.max_body,
+        };
+        let request_timeout = self.config.request_timeout;
+        'parse: {
+            let Some(client) = self.clients.get_mut(&id) else { return };
+            if client.rbuf.is_empty() {
+                break 'parse;
+            }
+            if matches!(client.phase, Phase::Idle) {
+                client.phase = Phase::Reading {
+                    head: None,
+                    body: Vec::new(),
+                };
+                client.deadline = Some(Instant::now() + request_timeout);
+                client.deadline_is_idle = false;
+            }
+            let Phase::Reading { head, body } = &mut client.phase else { break 'parse };
+            if head.is_none() {
+                match parse_request(&client.rbuf, &limits) {
+                    Ok(None) => break 'parse,
+                    Ok(Some(parsed)) => {
+                        client.rbuf.drain(..parsed.length);
+                        let decoder = BodyDecoder::new(parsed.framing);
+                        if parsed.expect_continue && !decoder.done() {
+                            client.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        }
+                        *head = Some((parsed, decoder));
+                    }
+                    Err(error) => {
+                        self.refuse(reg, id, &error);
+                        return;
+                    }
+                }
+            }
+            let (_, decoder) = head.as_mut().expect("parsed above");
+            match decoder.decode(&client.rbuf, body) {
+                Ok(used) => {
+                    client.rbuf.drain(..used);
+                }
+                Err(error) => {
+                    self.refuse(reg, id, &error);
+                    return;
+                }
+            }
+            if body.len() > limits.max_body {
+                let error = HttpError::new(413, format!("request body over {} bytes", limits.max_body));
+                self.refuse(reg, id, &error);
+                return;
+            }
+            if !decoder.done() {
+                break 'parse;
+            }
+            let Phase::Reading { head, body } = std::mem::replace(&mut client.phase, Phase::Python) else {
+                unreachable!("matched above")
+            };
+            let (head, _) = head.expect("parsed above");
+            let exchange = self.next_id;
+            self.next_id += 1;
+            let client = self.clients.get_mut(&id).expect("still here");
+            client.exchange = exchange;
+            client.keep_alive = head.keep_alive;
+            client.head_only = head.method == "HEAD";
+            client.deadline = None;
+            if client.rbuf.capacity() > 4 * READ_SIZE && client.rbuf.len() < READ_SIZE {
+                client.rbuf.shrink_to(READ_SIZE);
+            }
+            let peer = Arc::clone(&client.peer);
+            self.exchanges.insert(exchange, id);
+            self.stats.requests += 1;
+            self.emit(HttpEvent::Request {
+                exchange,
+                head,
+                body,
+                peer,
+            });
+            break 'parse;
+        }
+        self.flush_client(reg, id);
+    }
+
+    /// Answer a bad request with its error and close after the answer.
+    fn refuse(&mut self, reg: &Registration, id: u64, error: &HttpError) {
+        let Some(client) = self.clients.get_mut(&id) else { return };
+        let body = error_body(error);
+        let headers = b"content-type: application/json\r\n";
+        let mut data = response_head(error.status, headers, Some(body.len()), true);
+        data.extend_from_slice(&body);
+        client.out.extend_from_slice(&data);
+        client.rbuf = Vec::new();
+        client.phase = Phase::Closing;
+        client.deadline = Some(Instant::now() + self.config.request_timeout);
+        client.deadline_is_idle = true;
+        self.flush_client(reg, id);
+    }
+
+    /// A response is wholly queued: keep the connection for the next
+    /// request, or close it once the answer is out.
+    fn answered(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else { return };
+        self.exchanges.remove(&client.exchange);
+        client.drain_wanted = false;
+        if client.keep_alive {
+            client.phase = Phase::Idle;
+            client.deadline = Some(Instant::now() + self.config.idle_timeout);
+            client.deadline_is_idle = true;
+            self.parse_client(reg, id); // a pipelined request may be waiting
+        } else {
+            client.phase = Phase::Closing;
+            client.deadline = None;
+            self.flush_client(reg, id);
+        }
+    }
+
+    /// Forget a client; Python hears of an exchange it held, and an upstream
+    /// relaying to it is closed.
+    fn drop_client(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.remove(&id) else { return };
+        reg.unwatch(client.socket.as_raw_fd());
+        let exchange = client.exchange;
+        if self.exchanges.remove(&exchange).is_some() {
+            match client.phase {
+                Phase::Relaying { upstream } => self.end_relay(reg, upstream, None, true),
+                Phase::Python | Phase::Streaming => self.emit(HttpEvent::Gone { exchange }),
+                _ => {}
+            }
+        }
+    }
+
+    // -- upstreams -----------------------------------------------------------
+
+    /// A pooled connection to `addr`, or a new one (connecting).
+    fn checkout(
+        &mut self,
+        reg: &Registration,
+        addr: SocketAddr,
+        request: Arc<[u8]>,
+        headers: Arc<[u8]>,
+        client: u64,
+        exchange: u64,
+    ) -> io::Result<u64> {
+        let pooled = self.idle.get_mut(&addr).and_then(Vec::pop);
+        let (id, reused) = match pooled {
+            Some(id) => {
+                self.stats.reused += 1;
+                (id, true)
+            }
+            None => (self.connect(reg, addr)?, false),
+        };
+        let up = self.upstreams.get_mut(&id).expect("pooled or new");
+        up.phase = if reused { UpPhase::Exchanging } else { UpPhase::Connecting };
+        up.request = request;
+        up.sent = 0;
+        up.rbuf.clear();
+        up.client = client;
+        up.exchange = exchange;
+        up.reused = reused;
+        up.received = false;
+        up.head = None;
+        up.content_type = None;
+        up.extra_headers = headers;
+        up.relaying = false;
+        up.chunked_out = false;
+        up.error_body.clear();
+        up.usage = UsageScan::default();
+        up.bytes_out = 0;
+        up.first_byte_at = 0.0;
+        Ok(id)
+    }
+
+    fn connect(&mut self, _reg: &Registration, addr: SocketAddr) -> io::Result<u64> {
+        // socket2 sets close-on-exec on the sockets it makes.
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(err) => return Err(err),
+        }
+        let id = self.id();
+        self.upstreams.insert(
+            id,
+            Upstream {
+                socket,
+                interest: 0,
+                addr,
+                phase: UpPhase::Connecting,
+                request: Arc::from(&[][..]),
+                sent: 0,
+                rbuf: Vec::new(),
+                client: 0,
+                exchange: 0,
+                reused: false,
+                received: false,
+                head: None,
+                content_type: None,
+                extra_headers: Arc::from(&[][..]),
+                relaying: false,
+                chunked_out: false,
+                error_body: Vec::new(),
+                usage: UsageScan::default(),
+                bytes_out: 0,
+                first_byte_at: 0.0,
+                first_byte_timeout: Duration::ZERO,
+                chunk_timeout: Duration::ZERO,
+                deadline: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn update_upstream(&mut self, reg: &Registration, id: u64) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let want = match up.phase {
+            UpPhase::Connecting => WRITABLE,
+            UpPhase::Idle => READABLE,
+            UpPhase::Exchanging => {
+                let sending = if up.sent < up.request.len() { WRITABLE } else { 0 };
+                // A client that does not read holds its upstream back.
+                let backlog = self.clients.get(&up.client).map_or(0, |c| c.out.len());
+                let reading = if backlog < HIGH_WATER { READABLE } else { 0 };
+                sending | reading
+            }
+        };
+        reg.set_interest(up.socket.as_raw_fd(), id, &mut up.interest, want);
+    }
+
+    fn upstream_ready(&mut self, reg: &Registration, id: u64, flags: u32) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        if up.phase == UpPhase::Idle {
+            // An idle pooled connection that speaks or closes is done with.
+            self.close_upstream(reg, id);
+            return;
+        }
+        if up.phase == UpPhase::Connecting {
+            if flags & (WRITABLE | BROKEN) == 0 {
+                return;
+            }
+            match up.socket.take_error() {
+                Ok(None) => up.phase = UpPhase::Exchanging,
+                Ok(Some(err)) | Err(err) => {
+                    let reason = format!("cannot connect to {}: {err}", up.addr);
+                    self.fail_upstream(reg, id, reason, false);
+                    return;
+                }
+            }
+        }
+        self.upstream_progress(reg, id);
+        if flags & (READABLE | BROKEN) != 0 {
+            self.read_upstream(reg, id);
+        }
+    }
+
+    /// Send what is left of the request.
+    fn upstream_progress(&mut self, reg: &Registration, id: u64) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        if up.phase == UpPhase::Exchanging {
+            while up.sent < up.request.len() {
+                match sys::send(up.socket.as_raw_fd(), &up.request[up.sent..]) {
+                    Ok(n) => up.sent += n,
+                    Err(err) if sys::would_block(&err) => break,
+                    Err(err) => {
+                        self.upstream_lost(reg, id, format!("sending the request failed: {err}"));
+                        return;
+                    }
+                }
+            }
+        }
+        self.update_upstream(reg, id);
+    }
+
+    fn read_upstream(&mut self, reg: &Registration, id: u64) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        if up.phase != UpPhase::Exchanging {
+            return;
+        }
+        match read_into(&up.socket, &mut up.rbuf) {
+            Ok(0) => {
+                let whole = up.head.as_ref().is_some_and(|(_, d, _)| d.until_close());
+                if whole {
+                    self.upstream_body(reg, id, true);
+                } else {
+                    self.upstream_lost(reg, id, "the upstream closed the connection".into());
+                }
+                return;
+            }
+            Ok(_) => up.received = true,
+            Err(err) if sys::would_block(&err) => return,
+            Err(err) => {
+                self.upstream_lost(reg, id, format!("reading the answer failed: {err}"));
+                return;
+            }
+        }
+        if up.head.is_none() {
+            loop {
+                match parse_response(&up.rbuf, MAX_UPSTREAM_HEAD) {
+                    Ok(None) => return self.update_upstream(reg, id),
+                    Ok(Some(head)) if (100..200).contains(&head.status) => {
+                        up.rbuf.drain(..head.length); // interim: skip it
+                    }
+                    Ok(Some(head)) => {
+                        up.rbuf.drain(..head.length);
+                        up.first_byte_at = sys::monotonic();
+                        up.content_type = head.header("content-type").map(<[u8]>::to_vec);
+                        let decoder = BodyDecoder::new(head.framing);
+                        up.head = Some((head.status, decoder, head.keep_alive));
+                        if head.status == 200 {
+                            self.start_relay(reg, id, head.framing);
+                        }
+                        break;
+                    }
+                    Err(err) => {
+                        let reason = format!("unreadable answer: {}", err.message);
+                        self.fail_upstream(reg, id, reason, false);
+                        return;
+                    }
+                }
+            }
+        }
+        self.upstream_body(reg, id, false);
+    }
+
+    /// The 200 answer's head goes to the client.
+    fn start_relay(&mut self, reg: &Registration, id: u64, framing: Framing) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&up.client) else { return };
+        up.relaying = true;
+        let length = match framing {
+            Framing::Length(n) => usize::try_from(n).ok(),
+            _ => None,
+        };
+        up.chunked_out = length.is_none();
+        let mut headers = Vec::with_capacity(64 + up.extra_headers.len());
+        if let Some(ct) = &up.content_type {
+            headers.extend_from_slice(b"content-type: ");
+            headers.extend_from_slice(ct);
+            headers.extend_from_slice(b"\r\n");
+        }
+        headers.extend_from_slice(&up.extra_headers);
+        let head = response_head(200, &headers, length, !client.keep_alive);
+        client.out.extend_from_slice(&head);
+        let _ = reg;
+    }
+
+    /// Decode what came of the body: relay it, or keep it for a refusal.
+    fn upstream_body(&mut self, reg: &Registration, id: u64, eof: bool) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some((status, decoder, keep_alive)) = up.head.as_mut() else { return };
+        let mut piece = Vec::new();
+        let used = match decoder.decode(&up.rbuf, &mut piece) {
+            Ok(used) => used,
+            Err(err) => {
+                let reason = format!("the upstream broke its framing: {}", err.message);
+                self.upstream_lost(reg, id, reason);
+                return;
+            }
+        };
+        up.rbuf.drain(..used);
+        let done = decoder.done() || eof;
+        let (status, keep_alive) = (*status, *keep_alive && !eof);
+        up.deadline = Some(Instant::now() + up.chunk_timeout);
+        if up.relaying {
+            up.usage.absorb(&piece);
+            up.bytes_out += piece.len() as u64;
+            let chunked = up.chunked_out;
+            let client_id = up.client;
+            if let Some(client) = self.clients.get_mut(&client_id) {
+                if chunked {
+                    encode_chunk(&piece, &mut client.out);
+                    if done {
+                        client.out.extend_from_slice(LAST_CHUNK);
+                    }
+                } else {
+                    client.out.extend_from_slice(&piece);
+                }
+            }
+            if done {
+                self.end_relay(reg, id, None, false);
+                self.release_upstream(reg, id, keep_alive);
+                if self.clients.contains_key(&client_id) {
+                    self.answered(reg, client_id);
+                }
+            } else {
+                self.flush_client(reg, client_id);
+                self.update_upstream(reg, id);
+            }
+            return;
+        }
+        let room = MAX_ERROR_BODY.saturating_sub(up.error_body.len());
+        up.error_body.extend_from_slice(&piece[..piece.len().min(room)]);
+        let full = piece.len() > room;
+        if done || full {
+            let exchange = up.exchange;
+            let outcome = ProxyOutcome::Refused {
+                status,
+                body: std::mem::take(&mut up.error_body),
+                content_type: up.content_type.take(),
+            };
+            let client = up.client;
+            self.release_upstream(reg, id, keep_alive && !full);
+            if let Some(c) = self.clients.get_mut(&client) {
+                c.phase = Phase::Python;
+            }
+            self.emit(HttpEvent::Proxied { exchange, outcome });
+        } else {
+            self.update_upstream(reg, id);
+        }
+    }
+
+    /// The upstream failed: before its answer began that is a failure Python
+    /// may retry elsewhere (or, on a stale pooled connection, one the
+    /// engine retries on a new one); after, a broken relay.
+    fn upstream_lost(&mut self, reg: &Registration, id: u64, reason: String) {
+        let Some(up) = self.upstreams.get(&id) else { return };
+        if up.relaying {
+            self.end_relay(reg, id, Some(reason), false);
+            self.close_upstream(reg, id);
+            return;
+        }
+        if up.reused && !up.received {
+            // The server closed a kept-alive connection as we reused it:
+            // the request did not reach it, so send it on a new one.
+            let (addr, request, headers) = (up.addr, Arc::clone(&up.request), Arc::clone(&up.extra_headers));
+            let (client, exchange, first, chunk) = (up.client, up.exchange, up.first_byte_timeout, up.chunk_timeout);
+            let deadline = up.deadline;
+            self.close_upstream(reg, id);
+            match self.checkout(reg, addr, request, headers, client, exchange) {
+                Ok(new) => {
+                    let up = self.upstreams.get_mut(&new).expect("just made");
+                    (up.first_byte_timeout, up.chunk_timeout, up.deadline) = (first, chunk, deadline);
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        c.phase = Phase::Relaying { upstream: new };
+                    }
+                    self.upstream_progress(reg, new);
+                }
+                Err(err) => {
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        c.phase = Phase::Python;
+                    }
+                    let reason = format!("cannot connect to {addr}: {err}");
+                    self.emit(HttpEvent::Proxied {
+                        exchange,
+                        outcome: ProxyOutcome::Failed { reason, timeout: false },
+                    });
+                }
+            }
+            return;
+        }
+        self.fail_upstream(reg, id, reason, false);
+    }
+
+    /// Report a failure before the answer began; the client is Python's again.
+    fn fail_upstream(&mut self, reg: &Registration, id: u64, reason: String, timeout: bool) {
+        let Some(up) = self.upstreams.get(&id) else { return };
+        let (client, exchange) = (up.client, up.exchange);
+        self.close_upstream(reg, id);
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.phase = Phase::Python;
+        }
+        self.emit(HttpEvent::Proxied {
+            exchange,
+            outcome: ProxyOutcome::Failed { reason, timeout },
+        });
+    }
+
+    /// Report a relay's end (whole, broken, or its client gone).
+    fn end_relay(&mut self, reg: &Registration, id: u64, broken: Option<String>, client_gone: bool) {
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        if up.exchange == 0 {
+            return; // already reported
+        }
+        let usage = Usage {
+            tokens_in: up.usage.tokens_in,
+            tokens_out: up.usage.tokens_out,
+            bytes_out: up.bytes_out,
+            first_byte_at: up.first_byte_at,
+        };
+        let (exchange, client_id, chunked) = (up.exchange, up.client, up.chunked_out);
+        up.relaying = false;
+        up.exchange = 0;
+        let mut open = false;
+        if broken.is_some() && self.clients.contains_key(&client_id) {
+            if chunked {
+                let client = self.clients.get_mut(&client_id).expect("checked");
+                client.phase = Phase::Streaming; // Python ends it in words
+                open = true;
+            } else {
+                self.drop_client(reg, client_id);
+            }
+        }
+        if client_gone || broken.is_some() {
+            self.close_upstream(reg, id);
+        }
+        self.emit(HttpEvent::Proxied {
+            exchange,
+            outcome: ProxyOutcome::Relayed {
+                broken,
+                client_gone,
+                open,
+                usage,
+            },
+        });
+    }
+
+    /// Back to the pool when it can carry another request, else closed.
+    fn release_upstream(&mut self, reg: &Registration, id: u64, reusable: bool) {
+        let max_idle = self.config.max_idle_per_upstream;
+        let idle_for = self.config.upstream_idle;
+        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let pool = self.idle.entry(up.addr).or_default();
+        if !reusable || !up.rbuf.is_empty() || pool.len() >= max_idle {
+            self.close_upstream(reg, id);
+            return;
+        }
+        up.phase = UpPhase::Idle;
+        up.client = 0;
+        up.exchange = 0;
+        up.request = Arc::from(&[][..]);
+        up.deadline = Some(Instant::now() + idle_for);
+        if up.rbuf.capacity() > 4 * READ_SIZE {
+            up.rbuf = Vec::new();
+        }
+        pool.push(id);
+        self.update_upstream(reg, id);
+    }
+
+    fn close_upstream(&mut self, reg: &Registration, id: u64) {
+        let Some(up) = self.upstreams.remove(&id) else { return };
+        reg.unwatch(up.socket.as_raw_fd());
+        if let Some(pool) = self.idle.get_mut(&up.addr) {
+            pool.retain(|&other| other != id);
+            if pool.is_empty() {
+                self.idle.remove(&up.addr);
+            }
+        }
+    }
+
+    // -- time ----------------------------------------------------------------
+
+    fn expire(&mut self, reg: &Registration, now: Instant) {
+        let request_timeout = self.config.request_timeout;
+        let late_clients: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                c.deadline.is_some_and(|d| d <= now)
+                    || c.stalled_since.is_some_and(|s| now.duration_since(s) >= request_timeout)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late_clients {
+            let Some(client) = self.clients.get(&id) else { continue };
+            let stalled = client.stalled_since.is_some_and(|s| now.duration_since(s) >= request_timeout);
+            if stalled || client.deadline_is_idle {
+                self.drop_client(reg, id);
+            } else {
+                self.refuse(reg, id, &HttpError::new(408, "request took too long"));
+            }
+        }
+        let late_upstreams: Vec<u64> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| u.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late_upstreams {
+            let Some(up) = self.upstreams.get(&id) else { continue };
+            match (up.phase, up.relaying) {
+                (UpPhase::Idle, _) => self.close_upstream(reg, id),
+                (_, true) => {
+                    let reason = format!("the upstream sent nothing for {:?}", up.chunk_timeout);
+                    self.end_relay(reg, id, Some(reason), false);
+                    self.close_upstream(reg, id);
+                }
+                (_, false) => {
+                    let reason = format!("no answer within {:?}", up.first_byte_timeout);
+                    self.fail_upstream(reg, id, reason, true);
+                }
+            }
+        }
+    }
+}
