@@ -26,7 +26,7 @@ sequences restart at 0 on every connection. Keys are fresh per connection.
 """
 
 from collections.abc import Sequence
-from typing import ClassVar, Final, Self, TypeAlias, final
+from typing import ClassVar, Final, Literal, Self, TypeAlias, final
 
 __all__ = [
     "CONTROL_TYPE_MIN",
@@ -808,3 +808,133 @@ def parse_copy_response(body: bytes) -> tuple[int, list[int]]:
     """``(overall format, per-column formats)`` of CopyIn/Out/BothResponse."""
 
 def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]: ...
+
+# -- the HTTP engine (qmesh-relay's http.rs, qmesh-http) ---------------------------
+
+@final
+class HttpRequest:
+    """A whole request the engine read; answer it by ``exchange``."""
+
+    exchange: int
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    """Lower-case names, values as sent (latin-1), in order."""
+    body: bytes
+    peer: str
+    """``host:port`` the engine was given at :meth:`HttpEngine.adopt`."""
+
+@final
+class HttpProxied:
+    """What came of :meth:`HttpEngine.proxy`.
+
+    ``kind`` is ``"failed"`` (nothing reached the client: ``reason``, and
+    ``timeout`` when the upstream was silent), ``"refused"`` (the upstream
+    answered ``status``, not 200; ``body`` is the start of its answer;
+    nothing reached the client) or ``"relayed"`` (the 200 answer went to the
+    client: whole, or cut short with ``reason`` set, or ``client_gone``).
+    With ``open`` the answer's end waits for :meth:`HttpEngine.finish`
+    (after closing :meth:`HttpEngine.write`\ s if it broke): a held answer
+    is released, a chunked one gets its last chunk — so that its cost is
+    booked before the client has it all."""
+
+    exchange: int
+    kind: Literal["failed", "refused", "relayed"]
+    reason: str | None
+    timeout: bool
+    status: int
+    body: bytes
+    content_type: str | None
+    client_gone: bool
+    open: bool
+    tokens_in: int
+    tokens_out: int
+    """The last ``prompt_tokens`` / ``completion_tokens`` seen in the answer (0: none)."""
+    bytes_out: int
+    first_byte_at: float
+    """When the answer's head came (``time.monotonic()``'s clock)."""
+
+@final
+class HttpNotice:
+    """``drained``: a produced answer's backlog fell below the low-water
+    mark; ``gone``: the client left before its answer ended."""
+
+    exchange: int
+    kind: Literal["drained", "gone"]
+
+@final
+class HttpEngine:
+    """HTTP/1.1 connections served on the engine threads.
+
+    The engine owns each adopted socket: it reads and checks requests
+    (heads up to ``max_header_bytes``: 431; bodies up to ``max_body_bytes``:
+    413; length or chunked, ambiguous framing refused; ``request_timeout``
+    from a request's first byte to its end: 408; ``idle_timeout`` between
+    requests), reports each as an :class:`HttpRequest` through :meth:`take`
+    (``notify_fd`` turns readable), and writes the answer Python gives by
+    one of :meth:`respond`, :meth:`start`/:meth:`write`/:meth:`finish` or
+    :meth:`proxy`. A write that makes no progress for ``request_timeout``
+    ends the connection. Keep-alive and pipelining as HTTP/1.1 says.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        idle_timeout: float,
+        request_timeout: float,
+        max_idle_per_upstream: int = 64,
+        upstream_idle: float = 30.0,
+    ) -> None: ...
+    @property
+    def notify_fd(self) -> int: ...
+    def adopt(self, fd: int, peer: str) -> None:
+        """Serve the connected socket ``fd``; the engine owns (and closes) it."""
+
+    def respond(
+        self, exchange: int, status: int, headers: bytes, body: bytes, *, close: bool = False
+    ) -> bool:
+        """A whole answer (``headers``: ``name: value\\r\\n`` lines; framing
+        and ``server`` are added). False if the client is gone."""
+
+    def start(self, exchange: int, status: int, headers: bytes) -> bool:
+        """The head of a chunked answer. False if the client is gone."""
+
+    def write(self, exchange: int, data: bytes) -> int | None:
+        """One chunk: the bytes now waiting for the client (at 256 KiB or
+        more, wait for a ``drained`` notice), or None if it is gone."""
+
+    def finish(self, exchange: int) -> bool:
+        """End a chunked answer, or release a held relayed one. False if the
+        client is gone (or nothing waits for it)."""
+
+    def abort(self, exchange: int) -> None:
+        """End the exchange's connection now."""
+
+    def proxy(
+        self,
+        exchange: int,
+        host: str,
+        port: int,
+        request: bytes,
+        headers: bytes,
+        first_byte_timeout: float,
+        chunk_timeout: float,
+        *,
+        hold: bool = False,
+    ) -> bool:
+        """Send ``request`` (a whole HTTP/1.1 request) to ``host`` (an IP
+        address) ``:port`` on a pooled keep-alive connection, and relay a
+        200 answer to the client with ``headers`` added; an
+        :class:`HttpProxied` reports the result. With ``hold`` the answer
+        goes to the client only once whole (up to 8 MiB; a larger one is
+        relayed as it comes), so one cut short is ``"failed"``. False if the
+        client is gone."""
+
+    def take(self) -> list[HttpRequest | HttpProxied | HttpNotice]: ...
+    def stats(self) -> tuple[int, int, int, int, int, int]:
+        """``(clients, upstreams, idle_upstreams, requests, proxied, reused)``."""
+
+    def close(self) -> None:
+        """Close every connection; the engine serves nothing more."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import trio
 
 from qmesh.config import HttpConfig
-from qmesh.web.http import Router, serve_http
+from qmesh.web.http import Router
+from qmesh.web.native import serve_http
 
 
 async def start(nursery: trio.Nursery, router: Router, limits: HttpConfig | None = None) -> int:

@@ -28,7 +28,8 @@ from qmesh.llm.api import add_llm_routes
 from qmesh.llm.service import LlmService
 from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
-from qmesh.web.http import HttpError, Request, Response, Router, serve_http
+from qmesh.web.http import HttpError, Request, Response, Router
+from qmesh.web.native import serve_http
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -48,6 +49,8 @@ class FakeProvider:
     requests: int = 0
     bodies: list[dict[str, Any]] = attrs.field(factory=list)
     auth: list[str | None] = attrs.field(factory=list)
+    peers: list[str] = attrs.field(factory=list)
+    """The client address of each request: one per connection the Gate opened."""
 
     def usage(self) -> dict[str, int]:
         return {
@@ -61,6 +64,7 @@ class FakeProvider:
         body = request.json()
         self.bodies.append(body)
         self.auth.append(request.headers.get("authorization"))
+        self.peers.append(request.client)
         if self.delay_s:
             await trio.sleep(self.delay_s)
         if self.mode == "busy":

@@ -26,7 +26,8 @@ from qmesh.state import StateStore
 from qmesh.state.watch import StateWatcher
 from qmesh.web import auth as auth_module
 from qmesh.web.auth import AppAuthenticator
-from qmesh.web.http import HttpError, Request, Response, Router, serve_http
+from qmesh.web.http import HttpError, Request, Response, Router
+from qmesh.web.native import serve_http
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 20.0  # generous: the event must happen, how fast is for bench/

@@ -38,7 +38,8 @@ from qmesh.daemon.runtimes.base import Delta, Finished, GenerationRequest
 from qmesh.daemon.runtimes.ollama import OllamaRuntime
 from qmesh.daemon.runtimes.openai import OpenAICompatRuntime
 from qmesh.gate.role import run_gate
-from qmesh.web.http import Request, Response, Router, serve_http
+from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 ANSWER = "Paris is the capital and largest city of France .".split()
 

@@ -22,7 +22,8 @@ from qmesh.fleet.discovery import Scanner, Target, probe_target, targets_from_co
 from qmesh.fleet.inventory import Inventory
 from qmesh.fleet.probes import Finding
 from qmesh.gate.role import run_gate
-from qmesh.web.http import Request, Response, Router, serve_http
+from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 FAST = DiscoveryConfig(
     connect_timeout_s=0.5, probe_timeout_s=0.5, target_timeout_s=2.0, interval_s=60.0

@@ -21,7 +21,8 @@ import trio.testing
 from httpkit import exchange, read_to_end, start, status_of
 
 from qmesh.config import ConfigError, HttpConfig, load_config
-from qmesh.web.http import Request, Response, Router, serve_http
+from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 
 def get(path: str) -> bytes:

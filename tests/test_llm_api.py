@@ -187,7 +187,7 @@ async def test_paid_provider_is_called_and_costed(nursery: trio.Nursery, tmp_pat
             model="acme-large", messages=[{"role": "user", "content": "again"}]
         )
     )
-    assert api.service.pool.connections_opened == 1
+    assert len(acme.peers) == 2 and len(set(acme.peers)) == 1
     rows = await flushed_rows(api)
     assert rows[-1]["provider"] == "provider:acme"
     assert rows[-1]["tokens_in"] == 1000 and rows[-1]["tokens_out"] == 500

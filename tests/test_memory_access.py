@@ -23,7 +23,8 @@ from qmesh.memory.service import Memory
 from qmesh.state import MIGRATIONS, StateStore
 from qmesh.state.memory_tables import SHARING_MIGRATION as MEMORY_SHARING_MIGRATION
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
-from qmesh.web.http import Router, serve_http
+from qmesh.web.http import Router
+from qmesh.web.native import serve_http
 
 DOCS = "/v1/memory/documents"
 ACME = "Acme Corporation was founded in 1998 by Jane Doe. Acme is headquartered in Springfield."

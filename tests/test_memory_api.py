@@ -18,7 +18,8 @@ from qmesh.memory.api import add_routes
 from qmesh.memory.service import Memory
 from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
-from qmesh.web.http import Router, serve_http
+from qmesh.web.http import Router
+from qmesh.web.native import serve_http
 
 
 @attrs.frozen

@@ -41,7 +41,8 @@ from qmesh.memory.records import OPERATOR
 from qmesh.memory.service import MAX_SENTENCES, Memory
 from qmesh.state import StateStore
 from qmesh.web.auth import AppAuthenticator
-from qmesh.web.http import Router, serve_http
+from qmesh.web.http import Router
+from qmesh.web.native import serve_http
 
 # (format, Python expression of about 256 KB): each took minutes or more.
 PATHOLOGICAL: tuple[tuple[str, str], ...] = (

@@ -34,7 +34,8 @@ from qmesh.memory.records import OPERATOR
 from qmesh.memory.service import Memory
 from qmesh.state import StateStore
 from qmesh.web.auth import AppAuthenticator
-from qmesh.web.http import Request, Response, Router, serve_http
+from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 ACME = (
     "Acme Corporation was founded in 1998 by Jane Doe in Springfield. "

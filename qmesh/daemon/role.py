@@ -30,7 +30,8 @@ from qmesh.daemon.reporter import report_forever
 from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
 from qmesh.identity import dial_addresses, load_credential
 from qmesh.tunnel import TunnelClient, TunnelStream
-from qmesh.web.http import Request, Response, Router, serve_http
+from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 _STARTED = time.time()
 

@@ -38,7 +38,8 @@ from qmesh.state import StateStore
 from qmesh.state.watch import StateWatcher
 from qmesh.tunnel import TunnelServer
 from qmesh.web.auth import AppAuthenticator
-from qmesh.web.http import Router, serve_http
+from qmesh.web.http import Router
+from qmesh.web.native import serve_http
 from qmesh.web.tls import load_or_create, tls_wanted
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,14 @@ Not for: deciding (:mod:`qmesh.qg.router`) or running
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, Final
 
 from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
 from qmesh.llm.service import LlmService
+from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
 from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
 from qmesh.qg.router import Decision
@@ -154,16 +156,27 @@ class LlmApi:
 
     async def _serve(self, request: Request, endpoint: str) -> Response:
         decision, call, ctx = await self._route(request, endpoint)
-        if call.stream:
-            return Response.event_stream(self.service.executor.stream(decision, call, ctx))
+        executor = self.service.executor
+
+        async def in_python(candidates: Iterator[Candidate] | None, attempts: int) -> Response:
+            if call.stream:
+                events = executor.stream(decision, call, ctx, candidates, attempts)
+                return Response.event_stream(events)
+            try:
+                answer = await executor.complete(decision, call, ctx, candidates, attempts)
+            except NoRoute as exc:
+                raise _no_route(exc) from None
+            except ClientFault as fault:
+                return Response(fault.status, fault.body, _JSON)
+            headers = (*_JSON, ("x-qmesh-route", str(ctx.hops[-1]["candidate"])))
+            return Response(200, answer.body, headers)
+
+        if request.native is None:
+            return await in_python(None, 0)
         try:
-            answer = await self.service.executor.complete(decision, call, ctx)
+            return await executor.relay(decision, call, ctx, request.native, in_python)
         except NoRoute as exc:
             raise _no_route(exc) from None
-        except ClientFault as fault:
-            return Response(fault.status, fault.body, _JSON)
-        headers = (*_JSON, ("x-qmesh-route", str(ctx.hops[-1]["candidate"])))
-        return Response(200, answer.body, headers)
 
     # -- handlers ----------------------------------------------------------------------
 

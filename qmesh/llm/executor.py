@@ -22,28 +22,54 @@ backends' protocols (``qmesh.llm.backends``, ``qmesh.llm.providers``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Final
 
 import attrs
 
+from qmesh import _core
 from qmesh.config import RoutingConfig
 from qmesh.finops.budgets import Budget, BudgetBook, Reservation
 from qmesh.finops.ledger import Ledger, LedgerEntry
 from qmesh.llm.backends import Backend, ClientFault
 from qmesh.llm.calls import DONE_EVENT, Answer, Call, Usage, error_event
+from qmesh.llm.providers import CHUNK_TIMEOUT_S, FIRST_BYTE_TIMEOUT_S, status_error
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
-from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError
+from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError, UpstreamFailed
 from qmesh.qg.router import BUDGET_BLOCK, Decision, Router
+from qmesh.web.exchange import ClientGone, NativeExchange, ProxyTarget
+from qmesh.web.http import Response
 
-__all__ = ["Executor", "RequestContext"]
+__all__ = ["Executor", "PythonAnswer", "RequestContext"]
 
 log = logging.getLogger(__name__)
 
 JOULES_PER_KWH: Final = 3_600_000.0
+_JSON: Final = (("content-type", "application/json"),)
+_EVENT_STREAM_HEADERS: Final = b"cache-control: no-cache\r\n"
+
+PythonAnswer = Callable[[Iterator[Candidate] | None, int], Awaitable[Response]]
+"""Answers a call in Python from these candidates on, ``attempts`` made so
+far: what :meth:`Executor.relay` falls back to for a candidate the HTTP
+engine cannot reach."""
+
+
+def _release(exchange: NativeExchange, outcome: _core.HttpProxied) -> None:
+    """The relayed answer's end, which waited for its booking."""
+    if outcome.open:
+        try:
+            exchange.finish()
+        except ClientGone:
+            pass
+
+
+async def _events(*events: bytes) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 @attrs.define
@@ -189,11 +215,20 @@ class Executor:
 
     # -- running -----------------------------------------------------------------
 
-    async def complete(self, decision: Decision, call: Call, ctx: RequestContext) -> Answer:
-        """The whole answer from the first candidate that gives one. Raises
+    async def complete(
+        self,
+        decision: Decision,
+        call: Call,
+        ctx: RequestContext,
+        candidates: Iterator[Candidate] | None = None,
+        attempts: int = 0,
+    ) -> Answer:
+        """The whole answer from the first candidate that gives one (of
+        ``candidates`` when given, ``attempts`` already made). Raises
         NoRoute when all failed, ClientFault for the client's own mistake."""
-        attempts = 0
-        for candidate in self._candidates(decision, call, ctx):
+        if candidates is None:
+            candidates = self._candidates(decision, call, ctx)
+        for candidate in candidates:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
@@ -255,12 +290,19 @@ class Executor:
         self._record(decision, ctx, candidate, call, tokens, cost, outcome)
 
     async def stream(
-        self, decision: Decision, call: Call, ctx: RequestContext
+        self,
+        decision: Decision,
+        call: Call,
+        ctx: RequestContext,
+        candidates: Iterator[Candidate] | None = None,
+        attempts: int = 0,
     ) -> AsyncIterator[bytes]:
-        """SSE events from the first candidate that starts answering; a
-        failure after that ends the stream with an error event."""
-        attempts = 0
-        for candidate in self._candidates(decision, call, ctx):
+        """SSE events from the first candidate that starts answering (of
+        ``candidates`` when given, ``attempts`` already made); a failure
+        after that ends the stream with an error event."""
+        if candidates is None:
+            candidates = self._candidates(decision, call, ctx)
+        for candidate in candidates:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
@@ -308,3 +350,141 @@ class Executor:
         error = self._exhausted(decision, ctx, call)
         yield error_event(str(error), kind="server_error", code="no_route")
         yield DONE_EVENT
+
+    # -- relayed by the HTTP engine ------------------------------------------
+
+    async def relay(
+        self,
+        decision: Decision,
+        call: Call,
+        ctx: RequestContext,
+        exchange: NativeExchange,
+        in_python: PythonAnswer,
+    ) -> Response:
+        """Run the call with the HTTP engine sending each attempt and
+        relaying the answer: the same failover, budgets and ledger as
+        :meth:`complete` and :meth:`stream`, without the answer's bytes
+        passing through Python. A non-streamed answer reaches the client
+        only once whole, so a failure before its end still moves the call
+        on. From the first candidate the engine cannot reach (a skill, a
+        daemon, a TLS or Anthropic provider) ``in_python`` answers."""
+        candidates = self._candidates(decision, call, ctx)
+        attempts = 0
+        for candidate in candidates:
+            if attempts >= self.routing.max_hops:
+                break
+            native = getattr(candidate.backend, "native_target", None)
+            target: ProxyTarget | None = None if native is None else await native(candidate, call)
+            if target is None:
+                return await in_python(itertools.chain((candidate,), candidates), attempts)
+            started = time.monotonic()
+            reservation = await self._admit(candidate, call, ctx, started)
+            if reservation is None:
+                continue
+            attempts += 1
+            headers = (
+                _EVENT_STREAM_HEADERS
+                if call.stream
+                else b"x-qmesh-route: " + candidate.id.encode() + b"\r\n"
+            )
+            try:
+                outcome = await exchange.proxy(
+                    target,
+                    headers,
+                    first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S,
+                    chunk_timeout_s=CHUNK_TIMEOUT_S,
+                    hold=not call.stream,
+                )
+            except BaseException:
+                await reservation.settle(0.0)
+                raise
+            who = getattr(candidate.backend, "name", candidate.id)
+            if outcome.kind != "relayed":
+                await reservation.settle(0.0)
+                error = (
+                    UpstreamFailed(f"{who}: {outcome.reason}")
+                    if outcome.kind == "failed"
+                    else status_error(outcome.status, outcome.body, str(who))
+                )
+                if isinstance(error, ClientFault):
+                    return self._client_fault(decision, ctx, candidate, call, error)
+                self._failed(candidate, ctx, error, (time.monotonic() - started) * 1000)
+                continue
+            usage = Usage(outcome.tokens_in, outcome.tokens_out, outcome.bytes_out)
+            if call.stream:
+                await self._relayed_stream(
+                    decision, ctx, candidate, call, usage, started, reservation, outcome, exchange
+                )
+                return Response.already_relayed()
+            seconds = time.monotonic() - started
+            candidate.observe_latency(seconds * 1000)
+            self.router.telemetry_changed()
+            tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
+            cost = self._cost(candidate, *tokens, seconds)
+            await reservation.settle(cost)
+            ctx.hops.append(
+                {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
+            )
+            self._record(decision, ctx, candidate, call, tokens, cost, "ok")
+            _release(exchange, outcome)
+            return Response.already_relayed()
+        error = self._exhausted(decision, ctx, call)
+        if not call.stream:
+            raise error
+        return Response.event_stream(
+            _events(error_event(str(error), kind="server_error", code="no_route"), DONE_EVENT)
+        )
+
+    def _client_fault(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        call: Call,
+        fault: ClientFault,
+    ) -> Response:
+        """The provider said the request itself is wrong: the client hears
+        it as the provider put it (in a stream, as its one error event)."""
+        ctx.hops.append({"candidate": candidate.id, "outcome": "client_error", "ms": 0.0})
+        self._record(decision, ctx, candidate, call, (0, 0), 0.0, "client_error")
+        if not call.stream:
+            return Response(fault.status, fault.body, _JSON)
+        message = fault.body[:500].decode("utf-8", "replace")
+        event = error_event(message, kind="invalid_request_error")
+        return Response.event_stream(_events(event, DONE_EVENT))
+
+    async def _relayed_stream(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        call: Call,
+        usage: Usage,
+        started: float,
+        reservation: Reservation,
+        outcome: _core.HttpProxied,
+        exchange: NativeExchange,
+    ) -> None:
+        """Settle a stream the engine relayed; one that broke off is ended
+        with an error event once the ledger has it, as :meth:`stream` does."""
+        reason = outcome.reason
+        if reason is None or outcome.client_gone:
+            await self._settle_stream(
+                decision, ctx, candidate, call, usage, started, "ok", reservation
+            )
+            _release(exchange, outcome)
+            return
+        self.router.cool_down(candidate, self.routing.cooldown_s)
+        ctx.hops.append({"candidate": candidate.id, "outcome": "stream_broken", "ms": 0.0})
+        log.warning("request %s: stream from %s broke: %s", ctx.request_id, candidate.id, reason)
+        await self._settle_stream(
+            decision, ctx, candidate, call, usage, started, "stream_broken", reservation
+        )
+        if outcome.open:
+            tail = error_event(f"the model's stream broke off: {reason}", code="stream_broken")
+            try:
+                await exchange.write(tail, CHUNK_TIMEOUT_S)
+                await exchange.write(DONE_EVENT, CHUNK_TIMEOUT_S)
+                exchange.finish()
+            except ClientGone:
+                pass

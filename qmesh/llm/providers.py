@@ -8,6 +8,11 @@ came when the model name already matches and nothing needs adding, and
 relays response bytes without decoding them (usage is read from the tail).
 The Anthropic path translates to ``/v1/messages`` and back.
 
+On the Gate's plain-HTTP listener an OpenAI-compatible provider reached
+over plain HTTP is not called from here at all: :meth:`OpenAIProvider.native_target`
+gives the request bytes, and the HTTP engine sends them and relays the
+answer (see :meth:`qmesh.llm.executor.Executor.relay`).
+
 Upstream failures become :mod:`qmesh.qg.errors`: 429 and 503 (and a
 connection refused) are :class:`UpstreamBusy`/:class:`UpstreamFailed`
 before the first byte, so the failover loop moves on; other 4xx are the
@@ -18,8 +23,10 @@ Not for: choosing a provider (the router) or prices (config, ``qmesh.finops``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -37,9 +44,10 @@ from qmesh.llm.calls import (
 )
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.errors import StreamBroken, UpstreamBusy, UpstreamFailed
+from qmesh.web.exchange import ProxyTarget
 from qmesh.web.pool import HttpPool, PoolError, Upstream
 
-__all__ = ["AnthropicProvider", "OpenAIProvider"]
+__all__ = ["AnthropicProvider", "OpenAIProvider", "status_error"]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,12 @@ _CLIENT_STATUSES: Final = frozenset({400, 404, 413, 422})
 FIRST_BYTE_TIMEOUT_S: Final = 120.0
 CHUNK_TIMEOUT_S: Final = 120.0
 ANTHROPIC_VERSION: Final = "2023-06-01"
+ADDRESS_TTL_S: Final = 30.0
+"""How long a provider's resolved address is used before it is looked up again."""
 
 
-def _status_error(status: int, body: bytes, who: str) -> Exception:
+def status_error(status: int, body: bytes, who: str) -> Exception:
+    """A provider's answer other than 200, as the failover loop treats it."""
     snippet = body[:300].decode("utf-8", "replace")
     if status in _BUSY_STATUSES:
         return UpstreamBusy(f"{who} is busy ({status}): {snippet}")
@@ -73,7 +84,7 @@ async def _post(
     who: str,
 ) -> bytes:
     """POST ``body`` and return the 200 answer's body; anything else is the
-    provider's failure, busy signal or the client's fault (_status_error)."""
+    provider's failure, busy signal or the client's fault (status_error)."""
     try:
         status, _headers, data = await client.request(
             "POST", upstream, path, headers=headers, body=body, timeout_s=FIRST_BYTE_TIMEOUT_S
@@ -81,7 +92,7 @@ async def _post(
     except PoolError as exc:
         raise UpstreamFailed(f"{who}: {exc}") from None
     if status != 200:
-        raise _status_error(status, data, who)
+        raise status_error(status, data, who)
     return data
 
 
@@ -115,9 +126,50 @@ class OpenAIProvider:
         self._headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
         if api_key:
             self._headers.append((b"authorization", b"Bearer " + api_key.encode()))
+        self._native_head = b"".join(
+            b"%s: %s\r\n" % pair for pair in [(b"host", upstream.host_header), *self._headers]
+        )
+        self._address: tuple[str, float] | None = None  # an IP, and when it was looked up
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name!r}>"
+
+    async def _ip(self) -> str | None:
+        """The upstream host's address (a name is looked up, then kept for
+        ADDRESS_TTL_S); None when it cannot be resolved now."""
+        host = self.upstream.host
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
+        now = trio.current_time()
+        if self._address is not None and now - self._address[1] < ADDRESS_TTL_S:
+            return self._address[0]
+        try:
+            found = await trio.socket.getaddrinfo(host, self.upstream.port, type=socket.SOCK_STREAM)
+        except OSError:
+            return None
+        if not found:
+            return None
+        ip = str(found[0][4][0])
+        self._address = (ip, now)
+        return ip
+
+    async def native_target(self, candidate: Candidate, call: Call) -> ProxyTarget | None:
+        """The request for the HTTP engine to send (plain-HTTP upstreams;
+        None for TLS ones, which the pooled client serves)."""
+        if self.upstream.scheme != "http":
+            return None
+        ip = await self._ip()
+        if ip is None:
+            return None
+        model = candidate.upstream_model or candidate.model
+        body = self._body(call, model, stream=call.stream)
+        path = (self.upstream.path + _PATHS[call.endpoint]).encode()
+        request = b"POST %s HTTP/1.1\r\n%scontent-length: %d\r\n\r\n%s" % (
+            path, self._native_head, len(body), body,
+        )  # fmt: skip
+        return ProxyTarget(ip, self.upstream.port, request)
 
     def _body(self, call: Call, model: str, *, stream: bool) -> bytes:
         body = call.body
@@ -153,7 +205,7 @@ class OpenAIProvider:
                 timeout_s=FIRST_BYTE_TIMEOUT_S,
             ) as response:
                 if response.status != 200:
-                    raise _status_error(response.status, await response.read(), self.name)
+                    raise status_error(response.status, await response.read(), self.name)
                 async for chunk in _relay(response.__aiter__(), self.name, usage):
                     yield chunk
         except PoolError as exc:
@@ -253,7 +305,7 @@ class AnthropicProvider:
                 timeout_s=FIRST_BYTE_TIMEOUT_S,
             ) as response:
                 if response.status != 200:
-                    raise _status_error(response.status, await response.read(), self.name)
+                    raise status_error(response.status, await response.read(), self.name)
                 yield chat_chunk(rid, model, role="assistant", content="")
                 buffer = b""
                 async for chunk in _relay(response.__aiter__(), self.name, Usage()):

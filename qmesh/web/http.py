@@ -39,21 +39,21 @@ import trio
 from qmesh import peerjson
 from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import FastSocketStream, accept, open_listeners
+from qmesh.fastsocket import FastSocketStream, accept
 
 if TYPE_CHECKING:
-    from qmesh.web.native import NativeExchange
+    from qmesh.web.exchange import NativeExchange
 
 __all__ = [
+    "ConnectionCounts",
     "Handler",
     "HttpError",
     "Request",
-    "ConnectionCounts",
     "RequestScope",
     "Response",
     "Router",
     "handle_request",
-    "serve_http",
+    "serve_h11",
     "serve_stream",
     "split_target",
 ]
@@ -276,35 +276,19 @@ class ConnectionCounts:
     overloaded: bool = False  # the limit was hit since the last warning
 
 
-async def serve_http(
+async def serve_h11(
     router: Router,
-    host: str,
-    port: int,
-    *,
-    limits: HttpConfig | None = None,
-    tls: ssl.SSLContext | None = None,
-    purpose: str = "HTTP",
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    listeners: list[trio.SocketListener],
+    limits: HttpConfig,
+    tls: ssl.SSLContext | None,
 ) -> None:
-    """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
-    bound port (``purpose`` names it if it cannot bind). ``limits`` default
-    to the router's. Plain HTTP is served by the HTTP engine
-    (:mod:`qmesh.web.native`); with ``tls``, every connection is TLS (its
-    handshake bounded by the request timeout) and served here, on h11."""
-    limits = limits if limits is not None else router.limits
-    listeners = await open_listeners(host, port, purpose=purpose)
-    bound: int = listeners[0].socket.getsockname()[1]
-    log.info("http listening on %s:%d", host, bound)
-    if tls is None:
-        from qmesh.web.native import serve_native
-
-        await serve_native(router, listeners, limits, task_status=task_status, port=bound)
-        return
+    """Serve ``router`` on ``listeners`` with h11 in Python; with ``tls``,
+    every connection is TLS (its handshake bounded by the request timeout).
+    :func:`qmesh.web.native.serve_http` sends TLS listeners here."""
     connections = ConnectionCounts()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_forever, listener, nursery, router, limits, connections, tls)
-        task_status.started(bound)
 
 
 async def _accept_forever(

@@ -1,8 +1,8 @@
 """The Gate's plain-HTTP listener on the HTTP engine (``_core.HttpEngine``).
 
-For: serving a :class:`~qmesh.web.http.Router` with HTTP/1.1 parsed and
-written in Rust. Python accepts each connection (and refuses it over
-``max_connections``, as :func:`qmesh.web.http.serve_http` does), then the
+For: :func:`serve_http`, serving a :class:`~qmesh.web.http.Router` with
+HTTP/1.1 parsed and written in Rust. Python accepts each connection (and refuses it over
+``max_connections``, as the h11 server does), then the
 engine owns it: it reads and checks each request (limits, framing,
 timeouts; a bad one is answered and the connection closed there), and
 hands it whole to :func:`_serve_request`, which runs the same
@@ -14,14 +14,14 @@ bytes of a completion or its server-sent events never pass through Python.
 One task reads the engine's reports (:func:`_dispatch`); each request gets
 its own task, so a slow handler holds up only its own connection.
 
-Not for: TLS listeners or tunnel streams (:func:`qmesh.web.http.serve_stream`
-on h11 serves those).
+Not for: TLS listeners (:func:`qmesh.web.http.serve_h11`) or tunnel
+streams (:func:`qmesh.web.http.serve_stream`): h11 serves those.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import ssl
 from typing import Final
 
 import trio
@@ -29,7 +29,8 @@ import trio
 from qmesh import _core
 from qmesh.boundary import peer_boundary
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import accept
+from qmesh.fastsocket import accept, open_listeners
+from qmesh.web.exchange import ClientGone, NativeExchange, encode_headers
 from qmesh.web.http import (
     MAX_REFUSING,
     ConnectionCounts,
@@ -39,149 +40,40 @@ from qmesh.web.http import (
     Router,
     handle_request,
     refuse_connection,
+    serve_h11,
     split_target,
 )
 
-__all__ = ["NativeExchange", "ProxyTarget", "serve_native"]
+__all__ = ["serve_http"]
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER: Final = 256 * 1024
-"""Bytes of a produced answer waiting for the client above which the
-producer waits (the engine's own mark)."""
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
 
 
-class ClientGone(Exception):
-    """The client's connection ended before its answer did."""
-
-
-def encode_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
-    """``name: value`` lines; ValueError for a name or value that would
-    split the head (a handler's bug, answered 500 before anything is sent)."""
-    lines = []
-    for name, value in headers:
-        if not name or any(c in name for c in ":\r\n ") or "\r" in value or "\n" in value:
-            raise ValueError(f"a response header cannot be sent: {name!r}")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode("latin-1")
-
-
-class ProxyTarget:
-    """Where and what the engine sends for a relayed request."""
-
-    __slots__ = ("host", "port", "request")
-
-    def __init__(self, host: str, port: int, request: bytes) -> None:
-        self.host = host  # an IP address
-        self.port = port
-        self.request = request  # a whole HTTP/1.1 request
-
-
-class NativeExchange:
-    """One request's answer through the engine."""
-
-    __slots__ = ("_drained", "_engine", "_outcome", "_proxied", "gone", "id")
-
-    def __init__(self, engine: _core.HttpEngine, exchange: int) -> None:
-        self._engine = engine
-        self.id = exchange
-        self.gone = False
-        self._proxied: trio.Event | None = None
-        self._outcome: _core.HttpProxied | None = None
-        self._drained: trio.Event | None = None
-
-    async def proxy(
-        self,
-        target: ProxyTarget,
-        headers: bytes,
-        *,
-        first_byte_timeout_s: float,
-        chunk_timeout_s: float,
-    ) -> _core.HttpProxied:
-        """Have the engine send ``target.request`` and relay a 200 answer to
-        the client (``headers`` added to its head); what came of it."""
-        ready = self._proxied = trio.Event()
-        self._outcome = None
-        sent = self._engine.proxy(
-            self.id, target.host, target.port, target.request, headers,
-            first_byte_timeout_s, chunk_timeout_s,
-        )  # fmt: skip
-        if not sent:
-            raise ClientGone
-        await ready.wait()
-        outcome = self._outcome
-        assert outcome is not None
-        return outcome
-
-    def respond(self, response: Response) -> None:
-        if not self._engine.respond(
-            self.id, response.status, encode_headers(response.headers), response.body
-        ):
-            raise ClientGone
-
-    async def stream(self, response: Response, write_timeout_s: float) -> None:
-        """A chunked answer from ``response.stream``; a client that stops
-        reading for ``write_timeout_s`` loses its connection."""
-        if not self._engine.start(self.id, response.status, encode_headers(response.headers)):
-            raise ClientGone
-        if response.stream is not None:
-            await self.write_all(response.stream, write_timeout_s)
-        self.finish()
-
-    async def write_all(self, chunks: AsyncIterator[bytes], write_timeout_s: float) -> None:
-        """Each chunk, with back-pressure."""
-        async for chunk in chunks:
-            await self.write(chunk, write_timeout_s)
-
-    async def write(self, chunk: bytes, write_timeout_s: float) -> None:
-        if not chunk:
-            return
-        waiting = self._engine.write(self.id, chunk)
-        if waiting is None:
-            raise ClientGone
-        if waiting >= HIGH_WATER:
-            drained = self._drained = trio.Event()
-            with trio.move_on_after(write_timeout_s):
-                await drained.wait()
-            self._drained = None
-            if not drained.is_set():
-                self.abort()
-                raise ClientGone
-            if self.gone:
-                raise ClientGone
-
-    def finish(self) -> None:
-        if not self._engine.finish(self.id):
-            raise ClientGone
-
-    def abort(self) -> None:
-        """End the client's connection now, whatever was written."""
-        self._engine.abort(self.id)
-
-    # -- reports from the dispatcher --------------------------------------------
-
-    def _deliver(self, outcome: _core.HttpProxied) -> None:
-        self._outcome = outcome
-        if self._proxied is not None:
-            self._proxied.set()
-
-    def _notice(self, kind: str) -> None:
-        if kind == "gone":
-            self.gone = True
-        if self._drained is not None:
-            self._drained.set()
-
-
-async def serve_native(
+async def serve_http(
     router: Router,
-    listeners: list[trio.SocketListener],
-    limits: HttpConfig,
-    *,
+    host: str,
     port: int,
+    *,
+    limits: HttpConfig | None = None,
+    tls: ssl.SSLContext | None = None,
+    purpose: str = "HTTP",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``router`` on ``listeners`` (already bound to ``port``)."""
+    """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
+    bound port (``purpose`` names it if it cannot bind). ``limits`` default
+    to the router's. Plain HTTP is served by the HTTP engine; with ``tls``,
+    by :func:`qmesh.web.http.serve_h11`."""
+    limits = limits if limits is not None else router.limits
+    listeners = await open_listeners(host, port, purpose=purpose)
+    bound: int = listeners[0].socket.getsockname()[1]
+    log.info("http listening on %s:%d", host, bound)
+    if tls is not None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_h11, router, listeners, limits, tls)
+            task_status.started(bound)
+        return
     engine = _core.HttpEngine(
         max_header_bytes=limits.max_header_bytes,
         max_body_bytes=limits.max_body_bytes,
@@ -195,7 +87,7 @@ async def serve_native(
             connections = ConnectionCounts()
             for listener in listeners:
                 nursery.start_soon(_accept_forever, engine, listener, limits, connections)
-            task_status.started(port)
+            task_status.started(bound)
     finally:
         engine.close()
 
@@ -292,6 +184,7 @@ async def _serve_request(
             await _answer(exchange, response, limits)
     finally:
         exchanges.pop(exchange.id, None)
+        exchange.abort()  # an answer left unfinished ends its connection (else a no-op)
         request.scope.close()
 
 
@@ -310,9 +203,11 @@ async def _answer(exchange: NativeExchange, response: Response, limits: HttpConf
             producer = None
         try:
             if producer is None:
-                exchange.respond(response)
+                exchange.respond(response.status, response.headers, response.body)
             else:
-                await exchange.stream(response, limits.request_timeout_s)
+                exchange.start(response.status, response.headers)
+                await exchange.write_all(producer, limits.request_timeout_s)
+                exchange.finish()
         except ClientGone:
             pass
     except BaseException:
@@ -323,4 +218,3 @@ async def _answer(exchange: NativeExchange, response: Response, limits: HttpConf
         aclose = getattr(producer, "aclose", None)
         if aclose is not None:
             await aclose()
-

@@ -179,6 +179,7 @@ impl HttpEngine {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (exchange, host, port, request, headers, first_byte_timeout, chunk_timeout, *, hold = false))]
     fn proxy(
         &self,
         exchange: u64,
@@ -188,18 +189,20 @@ impl HttpEngine {
         headers: &[u8],
         first_byte_timeout: f64,
         chunk_timeout: f64,
+        hold: bool,
     ) -> PyResult<bool> {
         let ip = host
             .parse()
             .map_err(|_| PyValueError::new_err(format!("{host:?} is not an IP address")))?;
-        Ok(self.inner.proxy(
-            exchange,
-            SocketAddr::new(ip, port),
-            Arc::from(request),
-            Arc::from(headers),
-            seconds(first_byte_timeout, "first_byte_timeout")?,
-            seconds(chunk_timeout, "chunk_timeout")?,
-        ))
+        let spec = relay::ProxySpec {
+            addr: SocketAddr::new(ip, port),
+            request: Arc::from(request),
+            headers: Arc::from(headers),
+            first_byte_timeout: seconds(first_byte_timeout, "first_byte_timeout")?,
+            chunk_timeout: seconds(chunk_timeout, "chunk_timeout")?,
+            hold,
+        };
+        Ok(self.inner.proxy(exchange, spec))
     }
 
     fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {

@@ -57,6 +57,8 @@ const HIGH_WATER: usize = 256 * 1024;
 const LOW_WATER: usize = 64 * 1024;
 /// A refused (non-200) upstream answer kept for Python at most.
 const MAX_ERROR_BODY: usize = 65536;
+/// A held (whole-body) 200 answer at most; a larger one is relayed as it comes.
+const MAX_HOLD: usize = 8 * 1024 * 1024;
 /// An upstream response head at most.
 const MAX_UPSTREAM_HEAD: usize = 65536;
 /// After an error answer the client's further input is read and dropped,
@@ -81,6 +83,24 @@ pub struct HttpConfig {
     pub upstream_idle: Duration,
 }
 
+/// What [`HttpEngine::proxy`] sends where.
+#[derive(Debug, Clone)]
+pub struct ProxySpec {
+    pub addr: SocketAddr,
+    /// A whole HTTP/1.1 request, sent on a pooled or new connection.
+    pub request: Arc<[u8]>,
+    /// `name: value\r\n` lines added to the relayed answer's head.
+    pub headers: Arc<[u8]>,
+    /// From the request's sending to the answer's head.
+    pub first_byte_timeout: Duration,
+    /// Between two reads of the answer's body.
+    pub chunk_timeout: Duration,
+    /// Send the answer to the client only once it is whole (up to
+    /// `MAX_HOLD`), so that one cut short is a failure another upstream may
+    /// take over, not a broken answer.
+    pub hold: bool,
+}
+
 /// What happened to a [`HttpEngine::proxy`].
 #[derive(Debug, Clone)]
 pub enum ProxyOutcome {
@@ -94,11 +114,13 @@ pub enum ProxyOutcome {
         body: Vec<u8>,
         content_type: Option<Vec<u8>>,
     },
-    /// Relayed to its end (`ended`), or cut short: the upstream broke off or
-    /// went silent after bytes reached the client (`broken` says why), or the
-    /// client went away (`client_gone`). After a break in a chunked answer
-    /// the exchange stays open for Python's closing words (`write`,
-    /// `finish`); otherwise the connection is closed.
+    /// Relayed to its end, or cut short: the upstream broke off or went
+    /// silent after bytes reached the client (`broken` says why), or the
+    /// client went away (`client_gone`). With `open`, the answer's end waits
+    /// for Python (`finish`, after `write`s of closing words if it broke):
+    /// a held answer is released, a chunked one gets its last chunk, once
+    /// Python has booked it. A broken answer that is not chunked ends its
+    /// connection.
     Relayed {
         broken: Option<String>,
         client_gone: bool,
@@ -162,8 +184,11 @@ enum Phase {
     Python,
     /// An upstream's answer is being relayed.
     Relaying { upstream: u64 },
-    /// Python writes a chunked answer.
+    /// Python writes a chunked answer (or ends a relayed one).
     Streaming,
+    /// A relayed answer, whole, waits for Python's word (`finish`) once its
+    /// cost is booked.
+    Held { answer: Vec<u8> },
     /// An answer is being written, then the connection ends with a
     /// lingering drain.
     Closing,
@@ -214,7 +239,9 @@ struct Upstream {
     extra_headers: Arc<[u8]>,
     relaying: bool,
     chunked_out: bool,
-    error_body: Vec<u8>,
+    kept: Vec<u8>,
+    hold: bool,
+    framing: Framing,
     usage: UsageScan,
     bytes_out: u64,
     first_byte_at: f64,
@@ -465,12 +492,20 @@ impl HttpEngine {
         })
     }
 
-    /// End a started answer; false if the client is gone.
+    /// End a started answer, or release a held one; false if the client
+    /// is gone.
     pub fn finish(&self, exchange: u64) -> bool {
         self.with(|st, reg| {
-            let Some(id) = st.streaming_client(exchange) else { return false };
-            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
-            client.out.extend_from_slice(LAST_CHUNK);
+            let Some(id) = st.exchanges.get(&exchange).copied() else { return false };
+            let Some(client) = st.clients.get_mut(&id) else { return false };
+            match std::mem::replace(&mut client.phase, Phase::Python) {
+                Phase::Streaming => client.out.extend_from_slice(LAST_CHUNK),
+                Phase::Held { answer } => client.out.extend_from_slice(&answer),
+                other => {
+                    client.phase = other;
+                    return false;
+                }
+            }
             st.answered(reg, id);
             true
         })
@@ -485,18 +520,17 @@ impl HttpEngine {
         });
     }
 
-    /// Send `request` (a whole HTTP/1.1 request) to `addr` on a pooled or
-    /// new connection and relay a 200 answer to `exchange`'s client, with
-    /// `headers` added to its head. False if the client is gone.
-    pub fn proxy(
-        &self,
-        exchange: u64,
-        addr: SocketAddr,
-        request: Arc<[u8]>,
-        headers: Arc<[u8]>,
-        first_byte_timeout: Duration,
-        chunk_timeout: Duration,
-    ) -> bool {
+    /// Send a request upstream and relay its 200 answer to `exchange`'s
+    /// client (see [`ProxySpec`]). False if the client is gone.
+    pub fn proxy(&self, exchange: u64, spec: ProxySpec) -> bool {
+        let ProxySpec {
+            addr,
+            request,
+            headers,
+            first_byte_timeout,
+            chunk_timeout,
+            hold,
+        } = spec;
         self.with(|st, reg| {
             let Some(client) = st.python_client(exchange) else { return false };
             st.stats.proxied += 1;
@@ -507,6 +541,7 @@ impl HttpEngine {
                         first_byte_timeout;
                     let u = st.upstreams.get_mut(&up).expect("just made");
                     u.chunk_timeout = chunk_timeout;
+                    u.hold = hold;
                     u.deadline = Some(Instant::now() + first_byte_timeout);
                     st.clients.get_mut(&client).expect("live").phase = Phase::Relaying { upstream: up };
                     st.upstream_progress(reg, up);
@@ -853,7 +888,9 @@ impl State {
         if self.exchanges.remove(&exchange).is_some() {
             match client.phase {
                 Phase::Relaying { upstream } => self.end_relay(reg, upstream, None, true),
-                Phase::Python | Phase::Streaming => self.emit(HttpEvent::Gone { exchange }),
+                Phase::Python | Phase::Streaming | Phase::Held { .. } => {
+                    self.emit(HttpEvent::Gone { exchange })
+                }
                 _ => {}
             }
         }
@@ -893,7 +930,9 @@ impl State {
         up.extra_headers = headers;
         up.relaying = false;
         up.chunked_out = false;
-        up.error_body.clear();
+        up.kept.clear();
+        up.hold = false;
+        up.framing = Framing::UntilClose;
         up.usage = UsageScan::default();
         up.bytes_out = 0;
         up.first_byte_at = 0.0;
@@ -930,7 +969,9 @@ impl State {
                 extra_headers: Arc::from(&[][..]),
                 relaying: false,
                 chunked_out: false,
-                error_body: Vec::new(),
+                kept: Vec::new(),
+                hold: false,
+                framing: Framing::UntilClose,
                 usage: UsageScan::default(),
                 bytes_out: 0,
                 first_byte_at: 0.0,
@@ -1037,8 +1078,9 @@ impl State {
                         up.content_type = head.header("content-type").map(<[u8]>::to_vec);
                         let decoder = BodyDecoder::new(head.framing);
                         up.head = Some((head.status, decoder, head.keep_alive));
-                        if head.status == 200 {
-                            self.start_relay(reg, id, head.framing);
+                        up.framing = head.framing;
+                        if head.status == 200 && !up.hold {
+                            self.start_relay(id, head.framing);
                         }
                         break;
                     }
@@ -1053,10 +1095,10 @@ impl State {
         self.upstream_body(reg, id, false);
     }
 
-    /// The 200 answer's head goes to the client.
-    fn start_relay(&mut self, reg: &Registration, id: u64, framing: Framing) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
-        let Some(client) = self.clients.get_mut(&up.client) else { return };
+    /// The 200 answer's head for the client; the upstream is relaying from now on.
+    fn relay_head(&mut self, id: u64, framing: Framing) -> Vec<u8> {
+        let Some(up) = self.upstreams.get_mut(&id) else { return Vec::new() };
+        let keep_alive = self.clients.get(&up.client).is_some_and(|c| c.keep_alive);
         up.relaying = true;
         let length = match framing {
             Framing::Length(n) => usize::try_from(n).ok(),
@@ -1070,9 +1112,16 @@ impl State {
             headers.extend_from_slice(b"\r\n");
         }
         headers.extend_from_slice(&up.extra_headers);
-        let head = response_head(200, &headers, length, !client.keep_alive);
-        client.out.extend_from_slice(&head);
-        let _ = reg;
+        response_head(200, &headers, length, !keep_alive)
+    }
+
+    /// Relaying starts: the head goes to the client.
+    fn start_relay(&mut self, id: u64, framing: Framing) {
+        let head = self.relay_head(id, framing);
+        let client = self.upstreams.get(&id).map(|up| up.client);
+        if let Some(client) = client.and_then(|c| self.clients.get_mut(&c)) {
+            client.out.extend_from_slice(&head);
+        }
     }
 
     /// Decode what came of the body: relay it, or keep it for a refusal.
@@ -1092,6 +1141,32 @@ impl State {
         let done = decoder.done() || eof;
         let (status, keep_alive) = (*status, *keep_alive && !eof);
         up.deadline = Some(Instant::now() + up.chunk_timeout);
+        if status == 200 && !up.relaying {
+            // Held until whole, so that a failure before its end can still
+            // go to another upstream; past MAX_HOLD it is relayed as it comes.
+            up.kept.extend_from_slice(&piece);
+            if !done && up.kept.len() <= MAX_HOLD {
+                self.update_upstream(reg, id);
+                return;
+            }
+            piece = std::mem::take(&mut up.kept);
+            if done {
+                up.usage.absorb(&piece);
+                up.bytes_out = piece.len() as u64;
+                let client_id = up.client;
+                let mut answer = self.relay_head(id, Framing::Length(piece.len() as u64));
+                answer.extend_from_slice(&piece);
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    client.phase = Phase::Held { answer };
+                }
+                self.end_relay(reg, id, None, false);
+                self.release_upstream(reg, id, keep_alive);
+                return;
+            }
+            let framing = up.framing;
+            self.start_relay(id, framing);
+        }
+        let up = self.upstreams.get_mut(&id).expect("still here");
         if up.relaying {
             up.usage.absorb(&piece);
             up.bytes_out += piece.len() as u64;
@@ -1101,7 +1176,9 @@ impl State {
                 if chunked {
                     encode_chunk(&piece, &mut client.out);
                     if done {
-                        client.out.extend_from_slice(LAST_CHUNK);
+                        // Its last chunk waits for Python's `finish`, once
+                        // the cost is booked.
+                        client.phase = Phase::Streaming;
                     }
                 } else {
                     client.out.extend_from_slice(&piece);
@@ -1110,8 +1187,14 @@ impl State {
             if done {
                 self.end_relay(reg, id, None, false);
                 self.release_upstream(reg, id, keep_alive);
-                if self.clients.contains_key(&client_id) {
+                let whole = self
+                    .clients
+                    .get(&client_id)
+                    .is_some_and(|c| matches!(c.phase, Phase::Relaying { .. }));
+                if whole {
                     self.answered(reg, client_id);
+                } else {
+                    self.flush_client(reg, client_id);
                 }
             } else {
                 self.flush_client(reg, client_id);
@@ -1119,14 +1202,14 @@ impl State {
             }
             return;
         }
-        let room = MAX_ERROR_BODY.saturating_sub(up.error_body.len());
-        up.error_body.extend_from_slice(&piece[..piece.len().min(room)]);
+        let room = MAX_ERROR_BODY.saturating_sub(up.kept.len());
+        up.kept.extend_from_slice(&piece[..piece.len().min(room)]);
         let full = piece.len() > room;
         if done || full {
             let exchange = up.exchange;
             let outcome = ProxyOutcome::Refused {
                 status,
-                body: std::mem::take(&mut up.error_body),
+                body: std::mem::take(&mut up.kept),
                 content_type: up.content_type.take(),
             };
             let client = up.client;
@@ -1155,12 +1238,13 @@ impl State {
             // the request did not reach it, so send it on a new one.
             let (addr, request, headers) = (up.addr, Arc::clone(&up.request), Arc::clone(&up.extra_headers));
             let (client, exchange, first, chunk) = (up.client, up.exchange, up.first_byte_timeout, up.chunk_timeout);
-            let deadline = up.deadline;
+            let (deadline, hold) = (up.deadline, up.hold);
             self.close_upstream(reg, id);
             match self.checkout(reg, addr, request, headers, client, exchange) {
                 Ok(new) => {
                     let up = self.upstreams.get_mut(&new).expect("just made");
                     (up.first_byte_timeout, up.chunk_timeout, up.deadline) = (first, chunk, deadline);
+                    up.hold = hold;
                     if let Some(c) = self.clients.get_mut(&client) {
                         c.phase = Phase::Relaying { upstream: new };
                     }
@@ -1211,16 +1295,18 @@ impl State {
         let (exchange, client_id, chunked) = (up.exchange, up.client, up.chunked_out);
         up.relaying = false;
         up.exchange = 0;
-        let mut open = false;
         if broken.is_some() && self.clients.contains_key(&client_id) {
             if chunked {
                 let client = self.clients.get_mut(&client_id).expect("checked");
                 client.phase = Phase::Streaming; // Python ends it in words
-                open = true;
             } else {
                 self.drop_client(reg, client_id);
             }
         }
+        let open = self
+            .clients
+            .get(&client_id)
+            .is_some_and(|c| matches!(c.phase, Phase::Streaming | Phase::Held { .. }));
         if client_gone || broken.is_some() {
             self.close_upstream(reg, id);
         }

@@ -16,6 +16,6 @@ pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
-pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, Usage};
+pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, Usage};
 pub use reactor::engine_threads;
 pub use sys::monotonic;
