@@ -808,6 +808,10 @@ def parse_copy_response(body: bytes) -> tuple[int, list[int]]:
     """``(overall format, per-column formats)`` of CopyIn/Out/BothResponse."""
 
 def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]: ...
+def json_nesting_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON document, without
+    parsing it: brackets in strings do not count; a string left open runs to
+    the end; unbalanced input gives some number."""
 
 # -- the HTTP engine (qmesh-relay's http.rs, qmesh-http) ---------------------------
 
@@ -834,7 +838,7 @@ class HttpProxied:
     nothing reached the client) or ``"relayed"`` (the 200 answer went to the
     client: whole, or cut short with ``reason`` set, or ``client_gone``).
     With ``open`` the answer's end waits for :meth:`HttpEngine.finish`
-    (after closing :meth:`HttpEngine.write`\ s if it broke): a held answer
+    (after closing writes if it broke): a held answer
     is released, a chunked one gets its last chunk — so that its cost is
     booked before the client has it all."""
 

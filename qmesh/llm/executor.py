@@ -102,6 +102,8 @@ class Executor:
         self.ledger = ledger
         self.routing = routing
         self.failovers = 0
+        self.relayed = 0
+        """Answers the HTTP engine relayed (their bytes never passed through Python)."""
 
     # -- candidates in order ----------------------------------------------------
 
@@ -410,6 +412,7 @@ class Executor:
                     return self._client_fault(decision, ctx, candidate, call, error)
                 self._failed(candidate, ctx, error, (time.monotonic() - started) * 1000)
                 continue
+            self.relayed += 1
             usage = Usage(outcome.tokens_in, outcome.tokens_out, outcome.bytes_out)
             if call.stream:
                 await self._relayed_stream(

@@ -130,6 +130,10 @@ class OpenAIProvider:
             b"%s: %s\r\n" % pair for pair in [(b"host", upstream.host_header), *self._headers]
         )
         self._address: tuple[str, float] | None = None  # an IP, and when it was looked up
+        try:
+            self._literal_ip: str | None = str(ipaddress.ip_address(upstream.host))
+        except ValueError:
+            self._literal_ip = None
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name!r}>"
@@ -137,11 +141,9 @@ class OpenAIProvider:
     async def _ip(self) -> str | None:
         """The upstream host's address (a name is looked up, then kept for
         ADDRESS_TTL_S); None when it cannot be resolved now."""
+        if self._literal_ip is not None:
+            return self._literal_ip
         host = self.upstream.host
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            pass
         now = trio.current_time()
         if self._address is not None and now - self._address[1] < ADDRESS_TTL_S:
             return self._address[0]

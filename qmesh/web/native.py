@@ -21,6 +21,7 @@ streams (:func:`qmesh.web.http.serve_stream`): h11 serves those.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import Final
 
@@ -48,6 +49,7 @@ __all__ = ["serve_http"]
 
 log = logging.getLogger(__name__)
 
+_TICK_S: Final = 0.1
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
 
 
@@ -79,6 +81,7 @@ async def serve_http(
         max_body_bytes=limits.max_body_bytes,
         idle_timeout=limits.idle_timeout_s,
         request_timeout=limits.request_timeout_s,
+        inline=os.environ.get("QMESH_HTTP_INLINE") == "1",
     )
     exchanges: dict[int, NativeExchange] = {}
     try:
@@ -134,10 +137,13 @@ async def _dispatch(
     exchanges: dict[int, NativeExchange],
     nursery: trio.Nursery,
 ) -> None:
-    fd = engine.notify_fd
+    fd = engine.poll_fd
     while True:
-        await trio.lowlevel.wait_readable(fd)
-        for event in engine.take():
+        # Woken by work, and at least every tick: an inline engine's
+        # timeouts are checked when it is polled.
+        with trio.move_on_after(_TICK_S):
+            await trio.lowlevel.wait_readable(fd)
+        for event in engine.poll():
             if isinstance(event, _core.HttpRequest):
                 exchange = NativeExchange(engine, event.exchange)
                 exchanges[event.exchange] = exchange

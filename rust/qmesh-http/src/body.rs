@@ -13,14 +13,29 @@ const MAX_TRAILERS: usize = 16384;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunked {
     /// Reading a chunk-size line: the size so far, digits seen, line length.
-    Size { size: u64, digits: u32, line: usize, in_ext: bool },
-    SizeLf { size: u64 },
-    Data { remaining: u64 },
+    Size {
+        size: u64,
+        digits: u32,
+        line: usize,
+        in_ext: bool,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        remaining: u64,
+    },
     DataCr,
     DataLf,
     /// Reading trailer lines: bytes of them so far, bytes in this line.
-    Trailer { total: usize, line: usize },
-    TrailerLf { total: usize, line: usize },
+    Trailer {
+        total: usize,
+        line: usize,
+    },
+    TrailerLf {
+        total: usize,
+        line: usize,
+    },
 }
 
 /// Decodes one message's body.
@@ -80,7 +95,9 @@ impl BodyDecoder {
                     used = input.len();
                 }
                 State::Length { remaining } => {
-                    let take = rest.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    let take = rest
+                        .len()
+                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                     out.extend_from_slice(&rest[..take]);
                     used += take;
                     *remaining -= take as u64;
@@ -90,7 +107,9 @@ impl BodyDecoder {
                 }
                 State::Chunked(chunked) => {
                     if let Chunked::Data { remaining } = chunked {
-                        let take = rest.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                        let take = rest
+                            .len()
+                            .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                         out.extend_from_slice(&rest[..take]);
                         used += take;
                         *remaining -= take as u64;
@@ -117,15 +136,30 @@ impl BodyDecoder {
 /// at the end of the body.
 fn step(state: Chunked, byte: u8) -> Result<Option<Chunked>, HttpError> {
     Ok(Some(match state {
-        Chunked::Size { size, digits, line, in_ext } => {
+        Chunked::Size {
+            size,
+            digits,
+            line,
+            in_ext,
+        } => {
             if line >= MAX_SIZE_LINE {
                 return Err(bad_chunk("chunk-size line too long"));
             }
             let line = line + 1;
             match byte {
                 b'\r' if digits > 0 => Chunked::SizeLf { size },
-                _ if in_ext => Chunked::Size { size, digits, line, in_ext },
-                b';' if digits > 0 => Chunked::Size { size, digits, line, in_ext: true },
+                _ if in_ext => Chunked::Size {
+                    size,
+                    digits,
+                    line,
+                    in_ext,
+                },
+                b';' if digits > 0 => Chunked::Size {
+                    size,
+                    digits,
+                    line,
+                    in_ext: true,
+                },
                 _ => {
                     let digit = (byte as char)
                         .to_digit(16)
@@ -166,9 +200,15 @@ fn step(state: Chunked, byte: u8) -> Result<Option<Chunked>, HttpError> {
                 return Err(bad_chunk("trailers too long"));
             }
             if byte == b'\r' {
-                Chunked::TrailerLf { total: total + 1, line }
+                Chunked::TrailerLf {
+                    total: total + 1,
+                    line,
+                }
             } else {
-                Chunked::Trailer { total: total + 1, line: line + 1 }
+                Chunked::Trailer {
+                    total: total + 1,
+                    line: line + 1,
+                }
             }
         }
         Chunked::TrailerLf { total, line } => {
@@ -178,7 +218,10 @@ fn step(state: Chunked, byte: u8) -> Result<Option<Chunked>, HttpError> {
             if line == 0 {
                 return Ok(None); // the blank line after the trailers
             }
-            Chunked::Trailer { total: total + 1, line: 0 }
+            Chunked::Trailer {
+                total: total + 1,
+                line: 0,
+            }
         }
     }))
 }
@@ -199,7 +242,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn decode_all(framing: Framing, input: &[u8], step: usize) -> Result<(Vec<u8>, usize, bool), HttpError> {
+    fn decode_all(
+        framing: Framing,
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, usize, bool), HttpError> {
         let mut decoder = BodyDecoder::new(framing);
         let mut out = Vec::new();
         let mut used = 0;

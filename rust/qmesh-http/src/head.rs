@@ -169,7 +169,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let target = request.path.unwrap_or("").to_owned();
     let headers = collect(request.headers);
     if version == 1 && find(&headers, "host").is_none() {
-        return Err(HttpError::bad("bad request: Missing mandatory Host: header"));
+        return Err(HttpError::bad(
+            "bad request: Missing mandatory Host: header",
+        ));
     }
     let framing = declared_framing(&headers)?.unwrap_or(Framing::Length(0));
     if let Framing::Length(n) = framing {
@@ -287,7 +289,12 @@ mod tests {
         let old = b"GET / HTTP/1.0\r\n\r\n";
         assert!(!parse_request(old, &LIMITS).unwrap().unwrap().keep_alive);
         let old_keep = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
-        assert!(parse_request(old_keep, &LIMITS).unwrap().unwrap().keep_alive);
+        assert!(
+            parse_request(old_keep, &LIMITS)
+                .unwrap()
+                .unwrap()
+                .keep_alive
+        );
     }
 
     #[test]
@@ -300,6 +307,9 @@ mod tests {
         assert_eq!(head.framing, Framing::UntilClose);
         assert!(!head.keep_alive);
         let none = b"HTTP/1.1 204 No Content\r\n\r\n";
-        assert_eq!(parse_response(none, 1024).unwrap().unwrap().framing, Framing::Length(0));
+        assert_eq!(
+            parse_response(none, 1024).unwrap().unwrap().framing,
+            Framing::Length(0)
+        );
     }
 }

@@ -15,9 +15,11 @@
 mod body;
 mod error;
 mod head;
+mod json;
 mod usage;
 
 pub use body::{encode_chunk, BodyDecoder, LAST_CHUNK};
 pub use error::HttpError;
 pub use head::{parse_request, parse_response, Framing, Limits, RequestHead, ResponseHead};
+pub use json::nesting_depth;
 pub use usage::UsageScan;

@@ -50,7 +50,9 @@ fn last_number(data: &[u8], key: &[u8]) -> Option<u64> {
     for start in memchr::memmem::find_iter(data, key) {
         let rest = &data[start + key.len()..];
         let rest = rest.trim_ascii_start();
-        let Some(rest) = rest.strip_prefix(b":") else { continue };
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
         let rest = rest.trim_ascii_start();
         let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
         if digits == 0 || digits > 12 || digits == rest.len() {

@@ -115,6 +115,56 @@ fn proxied(py: Python<'_>, exchange: u64, outcome: ProxyOutcome) -> HttpProxied 
     out
 }
 
+fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>> {
+    let mut out = Vec::with_capacity(events.len());
+    for event in events {
+        let object: Py<PyAny> = match event {
+            HttpEvent::Request {
+                exchange,
+                head,
+                body,
+                peer,
+            } => Py::new(
+                py,
+                HttpRequest {
+                    exchange,
+                    method: head.method,
+                    target: head.target,
+                    headers: head
+                        .headers
+                        .into_iter()
+                        .map(|(name, value)| (name, latin1(&value)))
+                        .collect(),
+                    body: PyBytes::new(py, &body).unbind(),
+                    peer: peer.to_string(),
+                },
+            )?
+            .into_any(),
+            HttpEvent::Proxied { exchange, outcome } => {
+                Py::new(py, proxied(py, exchange, outcome))?.into_any()
+            }
+            HttpEvent::Drained { exchange } => Py::new(
+                py,
+                HttpNotice {
+                    exchange,
+                    kind: "drained",
+                },
+            )?
+            .into_any(),
+            HttpEvent::Gone { exchange } => Py::new(
+                py,
+                HttpNotice {
+                    exchange,
+                    kind: "gone",
+                },
+            )?
+            .into_any(),
+        };
+        out.push(object);
+    }
+    Ok(out)
+}
+
 #[pymethods]
 impl HttpEngine {
     #[new]
@@ -126,6 +176,7 @@ impl HttpEngine {
         request_timeout,
         max_idle_per_upstream = 64,
         upstream_idle = 30.0,
+        inline = false,
     ))]
     fn new(
         max_header_bytes: usize,
@@ -134,6 +185,7 @@ impl HttpEngine {
         request_timeout: f64,
         max_idle_per_upstream: usize,
         upstream_idle: f64,
+        inline: bool,
     ) -> Result<Self> {
         let config = relay::HttpConfig {
             max_head: max_header_bytes,
@@ -144,7 +196,7 @@ impl HttpEngine {
             upstream_idle: seconds(upstream_idle, "upstream_idle")?,
         };
         Ok(HttpEngine {
-            inner: relay::HttpEngine::new(config)?,
+            inner: relay::HttpEngine::new(config, inline)?,
         })
     }
 
@@ -153,12 +205,24 @@ impl HttpEngine {
         self.inner.notify_fd()
     }
 
+    #[getter]
+    fn poll_fd(&self) -> RawFd {
+        self.inner.poll_fd()
+    }
+
     fn adopt(&self, fd: RawFd, peer: &str) -> Result<()> {
         Ok(self.inner.adopt(fd, peer)?)
     }
 
     #[pyo3(signature = (exchange, status, headers, body, *, close = false))]
-    fn respond(&self, exchange: u64, status: u16, headers: &[u8], body: &[u8], close: bool) -> bool {
+    fn respond(
+        &self,
+        exchange: u64,
+        status: u16,
+        headers: &[u8],
+        body: &[u8],
+        close: bool,
+    ) -> bool {
         self.inner.respond(exchange, status, headers, body, close)
     }
 
@@ -206,60 +270,24 @@ impl HttpEngine {
     }
 
     fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
-        let events = self.inner.take();
-        let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let object: Py<PyAny> = match event {
-                HttpEvent::Request {
-                    exchange,
-                    head,
-                    body,
-                    peer,
-                } => Py::new(
-                    py,
-                    HttpRequest {
-                        exchange,
-                        method: head.method,
-                        target: head.target,
-                        headers: head
-                            .headers
-                            .into_iter()
-                            .map(|(name, value)| (name, latin1(&value)))
-                            .collect(),
-                        body: PyBytes::new(py, &body).unbind(),
-                        peer: peer.to_string(),
-                    },
-                )?
-                .into_any(),
-                HttpEvent::Proxied { exchange, outcome } => {
-                    Py::new(py, proxied(py, exchange, outcome))?.into_any()
-                }
-                HttpEvent::Drained { exchange } => Py::new(
-                    py,
-                    HttpNotice {
-                        exchange,
-                        kind: "drained",
-                    },
-                )?
-                .into_any(),
-                HttpEvent::Gone { exchange } => Py::new(
-                    py,
-                    HttpNotice {
-                        exchange,
-                        kind: "gone",
-                    },
-                )?
-                .into_any(),
-            };
-            out.push(object);
-        }
-        Ok(out)
+        to_python(py, self.inner.take())
+    }
+
+    fn poll(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        to_python(py, self.inner.poll())
     }
 
     /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused)``.
     fn stats(&self) -> (usize, usize, usize, u64, u64, u64) {
         let s = self.inner.stats();
-        (s.clients, s.upstreams, s.idle_upstreams, s.requests, s.proxied, s.reused)
+        (
+            s.clients,
+            s.upstreams,
+            s.idle_upstreams,
+            s.requests,
+            s.proxied,
+            s.reused,
+        )
     }
 
     fn close(&self) {

@@ -84,6 +84,17 @@ fn frame_type_arg(obj: &Bound<'_, PyAny>) -> PyResult<u8> {
     })
 }
 
+/// The deepest nesting of arrays and objects in a JSON document (see
+/// ``qmesh.peerjson``), measured without parsing it.
+#[pyfunction]
+fn json_nesting_depth(py: Python<'_>, data: &[u8]) -> usize {
+    if data.len() > 1 << 20 {
+        py.detach(|| qmesh_http::nesting_depth(data))
+    } else {
+        qmesh_http::nesting_depth(data)
+    }
+}
+
 /// The RESET/GOAWAY payload: ``code`` (u16) and ``reason`` as UTF-8, cut at
 /// ``MAX_REASON`` bytes.
 #[pyfunction]
@@ -509,7 +520,10 @@ mod _core {
     use super::*;
 
     #[pymodule_export]
-    use super::{decode_reason, encode_reason, FrameDecoder, FrameEncoder, NoiseHandshake};
+    use super::{
+        decode_reason, encode_reason, json_nesting_depth, FrameDecoder, FrameEncoder,
+        NoiseHandshake,
+    };
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -42,7 +42,7 @@ use qmesh_http::{
 };
 use socket2::{Domain, Socket, Type};
 
-use crate::reactor::{self, Driven, Registration};
+use crate::reactor::{self, Driven, Reactor, Registration};
 use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
 
 /// How often deadlines are checked: timeouts are seconds, so a tenth of one
@@ -268,6 +268,8 @@ struct Shared {
     state: Mutex<State>,
     notify: EventFd,
     registration: std::sync::OnceLock<Registration>,
+    /// An inline engine's own reactor, which its owner polls.
+    inline: Option<Arc<Reactor>>,
 }
 
 /// The engine (see the module's documentation).
@@ -369,8 +371,18 @@ fn read_into(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 impl HttpEngine {
-    pub fn new(config: HttpConfig) -> io::Result<Self> {
-        reactor::start_pool()?;
+    /// An engine on the process's engine threads, or with `inline`, on no
+    /// thread of its own: its owner calls [`HttpEngine::poll`] when
+    /// [`HttpEngine::poll_fd`] is readable (and at least every 100 ms, for
+    /// its timeouts). Inline, a request's way through the Gate crosses no
+    /// thread: on a Gate with one core that saves two switches a request.
+    pub fn new(config: HttpConfig, inline: bool) -> io::Result<Self> {
+        let own = if inline {
+            Some(Reactor::manual()?)
+        } else {
+            reactor::start_pool()?;
+            None
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 config,
@@ -387,19 +399,47 @@ impl HttpEngine {
             }),
             notify: EventFd::new()?,
             registration: std::sync::OnceLock::new(),
+            inline: own.clone(),
         });
         let weak: Weak<dyn Driven> = Arc::downgrade(&shared) as Weak<Shared>;
-        let _ = shared.registration.set(Registration::new(weak));
+        let registration = match own {
+            Some(reactor) => Registration::on(reactor, weak),
+            None => Registration::new(weak),
+        };
+        let _ = shared.registration.set(registration);
         Ok(HttpEngine { shared })
     }
 
+    /// Readable when there are events to [`HttpEngine::take`] (an engine
+    /// on the engine threads).
     pub fn notify_fd(&self) -> RawFd {
         self.shared.notify.fd()
     }
 
+    /// Readable when an inline engine has work for [`HttpEngine::poll`]
+    /// (an engine on the engine threads: its `notify_fd`).
+    pub fn poll_fd(&self) -> RawFd {
+        match &self.shared.inline {
+            Some(reactor) => reactor.fd(),
+            None => self.notify_fd(),
+        }
+    }
+
+    /// Run an inline engine's ready work and due timeouts, then [`HttpEngine::take`].
+    pub fn poll(&self) -> Vec<HttpEvent> {
+        if let Some(reactor) = &self.shared.inline {
+            reactor.poll();
+        }
+        self.take()
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut State, &Registration) -> R) -> R {
         let mut st = lock(&self.shared.state);
-        let reg = self.shared.registration.get().expect("registered at creation");
+        let reg = self
+            .shared
+            .registration
+            .get()
+            .expect("registered at creation");
         let result = f(&mut st, reg);
         st.finish(&self.shared, reg);
         result
@@ -442,10 +482,22 @@ impl HttpEngine {
 
     /// Answer `exchange` with a whole response (`headers` are `name: value\r\n`
     /// lines); false if its client is gone.
-    pub fn respond(&self, exchange: u64, status: u16, headers: &[u8], body: &[u8], close: bool) -> bool {
+    pub fn respond(
+        &self,
+        exchange: u64,
+        status: u16,
+        headers: &[u8],
+        body: &[u8],
+        close: bool,
+    ) -> bool {
         self.with(|st, reg| {
-            let Some(id) = st.python_client(exchange) else { return false };
-            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            let Some(id) = st.python_client(exchange) else {
+                return false;
+            };
+            let client = st
+                .clients
+                .get_mut(&id)
+                .expect("exchanges name live clients");
             let close = close || !client.keep_alive;
             let mut data = response_head(status, headers, Some(body.len()), close);
             if !client.head_only {
@@ -461,8 +513,13 @@ impl HttpEngine {
     /// Start a chunked answer to `exchange`; false if its client is gone.
     pub fn start(&self, exchange: u64, status: u16, headers: &[u8]) -> bool {
         self.with(|st, reg| {
-            let Some(id) = st.python_client(exchange) else { return false };
-            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            let Some(id) = st.python_client(exchange) else {
+                return false;
+            };
+            let client = st
+                .clients
+                .get_mut(&id)
+                .expect("exchanges name live clients");
             let head = response_head(status, headers, None, !client.keep_alive);
             client.out.extend_from_slice(&head);
             if client.head_only {
@@ -481,7 +538,10 @@ impl HttpEngine {
     pub fn write(&self, exchange: u64, data: &[u8]) -> Option<usize> {
         self.with(|st, reg| {
             let id = st.streaming_client(exchange)?;
-            let client = st.clients.get_mut(&id).expect("exchanges name live clients");
+            let client = st
+                .clients
+                .get_mut(&id)
+                .expect("exchanges name live clients");
             encode_chunk(data, &mut client.out);
             st.flush_client(reg, id);
             let client = st.clients.get_mut(&id)?;
@@ -496,8 +556,12 @@ impl HttpEngine {
     /// is gone.
     pub fn finish(&self, exchange: u64) -> bool {
         self.with(|st, reg| {
-            let Some(id) = st.exchanges.get(&exchange).copied() else { return false };
-            let Some(client) = st.clients.get_mut(&id) else { return false };
+            let Some(id) = st.exchanges.get(&exchange).copied() else {
+                return false;
+            };
+            let Some(client) = st.clients.get_mut(&id) else {
+                return false;
+            };
             match std::mem::replace(&mut client.phase, Phase::Python) {
                 Phase::Streaming => client.out.extend_from_slice(LAST_CHUNK),
                 Phase::Held { answer } => client.out.extend_from_slice(&answer),
@@ -532,18 +596,23 @@ impl HttpEngine {
             hold,
         } = spec;
         self.with(|st, reg| {
-            let Some(client) = st.python_client(exchange) else { return false };
+            let Some(client) = st.python_client(exchange) else {
+                return false;
+            };
             st.stats.proxied += 1;
             let upstream = st.checkout(reg, addr, request, headers, client, exchange);
             match upstream {
                 Ok(up) => {
-                    st.upstreams.get_mut(&up).expect("just made").first_byte_timeout =
-                        first_byte_timeout;
+                    st.upstreams
+                        .get_mut(&up)
+                        .expect("just made")
+                        .first_byte_timeout = first_byte_timeout;
                     let u = st.upstreams.get_mut(&up).expect("just made");
                     u.chunk_timeout = chunk_timeout;
                     u.hold = hold;
                     u.deadline = Some(Instant::now() + first_byte_timeout);
-                    st.clients.get_mut(&client).expect("live").phase = Phase::Relaying { upstream: up };
+                    st.clients.get_mut(&client).expect("live").phase =
+                        Phase::Relaying { upstream: up };
                     st.upstream_progress(reg, up);
                 }
                 Err(err) => st.emit(HttpEvent::Proxied {
@@ -666,12 +735,15 @@ impl State {
     // -- clients -------------------------------------------------------------
 
     fn update_client(&mut self, reg: &Registration, id: u64) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         let reading = matches!(
             client.phase,
             Phase::Idle | Phase::Reading { .. } | Phase::Lingering { .. }
         );
-        let want = if reading { READABLE } else { 0 } | if client.out.is_empty() { 0 } else { WRITABLE };
+        let want =
+            if reading { READABLE } else { 0 } | if client.out.is_empty() { 0 } else { WRITABLE };
         reg.set_interest(client.socket.as_raw_fd(), id, &mut client.interest, want);
     }
 
@@ -686,7 +758,9 @@ impl State {
 
     /// Write what is waiting; a client that cannot take it any more is dropped.
     fn flush_client(&mut self, reg: &Registration, id: u64) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         let mut written = 0;
         let mut failed = false;
         while written < client.out.len() {
@@ -726,7 +800,9 @@ impl State {
     }
 
     fn read_client(&mut self, reg: &Registration, id: u64) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         if let Phase::Lingering { drained } = &mut client.phase {
             let mut scratch = Vec::new();
             match read_into(&client.socket, &mut scratch) {
@@ -770,7 +846,9 @@ impl State {
         };
         let request_timeout = self.config.request_timeout;
         'parse: {
-            let Some(client) = self.clients.get_mut(&id) else { return };
+            let Some(client) = self.clients.get_mut(&id) else {
+                return;
+            };
             if client.rbuf.is_empty() {
                 break 'parse;
             }
@@ -782,7 +860,9 @@ impl State {
                 client.deadline = Some(Instant::now() + request_timeout);
                 client.deadline_is_idle = false;
             }
-            let Phase::Reading { head, body } = &mut client.phase else { break 'parse };
+            let Phase::Reading { head, body } = &mut client.phase else {
+                break 'parse;
+            };
             if head.is_none() {
                 match parse_request(&client.rbuf, &limits) {
                     Ok(None) => break 'parse,
@@ -790,7 +870,9 @@ impl State {
                         client.rbuf.drain(..parsed.length);
                         let decoder = BodyDecoder::new(parsed.framing);
                         if parsed.expect_continue && !decoder.done() {
-                            client.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                            client
+                                .out
+                                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                         }
                         *head = Some((parsed, decoder));
                     }
@@ -811,14 +893,16 @@ impl State {
                 }
             }
             if body.len() > limits.max_body {
-                let error = HttpError::new(413, format!("request body over {} bytes", limits.max_body));
+                let error =
+                    HttpError::new(413, format!("request body over {} bytes", limits.max_body));
                 self.refuse(reg, id, &error);
                 return;
             }
             if !decoder.done() {
                 break 'parse;
             }
-            let Phase::Reading { head, body } = std::mem::replace(&mut client.phase, Phase::Python) else {
+            let Phase::Reading { head, body } = std::mem::replace(&mut client.phase, Phase::Python)
+            else {
                 unreachable!("matched above")
             };
             let (head, _) = head.expect("parsed above");
@@ -848,7 +932,9 @@ impl State {
 
     /// Answer a bad request with its error and close after the answer.
     fn refuse(&mut self, reg: &Registration, id: u64, error: &HttpError) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         let body = error_body(error);
         let headers = b"content-type: application/json\r\n";
         let mut data = response_head(error.status, headers, Some(body.len()), true);
@@ -864,7 +950,9 @@ impl State {
     /// A response is wholly queued: keep the connection for the next
     /// request, or close it once the answer is out.
     fn answered(&mut self, reg: &Registration, id: u64) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         self.exchanges.remove(&client.exchange);
         client.drain_wanted = false;
         if client.keep_alive {
@@ -882,7 +970,9 @@ impl State {
     /// Forget a client; Python hears of an exchange it held, and an upstream
     /// relaying to it is closed.
     fn drop_client(&mut self, reg: &Registration, id: u64) {
-        let Some(client) = self.clients.remove(&id) else { return };
+        let Some(client) = self.clients.remove(&id) else {
+            return;
+        };
         reg.unwatch(client.socket.as_raw_fd());
         let exchange = client.exchange;
         if self.exchanges.remove(&exchange).is_some() {
@@ -917,7 +1007,11 @@ impl State {
             None => (self.connect(reg, addr)?, false),
         };
         let up = self.upstreams.get_mut(&id).expect("pooled or new");
-        up.phase = if reused { UpPhase::Exchanging } else { UpPhase::Connecting };
+        up.phase = if reused {
+            UpPhase::Exchanging
+        } else {
+            UpPhase::Connecting
+        };
         up.request = request;
         up.sent = 0;
         up.rbuf.clear();
@@ -984,12 +1078,18 @@ impl State {
     }
 
     fn update_upstream(&mut self, reg: &Registration, id: u64) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         let want = match up.phase {
             UpPhase::Connecting => WRITABLE,
             UpPhase::Idle => READABLE,
             UpPhase::Exchanging => {
-                let sending = if up.sent < up.request.len() { WRITABLE } else { 0 };
+                let sending = if up.sent < up.request.len() {
+                    WRITABLE
+                } else {
+                    0
+                };
                 // A client that does not read holds its upstream back.
                 let backlog = self.clients.get(&up.client).map_or(0, |c| c.out.len());
                 let reading = if backlog < HIGH_WATER { READABLE } else { 0 };
@@ -1000,7 +1100,9 @@ impl State {
     }
 
     fn upstream_ready(&mut self, reg: &Registration, id: u64, flags: u32) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         if up.phase == UpPhase::Idle {
             // An idle pooled connection that speaks or closes is done with.
             self.close_upstream(reg, id);
@@ -1027,7 +1129,9 @@ impl State {
 
     /// Send what is left of the request.
     fn upstream_progress(&mut self, reg: &Registration, id: u64) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         if up.phase == UpPhase::Exchanging {
             while up.sent < up.request.len() {
                 match sys::send(up.socket.as_raw_fd(), &up.request[up.sent..]) {
@@ -1044,7 +1148,9 @@ impl State {
     }
 
     fn read_upstream(&mut self, reg: &Registration, id: u64) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         if up.phase != UpPhase::Exchanging {
             return;
         }
@@ -1097,7 +1203,9 @@ impl State {
 
     /// The 200 answer's head for the client; the upstream is relaying from now on.
     fn relay_head(&mut self, id: u64, framing: Framing) -> Vec<u8> {
-        let Some(up) = self.upstreams.get_mut(&id) else { return Vec::new() };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return Vec::new();
+        };
         let keep_alive = self.clients.get(&up.client).is_some_and(|c| c.keep_alive);
         up.relaying = true;
         let length = match framing {
@@ -1126,8 +1234,12 @@ impl State {
 
     /// Decode what came of the body: relay it, or keep it for a refusal.
     fn upstream_body(&mut self, reg: &Registration, id: u64, eof: bool) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
-        let Some((status, decoder, keep_alive)) = up.head.as_mut() else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
+        let Some((status, decoder, keep_alive)) = up.head.as_mut() else {
+            return;
+        };
         let mut piece = Vec::new();
         let used = match decoder.decode(&up.rbuf, &mut piece) {
             Ok(used) => used,
@@ -1227,7 +1339,9 @@ impl State {
     /// may retry elsewhere (or, on a stale pooled connection, one the
     /// engine retries on a new one); after, a broken relay.
     fn upstream_lost(&mut self, reg: &Registration, id: u64, reason: String) {
-        let Some(up) = self.upstreams.get(&id) else { return };
+        let Some(up) = self.upstreams.get(&id) else {
+            return;
+        };
         if up.relaying {
             self.end_relay(reg, id, Some(reason), false);
             self.close_upstream(reg, id);
@@ -1236,14 +1350,24 @@ impl State {
         if up.reused && !up.received {
             // The server closed a kept-alive connection as we reused it:
             // the request did not reach it, so send it on a new one.
-            let (addr, request, headers) = (up.addr, Arc::clone(&up.request), Arc::clone(&up.extra_headers));
-            let (client, exchange, first, chunk) = (up.client, up.exchange, up.first_byte_timeout, up.chunk_timeout);
+            let (addr, request, headers) = (
+                up.addr,
+                Arc::clone(&up.request),
+                Arc::clone(&up.extra_headers),
+            );
+            let (client, exchange, first, chunk) = (
+                up.client,
+                up.exchange,
+                up.first_byte_timeout,
+                up.chunk_timeout,
+            );
             let (deadline, hold) = (up.deadline, up.hold);
             self.close_upstream(reg, id);
             match self.checkout(reg, addr, request, headers, client, exchange) {
                 Ok(new) => {
                     let up = self.upstreams.get_mut(&new).expect("just made");
-                    (up.first_byte_timeout, up.chunk_timeout, up.deadline) = (first, chunk, deadline);
+                    (up.first_byte_timeout, up.chunk_timeout, up.deadline) =
+                        (first, chunk, deadline);
                     up.hold = hold;
                     if let Some(c) = self.clients.get_mut(&client) {
                         c.phase = Phase::Relaying { upstream: new };
@@ -1257,7 +1381,10 @@ impl State {
                     let reason = format!("cannot connect to {addr}: {err}");
                     self.emit(HttpEvent::Proxied {
                         exchange,
-                        outcome: ProxyOutcome::Failed { reason, timeout: false },
+                        outcome: ProxyOutcome::Failed {
+                            reason,
+                            timeout: false,
+                        },
                     });
                 }
             }
@@ -1268,7 +1395,9 @@ impl State {
 
     /// Report a failure before the answer began; the client is Python's again.
     fn fail_upstream(&mut self, reg: &Registration, id: u64, reason: String, timeout: bool) {
-        let Some(up) = self.upstreams.get(&id) else { return };
+        let Some(up) = self.upstreams.get(&id) else {
+            return;
+        };
         let (client, exchange) = (up.client, up.exchange);
         self.close_upstream(reg, id);
         if let Some(c) = self.clients.get_mut(&client) {
@@ -1281,8 +1410,16 @@ impl State {
     }
 
     /// Report a relay's end (whole, broken, or its client gone).
-    fn end_relay(&mut self, reg: &Registration, id: u64, broken: Option<String>, client_gone: bool) {
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+    fn end_relay(
+        &mut self,
+        reg: &Registration,
+        id: u64,
+        broken: Option<String>,
+        client_gone: bool,
+    ) {
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         if up.exchange == 0 {
             return; // already reported
         }
@@ -1325,7 +1462,9 @@ impl State {
     fn release_upstream(&mut self, reg: &Registration, id: u64, reusable: bool) {
         let max_idle = self.config.max_idle_per_upstream;
         let idle_for = self.config.upstream_idle;
-        let Some(up) = self.upstreams.get_mut(&id) else { return };
+        let Some(up) = self.upstreams.get_mut(&id) else {
+            return;
+        };
         let pool = self.idle.entry(up.addr).or_default();
         if !reusable || !up.rbuf.is_empty() || pool.len() >= max_idle {
             self.close_upstream(reg, id);
@@ -1344,7 +1483,9 @@ impl State {
     }
 
     fn close_upstream(&mut self, reg: &Registration, id: u64) {
-        let Some(up) = self.upstreams.remove(&id) else { return };
+        let Some(up) = self.upstreams.remove(&id) else {
+            return;
+        };
         reg.unwatch(up.socket.as_raw_fd());
         if let Some(pool) = self.idle.get_mut(&up.addr) {
             pool.retain(|&other| other != id);
@@ -1363,13 +1504,18 @@ impl State {
             .iter()
             .filter(|(_, c)| {
                 c.deadline.is_some_and(|d| d <= now)
-                    || c.stalled_since.is_some_and(|s| now.duration_since(s) >= request_timeout)
+                    || c.stalled_since
+                        .is_some_and(|s| now.duration_since(s) >= request_timeout)
             })
             .map(|(&id, _)| id)
             .collect();
         for id in late_clients {
-            let Some(client) = self.clients.get(&id) else { continue };
-            let stalled = client.stalled_since.is_some_and(|s| now.duration_since(s) >= request_timeout);
+            let Some(client) = self.clients.get(&id) else {
+                continue;
+            };
+            let stalled = client
+                .stalled_since
+                .is_some_and(|s| now.duration_since(s) >= request_timeout);
             if stalled || client.deadline_is_idle {
                 self.drop_client(reg, id);
             } else {
@@ -1383,7 +1529,9 @@ impl State {
             .map(|(&id, _)| id)
             .collect();
         for id in late_upstreams {
-            let Some(up) = self.upstreams.get(&id) else { continue };
+            let Some(up) = self.upstreams.get(&id) else {
+                continue;
+            };
             match (up.phase, up.relaying) {
                 (UpPhase::Idle, _) => self.close_upstream(reg, id),
                 (_, true) => {

@@ -43,6 +43,23 @@ pub(crate) trait Driven: Send + Sync {
     fn timer(&self, now: Instant);
 }
 
+/// A round's buffers, kept between rounds.
+struct Rounds {
+    ready: Vec<libc::epoll_event>,
+    batch: Vec<(u64, u64, u32)>,
+    group: Vec<(u64, u32)>,
+}
+
+impl Default for Rounds {
+    fn default() -> Self {
+        Rounds {
+            ready: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
+            batch: Vec::new(),
+            group: Vec::new(),
+        }
+    }
+}
+
 struct Timers {
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
     /// What the thread sleeps until, so that an earlier deadline wakes it.
@@ -87,10 +104,37 @@ impl Reactor {
         Ok(reactor)
     }
 
+    /// A reactor without a thread: its owner calls [`Reactor::poll`] when
+    /// [`Reactor::fd`] is readable (or a timer may be due).
+    pub(crate) fn manual() -> std::io::Result<Arc<Reactor>> {
+        let reactor = Arc::new(Reactor {
+            epoll: Epoll::new()?,
+            wake: EventFd::new()?,
+            engines: Mutex::new(HashMap::new()),
+            timers: Mutex::new(Timers {
+                heap: BinaryHeap::new(),
+                sleeping_until: None,
+            }),
+            load: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        });
+        reactor.epoll.add(reactor.wake.fd(), TOKEN_WAKE, READABLE)?;
+        Ok(reactor)
+    }
+
+    /// The epoll descriptor: readable when a round has work.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.epoll.fd()
+    }
+
+    /// One round without waiting: what is ready, then what is due.
+    pub(crate) fn poll(&self) {
+        let mut rounds = Rounds::default();
+        self.round(&mut rounds, Some(std::time::Duration::ZERO));
+    }
+
     fn run(&self) {
-        let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT];
-        let mut batch: Vec<(u64, u64, u32)> = Vec::new();
-        let mut group: Vec<(u64, u32)> = Vec::new();
+        let mut rounds = Rounds::default();
         loop {
             let timeout = {
                 let mut timers = lock(&self.timers);
@@ -98,8 +142,19 @@ impl Reactor {
                 timers.sleeping_until = next;
                 next.map(|at| at.saturating_duration_since(Instant::now()))
             };
+            self.round(&mut rounds, timeout);
+        }
+    }
+
+    fn round(&self, rounds: &mut Rounds, timeout: Option<std::time::Duration>) {
+        let Rounds {
+            ready,
+            batch,
+            group,
+        } = rounds;
+        {
             // EBADF/EINVAL cannot happen on our own epoll.
-            let n = self.epoll.wait(&mut ready, timeout).unwrap_or(0);
+            let n = self.epoll.wait(ready, timeout).unwrap_or(0);
             batch.clear();
             for event in &ready[..n] {
                 // epoll_event is packed: copy the fields out, never borrow them.
@@ -116,7 +171,7 @@ impl Reactor {
                 if let Some(engine) = self.engine(events[0].0) {
                     group.clear();
                     group.extend(events.iter().map(|&(_, local, flags)| (local, flags)));
-                    engine.ready(&group);
+                    engine.ready(group);
                 }
             }
             let now = Instant::now();
@@ -188,6 +243,11 @@ impl Registration {
             .min_by_key(|r| r.load.load(Ordering::Relaxed))
             .map(Arc::clone)
             .expect("the pool has a thread");
+        Registration::on(reactor, engine)
+    }
+
+    /// Register `engine` with `reactor` (a [`Reactor::manual`] one).
+    pub(crate) fn on(reactor: Arc<Reactor>, engine: Weak<dyn Driven>) -> Registration {
         let id = reactor.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&reactor.engines).insert(id, engine);
         reactor.load.fetch_add(1, Ordering::Relaxed);

@@ -69,6 +69,10 @@ impl Epoll {
         check(fd as isize).map(|_| Epoll(fd))
     }
 
+    pub fn fd(&self) -> RawFd {
+        self.0
+    }
+
     fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: `event` outlives the call; the kernel copies it.

@@ -1,0 +1,311 @@
+"""The HTTP engine (``_core.HttpEngine``) over real sockets: what it reads
+from hostile clients, and how it relays an upstream's answer on the LLM path
+(pass-through of server-sent events, failover before the end of an answer,
+a kept-alive upstream connection that the server closed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from httpkit import exchange, read_to_end, start, status_of
+from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
+
+from qmesh.config import HttpConfig
+from qmesh.finops.ledger import read_rows
+from qmesh.web.http import Request, Response, Router
+
+Script = Callable[[trio.SocketStream, bytes], Awaitable[bool]]
+"""An upstream's answer to one request (its head and body as received):
+True to keep the connection for another."""
+
+
+class RawUpstream:
+    """An upstream that answers each request as a script says, byte by byte."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                request, buffer = head + b"\r\n\r\n" + buffer[:length], buffer[length:]
+                self.requests.append(request)
+                if not await self.script(stream, request):
+                    return
+
+
+def completion(text: str, prompt_tokens: int = 5, completion_tokens: int = 3) -> bytes:
+    body = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }  # fmt: skip
+    data = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    return head % len(data) + data
+
+
+def chat_request(api: GateApi, model: str, *, stream: bool = False) -> bytes:
+    body = json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (api.tokens["app-a"].encode(), len(body), body)
+    )
+
+
+async def flushed(api: GateApi, count: int) -> list[dict[str, object]]:
+    with trio.fail_after(10):
+        while True:
+            await api.service.ledger.flush()
+            rows = read_rows(api.store)
+            if len(rows) >= count:
+                return rows
+            await trio.sleep(0.01)
+
+
+# -- reading requests --------------------------------------------------------------
+
+
+def echo_router() -> Router:
+    router = Router()
+
+    async def echo(request: Request) -> Response:
+        return Response(200, request.body, (("content-type", "application/octet-stream"),))
+
+    router.add("POST", "/echo", echo)
+    router.add("GET", "/ok", echo)
+    return router
+
+
+async def test_chunked_bodies_and_pipelined_requests_are_read_whole(
+    nursery: trio.Nursery,
+) -> None:
+    port = await start(nursery, echo_router())
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked += b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: t\r\n\r\n"
+    plain = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+    raw = await exchange(port, chunked + plain)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+    assert raw.index(b"hello world") < raw.index(b"\r\n\r\nabc")
+    assert raw.endswith(b"abc")
+
+
+HOSTILE = {
+    "chunked size not hexadecimal": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+        400,
+    ),
+    "chunk data not ended by CRLF": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n",
+        400,
+    ),
+    "length and chunked at once": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "two different lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        400,
+    ),
+    "another coding": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    "a TLS ClientHello on the plain port": (
+        bytes.fromhex("160301020001000200030300") + bytes(range(64)) + b"\r\n\r\n",
+        400,
+    ),
+    "a chunk size over 16 hex digits": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"f" * 17
+        + b"\r\n",
+        400,
+    ),
+    "a body over the limit, chunked": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"800\r\n"
+        + b"a" * 2048
+        + b"\r\n",
+        413,
+    ),
+    "a head over the limit": (b"GET /ok HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 5000, 431),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_hostile_input_ends_only_its_own_connection(nursery: trio.Nursery, name: str) -> None:
+    port = await start(
+        nursery, echo_router(), HttpConfig(max_header_bytes=4096, max_body_bytes=1024)
+    )
+    bystander = await trio.open_tcp_stream("127.0.0.1", port)
+    raw, status = HOSTILE[name]
+    answer = await exchange(port, raw)  # read until the server closes
+    assert status_of(answer) == status, answer
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["message"] and error["type"]
+    assert b"connection: close" in answer.lower()
+    async with bystander:
+        await bystander.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\nok")  # fmt: skip
+        served = await read_to_end(bystander)
+    assert status_of(served) == 200 and served.endswith(b"ok")
+
+
+async def test_expect_continue_gets_the_go_ahead(nursery: trio.Nursery) -> None:
+    port = await start(nursery, echo_router())
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                              b"Expect: 100-continue\r\nConnection: close\r\n\r\n")  # fmt: skip
+        with trio.fail_after(10):
+            interim = await stream.receive_some(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await stream.send_all(b"body")
+        rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :] + await read_to_end(stream)
+    assert status_of(rest) == 200 and rest.endswith(b"body")
+
+
+# -- relaying upstream answers -----------------------------------------------------------
+
+
+async def test_server_sent_events_pass_through_as_they_come(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    release = trio.Event()
+
+    async def script(stream: trio.SocketStream, request: bytes) -> bool:
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        first = b'data: {"choices":[{"delta":{"content":"first"}}]}\n\n'
+        await stream.send_all(b"%x\r\n%s\r\n" % (len(first), first))
+        await release.wait()  # the client must have the first event before this
+        usage = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22}}\n\n'
+        done = b"data: [DONE]\n\n"
+        for event in (usage, done):
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(event), event))
+        await stream.send_all(b"0\r\n\r\n")
+        return True
+
+    upstream = RawUpstream(script)
+    await nursery.start(upstream.serve)
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("raw", upstream.port, [paid_model("m")])]
+    )
+    client = await trio.open_tcp_stream("127.0.0.1", api.port)
+    async with client:
+        await client.send_all(chat_request(api, "m", stream=True))
+        received = b""
+        with trio.fail_after(10):
+            while b"first" not in received:
+                received += await client.receive_some(65536)
+        assert b"[DONE]" not in received
+        release.set()
+        with trio.fail_after(10):
+            while not received.endswith(b"0\r\n\r\n"):
+                received += await client.receive_some(65536)
+    assert status_of(received) == 200
+    assert b"text/event-stream" in received and b"data: [DONE]" in received
+    assert api.service.executor.relayed == 1
+    row = (await flushed(api, 1))[-1]
+    assert (row["outcome"], row["tokens_in"], row["tokens_out"]) == ("ok", 11, 22)
+    # The Gate asked the upstream for usage in the stream.
+    sent = json.loads(upstream.requests[0].split(b"\r\n\r\n", 1)[1])
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_an_answer_cut_short_moves_to_the_next_candidate(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    async def cut_short(stream: trio.SocketStream, request: bytes) -> bool:
+        whole = completion("never whole")
+        await stream.send_all(whole[: len(whole) - 20])
+        return False  # and close: the body ends 20 bytes early
+
+    broken = RawUpstream(cut_short)
+    await nursery.start(broken.serve)
+    good = await start_provider(nursery, "good")
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[
+            provider_config("broken", broken.port, [paid_model("m-broken", quality=5)]),
+            provider_config("good", good.port, [paid_model("m-good", quality=4)]),
+        ],
+    )
+    answer = await exchange(
+        api.port,
+        chat_request(api, "qg://task=chat;prefer=quality").replace(
+            b"Host: gate\r\n", b"Host: gate\r\nConnection: close\r\n"
+        ),
+    )
+    assert status_of(answer) == 200, answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == (
+        "answer from good"
+    )
+    assert broken.requests and good.requests == 1
+    row = (await flushed(api, 1))[-1]
+    hops = json.loads(str(row["hops"]))
+    assert [h["outcome"] for h in hops] == ["failed", "ok"]
+    assert api.service.executor.relayed == 1
+
+
+async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    async def one_per_connection(stream: trio.SocketStream, request: bytes) -> bool:
+        await stream.send_all(completion("fresh"))
+        return False  # closes without saying so (no "connection: close")
+
+    upstream = RawUpstream(one_per_connection)
+    await nursery.start(upstream.serve)
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("raw", upstream.port, [paid_model("m")])]
+    )
+    client = await trio.open_tcp_stream("127.0.0.1", api.port)
+    async with client:
+        for _ in range(3):
+            await client.send_all(chat_request(api, "m"))
+            received = b""
+            with trio.fail_after(10):
+                while b"fresh" not in received:
+                    received += await client.receive_some(65536)
+            assert status_of(received) == 200
+    assert len(upstream.requests) == 3 and upstream.connections == 3
+    rows = await flushed(api, 3)
+    assert [r["outcome"] for r in rows] == ["ok"] * 3
+    assert api.service.executor.relayed == 3
