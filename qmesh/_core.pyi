@@ -890,11 +890,28 @@ class HttpEngine:
         request_timeout: float,
         max_idle_per_upstream: int = 64,
         upstream_idle: float = 30.0,
-    ) -> None: ...
+        inline: bool = False,
+    ) -> None:
+        """On the process's engine threads, or with ``inline`` on none: its
+        owner then calls :meth:`poll` when ``poll_fd`` is readable, and at
+        least every 100 ms (for its timeouts)."""
+
     @property
-    def notify_fd(self) -> int: ...
-    def adopt(self, fd: int, peer: str) -> None:
-        """Serve the connected socket ``fd``; the engine owns (and closes) it."""
+    def notify_fd(self) -> int:
+        """Readable when there is something to :meth:`take`."""
+
+    @property
+    def poll_fd(self) -> int:
+        """Readable when an inline engine has work for :meth:`poll` (else
+        ``notify_fd``)."""
+
+    def poll(self) -> list[HttpRequest | HttpProxied | HttpNotice]:
+        """Run an inline engine's ready work and due timeouts, then :meth:`take`."""
+
+    def adopt(self, fd: int, peer: str, *, tls: TlsServerConfig | None = None) -> None:
+        """Serve the connected socket ``fd``; the engine owns (and closes) it.
+        With ``tls`` it is a TLS server there (the handshake bounded by the
+        request timeout)."""
 
     def respond(
         self, exchange: int, status: int, headers: bytes, body: bytes, *, close: bool = False

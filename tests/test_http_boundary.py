@@ -207,7 +207,7 @@ async def test_a_tls_listener_refuses_over_tls(nursery: trio.Nursery, tmp_path: 
     server_tls = load_or_create(tmp_path)
     router, limits = make_router(), HttpConfig(max_connections=1)
     port: int = await nursery.start(
-        functools.partial(serve_http, limits=limits, tls=server_tls.context), router, "127.0.0.1", 0
+        functools.partial(serve_http, limits=limits, tls=server_tls), router, "127.0.0.1", 0
     )
     client_tls = ssl.create_default_context(cafile=str(server_tls.cert_file))
 

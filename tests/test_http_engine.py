@@ -5,7 +5,9 @@ a kept-alive upstream connection that the server closed)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from llmkit import GateApi, paid_model, provider_config, start_api, start_provid
 from qmesh.config import HttpConfig
 from qmesh.finops.ledger import read_rows
 from qmesh.web.http import Request, Response, Router
+from qmesh.web.native import serve_http
 
 Script = Callable[[trio.SocketStream, bytes], Awaitable[bool]]
 """An upstream's answer to one request (its head and body as received):
@@ -309,3 +312,39 @@ async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
     rows = await flushed(api, 3)
     assert [r["outcome"] for r in rows] == ["ok"] * 3
     assert api.service.executor.relayed == 3
+
+
+async def test_tls_is_served_by_the_engine(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from qmesh.web.tls import load_or_create
+
+    server_tls = load_or_create(tmp_path)
+    port: int = await nursery.start(
+        functools.partial(serve_http, tls=server_tls), echo_router(), "127.0.0.1", 0
+    )
+    client_tls = ssl.create_default_context(cafile=str(server_tls.cert_file))
+    big = bytes(range(256)) * 4096  # 1 MiB, each way
+    secure = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=client_tls, https_compatible=True
+    )
+    async with secure:
+        await secure.do_handshake()
+        assert secure.version() == "TLSv1.3"
+        for last in (False, False, True):
+            close = b"Connection: close\r\n" if last else b""
+            head = b"POST /echo HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n"
+            await secure.send_all(head % (close, len(big)) + big)
+            received = b""
+            with trio.fail_after(20):
+                while not received.endswith(big):
+                    data = await secure.receive_some(1 << 20)
+                    assert data, received[:200]
+                    received += data
+            assert status_of(received) == 200
+        with trio.fail_after(10):
+            assert await secure.receive_some(65536) == b""  # close_notify, then the end
+    # Garbage where a handshake belongs ends that connection only.
+    assert await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+    again = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_tls)
+    async with again:
+        await again.send_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(await read_to_end(again)) == 200

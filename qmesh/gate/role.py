@@ -146,7 +146,7 @@ async def run_gate(
             http_bound = await nursery.start(
                 partial(
                     serve_http,
-                    tls=None if tls is None else tls.context,
+                    tls=tls,
                     purpose="the Gate's HTTP API",
                 ),
                 router,

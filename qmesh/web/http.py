@@ -39,7 +39,6 @@ import trio
 from qmesh import peerjson
 from qmesh.boundary import peer_boundary, split_failure
 from qmesh.config import HttpConfig
-from qmesh.fastsocket import FastSocketStream, accept
 
 if TYPE_CHECKING:
     from qmesh.web.exchange import NativeExchange
@@ -53,7 +52,7 @@ __all__ = [
     "Response",
     "Router",
     "handle_request",
-    "serve_h11",
+    "refuse_connection",
     "serve_stream",
     "split_target",
 ]
@@ -274,84 +273,6 @@ class ConnectionCounts:
     active: int = 0
     refusing: int = 0
     overloaded: bool = False  # the limit was hit since the last warning
-
-
-async def serve_h11(
-    router: Router,
-    listeners: list[trio.SocketListener],
-    limits: HttpConfig,
-    tls: ssl.SSLContext | None,
-) -> None:
-    """Serve ``router`` on ``listeners`` with h11 in Python; with ``tls``,
-    every connection is TLS (its handshake bounded by the request timeout).
-    :func:`qmesh.web.native.serve_http` sends TLS listeners here."""
-    connections = ConnectionCounts()
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(_accept_forever, listener, nursery, router, limits, connections, tls)
-
-
-async def _accept_forever(
-    listener: trio.SocketListener,
-    nursery: trio.Nursery,
-    router: Router,
-    limits: HttpConfig,
-    connections: ConnectionCounts,
-    tls: ssl.SSLContext | None,
-) -> None:
-    # Counted here, at accept, and not in the connection's task: the count
-    # is then exact for the next accept, whatever the scheduler does.
-    async with listener:
-        while True:
-            stream = await accept(listener, what="http")
-            if connections.active >= limits.max_connections:
-                if not connections.overloaded:
-                    connections.overloaded = True
-                    log.warning(
-                        "http: %d connections open (gate.http.max_connections); "
-                        "refusing new ones with 503",
-                        connections.active,
-                    )
-                if connections.refusing >= MAX_REFUSING:
-                    stream.socket.close()  # no checkpoint: the accept loop goes on at once
-                    continue
-                connections.refusing += 1
-                nursery.start_soon(refuse_connection, stream, limits, connections, tls)
-                continue
-            connections.active += 1
-            nursery.start_soon(_serve_tcp, stream, router, limits, connections, tls)
-
-
-async def _serve_tcp(
-    stream: trio.SocketStream,
-    router: Router,
-    limits: HttpConfig,
-    connections: ConnectionCounts,
-    tls: ssl.SSLContext | None,
-) -> None:
-    try:
-        with peer_boundary("http connection", log):
-            try:
-                host, port = stream.socket.getpeername()[:2]
-                client, source = f"{host}:{port}", str(host)
-            except OSError:
-                client = source = "?"
-            transport: trio.abc.Stream = FastSocketStream(stream)
-            if tls is not None:
-                secure = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
-                try:
-                    with trio.fail_after(limits.request_timeout_s):
-                        await secure.do_handshake()
-                except (trio.TooSlowError, trio.BrokenResourceError) as exc:
-                    log.info("tls handshake with %s failed: %s", client, exc or "timeout")
-                    await trio.aclose_forcefully(stream)
-                    return
-                transport = secure
-            await serve_stream(router, transport, client=client, source=source, limits=limits)
-    finally:
-        connections.active -= 1
-        if connections.active < limits.max_connections:
-            connections.overloaded = False
 
 
 async def refuse_connection(

@@ -14,15 +14,17 @@ bytes of a completion or its server-sent events never pass through Python.
 One task reads the engine's reports (:func:`_dispatch`); each request gets
 its own task, so a slow handler holds up only its own connection.
 
-Not for: TLS listeners (:func:`qmesh.web.http.serve_h11`) or tunnel
-streams (:func:`qmesh.web.http.serve_stream`): h11 serves those.
+TLS (``tls``, a :class:`~qmesh.web.tls.GateTls`) is the engine's too
+(rustls, HTTP/1.1 by ALPN).
+
+Not for: tunnel streams (:func:`qmesh.web.http.serve_stream` on h11 serves
+those: an edge's connection to the MiniGate's local API).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import ssl
 from typing import Final
 
 import trio
@@ -41,9 +43,9 @@ from qmesh.web.http import (
     Router,
     handle_request,
     refuse_connection,
-    serve_h11,
     split_target,
 )
+from qmesh.web.tls import GateTls
 
 __all__ = ["serve_http"]
 
@@ -59,23 +61,17 @@ async def serve_http(
     port: int,
     *,
     limits: HttpConfig | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: GateTls | None = None,
     purpose: str = "HTTP",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``router`` on ``host:port``; ``task_status.started`` gets the
     bound port (``purpose`` names it if it cannot bind). ``limits`` default
-    to the router's. Plain HTTP is served by the HTTP engine; with ``tls``,
-    by :func:`qmesh.web.http.serve_h11`."""
+    to the router's. With ``tls``, every connection is TLS."""
     limits = limits if limits is not None else router.limits
     listeners = await open_listeners(host, port, purpose=purpose)
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening on %s:%d", host, bound)
-    if tls is not None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_h11, router, listeners, limits, tls)
-            task_status.started(bound)
-        return
     engine = _core.HttpEngine(
         max_header_bytes=limits.max_header_bytes,
         max_body_bytes=limits.max_body_bytes,
@@ -89,7 +85,7 @@ async def serve_http(
             nursery.start_soon(_dispatch, engine, router, limits, exchanges, nursery)
             connections = ConnectionCounts()
             for listener in listeners:
-                nursery.start_soon(_accept_forever, engine, listener, limits, connections)
+                nursery.start_soon(_accept_forever, engine, listener, limits, connections, tls)
             task_status.started(bound)
     finally:
         engine.close()
@@ -100,7 +96,10 @@ async def _accept_forever(
     listener: trio.SocketListener,
     limits: HttpConfig,
     connections: ConnectionCounts,
+    tls: GateTls | None,
 ) -> None:
+    refuse_tls = None if tls is None else tls.context
+    native_tls = None if tls is None else tls.native
     async with listener, trio.open_nursery() as refusals:
         while True:
             stream = await accept(listener, what="http")
@@ -116,7 +115,7 @@ async def _accept_forever(
                     stream.socket.close()
                     continue
                 connections.refusing += 1
-                refusals.start_soon(refuse_connection, stream, limits, connections, None)
+                refusals.start_soon(refuse_connection, stream, limits, connections, refuse_tls)
                 continue
             connections.overloaded = False
             try:
@@ -125,7 +124,7 @@ async def _accept_forever(
             except OSError:
                 peer = "?"
             try:
-                engine.adopt(stream.socket.detach(), peer)
+                engine.adopt(stream.socket.detach(), peer, tls=native_tls)
             except OSError as exc:  # the engine is closed, or the socket broke
                 log.info("http connection from %s not served: %s", peer, exc)
 

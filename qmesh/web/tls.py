@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from qmesh import _core
 from qmesh.identity import write_private_file
 
 __all__ = [
@@ -61,6 +62,9 @@ class PinMismatch(ssl.SSLError):
 @attrs.frozen
 class GateTls:
     context: ssl.SSLContext
+    """For the few answers written in Python (a connection refused over the limit)."""
+    native: _core.TlsServerConfig
+    """The same certificate and key for the HTTP engine, which serves the rest."""
     fingerprint: str
     """``sha256:`` and the certificate's SHA-256 in lower-case hex."""
     cert_file: Path
@@ -98,8 +102,10 @@ def load_or_create(
     context.load_cert_chain(cert_file, key_file)
     # HTTP/1.1 only: the server speaks nothing else.
     context.set_alpn_protocols(["http/1.1"])
-    der = ssl.PEM_cert_to_DER_cert(cert_file.read_text(encoding="ascii"))
-    return GateTls(context, fingerprint_of(der), cert_file)
+    chain = cert_file.read_bytes()
+    native = _core.TlsServerConfig(chain, key_file.read_bytes(), alpn=[b"http/1.1"])
+    der = ssl.PEM_cert_to_DER_cert(chain.decode("ascii"))
+    return GateTls(context, native, fingerprint_of(der), cert_file)
 
 
 def generate_self_signed(

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay::http::{self as relay, HttpEvent, ProxyOutcome};
 
+use crate::tls::TlsServerConfig;
 use crate::Result;
 
 fn latin1(bytes: &[u8]) -> String {
@@ -210,8 +211,10 @@ impl HttpEngine {
         self.inner.poll_fd()
     }
 
-    fn adopt(&self, fd: RawFd, peer: &str) -> Result<()> {
-        Ok(self.inner.adopt(fd, peer)?)
+    #[pyo3(signature = (fd, peer, *, tls = None))]
+    fn adopt(&self, fd: RawFd, peer: &str, tls: Option<PyRef<'_, TlsServerConfig>>) -> Result<()> {
+        let config = tls.map(|t| Arc::clone(&t.inner));
+        Ok(self.inner.adopt(fd, peer, config)?)
     }
 
     #[pyo3(signature = (exchange, status, headers, body, *, close = false))]

@@ -20,7 +20,7 @@ const HANDED_OVER: &str = "the TLS connection was handed to a relay";
 /// A server's certificate chain and key (see ``qmesh/_core.pyi``).
 #[pyclass(module = "qmesh._core", name = "TlsServerConfig", frozen)]
 pub struct TlsServerConfig {
-    inner: Arc<rustls::ServerConfig>,
+    pub(crate) inner: Arc<rustls::ServerConfig>,
 }
 
 #[pymethods]

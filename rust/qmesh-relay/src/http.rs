@@ -44,6 +44,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::reactor::{self, Driven, Reactor, Registration};
 use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
+use crate::tls::{self, TlsLink};
 
 /// How often deadlines are checked: timeouts are seconds, so a tenth of one
 /// is precise enough, and one scan per tick is cheaper than a timer each.
@@ -213,6 +214,7 @@ struct Client {
     stalled_since: Option<Instant>,
     /// What a request's deadline means when it passes.
     deadline_is_idle: bool,
+    tls: Option<TlsLink>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +358,80 @@ fn error_body(error: &HttpError) -> Vec<u8> {
     .into_bytes()
 }
 
+impl Client {
+    /// Output not yet on the wire (plaintext, or records TLS sealed).
+    fn unsent(&self) -> bool {
+        !self.out.is_empty() || self.tls.as_ref().is_some_and(TlsLink::wants_write)
+    }
+
+    /// Write what the socket takes of `out` (through TLS if any): how many
+    /// bytes of `out` went; an error for a connection that is broken.
+    fn transmit(&mut self) -> io::Result<usize> {
+        let fd = self.socket.as_raw_fd();
+        let mut taken = 0;
+        match &mut self.tls {
+            None => {
+                while taken < self.out.len() {
+                    match sys::send(fd, &self.out[taken..]) {
+                        Ok(n) => taken += n,
+                        Err(err) if sys::would_block(&err) => break,
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+            Some(link) => loop {
+                let n = link.write(&self.out[taken..])?;
+                taken += n;
+                link.flush(fd)?;
+                if n == 0 || taken == self.out.len() || link.wants_write() {
+                    break;
+                }
+            },
+        }
+        self.out.drain(..taken);
+        Ok(taken)
+    }
+
+    /// Read what the socket has into `rbuf` (through TLS if any, whose
+    /// handshake answers go out here): how much, `Ok(0)` at the end.
+    fn receive(&mut self) -> io::Result<usize> {
+        let Some(link) = &mut self.tls else {
+            return read_into(&self.socket, &mut self.rbuf);
+        };
+        let fd = self.socket.as_raw_fd();
+        let mut total = 0;
+        // Until the socket is drained, or enough for one round: plaintext
+        // left inside TLS is read on (no socket event would announce it).
+        while total < 4 * READ_SIZE || link.has_pending() {
+            self.rbuf.reserve(READ_SIZE);
+            let len = self.rbuf.len();
+            // SAFETY: as in `read_into`: `read` fills the first `n` bytes of
+            // the spare capacity, and only those are kept.
+            let result = unsafe {
+                let spare =
+                    std::slice::from_raw_parts_mut(self.rbuf.as_mut_ptr().add(len), READ_SIZE);
+                link.read(fd, spare)
+            };
+            match result {
+                Ok(0) => break,
+                // SAFETY: see above.
+                Ok(n) => unsafe { self.rbuf.set_len(len + n) },
+                Err(err) if sys::would_block(&err) => {
+                    link.flush(fd)?;
+                    if total == 0 {
+                        return Err(err);
+                    }
+                    break;
+                }
+                Err(err) => return Err(err),
+            }
+            total += self.rbuf.len() - len;
+        }
+        link.flush(fd)?;
+        Ok(total)
+    }
+}
+
 fn read_into(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
     buf.reserve(READ_SIZE);
     let len = buf.len();
@@ -445,18 +521,36 @@ impl HttpEngine {
         result
     }
 
-    /// Serve the connected socket `fd` (the engine owns it from now on).
-    pub fn adopt(&self, fd: RawFd, peer: &str) -> io::Result<()> {
+    /// Serve the connected socket `fd` (the engine owns it from now on),
+    /// as a TLS server with `tls`: its handshake is bounded by the request
+    /// timeout.
+    pub fn adopt(
+        &self,
+        fd: RawFd,
+        peer: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<()> {
         // SAFETY: the caller hands over a connected socket it no longer uses.
         let socket = unsafe { Socket::from_raw_fd(fd) };
         socket.set_nonblocking(true)?;
         let _ = socket.set_tcp_nodelay(true); // not TCP (a test's socketpair): fine
+        let link = match tls {
+            Some(config) => Some(TlsLink::new(
+                tls::accept(config).map_err(|e| io::Error::other(e.to_string()))?,
+            )),
+            None => None,
+        };
         self.with(|st, reg| {
             if st.closed {
                 return;
             }
             let id = st.id();
-            let deadline = Some(Instant::now() + st.config.idle_timeout);
+            let wait = if link.is_some() {
+                st.config.request_timeout
+            } else {
+                st.config.idle_timeout
+            };
+            let deadline = Some(Instant::now() + wait);
             st.clients.insert(
                 id,
                 Client {
@@ -473,6 +567,7 @@ impl HttpEngine {
                     deadline,
                     stalled_since: None,
                     deadline_is_idle: true,
+                    tls: link,
                 },
             );
             st.update_client(reg, id);
@@ -742,8 +837,7 @@ impl State {
             client.phase,
             Phase::Idle | Phase::Reading { .. } | Phase::Lingering { .. }
         );
-        let want =
-            if reading { READABLE } else { 0 } | if client.out.is_empty() { 0 } else { WRITABLE };
+        let want = if reading { READABLE } else { 0 } | if client.unsent() { WRITABLE } else { 0 };
         reg.set_interest(client.socket.as_raw_fd(), id, &mut client.interest, want);
     }
 
@@ -761,25 +855,12 @@ impl State {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let mut written = 0;
-        let mut failed = false;
-        while written < client.out.len() {
-            match sys::send(client.socket.as_raw_fd(), &client.out[written..]) {
-                Ok(n) => written += n,
-                Err(err) if sys::would_block(&err) => break,
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        client.out.drain(..written);
-        if failed {
+        let Ok(written) = client.transmit() else {
             self.drop_client(reg, id);
             return;
-        }
-        if written > 0 || client.out.is_empty() {
-            client.stalled_since = (!client.out.is_empty()).then(Instant::now);
+        };
+        if written > 0 || !client.unsent() {
+            client.stalled_since = client.unsent().then(Instant::now);
         }
         if client.drain_wanted && client.out.len() < LOW_WATER {
             client.drain_wanted = false;
@@ -787,7 +868,11 @@ impl State {
             self.emit(HttpEvent::Drained { exchange });
         }
         let client = self.clients.get_mut(&id).expect("still here");
-        if client.out.is_empty() && matches!(client.phase, Phase::Closing) {
+        if !client.unsent() && matches!(client.phase, Phase::Closing) {
+            if let Some(link) = &mut client.tls {
+                link.close();
+                let _ = link.flush(client.socket.as_raw_fd());
+            }
             let _ = sys::shutdown_write(client.socket.as_raw_fd());
             client.phase = Phase::Lingering { drained: 0 };
             client.deadline = Some(Instant::now() + LINGER);
@@ -816,7 +901,7 @@ impl State {
         if !matches!(client.phase, Phase::Idle | Phase::Reading { .. }) {
             return;
         }
-        match read_into(&client.socket, &mut client.rbuf) {
+        match client.receive() {
             Ok(0) => {
                 // The peer is done: quietly between requests, or mid-request.
                 if matches!(client.phase, Phase::Reading { .. }) {
