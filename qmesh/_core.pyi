@@ -56,6 +56,10 @@ __all__ = [
     "FrameError",
     "FrameTooLarge",
     "HandshakeError",
+    "HttpEngine",
+    "HttpNotice",
+    "HttpProxied",
+    "HttpRequest",
     "Malformed",
     "NoiseHandshake",
     "PeerClosed",
@@ -94,6 +98,7 @@ __all__ = [
     "encode_sasl_initial_response",
     "encode_startup",
     "engine_threads",
+    "json_nesting_depth",
     "parse_authentication",
     "parse_backend_key_data",
     "parse_bind",
@@ -881,8 +886,8 @@ class HttpEngine:
     ends the connection. Keep-alive and pipelining as HTTP/1.1 says.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         max_header_bytes: int,
         max_body_bytes: int,
@@ -891,7 +896,7 @@ class HttpEngine:
         max_idle_per_upstream: int = 64,
         upstream_idle: float = 30.0,
         inline: bool = False,
-    ) -> None:
+    ) -> Self:
         """On the process's engine threads, or with ``inline`` on none: its
         owner then calls :meth:`poll` when ``poll_fd`` is readable, and at
         least every 100 ms (for its timeouts)."""
