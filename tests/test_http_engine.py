@@ -314,12 +314,16 @@ async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
     assert api.service.executor.relayed == 3
 
 
-async def test_tls_is_served_by_the_engine(nursery: trio.Nursery, tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "engine-threads"])
+async def test_tls_is_served_by_the_engine(
+    nursery: trio.Nursery, tmp_path: Path, threads: bool
+) -> None:
     from qmesh.web.tls import load_or_create
 
     server_tls = load_or_create(tmp_path)
+    limits = HttpConfig(engine_threads=threads)
     port: int = await nursery.start(
-        functools.partial(serve_http, tls=server_tls), echo_router(), "127.0.0.1", 0
+        functools.partial(serve_http, tls=server_tls, limits=limits), echo_router(), "127.0.0.1", 0
     )
     client_tls = ssl.create_default_context(cafile=str(server_tls.cert_file))
     big = bytes(range(256)) * 4096  # 1 MiB, each way

@@ -33,7 +33,9 @@ async def test_openai_client_through_the_minigate_port(
     )
     router = Router()
     add_llm_routes(router, api.service, AppAuthenticator(api.store))
-    gate = await start_gate(nursery, services={"llm": LlmRelay(router)})
+    relay = LlmRelay(router)
+    await nursery.start(relay.run)
+    gate = await start_gate(nursery, services={"llm": relay})
     edge = await start_edge(nursery, gate, "edge-llm")
     port = await nursery.start(serve_llm, edge, "127.0.0.1:0")
     base = f"http://127.0.0.1:{port}/v1"

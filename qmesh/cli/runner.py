@@ -12,8 +12,9 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -22,6 +23,9 @@ from qmesh.fastsocket import raise_open_file_limit
 from qmesh.roles import ROLES
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S: Final = 0.0005
+"""How long a thread running Python may keep the GIL when another wants it."""
 
 
 class RoleFailed(Exception):
@@ -81,6 +85,11 @@ async def run_roles(
             # before, 7-10 ms after).
             gc.freeze()
             gc.set_threshold(50_000, 20, 20)
+            # A worker thread running Python (the ledger's writer hashing
+            # its chain, a skill) keeps the GIL for up to the switch
+            # interval, and every request on the event loop waits behind
+            # it: 5 ms by default, 0.5 ms here.
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
             task_status.started(endpoints)
     except BaseExceptionGroup as group:
         operator_errors = _operator_errors(group)

@@ -242,6 +242,11 @@ class HttpConfig:
     hash_threads: int = 2
     """Threads that may run PBKDF2 for app keys at once (their own pool, so
     that key checks never starve tunnel handshakes or vault reads)."""
+    engine_threads: bool = False
+    """Run the HTTP engine on the engine threads rather than on the event
+    loop's thread. Off (the default), a request crosses no thread: the
+    fastest on a Gate with one or two cores. On, answers being relayed keep
+    flowing while the event loop is busy with other work."""
     tls: str = "auto"
     """``auto``: TLS unless the listener is on a loopback address; ``on``;
     ``off`` (TLS ends at a proxy in front). See :mod:`qmesh.web.tls`."""

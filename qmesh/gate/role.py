@@ -77,6 +77,7 @@ async def run_gate(
         llm.attach_daemons(inventory, daemons)
         edges = EnrolledEdges(store, gate_public_key=keys.public_key, gate_name=config.gate.name)
         peers = PeerServices(inventory)
+        llm_relay = LlmRelay(router)
         server = TunnelServer(
             config.tunnel,
             name=config.gate.name,
@@ -89,7 +90,7 @@ async def run_gate(
                 "inventory": inventory_service,
                 "pg": pg.serve,
                 "pg-cancel": pg.cancel,
-                "llm": LlmRelay(router),
+                "llm": llm_relay,
                 GATE_INVENTORY_SERVICE: peers.inventory_feed,
                 "infer": peers.infer,
             },
@@ -130,6 +131,7 @@ async def run_gate(
             await nursery.start(watcher.run)
             await nursery.start(pg.run)
             await nursery.start(llm.run)
+            await nursery.start(llm_relay.run)
             await nursery.start(inventory_service.sweep_forever)
             await nursery.start(ops.metrics.run)
             await nursery.start(scanner.run)

@@ -17,6 +17,7 @@ Not for: deciding (:mod:`qmesh.qg.router`) or running
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any, Final
@@ -62,6 +63,10 @@ class LlmApi:
         self.service = service
         self.auth = auth
         self.router = service.router
+        # Request ids: a random prefix per process and a counter, unique
+        # across Gates without a system call per request.
+        self._id_prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
 
     # -- shared steps --------------------------------------------------------------
 
@@ -142,7 +147,7 @@ class LlmApi:
             )
         except NoRoute as exc:
             raise _no_route(exc) from None
-        request_id = os.urandom(8).hex()
+        request_id = f"{self._id_prefix}{next(self._ids):08x}"
         call = Call(
             endpoint=endpoint,
             body=body,

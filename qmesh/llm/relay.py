@@ -3,10 +3,13 @@ Gate's application routes.
 
 A MiniGate relays each connection an application makes to its LLM port
 (default ``127.0.0.1:11435``) as one tunnel stream; here that stream is
-served like a TCP connection to the Gate's HTTP port (h11 works over any
-Trio stream), so the OpenAI-compatible API, its authentication (the app's
-own key in ``Authorization``), streaming and errors are the same through
-the tunnel as they are directly.
+served like a TCP connection to the Gate's HTTP port: the tunnel engine
+relays it to one end of a socket pair, and an HTTP engine
+(:class:`~qmesh.web.native.NativeHttpServer`, :meth:`LlmRelay.run`) serves
+the other. So the OpenAI-compatible API, its authentication (the app's own
+key in ``Authorization``), streaming and errors are the same through the
+tunnel as they are directly, and an edge's request crosses no Python
+between the tunnel and the upstream model server either.
 
 Only the application routes, though: the OpenAI-compatible API and graph
 memory (``/v1/…``) and the capability API (``/qg/v1/…``). The admin API,
@@ -22,9 +25,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+import trio
+
+from qmesh.tunnel.services import splice
 from qmesh.tunnel.stream import TunnelStream
 from qmesh.web.auth import ADMIN_APP
-from qmesh.web.http import Handler, HttpError, Request, Response, Router, serve_stream
+from qmesh.web.http import Handler, HttpError, Request, Response, Router
+from qmesh.web.native import NativeHttpServer
 
 __all__ = ["APP_ROUTE_PREFIXES", "AppRoutes", "LlmRelay"]
 
@@ -88,15 +95,21 @@ class AppRoutes(Router):
 
 
 class LlmRelay:
-    """The ``llm`` service handler."""
+    """The ``llm`` service handler; :meth:`run` must be running to serve."""
 
     def __init__(self, router: Router) -> None:
         self.routes = AppRoutes(router)
+        self.server = NativeHttpServer(self.routes)
         self.active = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.server.run(task_status=task_status)
 
     async def __call__(self, stream: TunnelStream) -> None:
         self.active += 1
         try:
-            await serve_stream(self.routes, stream, client=f"tunnel:{stream.session.peer}")
+            ours, engines = trio.socket.socketpair()
+            self.server.adopt(engines.detach(), f"tunnel:{stream.session.peer}")
+            await splice(stream, trio.SocketStream(ours))  # in the tunnel engine; closes both
         finally:
             self.active -= 1
