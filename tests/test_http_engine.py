@@ -168,11 +168,13 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "engine-threads"])
 @pytest.mark.parametrize("name", list(HOSTILE))
-async def test_hostile_input_ends_only_its_own_connection(nursery: trio.Nursery, name: str) -> None:
-    port = await start(
-        nursery, echo_router(), HttpConfig(max_header_bytes=4096, max_body_bytes=1024)
-    )
+async def test_hostile_input_ends_only_its_own_connection(
+    nursery: trio.Nursery, name: str, threads: bool
+) -> None:
+    limits = HttpConfig(max_header_bytes=4096, max_body_bytes=1024, engine_threads=threads)
+    port = await start(nursery, echo_router(), limits)
     bystander = await trio.open_tcp_stream("127.0.0.1", port)
     raw, status = HOSTILE[name]
     answer = await exchange(port, raw)  # read until the server closes
