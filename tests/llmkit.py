@@ -24,6 +24,7 @@ from qmesh.config import (
     ProviderModelConfig,
     RoutingConfig,
 )
+from qmesh.finops.ledger import read_rows
 from qmesh.llm.api import add_llm_routes
 from qmesh.llm.service import LlmService
 from qmesh.state import StateStore
@@ -254,3 +255,15 @@ class FakeAnthropic:
         router = Router()
         router.add("POST", "/v1/messages", self.messages)
         await serve_http(router, "127.0.0.1", 0, task_status=task_status)
+
+
+async def flushed_rows(api: GateApi, at_least: int = 1) -> list[dict[str, Any]]:
+    """The ledger once it has ``at_least`` rows: a streamed request's row is
+    written as its stream closes, which can be just after the client saw it end."""
+    with trio.fail_after(5):
+        while True:
+            await api.service.ledger.flush()
+            rows = read_rows(api.store)
+            if len(rows) >= at_least:
+                return rows
+            await trio.sleep(0.01)

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 from httpkit import exchange, read_to_end, start, status_of
-from llmkit import GateApi, paid_model, provider_config, start_api, start_provider
+from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 
 from qmesh.config import HttpConfig
-from qmesh.finops.ledger import read_rows
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
 
@@ -89,16 +88,6 @@ def chat_request(api: GateApi, model: str, *, stream: bool = False) -> bytes:
         b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (api.tokens["app-a"].encode(), len(body), body)
     )
-
-
-async def flushed(api: GateApi, count: int) -> list[dict[str, object]]:
-    with trio.fail_after(10):
-        while True:
-            await api.service.ledger.flush()
-            rows = read_rows(api.store)
-            if len(rows) >= count:
-                return rows
-            await trio.sleep(0.01)
 
 
 # -- reading requests --------------------------------------------------------------
@@ -246,7 +235,7 @@ async def test_server_sent_events_pass_through_as_they_come(
     assert status_of(received) == 200
     assert b"text/event-stream" in received and b"data: [DONE]" in received
     assert api.service.executor.relayed == 1
-    row = (await flushed(api, 1))[-1]
+    row = (await flushed_rows(api, 1))[-1]
     assert (row["outcome"], row["tokens_in"], row["tokens_out"]) == ("ok", 11, 22)
     # The Gate asked the upstream for usage in the stream.
     sent = json.loads(upstream.requests[0].split(b"\r\n\r\n", 1)[1])
@@ -283,7 +272,7 @@ async def test_an_answer_cut_short_moves_to_the_next_candidate(
         "answer from good"
     )
     assert broken.requests and good.requests == 1
-    row = (await flushed(api, 1))[-1]
+    row = (await flushed_rows(api, 1))[-1]
     hops = json.loads(str(row["hops"]))
     assert [h["outcome"] for h in hops] == ["failed", "ok"]
     assert api.service.executor.relayed == 1
@@ -311,7 +300,7 @@ async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
                     received += await client.receive_some(65536)
             assert status_of(received) == 200
     assert len(upstream.requests) == 3 and upstream.connections == 3
-    rows = await flushed(api, 3)
+    rows = await flushed_rows(api, 3)
     assert [r["outcome"] for r in rows] == ["ok"] * 3
     assert api.service.executor.relayed == 3
 

@@ -12,11 +12,18 @@ import attrs
 import openai
 import pytest
 import trio
-from llmkit import FakeAnthropic, GateApi, paid_model, provider_config, start_api, start_provider
+from llmkit import (
+    FakeAnthropic,
+    GateApi,
+    flushed_rows,
+    paid_model,
+    provider_config,
+    start_api,
+    start_provider,
+)
 from pgkit import in_thread
 
 from qmesh.config import RoutingConfig
-from qmesh.finops.ledger import read_rows
 
 TEXT = (
     "The city council voted on Tuesday to expand the bus network into the northern suburbs. "
@@ -32,18 +39,6 @@ def client(api: GateApi, app: str = "app-a", **options: Any) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=api.base_url, api_key=api.tokens[app], max_retries=0, timeout=20, **options
     )
-
-
-async def flushed_rows(api: GateApi, at_least: int = 1) -> list[dict[str, Any]]:
-    """The ledger once it has ``at_least`` rows: a streamed request's row is
-    written as its stream closes, which can be just after the client saw it end."""
-    with trio.fail_after(5):
-        while True:
-            await api.service.ledger.flush()
-            rows = read_rows(api.store)
-            if len(rows) >= at_least:
-                return rows
-            await trio.sleep(0.01)
 
 
 async def test_summarize_dsn_is_answered_by_the_internal_skill(

@@ -253,18 +253,31 @@ class Executor:
             except BaseException:
                 await reservation.settle(0.0)
                 raise
-            seconds = time.monotonic() - started
-            candidate.observe_latency(seconds * 1000)
-            self.router.telemetry_changed()
             tokens = (answer.tokens_in, answer.tokens_out)
-            cost = self._cost(candidate, *tokens, seconds)
-            await reservation.settle(cost)
-            ctx.hops.append(
-                {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
-            )
-            self._record(decision, ctx, candidate, call, tokens, cost, "ok")
+            await self._settle_whole(decision, ctx, candidate, call, tokens, started, reservation)
             return answer
         raise self._exhausted(decision, ctx, call)
+
+    async def _settle_whole(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        call: Call,
+        tokens: tuple[int, int],
+        started: float,
+        reservation: Reservation,
+    ) -> None:
+        """Book a whole answer: its latency, cost, hop and ledger row."""
+        seconds = time.monotonic() - started
+        candidate.observe_latency(seconds * 1000)
+        self.router.telemetry_changed()
+        cost = self._cost(candidate, *tokens, seconds)
+        await reservation.settle(cost)
+        ctx.hops.append(
+            {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
+        )
+        self._record(decision, ctx, candidate, call, tokens, cost, "ok")
 
     async def _settle_stream(
         self,
@@ -419,16 +432,8 @@ class Executor:
                     decision, ctx, candidate, call, usage, started, reservation, outcome, exchange
                 )
                 return Response.already_relayed()
-            seconds = time.monotonic() - started
-            candidate.observe_latency(seconds * 1000)
-            self.router.telemetry_changed()
             tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
-            cost = self._cost(candidate, *tokens, seconds)
-            await reservation.settle(cost)
-            ctx.hops.append(
-                {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
-            )
-            self._record(decision, ctx, candidate, call, tokens, cost, "ok")
+            await self._settle_whole(decision, ctx, candidate, call, tokens, started, reservation)
             _release(exchange, outcome)
             return Response.already_relayed()
         error = self._exhausted(decision, ctx, call)

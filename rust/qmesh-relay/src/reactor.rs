@@ -85,18 +85,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Reactor {
     fn start(index: usize) -> std::io::Result<Arc<Reactor>> {
-        let reactor = Arc::new(Reactor {
-            epoll: Epoll::new()?,
-            wake: EventFd::new()?,
-            engines: Mutex::new(HashMap::new()),
-            timers: Mutex::new(Timers {
-                heap: BinaryHeap::new(),
-                sleeping_until: None,
-            }),
-            load: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
-        });
-        reactor.epoll.add(reactor.wake.fd(), TOKEN_WAKE, READABLE)?;
+        let reactor = Reactor::manual()?;
         let runner = Arc::clone(&reactor);
         std::thread::Builder::new()
             .name(format!("qmesh-engine-{index}"))
