@@ -4,7 +4,7 @@ rate) and a streamed completion's time to first byte.
 
 Usage:
     .venv/bin/python bench/gateway.py [--seconds 10] [--connections 1,64]
-        [--litellm PATH] [--skip-litellm] [--pg-state]
+        [--litellm PATH] [--skip-litellm] [--pg-state] [--engine-threads]
         [--rate 1000] [--rate-connections 16] [--ttfb-requests 500]
 
 What runs (all on loopback, each a separate process):
@@ -18,6 +18,9 @@ What runs (all on loopback, each a separate process):
   (``bench-model``) pointing at the backend, log level warning; requests
   carry an app key (``Authorization: Bearer bench:KEY``), name the model,
   and go through auth, routing, the pooled upstream client and the ledger;
+- with ``--engine-threads``, the same Gate a second time with its HTTP
+  engine on the engine threads (``gate.http.engine_threads = true``) rather
+  than inline on the event loop's thread (the default);
 - with ``--pg-state``, the same Gate a second time with its state in
   PostgreSQL (``gate.database_url``, a throwaway cluster from
   scripts/pgcluster.py on the same machine), so the two backends are
@@ -446,9 +449,9 @@ wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
 
 
 def start_gate(
-    work: Path, backend_port: int, database_url: str | None = None
+    work: Path, backend_port: int, database_url: str | None = None, *, engine_threads: bool = False
 ) -> tuple[subprocess.Popen[bytes], str, str]:
-    name = "gate-pg" if database_url else "gate"
+    name = "gate-pg" if database_url else "gate-threads" if engine_threads else "gate"
     data = work / name
     data.mkdir()
     port = free_port()
@@ -458,6 +461,7 @@ def start_gate(
         f'data_dir = "{data}"\n[log]\nlevel = "warning"\n'
         f'[gate]\ntunnel_listen = "127.0.0.1:{free_port()}"\nhttp_listen = "127.0.0.1:{port}"\n'
         + state
+        + ("[gate.http]\nengine_threads = true\n" if engine_threads else "")
         + f'[[gate.providers]]\nname = "bench"\nbase_url = "http://127.0.0.1:{backend_port}/v1"\n'
         f'[[gate.providers.models]]\nid = "{MODEL}"\nprice_in = 0.15\nprice_out = 0.6\n'
     )
@@ -539,6 +543,11 @@ def main() -> None:
     parser.add_argument("--litellm", default=str(ROOT / ".cache/bench/litellm-venv/bin/litellm"))
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument(
+        "--engine-threads",
+        action="store_true",
+        help="also a Gate whose HTTP engine runs on the engine threads",
+    )
+    parser.add_argument(
         "--pg-state", action="store_true", help="also a Gate whose state is in PostgreSQL"
     )
     parser.add_argument(
@@ -591,6 +600,13 @@ def main() -> None:
         check = post_once(gate_url, gate_token)
         assert check["choices"][0]["message"]["content"].startswith("Hello"), check
         contenders.append(("qmesh Gate", gate_url, gate_token, gate.pid))
+        if args.engine_threads:
+            threads_gate, threads_url, threads_token = start_gate(
+                work, backend_port, engine_threads=True
+            )
+            processes.append(threads_gate)
+            post_once(threads_url, threads_token)
+            contenders.append(("Gate, engine thr.", threads_url, threads_token, threads_gate.pid))
         if args.pg_state:
             sys.path.insert(0, str(ROOT / "scripts"))
             from pgcluster import PgCluster
