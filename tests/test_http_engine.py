@@ -242,15 +242,25 @@ async def test_server_sent_events_pass_through_as_they_come(
     assert sent["stream_options"] == {"include_usage": True}
 
 
-async def test_an_answer_cut_short_moves_to_the_next_candidate(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    async def cut_short(stream: trio.SocketStream, request: bytes) -> bool:
-        whole = completion("never whole")
-        await stream.send_all(whole[: len(whole) - 20])
-        return False  # and close: the body ends 20 bytes early
+BROKEN_ANSWERS = {
+    # The body ends 20 bytes early, then the connection.
+    "cut short": lambda: completion("never whole")[:-20],
+    "a garbage head": lambda: b"HTTP/1.1 2OO OK\r\n\x00\x01\r\n\r\n{}",
+    "broken chunked framing": lambda: (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    ),
+}
 
-    broken = RawUpstream(cut_short)
+
+@pytest.mark.parametrize("kind", list(BROKEN_ANSWERS))
+async def test_a_broken_answer_moves_to_the_next_candidate(
+    nursery: trio.Nursery, tmp_path: Path, kind: str
+) -> None:
+    async def broken_answer(stream: trio.SocketStream, request: bytes) -> bool:
+        await stream.send_all(BROKEN_ANSWERS[kind]())
+        return False  # and close
+
+    broken = RawUpstream(broken_answer)
     await nursery.start(broken.serve)
     good = await start_provider(nursery, "good")
     api = await start_api(
