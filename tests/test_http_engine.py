@@ -242,7 +242,7 @@ async def test_server_sent_events_pass_through_as_they_come(
     assert sent["stream_options"] == {"include_usage": True}
 
 
-BROKEN_ANSWERS = {
+BROKEN_ANSWERS: dict[str, Callable[[], bytes]] = {
     # The body ends 20 bytes early, then the connection.
     "cut short": lambda: completion("never whole")[:-20],
     "a garbage head": lambda: b"HTTP/1.1 2OO OK\r\n\x00\x01\r\n\r\n{}",
