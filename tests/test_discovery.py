@@ -266,7 +266,8 @@ async def test_entries_age_stale_then_gone_and_come_back(nursery: trio.Nursery) 
 
     # Back on the same port: fresh again, first seen unchanged.
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    nursery.start_soon(trio.serve_listeners, _http_handler(json_routes(OLLAMA)), listeners)
+    handler = await _http_handler(nursery, json_routes(OLLAMA))
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
     await scanner.scan_once()
     entry = inventory.get(name, now=time.time())
     assert entry is not None and entry.state == "fresh" and entry.first_seen == first_seen
@@ -275,11 +276,15 @@ async def test_entries_age_stale_then_gone_and_come_back(nursery: trio.Nursery) 
     assert all(n.kind != "absent" for n in inventory.nodes(now=time.time()))
 
 
-def _http_handler(router: Router) -> Any:
-    from qmesh.web.http import serve_stream
+async def _http_handler(nursery: trio.Nursery, router: Router) -> Any:
+    """Serves ``router`` on each connection it is given (through an HTTP engine)."""
+    from qmesh.web.native import NativeHttpServer
+
+    server = NativeHttpServer(router)
+    await nursery.start(server.run)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_stream(router, stream, client="test")
+        server.adopt(stream.socket.detach(), "test:0")
 
     return handler
 

@@ -1,1 +1,1 @@
-"""HTTP for the Gate: an h11 server under Trio with a small router."""
+"""HTTP for the Gate: a router, the HTTP engine's server, a pooled client."""

@@ -1,24 +1,26 @@
-"""A small HTTP/1.1 server on h11 and Trio, for the Gate's APIs.
+"""The Gate's HTTP API in Python: requests, responses, routing, and the
+boundary around each handler.
 
-h11 is the sans-IO protocol core; this module is the thin Trio loop around
-it plus routing. Keep-alive, limits (connections, header and body sizes,
-idle, request and write timeouts: :class:`qmesh.config.HttpConfig`) and
-streamed responses (SSE) are handled here so handlers only map a
-:class:`Request` to a :class:`Response`.
+Handlers map a :class:`Request` to a :class:`Response` (whole, or a stream
+of server-sent events); :class:`Router` finds them by method and path;
+:func:`handle_request` runs one. The bytes on the wire are the HTTP
+engine's (:mod:`qmesh.web.native`, ``_core.HttpEngine``): it parses and
+bounds requests, and writes answers, keep-alive and limits included
+(:class:`qmesh.config.HttpConfig`).
 
 It is a boundary: another party's bytes arrive here. Whatever goes wrong
-while serving one connection — a malformed request, a handler that raises
-any exception at all (``RecursionError``, ``KeyError``, an exception group,
-even ``SystemExit``), a response that cannot be encoded, a streamed answer
-that fails half-way — is answered (500) if the answer has not started, logged
-with its reason, and ends at most that connection: never the server, never
-another connection. The one place that enforces it is :func:`qmesh.boundary.peer_boundary`,
-around each connection; :func:`handle_request` turns a failed handler into a 500
-first so that the connection can carry on. Only cancellation (the server
-shutting down), ``KeyboardInterrupt`` and ``GeneratorExit`` pass through.
+while serving one request — a handler that raises any exception at all
+(``RecursionError``, ``KeyError``, an exception group, even ``SystemExit``),
+a response that cannot be encoded, a streamed answer that fails half-way —
+is answered (500) if the answer has not started, logged with its reason, and
+ends at most that connection: never the server, never another connection.
+:func:`handle_request` turns a failed handler into a 500 so that the
+connection can carry on; :func:`qmesh.boundary.peer_boundary` around each
+request does the rest. Only cancellation (the server shutting down),
+``KeyboardInterrupt`` and ``GeneratorExit`` pass through.
 
-Not for: TLS termination or HTTP/2 (put a proxy in front), nor anything that
-needs per-request imports — the router is built once at start-up.
+Not for: HTTP/2, nor anything that needs per-request imports — the router
+is built once at start-up.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
-import h11
 import trio
 
 from qmesh import peerjson
@@ -53,7 +54,6 @@ __all__ = [
     "Router",
     "handle_request",
     "refuse_connection",
-    "serve_stream",
     "split_target",
 ]
 
@@ -320,165 +320,6 @@ async def refuse_connection(
         connections.refusing -= 1
 
 
-async def serve_stream(
-    router: Router,
-    stream: trio.abc.Stream,
-    *,
-    client: str,
-    source: str | None = None,
-    limits: HttpConfig | None = None,
-) -> None:
-    """Serve HTTP/1.1 on one already-open byte stream (a TCP connection, or
-    a tunnel stream carrying an edge's connection) until it ends; closes it.
-    Never raises for anything the peer or a handler did (see the module's
-    docstring). ``source`` (default: ``client``) is what failed
-    authentications are counted against; ``limits`` default to the router's."""
-    what = f"http connection from {client}"
-    try:
-        with peer_boundary(what, log):
-            await _serve_connection(
-                router,
-                stream,
-                client,
-                client if source is None else source,
-                limits if limits is not None else router.limits,
-            )
-    finally:
-        # Closed after the reason is logged, so the log never lags the close.
-        with peer_boundary(f"closing the {what}", log):
-            await trio.aclose_forcefully(stream)
-
-
-class _Unsendable(Exception):
-    """A handler's response cannot be encoded (a bug in the handler)."""
-
-
-class _ClientTooSlow(Exception):
-    """A write to the client waited longer than ``request_timeout_s``."""
-
-
-async def _serve_connection(
-    router: Router, stream: trio.abc.Stream, client: str, source: str, limits: HttpConfig
-) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-    write_timeout = limits.request_timeout_s
-    head_only = False  # the answer to a HEAD request has no body
-    try:
-        while True:
-            head_only = False
-            if not await _wait_for_request(conn, stream, limits.idle_timeout_s):
-                return
-            try:
-                # From the request's first byte to the end of its body.
-                with trio.fail_after(limits.request_timeout_s):
-                    event = await _next_event(conn, stream)
-                    if not isinstance(event, h11.Request):
-                        return
-                    head_only = event.method == b"HEAD"
-                    request = await _read_request(conn, stream, event, limits, client, source)
-            except trio.TooSlowError:
-                timeout = HttpError(408, "request took too long")
-                await _send_error(conn, stream, timeout, limits, head_only)
-                return
-            except HttpError as error:
-                await _send_error(conn, stream, error, limits, head_only)
-                return
-            try:
-                response = await handle_request(router, request)
-                await _send_response(conn, stream, response, write_timeout, head_only=head_only)
-            finally:
-                request.scope.close()
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-    except h11.RemoteProtocolError as exc:
-        bad = HttpError(exc.error_status_hint, f"bad request: {exc}")
-        await _send_error(conn, stream, bad, limits, head_only)
-    except _Unsendable:
-        # Nothing of the answer was written: a plain 500, then close (h11's
-        # state is spoilt by the failed encoding, so it is written by hand).
-        with trio.move_on_after(write_timeout):
-            await stream.send_all(_raw_response(_INTERNAL_ERROR.response(), head_only=head_only))
-    except _ClientTooSlow:
-        log.info("http client %s stopped reading its answer; closed the connection", client)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the peer went away
-
-
-async def _wait_for_request(conn: h11.Connection, stream: trio.abc.Stream, idle: float) -> bool:
-    """Wait up to ``idle`` seconds for the first bytes of the next request;
-    False when they did not come (the connection should close quietly)."""
-    buffered, closed = conn.trailing_data
-    if buffered or closed:
-        return True  # a pipelined request, or the peer's EOF, is already here
-    with trio.move_on_after(idle):
-        data = await stream.receive_some(RECEIVE_SIZE)
-        conn.receive_data(bytes(data))  # b"" tells h11 about EOF; bytes(b) is no copy
-        return True
-    return False
-
-
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | None:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_SIZE)
-            conn.receive_data(bytes(data))  # b"" tells h11 about EOF; bytes(b) is no copy
-            continue
-        if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-            return None
-        assert isinstance(event, h11.Event)
-        return event
-
-
-async def _read_request(
-    conn: h11.Connection,
-    stream: trio.abc.Stream,
-    head: h11.Request,
-    limits: HttpConfig,
-    client: str,
-    source: str,
-) -> Request:
-    # h11 bounds a head that is still arriving; one that came whole in a
-    # single read is measured here, so the limit does not depend on timing.
-    size = len(head.method) + len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
-    if size > limits.max_header_bytes:
-        raise HttpError(431, f"request head over {limits.max_header_bytes} bytes")
-    max_body = limits.max_body_bytes
-    headers: dict[str, str] = {}
-    for name, value in head.headers:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise HttpError(413, f"request body over {max_body} bytes")
-    body = bytearray()
-    while True:
-        event = await _next_event(conn, stream)
-        if event is None:
-            raise HttpError(400, "connection closed inside the request")
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > max_body:
-                raise HttpError(413, f"request body over {max_body} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            break
-    path, query = split_target(head.target.decode("latin-1"))
-    return Request(
-        method=head.method.decode("ascii"),
-        path=path,
-        query=query,
-        headers=headers,
-        body=bytes(body),
-        client=client,
-        source=source,
-    )
-
-
 def split_target(raw_target: str) -> tuple[str, dict[str, list[str]]]:
     """A request target's path and query."""
     if "?" in raw_target or "#" in raw_target or not raw_target.startswith("/"):
@@ -515,96 +356,11 @@ async def handle_request(router: Router, request: Request) -> Response:
     return response
 
 
-async def _write(stream: trio.abc.Stream, data: bytes, limit_s: float) -> None:
-    # move_on_after, not fail_after: a TooSlowError from here would look
-    # like one from a response's producer, which is another matter.
-    with trio.move_on_after(limit_s) as scope:
-        await stream.send_all(data)
-    if scope.cancelled_caught:
-        raise _ClientTooSlow
-
-
-def _encode(conn: h11.Connection, response: Response, close: bool, head_only: bool) -> bytes:
-    """The response's head (and, unless streamed, its body and end) as bytes;
-    for a HEAD request, the head and end only (its headers still say what
-    the body would be). Raises _Unsendable, before anything is written, for
-    a malformed one."""
-    try:
-        headers = [(k.encode(), v.encode()) for k, v in response.headers]
-        headers.append((b"server", b"qmesh"))
-        if close:
-            headers.append((b"connection", b"close"))
-        if response.stream is not None:
-            headers.append((b"transfer-encoding", b"chunked"))
-            data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-            return data + (conn.send(h11.EndOfMessage()) or b"") if head_only else data
-        headers.append((b"content-length", str(len(response.body)).encode()))
-        # Head, body and end in one write: one syscall per response, not three.
-        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-        if response.body and not head_only:
-            data += conn.send(h11.Data(data=response.body)) or b""
-        return data + (conn.send(h11.EndOfMessage()) or b"")
-    except Exception:
-        log.exception("a response (status %r) cannot be encoded", response.status)
-        raise _Unsendable from None
-
-
-async def _send_response(
-    conn: h11.Connection,
-    stream: trio.abc.Stream,
-    response: Response,
-    write_timeout: float,
-    *,
-    close: bool = False,
-    head_only: bool = False,
-) -> None:
-    producer = response.stream
-    try:
-        await _write(stream, _encode(conn, response, close, head_only), write_timeout)
-        if producer is None or head_only:
-            return
-        async for chunk in producer:
-            if chunk:
-                await _write(stream, conn.send(h11.Data(data=chunk)) or b"", write_timeout)
-        await _write(stream, conn.send(h11.EndOfMessage()) or b"", write_timeout)
-    finally:
-        # A client that hangs up mid-stream must stop the producer now
-        # (a generation on a daemon, say), not when the GC finds it.
-        aclose = getattr(producer, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _send_error(
-    conn: h11.Connection,
-    stream: trio.abc.Stream,
-    error: HttpError,
-    limits: HttpConfig,
-    head_only: bool,
-) -> None:
-    """Answer an error if the protocol state still allows a response, then give up."""
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    try:
-        await _send_response(
-            conn,
-            stream,
-            error.response(),
-            limits.request_timeout_s,
-            close=True,
-            head_only=head_only,
-        )
-    except (_ClientTooSlow, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
-def _raw_response(response: Response, *, head_only: bool = False) -> bytes:
-    """A complete response with ``Connection: close``, encoded without h11:
-    for answers outside a request cycle (a refused connection) or after h11
-    gave up on one (a handler's response that could not be encoded)."""
+def _raw_response(response: Response) -> bytes:
+    """A complete response with ``Connection: close``: the answer to a
+    connection refused before the engine takes it."""
     reason = HTTPStatus(response.status).phrase
     lines = [f"HTTP/1.1 {response.status} {reason}"]
     lines += [f"{name}: {value}" for name, value in response.headers]
     lines += ["server: qmesh", f"content-length: {len(response.body)}", "connection: close"]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + response.body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body

@@ -1,24 +1,22 @@
-"""The Gate's plain-HTTP listener on the HTTP engine (``_core.HttpEngine``).
+"""HTTP served by the HTTP engine (``_core.HttpEngine``).
 
-For: :func:`serve_http`, serving a :class:`~qmesh.web.http.Router` with
-HTTP/1.1 parsed and written in Rust. Python accepts each connection (and refuses it over
-``max_connections``, as the h11 server does), then the
-engine owns it: it reads and checks each request (limits, framing,
-timeouts; a bad one is answered and the connection closed there), and
-hands it whole to :func:`_serve_request`, which runs the same
-:func:`~qmesh.web.http.handle_request` as the h11 server and gives the
-answer back to the engine. A handler may instead have the engine relay an
-upstream's answer (:meth:`NativeExchange.proxy`): the LLM path, where the
+For: :class:`NativeHttpServer`, a :class:`~qmesh.web.http.Router` served
+with HTTP/1.1 parsed and written in Rust, and :func:`serve_http`, a
+listener for it. Python accepts each connection (and refuses it over
+``max_connections`` with a quick 503), then the engine owns it: it reads
+and checks each request (limits, framing, timeouts; a bad one is answered
+and the connection closed there), and hands it whole to Python, which runs
+:func:`~qmesh.web.http.handle_request` and gives the answer back to the
+engine. A handler may instead have the engine relay an upstream's answer
+(:meth:`~qmesh.web.exchange.NativeExchange.proxy`): the LLM path, where the
 bytes of a completion or its server-sent events never pass through Python.
 
-One task reads the engine's reports (:func:`_dispatch`); each request gets
-its own task, so a slow handler holds up only its own connection.
+One task reads the engine's reports; each request gets its own task, so a
+slow handler holds up only its own connection. TLS (``tls``, a
+:class:`~qmesh.web.tls.GateTls`) is the engine's too (rustls, HTTP/1.1 by
+ALPN).
 
-TLS (``tls``, a :class:`~qmesh.web.tls.GateTls`) is the engine's too
-(rustls, HTTP/1.1 by ALPN).
-
-Not for: tunnel streams (:func:`qmesh.web.http.serve_stream` on h11 serves
-those: an edge's connection to the MiniGate's local API).
+Not for: routing or handlers (:mod:`qmesh.web.http`).
 """
 
 from __future__ import annotations
