@@ -84,6 +84,9 @@ class TunnelServer:
             else {role: frozenset(names) for role, names in services_by_role.items()}
         )
         self.sessions: dict[bytes, Session] = {}
+        # The same sessions by edge, oldest first: a handshake checks its
+        # edge's cap here, not by scanning every session of the Gate.
+        self._by_peer: dict[str, dict[bytes, Session]] = {}
         self._generation: dict[bytes, int] = {}
         self._nursery: trio.Nursery | None = None
         self._handshakes_in_flight = 0
@@ -119,9 +122,11 @@ class TunnelServer:
             for session in list(self.sessions.values()):
                 session.lose(SessionLost("gate shutting down"))
             self.sessions.clear()
+            self._by_peer.clear()
 
     def sessions_of(self, peer: str) -> list[Session]:
-        return [s for s in self.sessions.values() if s.peer == peer]
+        """The sessions of the identity ``peer``, oldest first."""
+        return list(self._by_peer.get(peer, {}).values())
 
     def end_session(self, session: Session, reason: str) -> None:
         """End ``session`` for good: the edge is told ``reason`` (GOAWAY) and
@@ -264,6 +269,7 @@ class TunnelServer:
                 raise self._gate_full(f"cannot open a session: {exc.strerror or exc}") from None
             session.peer_role = role
             self.sessions[session.id] = session
+            self._by_peer.setdefault(session.peer, {})[session.id] = session
         assert session is not None
         if resumed:
             self.resumptions += 1
@@ -327,6 +333,10 @@ class TunnelServer:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             self._generation.pop(session.id, None)
+            of_peer = self._by_peer.get(session.peer, {})
+            of_peer.pop(session.id, None)
+            if not of_peer:
+                self._by_peer.pop(session.peer, None)
 
 
 def _sessions_for_open_file_limit() -> int:
