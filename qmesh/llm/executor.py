@@ -413,13 +413,12 @@ class Executor:
             except BaseException:
                 await reservation.settle(0.0)
                 raise
-            who = getattr(candidate.backend, "name", candidate.id)
             if outcome.kind != "relayed":
                 await reservation.settle(0.0)
                 error = (
-                    UpstreamFailed(f"{who}: {outcome.reason}")
+                    UpstreamFailed(f"{target.who}: {outcome.reason}")
                     if outcome.kind == "failed"
-                    else status_error(outcome.status, outcome.body, str(who))
+                    else status_error(outcome.status, outcome.body, target.who)
                 )
                 if isinstance(error, ClientFault):
                     return self._client_fault(decision, ctx, candidate, call, error)

@@ -171,7 +171,7 @@ class OpenAIProvider:
         request = b"POST %s HTTP/1.1\r\n%scontent-length: %d\r\n\r\n%s" % (
             path, self._native_head, len(body), body,
         )  # fmt: skip
-        return ProxyTarget(ip, self.upstream.port, request)
+        return ProxyTarget(ip, self.upstream.port, request, self.name)
 
     def _body(self, call: Call, model: str, *, stream: bool) -> bytes:
         body = call.body

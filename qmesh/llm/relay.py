@@ -99,7 +99,8 @@ class LlmRelay:
 
     def __init__(self, router: Router) -> None:
         self.routes = AppRoutes(router)
-        self.server = NativeHttpServer(self.routes)
+        # Failed authentications count against the edge ("tunnel:NAME").
+        self.server = NativeHttpServer(self.routes, source_of=lambda peer: peer)
         self.active = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -43,12 +43,13 @@ def encode_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
 class ProxyTarget:
     """Where and what the engine sends for a relayed request."""
 
-    __slots__ = ("host", "port", "request")
+    __slots__ = ("host", "port", "request", "who")
 
-    def __init__(self, host: str, port: int, request: bytes) -> None:
+    def __init__(self, host: str, port: int, request: bytes, who: str) -> None:
         self.host = host  # an IP address
         self.port = port
         self.request = request  # a whole HTTP/1.1 request
+        self.who = who  # the upstream, as errors name it
 
 
 class NativeExchange:
@@ -89,14 +90,14 @@ class NativeExchange:
         assert outcome is not None
         return outcome
 
-    def respond(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> None:
-        """A whole answer."""
-        if not self._engine.respond(self.id, status, encode_headers(headers), body):
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A whole answer (``headers`` from :func:`encode_headers`)."""
+        if not self._engine.respond(self.id, status, headers, body):
             raise ClientGone
 
-    def start(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
+    def start(self, status: int, headers: bytes) -> None:
         """The head of a chunked answer; :meth:`write` its chunks, then :meth:`finish`."""
-        if not self._engine.start(self.id, status, encode_headers(headers)):
+        if not self._engine.start(self.id, status, headers):
             raise ClientGone
 
     async def write_all(self, chunks: AsyncIterator[bytes], write_timeout_s: float) -> None:
@@ -131,14 +132,14 @@ class NativeExchange:
         """End the client's connection now, whatever was written."""
         self._engine.abort(self.id)
 
-    # -- reports from the dispatcher --------------------------------------------
+    # -- reports from the server's dispatcher -----------------------------------
 
-    def _deliver(self, outcome: _core.HttpProxied) -> None:
+    def deliver(self, outcome: _core.HttpProxied) -> None:
         self._outcome = outcome
         if self._proxied is not None:
             self._proxied.set()
 
-    def _notice(self, kind: str) -> None:
+    def notice(self, kind: str) -> None:
         if kind == "gone":
             self.gone = True
         if self._drained is not None:

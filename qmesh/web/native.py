@@ -22,6 +22,7 @@ Not for: routing or handlers (:mod:`qmesh.web.http`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -52,6 +53,12 @@ _TICK_S: Final = 0.1
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
 
 
+def host_of(peer: str) -> str:
+    """``host`` of a ``host:port`` peer: failed authentications are counted
+    per address, whatever the port."""
+    return peer.rpartition(":")[0] or peer
+
+
 class NativeHttpServer:
     """One HTTP engine serving ``router``: :meth:`run` reads its reports;
     :meth:`adopt` gives it a connection.
@@ -64,8 +71,17 @@ class NativeHttpServer:
     while the event loop is busy.
     """
 
-    def __init__(self, router: Router, limits: HttpConfig | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        limits: HttpConfig | None = None,
+        *,
+        source_of: Callable[[str], str] = host_of,
+    ) -> None:
+        """``source_of`` maps a connection's peer (as given to :meth:`adopt`)
+        to what its failed authentications are counted against."""
         self.router = router
+        self.source_of = source_of
         self.limits = limits if limits is not None else router.limits
         self.engine = _core.HttpEngine(
             max_header_bytes=self.limits.max_header_bytes,
@@ -82,7 +98,7 @@ class NativeHttpServer:
 
     def adopt(self, fd: int, peer: str, tls: _core.TlsServerConfig | None = None) -> None:
         """Serve the connected socket ``fd`` (the engine owns it from now
-        on). ``peer`` is ``host:port``, or ``tunnel:EDGE`` for an edge's."""
+        on); ``peer`` names the other end in logs and requests."""
         self.engine.adopt(fd, peer, tls=tls)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -112,12 +128,12 @@ class NativeHttpServer:
                 if target is None:
                     continue
                 if isinstance(event, _core.HttpProxied):
-                    target._deliver(event)
+                    target.deliver(event)
                 else:
-                    target._notice(event.kind)
+                    target.notice(event.kind)
 
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:
-        request = _request(event, exchange)
+        request = _request(event, exchange, self.source_of(event.peer))
         try:
             with peer_boundary(f"http request from {request.client}", log):
                 response = await handle_request(self.router, request)
@@ -191,21 +207,18 @@ async def _accept_forever(
                 log.info("http connection from %s not served: %s", peer, exc)
 
 
-def _request(event: _core.HttpRequest, exchange: NativeExchange) -> Request:
+def _request(event: _core.HttpRequest, exchange: NativeExchange, source: str) -> Request:
     headers: dict[str, str] = {}
     for key, value in event.headers:
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     path, query = split_target(event.target)
-    # Failed authentications count against the address, or the edge.
-    peer = event.peer
-    source = peer if peer.startswith("tunnel:") else peer.rpartition(":")[0] or peer
     return Request(
         method=event.method,
         path=path,
         query=query,
         headers=headers,
         body=event.body,
-        client=peer,
+        client=event.peer,
         source=source,
         native=exchange,
     )
@@ -217,18 +230,19 @@ async def _answer(exchange: NativeExchange, response: Response, limits: HttpConf
         if response.relayed:
             return
         try:
-            encode_headers(response.headers)
+            headers = encode_headers(response.headers)
             if not 100 <= response.status <= 999 or not isinstance(response.body, bytes):
                 raise ValueError(f"status {response.status!r} cannot be sent")
         except (ValueError, TypeError, UnicodeEncodeError):
             log.exception("a response (status %r) cannot be encoded", response.status)
             response = _INTERNAL_ERROR.response()
+            headers = encode_headers(response.headers)
             producer = None
         try:
             if producer is None:
-                exchange.respond(response.status, response.headers, response.body)
+                exchange.respond(response.status, headers, response.body)
             else:
-                exchange.start(response.status, response.headers)
+                exchange.start(response.status, headers)
                 await exchange.write_all(producer, limits.request_timeout_s)
                 exchange.finish()
         except ClientGone:
