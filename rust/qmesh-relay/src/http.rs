@@ -102,6 +102,20 @@ pub struct ProxySpec {
     pub hold: bool,
 }
 
+impl ProxySpec {
+    /// Nothing to send: what an idle pooled connection carries.
+    fn idle(addr: SocketAddr) -> Self {
+        ProxySpec {
+            addr,
+            request: Arc::from(&[][..]),
+            headers: Arc::from(&[][..]),
+            first_byte_timeout: Duration::ZERO,
+            chunk_timeout: Duration::ZERO,
+            hold: false,
+        }
+    }
+}
+
 /// What happened to a [`HttpEngine::proxy`].
 #[derive(Debug, Clone)]
 pub enum ProxyOutcome {
@@ -227,9 +241,11 @@ enum UpPhase {
 struct Upstream {
     socket: Socket,
     interest: u32,
+    /// Where it is connected (the pool's key).
     addr: SocketAddr,
     phase: UpPhase,
-    request: Arc<[u8]>,
+    /// What it carries now (while idle: the last one, its request dropped).
+    spec: ProxySpec,
     sent: usize,
     rbuf: Vec<u8>,
     client: u64,
@@ -238,17 +254,13 @@ struct Upstream {
     received: bool,
     head: Option<(u16, BodyDecoder, bool)>,
     content_type: Option<Vec<u8>>,
-    extra_headers: Arc<[u8]>,
     relaying: bool,
     chunked_out: bool,
     kept: Vec<u8>,
-    hold: bool,
     framing: Framing,
     usage: UsageScan,
     bytes_out: u64,
     first_byte_at: f64,
-    first_byte_timeout: Duration,
-    chunk_timeout: Duration,
     deadline: Option<Instant>,
 }
 
@@ -682,42 +694,13 @@ impl HttpEngine {
     /// Send a request upstream and relay its 200 answer to `exchange`'s
     /// client (see [`ProxySpec`]). False if the client is gone.
     pub fn proxy(&self, exchange: u64, spec: ProxySpec) -> bool {
-        let ProxySpec {
-            addr,
-            request,
-            headers,
-            first_byte_timeout,
-            chunk_timeout,
-            hold,
-        } = spec;
         self.with(|st, reg| {
             let Some(client) = st.python_client(exchange) else {
                 return false;
             };
             st.stats.proxied += 1;
-            let upstream = st.checkout(reg, addr, request, headers, client, exchange);
-            match upstream {
-                Ok(up) => {
-                    st.upstreams
-                        .get_mut(&up)
-                        .expect("just made")
-                        .first_byte_timeout = first_byte_timeout;
-                    let u = st.upstreams.get_mut(&up).expect("just made");
-                    u.chunk_timeout = chunk_timeout;
-                    u.hold = hold;
-                    u.deadline = Some(Instant::now() + first_byte_timeout);
-                    st.clients.get_mut(&client).expect("live").phase =
-                        Phase::Relaying { upstream: up };
-                    st.upstream_progress(reg, up);
-                }
-                Err(err) => st.emit(HttpEvent::Proxied {
-                    exchange,
-                    outcome: ProxyOutcome::Failed {
-                        reason: format!("cannot connect to {addr}: {err}"),
-                        timeout: false,
-                    },
-                }),
-            }
+            let deadline = Instant::now() + spec.first_byte_timeout;
+            st.send_upstream(reg, spec, client, exchange, deadline);
             true
         })
     }
@@ -991,8 +974,7 @@ impl State {
                 unreachable!("matched above")
             };
             let (head, _) = head.expect("parsed above");
-            let exchange = self.next_id;
-            self.next_id += 1;
+            let exchange = self.id();
             let client = self.clients.get_mut(&id).expect("still here");
             client.exchange = exchange;
             client.keep_alive = head.keep_alive;
@@ -1073,23 +1055,41 @@ impl State {
 
     // -- upstreams -----------------------------------------------------------
 
-    /// A pooled connection to `addr`, or a new one (connecting).
-    fn checkout(
+    /// Send `spec`'s request for `client` on a pooled connection to its
+    /// address, or a new one; a connection that cannot be made is reported
+    /// as a failure, and the client is Python's again.
+    fn send_upstream(
         &mut self,
         reg: &Registration,
-        addr: SocketAddr,
-        request: Arc<[u8]>,
-        headers: Arc<[u8]>,
+        spec: ProxySpec,
         client: u64,
         exchange: u64,
-    ) -> io::Result<u64> {
+        deadline: Instant,
+    ) {
+        let addr = spec.addr;
         let pooled = self.idle.get_mut(&addr).and_then(Vec::pop);
         let (id, reused) = match pooled {
             Some(id) => {
                 self.stats.reused += 1;
                 (id, true)
             }
-            None => (self.connect(reg, addr)?, false),
+            None => match self.connect(addr) {
+                Ok(id) => (id, false),
+                Err(err) => {
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        c.phase = Phase::Python;
+                    }
+                    let reason = format!("cannot connect to {addr}: {err}");
+                    self.emit(HttpEvent::Proxied {
+                        exchange,
+                        outcome: ProxyOutcome::Failed {
+                            reason,
+                            timeout: false,
+                        },
+                    });
+                    return;
+                }
+            },
         };
         let up = self.upstreams.get_mut(&id).expect("pooled or new");
         up.phase = if reused {
@@ -1097,7 +1097,7 @@ impl State {
         } else {
             UpPhase::Connecting
         };
-        up.request = request;
+        up.spec = spec;
         up.sent = 0;
         up.rbuf.clear();
         up.client = client;
@@ -1106,19 +1106,21 @@ impl State {
         up.received = false;
         up.head = None;
         up.content_type = None;
-        up.extra_headers = headers;
         up.relaying = false;
         up.chunked_out = false;
         up.kept.clear();
-        up.hold = false;
         up.framing = Framing::UntilClose;
         up.usage = UsageScan::default();
         up.bytes_out = 0;
         up.first_byte_at = 0.0;
-        Ok(id)
+        up.deadline = Some(deadline);
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.phase = Phase::Relaying { upstream: id };
+        }
+        self.upstream_progress(reg, id);
     }
 
-    fn connect(&mut self, _reg: &Registration, addr: SocketAddr) -> io::Result<u64> {
+    fn connect(&mut self, addr: SocketAddr) -> io::Result<u64> {
         // socket2 sets close-on-exec on the sockets it makes.
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
@@ -1136,7 +1138,7 @@ impl State {
                 interest: 0,
                 addr,
                 phase: UpPhase::Connecting,
-                request: Arc::from(&[][..]),
+                spec: ProxySpec::idle(addr),
                 sent: 0,
                 rbuf: Vec::new(),
                 client: 0,
@@ -1145,17 +1147,13 @@ impl State {
                 received: false,
                 head: None,
                 content_type: None,
-                extra_headers: Arc::from(&[][..]),
                 relaying: false,
                 chunked_out: false,
                 kept: Vec::new(),
-                hold: false,
                 framing: Framing::UntilClose,
                 usage: UsageScan::default(),
                 bytes_out: 0,
                 first_byte_at: 0.0,
-                first_byte_timeout: Duration::ZERO,
-                chunk_timeout: Duration::ZERO,
                 deadline: None,
             },
         );
@@ -1170,7 +1168,7 @@ impl State {
             UpPhase::Connecting => WRITABLE,
             UpPhase::Idle => READABLE,
             UpPhase::Exchanging => {
-                let sending = if up.sent < up.request.len() {
+                let sending = if up.sent < up.spec.request.len() {
                     WRITABLE
                 } else {
                     0
@@ -1218,8 +1216,8 @@ impl State {
             return;
         };
         if up.phase == UpPhase::Exchanging {
-            while up.sent < up.request.len() {
-                match sys::send(up.socket.as_raw_fd(), &up.request[up.sent..]) {
+            while up.sent < up.spec.request.len() {
+                match sys::send(up.socket.as_raw_fd(), &up.spec.request[up.sent..]) {
                     Ok(n) => up.sent += n,
                     Err(err) if sys::would_block(&err) => break,
                     Err(err) => {
@@ -1270,7 +1268,7 @@ impl State {
                         let decoder = BodyDecoder::new(head.framing);
                         up.head = Some((head.status, decoder, head.keep_alive));
                         up.framing = head.framing;
-                        if head.status == 200 && !up.hold {
+                        if head.status == 200 && !up.spec.hold {
                             self.start_relay(id, head.framing);
                         }
                         break;
@@ -1298,13 +1296,13 @@ impl State {
             _ => None,
         };
         up.chunked_out = length.is_none();
-        let mut headers = Vec::with_capacity(64 + up.extra_headers.len());
+        let mut headers = Vec::with_capacity(64 + up.spec.headers.len());
         if let Some(ct) = &up.content_type {
             headers.extend_from_slice(b"content-type: ");
             headers.extend_from_slice(ct);
             headers.extend_from_slice(b"\r\n");
         }
-        headers.extend_from_slice(&up.extra_headers);
+        headers.extend_from_slice(&up.spec.headers);
         response_head(200, &headers, length, !keep_alive)
     }
 
@@ -1337,7 +1335,7 @@ impl State {
         up.rbuf.drain(..used);
         let done = decoder.done() || eof;
         let (status, keep_alive) = (*status, *keep_alive && !eof);
-        up.deadline = Some(Instant::now() + up.chunk_timeout);
+        up.deadline = Some(Instant::now() + up.spec.chunk_timeout);
         if status == 200 && !up.relaying {
             // Held until whole, so that a failure before its end can still
             // go to another upstream; past MAX_HOLD it is relayed as it comes.
@@ -1435,44 +1433,10 @@ impl State {
         if up.reused && !up.received {
             // The server closed a kept-alive connection as we reused it:
             // the request did not reach it, so send it on a new one.
-            let (addr, request, headers) = (
-                up.addr,
-                Arc::clone(&up.request),
-                Arc::clone(&up.extra_headers),
-            );
-            let (client, exchange, first, chunk) = (
-                up.client,
-                up.exchange,
-                up.first_byte_timeout,
-                up.chunk_timeout,
-            );
-            let (deadline, hold) = (up.deadline, up.hold);
+            let (spec, client, exchange) = (up.spec.clone(), up.client, up.exchange);
+            let deadline = up.deadline.unwrap_or_else(Instant::now);
             self.close_upstream(reg, id);
-            match self.checkout(reg, addr, request, headers, client, exchange) {
-                Ok(new) => {
-                    let up = self.upstreams.get_mut(&new).expect("just made");
-                    (up.first_byte_timeout, up.chunk_timeout, up.deadline) =
-                        (first, chunk, deadline);
-                    up.hold = hold;
-                    if let Some(c) = self.clients.get_mut(&client) {
-                        c.phase = Phase::Relaying { upstream: new };
-                    }
-                    self.upstream_progress(reg, new);
-                }
-                Err(err) => {
-                    if let Some(c) = self.clients.get_mut(&client) {
-                        c.phase = Phase::Python;
-                    }
-                    let reason = format!("cannot connect to {addr}: {err}");
-                    self.emit(HttpEvent::Proxied {
-                        exchange,
-                        outcome: ProxyOutcome::Failed {
-                            reason,
-                            timeout: false,
-                        },
-                    });
-                }
-            }
+            self.send_upstream(reg, spec, client, exchange, deadline);
             return;
         }
         self.fail_upstream(reg, id, reason, false);
@@ -1558,7 +1522,7 @@ impl State {
         up.phase = UpPhase::Idle;
         up.client = 0;
         up.exchange = 0;
-        up.request = Arc::from(&[][..]);
+        up.spec = ProxySpec::idle(up.addr);
         up.deadline = Some(Instant::now() + idle_for);
         if up.rbuf.capacity() > 4 * READ_SIZE {
             up.rbuf = Vec::new();
@@ -1620,12 +1584,13 @@ impl State {
             match (up.phase, up.relaying) {
                 (UpPhase::Idle, _) => self.close_upstream(reg, id),
                 (_, true) => {
-                    let reason = format!("the upstream sent nothing for {:?}", up.chunk_timeout);
+                    let reason =
+                        format!("the upstream sent nothing for {:?}", up.spec.chunk_timeout);
                     self.end_relay(reg, id, Some(reason), false);
                     self.close_upstream(reg, id);
                 }
                 (_, false) => {
-                    let reason = format!("no answer within {:?}", up.first_byte_timeout);
+                    let reason = format!("no answer within {:?}", up.spec.first_byte_timeout);
                     self.fail_upstream(reg, id, reason, true);
                 }
             }
