@@ -156,6 +156,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchkit import stop  # noqa: E402
 from pgcluster import PgCluster  # noqa: E402
 
 MODEL = "qg://task=keywords"
@@ -480,19 +481,6 @@ class Cluster:
             with contextlib.suppress(Exception):
                 stop(process)
         self.pg.stop()
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM, as systemd stops a role (SIGINT would be ignored by a role
-    started from a non-interactive shell's background job); kill -9 if it
-    has not stopped in ``timeout``."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class EdgeLog:

@@ -99,6 +99,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from benchkit import stop
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GATEWAY = ROOT / "bench" / "gateway.py"
@@ -326,16 +328,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def stop(process: subprocess.Popen[Any], sig: int = signal.SIGINT, timeout: float = 30) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class Load:
     """One load process and what it last reported."""
 
@@ -383,7 +375,7 @@ class Load:
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            stop(self.process, signal.SIGKILL)
+            stop(self.process, sig=signal.SIGKILL)
 
     def log_tail(self, spec_dir: Path, index: int) -> str:
         text = (spec_dir / f"load-{index}.log").read_text(errors="replace")
@@ -774,7 +766,7 @@ def main() -> None:
                 results.append({"edges": size, "error": str(exc)})
     finally:
         if backend is not None:
-            stop(backend, signal.SIGTERM)
+            stop(backend)
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:

@@ -81,6 +81,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from benchkit import stop
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MODEL = "bench-model"
@@ -525,15 +527,6 @@ def start_litellm(
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health/liveliness", timeout=180)
     return process, base + "/v1/chat/completions", key
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def main() -> None:
