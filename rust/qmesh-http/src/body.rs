@@ -95,24 +95,14 @@ impl BodyDecoder {
                     used = input.len();
                 }
                 State::Length { remaining } => {
-                    let take = rest
-                        .len()
-                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-                    out.extend_from_slice(&rest[..take]);
-                    used += take;
-                    *remaining -= take as u64;
+                    used += copy_data(rest, remaining, out);
                     if *remaining == 0 {
                         self.state = State::Done;
                     }
                 }
                 State::Chunked(chunked) => {
                     if let Chunked::Data { remaining } = chunked {
-                        let take = rest
-                            .len()
-                            .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-                        out.extend_from_slice(&rest[..take]);
-                        used += take;
-                        *remaining -= take as u64;
+                        used += copy_data(rest, remaining, out);
                         if *remaining == 0 {
                             *chunked = Chunked::DataCr;
                         }
@@ -130,6 +120,17 @@ impl BodyDecoder {
         }
         Ok(used)
     }
+}
+
+/// Body bytes from `rest`, at most `remaining` of them (which counts down):
+/// how many were taken.
+fn copy_data(rest: &[u8], remaining: &mut u64, out: &mut Vec<u8>) -> usize {
+    let take = rest
+        .len()
+        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+    out.extend_from_slice(&rest[..take]);
+    *remaining -= take as u64;
+    take
 }
 
 /// One byte of the chunked framing outside data: the next state, or `None`
