@@ -49,6 +49,7 @@ __all__ = [
     "RESET_CODES",
     "TAG_LEN",
     "BufferLike",
+    "EngineNotifier",
     "EngineStats",
     "Frame",
     "FrameDecoder",
@@ -398,6 +399,18 @@ def engine_threads() -> int:
     many engines, so a Gate with thousands of edges holds a few threads."""
 
 @final
+class EngineNotifier:
+    """One descriptor for the wake-ups of many engines: ``fd`` turns readable
+    when an engine created with this notifier has something to take, and
+    :meth:`take` names them by the ``key`` each was given."""
+
+    def __new__(cls) -> Self: ...
+    @property
+    def fd(self) -> int: ...
+    def take(self) -> list[int]:
+        """The keys of the engines that posted since the last take, each once."""
+
+@final
 class TunnelEngine:
     """The per-message path of one tunnel session, run by one of the
     process's engine threads (:func:`engine_threads`).
@@ -405,7 +418,9 @@ class TunnelEngine:
     Owns, while attached, the connection's socket (Python keeps the socket
     object and closes it after :meth:`detach`), the codec, retention of
     unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
-    Everything else arrives through :meth:`take`; ``notify_fd`` becomes
+    Everything else arrives through :meth:`take`. With a ``notifier``, the
+    engine posts ``key`` to it when there is something to take (many
+    sessions, one descriptor); without, ``notify_fd`` is its own and becomes
     readable when there is something to take.
     """
 
@@ -419,6 +434,8 @@ class TunnelEngine:
         chunk_size: int = 65536,
         tap_delay: float = 0.02,
         tap_batch: int = 256,
+        notifier: EngineNotifier | None = None,
+        key: int = 0,
     ) -> Self: ...
     @property
     def notify_fd(self) -> int: ...

@@ -44,6 +44,7 @@ __all__ = [
     "YieldBudget",
     "accept",
     "connect_tcp",
+    "descriptor_reserve",
     "fast",
     "free_loopback_port",
     "open_listeners",
@@ -51,6 +52,7 @@ __all__ = [
     "raise_open_file_limit",
     "runnable_counter",
     "serve_listeners",
+    "within_descriptor_reserve",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,23 @@ def out_of_descriptors(exc: BaseException) -> bool:
     """Whether ``exc`` says the process (or the system) is out of file
     descriptors or memory for now (EMFILE, ENFILE, ENOMEM, ENOBUFS)."""
     return isinstance(exc, OSError) and exc.errno in _CAPACITY_ERRNOS
+
+
+def descriptor_reserve(limit: int) -> int:
+    """Descriptors a server keeps free for work other than new sessions
+    (streams' sockets, files, its state store) under an open-file limit."""
+    return max(64, limit // 8)
+
+
+def within_descriptor_reserve(fd: int) -> bool:
+    """Whether a connection just given descriptor ``fd`` eats into the
+    process's reserve. Linux hands out the lowest free number, so at least
+    ``fd`` descriptors were in use: one comparison, where counting them
+    would list ``/proc/self/fd``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    return fd >= soft - descriptor_reserve(soft)
 
 
 ACCEPT_RETRY_S: Final = 0.1

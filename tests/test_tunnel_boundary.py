@@ -126,10 +126,10 @@ async def test_an_unexpected_error_in_the_handshake_ends_only_that_connection(
     gate = await start_gate(nursery)
     decide = TunnelServer._decide
 
-    async def failing_for_victim(self: TunnelServer, edge_key: bytes, hello: Any) -> Any:
+    async def failing_for_victim(self: TunnelServer, edge_key: bytes, hello: Any, fd: int) -> Any:
         if hello.name == "victim":
             raise error
-        return await decide(self, edge_key, hello)
+        return await decide(self, edge_key, hello, fd)
 
     monkeypatch.setattr(TunnelServer, "_decide", failing_for_victim)
     private, _ = gate.registry.enroll("victim")

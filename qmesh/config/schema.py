@@ -82,9 +82,10 @@ class TunnelConfig:
     """Live and detached sessions one enrolled key may hold at the Gate."""
     max_sessions: int = 0
     """Live and detached sessions the Gate holds in all; past it a new one
-    is refused with ``gate_full`` and the edge tries the next Gate. 0: a
-    quarter of the open-file limit (a session holds two descriptors, and
-    its streams' sockets need room too)."""
+    is refused with ``gate_full`` and the edge tries the next Gate. 0: the
+    open-file limit less an eighth (at least 64) kept for streams' sockets
+    and files. Whatever the cap, a new session is refused while the
+    descriptors in use reach into that reserve."""
     max_streams_per_session: int = 4096
     """Streams the peer may have open in one session; more OPENs are refused."""
 

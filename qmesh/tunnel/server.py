@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from qmesh.fastsocket import open_listeners, out_of_descriptors, serve_listeners
+from qmesh.fastsocket import (
+    descriptor_reserve,
+    open_listeners,
+    out_of_descriptors,
+    serve_listeners,
+    within_descriptor_reserve,
+)
 from qmesh.tunnel import handshake
 from qmesh.tunnel.errors import (
     ConnectionLost,
@@ -170,10 +176,11 @@ class TunnelServer:
 
     async def _serve(self, transport: trio.SocketStream, address: str) -> None:
         generation = 0
+        fd = transport.socket.fileno()
 
         async def decide(edge_key: bytes, hello: handshake.Hello) -> handshake.Welcome:
             nonlocal generation
-            welcome = await self._decide(edge_key, hello)
+            welcome = await self._decide(edge_key, hello, fd)
             generation = self._generation[welcome.session_id]
             return welcome
 
@@ -223,7 +230,8 @@ class TunnelServer:
             self._forget(session)
             raise
 
-    async def _decide(self, edge_key: bytes, hello: handshake.Hello) -> handshake.Welcome:
+    async def _decide(self, edge_key: bytes, hello: handshake.Hello, fd: int) -> handshake.Welcome:
+        """``fd``: the connection's descriptor, which says how many are in use."""
         name, role = await self._authenticate(edge_key, hello)
         if hello.name != name or hello.role != role:
             log.warning(
@@ -249,6 +257,10 @@ class TunnelServer:
                 )
             if self._nursery is None:
                 raise HandshakeRefused("not_ready", "gate is starting")
+            if within_descriptor_reserve(fd):
+                # Refused while descriptors remain to say so, and for the
+                # streams of the sessions already here.
+                raise self._gate_full("its open files are near the limit")
             self._make_room_for(name)
             services = self._services_for(role)
             self._make_room_at_gate()
@@ -340,12 +352,12 @@ class TunnelServer:
 
 
 def _sessions_for_open_file_limit() -> int:
-    """The default session cap: a quarter of the open-file limit (two
-    descriptors per session, and room for its streams' sockets)."""
+    """The default session cap: the open-file limit less its reserve (a
+    session holds one descriptor; its streams' sockets share the rest)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
-    return max(1, soft // 4)
+    return max(1, soft - descriptor_reserve(soft))
 
 
 def _address(transport: trio.SocketStream) -> str:

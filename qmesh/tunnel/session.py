@@ -57,6 +57,7 @@ from qmesh.tunnel.frames import (
     encode_u64,
 )
 from qmesh.tunnel.stream import TunnelStream
+from qmesh.tunnel.wakeups import engine_wakeups
 
 if TYPE_CHECKING:
     from qmesh.config import TunnelConfig
@@ -105,6 +106,8 @@ class Session:
         # responder (the Gate), so both ends can open without colliding.
         self._next_stream_id = 1 if initiator else 2
         self._last_peer_stream_id = 0
+        self._wakeups = engine_wakeups()
+        self._wakeup_key, self._wakeup = self._wakeups.register()
         self._engine = self._new_engine()
         # Frames queued while other tasks are about to run, sealed together
         # by the writer (see _kick).
@@ -127,14 +130,18 @@ class Session:
         self.rtt: float | None = None
         handler_nursery.start_soon(self._pump)
 
-    def _new_engine(self) -> _core.TunnelEngine:
+    def _new_engine(
+        self, *, ack_every: int = ACK_EVERY, ack_delay: float = ACK_DELAY
+    ) -> _core.TunnelEngine:
         return _core.TunnelEngine(
-            ack_every=ACK_EVERY,
-            ack_delay=ACK_DELAY,
+            ack_every=ack_every,
+            ack_delay=ack_delay,
             max_unacked=MAX_UNACKED_BYTES,
             read_size=RECEIVE_SIZE,
             chunk_size=self.settings.chunk_size,
             tap_delay=TAP_DELAY,
+            notifier=self._wakeups.notifier,
+            key=self._wakeup_key,
         )
 
     def __repr__(self) -> str:
@@ -303,8 +310,7 @@ class Session:
         if self._connection_scope is not None:
             self._connection_scope.cancel()
         self._pump_scope.cancel()
-        # Its descriptors stay open until the object is collected, so the
-        # pump (cancelled above, not yet unwound) still waits on a valid one.
+        self._wakeups.unregister(self._wakeup_key)
         self._engine.close()
         self.closed.set()
 
@@ -425,10 +431,9 @@ class Session:
     async def _pump(self) -> None:
         """Take what the engine hands up, for the session's whole life (a
         native stream can end while no connection is attached)."""
-        fd = self._engine.notify_fd
         with self._pump_scope:
             while True:
-                await trio.lowlevel.wait_readable(fd)
+                await self._wakeup.wait()
                 try:
                     self._take()
                 except Exception:

@@ -6,6 +6,7 @@
 //! for a round of pure Rust work to end.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -297,7 +298,9 @@ impl EngineStats {
 /// Owns, while attached, the connection's socket (Python keeps the socket
 /// object and closes it after :meth:`detach`), the codec, retention of
 /// unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
-/// Everything else arrives through :meth:`take`; ``notify_fd`` becomes
+/// Everything else arrives through :meth:`take`. With a ``notifier``, the
+/// engine posts ``key`` to it when there is something to take (many
+/// sessions, one descriptor); without, ``notify_fd`` is its own and becomes
 /// readable when there is something to take.
 #[pyclass(module = "qmesh._core", name = "TunnelEngine")]
 pub struct TunnelEngine {
@@ -316,7 +319,10 @@ impl TunnelEngine {
         chunk_size = 65536,
         tap_delay = 0.02,
         tap_batch = 256,
+        notifier = None,
+        key = 0,
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         ack_every: u64,
         ack_delay: f64,
@@ -325,6 +331,8 @@ impl TunnelEngine {
         chunk_size: usize,
         tap_delay: f64,
         tap_batch: usize,
+        notifier: Option<PyRef<'_, EngineNotifier>>,
+        key: u64,
     ) -> Result<Self> {
         let seconds = |value: f64, what: &str| {
             Duration::try_from_secs_f64(value)
@@ -344,7 +352,7 @@ impl TunnelEngine {
             tap_batch: tap_batch.max(1),
         };
         Ok(TunnelEngine {
-            inner: relay::Engine::new(config)?,
+            inner: relay::Engine::new(config, notifier.map(|n| (n.inner.clone(), key)))?,
         })
     }
 
@@ -543,8 +551,37 @@ fn engine_threads() -> usize {
     relay::engine_threads()
 }
 
+/// One descriptor for the wake-ups of many engines: ``fd`` turns readable
+/// when an engine created with this notifier has something to take, and
+/// :meth:`take` names them by the ``key`` each was given.
+#[pyclass(module = "qmesh._core", name = "EngineNotifier", frozen)]
+pub struct EngineNotifier {
+    inner: Arc<relay::Notifier>,
+}
+
+#[pymethods]
+impl EngineNotifier {
+    #[new]
+    fn new() -> Result<Self> {
+        Ok(EngineNotifier {
+            inner: Arc::new(relay::Notifier::new()?),
+        })
+    }
+
+    #[getter]
+    fn fd(&self) -> RawFd {
+        self.inner.fd()
+    }
+
+    /// The keys of the engines that posted since the last take, each once.
+    fn take(&self) -> Vec<u64> {
+        self.inner.take()
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(engine_threads, m)?)?;
+    m.add_class::<EngineNotifier>()?;
     m.add_class::<TunnelEngine>()?;
     m.add_class::<RelayEnding>()?;
     m.add_class::<RelayOutcome>()?;

@@ -18,8 +18,8 @@
 //!   (`qmesh-pg`) that check framing and collect the messages an audit needs
 //!   ("taps", delivered to Python in batches, stamped with the time seen).
 //!
-//! Every other frame goes up to Python as an [`Event`], with a wake-up on an
-//! eventfd Trio waits on. The invariants of `qmesh/tunnel/session.py` hold
+//! Every other frame goes up to Python as an [`Event`], with a wake-up
+//! through a [`Notifier`] (one eventfd Trio waits on, shared by sessions). The invariants of `qmesh/tunnel/session.py` hold
 //! unchanged: a reliable frame is retained from sealing until acknowledged;
 //! `recv_next` moves only once a frame has been dispatched (to a socket, or
 //! into the event queue, which belongs to the session and outlives the
@@ -46,8 +46,9 @@ use qmesh_wire::frame_type::{ACK, CLOSE, DATA, PING, PONG, RESET, WINDOW};
 use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
 
 use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
+use crate::notify::Notifier;
 use crate::reactor::{self, Driven, Registration};
-use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
+use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
 
 const TOKEN_TUNNEL: u64 = 1;
@@ -674,7 +675,11 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     registration: Registration,
-    notify: EventFd,
+    notifier: Arc<Notifier>,
+    /// What this session posts to `notifier`.
+    key: u64,
+    /// The notifier is this engine's alone: its `take` drains it.
+    own_notifier: bool,
 }
 
 impl Shared {
@@ -706,12 +711,21 @@ pub struct Stats {
 }
 
 impl Engine {
-    pub fn new(config: Config) -> std::io::Result<Engine> {
+    /// An engine that posts `key` to `notifier` when it has something for
+    /// Python; with no notifier, it gets one of its own (whose
+    /// [`Engine::notify_fd`] only it makes readable).
+    pub fn new(config: Config, notifier: Option<(Arc<Notifier>, u64)>) -> std::io::Result<Engine> {
         reactor::start_pool()?;
-        let notify = EventFd::new()?;
+        let own_notifier = notifier.is_none();
+        let (notifier, key) = match notifier {
+            Some(shared) => shared,
+            None => (Arc::new(Notifier::new()?), 0),
+        };
         let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
             registration: Registration::new(me.clone() as Weak<dyn Driven>),
-            notify,
+            notifier,
+            key,
+            own_notifier,
             state: Mutex::new(State {
                 config,
                 conn: None,
@@ -742,9 +756,10 @@ impl Engine {
         Ok(Engine { shared })
     }
 
-    /// Readable whenever [`Engine::take`] has something.
+    /// Readable whenever [`Engine::take`] has something (for a shared
+    /// notifier: whenever any of its engines has).
     pub fn notify_fd(&self) -> RawFd {
-        self.shared.notify.fd()
+        self.shared.notifier.fd()
     }
 
     pub fn stats(&self) -> Stats {
@@ -852,7 +867,9 @@ impl Engine {
     /// Everything waiting for Python, and the current connection's error.
     pub fn take(&self) -> (Vec<Event>, Option<Error>) {
         let mut st = self.shared.lock();
-        self.shared.notify.drain();
+        if self.shared.own_notifier {
+            self.shared.notifier.take();
+        }
         st.notified = false;
         st.error_unreported = false;
         let events = st.events.drain(..).collect();
@@ -1262,7 +1279,7 @@ impl State {
         }
         if (!self.events.is_empty() || self.error_unreported) && !self.notified {
             self.notified = true;
-            shared.notify.signal();
+            shared.notifier.post(shared.key);
         }
     }
 

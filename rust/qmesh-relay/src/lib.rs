@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod notify;
 mod reactor;
 mod sys;
 pub mod tls;
@@ -17,5 +18,6 @@ pub use engine::{
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
 pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, Usage};
+pub use notify::Notifier;
 pub use reactor::engine_threads;
 pub use sys::monotonic;

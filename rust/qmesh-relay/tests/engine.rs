@@ -23,14 +23,15 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qmesh_pg as pg;
 use qmesh_relay::{
-    monotonic, Config, Ending, Engine, Error, Event, NativeSpec, Outcome, PgError, PgTap, Side,
-    Stats, TapRecord, Violation,
+    monotonic, Config, Ending, Engine, Error, Event, NativeSpec, Notifier, Outcome, PgError, PgTap,
+    Side, Stats, TapRecord, Violation,
 };
 use qmesh_wire::frame_type::{ACK, CLOSE, DATA, OPEN, PING, PONG, RESET, WINDOW};
 use qmesh_wire::{DecoderConfig, EncoderConfig, FrameDecoder, FrameEncoder};
@@ -106,9 +107,13 @@ struct Link {
 impl Link {
     /// A attaches with (A→B, B→A) keys, B with the mirror image.
     fn new() -> Link {
+        Link::with_notifiers(None, None)
+    }
+
+    fn with_notifiers(a: Option<(Arc<Notifier>, u64)>, b: Option<(Arc<Notifier>, u64)>) -> Link {
         let link = Link {
-            a: Engine::new(config()).expect("engine A"),
-            b: Engine::new(config()).expect("engine B"),
+            a: Engine::new(config(), a).expect("engine A"),
+            b: Engine::new(config(), b).expect("engine B"),
             borrowed: RefCell::new(Vec::new()),
         };
         link.connect(&key(1), &key(2), 0, 0);
@@ -402,6 +407,30 @@ fn reliable_frames_arrive_in_order_and_are_acknowledged() {
     assert_eq!(a_stats.bytes_sent, b_stats.bytes_received);
     assert_eq!(b_stats.bytes_sent, a_stats.bytes_received);
     assert!(b_stats.bytes_sent > 0, "B sent no ACK");
+}
+
+/// Engines sharing a notifier post their own keys, each once until taken,
+/// and only the engine with events posts.
+#[test]
+fn a_shared_notifier_names_the_engines_with_events() {
+    let notifier = Arc::new(Notifier::new().expect("notifier"));
+    let link = Link::with_notifiers(Some((notifier.clone(), 11)), Some((notifier.clone(), 22)));
+    link.a.send(vec![frame(OPEN, 1, b"one")]);
+    link.a.send(vec![frame(OPEN, 3, b"two")]);
+    let start = Instant::now();
+    let mut keys = Vec::new();
+    while keys.is_empty() && start.elapsed() < DEADLINE {
+        keys = notifier.take();
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(keys, vec![22]);
+    let mut inbox = Inbox::new(&link.b);
+    inbox.wait_until("both OPENs", |events| frames(events).len() == 2);
+    // B was posted once for both frames (or again for the second, after a
+    // take): never while its first post was untaken.
+    let again = notifier.take();
+    assert!(again.iter().all(|key| *key == 22), "{again:?}");
+    assert!(inbox.settle().is_empty());
 }
 
 /// PING is answered by the engine: the PONG echoes the payload, and the
