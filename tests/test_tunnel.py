@@ -164,6 +164,25 @@ async def test_session_resumes_after_connection_reset(nursery: trio.Nursery) -> 
     assert gate.server.resumptions == edge.resumptions
 
 
+async def test_an_edge_shutting_down_ends_its_session_at_the_gate(nursery: trio.Nursery) -> None:
+    """A cancelled edge says GOAWAY: the Gate forgets the session at once
+    instead of keeping it detached for the resume grace."""
+    gate = await start_gate(nursery, settings=fast_settings(resume_grace_s=3600.0))
+    edge = make_edge(gate, "leaving")
+    scope = trio.CancelScope()
+
+    async def run_edge() -> None:
+        with scope:
+            await edge.run()
+
+    nursery.start_soon(run_edge)
+    with trio.fail_after(10):
+        await edge.wait_connected()
+        assert [s.peer for s in gate.server.sessions.values()] == ["leaving"]
+        scope.cancel()
+        await until(lambda: not gate.server.sessions)
+
+
 async def test_silent_peer_is_detected_and_the_session_resumes(nursery: trio.Nursery) -> None:
     settings = fast_settings(heartbeat_interval_s=0.2, dead_after_s=0.8)
     gate = await start_gate(nursery, settings=settings)

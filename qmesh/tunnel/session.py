@@ -259,10 +259,12 @@ class Session:
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._heartbeat)
             error = self._connection_error or ConnectionLost("connection detached")
-        except trio.Cancelled:
+        except BaseException as exc:
             # Our owner is shutting down (not a detach, which cancels only
-            # ``scope``): tell the peer not to keep the session for us.
-            self._say_goodbye("peer shutting down")
+            # ``scope``): tell the peer not to keep the session for us. The
+            # nursery above hands its tasks' Cancelled up in a group.
+            if _is_cancellation(exc):
+                self._say_goodbye("peer shutting down")
             raise
         finally:
             self._attached = False
@@ -547,3 +549,10 @@ class Session:
             stream.reset(ResetCode.INTERNAL, "the service failed")
         finally:
             await stream.aclose()
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """``exc`` is trio.Cancelled, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
