@@ -15,9 +15,9 @@ process; nothing is pinned, the machine's cores are shared by all):
 - for each size in ``--edges``, a fresh Gate: ``python -m qmesh --role
   gate`` with its own throwaway data directory (``keys init``, ``secrets
   init-master-key``, ``apps add bench``), one priced provider model pointing
-  at the backend, log level warning, and ``[tunnel] max_sessions`` above
-  the size (the default, a quarter of the open-file limit, would refuse
-  sessions first). Before it starts, the size's edges are enrolled in its
+  at the backend, log level warning, and the default session cap (the
+  open-file limit less an eighth kept in reserve: 17,500 under 20,000
+  descriptors). Before it starts, the size's edges are enrolled in its
   state in one go (``qmesh.identity.enroll`` on one ``StateStore``: a key
   pair each, the public half stored; about 0.1 ms an edge);
 - load processes (this script with ``--load``; ``ceil(edges /
@@ -402,7 +402,6 @@ def start_gate(
         f'http_listen = "127.0.0.1:{http_port}"\n'
         f'[[gate.providers]]\nname = "bench"\nbase_url = "http://127.0.0.1:{backend_port}/v1"\n'
         f'[[gate.providers.models]]\nid = "{MODEL}"\nprice_in = 0.15\nprice_out = 0.6\n'
-        f"[tunnel]\nmax_sessions = {max(12_000, edges + 1_000)}\n"
     )
     cli(config, "keys", "init")
     cli(config, "secrets", "init-master-key")
