@@ -58,9 +58,11 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeError",
     "HttpEngine",
+    "HttpFastDone",
     "HttpNotice",
     "HttpProxied",
     "HttpRequest",
+    "HttpRouteReleased",
     "Malformed",
     "NoiseHandshake",
     "PeerClosed",
@@ -849,6 +851,10 @@ class HttpRequest:
     body: bytes
     peer: str
     """``host:port`` the engine was given at :meth:`HttpEngine.adopt`."""
+    failed_route: int | None
+    """The fast path's route this request took before its upstream failed
+    (nothing reached the client); ``failed`` says how."""
+    failed: HttpProxied | None
 
 @final
 class HttpProxied:
@@ -879,6 +885,34 @@ class HttpProxied:
     bytes_out: int
     first_byte_at: float
     """When the answer's head came (``time.monotonic()``'s clock)."""
+
+@final
+class HttpFastDone:
+    """A request the fast path relayed (:meth:`HttpEngine.route`), for
+    booking: its ``route``, the answer's figures as in
+    :class:`HttpProxied`, the request body's size and when it was read
+    (``time.monotonic()``'s clock). A whole answer is already out; with
+    ``reason`` (it broke off) and ``open``, its end waits for closing
+    writes and :meth:`HttpEngine.finish`."""
+
+    exchange: int
+    route: int
+    reason: str | None
+    client_gone: bool
+    open: bool
+    tokens_in: int
+    tokens_out: int
+    bytes_out: int
+    first_byte_at: float
+    body_len: int
+    started_at: float
+
+@final
+class HttpRouteReleased:
+    """No request will name ``route`` any more: forgotten or expired, and
+    none of its requests in flight."""
+
+    route: int
 
 @final
 class HttpNotice:
@@ -927,7 +961,9 @@ class HttpEngine:
         """Readable when an inline engine has work for :meth:`poll` (else
         ``notify_fd``)."""
 
-    def poll(self) -> list[HttpRequest | HttpProxied | HttpNotice]:
+    def poll(
+        self,
+    ) -> list[HttpRequest | HttpProxied | HttpFastDone | HttpRouteReleased | HttpNotice]:
         """Run an inline engine's ready work and due timeouts, then :meth:`take`."""
 
     def adopt(self, fd: int, peer: str, *, tls: TlsServerConfig | None = None) -> None:
@@ -975,9 +1011,53 @@ class HttpEngine:
         relayed as it comes), so one cut short is ``"failed"``. False if the
         client is gone."""
 
-    def take(self) -> list[HttpRequest | HttpProxied | HttpNotice]: ...
-    def stats(self) -> tuple[int, int, int, int, int, int]:
-        """``(clients, upstreams, idle_upstreams, requests, proxied, reused)``."""
+    def route(
+        self,
+        authorization: bytes,
+        path: str,
+        model: str,
+        stream: bool,
+        *,
+        route: int,
+        app: str,
+        host: str,
+        port: int,
+        request_head: bytes,
+        upstream_model: str,
+        headers: bytes,
+        first_byte_timeout: float,
+        chunk_timeout: float,
+        max_body: int,
+        max_tokens: int,
+        max_in_flight: int,
+        ttl: float,
+    ) -> None:
+        """The fast path: relay a ``POST path`` with this ``Authorization``
+        value whose JSON body asks for ``model`` (streamed or not) to
+        ``host:port`` without asking Python, for ``ttl`` seconds, while the
+        body is at most ``max_body`` bytes, its ``max_tokens`` at most
+        ``max_tokens`` and ``app`` has fewer than ``max_in_flight`` such
+        requests in flight. The upstream request is ``request_head`` (request
+        line and headers) with its length and the body, renamed to
+        ``upstream_model`` (a stream asks for usage); ``headers`` are added
+        to the answer's head. Each is reported by an :class:`HttpFastDone`;
+        one whose upstream fails before a byte reached the client comes as
+        an :class:`HttpRequest` with ``failed`` set. Replaces the key's
+        route (an :class:`HttpRouteReleased` says when ``route`` is done
+        with). A body the engine might read otherwise than Python is left
+        to Python."""
+
+    def forget_routes(self) -> None:
+        """Forget every route (their requests in flight finish)."""
+
+    def fast_in_flight(self, app: str) -> int:
+        """Requests of ``app`` in flight on the fast path."""
+
+    def take(
+        self,
+    ) -> list[HttpRequest | HttpProxied | HttpFastDone | HttpRouteReleased | HttpNotice]: ...
+    def stats(self) -> tuple[int, int, int, int, int, int, int]:
+        """``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast)``."""
 
     def close(self) -> None:
         """Close every connection; the engine serves nothing more."""

@@ -25,6 +25,7 @@ from typing import Any, Final
 from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
+from qmesh.llm.fastpath import route_installer
 from qmesh.llm.service import LlmService
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
@@ -62,11 +63,16 @@ class LlmApi:
     def __init__(self, service: LlmService, auth: AppAuthenticator) -> None:
         self.service = service
         self.auth = auth
+        # A revoked or rotated key must not keep its fast-path routes.
+        auth.on_keys_dropped.append(service.executor.forget_fast_routes)
         self.router = service.router
         # Request ids: a random prefix per process and a counter, unique
         # across Gates without a system call per request.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
+
+    def _request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
 
     # -- shared steps --------------------------------------------------------------
 
@@ -147,7 +153,7 @@ class LlmApi:
             )
         except NoRoute as exc:
             raise _no_route(exc) from None
-        request_id = f"{self._id_prefix}{next(self._ids):08x}"
+        request_id = self._request_id()
         call = Call(
             endpoint=endpoint,
             body=body,
@@ -162,6 +168,9 @@ class LlmApi:
     async def _serve(self, request: Request, endpoint: str) -> Response:
         decision, call, ctx = await self._route(request, endpoint)
         executor = self.service.executor
+        native = request.native
+        if native is not None:
+            ctx.hops.extend(native.earlier_hops)  # its attempts on the fast path
 
         async def in_python(candidates: Iterator[Candidate] | None, attempts: int) -> Response:
             if call.stream:
@@ -176,10 +185,15 @@ class LlmApi:
             headers = (*_JSON, ("x-qmesh-route", str(ctx.hops[-1]["candidate"])))
             return Response(200, answer.body, headers)
 
-        if request.native is None:
+        if native is None:
             return await in_python(None, 0)
+        install = route_installer(
+            executor, native, decision, ctx, call,
+            authorization=request.headers.get("authorization", ""), path=request.path,
+            max_in_flight=self.auth.limits.max_requests_per_app, request_ids=self._request_id,
+        )  # fmt: skip
         try:
-            return await executor.relay(decision, call, ctx, request.native, in_python)
+            return await executor.relay(decision, call, ctx, native, in_python, install)
         except NoRoute as exc:
             raise _no_route(exc) from None
 

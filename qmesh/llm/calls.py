@@ -32,6 +32,7 @@ __all__ = [
     "sse",
     "stream_end",
     "text_completion",
+    "tokens_for_body",
 ]
 
 DONE_EVENT: Final = b"data: [DONE]\n\n"
@@ -123,7 +124,12 @@ def estimate_call_tokens(raw: bytes) -> int:
     back in usage. It errs high (≈ 4 bytes per token is typical for English,
     and the JSON around the text counts too) because it sizes the budget
     reservation, which must not be smaller than what the request really costs."""
-    return len(raw) // 3 + 16
+    return tokens_for_body(len(raw))
+
+
+def tokens_for_body(size: int) -> int:
+    """:func:`estimate_call_tokens` for a body of ``size`` bytes."""
+    return size // 3 + 16
 
 
 def _usage(tokens_in: int, tokens_out: int) -> dict[str, int]:

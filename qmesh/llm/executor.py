@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Final
 
@@ -42,9 +43,10 @@ from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError, UpstreamFailed
 from qmesh.qg.router import BUDGET_BLOCK, Decision, Router
 from qmesh.web.exchange import ClientGone, NativeExchange, ProxyTarget
+from qmesh.web.fastpath import FastRoutes
 from qmesh.web.http import Response
 
-__all__ = ["Executor", "PythonAnswer", "RequestContext"]
+__all__ = ["Executor", "InstallRoute", "PythonAnswer", "RequestContext", "stream_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,21 @@ JOULES_PER_KWH: Final = 3_600_000.0
 _JSON: Final = (("content-type", "application/json"),)
 _EVENT_STREAM_HEADERS: Final = b"cache-control: no-cache\r\n"
 
+InstallRoute = Callable[[Candidate, ProxyTarget, bytes], None]
+"""Installs a fast-path route for requests like the one being relayed:
+they go to this candidate at this target, with these headers added."""
+
 PythonAnswer = Callable[[Iterator[Candidate] | None, int], Awaitable[Response]]
 """Answers a call in Python from these candidates on, ``attempts`` made so
 far: what :meth:`Executor.relay` falls back to for a candidate the HTTP
 engine cannot reach."""
+
+
+def stream_tokens(call: Call, usage: Usage) -> tuple[int, int]:
+    """A stream's tokens: its usage, else estimates (≈ 4 bytes of text per
+    token in ≈ 64-byte events)."""
+    tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
+    return usage.tokens_in or call.tokens_in, tokens_out
 
 
 def _release(exchange: NativeExchange, outcome: _core.HttpProxied) -> None:
@@ -104,6 +117,14 @@ class Executor:
         self.failovers = 0
         self.relayed = 0
         """Answers the HTTP engine relayed (their bytes never passed through Python)."""
+        self.fast_routes: weakref.WeakSet[FastRoutes] = weakref.WeakSet()
+        """Where routes were installed for the fast path (see :meth:`relay`)."""
+
+    def forget_fast_routes(self) -> None:
+        """What decisions rest on changed: the fast path decides nothing
+        more until Python has decided again."""
+        for routes in list(self.fast_routes):
+            routes.forget_all()
 
     # -- candidates in order ----------------------------------------------------
 
@@ -139,13 +160,18 @@ class Executor:
             ctx.hops.append({"candidate": candidate.id, "outcome": "budget", "ms": 0.0})
         return reservation
 
-    def _cost(self, candidate: Candidate, tokens_in: int, tokens_out: int, seconds: float) -> float:
+    def cost(self, candidate: Candidate, tokens_in: int, tokens_out: int, seconds: float) -> float:
         if candidate.kind == PROVIDER:
             return candidate.cost(tokens_in, tokens_out)
         if candidate.kind != INTERNAL and self.routing.local_rate_usd_per_1m is not None:
             return self.routing.local_rate_usd_per_1m * (tokens_in + tokens_out) / 1e6
         watts = candidate.power_w if candidate.kind != INTERNAL else self.routing.gate_cpu_watts
         return watts * seconds / JOULES_PER_KWH * self.routing.electricity_usd_per_kwh
+
+    def record_failure(self, candidate: Candidate, ctx: RequestContext, exc: Exception) -> None:
+        """An attempt failed before the request reached Python (on the fast
+        path): as :meth:`_failed` records one of its own."""
+        self._failed(candidate, ctx, exc, 0.0)
 
     def _failed(self, candidate: Candidate, ctx: RequestContext, exc: Exception, ms: float) -> None:
         busy = isinstance(exc, UpstreamBusy)
@@ -160,6 +186,7 @@ class Executor:
         if not busy and self.routing.cooldown_s > 0:
             self.router.cool_down(candidate, self.routing.cooldown_s)
         self.router.telemetry_changed()
+        self.forget_fast_routes()
         self.failovers += 1
         log.info("request %s: %s on %s; trying the next", ctx.request_id, exc, candidate.id)
 
@@ -270,14 +297,9 @@ class Executor:
     ) -> None:
         """Book a whole answer: its latency, cost, hop and ledger row."""
         seconds = time.monotonic() - started
-        candidate.observe_latency(seconds * 1000)
-        self.router.telemetry_changed()
-        cost = self._cost(candidate, *tokens, seconds)
+        cost = self.cost(candidate, *tokens, seconds)
         await reservation.settle(cost)
-        ctx.hops.append(
-            {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
-        )
-        self._record(decision, ctx, candidate, call, tokens, cost, "ok")
+        self.book_answer(decision, ctx, candidate, call, tokens, cost, seconds, "ok")
 
     async def _settle_stream(
         self,
@@ -291,11 +313,24 @@ class Executor:
         reservation: Reservation,
     ) -> None:
         seconds = time.monotonic() - started
-        # Without usage in the stream: ≈ 4 bytes of text per token in ≈ 64-byte events.
-        tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
-        tokens = (usage.tokens_in or call.tokens_in, tokens_out)
-        cost = self._cost(candidate, *tokens, seconds)
+        tokens = stream_tokens(call, usage)
+        cost = self.cost(candidate, *tokens, seconds)
         await reservation.settle(cost)
+        self.book_answer(decision, ctx, candidate, call, tokens, cost, seconds, outcome)
+
+    def book_answer(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        call: Call,
+        tokens: tuple[int, int],
+        cost: float,
+        seconds: float,
+        outcome: str,
+    ) -> None:
+        """An answer's latency (when it succeeded), hop and ledger row; its
+        cost is charged to the budget already."""
         if outcome == "ok":
             candidate.observe_latency(seconds * 1000)
             self.router.telemetry_changed()
@@ -303,6 +338,13 @@ class Executor:
                 {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
             )
         self._record(decision, ctx, candidate, call, tokens, cost, outcome)
+
+    def stream_broke(self, candidate: Candidate, ctx: RequestContext, reason: str) -> None:
+        """A stream broke off after bytes reached the client."""
+        self.router.cool_down(candidate, self.routing.cooldown_s)
+        self.forget_fast_routes()
+        ctx.hops.append({"candidate": candidate.id, "outcome": "stream_broken", "ms": 0.0})
+        log.warning("request %s: stream from %s broke: %s", ctx.request_id, candidate.id, reason)
 
     async def stream(
         self,
@@ -341,11 +383,7 @@ class Executor:
                     self._failed(candidate, ctx, exc, (time.monotonic() - started) * 1000)
                     continue
                 outcome = "stream_broken"
-                self.router.cool_down(candidate, self.routing.cooldown_s)
-                ctx.hops.append({"candidate": candidate.id, "outcome": outcome, "ms": 0.0})
-                log.warning(
-                    "request %s: stream from %s broke: %s", ctx.request_id, candidate.id, exc
-                )
+                self.stream_broke(candidate, ctx, str(exc))
                 message = f"the model's stream broke off: {exc}"
                 tail = (error_event(message, code=outcome), DONE_EVENT)
             except ClientFault as fault:
@@ -375,6 +413,7 @@ class Executor:
         ctx: RequestContext,
         exchange: NativeExchange,
         in_python: PythonAnswer,
+        install: InstallRoute | None = None,
     ) -> Response:
         """Run the call with the HTTP engine sending each attempt and
         relaying the answer: the same failover, budgets and ledger as
@@ -430,16 +469,42 @@ class Executor:
                 await self._relayed_stream(
                     decision, ctx, candidate, call, usage, started, reservation, outcome, exchange
                 )
-                return Response.already_relayed()
-            tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
-            await self._settle_whole(decision, ctx, candidate, call, tokens, started, reservation)
-            _release(exchange, outcome)
+            else:
+                tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
+                await self._settle_whole(
+                    decision, ctx, candidate, call, tokens, started, reservation
+                )
+                _release(exchange, outcome)
+            if install is not None and self._may_skip_python(decision, ctx, candidate, outcome):
+                install(candidate, target, headers)
+                if exchange.routes is not None:
+                    self.fast_routes.add(exchange.routes)
             return Response.already_relayed()
         error = self._exhausted(decision, ctx, call)
         if not call.stream:
             raise error
         return Response.event_stream(
             _events(error_event(str(error), kind="server_error", code="no_route"), DONE_EVENT)
+        )
+
+    def _may_skip_python(
+        self,
+        decision: Decision,
+        ctx: RequestContext,
+        candidate: Candidate,
+        outcome: _core.HttpProxied,
+    ) -> bool:
+        """Whether requests like this one may take the fast path: its
+        decision's first choice answered at the first try, whole, and
+        nothing holds it to a budget (which must see each request before
+        it runs) or to a ledger that cannot take more rows."""
+        return (
+            outcome.reason is None
+            and len(ctx.hops) == 1
+            and candidate is decision.chosen
+            and ctx.budget is None
+            and decision.shifted_from is None
+            and not self.ledger.full
         )
 
     def _client_fault(
@@ -481,9 +546,7 @@ class Executor:
             )
             _release(exchange, outcome)
             return
-        self.router.cool_down(candidate, self.routing.cooldown_s)
-        ctx.hops.append({"candidate": candidate.id, "outcome": "stream_broken", "ms": 0.0})
-        log.warning("request %s: stream from %s broke: %s", ctx.request_id, candidate.id, reason)
+        self.stream_broke(candidate, ctx, reason)
         await self._settle_stream(
             decision, ctx, candidate, call, usage, started, "stream_broken", reservation
         )

@@ -168,10 +168,9 @@ class OpenAIProvider:
         model = candidate.upstream_model or candidate.model
         body = self._body(call, model, stream=call.stream)
         path = (self.upstream.path + _PATHS[call.endpoint]).encode()
-        request = b"POST %s HTTP/1.1\r\n%scontent-length: %d\r\n\r\n%s" % (
-            path, self._native_head, len(body), body,
-        )  # fmt: skip
-        return ProxyTarget(ip, self.upstream.port, request, self.name)
+        head = b"POST %s HTTP/1.1\r\n%s" % (path, self._native_head)
+        request = b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
+        return ProxyTarget(ip, self.upstream.port, request, self.name, head=head, model=model)
 
     def _body(self, call: Call, model: str, *, stream: bool) -> bytes:
         body = call.body

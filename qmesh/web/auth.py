@@ -161,6 +161,9 @@ class AppAuthenticator:
         self._throttle_logged = -math.inf
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
+        self.on_keys_dropped: list[Callable[[], None]] = []
+        """Told when a refresh found cached keys no longer valid (whatever
+        else trusted them must look again)."""
 
     def share_limits(self, gates: int) -> None:
         """This Gate is one of ``gates`` live Gates: the failure limits are
@@ -314,6 +317,8 @@ class AppAuthenticator:
                 entry.expires_at = verifier.expires_at
         if dropped:
             log.info("forgot %d cached app key(s) no longer valid", dropped)
+            for forget in self.on_keys_dropped:
+                forget()
 
     def _read_keys(self, apps: Iterable[str], now: float) -> dict[str, AppKeys | None]:
         return {app_id: self.store.get_app_keys(app_id, now=now) for app_id in apps}

@@ -17,6 +17,7 @@ from typing import Final
 import trio
 
 from qmesh import _core
+from qmesh.web.fastpath import FastRoutes
 
 __all__ = ["HIGH_WATER", "ClientGone", "NativeExchange", "ProxyTarget", "encode_headers"]
 
@@ -43,23 +44,37 @@ def encode_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
 class ProxyTarget:
     """Where and what the engine sends for a relayed request."""
 
-    __slots__ = ("host", "port", "request", "who")
+    __slots__ = ("head", "host", "model", "port", "request", "who")
 
-    def __init__(self, host: str, port: int, request: bytes, who: str) -> None:
+    def __init__(
+        self, host: str, port: int, request: bytes, who: str, *, head: bytes = b"", model: str = ""
+    ) -> None:
         self.host = host  # an IP address
         self.port = port
         self.request = request  # a whole HTTP/1.1 request
         self.who = who  # the upstream, as errors name it
+        # For a fast-path route: the request's line and headers without its
+        # length, and the model's name at the upstream.
+        self.head = head
+        self.model = model
 
 
 class NativeExchange:
     """One request's answer through the engine."""
 
-    __slots__ = ("_drained", "_engine", "_outcome", "_proxied", "gone", "id")
+    __slots__ = (
+        "_drained", "_engine", "_outcome", "_proxied", "earlier_hops", "gone", "id", "routes",
+    )  # fmt: skip
 
-    def __init__(self, engine: _core.HttpEngine, exchange: int) -> None:
+    def __init__(
+        self, engine: _core.HttpEngine, exchange: int, routes: FastRoutes | None = None
+    ) -> None:
         self._engine = engine
         self.id = exchange
+        self.routes = routes
+        """The server's fast-path routes, where a handler may install one."""
+        self.earlier_hops: list[dict[str, object]] = []
+        """Attempts the fast path made for this request before it came to Python."""
         self.gone = False
         self._proxied: trio.Event | None = None
         self._outcome: _core.HttpProxied | None = None

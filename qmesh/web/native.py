@@ -22,7 +22,7 @@ Not for: routing or handlers (:mod:`qmesh.web.http`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -32,6 +32,7 @@ from qmesh.boundary import peer_boundary
 from qmesh.config import HttpConfig
 from qmesh.fastsocket import accept, open_listeners
 from qmesh.web.exchange import ClientGone, NativeExchange, encode_headers
+from qmesh.web.fastpath import FastRoutes
 from qmesh.web.http import (
     MAX_REFUSING,
     ConnectionCounts,
@@ -90,6 +91,7 @@ class NativeHttpServer:
             request_timeout=self.limits.request_timeout_s,
             inline=not self.limits.engine_threads,
         )
+        self.fast = FastRoutes(self.engine, lambda: router.observe)
         self._exchanges: dict[int, NativeExchange] = {}
 
     @property
@@ -120,9 +122,17 @@ class NativeHttpServer:
                 await trio.lowlevel.wait_readable(fd)
             for event in engine.poll():
                 if isinstance(event, _core.HttpRequest):
-                    exchange = NativeExchange(engine, event.exchange)
+                    exchange = NativeExchange(engine, event.exchange, self.fast)
+                    if event.failed_route is not None and event.failed is not None:
+                        exchange.earlier_hops = self.fast.failed(event.failed_route, event.failed)
                     exchanges[event.exchange] = exchange
                     nursery.start_soon(self._serve_request, exchange, event)
+                    continue
+                if isinstance(event, _core.HttpFastDone):
+                    self._fast_done(event, nursery)
+                    continue
+                if isinstance(event, _core.HttpRouteReleased):
+                    self.fast.released(event.route)
                     continue
                 target = exchanges.get(event.exchange)
                 if target is None:
@@ -131,6 +141,29 @@ class NativeHttpServer:
                     target.deliver(event)
                 else:
                     target.notice(event.kind)
+
+    def _fast_done(self, event: _core.HttpFastDone, nursery: trio.Nursery) -> None:
+        """Book a request the fast path relayed; one that broke off and
+        waits for its closing words gets them in a task of its own."""
+        exchange = NativeExchange(self.engine, event.exchange, self.fast)
+
+        async def finish(words: bytes) -> None:
+            self._exchanges[exchange.id] = exchange  # for its "drained" notices
+            try:
+                await exchange.write(words, self.limits.request_timeout_s)
+                exchange.finish()
+            except ClientGone:
+                pass
+            finally:
+                self._exchanges.pop(exchange.id, None)
+
+        closing = None
+        with peer_boundary(f"booking a fast-path request (route {event.route})", log):
+            closing = self.fast.done(event, finish)
+        if closing is not None:
+            nursery.start_soon(_settle, closing, event.route)
+        elif event.open:
+            exchange.abort()  # nothing else would end it
 
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:
         request = _request(event, exchange, self.source_of(event.peer))
@@ -142,6 +175,11 @@ class NativeHttpServer:
             self._exchanges.pop(exchange.id, None)
             exchange.abort()  # an answer left unfinished ends its connection (else a no-op)
             request.scope.close()
+
+
+async def _settle(pending: Awaitable[None], route: int) -> None:
+    with peer_boundary(f"closing a fast-path answer (route {route})", log):
+        await pending
 
 
 async def serve_http(

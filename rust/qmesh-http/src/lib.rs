@@ -16,10 +16,12 @@ mod body;
 mod error;
 mod head;
 mod json;
+mod openai;
 mod usage;
 
 pub use body::{encode_chunk, BodyDecoder, LAST_CHUNK};
 pub use error::HttpError;
 pub use head::{parse_request, parse_response, Framing, Limits, RequestHead, ResponseHead};
 pub use json::nesting_depth;
+pub use openai::{read_completion_request, CompletionRequest};
 pub use usage::UsageScan;

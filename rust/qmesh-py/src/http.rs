@@ -1,5 +1,6 @@
 //! `qmesh._core.HttpEngine`: the Gate's HTTP engine (`qmesh_relay::http`),
-//! and what it reports: `HttpRequest`, `HttpProxied`, `HttpNotice`.
+//! and what it reports: `HttpRequest`, `HttpProxied`, `HttpFastDone`,
+//! `HttpRouteReleased`, `HttpNotice`.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -10,6 +11,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay::http::{self as relay, HttpEvent, ProxyOutcome};
+use qmesh_relay::{FastRoute, RouteKey};
+use std::time::Instant;
 
 use crate::tls::TlsServerConfig;
 use crate::Result;
@@ -32,6 +35,31 @@ pub struct HttpRequest {
     headers: Vec<(String, String)>,
     body: Py<PyBytes>,
     peer: String,
+    /// The fast path's route that failed for this request, and how.
+    failed_route: Option<u64>,
+    failed: Option<Py<HttpProxied>>,
+}
+
+/// A request the fast path relayed, for booking (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpFastDone", frozen, get_all)]
+pub struct HttpFastDone {
+    exchange: u64,
+    route: u64,
+    reason: Option<String>,
+    client_gone: bool,
+    open: bool,
+    tokens_in: u64,
+    tokens_out: u64,
+    bytes_out: u64,
+    first_byte_at: f64,
+    body_len: usize,
+    started_at: f64,
+}
+
+/// A fast-path route no request will name any more (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "HttpRouteReleased", frozen, get_all)]
+pub struct HttpRouteReleased {
+    route: u64,
 }
 
 /// What came of a proxied request (see ``qmesh/_core.pyi``).
@@ -116,6 +144,29 @@ fn proxied(py: Python<'_>, exchange: u64, outcome: ProxyOutcome) -> HttpProxied 
     out
 }
 
+fn request(
+    py: Python<'_>,
+    exchange: u64,
+    head: qmesh_http::RequestHead,
+    body: &[u8],
+    peer: &str,
+) -> HttpRequest {
+    HttpRequest {
+        exchange,
+        method: head.method,
+        target: head.target,
+        headers: head
+            .headers
+            .into_iter()
+            .map(|(name, value)| (name, latin1(&value)))
+            .collect(),
+        body: PyBytes::new(py, body).unbind(),
+        peer: peer.to_string(),
+        failed_route: None,
+        failed: None,
+    }
+}
+
 fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>> {
     let mut out = Vec::with_capacity(events.len());
     for event in events {
@@ -125,22 +176,49 @@ fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>>
                 head,
                 body,
                 peer,
+            } => Py::new(py, request(py, exchange, head, &body, &peer))?.into_any(),
+            HttpEvent::FastFailed {
+                exchange,
+                route,
+                outcome,
+                head,
+                body,
+                peer,
+            } => {
+                let mut event = request(py, exchange, head, &body, &peer);
+                event.failed_route = Some(route);
+                event.failed = Some(Py::new(py, proxied(py, exchange, outcome))?);
+                Py::new(py, event)?.into_any()
+            }
+            HttpEvent::FastDone {
+                exchange,
+                route,
+                usage,
+                broken,
+                client_gone,
+                open,
+                body_len,
+                started_at,
             } => Py::new(
                 py,
-                HttpRequest {
+                HttpFastDone {
                     exchange,
-                    method: head.method,
-                    target: head.target,
-                    headers: head
-                        .headers
-                        .into_iter()
-                        .map(|(name, value)| (name, latin1(&value)))
-                        .collect(),
-                    body: PyBytes::new(py, &body).unbind(),
-                    peer: peer.to_string(),
+                    route,
+                    reason: broken,
+                    client_gone,
+                    open,
+                    tokens_in: usage.tokens_in,
+                    tokens_out: usage.tokens_out,
+                    bytes_out: usage.bytes_out,
+                    first_byte_at: usage.first_byte_at,
+                    body_len,
+                    started_at,
                 },
             )?
             .into_any(),
+            HttpEvent::RouteReleased { route } => {
+                Py::new(py, HttpRouteReleased { route })?.into_any()
+            }
             HttpEvent::Proxied { exchange, outcome } => {
                 Py::new(py, proxied(py, exchange, outcome))?.into_any()
             }
@@ -272,6 +350,69 @@ impl HttpEngine {
         Ok(self.inner.proxy(exchange, spec))
     }
 
+    /// Relay the requests that carry this key as Python decided, without
+    /// asking it (see ``qmesh/_core.pyi``).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (
+        authorization, path, model, stream, *, route, app, host, port, request_head,
+        upstream_model, headers, first_byte_timeout, chunk_timeout, max_body, max_tokens,
+        max_in_flight, ttl,
+    ))]
+    fn route(
+        &self,
+        authorization: &[u8],
+        path: &str,
+        model: &str,
+        stream: bool,
+        route: u64,
+        app: &str,
+        host: &str,
+        port: u16,
+        request_head: &[u8],
+        upstream_model: &str,
+        headers: &[u8],
+        first_byte_timeout: f64,
+        chunk_timeout: f64,
+        max_body: usize,
+        max_tokens: u64,
+        max_in_flight: usize,
+        ttl: f64,
+    ) -> PyResult<()> {
+        let ip = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("{host:?} is not an IP address")))?;
+        let key = RouteKey {
+            authorization: authorization.to_vec(),
+            path: path.to_owned(),
+            model: model.to_owned(),
+            stream,
+        };
+        let route = FastRoute {
+            id: route,
+            app: Arc::from(app),
+            max_in_flight,
+            addr: SocketAddr::new(ip, port),
+            request_head: request_head.to_vec(),
+            upstream_model: upstream_model.to_owned(),
+            headers: Arc::from(headers),
+            first_byte_timeout: seconds(first_byte_timeout, "first_byte_timeout")?,
+            chunk_timeout: seconds(chunk_timeout, "chunk_timeout")?,
+            max_body,
+            max_tokens,
+            expires: Instant::now() + seconds(ttl, "ttl")?,
+        };
+        self.inner.route(key, route);
+        Ok(())
+    }
+
+    fn forget_routes(&self) {
+        self.inner.forget_routes();
+    }
+
+    fn fast_in_flight(&self, app: &str) -> usize {
+        self.inner.fast_in_flight(app)
+    }
+
     fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
         to_python(py, self.inner.take())
     }
@@ -280,8 +421,8 @@ impl HttpEngine {
         to_python(py, self.inner.poll())
     }
 
-    /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused)``.
-    fn stats(&self) -> (usize, usize, usize, u64, u64, u64) {
+    /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast)``.
+    fn stats(&self) -> (usize, usize, usize, u64, u64, u64, u64) {
         let s = self.inner.stats();
         (
             s.clients,
@@ -290,6 +431,7 @@ impl HttpEngine {
             s.requests,
             s.proxied,
             s.reused,
+            s.fast,
         )
     }
 
@@ -303,5 +445,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HttpRequest>()?;
     m.add_class::<HttpProxied>()?;
     m.add_class::<HttpNotice>()?;
+    m.add_class::<HttpFastDone>()?;
+    m.add_class::<HttpRouteReleased>()?;
     Ok(())
 }

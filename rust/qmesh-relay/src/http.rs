@@ -18,6 +18,13 @@
 //!   before a byte reaches the client, so Python can try the next candidate.
 //!   The result comes back as one [`HttpEvent::Proxied`].
 //!
+//! A request that matches a route Python installed ([`HttpEngine::route`],
+//! see `fastroute.rs`) takes the fast path instead: the engine relays it to
+//! the route's upstream without asking Python, and reports it afterwards
+//! ([`HttpEvent::FastDone`]) for booking. One the upstream fails before a
+//! byte reached the client goes to Python after all
+//! ([`HttpEvent::FastFailed`]), which tries the next candidate.
+//!
 //! A peer's mistake ends that peer's connection only: a malformed or
 //! oversized request is answered (400, 408, 413, 431, 501) and the
 //! connection closed after a lingering drain; an upstream that breaks its
@@ -37,11 +44,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use qmesh_http::{
-    encode_chunk, parse_request, parse_response, BodyDecoder, Framing, HttpError, Limits,
-    RequestHead, UsageScan, LAST_CHUNK,
+    encode_chunk, parse_request, parse_response, read_completion_request, BodyDecoder, Framing,
+    HttpError, Limits, RequestHead, UsageScan, LAST_CHUNK,
 };
 use socket2::{Domain, Socket, Type};
 
+use crate::fastroute::{FastRoute, RouteKey, Routes};
 use crate::reactor::{self, Driven, Reactor, Registration};
 use crate::sys::{self, EventFd, BROKEN, READABLE, WRITABLE};
 use crate::tls::{self, TlsLink};
@@ -67,6 +75,8 @@ const MAX_UPSTREAM_HEAD: usize = 65536;
 /// connection under the answer before the client has read it.
 const LINGER_BYTES: usize = 1024 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
+/// JSON nesting the fast path reads (Python's `peerjson.DEFAULT_MAX_DEPTH`).
+const FAST_MAX_DEPTH: usize = 32;
 
 /// Limits and times of one engine.
 #[derive(Debug, Clone)]
@@ -169,6 +179,33 @@ pub enum HttpEvent {
         exchange: u64,
         outcome: ProxyOutcome,
     },
+    /// A request the fast path relayed is done with: Python books it. With
+    /// `broken` and `open`, the answer's end waits for Python's closing
+    /// words and `finish`, as for [`HttpEvent::Proxied`].
+    FastDone {
+        exchange: u64,
+        route: u64,
+        usage: Usage,
+        broken: Option<String>,
+        client_gone: bool,
+        open: bool,
+        /// The request body's size, and when its request was read.
+        body_len: usize,
+        started_at: f64,
+    },
+    /// The fast path's upstream failed before a byte reached the client:
+    /// the request is Python's, as a [`HttpEvent::Request`] would have
+    /// made it, with what came of the attempt.
+    FastFailed {
+        exchange: u64,
+        route: u64,
+        outcome: ProxyOutcome,
+        head: RequestHead,
+        body: Vec<u8>,
+        peer: Arc<str>,
+    },
+    /// No request will name this route any more.
+    RouteReleased { route: u64 },
     /// A producer's output went below the low-water mark.
     Drained { exchange: u64 },
     /// The client's connection ended before the exchange was answered.
@@ -184,6 +221,8 @@ pub struct HttpStats {
     pub requests: u64,
     pub proxied: u64,
     pub reused: u64,
+    /// Requests that took the fast path.
+    pub fast: u64,
 }
 
 #[derive(Debug)]
@@ -276,6 +315,19 @@ struct State {
     next_id: u64,
     ticking: bool,
     stats: HttpStats,
+    routes: Routes,
+    /// Exchanges on the fast path, by exchange id.
+    fast: HashMap<u64, FastExchange>,
+}
+
+/// A request on the fast path: kept whole until its answer began, in case
+/// Python must serve it after all.
+struct FastExchange {
+    route: Arc<FastRoute>,
+    head: RequestHead,
+    body: Vec<u8>,
+    peer: Arc<str>,
+    started_at: f64,
 }
 
 struct Shared {
@@ -484,6 +536,8 @@ impl HttpEngine {
                 next_id: 1,
                 ticking: false,
                 stats: HttpStats::default(),
+                routes: Routes::default(),
+                fast: HashMap::new(),
             }),
             notify: EventFd::new()?,
             registration: std::sync::OnceLock::new(),
@@ -662,24 +716,23 @@ impl HttpEngine {
     /// End a started answer, or release a held one; false if the client
     /// is gone.
     pub fn finish(&self, exchange: u64) -> bool {
-        self.with(|st, reg| {
-            let Some(id) = st.exchanges.get(&exchange).copied() else {
-                return false;
-            };
-            let Some(client) = st.clients.get_mut(&id) else {
-                return false;
-            };
-            match std::mem::replace(&mut client.phase, Phase::Python) {
-                Phase::Streaming => client.out.extend_from_slice(LAST_CHUNK),
-                Phase::Held { answer } => client.out.extend_from_slice(&answer),
-                other => {
-                    client.phase = other;
-                    return false;
-                }
-            }
-            st.answered(reg, id);
-            true
-        })
+        self.with(|st, reg| st.release_answer(reg, exchange))
+    }
+
+    /// Serve the requests that carry `key` as Python decided in `route`
+    /// (see `fastroute.rs`), replacing the route `key` had.
+    pub fn route(&self, key: RouteKey, route: FastRoute) {
+        self.with(|st, _| st.routes.insert(key, route));
+    }
+
+    /// Forget every route: what decisions rest on changed.
+    pub fn forget_routes(&self) {
+        self.with(|st, _| st.routes.clear());
+    }
+
+    /// Requests of `app` in flight on the fast path.
+    pub fn fast_in_flight(&self, app: &str) -> usize {
+        lock(&self.shared.state).routes.in_flight(app)
     }
 
     /// End `exchange`'s connection now, whatever was written.
@@ -735,6 +788,8 @@ impl HttpEngine {
             }
             st.idle.clear();
             st.exchanges.clear();
+            st.fast.clear();
+            st.routes.clear();
         });
     }
 }
@@ -788,6 +843,9 @@ impl State {
     /// End of a round: wake Python if there is news, keep the tick going
     /// while anything has a deadline.
     fn finish(&mut self, shared: &Shared, reg: &Registration) {
+        for route in self.routes.released() {
+            self.events.push(HttpEvent::RouteReleased { route });
+        }
         if !self.events.is_empty() && !self.notified {
             self.notified = true;
             shared.notify.signal();
@@ -986,15 +1044,152 @@ impl State {
             let peer = Arc::clone(&client.peer);
             self.exchanges.insert(exchange, id);
             self.stats.requests += 1;
-            self.emit(HttpEvent::Request {
-                exchange,
-                head,
-                body,
-                peer,
-            });
+            if let Some((head, body, peer)) = self.try_fast(reg, id, exchange, head, body, peer) {
+                self.emit(HttpEvent::Request {
+                    exchange,
+                    head,
+                    body,
+                    peer,
+                });
+            }
             break 'parse;
         }
         self.flush_client(reg, id);
+    }
+
+    /// The end of a relayed answer that waited for its booking: a held
+    /// answer goes out, a chunked one gets its last chunk. False if there
+    /// is no such answer (or client).
+    fn release_answer(&mut self, reg: &Registration, exchange: u64) -> bool {
+        let Some(id) = self.exchanges.get(&exchange).copied() else {
+            return false;
+        };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return false;
+        };
+        match std::mem::replace(&mut client.phase, Phase::Python) {
+            Phase::Streaming => client.out.extend_from_slice(LAST_CHUNK),
+            Phase::Held { answer } => client.out.extend_from_slice(&answer),
+            other => {
+                client.phase = other;
+                return false;
+            }
+        }
+        self.answered(reg, id);
+        true
+    }
+
+    /// Relay a request by its route, if one fits; else hand it back for Python.
+    fn try_fast(
+        &mut self,
+        reg: &Registration,
+        client: u64,
+        exchange: u64,
+        head: RequestHead,
+        body: Vec<u8>,
+        peer: Arc<str>,
+    ) -> Option<(RequestHead, Vec<u8>, Arc<str>)> {
+        if self.routes.is_empty() || head.method != "POST" {
+            return Some((head, body, peer));
+        }
+        let (Some(authorization), Some(request)) = (
+            head.header("authorization"),
+            read_completion_request(&body, FAST_MAX_DEPTH),
+        ) else {
+            return Some((head, body, peer));
+        };
+        let key = RouteKey {
+            authorization: authorization.to_vec(),
+            path: head.target.clone(),
+            model: request.model.clone(),
+            stream: request.stream,
+        };
+        let Some(route) = self
+            .routes
+            .take(&key, body.len(), request.max_tokens, Instant::now())
+        else {
+            return Some((head, body, peer));
+        };
+        let Some(upstream_body) = request.upstream_body(&body, &route.upstream_model) else {
+            self.routes.leave(&route);
+            return Some((head, body, peer));
+        };
+        let mut wire = Vec::with_capacity(route.request_head.len() + upstream_body.len() + 40);
+        wire.extend_from_slice(&route.request_head);
+        wire.extend_from_slice(
+            format!("content-length: {}\r\n\r\n", upstream_body.len()).as_bytes(),
+        );
+        wire.extend_from_slice(&upstream_body);
+        let spec = ProxySpec {
+            addr: route.addr,
+            request: Arc::from(wire),
+            headers: Arc::clone(&route.headers),
+            first_byte_timeout: route.first_byte_timeout,
+            chunk_timeout: route.chunk_timeout,
+            hold: !request.stream,
+        };
+        let deadline = Instant::now() + route.first_byte_timeout;
+        self.fast.insert(
+            exchange,
+            FastExchange {
+                route,
+                head,
+                body,
+                peer,
+                started_at: sys::monotonic(),
+            },
+        );
+        self.stats.proxied += 1;
+        self.stats.fast += 1;
+        self.send_upstream(reg, spec, client, exchange, deadline);
+        None
+    }
+
+    /// What came of a proxied request: Python's to hear, or, on the fast
+    /// path, the engine's to finish (and Python's to book).
+    fn proxied(&mut self, reg: &Registration, exchange: u64, outcome: ProxyOutcome) {
+        let Some(fast) = self.fast.remove(&exchange) else {
+            self.emit(HttpEvent::Proxied { exchange, outcome });
+            return;
+        };
+        self.routes.leave(&fast.route);
+        let route = fast.route.id;
+        match outcome {
+            ProxyOutcome::Relayed {
+                broken,
+                client_gone,
+                open,
+                usage,
+            } => {
+                let open = if open && broken.is_none() {
+                    // Nothing to add: the answer goes out whole now, and is
+                    // booked after (a route is only installed for an app
+                    // with no budget to hold it to).
+                    self.release_answer(reg, exchange);
+                    false
+                } else {
+                    open
+                };
+                self.emit(HttpEvent::FastDone {
+                    exchange,
+                    route,
+                    usage,
+                    broken,
+                    client_gone,
+                    open,
+                    body_len: fast.body.len(),
+                    started_at: fast.started_at,
+                });
+            }
+            outcome => self.emit(HttpEvent::FastFailed {
+                exchange,
+                route,
+                outcome,
+                head: fast.head,
+                body: fast.body,
+                peer: fast.peer,
+            }),
+        }
     }
 
     /// Answer a bad request with its error and close after the answer.
@@ -1080,13 +1275,11 @@ impl State {
                         c.phase = Phase::Python;
                     }
                     let reason = format!("cannot connect to {addr}: {err}");
-                    self.emit(HttpEvent::Proxied {
-                        exchange,
-                        outcome: ProxyOutcome::Failed {
-                            reason,
-                            timeout: false,
-                        },
-                    });
+                    let outcome = ProxyOutcome::Failed {
+                        reason,
+                        timeout: false,
+                    };
+                    self.proxied(reg, exchange, outcome);
                     return;
                 }
             },
@@ -1412,7 +1605,7 @@ impl State {
             if let Some(c) = self.clients.get_mut(&client) {
                 c.phase = Phase::Python;
             }
-            self.emit(HttpEvent::Proxied { exchange, outcome });
+            self.proxied(reg, exchange, outcome);
         } else {
             self.update_upstream(reg, id);
         }
@@ -1452,10 +1645,7 @@ impl State {
         if let Some(c) = self.clients.get_mut(&client) {
             c.phase = Phase::Python;
         }
-        self.emit(HttpEvent::Proxied {
-            exchange,
-            outcome: ProxyOutcome::Failed { reason, timeout },
-        });
+        self.proxied(reg, exchange, ProxyOutcome::Failed { reason, timeout });
     }
 
     /// Report a relay's end (whole, broken, or its client gone).
@@ -1496,15 +1686,13 @@ impl State {
         if client_gone || broken.is_some() {
             self.close_upstream(reg, id);
         }
-        self.emit(HttpEvent::Proxied {
-            exchange,
-            outcome: ProxyOutcome::Relayed {
-                broken,
-                client_gone,
-                open,
-                usage,
-            },
-        });
+        let outcome = ProxyOutcome::Relayed {
+            broken,
+            client_gone,
+            open,
+            usage,
+        };
+        self.proxied(reg, exchange, outcome);
     }
 
     /// Back to the pool when it can carry another request, else closed.
@@ -1547,6 +1735,7 @@ impl State {
     // -- time ----------------------------------------------------------------
 
     fn expire(&mut self, reg: &Registration, now: Instant) {
+        self.routes.expire(now);
         let request_timeout = self.config.request_timeout;
         let late_clients: Vec<u64> = self
             .clients

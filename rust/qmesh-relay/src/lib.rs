@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod error;
+mod fastroute;
 pub mod http;
 pub mod notify;
 mod reactor;
@@ -17,6 +18,7 @@ pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
+pub use fastroute::{FastRoute, RouteKey};
 pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, Usage};
 pub use notify::Notifier;
 pub use reactor::engine_threads;

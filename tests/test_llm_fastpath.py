@@ -1,0 +1,176 @@
+"""The HTTP engine's fast path with the official ``openai`` client over real
+loopback sockets: once Python decided a request, the engine relays the
+requests that would be decided the same way without asking it, and each is
+booked as if Python had served it. Whatever the decision did not cover goes
+to Python; a failure on the fast path is a failover the client never sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import trio
+from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
+from openai.types.chat import ChatCompletionMessageParam
+from pgkit import in_thread
+
+from qmesh.config import BudgetConfig, RoutingConfig
+
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+
+
+def client(api: GateApi, app: str = "app-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=api.base_url, api_key=api.tokens[app], max_retries=0, timeout=20)
+
+
+def fast_relayed(api: GateApi) -> int:
+    return sum(routes.relayed for routes in api.service.executor.fast_routes)
+
+
+async def chat(
+    c: openai.OpenAI, model: str, messages: list[ChatCompletionMessageParam] = HELLO
+) -> tuple[str, str]:
+    """The answer's text and its ``x-qmesh-route`` header."""
+    raw = await in_thread(
+        lambda: c.chat.completions.with_raw_response.create(model=model, messages=messages)
+    )
+    return raw.parse().choices[0].message.content or "", raw.headers["x-qmesh-route"]
+
+
+async def streamed(c: openai.OpenAI, model: str) -> str:
+    def run() -> str:
+        stream = c.chat.completions.create(model=model, messages=HELLO, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    return await in_thread(run)
+
+
+async def test_requests_like_a_decided_one_skip_python_and_are_booked_alike(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme", prompt_tokens=1000, completion_tokens=500)
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[
+            provider_config(
+                "acme", acme.port, [paid_model("acme-large", upstream="large-v2")], api_key="env:K"
+            )
+        ],
+        env={"K": "sk-test-secret"},
+    )
+    c = client(api)
+    first = await chat(c, "acme-large")
+    assert fast_relayed(api) == 0
+    for _ in range(5):
+        assert await chat(c, "acme-large") == first
+    assert first == ("answer from acme", "provider:acme/acme-large")
+    assert fast_relayed(api) == 5
+    # What the provider got is what Python would have sent: renamed, its key.
+    assert [b["model"] for b in acme.bodies] == ["large-v2"] * 6
+    assert acme.auth == ["Bearer sk-test-secret"] * 6
+    rows = await flushed_rows(api, 6)
+    assert len(rows) == 6 and len({r["request_id"] for r in rows}) == 6
+    for row in rows:
+        assert (row["app"], row["provider"], row["outcome"]) == ("app-a", "provider:acme", "ok")
+        assert (row["tokens_in"], row["tokens_out"]) == (1000, 500)
+        assert row["cost_usd"] == pytest.approx(1000 * 1.0 / 1e6 + 500 * 2.0 / 1e6)
+        assert [h["outcome"] for h in json.loads(row["hops"])] == ["ok"]
+
+
+async def test_what_the_decision_did_not_cover_goes_to_python(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+    )
+    a = client(api)
+    await chat(a, "p")
+    await chat(a, "p")
+    assert fast_relayed(api) == 1
+    # A longer prompt, another app, a stream: each decided by Python.
+    longer: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello " * 200}]
+    assert (await chat(a, "p", longer))[0] == "answer from acme"
+    assert (await chat(client(api, "app-b"), "p"))[0] == "answer from acme"
+    assert (await streamed(a, "p")).strip() == "answer from acme"
+    assert fast_relayed(api) == 1
+    rows = await flushed_rows(api, 5)
+    assert [r["app"] for r in rows] == ["app-a", "app-a", "app-a", "app-b", "app-a"]
+
+
+async def test_a_failure_on_the_fast_path_moves_to_the_next_candidate(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    flaky = await start_provider(nursery, "flaky")
+    good = await start_provider(nursery, "good")
+    same = {"family": "llama", "size_class": "m"}
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[
+            provider_config("flaky", flaky.port, [paid_model("m-flaky", price_in=0.1, **same)]),
+            provider_config("good", good.port, [paid_model("m-good", **same)]),
+        ],
+        routing=RoutingConfig(cooldown_s=60.0),
+    )
+    c = client(api)
+    await chat(c, "m-flaky")
+    await chat(c, "m-flaky")
+    assert fast_relayed(api) == 1
+    flaky.mode = "error"
+    assert await chat(c, "m-flaky") == ("answer from good", "provider:good/m-good")
+    assert flaky.requests == 3, "the failed attempt is not sent twice"
+    assert good.requests == 1
+    rows = await flushed_rows(api, 3)
+    hops = json.loads(rows[-1]["hops"])
+    assert (hops[0]["candidate"], hops[0]["outcome"]) == ("provider:flaky/m-flaky", "failed")
+    assert (hops[-1]["candidate"], hops[-1]["outcome"]) == ("provider:good/m-good", "ok")
+    # The failure took the route away: the next request is decided again
+    # (the flaky provider cools down) and served by the good one.
+    assert (await chat(c, "m-flaky"))[0] == "answer from good"
+    assert flaky.requests == 3
+
+
+async def test_streams_take_the_fast_path_and_a_break_ends_in_words(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme", prompt_tokens=7, completion_tokens=9)
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+    )
+    c = client(api)
+    for _ in range(3):
+        assert (await streamed(c, "p")).strip() == "answer from acme"
+    assert fast_relayed(api) == 2
+    assert all(b["stream_options"] == {"include_usage": True} for b in acme.bodies)
+    rows = await flushed_rows(api, 3)
+    assert [(r["tokens_in"], r["tokens_out"], r["outcome"]) for r in rows] == [(7, 9, "ok")] * 3
+
+    acme.mode = "break"
+    with trio.fail_after(15), pytest.raises(openai.APIError, match="stream broke off"):
+        await streamed(c, "p")
+    assert fast_relayed(api) == 3
+    rows = await flushed_rows(api, 4)
+    assert rows[-1]["outcome"] == "stream_broken"
+
+
+async def test_an_app_held_to_a_budget_never_skips_python(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[provider_config("acme", acme.port, [paid_model("p")])],
+        budgets=[BudgetConfig(name="team", limit_usd=100.0, apps=("app-a",))],
+    )
+    a, b = client(api), client(api, "app-b")
+    for _ in range(3):
+        await chat(a, "p")
+        await chat(b, "p")
+    assert fast_relayed(api) == 2, "app-b's second and third"
+    rows = await flushed_rows(api, 6)
+    assert sum(r["budget"] == "team" for r in rows) == 3
