@@ -47,7 +47,9 @@ connections, ``--latency-correction`` (each request's latency counts from
 when it was due, so a stall is not hidden by the requests it delayed), ``-w``
 (requests still out at the deadline are waited for). Printed: the rate
 answered with 200, p50/p99/p99.9, added p50/p99, the target's CPU (% of one
-core).
+core). A second backend on CPU 1 ("direct on CPU 1") shows what crossing
+CPUs alone costs on this machine: oha and the backend share CPU 0, while a
+request through the gateway crosses between the CPUs four times.
 
 Time to first byte: ``--ttfb-requests`` (500) streamed chat completions,
 after 50 of warm-up, each to the direct backend and then to the Gate, on one
@@ -631,7 +633,17 @@ def main() -> None:
                 result = wrk(url, token, connections, args.seconds, lua, pid)
                 rows.append((name, connections, result))
         if oha_path is not None:
-            for name, url, token, pid in contenders:
+            # The same backend on the gateway's CPU: what crossing CPUs alone
+            # costs (direct crosses none, a request through the gateway four).
+            across_port = free_port()
+            across = subprocess.Popen(
+                [*taskset(1), PYTHON, __file__, "--backend", str(across_port)]
+            )
+            processes.append(across)
+            across_url = f"http://127.0.0.1:{across_port}/v1/chat/completions"
+            wait_http(across_url, timeout=20)
+            across_row = ("direct on CPU 1", across_url, "none", across.pid)
+            for name, url, token, pid in [*contenders[:1], across_row, *contenders[1:]]:
                 result = oha(
                     oha_path, url, token, args.rate, args.rate_connections, args.seconds, pid
                 )
@@ -711,6 +723,10 @@ def main() -> None:
                 f"{int(r['errors']):>7}"
             )
         print("CPU %: of one core, the target process (and its children) over the run")
+        print(
+            "direct on CPU 1: the backend on the gateway's CPU, so its added latency is two "
+            "crossings between the CPUs (a request through the gateway makes four)"
+        )
     if first_bytes:
         print()
         print(
