@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from llmkit import (
@@ -367,6 +368,12 @@ def ledger_entry(n: int) -> LedgerEntry:
         tokens_out=1, cost_usd=0.0, shifted_from=None, avoided_usd=0.0, outcome="ok",
         hops="[]", reason="",
     )  # fmt: skip
+
+
+def test_a_ledger_row_is_written_with_every_field_in_order() -> None:
+    distinct: list[Any] = [f"field {i}" for i in range(len(attrs.fields(LedgerEntry)))]
+    entry = LedgerEntry(*distinct)
+    assert entry.values() == attrs.astuple(entry, recurse=False)
 
 
 async def test_ledger_flush_waits_for_a_background_write_in_flight(

@@ -178,7 +178,8 @@ def _canonical(row_id: int, values: Sequence[object]) -> bytes:
 
 
 def _seal(key: bytes, prev: bytes, row_id: int, values: Sequence[object]) -> bytes:
-    return hmac.new(key, prev + _canonical(row_id, values), hashlib.sha256).digest()
+    # hmac.digest: the one-shot C path, about twice as fast per row.
+    return hmac.digest(key, prev + _canonical(row_id, values), "sha256")
 
 
 def _head_mac(key: bytes, chain: str, last_id: int, last_hash: bytes, rows: int) -> bytes:
