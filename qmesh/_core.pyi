@@ -889,21 +889,15 @@ class HttpProxied:
 @final
 class HttpFastDone:
     """A request the fast path relayed (:meth:`HttpEngine.route`), for
-    booking: its ``route``, the answer's figures as in
-    :class:`HttpProxied`, the request body's size and when it was read
-    (``time.monotonic()``'s clock). A whole answer is already out; with
-    ``reason`` (it broke off) and ``open``, its end waits for closing
+    booking: its ``route``, what came of it (``outcome``, always
+    ``"relayed"``), the request body's size and when it was read
+    (``time.monotonic()``'s clock). A whole answer is already out; one that
+    broke off (``outcome.reason``) and is ``outcome.open`` waits for closing
     writes and :meth:`HttpEngine.finish`."""
 
     exchange: int
     route: int
-    reason: str | None
-    client_gone: bool
-    open: bool
-    tokens_in: int
-    tokens_out: int
-    bytes_out: int
-    first_byte_at: float
+    outcome: HttpProxied
     body_len: int
     started_at: float
 

@@ -281,11 +281,11 @@ class Executor:
                 await reservation.settle(0.0)
                 raise
             tokens = (answer.tokens_in, answer.tokens_out)
-            await self._settle_whole(decision, ctx, candidate, call, tokens, started, reservation)
+            await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
             return answer
         raise self._exhausted(decision, ctx, call)
 
-    async def _settle_whole(
+    async def _settle(
         self,
         decision: Decision,
         ctx: RequestContext,
@@ -294,26 +294,10 @@ class Executor:
         tokens: tuple[int, int],
         started: float,
         reservation: Reservation,
+        outcome: str = "ok",
     ) -> None:
-        """Book a whole answer: its latency, cost, hop and ledger row."""
+        """Charge an answer's cost to its budget, then book it."""
         seconds = time.monotonic() - started
-        cost = self.cost(candidate, *tokens, seconds)
-        await reservation.settle(cost)
-        self.book_answer(decision, ctx, candidate, call, tokens, cost, seconds, "ok")
-
-    async def _settle_stream(
-        self,
-        decision: Decision,
-        ctx: RequestContext,
-        candidate: Candidate,
-        call: Call,
-        usage: Usage,
-        started: float,
-        outcome: str,
-        reservation: Reservation,
-    ) -> None:
-        seconds = time.monotonic() - started
-        tokens = stream_tokens(call, usage)
         cost = self.cost(candidate, *tokens, seconds)
         await reservation.settle(cost)
         self.book_answer(decision, ctx, candidate, call, tokens, cost, seconds, outcome)
@@ -393,8 +377,9 @@ class Executor:
             finally:
                 await events.aclose()
                 if not reservation.settled:
-                    await self._settle_stream(
-                        decision, ctx, candidate, call, usage, started, outcome, reservation
+                    tokens = stream_tokens(call, usage)
+                    await self._settle(
+                        decision, ctx, candidate, call, tokens, started, reservation, outcome
                     )
             # Written to the ledger before the client hears how it ended.
             for event in tail:
@@ -471,9 +456,7 @@ class Executor:
                 )
             else:
                 tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
-                await self._settle_whole(
-                    decision, ctx, candidate, call, tokens, started, reservation
-                )
+                await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
                 _release(exchange, outcome)
             if install is not None and self._may_skip_python(decision, ctx, candidate, outcome):
                 install(candidate, target, headers)
@@ -541,14 +524,14 @@ class Executor:
         with an error event once the ledger has it, as :meth:`stream` does."""
         reason = outcome.reason
         if reason is None or outcome.client_gone:
-            await self._settle_stream(
-                decision, ctx, candidate, call, usage, started, "ok", reservation
-            )
+            tokens = stream_tokens(call, usage)
+            await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
             _release(exchange, outcome)
             return
         self.stream_broke(candidate, ctx, reason)
-        await self._settle_stream(
-            decision, ctx, candidate, call, usage, started, "stream_broken", reservation
+        tokens = stream_tokens(call, usage)
+        await self._settle(
+            decision, ctx, candidate, call, tokens, started, reservation, "stream_broken"
         )
         if outcome.open:
             tail = error_event(f"the model's stream broke off: {reason}", code="stream_broken")

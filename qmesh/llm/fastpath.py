@@ -84,24 +84,24 @@ class RouteOwner:
             endpoint=self.endpoint, body={}, raw=b"", stream=self.stream,
             request_id=ctx.request_id, tokens_in=tokens_for_body(event.body_len), max_tokens=0,
         )  # fmt: skip
-        usage = Usage(event.tokens_in, event.tokens_out, event.bytes_out)
+        relayed = event.outcome
+        usage = Usage(relayed.tokens_in, relayed.tokens_out, relayed.bytes_out)
         seconds = time.monotonic() - event.started_at
-        broken = event.reason is not None and not event.client_gone
+        broken = relayed.reason is not None and not relayed.client_gone
         if self.stream:
             tokens = stream_tokens(call, usage)
         else:
             tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
         if broken and self.stream:
-            assert event.reason is not None
-            executor.stream_broke(candidate, ctx, event.reason)
+            executor.stream_broke(candidate, ctx, str(relayed.reason))
         cost = executor.cost(candidate, *tokens, seconds)
         outcome = "stream_broken" if broken and self.stream else "ok"
         executor.book_answer(self.decision, ctx, candidate, call, tokens, cost, seconds, outcome)
         if executor.ledger.full:
             executor.forget_fast_routes()
-        if outcome == "ok" or not event.open:
+        if outcome == "ok" or not relayed.open:
             return None
-        words = error_event(f"the model's stream broke off: {event.reason}", code=outcome)
+        words = error_event(f"the model's stream broke off: {relayed.reason}", code=outcome)
         return finish(words + DONE_EVENT)
 
     def failed(self, outcome: _core.HttpProxied) -> list[dict[str, object]]:

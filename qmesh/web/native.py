@@ -162,7 +162,7 @@ class NativeHttpServer:
             closing = self.fast.done(event, finish)
         if closing is not None:
             nursery.start_soon(_settle, closing, event.route)
-        elif event.open:
+        elif event.outcome.open:
             exchange.abort()  # nothing else would end it
 
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:

@@ -45,13 +45,7 @@ pub struct HttpRequest {
 pub struct HttpFastDone {
     exchange: u64,
     route: u64,
-    reason: Option<String>,
-    client_gone: bool,
-    open: bool,
-    tokens_in: u64,
-    tokens_out: u64,
-    bytes_out: u64,
-    first_byte_at: f64,
+    outcome: Py<HttpProxied>,
     body_len: usize,
     started_at: f64,
 }
@@ -193,10 +187,7 @@ fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>>
             HttpEvent::FastDone {
                 exchange,
                 route,
-                usage,
-                broken,
-                client_gone,
-                open,
+                outcome,
                 body_len,
                 started_at,
             } => Py::new(
@@ -204,13 +195,7 @@ fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>>
                 HttpFastDone {
                     exchange,
                     route,
-                    reason: broken,
-                    client_gone,
-                    open,
-                    tokens_in: usage.tokens_in,
-                    tokens_out: usage.tokens_out,
-                    bytes_out: usage.bytes_out,
-                    first_byte_at: usage.first_byte_at,
+                    outcome: Py::new(py, proxied(py, exchange, outcome))?,
                     body_len,
                     started_at,
                 },

@@ -179,16 +179,14 @@ pub enum HttpEvent {
         exchange: u64,
         outcome: ProxyOutcome,
     },
-    /// A request the fast path relayed is done with: Python books it. With
-    /// `broken` and `open`, the answer's end waits for Python's closing
-    /// words and `finish`, as for [`HttpEvent::Proxied`].
+    /// A request the fast path relayed is done with: Python books it. Its
+    /// `outcome` is [`ProxyOutcome::Relayed`]; a whole answer went out
+    /// already, and one that broke off and is `open` waits for Python's
+    /// closing words and `finish`, as for [`HttpEvent::Proxied`].
     FastDone {
         exchange: u64,
         route: u64,
-        usage: Usage,
-        broken: Option<String>,
-        client_gone: bool,
-        open: bool,
+        outcome: ProxyOutcome,
         /// The request body's size, and when its request was read.
         body_len: usize,
         started_at: f64,
@@ -1170,13 +1168,16 @@ impl State {
                 } else {
                     open
                 };
-                self.emit(HttpEvent::FastDone {
-                    exchange,
-                    route,
-                    usage,
+                let outcome = ProxyOutcome::Relayed {
                     broken,
                     client_gone,
                     open,
+                    usage,
+                };
+                self.emit(HttpEvent::FastDone {
+                    exchange,
+                    route,
+                    outcome,
                     body_len: fast.body.len(),
                     started_at: fast.started_at,
                 });
