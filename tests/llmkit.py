@@ -167,6 +167,7 @@ class GateApi:
     store: StateStore
     port: int
     tokens: dict[str, str]
+    auth: AppAuthenticator
 
     @property
     def base_url(self) -> str:
@@ -209,9 +210,10 @@ async def start_api(
     service = LlmService(config, store, env=env or {}, master_key=master_key)
     await nursery.start(service.run)
     router = Router(http)
-    add_llm_routes(router, service, AppAuthenticator(store, http))
+    auth = AppAuthenticator(store, http)
+    add_llm_routes(router, service, auth)
     port: int = await nursery.start(serve_http, router, "127.0.0.1", 0)
-    return GateApi(service, store, port, tokens)
+    return GateApi(service, store, port, tokens, auth)
 
 
 @attrs.define

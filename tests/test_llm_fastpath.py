@@ -174,3 +174,21 @@ async def test_an_app_held_to_a_budget_never_skips_python(
     assert fast_relayed(api) == 2, "app-b's second and third"
     rows = await flushed_rows(api, 6)
     assert sum(r["budget"] == "team" for r in rows) == 3
+
+
+async def test_a_key_dropped_by_a_refresh_takes_its_routes_along(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+    )
+    a = client(api)
+    await chat(a, "p")
+    await chat(a, "p")
+    assert fast_relayed(api) == 1
+    assert api.store.set_app_disabled("app-a", True)
+    await api.auth.refresh()  # what the state watcher runs on a change
+    with pytest.raises(openai.PermissionDeniedError, match="disabled"):
+        await chat(a, "p")
+    assert fast_relayed(api) == 1 and acme.requests == 2

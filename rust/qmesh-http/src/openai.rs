@@ -93,6 +93,44 @@ impl CompletionRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a client sends, reading it never panics, and a body it
+        /// reads gives an upstream body that reads back the same.
+        #[test]
+        fn any_body_is_read_or_left_alone(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Some(read) = read_completion_request(&body, 32) {
+                let upstream = read.upstream_body(&body, "other");
+                if let Some(upstream) = upstream {
+                    let again = read_completion_request(&upstream, 32).expect("readable");
+                    prop_assert_eq!(again.model, "other");
+                    prop_assert_eq!(again.stream, read.stream);
+                }
+            }
+        }
+
+        #[test]
+        fn json_shaped_bodies_too(
+            model in "[a-z]{1,8}",
+            stream in proptest::option::of(any::<bool>()),
+            max in proptest::option::of(0u64..200_000_000),
+            text in "\\PC{0,40}",
+        ) {
+            let mut body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]});
+            if let Some(stream) = stream { body["stream"] = stream.into(); }
+            if let Some(max) = max { body["max_tokens"] = max.into(); }
+            let raw = serde_json::to_vec(&body).unwrap();
+            match read_completion_request(&raw, 32) {
+                Some(read) => {
+                    prop_assert_eq!(&read.model, &model);
+                    prop_assert_eq!(read.stream, stream.unwrap_or(false));
+                    prop_assert_eq!(read.max_tokens, max.unwrap_or(DEFAULT_MAX_TOKENS));
+                }
+                None => prop_assert!(max.is_some_and(|m| m == 0 || m > MAX_TOKEN_COUNT)),
+            }
+        }
+    }
 
     #[test]
     fn reads_what_python_reads() {
