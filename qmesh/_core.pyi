@@ -81,6 +81,7 @@ __all__ = [
     "Tampered",
     "TapRecord",
     "TapSpec",
+    "TlsClientConfig",
     "TlsError",
     "TlsServerConfig",
     "TlsSession",
@@ -621,6 +622,14 @@ class TlsServerConfig:
         is refused). TlsError for unusable files."""
 
 @final
+class TlsClientConfig:
+    """A TLS client's trust, loaded once and shared by its connections:
+    servers are verified against ``root_certificates`` (PEM) and must carry
+    the name they are reached by. TlsError when no root is usable."""
+
+    def __new__(cls, root_certificates: bytes, *, alpn: list[bytes] | None = None) -> Self: ...
+
+@final
 class TlsSession:
     """A TLS connection (rustls, TLS 1.2 and 1.3), client or server,
     sans-IO: the caller moves ciphertext between it and the socket. Python
@@ -996,14 +1005,17 @@ class HttpEngine:
         chunk_timeout: float,
         *,
         hold: bool = False,
+        tls: TlsClientConfig | None = None,
+        server_name: str | None = None,
     ) -> bool:
         """Send ``request`` (a whole HTTP/1.1 request) to ``host`` (an IP
         address) ``:port`` on a pooled keep-alive connection, and relay a
         200 answer to the client with ``headers`` added; an
         :class:`HttpProxied` reports the result. With ``hold`` the answer
         goes to the client only once whole (up to 8 MiB; a larger one is
-        relayed as it comes), so one cut short is ``"failed"``. False if the
-        client is gone."""
+        relayed as it comes), so one cut short is ``"failed"``. With ``tls``
+        the upstream is spoken to over TLS, verified for ``server_name``
+        (pooled connections are kept per name). False if the client is gone."""
 
     def route(
         self,
@@ -1025,6 +1037,8 @@ class HttpEngine:
         max_tokens: int,
         max_in_flight: int,
         ttl: float,
+        tls: TlsClientConfig | None = None,
+        server_name: str | None = None,
     ) -> None:
         """The fast path: relay a ``POST path`` with this ``Authorization``
         value whose JSON body asks for ``model`` (streamed or not) to

@@ -31,6 +31,7 @@ from qmesh.state import StateStore
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 from qmesh.web.native import serve_http
+from qmesh.web.tls import GateTls
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -52,6 +53,8 @@ class FakeProvider:
     auth: list[str | None] = attrs.field(factory=list)
     peers: list[str] = attrs.field(factory=list)
     """The client address of each request: one per connection the Gate opened."""
+    tls: GateTls | None = None
+    """Serve https with this certificate."""
 
     def usage(self) -> dict[str, int]:
         return {
@@ -123,7 +126,7 @@ class FakeProvider:
         router = Router()
         router.add("POST", "/v1/chat/completions", self.chat)
         router.add("POST", "/v1/completions", self.chat)
-        await serve_http(router, "127.0.0.1", self.port, task_status=task_status)
+        await serve_http(router, "127.0.0.1", self.port, tls=self.tls, task_status=task_status)
 
 
 async def start_provider(nursery: trio.Nursery, name: str, **options: Any) -> FakeProvider:

@@ -7,16 +7,21 @@ to Python; a failure on the fast path is a failover the client never sees."""
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 
+import attrs
 import openai
 import pytest
 import trio
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 from openai.types.chat import ChatCompletionMessageParam
 from pgkit import in_thread
+from test_pg_tls import make_ca_and_server
 
+from qmesh import _core
 from qmesh.config import BudgetConfig, RoutingConfig
+from qmesh.web.tls import GateTls
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
@@ -192,3 +197,42 @@ async def test_a_key_dropped_by_a_refresh_takes_its_routes_along(
     with pytest.raises(openai.PermissionDeniedError, match="disabled"):
         await chat(a, "p")
     assert fast_relayed(api) == 1 and acme.requests == 2
+
+
+def https_provider_tls(tmp_path: Path) -> tuple[Path, GateTls]:
+    """A throwaway CA and the provider's certificate for 127.0.0.1."""
+    ca, cert, key = make_ca_and_server(tmp_path / "provider-tls", "provider")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    native = _core.TlsServerConfig(cert.read_bytes(), key.read_bytes(), alpn=[b"http/1.1"])
+    return ca, GateTls(context, native, "", cert)
+
+
+async def test_an_https_provider_is_relayed_by_the_engine_and_verified(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, tls = https_provider_tls(tmp_path)
+    acme = await start_provider(nursery, "acme", tls=tls, prompt_tokens=3, completion_tokens=4)
+    config = provider_config("acme", acme.port, [paid_model("p")], api_key="env:K")
+    config = attrs.evolve(config, base_url=f"https://127.0.0.1:{acme.port}/v1")
+    api = await start_api(
+        nursery, tmp_path, providers=[config], env={"K": "sk-secret"},
+        routing=RoutingConfig(cooldown_s=0.0),
+    )  # fmt: skip
+    c = client(api)
+    # Nothing trusts the provider's CA yet: its certificate is refused, and
+    # the request (and its key) never reaches it.
+    with pytest.raises(openai.APIStatusError):
+        await chat(c, "p")
+    assert acme.requests == 0
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the roots the Gate trusts
+    for _ in range(3):
+        assert await chat(c, "p") == ("answer from acme", "provider:acme/p")
+    assert (await streamed(c, "p")).strip() == "answer from acme"
+    assert api.service.executor.relayed == 4, "every answer relayed by the engine"
+    assert fast_relayed(api) == 2
+    assert acme.auth == ["Bearer sk-secret"] * 4
+    assert len(set(acme.peers)) == 1, "one pooled TLS connection carried them all"
+    first, *served = await flushed_rows(api, 5)
+    assert first["outcome"] == "error" and "certificate" in first["hops"].lower()
+    assert [(r["tokens_in"], r["tokens_out"], r["outcome"]) for r in served] == [(3, 4, "ok")] * 4

@@ -147,6 +147,7 @@ def route_installer(
             first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S, chunk_timeout_s=CHUNK_TIMEOUT_S,
             max_body=len(call.raw), max_tokens=call.max_tokens or MAX_TOKEN_COUNT,
             max_in_flight=max_in_flight, ttl_s=ROUTE_TTL_S,
+            tls=target.tls, server_name=target.server_name,
         )  # fmt: skip
         owner = RouteOwner(executor, decision, candidate, ctx, call, target.who, request_ids)
         routes.install(spec, owner)

@@ -45,7 +45,7 @@ from qmesh.llm.calls import (
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.errors import StreamBroken, UpstreamBusy, UpstreamFailed
 from qmesh.web.exchange import ProxyTarget
-from qmesh.web.pool import HttpPool, PoolError, Upstream
+from qmesh.web.pool import HttpPool, PoolError, Upstream, system_trust
 
 __all__ = ["AnthropicProvider", "OpenAIProvider", "status_error"]
 
@@ -158,10 +158,15 @@ class OpenAIProvider:
         return ip
 
     async def native_target(self, candidate: Candidate, call: Call) -> ProxyTarget | None:
-        """The request for the HTTP engine to send (plain-HTTP upstreams;
-        None for TLS ones, which the pooled client serves)."""
-        if self.upstream.scheme != "http":
-            return None
+        """The request for the HTTP engine to send; None when the engine
+        cannot reach the upstream (its name does not resolve now, or an
+        https one without a CA file to verify it), and the pooled client
+        serves it."""
+        tls = None
+        if self.upstream.scheme == "https":
+            tls = system_trust()
+            if tls is None:
+                return None
         ip = await self._ip()
         if ip is None:
             return None
@@ -170,7 +175,10 @@ class OpenAIProvider:
         path = (self.upstream.path + _PATHS[call.endpoint]).encode()
         head = b"POST %s HTTP/1.1\r\n%s" % (path, self._native_head)
         request = b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
-        return ProxyTarget(ip, self.upstream.port, request, self.name, head=head, model=model)
+        return ProxyTarget(
+            ip, self.upstream.port, request, self.name, head=head, model=model,
+            tls=tls, server_name=self.upstream.host if tls is not None else None,
+        )  # fmt: skip
 
     def _body(self, call: Call, model: str, *, stream: bool) -> bytes:
         body = call.body

@@ -44,15 +44,27 @@ def encode_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
 class ProxyTarget:
     """Where and what the engine sends for a relayed request."""
 
-    __slots__ = ("head", "host", "model", "port", "request", "who")
+    __slots__ = ("head", "host", "model", "port", "request", "server_name", "tls", "who")
 
     def __init__(
-        self, host: str, port: int, request: bytes, who: str, *, head: bytes = b"", model: str = ""
+        self,
+        host: str,
+        port: int,
+        request: bytes,
+        who: str,
+        *,
+        head: bytes = b"",
+        model: str = "",
+        tls: _core.TlsClientConfig | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host = host  # an IP address
         self.port = port
         self.request = request  # a whole HTTP/1.1 request
         self.who = who  # the upstream, as errors name it
+        # An https upstream: the trust, and the name its certificate must carry.
+        self.tls = tls
+        self.server_name = server_name
         # For a fast-path route: the request's line and headers without its
         # length, and the model's name at the upstream.
         self.head = head
@@ -97,6 +109,7 @@ class NativeExchange:
         sent = self._engine.proxy(
             self.id, target.host, target.port, target.request, headers,
             first_byte_timeout_s, chunk_timeout_s, hold=hold,
+            tls=target.tls, server_name=target.server_name,
         )  # fmt: skip
         if not sent:
             raise ClientGone

@@ -70,6 +70,8 @@ class RouteSpec:
     max_tokens: int
     max_in_flight: int
     ttl_s: float
+    tls: _core.TlsClientConfig | None = None
+    server_name: str | None = None
 
 
 class FastRoutes:
@@ -99,6 +101,7 @@ class FastRoutes:
             headers=spec.headers, first_byte_timeout=spec.first_byte_timeout_s,
             chunk_timeout=spec.chunk_timeout_s, max_body=spec.max_body,
             max_tokens=spec.max_tokens, max_in_flight=spec.max_in_flight, ttl=spec.ttl_s,
+            tls=spec.tls, server_name=spec.server_name,
         )  # fmt: skip
 
     def forget_all(self) -> None:

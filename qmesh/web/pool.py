@@ -34,6 +34,7 @@ import attrs
 import h11
 import trio
 
+from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, connect_tcp
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "StreamedResponse",
     "Upstream",
     "parse_url",
+    "system_trust",
 ]
 
 log = logging.getLogger(__name__)
@@ -375,3 +377,27 @@ def _close_now(conn: _Connection) -> None:
         stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream | FastSocketStream):
         stream.socket.close()
+
+
+_TRUST: dict[str, _core.TlsClientConfig] = {}
+
+
+def system_trust() -> _core.TlsClientConfig | None:
+    """The roots this pool trusts (``ssl.create_default_context()``'s CA
+    file, ``SSL_CERT_FILE`` honoured), for the HTTP engine's TLS towards
+    upstreams; None when there is no CA file to load (the pool serves
+    those upstreams then). Loaded once per file."""
+    cafile = ssl.get_default_verify_paths().cafile
+    if not cafile:
+        return None
+    trust = _TRUST.get(cafile)
+    if trust is None:
+        try:
+            with open(cafile, "rb") as file:
+                trust = _core.TlsClientConfig(file.read(), alpn=[b"http/1.1"])
+        except (OSError, _core.TlsError) as exc:
+            log.warning("the HTTP engine cannot load the CA file %s (%s): https upstreams "
+                        "are served by the pooled client", cafile, exc)  # fmt: skip
+            return None
+        _TRUST[cafile] = trust
+    return trust

@@ -14,11 +14,26 @@ use qmesh_relay::http::{self as relay, HttpEvent, ProxyOutcome};
 use qmesh_relay::{FastRoute, RouteKey};
 use std::time::Instant;
 
-use crate::tls::TlsServerConfig;
+use crate::tls::{TlsClientConfig, TlsServerConfig};
 use crate::Result;
 
 fn latin1(bytes: &[u8]) -> String {
     bytes.iter().map(|&b| b as char).collect()
+}
+
+/// TLS towards an upstream, from Python's config and the name to verify.
+fn upstream_tls(
+    tls: Option<PyRef<'_, TlsClientConfig>>,
+    server_name: Option<&str>,
+) -> PyResult<Option<relay::UpstreamTls>> {
+    match (tls, server_name) {
+        (None, _) => Ok(None),
+        (Some(config), Some(name)) => Ok(Some(relay::UpstreamTls {
+            config: Arc::clone(&config.inner),
+            server_name: Arc::from(name),
+        })),
+        (Some(_), None) => Err(PyValueError::new_err("tls needs a server_name")),
+    }
 }
 
 fn seconds(value: f64, what: &str) -> PyResult<Duration> {
@@ -309,7 +324,10 @@ impl HttpEngine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (exchange, host, port, request, headers, first_byte_timeout, chunk_timeout, *, hold = false))]
+    #[pyo3(signature = (
+        exchange, host, port, request, headers, first_byte_timeout, chunk_timeout, *,
+        hold = false, tls = None, server_name = None,
+    ))]
     fn proxy(
         &self,
         exchange: u64,
@@ -320,12 +338,15 @@ impl HttpEngine {
         first_byte_timeout: f64,
         chunk_timeout: f64,
         hold: bool,
+        tls: Option<PyRef<'_, TlsClientConfig>>,
+        server_name: Option<&str>,
     ) -> PyResult<bool> {
         let ip = host
             .parse()
             .map_err(|_| PyValueError::new_err(format!("{host:?} is not an IP address")))?;
         let spec = relay::ProxySpec {
             addr: SocketAddr::new(ip, port),
+            tls: upstream_tls(tls, server_name)?,
             request: Arc::from(request),
             headers: Arc::from(headers),
             first_byte_timeout: seconds(first_byte_timeout, "first_byte_timeout")?,
@@ -341,7 +362,7 @@ impl HttpEngine {
     #[pyo3(signature = (
         authorization, path, model, stream, *, route, app, host, port, request_head,
         upstream_model, headers, first_byte_timeout, chunk_timeout, max_body, max_tokens,
-        max_in_flight, ttl,
+        max_in_flight, ttl, tls = None, server_name = None,
     ))]
     fn route(
         &self,
@@ -362,6 +383,8 @@ impl HttpEngine {
         max_tokens: u64,
         max_in_flight: usize,
         ttl: f64,
+        tls: Option<PyRef<'_, TlsClientConfig>>,
+        server_name: Option<&str>,
     ) -> PyResult<()> {
         let ip = host
             .parse()
@@ -377,6 +400,7 @@ impl HttpEngine {
             app: Arc::from(app),
             max_in_flight,
             addr: SocketAddr::new(ip, port),
+            tls: upstream_tls(tls, server_name)?,
             request_head: request_head.to_vec(),
             upstream_model: upstream_model.to_owned(),
             headers: Arc::from(headers),

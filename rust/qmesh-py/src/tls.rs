@@ -37,6 +37,22 @@ impl TlsServerConfig {
     }
 }
 
+/// A client's trust: roots and verification, loaded once (see ``qmesh/_core.pyi``).
+#[pyclass(module = "qmesh._core", name = "TlsClientConfig", frozen)]
+pub struct TlsClientConfig {
+    pub(crate) inner: Arc<rustls::ClientConfig>,
+}
+
+#[pymethods]
+impl TlsClientConfig {
+    #[new]
+    #[pyo3(signature = (root_certificates, *, alpn = None))]
+    fn new(root_certificates: &[u8], alpn: Option<Vec<Vec<u8>>>) -> Result<Self> {
+        let inner = tls::client_config(Verify::Full, root_certificates, alpn.unwrap_or_default())?;
+        Ok(TlsClientConfig { inner })
+    }
+}
+
 /// A TLS connection, sans-IO (see ``qmesh/_core.pyi``).
 #[pyclass(module = "qmesh._core", name = "TlsSession")]
 pub struct TlsSession {
@@ -153,6 +169,7 @@ impl TlsSession {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TlsServerConfig>()?;
+    m.add_class::<TlsClientConfig>()?;
     m.add_class::<TlsSession>()?;
     Ok(())
 }

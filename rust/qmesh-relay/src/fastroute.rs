@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::http::UpstreamTls;
+
 /// What a request must carry to take a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteKey {
@@ -39,6 +41,8 @@ pub struct FastRoute {
     pub app: Arc<str>,
     pub max_in_flight: usize,
     pub addr: SocketAddr,
+    /// TLS towards it (an https upstream).
+    pub tls: Option<UpstreamTls>,
     /// The upstream request's line and headers, up to (without) its
     /// `content-length` and the blank line.
     pub request_head: Vec<u8>,
@@ -192,6 +196,7 @@ mod tests {
             app: Arc::from("a"),
             max_in_flight: 2,
             addr: "127.0.0.1:1".parse().unwrap(),
+            tls: None,
             request_head: Vec::new(),
             upstream_model: "m".into(),
             headers: Arc::from(&b""[..]),

@@ -94,10 +94,20 @@ pub struct HttpConfig {
     pub upstream_idle: Duration,
 }
 
+/// TLS towards an upstream: the client configuration, and the name its
+/// certificate must carry (also sent as SNI).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: Arc<str>,
+}
+
 /// What [`HttpEngine::proxy`] sends where.
 #[derive(Debug, Clone)]
 pub struct ProxySpec {
     pub addr: SocketAddr,
+    /// Speak TLS to it (an https upstream).
+    pub tls: Option<UpstreamTls>,
     /// A whole HTTP/1.1 request, sent on a pooled or new connection.
     pub request: Arc<[u8]>,
     /// `name: value\r\n` lines added to the relayed answer's head.
@@ -117,6 +127,7 @@ impl ProxySpec {
     fn idle(addr: SocketAddr) -> Self {
         ProxySpec {
             addr,
+            tls: None,
             request: Arc::from(&[][..]),
             headers: Arc::from(&[][..]),
             first_byte_timeout: Duration::ZERO,
@@ -275,11 +286,17 @@ enum UpPhase {
     Idle,
 }
 
+/// Where an idle upstream connection may be reused: its address, and the
+/// name its TLS was verified for (None: plain).
+type PoolKey = (SocketAddr, Option<Arc<str>>);
+
 struct Upstream {
     socket: Socket,
     interest: u32,
-    /// Where it is connected (the pool's key).
+    /// Where it is connected, and as whom (the pool's key).
+    key: PoolKey,
     addr: SocketAddr,
+    tls: Option<TlsLink>,
     phase: UpPhase,
     /// What it carries now (while idle: the last one, its request dropped).
     spec: ProxySpec,
@@ -306,7 +323,7 @@ struct State {
     closed: bool,
     clients: HashMap<u64, Client>,
     upstreams: HashMap<u64, Upstream>,
-    idle: HashMap<SocketAddr, Vec<u64>>,
+    idle: HashMap<PoolKey, Vec<u64>>,
     exchanges: HashMap<u64, u64>,
     events: Vec<HttpEvent>,
     notified: bool,
@@ -426,72 +443,80 @@ impl Client {
         !self.out.is_empty() || self.tls.as_ref().is_some_and(TlsLink::wants_write)
     }
 
-    /// Write what the socket takes of `out` (through TLS if any): how many
-    /// bytes of `out` went; an error for a connection that is broken.
     fn transmit(&mut self) -> io::Result<usize> {
-        let fd = self.socket.as_raw_fd();
-        let mut taken = 0;
-        match &mut self.tls {
-            None => {
-                while taken < self.out.len() {
-                    match sys::send(fd, &self.out[taken..]) {
-                        Ok(n) => taken += n,
-                        Err(err) if sys::would_block(&err) => break,
-                        Err(err) => return Err(err),
-                    }
-                }
-            }
-            Some(link) => loop {
-                let n = link.write(&self.out[taken..])?;
-                taken += n;
-                link.flush(fd)?;
-                if n == 0 || taken == self.out.len() || link.wants_write() {
-                    break;
-                }
-            },
-        }
+        let taken = transmit(&self.socket, self.tls.as_mut(), &self.out)?;
         self.out.drain(..taken);
         Ok(taken)
     }
 
-    /// Read what the socket has into `rbuf` (through TLS if any, whose
-    /// handshake answers go out here): how much, `Ok(0)` at the end.
     fn receive(&mut self) -> io::Result<usize> {
-        let Some(link) = &mut self.tls else {
-            return read_into(&self.socket, &mut self.rbuf);
-        };
-        let fd = self.socket.as_raw_fd();
-        let mut total = 0;
-        // Until the socket is drained, or enough for one round: plaintext
-        // left inside TLS is read on (no socket event would announce it).
-        while total < 4 * READ_SIZE || link.has_pending() {
-            self.rbuf.reserve(READ_SIZE);
-            let len = self.rbuf.len();
-            // SAFETY: as in `read_into`: `read` fills the first `n` bytes of
-            // the spare capacity, and only those are kept.
-            let result = unsafe {
-                let spare =
-                    std::slice::from_raw_parts_mut(self.rbuf.as_mut_ptr().add(len), READ_SIZE);
-                link.read(fd, spare)
-            };
-            match result {
-                Ok(0) => break,
-                // SAFETY: see above.
-                Ok(n) => unsafe { self.rbuf.set_len(len + n) },
-                Err(err) if sys::would_block(&err) => {
-                    link.flush(fd)?;
-                    if total == 0 {
-                        return Err(err);
-                    }
-                    break;
-                }
-                Err(err) => return Err(err),
-            }
-            total += self.rbuf.len() - len;
-        }
-        link.flush(fd)?;
-        Ok(total)
+        receive(&self.socket, self.tls.as_mut(), &mut self.rbuf)
     }
+}
+
+/// Write what the socket takes of `out` (through TLS if any): how many
+/// bytes of `out` went; an error for a connection that is broken.
+fn transmit(socket: &Socket, tls: Option<&mut TlsLink>, out: &[u8]) -> io::Result<usize> {
+    let fd = socket.as_raw_fd();
+    let mut taken = 0;
+    match tls {
+        None => {
+            while taken < out.len() {
+                match sys::send(fd, &out[taken..]) {
+                    Ok(n) => taken += n,
+                    Err(err) if sys::would_block(&err) => break,
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Some(link) => loop {
+            let n = link.write(&out[taken..])?;
+            taken += n;
+            link.flush(fd)?;
+            if n == 0 || taken == out.len() || link.wants_write() {
+                break;
+            }
+        },
+    }
+    Ok(taken)
+}
+
+/// Read what the socket has into `rbuf` (through TLS if any, whose
+/// handshake answers go out here): how much, `Ok(0)` at the end.
+fn receive(socket: &Socket, tls: Option<&mut TlsLink>, rbuf: &mut Vec<u8>) -> io::Result<usize> {
+    let Some(link) = tls else {
+        return read_into(socket, rbuf);
+    };
+    let fd = socket.as_raw_fd();
+    let mut total = 0;
+    // Until the socket is drained, or enough for one round: plaintext
+    // left inside TLS is read on (no socket event would announce it).
+    while total < 4 * READ_SIZE || link.has_pending() {
+        rbuf.reserve(READ_SIZE);
+        let len = rbuf.len();
+        // SAFETY: as in `read_into`: `read` fills the first `n` bytes of
+        // the spare capacity, and only those are kept.
+        let result = unsafe {
+            let spare = std::slice::from_raw_parts_mut(rbuf.as_mut_ptr().add(len), READ_SIZE);
+            link.read(fd, spare)
+        };
+        match result {
+            Ok(0) => break,
+            // SAFETY: see above.
+            Ok(n) => unsafe { rbuf.set_len(len + n) },
+            Err(err) if sys::would_block(&err) => {
+                link.flush(fd)?;
+                if total == 0 {
+                    return Err(err);
+                }
+                break;
+            }
+            Err(err) => return Err(err),
+        }
+        total += rbuf.len() - len;
+    }
+    link.flush(fd)?;
+    Ok(total)
 }
 
 fn read_into(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -1120,6 +1145,7 @@ impl State {
         wire.extend_from_slice(&upstream_body);
         let spec = ProxySpec {
             addr: route.addr,
+            tls: route.tls.clone(),
             request: Arc::from(wire),
             headers: Arc::clone(&route.headers),
             first_byte_timeout: route.first_byte_timeout,
@@ -1263,13 +1289,14 @@ impl State {
         deadline: Instant,
     ) {
         let addr = spec.addr;
-        let pooled = self.idle.get_mut(&addr).and_then(Vec::pop);
+        let key = (addr, spec.tls.as_ref().map(|t| Arc::clone(&t.server_name)));
+        let pooled = self.idle.get_mut(&key).and_then(Vec::pop);
         let (id, reused) = match pooled {
             Some(id) => {
                 self.stats.reused += 1;
                 (id, true)
             }
-            None => match self.connect(addr) {
+            None => match self.connect(key, spec.tls.as_ref()) {
                 Ok(id) => (id, false),
                 Err(err) => {
                     if let Some(c) = self.clients.get_mut(&client) {
@@ -1314,7 +1341,15 @@ impl State {
         self.upstream_progress(reg, id);
     }
 
-    fn connect(&mut self, addr: SocketAddr) -> io::Result<u64> {
+    fn connect(&mut self, key: PoolKey, tls: Option<&UpstreamTls>) -> io::Result<u64> {
+        let addr = key.0;
+        let link = match tls {
+            Some(t) => Some(TlsLink::new(
+                tls::connect(Arc::clone(&t.config), &t.server_name)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            )),
+            None => None,
+        };
         // socket2 sets close-on-exec on the sockets it makes.
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
@@ -1330,7 +1365,9 @@ impl State {
             Upstream {
                 socket,
                 interest: 0,
+                key,
                 addr,
+                tls: link,
                 phase: UpPhase::Connecting,
                 spec: ProxySpec::idle(addr),
                 sent: 0,
@@ -1362,7 +1399,8 @@ impl State {
             UpPhase::Connecting => WRITABLE,
             UpPhase::Idle => READABLE,
             UpPhase::Exchanging => {
-                let sending = if up.sent < up.spec.request.len() {
+                let unsent = up.tls.as_ref().is_some_and(TlsLink::wants_write);
+                let sending = if up.sent < up.spec.request.len() || unsent {
                     WRITABLE
                 } else {
                     0
@@ -1410,14 +1448,12 @@ impl State {
             return;
         };
         if up.phase == UpPhase::Exchanging {
-            while up.sent < up.spec.request.len() {
-                match sys::send(up.socket.as_raw_fd(), &up.spec.request[up.sent..]) {
-                    Ok(n) => up.sent += n,
-                    Err(err) if sys::would_block(&err) => break,
-                    Err(err) => {
-                        self.upstream_lost(reg, id, format!("sending the request failed: {err}"));
-                        return;
-                    }
+            let rest = &up.spec.request[up.sent..];
+            match transmit(&up.socket, up.tls.as_mut(), rest) {
+                Ok(n) => up.sent += n,
+                Err(err) => {
+                    self.upstream_lost(reg, id, format!("sending the request failed: {err}"));
+                    return;
                 }
             }
         }
@@ -1431,7 +1467,7 @@ impl State {
         if up.phase != UpPhase::Exchanging {
             return;
         }
-        match read_into(&up.socket, &mut up.rbuf) {
+        match receive(&up.socket, up.tls.as_mut(), &mut up.rbuf) {
             Ok(0) => {
                 let whole = up.head.as_ref().is_some_and(|(_, d, _)| d.until_close());
                 if whole {
@@ -1703,7 +1739,7 @@ impl State {
         let Some(up) = self.upstreams.get_mut(&id) else {
             return;
         };
-        let pool = self.idle.entry(up.addr).or_default();
+        let pool = self.idle.entry(up.key.clone()).or_default();
         if !reusable || !up.rbuf.is_empty() || pool.len() >= max_idle {
             self.close_upstream(reg, id);
             return;
@@ -1725,10 +1761,10 @@ impl State {
             return;
         };
         reg.unwatch(up.socket.as_raw_fd());
-        if let Some(pool) = self.idle.get_mut(&up.addr) {
+        if let Some(pool) = self.idle.get_mut(&up.key) {
             pool.retain(|&other| other != id);
             if pool.is_empty() {
-                self.idle.remove(&up.addr);
+                self.idle.remove(&up.key);
             }
         }
     }

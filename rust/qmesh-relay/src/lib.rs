@@ -19,7 +19,9 @@ pub use engine::{
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
 pub use fastroute::{FastRoute, RouteKey};
-pub use http::{HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, Usage};
+pub use http::{
+    HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, UpstreamTls, Usage,
+};
 pub use notify::Notifier;
 pub use reactor::engine_threads;
 pub use sys::monotonic;
