@@ -14,7 +14,15 @@ import attrs
 import openai
 import pytest
 import trio
-from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
+from llmkit import (
+    FakeProvider,
+    GateApi,
+    flushed_rows,
+    paid_model,
+    provider_config,
+    start_api,
+    start_provider,
+)
 from openai.types.chat import ChatCompletionMessageParam
 from pgkit import in_thread
 from test_pg_tls import make_ca_and_server
@@ -50,6 +58,19 @@ async def streamed(c: openai.OpenAI, model: str) -> str:
         return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
     return await in_thread(run)
+
+
+async def routed(nursery: trio.Nursery, tmp_path: Path) -> tuple[FakeProvider, GateApi]:
+    """A Gate with one provider (model ``p``), and a route installed for
+    app-a's chat with it: one request decided by Python, one on the route."""
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+    )
+    await chat(client(api), "p")
+    await chat(client(api), "p")
+    assert fast_relayed(api) == 1
+    return acme, api
 
 
 async def test_requests_like_a_decided_one_skip_python_and_are_booked_alike(
@@ -88,14 +109,8 @@ async def test_requests_like_a_decided_one_skip_python_and_are_booked_alike(
 async def test_what_the_decision_did_not_cover_goes_to_python(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    acme = await start_provider(nursery, "acme")
-    api = await start_api(
-        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
-    )
+    acme, api = await routed(nursery, tmp_path)
     a = client(api)
-    await chat(a, "p")
-    await chat(a, "p")
-    assert fast_relayed(api) == 1
     # A longer prompt, another app, a stream: each decided by Python.
     longer: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello " * 200}]
     assert (await chat(a, "p", longer))[0] == "answer from acme"
@@ -104,6 +119,7 @@ async def test_what_the_decision_did_not_cover_goes_to_python(
     assert fast_relayed(api) == 1
     rows = await flushed_rows(api, 5)
     assert [r["app"] for r in rows] == ["app-a", "app-a", "app-a", "app-b", "app-a"]
+    assert acme.requests == 5
 
 
 async def test_a_failure_on_the_fast_path_moves_to_the_next_candidate(
@@ -184,14 +200,8 @@ async def test_an_app_held_to_a_budget_never_skips_python(
 async def test_a_key_dropped_by_a_refresh_takes_its_routes_along(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    acme = await start_provider(nursery, "acme")
-    api = await start_api(
-        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
-    )
+    acme, api = await routed(nursery, tmp_path)
     a = client(api)
-    await chat(a, "p")
-    await chat(a, "p")
-    assert fast_relayed(api) == 1
     assert api.store.set_app_disabled("app-a", True)
     await api.auth.refresh()  # what the state watcher runs on a change
     with pytest.raises(openai.PermissionDeniedError, match="disabled"):
