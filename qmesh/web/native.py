@@ -123,8 +123,6 @@ class NativeHttpServer:
             for event in engine.poll():
                 if isinstance(event, _core.HttpRequest):
                     exchange = NativeExchange(engine, event.exchange, self.fast)
-                    if event.failed_route is not None and event.failed is not None:
-                        exchange.earlier_hops = self.fast.failed(event.failed_route, event.failed)
                     exchanges[event.exchange] = exchange
                     nursery.start_soon(self._serve_request, exchange, event)
                     continue
@@ -169,6 +167,10 @@ class NativeHttpServer:
         request = _request(event, exchange, self.source_of(event.peer))
         try:
             with peer_boundary(f"http request from {request.client}", log):
+                if event.failed_route is not None and event.failed is not None:
+                    # Its attempt on the fast path, told to the route's owner
+                    # inside this request's boundary, not the dispatcher's.
+                    exchange.earlier_hops = self.fast.failed(event.failed_route, event.failed)
                 response = await handle_request(self.router, request)
                 await _answer(exchange, response, self.limits)
         finally:

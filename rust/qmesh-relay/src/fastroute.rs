@@ -165,10 +165,9 @@ impl Routes {
         std::mem::take(&mut self.released)
     }
 
+    /// `id` is no longer live (Python gives each route its own id, under
+    /// one key): released once its last request is done.
     fn retire(&mut self, id: u64) {
-        if self.live.values().any(|r| r.id == id) {
-            return; // the same route under another key
-        }
         if self.users.contains_key(&id) {
             self.retired.insert(id);
         } else {
