@@ -6,6 +6,7 @@ Run it from the repository root with the project's interpreter::
     .venv/bin/python bench/memory.py              # 200 documents, ~11,000 sentences
     .venv/bin/python bench/memory.py --quick      # smoke run, ~1,100 sentences
     .venv/bin/python bench/memory.py --docs 400 --queries 1000
+    .venv/bin/python bench/memory.py --qa-only    # part 4 alone, on SQLite: seconds
 
 Part 1, ingest. A corpus is generated deterministically (``--seed``): each
 document is news-like prose about a few of 200 fictional companies, built
@@ -33,6 +34,24 @@ precision and recall of the answers against the sentences each question is
 known to need, "not found" on the unsupported questions, and a check that
 every citation's offsets slice the stored document to exactly its text.
 
+Part 4, the QA set (``bench/memory_qa.py``): questions written the way
+users ask them, about short documents in which many facts are stated
+through a pronoun or a description ("It was founded in 2011 by ...", "The
+firm opened a second plant in Porto"), some sources disagree, and a third
+of the questions cannot be answered from the text (traps where a sentence
+speaks of the asked event but not the asked role, unknown companies,
+attributes never stated). Reported separately: answerable questions
+answered with an exact citation (the answer names an expected answer, in
+its quoted text or in a fact that cites a quoted sentence, and quotes at
+least one of the sentences that state it), split into plainly stated and
+pronoun- or description-stated facts; citation precision over the
+answerable questions that got an answer (quoted sentences that state the
+answer / all quoted); unsupported claims (unanswerable questions answered
+instead of "not found"); and conflicts surfaced (the answer's ``conflicts``
+hold both values the sources give). Then every miss, with the question and
+what came back. ``--qa-only`` runs this part alone (on SQLite unless
+``--backends`` says otherwise).
+
 Each part runs on every backend of ``--backends`` (default: SQLite, then
 PostgreSQL on a throwaway local cluster started with scripts/pgcluster.py),
 printed side by side, and the run ends with how many questions got the same
@@ -50,6 +69,7 @@ import contextlib
 import html
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -62,7 +82,9 @@ import attrs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import memory_qa  # noqa: E402
 from memory_corpus import DOCUMENTS, QUESTIONS  # noqa: E402
 
 from qmesh.memory.extract import RuleExtractor  # noqa: E402
@@ -382,21 +404,185 @@ def bench_test_corpus(location: Path | str) -> tuple[Rows, Answers]:
     return rows, answers
 
 
+def _shorten(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _names_answer(answer: Answer, expected: tuple[str, ...], quoted: set[str]) -> bool:
+    """Whether the answer names one of ``expected``: in its quoted text, or
+    as the subject or object of a fact that cites a quoted sentence (so that
+    "In 2022 it bought Lumeo Diagnostics" answers "Who bought Lumeo?" when
+    the memory knows, and says, that "it" is Kestrel Pharma)."""
+    # Whole words only: "60" is not named by "1960", nor "200" by "2009".
+    wanted = [re.compile(rf"(?<!\w){re.escape(e)}(?!\w)", re.IGNORECASE) for e in expected]
+    names = [answer.answer] + [
+        name
+        for fact in answer.facts
+        if quoted.intersection(c.text for c in fact.citations)
+        for name in (fact.subject, fact.object)
+    ]
+    return any(w.search(name) for w in wanted for name in names)
+
+
+def _surfaced(answer: Answer, values: tuple[str, ...]) -> bool:
+    """Whether one of the answer's conflicts holds at least two of ``values``."""
+    for conflict in answer.conflicts:
+        given = [v.lower() for v, _ in conflict.values]
+        if sum(any(x.lower() in g or g in x.lower() for g in given) for x in values) >= 2:
+            return True
+    return False
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "0/0"
+
+
+def bench_qa(location: Path | str) -> tuple[Rows, Answers, list[str]]:
+    """Part 4: the QA set of bench/memory_qa.py on a fresh store. Returns
+    the rows, the answers (for the comparison between backends) and the
+    miss list."""
+    answers: Answers = []
+    misses: list[str] = []
+    with StateStore.open(location) as state:
+        memory = Memory(state)
+        for document_id, (fmt, text) in memory_qa.DOCUMENTS.items():
+            memory.add(text, format=fmt, document_id=document_id)
+        stored = {
+            s.text
+            for d in memory.documents(access=OPERATOR)
+            for s in memory.document(d.id, access=OPERATOR)[2]
+        }
+        support = {s for qa in memory_qa.QUESTIONS for s in qa.support}
+        for sentence in sorted(support - stored):
+            misses.append(f"QA DATA: not a stored sentence: {sentence!r}")
+        results = [(qa, memory.ask(qa.question, access=OPERATOR)) for qa in memory_qa.QUESTIONS]
+    exact = dict.fromkeys(("plain", "pronoun", "description"), 0)
+    asked = dict.fromkeys(("plain", "pronoun", "description"), 0)
+    wrong = not_found = cited_total = cited_right = 0
+    claims = dict.fromkeys(("trap", "unknown", "unstated"), 0)
+    unanswerable = dict.fromkeys(("trap", "unknown", "unstated"), 0)
+    conflicts = surfaced = 0
+    for qa, answer in results:
+        cited = _cited(answer)
+        answers.append((qa.question, answer.found, frozenset(cited)))
+        came = _shorten(answer.answer)
+        if qa.answerable:
+            assert qa.stated is not None
+            asked[qa.stated] += 1
+            gold = set(qa.support)
+            if not answer.found:
+                not_found += 1
+                misses.append(
+                    f"NOT FOUND ({qa.stated}): {qa.question!r} expected {' / '.join(qa.answers)}"
+                    f" from {_shorten(qa.support[0], 90)!r}"
+                )
+            else:
+                cited_total += len(cited)
+                cited_right += len(cited & gold)
+                if cited & gold and _names_answer(answer, qa.answers, cited):
+                    exact[qa.stated] += 1
+                    if cited - gold:
+                        misses.append(
+                            f"EXTRA CITATION ({qa.stated}): {qa.question!r} also quotes "
+                            + "; ".join(repr(_shorten(t, 90)) for t in sorted(cited - gold))
+                        )
+                else:
+                    wrong += 1
+                    misses.append(
+                        f"WRONG ({qa.stated}): {qa.question!r} expected {' / '.join(qa.answers)}"
+                        f"; came back {came!r}"
+                    )
+            if qa.conflict:
+                conflicts += 1
+                if _surfaced(answer, qa.conflict):
+                    surfaced += 1
+                else:
+                    given = "; ".join(
+                        f"{c.about} {c.predicate}: {', '.join(v for v, _ in c.values)}"
+                        for c in answer.conflicts
+                    )
+                    misses.append(
+                        f"CONFLICT NOT SURFACED: {qa.question!r} sources say "
+                        f"{' / '.join(qa.conflict)}; conflicts: {given or 'none'};"
+                        f" came back {came!r}"
+                    )
+        else:
+            assert qa.why is not None
+            unanswerable[qa.why] += 1
+            if answer.found:
+                claims[qa.why] += 1
+                misses.append(f"UNSUPPORTED ({qa.why}): {qa.question!r} came back {came!r}")
+    answerable = sum(asked.values())
+    indirect = asked["pronoun"] + asked["description"]
+    rows: Rows = {
+        "documents / questions": (
+            f"{len(memory_qa.DOCUMENTS)} / {len(memory_qa.QUESTIONS)}",
+            "",
+        ),
+        "answerable answered, exact citation": (
+            _share(sum(exact.values()), answerable),
+            "names the answer, quotes a sentence stating it",
+        ),
+        "  stated plainly": (_share(exact["plain"], asked["plain"]), ""),
+        "  stated through a pronoun or description": (
+            _share(exact["pronoun"] + exact["description"], indirect),
+            "",
+        ),
+        "    pronoun": (_share(exact["pronoun"], asked["pronoun"]), ""),
+        "    description": (_share(exact["description"], asked["description"]), ""),
+        "answerable answered without exact citation": (f"{wrong}", "wrong or weaker source"),
+        "answerable 'not found'": (f"{not_found}", ""),
+        "citation precision (answerable, answered)": (
+            f"{cited_right / max(1, cited_total):.3f}",
+            f"{cited_right}/{cited_total} quoted sentences state the answer",
+        ),
+        "unsupported claims (unanswerable answered)": (
+            f"{sum(claims.values())}/{sum(unanswerable.values())}",
+            "should be 0",
+        ),
+        "  traps / unknown / unstated": (
+            " / ".join(f"{claims[k]}/{unanswerable[k]}" for k in claims),
+            "",
+        ),
+        "conflicts surfaced": (f"{surfaced}/{conflicts}", "both values in Answer.conflicts"),
+        "supporting sentences stored as sentences": (
+            f"{len(support & stored)}/{len(support)}",
+            "QA data check",
+        ),
+    }
+    # The issue's acceptance targets, on this set.
+    precision = cited_right / cited_total if cited_total else 0.0
+    for label, met in (
+        ("target: >= 90% answered, exact citation", sum(exact.values()) >= 0.9 * answerable),
+        ("target: 0 unsupported claims", not sum(claims.values())),
+        ("target: citation precision >= 0.95", precision >= 0.95),
+    ):
+        rows[label] = ("met" if met else "NOT met", "")
+    return rows, answers, misses
+
+
 @attrs.frozen
 class BackendRun:
-    ingest: Rows
-    queries: Rows
-    corpus: Rows
+    ingest: Rows | None
+    queries: Rows | None
+    corpus: Rows | None
+    qa: Rows
+    qa_misses: list[str]
     answers: Answers
 
 
 def run_backend(
-    generated: Generated,
+    generated: Generated | None,
     companies: list[Company],
     args: argparse.Namespace,
-    locations: tuple[Path | str, Path | str],
+    locations: tuple[Path | str, Path | str, Path | str],
 ) -> BackendRun:
-    """The three parts on one backend: ``locations`` are two empty stores."""
+    """The four parts on one backend (only the fourth without ``generated``):
+    ``locations`` are three empty stores."""
+    if generated is None:
+        qa, qa_answers, qa_misses = bench_qa(locations[2])
+        return BackendRun(None, None, None, qa, qa_misses, qa_answers)
     with StateStore.open(locations[0]) as state:
         memory = Memory(state)
         ingest = bench_ingest(memory, generated)
@@ -408,7 +594,8 @@ def run_backend(
             f"ms ({report.sentences} sentences)",
         )
     corpus, corpus_answers = bench_test_corpus(locations[1])
-    return BackendRun(ingest, queries, corpus, answers + corpus_answers)
+    qa, qa_answers, qa_misses = bench_qa(locations[2])
+    return BackendRun(ingest, queries, corpus, qa, qa_misses, answers + corpus_answers + qa_answers)
 
 
 def _print_part(title: str, parts: list[Rows]) -> None:
@@ -426,23 +613,35 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="20 documents, 100 questions")
     parser.add_argument(
+        "--qa-only",
+        action="store_true",
+        help="only part 4, the QA set of bench/memory_qa.py (on SQLite unless --backends)",
+    )
+    parser.add_argument(
         "--backends",
-        default="sqlite,postgresql",
-        help="state stores to run on, side by side (PostgreSQL: a throwaway local cluster)",
+        default=None,
+        help="state stores to run on, side by side (PostgreSQL: a throwaway local cluster);"
+        " default sqlite,postgresql, or sqlite with --qa-only",
     )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.quick:
         args.docs, args.queries = 20, 100
+    if args.backends is None:
+        args.backends = "sqlite" if args.qa_only else "sqlite,postgresql"
     backends = args.backends.split(",")
     if not set(backends) <= {"sqlite", "postgresql"}:
         parser.error("--backends takes sqlite and/or postgresql")
-    generated, companies = generate(args.docs, args.sentences_per_doc, args.seed)
+    generated: Generated | None = None
+    companies: list[Company] = []
+    if not args.qa_only:
+        generated, companies = generate(args.docs, args.sentences_per_doc, args.seed)
     runs: dict[str, BackendRun] = {}
     with contextlib.ExitStack() as cleanup:
         tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="qmesh-bench-memory-")))
         for backend in backends:
+            locations: tuple[Path | str, Path | str, Path | str]
             if backend == "sqlite":
-                locations: tuple[Path | str, Path | str] = (tmp / "state.db", tmp / "corpus.db")
+                locations = (tmp / "state.db", tmp / "corpus.db", tmp / "qa.db")
             else:
                 locations = _postgres_databases(cleanup, tmp)
             print(f"running on {backend}...", file=sys.stderr)
@@ -453,9 +652,19 @@ def main(argv: Iterable[str] | None = None) -> int:
     ))  # fmt: skip
     print(f"  {'':<44}" + "".join(f"{b:>24}" for b in backends))
     done = list(runs.values())
-    _print_part("1. ingest, generated corpus", [r.ingest for r in done])
-    _print_part(f"2. queries on that store ({args.queries} questions)", [r.queries for r in done])
-    _print_part("3. the test corpus (tests/memory_corpus.py)", [r.corpus for r in done])
+    if not args.qa_only:
+        _print_part("1. ingest, generated corpus", [r.ingest for r in done if r.ingest])
+        _print_part(
+            f"2. queries on that store ({args.queries} questions)",
+            [r.queries for r in done if r.queries],
+        )
+        _print_part(
+            "3. the test corpus (tests/memory_corpus.py)", [r.corpus for r in done if r.corpus]
+        )
+    _print_part("4. the QA set, asked as users ask (bench/memory_qa.py)", [r.qa for r in done])
+    print(f"\nQA misses on {backends[0]} ({len(done[0].qa_misses)}):")
+    for line in done[0].qa_misses:
+        print(f"  {line}")
     if len(done) == 2:
         first, second = done[0].answers, done[1].answers
         same = sum(a == b for a, b in zip(first, second, strict=True))
@@ -469,8 +678,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     return 0
 
 
-def _postgres_databases(cleanup: contextlib.ExitStack, tmp: Path) -> tuple[str, str]:
-    """Two empty databases on a throwaway PostgreSQL (scripts/pgcluster.py)."""
+def _postgres_databases(cleanup: contextlib.ExitStack, tmp: Path) -> tuple[str, str, str]:
+    """Three empty databases on a throwaway PostgreSQL (scripts/pgcluster.py)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from pgcluster import PgCluster
 
@@ -482,9 +691,11 @@ def _postgres_databases(cleanup: contextlib.ExitStack, tmp: Path) -> tuple[str, 
     cluster = cleanup.enter_context(PgCluster(base / "cluster"))
     cluster.psql("CREATE DATABASE bench_memory")
     cluster.psql("CREATE DATABASE bench_corpus")
+    cluster.psql("CREATE DATABASE bench_qa")
     return (
         cluster.dsn_for("postgres", cluster.password, "bench_memory"),
         cluster.dsn_for("postgres", cluster.password, "bench_corpus"),
+        cluster.dsn_for("postgres", cluster.password, "bench_qa"),
     )
 
 
