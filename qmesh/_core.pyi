@@ -25,7 +25,7 @@ Reliable sequences continue across reconnects of one session; control
 sequences restart at 0 on every connection. Keys are fresh per connection.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar, Final, Literal, Self, TypeAlias, final
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
     "TlsSession",
     "Truncated",
     "TunnelEngine",
+    "canonical_row",
     "decode_reason",
     "encode_authentication",
     "encode_backend_key_data",
@@ -126,6 +127,8 @@ __all__ = [
     "parse_sasl_initial_response",
     "parse_sasl_mechanisms",
     "parse_startup",
+    "seal_row",
+    "seal_rows",
 ]
 
 BufferLike: TypeAlias = bytes | bytearray | memoryview
@@ -846,6 +849,29 @@ def json_nesting_depth(data: bytes) -> int:
     parsing it: brackets in strings do not count; a string left open runs to
     the end; unbalanced input gives some number."""
 
+# -- the ledger's hash chain (qmesh-chain) -----------------------------------------
+
+def seal_rows(
+    key: bytes,
+    prev: bytes,
+    first_id: int,
+    rows: Iterable[Iterable[bool | int | float | str | None]],
+) -> list[bytes]:
+    """HMAC-SHA256 seals of consecutive rows with ids from ``first_id``, each
+    over the one before's seal (``prev``, 32 bytes, for the first) and the
+    row's canonical JSON (:func:`canonical_row`); the GIL is released while
+    sealing. Another value type is a ``TypeError``, an int outside i64 an
+    ``OverflowError``, a ``prev`` not 32 bytes long a ``ValueError``."""
+
+def seal_row(
+    key: bytes, prev: bytes, row_id: int, values: Iterable[bool | int | float | str | None]
+) -> bytes:
+    """The seal of one row (see :func:`seal_rows`)."""
+
+def canonical_row(row_id: int, values: Iterable[bool | int | float | str | None]) -> bytes:
+    """``json.dumps([row_id, *values], separators=(",", ":"),
+    ensure_ascii=False).encode()``, byte for byte."""
+
 # -- the HTTP engine (qmesh-relay's http.rs, qmesh-http) ---------------------------
 
 @final
@@ -952,8 +978,8 @@ class HttpEngine:
         inline: bool = False,
     ) -> Self:
         """On the process's engine threads, or with ``inline`` on none: its
-        owner then calls :meth:`poll` when ``poll_fd`` is readable, and at
-        least every 100 ms (for its timeouts)."""
+        owner then calls :meth:`poll` when ``poll_fd`` is readable (which it
+        also is when one of its timeouts is due)."""
 
     @property
     def notify_fd(self) -> int:

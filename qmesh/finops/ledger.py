@@ -28,7 +28,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from qmesh.finops.chain import append_rows, load_chain_key
+from qmesh.finops.chain import Column, append_rows, load_chain_key
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
 
@@ -66,7 +66,7 @@ class LedgerEntry:
     """JSON list of ``{"candidate", "outcome", "ms"}``."""
     reason: str
 
-    def values(self) -> tuple[object, ...]:
+    def values(self) -> tuple[Column, ...]:
         # The fields by hand: attrs.astuple costs more than the rest of a
         # row's write.
         return (
@@ -84,8 +84,8 @@ class AuditEvent:
     action: str
     detail: str  # JSON
 
-    def values(self) -> tuple[object, ...]:
-        return attrs.astuple(self, recurse=False)
+    def values(self) -> tuple[Column, ...]:
+        return (self.ts, self.actor, self.action, self.detail)
 
 
 class Ledger:

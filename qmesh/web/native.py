@@ -50,7 +50,6 @@ __all__ = ["NativeHttpServer", "serve_http"]
 
 log = logging.getLogger(__name__)
 
-_TICK_S: Final = 0.1
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
 
 
@@ -116,10 +115,10 @@ class NativeHttpServer:
         engine, exchanges = self.engine, self._exchanges
         fd = engine.poll_fd
         while True:
-            # Woken by work, and at least every tick: an inline engine's
-            # timeouts are checked when it is polled.
-            with trio.move_on_after(_TICK_S):
-                await trio.lowlevel.wait_readable(fd)
+            # Readable with work, and when an inline engine's timeouts are
+            # due: no timeout here (a cancel scope per round costs more than
+            # the rest of the round's Python).
+            await trio.lowlevel.wait_readable(fd)
             for event in engine.poll():
                 if isinstance(event, _core.HttpRequest):
                     exchange = NativeExchange(engine, event.exchange, self.fast)

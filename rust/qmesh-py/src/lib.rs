@@ -5,7 +5,9 @@
 //!   protocol's frame types, reset codes and reason codec (this file);
 //! * `qmesh-pg`, the sans-IO Postgres wire parser ([`pg`]);
 //! * `qmesh-relay`, the tunnel engine that owns a session's sockets on the
-//!   per-message path ([`engine`]).
+//!   per-message path ([`engine`]);
+//! * `qmesh-chain`, the seals of the ledger's and audit's hash chains
+//!   ([`chain`]).
 //!
 //! This crate only converts: Python arguments in, Python objects out, every
 //! crate's errors to Python exceptions ([`error`]), and the decision of when
@@ -32,6 +34,7 @@ use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyTuple};
 
+mod chain;
 mod engine;
 mod error;
 mod http;
@@ -567,6 +570,7 @@ mod _core {
         engine::register(m)?;
         tls::register(m)?;
         http::register(m)?;
+        chain::register(m)?;
         Ok(())
     }
 }

@@ -536,8 +536,8 @@ fn read_into(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
 impl HttpEngine {
     /// An engine on the process's engine threads, or with `inline`, on no
     /// thread of its own: its owner calls [`HttpEngine::poll`] when
-    /// [`HttpEngine::poll_fd`] is readable (and at least every 100 ms, for
-    /// its timeouts). Inline, a request's way through the Gate crosses no
+    /// [`HttpEngine::poll_fd`] is readable (a timer descriptor makes it so
+    /// when a timeout is due). Inline, a request's way through the Gate crosses no
     /// thread: on a Gate with one core that saves two switches a request.
     pub fn new(config: HttpConfig, inline: bool) -> io::Result<Self> {
         let own = if inline {
@@ -783,8 +783,10 @@ impl HttpEngine {
 
     /// Everything to report since the last call (drains `notify_fd`).
     pub fn take(&self) -> Vec<HttpEvent> {
-        self.shared.notify.drain();
         let mut st = lock(&self.shared.state);
+        if st.notified {
+            self.shared.notify.drain();
+        }
         st.notified = false;
         std::mem::take(&mut st.events)
     }
@@ -869,7 +871,9 @@ impl State {
         for route in self.routes.released() {
             self.events.push(HttpEvent::RouteReleased { route });
         }
-        if !self.events.is_empty() && !self.notified {
+        // An inline engine's owner polls it and takes the events then: a
+        // signal would cost two system calls a round for nothing.
+        if !self.events.is_empty() && !self.notified && shared.inline.is_none() {
             self.notified = true;
             shared.notify.signal();
         }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
 
-use crate::sys::{Epoll, EventFd, READABLE};
+use crate::sys::{Epoll, EventFd, TimerFd, READABLE};
 
 /// Bits of a token that name the socket within its engine (the rest name
 /// the engine): room for the tunnel and 2^32 stream ids.
@@ -30,6 +30,8 @@ const LOCAL_BITS: u32 = 34;
 const LOCAL_MASK: u64 = (1 << LOCAL_BITS) - 1;
 /// The thread's own wake-up descriptor.
 const TOKEN_WAKE: u64 = u64::MAX;
+/// A manual reactor's timer descriptor.
+const TOKEN_TIMER: u64 = u64::MAX - 1;
 /// Events taken from epoll per wait.
 const EVENTS_PER_WAIT: usize = 1024;
 /// Engine threads per process at most, whatever the core count.
@@ -62,7 +64,8 @@ impl Default for Rounds {
 
 struct Timers {
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// What the thread sleeps until, so that an earlier deadline wakes it.
+    /// What the thread sleeps until (a manual reactor: what its timer
+    /// descriptor is set for), so that an earlier deadline wakes it.
     sleeping_until: Option<Instant>,
 }
 
@@ -70,6 +73,11 @@ struct Timers {
 pub(crate) struct Reactor {
     epoll: Epoll,
     wake: EventFd,
+    /// A manual reactor's: makes [`Reactor::fd`] readable when a timer is
+    /// due, so its owner needs no clock of its own to poll it on time.
+    timer: Option<TimerFd>,
+    /// A manual reactor's buffers, kept between polls.
+    rounds: Mutex<Rounds>,
     engines: Mutex<HashMap<u64, Weak<dyn Driven>>>,
     timers: Mutex<Timers>,
     load: AtomicUsize,
@@ -85,7 +93,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Reactor {
     fn start(index: usize) -> std::io::Result<Arc<Reactor>> {
-        let reactor = Reactor::manual()?;
+        let reactor = Reactor::new(None)?;
         let runner = Arc::clone(&reactor);
         std::thread::Builder::new()
             .name(format!("qmesh-engine-{index}"))
@@ -94,11 +102,17 @@ impl Reactor {
     }
 
     /// A reactor without a thread: its owner calls [`Reactor::poll`] when
-    /// [`Reactor::fd`] is readable (or a timer may be due).
+    /// [`Reactor::fd`] is readable, which it also is when a timer is due.
     pub(crate) fn manual() -> std::io::Result<Arc<Reactor>> {
+        Reactor::new(Some(TimerFd::new()?))
+    }
+
+    fn new(timer: Option<TimerFd>) -> std::io::Result<Arc<Reactor>> {
         let reactor = Arc::new(Reactor {
             epoll: Epoll::new()?,
             wake: EventFd::new()?,
+            timer,
+            rounds: Mutex::new(Rounds::default()),
             engines: Mutex::new(HashMap::new()),
             timers: Mutex::new(Timers {
                 heap: BinaryHeap::new(),
@@ -108,6 +122,9 @@ impl Reactor {
             next_id: AtomicU64::new(1),
         });
         reactor.epoll.add(reactor.wake.fd(), TOKEN_WAKE, READABLE)?;
+        if let Some(timer) = &reactor.timer {
+            reactor.epoll.add(timer.fd(), TOKEN_TIMER, READABLE)?;
+        }
         Ok(reactor)
     }
 
@@ -118,12 +135,21 @@ impl Reactor {
 
     /// One round without waiting: what is ready, then what is due.
     pub(crate) fn poll(&self) {
-        let mut rounds = Rounds::default();
+        let mut rounds = lock(&self.rounds);
         self.round(&mut rounds, Some(std::time::Duration::ZERO));
+        if let Some(timer) = &self.timer {
+            // Set for the next deadline, the ones this round added included.
+            let mut timers = lock(&self.timers);
+            let next = timers.heap.peek().map(|Reverse((at, _))| *at);
+            if next != timers.sleeping_until {
+                timers.sleeping_until = next;
+                timer.set(next.map(|at| at.saturating_duration_since(Instant::now())));
+            }
+        }
     }
 
     fn run(&self) {
-        let mut rounds = Rounds::default();
+        let mut rounds = lock(&self.rounds);
         loop {
             let timeout = {
                 let mut timers = lock(&self.timers);
@@ -150,6 +176,10 @@ impl Reactor {
                 let (token, flags) = (event.u64, event.events);
                 if token == TOKEN_WAKE {
                     self.wake.drain();
+                } else if token == TOKEN_TIMER {
+                    if let Some(timer) = &self.timer {
+                        timer.drain();
+                    }
                 } else {
                     batch.push((token >> LOCAL_BITS, token & LOCAL_MASK, flags));
                 }
@@ -282,7 +312,12 @@ impl Registration {
             .is_none_or(|sleeping| deadline < sleeping)
         {
             timers.sleeping_until = Some(deadline);
-            self.reactor.wake.signal();
+            match &self.reactor.timer {
+                Some(timer) => {
+                    timer.set(Some(deadline.saturating_duration_since(Instant::now())));
+                }
+                None => self.reactor.wake.signal(),
+            }
         }
     }
 }

@@ -161,6 +161,65 @@ impl Drop for EventFd {
     }
 }
 
+/// A non-blocking timerfd on the monotonic clock (owned): readable once
+/// its deadline has passed, until drained.
+pub struct TimerFd(RawFd);
+
+impl TimerFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        check(fd as isize).map(|_| TimerFd(fd))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0
+    }
+
+    /// Fire once, `after` from now; `None` disarms it.
+    pub fn set(&self, after: Option<Duration>) {
+        let value = match after {
+            // A zero value would disarm it: a deadline already passed fires at once.
+            Some(after) => libc::timespec {
+                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: after.subsec_nanos().max(u32::from(after.is_zero())) as libc::c_long,
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+        // It cannot fail on our own timerfd with a normalised value.
+        unsafe { libc::timerfd_settime(self.0, 0, &spec, std::ptr::null_mut()) };
+    }
+
+    pub fn drain(&self) {
+        let mut expirations: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64; EAGAIN (not fired) is fine.
+        unsafe { libc::read(self.0, (&mut expirations as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for TimerFd {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
 /// `time.monotonic()`'s clock, in seconds, so Python can compare the times
 /// the engine stamps on what it reports.
 pub fn monotonic() -> f64 {
