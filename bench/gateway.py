@@ -5,7 +5,7 @@ rate) and a streamed completion's time to first byte.
 Usage:
     .venv/bin/python bench/gateway.py [--seconds 10] [--connections 1,64]
         [--litellm PATH] [--skip-litellm] [--pg-state] [--engine-threads]
-        [--rate 1000] [--rate-connections 16] [--ttfb-requests 500]
+        [--rate 1000] [--rate-connections 16] [--ttfb-requests 500] [--https-upstream]
 
 What runs (all on loopback, each a separate process):
 - backend: a small asyncio server (below) that answers every
@@ -21,6 +21,10 @@ What runs (all on loopback, each a separate process):
 - with ``--engine-threads``, the same Gate a second time with its HTTP
   engine on the engine threads (``gate.http.engine_threads = true``) rather
   than inline on the event loop's thread (the default);
+- with ``--https-upstream``, the same Gate a second time whose provider is
+  a second backend serving https (a throwaway CA from scripts/testca.py,
+  the only root that Gate trusts: ``SSL_CERT_FILE``), so the engine's TLS
+  to upstreams is measured beside plain HTTP;
 - with ``--pg-state``, the same Gate a second time with its state in
   PostgreSQL (``gate.database_url``, a throwaway cluster from
   scripts/pgcluster.py on the same machine), so the two backends are
@@ -73,6 +77,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -198,10 +203,16 @@ class _Backend(asyncio.Protocol):
             self.transport.write(data)
 
 
-def run_backend(port: int) -> None:
+def run_backend(port: int, tls: list[str] | None = None) -> None:
+    """Serve on ``port``; with ``tls`` (certificate and key files), https."""
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_Backend, "127.0.0.1", port, backlog=1024)
+        server = await loop.create_server(_Backend, "127.0.0.1", port, backlog=1024, ssl=context)
         async with server:
             await server.serve_forever()
 
@@ -231,6 +242,21 @@ def wait_http(url: str, *, timeout: float, headers: dict[str, str] | None = None
             last = exc
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up in {timeout:g} s ({last})")
+
+
+def wait_tls(port: int, ca: Path, *, timeout: float) -> None:
+    """Until a TLS handshake with ``127.0.0.1:port``, verified by ``ca``, succeeds."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                context.wrap_socket(sock, server_hostname="127.0.0.1").close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def post_once(url: str, token: str) -> dict[str, Any]:
@@ -453,9 +479,18 @@ wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
 
 
 def start_gate(
-    work: Path, backend_port: int, database_url: str | None = None, *, engine_threads: bool = False
+    work: Path,
+    backend_port: int,
+    database_url: str | None = None,
+    *,
+    engine_threads: bool = False,
+    trust: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A Gate in front of the backend on ``backend_port``; with ``trust`` (a
+    CA file, the only one the Gate trusts) over https."""
     name = "gate-pg" if database_url else "gate-threads" if engine_threads else "gate"
+    name = "gate-https" if trust is not None else name
+    scheme = "http" if trust is None else "https"
     data = work / name
     data.mkdir()
     port = free_port()
@@ -466,7 +501,7 @@ def start_gate(
         f'[gate]\ntunnel_listen = "127.0.0.1:{free_port()}"\nhttp_listen = "127.0.0.1:{port}"\n'
         + state
         + ("[gate.http]\nengine_threads = true\n" if engine_threads else "")
-        + f'[[gate.providers]]\nname = "bench"\nbase_url = "http://127.0.0.1:{backend_port}/v1"\n'
+        + f'[[gate.providers]]\nname = "bench"\nbase_url = "{scheme}://127.0.0.1:{backend_port}/v1"\n'
         f'[[gate.providers.models]]\nid = "{MODEL}"\nprice_in = 0.15\nprice_out = 0.6\n'
     )
     qmesh = [PYTHON, "-m", "qmesh", "--config", str(config)]
@@ -475,11 +510,13 @@ def start_gate(
     key = subprocess.run(
         [*qmesh, "apps", "add", "bench"], check=True, capture_output=True, text=True
     ).stdout.strip()
+    env = dict(os.environ) if trust is None else {**os.environ, "SSL_CERT_FILE": str(trust)}
     process = subprocess.Popen(
         [*taskset(1), *qmesh, "--role", "gate"],
         stdout=subprocess.DEVNULL,
         stderr=(work / f"{name}.log").open("wb"),
         cwd=ROOT,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz", timeout=60)
@@ -557,10 +594,16 @@ def main() -> None:
         default=500,
         help="streamed completions per target for time to first byte (0: skip)",
     )
+    parser.add_argument(
+        "--https-upstream",
+        action="store_true",
+        help="also a Gate whose provider is the backend over https (its own CA)",
+    )
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend-tls", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend is not None:
-        run_backend(args.backend)
+        run_backend(args.backend, args.backend_tls)
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk")
@@ -602,6 +645,20 @@ def main() -> None:
             processes.append(threads_gate)
             post_once(threads_url, threads_token)
             contenders.append(("Gate, engine thr.", threads_url, threads_token, threads_gate.pid))
+        if args.https_upstream:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from testca import make_ca_and_server
+
+            ca, cert, key = make_ca_and_server(work / "tls", "bench")
+            tls_port = free_port()
+            serve_tls = ["--backend", str(tls_port), "--backend-tls", str(cert), str(key)]
+            tls_backend = subprocess.Popen([*taskset(0), PYTHON, __file__, *serve_tls])
+            processes.append(tls_backend)
+            wait_tls(tls_port, ca, timeout=20)
+            https_gate, https_url, https_token = start_gate(work, tls_port, trust=ca)
+            processes.append(https_gate)
+            post_once(https_url, https_token)
+            contenders.append(("Gate, https up.", https_url, https_token, https_gate.pid))
         if args.pg_state:
             sys.path.insert(0, str(ROOT / "scripts"))
             from pgcluster import PgCluster

@@ -25,7 +25,7 @@ from llmkit import (
 )
 from openai.types.chat import ChatCompletionMessageParam
 from pgkit import in_thread
-from test_pg_tls import make_ca_and_server
+from testca import make_ca_and_server
 
 from qmesh import _core
 from qmesh.config import BudgetConfig, RoutingConfig

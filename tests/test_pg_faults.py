@@ -17,7 +17,7 @@ import trio
 from faultproxy import FaultProxy, Faults
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
-from test_pg_tls import make_ca_and_server
+from testca import make_ca_and_server
 from tunnelkit import Gate
 
 from qmesh.pg.edge import tls_config
