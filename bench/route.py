@@ -29,7 +29,7 @@ from qmesh.nlp.skills import builtin_skills
 from qmesh.qg.candidates import DAEMON, INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import parse_dsn
 from qmesh.qg.errors import NoRoute
-from qmesh.qg.router import BUDGET_OK, BUDGET_SHIFT, Router
+from qmesh.qg.router import BUDGET_SHIFT, BudgetSnapshot, Router
 
 CHAT_TASKS = frozenset({"chat", "creative_writing", "code", "translate", "summarize"})
 FAMILIES = ("gemma3", "llama3", "qwen2", "mistral", "phi3")
@@ -144,10 +144,13 @@ def main() -> None:
         except NoRoute:
             pass
     clock = time.perf_counter_ns
+    # A hard budget nearly spent and projected over: shift to local, and
+    # check that paid candidates' maximum cost still fits.
+    shift = BudgetSnapshot("bench", BUDGET_SHIFT, hard=True, limit_usd=100.0, committed_usd=99.9)
     for i in range(args.decisions):
         index = i % len(dsns)
         dsn = dsns[index]
-        budget = BUDGET_SHIFT if i % 17 == 0 else BUDGET_OK
+        budget = shift if i % 17 == 0 else None
         start = clock()
         try:
             router.decide(dsn, tokens_in=800, tokens_out=200, budget=budget)

@@ -9,7 +9,7 @@ import pytest
 from qmesh.qg.candidates import DAEMON, INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import parse_dsn
 from qmesh.qg.errors import BudgetBlocked, NoRoute
-from qmesh.qg.router import BUDGET_BLOCK, BUDGET_SHIFT, RESORT_INTERVAL_S, Router
+from qmesh.qg.router import BUDGET_BLOCK, BUDGET_SHIFT, RESORT_INTERVAL_S, BudgetSnapshot, Router
 
 CHAT = frozenset({"chat", "summarize"})
 
@@ -108,26 +108,30 @@ def test_telemetry_changes_rerank_after_the_interval() -> None:
     assert router.decide(dsn).chosen.id == "node:b/gemma"
 
 
+SHIFT = BudgetSnapshot("team", BUDGET_SHIFT)
+BLOCK = BudgetSnapshot("team", BUDGET_BLOCK)
+
+
 def test_budget_shift_and_block() -> None:
     router = make_router()
     dsn = parse_dsn("qg://task=chat;prefer=speed")
-    shifted = router.decide(dsn, budget=BUDGET_SHIFT)
+    shifted = router.decide(dsn, budget=SHIFT)
     assert shifted.chosen.kind == DAEMON and shifted.shifted_from is not None
     assert shifted.shifted_from.id == "provider:y/cheap"
-    quality = router.decide(parse_dsn("qg://task=chat;prefer=quality"), budget=BUDGET_SHIFT)
+    quality = router.decide(parse_dsn("qg://task=chat;prefer=quality"), budget=SHIFT)
     assert quality.chosen.id == "provider:x/big"  # quality may still pay
-    blocked = router.decide(parse_dsn("qg://task=chat;prefer=quality"), budget=BUDGET_BLOCK)
+    blocked = router.decide(parse_dsn("qg://task=chat;prefer=quality"), budget=BLOCK)
     assert blocked.chosen.kind == DAEMON
     for cid in ("node:a/gemma", "node:b/gemma"):
         candidate = router.get(cid)
         assert candidate is not None
         candidate.healthy = False
     with pytest.raises(NoRoute):
-        router.decide(dsn, budget=BUDGET_BLOCK)
+        router.decide(dsn, budget=BLOCK)
     only_paid = Router()
     only_paid.set_candidates("p", [c for c in make_router().candidates if c.kind == PROVIDER])
     with pytest.raises(BudgetBlocked, match="budget spent"):
-        only_paid.decide(dsn, budget=BUDGET_BLOCK)
+        only_paid.decide(dsn, budget=BLOCK)
 
 
 def test_explain_lists_every_candidate() -> None:
@@ -140,3 +144,32 @@ def test_explain_lists_every_candidate() -> None:
     assert explanation.decision is not None
     assert rows[explanation.decision.chosen.id]["status"] == "chosen"
     assert explanation.as_dict()["decision"]["chosen"] == explanation.decision.chosen.id  # type: ignore[index]
+
+
+def test_a_paid_candidate_beyond_a_hard_budget_is_skipped_and_explained_so() -> None:
+    router = make_router()
+    dsn = parse_dsn("qg://task=chat;prefer=quality")
+    # $0.005 left: provider:x/big may cost $0.00684 (1000 in, 256 out), cheap $0.0002.
+    nearly = BudgetSnapshot("team", hard=True, limit_usd=1.0, committed_usd=0.995)
+    why = "budget 'team' hard limit: 0.005 USD left < 0.00684 USD estimated"
+    explanation = router.explain(dsn, budget=nearly)
+    assert router.decisions == 0 and not router.recent  # explaining records nothing
+    assert explanation.hops[:2] == ("provider:y/cheap", "node:a/gemma")
+    rows = {str(r["candidate"]): r for r in explanation.rows}
+    assert rows["provider:x/big"]["admission"] == f"skipped: {why}"
+    assert rows["provider:y/cheap"]["admission"] == "hop 1: runs first"
+    decision = router.decide(dsn, budget=nearly)
+    assert decision.chosen.id == "provider:y/cheap"
+    assert ("provider:x/big", why) in decision.rejected
+    assert decision.as_dict()["budget"] == {
+        "name": "team", "state": "ok", "mode": "hard", "limit_usd": 1.0,
+        "committed_usd": 0.995, "left_usd": 0.005,
+    }  # fmt: skip
+    # A soft budget never refuses; a hard one with nothing left refuses even
+    # a request estimated at nothing.
+    soft = BudgetSnapshot("team", hard=False, limit_usd=1.0, committed_usd=2.0)
+    assert router.decide(dsn, budget=soft).chosen.id == "provider:x/big"
+    spent = BudgetSnapshot("team", hard=True, limit_usd=1.0, committed_usd=1.0)
+    refused = router.decide(dsn, tokens_in=0, tokens_out=0, budget=spent)
+    assert refused.chosen.kind == DAEMON
+    assert "budget 'team' spent" in dict(refused.rejected)["provider:x/big"]

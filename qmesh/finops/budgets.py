@@ -15,10 +15,19 @@ in what the other Gates spent. Without shared totals (a book on its own),
 reserve and its check run without an ``await`` in between, on the Gate's
 one Trio thread, which gives the same guarantee within one process.
 
-:meth:`BudgetBook.state` tells the router what to do: ``ok``; ``shift``
-when the spend projected to the period's end (burn rate so far) exceeds
-the limit — prefer local candidates; ``block`` when a hard budget is spent
-(or fully reserved) — no paid candidates. A soft budget at 100 % only warns.
+:meth:`BudgetBook.snapshot` is what routing sees of a budget: its state —
+``ok``; ``shift`` when the spend projected to the period's end (burn rate
+so far) exceeds the limit — prefer local candidates; ``block`` when a hard
+budget is spent (or fully reserved) — no paid candidates; a soft budget at
+100 % only warns — and what is committed against its limit. Admission
+(:func:`qmesh.qg.admission.admit`) refuses a paid candidate whose maximum
+cost does not fit by :func:`~qmesh.qg.admission.hard_limit_fits`, and
+:meth:`BudgetBook.reserve` holds the money by that same rule: a book on
+its own over the very figures the snapshot showed, shared totals over the
+state's figures in the reservation's own transaction, which may hold other
+Gates' spend this Gate has not seen yet (its own local spend not yet added
+there is in the snapshot, so admission already refused what that leaves
+no room for).
 
 Not for: the ledger rows (:mod:`qmesh.finops.ledger`; the book is seeded
 from them at start-up) or prices (:meth:`qmesh.qg.candidates.Candidate.cost`).
@@ -37,7 +46,13 @@ import trio
 
 from qmesh.config import BudgetConfig
 from qmesh.finops.totals import BudgetTotals, Key, Totals
-from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
+from qmesh.qg.admission import (
+    BUDGET_BLOCK,
+    BUDGET_OK,
+    BUDGET_SHIFT,
+    BudgetSnapshot,
+    hard_limit_fits,
+)
 
 __all__ = ["SYNC_INTERVAL_S", "Budget", "BudgetBook", "Reservation", "period_bounds"]
 
@@ -246,6 +261,28 @@ class BudgetBook:
             budget.shifted = budget.blocked = 0
             budget.avoided = 0.0
 
+    def snapshot(self, budget: Budget | None) -> BudgetSnapshot | None:
+        """The budget as admission judges it now: read, nothing held."""
+        if budget is None:
+            return None
+        return BudgetSnapshot(
+            name=budget.name,
+            state=self.state(budget),
+            hard=budget.config.mode == "hard",
+            limit_usd=budget.config.limit_usd,
+            committed_usd=budget.spent + budget.reserved,
+        )
+
+    def load(self, budget: Budget, ledger_spent: float) -> None:
+        """Take the period's figures without a running Gate, only reading
+        (``qmesh route --explain`` on the Gate's box): the shared totals'
+        row when a Gate made one, else ``ledger_spent``."""
+        totals = None if self.totals is None else self.totals.read(budget.key)
+        if totals is None:
+            budget.spent = ledger_spent
+        else:
+            budget.mirror(totals)
+
     def state(self, budget: Budget | None) -> str:
         if budget is None:
             return BUDGET_OK
@@ -262,7 +299,9 @@ class BudgetBook:
     ) -> Reservation | None:
         """Hold ``amount`` for a request; None when a hard budget cannot
         cover it and the candidate is paid (local work is never refused:
-        its cost is charged, but a budget exists to stop paid spend)."""
+        its cost is charged, but a budget exists to stop paid spend). The
+        rule is admission's (:func:`hard_limit_fits` over spent + reserved,
+        as :meth:`snapshot` shows them), checked again as the money is held."""
         if budget is None:
             return Reservation(None, amount)
         hard = budget.config.mode == "hard"
@@ -276,7 +315,8 @@ class BudgetBook:
                 budget.blocked += 1
                 return None
             return Reservation(budget, amount, self.totals, key)
-        if paid and hard and budget.spent + budget.reserved + amount > budget.config.limit_usd:
+        committed = budget.spent + budget.reserved
+        if paid and hard and not hard_limit_fits(committed, amount, budget.config.limit_usd):
             budget.blocked += 1
             return None
         budget.reserved += amount

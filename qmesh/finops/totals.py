@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from qmesh.qg.admission import hard_limit_fits
 from qmesh.state import StateStore
 from qmesh.state.db import Connection
 
@@ -45,12 +46,20 @@ class BudgetTotals:
         with self.store._write(announce=False) as conn:
             return _ensure(conn, key, spent)
 
+    def read(self, key: Key) -> Totals | None:
+        """The period's row as it is, or None when no Gate made it yet."""
+        with self.store._read() as conn:
+            row = conn.execute(_READ, key).fetchone()
+        return None if row is None else _totals(row)
+
     def reserve(self, key: Key, amount: float, limit: float | None) -> tuple[bool, Totals]:
-        """Hold ``amount`` unless that would take spent + reserved past
-        ``limit`` (None: no limit); whether it was held, and the totals."""
+        """Hold ``amount`` unless spent + reserved cannot take it under
+        ``limit`` (None: no limit) by admission's rule,
+        :func:`~qmesh.qg.admission.hard_limit_fits`; whether it was held,
+        and the totals."""
         with self.store._write(announce=False) as conn:
             spent, reserved, version = _ensure(conn, key, 0.0)
-            if limit is not None and spent + reserved + amount > limit:
+            if limit is not None and not hard_limit_fits(spent + reserved, amount, limit):
                 return False, (spent, reserved, version)
             conn.execute(
                 "UPDATE budget_totals SET reserved = reserved + ?, version = version + 1"

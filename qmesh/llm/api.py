@@ -3,7 +3,8 @@
 For: ``POST /v1/chat/completions`` (SSE when ``stream`` is true),
 ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` —
 where ``model`` is a ``qg://`` DSN or a concrete model id — and
-``POST /qg/v1/route`` (the router's explanation as JSON),
+``POST /qg/v1/route`` (the router's explanation as JSON: the decision
+serving would make now, budget and cool-downs included, without making it),
 ``GET /qg/v1/skills``, ``GET /qg/v1/budgets``, ``GET /qg/v1/decisions``.
 Each request: authenticate the app key, read ``model``, parse the DSN,
 find the budget, decide, run with failover, answer. Errors are OpenAI-style
@@ -20,8 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Final
 
+from qmesh.finops.budgets import Budget
 from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
@@ -30,7 +32,7 @@ from qmesh.llm.service import LlmService
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
 from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
-from qmesh.qg.router import Decision
+from qmesh.qg.router import BUDGET_OK, Decision
 from qmesh.web.auth import ADMIN_APP, AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
@@ -40,6 +42,8 @@ DEFAULT_MAX_TOKENS: Final = 512
 """The completion ceiling assumed for cost reservation when a request sets none."""
 _JSON: Final = (("content-type", "application/json"),)
 _ENDPOINT_TASKS: Final = {"chat": "chat", "completions": "chat", "embeddings": "embed"}
+_REQUEST_KEYS: Final = ("messages", "prompt")
+"""A ``POST /qg/v1/route`` body with one of these is a request to explain as sent."""
 
 MAX_TOKEN_COUNT: Final = 100_000_000
 """Largest token count a request may name: far above any model's context,
@@ -109,6 +113,15 @@ class LlmApi:
             task = min(candidate.tasks)  # a skill's model: its own task
         return Dsn(task=task), pin
 
+    def _budget(self, app: str, dsn: Dsn, param: str) -> Budget | None:
+        """The budget that pays for ``app``'s request for ``dsn``."""
+        try:
+            return self.service.book.for_app(app, dsn.budget)
+        except KeyError:
+            raise HttpError(400, f"unknown budget {dsn.budget!r}", param=param) from None
+        except PermissionError as exc:
+            raise HttpError(403, str(exc), kind="permission_error") from None
+
     async def _route(
         self, request: Request, endpoint: str
     ) -> tuple[Decision, Call, RequestContext]:
@@ -140,19 +153,15 @@ class LlmApi:
         # Token estimate from the raw size: walking the messages here would
         # cost more than it would tell (see estimate_call_tokens).
         tokens_in = estimate_call_tokens(request.body)
-        try:
-            budget = self.service.book.for_app(app, dsn.budget)
-        except KeyError:
-            raise HttpError(400, f"unknown budget {dsn.budget!r}", param="model") from None
-        except PermissionError as exc:
-            raise HttpError(403, str(exc), kind="permission_error") from None
-        state = self.service.book.state(budget)
+        budget = self._budget(app, dsn, "model")
+        snapshot = self.service.book.snapshot(budget)
         try:
             decision = self.router.decide(
-                dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+                dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=snapshot
             )
         except NoRoute as exc:
             raise _no_route(exc) from None
+        state = BUDGET_OK if snapshot is None else snapshot.state
         request_id = self._request_id()
         call = Call(
             endpoint=endpoint,
@@ -230,26 +239,30 @@ class LlmApi:
             raise HttpError(400, "the request body must be a JSON object")
         text = body.get("dsn", body.get("model"))
         dsn, pin = self._dsn_for(text, "chat")
-        tokens_in = body.get("tokens_in", 1000)
-        max_tokens = body.get("max_tokens", 256)
-        if not all(_token_count(v, least=0) for v in (tokens_in, max_tokens)):
+        if "tokens_in" not in body and any(k in body for k in _REQUEST_KEYS):
+            # A chat request's own body: sized as serving it would size it.
+            tokens_in = estimate_call_tokens(request.body)
+            max_tokens = (
+                body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
+            )
+        else:
+            tokens_in = body.get("tokens_in", 1000)
+            max_tokens = body.get("max_tokens", 256)
+        if not (_token_count(tokens_in, least=0) and _token_count(max_tokens, least=0)):
             raise HttpError(
                 400, f"'tokens_in' and 'max_tokens' must be integers from 0 to {MAX_TOKEN_COUNT}"
             )
-        try:
-            budget = self.service.book.for_app(app, dsn.budget)
-        except KeyError:
-            raise HttpError(400, f"unknown budget {dsn.budget!r}", param="dsn") from None
-        except PermissionError as exc:
-            raise HttpError(403, str(exc), kind="permission_error") from None
-        state = self.service.book.state(budget)
+        budget = self._budget(app, dsn, "dsn")
+        # The decision serving would make, with the budget as it stands:
+        # read, nothing reserved, nothing recorded.
         explanation = self.router.explain(
-            dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+            dsn,
+            model=pin,
+            tokens_in=tokens_in,
+            tokens_out=max_tokens,
+            budget=self.service.book.snapshot(budget),
         )
-        out: dict[str, Any] = explanation.as_dict()
-        out["budget"] = None if budget is None else budget.name
-        out["budget_state"] = state
-        return Response.json(out)
+        return Response.json(explanation.as_dict())
 
     async def skills(self, request: Request) -> Response:
         await self.auth.require(request)

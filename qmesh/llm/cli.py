@@ -1,13 +1,17 @@
 """``qmesh route`` and ``qmesh providers …``: the LLM service from the shell.
 
 For: ``route 'qg://…' [--explain] [--json]``, what the router would do:
-checking a DSN and seeing the decision. By default the router is built here
-from the configuration (the Gate's skills, measured now, and the configured
-providers; no daemons, which only a running Gate knows); with ``--gate URL``
+checking a DSN and seeing the decision, with each candidate's admission
+verdict (``hop N``, or ``skipped: why``: the same admission execution runs,
+budgets included, so hop 1 is what would serve the request). By default the
+router is built here from the configuration (the Gate's skills, measured
+now, and the configured providers; no daemons and no cool-downs, which only
+a running Gate knows), and the budget of ``--app`` (or the DSN's
+``budget=``) is read from the state as the Gates left it; with ``--gate URL``
 the running Gate's ``POST /qg/v1/route`` answers instead, with its live
-inventory and budgets (the app key comes from ``QMESH_APP_KEY``,
-``APP_ID:APP_KEY``; an https Gate's certificate is pinned, see
-:mod:`qmesh.web.admin_client`). And ``providers set-key|list|delete``: the
+inventory, cool-downs and budgets (the app key comes from ``QMESH_APP_KEY``,
+``APP_ID:APP_KEY``, and says whose budget; an https Gate's certificate is
+pinned, see :mod:`qmesh.web.admin_client`). And ``providers set-key|list|delete``: the
 API keys of remote model providers, sealed with the master key in the data
 directory's state store (:mod:`qmesh.llm.provider_keys`), without a running
 Gate.
@@ -45,9 +49,14 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     route = add_command(commands, common, "route", "show how the Gate would route a qg:// DSN")
     route.add_argument("dsn", help="a qg:// DSN, e.g. 'qg://task=summarize;prefer=speed'")
     route.add_argument(
-        "--explain", action="store_true", help="every candidate: filter verdict and score"
+        "--explain",
+        action="store_true",
+        help="every candidate: its admission (hop N, or skipped: why) and score",
     )
     route.add_argument("--json", action="store_true", help="print JSON")
+    route.add_argument(
+        "--app", metavar="APP", help="judge by this app's budget (without --gate; default: none)"
+    )
     route.add_argument("--tokens-in", type=int, default=1000, metavar="N")
     route.add_argument("--max-tokens", type=int, default=256, metavar="N")
     route.add_argument(
@@ -107,14 +116,31 @@ def _remote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _local(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from qmesh.finops.ledger import spent_since
     from qmesh.llm.service import LlmService
     from qmesh.qg.dsn import parse_dsn
 
     with _open_store(config) as store:
         service = LlmService(config, store, resolve_keys=False)
         dsn = parse_dsn(args.dsn, tasks=service.tasks)
+        book = service.book
+        try:
+            if args.app is not None:
+                budget = book.for_app(args.app, dsn.budget)
+            else:
+                budget = None if dsn.budget is None else book.budgets[dsn.budget]
+        except KeyError:
+            raise SystemExit(f"qmesh: error: unknown budget {dsn.budget!r}") from None
+        except PermissionError as exc:
+            raise SystemExit(f"qmesh: error: {exc}") from None
+        if budget is not None:
+            spent = spent_since(store, budget.period_start).get(budget.name, 0.0)
+            book.load(budget, spent)
         explanation = service.router.explain(
-            dsn, tokens_in=args.tokens_in, tokens_out=args.max_tokens
+            dsn,
+            tokens_in=args.tokens_in,
+            tokens_out=args.max_tokens,
+            budget=book.snapshot(budget),
         )
         out = explanation.as_dict()
         out["skills"] = service.skill_view()
@@ -124,15 +150,21 @@ def _local(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 def _print(result: dict[str, Any], explain: bool) -> None:
     decision = result.get("decision")
     print(f"dsn: {result['dsn']}")
+    if result.get("budget") is not None:
+        print(
+            f"budget: {result['budget']} ({result.get('budget_mode')}, "
+            f"{result.get('budget_state')}): {result.get('budget_left_usd'):.6g} USD left"
+        )
     if explain:
         rows = result["candidates"]
         width = max([len("CANDIDATE"), *(len(r["candidate"]) for r in rows)])
-        print(f"{'CANDIDATE':<{width}}  {'STATUS':<8}  {'SCORE':>12}  {'LAT MS':>9}  WHY")
+        print(f"{'CANDIDATE':<{width}}  {'STATUS':<8}  {'SCORE':>12}  {'LAT MS':>9}  ADMISSION")
         for r in rows:
             score = "" if "score" not in r else f"{r['score']:.6g}"
+            admission = r.get("admission") or r["reason"] or ""
             print(
                 f"{r['candidate']:<{width}}  {r['status']:<8}  {score:>12}  "
-                f"{r['expected_latency_ms']:>9.3f}  {r['reason'] or ''}"
+                f"{r['expected_latency_ms']:>9.3f}  {admission}"
             )
     if decision:
         print(
@@ -140,14 +172,19 @@ def _print(result: dict[str, Any], explain: bool) -> None:
             f"estimated ${decision['estimated_cost_usd']:.6f}; decided in "
             f"{decision['decision_us']} µs"
         )
-        if decision["fallbacks"]:
-            print(f"fallbacks: {', '.join(decision['fallbacks'])}")
+        hops = result.get("hops") or [decision["chosen"], *decision["fallbacks"]]
+        if len(hops) > 1:
+            print(f"then, if it fails: {', '.join(hops[1:])}")
     else:
         print(f"no route: {result.get('error')}")
 
 
 def _cmd_route(args: argparse.Namespace, config: Config) -> int:
     from qmesh.qg.errors import DsnError
+
+    if args.gate and args.app:
+        print_err("error: with --gate the app key (QMESH_APP_KEY) says whose budget, not --app")
+        return EXIT_USAGE
 
     try:
         result = _remote(args) if args.gate else _local(args, config)

@@ -12,9 +12,15 @@ that passes the filters *now*, until one answers:
 - a failure after bytes reached the client (a stream broken mid-way) → the
   stream ends with an OpenAI-style error event and ``[DONE]``, never a hang.
 
-Each attempt reserves the candidate's maximum cost in the budget first
-(a paid one that does not fit a hard budget is skipped), and every
-request's hops, tokens, cost and outcome become one ledger entry.
+The order is the router's (:meth:`~qmesh.qg.router.Router.hops`), and
+before each attempt the candidate is admitted by the same verdict the
+decision and its explanation used (:meth:`~qmesh.qg.router.Router.admission`,
+over the budget's snapshot of that moment: a node cooled down by an earlier
+hop, a paid candidate whose maximum cost no longer fits a hard budget, are
+skipped); only then is its maximum cost reserved, which can still be
+refused when other requests took the money in between. So the first hop
+run is the one ``POST /qg/v1/route`` names. Every request's hops, tokens,
+cost and outcome become one ledger entry.
 
 Not for: choosing (the router), HTTP (``qmesh.llm.api``), or the
 backends' protocols (``qmesh.llm.backends``, ``qmesh.llm.providers``).
@@ -41,7 +47,7 @@ from qmesh.llm.calls import DONE_EVENT, Answer, Call, Usage, error_event
 from qmesh.llm.providers import CHUNK_TIMEOUT_S, FIRST_BYTE_TIMEOUT_S, status_error
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.errors import NoRoute, UpstreamBusy, UpstreamError, UpstreamFailed
-from qmesh.qg.router import BUDGET_BLOCK, Decision, Router
+from qmesh.qg.router import Decision, Router
 from qmesh.web.exchange import ClientGone, NativeExchange, ProxyTarget
 from qmesh.web.fastpath import FastRoutes
 from qmesh.web.http import Response
@@ -131,28 +137,30 @@ class Executor:
     def _candidates(
         self, decision: Decision, call: Call, ctx: RequestContext
     ) -> Iterator[Candidate]:
-        tried: set[str] = set()
-        first = (decision.chosen, *decision.fallbacks)
-        for candidate in first:
-            tried.add(candidate.id)
-            yield candidate
-        # Past the decision's own list: anything that passes the filters now.
-        # After a budget refusal that includes local work the first pass
-        # ranked below paid candidates.
-        state = (
-            BUDGET_BLOCK if any(h["outcome"] == "budget" for h in ctx.hops) else ctx.budget_state
+        """The router's order for this request; past the decision's own
+        hops, what passes admission with the budget as it is by then."""
+        return self.router.hops(
+            decision,
+            tokens_in=call.tokens_in,
+            tokens_out=call.max_tokens,
+            budget=lambda: self.book.snapshot(ctx.budget),
         )
-        for candidate in self.router.more_fallbacks(
-            decision, tried, tokens_in=call.tokens_in, tokens_out=call.max_tokens, budget=state
-        ):
-            tried.add(candidate.id)
-            yield candidate
 
     async def _admit(
-        self, candidate: Candidate, call: Call, ctx: RequestContext, now: float
+        self, decision: Decision, candidate: Candidate, call: Call, ctx: RequestContext
     ) -> Reservation | None:
-        if candidate.cool_until > now:
-            ctx.hops.append({"candidate": candidate.id, "outcome": "cooling", "ms": 0.0})
+        """Admit ``candidate`` as the decision did, now (an earlier hop may
+        have cooled its node down, or spent the budget), then hold its
+        maximum cost; None, with the hop recorded, when it may not run."""
+        refusal = self.router.admission(
+            candidate,
+            decision.dsn,
+            tokens_in=call.tokens_in,
+            tokens_out=call.max_tokens,
+            budget=self.book.snapshot(ctx.budget),
+        )
+        if refusal is not None:
+            ctx.hops.append({"candidate": candidate.id, "outcome": refusal.kind, "ms": 0.0})
             return None
         ceiling = candidate.cost(call.tokens_in, call.max_tokens)
         reservation = await self.book.reserve(ctx.budget, ceiling, paid=candidate.paid)
@@ -261,7 +269,7 @@ class Executor:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
-            reservation = await self._admit(candidate, call, ctx, started)
+            reservation = await self._admit(decision, candidate, call, ctx)
             if reservation is None:
                 continue
             attempts += 1
@@ -347,7 +355,7 @@ class Executor:
             if attempts >= self.routing.max_hops:
                 break
             started = time.monotonic()
-            reservation = await self._admit(candidate, call, ctx, started)
+            reservation = await self._admit(decision, candidate, call, ctx)
             if reservation is None:
                 continue
             attempts += 1
@@ -417,7 +425,7 @@ class Executor:
             if target is None:
                 return await in_python(itertools.chain((candidate,), candidates), attempts)
             started = time.monotonic()
-            reservation = await self._admit(candidate, call, ctx, started)
+            reservation = await self._admit(decision, candidate, call, ctx)
             if reservation is None:
                 continue
             attempts += 1

@@ -46,7 +46,7 @@ from qmesh.nlp.skills import Skill, builtin_skills, measure
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import BUILTIN_TASKS, parse_dsn
 from qmesh.qg.errors import DsnError, NoRoute
-from qmesh.qg.router import TYPICAL_IN, TYPICAL_OUT, Router
+from qmesh.qg.router import BUDGET_OK, TYPICAL_IN, TYPICAL_OUT, Router
 from qmesh.state import StateStore
 from qmesh.web.pool import HttpPool, parse_url
 
@@ -219,7 +219,7 @@ class LlmService:
             budget = self.book.for_app(app, dsn.budget)
         except (DsnError, KeyError, PermissionError) as exc:
             raise LlmUnavailable(f"cannot route {dsn_text}: {exc}") from None
-        state = self.book.state(budget)
+        snapshot = self.book.snapshot(budget)
         body = {
             "model": dsn_text,
             "messages": [
@@ -234,10 +234,11 @@ class LlmService:
         self.sync_inventory()
         try:
             decision = self.router.decide(
-                dsn, tokens_in=tokens_in, tokens_out=max_tokens, budget=state
+                dsn, tokens_in=tokens_in, tokens_out=max_tokens, budget=snapshot
             )
             request_id = os.urandom(8).hex()
             call = Call("chat", body, raw, False, request_id, tokens_in, max_tokens)
+            state = BUDGET_OK if snapshot is None else snapshot.state
             ctx = RequestContext(app, request_id, budget, state)
             answer = await self.executor.complete(decision, call, ctx)
         except (NoRoute, ClientFault) as exc:

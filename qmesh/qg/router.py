@@ -1,10 +1,20 @@
 """The qg:// router: filter the candidates, score them by preference, choose.
 
-For: :meth:`Router.decide` — given a parsed DSN, the request's size and the
-budget's state, the best candidate and the ordered fallbacks, with the
-reasons every examined candidate was passed over; :meth:`Router.explain`
-— the same decision with every candidate filtered and scored, for
-``qmesh route --explain`` and ``POST /qg/v1/route``.
+For: :meth:`Router.decide` — given a parsed DSN, the request's size and a
+snapshot of its budget, the first hop and the ordered fallbacks, with the
+reasons every examined candidate was passed over; :meth:`Router.hops` —
+the order execution walks (the decision's own hops, then anything that
+passes admission at that moment); :meth:`Router.explain` — the same
+decision and order, with every candidate's admission verdict and score,
+for ``qmesh route --explain`` and ``POST /qg/v1/route``.
+
+One decision for explaining and executing: every verdict on a candidate is
+:func:`qmesh.qg.admission.admit` (health, cool-downs, busy, context,
+latency, cost, and whether a paid request's maximum cost fits a hard
+budget), and an explanation runs :meth:`decide`'s own walk without
+recording it, so the hop it names first is the one the executor runs
+first. What can still part them is time: a failure, a heartbeat or another
+request's spend between the two.
 
 How it stays fast (≤ 50 µs with 1,000 candidates, ``bench/route.py``):
 candidates are ranked ahead of time per (task, preference, pin, privacy)
@@ -16,18 +26,26 @@ many exist. Live state that can change between re-sorts (busy, cooling,
 unhealthy) is read at decision time, never from the cached ranking.
 
 Not for: running the request or retrying (``qmesh.llm.executor``), or the
-books (``qmesh.finops``): the budget's state comes in as an argument.
+books (``qmesh.finops``): the budget comes in as a read-only snapshot.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
 import attrs
 
+from qmesh.qg.admission import (
+    BUDGET_BLOCK,
+    BUDGET_OK,
+    BUDGET_SHIFT,
+    BudgetSnapshot,
+    Refusal,
+    admit,
+)
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn
 from qmesh.qg.errors import BudgetBlocked, NoRoute
@@ -36,6 +54,7 @@ __all__ = [
     "BUDGET_BLOCK",
     "BUDGET_OK",
     "BUDGET_SHIFT",
+    "BudgetSnapshot",
     "Decision",
     "Explanation",
     "Router",
@@ -45,12 +64,10 @@ RESORT_INTERVAL_S: Final = 0.05
 RECENT_DECISIONS: Final = 1000
 TYPICAL_IN: Final = 1000
 TYPICAL_OUT: Final = 256
+FALLBACKS: Final = 4
+"""Fallbacks a decision lists; failover goes on past them (:meth:`Router.hops`)."""
 
-BUDGET_OK: Final = "ok"
-BUDGET_SHIFT: Final = "shift"
-"""The projection is over budget: prefer local candidates to paid ones."""
-BUDGET_BLOCK: Final = "block"
-"""A hard budget is spent: paid candidates are refused."""
+SHIFTED: Final = "budget projected over: shifted to local"
 
 
 @attrs.frozen
@@ -61,6 +78,7 @@ class Decision:
     pin: str | None
     """The model pin the ranking used (the DSN's, or a concrete model's group)."""
     chosen: Candidate
+    """The first hop: what execution runs first."""
     fallbacks: tuple[Candidate, ...]
     """Candidates that also passed, best first: where failover goes next."""
     rejected: tuple[tuple[str, str], ...]
@@ -70,6 +88,8 @@ class Decision:
     reason: str
     shifted_from: Candidate | None = None
     """The paid candidate a budget shift passed over for ``chosen``."""
+    budget: BudgetSnapshot | None = None
+    """The budget as admission saw it."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -82,25 +102,39 @@ class Decision:
             "fallbacks": [c.id for c in self.fallbacks],
             "shifted_from": None if self.shifted_from is None else self.shifted_from.id,
             "rejected": [{"candidate": cid, "reason": why} for cid, why in self.rejected],
+            "budget": None if self.budget is None else self.budget.as_dict(),
             "decision_us": round(self.elapsed_us, 1),
         }
 
 
 @attrs.frozen
 class Explanation:
-    """Every candidate for a DSN: its filters' verdict and its score."""
+    """Every candidate for a DSN: its admission verdict, its score, and the
+    order execution would try them in."""
 
     dsn: Dsn
     rows: tuple[dict[str, object], ...]
     decision: Decision | None
     error: str | None
+    hops: tuple[str, ...] = ()
+    """Candidate ids in the order execution tries them while none fails
+    (at most ``max_hops`` of them are attempted)."""
+    budget: BudgetSnapshot | None = None
+    budget_blocked: bool = False
+    """No route because a hard budget refuses every candidate (HTTP 402)."""
 
     def as_dict(self) -> dict[str, object]:
+        budget = self.budget
         return {
             "dsn": self.dsn.format(),
             "candidates": list(self.rows),
             "decision": None if self.decision is None else self.decision.as_dict(),
+            "hops": list(self.hops),
             "error": self.error,
+            "budget": None if budget is None else budget.name,
+            "budget_state": BUDGET_OK if budget is None else budget.state,
+            "budget_mode": None if budget is None else ("hard" if budget.hard else "soft"),
+            "budget_left_usd": None if budget is None else round(budget.left_usd, 9),
         }
 
 
@@ -115,7 +149,9 @@ def _privacy_ok(candidate: Candidate, privacy: str) -> bool:
 class Router:
     """Holds the candidates and decides. Not thread-safe: one Trio thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Monotonic seconds: cool-downs, and how old a ranking is."""
         self._sources: dict[str, list[Candidate]] = {}
         self._all: list[Candidate] = []
         self._by_task: dict[str, list[Candidate]] = {}
@@ -161,7 +197,7 @@ class Router:
 
     def cool_down(self, candidate: Candidate, seconds: float) -> None:
         """Pass over ``candidate`` and every other on its node for ``seconds``."""
-        until = time.monotonic() + seconds
+        until = self.clock() + seconds
         for other in self._all:
             if other is candidate or (candidate.node is not None and other.node == candidate.node):
                 other.cool_until = max(other.cool_until, until)
@@ -193,7 +229,7 @@ class Router:
     def _ranking(
         self, task: str, prefer: str, pin: str | None, privacy: str
     ) -> tuple[Candidate, ...]:
-        now = time.monotonic()
+        now = self.clock()
         if self._dirty and now - self._ranked_at >= RESORT_INTERVAL_S:
             self._rankings.clear()
             self._dirty = False
@@ -247,77 +283,62 @@ class Router:
             return dsn.model
         return model
 
-    def _verdict(
+    def admission(
         self,
         candidate: Candidate,
         dsn: Dsn,
+        *,
         tokens_in: int,
         tokens_out: int,
-        budget: str,
-        now: float,
-    ) -> tuple[str | None, float]:
-        """``(reason it is refused or None, estimated cost)``."""
-        if candidate.out_of_service is not None:
-            return candidate.out_of_service, 0.0
-        if not candidate.healthy:
-            return "unhealthy: its node is stale or gone", 0.0
-        if candidate.cool_until > now:
-            return f"cooling down for {candidate.cool_until - now:.1f} s after a failure", 0.0
-        if dsn.context is not None and candidate.context < dsn.context:
-            return f"context {candidate.context} < {dsn.context} needed", 0.0
-        if tokens_in + tokens_out > candidate.context and candidate.kind != "internal":
-            return f"request of ~{tokens_in + tokens_out} tokens > context {candidate.context}", 0.0
-        busy = candidate.busy_reason()
-        if busy is not None:
-            return busy, 0.0
-        if dsn.max_latency_ms is not None and candidate.expected_latency_ms() > dsn.max_latency_ms:
-            return (
-                f"expected latency {candidate.expected_latency_ms():.0f} ms > "
-                f"max_latency_ms {dsn.max_latency_ms}",
-                0.0,
-            )
-        cost = candidate.cost(tokens_in, tokens_out)
-        if dsn.max_cost is not None and cost > dsn.max_cost:
-            return f"estimated cost ${cost:.6f} > max_cost ${dsn.max_cost:g}", cost
-        if candidate.paid and budget == BUDGET_BLOCK:
-            return "budget spent (hard limit): paid providers blocked", cost
-        return None, cost
+        budget: BudgetSnapshot | None,
+    ) -> Refusal | None:
+        """Why ``candidate`` may not take the request now, or None: the
+        verdict :meth:`decide` gave, asked again (the executor, before each
+        hop)."""
+        why, _ = admit(
+            candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
+            now=self.clock(),
+        )  # fmt: skip
+        return why
 
-    def decide(
+    def _decide(
         self,
         dsn: Dsn,
-        *,
-        model: str | None = None,
-        tokens_in: int = TYPICAL_IN,
-        tokens_out: int = TYPICAL_OUT,
-        budget: str = BUDGET_OK,
-        fallbacks: int = 4,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+        budget: BudgetSnapshot | None,
+        fallbacks: int,
     ) -> Decision:
-        """Choose for ``dsn`` (``model``: the pin of a concrete model id, from
-        :meth:`resolve_model`). Raises NoRoute (BudgetBlocked when a spent
-        hard budget is why)."""
+        """:meth:`decide` without recording anything: what :meth:`explain` runs."""
         started = time.perf_counter_ns()
         pin = self._pin(dsn, model)
         ranking = self._ranking(dsn.task, dsn.prefer, pin, dsn.privacy)
-        now = time.monotonic()
+        now = self.clock()
         rejected: list[tuple[str, str]] = []
+        refused_by_budget: set[str] = set()
         chosen: Candidate | None = None
         chosen_cost = 0.0
         paid_held: Candidate | None = None  # a paid winner while the budget asks to shift
         paid_cost = 0.0
         extra: list[Candidate] = []
-        shift = budget == BUDGET_SHIFT and dsn.prefer != "quality"
+        shift = budget is not None and budget.state == BUDGET_SHIFT and dsn.prefer != "quality"
         reason = f"best by prefer={dsn.prefer}"
         for candidate in ranking:
-            why, cost = self._verdict(candidate, dsn, tokens_in, tokens_out, budget, now)
+            why, cost = admit(
+                candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
+                now=now,
+            )  # fmt: skip
             if why is not None:
-                rejected.append((candidate.id, why))
+                rejected.append((candidate.id, why.reason))
+                if why.kind == "budget":
+                    refused_by_budget.add(candidate.id)
                 continue
             if chosen is None:
                 if shift and candidate.paid:
                     if paid_held is None:
                         paid_held, paid_cost = candidate, cost
-                    rejected.append((candidate.id, "budget projected over: shifted to local"))
+                    rejected.append((candidate.id, SHIFTED))
                     continue
                 chosen, chosen_cost = candidate, cost
                 if paid_held is not None:
@@ -332,19 +353,18 @@ class Router:
             reason = "budget projected over, but no local candidate can do it"
             rejected = [r for r in rejected if r[0] != paid_held.id]
         if chosen is None:
-            self.decisions += 1
             if not ranking:
                 raise NoRoute(self._nothing_for(dsn, model))
             reasons = dict(rejected)
-            if all("budget spent" in why for why in reasons.values()):
+            if refused_by_budget and refused_by_budget == reasons.keys():
                 raise BudgetBlocked(
                     "budget spent: paid providers are blocked and no local candidate can "
-                    f"do task={dsn.task}",
+                    f"do task={dsn.task} ({rejected[0][1]})",
                     reasons,
                 )
             summary = "; ".join(f"{cid}: {why}" for cid, why in rejected[:5])
             raise NoRoute(f"no candidate can serve {dsn.format()} now ({summary})", reasons)
-        decision = Decision(
+        return Decision(
             dsn=dsn,
             pin=pin,
             chosen=chosen,
@@ -354,24 +374,73 @@ class Router:
             elapsed_us=(time.perf_counter_ns() - started) / 1000,
             reason=reason,
             shifted_from=paid_held if paid_held is not chosen else None,
+            budget=budget,
         )
+
+    def decide(
+        self,
+        dsn: Dsn,
+        *,
+        model: str | None = None,
+        tokens_in: int = TYPICAL_IN,
+        tokens_out: int = TYPICAL_OUT,
+        budget: BudgetSnapshot | None = None,
+        fallbacks: int = FALLBACKS,
+    ) -> Decision:
+        """Choose for ``dsn`` (``model``: the pin of a concrete model id, from
+        :meth:`resolve_model`; ``budget``: the snapshot of the budget that
+        pays, from :meth:`~qmesh.finops.budgets.BudgetBook.snapshot`), and
+        record the decision (``recent``, ``GET /qg/v1/decisions``). Raises
+        NoRoute (BudgetBlocked when a hard budget is why)."""
         self.decisions += 1
+        decision = self._decide(dsn, model, tokens_in, tokens_out, budget, fallbacks)
         self.recent.append(decision)
         return decision
 
+    def hops(
+        self,
+        decision: Decision,
+        *,
+        tokens_in: int,
+        tokens_out: int,
+        budget: Callable[[], BudgetSnapshot | None],
+    ) -> Iterator[Candidate]:
+        """The order execution tries candidates in: the decision's first hop
+        and fallbacks, then (lazily, when those are used up) every other
+        candidate that passes admission with the ``budget`` of that moment,
+        in ranking order. The executor checks each again before it runs it
+        (:meth:`admission`); :meth:`explain` lists them."""
+        tried: set[str] = set()
+        for candidate in (decision.chosen, *decision.fallbacks):
+            tried.add(candidate.id)
+            yield candidate
+        yield from self.more_fallbacks(
+            decision, tried, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget()
+        )
+
     def more_fallbacks(
-        self, decision: Decision, tried: set[str], *, tokens_in: int, tokens_out: int, budget: str
+        self,
+        decision: Decision,
+        tried: set[str],
+        *,
+        tokens_in: int,
+        tokens_out: int,
+        budget: BudgetSnapshot | None,
     ) -> Iterator[Candidate]:
         """Candidates after the decision's own fallbacks, re-checked now: for a
         long failover chain (every hop re-reads health and busy state)."""
         dsn = decision.dsn
         ranking = self._ranking(dsn.task, dsn.prefer, decision.pin, dsn.privacy)
-        now = time.monotonic()
+        now = self.clock()
         for candidate in ranking:
             if candidate.id in tried:
                 continue
-            why, _ = self._verdict(candidate, dsn, tokens_in, tokens_out, budget, now)
+            why, _ = admit(
+                candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
+                now=now,
+            )  # fmt: skip
             if why is None:
+                tried.add(candidate.id)
                 yield candidate
 
     def _nothing_for(self, dsn: Dsn, model: str | None) -> str:
@@ -391,13 +460,32 @@ class Router:
         model: str | None = None,
         tokens_in: int = TYPICAL_IN,
         tokens_out: int = TYPICAL_OUT,
-        budget: str = BUDGET_OK,
+        budget: BudgetSnapshot | None = None,
     ) -> Explanation:
-        """Every candidate: which filter stopped it, or its score and rank."""
+        """What :meth:`decide` and execution would do now, without doing or
+        recording anything: every candidate with its admission verdict
+        (``hop N``, or ``skipped: why``), its score, and the hop order."""
         pin = self._pin(dsn, model)
-        now = time.monotonic()
+        decision: Decision | None = None
+        error: str | None = None
+        blocked = False
+        try:
+            decision = self._decide(dsn, model, tokens_in, tokens_out, budget, FALLBACKS)
+        except NoRoute as exc:
+            error, blocked = str(exc), isinstance(exc, BudgetBlocked)
+        order: list[Candidate] = []
+        if decision is not None:
+            order = list(
+                self.hops(
+                    decision, tokens_in=tokens_in, tokens_out=tokens_out, budget=lambda: budget
+                )
+            )
+        hop_of = {c.id: n for n, c in enumerate(order, 1)}
+        shifted = (
+            set() if decision is None else {cid for cid, why in decision.rejected if why == SHIFTED}
+        )
+        now = self.clock()
         rows: list[dict[str, object]] = []
-        pool: list[Candidate] = []
         for candidate in self._all:
             row: dict[str, object] = {
                 "candidate": candidate.id,
@@ -419,29 +507,37 @@ class Router:
                     " (cloud)" if not candidate.private else ""
                 )
             else:
-                why, cost = self._verdict(candidate, dsn, tokens_in, tokens_out, budget, now)
+                refusal, cost = admit(
+                    candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
+                    now=now,
+                )  # fmt: skip
                 row["estimated_cost_usd"] = cost
-                if why is None:
-                    pool.append(candidate)
-            row["status"] = "eligible" if why is None else "filtered"
+                why = None if refusal is None else refusal.reason
+            hop = hop_of.get(candidate.id)
+            row["hop"] = hop
+            if hop == 1:
+                row["status"], row["admission"] = "chosen", "hop 1: runs first"
+            elif hop is not None:
+                row["status"], row["admission"] = "eligible", f"hop {hop}: if the hops before fail"
+                if candidate.id in shifted:
+                    row["admission"] = f"hop {hop}: after local candidates ({SHIFTED})"
+            else:
+                row["status"] = "filtered"
+                row["admission"] = f"skipped: {why or 'not reached'}"
             row["reason"] = why
             rows.append(row)
-        scores = dict(zip((c.id for c in pool), self._scores(pool, dsn.prefer), strict=True))
+        scores = dict(zip((c.id for c in order), self._scores(order, dsn.prefer), strict=True))
         for row in rows:
             score = scores.get(str(row["candidate"]))
             if score is not None:
                 row["score"] = round(score, 6)
-        rows.sort(key=lambda r: (r["status"] != "eligible", r.get("score", 0.0)))
-        decision: Decision | None = None
-        error: str | None = None
-        try:
-            decision = self.decide(
-                dsn, model=model, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget
-            )
-        except NoRoute as exc:
-            error = str(exc)
-        if decision is not None:
-            for row in rows:
-                if row["candidate"] == decision.chosen.id:
-                    row["status"] = "chosen"
-        return Explanation(dsn=dsn, rows=tuple(rows), decision=decision, error=error)
+        rows.sort(key=lambda r: (r["hop"] is None, r["hop"] or 0))
+        return Explanation(
+            dsn=dsn,
+            rows=tuple(rows),
+            decision=decision,
+            error=error,
+            hops=tuple(c.id for c in order),
+            budget=budget,
+            budget_blocked=blocked,
+        )
