@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TypeAlias
 
 import attrs
 import trio
@@ -32,7 +32,15 @@ from qmesh.finops.chain import Column, append_rows, load_chain_key
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
 
-__all__ = ["FLUSH_INTERVAL_S", "AuditEvent", "Ledger", "LedgerEntry", "read_rows", "spent_since"]
+__all__ = [
+    "FLUSH_INTERVAL_S",
+    "AuditEvent",
+    "Hop",
+    "Ledger",
+    "LedgerEntry",
+    "read_rows",
+    "spent_since",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,10 @@ MAX_BATCH: Final = 1024
 MAX_PENDING: Final = 100_000
 """Ledger rows a Gate keeps waiting for its database (a few tens of MB);
 past it, new LLM requests are refused until they are written."""
+
+
+Hop: TypeAlias = Mapping[str, object]
+"""One attempt of a request: ``{"candidate", "outcome", "ms", ...}``."""
 
 
 @attrs.frozen
@@ -104,14 +116,20 @@ class Ledger:
         self.written = 0
         self._uncertain = False
         """The last write failed: it may have committed all the same."""
-        self.observers: list[Callable[[LedgerEntry], None]] = []
-        """Told of every entry as it is recorded (the Gate's metrics and
-        dashboard): called on the request path, so they must be cheap."""
+        self.observers: list[Callable[[LedgerEntry, Sequence[Hop]], None]] = []
+        """Told of every entry as it is recorded, with its hops as objects
+        (the Gate's metrics and dashboard): called on the request path, so
+        they must be cheap."""
 
-    def record(self, entry: LedgerEntry) -> None:
+    def record(self, entry: LedgerEntry, hops: Sequence[Hop] | None = None) -> None:
+        """Buffer ``entry``. ``hops``: what its ``hops`` column says, as
+        objects, when the caller has them (else observers get them parsed)."""
         self._entries.append(entry)
-        for observer in self.observers:
-            observer(entry)
+        if self.observers:
+            if hops is None:
+                hops = _parse_hops(entry.hops)
+            for observer in self.observers:
+                observer(entry, hops)
         if len(self._entries) >= MAX_BATCH:
             self._wakeup.set()
 
@@ -181,6 +199,14 @@ class Ledger:
                     await self.flush()
                 except Exception:
                     log.exception("final ledger flush failed")
+
+
+def _parse_hops(column: str) -> list[Hop]:
+    try:
+        hops = json.loads(column) if column else []
+    except ValueError:
+        return []
+    return [hop for hop in hops if isinstance(hop, dict)] if isinstance(hops, list) else []
 
 
 def _not_yet_written(

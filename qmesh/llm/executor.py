@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 JOULES_PER_KWH: Final = 3_600_000.0
 _JSON: Final = (("content-type", "application/json"),)
 _EVENT_STREAM_HEADERS: Final = b"cache-control: no-cache\r\n"
+# One encoder for every row: json.dumps with separators builds a new one each call.
+_compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 InstallRoute = Callable[[Candidate, ProxyTarget, bytes], None]
 """Installs a fast-path route for requests like the one being relayed:
@@ -234,9 +236,10 @@ class Executor:
                 shifted_from=None if shifted is None else shifted.id,
                 avoided_usd=avoided,
                 outcome=outcome,
-                hops=json.dumps(ctx.hops, separators=(",", ":")),
+                hops=_compact_json(ctx.hops),
                 reason=_reason(decision),
-            )
+            ),
+            ctx.hops,
         )
 
     def _exhausted(self, decision: Decision, ctx: RequestContext, call: Call) -> NoRoute:

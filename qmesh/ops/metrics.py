@@ -22,18 +22,17 @@ Not for: the text format (:mod:`qmesh.web.prom`) or HTTP
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
 from qmesh import __version__
-from qmesh.finops.ledger import LedgerEntry
+from qmesh.finops.ledger import Hop, LedgerEntry
 from qmesh.fleet.inventory import NODE_STATES, Inventory
 from qmesh.tunnel import TunnelServer
 from qmesh.web.http import Router
@@ -262,7 +261,7 @@ class GateMetrics:
         self.http_requests.inc(method if method in _METHODS else "other", route, str(status))
         self.http_latency.observe(seconds, route)
 
-    def observe_entry(self, entry: LedgerEntry) -> None:
+    def observe_entry(self, entry: LedgerEntry, hops: Sequence[Hop]) -> None:
         kind = entry.kind or "none"
         self.llm_requests.inc(kind, entry.outcome)
         if entry.tokens_in:
@@ -277,15 +276,12 @@ class GateMetrics:
             burn = self.burn.get(entry.budget)
             if burn is not None:
                 burn.add(entry.ts, entry.cost_usd)
-        try:
-            hops = json.loads(entry.hops) if entry.hops else []
-        except ValueError:
-            hops = []
         failed = []
-        for hop in hops if isinstance(hops, list) else ():
-            outcome = hop.get("outcome") if isinstance(hop, dict) else None
+        for hop in hops:
+            outcome = hop.get("outcome")
             if outcome == "ok" and entry.outcome == "ok":
-                self.llm_latency.observe(float(hop.get("ms") or 0.0) / 1000.0, kind)
+                ms = hop.get("ms")
+                self.llm_latency.observe((ms if isinstance(ms, int | float) else 0.0) / 1000, kind)
             elif outcome in _FAILED_HOPS:
                 self.failover_hops.inc(str(outcome))
                 failed.append(hop)
