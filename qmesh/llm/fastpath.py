@@ -8,13 +8,17 @@ key, endpoint, model and streaming; no larger), for
 :data:`ROUTE_TTL_S`: those it relays without asking Python, and
 :class:`RouteOwner` books each from the engine's report, as
 :meth:`~qmesh.llm.executor.Executor.relay` books its own, after the answer
-went out. A failure forgets every route (:meth:`Executor.forget_fast_routes`),
+went out. Three quarters into a route's life the engine sends one request
+that fits it to Python, whose fresh decision installs the next route, while
+the others keep the old one: the slow way is taken once per renewal, not by
+everything that arrives in between. A failure forgets every route
+(:meth:`Executor.forget_fast_routes`),
 so the next requests are decided again; a request whose upstream failed on
 the fast path comes to Python with that attempt as its first hop.
 
 What the fast path does not do, and Python does: budgets (an app with one
-never gets a route), a shift away from a paid model, failover, skills,
-daemons and TLS upstreams. The per-app limit of requests in progress is
+never gets a route), a shift away from a paid model, failover, skills and
+daemons. The per-app limit of requests in progress is
 counted separately on each side (the fast path's own cap is the same
 number), so an app may briefly have up to twice as many in progress.
 

@@ -15,6 +15,13 @@
 //! Python keeps what it needs to book a route's requests until the engine
 //! says it is released ([`Routes::released`]): forgotten or expired, and
 //! with no request of its own in flight.
+//!
+//! A route is renewed before it expires: past its `refresh` time, one
+//! request that fits it goes to Python, which decides it afresh and
+//! installs a new route under the same key, while the others keep taking
+//! the old one until then (or until it expires, if the new decision gives
+//! no route). Without that, every request that arrived between the expiry
+//! and the new route's install would have taken the slow way at once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -55,6 +62,8 @@ pub struct FastRoute {
     /// The largest body and `max_tokens` the decision holds for.
     pub max_body: usize,
     pub max_tokens: u64,
+    /// From then on one request is sent to Python to renew it.
+    pub refresh: Instant,
     pub expires: Instant,
 }
 
@@ -68,6 +77,8 @@ pub struct Routes {
     retired: HashSet<u64>,
     /// Ids to report released.
     released: Vec<u64>,
+    /// Routes one of whose requests went to Python to renew them.
+    renewing: HashSet<u64>,
 }
 
 impl Routes {
@@ -114,6 +125,9 @@ impl Routes {
         let busy = self.apps.get(&route.app).copied().unwrap_or(0);
         if body > route.max_body || max_tokens > route.max_tokens || busy >= route.max_in_flight {
             return None;
+        }
+        if route.refresh <= now && self.renewing.insert(route.id) {
+            return None; // this one renews it
         }
         let route = Arc::clone(route);
         *self.users.entry(route.id).or_default() += 1;
@@ -168,6 +182,7 @@ impl Routes {
     /// `id` is no longer live (Python gives each route its own id, under
     /// one key): released once its last request is done.
     fn retire(&mut self, id: u64) {
+        self.renewing.remove(&id);
         if self.users.contains_key(&id) {
             self.retired.insert(id);
         } else {
@@ -203,6 +218,7 @@ mod tests {
             chunk_timeout: Duration::from_secs(1),
             max_body: 100,
             max_tokens: 50,
+            refresh: expires,
             expires,
         }
     }
@@ -223,6 +239,37 @@ mod tests {
         routes.leave(&second);
         assert_eq!(routes.in_flight("a"), 0);
         assert!(routes.released().is_empty());
+    }
+
+    #[test]
+    fn one_request_renews_a_route_while_the_others_keep_taking_it() {
+        let now = Instant::now();
+        let mut routes = Routes::default();
+        let mut old = route(1, now + Duration::from_secs(1));
+        old.refresh = now + Duration::from_millis(750);
+        routes.insert(key("m"), old);
+        let early = routes.take(&key("m"), 1, 1, now).unwrap();
+        routes.leave(&early);
+        let late = now + Duration::from_millis(800);
+        assert!(routes.take(&key("m"), 1, 1, late).is_none(), "the renewer goes to Python");
+        let other = routes.take(&key("m"), 1, 1, late).unwrap();
+        assert_eq!(other.id, 1, "the others still take the old route");
+        routes.leave(&other);
+        // Python's new decision replaces it; the old one is released.
+        let mut new = route(2, late + Duration::from_secs(1));
+        new.refresh = late + Duration::from_millis(750);
+        routes.insert(key("m"), new);
+        assert_eq!(routes.released(), vec![1]);
+        assert_eq!(routes.take(&key("m"), 1, 1, late).unwrap().id, 2);
+        // No new decision: the old route serves until it expires, no longer.
+        let mut lone = Routes::default();
+        let mut only = route(3, now + Duration::from_secs(1));
+        only.refresh = now;
+        lone.insert(key("m"), only);
+        assert!(lone.take(&key("m"), 1, 1, now).is_none());
+        let kept = lone.take(&key("m"), 1, 1, now + Duration::from_millis(999));
+        lone.leave(&kept.unwrap());
+        assert!(lone.take(&key("m"), 1, 1, now + Duration::from_secs(1)).is_none());
     }
 
     #[test]
