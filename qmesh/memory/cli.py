@@ -3,8 +3,10 @@ directory's state store (like ``qmesh apps``), without a running Gate.
 
 For: ``add FILE…`` (format from the extension unless ``--format``; the id
 is the file name without its extension unless ``--id``; ``--shared`` lets
-every app read them), ``ask "…"`` (the answer with numbered citations; exit
-status 1 when the answer is "not found", so scripts can tell), ``delete
+every app read them), ``ask "…"`` (the answer with numbered citations,
+each with the references it resolved, "it → Acme Corporation", and a note
+when sources disagree; exit status 1 when the answer is "not found", so
+scripts can tell), ``delete
 DOC_ID``, ``share DOC_ID`` (``--off`` to stop), ``list`` and ``check`` (the
 provenance integrity check over the whole store). The shell is the
 operator's: these commands see and change every app's documents.
@@ -204,12 +206,19 @@ def _cmd_ask(args: argparse.Namespace, config: Config) -> int:
         print(answer.answer)
         print()
         used = {int(n) for n in re.findall(r"\[(\d+)\]", answer.answer)}
+        # The sources of a competing value too, so that a reader can check both.
+        used |= {n for conflict in answer.conflicts for _, ns in conflict.values for n in ns}
         for citation in answer.citations:
             if citation.n in used:
                 print(
                     f"[{citation.n}] {citation.document_id} "
                     f"[{citation.start}:{citation.end}] {citation.text}"
                 )
+                for resolution in citation.resolutions:
+                    print(
+                        f"    {resolution.text} → {resolution.entity} "
+                        f"[{resolution.start}:{resolution.end}]"
+                    )
         for conflict in answer.conflicts:
             values = "; ".join(
                 f"{value} {''.join(f'[{n}]' for n in ns)}" for value, ns in conflict.values

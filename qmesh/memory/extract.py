@@ -6,14 +6,18 @@ passes, are in :mod:`qmesh.memory.extraction`). It is the fast default
 terms, dates, money, percentages and numbers; relations from verb patterns
 ("X founded Y", "Y was acquired by X", "X is based in Y", "X works for Y",
 "X is the CEO of Y", "X, the CEO of Y,", "X is a chemist"), lists ("X and Y
-founded Z"), dates attached to events ("founded in 1998"), and aliases
-("International Business Machines (IBM)", "X, also known as Y").
+founded Z"), coordinated clauses with the sentence's subject ("X was founded
+in 2017 and is based in Y"), dates attached to events ("founded in 1998"),
+aliases ("International Business Machines (IBM)", "X, also known as Y"),
+and the idioms of :mod:`qmesh.memory.idioms`.
 
 Not for: resolving mentions to entities across sentences or documents (the
-store does that, with the document as context), pronouns ("She founded it"
-yields nothing: its subject is not in the sentence, so it could not be cited
-as support anyway), negation (negated statements match no pattern, on
-purpose), or I/O.
+store does that, with the document as context), or pronouns and
+descriptions: "She founded it" yields nothing here, since its subject is not
+named in the sentence. :mod:`qmesh.memory.coref` decides what "she" stands
+for and passes it back as a reference (:meth:`RuleExtractor.extract_one`),
+which the patterns then read like a name. Nor negation (negated statements
+match no pattern, on purpose), or I/O.
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from qmesh.memory.extraction import (
-    MAX_RELATIONS,
-    Extraction,
-    Mention,
-    Relation,
+from qmesh.memory.extraction import Extraction, Mention, Relation
+from qmesh.memory.idioms import add_idioms
+from qmesh.memory.masked import (
+    ADVERB,
+    AGENT_KINDS,
+    BE,
+    LIST,
+    NP_STOP,
+    POSSESSIVES,
+    THE,
+    E,
+    MaskedSentence,
+    agents,
+    index_of,
+    indexes,
 )
 from qmesh.memory.mentions import CONNECTORS, find_mentions, is_title_line
 from qmesh.memory.terms import STOPWORDS
@@ -35,19 +49,37 @@ __all__ = ["EVENT_PREDICATES", "TRANSITIVE_FORMS", "RuleExtractor"]
 
 # -- relations ----------------------------------------------------------------
 
-_E: Final = r"«\d+»"
-# A list of mentions: "A", "A and B", "A, B and C", "A, B, and C". A comma
-# list without "and" is not a list: "In 2015, Acme ..." is not two subjects.
-_LIST: Final = rf"{_E}(?:(?:\s*,\s*{_E})*\s*,?\s+(?:and|&)\s+{_E})?"
-_ADVERB: Final = r"(?:\s+(?:also|later|then|first|jointly|together|eventually|originally|\w+ly))?"
-_BE: Final = r"(?:is|was|are|were|has been|have been|had been|will be|would be|became)"
-_THE: Final = r"(?:(?:the|a|an|its|their|his|her)\s+)?"
+_E: Final = E
+_LIST: Final = LIST
+_ADVERB: Final = ADVERB
+_BE: Final = BE
+_THE: Final = THE
 _PREP_DATE: Final = re.compile(r"\b(in|on|since)\s+«(\d+)»")
-_INDEX_RE: Final = re.compile(r"«(\d+)»")
+# Between "by" and the agent, a description of it: "by the physicist X",
+# "by three engineers, X, Y and Z", "by the brothers X and Y".
+_AGENT_DESCRIPTION: Final = (
+    rf"(?:(?:(?:the|a|an|its|their|his|her|both)\s+|{_E}\s+)"
+    r"(?:(?!(?:by|of|in|on|at|for|from|with|to|and|or|led|who|which|that|is|was)\b)"
+    r"[a-z][\w-]*,?\s+){0,3}?)?"
+)
+# Not "acquired Globex's unit": an object followed by a possessive is not the object.
+_NOT_POSSESSED: Final = r"(?![\w'’])"
 
 
 def _forms(*words: str) -> str:
-    return "|".join(sorted((re.escape(w).replace(r"\ ", r"\s+") for w in words), key=len)[::-1])
+    # "its" in a form ("has its headquarters in") may be a masked possessive.
+    return "|".join(
+        sorted(
+            (
+                re.escape(w)
+                .replace(r"\ ", r"\s+")
+                .replace(r"\s+its\s+", rf"\s+(?:its|their|{_E}['’]s)\s+")
+                .replace(r"\s+their\s+", rf"\s+(?:its|their|{_E}['’]s)\s+")
+                for w in words
+            ),
+            key=len,
+        )[::-1]
+    )
 
 
 # label: (active forms, passive participles, does a date attach to the object?)
@@ -114,6 +146,7 @@ _PREPOSITIONAL: Final[dict[str, tuple[str, ...]]] = {
     "located in": (
         "located in", "based in", "headquartered in", "situated in", "located at", "based at",
         "headquartered at", "has its headquarters in", "has headquarters in",
+        "moved its headquarters to", "relocated its headquarters to",
     ),
     "works for": (
         "works for", "worked for", "works at", "worked at", "employed by", "employed at",
@@ -125,13 +158,14 @@ _PREPOSITIONAL: Final[dict[str, tuple[str, ...]]] = {
     "moved to": ("moved to", "relocated to", "moves to"),
     "studied at": ("studied at", "graduated from", "studies at", "attended"),
     "operates in": ("operates in", "operated in", "sells in", "active in"),
+    "teaches at": ("teaches at", "taught at", "lectures at", "lectured at"),
 }  # fmt: skip
 
 # "Red Hat, based in Raleigh, makes ..." and "Hank Scorpio, the CEO of
 # Globex, founded ...": an apposition between a subject and its verb.
 _APPOSITION: Final = (
     r"(?:\s*,\s*(?:based|located|headquartered|founded|established|born|a|an|the|its|their|"
-    r"his|her|now|formerly|also)\b[^,;()]*,)?"
+    r"his|her|now|formerly|also|who|which)\b[^,;()]*,)?"
 )
 _SUBJECT_LINK: Final = r"(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
 _AUXILIARY: Final = r"(?:\s+(?:has|have|had|will|would|did|does))?"
@@ -142,7 +176,7 @@ def _compile_active() -> list[tuple[re.Pattern[str], str]]:
     for label, (active, _, _) in _TRANSITIVE.items():
         patterns.append((re.compile(
             rf"(?P<s>{_LIST}){_APPOSITION}{_SUBJECT_LINK}{_AUXILIARY}{_ADVERB}\s+(?P<v>{_forms(*active)})"
-            rf"\s+{_THE}(?P<o>{_LIST})"
+            rf"\s+{_THE}(?P<o>{_LIST}){_NOT_POSSESSED}"
         ), label))  # fmt: skip
     return patterns
 
@@ -156,7 +190,7 @@ def _compile_passive() -> list[tuple[re.Pattern[str], str]]:
             rf"(?P<o>{_LIST})(?:\s*,\s*(?:which|who)|\s+(?:which|that|who))?"
             rf"(?:\s+{_BE}{_ADVERB}|\s*,)\s+(?P<v>{_forms(*passive)})"
             rf"(?P<gap>(?:\s+(?:in|on|at|during|around|since)\s+{_THE}{_E})*)"
-            rf"(?:\s+by\s+{_THE}(?P<s>{_LIST}))?"
+            rf"(?:\s+by\s+{_AGENT_DESCRIPTION}(?P<s>{_LIST}))?"
         ), label))  # fmt: skip
     return patterns
 
@@ -165,7 +199,7 @@ def _compile_prepositional() -> list[tuple[re.Pattern[str], str]]:
     patterns = []
     for label, forms in _PREPOSITIONAL.items():
         patterns.append((re.compile(
-            rf"(?P<s>{_LIST})(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
+            rf"(?P<s>{_LIST}){_APPOSITION}(?:\s*,\s*(?:who|which)|\s+(?:who|which|that))?"
             rf"(?:\s+{_BE}|\s*,)?{_ADVERB}\s+(?P<v>{_forms(*forms)})\s+{_THE}(?P<o>{_LIST})"
         ), label))  # fmt: skip
     return patterns
@@ -220,14 +254,15 @@ _ROLE_OF_REVERSED: Final = re.compile(
 _ROLE_APPOSITION: Final = re.compile(
     rf"(?P<s>{_E})\s*,\s*(?:the|a|an|its|their)\s+{_ROLE}\s+(?P<p>of|at)\s+{_THE}(?P<o>{_E})"
 )
+_ROLE_END: Final = r"(?=\s*(?:[,;:.!?)]|$)|\s+(?:and|who|since|for|at|in|of|from|until)\b)"
 _ROLE_POSSESSIVE: Final = re.compile(
-    rf"(?P<o>{_E})['’]s\s+(?P<role>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*)?),?\s+(?P<s>{_E})"
-    rf"|(?P<s2>{_E})\s+(?:is|was)\s+(?P<o2>{_E})['’]s\s+(?P<role2>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*)?)"
+    rf"(?P<o3>{_E})['’]s\s+(?P<role3>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*){{0,3}}?)\s+"
+    rf"(?:is|was|has been|had been|remains)\s+(?P<s3>{_E})"
+    rf"|(?P<s2>{_E})\s+(?:is|was)\s+(?P<o2>{_E})['’]s\s+"
+    rf"(?P<role2>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*){{0,3}}?){_ROLE_END}"
+    rf"|(?P<o>{_E})['’]s\s+(?P<role>[A-Za-z][\w-]*(?:\s+[A-Za-z][\w-]*){{0,3}}?),?\s+(?P<s>{_E})"
 )
-_NP_STOP: Final = (
-    r"(?=\s*(?:[,;:.!?()\"“”]|$)|\s+(?:who|which|that|but|in|at|of|for|from|with|based|"
-    r"located|founded|since|by|on|to|whose|where|when|until|after|before|during)\b)"
-)
+_NP_STOP: Final = NP_STOP
 _CONCEPT_OBJECTS: Final = _compile_concept_objects()
 _CONCEPT_LABELS: Final = {
     form.replace(" ", ""): label
@@ -257,74 +292,30 @@ _PARTICIPLE_FIRST: Final = re.compile(
     rf"\s*,\s*{_THE}(?P<s>{_E})"
 )
 _BORN_PAREN: Final = re.compile(rf"(?P<s>{_E})\s*\(\s*born\s+(?:on\s+|in\s+)?(?P<o>{_E})")
-_AGENT_KINDS: Final = frozenset({"name", "org", "term", "concept"})
+_AGENT_KINDS: Final = AGENT_KINDS
+_indexes = indexes
+_agents = agents
+_Sentence = MaskedSentence
 
 
-def _indexes(text: str) -> list[int]:
-    return [int(i) for i in _INDEX_RE.findall(text)]
+_CLAIMED_BY_RE: Final = re.compile(r"\b([a-z]+(?:\s+up|\s+over)?)\s+$")
 
 
-class _Sentence:
-    """One sentence being extracted: its mentions and the masked text in
-    which each mention is the placeholder ``«index»``."""
-
-    def __init__(self, sentence: str, mentions: list[Mention]) -> None:
-        self.sentence = sentence
-        self.mentions = mentions
-        self.relations: dict[tuple[int, str, int], None] = {}
-        self.same_as: dict[tuple[int, int], None] = {}
-        pieces: list[str] = []
-        # positions[i] is the sentence offset of masked[i] (placeholders map to -1).
-        self.positions: list[int] = []
-        cursor = 0
-        for index, mention in enumerate(mentions):
-            start, end = mention.start, mention.end
-            if mention.kind == "term" and start > cursor and end < len(sentence):
-                # The quotes around a term belong to its placeholder, so that
-                # 'makes the "Roadrunner Trap"' reads like 'makes the «1»'.
-                if sentence[start - 1] in '"“‘' and sentence[end] in '"”’':
-                    start, end = start - 1, end + 1
-            pieces.append(sentence[cursor:start])
-            self.positions.extend(range(cursor, start))
-            placeholder = f"«{index}»"
-            pieces.append(placeholder)
-            self.positions.extend([-1] * len(placeholder))
-            cursor = end
-        pieces.append(sentence[cursor:])
-        self.positions.extend(range(cursor, len(sentence)))
-        self.masked = "".join(pieces)
-
-    def kind(self, index: int) -> str:
-        return self.mentions[index].kind
-
-    def add(self, subject: int, predicate: str, obj: int) -> None:
-        # A list times a list ("A, B, … and Z acquired …") multiplies: past
-        # the cap the sentence is a table, not a statement worth every pair.
-        if subject != obj and len(self.relations) < MAX_RELATIONS:
-            self.relations[(subject, predicate, obj)] = None
-
-    def add_concept(self, start: int, end: int) -> int | None:
-        """A mention for masked[start:end] (which holds no placeholder)."""
-        first, last = self.positions[start], self.positions[end - 1]
-        if first < 0 or last < 0:
-            return None
-        text = self.sentence[first : last + 1]
-        if not text.strip():
-            return None
-        for index, mention in enumerate(self.mentions):
-            if mention.start == first and mention.end == last + 1:
-                return index
-        self.mentions.append(Mention(first, last + 1, text, "concept"))
-        return len(self.mentions) - 1
-
-
-def _date_facts(state: _Sentence, anchor: int, patient: list[int], label: str) -> None:
-    """Attach the nearest "in/on/since DATE" of the sentence to ``patient``."""
+def _date_facts(
+    state: _Sentence, anchor: int, patient: list[int], label: str, *, near: int = 0
+) -> None:
+    """Attach the nearest "in/on/since DATE" of the sentence to ``patient``
+    (only one that starts at ``near`` or later, if given)."""
     best: tuple[int, int, str] | None = None
-    for match in _PREP_DATE.finditer(state.masked):
+    own = {label, _PARTICIPLES.get(label, label)}
+    for match in _PREP_DATE.finditer(state.masked, near):
         index = int(match.group(2))
         if state.kind(index) != "date":
             continue
+        claimed = _CLAIMED_BY_RE.search(state.masked, max(0, match.start() - 30), match.start())
+        other = TRANSITIVE_FORMS.get(claimed.group(1)) if claimed else None
+        if other is not None and other not in own:
+            continue  # "bought X, a maker founded in 2013": the date is the founding's
         distance = abs(match.start() - anchor)
         if best is None or distance < best[0]:
             best = (distance, index, match.group(1))
@@ -335,12 +326,6 @@ def _date_facts(state: _Sentence, anchor: int, patient: list[int], label: str) -
     participle = _PARTICIPLES.get(label, label)
     for p in patient:
         state.add(p, f"{participle} {suffix}", date)
-
-
-def _agents(state: _Sentence, text: str | None) -> list[int]:
-    if text is None:
-        return []
-    return [i for i in _indexes(text) if state.kind(i) in _AGENT_KINDS]
 
 
 def _add_transitive(
@@ -361,7 +346,59 @@ def _add_transitive(
     consumed.append(match.span())
 
 
+# A clause that goes on with a verb and no subject of its own ("X was founded
+# in 2017 and is headquartered in Y") has the sentence's subject.
+_CLAUSE_VERBS: Final = frozenset(
+    """
+    is was are were has had have will would can could became remains remained also later then
+    now still
+    """.split()
+) | frozenset(
+    form.split()[0]
+    for forms in (
+        *(active for active, _, _ in _TRANSITIVE.values()),
+        *_PREPOSITIONAL.values(),
+    )
+    for form in forms
+)
+_CLAUSE_RE: Final = re.compile(r"(?:,\s*|\s+)and\s+(?=(?P<verb>[a-z][\w-]*)\b)")
+_IN_PHRASE_RE: Final = re.compile(
+    r"(?:^|\W)(?:in|on|at|of|from|with|by|for|to|after|before|near|since|during|about|across|"
+    r"than|into|over|under|between|among|like)\s+(?:(?:the|a|an)\s+)?(?:[a-z][\w-]*\s+){0,2}$"
+)
+
+
+def _subject_of(state: _Sentence, end: int) -> int | None:
+    """The sentence's subject before masked[end]: its first agent that is
+    neither inside a prepositional phrase nor a possessive."""
+    masked = state.masked
+    for match in re.finditer(r"«(\d+)»", masked[:end]):
+        index = int(match.group(1))
+        if state.kind(index) not in _AGENT_KINDS or masked.startswith("'s", match.end()):
+            continue
+        if masked.startswith("’s", match.end()):
+            continue
+        if _IN_PHRASE_RE.search(masked, max(0, match.start() - 40), match.start()):
+            continue
+        return index
+    return None
+
+
 def _relations(state: _Sentence) -> None:
+    _verb_relations(state)
+    add_idioms(state)
+    for match in _CLAUSE_RE.finditer(state.masked):
+        if match.group("verb") not in _CLAUSE_VERBS:
+            continue
+        subject = _subject_of(state, match.start())
+        if subject is None:
+            continue
+        clause = state.clause(subject, match.end())
+        _verb_relations(clause)
+        add_idioms(clause)
+
+
+def _verb_relations(state: _Sentence) -> None:
     masked = state.masked
     consumed: list[tuple[int, int]] = []
     for pattern, label in _ACTIVE:
@@ -393,6 +430,11 @@ def _relations(state: _Sentence) -> None:
                     if label in ("born in", "died in") and match.group("v").endswith("on"):
                         predicate = label[:-2] + "on"
                     state.add(s, predicate, o)
+            if label in ("born in", "died in") and not any(
+                state.kind(o) == "date" for o in objects
+            ):
+                # "born in Warsaw in 1867": the date of the birth too.
+                _date_facts(state, match.end("v"), subjects, label[:-3], near=match.end())
             consumed.append(match.span())
     for match in _PARTICIPLE_FIRST.finditer(masked):
         s, d = int(match.group("s")[1:-1]), int(match.group("d")[1:-1])
@@ -409,19 +451,19 @@ def _relations(state: _Sentence) -> None:
             role = _role(match.group("role"))
             if role is None:
                 continue
-            predicate = f"{role} {match.group('p')}"
+            predicate = _role_predicate(role, match.group("p"))
             for s in _agents(state, match.group("s")):
                 for o in _agents(state, match.group("o")):
                     state.add(s, predicate, o)
             consumed.append(match.span())
     for match in _ROLE_POSSESSIVE.finditer(masked):
-        role = _role(match.group("role") or match.group("role2"))
+        role = _role(match.group("role") or match.group("role2") or match.group("role3"))
         if role is None:
             continue
-        s = int((match.group("s") or match.group("s2"))[1:-1])
-        o = int((match.group("o") or match.group("o2"))[1:-1])
+        s = index_of(match.group("s") or match.group("s2") or match.group("s3"))
+        o = index_of(match.group("o") or match.group("o2") or match.group("o3"))
         if state.kind(s) in ("name", "org") and state.kind(o) in ("name", "org"):
-            state.add(s, f"{role} of", o)
+            state.add(s, _role_predicate(role, "of"), o)
             consumed.append(match.span())
     for match in _COUNT.finditer(masked):
         s, o = int(match.group("s")[1:-1]), int(match.group("o")[1:-1])
@@ -445,6 +487,8 @@ def _relations(state: _Sentence) -> None:
             if any(start <= np_start < end for start, end in consumed):
                 continue
             subjects = _agents(state, match.group("s"))
+            if not subjects:
+                continue  # "in 2018, a year after": no concept without a subject
             for part_start, part_end in _conjuncts(masked, np_start, np_end):
                 concept = state.add_concept(part_start, part_end)
                 if concept is None:
@@ -466,12 +510,30 @@ def _relations(state: _Sentence) -> None:
 
 
 def _role(text: str) -> str | None:
+    """A role as its predicate names it: lower-cased, without "former" or
+    "current", and a chief officer by the usual initials ("chief
+    executive" → "ceo", "chief financial officer" → "cfo")."""
     words = text.split()
     while words and words[0].lower() in _ROLE_MODIFIERS:
         words = words[1:]
     if not words or any(w.lower() in STOPWORDS for w in words):
         return None
-    return " ".join(w if w.isupper() and len(w) > 1 else w.lower() for w in words).lower()
+    role = " ".join(words).lower()
+    if role in ("chief executive", "chief executive officer"):
+        return "ceo"
+    chief = re.fullmatch(r"chief ([a-z])[a-z-]* officer", role)
+    return f"c{chief.group(1)}o" if chief else role
+
+
+_ROLE_PREDICATES: Final = {
+    "founder": "founded", "co-founder": "founded", "cofounder": "founded",
+    "founders": "founded", "co-founders": "founded", "owner": "owns", "owners": "owns",
+}  # fmt: skip
+"""Roles that name a relation the verbs state too: "its founder, X" is "X founded it"."""
+
+
+def _role_predicate(role: str, preposition: str) -> str:
+    return _ROLE_PREDICATES.get(role) or f"{role} {preposition}"
 
 
 def _conjuncts(masked: str, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -492,6 +554,21 @@ def _conjuncts(masked: str, start: int, end: int) -> Iterator[tuple[int, int]]:
         if not stripped or len(stripped.split()) > 5 or stripped.lower() in STOPWORDS:
             continue
         yield piece_start + offset, piece_start + offset + len(stripped)
+
+
+_NEXT_WORD_RE: Final = re.compile(r"\s+([A-Za-z][\w-]*)")
+
+
+def _is_possessive(sentence: str, mention: Mention) -> bool:
+    """Whether a pronoun is a possessive determiner ("its plant", "her
+    husband"); "her" only when a noun-like word follows it."""
+    word = mention.text.lower()
+    if word not in POSSESSIVES:
+        return False
+    if word != "her":
+        return True
+    following = _NEXT_WORD_RE.match(sentence, mention.end)
+    return following is not None and following.group(1).lower() not in STOPWORDS
 
 
 def _is_acronym(short: str, long: str) -> bool:
@@ -519,13 +596,30 @@ class RuleExtractor:
     def extract(self, sentences: Sequence[str]) -> list[Extraction]:
         return [self.extract_one(sentence) for sentence in sentences]
 
-    def extract_one(self, sentence: str) -> Extraction:
+    def extract_one(self, sentence: str, references: Sequence[Mention] = ()) -> Extraction:
+        """The extraction of one sentence. ``references`` are mentions that
+        stand for an entity named elsewhere ("it", "the firm"; see
+        :mod:`qmesh.memory.coref`): they take the place of whatever the rules
+        would find at their spans, and the relations they take part in are
+        found as if they were names."""
         if is_title_line(sentence):
             return Extraction()
         mentions = find_mentions(sentence)
+        if references:
+            mentions = [
+                m
+                for m in mentions
+                if not any(r.start < m.end and m.start < r.end for r in references)
+            ]
+            mentions = sorted([*mentions, *references], key=lambda m: m.start)
         if not mentions:
             return Extraction()
-        state = _Sentence(sentence, mentions)
+        possessive = {
+            i
+            for i, m in enumerate(mentions)
+            if m.refers is not None and _is_possessive(sentence, m)
+        }
+        state = _Sentence(sentence, mentions, possessive)
         _relations(state)
         return Extraction(
             mentions=tuple(state.mentions),

@@ -44,6 +44,11 @@ class Mention:
     end: int
     text: str
     kind: str
+    refers: str | None = None
+    """For a mention that names its entity only through an earlier one of the
+    same document ("it", "the firm", a surname, a short name): that earlier
+    mention's text, the name the store resolves it by (see
+    :mod:`qmesh.memory.coref`). The mention's own text stays its exact span."""
 
 
 @attrs.frozen
@@ -73,6 +78,7 @@ class Extractor(Protocol):
 
 
 _MAX_PREDICATE: Final = 60
+_MAX_REFERS: Final = 300
 
 MAX_MENTIONS: Final = 256
 """Mentions any extractor may return for one sentence: the store writes a
@@ -103,6 +109,14 @@ def check_extraction(sentence: str, extraction: Extraction) -> None:
             raise ProvenanceError(f"mention {mention.text!r} does not match its sentence span")
         if mention.kind not in KINDS:
             raise ProvenanceError(f"mention {mention.text!r} has unknown kind {mention.kind!r}")
+        refers = mention.refers
+        if refers is not None and (
+            not isinstance(refers, str)
+            or not refers.strip()
+            or len(refers) > _MAX_REFERS
+            or mention.kind not in ("name", "org")
+        ):
+            raise ProvenanceError(f"mention {mention.text!r} refers to an unusable antecedent")
     for relation in extraction.relations:
         if not (0 <= relation.subject < count and 0 <= relation.object < count):
             raise ProvenanceError(f"relation {relation!r} names a mention the sentence lacks")

@@ -16,7 +16,15 @@ from typing import Final
 from qmesh.memory.extraction import Mention
 from qmesh.memory.terms import CORPORATE_SUFFIXES, QUESTION_WORDS, STOPWORDS
 
-__all__ = ["CONNECTORS", "RULE_MENTIONS", "find_mentions", "is_title_line"]
+__all__ = [
+    "CONNECTORS",
+    "LOCATIVE_SUFFIXES",
+    "NUMBER_WORDS",
+    "ORG_WORDS",
+    "RULE_MENTIONS",
+    "find_mentions",
+    "is_title_line",
+]
 
 RULE_MENTIONS: Final = 32
 """Mentions the rules keep in one sentence (the first by priority). Prose has
@@ -49,6 +57,21 @@ _PERCENT_RE: Final = re.compile(r"\b\d+(?:\.\d+)?\s?(?:%|percent\b|per cent\b)")
 _NUMBER_RE: Final = re.compile(
     r"\b\d[\d,]*(?:\.\d+)?(?:\s(?:thousand|million|billion|trillion))?\b(?![.,]?\d)"
 )
+NUMBER_WORDS: Final = frozenset(
+    """
+    two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
+    sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety
+    """.split()
+)
+"""Numbers written as words (not "one", which is as often a pronoun)."""
+_NUMBER_WORD_RE: Final = re.compile(
+    r"\b(?i:" + "|".join(sorted(NUMBER_WORDS, key=len, reverse=True)) + r")"
+    r"(?:[- ](?i:one|two|three|four|five|six|seven|eight|nine))?"
+    r"(?:\s(?:hundred|thousand|million|billion))?\b(?![-'’]\w)"
+)
+LOCATIVE_SUFFIXES: Final = ("-based", "-headquartered")
+"""A name that ends in one of these ("Springfield-based") is a place modifying
+what follows; the name is the part before it."""
 _QUOTED_RE: Final = re.compile(r"\"([^\"\n]{2,80}?)\"|“([^”\n]{2,80}?)”|‘([^’\n]{2,60}?)’")
 
 # Word tokens for name finding: words (with inner apostrophes, hyphens and
@@ -87,14 +110,22 @@ _STARTERS: Final = (
         """.split()
     )
 )
-_ORG_WORDS: Final = CORPORATE_SUFFIXES | frozenset(
+ORG_WORDS: Final = CORPORATE_SUFFIXES | frozenset(
     """
         university institute college bank group foundation agency association council party
         ministry department school hospital laboratory laboratories labs systems technologies
         industries holdings partners airlines motors press society committee museum library
         church club team fund federation union organization organisation corporation
+        forum academy institution
+        robotics energy pharma pharmaceuticals diagnostics therapeutics biotech foods ferries
+        ventures capital mobility logistics airways shipping software networks electronics
+        semiconductors analytics dynamics media studios entertainment solutions brands
+        automotive aerospace chemicals mining insurance investments telecom
         """.split()
 )
+"""Last words that make a capitalised name an organisation's: corporate
+suffixes, institutions, and the industry nouns companies name themselves by
+("Acme Robotics", "Globex Pharma", "Initech Ventures")."""
 
 
 def _is_capitalised(token: str) -> bool:
@@ -118,7 +149,7 @@ def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
                 break
             if tokens[j][2].lower().rstrip(".") in CORPORATE_SUFFIXES and len(run) > 1:
                 break  # "Umbrella Ltd. Hank Scorpio" is two names
-            if tokens[j][2].endswith(("'s", "’s")):
+            if tokens[j][2].endswith(("'s", "’s")) or _locative_suffix(tokens[j][2]):
                 break
             nxt = j + 1
             if nxt < len(tokens) and tokens[nxt][2].lower() in CONNECTORS:
@@ -164,13 +195,25 @@ def _name_spans(sentence: str) -> Iterator[tuple[int, int]]:
             continue
         span_start = words[0][0]
         _, last_end, last = words[-1]
-        if last.endswith(("'s", "’s")):
+        suffix = _locative_suffix(last)
+        if suffix:
+            last_end -= suffix
+        elif last.endswith(("'s", "’s")):
             last_end -= 2
         elif last.endswith(".") and not _keeps_period(last):
             last_end -= 1
         if len(words) == 1 and words[0][2].rstrip(".").lower() in {"i", "a"}:
             continue
         yield span_start, last_end
+
+
+def _locative_suffix(token: str) -> int:
+    """The length of a locative suffix ("-based") that ``token`` ends with, or 0."""
+    lower = token.lower()
+    for suffix in LOCATIVE_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return len(suffix)
+    return 0
 
 
 def _keeps_period(token: str) -> bool:
@@ -185,7 +228,7 @@ def _adjacent(sentence: str, tokens: list[tuple[int, int, str]], a: int, b: int)
 
 def _name_kind(text: str) -> str:
     last = text.split()[-1].lower().rstrip(".")
-    return "org" if last in _ORG_WORDS else "name"
+    return "org" if last in ORG_WORDS else "name"
 
 
 def is_title_line(sentence: str) -> bool:
@@ -221,6 +264,8 @@ def find_mentions(sentence: str) -> list[Mention]:
     for start, end in islice(_name_spans(sentence), _CANDIDATES):
         candidates.append((2, start, end, _name_kind(sentence[start:end])))
     for match in islice(_NUMBER_RE.finditer(sentence), _CANDIDATES):
+        candidates.append((3, match.start(), match.end(), "number"))
+    for match in islice(_NUMBER_WORD_RE.finditer(sentence), _CANDIDATES):
         candidates.append((3, match.start(), match.end(), "number"))
     # The spans taken so far are disjoint, so sorted by start they are sorted
     # by end too, and the only one that can overlap [start, end) is the last

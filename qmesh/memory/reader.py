@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from qmesh.memory.coref import is_description
 from qmesh.memory.errors import (
     DocumentNotFound,
 )
@@ -23,9 +24,11 @@ from qmesh.memory.records import (
     EntityRef,
     Fact,
     Lists,
+    MentionSpan,
     StoredSentence,
     document_info,
 )
+from qmesh.memory.terms import entity_key
 from qmesh.state.db import Connection, Dialect
 
 __all__ = ["MemoryReader"]
@@ -122,6 +125,28 @@ class MemoryReader:
             for key, refs in found.items()
         }
 
+    def entities_by_prefix(self, prefixes: Iterable[str]) -> dict[str, list[EntityRef]]:
+        """For each prefix (a key of one or more words): the visible entities
+        whose key starts with it and goes on with more words ("globex" →
+        "globex industries"), for a short name that no mention wrote."""
+        found: dict[str, list[EntityRef]] = {}
+        for prefix in sorted(set(prefixes)):
+            head = prefix + " "
+            rows = self.conn.execute(
+                "SELECT e.id, e.kind FROM memory_entities AS e"
+                " WHERE substr(e.key, 1, ?) = ? AND EXISTS (SELECT 1 FROM memory_mentions AS v"
+                " WHERE v.entity_id = e.id AND " + self._visible_sentence("v.sentence_seq")
+                + ") ORDER BY e.id LIMIT 3",
+                (len(head), head, *self._params),
+            ).fetchall()  # fmt: skip
+            if rows:
+                found[prefix] = [EntityRef(int(r[0]), "", r[1]) for r in rows]
+        names = self._names({r.id for refs in found.values() for r in refs})
+        return {
+            prefix: [EntityRef(r.id, names[r.id], r.kind) for r in refs if r.id in names]
+            for prefix, refs in found.items()
+        }
+
     def _names(self, entity_ids: Iterable[int]) -> dict[int, str]:
         """Each entity's name as this reader may see it: its own name when a
         visible mention says it, else the commonest visible surface of its
@@ -150,8 +175,17 @@ class MemoryReader:
             surfaces.setdefault(eid, Counter())[(surface_key == key, surface)] += count
         names = {}
         for eid, counts in surfaces.items():
-            # Own-key surfaces first, then the commonest, then the smallest.
-            best = min(counts.items(), key=lambda item: (not item[0][0], -item[1], item[0][1]))
+            # Names before pronouns and descriptions ("it" is keyed by what it
+            # stands for), then own-key surfaces, the commonest, the smallest.
+            best = min(
+                counts.items(),
+                key=lambda item: (
+                    is_description(item[0][1]),
+                    not item[0][0],
+                    -item[1],
+                    item[0][1],
+                ),
+            )
             names[eid] = own.get(eid, best[0][1])
         return names
 
@@ -310,6 +344,33 @@ class MemoryReader:
             (self._lists.of(seqs), *self._params),
         ):  # fmt: skip
             found.setdefault(seq, {})[eid] = kind
+        return found
+
+    def mention_spans(self, seqs: Iterable[int]) -> dict[int, list[MentionSpan]]:
+        """For each visible sentence: its mentions, in order, with their
+        entities (named as this reader may see them)."""
+        rows = self.conn.execute(
+            "SELECT m.sentence_seq, m.entity_id, e.kind, e.key, m.char_start, m.char_end,"
+            " m.surface FROM memory_mentions AS m"
+            " JOIN memory_entities AS e ON e.id = m.entity_id"
+            " WHERE " + self._lists.among("m.sentence_seq") + " AND "
+            + self._visible_sentence("m.sentence_seq") + " ORDER BY m.sentence_seq, m.char_start",
+            (self._lists.of(seqs), *self._params),
+        ).fetchall()  # fmt: skip
+        names = self._names({r[1] for r in rows})
+        found: dict[int, list[MentionSpan]] = {}
+        for seq, eid, kind, key, start, end, surface in rows:
+            if eid not in names:
+                continue
+            found.setdefault(seq, []).append(
+                MentionSpan(
+                    EntityRef(eid, names[eid], kind),
+                    start,
+                    end,
+                    surface,
+                    resolved=entity_key(surface) != key,
+                )
+            )
         return found
 
     def integrity_problems(self) -> dict[str, int]:

@@ -29,6 +29,7 @@ __all__ = [
     "Fact",
     "IngestReport",
     "Lists",
+    "MentionSpan",
     "PreparedDocument",
     "StoredSentence",
     "document_info",
@@ -151,6 +152,20 @@ class EntityRef:
     id: int
     name: str
     kind: str
+
+
+@attrs.frozen
+class MentionSpan:
+    """A stored mention: ``document[start:end] == surface``, naming ``entity``."""
+
+    entity: EntityRef
+    start: int
+    end: int
+    surface: str
+    resolved: bool
+    """The surface is not the entity's own name: a pronoun, a description, a
+    surname or a short name that the memory resolved to it ("it" → "Acme
+    Corporation")."""
 
 
 @attrs.frozen

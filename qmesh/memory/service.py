@@ -13,9 +13,10 @@ Bounded work. A document is at most ``max_document_bytes`` of UTF-8 and
 most :data:`MAX_DOCUMENT_MENTIONS` in all; everything from conversion to SQL
 is linear in the document. ``checkpoint`` (see
 :data:`~qmesh.memory.store.Checkpoint`) is called between conversion,
-splitting, every :data:`_EXTRACT_BATCH` sentences of extraction and every
-sentence written, so a caller that gives up stops the work soon, and it
-leaves nothing behind.
+splitting, every :data:`_EXTRACT_BATCH` sentences of extraction and of the
+reading of references (:mod:`qmesh.memory.coref`, for the rule-based
+extractors), and every sentence written, so a caller that gives up stops the
+work soon, and it leaves nothing behind.
 
 Not for: async code. Every method blocks (SQLite and CPU work); Trio
 callers wrap them in ``trio.to_thread.run_sync`` (the HTTP API does, on a
@@ -30,6 +31,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from qmesh.memory.convert import FORMATS, convert
+from qmesh.memory.coref import resolve_references
 from qmesh.memory.errors import DocumentTooLarge, InvalidDocument
 from qmesh.memory.extract import RuleExtractor
 from qmesh.memory.extraction import Extraction, Extractor, check_extraction
@@ -104,6 +106,17 @@ def _utf8(text: str, what: str) -> bytes:
     if b"\0" in encoded:
         raise InvalidDocument(f"{what} holds a NUL character (U+0000) at {text.index(chr(0))}")
     return encoded
+
+
+def _rules_of(extractor: Extractor) -> RuleExtractor | None:
+    """The rule extractor that ``extractor`` is or builds on (the LLM
+    extractor adds a model's triples to the rules'), which reads the
+    sentences again once their references are resolved; None for an
+    extractor of another kind, whose output is stored as it is."""
+    if isinstance(extractor, RuleExtractor):
+        return extractor
+    rules = getattr(extractor, "rules", None)
+    return rules if isinstance(rules, RuleExtractor) else None
 
 
 class Memory:
@@ -188,6 +201,13 @@ class Memory:
             raise InvalidDocument(
                 f"extractor {extractor.name!r} returned {len(extractions)} results "
                 f"for {len(sentences)} sentences"
+            )
+        rules = _rules_of(extractor)
+        if rules is not None:
+            # Pronouns and descriptions ("it", "the firm") need the paragraph:
+            # resolved here, over the whole document, and read again by the rules.
+            extractions = resolve_references(
+                converted.text, sentences, extractions, rules.extract_one, checkpoint
             )
         mentions = 0
         for sentence, extraction in zip(sentences, extractions, strict=True):

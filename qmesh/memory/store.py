@@ -17,11 +17,15 @@ For: all reads and writes of the ``memory_*`` tables (see
 resolution happens here because it needs the stored graph: a mention joins
 the entity whose key it normalises to (:func:`~qmesh.memory.terms.entity_key`),
 else the one entity that already has a mention with that surface key (an
-alias), else a new entity. Within one document, a lone surname ("Doe")
-joins the one person of the document whose name ends with it, and an alias
-pair from the extractor ("International Business Machines (IBM)") merges the
-two entities, moving every mention and every supporting sentence to the
-survivor, so merging never loses provenance.
+alias), else a new entity; a mention that refers to an earlier one of the
+document (a pronoun or a description resolved by :mod:`qmesh.memory.coref`)
+joins that one's entity, keyed by its key so that it never becomes an alias,
+and one that refers to nothing the document named is not stored. Within
+one document, a lone surname ("Doe") joins the one person of the document
+whose name ends with it, and an alias pair from the extractor
+("International Business Machines (IBM)") merges the two entities, moving
+every mention and every supporting sentence to the survivor, so merging
+never loses provenance.
 
 The same statements run on both backends of the state store (SQLite, and
 PostgreSQL with the schema of :mod:`qmesh.state.memory_tables`); a write
@@ -42,12 +46,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
+from qmesh.memory.coref import is_description
 from qmesh.memory.errors import (
     DocumentConflict,
     DocumentNotFound,
     NotDocumentOwner,
     ProvenanceError,
 )
+from qmesh.memory.extraction import Mention
 from qmesh.memory.reader import MemoryReader
 from qmesh.memory.records import (
     OPERATOR,
@@ -108,7 +114,7 @@ class MemoryStore:
                 raise ProvenanceError(f"sentence {sentence.id} does not slice its document")
         # Normalised before the transaction: the state store's lock is held
         # only for the SQL.
-        keys = [[entity_key(m.text) for m in e.mentions] for e in document.extractions]
+        keys = [[_keys(m) for m in e.mentions] for e in document.extractions]
         checkpoint()
         try:
             with self._write() as conn:
@@ -277,10 +283,25 @@ class _Resolver:
                 people.add(keep)
 
 
+def _keys(mention: Mention) -> tuple[str, str | None]:
+    """A mention's surface key and, for one that refers to an earlier
+    mention, that mention's key. A pronoun or a description ("it", "the
+    firm") is keyed by what it refers to, so that it never becomes an alias
+    ("it" naming every company); a surname or a short name keeps its own
+    key, an alias by which its entity can be looked up."""
+    own = entity_key(mention.text)
+    if mention.refers is None:
+        return own, None
+    antecedent = entity_key(mention.refers)
+    if not own or is_description(mention.text):
+        return antecedent, antecedent
+    return own, antecedent
+
+
 def _insert(
     conn: Connection,
     document: PreparedDocument,
-    keys: Sequence[Sequence[str]],
+    keys: Sequence[Sequence[tuple[str, str | None]]],
     owner: str | None,
     shared: bool,
     checkpoint: Checkpoint,
@@ -318,12 +339,22 @@ def _insert(
             ).fetchone()[0]
         )
         entities: list[int | None] = []
-        for mention, key in zip(extraction.mentions, mention_keys, strict=True):
-            if not key:
+        for mention, (key, antecedent) in zip(extraction.mentions, mention_keys, strict=True):
+            start = sentence.start + mention.start
+            if antecedent is not None:
+                # Only an entity this document named before: a reference
+                # never creates one, nor reaches into another document.
+                found = resolver.local.get(antecedent)
+                entity = None if found is None or not key else resolver.canonical(found)
+                if entity is not None and key != antecedent:
+                    resolver.local.setdefault(key, entity)
+            elif key:
+                entity = resolver.resolve(key, mention.text, mention.kind, seq, start)
+            else:
+                entity = None
+            if entity is None:
                 entities.append(None)
                 continue
-            start = sentence.start + mention.start
-            entity = resolver.resolve(key, mention.text, mention.kind, seq, start)
             conn.execute(
                 "INSERT INTO memory_mentions (entity_id, sentence_seq, char_start, char_end,"
                 " surface, surface_key) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

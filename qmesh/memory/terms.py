@@ -110,6 +110,7 @@ _DOT_RE: Final = re.compile(r"(?<!\d)\.|\.(?!\d)")
 _PUNCT_RE: Final = re.compile(r"[^\w&'%$€£.+-]+")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def entity_key(surface: str) -> str:
     """The normal form under which surface names are the same entity: NFKC,
     case-folded, without a leading "the", a trailing possessive, acronym dots,
