@@ -4,9 +4,10 @@ For: :class:`LedgerEntry` (who asked, what ran where, tokens, cost, what a
 budget shift avoided paying, every failover hop and the router's reason),
 and :class:`Ledger`, which takes entries on the request path without
 waiting (a list append) and writes them in batches from one background
-task (``run``): one transaction per batch keeps the per-request cost to
-microseconds. Also the audit events (``audit``) on the same path, and the
-reads FinOps needs (spend per budget since a time, rows for a report).
+task (``run``) in a niced thread of its own: one transaction per batch
+keeps the per-request cost to microseconds. Also the audit events
+(``audit``) on the same path, and the reads FinOps needs (spend per budget
+since a time, rows for a report).
 
 Not for: budgets' arithmetic (:mod:`qmesh.finops.budgets`; the in-memory
 book is updated at settlement, before the row is written) or the chain
@@ -19,6 +20,7 @@ budgets re-read the ledger at start-up, so they under-count by the same).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -28,6 +30,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import trio
 
+from qmesh.background import BackgroundThread
 from qmesh.finops.chain import Column, append_rows, load_chain_key
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
@@ -49,6 +52,9 @@ MAX_BATCH: Final = 1024
 MAX_PENDING: Final = 100_000
 """Ledger rows a Gate keeps waiting for its database (a few tens of MB);
 past it, new LLM requests are refused until they are written."""
+_WRITER: Final = BackgroundThread("qmesh ledger writer")
+"""Where every ledger of the process writes its batches: one thread at a
+lower priority, so that a batch takes the time requests leave idle."""
 
 
 Hop: TypeAlias = Mapping[str, object]
@@ -167,7 +173,7 @@ class Ledger:
             while self._entries or self._events:
                 entries, events = self._entries[:MAX_BATCH], self._events[:]
                 try:
-                    await trio.to_thread.run_sync(self._write, entries, events)
+                    await _WRITER.run(functools.partial(self._write, entries, events))
                 except BaseException:
                     self._uncertain = True
                     raise

@@ -1,0 +1,79 @@
+"""The niced background thread the ledger writes from."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+from qmesh.background import NICENESS, BackgroundThread
+
+
+async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result() -> None:
+    worker = BackgroundThread("test worker")
+
+    def where() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+    tid, niceness = await worker.run(where)
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert tid != threading.get_native_id()
+    assert niceness == min(19, ours + NICENESS)
+    assert (await worker.run(where))[0] == tid, "one thread, kept"
+
+
+async def test_a_jobs_exception_reaches_its_caller_and_the_thread_serves_on() -> None:
+    worker = BackgroundThread("test worker")
+
+    def fail() -> None:
+        raise ValueError("no such row")
+
+    with pytest.raises(ValueError, match="no such row"):
+        await worker.run(fail)
+    assert await worker.run(lambda: 42) == 42
+
+
+async def test_a_cancelled_caller_still_waits_for_its_job_and_gets_its_result() -> None:
+    worker = BackgroundThread("test worker")
+    started, release = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def slow() -> str:
+        started.set()
+        release.wait()
+        finished.append("written")
+        return "written"
+
+    got: list[str] = []
+    scope = trio.CancelScope()
+
+    async def call() -> None:
+        with scope:
+            got.append(await worker.run(slow))
+            await trio.lowlevel.checkpoint()  # where the cancellation lands
+            got.append("not reached")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.to_thread.run_sync(started.wait)
+        scope.cancel()
+        for _ in range(10):
+            await trio.lowlevel.checkpoint()
+        assert not got, "it waits for the job, cancelled or not"
+        release.set()
+    assert scope.cancelled_caught
+    assert got == ["written"] and finished == ["written"]
+
+
+async def test_jobs_run_in_the_order_they_were_given() -> None:
+    worker = BackgroundThread("test worker")
+    order: list[int] = []
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(worker.run, lambda n=n: order.append(n))
+            await trio.lowlevel.checkpoint()
+    assert order == list(range(20))
