@@ -6,10 +6,12 @@ blocking function there and waits for it, as ``trio.to_thread.run_sync``
 would. The Gate's ledger writes its batches there: on a Gate with one core,
 a batch of hundreds of rows written at the event loop's priority took the
 core from requests in flight for milliseconds at a time (measured with
-``bench/gateway.py``: at 64 connections, 14,000 req/s and p99 10.6 ms with
-the writes in Trio's worker threads; 17,700 req/s and 8.5 ms with them
-niced). Niced, the writes take the time the loop leaves idle, and the
-loop's requests go first.
+``bench/gateway.py``, paired rounds: at 64 connections, 14,000 req/s and
+p99 10.6 ms with the writes in Trio's worker threads, about 18,000 req/s
+and 7.8 ms with them niced). Niced, the writes take the time the loop
+leaves idle, and the loop's requests go first. If they fall behind all the
+same, the ledger's bound on rows waiting (``MAX_PENDING``) refuses new
+requests until they are written.
 
 Not for: work a request waits on (it would wait longer), or anything that
 must run at a given time.
@@ -33,9 +35,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-NICENESS: Final = 10
-"""How much lower its priority is than the process's (Linux nice values: 10
-gives it about a tenth of a busy core's time against the event loop)."""
+NICENESS: Final = 5
+"""How much lower its priority is than the process's. Linux gives a thread
+5 nice levels below another about a quarter of a core they both want: the
+ledger's writer needs about a seventh at 18,000 requests a second, so it
+keeps up; at 10 (a tenth) it fell behind in a sustained run until the
+ledger was full and refused requests."""
 
 
 class BackgroundThread:
