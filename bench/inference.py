@@ -1,25 +1,43 @@
-"""Inference through qmesh (client → Gate → daemon → llama.cpp) vs llama-cpp-python direct.
+"""The planner's predicted decode speed against what llama.cpp does, per quantization;
+and inference through qmesh (client → Gate → daemon → llama.cpp) vs llama-cpp-python direct.
 
-Usage (from the repository root, after scripts/setup.sh)::
+Usage (from the repository root, after scripts/setup.sh; on a shared
+machine under the benchmark lock)::
 
-    .venv/bin/python bench/inference.py                # 5 rounds, 64 tokens
-    .venv/bin/python bench/inference.py --rounds 9 --tokens 128 --threads 1
-    .venv/bin/python bench/inference.py --model PATH.gguf
+    flock /tmp/qmesh-bench.lock .venv/bin/python bench/inference.py
+    ... bench/inference.py --rounds 7 --tokens 64 --quants Q8_0,Q4_0,Q5_K_M,F16
+    ... bench/inference.py --model PATH.gguf --threads 2
 
-A Gate and a daemon run as separate ``qmesh --role`` processes with a
-throwaway data directory; the daemon serves the model through its
-supervised llama.cpp server. The client streams ``POST
-/api/daemons/NODE/v1/completions`` (server-sent events) from the Gate, and
-in the same run calls ``llama_cpp.Llama.create_completion(stream=True)`` in
-this process with the same file, context, threads, prompts and greedy
-sampling (``repeat_penalty`` 1.0 on both sides: llama.cpp's server
-defaults to 1.1, the library to 1.0). Rounds alternate direct and qmesh, each round with a prompt of
-its own (so neither side reuses the other's prompt cache). Reported per
-side: the median time to first token (TTFT) and decode tokens/s (tokens
-after the first ÷ time after the first), and qmesh ÷ direct. Then the
-quantization planner's prediction for this machine against both.
+Steps:
 
-Nothing is asserted; the target is printed with met / NOT met.
+1. Quantizations. Besides the test model (Gemma 3 270M Q4_K_M), the
+   variants of ``--quants`` are made from it with llama.cpp's own quantize
+   (``llama_cpp.llama_model_quantize``, requantizing: fine for speed, not
+   for quality) into ``--quant-dir`` (default ``~/.cache/qmesh/bench-quants``;
+   made once, never committed).
+2. A fresh node calibration (``qmesh.daemon.calibration``, synthetic
+   models only — none of these files) and a fresh bandwidth measurement.
+3. The planner's prediction for every variant, made before any of them has
+   run: decode tok/s as the daemon serves it, and the cost per token by
+   cause.
+4. A Gate and a daemon as separate ``qmesh --role`` processes (throwaway
+   data directory) serving all the variants through the daemon's llama.cpp
+   model servers; the daemon's inventory is read before any request (its
+   ``predicted_tps`` is the same prediction, made by the daemon).
+5. Interleaved paired rounds: each round runs every variant (the order
+   rotating) on both sides, qmesh (``POST /api/daemons/NODE/v1/completions``,
+   streamed) and direct (``llama_cpp.Llama.create_completion(stream=True)``
+   in this process with the same file, context, threads, prompt and greedy
+   sampling; ``repeat_penalty`` 1.0 on both sides), each round a prompt of
+   its own. Decode tok/s = tokens after the first ÷ time after the first.
+6. Per variant: predicted, measured median [min–max] on each side, and the
+   prediction's error ((predicted − measured) ÷ measured; target |error| ≤
+   25 %), then qmesh ÷ direct, and the daemon's inventory after the runs
+   (what it measured, and the error it reports).
+
+These figures are noisy on a shared machine (±15 % run to run): read the
+medians and the spread, never one run. Nothing is asserted; this is not a
+test, and not for CI.
 """
 
 from __future__ import annotations
@@ -40,8 +58,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DEFAULT_MODEL = Path.home() / ".cache" / "qmesh" / "models" / "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_QUANT_DIR = Path.home() / ".cache" / "qmesh" / "bench-quants"
+TARGET_ERROR = 0.25
 TARGET_RATIO = 0.95
+FTYPES = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2, "Q3_K_M": 12,
+          "Q2_K": 10}  # fmt: skip
 PROMPTS = [
     "The history of the city of Paris begins",
     "A recipe for bread needs flour, water and",
@@ -56,6 +79,9 @@ PROMPTS = [
     "Honey bees communicate with one another by",
 ]
 
+Figures = tuple[float, float, int, str]
+"""(TTFT s, decode tok/s, tokens, text) of one streamed completion."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -64,10 +90,76 @@ def free_port() -> int:
         return port
 
 
+def make_quantizations(model: Path, quants: list[str], directory: Path) -> dict[str, Path]:
+    """The test model requantized to each of ``quants`` (made once, then reused)."""
+    import llama_cpp
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = model.name.removesuffix(".gguf").rsplit("-", 1)[0]  # gemma-3-270m
+    made: dict[str, Path] = {}
+    for quant in quants:
+        out = directory / f"{stem}-{quant.lower()}.gguf"
+        if not out.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = FTYPES[quant]
+            params.allow_requantize = True  # from Q4_K_M: speed, not quality, is measured
+            params.nthread = os.cpu_count() or 1
+            tmp = out.with_suffix(".tmp")
+            started = time.perf_counter()
+            code = llama_cpp.llama_model_quantize(str(model).encode(), str(tmp).encode(), params)
+            if code != 0:
+                raise SystemExit(f"bench: quantizing to {quant} failed ({code})")
+            tmp.replace(out)
+            print(f"made {out} ({out.stat().st_size / 1e6:.0f} MB) in "
+                  f"{time.perf_counter() - started:.1f}s")  # fmt: skip
+        made[quant] = out
+    return made
+
+
+def fresh_predictions(
+    files: dict[str, Path], threads: int, context: int, data_dir: Path
+) -> tuple[dict[str, Any], str]:
+    """A fresh calibration and bandwidth, then the planner's figures per
+    variant: {quant: placement}, and a description of the calibration."""
+    import attrs
+
+    from qmesh.daemon.calibration import CalibrationKey, obtain
+    from qmesh.daemon.catalog import describe_gguf
+    from qmesh.daemon.membench import cached_bandwidth
+    from qmesh.daemon.quant import NodeSpec, Variant, place
+    from qmesh.daemon.telemetry import TelemetryReader
+
+    key = CalibrationKey.local(threads=threads, threads_batch=threads)
+    if key is None:
+        raise SystemExit("bench: llama-cpp-python is not installed")
+    started = time.perf_counter()
+    # The files' block layouts are probed from their headers (synthetic
+    # clones of a few blocks); none of the files is loaded or run.
+    calibration = obtain(data_dir, key, models=list(files.values()), remeasure=True)
+    if calibration is None:
+        raise SystemExit("bench: the node calibration failed (see the log above)")
+    took = time.perf_counter() - started
+    bandwidth = cached_bandwidth(data_dir, remeasure=True)
+    reader = TelemetryReader(host_bandwidth_gbps=bandwidth.gbps)
+    reader.start()
+    node = NodeSpec.from_telemetry(reader.read(), calibration=calibration, threads=threads)
+    reader.close()
+    node = attrs.evolve(node, host_bandwidth_gbps=bandwidth.at_threads(threads))
+    placements = {
+        quant: place(Variant.from_model(describe_gguf(path)), node, context)
+        for quant, path in files.items()
+    }
+    text = (
+        f"{calibration.describe()}\n  (calibration {took:.1f}s wall; read bandwidth "
+        f"{bandwidth.at_threads(threads):.1f} GB/s at {threads} thread(s))"
+    )
+    return placements, text
+
+
 class Mesh:
     """A Gate and one daemon as processes, in a temporary directory."""
 
-    def __init__(self, model: Path, threads: int, context: int) -> None:
+    def __init__(self, models: list[Path], threads: int, context: int) -> None:
         from qmesh.identity import GateKeys, enroll, write_private_file
         from qmesh.masterkey import ensure_master_key
         from qmesh.state import StateStore
@@ -82,42 +174,32 @@ class Mesh:
             credential = enroll(store, keys, "daemon", "bench-node", f"127.0.0.1:{self.tunnel}")
         cred_file = self.tmp / "node.cred"
         write_private_file(cred_file, (credential.encode() + "\n").encode())
-        models = self.tmp / "models"
-        models.mkdir()
-        os.symlink(model, models / model.name)
-        self.model_id = model.name.removesuffix(".gguf")
+        directory = self.tmp / "models"
+        directory.mkdir()
+        for model in models:
+            os.symlink(model, directory / model.name)
+        self.node_dir = self.tmp / "node"
         (self.tmp / "gate.toml").write_text(
             f'data_dir = "{gate_dir}"\n[gate]\ntunnel_listen = "127.0.0.1:{self.tunnel}"\n'
             f'http_listen = "127.0.0.1:{self.http}"\n'
         )
         (self.tmp / "daemon.toml").write_text(
-            f'data_dir = "{self.tmp / "node"}"\n[daemon]\ngate = "127.0.0.1:{self.tunnel}"\n'
+            f'data_dir = "{self.node_dir}"\n[daemon]\ngate = "127.0.0.1:{self.tunnel}"\n'
             f'credential_file = "{cred_file}"\nhealth_listen = "127.0.0.1:0"\n'
-            f'model_dirs = ["{models}"]\ncontext_length = {context}\nthreads = {threads}\n'
+            f'model_dirs = ["{directory}"]\ncontext_length = {context}\nthreads = {threads}\n'
             "heartbeat_interval_s = 2.0\n"
         )
         self.processes: list[subprocess.Popen[bytes]] = []
         for role in ("gate", "daemon"):
             log = (self.tmp / f"{role}.log").open("wb")
+            command = [sys.executable, "-m", "qmesh", "--role", role, "--config",
+                       str(self.tmp / f"{role}.toml")]  # fmt: skip
             self.processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "qmesh",
-                        "--role",
-                        role,
-                        "--config",
-                        str(self.tmp / f"{role}.toml"),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=ROOT,
-                )
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             )
             if role == "gate":
                 self._wait(lambda: self._get("/healthz"), "the gate", 60)
-        self._wait(self._fresh, "the daemon in the inventory", 60)
+        self._wait(self._calibrated, "the daemon, calibrated, in the inventory", 120)
 
     def _get(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.http}{path}"
@@ -125,9 +207,9 @@ class Mesh:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
-    def _fresh(self) -> bool:
-        nodes = self._get("/api/inventory?state=fresh")["nodes"]
-        return bool(nodes)
+    def _calibrated(self) -> bool:
+        models = self.models()
+        return bool(models) and all(m["metadata"].get("calibrated") for m in models.values())
 
     def _wait(self, check: Any, what: str, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -135,34 +217,25 @@ class Mesh:
             try:
                 if check():
                     return
-            except OSError:
+            except (OSError, IndexError, KeyError):
                 pass
             if time.monotonic() > end:
                 raise SystemExit(f"bench: {what} did not come up; logs in {self.tmp}")
             time.sleep(0.1)
 
-    def inventory_model(self) -> dict[str, Any]:
-        nodes = self._get("/api/inventory")["nodes"]
-        model: dict[str, Any] = {m["id"]: m for m in nodes[0]["models"]}[self.model_id]
-        return model
+    def models(self) -> dict[str, dict[str, Any]]:
+        """The node's models as the Gate's inventory has them (what the
+        daemon said about each is under ``metadata``)."""
+        nodes = self._get("/api/inventory?state=fresh")["nodes"]
+        return {m["id"]: m for m in nodes[0]["models"]}
 
-    def stream(
-        self, prompt: str, tokens: int, *, url: str | None = None
-    ) -> tuple[float, float, int, str]:
-        """(TTFT s, decode tokens/s, tokens, text) for one streamed completion,
-        through the Gate (or straight to ``url``)."""
+    def stream(self, model: str, prompt: str, tokens: int) -> Figures:
         body = json.dumps(
-            {
-                "model": self.model_id,
-                "prompt": prompt,
-                "max_tokens": tokens,
-                "temperature": 0,
-                "repeat_penalty": 1.0,
-                "stream": True,
-            }
-        ).encode()
+            {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+             "repeat_penalty": 1.0, "stream": True}
+        ).encode()  # fmt: skip
         request = urllib.request.Request(
-            url or f"http://127.0.0.1:{self.http}/api/daemons/bench-node/v1/completions",
+            f"http://127.0.0.1:{self.http}/api/daemons/bench-node/v1/completions",
             data=body,
             headers={"authorization": f"Bearer {self.bearer}", "content-type": "application/json"},
         )
@@ -180,12 +253,6 @@ class Mesh:
                     stamps.append(time.perf_counter())
                     text.append(piece)
         return (*_figures(start, stamps), "".join(text))
-
-    def model_server_url(self) -> str:
-        """The daemon's llama.cpp server for the model, to measure the hop it adds."""
-        nodes = self._get("/api/inventory")["nodes"]
-        (server,) = nodes[0]["runtimes"][0]["servers"]
-        return f"http://127.0.0.1:{server['port']}/v1/completions"
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -206,17 +273,6 @@ def _figures(start: float, stamps: list[float]) -> tuple[float, float, int]:
     return ttft, tps, len(stamps)
 
 
-class ModelServer:
-    """The client straight to the daemon's model server: llama.cpp's own HTTP hop."""
-
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
-        self.url = mesh.model_server_url()
-
-    def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
-        return self.mesh.stream(prompt, tokens, url=self.url)
-
-
 class Direct:
     def __init__(self, model: Path, threads: int, context: int) -> None:
         from llama_cpp import Llama
@@ -225,12 +281,12 @@ class Direct:
             str(model), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False
         )
 
-    def stream(self, prompt: str, tokens: int) -> tuple[float, float, int, str]:
+    def stream(self, prompt: str, tokens: int) -> Figures:
         start = time.perf_counter()
         stamps: list[float] = []
         text: list[str] = []
         for chunk in self.llm.create_completion(
-            prompt, max_tokens=tokens, temperature=0, stream=True
+            prompt, max_tokens=tokens, temperature=0, repeat_penalty=1.0, stream=True
         ):
             piece = chunk["choices"][0]["text"]  # type: ignore[index]
             if piece:
@@ -239,30 +295,13 @@ class Direct:
         return (*_figures(start, stamps), "".join(text))
 
 
-def predicted_tps(
-    model: Path, threads: int, context: int, data_dir: Path
-) -> tuple[float, float, float]:
-    """The planner's decode prediction for this machine: (tok/s at the
-    bandwidth ``threads`` threads measured, tok/s at the best bandwidth, GB/s used)."""
-    import attrs
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.1f} [{min(values):.1f}–{max(values):.1f}]"
 
-    from qmesh.daemon.catalog import describe_gguf
-    from qmesh.daemon.membench import cached_bandwidth
-    from qmesh.daemon.quant import NodeSpec, Variant, place
-    from qmesh.daemon.telemetry import TelemetryReader
 
-    bandwidth = cached_bandwidth(data_dir, remeasure=True)  # now, not a cached figure
-    reader = TelemetryReader(host_bandwidth_gbps=bandwidth.gbps)
-    reader.start()
-    node = NodeSpec.from_telemetry(reader.read())
-    reader.close()
-    variant = Variant.from_model(describe_gguf(model))
-    at_threads = attrs.evolve(node, host_bandwidth_gbps=bandwidth.at_threads(threads))
-    return (
-        place(variant, at_threads, context).decode_tps,
-        place(variant, node, context).decode_tps,
-        bandwidth.at_threads(threads),
-    )
+def _error(predicted: float, measured: float) -> str:
+    error = (predicted - measured) / measured
+    return f"{error * 100:+5.0f}%{'' if abs(error) <= TARGET_ERROR else ' !'}"
 
 
 def main() -> None:
@@ -270,6 +309,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--quants", default="Q8_0,Q4_0,Q5_K_M,F16",
+                        help="variants to make from the model ('' for none)")  # fmt: skip
+    parser.add_argument("--quant-dir", type=Path, default=DEFAULT_QUANT_DIR)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=max((os.cpu_count() or 2) // 2, 1),
@@ -279,72 +321,93 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"bench: no model at {args.model} (scripts/setup.sh assembles it)")
-    print(
-        f"model {args.model.name}, {args.tokens} tokens per request, {args.rounds} rounds, "
-        f"{args.threads} llama.cpp thread(s), context {args.context}, {os.cpu_count()} CPUs"
-    )
-    mesh = Mesh(args.model, args.threads, args.context)
+    from qmesh.daemon.catalog import describe_gguf
+
+    base = describe_gguf(args.model)
+    quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+    files = {base.quantization: args.model}
+    files.update(make_quantizations(args.model, quants, args.quant_dir))
+    print(f"model {base.name}: {', '.join(files)}; {args.tokens} tokens per request, "
+          f"{args.rounds} rounds, {args.threads} llama.cpp thread(s), context {args.context}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="qmesh-bench-calibration-"))
     try:
-        direct = Direct(args.model, args.threads, args.context)
-        # Warm-up: loads the model in the daemon's server, faults pages in on both sides.
-        mesh.stream("Hello", 8)
-        direct.stream("Hello", 8)
-        server = ModelServer(mesh)
-        results: dict[str, list[tuple[float, float, int, str]]] = {
-            "direct": [], "server": [], "qmesh": []
-        }  # fmt: skip
-        same_text = 0
-        sides: list[tuple[str, Direct | ModelServer | Mesh]] = [
-            ("direct", direct), ("server", server), ("qmesh", mesh)
-        ]  # fmt: skip
+        placements, calibration = fresh_predictions(files, args.threads, args.context, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(calibration)
+    print("\npredicted before any of these files has run on this node:")
+    for quant, placement in placements.items():
+        print(f"  {quant:<7} {placement.decode_tps:6.1f} tok/s  {placement.breakdown.describe()}")
+
+    ids = {quant: path.name.removesuffix(".gguf") for quant, path in files.items()}
+    mesh = Mesh(list(files.values()), args.threads, args.context)
+    results: dict[str, dict[str, list[Figures]]] = {q: {"direct": [], "qmesh": []} for q in files}
+    try:
+        before = mesh.models()
+        direct = {quant: Direct(path, args.threads, args.context) for quant, path in files.items()}
+        for quant in files:  # warm-up: loads the daemon's servers, faults pages in
+            mesh.stream(ids[quant], "Hello", 8)
+            direct[quant].stream("Hello", 8)
+        order = list(files)
         for i in range(args.rounds):
             prompt = PROMPTS[i % len(PROMPTS)]
-            order = sides[i % 3 :] + sides[: i % 3]  # each side leads in turn
-            texts = {}
-            for name, side in order:
-                figures = side.stream(prompt, args.tokens)
-                results[name].append(figures)
-                texts[name] = figures[3]
-            same_text += texts["direct"] == texts["qmesh"]
-        model_entry = mesh.inventory_model()
+            for quant in order[i % len(order) :] + order[: i % len(order)]:
+                sides = [("direct", direct[quant].stream), ("qmesh", None)]
+                if i % 2:
+                    sides.reverse()
+                for side, run in sides:
+                    if run is None:
+                        figures = mesh.stream(ids[quant], prompt, args.tokens)
+                    else:
+                        figures = run(prompt, args.tokens)
+                    results[quant][side].append(figures)
+        after = mesh.models()
     finally:
         mesh.close()
 
-    def median(name: str, index: int) -> float:
-        return statistics.median(float(r[index]) for r in results[name])
-
-    print()
-    print(f"{'':8} {'TTFT ms (median)':>17} {'decode tok/s (median)':>22} {'tokens':>7}")
-    for name in ("direct", "server", "qmesh"):
-        print(f"{name:8} {median(name, 0) * 1000:17.1f} {median(name, 1):22.2f} "
-              f"{median(name, 2):7.0f}")  # fmt: skip
-    print(
-        "(server: the client straight to the daemon's llama.cpp model server, no Gate, no tunnel)"
+    print(f"\n{'quant':<7} {'predicted':>9} {'inventory':>9}   {'qmesh tok/s':>22} {'error':>6}   "
+          f"{'direct tok/s':>22} {'error':>6}  {'qmesh/direct':>12}")  # fmt: skip
+    worst = 0.0
+    for quant in files:
+        predicted = placements[quant].decode_tps
+        inventory = before[ids[quant]].get("predicted_tps")
+        q = [r[1] for r in results[quant]["qmesh"]]
+        d = [r[1] for r in results[quant]["direct"]]
+        worst = max(worst, abs(predicted - statistics.median(q)) / statistics.median(q))
+        print(f"{quant:<7} {predicted:9.1f} {inventory or float('nan'):9.1f}   {_spread(q):>22} "
+              f"{_error(predicted, statistics.median(q)):>6}   {_spread(d):>22} "
+              f"{_error(predicted, statistics.median(d)):>6}  "
+              f"{statistics.median(q) / statistics.median(d):12.3f}")  # fmt: skip
+    verdict = "met" if worst <= TARGET_ERROR else "NOT met"
+    print(f"largest |error| against qmesh: {worst * 100:.0f}% (target ≤ "
+          f"{TARGET_ERROR * 100:.0f}%: {verdict}); '!' marks a miss")  # fmt: skip
+    print(f"{'quant':<7} {'TTFT direct ms':>15} {'TTFT qmesh ms':>14} {'identical text':>15}")
+    for quant in files:
+        td = statistics.median(r[0] for r in results[quant]["direct"]) * 1000
+        tq = statistics.median(r[0] for r in results[quant]["qmesh"]) * 1000
+        same = sum(
+            a[3] == b[3]
+            for a, b in zip(results[quant]["direct"], results[quant]["qmesh"], strict=True)
+        )
+        print(f"{quant:<7} {td:15.1f} {tq:14.1f} {same:>9}/{args.rounds}")
+    print("\nthe daemon's inventory after the runs (it learns from its own requests):")
+    for quant in files:
+        m = {**after[ids[quant]]["metadata"], "predicted_tps": after[ids[quant]]["predicted_tps"]}
+        error = m.get("prediction_error")
+        print(f"  {ids[quant]:<26} model {m.get('model_tps')}, measured {m.get('measured_tps')} "
+              f"[{m.get('measured_min')}–{m.get('measured_max')}] over "
+              f"{m.get('measured_samples')} request(s), error "
+              f"{'-' if error is None else f'{error * 100:+.0f}%'}; predicted_tps now "
+              f"{m.get('predicted_tps')}")  # fmt: skip
+    ratio = statistics.median(
+        statistics.median(r[1] for r in results[q]["qmesh"])
+        / statistics.median(r[1] for r in results[q]["direct"])
+        for q in files
     )
-    ratio = median("qmesh", 1) / median("direct", 1)
-    ttft_extra = (median("qmesh", 0) - median("direct", 0)) * 1000
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-    print(f"qmesh / direct decode tok/s: {ratio:.3f} (target ≥ {TARGET_RATIO}: {verdict}); "
-          f"TTFT {ttft_extra:+.1f} ms")  # fmt: skip
-    hop = median("qmesh", 1) / median("server", 1)
-    own = median("server", 1) / median("direct", 1)
-    print(f"qmesh / server decode tok/s: {hop:.3f} (the Gate, the tunnel and the daemon's relay); "
-          f"server / direct: {own:.3f} (llama.cpp's own server)")  # fmt: skip
-    print(f"identical greedy text in {same_text}/{args.rounds} rounds")
-    at_threads, best, gbps = predicted_tps(
-        args.model, args.threads, args.context, Path(tempfile.gettempdir()) / "qmesh-bench-membench"
-    )
-    measured = median("direct", 1)
-    print()
-    print(f"planner, this machine: {gbps:.1f} GB/s read with {args.threads} thread(s) → "
-          f"predicted {at_threads:.1f} tok/s (all threads: {best:.1f})")  # fmt: skip
-    print(f"daemon's inventory said predicted_tps = {model_entry.get('predicted_tps')}")
-    for name in ("direct", "qmesh"):
-        value = median(name, 1)
-        print(f"  measured {name:6} {value:6.2f} tok/s; prediction error "
-              f"{(at_threads - value) / value * 100:+.0f}%")  # fmt: skip
-    print(f"  (measured ÷ predicted = {measured / at_threads:.2f}: the share of the memory-bound "
-          "ceiling this model reaches here)")  # fmt: skip
+    print(f"qmesh / direct decode tok/s (median over variants): {ratio:.3f} "
+          f"(target ≥ {TARGET_RATIO}: {verdict})")  # fmt: skip
 
 
 if __name__ == "__main__":

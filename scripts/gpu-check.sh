@@ -21,9 +21,14 @@
 # `test` writes a Llama-3-8B-shaped model with random weights (14.5 GB, f16;
 # the real Gemma file is too big to carry) into /tmp, then runs
 # scripts/gpu_check.py: the daemon's TelemetryReader through the real NVML,
-# the planner's plan for the model on that GPU, the daemon's llama.cpp
-# runtime serving it with --n_gpu_layers from the plan, measured decode
-# tokens/s against the prediction and VRAM used against the estimate.
+# a fresh node calibration with every layer offloaded (synthetic models
+# only: the prediction is made before the model has run), the planner's
+# plan for the model on that GPU with its cost per token by cause, the
+# daemon's llama.cpp runtime serving it with --n_gpu_layers from the plan,
+# measured decode tokens/s per round against the calibrated prediction and
+# the old memory-bound ceiling, VRAM used against the estimate. `all` is
+# build + test in one call; if it does not fit 600 s, run `build` and
+# `test` as two calls on the warm machine.
 # Environment: GPU_CHECK_SHAPE=1b|8b|tiny (default 8b), GPU_CHECK_ARCH=90
 # (CUDA architecture; default: the local GPU's, from nvidia-smi).
 set -euo pipefail

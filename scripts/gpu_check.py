@@ -1,16 +1,27 @@
 """The Python half of scripts/gpu-check.sh: a test model, and the daemon's GPU path for real.
 
-For: ``make-model OUT [--shape tiny|8b]``, which writes a Llama-shaped GGUF
-with random weights and a byte-fallback SentencePiece vocabulary (any text
-tokenizes; the weights make nonsense, which is fine for timing — the real
-Gemma file is 253 MB, more than a device call may carry); and ``test
-MODEL``, which runs the daemon's own code on this machine: telemetry through
-the real NVML, the measured host bandwidth, the quantization planner's plan
-for the model on this node, then the llama.cpp runtime (a supervised
-model server, ``--n_gpu_layers`` from the plan) streaming completions, with
-measured decode tokens/s against the planner's prediction and the VRAM NVML
-sees in use against the planner's memory estimate. It prints a report and
-writes it as JSON to ``$OUT/gpu-check.json`` when ``OUT`` is set.
+For: ``make-model OUT [--shape tiny|1b|8b]``, which writes a Llama-shaped
+GGUF with random weights and a byte-fallback SentencePiece vocabulary
+(:mod:`qmesh.daemon.synth`: any text tokenizes; the weights make nonsense,
+which is fine for timing — the real Gemma file is 253 MB, more than a
+device call may carry); and ``test MODEL``, which runs the daemon's own
+code on this machine: telemetry through the real NVML, the measured host
+bandwidth, a fresh node calibration with every layer offloaded (synthetic
+models only: the prediction is made before MODEL has ever run here), the
+quantization planner's plan for the model on this node — its predicted
+tokens/s by cause — then the llama.cpp runtime (a supervised model server,
+``--n_gpu_layers`` from the plan) streaming completions, with measured
+decode tokens/s against the prediction (and against the old memory-bound
+ceiling) and the VRAM NVML sees in use against the planner's memory
+estimate. It prints a report and writes it as JSON to
+``$OUT/gpu-check.json`` when ``OUT`` is set.
+
+Decode rate of a round: completion tokens after the first over the time
+from the first to the last streamed piece — when the pieces were about one
+per token; when the runtime coalesced them (fewer pieces than tokens: the
+first piece then comes late and the last two close together, which once
+gave "3235.7 tok/s"), completion tokens over the end-to-end time less the
+time to first token of the well-streamed rounds.
 
 Not for: CI (there is no GPU there), or anything the unit tests cover.
 """
@@ -30,79 +41,31 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    # name: (layers, dim, ffn, heads, kv_heads, vocab)
-    "tiny": (2, 256, 512, 4, 2, 512),
-    "1b": (16, 2048, 8192, 16, 8, 32000),
-    "8b": (32, 4096, 14336, 32, 8, 32000),  # Llama 3 8B's body, a smaller vocabulary
-}
-
 
 def make_model(out: Path, shape: str) -> None:
-    import gguf
-    import numpy as np
+    from qmesh.daemon.synth import SHAPES, write_model
 
-    layers, dim, ffn, heads, kv_heads, vocab = SHAPES[shape]
-    kv_dim = dim // heads * kv_heads
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(f"qmesh gpu-check {shape} (random weights)")
-    writer.add_basename("qmesh-gpucheck")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_context_length(4096)
-    writer.add_embedding_length(dim)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(dim // heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(vocab)
-    # SentencePiece with byte fallback: <unk> <s> </s>, the 256 bytes, then
-    # filler pieces. Any text tokenizes to bytes; EOS is 1 token in `vocab`,
-    # so random weights rarely stop a generation early.
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"▁w{i}" for i in range(vocab - len(tokens))]
-    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    rng = np.random.default_rng(7)
-    pool = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np.float16)
-
-    def weight(rows: int, cols: int) -> Any:
-        # Values do not matter; filling from a pool is a memcpy, not an RNG call.
-        flat = np.empty(rows * cols, dtype=np.float16)
-        for start in range(0, flat.size, pool.size):
-            piece = flat[start : start + pool.size]
-            piece[:] = pool[: piece.size]
-        return flat.reshape(rows, cols)
-
-    def norm() -> Any:
-        return np.ones(dim, dtype=np.float32)
-
-    writer.add_tensor("token_embd.weight", weight(vocab, dim))
-    for i in range(layers):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(dim, dim))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_dim, dim))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_dim, dim))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(dim, dim))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, dim))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, dim))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ffn))
-    writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", weight(vocab, dim))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_model(out, SHAPES[shape], name=f"qmesh gpu-check {shape} (random weights)")
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, shape {shape})")
+
+
+STREAMED_SHARE = 0.9
+"""Pieces per token from which a round counts as streamed token by token."""
+
+
+def decode_rate(
+    tokens: int, start: float, stamps: list[float], end: float, ttft_ref: float | None
+) -> tuple[float | None, bool]:
+    """(decode tok/s of one round, whether it streamed token by token)."""
+    if tokens < 2 or not stamps:
+        return None, False
+    if len(stamps) >= STREAMED_SHARE * tokens and len(stamps) > 1 and stamps[-1] > stamps[0]:
+        return (tokens - 1) / (stamps[-1] - stamps[0]), True
+    ttft = ttft_ref if ttft_ref is not None else 0.0
+    span = end - start - ttft
+    if span <= 0:
+        span = end - start
+    return tokens / span, False
 
 
 def _vram_used() -> int | None:
@@ -151,7 +114,7 @@ async def _run_model(
         if before is not None and loaded is not None:
             result["vram_used_by_model"] = loaded - before
         result["loaded_models"] = await runtime.loaded_models()
-        speeds, ttfts = [], []
+        rounds_seen: list[tuple[int, float, list[float], float]] = []
         for i in range(rounds + 1):  # the first is a warm-up
             request = GenerationRequest.from_openai(
                 "completions",
@@ -165,14 +128,27 @@ async def _run_model(
                     stamps.append(time.perf_counter())
                 elif isinstance(event, Finished):
                     finished = event
-            if i == 0 or len(stamps) < 2 or finished is None:
+            end = time.perf_counter()
+            if i == 0 or finished is None:
                 continue
-            count = finished.completion_tokens or len(stamps)
-            speeds.append((count - 1) / (stamps[-1] - stamps[0]))
-            ttfts.append(stamps[0] - start)
+            rounds_seen.append((finished.completion_tokens or len(stamps), start, stamps, end))
+        streamed = [
+            stamps[0] - start
+            for count, start, stamps, _ in rounds_seen
+            if stamps and len(stamps) >= STREAMED_SHARE * count
+        ]
+        ttft_ref = statistics.median(streamed) if streamed else None
+        speeds, per_token = [], []
+        for count, start, stamps, end in rounds_seen:
+            rate, token_by_token = decode_rate(count, start, stamps, end, ttft_ref)
+            if rate is not None:
+                speeds.append(rate)
+                per_token.append(token_by_token)
         result["decode_tps"] = [round(s, 1) for s in speeds]
+        result["token_by_token"] = per_token
+        result["pieces_and_tokens"] = [(len(st), c) for c, _, st, _ in rounds_seen]
         result["decode_tps_median"] = round(statistics.median(speeds), 1) if speeds else None
-        result["ttft_ms_median"] = round(statistics.median(ttfts) * 1000, 1) if ttfts else None
+        result["ttft_ms_median"] = None if ttft_ref is None else round(ttft_ref * 1000, 1)
         result["model_server_log"] = str(logs)
         await runtime.unload(model_id)
         after = _vram_used()
@@ -183,15 +159,18 @@ async def _run_model(
 
 
 def test(model_path: Path, *, context: int, rounds: int, tokens: int) -> dict[str, Any]:
+    import attrs
     import trio
 
+    from qmesh.daemon.calibration import CalibrationKey, default_threads, obtain
     from qmesh.daemon.catalog import describe_gguf
     from qmesh.daemon.membench import cached_bandwidth
     from qmesh.daemon.quant import NodeSpec, Variant, memory_need, place, plan, variants_for
     from qmesh.daemon.telemetry import TelemetryReader
 
     report: dict[str, Any] = {}
-    bandwidth = cached_bandwidth(Path(tempfile.gettempdir()) / "qmesh-gpu-check")
+    directory = Path(tempfile.gettempdir()) / "qmesh-gpu-check"
+    bandwidth = cached_bandwidth(directory)
     reader = TelemetryReader(host_bandwidth_gbps=bandwidth.gbps)
     reader.start()
     telemetry = reader.read()
@@ -215,29 +194,58 @@ def test(model_path: Path, *, context: int, rounds: int, tokens: int) -> dict[st
         f"{host.ram_total / 1e9:.0f} GB free, read bandwidth {bandwidth.gbps:.1f} GB/s "
         f"({bandwidth.threads} threads)"
     )
+    # The node calibration the daemon makes at its first start: synthetic
+    # models only, CPU and every layer offloaded, the serving path through
+    # a model server. Fresh: nothing of MODEL has run here yet.
+    threads = default_threads()[0]
+    key = CalibrationKey.local(threads=None, gpus=[g.name for g in telemetry.gpus])
+    print("\n== node calibration (synthetic models, CPU and GPU)")
+    started = time.perf_counter()
+    calibration = (
+        None if key is None else obtain(directory, key, models=[model_path], remeasure=True)
+    )
+    if calibration is None:
+        print("calibration FAILED (see the log above); predicting the memory-bound ceiling")
+    else:
+        print(f"{calibration.describe()}\n  ({time.perf_counter() - started:.1f}s wall)")
+        for note in calibration.notes:
+            print(f"  note: {note}")
+        report["calibration"] = calibration.to_json()
     model = describe_gguf(model_path)
-    node = NodeSpec.from_telemetry(telemetry, name="this-node")
+    node = NodeSpec.from_telemetry(
+        telemetry, name="this-node", calibration=calibration, threads=threads
+    )
+    node = attrs.evolve(node, host_bandwidth_gbps=bandwidth.at_threads(threads))
     result = plan(model.equivalence, variants_for([model]), node, context=context)
-    print("\n== plan (qmesh quant plan)")
-    print(result.explain())
+    print("\n== plan (qmesh quant plan --explain)")
+    print(result.explain(detail=True))
     report["plan"] = result.to_json()
     variant = Variant.from_model(model)
     placement = place(variant, node, context)
+    ceiling = place(variant, attrs.evolve(node, calibration=None), context)
     gpu_layers = -1 if node.gpus and placement.cpu_layers == 0 else sum(placement.gpu_layers)
     print(f"\n== llama.cpp runtime: {model.id}, --n_gpu_layers {gpu_layers}, context {context}")
     measured = trio.run(_run_model, model_path, gpu_layers, context, rounds, tokens)
     report["run"] = measured
     predicted = placement.decode_tps
     report["predicted_tps"] = round(predicted, 1)
+    report["predicted_ms_per_token"] = placement.breakdown.to_json()
+    report["ceiling_tps"] = round(ceiling.decode_tps, 1)
     report["memory_estimate"] = memory_need(variant, context)
     got = measured.get("decode_tps_median")
     print(f"load {measured['load_s']} s; resident: {measured['loaded_models']}")
-    print(f"decode tok/s per round: {measured['decode_tps']}; TTFT {measured['ttft_ms_median']} ms")
+    print(
+        f"decode tok/s per round: {measured['decode_tps']} (token by token: "
+        f"{measured['token_by_token']}; pieces/tokens {measured['pieces_and_tokens']}); "
+        f"TTFT {measured['ttft_ms_median']} ms"
+    )
+    print(f"predicted: {placement.breakdown.describe()}")
     if got:
-        print(
-            f"predicted {predicted:.1f} tok/s, measured {got} tok/s: prediction error "
-            f"{(predicted - got) / got * 100:+.0f}% (measured ÷ predicted {got / predicted:.2f})"
-        )
+        for name, value in (("predicted", predicted), ("memory-bound ceiling", ceiling.decode_tps)):
+            print(
+                f"{name} {value:.1f} tok/s, measured {got} tok/s: error "
+                f"{(value - got) / got * 100:+.0f}% (measured ÷ {name} {got / value:.2f})"
+            )
     if "vram_used_by_model" in measured:
         print(
             f"VRAM taken by the model server: {measured['vram_used_by_model'] / 1e9:.2f} GB; "
@@ -255,7 +263,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-model")
     make.add_argument("out", type=Path)
-    make.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    make.add_argument("--shape", choices=("tiny", "1b", "8b"), default="tiny")
     run = commands.add_parser("test")
     run.add_argument("model", type=Path)
     run.add_argument("--context", type=int, default=2048)

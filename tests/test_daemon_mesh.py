@@ -137,6 +137,44 @@ async def test_node_reports_cpu_only_telemetry_and_catalog(
     assert status == 200 and local["inventory"]["models"][0]["id"] == GEMMA_ID
 
 
+async def test_the_node_learns_its_models_speed_from_its_requests(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A generation long enough to time reports its decode speed: the
+    inventory shows it beside the prediction, with the error, and the
+    planner's figure for the model (``predicted_tps``) becomes it; the
+    daemon keeps it in its data directory for ``qmesh quant plan --explain``."""
+    require_llama()
+    mesh = await start_mesh(nursery, tmp_path)
+
+    def model() -> Any:
+        node = mesh.inventory.get("node-a", now=time.time())
+        return None if node is None else node.models.get(GEMMA_ID)
+
+    before = model()
+    assert before is not None and before.metadata["measured_tps"] is None
+    assert before.predicted_tps == before.metadata["model_tps"] > 0
+    body = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
+    _, _, done = await mesh.client.complete("node-a", GEMMA_ID, "completions", body)
+    assert done.completion_tokens == 24 and done.timings["per_token"] is True
+    await wait_until(lambda: model().metadata.get("measured_tps") is not None)
+    after = model()
+    measured = after.metadata["measured_tps"]
+    assert measured == pytest.approx(done.timings["decode_tps"], rel=0.01)
+    assert after.predicted_tps == measured and after.metadata["measured_samples"] == 1
+    error = (after.metadata["model_tps"] - measured) / measured
+    assert after.metadata["prediction_error"] == pytest.approx(error, abs=1e-3)
+    # Too short to time: not recorded.
+    short = {**body, "max_tokens": 4}
+    await mesh.client.complete("node-a", GEMMA_ID, "completions", short)
+    (sample,) = mesh.node.speeds.models[GEMMA_ID].samples
+    assert sample == pytest.approx(measured, rel=0.01)
+    speeds = tmp_path / "node-a" / "daemon" / "speeds.json"
+    await wait_until(lambda: speeds.exists())
+    (saved,) = json.loads(speeds.read_text())["models"]
+    assert saved["model"] == GEMMA_ID and saved["samples"] == [pytest.approx(measured, rel=0.01)]
+
+
 async def test_completion_streams_token_by_token(nursery: trio.Nursery, tmp_path: Path) -> None:
     require_llama()
     mesh = await start_mesh(nursery, tmp_path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ import attrs
 import pytest
 from daemonkit import gemma_path
 
+from qmesh.daemon.calibration import CACHE_ENV, Calibration, CalibrationKey, DeviceRates
 from qmesh.daemon.catalog import ModelInfo, describe_gguf
 from qmesh.daemon.quant import NodeSpec, PlanError, Variant, place, plan, variants_for
+from qmesh.daemon.speedbook import Measured, SpeedBook
 
 
 def f16_model(name: str, parameters: int, layers: int, embedding: int, vocab: int,
@@ -38,9 +41,10 @@ LLAMA_70B = f16_model("llama-3-70b", 70_550_000_000, 80, 8192, 128_256, 8, "70B"
 
 # (model, node preset, target tok/s) → (chosen quantization or None, where it runs)
 TABLE = [
-    (LLAMA_8B, "cpu", 10, "Q2_K", "CPU"),  # nothing reaches 10 tok/s: the fastest that fits
-    (LLAMA_8B, "gpu4", 10, "Q4_K_M", "split"),
-    (LLAMA_8B, "gpu4-pcie3x4", 10, "Q4_K_M", "split"),
+    (LLAMA_8B, "cpu", 15, "Q2_K", "CPU"),  # nothing reaches 15 tok/s: the fastest that fits
+    (LLAMA_8B, "cpu", 10, "Q3_K_M", "CPU"),
+    (LLAMA_8B, "gpu4", 10, "Q5_K_M", "split"),
+    (LLAMA_8B, "gpu4-pcie3x4", 10, "Q5_K_M", "split"),
     (LLAMA_8B, "gpu4", 30, "Q2_K", "split"),
     (LLAMA_8B, "gpu8", 10, "Q8_0", "split"),  # quality first while fast enough
     (LLAMA_8B, "gpu8", 30, "Q6_K", "GPU"),  # a higher target keeps it on the GPU
@@ -164,15 +168,89 @@ def test_gemma_on_this_machine() -> None:
     local = plan(model.equivalence, variants_for([model]), NodeSpec.parse("cpu"), context=2048)
     assert local.choice is not None and local.choice.variant.quantization == "Q4_K_M"
     assert local.choice.variant == Variant.from_model(model)
+    # What a token multiplies by, per type: the blocks' mix and the tied
+    # 262 144 × 640 Q8_0 embedding as the output head; norms aside.
+    reads = {r.type: r for r in model.reads}
+    assert set(reads) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert reads["Q8_0"].other_elements == 262_144 * 640
+    assert sum(r.layer_bytes + r.other_bytes for r in model.reads) == pytest.approx(
+        model.bytes_per_token, rel=0.01
+    )
+    assert model.vocab_size == 262_144 and model.layout and model.layout.startswith("gemma3-")
 
 
-def qmesh(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def test_measured_speeds_decide_and_show_their_error() -> None:
+    """A file the node has served is chosen on what it measured: predicted
+    fast enough, measured too slow, it gives way to the next variant."""
+    variants = variants_for([LLAMA_8B])
+    measured = {"llama-3-8b-f16": Measured("llama-3-8b-f16", (2.0, 2.5, 3.0), predicted_tps=40.0)}
+    node = NodeSpec.parse("gpu24")
+    before = plan("llama3:8b", variants, node, context=8192, target_tps=10)
+    assert before.choice is not None and before.choice.variant.quantization == "F16"
+    after = plan("llama3:8b", variants, node, context=8192, target_tps=10, measured=measured)
+    assert after.choice is not None and after.choice.variant.quantization == "Q8_0"
+    f16 = after.candidates[0]
+    assert (f16.verdict, f16.tps) == ("too slow", 2.5) and f16.error is not None
+    assert f16.error == pytest.approx((f16.placement.decode_tps - 2.5) / 2.5)
+    text = after.explain(detail=True)
+    assert "2.5 [2–3]" in text and f"{f16.error * 100:+5.0f}%" in text
+    assert "measured 3 request(s): median 2.5 tok/s" in text
+    data = after.to_json()["candidates"][0]
+    assert data["decode_tps"] == 2.5 and data["measured"]["samples"] == [2.0, 2.5, 3.0]
+    assert data["predicted_tps"] == round(f16.placement.decode_tps, 2)
+
+
+def fake_calibration(key: CalibrationKey, layout: str | None) -> Calibration:
+    cpu = DeviceRates(
+        "cpu", key.threads, token_s=2e-5, layer_s=1e-5,
+        matvec_gflops={"Q8_0": 30.0, "Q5_0": 25.0, "Q4_K": 50.0, "Q6_K": 40.0, "F16": 20.0},
+        prompt_gflops={"Q8_0": 150.0, "Q5_0": 100.0, "Q4_K": 150.0, "Q6_K": 150.0, "F16": 160.0},
+        layouts={} if layout is None else {layout: (1e-4, 5e-5)},
+    )  # fmt: skip
+    return Calibration(
+        "llama-cpp-python 0.3.36", cpu, None, sample_s=1e-6, sample_s_per_vocab=1e-9,
+        serve_s=8e-4, measured_at=0.0, seconds=9.0, key=key.to_json(),
+    )  # fmt: skip
+
+
+def qmesh(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
+
+
+def test_quant_plan_explains_calibrated_and_measured_figures(tmp_path: Path) -> None:
+    """``--explain`` on this machine: the node calibration (here one put in
+    the machine's cache, so nothing is timed), the cost per token by cause,
+    and what the daemon of the same data directory measured."""
+    gguf = gemma_path()
+    model = describe_gguf(gguf)
+    key = CalibrationKey.local(threads=None, gpus=[])
+    if key is None:
+        pytest.skip("llama-cpp-python is not installed: no calibration key")
+    cache = tmp_path / "machine"
+    cache.mkdir()
+    (cache / f"{key.digest()}.json").write_text(
+        json.dumps(fake_calibration(key, model.layout).to_json())
+    )
+    book = SpeedBook(tmp_path / "data" / "daemon")
+    book.record(model.id, 30.0, predicted_tps=40.0)
+    book.record(model.id, 34.0)
+    book.save()
+    result = qmesh("quant", "plan", str(gguf), "--explain", "--target-tps", "1",
+                   data_dir=tmp_path / "data", env={CACHE_ENV: str(cache)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "calibrated" in out and "serving 0.80 ms per token" in out, out
+    assert "ms/token = weights" in out and "fixed 1.00" in out, out  # the layout's own costs
+    assert "measured 2 request(s): median 32.0 tok/s" in out, out
+    assert "32.0 [30–34]" in out
 
 
 def test_quant_plan_cli(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ choosing a quantization (:mod:`qmesh.daemon.quant`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "ModelInfo",
+    "TypeRead",
     "describe_gguf",
     "model_cache",
     "quant_name",
@@ -102,10 +104,37 @@ _FILE_TYPES: Final = {
 _LAYER_RE: Final = re.compile(r"blk\.(\d+)\.")
 KV_BYTES_PER_ELEMENT: Final = 2
 """llama.cpp's default KV cache type is f16."""
+MATRIX_MIN_ELEMENTS: Final = 65536
+"""Tensors smaller than this (norms, biases) are not counted as matrix reads."""
 
 
 class CatalogError(Exception):
     """A model file cannot be catalogued (not GGUF, or missing what every model has)."""
+
+
+@attrs.frozen
+class TypeRead:
+    """The weights of one ggml type that generating a token multiplies by:
+    in the transformer blocks (all layers together) and outside them (the
+    output head). What the speed model (:mod:`qmesh.daemon.speed`) prices."""
+
+    type: str
+    layer_elements: int
+    layer_bytes: int
+    other_elements: int = 0
+    other_bytes: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any) -> TypeRead:
+        if isinstance(data, TypeRead):
+            return data
+        if isinstance(data, dict):
+            return cls(**{f.name: data[f.name] for f in attrs.fields(cls) if f.name in data})
+        return cls(*data)
+
+
+def _type_reads(value: Any) -> tuple[TypeRead, ...]:
+    return tuple(TypeRead.from_json(item) for item in value or ())
 
 
 @attrs.frozen
@@ -137,6 +166,16 @@ class ModelInfo:
     table only when it doubles as the output layer, the active experts only."""
     kv_bytes_per_token: int
     """f16 K and V for one token of context across all layers."""
+    vocab_size: int | None = None
+    layout: str | None = None
+    """What a transformer block of this model is, whatever its quantization:
+    the architecture, its block's tensors and shapes, its hyper-parameters
+    (a digest). The node calibration times each layout it serves
+    (:mod:`qmesh.daemon.calibrate`): Gemma 3's block costs llama.cpp more
+    than a Llama block of the same matrices."""
+    reads: tuple[TypeRead, ...] = attrs.field(default=(), converter=_type_reads)
+    """:attr:`bytes_per_token` by ggml type, blocks and head apart (empty when
+    the catalogue entry came from elsewhere, e.g. an older daemon)."""
 
     @property
     def equivalence(self) -> str:
@@ -224,13 +263,21 @@ def describe_gguf(
     names = {t.name for t in header.tensors}
     experts, experts_used = arch_int("expert_count"), arch_int("expert_used_count")
     per_token = 0
+    reads: dict[str, list[int]] = {}
     for tensor in header.tensors:
         if tensor.name == "token_embd.weight" and "output.weight" in names:
             continue  # an input embedding is a row lookup, not a full read
-        share = tensor.n_bytes
+        share, elements = tensor.n_bytes, tensor.n_elements
         if "_exps." in tensor.name and experts and experts_used:
             share = share * experts_used // experts
+            elements = elements * experts_used // experts
         per_token += share
+        if elements < MATRIX_MIN_ELEMENTS:
+            continue  # norms and biases: vectors, priced with the layer's fixed cost
+        row = reads.setdefault(tensor.type_name, [0, 0, 0, 0])
+        offset = 0 if _LAYER_RE.match(tensor.name) else 2
+        row[offset] += elements
+        row[offset + 1] += share
     head_count = arch_int("attention.head_count")
     kv_heads = arch_int("attention.head_count_kv") or head_count
     embedding = arch_int("embedding_length")
@@ -239,6 +286,10 @@ def describe_gguf(
     value_length = arch_int("attention.value_length") or head_dim or 0
     kv_per_token = KV_BYTES_PER_ELEMENT * layers * (kv_heads or 0) * (key_length + value_length)
 
+    vocab = arch_int("vocab_size")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if vocab is None and isinstance(tokens, SkippedArray | list):
+        vocab = tokens.length if isinstance(tokens, SkippedArray) else len(tokens)
     label = meta.get("general.size_label")
     label = label if isinstance(label, str) and label else size_label(parameters)
     file_type = meta.get("general.file_type")
@@ -268,7 +319,27 @@ def describe_gguf(
         layer_bytes=sum(layer_totals.values()) // len(layer_totals) if layer_totals else 0,
         bytes_per_token=per_token,
         kv_bytes_per_token=kv_per_token,
+        vocab_size=vocab,
+        layout=layout_of(header),
+        reads=tuple(TypeRead(t, *row) for t, row in sorted(reads.items())),
     )
+
+
+def layout_of(header: GgufHeader) -> str | None:
+    """The digest of a file's block layout (:attr:`ModelInfo.layout`), or None
+    for a file without transformer blocks."""
+    arch = header.metadata.get("general.architecture")
+    block = sorted((t.name[len("blk.0.") :], t.shape) for t in header.tensors
+                   if t.name.startswith("blk.0."))  # fmt: skip
+    if not isinstance(arch, str) or not block:
+        return None
+    skip = {f"{arch}.block_count", f"{arch}.context_length", f"{arch}.vocab_size"}
+    hyper = sorted(
+        (k, repr(v)) for k, v in header.metadata.items()
+        if k.startswith(f"{arch}.") and k not in skip
+    )  # fmt: skip
+    text = repr((arch, block, hyper))
+    return f"{arch}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @attrs.frozen

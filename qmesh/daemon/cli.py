@@ -1,8 +1,11 @@
 """``qmesh quant …`` and ``qmesh node …``: the daemon's planner and views from the shell.
 
-For: ``quant plan MODEL [--node NODE] [--context N] [--target-tps X]``,
-which explains which quantization of MODEL to run on NODE with the numbers
-(:mod:`qmesh.daemon.quant`); ``node telemetry`` and ``node catalog``, which
+For: ``quant plan MODEL [--node NODE] [--context N] [--target-tps X]
+[--explain]``, which explains which quantization of MODEL to run on NODE
+with the numbers (:mod:`qmesh.daemon.quant`) — with ``--explain`` also the
+node's calibration, each candidate's predicted cost per token by cause, and
+for files the node has served its measured decode speed beside the
+prediction and the error; ``node telemetry`` and ``node catalog``, which
 print what a daemon on this machine would report (NVML or CPU-only, the
 measured memory bandwidth, the GGUF files of ``daemon.model_dirs`` and of
 the model cache that ``scripts/setup.sh`` fills, as ``qmesh up``'s daemon
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -71,6 +75,12 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         action="store_true",
         help="only files that exist (no variants llama.cpp's quantize could make)",
     )
+    plan.add_argument(
+        "--explain",
+        action="store_true",
+        help="also the node's calibration, each candidate's cost per token, and what the "
+        "node measured beside what was predicted",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_cmd_plan)
 
@@ -96,10 +106,37 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     catalog.set_defaults(handler=_cmd_catalog)
 
 
-def _local_node(config: Config, *, remeasure: bool = False) -> NodeSpec:
+def _local_node(
+    config: Config, *, remeasure: bool = False, models: Sequence[ModelInfo] = ()
+) -> NodeSpec:
+    """This machine as its daemon plans for it: telemetry, the bandwidth at
+    llama.cpp's thread count and the node calibration, with the block
+    layouts of ``models`` probed (measured now if neither the data
+    directory nor the machine has one: seconds)."""
+    import os
+
+    import attrs
+
+    from qmesh.daemon.calibration import CalibrationKey, default_threads, obtain
+    from qmesh.daemon.membench import cached_bandwidth
     from qmesh.daemon.quant import NodeSpec
 
-    return NodeSpec.from_telemetry(_local_telemetry(config, remeasure=remeasure), name="local")
+    telemetry = _local_telemetry(config, remeasure=remeasure)
+    threads = config.daemon.threads or default_threads(os.cpu_count())[0]
+    directory = config.data_dir / "daemon"
+    key = CalibrationKey.local(
+        threads=config.daemon.threads,
+        threads_batch=config.daemon.threads,
+        gpus=[g.name for g in telemetry.gpus],
+    )
+    layouts = {m.layout for m in models if m.layout}
+    files = [Path(m.path) for m in models]
+    calibration = None if key is None else obtain(directory, key, models=files, layouts=layouts)
+    node = NodeSpec.from_telemetry(
+        telemetry, name="local", calibration=calibration, threads=threads
+    )
+    bandwidth = cached_bandwidth(directory)
+    return attrs.evolve(node, host_bandwidth_gbps=bandwidth.at_threads(threads))
 
 
 def _local_telemetry(config: Config, *, remeasure: bool = False) -> Telemetry:
@@ -146,11 +183,15 @@ def _resolve_models(config: Config, text: str) -> list[ModelInfo]:
 
 def _cmd_plan(args: argparse.Namespace, config: Config) -> int:
     from qmesh.daemon.quant import NodeSpec, PlanError, plan, variants_for
+    from qmesh.daemon.speedbook import SpeedBook
 
     try:
+        measured = None
         models = _resolve_models(config, args.model)
         if args.node == "local":
-            node = _local_node(config)
+            node = _local_node(config, models=models)
+            # What this node's daemon measured for its files (same data directory).
+            measured = SpeedBook.load(config.data_dir / "daemon").models
         elif args.node.startswith("@"):
             node = NodeSpec.load(Path(args.node[1:]))
         else:
@@ -164,6 +205,7 @@ def _cmd_plan(args: argparse.Namespace, config: Config) -> int:
             node,
             context=context,
             target_tps=args.target_tps or None,
+            measured=measured,
         )
     except PlanError as exc:
         print_err(f"error: {exc}")
@@ -171,7 +213,7 @@ def _cmd_plan(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        print(result.explain())
+        print(result.explain(detail=args.explain))
     return EXIT_OK
 
 

@@ -73,6 +73,8 @@ class TensorInfo:
     type_name: str
     n_elements: int
     n_bytes: int
+    shape: tuple[int, ...] = ()
+    """GGUF's dimension order: the row length first."""
 
 
 @attrs.frozen
@@ -88,6 +90,8 @@ class GgufHeader:
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
+    value_types: dict[str, tuple[str, str | None]] = attrs.field(factory=dict)
+    """Each key's GGUF value type name, and an array's item type name."""
 
 
 class _Cursor:
@@ -194,19 +198,28 @@ def _scan(cursor: _Cursor) -> GgufHeader:
     if tensor_count > MAX_COUNT or kv_count > MAX_COUNT:
         raise GgufError("implausible tensor or key count")
     metadata: dict[str, Any] = {}
+    value_types: dict[str, tuple[str, str | None]] = {}
     for _ in range(kv_count):
         key = cursor.string()
-        metadata[key] = _read_value(cursor, _value_type(cursor.take("<I")))
+        value_type = _value_type(cursor.take("<I"))
+        item = None
+        if value_type == GGUFValueType.ARRAY:  # peek at the item type
+            item = _value_type(struct.unpack_from("<I", cursor.data, cursor.pos)[0]).name
+        metadata[key] = _read_value(cursor, value_type)
+        value_types[key] = (value_type.name, item)
     tensors = []
     for _ in range(tensor_count):
         name = cursor.string()
         n_dims = cursor.take("<I")
         if n_dims > MAX_DIMS:
             raise GgufError(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(cursor.take("<Q") for _ in range(n_dims))
         n_elements = 1
-        for _ in range(n_dims):
-            n_elements *= cursor.take("<Q")
+        for dim in shape:
+            n_elements *= dim
         type_name, n_bytes = _tensor_bytes(cursor.take("<I"), n_elements)
         cursor.take("<Q")  # the data offset: the catalog does not read weights
-        tensors.append(TensorInfo(name, type_name, n_elements, n_bytes))
-    return GgufHeader(version=version, metadata=metadata, tensors=tuple(tensors))
+        tensors.append(TensorInfo(name, type_name, n_elements, n_bytes, shape))
+    return GgufHeader(
+        version=version, metadata=metadata, tensors=tuple(tensors), value_types=value_types
+    )

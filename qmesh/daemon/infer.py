@@ -32,6 +32,8 @@ __all__ = ["PEER_EOF_WAIT_S", "read_request", "serve_infer"]
 
 log = logging.getLogger(__name__)
 
+STREAMED_SHARE: Final = 0.9
+"""Pieces per token above which the stream is taken as token by token."""
 PEER_EOF_WAIT_S: Final = 5.0
 """How long a finished exchange waits for the Gate to end its side (it ends
 it right after its request; only a misbehaving Gate makes this wait)."""
@@ -57,8 +59,11 @@ async def serve_infer(
     scheduler: Scheduler,
     *,
     on_runtime_failure: Callable[[], None] = lambda: None,
+    on_measured: Callable[[str, float, int], None] | None = None,
 ) -> None:
-    """Serve one ``infer`` stream; never raises for the peer's or the model's faults."""
+    """Serve one ``infer`` stream; never raises for the peer's or the model's faults.
+    ``on_measured(model, decode_tps, completion_tokens)`` hears each
+    generation's decode speed when the stream gave a trustworthy one."""
 
     async def send(message: dict[str, Any]) -> None:
         await stream.send_all(encode(message))
@@ -105,7 +110,11 @@ async def serve_infer(
                             pieces += 1
                             await send({"type": "delta", "text": event.text})
                         elif isinstance(event, Finished):
-                            await send(_end(event, received, started, first, pieces, clock()))
+                            end = _end(event, received, started, first, pieces, clock())
+                            if on_measured is not None and end["timings"].get("per_token"):
+                                tokens = end["usage"]["completion_tokens"]
+                                on_measured(slot.id, end["timings"]["decode_tps"], tokens)
+                            await send(end)
                             break
         except RuntimeFailed as exc:
             on_runtime_failure()
@@ -135,9 +144,17 @@ def _end(
         "total_ms": round((now - received) * 1000, 3),
     }
     if first is not None and completion > 1 and now > first:
-        # Tokens after the first over the time after the first: decode speed
-        # without the prompt's processing.
-        timings["decode_tps"] = round((completion - 1) / (now - first), 3)
+        if pieces >= STREAMED_SHARE * completion:
+            # Tokens after the first over the time after the first: decode
+            # speed without the prompt's processing.
+            timings["decode_tps"] = round((completion - 1) / (now - first), 3)
+            timings["per_token"] = True
+        elif now > started:
+            # The runtime sent several tokens per piece, so the first piece
+            # came late: every token over the whole generation (prompt
+            # included) is the figure that cannot overstate the speed.
+            timings["decode_tps"] = round(completion / (now - started), 3)
+            timings["per_token"] = False
     return {
         "type": "end",
         "finish_reason": event.finish_reason,

@@ -14,17 +14,25 @@ for the requested context fit in free memory with headroom, and whose
 predicted decode speed meets the target. If none meets the target, the
 fastest variant that fits, flagged. If none fits, no choice.
 
-The speed model, and why. Generating one token reads every weight it uses
-once (:attr:`~qmesh.daemon.catalog.ModelInfo.bytes_per_token`) plus the KV
-cache, so decode is memory-bound: time per token = Σ over devices of bytes
-read there ÷ (bandwidth × efficiency). Layers that do not fit in VRAM stay in
-host RAM and llama.cpp computes them on the CPU, at *host* bandwidth; that,
-not the GPU, is what makes a partial offload slow. The PCIe link enters
-where llama.cpp actually uses it: the hidden state crosses it at every
-CPU↔GPU boundary per token (small, latency-bound), prompt batches of 32+
-tokens upload the CPU-resident weights to the GPU once per batch (so a slow
-link makes time-to-first-token long), and loading copies the GPU's share of
-the weights across it. Those are reported per candidate.
+The speed model, and why: :mod:`qmesh.daemon.speed`. Per token, every
+device that holds part of the model pays for its matrices — for each
+weight type, the slower of reading the bytes (bandwidth) and doing the
+arithmetic (the FLOP/s the node's calibration measured for that type at
+llama.cpp's thread count) — plus fixed work per layer and per token,
+attention over the KV cache, choosing the token among the vocabulary and
+the serving path's own per-token cost. Layers that do not fit in VRAM stay
+in host RAM and llama.cpp computes them on the CPU; that, not the GPU, is
+what makes a partial offload slow. The PCIe link enters where llama.cpp
+actually uses it: the hidden state crosses it at every CPU↔GPU boundary
+per token (small, latency-bound), prompt batches of 32+ tokens upload the
+CPU-resident weights to the GPU once per batch (so a slow link makes
+time-to-first-token long), and loading copies the GPU's share of the
+weights across it. Those are reported per candidate. A node without a
+calibration (a simulated one) gets the memory-bound ceiling, flagged.
+
+Measured beats predicted: :func:`plan` takes what the node measured for
+its files (:class:`~qmesh.daemon.speedbook.Measured`) and decides on those
+figures where it has them, showing the prediction and its error beside.
 
 Memory model: weights + KV cache (f16, all layers, the full requested
 context — llama.cpp's sliding-window caches are smaller, so this errs on
@@ -39,18 +47,27 @@ telemetry (:mod:`qmesh.daemon.telemetry`).
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
-from qmesh.config import parse_size
-from qmesh.daemon.catalog import ModelInfo
-from qmesh.daemon.telemetry import Telemetry, pcie_gbps
+from qmesh.daemon.catalog import ModelInfo, TypeRead
+from qmesh.daemon.nodespec import NODE_PRESETS, GpuSpec, NodeSpec, PlanError
+from qmesh.daemon.speed import (
+    CPU_EFFICIENCY,
+    DECODE_POSITION,
+    GPU_EFFICIENCY,
+    TYPE_BITS,
+    Breakdown,
+    Share,
+    decode_time,
+    main_type,
+    prompt_time,
+)
+from qmesh.daemon.speedbook import Measured
 
 __all__ = [
     "NODE_PRESETS",
@@ -63,6 +80,7 @@ __all__ = [
     "PlanError",
     "Variant",
     "memory_need",
+    "model_id",
     "place",
     "plan",
     "variants_for",
@@ -71,16 +89,10 @@ __all__ = [
 HEADROOM: Final = 0.10
 """Fraction of each device's free memory left unused (other processes, fragmentation)."""
 COMPUTE_BUFFER_BYTES: Final = 128 * 1024 * 1024
-GPU_EFFICIENCY: Final = 0.75
-"""Share of peak VRAM bandwidth llama.cpp's CUDA decode reaches (typically 70-85 %)."""
-CPU_EFFICIENCY: Final = 1.0
-"""Decode rate vs the *measured copy* bandwidth of membench (read + write
-counted): decode reads weights and writes little, so it gets about the full
-copy figure; checked against the real model by ``bench/inference.py``."""
 PCIE_HOP_LATENCY_S: Final = 20e-6
 PCIE_UPLOAD_MIN_BATCH: Final = 32
-DEFAULT_HOST_BANDWIDTH_GBPS: Final = 20.0
-"""Used only when a node reports no measured bandwidth (said so in the plan)."""
+PROMPT_TOKENS: Final = 512
+"""The prompt length the prompt-processing speed is predicted for."""
 
 QUANT_TYPES: Final = {
     # name: nominal bits per weight (llama.cpp's figures for a 7B model),
@@ -98,144 +110,6 @@ QUANTIZE_MENU: Final = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q
 better source: requantizing an already-small file compounds the loss."""
 _QUANTIZE_SOURCES: Final = frozenset({"F32", "BF16", "F16", "Q8_0"})
 
-NODE_PRESETS: Final = {
-    "cpu": "ram=16GiB,ram_bw=40,cpus=8",
-    "gpu4": "vram=4GiB,gpu_bw=192,pcie=3.0x16,ram=16GiB,ram_bw=40",
-    "gpu4-pcie3x4": "vram=4GiB,gpu_bw=192,pcie=3.0x4,ram=16GiB,ram_bw=40",
-    "gpu8": "vram=8GiB,gpu_bw=448,pcie=4.0x16,ram=32GiB,ram_bw=50",
-    "gpu8-pcie3x4": "vram=8GiB,gpu_bw=448,pcie=3.0x4,ram=32GiB,ram_bw=50",
-    "gpu24": "vram=24GiB,gpu_bw=1008,pcie=4.0x16,ram=64GiB,ram_bw=60",
-    "gpu80": "vram=80GiB,gpu_bw=3350,pcie=5.0x16,ram=256GiB,ram_bw=200",
-}
-"""Simulated nodes for ``qmesh quant plan --node NAME`` and the table tests:
-a 4 GB laptop GPU (GTX 1650 class), the same on an x4 riser, an 8 GB
-card (RTX 3060 Ti/4060 Ti class), a 24 GB card (RTX 4090) and an 80 GB
-H100 SXM; ``cpu`` is a CPU-only server."""
-
-
-class PlanError(Exception):
-    """The planner's input is unusable: a malformed node spec or telemetry
-    file, or no variant of the model to plan for."""
-
-
-# -- nodes ----------------------------------------------------------------------
-
-
-@attrs.frozen
-class GpuSpec:
-    name: str
-    vram_free: int
-    bandwidth_gbps: float
-    pcie_gbps: float | None
-
-
-@attrs.frozen
-class NodeSpec:
-    name: str
-    gpus: tuple[GpuSpec, ...]
-    ram_free: int
-    host_bandwidth_gbps: float
-    cpus: int = 1
-    notes: tuple[str, ...] = ()
-
-    @property
-    def cpu_only(self) -> bool:
-        return not self.gpus
-
-    def describe(self) -> str:
-        parts = [
-            f"{g.name} {_gb(g.vram_free)} free, {g.bandwidth_gbps:.0f} GB/s, "
-            f"PCIe {'?' if g.pcie_gbps is None else f'{g.pcie_gbps:.1f} GB/s'}"
-            for g in self.gpus
-        ]
-        parts.append(f"RAM {_gb(self.ram_free)} free, {self.host_bandwidth_gbps:.1f} GB/s")
-        return f"{self.name}: " + "; ".join(parts)
-
-    @classmethod
-    def from_telemetry(cls, telemetry: Telemetry, *, name: str = "local") -> NodeSpec:
-        notes: list[str] = []
-        gpus = []
-        for gpu in telemetry.gpus:
-            bandwidth = gpu.memory_bandwidth_gbps
-            if bandwidth is None:
-                bandwidth = 300.0
-                notes.append(f"{gpu.name}: NVML gave no memory clock; assuming 300 GB/s")
-            gpus.append(GpuSpec(gpu.name, gpu.vram_free, bandwidth, gpu.pcie_max_gbps))
-        host_bw = telemetry.host.memory_bandwidth_gbps
-        if host_bw is None:
-            host_bw = DEFAULT_HOST_BANDWIDTH_GBPS
-            notes.append(f"host bandwidth not measured; assuming {host_bw:g} GB/s")
-        return cls(
-            name=name,
-            gpus=tuple(gpus),
-            ram_free=telemetry.host.ram_available,
-            host_bandwidth_gbps=host_bw,
-            cpus=telemetry.host.cpus_logical,
-            notes=tuple(notes),
-        )
-
-    @classmethod
-    def parse(cls, text: str, *, name: str | None = None) -> NodeSpec:
-        """A preset name, or ``key=value,…`` with keys ``vram`` (per GPU),
-        ``gpus`` (count, default 1 when vram is given), ``gpu_bw`` (GB/s),
-        ``pcie`` (``4.0x16``), ``ram``, ``ram_bw`` (GB/s), ``cpus``."""
-        spec = NODE_PRESETS.get(text, text)
-        values: dict[str, str] = {}
-        for part in spec.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                known = ", ".join(NODE_PRESETS)
-                raise PlanError(
-                    f"bad node spec {text!r}: expected a preset ({known}) or key=value,…"
-                )
-            values[key.strip()] = value.strip()
-        unknown = values.keys() - {"vram", "gpus", "gpu_bw", "pcie", "ram", "ram_bw", "cpus"}
-        if unknown:
-            raise PlanError(f"bad node spec {text!r}: unknown key {sorted(unknown)[0]!r}")
-        orphans = values.keys() & {"gpus", "gpu_bw", "pcie"}
-        if orphans and "vram" not in values:
-            raise PlanError(f"bad node spec {text!r}: {sorted(orphans)[0]} needs vram (per GPU)")
-        try:
-            gpus: tuple[GpuSpec, ...] = ()
-            if "vram" in values:
-                link = None
-                if "pcie" in values:
-                    match = re.fullmatch(r"(\d)(?:\.0)?x(\d+)", values["pcie"])
-                    if match is None:
-                        raise ValueError(
-                            f"pcie {values['pcie']!r}: expected GEN.0xWIDTH, e.g. 4.0x16"
-                        )
-                    link = pcie_gbps(int(match.group(1)), int(match.group(2)))
-                count = int(values.get("gpus", "1"))
-                gpu = GpuSpec(
-                    name="GPU",
-                    vram_free=parse_size(values["vram"]),
-                    bandwidth_gbps=float(values.get("gpu_bw", "300")),
-                    pcie_gbps=link,
-                )
-                gpus = tuple(attrs.evolve(gpu, name=f"GPU{i}") for i in range(count))
-            return cls(
-                name=name or text,
-                gpus=gpus,
-                ram_free=parse_size(values.get("ram", "16GiB")),
-                host_bandwidth_gbps=float(values.get("ram_bw", str(DEFAULT_HOST_BANDWIDTH_GBPS))),
-                cpus=int(values.get("cpus", "8")),
-            )
-        except ValueError as exc:
-            raise PlanError(f"bad node spec {text!r}: {exc}") from None
-
-    @classmethod
-    def load(cls, path: Path) -> NodeSpec:
-        """A telemetry JSON file: a daemon's ``telemetry`` object, or an
-        inventory node (``{"telemetry": …}``) from ``GET /api/inventory``."""
-        try:
-            data = json.loads(path.read_text())
-            if "telemetry" in data:
-                data = data["telemetry"]
-            return cls.from_telemetry(Telemetry.from_json(data), name=path.stem)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PlanError(f"cannot read node telemetry from {path}: {exc}") from None
-
 
 # -- variants -------------------------------------------------------------------
 
@@ -252,10 +126,31 @@ class Variant:
     source: str
     """``file`` (exists, ``path``) or ``quantize`` (llama.cpp could make it; sizes estimated)."""
     path: str | None = None
+    vocab_size: int | None = None
+    reads: tuple[TypeRead, ...] = ()
+    """What a token multiplies by, per weight type (:class:`~qmesh.daemon.catalog.TypeRead`)."""
+    layout: str | None = None
+    """The block layout (:attr:`~qmesh.daemon.catalog.ModelInfo.layout`)."""
 
     @property
     def quality(self) -> int:
         return _QUALITY.get(self.quantization, 0)
+
+    @property
+    def id(self) -> str | None:
+        """The model id a file variant is served under (its file name)."""
+        return None if self.path is None else model_id(self.path)
+
+    def type_reads(self) -> tuple[TypeRead, ...]:
+        """:attr:`reads`, or — for an entry that has none — the bytes a token
+        reads, all in the quantization's main type, head apart."""
+        if self.reads:
+            return self.reads
+        kind = main_type(self.quantization)
+        bits = TYPE_BITS.get(kind, QUANT_TYPES.get(self.quantization, 8.5))
+        head = min(self.nonlayer_bytes, self.bytes_per_token)
+        body = self.bytes_per_token - head
+        return (TypeRead(kind, int(body * 8 / bits), body, int(head * 8 / bits), head),)
 
     @property
     def nonlayer_bytes(self) -> int:
@@ -273,12 +168,19 @@ class Variant:
             embedding_length=model.embedding_length or 4096,
             source="file",
             path=model.path,
+            vocab_size=model.vocab_size,
+            reads=model.reads,
+            layout=model.layout,
         )
 
     def quantized(self, target: str, parameters: int) -> Variant:
         """The estimated variant llama.cpp's quantize would produce from this one."""
         source_bpw = self.weights_bytes * 8 / parameters
         ratio = QUANT_TYPES[target] / source_bpw
+        # The matrices become mostly the target's main type (quantize's mixes
+        # keep a few tensors a little wider; the byte total above has them).
+        layer_elements = sum(r.layer_elements for r in self.type_reads())
+        other_elements = sum(r.other_elements for r in self.type_reads())
         return attrs.evolve(
             self,
             quantization=target,
@@ -287,7 +189,21 @@ class Variant:
             bytes_per_token=int(self.bytes_per_token * ratio),
             source="quantize",
             path=None,
+            reads=(
+                TypeRead(
+                    main_type(target),
+                    layer_elements,
+                    int(sum(r.layer_bytes for r in self.type_reads()) * ratio),
+                    other_elements,
+                    int(sum(r.other_bytes for r in self.type_reads()) * ratio),
+                ),
+            ),
         )
+
+
+def model_id(path: str) -> str:
+    """The id the catalog gives a file: its name without ``.gguf``."""
+    return Path(path).name.removesuffix(".gguf")
 
 
 def variants_for(models: Sequence[ModelInfo], *, produce: bool = True) -> list[Variant]:
@@ -330,6 +246,11 @@ class Placement:
     load_s: float
     """Seconds to copy the GPUs' share of the weights over PCIe at load."""
     why_not: str = ""
+    breakdown: Breakdown = attrs.field(factory=Breakdown)
+    """The predicted seconds per token, by cause."""
+    prompt_tps: float | None = None
+    """Predicted prompt tokens/s (a :data:`PROMPT_TOKENS` prompt); None uncalibrated."""
+    calibrated: bool = False
 
     @property
     def where(self) -> str:
@@ -350,33 +271,37 @@ def memory_need(variant: Variant, context: int) -> int:
     return variant.weights_bytes + variant.kv_bytes_per_token * context + _overhead(variant)
 
 
-def place(variant: Variant, node: NodeSpec, context: int) -> Placement:
-    """Where the layers go on ``node`` and how fast decoding will be."""
+def place(
+    variant: Variant, node: NodeSpec, context: int, *, position: int = DECODE_POSITION
+) -> Placement:
+    """Where the layers go on ``node`` and how fast decoding will be (for a
+    token at ``position`` of the context, capped at ``context``)."""
     kv_total = variant.kv_bytes_per_token * context
     kv_per_layer = kv_total // max(variant.layers, 1)
     overhead = _overhead(variant)
     ram_usable = int(node.ram_free * (1 - HEADROOM))
-    host_bw = node.host_bandwidth_gbps * 1e9 * CPU_EFFICIENCY
-    per_token_layer = variant.bytes_per_token - variant.nonlayer_bytes
-    read_per_layer = max(per_token_layer, 0) / max(variant.layers, 1)
-    read_nonlayer = variant.bytes_per_token - read_per_layer * variant.layers
     usable = [int(g.vram_free * (1 - HEADROOM)) for g in node.gpus]
+    position = min(position, context)
 
     def cpu_only() -> Placement:
         need = variant.weights_bytes + kv_total + overhead
-        seconds = (variant.bytes_per_token + kv_total) / host_bw
+        cpu = Share("cpu", variant.layers, True, _host_bandwidth(node), node.cpu_rates)
+        breakdown, prompt_tps = _speed(variant, node, [cpu], position, 0.0, 0.0)
         return Placement(
             gpu_layers=(),
             cpu_layers=variant.layers,
             gpu_bytes=0,
             cpu_bytes=need,
             fits=need <= ram_usable,
-            decode_tps=1 / seconds,
+            decode_tps=1 / breakdown.total,
             upload_s_per_batch=0.0,
             load_s=0.0,
             why_not=""
             if need <= ram_usable
             else f"needs {_gb(need)} > {_gb(ram_usable)} usable RAM",
+            breakdown=breakdown,
+            prompt_tps=prompt_tps,
+            calibrated=node.calibration is not None,
         )
 
     if not node.gpus:
@@ -391,8 +316,8 @@ def place(variant: Variant, node: NodeSpec, context: int) -> Placement:
     if full_need <= sum(usable) and all(r >= 0 for r in room):
         shares = _split(variant.layers, [max(r, 0) for r in room], layer_cost)
         if sum(shares) == variant.layers:
-            return _gpu_placement(variant, node, shares, 0, kv_total, kv_per_layer, overhead,
-                                  read_per_layer, read_nonlayer, host_bw, ram_usable)  # fmt: skip
+            return _gpu_placement(variant, node, shares, 0, kv_per_layer, overhead, ram_usable,
+                                  position)  # fmt: skip
     # Partial offload: as many layers as fit; the output head stays in RAM.
     room = [u - overhead for u in usable]
     fit_layers = min(variant.layers, int(sum(max(r, 0) for r in room) // max(layer_cost, 1)))
@@ -401,9 +326,40 @@ def place(variant: Variant, node: NodeSpec, context: int) -> Placement:
         placement = cpu_only()
         note = "no layer fits in VRAM"
         return attrs.evolve(placement, why_not=f"{note}; {placement.why_not}".rstrip("; "))
-    return _gpu_placement(variant, node, shares, variant.layers - sum(shares), kv_total,
-                          kv_per_layer, overhead, read_per_layer, read_nonlayer, host_bw,
-                          ram_usable)  # fmt: skip
+    return _gpu_placement(variant, node, shares, variant.layers - sum(shares), kv_per_layer,
+                          overhead, ram_usable, position)  # fmt: skip
+
+
+def _host_bandwidth(node: NodeSpec) -> float:
+    return node.host_bandwidth_gbps * CPU_EFFICIENCY
+
+
+def _speed(
+    variant: Variant,
+    node: NodeSpec,
+    shares: list[Share],
+    position: int,
+    transfer_s: float,
+    upload_s: float,
+) -> tuple[Breakdown, float | None]:
+    """Seconds per decoded token, and prompt tokens/s, for ``shares``."""
+    reads = variant.type_reads()
+    breakdown = decode_time(
+        reads,
+        shares,
+        layers=variant.layers,
+        kv_bytes_per_token=variant.kv_bytes_per_token,
+        vocab=variant.vocab_size,
+        calibration=node.calibration,
+        position=position,
+        transfer_s=transfer_s,
+        layout=variant.layout,
+    )
+    prompt = prompt_time(reads, shares, layers=variant.layers, tokens=PROMPT_TOKENS)
+    if prompt is None:
+        return breakdown, None
+    batches = math.ceil(PROMPT_TOKENS / 512)  # llama-cpp-python's n_batch
+    return breakdown, PROMPT_TOKENS / (prompt + batches * upload_s)
 
 
 def _split(layers: int, rooms: list[int], layer_cost: int) -> list[int]:
@@ -427,46 +383,43 @@ def _gpu_placement(
     node: NodeSpec,
     shares: list[int],
     cpu_layers: int,
-    kv_total: int,
     kv_per_layer: int,
     overhead: int,
-    read_per_layer: float,
-    read_nonlayer: float,
-    host_bw: float,
     ram_usable: int,
+    position: int,
 ) -> Placement:
-    seconds = 0.0
     gpu_bytes = 0
     load_s = 0.0
+    work: list[Share] = []
     for i, (gpu, layers) in enumerate(zip(node.gpus, shares, strict=True)):
         if layers == 0:
             continue
-        read = layers * (read_per_layer + kv_per_layer)
         stored = layers * (variant.layer_bytes + kv_per_layer) + overhead
-        if i == 0 and cpu_layers == 0:
-            read += read_nonlayer
+        head = i == 0 and cpu_layers == 0
+        if head:
             stored += variant.nonlayer_bytes
-        seconds += read / (gpu.bandwidth_gbps * 1e9 * GPU_EFFICIENCY)
+        work.append(
+            Share(f"gpu{i}", layers, head, gpu.bandwidth_gbps * GPU_EFFICIENCY, node.gpu_rates)
+        )
         gpu_bytes += stored
         if gpu.pcie_gbps:
             load_s += stored / (gpu.pcie_gbps * 1e9)
-    cpu_read = cpu_layers * (read_per_layer + kv_per_layer)
     cpu_bytes = cpu_layers * (variant.layer_bytes + kv_per_layer)
-    upload = 0.0
+    upload = transfer = 0.0
     link = min((g.pcie_gbps for g in node.gpus if g.pcie_gbps), default=None)
     if cpu_layers:
-        cpu_read += read_nonlayer
         cpu_bytes += variant.nonlayer_bytes
-        seconds += cpu_read / host_bw
+        work.append(Share("cpu", cpu_layers, True, _host_bandwidth(node), node.cpu_rates))
         hops = 2  # into the first GPU layer and back out to the CPU part
         if link:
             hop = variant.embedding_length * 4 / (link * 1e9) + PCIE_HOP_LATENCY_S
-            seconds += hops * hop
+            transfer += hops * hop
             upload = cpu_bytes / (link * 1e9)
     # Layers on more than one GPU hand the hidden state on between them.
     used = sum(1 for s in shares if s)
     if used > 1 and link:
-        seconds += (used - 1) * (variant.embedding_length * 4 / (link * 1e9) + PCIE_HOP_LATENCY_S)
+        transfer += (used - 1) * (variant.embedding_length * 4 / (link * 1e9) + PCIE_HOP_LATENCY_S)
+    breakdown, prompt_tps = _speed(variant, node, work, position, transfer, upload)
     fits = cpu_bytes <= ram_usable
     return Placement(
         gpu_layers=tuple(shares),
@@ -474,12 +427,15 @@ def _gpu_placement(
         gpu_bytes=gpu_bytes,
         cpu_bytes=cpu_bytes,
         fits=fits,
-        decode_tps=1 / seconds if seconds > 0 else float("inf"),
+        decode_tps=1 / breakdown.total if breakdown.total > 0 else float("inf"),
         upload_s_per_batch=upload,
         load_s=load_s,
         why_not=""
         if fits
         else f"{cpu_layers} layers need {_gb(cpu_bytes)} > {_gb(ram_usable)} usable RAM",
+        breakdown=breakdown,
+        prompt_tps=prompt_tps,
+        calibrated=node.calibration is not None,
     )
 
 
@@ -493,6 +449,20 @@ class Candidate:
     meets_target: bool
     verdict: str
     """``chosen``, or why not: ``does not fit``, ``too slow``, ``lower quality``…"""
+    measured: Measured | None = None
+    """What the node measured for this file, when it has served it."""
+
+    @property
+    def tps(self) -> float:
+        """The decode speed the choice rests on: measured if known, else predicted."""
+        return self.measured.median if self.measured is not None else self.placement.decode_tps
+
+    @property
+    def error(self) -> float | None:
+        """(predicted − measured) ÷ measured, for a file the node has measured."""
+        if self.measured is None:
+            return None
+        return (self.placement.decode_tps - self.measured.median) / self.measured.median
 
     def to_json(self) -> dict[str, Any]:
         p = self.placement
@@ -507,7 +477,13 @@ class Candidate:
             "gpu_bytes": p.gpu_bytes,
             "cpu_bytes": p.cpu_bytes,
             "fits": p.fits,
-            "decode_tps": round(p.decode_tps, 2),
+            "decode_tps": round(self.tps, 2),
+            "predicted_tps": round(p.decode_tps, 2),
+            "measured": None if self.measured is None else self.measured.to_json(),
+            "error": None if self.error is None else round(self.error, 4),
+            "calibrated": p.calibrated,
+            "ms_per_token": p.breakdown.to_json(),
+            "prompt_tps": None if p.prompt_tps is None else round(p.prompt_tps, 1),
             "upload_s_per_batch": round(p.upload_s_per_batch, 4),
             "load_s": round(p.load_s, 3),
             "meets_target": self.meets_target,
@@ -527,6 +503,7 @@ class Plan:
     summary: str
 
     def to_json(self) -> dict[str, Any]:
+        calibration = self.node.calibration
         return {
             "model": self.model,
             "node": self.node.describe(),
@@ -535,29 +512,61 @@ class Plan:
             "choice": None if self.choice is None else self.choice.to_json(),
             "summary": self.summary,
             "candidates": [c.to_json() for c in self.candidates],
+            "calibration": None if calibration is None else calibration.to_json(),
             "notes": list(self.node.notes),
         }
 
-    def explain(self) -> str:
-        """The plan as an operator reads it: node, table, choice, reason."""
+    def explain(self, *, detail: bool = False) -> str:
+        """The plan as an operator reads it: node, table, choice, reason.
+        ``detail`` adds the calibration and each candidate's cost per token."""
         lines = [f"model {self.model}, context {self.context} tokens, "
                  f"target {'none' if not self.target_tps else f'{self.target_tps:g} tok/s'}",
                  f"node  {self.node.describe()}"]  # fmt: skip
         lines += [f"note  {note}" for note in self.node.notes]
+        calibration = self.node.calibration
+        if calibration is None:
+            lines.append(
+                "note  uncalibrated node: tok/s is the memory-bound ceiling (no compute, "
+                "per-token or serving costs); a daemon on the node calibrates itself"
+            )
+        elif detail:
+            lines += [f"      {line}" for line in calibration.describe().splitlines()]
+            lines += [f"note  {note}" for note in calibration.notes]
         lines.append("")
-        header = (
-            f"  {'quant':<8} {'source':<8} {'weights':>9} {'placement':<38} {'tok/s':>8} verdict"
-        )
-        lines.append(header)
+        measured = any(c.measured is not None for c in self.candidates)
+        header = f"  {'quant':<8} {'source':<8} {'weights':>9} {'placement':<38} {'tok/s':>8}"
+        if measured:
+            header += f" {'measured':>16} {'error':>6}"
+        lines.append(header + " verdict")
         for c in self.candidates:
             v, p = c.variant, c.placement
             mark = "→" if c is self.choice else " "
             tps = f"{p.decode_tps:8.1f}" if p.fits else f"{'-':>8}"
+            if measured:
+                if c.measured is not None and c.error is not None:
+                    low, high = c.measured.spread
+                    shown = f"{c.measured.median:.1f} [{low:.0f}–{high:.0f}]"
+                    tps += f" {shown:>16} {c.error * 100:+5.0f}%"
+                else:
+                    tps += f" {'-':>16} {'':>6}"
             verdict = c.verdict if not p.why_not else f"{c.verdict}: {p.why_not}"
             lines.append(f"{mark} {v.quantization:<8} {v.source:<8} {_gb(v.weights_bytes):>9} "
                          f"{p.where:<38} {tps} {verdict}")  # fmt: skip
+            if detail and p.fits:
+                prompt = "" if p.prompt_tps is None else f"; prompt {p.prompt_tps:.0f} tok/s"
+                lines.append(f"             {p.breakdown.describe()}{prompt}")
+                if c.measured is not None:
+                    lines.append(
+                        f"             measured {len(c.measured.samples)} request(s): median "
+                        f"{c.measured.median:.1f} tok/s; predicted {p.decode_tps:.1f}"
+                    )
         lines.append("")
         lines.append(self.summary)
+        if measured:
+            lines.append(
+                "measured: decode tok/s of the node's own requests (median [min–max]); where "
+                "there is one, the choice uses it instead of the prediction"
+            )
         if self.choice is not None and self.choice.placement.cpu_layers and self.node.gpus:
             p = self.choice.placement
             lines.append(
@@ -574,36 +583,49 @@ def plan(
     *,
     context: int = 4096,
     target_tps: float | None = None,
+    measured: Mapping[str, Measured] | None = None,
 ) -> Plan:
-    """Choose a variant for ``node`` (see the module docstring for the rule)."""
+    """Choose a variant for ``node`` (see the module docstring for the rule).
+    ``measured`` maps model ids to what the node measured for those files."""
     ordered = sorted(variants, key=lambda v: (-v.quality, v.weights_bytes))
     if not ordered:
         raise PlanError(f"no variants of {model} to plan for")
-    placed = [(v, place(v, node, context)) for v in ordered]
+    seen = measured or {}
+    placed = [
+        (v, place(v, node, context), seen.get(v.id) if v.id is not None else None) for v in ordered
+    ]
+
+    def speed(entry: tuple[Variant, Placement, Measured | None]) -> float:
+        _, p, m = entry
+        return m.median if m is not None else p.decode_tps
+
     target = target_tps or None
-    fitting = [(v, p) for v, p in placed if p.fits]
-    meeting = [(v, p) for v, p in fitting if target is None or p.decode_tps >= target]
-    chosen: tuple[Variant, Placement] | None = None
+    fitting = [e for e in placed if e[1].fits]
+    meeting = [e for e in fitting if target is None or speed(e) >= target]
+    chosen: tuple[Variant, Placement, Measured | None] | None = None
+    how = ""
     if meeting:
         chosen = meeting[0]  # the list is best quality first
+        how = "measured" if chosen[2] is not None else "predicted"
         summary = (
             f"chose {chosen[0].quantization}: the highest quality that fits"
             + (f" and reaches {target:g} tok/s" if target else "")
-            + f" ({chosen[1].decode_tps:.1f} tok/s predicted, {chosen[1].where})"
+            + f" ({speed(chosen):.1f} tok/s {how}, {chosen[1].where})"
         )
     elif fitting:
-        chosen = max(fitting, key=lambda vp: vp[1].decode_tps)
+        chosen = max(fitting, key=speed)
+        how = "measured" if chosen[2] is not None else "predicted"
         summary = (
             f"no variant reaches {target:g} tok/s; chose the fastest that fits, "
-            f"{chosen[0].quantization} ({chosen[1].decode_tps:.1f} tok/s predicted, "
-            f"{chosen[1].where})"
+            f"{chosen[0].quantization} ({speed(chosen):.1f} tok/s {how}, {chosen[1].where})"
         )
     else:
         summary = f"no variant of {model} fits this node at context {context}"
     candidates = []
     choice: Candidate | None = None
-    for v, p in placed:
-        meets = p.fits and (target is None or p.decode_tps >= target)
+    for entry in placed:
+        v, p, m = entry
+        meets = p.fits and (target is None or speed(entry) >= target)
         if chosen is not None and v is chosen[0]:
             verdict = "chosen"
         elif not p.fits:
@@ -614,7 +636,7 @@ def plan(
             verdict = "lower quality"
         else:
             verdict = "not chosen"
-        candidate = Candidate(v, p, meets, verdict)
+        candidate = Candidate(v, p, meets, verdict, m)
         if verdict == "chosen":
             choice = candidate
         candidates.append(candidate)

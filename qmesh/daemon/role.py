@@ -90,7 +90,10 @@ async def run_daemon(
         services={
             "status": status_service,
             INFER_SERVICE: partial(
-                serve_infer, scheduler=node.scheduler, on_runtime_failure=node.request_refresh
+                serve_infer,
+                scheduler=node.scheduler,
+                on_runtime_failure=node.request_refresh,
+                on_measured=node.record_speed,
             ),
             CONTROL_SERVICE: partial(serve_control, node=node),
         },
