@@ -76,8 +76,8 @@ pub fn seal_row<'py>(
     Ok(PyBytes::new(py, &seal))
 }
 
-/// The canonical JSON a row is sealed over (for tests and `ledger verify`'s
-/// explanations).
+/// The canonical JSON a row is sealed over (the tests hold it to
+/// `json.dumps`).
 #[pyfunction]
 pub fn canonical_row<'py>(
     py: Python<'py>,
