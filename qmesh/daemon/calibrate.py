@@ -510,8 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         digest = CalibrationKey(**{**key, "gpus": tuple(key.get("gpus", ()))}).digest()
         cached_file = args.cache / f"{digest}.json"
         if not args.remeasure and cached_file.is_file():
-            data = json.loads(cached_file.read_text())
-            found = Calibration.from_json(data) if data.get("key") == key else None
+            try:
+                data = json.loads(cached_file.read_text())
+                found = Calibration.from_json(data) if data.get("key") == key else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                found = None  # an unreadable cache entry: measure again
             if found is not None and found.covers(_layouts(args.layout)):
                 args.out.write_text(json.dumps({**data, "cached": True}))
                 return 0

@@ -404,7 +404,7 @@ def _read(path: Path, key: CalibrationKey) -> Calibration | None:
         return attrs.evolve(Calibration.from_json(data), cached=True)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning("ignoring unreadable calibration %s (%s)", path, exc)
         return None
 
@@ -457,7 +457,7 @@ def command(
 def _finish(directory: Path, key: CalibrationKey, out: Path) -> Calibration | None:
     try:
         calibration = Calibration.from_json(json.loads(out.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning("the calibration wrote no usable result (%s)", exc)
         return None
     finally:

@@ -202,7 +202,7 @@ class NodeSpec:
             return cls.from_telemetry(
                 Telemetry.from_json(data), name=path.stem, calibration=calibration
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PlanError(f"cannot read node telemetry from {path}: {exc}") from None
 
 

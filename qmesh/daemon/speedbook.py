@@ -117,7 +117,7 @@ class SpeedBook:
                 book.models[measured.model] = measured
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             log.warning("ignoring unreadable %s (%s)", book.path, exc)
         return book
 
