@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from qmesh.memory.coref import is_description, resolve_references
+from qmesh.memory.errors import ProvenanceError
 from qmesh.memory.extract import RuleExtractor
 from qmesh.memory.extraction import Extraction, Mention, check_extraction
 from qmesh.memory.mentions import RULE_MENTIONS
@@ -228,5 +229,5 @@ def test_unknown_extraction_kinds_stay_refused() -> None:
         Mention(0, 2, "It", "date", refers="Acme"),
         Mention(0, 2, "It", "org", refers=" "),
     ):
-        with pytest.raises(Exception, match="antecedent"):
+        with pytest.raises(ProvenanceError, match="antecedent"):
             check_extraction("It grew.", Extraction((mention,)))
