@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from qmesh.background import NICENESS, BackgroundThread
 
@@ -60,8 +61,7 @@ async def test_a_cancelled_caller_still_waits_for_its_job_and_gets_its_result() 
         nursery.start_soon(call)
         await trio.to_thread.run_sync(started.wait)
         scope.cancel()
-        for _ in range(10):
-            await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()
         assert not got, "it waits for the job, cancelled or not"
         release.set()
     assert scope.cancelled_caught

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -14,8 +15,8 @@ from qmesh.qg.router import BUDGET_BLOCK, BUDGET_SHIFT, RESORT_INTERVAL_S, Budge
 CHAT = frozenset({"chat", "summarize"})
 
 
-def make_router() -> Router:
-    router = Router()
+def make_router(clock: Callable[[], float] = time.monotonic) -> Router:
+    router = Router(clock=clock)
     router.set_candidates(
         "skills",
         [Candidate(id="skill:summarize", kind=INTERNAL, model="qmesh-summarize",
@@ -96,7 +97,8 @@ def test_busy_and_cooling_nodes_fall_to_the_equivalent() -> None:
 
 
 def test_telemetry_changes_rerank_after_the_interval() -> None:
-    router = make_router()
+    now = [1000.0]
+    router = make_router(lambda: now[0])
     dsn = parse_dsn("qg://task=chat;prefer=local")
     assert router.decide(dsn).chosen.id == "node:a/gemma"
     a = router.get("node:a/gemma")
@@ -104,7 +106,7 @@ def test_telemetry_changes_rerank_after_the_interval() -> None:
     for _ in range(30):
         a.observe_latency(5000)
     router.telemetry_changed()
-    time.sleep(RESORT_INTERVAL_S * 1.5)
+    now[0] += RESORT_INTERVAL_S * 1.5
     assert router.decide(dsn).chosen.id == "node:b/gemma"
 
 

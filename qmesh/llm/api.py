@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from qmesh.finops.budgets import Budget
 from qmesh.llm.backends import ClientFault
@@ -49,6 +49,11 @@ MAX_TOKEN_COUNT: Final = 100_000_000
 """Largest token count a request may name: far above any model's context,
 and small enough that prices and budgets stay exact (an unbounded integer
 from a client would overflow their float arithmetic)."""
+
+
+def _max_tokens(body: dict[str, Any]) -> Any:
+    """The completion ceiling a request body names (unchecked), or the default."""
+    return body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
 
 
 def _token_count(value: object, *, least: int) -> bool:
@@ -138,9 +143,7 @@ class LlmApi:
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
         dsn, pin = self._dsn_for(body.get("model"), endpoint)
-        max_tokens = (
-            body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
-        )
+        max_tokens = _max_tokens(body)
         if not _token_count(max_tokens, least=1):
             raise HttpError(
                 400,
@@ -242,9 +245,7 @@ class LlmApi:
         if "tokens_in" not in body and any(k in body for k in _REQUEST_KEYS):
             # A chat request's own body: sized as serving it would size it.
             tokens_in = estimate_call_tokens(request.body)
-            max_tokens = (
-                body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
-            )
+            max_tokens = _max_tokens(body)
         else:
             tokens_in = body.get("tokens_in", 1000)
             max_tokens = body.get("max_tokens", 256)
