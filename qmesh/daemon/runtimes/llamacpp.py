@@ -1,9 +1,10 @@
-"""llama.cpp as a runtime: one supervised ``llama_cpp.server`` process per loaded model.
+"""llama.cpp as a runtime: one supervised model-server process per loaded model.
 
 For: :class:`LlamaCppRuntime`. Loading a model starts
-``python -m llama_cpp.server --model FILE --model_alias ID`` on a free
-loopback port (through :mod:`~qmesh.daemon.runtimes.model_server`, so the
-server dies with the daemon even when the daemon is killed) and waits until
+``python -m qmesh.daemon.runtimes.model_server PID --model FILE --model_alias ID``
+(``llama_cpp.server``'s command line, served by
+:mod:`~qmesh.daemon.runtimes.llama_server`) on a free loopback port, so that
+the server dies with the daemon even when the daemon is killed, and waits until
 its ``GET /v1/models`` lists the model (readiness); unloading terminates
 the process, which returns every byte of RAM and VRAM it held. A process
 that dies while loaded is restarted (with backoff, up to ``max_restarts``

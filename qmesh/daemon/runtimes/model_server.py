@@ -5,7 +5,8 @@ by :class:`~qmesh.daemon.runtimes.llamacpp.LlamaCppRuntime` for each model.
 It starts a thread that waits for the daemon *process* to exit (a pidfd on
 Linux; elsewhere, or where pidfds are refused, it watches for this process
 being re-parented) and then kills this process, and runs
-``llama_cpp.server`` with ARGS. A daemon killed with ``kill -9`` cannot stop
+:func:`~qmesh.daemon.runtimes.llama_server.serve` with ARGS (``llama_cpp.server``'s
+command line). A daemon killed with ``kill -9`` cannot stop
 its model servers itself, and an orphaned server would hold the model's
 memory forever; this way the memory comes back with the daemon's death. If
 the daemon is already gone by the time this runs, it exits at once.
@@ -15,14 +16,14 @@ forked, not the process, and the daemon forks from a Trio worker thread
 (``trio.lowlevel.open_process`` runs ``Popen`` there), which exits after
 10 s idle — killing a healthy model server in the middle of a request.
 
-Not for: anything else — it imports only the standard library before
-handing over, so it starts as fast as the server itself.
+Not for: serving (:mod:`~qmesh.daemon.runtimes.llama_server`) — the watch
+starts before llama.cpp is imported, so a daemon that dies while a large
+model loads still takes the server with it.
 """
 
 from __future__ import annotations
 
 import os
-import runpy
 import select
 import sys
 import threading
@@ -59,8 +60,9 @@ def _watch(parent: int) -> None:
 def main() -> None:
     parent, args = int(sys.argv[1]), sys.argv[2:]
     _watch(parent)
-    sys.argv = ["llama_cpp.server", *args]
-    runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+    from qmesh.daemon.runtimes.llama_server import serve  # after the watch: imports llama_cpp
+
+    serve(args)
 
 
 if __name__ == "__main__":
