@@ -136,6 +136,13 @@ def test_bad_requests_are_refused_and_the_server_serves_on(
     client = _client(url)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=GEMMA_ID, prompt="x", max_tokens=-5)
+    # Refused by llama.cpp itself (logprobs need --logits_all true, which the
+    # daemon does not ask for): a status even when streaming was asked for.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="logits_all"):
+            client.completions.create(
+                model=GEMMA_ID, prompt="x", max_tokens=2, logprobs=1, stream=stream
+            )
     host, port = url.removeprefix("http://").split(":")
     for raw in (
         b"POST /v1/completions HTTP/1.1\r\ncontent-length: 9\r\n\r\n{not json",

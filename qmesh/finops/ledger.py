@@ -116,6 +116,9 @@ class Ledger:
         self._entries: list[LedgerEntry] = []
         self._events: list[AuditEvent] = []
         self._wakeup = trio.Event()
+        self._buffered = trio.Event()
+        """Set by the first row after an empty buffer: an idle Gate's ledger
+        task sleeps on it instead of waking every ``FLUSH_INTERVAL_S``."""
         # One flush at a time: a caller's flush() must not return while the
         # background flush still has rows in a worker thread.
         self._flush_lock = trio.Lock()
@@ -131,6 +134,7 @@ class Ledger:
         """Buffer ``entry``. ``hops``: what its ``hops`` column says, as
         objects, when the caller has them (else observers get them parsed)."""
         self._entries.append(entry)
+        self._buffered.set()
         if self.observers:
             if hops is None:
                 hops = _parse_hops(entry.hops)
@@ -143,6 +147,7 @@ class Ledger:
         self._events.append(
             AuditEvent(time.time(), actor, action, json.dumps(detail, sort_keys=True))
         )
+        self._buffered.set()
 
     @property
     def pending(self) -> int:
@@ -185,11 +190,15 @@ class Ledger:
                 self.written += len(entries)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush every ``FLUSH_INTERVAL_S`` (sooner when a batch fills) until
-        cancelled; the last flush on the way out is shielded."""
+        """Flush ``FLUSH_INTERVAL_S`` after rows arrive in an empty buffer
+        (sooner when a batch fills) until cancelled; the last flush on the way
+        out is shielded."""
         task_status.started()
         try:
             while True:
+                if not self.pending:
+                    self._buffered = trio.Event()
+                    await self._buffered.wait()
                 with trio.move_on_after(FLUSH_INTERVAL_S):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()

@@ -4,7 +4,8 @@ For: :func:`serve`, what a model server process runs (started by
 :mod:`~qmesh.daemon.runtimes.model_server`): it takes ``llama_cpp.server``'s
 own command line (``--model``, ``--model_alias``, ``--n_ctx``,
 ``--n_gpu_layers``, ``--chat_format``… and any extra flag an operator adds),
-builds the ``Llama`` exactly as that server would, validates requests with
+builds the ``Llama`` as that server would (but without ``logits_all`` unless
+asked: see :func:`parse_arguments`), validates requests with
 its request types (so defaults and sampling are the same), and answers
 ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions``, streamed (server-sent events) or not.
@@ -35,6 +36,7 @@ import hmac
 import json
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,6 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
                 result = call(**kwargs)
             except ValueError as exc:  # llama.cpp's own refusals: prompt too long…
                 raise _Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            except Exception as exc:
+                traceback.print_exc()
+                raise _Refused(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {exc}"
+                ) from None
             if kwargs.get("stream"):
                 self._stream(cast(Iterator[Any], result))
             else:
@@ -193,30 +200,52 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, chunks: Iterator[Any]) -> None:
         """One server-sent event per chunk, each in one write, as it is made."""
-        self.send_response(HTTPStatus.OK)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
-        write = self.wfile.write
-        sent = 0
         try:
-            for chunk in chunks:
-                event = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-                write(b"%x\r\n%b\r\n" % (len(event), event))
-                sent += 1
-            done = b"data: [DONE]\n\n"
-            write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
-        except OSError as exc:
-            # The client went away (or stopped reading for SOCKET_TIMEOUT_S):
-            # closing the generator below stops the generation.
-            self.close_connection = True
-            print(f"generation stopped after {sent} events: the client left ({exc})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                # The prompt is evaluated here: its refusals are still a status.
+                chunk = next(chunks, None)
+            except ValueError as exc:
+                raise _Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            except Exception as exc:
+                traceback.print_exc()
+                raise _Refused(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {exc}"
+                ) from None
+            self.send_response(HTTPStatus.OK)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("cache-control", "no-cache")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            self._events(chunks, chunk)
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
-                close()
+                close()  # a generator left early stops generating
+
+    def _events(self, chunks: Iterator[Any], chunk: Any) -> None:
+        write = self.wfile.write
+        sent = 0
+        try:
+            try:
+                while chunk is not None:
+                    event = b"data: " + json.dumps(chunk, separators=(",", ":")).encode()
+                    write(b"%x\r\n%b\n\n\r\n" % (len(event) + 2, event))
+                    sent += 1
+                    chunk = next(chunks, None)
+            except OSError:
+                raise
+            except Exception as exc:  # llama.cpp failed mid-stream: tell the client so
+                traceback.print_exc()
+                error = {"error": {"message": f"generation failed: {exc}", "type": "server_error"}}
+                event = b"data: " + json.dumps(error).encode()
+                write(b"%x\r\n%b\n\n\r\n" % (len(event) + 2, event))
+            done = b"data: [DONE]\n\n"
+            write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        except OSError as exc:
+            # The client went away (or stopped reading for SOCKET_TIMEOUT_S).
+            self.close_connection = True
+            print(f"generation stopped after {sent} events: the client left ({exc})",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     # -- HTTP plumbing -----------------------------------------------------------
 
@@ -300,6 +329,11 @@ def parse_arguments(argv: list[str]) -> tuple[ServerSettings, ModelSettings]:
     # (typed as returning the class; it returns an instance)
     server = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
     model = cast(ModelSettings, parse_model_from_args(ModelSettings, args))
+    if args.logits_all is None:
+        # llama_cpp.server keeps every position's logits by default (only
+        # logprobs need them): a vocabulary-wide copy per token, and a
+        # prompt's worth at each prompt. Asked for, it is still there.
+        model.logits_all = False
     if server.ssl_keyfile or server.ssl_certfile:
         parser.error("TLS is not served here: model servers listen on loopback only")
     return server, model
