@@ -279,3 +279,36 @@ async def test_a_policy_stored_in_the_state_is_followed_by_new_sessions(
     await store_policy(None)  # forget it: [gate.apps.APP] again
     assert ghost.service.policies.source(ghost.app_id) == "config"
     assert await in_thread(lambda: query("SHOW default_transaction_read_only")) == "off"
+
+
+async def test_an_operator_key_opens_no_session_and_a_demoted_app_loses_its_own(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
+) -> None:
+    """Operator keys are for the Gate's operator surface: a viewer's proves
+    itself and is still refused, saying why; an app made an operator while
+    its session runs loses it with a FATAL."""
+    watched = await start(nursery, db, tmp_path, state_location)
+    ghost = watched.ghost
+    with watched.other_process() as other:
+        viewer_key = other.add_app("on-call", role="viewer")
+    with pytest.raises(psycopg.OperationalError, match="is an operator key"):
+        await in_thread(
+            lambda: psycopg.connect(**ghost.kwargs(user="on-call", password=viewer_key)).close()
+        )
+    started = trio.Event()
+    errors: list[psycopg.Error] = []
+
+    async def session() -> None:
+        errors.append(await ended_while_sleeping(ghost, ghost.app_key, started))
+
+    try:
+        async with trio.open_nursery() as sessions:
+            sessions.start_soon(session)
+            await started.wait()
+            await sleeping(db, 1)
+            with watched.other_process() as other:
+                assert other.set_app_role(ghost.app_id, "viewer")
+    finally:
+        await in_thread(lambda: stop_sleepers(db))
+    assert errors and errors[0].sqlstate == KEY_REVOKED, errors
+    assert "became an operator key" in str(errors[0])

@@ -11,7 +11,8 @@ Each command module adds its commands in the same shape,
 command a handler ``(args, config) -> exit status``. The commands that
 belong to no capability live in this package: running roles, ``up`` and
 ``version`` (:mod:`qmesh.cli.roles`), the Gate's keys and edge identities
-(:mod:`qmesh.cli.identity`), applications (:mod:`qmesh.cli.apps`) and the
+(:mod:`qmesh.cli.identity`), applications (:mod:`qmesh.cli.apps`), operators
+(:mod:`qmesh.cli.operators`) and the
 state store itself (:mod:`qmesh.cli.state`). A
 capability's commands live with the capability: ``secrets`` and ``audit``
 (:mod:`qmesh.pg.cli`), ``memory`` (:mod:`qmesh.memory.cli`), ``quant`` and
@@ -36,7 +37,7 @@ from typing import Final
 
 import attrs
 
-from qmesh.cli import apps, identity
+from qmesh.cli import apps, identity, operators
 from qmesh.cli import roles as roles_cli
 from qmesh.cli import state as state_cli
 from qmesh.cluster import cli as cluster_cli
@@ -62,6 +63,7 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     roles_cli.add_commands,  # up, version
     identity.add_commands,  # keys, enroll, revoke, identities
     apps.add_commands,  # apps
+    operators.add_commands,  # operators
     state_cli.add_commands,  # state
     cluster_cli.add_commands,  # gates
     pg_cli.add_commands,  # secrets, audit

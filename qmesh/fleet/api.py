@@ -49,6 +49,7 @@ from qmesh.fleet.daemons import (
     TextDelta,
 )
 from qmesh.fleet.inventory import NODE_STATES, Inventory
+from qmesh.operator_roles import Right
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
@@ -116,7 +117,7 @@ def add_daemon_routes(
     clock: Callable[[], float] = time.time,
 ) -> None:
     async def list_inventory(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         state = _query(request, "state")
         if state is not None and state not in NODE_STATES:
             raise HttpError(400, f"state must be one of {', '.join(NODE_STATES)}")
@@ -134,7 +135,7 @@ def add_daemon_routes(
         )
 
     async def one_node(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         now = clock()
         node = inventory.get(request.path_params["node"], now=now)
         if node is None:
@@ -143,7 +144,7 @@ def add_daemon_routes(
 
     def infer_handler(endpoint: str) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
-            await auth.require(request, admin=True)
+            await auth.require(request, Right.OPERATE)
             body = request.json()
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise HttpError(400, "the body must be a JSON object with a 'model'")
@@ -241,7 +242,7 @@ def add_daemon_routes(
         yield _sse("[DONE]")
 
     async def control_model(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.OPERATE)
         operation = request.path_params["operation"]
         if operation not in CONTROL_OPERATIONS:
             raise HttpError(

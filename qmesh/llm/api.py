@@ -29,11 +29,12 @@ from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
 from qmesh.llm.fastpath import route_installer
 from qmesh.llm.service import LlmService
+from qmesh.operator_roles import Right
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
 from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
 from qmesh.qg.router import BUDGET_OK, Decision
-from qmesh.web.auth import ADMIN_APP, AppAuthenticator
+from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
 
 __all__ = ["add_llm_routes"]
@@ -270,14 +271,14 @@ class LlmApi:
         return Response.json({"skills": self.service.skill_view()})
 
     async def budgets(self, request: Request) -> Response:
-        app = await self.auth.require(request)
+        app = await self.auth.require(request, Right.USE, Right.VIEW)
         views = self.service.book.views()
-        if app != ADMIN_APP:
+        if not await self.auth.holds(request, Right.VIEW):
             views = [v for v in views if app in v["apps"]]  # type: ignore[operator]
         return Response.json({"budgets": views})
 
     async def decisions(self, request: Request) -> Response:
-        await self.auth.require(request, admin=True)
+        await self.auth.require(request, Right.VIEW)
         limit = int((request.query.get("limit") or ["50"])[0])
         recent = list(self.router.recent)[-max(1, min(limit, 1000)) :]
         return Response.json({"decisions": [d.as_dict() for d in recent]})

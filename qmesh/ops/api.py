@@ -5,7 +5,7 @@ For:
 - ``GET /`` — the dashboard page, and ``GET /static/{file}`` its assets,
   all served from the package (``qmesh/web/static/``): the page works with
   no internet. Both are the same for everyone and hold no data: the page
-  asks for the admin key and keeps it in the tab's ``sessionStorage``;
+  asks for an operator key and keeps it in the tab's ``sessionStorage``;
 - ``GET /api/dashboard`` — one snapshot (:class:`~qmesh.ops.overview.Overview`);
 - ``GET /api/dashboard/stream`` — server-sent events, a snapshot whenever
   the inventory changes and at least every second, for up to
@@ -15,9 +15,12 @@ For:
 - ``GET /api/discovery`` — the scanner's state and targets;
   ``POST /api/discovery/scan`` — scan now and answer when it is done.
 
-Everything but the page and its assets needs the admin key
-(``Authorization: Bearer admin:KEY``): 401 without it. A Prometheus job
-sends it with ``authorization: {type: Bearer, credentials: "admin:KEY"}``.
+Everything but the page and its assets needs an operator key
+(``Authorization: Bearer NAME:KEY``; 401 without one) whose role holds the
+right (:mod:`qmesh.operator_roles`; 403 otherwise): ``metrics`` for
+``/metrics`` — a Prometheus job sends a ``metrics`` operator's key with
+``authorization: {type: Bearer, credentials: "NAME:KEY"}`` — ``view`` for the
+dashboard and discovery's state, ``operate`` for a scan.
 
 Not for: what the snapshot holds (:mod:`qmesh.ops.overview`) or the
 inventory API (:mod:`qmesh.fleet.api`).
@@ -37,6 +40,7 @@ from qmesh.config import Config
 from qmesh.fleet.discovery import Scanner
 from qmesh.fleet.inventory import Inventory
 from qmesh.llm.calls import sse
+from qmesh.operator_roles import Right
 from qmesh.ops.metrics import GateMetrics
 from qmesh.ops.overview import Overview
 from qmesh.tunnel import TunnelServer
@@ -152,11 +156,11 @@ def add_ops_routes(
         return asset(request.path_params["name"], cache="no-cache")
 
     async def snapshot(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         return Response.json(await overview.snapshot(), headers=(("cache-control", "no-store"),))
 
     async def stream(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         first = await overview.snapshot()  # errors become HTTP errors, before the 200
         return Response.event_stream(_events(first))
 
@@ -177,11 +181,11 @@ def add_ops_routes(
         yield b"event: reconnect\ndata: {}\n\n"
 
     async def prometheus(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.METRICS)
         return Response.text(metrics.render(), content_type=CONTENT_TYPE)
 
     async def discovery(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         if scanner is None:
             return Response.json({"enabled": False, "targets": 0, "addresses": []})
         view = scanner.view()
@@ -191,7 +195,7 @@ def add_ops_routes(
         return Response.json(view)
 
     async def scan(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.OPERATE)
         if scanner is None or not scanner.targets:
             raise HttpError(
                 409, "discovery has no targets: list them in [gate.discovery]", code="disabled"

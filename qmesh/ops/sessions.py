@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from qmesh import __version__
 from qmesh.cluster.fabric import edge_sessions
+from qmesh.operator_roles import Right
 from qmesh.tunnel import Session, TunnelServer
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
@@ -71,11 +72,11 @@ def add_routes(router: Router, server: TunnelServer, auth: AppAuthenticator) -> 
         }
 
     async def tunnel(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.VIEW)
         return Response.json(tunnel_view())
 
     async def kill(request: Request) -> Response:
-        await auth.require(request, admin=True)
+        await auth.require(request, Right.OPERATE)
         body = request.json()
         target = body.get("target") if isinstance(body, dict) else None
         if not isinstance(target, str) or not target:

@@ -54,6 +54,7 @@ from qmesh.config import Config
 from qmesh.fastsocket import connect_tcp
 from qmesh.logs import register_secret
 from qmesh.masterkey import MasterKeyError
+from qmesh.operator_roles import Right, describe_role, rights_of
 from qmesh.pg.audit import AuditLog
 from qmesh.pg.errors import VaultError
 from qmesh.pg.login import (
@@ -270,6 +271,10 @@ class PgService:
             reason = f'qmesh: app "{app_id}" was deleted; its sessions are ended'
         elif keys.disabled:
             reason = f'qmesh: app "{app_id}" was disabled by the operator; its sessions are ended'
+        elif Right.USE not in rights_of(keys.role):
+            reason = (
+                f'qmesh: "{app_id}" became an operator key ({keys.role}); its sessions are ended'
+            )
         else:
             verifier = keys.verifier_for(session.stored_key)
             if verifier is not None:
@@ -457,6 +462,12 @@ class PgService:
             # The proof checked, so saying why is no hint to someone guessing keys.
             raise PgSessionError(
                 "28000", f'qmesh: app "{app_id}" is disabled by the operator (qmesh apps enable)'
+            )
+        if keys is not None and Right.USE not in rights_of(keys.role):
+            raise PgSessionError(
+                "28000",
+                f'qmesh: "{app_id}" is an operator key ({describe_role(keys.role)}), '
+                "not an application's: it opens no database sessions",
             )
         await stream.send_all(
             _core.encode_authentication(AUTH_SASL_FINAL, server_final)

@@ -167,4 +167,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Operators: an app with a role holds that role's rights at the Gate
+    # (qmesh.operator_roles); NULL is an application. The admin app made at
+    # setup has always been the operator.
+    (
+        "ALTER TABLE apps ADD COLUMN role TEXT NULL",
+        "UPDATE apps SET role = 'admin' WHERE app_id = 'admin'",
+    ),
 )

@@ -217,4 +217,9 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Operators (qmesh.operator_roles): an app with a role.
+    (
+        "ALTER TABLE apps ADD COLUMN role TEXT NULL",
+        "UPDATE apps SET role = 'admin' WHERE app_id = 'admin'",
+    ),
 )

@@ -30,6 +30,7 @@ from typing import Final
 
 import attrs
 
+from qmesh.operator_roles import ADMIN_APP, OPERATOR_ROLES
 from qmesh.roles import EDGE_ROLES
 from qmesh.state.db import DATABASE_ERRORS, Connection, Database, WriteScope, open_database
 from qmesh.state.errors import (
@@ -109,6 +110,8 @@ class App:
     created_at: float
     disabled_at: float | None = None
     """When ``qmesh apps disable`` switched it off; None while it is enabled."""
+    role: str | None = None
+    """An operator's role (:mod:`qmesh.operator_roles`); None for an application."""
 
     @property
     def disabled(self) -> bool:
@@ -140,6 +143,8 @@ class AppKeys:
     app_id: str
     verifiers: tuple[AppVerifier, ...]
     disabled_at: float | None = None
+    role: str | None = None
+    """An operator's role (:mod:`qmesh.operator_roles`); None for an application."""
 
     @property
     def disabled(self) -> bool:
@@ -157,6 +162,11 @@ class AppKeys:
             ):
                 return verifier
         return None
+
+
+def _check_role(role: str | None) -> None:
+    if role is not None and role not in OPERATOR_ROLES:
+        raise InvalidValue(f"no operator role {role!r}: one of {', '.join(OPERATOR_ROLES)}")
 
 
 # For unknown app ids verify_app_key still runs PBKDF2, against this salt, so
@@ -378,11 +388,14 @@ class StateStore:
 
     # -- applications -----------------------------------------------------
 
-    def add_app(self, app_id: str) -> str:
-        """Create an application and return its new app key. The key is
-        returned this once: only its SCRAM verifier is stored. Raises
-        AppExists, or InvalidValue for a bad app id."""
+    def add_app(self, app_id: str, *, role: str | None = None) -> str:
+        """Create an application (with ``role``: an operator) and return its
+        new app key. The key is returned this once: only its SCRAM verifier
+        is stored. Raises AppExists, or InvalidValue for a bad app id or role."""
         check_name(app_id, "app id")
+        _check_role(role)
+        if role is None and app_id == ADMIN_APP:
+            role = "admin"
         key = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         stored_key, server_key = scram_keys(key, salt, SCRAM_ITERATIONS)
@@ -391,10 +404,24 @@ class StateStore:
                 raise AppExists(f"an app with id {app_id!r} already exists")
             conn.execute(
                 "INSERT INTO apps (app_id, scram_salt, scram_iterations, stored_key, server_key,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (app_id, salt, SCRAM_ITERATIONS, stored_key, server_key, time.time()),
+                " created_at, role) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (app_id, salt, SCRAM_ITERATIONS, stored_key, server_key, time.time(), role),
             )
         return key
+
+    def set_app_role(self, app_id: str, role: str | None) -> bool:
+        """Make ``app_id`` an operator of ``role`` (None: an application
+        again). True if that changed it. Raises InvalidValue for an unknown
+        app or role."""
+        _check_role(role)
+        with self._write() as conn:
+            row = conn.execute("SELECT role FROM apps WHERE app_id = ?", (app_id,)).fetchone()
+            if row is None:
+                raise InvalidValue(f"no app with id {app_id!r}")
+            if row[0] == role:
+                return False
+            conn.execute("UPDATE apps SET role = ? WHERE app_id = ?", (role, app_id))
+            return True
 
     def get_app_verifier(self, app_id: str) -> AppVerifier | None:
         """The verifier of ``app_id``'s current key, None for an unknown app.
@@ -411,7 +438,8 @@ class StateStore:
         with self._read() as conn:
             row = conn.execute(
                 "SELECT app_id, scram_salt, scram_iterations, stored_key, server_key,"
-                " COALESCE(key_created_at, created_at), disabled_at FROM apps WHERE app_id = ?",
+                " COALESCE(key_created_at, created_at), disabled_at, role FROM apps"
+                " WHERE app_id = ?",
                 (app_id,),
             ).fetchone()
             if row is None:
@@ -439,7 +467,7 @@ class StateStore:
             )
             for old_row in rows
         ]
-        return AppKeys(app_id=row[0], verifiers=(current, *old), disabled_at=row[6])
+        return AppKeys(app_id=row[0], verifiers=(current, *old), disabled_at=row[6], role=row[7])
 
     def get_app_verifiers(self, app_id: str, *, now: float | None = None) -> list[AppVerifier]:
         """Every verifier of ``app_id`` valid at ``now`` (default: the current
@@ -603,6 +631,8 @@ class StateStore:
     def list_apps(self) -> list[App]:
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT app_id, created_at, disabled_at FROM apps ORDER BY app_id"
+                "SELECT app_id, created_at, disabled_at, role FROM apps ORDER BY app_id"
             ).fetchall()
-        return [App(app_id=row[0], created_at=row[1], disabled_at=row[2]) for row in rows]
+        return [
+            App(app_id=row[0], created_at=row[1], disabled_at=row[2], role=row[3]) for row in rows
+        ]

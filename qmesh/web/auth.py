@@ -23,7 +23,9 @@ apart from trio's default one) so a flood of bogus keys never starves tunnel
 handshakes or vault reads. Requests in progress per app are bounded too
 (``gate.http.max_requests_per_app``; beyond it 429).
 
-The application named ``admin`` is the operator (dashboard, tunnel status).
+What a principal may do is its role's rights (:mod:`qmesh.operator_roles`),
+checked by :meth:`AppAuthenticator.require`; the role is cached with the key
+and re-read by every refresh, so ``qmesh operators set-role`` bites at once.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import attrs
 import trio
 
 from qmesh.config import HttpConfig
+from qmesh.operator_roles import ADMIN_APP, Right, describe_role, rights_of
 from qmesh.state import SCRAM_ITERATIONS, AppKeys, StateStore, scram_keys
 from qmesh.web.http import HttpError, Request
 
@@ -47,7 +50,6 @@ __all__ = ["ADMIN_APP", "CACHE_TTL_S", "AppAuthenticator", "TokenBuckets"]
 
 log = logging.getLogger(__name__)
 
-ADMIN_APP: Final = "admin"
 CACHE_TTL_S: Final = 60.0
 """The longest a successful check is remembered (a change shortens it: see above)."""
 MAX_CACHED: Final = 10_000
@@ -120,6 +122,7 @@ class _Verified:
     stored_key: bytes
     until: float  # monotonic: CACHE_TTL_S after the check
     expires_at: float | None  # wall clock: the verifier's end of overlap (None: current key)
+    role: str | None  # an operator's role; a change is picked up by refresh()
 
     def fresh(self, monotonic_now: float, wall_now: float) -> bool:
         return self.until > monotonic_now and (
@@ -179,6 +182,10 @@ class AppAuthenticator:
     async def app_for(self, token: str | None, *, source: str = "") -> str | None:
         """The app id that ``token`` proves, or None. Raises HttpError 429
         when ``source`` failed too often, 403 for a disabled app's key."""
+        principal = await self._principal_for(token, source)
+        return None if principal is None else principal.app_id
+
+    async def _principal_for(self, token: str | None, source: str) -> _Verified | None:
         if not token:
             return None
         app_id, sep, key = token.partition(":")
@@ -189,7 +196,7 @@ class AppAuthenticator:
             cached = self._verified.get(digest)
             if cached is not None:
                 if cached.fresh(time.monotonic(), self._wall_clock()):
-                    return cached.app_id
+                    return cached
                 del self._verified[digest]
             # An app that opens many connections at once (a pool starting, a
             # Gate restarting) sends one key many times before its first check
@@ -206,7 +213,7 @@ class AppAuthenticator:
             del self._checking[digest]
             done.set()
 
-    async def _check(self, digest: bytes, app_id: str, key: str, source: str) -> str | None:
+    async def _check(self, digest: bytes, app_id: str, key: str, source: str) -> _Verified | None:
         """One PBKDF2 check of ``key``, its result cached on success."""
         if not self._failures.take(source):
             wait = max(1, math.ceil(self._failures.retry_after(source)))
@@ -245,8 +252,7 @@ class AppAuthenticator:
                 code="app_disabled",
             )
         self._failures.give_back(source)
-        self._remember(digest, app_id, matched.stored_key, matched.expires_at)
-        return app_id
+        return self._remember(digest, app_id, matched.stored_key, matched.expires_at, keys.role)
 
     def _log_throttled(self, source: str) -> None:
         # A flood is refused many times a second: say so now and then, not each time.
@@ -280,14 +286,20 @@ class AppAuthenticator:
         return None if verifier is None else _Match(verifier.stored_key, verifier.expires_at)
 
     def _remember(
-        self, digest: bytes, app_id: str, stored_key: bytes, expires_at: float | None
-    ) -> None:
-        self._verified[digest] = _Verified(
-            app_id, stored_key, time.monotonic() + CACHE_TTL_S, expires_at
+        self,
+        digest: bytes,
+        app_id: str,
+        stored_key: bytes,
+        expires_at: float | None,
+        role: str | None,
+    ) -> _Verified:
+        entry = self._verified[digest] = _Verified(
+            app_id, stored_key, time.monotonic() + CACHE_TTL_S, expires_at, role
         )
         self._verified.move_to_end(digest)
         while len(self._verified) > MAX_CACHED:
             self._verified.popitem(last=False)
+        return entry
 
     # -- after a change --------------------------------------------------------------
 
@@ -314,7 +326,9 @@ class AppAuthenticator:
                 dropped += 1
             else:
                 # A current key becomes an old one with an expiry on rotation.
+                assert keys is not None
                 entry.expires_at = verifier.expires_at
+                entry.role = keys.role
         if dropped:
             log.info("forgot %d cached app key(s) no longer valid", dropped)
             for forget in self.on_keys_dropped:
@@ -325,23 +339,37 @@ class AppAuthenticator:
 
     # -- for handlers -----------------------------------------------------------------
 
-    async def require(self, request: Request, *, admin: bool = False) -> str:
-        """The calling app's id; 401 without a valid key, 403 if ``admin`` is
-        required and the caller is another app (or the app is disabled), 429
-        when the source failed too often or the app has too many requests in
-        progress."""
-        app_id = await self.app_for(request.bearer_token(), source=request.source)
-        if app_id is None:
+    async def require(self, request: Request, *any_of: Right) -> str:
+        """The calling principal's app id; 401 without a valid key, 403 if its
+        role holds none of ``any_of`` (default: ``use``; :mod:`qmesh.operator_roles`)
+        or it is disabled,
+        429 when the source failed too often or the principal has too many
+        requests in progress."""
+        principal = await self._principal_for(request.bearer_token(), request.source)
+        if principal is None:
             raise HttpError(
                 401,
                 "missing or invalid app key: send 'Authorization: Bearer APP_ID:APP_KEY'",
                 kind="authentication_error",
                 code="invalid_api_key",
             )
-        if admin and app_id != ADMIN_APP:
-            raise HttpError(403, "this endpoint needs the admin key", kind="permission_error")
-        self._count_request(request, app_id)
-        return app_id
+        needed = any_of or (Right.USE,)
+        if rights_of(principal.role).isdisjoint(needed):
+            wanted = " or ".join(repr(right.value) for right in needed)
+            raise HttpError(
+                403,
+                f"{principal.app_id!r} ({describe_role(principal.role)}) lacks the "
+                f"{wanted} right this needs",
+                kind="permission_error",
+                code="forbidden",
+            )
+        self._count_request(request, principal.app_id)
+        return principal.app_id
+
+    async def holds(self, request: Request, right: Right) -> bool:
+        r"""Whether the caller (already :meth:`require`\ d) holds ``right`` too."""
+        principal = await self._principal_for(request.bearer_token(), request.source)
+        return principal is not None and right in rights_of(principal.role)
 
     def in_progress(self, app_id: str) -> int:
         """Requests of ``app_id`` in progress (answers being streamed included)."""
