@@ -21,6 +21,7 @@ import attrs
 
 from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
 from qmesh.config import AUDIT_MODES, Config, GateAppConfig
+from qmesh.finops.control import open_answerable
 from qmesh.pg.policy import PolicyBook, policy_to_json
 from qmesh.state import StateStore
 
@@ -119,7 +120,7 @@ def _open_store(config: Config) -> StateStore:
 
 
 def _cmd_add(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         key = store.add_app(args.app_id)
     print(key)
     print_err(
@@ -156,7 +157,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_disable(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if not store.set_app_disabled(args.app_id, True):
             print(f"app {args.app_id!r} was already disabled")
             return EXIT_OK
@@ -168,7 +169,7 @@ def _cmd_disable(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_enable(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if not store.set_app_disabled(args.app_id, False):
             print(f"app {args.app_id!r} was not disabled")
             return EXIT_OK
@@ -177,7 +178,7 @@ def _cmd_enable(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         key, until = store.rotate_app_key(args.app_id, args.overlap)
     print(key)
     if args.overlap > 0:
@@ -205,7 +206,7 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
     if changes and args.from_config:
         print_err("error: --from-config cannot be combined with changes")
         return EXIT_USAGE
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if store.get_app_keys(args.app_id) is None:
             print_err(f"error: no app with id {args.app_id!r}")
             return EXIT_USAGE

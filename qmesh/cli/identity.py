@@ -25,6 +25,7 @@ from qmesh.cmdline import (
     print_err,
 )
 from qmesh.config import Config, parse_hostport
+from qmesh.finops.control import open_answerable
 from qmesh.identity import GateKeyMissing, GateKeys, enroll, write_private_file
 from qmesh.roles import EDGE_ROLES
 from qmesh.state import StateStore
@@ -120,7 +121,7 @@ def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
     if out is not None and out.exists():
         print_err(f"error: {out} already exists; remove it or choose another --out")
         return EXIT_USAGE
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         credential = enroll(store, keys, args.role, args.name, gate_address)
     text = credential.encode()
     if out is None:
@@ -136,7 +137,7 @@ def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         identity = store.get_identity(args.name)
         if identity is None:
             print_err(f"error: no identity named {args.name!r} (see `qmesh identities`)")

@@ -19,6 +19,7 @@ import json
 
 from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
 from qmesh.config import Config
+from qmesh.finops.control import open_answerable
 from qmesh.operator_roles import OPERATOR_ROLES, describe_role
 from qmesh.state import StateStore
 
@@ -55,7 +56,7 @@ def _open_store(config: Config) -> StateStore:
 
 
 def _cmd_add(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         key = store.add_app(args.name, role=args.role)
     print(f"{args.name}:{key}")
     print_err(
@@ -93,7 +94,7 @@ def _operator_exists(store: StateStore, name: str) -> bool:
 
 
 def _cmd_set_role(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if not _operator_exists(store, args.name):
             print_err(f"no operator named {args.name!r} (an application is not made one here)")
             return EXIT_USAGE
@@ -105,7 +106,7 @@ def _cmd_set_role(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if not _operator_exists(store, args.name):
             print_err(f"no operator named {args.name!r}")
             return EXIT_USAGE

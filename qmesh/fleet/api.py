@@ -264,6 +264,7 @@ def add_daemon_routes(
             raise HttpError(404, f"{where} has no model {model!r}", code="not_found")
         results: dict[str, dict[str, Any]] = {}
         errors: list[DaemonCallError] = []
+        await auth.record(request, f"models.{operation}", {"model": model, "nodes": nodes})
 
         async def one(node: str) -> None:
             try:

@@ -98,6 +98,7 @@ async def run_gate(
         )
         watcher.subscribe("revocations", lambda: edges.sweep(server))
         auth = AppAuthenticator(store, config.gate.http)
+        auth.control_audit = llm.ledger.audit
         watcher.subscribe("app keys (http)", auth.refresh)
         watcher.subscribe("app keys (pg)", pg.refresh_apps)
         add_routes(router, server, auth)

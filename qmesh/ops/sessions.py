@@ -87,6 +87,8 @@ def add_routes(router: Router, server: TunnelServer, auth: AppAuthenticator) -> 
         ended = [session_view(s) for s in sessions]
         for session in sessions:
             server.end_session(session, "ended by an operator")
+        names = sorted({f"{view['peer']}/{view['session']}" for view in ended})
+        await auth.record(request, "sessions.kill", {"target": target, "ended": names})
         return Response.json({"ended": ended})
 
     router.add("GET", "/healthz", healthz)

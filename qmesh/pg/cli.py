@@ -37,6 +37,7 @@ from qmesh.cmdline import (
     iso_seconds,
     print_err,
 )
+from qmesh.finops.control import open_answerable
 from qmesh.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.errors import DsnError, PgError
 from qmesh.pg.vault import Vault, delete_secret, load_master_key
@@ -102,6 +103,12 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         default="list",
         help="list statements (default), or verify the ledger's and qg audit trail's hash chains",
     )
+    audit.add_argument(
+        "--control",
+        action="store_true",
+        help="the control-plane audit instead: who enrolled, revoked, changed apps, operators, "
+        "policy or secrets, ended sessions or stopped models",
+    )
     audit.add_argument("--app", metavar="APP", help="only this app's statements")
     audit.add_argument("--alias", metavar="ALIAS", help="only statements on this database alias")
     audit.add_argument(
@@ -126,7 +133,7 @@ def _open_store(config: Config) -> StateStore:
 @contextlib.contextmanager
 def _open_vault(config: Config) -> Iterator[Vault]:
     key = load_master_key(config)
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         yield Vault.open(store, key)
 
 
@@ -210,7 +217,7 @@ def _cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_delete(args: argparse.Namespace, config: Config) -> int:
-    with _open_store(config) as store:
+    with open_answerable(config) as store:
         if not delete_secret(store, args.alias):
             print_err(f"error: no secret db.{args.alias} (see `qmesh secrets list`)")
             return EXIT_USAGE
@@ -251,6 +258,8 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
         from qmesh.finops.cli import cmd_verify
 
         return cmd_verify(args, config)
+    if args.control:
+        return _cmd_control_audit(args, config)
     from qmesh.pg.audit import list_audit
 
     with _open_store(config) as store:
@@ -293,4 +302,28 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
             f"{_iso_ms(r.ts):<29}  {r.app:<{app_w}}  {r.alias:<{alias_w}}  "
             f"{r.outcome:<{outcome_w}}  {r.duration_ms:>9.3f}  {rows_text:>7}  {shown}"
         )
+    return EXIT_OK
+
+
+def _cmd_control_audit(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.finops.control import list_control
+
+    with _open_store(config) as store:
+        records = list_control(store, limit=args.limit)
+    if args.json:
+        print(json.dumps([
+            {"id": r.id, "ts": _iso_ms(r.ts), "actor": r.actor, "action": r.action,
+             "detail": r.detail}
+            for r in records
+        ], indent=2))  # fmt: skip
+        return EXIT_OK
+    if not records:
+        print("no control-plane records")
+        return EXIT_OK
+    actor_w = max(len("ACTOR"), *(len(r.actor) for r in records))
+    action_w = max(len("ACTION"), *(len(r.action) for r in records))
+    print(f"{'TIME':<29}  {'ACTOR':<{actor_w}}  {'ACTION':<{action_w}}  DETAIL")
+    for r in records:
+        detail = json.dumps(r.detail, sort_keys=True, separators=(",", ":"))
+        print(f"{_iso_ms(r.ts):<29}  {r.actor:<{actor_w}}  {r.action:<{action_w}}  {detail}")
     return EXIT_OK

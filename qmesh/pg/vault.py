@@ -139,7 +139,10 @@ def delete_secret(store: StateStore, alias: str) -> bool:
     """Remove ``alias`` from the vault of ``store``; True if it existed. Needs
     no master key, so secrets sealed with a lost key can still be removed."""
     with store._write() as conn:
-        return conn.execute("DELETE FROM vault_secrets WHERE alias = ?", (alias,)).rowcount == 1
+        if conn.execute("DELETE FROM vault_secrets WHERE alias = ?", (alias,)).rowcount != 1:
+            return False
+        store._record(conn, "secrets.delete", {"alias": alias})
+        return True
 
 
 class Vault:
@@ -291,6 +294,7 @@ class Vault:
                 " updated_at = excluded.updated_at",
                 (secret.alias, self._fingerprint, nonce, ciphertext, now, now),
             )
+            self._store._record(conn, "secrets.set", {"alias": secret.alias})
 
     def list(self) -> list[str]:
         """Every alias in the vault, sorted. Needs no decryption."""
@@ -374,6 +378,8 @@ class Vault:
                     " WHERE alias = ? AND pending_nonce IS NOT NULL",
                     (time.time(), alias),
                 )
+                if cursor.rowcount == 1:
+                    self._store._record(conn, "secrets.rotate", {"alias": alias})
             else:
                 cursor = conn.execute(
                     "UPDATE vault_secrets SET pending_nonce = NULL, pending_ciphertext = NULL,"

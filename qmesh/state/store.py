@@ -24,6 +24,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -182,6 +183,9 @@ def _identity(row: tuple[str, str, bytes, float, float | None]) -> Identity:
 
 _IDENTITY_COLUMNS: Final = "name, role, public_key, created_at, revoked_at"
 
+ControlRecorder = Callable[[Connection, str, dict[str, object]], None]
+"""(transaction, action, detail) for :attr:`StateStore.recorder`."""
+
 
 class StateStore:
     """The Gate's state database, SQLite or PostgreSQL. Use :meth:`open`.
@@ -198,6 +202,12 @@ class StateStore:
         """Where the state lives, for messages: a path, or a URL without its password."""
         self.path: Path | None = Path(database.location) if database.dialect == "sqlite" else None
         """The SQLite file; None on PostgreSQL."""
+        self.recorder: ControlRecorder | None = None
+        """Told of every control-plane change (enroll, revoke, apps, operators,
+        policy, secrets) inside the write transaction that makes it, with
+        names and never secrets: the control audit
+        (:func:`qmesh.finops.control.attach_recorder`) appends it to the
+        hash-chained trail, so no change commits without its record."""
 
     @classmethod
     def open(cls, location: Path | str, *, migrate: bool = True) -> StateStore:
@@ -242,6 +252,12 @@ class StateStore:
     def _snapshot(self) -> contextlib.AbstractContextManager[Connection]:
         """A read transaction: its statements see one committed state."""
         return self._db.snapshot()
+
+    def _record(self, conn: Connection, action: str, detail: dict[str, object]) -> None:
+        """A control-plane change, recorded in the transaction that makes it
+        when someone is answerable for this store's writes (:attr:`recorder`)."""
+        if self.recorder is not None:
+            self.recorder(conn, action, detail)
 
     def _write(
         self, *, announce: bool = True, scope: WriteScope = "state"
@@ -335,6 +351,7 @@ class StateStore:
                 "INSERT INTO identities (name, role, public_key, created_at) VALUES (?, ?, ?, ?)",
                 (name, role, public_key, identity.created_at),
             )
+            self._record(conn, "identities.enroll", {"name": name, "role": role})
         return identity
 
     def get_identity(self, name: str) -> Identity | None:
@@ -369,7 +386,10 @@ class StateStore:
                 "UPDATE identities SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                 (time.time(), name),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            self._record(conn, "identities.revoke", {"name": name})
+            return True
 
     def accept_hello_timestamp(self, public_key: bytes, timestamp: int) -> bool:
         """Record ``timestamp`` as the newest HELLO of ``public_key``; False
@@ -407,6 +427,10 @@ class StateStore:
                 " created_at, role) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (app_id, salt, SCRAM_ITERATIONS, stored_key, server_key, time.time(), role),
             )
+            if role is None:
+                self._record(conn, "apps.add", {"app": app_id})
+            else:
+                self._record(conn, "operators.add", {"operator": app_id, "role": role})
         return key
 
     def set_app_role(self, app_id: str, role: str | None) -> bool:
@@ -421,6 +445,9 @@ class StateStore:
             if row[0] == role:
                 return False
             conn.execute("UPDATE apps SET role = ? WHERE app_id = ?", (role, app_id))
+            self._record(
+                conn, "operators.set_role", {"operator": app_id, "from": row[0], "to": role}
+            )
             return True
 
     def get_app_verifier(self, app_id: str) -> AppVerifier | None:
@@ -511,6 +538,7 @@ class StateStore:
                 "UPDATE apps SET disabled_at = ? WHERE app_id = ?",
                 (time.time() if disabled else None, app_id),
             )
+            self._record(conn, "apps.disable" if disabled else "apps.enable", {"app": app_id})
             return True
 
     def rotate_app_key(
@@ -560,12 +588,21 @@ class StateStore:
                 " WHERE app_id = ?",
                 (stored_key, server_key, when, app_id),
             )
+            self._record(conn, "apps.rotate_key", {"app": app_id, "overlap_s": overlap_s})
         return key, when + overlap_s
 
     def delete_app(self, app_id: str) -> bool:
         """Remove an application and its verifier. True if it existed."""
         with self._write() as conn:
-            return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount == 1
+            row = conn.execute("SELECT role FROM apps WHERE app_id = ?", (app_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,))
+            if row[0] is None:
+                self._record(conn, "apps.delete", {"app": app_id})
+            else:
+                self._record(conn, "operators.remove", {"operator": app_id, "role": row[0]})
+            return True
 
     # -- per-app policy ----------------------------------------------------
 
@@ -581,12 +618,16 @@ class StateStore:
                 " updated_at = excluded.updated_at",
                 (app_id, policy, time.time()),
             )
+            self._record(conn, "apps.policy", {"app": app_id, "policy": policy})
 
     def clear_app_policy(self, app_id: str) -> bool:
         """Forget ``app_id``'s stored policy (the config file's applies again)."""
         with self._write() as conn:
             cursor = conn.execute("DELETE FROM app_policies WHERE app_id = ?", (app_id,))
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            self._record(conn, "apps.policy", {"app": app_id, "policy": None})
+            return True
 
     def app_policies(self) -> dict[str, str]:
         """Every stored policy, by app id (JSON text)."""

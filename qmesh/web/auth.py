@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -164,6 +164,9 @@ class AppAuthenticator:
         self._throttle_logged = -math.inf
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
+        self.control_audit: Callable[[str, str, dict[str, Any]], None] | None = None
+        """Where :meth:`record` sends an operator's action (the Gate's
+        ledger, which chains it into the control audit)."""
         self.on_keys_dropped: list[Callable[[], None]] = []
         """Told when a refresh found cached keys no longer valid (whatever
         else trusted them must look again)."""
@@ -370,6 +373,15 @@ class AppAuthenticator:
         r"""Whether the caller (already :meth:`require`\ d) holds ``right`` too."""
         principal = await self._principal_for(request.bearer_token(), request.source)
         return principal is not None and right in rights_of(principal.role)
+
+    async def record(self, request: Request, action: str, detail: dict[str, Any]) -> None:
+        """Put an operator's action through this API in the control audit:
+        who (the key's name), from where, what."""
+        if self.control_audit is None:
+            return
+        principal = await self._principal_for(request.bearer_token(), request.source)
+        actor = principal.app_id if principal is not None else "unknown"
+        self.control_audit(actor, action, {**detail, "from": request.source})
 
     def in_progress(self, app_id: str) -> int:
         """Requests of ``app_id`` in progress (answers being streamed included)."""
