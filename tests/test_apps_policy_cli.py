@@ -65,6 +65,7 @@ def test_show_change_and_give_back(config: Path) -> None:
             "statement_timeout_ms": 5000,  # kept from the config's
             "max_sessions": 3,
             "audit_statements": "hash",
+            "llm": {},
         },
     }
     again = policy(config, "shop", "--statement-timeout-ms", "none", "--max-sessions", "none")
@@ -76,7 +77,7 @@ def test_show_change_and_give_back(config: Path) -> None:
     assert back["source"] == "config"
     assert back["policy"] == {
         "databases": ["orders"], "read_only": False, "statement_timeout_ms": 5000,
-        "max_sessions": None, "audit_statements": "text",
+        "max_sessions": None, "audit_statements": "text", "llm": {},
     }  # fmt: skip
 
 
@@ -115,3 +116,34 @@ def test_a_stored_policy_that_cannot_be_used_denies_its_app(tmp_path: Path, stor
     assert book.source("shop") == "state"
     assert book.policy_for("shop").max_sessions == 0
     assert not book.policy_for("shop").allows("orders")
+
+
+def test_llm_rules_from_the_command_line_and_the_config(config: Path, tmp_path: Path) -> None:
+    changed = policy(config, "shop", "--llm-models", "gemma*,qmesh-*", "--llm-privacy",
+                     "private", "--llm-rpm", "30", "--llm-max-tokens", "256")  # fmt: skip
+    assert changed["policy"]["llm"] == {  # type: ignore[index]
+        "models": ["gemma*", "qmesh-*"], "privacy": "private", "requests_per_minute": 30,
+        "max_tokens": 256,
+    }  # fmt: skip
+    # The Postgres rights are kept, and one LLM rule changes alone.
+    assert changed["policy"]["databases"] == ["orders"]  # type: ignore[index]
+    again = policy(config, "shop", "--llm-models", "any", "--llm-rpm", "none")
+    assert again["policy"]["llm"] == {"privacy": "private", "max_tokens": 256}  # type: ignore[index]
+    shown = qmesh(config, "apps", "policy", "shop").stdout
+    assert "llm.privacy           at least private" in shown
+    assert "llm.max_tokens        256" in shown
+
+    file = tmp_path / "llm.toml"
+    file.write_text(
+        '[gate.apps.web.llm]\ntasks = ["chat"]\nproviders = ["acme"]\ntokens_per_minute = 9000\n'
+    )
+    from qmesh.config import load_config
+
+    llm = load_config(file, env={}).gate.apps["web"].llm
+    assert (llm.tasks, llm.providers, llm.tokens_per_minute) == (("chat",), ("acme",), 9000)
+    file.write_text('[gate.apps.web.llm]\nprivacy = "secret"\n')
+    refused = qmesh(file, "apps", "list")
+    assert refused.returncode == 2
+    assert "llm.toml:2: gate.apps.web.llm.privacy: expected one of any, private, local" in (
+        refused.stderr
+    )

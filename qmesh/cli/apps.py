@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 
 from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
-from qmesh.config import AUDIT_MODES, Config, GateAppConfig
+from qmesh.config import AUDIT_MODES, PRIVACY_FLOORS, Config, GateAppConfig
 from qmesh.finops.control import open_answerable
 from qmesh.pg.policy import PolicyBook, policy_to_json
 from qmesh.state import StateStore
@@ -111,8 +111,25 @@ def _add_policy_command(apps_commands: Any, common: argparse.ArgumentParser) -> 
         "--from-config", action="store_true",
         help="forget the stored policy: [gate.apps.APP] applies again",
     )  # fmt: skip
+    for name, what in (("tasks", "tasks its DSNs may ask for"),
+                       ("models", "model id patterns it may be served by"),
+                       ("providers", "cloud providers it may reach")):  # fmt: skip
+        policy.add_argument(
+            f"--llm-{name}", metavar="LIST|any", help=f"LLM: comma-separated {what} (any: all)"
+        )
+    policy.add_argument(
+        "--llm-privacy", choices=PRIVACY_FLOORS, help="LLM: the privacy its DSNs get at least"
+    )
+    for name, what in (("rpm", "requests per minute"), ("tpm", "tokens per minute"),
+                       ("max-tokens", "the most max_tokens a request may ask")):  # fmt: skip
+        policy.add_argument(
+            f"--llm-{name}", type=_count_or_none, metavar="N|none", help=f"LLM: {what} at a Gate"
+        )
     policy.add_argument("--json", action="store_true", help="print JSON")
-    policy.set_defaults(handler=_cmd_policy, statement_timeout_ms=..., max_sessions=...)
+    policy.set_defaults(
+        handler=_cmd_policy, statement_timeout_ms=..., max_sessions=..., llm_rpm=...,
+        llm_tpm=..., llm_max_tokens=...,
+    )  # fmt: skip
 
 
 def _open_store(config: Config) -> StateStore:
@@ -203,7 +220,8 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
         changes["max_sessions"] = args.max_sessions
     if args.audit is not None:
         changes["audit_statements"] = args.audit
-    if changes and args.from_config:
+    llm_changes = _llm_changes(args)
+    if (changes or llm_changes) and args.from_config:
         print_err("error: --from-config cannot be combined with changes")
         return EXIT_USAGE
     with open_answerable(config) as store:
@@ -214,8 +232,9 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
         book.load(store)
         if args.from_config:
             store.clear_app_policy(args.app_id)
-        elif changes:
+        elif changes or llm_changes:
             current = book.settings(args.app_id) or GateAppConfig()
+            changes["llm"] = attrs.evolve(current.llm, **llm_changes)
             store.set_app_policy(args.app_id, policy_to_json(attrs.evolve(current, **changes)))
         book.load(store)
     settings = book.settings(args.app_id)
@@ -238,4 +257,29 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
         limit = settings.max_sessions
         print(f"max_sessions          {'no limit' if limit is None else limit}")
         print(f"audit_statements      {settings.audit_statements}")
+        llm = settings.llm
+        for name in ("tasks", "models", "providers"):
+            value = getattr(llm, name)
+            print(f"llm.{name:<17} {'any' if value is None else ', '.join(value) or '(none)'}")
+        print(f"llm.privacy           at least {llm.privacy}")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_tokens"):
+            value = getattr(llm, name)
+            print(f"llm.{name:<17} {'no limit' if value is None else value}")
     return EXIT_OK
+
+
+def _llm_changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in ("tasks", "models", "providers"):
+        text = getattr(args, f"llm_{name}")
+        if text is not None:
+            items = tuple(p.strip() for p in text.split(",") if p.strip())
+            changes[name] = None if items == ("any",) else items
+    if args.llm_privacy is not None:
+        changes["privacy"] = args.llm_privacy
+    for flag, name in (("llm_rpm", "requests_per_minute"), ("llm_tpm", "tokens_per_minute"),
+                       ("llm_max_tokens", "max_tokens")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not ...:
+            changes[name] = value or None
+    return changes

@@ -54,16 +54,20 @@ from qmesh.config.errors import ConfigError
 from qmesh.config.gate_schema import (
     AUDIT_MODES,
     MEMORY_EXTRACTORS,
+    PRIVACY_FLOORS,
     BudgetConfig,
     ClusterConfig,
     DiscoveryConfig,
     GateAppConfig,
     GateConfig,
     HttpConfig,
+    LlmPolicyConfig,
     MemoryConfig,
     ProviderConfig,
     ProviderModelConfig,
     RoutingConfig,
+    llm_policy_to_json,
+    parse_llm_policy,
 )
 from qmesh.config.loader import load_config
 from qmesh.config.schema import (
@@ -79,6 +83,7 @@ from qmesh.config.schema import (
 __all__ = [
     "AUDIT_MODES",
     "MEMORY_EXTRACTORS",
+    "PRIVACY_FLOORS",
     "BudgetConfig",
     "ClusterConfig",
     "Config",
@@ -92,6 +97,7 @@ __all__ = [
     "GateConfig",
     "HttpConfig",
     "IPAddress",
+    "LlmPolicyConfig",
     "LogConfig",
     "MemoryConfig",
     "MiniGateConfig",
@@ -102,9 +108,11 @@ __all__ = [
     "format_hostport",
     "forward_address",
     "forward_allowed",
+    "llm_policy_to_json",
     "load_config",
     "normalize_forward_name",
     "parse_forward_rule",
     "parse_hostport",
+    "parse_llm_policy",
     "parse_size",
 ]

@@ -22,20 +22,106 @@ import attrs
 __all__ = [
     "AUDIT_MODES",
     "MEMORY_EXTRACTORS",
+    "PRIVACY_FLOORS",
     "BudgetConfig",
     "ClusterConfig",
     "DiscoveryConfig",
     "GateAppConfig",
     "GateConfig",
     "HttpConfig",
+    "LlmPolicyConfig",
     "MemoryConfig",
     "ProviderConfig",
     "ProviderModelConfig",
     "RoutingConfig",
+    "llm_policy_to_json",
+    "parse_llm_policy",
 ]
 
 AUDIT_MODES: Final = ("text", "hash", "off")
 """Values of ``gate.apps.APP.audit_statements``."""
+PRIVACY_FLOORS: Final = ("any", "private", "local")
+"""Values of ``gate.apps.APP.llm.privacy``, weakest first (the DSN's own values)."""
+_MAX_LIMIT: Final = 2**31 - 1
+
+
+@attrs.frozen
+class LlmPolicyConfig:
+    """``[gate.apps.APP_ID.llm]``: what the app may do through the LLM API.
+    Every field's default restricts nothing (an app without the table is
+    served as before)."""
+
+    tasks: tuple[str, ...] | None = None
+    """Tasks its DSNs may ask for; None: any."""
+    models: tuple[str, ...] | None = None
+    """:mod:`fnmatch` patterns of model ids it may be served by; None: any."""
+    providers: tuple[str, ...] | None = None
+    """Cloud providers (``[[gate.providers]]`` names) it may reach; None: any.
+    Daemons and built-in skills are not providers."""
+    privacy: str = "any"
+    """A floor: its DSNs' ``privacy`` is raised to at least this."""
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    """Counted at admission as OpenAI counts them: the prompt's estimate plus
+    the request's ``max_tokens``."""
+    max_tokens: int | None = None
+    """The most a request may ask for; requests that name none get this."""
+
+    @property
+    def restricts(self) -> bool:
+        return self != LlmPolicyConfig()
+
+
+def parse_llm_policy(data: Mapping[str, object]) -> LlmPolicyConfig:
+    """Check one ``llm`` table (from the config file or the state); raises
+    ValueError ``(key, message)`` naming the first bad key."""
+    fields = {f.name for f in attrs.fields(LlmPolicyConfig)}
+    for key in data:
+        if key not in fields:
+            raise ValueError(key, f"unknown key (one of {', '.join(sorted(fields))})")
+
+    def names(key: str) -> tuple[str, ...] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v) <= 200 and not v.isspace() for v in value
+        ):
+            raise ValueError(key, "expected an array of names or patterns")
+        if len(value) > 1000:
+            raise ValueError(key, "at most 1000 entries")
+        return tuple(value)
+
+    def limit(key: str) -> int | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_LIMIT:
+            raise ValueError(key, f"expected a whole number from 1 to {_MAX_LIMIT}")
+        return value
+
+    privacy = data.get("privacy", "any")
+    if privacy not in PRIVACY_FLOORS:
+        raise ValueError("privacy", f"expected one of {', '.join(PRIVACY_FLOORS)}")
+    return LlmPolicyConfig(
+        tasks=names("tasks"),
+        models=names("models"),
+        providers=names("providers"),
+        privacy=str(privacy),
+        requests_per_minute=limit("requests_per_minute"),
+        tokens_per_minute=limit("tokens_per_minute"),
+        max_tokens=limit("max_tokens"),
+    )
+
+
+def llm_policy_to_json(policy: LlmPolicyConfig) -> dict[str, object]:
+    """The fields that restrict something, as :func:`parse_llm_policy` reads them."""
+    out: dict[str, object] = {}
+    for field in attrs.fields(LlmPolicyConfig):
+        value = getattr(policy, field.name)
+        if value != field.default:
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @attrs.frozen
@@ -51,6 +137,8 @@ class GateAppConfig:
     """Concurrent sessions of this app through this Gate."""
     audit_statements: str = "text"
     """``text``, ``hash`` (SHA-256 of the statement only) or ``off``."""
+    llm: LlmPolicyConfig = LlmPolicyConfig()
+    """What it may do through the LLM API (``[gate.apps.APP_ID.llm]``)."""
 
 
 def _frozen_apps(value: Mapping[str, GateAppConfig]) -> Mapping[str, GateAppConfig]:

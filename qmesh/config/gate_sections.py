@@ -24,7 +24,9 @@ from qmesh.config.gate_schema import (
     GateAppConfig,
     GateConfig,
     HttpConfig,
+    LlmPolicyConfig,
     MemoryConfig,
+    parse_llm_policy,
 )
 from qmesh.config.reader import APP_ID_RE, GATE_NAME_RE, Reader, describe, field_names
 from qmesh.config.router_sections import read_budgets, read_providers, read_routing
@@ -193,8 +195,19 @@ def _read_gate_apps(
             audit_statements=r.string(
                 table, where, "audit_statements", d.audit_statements, choices=AUDIT_MODES
             ),
+            llm=_read_llm_policy(r, table, where),
         )
     return apps
+
+
+def _read_llm_policy(r: Reader, app: Mapping[str, object], where: KeyPath) -> LlmPolicyConfig:
+    path: KeyPath = (*where, "llm")
+    table = r.table(app, path)
+    try:
+        return parse_llm_policy(table)
+    except ValueError as exc:
+        key, message = exc.args
+        raise r.error((*path, key), message) from None
 
 
 def _read_discovery(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> DiscoveryConfig:

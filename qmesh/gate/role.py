@@ -101,6 +101,7 @@ async def run_gate(
         auth.control_audit = llm.ledger.audit
         watcher.subscribe("app keys (http)", auth.refresh)
         watcher.subscribe("app keys (pg)", pg.refresh_apps)
+        watcher.subscribe("app policies (llm)", llm.reload_policies)
         add_routes(router, server, auth)
         add_daemon_routes(router, inventory, daemons, auth)
         # On SQLite, memory writes through a connection of its own: under WAL

@@ -19,10 +19,14 @@ Not for: deciding (:mod:`qmesh.qg.router`) or running
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator
 from typing import Any, Final
 
+import attrs
+
+from qmesh.config import PRIVACY_FLOORS, LlmPolicyConfig
 from qmesh.finops.budgets import Budget
 from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
@@ -30,9 +34,10 @@ from qmesh.llm.executor import RequestContext
 from qmesh.llm.fastpath import route_installer
 from qmesh.llm.service import LlmService
 from qmesh.operator_roles import Right
+from qmesh.qg.admission import AppRules
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn, is_dsn, parse_dsn
-from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute
+from qmesh.qg.errors import BudgetBlocked, DsnError, NoRoute, PolicyBlocked
 from qmesh.qg.router import BUDGET_OK, Decision
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
@@ -63,7 +68,45 @@ def _token_count(value: object, *, least: int) -> bool:
     )
 
 
+def _bounded(app: str, dsn: Dsn, policy: LlmPolicyConfig) -> Dsn:
+    """``dsn`` as ``app``'s policy lets it ask: its task allowed, its
+    privacy raised to the policy's floor."""
+    if policy.tasks is not None and dsn.task not in policy.tasks:
+        raise HttpError(
+            403,
+            f"app policy of {app!r} allows tasks {list(policy.tasks)}: not {dsn.task!r}",
+            kind="permission_error", code="policy_forbids",
+        )  # fmt: skip
+    if PRIVACY_FLOORS.index(policy.privacy) > PRIVACY_FLOORS.index(dsn.privacy):
+        dsn = attrs.evolve(dsn, privacy=policy.privacy)
+    return dsn
+
+
+def _cap_max_tokens(app: str, body: dict[str, Any], cap: int) -> bytes | None:
+    """Hold a request to ``app``'s ``max_tokens`` cap: one that asks for more
+    is refused; one that names none gets the cap (the new body to send, so
+    the model stops there too)."""
+    asked = body.get("max_tokens") or body.get("max_completion_tokens")
+    if asked is None:
+        body["max_tokens"] = cap
+        return json.dumps(body).encode()
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > cap:
+        raise HttpError(
+            400, f"max_tokens {asked} is over the app policy's cap of {cap} for {app!r}",
+            param="max_tokens", code="policy_forbids",
+        )  # fmt: skip
+    return None
+
+
+def _rules(app: str, policy: LlmPolicyConfig) -> AppRules | None:
+    if policy.models is None and policy.providers is None:
+        return None
+    return AppRules(app, models=policy.models, providers=policy.providers)
+
+
 def _no_route(exc: NoRoute) -> HttpError:
+    if isinstance(exc, PolicyBlocked):
+        return HttpError(403, str(exc), kind="permission_error", code="policy_forbids")
     if exc.budget or isinstance(exc, BudgetBlocked):
         return HttpError(402, str(exc), kind="insufficient_quota", code="budget_exceeded")
     return HttpError(503, str(exc), kind="server_error", code="no_route")
@@ -143,7 +186,12 @@ class LlmApi:
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
+        policy = self.service.llm_policy(app)
         dsn, pin = self._dsn_for(body.get("model"), endpoint)
+        dsn = _bounded(app, dsn, policy)
+        raw = request.body
+        if policy.max_tokens is not None and endpoint != "embeddings":
+            raw = _cap_max_tokens(app, body, policy.max_tokens) or raw
         max_tokens = _max_tokens(body)
         if not _token_count(max_tokens, least=1):
             raise HttpError(
@@ -156,13 +204,25 @@ class LlmApi:
         stream = bool(body.get("stream")) and endpoint != "embeddings"
         # Token estimate from the raw size: walking the messages here would
         # cost more than it would tell (see estimate_call_tokens).
-        tokens_in = estimate_call_tokens(request.body)
+        tokens_in = estimate_call_tokens(raw)
+        limited = self.service.rate_limits.take(
+            app, tokens_in + max_tokens,
+            requests_per_minute=policy.requests_per_minute,
+            tokens_per_minute=policy.tokens_per_minute,
+        )  # fmt: skip
+        if limited is not None:
+            raise HttpError(
+                429, f"app {app!r} is over its limit of {limited.reason} at this gate (app "
+                f"policy); retry in {limited.retry_after_s:.1f} s",
+                kind="rate_limit_error", code="rate_limit_exceeded", headers=limited.headers,
+            )  # fmt: skip
         budget = self._budget(app, dsn, "model")
         snapshot = self.service.book.snapshot(budget)
         try:
             decision = self.router.decide(
-                dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=snapshot
-            )
+                dsn, model=pin, tokens_in=tokens_in, tokens_out=max_tokens, budget=snapshot,
+                rules=_rules(app, policy),
+            )  # fmt: skip
         except NoRoute as exc:
             raise _no_route(exc) from None
         state = BUDGET_OK if snapshot is None else snapshot.state
@@ -170,7 +230,7 @@ class LlmApi:
         call = Call(
             endpoint=endpoint,
             body=body,
-            raw=request.body,
+            raw=raw,
             stream=stream,
             request_id=request_id,
             tokens_in=tokens_in,
@@ -200,6 +260,10 @@ class LlmApi:
 
         if native is None:
             return await in_python(None, 0)
+        if self.service.llm_policy(ctx.app).restricts:
+            # Rate limits and caps are judged per request, in Python: no
+            # route for the engine to answer this app's next requests by.
+            return await executor.relay(decision, call, ctx, native, in_python)
         install = route_installer(
             executor, native, decision, ctx, call,
             authorization=request.headers.get("authorization", ""), path=request.path,
@@ -242,7 +306,9 @@ class LlmApi:
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
         text = body.get("dsn", body.get("model"))
+        policy = self.service.llm_policy(app)
         dsn, pin = self._dsn_for(text, "chat")
+        dsn = _bounded(app, dsn, policy)
         if "tokens_in" not in body and any(k in body for k in _REQUEST_KEYS):
             # A chat request's own body: sized as serving it would size it.
             tokens_in = estimate_call_tokens(request.body)
@@ -263,6 +329,7 @@ class LlmApi:
             tokens_in=tokens_in,
             tokens_out=max_tokens,
             budget=self.service.book.snapshot(budget),
+            rules=_rules(app, policy),
         )
         return Response.json(explanation.as_dict())
 

@@ -160,6 +160,7 @@ class Executor:
             tokens_in=call.tokens_in,
             tokens_out=call.max_tokens,
             budget=self.book.snapshot(ctx.budget),
+            rules=decision.rules,
         )
         if refusal is not None:
             ctx.hops.append({"candidate": candidate.id, "outcome": refusal.kind, "ms": 0.0})

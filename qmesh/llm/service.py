@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import trio
 
-from qmesh.config import Config
+from qmesh.config import Config, LlmPolicyConfig
 from qmesh.finops.budgets import BudgetBook
 from qmesh.finops.ledger import Ledger, spent_since
 from qmesh.finops.totals import BudgetTotals
@@ -35,6 +35,7 @@ from qmesh.llm.backends import ClientFault, SkillBackend
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.daemon_backend import DaemonBackend, daemon_candidates, refresh_load
 from qmesh.llm.executor import Executor, RequestContext
+from qmesh.llm.limits import AppRateLimits
 from qmesh.llm.provider_keys import resolve_api_key
 from qmesh.llm.providers import AnthropicProvider, OpenAIProvider
 from qmesh.masterkey import load_master_key
@@ -43,6 +44,7 @@ from qmesh.memory.llm import LlmUnavailable
 from qmesh.memory.records import SHARED_ONLY
 from qmesh.memory.service import Memory
 from qmesh.nlp.skills import Skill, builtin_skills, measure
+from qmesh.pg.policy import PolicyBook
 from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import BUILTIN_TASKS, parse_dsn
 from qmesh.qg.errors import DsnError, NoRoute
@@ -84,6 +86,10 @@ class LlmService:
         self.book = BudgetBook(config.gate.budgets, totals=BudgetTotals(store))
         self.ledger = Ledger(store, master_key=master_key)
         self.executor = Executor(self.router, self.book, self.ledger, routing)
+        self.policies = PolicyBook(config)
+        """Each app's policy (its ``llm`` part here), from the config and the state."""
+        self.policies.load(store)
+        self.rate_limits = AppRateLimits()
         self._equivalence = {
             model: group for group, models in routing.equivalences.items() for model in models
         }
@@ -260,6 +266,19 @@ class LlmService:
         inventory and keeps a candidate per (node, model) up to date."""
         self.inventory = inventory
         self.daemon_backend = DaemonBackend(client)
+
+    def llm_policy(self, app: str) -> LlmPolicyConfig:
+        """What ``app`` may do through the LLM API (no restriction without a policy)."""
+        settings = self.policies.settings(app)
+        return LlmPolicyConfig() if settings is None else settings.llm
+
+    async def reload_policies(self) -> None:
+        """After a change to the state: read the stored policies again; routes
+        the fast path learnt are forgotten, so the next request of every app
+        is judged by its policy as it now stands."""
+        await trio.to_thread.run_sync(self.policies.load, self.store)
+        self.executor.forget_fast_routes()
+        self.rate_limits.forget(lambda app: self.llm_policy(app).restricts)
 
     def sync_inventory(self, *, load: bool = False) -> None:
         """Bring the router up to date with the inventory, if it changed.

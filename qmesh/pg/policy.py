@@ -35,7 +35,7 @@ from typing import Any, Final
 import attrs
 
 from qmesh import peerjson
-from qmesh.config import AUDIT_MODES, Config, GateAppConfig
+from qmesh.config import AUDIT_MODES, Config, GateAppConfig, llm_policy_to_json, parse_llm_policy
 from qmesh.state import InvalidValue, StateStore
 
 __all__ = [
@@ -111,6 +111,7 @@ def policy_to_json(app: GateAppConfig) -> str:
             "statement_timeout_ms": app.statement_timeout_ms,
             "max_sessions": app.max_sessions,
             "audit_statements": app.audit_statements,
+            "llm": llm_policy_to_json(app.llm),
         },
         sort_keys=True,
     )
@@ -137,7 +138,7 @@ def policy_from_json(text: str) -> GateAppConfig:
     if not isinstance(data, dict):
         raise InvalidValue("a stored policy is not a JSON object")
     unknown = set(data) - {"databases", "read_only", "statement_timeout_ms", "max_sessions",
-                           "audit_statements"}  # fmt: skip
+                           "audit_statements", "llm"}  # fmt: skip
     if unknown:
         raise InvalidValue(f"unknown policy field(s): {', '.join(sorted(unknown))}")
     databases = data.get("databases", [])
@@ -151,7 +152,15 @@ def policy_from_json(text: str) -> GateAppConfig:
     audit = data.get("audit_statements", "text")
     if audit not in AUDIT_MODES:
         raise InvalidValue(f"audit_statements must be one of {', '.join(AUDIT_MODES)}")
+    llm = data.get("llm", {})
+    if not isinstance(llm, dict):
+        raise InvalidValue("llm must be a JSON object")
+    try:
+        llm_policy = parse_llm_policy(llm)
+    except ValueError as exc:
+        raise InvalidValue(f"llm.{exc.args[0]}: {exc.args[1]}") from None
     return GateAppConfig(
+        llm=llm_policy,
         databases=tuple(databases),
         read_only=read_only,
         statement_timeout_ms=_optional_count(data, "statement_timeout_ms", 1),

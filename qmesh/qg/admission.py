@@ -23,17 +23,19 @@ Not for: ranking (:mod:`qmesh.qg.router`) or holding money
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatchcase
 from typing import Final
 
 import attrs
 
-from qmesh.qg.candidates import INTERNAL, Candidate
+from qmesh.qg.candidates import INTERNAL, PROVIDER, Candidate
 from qmesh.qg.dsn import Dsn
 
 __all__ = [
     "BUDGET_BLOCK",
     "BUDGET_OK",
     "BUDGET_SHIFT",
+    "AppRules",
     "BudgetSnapshot",
     "Refusal",
     "admit",
@@ -103,13 +105,45 @@ class BudgetSnapshot:
 
 
 @attrs.frozen
+class AppRules:
+    """An app's LLM policy as admission applies it: which candidates its
+    requests may reach (:class:`qmesh.config.LlmPolicyConfig`'s ``models``
+    and ``providers``; its other rules act before routing)."""
+
+    app: str
+    models: tuple[str, ...] | None = None
+    """:mod:`fnmatch` patterns of model ids; None: any."""
+    providers: tuple[str, ...] | None = None
+    """Provider names; None: any. Daemons and skills are not providers."""
+
+    def refusal(self, candidate: Candidate) -> Refusal | None:
+        if self.models is not None and not any(
+            fnmatchcase(candidate.model, p) for p in self.models
+        ):
+            return Refusal(
+                "policy",
+                f"app policy of {self.app!r} allows models {list(self.models)}: "
+                f"not {candidate.model!r}",
+            )
+        if self.providers is not None and candidate.kind == PROVIDER:
+            name = (candidate.node or "").removeprefix("provider:")
+            if not any(fnmatchcase(name, p) for p in self.providers):
+                return Refusal(
+                    "policy",
+                    f"app policy of {self.app!r} allows providers {list(self.providers)}: "
+                    f"not {name!r}",
+                )
+        return None
+
+
+@attrs.frozen
 class Refusal:
     """Why a candidate may not take a request now."""
 
     kind: str
     """What stopped it, one word: ``out_of_service``, ``unhealthy``,
     ``cooling``, ``context``, ``busy``, ``latency``, ``max_cost``,
-    ``budget``. The executor writes it as the hop's outcome."""
+    ``budget``, ``policy``. The executor writes it as the hop's outcome."""
     reason: str
 
 
@@ -121,10 +155,16 @@ def admit(
     tokens_out: int,
     budget: BudgetSnapshot | None,
     now: float,
+    rules: AppRules | None = None,
 ) -> tuple[Refusal | None, float]:
     """``(why it is refused or None, its estimated cost)`` for a request of
     ``tokens_in`` + at most ``tokens_out`` tokens on ``candidate`` at
-    ``now`` (the router's clock). The cost is what a reservation holds."""
+    ``now`` (the router's clock), from an app whose policy is ``rules``.
+    The cost is what a reservation holds."""
+    if rules is not None:
+        refused = rules.refusal(candidate)
+        if refused is not None:
+            return refused, 0.0
     if candidate.out_of_service is not None:
         return Refusal("out_of_service", candidate.out_of_service), 0.0
     if not candidate.healthy:

@@ -58,6 +58,10 @@ class BudgetBlocked(NoRoute):
         super().__init__(message, reasons, budget=True)
 
 
+class PolicyBlocked(NoRoute):
+    """The app's policy refuses every candidate that could take the request."""
+
+
 class UpstreamError(QgError):
     """A candidate could not serve the request. ``retryable`` is True when
     nothing reached the client yet, so another candidate may take over."""

@@ -42,13 +42,14 @@ from qmesh.qg.admission import (
     BUDGET_BLOCK,
     BUDGET_OK,
     BUDGET_SHIFT,
+    AppRules,
     BudgetSnapshot,
     Refusal,
     admit,
 )
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.dsn import Dsn
-from qmesh.qg.errors import BudgetBlocked, NoRoute
+from qmesh.qg.errors import BudgetBlocked, NoRoute, PolicyBlocked
 
 __all__ = [
     "BUDGET_BLOCK",
@@ -90,6 +91,8 @@ class Decision:
     """The paid candidate a budget shift passed over for ``chosen``."""
     budget: BudgetSnapshot | None = None
     """The budget as admission saw it."""
+    rules: AppRules | None = None
+    """The app's policy admission applied (and applies again before each hop)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -291,13 +294,14 @@ class Router:
         tokens_in: int,
         tokens_out: int,
         budget: BudgetSnapshot | None,
+        rules: AppRules | None = None,
     ) -> Refusal | None:
         """Why ``candidate`` may not take the request now, or None: the
         verdict :meth:`decide` gave, asked again (the executor, before each
         hop)."""
         why, _ = admit(
             candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
-            now=self.clock(),
+            now=self.clock(), rules=rules,
         )  # fmt: skip
         return why
 
@@ -309,6 +313,7 @@ class Router:
         tokens_out: int,
         budget: BudgetSnapshot | None,
         fallbacks: int,
+        rules: AppRules | None = None,
     ) -> Decision:
         """:meth:`decide` without recording anything: what :meth:`explain` runs."""
         started = time.perf_counter_ns()
@@ -324,15 +329,18 @@ class Router:
         extra: list[Candidate] = []
         shift = budget is not None and budget.state == BUDGET_SHIFT and dsn.prefer != "quality"
         reason = f"best by prefer={dsn.prefer}"
+        refused_by_policy: set[str] = set()
         for candidate in ranking:
             why, cost = admit(
                 candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
-                now=now,
+                now=now, rules=rules,
             )  # fmt: skip
             if why is not None:
                 rejected.append((candidate.id, why.reason))
                 if why.kind == "budget":
                     refused_by_budget.add(candidate.id)
+                elif why.kind == "policy":
+                    refused_by_policy.add(candidate.id)
                 continue
             if chosen is None:
                 if shift and candidate.paid:
@@ -356,6 +364,10 @@ class Router:
             if not ranking:
                 raise NoRoute(self._nothing_for(dsn, model))
             reasons = dict(rejected)
+            if refused_by_policy and refused_by_policy == reasons.keys():
+                raise PolicyBlocked(
+                    f"no candidate for {dsn.format()} is allowed: {rejected[0][1]}", reasons
+                )
             if refused_by_budget and refused_by_budget == reasons.keys():
                 raise BudgetBlocked(
                     "budget spent: paid providers are blocked and no local candidate can "
@@ -375,6 +387,7 @@ class Router:
             reason=reason,
             shifted_from=paid_held if paid_held is not chosen else None,
             budget=budget,
+            rules=rules,
         )
 
     def decide(
@@ -386,6 +399,7 @@ class Router:
         tokens_out: int = TYPICAL_OUT,
         budget: BudgetSnapshot | None = None,
         fallbacks: int = FALLBACKS,
+        rules: AppRules | None = None,
     ) -> Decision:
         """Choose for ``dsn`` (``model``: the pin of a concrete model id, from
         :meth:`resolve_model`; ``budget``: the snapshot of the budget that
@@ -393,7 +407,7 @@ class Router:
         record the decision (``recent``, ``GET /qg/v1/decisions``). Raises
         NoRoute (BudgetBlocked when a hard budget is why)."""
         self.decisions += 1
-        decision = self._decide(dsn, model, tokens_in, tokens_out, budget, fallbacks)
+        decision = self._decide(dsn, model, tokens_in, tokens_out, budget, fallbacks, rules)
         self.recent.append(decision)
         return decision
 
@@ -437,7 +451,7 @@ class Router:
                 continue
             why, _ = admit(
                 candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
-                now=now,
+                now=now, rules=decision.rules,
             )  # fmt: skip
             if why is None:
                 tried.add(candidate.id)
@@ -461,6 +475,7 @@ class Router:
         tokens_in: int = TYPICAL_IN,
         tokens_out: int = TYPICAL_OUT,
         budget: BudgetSnapshot | None = None,
+        rules: AppRules | None = None,
     ) -> Explanation:
         """What :meth:`decide` and execution would do now, without doing or
         recording anything: every candidate with its admission verdict
@@ -470,7 +485,7 @@ class Router:
         error: str | None = None
         blocked = False
         try:
-            decision = self._decide(dsn, model, tokens_in, tokens_out, budget, FALLBACKS)
+            decision = self._decide(dsn, model, tokens_in, tokens_out, budget, FALLBACKS, rules)
         except NoRoute as exc:
             error, blocked = str(exc), isinstance(exc, BudgetBlocked)
         order: list[Candidate] = []
@@ -509,7 +524,7 @@ class Router:
             else:
                 refusal, cost = admit(
                     candidate, dsn, tokens_in=tokens_in, tokens_out=tokens_out, budget=budget,
-                    now=now,
+                    now=now, rules=rules,
                 )  # fmt: skip
                 row["estimated_cost_usd"] = cost
                 why = None if refusal is None else refusal.reason
