@@ -1,4 +1,4 @@
-"""``qmesh state status`` and ``qmesh state migrate --to URL``: where the Gate's state is.
+"""``qmesh state status|migrate|backup|restore``: where the Gate's state is, and keeping it.
 
 For: ``status`` shows the backend (the SQLite file, or ``gate.database_url``
 without its password), the schema version against this qmesh's, the steps
@@ -9,6 +9,8 @@ in one transaction (:mod:`qmesh.state.copy`), moves the ledger's chain key
 into it sealed with the master key, verifies the chains there and compares
 every count; a target that holds rows is refused unless ``--replace``.
 
+``backup FILE`` and ``restore FILE`` (:mod:`qmesh.cli.backup`) keep it.
+
 Not for: the copy itself (:mod:`qmesh.state.copy`) or the chains
 (:mod:`qmesh.finops.chain`).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
@@ -53,6 +56,37 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         "--replace", action="store_true", help="empty the target's tables first if it holds rows"
     )
     migrate.set_defaults(handler=cmd_migrate)
+    backup = actions.add_parser(
+        "backup",
+        parents=[common],
+        help="write a consistent snapshot of the state to FILE (while Gates run); the master "
+        "key is not in it",
+    )
+    backup.add_argument("file", type=Path, metavar="FILE")
+    backup.set_defaults(handler=_cmd_backup)
+    restore = actions.add_parser(
+        "restore",
+        parents=[common],
+        help="restore a backup into this config's state (empty, unless --replace); needs the "
+        "backup's master key",
+    )
+    restore.add_argument("file", type=Path, metavar="FILE")
+    restore.add_argument(
+        "--replace", action="store_true", help="empty the state's tables first if it holds rows"
+    )
+    restore.set_defaults(handler=_cmd_restore)
+
+
+def _cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.cli.backup import cmd_backup
+
+    return cmd_backup(args, config)
+
+
+def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.cli.backup import cmd_restore
+
+    return cmd_restore(args, config)
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:

@@ -54,7 +54,9 @@ __all__ = [
     "chain_key_path",
     "load_chain_key",
     "seal_chain_key",
+    "sealed_chain_key",
     "verify_chain",
+    "write_chain_key_file",
 ]
 
 GENESIS: Final = b"\x00" * 32
@@ -134,6 +136,21 @@ def _key_file(db_path: Path, *, create: bool) -> bytes:
 
 
 _KEY_AAD: Final = b"qmesh-state-key\x00chain"
+
+
+def write_chain_key_file(db_path: Path, key: bytes, *, replace: bool = False) -> None:
+    """Put ``key`` beside the SQLite state at ``db_path`` (a restore), 0600."""
+    path = chain_key_path(db_path)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.hex().encode() + b"\n")
+
+
+def sealed_chain_key(store: StateStore, master_key: bytes) -> bytes:
+    """The chain key a store holds sealed (PostgreSQL's state, a backup);
+    raises ChainKeyMissing when there is none or another master key sealed it."""
+    return _sealed_key(store, master_key, create=False)
 
 
 def seal_chain_key(conn: Connection, key: bytes, master_key: bytes) -> None:

@@ -108,8 +108,12 @@ def copy_state(
     """Copy :data:`SHARED_TABLES` from ``source`` into ``target``; raises
     TargetNotEmpty (nothing written) unless the target is empty or ``replace``.
     ``also`` runs last inside the target's transaction (the chain key)."""
-    before = table_counts(source)
-    with source._read() as read, target._write(scope="all") as write:
+    # One snapshot of the source for the rows and their counts: Gates may be
+    # writing to it meanwhile (a backup is taken while they run).
+    with source._snapshot() as read, target._write(scope="all") as write:
+        before = {
+            t: int(read.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in SHARED_TABLES
+        }
         present = {
             t: int(write.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in SHARED_TABLES
         }
