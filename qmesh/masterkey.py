@@ -28,6 +28,7 @@ import hmac
 import os
 import secrets
 import stat
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -47,6 +48,8 @@ __all__ = [
     "key_fingerprint",
     "load_master_key",
     "master_key_path",
+    "promote_master_key_file",
+    "replace_master_key_file",
 ]
 
 
@@ -138,14 +141,61 @@ def _loaded(key: bytes) -> bytes:
     return key
 
 
+COMMAND_TIMEOUT_S: Final = 30.0
+_MAX_COMMAND_OUTPUT: Final = 4096
+
+
+def _from_command(command: tuple[str, ...]) -> bytes:
+    where = f"gate.master_key_command ({command[0]})"
+    try:
+        done = subprocess.run(
+            list(command), capture_output=True, timeout=COMMAND_TIMEOUT_S, check=False,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MasterKeyError(f"{where} could not run: {exc}") from None
+    if done.returncode != 0:
+        # Its stderr may say why; its stdout might hold key material: never shown.
+        reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise MasterKeyError(f"{where} failed with status {done.returncode}: {reason[0][:200]}")
+    if len(done.stdout) > _MAX_COMMAND_OUTPUT:
+        raise MasterKeyError(f"{where}: not a master key: the output is too long")
+    return _decode(done.stdout, where)
+
+
 def load_master_key(config: Config, *, env: Mapping[str, str] | None = None) -> bytes:
-    """The master key from ``QMESH_MASTER_KEY`` (base64 of 32 bytes) or from
-    :func:`master_key_path`. Raises :class:`MasterKeyError` saying what is
-    missing or wrong; the message never contains the key."""
+    """The master key from ``QMESH_MASTER_KEY`` (base64 of 32 bytes), from
+    ``gate.master_key_command``'s output, or from :func:`master_key_path`.
+    Raises :class:`MasterKeyError` saying what is missing or wrong; the
+    message never contains the key."""
     key = _from_env(os.environ if env is None else env)
     if key is not None:
         return _loaded(key)
+    if config.gate.master_key_command is not None:
+        return _loaded(_from_command(config.gate.master_key_command))
     return _loaded(_read_key_file(master_key_path(config)))
+
+
+def replace_master_key_file(path: Path, key: bytes) -> Path:
+    """Write ``key`` as ``path`` + ``.new`` (0600, synced), for a rekey that
+    then commits the re-sealed secrets and moves it over ``path`` with
+    :func:`promote_master_key_file` — in that order, so that a crash in
+    between leaves the new key on disk, never secrets sealed with a key that
+    was not written."""
+    new = path.with_name(path.name + ".new")
+    new.unlink(missing_ok=True)
+    write_private_file(new, base64.b64encode(key) + b"\n")
+    fd = os.open(new, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return new
+
+
+def promote_master_key_file(path: Path) -> None:
+    """Move ``path.new`` over ``path`` (atomic: a reader sees one key or the other)."""
+    os.replace(path.with_name(path.name + ".new"), path)
 
 
 def create_master_key(path: Path) -> bytes:

@@ -30,6 +30,7 @@ the other commands work without them and start quickly.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,9 +46,11 @@ from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AddCommands, Handle
 from qmesh.config import Config, ConfigError, load_config
 from qmesh.daemon import cli as daemon_cli
 from qmesh.finops import cli as finops_cli
+from qmesh.finops.chain import reseal_chain_key
 from qmesh.fleet import cli as inventory_cli
 from qmesh.identity import IdentityError
 from qmesh.llm import cli as llm_cli
+from qmesh.llm.provider_keys import reseal_provider_keys
 from qmesh.logs import LEVELS, setup_logging
 from qmesh.memory import cli as memory_cli
 from qmesh.ops import cli as sessions_cli
@@ -55,8 +58,15 @@ from qmesh.pg import cli as pg_cli
 from qmesh.pg.errors import PgError
 from qmesh.roles import ROLES
 from qmesh.state import StateError
+from qmesh.state.db import Connection
 
 __all__ = ["build_parser", "main"]
+
+
+def _reseal_chain_key_on_postgres(conn: Connection, old_key: bytes, new_key: bytes) -> int:
+    # SQLite's state keeps its chain key in a file of its own, not sealed.
+    return 0 if isinstance(conn, sqlite3.Connection) else reseal_chain_key(conn, old_key, new_key)
+
 
 COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     # In this order in `qmesh --help`.
@@ -73,6 +83,10 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     inventory_cli.add_commands,  # inventory, models
     sessions_cli.add_commands,  # sessions
     finops_cli.add_commands,  # finops, ledger
+)
+# Sealed rows of other capabilities that `qmesh secrets rekey` reseals too.
+pg_cli.RESEALERS.update(
+    {"provider keys": reseal_provider_keys, "chain keys": _reseal_chain_key_on_postgres}
 )
 # Errors that are the operator's to fix: one line on stderr, exit status 2.
 _OPERATOR_ERRORS: Final = (ConfigError, IdentityError, StateError, PgError)

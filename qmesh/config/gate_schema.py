@@ -361,6 +361,10 @@ class GateConfig:
     identity name; that edge may use these and ``forward_allow``."""
     master_key_file: Path | None = None
     """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.masterkey`)."""
+    master_key_command: tuple[str, ...] | None = None
+    """A command (argv, no shell) that prints the master key in base64 — a
+    secret manager's or KMS's client — used instead of a file, so the key is
+    never stored beside the state."""
     database_url: str | None = None
     """``postgresql://…`` (any libpq URL): the Gate's state in PostgreSQL,
     shared by every Gate given the same URL; None: ``DATA_DIR/state.db``

@@ -54,6 +54,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         forward_allow=_read_forward_rules(r, t, (*path, "forward_allow")),
         forward_allow_edges=_read_forward_allow_edges(r, t, path),
         master_key_file=r.path(t, path, "master_key_file"),
+        master_key_command=_read_command(r, t, (*path, "master_key_command")),
         database_url=_read_database_url(r, t, path),
         apps=_read_gate_apps(r, t, path),
         routing=read_routing(r, t, path),
@@ -65,6 +66,20 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         cluster=_read_cluster(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
+
+
+def _read_command(r: Reader, t: Mapping[str, object], path: KeyPath) -> tuple[str, ...] | None:
+    if path[-1] not in t:
+        return None
+    value = t[str(path[-1])]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(part, str) and part for part in value)
+    ):
+        raise r.error(path, f'expected a command as an array like ["kms", "decrypt"], '
+                            f"got {describe(value)}")  # fmt: skip
+    return tuple(value)
 
 
 def _read_database_url(r: Reader, t: Mapping[str, object], path: KeyPath) -> str | None:

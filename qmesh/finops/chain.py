@@ -53,6 +53,7 @@ __all__ = [
     "append_rows",
     "chain_key_path",
     "load_chain_key",
+    "reseal_chain_key",
     "seal_chain_key",
     "sealed_chain_key",
     "verify_chain",
@@ -136,6 +137,21 @@ def _key_file(db_path: Path, *, create: bool) -> bytes:
 
 
 _KEY_AAD: Final = b"qmesh-state-key\x00chain"
+
+
+def reseal_chain_key(conn: Connection, old_key: bytes, new_key: bytes) -> int:
+    """On PostgreSQL's state (a SQLite state keeps the key in a file of its
+    own, unsealed): seal the chain key again under ``new_key``, in the
+    caller's write transaction (``qmesh secrets rekey``); 1 if there was one."""
+    row = conn.execute("SELECT nonce, ciphertext FROM state_keys WHERE name = 'chain'").fetchone()
+    if row is None:
+        return 0
+    try:
+        key = AESGCM(old_key).decrypt(bytes(row[0]), bytes(row[1]), _KEY_AAD)
+    except InvalidTag:
+        raise ChainKeyMissing("the chain key is sealed with another master key") from None
+    seal_chain_key(conn, key, new_key)
+    return 1
 
 
 def write_chain_key_file(db_path: Path, key: bytes, *, replace: bool = False) -> None:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qmesh.logs import register_secret
 from qmesh.masterkey import key_fingerprint
 from qmesh.state import InvalidValue, StateError, StateStore
+from qmesh.state.db import Connection
 
 __all__ = [
     "ProviderKeyError",
@@ -113,3 +114,27 @@ def resolve_api_key(
     if master_key is None:
         raise ProviderKeyError(f"provider key {spec!r} needs the vault's master key")
     return load_key(store, master_key, name)
+
+
+def reseal_provider_keys(conn: Connection, old_key: bytes, new_key: bytes) -> int:
+    """Seal every provider key again under ``new_key``, in the caller's write
+    transaction (``qmesh secrets rekey``); how many."""
+    old_print = key_fingerprint(old_key)
+    rows = conn.execute("SELECT name, key_fingerprint, nonce, ciphertext FROM qg_provider_keys")
+    done = 0
+    for name, fingerprint, nonce, ciphertext in rows.fetchall():
+        if bytes(fingerprint) != old_print:
+            raise ProviderKeyError(f"the key {name!r} was sealed with another master key")
+        try:
+            value = AESGCM(old_key).decrypt(bytes(nonce), bytes(ciphertext), _aad(name))
+        except InvalidTag:
+            raise ProviderKeyError(f"the stored key {name!r} fails authentication") from None
+        fresh = secrets.token_bytes(12)
+        conn.execute(
+            "UPDATE qg_provider_keys SET key_fingerprint = ?, nonce = ?, ciphertext = ?"
+            " WHERE name = ?",
+            (key_fingerprint(new_key), fresh, AESGCM(new_key).encrypt(fresh, value, _aad(name)),
+             name),
+        )  # fmt: skip
+        done += 1
+    return done

@@ -24,7 +24,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,8 +40,9 @@ from qmesh.cmdline import (
 from qmesh.finops.control import open_answerable
 from qmesh.masterkey import MASTER_KEY_ENV, create_master_key, master_key_path
 from qmesh.pg.errors import DsnError, PgError
-from qmesh.pg.vault import Vault, delete_secret, load_master_key
+from qmesh.pg.vault import Vault, delete_secret, load_master_key, reseal_vault
 from qmesh.state import StateStore
+from qmesh.state.db import Connection
 
 if TYPE_CHECKING:
     from qmesh.config import Config
@@ -86,6 +87,18 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     delete = secrets_command("delete", "remove a database alias (needs no master key)")
     delete.add_argument("alias", type=_db_alias, metavar="db.ALIAS")
     delete.set_defaults(handler=_cmd_delete)
+
+    rekey = secrets_command(
+        "rekey",
+        "seal every secret, provider key and the chain key again under a new master key, in "
+        "one transaction, then replace the key file (running Gates reading it follow)",
+    )
+    rekey.add_argument(
+        "--new-key-file", type=Path, metavar="FILE",
+        help="where to write the new key when the current one comes from QMESH_MASTER_KEY or "
+        "gate.master_key_command (put it into your secret manager, then delete the file)",
+    )  # fmt: skip
+    rekey.set_defaults(handler=_cmd_rekey)
 
     rotate = secrets_command(
         "rotate", "set a new random password on the real server and in the vault"
@@ -326,4 +339,58 @@ def _cmd_control_audit(args: argparse.Namespace, config: Config) -> int:
     for r in records:
         detail = json.dumps(r.detail, sort_keys=True, separators=(",", ":"))
         print(f"{_iso_ms(r.ts):<29}  {r.actor:<{actor_w}}  {r.action:<{action_w}}  {detail}")
+    return EXIT_OK
+
+
+# -- rekey -----------------------------------------------------------------------------
+
+Resealer = Callable[[Connection, bytes, bytes], int]
+"""Seals one kind of row again under a new master key (old key, new key) in
+the rekey's transaction; how many rows."""
+RESEALERS: dict[str, Resealer] = {"vault secrets": reseal_vault}
+"""What ``secrets rekey`` reseals; the command line's root adds the sealed
+rows of other capabilities (provider keys, the chain key)."""
+
+
+def _cmd_rekey(args: argparse.Namespace, config: Config) -> int:
+    import secrets as random
+
+    from qmesh.masterkey import key_fingerprint, promote_master_key_file, replace_master_key_file
+
+    from_file = MASTER_KEY_ENV not in os.environ and config.gate.master_key_command is None
+    if not from_file and args.new_key_file is None:
+        print_err("error: the master key does not come from a file here: give --new-key-file")
+        return EXIT_USAGE
+    old_key = load_master_key(config)
+    new_key = random.token_bytes(len(old_key))
+    path = master_key_path(config) if from_file else args.new_key_file
+    if not from_file and path.exists():
+        print_err(f"error: {path} exists; the new key is never written over a file")
+        return EXIT_USAGE
+    # The new key is on disk before anything is sealed with it.
+    staged = replace_master_key_file(path, new_key)
+    counts: dict[str, int] = {}
+    try:
+        with open_answerable(config) as store, store._write() as conn:
+            for what, reseal in RESEALERS.items():
+                counts[what] = reseal(conn, old_key, new_key)
+            store._record(conn, "secrets.rekey", {
+                "from": key_fingerprint(old_key).hex()[:16],
+                "to": key_fingerprint(new_key).hex()[:16],
+                **{what.replace(" ", "_"): n for what, n in counts.items()},
+            })  # fmt: skip
+    except BaseException:
+        staged.unlink(missing_ok=True)  # nothing was sealed with it
+        raise
+    if from_file:
+        promote_master_key_file(path)
+        where = f"{path} (replaced)"
+    else:
+        os.replace(staged, path)
+        where = f"{path}: move it into your secret manager, then delete the file"
+    sealed = ", ".join(f"{n} {what}" for what, n in counts.items())
+    print(f"resealed {sealed} under master key {key_fingerprint(new_key).hex()[:16]}… in one "
+          f"transaction; the new key: {where}")  # fmt: skip
+    print("the previous key opens nothing any more; Gates reading the key file follow it, "
+          "others need the new key and a restart")  # fmt: skip
     return EXIT_OK

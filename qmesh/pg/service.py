@@ -224,7 +224,9 @@ class PgService:
         key the Gate still runs; ``pg`` sessions are refused with the reason."""
         try:
             master_key = load_master_key(config)
-            vault: Vault | None = Vault.open(store, master_key)
+            opened = Vault.open(store, master_key)
+            opened.reload = lambda: load_master_key(config)  # follows `qmesh secrets rekey`
+            vault: Vault | None = opened
             problem = None
             mock = hmac.new(master_key, b"qmesh pg mock scram", hashlib.sha256).digest()
         except (MasterKeyError, VaultError) as exc:

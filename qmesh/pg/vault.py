@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
+import math
 import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -47,7 +50,8 @@ from qmesh.masterkey import (
 )
 from qmesh.pg.dsn import SSLMODES, DsnFields, parse_dsn
 from qmesh.pg.errors import VaultError
-from qmesh.state import StateStore
+from qmesh.state import StateError, StateStore
+from qmesh.state.db import Connection
 
 __all__ = [
     "DatabaseSecret",
@@ -145,6 +149,46 @@ def delete_secret(store: StateStore, alias: str) -> bool:
         return True
 
 
+def reseal_vault(conn: Connection, old_key: bytes, new_key: bytes) -> int:
+    """Seal every secret (and pending rotation) again under ``new_key``, in
+    the caller's write transaction (``qmesh secrets rekey``); the number of
+    secrets. Raises VaultError for one ``old_key`` did not seal or cannot open."""
+    old, new = AESGCM(old_key), AESGCM(new_key)
+    old_print, new_print = key_fingerprint(old_key), key_fingerprint(new_key)
+    rows = conn.execute(
+        "SELECT alias, key_fingerprint, nonce, ciphertext, pending_nonce, pending_ciphertext"
+        " FROM vault_secrets"
+    ).fetchall()
+    for alias, fingerprint, *sealed in rows:
+        if bytes(fingerprint) not in (old_print, new_print):
+            raise VaultError(f"secret {alias!r} is sealed with neither key")
+        ad = _AD_PREFIX + str(alias).encode()
+        opener = old if bytes(fingerprint) == old_print else new
+        values: list[bytes | None] = []
+        for nonce, ciphertext in ((sealed[0], sealed[1]), (sealed[2], sealed[3])):
+            if nonce is None:
+                values += [None, None]
+                continue
+            try:
+                plaintext = opener.decrypt(bytes(nonce), bytes(ciphertext), ad)
+            except InvalidTag:
+                raise VaultError(
+                    f"secret {alias!r} fails authentication; nothing changed"
+                ) from None
+            fresh = os.urandom(NONCE_LEN)
+            values += [fresh, new.encrypt(fresh, plaintext, ad)]
+        conn.execute(
+            "UPDATE vault_secrets SET key_fingerprint = ?, nonce = ?, ciphertext = ?,"
+            " pending_nonce = ?, pending_ciphertext = ? WHERE alias = ?",
+            (new_print, *values, alias),
+        )
+    return len(rows)
+
+
+log = logging.getLogger(__name__)
+RELOAD_INTERVAL_S: Final = 1.0
+
+
 class Vault:
     """The vault in ``store``, opened with the master key. Use :meth:`open`.
 
@@ -159,6 +203,31 @@ class Vault:
         self._fingerprint = key_fingerprint(master_key)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
+        self.reload: Callable[[], bytes] | None = None
+        """Where the master key comes from again (the Gate's key file or
+        command): a secret sealed under another key — ``qmesh secrets rekey``
+        ran — makes the vault read its key once more and follow it."""
+        self._reloaded_at = -math.inf
+
+    def _follow_rekey(self, fingerprint: bytes) -> bool:
+        """Whether a fresh read of the master key opens ``fingerprint``'s
+        secrets (then it is this vault's key from now on). At most once a
+        second: a secret sealed with a key nobody has must not make every
+        login run the key command."""
+        now = time.monotonic()
+        if self.reload is None or now - self._reloaded_at < RELOAD_INTERVAL_S:
+            return False
+        self._reloaded_at = now
+        try:
+            key = self.reload()
+        except StateError as exc:
+            log.warning("re-reading the master key after a rekey failed: %s", exc)
+            return False
+        if key_fingerprint(key) != fingerprint:
+            return False
+        self._aead, self._fingerprint = AESGCM(key), fingerprint
+        log.info("the vault follows the new master key %s (a rekey)", fingerprint.hex()[:16])
+        return True
 
     def __repr__(self) -> str:
         return f"<Vault in {self._store.location} key={self._fingerprint.hex()}>"
@@ -214,7 +283,7 @@ class Vault:
     def _open(
         self, alias: str, fingerprint: bytes, nonce: bytes, ciphertext: bytes
     ) -> DatabaseSecret:
-        if fingerprint != self._fingerprint:
+        if fingerprint != self._fingerprint and not self._follow_rekey(fingerprint):
             raise VaultError(f"secret {alias!r}: " + self._wrong_key_message({fingerprint}))
         try:
             plaintext = self._aead.decrypt(nonce, ciphertext, _AD_PREFIX + alias.encode())
