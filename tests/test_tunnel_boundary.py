@@ -324,3 +324,53 @@ async def test_a_peer_that_answers_pings_but_never_acknowledges_loses_its_sessio
     assert pongs >= 1  # it was alive the whole time, never silent
     assert gate.server.sessions_of("no-acks") == []
     await transport.aclose()
+
+
+async def _welcome_for(gate: Any, private: bytes, preamble: bytes) -> dict[str, Any]:
+    """The Gate's decrypted reply to a HELLO sent after ``preamble``."""
+    from qmesh import _core
+
+    noise = _core.NoiseHandshake.initiator(private, gate.public, preamble)
+    message = noise.write_message(hello(name="edge-a"))
+    transport = await trio.open_tcp_stream("127.0.0.1", gate.port)
+    async with transport:
+        await transport.send_all(preamble + len(message).to_bytes(2, "big") + message)
+        received = b""
+        while len(received) < 2 or len(received) < 2 + int.from_bytes(received[:2], "big"):
+            data = await transport.receive_some(65536)
+            assert data, "the Gate closed without a WELCOME"
+            received += data
+    reply: dict[str, Any] = json.loads(noise.read_message(received[2:]))
+    return reply
+
+
+async def test_versions_are_negotiated_and_a_mismatch_is_named(nursery: trio.Nursery) -> None:
+    from qmesh.tunnel.handshake import NEWEST_VERSION, OLDEST_VERSION
+
+    gate = await start_gate(nursery)
+    private, _ = gate.registry.enroll("edge-a")
+    with trio.fail_after(10):
+        # An edge newer than the Gate that still speaks the Gate's version: accepted at it.
+        newer = await _welcome_for(
+            gate, private, b"QMSH" + bytes([NEWEST_VERSION + 1, NEWEST_VERSION, 0, 0])
+        )
+        assert newer["ok"] and newer["v"] == NEWEST_VERSION
+        # An edge from before the oldest-version byte (0 there): its only version.
+        legacy = await _welcome_for(gate, private, b"QMSH" + bytes([NEWEST_VERSION, 0, 0, 0]))
+        assert legacy["ok"] and legacy["v"] == NEWEST_VERSION
+        too_new = await _welcome_for(
+            gate, private, b"QMSH" + bytes([NEWEST_VERSION + 2, NEWEST_VERSION + 2, 0, 0])
+        )
+        assert not too_new["ok"] and too_new["code"] == "version"
+        assert too_new["error"] == (
+            f"this Gate speaks tunnel protocol versions {OLDEST_VERSION}-{NEWEST_VERSION}, the "
+            f"edge {NEWEST_VERSION + 2}-{NEWEST_VERSION + 2}: upgrade the Gate (Gates first, "
+            "then edges)"
+        )
+        too_old = await _welcome_for(gate, private, b"QMSH" + bytes([0, 0, 0, 0]))
+        assert not too_old["ok"] and "upgrade the edge" in too_old["error"]
+        # The refusals cost the edge nothing else: it connects as usual.
+        edge = await start_edge(nursery, gate, "edge-a", private_key=private)
+        stream = await edge.open_stream({"service": "echo"})
+        assert await roundtrip(stream, b"v") == b"v"
+        assert edge.session is not None and edge.session.protocol_version == NEWEST_VERSION

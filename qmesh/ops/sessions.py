@@ -29,6 +29,7 @@ def session_view(session: Session) -> dict[str, Any]:
         "session": session.id.hex()[:SHORT_ID],
         "peer": session.peer,
         "role": session.peer_role,
+        "protocol": session.protocol_version,
         "address": session.address,
         "since": session.opened_at,
         "attached": session.attached,

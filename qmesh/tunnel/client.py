@@ -239,6 +239,7 @@ class TunnelClient:
             self.session = session
             self._session_ready.set()
             self._session_ready = trio.Event()
+        session.protocol_version = welcome.version
         try:
             session.acknowledge(welcome.recv_next)
         except PeerProtocolError as exc:

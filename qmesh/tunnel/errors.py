@@ -48,9 +48,11 @@ class HandshakeRefused(HandshakeFailed):
     """The Gate authenticated the edge's key and refused it (unknown or revoked).
 
     ``code`` is machine-readable: ``not_enrolled``, ``revoked``, ``replayed``,
-    ``too_many_sessions``; and two that say "not now, not here":
-    ``not_ready`` (the Gate is starting) and ``gate_full`` (it holds all the
-    sessions it can), after which an edge tries the next Gate (:attr:`retryable`).
+    ``too_many_sessions``; and three that say "not now, not here":
+    ``not_ready`` (the Gate is starting), ``gate_full`` (it holds all the
+    sessions it can) and ``version`` (it speaks no tunnel protocol version
+    the edge does: in a cluster being upgraded, another Gate may), after
+    which an edge tries the next Gate (:attr:`retryable`).
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -64,7 +66,7 @@ class HandshakeRefused(HandshakeFailed):
         return self.code in RETRYABLE_REFUSALS
 
 
-RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full"})
+RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full", "version"})
 
 
 class SessionLost(TunnelError):

@@ -1,10 +1,13 @@
 """The tunnel handshake over a Trio stream: preamble, then Noise IK.
 
-    edge → gate   PREAMBLE (8 bytes: b"QMSH", version, 3 zero bytes)
+    edge → gate   PREAMBLE (8 bytes: b"QMSH", newest and oldest version, 2 zero bytes)
     edge → gate   u16 length + Noise message 1, payload = HELLO (JSON)
     gate → edge   u16 length + Noise message 2, payload = WELCOME (JSON)
 
 The preamble is the Noise prologue, so both ends also authenticate it. The
+Gate runs the newest version both sides speak and names it in the WELCOME;
+with none in common it still completes message 1 and refuses in message 2,
+naming the versions each side speaks and which side to upgrade. The
 HELLO names the edge's session (if resuming), its ``recv_next`` and a
 timestamp (nanoseconds since the epoch) that must grow with every handshake
 of the same edge key: Noise IK's message 1 can be replayed by anyone who saw
@@ -32,7 +35,15 @@ import trio
 from qmesh import __version__, _core, peerjson
 from qmesh.tunnel.errors import HandshakeFailed, HandshakeRefused
 
-PREAMBLE = b"QMSH" + bytes([_core.PROTOCOL_VERSION, 0, 0, 0])
+NEWEST_VERSION: Final = _core.PROTOCOL_VERSION
+OLDEST_VERSION: Final = max(1, NEWEST_VERSION - 1)
+"""The oldest tunnel protocol this side still speaks: one version behind,
+so a cluster upgrades its Gates first and its edges after, at leisure."""
+PREAMBLE = b"QMSH" + bytes([NEWEST_VERSION, OLDEST_VERSION, 0, 0])
+"""What an edge sends first: the newest and the oldest version it speaks
+(an edge from before the second byte was used sends 0 there: its newest
+is its only one)."""
+VERSION_REFUSED: Final = "version"
 _LEN = struct.Struct(">H")
 MAX_HANDSHAKE_MESSAGE = 65535
 # HELLO and WELCOME are flat objects; nothing legitimate nests at all.
@@ -125,6 +136,24 @@ class Welcome:
     resumed: bool
     recv_next: int
     gate: str
+    version: int = NEWEST_VERSION
+    """The tunnel protocol the session runs: the newest both sides speak."""
+
+
+def agree(edge_newest: int, edge_oldest: int) -> int:
+    """The version a Gate of this build runs with an edge that speaks
+    ``edge_oldest``..``edge_newest``; HandshakeRefused naming both ranges
+    and what to upgrade when they do not meet."""
+    edge_oldest = edge_oldest or edge_newest
+    version = min(edge_newest, NEWEST_VERSION)
+    if version >= max(edge_oldest, OLDEST_VERSION) and version >= 1:
+        return version
+    side = "the Gate" if edge_oldest > NEWEST_VERSION else "the edge"
+    raise HandshakeRefused(
+        VERSION_REFUSED,
+        f"this Gate speaks tunnel protocol versions {OLDEST_VERSION}-{NEWEST_VERSION}, the "
+        f"edge {edge_oldest}-{edge_newest}: upgrade {side} (Gates first, then edges)",
+    )
 
 
 class _Reader:
@@ -190,11 +219,15 @@ async def initiate(
         session_id = _session_id(data.get("session"))
         if session_id is None:
             raise ValueError("no session")
+        version = _u64(data.get("v", NEWEST_VERSION), "v")
+        if not OLDEST_VERSION <= version <= NEWEST_VERSION:
+            raise ValueError(f"the gate chose version {version}, which this edge does not speak")
         welcome = Welcome(
             session_id=session_id,
             resumed=data.get("resumed") is True,
             recv_next=_u64(data.get("recv_next"), "recv_next"),
             gate=_text(data.get("gate", ""), "gate"),
+            version=version,
         )
     except ValueError as exc:
         raise HandshakeFailed(f"malformed WELCOME: {exc}") from None
@@ -215,9 +248,11 @@ async def respond(
     re-raised here."""
     reader = _Reader(transport)
     preamble = await reader.read_exactly(len(PREAMBLE), "the preamble")
-    if preamble != PREAMBLE:
+    if preamble[:4] != PREAMBLE[:4] or preamble[6:] != b"\0\0":
         raise HandshakeFailed(f"not a qmesh tunnel client (preamble {preamble[:8]!r})")
-    noise = _core.NoiseHandshake.responder(local_private, PREAMBLE)
+    # The edge's own preamble is the prologue: a refusal for want of a common
+    # version is still sent where only the key's owner can read it.
+    noise = _core.NoiseHandshake.responder(local_private, preamble)
     try:
         hello = Hello.from_json(noise.read_message(await reader.read_message("HELLO")))
     except _core.HandshakeError as exc:
@@ -228,7 +263,8 @@ async def respond(
     if edge_key is None:  # impossible with IK; guard the type
         raise HandshakeFailed("no static key in HELLO")
     try:
-        welcome = await decide(edge_key, hello)
+        version = agree(preamble[4], preamble[5])
+        welcome = attrs.evolve(await decide(edge_key, hello), version=version)
     except HandshakeRefused as refusal:
         reply = {"ok": False, "code": refusal.code, "error": refusal.reason}
         await _send(transport, _framed(noise.write_message(json.dumps(reply).encode())), "refusal")
@@ -239,6 +275,7 @@ async def respond(
         "resumed": welcome.resumed,
         "recv_next": welcome.recv_next,
         "gate": welcome.gate,
+        "v": welcome.version,
     }
     await _send(transport, _framed(noise.write_message(json.dumps(reply).encode())), "WELCOME")
     return noise, hello, welcome, bytes(reader.buffer)

@@ -200,6 +200,7 @@ class TunnelServer:
         if session is None or self._generation.get(session.id) != generation:
             # A newer handshake for the same session won the race.
             return
+        session.protocol_version = welcome.version
         encoder, decoder = noise.into_codec(
             send_reliable_seq=hello.recv_next if welcome.resumed else 0,
             recv_reliable_seq=session.recv_next,

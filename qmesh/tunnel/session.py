@@ -98,6 +98,8 @@ class Session:
         self.id = session_id
         self.peer = peer
         self.peer_role = ""
+        self.protocol_version = 0
+        """The tunnel protocol its last handshake agreed (qmesh.tunnel.handshake)."""
         self.initiator = initiator
         self._handler = handler
         self._handler_nursery = handler_nursery
