@@ -320,14 +320,21 @@ class Credential:
 
 
 def enroll(
-    store: StateStore, keys: GateKeys, role: str, name: str, gate_address: str
+    store: StateStore,
+    keys: GateKeys,
+    role: str,
+    name: str,
+    gate_address: str,
+    *,
+    ttl_s: float | None = None,
 ) -> Credential:
     """Create an identity for a new edge and return its credential.
 
     The edge's key pair is generated here; only the public key is stored.
     The returned credential is the only copy of the private key.
     ``gate_address`` is one "host:port" or several separated by commas (the
-    Gates of a cluster). Raises CredentialError for an unusable gate
+    Gates of a cluster); ``ttl_s``: the credential expires that long from
+    now unless the live edge renews it (None: never). Raises CredentialError for an unusable gate
     address and the store's errors (IdentityExists, InvalidValue) for the
     name and role.
     """
@@ -343,7 +350,7 @@ def enroll(
             )
     private = X25519PrivateKey.generate()
     private_key = private.private_bytes_raw()
-    store.add_identity(name, role, private.public_key().public_bytes_raw())
+    store.add_identity(name, role, private.public_key().public_bytes_raw(), ttl_s=ttl_s)
     return Credential(
         name=name,
         role=role,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import time
 from pathlib import Path
 
 from qmesh.cmdline import (
@@ -64,6 +65,11 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     enroll_cmd.add_argument(
         "--out", type=Path, metavar="FILE", help="write the credential to FILE (mode 0600)"
     )
+    enroll_cmd.add_argument(
+        "--ttl", type=_duration, metavar="DURATION",
+        help="the credential expires this long from now (90s, 30m, 12h, 30d) unless the live "
+        "edge renews it, which it does by itself a third of the way before; default: never",
+    )  # fmt: skip
     enroll_cmd.set_defaults(handler=_cmd_enroll)
 
     revoke = add_command(commands, common, "revoke", "revoke an enrolled identity")
@@ -73,6 +79,21 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     identities = add_command(commands, common, "identities", "list enrolled minigates and daemons")
     identities.add_argument("--json", action="store_true", help="print JSON")
     identities.set_defaults(handler=_cmd_identities)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m, 12h or 30d, "
+                                         f"got {text!r}") from None  # fmt: skip
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a duration must be more than 0")
+    return value
 
 
 def _b64(data: bytes) -> str:
@@ -122,7 +143,7 @@ def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
         print_err(f"error: {out} already exists; remove it or choose another --out")
         return EXIT_USAGE
     with open_answerable(config) as store:
-        credential = enroll(store, keys, args.role, args.name, gate_address)
+        credential = enroll(store, keys, args.role, args.name, gate_address, ttl_s=args.ttl)
     text = credential.encode()
     if out is None:
         print(text)
@@ -152,6 +173,7 @@ def _cmd_revoke(args: argparse.Namespace, config: Config) -> int:
 def _cmd_identities(args: argparse.Namespace, config: Config) -> int:
     with _open_store(config) as store:
         identities = store.list_identities()
+    now = time.time()
     if args.json:
         rows = [
             {
@@ -161,6 +183,8 @@ def _cmd_identities(args: argparse.Namespace, config: Config) -> int:
                 "created_at": iso_seconds(i.created_at),
                 "revoked_at": iso_seconds(i.revoked_at),
                 "revoked": i.revoked,
+                "expires_at": iso_seconds(i.expires_at),
+                "expired": i.expired(now),
             }
             for i in identities
         ]
@@ -172,7 +196,7 @@ def _cmd_identities(args: argparse.Namespace, config: Config) -> int:
     width = max(len("NAME"), *(len(i.name) for i in identities))
     print(f"{'NAME':<{width}}  {'ROLE':<8}  {'STATUS':<7}  {'CREATED':<25}  PUBLIC KEY")
     for i in identities:
-        status = "revoked" if i.revoked else "active"
+        status = "revoked" if i.revoked else "expired" if i.expired(now) else "active"
         print(
             f"{i.name:<{width}}  {i.role:<8}  {status:<7}  {iso_seconds(i.created_at):<25}  "
             f"{_b64(i.public_key)}"

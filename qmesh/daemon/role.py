@@ -29,6 +29,7 @@ from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.reporter import report_forever
 from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
 from qmesh.identity import dial_addresses, load_credential
+from qmesh.renewal import keep_renewed
 from qmesh.tunnel import TunnelClient, TunnelStream
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
@@ -102,6 +103,7 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         await nursery.start(client.run)
+        nursery.start_soon(keep_renewed, client)
         bound = await nursery.start(
             partial(serve_http, purpose="the daemon's health endpoint"),
             _local_routes(node, client),

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import trio
 
-from qmesh.admission import EnrolledEdges
+from qmesh.admission import RENEW_SERVICE, EnrolledEdges
 from qmesh.cluster import GateRegistry
 from qmesh.cluster.fabric import (
     GATE_INVENTORY_SERVICE,
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 SERVICES_BY_ROLE: Final[Mapping[str, frozenset[str]]] = {
     # A MiniGate relays its applications' connections; a Daemon reports its
     # inventory (the Gate opens streams to it, not the other way round).
-    "minigate": frozenset({"pg", "pg-cancel", "llm", "forward"}),
-    "daemon": frozenset({"inventory"}),
+    "minigate": frozenset({"pg", "pg-cancel", "llm", "forward", RENEW_SERVICE}),
+    "daemon": frozenset({"inventory", RENEW_SERVICE}),
     # Another Gate of the cluster follows this one's nodes and runs requests on them.
     GATE_ROLE: PEER_SERVICES,
 }
@@ -93,6 +93,7 @@ async def run_gate(
                 "llm": llm_relay,
                 GATE_INVENTORY_SERVICE: peers.inventory_feed,
                 "infer": peers.infer,
+                RENEW_SERVICE: edges.renew,
             },
             services_by_role=SERVICES_BY_ROLE,
         )
@@ -137,6 +138,7 @@ async def run_gate(
             await nursery.start(inventory_service.sweep_forever)
             await nursery.start(ops.metrics.run)
             await nursery.start(scanner.run)
+            nursery.start_soon(edges.expire_forever, server)
             bound = await nursery.start(server.serve, host, port)
             tls = (
                 load_or_create(

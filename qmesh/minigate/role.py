@@ -11,6 +11,7 @@ from qmesh.forward.edge import serve_forward
 from qmesh.identity import dial_addresses, load_credential
 from qmesh.llm.edge import serve_llm
 from qmesh.pg.edge import serve_pg, tls_config
+from qmesh.renewal import keep_renewed
 from qmesh.tunnel import TunnelClient
 
 
@@ -46,6 +47,7 @@ async def run_minigate(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
+        nursery.start_soon(keep_renewed, client)
         forwards = []
         for forward in config.minigate.forwards:
             host, _ = parse_hostport(forward.listen)

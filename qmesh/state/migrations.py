@@ -174,4 +174,10 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE apps ADD COLUMN role TEXT NULL",
         "UPDATE apps SET role = 'admin' WHERE app_id = 'admin'",
     ),
+    # Credentials with an expiry (qmesh enroll --ttl): a live edge renews
+    # its own before then (qmesh.admission); NULL: no expiry.
+    (
+        "ALTER TABLE identities ADD COLUMN expires_at REAL NULL",
+        "ALTER TABLE identities ADD COLUMN ttl_s REAL NULL",
+    ),
 )

@@ -222,4 +222,9 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE apps ADD COLUMN role TEXT NULL",
         "UPDATE apps SET role = 'admin' WHERE app_id = 'admin'",
     ),
+    # Credentials with an expiry (qmesh enroll --ttl).
+    (
+        "ALTER TABLE identities ADD COLUMN expires_at DOUBLE PRECISION NULL",
+        "ALTER TABLE identities ADD COLUMN ttl_s DOUBLE PRECISION NULL",
+    ),
 )

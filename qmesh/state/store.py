@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -57,6 +57,7 @@ __all__ = [
 SCRAM_ITERATIONS: Final = 4096
 """PBKDF2 rounds for app-key verifiers: PostgreSQL's default for SCRAM-SHA-256."""
 PUBLIC_KEY_LEN: Final = 32
+MAX_TTL_S: Final = 10 * 365 * 86400.0
 # Identity names and app ids: 1-63 characters. 63 is PostgreSQL's limit for a
 # role name, and an app id is the user name an app gives the Postgres mimic.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -97,10 +98,17 @@ class Identity:
     public_key: bytes
     created_at: float
     revoked_at: float | None = None
+    expires_at: float | None = None
+    """When its credential stops working unless renewed; None: never."""
+    ttl_s: float | None = None
+    """What a renewal extends it to (from the renewal's time)."""
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @attrs.frozen
@@ -175,13 +183,14 @@ def _check_role(role: str | None) -> None:
 _DUMMY_SALT: Final = secrets.token_bytes(16)
 
 
-def _identity(row: tuple[str, str, bytes, float, float | None]) -> Identity:
+def _identity(row: tuple[Any, ...]) -> Identity:
     return Identity(
-        name=row[0], role=row[1], public_key=bytes(row[2]), created_at=row[3], revoked_at=row[4]
-    )
+        name=row[0], role=row[1], public_key=bytes(row[2]), created_at=row[3], revoked_at=row[4],
+        expires_at=row[5], ttl_s=row[6],
+    )  # fmt: skip
 
 
-_IDENTITY_COLUMNS: Final = "name, role, public_key, created_at, revoked_at"
+_IDENTITY_COLUMNS: Final = "name, role, public_key, created_at, revoked_at, expires_at, ttl_s"
 
 ControlRecorder = Callable[[Connection, str, dict[str, object]], None]
 """(transaction, action, detail) for :attr:`StateStore.recorder`."""
@@ -330,15 +339,24 @@ class StateStore:
 
     # -- identities -------------------------------------------------------
 
-    def add_identity(self, name: str, role: str, public_key: bytes) -> Identity:
-        """Enroll an edge. Raises IdentityExists if the name or key is taken,
-        InvalidValue for a bad name, role or key."""
+    def add_identity(
+        self, name: str, role: str, public_key: bytes, *, ttl_s: float | None = None
+    ) -> Identity:
+        """Enroll an edge (whose credential expires ``ttl_s`` from now unless
+        renewed; None: never). Raises IdentityExists if the name or key is
+        taken, InvalidValue for a bad name, role, key or TTL."""
+        if ttl_s is not None and not 0 < ttl_s <= MAX_TTL_S:
+            raise InvalidValue(f"a credential's TTL is 1 s to {MAX_TTL_S:.0f} s")
         check_name(name)
         if role not in EDGE_ROLES:
             raise InvalidValue(f"role must be one of {', '.join(EDGE_ROLES)}; got {role!r}")
         if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_LEN:
             raise InvalidValue(f"public key must be {PUBLIC_KEY_LEN} bytes")
-        identity = Identity(name=name, role=role, public_key=public_key, created_at=time.time())
+        now = time.time()
+        identity = Identity(
+            name=name, role=role, public_key=public_key, created_at=now,
+            expires_at=None if ttl_s is None else now + ttl_s, ttl_s=ttl_s,
+        )  # fmt: skip
         with self._write() as conn:
             existing = conn.execute(
                 "SELECT name FROM identities WHERE name = ? OR public_key = ?", (name, public_key)
@@ -348,10 +366,11 @@ class StateStore:
                     raise IdentityExists(f"an identity named {name!r} already exists")
                 raise IdentityExists(f"this public key is already enrolled as {existing[0]!r}")
             conn.execute(
-                "INSERT INTO identities (name, role, public_key, created_at) VALUES (?, ?, ?, ?)",
-                (name, role, public_key, identity.created_at),
+                "INSERT INTO identities (name, role, public_key, created_at, expires_at, ttl_s)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (name, role, public_key, identity.created_at, identity.expires_at, ttl_s),
             )
-            self._record(conn, "identities.enroll", {"name": name, "role": role})
+            self._record(conn, "identities.enroll", {"name": name, "role": role, "ttl_s": ttl_s})
         return identity
 
     def get_identity(self, name: str) -> Identity | None:
@@ -390,6 +409,26 @@ class StateStore:
                 return False
             self._record(conn, "identities.revoke", {"name": name})
             return True
+
+    def renew_identity(self, name: str, *, now: float | None = None) -> float | None:
+        """Extend ``name``'s credential to ``now`` + its TTL, for the edge
+        itself, before it expires; the new expiry. None when it has no expiry.
+        Raises InvalidValue when it is unknown, revoked or already expired
+        (an expired credential is renewed by enrolling again)."""
+        when = time.time() if now is None else now
+        with self._write(announce=False) as conn:
+            row = conn.execute(
+                "SELECT revoked_at, expires_at, ttl_s FROM identities WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None or row[0] is not None:
+                raise InvalidValue(f"{name!r} is not an enrolled identity in good standing")
+            if row[1] is None:
+                return None
+            if row[1] <= when:
+                raise InvalidValue(f"the credential of {name!r} has expired")
+            expires = max(float(row[1]), when + float(row[2]))
+            conn.execute("UPDATE identities SET expires_at = ? WHERE name = ?", (expires, name))
+            return expires
 
     def accept_hello_timestamp(self, public_key: bytes, timestamp: int) -> bool:
         """Record ``timestamp`` as the newest HELLO of ``public_key``; False
