@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Final
 
 import trio
 
 from qmesh.config.reader import GATE_NAME_RE
-from qmesh.state import InvalidValue, StateStore
+from qmesh.identity import parse_join_proof
+from qmesh.state import Identity, InvalidValue, StateStore
 from qmesh.tunnel import HandshakeRefused, TunnelError, TunnelServer, TunnelStream
 from qmesh.tunnel.handshake import Hello
 
 __all__ = ["EXPIRY_CHECK_S", "RENEW_SERVICE", "EnrolledEdges"]
+
+log = logging.getLogger(__name__)
 
 EXPIRY_CHECK_S: Final = 30.0
 RENEW_SERVICE: Final = "renew"
@@ -59,7 +63,7 @@ class EnrolledEdges:
         if self.gate_public_key is not None and public_key == self.gate_public_key:
             return await trio.to_thread.run_sync(self._authenticate_gate, hello)
         name, role, expires_at = await trio.to_thread.run_sync(
-            self._authenticate, public_key, hello.timestamp
+            self._authenticate, public_key, hello
         )
         if expires_at is not None:
             self._new_expiry.set()
@@ -80,8 +84,11 @@ class EnrolledEdges:
             )
         return hello.name, "gate"
 
-    def _authenticate(self, public_key: bytes, timestamp: int) -> tuple[str, str, float | None]:
+    def _authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str, float | None]:
+        timestamp = hello.timestamp
         identity = self.store.find_identity_by_key(public_key)
+        if identity is None and hello.join is not None:
+            identity = self._join(public_key, hello)
         if identity is None:
             raise HandshakeRefused("not_enrolled", "this key is not enrolled at the gate")
         if identity.revoked:
@@ -99,6 +106,16 @@ class EnrolledEdges:
                 "(a replayed handshake, or the edge's clock went back)",
             )
         return identity.name, identity.role, identity.expires_at
+
+    def _join(self, public_key: bytes, hello: Hello) -> Identity:
+        """Enroll a key the edge made itself, against a one-time token."""
+        try:
+            token_id, secret = parse_join_proof(hello.join or "")
+            identity = self.store.redeem_join_token(token_id, secret, hello.role, public_key)
+        except (ValueError, InvalidValue) as exc:
+            raise HandshakeRefused("join_refused", f"join token refused: {exc}") from None
+        log.info("%s %r joined with a one-time token", identity.role, identity.name)
+        return identity
 
     async def sweep(self, server: TunnelServer) -> None:
         """End the sessions of identities that are revoked, expired (or gone)."""

@@ -41,19 +41,24 @@ __all__ = [
     "CREDENTIAL_PREFIX",
     "GATE_KEY_ENV",
     "GATE_KEY_FILE",
+    "JOIN_PREFIX",
     "Credential",
     "CredentialError",
     "GateKeyError",
     "GateKeyMissing",
     "GateKeys",
     "IdentityError",
+    "JoinToken",
+    "credential_or_join",
     "dial_addresses",
     "enroll",
     "load_credential",
+    "parse_join_proof",
     "write_private_file",
 ]
 
 CREDENTIAL_PREFIX: Final = "qmesh-cred-v1."
+JOIN_PREFIX: Final = "qmesh-join-v1."
 GATE_KEY_FILE: Final = "gate.key"
 GATE_KEY_ENV: Final = "QMESH_GATE_KEY"
 """The Gate key in the environment, as ``base64 -w0 gate.key`` prints it."""
@@ -317,6 +322,92 @@ class Credential:
             gate_public_key=gate_public_key,
             gate_address=fields["gate"],
         )
+
+
+@attrs.frozen
+class JoinToken:
+    """A one-time ticket to enroll: what ``qmesh tokens create`` prints and
+    an edge trades, at its first start, for an identity whose private key
+    it made itself (the token holds no key of the edge's)."""
+
+    token_id: str
+    secret: bytes = attrs.field(repr=False)
+    name: str
+    role: str
+    gate_public_key: bytes
+    gate_address: str
+
+    def proof(self) -> str:
+        """What the edge's HELLO carries (inside the Noise handshake)."""
+        return f"{self.token_id}.{_b64(self.secret)}"
+
+    def credential(self, private_key: bytes) -> Credential:
+        """The credential the edge keeps once the Gate accepted the token."""
+        return Credential(
+            name=self.name, role=self.role, private_key=private_key,
+            gate_public_key=self.gate_public_key, gate_address=self.gate_address,
+        )  # fmt: skip
+
+    def encode(self) -> str:
+        body = {
+            "id": self.token_id, "secret": _b64(self.secret), "name": self.name,
+            "role": self.role, "gate_key": _b64(self.gate_public_key), "gate": self.gate_address,
+        }  # fmt: skip
+        return JOIN_PREFIX + _b64(json.dumps(body, separators=(",", ":")).encode())
+
+    @classmethod
+    def decode(cls, text: str) -> JoinToken:
+        """Raises CredentialError; the message never repeats the input."""
+        text = text.strip()
+        if not text.startswith(JOIN_PREFIX):
+            raise CredentialError(f"not a qmesh join token (expected {JOIN_PREFIX!r}…)")
+        try:
+            body = json.loads(_unb64(text[len(JOIN_PREFIX) :]).decode("utf-8"))
+            token = cls(
+                token_id=str(body["id"]), secret=_unb64(body["secret"]), name=str(body["name"]),
+                role=str(body["role"]), gate_public_key=_unb64(body["gate_key"]),
+                gate_address=str(body["gate"]),
+            )  # fmt: skip
+        except (binascii.Error, ValueError, KeyError, TypeError):
+            raise CredentialError("the join token is corrupted (cut short or altered?)") from None
+        if len(token.secret) != KEY_LEN or len(token.gate_public_key) != KEY_LEN:
+            raise CredentialError("the join token's keys have the wrong length")
+        if token.role not in EDGE_ROLES or not re.fullmatch(r"[0-9a-f]{16}", token.token_id):
+            raise CredentialError("the join token is not valid")
+        return token
+
+
+def parse_join_proof(text: str) -> tuple[str, bytes]:
+    """The (token id, secret) of a HELLO's ``join``; ValueError if malformed."""
+    token_id, _, secret = text.partition(".")
+    if not re.fullmatch(r"[0-9a-f]{16}", token_id):
+        raise ValueError("malformed join token id")
+    try:
+        raw = _unb64(secret)
+    except binascii.Error:
+        raise ValueError("malformed join token secret") from None
+    if len(raw) != KEY_LEN:
+        raise ValueError("malformed join token secret")
+    return token_id, raw
+
+
+def credential_or_join(
+    credential_file: Path, join_token_file: Path | None, role: str
+) -> tuple[Credential, JoinToken | None]:
+    """The edge's credential; at a first start with a join token instead,
+    a credential with a key made here now and the token to present (the
+    caller writes the credential once the Gate accepted it)."""
+    if credential_file.exists() or join_token_file is None:
+        return load_credential(credential_file), None
+    try:
+        text = join_token_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CredentialError(f"cannot read join token file {join_token_file}: {exc}") from None
+    _warn_if_shared(join_token_file, "join token file")
+    token = JoinToken.decode(text)
+    if token.role != role:
+        raise CredentialError(f"{join_token_file} is a join token for a {token.role}, not a {role}")
+    return token.credential(X25519PrivateKey.generate().private_bytes_raw()), token
 
 
 def enroll(

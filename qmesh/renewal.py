@@ -11,6 +11,10 @@ tried until the expiry: the session's loss is what tells the edge it is
 too late. Nothing is written on the edge: the expiry lives in the Gate's
 state, and the private key never changes hands.
 
+At a first start with a one-time join token (``minigate.join_token_file``)
+:func:`keep_joined_credential` writes the credential the edge made for
+itself once the Gate has accepted the token.
+
 Not for: the handshake (:mod:`qmesh.tunnel`) or who may renew
 (:mod:`qmesh.admission`).
 """
@@ -19,14 +23,16 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Final
 
 import trio
 
 from qmesh import peerjson
+from qmesh.identity import Credential, write_private_file
 from qmesh.tunnel import TunnelClient, TunnelError
 
-__all__ = ["RENEW_AT_LEFT", "keep_renewed"]
+__all__ = ["RENEW_AT_LEFT", "keep_joined_credential", "keep_renewed"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +93,11 @@ async def keep_renewed(client: TunnelClient, *, ttl_hint_s: float = NO_EXPIRY_CH
         # Renewal extends it to a full TTL from now: the next is due when a
         # third of that is left again (never more often than once a second).
         wait = max(1.0, left * (1 - RENEW_AT_LEFT))
+
+
+async def keep_joined_credential(client: TunnelClient, credential: Credential, path: Path) -> None:
+    """Write ``credential`` to ``path`` (0600) once the Gate has accepted
+    the join token it came with: from then on the edge starts with it."""
+    await client.joined.wait()
+    write_private_file(path, (credential.encode() + "\n").encode())
+    log.info("joined as %s %r; credential written to %s", credential.role, credential.name, path)

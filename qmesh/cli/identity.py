@@ -27,7 +27,7 @@ from qmesh.cmdline import (
 )
 from qmesh.config import Config, parse_hostport
 from qmesh.finops.control import open_answerable
-from qmesh.identity import GateKeyMissing, GateKeys, enroll, write_private_file
+from qmesh.identity import GateKeyMissing, GateKeys, JoinToken, enroll, write_private_file
 from qmesh.roles import EDGE_ROLES
 from qmesh.state import StateStore
 
@@ -71,6 +71,34 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
         "edge renews it, which it does by itself a third of the way before; default: never",
     )  # fmt: skip
     enroll_cmd.set_defaults(handler=_cmd_enroll)
+
+    tokens = add_command(
+        commands, common, "tokens", "one-time join tokens: an edge enrolls itself with its own key"
+    )
+    tokens_commands = tokens.add_subparsers(dest="tokens_command", metavar="COMMAND", required=True)
+    create = tokens_commands.add_parser(
+        "create", parents=[common],
+        help="print a join token (shown once) that one edge trades for its identity",
+    )  # fmt: skip
+    create.add_argument("--role", choices=EDGE_ROLES, required=True)
+    create.add_argument("--name", required=True, help="the identity the edge gets, e.g. web-7")
+    create.add_argument(
+        "--ttl", type=_duration, default=3600.0, metavar="DURATION",
+        help="how long the token may be used (default 1h)",
+    )  # fmt: skip
+    create.add_argument(
+        "--credential-ttl", type=_duration, metavar="DURATION",
+        help="the credential it yields expires this long after (renewed by the live edge)",
+    )  # fmt: skip
+    create.add_argument("--gate", metavar="HOST:PORT", action="append",
+                        help="as for enroll (default: gate.tunnel_listen)")  # fmt: skip
+    create.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the token to FILE (mode 0600)"
+    )
+    create.set_defaults(handler=_cmd_tokens_create)
+    listing = tokens_commands.add_parser("list", parents=[common], help="list join tokens")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_cmd_tokens_list)
 
     revoke = add_command(commands, common, "revoke", "revoke an enrolled identity")
     revoke.add_argument("name")
@@ -128,16 +156,9 @@ def _cmd_keys_show(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
     keys = _load_gate_keys(config)
-    gate_address: str = ",".join(args.gate) if args.gate else config.gate.tunnel_listen
-    if args.gate is None:
-        # The listen address is only a good default when edges can dial it.
-        host, port = parse_hostport(gate_address)
-        if host in ("0.0.0.0", "::") or port == 0:
-            print_err(
-                f"error: gate.tunnel_listen is {gate_address}, which edges cannot dial; "
-                "pass --gate HOST:PORT with the address they should use"
-            )
-            return EXIT_USAGE
+    gate_address = _gate_address(args, config)
+    if gate_address is None:
+        return EXIT_USAGE
     out: Path | None = args.out
     if out is not None and out.exists():
         print_err(f"error: {out} already exists; remove it or choose another --out")
@@ -154,6 +175,64 @@ def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
     else:
         write_private_file(out, (text + "\n").encode("ascii"))
         print(out)
+    return EXIT_OK
+
+
+def _gate_address(args: argparse.Namespace, config: Config) -> str | None:
+    """The addresses edges dial: ``--gate``s, else gate.tunnel_listen — only
+    a good default when edges can dial it."""
+    gate_address: str = ",".join(args.gate) if args.gate else config.gate.tunnel_listen
+    if args.gate is None:
+        host, port = parse_hostport(gate_address)
+        if host in ("0.0.0.0", "::") or port == 0:
+            print_err(
+                f"error: gate.tunnel_listen is {gate_address}, which edges cannot dial; "
+                "pass --gate HOST:PORT with the address they should use"
+            )
+            return None
+    return gate_address
+
+
+def _cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
+    keys = _load_gate_keys(config)
+    gate_address = _gate_address(args, config)
+    if gate_address is None:
+        return EXIT_USAGE
+    out: Path | None = args.out
+    if out is not None and out.exists():
+        print_err(f"error: {out} already exists; remove it or choose another --out")
+        return EXIT_USAGE
+    with open_answerable(config) as store:
+        token_id, secret = store.create_join_token(
+            args.role, args.name, args.ttl, credential_ttl_s=args.credential_ttl
+        )
+    token = JoinToken(token_id, secret, args.name, args.role, keys.public_key, gate_address)
+    if out is None:
+        print(token.encode())
+        print_err(f"join token {token_id} for {args.role} {args.name!r} above, shown only once; "
+                  f"it works once, within {args.ttl:g} s")  # fmt: skip
+    else:
+        write_private_file(out, (token.encode() + "\n").encode("ascii"))
+        print(out)
+    return EXIT_OK
+
+
+def _cmd_tokens_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_store(config) as store:
+        tokens = store.list_join_tokens()
+    now = time.time()
+    for token in tokens:
+        used, expires = token["used_at"], float(token["expires_at"])  # type: ignore[arg-type]
+        token["state"] = "used" if used is not None else "expired" if expires <= now else "open"
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return EXIT_OK
+    if not tokens:
+        print("no join tokens (see `qmesh tokens create --help`)")
+        return EXIT_OK
+    for token in tokens:
+        print(f"{token['id']}  {token['role']:<8}  {token['name']}  {token['state']}  "
+              f"expires {iso_seconds(float(token['expires_at']))}")  # type: ignore[arg-type]  # fmt: skip
     return EXIT_OK
 
 

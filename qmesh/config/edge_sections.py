@@ -144,14 +144,15 @@ def read_minigate(r: Reader, root: Mapping[str, object]) -> MiniGateConfig:
         t,
         path,
         (
-            "gate", "credential_file", "forward", "pg_listen", "llm_listen",
-            "pg_tls_cert", "pg_tls_key",
+            "gate", "credential_file", "join_token_file", "forward", "pg_listen",
+            "llm_listen", "pg_tls_cert", "pg_tls_key",
         ),
     )  # fmt: skip
     d = MiniGateConfig()
     result = MiniGateConfig(
         gate=r.addresses(t, path, "gate"),
         credential_file=r.path(t, path, "credential_file"),
+        join_token_file=r.path(t, path, "join_token_file"),
         forwards=_read_forwards(r, t, path),
         pg_listen=r.address(t, path, "pg_listen", d.pg_listen),
         llm_listen=r.address(t, path, "llm_listen", d.llm_listen),
@@ -260,6 +261,7 @@ def read_daemon(r: Reader, root: Mapping[str, object]) -> DaemonConfig:
     return DaemonConfig(
         gate=r.addresses(t, path, "gate"),
         credential_file=r.path(t, path, "credential_file"),
+        join_token_file=r.path(t, path, "join_token_file"),
         health_listen=r.address(t, path, "health_listen", d.health_listen),
         heartbeat_interval_s=r.number(
             t, path, "heartbeat_interval_s", d.heartbeat_interval_s, positive=True

@@ -106,6 +106,10 @@ class MiniGateConfig:
     """The Gates' tunnel addresses to dial ("host:port"; a host name may
     resolve to several); empty: the credential's. See docs/cluster.md."""
     credential_file: Path | None = None
+    join_token_file: Path | None = None
+    """A one-time token (``qmesh tokens create``) to join with at the first
+    start, when ``credential_file`` does not exist yet: the edge makes its
+    own key, the Gate enrolls it, and the credential is written then."""
     forwards: tuple[ForwardConfig, ...] = ()
     """From the ``[[minigate.forward]]`` tables."""
     pg_listen: str = "127.0.0.1:11438"
@@ -139,6 +143,8 @@ class DaemonConfig:
     gate: tuple[str, ...] = ()
     """As ``minigate.gate``."""
     credential_file: Path | None = None
+    join_token_file: Path | None = None
+    """As ``minigate.join_token_file``."""
     health_listen: str = "127.0.0.1:11450"
     heartbeat_interval_s: float = 5.0
     """Telemetry heartbeats to the Gate; the Gate counts missed ones."""

@@ -28,8 +28,8 @@ from qmesh.daemon.infer import serve_infer
 from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.reporter import report_forever
 from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
-from qmesh.identity import dial_addresses, load_credential
-from qmesh.renewal import keep_renewed
+from qmesh.identity import credential_or_join, dial_addresses
+from qmesh.renewal import keep_joined_credential, keep_renewed
 from qmesh.tunnel import TunnelClient, TunnelStream
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
@@ -76,7 +76,9 @@ async def run_daemon(
     """Serve the daemon until cancelled."""
     if config.daemon.credential_file is None:
         raise ConfigError("daemon.credential_file is required (see `qmesh enroll daemon`)")
-    credential = load_credential(config.daemon.credential_file)
+    credential, joining = credential_or_join(
+        config.daemon.credential_file, config.daemon.join_token_file, "daemon"
+    )
     addresses = [gate_address] if gate_address else dial_addresses(config.daemon.gate, credential)
     node = DaemonNode(config, credential.name)
     await node.prepare()
@@ -88,6 +90,7 @@ async def run_daemon(
         private_key=credential.private_key,
         gate_public_key=credential.gate_public_key,
         gate_addresses=addresses,
+        join=None if joining is None else joining.proof(),
         services={
             "status": status_service,
             INFER_SERVICE: partial(
@@ -104,6 +107,10 @@ async def run_daemon(
         await nursery.start(node.run)
         await nursery.start(client.run)
         nursery.start_soon(keep_renewed, client)
+        if joining is not None:
+            nursery.start_soon(
+                keep_joined_credential, client, credential, config.daemon.credential_file
+            )
         bound = await nursery.start(
             partial(serve_http, purpose="the daemon's health endpoint"),
             _local_routes(node, client),

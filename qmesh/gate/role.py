@@ -20,6 +20,7 @@ from qmesh.cluster.fabric import (
     edge_sessions,
 )
 from qmesh.config import Config, format_hostport, parse_hostport
+from qmesh.finops.control import attach_recorder
 from qmesh.fleet.api import add_daemon_routes
 from qmesh.fleet.daemons import DaemonClient, InventoryService
 from qmesh.fleet.discovery import Scanner
@@ -100,6 +101,9 @@ async def run_gate(
         watcher.subscribe("revocations", lambda: edges.sweep(server))
         auth = AppAuthenticator(store, config.gate.http)
         auth.control_audit = llm.ledger.audit
+        # Trust the Gate changes itself (an edge joining with a token) is
+        # recorded like an operator's change, in the same transaction.
+        attach_recorder(store, f"gate:{config.gate.name}", master_key=llm.master_key)
         watcher.subscribe("app keys (http)", auth.refresh)
         watcher.subscribe("app keys (pg)", pg.refresh_apps)
         watcher.subscribe("app policies (llm)", llm.reload_policies)

@@ -75,6 +75,8 @@ class LlmService:
     ) -> None:
         self.config = config
         self.store = store
+        self.master_key = master_key
+        """The vault's, when it was needed (PostgreSQL's state, stored provider keys)."""
         routing = config.gate.routing
         self.tasks: tuple[str, ...] = (*BUILTIN_TASKS, *routing.extra_tasks)
         self.skills = builtin_skills()

@@ -8,10 +8,10 @@ import trio
 
 from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.forward.edge import serve_forward
-from qmesh.identity import dial_addresses, load_credential
+from qmesh.identity import credential_or_join, dial_addresses
 from qmesh.llm.edge import serve_llm
 from qmesh.pg.edge import serve_pg, tls_config
-from qmesh.renewal import keep_renewed
+from qmesh.renewal import keep_joined_credential, keep_renewed
 from qmesh.tunnel import TunnelClient
 
 
@@ -26,7 +26,9 @@ async def run_minigate(
     bound port)."""
     if config.minigate.credential_file is None:
         raise ConfigError("minigate.credential_file is required (see `qmesh enroll minigate`)")
-    credential = load_credential(config.minigate.credential_file)
+    credential, joining = credential_or_join(
+        config.minigate.credential_file, config.minigate.join_token_file, "minigate"
+    )
     addresses = [gate_address] if gate_address else dial_addresses(config.minigate.gate, credential)
     pg_tls = None
     if config.minigate.pg_tls_cert is not None and config.minigate.pg_tls_key is not None:
@@ -44,10 +46,15 @@ async def run_minigate(
         private_key=credential.private_key,
         gate_public_key=credential.gate_public_key,
         gate_addresses=addresses,
+        join=None if joining is None else joining.proof(),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(keep_renewed, client)
+        if joining is not None:
+            nursery.start_soon(
+                keep_joined_credential, client, credential, config.minigate.credential_file
+            )
         forwards = []
         for forward in config.minigate.forwards:
             host, _ = parse_hostport(forward.listen)

@@ -180,4 +180,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE identities ADD COLUMN expires_at REAL NULL",
         "ALTER TABLE identities ADD COLUMN ttl_s REAL NULL",
     ),
+    # One-time join tokens (qmesh tokens create): an edge trades one for an
+    # identity whose key it made itself (qmesh.admission).
+    (
+        """
+        CREATE TABLE join_tokens (
+            id              TEXT PRIMARY KEY,
+            secret_hash     BLOB NOT NULL,
+            role            TEXT NOT NULL,
+            name            TEXT NOT NULL,
+            credential_ttl_s REAL NULL,
+            created_at      REAL NOT NULL,
+            expires_at      REAL NOT NULL,
+            used_at         REAL NULL
+        )
+        """,
+    ),
 )

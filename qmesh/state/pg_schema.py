@@ -227,4 +227,20 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE identities ADD COLUMN expires_at DOUBLE PRECISION NULL",
         "ALTER TABLE identities ADD COLUMN ttl_s DOUBLE PRECISION NULL",
     ),
+    # One-time join tokens (qmesh tokens create): an edge trades one for an
+    # identity whose key it made itself (qmesh.admission).
+    (
+        """
+        CREATE TABLE join_tokens (
+            id              TEXT PRIMARY KEY,
+            secret_hash     BYTEA NOT NULL,
+            role            TEXT NOT NULL,
+            name            TEXT NOT NULL,
+            credential_ttl_s DOUBLE PRECISION NULL,
+            created_at      DOUBLE PRECISION NOT NULL,
+            expires_at      DOUBLE PRECISION NOT NULL,
+            used_at         DOUBLE PRECISION NULL
+        )
+        """,
+    ),
 )

@@ -410,6 +410,88 @@ class StateStore:
             self._record(conn, "identities.revoke", {"name": name})
             return True
 
+    # -- join tokens ---------------------------------------------------------
+
+    def create_join_token(
+        self, role: str, name: str, ttl_s: float, *, credential_ttl_s: float | None = None
+    ) -> tuple[str, bytes]:
+        """A one-time token by which an edge enrolls itself as ``name``
+        (``role``) within ``ttl_s``: ``(token id, secret)``; only the
+        secret's SHA-256 is stored. Raises InvalidValue for a bad name,
+        role or TTL, IdentityExists when the name is taken."""
+        check_name(name)
+        if role not in EDGE_ROLES:
+            raise InvalidValue(f"role must be one of {', '.join(EDGE_ROLES)}; got {role!r}")
+        if not 0 < ttl_s <= MAX_TTL_S:
+            raise InvalidValue(f"a token's TTL is 1 s to {MAX_TTL_S:.0f} s")
+        token_id, secret = secrets.token_hex(8), secrets.token_bytes(32)
+        now = time.time()
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM identities WHERE name = ?", (name,)).fetchone():
+                raise IdentityExists(f"an identity named {name!r} already exists")
+            conn.execute(
+                "INSERT INTO join_tokens (id, secret_hash, role, name, credential_ttl_s,"
+                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_id, hashlib.sha256(secret).digest(), role, name, credential_ttl_s, now,
+                 now + ttl_s),
+            )  # fmt: skip
+            self._record(conn, "tokens.create", {"token": token_id, "role": role, "name": name,
+                                                 "expires_at": now + ttl_s})  # fmt: skip
+        return token_id, secret
+
+    def list_join_tokens(self) -> list[dict[str, object]]:
+        """Every join token (never its secret): id, role, name, expiry, use."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, role, name, created_at, expires_at, used_at FROM join_tokens"
+                " ORDER BY created_at"
+            ).fetchall()
+        keys = ("id", "role", "name", "created_at", "expires_at", "used_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def redeem_join_token(
+        self, token_id: str, secret: bytes, role: str, public_key: bytes
+    ) -> Identity:
+        """Enroll ``public_key`` as the token's identity, once: the token is
+        spent in the same transaction. Raises InvalidValue saying why not
+        (unknown, wrong secret, spent, expired, another role) — the caller
+        proved nothing but a key, so the reasons go to it only."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT secret_hash, role, name, credential_ttl_s, expires_at, used_at"
+                " FROM join_tokens WHERE id = ?",
+                (token_id,),
+            ).fetchone()
+            if row is None or not hmac.compare_digest(
+                bytes(row[0]), hashlib.sha256(secret).digest()
+            ):
+                raise InvalidValue("no such join token")
+            if row[5] is not None:
+                raise InvalidValue("this join token was used already")
+            if row[4] <= now:
+                raise InvalidValue("this join token has expired")
+            if row[1] != role:
+                raise InvalidValue(f"this join token is for a {row[1]}, not a {role}")
+            ttl_s = row[3]
+            identity = Identity(
+                name=row[2], role=row[1], public_key=public_key, created_at=now,
+                expires_at=None if ttl_s is None else now + ttl_s, ttl_s=ttl_s,
+            )  # fmt: skip
+            if conn.execute(
+                "SELECT 1 FROM identities WHERE name = ? OR public_key = ?", (row[2], public_key)
+            ).fetchone():
+                raise InvalidValue(f"an identity named {row[2]!r} (or with this key) exists")
+            conn.execute("UPDATE join_tokens SET used_at = ? WHERE id = ?", (now, token_id))
+            conn.execute(
+                "INSERT INTO identities (name, role, public_key, created_at, expires_at, ttl_s)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (identity.name, identity.role, public_key, now, identity.expires_at, ttl_s),
+            )
+            self._record(conn, "identities.join", {"name": identity.name, "role": identity.role,
+                                                   "token": token_id, "ttl_s": ttl_s})  # fmt: skip
+        return identity
+
     def renew_identity(self, name: str, *, now: float | None = None) -> float | None:
         """Extend ``name``'s credential to ``now`` + its TTL, for the edge
         itself, before it expires; the new expiry. None when it has no expiry.

@@ -69,6 +69,7 @@ class TunnelClient:
         gate_public_key: bytes,
         gate_addresses: Sequence[tuple[str, int]],
         services: Mapping[str, ServiceHandler] | None = None,
+        join: str | None = None,
     ) -> None:
         if not gate_addresses:
             raise ValueError("an edge needs at least one Gate address")
@@ -82,6 +83,11 @@ class TunnelClient:
         # Where this edge starts: a fleet spreads over the cluster.
         self._index = random.randrange(len(self._targets))
         self.services = dict(services or {})
+        self.join = join
+        """A one-time join token's proof, sent until a Gate accepts it (the
+        key is enrolled from then on)."""
+        self.joined = trio.Event()
+        """Set once the Gate accepted the join token (never without one)."""
         self.session: Session | None = None
         self._session_ready = trio.Event()
         self._connected = trio.Event()
@@ -209,6 +215,7 @@ class TunnelClient:
                     session_id=session.id if session else None,
                     recv_next=session.recv_next if session else 0,
                     timestamp=self._next_timestamp(),
+                    join=self.join,
                 )
                 noise, welcome, leftover = await handshake.initiate(
                     transport,
@@ -220,6 +227,9 @@ class TunnelClient:
                 await trio.aclose_forcefully(transport)
                 raise
         self.connects += 1
+        if self.join is not None:
+            self.join = None
+            self.joined.set()
         if session is not None and welcome.resumed and welcome.session_id == session.id:
             self.resumptions += 1
         else:

@@ -97,6 +97,9 @@ class Hello:
     session_id: bytes | None
     recv_next: int
     timestamp: int
+    join: str | None = attrs.field(default=None, repr=False)
+    """A one-time join token's proof, from an edge whose key is not enrolled
+    yet (qmesh.admission redeems it)."""
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -108,6 +111,7 @@ class Hello:
                 "recv_next": self.recv_next,
                 "ts": self.timestamp,
                 "software": f"qmesh/{__version__}",
+                **({"join": self.join} if self.join else {}),
             }
         ).encode()
 
@@ -123,6 +127,7 @@ class Hello:
                 session_id=_session_id(data.get("session")),
                 recv_next=_u64(data.get("recv_next"), "recv_next"),
                 timestamp=_u64(data.get("ts"), "ts"),
+                join=None if data.get("join") is None else _text(data.get("join"), "join"),
             )
         except ValueError as exc:
             raise HandshakeFailed(f"malformed HELLO: {exc}") from None
