@@ -88,8 +88,9 @@ def test_a_token_enrolls_one_edge_with_its_own_key_once(tmp_path: Path) -> None:
                  "the second edge's refusal")  # fmt: skip
         assert not (tmp_path / "second.cred").exists()
         # A token past its time: refused.
-        wait_for(lambda: time.time() > json.loads(
-            qmesh(config, "tokens", "list", "--json").stdout)[1]["expires_at"], "the expiry")  # fmt: skip
+        tokens = json.loads(qmesh(config, "tokens", "list", "--json").stdout)
+        late_expiry = next(t["expires_at"] for t in tokens if t["name"] == "late")
+        wait_for(lambda: time.time() > late_expiry, "the late token's expiry")
         late = start_role("minigate", edge_config(tmp_path, "late", expired_file),
                           tmp_path / "c.log")  # fmt: skip
         processes.append(late)
