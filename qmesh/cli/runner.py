@@ -13,13 +13,14 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import trio
 
 from qmesh.config import Config, ConfigError, parse_hostport
 from qmesh.fastsocket import raise_open_file_limit
+from qmesh.lifecycle import drain
 from qmesh.roles import ROLES
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,19 @@ async def run_roles(
         raise
 
 
+async def _cancel_on_next(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
 def run_until_stopped(main: Callable[[], Awaitable[object]]) -> None:
     """``trio.run(main)`` until it returns or the operator stops it.
 
-    SIGTERM (systemd's stop) and Ctrl-C both cancel everything in order, so
-    edges say GOAWAY and listeners close; neither is an error. Other errors
-    propagate.
+    SIGTERM (systemd's stop) first drains what registered a drain
+    (:mod:`qmesh.lifecycle`), then cancels everything in order, so edges say
+    GOAWAY and listeners close; Ctrl-C cancels at once. Neither is an error.
+    Other errors propagate.
     """
 
     async def supervise() -> None:
@@ -116,6 +124,11 @@ def run_until_stopped(main: Callable[[], Awaitable[object]]) -> None:
 
                 nursery.start_soon(run_main)
                 async for _ in signals:
+                    # Drain first (a Gate sends its edges elsewhere and lets
+                    # requests in flight finish); a second SIGTERM ends it now.
+                    with trio.CancelScope() as draining:
+                        nursery.start_soon(_cancel_on_next, signals, draining)
+                        await drain()
                     nursery.cancel_scope.cancel()
                     break
 

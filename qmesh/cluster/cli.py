@@ -30,6 +30,15 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     )
     gates.add_argument("--json", action="store_true", help="print JSON")
     gates.set_defaults(handler=_cmd_gates)
+    actions = gates.add_subparsers(dest="gates_command", metavar="COMMAND")
+    drain = actions.add_parser(
+        "drain",
+        parents=[common],
+        help="ask a live Gate to drain: it takes no new sessions or requests, sends its edges to "
+        "the other Gates and lets requests in flight finish (then stop it)",
+    )
+    drain.add_argument("name")
+    drain.set_defaults(handler=_cmd_drain)
 
 
 def _cmd_gates(args: argparse.Namespace, config: Config) -> int:
@@ -56,7 +65,7 @@ def _cmd_gates(args: argparse.Namespace, config: Config) -> int:
             g.http,
             g.host,
             iso_seconds(g.started_at) or "",
-            str(g.sessions) if g.state(now) == "live" else "-",
+            str(g.sessions) if g.state(now) in ("live", "draining") else "-",
             f"{max(0.0, now - g.heartbeat_at):.1f} s ago",
         )
         for g in gates
@@ -66,4 +75,18 @@ def _cmd_gates(args: argparse.Namespace, config: Config) -> int:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+    return EXIT_OK
+
+
+def _cmd_drain(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.cluster.registry import request_drain
+    from qmesh.finops.control import open_answerable
+
+    with open_answerable(config) as store:
+        asked = request_drain(store, args.name)
+    if not asked:
+        print_err(f"error: no live Gate named {args.name!r} (see `qmesh gates`)")
+        return EXIT_USAGE
+    print(f"asked gate {args.name!r} to drain: it does at its next heartbeat; "
+          "`qmesh gates` shows it draining, then stop it")  # fmt: skip
     return EXIT_OK

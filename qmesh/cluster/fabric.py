@@ -204,7 +204,8 @@ class PeerLinks:
                     live = {
                         g.name: g.tunnel
                         for g in gates
-                        if g.name != self.name and g.state(now) == "live"
+                        # A draining Gate still serves its own nodes: keep its link.
+                        if g.name != self.name and g.state(now) in ("live", "draining")
                     }
                     self.on_cluster_size(1 + len(live))
                     for peer, (address, scope) in list(self.links.items()):

@@ -40,16 +40,17 @@ from qmesh.cluster.errors import GateNameInUse
 from qmesh.config import ClusterConfig
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 
-__all__ = ["GateRecord", "GateRegistry", "GateState", "list_gates"]
+__all__ = ["GateRecord", "GateRegistry", "GateState", "list_gates", "request_drain"]
 
 log = logging.getLogger(__name__)
 
-GateState = Literal["live", "gone", "stopped"]
+GateState = Literal["live", "draining", "gone", "stopped"]
 
 _COLUMNS: Final = (
     "name, instance, tunnel, http, host, version, started_at, heartbeat_at, gone_after_s,"
     " sessions, stopped_at"
 )
+_READ_COLUMNS: Final = _COLUMNS + ", drain_requested_at"
 _STOP_TIMEOUT_S: Final = 2.0
 """How long a stopping Gate tries to mark its row stopped (the database
 may be why it stops)."""
@@ -68,11 +69,14 @@ class GateRecord:
     gone_after_s: float
     sessions: int
     stopped_at: float | None
+    drain_requested_at: float | None = None
 
     def state(self, now: float) -> GateState:
         if self.stopped_at is not None:
             return "stopped"
-        return "live" if now - self.heartbeat_at <= self.gone_after_s else "gone"
+        if now - self.heartbeat_at > self.gone_after_s:
+            return "gone"
+        return "draining" if self.drain_requested_at is not None else "live"
 
     def to_json(self, now: float) -> dict[str, object]:
         return {
@@ -88,22 +92,37 @@ class GateRecord:
             "gone_after_s": self.gone_after_s,
             "sessions": self.sessions,
             "stopped_at": self.stopped_at,
+            "drain_requested_at": self.drain_requested_at,
         }
 
 
 def list_gates(store: StateStore) -> list[GateRecord]:
     """Every Gate that ever registered in ``store``, by name."""
     with store._read() as conn:
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM gates ORDER BY name").fetchall()
+        rows = conn.execute(f"SELECT {_READ_COLUMNS} FROM gates ORDER BY name").fetchall()
     return [_record(row) for row in rows]
 
 
 def _record(row: Sequence[Any]) -> GateRecord:
-    name, instance, tunnel, http, host, version, started, beat, gone, sessions, stopped = row
+    name, instance, tunnel, http, host, version, started, beat, gone, sessions, stopped = row[:11]
+    drain = row[11] if len(row) > 11 else None
     return GateRecord(
         name, instance, tunnel, http, host, version, float(started), float(beat), float(gone),
         int(sessions), None if stopped is None else float(stopped),
+        None if drain is None else float(drain),
     )  # fmt: skip
+
+
+def request_drain(store: StateStore, name: str) -> bool:
+    """Ask the live Gate ``name`` to drain (it sees it at its next
+    heartbeat); False when no live Gate has that name."""
+    with store._write() as conn:
+        row = conn.execute(f"SELECT {_READ_COLUMNS} FROM gates WHERE name = ?", (name,)).fetchone()
+        if row is None or _record(row).state(time.time()) not in ("live", "draining"):
+            return False
+        conn.execute("UPDATE gates SET drain_requested_at = ? WHERE name = ?", (time.time(), name))
+        store._record(conn, "gates.drain", {"gate": name})
+    return True
 
 
 class GateRegistry:
@@ -130,6 +149,8 @@ class GateRegistry:
         self._sessions = sessions
         self._clock = clock
         self._displaced = False
+        self.drain_requested = trio.Event()
+        """Set when ``qmesh gates drain`` asked this Gate to drain."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register (GateNameInUse if another live Gate holds the name), then
@@ -142,7 +163,8 @@ class GateRegistry:
                 await trio.sleep(self.settings.heartbeat_interval_s)
                 sessions = self._sessions()
                 try:
-                    await trio.to_thread.run_sync(self._beat, sessions)
+                    if await trio.to_thread.run_sync(self._beat, sessions):
+                        self.drain_requested.set()
                 except (StateError, *DATABASE_ERRORS) as exc:
                     # The database may be failing over: keep serving, keep trying.
                     log.warning("gate heartbeat not written: %s", exc)
@@ -174,19 +196,24 @@ class GateRegistry:
                 " tunnel = excluded.tunnel, http = excluded.http, host = excluded.host,"
                 " version = excluded.version, started_at = excluded.started_at,"
                 " heartbeat_at = excluded.heartbeat_at, gone_after_s = excluded.gone_after_s,"
-                " sessions = 0, stopped_at = NULL",
+                " sessions = 0, stopped_at = NULL, drain_requested_at = NULL",
                 (self.name, self.instance, self.tunnel, self.http, self.host, __version__, now,
                  now, self.settings.gone_after_s),
             )  # fmt: skip
             # Sessions counted by an earlier run of this Gate ended with it.
             conn.execute("DELETE FROM app_sessions WHERE gate = ?", (self.name,))
 
-    def _beat(self, sessions: int) -> None:
+    def _beat(self, sessions: int) -> bool:
+        """Write the heartbeat; whether a drain was asked for."""
         with self.store._write(announce=False) as conn:
             updated = conn.execute(
                 "UPDATE gates SET heartbeat_at = ?, sessions = ? WHERE name = ? AND instance = ?",
                 (self._clock(), sessions, self.name, self.instance),
             ).rowcount
+            drain = conn.execute(
+                "SELECT drain_requested_at FROM gates WHERE name = ? AND instance = ?",
+                (self.name, self.instance),
+            ).fetchone()
         if updated == 0 and not self._displaced:
             self._displaced = True
             log.error(
@@ -194,6 +221,7 @@ class GateRegistry:
                 "give each Gate its own gate.name",
                 self.name,
             )
+        return drain is not None and drain[0] is not None
 
     def _stopped(self) -> None:
         with self.store._write() as conn:

@@ -359,6 +359,9 @@ class GateConfig:
     )
     """From ``[gate.forward_allow_edges]``: more rules for one edge, by its
     identity name; that edge may use these and ``forward_allow``."""
+    drain_timeout_s: float = 30.0
+    """How long a draining Gate (SIGTERM, ``qmesh gates drain``) lets the
+    requests in flight at its HTTP API finish before it stops."""
     master_key_file: Path | None = None
     """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.masterkey`)."""
     master_key_command: tuple[str, ...] | None = None

@@ -53,6 +53,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         http_listen=r.address(t, path, "http_listen", d.http_listen),
         forward_allow=_read_forward_rules(r, t, (*path, "forward_allow")),
         forward_allow_edges=_read_forward_allow_edges(r, t, path),
+        drain_timeout_s=r.number(t, path, "drain_timeout_s", d.drain_timeout_s, positive=True),
         master_key_file=r.path(t, path, "master_key_file"),
         master_key_command=_read_command(r, t, (*path, "master_key_command")),
         database_url=_read_database_url(r, t, path),

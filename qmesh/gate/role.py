@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Final
 
@@ -27,6 +27,7 @@ from qmesh.fleet.discovery import Scanner
 from qmesh.fleet.inventory import Inventory
 from qmesh.forward.service import ForwardService
 from qmesh.identity import GateKeys
+from qmesh.lifecycle import on_drain
 from qmesh.llm.api import add_llm_routes
 from qmesh.llm.relay import LlmRelay
 from qmesh.llm.service import LlmService
@@ -64,6 +65,7 @@ async def run_gate(
     keys = GateKeys.load(config.data_dir)
     store = StateStore.open(config.state_location)
     memory_store: StateStore | None = None
+    forget_drain: Callable[[], None] | None = None
     try:
         watcher = StateWatcher(store)
         pg = PgService.from_config(config, store)
@@ -185,6 +187,12 @@ async def run_gate(
             )
             await nursery.start(links.run)
             pg.ask_other_gates = links.ask_all
+
+            async def drain() -> None:
+                await _drain(config, server, auth)
+
+            forget_drain = on_drain(drain)
+            nursery.start_soon(_drain_when_asked, registry, drain)
             task_status.started(
                 {
                     "tunnel": format_hostport(host, bound),
@@ -203,6 +211,31 @@ async def run_gate(
                 }
             )
     finally:
+        if forget_drain is not None:
+            forget_drain()
         if memory_store is not None:
             memory_store.close()
         store.close()
+
+
+async def _drain(config: Config, server: TunnelServer, auth: AppAuthenticator) -> None:
+    """Take nothing new, send the edges to the other Gates, and let the
+    requests in flight at the HTTP API finish (up to ``gate.drain_timeout_s``)."""
+    if auth.draining:
+        return
+    auth.draining = True
+    moved = server.drain("the gate is draining: use another gate of the cluster")
+    log.info(
+        "draining: %d edge session(s) sent to other gates; waiting up to %g s for %d request(s)",
+        moved, config.gate.drain_timeout_s, auth.requests_in_progress,
+    )  # fmt: skip
+    with trio.move_on_after(config.gate.drain_timeout_s):
+        while auth.requests_in_progress:  # noqa: ASYNC110 - counted by the requests' scopes
+            await trio.sleep(0.05)
+    log.info("drained (%d request(s) still in progress)", auth.requests_in_progress)
+
+
+async def _drain_when_asked(registry: GateRegistry, drain: Callable[[], Awaitable[None]]) -> None:
+    """``qmesh gates drain NAME``: drain, and keep running (refusing work) until stopped."""
+    await registry.drain_requested.wait()
+    await drain()

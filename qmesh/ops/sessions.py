@@ -59,10 +59,12 @@ def _sessions_named(server: TunnelServer, target: str) -> list[Session]:
 def add_routes(router: Router, server: TunnelServer, auth: AppAuthenticator) -> None:
     async def healthz(request: Request) -> Response:
         edges = edge_sessions(server)
-        return Response.json({
-            "status": "ok", "version": __version__, "sessions": edges,
-            "gate_links": len(server.sessions) - edges,
-        })  # fmt: skip
+        body = {
+            "status": "draining" if server.draining else "ok", "version": __version__,
+            "sessions": edges, "gate_links": len(server.sessions) - edges,
+        }  # fmt: skip
+        # A load balancer's health check: a draining Gate takes nothing new.
+        return Response.json(body, status=503 if server.draining else 200)
 
     def tunnel_view() -> dict[str, Any]:
         return {

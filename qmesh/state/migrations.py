@@ -196,4 +196,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # A Gate asked to drain (qmesh gates drain NAME): it sees it at its next
+    # heartbeat; registering again clears it.
+    ("ALTER TABLE gates ADD COLUMN drain_requested_at REAL NULL",),
 )

@@ -50,8 +50,9 @@ class HandshakeRefused(HandshakeFailed):
     ``code`` is machine-readable: ``not_enrolled``, ``revoked``, ``replayed``,
     ``too_many_sessions``; and three that say "not now, not here":
     ``not_ready`` (the Gate is starting), ``gate_full`` (it holds all the
-    sessions it can) and ``version`` (it speaks no tunnel protocol version
-    the edge does: in a cluster being upgraded, another Gate may), after
+    sessions it can), ``version`` (it speaks no tunnel protocol version the
+    edge does: in a cluster being upgraded, another Gate may) and
+    ``draining`` (it is being stopped), after
     which an edge tries the next Gate (:attr:`retryable`).
     """
 
@@ -66,7 +67,7 @@ class HandshakeRefused(HandshakeFailed):
         return self.code in RETRYABLE_REFUSALS
 
 
-RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full", "version"})
+RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full", "version", "draining"})
 
 
 class SessionLost(TunnelError):

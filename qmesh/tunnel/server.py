@@ -96,6 +96,9 @@ class TunnelServer:
         self._generation: dict[bytes, int] = {}
         self._nursery: trio.Nursery | None = None
         self._handshakes_in_flight = 0
+        self.draining = False
+        """Set by :meth:`drain`: handshakes are refused (``draining``, which an
+        edge answers by trying the cluster's next Gate)."""
         self.resumptions = 0
         self.handshake_failures = 0
         self.handshakes_shed = 0
@@ -140,6 +143,18 @@ class TunnelServer:
         log.info("ending %s: %s", session, reason)
         session.end(reason)
         self._forget(session)
+
+    def drain(self, reason: str) -> int:
+        """Take no more sessions, and end the edges' (GOAWAY ``reason``): each
+        moves to the cluster's next Gate at once, where a MiniGate sends again
+        the requests whose answers had not begun. Links to other Gates stay
+        (they carry requests for this Gate's nodes until it stops). How many
+        sessions were ended."""
+        self.draining = True
+        edges = [s for s in self.sessions.values() if s.peer_role != "gate"]
+        for session in edges:
+            self.end_session(session, reason)
+        return len(edges)
 
     def end_sessions_of(self, peer: str, reason: str) -> int:
         """End every session of the identity ``peer``; how many there were."""
@@ -233,6 +248,10 @@ class TunnelServer:
 
     async def _decide(self, edge_key: bytes, hello: handshake.Hello, fd: int) -> handshake.Welcome:
         """``fd``: the connection's descriptor, which says how many are in use."""
+        if self.draining:
+            raise HandshakeRefused(
+                "draining", f"gate {self.name!r} is draining: another gate of the cluster takes it"
+            )
         name, role = await self._authenticate(edge_key, hello)
         if hello.name != name or hello.role != role:
             log.warning(

@@ -164,6 +164,8 @@ class AppAuthenticator:
         self._throttle_logged = -math.inf
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
+        self.draining = False
+        """A draining Gate answers new requests 503 (those in progress finish)."""
         self.control_audit: Callable[[str, str, dict[str, Any]], None] | None = None
         """Where :meth:`record` sends an operator's action (the Gate's
         ledger, which chains it into the control audit)."""
@@ -348,6 +350,12 @@ class AppAuthenticator:
         or it is disabled,
         429 when the source failed too often or the principal has too many
         requests in progress."""
+        if self.draining:
+            raise HttpError(
+                503, "this gate is draining: send the request to another gate of the cluster",
+                kind="server_error", code="gate_draining",
+                headers=(("retry-after", "1"), ("connection", "close")),
+            )  # fmt: skip
         principal = await self._principal_for(request.bearer_token(), request.source)
         if principal is None:
             raise HttpError(
@@ -382,6 +390,11 @@ class AppAuthenticator:
         principal = await self._principal_for(request.bearer_token(), request.source)
         actor = principal.app_id if principal is not None else "unknown"
         self.control_audit(actor, action, {**detail, "from": request.source})
+
+    @property
+    def requests_in_progress(self) -> int:
+        """Every app's requests in progress (answers being streamed included)."""
+        return sum(self._in_progress.values())
 
     def in_progress(self, app_id: str) -> int:
         """Requests of ``app_id`` in progress (answers being streamed included)."""
