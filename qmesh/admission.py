@@ -53,6 +53,9 @@ class EnrolledEdges:
     ) -> None:
         self.store = store
         self.gate_public_key = gate_public_key
+        self.previous_gate_public_key: bytes | None = None
+        """The cluster's key before a rotation, while its overlap lasts: a
+        Gate that has not read the new one yet is still a Gate."""
         """The cluster's own key: a peer holding it is another Gate (role ``gate``)."""
         self.gate_name = gate_name
         self._new_expiry = trio.Event()
@@ -60,7 +63,7 @@ class EnrolledEdges:
         timer looks again."""
 
     async def authenticate(self, public_key: bytes, hello: Hello) -> tuple[str, str]:
-        if self.gate_public_key is not None and public_key == self.gate_public_key:
+        if public_key in (self.gate_public_key, self.previous_gate_public_key):
             return await trio.to_thread.run_sync(self._authenticate_gate, hello)
         name, role, expires_at = await trio.to_thread.run_sync(
             self._authenticate, public_key, hello

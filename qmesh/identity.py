@@ -25,6 +25,8 @@ import os
 import re
 import secrets
 import stat
+import struct
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -60,6 +62,9 @@ __all__ = [
 CREDENTIAL_PREFIX: Final = "qmesh-cred-v1."
 JOIN_PREFIX: Final = "qmesh-join-v1."
 GATE_KEY_FILE: Final = "gate.key"
+GATE_PREVIOUS_KEY_FILE: Final = "gate.key.previous"
+"""The key a rotation replaced and the end of its overlap (``qmesh keys rotate``)."""
+_UNTIL: Final = struct.Struct(">d")
 GATE_KEY_ENV: Final = "QMESH_GATE_KEY"
 """The Gate key in the environment, as ``base64 -w0 gate.key`` prints it."""
 KEY_LEN: Final = 32
@@ -213,6 +218,43 @@ class GateKeys:
         except OSError as exc:
             raise GateKeyError(f"cannot write gate key {path}: {exc}") from None
         return keys
+
+    @staticmethod
+    def previous_path_in(data_dir: Path) -> Path:
+        return data_dir / GATE_PREVIOUS_KEY_FILE
+
+    @classmethod
+    def previous(cls, data_dir: Path, *, now: float | None = None) -> tuple[GateKeys, float] | None:
+        """The key a rotation replaced and the end of its overlap, while it
+        lasts (edges that still hold its public key are let in and told the
+        new one); None after it, or when there was no rotation."""
+        path = cls.previous_path_in(data_dir)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise GateKeyError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if len(raw) != KEY_LEN + _UNTIL.size:
+            raise GateKeyError(f"{path} is not a previous gate key")
+        (until,) = _UNTIL.unpack(raw[KEY_LEN:])
+        if until <= (time.time() if now is None else now):
+            return None
+        return cls.from_private(raw[:KEY_LEN]), float(until)
+
+    @classmethod
+    def rotate(cls, data_dir: Path, overlap_s: float) -> tuple[GateKeys, GateKeys]:
+        """A new key in ``gate.key``; the old one kept as the previous key for
+        ``overlap_s``: ``(old, new)``. The previous key is written first, so
+        no moment has the old key nowhere."""
+        old = cls.load(data_dir, env={})
+        until = time.time() + overlap_s
+        write_private_file(
+            cls.previous_path_in(data_dir), old.private_key + _UNTIL.pack(until), replace=True
+        )
+        new = cls.from_private(X25519PrivateKey.generate().private_bytes_raw())
+        write_private_file(cls.path_in(data_dir), new.private_key, replace=True)
+        return old, new
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> tuple[GateKeys, bool]:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+import attrs
 import trio
 
 from qmesh import peerjson
@@ -101,3 +103,24 @@ async def keep_joined_credential(client: TunnelClient, credential: Credential, p
     await client.joined.wait()
     write_private_file(path, (credential.encode() + "\n").encode())
     log.info("joined as %s %r; credential written to %s", credential.role, credential.name, path)
+
+
+def remember_gate_key(credential: Credential, path: Path) -> Callable[[bytes], None]:
+    """For :attr:`qmesh.tunnel.TunnelClient.on_gate_key`: after the Gate's key
+    was rotated, rewrite the credential file with its new public key (the
+    old one stops working when the rotation's overlap ends)."""
+    current = credential
+
+    def remember(gate_public_key: bytes) -> None:
+        nonlocal current
+        current = attrs.evolve(current, gate_public_key=gate_public_key)
+        try:
+            write_private_file(path, (current.encode() + "\n").encode(), replace=True)
+        except OSError as exc:
+            log.error("the gate's new key could not be written to %s (%s): the edge uses it "
+                      "until it restarts; rewrite the credential before the overlap ends",
+                      path, exc)  # fmt: skip
+            return
+        log.info("the gate's new key is written to %s", path)
+
+    return remember

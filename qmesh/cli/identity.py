@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,14 @@ from qmesh.cmdline import (
 )
 from qmesh.config import Config, parse_hostport
 from qmesh.finops.control import open_answerable
-from qmesh.identity import GateKeyMissing, GateKeys, JoinToken, enroll, write_private_file
+from qmesh.identity import (
+    GATE_KEY_ENV,
+    GateKeyMissing,
+    GateKeys,
+    JoinToken,
+    enroll,
+    write_private_file,
+)
 from qmesh.roles import EDGE_ROLES
 from qmesh.state import StateStore
 
@@ -49,6 +57,16 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     keys_commands.add_parser(
         "show", parents=[common], help="print the Gate's public key"
     ).set_defaults(handler=_cmd_keys_show)
+    rotate = keys_commands.add_parser(
+        "rotate", parents=[common],
+        help="a new Gate key; the old one keeps working for --overlap, and an edge that uses "
+        "it is told the new one (its credential is rewritten)",
+    )  # fmt: skip
+    rotate.add_argument(
+        "--overlap", type=_duration, default=7 * 86400.0, metavar="DURATION",
+        help="how long edges may still use the old key (default 7d)",
+    )  # fmt: skip
+    rotate.set_defaults(handler=_cmd_keys_rotate)
 
     enroll_cmd = add_command(
         commands, common, "enroll", "issue a credential for a new minigate or daemon"
@@ -146,6 +164,26 @@ def _cmd_keys_init(args: argparse.Namespace, config: Config) -> int:
     keys = GateKeys.create(config.data_dir, force=args.force)
     print(_b64(keys.public_key))
     print_err(f"created {GateKeys.path_in(config.data_dir)} (the line above is its public key)")
+    return EXIT_OK
+
+
+def _cmd_keys_rotate(args: argparse.Namespace, config: Config) -> int:
+    if os.environ.get(GATE_KEY_ENV):
+        print_err(f"error: the Gate key comes from {GATE_KEY_ENV}: rotate it where it is kept")
+        return EXIT_USAGE
+    with open_answerable(config) as store:
+        old, new = GateKeys.rotate(config.data_dir, args.overlap)
+        # Recorded in the state, which is also how running Gates hear of it.
+        with store._write() as conn:
+            store._record(conn, "keys.rotate", {"from": _b64(old.public_key),
+                                                "to": _b64(new.public_key),
+                                                "overlap_s": args.overlap})  # fmt: skip
+    print(_b64(new.public_key))
+    print_err(
+        f"new gate key above (public); the old one works for {args.overlap:g} s more. Copy "
+        f"{GateKeys.path_in(config.data_dir)} and {GateKeys.previous_path_in(config.data_dir)} "
+        "to every Gate of the cluster: running Gates pick them up"
+    )
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ from qmesh.daemon.node import DaemonNode
 from qmesh.daemon.reporter import report_forever
 from qmesh.daemon.wire import CONTROL_SERVICE, INFER_SERVICE
 from qmesh.identity import credential_or_join, dial_addresses
-from qmesh.renewal import keep_joined_credential, keep_renewed
+from qmesh.renewal import keep_joined_credential, keep_renewed, remember_gate_key
 from qmesh.tunnel import TunnelClient, TunnelStream
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
@@ -107,6 +107,7 @@ async def run_daemon(
         await nursery.start(node.run)
         await nursery.start(client.run)
         nursery.start_soon(keep_renewed, client)
+        client.on_gate_key = remember_gate_key(credential, config.daemon.credential_file)
         if joining is not None:
             nursery.start_soon(
                 keep_joined_credential, client, credential, config.daemon.credential_file

@@ -101,6 +101,21 @@ async def run_gate(
             services_by_role=SERVICES_BY_ROLE,
         )
         watcher.subscribe("revocations", lambda: edges.sweep(server))
+
+        async def reload_gate_keys() -> None:
+            # `qmesh keys rotate` wrote new key files and recorded it in the
+            # state: new handshakes use the new key (and the old one, for
+            # its overlap); live sessions are untouched.
+            current, previous = await trio.to_thread.run_sync(_gate_keys, config)
+            if current.public_key != edges.gate_public_key:
+                log.info("the gate key was rotated: new handshakes use the new one")
+            server.set_keys(current.private_key, None if previous is None else (
+                previous[0].private_key, previous[1]))  # fmt: skip
+            edges.gate_public_key = current.public_key
+            edges.previous_gate_public_key = None if previous is None else previous[0].public_key
+
+        await reload_gate_keys()
+        watcher.subscribe("gate keys", reload_gate_keys)
         auth = AppAuthenticator(store, config.gate.http)
         auth.control_audit = llm.ledger.audit
         # Trust the Gate changes itself (an edge joining with a token) is
@@ -216,6 +231,10 @@ async def run_gate(
         if memory_store is not None:
             memory_store.close()
         store.close()
+
+
+def _gate_keys(config: Config) -> tuple[GateKeys, tuple[GateKeys, float] | None]:
+    return GateKeys.load(config.data_dir), GateKeys.previous(config.data_dir)
 
 
 async def _drain(config: Config, server: TunnelServer, auth: AppAuthenticator) -> None:

@@ -11,7 +11,7 @@ from qmesh.forward.edge import serve_forward
 from qmesh.identity import credential_or_join, dial_addresses
 from qmesh.llm.edge import serve_llm
 from qmesh.pg.edge import serve_pg, tls_config
-from qmesh.renewal import keep_joined_credential, keep_renewed
+from qmesh.renewal import keep_joined_credential, keep_renewed, remember_gate_key
 from qmesh.tunnel import TunnelClient
 
 
@@ -51,6 +51,7 @@ async def run_minigate(
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         nursery.start_soon(keep_renewed, client)
+        client.on_gate_key = remember_gate_key(credential, config.minigate.credential_file)
         if joining is not None:
             nursery.start_soon(
                 keep_joined_credential, client, credential, config.minigate.credential_file

@@ -31,7 +31,7 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -86,6 +86,9 @@ class TunnelClient:
         self.join = join
         """A one-time join token's proof, sent until a Gate accepts it (the
         key is enrolled from then on)."""
+        self.on_gate_key: Callable[[bytes], None] | None = None
+        """Told the Gate's new public key after a rotation (the role rewrites
+        the credential file with it)."""
         self.joined = trio.Event()
         """Set once the Gate accepted the join token (never without one)."""
         self.session: Session | None = None
@@ -227,6 +230,13 @@ class TunnelClient:
                 await trio.aclose_forcefully(transport)
                 raise
         self.connects += 1
+        if welcome.gate_key is not None and welcome.gate_key != self._gate_public_key:
+            # The Gate rotated its key and still accepted the old one: from
+            # now on, the new one (kept by whoever stores the credential).
+            log.info("the gate's key was rotated; using the new one from now on")
+            self._gate_public_key = welcome.gate_key
+            if self.on_gate_key is not None:
+                self.on_gate_key(welcome.gate_key)
         if self.join is not None:
             self.join = None
             self.joined.set()

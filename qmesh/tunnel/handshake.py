@@ -24,6 +24,7 @@ This module is only about the bytes of the handshake; what the Gate decides
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from qmesh import __version__, _core, peerjson
 from qmesh.tunnel.errors import HandshakeFailed, HandshakeRefused
@@ -143,6 +145,9 @@ class Welcome:
     gate: str
     version: int = NEWEST_VERSION
     """The tunnel protocol the session runs: the newest both sides speak."""
+    gate_key: bytes | None = None
+    """The Gate's new public key, when the edge reached it with the key a
+    rotation replaced (the edge keeps it for its next handshakes)."""
 
 
 def agree(edge_newest: int, edge_oldest: int) -> int:
@@ -227,12 +232,18 @@ async def initiate(
         version = _u64(data.get("v", NEWEST_VERSION), "v")
         if not OLDEST_VERSION <= version <= NEWEST_VERSION:
             raise ValueError(f"the gate chose version {version}, which this edge does not speak")
+        gate_key = data.get("gate_key")
+        if gate_key is not None and (
+            not isinstance(gate_key, str) or not re.fullmatch(r"[0-9a-f]{64}", gate_key)
+        ):
+            raise ValueError("gate_key must be 64 hex digits")
         welcome = Welcome(
             session_id=session_id,
             resumed=data.get("resumed") is True,
             recv_next=_u64(data.get("recv_next"), "recv_next"),
             gate=_text(data.get("gate", ""), "gate"),
             version=version,
+            gate_key=None if gate_key is None else bytes.fromhex(gate_key),
         )
     except ValueError as exc:
         raise HandshakeFailed(f"malformed WELCOME: {exc}") from None
@@ -247,19 +258,35 @@ async def respond(
     *,
     local_private: bytes,
     decide: Decide,
+    previous_private: bytes | None = None,
 ) -> tuple[_core.NoiseHandshake, Hello, Welcome, bytes]:
     """Run the Gate's side. ``decide(edge_public_key, hello)`` returns the
     WELCOME or raises :class:`HandshakeRefused`, which is sent to the edge and
-    re-raised here."""
+    re-raised here. ``previous_private``: the Gate key a rotation replaced,
+    still accepted (its overlap); an edge that used it is told the new one."""
     reader = _Reader(transport)
     preamble = await reader.read_exactly(len(PREAMBLE), "the preamble")
     if preamble[:4] != PREAMBLE[:4] or preamble[6:] != b"\0\0":
         raise HandshakeFailed(f"not a qmesh tunnel client (preamble {preamble[:8]!r})")
     # The edge's own preamble is the prologue: a refusal for want of a common
     # version is still sent where only the key's owner can read it.
+    message = await reader.read_message("HELLO")
     noise = _core.NoiseHandshake.responder(local_private, preamble)
+    new_gate_key: bytes | None = None
     try:
-        hello = Hello.from_json(noise.read_message(await reader.read_message("HELLO")))
+        try:
+            payload = noise.read_message(message)
+        except _core.HandshakeError:
+            if previous_private is None:
+                raise
+            # IK's message 1 is encrypted to the key the edge holds: try the
+            # one a rotation replaced (a fresh state: the first one failed).
+            noise = _core.NoiseHandshake.responder(previous_private, preamble)
+            payload = noise.read_message(message)
+            new_gate_key = (
+                X25519PrivateKey.from_private_bytes(local_private).public_key().public_bytes_raw()
+            )
+        hello = Hello.from_json(payload)
     except _core.HandshakeError as exc:
         # Either garbage or a client holding the wrong Gate key: IK fails
         # to decrypt message 1. Nothing can be sent that it could read.
@@ -281,6 +308,7 @@ async def respond(
         "recv_next": welcome.recv_next,
         "gate": welcome.gate,
         "v": welcome.version,
+        **({"gate_key": new_gate_key.hex()} if new_gate_key is not None else {}),
     }
     await _send(transport, _framed(noise.write_message(json.dumps(reply).encode())), "WELCOME")
     return noise, hello, welcome, bytes(reader.buffer)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,7 @@ class TunnelServer:
         self.settings = settings
         self.name = name
         self._private_key = private_key
+        self._previous_key: tuple[bytes, float] | None = None
         self._authenticate = authenticate
         self.services = dict(services)
         self._services_by_role = (
@@ -144,6 +146,18 @@ class TunnelServer:
         session.end(reason)
         self._forget(session)
 
+    def set_keys(self, private_key: bytes, previous: tuple[bytes, float] | None) -> None:
+        """The Gate key, and the one a rotation replaced with the end of its
+        overlap (wall clock): new handshakes use them; sessions keep theirs."""
+        self._private_key = private_key
+        self._previous_key = previous
+
+    def _previous_private(self) -> bytes | None:
+        previous = self._previous_key
+        if previous is None or previous[1] <= time.time():
+            return None
+        return previous[0]
+
     def drain(self, reason: str) -> int:
         """Take no more sessions, and end the edges' (GOAWAY ``reason``): each
         moves to the cluster's next Gate at once, where a MiniGate sends again
@@ -203,7 +217,10 @@ class TunnelServer:
         try:
             with trio.fail_after(self.settings.handshake_timeout_s):
                 noise, hello, welcome, leftover = await handshake.respond(
-                    transport, local_private=self._private_key, decide=decide
+                    transport,
+                    local_private=self._private_key,
+                    decide=decide,
+                    previous_private=self._previous_private(),
                 )
         except (HandshakeFailed, trio.TooSlowError) as exc:
             self.handshake_failures += 1
