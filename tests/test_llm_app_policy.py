@@ -9,6 +9,7 @@ it, and the Gate reloads it as its state watcher would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -19,6 +20,8 @@ import trio
 from llmkit import FakeProvider, GateApi, paid_model, provider_config, start_api, start_provider
 
 from qmesh.config import GateAppConfig, LlmPolicyConfig
+from qmesh.finops.chain import verify_chain
+from qmesh.finops.ledger import read_prompts, read_rows
 from qmesh.pg.policy import policy_to_json
 from qmesh.web.pool import HttpPool, parse_url
 
@@ -201,3 +204,50 @@ async def test_a_policy_without_llm_rules_restricts_nothing(
     assert attrs.asdict(api.service.llm_policy("app-a")) == attrs.asdict(LlmPolicyConfig())
     status, _, body = await call(api, "/v1/chat/completions", chat("acme-pro"))
     assert status == 200 and body["model"] == "acme-pro" and acme.requests == 1
+
+
+async def test_the_ledger_keeps_what_the_policy_says_of_prompts_and_answers(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    api, _ = await gate(nursery, tmp_path)
+    await set_policy(api, "app-a", keep="text")
+    await set_policy(api, "app-b", keep="hash")
+    status, _, body = await call(api, "/v1/chat/completions", chat(SUMMARIZE))
+    assert status == 200
+    answer = body["choices"][0]["message"]["content"]
+    status, _, hashed = await call(api, "/v1/chat/completions", chat(SUMMARIZE), app="app-b")
+    assert status == 200
+
+    def streamed() -> str:
+        client = openai.OpenAI(base_url=api.base_url, api_key=api.tokens["app-a"], max_retries=0)
+        chunks = client.chat.completions.create(
+            model="acme-pro", messages=[{"role": "user", "content": "stream it"}], stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    streamed_text = await trio.to_thread.run_sync(streamed)
+    assert streamed_text
+    await api.service.ledger.flush()
+    kept = {k.request_id: k for k in read_prompts(api.store)}
+    rows = {r["request_id"]: r for r in read_rows(api.store)}
+    assert len(kept) == 3 and set(kept) <= set(rows)  # one per request, by its ledger row
+    by_app = sorted(kept.values(), key=lambda k: k.ts)
+    text, hashed_row, stream_row = by_app
+    assert (text.app, text.kept) == ("app-a", "text")
+    assert json.loads(text.prompt) == [{"role": "user", "content": TEXT}]
+    assert text.answer == answer
+    assert (hashed_row.app, hashed_row.kept) == ("app-b", "hash")
+    assert (
+        hashed_row.answer
+        == hashlib.sha256(hashed["choices"][0]["message"]["content"].encode()).hexdigest()
+    )
+    assert TEXT not in hashed_row.prompt
+    assert stream_row.answer == streamed_text
+    with api.store._read() as conn:
+        report = verify_chain(conn, api.service.ledger._key, "prompts")
+    assert report.ok and report.rows == 3
+    # Apps that keep nothing leave no row.
+    await set_policy(api, "app-a", keep="nothing")
+    assert (await call(api, "/v1/chat/completions", chat(SUMMARIZE)))[0] == 200
+    await api.service.ledger.flush()
+    assert len(read_prompts(api.store)) == 3

@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 
 from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
-from qmesh.config import AUDIT_MODES, PRIVACY_FLOORS, Config, GateAppConfig
+from qmesh.config import AUDIT_MODES, KEEP_MODES, PRIVACY_FLOORS, Config, GateAppConfig
 from qmesh.finops.control import open_answerable
 from qmesh.pg.policy import PolicyBook, policy_to_json
 from qmesh.state import StateStore
@@ -120,6 +120,10 @@ def _add_policy_command(apps_commands: Any, common: argparse.ArgumentParser) -> 
     policy.add_argument(
         "--llm-privacy", choices=PRIVACY_FLOORS, help="LLM: the privacy its DSNs get at least"
     )
+    policy.add_argument(
+        "--llm-keep", choices=KEEP_MODES,
+        help="LLM: what the ledger keeps of prompts and answers (nothing, their hash, the text)",
+    )  # fmt: skip
     for name, what in (("rpm", "requests per minute"), ("tpm", "tokens per minute"),
                        ("max-tokens", "the most max_tokens a request may ask")):  # fmt: skip
         policy.add_argument(
@@ -262,6 +266,7 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
             value = getattr(llm, name)
             print(f"llm.{name:<17} {'any' if value is None else ', '.join(value) or '(none)'}")
         print(f"llm.privacy           at least {llm.privacy}")
+        print(f"llm.keep              {llm.keep} (of prompts and answers, in the ledger)")
         for name in ("requests_per_minute", "tokens_per_minute", "max_tokens"):
             value = getattr(llm, name)
             print(f"llm.{name:<17} {'no limit' if value is None else value}")
@@ -277,6 +282,8 @@ def _llm_changes(args: argparse.Namespace) -> dict[str, Any]:
             changes[name] = None if items == ("any",) else items
     if args.llm_privacy is not None:
         changes["privacy"] = args.llm_privacy
+    if args.llm_keep is not None:
+        changes["keep"] = args.llm_keep
     for flag, name in (("llm_rpm", "requests_per_minute"), ("llm_tpm", "tokens_per_minute"),
                        ("llm_max_tokens", "max_tokens")):  # fmt: skip
         value = getattr(args, flag)

@@ -53,6 +53,7 @@ from qmesh.config.address import (
 from qmesh.config.errors import ConfigError
 from qmesh.config.gate_schema import (
     AUDIT_MODES,
+    KEEP_MODES,
     MEMORY_EXTRACTORS,
     PRIVACY_FLOORS,
     BudgetConfig,
@@ -82,6 +83,7 @@ from qmesh.config.schema import (
 
 __all__ = [
     "AUDIT_MODES",
+    "KEEP_MODES",
     "MEMORY_EXTRACTORS",
     "PRIVACY_FLOORS",
     "BudgetConfig",

@@ -21,6 +21,7 @@ import attrs
 
 __all__ = [
     "AUDIT_MODES",
+    "KEEP_MODES",
     "MEMORY_EXTRACTORS",
     "PRIVACY_FLOORS",
     "BudgetConfig",
@@ -40,6 +41,8 @@ __all__ = [
 
 AUDIT_MODES: Final = ("text", "hash", "off")
 """Values of ``gate.apps.APP.audit_statements``."""
+KEEP_MODES: Final = ("nothing", "hash", "text")
+"""Values of ``gate.apps.APP.llm.keep``."""
 PRIVACY_FLOORS: Final = ("any", "private", "local")
 """Values of ``gate.apps.APP.llm.privacy``, weakest first (the DSN's own values)."""
 _MAX_LIMIT: Final = 2**31 - 1
@@ -66,6 +69,9 @@ class LlmPolicyConfig:
     the request's ``max_tokens``."""
     max_tokens: int | None = None
     """The most a request may ask for; requests that name none get this."""
+    keep: str = "nothing"
+    """What the ledger keeps of each request's prompt and answer:
+    ``nothing``, ``hash`` (their SHA-256) or ``text``."""
 
     @property
     def restricts(self) -> bool:
@@ -100,6 +106,9 @@ def parse_llm_policy(data: Mapping[str, object]) -> LlmPolicyConfig:
             raise ValueError(key, f"expected a whole number from 1 to {_MAX_LIMIT}")
         return value
 
+    keep = data.get("keep", "nothing")
+    if keep not in KEEP_MODES:
+        raise ValueError("keep", f"expected one of {', '.join(KEEP_MODES)}")
     privacy = data.get("privacy", "any")
     if privacy not in PRIVACY_FLOORS:
         raise ValueError("privacy", f"expected one of {', '.join(PRIVACY_FLOORS)}")
@@ -111,6 +120,7 @@ def parse_llm_policy(data: Mapping[str, object]) -> LlmPolicyConfig:
         requests_per_minute=limit("requests_per_minute"),
         tokens_per_minute=limit("tokens_per_minute"),
         max_tokens=limit("max_tokens"),
+        keep=str(keep),
     )
 
 

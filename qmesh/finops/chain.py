@@ -88,6 +88,7 @@ CHAINS: Final = {
         ),
     ),
     "audit": ("qg_audit", ("ts", "actor", "action", "detail")),
+    "prompts": ("qg_prompts", ("ts", "request_id", "app", "kept", "prompt", "answer")),
 }
 """Chain name → (table, data columns in hashing order)."""
 

@@ -20,6 +20,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Final
 
+import attrs
+
 from qmesh.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, add_command, print_err
 
 if TYPE_CHECKING:
@@ -58,6 +60,31 @@ def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None
     )
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(handler=cmd_verify)
+    prompts = ledger_commands.add_parser(
+        "prompts", parents=[common],
+        help="what the ledger kept of prompts and answers (apps whose policy has llm.keep)",
+    )  # fmt: skip
+    prompts.add_argument("--app", metavar="APP", help="only this app's")
+    prompts.add_argument("--limit", type=int, default=50, metavar="N", help="newest N (default 50)")
+    prompts.add_argument("--json", action="store_true", help="print JSON")
+    prompts.set_defaults(handler=_cmd_prompts)
+
+
+def _cmd_prompts(args: argparse.Namespace, config: Config) -> int:
+    from qmesh.finops.ledger import read_prompts
+
+    with _store(config) as store:
+        kept = read_prompts(store, app=args.app, limit=args.limit)
+    if args.json:
+        print(json.dumps([attrs.asdict(k) for k in kept], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not kept:
+        print("nothing kept (an app's policy chooses: qmesh apps policy APP --llm-keep hash|text)")
+        return EXIT_OK
+    for k in kept:
+        print(f"{k.request_id}  {k.app}  {k.kept}\n  prompt: {k.prompt[:200]}\n"
+              f"  answer: {k.answer[:200]}")  # fmt: skip
+    return EXIT_OK
 
 
 def _store(config: Config) -> StateStore:

@@ -39,8 +39,10 @@ __all__ = [
     "FLUSH_INTERVAL_S",
     "AuditEvent",
     "Hop",
+    "KeptPrompt",
     "Ledger",
     "LedgerEntry",
+    "read_prompts",
     "read_rows",
     "spent_since",
 ]
@@ -106,8 +108,25 @@ class AuditEvent:
         return (self.ts, self.actor, self.action, self.detail)
 
 
+@attrs.frozen
+class KeptPrompt:
+    """What the ledger keeps of one request's prompt and answer, for an app
+    whose policy asks (``llm.keep``): their SHA-256 (``hash``) or the text."""
+
+    ts: float
+    request_id: str
+    app: str
+    kept: str
+    """``hash`` or ``text``."""
+    prompt: str
+    answer: str
+
+    def values(self) -> tuple[Column, ...]:
+        return (self.ts, self.request_id, self.app, self.kept, self.prompt, self.answer)
+
+
 class Ledger:
-    """Buffered, chained writes of ledger rows and audit events."""
+    """Buffered, chained writes of ledger rows, audit events and kept prompts."""
 
     def __init__(self, store: StateStore, *, master_key: bytes | None = None) -> None:
         """``master_key``: the vault's, which seals the chain key on PostgreSQL."""
@@ -115,6 +134,7 @@ class Ledger:
         self._key = load_chain_key(store, master_key=master_key)
         self._entries: list[LedgerEntry] = []
         self._events: list[AuditEvent] = []
+        self._prompts: list[KeptPrompt] = []
         self._wakeup = trio.Event()
         self._buffered = trio.Event()
         """Set by the first row after an empty buffer: an idle Gate's ledger
@@ -149,9 +169,14 @@ class Ledger:
         )
         self._buffered.set()
 
+    def keep(self, prompt: KeptPrompt) -> None:
+        """Buffer what is kept of a request's prompt and answer."""
+        self._prompts.append(prompt)
+        self._buffered.set()
+
     @property
     def pending(self) -> int:
-        return len(self._entries) + len(self._events)
+        return len(self._entries) + len(self._events) + len(self._prompts)
 
     @property
     def full(self) -> bool:
@@ -159,26 +184,35 @@ class Ledger:
         are refused until they are written (:data:`MAX_PENDING`)."""
         return len(self._entries) >= MAX_PENDING
 
-    def _write(self, entries: Sequence[LedgerEntry], events: Sequence[AuditEvent]) -> None:
+    def _write(
+        self,
+        entries: Sequence[LedgerEntry],
+        events: Sequence[AuditEvent],
+        prompts: Sequence[KeptPrompt],
+    ) -> None:
         with self.store._write(announce=False) as conn:
             if self._uncertain:
                 # The last write failed, perhaps after it committed (the
                 # answer to COMMIT lost with the connection, as when the
                 # database fails over): rows it stored are not stored twice.
                 entries, events = _not_yet_written(conn, entries, events)
+                prompts = _prompts_not_yet_written(conn, prompts)
             if entries:
                 append_rows(conn, self._key, "ledger", [e.values() for e in entries])
             if events:
                 append_rows(conn, self._key, "audit", [e.values() for e in events])
+            if prompts:
+                append_rows(conn, self._key, "prompts", [p.values() for p in prompts])
 
     async def flush(self) -> None:
         """Write everything buffered now; rows leave the buffer only once
         written, so a failed write is retried by the next flush."""
         async with self._flush_lock:
-            while self._entries or self._events:
+            while self._entries or self._events or self._prompts:
                 entries, events = self._entries[:MAX_BATCH], self._events[:]
+                prompts = self._prompts[:MAX_BATCH]
                 try:
-                    await _WRITER.run(functools.partial(self._write, entries, events))
+                    await _WRITER.run(functools.partial(self._write, entries, events, prompts))
                 except BaseException:
                     self._uncertain = True
                     raise
@@ -187,6 +221,7 @@ class Ledger:
                 # the prefix written is still the prefix.
                 del self._entries[: len(entries)]
                 del self._events[: len(events)]
+                del self._prompts[: len(prompts)]
                 self.written += len(entries)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -246,6 +281,29 @@ def _not_yet_written(
         [e for e in entries if (e.ts, e.request_id) not in stored_entries],
         [e for e in events if (e.ts, e.actor, e.action) not in stored_events],
     )
+
+
+def _prompts_not_yet_written(conn: Connection, prompts: Sequence[KeptPrompt]) -> list[KeptPrompt]:
+    since = min((p.ts for p in prompts), default=0.0)
+    stored = {
+        (row[0], row[1])
+        for row in conn.execute(
+            "SELECT ts, request_id FROM qg_prompts WHERE ts >= ?", (since,)
+        ).fetchall()
+    }
+    return [p for p in prompts if (p.ts, p.request_id) not in stored]
+
+
+def read_prompts(store: StateStore, *, app: str | None = None, limit: int = 50) -> list[KeptPrompt]:
+    """The newest ``limit`` kept prompts (of ``app``), oldest first."""
+    where, args = ("WHERE app = ?", (app,)) if app is not None else ("", ())
+    with store._read() as conn:
+        rows = conn.execute(
+            "SELECT ts, request_id, app, kept, prompt, answer FROM qg_prompts"
+            f" {where} ORDER BY id DESC LIMIT ?",
+            (*args, max(1, limit)),
+        ).fetchall()
+    return [KeptPrompt(*row) for row in reversed(rows)]
 
 
 def spent_since(store: StateStore, since: float) -> dict[str | None, float]:

@@ -32,6 +32,7 @@ from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
 from qmesh.llm.fastpath import route_installer
+from qmesh.llm.retention import answer_text, collect_stream, kept_record, prompt_text
 from qmesh.llm.service import LlmService
 from qmesh.operator_roles import Right
 from qmesh.qg.admission import AppRules
@@ -245,9 +246,17 @@ class LlmApi:
         if native is not None:
             ctx.hops.extend(native.earlier_hops)  # its attempts on the fast path
 
+        keep = self.service.llm_policy(ctx.app).keep
+
+        def kept(answer: str) -> None:
+            prompt = prompt_text(call.body)
+            self.service.ledger.keep(kept_record(keep, ctx.request_id, ctx.app, prompt, answer))
+
         async def in_python(candidates: Iterator[Candidate] | None, attempts: int) -> Response:
             if call.stream:
                 events = executor.stream(decision, call, ctx, candidates, attempts)
+                if keep != "nothing":
+                    events = collect_stream(events, kept)
                 return Response.event_stream(events)
             try:
                 answer = await executor.complete(decision, call, ctx, candidates, attempts)
@@ -255,10 +264,13 @@ class LlmApi:
                 raise _no_route(exc) from None
             except ClientFault as fault:
                 return Response(fault.status, fault.body, _JSON)
+            if keep != "nothing":
+                kept(answer_text(answer.body))
             headers = (*_JSON, ("x-qmesh-route", str(ctx.hops[-1]["candidate"])))
             return Response(200, answer.body, headers)
 
-        if native is None:
+        if native is None or keep != "nothing":
+            # An answer the ledger keeps is read here, not relayed unread.
             return await in_python(None, 0)
         if self.service.llm_policy(ctx.app).restricts:
             # Rate limits and caps are judged per request, in Python: no

@@ -42,6 +42,7 @@ SHARED_TABLES: Final = (
     "pg_audit",
     "qg_ledger",
     "qg_audit",
+    "qg_prompts",
     "qg_chain_heads",
     "qg_provider_keys",
     "app_policies",

@@ -246,4 +246,23 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # A Gate asked to drain (qmesh gates drain NAME): it sees it at its next
     # heartbeat; registering again clears it.
     ("ALTER TABLE gates ADD COLUMN drain_requested_at DOUBLE PRECISION NULL",),
+    # What the ledger keeps of prompts and answers, for the apps whose policy
+    # asks (llm.keep = hash | text): a hash-chained table of its own
+    # (qmesh.finops.chain's "prompts").
+    (
+        """
+        CREATE TABLE qg_prompts (
+            id          BIGINT PRIMARY KEY,
+            ts          DOUBLE PRECISION NOT NULL,
+            request_id  TEXT NOT NULL,
+            app         TEXT NOT NULL,
+            kept        TEXT NOT NULL,
+            prompt      TEXT NOT NULL,
+            answer      TEXT NOT NULL,
+            prev_hash   BYTEA NOT NULL,
+            hash        BYTEA NOT NULL
+        )
+        """,
+        "CREATE INDEX qg_prompts_app_ts ON qg_prompts (app, ts)",
+    ),
 )
