@@ -32,6 +32,7 @@ __all__ = [
     "HttpConfig",
     "LlmPolicyConfig",
     "MemoryConfig",
+    "OidcConfig",
     "ProviderConfig",
     "ProviderModelConfig",
     "RoutingConfig",
@@ -312,6 +313,29 @@ class DiscoveryConfig:
 
 
 @attrs.frozen
+class OidcConfig:
+    """``[gate.oidc]``: operators sign in with the organisation's identity
+    provider. Its ID tokens, sent as ``Authorization: Bearer TOKEN``, are
+    operator credentials: the issuer's signature (its published keys), the
+    issuer, the audience and the expiry are checked, and the role comes from
+    a claim. Off while ``issuer`` is empty."""
+
+    issuer: str = ""
+    """The provider's issuer URL, exactly as its tokens' ``iss``."""
+    audience: str = ""
+    """This Gate's client id at the provider (the tokens' ``aud``)."""
+    jwks_url: str = ""
+    """Where its signing keys are; empty: from its discovery document
+    (``ISSUER/.well-known/openid-configuration``)."""
+    role_claim: str = "qmesh_role"
+    """The claim that holds the operator's role (metrics, viewer, operator, admin)."""
+    name_claim: str = "email"
+    """The claim that names the operator in the audit (``sub`` when absent)."""
+    leeway_s: float = 30.0
+    """Clock skew allowed on ``exp`` and ``nbf``."""
+
+
+@attrs.frozen
 class HttpConfig:
     """``[gate.http]``: limits of the Gate's HTTP API — its own listener and
     the ``llm`` tunnel service, which serves the same routes — and of the
@@ -369,6 +393,7 @@ class GateConfig:
     )
     """From ``[gate.forward_allow_edges]``: more rules for one edge, by its
     identity name; that edge may use these and ``forward_allow``."""
+    oidc: OidcConfig = OidcConfig()
     drain_timeout_s: float = 30.0
     """How long a draining Gate (SIGTERM, ``qmesh gates drain``) lets the
     requests in flight at its HTTP API finish before it stops."""

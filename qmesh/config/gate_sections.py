@@ -26,6 +26,7 @@ from qmesh.config.gate_schema import (
     HttpConfig,
     LlmPolicyConfig,
     MemoryConfig,
+    OidcConfig,
     parse_llm_policy,
 )
 from qmesh.config.reader import APP_ID_RE, GATE_NAME_RE, Reader, describe, field_names
@@ -64,6 +65,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         discovery=_read_discovery(r, t, path),
         memory=_read_memory(r, t, path),
         http=_read_http(r, t, path),
+        oidc=_read_oidc(r, t, path),
         cluster=_read_cluster(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
@@ -337,6 +339,28 @@ def _read_memory(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> M
         threads=r.integer(t, path, "threads", d.threads, lo=1, hi=64),
         **dsns,
     )
+
+
+def _read_oidc(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> OidcConfig:
+    path: KeyPath = (*gate_path, "oidc")
+    t = r.table(gate, path)
+    r.check_keys(t, path, field_names(OidcConfig))
+    d = OidcConfig()
+    config = OidcConfig(
+        issuer=r.string(t, path, "issuer", d.issuer),
+        audience=r.string(t, path, "audience", d.audience),
+        jwks_url=r.string(t, path, "jwks_url", d.jwks_url),
+        role_claim=r.string(t, path, "role_claim", d.role_claim),
+        name_claim=r.string(t, path, "name_claim", d.name_claim),
+        leeway_s=r.number(t, path, "leeway_s", d.leeway_s, positive=False),
+    )
+    for key in ("issuer", "jwks_url"):
+        value = getattr(config, key)
+        if value and not value.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise r.error((*path, key), "expected an https:// URL (http only on loopback)")
+    if config.issuer and not config.audience:
+        raise r.error((*path, "audience"), "required with an issuer: this Gate's client id")
+    return config
 
 
 def _read_http(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> HttpConfig:

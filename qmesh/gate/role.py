@@ -42,6 +42,7 @@ from qmesh.tunnel import TunnelServer
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import Router
 from qmesh.web.native import serve_http
+from qmesh.web.oidc import OidcVerifier
 from qmesh.web.tls import load_or_create, tls_wanted
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ async def run_gate(
 
         await reload_gate_keys()
         watcher.subscribe("gate keys", reload_gate_keys)
-        auth = AppAuthenticator(store, config.gate.http)
+        oidc = OidcVerifier(config.gate.oidc) if config.gate.oidc.issuer else None
+        auth = AppAuthenticator(store, config.gate.http, oidc=oidc)
         auth.control_audit = llm.ledger.audit
         # Trust the Gate changes itself (an edge joining with a token) is
         # recorded like an operator's change, in the same transaction.

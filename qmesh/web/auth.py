@@ -45,6 +45,7 @@ from qmesh.config import HttpConfig
 from qmesh.operator_roles import ADMIN_APP, Right, describe_role, rights_of
 from qmesh.state import SCRAM_ITERATIONS, AppKeys, StateStore, scram_keys
 from qmesh.web.http import HttpError, Request
+from qmesh.web.oidc import OidcError, OidcVerifier, looks_like_jwt
 
 __all__ = ["ADMIN_APP", "CACHE_TTL_S", "AppAuthenticator", "TokenBuckets"]
 
@@ -143,8 +144,11 @@ class AppAuthenticator:
         limits: HttpConfig | None = None,
         *,
         wall_clock: Callable[[], float] = time.time,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self.store = store
+        self.oidc = oidc
+        """Checks operators' ID tokens (``[gate.oidc]``); None: not accepted."""
         self.limits = limits if limits is not None else HttpConfig()
         self._wall_clock = wall_clock
         self._verified: collections.OrderedDict[bytes, _Verified] = collections.OrderedDict()
@@ -191,6 +195,8 @@ class AppAuthenticator:
         return None if principal is None else principal.app_id
 
     async def _principal_for(self, token: str | None, source: str) -> _Verified | None:
+        if token and self.oidc is not None and looks_like_jwt(token):
+            return await self._oidc_principal(token, source)
         if not token:
             return None
         app_id, sep, key = token.partition(":")
@@ -259,6 +265,35 @@ class AppAuthenticator:
         self._failures.give_back(source)
         return self._remember(digest, app_id, matched.stored_key, matched.expires_at, keys.role)
 
+    async def _oidc_principal(self, token: str, source: str) -> _Verified:
+        """An operator signed in with the identity provider, or 401 saying
+        why not (a refused token costs a failure token, as a bad key does)."""
+        assert self.oidc is not None
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._verified.get(digest)
+        if cached is not None and cached.fresh(time.monotonic(), self._wall_clock()):
+            return cached
+        if not self._failures.take(source):
+            wait = max(1, math.ceil(self._failures.retry_after(source)))
+            raise HttpError(
+                429, "too many failed sign-ins from this address; retry later",
+                kind="rate_limit_error", code="auth_rate_limited",
+                headers=(("retry-after", str(wait)),),
+            )  # fmt: skip
+        try:
+            principal = await trio.to_thread.run_sync(
+                self.oidc.verify, token, limiter=self.hash_limiter
+            )
+        except OidcError as exc:
+            raise HttpError(
+                401, f"ID token refused: {exc}", kind="authentication_error",
+                code="invalid_id_token",
+            ) from None  # fmt: skip
+        self._failures.give_back(source)
+        return self._remember(
+            digest, f"oidc:{principal.name}", b"", principal.expires_at, principal.role
+        )
+
     def _log_throttled(self, source: str) -> None:
         # A flood is refused many times a second: say so now and then, not each time.
         now = time.monotonic()
@@ -314,13 +349,16 @@ class AppAuthenticator:
         or its app is disabled or gone. For the StateWatcher: one read per
         cached app, no PBKDF2."""
         self._generation += 1
-        apps = {entry.app_id for entry in self._verified.values()}
+        # Signed-in operators hold no key in the store: their tokens end at exp.
+        apps = {e.app_id for e in self._verified.values() if not e.app_id.startswith("oidc:")}
         if not apps:
             return
         now = self._wall_clock()
         current = await trio.to_thread.run_sync(self._read_keys, apps, now)
         dropped = 0
         for digest, entry in list(self._verified.items()):
+            if entry.app_id.startswith("oidc:"):
+                continue
             keys = current.get(entry.app_id)
             verifier = None
             if keys is not None and not keys.disabled:
