@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -11,6 +12,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -55,6 +59,36 @@ def wait_for(what: str, check: Callable[[], object], timeout: float) -> float:
         if time.monotonic() - started > timeout:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+REPO = Path(__file__).resolve().parent.parent
+EVENTUALLY_S = 60.0  # generous: the event must happen, how fast is for bench/
+
+
+def qmesh_cli(
+    config: Path, *args: str, ok: bool | None = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``qmesh --config CONFIG ARGS…`` as an operator runs it, without the
+    caller's ``QMESH_`` settings (``env`` adds some); with ``ok`` True or
+    False it must succeed or fail (None: the caller looks)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
+    environment.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False, env=environment,
+    )  # fmt: skip
+    if ok is not None:
+        assert (done.returncode == 0) == ok, (args, done.stdout, done.stderr)
+    return done
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = EVENTUALLY_S) -> T:
+    """Poll ``check`` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
+    return value
 
 
 class LoopbackServer:

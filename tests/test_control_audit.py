@@ -14,8 +14,6 @@ import getpass
 import json
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,19 +22,10 @@ from typing import Any
 
 from daemonkit import FAST_TUNNEL, make_gate_dir
 from processkit import free_port, start_role, stop
+from processkit import qmesh_cli as qmesh
 
-REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30.0  # generous: the event must happen, how fast is for bench/
 DB_PASSWORD = "s3cret-Db-Passw0rd"
-
-
-def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    return done
 
 
 def control(config: Path) -> list[dict[str, Any]]:

@@ -10,8 +10,6 @@ guessed times.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,38 +17,21 @@ from typing import Any
 
 import trio
 from daemonkit import FAST_TUNNEL, make_gate_dir
-from processkit import free_port, start_role, stop
+from processkit import eventually, free_port, start_role, stop
+from processkit import qmesh_cli as qmesh
 
 from qmesh.config import TunnelConfig
 from qmesh.identity import load_credential
 from qmesh.tunnel import HandshakeRefused, TunnelClient
 
-REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 60.0  # generous: the event must happen, how fast is for bench/
 TTL_S = 4
-
-
-def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    return done
 
 
 def identity(config: Path, name: str) -> dict[str, Any]:
     listed = json.loads(qmesh(config, "identities", "--json").stdout)
     found: dict[str, Any] = next(i for i in listed if i["name"] == name)
     return found
-
-
-def wait_for(check: Any, what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} did not happen"
-        time.sleep(0.1)
-    return value
 
 
 def test_a_renewing_edge_keeps_its_session_and_a_silent_one_expires(tmp_path: Path) -> None:
@@ -84,13 +65,13 @@ def test_a_renewing_edge_keeps_its_session_and_a_silent_one_expires(tmp_path: Pa
         return {v["peer"]: v["session"] for v in views}
 
     try:
-        first = wait_for(lambda: sessions().get("renewing"), "the MiniGate's session")
+        first = eventually(lambda: sessions().get("renewing"), "the MiniGate's session")
         enrolled = identity(config, "renewing")
         assert enrolled["expires_at"] is not None and not enrolled["expired"]
         original = time.time() + TTL_S  # at most this: it was enrolled before now
         silent = trio.run(_silent_edge_loses_its_session, tmp_path / "silent.cred", config)
         assert "expired" in silent
-        wait_for(lambda: time.time() > original + 1, "the first expiry")
+        eventually(lambda: time.time() > original + 1, "the first expiry")
         # Past the expiry it was enrolled with: the same session, renewed.
         assert sessions().get("renewing") == first
         renewed = identity(config, "renewing")

@@ -10,37 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from daemonkit import FAST_TUNNEL, make_gate_dir
-from processkit import free_port, start_role, stop
+from processkit import eventually, free_port, start_role, stop
+from processkit import qmesh_cli as qmesh
 
 from qmesh.identity import load_credential
-
-REPO = Path(__file__).resolve().parent.parent
-DEADLINE_S = 60.0  # generous: the event must happen, how fast is for bench/
-
-
-def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    return done
-
-
-def wait_for(check: Any, what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} did not happen"
-        time.sleep(0.05)
-    return value
 
 
 def test_rotation_keeps_the_session_and_teaches_the_edge_the_new_key(tmp_path: Path) -> None:
@@ -85,29 +62,29 @@ def test_rotation_keeps_the_session_and_teaches_the_edge_the_new_key(tmp_path: P
     gate_process = start_role("gate", config, tmp_path / "gate.log")
     edge = start_role("minigate", edge_config, tmp_path / "edge.log")
     try:
-        session = wait_for(lambda: sessions().get("edge-1"), "the edge's session")
+        session = eventually(lambda: sessions().get("edge-1"), "the edge's session")
         rotated = qmesh(config, "keys", "rotate", "--overlap", "1h")
         new_key = base64.b64decode(rotated.stdout.strip())
         assert new_key != old_key
         assert qmesh(config, "keys", "show").stdout.strip() == rotated.stdout.strip()
-        wait_for(lambda: "the gate key was rotated" in (tmp_path / "gate.log").read_text(),
+        eventually(lambda: "the gate key was rotated" in (tmp_path / "gate.log").read_text(),
                  "the Gate reading the new key")  # fmt: skip
         # The live session is untouched, and serves.
         assert sessions().get("edge-1") == session
-        assert wait_for(models_through_the_edge, "a request through the edge")
+        assert eventually(models_through_the_edge, "a request through the edge")
 
         # A new handshake with the old key: accepted (the overlap), and the
         # edge keeps the new key in its credential from then on.
         stop(edge)
         edge = start_role("minigate", edge_config, tmp_path / "edge-2.log")
-        wait_for(lambda: load_credential(credential_file).gate_public_key == new_key,
+        eventually(lambda: load_credential(credential_file).gate_public_key == new_key,
                  "the credential rewritten with the new key")  # fmt: skip
-        assert wait_for(models_through_the_edge, "a request after the new handshake")
+        assert eventually(models_through_the_edge, "a request after the new handshake")
         assert "the gate's key was rotated" in (tmp_path / "edge-2.log").read_text()
         assert credential_file.stat().st_mode & 0o777 == 0o600
         stop(edge)
         edge = start_role("minigate", edge_config, tmp_path / "edge-3.log")
-        assert wait_for(models_through_the_edge, "a request with the new key")
+        assert eventually(models_through_the_edge, "a request with the new key")
         assert "the gate's key was rotated" not in (tmp_path / "edge-3.log").read_text()
     finally:
         stop(edge)

@@ -12,6 +12,7 @@ import trio.lowlevel
 from httpkit import exchange, start, status_of
 
 from qmesh.config import HttpConfig
+from qmesh.operator_roles import Right
 from qmesh.state import StateStore
 from qmesh.web.auth import AppAuthenticator
 from qmesh.web.http import HttpError, Request, Response, Router
@@ -108,13 +109,13 @@ async def test_app_authenticator(tmp_path: Path) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         return Request("GET", "/", {}, headers, b"")
 
-    assert await auth.require(request(f"admin:{key}"), admin=True) == "admin"
+    assert await auth.require(request(f"admin:{key}"), Right.OPERATE) == "admin"
     assert await auth.require(request(f"demo:{other}")) == "demo"
     for bad in (None, "admin", f"admin:{other}", f"demo:{key}", ":x"):
         with pytest.raises(HttpError) as info:
             await auth.require(request(bad))
         assert info.value.status == 401
     with pytest.raises(HttpError) as info:
-        await auth.require(request(f"demo:{other}"), admin=True)
+        await auth.require(request(f"demo:{other}"), Right.OPERATE)
     assert info.value.status == 403
     store.close()

@@ -8,37 +8,15 @@ and ``qmesh`` commands; waits are on conditions.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from daemonkit import FAST_TUNNEL, make_gate_dir
-from processkit import free_port, start_role, stop
+from processkit import eventually, free_port, start_role, stop
+from processkit import qmesh_cli as qmesh
 
 from qmesh.identity import load_credential
 from qmesh.state import StateStore
-
-REPO = Path(__file__).resolve().parent.parent
-DEADLINE_S = 60.0  # generous: the event must happen, how fast is for bench/
-
-
-def qmesh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    return done
-
-
-def wait_for(check: Any, what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} did not happen"
-        time.sleep(0.1)
-    return value
 
 
 def edge_config(tmp_path: Path, name: str, token_file: Path) -> Path:
@@ -69,7 +47,7 @@ def test_a_token_enrolls_one_edge_with_its_own_key_once(tmp_path: Path) -> None:
     processes = [first]
     try:
         credential_file = tmp_path / "first.cred"
-        wait_for(credential_file.exists, "the joined credential")
+        eventually(credential_file.exists, "the joined credential")
         credential = load_credential(credential_file)
         assert credential.name == "web-7" and credential.role == "minigate"
         assert credential_file.stat().st_mode & 0o777 == 0o600
@@ -84,17 +62,17 @@ def test_a_token_enrolls_one_edge_with_its_own_key_once(tmp_path: Path) -> None:
         second = start_role("minigate", edge_config(tmp_path, "second", token_file),
                             tmp_path / "b.log")  # fmt: skip
         processes.append(second)
-        wait_for(lambda: "this join token was used already" in (tmp_path / "b.log").read_text(),
+        eventually(lambda: "this join token was used already" in (tmp_path / "b.log").read_text(),
                  "the second edge's refusal")  # fmt: skip
         assert not (tmp_path / "second.cred").exists()
         # A token past its time: refused.
         tokens = json.loads(qmesh(config, "tokens", "list", "--json").stdout)
         late_expiry = next(t["expires_at"] for t in tokens if t["name"] == "late")
-        wait_for(lambda: time.time() > late_expiry, "the late token's expiry")
+        eventually(lambda: time.time() > late_expiry, "the late token's expiry")
         late = start_role("minigate", edge_config(tmp_path, "late", expired_file),
                           tmp_path / "c.log")  # fmt: skip
         processes.append(late)
-        wait_for(lambda: "this join token has expired" in (tmp_path / "c.log").read_text(),
+        eventually(lambda: "this join token has expired" in (tmp_path / "c.log").read_text(),
                  "the late edge's refusal")  # fmt: skip
         # The joined edge restarts from its credential file, token or not.
         stop(first)
@@ -102,7 +80,7 @@ def test_a_token_enrolls_one_edge_with_its_own_key_once(tmp_path: Path) -> None:
         again = start_role("minigate", edge_config(tmp_path, "first", token_file),
                            tmp_path / "a2.log")  # fmt: skip
         processes.append(again)
-        wait_for(lambda: "connected to gate" in (tmp_path / "a2.log").read_text(),
+        eventually(lambda: "connected to gate" in (tmp_path / "a2.log").read_text(),
                  "the restart with the credential")  # fmt: skip
         states = {t["name"]: t["state"] for t in json.loads(
             qmesh(config, "tokens", "list", "--json").stdout)}  # fmt: skip

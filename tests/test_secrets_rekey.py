@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from daemonkit import make_gate_dir
+from processkit import qmesh_cli as qmesh
 
 from qmesh.config import load_config
 from qmesh.llm.provider_keys import ProviderKeyError, load_key, store_key
@@ -24,21 +22,6 @@ from qmesh.masterkey import key_fingerprint, load_master_key
 from qmesh.pg.errors import VaultError
 from qmesh.pg.vault import Vault
 from qmesh.state import StateStore
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def qmesh(
-    config: Path, *args: str, ok: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("QMESH_")}
-    environment.update(env or {})
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=60, check=False, env=environment,
-    )  # fmt: skip
-    assert (done.returncode == 0) == ok, (args, done.stdout, done.stderr)
-    return done
 
 
 def test_rekey_keeps_every_alias_readable_and_a_running_vault_follows(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import sqlite3
@@ -283,7 +284,9 @@ async def test_usable_from_trio_worker_threads(store: StateStore) -> None:
     async with trio.open_nursery() as nursery:
         for n in range(5):
             nursery.start_soon(
-                trio.to_thread.run_sync, store.add_identity, f"edge-{n}", "minigate", key(n)
+                functools.partial(
+                    trio.to_thread.run_sync, store.add_identity, f"edge-{n}", "minigate", key(n)
+                )
             )
     found = await trio.to_thread.run_sync(store.find_identity_by_key, key(3))
     assert found is not None and found.name == "edge-3"

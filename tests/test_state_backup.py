@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import trio
 from daemonkit import GateDir, make_gate_dir
+from processkit import qmesh_cli as qmesh
 from processkit import start_role, stop
 
 from qmesh.finops.ledger import Ledger, LedgerEntry
@@ -26,18 +25,8 @@ from qmesh.masterkey import ensure_master_key
 from qmesh.pg.vault import Vault
 from qmesh.state import StateStore
 
-REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30.0  # generous: the event must happen, how fast is for bench/
 DSN = "postgresql://shop:Orders-Passw0rd@127.0.0.1:5432/orders"
-
-
-def qmesh(config: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmesh", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
-    )  # fmt: skip
-    assert (done.returncode == 0) == ok, (args, done.stdout, done.stderr)
-    return done
 
 
 def get(gate: GateDir, path: str, token: str) -> int:
