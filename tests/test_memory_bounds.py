@@ -319,6 +319,8 @@ def test_sigterm_stops_a_gate_busy_with_memory_work(tmp_path: Path) -> None:
         f'data_dir = "{gate_dir}"\n'
         f'[gate]\ntunnel_listen = "127.0.0.1:{free_port()}"\n'
         f'http_listen = "127.0.0.1:{http_port}"\n'
+        # SIGTERM drains first: the ingest in flight gets this long to finish.
+        "drain_timeout_s = 1\n"
         "[gate.memory]\nmax_document_bytes = 8_388_608\n"
     )
     log = tmp_path / "gate.log"
@@ -353,8 +355,8 @@ def test_sigterm_stops_a_gate_busy_with_memory_work(tmp_path: Path) -> None:
         )
         started = time.monotonic()
         gate.send_signal(signal.SIGTERM)
-        # The promise is 5 s; the limit here is generous (a loaded
-        # machine) but far below the minutes the work would take.
+        # The promise is the drain (1 s here) and then 5 s; the limit here is
+        # generous (a loaded machine) but far below the minutes the work would take.
         code = gate.wait(timeout=20)
         stopped_s = time.monotonic() - started
     finally:

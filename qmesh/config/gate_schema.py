@@ -394,9 +394,10 @@ class GateConfig:
     """From ``[gate.forward_allow_edges]``: more rules for one edge, by its
     identity name; that edge may use these and ``forward_allow``."""
     oidc: OidcConfig = OidcConfig()
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0
     """How long a draining Gate (SIGTERM, ``qmesh gates drain``) lets the
-    requests in flight at its HTTP API finish before it stops."""
+    requests in flight at its HTTP API finish before it stops (keep it below
+    the service manager's stop timeout: systemd's unit here gives 30 s)."""
     master_key_file: Path | None = None
     """The vault's master key; None: ``DATA_DIR/master.key`` (see :mod:`qmesh.masterkey`)."""
     master_key_command: tuple[str, ...] | None = None
