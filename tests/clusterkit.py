@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import openai
 import trio
 from daemonkit import FAST_TUNNEL
 from processkit import free_port
@@ -79,3 +82,53 @@ async def start_gate(
     gate_config(file, data, url, name, extra=FAST_TUNNEL)
     endpoints: dict[str, Any] = await nursery.start(run_gate, load_config(file, env={}))
     return endpoints
+
+
+class Application:
+    """A loop in a thread of its own, as an application runs one, until stopped."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:  # started (a test may fail before it starts it)
+            self._thread.join(timeout=60)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Traffic(Application):
+    """Chat completions one after another on one keep-alive client."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        super().__init__()
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+        self.answered: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        while not self.stopping:
+            n += 1
+            try:
+                reply = self.client.chat.completions.create(
+                    model="qg://task=keywords",
+                    messages=[{"role": "user", "content": f"failover request {n} about gates"}],
+                )
+                assert reply.choices[0].message.content, reply
+                self.answered.append(time.monotonic())
+            except Exception as exc:  # every error is what the test counts
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def answered_since(self, moment: float) -> int:
+        return sum(t > moment for t in self.answered)

@@ -12,54 +12,16 @@ drain``. Not one request fails.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
-import openai
-from clusterkit import gate_config, gates
+from clusterkit import Traffic, gate_config, gates
 from clusterkit import qmesh_ok as qmesh
 from pgcluster import PgCluster
 from pgkit import RealDb
 from processkit import free_port, start_role, stop, wait_for
 
 DEADLINE_S = 60.0
-
-
-class Traffic:
-    """Chat completions one after another, in a thread, until stopped."""
-
-    def __init__(self, base_url: str, key: str) -> None:
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
-        self.answered: list[float] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            try:
-                reply = self.client.chat.completions.create(
-                    model="qg://task=keywords",
-                    messages=[{"role": "user", "content": f"drain request {n} about gates"}],
-                )
-                assert reply.choices[0].message.content, reply
-                self.answered.append(time.monotonic())
-            except Exception as exc:  # every error is what the test counts
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def answered_since(self, moment: float) -> int:
-        return sum(t > moment for t in self.answered)
 
 
 def test_draining_gates_under_load_fails_no_request(tmp_path: Path, pg_cluster: PgCluster) -> None:

@@ -13,67 +13,18 @@ failover took is printed (``-s``); ``bench/cluster.py`` measures it."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import openai
 import psycopg
-from clusterkit import gate_config, gates
+from clusterkit import Application, Traffic, gate_config, gates
 from clusterkit import qmesh_ok as qmesh
 from pgcluster import PgCluster
 from pgkit import RealDb
 from processkit import free_port, start_role, stop, wait_for
 
 DEADLINE_S = 60.0
-
-
-class Application:
-    """A loop in a thread of its own, as an application runs one, until stopped."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:  # started (a test may fail before it starts it)
-            self._thread.join(timeout=60)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def run(self) -> None:
-        raise NotImplementedError
-
-
-class Traffic(Application):
-    """Chat completions one after another on one keep-alive client."""
-
-    def __init__(self, base_url: str, key: str) -> None:
-        super().__init__()
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
-        self.answered: list[float] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        n = 0
-        while not self.stopping:
-            n += 1
-            try:
-                reply = self.client.chat.completions.create(
-                    model="qg://task=keywords",
-                    messages=[{"role": "user", "content": f"failover request {n} about gates"}],
-                )
-                assert reply.choices[0].message.content, reply
-                self.answered.append(time.monotonic())
-            except Exception as exc:  # every error is what the test counts
-                self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
 class Sessions(Application):

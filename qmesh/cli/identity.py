@@ -197,23 +197,31 @@ def _cmd_enroll(args: argparse.Namespace, config: Config) -> int:
     gate_address = _gate_address(args, config)
     if gate_address is None:
         return EXIT_USAGE
-    out: Path | None = args.out
-    if out is not None and out.exists():
-        print_err(f"error: {out} already exists; remove it or choose another --out")
+    if _out_taken(args.out):
         return EXIT_USAGE
     with open_answerable(config) as store:
         credential = enroll(store, keys, args.role, args.name, gate_address, ttl_s=args.ttl)
-    text = credential.encode()
+    _hand_over(credential.encode(), args.out, f"enrolled {args.role} {args.name!r}; the "
+               "credential above is shown only once, keep it secret")  # fmt: skip
+    return EXIT_OK
+
+
+def _out_taken(out: Path | None) -> bool:
+    if out is not None and out.exists():
+        print_err(f"error: {out} already exists; remove it or choose another --out")
+        return True
+    return False
+
+
+def _hand_over(text: str, out: Path | None, shown_once: str) -> None:
+    """A secret made for someone: printed (with ``shown_once`` on stderr),
+    or written to ``out`` (0600) and its path printed."""
     if out is None:
         print(text)
-        print_err(
-            f"enrolled {args.role} {args.name!r}; the credential above is shown only once, "
-            "keep it secret"
-        )
+        print_err(shown_once)
     else:
         write_private_file(out, (text + "\n").encode("ascii"))
         print(out)
-    return EXIT_OK
 
 
 def _gate_address(args: argparse.Namespace, config: Config) -> str | None:
@@ -236,22 +244,15 @@ def _cmd_tokens_create(args: argparse.Namespace, config: Config) -> int:
     gate_address = _gate_address(args, config)
     if gate_address is None:
         return EXIT_USAGE
-    out: Path | None = args.out
-    if out is not None and out.exists():
-        print_err(f"error: {out} already exists; remove it or choose another --out")
+    if _out_taken(args.out):
         return EXIT_USAGE
     with open_answerable(config) as store:
         token_id, secret = store.create_join_token(
             args.role, args.name, args.ttl, credential_ttl_s=args.credential_ttl
         )
     token = JoinToken(token_id, secret, args.name, args.role, keys.public_key, gate_address)
-    if out is None:
-        print(token.encode())
-        print_err(f"join token {token_id} for {args.role} {args.name!r} above, shown only once; "
-                  f"it works once, within {args.ttl:g} s")  # fmt: skip
-    else:
-        write_private_file(out, (token.encode() + "\n").encode("ascii"))
-        print(out)
+    _hand_over(token.encode(), args.out, f"join token {token_id} for {args.role} {args.name!r} "
+               f"above, shown only once; it works once, within {args.ttl:g} s")  # fmt: skip
     return EXIT_OK
 
 

@@ -18,11 +18,15 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
+from qmesh import peerjson
 from qmesh.finops.ledger import KeptPrompt
 
-__all__ = ["answer_text", "collect_stream", "kept_record", "prompt_text"]
+__all__ = ["MAX_ANSWER_BYTES", "answer_text", "collect_stream", "kept_record", "prompt_text"]
+
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+"""The largest answer (or event) whose text is read for keeping."""
 
 
 def prompt_text(body: dict[str, Any]) -> str:
@@ -33,12 +37,20 @@ def prompt_text(body: dict[str, Any]) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _choices(data: bytes) -> list[Any]:
+    """An upstream answer's ``choices`` (a provider is a peer: its JSON is
+    bounded like any peer's); [] when there are none to read."""
+    try:
+        parsed = peerjson.loads(data, max_bytes=MAX_ANSWER_BYTES, what="answer")
+    except peerjson.PeerJsonError:
+        return []
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    return choices if isinstance(choices, list) else []
+
+
 def answer_text(answer: bytes) -> str:
     """The text of a whole (non-streamed) OpenAI answer; '' for embeddings."""
-    try:
-        choices = json.loads(answer).get("choices") or []
-    except (ValueError, AttributeError):
-        return ""
+    choices = _choices(answer)
     parts = []
     for choice in choices:
         if isinstance(choice, dict):
@@ -53,11 +65,7 @@ def _delta_text(event: bytes) -> str:
     for line in event.split(b"\n"):
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
-        try:
-            choices = json.loads(line[6:]).get("choices") or []
-        except (ValueError, AttributeError):
-            continue
-        for choice in choices:
+        for choice in _choices(line[6:]):
             if isinstance(choice, dict):
                 delta = choice.get("delta")
                 text = delta.get("content") if isinstance(delta, dict) else choice.get("text")

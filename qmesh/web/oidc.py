@@ -16,13 +16,13 @@ browser sign-in redirect (not built: the dashboard takes the token pasted).
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from typing import Any, Final
 
 import attrs
 import jwt
 
+from qmesh import peerjson
 from qmesh.config import OidcConfig
 from qmesh.operator_roles import OPERATOR_ROLES
 
@@ -69,8 +69,10 @@ class OidcVerifier:
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
-                document = json.loads(response.read(_MAX_DOCUMENT))
-        except (OSError, ValueError) as exc:
+                document = peerjson.loads(
+                    response.read(_MAX_DOCUMENT + 1), max_bytes=_MAX_DOCUMENT, what="discovery"
+                )
+        except (OSError, peerjson.PeerJsonError) as exc:
             raise OidcError(f"the issuer's discovery document is unavailable: {exc}") from None
         jwks_uri = document.get("jwks_uri") if isinstance(document, dict) else None
         if not isinstance(jwks_uri, str):
