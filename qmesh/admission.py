@@ -53,10 +53,10 @@ class EnrolledEdges:
     ) -> None:
         self.store = store
         self.gate_public_key = gate_public_key
+        """The cluster's own key: a peer holding it is another Gate (role ``gate``)."""
         self.previous_gate_public_key: bytes | None = None
         """The cluster's key before a rotation, while its overlap lasts: a
         Gate that has not read the new one yet is still a Gate."""
-        """The cluster's own key: a peer holding it is another Gate (role ``gate``)."""
         self.gate_name = gate_name
         self._new_expiry = trio.Event()
         """Set when an edge with an expiring credential is let in: the expiry
@@ -138,7 +138,9 @@ class EnrolledEdges:
             elif identity.expired(now):
                 server.end_sessions_of(peer, "credential expired (not renewed in time)")
             elif identity.expires_at is not None:
-                earliest = min(earliest or identity.expires_at, identity.expires_at)
+                earliest = (
+                    identity.expires_at if earliest is None else min(earliest, identity.expires_at)
+                )
         return earliest
 
     async def expire_forever(self, server: TunnelServer) -> None:

@@ -22,6 +22,7 @@ Not for: the handshake (:mod:`qmesh.tunnel`) or who may renew
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +64,17 @@ async def _renew_once(client: TunnelClient) -> float | None:
         error = reply.get("error") if isinstance(reply, dict) else None
         raise ValueError(str(error or "the Gate refused the renewal"))
     expires = reply.get("expires_at")
-    if expires is not None and not isinstance(expires, int | float):
+    if expires is None:
+        return None
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise ValueError("the Gate's expiry is not a number")
-    return None if expires is None else float(expires)
+    try:
+        value = float(expires)
+    except OverflowError:
+        raise ValueError("the Gate's expiry is out of range") from None
+    if not math.isfinite(value):
+        raise ValueError("the Gate's expiry is not finite")
+    return value
 
 
 async def keep_renewed(client: TunnelClient, *, ttl_hint_s: float = NO_EXPIRY_CHECK_S) -> None:

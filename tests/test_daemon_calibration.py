@@ -200,8 +200,9 @@ def test_each_type_costs_the_slower_of_its_arithmetic_and_its_bytes() -> None:
     assert got.fixed == pytest.approx(1e-4 + 10 * 1e-5)
     assert got.sampling == pytest.approx(2e-5 + 100_000 * 1e-9)  # grows with the vocabulary
     assert got.serving == pytest.approx(5e-4)
-    assert got.attention == pytest.approx(max(1000 * 100 / 20e9, 1000 * 100 / 20e9))
-    assert got.total == pytest.approx(q8 + q4 + 2e-4 + 1.2e-4 + 5e-4 + got.attention)
+    # 1,000 positions × 100 KV bytes each, read at 20 GB/s: 5 µs.
+    assert got.attention == pytest.approx(5e-6)
+    assert got.total == pytest.approx(q8 + q4 + 2e-4 + 1.2e-4 + 5e-4 + 5e-6)
     # Slow memory makes Q8_0 memory-bound instead.
     slow = attrs.evolve(share, bandwidth_gbps=5.0)
     got = decode_time(READS, [slow], layers=10, kv_bytes_per_token=0, vocab=0,

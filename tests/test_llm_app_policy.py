@@ -163,6 +163,11 @@ async def test_rate_limits_answer_429_and_the_openai_client_retries(
     assert headers["retry-after"] == "20" and headers["retry-after-ms"] == "20000"
     assert headers["x-ratelimit-limit-requests"] == "3"
     assert headers["x-ratelimit-remaining-requests"] == "0"
+    # A request bigger than a whole minute's tokens never fits: 400, not a 429 to wait on.
+    await set_policy(api, "app-a", tokens_per_minute=100)
+    status, _, body = await call(api, "/v1/chat/completions", chat(SUMMARIZE, max_tokens=500))
+    assert status == 400 and "can never fit 100 tokens per minute" in body["error"]["message"]
+    await set_policy(api, "app-a", requests_per_minute=3)
     # Other apps are not held back by this one's limit.
     status, _, _ = await call(api, "/v1/chat/completions", chat(SUMMARIZE), app="app-b")
     assert status == 200

@@ -26,7 +26,7 @@ from qmesh.config import parse_size
 from qmesh.daemon.calibration import Calibration, DeviceRates
 from qmesh.daemon.telemetry import Telemetry, pcie_gbps
 
-__all__ = ["DEFAULT_HOST_BANDWIDTH_GBPS", "NODE_PRESETS", "GpuSpec", "NodeSpec", "PlanError"]
+__all__ = ["DEFAULT_HOST_BANDWIDTH_GBPS", "NODE_PRESETS", "GpuSpec", "NodeSpec", "PlanError", "gb"]
 
 DEFAULT_HOST_BANDWIDTH_GBPS: Final = 20.0
 """Used only when a node reports no measured bandwidth (said so in the plan)."""
@@ -92,11 +92,11 @@ class NodeSpec:
 
     def describe(self) -> str:
         parts = [
-            f"{g.name} {_gb(g.vram_free)} free, {g.bandwidth_gbps:.0f} GB/s, "
+            f"{g.name} {gb(g.vram_free)} free, {g.bandwidth_gbps:.0f} GB/s, "
             f"PCIe {'?' if g.pcie_gbps is None else f'{g.pcie_gbps:.1f} GB/s'}"
             for g in self.gpus
         ]
-        parts.append(f"RAM {_gb(self.ram_free)} free, {self.host_bandwidth_gbps:.1f} GB/s")
+        parts.append(f"RAM {gb(self.ram_free)} free, {self.host_bandwidth_gbps:.1f} GB/s")
         if self.threads:
             parts[-1] += f", {self.threads} llama.cpp thread(s)"
         return f"{self.name}: " + "; ".join(parts)
@@ -206,7 +206,8 @@ class NodeSpec:
             raise PlanError(f"cannot read node telemetry from {path}: {exc}") from None
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
+    """A byte count as GB (MB under a GB), for people."""
     if n >= 1e9:
         return f"{n / 1e9:.1f} GB"
     return f"{n / 1e6:.0f} MB"

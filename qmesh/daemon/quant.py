@@ -55,7 +55,7 @@ from typing import Any, Final
 import attrs
 
 from qmesh.daemon.catalog import ModelInfo, TypeRead
-from qmesh.daemon.nodespec import NODE_PRESETS, GpuSpec, NodeSpec, PlanError
+from qmesh.daemon.nodespec import NODE_PRESETS, GpuSpec, NodeSpec, PlanError, gb
 from qmesh.daemon.speed import (
     CPU_EFFICIENCY,
     DECODE_POSITION,
@@ -296,9 +296,7 @@ def place(
             decode_tps=1 / breakdown.total,
             upload_s_per_batch=0.0,
             load_s=0.0,
-            why_not=""
-            if need <= ram_usable
-            else f"needs {_gb(need)} > {_gb(ram_usable)} usable RAM",
+            why_not="" if need <= ram_usable else f"needs {gb(need)} > {gb(ram_usable)} usable RAM",
             breakdown=breakdown,
             prompt_tps=prompt_tps,
             calibrated=node.calibration is not None,
@@ -432,7 +430,7 @@ def _gpu_placement(
         load_s=load_s,
         why_not=""
         if fits
-        else f"{cpu_layers} layers need {_gb(cpu_bytes)} > {_gb(ram_usable)} usable RAM",
+        else f"{cpu_layers} layers need {gb(cpu_bytes)} > {gb(ram_usable)} usable RAM",
         breakdown=breakdown,
         prompt_tps=prompt_tps,
         calibrated=node.calibration is not None,
@@ -550,7 +548,7 @@ class Plan:
                 else:
                     tps += f" {'-':>16} {'':>6}"
             verdict = c.verdict if not p.why_not else f"{c.verdict}: {p.why_not}"
-            lines.append(f"{mark} {v.quantization:<8} {v.source:<8} {_gb(v.weights_bytes):>9} "
+            lines.append(f"{mark} {v.quantization:<8} {v.source:<8} {gb(v.weights_bytes):>9} "
                          f"{p.where:<38} {tps} {verdict}")  # fmt: skip
             if detail and p.fits:
                 prompt = "" if p.prompt_tps is None else f"; prompt {p.prompt_tps:.0f} tok/s"
@@ -570,7 +568,7 @@ class Plan:
         if self.choice is not None and self.choice.placement.cpu_layers and self.node.gpus:
             p = self.choice.placement
             lines.append(
-                f"prompt batches of ≥{PCIE_UPLOAD_MIN_BATCH} tokens move {_gb(p.cpu_bytes)} of "
+                f"prompt batches of ≥{PCIE_UPLOAD_MIN_BATCH} tokens move {gb(p.cpu_bytes)} of "
                 f"RAM-resident weights over PCIe: ≈{p.upload_s_per_batch * 1000:.0f} ms per batch"
             )
         return "\n".join(lines)
@@ -641,9 +639,3 @@ def plan(
             choice = candidate
         candidates.append(candidate)
     return Plan(model, node, context, target, tuple(candidates), choice, summary)
-
-
-def _gb(n: float) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.0f} MB"

@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qmesh import _core
+from qmesh.identity import write_private_file
 from qmesh.masterkey import key_fingerprint
 from qmesh.state import StateError, StateStore
 from qmesh.state.db import Connection
@@ -157,11 +158,7 @@ def reseal_chain_key(conn: Connection, old_key: bytes, new_key: bytes) -> int:
 
 def write_chain_key_file(db_path: Path, key: bytes, *, replace: bool = False) -> None:
     """Put ``key`` beside the SQLite state at ``db_path`` (a restore), 0600."""
-    path = chain_key_path(db_path)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.hex().encode() + b"\n")
+    write_private_file(chain_key_path(db_path), key.hex().encode() + b"\n", replace=replace)
 
 
 def sealed_chain_key(store: StateStore, master_key: bytes) -> bytes:

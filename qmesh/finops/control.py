@@ -6,9 +6,10 @@ apps added, disabled, enabled, rotated, deleted or given a policy,
 operators added, re-roled or removed, secrets set, rotated or deleted) then
 appends a row to the hash-chained ``qg_audit`` trail *in the transaction
 that makes the change*, so none commits without its record; :func:`cli_actor`,
-the name a command-line change is recorded under; :func:`record_at_gate`,
-for what an operator does through a running Gate's API (ending sessions,
-stopping models), buffered by the Gate's ledger like its other rows; and
+the name a command-line change is recorded under; what an operator does
+through a running Gate's API (ending sessions, stopping models) goes
+through :meth:`qmesh.web.auth.AppAuthenticator.record` into the Gate's
+ledger; and
 :func:`list_control`, the trail for ``qmesh audit --control``.
 
 A record holds names and numbers only — an alias, an app id, a role, a
@@ -26,7 +27,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -39,12 +40,10 @@ from qmesh.state.db import Connection
 
 __all__ = [
     "ControlRecord",
-    "GateAudit",
     "attach_recorder",
     "cli_actor",
     "list_control",
     "open_answerable",
-    "record_at_gate",
 ]
 
 
@@ -78,17 +77,6 @@ def attach_recorder(
 
     store.recorder = record
     return store
-
-
-GateAudit = Callable[[str, str, dict[str, Any]], None]
-"""The Gate ledger's :meth:`~qmesh.finops.ledger.Ledger.audit`."""
-
-
-def record_at_gate(
-    audit: GateAudit, actor: str, action: str, detail: Mapping[str, object], *, source: str
-) -> None:
-    """An operator's action through the Gate's API, into the Gate's ledger."""
-    audit(actor, action, {**detail, "from": source})
 
 
 def open_answerable(config: Config) -> StateStore:

@@ -182,7 +182,7 @@ class Ledger:
     def full(self) -> bool:
         """As many rows wait for the database as a Gate keeps: new requests
         are refused until they are written (:data:`MAX_PENDING`)."""
-        return len(self._entries) >= MAX_PENDING
+        return self.pending >= MAX_PENDING
 
     def _write(
         self,

@@ -32,6 +32,7 @@ from qmesh.llm.backends import ClientFault
 from qmesh.llm.calls import Call, estimate_call_tokens
 from qmesh.llm.executor import RequestContext
 from qmesh.llm.fastpath import route_installer
+from qmesh.llm.limits import TooLarge
 from qmesh.llm.retention import answer_text, collect_stream, kept_record, prompt_text
 from qmesh.llm.service import LlmService
 from qmesh.operator_roles import Right
@@ -206,11 +207,14 @@ class LlmApi:
         # Token estimate from the raw size: walking the messages here would
         # cost more than it would tell (see estimate_call_tokens).
         tokens_in = estimate_call_tokens(raw)
-        limited = self.service.rate_limits.take(
-            app, tokens_in + max_tokens,
-            requests_per_minute=policy.requests_per_minute,
-            tokens_per_minute=policy.tokens_per_minute,
-        )  # fmt: skip
+        try:
+            limited = self.service.rate_limits.take(
+                app, tokens_in + max_tokens,
+                requests_per_minute=policy.requests_per_minute,
+                tokens_per_minute=policy.tokens_per_minute,
+            )  # fmt: skip
+        except TooLarge as exc:
+            raise HttpError(400, str(exc), param="max_tokens", code="policy_forbids") from None
         if limited is not None:
             raise HttpError(
                 429, f"app {app!r} is over its limit of {limited.reason} at this gate (app "

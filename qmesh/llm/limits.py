@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import attrs
 
-__all__ = ["AppRateLimits", "Limited"]
+__all__ = ["AppRateLimits", "Limited", "TooLarge"]
 
 
 @attrs.define
@@ -40,6 +40,10 @@ class _Bucket:
     def wait_for(self, amount: float) -> float:
         """Seconds until ``amount`` fits (0: now)."""
         return max(0.0, (amount - self.level) * 60.0 / self.capacity)
+
+
+class TooLarge(Exception):
+    """A request bigger than a whole minute's allowance: no wait makes it fit."""
 
 
 @attrs.frozen
@@ -84,6 +88,11 @@ class AppRateLimits:
             if tokens_per_minute is None
             else self._bucket(app, "tokens", tokens_per_minute, now)
         )
+        if tokens_bucket is not None and tokens > tokens_bucket.capacity:
+            raise TooLarge(
+                f"a request of ~{tokens} tokens (its prompt and max_tokens) can never fit "
+                f"{tokens_per_minute} tokens per minute: ask for fewer max_tokens"
+            )
         waits: list[tuple[float, str]] = []
         if requests is not None:
             waits.append((requests.wait_for(1), f"{requests_per_minute} requests per minute"))

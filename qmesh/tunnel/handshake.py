@@ -295,6 +295,8 @@ async def respond(
     if edge_key is None:  # impossible with IK; guard the type
         raise HandshakeFailed("no static key in HELLO")
     try:
+        # Before decide(): a refusal for the version must not have spent the
+        # edge's HELLO timestamp, a join token, or a session it resumes.
         version = agree(preamble[4], preamble[5])
         welcome = attrs.evolve(await decide(edge_key, hello), version=version)
     except HandshakeRefused as refusal:

@@ -16,6 +16,10 @@ browser sign-in redirect (not built: the dashboard takes the token pasted).
 
 from __future__ import annotations
 
+import base64
+import math
+import threading
+import time
 import urllib.request
 from typing import Any, Final
 
@@ -28,6 +32,7 @@ from qmesh.operator_roles import OPERATOR_ROLES
 
 __all__ = ["OidcError", "OidcPrincipal", "OidcVerifier", "looks_like_jwt"]
 
+REFETCH_S: Final = 60.0
 ALGORITHMS: Final = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 FETCH_TIMEOUT_S: Final = 10.0
 _MAX_DOCUMENT: Final = 256 * 1024
@@ -55,44 +60,70 @@ class OidcVerifier:
 
     def __init__(self, config: OidcConfig) -> None:
         self.config = config
-        self._keys: jwt.PyJWKClient | None = None
+        self._jwks_url = config.jwks_url
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -math.inf
+        self._lock = threading.Lock()
 
-    def _jwks(self) -> jwt.PyJWKClient:
-        if self._keys is None:
-            url = self.config.jwks_url or self._discovered_jwks_url()
-            self._keys = jwt.PyJWKClient(
-                url, cache_keys=True, lifespan=3600, timeout=int(FETCH_TIMEOUT_S)
-            )
-        return self._keys
-
-    def _discovered_jwks_url(self) -> str:
-        url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    def _get(self, url: str, what: str) -> Any:
+        """A document of the issuer's, as peer JSON (size and depth bounded)."""
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:
-                document = peerjson.loads(
-                    response.read(_MAX_DOCUMENT + 1), max_bytes=_MAX_DOCUMENT, what="discovery"
+                return peerjson.loads(
+                    response.read(_MAX_DOCUMENT + 1), max_bytes=_MAX_DOCUMENT, what=what
                 )
         except (OSError, peerjson.PeerJsonError) as exc:
-            raise OidcError(f"the issuer's discovery document is unavailable: {exc}") from None
-        jwks_uri = document.get("jwks_uri") if isinstance(document, dict) else None
-        if not isinstance(jwks_uri, str):
-            raise OidcError("the issuer's discovery document has no jwks_uri")
-        return jwks_uri
+            raise OidcError(f"the issuer's {what} is unavailable: {exc}") from None
+
+    def _key(self, kid: str) -> jwt.PyJWK:
+        """The issuer's key ``kid``; its key set is fetched again for a key
+        id not seen, at most every :data:`REFETCH_S` (a stranger's made-up
+        ids must not make every request wait on the issuer)."""
+        with self._lock:
+            if kid not in self._keys and time.monotonic() - self._fetched_at >= REFETCH_S:
+                self._fetched_at = time.monotonic()
+                if not self._jwks_url:
+                    document = self._get(
+                        self.config.issuer.rstrip("/") + "/.well-known/openid-configuration",
+                        "discovery document",
+                    )
+                    jwks_uri = document.get("jwks_uri") if isinstance(document, dict) else None
+                    if not isinstance(jwks_uri, str):
+                        raise OidcError("the issuer's discovery document has no jwks_uri")
+                    self._jwks_url = jwks_uri
+                try:
+                    keys = jwt.PyJWKSet.from_dict(self._get(self._jwks_url, "key set")).keys
+                except jwt.PyJWKSetError as exc:
+                    raise OidcError(f"the issuer's key set is unusable: {exc}") from None
+                self._keys = {k.key_id: k for k in keys if k.key_id}
+            key = self._keys.get(kid)
+        if key is None:
+            raise OidcError(f"no signing key for the token: the issuer publishes no key {kid!r}")
+        return key
 
     def verify(self, token: str) -> OidcPrincipal:
         """The operator the token names; OidcError saying why not."""
         if len(token) > _MAX_TOKEN:
             raise OidcError("the token is too long")
         try:
-            key = self._jwks().get_signing_key_from_jwt(token)
+            # The header is a stranger's JSON: PyJWT parses it unbounded.
+            header = peerjson.loads(
+                base64.urlsafe_b64decode(token.split(".")[0] + "=="), max_bytes=_MAX_TOKEN,
+                max_depth=4, what="token header",
+            )  # fmt: skip
+        except (ValueError, peerjson.PeerJsonError) as exc:
+            raise OidcError(f"the token is not valid: {exc}") from None
+        kid = header.get("kid") if isinstance(header, dict) else None
+        if not isinstance(kid, str):
+            raise OidcError("the token is not valid: its header names no key (kid)")
+        key = self._key(kid)
+        try:
             claims: dict[str, Any] = jwt.decode(
                 token, key.key, algorithms=list(ALGORITHMS), audience=self.config.audience,
                 issuer=self.config.issuer, leeway=self.config.leeway_s,
                 options={"require": ["exp", "iss", "aud"]},
             )  # fmt: skip
-        except jwt.PyJWKClientError as exc:
-            raise OidcError(f"no signing key for the token: {exc}") from None
-        except jwt.InvalidTokenError as exc:
+        except (jwt.InvalidTokenError, RecursionError) as exc:
             raise OidcError(f"the token is not valid: {exc}") from None
         name = claims.get(self.config.name_claim) or claims.get("sub")
         if not isinstance(name, str) or not name:

@@ -174,8 +174,13 @@ class _Handler(BaseHTTPRequestHandler):
                 ) from None
             if kwargs.get("stream"):
                 self._stream(cast(Iterator[Any], result))
-            else:
-                self._send_json(HTTPStatus.OK, result)
+                return
+        # A whole answer is sent with the model free for the next request: a
+        # slow reader holds its own connection, not the generation.
+        try:
+            self._send_json(HTTPStatus.OK, result)
+        except OSError:
+            self.close_connection = True
 
     @staticmethod
     def _prepare(llama: llama_cpp.Llama, body: Any, kwargs: dict[str, Any]) -> None:
