@@ -242,17 +242,35 @@ def _gate_keys(config: Config) -> tuple[GateKeys, tuple[GateKeys, float] | None]
 async def _drain(config: Config, server: TunnelServer, auth: AppAuthenticator) -> None:
     """Take nothing new, send the edges to the other Gates, and let the
     requests in flight at the HTTP API finish (up to ``gate.drain_timeout_s``)."""
-    if auth.draining:
+    if server.draining:
         return
-    auth.draining = True
-    moved = server.drain("the gate is draining: use another gate of the cluster")
-    log.info(
-        "draining: %d edge session(s) sent to other gates; waiting up to %g s for %d request(s)",
-        moved, config.gate.drain_timeout_s, auth.requests_in_progress,
-    )  # fmt: skip
+    server.draining = True  # no new sessions from here on
+    sent: list[int] = []
+
+    def send_edges_away() -> None:
+        # Between requests: an answer being sent would be cut by GOAWAY, a
+        # request not yet answered is sent again elsewhere by its MiniGate.
+        sent.append(server.drain("the gate is draining: use another gate of the cluster"))
+
     with trio.move_on_after(config.gate.drain_timeout_s):
+        gap = trio.Event()
+
+        def at_gap() -> None:
+            send_edges_away()
+            gap.set()
+
+        auth.when_idle(at_gap)
+        await gap.wait()
+        auth.draining = True
+        log.info("draining: %d edge session(s) sent to other gates", sent[0])
         while auth.requests_in_progress:  # noqa: ASYNC110 - counted by the requests' scopes
             await trio.sleep(0.05)
+    if not sent:
+        auth.when_idle(None)
+        send_edges_away()
+        auth.draining = True
+        log.info("draining: no gap between requests in %g s: %d edge session(s) sent away "
+                 "with requests in flight", config.gate.drain_timeout_s, sent[0])  # fmt: skip
     log.info("drained (%d request(s) still in progress)", auth.requests_in_progress)
 
 

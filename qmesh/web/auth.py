@@ -169,6 +169,7 @@ class AppAuthenticator:
         self.hashes = 0
         """PBKDF2 runs so far (for tests and metrics)."""
         self.draining = False
+        self._on_idle: Callable[[], None] | None = None
         """A draining Gate answers new requests 503 (those in progress finish)."""
         self.control_audit: Callable[[str, str, dict[str, Any]], None] | None = None
         """Where :meth:`record` sends an operator's action (the Gate's
@@ -434,6 +435,14 @@ class AppAuthenticator:
         """Every app's requests in progress (answers being streamed included)."""
         return sum(self._in_progress.values())
 
+    def when_idle(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (now, or as the last request in progress ends,
+        in that same step: no new request can slip in between); None forgets it."""
+        if callback is not None and not self._in_progress:
+            callback()
+            return
+        self._on_idle = callback
+
     def in_progress(self, app_id: str) -> int:
         """Requests of ``app_id`` in progress (answers being streamed included)."""
         return self._in_progress.get(app_id, 0)
@@ -460,6 +469,9 @@ class AppAuthenticator:
             self._in_progress[app_id] = left
         else:
             self._in_progress.pop(app_id, None)
+            if not self._in_progress and self._on_idle is not None:
+                callback, self._on_idle = self._on_idle, None
+                callback()
 
 
 @attrs.frozen
