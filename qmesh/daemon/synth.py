@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import attrs
 
-__all__ = ["Shape", "clone_layer_elements", "matmul_elements", "write_clone",
+__all__ = ["SHAPES", "Shape", "clone_layer_elements", "matmul_elements", "write_clone",
            "write_model"]  # fmt: skip
 
 SPECIAL_TOKENS: Final = 3 + 256
@@ -65,6 +65,14 @@ class Shape:
     def layer_elements(self) -> int:
         """Weights of one block's matrices (attention q, k, v, o and the gated FFN)."""
         return 2 * self.dim * self.dim + 2 * self.kv_dim * self.dim + 3 * self.dim * self.ffn
+
+
+SHAPES: Final = {
+    "tiny": Shape(2, 256, 512, 4, 2, 512),
+    "1b": Shape(16, 2048, 8192, 16, 8, 32000),
+    "8b": Shape(32, 4096, 14336, 32, 8, 32000),  # Llama 3 8B's body, a smaller vocabulary
+}
+"""Named shapes for tools that write test models (scripts/gpu_check.py)."""
 
 
 def matmul_elements(shape: Shape) -> int:
