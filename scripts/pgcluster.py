@@ -37,8 +37,9 @@ def free_port() -> int:
 class PgCluster:
     """One cluster in ``base``: data in ``base/data``, socket in ``base/run``."""
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, *, max_connections: int = 200) -> None:
         self.base = Path(base).resolve()
+        self.max_connections = max_connections
         self.data = self.base / "data"
         self.run_dir = self.base / "run"
         self.port = port or free_port()
@@ -94,7 +95,7 @@ class PgCluster:
                     f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                     f"unix_socket_directories = '{self.run_dir}'\n"
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-                    "max_connections = 200\nshared_buffers = 128MB\n"
+                    f"max_connections = {self.max_connections}\nshared_buffers = 128MB\n"
                 )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_file),
                   "-w", "-t", "60", "start")  # fmt: skip

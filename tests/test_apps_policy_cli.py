@@ -65,6 +65,9 @@ def test_show_change_and_give_back(config: Path) -> None:
             "statement_timeout_ms": 5000,  # kept from the config's
             "max_sessions": 3,
             "audit_statements": "hash",
+            "pool_mode": "session",
+            "pool_size": 20,
+            "pool_wait_ms": 30000,
             "llm": {},
         },
     }
@@ -77,7 +80,8 @@ def test_show_change_and_give_back(config: Path) -> None:
     assert back["source"] == "config"
     assert back["policy"] == {
         "databases": ["orders"], "read_only": False, "statement_timeout_ms": 5000,
-        "max_sessions": None, "audit_statements": "text", "llm": {},
+        "max_sessions": None, "audit_statements": "text", "pool_mode": "session",
+        "pool_size": 20, "pool_wait_ms": 30000, "llm": {},
     }  # fmt: skip
 
 
@@ -89,6 +93,11 @@ def test_show_change_and_give_back(config: Path) -> None:
         (("shop", "--max-sessions", "-1"), "expected a whole number or 'none', got '-1'"),
         (("shop", "--audit", "all"), "invalid choice: 'all'"),
         (("shop", "--read-only", "--read-write"), "not allowed with argument"),
+        (("shop", "--pool-mode", "statement"), "invalid choice: 'statement'"),
+        (("shop", "--pool-size", "0"), "--pool-size: expected a whole number from 1 to 10000"),
+        (("shop", "--pool-size", "10001"), "expected a whole number from 1 to 10000"),
+        (("shop", "--pool-wait-ms", "-5"), "expected a whole number from 1 to 3600000"),
+        (("shop", "--pool-wait-ms", "3600001"), "from 1 to 3600000, got '3600001'"),
     ],
 )
 def test_mistakes_are_one_line(config: Path, args: tuple[str, ...], message: str) -> None:
@@ -100,7 +109,14 @@ def test_mistakes_are_one_line(config: Path, args: tuple[str, ...], message: str
 
 @pytest.mark.parametrize(
     "stored",
-    ["[" * 100_000, '{"databases": "orders"}', '{"databases": [], "sudo": true}', "x" * 70_000],
+    [
+        "[" * 100_000,
+        '{"databases": "orders"}',
+        '{"databases": [], "sudo": true}',
+        "x" * 70_000,
+        '{"databases": ["orders"], "pool_mode": "statement"}',
+        '{"databases": ["orders"], "pool_size": 0}',
+    ],
 )
 def test_a_stored_policy_that_cannot_be_used_denies_its_app(tmp_path: Path, stored: str) -> None:
     """Whoever wrote the shared state, a Gate reading it neither crashes
@@ -147,3 +163,42 @@ def test_llm_rules_from_the_command_line_and_the_config(config: Path, tmp_path: 
     assert "llm.toml:2: gate.apps.web.llm.privacy: expected one of any, private, local" in (
         refused.stderr
     )
+
+
+def test_pool_settings_from_the_command_line(config: Path) -> None:
+    """The pool fields start at their defaults, change one at a time like the
+    others, and are shown in both outputs."""
+    shown = qmesh(config, "apps", "policy", "shop").stdout
+    assert "pool_mode             session\n" in shown
+    assert "pool_size             20\n" in shown
+    assert "pool_wait_ms          30000\n" in shown
+    changed = policy(config, "shop", "--pool-mode", "transaction", "--pool-size", "5",
+                     "--pool-wait-ms", "250")  # fmt: skip
+    assert changed["source"] == "state"
+    stored = changed["policy"]
+    assert isinstance(stored, dict)
+    assert (stored["pool_mode"], stored["pool_size"], stored["pool_wait_ms"]) == (
+        "transaction", 5, 250,
+    )  # fmt: skip
+    # The other rights are kept from the config's table.
+    assert (stored["databases"], stored["statement_timeout_ms"]) == (["orders"], 5000)
+    again = policy(config, "shop", "--pool-size", "7")["policy"]
+    assert again == {**stored, "pool_size": 7}
+    shown = qmesh(config, "apps", "policy", "shop").stdout
+    assert "pool_mode             transaction\n" in shown
+    assert "pool_size             7\n" in shown
+    assert "pool_wait_ms          250\n" in shown
+
+
+def test_a_policy_stored_before_pooling_keeps_the_defaults(tmp_path: Path) -> None:
+    config = Config(data_dir=tmp_path)
+    old = ('{"audit_statements": "hash", "databases": ["orders"], "llm": {}, '
+           '"max_sessions": 4, "read_only": true, "statement_timeout_ms": null}')  # fmt: skip
+    with StateStore.open(tmp_path / "state.db") as store:
+        store.add_app("shop")
+        store.set_app_policy("shop", old)
+        book = PolicyBook(config)
+        book.load(store)
+    policy = book.policy_for("shop")
+    assert policy.allows("orders") and policy.max_sessions == 4
+    assert (policy.pool_mode, policy.pool_size, policy.pool_wait_ms) == ("session", 20, 30000)

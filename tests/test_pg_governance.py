@@ -20,7 +20,7 @@ from psycopg.pq import DiagnosticField
 from qmesh import _core
 from qmesh.pg.audit import list_audit
 from qmesh.pg.guard import Refusal
-from qmesh.pg.relay import Relay
+from qmesh.pg.watch import SessionWatch
 
 DIAG_SQLSTATE = DiagnosticField.SQLSTATE
 DIAG_MESSAGE = DiagnosticField.MESSAGE_PRIMARY
@@ -111,13 +111,13 @@ async def test_statements_that_name_nothing_guarded_skip_the_python_check(
     through Python (and are still audited); the named ones are still
     checked and refused."""
     checked: list[str] = []
-    original = Relay._refusal
+    original = SessionWatch._refusal
 
-    def counting(self: Relay, text: str, what: str) -> Refusal | None:
+    def counting(self: SessionWatch, text: str, what: str) -> Refusal | None:
         checked.append(text)
         return original(self, text, what)
 
-    monkeypatch.setattr(Relay, "_refusal", counting)
+    monkeypatch.setattr(SessionWatch, "_refusal", counting)
     ghost = await read_only_ghost(nursery, db, tmp_path)
 
     def work() -> None:

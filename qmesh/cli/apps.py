@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
 
 from qmesh.cmdline import EXIT_OK, EXIT_USAGE, Subcommands, add_command, iso_seconds, print_err
-from qmesh.config import AUDIT_MODES, KEEP_MODES, PRIVACY_FLOORS, Config, GateAppConfig
+from qmesh.config import (
+    AUDIT_MODES,
+    KEEP_MODES,
+    POOL_MODES,
+    PRIVACY_FLOORS,
+    Config,
+    GateAppConfig,
+)
 from qmesh.finops.control import open_answerable
 from qmesh.pg.policy import PolicyBook, policy_to_json
 from qmesh.state import StateStore
@@ -80,6 +88,18 @@ def _count_or_none(text: str) -> int | None:
     return int(text)
 
 
+def _bounded_count(most: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        number = int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else 0
+        if not 1 <= number <= most:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from 1 to {most}, got {text!r}"
+            )
+        return number
+
+    return parse
+
+
 def _add_policy_command(apps_commands: Any, common: argparse.ArgumentParser) -> None:
     policy = apps_commands.add_parser(
         "policy",
@@ -107,6 +127,18 @@ def _add_policy_command(apps_commands: Any, common: argparse.ArgumentParser) -> 
         help="concurrent sessions per Gate (none: no limit)",
     )  # fmt: skip
     policy.add_argument("--audit", choices=AUDIT_MODES, help="what the statement audit keeps")
+    policy.add_argument(
+        "--pool-mode", choices=POOL_MODES,
+        help="how long a session holds a server connection: to its end, or one transaction",
+    )  # fmt: skip
+    policy.add_argument(
+        "--pool-size", type=_bounded_count(10_000), metavar="N",
+        help="server connections the app's pool holds per alias at a Gate",
+    )  # fmt: skip
+    policy.add_argument(
+        "--pool-wait-ms", type=_bounded_count(3_600_000), metavar="MS",
+        help="how long a session waits for a server connection when all are busy (then 53300)",
+    )  # fmt: skip
     policy.add_argument(
         "--from-config", action="store_true",
         help="forget the stored policy: [gate.apps.APP] applies again",
@@ -224,6 +256,12 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
         changes["max_sessions"] = args.max_sessions
     if args.audit is not None:
         changes["audit_statements"] = args.audit
+    if args.pool_mode is not None:
+        changes["pool_mode"] = args.pool_mode
+    if args.pool_size is not None:
+        changes["pool_size"] = args.pool_size
+    if args.pool_wait_ms is not None:
+        changes["pool_wait_ms"] = args.pool_wait_ms
     llm_changes = _llm_changes(args)
     if (changes or llm_changes) and args.from_config:
         print_err("error: --from-config cannot be combined with changes")
@@ -244,7 +282,9 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
     settings = book.settings(args.app_id)
     source = book.source(args.app_id)
     if args.json:
-        data = None if settings is None else json.loads(policy_to_json(settings))
+        data = (
+            None if settings is None else json.loads(policy_to_json(settings, with_defaults=True))
+        )
         print(json.dumps({"app_id": args.app_id, "source": source, "policy": data}, indent=2))
         return EXIT_OK
     where = {
@@ -261,6 +301,9 @@ def _cmd_policy(args: argparse.Namespace, config: Config) -> int:
         limit = settings.max_sessions
         print(f"max_sessions          {'no limit' if limit is None else limit}")
         print(f"audit_statements      {settings.audit_statements}")
+        print(f"pool_mode             {settings.pool_mode}")
+        print(f"pool_size             {settings.pool_size}")
+        print(f"pool_wait_ms          {settings.pool_wait_ms}")
         llm = settings.llm
         for name in ("tasks", "models", "providers"):
             value = getattr(llm, name)

@@ -2,8 +2,8 @@
 
 For: the frozen attrs classes the Gate's services read (per-app database
 policy, the qg:// router's providers, budgets and routing, memory,
-discovery, the HTTP API's limits), their defaults, and what each field
-means.
+discovery, the HTTP API's limits, the Postgres pools' server connections),
+their defaults, and what each field means.
 
 Not for: checking values (:mod:`qmesh.config.gate_sections` and
 :mod:`qmesh.config.router_sections` do, with file and line), or the
@@ -23,6 +23,7 @@ __all__ = [
     "AUDIT_MODES",
     "KEEP_MODES",
     "MEMORY_EXTRACTORS",
+    "POOL_MODES",
     "PRIVACY_FLOORS",
     "BudgetConfig",
     "ClusterConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "LlmPolicyConfig",
     "MemoryConfig",
     "OidcConfig",
+    "PgPoolConfig",
     "ProviderConfig",
     "ProviderModelConfig",
     "RoutingConfig",
@@ -42,6 +44,8 @@ __all__ = [
 
 AUDIT_MODES: Final = ("text", "hash", "off")
 """Values of ``gate.apps.APP.audit_statements``."""
+POOL_MODES: Final = ("session", "transaction")
+"""Values of ``gate.apps.APP.pool_mode``."""
 KEEP_MODES: Final = ("nothing", "hash", "text")
 """Values of ``gate.apps.APP.llm.keep``."""
 PRIVACY_FLOORS: Final = ("any", "private", "local")
@@ -148,6 +152,19 @@ class GateAppConfig:
     """Concurrent sessions of this app through this Gate."""
     audit_statements: str = "text"
     """``text``, ``hash`` (SHA-256 of the statement only) or ``off``."""
+    pool_mode: str = "session"
+    """``session``: each client session holds one server connection from
+    login to logout. ``transaction``: a server connection is lent to the
+    session for one transaction and goes back to the pool at its end, so many
+    clients share few server connections (as PgBouncer's transaction mode)."""
+    pool_size: int = 20
+    """Server connections this app's pool holds per database alias at one
+    Gate: what the server carries for the app there, however many clients
+    share them."""
+    pool_wait_ms: int = 30000
+    """How long a client waits for a server connection when all are busy
+    before SQLSTATE 53300: a bounded queue, not a hang, when the pool is
+    too small for the load."""
     llm: LlmPolicyConfig = LlmPolicyConfig()
     """What it may do through the LLM API (``[gate.apps.APP_ID.llm]``)."""
 
@@ -379,6 +396,34 @@ class HttpConfig:
 
 
 @attrs.frozen
+class PgPoolConfig:
+    """``[gate.pg_pool]``: how the Gate keeps the server connections its apps'
+    pools hold (``pool_mode`` in ``[gate.apps.APP_ID]`` chooses pooling;
+    ``pool_size`` sizes it). The same for every app and alias, because they
+    answer to the servers' limits and the network, not to one app."""
+
+    server_lifetime_s: float = 3600.0
+    """A server connection is closed when it returns to the pool after living
+    this long, so that no backend lives for ever and the memory one
+    accumulates is given back to the server."""
+    server_idle_timeout_s: float = 600.0
+    """A server connection is closed after idling in the pool this long: a
+    quiet app gives its backends back to the server."""
+    server_check_delay_s: float = 30.0
+    """A connection idle longer than this is checked with an empty query
+    before it is reused, so that one the server or a firewall dropped while
+    it idled is replaced instead of failing the client's transaction."""
+    max_server_connections_per_alias: int = 0
+    """Cluster-wide cap on the server connections opened for one alias by all
+    Gates on the state, the apps' pools together: set below the server's
+    ``max_connections``, it keeps the Gates from exhausting it; 0: no cap."""
+    max_prepared_per_server: int = 1000
+    """Prepared statements qmesh keeps on one server connection; beyond it the
+    connection is closed when it returns to the pool, so that clients that
+    prepare without ever closing cannot grow a backend's memory without bound."""
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -429,3 +474,5 @@ class GateConfig:
     """From ``[gate.http]``: see :class:`HttpConfig`."""
     cluster: ClusterConfig = ClusterConfig()
     """From ``[gate.cluster]``: see :class:`ClusterConfig`."""
+    pg_pool: PgPoolConfig = PgPoolConfig()
+    """From ``[gate.pg_pool]``: see :class:`PgPoolConfig`."""

@@ -3,8 +3,9 @@
 For: the Gate's name and listeners; ``forward_allow`` rules, each parsed at
 load so that a glob or a typo stops the Gate at start rather than refusing
 at run time; per-app database policy; daemon staleness thresholds;
-discovery, memory and the HTTP API's limits. The qg:// router's tables are
-read by :mod:`qmesh.config.router_sections`.
+discovery, memory, the HTTP API's limits and the Postgres pools' server
+connections. The qg:// router's tables are read by
+:mod:`qmesh.config.router_sections`.
 
 Not for: what the values mean (:mod:`qmesh.config.gate_schema`), or the
 sections outside ``[gate]`` (:mod:`qmesh.config.edge_sections`).
@@ -19,6 +20,7 @@ from qmesh.config.address import HOSTNAME_RE, parse_forward_rule, parse_hostport
 from qmesh.config.gate_schema import (
     AUDIT_MODES,
     MEMORY_EXTRACTORS,
+    POOL_MODES,
     ClusterConfig,
     DiscoveryConfig,
     GateAppConfig,
@@ -27,6 +29,7 @@ from qmesh.config.gate_schema import (
     LlmPolicyConfig,
     MemoryConfig,
     OidcConfig,
+    PgPoolConfig,
     parse_llm_policy,
 )
 from qmesh.config.reader import APP_ID_RE, GATE_NAME_RE, Reader, describe, field_names
@@ -67,6 +70,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         http=_read_http(r, t, path),
         oidc=_read_oidc(r, t, path),
         cluster=_read_cluster(r, t, path),
+        pg_pool=_read_pg_pool(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
 
@@ -212,6 +216,11 @@ def _read_gate_apps(
             max_sessions=max_sessions,
             audit_statements=r.string(
                 table, where, "audit_statements", d.audit_statements, choices=AUDIT_MODES
+            ),
+            pool_mode=r.string(table, where, "pool_mode", d.pool_mode, choices=POOL_MODES),
+            pool_size=r.integer(table, where, "pool_size", d.pool_size, lo=1, hi=10_000),
+            pool_wait_ms=r.integer(
+                table, where, "pool_wait_ms", d.pool_wait_ms, lo=1, hi=3_600_000
             ),
             llm=_read_llm_policy(r, table, where),
         )
@@ -393,4 +402,32 @@ def _read_http(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> Htt
         tls=r.string(t, path, "tls", d.tls, choices=("auto", "on", "off")),
         tls_cert=tls_cert,
         tls_key=tls_key,
+    )
+
+
+def _read_pg_pool(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> PgPoolConfig:
+    path: KeyPath = (*gate_path, "pg_pool")
+    t = r.table(gate, path)
+    r.check_keys(t, path, field_names(PgPoolConfig))
+    d = PgPoolConfig()
+    return PgPoolConfig(
+        server_lifetime_s=r.number(
+            t, path, "server_lifetime_s", d.server_lifetime_s, positive=True
+        ),
+        server_idle_timeout_s=r.number(
+            t, path, "server_idle_timeout_s", d.server_idle_timeout_s, positive=True
+        ),
+        server_check_delay_s=r.number(
+            t, path, "server_check_delay_s", d.server_check_delay_s, positive=True
+        ),
+        max_server_connections_per_alias=r.integer(
+            t,
+            path,
+            "max_server_connections_per_alias",
+            d.max_server_connections_per_alias,
+            lo=0,
+        ),
+        max_prepared_per_server=r.integer(
+            t, path, "max_prepared_per_server", d.max_prepared_per_server, lo=1
+        ),
     )

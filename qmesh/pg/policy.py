@@ -19,7 +19,9 @@ answers from memory: no query per login.
 Not for: enforcement itself. The relay applies ``read_only`` on the server
 (``default_transaction_read_only``, which the app must not be able to turn
 off), ``statement_timeout_ms`` as the session's ``statement_timeout``, and
-counts sessions for ``max_sessions``; auditing is :mod:`qmesh.pg.audit`.
+counts sessions for ``max_sessions``; auditing is :mod:`qmesh.pg.audit`;
+``pool_mode``, ``pool_size`` and ``pool_wait_ms`` are the pool's
+(:mod:`qmesh.pg.pool`).
 A changed policy applies to sessions that start after it; live sessions
 keep the rights they logged in with.
 """
@@ -35,12 +37,20 @@ from typing import Any, Final
 import attrs
 
 from qmesh import peerjson
-from qmesh.config import AUDIT_MODES, Config, GateAppConfig, llm_policy_to_json, parse_llm_policy
+from qmesh.config import (
+    AUDIT_MODES,
+    POOL_MODES,
+    Config,
+    GateAppConfig,
+    llm_policy_to_json,
+    parse_llm_policy,
+)
 from qmesh.state import InvalidValue, StateStore
 
 __all__ = [
     "AUDIT_MODES",
     "DENY_ALL",
+    "POOL_MODES",
     "AppPolicy",
     "PolicyBook",
     "policy_for",
@@ -64,6 +74,13 @@ class AppPolicy:
     """Concurrent sessions of this app through this Gate; None: no limit."""
     audit_statements: str
     """``text``, ``hash`` or ``off``: what :class:`qmesh.pg.audit.AuditLog` keeps."""
+    pool_mode: str = "session"
+    """``session`` or ``transaction``: how long a session holds a server
+    connection (see :class:`qmesh.config.GateAppConfig`)."""
+    pool_size: int = 20
+    """Server connections the app's pool holds per alias at this Gate."""
+    pool_wait_ms: int = 30000
+    """How long a session waits for a busy pool's connection before 53300."""
 
     def allows(self, alias: str) -> bool:
         """Whether this app may open ``alias``."""
@@ -77,6 +94,9 @@ class AppPolicy:
             statement_timeout_ms=app.statement_timeout_ms,
             max_sessions=app.max_sessions,
             audit_statements=app.audit_statements,
+            pool_mode=app.pool_mode,
+            pool_size=app.pool_size,
+            pool_wait_ms=app.pool_wait_ms,
         )
 
 
@@ -103,18 +123,24 @@ _MAX_INT: Final = 2**31 - 1
 _MAX_POLICY_BYTES: Final = 64 * 1024
 
 
-def policy_to_json(app: GateAppConfig) -> str:
-    return json.dumps(
-        {
-            "databases": list(app.databases),
-            "read_only": app.read_only,
-            "statement_timeout_ms": app.statement_timeout_ms,
-            "max_sessions": app.max_sessions,
-            "audit_statements": app.audit_statements,
-            "llm": llm_policy_to_json(app.llm),
-        },
-        sort_keys=True,
-    )
+def policy_to_json(app: GateAppConfig, *, with_defaults: bool = False) -> str:
+    """``app`` as stored. The pooling fields are written only where they
+    differ from their defaults, so that a Gate of an earlier version (which
+    refuses fields it does not know) keeps reading the policies of apps
+    that do not pool; ``with_defaults`` writes them all, for people."""
+    data: dict[str, Any] = {
+        "databases": list(app.databases),
+        "read_only": app.read_only,
+        "statement_timeout_ms": app.statement_timeout_ms,
+        "max_sessions": app.max_sessions,
+        "audit_statements": app.audit_statements,
+        "llm": llm_policy_to_json(app.llm),
+    }
+    defaults = GateAppConfig()
+    for name in ("pool_mode", "pool_size", "pool_wait_ms"):
+        if with_defaults or getattr(app, name) != getattr(defaults, name):
+            data[name] = getattr(app, name)
+    return json.dumps(data, sort_keys=True)
 
 
 def _optional_count(data: Mapping[str, Any], key: str, least: int) -> int | None:
@@ -123,6 +149,13 @@ def _optional_count(data: Mapping[str, Any], key: str, least: int) -> int | None
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= _MAX_INT:
         raise InvalidValue(f"{key} must be an integer from {least} to {_MAX_INT}, or none")
+    return value
+
+
+def _count(data: Mapping[str, Any], key: str, default: int, least: int, most: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        raise InvalidValue(f"{key} must be an integer from {least} to {most}")
     return value
 
 
@@ -138,7 +171,8 @@ def policy_from_json(text: str) -> GateAppConfig:
     if not isinstance(data, dict):
         raise InvalidValue("a stored policy is not a JSON object")
     unknown = set(data) - {"databases", "read_only", "statement_timeout_ms", "max_sessions",
-                           "audit_statements", "llm"}  # fmt: skip
+                           "audit_statements", "pool_mode", "pool_size", "pool_wait_ms",
+                           "llm"}  # fmt: skip
     if unknown:
         raise InvalidValue(f"unknown policy field(s): {', '.join(sorted(unknown))}")
     databases = data.get("databases", [])
@@ -152,6 +186,11 @@ def policy_from_json(text: str) -> GateAppConfig:
     audit = data.get("audit_statements", "text")
     if audit not in AUDIT_MODES:
         raise InvalidValue(f"audit_statements must be one of {', '.join(AUDIT_MODES)}")
+    # Absent in policies stored before pooling existed: those keep the defaults.
+    d = GateAppConfig()
+    pool_mode = data.get("pool_mode", d.pool_mode)
+    if pool_mode not in POOL_MODES:
+        raise InvalidValue(f"pool_mode must be one of {', '.join(POOL_MODES)}")
     llm = data.get("llm", {})
     if not isinstance(llm, dict):
         raise InvalidValue("llm must be a JSON object")
@@ -166,6 +205,9 @@ def policy_from_json(text: str) -> GateAppConfig:
         statement_timeout_ms=_optional_count(data, "statement_timeout_ms", 1),
         max_sessions=_optional_count(data, "max_sessions", 0),
         audit_statements=audit,
+        pool_mode=pool_mode,
+        pool_size=_count(data, "pool_size", d.pool_size, 1, 10_000),
+        pool_wait_ms=_count(data, "pool_wait_ms", d.pool_wait_ms, 1, 3_600_000),
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -27,29 +26,16 @@ import trio
 from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.guard import (
-    Refusal,
-    check_statement,
-    parameter_count,
-    refusal_sql,
-    screen_words,
-)
+from qmesh.pg.guard import screen_words
 from qmesh.pg.login import PgSessionError, Upstream, error_response
 from qmesh.pg.policy import AppPolicy
+from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tls import TlsStream
 from qmesh.tunnel.stream import TunnelStream
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 64 * 1024
-MAX_TRACKED_STATEMENTS: Final = 10_000
-"""Prepared statement and portal names remembered per session for the audit."""
-
-
-_Q, _P, _B, _E, _C, _S, _F = (ord(c) for c in "QPBECSF")
-_Z, _I, _SUSPENDED = (ord(c) for c in "ZIs")
-_ERROR = ord("E")
-_PSTATUS = ord("S")
 
 # The message kinds each scanner reports, by what looks at them. A scanner
 # copies only the kinds it is asked for (DataRows and COPY data never), so
@@ -72,11 +58,6 @@ ErrorResponse, EmptyQueryResponse, ReadyForQuery, PortalSuspended."""
 READ_ONLY_WATCH: Final = b"S"
 """ParameterStatus: a read-only session is ended if the server reports that
 ``default_transaction_read_only`` was turned off."""
-_SET_CONFIG_OID: Final = 2078  # pg_catalog.set_config(text, text, boolean)
-# A FunctionCall of OID 0: the server answers "function with OID 0 does not
-# exist" and ReadyForQuery; sent in place of a refused fast-path call.
-_NO_FUNCTION_CALL: Final = _core.encode_message(_F, b"\0\0\0\0\0\0\0\0\0\0")
-_UNKNOWN_STATEMENT: Final = b"<statement prepared before the audit could see it>"
 
 
 async def send_quietly(stream: TunnelStream, data: bytes) -> None:
@@ -94,17 +75,6 @@ async def send_quietly(stream: TunnelStream, data: bytes) -> None:
         pass
 
 
-@attrs.define(slots=True)
-class _Pending:
-    """One statement (or a Sync/FunctionCall) waiting for its results."""
-
-    kind: int  # _Q (simple query), _E (execute), _S (sync or function call)
-    text: bytes
-    started: float
-    rows: int | None = None
-    error: str | None = None
-
-
 @attrs.frozen
 class _Tap:
     """A native relay's tap (:class:`qmesh.tunnel.stream.NativeTap`): the
@@ -112,14 +82,6 @@ class _Tap:
 
     spec: _core.TapSpec
     on_records: Callable[[list[_core.TapRecord]], bytes | None]
-
-
-class SessionOver(Exception):
-    """The relay must end; ``error`` (if any) is sent to the client first."""
-
-    def __init__(self, error: PgSessionError | None) -> None:
-        super().__init__(error.message if error else "session over")
-        self.error = error
 
 
 class Relay:
@@ -139,15 +101,12 @@ class Relay:
         self.server_leftover = upstream.leftover
         self.app_id = app_id
         self.alias = alias
-        self.read_only = policy.read_only
-        self.guard_timeout = policy.statement_timeout_ms is not None
-        self.audit_mode = policy.audit_statements
-        self.audit = audit if self.audit_mode != "off" else None
-        self.pending: deque[_Pending] = deque()
-        self.statements: dict[bytes, bytes] = {}
-        self.portals: dict[bytes, bytes] = {}
+        self.watch = SessionWatch(audit, app_id, alias, policy)
+        self.read_only = self.watch.read_only
+        self.guard_timeout = self.watch.guard_timeout
+        self.guard = self.watch.guard
+        self.audit = self.watch.audit
         self.sending_to_client = False
-        self.guard = self.read_only or self.guard_timeout
         self.client_scanner = self._client_scanner()
         self.ending: SessionOver | None = None
         self.scope: trio.CancelScope | None = None
@@ -261,9 +220,9 @@ class Relay:
                 if from_client:
                     # Only held statements need the guard: the engine's
                     # screen passed the others (they name nothing guarded).
-                    replacement = self._frontend_event(tag, raw, at, check=held)
+                    replacement = self.watch.frontend(tag, raw, at, check=held)
                 else:
-                    self._backend_event(tag, raw, at)
+                    self.watch.backend(tag, raw, at)
                     replacement = raw if held else None
         except SessionOver as exc:
             self._end(exc)
@@ -319,7 +278,7 @@ class Relay:
     def _from_client(self, data: bytes | bytearray) -> bytes | bytearray:
         """Scan client bytes; what to send the server in their place.
         Raises SessionOver for input that must end the session."""
-        on_event = self._frontend_event
+        on_event = self.watch.frontend
         try:
             events = self.client_scanner.feed(data)
         except _core.PgWireError as exc:
@@ -331,92 +290,6 @@ class Relay:
             on_event(tag, raw, now)
         return data
 
-    def _frontend_event(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
-        """Look at one reported client message, seen at ``now``
-        (``time.monotonic()``); return the bytes to send in its place (relay
-        mode uses them; observe mode ignores them). ``check``: whether the
-        statement guard (if the session has one) must look at it."""
-        guard = self.guard and check
-        # Query, Parse and (under the guard) FunctionCall arrive whole. Bind,
-        # Execute and Close may come as a peek, the first 1024 bytes of the
-        # body: room for any name Postgres tells apart (it compares only the
-        # first 63 bytes).
-        try:
-            if tag == _Q:
-                sql = _core.parse_query(raw[5:])
-                if guard:
-                    raw = self._guard_query(sql, raw)
-                if self.audit is not None:
-                    self.pending.append(_Pending(_Q, sql, now))
-            elif tag == _P:
-                name, sql, declared = _core.parse_parse(raw[5:])
-                if guard:
-                    raw = self._guard_parse(name, sql, len(declared), raw)
-                if self.audit is not None:
-                    self._remember(self.statements, name, sql)
-            elif tag == _B:
-                names = _core.parse_bind_names(raw[5:])
-                if names is not None and self.audit is not None:
-                    portal, statement = names
-                    text = self.statements.get(statement, _UNKNOWN_STATEMENT)
-                    self._remember(self.portals, portal, text)
-            elif tag == _E:
-                if self.audit is not None:
-                    portal, _ = _core.parse_execute(raw[5:])
-                    text = self.portals.get(portal, _UNKNOWN_STATEMENT)
-                    self.pending.append(_Pending(_E, text, now))
-            elif tag == _C:
-                if self.audit is not None:
-                    kind, name = _core.parse_close(raw[5:])
-                    (self.statements if kind == "S" else self.portals).pop(name, None)
-            elif tag == _S:
-                if self.audit is not None:
-                    self.pending.append(_Pending(_S, b"", now))
-            elif tag == _F:
-                # Only the guard needs the function; observe mode sees a peek.
-                if guard and _core.parse_function_call(raw[5:]) == _SET_CONFIG_OID:
-                    log.warning("refused a fast-path set_config call of app %r", self.app_id)
-                    raw = _NO_FUNCTION_CALL
-                if self.audit is not None:
-                    self.pending.append(_Pending(_S, b"", now))
-        except (ValueError, _core.PgWireError) as exc:
-            raise SessionOver(
-                PgSessionError("08P01", f"qmesh: malformed client message: {exc}")
-            ) from None
-        return raw
-
-    def _remember(self, names: dict[bytes, bytes], name: bytes, text: bytes) -> None:
-        if name not in names and len(names) >= MAX_TRACKED_STATEMENTS:
-            names.pop(next(iter(names)))  # oldest first; only the audit text is lost
-        names[name] = text
-
-    def _refusal(self, text: str, what: str) -> Refusal | None:
-        """The guard's refusal of statement ``text`` (logged), or None."""
-        refusal = check_statement(text, read_only=self.read_only, guard_timeout=self.guard_timeout)
-        if refusal is not None:
-            log.warning("refused %s of app %r: %s", what, self.app_id, refusal.message)
-        return refusal
-
-    def _guard_query(self, sql: bytes, raw: bytes) -> bytes:
-        refusal = self._refusal(sql.decode("utf-8", "replace"), "a statement")
-        if refusal is None:
-            return raw
-        return _core.encode_query(refusal_sql(refusal))
-
-    def _guard_parse(self, name: bytes, sql: bytes, declared: int, raw: bytes) -> bytes:
-        """``raw`` (a Parse of ``sql`` as ``name`` with ``declared``
-        parameter types), or what to send in its place."""
-        text = sql.decode("utf-8", "replace")
-        refusal = self._refusal(text, "a prepared statement")
-        if refusal is None:
-            return raw
-        # bytea accepts any parameter bytes, in text or binary format, so
-        # the client's Bind still fits and Execute is what fails.
-        types = [17] * parameter_count(text, declared)
-        return _core.encode_parse(name, refusal_sql(refusal), types)
-
-    # -- server → client ---------------------------------------------------------
-
     async def server_to_client(self, data: bytes | bytearray) -> None:
         kinds = b""
         if self.audit is not None:
@@ -424,7 +297,7 @@ class Relay:
         if self.read_only:
             kinds += READ_ONLY_WATCH
         scanner = _core.PgScanner(frontend=False, full=kinds) if kinds else None
-        on_event = self._backend_event
+        on_event = self.watch.backend
         receive = self.upstream.receive_some
         send = self.client.send_all
         while True:
@@ -440,63 +313,3 @@ class Relay:
             await send(data)
             self.sending_to_client = False
             data = b""
-
-    def _backend_event(self, tag: int, raw: bytes, now: float) -> None:
-        if tag == _PSTATUS:
-            if self.read_only:
-                name, value = _core.parse_parameter_status(raw[5:])
-                if name == "default_transaction_read_only" and value != "on":
-                    raise SessionOver(
-                        PgSessionError(
-                            "25006",
-                            "qmesh: this application's sessions are read-only and the session "
-                            "tried to turn that off; it has been ended",
-                        )
-                    )
-            return
-        pending = self.pending
-        if tag == _Z:
-            self._ready(now)
-            return
-        if not pending:
-            return
-        head = pending[0]
-        if tag == _C:
-            _, rows = _core.parse_command_complete(raw[5:])
-            if rows is not None:
-                head.rows = (head.rows or 0) + rows
-            if head.kind == _E:
-                self._finish(pending.popleft(), "ok", now)
-        elif tag == _ERROR:
-            sqlstate = _core.parse_error_fields(raw[5:]).get("C", "XX000")
-            if head.kind == _Q:
-                head.error = head.error or sqlstate
-            elif head.kind == _E:
-                self._finish(pending.popleft(), f"error:{sqlstate}", now)
-        elif tag in (_I, _SUSPENDED) and head.kind == _E:
-            self._finish(pending.popleft(), "ok", now)
-
-    def _ready(self, now: float) -> None:
-        """ReadyForQuery ends a simple query, or everything up to a Sync."""
-        pending = self.pending
-        while pending:
-            item = pending.popleft()
-            if item.kind == _Q:
-                self._finish(item, f"error:{item.error}" if item.error else "ok", now)
-                break
-            if item.kind == _S:
-                break
-            # An Execute the server skipped after an earlier error.
-            self._finish(item, "skipped", now)
-
-    def _finish(self, item: _Pending, outcome: str, now: float) -> None:
-        assert self.audit is not None
-        self.audit.record(
-            app=self.app_id,
-            alias=self.alias,
-            statement=item.text,
-            duration_s=now - item.started,
-            rows=item.rows,
-            outcome=outcome,
-            mode=self.audit_mode,
-        )

@@ -73,14 +73,17 @@ from qmesh.pg.login import (
     open_upstream,
     upstream_params,
 )
+from qmesh.pg.multiplex import PooledSession
 from qmesh.pg.policy import AppPolicy, PolicyBook
-from qmesh.pg.relay import Relay, SessionOver, send_quietly
+from qmesh.pg.pool import PoolBook, PoolKey, ServerPool
+from qmesh.pg.relay import Relay, send_quietly
 from qmesh.pg.scram import (
     MECHANISM,
     ScramError,
     ScramServer,
 )
 from qmesh.pg.vault import DatabaseSecret, Vault, load_master_key
+from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.state import (
     DATABASE_ERRORS,
     AppKeys,
@@ -113,8 +116,10 @@ class _CancelTarget:
     sslmode: str
     sslrootcert: str | None
     alias: str
-    pid: int
-    secret: bytes = attrs.field(repr=False)
+    real_key: Callable[[], tuple[int, bytes] | None] = attrs.field(repr=False)
+    """The server's BackendKeyData for the session's query now: fixed in
+    session mode; in transaction mode that of the connection lent to the
+    client at the moment (None between its transactions)."""
 
 
 def _startup_params(request: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
@@ -153,7 +158,7 @@ class _LiveSession:
     """Wall clock: the end of the verifier's rotation overlap (None: the current key)."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     """Around admission, the login upstream and the relay."""
-    relay: Relay | None = None
+    relay: Relay | PooledSession | None = None
     ending: PgSessionError | None = None
     ended_by_relay: bool = False
 
@@ -210,6 +215,8 @@ class PgService:
         other Gates of the cluster (qmesh.cluster.fabric), each of which
         honours it if it minted the key for that edge."""
         self.live: dict[str, set[_LiveSession]] = {}
+        self.pools = PoolBook(config.gate.pg_pool)
+        """Server connections of the apps in transaction mode."""
         """Sessions past authentication, by app id: see :meth:`refresh_apps`."""
         self.sessions_ended = 0
         """Live sessions ended because their app or key lost its standing."""
@@ -240,6 +247,7 @@ class PgService:
         await trio.to_thread.run_sync(self.policies.load, self.store)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.audit.run)
+            await nursery.start(self.pools.run)
             nursery.start_soon(self._end_expired_sessions)
             task_status.started()
 
@@ -380,13 +388,20 @@ class PgService:
                             claimed = True
                         self.active[app_id] = self.active.get(app_id, 0) + 1
                         counted = True
-                        upstream = await self._login(alias, secret, params, policy)
+                        if policy.pool_mode == "transaction":
+                            pool = await self._pool_for(app_id, alias, secret, params, policy)
+                        else:
+                            upstream = await self._login(alias, secret, params, policy)
                 except trio.TooSlowError:
                     raise PgSessionError("08006", "qmesh: the login took too long") from None
-                log.info("pg session: app %r, alias %r, from %s", app_id, alias, peer)
-                await self._run_session(
-                    stream, reader.leftover(), upstream, app_id, alias, secret, policy, live
-                )
+                log.info("pg session: app %r, alias %r, from %s (%s mode)",
+                         app_id, alias, peer, policy.pool_mode)  # fmt: skip
+                if policy.pool_mode == "transaction":
+                    await self._run_pooled(stream, reader.leftover(), pool, secret, policy, live)
+                else:
+                    await self._run_session(
+                        stream, reader.leftover(), upstream, app_id, alias, secret, policy, live
+                    )
             if live.ending is not None and not live.ended_by_relay:
                 raise live.ending
         except PgSessionError as exc:
@@ -568,6 +583,56 @@ class PgService:
             "the operator must update them (qmesh secrets set)",
         )
 
+    async def _pool_for(
+        self,
+        app_id: str,
+        alias: str,
+        secret: DatabaseSecret,
+        client_params: Sequence[tuple[str, str]],
+        policy: AppPolicy,
+    ) -> ServerPool:
+        """The pool this client's transactions run in; its first login
+        happens here, so a server that cannot be reached fails the client's
+        login, as in session mode, rather than its first statement."""
+        params = upstream_params(secret, client_params, policy)
+        pool = self.pools.pool(
+            PoolKey(app_id, alias, tuple(params)),
+            lambda: self._login(alias, secret, client_params, policy),
+            size=policy.pool_size,
+            wait_s=policy.pool_wait_ms / 1000,
+        )
+        if pool.hello is None:
+            pool.release(await pool.acquire(), reusable=True)
+        return pool
+
+    async def _run_pooled(
+        self,
+        stream: TunnelStream,
+        client_leftover: bytes,
+        pool: ServerPool,
+        secret: DatabaseSecret,
+        policy: AppPolicy,
+        live: _LiveSession,
+    ) -> None:
+        app_id, alias = pool.key.app_id, pool.key.alias
+        session = PooledSession(stream, pool, SessionWatch(self.audit, app_id, alias, policy))
+        minted = self._mint_key(stream.session.peer, secret, alias, session.server_key)
+        try:
+            assert pool.hello is not None
+            await stream.send_all(
+                b"".join(
+                    [
+                        *pool.hello,
+                        _core.encode_backend_key_data(*minted),
+                        _core.encode_ready_for_query("I"),
+                    ]
+                )
+            )
+            live.relay = session  # no checkpoint until run() has its scope
+            await session.run(client_leftover)
+        finally:
+            self._cancel_keys.pop(minted, None)
+
     async def _run_session(
         self,
         stream: TunnelStream,
@@ -583,7 +648,8 @@ class PgService:
         try:
             hello = [*upstream.notices, *upstream.statuses]
             if upstream.key is not None:
-                minted = self._mint_key(stream.session.peer, secret, alias, upstream.key)
+                real = upstream.key
+                minted = self._mint_key(stream.session.peer, secret, alias, lambda: real)
                 hello.append(_core.encode_backend_key_data(*minted))
             hello.append(upstream.ready)
             await stream.send_all(b"".join(hello))
@@ -596,7 +662,11 @@ class PgService:
             await trio.aclose_forcefully(upstream.stream)
 
     def _mint_key(
-        self, edge: str, secret: DatabaseSecret, alias: str, real: tuple[int, bytes]
+        self,
+        edge: str,
+        secret: DatabaseSecret,
+        alias: str,
+        real_key: Callable[[], tuple[int, bytes] | None],
     ) -> tuple[int, bytes]:
         while True:
             minted = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
@@ -609,8 +679,7 @@ class PgService:
             sslmode=secret.sslmode,
             sslrootcert=secret.sslrootcert,
             alias=alias,
-            pid=real[0],
-            secret=real[1],
+            real_key=real_key,
         )
         return minted
 
@@ -650,6 +719,10 @@ class PgService:
             pass
 
     async def _forward_cancel(self, target: _CancelTarget) -> None:
+        real = target.real_key()
+        if real is None:
+            log.info("ignored a cancel request for alias %r: no query in progress", target.alias)
+            return
         conn: trio.abc.Stream | None = None
         try:
             with trio.fail_after(CANCEL_TIMEOUT_S):
@@ -659,7 +732,7 @@ class PgService:
                     conn = await negotiate_tls(
                         tcp, target.sslmode, target.sslrootcert, target.host, target.alias
                     )
-                await conn.send_all(_core.encode_cancel_request(target.pid, target.secret))
+                await conn.send_all(_core.encode_cancel_request(*real))
                 # The server answers nothing and closes once it has acted.
                 while await conn.receive_some(1024):
                     pass

@@ -1,0 +1,366 @@
+"""Server connections kept open at the Gate and lent to client sessions.
+
+For: the pools of transaction mode (:mod:`qmesh.pg.multiplex`). A pool
+holds the logged-in server connections of one app on one database alias
+with one set of startup parameters, since a connection's startup
+parameters (the read-only flag, the policy's statement_timeout, the
+client's own settings) are part of what it is. A client borrows a
+connection for one transaction and gives it back at ReadyForQuery idle.
+
+- **Bounded**: at most ``size`` connections exist (open or being opened);
+  a client that finds them all lent waits in line, first come first
+  served, and gets SQLSTATE 53300 naming the pool after ``wait_s``. A
+  returned connection goes straight to the head of the line.
+- **Hygiene**: a connection that outlived ``server_lifetime_s`` is closed
+  when it comes back, one idle longer than ``server_idle_timeout_s`` is
+  closed by the reaper, and one idle longer than ``server_check_delay_s``
+  answers an empty query before it is lent (a server restart or a
+  ``pg_terminate_backend`` is found there, not by the client's statement).
+- **Reset**: a connection that a client left in a state another client
+  must not inherit (a session-level SET, LISTEN, a temporary table...) is
+  given back with ``dirty``: it is rolled back and reset with ``DISCARD
+  ALL`` (which also drops its prepared statements) before it is lent again.
+
+Not for: which messages go where (:mod:`qmesh.pg.multiplex`), the login
+itself (:mod:`qmesh.pg.login`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
+
+import attrs
+import trio
+
+from qmesh import _core
+from qmesh.config import PgPoolConfig
+from qmesh.fastsocket import fast
+from qmesh.pg.login import PgSessionError, Upstream
+
+__all__ = ["PoolBook", "PoolKey", "PoolStats", "ServerConn", "ServerPool"]
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S: Final = 5.0
+"""The empty query of a health check, and the reset of a dirty connection."""
+RECEIVE_SIZE: Final = 64 * 1024
+
+_EMPTY_QUERY: Final = _core.encode_query(";")
+_RESET: Final = _core.encode_query("ROLLBACK") + _core.encode_query("DISCARD ALL")
+_READY: Final = ord("Z")
+_ERROR: Final = ord("E")
+
+_ids = itertools.count(1)
+
+
+@attrs.frozen
+class PoolKey:
+    """What makes two server connections interchangeable."""
+
+    app_id: str
+    alias: str
+    params: tuple[tuple[str, str], ...]
+    """The startup parameters the Gate logs in with (the password is not one)."""
+
+
+@attrs.define(eq=False)
+class ServerConn:
+    """One logged-in server connection, lent to one client at a time."""
+
+    stream: trio.abc.Stream
+    key: tuple[int, bytes] | None = attrs.field(repr=False)
+    """The server's BackendKeyData: where a client's cancel request goes."""
+    opened_at: float
+    last_used: float
+    prepared: set[bytes] = attrs.field(factory=set)
+    """Names of the statements qmesh prepared on it (see :mod:`qmesh.pg.multiplex`)."""
+    id: int = attrs.field(factory=lambda: next(_ids))
+    leftover: bytes = b""
+    """Server bytes read past the login's ReadyForQuery (normally none)."""
+
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+    async def settle(self, queries: bytes, ready_count: int) -> bool:
+        """Send ``queries`` and read until the ``ready_count``-th
+        ReadyForQuery, idle; False (the connection is unusable) on an
+        error, a broken connection or a slow server."""
+        scanner = _core.PgScanner(frontend=False, full=b"EZ")
+        readies = 0
+        with trio.move_on_after(CHECK_TIMEOUT_S):
+            try:
+                await self.stream.send_all(queries)
+                while True:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return False
+                    for tag, raw in scanner.feed(data):
+                        if tag == _ERROR and _core.parse_error_fields(raw[5:]).get("S") in (
+                            "FATAL",
+                            "PANIC",
+                        ):
+                            return False
+                        if tag == _READY:
+                            readies += 1
+                            if readies == ready_count:
+                                idle = _core.parse_ready_for_query(raw[5:]) == "I"
+                                return idle and not scanner.in_message
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _core.PgWireError):
+                return False
+        return False
+
+
+@attrs.frozen
+class PoolStats:
+    """One pool, as ``/metrics`` and ``qmesh pg pools`` show it."""
+
+    app_id: str
+    alias: str
+    size: int
+    open: int
+    idle: int
+    lent: int
+    waiting: int
+    longest_wait_s: float
+    """How long the client first in line has waited (0: none waits)."""
+    waits: int
+    """Clients that had to wait, since the pool was created."""
+    wait_s_total: float
+    timeouts: int
+    """Clients refused with 53300 after waiting ``wait_s``."""
+    opened: int
+    closed: int
+    checks_failed: int
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    since: float
+    event: trio.Event = attrs.field(factory=trio.Event)
+    conn: ServerConn | None = None
+
+
+Opener = Callable[[], Awaitable[Upstream]]
+
+
+class ServerPool:
+    """The server connections of one :class:`PoolKey`."""
+
+    def __init__(
+        self, key: PoolKey, opener: Opener, *, size: int, wait_s: float, settings: PgPoolConfig
+    ) -> None:
+        self.key = key
+        self.size = size
+        self.wait_s = wait_s
+        self.settings = settings
+        self._open = opener
+        self._idle: deque[ServerConn] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self.count = 0
+        """Connections open or being opened."""
+        self.hello: list[bytes] | None = None
+        """The ParameterStatus (and notice) messages of the pool's first
+        login: what a client is told at its own login."""
+        self.waits = self.timeouts = self.opened = self.closed = self.checks_failed = 0
+        self.wait_s_total = 0.0
+
+    def describe(self) -> str:
+        return f'the pool of app "{self.key.app_id}" on database alias "{self.key.alias}"'
+
+    async def acquire(self) -> ServerConn:
+        """A connection for one client: an idle one (checked if it idled
+        long), a new one while there is room, else the first one given back
+        while this client is first in line. Raises PgSessionError 53300
+        after ``wait_s``, or the login's error."""
+        started = trio.current_time()
+        waited = False
+        try:
+            while True:
+                conn = await self._take_idle()
+                if conn is not None:
+                    return conn
+                if self.count < self.size:
+                    return await self._new()
+                if not waited:
+                    waited = True
+                    self.waits += 1
+                conn = await self._wait_in_line(started)
+                if conn is not None:
+                    return conn
+        finally:
+            if waited:
+                self.wait_s_total += trio.current_time() - started
+
+    async def _take_idle(self) -> ServerConn | None:
+        while self._idle:
+            conn = self._idle.pop()  # the most recently used: its caches are warm
+            now = trio.current_time()
+            if now - conn.last_used > self.settings.server_check_delay_s:
+                if not await conn.settle(_EMPTY_QUERY, 1):
+                    self.checks_failed += 1
+                    log.info("%s: an idle server connection failed its check; replaced",
+                             self.describe())  # fmt: skip
+                    await self._discard(conn)
+                    continue
+            return conn
+        return None
+
+    async def _new(self) -> ServerConn:
+        self.count += 1
+        try:
+            upstream = await self._open()
+        except BaseException:
+            self.count -= 1
+            self._make_room()
+            raise
+        self.opened += 1
+        now = trio.current_time()
+        if self.hello is None:
+            self.hello = [*upstream.notices, *upstream.statuses]
+        return ServerConn(
+            stream=fast(upstream.stream),
+            key=upstream.key,
+            opened_at=now,
+            last_used=now,
+            leftover=upstream.leftover,
+        )
+
+    async def _wait_in_line(self, started: float) -> ServerConn | None:
+        """The connection handed over, or None when there is room to open one."""
+        waiter = _Waiter(started)
+        self._waiters.append(waiter)
+        deadline = started + self.wait_s
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        if waiter.event.is_set():
+            return waiter.conn
+        self._waiters.remove(waiter)
+        self.timeouts += 1
+        raise PgSessionError(
+            "53300",
+            f"qmesh: no server connection became free within {self.wait_s:g} s in "
+            f"{self.describe()} (pool_size = {self.size}); all are in use",
+        )
+
+    def release(self, conn: ServerConn, *, reusable: bool) -> None:
+        """Give ``conn`` back; a connection that is not ``reusable`` (broken,
+        or left mid-transaction) is closed. Never blocks."""
+        now = trio.current_time()
+        conn.last_used = now
+        too_old = now - conn.opened_at > self.settings.server_lifetime_s
+        too_many = len(conn.prepared) > self.settings.max_prepared_per_server
+        if not reusable or too_old or too_many or self.count > self.size:
+            self.count -= 1
+            self.closed += 1
+            trio.lowlevel.spawn_system_task(conn.close)
+            self._make_room()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.event.is_set():
+                waiter.conn = conn
+                waiter.event.set()
+                return
+        self._idle.append(conn)
+
+    async def release_dirty(self, conn: ServerConn) -> None:
+        """Roll back and reset ``conn`` (``DISCARD ALL``), then give it back;
+        close it if that fails."""
+        ok = await conn.settle(_RESET, 2)
+        conn.prepared.clear()  # DISCARD ALL deallocated them
+        self.release(conn, reusable=ok)
+
+    async def _discard(self, conn: ServerConn) -> None:
+        self.count -= 1
+        self.closed += 1
+        await conn.close()
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """A connection closed: the first waiter may open a new one."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.event.is_set():
+                waiter.event.set()  # conn None: loop and open
+                return
+
+    async def reap(self) -> None:
+        """Close connections idle longer than ``server_idle_timeout_s``."""
+        limit = self.settings.server_idle_timeout_s
+        now = trio.current_time()
+        keep = deque(c for c in self._idle if now - c.last_used <= limit)
+        stale = [c for c in self._idle if now - c.last_used > limit]
+        self._idle = keep
+        for conn in stale:
+            await self._discard(conn)
+
+    async def close_idle(self) -> None:
+        while self._idle:
+            await self._discard(self._idle.pop())
+
+    def stats(self) -> PoolStats:
+        now = trio.current_time()
+        return PoolStats(
+            app_id=self.key.app_id,
+            alias=self.key.alias,
+            size=self.size,
+            open=self.count,
+            idle=len(self._idle),
+            lent=self.count - len(self._idle),
+            waiting=len(self._waiters),
+            longest_wait_s=now - self._waiters[0].since if self._waiters else 0.0,
+            waits=self.waits,
+            wait_s_total=self.wait_s_total,
+            timeouts=self.timeouts,
+            opened=self.opened,
+            closed=self.closed,
+            checks_failed=self.checks_failed,
+        )
+
+
+class PoolBook:
+    """Every pool of the Gate, by key."""
+
+    def __init__(self, settings: PgPoolConfig) -> None:
+        self.settings = settings
+        self._pools: dict[PoolKey, ServerPool] = {}
+
+    def pool(self, key: PoolKey, opener: Opener, *, size: int, wait_s: float) -> ServerPool:
+        """The pool of ``key``, created on first use. A policy change of its
+        size or wait applies from now on (connections beyond a smaller size
+        close as they come back)."""
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = ServerPool(
+                key, opener, size=size, wait_s=wait_s, settings=self.settings
+            )
+        else:
+            pool.size, pool.wait_s = size, wait_s
+            pool._open = opener  # the newest credentials (a rotation) for new connections
+        return pool
+
+    def __iter__(self) -> Iterator[ServerPool]:
+        return iter(list(self._pools.values()))
+
+    def stats(self) -> list[PoolStats]:
+        return sorted((p.stats() for p in self), key=lambda s: (s.alias, s.app_id))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reaper: idle connections past their idle timeout are closed;
+        at the end, every idle connection."""
+        task_status.started()
+        period = min(self.settings.server_idle_timeout_s / 2, 30.0)
+        try:
+            while True:
+                await trio.sleep(period if math.isfinite(period) else 30.0)
+                for pool in self:
+                    await pool.reap()
+        finally:
+            with trio.CancelScope(shield=True):
+                for pool in self:
+                    await pool.close_idle()

@@ -1,0 +1,225 @@
+"""What the Gate watches in a Postgres session's messages: the statement
+guard and the audit.
+
+For: one session's bookkeeping, whichever relay carries its bytes (the
+Rust engine's tap, the Python relay of :mod:`qmesh.pg.relay`, or a
+transaction-mode session of :mod:`qmesh.pg.multiplex`): the statement guard
+on Query, Parse and FunctionCall (read-only and statement-timeout
+policies, :mod:`qmesh.pg.guard`), the audit's statement texts, portal and
+statement names, and the outcomes that end each statement, and the
+read-only watch of the server's ParameterStatus reports.
+
+Not for: finding message boundaries (the scanners) or moving bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Final
+
+import attrs
+
+from qmesh import _core
+from qmesh.pg.audit import AuditLog
+from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql
+from qmesh.pg.login import PgSessionError
+from qmesh.pg.policy import AppPolicy
+
+__all__ = ["MAX_TRACKED_STATEMENTS", "SessionOver", "SessionWatch"]
+
+log = logging.getLogger(__name__)
+
+MAX_TRACKED_STATEMENTS: Final = 10_000
+"""Prepared statement and portal names remembered per session for the audit."""
+
+_Q, _P, _B, _E, _C, _S, _F = (ord(c) for c in "QPBECSF")
+_Z, _I, _SUSPENDED = (ord(c) for c in "ZIs")
+_ERROR = ord("E")
+_PSTATUS = ord("S")
+_SET_CONFIG_OID: Final = 2078  # pg_catalog.set_config(text, text, boolean)
+# A FunctionCall of OID 0: the server answers "function with OID 0 does not
+# exist" and ReadyForQuery; sent in place of a refused fast-path call.
+_NO_FUNCTION_CALL: Final = _core.encode_message(_F, b"\0\0\0\0\0\0\0\0\0\0")
+_UNKNOWN_STATEMENT: Final = b"<statement prepared before the audit could see it>"
+
+
+class SessionOver(Exception):
+    """The relay must end; ``error`` (if any) is sent to the client first."""
+
+    def __init__(self, error: PgSessionError | None) -> None:
+        super().__init__(error.message if error else "session over")
+        self.error = error
+
+
+@attrs.define(slots=True)
+class _Pending:
+    """One statement (or a Sync/FunctionCall) waiting for its results."""
+
+    kind: int  # _Q (simple query), _E (execute), _S (sync or function call)
+    text: bytes
+    started: float
+    rows: int | None = None
+    error: str | None = None
+
+
+class SessionWatch:
+    """The guard and the audit of one session."""
+
+    def __init__(self, audit: AuditLog | None, app_id: str, alias: str, policy: AppPolicy) -> None:
+        self.app_id = app_id
+        self.alias = alias
+        self.read_only = policy.read_only
+        self.guard_timeout = policy.statement_timeout_ms is not None
+        self.guard = self.read_only or self.guard_timeout
+        self.audit_mode = policy.audit_statements
+        self.audit = audit if self.audit_mode != "off" else None
+        self.pending: deque[_Pending] = deque()
+        self.statements: dict[bytes, bytes] = {}
+        self.portals: dict[bytes, bytes] = {}
+
+    def frontend(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
+        """Look at one reported client message, seen at ``now``
+        (``time.monotonic()``); return the bytes to send in its place (relay
+        mode uses them; observe mode ignores them). ``check``: whether the
+        statement guard (if the session has one) must look at it."""
+        guard = self.guard and check
+        # Query, Parse and (under the guard) FunctionCall arrive whole. Bind,
+        # Execute and Close may come as a peek, the first 1024 bytes of the
+        # body: room for any name Postgres tells apart (it compares only the
+        # first 63 bytes).
+        try:
+            if tag == _Q:
+                sql = _core.parse_query(raw[5:])
+                if guard:
+                    raw = self._guard_query(sql, raw)
+                if self.audit is not None:
+                    self.pending.append(_Pending(_Q, sql, now))
+            elif tag == _P:
+                name, sql, declared = _core.parse_parse(raw[5:])
+                if guard:
+                    raw = self._guard_parse(name, sql, len(declared), raw)
+                if self.audit is not None:
+                    self._remember(self.statements, name, sql)
+            elif tag == _B:
+                names = _core.parse_bind_names(raw[5:])
+                if names is not None and self.audit is not None:
+                    portal, statement = names
+                    text = self.statements.get(statement, _UNKNOWN_STATEMENT)
+                    self._remember(self.portals, portal, text)
+            elif tag == _E:
+                if self.audit is not None:
+                    portal, _ = _core.parse_execute(raw[5:])
+                    text = self.portals.get(portal, _UNKNOWN_STATEMENT)
+                    self.pending.append(_Pending(_E, text, now))
+            elif tag == _C:
+                if self.audit is not None:
+                    kind, name = _core.parse_close(raw[5:])
+                    (self.statements if kind == "S" else self.portals).pop(name, None)
+            elif tag == _S:
+                if self.audit is not None:
+                    self.pending.append(_Pending(_S, b"", now))
+            elif tag == _F:
+                # Only the guard needs the function; observe mode sees a peek.
+                if guard and _core.parse_function_call(raw[5:]) == _SET_CONFIG_OID:
+                    log.warning("refused a fast-path set_config call of app %r", self.app_id)
+                    raw = _NO_FUNCTION_CALL
+                if self.audit is not None:
+                    self.pending.append(_Pending(_S, b"", now))
+        except (ValueError, _core.PgWireError) as exc:
+            raise SessionOver(
+                PgSessionError("08P01", f"qmesh: malformed client message: {exc}")
+            ) from None
+        return raw
+
+    def _remember(self, names: dict[bytes, bytes], name: bytes, text: bytes) -> None:
+        if name not in names and len(names) >= MAX_TRACKED_STATEMENTS:
+            names.pop(next(iter(names)))  # oldest first; only the audit text is lost
+        names[name] = text
+
+    def _refusal(self, text: str, what: str) -> Refusal | None:
+        """The guard's refusal of statement ``text`` (logged), or None."""
+        refusal = check_statement(text, read_only=self.read_only, guard_timeout=self.guard_timeout)
+        if refusal is not None:
+            log.warning("refused %s of app %r: %s", what, self.app_id, refusal.message)
+        return refusal
+
+    def _guard_query(self, sql: bytes, raw: bytes) -> bytes:
+        refusal = self._refusal(sql.decode("utf-8", "replace"), "a statement")
+        if refusal is None:
+            return raw
+        return _core.encode_query(refusal_sql(refusal))
+
+    def _guard_parse(self, name: bytes, sql: bytes, declared: int, raw: bytes) -> bytes:
+        """``raw`` (a Parse of ``sql`` as ``name`` with ``declared``
+        parameter types), or what to send in its place."""
+        text = sql.decode("utf-8", "replace")
+        refusal = self._refusal(text, "a prepared statement")
+        if refusal is None:
+            return raw
+        # bytea accepts any parameter bytes, in text or binary format, so
+        # the client's Bind still fits and Execute is what fails.
+        types = [17] * parameter_count(text, declared)
+        return _core.encode_parse(name, refusal_sql(refusal), types)
+
+    # -- server → client ---------------------------------------------------------
+
+    def backend(self, tag: int, raw: bytes, now: float) -> None:
+        if tag == _PSTATUS:
+            if self.read_only:
+                name, value = _core.parse_parameter_status(raw[5:])
+                if name == "default_transaction_read_only" and value != "on":
+                    raise SessionOver(
+                        PgSessionError(
+                            "25006",
+                            "qmesh: this application's sessions are read-only and the session "
+                            "tried to turn that off; it has been ended",
+                        )
+                    )
+            return
+        pending = self.pending
+        if tag == _Z:
+            self._ready(now)
+            return
+        if not pending:
+            return
+        head = pending[0]
+        if tag == _C:
+            _, rows = _core.parse_command_complete(raw[5:])
+            if rows is not None:
+                head.rows = (head.rows or 0) + rows
+            if head.kind == _E:
+                self._finish(pending.popleft(), "ok", now)
+        elif tag == _ERROR:
+            sqlstate = _core.parse_error_fields(raw[5:]).get("C", "XX000")
+            if head.kind == _Q:
+                head.error = head.error or sqlstate
+            elif head.kind == _E:
+                self._finish(pending.popleft(), f"error:{sqlstate}", now)
+        elif tag in (_I, _SUSPENDED) and head.kind == _E:
+            self._finish(pending.popleft(), "ok", now)
+
+    def _ready(self, now: float) -> None:
+        """ReadyForQuery ends a simple query, or everything up to a Sync."""
+        pending = self.pending
+        while pending:
+            item = pending.popleft()
+            if item.kind == _Q:
+                self._finish(item, f"error:{item.error}" if item.error else "ok", now)
+                break
+            if item.kind == _S:
+                break
+            # An Execute the server skipped after an earlier error.
+            self._finish(item, "skipped", now)
+
+    def _finish(self, item: _Pending, outcome: str, now: float) -> None:
+        assert self.audit is not None
+        self.audit.record(
+            app=self.app_id,
+            alias=self.alias,
+            statement=item.text,
+            duration_s=now - item.started,
+            rows=item.rows,
+            outcome=outcome,
+            mode=self.audit_mode,
+        )
