@@ -52,9 +52,7 @@ async def ghost(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> Ghost:
 
 def server_connections(db: RealDb) -> int:
     """The server's own count of the role's client connections."""
-    out = db.superuser(
-        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{db.name}'"
-    )
+    out = db.superuser(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{db.name}'")
     return int(out.strip())
 
 
@@ -86,7 +84,9 @@ async def test_psycopg_prepared_statements_share_few_connections(ghost: Ghost) -
         seen = []
         with psycopg.connect(**ghost.kwargs(), autocommit=True, prepare_threshold=0) as conn:
             for j in range(30):
-                row = conn.execute("SELECT %s::int * 2, pg_backend_pid()", (i * 100 + j,)).fetchone()
+                row = conn.execute(
+                    "SELECT %s::int * 2, pg_backend_pid()", (i * 100 + j,)
+                ).fetchone()
                 assert row is not None and row[0] == 2 * (i * 100 + j)
                 seen.append(row[1])
                 with conn.transaction():
@@ -105,3 +105,270 @@ async def test_psycopg_prepared_statements_share_few_connections(ghost: Ghost) -
     pids = {pid for seen in results for pid in seen}
     assert 1 <= len(pids) <= POOL_SIZE
     assert server_connections(ghost.db) <= POOL_SIZE
+
+
+async def test_pgbench_init_and_a_connection_per_transaction(ghost: Ghost) -> None:
+    """pgbench -i (COPY, DDL, VACUUM) then 200 clients, each opening a new
+    connection per transaction, in the three protocols: no failed
+    transaction, and the server sees the pool's connections, no more."""
+    env = {"PGPASSWORD": ghost.app_key}
+    args = ["-h", "127.0.0.1", "-p", str(ghost.port), "-U", ghost.app_id, ghost.alias]
+    with trio.fail_after(120):
+        code, _, err = await run(["pgbench", "-i", "-s", "1", "-q", *args], env=env)
+    assert code == 0, err
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, await in_thread(lambda: server_connections(ghost.db)))
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as watching:
+        watching.start_soon(watch)
+        for mode in ("simple", "extended", "prepared"):
+            with trio.fail_after(180):
+                code, out, err = await run(
+                    ["pgbench", "-c", "200", "-j", "2", "-C", "-t", "5", "-S", "-M", mode, *args],
+                    env=env,
+                )
+            assert code == 0, err
+            assert "number of failed transactions: 0 (0.000%)" in out, out
+            assert "number of transactions actually processed: 1000/1000" in out, out
+        watching.cancel_scope.cancel()
+    assert 1 <= most <= POOL_SIZE
+
+
+async def test_a_thousand_clients_with_prepared_statements(ghost: Ghost) -> None:
+    """1,000 asyncpg connections open at once, each with its own prepared
+    statements (asyncpg prepares every query), through one pool of four."""
+    import asyncio
+
+    async def work() -> tuple[int, set[int]]:
+        conns = await asyncio.gather(
+            *(asyncpg.connect(**ghost.asyncpg_kwargs()) for _ in range(1000))
+        )
+        try:
+
+            async def use(i: int, conn: asyncpg.Connection) -> tuple[int, int]:
+                statement = await conn.prepare("SELECT $1::int + 1")
+                total = 0
+                for j in range(3):
+                    total += int(await statement.fetchval(i + j))
+                async with conn.transaction():
+                    await conn.execute("SELECT 1")
+                return total - (3 * i + 6), int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+            used = await asyncio.gather(*(use(i, c) for i, c in enumerate(conns)))
+            values = await asyncio.gather(*(c.fetchval("SELECT $1::int * 3", 7) for c in conns))
+            assert all(off == 0 for off, _ in used)  # each client got its own answers
+            return sum(values), {pid for _, pid in used}
+        finally:
+            await asyncio.gather(*(c.close() for c in conns))
+
+    with trio.fail_after(240):
+        total, pids = await in_asyncio(work)
+    assert total == 21 * 1000
+    assert 1 <= len(pids) <= POOL_SIZE
+    assert server_connections(ghost.db) <= POOL_SIZE
+
+
+# -- queueing, session state, cancel ---------------------------------------------------
+
+
+async def small_pool(nursery: trio.Nursery, db: RealDb, tmp_path: Path, **policy: object) -> Ghost:
+    values: dict[str, object] = {"size": 1, "wait_ms": 400}
+    values.update(policy)
+    return await start_ghost(nursery, db, tmp_path, policy=pooled(**values))  # type: ignore[arg-type]
+
+
+async def test_a_pool_exhausted_past_its_wait_refuses_the_waiting_client_only(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await small_pool(nursery, db, tmp_path)
+
+    def work() -> str:
+        with psycopg.connect(**ghost.kwargs()) as holder:  # not autocommit: BEGIN holds it
+            assert holder.execute("SELECT 1").fetchone() == (1,)
+            with psycopg.connect(**ghost.kwargs(), autocommit=True) as waiter:
+                with pytest.raises(psycopg.OperationalError) as refused:
+                    waiter.execute("SELECT 2")
+            assert holder.execute("SELECT 3").fetchone() == (3,)  # the holder is unharmed
+            holder.commit()
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as later:
+            assert later.execute("SELECT 4").fetchone() == (4,)
+        return str(refused.value)
+
+    with trio.fail_after(30):
+        message = await in_thread(work)
+    assert "no server connection became free within 0.4 s" in message
+    assert (
+        f'app "{ghost.app_id}" on database alias "main"' in message and "pool_size = 1" in message
+    )
+    (stats,) = ghost.service.pools.stats()
+    assert stats.timeouts == 1 and stats.waits >= 1 and stats.open == 1
+
+
+async def test_session_state_pins_and_is_reset_before_the_next_client(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A session-level SET pins the session to its connection (it keeps
+    its setting across transactions); when it leaves, the connection is
+    reset before the next client gets it."""
+    ghost = await small_pool(nursery, db, tmp_path, wait_ms=10_000)
+
+    def work() -> tuple[str, str, str]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            conn.execute("SET search_path = pinned_schema, public")
+            conn.execute("LISTEN somewhere")
+            kept = conn.execute("SHOW search_path").fetchone()
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as other:
+            fresh = other.execute("SHOW search_path").fetchone()
+            channels = other.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()
+        assert kept is not None and fresh is not None and channels is not None
+        return kept[0], fresh[0], str(channels[0])
+
+    with trio.fail_after(30):
+        kept, fresh, channels = await in_thread(work)
+    assert kept == "pinned_schema, public"
+    assert fresh == '"$user", public' and channels == "0"
+
+
+async def test_cancel_reaches_the_connection_running_the_query(ghost: Ghost) -> None:
+    import asyncio
+
+    async def work() -> int:
+        conn = await asyncpg.connect(**ghost.asyncpg_kwargs())
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(60)"), timeout=0.5)
+            value: int = await conn.fetchval("SELECT 41 + 1")
+        finally:
+            await conn.close()
+        return value
+
+    with trio.fail_after(30):
+        assert await in_asyncio(work) == 42
+    assert ghost.service.cancels_forwarded == 1
+    sleeping = ghost.db.superuser(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'"
+        " AND state = 'active'"
+    )
+    assert sleeping.strip() == "0"
+
+
+async def test_copy_errors_and_pipelines_in_transaction_mode(ghost: Ghost) -> None:
+    def work() -> tuple[list[tuple[int, str]], bytes, int]:
+        with psycopg.connect(**ghost.kwargs(), prepare_threshold=0) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS c (id int PRIMARY KEY, note text)")
+            conn.execute("TRUNCATE c")
+            with conn.cursor().copy("COPY c (id, note) FROM STDIN") as copy:
+                for i in range(500):
+                    copy.write_row((i, f"row {i}"))
+            conn.commit()
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO c VALUES (1, 'again')")
+            conn.rollback()
+            out = b""
+            with conn.cursor().copy(
+                "COPY (SELECT id FROM c WHERE id < 3 ORDER BY id) TO STDOUT"
+            ) as copy:
+                for chunk in copy:
+                    out += bytes(chunk)
+            conn.commit()
+            with conn.pipeline():
+                cur = conn.cursor()
+                for i in range(20):
+                    cur.execute("INSERT INTO c VALUES (%s, %s)", (1000 + i, "piped"))
+            conn.commit()
+            rows = conn.execute(
+                "SELECT id, note FROM c WHERE id IN (0, 499) ORDER BY id"
+            ).fetchall()
+            count = conn.execute("SELECT count(*) FROM c").fetchone()
+            assert count is not None
+            return rows, out, count[0]
+
+    with trio.fail_after(60):
+        rows, out, count = await in_thread(work)
+    assert rows == [(0, "row 0"), (499, "row 499")]
+    assert out == b"0\n1\n2\n"
+    assert count == 520
+
+
+async def test_a_server_connection_killed_while_idle_is_replaced_unnoticed(ghost: Ghost) -> None:
+    def work() -> tuple[int, int]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True, prepare_threshold=0) as conn:
+            before = conn.execute("SELECT pg_backend_pid(), %s::int", (1,)).fetchone()
+            assert before is not None
+            ghost.db.superuser(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                f" WHERE usename = '{ghost.db.name}'"
+            )
+            after = conn.execute("SELECT pg_backend_pid(), %s::int", (2,)).fetchone()
+            assert after is not None and after[1] == 2
+            return before[0], after[0]
+
+    with trio.fail_after(30):
+        before, after = await in_thread(work)
+    assert before != after
+
+
+async def test_a_server_connection_killed_mid_transaction_ends_that_client_only(
+    ghost: Ghost,
+) -> None:
+    def work() -> str:
+        with (
+            psycopg.connect(**ghost.kwargs()) as victim,
+            psycopg.connect(**ghost.kwargs(), autocommit=True) as bystander,
+        ):
+            row = victim.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            ghost.db.superuser(f"SELECT pg_terminate_backend({row[0]})")
+            with pytest.raises(psycopg.OperationalError) as lost:
+                victim.execute("SELECT 1")
+            assert bystander.execute("SELECT 5").fetchone() == (5,)
+            return str(lost.value)
+
+    with trio.fail_after(30):
+        message = await in_thread(work)
+    assert "terminating connection due to administrator command" in message
+
+
+async def test_bad_client_bytes_end_that_client_only(ghost: Ghost) -> None:
+    from pgkit import RawClient
+
+    from qmesh import _core
+
+    def work() -> dict[str, str]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as bystander:
+            raw = RawClient(ghost.port)
+            raw.login(ghost.app_id, ghost.app_key, ghost.alias)
+            raw.query("SELECT 1")
+            raw.send(_core.encode_message(ord("P"), b"dup\0SELECT 1\0\0\0"))
+            raw.send(_core.encode_message(ord("P"), b"dup\0SELECT 2\0\0\0"))
+            raw.send(_core.encode_message(ord("S"), b""))
+            error = raw.error()
+            assert raw.closed()
+            garbage = RawClient(ghost.port)
+            garbage.login(ghost.app_id, ghost.app_key, ghost.alias)
+            garbage.send(b"\x01\x00\x00\x00\x04")
+            assert garbage.error()["C"] == "08P01"
+            assert bystander.execute("SELECT 6").fetchone() == (6,)
+            return error
+
+    with trio.fail_after(30):
+        error = await in_thread(work)
+    assert error["C"] == "42P05" and 'prepared statement "dup" already exists' in error["M"]
+
+
+async def test_statements_are_audited_under_the_app(ghost: Ghost) -> None:
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True, prepare_threshold=0) as conn:
+            conn.execute("SELECT %s::int AS audited_in_pool", (1,))
+
+    with trio.fail_after(30):
+        await in_thread(work)
+        await ghost.audit_settled()
+    records = [r for r in list_audit(ghost.store) if "audited_in_pool" in (r.statement or "")]
+    assert records and all(r.app == ghost.app_id and r.outcome == "ok" for r in records)

@@ -34,8 +34,10 @@ What the client does not notice:
   ``LOAD``, ``set_config``) *pins* the session to its server connection for
   the rest of the session; when the client leaves, that connection is reset
   (``DISCARD ALL``) before anyone else gets it. ``DEALLOCATE ALL`` and
-  ``DISCARD ALL``/``PLANS`` would drop statements other clients rely on:
-  they are refused with SQLSTATE 0A000. Text inspection cannot see state
+  ``DISCARD ALL`` (psycopg sends the first after a failed transaction) run
+  on the server: the client's statements are forgotten, the connection's
+  shared ones are prepared again as needed, and the connection is reset
+  before it is lent again. Text inspection cannot see state
   built by dynamic SQL (``EXECUTE 'SET …'`` inside a function): that
   state leaks to the next transaction on the connection, as in every
   transaction-mode pooler.
@@ -57,7 +59,7 @@ from typing import Final
 import trio
 
 from qmesh import _core
-from qmesh.pg.guard import Refusal, normalise, refusal_sql
+from qmesh.pg.guard import normalise
 from qmesh.pg.login import PgSessionError, error_response
 from qmesh.pg.pool import ServerConn, ServerPool
 from qmesh.pg.relay import send_quietly
@@ -120,30 +122,23 @@ _PINS: Final = re.compile(
         )
     )
 )
-_REFUSED: Final = re.compile(
-    _STATEMENT_START + r"(?:deallocate (?:prepare )?all|discard (?:all|plans))(?![a-z0-9_])"
-)
-_REFUSAL: Final = refusal_sql(
-    Refusal(
-        "0A000",
-        "qmesh: DEALLOCATE ALL and DISCARD ALL/PLANS are not available in transaction "
-        "pooling mode (prepared statements on the server are shared); close statements "
-        "one by one",
-    )
+_RESETS: Final = re.compile(
+    _STATEMENT_START + r"(?:deallocate (?:prepare )?all|discard all)(?![a-z0-9_])"
 )
 
 
 def session_state_of(sql: bytes) -> str | None:
     """``pin`` if ``sql`` leaves session state behind for the next
-    transaction, ``refuse`` if it would drop what other clients rely on,
-    None if it is transaction-scoped. False pins are possible (a literal
-    that merely contains ``SET x``), and harmless: they only cost sharing."""
+    transaction, ``reset`` if it drops the session's prepared statements
+    (and so the ones the connection shares), None if it is
+    transaction-scoped. False pins are possible (a literal that merely
+    contains ``SET x``), and harmless: they only cost sharing."""
     lowered = sql.lower()
     if not any(word in lowered for word in _STATE_WORDS):
         return None  # the common case
     text = normalise(sql.decode("utf-8", "replace"))
-    if _REFUSED.search(text):
-        return "refuse"
+    if _RESETS.search(text):
+        return "reset"
     if _PINS.search(text):
         return "pin"
     return None
@@ -265,7 +260,7 @@ class PooledSession:
             if self._requests or self._status is None:
                 # Answers still due: the connection is mid-request.
                 self.pool.release(conn, reusable=False)
-            elif self.pinned or self._status != ord("I"):
+            elif self.pinned or conn.dirty or self._status != ord("I"):
                 await self.pool.release_dirty(conn)
             else:
                 self.pool.release(conn, reusable=True)
@@ -293,8 +288,7 @@ class PooledSession:
                     return
                 if tag != 0:
                     raw = self.watch.frontend(tag, raw, now)
-                    if tag == _Q or tag == _P:
-                        raw = self._screen(tag, raw)
+                    resets = (tag == _Q or tag == _P) and self._screen(tag, raw)
                 conn = self.conn
                 if conn is None:
                     if out:
@@ -309,6 +303,11 @@ class PooledSession:
                 piece = self._to_server(conn, tag, raw)
                 if piece:
                     out.append(piece)
+                if tag != 0 and resets:
+                    # From this message on the server has none of them.
+                    self.statements.clear()
+                    conn.prepared.clear()
+                    conn.dirty = True
             made = self._flush_fakes()
             if made:
                 # Nothing is due before them: answer now (a client may wait
@@ -326,8 +325,9 @@ class PooledSession:
             # The server pump sees the same failure and decides.
             await self._attached.wait()
 
-    def _screen(self, tag: int, raw: bytes) -> bytes:
-        """Pin the session, or refuse the statement, by what it leaves behind."""
+    def _screen(self, tag: int, raw: bytes) -> bool:
+        """Pin the session by what the statement leaves behind; whether it
+        drops the session's prepared statements."""
         body = raw[5:]
         sql = _core.parse_query(body) if tag == _Q else _core.parse_parse(body)[1]
         state = session_state_of(sql)
@@ -335,12 +335,7 @@ class PooledSession:
             self.pinned = True
             log.info("pg session of app %r pinned to its server connection (session state)",
                      self.watch.app_id)  # fmt: skip
-        elif state == "refuse":
-            if tag == _Q:
-                return _core.encode_query(_REFUSAL)
-            name = _core.parse_parse(body)[0]
-            return _core.encode_parse(name, _REFUSAL, [])
-        return raw
+        return state == "reset"
 
     async def _attach(self) -> ServerConn:
         """A server connection for the transaction that starts now."""
@@ -515,7 +510,10 @@ class PooledSession:
                 self.conn = None
                 self._attached = trio.Event()
                 self.transactions += 1
-                self.pool.release(conn, reusable=True)
+                if conn.dirty:
+                    await self.pool.release_dirty(conn)
+                else:
+                    self.pool.release(conn, reusable=True)
                 return
 
     def _answer(self, conn: ServerConn, tag: int, raw: bytes) -> bytes:

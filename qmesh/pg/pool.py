@@ -82,6 +82,8 @@ class ServerConn:
     id: int = attrs.field(factory=lambda: next(_ids))
     leftover: bytes = b""
     """Server bytes read past the login's ReadyForQuery (normally none)."""
+    dirty: bool = False
+    """A client changed its session state: reset before it is lent again."""
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -273,6 +275,7 @@ class ServerPool:
         close it if that fails."""
         ok = await conn.settle(_RESET, 2)
         conn.prepared.clear()  # DISCARD ALL deallocated them
+        conn.dirty = False
         self.release(conn, reusable=ok)
 
     async def _discard(self, conn: ServerConn) -> None:
