@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import attrs
 import psycopg
 import pytest
 import trio
@@ -17,7 +18,10 @@ from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_asyncio, in_thread, run, start_ghost
 
 from qmesh.config import GateAppConfig
+from qmesh.fleet.inventory import Inventory
+from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
+from qmesh.pg.pool_cli import format_pools
 
 POOL_SIZE = 4
 
@@ -207,6 +211,17 @@ async def test_a_pool_exhausted_past_its_wait_refuses_the_waiting_client_only(
     )
     (stats,) = ghost.service.pools.stats()
     assert stats.timeouts == 1 and stats.waits >= 1 and stats.open == 1
+    # What an operator reads: /metrics and `qmesh pg pools`.
+    metrics = GateMetrics(
+        server=ghost.gate.server, inventory=Inventory(), pg_pools=ghost.service.pools.stats
+    ).render()
+    labels = f'{{app="{ghost.app_id}",alias="main"}}'
+    assert f"qmesh_pg_pool_timeouts_total{labels} 1" in metrics
+    assert f"qmesh_pg_pool_size{labels} 1" in metrics
+    assert f"qmesh_pg_pool_waiting_clients{labels} 0" in metrics
+    header, row = format_pools([attrs.asdict(stats)]).splitlines()
+    assert header.split()[:3] == ["APP", "ALIAS", "SIZE"]
+    assert row.split()[:3] == [ghost.app_id, "main", "1"]
 
 
 async def test_session_state_pins_and_is_reset_before_the_next_client(

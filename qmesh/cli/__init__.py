@@ -55,6 +55,7 @@ from qmesh.logs import LEVELS, setup_logging
 from qmesh.memory import cli as memory_cli
 from qmesh.ops import cli as sessions_cli
 from qmesh.pg import cli as pg_cli
+from qmesh.pg import pool_cli
 from qmesh.pg.errors import PgError
 from qmesh.roles import ROLES
 from qmesh.state import StateError
@@ -77,6 +78,7 @@ COMMAND_MODULES: Final[tuple[AddCommands, ...]] = (
     state_cli.add_commands,  # state
     cluster_cli.add_commands,  # gates
     pg_cli.add_commands,  # secrets, audit
+    pool_cli.add_commands,  # pg pools
     memory_cli.add_commands,  # memory
     daemon_cli.add_commands,  # quant, node
     llm_cli.add_commands,  # route, providers

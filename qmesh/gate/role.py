@@ -150,6 +150,7 @@ async def run_gate(
             scanner=scanner,
             llm=llm,
             store=store,
+            pg_pools=pg.pools.stats,
         )
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)

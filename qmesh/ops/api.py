@@ -29,7 +29,7 @@ inventory API (:mod:`qmesh.fleet.api`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Final
 
@@ -50,9 +50,10 @@ from qmesh.web.prom import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from qmesh.llm.service import LlmService
+    from qmesh.pg.pool import PoolStats
     from qmesh.state import StateStore
 
-__all__ = ["Ops", "add_ops_routes", "load_static", "start_ops"]
+__all__ = ["Ops", "add_ops_routes", "add_pool_route", "load_static", "start_ops"]
 
 STREAM_INTERVAL_S: Final = 1.0
 STREAM_POLL_S: Final = 0.1
@@ -101,10 +102,13 @@ def start_ops(
     scanner: Scanner,
     llm: LlmService | None,
     store: StateStore | None,
+    pg_pools: Callable[[], Sequence[PoolStats]] | None = None,
 ) -> Ops:
     """Build the metrics and the dashboard, hook the metrics into the router
     and the ledger, and add the routes."""
-    metrics = GateMetrics(server=server, inventory=inventory, llm=llm, scanner=scanner, store=store)
+    metrics = GateMetrics(
+        server=server, inventory=inventory, llm=llm, scanner=scanner, store=store, pg_pools=pg_pools
+    )
     metrics.attach(router)
     overview = Overview(
         name=config.gate.name,
@@ -115,7 +119,22 @@ def start_ops(
         llm=llm,
     )
     add_ops_routes(router, auth=auth, overview=overview, metrics=metrics, scanner=scanner)
+    if pg_pools is not None:
+        add_pool_route(router, auth=auth, pg_pools=pg_pools)
     return Ops(metrics, overview)
+
+
+def add_pool_route(
+    router: Router, *, auth: AppAuthenticator, pg_pools: Callable[[], Sequence[PoolStats]]
+) -> None:
+    """``GET /api/pg/pools``: the Postgres pools of transaction mode, as
+    ``qmesh pg pools`` prints them."""
+
+    async def pools(request: Request) -> Response:
+        await auth.require(request, Right.VIEW)
+        return Response.json({"pools": [attrs.asdict(p) for p in pg_pools()]})
+
+    router.add("GET", "/api/pg/pools", pools)
 
 
 def load_static() -> dict[str, tuple[bytes, str]]:

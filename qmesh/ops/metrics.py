@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from qmesh.finops.budgets import Budget
     from qmesh.fleet.discovery import Scanner
     from qmesh.llm.service import LlmService
+    from qmesh.pg.pool import PoolStats
     from qmesh.state import StateStore
 
 __all__ = ["BurnDown", "GateMetrics", "History"]
@@ -194,6 +195,7 @@ class GateMetrics:
         llm: LlmService | None = None,
         scanner: Scanner | None = None,
         store: StateStore | None = None,
+        pg_pools: Callable[[], Sequence[PoolStats]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.server = server
@@ -201,6 +203,7 @@ class GateMetrics:
         self.llm = llm
         self.scanner = scanner
         self.store = store
+        self.pg_pools = pg_pools
         self.clock = clock
         self.started_at = clock()
         self.history = History()
@@ -251,6 +254,7 @@ class GateMetrics:
             self._collect_router,
             self._collect_budgets,
             self._collect_discovery,
+            self._collect_pg_pools,
         ):
             r.collector(collect)
 
@@ -384,6 +388,39 @@ class GateMetrics:
             "When this Gate started (Unix time).",
             [({}, self.started_at)],
         )
+
+    def _collect_pg_pools(self) -> Iterable[Family]:
+        pools = self.pg_pools() if self.pg_pools is not None else []
+        gauges = (
+            ("qmesh_pg_pool_size", "Server connections a pool may hold (the app's pool_size).",
+             "size"),
+            ("qmesh_pg_pool_server_connections", "Server connections open or being opened.",
+             "open"),
+            ("qmesh_pg_pool_idle_connections", "Server connections waiting in the pool.", "idle"),
+            ("qmesh_pg_pool_waiting_clients", "Clients waiting for a server connection.",
+             "waiting"),
+            ("qmesh_pg_pool_longest_wait_seconds",
+             "How long the client first in line has waited.", "longest_wait_s"),
+        )  # fmt: skip
+        counters = (
+            ("qmesh_pg_pool_waits_total", "Clients that had to wait for a connection.", "waits"),
+            ("qmesh_pg_pool_wait_seconds_total", "Time clients spent waiting.", "wait_s_total"),
+            ("qmesh_pg_pool_timeouts_total", "Clients refused with 53300 after waiting.",
+             "timeouts"),
+            ("qmesh_pg_pool_connections_opened_total", "Server logins made by the pool.",
+             "opened"),
+            ("qmesh_pg_pool_connections_closed_total", "Server connections closed.", "closed"),
+            ("qmesh_pg_pool_checks_failed_total",
+             "Idle connections that failed their check before reuse.", "checks_failed"),
+        )  # fmt: skip
+        for kind, families in (("gauge", gauges), ("counter", counters)):
+            for name, help_text, field in families:
+                yield gauge_family(
+                    name,
+                    help_text,
+                    [({"app": p.app_id, "alias": p.alias}, getattr(p, field)) for p in pools],
+                    kind=kind,
+                )
 
     def _collect_tunnel(self) -> Iterable[Family]:
         server = self.server

@@ -397,7 +397,15 @@ class PgService:
                 log.info("pg session: app %r, alias %r, from %s (%s mode)",
                          app_id, alias, peer, policy.pool_mode)  # fmt: skip
                 if policy.pool_mode == "transaction":
-                    await self._run_pooled(stream, reader.leftover(), pool, secret, policy, live)
+                    await self._run_pooled(
+                        stream,
+                        reader.leftover(),
+                        pool,
+                        secret,
+                        policy,
+                        live,
+                        names.get("application_name"),
+                    )
                 else:
                     await self._run_session(
                         stream, reader.leftover(), upstream, app_id, alias, secret, policy, live
@@ -593,11 +601,16 @@ class PgService:
     ) -> ServerPool:
         """The pool this client's transactions run in; its first login
         happens here, so a server that cannot be reached fails the client's
-        login, as in session mode, rather than its first statement."""
-        params = upstream_params(secret, client_params, policy)
+        login, as in session mode, rather than its first statement.
+
+        Clients that differ only in their ``application_name`` share a
+        pool: the server connections carry none, and each client is told
+        its own."""
+        shared = [(name, value) for name, value in client_params if name != "application_name"]
+        params = upstream_params(secret, shared, policy)
         pool = self.pools.pool(
             PoolKey(app_id, alias, tuple(params)),
-            lambda: self._login(alias, secret, client_params, policy),
+            lambda: self._login(alias, secret, shared, policy),
             size=policy.pool_size,
             wait_s=policy.pool_wait_ms / 1000,
         )
@@ -613,21 +626,19 @@ class PgService:
         secret: DatabaseSecret,
         policy: AppPolicy,
         live: _LiveSession,
+        application_name: str | None,
     ) -> None:
         app_id, alias = pool.key.app_id, pool.key.alias
         session = PooledSession(stream, pool, SessionWatch(self.audit, app_id, alias, policy))
         minted = self._mint_key(stream.session.peer, secret, alias, session.server_key)
         try:
             assert pool.hello is not None
-            await stream.send_all(
-                b"".join(
-                    [
-                        *pool.hello,
-                        _core.encode_backend_key_data(*minted),
-                        _core.encode_ready_for_query("I"),
-                    ]
-                )
-            )
+            hello = list(pool.hello)
+            if application_name is not None:
+                hello.append(_core.encode_parameter_status("application_name", application_name))
+            hello.append(_core.encode_backend_key_data(*minted))
+            hello.append(_core.encode_ready_for_query("I"))
+            await stream.send_all(b"".join(hello))
             live.relay = session  # no checkpoint until run() has its scope
             await session.run(client_leftover)
         finally:
