@@ -387,3 +387,37 @@ async def test_statements_are_audited_under_the_app(ghost: Ghost) -> None:
         await ghost.audit_settled()
     records = [r for r in list_audit(ghost.store) if "audited_in_pool" in (r.statement or "")]
     assert records and all(r.app == ghost.app_id and r.outcome == "ok" for r in records)
+
+
+async def test_a_server_restart_breaks_no_later_transaction_and_the_pool_refills(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Idle connections broken by a restart fail their check before reuse
+    and are replaced; while the server is down a client gets a clear
+    error; when it is back the pool opens connections again."""
+    base = Path(tempfile.mkdtemp(prefix="qmesh-pg-restart-"))
+    try:
+        with PgCluster(base, max_connections=50) as cluster:
+            db = RealDb(cluster, prefix="restart")
+            ghost = await start_ghost(nursery, db, tmp_path, policy=pooled(size=2))
+            ghost.service.pools.settings = attrs.evolve(
+                ghost.service.pools.settings, server_check_delay_s=0.0
+            )
+
+            def query(value: int) -> int:
+                with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+                    row = conn.execute("SELECT %s::int", (value,)).fetchone()
+                    assert row is not None
+                    return int(row[0])
+
+            with trio.fail_after(60):
+                assert await in_thread(lambda: query(1)) == 1
+                cluster.stop()
+                with pytest.raises(psycopg.OperationalError, match="cannot reach the server"):
+                    await in_thread(lambda: query(2))
+                cluster.start()
+                assert await in_thread(lambda: query(3)) == 3
+            (stats,) = ghost.service.pools.stats()
+            assert stats.checks_failed >= 1 and stats.open >= 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
