@@ -21,6 +21,7 @@ from qmesh.config import GateAppConfig
 from qmesh.fleet.inventory import Inventory
 from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
+from qmesh.pg.policy import policy_to_json
 from qmesh.pg.pool_cli import format_pools
 
 POOL_SIZE = 4
@@ -421,3 +422,41 @@ async def test_a_server_restart_breaks_no_later_transaction_and_the_pool_refills
             assert stats.checks_failed >= 1 and stats.open >= 1
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_apps_on_one_alias_share_its_cap(ghost: Ghost) -> None:
+    """With max_server_connections_per_alias, a second app's pool takes an
+    idle connection's place from the first app's: the server never sees
+    more than the cap (the Gate's count: the server's own lags a closed
+    connection's exit)."""
+    ghost.service.pools.settings = attrs.evolve(
+        ghost.service.pools.settings, max_server_connections_per_alias=2
+    )
+    other = "app-other"
+    other_key = ghost.store.add_app(other)
+    ghost.store.set_app_policy(other, policy_to_json(pooled(size=5)))
+    await ghost.service.refresh_apps()
+
+    def work() -> int:
+        first = [psycopg.connect(**ghost.kwargs()) for _ in range(2)]
+        try:
+            for conn in first:  # two transactions at once: two server connections
+                conn.execute("SELECT 1")
+            for conn in first:
+                conn.commit()
+            held = server_connections(ghost.db)
+            with psycopg.connect(**ghost.kwargs(user=other, password=other_key)) as second:
+                row = second.execute("SELECT 7").fetchone()
+                assert row == (7,)
+                second.commit()
+            return held
+        finally:
+            for conn in first:
+                conn.close()
+
+    with trio.fail_after(30):
+        held = await in_thread(work)
+    assert held == 2
+    by_app = {s.app_id: s for s in ghost.service.pools.stats()}
+    assert sum(s.open for s in by_app.values()) == 2
+    assert by_app[ghost.app_id].closed >= 1 and by_app[other].opened == 1

@@ -161,6 +161,8 @@ class ServerPool:
         self.wait_s = wait_s
         self.settings = settings
         self._open = opener
+        self.book: PoolBook | None = None
+        """The Gate's pools, which share ``max_server_connections_per_alias``."""
         self._idle: deque[ServerConn] = deque()
         self._waiters: deque[_Waiter] = deque()
         self.count = 0
@@ -186,7 +188,7 @@ class ServerPool:
                 conn = await self._take_idle()
                 if conn is not None:
                     return conn
-                if self.count < self.size:
+                if self.count < self.size and (self.book is None or self.book.room_for(self)):
                     return await self._new()
                 if not waited:
                     waited = True
@@ -278,6 +280,17 @@ class ServerPool:
         conn.dirty = False
         self.release(conn, reusable=ok)
 
+    def close_one_idle(self) -> bool:
+        """Close the least recently used idle connection, to make room for
+        another pool of the alias; whether there was one."""
+        if not self._idle:
+            return False
+        conn = self._idle.popleft()
+        self.count -= 1
+        self.closed += 1
+        trio.lowlevel.spawn_system_task(conn.close)
+        return True
+
     async def _discard(self, conn: ServerConn) -> None:
         self.count -= 1
         self.closed += 1
@@ -285,7 +298,14 @@ class ServerPool:
         self._make_room()
 
     def _make_room(self) -> None:
-        """A connection closed: the first waiter may open a new one."""
+        """A connection closed: the first waiter may open a new one (here,
+        or in another pool of the alias when they share a cap)."""
+        if self.book is not None:
+            self.book.closed_one(self)
+        else:
+            self.wake_one()
+
+    def wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.event.is_set():
@@ -342,10 +362,37 @@ class PoolBook:
             pool = self._pools[key] = ServerPool(
                 key, opener, size=size, wait_s=wait_s, settings=self.settings
             )
+            pool.book = self
         else:
             pool.size, pool.wait_s = size, wait_s
             pool._open = opener  # the newest credentials (a rotation) for new connections
         return pool
+
+    def _siblings(self, pool: ServerPool) -> list[ServerPool]:
+        return [p for p in self._pools.values() if p.key.alias == pool.key.alias]
+
+    def room_for(self, pool: ServerPool) -> bool:
+        """Whether ``pool`` may open one more connection under the alias's
+        cap, closing an idle connection of another pool of the alias if
+        that makes room."""
+        cap = self.settings.max_server_connections_per_alias
+        if not cap:
+            return True
+        siblings = self._siblings(pool)
+        if sum(p.count for p in siblings) < cap:
+            return True
+        return any(p.close_one_idle() for p in siblings if p is not pool)
+
+    def closed_one(self, pool: ServerPool) -> None:
+        """A connection of ``pool`` closed: under a cap, a waiter of any
+        pool of the alias may use the room; else one of ``pool``'s own."""
+        if not self.settings.max_server_connections_per_alias:
+            pool.wake_one()
+            return
+        for sibling in sorted(self._siblings(pool), key=lambda p: p is not pool):
+            if sibling._waiters:
+                sibling.wake_one()
+                return
 
     def __iter__(self) -> Iterator[ServerPool]:
         return iter(list(self._pools.values()))
