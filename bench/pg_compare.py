@@ -38,6 +38,33 @@ on the server's hop for every target but qmesh-plain. The issue's targets
 printed under the table with "met"/"NOT met" per row; so is qmesh-guard's
 (≥ 0.9× qmesh), with or without --server-tls. Nothing is asserted.
 
+With --pool transaction the run is about pooling many clients onto few
+server connections instead: the server gets max_connections = 50, and
+
+  (h) pgbouncer-txn pgbench → PgBouncer in transaction mode (pool_mode =
+                    transaction, default_pool_size = 20, max_client_conn =
+                    2000, max_prepared_statements = 200 where PgBouncer has
+                    it: 1.21+) → PostgreSQL
+  (i) qmesh-txn     pgbench → MiniGate ═sealed tunnel═ Gate → PostgreSQL,
+                    the app's policy with pool_mode = "transaction" and
+                    pool_size = 20
+  (c) direct        for reference, with at most 20 clients (-c 20: the
+                    server connections a pool holds, without a pooler; the
+                    workloads' 64 and 200 would not fit in max_connections)
+
+run select-only with 64 clients in the simple and prepared protocols (-M
+prepared: named prepared statements through the pool) and with 200 clients
+and -C (a new connection per transaction). Each cell has TPS, average latency
+and failed transactions (pgbench's count, PG15+; and clients pgbench aborted
+on an error); the qmesh-txn/pgbouncer-txn column and the line under the table
+hold the issue's target (≥ 1.0×). Each pool logs in to the server as a role of
+its own (bench_pgbouncer_txn, bench_qmesh_txn; direct is bench), and while
+each run goes on a superuser connection of the benchmark's own samples
+pg_stat_activity's client backends (itself counted out) every 0.5 s: a second
+table has the most the target held at once and the most on the whole server.
+Direct's runs go first, then the pools' case by case, so that direct's
+clients never meet the pools' idle server connections.
+
 The "logins" rows run pgbench with -C: a new connection, and so a whole
 login through the stack (SCRAM, the vault, the server's authentication),
 for every transaction; their TPS is logins per second.
@@ -50,6 +77,7 @@ runs on; the run is never a pass/fail test.
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
     python bench/pg_compare.py --only direct,qmesh,qmesh-guard
     python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
+    python bench/pg_compare.py --pool transaction [--only direct,pgbouncer-txn,qmesh-txn]
 """
 
 from __future__ import annotations
@@ -62,25 +90,38 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
+import benchkit  # noqa: E402
 from pgcluster import PgCluster  # noqa: E402
 
 TARGETS = (
     "direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain",
 )  # fmt: skip
-QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain")
+QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain", "qmesh-txn")
 TLS_ONLY = ("qmesh-plain",)  # targets that run only with --server-tls
+# --pool transaction: its targets (direct for reference) and nothing else.
+POOL_TARGETS = ("direct", "pgbouncer-txn", "qmesh-txn")
+POOL_ONLY = ("pgbouncer-txn", "qmesh-txn")  # targets that run only with --pool
+POOL_SIZE = 20  # PgBouncer's default_pool_size, qmesh's pool_size; direct's most clients
+POOL_MAX_CONNECTIONS = 50  # the server's max_connections with --pool
+POOL_MAX_CLIENT_CONN = 2000  # PgBouncer's max_client_conn
+POOL_MAX_PREPARED = 200  # PgBouncer's max_prepared_statements (PgBouncer 1.21+)
+# (script, clients, protocol): "logins" is -S with -C, a new connection per transaction.
+POOL_CASES = (("select-only", 64, "simple"), ("logins", 200, "simple"),
+              ("select-only", 64, "prepared"))  # fmt: skip
+SAMPLE_EVERY = 0.5  # seconds between two samples of the server's connections
 GUARD_TIMEOUT_MS = 60_000  # qmesh-guard's statement_timeout_ms
 APP_USER = "benchapp"
 # The issue's targets: (target, baseline, minimum TPS ratio target/baseline).
@@ -88,6 +129,8 @@ APP_USER = "benchapp"
 TLS_GOALS = (("qmesh", "qmesh-plain", 0.9), ("qmesh", "stunnel+pgb", 1.0))
 # Always: qmesh with a statement guard against qmesh.
 GUARD_GOALS = (("qmesh-guard", "qmesh", 0.9),)
+# --pool transaction: qmesh's transaction pooling against PgBouncer's.
+POOL_GOALS = (("qmesh-txn", "pgbouncer-txn", 1.0),)
 
 
 def free_port() -> int:
@@ -123,6 +166,21 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def pgbouncer_version() -> tuple[int, int]:
+    """(major, minor) of the installed PgBouncer; (0, 0) where it says none."""
+    result = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True)
+    found = re.search(r"PgBouncer (\d+)\.(\d+)", result.stdout)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a process's log, for an error message."""
+    if not path.exists():
+        return f"({path.name}: no log)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- {path.name}:\n" + "\n".join(text)
+
+
 class Stack:
     """Every target's processes, started in ``base`` and stopped together."""
 
@@ -133,9 +191,11 @@ class Stack:
         audit: str = "text",
         statement_timeout_ms: int = 0,
         server_tls: bool = False,
+        pool: str | None = None,
     ) -> None:
         self.base = base
         self.server_tls = server_tls
+        self.pool = pool  # "transaction": --pool's server and targets
         self.scale = scale
         self.audit = audit
         self.statement_timeout_ms = statement_timeout_ms
@@ -145,20 +205,31 @@ class Stack:
         self.app_key = "app-" + secrets.token_urlsafe(16)  # PgBouncer's client password
         self.qmesh_keys: dict[str, str] = {}
         self.pg: PgCluster | None = None
+        self.notes: list[str] = []  # what the reader should know, printed under the table
 
     def spawn(self, name: str, command: list[str], **kwargs: object) -> None:
         log = (self.base / f"{name}.log").open("wb")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
         self.processes.append(process)
 
+    def server_user(self, target: str) -> str:
+        """The role a target's server sessions log in as: with --pool, each
+        pool a role of its own (a member of bench), so that its backends
+        can be told apart in pg_stat_activity."""
+        return "bench_" + target.replace("-", "_") if target in POOL_ONLY else "bench"
+
     def start(self, targets: tuple[str, ...]) -> None:
         self.pg = PgCluster(self.base / "pg").start()
         pg = self.pg
+        if self.pool:
+            self._max_connections(POOL_MAX_CONNECTIONS)
         if self.server_tls:
             self._server_tls()
         self.ports["direct"] = pg.port
         pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{self.real_password}'")
         pg.psql("CREATE DATABASE bench OWNER bench")
+        for role in sorted({self.server_user(t) for t in targets} - {"bench"}):
+            pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{self.real_password}' IN ROLE bench")
         env = {**os.environ, "PGPASSWORD": self.real_password}
         subprocess.run(
             ["pgbench", "-i", "-q", "-s", str(self.scale), "-h", "127.0.0.1",
@@ -169,11 +240,22 @@ class Stack:
             self._pgbouncer()
         if "stunnel+pgb" in targets:
             self._stunnel()
+        if "pgbouncer-txn" in targets:
+            self._pgbouncer("pgbouncer-txn")
         for target in QMESH_TARGETS:
             if target in targets:
                 self._qmesh(target)
         if self.server_tls:
             self._check_server_tls(targets)
+
+    def _max_connections(self, limit: int) -> None:
+        """max_connections = ``limit`` (postgresql.auto.conf; it takes a restart)."""
+        assert self.pg is not None
+        self.pg.psql(f"ALTER SYSTEM SET max_connections = {limit}")
+        self.pg.stop()
+        self.pg.start()
+        if self.pg.psql("SHOW max_connections") != str(limit):
+            raise RuntimeError(f"max_connections is not {limit}; see {self.pg.log_file}")
 
     def _server_tls(self) -> None:
         """ssl = on with a throwaway self-signed certificate (as in
@@ -211,20 +293,38 @@ class Stack:
                     f"{result.stdout.strip()!r} {result.stderr.strip()!r}"
                 )
 
-    def _pgbouncer(self) -> None:
+    def _pgbouncer(self, target: str = "pgbouncer") -> None:
+        """PgBouncer for ``target``: session pooling for pgbouncer (and
+        stunnel+pgb), transaction pooling for pgbouncer-txn."""
         assert self.pg is not None
-        directory = self.base / "pgbouncer"
+        directory = self.base / target
         directory.mkdir()
         port = free_port()
+        if target == "pgbouncer-txn":
+            pooling = (
+                f"pool_mode = transaction\nmax_client_conn = {POOL_MAX_CLIENT_CONN}\n"
+                f"default_pool_size = {POOL_SIZE}\n"
+            )
+            version = pgbouncer_version()
+            if version >= (1, 21):
+                pooling += f"max_prepared_statements = {POOL_MAX_PREPARED}\n"
+            else:  # 1.18 (Debian 12) refuses to start with the setting.
+                self.notes.append(
+                    f"PgBouncer {version[0]}.{version[1]} has no max_prepared_statements "
+                    "(1.21+): in transaction mode it cannot carry named prepared "
+                    "statements, so pgbouncer-txn's -M prepared clients end on errors"
+                )
+        else:
+            # Session pooling: `-M prepared` needs it with PgBouncer 1.18.
+            pooling = "pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n"
         (directory / "userlist.txt").write_text(f'"{APP_USER}" "{self.app_key}"\n')
         (directory / "pgbouncer.ini").write_text(
             f"[databases]\nbench = host=127.0.0.1 port={self.pg.port} dbname=bench "
-            f"user=bench password={self.real_password}\n"
+            f"user={self.server_user(target)} password={self.real_password}\n"
             f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
             f"unix_socket_dir =\nauth_type = scram-sha-256\n"
             f"auth_file = {directory / 'userlist.txt'}\n"
-            # Session pooling: `-M prepared` needs it with PgBouncer 1.18.
-            "pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n"
+            + pooling
             + ("server_tls_sslmode = require\n" if self.server_tls else "")
             + f"logfile = {directory / 'pgbouncer.log'}\npidfile = {directory / 'pgbouncer.pid'}\n"
         )
@@ -234,9 +334,9 @@ class Stack:
         command = ["pgbouncer", str(directory / "pgbouncer.ini")]
         if os.geteuid() == 0:
             command[1:1] = ["-u", "postgres"]
-        self.spawn("pgbouncer", command)
+        self.spawn(target, command)
         wait_port(port)
-        self.ports["pgbouncer"] = port
+        self.ports[target] = port
 
     def _stunnel(self) -> None:
         directory = self.base / "stunnel"
@@ -273,9 +373,13 @@ class Stack:
         def cli(*args: str, stdin: str | None = None) -> str:
             result = subprocess.run(
                 [sys.executable, "-m", "qmesh", "--data-dir", str(gate_dir), *args],
-                input=stdin, capture_output=True, text=True, check=True, cwd=REPO,
-                env=environment,
+                input=stdin, capture_output=True, text=True, cwd=REPO, env=environment,
             )  # fmt: skip
+            if result.returncode:
+                raise RuntimeError(
+                    f"{target}: qmesh {' '.join(args)} failed ({result.returncode}):\n"
+                    f"{result.stderr.strip()}"
+                )
             return result.stdout
 
         cli("keys", "init")
@@ -286,7 +390,8 @@ class Stack:
         cli("secrets", "init-master-key")
         # qmesh-plain: qmesh as without --server-tls, on the same (TLS) server.
         sslmode = "require" if self.server_tls and target not in TLS_ONLY else "disable"
-        dsn = f"postgresql://bench:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode={sslmode}"
+        user = self.server_user(target)
+        dsn = f"postgresql://{user}:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode={sslmode}"
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
         # qmesh-guard: a statement_timeout_ms policy, so its sessions take the guard.
         timeout = GUARD_TIMEOUT_MS if target == "qmesh-guard" else self.statement_timeout_ms
@@ -298,6 +403,12 @@ class Stack:
             + f'[gate.apps.{APP_USER}]\ndatabases = ["bench"]\n'
             f'audit_statements = "{self.audit}"\n'
             + (f"statement_timeout_ms = {timeout}\n" if timeout else "")
+            # qmesh-txn: transaction pooling, as pgbouncer-txn's.
+            + (
+                f'pool_mode = "transaction"\npool_size = {POOL_SIZE}\n'
+                if target == "qmesh-txn"
+                else ""
+            )
         )
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
@@ -311,15 +422,24 @@ class Stack:
                  "--config", str(directory / f"{role}.toml")],
                 cwd=REPO,
             )  # fmt: skip
-        wait_port(pg_port)
+        roles = self.processes[-2:]
+        logs = [self.base / f"{target}-{role}.log" for role in ("gate", "minigate")]
         self.ports[target] = pg_port
         # The MiniGate listens before its tunnel is up: wait for a real login.
-        end = time.monotonic() + 30
-        while subprocess.run(
-            ["psql", self.dsn(target), "-X", "-c", "SELECT 1"], capture_output=True
-        ).returncode:
-            if time.monotonic() > end:
-                raise RuntimeError("qmesh did not come up; see qmesh-*.log")
+        end = time.monotonic() + 60
+        while True:
+            exited = [p for p in roles if p.poll() is not None]
+            if exited or time.monotonic() > end:
+                tails = "\n".join(log_tail(log) for log in logs)
+                why = "a role exited" if exited else "no login in 60 s"
+                raise RuntimeError(f"{target} did not come up ({why}):\n{tails}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", pg_port), 0.5).close()
+                login = subprocess.run(
+                    ["psql", self.dsn(target), "-X", "-c", "SELECT 1"], capture_output=True
+                )
+                if not login.returncode:
+                    break
             time.sleep(0.2)
 
     def user_password(self, target: str) -> tuple[str, str]:
@@ -343,20 +463,14 @@ class Stack:
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            benchkit.stop(process, timeout=10)  # SIGTERM, then kill -9
         if self.pg is not None:
             self.pg.stop()
 
 
-def pgbench(
+def run_pgbench(
     stack: Stack, target: str, script: str, clients: int, mode: str, duration: int
-) -> tuple[float, float]:
+) -> subprocess.CompletedProcess[str]:
     user, password = stack.user_password(target)
     command = [
         "pgbench", "-n", "-T", str(duration), "-c", str(clients), "-j", str(min(clients, 2)),
@@ -369,15 +483,130 @@ def pgbench(
     env = {**os.environ, "PGPASSWORD": password}
     if stack.server_tls and target == "direct":
         env["PGSSLMODE"] = stack.sslmode(target)
-    result = subprocess.run(
+    return subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=duration + 120
     )  # fmt: skip
+
+
+def pgbench(
+    stack: Stack, target: str, script: str, clients: int, mode: str, duration: int
+) -> tuple[float, float]:
+    """TPS and average latency (ms); any error or failed transaction raises."""
+    result = run_pgbench(stack, target, script, clients, mode, duration)
     failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
     tps = re.search(r"tps = ([0-9.]+)", result.stdout)
     latency = re.search(r"latency average = ([0-9.]+) ms", result.stdout)
     if result.returncode or not tps or not latency or (failed and int(failed.group(1))):
         raise RuntimeError(f"pgbench against {target} failed:\n{result.stdout}\n{result.stderr}")
     return float(tps.group(1)), float(latency.group(1))
+
+
+class ServerConnections:
+    """The server's client backends per role, sampled every SAMPLE_EVERY
+    seconds while a run goes on, from a superuser session of its own (it gets
+    in on the reserved slots when the others fill max_connections), which
+    counts itself out."""
+
+    QUERY = (
+        "SELECT usename, count(*) FROM pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY usename"
+    )
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[list[dict[str, int]]]:
+        """Yields the list the samples go to, one {role: backends} each."""
+        import psycopg
+
+        samples: list[dict[str, int]] = []
+        errors: list[Exception] = []
+        done = threading.Event()
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+
+            def sample() -> None:
+                try:
+                    while True:
+                        rows = connection.execute(self.QUERY).fetchall()
+                        samples.append({str(user): int(count) for user, count in rows})
+                        if done.wait(SAMPLE_EVERY):
+                            return
+                except Exception as exc:  # reported when the run is over
+                    errors.append(exc)
+
+            thread = threading.Thread(target=sample, name="pg-sampler", daemon=True)
+            thread.start()
+            try:
+                yield samples
+            finally:
+                done.set()
+                thread.join()
+        if errors:
+            raise RuntimeError(f"sampling pg_stat_activity failed: {errors[0]}") from errors[0]
+
+
+class PoolRun(NamedTuple):
+    """One pgbench run of --pool transaction, whatever came of it."""
+
+    clients: int
+    tps: float | None  # None: pgbench printed no result
+    latency: float | None  # ms
+    failed: int | None  # pgbench's "number of failed transactions" (PG15+), None if absent
+    aborted: int  # clients pgbench ended on an error
+    error: str  # pgbench's first error line, "" if it exited 0
+    own: int  # the most server backends of the target's own role in one sample
+    total: int  # the most client backends on the whole server in one sample
+    samples: int
+
+    @property
+    def clean(self) -> bool:
+        """A result with no error, no failed transaction and no aborted client."""
+        return self.tps is not None and not self.error and not self.failed and not self.aborted
+
+    def cell(self) -> str:
+        if self.tps is None or self.latency is None:
+            return "error"
+        failed = "-" if self.failed is None else str(self.failed)
+        aborted = f", {self.aborted} aborted" if self.aborted else ""
+        return f"{self.tps:,.0f} ({self.latency:.3f}) {failed} failed{aborted}"
+
+
+def pgbench_pooled(
+    stack: Stack,
+    sampler: ServerConnections,
+    target: str,
+    script: str,
+    clients: int,
+    mode: str,
+    duration: int,
+) -> PoolRun:
+    """pgbench as --pool runs it: errors and failures are results, not
+    exceptions, and the server's connections are sampled meanwhile."""
+    if target == "direct":
+        clients = min(clients, POOL_SIZE)  # more would not fit in max_connections
+    with sampler.sampling() as samples:
+        result = run_pgbench(stack, target, script, clients, mode, duration)
+    tps = re.search(r"tps = ([0-9.]+)", result.stdout)
+    latency = re.search(r"latency average = ([0-9.]+) ms", result.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
+    aborted = len(re.findall(r"client \d+ (?:script \d+ )?aborted", result.stderr))
+    error = ""
+    if result.returncode:
+        lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        error = (lines or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[0]
+    role = stack.server_user(target)
+    return PoolRun(
+        clients=clients,
+        tps=float(tps.group(1)) if tps else None,
+        latency=float(latency.group(1)) if latency else None,
+        failed=int(failed.group(1)) if failed else None,
+        aborted=aborted,
+        error=error.removeprefix("pgbench: error: ").strip(),
+        own=max((sample.get(role, 0) for sample in samples), default=0),
+        total=max((sum(sample.values()) for sample in samples), default=0),
+        samples=len(samples),
+    )
 
 
 @contextlib.contextmanager
@@ -388,13 +617,134 @@ def stack_in(
     audit: str,
     statement_timeout_ms: int,
     server_tls: bool,
+    pool: str | None = None,
 ) -> Iterator[Stack]:
-    stack = Stack(base, scale, audit, statement_timeout_ms, server_tls)
+    stack = Stack(base, scale, audit, statement_timeout_ms, server_tls, pool)
     try:
         stack.start(targets)
         yield stack
     finally:
         stack.stop()
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Rows of cells in aligned columns, the first row a header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> int:
+    """--pool transaction: POOL_CASES against ``targets``; the results and the
+    server connections, a table each."""
+    results: dict[tuple[str, int, str, str], PoolRun] = {}
+    # direct's runs first: by the pools' turn their idle server connections
+    # (up to POOL_SIZE each) hold slots direct's clients could not have.
+    order = [(case, t) for case in POOL_CASES for t in targets if t == "direct"]
+    order += [(case, t) for case in POOL_CASES for t in targets if t != "direct"]
+    try:
+        with stack_in(
+            base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
+            args.pool,
+        ) as stack:  # fmt: skip
+            assert stack.pg is not None
+            sampler = ServerConnections(stack.pg.dsn)
+            for case, target in order:
+                results[(*case, target)] = pgbench_pooled(
+                    stack, sampler, target, *case, args.duration
+                )
+                print(".", end="", flush=True, file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"\nwork directory kept: {base}", file=sys.stderr)
+    print(file=sys.stderr)
+    print(
+        f"pgbench -j 2, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
+        f"server max_connections = {POOL_MAX_CONNECTIONS}, transaction pooling with "
+        f"{POOL_SIZE} server connections (pgbouncer-txn default_pool_size, qmesh-txn "
+        f"pool_size), qmesh audit {args.audit}"
+        + (", server TLS (sslmode=require)" if args.server_tls else "")
+        + "; TPS (average latency ms) failed transactions[, clients aborted on an error]"
+    )
+    header = ["script", "-c", "protocol"]
+    header += [f"direct (-c ≤{POOL_SIZE})" if t == "direct" else t for t in targets]
+    ratios = [(t, b) for t, b, _ in POOL_GOALS if t in targets and b in targets]
+    header += [f"{t}/{b}" for t, b in ratios]
+    rows = [header]
+    for case in POOL_CASES:
+        row = [case[0], str(case[1]), case[2]]
+        row += [results[(*case, target)].cell() for target in targets]
+        for target, baseline in ratios:
+            run, base_run = results[(*case, target)], results[(*case, baseline)]
+            if run.clean and base_run.clean and run.tps and base_run.tps:
+                row.append(f"{run.tps / base_run.tps:.2f}x")
+            else:
+                row.append("n/a")
+        rows.append(row)
+    print_table(rows)
+    for target, baseline, goal in POOL_GOALS:
+        if target not in targets or baseline not in targets:
+            continue
+        missed, unmeasured = [], []
+        for case in POOL_CASES:
+            run, base_run = results[(*case, target)], results[(*case, baseline)]
+            label = f"{case[0]} -c {case[1]} {case[2]}"
+            if not run.clean or run.tps is None:
+                missed.append(label)
+            elif not base_run.clean or base_run.tps is None:
+                unmeasured.append(label)  # the target completed where the baseline did not
+            elif run.tps < goal * base_run.tps:
+                missed.append(label)
+        print(
+            f"target {target}/{baseline} >= {goal:.2f}x: "
+            + ("met in every row" if not missed else f"NOT met in {', '.join(missed)}")
+            + (
+                f" ({baseline} did not complete cleanly in {', '.join(unmeasured)}: {target} did)"
+                if unmeasured
+                else ""
+            )
+        )
+    print()
+    print(
+        "server connections: the most in one sample (every "
+        f"{SAMPLE_EVERY:g} s) of the target's own backends / all client backends; "
+        f"max_connections = {POOL_MAX_CONNECTIONS}"
+    )
+    rows = [["script", "-c", "protocol", *targets]]
+    for case in POOL_CASES:
+        row = [case[0], str(case[1]), case[2]]
+        for target in targets:
+            run = results[(*case, target)]
+            row.append(f"{run.own} / {run.total} ({run.samples} sample{'s' * (run.samples != 1)})")
+        rows.append(row)
+    own = {t: max(results[(*case, t)].own for case in POOL_CASES) for t in targets}
+    total = max(run.total for run in results.values())
+    rows.append(["most", "", "", *(str(own[t]) for t in targets)])
+    print_table(rows)
+    print(
+        f"whole server: at most {total} client backends in a sample, "
+        + ("under" if total < POOL_MAX_CONNECTIONS else "NOT under")
+        + f" max_connections = {POOL_MAX_CONNECTIONS}; "
+        + ", ".join(
+            f"{t} held at most {own[t]}"
+            + (f" (pool size {POOL_SIZE})" if t in POOL_ONLY else f" (-c ≤{POOL_SIZE})")
+            for t in targets
+        )
+    )
+    errors = [
+        f"  {target} {script} -c {run.clients} {mode}: {run.error}"
+        for (script, _, mode, target), run in results.items()
+        if run.error
+    ]
+    if errors:
+        print("pgbench's errors (first line each):", *errors, sep="\n")
+    for note in stack.notes:
+        print(f"note: {note}")
+    return 0
 
 
 def main() -> int:
@@ -421,23 +771,44 @@ def main() -> int:
         help="TLS on the server and on every hop to it (sslmode=require, PgBouncer's "
         "server_tls_sslmode = require), plus qmesh-plain: qmesh without it, same server",
     )  # fmt: skip
+    parser.add_argument(
+        "--pool", choices=["transaction"], default=None,
+        help=f"transaction pooling instead: a server with max_connections = "
+        f"{POOL_MAX_CONNECTIONS}, targets {', '.join(POOL_TARGETS)}, select-only with 64 "
+        "clients (simple, prepared) and 200 with -C",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.only is None:
+    names = TARGETS + POOL_ONLY
+    targets: tuple[str, ...]
+    if args.pool and args.only is None:
+        targets = POOL_TARGETS
+    elif args.pool:
+        targets = tuple(t for t in POOL_TARGETS if t in args.only.split(","))
+        if not targets or any(t not in POOL_TARGETS for t in args.only.split(",")):
+            print(f"pg_compare: --pool runs {', '.join(POOL_TARGETS)}", file=sys.stderr)
+            return 2
+    elif args.only is None:
         targets = tuple(t for t in TARGETS if args.server_tls or t not in TLS_ONLY)
     else:
-        targets = tuple(t for t in TARGETS if t in args.only.split(","))
+        targets = tuple(t for t in names if t in args.only.split(","))
         if not args.server_tls and any(t in TLS_ONLY for t in targets):
             print(f"pg_compare: {', '.join(TLS_ONLY)} needs --server-tls", file=sys.stderr)
             return 2
-    for tool in ("pgbench", "psql", *(["pgbouncer"] if len(targets) > 1 else [])):
+        if any(t in POOL_ONLY for t in targets):
+            print(f"pg_compare: {', '.join(POOL_ONLY)} need --pool transaction", file=sys.stderr)
+            return 2
+    bouncers = ("pgbouncer", "stunnel+pgb", "pgbouncer-txn")
+    for tool in ("pgbench", "psql", *(["pgbouncer"] if set(bouncers) & set(targets) else [])):
         if shutil.which(tool) is None:
-            print(f"pg_compare: {tool} is not installed", file=sys.stderr)
+            print(f"pg_compare: {tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 2
     if "stunnel+pgb" in targets and shutil.which("stunnel") is None:
         print("pg_compare: stunnel is not installed (apt-get install stunnel4)", file=sys.stderr)
         return 2
     base = Path(tempfile.mkdtemp(prefix="qmesh-pgbench-"))
     os.chmod(base, 0o755)
+    if args.pool:
+        return pool_run(args, targets, base)
     cases = [
         (script, clients, mode)
         for script in ("select-only", "tpcb-like")
@@ -501,11 +872,7 @@ def main() -> int:
                 added = (q_lat - results[(script, clients, mode, "direct")][1]) * 1000
                 row.append(f"{added:+.0f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * width for width in widths))
+    print_table(rows)
     for target, baseline, goal in (TLS_GOALS if args.server_tls else ()) + GUARD_GOALS:
         if target not in targets or baseline not in targets:
             continue

@@ -186,6 +186,7 @@ class PooledSession:
         a request is on its way."""
         self._replay: list[tuple[int, bytes]] | None = None
         self._replay_bytes = 0
+        self._server_fatal = False
         self._client_scanner = _core.PgScanner(frontend=True, full=CLIENT_KINDS, relay=True)
         kinds = SERVER_KINDS + (b"S" if watch.read_only else b"")
         self._server_kinds = kinds
@@ -312,6 +313,7 @@ class PooledSession:
             if made:
                 # Nothing is due before them: answer now (a client may wait
                 # for its ParseComplete after a Flush).
+                self._replay = None  # the client has seen an answer
                 await self._send_client(made)
             if out:
                 await self._send_server(out)
@@ -521,8 +523,10 @@ class PooledSession:
         requests = self._requests
         if tag == _ERROR:
             fields = _core.parse_error_fields(raw[5:])
-            if fields.get("S") in ("FATAL", "PANIC") and self._replay is not None:
-                raise ServerBroken(f"the server ended the connection ({fields.get('C')})")
+            if fields.get("S") in ("FATAL", "PANIC"):
+                if self._replay is not None:
+                    raise ServerBroken(f"the server ended the connection ({fields.get('C')})")
+                self._server_fatal = True  # the client is told why, by the server
             self._after_error(conn)
             return raw + self._flush_fakes()
         if tag == _READY:
@@ -587,6 +591,8 @@ class PooledSession:
             self.conn = None
             self._attached = trio.Event()
             if replay is None:
+                if self._server_fatal:
+                    raise SessionOver(None)
                 raise SessionOver(
                     PgSessionError(
                         "08006",
@@ -603,6 +609,9 @@ class PooledSession:
             self._requests.clear()
             self._skipping = False
             self._status = None
+            for tag, raw in replay:
+                if tag == _P:  # prepared again below, on the new connection
+                    self.statements.pop(raw[5 : raw.index(b"\0", 5)], None)
             out = [self._to_server(conn, tag, raw) for tag, raw in replay]
             self._begin(conn)
             self._replay = replay
