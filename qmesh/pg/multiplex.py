@@ -60,9 +60,9 @@ import trio
 
 from qmesh import _core
 from qmesh.pg.guard import normalise
-from qmesh.pg.login import PgSessionError, error_response
+from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
-from qmesh.pg.relay import send_quietly
+from qmesh.pg.relay import end_client
 from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tunnel.stream import TunnelStream
 
@@ -224,17 +224,8 @@ class PooledSession:
         finally:
             await self._give_back()
         ending = self.ending
-        if ending is not None and ending.error is not None:
-            exc = ending.error
-            log.warning("pg session of app %r (alias %r) ended: %s %s",
-                        self.watch.app_id, self.watch.alias, exc.sqlstate, exc.message)  # fmt: skip
-            await send_quietly(self.client, error_response(exc))
-        else:
-            with trio.move_on_after(5):
-                try:
-                    await self.client.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        error = ending.error if ending is not None else None
+        await end_client(self.client, error, self.watch.app_id, self.watch.alias)
 
     async def _ending_all(
         self, pump: Callable[..., Awaitable[None]], nursery: trio.Nursery, *args: bytes

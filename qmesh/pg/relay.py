@@ -75,6 +75,29 @@ async def send_quietly(stream: TunnelStream, data: bytes) -> None:
         pass
 
 
+async def end_client(
+    client: TunnelStream,
+    error: PgSessionError | None,
+    app_id: str,
+    alias: str,
+    *,
+    can_send: bool = True,
+) -> None:
+    """The end of a relayed session: the client gets ``error`` (logged) if
+    there is one and nothing is half-sent to it, else its stream's end."""
+    if error is not None:
+        log.warning("pg session of app %r (alias %r) ended: %s %s",
+                    app_id, alias, error.sqlstate, error.message)  # fmt: skip
+        if can_send:
+            await send_quietly(client, error_response(error))
+        return
+    with trio.move_on_after(5):
+        try:
+            await client.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 @attrs.frozen
 class _Tap:
     """A native relay's tap (:class:`qmesh.tunnel.stream.NativeTap`): the
@@ -142,18 +165,13 @@ class Relay:
                 await self._run_in_python(client_leftover)
         self.scope = None
         ending = self.ending
-        if ending is not None and ending.error is not None:
-            exc = ending.error
-            log.warning("pg session of app %r (alias %r) ended: %s %s",
-                        self.app_id, self.alias, exc.sqlstate, exc.message)  # fmt: skip
-            if not self.sending_to_client:
-                await send_quietly(self.client, error_response(exc))
-        else:
-            with trio.move_on_after(5):
-                try:
-                    await self.client.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        await end_client(
+            self.client,
+            ending.error if ending is not None else None,
+            self.app_id,
+            self.alias,
+            can_send=not self.sending_to_client,
+        )
 
     def _native(self, client_leftover: bytes) -> bool:
         """Whether the session's engine can relay this session: with nothing
