@@ -89,3 +89,92 @@ async def test_an_answer_cut_short_ends_the_connection_without_a_replay(
     assert await ask(port, gate.answer_seen) == b"HTTP/1.1 200 OK\r\n"
     assert gate.requests == [REQUEST]
     assert await ask(port) == ANSWER  # the next connection goes through
+
+
+KEPT_ALIVE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+class DrainingGate:
+    """The Gate's ``llm`` service on keep-alive connections: answers every
+    request; after the first answer has reached the application it ends the
+    edge's session, saying (or not) that no answer was in progress, as a
+    draining Gate does at its gap between requests."""
+
+    def __init__(self, *, between_answers: bool) -> None:
+        self.between_answers = between_answers
+        self.gate: Gate | None = None
+        self.answered = trio.Event()
+        self.sent_away = trio.Event()
+        self.carried_over = trio.Event()
+        """Set when the edge opens a stream again (for the same connection)."""
+        self.streams = self.requests = 0
+
+    async def serve(self, stream: TunnelStream) -> None:
+        self.streams += 1
+        if self.streams == 2:
+            self.carried_over.set()
+        received = b""
+        while data := await stream.receive_some():
+            received += data
+            while len(received) >= len(REQUEST):
+                received = received[len(REQUEST) :]
+                self.requests += 1
+                await stream.send_all(KEPT_ALIVE)
+                if self.requests == 1:
+                    await self.answered.wait()
+                    assert self.gate is not None
+                    for session in list(self.gate.server.sessions.values()):
+                        self.gate.server.end_session(
+                            session, "draining", between_answers=self.between_answers
+                        )
+                    self.sent_away.set()
+                    return
+
+
+async def test_a_drain_between_answers_carries_idle_connections_over(
+    nursery: trio.Nursery,
+) -> None:
+    """The application's keep-alive connection outlives its Gate session:
+    the next request on it is answered through the edge's new session."""
+    service = DrainingGate(between_answers=True)
+    gate = await start_gate(nursery, {"llm": service.serve})
+    service.gate = gate
+    client = await start_edge(nursery, gate, "edge-1")
+    port: int = await nursery.start(serve_llm, client, "127.0.0.1:0")
+    conn = await trio.open_tcp_stream("127.0.0.1", port)
+    async with conn:
+        with trio.fail_after(20):
+            await conn.send_all(REQUEST)
+            assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
+            service.answered.set()
+            # The edge has taken in the GOAWAY and moved the idle connection
+            # to its new session before the application asks again: the
+            # moment a connection used to be closed under its next request.
+            await service.carried_over.wait()
+            await conn.send_all(REQUEST)
+            assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
+    assert service.requests == 2
+
+
+async def test_a_session_lost_otherwise_ends_idle_connections(nursery: trio.Nursery) -> None:
+    """Without the Gate's word that no answer was in progress, a lost session
+    ends the application's connection (it may have been mid-answer)."""
+    service = DrainingGate(between_answers=False)
+    gate = await start_gate(nursery, {"llm": service.serve})
+    service.gate = gate
+    client = await start_edge(nursery, gate, "edge-1")
+    port: int = await nursery.start(serve_llm, client, "127.0.0.1:0")
+    conn = await trio.open_tcp_stream("127.0.0.1", port)
+    async with conn:
+        with trio.fail_after(20):
+            await conn.send_all(REQUEST)
+            assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
+            service.answered.set()
+            assert await conn.receive_some() == b""  # closed by the edge
+
+
+async def receive_exactly(conn: trio.SocketStream, size: int) -> bytes:
+    received = b""
+    while len(received) < size and (data := await conn.receive_some(size - len(received))):
+        received += data
+    return received

@@ -248,16 +248,22 @@ async def _drain(config: Config, server: TunnelServer, auth: AppAuthenticator) -
     server.draining = True  # no new sessions from here on
     sent: list[int] = []
 
-    def send_edges_away() -> None:
+    def send_edges_away(*, between_answers: bool) -> None:
         # Between requests: an answer being sent would be cut by GOAWAY, a
-        # request not yet answered is sent again elsewhere by its MiniGate.
-        sent.append(server.drain("the gate is draining: use another gate of the cluster"))
+        # request not yet answered is sent again elsewhere by its MiniGate,
+        # and an application's idle connection is carried over.
+        sent.append(
+            server.drain(
+                "the gate is draining: use another gate of the cluster",
+                between_answers=between_answers,
+            )
+        )
 
     with trio.move_on_after(config.gate.drain_timeout_s):
         gap = trio.Event()
 
         def at_gap() -> None:
-            send_edges_away()
+            send_edges_away(between_answers=True)
             gap.set()
 
         auth.when_idle(at_gap)
@@ -268,7 +274,7 @@ async def _drain(config: Config, server: TunnelServer, auth: AppAuthenticator) -
             await trio.sleep(0.05)
     if not sent:
         auth.when_idle(None)
-        send_edges_away()
+        send_edges_away(between_answers=False)
         auth.draining = True
         log.info("draining: no gap between requests in %g s: %d edge session(s) sent away "
                  "with requests in flight", config.gate.drain_timeout_s, sent[0])  # fmt: skip

@@ -13,7 +13,11 @@ the first byte of the answer arrives. If the tunnel session is lost before
 then — the Gate died and the edge moved to another Gate of the cluster, or
 the Gate restarted — those bytes are sent again on a new stream, and the
 application sees one answer, late. Once an answer has begun, a lost session
-ends the application's connection, as a broken stream ends anywhere. No
+ends the application's connection, as a broken stream ends anywhere —
+unless the Gate ended the session with its word that no answer was in
+progress (a drain's GOAWAY "between answers"): then every answer was whole,
+and the connection carries on over a new stream, so an application's
+keep-alive connection is not closed under its next request. No
 HTTP is parsed for this: a connection alternates between the application's
 request and the Gate's answer, so the first byte of an answer is where the
 request stops being replayable, and the application's next bytes start the
@@ -87,6 +91,13 @@ async def serve_llm(
 class _Ending(enum.Enum):
     DONE = "done"  # both directions ended, or the application left
     LOST = "lost"  # the tunnel session was lost
+    MOVED = "moved"  # the Gate sent the edge away between answers (a drain)
+
+
+def _lost_how(reset: StreamReset) -> _Ending:
+    if reset.code != ResetCode.SESSION_LOST:
+        return _Ending.DONE
+    return _Ending.MOVED if reset.between_answers else _Ending.LOST
 
 
 class _Connection:
@@ -110,21 +121,26 @@ class _Connection:
             log.warning("cannot reach the gate for an LLM request: %s", exc)
             await self._unavailable()
             return
-        while await self._relay(stream) is _Ending.LOST:
-            if self.answering or not self.pending or not self.kept:
-                # An answer had begun, or nothing was in flight: as any
-                # broken connection, this one ends.
+        while (ending := await self._relay(stream)) is not _Ending.DONE:
+            in_flight = bool(self.pending) and not self.answering
+            if (ending is _Ending.LOST and not in_flight) or (in_flight and not self.kept):
+                # An answer had begun (and may have been cut), or nothing was
+                # in flight, or too much to send again: as any broken
+                # connection, this one ends. After a drain's GOAWAY every
+                # answer was whole, so an idle connection carries on.
                 return
-            log.info("gate lost with an LLM request in flight; replaying it (%d bytes)",
-                     len(self.pending))  # fmt: skip
+            if in_flight:
+                log.info("gate lost with an LLM request in flight; replaying it (%d bytes)",
+                         len(self.pending))  # fmt: skip
             with trio.move_on_after(_REPLAY_WAIT_S):
                 try:
                     stream = await self.client.open_stream({"service": "llm"})
                 except TunnelError as exc:
-                    log.warning("cannot replay an LLM request: %s", exc)
+                    log.warning("cannot reach another gate for an LLM connection: %s", exc)
                 else:
                     continue
-            await self._unavailable()
+            if in_flight:
+                await self._unavailable()
             return
 
     async def _relay(self, stream: TunnelStream) -> _Ending:
@@ -139,7 +155,7 @@ class _Connection:
             try:
                 await (self._to_gate(stream) if direction == "up" else self._from_gate(stream))
             except StreamReset as exc:
-                end(_Ending.LOST if exc.code == ResetCode.SESSION_LOST else _Ending.DONE)
+                end(_lost_how(exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 log.debug("LLM relay ended: %s", exc)
                 end(_Ending.DONE)
@@ -151,7 +167,7 @@ class _Connection:
                 if self.app_done:
                     await stream.send_eof()
             except StreamReset as exc:  # the new session is gone too
-                return _Ending.LOST if exc.code == ResetCode.SESSION_LOST else _Ending.DONE
+                return _lost_how(exc)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guard, "up")
                 nursery.start_soon(guard, "down")

@@ -69,16 +69,30 @@ class HandshakeRefused(HandshakeFailed):
 
 RETRYABLE_REFUSALS: Final = frozenset({"not_ready", "gate_full", "version", "draining"})
 
+GOAWAY_BETWEEN_ANSWERS: Final = 1
+"""The GOAWAY code of a Gate that ends a session at a moment when none of its
+answers is in progress (a drain's gap between requests): the edge may carry
+its applications' idle connections over to another Gate. Code 0 says
+nothing about that."""
+
 
 class SessionLost(TunnelError):
     """The session cannot continue (peer said goodbye or its grace period ran out)."""
+
+    def __init__(self, message: str, *, between_answers: bool = False) -> None:
+        super().__init__(message)
+        self.between_answers = between_answers
+        """The peer ended it with GOAWAY :data:`GOAWAY_BETWEEN_ANSWERS`: no
+        answer of its was in progress, so every answer sent was sent whole."""
 
 
 class StreamReset(TunnelError, trio.BrokenResourceError):
     """A stream was aborted. Subclasses ``trio.BrokenResourceError`` so generic
     Trio stream code treats it as a broken stream."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, *, between_answers: bool = False) -> None:
         super().__init__(f"stream reset ({code}): {message}")
         self.code = code
         self.reason = message
+        self.between_answers = between_answers
+        """SESSION_LOST by a GOAWAY sent between answers (see :class:`SessionLost`)."""

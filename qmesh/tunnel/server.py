@@ -139,11 +139,11 @@ class TunnelServer:
         """The sessions of the identity ``peer``, oldest first."""
         return list(self._by_peer.get(peer, {}).values())
 
-    def end_session(self, session: Session, reason: str) -> None:
+    def end_session(self, session: Session, reason: str, *, between_answers: bool = False) -> None:
         """End ``session`` for good: the edge is told ``reason`` (GOAWAY) and
-        may not resume it."""
+        may not resume it; ``between_answers``: and that no answer was cut."""
         log.info("ending %s: %s", session, reason)
-        session.end(reason)
+        session.end(reason, between_answers=between_answers)
         self._forget(session)
 
     def set_keys(self, private_key: bytes, previous: tuple[bytes, float] | None) -> None:
@@ -158,16 +158,17 @@ class TunnelServer:
             return None
         return previous[0]
 
-    def drain(self, reason: str) -> int:
+    def drain(self, reason: str, *, between_answers: bool = False) -> int:
         """Take no more sessions, and end the edges' (GOAWAY ``reason``): each
         moves to the cluster's next Gate at once, where a MiniGate sends again
-        the requests whose answers had not begun. Links to other Gates stay
-        (they carry requests for this Gate's nodes until it stops). How many
-        sessions were ended."""
+        the requests whose answers had not begun (and, ``between_answers``,
+        carries its applications' idle connections over). Links to other
+        Gates stay (they carry requests for this Gate's nodes until it
+        stops). How many sessions were ended."""
         self.draining = True
         edges = [s for s in self.sessions.values() if s.peer_role != "gate"]
         for session in edges:
-            self.end_session(session, reason)
+            self.end_session(session, reason, between_answers=between_answers)
         return len(edges)
 
     def end_sessions_of(self, peer: str, reason: str) -> int:

@@ -38,6 +38,7 @@ import trio
 from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, runnable_counter
 from qmesh.tunnel.errors import (
+    GOAWAY_BETWEEN_ANSWERS,
     ConnectionLost,
     PeerProtocolError,
     PeerSilent,
@@ -266,7 +267,7 @@ class Session:
             # ``scope``): tell the peer not to keep the session for us. The
             # nursery above hands its tasks' Cancelled up in a group.
             if _is_cancellation(exc):
-                self._say_goodbye("peer shutting down")
+                self._say_goodbye("peer shutting down", 0)
             raise
         finally:
             self._attached = False
@@ -289,17 +290,18 @@ class Session:
             scope.cancel()
             await done.wait()
 
-    def _say_goodbye(self, reason: str) -> None:
+    def _say_goodbye(self, reason: str, code: int) -> None:
         # The engine writes at once when the socket has room, which it
         # almost always has for one small frame.
-        self._engine.send([(FrameType.GOAWAY, 0, encode_reason(0, reason))])
+        self._engine.send([(FrameType.GOAWAY, 0, encode_reason(code, reason))])
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, *, between_answers: bool = False) -> None:
         """End the session for good and tell the peer why (GOAWAY), so that
-        it neither retries nor expects a resume."""
+        it neither retries nor expects a resume. ``between_answers``: no
+        answer on any stream is in progress (the peer is told so)."""
         if self._lost is None and self._attached:
-            self._say_goodbye(reason)
-        self.lose(SessionLost(reason))
+            self._say_goodbye(reason, GOAWAY_BETWEEN_ANSWERS if between_answers else 0)
+        self.lose(SessionLost(reason, between_answers=between_answers))
 
     def lose(self, error: SessionLost) -> None:
         """End the session for good: reset every stream, drop the connection."""
@@ -308,7 +310,9 @@ class Session:
         self._lost = error
         self._engine.lose()
         for stream in list(self._streams.values()):
-            stream.on_reset(ResetCode.SESSION_LOST, str(error))
+            stream.on_reset(
+                ResetCode.SESSION_LOST, str(error), between_answers=error.between_answers
+            )
         self._streams.clear()
         self._pending.clear()
         if self._connection_scope is not None:
@@ -513,8 +517,11 @@ class Session:
             if sent is not None:
                 self.rtt = trio.current_time() - sent
         elif frame_type == FrameType.GOAWAY:
-            _code, reason = decode_reason(payload, "GOAWAY")
-            raise SessionLost(f"peer ended the session: {reason}")
+            code, reason = decode_reason(payload, "GOAWAY")
+            raise SessionLost(
+                f"peer ended the session: {reason}",
+                between_answers=code == GOAWAY_BETWEEN_ANSWERS,
+            )
         else:
             raise PeerProtocolError(f"unknown frame type {frame_type:#04x}")
 

@@ -329,9 +329,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_credit += increment
         self._lot.unpark_all()
 
-    def on_reset(self, code: int, reason: str) -> None:
+    def on_reset(self, code: int, reason: str, *, between_answers: bool = False) -> None:
         """The peer reset the stream, or (``SESSION_LOST``) the session is over."""
-        self._fail(StreamReset(code, reason))
+        self._fail(StreamReset(code, reason, between_answers=between_answers))
         if self._native_done is not None:
             # The session is over; the engine has dropped the native relay.
             self._native_outcome = RelayOutcome(
