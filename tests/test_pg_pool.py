@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -16,6 +18,7 @@ import pytest
 import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_asyncio, in_thread, run, start_ghost
+from tunnelkit import until
 
 from qmesh.config import GateAppConfig
 from qmesh.fleet.inventory import Inventory
@@ -460,3 +463,54 @@ async def test_apps_on_one_alias_share_its_cap(ghost: Ghost) -> None:
     by_app = {s.app_id: s for s in ghost.service.pools.stats()}
     assert sum(s.open for s in by_app.values()) == 2
     assert by_app[ghost.app_id].closed >= 1 and by_app[other].opened == 1
+
+
+async def test_the_alias_cap_holds_across_gates_on_one_state(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Two Gates on one state, a cap of 2 connections to the alias: while
+    the first Gate's clients hold both, the second Gate's client waits in
+    line; when the first Gate's connections go (idle timeout), it gets one."""
+    state = tmp_path / "shared.db"
+    first = await start_ghost(nursery, db, tmp_path, policy=pooled(size=5), state=state)
+    second = await start_ghost(nursery, db, tmp_path, policy=pooled(size=5), state=state)
+    for name, ghost in (("gate-a", first), ("gate-b", second)):
+        gate = attrs.evolve(ghost.service.config.gate, name=name)
+        ghost.service.config = attrs.evolve(ghost.service.config, gate=gate)
+        ghost.service.pools.settings = attrs.evolve(
+            ghost.service.pools.settings,
+            max_server_connections_per_alias=2,
+            server_idle_timeout_s=0.2,
+        )
+        with ghost.store._write() as registry:  # registered and live, as a running Gate is
+            registry.execute(
+                "INSERT INTO gates (name, instance, tunnel, http, host, version, started_at,"
+                " heartbeat_at, gone_after_s) VALUES (?, 'i', '-', '-', 'h', 'v', ?, ?, 3600)",
+                (name, time.time(), time.time() + 3600),
+            )
+    await nursery.start(first.service.pools.run)  # the reapers, with the short idle timeout
+    await nursery.start(second.service.pools.run)
+
+    late = await in_thread(lambda: psycopg.connect(**second.kwargs(), autocommit=True))
+    holders = [await in_thread(lambda: psycopg.connect(**first.kwargs())) for _ in range(2)]
+    try:
+        with trio.fail_after(60):
+            for holder in holders:  # two transactions open at gate-a: both places taken
+                await in_thread(partial(holder.execute, "SELECT 1"))
+            assert sum(p.lent for p in first.service.pools.stats()) == 2
+            async with trio.open_nursery() as waiting:
+                answer: list[object] = []
+
+                async def ask() -> None:
+                    answer.append(await in_thread(lambda: late.execute("SELECT 2").fetchone()))
+
+                waiting.start_soon(ask)
+                await until(lambda: sum(p.waiting for p in second.service.pools.stats()) == 1)
+                for holder in holders:
+                    await in_thread(holder.commit)  # idle, then closed after 0.2 s at gate-a
+            assert answer == [(2,)]
+    finally:
+        for client in [late, *holders]:
+            client.close()
+    (late_pool,) = second.service.pools.stats()
+    assert late_pool.waits == 1 and late_pool.timeouts == 0

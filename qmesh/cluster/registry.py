@@ -200,8 +200,10 @@ class GateRegistry:
                 (self.name, self.instance, self.tunnel, self.http, self.host, __version__, now,
                  now, self.settings.gone_after_s),
             )  # fmt: skip
-            # Sessions counted by an earlier run of this Gate ended with it.
+            # Sessions and connections counted by an earlier run of this Gate
+            # ended with it.
             conn.execute("DELETE FROM app_sessions WHERE gate = ?", (self.name,))
+            conn.execute("DELETE FROM pool_connections WHERE gate = ?", (self.name,))
 
     def _beat(self, sessions: int) -> bool:
         """Write the heartbeat; whether a drain was asked for."""

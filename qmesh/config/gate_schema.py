@@ -414,9 +414,9 @@ class PgPoolConfig:
     before it is reused, so that one the server or a firewall dropped while
     it idled is replaced instead of failing the client's transaction."""
     max_server_connections_per_alias: int = 0
-    """Cap on the server connections one Gate's pools hold for one alias, the
-    apps' pools together (set it below the server's ``max_connections``
-    divided by the number of Gates); 0: no cap."""
+    """Cap on the server connections the pools of every Gate on the state
+    hold for one alias, the apps' pools together (set it below the server's
+    ``max_connections``); counted in the state; 0: no cap."""
     max_prepared_per_server: int = 1000
     """Prepared statements qmesh keeps on one server connection; beyond it the
     connection is closed when it returns to the pool, so that clients that

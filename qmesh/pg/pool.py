@@ -46,6 +46,8 @@ __all__ = ["PoolBook", "PoolKey", "PoolStats", "ServerConn", "ServerPool"]
 
 log = logging.getLogger(__name__)
 
+CAP_RETRY_S: Final = 0.1
+"""How often a client waiting under a cap shared with other Gates looks again."""
 CHECK_TIMEOUT_S: Final = 5.0
 """The empty query of a health check, and the reset of a dirty connection."""
 RECEIVE_SIZE: Final = 64 * 1024
@@ -188,8 +190,16 @@ class ServerPool:
                 conn = await self._take_idle()
                 if conn is not None:
                     return conn
-                if self.count < self.size and (self.book is None or self.book.room_for(self)):
-                    return await self._new()
+                if self.count < self.size:
+                    self.count += 1  # this place is taken while the cap is asked
+                    try:
+                        room = self.book is None or await self.book.room_for(self)
+                    except BaseException:
+                        self.count -= 1
+                        raise
+                    if room:
+                        return await self._new()
+                    self.count -= 1
                 if not waited:
                     waited = True
                     self.waits += 1
@@ -215,12 +225,11 @@ class ServerPool:
         return None
 
     async def _new(self) -> ServerConn:
-        self.count += 1
+        """Open a connection in the place :meth:`acquire` took for it."""
         try:
             upstream = await self._open()
         except BaseException:
-            self.count -= 1
-            self._make_room()
+            self._gone()
             raise
         self.opened += 1
         now = trio.current_time()
@@ -239,11 +248,17 @@ class ServerPool:
         waiter = _Waiter(started)
         self._waiters.append(waiter)
         deadline = started + self.wait_s
-        with trio.move_on_at(deadline):
+        # Under a cap shared with other Gates, room they make is not
+        # announced here: look again now and then.
+        shared = self.book is not None and self.book.shares_a_cap
+        wake = min(deadline, trio.current_time() + CAP_RETRY_S) if shared else deadline
+        with trio.move_on_at(wake):
             await waiter.event.wait()
         if waiter.event.is_set():
             return waiter.conn
         self._waiters.remove(waiter)
+        if trio.current_time() < deadline:
+            return None
         self.timeouts += 1
         raise PgSessionError(
             "53300",
@@ -259,10 +274,8 @@ class ServerPool:
         too_old = now - conn.opened_at > self.settings.server_lifetime_s
         too_many = len(conn.prepared) > self.settings.max_prepared_per_server
         if not reusable or too_old or too_many or self.count > self.size:
-            self.count -= 1
-            self.closed += 1
             trio.lowlevel.spawn_system_task(conn.close)
-            self._make_room()
+            self._gone()
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -282,7 +295,8 @@ class ServerPool:
 
     def close_one_idle(self) -> bool:
         """Close the least recently used idle connection, to make room for
-        another pool of the alias; whether there was one."""
+        another pool of the alias, which takes over its place under the
+        cap; whether there was one."""
         if not self._idle:
             return False
         conn = self._idle.popleft()
@@ -292,14 +306,15 @@ class ServerPool:
         return True
 
     async def _discard(self, conn: ServerConn) -> None:
+        await conn.close()
+        self._gone()
+
+    def _gone(self) -> None:
+        """A connection closed (or failed to open): its place under the cap
+        is free, and the first waiter may open a new one (here, or in
+        another pool of the alias when they share a cap)."""
         self.count -= 1
         self.closed += 1
-        await conn.close()
-        self._make_room()
-
-    def _make_room(self) -> None:
-        """A connection closed: the first waiter may open a new one (here,
-        or in another pool of the alias when they share a cap)."""
         if self.book is not None:
             self.book.closed_one(self)
         else:
@@ -349,9 +364,23 @@ class ServerPool:
 class PoolBook:
     """Every pool of the Gate, by key."""
 
-    def __init__(self, settings: PgPoolConfig) -> None:
+    def __init__(
+        self,
+        settings: PgPoolConfig,
+        *,
+        claim: Callable[[str, int], Awaitable[bool]] | None = None,
+        release: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
+        self._claim = claim
+        """Count one more connection to an alias across the Gates, unless
+        they hold the cap already (``StateStore.claim_server_connection``)."""
+        self._release = release
         self._pools: dict[PoolKey, ServerPool] = {}
+
+    @property
+    def shares_a_cap(self) -> bool:
+        return bool(self.settings.max_server_connections_per_alias) and self._claim is not None
 
     def pool(self, key: PoolKey, opener: Opener, *, size: int, wait_s: float) -> ServerPool:
         """The pool of ``key``, created on first use. A policy change of its
@@ -371,24 +400,31 @@ class PoolBook:
     def _siblings(self, pool: ServerPool) -> list[ServerPool]:
         return [p for p in self._pools.values() if p.key.alias == pool.key.alias]
 
-    def room_for(self, pool: ServerPool) -> bool:
+    async def room_for(self, pool: ServerPool) -> bool:
         """Whether ``pool`` may open one more connection under the alias's
-        cap, closing an idle connection of another pool of the alias if
-        that makes room."""
+        cap: counted across the Gates when they share the state, else at
+        this Gate; at the cap, an idle connection of another pool of the
+        alias here is closed and ``pool`` takes its place."""
         cap = self.settings.max_server_connections_per_alias
         if not cap:
             return True
         siblings = self._siblings(pool)
-        if sum(p.count for p in siblings) < cap:
+        if self._claim is not None:
+            if await self._claim(pool.key.alias, cap):
+                return True
+        elif sum(p.count for p in siblings) <= cap:  # ``pool``'s new place counted
             return True
         return any(p.close_one_idle() for p in siblings if p is not pool)
 
     def closed_one(self, pool: ServerPool) -> None:
-        """A connection of ``pool`` closed: under a cap, a waiter of any
-        pool of the alias may use the room; else one of ``pool``'s own."""
+        """A connection of ``pool`` closed: its place under the cap is given
+        back, and a waiter of any pool of the alias may use it (without a
+        cap, one of ``pool``'s own)."""
         if not self.settings.max_server_connections_per_alias:
             pool.wake_one()
             return
+        if self._release is not None:
+            trio.lowlevel.spawn_system_task(self._release, pool.key.alias)
         for sibling in sorted(self._siblings(pool), key=lambda p: p is not pool):
             if sibling._waiters:
                 sibling.wake_one()

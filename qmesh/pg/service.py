@@ -215,7 +215,11 @@ class PgService:
         other Gates of the cluster (qmesh.cluster.fabric), each of which
         honours it if it minted the key for that edge."""
         self.live: dict[str, set[_LiveSession]] = {}
-        self.pools = PoolBook(config.gate.pg_pool)
+        self.pools = PoolBook(
+            config.gate.pg_pool,
+            claim=self._claim_connection,
+            release=self._release_connection,
+        )
         """Server connections of the apps in transaction mode."""
         """Sessions past authentication, by app id: see :meth:`refresh_apps`."""
         self.sessions_ended = 0
@@ -538,6 +542,28 @@ class PgService:
             )
         except (StateError, *DATABASE_ERRORS) as exc:
             log.warning("cannot uncount a session of app %r: %s", app_id, exc)
+
+    async def _claim_connection(self, alias: str, cap: int) -> bool:
+        """Count one more pooled server connection to ``alias`` across the
+        Gates of the state (``max_server_connections_per_alias``). When the
+        count cannot be read, no connection is opened: the cap protects
+        the server."""
+        try:
+            admitted: bool = await trio.to_thread.run_sync(
+                self.store.claim_server_connection, self.config.gate.name, alias, cap, time.time()
+            )
+        except (StateError, *DATABASE_ERRORS) as exc:
+            log.error("cannot count the server connections of alias %r: %s", alias, exc)
+            return False
+        return admitted
+
+    async def _release_connection(self, alias: str) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self.store.release_server_connection, self.config.gate.name, alias
+            )
+        except Exception as exc:  # a system task: nothing may escape it
+            log.warning("cannot uncount a server connection of alias %r: %s", alias, exc)
 
     async def _read_vault(self, get: Any, alias: str) -> DatabaseSecret | None:
         try:

@@ -218,4 +218,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX qg_prompts_app_ts ON qg_prompts (app, ts)",
     ),
+    # Server connections the Gates' Postgres pools hold per alias, for
+    # gate.pg_pool.max_server_connections_per_alias (qmesh.pg.pool).
+    (
+        """
+        CREATE TABLE pool_connections (
+            gate        TEXT NOT NULL,
+            alias       TEXT NOT NULL,
+            connections INTEGER NOT NULL CHECK (connections >= 0),
+            PRIMARY KEY (gate, alias)
+        )
+        """,
+    ),
 )

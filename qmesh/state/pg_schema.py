@@ -265,4 +265,16 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX qg_prompts_app_ts ON qg_prompts (app, ts)",
     ),
+    # Server connections the Gates' Postgres pools hold per alias, for
+    # gate.pg_pool.max_server_connections_per_alias (qmesh.pg.pool).
+    (
+        """
+        CREATE TABLE pool_connections (
+            gate        TEXT NOT NULL,
+            alias       TEXT NOT NULL,
+            connections BIGINT NOT NULL CHECK (connections >= 0),
+            PRIMARY KEY (gate, alias)
+        )
+        """,
+    ),
 )
