@@ -218,7 +218,7 @@ def test_audit_command(tmp_path: Path) -> None:
                 await nursery.start(audit.run)
                 audit.record(
                     app="shop", alias="orders", statement="SELECT *\n  FROM orders",
-                    duration_s=0.0123, rows=7, outcome="ok",
+                    duration_s=0.0123, rows=7, outcome="ok", session="edge-1/4242",
                 )  # fmt: skip
                 audit.record(
                     app="etl", alias="billing", statement="DELETE FROM invoices",
@@ -231,15 +231,17 @@ def test_audit_command(tmp_path: Path) -> None:
     table = qmesh("audit", tmp_path=tmp_path)
     assert table.returncode == 0, table.stderr
     header, etl, shop = table.stdout.splitlines()
-    assert header.split() == ["TIME", "APP", "ALIAS", "OUTCOME", "MS", "ROWS", "STATEMENT"]
-    assert etl.split()[1:5] == ["etl", "billing", "error", "42501"]
+    assert header.split() == [
+        "TIME", "APP", "ALIAS", "SESSION", "OUTCOME", "MS", "ROWS", "STATEMENT"
+    ]  # fmt: skip
+    assert etl.split()[1:6] == ["etl", "billing", "-", "error", "42501"]
     assert "sha256:" in etl and "DELETE" not in etl
-    assert shop.split()[1:6] == ["shop", "orders", "ok", "12.300", "7"]
+    assert shop.split()[1:7] == ["shop", "orders", "edge-1/4242", "ok", "12.300", "7"]
     assert shop.endswith("SELECT * FROM orders")
     only_shop = qmesh("audit", "--app", "shop", "--json", tmp_path=tmp_path)
     rows = json.loads(only_shop.stdout)
-    assert [(r["app"], r["alias"], r["rows"], r["outcome"]) for r in rows] == [
-        ("shop", "orders", 7, "ok")
+    assert [(r["app"], r["alias"], r["rows"], r["outcome"], r["session"]) for r in rows] == [
+        ("shop", "orders", 7, "ok", "edge-1/4242")
     ]
     assert rows[0]["statement"] == "SELECT *\n  FROM orders"
     assert rows[0]["duration_ms"] == 12.3

@@ -438,8 +438,11 @@ async def test_startup_negotiation_paths(ghost: Ghost) -> None:
 
 
 async def test_audit_records_each_statement(ghost: Ghost) -> None:
+    pids: list[int] = []
+
     def work() -> None:
         with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            pids.append(conn.info.backend_pid)
             conn.execute("SELECT g FROM generate_series(1, 5) g")  # extended protocol
             conn.execute("CREATE TEMP TABLE a (i int)")
             conn.execute("INSERT INTO a SELECT generate_series(1, 3)")
@@ -451,6 +454,7 @@ async def test_audit_records_each_statement(ghost: Ghost) -> None:
                 conn.execute("SELECT * FROM missing_table")
                 conn.execute("SELECT 2")
         with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            pids.append(conn.info.backend_pid)
             conn.pgconn.exec_(b"SELECT 1; SELECT 2, 3")  # simple protocol, two statements
 
     with trio.fail_after(30):
@@ -465,6 +469,11 @@ async def test_audit_records_each_statement(ghost: Ghost) -> None:
     assert ("SELECT 2", None, "skipped") in got
     assert ("SELECT 1; SELECT 2, 3", 2, "ok") in got
     assert all(r.alias == ghost.alias and r.duration_ms >= 0 for r in records)
+    # Each names its client session: the edge and the process id the client was told.
+    assert {r.session for r in records} == {f"edge-pg/{pid}" for pid in pids}
+    assert [r.session for r in records if r.statement == "SELECT 1; SELECT 2, 3"] == [
+        f"edge-pg/{pids[1]}"
+    ]
 
 
 async def test_audit_hash_mode_keeps_no_text(

@@ -381,16 +381,24 @@ async def test_bad_client_bytes_end_that_client_only(ghost: Ghost) -> None:
     assert error["C"] == "42P05" and 'prepared statement "dup" already exists' in error["M"]
 
 
-async def test_statements_are_audited_under_the_app(ghost: Ghost) -> None:
-    def work() -> None:
-        with psycopg.connect(**ghost.kwargs(), autocommit=True, prepare_threshold=0) as conn:
-            conn.execute("SELECT %s::int AS audited_in_pool", (1,))
+async def test_statements_are_audited_under_the_app_and_client_session(ghost: Ghost) -> None:
+    """Each record names the app and the client session: the edge and the
+    process id the client was told (not the pooled server connection's)."""
+
+    def work() -> list[int]:
+        pids = []
+        for _ in range(2):
+            with psycopg.connect(**ghost.kwargs(), autocommit=True, prepare_threshold=0) as conn:
+                conn.execute("SELECT %s::int AS audited_in_pool", (1,))
+                pids.append(conn.info.backend_pid)
+        return pids
 
     with trio.fail_after(30):
-        await in_thread(work)
+        pids = await in_thread(work)
         await ghost.audit_settled()
     records = [r for r in list_audit(ghost.store) if "audited_in_pool" in (r.statement or "")]
-    assert records and all(r.app == ghost.app_id and r.outcome == "ok" for r in records)
+    assert all(r.app == ghost.app_id and r.outcome == "ok" for r in records)
+    assert sorted(r.session or "" for r in records) == sorted(f"edge-pg/{pid}" for pid in pids)
 
 
 async def test_a_server_restart_breaks_no_later_transaction_and_the_pool_refills(

@@ -64,6 +64,10 @@ class AuditRecord:
     duration_ms: float
     rows: int | None
     outcome: str
+    session: str | None = None
+    """The client session: its edge and the process id the client was told
+    (BackendKeyData: ``pg_backend_pid()`` in session mode, libpq's
+    ``PQbackendPID``); None in records written before sessions were kept."""
 
 
 @attrs.frozen
@@ -76,6 +80,7 @@ class _Pending:
     duration_ms: float
     rows: int | None
     outcome: str
+    session: str | None
 
 
 class AuditLog:
@@ -133,6 +138,7 @@ class AuditLog:
         rows: int | None,
         outcome: str,
         mode: str | None = None,
+        session: str | None = None,
     ) -> None:
         """Queue one record; return at once. ``mode`` overrides the log's
         default for this record (the app's ``audit_statements`` policy).
@@ -155,6 +161,7 @@ class AuditLog:
             duration_ms=duration_s * 1000.0,
             rows=rows,
             outcome=outcome,
+            session=session,
         )
         with self._lock:
             size = len(statement)
@@ -262,13 +269,14 @@ class AuditLog:
                     item.duration_ms,
                     item.rows,
                     item.outcome,
+                    item.session,
                 )
             )
         try:
             with self.store._write(announce=False) as conn:
                 conn.executemany(
                     "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256,"
-                    " duration_ms, rows, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " duration_ms, rows, outcome, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
         except (*DATABASE_ERRORS, StateError) as exc:
@@ -318,8 +326,8 @@ def list_audit(
         where.append("ts >= ?")
         params.append(since)
     sql = (
-        "SELECT id, ts, app, alias, statement, statement_sha256, duration_ms, rows, outcome"
-        " FROM pg_audit"
+        "SELECT id, ts, app, alias, statement, statement_sha256, duration_ms, rows, outcome,"
+        " session FROM pg_audit"
     )
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -338,6 +346,7 @@ def list_audit(
             duration_ms=row[6],
             rows=row[7],
             outcome=row[8],
+            session=row[9],
         )
         for row in rows
     ]

@@ -289,6 +289,7 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
                 "duration_ms": round(r.duration_ms, 3),
                 "rows": r.rows,
                 "outcome": r.outcome,
+                "session": r.session,
             }
             for r in records
         ]
@@ -300,9 +301,10 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
     app_w = max(len("APP"), *(len(r.app) for r in records))
     alias_w = max(len("ALIAS"), *(len(r.alias) for r in records))
     outcome_w = max(len("OUTCOME"), *(len(r.outcome) for r in records))
+    session_w = max(len("SESSION"), *(len(r.session or "-") for r in records))
     print(
-        f"{'TIME':<29}  {'APP':<{app_w}}  {'ALIAS':<{alias_w}}  {'OUTCOME':<{outcome_w}}  "
-        f"{'MS':>9}  {'ROWS':>7}  STATEMENT"
+        f"{'TIME':<29}  {'APP':<{app_w}}  {'ALIAS':<{alias_w}}  {'SESSION':<{session_w}}  "
+        f"{'OUTCOME':<{outcome_w}}  {'MS':>9}  {'ROWS':>7}  STATEMENT"
     )
     for r in records:
         if r.statement is None:
@@ -313,6 +315,7 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
         rows_text = "" if r.rows is None else str(r.rows)
         print(
             f"{_iso_ms(r.ts):<29}  {r.app:<{app_w}}  {r.alias:<{alias_w}}  "
+            f"{r.session or '-':<{session_w}}  "
             f"{r.outcome:<{outcome_w}}  {r.duration_ms:>9.3f}  {rows_text:>7}  {shown}"
         )
     return EXIT_OK

@@ -118,13 +118,15 @@ class Relay:
         app_id: str,
         alias: str,
         policy: AppPolicy,
+        *,
+        session: str | None = None,
     ) -> None:
         self.client = client
         self.upstream = fast(upstream.stream)
         self.server_leftover = upstream.leftover
         self.app_id = app_id
         self.alias = alias
-        self.watch = SessionWatch(audit, app_id, alias, policy)
+        self.watch = SessionWatch(audit, app_id, alias, policy, session=session)
         self.read_only = self.watch.read_only
         self.guard_timeout = self.watch.guard_timeout
         self.guard = self.watch.guard

@@ -655,8 +655,10 @@ class PgService:
         application_name: str | None,
     ) -> None:
         app_id, alias = pool.key.app_id, pool.key.alias
-        session = PooledSession(stream, pool, SessionWatch(self.audit, app_id, alias, policy))
-        minted = self._mint_key(stream.session.peer, secret, alias, session.server_key)
+        edge = stream.session.peer
+        minted = self._mint_key(edge, secret, alias, lambda: session.server_key())
+        watch = SessionWatch(self.audit, app_id, alias, policy, session=f"{edge}/{minted[0]}")
+        session = PooledSession(stream, pool, watch)
         try:
             assert pool.hello is not None
             hello = list(pool.hello)
@@ -690,7 +692,16 @@ class PgService:
                 hello.append(_core.encode_backend_key_data(*minted))
             hello.append(upstream.ready)
             await stream.send_all(b"".join(hello))
-            relay = Relay(self.audit, stream, upstream, app_id, alias, policy)
+            edge = stream.session.peer
+            relay = Relay(
+                self.audit,
+                stream,
+                upstream,
+                app_id,
+                alias,
+                policy,
+                session=edge if minted is None else f"{edge}/{minted[0]}",
+            )
             live.relay = relay  # no checkpoint until run() has its scope
             await relay.run(client_leftover)
         finally:

@@ -66,9 +66,19 @@ class _Pending:
 class SessionWatch:
     """The guard and the audit of one session."""
 
-    def __init__(self, audit: AuditLog | None, app_id: str, alias: str, policy: AppPolicy) -> None:
+    def __init__(
+        self,
+        audit: AuditLog | None,
+        app_id: str,
+        alias: str,
+        policy: AppPolicy,
+        *,
+        session: str | None = None,
+    ) -> None:
         self.app_id = app_id
         self.alias = alias
+        self.session = session
+        """Named in each audit record: the edge and the process id the client was told."""
         self.read_only = policy.read_only
         self.guard_timeout = policy.statement_timeout_ms is not None
         self.guard = self.read_only or self.guard_timeout
@@ -222,4 +232,5 @@ class SessionWatch:
             rows=item.rows,
             outcome=outcome,
             mode=self.audit_mode,
+            session=self.session,
         )

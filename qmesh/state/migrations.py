@@ -230,4 +230,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Which client session ran each audited statement (qmesh.pg.audit).
+    ("ALTER TABLE pg_audit ADD COLUMN session TEXT NULL",),
 )

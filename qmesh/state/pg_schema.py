@@ -277,4 +277,6 @@ POSTGRES_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Which client session ran each audited statement (qmesh.pg.audit).
+    ("ALTER TABLE pg_audit ADD COLUMN session TEXT NULL",),
 )
