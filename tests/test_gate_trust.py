@@ -376,3 +376,23 @@ async def test_a_revoked_daemon_leaves_the_inventory_and_the_router(
     node = mesh.gate["inventory"].get("gpu-r", now=time.time())
     assert node is not None and node.state == "gone"
     assert refusals[0].code == "revoked"
+
+
+async def test_pg_pools_are_read_with_an_operator_key(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """`qmesh pg pools` asks the running Gate (GET /api/pg/pools); without
+    a key the route refuses."""
+    mesh = await start_mesh(nursery, tmp_path)
+    gate_url = ("--gate", mesh.gate["http"], "--key", mesh.dir.bearer)
+    with trio.fail_after(30):
+        table = await trio.to_thread.run_sync(mesh.qmesh, "pg", "pools", *gate_url)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.split()[:3] == ["APP", "ALIAS", "SIZE"]
+        assert "(no pools: no app in transaction mode has connected" in table.stdout
+        as_json = await trio.to_thread.run_sync(mesh.qmesh, "pg", "pools", "--json", *gate_url)
+        assert json.loads(as_json.stdout) == {"pools": []}
+        keyless = await trio.to_thread.run_sync(
+            mesh.qmesh, "pg", "pools", "--gate", mesh.gate["http"], "--key", "nobody:wrong"
+        )
+        assert keyless.returncode != 0 and "the Gate refused the key" in keyless.stderr
