@@ -73,34 +73,50 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE: Final = 64 * 1024
 MAX_CLIENT_STATEMENTS: Final = 10_000
 """Named prepared statements one client may hold at once."""
-MAX_REPLAY_BYTES: Final = 1024 * 1024
-"""A transaction's first messages kept to be sent again on a new connection
-if the server connection fails before answering them."""
+MAX_STATEMENT_BYTES: Final = 16 * 1024 * 1024
+"""The Parse messages one client's named statements take, together: each is
+kept to be prepared again on whichever connection serves the client."""
+MAX_REQUESTS: Final = 100_000
+"""Requests of one client whose answers are due at once (a pipeline longer
+than this ends the session: answers made up here have no back-pressure)."""
 SERVER_PREFIX: Final = b"qmesh_"
 
 _Q, _P, _B, _D, _E, _C, _S, _F, _H, _X = (ord(c) for c in "QPBDECSFHX")
+_COPY_DONE, _COPY_FAIL = ord("c"), ord("f")
 _PARSED, _BOUND, _CLOSED = (ord(c) for c in "123")
-_ROWS, _NO_DATA, _DONE, _EMPTY, _SUSPENDED, _READY, _ERROR = (ord(c) for c in "TnCIsZE")
+_READY, _ERROR, _COPY_IN = ord("Z"), ord("E"), ord("G")
 
-CLIENT_KINDS: Final = b"QPBDECSFHX"
-"""Every client kind but COPY data: each is a request whose answers are tracked."""
-SERVER_KINDS: Final = b"123TnCIsZE"
-"""The server kinds that end a request's answers."""
+CLIENT_KINDS: Final = b"QPBDECSFHXcf"
+"""Every client kind but COPY data: each is a request whose answers are
+tracked, or (CopyDone, CopyFail) the end of a COPY FROM STDIN."""
+SERVER_KINDS: Final = b"123TnCIsZEG"
+"""The server kinds that end a request's answers, and CopyInResponse."""
 
-# The tracked requests, in the order their answers will come.
+# The tracked requests, in the order their answers will come. Each is
+# (kind, server statement name, client statement name, the client's
+# statement before a Close made up here): what to undo if the server skips
+# the request after an error.
+_Request = tuple[int, bytes, bytes, "tuple[bytes, bytes] | None"]
 _PARSE = 1  # a Parse sent on the client's behalf: ParseComplete, forwarded
 _INJECTED = 2  # a Parse qmesh added: its ParseComplete is swallowed
 _BIND = 3
 _DESCRIBE = 4  # ends at RowDescription or NoData
 _EXECUTE = 5  # ends at CommandComplete, EmptyQueryResponse or PortalSuspended
 _CLOSE = 6
-_SYNC = 7  # ends at ReadyForQuery (also a simple Query and a FunctionCall)
-_FAKE_PARSED = 8  # a ParseComplete made here
-_FAKE_CLOSED = 9  # a CloseComplete made here
+_SYNC = 7  # ends at ReadyForQuery
+_QUERY = 8  # a simple Query or a FunctionCall: ends at ReadyForQuery
+_FAKE_PARSED = 9  # a ParseComplete made here
+_FAKE_CLOSED = 10  # a CloseComplete made here
+_INJECTED_CLOSE = 11  # a Close of the unnamed statement qmesh added: swallowed
+_COPY_END = 12  # the client ended a COPY FROM STDIN: no answer of its own
 _PARSE_COMPLETE: Final = _core.encode_message(_PARSED, b"")
 _CLOSE_COMPLETE: Final = _core.encode_message(_CLOSED, b"")
+_CLOSE_UNNAMED: Final = _core.encode_message(_C, b"S\0")
 _ENDS: Final = {_PARSE: b"1", _INJECTED: b"1", _BIND: b"2", _DESCRIBE: b"Tn",
-                _EXECUTE: b"CIs", _CLOSE: b"3", _SYNC: b"Z"}  # fmt: skip
+                _EXECUTE: b"CIs", _CLOSE: b"3", _INJECTED_CLOSE: b"3", _SYNC: b"Z",
+                _QUERY: b"Z"}  # fmt: skip
+_SWALLOWED: Final = frozenset({_INJECTED, _INJECTED_CLOSE})
+_MADE_HERE: Final = frozenset({_FAKE_PARSED, _FAKE_CLOSED, _COPY_END})
 
 # -- session state -----------------------------------------------------------------
 
@@ -178,21 +194,27 @@ class PooledSession:
         self.pinned = False
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}
         """The client's statement names → (server name, the Parse to send)."""
-        self._requests: deque[tuple[int, bytes]] = deque()
-        """(kind, server statement name or b"") of each request whose answers are due."""
+        self._statement_bytes = 0
+        self._unnamed: bytes | None = None
+        """The client's unnamed statement (its Parse), to prepare again on a
+        connection where another client's is: PostgreSQL keeps one across
+        transactions, and a pooled connection must not lend it out."""
+        self._requests: deque[_Request] = deque()
         self._skipping = False
+        """After an error in the extended protocol the server skips to the
+        next Sync: messages sent meanwhile get no answer and have no effect."""
+        self._copy_in = False
+        """In COPY FROM STDIN: the server ignores Sync and Flush until the
+        client's CopyDone or CopyFail."""
         self._status: int | None = None
         """The server's transaction status at its last ReadyForQuery; None while
         a request is on its way."""
-        self._replay: list[tuple[int, bytes]] | None = None
-        self._replay_bytes = 0
         self._server_fatal = False
+        self._sending_to_client = False
         self._client_scanner = _core.PgScanner(frontend=True, full=CLIENT_KINDS, relay=True)
-        kinds = SERVER_KINDS + (b"S" if watch.read_only else b"")
-        self._server_kinds = kinds
+        self._server_kinds = SERVER_KINDS + (b"S" if watch.read_only else b"")
         self._send_lock = trio.Lock()
         self._attached = trio.Event()
-        self._attach_lock = trio.Lock()
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
         self.transactions = 0
@@ -212,9 +234,9 @@ class PooledSession:
         return None if conn is None else conn.key
 
     async def run(self, client_leftover: bytes) -> None:
-        """Relay until the client leaves, the server connection breaks
-        beyond repair, or :meth:`end`; then send the client the reason, and
-        give the connection back in the state it is in."""
+        """Relay until the client leaves, the server connection breaks, or
+        :meth:`end`; then send the client the reason, and give the
+        connection back in the state it is in."""
         try:
             with trio.CancelScope() as self.scope:
                 async with trio.open_nursery() as nursery:
@@ -225,7 +247,13 @@ class PooledSession:
             await self._give_back()
         ending = self.ending
         error = ending.error if ending is not None else None
-        await end_client(self.client, error, self.watch.app_id, self.watch.alias)
+        await end_client(
+            self.client,
+            error,
+            self.watch.app_id,
+            self.watch.alias,
+            can_send=not self._sending_to_client,  # never inside a half-sent message
+        )
 
     async def _ending_all(
         self, pump: Callable[..., Awaitable[None]], nursery: trio.Nursery, *args: bytes
@@ -244,13 +272,21 @@ class PooledSession:
             log.debug("pooled pg session of app %r ended: %s", self.watch.app_id, exc)
         nursery.cancel_scope.cancel()
 
+    def _idle_between_transactions(self) -> bool:
+        """Whether the connection may serve another client now: nothing due,
+        the server idle outside a transaction block, and the client not in
+        the middle of a message (part of which the server may have seen)."""
+        return (
+            not self._requests and self._status == ord("I") and not self._client_scanner.in_message
+        )
+
     async def _give_back(self) -> None:
         conn, self.conn = self.conn, None
         if conn is None:
             return
         with trio.CancelScope(shield=True):
-            if self._requests or self._status is None:
-                # Answers still due: the connection is mid-request.
+            if self._requests or self._status is None or self._client_scanner.in_message:
+                # Answers still due, or a message cut short: mid-request.
                 self.pool.release(conn, reusable=False)
             elif self.pinned or conn.dirty or self._status != ord("I"):
                 await self.pool.release_dirty(conn)
@@ -278,33 +314,29 @@ class PooledSession:
                     if out:
                         await self._send_server(out)
                     return
+                resets = False
                 if tag != 0:
                     raw = self.watch.frontend(tag, raw, now)
-                    resets = (tag == _Q or tag == _P) and self._screen(tag, raw)
+                    resets = self._screen(tag, raw)
                 conn = self.conn
                 if conn is None:
                     if out:
                         await self._send_server(out)
                         out = []
                     conn = await self._attach()
-                if self._replay is not None:
-                    self._replay.append((tag, raw))
-                    self._replay_bytes += len(raw)
-                    if tag == 0 or self._replay_bytes > MAX_REPLAY_BYTES:
-                        self._replay = None  # COPY data, or too much to keep
                 piece = self._to_server(conn, tag, raw)
                 if piece:
                     out.append(piece)
-                if tag != 0 and resets:
+                if resets:
                     # From this message on the server has none of them.
                     self.statements.clear()
+                    self._statement_bytes = 0
                     conn.prepared.clear()
                     conn.dirty = True
-            made = self._flush_fakes()
+            made = self._flush_made()
             if made:
                 # Nothing is due before them: answer now (a client may wait
                 # for its ParseComplete after a Flush).
-                self._replay = None  # the client has seen an answer
                 await self._send_client(made)
             if out:
                 await self._send_server(out)
@@ -314,54 +346,71 @@ class PooledSession:
         assert conn is not None
         try:
             await conn.stream.send_all(b"".join(out))
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            # The server pump sees the same failure and decides.
-            await self._attached.wait()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise SessionOver(
+                PgSessionError(
+                    "08006", f"qmesh: the connection to the database server failed: {exc}"
+                )
+            ) from None
 
     def _screen(self, tag: int, raw: bytes) -> bool:
-        """Pin the session by what the statement leaves behind; whether it
-        drops the session's prepared statements."""
+        """Pin the session by what a message leaves behind; whether it drops
+        the session's prepared statements."""
+        if tag == _F:
+            # A fast-path call can be anything (set_config, a session
+            # advisory lock, large-object descriptors): pin.
+            self._pin("a fast-path function call")
+            return False
+        if tag != _Q and tag != _P:
+            return False
         body = raw[5:]
         sql = _core.parse_query(body) if tag == _Q else _core.parse_parse(body)[1]
         state = session_state_of(sql)
-        if state == "pin" and not self.pinned:
-            self.pinned = True
-            log.info("pg session of app %r pinned to its server connection (session state)",
-                     self.watch.app_id)  # fmt: skip
+        if state == "pin":
+            self._pin("a statement that leaves session state")
         return state == "reset"
+
+    def _pin(self, why: str) -> None:
+        if not self.pinned:
+            self.pinned = True
+            log.info("pg session of app %r pinned to its server connection (%s)",
+                     self.watch.app_id, why)  # fmt: skip
 
     async def _attach(self) -> ServerConn:
         """A server connection for the transaction that starts now."""
-        async with self._attach_lock:
-            if self.conn is None:
-                self._begin(await self.pool.acquire())
-            assert self.conn is not None
-            return self.conn
-
-    def _begin(self, conn: ServerConn) -> None:
+        conn = await self.pool.acquire()
         self.conn = conn
-        self._replay = []
-        self._replay_bytes = 0
         self._attached.set()
+        return conn
 
     def _to_server(self, conn: ServerConn, tag: int, raw: bytes) -> bytes:
         """What to send the server for one client message, renaming
         statements; tracks the answers due."""
-        requests = self._requests
         if tag == 0:
             return raw  # COPY data: no answer of its own
+        if tag == _COPY_DONE or tag == _COPY_FAIL:
+            self._copy_in = False
+            self._expect(_COPY_END)
+            return raw
+        if tag == _H:
+            return raw
         self._status = None
-        if tag == _Q or tag == _F:
+        if tag == _S:
+            if self._copy_in:
+                return raw  # ignored by the server in COPY FROM STDIN
+            self._skipping = False
             self._expect(_SYNC)
             return raw
-        if tag == _S:
-            self._skipping = False
-            requests.append((_SYNC, b""))
+        if self._skipping:
+            return raw  # discarded by the server until the next Sync
+        if tag == _Q or tag == _F:
+            if tag == _Q:  # a simple Query drops the unnamed statement
+                self._unnamed = None
+                conn.unnamed_owner = None
+            self._expect(_QUERY)
             return raw
         if tag == _E:
             self._expect(_EXECUTE)
-            return raw
-        if tag == _H:
             return raw
         body = raw[5:]
         if tag == _P:
@@ -369,11 +418,10 @@ class PooledSession:
         if tag == _B:
             portal_end = _cstring_end(body, 0)
             name_end = _cstring_end(body, portal_end + 1)
-            name = body[portal_end + 1 : name_end]
-            prefix, target = self._statement_for(conn, name)
+            prefix, target = self._statement_for(conn, body[portal_end + 1 : name_end])
             self._expect(_BIND)
             if target is None:
-                return raw
+                return prefix + raw
             return prefix + _core.encode_message(
                 _B, body[: portal_end + 1] + target + body[name_end:]
             )
@@ -382,16 +430,19 @@ class PooledSession:
             prefix, target = (b"", None) if kind != "S" else self._statement_for(conn, name)
             self._expect(_DESCRIBE)
             if target is None:
-                return raw
+                return prefix + raw
             return prefix + _core.encode_message(_D, b"S" + target + b"\0")
         if tag == _C:
             kind, name = _core.parse_close(body)
             if kind == "S" and name:
                 # The server's copy stays, for this client's next Parse of the
                 # same text and for the other clients.
-                self.statements.pop(name, None)
-                self._expect(_FAKE_CLOSED)
+                saved = self._forget(name)
+                self._expect(_FAKE_CLOSED, client_name=name, saved=saved)
                 return b""
+            if kind == "S":
+                self._unnamed = None
+                conn.unnamed_owner = self
             self._expect(_CLOSE)
             return raw
         raise SessionOver(PgSessionError("08P01", f"qmesh: unexpected client message {tag:#x}"))
@@ -400,6 +451,8 @@ class PooledSession:
         name_end = _cstring_end(body, 0)
         name = body[:name_end]
         if not name:
+            self._unnamed = raw if len(raw) <= MAX_STATEMENT_BYTES else None
+            conn.unnamed_owner = self
             self._expect(_PARSE)
             return raw
         if name in self.statements:
@@ -410,30 +463,54 @@ class PooledSession:
                     "exists (a pooled session cannot re-prepare a name it has not closed)",
                 )
             )
-        if len(self.statements) >= MAX_CLIENT_STATEMENTS:
+        if (
+            len(self.statements) >= MAX_CLIENT_STATEMENTS
+            or self._statement_bytes + len(raw) > MAX_STATEMENT_BYTES
+        ):
             raise SessionOver(
                 PgSessionError(
                     "53400",
-                    f"qmesh: more than {MAX_CLIENT_STATEMENTS} prepared statements in one "
-                    "session; close some",
+                    f"qmesh: a pooled session holds at most {MAX_CLIENT_STATEMENTS} prepared "
+                    f"statements of {MAX_STATEMENT_BYTES // (1024 * 1024)} MiB in all; close some",
                 )
             )
         sql_end = _cstring_end(body, name_end + 1)
         target = server_name(body[name_end + 1 : sql_end], body[sql_end + 1 :])
         parse = _core.encode_message(_P, target + body[name_end:])
-        self.statements[name] = (target, parse)
+        self._remember(name, (target, parse))
         if target in conn.prepared:
-            self._expect(_FAKE_PARSED)
+            self._expect(_FAKE_PARSED, client_name=name)
             return b""
         conn.prepared.add(target)
-        self._expect(_PARSE, target)
+        self._expect(_PARSE, target, client_name=name)
         return parse
 
+    def _remember(self, name: bytes, statement: tuple[bytes, bytes]) -> None:
+        self.statements[name] = statement
+        self._statement_bytes += len(statement[1])
+
+    def _forget(self, name: bytes) -> tuple[bytes, bytes] | None:
+        statement = self.statements.pop(name, None)
+        if statement is not None:
+            self._statement_bytes -= len(statement[1])
+        return statement
+
     def _statement_for(self, conn: ServerConn, name: bytes) -> tuple[bytes, bytes | None]:
-        """(a Parse to send first, the server's name) for the client's
-        statement ``name``; None for the unnamed statement or one the client
-        never prepared (the server answers that one with 26000 itself)."""
-        known = self.statements.get(name) if name else None
+        """(what to send first, the server's name) for the client's
+        statement ``name``. The server's name is None where the client's
+        stands: the unnamed statement (prepared here again if another
+        client's is on the connection, or closed if the client has none),
+        or a name the client never prepared (the server answers 26000)."""
+        if not name:
+            if conn.unnamed_owner is self:
+                return b"", None
+            conn.unnamed_owner = self
+            if self._unnamed is None:
+                self._expect(_INJECTED_CLOSE)
+                return _CLOSE_UNNAMED, None
+            self._expect(_INJECTED)
+            return self._unnamed, None
+        known = self.statements.get(name)
         if known is None:
             return b"", None
         target, parse = known
@@ -443,12 +520,25 @@ class PooledSession:
         self._expect(_INJECTED, target)
         return parse, target
 
-    def _expect(self, kind: int, name: bytes = b"") -> None:
+    def _expect(
+        self,
+        kind: int,
+        target: bytes = b"",
+        *,
+        client_name: bytes = b"",
+        saved: tuple[bytes, bytes] | None = None,
+    ) -> None:
         """Track one request's answers; made-up answers go out when their
         turn comes (at once if nothing is due before them)."""
-        if self._skipping:
-            return  # the server skips to the next Sync: no answer will come
-        self._requests.append((kind, name))
+        if len(self._requests) >= MAX_REQUESTS:
+            raise SessionOver(
+                PgSessionError(
+                    "54000",
+                    f"qmesh: more than {MAX_REQUESTS} requests of one session await their "
+                    "answers; read the answers before sending more",
+                )
+            )
+        self._requests.append((kind, target, client_name, saved))
 
     # -- server → client -----------------------------------------------------------
 
@@ -460,7 +550,15 @@ class PooledSession:
             try:
                 await self._relay_answers(conn)
             except ServerBroken as exc:
-                await self._replace(conn, str(exc))
+                self.conn = None
+                self.pool.release(conn, reusable=False)
+                if self._server_fatal:
+                    raise SessionOver(None) from None  # the server told the client why
+                raise SessionOver(
+                    PgSessionError(
+                        "08006", f"qmesh: the connection to the database server was lost ({exc})"
+                    )
+                ) from None
 
     async def _relay_answers(self, conn: ServerConn) -> None:
         """Pass the server's answers on until the transaction ends (the
@@ -493,18 +591,16 @@ class PooledSession:
                 else:
                     piece = raw
                 if piece:
-                    self._replay = None  # the client has seen an answer
                     out.append(piece)
             if out:
                 await self._send_client(b"".join(out))
-            if not self._requests and self._status == ord("I") and not self.pinned:
-                if scanner.in_message:
-                    continue  # never: the server's ReadyForQuery is its last word
+            if self._idle_between_transactions() and not self.pinned and not scanner.in_message:
                 self.conn = None
                 self._attached = trio.Event()
                 self.transactions += 1
                 if conn.dirty:
-                    await self.pool.release_dirty(conn)
+                    with trio.CancelScope(shield=True):  # bounded by the reset's own timeout
+                        await self.pool.release_dirty(conn)
                 else:
                     self.pool.release(conn, reusable=True)
                 return
@@ -513,100 +609,93 @@ class PooledSession:
         """What the client gets for one tracked server message."""
         requests = self._requests
         if tag == _ERROR:
-            fields = _core.parse_error_fields(raw[5:])
-            if fields.get("S") in ("FATAL", "PANIC"):
-                if self._replay is not None:
-                    raise ServerBroken(f"the server ended the connection ({fields.get('C')})")
-                self._server_fatal = True  # the client is told why, by the server
+            if _core.parse_error_fields(raw[5:]).get("S") in ("FATAL", "PANIC"):
+                self._server_fatal = True  # the connection ends; the client is told why
             self._after_error(conn)
-            return raw + self._flush_fakes()
+            return raw + self._flush_made()
         if tag == _READY:
             while requests:
-                kind, _ = requests.popleft()
-                if kind == _SYNC:
+                kind = requests.popleft()[0]
+                if kind == _SYNC or kind == _QUERY:
                     break
             self._status = raw[5]
-            return raw + self._flush_fakes()
+            return raw + self._flush_made()
+        if tag == _COPY_IN:
+            self._entered_copy_in()
+            return raw
         if not requests:
             return raw
         kind = requests[0][0]
         if tag not in _ENDS.get(kind, b""):
             return raw  # within a request (rows of a query, a RowDescription of an Execute)
         requests.popleft()
-        tail = self._flush_fakes()
-        if kind == _INJECTED:
+        tail = self._flush_made()
+        if kind in _SWALLOWED:
             return tail
         return raw + tail
+
+    def _entered_copy_in(self) -> None:
+        """CopyInResponse: until the client's CopyDone or CopyFail the server
+        ignores Sync (and Flush), so the Syncs the client sent meanwhile get
+        no answer of their own."""
+        requests = self._requests
+        kept: deque[_Request] = deque()
+        ended = False
+        for i, request in enumerate(requests):
+            if i and not ended and request[0] == _SYNC:
+                continue
+            ended = ended or request[0] == _COPY_END
+            kept.append(request)
+        self._requests = kept
+        self._copy_in = not ended
 
     def _after_error(self, conn: ServerConn) -> None:
         """An ErrorResponse: in a simple Query or FunctionCall the server
         carries on to its ReadyForQuery; in the extended protocol it skips
-        every message up to the next Sync, and so do the answers due."""
+        every message up to the next Sync, and so do the answers due, undoing
+        what was booked for them."""
+        self._copy_in = False
         requests = self._requests
-        if requests and requests[0][0] == _SYNC:
+        if requests and requests[0][0] in (_SYNC, _QUERY):
             return
         while requests and requests[0][0] != _SYNC:
-            kind, name = requests.popleft()
-            if kind in (_PARSE, _INJECTED):
-                conn.prepared.discard(name)  # not prepared after all
-                if kind == _PARSE:
-                    self._forget(name)
+            self._undo(conn, requests.popleft())
         if not requests:
             self._skipping = True
 
-    def _forget(self, target: bytes) -> None:
-        """A client's Parse failed: its name is free again, as on a server."""
-        for name, (known, _) in list(self.statements.items()):
-            if known == target:
-                del self.statements[name]
+    def _undo(self, conn: ServerConn, request: _Request) -> None:
+        """A request the server failed or skipped: its effects did not happen."""
+        kind, target, client_name, saved = request
+        if kind in (_PARSE, _INJECTED):
+            if target:
+                conn.prepared.discard(target)
+            else:  # the unnamed statement: none is left after a failed Parse
+                conn.unnamed_owner = None
+                if kind == _PARSE:
+                    self._unnamed = None
+        if kind in (_PARSE, _FAKE_PARSED) and client_name:
+            known = self.statements.get(client_name)
+            if known is not None and (not target or known[0] == target):
+                self._forget(client_name)
+        elif kind == _FAKE_CLOSED and saved is not None:
+            self._remember(client_name, saved)
+        elif kind == _INJECTED_CLOSE:
+            conn.unnamed_owner = None
 
-    def _flush_fakes(self) -> bytes:
+    def _flush_made(self) -> bytes:
+        """The answers made here that are next in line."""
         requests = self._requests
         made = b""
-        while requests and requests[0][0] in (_FAKE_PARSED, _FAKE_CLOSED):
-            kind, _ = requests.popleft()
-            made += _PARSE_COMPLETE if kind == _FAKE_PARSED else _CLOSE_COMPLETE
+        while requests and requests[0][0] in _MADE_HERE:
+            kind = requests.popleft()[0]
+            if kind == _FAKE_PARSED:
+                made += _PARSE_COMPLETE
+            elif kind == _FAKE_CLOSED:
+                made += _CLOSE_COMPLETE
         return made
 
     async def _send_client(self, data: bytes) -> None:
         async with self._send_lock:
+            self._sending_to_client = True
             await self.client.send_all(data)
-
-    async def _replace(self, broken: ServerConn, why: str) -> None:
-        """The server connection failed. Before any answer reached the
-        client: a new connection, and the transaction's messages again.
-        After: the client's session ends."""
-        async with self._attach_lock:
-            replay = self._replay
-            self.pool.release(broken, reusable=False)
-            self.conn = None
-            self._attached = trio.Event()
-            if replay is None:
-                if self._server_fatal:
-                    raise SessionOver(None)
-                raise SessionOver(
-                    PgSessionError(
-                        "08006",
-                        f"qmesh: the connection to the database server was lost ({why})",
-                    )
-                )
-            log.info(
-                "pooled pg session of app %r: server connection lost before it answered (%s); "
-                "sending the transaction again",
-                self.watch.app_id,
-                why,
-            )
-            conn = await self.pool.acquire()
-            self._requests.clear()
-            self._skipping = False
-            self._status = None
-            for tag, raw in replay:
-                if tag == _P:  # prepared again below, on the new connection
-                    self.statements.pop(raw[5 : raw.index(b"\0", 5)], None)
-            out = [self._to_server(conn, tag, raw) for tag, raw in replay]
-            self._begin(conn)
-            self._replay = replay
-            try:
-                await conn.stream.send_all(b"".join(out))
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the pump finds out
+            self._sending_to_client = False

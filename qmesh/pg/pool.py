@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import select
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
@@ -86,6 +87,23 @@ class ServerConn:
     """Server bytes read past the login's ReadyForQuery (normally none)."""
     dirty: bool = False
     """A client changed its session state: reset before it is lent again."""
+    unnamed_owner: object | None = None
+    """The client session whose unnamed statement the server holds (None:
+    nobody's, or none): see :mod:`qmesh.pg.multiplex`."""
+
+    def spoke_while_idle(self) -> bool:
+        """Whether the server sent something (or closed) while nobody was
+        talking to it: a FATAL from ``pg_terminate_backend`` or a shutdown,
+        or a TLS record. Never blocks."""
+        stream = self.stream
+        sock = getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport", None), "socket", None
+        )
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -170,7 +188,7 @@ class ServerPool:
         self.count = 0
         """Connections open or being opened."""
         self.hello: list[bytes] | None = None
-        """The ParameterStatus (and notice) messages of the pool's first
+        """The ParameterStatus (and notice) messages of the pool's newest
         login: what a client is told at its own login."""
         self.waits = self.timeouts = self.opened = self.closed = self.checks_failed = 0
         self.wait_s_total = 0.0
@@ -213,14 +231,18 @@ class ServerPool:
     async def _take_idle(self) -> ServerConn | None:
         while self._idle:
             conn = self._idle.pop()  # the most recently used: its caches are warm
-            now = trio.current_time()
-            if now - conn.last_used > self.settings.server_check_delay_s:
-                if not await conn.settle(_EMPTY_QUERY, 1):
-                    self.checks_failed += 1
-                    log.info("%s: an idle server connection failed its check; replaced",
-                             self.describe())  # fmt: skip
-                    await self._discard(conn)
-                    continue
+            idled = trio.current_time() - conn.last_used
+            if idled > self.settings.server_check_delay_s or conn.spoke_while_idle():
+                # Checked before it is lent: a server that restarted or ended
+                # the connection is found here, not by the client's statement.
+                with trio.CancelScope(shield=True):  # bounded by the check's timeout
+                    healthy = await conn.settle(_EMPTY_QUERY, 1)
+                    if not healthy:
+                        self.checks_failed += 1
+                        log.info("%s: an idle server connection failed its check; replaced",
+                                 self.describe())  # fmt: skip
+                        await self._discard(conn)
+                        continue
             return conn
         return None
 
@@ -233,8 +255,9 @@ class ServerPool:
             raise
         self.opened += 1
         now = trio.current_time()
-        if self.hello is None:
-            self.hello = [*upstream.notices, *upstream.statuses]
+        # The newest login's: a server restarted with another version or
+        # setting is described as it is now.
+        self.hello = [*upstream.notices, *upstream.statuses]
         return ServerConn(
             stream=fast(upstream.stream),
             key=upstream.key,
@@ -249,11 +272,16 @@ class ServerPool:
         self._waiters.append(waiter)
         deadline = started + self.wait_s
         # Under a cap shared with other Gates, room they make is not
-        # announced here: look again now and then.
+        # announced here: look again now and then (the count is asked at
+        # most every CAP_RETRY_S per alias, however many wait).
         shared = self.book is not None and self.book.shares_a_cap
         wake = min(deadline, trio.current_time() + CAP_RETRY_S) if shared else deadline
-        with trio.move_on_at(wake):
-            await waiter.event.wait()
+        try:
+            with trio.move_on_at(wake):
+                await waiter.event.wait()
+        except BaseException:
+            self._leave_line(waiter)  # cancelled: what it was given goes on
+            raise
         if waiter.event.is_set():
             return waiter.conn
         self._waiters.remove(waiter)
@@ -265,6 +293,14 @@ class ServerPool:
             f"qmesh: no server connection became free within {self.wait_s:g} s in "
             f"{self.describe()} (pool_size = {self.size}); all are in use",
         )
+
+    def _leave_line(self, waiter: _Waiter) -> None:
+        if not waiter.event.is_set():
+            self._waiters.remove(waiter)
+        elif waiter.conn is not None:
+            self.release(waiter.conn, reusable=True)
+        else:
+            self.wake_one()  # it was told to open a connection: the next one may
 
     def release(self, conn: ServerConn, *, reusable: bool) -> None:
         """Give ``conn`` back; a connection that is not ``reusable`` (broken,
@@ -290,6 +326,7 @@ class ServerPool:
         close it if that fails."""
         ok = await conn.settle(_RESET, 2)
         conn.prepared.clear()  # DISCARD ALL deallocated them
+        conn.unnamed_owner = None
         conn.dirty = False
         self.release(conn, reusable=ok)
 
@@ -306,8 +343,8 @@ class ServerPool:
         return True
 
     async def _discard(self, conn: ServerConn) -> None:
+        self._gone()  # first: a cancelled close must not keep its place
         await conn.close()
-        self._gone()
 
     def _gone(self) -> None:
         """A connection closed (or failed to open): its place under the cap
@@ -377,6 +414,8 @@ class PoolBook:
         they hold the cap already (``StateStore.claim_server_connection``)."""
         self._release = release
         self._pools: dict[PoolKey, ServerPool] = {}
+        self._refused_at: dict[str, float] = {}
+        """When the count last said an alias was at its cap."""
 
     @property
     def shares_a_cap(self) -> bool:
@@ -409,9 +448,13 @@ class PoolBook:
         if not cap:
             return True
         siblings = self._siblings(pool)
+        alias = pool.key.alias
         if self._claim is not None:
-            if await self._claim(pool.key.alias, cap):
-                return True
+            asked_lately = trio.current_time() - self._refused_at.get(alias, -math.inf)
+            if asked_lately >= CAP_RETRY_S:
+                if await self._claim(alias, cap):
+                    return True
+                self._refused_at[alias] = trio.current_time()
         elif sum(p.count for p in siblings) <= cap:  # ``pool``'s new place counted
             return True
         return any(p.close_one_idle() for p in siblings if p is not pool)
@@ -425,6 +468,7 @@ class PoolBook:
             return
         if self._release is not None:
             trio.lowlevel.spawn_system_task(self._release, pool.key.alias)
+            self._refused_at.pop(pool.key.alias, None)  # a place is free: ask at once
         for sibling in sorted(self._siblings(pool), key=lambda p: p is not pool):
             if sibling._waiters:
                 sibling.wake_one()

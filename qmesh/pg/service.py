@@ -780,6 +780,13 @@ class PgService:
                     conn = await negotiate_tls(
                         tcp, target.sslmode, target.sslrootcert, target.host, target.alias
                     )
+                if target.real_key() != real:
+                    # Transaction mode: the client's transaction ended while
+                    # this connected, and the connection may now run another
+                    # client's. (The window left is that of any pooler.)
+                    log.info("dropped a cancel request for alias %r: the query ended",
+                             target.alias)  # fmt: skip
+                    return
                 await conn.send_all(_core.encode_cancel_request(*real))
                 # The server answers nothing and closes once it has acted.
                 while await conn.receive_some(1024):

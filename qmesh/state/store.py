@@ -40,6 +40,7 @@ from qmesh.state.errors import (
     InvalidValue,
     StateUnavailable,
 )
+from qmesh.state.gate_counts import GateCounts
 from qmesh.state.migrations import MIGRATIONS
 from qmesh.state.pg_schema import POSTGRES_MIGRATIONS
 
@@ -61,11 +62,6 @@ MAX_TTL_S: Final = 10 * 365 * 86400.0
 # Identity names and app ids: 1-63 characters. 63 is PostgreSQL's limit for a
 # role name, and an app id is the user name an app gives the Postgres mimic.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-
-_Counter = tuple[str, str, str]
-"""A count kept per Gate in the state: (table, key column, count column)."""
-_APP_SESSIONS: Final[_Counter] = ("app_sessions", "app_id", "sessions")
-_POOL_CONNECTIONS: Final[_Counter] = ("pool_connections", "alias", "connections")
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -201,7 +197,7 @@ ControlRecorder = Callable[[Connection, str, dict[str, object]], None]
 """(transaction, action, detail) for :attr:`StateStore.recorder`."""
 
 
-class StateStore:
+class StateStore(GateCounts):
     """The Gate's state database, SQLite or PostgreSQL. Use :meth:`open`.
 
     Thread-safe: Trio tasks call it from worker threads
@@ -760,58 +756,6 @@ class StateStore:
         with self._read() as conn:
             rows = conn.execute("SELECT app_id, policy FROM app_policies").fetchall()
         return {str(row[0]): str(row[1]) for row in rows}
-
-    # -- counts across the Gates: Postgres sessions per app, server connections per alias --
-
-    def claim_app_session(self, gate: str, app_id: str, limit: int, now: float) -> bool:
-        """Count one more Postgres session of ``app_id`` at ``gate``, unless
-        the Gates hold ``limit`` already (see :meth:`_claim`). False at the limit."""
-        return self._claim(_APP_SESSIONS, gate, app_id, limit, now)
-
-    def release_app_session(self, gate: str, app_id: str) -> None:
-        """A session :meth:`claim_app_session` counted has ended."""
-        self._release(_APP_SESSIONS, gate, app_id)
-
-    def claim_server_connection(self, gate: str, alias: str, limit: int, now: float) -> bool:
-        """Count one more pooled server connection to ``alias`` opened by
-        ``gate``, unless the Gates hold ``limit`` already (see :meth:`_claim`)."""
-        return self._claim(_POOL_CONNECTIONS, gate, alias, limit, now)
-
-    def release_server_connection(self, gate: str, alias: str) -> None:
-        """A connection :meth:`claim_server_connection` counted was closed."""
-        self._release(_POOL_CONNECTIONS, gate, alias)
-
-    def _claim(self, counter: _Counter, gate: str, key: str, limit: int, now: float) -> bool:
-        """One more of ``key`` at ``gate``, unless ``gate`` and every live
-        Gate of the registry hold ``limit`` together (a gone or stopped
-        Gate's do not count). One write transaction: two Gates at the limit
-        cannot both take the last one."""
-        table, column, count = counter
-        with self._write(announce=False) as conn:
-            held = conn.execute(
-                f"SELECT coalesce(sum(s.{count}), 0) FROM {table} AS s"
-                " LEFT JOIN gates AS g ON g.name = s.gate"
-                f" WHERE s.{column} = ? AND (s.gate = ? OR (g.stopped_at IS NULL"
-                " AND ? - g.heartbeat_at <= g.gone_after_s))",
-                (key, gate, now),
-            ).fetchone()[0]
-            if int(held) >= limit:
-                return False
-            conn.execute(
-                f"INSERT INTO {table} (gate, {column}, {count}) VALUES (?, ?, 1)"
-                f" ON CONFLICT (gate, {column}) DO UPDATE SET {count} = {table}.{count} + 1",
-                (gate, key),
-            )
-            return True
-
-    def _release(self, counter: _Counter, gate: str, key: str) -> None:
-        table, column, count = counter
-        with self._write(announce=False) as conn:
-            conn.execute(
-                f"UPDATE {table} SET {count} = {count} - 1"
-                f" WHERE gate = ? AND {column} = ? AND {count} > 0",
-                (gate, key),
-            )
 
     def list_apps(self) -> list[App]:
         with self._read() as conn:
