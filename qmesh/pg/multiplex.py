@@ -23,11 +23,15 @@ What the client does not notice:
   every request whose answers are still to come is tracked in order, and
   after an error the server skips to the next Sync, and so does this
   tracking.
-- **A broken server connection.** A connection that fails before any answer
-  to the transaction it was given reached the client (a server restart, a
-  ``pg_terminate_backend`` of an idle connection) is replaced, and the
-  transaction's messages are sent again on the new one. Afterwards, the
-  client gets the server's error or 08006, and its session ends.
+- **A broken server connection.** One broken while idle in the pool (a
+  server restart, a ``pg_terminate_backend``) is found by the pool's check
+  before it is lent. One that fails while lent ends that client's session
+  with the server's error (or 08006); its messages are never sent again
+  elsewhere, since the server may have run them.
+- **The unnamed statement**, which PostgreSQL keeps across transactions,
+  stays with its client: each connection knows whose it holds, and another
+  client's Bind of the unnamed statement is preceded by that client's own
+  Parse (or by a Close, for a client that has none).
 - **Session state.** A statement that leaves state behind for the next
   transaction (a session-level ``SET``, ``LISTEN``, SQL ``PREPARE``,
   ``DECLARE … WITH HOLD``, a temporary table, a session advisory lock,
