@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from pgcluster import PgCluster
@@ -262,3 +263,28 @@ async def test_answers_due_are_bounded(nursery: trio.Nursery, db: RealDb, tmp_pa
     with trio.fail_after(60):
         error = await in_thread(work)
     assert error["C"] == "54000" and f"more than {MAX_REQUESTS} requests" in error["M"]
+
+
+async def test_a_connection_held_long_does_not_gather_statements(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Closes are answered at the Gate while the statement stays shared;
+    past max_prepared_per_server they reach the server, so a session that
+    keeps its connection (a long transaction) cannot grow it without bound."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost.service.pools.settings = attrs.evolve(
+        ghost.service.pools.settings, max_prepared_per_server=3
+    )
+
+    def work() -> list[bytes | None]:
+        a = login(ghost)
+        ask(a, msg("Q", b"BEGIN\0"))
+        for i in range(20):
+            name, sql = b"s%d" % i, b"SELECT %d" % i
+            got = ask(a, parse(name, sql) + bind(name) + EXECUTE + close_statement(name) + SYNC)
+            assert tags(got) == ["1", "2", "D", "C", "3", "Z"], got
+        return values(ask(a, msg("Q", b"SELECT count(*) FROM pg_prepared_statements\0")))
+
+    with trio.fail_after(30):
+        held = await in_thread(work)
+    assert held and int(held[0] or b"0") <= 4

@@ -439,9 +439,19 @@ class PooledSession:
         if tag == _C:
             kind, name = _core.parse_close(body)
             if kind == "S" and name:
+                saved = self._forget(name)
+                if (
+                    saved is not None
+                    and saved[0] in conn.prepared
+                    and len(conn.prepared) > self.pool.settings.max_prepared_per_server
+                ):
+                    # A connection held long (a pinned session, a long
+                    # transaction) would gather statements without bound.
+                    conn.prepared.discard(saved[0])
+                    self._expect(_CLOSE, saved[0], client_name=name, saved=saved)
+                    return _core.encode_message(_C, b"S" + saved[0] + b"\0")
                 # The server's copy stays, for this client's next Parse of the
                 # same text and for the other clients.
-                saved = self._forget(name)
                 self._expect(_FAKE_CLOSED, client_name=name, saved=saved)
                 return b""
             if kind == "S":
@@ -681,8 +691,10 @@ class PooledSession:
             known = self.statements.get(client_name)
             if known is not None and (not target or known[0] == target):
                 self._forget(client_name)
-        elif kind == _FAKE_CLOSED and saved is not None:
+        elif kind in (_FAKE_CLOSED, _CLOSE) and saved is not None:
             self._remember(client_name, saved)
+            if kind == _CLOSE:
+                conn.prepared.add(target)
         elif kind == _INJECTED_CLOSE:
             conn.unnamed_owner = None
 
