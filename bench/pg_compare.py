@@ -657,11 +657,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
                 )
                 print(".", end="", flush=True, file=sys.stderr)
     finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
-            print(f"\nwork directory kept: {base}", file=sys.stderr)
-    print(file=sys.stderr)
+        leave_work_directory(base, keep=args.keep)
     print(
         f"pgbench -j 2, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
         f"server max_connections = {POOL_MAX_CONNECTIONS}, transaction pooling with "
@@ -747,6 +743,15 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
     return 0
 
 
+def leave_work_directory(base: Path, *, keep: bool) -> None:
+    """Remove the run's servers' files, or say where they were kept."""
+    if keep:
+        print(f"\nwork directory kept: {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+    print(file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run")
@@ -825,11 +830,7 @@ def main() -> int:
                     results[(*case, target)] = pgbench(stack, target, *case, args.duration)
                     print(".", end="", flush=True, file=sys.stderr)
     finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
-            print(f"\nwork directory kept: {base}", file=sys.stderr)
-    print(file=sys.stderr)
+        leave_work_directory(base, keep=args.keep)
     print(
         f"pgbench, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
         f"qmesh audit {args.audit}"

@@ -131,22 +131,27 @@ class DrainingGate:
                     return
 
 
+async def answered_once(nursery: trio.Nursery, service: DrainingGate) -> trio.SocketStream:
+    """An application connection through a real edge whose first request
+    has been answered (the Gate then ends the edge's session)."""
+    service.gate = await start_gate(nursery, {"llm": service.serve})
+    client = await start_edge(nursery, service.gate, "edge-1")
+    port: int = await nursery.start(serve_llm, client, "127.0.0.1:0")
+    conn = await trio.open_tcp_stream("127.0.0.1", port)
+    await conn.send_all(REQUEST)
+    assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
+    service.answered.set()
+    return conn
+
+
 async def test_a_drain_between_answers_carries_idle_connections_over(
     nursery: trio.Nursery,
 ) -> None:
     """The application's keep-alive connection outlives its Gate session:
     the next request on it is answered through the edge's new session."""
     service = DrainingGate(between_answers=True)
-    gate = await start_gate(nursery, {"llm": service.serve})
-    service.gate = gate
-    client = await start_edge(nursery, gate, "edge-1")
-    port: int = await nursery.start(serve_llm, client, "127.0.0.1:0")
-    conn = await trio.open_tcp_stream("127.0.0.1", port)
-    async with conn:
-        with trio.fail_after(20):
-            await conn.send_all(REQUEST)
-            assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
-            service.answered.set()
+    with trio.fail_after(20):
+        async with await answered_once(nursery, service) as conn:
             # The edge has taken in the GOAWAY and moved the idle connection
             # to its new session before the application asks again: the
             # moment a connection used to be closed under its next request.
@@ -160,16 +165,8 @@ async def test_a_session_lost_otherwise_ends_idle_connections(nursery: trio.Nurs
     """Without the Gate's word that no answer was in progress, a lost session
     ends the application's connection (it may have been mid-answer)."""
     service = DrainingGate(between_answers=False)
-    gate = await start_gate(nursery, {"llm": service.serve})
-    service.gate = gate
-    client = await start_edge(nursery, gate, "edge-1")
-    port: int = await nursery.start(serve_llm, client, "127.0.0.1:0")
-    conn = await trio.open_tcp_stream("127.0.0.1", port)
-    async with conn:
-        with trio.fail_after(20):
-            await conn.send_all(REQUEST)
-            assert await receive_exactly(conn, len(KEPT_ALIVE)) == KEPT_ALIVE
-            service.answered.set()
+    with trio.fail_after(20):
+        async with await answered_once(nursery, service) as conn:
             assert await conn.receive_some() == b""  # closed by the edge
 
 
