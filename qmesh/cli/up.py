@@ -37,7 +37,7 @@ from qmesh.daemon.catalog import MODEL_CACHE_ENV, model_cache, serving_dirs
 from qmesh.identity import GateKeys, enroll, load_credential, write_private_file
 from qmesh.masterkey import ensure_master_key
 from qmesh.pg.demo import DEMO_ALIAS, DemoDatabase, DemoDbUnavailable
-from qmesh.pg.policy import policy_for
+from qmesh.pg.policy import AppPolicy, PolicyBook, policy_to_json
 from qmesh.pg.vault import Vault
 from qmesh.roles import EDGE_ROLES, ROLES
 from qmesh.state import StateStore
@@ -138,12 +138,26 @@ def start_demo_database(config: Config) -> tuple[Config, DemoDatabase | None]:
     except DemoDbUnavailable as exc:
         print(f"qmesh up: no demo database: {exc}", file=sys.stderr)
         return config, None
-    if policy_for(config, DEMO_APP).allows(DEMO_ALIAS):
-        return config, database
-    apps = dict(config.gate.apps)
-    policy = apps.get(DEMO_APP, GateAppConfig())
-    apps[DEMO_APP] = attrs.evolve(policy, databases=(*policy.databases, DEMO_ALIAS))
-    return attrs.evolve(config, gate=attrs.evolve(config.gate, apps=apps)), database
+    return _let_the_demo_app_in(config), database
+
+
+def _let_the_demo_app_in(config: Config) -> Config:
+    """The demo app may open the demo database. The alias goes into the
+    app's policy in the state (made now if it has none), so that a later
+    ``qmesh apps policy demo …``, which edits the stored policy, keeps it;
+    only an app that ``[gate.apps.demo]`` configures gets it in memory."""
+    with StateStore.open(config.state_location) as store:
+        book = PolicyBook(config)
+        book.load(store)
+        settings = book.settings(DEMO_APP) or GateAppConfig()
+        if AppPolicy.of(settings).allows(DEMO_ALIAS):
+            return config
+        with_demo = attrs.evolve(settings, databases=(*settings.databases, DEMO_ALIAS))
+        if book.source(DEMO_APP) != "config":
+            store.set_app_policy(DEMO_APP, policy_to_json(with_demo))
+            return config
+    apps = {**config.gate.apps, DEMO_APP: with_demo}
+    return attrs.evolve(config, gate=attrs.evolve(config.gate, apps=apps))
 
 
 def _summary(
