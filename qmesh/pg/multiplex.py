@@ -164,18 +164,10 @@ def session_state_of(sql: bytes) -> str | None:
     return None
 
 
-def server_name(sql: bytes, types: bytes) -> bytes:
-    """The server-side name of a statement: the same for the same text and
-    parameter types, whoever prepares it."""
-    digest = hashlib.blake2b(sql + b"\0" + types, digest_size=12).hexdigest()
-    return SERVER_PREFIX + digest.encode()
-
-
-def _cstring_end(body: bytes, start: int) -> int:
-    end = body.find(b"\0", start)
-    if end < 0:
-        raise _core.PgMalformed("a name without its terminator")
-    return end
+def server_name(statement: bytes) -> bytes:
+    """The server-side name of a statement, from what follows the name in
+    its Parse (its text and parameter types): the same whoever prepares it."""
+    return SERVER_PREFIX + hashlib.blake2b(statement, digest_size=12).hexdigest().encode()
 
 
 class ServerBroken(Exception):
@@ -221,7 +213,6 @@ class PooledSession:
         self._attached = trio.Event()
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
-        self.transactions = 0
 
     # -- the session ---------------------------------------------------------------
 
@@ -420,15 +411,16 @@ class PooledSession:
         if tag == _P:
             return self._parse(conn, body, raw)
         if tag == _B:
-            portal_end = _cstring_end(body, 0)
-            name_end = _cstring_end(body, portal_end + 1)
-            prefix, target = self._statement_for(conn, body[portal_end + 1 : name_end])
+            names = _core.parse_bind_names(body)
+            if names is None:
+                raise _core.PgMalformed("a Bind cut inside its names")
+            portal, name = names
+            prefix, target = self._statement_for(conn, name)
             self._expect(_BIND)
             if target is None:
                 return prefix + raw
-            return prefix + _core.encode_message(
-                _B, body[: portal_end + 1] + target + body[name_end:]
-            )
+            rest = body[len(portal) + len(name) + 2 :]
+            return prefix + _core.encode_message(_B, portal + b"\0" + target + b"\0" + rest)
         if tag == _D:
             kind, name = _core.parse_describe(body)
             prefix, target = (b"", None) if kind != "S" else self._statement_for(conn, name)
@@ -462,8 +454,7 @@ class PooledSession:
         raise SessionOver(PgSessionError("08P01", f"qmesh: unexpected client message {tag:#x}"))
 
     def _parse(self, conn: ServerConn, body: bytes, raw: bytes) -> bytes:
-        name_end = _cstring_end(body, 0)
-        name = body[:name_end]
+        name = _core.parse_parse(body)[0]  # checks the whole message
         if not name:
             self._unnamed = raw if len(raw) <= MAX_STATEMENT_BYTES else None
             conn.unnamed_owner = self
@@ -488,9 +479,9 @@ class PooledSession:
                     f"statements of {MAX_STATEMENT_BYTES // (1024 * 1024)} MiB in all; close some",
                 )
             )
-        sql_end = _cstring_end(body, name_end + 1)
-        target = server_name(body[name_end + 1 : sql_end], body[sql_end + 1 :])
-        parse = _core.encode_message(_P, target + body[name_end:])
+        statement = body[len(name) :]  # the name's terminator, the text, the types
+        target = server_name(statement[1:])
+        parse = _core.encode_message(_P, target + statement)
         self._remember(name, (target, parse))
         if target in conn.prepared:
             self._expect(_FAKE_PARSED, client_name=name)
@@ -611,7 +602,6 @@ class PooledSession:
             if self._idle_between_transactions() and not self.pinned and not scanner.in_message:
                 self.conn = None
                 self._attached = trio.Event()
-                self.transactions += 1
                 if conn.dirty:
                     with trio.CancelScope(shield=True):  # bounded by the reset's own timeout
                         await self.pool.release_dirty(conn)

@@ -27,7 +27,6 @@ itself (:mod:`qmesh.pg.login`).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import select
@@ -58,8 +57,6 @@ _RESET: Final = _core.encode_query("ROLLBACK") + _core.encode_query("DISCARD ALL
 _READY: Final = ord("Z")
 _ERROR: Final = ord("E")
 
-_ids = itertools.count(1)
-
 
 @attrs.frozen
 class PoolKey:
@@ -82,7 +79,6 @@ class ServerConn:
     last_used: float
     prepared: set[bytes] = attrs.field(factory=set)
     """Names of the statements qmesh prepared on it (see :mod:`qmesh.pg.multiplex`)."""
-    id: int = attrs.field(factory=lambda: next(_ids))
     leftover: bytes = b""
     """Server bytes read past the login's ReadyForQuery (normally none)."""
     dirty: bool = False
@@ -180,7 +176,8 @@ class ServerPool:
         self.size = size
         self.wait_s = wait_s
         self.settings = settings
-        self._open = opener
+        self.opener = opener
+        """Logs in to the server; the newest login's credentials (a rotation)."""
         self.book: PoolBook | None = None
         """The Gate's pools, which share ``max_server_connections_per_alias``."""
         self._idle: deque[ServerConn] = deque()
@@ -249,7 +246,7 @@ class ServerPool:
     async def _new(self) -> ServerConn:
         """Open a connection in the place :meth:`acquire` took for it."""
         try:
-            upstream = await self._open()
+            upstream = await self.opener()
         except BaseException:
             self._gone()
             raise
@@ -357,12 +354,15 @@ class ServerPool:
         else:
             self.wake_one()
 
-    def wake_one(self) -> None:
+    def wake_one(self) -> bool:
+        """Tell the first waiter to look again (and open a connection if it
+        may); whether there was one."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.event.is_set():
                 waiter.event.set()  # conn None: loop and open
-                return
+                return True
+        return False
 
     async def reap(self) -> None:
         """Close connections idle longer than ``server_idle_timeout_s``."""
@@ -433,7 +433,7 @@ class PoolBook:
             pool.book = self
         else:
             pool.size, pool.wait_s = size, wait_s
-            pool._open = opener  # the newest credentials (a rotation) for new connections
+            pool.opener = opener
         return pool
 
     def _siblings(self, pool: ServerPool) -> list[ServerPool]:
@@ -470,8 +470,7 @@ class PoolBook:
             trio.lowlevel.spawn_system_task(self._release, pool.key.alias)
             self._refused_at.pop(pool.key.alias, None)  # a place is free: ask at once
         for sibling in sorted(self._siblings(pool), key=lambda p: p is not pool):
-            if sibling._waiters:
-                sibling.wake_one()
+            if sibling.wake_one():
                 return
 
     def __iter__(self) -> Iterator[ServerPool]:
