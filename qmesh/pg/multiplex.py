@@ -202,7 +202,7 @@ class PooledSession:
         self._copy_in = False
         """In COPY FROM STDIN: the server ignores Sync and Flush until the
         client's CopyDone or CopyFail."""
-        self._status: int | None = None
+        self._status: str | None = None
         """The server's transaction status at its last ReadyForQuery; None while
         a request is on its way."""
         self._server_fatal = False
@@ -271,9 +271,7 @@ class PooledSession:
         """Whether the connection may serve another client now: nothing due,
         the server idle outside a transaction block, and the client not in
         the middle of a message (part of which the server may have seen)."""
-        return (
-            not self._requests and self._status == ord("I") and not self._client_scanner.in_message
-        )
+        return not self._requests and self._status == "I" and not self._client_scanner.in_message
 
     async def _give_back(self) -> None:
         conn, self.conn = self.conn, None
@@ -283,7 +281,7 @@ class PooledSession:
             if self._requests or self._status is None or self._client_scanner.in_message:
                 # Answers still due, or a message cut short: mid-request.
                 self.pool.release(conn, reusable=False)
-            elif self.pinned or conn.dirty or self._status != ord("I"):
+            elif self.pinned or conn.dirty or self._status != "I":
                 await self.pool.release_dirty(conn)
             else:
                 self.pool.release(conn, reusable=True)
@@ -580,23 +578,22 @@ class PooledSession:
                     raise ServerBroken(f"the connection failed: {exc}") from None
                 if not data:
                     raise ServerBroken("the server closed the connection")
+            now = time.monotonic()
+            out: list[bytes] = []
             try:
-                events = scanner.feed(data)
-            except _core.PgWireError as exc:
+                for tag, raw in scanner.feed(data):
+                    if tag != 0:
+                        self.watch.backend(tag, raw, now)
+                        piece = self._answer(conn, tag, raw)
+                    else:
+                        piece = raw
+                    if piece:
+                        out.append(piece)
+            except _core.PgWireError as exc:  # the server's bytes: its fault, not the client's
                 raise SessionOver(
                     PgSessionError("08P01", f"qmesh: the server broke the protocol: {exc}")
                 ) from None
             data = b""
-            now = time.monotonic()
-            out: list[bytes] = []
-            for tag, raw in events:
-                if tag != 0:
-                    self.watch.backend(tag, raw, now)
-                    piece = self._answer(conn, tag, raw)
-                else:
-                    piece = raw
-                if piece:
-                    out.append(piece)
             if out:
                 await self._send_client(b"".join(out))
             if self._idle_between_transactions() and not self.pinned and not scanner.in_message:
@@ -622,7 +619,7 @@ class PooledSession:
                 kind = requests.popleft()[0]
                 if kind == _SYNC or kind == _QUERY:
                     break
-            self._status = raw[5]
+            self._status = _core.parse_ready_for_query(raw[5:])
             return raw + self._flush_made()
         if tag == _COPY_IN:
             self._entered_copy_in()

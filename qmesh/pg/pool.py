@@ -118,10 +118,7 @@ class ServerConn:
                     if not data:
                         return False
                     for tag, raw in scanner.feed(data):
-                        if tag == _ERROR and _core.parse_error_fields(raw[5:]).get("S") in (
-                            "FATAL",
-                            "PANIC",
-                        ):
+                        if tag == _ERROR:  # the check or the reset did not do its job
                             return False
                         if tag == _READY:
                             readies += 1
