@@ -398,6 +398,25 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
     assert [r["request_id"] for r in read_rows(store)] == ["r0"]
 
 
+async def test_batches_of_any_size_are_stored_whole_in_order_and_sealed(
+    state_location: Path | str,
+) -> None:
+    """Rows go in as INSERTs of many rows each (sizes halving from 64): every
+    count comes out whole, in order, with a chain that verifies."""
+    with StateStore.open(state_location) as store:
+        ledger = Ledger(store, master_key=MASTER_KEY)
+        written = 0
+        for size in (1, 2, 63, 64, 65, 200):
+            for n in range(written, written + size):
+                ledger.record(ledger_entry(n))
+            await ledger.flush()
+            written += size
+        assert [r["request_id"] for r in read_rows(store)] == [f"r{n}" for n in range(written)]
+        with store._read() as conn:
+            report = verify_chain(conn, ledger._key, "ledger")
+        assert report.ok and report.rows == written
+
+
 async def test_ledger_keeps_rows_whose_write_failed(
     monkeypatch: pytest.MonkeyPatch, state_location: Path | str
 ) -> None:

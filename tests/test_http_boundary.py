@@ -273,11 +273,12 @@ def test_the_limits_are_read_from_gate_http(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(
         "[gate.http]\nmax_connections = 100\nmax_body_bytes = 4096\nrequest_timeout_s = 5\n"
-        "auth_failures_per_s = 2.5\nmax_requests_per_app = 8\n"
+        "auth_failures_per_s = 2.5\nmax_requests_per_app = 8\nengine_threads = true\n"
     )
     http = load_config(path, env={"QMESH_GATE__HTTP__HASH_THREADS": "4"}).gate.http
     assert (http.max_connections, http.max_body_bytes, http.request_timeout_s) == (100, 4096, 5.0)
     assert (http.auth_failures_per_s, http.max_requests_per_app, http.hash_threads) == (2.5, 8, 4)
+    assert http.engine_threads  # once accepted and then ignored
     assert http.max_header_bytes == HttpConfig().max_header_bytes  # the default
     assert load_config(None, env={}).gate.http == HttpConfig()
     path.write_text("[gate.http]\nmax_conections = 10\n")

@@ -399,6 +399,7 @@ def _read_http(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> Htt
         ),
         auth_failure_burst=r.integer(t, path, "auth_failure_burst", d.auth_failure_burst, lo=1),
         hash_threads=r.integer(t, path, "hash_threads", d.hash_threads, lo=1, hi=256),
+        engine_threads=r.boolean(t, path, "engine_threads", d.engine_threads),
         tls=r.string(t, path, "tls", d.tls, choices=("auto", "on", "off")),
         tls_cert=tls_cert,
         tls_key=tls_key,

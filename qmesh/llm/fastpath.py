@@ -136,7 +136,7 @@ def route_installer(
 ) -> Callable[[Candidate, ProxyTarget, bytes], None] | None:
     """What :meth:`Executor.relay` calls to install a route for requests
     like this one, or None when none can be."""
-    routes = exchange.routes if not __import__("os").environ.get("NOFAST") else None
+    routes = exchange.routes
     model = call.body.get("model")
     if routes is None or not authorization or not isinstance(model, str):
         return None
