@@ -56,10 +56,11 @@ CPUs alone costs on this machine: oha and the backend share CPU 0, while a
 request through the gateway crosses between the CPUs four times.
 
 Time to first byte: ``--ttfb-requests`` (500) streamed chat completions,
-after 50 of warm-up, each to the direct backend and then to the Gate, on one
-keep-alive connection each (raw sockets, this process pinned to CPU 0): from
-the request's send to the first ``data:`` after the response head; each
-stream is read to its end before the next request.
+after 50 of warm-up, to each target in turn (the direct backend, the one on
+CPU 1, each gateway), on one keep-alive connection each (raw sockets, this
+process pinned to CPU 0): from the request's send to the first ``data:``
+after the response head; each stream is read to its end before the next
+request.
 
 Targets, printed with met / NOT met under the tables; nothing is asserted:
 added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct backend's req/s; ≥ 25×
@@ -689,25 +690,24 @@ def main() -> None:
                 wrk(url, token, connections, min(2.0, args.seconds), lua)
                 result = wrk(url, token, connections, args.seconds, lua, pid)
                 rows.append((name, connections, result))
+        # The same backend on the gateway's CPU: what crossing CPUs alone
+        # costs (direct crosses none, a request through the gateway four).
+        across_port = free_port()
+        across = subprocess.Popen([*taskset(1), PYTHON, __file__, "--backend", str(across_port)])
+        processes.append(across)
+        across_url = f"http://127.0.0.1:{across_port}/v1/chat/completions"
+        wait_http(across_url, timeout=20)
+        across_row = ("direct on CPU 1", across_url, "none", across.pid)
+        with_across = [*contenders[:1], across_row, *contenders[1:]]
         if oha_path is not None:
-            # The same backend on the gateway's CPU: what crossing CPUs alone
-            # costs (direct crosses none, a request through the gateway four).
-            across_port = free_port()
-            across = subprocess.Popen(
-                [*taskset(1), PYTHON, __file__, "--backend", str(across_port)]
-            )
-            processes.append(across)
-            across_url = f"http://127.0.0.1:{across_port}/v1/chat/completions"
-            wait_http(across_url, timeout=20)
-            across_row = ("direct on CPU 1", across_url, "none", across.pid)
-            for name, url, token, pid in [*contenders[:1], across_row, *contenders[1:]]:
+            for name, url, token, pid in with_across:
                 result = oha(
                     oha_path, url, token, args.rate, args.rate_connections, args.seconds, pid
                 )
                 rate_rows.append((name, result))
         if args.ttfb_requests > 0:
-            targets = [(url, token) for _, url, token, _ in contenders[:2]]
-            contenders_names.extend(name for name, _, _, _ in contenders[:2])
+            targets = [(url, token) for _, url, token, _ in with_across]
+            contenders_names.extend(name for name, _, _, _ in with_across)
             ttfb(targets, min(50, args.ttfb_requests))  # warm-up
             # The client shares CPU 0 with the backend, like wrk.
             affinity = os.sched_getaffinity(0)
@@ -832,8 +832,8 @@ def main() -> None:
         verdict(f"{label} p99", gate_rate["p99"] - rate_direct["p99"], 1, "ms", True)
     elif oha_path is None:
         print(f"  oha, {args.rate:g} req/s offered: not measured (no oha: {OHA_INSTALL})")
-    if len(first_bytes) > 1:
-        added = percentile(first_bytes[1], 0.5) - percentile(first_bytes[0], 0.5)
+    if len(first_bytes) > 2:
+        added = percentile(first_bytes[2], 0.5) - percentile(first_bytes[0], 0.5)
         verdict("streamed completion: added time to first byte", added, 0.3, "ms", True)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -383,11 +383,13 @@ class Stack:
             return result.stdout
 
         cli("keys", "init")
+        # Before the first change: on a PostgreSQL state, the control audit's
+        # chain key is sealed with the master key.
+        cli("secrets", "init-master-key")
         credential = directory / "edge.cred"
         cli("enroll", "minigate", "bench-edge", "--gate", f"127.0.0.1:{tunnel_port}",
             "--out", str(credential))  # fmt: skip
         self.qmesh_keys[target] = cli("apps", "add", APP_USER).strip()
-        cli("secrets", "init-master-key")
         # qmesh-plain: qmesh as without --server-tls, on the same (TLS) server.
         sslmode = "require" if self.server_tls and target not in TLS_ONLY else "disable"
         user = self.server_user(target)

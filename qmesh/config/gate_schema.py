@@ -383,9 +383,11 @@ class HttpConfig:
     that key checks never starve tunnel handshakes or vault reads)."""
     engine_threads: bool = False
     """Run the HTTP engine on the engine threads rather than on the event
-    loop's thread. Off (the default), a request crosses no thread: the
-    fastest on a Gate with one or two cores. On, answers being relayed keep
-    flowing while the event loop is busy with other work."""
+    loop's thread. Off (the default), a request crosses no thread and the
+    tail latency is the lowest. On, answers being relayed keep flowing while
+    the event loop is busy with other work: more requests a second and a
+    lower median, but a longer tail while the event loop catches up with
+    its bookkeeping (see :class:`qmesh.web.native.NativeHttpServer`)."""
     tls: str = "auto"
     """``auto``: TLS unless the listener is on a loopback address; ``on``;
     ``off`` (TLS ends at a proxy in front). See :mod:`qmesh.web.tls`."""
