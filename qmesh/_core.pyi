@@ -976,10 +976,15 @@ class HttpEngine:
         max_idle_per_upstream: int = 64,
         upstream_idle: float = 30.0,
         inline: bool = False,
+        max_fast_reports: int = 256,
     ) -> Self:
         """On the process's engine threads, or with ``inline`` on none: its
         owner then calls :meth:`poll` when ``poll_fd`` is readable (which it
-        also is when one of its timeouts is due)."""
+        also is when one of its timeouts is due). On the engine threads,
+        at most ``max_fast_reports`` :class:`HttpFastDone` wait for
+        :meth:`take`; past that, whole requests wait in the engine until
+        the next :meth:`take`, so the fast path never runs ahead of its
+        bookkeeping by more."""
 
     @property
     def notify_fd(self) -> int:

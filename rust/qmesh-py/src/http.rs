@@ -260,7 +260,9 @@ impl HttpEngine {
         max_idle_per_upstream = 64,
         upstream_idle = 30.0,
         inline = false,
+        max_fast_reports = 256,
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         max_header_bytes: usize,
         max_body_bytes: usize,
@@ -269,6 +271,7 @@ impl HttpEngine {
         max_idle_per_upstream: usize,
         upstream_idle: f64,
         inline: bool,
+        max_fast_reports: usize,
     ) -> Result<Self> {
         let config = relay::HttpConfig {
             max_head: max_header_bytes,
@@ -277,6 +280,7 @@ impl HttpEngine {
             request_timeout: seconds(request_timeout, "request_timeout")?,
             max_idle_per_upstream,
             upstream_idle: seconds(upstream_idle, "upstream_idle")?,
+            max_fast_reports: max_fast_reports.max(1),
         };
         Ok(HttpEngine {
             inner: relay::HttpEngine::new(config, inline)?,

@@ -251,7 +251,10 @@ mod tests {
         let early = routes.take(&key("m"), 1, 1, now).unwrap();
         routes.leave(&early);
         let late = now + Duration::from_millis(800);
-        assert!(routes.take(&key("m"), 1, 1, late).is_none(), "the renewer goes to Python");
+        assert!(
+            routes.take(&key("m"), 1, 1, late).is_none(),
+            "the renewer goes to Python"
+        );
         let other = routes.take(&key("m"), 1, 1, late).unwrap();
         assert_eq!(other.id, 1, "the others still take the old route");
         routes.leave(&other);
@@ -269,7 +272,9 @@ mod tests {
         assert!(lone.take(&key("m"), 1, 1, now).is_none());
         let kept = lone.take(&key("m"), 1, 1, now + Duration::from_millis(999));
         lone.leave(&kept.unwrap());
-        assert!(lone.take(&key("m"), 1, 1, now + Duration::from_secs(1)).is_none());
+        assert!(lone
+            .take(&key("m"), 1, 1, now + Duration::from_secs(1))
+            .is_none());
     }
 
     #[test]

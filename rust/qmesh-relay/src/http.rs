@@ -36,7 +36,7 @@
 //! mutex, and the engine thread never touches the GIL. Unlike the tunnel
 //! engine, this one owns its sockets (it closes them).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -92,6 +92,12 @@ pub struct HttpConfig {
     pub max_idle_per_upstream: usize,
     /// An idle upstream connection is closed after this.
     pub upstream_idle: Duration,
+    /// An engine on the engine threads: how many fast-path reports may wait
+    /// for Python to take them. Past it, requests wait in the engine
+    /// (parked) until Python takes the reports: the relaying never runs
+    /// ahead of the bookkeeping by more (an inline engine relays only when
+    /// its owner polls it, so it needs no bound).
+    pub max_fast_reports: usize,
 }
 
 /// TLS towards an upstream: the client configuration, and the name its
@@ -333,6 +339,20 @@ struct State {
     routes: Routes,
     /// Exchanges on the fast path, by exchange id.
     fast: HashMap<u64, FastExchange>,
+    /// Fast-path reports among `events`.
+    fast_reports: usize,
+    /// Whole requests held back while `fast_reports` is at its bound.
+    parked: VecDeque<Parked>,
+}
+
+/// A whole request the engine holds until Python takes the fast path's
+/// reports (see [`HttpConfig::max_fast_reports`]).
+struct Parked {
+    client: u64,
+    exchange: u64,
+    head: RequestHead,
+    body: Vec<u8>,
+    peer: Arc<str>,
 }
 
 /// A request on the fast path: kept whole until its answer began, in case
@@ -539,7 +559,10 @@ impl HttpEngine {
     /// [`HttpEngine::poll_fd`] is readable (a timer descriptor makes it so
     /// when a timeout is due). Inline, a request's way through the Gate crosses no
     /// thread: on a Gate with one core that saves two switches a request.
-    pub fn new(config: HttpConfig, inline: bool) -> io::Result<Self> {
+    pub fn new(mut config: HttpConfig, inline: bool) -> io::Result<Self> {
+        if inline {
+            config.max_fast_reports = usize::MAX;
+        }
         let own = if inline {
             Some(Reactor::manual()?)
         } else {
@@ -561,6 +584,8 @@ impl HttpEngine {
                 stats: HttpStats::default(),
                 routes: Routes::default(),
                 fast: HashMap::new(),
+                fast_reports: 0,
+                parked: VecDeque::new(),
             }),
             notify: EventFd::new()?,
             registration: std::sync::OnceLock::new(),
@@ -781,14 +806,19 @@ impl HttpEngine {
         })
     }
 
-    /// Everything to report since the last call (drains `notify_fd`).
+    /// Everything to report since the last call (drains `notify_fd`);
+    /// requests parked for want of room for their reports go on.
     pub fn take(&self) -> Vec<HttpEvent> {
-        let mut st = lock(&self.shared.state);
-        if st.notified {
-            self.shared.notify.drain();
-        }
-        st.notified = false;
-        std::mem::take(&mut st.events)
+        self.with(|st, reg| {
+            if st.notified {
+                self.shared.notify.drain();
+            }
+            st.notified = false;
+            st.fast_reports = 0;
+            let events = std::mem::take(&mut st.events);
+            st.unpark(reg);
+            events
+        })
     }
 
     pub fn stats(&self) -> HttpStats {
@@ -1071,14 +1101,7 @@ impl State {
             let peer = Arc::clone(&client.peer);
             self.exchanges.insert(exchange, id);
             self.stats.requests += 1;
-            if let Some((head, body, peer)) = self.try_fast(reg, id, exchange, head, body, peer) {
-                self.emit(HttpEvent::Request {
-                    exchange,
-                    head,
-                    body,
-                    peer,
-                });
-            }
+            self.dispatch(reg, id, exchange, head, body, peer);
             break 'parse;
         }
         self.flush_client(reg, id);
@@ -1104,6 +1127,69 @@ impl State {
         }
         self.answered(reg, id);
         true
+    }
+
+    /// A whole request: relayed by its route, handed to Python, or parked
+    /// while the fast path's reports wait for Python at their bound (an
+    /// engine on the engine threads, with routes).
+    fn dispatch(
+        &mut self,
+        reg: &Registration,
+        client: u64,
+        exchange: u64,
+        head: RequestHead,
+        body: Vec<u8>,
+        peer: Arc<str>,
+    ) {
+        let held_back =
+            !self.parked.is_empty() || self.fast_reports >= self.config.max_fast_reports;
+        if held_back && !self.routes.is_empty() {
+            self.parked.push_back(Parked {
+                client,
+                exchange,
+                head,
+                body,
+                peer,
+            });
+            return;
+        }
+        if let Some((head, body, peer)) = self.try_fast(reg, client, exchange, head, body, peer) {
+            self.emit(HttpEvent::Request {
+                exchange,
+                head,
+                body,
+                peer,
+            });
+        }
+    }
+
+    /// Dispatch the parked requests, in order, while there is room for
+    /// their reports; those whose client left meanwhile are dropped.
+    fn unpark(&mut self, reg: &Registration) {
+        while self.fast_reports < self.config.max_fast_reports || self.routes.is_empty() {
+            let Some(parked) = self.parked.pop_front() else {
+                return;
+            };
+            if self.exchanges.get(&parked.exchange) != Some(&parked.client) {
+                continue;
+            }
+            let Parked {
+                client,
+                exchange,
+                head,
+                body,
+                peer,
+            } = parked;
+            if let Some((head, body, peer)) = self.try_fast(reg, client, exchange, head, body, peer)
+            {
+                self.emit(HttpEvent::Request {
+                    exchange,
+                    head,
+                    body,
+                    peer,
+                });
+            }
+        }
     }
 
     /// Relay a request by its route, if one fits; else hand it back for Python.
@@ -1204,6 +1290,7 @@ impl State {
                     open,
                     usage,
                 };
+                self.fast_reports += 1;
                 self.emit(HttpEvent::FastDone {
                     exchange,
                     route,
