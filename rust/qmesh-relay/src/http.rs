@@ -345,8 +345,8 @@ struct State {
     parked: VecDeque<Parked>,
 }
 
-/// A whole request the engine holds until Python takes the fast path's
-/// reports (see [`HttpConfig::max_fast_reports`]).
+/// A whole request, as the engine dispatches it; held until Python takes
+/// the fast path's reports (see [`HttpConfig::max_fast_reports`]).
 struct Parked {
     client: u64,
     exchange: u64,
@@ -1141,18 +1141,44 @@ impl State {
         body: Vec<u8>,
         peer: Arc<str>,
     ) {
+        let request = Parked {
+            client,
+            exchange,
+            head,
+            body,
+            peer,
+        };
         let held_back =
             !self.parked.is_empty() || self.fast_reports >= self.config.max_fast_reports;
         if held_back && !self.routes.is_empty() {
-            self.parked.push_back(Parked {
-                client,
-                exchange,
-                head,
-                body,
-                peer,
-            });
-            return;
+            self.parked.push_back(request);
+        } else {
+            self.relay_or_hand_over(reg, request);
         }
+    }
+
+    /// Dispatch the parked requests, in order, while there is room for
+    /// their reports; one whose exchange ended meanwhile (its client
+    /// dropped) is skipped.
+    fn unpark(&mut self, reg: &Registration) {
+        while self.fast_reports < self.config.max_fast_reports || self.routes.is_empty() {
+            let Some(request) = self.parked.pop_front() else {
+                return;
+            };
+            if self.exchanges.get(&request.exchange) == Some(&request.client) {
+                self.relay_or_hand_over(reg, request);
+            }
+        }
+    }
+
+    fn relay_or_hand_over(&mut self, reg: &Registration, request: Parked) {
+        let Parked {
+            client,
+            exchange,
+            head,
+            body,
+            peer,
+        } = request;
         if let Some((head, body, peer)) = self.try_fast(reg, client, exchange, head, body, peer) {
             self.emit(HttpEvent::Request {
                 exchange,
@@ -1160,35 +1186,6 @@ impl State {
                 body,
                 peer,
             });
-        }
-    }
-
-    /// Dispatch the parked requests, in order, while there is room for
-    /// their reports; those whose client left meanwhile are dropped.
-    fn unpark(&mut self, reg: &Registration) {
-        while self.fast_reports < self.config.max_fast_reports || self.routes.is_empty() {
-            let Some(parked) = self.parked.pop_front() else {
-                return;
-            };
-            if self.exchanges.get(&parked.exchange) != Some(&parked.client) {
-                continue;
-            }
-            let Parked {
-                client,
-                exchange,
-                head,
-                body,
-                peer,
-            } = parked;
-            if let Some((head, body, peer)) = self.try_fast(reg, client, exchange, head, body, peer)
-            {
-                self.emit(HttpEvent::Request {
-                    exchange,
-                    head,
-                    body,
-                    peer,
-                });
-            }
         }
     }
 
