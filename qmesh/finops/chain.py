@@ -265,16 +265,16 @@ def _insert_many(conn: Connection, insert: str, values: Sequence[object], width:
     Why not ``executemany``: SQLite steps it row by row, and the sqlite3
     module takes the GIL back after every step. From the writer thread that
     is one GIL hand-over per row, each of which stalls the event loop's
-    thread (``bench/gateway.py``, 64 connections, the Gate on one core: p99
-    4.3–4.9 ms with no ledger writes at all, 7.1–8.6 ms with rows inserted
-    one by one, 6.3–7.0 ms with these statements)."""
+    thread (wrk, 64 connections, the Gate on one core, paired rounds: p99
+    7.2–7.9 ms with rows inserted one by one, 6.4–7.0 ms with these
+    statements; 4.3–4.9 ms with no ledger writes at all)."""
+    one = "(" + ", ".join(["?"] * width) + ")"
     rows = len(values) // width
     done = 0
     size = ROWS_PER_INSERT
     while done < rows:
         while size > rows - done:
             size //= 2
-        one = "(" + ", ".join(["?"] * width) + ")"
         conn.execute(
             f"{insert} VALUES {', '.join([one] * size)}",
             values[done * width : (done + size) * width],

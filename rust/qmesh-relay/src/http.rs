@@ -341,13 +341,15 @@ struct State {
     fast: HashMap<u64, FastExchange>,
     /// Fast-path reports among `events`.
     fast_reports: usize,
-    /// Whole requests held back while `fast_reports` is at its bound.
-    parked: VecDeque<Parked>,
+    /// Whole requests held back while `fast_reports` is at its bound (at
+    /// most one per client: a client is not read while its request waits).
+    parked: VecDeque<WholeRequest>,
 }
 
-/// A whole request, as the engine dispatches it; held until Python takes
-/// the fast path's reports (see [`HttpConfig::max_fast_reports`]).
-struct Parked {
+/// A request read whole, as the engine dispatches it (and holds it while
+/// the fast path's reports wait at their bound: see
+/// [`HttpConfig::max_fast_reports`]).
+struct WholeRequest {
     client: u64,
     exchange: u64,
     head: RequestHead,
@@ -1101,7 +1103,14 @@ impl State {
             let peer = Arc::clone(&client.peer);
             self.exchanges.insert(exchange, id);
             self.stats.requests += 1;
-            self.dispatch(reg, id, exchange, head, body, peer);
+            let request = WholeRequest {
+                client: id,
+                exchange,
+                head,
+                body,
+                peer,
+            };
+            self.dispatch(reg, request);
             break 'parse;
         }
         self.flush_client(reg, id);
@@ -1129,25 +1138,10 @@ impl State {
         true
     }
 
-    /// A whole request: relayed by its route, handed to Python, or parked
+    /// A whole request: relayed by its route, handed to Python, or held
     /// while the fast path's reports wait for Python at their bound (an
     /// engine on the engine threads, with routes).
-    fn dispatch(
-        &mut self,
-        reg: &Registration,
-        client: u64,
-        exchange: u64,
-        head: RequestHead,
-        body: Vec<u8>,
-        peer: Arc<str>,
-    ) {
-        let request = Parked {
-            client,
-            exchange,
-            head,
-            body,
-            peer,
-        };
+    fn dispatch(&mut self, reg: &Registration, request: WholeRequest) {
         let held_back =
             !self.parked.is_empty() || self.fast_reports >= self.config.max_fast_reports;
         if held_back && !self.routes.is_empty() {
@@ -1157,9 +1151,20 @@ impl State {
         }
     }
 
-    /// Dispatch the parked requests, in order, while there is room for
-    /// their reports; one whose exchange ended meanwhile (its client
-    /// dropped) is skipped.
+    fn relay_or_hand_over(&mut self, reg: &Registration, request: WholeRequest) {
+        if let Some(request) = self.try_fast(reg, request) {
+            self.emit(HttpEvent::Request {
+                exchange: request.exchange,
+                head: request.head,
+                body: request.body,
+                peer: request.peer,
+            });
+        }
+    }
+
+    /// Dispatch the held requests, in order, while there is room for their
+    /// reports; one whose exchange ended meanwhile (its client dropped) is
+    /// skipped.
     fn unpark(&mut self, reg: &Registration) {
         while self.fast_reports < self.config.max_fast_reports || self.routes.is_empty() {
             let Some(request) = self.parked.pop_front() else {
@@ -1171,42 +1176,32 @@ impl State {
         }
     }
 
-    fn relay_or_hand_over(&mut self, reg: &Registration, request: Parked) {
-        let Parked {
+    /// Relay a request by its route, if one fits; else hand it back for Python.
+    fn try_fast(&mut self, reg: &Registration, request: WholeRequest) -> Option<WholeRequest> {
+        let WholeRequest {
             client,
             exchange,
             head,
             body,
             peer,
         } = request;
-        if let Some((head, body, peer)) = self.try_fast(reg, client, exchange, head, body, peer) {
-            self.emit(HttpEvent::Request {
+        let back = |head, body, peer| {
+            Some(WholeRequest {
+                client,
                 exchange,
                 head,
                 body,
                 peer,
-            });
-        }
-    }
-
-    /// Relay a request by its route, if one fits; else hand it back for Python.
-    fn try_fast(
-        &mut self,
-        reg: &Registration,
-        client: u64,
-        exchange: u64,
-        head: RequestHead,
-        body: Vec<u8>,
-        peer: Arc<str>,
-    ) -> Option<(RequestHead, Vec<u8>, Arc<str>)> {
+            })
+        };
         if self.routes.is_empty() || head.method != "POST" {
-            return Some((head, body, peer));
+            return back(head, body, peer);
         }
         let (Some(authorization), Some(request)) = (
             head.header("authorization"),
             read_completion_request(&body, FAST_MAX_DEPTH),
         ) else {
-            return Some((head, body, peer));
+            return back(head, body, peer);
         };
         let key = RouteKey {
             authorization: authorization.to_vec(),
@@ -1218,11 +1213,11 @@ impl State {
             .routes
             .take(&key, body.len(), request.max_tokens, Instant::now())
         else {
-            return Some((head, body, peer));
+            return back(head, body, peer);
         };
         let Some(upstream_body) = request.upstream_body(&body, &route.upstream_model) else {
             self.routes.leave(&route);
-            return Some((head, body, peer));
+            return back(head, body, peer);
         };
         let mut wire = Vec::with_capacity(route.request_head.len() + upstream_body.len() + 40);
         wire.extend_from_slice(&route.request_head);
