@@ -252,6 +252,10 @@ class RawClient:
 
     def query(self, sql: str) -> list[tuple[str, bytes]]:
         self.send(_core.encode_query(sql))
+        return self.until_ready()
+
+    def until_ready(self) -> list[tuple[str, bytes]]:
+        """Every message up to and with the next ReadyForQuery."""
         out = []
         while True:
             tag, body = self.message()

@@ -66,18 +66,9 @@ def login(ghost: Ghost) -> RawClient:
     return client
 
 
-def until_ready(client: RawClient) -> Messages:
-    out = []
-    while True:
-        tag, body = client.message()
-        out.append((tag, body))
-        if tag == "Z":
-            return out
-
-
 def ask(client: RawClient, data: bytes) -> Messages:
     client.send(data)
-    return until_ready(client)
+    return client.until_ready()
 
 
 def tags(messages: Messages) -> list[str]:
@@ -110,7 +101,7 @@ async def test_messages_the_server_skips_after_an_error_have_no_effect(
         a.send(parse(b"", b"SELEC 1") + FLUSH)
         assert a.message()[0] == "E"
         a.send(parse(b"s2", b"SELECT 2") + SYNC)  # skipped by the server
-        assert tags(until_ready(a)) == ["Z"]
+        assert tags(a.until_ready()) == ["Z"]
         # Another client on the same (only) connection prepares that text.
         got = ask(b, parse(b"b", b"SELECT 2") + bind(b"b") + EXECUTE + SYNC)
         assert tags(got) == ["1", "2", "D", "C", "Z"] and values(got) == [b"2"]
@@ -121,10 +112,10 @@ async def test_messages_the_server_skips_after_an_error_have_no_effect(
             parse(b"", b"SELECT 1/0") + bind(b"") + EXECUTE
             + parse(b"late", b"SELECT 2") + close_statement(b"s2") + SYNC
         )  # fmt: skip
-        got = until_ready(a)
+        got = a.until_ready()
         assert tags(got) == ["1", "E", "Z"] and sqlstates(got) == ["22012"]  # at Bind: planned
         a.send(parse(b"late", b"SELECT 2") + bind(b"s2") + EXECUTE + SYNC)
-        got = until_ready(a)
+        got = a.until_ready()
         assert tags(got) == ["1", "2", "D", "C", "Z"] and values(got) == [b"2"]
 
     with trio.fail_after(30):
@@ -148,7 +139,7 @@ async def test_copy_from_stdin_in_the_extended_protocol(
             seen.append(tag)
         assert seen == ["1", "2", "n"]
         a.send(msg("d", b"1\n") + msg("c") + SYNC)
-        assert tags(until_ready(a)) == ["C", "Z"]
+        assert tags(a.until_ready()) == ["C", "Z"]
         other = login(ghost)  # the pool's only connection is free again
         assert values(other.query("SELECT 7")) == [b"7"]
         a.send(close_statement(b"never") + SYNC)
@@ -190,12 +181,12 @@ async def test_a_message_cut_across_a_transaction_end_keeps_its_connection(
         a = login(ghost)
         smuggled = msg("Q", b"SELECT 'smuggled'\0")
         a.send(msg("Q", b"SELECT 1\0") + b"d" + (4 + len(smuggled)).to_bytes(4, "big"))
-        assert values(until_ready(a)) == [b"1"]
+        assert values(a.until_ready()) == [b"1"]
         b = login(ghost)
         b.send(msg("Q", b"SELECT 2\0"))
         assert b.error()["C"] == "53300"  # the only connection is still a's
         a.send(smuggled + msg("Q", b"SELECT 3\0"))  # CopyData to the server: ignored
-        assert values(until_ready(a)) == [b"3"]
+        assert values(a.until_ready()) == [b"3"]
 
     with trio.fail_after(30):
         await in_thread(work)
