@@ -330,6 +330,11 @@ class RelayEnding:
     """A Postgres scanner rejected the bytes; nothing of them was relayed."""
     ABORTED: ClassVar[RelayEnding]
     """Python took the stream back, or the session ended."""
+    HANDBACK: ClassVar[RelayEnding]
+    """A pooled stream's client sent what the engine does not relay: the
+    outcome's ``pooled`` says where Python's relay takes over."""
+    POOL_TIMEOUT: ClassVar[RelayEnding]
+    """A pooled stream's client waited its pool's limit for a connection."""
     def __int__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
@@ -367,8 +372,84 @@ class RelayOutcome:
     def eof_received(self) -> bool:
         """CLOSE was received."""
     @property
+    def pooled(self) -> PooledEnd | None:
+        """A pooled stream's state at its end."""
+    @property
     def failed(self) -> bool:
         """Whether the relay ended other than by its ends closing."""
+
+@final
+class PooledEnd:
+    """A pooled stream's state at its end: what Python's relay carries on
+    from, or cleans up."""
+
+    @property
+    def lease(self) -> int | None:
+        """The connection the client held (the pool's id), or None."""
+    @property
+    def touched(self) -> bool:
+        """The engine ran statements on ``lease`` since Python last had it."""
+    @property
+    def due(self) -> int:
+        """Queries whose ReadyForQuery had not come."""
+    @property
+    def status(self) -> str | None:
+        """The server's status at its last ReadyForQuery (``I``, ``T``,
+        ``E``), or None while a query was on its way."""
+    @property
+    def server_mid_message(self) -> bool:
+        """The server's bytes stopped inside a message."""
+    @property
+    def server_fatal(self) -> bool:
+        """The server sent a FATAL error (relayed to the client)."""
+    @property
+    def leftover(self) -> bytes:
+        """Client bytes the engine did not relay, from the first message it
+        does not relay natively on."""
+    @property
+    def consumed(self) -> int:
+        """Client bytes consumed but not yet granted back."""
+
+@final
+class PoolShelf:
+    """The idle connections of one transaction-mode pool and its line of
+    waiting clients, shared by the engine threads and Python. Connections
+    are named by Python's ids; the shelf borrows their descriptors while
+    they are idle here or lent to an engine."""
+
+    def __new__(cls, check_after: float) -> Self: ...
+    @property
+    def notify_fd(self) -> int:
+        """Readable while :meth:`take_events` has something."""
+    def give(self, lease: int, fd: int, expires_in: float) -> None:
+        """Connection ``lease`` (socket ``fd``), ready for use, to the first
+        in line or idle; closed when it comes back after ``expires_in`` s."""
+    def take(self) -> tuple[int, bool] | None:
+        """``(lease, touched)`` of an idle connection if one is here and
+        nobody waits, else None."""
+    def take_or_wait(self) -> tuple[int | None, bool, int]:
+        """``(lease, touched, 0)`` for an idle connection now, else ``(None,
+        False, ticket)``: a place in line, served by a ``"delivered"`` event."""
+    def cancel(self, ticket: int) -> bool:
+        """Leave the line; False if the ticket was served already."""
+    def wake_python(self) -> int | None:
+        """The ticket of the first of Python's waiters, taken out of line to
+        look again (a place came free); None if none waits."""
+    def take_events(self) -> list[tuple[str, int, bool, int]]:
+        """``(kind, lease, touched, ticket)`` in order: ``"delivered"``,
+        ``"check"``, ``"close"`` or ``"wanted"``."""
+    def take_idle(self, idle_for: float | None = None) -> list[tuple[int, bool]]:
+        """Idle connections that idled longer than ``idle_for`` seconds
+        (every one with None), taken off the shelf: ``(lease, touched)``."""
+    def take_oldest_idle(self) -> int | None:
+        """The least recently used idle connection, taken off the shelf."""
+    def set_excess(self, excess: int) -> None:
+        """Close this many connections as they come back from engines."""
+    def stats(self) -> tuple[int, int, float, int, int, float]:
+        """``(idle, waiting, longest_wait_s, engine_loans, waits,
+        wait_s_total)``: waits are of the clients that had to wait in line."""
+    def engine_waiters(self) -> int:
+        """Engines' clients waiting in line."""
 
 @final
 class EngineStats:
@@ -501,6 +582,7 @@ class TunnelEngine:
         end_on_socket_eof: bool = False,
         tap: TapSpec | None = None,
         tls: TlsSession | None = None,
+        pooled: tuple[PoolShelf, float] | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
@@ -508,6 +590,9 @@ class TunnelEngine:
         ``tap`` says what the stream's scanners report and hold; ``tls``, a
         connection whose handshake is done, is the socket's TLS layer from
         now on (the object is spent: :attr:`TlsSession.handed_over`).
+        With ``pooled=(shelf, wait_s)`` the stream is a transaction-mode
+        client: ``fd`` is ignored, and it borrows server connections from
+        ``shelf`` per transaction, waiting at most ``wait_s`` in line.
         ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
@@ -515,6 +600,8 @@ class TunnelEngine:
         ``from_tunnel``, else the server's): relay ``replacement`` in its
         place (the message itself, or another), then carry on."""
 
+    def pooled_lease(self, stream_id: int) -> int | None:
+        """The connection a pooled stream holds now (its pool's id), or None."""
     def abort_native(self, stream_id: int) -> RelayOutcome | None:
         """Take a native stream back: its socket is unwatched when this returns.
         None if it had already ended (its ending is, or was, in :meth:`take`)."""

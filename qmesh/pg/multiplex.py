@@ -46,6 +46,15 @@ What the client does not notice:
   state leaks to the next transaction on the connection, as in every
   transaction-mode pooler.
 
+Where it runs: in the tunnel engine, without Python per transaction, for
+as long as the client sends only simple Queries that cannot leave session
+state (the engine borrows and returns connections through the pool's
+shelf itself; see ``rust/qmesh-relay/src/pooled.rs``); from the first
+message it does not relay on (the extended protocol, a FunctionCall, COPY,
+a statement that may pin), here, for the rest of the session. Sessions
+with a statement guard or read-only policy, and pools whose server
+connections speak TLS, run here from the start.
+
 Not for: the pool itself (:mod:`qmesh.pg.pool`), the guard and the audit
 (:mod:`qmesh.pg.watch`, used here as in session mode), logins.
 """
@@ -66,7 +75,7 @@ from qmesh import _core
 from qmesh.pg.guard import normalise
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
-from qmesh.pg.relay import end_client
+from qmesh.pg.relay import AUDIT_OUTCOMES, AUDIT_STATEMENTS, Tap, end_client
 from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tunnel.stream import TunnelStream
 
@@ -186,7 +195,8 @@ class PooledSession:
         self.client = client
         self.pool = pool
         self.watch = watch
-        self.conn: ServerConn | None = None
+        self._conn: ServerConn | None = None
+        """The connection this relay holds (the engine's: see :attr:`conn`)."""
         self.pinned = False
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}
         """The client's statement names → (server name, the Parse to send)."""
@@ -213,6 +223,7 @@ class PooledSession:
         self._attached = trio.Event()
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
+        self._in_engine = False
 
     # -- the session ---------------------------------------------------------------
 
@@ -221,6 +232,15 @@ class PooledSession:
         self.ending = self.ending or ending
         if self.scope is not None:
             self.scope.cancel()
+
+    @property
+    def conn(self) -> ServerConn | None:
+        """The server connection running this client's transaction now
+        (None between transactions), whether the engine or this relay holds it."""
+        if self._in_engine:
+            lease = self.client.pooled_lease()
+            return None if lease is None else self.pool.conn(lease)
+        return self._conn
 
     def server_key(self) -> tuple[int, bytes] | None:
         """The BackendKeyData of the connection running this client's
@@ -234,9 +254,11 @@ class PooledSession:
         connection back in the state it is in."""
         try:
             with trio.CancelScope() as self.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._ending_all, self._server_pump, nursery)
-                    await self._ending_all(self._client_pump, nursery, client_leftover)
+                engine = self.pool.plain and not (self.watch.guard or client_leftover)
+                if not engine or await self._run_in_engine():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._ending_all, self._server_pump, nursery)
+                        await self._ending_all(self._client_pump, nursery, client_leftover)
             self.scope = None
         finally:
             await self._give_back()
@@ -249,6 +271,74 @@ class PooledSession:
             self.watch.alias,
             can_send=not self._sending_to_client,  # never inside a half-sent message
         )
+
+    async def _run_in_engine(self) -> bool:
+        """Relay in the tunnel engine until the session ends there (False)
+        or the client sends what only this relay follows (True: carry on
+        here, with the connection of an open transaction block, if any)."""
+        audit = self.watch.audit is not None
+        spec = _core.TapSpec(
+            frontend=(AUDIT_STATEMENTS, b"") if audit else None,
+            backend=AUDIT_OUTCOMES if audit else None,
+        )
+        self._in_engine = True
+        try:
+            outcome = await self.client.relay_native(
+                None, tap=Tap(spec, self._on_tap), pooled=(self.pool.shelf, self.pool.wait_s)
+            )
+        except BaseException:
+            late = self.client.native_outcome
+            if late is not None and late.pooled is not None:
+                self._take_over(late.pooled)  # given back in run()'s finally
+            raise
+        finally:
+            self._in_engine = False
+        pooled = outcome.pooled
+        assert pooled is not None
+        self._take_over(pooled)
+        ending = outcome.ending
+        if ending == _core.RelayEnding.HANDBACK:
+            return True
+        if ending == _core.RelayEnding.POOL_TIMEOUT:
+            error = self.pool.open_failure or self.pool.timed_out()
+            self.ending = self.ending or SessionOver(error)
+        elif ending in (_core.RelayEnding.SOCKET_EOF, _core.RelayEnding.SOCKET):
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                self.pool.release(conn, reusable=False)
+            lost = PgSessionError(
+                "08006", f"qmesh: the connection to the database server was lost ({outcome.detail})"
+            )
+            # After a FATAL the server has told the client why.
+            self.ending = self.ending or SessionOver(None if pooled.server_fatal else lost)
+        elif ending == _core.RelayEnding.POSTGRES:
+            error = PgSessionError("08P01", f"qmesh: {outcome.detail}")
+            self.ending = self.ending or SessionOver(error)
+        return False
+
+    def _take_over(self, pooled: _core.PooledEnd) -> None:
+        """The engine's state at its end: the connection the client held, in
+        the state it is in."""
+        if pooled.lease is None:
+            return
+        self._conn = self.pool.taken(pooled.lease, pooled.touched)
+        # Each Query still due ends at its ReadyForQuery, as if sent here.
+        self._requests.extend([(_QUERY, b"", b"", None)] * pooled.due)
+        # Cut inside an answer (the session ends): _give_back closes it.
+        self._status = None if pooled.due or pooled.server_mid_message else pooled.status
+        self._attached.set()
+
+    def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
+        """The audit of what the engine relayed, in order."""
+        try:
+            for at, from_client, tag, raw, _held in records:
+                if from_client:
+                    self.watch.frontend(tag, raw, at, check=False)
+                else:
+                    self.watch.backend(tag, raw, at)
+        except SessionOver as exc:
+            self.end(exc)
+        return None
 
     async def _ending_all(
         self, pump: Callable[..., Awaitable[None]], nursery: trio.Nursery, *args: bytes
@@ -274,7 +364,7 @@ class PooledSession:
         return not self._requests and self._status == "I" and not self._client_scanner.in_message
 
     async def _give_back(self) -> None:
-        conn, self.conn = self.conn, None
+        conn, self._conn = self._conn, None
         if conn is None:
             return
         with trio.CancelScope(shield=True):
@@ -311,7 +401,7 @@ class PooledSession:
                 if tag != 0:
                     raw = self.watch.frontend(tag, raw, now)
                     resets = self._screen(tag, raw)
-                conn = self.conn
+                conn = self._conn
                 if conn is None:
                     if out:
                         await self._send_server(out)
@@ -335,7 +425,7 @@ class PooledSession:
                 await self._send_server(out)
 
     async def _send_server(self, out: list[bytes]) -> None:
-        conn = self.conn
+        conn = self._conn
         assert conn is not None
         try:
             await conn.stream.send_all(b"".join(out))
@@ -372,7 +462,7 @@ class PooledSession:
     async def _attach(self) -> ServerConn:
         """A server connection for the transaction that starts now."""
         conn = await self.pool.acquire()
-        self.conn = conn
+        self._conn = conn
         self._attached.set()
         return conn
 
@@ -548,12 +638,12 @@ class PooledSession:
     async def _server_pump(self) -> None:
         while True:
             await self._attached.wait()
-            conn = self.conn
+            conn = self._conn
             assert conn is not None
             try:
                 await self._relay_answers(conn)
             except ServerBroken as exc:
-                self.conn = None
+                self._conn = None
                 self.pool.release(conn, reusable=False)
                 if self._server_fatal:
                     raise SessionOver(None) from None  # the server told the client why
@@ -597,7 +687,7 @@ class PooledSession:
             if out:
                 await self._send_client(b"".join(out))
             if self._idle_between_transactions() and not self.pinned and not scanner.in_message:
-                self.conn = None
+                self._conn = None
                 self._attached = trio.Event()
                 if conn.dirty:
                     with trio.CancelScope(shield=True):  # bounded by the reset's own timeout

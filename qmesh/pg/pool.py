@@ -27,10 +27,9 @@ itself (:mod:`qmesh.pg.login`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import select
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
@@ -39,7 +38,7 @@ import trio
 
 from qmesh import _core
 from qmesh.config import PgPoolConfig
-from qmesh.fastsocket import fast
+from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.pg.login import PgSessionError, Upstream
 
 __all__ = ["PoolBook", "PoolKey", "PoolStats", "ServerConn", "ServerPool"]
@@ -72,6 +71,8 @@ class PoolKey:
 class ServerConn:
     """One logged-in server connection, lent to one client at a time."""
 
+    id: int
+    """Its name on the pool's shelf."""
     stream: trio.abc.Stream
     key: tuple[int, bytes] | None = attrs.field(repr=False)
     """The server's BackendKeyData: where a client's cancel request goes."""
@@ -87,19 +88,19 @@ class ServerConn:
     """The client session whose unnamed statement the server holds (None:
     nobody's, or none): see :mod:`qmesh.pg.multiplex`."""
 
-    def spoke_while_idle(self) -> bool:
-        """Whether the server sent something (or closed) while nobody was
-        talking to it: a FATAL from ``pg_terminate_backend`` or a shutdown,
-        or a TLS record. Never blocks."""
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The TCP socket under the stream (and under its TLS, if any)."""
         stream = self.stream
-        sock = getattr(stream, "socket", None) or getattr(
-            getattr(stream, "transport", None), "socket", None
-        )
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        return bool(poller.poll(0))
+        inner = getattr(stream, "transport", stream)
+        sock = getattr(inner, "socket", None)
+        assert isinstance(sock, trio.socket.SocketType), f"a connection over {type(inner)}"
+        return sock
+
+    @property
+    def plain(self) -> bool:
+        """Plain TCP (no TLS): the tunnel engine can relay it."""
+        return isinstance(self.stream, FastSocketStream | trio.SocketStream)
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -151,20 +152,34 @@ class PoolStats:
     opened: int
     closed: int
     checks_failed: int
+    engine_loans: int
+    """Loans made by the tunnel engine itself, with no Python in between."""
 
 
 @attrs.define(eq=False)
 class _Waiter:
-    since: float
+    """One of Python's clients in line (a session the engine does not relay)."""
+
+    ticket: int
     event: trio.Event = attrs.field(factory=trio.Event)
     conn: ServerConn | None = None
+    """What it was given; None with ``event`` set: look again (room to open)."""
+    gone: bool = False
+    """It left the line after its ticket was served: what comes is given back."""
 
 
 Opener = Callable[[], Awaitable[Upstream]]
 
 
 class ServerPool:
-    """The server connections of one :class:`PoolKey`."""
+    """The server connections of one :class:`PoolKey`.
+
+    Its idle connections and its line of waiting clients are on a shelf
+    (``qmesh._core.PoolShelf``) shared with the tunnel engine, which lends
+    and takes back connections for the sessions it relays without Python.
+    The shelf tells this object (:meth:`serve`) what needs Python: a
+    connection to check or close, a client of the engine waiting while the
+    pool has room to open one, a connection for one of Python's waiters."""
 
     def __init__(
         self, key: PoolKey, opener: Opener, *, size: int, wait_s: float, settings: PgPoolConfig
@@ -177,94 +192,111 @@ class ServerPool:
         """Logs in to the server; the newest login's credentials (a rotation)."""
         self.book: PoolBook | None = None
         """The Gate's pools, which share ``max_server_connections_per_alias``."""
-        self._idle: deque[ServerConn] = deque()
-        self._waiters: deque[_Waiter] = deque()
+        self.shelf = _core.PoolShelf(settings.server_check_delay_s)
+        self._conns: dict[int, ServerConn] = {}
+        """Every open connection, by id: idle, lent, or with Python."""
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, _Waiter] = {}
+        self._opening_for_engines = 0
         self.count = 0
         """Connections open or being opened."""
         self.hello: list[bytes] | None = None
         """The ParameterStatus (and notice) messages of the pool's newest
         login: what a client is told at its own login."""
-        self.waits = self.timeouts = self.opened = self.closed = self.checks_failed = 0
-        self.wait_s_total = 0.0
+        self.plain: bool | None = None
+        """The newest login's connection is plain TCP: the engine may relay
+        the pool's sessions (None before the first login)."""
+        self.timeouts = self.opened = self.closed = self.checks_failed = 0
+        self.open_failure: PgSessionError | None = None
+        """Why the newest login failed, if it did: what a client of the
+        engine that waited in vain is told (the engine cannot log in)."""
 
     def describe(self) -> str:
         return f'the pool of app "{self.key.app_id}" on database alias "{self.key.alias}"'
 
+    def timed_out(self) -> PgSessionError:
+        """A client waited ``wait_s`` in line: its error (the others wait on)."""
+        self.timeouts += 1
+        return PgSessionError(
+            "53300",
+            f"qmesh: no server connection became free within {self.wait_s:g} s in "
+            f"{self.describe()} (pool_size = {self.size}); all are in use",
+        )
+
     async def acquire(self) -> ServerConn:
-        """A connection for one client: an idle one (checked if it idled
-        long), a new one while there is room, else the first one given back
-        while this client is first in line. Raises PgSessionError 53300
+        """A connection for one client: an idle one (checked on the way if it
+        idled long), a new one while there is room, else the first one given
+        back while this client is first in line. Raises PgSessionError 53300
         after ``wait_s``, or the login's error."""
-        started = trio.current_time()
-        waited = False
-        try:
-            while True:
-                conn = await self._take_idle()
-                if conn is not None:
-                    return conn
-                if self.count < self.size:
-                    self.count += 1  # this place is taken while the cap is asked
-                    try:
-                        room = self.book is None or await self.book.room_for(self)
-                    except BaseException:
-                        self.count -= 1
-                        raise
-                    if room:
-                        return await self._new()
+        deadline = trio.current_time() + self.wait_s
+        while True:
+            idle = self.shelf.take()
+            if idle is not None:
+                return self.taken(*idle)
+            if self.count < self.size:
+                self.count += 1  # this place is taken while the cap is asked
+                try:
+                    room = self.book is None or await self.book.room_for(self)
+                except BaseException:
                     self.count -= 1
-                if not waited:
-                    waited = True
-                    self.waits += 1
-                conn = await self._wait_in_line(started)
-                if conn is not None:
-                    return conn
-        finally:
-            if waited:
-                self.wait_s_total += trio.current_time() - started
+                    raise
+                if room:
+                    return await self._new()
+                self.count -= 1
+            lease, touched, ticket = self.shelf.take_or_wait()
+            if lease is not None:
+                return self.taken(lease, touched)
+            waiter = self._waiters[ticket] = _Waiter(ticket)
+            conn = await self._wait_in_line(waiter, deadline)
+            if conn is not None:
+                return conn
 
-    async def _take_idle(self) -> ServerConn | None:
-        while self._idle:
-            conn = self._idle.pop()  # the most recently used: its caches are warm
-            idled = trio.current_time() - conn.last_used
-            if idled > self.settings.server_check_delay_s or conn.spoke_while_idle():
-                # Checked before it is lent: a server that restarted or ended
-                # the connection is found here, not by the client's statement.
-                with trio.CancelScope(shield=True):  # bounded by the check's timeout
-                    healthy = await conn.settle(_EMPTY_QUERY, 1)
-                    if not healthy:
-                        self.checks_failed += 1
-                        log.info("%s: an idle server connection failed its check; replaced",
-                                 self.describe())  # fmt: skip
-                        await self._discard(conn)
-                        continue
-            return conn
-        return None
+    def conn(self, lease: int) -> ServerConn | None:
+        """The open connection ``lease``, wherever it is."""
+        return self._conns.get(lease)
 
-    async def _new(self) -> ServerConn:
-        """Open a connection in the place :meth:`acquire` took for it."""
+    def taken(self, lease: int, touched: bool) -> ServerConn:
+        """The connection ``lease``, now Python's; ``touched``: the engine
+        ran statements on it, which dropped any client's unnamed statement."""
+        conn = self._conns[lease]
+        if touched:
+            conn.unnamed_owner = None
+        return conn
+
+    async def _new(self, *, wake: bool = True) -> ServerConn:
+        """Open a connection in the place :meth:`acquire` took for it; if
+        that fails, the place is given back (to the next in line if ``wake``)."""
         try:
             upstream = await self.opener()
-        except BaseException:
-            self._gone()
+        except BaseException as exc:
+            if isinstance(exc, PgSessionError):
+                self.open_failure = exc
+            if wake:
+                self._gone()
+            else:
+                self.count -= 1
+                self.closed += 1
             raise
+        self.open_failure = None
         self.opened += 1
         now = trio.current_time()
         # The newest login's: a server restarted with another version or
         # setting is described as it is now.
         self.hello = [*upstream.notices, *upstream.statuses]
-        return ServerConn(
+        conn = ServerConn(
+            id=next(self._ids),
             stream=fast(upstream.stream),
             key=upstream.key,
             opened_at=now,
             last_used=now,
             leftover=upstream.leftover,
         )
+        self.plain = conn.plain
+        self._conns[conn.id] = conn
+        return conn
 
-    async def _wait_in_line(self, started: float) -> ServerConn | None:
+    async def _wait_in_line(self, waiter: _Waiter, deadline: float) -> ServerConn | None:
         """The connection handed over, or None when there is room to open one."""
-        waiter = _Waiter(started)
-        self._waiters.append(waiter)
-        deadline = started + self.wait_s
         # Under a cap shared with other Gates, room they make is not
         # announced here: look again now and then (the count is asked at
         # most every CAP_RETRY_S per alias, however many wait).
@@ -273,28 +305,30 @@ class ServerPool:
         try:
             with trio.move_on_at(wake):
                 await waiter.event.wait()
+            if not waiter.event.is_set() and not self._leave_line(waiter):
+                # Served as the wait ended: the connection is on its way.
+                with trio.CancelScope(shield=True):
+                    await waiter.event.wait()
         except BaseException:
             self._leave_line(waiter)  # cancelled: what it was given goes on
             raise
         if waiter.event.is_set():
             return waiter.conn
-        self._waiters.remove(waiter)
         if trio.current_time() < deadline:
             return None
-        self.timeouts += 1
-        raise PgSessionError(
-            "53300",
-            f"qmesh: no server connection became free within {self.wait_s:g} s in "
-            f"{self.describe()} (pool_size = {self.size}); all are in use",
-        )
+        raise self.timed_out()
 
-    def _leave_line(self, waiter: _Waiter) -> None:
-        if not waiter.event.is_set():
-            self._waiters.remove(waiter)
-        elif waiter.conn is not None:
+    def _leave_line(self, waiter: _Waiter) -> bool:
+        """Take ``waiter`` out of line; False if its ticket was served (what
+        it was given, now or when it comes, goes back)."""
+        if self.shelf.cancel(waiter.ticket):
+            self._waiters.pop(waiter.ticket, None)
+            return True
+        if waiter.conn is not None:
             self.release(waiter.conn, reusable=True)
-        else:
-            self.wake_one()  # it was told to open a connection: the next one may
+            waiter.conn = None
+        waiter.gone = True
+        return False
 
     def release(self, conn: ServerConn, *, reusable: bool) -> None:
         """Give ``conn`` back; a connection that is not ``reusable`` (broken,
@@ -304,16 +338,10 @@ class ServerPool:
         too_old = now - conn.opened_at > self.settings.server_lifetime_s
         too_many = len(conn.prepared) > self.settings.max_prepared_per_server
         if not reusable or too_old or too_many or self.count > self.size:
-            trio.lowlevel.spawn_system_task(conn.close)
-            self._gone()
+            self._close(conn)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.event.is_set():
-                waiter.conn = conn
-                waiter.event.set()
-                return
-        self._idle.append(conn)
+        expires_in = conn.opened_at + self.settings.server_lifetime_s - now
+        self.shelf.give(conn.id, conn.socket.fileno(), expires_in)
 
     async def release_dirty(self, conn: ServerConn) -> None:
         """Roll back and reset ``conn`` (``DISCARD ALL``), then give it back;
@@ -328,17 +356,20 @@ class ServerPool:
         """Close the least recently used idle connection, to make room for
         another pool of the alias, which takes over its place under the
         cap; whether there was one."""
-        if not self._idle:
+        lease = self.shelf.take_oldest_idle()
+        if lease is None:
             return False
-        conn = self._idle.popleft()
+        conn = self._conns.pop(lease)
         self.count -= 1
         self.closed += 1
         trio.lowlevel.spawn_system_task(conn.close)
         return True
 
-    async def _discard(self, conn: ServerConn) -> None:
-        self._gone()  # first: a cancelled close must not keep its place
-        await conn.close()
+    def _close(self, conn: ServerConn) -> None:
+        """Close ``conn`` (Python's now); its place goes to the line."""
+        self._conns.pop(conn.id, None)
+        trio.lowlevel.spawn_system_task(conn.close)
+        self._gone()
 
     def _gone(self) -> None:
         """A connection closed (or failed to open): its place under the cap
@@ -352,46 +383,125 @@ class ServerPool:
             self.wake_one()
 
     def wake_one(self) -> bool:
-        """Tell the first waiter to look again (and open a connection if it
-        may); whether there was one."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.event.is_set():
-                waiter.event.set()  # conn None: loop and open
-                return True
+        """Let the first waiter open a connection (one of Python's looks
+        again; for the engine's, one is opened); whether one waited."""
+        ticket = self.shelf.wake_python()
+        if ticket is not None:
+            waiter = self._waiters.pop(ticket)
+            waiter.event.set()  # conn None: loop and open
+            return True
+        if self.shelf.engine_waiters() > self._opening_for_engines and self.count < self.size:
+            self._open_for_engines()
+            return True
         return False
+
+    def _open_for_engines(self) -> None:
+        """Open connections for the engine's clients in line, as many as
+        wait (beyond those being opened) while the pool has room."""
+        while self.shelf.engine_waiters() > self._opening_for_engines and self.count < self.size:
+            self.count += 1
+            self._opening_for_engines += 1
+            self.spawn(self._open_spare)
+
+    async def _open_spare(self) -> None:
+        """Open a connection for the engine's clients in line, in a place
+        taken (and counted in ``_opening_for_engines``) for it; under a cap,
+        the place first needs room."""
+        try:
+            while self.book is not None and not await self.book.room_for(self):
+                if not (self.book.shares_a_cap and self.shelf.engine_waiters()):
+                    self._gone_quietly()
+                    return
+                # Room other Gates make is not announced: look again.
+                await trio.sleep(CAP_RETRY_S)
+            try:
+                # A failure wakes nobody: they would only fail the same way,
+                # at once, again and again; the next client to come asks anew.
+                conn = await self._new(wake=False)
+            except Exception as exc:
+                log.warning("%s: opening a server connection failed: %s", self.describe(), exc)
+                return  # _new gave the place back
+            self.release(conn, reusable=True)
+        finally:
+            self._opening_for_engines -= 1
+
+    def _gone_quietly(self) -> None:
+        """A place taken for a connection that could not be opened under
+        the cap: given back without waking anyone (they would only find
+        the cap again; a connection closing here wakes them)."""
+        self.count -= 1
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run ``fn(*args)`` beside the pool's clients, in its book's nursery."""
+        if self.book is not None and self.book.nursery is not None:
+            self.book.nursery.start_soon(fn, *args)
+        else:
+            trio.lowlevel.spawn_system_task(fn, *args)
+
+    async def serve(self) -> None:
+        """Do what the shelf asks of Python, as long as the pool lives."""
+        shelf = self.shelf
+        while True:
+            await trio.lowlevel.wait_readable(shelf.notify_fd)
+            for kind, lease, touched, ticket in shelf.take_events():
+                if kind == "delivered":
+                    conn = self.taken(lease, touched)
+                    waiter = self._waiters.pop(ticket, None)
+                    if waiter is None or waiter.gone:
+                        self.release(conn, reusable=True)
+                    else:
+                        waiter.conn = conn
+                        waiter.event.set()
+                elif kind == "check":
+                    self.spawn(self._check, self.taken(lease, touched))
+                elif kind == "close":
+                    self._close(self.taken(lease, touched))
+                else:  # "wanted": an engine's client waits
+                    self._open_for_engines()
+
+    async def _check(self, conn: ServerConn) -> None:
+        """Check an idle connection the shelf sent back (it idled long, or
+        the server spoke while it idled); healthy, it goes back."""
+        with trio.CancelScope(shield=True):  # bounded by the check's timeout
+            healthy = await conn.settle(_EMPTY_QUERY, 1)
+        if healthy:
+            self.release(conn, reusable=True)
+            return
+        self.checks_failed += 1
+        log.info("%s: an idle server connection failed its check; replaced", self.describe())
+        self._close(conn)
 
     async def reap(self) -> None:
         """Close connections idle longer than ``server_idle_timeout_s``."""
-        limit = self.settings.server_idle_timeout_s
-        now = trio.current_time()
-        keep = deque(c for c in self._idle if now - c.last_used <= limit)
-        stale = [c for c in self._idle if now - c.last_used > limit]
-        self._idle = keep
-        for conn in stale:
-            await self._discard(conn)
+        for lease, _touched in self.shelf.take_idle(self.settings.server_idle_timeout_s):
+            await self._discard(self._conns.pop(lease))
 
     async def close_idle(self) -> None:
-        while self._idle:
-            await self._discard(self._idle.pop())
+        for lease, _touched in self.shelf.take_idle(None):
+            await self._discard(self._conns.pop(lease))
+
+    async def _discard(self, conn: ServerConn) -> None:
+        self._gone()  # first: a cancelled close must not keep its place
+        await conn.close()
 
     def stats(self) -> PoolStats:
-        now = trio.current_time()
+        idle, waiting, longest, engine_loans, waits, wait_total = self.shelf.stats()
         return PoolStats(
             app_id=self.key.app_id,
             alias=self.key.alias,
             size=self.size,
             open=self.count,
-            idle=len(self._idle),
-            lent=self.count - len(self._idle),
-            waiting=len(self._waiters),
-            longest_wait_s=now - self._waiters[0].since if self._waiters else 0.0,
-            waits=self.waits,
-            wait_s_total=self.wait_s_total,
+            idle=idle,
+            lent=self.count - idle,
+            waiting=waiting,
+            longest_wait_s=longest,
+            waits=waits,
+            wait_s_total=wait_total,
             timeouts=self.timeouts,
             opened=self.opened,
             closed=self.closed,
             checks_failed=self.checks_failed,
+            engine_loans=engine_loans,
         )
 
 
@@ -411,6 +521,8 @@ class PoolBook:
         they hold the cap already (``StateStore.claim_server_connection``)."""
         self._release = release
         self._pools: dict[PoolKey, ServerPool] = {}
+        self.nursery: trio.Nursery | None = None
+        """Where the pools' own tasks run (:meth:`run`)."""
         self._refused_at: dict[str, float] = {}
         """When the count last said an alias was at its cap."""
 
@@ -428,9 +540,11 @@ class PoolBook:
                 key, opener, size=size, wait_s=wait_s, settings=self.settings
             )
             pool.book = self
+            pool.spawn(pool.serve)
         else:
             pool.size, pool.wait_s = size, wait_s
             pool.opener = opener
+        pool.shelf.set_excess(max(0, pool.count - pool.size))
         return pool
 
     def _siblings(self, pool: ServerPool) -> list[ServerPool]:
@@ -479,14 +593,16 @@ class PoolBook:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The reaper: idle connections past their idle timeout are closed;
         at the end, every idle connection."""
-        task_status.started()
         period = min(self.settings.server_idle_timeout_s / 2, 30.0)
         try:
-            while True:
-                await trio.sleep(period if math.isfinite(period) else 30.0)
-                for pool in self:
-                    await pool.reap()
+            async with trio.open_nursery() as self.nursery:
+                task_status.started()
+                while True:
+                    await trio.sleep(period if math.isfinite(period) else 30.0)
+                    for pool in self:
+                        await pool.reap()
         finally:
+            self.nursery = None
             with trio.CancelScope(shield=True):
                 for pool in self:
                     await pool.close_idle()

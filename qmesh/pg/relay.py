@@ -99,7 +99,7 @@ async def end_client(
 
 
 @attrs.frozen
-class _Tap:
+class Tap:
     """A native relay's tap (:class:`qmesh.tunnel.stream.NativeTap`): the
     engine's scanners for the session, and the relay that hears them."""
 
@@ -222,7 +222,7 @@ class Relay:
             upstream,
             # The session ends when the server's side ends.
             end_on_socket_eof=True,
-            tap=_Tap(spec, self._on_tap),
+            tap=Tap(spec, self._on_tap),
             tls=tls,
         )
         if outcome.ending == _core.RelayEnding.POSTGRES:

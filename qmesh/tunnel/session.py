@@ -346,8 +346,10 @@ class Session:
         end_on_socket_eof: bool,
         tap: _core.TapSpec | None,
         tls: _core.TlsSession | None = None,
+        pooled: tuple[_core.PoolShelf, float] | None = None,
     ) -> None:
-        """Hand stream ``stream_id`` to the engine, relayed to the socket ``fd``."""
+        """Hand stream ``stream_id`` to the engine, relayed to the socket
+        ``fd`` (or, ``pooled``, to its pool's connections)."""
         if self._lost is not None:
             raise self._lost
         self._send_pending()  # the stream's queued frames go out before any native one
@@ -362,6 +364,7 @@ class Session:
             end_on_socket_eof=end_on_socket_eof,
             tap=tap,
             tls=tls,
+            pooled=pooled,
         )
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
@@ -369,6 +372,9 @@ class Session:
 
     def abort_native(self, stream_id: int) -> _core.RelayOutcome | None:
         return self._engine.abort_native(stream_id)
+
+    def pooled_lease(self, stream_id: int) -> int | None:
+        return self._engine.pooled_lease(stream_id)
 
     # -- sending ----------------------------------------------------------------
 

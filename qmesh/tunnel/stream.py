@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import trio
 
-from qmesh._core import RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsSession
+from qmesh._core import PoolShelf, RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsSession
 from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
@@ -74,12 +74,16 @@ class StreamHost(Protocol):
         end_on_socket_eof: bool,
         tap: TapSpec | None,
         tls: TlsSession | None,
+        pooled: tuple[PoolShelf, float] | None = None,
     ) -> None:
         """Hand the stream, with its state, to the engine, relayed to the
         socket ``fd`` (see ``qmesh._core.TunnelEngine.attach_native``)."""
 
     def abort_native(self, stream_id: int) -> RelayOutcome | None:
         """Take the stream back from the engine; None if it had ended."""
+
+    def pooled_lease(self, stream_id: int) -> int | None:
+        """The connection a pooled native stream holds now, or None."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
         """Relay ``replacement`` in place of the message the stream holds."""
@@ -234,11 +238,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def relay_native(
         self,
-        sock: trio.SocketStream | FastSocketStream,
+        sock: trio.SocketStream | FastSocketStream | None,
         *,
         end_on_socket_eof: bool = False,
         tap: NativeTap | None = None,
         tls: TlsSession | None = None,
+        pooled: tuple[PoolShelf, float] | None = None,
     ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
@@ -253,8 +258,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         With ``tls`` (a connection over ``sock`` whose handshake is done), the
         engine speaks TLS on the socket from now on; the connection is spent.
 
-        Cancelling takes the stream back at once. The caller still owns both
-        ends: it closes the socket and this stream afterwards.
+        With ``pooled=(shelf, wait_s)`` (and no ``sock``) the stream is a
+        transaction-mode Postgres client whose server connections the engine
+        borrows from ``shelf`` (see ``TunnelEngine.attach_native``); client
+        bytes the engine did not relay (``outcome.pooled.leftover``) are this
+        stream's to read again.
+
+        Cancelling takes the stream back at once (its outcome is then
+        :attr:`native_outcome`, if the engine had not ended it already). The
+        caller still owns both ends: it closes the socket and this stream
+        afterwards.
         """
         if self._sending or self._receiving:
             raise trio.BusyResourceError("another task is using this stream")
@@ -269,7 +282,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         try:
             self.session.attach_native(
                 self.id,
-                sock.socket.fileno(),
+                -1 if sock is None else sock.socket.fileno(),
                 credit=self._send_credit,
                 window=self._window,
                 to_socket=to_socket,
@@ -278,7 +291,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 end_on_socket_eof=end_on_socket_eof,
                 tap=None if tap is None else tap.spec,
                 tls=tls,
+                pooled=pooled,
             )
+            self._consumed_unreported = 0  # the engine's to report now
             try:
                 await done.wait()
             except BaseException:
@@ -292,6 +307,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._tap = None
         assert self._native_outcome is not None
         return self._native_outcome
+
+    @property
+    def native_outcome(self) -> RelayOutcome | None:
+        """How the last native relay ended (None before one has)."""
+        return self._native_outcome
+
+    def pooled_lease(self) -> int | None:
+        """The connection the engine relays this pooled stream to now."""
+        return self.session.pooled_lease(self.id)
 
     @property
     def failure(self) -> StreamReset | None:
@@ -366,13 +390,20 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_credit = outcome.credit
         self._eof_sent = self._eof_sent or outcome.eof_sent
         self._recv_eof = self._recv_eof or outcome.eof_received
+        pooled = outcome.pooled
+        if pooled is not None:
+            # What the engine read and did not relay is read again from here.
+            if pooled.leftover:
+                self._recv_chunks.appendleft(pooled.leftover)
+                self._recv_buffered += len(pooled.leftover)
+            self._consumed(pooled.consumed)
         if outcome.ending == RelayEnding.RESET:
             self._fail(StreamReset(outcome.code, outcome.detail))
         elif outcome.ending == RelayEnding.PROTOCOL:  # the engine has sent RESET
             self._fail(StreamReset(ResetCode.PROTOCOL_ERROR, outcome.detail))
         self._forget_if_finished()
+        self._native_outcome = outcome
         if self._native_done is not None:
-            self._native_outcome = outcome
             self._native_done.set()
 
     def _fail(self, error: StreamReset) -> None:

@@ -233,6 +233,27 @@ impl Scanner {
         self.header_len + body
     }
 
+    /// Hand over the bytes held inside (a partial header, or the start of a
+    /// message collected whole) and stand between messages again: for
+    /// passing the rest of a stream, from a message boundary, to another
+    /// reader. A message being passed on or peeked at has already left in
+    /// part, so its bytes here are not a boundary: `None` then, and the
+    /// scanner is unchanged.
+    pub fn take_partial(&mut self) -> Option<Vec<u8>> {
+        let mut partial = self.header[..self.header_len].to_vec();
+        match &mut self.current {
+            None => {}
+            Some(Current {
+                body: Body::Full(buf),
+                ..
+            }) => partial = std::mem::take(buf),
+            Some(_) => return None,
+        }
+        self.header_len = 0;
+        self.current = None;
+        Some(partial)
+    }
+
     /// Whether the scanner is inside a message (or its header).
     pub fn in_message(&self) -> bool {
         self.header_len > 0 || self.current.is_some()

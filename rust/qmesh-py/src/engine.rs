@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
+use crate::pool::PoolShelf;
 use crate::tls::TlsSession;
 use crate::{Error, FrameDecoder, FrameEncoder, Result, DETACH_THRESHOLD};
 
@@ -61,6 +62,13 @@ pub enum RelayEnding {
     /// Python took the stream back, or the session ended.
     #[pyo3(name = "ABORTED")]
     Aborted = 6,
+    /// A pooled stream's client sent what the engine does not relay: the
+    /// outcome's ``pooled`` says where Python's relay takes over.
+    #[pyo3(name = "HANDBACK")]
+    Handback = 7,
+    /// A pooled stream's client waited its pool's limit for a connection.
+    #[pyo3(name = "POOL_TIMEOUT")]
+    PoolTimeout = 8,
 }
 
 impl RelayEnding {
@@ -74,6 +82,8 @@ impl RelayEnding {
             RelayEnding::Socket => "SOCKET",
             RelayEnding::Postgres => "POSTGRES",
             RelayEnding::Aborted => "ABORTED",
+            RelayEnding::Handback => "HANDBACK",
+            RelayEnding::PoolTimeout => "POOL_TIMEOUT",
         }
     }
 }
@@ -102,6 +112,73 @@ pub struct RelayOutcome {
     eof_sent: bool,
     /// CLOSE was received.
     eof_received: bool,
+    /// A pooled stream's state at its end.
+    pooled: Option<PooledEnd>,
+}
+
+/// A pooled stream's state at its end: what Python's relay carries on
+/// from, or cleans up.
+#[pyclass(module = "qmesh._core", name = "PooledEnd", frozen)]
+#[derive(Debug, Clone)]
+pub struct PooledEnd {
+    /// The connection the client held (the pool's id), or None.
+    #[pyo3(get)]
+    lease: Option<u64>,
+    /// The engine ran statements on ``lease`` since Python last had it.
+    #[pyo3(get)]
+    touched: bool,
+    /// Queries whose ReadyForQuery had not come.
+    #[pyo3(get)]
+    due: usize,
+    /// The server's status at its last ReadyForQuery (``I``, ``T``, ``E``),
+    /// or None while a query was on its way.
+    #[pyo3(get)]
+    status: Option<char>,
+    /// The server's bytes stopped inside a message.
+    #[pyo3(get)]
+    server_mid_message: bool,
+    /// The server sent a FATAL error (relayed to the client).
+    #[pyo3(get)]
+    server_fatal: bool,
+    leftover: Vec<u8>,
+    /// Client bytes consumed but not yet granted back.
+    #[pyo3(get)]
+    consumed: u64,
+}
+
+#[pymethods]
+impl PooledEnd {
+    /// Client bytes the engine did not relay, from the first message it
+    /// does not relay natively on.
+    #[getter]
+    fn leftover<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.leftover)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "PooledEnd(lease={:?}, due={}, status={:?}, leftover={} bytes)",
+            self.lease,
+            self.due,
+            self.status,
+            self.leftover.len()
+        )
+    }
+}
+
+impl From<relay::PooledEnd> for PooledEnd {
+    fn from(end: relay::PooledEnd) -> Self {
+        PooledEnd {
+            lease: end.lease.as_ref().map(|l| l.id),
+            touched: end.lease.as_ref().is_some_and(|l| l.touched),
+            due: end.due,
+            status: (end.status != 0).then_some(char::from(end.status)),
+            server_mid_message: end.server_mid_message,
+            server_fatal: end.server_fatal,
+            leftover: end.leftover,
+            consumed: end.consumed,
+        }
+    }
 }
 
 impl From<relay::Outcome> for RelayOutcome {
@@ -114,6 +191,8 @@ impl From<relay::Outcome> for RelayOutcome {
             relay::Ending::Socket(err) => (RelayEnding::Socket, 0, err.to_string()),
             relay::Ending::Postgres(err) => (RelayEnding::Postgres, 0, err.to_string()),
             relay::Ending::Aborted => (RelayEnding::Aborted, 0, String::new()),
+            relay::Ending::Handback => (RelayEnding::Handback, 0, String::new()),
+            relay::Ending::PoolTimeout => (RelayEnding::PoolTimeout, 0, String::new()),
         };
         RelayOutcome {
             ending,
@@ -122,6 +201,7 @@ impl From<relay::Outcome> for RelayOutcome {
             credit: outcome.credit,
             eof_sent: outcome.eof_sent,
             eof_received: outcome.eof_received,
+            pooled: outcome.pooled.map(PooledEnd::from),
         }
     }
 }
@@ -153,6 +233,7 @@ impl RelayOutcome {
             credit,
             eof_sent,
             eof_received,
+            pooled: None,
         }
     }
 
@@ -482,6 +563,7 @@ impl TunnelEngine {
         end_on_socket_eof = false,
         tap = None,
         tls = None,
+        pooled = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attach_native(
@@ -496,7 +578,17 @@ impl TunnelEngine {
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
         tls: Option<PyRefMut<'_, TlsSession>>,
+        pooled: Option<(PyRef<'_, PoolShelf>, f64)>,
     ) -> Result<()> {
+        let pooled = match pooled {
+            Some((shelf, wait_s)) => Some(relay::PooledSpec {
+                shelf: shelf.inner.clone(),
+                wait_limit: Duration::try_from_secs_f64(wait_s).map_err(|_| {
+                    PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
+                })?,
+            }),
+            None => None,
+        };
         let tls = match tls {
             Some(mut client) => Some(client.hand_over()?),
             None => None,
@@ -512,6 +604,7 @@ impl TunnelEngine {
             end_on_socket_eof,
             tap: tap.map(|t| t.inner.clone()).unwrap_or_default(),
             tls,
+            pooled,
         };
         Ok(self.inner.attach_native(spec)?)
     }
@@ -523,6 +616,11 @@ impl TunnelEngine {
     fn verdict(&self, stream_id: u32, replacement: &[u8], from_tunnel: bool) -> Result<()> {
         let replacement = replacement.to_vec();
         Ok(self.inner.verdict(stream_id, replacement, from_tunnel)?)
+    }
+
+    /// The connection a pooled stream holds now (its pool's id), or None.
+    fn pooled_lease(&self, stream_id: u32) -> Option<u64> {
+        self.inner.pooled_lease(stream_id)
     }
 
     /// Take a native stream back: its socket is unwatched when this returns.
@@ -585,6 +683,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TunnelEngine>()?;
     m.add_class::<RelayEnding>()?;
     m.add_class::<RelayOutcome>()?;
+    m.add_class::<PooledEnd>()?;
     m.add_class::<EngineStats>()?;
     m.add_class::<TapSpec>()?;
     // The stub's alias exists at runtime too (like `Frame` in lib.rs).

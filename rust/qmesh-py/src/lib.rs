@@ -39,6 +39,7 @@ mod engine;
 mod error;
 mod http;
 mod pg;
+mod pool;
 mod tls;
 
 pub use error::{Error, Result};
@@ -568,6 +569,7 @@ mod _core {
         error::register(m)?;
         pg::register(m)?;
         engine::register(m)?;
+        pool::register(m)?;
         tls::register(m)?;
         http::register(m)?;
         chain::register(m)?;

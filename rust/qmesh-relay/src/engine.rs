@@ -35,7 +35,8 @@
 //! and closes it only after the engine has stopped watching it
 //! ([`Engine::detach`], a native stream's end or [`Engine::abort_native`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -47,6 +48,8 @@ use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_
 
 use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
 use crate::notify::Notifier;
+use crate::pool::{Lease, LeaseTaker, ReturnWhy, Shelf};
+use crate::pooled::{self, Pooled, PooledEnd, PooledSpec};
 use crate::reactor::{self, Driven, Registration};
 use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
@@ -114,10 +117,15 @@ pub enum Ending {
     Postgres(PgError),
     /// Python took the stream back ([`Engine::abort_native`]) or the session ended.
     Aborted,
+    /// A pooled stream's client sent what the engine does not relay: Python's
+    /// relay carries on ([`PooledEnd`]).
+    Handback,
+    /// A pooled stream's client waited its pool's limit for a connection.
+    PoolTimeout,
 }
 
 /// A native stream's end, with what Python needs to carry on with the stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub ending: Ending,
     /// Send credit left.
@@ -126,6 +134,8 @@ pub struct Outcome {
     pub eof_sent: bool,
     /// CLOSE was received.
     pub eof_received: bool,
+    /// A pooled stream's state.
+    pub pooled: Option<PooledEnd>,
 }
 
 /// What the engine hands up to Python.
@@ -199,6 +209,9 @@ pub struct NativeSpec {
     /// The socket's TLS connection, its handshake done: the engine reads and
     /// writes records itself from now on.
     pub tls: Option<TlsHandover>,
+    /// A transaction-mode client: `fd` is ignored, the stream borrows its
+    /// server connections from the spec's shelf (see [`crate::pooled`]).
+    pub pooled: Option<PooledSpec>,
 }
 
 /// A TLS connection handed to the engine (see [`crate::tls`]).
@@ -273,6 +286,8 @@ struct Native {
     written: Option<(pg::MessageCursor, Vec<u8>)>,
     /// The socket's TLS layer, if it has one.
     tls: Option<TlsLink>,
+    /// A pooled stream's state; `fd` is its lease's, or -1 without one.
+    pooled: Option<Pooled>,
 }
 
 /// Bytes for the socket, and how many input bytes they stand for (a
@@ -295,6 +310,21 @@ impl Native {
     /// a verdict (what follows it is held). On a scan error nothing of
     /// `data` is sent or recorded.
     fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), PgError> {
+        if let (Some(pooled), Some(scanner)) = (self.pooled.as_mut(), self.backend.as_mut()) {
+            let before = self.records.len();
+            let mut sink = pooled::Back {
+                pooled,
+                records: &mut self.records,
+                tapped: self.back_tapped,
+                at: sys::monotonic(),
+            };
+            if let Err(error) = scanner.feed(data, &mut sink) {
+                self.records.truncate(before);
+                let side = Side::Server;
+                return Err(PgError { side, error });
+            }
+            return Ok((vec![Bytes::copy_from_slice(data)], None));
+        }
         let Some(scanner) = self.backend.as_mut() else {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         };
@@ -358,6 +388,76 @@ impl Native {
         })?;
         sink.flush();
         Ok(self.release(sink.segments))
+    }
+
+    /// A pooled stream's client bytes: the Queries the engine relays are
+    /// queued for the server; the rest waits for Python (see
+    /// [`crate::pooled`]). On a scan error nothing of `data` is queued or
+    /// recorded.
+    fn inbound_pooled(&mut self, data: &[u8]) -> Result<(), PgError> {
+        let scanner = self
+            .frontend
+            .as_mut()
+            .expect("a pooled stream scans its client");
+        let pooled = self.pooled.as_mut().expect("a pooled stream");
+        let before = self.records.len();
+        let mut sink = pooled::Front {
+            pooled,
+            out: Vec::new(),
+            dropped: 0,
+            records: &mut self.records,
+            tapped: self.tapped,
+            at: sys::monotonic(),
+        };
+        let result = scanner.feed(data, &mut sink);
+        let (out, dropped) = (sink.out, sink.dropped);
+        if let Err(error) = result {
+            self.records.truncate(before);
+            let side = Side::Client;
+            return Err(PgError { side, error });
+        }
+        self.consumed += dropped as u64;
+        self.unconsumed -= dropped;
+        if !out.is_empty() {
+            let input = out.len();
+            self.queue(Bytes::from(out), input);
+        }
+        Ok(())
+    }
+
+    /// The stream is dropped without an outcome (the session is over): a
+    /// connection it holds goes to Python to be closed (it may be inside a
+    /// transaction), its place in line is given up.
+    fn give_up_lease(&mut self) {
+        if let Some(end) = self.pooled_end() {
+            if let (Some(lease), Some(pooled)) = (end.lease, self.pooled.as_ref()) {
+                pooled.shelf.return_to_python(lease, ReturnWhy::Close);
+            }
+        }
+    }
+
+    /// A pooled stream's state as it ends; its lease (if any) goes with it.
+    fn pooled_end(&mut self) -> Option<PooledEnd> {
+        let pooled = self.pooled.as_mut()?;
+        if let Some((ticket, _)) = pooled.waiting.take() {
+            // Served meanwhile: the connection in the mailbox goes back.
+            pooled.shelf.cancel(ticket);
+        }
+        let mut leftover = pooled.handback.take().unwrap_or_default();
+        if let Some(scanner) = self.frontend.as_mut() {
+            // Every kind is collected whole, so what is inside is a message
+            // boundary's worth of bytes, never a message half passed on.
+            leftover.extend(scanner.take_partial().unwrap_or_default());
+        }
+        Some(PooledEnd {
+            lease: pooled.lease.take(),
+            due: pooled.due,
+            status: pooled.status,
+            server_mid_message: self.backend.as_ref().is_some_and(pg::Scanner::in_message),
+            server_fatal: pooled.server_fatal,
+            leftover,
+            consumed: self.consumed,
+        })
     }
 
     /// Queue scanned segments for the socket until one must be held.
@@ -436,6 +536,9 @@ impl Native {
     /// Write queued bytes to the socket until it would block; then, once
     /// everything is written and the peer has closed, half-close the socket.
     fn write_out(&mut self) -> Result<(), SocketError> {
+        if self.fd < 0 {
+            return Ok(()); // a pooled stream between connections
+        }
         let send_error = |err: &std::io::Error| SocketError::new("send", err);
         while let Some(front) = self.to_socket.front_mut() {
             let sent = match self.tls.as_mut() {
@@ -485,7 +588,13 @@ impl Native {
         if let Some(tls) = self.tls.as_mut() {
             tls.flush(self.fd).map_err(|e| send_error(&e))?;
         }
-        if self.eof_received && !self.shut && self.awaiting.is_none() && self.held.is_empty() {
+        // A pooled stream's connection is the pool's: never half-closed.
+        if self.eof_received
+            && !self.shut
+            && self.awaiting.is_none()
+            && self.held.is_empty()
+            && self.pooled.is_none()
+        {
             if let Some(tls) = self.tls.as_mut() {
                 tls.close();
                 tls.flush(self.fd).map_err(|e| send_error(&e))?;
@@ -670,10 +779,17 @@ struct State {
     /// (credit came back, or a verdict): read at the end of the round, not
     /// in the middle of reading the tunnel.
     tls_resume: Vec<u32>,
+    /// When pooled streams waiting in line give up: (deadline, stream, ticket).
+    pool_deadlines: BinaryHeap<Reverse<(Instant, u32, u64)>>,
+    /// This engine, for the shelves that hand its streams connections.
+    me: Weak<Shared>,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// Connections shelves handed to this engine's waiting streams:
+    /// (stream, ticket, lease, shelf), taken at the next round's end.
+    mailbox: Mutex<Vec<Delivery>>,
     registration: Registration,
     notifier: Arc<Notifier>,
     /// What this session posts to `notifier`.
@@ -682,7 +798,25 @@ struct Shared {
     own_notifier: bool,
 }
 
+type Delivery = (u32, u64, Lease, Arc<Shelf>);
+
+impl LeaseTaker for Shared {
+    fn deliver(&self, shelf: Arc<Shelf>, sid: u32, ticket: u64, lease: Lease) {
+        self.mailbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((sid, ticket, lease, shelf));
+        // Taken at the end of this engine's next round, which this makes
+        // happen now if nothing else does.
+        self.registration.schedule(Instant::now());
+    }
+}
+
 impl Shared {
+    fn take_mailbox(&self) -> Vec<Delivery> {
+        std::mem::take(&mut *self.mailbox.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; the state may still be
         // used to shut down cleanly, so take it anyway.
@@ -726,7 +860,10 @@ impl Engine {
             notifier,
             key,
             own_notifier,
+            mailbox: Mutex::new(Vec::new()),
             state: Mutex::new(State {
+                pool_deadlines: BinaryHeap::new(),
+                me: me.clone(),
                 config,
                 conn: None,
                 retained: VecDeque::new(),
@@ -923,8 +1060,30 @@ impl Engine {
             None => return Err(invalid("a backend guard needs the backend scanner")),
         };
         let sid = spec.stream_id;
+        if spec.pooled.is_some() && !(guard.is_empty() && back_guard.is_empty()) {
+            return Err(invalid("a pooled stream holds nothing for a verdict"));
+        }
+        let pooled = spec.pooled.map(Pooled::new);
+        let (frontend, backend) = match pooled {
+            None => (frontend, backend),
+            Some(_) => {
+                // Every client kind whole (the engine decides per message);
+                // the server's in observe mode, ReadyForQuery and errors
+                // followed besides what the tap asks for.
+                let tapped = [back_tapped.to_bytes().as_slice(), b"ZE"].concat();
+                (
+                    Some(scanner(
+                        pg::Direction::Frontend,
+                        pg::FRONTEND_TAGS,
+                        &[],
+                        true,
+                    )?),
+                    Some(scanner(pg::Direction::Backend, &tapped, &[], false)?),
+                )
+            }
+        };
         let native = Native {
-            fd: spec.fd,
+            fd: if pooled.is_some() { -1 } else { spec.fd },
             credit: spec.credit,
             window: spec.window,
             consumed: spec.consumed,
@@ -950,6 +1109,7 @@ impl Engine {
             written: (!spec.tap.farewell.is_empty())
                 .then(|| (pg::MessageCursor::new(), spec.tap.farewell)),
             tls: spec.tls.map(|handover| TlsLink::new(handover.0)),
+            pooled,
         };
         st.natives.insert(sid, native);
         // What Python held already goes first, through the same path.
@@ -994,6 +1154,13 @@ impl Engine {
         result
     }
 
+    /// The connection a pooled stream holds now (its pool's id for it).
+    pub fn pooled_lease(&self, stream_id: u32) -> Option<u64> {
+        let st = self.shared.lock();
+        let pooled = st.natives.get(&stream_id)?.pooled.as_ref()?;
+        pooled.lease.as_ref().map(|lease| lease.id)
+    }
+
     /// Take a native stream back (its relay task was cancelled): the engine
     /// stops watching its socket before this returns. `None` if it had
     /// already ended (its `Ended` event is queued or taken).
@@ -1017,6 +1184,7 @@ impl Engine {
                 self.shared.registration.unwatch(native.fd);
             }
             native.say_farewell();
+            native.give_up_lease();
         }
     }
 
@@ -1028,10 +1196,16 @@ impl Engine {
         if let Some(conn) = st.conn.take() {
             self.shared.registration.unwatch(conn.fd);
         }
-        for native in st.natives.values() {
-            self.shared.registration.unwatch(native.fd);
+        for (_, mut native) in std::mem::take(&mut st.natives) {
+            if native.interest != 0 {
+                self.shared.registration.unwatch(native.fd);
+            }
+            native.give_up_lease();
         }
-        st.natives.clear();
+        drop(st);
+        for (_, _, lease, shelf) in self.shared.take_mailbox() {
+            shelf.give_back(lease);
+        }
     }
 }
 
@@ -1249,6 +1423,15 @@ impl State {
     /// End of a round: seal what was made, write, adjust what the sockets
     /// are watched for, wake Python if it has something to take.
     fn finish(&mut self, shared: &Shared) {
+        loop {
+            let delivered = shared.take_mailbox();
+            if delivered.is_empty() {
+                break;
+            }
+            for (sid, ticket, lease, shelf) in delivered {
+                self.pooled_delivered(sid, ticket, lease, &shelf);
+            }
+        }
         for sid in std::mem::take(&mut self.tls_resume) {
             if self.natives.get(&sid).is_some_and(Native::tls_pending) {
                 self.read_native(sid);
@@ -1271,6 +1454,7 @@ impl State {
             shared.registration.unwatch(fd);
         }
         self.update_interests(&shared.registration);
+        self.prune_pool_deadlines();
         if let Some(deadline) = self.next_deadline() {
             if self.scheduled.is_none_or(|pending| deadline < pending) {
                 self.scheduled = Some(deadline);
@@ -1304,6 +1488,9 @@ impl State {
         }
         for sid in std::mem::take(&mut self.dirty) {
             if let Some(native) = self.natives.get_mut(&sid) {
+                if native.fd < 0 {
+                    continue; // a pooled stream between connections
+                }
                 let mut want = 0;
                 if may_read
                     && !native.socket_eof
@@ -1449,6 +1636,12 @@ impl State {
                 self.dirty.push(sid);
                 self.resume_tls_reads(sid);
             }
+            CLOSE if native.pooled.is_some() => {
+                // The client left: Python ends the session and sees to the
+                // connection it may hold.
+                native.eof_received = true;
+                self.end_native(sid, Ending::Clean);
+            }
             CLOSE => {
                 native.eof_received = true;
                 if let Some(Err(error)) = native.frontend.as_ref().map(pg::Scanner::eof) {
@@ -1477,6 +1670,17 @@ impl State {
             return;
         };
         native.unconsumed += payload.len();
+        if native.pooled.is_some() {
+            match native.inbound_pooled(&payload) {
+                Err(err) => self.end_native(sid, Ending::Postgres(err)),
+                Ok(()) => {
+                    self.note_records(sid);
+                    self.write_native(sid);
+                    self.pooled_step(sid);
+                }
+            }
+            return;
+        }
         match native.inbound(payload) {
             Err(err) => self.end_native(sid, Ending::Postgres(err)),
             Ok(hold) => self.after_release(sid, hold),
@@ -1559,6 +1763,7 @@ impl State {
         if flags & WRITABLE != 0 {
             self.write_native(sid);
             self.check_done(sid);
+            self.pooled_step(sid);
         }
         if flags & (READABLE | BROKEN) != 0 {
             self.read_native(sid);
@@ -1597,6 +1802,12 @@ impl State {
             let size = chunk_size.min(native.credit as usize);
             let short_means_drained = native.tls.is_none();
             match native.read_socket(&mut buf[..size]) {
+                Ok(0) if native.pooled.is_some() => {
+                    // The server ended the connection: Python tells the client.
+                    native.socket_eof = true;
+                    self.end_native(sid, Ending::SocketEof);
+                    break;
+                }
                 Ok(0) => {
                     native.socket_eof = true;
                     let end_now = native.end_on_socket_eof;
@@ -1631,6 +1842,7 @@ impl State {
             }
         }
         give_back(buf);
+        self.pooled_step(sid);
     }
 
     /// Plaintext the TLS layer holds is read at the end of the round: no
@@ -1643,7 +1855,7 @@ impl State {
 
     fn check_done(&mut self, sid: u32) {
         if let Some(native) = self.natives.get(&sid) {
-            if native.socket_eof && native.eof_received && native.shut {
+            if native.pooled.is_none() && native.socket_eof && native.eof_received && native.shut {
                 self.end_native(sid, Ending::Clean);
             }
         }
@@ -1698,12 +1910,128 @@ impl State {
                 records: std::mem::take(&mut native.records),
             });
         }
+        let pooled = native.pooled_end();
         Some(Outcome {
             ending,
             credit: native.credit,
-            eof_sent: native.socket_eof,
+            eof_sent: native.socket_eof && pooled.is_none(),
             eof_received: native.eof_received,
+            pooled,
         })
+    }
+
+    // -- pooled streams ---------------------------------------------------
+
+    /// After a pooled stream's client or server bytes: end it if the client
+    /// left or Python must take over; give its connection back between
+    /// transactions; borrow one if a query waits for it.
+    fn pooled_step(&mut self, sid: u32) {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return;
+        };
+        let server_in_message = native.backend.as_ref().is_some_and(pg::Scanner::in_message);
+        // A client stopped inside a message keeps its connection: the rest
+        // of the message goes where its start went.
+        let client_in_message = native
+            .frontend
+            .as_ref()
+            .is_some_and(pg::Scanner::in_message);
+        let Some(pooled) = native.pooled.as_mut() else {
+            return;
+        };
+        // A client that said goodbye: what it sent before, on a connection
+        // it holds, is written first (as the server would have read it).
+        if pooled.terminated && (pooled.lease.is_none() || native.to_socket.is_empty()) {
+            self.end_native(sid, Ending::Clean);
+            return;
+        }
+        if pooled.between_transactions(server_in_message || client_in_message) {
+            let lease = pooled
+                .lease
+                .take()
+                .expect("a connection between transactions");
+            if native.interest != 0 {
+                // Now, not at the round's end: the shelf may lend it to a
+                // stream of an engine on this thread before then.
+                if let Some(shared) = self.me.upgrade() {
+                    shared.registration.unwatch(native.fd);
+                }
+                native.interest = 0;
+            }
+            native.fd = -1;
+            pooled.shelf.give_back(lease);
+        }
+        // Python's relay takes over once what the engine took on is written
+        // and the server's bytes are between messages; answers still due
+        // are its to relay from there on.
+        if pooled.handback.is_some() && !server_in_message && native.to_socket.is_empty() {
+            self.end_native(sid, Ending::Handback);
+            return;
+        }
+        if pooled.lease.is_some() || pooled.waiting.is_some() || native.to_socket.is_empty() {
+            return;
+        }
+        let me = self.me.clone() as Weak<dyn LeaseTaker>;
+        match pooled.shelf.take_or_wait(me, sid) {
+            Ok(lease) => {
+                self.pooled_attach(sid, lease);
+                self.pooled_step(sid); // a handback may wait for the write
+            }
+            Err(ticket) => {
+                let deadline = Instant::now() + pooled.wait_limit;
+                pooled.waiting = Some((ticket, deadline));
+                self.pool_deadlines.push(Reverse((deadline, sid, ticket)));
+            }
+        }
+    }
+
+    /// A connection a shelf handed over for a stream's place in line.
+    fn pooled_delivered(&mut self, sid: u32, ticket: u64, lease: Lease, shelf: &Shelf) {
+        let waiting = self
+            .natives
+            .get_mut(&sid)
+            .and_then(|n| n.pooled.as_mut())
+            .filter(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
+        match waiting {
+            Some(pooled) => {
+                pooled.waiting = None;
+                self.pooled_attach(sid, lease);
+                self.pooled_step(sid);
+            }
+            None => shelf.give_back(lease), // the stream ended meanwhile
+        }
+    }
+
+    /// Relay a pooled stream's queries to `lease` from now on.
+    fn pooled_attach(&mut self, sid: u32, mut lease: Lease) {
+        let Some(native) = self.natives.get_mut(&sid) else {
+            return;
+        };
+        let Some(pooled) = native.pooled.as_mut() else {
+            return;
+        };
+        lease.touched = true;
+        native.fd = lease.fd;
+        native.interest = 0;
+        pooled.lease = Some(lease);
+        self.dirty.push(sid);
+        self.write_native(sid);
+    }
+
+    /// Forget deadlines of waits that ended (served, or the stream gone),
+    /// so the next timer is a live one's.
+    fn prune_pool_deadlines(&mut self) {
+        while let Some(&Reverse((_, sid, ticket))) = self.pool_deadlines.peek() {
+            let live = self
+                .natives
+                .get(&sid)
+                .and_then(|n| n.pooled.as_ref())
+                .is_some_and(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
+            if live {
+                break;
+            }
+            self.pool_deadlines.pop();
+        }
     }
 
     // -- timers -----------------------------------------------------------
@@ -1711,6 +2039,24 @@ impl State {
     fn on_timers(&mut self, now: Instant) {
         if self.tap_deadline.is_some_and(|d| d <= now) {
             self.flush_taps();
+        }
+        while let Some(&Reverse((deadline, sid, ticket))) = self.pool_deadlines.peek() {
+            if deadline > now {
+                break;
+            }
+            self.pool_deadlines.pop();
+            let waiting = self
+                .natives
+                .get_mut(&sid)
+                .and_then(|n| n.pooled.as_mut())
+                .filter(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
+            // Not in line any more: served (the connection is in the mailbox).
+            if let Some(pooled) = waiting {
+                if pooled.shelf.cancel(ticket) {
+                    pooled.waiting = None;
+                    self.end_native(sid, Ending::PoolTimeout);
+                }
+            }
         }
     }
 
@@ -1720,9 +2066,7 @@ impl State {
         } else {
             None
         };
-        match (ack, self.tap_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let pool = self.pool_deadlines.peek().map(|Reverse((at, _, _))| *at);
+        [ack, self.tap_deadline, pool].into_iter().flatten().min()
     }
 }

@@ -10,6 +10,8 @@ pub mod error;
 mod fastroute;
 pub mod http;
 pub mod notify;
+pub mod pool;
+mod pooled;
 mod reactor;
 mod sys;
 pub mod tls;
@@ -23,5 +25,7 @@ pub use http::{
     HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, UpstreamTls, Usage,
 };
 pub use notify::Notifier;
+pub use pool::{Lease, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
+pub use pooled::{PooledEnd, PooledSpec};
 pub use reactor::engine_threads;
 pub use sys::monotonic;

@@ -49,6 +49,18 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Whether `fd` has something to read (or hung up) right now; never blocks.
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let ret = unsafe { libc::poll(&mut poll, 1, 0) };
+    ret > 0 && poll.revents != 0
+}
+
 pub fn would_block(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock
 }

@@ -177,6 +177,7 @@ fn native(stream_id: u32, fd: RawFd) -> NativeSpec {
         end_on_socket_eof: false,
         tap: PgTap::default(),
         tls: None,
+        pooled: None,
     }
 }
 
@@ -504,7 +505,7 @@ fn native_relay_both_ways_and_clean_end() {
     for (name, engine) in [("A", &link.a), ("B", &link.b)] {
         let mut inbox = Inbox::new(engine);
         inbox.wait_until("Ended for stream 1", |events| ended(events, 1).is_some());
-        let outcome = inbox.ended(1).expect("checked").clone();
+        let outcome = inbox.ended(1).expect("checked");
         assert_eq!(outcome.ending, Ending::Clean, "{name}");
         assert!(
             outcome.eof_sent && outcome.eof_received,
@@ -578,6 +579,7 @@ fn flow_control_violation_resets_the_stream() {
             credit: 777,
             eof_sent: false,
             eof_received: false,
+            pooled: None,
         })
     );
 
@@ -617,6 +619,7 @@ fn peer_reset_ends_the_stream() {
             credit: WINDOW_SIZE,
             eof_sent: false,
             eof_received: false,
+            pooled: None,
         })
     );
     assert_eq!(b.frames(), Vec::<SeenFrame>::new());
@@ -672,7 +675,7 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
     link.a
         .send(vec![frame(DATA, 7, &[0x00, 0, 0, 0, 8, 1, 2, 3, 4])]);
     b.wait_until("Ended for stream 7", |events| ended(events, 7).is_some());
-    let outcome = b.ended(7).expect("checked").clone();
+    let outcome = b.ended(7).expect("checked");
     assert!(
         matches!(
             outcome.ending,
@@ -1010,6 +1013,7 @@ fn abort_native_returns_the_outcome_once() {
             credit: 1234,
             eof_sent: false,
             eof_received: true,
+            pooled: None,
         })
     );
     assert_eq!(link.b.abort_native(11), None);
