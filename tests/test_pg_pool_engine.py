@@ -1,0 +1,281 @@
+"""Transaction pooling relayed by the tunnel engine: simple-Query sessions
+borrow and return server connections on the engine thread, and a session
+moves to Python's relay, on the connection it holds and with the answers
+still due, at the first message the engine does not follow. Real clients
+(psycopg's simple-Query ClientCursor, raw protocol bytes) against a real
+PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from pgcluster import PgCluster
+from pgkit import Ghost, RawClient, RealDb, in_thread, start_ghost
+
+from qmesh import _core
+from qmesh.config import GateAppConfig
+from qmesh.pg.audit import list_audit
+from qmesh.pg.pool import PoolStats
+
+
+@pytest.fixture(scope="module")
+def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
+    yield RealDb(pg_cluster, prefix="poolengine")
+
+
+async def pooled_ghost(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, size: int = 1, wait_ms: int = 10_000
+) -> Ghost:
+    policy = GateAppConfig(
+        databases=("main",), pool_mode="transaction", pool_size=size, pool_wait_ms=wait_ms
+    )
+    return await start_ghost(nursery, db, tmp_path, policy=policy)
+
+
+def simple(ghost: Ghost, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+    """psycopg sending its statements as simple Queries (ClientCursor)."""
+    return psycopg.connect(
+        **ghost.kwargs(), autocommit=autocommit, cursor_factory=psycopg.ClientCursor
+    )
+
+
+def msg(tag: str, body: bytes = b"") -> bytes:
+    return _core.encode_message(ord(tag), body)
+
+
+def extended(sql: bytes) -> bytes:
+    """An unnamed Parse, Bind, Execute and Sync: the extended protocol."""
+    return (
+        msg("P", b"\0" + sql + b"\0\0\0")
+        + msg("B", b"\0\0\0\0\0\0\0\0")
+        + msg("E", b"\0\0\0\0\0")
+        + msg("S")
+    )
+
+
+def values(messages: list[tuple[str, bytes]]) -> list[bytes | None]:
+    return [v for tag, body in messages if tag == "D" for v in _core.parse_data_row(body)]
+
+
+def stats(ghost: Ghost) -> PoolStats:
+    (pool,) = ghost.service.pools.stats()
+    return pool
+
+
+async def test_simple_queries_of_many_clients_share_the_connections_in_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Six clients, two connections, 20 transactions each (one statement,
+    or BEGIN … COMMIT): every answer right, every loan made by the engine."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+
+    def setup() -> None:
+        with simple(ghost) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS engine_t (client int, n int)")
+            conn.execute("TRUNCATE engine_t")
+
+    def count() -> object:
+        with simple(ghost) as conn:
+            return conn.execute("SELECT count(*) FROM engine_t").fetchone()
+
+    await in_thread(setup)
+    loans_before = stats(ghost).engine_loans
+
+    def client(i: int) -> None:
+        with simple(ghost) as conn:
+            for n in range(10):
+                row = conn.execute(f"SELECT {i} * 100 + {n}").fetchone()
+                assert row == (i * 100 + n,)
+                with conn.transaction():
+                    conn.execute(f"INSERT INTO engine_t VALUES ({i}, {n})")
+
+    def work() -> None:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    with trio.fail_after(60):
+        await in_thread(work)
+        assert await in_thread(count) == (60,)
+    pool = stats(ghost)
+    assert pool.engine_loans - loans_before >= 120  # one per transaction at least
+    assert pool.open <= 2 and pool.timeouts == 0
+
+
+async def test_a_transaction_moves_to_python_on_its_connection(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """BEGIN and a statement in the engine, then the extended protocol in
+    Python's relay: one server backend all along, which the next client
+    gets only after COMMIT."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
+
+    def work() -> tuple[list[bytes | None], list[bytes | None]]:
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.query("BEGIN")
+        first = values(a.query("SELECT pg_backend_pid()"))
+        a.send(extended(b"SELECT pg_backend_pid()"))
+        second = values(a.until_ready())
+        b = RawClient(ghost.port)
+        b.login(ghost.app_id, ghost.app_key, ghost.alias)
+        b.send(_core.encode_query("SELECT pg_backend_pid()"))  # waits: a holds the one
+        ready = a.query("COMMIT")
+        assert ready[-1] == ("Z", b"I")
+        return first + second, values(b.until_ready())
+
+    with trio.fail_after(30):
+        in_a, in_b = await in_thread(work)
+    assert in_a[0] == in_a[1] == in_b[0]
+    assert stats(ghost).open == 1
+
+
+async def test_answers_due_when_python_takes_over_come_in_order(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A simple Query still running when the extended protocol follows: its
+    answers, then the next ones, in the order asked."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+
+    def work() -> list[tuple[str, bytes]]:
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(_core.encode_query("SELECT pg_sleep(0.2), 1") + extended(b"SELECT 2"))
+        return a.until_ready() + a.until_ready()
+
+    with trio.fail_after(30):
+        got = await in_thread(work)
+    assert [tag for tag, _ in got] == ["T", "D", "C", "Z", "1", "2", "D", "C", "Z"]
+    assert values(got) == [b"", b"1", b"2"]
+
+
+async def test_a_client_waiting_in_the_engine_past_the_pool_wait_is_refused_alone(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=400)
+
+    def work() -> str:
+        with simple(ghost, autocommit=False) as holder:  # BEGIN holds the one connection
+            assert holder.execute("SELECT 1").fetchone() == (1,)
+            with simple(ghost) as waiter:
+                with pytest.raises(psycopg.OperationalError) as refused:
+                    waiter.execute("SELECT 2")
+            assert holder.execute("SELECT 3").fetchone() == (3,)  # the holder is unharmed
+            holder.commit()
+        with simple(ghost) as later:
+            assert later.execute("SELECT 4").fetchone() == (4,)
+        return str(refused.value)
+
+    with trio.fail_after(30):
+        message = await in_thread(work)
+    assert "no server connection became free within 0.4 s" in message
+    pool = stats(ghost)
+    assert pool.timeouts == 1 and pool.waits >= 1 and pool.open == 1 and pool.waiting == 0
+
+
+async def test_cancel_reaches_the_query_the_engine_relays(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+
+    def active() -> bool:
+        out = ghost.db.superuser(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+            " AND state = 'active'"
+        )
+        return out.strip() == "1"
+
+    def work() -> tuple[BaseException | None, object]:
+        outcome: list[BaseException] = []
+        with simple(ghost) as conn:
+
+            def sleep() -> None:
+                try:
+                    conn.execute("SELECT pg_sleep(30)")
+                except psycopg.Error as exc:
+                    outcome.append(exc)
+
+            sleeper = threading.Thread(target=sleep)
+            sleeper.start()
+            deadline = time.monotonic() + 20
+            while not active() and time.monotonic() < deadline:
+                time.sleep(0.01)  # polls the server's own view; the deadline bounds it
+            # cancel() would hold the GIL while it waits, and the Gate
+            # answering it runs in this process.
+            conn.cancel_safe(timeout=10)
+            sleeper.join()
+            return (outcome[0] if outcome else None), conn.execute("SELECT 42").fetchone()
+
+    with trio.fail_after(30):
+        error, after = await in_thread(work)
+    assert isinstance(error, psycopg.errors.QueryCanceled) and after == (42,)
+    assert ghost.service.cancels_forwarded == 1
+
+
+async def test_a_connection_killed_in_the_engine_ends_that_client_only(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+
+    def work() -> str:
+        with simple(ghost, autocommit=False) as victim, simple(ghost) as bystander:
+            row = victim.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            ghost.db.superuser(f"SELECT pg_terminate_backend({row[0]})")
+            with pytest.raises(psycopg.OperationalError) as lost:
+                victim.execute("SELECT 1")
+            assert bystander.execute("SELECT 5").fetchone() == (5,)
+            return str(lost.value)
+
+    with trio.fail_after(30):
+        message = await in_thread(work)
+    assert "terminating connection due to administrator command" in message
+
+
+async def test_session_state_through_a_simple_query_pins_and_is_reset(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A SET sent as a simple Query takes the session to Python's relay,
+    which pins it; the next client finds the connection reset."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+
+    def work() -> tuple[object, object]:
+        with simple(ghost) as conn:
+            conn.execute("SELECT 1")  # in the engine
+            conn.execute("SET search_path = pinned_in_engine, public")
+            kept = conn.execute("SHOW search_path").fetchone()
+        with simple(ghost) as other:
+            fresh = other.execute("SHOW search_path").fetchone()
+        return kept, fresh
+
+    with trio.fail_after(30):
+        kept, fresh = await in_thread(work)
+    assert kept == ("pinned_in_engine, public",) and fresh == ('"$user", public',)
+
+
+async def test_statements_the_engine_relays_are_audited(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+
+    def work() -> int:
+        with simple(ghost) as conn:
+            conn.execute("SELECT 1 AS audited_in_engine")
+            return conn.info.backend_pid
+
+    with trio.fail_after(30):
+        pid = await in_thread(work)
+        await ghost.audit_settled()
+    records = [r for r in list_audit(ghost.store) if "audited_in_engine" in (r.statement or "")]
+    assert [(r.app, r.outcome, r.session) for r in records] == [
+        (ghost.app_id, "ok", f"edge-pg/{pid}")
+    ]
+    assert stats(ghost).engine_loans >= 1
