@@ -378,6 +378,12 @@ class RelayOutcome:
     def failed(self) -> bool:
         """Whether the relay ended other than by its ends closing."""
 
+STATEMENT_DONE: Final[int]
+"""A pooled native stream's tap record kind: one simple Query for the audit,
+paired with its outcome in the engine (see :func:`qmesh.pg.watch.statement_record`)."""
+STATEMENT_RUNNING: Final[int]
+"""The same for a Query still running when the engine's part ended."""
+
 @final
 class PooledEnd:
     """A pooled stream's state at its end: what Python's relay carries on

@@ -264,18 +264,39 @@ async def test_session_state_through_a_simple_query_pins_and_is_reset(
 async def test_statements_the_engine_relays_are_audited(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
+    """One record per statement, under the app and the client session, with
+    its rows and outcome; a statement still running when the session moves
+    to Python's relay is finished there."""
     ghost = await pooled_ghost(nursery, db, tmp_path)
 
     def work() -> int:
         with simple(ghost) as conn:
-            conn.execute("SELECT 1 AS audited_in_engine")
-            return conn.info.backend_pid
+            conn.execute("SELECT generate_series(1, 3) AS audited_rows")
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1 / 0 AS audited_error")
+            pid = conn.info.backend_pid
+        raw = RawClient(ghost.port)
+        raw.login(ghost.app_id, ghost.app_key, ghost.alias)
+        raw.send(
+            _core.encode_query("SELECT pg_sleep(0.1) AS audited_moving") + extended(b"SELECT 2")
+        )
+        raw.until_ready()
+        raw.until_ready()
+        return pid
 
     with trio.fail_after(30):
         pid = await in_thread(work)
         await ghost.audit_settled()
-    records = [r for r in list_audit(ghost.store) if "audited_in_engine" in (r.statement or "")]
-    assert [(r.app, r.outcome, r.session) for r in records] == [
-        (ghost.app_id, "ok", f"edge-pg/{pid}")
-    ]
-    assert stats(ghost).engine_loans >= 1
+    records = {
+        (r.statement or "").split(" AS ")[-1]: r
+        for r in list_audit(ghost.store)
+        if "audited_" in (r.statement or "")
+    }
+    assert sorted(records) == ["audited_error", "audited_moving", "audited_rows"]
+    assert (records["audited_rows"].rows, records["audited_rows"].outcome) == (3, "ok")
+    assert records["audited_error"].outcome == "error:22012"
+    assert all(r.app == ghost.app_id for r in records.values())
+    assert records["audited_rows"].session == f"edge-pg/{pid}"
+    moving = records["audited_moving"]
+    assert (moving.rows, moving.outcome) == (1, "ok") and moving.duration_ms >= 100
+    assert stats(ghost).engine_loans >= 3

@@ -42,7 +42,7 @@ from qmesh import _core
 from qmesh.identity import write_private_file
 from qmesh.masterkey import key_fingerprint
 from qmesh.state import StateError, StateStore
-from qmesh.state.db import Connection
+from qmesh.state.db import Connection, insert_many
 
 __all__ = [
     "CHAINS",
@@ -236,7 +236,7 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
         last_id = next_id
         next_id += 1
         count += 1
-    _insert_many(
+    insert_many(
         conn,
         f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash)",
         sealed,
@@ -249,37 +249,6 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
         " last_hash = excluded.last_hash, rows = excluded.rows, mac = excluded.mac",
         (chain, last_id, prev, count, mac),
     )
-
-
-ROWS_PER_INSERT: Final = 64
-"""Rows one INSERT carries at most (64 × a chain's 20-odd columns stays far
-below SQLite's 32,766 parameters)."""
-
-
-def _insert_many(conn: Connection, insert: str, values: Sequence[object], width: int) -> None:
-    """``insert … VALUES`` for the rows laid end to end in ``values``, a few
-    statements of many rows each (sizes halving from
-    :data:`ROWS_PER_INSERT`, so a handful of statement texts serve any
-    count).
-
-    Why not ``executemany``: SQLite steps it row by row, and the sqlite3
-    module takes the GIL back after every step. From the writer thread that
-    is one GIL hand-over per row, each of which stalls the event loop's
-    thread (wrk, 64 connections, the Gate on one core, paired rounds: p99
-    7.2–7.9 ms with rows inserted one by one, 6.4–7.0 ms with these
-    statements; 4.3–4.9 ms with no ledger writes at all)."""
-    one = "(" + ", ".join(["?"] * width) + ")"
-    rows = len(values) // width
-    done = 0
-    size = ROWS_PER_INSERT
-    while done < rows:
-        while size > rows - done:
-            size //= 2
-        conn.execute(
-            f"{insert} VALUES {', '.join([one] * size)}",
-            values[done * width : (done + size) * width],
-        )
-        done += size
 
 
 @attrs.frozen

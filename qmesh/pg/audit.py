@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -32,6 +33,7 @@ import trio
 
 from qmesh.config import AUDIT_MODES
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
+from qmesh.state.db import insert_many
 
 __all__ = ["AUDIT_MODES", "AuditLog", "AuditRecord", "list_audit"]
 
@@ -147,33 +149,55 @@ class AuditLog:
         to ``statement``, never a copy; hashing and truncation happen in the
         writer's thread.
         """
+        self.record_many(
+            app=app,
+            alias=alias,
+            statements=[(statement, duration_s, rows, outcome)],
+            mode=mode,
+            session=session,
+        )
+
+    def record_many(
+        self,
+        *,
+        app: str,
+        alias: str,
+        statements: Sequence[tuple[str | bytes, float, int | None, str]],
+        mode: str | None = None,
+        session: str | None = None,
+    ) -> None:
+        """:meth:`record` for several statements of one session at once:
+        ``(statement, duration_s, rows, outcome)`` each."""
         mode = self.mode if mode is None else mode
         if mode == "off":
             return
         if mode not in AUDIT_MODES:
             raise ValueError(f"audit mode must be one of {', '.join(AUDIT_MODES)}; got {mode!r}")
-        item = _Pending(
-            ts=time.time(),
-            app=app,
-            alias=alias,
-            statement=statement,
-            keep_text=mode == "text",
-            duration_ms=duration_s * 1000.0,
-            rows=rows,
-            outcome=outcome,
-            session=session,
-        )
+        ts, keep_text = time.time(), mode == "text"
         with self._lock:
-            size = len(statement)
-            if (
-                len(self._queue) >= self.max_queue
-                or self._queued_chars + size > self.max_queue_chars
-            ):
-                self.dropped += 1
-                return
-            self._queue.append(item)
-            self._queued_chars += size
-            self.recorded += 1
+            for statement, duration_s, rows, outcome in statements:
+                size = len(statement)
+                if (
+                    len(self._queue) >= self.max_queue
+                    or self._queued_chars + size > self.max_queue_chars
+                ):
+                    self.dropped += 1
+                    continue
+                self._queue.append(
+                    _Pending(
+                        ts,
+                        app,
+                        alias,
+                        statement,
+                        keep_text,
+                        duration_s * 1000.0,
+                        rows,
+                        outcome,
+                        session,
+                    )
+                )
+                self._queued_chars += size
+                self.recorded += 1
         self._wake()
 
     def _wake(self) -> None:
@@ -240,7 +264,7 @@ class AuditLog:
         return True
 
     def _write_batch(self, batch: list[_Pending]) -> int:
-        rows = []
+        rows: list[object] = []
         for item in batch:
             statement = item.statement
             # surrogatepass: a str decoded with surrogateescape still hashes.
@@ -259,25 +283,25 @@ class AuditLog:
                         f"{text[: self.max_statement_chars]}… "
                         f"[truncated: {len(text)} characters in all]"
                     )
-            rows.append(
-                (
-                    item.ts,
-                    item.app,
-                    item.alias,
-                    text,
-                    digest.hexdigest(),
-                    item.duration_ms,
-                    item.rows,
-                    item.outcome,
-                    item.session,
-                )
+            rows += (
+                item.ts,
+                item.app,
+                item.alias,
+                text,
+                digest.hexdigest(),
+                item.duration_ms,
+                item.rows,
+                item.outcome,
+                item.session,
             )
         try:
             with self.store._write(announce=False) as conn:
-                conn.executemany(
+                insert_many(
+                    conn,
                     "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256,"
-                    " duration_ms, rows, outcome, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " duration_ms, rows, outcome, session)",
                     rows,
+                    9,
                 )
         except (*DATABASE_ERRORS, StateError) as exc:
             logger.error("audit: could not write %d records: %s", len(batch), exc)

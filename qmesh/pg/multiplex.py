@@ -75,7 +75,7 @@ from qmesh import _core
 from qmesh.pg.guard import normalise
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
-from qmesh.pg.relay import AUDIT_OUTCOMES, AUDIT_STATEMENTS, Tap, end_client
+from qmesh.pg.relay import Tap, end_client
 from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tunnel.stream import TunnelStream
 
@@ -276,11 +276,10 @@ class PooledSession:
         """Relay in the tunnel engine until the session ends there (False)
         or the client sends what only this relay follows (True: carry on
         here, with the connection of an open transaction block, if any)."""
+        # With Query asked for, the engine pairs each statement with its
+        # outcome and hands up one record (see SessionWatch.engine_statements).
         audit = self.watch.audit is not None
-        spec = _core.TapSpec(
-            frontend=(AUDIT_STATEMENTS, b"") if audit else None,
-            backend=AUDIT_OUTCOMES if audit else None,
-        )
+        spec = _core.TapSpec(frontend=(b"Q", b"") if audit else None)
         self._in_engine = True
         try:
             outcome = await self.client.relay_native(
@@ -294,7 +293,10 @@ class PooledSession:
         finally:
             self._in_engine = False
         pooled = outcome.pooled
-        assert pooled is not None
+        if pooled is None:
+            # The tunnel session was lost: the engine gave any connection
+            # the client held back to the pool, to be closed.
+            return False
         self._take_over(pooled)
         ending = outcome.ending
         if ending == _core.RelayEnding.HANDBACK:
@@ -330,14 +332,7 @@ class PooledSession:
 
     def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
         """The audit of what the engine relayed, in order."""
-        try:
-            for at, from_client, tag, raw, _held in records:
-                if from_client:
-                    self.watch.frontend(tag, raw, at, check=False)
-                else:
-                    self.watch.backend(tag, raw, at)
-        except SessionOver as exc:
-            self.end(exc)
+        self.watch.engine_statements(records)
         return None
 
     async def _ending_all(

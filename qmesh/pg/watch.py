@@ -15,6 +15,7 @@ Not for: finding message boundaries (the scanners) or moving bytes.
 from __future__ import annotations
 
 import logging
+import struct
 from collections import deque
 from typing import Final
 
@@ -61,6 +62,19 @@ class _Pending:
     started: float
     rows: int | None = None
     error: str | None = None
+
+
+_STATEMENT_HEAD: Final = struct.Struct(">dq5s")
+
+
+def statement_record(raw: bytes) -> _Pending:
+    """A statement record of the engine's: when it started (``f64``), its
+    rows (``i64``, -1 for none), its SQLSTATE (5 bytes, zeros for none),
+    then its Query message."""
+    started, rows, state = _STATEMENT_HEAD.unpack_from(raw)
+    sql = _core.parse_query(raw[_STATEMENT_HEAD.size + 5 :])
+    error = None if state == b"\0" * 5 else state.decode("ascii", "replace")
+    return _Pending(_Q, sql, started, None if rows < 0 else rows, error)
 
 
 class SessionWatch:
@@ -208,6 +222,30 @@ class SessionWatch:
                 self._finish(pending.popleft(), f"error:{sqlstate}", now)
         elif tag in (_I, _SUSPENDED) and head.kind == _E:
             self._finish(pending.popleft(), "ok", now)
+
+    def engine_statements(self, records: list[_core.TapRecord]) -> None:
+        """Simple Queries the engine paired with their outcomes
+        (``_core.STATEMENT_DONE``, ``at`` when each ended), or that were still
+        running when the engine's part ended (``STATEMENT_RUNNING``: they are
+        followed here from now on); each ``raw`` is :func:`statement_record`'s."""
+        audit = self.audit
+        if audit is None:
+            return
+        done = []
+        for at, _from_client, kind, raw, _held in records:
+            item = statement_record(raw)
+            if kind == _core.STATEMENT_RUNNING:
+                self.pending.append(item)
+            else:
+                outcome = f"error:{item.error}" if item.error else "ok"
+                done.append((item.text, at - item.started, item.rows, outcome))
+        audit.record_many(
+            app=self.app_id,
+            alias=self.alias,
+            statements=done,
+            mode=self.audit_mode,
+            session=self.session,
+        )
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""

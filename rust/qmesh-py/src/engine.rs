@@ -686,6 +686,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PooledEnd>()?;
     m.add_class::<EngineStats>()?;
     m.add_class::<TapSpec>()?;
+    m.add("STATEMENT_DONE", relay::STATEMENT_DONE)?;
+    m.add("STATEMENT_RUNNING", relay::STATEMENT_RUNNING)?;
     // The stub's alias exists at runtime too (like `Frame` in lib.rs).
     let py = m.py();
     let (int, float, bool_) = (

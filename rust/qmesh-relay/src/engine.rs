@@ -315,7 +315,6 @@ impl Native {
             let mut sink = pooled::Back {
                 pooled,
                 records: &mut self.records,
-                tapped: self.back_tapped,
                 at: sys::monotonic(),
             };
             if let Err(error) = scanner.feed(data, &mut sink) {
@@ -400,22 +399,19 @@ impl Native {
             .as_mut()
             .expect("a pooled stream scans its client");
         let pooled = self.pooled.as_mut().expect("a pooled stream");
-        let before = self.records.len();
         let mut sink = pooled::Front {
             pooled,
             out: Vec::new(),
             dropped: 0,
-            records: &mut self.records,
             tapped: self.tapped,
             at: sys::monotonic(),
         };
         let result = scanner.feed(data, &mut sink);
         let (out, dropped) = (sink.out, sink.dropped);
-        if let Err(error) = result {
-            self.records.truncate(before);
-            let side = Side::Client;
-            return Err(PgError { side, error });
-        }
+        result.map_err(|error| PgError {
+            side: Side::Client,
+            error,
+        })?;
         self.consumed += dropped as u64;
         self.unconsumed -= dropped;
         if !out.is_empty() {
@@ -443,6 +439,8 @@ impl Native {
             // Served meanwhile: the connection in the mailbox goes back.
             pooled.shelf.cancel(ticket);
         }
+        // The audit's statements still running: Python's relay follows them.
+        self.records.extend(pooled.running());
         let mut leftover = pooled.handback.take().unwrap_or_default();
         if let Some(scanner) = self.frontend.as_mut() {
             // Every kind is collected whole, so what is inside is a message
@@ -1068,18 +1066,11 @@ impl Engine {
             None => (frontend, backend),
             Some(_) => {
                 // Every client kind whole (the engine decides per message);
-                // the server's in observe mode, ReadyForQuery and errors
-                // followed besides what the tap asks for.
-                let tapped = [back_tapped.to_bytes().as_slice(), b"ZE"].concat();
-                (
-                    Some(scanner(
-                        pg::Direction::Frontend,
-                        pg::FRONTEND_TAGS,
-                        &[],
-                        true,
-                    )?),
-                    Some(scanner(pg::Direction::Backend, &tapped, &[], false)?),
-                )
+                // the server's in observe mode, following ReadyForQuery,
+                // errors and (for the audit's records) CommandComplete.
+                let frontend = scanner(pg::Direction::Frontend, pg::FRONTEND_TAGS, &[], true)?;
+                let backend = scanner(pg::Direction::Backend, b"ZEC", &[], false)?;
+                (Some(frontend), Some(backend))
             }
         };
         let native = Native {
@@ -1904,13 +1895,13 @@ impl State {
         if native.interest != 0 {
             self.unwatch.push(native.fd);
         }
+        let pooled = native.pooled_end();
         if !native.records.is_empty() {
             self.events.push_back(Event::Tap {
                 stream_id: sid,
                 records: std::mem::take(&mut native.records),
             });
         }
-        let pooled = native.pooled_end();
         Some(Outcome {
             ending,
             credit: native.credit,

@@ -26,6 +26,6 @@ pub use http::{
 };
 pub use notify::Notifier;
 pub use pool::{Lease, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
-pub use pooled::{PooledEnd, PooledSpec};
+pub use pooled::{PooledEnd, PooledSpec, STATEMENT_DONE, STATEMENT_RUNNING};
 pub use reactor::engine_threads;
 pub use sys::monotonic;

@@ -13,6 +13,7 @@
 //! (a transaction block open, or answers still due, which Python's relay
 //! then passes on). Python's relay carries the session to its end.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,15 @@ use qmesh_pg as pg;
 
 use crate::engine::TapRecord;
 use crate::pool::{Lease, Shelf};
+
+/// Tap record kinds a pooled stream makes itself (never a Postgres type
+/// byte): the audit's view of one simple Query, paired with its outcome in
+/// the engine, so Python gets one record per statement instead of three.
+/// `raw` is [`statement_record`]'s layout; `at` is when it ended.
+pub const STATEMENT_DONE: u8 = 0x01;
+/// A statement still running when the engine's part ended: Python's relay
+/// follows it from here (`at` is when it started).
+pub const STATEMENT_RUNNING: u8 = 0x02;
 
 /// What makes a native stream a pooled one.
 pub struct PooledSpec {
@@ -141,6 +151,39 @@ pub(crate) struct Pooled {
     pub(crate) handback: Option<Vec<u8>>,
     pub(crate) terminated: bool,
     pub(crate) server_fatal: bool,
+    /// The audit's statements on their way (when the tap asks for Queries).
+    pub(crate) statements: VecDeque<Statement>,
+}
+
+/// One simple Query for the audit, from relayed to ReadyForQuery.
+pub(crate) struct Statement {
+    /// The Query message.
+    raw: Vec<u8>,
+    started: f64,
+    rows: Option<u64>,
+    sqlstate: Option<[u8; 5]>,
+}
+
+impl Statement {
+    /// A tap record of `kind`: started (`f64`), rows (`i64`, -1 for none),
+    /// SQLSTATE (5 bytes, zeros for none), then the Query message.
+    pub(crate) fn record(self, kind: u8, at: f64) -> TapRecord {
+        let mut raw = Vec::with_capacity(21 + self.raw.len());
+        raw.extend_from_slice(&self.started.to_be_bytes());
+        let rows = self
+            .rows
+            .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
+        raw.extend_from_slice(&rows.to_be_bytes());
+        raw.extend_from_slice(&self.sqlstate.unwrap_or([0; 5]));
+        raw.extend_from_slice(&self.raw);
+        TapRecord {
+            at,
+            from_tunnel: true,
+            tag: kind,
+            raw,
+            hold: false,
+        }
+    }
 }
 
 impl Pooled {
@@ -155,7 +198,16 @@ impl Pooled {
             handback: None,
             terminated: false,
             server_fatal: false,
+            statements: VecDeque::new(),
         }
+    }
+
+    /// The statements still running, for Python's relay to follow.
+    pub(crate) fn running(&mut self) -> impl Iterator<Item = TapRecord> + '_ {
+        self.statements.drain(..).map(|statement| {
+            let at = statement.started;
+            statement.record(STATEMENT_RUNNING, at)
+        })
     }
 
     /// Whether the connection may go back to the shelf now: nothing due,
@@ -174,7 +226,7 @@ pub(crate) struct Front<'a> {
     pub(crate) out: Vec<u8>,
     /// Bytes dropped (after a Terminate, and the Terminate itself).
     pub(crate) dropped: usize,
-    pub(crate) records: &'a mut Vec<TapRecord>,
+    /// Client kinds the tap asks for: with Query, the audit's statements.
     pub(crate) tapped: pg::TagSet,
     pub(crate) at: f64,
 }
@@ -205,12 +257,11 @@ impl pg::Sink for Front<'_> {
                 pooled.due += 1;
                 pooled.status = 0;
                 if self.tapped.contains(tag) {
-                    self.records.push(TapRecord {
-                        at: self.at,
-                        from_tunnel: true,
-                        tag,
+                    pooled.statements.push_back(Statement {
                         raw: raw.to_vec(),
-                        hold: false,
+                        started: self.at,
+                        rows: None,
+                        sqlstate: None,
                     });
                 }
             }
@@ -224,11 +275,11 @@ impl pg::Sink for Front<'_> {
 }
 
 /// The server's messages of a pooled stream (observe mode): ReadyForQuery
-/// and errors followed, the audit's kinds recorded.
+/// and errors followed; with the audit on, each statement's rows and
+/// outcome gathered into one record at its ReadyForQuery.
 pub(crate) struct Back<'a> {
     pub(crate) pooled: &'a mut Pooled,
     pub(crate) records: &'a mut Vec<TapRecord>,
-    pub(crate) tapped: pg::TagSet,
     pub(crate) at: f64,
 }
 
@@ -237,29 +288,33 @@ impl pg::Sink for Back<'_> {
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
+        let pooled = &mut *self.pooled;
         match tag {
             b'Z' => {
-                self.pooled.due = self.pooled.due.saturating_sub(1);
-                self.pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
+                pooled.due = pooled.due.saturating_sub(1);
+                pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
+                if let Some(statement) = pooled.statements.pop_front() {
+                    self.records.push(statement.record(STATEMENT_DONE, self.at));
+                }
             }
             b'E' => {
-                let fatal = pg::backend::notice_fields(body).is_ok_and(|fields| {
-                    fields
-                        .iter()
-                        .any(|(code, value)| *code == b'S' && matches!(*value, b"FATAL" | b"PANIC"))
-                });
-                self.pooled.server_fatal |= fatal;
+                let fields = pg::backend::notice_fields(body).unwrap_or_default();
+                let field = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|f| f.1);
+                pooled.server_fatal |= matches!(field(b'S'), Some(b"FATAL" | b"PANIC"));
+                if let Some(statement) = pooled.statements.front_mut() {
+                    let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
+                    statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
+                }
+            }
+            b'C' => {
+                let rows = pg::backend::command_complete(body)
+                    .ok()
+                    .and_then(pg::command_rows);
+                if let (Some(statement), Some(rows)) = (pooled.statements.front_mut(), rows) {
+                    statement.rows = Some(statement.rows.unwrap_or(0) + rows);
+                }
             }
             _ => {}
-        }
-        if self.tapped.contains(tag) {
-            self.records.push(TapRecord {
-                at: self.at,
-                from_tunnel: false,
-                tag,
-                raw: raw.to_vec(),
-                hold: false,
-            });
         }
     }
 }
