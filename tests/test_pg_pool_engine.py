@@ -12,16 +12,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
 from pgkit import Ghost, RawClient, RealDb, in_thread, start_ghost
+from tunnelkit import until
 
 from qmesh import _core
 from qmesh.config import GateAppConfig
+from qmesh.fleet.inventory import Inventory
+from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
 from qmesh.pg.pool import PoolStats
+from qmesh.pg.pool_cli import format_pools
+from qmesh.tunnel.errors import SessionLost
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,14 @@ async def test_simple_queries_of_many_clients_share_the_connections_in_the_engin
     pool = stats(ghost)
     assert pool.engine_loans - loans_before >= 120  # one per transaction at least
     assert pool.open <= 2 and pool.timeouts == 0
+    # What an operator reads.
+    metrics = GateMetrics(
+        server=ghost.gate.server, inventory=Inventory(), pg_pools=ghost.service.pools.stats
+    ).render()
+    labels = f'{{app="{ghost.app_id}",alias="main"}}'
+    assert f"qmesh_pg_pool_engine_loans_total{labels} {pool.engine_loans}" in metrics
+    header, row = format_pools([attrs.asdict(pool)]).splitlines()
+    assert header.split()[-2:] == ["ENGINE", "LOANS"] and row.split()[-1] == str(pool.engine_loans)
 
 
 async def test_a_transaction_moves_to_python_on_its_connection(
@@ -300,3 +314,40 @@ async def test_statements_the_engine_relays_are_audited(
     moving = records["audited_moving"]
     assert (moving.rows, moving.outcome) == (1, "ok") and moving.duration_ms >= 100
     assert stats(ghost).engine_loans >= 3
+
+
+async def test_a_lost_tunnel_session_gives_back_what_its_clients_held(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """The edge's session is lost while a client of it holds a connection
+    inside a transaction (in the engine) and another waits in line: the
+    held connection is closed (it may be mid-transaction), the place in
+    line given up, and the pool serves the next clients."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+
+    def hold() -> tuple[RawClient, RawClient]:
+        holder = RawClient(ghost.port)
+        holder.login(ghost.app_id, ghost.app_key, ghost.alias)
+        holder.query("BEGIN")
+        waiter = RawClient(ghost.port)
+        waiter.login(ghost.app_id, ghost.app_key, ghost.alias)
+        waiter.send(_core.encode_query("SELECT 2"))
+        return holder, waiter
+
+    with trio.fail_after(30):
+        clients = await in_thread(hold)  # kept open until the end
+        await until(lambda: stats(ghost).waiting == 1)
+        assert stats(ghost).lent == 1
+        (session,) = ghost.gate.server.sessions.values()
+        session.lose(SessionLost("test: the edge is gone"))
+        await until(lambda: stats(ghost).open == 0 and stats(ghost).waiting == 0)
+
+        def later() -> list[bytes | None]:
+            client = RawClient(ghost.port)
+            client.login(ghost.app_id, ghost.app_key, ghost.alias)
+            return values(client.query("SELECT 3"))
+
+        assert await in_thread(later) == [b"3"]
+    assert stats(ghost).closed == 1
+    for client in clients:
+        client.close()

@@ -412,6 +412,9 @@ class GateMetrics:
             ("qmesh_pg_pool_connections_closed_total", "Server connections closed.", "closed"),
             ("qmesh_pg_pool_checks_failed_total",
              "Idle connections that failed their check before reuse.", "checks_failed"),
+            ("qmesh_pg_pool_engine_loans_total",
+             "Connections the tunnel engine lent and took back itself, without Python.",
+             "engine_loans"),
         )  # fmt: skip
         for kind, families in (("gauge", gauges), ("counter", counters)):
             for name, help_text, field in families:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["add_commands", "format_pools"]
 
 _COLUMNS = ("APP", "ALIAS", "SIZE", "OPEN", "IDLE", "LENT", "WAITING", "LONGEST WAIT",
-            "WAITS", "AVG WAIT", "TIMEOUTS", "OPENED", "CLOSED")  # fmt: skip
+            "WAITS", "AVG WAIT", "TIMEOUTS", "OPENED", "CLOSED", "ENGINE LOANS")  # fmt: skip
 
 
 def add_commands(commands: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def format_pools(pools: list[dict[str, Any]]) -> str:
                 f"{float(p.get('longest_wait_s', 0.0)) * 1000:.0f} ms",
                 str(waits),
                 f"{average * 1000:.0f} ms",
-                *(str(p.get(k, 0)) for k in ("timeouts", "opened", "closed")),
+                *(str(p.get(k, 0)) for k in ("timeouts", "opened", "closed", "engine_loans")),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

@@ -85,7 +85,6 @@ const HANDED_TO_PYTHON: &[&[u8]] = &[
     b"discard",
     b"copy",
     b"set_config",
-    b"notify",
 ];
 
 /// Whether the engine can relay this Query itself.
