@@ -161,6 +161,16 @@ async def start_ghost(
     return Ghost(db, store, vault, service, gate, edge, pg_port, app_id, app_key, alias)
 
 
+async def pooled_ghost(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, size: int = 1, wait_ms: int = 10_000
+) -> Ghost:
+    """A Gate and an edge whose app is in transaction mode."""
+    policy = GateAppConfig(
+        databases=("main",), pool_mode="transaction", pool_size=size, pool_wait_ms=wait_ms
+    )
+    return await start_ghost(nursery, db, tmp_path, policy=policy)
+
+
 async def in_thread(fn: Callable[[], T]) -> T:
     """Run a blocking client (psycopg) in a worker thread."""
     return await trio.to_thread.run_sync(fn)

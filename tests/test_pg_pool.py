@@ -333,13 +333,19 @@ async def test_a_server_connection_killed_while_idle_is_replaced_unnoticed(ghost
     assert before != after
 
 
+@pytest.mark.parametrize(
+    "cursor", [psycopg.Cursor, psycopg.ClientCursor], ids=["python-relay", "engine"]
+)
 async def test_a_server_connection_killed_mid_transaction_ends_that_client_only(
-    ghost: Ghost,
+    ghost: Ghost, cursor: type[psycopg.Cursor[tuple[object, ...]]]
 ) -> None:
+    """With the extended protocol the session is in Python's relay; with
+    simple Queries (ClientCursor) the engine holds the connection."""
+
     def work() -> str:
         with (
-            psycopg.connect(**ghost.kwargs()) as victim,
-            psycopg.connect(**ghost.kwargs(), autocommit=True) as bystander,
+            psycopg.connect(**ghost.kwargs(), cursor_factory=cursor) as victim,
+            psycopg.connect(**ghost.kwargs(), autocommit=True, cursor_factory=cursor) as bystander,
         ):
             row = victim.execute("SELECT pg_backend_pid()").fetchone()
             assert row is not None

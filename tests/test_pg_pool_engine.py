@@ -17,11 +17,10 @@ import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import Ghost, RawClient, RealDb, in_thread, start_ghost
+from pgkit import Ghost, RawClient, RealDb, in_thread, pooled_ghost
 from tunnelkit import until
 
 from qmesh import _core
-from qmesh.config import GateAppConfig
 from qmesh.fleet.inventory import Inventory
 from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
@@ -33,15 +32,6 @@ from qmesh.tunnel.errors import SessionLost
 @pytest.fixture(scope="module")
 def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
     yield RealDb(pg_cluster, prefix="poolengine")
-
-
-async def pooled_ghost(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path, size: int = 1, wait_ms: int = 10_000
-) -> Ghost:
-    policy = GateAppConfig(
-        databases=("main",), pool_mode="transaction", pool_size=size, pool_wait_ms=wait_ms
-    )
-    return await start_ghost(nursery, db, tmp_path, policy=policy)
 
 
 def simple(ghost: Ghost, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
@@ -234,26 +224,6 @@ async def test_cancel_reaches_the_query_the_engine_relays(
     assert ghost.service.cancels_forwarded == 1
 
 
-async def test_a_connection_killed_in_the_engine_ends_that_client_only(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path
-) -> None:
-    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
-
-    def work() -> str:
-        with simple(ghost, autocommit=False) as victim, simple(ghost) as bystander:
-            row = victim.execute("SELECT pg_backend_pid()").fetchone()
-            assert row is not None
-            ghost.db.superuser(f"SELECT pg_terminate_backend({row[0]})")
-            with pytest.raises(psycopg.OperationalError) as lost:
-                victim.execute("SELECT 1")
-            assert bystander.execute("SELECT 5").fetchone() == (5,)
-            return str(lost.value)
-
-    with trio.fail_after(30):
-        message = await in_thread(work)
-    assert "terminating connection due to administrator command" in message
-
-
 async def test_session_state_through_a_simple_query_pins_and_is_reset(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
@@ -341,6 +311,8 @@ async def test_a_lost_tunnel_session_gives_back_what_its_clients_held(
         (session,) = ghost.gate.server.sessions.values()
         session.lose(SessionLost("test: the edge is gone"))
         await until(lambda: stats(ghost).open == 0 and stats(ghost).waiting == 0)
+        # The edge opens a new session (the Gate does not resume a lost one).
+        await until(lambda: any(s is not session for s in ghost.gate.server.sessions.values()))
 
         def later() -> list[bytes | None]:
             client = RawClient(ghost.port)

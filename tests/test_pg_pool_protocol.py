@@ -13,11 +13,10 @@ import attrs
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import Ghost, RawClient, RealDb, in_thread, start_ghost
+from pgkit import Ghost, RawClient, RealDb, in_thread, pooled_ghost
 from tunnelkit import until
 
 from qmesh import _core
-from qmesh.config import GateAppConfig
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.multiplex import MAX_REQUESTS, PooledSession
 from qmesh.pg.pool import ServerPool
@@ -28,15 +27,6 @@ Messages = list[tuple[str, bytes]]
 @pytest.fixture(scope="module")
 def db(pg_cluster: PgCluster) -> Iterator[RealDb]:
     yield RealDb(pg_cluster, prefix="poolproto")
-
-
-async def pooled_ghost(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path, size: int = 1, wait_ms: int = 2000
-) -> Ghost:
-    policy = GateAppConfig(
-        databases=("main",), pool_mode="transaction", pool_size=size, pool_wait_ms=wait_ms
-    )
-    return await start_ghost(nursery, db, tmp_path, policy=policy)
 
 
 def msg(tag: str, body: bytes = b"") -> bytes:
@@ -94,7 +84,7 @@ async def test_messages_the_server_skips_after_an_error_have_no_effect(
     """After an error the server skips to Sync: a Parse, a Close or a
     ParseComplete made up meanwhile must not change what the session (or the
     shared connection) is believed to hold."""
-    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
 
     def work() -> None:
         a, b = login(ghost), login(ghost)
@@ -154,7 +144,7 @@ async def test_the_unnamed_statement_stays_with_its_client(
 ) -> None:
     """PostgreSQL keeps the unnamed statement across transactions: on a
     shared connection a client must run its own, never another's."""
-    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
 
     def work() -> None:
         a, b = login(ghost), login(ghost)
@@ -195,7 +185,7 @@ async def test_a_message_cut_across_a_transaction_end_keeps_its_connection(
 async def test_a_statement_that_ends_its_connection_is_not_run_again(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2, wait_ms=2000)
 
     def work() -> dict[str, str]:
         a = login(ghost)
@@ -238,7 +228,7 @@ async def test_a_waiter_that_leaves_gives_its_turn_on(
 async def test_answers_due_are_bounded(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
     """Answers made up at the Gate (a CloseComplete) cost the server
     nothing: a client that sends requests without reading is ended."""
-    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
 
     def work() -> dict[str, str]:
         a = login(ghost)
@@ -262,7 +252,7 @@ async def test_a_connection_held_long_does_not_gather_statements(
     """Closes are answered at the Gate while the statement stays shared;
     past max_prepared_per_server they reach the server, so a session that
     keeps its connection (a long transaction) cannot grow it without bound."""
-    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
     ghost.service.pools.settings = attrs.evolve(
         ghost.service.pools.settings, max_prepared_per_server=3
     )

@@ -255,24 +255,20 @@ impl Shelf {
         sid: u32,
     ) -> std::result::Result<Lease, u64> {
         let mut st = self.lock();
-        if st.waiters.is_empty() {
-            if let Some(lease) = self.take_fresh(&mut st) {
-                st.engine_loans += 1;
-                return Ok(lease);
-            }
-        }
-        let ticket = st.next_ticket;
-        st.next_ticket += 1;
-        st.waits += 1;
-        st.waiters.push_back(Waiter::Engine {
+        let taken = self.take_or_queue(&mut st, |ticket, since| Waiter::Engine {
             taker,
             sid,
             ticket,
-            since: Instant::now(),
+            since,
         });
-        st.events.push(ShelfEvent::Wanted);
-        self.notify(&mut st);
-        Err(ticket)
+        match taken {
+            Ok(_) => st.engine_loans += 1,
+            Err(_) => {
+                st.events.push(ShelfEvent::Wanted);
+                self.notify(&mut st);
+            }
+        }
+        taken
     }
 
     /// For Python: a connection now if one is idle and nobody waits.
@@ -288,18 +284,25 @@ impl Shelf {
     /// (the connection comes as [`ShelfEvent::Delivered`]).
     pub fn take_or_wait_python(&self) -> std::result::Result<Lease, u64> {
         let mut st = self.lock();
+        self.take_or_queue(&mut st, |ticket, since| Waiter::Python { ticket, since })
+    }
+
+    /// A fresh idle connection if nobody waits before, else a place in line
+    /// for the waiter `make` builds from its ticket and the time.
+    fn take_or_queue(
+        &self,
+        st: &mut State,
+        make: impl FnOnce(u64, Instant) -> Waiter,
+    ) -> std::result::Result<Lease, u64> {
         if st.waiters.is_empty() {
-            if let Some(lease) = self.take_fresh(&mut st) {
+            if let Some(lease) = self.take_fresh(st) {
                 return Ok(lease);
             }
         }
         let ticket = st.next_ticket;
         st.next_ticket += 1;
         st.waits += 1;
-        st.waiters.push_back(Waiter::Python {
-            ticket,
-            since: Instant::now(),
-        });
+        st.waiters.push_back(make(ticket, Instant::now()));
         Err(ticket)
     }
 
