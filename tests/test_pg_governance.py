@@ -139,6 +139,29 @@ async def test_statements_that_name_nothing_guarded_skip_the_python_check(
     assert statements.count("SELECT count(*) FROM ledger") == 20
 
 
+async def test_guarded_statements_larger_than_the_stream_window(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """The guard collects a statement whole before any of it is sent: one of
+    3 MB (three stream windows) that names a guarded word is held, checked
+    and run, and one that names none passes; neither stalls the client."""
+    ghost = await read_only_ghost(nursery, db, tmp_path)
+    big = "x" * 3_000_000
+
+    def work() -> tuple[list[bytes | None], list[bytes | None]]:
+        client = RawClient(ghost.port)
+        client.login(ghost.app_id, ghost.app_key, ghost.alias)
+        held = client.query(f"SELECT length('{big}') AS read_only_guarded_set")
+        plain = client.query(f"SELECT length('{big}')")
+        return [v for t, b in held if t == "D" for v in _core.parse_data_row(b)], [
+            v for t, b in plain if t == "D" for v in _core.parse_data_row(b)
+        ]
+
+    with trio.fail_after(30):
+        held, plain = await in_thread(work)
+    assert held == plain == [b"3000000"]
+
+
 async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:

@@ -161,6 +161,25 @@ async def test_answers_due_when_python_takes_over_come_in_order(
     assert values(got) == [b"", b"1", b"2"]
 
 
+async def test_a_query_larger_than_the_stream_window_moves_to_python(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """The engine collects a Query whole to screen it: one of 3 MB (three
+    stream windows) would never be complete, so the session moves to
+    Python's relay, which reads it as it comes."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    big = "x" * 3_000_000
+
+    def work() -> list[bytes | None]:
+        client = RawClient(ghost.port)
+        client.login(ghost.app_id, ghost.app_key, ghost.alias)
+        got = values(client.query(f"SELECT length('{big}')"))
+        return got + values(client.query("SELECT 7"))
+
+    with trio.fail_after(30):
+        assert await in_thread(work) == [b"3000000", b"7"]
+
+
 async def test_a_client_waiting_in_the_engine_past_the_pool_wait_is_refused_alone(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:

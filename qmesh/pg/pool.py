@@ -377,6 +377,9 @@ class ServerPool:
         another pool of the alias when they share a cap)."""
         self.count -= 1
         self.closed += 1
+        # Connections beyond a smaller size that engines still hold close
+        # as they come back: only as many as are beyond it now.
+        self.shelf.set_excess(max(0, self.count - self.size))
         if self.book is not None:
             self.book.closed_one(self)
         else:

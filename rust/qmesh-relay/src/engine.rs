@@ -288,6 +288,12 @@ struct Native {
     tls: Option<TlsLink>,
     /// A pooled stream's state; `fd` is its lease's, or -1 without one.
     pooled: Option<Pooled>,
+    /// Bytes inside the frontend scanner (a guarded message being
+    /// collected) already counted consumed...
+    credited_inside: usize,
+    /// ...and those of them that have left it, not to be counted again
+    /// when they are queued for the socket.
+    discount: usize,
 }
 
 /// Bytes for the socket, and how many input bytes they stand for (a
@@ -381,11 +387,25 @@ impl Native {
             return Ok(None);
         }
         let mut sink = Splitter::new(self.tapped, self.guard, &self.guard_screen, true);
+        let before = scanner.buffered();
         scanner.feed(&data, &mut sink).map_err(|error| PgError {
             side: Side::Client,
             error,
         })?;
         sink.flush();
+        // A guarded message is collected whole before anything of it is
+        // sent: its bytes are counted consumed as they come in, or one
+        // larger than the stream's window would never be complete. They are
+        // not counted again when the message is sent.
+        let after = scanner.buffered();
+        if before + data.len() - after >= self.credited_inside {
+            self.discount += self.credited_inside; // the message is out
+            self.credited_inside = 0;
+        }
+        let newly = after - self.credited_inside;
+        self.consumed += newly as u64;
+        self.unconsumed -= newly;
+        self.credited_inside = after;
         Ok(self.release(sink.segments))
     }
 
@@ -408,6 +428,7 @@ impl Native {
         };
         let result = scanner.feed(data, &mut sink);
         let (out, dropped) = (sink.out, sink.dropped);
+        let buffered = scanner.buffered() as u64;
         result.map_err(|error| PgError {
             side: Side::Client,
             error,
@@ -417,6 +438,14 @@ impl Native {
         if !out.is_empty() {
             let input = out.len();
             self.queue(Bytes::from(out), input);
+        }
+        // A message collected whole holds its bytes unconsumed until it is
+        // complete: one larger than the stream's window would never be. Past
+        // half the window, the session goes to Python's relay, which reads
+        // such a message as it comes.
+        let pooled = self.pooled.as_mut().expect("a pooled stream");
+        if buffered > self.window / 2 && pooled.handback.is_none() {
+            pooled.handback = Some(Vec::new());
         }
         Ok(())
     }
@@ -523,6 +552,9 @@ impl Native {
     }
 
     fn queue(&mut self, data: Bytes, input: usize) {
+        let counted = self.discount.min(input);
+        self.discount -= counted;
+        let input = input - counted;
         if data.is_empty() {
             self.consumed += input as u64;
             self.unconsumed -= input;
@@ -1101,6 +1133,8 @@ impl Engine {
                 .then(|| (pg::MessageCursor::new(), spec.tap.farewell)),
             tls: spec.tls.map(|handover| TlsLink::new(handover.0)),
             pooled,
+            credited_inside: 0,
+            discount: 0,
         };
         st.natives.insert(sid, native);
         // What Python held already goes first, through the same path.
