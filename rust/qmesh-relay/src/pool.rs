@@ -384,3 +384,107 @@ impl Shelf {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine stand-in that keeps what it is handed.
+    #[derive(Default)]
+    struct Taker(Mutex<Vec<(u32, u64, u64)>>);
+
+    impl LeaseTaker for Taker {
+        fn deliver(&self, _shelf: Arc<Shelf>, sid: u32, ticket: u64, lease: Lease) {
+            self.0.lock().unwrap().push((sid, ticket, lease.id));
+        }
+    }
+
+    fn lease(id: u64, fd: RawFd) -> Lease {
+        Lease {
+            id,
+            fd,
+            touched: false,
+            expires: Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// A connected socket whose peer has said nothing (so the shelf's
+    /// "spoke while idle" check passes), and that peer.
+    fn quiet_socket() -> (
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ) {
+        std::os::unix::net::UnixStream::pair().unwrap()
+    }
+
+    #[test]
+    fn waiters_are_served_first_come_first_served_across_engines_and_python() {
+        use std::os::fd::AsRawFd;
+        let shelf = Shelf::new(Duration::from_secs(60)).unwrap();
+        let taker: Arc<Taker> = Arc::default();
+        let weak = Arc::downgrade(&taker) as Weak<dyn LeaseTaker>;
+        let first = shelf.take_or_wait(weak.clone(), 7).unwrap_err();
+        let second = shelf.take_or_wait_python().unwrap_err();
+        let third = shelf.take_or_wait(weak, 9).unwrap_err();
+        assert!(shelf.take().is_none(), "nobody jumps the line");
+        let (a, _pa) = quiet_socket();
+        let (b, _pb) = quiet_socket();
+        shelf.give(lease(1, a.as_raw_fd()));
+        shelf.give(lease(2, b.as_raw_fd()));
+        assert_eq!(*taker.0.lock().unwrap(), vec![(7, first, 1)]);
+        let delivered: Vec<(u64, u64)> = shelf
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                ShelfEvent::Delivered { ticket, lease } => Some((ticket, lease.id)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(delivered, vec![(second, 2)]);
+        assert!(shelf.cancel(third), "still in line");
+        assert!(!shelf.cancel(first), "served already");
+        let stats = shelf.stats();
+        assert_eq!((stats.waiting, stats.waits, stats.engine_loans), (0, 3, 1));
+    }
+
+    #[test]
+    fn connections_that_need_python_go_to_python() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let shelf = Shelf::new(Duration::from_secs(60)).unwrap();
+        let taker: Arc<Taker> = Arc::default();
+        let weak = Arc::downgrade(&taker) as Weak<dyn LeaseTaker>;
+        // The server spoke while the connection idled: checked by Python.
+        let (spoke, mut server) = quiet_socket();
+        server.write_all(b"E").unwrap();
+        shelf.give(lease(1, spoke.as_raw_fd()));
+        assert!(shelf.take_or_wait(weak.clone(), 1).is_err());
+        let events = shelf.take_events();
+        assert!(matches!(
+            events.as_slice(),
+            [ShelfEvent::Returned { lease, why: ReturnWhy::Check }, ShelfEvent::Wanted]
+                if lease.id == 1
+        ));
+        // Expired, or beyond a smaller pool: closed by Python.
+        let (quiet, _peer) = quiet_socket();
+        let mut old = lease(2, quiet.as_raw_fd());
+        old.expires = Instant::now();
+        shelf.give_back(old);
+        shelf.set_excess(1);
+        shelf.give_back(lease(3, quiet.as_raw_fd()));
+        shelf.give_back(lease(4, quiet.as_raw_fd()));
+        let closed: Vec<u64> = shelf
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                ShelfEvent::Returned {
+                    lease,
+                    why: ReturnWhy::Close,
+                } => Some(lease.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, vec![2, 3]);
+        assert_eq!(*taker.0.lock().unwrap(), vec![(1, 1, 4)]);
+    }
+}
