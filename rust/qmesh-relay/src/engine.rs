@@ -2012,12 +2012,7 @@ impl State {
 
     /// A connection a shelf handed over for a stream's place in line.
     fn pooled_delivered(&mut self, sid: u32, ticket: u64, lease: Lease, shelf: &Shelf) {
-        let waiting = self
-            .natives
-            .get_mut(&sid)
-            .and_then(|n| n.pooled.as_mut())
-            .filter(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
-        match waiting {
+        match self.in_line(sid, ticket) {
             Some(pooled) => {
                 pooled.waiting = None;
                 self.pooled_attach(sid, lease);
@@ -2047,16 +2042,19 @@ impl State {
     /// so the next timer is a live one's.
     fn prune_pool_deadlines(&mut self) {
         while let Some(&Reverse((_, sid, ticket))) = self.pool_deadlines.peek() {
-            let live = self
-                .natives
-                .get(&sid)
-                .and_then(|n| n.pooled.as_ref())
-                .is_some_and(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
-            if live {
+            if self.in_line(sid, ticket).is_some() {
                 break;
             }
             self.pool_deadlines.pop();
         }
+    }
+
+    /// Stream `sid`'s pooled state, if it still waits in line with `ticket`.
+    fn in_line(&mut self, sid: u32, ticket: u64) -> Option<&mut Pooled> {
+        self.natives
+            .get_mut(&sid)
+            .and_then(|n| n.pooled.as_mut())
+            .filter(|p| p.waiting.is_some_and(|(t, _)| t == ticket))
     }
 
     // -- timers -----------------------------------------------------------
@@ -2070,13 +2068,8 @@ impl State {
                 break;
             }
             self.pool_deadlines.pop();
-            let waiting = self
-                .natives
-                .get_mut(&sid)
-                .and_then(|n| n.pooled.as_mut())
-                .filter(|p| p.waiting.is_some_and(|(t, _)| t == ticket));
             // Not in line any more: served (the connection is in the mailbox).
-            if let Some(pooled) = waiting {
+            if let Some(pooled) = self.in_line(sid, ticket) {
                 if pooled.shelf.cancel(ticket) {
                     pooled.waiting = None;
                     self.end_native(sid, Ending::PoolTimeout);
