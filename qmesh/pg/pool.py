@@ -77,7 +77,6 @@ class ServerConn:
     key: tuple[int, bytes] | None = attrs.field(repr=False)
     """The server's BackendKeyData: where a client's cancel request goes."""
     opened_at: float
-    last_used: float
     prepared: set[bytes] = attrs.field(factory=set)
     """Names of the statements qmesh prepared on it (see :mod:`qmesh.pg.multiplex`)."""
     leftover: bytes = b""
@@ -288,7 +287,6 @@ class ServerPool:
             stream=fast(upstream.stream),
             key=upstream.key,
             opened_at=now,
-            last_used=now,
             leftover=upstream.leftover,
         )
         self.plain = conn.plain
@@ -334,7 +332,6 @@ class ServerPool:
         """Give ``conn`` back; a connection that is not ``reusable`` (broken,
         or left mid-transaction) is closed. Never blocks."""
         now = trio.current_time()
-        conn.last_used = now
         too_old = now - conn.opened_at > self.settings.server_lifetime_s
         too_many = len(conn.prepared) > self.settings.max_prepared_per_server
         if not reusable or too_old or too_many or self.count > self.size:
@@ -393,10 +390,9 @@ class ServerPool:
             waiter = self._waiters.pop(ticket)
             waiter.event.set()  # conn None: loop and open
             return True
-        if self.shelf.engine_waiters() > self._opening_for_engines and self.count < self.size:
-            self._open_for_engines()
-            return True
-        return False
+        opening = self._opening_for_engines
+        self._open_for_engines()
+        return self._opening_for_engines > opening
 
     def _open_for_engines(self) -> None:
         """Open connections for the engine's clients in line, as many as
@@ -413,7 +409,9 @@ class ServerPool:
         try:
             while self.book is not None and not await self.book.room_for(self):
                 if not (self.book.shares_a_cap and self.shelf.engine_waiters()):
-                    self._gone_quietly()
+                    # The place is given back without waking anyone: they
+                    # would only find the cap again (a close here wakes them).
+                    self.count -= 1
                     return
                 # Room other Gates make is not announced: look again.
                 await trio.sleep(CAP_RETRY_S)
@@ -427,12 +425,6 @@ class ServerPool:
             self.release(conn, reusable=True)
         finally:
             self._opening_for_engines -= 1
-
-    def _gone_quietly(self) -> None:
-        """A place taken for a connection that could not be opened under
-        the cap: given back without waking anyone (they would only find
-        the cap again; a connection closing here wakes them)."""
-        self.count -= 1
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run ``fn(*args)`` beside the pool's clients, in its book's nursery."""

@@ -70,9 +70,11 @@ _STATEMENT_HEAD: Final = struct.Struct(">dq5s")
 def statement_record(raw: bytes) -> _Pending:
     """A statement record of the engine's: when it started (``f64``), its
     rows (``i64``, -1 for none), its SQLSTATE (5 bytes, zeros for none),
-    then its Query message."""
+    then its Query message. The text is taken as the client sent it, so a
+    Query without its terminating NUL (which the server refuses) is still
+    audited rather than failing here."""
     started, rows, state = _STATEMENT_HEAD.unpack_from(raw)
-    sql = _core.parse_query(raw[_STATEMENT_HEAD.size + 5 :])
+    sql = raw[_STATEMENT_HEAD.size + 5 :].removesuffix(b"\0")
     error = None if state == b"\0" * 5 else state.decode("ascii", "replace")
     return _Pending(_Q, sql, started, None if rows < 0 else rows, error)
 
