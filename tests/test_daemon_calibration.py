@@ -22,8 +22,10 @@ from qmesh.daemon.calibration import (
     Calibration,
     CalibrationKey,
     DeviceRates,
+    blend,
     fit,
     load_cached,
+    overlap_exponent,
 )
 from qmesh.daemon.catalog import ModelInfo, TypeRead, describe_gguf
 from qmesh.daemon.infer import _end
@@ -37,7 +39,7 @@ from qmesh.daemon.synth import Shape, matmul_elements, write_model
 
 TRUTH: dict[str, Any] = {
     "token_s": 60e-6, "layer_s": 25e-6, "sample_s": 3e-6, "per_vocab": 1.4e-9, "serve_s": 6e-4,
-    "stream_gbps": 12.0,
+    "stream_gbps": 12.0, "overlap": 3.0,
     "matvec": {"F16": 20.0, "Q8_0": 28.0, "Q4_K": 40.0, "Q5_0": 14.0},
     "prompt": {"F16": 160.0, "Q8_0": 140.0, "Q4_K": 150.0, "Q5_0": 90.0},
 }  # fmt: skip
@@ -53,8 +55,21 @@ def fake_timings(truth: dict[str, Any], *, gpu: dict[str, Any] | None = None) ->
         fixed = t["token_s"] + TYPE_SHAPE.layers * t["layer_s"]
         big = gpu_stream_shape()
         big_elements = matmul_elements(big)
+        both = calibrate.stream_shape(32 * 1024**2, "Q8_0")
+        both_elements = matmul_elements(both)
+        both_memory = both_elements * 34 / 32 / (t["stream_gbps"] * 1e9)
+        both_arithmetic = 2 * both_elements / (t["matvec"]["Q8_0"] * 1e9)
         return {
-            "stream": {  # memory-bound: what a GPU's streaming model does
+            "overlap": {  # arithmetic and memory of about the same time
+                "type": "Q8_0",
+                "elements": both_elements,
+                "bytes": both_elements * 34 // 32,
+                "layers": both.layers,
+                "decode_s": t["token_s"]
+                + both.layers * t["layer_s"]
+                + blend(both_memory, both_arithmetic, t["overlap"]),
+            },
+            "stream": {  # memory-bound: what a streaming model does
                 "type": "F16",
                 "elements": big_elements,
                 "bytes": big_elements * 2,
@@ -122,11 +137,30 @@ def test_the_fit_recovers_the_figures_the_timings_were_made_from() -> None:
     assert result.sample_s == pytest.approx(TRUTH["sample_s"], rel=1e-6)
     assert result.sample_s_per_vocab == pytest.approx(TRUTH["per_vocab"], rel=1e-6)
     assert result.serve_s == pytest.approx(TRUTH["serve_s"], rel=1e-6)
-    assert cpu.stream_gbps is None  # a CPU's bound is the bandwidth membench measured
+    # llama.cpp's own reading of a model beyond the caches, not membench's scan,
+    # bounds the CPU's tokens; at another thread count membench's figure stands.
+    assert cpu.stream_gbps == pytest.approx(TRUTH["stream_gbps"], rel=1e-3)
+    assert cpu.scaled(1, 2).stream_gbps is None and cpu.scaled(2, 2) is cpu
+    assert cpu.overlap == pytest.approx(TRUTH["overlap"], rel=1e-3)
     assert result.notes == ()
     again = Calibration.from_json(json.loads(json.dumps(result.to_json())))
     assert again.cpu.matvec_gflops == pytest.approx(result.cpu.matvec_gflops, rel=1e-3)
     assert (again.serve_s, again.key) == (result.serve_s, {"host": "h"})
+
+
+def test_the_overlap_of_arithmetic_and_memory_between_adding_up_and_the_slower() -> None:
+    """The blend runs from the sum (p = 1) to the slower alone; the fit
+    inverts it, and says None where a token took no longer than the slower."""
+    assert blend(3.0, 4.0, 1.0) == pytest.approx(7.0)
+    assert blend(3.0, 4.0, 2.0) == pytest.approx(5.0)
+    assert blend(3.0, 4.0, None) == 4.0 and blend(0.0, 4.0, 3.0) == 4.0
+    for seconds in (4.3, 4.64, 5.0, 6.9):
+        p = overlap_exponent(3.0, 4.0, seconds)
+        assert p is not None and blend(3.0, 4.0, p) == pytest.approx(seconds, rel=1e-6)
+    assert overlap_exponent(3.0, 4.0, 7.5) == 1.0  # slower than the sum: they add up
+    assert overlap_exponent(3.0, 4.0, 4.01) is None  # the slower alone
+    assert overlap_exponent(3.0, 4.0, 3.5) is None  # faster than it could be: noise
+    assert overlap_exponent(0.0, 4.0, 5.0) is None
 
 
 def test_a_gpu_whose_fixed_costs_swamp_the_matrices_gets_no_rates() -> None:
@@ -268,6 +302,21 @@ def test_place_prices_a_model_with_the_node_calibration() -> None:
     )  # fmt: skip
     assert placement.calibrated and placement.decode_tps == pytest.approx(1 / expected.total)
     assert placement.prompt_tps is not None and placement.prompt_tps > placement.decode_tps
+    # Where membench's scan is slower than llama.cpp's own reading, the reading
+    # the calibration measured bounds the tokens, at the calibrated threads.
+    slow_scan = attrs.evolve(node, host_bandwidth_gbps=5.0)
+    assert place(variant, slow_scan, 4096, position=128).decode_tps < placement.decode_tps
+    read = attrs.evolve(slow_scan, calibration=cal(attrs.evolve(calibrated.cpu, stream_gbps=20.0)))
+    assert place(variant, read, 4096, position=128).decode_tps == pytest.approx(
+        placement.decode_tps
+    )
+    # Arithmetic and reading that do not hide each other whole add up (p = 1).
+    adding = cal(attrs.evolve(calibrated.cpu, overlap=1.0))
+    slower = place(variant, attrs.evolve(node, calibration=adding), 4096, position=128)
+    q8_memory, q8_arithmetic = 106.25e6 / 20e9, 2 * 100e6 / 20e9
+    assert 1 / slower.decode_tps - 1 / placement.decode_tps == pytest.approx(
+        min(q8_memory, q8_arithmetic) + 28.125e6 / 20e9 + 2048 * 128 / 20e9, rel=1e-6
+    )  # the Q8_0 and Q4_K matrices' faster terms, and the KV cache's
     # The same model on a GPU node: the GPU's fixed costs, its bandwidth × efficiency.
     gpu_rates = DeviceRates("gpu", 1, token_s=2e-3, layer_s=5e-5)
     gpu_node = attrs.evolve(NodeSpec.parse("gpu8"), calibration=cal(calibrated.cpu, gpu_rates))

@@ -16,17 +16,26 @@ own llama.cpp runtime — a model server process — for the serving path):
   one prompt batch of :data:`PROMPT_TOKENS`;
 - *sampling*: llama.cpp's greedy sampler over vocabularies of 512 and
   65 536 entries;
-- *streaming*, with ``--gpu`` only: a 2 GiB F16 model of 8B-sized blocks,
-  offloaded; its token less the fixed costs gives the bandwidth llama.cpp's
-  kernels reach on that GPU;
+- *streaming*: the bandwidth llama.cpp itself reaches reading weights from
+  memory — its token less the fixed costs, on a model far bigger than the
+  caches. On the CPU an F32 model four times the last-level cache
+  (:func:`stream_shape`): two FLOPs per four bytes keep any core waiting
+  on memory, and llama.cpp's reading, not a generic scan, is what bounds
+  its tokens (membench's ``memchr`` reached 17 GB/s on one thread of this
+  development VM, llama.cpp 23 GB/s). With ``--gpu``, a 2 GiB F16 model of
+  8B-sized blocks, offloaded;
+- *overlap*, on the CPU: a Q8_0 model of the same size, whose arithmetic
+  and reading take about as long as each other. Neither hides the other
+  whole (measured here: 1.16× the slower of the two), and how much they
+  add up is what prices a real model, whose weights stream from memory
+  while the matrix rates above were timed on models the caches mostly hold;
 - *serving*: tokens streamed through a model server (the daemon's own
   llama.cpp runtime), less what the same model costs in this process, in
   CPU time (the model server's, from psutil, against this process's: the
   difference of two wall-clock times on a shared machine is mostly noise) —
-  on a CPU with a Q8_0 model twice the size of the last-level cache
-  (:func:`stream_shape`): a model that streams through the caches every
-  token also evicts the server's Python from them, which then costs it
-  several times what it costs next to a tiny model.
+  on a CPU with the overlap model: a model that streams through the caches
+  every token also evicts the server's Python from them, which then costs
+  it several times what it costs next to a tiny model.
 
 Rounds alternate the models (a noisy moment hits all of them alike) and
 medians are kept. With ``--gpu`` everything is timed a second time with
@@ -48,7 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -74,10 +83,13 @@ ones its k-quant mixes put in the rest of a file (Q5_0/Q5_1 where a row
 is not a multiple of 256). Others (BF16, Q4_1, the IQ types) are priced
 at the nearest of these (:func:`qmesh.daemon.speed.rate_for`)."""
 TYPE_SHAPE: Final = Shape(layers=2, dim=1024, ffn=2816, heads=8, kv_heads=8, vocab=512)
-STREAM_TYPE: Final = "Q8_0"
+STREAM_TYPE: Final = "F32"
+OVERLAP_TYPE: Final = "Q8_0"
 STREAM_LAYER: Final = Shape(layers=1, dim=1024, ffn=2816, heads=8, kv_heads=8, vocab=512)
-STREAM_MIN_BYTES: Final = 64 * 1024 * 1024
-STREAM_MAX_BYTES: Final = 512 * 1024 * 1024
+STREAM_MIN_BYTES: Final = 128 * 1024 * 1024
+STREAM_MAX_BYTES: Final = 1024 * 1024 * 1024
+_BYTES_PER_32: Final = {"F32": 128, "F16": 64, "Q8_0": 34}
+BIG_MODELS: Final = frozenset({"stream-cpu", "overlap-cpu", "stream-gpu"})
 GPU_STREAM_TYPE: Final = "F16"
 GPU_STREAM_LAYER: Final = Shape(layers=1, dim=4096, ffn=14336, heads=32, kv_heads=8, vocab=512)
 """An 8B model's block (436 MB in F16): few launches for many bytes."""
@@ -115,10 +127,11 @@ def last_level_cache() -> int:
     return best or 32 * 1024**2
 
 
-def stream_shape(cache_bytes: int) -> Shape:
-    """The streaming model: Q8_0 layers adding up to twice ``cache_bytes``."""
-    target = min(max(2 * cache_bytes, STREAM_MIN_BYTES), STREAM_MAX_BYTES)
-    per_layer = STREAM_LAYER.layer_elements() * 34 // 32  # Q8_0: 34 bytes per 32 weights
+def stream_shape(cache_bytes: int, type_name: str = STREAM_TYPE) -> Shape:
+    """A CPU model beyond the caches: layers of ``type_name`` adding up to
+    four times ``cache_bytes``."""
+    target = min(max(4 * cache_bytes, STREAM_MIN_BYTES), STREAM_MAX_BYTES)
+    per_layer = STREAM_LAYER.layer_elements() * _BYTES_PER_32[type_name] // 32
     return attrs.evolve(STREAM_LAYER, layers=max(1, -(-target // per_layer)))
 
 
@@ -130,7 +143,7 @@ def gpu_stream_shape() -> Shape:
 
 def _stream_bytes(shape: Shape, type_name: str) -> int:
     """Matrix bytes a token of the streaming model reads."""
-    return matmul_elements(shape) * {"Q8_0": 34, "F16": 64}[type_name] // 32
+    return matmul_elements(shape) * _BYTES_PER_32[type_name] // 32
 
 
 class _Engine:
@@ -203,31 +216,32 @@ def _device(
     gpu: bool,
     rounds: int,
     clock: Timer,
-    stream: tuple[str, Shape, str] | None,
+    big: Mapping[str, tuple[str, Shape, str]],
     probes: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, _Engine]]:
-    """Timings on one device; ``stream`` is (model name, shape, weight type)
-    of its streaming model, if it has one; ``probes`` the layout probes."""
-    streams = {"stream-cpu", "stream-gpu"}
+    """Timings on one device; ``big`` names its models beyond the caches
+    (``stream``, ``overlap``: model name, shape, weight type); ``probes``
+    the layout probes."""
+    mine = {name for name, _, _ in big.values()}
     engines = {
         name: _Engine(path, threads=threads, threads_batch=threads_batch, gpu=gpu)
         for name, path in models.items()
-        if name not in streams or (stream is not None and name == stream[0])
+        if name not in BIG_MODELS or name in mine
     }
     decode = _rounds(engines, lambda e: e.decode_s(clock), rounds)
     typed = {t: engines[f"type-{t}"] for t in types}
     prompt = _rounds(typed, lambda e: e.prompt_s(clock), rounds)
     elements = matmul_elements(TYPE_SHAPE)
-    streamed = None
-    if stream is not None:
-        name, shape, kind = stream
-        streamed = {
+    streamed = {
+        key: {
             "type": kind,
             "elements": matmul_elements(shape),
             "bytes": _stream_bytes(shape, kind),
             "layers": shape.layers,
             "decode_s": decode.pop(name),
         }
+        for key, (name, shape, kind) in big.items()
+    }
     layouts = {
         layout: {
             **{k: v for k, v in probe.items() if k != "files"},
@@ -237,7 +251,8 @@ def _device(
     }
     return {
         "layouts": layouts,
-        "stream": streamed,
+        "stream": streamed.get("stream"),
+        "overlap": streamed.get("overlap"),
         "threads": threads,
         "threads_batch": threads_batch,
         "overhead": {
@@ -341,17 +356,18 @@ def measure(
         )
     for t in types:
         models[f"type-{t}"] = write_model(workdir / f"type-{t}.gguf", TYPE_SHAPE, weight_type=t)
-    cpu_stream = gpu_stream = None
-    if stream and STREAM_TYPE in types:
-        shape = stream_shape(last_level_cache())
-        models["stream-cpu"] = write_model(
-            workdir / "stream-cpu.gguf", shape, weight_type=STREAM_TYPE
-        )
-        cpu_stream = ("stream-cpu", shape, STREAM_TYPE)
+    cpu_big: dict[str, tuple[str, Shape, str]] = {}
+    gpu_big: dict[str, tuple[str, Shape, str]] = {}
+    if stream:
+        for key, kind in (("stream", STREAM_TYPE), ("overlap", OVERLAP_TYPE)):
+            shape = stream_shape(last_level_cache(), kind)
+            name = f"{key}-cpu"
+            models[name] = write_model(workdir / f"{name}.gguf", shape, weight_type=kind)
+            cpu_big[key] = (name, shape, kind)
     if stream and gpu:
         shape = gpu_stream_shape()
         models["stream-gpu"] = write_model(workdir / "stream-gpu.gguf", shape)
-        gpu_stream = ("stream-gpu", shape, GPU_STREAM_TYPE)
+        gpu_big["stream"] = ("stream-gpu", shape, GPU_STREAM_TYPE)
     small = OVERHEAD_SHAPES[0]
     vocab_model = write_model(
         workdir / "vocab.gguf",
@@ -360,7 +376,7 @@ def measure(
     devices: dict[str, Any] = {}
     cpu, engines = _device(
         models, types, threads=threads, threads_batch=threads_batch, gpu=False, rounds=rounds,
-        clock=clock, stream=cpu_stream, probes=probes,
+        clock=clock, big=cpu_big, probes=probes,
     )  # fmt: skip
     devices["cpu"] = cpu
     primary = engines
@@ -368,7 +384,7 @@ def measure(
         del engines
         devices["gpu"], primary = _device(
             models, types, threads=threads, threads_batch=threads_batch, gpu=True, rounds=rounds,
-            clock=clock, stream=gpu_stream, probes=probes,
+            clock=clock, big=gpu_big, probes=probes,
         )  # fmt: skip
     tiny = primary[f"overhead-{small.layers}"]
     wide = _Engine(vocab_model, threads=threads, threads_batch=threads_batch, gpu=gpu)
@@ -382,11 +398,11 @@ def measure(
     }
     del wide
     if serve:
-        # On a CPU the serving path is timed on the streaming model: decoding
+        # On a CPU the serving path is timed on the overlap model: decoding
         # a model bigger than the caches evicts the server's Python from them
         # between tokens, and that is what a real model costs it (three times
         # what it costs next to a tiny model on this machine).
-        name = "stream-cpu" if not gpu and "stream-cpu" in primary else f"overhead-{small.layers}"
+        name = "overlap-cpu" if not gpu and "overlap-cpu" in primary else f"overhead-{small.layers}"
         engine = primary[name]
         serve_dir = workdir / "serve"
         serve_dir.mkdir(exist_ok=True)

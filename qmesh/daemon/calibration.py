@@ -53,16 +53,18 @@ __all__ = [
     "Calibration",
     "CalibrationKey",
     "DeviceRates",
+    "blend",
     "fit",
     "load_cached",
     "machine_cache",
     "obtain",
     "obtain_async",
+    "overlap_exponent",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA: Final = 1
+SCHEMA: Final = 2
 """Bumped when the method changes: an older calibration is measured again."""
 CACHE_NAME: Final = "calibration.json"
 CACHE_ENV: Final = "QMESH_CALIBRATION_CACHE"
@@ -75,7 +77,9 @@ give a rate: below it the fixed costs swamp it (a GPU doing a small model)."""
 
 
 STREAM_SHARE: Final = 0.10
-"""Likewise for the GPU's streaming model: its bytes' share of its token."""
+"""Likewise for a streaming model: its bytes' share of its token."""
+MAX_OVERLAP: Final = 16.0
+"""The overlap exponent past which the blend is the slower term alone."""
 
 
 def runtime_version() -> str | None:
@@ -153,9 +157,17 @@ class DeviceRates:
     """Per block layout probed (:attr:`qmesh.daemon.catalog.ModelInfo.layout`):
     (token_s, layer_s) in place of the llama-shaped figures above."""
     stream_gbps: float | None = None
-    """GPU: the bandwidth llama.cpp's kernels reach on a 2 GiB model, which
-    bounds a token instead of NVML's peak × efficiency. None (and always on
-    a CPU, whose bound is the read bandwidth membench measured)."""
+    """The bandwidth llama.cpp reaches reading a model far bigger than the
+    caches (a GPU: its kernels on a 2 GiB model; a CPU: an F32 model at
+    :attr:`threads`), which bounds a token instead of NVML's peak ×
+    efficiency or membench's scan. None when not measured, or on a CPU at
+    another thread count (the bandwidth does not scale with threads as the
+    arithmetic does: membench's figure at that count stands)."""
+    overlap: float | None = None
+    """How far a matrix's arithmetic and its reading from memory hide each
+    other: the exponent p of ``(memory^p + arithmetic^p)^(1/p)``, 1 when
+    they add up, None when the slower one alone is the time. Fitted on the
+    CPU's overlap model (Q8_0, beyond the caches)."""
 
     def scaled(self, threads: int | None, cores: int | None) -> DeviceRates:
         """The CPU's rates at another thread count (linear up to the cores)."""
@@ -168,6 +180,7 @@ class DeviceRates:
             threads=threads,
             matvec_gflops={k: v * factor for k, v in self.matvec_gflops.items()},
             prompt_gflops={k: v * factor for k, v in self.prompt_gflops.items()},
+            stream_gbps=None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -179,6 +192,7 @@ class DeviceRates:
             "matvec_gflops": {k: round(v, 3) for k, v in self.matvec_gflops.items()},
             "prompt_gflops": {k: round(v, 3) for k, v in self.prompt_gflops.items()},
             "stream_gbps": None if self.stream_gbps is None else round(self.stream_gbps, 3),
+            "overlap": None if self.overlap is None else round(self.overlap, 4),
             "layouts": {k: list(v) for k, v in self.layouts.items()},
         }
 
@@ -192,6 +206,7 @@ class DeviceRates:
             matvec_gflops={str(k): float(v) for k, v in data.get("matvec_gflops", {}).items()},
             prompt_gflops={str(k): float(v) for k, v in data.get("prompt_gflops", {}).items()},
             stream_gbps=None if data.get("stream_gbps") is None else float(data["stream_gbps"]),
+            overlap=None if data.get("overlap") is None else float(data["overlap"]),
             layouts={
                 str(k): (float(v[0]), float(v[1])) for k, v in data.get("layouts", {}).items()
             },
@@ -255,8 +270,10 @@ class Calibration:
         def rates(device: DeviceRates) -> str:
             shown = ", ".join(f"{k} {v:.0f}" for k, v in sorted(device.matvec_gflops.items()))
             stream = "" if device.stream_gbps is None else (
-                f"; decodes a 2 GiB model at {device.stream_gbps:.0f} GB/s"
+                f"; reads a model beyond the caches at {device.stream_gbps:.0f} GB/s"
             )  # fmt: skip
+            if device.overlap is not None:
+                stream += f", overlapping its arithmetic with p = {device.overlap:.1f}"
             return (
                 f"{device.kind} ({device.threads} thread(s)): {device.token_s * 1e3:.2f} ms/token "
                 f"+ {device.layer_s * 1e6:.0f} µs/layer; matvec GFLOP/s {shown or 'n/a'}{stream}"
@@ -313,13 +330,21 @@ def _device(raw: Mapping[str, Any], kind: str, notes: list[str]) -> DeviceRates:
         )
     stream_gbps = None
     stream = raw.get("stream")
-    if stream and kind == "gpu":
-        # Memory-bound on a GPU: the token less its fixed costs is the bytes' time.
+    if stream:
+        # Memory-bound (an offloaded F16 model, an F32 one on a CPU): the
+        # token less its fixed costs is the bytes' time.
         net = stream["decode_s"] - token_s - stream["layers"] * layer_s
         if net >= STREAM_SHARE * stream["decode_s"]:
             stream_gbps = stream["bytes"] / net / 1e9
         else:
             notes.append(f"{kind}: the streaming model's bytes hide behind its fixed costs")
+    overlap = None
+    both = raw.get("overlap")
+    rate = matvec.get(both["type"]) if both else None
+    if both and rate and stream_gbps:
+        net = both["decode_s"] - token_s - both["layers"] * layer_s
+        memory = both["bytes"] / (stream_gbps * 1e9)
+        overlap = overlap_exponent(memory, 2 * both["elements"] / (rate * 1e9), net)
     layouts: dict[str, tuple[float, float]] = {}
     for layout, probe in (raw.get("layouts") or {}).items():
         (n1, n2), (p1, p2) = probe["layers"], probe["seconds"]
@@ -343,8 +368,39 @@ def _device(raw: Mapping[str, Any], kind: str, notes: list[str]) -> DeviceRates:
         matvec_gflops=matvec,
         prompt_gflops=prompt,
         stream_gbps=stream_gbps,
+        overlap=overlap,
         layouts=layouts,
     )
+
+
+def blend(memory: float, arithmetic: float, overlap: float | None) -> float:
+    """Seconds for a matrix whose reading takes ``memory`` and whose
+    arithmetic ``arithmetic``, given the device's :attr:`DeviceRates.overlap`."""
+    slow, fast = max(memory, arithmetic), min(memory, arithmetic)
+    if overlap is None or slow <= 0:
+        return slow
+    return float(slow * (1 + (fast / slow) ** overlap) ** (1 / overlap))
+
+
+def overlap_exponent(memory: float, arithmetic: float, seconds: float) -> float | None:
+    """The p for which :func:`blend` of ``memory`` and ``arithmetic`` is
+    ``seconds`` (bisection: the blend falls from their sum at p = 1 to the
+    slower of them as p grows); None when ``seconds`` is within 1 % of the
+    slower, or closer to it than p = :data:`MAX_OVERLAP` comes."""
+    if min(memory, arithmetic) <= 0 or seconds <= max(memory, arithmetic) * 1.01:
+        return None
+    if seconds >= memory + arithmetic:
+        return 1.0
+    if blend(memory, arithmetic, MAX_OVERLAP) >= seconds:
+        return None
+    low, high = 1.0, MAX_OVERLAP
+    for _ in range(60):
+        middle = (low + high) / 2
+        if blend(memory, arithmetic, middle) > seconds:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
 
 
 def fit(raw: Mapping[str, Any]) -> Calibration:

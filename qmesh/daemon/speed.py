@@ -9,7 +9,7 @@ node's :class:`~qmesh.daemon.calibration.Calibration`. Pure functions;
 
 The model. One token costs, per device that holds part of the model::
 
-    Σ over weight types τ  max(2·E_τ / F_τ, B_τ / BW)      the matrices
+    Σ over weight types τ  blend(B_τ / BW, 2·E_τ / F_τ)    the matrices
   + layers × layer_s + token_s                             fixed work per layer and per token
   + KV cache read at the decode position                   attention, priced like a matrix
 
@@ -20,17 +20,21 @@ the daemon). E_τ and B_τ are the elements and bytes of type τ the token
 multiplies by (:class:`~qmesh.daemon.catalog.TypeRead`), F_τ the matrix-
 vector FLOP/s the calibration measured for τ at the runtime's thread count
 (dequantizing a Q5_0 block costs more than a Q4_0 one: the rates differ by
-2× between types), BW the memory bandwidth: for the host, the read rate
-membench measured at that thread count; for a GPU, what the calibration
-measured llama.cpp's kernels reach on a 2 GiB model (else NVML's peak ×
-:data:`GPU_EFFICIENCY`). Whichever of arithmetic and memory is slower
-bounds each type — a 270M model on one CPU thread is bound by arithmetic
-(its F16 variant by memory), an 8B model on a GPU by memory. (Adding the
-two instead, as if a core could not compute while its prefetchers read,
-predicted this machine 30 % slow; taking the slower of them is within the
-noise.) Without a calibration the rates are unbounded and the fixed terms
-zero: the memory-bound ceiling the planner used before, and the plan says
-so.
+2× between types), BW the memory bandwidth: what the calibration measured
+llama.cpp itself reaching on a model far bigger than the caches (on the host
+an F32 model at the calibrated thread count, on a GPU a 2 GiB F16 model);
+without that, membench's read rate at the runtime's thread count for the
+host, NVML's peak × :data:`GPU_EFFICIENCY` for a GPU. The slower of
+arithmetic and memory bounds each type — a 270M model on one CPU thread
+is bound by arithmetic (its F16 variant by memory), an 8B model on a GPU
+by memory — but where they take about as long, neither hides the other
+whole: the CPU's time is their blend ``(M^p + A^p)^(1/p)``
+(:func:`~qmesh.daemon.calibration.blend`) with the p the calibration
+fitted on a Q8_0 model beyond the caches (about 3 here: 1.16× the slower
+where both are equal). Adding them (p = 1) predicted this machine 30 %
+slow; the slower alone 15-30 % fast. Without a calibration the rates are
+unbounded and the fixed terms zero: the memory-bound ceiling the planner
+used before, and the plan says so.
 
 Prompt processing is batched matrix-matrix work: ``2·E_τ·n / P_τ`` with P_τ
 the calibrated batch FLOP/s, the output head once (only the last prompt
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
+from qmesh.daemon.calibration import blend
 from qmesh.daemon.catalog import TypeRead
 
 if TYPE_CHECKING:
@@ -202,9 +207,10 @@ def decode_time(
         flops = None if rates is None else rate_for(rates.matvec_gflops, kind)
         compute = 2 * elements / (flops * 1e9) if flops else 0.0
         if rates is not None and rates.stream_gbps:
-            bandwidth = rates.stream_gbps * 1e9  # what the GPU's kernels reached
+            bandwidth = rates.stream_gbps * 1e9  # what llama.cpp's own reading reached
         memory = size / bandwidth
-        return max(memory, compute), compute if compute > memory else 0.0
+        seconds = blend(memory, compute, None if rates is None else rates.overlap)
+        return seconds, compute if compute > memory else 0.0
 
     for share in shares:
         if share.layers == 0 and not share.head:

@@ -45,8 +45,20 @@ _FILE_TYPES: Final = {
     "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32,
 }  # fmt: skip
 """``general.file_type`` (llama.cpp's ftype) for a model whose matrices are all one type."""
-POOL_ROWS: Final = 32
+POOL_ROWS: Final = 128
 """Distinct rows per tensor shape; the rest repeats them."""
+WEIGHT_TAILS: Final = 5
+"""Degrees of freedom of the Student t the weights are drawn from, and
+:data:`ROW_SPREAD` the standard deviation of each row's scale in octaves:
+together they spread the scales of quantized blocks as real models do
+(Gemma 3 270M's Q8_0 tensors: scales over five octaves, 0.3-0.5 octave
+apart within a row, 220-380 of the 64-byte lines of a 256 KiB table).
+Normal weights of one scale span under two octaves. That costs: a
+llama.cpp built without F16C converts every block's fp16 scale through
+that table, and blocks of few scales keep the few lines they touch in L1
+— such weights ran Gemma 3's exact layout 25 % faster than the model
+itself on this machine's wheel, all of it in the Q8_0 dot product."""
+ROW_SPREAD: Final = 0.5
 
 
 @attrs.frozen
@@ -127,8 +139,11 @@ class _Weights:
         self._pools: dict[int, Any] = {}
 
     def _floats(self, rows: int, cols: int) -> Any:
+        """Weights as real models' are spread (see :data:`WEIGHT_TAILS`)."""
         np = self.np
-        return (self.rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        floats = self.rng.standard_t(WEIGHT_TAILS, (rows, cols)) * 0.02
+        floats *= np.exp2(self.rng.normal(0.0, ROW_SPREAD, (rows, 1)))
+        return floats.astype(np.float32)
 
     def _pool(self, cols: int) -> Any:
         """POOL_ROWS quantized rows of ``cols`` weights, and a zero row last."""
