@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar, Final, Literal, Self, TypeAlias, final
 
 __all__ = [
+    "AUDIT_ROW_WIDTH",
     "CONTROL_TYPE_MIN",
     "FLAG_COMPRESSED",
     "FRAME_TYPES",
@@ -47,9 +48,10 @@ __all__ = [
     "PG_SSL_REQUEST",
     "PROTOCOL_VERSION",
     "RESET_CODES",
-    "STATEMENT_DONE",
     "STATEMENT_RUNNING",
     "TAG_LEN",
+    "AuditAuthor",
+    "AuditQueue",
     "BufferLike",
     "EngineNotifier",
     "EngineStats",
@@ -382,11 +384,10 @@ class RelayOutcome:
     def failed(self) -> bool:
         """Whether the relay ended other than by its ends closing."""
 
-STATEMENT_DONE: Final[int]
-"""A pooled native stream's tap record kind: one simple Query for the audit,
-paired with its outcome in the engine (see :func:`qmesh.pg.watch.statement_record`)."""
 STATEMENT_RUNNING: Final[int]
-"""The same for a Query still running when the engine's part ended."""
+"""A pooled native stream's tap record kind: a simple Query still running
+when the engine's part ended, which Python's relay follows from there (see
+:func:`qmesh.pg.watch.statement_record`)."""
 
 @final
 class PooledEnd:
@@ -460,6 +461,50 @@ class PoolShelf:
         wait_s_total)``: waits are of the clients that had to wait in line."""
     def engine_waiters(self) -> int:
         """Engines' clients waiting in line."""
+
+AUDIT_ROW_WIDTH: Final[int]
+"""Values per row in :meth:`AuditQueue.take`."""
+
+@final
+class AuditQueue:
+    """The bounded queue of statement audit records (see ``qmesh.pg.audit``):
+    pushes never wait, and records past ``max_records`` or ``max_bytes`` of
+    statements are dropped and counted."""
+
+    def __new__(cls, max_records: int, max_bytes: int, max_statement_chars: int) -> Self: ...
+    @property
+    def notify_fd(self) -> int:
+        """Readable once a record arrives in an empty queue, until :meth:`take`."""
+    @property
+    def recorded(self) -> int:
+        """Records accepted since the queue was made."""
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the queue was full."""
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer."""
+    def push(
+        self,
+        app: str,
+        alias: str,
+        session: str | None,
+        keep_text: bool,
+        statements: list[tuple[bytes, float, int | None, str]],
+    ) -> None:
+        """Queue ``(statement, duration_s, rows, outcome)`` of one session,
+        ended now; those that do not fit are dropped."""
+    def author(self, app: str, alias: str, session: str | None, keep_text: bool) -> AuditAuthor:
+        """What an engine's pooled stream records its statements with."""
+    def take(self, max_records: int) -> tuple[int, list[object]]:
+        """``(count, values)``: up to ``max_records`` records, oldest first,
+        as rows laid end to end — ``ts, app, alias, statement (None where
+        only the hash is kept), statement_sha256, duration_ms, rows,
+        outcome, session`` each."""
+
+@final
+class AuditAuthor:
+    """One client session's way into an :class:`AuditQueue`, for the engine."""
 
 @final
 class EngineStats:
@@ -593,6 +638,7 @@ class TunnelEngine:
         tap: TapSpec | None = None,
         tls: TlsSession | None = None,
         pooled: tuple[PoolShelf, float] | None = None,
+        audit: AuditAuthor | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
         connected, non-blocking socket ``fd`` until it ends (reported by
@@ -602,7 +648,8 @@ class TunnelEngine:
         now on (the object is spent: :attr:`TlsSession.handed_over`).
         With ``pooled=(shelf, wait_s)`` the stream is a transaction-mode
         client: ``fd`` is ignored, and it borrows server connections from
-        ``shelf`` per transaction, waiting at most ``wait_s`` in line.
+        ``shelf`` per transaction, waiting at most ``wait_s`` in line; its
+        finished statements go to ``audit``, if given.
         ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:

@@ -20,17 +20,15 @@ lines, or deciding what counts as a statement (the relay calls
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
 import attrs
 import trio
 
+from qmesh import _core
 from qmesh.config import AUDIT_MODES
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import insert_many
@@ -72,19 +70,6 @@ class AuditRecord:
     ``PQbackendPID``); None in records written before sessions were kept."""
 
 
-@attrs.frozen
-class _Pending:
-    ts: float
-    app: str
-    alias: str
-    statement: str | bytes
-    keep_text: bool
-    duration_ms: float
-    rows: int | None
-    outcome: str
-    session: str | None
-
-
 class AuditLog:
     """Queues audit records and writes them in batches; see the module docstring.
 
@@ -103,30 +88,31 @@ class AuditLog:
         batch_size: int = DEFAULT_BATCH,
         max_statement_chars: int = DEFAULT_MAX_STATEMENT_CHARS,
     ) -> None:
-        if mode not in AUDIT_MODES:
-            raise ValueError(f"audit mode must be one of {', '.join(AUDIT_MODES)}; got {mode!r}")
+        _check_mode(mode)
         self.store = store
         self.mode = mode
         self.max_queue = max_queue
-        self.max_queue_chars = max_queue_chars
         self.batch_size = batch_size
-        self.max_statement_chars = max_statement_chars
-        self._queue: deque[_Pending] = deque()
-        self._queued_chars = 0
-        self._lock = threading.Lock()  # record() may be called from worker threads too
-        self.recorded = 0
-        """Records accepted into the queue."""
+        self.queue = _core.AuditQueue(max_queue, max_queue_chars, max_statement_chars)
+        """Where records wait for the writer; the engine threads record
+        into it too (:meth:`author`)."""
         self.written = 0
-        self.dropped = 0
-        """Records refused because the queue was full."""
         self.failed = 0
         """Records lost because the database refused a batch."""
         self._reported_drops = 0
         self._reported_at = -_DROP_REPORT_INTERVAL_S
-        self._wakeup = trio.Event()
         self._progress = trio.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._trio_thread: int | None = None
+        self._running = False
+
+    @property
+    def recorded(self) -> int:
+        """Records accepted into the queue."""
+        return self.queue.recorded
+
+    @property
+    def dropped(self) -> int:
+        """Records refused because the queue was full."""
+        return self.queue.dropped
 
     # -- the producer side: must never block -------------------------------------------
 
@@ -144,11 +130,8 @@ class AuditLog:
     ) -> None:
         """Queue one record; return at once. ``mode`` overrides the log's
         default for this record (the app's ``audit_statements`` policy).
-
-        Safe from the Trio thread and from other threads. Keeps a reference
-        to ``statement``, never a copy; hashing and truncation happen in the
-        writer's thread.
-        """
+        Safe from the Trio thread and from other threads; hashing and
+        truncation happen in the writer's thread."""
         self.record_many(
             app=app,
             alias=alias,
@@ -168,166 +151,117 @@ class AuditLog:
     ) -> None:
         """:meth:`record` for several statements of one session at once:
         ``(statement, duration_s, rows, outcome)`` each."""
-        mode = self.mode if mode is None else mode
+        mode = self.mode if mode is None else _check_mode(mode)
         if mode == "off":
             return
-        if mode not in AUDIT_MODES:
-            raise ValueError(f"audit mode must be one of {', '.join(AUDIT_MODES)}; got {mode!r}")
-        ts, keep_text = time.time(), mode == "text"
-        with self._lock:
-            for statement, duration_s, rows, outcome in statements:
-                size = len(statement)
-                if (
-                    len(self._queue) >= self.max_queue
-                    or self._queued_chars + size > self.max_queue_chars
-                ):
-                    self.dropped += 1
-                    continue
-                self._queue.append(
-                    _Pending(
-                        ts,
-                        app,
-                        alias,
-                        statement,
-                        keep_text,
-                        duration_s * 1000.0,
-                        rows,
-                        outcome,
-                        session,
-                    )
-                )
-                self._queued_chars += size
-                self.recorded += 1
-        self._wake()
+        self.queue.push(
+            app,
+            alias,
+            session,
+            mode == "text",
+            [
+                # surrogatepass: a str decoded with surrogateescape still hashes.
+                (text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"),
+                 duration_s, rows, outcome)
+                for text, duration_s, rows, outcome in statements
+            ],
+        )  # fmt: skip
 
-    def _wake(self) -> None:
-        if self._token is None:
-            return  # run() has not started; it looks at the queue when it does
-        if threading.get_ident() == self._trio_thread:
-            self._wakeup.set()
-        else:
-            try:
-                self._token.run_sync_soon(self._wakeup_in_trio)
-            except trio.RunFinishedError:
-                pass
-
-    def _wakeup_in_trio(self) -> None:
-        # Looked up when it runs, in the Trio thread: the current event.
-        self._wakeup.set()
+    def author(
+        self, *, app: str, alias: str, mode: str | None = None, session: str | None = None
+    ) -> _core.AuditAuthor | None:
+        """What an engine's stream records one session's statements with;
+        None when ``mode`` (else the log's) is ``off``."""
+        mode = self.mode if mode is None else _check_mode(mode)
+        if mode == "off":
+            return None
+        return self.queue.author(app, alias, session, mode == "text")
 
     # -- the writer --------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued records until cancelled; then write what is left
         (for at most a few seconds, shielded) and return."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._trio_thread = threading.get_ident()
+        self._running = True
         task_status.started()
         try:
             while True:
-                # A fresh event before looking at the queue: a record that
-                # arrives after the look sets this event, so none is missed.
-                self._wakeup = trio.Event()
-                if not self._queue:
-                    await self._wakeup.wait()
+                if not self.queue.queued:
+                    # Readable once a record arrives in the empty queue.
+                    await trio.lowlevel.wait_readable(self.queue.notify_fd)
                 # Let records gather, also under steady load: one worker
                 # thread hand-off and one transaction (and fsync) per linger,
                 # not per statement, keeps the audit off the relay's CPU and
                 # latency. A full batch is written at once.
-                if len(self._queue) < self.batch_size:
+                if self.queue.queued < self.batch_size:
                     await trio.sleep(LINGER_S)
                 await self._write_some()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
                 while await self._write_some():
                     pass
-            self._token = None
+            self._running = False
             self._report_drops(force=True)
 
     async def _write_some(self) -> bool:
         """Write one batch if any is queued; False if the queue was empty."""
-        with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            self._queued_chars -= sum(len(item.statement) for item in batch)
-        if not batch:
-            return False
         # Shielded: a batch taken off the queue is written, not lost to a
-        # cancellation (to_thread checks for one before it starts the thread).
-        # The write is bounded by the store's busy timeout.
+        # cancellation. The write is bounded by the store's busy timeout.
         with trio.CancelScope(shield=True):
-            written = await trio.to_thread.run_sync(self._write_batch, batch)
+            written, taken = await trio.to_thread.run_sync(self._write_batch)
+        if not taken:
+            return False
         self.written += written
-        self.failed += len(batch) - written
+        self.failed += taken - written
         self._report_drops()
         progress, self._progress = self._progress, trio.Event()
         progress.set()
         return True
 
-    def _write_batch(self, batch: list[_Pending]) -> int:
-        rows: list[object] = []
-        for item in batch:
-            statement = item.statement
-            # surrogatepass: a str decoded with surrogateescape still hashes.
-            raw = (
-                statement
-                if isinstance(statement, bytes)
-                else statement.encode("utf-8", "surrogatepass")
-            )
-            digest = hashlib.sha256(raw)
-            text = None
-            if item.keep_text:
-                # From the bytes, so what is stored is always valid UTF-8.
-                text = raw.decode("utf-8", errors="replace")
-                if len(text) > self.max_statement_chars:
-                    text = (
-                        f"{text[: self.max_statement_chars]}… "
-                        f"[truncated: {len(text)} characters in all]"
-                    )
-            rows += (
-                item.ts,
-                item.app,
-                item.alias,
-                text,
-                digest.hexdigest(),
-                item.duration_ms,
-                item.rows,
-                item.outcome,
-                item.session,
-            )
+    def _write_batch(self) -> tuple[int, int]:
+        """(written, taken): one batch off the queue, into the store."""
+        taken, values = self.queue.take(self.batch_size)
+        if not taken:
+            return 0, 0
         try:
             with self.store._write(announce=False) as conn:
                 insert_many(
                     conn,
                     "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256,"
                     " duration_ms, rows, outcome, session)",
-                    rows,
-                    9,
+                    values,
+                    _core.AUDIT_ROW_WIDTH,
                 )
         except (*DATABASE_ERRORS, StateError) as exc:
-            logger.error("audit: could not write %d records: %s", len(batch), exc)
-            return 0
-        return len(batch)
+            logger.error("audit: could not write %d records: %s", taken, exc)
+            return 0, taken
+        return taken, taken
 
     def _report_drops(self, *, force: bool = False) -> None:
-        new = self.dropped - self._reported_drops
+        dropped = self.dropped
+        new = dropped - self._reported_drops
         now = time.monotonic()
         if new and (force or now - self._reported_at >= _DROP_REPORT_INTERVAL_S):
             logger.warning(
-                "audit: queue full, dropped %d records (%d in all since start)",
-                new,
-                self.dropped,
+                "audit: queue full, dropped %d records (%d in all since start)", new, dropped
             )
-            self._reported_drops = self.dropped
+            self._reported_drops = dropped
             self._reported_at = now
 
     async def flush(self) -> None:
         """Wait until every record queued before this call is written (or
         failed). :meth:`run` must be running."""
-        if self._token is None:
+        if not self._running:
             raise RuntimeError("AuditLog.flush() needs AuditLog.run() running")
         target = self.recorded
         while self.written + self.failed < target:
             await self._progress.wait()
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in AUDIT_MODES:
+        raise ValueError(f"audit mode must be one of {', '.join(AUDIT_MODES)}; got {mode!r}")
+    return mode
 
 
 def list_audit(

@@ -276,14 +276,15 @@ class PooledSession:
         """Relay in the tunnel engine until the session ends there (False)
         or the client sends what only this relay follows (True: carry on
         here, with the connection of an open transaction block, if any)."""
-        # With Query asked for, the engine pairs each statement with its
-        # outcome and hands up one record (see SessionWatch.engine_statements).
-        audit = self.watch.audit is not None
-        spec = _core.TapSpec(frontend=(b"Q", b"") if audit else None)
+        # With an author, the engine records each statement with its outcome
+        # itself; those still running when its part ends come up the tap.
         self._in_engine = True
         try:
             outcome = await self.client.relay_native(
-                None, tap=Tap(spec, self._on_tap), pooled=(self.pool.shelf, self.pool.wait_s)
+                None,
+                tap=Tap(_core.TapSpec(), self._on_tap),
+                pooled=(self.pool.shelf, self.pool.wait_s),
+                audit=self.watch.author(),
             )
         except BaseException:
             late = self.client.native_outcome
@@ -331,7 +332,7 @@ class PooledSession:
         self._attached.set()
 
     def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
-        """The audit of what the engine relayed, in order."""
+        """The audit's statements still running when the engine's part ended."""
         self.watch.engine_statements(records)
         return None
 

@@ -225,29 +225,25 @@ class SessionWatch:
         elif tag in (_I, _SUSPENDED) and head.kind == _E:
             self._finish(pending.popleft(), "ok", now)
 
-    def engine_statements(self, records: list[_core.TapRecord]) -> None:
-        """Simple Queries the engine paired with their outcomes
-        (``_core.STATEMENT_DONE``, ``at`` when each ended), or that were still
-        running when the engine's part ended (``STATEMENT_RUNNING``: they are
-        followed here from now on); each ``raw`` is :func:`statement_record`'s."""
-        audit = self.audit
-        if audit is None:
-            return
-        done = []
-        for at, _from_client, kind, raw, _held in records:
-            item = statement_record(raw)
-            if kind == _core.STATEMENT_RUNNING:
-                self.pending.append(item)
-            else:
-                outcome = f"error:{item.error}" if item.error else "ok"
-                done.append((item.text, at - item.started, item.rows, outcome))
-        audit.record_many(
-            app=self.app_id,
-            alias=self.alias,
-            statements=done,
-            mode=self.audit_mode,
-            session=self.session,
+    def author(self) -> _core.AuditAuthor | None:
+        """Where the engine records this session's statements itself (each
+        simple Query with its rows and outcome, no Python on the way); None
+        with the audit off."""
+        if self.audit is None:
+            return None
+        return self.audit.author(
+            app=self.app_id, alias=self.alias, mode=self.audit_mode, session=self.session
         )
+
+    def engine_statements(self, records: list[_core.TapRecord]) -> None:
+        """Simple Queries that were still running when the engine's part
+        ended (``_core.STATEMENT_RUNNING``, each ``raw`` as
+        :func:`statement_record` reads it): followed here from now on."""
+        if self.audit is None:
+            return
+        for _at, _from_client, kind, raw, _held in records:
+            if kind == _core.STATEMENT_RUNNING:
+                self.pending.append(statement_record(raw))
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""

@@ -347,6 +347,7 @@ class Session:
         tap: _core.TapSpec | None,
         tls: _core.TlsSession | None = None,
         pooled: tuple[_core.PoolShelf, float] | None = None,
+        audit: _core.AuditAuthor | None = None,
     ) -> None:
         """Hand stream ``stream_id`` to the engine, relayed to the socket
         ``fd`` (or, ``pooled``, to its pool's connections)."""
@@ -365,6 +366,7 @@ class Session:
             tap=tap,
             tls=tls,
             pooled=pooled,
+            audit=audit,
         )
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:

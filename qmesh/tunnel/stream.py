@@ -27,7 +27,15 @@ from typing import Any, Protocol
 
 import trio
 
-from qmesh._core import PoolShelf, RelayEnding, RelayOutcome, TapRecord, TapSpec, TlsSession
+from qmesh._core import (
+    AuditAuthor,
+    PoolShelf,
+    RelayEnding,
+    RelayOutcome,
+    TapRecord,
+    TapSpec,
+    TlsSession,
+)
 from qmesh.fastsocket import FastSocketStream, YieldBudget
 from qmesh.tunnel.errors import StreamReset
 from qmesh.tunnel.frames import (
@@ -75,6 +83,7 @@ class StreamHost(Protocol):
         tap: TapSpec | None,
         tls: TlsSession | None,
         pooled: tuple[PoolShelf, float] | None = None,
+        audit: AuditAuthor | None = None,
     ) -> None:
         """Hand the stream, with its state, to the engine, relayed to the
         socket ``fd`` (see ``qmesh._core.TunnelEngine.attach_native``)."""
@@ -244,6 +253,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         tap: NativeTap | None = None,
         tls: TlsSession | None = None,
         pooled: tuple[PoolShelf, float] | None = None,
+        audit: AuditAuthor | None = None,
     ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
         ways, until it ends; half-closes pass on as in
@@ -262,7 +272,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         transaction-mode Postgres client whose server connections the engine
         borrows from ``shelf`` (see ``TunnelEngine.attach_native``); client
         bytes the engine did not relay (``outcome.pooled.leftover``) are this
-        stream's to read again.
+        stream's to read again; its finished statements go to ``audit``.
 
         Cancelling takes the stream back at once (its outcome is then
         :attr:`native_outcome`, if the engine had not ended it already). The
@@ -292,6 +302,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 tap=None if tap is None else tap.spec,
                 tls=tls,
                 pooled=pooled,
+                audit=audit,
             )
             self._consumed_unreported = 0  # the engine's to report now
             try:

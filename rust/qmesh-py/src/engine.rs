@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
+use crate::audit::AuditAuthor;
 use crate::pool::PoolShelf;
 use crate::tls::TlsSession;
 use crate::{Error, FrameDecoder, FrameEncoder, Result, DETACH_THRESHOLD};
@@ -550,7 +551,9 @@ impl TunnelEngine {
     /// connected, non-blocking socket ``fd`` until it ends (reported by
     /// :meth:`take`). The other arguments carry the stream's state over;
     /// ``tap`` says what the stream's scanners report and hold (see
-    /// :class:`TapSpec`).
+    /// :class:`TapSpec`); ``pooled`` (a shelf and the longest wait in line)
+    /// makes it a transaction-mode client session, whose finished
+    /// statements go to ``audit`` (an :class:`AuditAuthor`) if given.
     #[pyo3(signature = (
         stream_id,
         fd,
@@ -564,6 +567,7 @@ impl TunnelEngine {
         tap = None,
         tls = None,
         pooled = None,
+        audit = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn attach_native(
@@ -579,6 +583,7 @@ impl TunnelEngine {
         tap: Option<PyRef<'_, TapSpec>>,
         tls: Option<PyRefMut<'_, TlsSession>>,
         pooled: Option<(PyRef<'_, PoolShelf>, f64)>,
+        audit: Option<PyRef<'_, AuditAuthor>>,
     ) -> Result<()> {
         let pooled = match pooled {
             Some((shelf, wait_s)) => Some(relay::PooledSpec {
@@ -586,6 +591,7 @@ impl TunnelEngine {
                 wait_limit: Duration::try_from_secs_f64(wait_s).map_err(|_| {
                     PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
                 })?,
+                audit: audit.map(|author| author.inner.clone()),
             }),
             None => None,
         };
@@ -686,7 +692,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PooledEnd>()?;
     m.add_class::<EngineStats>()?;
     m.add_class::<TapSpec>()?;
-    m.add("STATEMENT_DONE", relay::STATEMENT_DONE)?;
     m.add("STATEMENT_RUNNING", relay::STATEMENT_RUNNING)?;
     // The stub's alias exists at runtime too (like `Frame` in lib.rs).
     let py = m.py();

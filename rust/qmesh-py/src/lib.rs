@@ -34,6 +34,7 @@ use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyTuple};
 
+mod audit;
 mod chain;
 mod engine;
 mod error;
@@ -570,6 +571,7 @@ mod _core {
         pg::register(m)?;
         engine::register(m)?;
         pool::register(m)?;
+        audit::register(m)?;
         tls::register(m)?;
         http::register(m)?;
         chain::register(m)?;

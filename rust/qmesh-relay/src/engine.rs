@@ -317,14 +317,13 @@ impl Native {
     /// `data` is sent or recorded.
     fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), PgError> {
         if let (Some(pooled), Some(scanner)) = (self.pooled.as_mut(), self.backend.as_mut()) {
-            let before = self.records.len();
+            // Statements the server finished before an error stay
+            // recorded: they ran.
             let mut sink = pooled::Back {
                 pooled,
-                records: &mut self.records,
                 at: sys::monotonic(),
             };
             if let Err(error) = scanner.feed(data, &mut sink) {
-                self.records.truncate(before);
                 let side = Side::Server;
                 return Err(PgError { side, error });
             }
@@ -423,7 +422,6 @@ impl Native {
             pooled,
             out: Vec::new(),
             dropped: 0,
-            tapped: self.tapped,
             at: sys::monotonic(),
         };
         let result = scanner.feed(data, &mut sink);

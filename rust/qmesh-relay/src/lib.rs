@@ -5,6 +5,7 @@
 //! is at fault; [`tls`] the TLS a native stream's socket may speak (the Gate
 //! to a database server, an application to the MiniGate).
 
+pub mod audit;
 pub mod engine;
 pub mod error;
 mod fastroute;
@@ -16,6 +17,7 @@ mod reactor;
 mod sys;
 pub mod tls;
 
+pub use audit::{AuditAuthor, AuditCounts, AuditLimits, AuditQueue, Row as AuditRow, Who};
 pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
@@ -26,6 +28,6 @@ pub use http::{
 };
 pub use notify::Notifier;
 pub use pool::{Lease, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
-pub use pooled::{PooledEnd, PooledSpec, STATEMENT_DONE, STATEMENT_RUNNING};
+pub use pooled::{PooledEnd, PooledSpec, STATEMENT_RUNNING};
 pub use reactor::engine_threads;
 pub use sys::monotonic;

@@ -13,22 +13,22 @@
 //! (a transaction block open, or answers still due, which Python's relay
 //! then passes on). Python's relay carries the session to its end.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qmesh_pg as pg;
 
+use crate::audit::AuditAuthor;
 use crate::engine::TapRecord;
 use crate::pool::{Lease, Shelf};
 
-/// Tap record kinds a pooled stream makes itself (never a Postgres type
-/// byte): the audit's view of one simple Query, paired with its outcome in
-/// the engine, so Python gets one record per statement instead of three.
-/// `raw` is [`statement_record`]'s layout; `at` is when it ended.
-pub const STATEMENT_DONE: u8 = 0x01;
-/// A statement still running when the engine's part ended: Python's relay
-/// follows it from here (`at` is when it started).
+/// The tap record kind a pooled stream makes itself (never a Postgres type
+/// byte): a statement still running when the engine's part ended, which
+/// Python's relay follows from there (`at` is when it started; `raw` is
+/// [`Statement::record`]'s layout). Finished statements go to the audit's
+/// queue from the engine.
 pub const STATEMENT_RUNNING: u8 = 0x02;
 
 /// What makes a native stream a pooled one.
@@ -37,6 +37,8 @@ pub struct PooledSpec {
     /// How long the client may wait in line before its session ends
     /// ([`crate::Ending::PoolTimeout`]).
     pub wait_limit: Duration,
+    /// Where each finished statement is recorded, if the audit is on.
+    pub audit: Option<AuditAuthor>,
 }
 
 impl std::fmt::Debug for PooledSpec {
@@ -150,8 +152,9 @@ pub(crate) struct Pooled {
     pub(crate) handback: Option<Vec<u8>>,
     pub(crate) terminated: bool,
     pub(crate) server_fatal: bool,
-    /// The audit's statements on their way (when the tap asks for Queries).
+    /// The audit's statements on their way (with an author).
     pub(crate) statements: VecDeque<Statement>,
+    pub(crate) audit: Option<AuditAuthor>,
 }
 
 /// One simple Query for the audit, from relayed to ReadyForQuery.
@@ -185,6 +188,24 @@ impl Statement {
     }
 }
 
+impl Statement {
+    /// Recorded, ended at `at`: rows and outcome ("ok", or "error:" and
+    /// the first error's SQLSTATE), as Python's relay records them.
+    fn finish(self, author: &AuditAuthor, at: f64) {
+        let outcome = match self.sqlstate {
+            None => Cow::Borrowed("ok"),
+            Some(state) => Cow::Owned(format!("error:{}", String::from_utf8_lossy(&state))),
+        };
+        let mut raw = self.raw;
+        // The text as sent: after the header, less the terminating NUL.
+        let end = raw.len() - usize::from(raw.last() == Some(&0) && raw.len() > pg::HEADER_LEN);
+        raw.truncate(end);
+        raw.drain(..pg::HEADER_LEN.min(raw.len()));
+        let rows = self.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+        author.record(raw, at - self.started, rows, outcome);
+    }
+}
+
 impl Pooled {
     pub(crate) fn new(spec: PooledSpec) -> Pooled {
         Pooled {
@@ -198,6 +219,7 @@ impl Pooled {
             terminated: false,
             server_fatal: false,
             statements: VecDeque::new(),
+            audit: spec.audit,
         }
     }
 
@@ -225,8 +247,6 @@ pub(crate) struct Front<'a> {
     pub(crate) out: Vec<u8>,
     /// Bytes dropped (after a Terminate, and the Terminate itself).
     pub(crate) dropped: usize,
-    /// Client kinds the tap asks for: with Query, the audit's statements.
-    pub(crate) tapped: pg::TagSet,
     pub(crate) at: f64,
 }
 
@@ -255,7 +275,7 @@ impl pg::Sink for Front<'_> {
                 self.out.extend_from_slice(raw);
                 pooled.due += 1;
                 pooled.status = 0;
-                if self.tapped.contains(tag) {
+                if pooled.audit.is_some() {
                     pooled.statements.push_back(Statement {
                         raw: raw.to_vec(),
                         started: self.at,
@@ -278,7 +298,6 @@ impl pg::Sink for Front<'_> {
 /// outcome gathered into one record at its ReadyForQuery.
 pub(crate) struct Back<'a> {
     pub(crate) pooled: &'a mut Pooled,
-    pub(crate) records: &'a mut Vec<TapRecord>,
     pub(crate) at: f64,
 }
 
@@ -292,8 +311,10 @@ impl pg::Sink for Back<'_> {
             b'Z' => {
                 pooled.due = pooled.due.saturating_sub(1);
                 pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
-                if let Some(statement) = pooled.statements.pop_front() {
-                    self.records.push(statement.record(STATEMENT_DONE, self.at));
+                if let (Some(statement), Some(author)) =
+                    (pooled.statements.pop_front(), &pooled.audit)
+                {
+                    statement.finish(author, self.at);
                 }
             }
             b'E' => {

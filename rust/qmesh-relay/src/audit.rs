@@ -1,0 +1,315 @@
+//! The statement audit's queue, between those who record and the writer.
+//!
+//! Records come from the engine threads (each simple Query of a pooled
+//! stream, paired with its rows and outcome at its ReadyForQuery) and from
+//! Python's relay; Python's writer takes them in batches and stores them.
+//! An engine never waits on the audit and never calls Python for it: a
+//! record is a push under a short lock, and the writer hears of a queue that
+//! stopped being empty through one eventfd.
+//!
+//! The queue is bounded in records and in statement bytes: past either, a
+//! record is dropped and counted (an audit that stalled the database path
+//! would turn a slow disk into an outage). The statement's SHA-256 and its
+//! stored text (truncated) are made when the writer takes it, in the
+//! writer's thread.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::sys::EventFd;
+
+/// How much the queue holds before it drops, and how long a stored text may be.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditLimits {
+    pub max_records: usize,
+    /// Statement bytes queued, all records together.
+    pub max_bytes: usize,
+    /// Characters of a statement's text kept (the hash is of the whole).
+    pub max_statement_chars: usize,
+}
+
+/// Whose statements a record holds: one client session.
+#[derive(Debug)]
+pub struct Who {
+    pub app: Arc<str>,
+    pub alias: Arc<str>,
+    /// The edge and the process id the client was told.
+    pub session: Option<Arc<str>>,
+    /// Whether the text is stored, or only its hash.
+    pub keep_text: bool,
+}
+
+/// One statement, as recorded.
+#[derive(Debug)]
+pub struct Entry {
+    /// When it ended (Unix time).
+    pub ts: f64,
+    pub who: Arc<Who>,
+    pub statement: Vec<u8>,
+    pub duration_ms: f64,
+    pub rows: Option<i64>,
+    pub outcome: Cow<'static, str>,
+}
+
+/// One record as stored: [`Entry`] with its hash and stored text.
+#[derive(Debug)]
+pub struct Row {
+    pub ts: f64,
+    pub who: Arc<Who>,
+    /// None where only the hash is kept.
+    pub text: Option<String>,
+    /// Hex SHA-256 of the whole statement.
+    pub sha256: String,
+    pub duration_ms: f64,
+    pub rows: Option<i64>,
+    pub outcome: Cow<'static, str>,
+}
+
+/// Records accepted and dropped since the queue was made, and queued now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditCounts {
+    pub recorded: u64,
+    pub dropped: u64,
+    pub queued: usize,
+}
+
+struct State {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    recorded: u64,
+    dropped: u64,
+}
+
+pub struct AuditQueue {
+    state: Mutex<State>,
+    wake: EventFd,
+    limits: AuditLimits,
+}
+
+impl AuditQueue {
+    pub fn new(limits: AuditLimits) -> std::io::Result<Arc<AuditQueue>> {
+        Ok(Arc::new(AuditQueue {
+            state: Mutex::new(State {
+                entries: VecDeque::new(),
+                bytes: 0,
+                recorded: 0,
+                dropped: 0,
+            }),
+            wake: EventFd::new()?,
+            limits,
+        }))
+    }
+
+    pub fn limits(&self) -> AuditLimits {
+        self.limits
+    }
+
+    /// Readable once a record arrives in an empty queue, until [`Self::take`].
+    pub fn fd(&self) -> RawFd {
+        self.wake.fd()
+    }
+
+    /// Queue `entry`; false when the queue is full and it was dropped.
+    pub fn push(&self, entry: Entry) -> bool {
+        let mut state = self.lock();
+        let size = entry.statement.len();
+        if state.entries.len() >= self.limits.max_records
+            || state.bytes + size > self.limits.max_bytes
+        {
+            state.dropped += 1;
+            return false;
+        }
+        // Signalled under the lock, by the push that ends an empty spell:
+        // a take cannot drain between the push and the signal.
+        if state.entries.is_empty() {
+            self.wake.signal();
+        }
+        state.entries.push_back(entry);
+        state.bytes += size;
+        state.recorded += 1;
+        true
+    }
+
+    /// Up to `max` records, oldest first. Whatever is left stays queued
+    /// without a signal: the writer looks at [`Self::counts`] before it waits.
+    pub fn take(&self, max: usize) -> Vec<Entry> {
+        let mut state = self.lock();
+        self.wake.drain();
+        let count = max.min(state.entries.len());
+        let taken: Vec<Entry> = state.entries.drain(..count).collect();
+        state.bytes -= taken.iter().map(|e| e.statement.len()).sum::<usize>();
+        taken
+    }
+
+    pub fn counts(&self) -> AuditCounts {
+        let state = self.lock();
+        AuditCounts {
+            recorded: state.recorded,
+            dropped: state.dropped,
+            queued: state.entries.len(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The queue stays valid whatever panicked while holding it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What an engine's stream records with: its session and the queue.
+#[derive(Clone)]
+pub struct AuditAuthor {
+    pub queue: Arc<AuditQueue>,
+    pub who: Arc<Who>,
+}
+
+impl AuditAuthor {
+    /// A statement that ended now, after `duration_s`.
+    pub fn record(
+        &self,
+        statement: Vec<u8>,
+        duration_s: f64,
+        rows: Option<i64>,
+        outcome: Cow<'static, str>,
+    ) -> bool {
+        self.queue.push(Entry {
+            ts: unix_now(),
+            who: self.who.clone(),
+            statement,
+            duration_ms: duration_s * 1000.0,
+            rows,
+            outcome,
+        })
+    }
+}
+
+impl std::fmt::Debug for AuditAuthor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditAuthor")
+            .field("who", &self.who)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Entry {
+    /// The stored form: the hash of the whole statement and, where the text
+    /// is kept, the text as UTF-8 (invalid bytes replaced), cut after
+    /// `max_chars` characters with a note of the whole length.
+    pub fn into_row(self, max_chars: usize) -> Row {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.statement);
+        let mut sha256 = String::with_capacity(64);
+        for byte in digest.as_ref() {
+            let _ = write!(sha256, "{byte:02x}");
+        }
+        let text = self.who.keep_text.then(|| {
+            let text = String::from_utf8_lossy(&self.statement);
+            match text.char_indices().nth(max_chars) {
+                None => text.into_owned(),
+                Some((cut, _)) => format!(
+                    "{}… [truncated: {} characters in all]",
+                    &text[..cut],
+                    text.chars().count()
+                ),
+            }
+        });
+        Row {
+            ts: self.ts,
+            who: self.who,
+            text,
+            sha256,
+            duration_ms: self.duration_ms,
+            rows: self.rows,
+            outcome: self.outcome,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(keep_text: bool) -> Arc<Who> {
+        Arc::new(Who {
+            app: "shop".into(),
+            alias: "orders".into(),
+            session: Some("edge-1/42".into()),
+            keep_text,
+        })
+    }
+
+    fn entry(statement: &[u8], keep_text: bool) -> Entry {
+        Entry {
+            ts: 1.0,
+            who: who(keep_text),
+            statement: statement.to_vec(),
+            duration_ms: 1.5,
+            rows: Some(1),
+            outcome: Cow::Borrowed("ok"),
+        }
+    }
+
+    fn readable(fd: RawFd) -> bool {
+        crate::sys::readable_now(fd)
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_records_and_bytes_and_counts_what_it_drops() {
+        let limits = AuditLimits {
+            max_records: 3,
+            max_bytes: 10,
+            max_statement_chars: 100,
+        };
+        let queue = AuditQueue::new(limits).unwrap();
+        assert!(!readable(queue.fd()));
+        assert!(queue.push(entry(b"SELECT 1", true)));
+        assert!(readable(queue.fd()), "the first record wakes the writer");
+        assert!(!queue.push(entry(b"SELECT 2", true)), "past the bytes");
+        assert!(queue.push(entry(b"a", true)));
+        assert!(queue.push(entry(b"b", true)));
+        assert!(!queue.push(entry(b"c", true)), "past the records");
+        let counts = queue.counts();
+        assert_eq!((counts.recorded, counts.dropped, counts.queued), (3, 2, 3));
+        let first = queue.take(2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].statement, b"SELECT 1");
+        assert!(!readable(queue.fd()), "a take drains the signal");
+        assert!(queue.push(entry(b"SELECT 3", true)), "room again");
+        let rest = queue.take(10);
+        assert_eq!(
+            rest.iter()
+                .map(|e| e.statement.as_slice())
+                .collect::<Vec<_>>(),
+            [b"b".as_slice(), b"SELECT 3"]
+        );
+        assert_eq!(queue.counts().queued, 0);
+    }
+
+    #[test]
+    fn a_row_hashes_the_whole_statement_and_cuts_long_texts() {
+        let row = entry(b"SELECT 1", true).into_row(100);
+        // sha256("SELECT 1")
+        assert_eq!(
+            row.sha256,
+            "e004ebd5b5532a4b85984a62f8ad48a81aa3460c1ca07701f386135d72cdecf5"
+        );
+        assert_eq!(row.text.as_deref(), Some("SELECT 1"));
+        assert_eq!(entry(b"SELECT 1", false).into_row(100).text, None);
+        let long = entry("é".repeat(12).as_bytes(), true).into_row(10);
+        assert_eq!(
+            long.text.as_deref(),
+            Some("éééééééééé… [truncated: 12 characters in all]")
+        );
+        let bad = entry(b"SELECT '\xff'", true).into_row(100);
+        assert_eq!(bad.text.as_deref(), Some("SELECT '\u{fffd}'"));
+    }
+}
