@@ -456,6 +456,9 @@ class PoolShelf:
         """The least recently used idle connection, taken off the shelf."""
     def set_excess(self, excess: int) -> None:
         """Close this many connections as they come back from engines."""
+    def set_full(self, full: bool) -> None:
+        """Whether the pool holds all the connections it may: an engine's
+        client then waits in line without a ``"wanted"`` event."""
     def stats(self) -> tuple[int, int, float, int, int, float]:
         """``(idle, waiting, longest_wait_s, engine_loans, waits,
         wait_s_total)``: waits are of the clients that had to wait in line."""

@@ -24,6 +24,7 @@ from qmesh import _core
 from qmesh.fleet.inventory import Inventory
 from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
+from qmesh.pg.policy import policy_to_json
 from qmesh.pg.pool import PoolStats
 from qmesh.pg.pool_cli import format_pools
 from qmesh.tunnel.errors import SessionLost
@@ -202,6 +203,42 @@ async def test_a_client_waiting_in_the_engine_past_the_pool_wait_is_refused_alon
     assert "no server connection became free within 0.4 s" in message
     pool = stats(ghost)
     assert pool.timeouts == 1 and pool.waits >= 1 and pool.open == 1 and pool.waiting == 0
+
+
+async def test_a_full_pool_that_grows_serves_the_clients_waiting_in_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A client of the engine waiting in a full pool does not ask Python for a
+    connection (it waits for one to come back); when the pool's policy grows
+    it, the next login opens one for that client, which is served while the
+    first connection is still held."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
+    holder = await in_thread(lambda: simple(ghost, autocommit=False))
+    waiter = await in_thread(lambda: simple(ghost))
+    try:
+        assert await in_thread(lambda: holder.execute("SELECT 1").fetchone()) == (1,)
+        async with trio.open_nursery() as waiting:
+            answer: list[object] = []
+
+            async def wait_in_line() -> None:
+                answer.append(await in_thread(lambda: waiter.execute("SELECT 2").fetchone()))
+
+            waiting.start_soon(wait_in_line)
+            await until(lambda: stats(ghost).waiting == 1)
+            assert stats(ghost).open == 1
+            settings = ghost.service.policies.settings(ghost.app_id)
+            assert settings is not None
+            grown = attrs.evolve(settings, pool_size=2)
+            ghost.store.set_app_policy(ghost.app_id, policy_to_json(grown))
+            await ghost.service.refresh_apps()  # what the Gate's state watcher calls
+            await in_thread(lambda: simple(ghost).close())  # a login: the pool takes the size
+            with trio.fail_after(20):
+                await until(lambda: answer == [(2,)])
+        assert stats(ghost).open == 2
+        await in_thread(holder.commit)  # held all along
+    finally:
+        await in_thread(holder.close)
+        await in_thread(waiter.close)
 
 
 async def test_cancel_reaches_the_query_the_engine_relays(

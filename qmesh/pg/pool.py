@@ -184,21 +184,20 @@ class ServerPool:
         self, key: PoolKey, opener: Opener, *, size: int, wait_s: float, settings: PgPoolConfig
     ) -> None:
         self.key = key
-        self.size = size
+        self.shelf = _core.PoolShelf(settings.server_check_delay_s)
+        self._size = size
+        self._count = 0
         self.wait_s = wait_s
         self.settings = settings
         self.opener = opener
         """Logs in to the server; the newest login's credentials (a rotation)."""
         self.book: PoolBook | None = None
         """The Gate's pools, which share ``max_server_connections_per_alias``."""
-        self.shelf = _core.PoolShelf(settings.server_check_delay_s)
         self._conns: dict[int, ServerConn] = {}
         """Every open connection, by id: idle, lent, or with Python."""
         self._ids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
         self._opening_for_engines = 0
-        self.count = 0
-        """Connections open or being opened."""
         self.hello: list[bytes] | None = None
         """The ParameterStatus (and notice) messages of the pool's newest
         login: what a client is told at its own login."""
@@ -209,6 +208,33 @@ class ServerPool:
         self.open_failure: PgSessionError | None = None
         """Why the newest login failed, if it did: what a client of the
         engine that waited in vain is told (the engine cannot log in)."""
+        self._tell_shelf()
+
+    @property
+    def count(self) -> int:
+        """Connections open or being opened."""
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
+        self._tell_shelf()
+
+    @property
+    def size(self) -> int:
+        """The most connections the pool opens (a policy's ``pool_size``)."""
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+        self._tell_shelf()
+
+    def _tell_shelf(self) -> None:
+        # A full pool's engine clients wait for a connection to come back,
+        # without waking Python for one it could not open (a place coming
+        # free wakes the line: wake_one).
+        self.shelf.set_full(self._count >= self._size)
 
     def describe(self) -> str:
         return f'the pool of app "{self.key.app_id}" on database alias "{self.key.alias}"'
@@ -539,6 +565,7 @@ class PoolBook:
         else:
             pool.size, pool.wait_s = size, wait_s
             pool.opener = opener
+            pool._open_for_engines()  # for those who waited while it was full
         pool.shelf.set_excess(max(0, pool.count - pool.size))
         return pool
 

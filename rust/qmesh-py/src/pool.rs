@@ -139,6 +139,13 @@ impl PoolShelf {
         self.inner.set_excess(excess);
     }
 
+    /// Whether the pool holds all the connections it may: an engine's
+    /// client then waits in line without a ``"wanted"`` event (Python
+    /// looks at the line itself when a place comes free).
+    fn set_full(&self, full: bool) {
+        self.inner.set_full(full);
+    }
+
     /// ``(idle, waiting, longest_wait_s, engine_loans, waits, wait_s_total)``:
     /// waits are of the clients that had to wait in line.
     fn stats(&self) -> (usize, usize, f64, u64, u64, f64) {

@@ -58,7 +58,9 @@ pub enum ShelfEvent {
     /// A connection that needs Python.
     Returned { lease: Lease, why: ReturnWhy },
     /// An engine's client waits with no idle connection to be had: Python
-    /// opens one if the pool has room.
+    /// opens one if the pool has room. Not sent while Python said the pool
+    /// is full ([`Shelf::set_full`]): it looks at the line itself when a
+    /// place comes free.
     Wanted,
 }
 
@@ -124,6 +126,8 @@ struct State {
     check_after: Duration,
     /// Connections to close as they come back (the pool shrank).
     excess: usize,
+    /// The pool holds all the connections it may: no use asking for more.
+    full: bool,
     next_ticket: u64,
     engine_loans: u64,
     waits: u64,
@@ -151,6 +155,7 @@ impl Shelf {
                 notified: false,
                 check_after,
                 excess: 0,
+                full: false,
                 next_ticket: 1,
                 engine_loans: 0,
                 waits: 0,
@@ -263,6 +268,10 @@ impl Shelf {
         });
         match taken {
             Ok(_) => st.engine_loans += 1,
+            // A waiter in a full pool is served by a connection coming back:
+            // waking Python for each (64 clients on 20 connections: most
+            // transactions wait) only has it find the pool full again.
+            Err(_) if st.full => {}
             Err(_) => {
                 st.events.push(ShelfEvent::Wanted);
                 self.notify(&mut st);
@@ -360,6 +369,12 @@ impl Shelf {
         self.lock().excess = excess;
     }
 
+    /// Whether the pool holds all it may: engines' clients then wait in
+    /// line without a [`ShelfEvent::Wanted`].
+    pub fn set_full(&self, full: bool) {
+        self.lock().full = full;
+    }
+
     pub fn stats(&self) -> ShelfStats {
         let st = self.lock();
         ShelfStats {
@@ -445,6 +460,26 @@ mod tests {
         assert!(!shelf.cancel(first), "served already");
         let stats = shelf.stats();
         assert_eq!((stats.waiting, stats.waits, stats.engine_loans), (0, 3, 1));
+    }
+
+    #[test]
+    fn a_full_pool_does_not_ask_python_for_more() {
+        let shelf = Shelf::new(Duration::from_secs(60)).unwrap();
+        let taker: Arc<Taker> = Arc::default();
+        let weak = Arc::downgrade(&taker) as Weak<dyn LeaseTaker>;
+        shelf.set_full(true);
+        assert!(shelf.take_or_wait(weak.clone(), 1).is_err());
+        assert!(
+            shelf.take_events().is_empty(),
+            "served by a connection coming back"
+        );
+        shelf.set_full(false);
+        assert!(shelf.take_or_wait(weak, 2).is_err());
+        assert!(matches!(
+            shelf.take_events().as_slice(),
+            [ShelfEvent::Wanted]
+        ));
+        assert_eq!(shelf.stats().waiting, 2);
     }
 
     #[test]
