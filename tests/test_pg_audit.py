@@ -196,6 +196,22 @@ async def test_a_failed_batch_is_counted_and_the_service_goes_on(store: StateSto
     assert (audit.failed, audit.written) == (1, 1)
 
 
+async def test_a_row_count_past_the_column_is_held_to_it(store: StateStore) -> None:
+    """A server's CommandComplete counts are summed per statement; a count no
+    column holds (a hostile server) is stored as the largest one, and the
+    records of the same batch are not lost with it."""
+    audit = AuditLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1, rows=2**70)
+        record(audit, 2)
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert (audit.written, audit.failed) == (2, 0)
+    assert [r.rows for r in list_audit(store)] == [1, 2**63 - 1]
+
+
 async def test_records_from_threads_and_a_final_flush_on_cancel(store: StateStore) -> None:
     audit = AuditLog(store)
     async with trio.open_nursery() as nursery:

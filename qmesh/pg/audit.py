@@ -46,6 +46,7 @@ _DROP_REPORT_INTERVAL_S: Final = 10.0
 # How long the writer waits for more records before a transaction.
 LINGER_S = 0.05
 _CLOSE_TIMEOUT_S: Final = 5.0
+_MAX_ROWS: Final = 2**63 - 1
 
 
 @attrs.frozen
@@ -161,8 +162,9 @@ class AuditLog:
             mode == "text",
             [
                 # surrogatepass: a str decoded with surrogateescape still hashes.
+                # Rows are the server's word, summed: held to a column's range.
                 (text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"),
-                 duration_s, rows, outcome)
+                 duration_s, None if rows is None else min(rows, _MAX_ROWS), outcome)
                 for text, duration_s, rows, outcome in statements
             ],
         )  # fmt: skip
