@@ -3,6 +3,7 @@
 //! relay record statements and the audit's writer takes them.
 
 use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -115,16 +116,27 @@ impl AuditQueue {
                 .collect()
         });
         let mut values: Vec<Bound<'py, PyAny>> = Vec::with_capacity(rows.len() * ROW_WIDTH);
+        // A session's names are made once a batch, however its records
+        // interleave with other sessions'.
+        let mut names: HashMap<*const relay::Who, [Bound<'py, PyAny>; 3]> = HashMap::new();
         for row in &rows {
+            let [app, alias, session] = match names.entry(Arc::as_ptr(&row.who)) {
+                Entry::Occupied(made) => made.into_mut(),
+                Entry::Vacant(place) => place.insert([
+                    (*row.who.app).into_bound_py_any(py)?,
+                    (*row.who.alias).into_bound_py_any(py)?,
+                    row.who.session.as_deref().into_bound_py_any(py)?,
+                ]),
+            };
             values.push(row.ts.into_bound_py_any(py)?);
-            values.push((*row.who.app).into_bound_py_any(py)?);
-            values.push((*row.who.alias).into_bound_py_any(py)?);
+            values.push(app.clone());
+            values.push(alias.clone());
             values.push(row.text.as_deref().into_bound_py_any(py)?);
             values.push(row.sha256.as_str().into_bound_py_any(py)?);
             values.push(row.duration_ms.into_bound_py_any(py)?);
             values.push(row.rows.into_bound_py_any(py)?);
             values.push(row.outcome.as_ref().into_bound_py_any(py)?);
-            values.push(row.who.session.as_deref().into_bound_py_any(py)?);
+            values.push(session.clone());
         }
         Ok((rows.len(), PyList::new(py, values)?))
     }
