@@ -57,7 +57,11 @@ prepared: named prepared statements through the pool) and with 200 clients
 and -C (a new connection per transaction). Each cell has TPS, average latency
 and failed transactions (pgbench's count, PG15+; and clients pgbench aborted
 on an error); the qmesh-txn/pgbouncer-txn column and the line under the table
-hold the issue's target (≥ 1.0×). Each pool logs in to the server as a role of
+hold the issue's target (≥ 1.0×). With --rounds N the pools' cases run N
+times, their order turning each round (direct once, first): each cell is the
+run of median TPS and each ratio the median [min–max] of the rounds' paired
+ratios, which a shared machine's drift moves far less than one run's. Each
+pool logs in to the server as a role of
 its own (bench_pgbouncer_txn, bench_qmesh_txn; direct is bench), and while
 each run goes on a superuser connection of the benchmark's own samples
 pg_stat_activity's client backends (itself counted out) every 0.5 s: a second
@@ -77,7 +81,7 @@ runs on; the run is never a pass/fail test.
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
     python bench/pg_compare.py --only direct,qmesh,qmesh-guard
     python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
-    python bench/pg_compare.py --pool transaction [--only direct,pgbouncer-txn,qmesh-txn]
+    python bench/pg_compare.py --pool transaction [--only pgbouncer-txn,qmesh-txn] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ import re
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -641,11 +646,17 @@ def print_table(rows: list[list[str]]) -> None:
 def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> int:
     """--pool transaction: POOL_CASES against ``targets``; the results and the
     server connections, a table each."""
-    results: dict[tuple[str, int, str, str], PoolRun] = {}
-    # direct's runs first: by the pools' turn their idle server connections
-    # (up to POOL_SIZE each) hold slots direct's clients could not have.
+    runs: dict[tuple[str, int, str, str], list[PoolRun]] = {}
+    # direct's runs first (once): by the pools' turn their idle server
+    # connections (up to POOL_SIZE each) hold slots direct's clients could
+    # not have. Then --rounds rounds of the pools, case by case, the pools'
+    # order turning each round, so that a slow moment of the shared machine
+    # is not always one pool's.
+    pools = [t for t in targets if t != "direct"]
     order = [(case, t) for case in POOL_CASES for t in targets if t == "direct"]
-    order += [(case, t) for case in POOL_CASES for t in targets if t != "direct"]
+    for r in range(args.rounds):
+        turned = pools[r % len(pools) :] + pools[: r % len(pools)] if pools else []
+        order += [(case, t) for case in POOL_CASES for t in turned]
     try:
         with stack_in(
             base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
@@ -654,17 +665,26 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
             assert stack.pg is not None
             sampler = ServerConnections(stack.pg.dsn)
             for case, target in order:
-                results[(*case, target)] = pgbench_pooled(
-                    stack, sampler, target, *case, args.duration
+                runs.setdefault((*case, target), []).append(
+                    pgbench_pooled(stack, sampler, target, *case, args.duration)
                 )
                 print(".", end="", flush=True, file=sys.stderr)
     finally:
         leave_work_directory(base, keep=args.keep)
+    # Each cell shows the run of median TPS; each ratio is the median of the
+    # rounds' ratios (a round pairs the two pools' runs of a case).
+    results = {key: _median_run(found) for key, found in runs.items()}
     print(
         f"pgbench -j 2, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
         f"server max_connections = {POOL_MAX_CONNECTIONS}, transaction pooling with "
         f"{POOL_SIZE} server connections (pgbouncer-txn default_pool_size, qmesh-txn "
         f"pool_size), qmesh audit {args.audit}"
+        + (
+            f", {args.rounds} rounds (cells: the run of median TPS; ratios: median "
+            "[min–max] of the rounds')"
+            if args.rounds > 1
+            else ""
+        )
         + (", server TLS (sslmode=require)" if args.server_tls else "")
         + "; TPS (average latency ms) failed transactions[, clients aborted on an error]"
     )
@@ -677,11 +697,15 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
         row = [case[0], str(case[1]), case[2]]
         row += [results[(*case, target)].cell() for target in targets]
         for target, baseline in ratios:
-            run, base_run = results[(*case, target)], results[(*case, baseline)]
-            if run.clean and base_run.clean and run.tps and base_run.tps:
-                row.append(f"{run.tps / base_run.tps:.2f}x")
-            else:
+            paired = _ratios(runs[(*case, target)], runs[(*case, baseline)])
+            if not paired:
                 row.append("n/a")
+            elif len(paired) == 1:
+                row.append(f"{paired[0]:.2f}x")
+            else:
+                row.append(
+                    f"{statistics.median(paired):.2f}x [{min(paired):.2f}–{max(paired):.2f}]"
+                )
         rows.append(row)
     print_table(rows)
     for target, baseline, goal in POOL_GOALS:
@@ -691,11 +715,12 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
         for case in POOL_CASES:
             run, base_run = results[(*case, target)], results[(*case, baseline)]
             label = f"{case[0]} -c {case[1]} {case[2]}"
+            paired = _ratios(runs[(*case, target)], runs[(*case, baseline)])
             if not run.clean or run.tps is None:
                 missed.append(label)
             elif not base_run.clean or base_run.tps is None:
                 unmeasured.append(label)  # the target completed where the baseline did not
-            elif run.tps < goal * base_run.tps:
+            elif not paired or statistics.median(paired) < goal:
                 missed.append(label)
         print(
             f"target {target}/{baseline} >= {goal:.2f}x: "
@@ -716,11 +741,15 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
     for case in POOL_CASES:
         row = [case[0], str(case[1]), case[2]]
         for target in targets:
-            run = results[(*case, target)]
-            row.append(f"{run.own} / {run.total} ({run.samples} sample{'s' * (run.samples != 1)})")
+            found = runs[(*case, target)]
+            samples = sum(run.samples for run in found)
+            row.append(
+                f"{max(run.own for run in found)} / {max(run.total for run in found)} "
+                f"({samples} sample{'s' * (samples != 1)})"
+            )
         rows.append(row)
-    own = {t: max(results[(*case, t)].own for case in POOL_CASES) for t in targets}
-    total = max(run.total for run in results.values())
+    own = {t: max(run.own for case in POOL_CASES for run in runs[(*case, t)]) for t in targets}
+    total = max(run.total for found in runs.values() for run in found)
     rows.append(["most", "", "", *(str(own[t]) for t in targets)])
     print_table(rows)
     print(
@@ -733,16 +762,34 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
             for t in targets
         )
     )
-    errors = [
-        f"  {target} {script} -c {run.clients} {mode}: {run.error}"
-        for (script, _, mode, target), run in results.items()
-        if run.error
-    ]
+    errors = sorted(
+        {
+            f"  {target} {script} -c {run.clients} {mode}: {run.error}"
+            for (script, _, mode, target), found in runs.items()
+            for run in found
+            if run.error
+        }
+    )
     if errors:
         print("pgbench's errors (first line each):", *errors, sep="\n")
     for note in stack.notes:
         print(f"note: {note}")
     return 0
+
+
+def _median_run(found: list[PoolRun]) -> PoolRun:
+    """The run of median TPS (the lower middle one of an even count)."""
+    measured = sorted((run for run in found if run.tps is not None), key=lambda r: r.tps or 0.0)
+    return measured[(len(measured) - 1) // 2] if measured else found[0]
+
+
+def _ratios(runs: list[PoolRun], baselines: list[PoolRun]) -> list[float]:
+    """TPS ratios of the rounds where both completed cleanly."""
+    return [
+        run.tps / base.tps
+        for run, base in zip(runs, baselines, strict=False)
+        if run.clean and base.clean and run.tps and base.tps
+    ]
 
 
 def leave_work_directory(base: Path, *, keep: bool) -> None:
@@ -783,6 +830,11 @@ def main() -> int:
         help=f"transaction pooling instead: a server with max_connections = "
         f"{POOL_MAX_CONNECTIONS}, targets {', '.join(POOL_TARGETS)}, select-only with 64 "
         "clients (simple, prepared) and 200 with -C",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="--pool: run the pools' cases this many times, their order turning each round; "
+        "cells show the run of median TPS, ratios the median of the rounds'",
     )  # fmt: skip
     args = parser.parse_args()
     names = TARGETS + POOL_ONLY
