@@ -385,8 +385,9 @@ class RelayOutcome:
         """Whether the relay ended other than by its ends closing."""
 
 STATEMENT_RUNNING: Final[int]
-"""A pooled native stream's tap record kind: a simple Query still running
-when the engine's part ended, which Python's relay follows from there (see
+"""A pooled native stream's tap record kind: a statement still running when
+the engine's part ended (or the text of its unnamed statement or portal),
+which Python's relay follows from there (see
 :func:`qmesh.pg.watch.statement_record`)."""
 
 @final
@@ -401,8 +402,16 @@ class PooledEnd:
     def touched(self) -> bool:
         """The engine ran statements on ``lease`` since Python last had it."""
     @property
-    def due(self) -> int:
-        """Queries whose ReadyForQuery had not come."""
+    def owed(self) -> bytes:
+        """The answers the server still owes: the type byte of each client
+        message whose answer had not ended, in order (``Q``, ``P``, ``B``,
+        ``D``, ``E``, ``C``, ``S``)."""
+    @property
+    def unnamed(self) -> bytes | None:
+        """The client's unnamed statement: its Parse message, or None."""
+    @property
+    def unnamed_held(self) -> bool:
+        """Whether the connection the client holds has its unnamed statement."""
     @property
     def status(self) -> str | None:
         """The server's status at its last ReadyForQuery (``I``, ``T``,

@@ -46,11 +46,13 @@ def msg(tag: str, body: bytes = b"") -> bytes:
     return _core.encode_message(ord(tag), body)
 
 
-def extended(sql: bytes) -> bytes:
-    """An unnamed Parse, Bind, Execute and Sync: the extended protocol."""
+def extended(sql: bytes, name: bytes = b"") -> bytes:
+    """Parse (of statement ``name``), Bind, Execute and Sync: the extended
+    protocol. The engine relays the unnamed statement; a named one moves
+    the session to Python's relay, which renames it per connection."""
     return (
-        msg("P", b"\0" + sql + b"\0\0\0")
-        + msg("B", b"\0\0\0\0\0\0\0\0")
+        msg("P", name + b"\0" + sql + b"\0\0\0")
+        + msg("B", b"\0" + name + b"\0\0\0\0\0\0\0")
         + msg("E", b"\0\0\0\0\0")
         + msg("S")
     )
@@ -115,10 +117,78 @@ async def test_simple_queries_of_many_clients_share_the_connections_in_the_engin
     assert header.split()[-2:] == ["ENGINE", "LOANS"] and row.split()[-1] == str(pool.engine_loans)
 
 
+async def test_psycopg_default_cursors_stay_in_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """psycopg's default cursors send each statement as an unnamed Parse,
+    Bind, Describe, Execute and Sync: the engine relays them loan by loan,
+    with parameters, an error and a transaction block, and audits each
+    Execute with its rows and outcome."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+
+    def work() -> list[tuple[object, ...] | None]:
+        kwargs = {**ghost.kwargs(), "autocommit": True, "prepare_threshold": None}
+        with psycopg.connect(**kwargs) as conn:
+            got = [
+                conn.execute("SELECT %s::int * 2 AS audited_x", (i,)).fetchone() for i in range(8)
+            ]
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1 / %s AS audited_zero", (0,))
+            with conn.transaction():
+                got.append(conn.execute("SELECT %s::int AS audited_block", (5,)).fetchone())
+            got.append(conn.execute("SELECT %s::text AS audited_after", ("ok",)).fetchone())
+            return got
+
+    with trio.fail_after(30):
+        got = await in_thread(work)
+        await ghost.audit_settled()
+    assert got == [(i * 2,) for i in range(8)] + [(5,), ("ok",)]
+    assert stats(ghost).engine_loans >= 11  # the session never left the engine
+    records = [
+        ((r.statement or "").split(" AS ")[-1], r.rows, r.outcome)
+        for r in reversed(list_audit(ghost.store))
+        if "audited_" in (r.statement or "")
+    ]
+    assert records == [("audited_x", 1, "ok")] * 8 + [
+        ("audited_zero", None, "error:22012"),
+        ("audited_block", 1, "ok"),
+        ("audited_after", 1, "ok"),
+    ]
+
+
+async def test_an_unnamed_statement_bound_on_a_later_transaction_is_parsed_again(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """PostgreSQL keeps the unnamed statement across transactions, but the
+    engine's next loan may be another connection, whose unnamed statement
+    may be another client's: a Bind without this loan's Parse moves the
+    session to Python's relay, which parses the client's statement again
+    where it runs."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+
+    def work() -> list[tuple[str, bytes]]:
+        other = RawClient(ghost.port)
+        other.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(msg("P", b"\0SELECT 41 + 1\0\0\0") + msg("S"))
+        assert [tag for tag, _ in a.until_ready()] == ["1", "Z"]
+        # Another client's unnamed statement on the connections meanwhile.
+        other.send(extended(b"SELECT 'not yours'"))
+        other.until_ready()
+        a.send(msg("B", b"\0\0\0\0\0\0\0\0") + msg("E", b"\0\0\0\0\0") + msg("S"))
+        return a.until_ready()
+
+    with trio.fail_after(30):
+        got = await in_thread(work)
+    assert [tag for tag, _ in got] == ["2", "D", "C", "Z"]
+    assert values(got) == [b"42"]
+
+
 async def test_a_transaction_moves_to_python_on_its_connection(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    """BEGIN and a statement in the engine, then the extended protocol in
+    """BEGIN and a statement in the engine, then a named statement in
     Python's relay: one server backend all along, which the next client
     gets only after COMMIT."""
     ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
@@ -128,7 +198,7 @@ async def test_a_transaction_moves_to_python_on_its_connection(
         a.login(ghost.app_id, ghost.app_key, ghost.alias)
         a.query("BEGIN")
         first = values(a.query("SELECT pg_backend_pid()"))
-        a.send(extended(b"SELECT pg_backend_pid()"))
+        a.send(extended(b"SELECT pg_backend_pid()", b"moved"))
         second = values(a.until_ready())
         b = RawClient(ghost.port)
         b.login(ghost.app_id, ghost.app_key, ghost.alias)
@@ -146,14 +216,14 @@ async def test_a_transaction_moves_to_python_on_its_connection(
 async def test_answers_due_when_python_takes_over_come_in_order(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    """A simple Query still running when the extended protocol follows: its
+    """A simple Query still running when a named statement follows: its
     answers, then the next ones, in the order asked."""
     ghost = await pooled_ghost(nursery, db, tmp_path)
 
     def work() -> list[tuple[str, bytes]]:
         a = RawClient(ghost.port)
         a.login(ghost.app_id, ghost.app_key, ghost.alias)
-        a.send(_core.encode_query("SELECT pg_sleep(0.2), 1") + extended(b"SELECT 2"))
+        a.send(_core.encode_query("SELECT pg_sleep(0.2), 1") + extended(b"SELECT 2", b"moved"))
         return a.until_ready() + a.until_ready()
 
     with trio.fail_after(30):
@@ -318,7 +388,8 @@ async def test_statements_the_engine_relays_are_audited(
         raw = RawClient(ghost.port)
         raw.login(ghost.app_id, ghost.app_key, ghost.alias)
         raw.send(
-            _core.encode_query("SELECT pg_sleep(0.1) AS audited_moving") + extended(b"SELECT 2")
+            _core.encode_query("SELECT pg_sleep(0.1) AS audited_moving")
+            + extended(b"SELECT 2", b"moved")
         )
         raw.until_ready()
         raw.until_ready()

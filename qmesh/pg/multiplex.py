@@ -129,6 +129,9 @@ _ENDS: Final = {_PARSE: b"1", _INJECTED: b"1", _BIND: b"2", _DESCRIBE: b"Tn",
                 _EXECUTE: b"CIs", _CLOSE: b"3", _INJECTED_CLOSE: b"3", _SYNC: b"Z",
                 _QUERY: b"Z"}  # fmt: skip
 _SWALLOWED: Final = frozenset({_INJECTED, _INJECTED_CLOSE})
+# The answers the engine's relay left owed, by their message's type byte.
+_OWED: Final = {ord("Q"): _QUERY, ord("P"): _PARSE, ord("B"): _BIND, ord("D"): _DESCRIBE,
+                ord("E"): _EXECUTE, ord("C"): _CLOSE, ord("S"): _SYNC}  # fmt: skip
 _MADE_HERE: Final = frozenset({_FAKE_PARSED, _FAKE_CLOSED, _COPY_END})
 
 # -- session state -----------------------------------------------------------------
@@ -294,6 +297,8 @@ class PooledSession:
         finally:
             self._in_engine = False
         pooled = outcome.pooled
+        if pooled is not None and pooled.unnamed is not None:
+            self._unnamed = pooled.unnamed  # to parse again where it is not
         if pooled is None:
             # The tunnel session was lost: the engine gave any connection
             # the client held back to the pool, to be closed.
@@ -324,11 +329,13 @@ class PooledSession:
         the state it is in."""
         if pooled.lease is None:
             return
-        self._conn = self.pool.taken(pooled.lease, pooled.touched)
-        # Each Query still due ends at its ReadyForQuery, as if sent here.
-        self._requests.extend([(_QUERY, b"", b"", None)] * pooled.due)
+        self._conn = conn = self.pool.taken(pooled.lease, pooled.touched)
+        if pooled.unnamed_held:
+            conn.unnamed_owner = self
+        # Each answer still owed ends as if its message had been sent here.
+        self._requests.extend((_OWED[kind], b"", b"", None) for kind in pooled.owed)
         # Cut inside an answer (the session ends): _give_back closes it.
-        self._status = None if pooled.due or pooled.server_mid_message else pooled.status
+        self._status = None if pooled.owed or pooled.server_mid_message else pooled.status
         self._attached.set()
 
     def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:

@@ -69,14 +69,13 @@ _STATEMENT_HEAD: Final = struct.Struct(">dq5s")
 
 def statement_record(raw: bytes) -> _Pending:
     """A statement record of the engine's: when it started (``f64``), its
-    rows (``i64``, -1 for none), its SQLSTATE (5 bytes, zeros for none),
-    then its Query message. The text is taken as the client sent it, so a
-    Query without its terminating NUL (which the server refuses) is still
-    audited rather than failing here."""
+    rows (``i64``, -1 for none), its SQLSTATE (5 bytes, zeros for none), its
+    kind (``Q``, ``E`` or ``S``, or ``P`` and ``B`` for the texts of the
+    unnamed statement and portal), then its text, as the client sent it."""
     started, rows, state = _STATEMENT_HEAD.unpack_from(raw)
-    sql = raw[_STATEMENT_HEAD.size + 5 :].removesuffix(b"\0")
+    kind, text = raw[_STATEMENT_HEAD.size], raw[_STATEMENT_HEAD.size + 1 :]
     error = None if state == b"\0" * 5 else state.decode("ascii", "replace")
-    return _Pending(_Q, sql, started, None if rows < 0 else rows, error)
+    return _Pending(kind, text, started, None if rows < 0 else rows, error)
 
 
 class SessionWatch:
@@ -236,14 +235,22 @@ class SessionWatch:
         )
 
     def engine_statements(self, records: list[_core.TapRecord]) -> None:
-        """Simple Queries that were still running when the engine's part
-        ended (``_core.STATEMENT_RUNNING``, each ``raw`` as
-        :func:`statement_record` reads it): followed here from now on."""
+        """Statements that were still running when the engine's part ended,
+        and the texts of the client's unnamed statement and portal
+        (``_core.STATEMENT_RUNNING``, each ``raw`` as :func:`statement_record`
+        reads it): followed here from now on."""
         if self.audit is None:
             return
         for _at, _from_client, kind, raw, _held in records:
-            if kind == _core.STATEMENT_RUNNING:
-                self.pending.append(statement_record(raw))
+            if kind != _core.STATEMENT_RUNNING:
+                continue
+            item = statement_record(raw)
+            if item.kind == _P:
+                self._remember(self.statements, b"", item.text)
+            elif item.kind == _B:
+                self._remember(self.portals, b"", item.text)
+            else:
+                self.pending.append(item)
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""

@@ -128,9 +128,11 @@ pub struct PooledEnd {
     /// The engine ran statements on ``lease`` since Python last had it.
     #[pyo3(get)]
     touched: bool,
-    /// Queries whose ReadyForQuery had not come.
+    owed: Vec<u8>,
+    unnamed: Option<Vec<u8>>,
+    /// Whether the connection the client holds has its unnamed statement.
     #[pyo3(get)]
-    due: usize,
+    unnamed_held: bool,
     /// The server's status at its last ReadyForQuery (``I``, ``T``, ``E``),
     /// or None while a query was on its way.
     #[pyo3(get)]
@@ -156,11 +158,25 @@ impl PooledEnd {
         PyBytes::new(py, &self.leftover)
     }
 
+    /// The answers the server still owes: the type byte of each client
+    /// message whose answer had not ended, in order (``Q``, ``P``, ``B``,
+    /// ``D``, ``E``, ``C``, ``S``).
+    #[getter]
+    fn owed<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.owed)
+    }
+
+    /// The client's unnamed statement: its Parse message, or None.
+    #[getter]
+    fn unnamed<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.unnamed.as_deref().map(|parse| PyBytes::new(py, parse))
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "PooledEnd(lease={:?}, due={}, status={:?}, leftover={} bytes)",
+            "PooledEnd(lease={:?}, owed={:?}, status={:?}, leftover={} bytes)",
             self.lease,
-            self.due,
+            String::from_utf8_lossy(&self.owed),
             self.status,
             self.leftover.len()
         )
@@ -172,7 +188,9 @@ impl From<relay::PooledEnd> for PooledEnd {
         PooledEnd {
             lease: end.lease.as_ref().map(|l| l.id),
             touched: end.lease.as_ref().is_some_and(|l| l.touched),
-            due: end.due,
+            owed: end.owed,
+            unnamed: end.unnamed,
+            unnamed_held: end.unnamed_held,
             status: (end.status != 0).then_some(char::from(end.status)),
             server_mid_message: end.server_mid_message,
             server_fatal: end.server_fatal,

@@ -475,8 +475,10 @@ impl Native {
             leftover.extend(scanner.take_partial().unwrap_or_default());
         }
         Some(PooledEnd {
+            unnamed_held: pooled.unnamed_here && pooled.lease.is_some(),
             lease: pooled.lease.take(),
-            due: pooled.due,
+            owed: pooled.owed.drain(..).collect(),
+            unnamed: pooled.unnamed.take().map(|u| u.parse),
             status: pooled.status,
             server_mid_message: self.backend.as_ref().is_some_and(pg::Scanner::in_message),
             server_fatal: pooled.server_fatal,
@@ -1096,10 +1098,10 @@ impl Engine {
             None => (frontend, backend),
             Some(_) => {
                 // Every client kind whole (the engine decides per message);
-                // the server's in observe mode, following ReadyForQuery,
-                // errors and (for the audit's records) CommandComplete.
+                // the server's in observe mode, following the ends of the
+                // answers owed, errors and (for the audit's records) rows.
                 let frontend = scanner(pg::Direction::Frontend, pg::FRONTEND_TAGS, &[], true)?;
-                let backend = scanner(pg::Direction::Backend, b"ZEC", &[], false)?;
+                let backend = scanner(pg::Direction::Backend, b"ZECIs123n", b"T", false)?;
                 (Some(frontend), Some(backend))
             }
         };
@@ -1970,8 +1972,7 @@ impl State {
         }
         if pooled.between_transactions(server_in_message || client_in_message) {
             let lease = pooled
-                .lease
-                .take()
+                .end_loan()
                 .expect("a connection between transactions");
             if native.interest != 0 {
                 // Now, not at the round's end: the shelf may lend it to a

@@ -3,15 +3,19 @@
 //! transaction starts, and gives it back at the server's ReadyForQuery
 //! *idle* with no answer still due, all on the engine thread.
 //!
-//! The engine relays what it can follow exactly: simple Queries that cannot
-//! leave session state behind, and Terminate. The first message it cannot
-//! (the extended protocol, whose statements are renamed per connection; a
-//! FunctionCall; COPY; a statement that could pin the session) ends the
-//! engine's part as soon as the server's bytes are between two messages:
-//! that message and all that follows go to Python's relay
-//! ([`PooledEnd::leftover`]), with the connection if the client holds one
-//! (a transaction block open, or answers still due, which Python's relay
-//! then passes on). Python's relay carries the session to its end.
+//! The engine relays what it can follow exactly: simple Queries and the
+//! extended protocol's unnamed statement and portal (psycopg's and JDBC's
+//! default, `pgbench -M extended`), made on the loan that uses them, of
+//! statements that cannot leave session state behind; Sync, Flush and
+//! Terminate. The first message it cannot (a named statement or portal,
+//! which Python's relay renames per connection; a Bind of an unnamed
+//! statement parsed on another loan; a FunctionCall; COPY; a statement
+//! that could pin the session) ends the engine's part as soon as the
+//! server's bytes are between two messages: that message and all that
+//! follows go to Python's relay ([`PooledEnd::leftover`]), with the
+//! connection if the client holds one (a transaction block or pipeline
+//! open, or answers still owed, which Python's relay then passes on).
+//! Python's relay carries the session to its end.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -55,8 +59,13 @@ pub struct PooledEnd {
     /// The connection the client held (a transaction block open, answers
     /// due, or a broken one): Python decides what becomes of it.
     pub lease: Option<Lease>,
-    /// Queries whose ReadyForQuery had not come.
-    pub due: usize,
+    /// The answers the server still owes: the type byte of each client
+    /// message whose answer had not ended, in order.
+    pub owed: Vec<u8>,
+    /// The client's unnamed statement (its Parse message), and whether the
+    /// connection it holds has it (else it must be parsed again there).
+    pub unnamed: Option<Vec<u8>>,
+    pub unnamed_held: bool,
     /// The server's transaction status at its last ReadyForQuery (`I`, `T`,
     /// `E`); 0 while a query is on its way.
     pub status: u8,
@@ -89,9 +98,9 @@ const HANDED_TO_PYTHON: &[&[u8]] = &[
     b"set_config",
 ];
 
-/// Whether the engine can relay this Query itself.
-pub(crate) fn native_query(raw: &[u8]) -> bool {
-    let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
+/// Whether the engine can relay a statement of this text itself (a
+/// Query's, or a Parse's).
+pub(crate) fn native_text(text: &[u8]) -> bool {
     !HANDED_TO_PYTHON
         .iter()
         .any(|word| contains_word(text, word))
@@ -146,8 +155,23 @@ pub(crate) struct Pooled {
     pub(crate) lease: Option<Lease>,
     /// The place in line while waiting for a connection, and until when.
     pub(crate) waiting: Option<(u64, Instant)>,
-    pub(crate) due: usize,
+    /// The answers the server still owes, in order: the type byte of each
+    /// message relayed (Query, Parse, Bind, Describe, Execute, Close,
+    /// Sync) until its answer ends ([`answer_ends`]). Python's relay takes
+    /// over the rest.
+    pub(crate) owed: VecDeque<u8>,
+    /// Extended-protocol messages relayed since the last Sync: the server
+    /// is inside an implicit transaction until that Sync's ReadyForQuery.
+    pub(crate) open_pipeline: bool,
     pub(crate) status: u8,
+    /// The client's unnamed statement (its Parse), which a simple Query or
+    /// a Close drops; `unnamed_here` while the connection it holds has it.
+    /// The connection's unnamed statement may be another client's: a Bind
+    /// or Describe of it needs this client's Parse on this loan.
+    pub(crate) unnamed: Option<Unnamed>,
+    pub(crate) unnamed_here: bool,
+    /// The unnamed portal bound on this loan: its statement's text.
+    pub(crate) portal: Option<Vec<u8>>,
     /// Some once a message the engine does not relay came: it and what followed.
     pub(crate) handback: Option<Vec<u8>>,
     pub(crate) terminated: bool,
@@ -157,52 +181,80 @@ pub(crate) struct Pooled {
     pub(crate) audit: Option<AuditAuthor>,
 }
 
-/// One simple Query for the audit, from relayed to ReadyForQuery.
+/// The client's Parse of the unnamed statement, and the statement's text.
+pub(crate) struct Unnamed {
+    pub(crate) parse: Vec<u8>,
+    text: Vec<u8>,
+}
+
+/// The server message types that end the answer to a client message of
+/// type `kind` (ParameterDescription precedes a statement's description,
+/// rows precede an Execute's completion).
+fn answer_ends(kind: u8) -> &'static [u8] {
+    match kind {
+        b'P' => b"1",
+        b'B' => b"2",
+        b'D' => b"Tn",
+        b'E' => b"CIs",
+        b'C' => b"3",
+        _ => b"Z", // a Query or a Sync
+    }
+}
+
+/// One statement for the audit: a simple Query (`b'Q'`) or an Execute
+/// (`b'E'`) from relayed to its end, or a Sync (`b'S'`) that bounds the
+/// Executes an error makes the server skip.
 pub(crate) struct Statement {
-    /// The Query message.
-    raw: Vec<u8>,
+    kind: u8,
+    text: Vec<u8>,
     started: f64,
     rows: Option<u64>,
     sqlstate: Option<[u8; 5]>,
 }
 
 impl Statement {
-    /// A tap record of `kind`: started (`f64`), rows (`i64`, -1 for none),
-    /// SQLSTATE (5 bytes, zeros for none), then the Query message.
-    pub(crate) fn record(self, kind: u8, at: f64) -> TapRecord {
-        let mut raw = Vec::with_capacity(21 + self.raw.len());
+    fn new(kind: u8, text: &[u8], started: f64) -> Statement {
+        Statement {
+            kind,
+            text: text.to_vec(),
+            started,
+            rows: None,
+            sqlstate: None,
+        }
+    }
+
+    /// A tap record: started (`f64`), rows (`i64`, -1 for none), SQLSTATE
+    /// (5 bytes, zeros for none), the kind (`Q`, `E` or `S`; `P` and `B`
+    /// for the texts of the unnamed statement and portal), then the text.
+    fn record(self, at: f64) -> TapRecord {
+        let mut raw = Vec::with_capacity(22 + self.text.len());
         raw.extend_from_slice(&self.started.to_be_bytes());
         let rows = self
             .rows
             .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
         raw.extend_from_slice(&rows.to_be_bytes());
         raw.extend_from_slice(&self.sqlstate.unwrap_or([0; 5]));
-        raw.extend_from_slice(&self.raw);
+        raw.push(self.kind);
+        raw.extend_from_slice(&self.text);
         TapRecord {
             at,
             from_tunnel: true,
-            tag: kind,
+            tag: STATEMENT_RUNNING,
             raw,
             hold: false,
         }
     }
-}
 
-impl Statement {
-    /// Recorded, ended at `at`: rows and outcome ("ok", or "error:" and
-    /// the first error's SQLSTATE), as Python's relay records them.
-    fn finish(self, author: &AuditAuthor, at: f64) {
+    /// Recorded, ended at `at`: rows and outcome (`skipped`, else "ok", or
+    /// "error:" and the first error's SQLSTATE), as Python's relay records them.
+    fn finish(self, author: &AuditAuthor, at: f64, skipped: bool) {
         let outcome = match self.sqlstate {
+            _ if skipped => Cow::Borrowed("skipped"),
             None => Cow::Borrowed("ok"),
             Some(state) => Cow::Owned(format!("error:{}", String::from_utf8_lossy(&state))),
         };
-        let mut raw = self.raw;
-        // The text as sent: after the header, less the terminating NUL.
-        let end = raw.len() - usize::from(raw.last() == Some(&0) && raw.len() > pg::HEADER_LEN);
-        raw.truncate(end);
-        raw.drain(..pg::HEADER_LEN.min(raw.len()));
         let rows = self.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
-        author.record(raw, at - self.started, rows, outcome);
+        author.record(self.text, at - self.started, rows, outcome);
     }
 }
 
@@ -213,8 +265,12 @@ impl Pooled {
             wait_limit: spec.wait_limit,
             lease: None,
             waiting: None,
-            due: 0,
+            owed: VecDeque::new(),
+            open_pipeline: false,
             status: b'I',
+            unnamed: None,
+            unnamed_here: false,
+            portal: None,
             handback: None,
             terminated: false,
             server_fatal: false,
@@ -223,19 +279,116 @@ impl Pooled {
         }
     }
 
-    /// The statements still running, for Python's relay to follow.
-    pub(crate) fn running(&mut self) -> impl Iterator<Item = TapRecord> + '_ {
-        self.statements.drain(..).map(|statement| {
+    /// What Python's relay follows from here: the texts of the unnamed
+    /// statement and portal, and the audit's statements still running.
+    pub(crate) fn running(&mut self) -> Vec<TapRecord> {
+        let mut records = Vec::new();
+        if self.audit.is_some() {
+            if let Some(unnamed) = &self.unnamed {
+                records.push(Statement::new(b'P', &unnamed.text, 0.0).record(0.0));
+            }
+            if let Some(text) = &self.portal {
+                records.push(Statement::new(b'B', text, 0.0).record(0.0));
+            }
+        }
+        records.extend(self.statements.drain(..).map(|statement| {
             let at = statement.started;
-            statement.record(STATEMENT_RUNNING, at)
-        })
+            statement.record(at)
+        }));
+        records
     }
 
-    /// Whether the connection may go back to the shelf now: nothing due,
-    /// the server idle outside a transaction block, and neither side
-    /// inside a message.
+    /// Whether the connection may go back to the shelf now: nothing owed,
+    /// no pipeline open, the server idle outside a transaction block, and
+    /// neither side inside a message.
     pub(crate) fn between_transactions(&self, in_message: bool) -> bool {
-        self.lease.is_some() && self.due == 0 && self.status == b'I' && !in_message
+        self.lease.is_some()
+            && self.owed.is_empty()
+            && !self.open_pipeline
+            && self.status == b'I'
+            && !in_message
+    }
+
+    /// The connection, given back: what this loan made on it stays there.
+    pub(crate) fn end_loan(&mut self) -> Option<Lease> {
+        self.unnamed_here = false;
+        self.portal = None;
+        self.lease.take()
+    }
+
+    /// Whether the engine relays extended-protocol message `raw` (type
+    /// `tag`), noting what it makes: only the unnamed statement and portal,
+    /// made on this loan (named ones are renamed per connection by Python's
+    /// relay), of statements that cannot leave session state behind.
+    fn extended(&mut self, tag: u8, raw: &[u8], at: f64) -> bool {
+        let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
+        // Malformed: Python's relay says what is wrong with it.
+        let Ok(message) = pg::Frontend::parse(tag, body) else {
+            return false;
+        };
+        match message {
+            pg::Frontend::Parse { name, sql, .. } => {
+                if !name.is_empty() || !native_text(sql) {
+                    return false;
+                }
+                self.unnamed = Some(Unnamed {
+                    parse: raw.to_vec(),
+                    text: sql.to_vec(),
+                });
+                self.unnamed_here = true;
+            }
+            pg::Frontend::Bind(bind) => {
+                if !bind.portal.is_empty() || !bind.statement.is_empty() || !self.unnamed_here {
+                    return false;
+                }
+                self.portal = self.unnamed.as_ref().map(|u| u.text.clone());
+            }
+            pg::Frontend::Describe { kind, name } => {
+                let made = if kind == b'S' {
+                    self.unnamed_here
+                } else {
+                    self.portal.is_some()
+                };
+                if !name.is_empty() || !made {
+                    return false;
+                }
+            }
+            pg::Frontend::Execute { portal, .. } => {
+                let Some(text) = self.portal.as_ref().filter(|_| portal.is_empty()) else {
+                    return false;
+                };
+                if self.audit.is_some() {
+                    self.statements.push_back(Statement::new(b'E', text, at));
+                }
+            }
+            pg::Frontend::Close { kind, name } => {
+                if !name.is_empty() {
+                    return false;
+                }
+                if kind == b'S' {
+                    (self.unnamed, self.unnamed_here) = (None, false);
+                } else {
+                    self.portal = None;
+                }
+            }
+            pg::Frontend::Flush => {
+                self.open_pipeline = true;
+                return true; // no answer of its own
+            }
+            pg::Frontend::Sync => {
+                self.status = 0;
+                self.open_pipeline = false;
+                self.owed.push_back(tag);
+                if self.audit.is_some() {
+                    self.statements.push_back(Statement::new(b'S', b"", at));
+                }
+                return true;
+            }
+            _ => return false,
+        }
+        self.open_pipeline = true;
+        self.owed.push_back(tag);
+        true
     }
 }
 
@@ -271,18 +424,25 @@ impl pg::Sink for Front<'_> {
             return;
         }
         match tag {
-            b'Q' if native_query(raw) => {
+            b'Q' if native_text(raw.get(pg::HEADER_LEN..).unwrap_or_default()) => {
                 self.out.extend_from_slice(raw);
-                pooled.due += 1;
+                pooled.owed.push_back(tag);
                 pooled.status = 0;
+                // A simple Query drops the unnamed statement and portal.
+                (pooled.unnamed, pooled.unnamed_here, pooled.portal) = (None, false, None);
                 if pooled.audit.is_some() {
-                    pooled.statements.push_back(Statement {
-                        raw: raw.to_vec(),
-                        started: self.at,
-                        rows: None,
-                        sqlstate: None,
-                    });
+                    // The text as sent, less the terminating NUL.
+                    let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
+                    let text = text.strip_suffix(b"\0").unwrap_or(text);
+                    pooled
+                        .statements
+                        .push_back(Statement::new(tag, text, self.at));
                 }
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S'
+                if pooled.extended(tag, raw, self.at) =>
+            {
+                self.out.extend_from_slice(raw);
             }
             b'X' => {
                 pooled.terminated = true;
@@ -293,9 +453,9 @@ impl pg::Sink for Front<'_> {
     }
 }
 
-/// The server's messages of a pooled stream (observe mode): ReadyForQuery
-/// and errors followed; with the audit on, each statement's rows and
-/// outcome gathered into one record at its ReadyForQuery.
+/// The server's messages of a pooled stream (observe mode): the answers
+/// owed followed to ReadyForQuery, errors and FATALs; with the audit on,
+/// each statement's rows and outcome gathered into one record.
 pub(crate) struct Back<'a> {
     pub(crate) pooled: &'a mut Pooled,
     pub(crate) at: f64,
@@ -307,34 +467,74 @@ impl pg::Sink for Back<'_> {
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let pooled = &mut *self.pooled;
+        let owed = &mut pooled.owed;
         match tag {
             b'Z' => {
-                pooled.due = pooled.due.saturating_sub(1);
+                // It ends the first Query or Sync owed, and whatever the
+                // server skipped before it after an error.
+                while let Some(kind) = owed.pop_front() {
+                    if kind == b'Q' || kind == b'S' {
+                        break;
+                    }
+                }
                 pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
-                if let (Some(statement), Some(author)) =
-                    (pooled.statements.pop_front(), &pooled.audit)
-                {
-                    statement.finish(author, self.at);
+                while let Some(statement) = pooled.statements.pop_front() {
+                    let kind = statement.kind;
+                    if let (b'Q' | b'E', Some(author)) = (kind, &pooled.audit) {
+                        statement.finish(author, self.at, kind == b'E');
+                    }
+                    if kind != b'E' {
+                        break;
+                    }
                 }
             }
             b'E' => {
                 let fields = pg::backend::notice_fields(body).unwrap_or_default();
                 let field = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|f| f.1);
                 pooled.server_fatal |= matches!(field(b'S'), Some(b"FATAL" | b"PANIC"));
+                // In the extended protocol the server skips to the next
+                // Sync: the answers of what it skipped are owed no more,
+                // and a Parse that failed or was skipped made no statement.
+                while owed.front().is_some_and(|&k| k != b'Q' && k != b'S') {
+                    if owed.pop_front() == Some(b'P') {
+                        (pooled.unnamed, pooled.unnamed_here) = (None, false);
+                    }
+                }
+                let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
                 if let Some(statement) = pooled.statements.front_mut() {
-                    let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
                     statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
+                    if statement.kind == b'E' {
+                        let failed = pooled.statements.pop_front().expect("the front one");
+                        if let Some(author) = &pooled.audit {
+                            failed.finish(author, self.at, false);
+                        }
+                    }
                 }
             }
-            b'C' => {
-                let rows = pg::backend::command_complete(body)
-                    .ok()
-                    .and_then(pg::command_rows);
-                if let (Some(statement), Some(rows)) = (pooled.statements.front_mut(), rows) {
+            _ => {
+                if owed.front().is_some_and(|&k| answer_ends(k).contains(&tag)) {
+                    owed.pop_front();
+                }
+                let rows = if tag == b'C' {
+                    pg::backend::command_complete(body)
+                        .ok()
+                        .and_then(pg::command_rows)
+                } else {
+                    None
+                };
+                let Some(statement) = pooled.statements.front_mut() else {
+                    return;
+                };
+                if let Some(rows) = rows {
                     statement.rows = Some(statement.rows.unwrap_or(0) + rows);
                 }
+                if statement.kind == b'E' && matches!(tag, b'C' | b'I' | b's') {
+                    let done = pooled.statements.pop_front().expect("the front one");
+                    if let Some(author) = &pooled.audit {
+                        done.finish(author, self.at, false);
+                    }
+                }
             }
-            _ => {}
         }
     }
 }
@@ -342,6 +542,7 @@ impl pg::Sink for Back<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::{AuditLimits, AuditQueue, Who};
 
     fn query(sql: &str) -> Vec<u8> {
         let mut raw = vec![b'Q'];
@@ -360,7 +561,7 @@ mod tests {
             "COMMIT",
             "insert into offsets values (1)",
         ] {
-            assert!(native_query(&query(sql)), "{sql}");
+            assert!(native_text(sql.as_bytes()), "{sql}");
         }
     }
 
@@ -384,7 +585,195 @@ mod tests {
             "/* c */ SET x = 1",
             "-- c\nSET x = 1",
         ] {
-            assert!(!native_query(&query(sql)), "{sql}");
+            assert!(!native_text(sql.as_bytes()), "{sql}");
         }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut raw = vec![tag];
+        raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        raw.extend_from_slice(body);
+        raw
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+
+    fn bind(portal: &str, statement: &str) -> Vec<u8> {
+        msg(
+            b'B',
+            format!("{portal}\0{statement}\0\0\0\0\0\0\0").as_bytes(),
+        )
+    }
+
+    fn execute() -> Vec<u8> {
+        msg(b'E', b"\0\0\0\0\0")
+    }
+
+    fn error(state: &str) -> Vec<u8> {
+        msg(b'E', format!("SERROR\0C{state}\0Mno\0\0").as_bytes())
+    }
+
+    /// A pooled stream with the audit on, holding a connection, and its queue.
+    fn audited() -> (Pooled, Arc<AuditQueue>) {
+        let limits = AuditLimits {
+            max_records: 100,
+            max_bytes: 1 << 20,
+            max_statement_chars: 100,
+        };
+        let queue = AuditQueue::new(limits).unwrap();
+        let who = Arc::new(Who {
+            app: "shop".into(),
+            alias: "orders".into(),
+            session: None,
+            keep_text: true,
+        });
+        let mut pooled = Pooled::new(PooledSpec {
+            shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
+            wait_limit: Duration::from_secs(1),
+            audit: Some(AuditAuthor {
+                queue: queue.clone(),
+                who,
+            }),
+        });
+        pooled.lease = Some(Lease {
+            id: 1,
+            fd: -1,
+            touched: true,
+            expires: Instant::now() + Duration::from_secs(60),
+        });
+        (pooled, queue)
+    }
+
+    /// What the engine sends the server for these client messages.
+    fn client(pooled: &mut Pooled, messages: &[Vec<u8>]) -> Vec<u8> {
+        let mut front = Front {
+            pooled,
+            out: Vec::new(),
+            dropped: 0,
+            at: 1.0,
+        };
+        for raw in messages {
+            pg::Sink::message(&mut front, raw[0], raw, true);
+        }
+        front.out
+    }
+
+    fn server(pooled: &mut Pooled, messages: &[Vec<u8>]) {
+        let mut back = Back { pooled, at: 1.5 };
+        for raw in messages {
+            pg::Sink::message(&mut back, raw[0], raw, true);
+        }
+    }
+
+    fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
+        let rows = queue.take(100).into_iter().map(|e| e.into_row(100));
+        rows.map(|r| (r.text.unwrap_or_default(), r.rows, r.outcome.into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_unnamed_statement_and_portal_of_a_loan_are_relayed_and_followed() {
+        let (mut pooled, queue) = audited();
+        let sent = [
+            parse("", "SELECT $1"),
+            bind("", ""),
+            msg(b'D', b"P\0"),
+            execute(),
+            msg(b'S', b""),
+        ];
+        assert_eq!(client(&mut pooled, &sent), sent.concat());
+        assert!(pooled.handback.is_none());
+        assert_eq!(pooled.owed, b"PBDES");
+        assert!(!pooled.between_transactions(false), "answers owed");
+        server(
+            &mut pooled,
+            &[
+                msg(b'1', b""),
+                msg(b'2', b""),
+                msg(b'T', b"\0\0"),
+                msg(b'C', b"SELECT 1\0"),
+            ],
+        );
+        assert_eq!(pooled.owed, b"S");
+        server(&mut pooled, &[msg(b'Z', b"I")]);
+        assert!(pooled.between_transactions(false));
+        let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
+        assert_eq!(recorded(&queue), [ok]);
+        // Flushed but not synced: the implicit transaction holds the loan.
+        client(&mut pooled, &[parse("", "SELECT 2"), msg(b'H', b"")]);
+        server(&mut pooled, &[msg(b'1', b"")]);
+        assert!(pooled.owed.is_empty() && !pooled.between_transactions(false));
+        client(&mut pooled, &[msg(b'S', b"")]);
+        server(&mut pooled, &[msg(b'Z', b"I")]);
+        assert!(pooled.between_transactions(false));
+        // On the next loan the connection's unnamed statement may be
+        // another client's: a Bind without this loan's Parse goes to Python.
+        pooled.end_loan();
+        assert!(client(&mut pooled, &[bind("", ""), execute()]).is_empty());
+        assert_eq!(pooled.handback, Some([bind("", ""), execute()].concat()));
+    }
+
+    #[test]
+    fn an_error_skips_to_the_sync_and_the_executes_it_skipped_are_recorded_so() {
+        let (mut pooled, queue) = audited();
+        client(
+            &mut pooled,
+            &[
+                parse("", "SELECT 1 / $1"),
+                bind("", ""),
+                execute(),
+                bind("", ""),
+                execute(),
+                msg(b'S', b""),
+            ],
+        );
+        server(
+            &mut pooled,
+            &[msg(b'1', b""), msg(b'2', b""), error("22012")],
+        );
+        assert_eq!(pooled.owed, b"S", "the rest is skipped");
+        server(&mut pooled, &[msg(b'Z', b"I")]);
+        let text = "SELECT 1 / $1".to_string();
+        assert_eq!(
+            recorded(&queue),
+            [
+                (text.clone(), None, "error:22012".to_string()),
+                (text, None, "skipped".to_string())
+            ]
+        );
+        // A failed Parse made no statement to bind.
+        client(&mut pooled, &[parse("", "SELEC"), msg(b'S', b"")]);
+        server(&mut pooled, &[error("42601"), msg(b'Z', b"I")]);
+        assert!(pooled.unnamed.is_none());
+        client(&mut pooled, &[bind("", "")]);
+        assert!(pooled.handback.is_some());
+    }
+
+    #[test]
+    fn named_statements_and_portals_and_what_may_pin_go_to_python() {
+        for messages in [
+            vec![parse("s1", "SELECT 1")],
+            vec![parse("", "SELECT 1"), bind("p1", "")],
+            vec![parse("", "SET x = 1")],
+            vec![parse("", "LISTEN ch")],
+            vec![msg(b'D', b"S\0")], // no Parse on this loan
+            vec![msg(b'E', b"\0\0\0\0\0")],
+            vec![msg(b'P', b"\0no end")], // malformed: Python says what is wrong
+        ] {
+            let (mut pooled, _queue) = audited();
+            client(&mut pooled, &messages);
+            assert!(pooled.handback.is_some(), "{messages:?}");
+        }
+        // A simple Query drops the unnamed statement.
+        let (mut pooled, _queue) = audited();
+        client(
+            &mut pooled,
+            &[parse("", "SELECT 1"), msg(b'S', b""), query("SELECT 2")],
+        );
+        assert!(pooled.unnamed.is_none() && !pooled.unnamed_here);
+        client(&mut pooled, &[bind("", "")]);
+        assert!(pooled.handback.is_some());
     }
 }
