@@ -52,8 +52,10 @@ server connections instead: the server gets max_connections = 50, and
                     server connections a pool holds, without a pooler; the
                     workloads' 64 and 200 would not fit in max_connections)
 
-run select-only with 64 clients in the simple and prepared protocols (-M
-prepared: named prepared statements through the pool) and with 200 clients
+run select-only with 64 clients in the simple, extended and prepared
+protocols (-M extended: the unnamed statement, as psycopg's and JDBC's
+default cursors send it; -M prepared: named prepared statements through the
+pool) and with 200 clients
 and -C (a new connection per transaction). Each cell has TPS, average latency
 and failed transactions (pgbench's count, PG15+; and clients pgbench aborted
 on an error); the qmesh-txn/pgbouncer-txn column and the line under the table
@@ -125,7 +127,7 @@ POOL_MAX_CLIENT_CONN = 2000  # PgBouncer's max_client_conn
 POOL_MAX_PREPARED = 200  # PgBouncer's max_prepared_statements (PgBouncer 1.21+)
 # (script, clients, protocol): "logins" is -S with -C, a new connection per transaction.
 POOL_CASES = (("select-only", 64, "simple"), ("logins", 200, "simple"),
-              ("select-only", 64, "prepared"))  # fmt: skip
+              ("select-only", 64, "extended"), ("select-only", 64, "prepared"))  # fmt: skip
 SAMPLE_EVERY = 0.5  # seconds between two samples of the server's connections
 GUARD_TIMEOUT_MS = 60_000  # qmesh-guard's statement_timeout_ms
 APP_USER = "benchapp"
@@ -829,7 +831,7 @@ def main() -> int:
         "--pool", choices=["transaction"], default=None,
         help=f"transaction pooling instead: a server with max_connections = "
         f"{POOL_MAX_CONNECTIONS}, targets {', '.join(POOL_TARGETS)}, select-only with 64 "
-        "clients (simple, prepared) and 200 with -C",
+        "clients (simple, extended, prepared) and 200 with -C",
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=1,
