@@ -80,7 +80,7 @@ impl AuditQueue {
     ) {
         let author = self.author_for(app, alias, session, keep_text);
         for (statement, duration_s, rows, outcome) in statements {
-            author.record(statement, duration_s, rows, Cow::Owned(outcome));
+            author.record(statement.into(), duration_s, rows, Cow::Owned(outcome));
         }
     }
 

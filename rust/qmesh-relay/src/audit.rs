@@ -49,7 +49,8 @@ pub struct Entry {
     /// When it ended (Unix time).
     pub ts: f64,
     pub who: Arc<Who>,
-    pub statement: Vec<u8>,
+    /// Shared: the Executes of one prepared statement hold its one text.
+    pub statement: Arc<[u8]>,
     pub duration_ms: f64,
     pub rows: Option<i64>,
     pub outcome: Cow<'static, str>,
@@ -171,7 +172,7 @@ impl AuditAuthor {
     /// A statement that ended now, after `duration_s`.
     pub fn record(
         &self,
-        statement: Vec<u8>,
+        statement: Arc<[u8]>,
         duration_s: f64,
         rows: Option<i64>,
         outcome: Cow<'static, str>,
@@ -251,7 +252,7 @@ mod tests {
         Entry {
             ts: 1.0,
             who: who(keep_text),
-            statement: statement.to_vec(),
+            statement: statement.into(),
             duration_ms: 1.5,
             rows: Some(1),
             outcome: Cow::Borrowed("ok"),
@@ -281,14 +282,12 @@ mod tests {
         assert_eq!((counts.recorded, counts.dropped, counts.queued), (3, 2, 3));
         let first = queue.take(2);
         assert_eq!(first.len(), 2);
-        assert_eq!(first[0].statement, b"SELECT 1");
+        assert_eq!(&*first[0].statement, b"SELECT 1");
         assert!(!readable(queue.fd()), "a take drains the signal");
         assert!(queue.push(entry(b"SELECT 3", true)), "room again");
         let rest = queue.take(10);
         assert_eq!(
-            rest.iter()
-                .map(|e| e.statement.as_slice())
-                .collect::<Vec<_>>(),
+            rest.iter().map(|e| &*e.statement).collect::<Vec<_>>(),
             [b"b".as_slice(), b"SELECT 3"]
         );
         assert_eq!(queue.counts().queued, 0);

@@ -171,20 +171,27 @@ pub(crate) struct Pooled {
     pub(crate) unnamed: Option<Unnamed>,
     pub(crate) unnamed_here: bool,
     /// The unnamed portal bound on this loan: its statement's text.
-    pub(crate) portal: Option<Vec<u8>>,
+    pub(crate) portal: Option<Arc<[u8]>>,
     /// Some once a message the engine does not relay came: it and what followed.
     pub(crate) handback: Option<Vec<u8>>,
     pub(crate) terminated: bool,
     pub(crate) server_fatal: bool,
-    /// The audit's statements on their way (with an author).
+    /// The audit's statements on their way (with an author), and the
+    /// bytes of their texts (a shared text counted for each).
     pub(crate) statements: VecDeque<Statement>,
+    pending_text: usize,
     pub(crate) audit: Option<AuditAuthor>,
 }
+
+/// The most text the audit's statements on their way may count: a client
+/// that pipelines Execute after Execute of a long statement moves to
+/// Python's relay past it, so what is handed over stays bounded.
+const MAX_PENDING_TEXT: usize = 8 << 20;
 
 /// The client's Parse of the unnamed statement, and the statement's text.
 pub(crate) struct Unnamed {
     pub(crate) parse: Vec<u8>,
-    text: Vec<u8>,
+    text: Arc<[u8]>,
 }
 
 /// The server message types that end the answer to a client message of
@@ -206,17 +213,18 @@ fn answer_ends(kind: u8) -> &'static [u8] {
 /// Executes an error makes the server skip.
 pub(crate) struct Statement {
     kind: u8,
-    text: Vec<u8>,
+    /// Shared: the Executes of one statement hold its one text.
+    text: Arc<[u8]>,
     started: f64,
     rows: Option<u64>,
     sqlstate: Option<[u8; 5]>,
 }
 
 impl Statement {
-    fn new(kind: u8, text: &[u8], started: f64) -> Statement {
+    fn new(kind: u8, text: Arc<[u8]>, started: f64) -> Statement {
         Statement {
             kind,
-            text: text.to_vec(),
+            text,
             started,
             rows: None,
             sqlstate: None,
@@ -275,6 +283,7 @@ impl Pooled {
             terminated: false,
             server_fatal: false,
             statements: VecDeque::new(),
+            pending_text: 0,
             audit: spec.audit,
         }
     }
@@ -285,12 +294,13 @@ impl Pooled {
         let mut records = Vec::new();
         if self.audit.is_some() {
             if let Some(unnamed) = &self.unnamed {
-                records.push(Statement::new(b'P', &unnamed.text, 0.0).record(0.0));
+                records.push(Statement::new(b'P', unnamed.text.clone(), 0.0).record(0.0));
             }
             if let Some(text) = &self.portal {
-                records.push(Statement::new(b'B', text, 0.0).record(0.0));
+                records.push(Statement::new(b'B', text.clone(), 0.0).record(0.0));
             }
         }
+        self.pending_text = 0;
         records.extend(self.statements.drain(..).map(|statement| {
             let at = statement.started;
             statement.record(at)
@@ -307,6 +317,27 @@ impl Pooled {
             && !self.open_pipeline
             && self.status == b'I'
             && !in_message
+    }
+
+    /// Note a statement for the audit (with one on); false past
+    /// [`MAX_PENDING_TEXT`]: the session moves to Python's relay.
+    fn pending(&mut self, kind: u8, text: Arc<[u8]>, at: f64) -> bool {
+        if self.audit.is_none() {
+            return true;
+        }
+        if self.pending_text + text.len() > MAX_PENDING_TEXT {
+            return false;
+        }
+        self.pending_text += text.len();
+        self.statements.push_back(Statement::new(kind, text, at));
+        true
+    }
+
+    /// The first statement on its way, done.
+    fn done(&mut self) -> Option<Statement> {
+        let statement = self.statements.pop_front()?;
+        self.pending_text -= statement.text.len();
+        Some(statement)
     }
 
     /// The connection, given back: what this loan made on it stays there.
@@ -333,7 +364,7 @@ impl Pooled {
                 }
                 self.unnamed = Some(Unnamed {
                     parse: raw.to_vec(),
-                    text: sql.to_vec(),
+                    text: sql.into(),
                 });
                 self.unnamed_here = true;
             }
@@ -354,11 +385,11 @@ impl Pooled {
                 }
             }
             pg::Frontend::Execute { portal, .. } => {
-                let Some(text) = self.portal.as_ref().filter(|_| portal.is_empty()) else {
+                let Some(text) = self.portal.clone().filter(|_| portal.is_empty()) else {
                     return false;
                 };
-                if self.audit.is_some() {
-                    self.statements.push_back(Statement::new(b'E', text, at));
+                if !self.pending(b'E', text, at) {
+                    return false;
                 }
             }
             pg::Frontend::Close { kind, name } => {
@@ -376,12 +407,12 @@ impl Pooled {
                 return true; // no answer of its own
             }
             pg::Frontend::Sync => {
+                if !self.pending(b'S', Arc::from(&b""[..]), at) {
+                    return false;
+                }
                 self.status = 0;
                 self.open_pipeline = false;
                 self.owed.push_back(tag);
-                if self.audit.is_some() {
-                    self.statements.push_back(Statement::new(b'S', b"", at));
-                }
                 return true;
             }
             _ => return false,
@@ -423,21 +454,16 @@ impl pg::Sink for Front<'_> {
             rest.extend_from_slice(raw);
             return;
         }
+        // The Query's text as sent, less the terminating NUL.
+        let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
+        let text = text.strip_suffix(b"\0").unwrap_or(text);
         match tag {
-            b'Q' if native_text(raw.get(pg::HEADER_LEN..).unwrap_or_default()) => {
+            b'Q' if native_text(text) && pooled.pending(tag, text.into(), self.at) => {
                 self.out.extend_from_slice(raw);
                 pooled.owed.push_back(tag);
                 pooled.status = 0;
                 // A simple Query drops the unnamed statement and portal.
                 (pooled.unnamed, pooled.unnamed_here, pooled.portal) = (None, false, None);
-                if pooled.audit.is_some() {
-                    // The text as sent, less the terminating NUL.
-                    let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
-                    let text = text.strip_suffix(b"\0").unwrap_or(text);
-                    pooled
-                        .statements
-                        .push_back(Statement::new(tag, text, self.at));
-                }
             }
             b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S'
                 if pooled.extended(tag, raw, self.at) =>
@@ -478,7 +504,7 @@ impl pg::Sink for Back<'_> {
                     }
                 }
                 pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
-                while let Some(statement) = pooled.statements.pop_front() {
+                while let Some(statement) = pooled.done() {
                     let kind = statement.kind;
                     if let (b'Q' | b'E', Some(author)) = (kind, &pooled.audit) {
                         statement.finish(author, self.at, kind == b'E');
@@ -504,7 +530,7 @@ impl pg::Sink for Back<'_> {
                 if let Some(statement) = pooled.statements.front_mut() {
                     statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
                     if statement.kind == b'E' {
-                        let failed = pooled.statements.pop_front().expect("the front one");
+                        let failed = pooled.done().expect("the front one");
                         if let Some(author) = &pooled.audit {
                             failed.finish(author, self.at, false);
                         }
@@ -529,7 +555,7 @@ impl pg::Sink for Back<'_> {
                     statement.rows = Some(statement.rows.unwrap_or(0) + rows);
                 }
                 if statement.kind == b'E' && matches!(tag, b'C' | b'I' | b's') {
-                    let done = pooled.statements.pop_front().expect("the front one");
+                    let done = pooled.done().expect("the front one");
                     if let Some(author) = &pooled.audit {
                         done.finish(author, self.at, false);
                     }
@@ -749,6 +775,27 @@ mod tests {
         assert!(pooled.unnamed.is_none());
         client(&mut pooled, &[bind("", "")]);
         assert!(pooled.handback.is_some());
+    }
+
+    #[test]
+    fn executes_of_a_long_statement_move_to_python_past_the_pending_text() {
+        let (mut pooled, _queue) = audited();
+        let long = format!("SELECT '{}'", "x".repeat(MAX_PENDING_TEXT / 3));
+        let first = [
+            parse("", &long),
+            bind("", ""),
+            execute(),
+            bind("", ""),
+            execute(),
+        ];
+        assert_eq!(client(&mut pooled, &first), first.concat());
+        assert!(pooled.handback.is_none());
+        // The third would hold more text than a handover may carry.
+        assert!(client(&mut pooled, &[bind("", ""), execute()]).len() < 100);
+        assert_eq!(pooled.handback, Some(execute()));
+        let records = pooled.running();
+        let texts: usize = records.iter().map(|r| r.raw.len()).sum();
+        assert!(texts < MAX_PENDING_TEXT + long.len() * 2, "{texts}");
     }
 
     #[test]
