@@ -185,6 +185,61 @@ async def test_an_unnamed_statement_bound_on_a_later_transaction_is_parsed_again
     assert values(got) == [b"42"]
 
 
+async def test_a_pipeline_not_synced_keeps_its_connection_into_pythons_relay(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """An unnamed statement executed and flushed but not synced leaves the
+    server in an implicit transaction: the connection stays the client's,
+    in the engine (another client gets the other one) and after a named
+    statement moves the session to Python's relay, until the Sync."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+    pid_query = b"SELECT pg_backend_pid()"
+
+    def work() -> tuple[list[bytes | None], list[bytes | None]]:
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        b = RawClient(ghost.port)
+        b.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(extended(pid_query).removesuffix(msg("S")) + msg("H"))
+        flushed = [a.message() for _ in range(3)]
+        assert [tag for tag, _ in flushed] == ["1", "2", "D"]
+        assert a.message()[0] == "C"
+        other = values(b.query("SELECT pg_backend_pid()"))
+        a.send(extended(pid_query, b"moved"))
+        return values(flushed) + values(a.until_ready()), other
+
+    with trio.fail_after(30):
+        mine, other = await in_thread(work)
+    assert mine[0] == mine[1] != other[0]
+
+
+async def test_a_client_gone_inside_a_pipeline_not_synced_leaves_nothing_behind(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """An INSERT executed and flushed but not synced, a named statement (the
+    session moves to Python's relay), then the client leaves: its implicit
+    transaction must not be committed by the next client of the connection."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
+
+    def work() -> list[bytes | None]:
+        with simple(ghost) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS pipe_t (x int)")
+            conn.execute("TRUNCATE pipe_t")
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(extended(b"INSERT INTO pipe_t VALUES (1)").removesuffix(msg("S")) + msg("H"))
+        assert [a.message()[0] for _ in range(3)] == ["1", "2", "C"]
+        a.send(msg("P", b"moved\0SELECT 1\0\0\0") + msg("H"))
+        assert a.message()[0] == "1"  # Python's relay has the session
+        a.close()
+        b = RawClient(ghost.port)
+        b.login(ghost.app_id, ghost.app_key, ghost.alias)
+        return values(b.query("SELECT count(*) FROM pipe_t"))
+
+    with trio.fail_after(30):
+        assert await in_thread(work) == [b"0"]
+
+
 async def test_a_transaction_moves_to_python_on_its_connection(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:

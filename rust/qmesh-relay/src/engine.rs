@@ -479,7 +479,9 @@ impl Native {
             lease: pooled.lease.take(),
             owed: pooled.owed.drain(..).collect(),
             unnamed: pooled.unnamed.take().map(|u| u.parse),
-            status: pooled.status,
+            // Inside a pipeline not synced the server is in an implicit
+            // transaction, whatever its last ReadyForQuery said.
+            status: if pooled.open_pipeline { 0 } else { pooled.status },
             server_mid_message: self.backend.as_ref().is_some_and(pg::Scanner::in_message),
             server_fatal: pooled.server_fatal,
             leftover,

@@ -67,7 +67,7 @@ pub struct PooledEnd {
     pub unnamed: Option<Vec<u8>>,
     pub unnamed_held: bool,
     /// The server's transaction status at its last ReadyForQuery (`I`, `T`,
-    /// `E`); 0 while a query is on its way.
+    /// `E`); 0 while a query is on its way or a pipeline is not synced.
     pub status: u8,
     /// The server's bytes stopped inside a message.
     pub server_mid_message: bool,
