@@ -413,6 +413,10 @@ class PooledEnd:
     def unnamed_held(self) -> bool:
         """Whether the connection the client holds has its unnamed statement."""
     @property
+    def skipping(self) -> bool:
+        """The server discards the client's messages until its next Sync (an
+        error in the extended protocol, no Sync sent since)."""
+    @property
     def status(self) -> str | None:
         """The server's status at its last ReadyForQuery (``I``, ``T``,
         ``E``), or None while a query was on its way."""

@@ -297,8 +297,10 @@ class PooledSession:
         finally:
             self._in_engine = False
         pooled = outcome.pooled
-        if pooled is not None and pooled.unnamed is not None:
-            self._unnamed = pooled.unnamed  # to parse again where it is not
+        if pooled is not None:
+            self._skipping = pooled.skipping
+            if pooled.unnamed is not None:
+                self._unnamed = pooled.unnamed  # to parse again where it is not
         if pooled is None:
             # The tunnel session was lost: the engine gave any connection
             # the client held back to the pool, to be closed.

@@ -133,6 +133,9 @@ pub struct PooledEnd {
     /// Whether the connection the client holds has its unnamed statement.
     #[pyo3(get)]
     unnamed_held: bool,
+    /// The server discards the client's messages until its next Sync.
+    #[pyo3(get)]
+    skipping: bool,
     /// The server's status at its last ReadyForQuery (``I``, ``T``, ``E``),
     /// or None while a query was on its way.
     #[pyo3(get)]
@@ -191,6 +194,7 @@ impl From<relay::PooledEnd> for PooledEnd {
             owed: end.owed,
             unnamed: end.unnamed,
             unnamed_held: end.unnamed_held,
+            skipping: end.skipping,
             status: (end.status != 0).then_some(char::from(end.status)),
             server_mid_message: end.server_mid_message,
             server_fatal: end.server_fatal,

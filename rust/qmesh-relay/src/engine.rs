@@ -478,10 +478,15 @@ impl Native {
             unnamed_held: pooled.unnamed_here && pooled.lease.is_some(),
             lease: pooled.lease.take(),
             owed: pooled.owed.drain(..).collect(),
+            skipping: pooled.skipping,
             unnamed: pooled.unnamed.take().map(|u| u.parse),
             // Inside a pipeline not synced the server is in an implicit
             // transaction, whatever its last ReadyForQuery said.
-            status: if pooled.open_pipeline { 0 } else { pooled.status },
+            status: if pooled.open_pipeline {
+                0
+            } else {
+                pooled.status
+            },
             server_mid_message: self.backend.as_ref().is_some_and(pg::Scanner::in_message),
             server_fatal: pooled.server_fatal,
             leftover,

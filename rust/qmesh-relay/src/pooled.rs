@@ -66,6 +66,9 @@ pub struct PooledEnd {
     /// connection it holds has it (else it must be parsed again there).
     pub unnamed: Option<Vec<u8>>,
     pub unnamed_held: bool,
+    /// The server discards the client's messages until its next Sync (an
+    /// error in the extended protocol, no Sync sent since).
+    pub skipping: bool,
     /// The server's transaction status at its last ReadyForQuery (`I`, `T`,
     /// `E`); 0 while a query is on its way or a pipeline is not synced.
     pub status: u8,
@@ -170,6 +173,11 @@ pub(crate) struct Pooled {
     /// or Describe of it needs this client's Parse on this loan.
     pub(crate) unnamed: Option<Unnamed>,
     pub(crate) unnamed_here: bool,
+    /// An error in the extended protocol with no Sync sent after it: the
+    /// server discards what comes until the next Sync. Python's relay
+    /// follows that (the client's next message, unless a Sync, moves the
+    /// session there).
+    pub(crate) skipping: bool,
     /// The unnamed portal bound on this loan: its statement's text.
     pub(crate) portal: Option<Arc<[u8]>>,
     /// Some once a message the engine does not relay came: it and what followed.
@@ -278,6 +286,7 @@ impl Pooled {
             status: b'I',
             unnamed: None,
             unnamed_here: false,
+            skipping: false,
             portal: None,
             handback: None,
             terminated: false,
@@ -412,6 +421,7 @@ impl Pooled {
                 }
                 self.status = 0;
                 self.open_pipeline = false;
+                self.skipping = false;
                 self.owed.push_back(tag);
                 return true;
             }
@@ -452,6 +462,10 @@ impl pg::Sink for Front<'_> {
         }
         if let Some(rest) = pooled.handback.as_mut() {
             rest.extend_from_slice(raw);
+            return;
+        }
+        if pooled.skipping && tag != b'S' && tag != b'X' {
+            pooled.handback = Some(raw.to_vec());
             return;
         }
         // The Query's text as sent, less the terminating NUL.
@@ -521,11 +535,14 @@ impl pg::Sink for Back<'_> {
                 // In the extended protocol the server skips to the next
                 // Sync: the answers of what it skipped are owed no more,
                 // and a Parse that failed or was skipped made no statement.
+                let extended = !matches!(owed.front(), Some(b'Q' | b'S'));
                 while owed.front().is_some_and(|&k| k != b'Q' && k != b'S') {
                     if owed.pop_front() == Some(b'P') {
                         (pooled.unnamed, pooled.unnamed_here) = (None, false);
                     }
                 }
+                // With no Sync sent yet, it skips what the client sends next.
+                pooled.skipping |= extended && owed.is_empty();
                 let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
                 if let Some(statement) = pooled.statements.front_mut() {
                     statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
@@ -775,6 +792,22 @@ mod tests {
         assert!(pooled.unnamed.is_none());
         client(&mut pooled, &[bind("", "")]);
         assert!(pooled.handback.is_some());
+    }
+
+    #[test]
+    fn after_an_error_with_no_sync_what_the_server_skips_goes_to_python() {
+        let (mut pooled, _queue) = audited();
+        client(&mut pooled, &[parse("", "SELEC 1"), msg(b'H', b"")]);
+        server(&mut pooled, &[error("42601")]);
+        assert!(pooled.skipping);
+        client(&mut pooled, &[msg(b'S', b"")]); // the Sync ends the skipping
+        assert!(!pooled.skipping && pooled.handback.is_none());
+        server(&mut pooled, &[msg(b'Z', b"I")]);
+        assert!(pooled.between_transactions(false));
+        client(&mut pooled, &[parse("", "SELEC 1"), msg(b'H', b"")]);
+        server(&mut pooled, &[error("42601")]);
+        client(&mut pooled, &[parse("", "SELECT 2")]);
+        assert_eq!(pooled.handback, Some(parse("", "SELECT 2")));
     }
 
     #[test]
