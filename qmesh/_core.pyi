@@ -402,10 +402,21 @@ class PooledEnd:
     def touched(self) -> bool:
         """The engine ran statements on ``lease`` since Python last had it."""
     @property
-    def owed(self) -> bytes:
-        """The answers the server still owes: the type byte of each client
-        message whose answer had not ended, in order (``Q``, ``P``, ``B``,
-        ``D``, ``E``, ``C``, ``S``)."""
+    def owed(self) -> list[tuple[str, bytes, bytes, tuple[bytes, bytes] | None]]:
+        """The answers the server still owes, in order: ``(kind, target,
+        name, saved)`` each. ``kind`` is the client message's type byte
+        (``Q``, ``P``, ``B``, ``D``, ``E``, ``C``, ``S``) or what the engine
+        sent in its stead: ``i`` a Parse it added (its ParseComplete is not
+        the client's), ``p`` a Close standing in for a Parse of a statement
+        the connection has (the client gets a ParseComplete for its
+        CloseComplete), ``c`` a Close standing in for the client's Close.
+        ``target`` is the server's name a Parse (``P``, ``i``) prepares or a
+        Close (``C``) closes, ``name`` the client's (``P``, ``p``, ``c``,
+        ``C``), ``saved`` the client's statement a Close forgot (``(server
+        name, Parse)``); empty or None where they do not apply."""
+    @property
+    def statements(self) -> list[tuple[bytes, bytes, bytes]]:
+        """The client's named statements: ``(name, server name, Parse)`` each."""
     @property
     def unnamed(self) -> bytes | None:
         """The client's unnamed statement: its Parse message, or None."""
@@ -435,6 +446,20 @@ class PooledEnd:
         """Client bytes consumed but not yet granted back."""
 
 @final
+class PreparedNames:
+    """The names of the statements prepared on one server connection, under
+    their server names: a set of ``bytes``, shared with the engine that
+    holds the connection while it is lent to one."""
+
+    def __new__(cls) -> Self: ...
+    def __contains__(self, name: bytes) -> bool: ...
+    def __len__(self) -> int: ...
+    def add(self, name: bytes) -> None: ...
+    def discard(self, name: bytes) -> None:
+        """Remove ``name`` if it is there."""
+    def clear(self) -> None: ...
+
+@final
 class PoolShelf:
     """The idle connections of one transaction-mode pool and its line of
     waiting clients, shared by the engine threads and Python. Connections
@@ -445,9 +470,10 @@ class PoolShelf:
     @property
     def notify_fd(self) -> int:
         """Readable while :meth:`take_events` has something."""
-    def give(self, lease: int, fd: int, expires_in: float) -> None:
-        """Connection ``lease`` (socket ``fd``), ready for use, to the first
-        in line or idle; closed when it comes back after ``expires_in`` s."""
+    def give(self, lease: int, fd: int, expires_in: float, prepared: PreparedNames) -> None:
+        """Connection ``lease`` (socket ``fd``, its statements ``prepared``),
+        ready for use, to the first in line or idle; closed when it comes
+        back after ``expires_in`` s."""
     def take(self) -> tuple[int, bool] | None:
         """``(lease, touched)`` of an idle connection if one is here and
         nobody waits, else None."""
@@ -653,7 +679,7 @@ class TunnelEngine:
         end_on_socket_eof: bool = False,
         tap: TapSpec | None = None,
         tls: TlsSession | None = None,
-        pooled: tuple[PoolShelf, float] | None = None,
+        pooled: tuple[PoolShelf, float, int] | None = None,
         audit: AuditAuthor | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
@@ -662,10 +688,12 @@ class TunnelEngine:
         ``tap`` says what the stream's scanners report and hold; ``tls``, a
         connection whose handshake is done, is the socket's TLS layer from
         now on (the object is spent: :attr:`TlsSession.handed_over`).
-        With ``pooled=(shelf, wait_s)`` the stream is a transaction-mode
-        client: ``fd`` is ignored, and it borrows server connections from
-        ``shelf`` per transaction, waiting at most ``wait_s`` in line; its
-        finished statements go to ``audit``, if given.
+        With ``pooled=(shelf, wait_s, max_prepared)`` the stream is a
+        transaction-mode client: ``fd`` is ignored, and it borrows server
+        connections from ``shelf`` per transaction, waiting at most
+        ``wait_s`` in line; a connection that comes back with more than
+        ``max_prepared`` statements prepared goes to Python to be closed;
+        its finished statements go to ``audit``, if given.
         ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:

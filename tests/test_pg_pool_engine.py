@@ -46,14 +46,14 @@ def msg(tag: str, body: bytes = b"") -> bytes:
     return _core.encode_message(ord(tag), body)
 
 
-def extended(sql: bytes, name: bytes = b"") -> bytes:
-    """Parse (of statement ``name``), Bind, Execute and Sync: the extended
-    protocol. The engine relays the unnamed statement; a named one moves
-    the session to Python's relay, which renames it per connection."""
+def extended(sql: bytes, name: bytes = b"", *, portal: bytes = b"") -> bytes:
+    """Parse (of statement ``name``), Bind (to ``portal``), Execute and Sync:
+    the extended protocol. The engine relays statements, named or not, and
+    the unnamed portal; a named portal moves the session to Python's relay."""
     return (
         msg("P", name + b"\0" + sql + b"\0\0\0")
-        + msg("B", b"\0" + name + b"\0\0\0\0\0\0\0")
-        + msg("E", b"\0\0\0\0\0")
+        + msg("B", portal + b"\0" + name + b"\0\0\0\0\0\0\0")
+        + msg("E", portal + b"\0\0\0\0\0")
         + msg("S")
     )
 
@@ -156,6 +156,137 @@ async def test_psycopg_default_cursors_stay_in_the_engine(
     ]
 
 
+async def test_named_statements_of_many_clients_stay_in_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """psycopg with ``prepare_threshold=0`` prepares every statement under a
+    name of its own: on two connections shared by four clients, the engine
+    prepares each text once per connection under its shared server name,
+    makes every loan itself, and audits each Execute with its text."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+    sql = "SELECT %s::int * 100 + %s::int AS audited_named"
+
+    def client(i: int) -> None:
+        kwargs = {**ghost.kwargs(), "autocommit": True, "prepare_threshold": 0}
+        with psycopg.connect(**kwargs) as conn:
+            for n in range(10):
+                assert conn.execute(sql, (i, n)).fetchone() == (i * 100 + n,)
+            with conn.transaction():
+                assert conn.execute(sql, (i, 99)).fetchone() == (i * 100 + 99,)
+
+    def work() -> list[object]:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with simple(ghost) as conn:
+            query = "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%audited_named'"
+            return [row[0] for row in conn.execute(query).fetchall()]
+
+    with trio.fail_after(60):
+        names = await in_thread(work)
+        await ghost.audit_settled()
+    assert len(names) == 1 and str(names[0]).startswith("qmesh_")  # shared, renamed
+    assert stats(ghost).engine_loans >= 44  # every transaction in the engine
+    records = [r for r in list_audit(ghost.store) if "AS audited_named" in (r.statement or "")]
+    assert len(records) == 44
+    assert {(r.rows, r.outcome) for r in records} == {(1, "ok")}
+
+
+async def test_named_statements_go_with_the_session_into_pythons_relay(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A statement prepared in the engine is still the client's once a named
+    portal moves the session to Python's relay: a Bind of it runs it there,
+    and the audit records its text."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    sql = b"SELECT 41 + 1 AS audited_handed_over"
+
+    def work() -> list[bytes | None]:
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(extended(sql, b"s1"))
+        first = values(a.until_ready())
+        a.send(extended(b"SELECT 1", portal=b"moved"))
+        a.until_ready()
+        a.send(msg("B", b"\0s1\0" + bytes(6)) + msg("E", bytes(5)) + msg("S"))
+        return first + values(a.until_ready())
+
+    with trio.fail_after(30):
+        got = await in_thread(work)
+        await ghost.audit_settled()
+    assert got == [b"42", b"42"]
+    records = [r for r in list_audit(ghost.store) if r.outcome == "ok" and r.rows == 1]
+    assert [r.statement for r in records].count(sql.decode()) == 2
+
+
+async def test_what_the_engine_sent_in_the_clients_stead_is_answered_right_in_python(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A Bind on a connection that lacks its statement (the engine adds the
+    Parse) and a Parse of a statement the connection has (the engine stands
+    in a Close for it), then a named portal moves the session to Python's
+    relay before their answers come: the client gets exactly the answers to
+    what it sent."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
+    sql = b"SELECT 7"
+
+    def work() -> tuple[list[str], list[bytes | None]]:
+        a = RawClient(ghost.port)
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(extended(sql, b"s1"))
+        assert values(a.until_ready()) == [b"7"]
+        b = RawClient(ghost.port)
+        b.login(ghost.app_id, ghost.app_key, ghost.alias)
+        b.query("BEGIN")  # holds the connection that has s1
+        a.send(
+            msg("B", b"\0s1\0" + bytes(6))  # on the other connection, which lacks s1
+            + msg("E", bytes(5))
+            + msg("S")
+            + msg("P", b"s2\0" + sql + b"\0\0\0")  # the connection has it now
+            + msg("B", b"moved\0s2\0" + bytes(6))
+            + msg("E", b"moved\0" + bytes(4))
+            + msg("S")
+        )
+        got = a.until_ready() + a.until_ready()
+        b.query("COMMIT")
+        return [tag for tag, _ in got], values(got)
+
+    with trio.fail_after(30):
+        got_tags, got_values = await in_thread(work)
+    assert got_tags == ["2", "D", "C", "Z", "1", "2", "D", "C", "Z"]
+    assert got_values == [b"7", b"7"]
+
+
+async def test_a_connection_back_with_too_many_statements_is_closed(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A connection that comes back to the engine's pool with more
+    statements than ``max_prepared_per_server`` is closed, not lent again."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    ghost.service.pools.settings = attrs.evolve(
+        ghost.service.pools.settings, max_prepared_per_server=1
+    )
+
+    def work() -> tuple[object, object, object]:
+        kwargs = {**ghost.kwargs(), "autocommit": True, "prepare_threshold": 0}
+        with psycopg.connect(**kwargs) as conn:
+            with conn.transaction():
+                conn.execute("SELECT 1")
+                held = conn.execute("SELECT pg_backend_pid()").fetchone()
+            after = conn.execute("SELECT pg_backend_pid()").fetchone()
+            again = conn.execute("SELECT pg_backend_pid()").fetchone()
+            return held, after, again
+
+    with trio.fail_after(30):
+        held, after, again = await in_thread(work)
+    # Two statements on the first connection: closed when it came back; one
+    # on the next: kept.
+    assert held != after == again
+    assert stats(ghost).closed >= 1 and stats(ghost).engine_loans >= 3
+
+
 async def test_an_unnamed_statement_bound_on_a_later_transaction_is_parsed_again(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
@@ -191,7 +322,7 @@ async def test_a_pipeline_not_synced_keeps_its_connection_into_pythons_relay(
     """An unnamed statement executed and flushed but not synced leaves the
     server in an implicit transaction: the connection stays the client's,
     in the engine (another client gets the other one) and after a named
-    statement moves the session to Python's relay, until the Sync."""
+    portal moves the session to Python's relay, until the Sync."""
     ghost = await pooled_ghost(nursery, db, tmp_path, size=2)
     pid_query = b"SELECT pg_backend_pid()"
 
@@ -205,7 +336,7 @@ async def test_a_pipeline_not_synced_keeps_its_connection_into_pythons_relay(
         assert [tag for tag, _ in flushed] == ["1", "2", "D"]
         assert a.message()[0] == "C"
         other = values(b.query("SELECT pg_backend_pid()"))
-        a.send(extended(pid_query, b"moved"))
+        a.send(extended(pid_query, portal=b"moved"))
         return values(flushed) + values(a.until_ready()), other
 
     with trio.fail_after(30):
@@ -216,7 +347,7 @@ async def test_a_pipeline_not_synced_keeps_its_connection_into_pythons_relay(
 async def test_a_client_gone_inside_a_pipeline_not_synced_leaves_nothing_behind(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    """An INSERT executed and flushed but not synced, a named statement (the
+    """An INSERT executed and flushed but not synced, a named portal (the
     session moves to Python's relay), then the client leaves: its implicit
     transaction must not be committed by the next client of the connection."""
     ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
@@ -229,8 +360,8 @@ async def test_a_client_gone_inside_a_pipeline_not_synced_leaves_nothing_behind(
         a.login(ghost.app_id, ghost.app_key, ghost.alias)
         a.send(extended(b"INSERT INTO pipe_t VALUES (1)").removesuffix(msg("S")) + msg("H"))
         assert [a.message()[0] for _ in range(3)] == ["1", "2", "C"]
-        a.send(msg("P", b"moved\0SELECT 1\0\0\0") + msg("H"))
-        assert a.message()[0] == "1"  # Python's relay has the session
+        a.send(msg("P", b"\0SELECT 1\0\0\0") + msg("B", b"moved\0" + bytes(7)) + msg("H"))
+        assert [a.message()[0] for _ in range(2)] == ["1", "2"]  # Python's relay has it
         a.close()
         b = RawClient(ghost.port)
         b.login(ghost.app_id, ghost.app_key, ghost.alias)
@@ -243,8 +374,8 @@ async def test_a_client_gone_inside_a_pipeline_not_synced_leaves_nothing_behind(
 async def test_a_transaction_moves_to_python_on_its_connection(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    """BEGIN and a statement in the engine, then a named statement in
-    Python's relay: one server backend all along, which the next client
+    """BEGIN and a statement in the engine, then a named portal in Python's
+    relay: one server backend all along, which the next client
     gets only after COMMIT."""
     ghost = await pooled_ghost(nursery, db, tmp_path, size=1)
 
@@ -253,7 +384,7 @@ async def test_a_transaction_moves_to_python_on_its_connection(
         a.login(ghost.app_id, ghost.app_key, ghost.alias)
         a.query("BEGIN")
         first = values(a.query("SELECT pg_backend_pid()"))
-        a.send(extended(b"SELECT pg_backend_pid()", b"moved"))
+        a.send(extended(b"SELECT pg_backend_pid()", portal=b"moved"))
         second = values(a.until_ready())
         b = RawClient(ghost.port)
         b.login(ghost.app_id, ghost.app_key, ghost.alias)
@@ -271,14 +402,16 @@ async def test_a_transaction_moves_to_python_on_its_connection(
 async def test_answers_due_when_python_takes_over_come_in_order(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:
-    """A simple Query still running when a named statement follows: its
+    """A simple Query still running when a named portal follows: its
     answers, then the next ones, in the order asked."""
     ghost = await pooled_ghost(nursery, db, tmp_path)
 
     def work() -> list[tuple[str, bytes]]:
         a = RawClient(ghost.port)
         a.login(ghost.app_id, ghost.app_key, ghost.alias)
-        a.send(_core.encode_query("SELECT pg_sleep(0.2), 1") + extended(b"SELECT 2", b"moved"))
+        a.send(
+            _core.encode_query("SELECT pg_sleep(0.2), 1") + extended(b"SELECT 2", portal=b"moved")
+        )
         return a.until_ready() + a.until_ready()
 
     with trio.fail_after(30):
@@ -444,7 +577,7 @@ async def test_statements_the_engine_relays_are_audited(
         raw.login(ghost.app_id, ghost.app_key, ghost.alias)
         raw.send(
             _core.encode_query("SELECT pg_sleep(0.1) AS audited_moving")
-            + extended(b"SELECT 2", b"moved")
+            + extended(b"SELECT 2", portal=b"moved")
         )
         raw.until_ready()
         raw.until_ready()

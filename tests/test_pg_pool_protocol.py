@@ -226,13 +226,17 @@ async def test_a_waiter_that_leaves_gives_its_turn_on(
 
 
 async def test_answers_due_are_bounded(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:
-    """Answers made up at the Gate (a CloseComplete) cost the server
-    nothing: a client that sends requests without reading is ended."""
+    """In Python's relay, answers made up at the Gate (a CloseComplete)
+    cost the server nothing: a client that sends requests without reading
+    is ended. (The engine sends every request to the server, whose reading
+    holds the client back; past its own bound it hands the session over.)"""
     ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
 
     def work() -> dict[str, str]:
         a = login(ghost)
-        a.send(msg("Q", b"SELECT pg_sleep(30)\0"))
+        # A named portal takes the session to Python's relay.
+        portal = msg("B", b"p\0\0\0\0\0\0\0\0")
+        a.send(parse(b"", b"SELECT pg_sleep(30)") + portal + msg("E", b"p\0\0\0\0\0"))
         burst = close_statement(b"x") * 10_000
         try:
             for _ in range(MAX_REQUESTS // 10_000 + 1):

@@ -47,11 +47,15 @@ What the client does not notice:
   transaction-mode pooler.
 
 Where it runs: in the tunnel engine, without Python per transaction, for
-as long as the client sends only simple Queries that cannot leave session
-state (the engine borrows and returns connections through the pool's
-shelf itself; see ``rust/qmesh-relay/src/pooled.rs``); from the first
-message it does not relay on (the extended protocol, a FunctionCall, COPY,
-a statement that may pin), here, for the rest of the session. Sessions
+as long as the client sends only what the engine follows (simple Queries
+and the extended protocol with the unnamed portal, named statements
+included, of statements that cannot leave session state; the engine
+borrows and returns connections through the pool's shelf itself, and
+renames statements as this module does; see
+``rust/qmesh-relay/src/pooled.rs``); from the first message it does not
+relay on (a named portal, a FunctionCall, COPY, a statement that may pin),
+here, for the rest of the session, with the engine's statements and the
+answers it still awaits. Sessions
 with a statement guard or read-only policy, and pools whose server
 connections speak TLS, run here from the start.
 
@@ -63,7 +67,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -72,14 +75,14 @@ from typing import Final
 import trio
 
 from qmesh import _core
-from qmesh.pg.guard import normalise
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
 from qmesh.pg.relay import Tap, end_client
+from qmesh.pg.session_state import session_state_of
 from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tunnel.stream import TunnelStream
 
-__all__ = ["PooledSession", "session_state_of"]
+__all__ = ["PooledSession"]
 
 log = logging.getLogger(__name__)
 
@@ -122,58 +125,20 @@ _FAKE_PARSED = 9  # a ParseComplete made here
 _FAKE_CLOSED = 10  # a CloseComplete made here
 _INJECTED_CLOSE = 11  # a Close of the unnamed statement qmesh added: swallowed
 _COPY_END = 12  # the client ended a COPY FROM STDIN: no answer of its own
+_PARSE_STAND_IN = 13  # the engine's Close for a Parse made nothing: answered ParseComplete
 _PARSE_COMPLETE: Final = _core.encode_message(_PARSED, b"")
 _CLOSE_COMPLETE: Final = _core.encode_message(_CLOSED, b"")
 _CLOSE_UNNAMED: Final = _core.encode_message(_C, b"S\0")
 _ENDS: Final = {_PARSE: b"1", _INJECTED: b"1", _BIND: b"2", _DESCRIBE: b"Tn",
                 _EXECUTE: b"CIs", _CLOSE: b"3", _INJECTED_CLOSE: b"3", _SYNC: b"Z",
-                _QUERY: b"Z"}  # fmt: skip
+                _QUERY: b"Z", _PARSE_STAND_IN: b"3"}  # fmt: skip
 _SWALLOWED: Final = frozenset({_INJECTED, _INJECTED_CLOSE})
-# The answers the engine's relay left owed, by their message's type byte.
-_OWED: Final = {ord("Q"): _QUERY, ord("P"): _PARSE, ord("B"): _BIND, ord("D"): _DESCRIBE,
-                ord("E"): _EXECUTE, ord("C"): _CLOSE, ord("S"): _SYNC}  # fmt: skip
+# The answers the engine's relay left owed, by their kind (see PooledEnd.owed);
+# its Close standing in for a client's Close is a Close of no server statement.
+_OWED: Final = {"Q": _QUERY, "P": _PARSE, "B": _BIND, "D": _DESCRIBE, "E": _EXECUTE,
+                "C": _CLOSE, "S": _SYNC, "i": _INJECTED, "p": _PARSE_STAND_IN,
+                "c": _CLOSE}  # fmt: skip
 _MADE_HERE: Final = frozenset({_FAKE_PARSED, _FAKE_CLOSED, _COPY_END})
-
-# -- session state -----------------------------------------------------------------
-
-_STATE_WORDS: Final = (b"set", b"listen", b"prepare", b"hold", b"temp", b"advisory",
-                       b"load", b"deallocate", b"discard")  # fmt: skip
-_STATEMENT_START: Final = r"(?:^|;) ?"
-_PINS: Final = re.compile(
-    "|".join(
-        (
-            # SET and SET SESSION; not SET LOCAL, SET TRANSACTION, SET CONSTRAINTS
-            _STATEMENT_START + r"set (?!local |transaction |constraints )",
-            _STATEMENT_START + r"(?:listen|prepare|load) ",
-            r"(?<![a-z0-9_])with hold(?![a-z0-9_])",
-            r"(?<![a-z0-9_])(?:create (?:or replace )?(?:(?:global|local) )?|into )"
-            r"(?:temp|temporary) ",
-            r"(?<![a-z0-9_])pg_(?:try_)?advisory_lock(?:_shared)? ?\(",
-            r"(?<![a-z0-9_])set_config ?\(",
-            _STATEMENT_START + r"deallocate (?!all|prepare all)",
-        )
-    )
-)
-_RESETS: Final = re.compile(
-    _STATEMENT_START + r"(?:deallocate (?:prepare )?all|discard all)(?![a-z0-9_])"
-)
-
-
-def session_state_of(sql: bytes) -> str | None:
-    """``pin`` if ``sql`` leaves session state behind for the next
-    transaction, ``reset`` if it drops the session's prepared statements
-    (and so the ones the connection shares), None if it is
-    transaction-scoped. False pins are possible (a literal that merely
-    contains ``SET x``), and harmless: they only cost sharing."""
-    lowered = sql.lower()
-    if not any(word in lowered for word in _STATE_WORDS):
-        return None  # the common case
-    text = normalise(sql.decode("utf-8", "replace"))
-    if _RESETS.search(text):
-        return "reset"
-    if _PINS.search(text):
-        return "pin"
-    return None
 
 
 def server_name(statement: bytes) -> bytes:
@@ -282,11 +247,12 @@ class PooledSession:
         # With an author, the engine records each statement with its outcome
         # itself; those still running when its part ends come up the tap.
         self._in_engine = True
+        settings = self.pool.settings
         try:
             outcome = await self.client.relay_native(
                 None,
                 tap=Tap(_core.TapSpec(), self._on_tap),
-                pooled=(self.pool.shelf, self.pool.wait_s),
+                pooled=(self.pool.shelf, self.pool.wait_s, settings.max_prepared_per_server),
                 audit=self.watch.author(),
             )
         except BaseException:
@@ -301,6 +267,9 @@ class PooledSession:
             self._skipping = pooled.skipping
             if pooled.unnamed is not None:
                 self._unnamed = pooled.unnamed  # to parse again where it is not
+            for name, target, parse in pooled.statements:
+                self._remember(name, (target, parse))
+                self.watch.engine_prepared(name, _core.parse_parse(parse[5:])[1])
         if pooled is None:
             # The tunnel session was lost: the engine gave any connection
             # the client held back to the pool, to be closed.
@@ -335,7 +304,9 @@ class PooledSession:
         if pooled.unnamed_held:
             conn.unnamed_owner = self
         # Each answer still owed ends as if its message had been sent here.
-        self._requests.extend((_OWED[kind], b"", b"", None) for kind in pooled.owed)
+        self._requests.extend(
+            (_OWED[kind], target, name, saved) for kind, target, name, saved in pooled.owed
+        )
         # Cut inside an answer (the session ends): _give_back closes it.
         self._status = None if pooled.owed or pooled.server_mid_message else pooled.status
         self._attached.set()
@@ -728,7 +699,7 @@ class PooledSession:
         tail = self._flush_made()
         if kind in _SWALLOWED:
             return tail
-        return raw + tail
+        return (_PARSE_COMPLETE if kind == _PARSE_STAND_IN else raw) + tail
 
     def _entered_copy_in(self) -> None:
         """CopyInResponse: until the client's CopyDone or CopyFail the server
@@ -769,13 +740,13 @@ class PooledSession:
                 conn.unnamed_owner = None
                 if kind == _PARSE:
                     self._unnamed = None
-        if kind in (_PARSE, _FAKE_PARSED) and client_name:
+        if kind in (_PARSE, _FAKE_PARSED, _PARSE_STAND_IN) and client_name:
             known = self.statements.get(client_name)
             if known is not None and (not target or known[0] == target):
                 self._forget(client_name)
         elif kind in (_FAKE_CLOSED, _CLOSE) and saved is not None:
             self._remember(client_name, saved)
-            if kind == _CLOSE:
+            if kind == _CLOSE and target:
                 conn.prepared.add(target)
         elif kind == _INJECTED_CLOSE:
             conn.unnamed_owner = None

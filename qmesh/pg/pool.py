@@ -77,8 +77,9 @@ class ServerConn:
     key: tuple[int, bytes] | None = attrs.field(repr=False)
     """The server's BackendKeyData: where a client's cancel request goes."""
     opened_at: float
-    prepared: set[bytes] = attrs.field(factory=set)
-    """Names of the statements qmesh prepared on it (see :mod:`qmesh.pg.multiplex`)."""
+    prepared: _core.PreparedNames = attrs.field(factory=_core.PreparedNames)
+    """Names of the statements qmesh prepared on it (see :mod:`qmesh.pg.multiplex`),
+    shared with the engine that holds it while it is lent to one."""
     leftover: bytes = b""
     """Server bytes read past the login's ReadyForQuery (normally none)."""
     dirty: bool = False
@@ -364,7 +365,7 @@ class ServerPool:
             self._close(conn)
             return
         expires_in = conn.opened_at + self.settings.server_lifetime_s - now
-        self.shelf.give(conn.id, conn.socket.fileno(), expires_in)
+        self.shelf.give(conn.id, conn.socket.fileno(), expires_in, conn.prepared)
 
     async def release_dirty(self, conn: ServerConn) -> None:
         """Roll back and reset ``conn`` (``DISCARD ALL``), then give it back;

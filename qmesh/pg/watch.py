@@ -252,6 +252,12 @@ class SessionWatch:
             else:
                 self.pending.append(item)
 
+    def engine_prepared(self, name: bytes, text: bytes) -> None:
+        """A named statement the client prepared while the engine relayed
+        its session: followed here from now on."""
+        if self.audit is not None:
+            self._remember(self.statements, name, text)
+
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""
         pending = self.pending

@@ -119,6 +119,18 @@ pub struct RelayOutcome {
 
 /// A pooled stream's state at its end: what Python's relay carries on
 /// from, or cleans up.
+type OwedTuple<'py> = (
+    char,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)>,
+);
+type StatementTuple<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+);
+
 #[pyclass(module = "qmesh._core", name = "PooledEnd", frozen)]
 #[derive(Debug, Clone)]
 pub struct PooledEnd {
@@ -128,7 +140,8 @@ pub struct PooledEnd {
     /// The engine ran statements on ``lease`` since Python last had it.
     #[pyo3(get)]
     touched: bool,
-    owed: Vec<u8>,
+    owed: Vec<relay::OwedAnswer>,
+    statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     unnamed: Option<Vec<u8>>,
     /// Whether the connection the client holds has its unnamed statement.
     #[pyo3(get)]
@@ -161,12 +174,49 @@ impl PooledEnd {
         PyBytes::new(py, &self.leftover)
     }
 
-    /// The answers the server still owes: the type byte of each client
-    /// message whose answer had not ended, in order (``Q``, ``P``, ``B``,
-    /// ``D``, ``E``, ``C``, ``S``).
+    /// The answers the server still owes, in order: ``(kind, target,
+    /// name, saved)`` each. ``kind`` is the client message's type byte
+    /// (``Q``, ``P``, ``B``, ``D``, ``E``, ``C``, ``S``) or what the engine
+    /// sent in its stead: ``i`` a Parse it added (its ParseComplete is not
+    /// the client's), ``p`` a Close standing in for a Parse of a statement
+    /// the connection has (the client gets a ParseComplete for its
+    /// CloseComplete), ``c`` a Close standing in for the client's Close.
+    /// ``target`` is the server's name a Parse (``P``, ``i``) prepares or a
+    /// Close (``C``) closes, ``name`` the client's (``P``, ``p``, ``c``,
+    /// ``C``), ``saved`` the client's statement a Close forgot (``(server
+    /// name, Parse)``); empty or None where they do not apply.
     #[getter]
-    fn owed<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.owed)
+    fn owed<'py>(&self, py: Python<'py>) -> Vec<OwedTuple<'py>> {
+        self.owed
+            .iter()
+            .map(|o| {
+                let saved = o
+                    .saved
+                    .as_ref()
+                    .map(|(target, parse)| (PyBytes::new(py, target), PyBytes::new(py, parse)));
+                (
+                    char::from(o.kind),
+                    PyBytes::new(py, &o.target),
+                    PyBytes::new(py, &o.name),
+                    saved,
+                )
+            })
+            .collect()
+    }
+
+    /// The client's named statements: ``(name, server name, Parse)`` each.
+    #[getter]
+    fn statements<'py>(&self, py: Python<'py>) -> Vec<StatementTuple<'py>> {
+        self.statements
+            .iter()
+            .map(|(name, target, parse)| {
+                (
+                    PyBytes::new(py, name),
+                    PyBytes::new(py, target),
+                    PyBytes::new(py, parse),
+                )
+            })
+            .collect()
     }
 
     /// The client's unnamed statement: its Parse message, or None.
@@ -179,7 +229,10 @@ impl PooledEnd {
         format!(
             "PooledEnd(lease={:?}, owed={:?}, status={:?}, leftover={} bytes)",
             self.lease,
-            String::from_utf8_lossy(&self.owed),
+            self.owed
+                .iter()
+                .map(|o| char::from(o.kind))
+                .collect::<String>(),
             self.status,
             self.leftover.len()
         )
@@ -192,6 +245,7 @@ impl From<relay::PooledEnd> for PooledEnd {
             lease: end.lease.as_ref().map(|l| l.id),
             touched: end.lease.as_ref().is_some_and(|l| l.touched),
             owed: end.owed,
+            statements: end.statements,
             unnamed: end.unnamed,
             unnamed_held: end.unnamed_held,
             skipping: end.skipping,
@@ -573,8 +627,8 @@ impl TunnelEngine {
     /// connected, non-blocking socket ``fd`` until it ends (reported by
     /// :meth:`take`). The other arguments carry the stream's state over;
     /// ``tap`` says what the stream's scanners report and hold (see
-    /// :class:`TapSpec`); ``pooled`` (a shelf and the longest wait in line)
-    /// makes it a transaction-mode client session, whose finished
+    /// :class:`TapSpec`); ``pooled`` (a shelf, the longest wait in line and
+    /// the most statements a connection keeps prepared) makes it a transaction-mode client session, whose finished
     /// statements go to ``audit`` (an :class:`AuditAuthor`) if given.
     #[pyo3(signature = (
         stream_id,
@@ -604,16 +658,17 @@ impl TunnelEngine {
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
         tls: Option<PyRefMut<'_, TlsSession>>,
-        pooled: Option<(PyRef<'_, PoolShelf>, f64)>,
+        pooled: Option<(PyRef<'_, PoolShelf>, f64, usize)>,
         audit: Option<PyRef<'_, AuditAuthor>>,
     ) -> Result<()> {
         let pooled = match pooled {
-            Some((shelf, wait_s)) => Some(relay::PooledSpec {
+            Some((shelf, wait_s, max_prepared)) => Some(relay::PooledSpec {
                 shelf: shelf.inner.clone(),
                 wait_limit: Duration::try_from_secs_f64(wait_s).map_err(|_| {
                     PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
                 })?,
                 audit: audit.map(|author| author.inner.clone()),
+                max_prepared,
             }),
             None => None,
         };

@@ -26,6 +26,48 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
 /// Far enough to mean never, near enough not to overflow an ``Instant``.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// The names of the statements prepared on one server connection, under
+/// their server names: a set of ``bytes``, shared with the engine that
+/// holds the connection while it is lent to one.
+#[pyclass(module = "qmesh._core", name = "PreparedNames", frozen)]
+#[derive(Default)]
+pub struct PreparedNames {
+    inner: Arc<relay::Prepared>,
+}
+
+#[pymethods]
+impl PreparedNames {
+    #[new]
+    fn new() -> Self {
+        PreparedNames::default()
+    }
+
+    fn __contains__(&self, name: &[u8]) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn add(&self, name: &[u8]) {
+        self.inner.insert(name);
+    }
+
+    /// Remove ``name`` if it is there.
+    fn discard(&self, name: &[u8]) {
+        self.inner.remove(name);
+    }
+
+    fn clear(&self) {
+        self.inner.clear();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("PreparedNames({} names)", self.inner.len())
+    }
+}
+
 /// The idle connections of one pool and its line of waiting clients.
 /// Connections are named by Python's ids; the shelf borrows their
 /// descriptors while they are idle here or lent to an engine.
@@ -52,9 +94,10 @@ impl PoolShelf {
         self.inner.notify_fd()
     }
 
-    /// Connection ``lease`` (socket ``fd``), ready for use, to the first in
-    /// line or idle; closed when it comes back after ``expires_in`` seconds.
-    fn give(&self, lease: u64, fd: RawFd, expires_in: f64) -> Result<()> {
+    /// Connection ``lease`` (socket ``fd``, its statements ``prepared``),
+    /// ready for use, to the first in line or idle; closed when it comes
+    /// back after ``expires_in`` seconds.
+    fn give(&self, lease: u64, fd: RawFd, expires_in: f64, prepared: &PreparedNames) -> Result<()> {
         let now = Instant::now();
         let expires = now
             + seconds(expires_in, "expires_in")
@@ -65,6 +108,7 @@ impl PoolShelf {
             fd,
             touched: false,
             expires,
+            prepared: prepared.inner.clone(),
         });
         Ok(())
     }
@@ -167,5 +211,6 @@ impl PoolShelf {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PreparedNames>()?;
     m.add_class::<PoolShelf>()
 }

@@ -322,12 +322,22 @@ impl Native {
             let mut sink = pooled::Back {
                 pooled,
                 at: sys::monotonic(),
+                out: Vec::with_capacity(data.len()),
+                swallowed: 0,
             };
             if let Err(error) = scanner.feed(data, &mut sink) {
                 let side = Side::Server;
                 return Err(PgError { side, error });
             }
-            return Ok((vec![Bytes::copy_from_slice(data)], None));
+            // Read bytes were paid for with the client's credit; those it
+            // does not get are not its to count.
+            self.credit += sink.swallowed as u64;
+            let send = if sink.out.is_empty() {
+                Vec::new()
+            } else {
+                vec![Bytes::from(sink.out)]
+            };
+            return Ok((send, None));
         }
         let Some(scanner) = self.backend.as_mut() else {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
@@ -421,22 +431,18 @@ impl Native {
         let mut sink = pooled::Front {
             pooled,
             out: Vec::new(),
+            input: 0,
             dropped: 0,
             at: sys::monotonic(),
         };
         let result = scanner.feed(data, &mut sink);
-        let (out, dropped) = (sink.out, sink.dropped);
         let buffered = scanner.buffered() as u64;
         result.map_err(|error| PgError {
             side: Side::Client,
             error,
         })?;
-        self.consumed += dropped as u64;
-        self.unconsumed -= dropped;
-        if !out.is_empty() {
-            let input = out.len();
-            self.queue(Bytes::from(out), input);
-        }
+        let (out, input, dropped) = (sink.out, sink.input, sink.dropped);
+        self.queue_front(out, input, dropped);
         // A message collected whole holds its bytes unconsumed until it is
         // complete: one larger than the stream's window would never be. Past
         // half the window, the session goes to Python's relay, which reads
@@ -446,6 +452,36 @@ impl Native {
             pooled.handback = Some(Vec::new());
         }
         Ok(())
+    }
+
+    /// What a pooled stream's client messages came to: bytes for the
+    /// server, standing for `input` client bytes; `dropped` client bytes
+    /// consumed with nothing sent.
+    fn queue_front(&mut self, out: Vec<u8>, input: usize, dropped: usize) {
+        self.consumed += dropped as u64;
+        self.unconsumed -= dropped;
+        if input > 0 || !out.is_empty() {
+            self.queue(Bytes::from(out), input);
+        }
+    }
+
+    /// A pooled stream's client messages that waited for a connection,
+    /// relayed now that it holds one.
+    fn replay_deferred(&mut self) {
+        let pooled = self.pooled.as_mut().expect("a pooled stream");
+        if pooled.deferred.is_empty() {
+            return;
+        }
+        let mut sink = pooled::Front {
+            pooled,
+            out: Vec::new(),
+            input: 0,
+            dropped: 0,
+            at: sys::monotonic(),
+        };
+        sink.replay_deferred();
+        let (out, input, dropped) = (sink.out, sink.input, sink.dropped);
+        self.queue_front(out, input, dropped);
     }
 
     /// The stream is dropped without an outcome (the session is over): a
@@ -468,7 +504,10 @@ impl Native {
         }
         // The audit's statements still running: Python's relay follows them.
         self.records.extend(pooled.running());
-        let mut leftover = pooled.handback.take().unwrap_or_default();
+        // Messages waiting for a connection came first; then those from
+        // the first the engine does not relay.
+        let mut leftover = std::mem::take(&mut pooled.deferred);
+        leftover.extend(pooled.handback.take().unwrap_or_default());
         if let Some(scanner) = self.frontend.as_mut() {
             // Every kind is collected whole, so what is inside is a message
             // boundary's worth of bytes, never a message half passed on.
@@ -477,7 +516,8 @@ impl Native {
         Some(PooledEnd {
             unnamed_held: pooled.unnamed_here && pooled.lease.is_some(),
             lease: pooled.lease.take(),
-            owed: pooled.owed.drain(..).collect(),
+            owed: pooled.owed.drain(..).map(pooled::Owed::answer).collect(),
+            statements: pooled.take_named(),
             skipping: pooled.skipping,
             unnamed: pooled.unnamed.take().map(|u| u.parse),
             // Inside a pipeline not synced the server is in an implicit
@@ -1105,10 +1145,11 @@ impl Engine {
             None => (frontend, backend),
             Some(_) => {
                 // Every client kind whole (the engine decides per message);
-                // the server's in observe mode, following the ends of the
-                // answers owed, errors and (for the audit's records) rows.
+                // the server's in relay mode, following the ends of the
+                // answers owed, errors and (for the audit's records) rows,
+                // and answering for what the engine sent in the client's stead.
                 let frontend = scanner(pg::Direction::Frontend, pg::FRONTEND_TAGS, &[], true)?;
-                let backend = scanner(pg::Direction::Backend, b"ZECIs123n", b"T", false)?;
+                let backend = scanner(pg::Direction::Backend, b"ZECIs123n", b"T", true)?;
                 (Some(frontend), Some(backend))
             }
         };
@@ -1990,7 +2031,11 @@ impl State {
                 native.interest = 0;
             }
             native.fd = -1;
-            pooled.shelf.give_back(lease);
+            if pooled.over_prepared(&lease) {
+                pooled.shelf.return_to_python(lease, ReturnWhy::Close);
+            } else {
+                pooled.shelf.give_back(lease);
+            }
         }
         // Python's relay takes over once what the engine took on is written
         // and the server's bytes are between messages; answers still due
@@ -1999,7 +2044,8 @@ impl State {
             self.end_native(sid, Ending::Handback);
             return;
         }
-        if pooled.lease.is_some() || pooled.waiting.is_some() || native.to_socket.is_empty() {
+        let nothing_to_send = native.to_socket.is_empty() && pooled.deferred.is_empty();
+        if pooled.lease.is_some() || pooled.waiting.is_some() || nothing_to_send {
             return;
         }
         let me = self.me.clone() as Weak<dyn LeaseTaker>;
@@ -2040,6 +2086,7 @@ impl State {
         native.fd = lease.fd;
         native.interest = 0;
         pooled.lease = Some(lease);
+        native.replay_deferred();
         self.dirty.push(sid);
         self.write_native(sid);
     }

@@ -27,7 +27,7 @@ pub use http::{
     HttpConfig, HttpEngine, HttpEvent, HttpStats, ProxyOutcome, ProxySpec, UpstreamTls, Usage,
 };
 pub use notify::Notifier;
-pub use pool::{Lease, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
-pub use pooled::{PooledEnd, PooledSpec, STATEMENT_RUNNING};
+pub use pool::{Lease, Prepared, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
+pub use pooled::{OwedAnswer, PooledEnd, PooledSpec, STATEMENT_RUNNING};
 pub use reactor::engine_threads;
 pub use sys::monotonic;

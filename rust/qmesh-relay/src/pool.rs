@@ -18,7 +18,7 @@
 //! calls [`LeaseTaker::deliver`], which takes only the engine's mailbox.
 //! So the order is always engine state, shelf, mailbox.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -38,7 +38,63 @@ pub struct Lease {
     pub touched: bool,
     /// Past this it is closed when it comes back.
     pub expires: Instant,
+    /// The statements prepared on it under their server names, shared
+    /// with Python's relay (see [`crate::pooled`]).
+    pub prepared: Arc<Prepared>,
 }
+
+/// The names of the statements prepared on one server connection: read
+/// and changed by whoever holds the connection (an engine while it is
+/// lent to one, Python's relay otherwise), so the lock is never contended
+/// for long.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    names: Mutex<HashSet<Box<[u8]>>>,
+}
+
+impl Prepared {
+    fn names(&self) -> MutexGuard<'_, HashSet<Box<[u8]>>> {
+        // A set of names is whole after any panic: keep using it.
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.names().contains(name)
+    }
+
+    /// False if it was there already.
+    pub fn insert(&self, name: &[u8]) -> bool {
+        self.names().insert(name.into())
+    }
+
+    /// False if it was not there.
+    pub fn remove(&self, name: &[u8]) -> bool {
+        self.names().remove(name)
+    }
+
+    pub fn clear(&self) {
+        self.names().clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One connection's set is equal only to itself.
+impl PartialEq for Prepared {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Prepared {}
 
 /// Why a connection went back to Python rather than to the shelf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +472,7 @@ mod tests {
 
     fn lease(id: u64, fd: RawFd) -> Lease {
         Lease {
+            prepared: Arc::default(),
             id,
             fd,
             touched: false,

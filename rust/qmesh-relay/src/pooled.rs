@@ -4,21 +4,37 @@
 //! *idle* with no answer still due, all on the engine thread.
 //!
 //! The engine relays what it can follow exactly: simple Queries and the
-//! extended protocol's unnamed statement and portal (psycopg's and JDBC's
-//! default, `pgbench -M extended`), made on the loan that uses them, of
-//! statements that cannot leave session state behind; Sync, Flush and
-//! Terminate. The first message it cannot (a named statement or portal,
-//! which Python's relay renames per connection; a Bind of an unnamed
-//! statement parsed on another loan; a FunctionCall; COPY; a statement
-//! that could pin the session) ends the engine's part as soon as the
-//! server's bytes are between two messages: that message and all that
-//! follows go to Python's relay ([`PooledEnd::leftover`]), with the
-//! connection if the client holds one (a transaction block or pipeline
-//! open, or answers still owed, which Python's relay then passes on).
+//! extended protocol (psycopg's and JDBC's default, asyncpg, `pgbench -M
+//! extended` and `-M prepared`) with the unnamed portal, of statements
+//! that cannot leave session state behind; Sync, Flush and Terminate.
+//!
+//! - **The unnamed statement** is relayed when it was parsed on the loan
+//!   that uses it: PostgreSQL keeps it across transactions, but the
+//!   connection may hold another client's by the next loan.
+//! - **Named statements** are renamed as Python's relay names them
+//!   (`qmesh_` and a hash of the text and parameter types, so clients
+//!   share one server copy), on the connection's shared set of names
+//!   ([`Prepared`]): a Bind or Describe of one the connection lacks is
+//!   preceded by its Parse, whose ParseComplete the client never sees. A
+//!   Parse of one the connection has, and a Close (the server's copy
+//!   stays for the others), are stood in for by a Close of a name no
+//!   connection has, which the server answers in its turn with a
+//!   CloseComplete: the client gets its ParseComplete or CloseComplete in
+//!   order, and nothing is made up out of turn. A message that needs to
+//!   know the connection waits for one ([`Pooled::deferred`]).
+//!
+//! The first message it cannot relay (a named portal, a Bind of an unnamed
+//! statement parsed on another loan, a re-Parse of an open name, a
+//! FunctionCall, COPY, a statement that could pin the session) ends the
+//! engine's part as soon as the server's bytes are between two messages:
+//! that message and all that follows go to Python's relay
+//! ([`PooledEnd::leftover`]), with the connection if the client holds one
+//! (a transaction block or pipeline open, or answers still owed, which
+//! Python's relay then passes on) and the client's named statements.
 //! Python's relay carries the session to its end.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +42,7 @@ use qmesh_pg as pg;
 
 use crate::audit::AuditAuthor;
 use crate::engine::TapRecord;
-use crate::pool::{Lease, Shelf};
+use crate::pool::{Lease, Prepared, Shelf};
 
 /// The tap record kind a pooled stream makes itself (never a Postgres type
 /// byte): a statement still running when the engine's part ended, which
@@ -43,6 +59,10 @@ pub struct PooledSpec {
     pub wait_limit: Duration,
     /// Where each finished statement is recorded, if the audit is on.
     pub audit: Option<AuditAuthor>,
+    /// Past this many statements prepared on a connection, a client's
+    /// Close reaches the server, and the connection is closed when it
+    /// comes back (a long loan must not gather them without bound).
+    pub max_prepared: usize,
 }
 
 impl std::fmt::Debug for PooledSpec {
@@ -59,9 +79,11 @@ pub struct PooledEnd {
     /// The connection the client held (a transaction block open, answers
     /// due, or a broken one): Python decides what becomes of it.
     pub lease: Option<Lease>,
-    /// The answers the server still owes: the type byte of each client
-    /// message whose answer had not ended, in order.
-    pub owed: Vec<u8>,
+    /// The answers the server still owes, in order.
+    pub owed: Vec<OwedAnswer>,
+    /// The client's named statements: (its name, the server's name, the
+    /// Parse that makes it on a connection).
+    pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     /// The client's unnamed statement (its Parse message), and whether the
     /// connection it holds has it (else it must be parsed again there).
     pub unnamed: Option<Vec<u8>>,
@@ -81,6 +103,26 @@ pub struct PooledEnd {
     pub leftover: Vec<u8>,
     /// Client bytes consumed but not yet granted back in a WINDOW frame.
     pub consumed: u64,
+}
+
+/// An answer the server owes, and what was booked for its message, undone
+/// if an error makes the server skip it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedAnswer {
+    /// The client message's type byte, or what the engine sent in its
+    /// stead: `i` a Parse it added (its ParseComplete is not the client's),
+    /// `p` a Close standing in for a Parse of a statement the connection
+    /// has (its CloseComplete goes to the client as a ParseComplete), `c` a
+    /// Close standing in for the client's Close of a statement the
+    /// connection keeps.
+    pub kind: u8,
+    /// The server's name of the statement a Parse (`P`, `i`) prepares or a
+    /// Close (`C`) closes; empty for none.
+    pub target: Vec<u8>,
+    /// The client's name of the statement (`P`, `p`, `c`, `C`); empty for none.
+    pub name: Vec<u8>,
+    /// The client's statement a Close forgot (`c`, `C`): (server name, Parse).
+    pub saved: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Words a Query names when it might leave session state behind (a SET,
@@ -158,11 +200,9 @@ pub(crate) struct Pooled {
     pub(crate) lease: Option<Lease>,
     /// The place in line while waiting for a connection, and until when.
     pub(crate) waiting: Option<(u64, Instant)>,
-    /// The answers the server still owes, in order: the type byte of each
-    /// message relayed (Query, Parse, Bind, Describe, Execute, Close,
-    /// Sync) until its answer ends ([`answer_ends`]). Python's relay takes
-    /// over the rest.
-    pub(crate) owed: VecDeque<u8>,
+    /// The answers the server still owes, in order, until each ends
+    /// ([`answer_ends`]). Python's relay takes over the rest.
+    pub(crate) owed: VecDeque<Owed>,
     /// Extended-protocol messages relayed since the last Sync: the server
     /// is inside an implicit transaction until that Sync's ReadyForQuery.
     pub(crate) open_pipeline: bool,
@@ -173,6 +213,16 @@ pub(crate) struct Pooled {
     /// or Describe of it needs this client's Parse on this loan.
     pub(crate) unnamed: Option<Unnamed>,
     pub(crate) unnamed_here: bool,
+    /// The client's named statements, by the client's names.
+    named: HashMap<Box<[u8]>, Named>,
+    /// The bytes of their Parses, together.
+    named_bytes: usize,
+    max_prepared: usize,
+    /// Whole client messages waiting for a connection, in order: from the
+    /// first that needs to know which statements its connection has (a
+    /// named statement's Parse, Bind, Describe or Close) when there is
+    /// none. They are relayed once one is lent.
+    pub(crate) deferred: Vec<u8>,
     /// An error in the extended protocol with no Sync sent after it: the
     /// server discards what comes until the next Sync. Python's relay
     /// follows that (the client's next message, unless a Sync, moves the
@@ -196,24 +246,127 @@ pub(crate) struct Pooled {
 /// Python's relay past it, so what is handed over stays bounded.
 const MAX_PENDING_TEXT: usize = 8 << 20;
 
+/// Answers one client's messages may await at once in the engine: a longer
+/// pipeline moves to Python's relay, which bounds it with an error (54000).
+/// Every request here reaches the server, so the server's reading bounds it
+/// too; this keeps what a client can make the engine hold small.
+const MAX_OWED: usize = 10_000;
+
+/// Named statements one client may hold, and the bytes of their Parses
+/// together: past either, Python's relay says so (SQLSTATE 53400).
+const MAX_CLIENT_STATEMENTS: usize = 10_000;
+const MAX_STATEMENT_BYTES: usize = 16 << 20;
+
+/// Server names of statements: this prefix and a hash (as Python's relay
+/// makes them).
+const SERVER_PREFIX: &[u8] = b"qmesh_";
+const SERVER_HASH_LEN: usize = 12;
+
+/// A Close of a statement no connection has: the server answers it with
+/// a CloseComplete (closing an absent name is no error), which stands in
+/// for an answer the engine would otherwise make up. The name is never a
+/// server name ([`server_name`]'s hashes are hexadecimal).
+const ABSENT_CLOSE: &[u8] = b"C\0\0\0\x12Sqmesh_absent\0";
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+
 /// The client's Parse of the unnamed statement, and the statement's text.
 pub(crate) struct Unnamed {
     pub(crate) parse: Vec<u8>,
     text: Arc<[u8]>,
 }
 
+/// A client's named statement: its server name, the Parse that makes it on
+/// a connection, and its text for the audit.
+#[derive(Clone)]
+pub(crate) struct Named {
+    target: Arc<[u8]>,
+    parse: Arc<[u8]>,
+    text: Arc<[u8]>,
+}
+
+/// An answer owed (see [`OwedAnswer`], whose fields these are).
+pub(crate) struct Owed {
+    kind: u8,
+    target: Option<Arc<[u8]>>,
+    name: Option<Box<[u8]>>,
+    saved: Option<Named>,
+}
+
+impl Owed {
+    fn plain(kind: u8) -> Owed {
+        Owed {
+            kind,
+            target: None,
+            name: None,
+            saved: None,
+        }
+    }
+
+    pub(crate) fn answer(self) -> OwedAnswer {
+        OwedAnswer {
+            kind: self.kind,
+            target: self.target.as_deref().unwrap_or_default().to_vec(),
+            name: self.name.as_deref().unwrap_or_default().to_vec(),
+            saved: self.saved.map(|s| (s.target.to_vec(), s.parse.to_vec())),
+        }
+    }
+}
+
 /// The server message types that end the answer to a client message of
 /// type `kind` (ParameterDescription precedes a statement's description,
-/// rows precede an Execute's completion).
+/// rows precede an Execute's completion), or to what the engine sent.
 fn answer_ends(kind: u8) -> &'static [u8] {
     match kind {
-        b'P' => b"1",
+        b'P' | b'i' => b"1",
         b'B' => b"2",
         b'D' => b"Tn",
         b'E' => b"CIs",
-        b'C' => b"3",
+        b'C' | b'p' | b'c' => b"3",
         _ => b"Z", // a Query or a Sync
     }
+}
+
+/// The server's name of a statement: [`SERVER_PREFIX`] and the hex of a
+/// 12-byte BLAKE2b of what follows the name in its Parse (the text, its
+/// terminator and the parameter types): the same whoever prepares it.
+fn server_name(statement: &[u8]) -> Arc<[u8]> {
+    use blake2::digest::{Update, VariableOutput};
+    let mut hasher = blake2::Blake2bVar::new(SERVER_HASH_LEN).expect("a valid BLAKE2b size");
+    hasher.update(statement);
+    let mut digest = [0u8; SERVER_HASH_LEN];
+    hasher
+        .finalize_variable(&mut digest)
+        .expect("the size asked for");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = SERVER_PREFIX.to_vec();
+    for byte in digest {
+        name.extend([HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]]);
+    }
+    name.into()
+}
+
+/// A message of type `tag` whose body is `parts` laid end to end.
+fn frame(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body: usize = parts.iter().map(|p| p.len()).sum();
+    let length = u32::try_from(body + 4).expect("a body within the scanner's limit");
+    let mut out = Vec::with_capacity(body + pg::HEADER_LEN);
+    out.push(tag);
+    out.extend_from_slice(&length.to_be_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The whole messages laid end to end in `buffer`: (type, message).
+pub(crate) fn messages(mut buffer: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let header = buffer.get(..pg::HEADER_LEN)?;
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let (message, rest) = buffer.split_at(1 + length as usize);
+        buffer = rest;
+        Some((message[0], message))
+    })
 }
 
 /// One statement for the audit: a simple Query (`b'Q'`) or an Execute
@@ -274,6 +427,16 @@ impl Statement {
     }
 }
 
+/// What the engine does with one client message.
+enum Step {
+    /// Relayed (what goes to the server is written out).
+    Relayed,
+    /// It needs a connection's statements, and none is held: it waits.
+    Deferred,
+    /// Python's relay takes it, and all that follows.
+    Python,
+}
+
 impl Pooled {
     pub(crate) fn new(spec: PooledSpec) -> Pooled {
         Pooled {
@@ -286,6 +449,10 @@ impl Pooled {
             status: b'I',
             unnamed: None,
             unnamed_here: false,
+            named: HashMap::new(),
+            named_bytes: 0,
+            max_prepared: spec.max_prepared,
+            deferred: Vec::new(),
             skipping: false,
             portal: None,
             handback: None,
@@ -317,15 +484,31 @@ impl Pooled {
         records
     }
 
-    /// Whether the connection may go back to the shelf now: nothing owed,
-    /// no pipeline open, the server idle outside a transaction block, and
-    /// neither side inside a message.
+    /// The client's named statements, handed to Python's relay.
+    pub(crate) fn take_named(&mut self) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        self.named_bytes = 0;
+        self.named
+            .drain()
+            .map(|(name, s)| (name.into_vec(), s.target.to_vec(), s.parse.to_vec()))
+            .collect()
+    }
+
+    /// Whether the connection may go back to the shelf now: nothing owed
+    /// or waiting, no pipeline open, the server idle outside a transaction
+    /// block, and neither side inside a message.
     pub(crate) fn between_transactions(&self, in_message: bool) -> bool {
         self.lease.is_some()
             && self.owed.is_empty()
+            && self.deferred.is_empty()
             && !self.open_pipeline
             && self.status == b'I'
             && !in_message
+    }
+
+    /// Whether a connection that comes back from this loan holds more
+    /// statements than a connection may keep.
+    pub(crate) fn over_prepared(&self, lease: &Lease) -> bool {
+        lease.prepared.len() > self.max_prepared
     }
 
     /// Note a statement for the audit (with one on); false past
@@ -356,80 +539,267 @@ impl Pooled {
         self.lease.take()
     }
 
-    /// Whether the engine relays extended-protocol message `raw` (type
-    /// `tag`), noting what it makes: only the unnamed statement and portal,
-    /// made on this loan (named ones are renamed per connection by Python's
-    /// relay), of statements that cannot leave session state behind.
-    fn extended(&mut self, tag: u8, raw: &[u8], at: f64) -> bool {
+    fn owe(&mut self, owed: Owed) {
+        self.open_pipeline = true;
+        self.owed.push_back(owed);
+    }
+
+    fn remember(&mut self, name: &[u8], statement: Named) {
+        self.named_bytes += statement.parse.len();
+        if let Some(old) = self.named.insert(name.into(), statement) {
+            self.named_bytes -= old.parse.len();
+        }
+    }
+
+    fn forget(&mut self, name: &[u8]) -> Option<Named> {
+        let statement = self.named.remove(name)?;
+        self.named_bytes -= statement.parse.len();
+        Some(statement)
+    }
+
+    /// The connection's set of statement names; None between loans.
+    fn prepared(&self) -> Option<Arc<Prepared>> {
+        self.lease.as_ref().map(|lease| lease.prepared.clone())
+    }
+
+    /// Statement `name` of the client's, on the connection held (its Parse
+    /// added before the message in `out` if the connection lacks it).
+    fn prepare_here(&mut self, prepared: &Prepared, statement: &Named, out: &mut Vec<u8>) {
+        if prepared.insert(&statement.target) {
+            out.extend_from_slice(&statement.parse);
+            self.owe(Owed {
+                target: Some(statement.target.clone()),
+                ..Owed::plain(b'i')
+            });
+        }
+    }
+
+    /// An answer the server failed or skipped after an error: what was
+    /// booked for its message did not happen.
+    fn undo(&mut self, owed: Owed) {
+        let prepared = self.prepared();
+        let Owed {
+            kind,
+            target,
+            name,
+            saved,
+        } = owed;
+        match (kind, &target) {
+            (b'P', None) => (self.unnamed, self.unnamed_here) = (None, false),
+            (b'P' | b'i', Some(target)) => {
+                if let Some(prepared) = &prepared {
+                    prepared.remove(target);
+                }
+            }
+            (b'C', Some(target)) => {
+                if let Some(prepared) = &prepared {
+                    prepared.insert(target);
+                }
+            }
+            _ => {}
+        }
+        let Some(name) = name else {
+            return;
+        };
+        match kind {
+            // A Parse that did not happen leaves no client statement.
+            b'P' | b'p' => {
+                let known = self.named.get(&name[..]).map(|s| s.target.clone());
+                if known.is_some_and(|t| target.as_ref().is_none_or(|target| *target == t)) {
+                    self.forget(&name);
+                }
+            }
+            // A Close that did not happen leaves it open.
+            b'c' | b'C' => {
+                if let Some(saved) = saved {
+                    self.remember(&name, saved);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Relay extended-protocol message `raw` (type `tag`) into `out`,
+    /// noting what it makes, if the engine follows it (see the module's
+    /// documentation).
+    fn extended(&mut self, tag: u8, raw: &[u8], at: f64, out: &mut Vec<u8>) -> Step {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         // Malformed: Python's relay says what is wrong with it.
         let Ok(message) = pg::Frontend::parse(tag, body) else {
-            return false;
+            return Step::Python;
         };
         match message {
-            pg::Frontend::Parse { name, sql, .. } => {
-                if !name.is_empty() || !native_text(sql) {
-                    return false;
+            pg::Frontend::Parse { name: b"", sql, .. } => {
+                if !native_text(sql) {
+                    return Step::Python;
                 }
                 self.unnamed = Some(Unnamed {
                     parse: raw.to_vec(),
                     text: sql.into(),
                 });
                 self.unnamed_here = true;
+                out.extend_from_slice(raw);
+                self.owe(Owed::plain(tag));
+            }
+            pg::Frontend::Parse { name, sql, .. } => {
+                let Some(prepared) = self.prepared() else {
+                    return Step::Deferred;
+                };
+                // An open name again (42P05), or past the bounds (53400):
+                // Python's relay says so.
+                if !native_text(sql)
+                    || self.named.contains_key(name)
+                    || self.named.len() >= MAX_CLIENT_STATEMENTS
+                {
+                    return Step::Python;
+                }
+                // What follows the name: its terminator, the text, the types.
+                let statement = &body[name.len()..];
+                let target = server_name(&statement[1..]);
+                let parse: Arc<[u8]> = frame(b'P', &[&target, statement]).into();
+                if self.named_bytes + parse.len() > MAX_STATEMENT_BYTES {
+                    return Step::Python;
+                }
+                let named = Named {
+                    target: target.clone(),
+                    parse: parse.clone(),
+                    text: sql.into(),
+                };
+                self.remember(name, named);
+                let name = Some(name.into());
+                if prepared.insert(&target) {
+                    out.extend_from_slice(&parse);
+                    let target = Some(target);
+                    self.owe(Owed {
+                        target,
+                        name,
+                        ..Owed::plain(b'P')
+                    });
+                } else {
+                    out.extend_from_slice(ABSENT_CLOSE);
+                    self.owe(Owed {
+                        name,
+                        ..Owed::plain(b'p')
+                    });
+                }
             }
             pg::Frontend::Bind(bind) => {
-                if !bind.portal.is_empty() || !bind.statement.is_empty() || !self.unnamed_here {
-                    return false;
+                if !bind.portal.is_empty() {
+                    return Step::Python;
                 }
-                self.portal = self.unnamed.as_ref().map(|u| u.text.clone());
+                if bind.statement.is_empty() {
+                    if !self.unnamed_here {
+                        return Step::Python;
+                    }
+                    self.portal = self.unnamed.as_ref().map(|u| u.text.clone());
+                    out.extend_from_slice(raw);
+                } else {
+                    let Some(prepared) = self.prepared() else {
+                        return Step::Deferred;
+                    };
+                    // A name the client never prepared: the server's 26000,
+                    // through Python's relay.
+                    let Some(statement) = self.named.get(bind.statement).cloned() else {
+                        return Step::Python;
+                    };
+                    self.prepare_here(&prepared, &statement, out);
+                    let rest = &body[bind.statement.len() + 2..];
+                    out.extend(frame(b'B', &[b"\0", &statement.target, b"\0", rest]));
+                    self.portal = Some(statement.text);
+                }
+                self.owe(Owed::plain(tag));
             }
             pg::Frontend::Describe { kind, name } => {
-                let made = if kind == b'S' {
-                    self.unnamed_here
+                if kind == b'P' || name.is_empty() {
+                    let made = if kind == b'S' {
+                        self.unnamed_here
+                    } else {
+                        self.portal.is_some()
+                    };
+                    if !name.is_empty() || !made {
+                        return Step::Python;
+                    }
+                    out.extend_from_slice(raw);
                 } else {
-                    self.portal.is_some()
-                };
-                if !name.is_empty() || !made {
-                    return false;
+                    let Some(prepared) = self.prepared() else {
+                        return Step::Deferred;
+                    };
+                    let Some(statement) = self.named.get(name).cloned() else {
+                        return Step::Python;
+                    };
+                    self.prepare_here(&prepared, &statement, out);
+                    out.extend(frame(b'D', &[b"S", &statement.target, b"\0"]));
                 }
+                self.owe(Owed::plain(tag));
             }
             pg::Frontend::Execute { portal, .. } => {
                 let Some(text) = self.portal.clone().filter(|_| portal.is_empty()) else {
-                    return false;
+                    return Step::Python;
                 };
                 if !self.pending(b'E', text, at) {
-                    return false;
+                    return Step::Python;
                 }
+                out.extend_from_slice(raw);
+                self.owe(Owed::plain(tag));
             }
-            pg::Frontend::Close { kind, name } => {
-                if !name.is_empty() {
-                    return false;
-                }
+            pg::Frontend::Close { kind, name: b"" } => {
                 if kind == b'S' {
                     (self.unnamed, self.unnamed_here) = (None, false);
                 } else {
                     self.portal = None;
                 }
+                out.extend_from_slice(raw);
+                self.owe(Owed::plain(tag));
+            }
+            pg::Frontend::Close { kind: b'S', name } => {
+                let Some(prepared) = self.prepared() else {
+                    return Step::Deferred;
+                };
+                let saved = self.forget(name);
+                let name = Some(name.into());
+                match saved {
+                    // A connection held long (a pinned session, a long
+                    // transaction) would gather statements without bound.
+                    Some(saved)
+                        if prepared.len() > self.max_prepared && prepared.remove(&saved.target) =>
+                    {
+                        out.extend(frame(b'C', &[b"S", &saved.target, b"\0"]));
+                        self.owe(Owed {
+                            target: Some(saved.target.clone()),
+                            name,
+                            saved: Some(saved),
+                            ..Owed::plain(b'C')
+                        });
+                    }
+                    // The server's copy stays, for this client's next Parse
+                    // of the same text and for the other clients.
+                    saved => {
+                        out.extend_from_slice(ABSENT_CLOSE);
+                        self.owe(Owed {
+                            name,
+                            saved,
+                            ..Owed::plain(b'c')
+                        });
+                    }
+                }
             }
             pg::Frontend::Flush => {
                 self.open_pipeline = true;
-                return true; // no answer of its own
+                out.extend_from_slice(raw); // no answer of its own
             }
             pg::Frontend::Sync => {
                 if !self.pending(b'S', Arc::from(&b""[..]), at) {
-                    return false;
+                    return Step::Python;
                 }
                 self.status = 0;
-                self.open_pipeline = false;
                 self.skipping = false;
-                self.owed.push_back(tag);
-                return true;
+                out.extend_from_slice(raw);
+                self.owed.push_back(Owed::plain(tag));
+                self.open_pipeline = false;
             }
-            _ => return false,
+            _ => return Step::Python,
         }
-        self.open_pipeline = true;
-        self.owed.push_back(tag);
-        true
+        Step::Relayed
     }
 }
 
@@ -437,11 +807,23 @@ impl Pooled {
 /// reports them (every kind whole).
 pub(crate) struct Front<'a> {
     pub(crate) pooled: &'a mut Pooled,
-    /// Bytes for the server.
+    /// Bytes for the server...
     pub(crate) out: Vec<u8>,
+    /// ...and the client bytes they stand for.
+    pub(crate) input: usize,
     /// Bytes dropped (after a Terminate, and the Terminate itself).
     pub(crate) dropped: usize,
     pub(crate) at: f64,
+}
+
+impl Front<'_> {
+    /// The messages deferred until a connection came, now that one has.
+    pub(crate) fn replay_deferred(&mut self) {
+        let deferred = std::mem::take(&mut self.pooled.deferred);
+        for (tag, raw) in messages(&deferred) {
+            pg::Sink::message(self, tag, raw, true);
+        }
+    }
 }
 
 impl pg::Sink for Front<'_> {
@@ -464,56 +846,72 @@ impl pg::Sink for Front<'_> {
             rest.extend_from_slice(raw);
             return;
         }
-        if pooled.skipping && tag != b'S' && tag != b'X' {
+        if !pooled.deferred.is_empty() {
+            pooled.deferred.extend_from_slice(raw); // in order, behind them
+            return;
+        }
+        if (pooled.skipping && tag != b'S' && tag != b'X') || pooled.owed.len() >= MAX_OWED {
             pooled.handback = Some(raw.to_vec());
             return;
         }
         // The Query's text as sent, less the terminating NUL.
         let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let text = text.strip_suffix(b"\0").unwrap_or(text);
-        match tag {
+        let step = match tag {
             b'Q' if native_text(text) && pooled.pending(tag, text.into(), self.at) => {
                 self.out.extend_from_slice(raw);
-                pooled.owed.push_back(tag);
+                pooled.owed.push_back(Owed::plain(tag));
                 pooled.status = 0;
                 // A simple Query drops the unnamed statement and portal.
                 (pooled.unnamed, pooled.unnamed_here, pooled.portal) = (None, false, None);
+                Step::Relayed
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S'
-                if pooled.extended(tag, raw, self.at) =>
-            {
-                self.out.extend_from_slice(raw);
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => {
+                pooled.extended(tag, raw, self.at, &mut self.out)
             }
             b'X' => {
                 pooled.terminated = true;
                 self.dropped += raw.len();
+                return;
             }
-            _ => pooled.handback = Some(raw.to_vec()),
+            _ => Step::Python,
+        };
+        match step {
+            Step::Relayed => self.input += raw.len(),
+            Step::Deferred => pooled.deferred = raw.to_vec(),
+            Step::Python => pooled.handback = Some(raw.to_vec()),
         }
     }
 }
 
-/// The server's messages of a pooled stream (observe mode): the answers
-/// owed followed to ReadyForQuery, errors and FATALs; with the audit on,
-/// each statement's rows and outcome gathered into one record.
+/// The server's messages of a pooled stream (relay mode): the answers
+/// owed followed to ReadyForQuery, errors and FATALs, what the engine sent
+/// in the client's stead answered as the client expects; with the audit
+/// on, each statement's rows and outcome gathered into one record.
 pub(crate) struct Back<'a> {
     pub(crate) pooled: &'a mut Pooled,
     pub(crate) at: f64,
+    /// Bytes for the client.
+    pub(crate) out: Vec<u8>,
+    /// Bytes of the server's that the client does not get (the answers
+    /// to Parses the engine added).
+    pub(crate) swallowed: usize,
 }
 
 impl pg::Sink for Back<'_> {
-    fn pass(&mut self, _bytes: &[u8]) {}
+    fn pass(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let pooled = &mut *self.pooled;
-        let owed = &mut pooled.owed;
         match tag {
             b'Z' => {
                 // It ends the first Query or Sync owed, and whatever the
                 // server skipped before it after an error.
-                while let Some(kind) = owed.pop_front() {
-                    if kind == b'Q' || kind == b'S' {
+                while let Some(owed) = pooled.owed.pop_front() {
+                    if owed.kind == b'Q' || owed.kind == b'S' {
                         break;
                     }
                 }
@@ -534,15 +932,21 @@ impl pg::Sink for Back<'_> {
                 pooled.server_fatal |= matches!(field(b'S'), Some(b"FATAL" | b"PANIC"));
                 // In the extended protocol the server skips to the next
                 // Sync: the answers of what it skipped are owed no more,
-                // and a Parse that failed or was skipped made no statement.
-                let extended = !matches!(owed.front(), Some(b'Q' | b'S'));
-                while owed.front().is_some_and(|&k| k != b'Q' && k != b'S') {
-                    if owed.pop_front() == Some(b'P') {
-                        (pooled.unnamed, pooled.unnamed_here) = (None, false);
-                    }
+                // and what was booked for them did not happen.
+                let extended = !pooled
+                    .owed
+                    .front()
+                    .is_some_and(|o| o.kind == b'Q' || o.kind == b'S');
+                while pooled
+                    .owed
+                    .front()
+                    .is_some_and(|o| o.kind != b'Q' && o.kind != b'S')
+                {
+                    let owed = pooled.owed.pop_front().expect("the front one");
+                    pooled.undo(owed);
                 }
                 // With no Sync sent yet, it skips what the client sends next.
-                pooled.skipping |= extended && owed.is_empty();
+                pooled.skipping |= extended && pooled.owed.is_empty();
                 let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
                 if let Some(statement) = pooled.statements.front_mut() {
                     statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
@@ -555,8 +959,25 @@ impl pg::Sink for Back<'_> {
                 }
             }
             _ => {
-                if owed.front().is_some_and(|&k| answer_ends(k).contains(&tag)) {
-                    owed.pop_front();
+                let ends = pooled
+                    .owed
+                    .front()
+                    .filter(|o| answer_ends(o.kind).contains(&tag))
+                    .map(|o| o.kind);
+                if ends.is_some() {
+                    pooled.owed.pop_front();
+                }
+                match ends {
+                    Some(b'i') => {
+                        self.swallowed += raw.len();
+                        return;
+                    }
+                    Some(b'p') => {
+                        // Both are bodiless: the client's credit is unchanged.
+                        self.out.extend_from_slice(PARSE_COMPLETE);
+                        return;
+                    }
+                    _ => {}
                 }
                 let rows = if tag == b'C' {
                     pg::backend::command_complete(body)
@@ -565,20 +986,20 @@ impl pg::Sink for Back<'_> {
                 } else {
                     None
                 };
-                let Some(statement) = pooled.statements.front_mut() else {
-                    return;
-                };
-                if let Some(rows) = rows {
-                    statement.rows = Some(statement.rows.unwrap_or(0) + rows);
-                }
-                if statement.kind == b'E' && matches!(tag, b'C' | b'I' | b's') {
-                    let done = pooled.done().expect("the front one");
-                    if let Some(author) = &pooled.audit {
-                        done.finish(author, self.at, false);
+                if let Some(statement) = pooled.statements.front_mut() {
+                    if let Some(rows) = rows {
+                        statement.rows = Some(statement.rows.unwrap_or(0) + rows);
+                    }
+                    if statement.kind == b'E' && matches!(tag, b'C' | b'I' | b's') {
+                        let done = pooled.done().expect("the front one");
+                        if let Some(author) = &pooled.audit {
+                            done.finish(author, self.at, false);
+                        }
                     }
                 }
             }
         }
+        self.out.extend_from_slice(raw);
     }
 }
 
@@ -679,14 +1100,26 @@ mod tests {
                 queue: queue.clone(),
                 who,
             }),
+            max_prepared: 2,
         });
-        pooled.lease = Some(Lease {
+        pooled.lease = Some(lease());
+        (pooled, queue)
+    }
+
+    /// A connection with no statements prepared on it.
+    fn lease() -> Lease {
+        Lease {
             id: 1,
             fd: -1,
             touched: true,
             expires: Instant::now() + Duration::from_secs(60),
-        });
-        (pooled, queue)
+            prepared: Arc::default(),
+        }
+    }
+
+    /// The kinds of the answers owed, in order.
+    fn owed(pooled: &Pooled) -> Vec<u8> {
+        pooled.owed.iter().map(|o| o.kind).collect()
     }
 
     /// What the engine sends the server for these client messages.
@@ -694,6 +1127,7 @@ mod tests {
         let mut front = Front {
             pooled,
             out: Vec::new(),
+            input: 0,
             dropped: 0,
             at: 1.0,
         };
@@ -703,11 +1137,18 @@ mod tests {
         front.out
     }
 
-    fn server(pooled: &mut Pooled, messages: &[Vec<u8>]) {
-        let mut back = Back { pooled, at: 1.5 };
+    /// What the client gets for these server messages.
+    fn server(pooled: &mut Pooled, messages: &[Vec<u8>]) -> Vec<u8> {
+        let mut back = Back {
+            pooled,
+            at: 1.5,
+            out: Vec::new(),
+            swallowed: 0,
+        };
         for raw in messages {
             pg::Sink::message(&mut back, raw[0], raw, true);
         }
+        back.out
     }
 
     fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
@@ -728,7 +1169,7 @@ mod tests {
         ];
         assert_eq!(client(&mut pooled, &sent), sent.concat());
         assert!(pooled.handback.is_none());
-        assert_eq!(pooled.owed, b"PBDES");
+        assert_eq!(owed(&pooled), b"PBDES");
         assert!(!pooled.between_transactions(false), "answers owed");
         server(
             &mut pooled,
@@ -739,7 +1180,7 @@ mod tests {
                 msg(b'C', b"SELECT 1\0"),
             ],
         );
-        assert_eq!(pooled.owed, b"S");
+        assert_eq!(owed(&pooled), b"S");
         server(&mut pooled, &[msg(b'Z', b"I")]);
         assert!(pooled.between_transactions(false));
         let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
@@ -776,7 +1217,7 @@ mod tests {
             &mut pooled,
             &[msg(b'1', b""), msg(b'2', b""), error("22012")],
         );
-        assert_eq!(pooled.owed, b"S", "the rest is skipped");
+        assert_eq!(owed(&pooled), b"S", "the rest is skipped");
         server(&mut pooled, &[msg(b'Z', b"I")]);
         let text = "SELECT 1 / $1".to_string();
         assert_eq!(
@@ -832,10 +1273,13 @@ mod tests {
     }
 
     #[test]
-    fn named_statements_and_portals_and_what_may_pin_go_to_python() {
+    fn named_portals_unknown_names_and_what_may_pin_go_to_python() {
         for messages in [
-            vec![parse("s1", "SELECT 1")],
+            vec![parse("s1", "SELECT 1"), parse("s1", "SELECT 1")], // 42P05
+            vec![bind("", "never_prepared")],                       // 26000
+            vec![parse("s1", "SET x = 1")],
             vec![parse("", "SELECT 1"), bind("p1", "")],
+            vec![msg(b'C', b"Pp1\0")],
             vec![parse("", "SET x = 1")],
             vec![parse("", "LISTEN ch")],
             vec![msg(b'D', b"S\0")], // no Parse on this loan
@@ -855,5 +1299,181 @@ mod tests {
         assert!(pooled.unnamed.is_none() && !pooled.unnamed_here);
         client(&mut pooled, &[bind("", "")]);
         assert!(pooled.handback.is_some());
+    }
+
+    /// Python's `server_name(b"SELECT $1\0\0\0")`.
+    const TARGET: &[u8] = b"qmesh_9e41757594ef9fcdc663ac20";
+
+    fn renamed_bind() -> Vec<u8> {
+        bind("", std::str::from_utf8(TARGET).unwrap())
+    }
+
+    #[test]
+    fn named_statements_are_renamed_and_prepared_where_the_connection_lacks_them() {
+        let (mut pooled, queue) = audited();
+        let target_parse = msg(b'P', &[TARGET, b"\0SELECT $1\0\0\0"].concat());
+        let sent = client(
+            &mut pooled,
+            &[
+                parse("s1", "SELECT $1"),
+                bind("", "s1"),
+                execute(),
+                msg(b'S', b""),
+            ],
+        );
+        let expected = [
+            target_parse.clone(),
+            renamed_bind(),
+            execute(),
+            msg(b'S', b""),
+        ];
+        assert_eq!(sent, expected.concat());
+        assert_eq!(owed(&pooled), b"PBES");
+        let answers = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ];
+        assert_eq!(server(&mut pooled, &answers), answers.concat());
+        assert!(pooled.between_transactions(false));
+        let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
+        assert_eq!(recorded(&queue), [ok]);
+
+        // Another connection lacks it: its Parse goes first, and its
+        // ParseComplete is not the client's.
+        pooled.end_loan();
+        pooled.lease = Some(lease());
+        let again = [bind("", "s1"), execute(), msg(b'S', b"")];
+        let sent = client(&mut pooled, &again);
+        let expected = [target_parse, renamed_bind(), execute(), msg(b'S', b"")];
+        assert_eq!(sent, expected.concat());
+        assert_eq!(owed(&pooled), b"iBES");
+        assert_eq!(server(&mut pooled, &answers), answers[1..].concat());
+        // Now it has it: the Bind alone.
+        let sent = client(&mut pooled, &again);
+        assert_eq!(sent, [renamed_bind(), execute(), msg(b'S', b"")].concat());
+        server(&mut pooled, &answers[1..]);
+
+        // A Parse of what the connection has, and a Close, are stood in
+        // for: the client gets its answers in their turn.
+        let sent = client(
+            &mut pooled,
+            &[
+                parse("s2", "SELECT $1"),
+                msg(b'C', b"Ss1\0"),
+                msg(b'S', b""),
+            ],
+        );
+        assert_eq!(sent, [ABSENT_CLOSE, ABSENT_CLOSE, &msg(b'S', b"")].concat());
+        assert_eq!(owed(&pooled), b"pcS");
+        let got = server(
+            &mut pooled,
+            &[msg(b'3', b""), msg(b'3', b""), msg(b'Z', b"I")],
+        );
+        assert_eq!(
+            got,
+            [msg(b'1', b""), msg(b'3', b""), msg(b'Z', b"I")].concat()
+        );
+        assert!(pooled.between_transactions(false));
+        assert!(pooled.handback.is_none());
+        let statements = pooled.take_named();
+        assert_eq!(statements.len(), 1);
+        assert_eq!(
+            (&statements[0].0[..], &statements[0].1[..]),
+            (&b"s2"[..], TARGET)
+        );
+    }
+
+    #[test]
+    fn named_messages_without_a_connection_wait_for_one_in_order() {
+        let (mut pooled, _queue) = audited();
+        client(&mut pooled, &[parse("s1", "SELECT $1"), msg(b'S', b"")]);
+        server(&mut pooled, &[msg(b'1', b""), msg(b'Z', b"I")]);
+        pooled.end_loan();
+        let later = [bind("", "s1"), execute(), msg(b'S', b""), msg(b'X', b"")];
+        assert!(client(&mut pooled, &later).is_empty());
+        assert_eq!(pooled.deferred, later.concat());
+        assert!(pooled.owed.is_empty() && !pooled.terminated);
+        pooled.lease = Some(lease());
+        let mut front = Front {
+            pooled: &mut pooled,
+            out: Vec::new(),
+            input: 0,
+            dropped: 0,
+            at: 2.0,
+        };
+        front.replay_deferred();
+        let (out, input, dropped) = (front.out, front.input, front.dropped);
+        assert_eq!(out[0], b'P', "the connection lacks it: parsed first");
+        assert!(out.ends_with(&[renamed_bind(), execute(), msg(b'S', b"")].concat()));
+        assert_eq!(input + dropped, later.concat().len());
+        assert_eq!(owed(&pooled), b"iBES");
+        assert!(pooled.terminated && pooled.deferred.is_empty());
+    }
+
+    #[test]
+    fn what_an_error_makes_the_server_skip_is_undone() {
+        let (mut pooled, _queue) = audited();
+        // A Parse that fails prepares nothing, for the connection or the client.
+        client(
+            &mut pooled,
+            &[parse("s1", "SELECT $1"), bind("", "s1"), msg(b'S', b"")],
+        );
+        server(&mut pooled, &[error("42P01")]);
+        assert_eq!(owed(&pooled), b"S");
+        let prepared = pooled.prepared().unwrap();
+        assert!(prepared.is_empty() && pooled.named.is_empty());
+        server(&mut pooled, &[msg(b'Z', b"I")]);
+        // Past max_prepared (2) a Close reaches the server; skipped, it
+        // leaves the statement open on both sides.
+        client(
+            &mut pooled,
+            &[
+                parse("a", "SELECT 1"),
+                parse("b", "SELECT 2"),
+                parse("s1", "SELECT $1"),
+                msg(b'S', b""),
+            ],
+        );
+        server(
+            &mut pooled,
+            &[
+                msg(b'1', b""),
+                msg(b'1', b""),
+                msg(b'1', b""),
+                msg(b'Z', b"I"),
+            ],
+        );
+        assert_eq!(prepared.len(), 3);
+        let sent = client(
+            &mut pooled,
+            &[
+                parse("", "SELECT 1 / 0"),
+                bind("", ""),
+                execute(),
+                msg(b'C', b"Ss1\0"),
+                msg(b'S', b""),
+            ],
+        );
+        assert!(
+            sent.ends_with(&[msg(b'C', &[b"S", TARGET, b"\0"].concat()), msg(b'S', b"")].concat())
+        );
+        assert!(!prepared.contains(TARGET) && !pooled.named.contains_key(&b"s1"[..]));
+        server(&mut pooled, &[error("22012")]);
+        assert!(prepared.contains(TARGET) && pooled.named.contains_key(&b"s1"[..]));
+        assert!(pooled.over_prepared(pooled.lease.as_ref().unwrap()));
+    }
+
+    #[test]
+    fn a_pipeline_past_the_answers_the_engine_awaits_goes_to_python() {
+        let (mut pooled, _queue) = audited();
+        let close = msg(b'C', b"Sx\0");
+        let closes = vec![close.clone(); MAX_OWED];
+        let sent = client(&mut pooled, &closes);
+        assert_eq!(sent.len(), ABSENT_CLOSE.len() * MAX_OWED);
+        assert!(pooled.handback.is_none());
+        client(&mut pooled, std::slice::from_ref(&close));
+        assert_eq!(pooled.handback, Some(close));
     }
 }
