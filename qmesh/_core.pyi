@@ -79,6 +79,7 @@ __all__ = [
     "PgWireError",
     "PoolShelf",
     "PooledEnd",
+    "PreparedNames",
     "ProtocolViolation",
     "RelayEnding",
     "RelayOutcome",
@@ -452,7 +453,7 @@ class PreparedNames:
     holds the connection while it is lent to one."""
 
     def __new__(cls) -> Self: ...
-    def __contains__(self, name: bytes) -> bool: ...
+    def __contains__(self, name: bytes, /) -> bool: ...
     def __len__(self) -> int: ...
     def add(self, name: bytes) -> None: ...
     def discard(self, name: bytes) -> None:
