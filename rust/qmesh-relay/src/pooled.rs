@@ -146,10 +146,29 @@ const HANDED_TO_PYTHON: &[&[u8]] = &[
 /// Whether the engine can relay a statement of this text itself (a
 /// Query's, or a Parse's).
 pub(crate) fn native_text(text: &[u8]) -> bool {
-    !HANDED_TO_PYTHON
+    !names_any(text, HANDED_TO_PYTHON) && !sets_session(text)
+}
+
+/// Whether `text` contains any of `words` (lowercase, each starting with a
+/// letter), ignoring ASCII case: one pass over the text, and only at a
+/// letter that starts one of them are they compared (the engine screens
+/// every statement).
+fn names_any(text: &[u8], words: &[&[u8]]) -> bool {
+    let starts = words
         .iter()
-        .any(|word| contains_word(text, word))
-        && !sets_session(text)
+        .fold(0u32, |mask, word| mask | 1 << (word[0] - b'a'));
+    (0..text.len()).any(|i| {
+        let first = text[i].to_ascii_lowercase();
+        if !first.is_ascii_lowercase() || starts & 1 << (first - b'a') == 0 {
+            return false;
+        }
+        let rest = &text[i..];
+        words.iter().any(|word| {
+            word[0] == first
+                && rest.len() >= word.len()
+                && rest[..word.len()].eq_ignore_ascii_case(word)
+        })
+    })
 }
 
 fn contains_word(text: &[u8], word: &[u8]) -> bool {
