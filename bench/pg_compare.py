@@ -31,9 +31,13 @@ a vault DSN of sslmode=require; and one more target runs on the same server:
   (g) qmesh-plain   qmesh exactly as without --server-tls (vault DSN
                     sslmode=disable), so that qmesh/qmesh-plain is what TLS
                     to the server costs qmesh, measured in the same run
+  (g') direct-plain pgbench → the same server without TLS (sslmode=disable),
+                    so that direct/direct-plain is what TLS costs the server
+                    and pgbench themselves on this machine's CPUs: the floor
+                    under qmesh/qmesh-plain
 
 Before the first pgbench, a psql through each target checks pg_stat_ssl: TLS
-on the server's hop for every target but qmesh-plain. The issue's targets
+on the server's hop for every target but the plain ones. The issue's targets
 (qmesh with server TLS ≥ 0.9× qmesh-plain and ≥ 1.0× stunnel+pgb) are
 printed under the table with "met"/"NOT met" per row; so is qmesh-guard's
 (≥ 0.9× qmesh), with or without --server-tls. Nothing is asserted.
@@ -115,9 +119,10 @@ from pgcluster import PgCluster  # noqa: E402
 
 TARGETS = (
     "direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain",
+    "direct-plain",
 )  # fmt: skip
 QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain", "qmesh-txn")
-TLS_ONLY = ("qmesh-plain",)  # targets that run only with --server-tls
+TLS_ONLY = ("qmesh-plain", "direct-plain")  # targets that run only with --server-tls
 # --pool transaction: its targets (direct for reference) and nothing else.
 POOL_TARGETS = ("direct", "pgbouncer-txn", "qmesh-txn")
 POOL_ONLY = ("pgbouncer-txn", "qmesh-txn")  # targets that run only with --pool
@@ -232,7 +237,7 @@ class Stack:
             self._max_connections(POOL_MAX_CONNECTIONS)
         if self.server_tls:
             self._server_tls()
-        self.ports["direct"] = pg.port
+        self.ports["direct"] = self.ports["direct-plain"] = pg.port
         pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{self.real_password}'")
         pg.psql("CREATE DATABASE bench OWNER bench")
         for role in sorted({self.server_user(t) for t in targets} - {"bench"}):
@@ -286,7 +291,7 @@ class Stack:
             time.sleep(0.1)
 
     def _check_server_tls(self, targets: tuple[str, ...]) -> None:
-        """Each target's session on the server is TLS, but qmesh-plain's."""
+        """Each target's session on the server is TLS, but the plain ones'."""
         for target in targets:
             result = subprocess.run(
                 ["psql", self.dsn(target), "-X", "-A", "-t", "-c",
@@ -452,7 +457,7 @@ class Stack:
             time.sleep(0.2)
 
     def user_password(self, target: str) -> tuple[str, str]:
-        if target == "direct":
+        if target in ("direct", "direct-plain"):
             return "bench", self.real_password
         if target in self.qmesh_keys:
             return APP_USER, self.qmesh_keys[target]
@@ -490,7 +495,7 @@ def run_pgbench(
     if script == "logins":
         command.insert(1, "-C")  # a new connection, so a whole login, per transaction
     env = {**os.environ, "PGPASSWORD": password}
-    if stack.server_tls and target == "direct":
+    if stack.server_tls and target in ("direct", "direct-plain"):
         env["PGSSLMODE"] = stack.sslmode(target)
     return subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=duration + 120
@@ -900,7 +905,7 @@ def main() -> int:
             if "qmesh-guard" in targets
             else ""
         )
-        + (", server TLS (sslmode=require; qmesh-plain: disable)" if args.server_tls else "")
+        + (", server TLS (sslmode=require; the -plain targets: disable)" if args.server_tls else "")
         + "; TPS (average latency ms)"
     )
     header = ["script", "-c", "protocol", *targets]
@@ -913,6 +918,9 @@ def main() -> int:
             header.append("qmesh-guard/qmesh")
         if "direct" in targets:
             header.append("qmesh +µs")
+    server_cost = "direct" in targets and "direct-plain" in targets
+    if server_cost:
+        header.append("direct/direct-plain")
     rows = [header]
     for script, clients, mode in cases:
         row = [script, str(clients), mode]
@@ -928,6 +936,9 @@ def main() -> int:
             if "direct" in targets:
                 added = (q_lat - results[(script, clients, mode, "direct")][1]) * 1000
                 row.append(f"{added:+.0f}")
+        if server_cost:
+            plain = results[(script, clients, mode, "direct-plain")][0]
+            row.append(f"{results[(script, clients, mode, 'direct')][0] / plain:.2f}x")
         rows.append(row)
     print_table(rows)
     for target, baseline, goal in (TLS_GOALS if args.server_tls else ()) + GUARD_GOALS:

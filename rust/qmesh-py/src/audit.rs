@@ -119,6 +119,8 @@ impl AuditQueue {
         // A session's names are made once a batch, however its records
         // interleave with other sessions'.
         let mut names: HashMap<*const relay::Who, [Bound<'py, PyAny>; 3]> = HashMap::new();
+        // Most rows of a batch share their outcome ("ok"): made once a run.
+        let mut outcome: Option<(&str, Bound<'py, PyAny>)> = None;
         for row in &rows {
             let [app, alias, session] = match names.entry(Arc::as_ptr(&row.who)) {
                 Entry::Occupied(made) => made.into_mut(),
@@ -135,7 +137,18 @@ impl AuditQueue {
             values.push(row.sha256.as_str().into_bound_py_any(py)?);
             values.push(row.duration_ms.into_bound_py_any(py)?);
             values.push(row.rows.into_bound_py_any(py)?);
-            values.push(row.outcome.as_ref().into_bound_py_any(py)?);
+            let same = outcome
+                .as_ref()
+                .filter(|(text, _)| *text == row.outcome.as_ref());
+            let made = match same {
+                Some((_, made)) => made.clone(),
+                None => {
+                    let made = row.outcome.as_ref().into_bound_py_any(py)?;
+                    outcome = Some((row.outcome.as_ref(), made.clone()));
+                    made
+                }
+            };
+            values.push(made);
             values.push(session.clone());
         }
         Ok((rows.len(), PyList::new(py, values)?))

@@ -15,7 +15,6 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -207,11 +206,14 @@ impl Entry {
     /// is kept, the text as UTF-8 (invalid bytes replaced), cut after
     /// `max_chars` characters with a note of the whole length.
     pub fn into_row(self, max_chars: usize) -> Row {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = ring::digest::digest(&ring::digest::SHA256, &self.statement);
-        let mut sha256 = String::with_capacity(64);
-        for byte in digest.as_ref() {
-            let _ = write!(sha256, "{byte:02x}");
-        }
+        let sha256: String = digest
+            .as_ref()
+            .iter()
+            .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]])
+            .map(char::from)
+            .collect();
         let text = self.who.keep_text.then(|| {
             let text = String::from_utf8_lossy(&self.statement);
             match text.char_indices().nth(max_chars) {
