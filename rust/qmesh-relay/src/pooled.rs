@@ -128,32 +128,38 @@ pub struct OwedAnswer {
 /// Words a Query names when it might leave session state behind (a SET,
 /// LISTEN, PREPARE, a WITH HOLD cursor, a temporary table, a session
 /// advisory lock, LOAD, set_config, DEALLOCATE, DISCARD) or start COPY:
-/// Python's relay decides those exactly. A false alarm (a column named
-/// `temperature`) costs only the engine's speed for that session.
+/// Python's relay decides those exactly. Each stands alone as a word, so
+/// that `payload`, `attempts` or `threshold` are no alarm; a false alarm
+/// (a column named `temp`) costs only the engine's speed for that session.
 const HANDED_TO_PYTHON: &[&[u8]] = &[
     b"listen",
     b"prepare",
     b"hold",
     b"temp",
-    b"advisory",
+    b"temporary",
     b"load",
     b"deallocate",
     b"discard",
     b"copy",
-    b"set_config",
 ];
+
+/// Names that may sit inside a longer one (`pg_try_advisory_lock`,
+/// `pg_catalog.set_config`).
+const HANDED_TO_PYTHON_INSIDE: &[&[u8]] = &[b"advisory", b"set_config"];
 
 /// Whether the engine can relay a statement of this text itself (a
 /// Query's, or a Parse's).
 pub(crate) fn native_text(text: &[u8]) -> bool {
-    !names_any(text, HANDED_TO_PYTHON) && !sets_session(text)
+    !names_any(text, HANDED_TO_PYTHON, true)
+        && !names_any(text, HANDED_TO_PYTHON_INSIDE, false)
+        && !sets_session(text)
 }
 
 /// Whether `text` contains any of `words` (lowercase, each starting with a
-/// letter), ignoring ASCII case: one pass over the text, and only at a
-/// letter that starts one of them are they compared (the engine screens
-/// every statement).
-fn names_any(text: &[u8], words: &[&[u8]]) -> bool {
+/// letter), ignoring ASCII case, as a word of its own if `alone`: one pass
+/// over the text, and only at a letter that starts one of them are they
+/// compared (the engine screens every statement).
+fn names_any(text: &[u8], words: &[&[u8]], alone: bool) -> bool {
     let starts = words
         .iter()
         .fold(0u32, |mask, word| mask | 1 << (word[0] - b'a'));
@@ -162,11 +168,15 @@ fn names_any(text: &[u8], words: &[&[u8]]) -> bool {
         if !first.is_ascii_lowercase() || starts & 1 << (first - b'a') == 0 {
             return false;
         }
+        if alone && i > 0 && is_word_byte(text[i - 1]) {
+            return false;
+        }
         let rest = &text[i..];
         words.iter().any(|word| {
             word[0] == first
                 && rest.len() >= word.len()
                 && rest[..word.len()].eq_ignore_ascii_case(word)
+                && !(alone && rest.get(word.len()).is_some_and(|b| is_word_byte(*b)))
         })
     })
 }
@@ -208,8 +218,10 @@ fn sets_session(text: &[u8]) -> bool {
     false
 }
 
+/// A byte of an identifier (PostgreSQL's: letters, digits, `_`, `$`, and
+/// anything not ASCII).
 fn is_word_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || byte == b'_' || byte >= 0x80
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
 }
 
 /// A pooled stream's state in the engine.
@@ -1067,8 +1079,26 @@ mod tests {
             "COPY t FROM STDIN",
             "/* c */ SET x = 1",
             "-- c\nSET x = 1",
+            "create local temporary table t (x int)",
+            "SELECT * INTO TEMP t FROM s",
+            "SELECT pg_try_advisory_lock_shared(1)",
+            "SELECT pg_catalog.set_config('a', 'b', false)",
+            "copy(select 1) to stdout",
+            "CREATE TABLE \"temp\" (x int)", // a false alarm, and harmless
         ] {
             assert!(!native_text(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn words_inside_longer_names_are_no_alarm() {
+        for sql in [
+            "SELECT payload, attempts, threshold FROM jobs",
+            "INSERT INTO templates (copyright, household) VALUES ($1, $2)",
+            "UPDATE t SET prepared_at = now(), unloaded = true",
+            "SELECT listener_id FROM discarded_items",
+        ] {
+            assert!(native_text(sql.as_bytes()), "{sql}");
         }
     }
 
