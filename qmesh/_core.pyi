@@ -79,6 +79,7 @@ __all__ = [
     "PgWireError",
     "PoolShelf",
     "PooledEnd",
+    "PooledSpec",
     "PreparedNames",
     "ProtocolViolation",
     "RelayEnding",
@@ -447,6 +448,26 @@ class PooledEnd:
         """Client bytes consumed but not yet granted back."""
 
 @final
+class PooledSpec:
+    """What makes a native stream a transaction-mode client session: its
+    pool's ``shelf``, the longest wait in line (``wait_s``), the most
+    statements a connection keeps prepared (``max_prepared``: one that comes
+    back with more goes to Python to be closed), and what the client
+    prepared so far (a session back from Python's relay): its named
+    ``statements``, ``(name, server name, Parse)`` each, and its
+    ``unnamed`` statement's Parse."""
+
+    def __new__(
+        cls,
+        shelf: PoolShelf,
+        wait_s: float,
+        max_prepared: int,
+        *,
+        statements: list[tuple[bytes, bytes, bytes]] = ...,
+        unnamed: bytes | None = None,
+    ) -> Self: ...
+
+@final
 class PreparedNames:
     """The names of the statements prepared on one server connection, under
     their server names: a set of ``bytes``, shared with the engine that
@@ -680,7 +701,7 @@ class TunnelEngine:
         end_on_socket_eof: bool = False,
         tap: TapSpec | None = None,
         tls: TlsSession | None = None,
-        pooled: tuple[PoolShelf, float, int] | None = None,
+        pooled: PooledSpec | None = None,
         audit: AuditAuthor | None = None,
     ) -> None:
         """Relay stream ``stream_id`` natively between the tunnel and the
@@ -689,12 +710,10 @@ class TunnelEngine:
         ``tap`` says what the stream's scanners report and hold; ``tls``, a
         connection whose handshake is done, is the socket's TLS layer from
         now on (the object is spent: :attr:`TlsSession.handed_over`).
-        With ``pooled=(shelf, wait_s, max_prepared)`` the stream is a
+        With ``pooled`` (a :class:`PooledSpec`) the stream is a
         transaction-mode client: ``fd`` is ignored, and it borrows server
-        connections from ``shelf`` per transaction, waiting at most
-        ``wait_s`` in line; a connection that comes back with more than
-        ``max_prepared`` statements prepared goes to Python to be closed;
-        its finished statements go to ``audit``, if given.
+        connections from the spec's shelf per transaction; its finished
+        statements go to ``audit``, if given.
         ValueError if the stream is native already."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:

@@ -221,6 +221,38 @@ async def test_named_statements_go_with_the_session_into_pythons_relay(
     assert [r.statement for r in records].count(sql.decode()) == 2
 
 
+async def test_a_session_goes_back_to_the_engine_after_pythons_transaction(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """A transaction with a named portal runs in Python's relay; once it is
+    over, the engine carries the session on, with the statements the client
+    prepared in either."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    a = RawClient(ghost.port)
+
+    def python_transaction() -> list[bytes | None]:
+        a.login(ghost.app_id, ghost.app_key, ghost.alias)
+        a.send(extended(b"SELECT 7", b"in_engine"))
+        got = values(a.until_ready())
+        a.send(extended(b"SELECT 8", b"in_python", portal=b"moved"))
+        return got + values(a.until_ready())
+
+    def later_transactions() -> list[bytes | None]:
+        got = []
+        for name in (b"in_engine", b"in_python", b"in_engine", b"in_python"):
+            a.send(msg("B", b"\0" + name + b"\0" + bytes(6)) + msg("E", bytes(5)) + msg("S"))
+            got += values(a.until_ready())
+        return got
+
+    with trio.fail_after(30):
+        assert await in_thread(python_transaction) == [b"7", b"8"]
+        loans = stats(ghost).engine_loans
+        assert await in_thread(later_transactions) == [b"7", b"8", b"7", b"8"]
+    # Each of the four, in the engine (the first may have come before the
+    # engine took the session back).
+    assert stats(ghost).engine_loans - loans >= 3
+
+
 async def test_what_the_engine_sent_in_the_clients_stead_is_answered_right_in_python(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:

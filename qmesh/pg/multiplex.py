@@ -33,31 +33,21 @@ What the client does not notice:
   client's Bind of the unnamed statement is preceded by that client's own
   Parse (or by a Close, for a client that has none).
 - **Session state.** A statement that leaves state behind for the next
-  transaction (a session-level ``SET``, ``LISTEN``, SQL ``PREPARE``,
-  ``DECLARE … WITH HOLD``, a temporary table, a session advisory lock,
-  ``LOAD``, ``set_config``) *pins* the session to its server connection for
-  the rest of the session; when the client leaves, that connection is reset
-  (``DISCARD ALL``) before anyone else gets it. ``DEALLOCATE ALL`` and
-  ``DISCARD ALL`` (psycopg sends the first after a failed transaction) run
-  on the server: the client's statements are forgotten, the connection's
-  shared ones are prepared again as needed, and the connection is reset
-  before it is lent again. Text inspection cannot see state
-  built by dynamic SQL (``EXECUTE 'SET …'`` inside a function): that
-  state leaks to the next transaction on the connection, as in every
-  transaction-mode pooler.
+  transaction (:mod:`qmesh.pg.session_state`) *pins* the session to its
+  connection, which is reset (``DISCARD ALL``) when the client leaves.
+  ``DEALLOCATE ALL`` and ``DISCARD ALL`` run on the server, and the
+  client's statements are forgotten. State built by dynamic SQL leaks to
+  the next transaction, as in every transaction-mode pooler.
 
-Where it runs: in the tunnel engine, without Python per transaction, for
-as long as the client sends only what the engine follows (simple Queries
-and the extended protocol with the unnamed portal, named statements
-included, of statements that cannot leave session state; the engine
-borrows and returns connections through the pool's shelf itself, and
-renames statements as this module does; see
-``rust/qmesh-relay/src/pooled.rs``); from the first message it does not
-relay on (a named portal, a FunctionCall, COPY, a statement that may pin),
-here, for the rest of the session, with the engine's statements and the
-answers it still awaits. Sessions
-with a statement guard or read-only policy, and pools whose server
-connections speak TLS, run here from the start.
+Where it runs: in the tunnel engine, without Python per transaction,
+while the client sends what the engine follows (simple Queries and the
+extended protocol with the unnamed portal, of statements that cannot leave
+session state; see ``rust/qmesh-relay/src/pooled.rs``); from the first
+message it does not (a named portal, a FunctionCall, COPY, a statement that
+may pin), here, with the engine's statements and the answers it still
+awaits, until the session stands unpinned between transactions again: then
+back in the engine. Sessions with a statement guard or read-only policy, and
+pools whose server connections speak TLS, run here from the start.
 
 Not for: the pool itself (:mod:`qmesh.pg.pool`), the guard and the audit
 (:mod:`qmesh.pg.watch`, used here as in session mode), logins.
@@ -192,6 +182,10 @@ class PooledSession:
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
         self._in_engine = False
+        self._engine_fits = bool(pool.plain and not watch.guard)
+        self._back_to_engine = False  # this relay stopped for the engine to carry on
+        self._relayed_here = False  # this relay took a message since it (re)started
+        self._client_idle = False  # the client pump waits for the client's bytes
 
     # -- the session ---------------------------------------------------------------
 
@@ -222,11 +216,15 @@ class PooledSession:
         connection back in the state it is in."""
         try:
             with trio.CancelScope() as self.scope:
-                engine = self.pool.plain and not (self.watch.guard or client_leftover)
-                if not engine or await self._run_in_engine():
+                engine = self._engine_fits and not client_leftover
+                while not engine or await self._run_in_engine():
+                    self._back_to_engine = self._relayed_here = False
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._ending_all, self._server_pump, nursery)
                         await self._ending_all(self._client_pump, nursery, client_leftover)
+                    if not self._back_to_engine:
+                        break
+                    engine, client_leftover = True, b""
             self.scope = None
         finally:
             await self._give_back()
@@ -247,12 +245,21 @@ class PooledSession:
         # With an author, the engine records each statement with its outcome
         # itself; those still running when its part ends come up the tap.
         self._in_engine = True
-        settings = self.pool.settings
+        # The client's statements are the engine's now; they come back in its outcome.
+        statements = [(name, *statement) for name, statement in self.statements.items()]
+        self.statements.clear()
+        self._statement_bytes = 0
         try:
             outcome = await self.client.relay_native(
                 None,
                 tap=Tap(_core.TapSpec(), self._on_tap),
-                pooled=(self.pool.shelf, self.pool.wait_s, settings.max_prepared_per_server),
+                pooled=_core.PooledSpec(
+                    self.pool.shelf,
+                    self.pool.wait_s,
+                    self.pool.settings.max_prepared_per_server,
+                    statements=statements,
+                    unnamed=self._unnamed,
+                ),
                 audit=self.watch.author(),
             )
         except BaseException:
@@ -263,17 +270,15 @@ class PooledSession:
         finally:
             self._in_engine = False
         pooled = outcome.pooled
-        if pooled is not None:
-            self._skipping = pooled.skipping
-            if pooled.unnamed is not None:
-                self._unnamed = pooled.unnamed  # to parse again where it is not
-            for name, target, parse in pooled.statements:
-                self._remember(name, (target, parse))
-                self.watch.engine_prepared(name, _core.parse_parse(parse[5:])[1])
         if pooled is None:
             # The tunnel session was lost: the engine gave any connection
             # the client held back to the pool, to be closed.
             return False
+        self._skipping = pooled.skipping
+        self._unnamed = pooled.unnamed  # to parse again where it is not
+        for name, target, parse in pooled.statements:
+            self._remember(name, (target, parse))
+            self.watch.engine_prepared(name, _core.parse_parse(parse[5:])[1])
         self._take_over(pooled)
         ending = outcome.ending
         if ending == _core.RelayEnding.HANDBACK:
@@ -333,6 +338,21 @@ class PooledSession:
             log.debug("pooled pg session of app %r ended: %s", self.watch.app_id, exc)
         nursery.cancel_scope.cancel()
 
+    def _may_go_back(self) -> bool:
+        """Whether the engine may carry the session on: no connection held,
+        nothing due or skipped, the client between messages and not pinned."""
+        return (
+            self._engine_fits
+            and self._relayed_here
+            and self._conn is None
+            and not self.pinned
+            and not self._requests
+            and not self._skipping
+            and not self._copy_in
+            and not self._client_scanner.in_message
+            and self.ending is None
+        )
+
     def _idle_between_transactions(self) -> bool:
         """Whether the connection may serve another client now: nothing due,
         the server idle outside a transaction block, and the client not in
@@ -358,16 +378,22 @@ class PooledSession:
         receive = self.client.receive_some
         while True:
             if not data:
-                data = await receive(RECEIVE_SIZE)
+                if self._may_go_back():
+                    self._back_to_engine = True
+                    return
+                self._client_idle = True
+                try:
+                    data = await receive(RECEIVE_SIZE)
+                finally:
+                    self._client_idle = False
                 if not data:
                     return
             try:
                 events = self._client_scanner.feed(data)
             except _core.PgWireError as exc:
                 raise SessionOver(PgSessionError("08P01", f"qmesh: {exc}")) from None
-            data = b""
-            now = time.monotonic()
-            out: list[bytes] = []
+            data, now, out = b"", time.monotonic(), list[bytes]()
+            self._relayed_here = self._relayed_here or bool(events)
             for tag, raw in events:
                 if tag == _X:
                     if out:
@@ -613,6 +639,10 @@ class PooledSession:
 
     async def _server_pump(self) -> None:
         while True:
+            if self._client_idle and self._may_go_back():
+                # Its receive is cancelled before it takes any bytes.
+                self._back_to_engine = True
+                return
             await self._attached.wait()
             conn = self._conn
             assert conn is not None

@@ -346,7 +346,7 @@ class Session:
         end_on_socket_eof: bool,
         tap: _core.TapSpec | None,
         tls: _core.TlsSession | None = None,
-        pooled: tuple[_core.PoolShelf, float, int] | None = None,
+        pooled: _core.PooledSpec | None = None,
         audit: _core.AuditAuthor | None = None,
     ) -> None:
         """Hand stream ``stream_id`` to the engine, relayed to the socket

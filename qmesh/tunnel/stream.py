@@ -29,7 +29,7 @@ import trio
 
 from qmesh._core import (
     AuditAuthor,
-    PoolShelf,
+    PooledSpec,
     RelayEnding,
     RelayOutcome,
     TapRecord,
@@ -82,7 +82,7 @@ class StreamHost(Protocol):
         end_on_socket_eof: bool,
         tap: TapSpec | None,
         tls: TlsSession | None,
-        pooled: tuple[PoolShelf, float, int] | None = None,
+        pooled: PooledSpec | None = None,
         audit: AuditAuthor | None = None,
     ) -> None:
         """Hand the stream, with its state, to the engine, relayed to the
@@ -252,7 +252,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         end_on_socket_eof: bool = False,
         tap: NativeTap | None = None,
         tls: TlsSession | None = None,
-        pooled: tuple[PoolShelf, float, int] | None = None,
+        pooled: PooledSpec | None = None,
         audit: AuditAuthor | None = None,
     ) -> RelayOutcome:
         """Relay this stream to the connected ``sock`` in the engine, both
@@ -268,9 +268,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         With ``tls`` (a connection over ``sock`` whose handshake is done), the
         engine speaks TLS on the socket from now on; the connection is spent.
 
-        With ``pooled=(shelf, wait_s, max_prepared)`` (and no ``sock``) the stream is a
+        With ``pooled`` (a ``PooledSpec``, and no ``sock``) the stream is a
         transaction-mode Postgres client whose server connections the engine
-        borrows from ``shelf`` (see ``TunnelEngine.attach_native``); client
+        borrows from the spec's shelf (see ``TunnelEngine.attach_native``); client
         bytes the engine did not relay (``outcome.pooled.leftover``) are this
         stream's to read again; its finished statements go to ``audit``.
 

@@ -119,6 +119,44 @@ pub struct RelayOutcome {
 
 /// A pooled stream's state at its end: what Python's relay carries on
 /// from, or cleans up.
+/// What makes a native stream a transaction-mode client session: its
+/// pool's shelf, the longest wait in line (seconds), the most statements a
+/// connection keeps prepared, and what the client prepared so far (a
+/// session back from Python's relay): its named statements, ``(name,
+/// server name, Parse)`` each, and its unnamed statement's Parse.
+#[pyclass(module = "qmesh._core", name = "PooledSpec", frozen)]
+pub struct PooledSpec {
+    shelf: Arc<relay::Shelf>,
+    wait_limit: Duration,
+    max_prepared: usize,
+    statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    unnamed: Option<Vec<u8>>,
+}
+
+#[pymethods]
+impl PooledSpec {
+    #[new]
+    #[pyo3(signature = (shelf, wait_s, max_prepared, *, statements = Vec::new(), unnamed = None))]
+    fn new(
+        shelf: PyRef<'_, PoolShelf>,
+        wait_s: f64,
+        max_prepared: usize,
+        statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+        unnamed: Option<Vec<u8>>,
+    ) -> Result<Self> {
+        let wait_limit = Duration::try_from_secs_f64(wait_s).map_err(|_| {
+            PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
+        })?;
+        Ok(PooledSpec {
+            shelf: shelf.inner.clone(),
+            wait_limit,
+            max_prepared,
+            statements,
+            unnamed,
+        })
+    }
+}
+
 type OwedTuple<'py> = (
     char,
     Bound<'py, PyBytes>,
@@ -627,8 +665,7 @@ impl TunnelEngine {
     /// connected, non-blocking socket ``fd`` until it ends (reported by
     /// :meth:`take`). The other arguments carry the stream's state over;
     /// ``tap`` says what the stream's scanners report and hold (see
-    /// :class:`TapSpec`); ``pooled`` (a shelf, the longest wait in line and
-    /// the most statements a connection keeps prepared) makes it a transaction-mode client session, whose finished
+    /// :class:`TapSpec`); ``pooled`` (a :class:`PooledSpec`) makes it a transaction-mode client session, whose finished
     /// statements go to ``audit`` (an :class:`AuditAuthor`) if given.
     #[pyo3(signature = (
         stream_id,
@@ -658,20 +695,17 @@ impl TunnelEngine {
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
         tls: Option<PyRefMut<'_, TlsSession>>,
-        pooled: Option<(PyRef<'_, PoolShelf>, f64, usize)>,
+        pooled: Option<PyRef<'_, PooledSpec>>,
         audit: Option<PyRef<'_, AuditAuthor>>,
     ) -> Result<()> {
-        let pooled = match pooled {
-            Some((shelf, wait_s, max_prepared)) => Some(relay::PooledSpec {
-                shelf: shelf.inner.clone(),
-                wait_limit: Duration::try_from_secs_f64(wait_s).map_err(|_| {
-                    PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
-                })?,
-                audit: audit.map(|author| author.inner.clone()),
-                max_prepared,
-            }),
-            None => None,
-        };
+        let pooled = pooled.map(|spec| relay::PooledSpec {
+            shelf: spec.shelf.clone(),
+            wait_limit: spec.wait_limit,
+            audit: audit.map(|author| author.inner.clone()),
+            max_prepared: spec.max_prepared,
+            statements: spec.statements.clone(),
+            unnamed: spec.unnamed.clone(),
+        });
         let tls = match tls {
             Some(mut client) => Some(client.hand_over()?),
             None => None,
@@ -767,6 +801,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RelayEnding>()?;
     m.add_class::<RelayOutcome>()?;
     m.add_class::<PooledEnd>()?;
+    m.add_class::<PooledSpec>()?;
     m.add_class::<EngineStats>()?;
     m.add_class::<TapSpec>()?;
     m.add("STATEMENT_RUNNING", relay::STATEMENT_RUNNING)?;

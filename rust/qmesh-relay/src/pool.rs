@@ -39,7 +39,7 @@ pub struct Lease {
     /// Past this it is closed when it comes back.
     pub expires: Instant,
     /// The statements prepared on it under their server names, shared
-    /// with Python's relay (see [`crate::pooled`]).
+    /// with Python's relay (see the `pooled` module).
     pub prepared: Arc<Prepared>,
 }
 

@@ -31,7 +31,9 @@
 //! ([`PooledEnd::leftover`]), with the connection if the client holds one
 //! (a transaction block or pipeline open, or answers still owed, which
 //! Python's relay then passes on) and the client's named statements.
-//! Python's relay carries the session to its end.
+//! Python's relay gives the session back once it stands between
+//! transactions again, unpinned, with the client's statements
+//! ([`PooledSpec::statements`]).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -63,6 +65,11 @@ pub struct PooledSpec {
     /// Close reaches the server, and the connection is closed when it
     /// comes back (a long loan must not gather them without bound).
     pub max_prepared: usize,
+    /// The client's named statements so far (a session back from Python's
+    /// relay): (its name, the server's name, the Parse that makes it).
+    pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    /// The client's unnamed statement so far (its Parse), if any.
+    pub unnamed: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for PooledSpec {
@@ -470,6 +477,32 @@ enum Step {
 
 impl Pooled {
     pub(crate) fn new(spec: PooledSpec) -> Pooled {
+        // What the client prepared before (in Python's relay); a Parse that
+        // does not parse is left to the server's own error when it is bound.
+        let text = |parse: &[u8]| match pg::Frontend::parse(b'P', &parse[pg::HEADER_LEN..]) {
+            Ok(pg::Frontend::Parse { sql, .. }) => Arc::from(sql),
+            _ => Arc::from(&b""[..]),
+        };
+        let named: HashMap<Box<[u8]>, Named> = spec
+            .statements
+            .into_iter()
+            .filter(|(_, _, parse)| parse.len() > pg::HEADER_LEN)
+            .map(|(name, target, parse)| {
+                let statement = Named {
+                    target: target.into(),
+                    text: text(&parse),
+                    parse: parse.into(),
+                };
+                (name.into_boxed_slice(), statement)
+            })
+            .collect();
+        let unnamed = spec
+            .unnamed
+            .filter(|parse| parse.len() > pg::HEADER_LEN)
+            .map(|parse| Unnamed {
+                text: text(&parse),
+                parse,
+            });
         Pooled {
             shelf: spec.shelf,
             wait_limit: spec.wait_limit,
@@ -478,10 +511,10 @@ impl Pooled {
             owed: VecDeque::new(),
             open_pipeline: false,
             status: b'I',
-            unnamed: None,
+            unnamed,
             unnamed_here: false,
-            named: HashMap::new(),
-            named_bytes: 0,
+            named_bytes: named.values().map(|s| s.parse.len()).sum(),
+            named,
             max_prepared: spec.max_prepared,
             deferred: Vec::new(),
             skipping: false,
@@ -1150,6 +1183,8 @@ mod tests {
                 who,
             }),
             max_prepared: 2,
+            statements: Vec::new(),
+            unnamed: None,
         });
         pooled.lease = Some(lease());
         (pooled, queue)
@@ -1524,5 +1559,47 @@ mod tests {
         assert!(pooled.handback.is_none());
         client(&mut pooled, std::slice::from_ref(&close));
         assert_eq!(pooled.handback, Some(close));
+    }
+
+    #[test]
+    fn statements_prepared_before_are_the_clients_in_the_engine() {
+        let (_, queue) = audited();
+        let target_parse = msg(b'P', &[TARGET, b"\0SELECT $1\0\0\0"].concat());
+        let mut pooled = Pooled::new(PooledSpec {
+            shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
+            wait_limit: Duration::from_secs(1),
+            audit: Some(AuditAuthor {
+                queue: queue.clone(),
+                who: Arc::new(Who {
+                    app: "shop".into(),
+                    alias: "orders".into(),
+                    session: None,
+                    keep_text: true,
+                }),
+            }),
+            max_prepared: 2,
+            statements: vec![(b"s1".to_vec(), TARGET.to_vec(), target_parse.clone())],
+            unnamed: Some(parse("", "SELECT 2")),
+        });
+        pooled.lease = Some(lease());
+        let sent = client(&mut pooled, &[bind("", "s1"), execute(), msg(b'S', b"")]);
+        let expected = [target_parse, renamed_bind(), execute(), msg(b'S', b"")];
+        assert_eq!(sent, expected.concat());
+        server(
+            &mut pooled,
+            &[
+                msg(b'1', b""),
+                msg(b'2', b""),
+                msg(b'C', b"SELECT 1\0"),
+                msg(b'Z', b"I"),
+            ],
+        );
+        let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
+        assert_eq!(recorded(&queue), [ok]);
+        // The unnamed statement was parsed on another loan: Python's relay
+        // parses it again where it runs.
+        assert!(pooled.unnamed.is_some() && !pooled.unnamed_here);
+        client(&mut pooled, &[bind("", "")]);
+        assert!(pooled.handback.is_some());
     }
 }
