@@ -446,6 +446,9 @@ class PooledEnd:
     @property
     def consumed(self) -> int:
         """Client bytes consumed but not yet granted back."""
+    @property
+    def transactions(self) -> int:
+        """Transactions the engine relayed to their end in this part of the session."""
 
 @final
 class PooledSpec:

@@ -253,6 +253,33 @@ async def test_a_session_goes_back_to_the_engine_after_pythons_transaction(
     assert stats(ghost).engine_loans - loans >= 3
 
 
+async def test_a_session_that_needs_python_every_transaction_stays_there_longer(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Each transaction with a named portal (a cursor) goes to Python's
+    relay. When the engine takes the session back and it bounces straight
+    back, Python's relay ends twice as many transactions (and one) before
+    the next try: 24 cursor transactions cost the engine a few loans, not 24."""
+    ghost = await pooled_ghost(nursery, db, tmp_path)
+    a = RawClient(ghost.port)
+
+    def cursors() -> list[bytes | None]:
+        got = []
+        for i in range(24):
+            a.query("BEGIN")
+            a.send(extended(b"SELECT %d" % i, portal=b"cursor"))
+            got += values(a.until_ready())
+            a.query("COMMIT")
+        return got
+
+    with trio.fail_after(60):
+        await in_thread(lambda: a.login(ghost.app_id, ghost.app_key, ghost.alias))
+        loans = stats(ghost).engine_loans
+        assert await in_thread(cursors) == [b"%d" % i for i in range(24)]
+    # Tries after 1, 2, 4, 8 and 16 transactions in Python's relay, and the first.
+    assert stats(ghost).engine_loans - loans <= 6
+
+
 async def test_what_the_engine_sent_in_the_clients_stead_is_answered_right_in_python(
     nursery: trio.Nursery, db: RealDb, tmp_path: Path
 ) -> None:

@@ -98,10 +98,9 @@ tracked, or (CopyDone, CopyFail) the end of a COPY FROM STDIN."""
 SERVER_KINDS: Final = b"123TnCIsZEG"
 """The server kinds that end a request's answers, and CopyInResponse."""
 
-# The tracked requests, in the order their answers will come. Each is
-# (kind, server statement name, client statement name, the client's
-# statement before a Close made up here): what to undo if the server skips
-# the request after an error.
+# The tracked requests, in the order their answers will come: (kind, server
+# statement name, client statement name, the client's statement before a Close
+# made up here), what to undo if the server skips the request after an error.
 _Request = tuple[int, bytes, bytes, "tuple[bytes, bytes] | None"]
 _PARSE = 1  # a Parse sent on the client's behalf: ParseComplete, forwarded
 _INJECTED = 2  # a Parse qmesh added: its ParseComplete is swallowed
@@ -184,7 +183,8 @@ class PooledSession:
         self._in_engine = False
         self._engine_fits = bool(pool.plain and not watch.guard)
         self._back_to_engine = False  # this relay stopped for the engine to carry on
-        self._relayed_here = False  # this relay took a message since it (re)started
+        self._done_here = 0  # transactions this relay ended since it (re)started
+        self._backoff = 0  # ... and those it ends before the engine takes over again
         self._client_idle = False  # the client pump waits for the client's bytes
 
     # -- the session ---------------------------------------------------------------
@@ -218,7 +218,7 @@ class PooledSession:
             with trio.CancelScope() as self.scope:
                 engine = self._engine_fits and not client_leftover
                 while not engine or await self._run_in_engine():
-                    self._back_to_engine = self._relayed_here = False
+                    self._back_to_engine, self._done_here = False, 0
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._ending_all, self._server_pump, nursery)
                         await self._ending_all(self._client_pump, nursery, client_leftover)
@@ -282,6 +282,8 @@ class PooledSession:
         self._take_over(pooled)
         ending = outcome.ending
         if ending == _core.RelayEnding.HANDBACK:
+            # An engine part that ended no transaction bounced: end more here first.
+            self._backoff = 0 if pooled.transactions else min(2 * self._backoff + 1, 63)
             return True
         if ending == _core.RelayEnding.POOL_TIMEOUT:
             error = self.pool.open_failure or self.pool.timed_out()
@@ -339,11 +341,10 @@ class PooledSession:
         nursery.cancel_scope.cancel()
 
     def _may_go_back(self) -> bool:
-        """Whether the engine may carry the session on: no connection held,
-        nothing due or skipped, the client between messages and not pinned."""
+        """Whether the engine may carry the session on from here (unpinned, idle)."""
         return (
             self._engine_fits
-            and self._relayed_here
+            and self._done_here > self._backoff
             and self._conn is None
             and not self.pinned
             and not self._requests
@@ -393,7 +394,6 @@ class PooledSession:
             except _core.PgWireError as exc:
                 raise SessionOver(PgSessionError("08P01", f"qmesh: {exc}")) from None
             data, now, out = b"", time.monotonic(), list[bytes]()
-            self._relayed_here = self._relayed_here or bool(events)
             for tag, raw in events:
                 if tag == _X:
                     if out:
@@ -693,8 +693,8 @@ class PooledSession:
             if out:
                 await self._send_client(b"".join(out))
             if self._idle_between_transactions() and not self.pinned and not scanner.in_message:
-                self._conn = None
-                self._attached = trio.Event()
+                self._conn, self._attached = None, trio.Event()
+                self._done_here += 1
                 if conn.dirty:
                     with trio.CancelScope(shield=True):  # bounded by the reset's own timeout
                         await self.pool.release_dirty(conn)

@@ -201,6 +201,9 @@ pub struct PooledEnd {
     /// Client bytes consumed but not yet granted back.
     #[pyo3(get)]
     consumed: u64,
+    /// Transactions the engine relayed to their end in this part of the session.
+    #[pyo3(get)]
+    transactions: u64,
 }
 
 #[pymethods]
@@ -292,6 +295,7 @@ impl From<relay::PooledEnd> for PooledEnd {
             server_fatal: end.server_fatal,
             leftover: end.leftover,
             consumed: end.consumed,
+            transactions: end.transactions,
         }
     }
 }

@@ -531,6 +531,7 @@ impl Native {
             server_fatal: pooled.server_fatal,
             leftover,
             consumed: self.consumed,
+            transactions: pooled.transactions,
         })
     }
 

@@ -110,6 +110,9 @@ pub struct PooledEnd {
     pub leftover: Vec<u8>,
     /// Client bytes consumed but not yet granted back in a WINDOW frame.
     pub consumed: u64,
+    /// Transactions the engine relayed to their end (connections it gave
+    /// back between transactions) in this part of the session.
+    pub transactions: u64,
 }
 
 /// An answer the server owes, and what was booked for its message, undone
@@ -272,6 +275,8 @@ pub(crate) struct Pooled {
     pub(crate) handback: Option<Vec<u8>>,
     pub(crate) terminated: bool,
     pub(crate) server_fatal: bool,
+    /// Connections given back between transactions.
+    pub(crate) transactions: u64,
     /// The audit's statements on their way (with an author), and the
     /// bytes of their texts (a shared text counted for each).
     pub(crate) statements: VecDeque<Statement>,
@@ -522,6 +527,7 @@ impl Pooled {
             handback: None,
             terminated: false,
             server_fatal: false,
+            transactions: 0,
             statements: VecDeque::new(),
             pending_text: 0,
             audit: spec.audit,
@@ -598,6 +604,7 @@ impl Pooled {
 
     /// The connection, given back: what this loan made on it stays there.
     pub(crate) fn end_loan(&mut self) -> Option<Lease> {
+        self.transactions += 1;
         self.unnamed_here = false;
         self.portal = None;
         self.lease.take()
