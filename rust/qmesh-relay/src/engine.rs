@@ -427,21 +427,14 @@ impl Native {
             .frontend
             .as_mut()
             .expect("a pooled stream scans its client");
-        let pooled = self.pooled.as_mut().expect("a pooled stream");
-        let mut sink = pooled::Front {
-            pooled,
-            out: Vec::new(),
-            input: 0,
-            dropped: 0,
-            at: sys::monotonic(),
-        };
+        let mut sink = pooled::Front::new(self.pooled.as_mut().expect("a pooled stream"));
         let result = scanner.feed(data, &mut sink);
         let buffered = scanner.buffered() as u64;
+        let (out, input, dropped) = sink.into_parts();
         result.map_err(|error| PgError {
             side: Side::Client,
             error,
         })?;
-        let (out, input, dropped) = (sink.out, sink.input, sink.dropped);
         self.queue_front(out, input, dropped);
         // A message collected whole holds its bytes unconsumed until it is
         // complete: one larger than the stream's window would never be. Past
@@ -472,15 +465,9 @@ impl Native {
         if pooled.deferred.is_empty() {
             return;
         }
-        let mut sink = pooled::Front {
-            pooled,
-            out: Vec::new(),
-            input: 0,
-            dropped: 0,
-            at: sys::monotonic(),
-        };
+        let mut sink = pooled::Front::new(pooled);
         sink.replay_deferred();
-        let (out, input, dropped) = (sink.out, sink.input, sink.dropped);
+        let (out, input, dropped) = sink.into_parts();
         self.queue_front(out, input, dropped);
     }
 

@@ -888,6 +888,22 @@ pub(crate) struct Front<'a> {
 }
 
 impl Front<'_> {
+    /// Client messages of `pooled` from now.
+    pub(crate) fn new(pooled: &mut Pooled) -> Front<'_> {
+        Front {
+            pooled,
+            out: Vec::new(),
+            input: 0,
+            dropped: 0,
+            at: crate::sys::monotonic(),
+        }
+    }
+
+    /// (bytes for the server, the client bytes they stand for, client bytes dropped)
+    pub(crate) fn into_parts(self) -> (Vec<u8>, usize, usize) {
+        (self.out, self.input, self.dropped)
+    }
+
     /// The messages deferred until a connection came, now that one has.
     pub(crate) fn replay_deferred(&mut self) {
         let deferred = std::mem::take(&mut self.pooled.deferred);
