@@ -180,17 +180,19 @@ async def test_named_statements_of_many_clients_stay_in_the_engine(
             thread.start()
         for thread in threads:
             thread.join()
-        with simple(ghost) as conn:
-            query = "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%audited_named'"
-            return [row[0] for row in conn.execute(query).fetchall()]
+        # In one transaction: on the connection that has just run it.
+        with psycopg.connect(**ghost.kwargs(), prepare_threshold=0) as conn:
+            assert conn.execute(sql, (0, 1)).fetchone() == (1,)
+            query = "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%%' || %s"
+            return [row[0] for row in conn.execute(query, ("audited_named",)).fetchall()]
 
     with trio.fail_after(60):
         names = await in_thread(work)
         await ghost.audit_settled()
     assert len(names) == 1 and str(names[0]).startswith("qmesh_")  # shared, renamed
-    assert stats(ghost).engine_loans >= 44  # every transaction in the engine
+    assert stats(ghost).engine_loans >= 45  # every transaction in the engine
     records = [r for r in list_audit(ghost.store) if "AS audited_named" in (r.statement or "")]
-    assert len(records) == 44
+    assert len(records) == 45
     assert {(r.rows, r.outcome) for r in records} == {(1, "ok")}
 
 

@@ -185,7 +185,7 @@ class PooledSession:
         self._back_to_engine = False  # this relay stopped for the engine to carry on
         self._done_here = 0  # transactions this relay ended since it (re)started
         self._backoff = 0  # ... and those it ends before the engine takes over again
-        self._client_idle = False  # the client pump waits for the client's bytes
+        self._waiting = trio.CancelScope()  # the client pump's wait for the client's bytes
 
     # -- the session ---------------------------------------------------------------
 
@@ -382,11 +382,10 @@ class PooledSession:
                 if self._may_go_back():
                     self._back_to_engine = True
                     return
-                self._client_idle = True
-                try:
+                with trio.CancelScope() as self._waiting:
                     data = await receive(RECEIVE_SIZE)
-                finally:
-                    self._client_idle = False
+                if self._waiting.cancelled_caught:
+                    continue  # nothing was taken: look again whether to go back
                 if not data:
                     return
             try:
@@ -639,10 +638,9 @@ class PooledSession:
 
     async def _server_pump(self) -> None:
         while True:
-            if self._client_idle and self._may_go_back():
-                # Its receive is cancelled before it takes any bytes.
-                self._back_to_engine = True
-                return
+            if self._may_go_back():
+                # Only the client pump decides: bytes it was handed already stay its.
+                self._waiting.cancel()
             await self._attached.wait()
             conn = self._conn
             assert conn is not None

@@ -401,13 +401,14 @@ fn frame(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// The whole messages laid end to end in `buffer`: (type, message).
+/// The whole messages laid end to end in `buffer`: (type, message); it
+/// stops at anything less than a whole message.
 pub(crate) fn messages(mut buffer: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     std::iter::from_fn(move || {
         let header = buffer.get(..pg::HEADER_LEN)?;
         let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        let (message, rest) = buffer.split_at(1 + length as usize);
-        buffer = rest;
+        let message = buffer.get(..1 + length as usize)?;
+        buffer = &buffer[message.len()..];
         Some((message[0], message))
     })
 }
