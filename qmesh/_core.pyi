@@ -715,9 +715,12 @@ class TunnelEngine:
         now on (the object is spent: :attr:`TlsSession.handed_over`).
         With ``pooled`` (a :class:`PooledSpec`) the stream is a
         transaction-mode client: ``fd`` is ignored, and it borrows server
-        connections from the spec's shelf per transaction; its finished
-        statements go to ``audit``, if given.
-        ValueError if the stream is native already."""
+        connections from the spec's shelf per transaction. With ``audit``
+        the engine records each finished statement there itself, with its
+        rows and outcome; a stream that is not pooled then needs a ``tap``
+        whose scanners report what the audit reads, and no guard.
+        ValueError if the stream is native already, or for such an
+        ``audit`` without such a ``tap``."""
 
     def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
         """The verdict on the message a native stream holds (the client's when

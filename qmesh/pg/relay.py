@@ -187,11 +187,12 @@ class Relay:
 
     async def _run_native(self) -> None:
         """Relay in the tunnel engine: no Python per message. The engine
-        checks the client's framing and limits and, with the audit on, hands
-        the messages the audit needs to :meth:`_on_tap` in batches. With a
-        statement guard it holds each Query, Parse and FunctionCall (and what
-        follows) until :meth:`_on_tap` says what to send in its place: one
-        trip through Python per statement, none per row or reply."""
+        checks the client's framing and limits and, with the audit on,
+        records each statement with its outcome itself. With a statement
+        guard it holds each Query, Parse and FunctionCall (and what follows)
+        until :meth:`_on_tap` says what to send in its place, and hands the
+        messages the audit needs to :meth:`_on_tap` in batches: one trip
+        through Python per statement, none per row or reply."""
         tls: _core.TlsSession | None = None
         if isinstance(self.upstream, TlsStream):
             upstream: trio.abc.Stream = self.upstream.transport
@@ -224,6 +225,9 @@ class Relay:
             end_on_socket_eof=True,
             tap=Tap(spec, self._on_tap),
             tls=tls,
+            # Without a guard the engine follows the audit's statements
+            # itself: no trip through Python per statement.
+            audit=None if self.guard else self.watch.author(),
         )
         if outcome.ending == _core.RelayEnding.POSTGRES:
             self._end(SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))

@@ -272,7 +272,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         transaction-mode Postgres client whose server connections the engine
         borrows from the spec's shelf (see ``TunnelEngine.attach_native``); client
         bytes the engine did not relay (``outcome.pooled.leftover``) are this
-        stream's to read again; its finished statements go to ``audit``.
+        stream's to read again. With ``audit`` the engine records each
+        finished statement there itself (a stream that is not pooled needs
+        a ``tap`` whose scanners report what the audit reads, and no guard).
 
         Cancelling takes the stream back at once (its outcome is then
         :attr:`native_outcome`, if the engine had not ended it already). The

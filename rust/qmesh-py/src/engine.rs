@@ -669,8 +669,11 @@ impl TunnelEngine {
     /// connected, non-blocking socket ``fd`` until it ends (reported by
     /// :meth:`take`). The other arguments carry the stream's state over;
     /// ``tap`` says what the stream's scanners report and hold (see
-    /// :class:`TapSpec`); ``pooled`` (a :class:`PooledSpec`) makes it a transaction-mode client session, whose finished
-    /// statements go to ``audit`` (an :class:`AuditAuthor`) if given.
+    /// :class:`TapSpec`); ``pooled`` (a :class:`PooledSpec`) makes it a
+    /// transaction-mode client session. With ``audit`` (an
+    /// :class:`AuditAuthor`) the engine records each finished statement
+    /// there itself; a stream that is not pooled then needs a tap with
+    /// both scanners reporting what the audit reads, and no guard.
     #[pyo3(signature = (
         stream_id,
         fd,
@@ -705,7 +708,6 @@ impl TunnelEngine {
         let pooled = pooled.map(|spec| relay::PooledSpec {
             shelf: spec.shelf.clone(),
             wait_limit: spec.wait_limit,
-            audit: audit.map(|author| author.inner.clone()),
             max_prepared: spec.max_prepared,
             statements: spec.statements.clone(),
             unnamed: spec.unnamed.clone(),
@@ -726,6 +728,7 @@ impl TunnelEngine {
             tap: tap.map(|t| t.inner.clone()).unwrap_or_default(),
             tls,
             pooled,
+            audit: audit.map(|author| author.inner.clone()),
         };
         Ok(self.inner.attach_native(spec)?)
     }

@@ -46,11 +46,13 @@ use qmesh_pg as pg;
 use qmesh_wire::frame_type::{ACK, CLOSE, DATA, PING, PONG, RESET, WINDOW};
 use qmesh_wire::{reset_code, FrameDecoder, FrameEncoder, FrameRef, CONTROL_TYPE_MIN};
 
+use crate::audit::AuditAuthor;
 use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
 use crate::notify::Notifier;
 use crate::pool::{Lease, LeaseTaker, ReturnWhy, Shelf};
 use crate::pooled::{self, Pooled, PooledEnd, PooledSpec};
 use crate::reactor::{self, Driven, Registration};
+use crate::statements::SessionStatements;
 use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
 
@@ -212,6 +214,11 @@ pub struct NativeSpec {
     /// A transaction-mode client: `fd` is ignored, the stream borrows its
     /// server connections from the spec's shelf (see [`crate::pooled`]).
     pub pooled: Option<PooledSpec>,
+    /// Where the stream records each finished statement itself, with its
+    /// rows and outcome, instead of reporting the messages to Python (see
+    /// [`crate::statements`]). A stream that is not pooled needs both
+    /// scanners, reporting the kinds the audit reads, and no guard.
+    pub audit: Option<AuditAuthor>,
 }
 
 /// A TLS connection handed to the engine (see [`crate::tls`]).
@@ -288,6 +295,9 @@ struct Native {
     tls: Option<TlsLink>,
     /// A pooled stream's state; `fd` is its lease's, or -1 without one.
     pooled: Option<Pooled>,
+    /// The audit of a stream that records its statements itself (the
+    /// scanners' reports go there, not to Python).
+    audit: Option<SessionStatements>,
     /// Bytes inside the frontend scanner (a guarded message being
     /// collected) already counted consumed...
     credited_inside: usize,
@@ -343,7 +353,10 @@ impl Native {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         };
         if self.back_guard.is_empty() {
-            observe(scanner, &mut self.records, data, Side::Server)?;
+            match self.audit.as_mut() {
+                Some(audit) => follow(scanner, audit, data, Side::Server)?,
+                None => observe(scanner, &mut self.records, data, Side::Server)?,
+            }
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         }
         let mut sink = Splitter::new(self.back_tapped, self.back_guard, &[], false);
@@ -390,7 +403,10 @@ impl Native {
         };
         if self.guard.is_empty() {
             // Observe mode: the input is relayed as it is.
-            observe(scanner, &mut self.records, &data, Side::Client)?;
+            match self.audit.as_mut() {
+                Some(audit) => follow(scanner, audit, &data, Side::Client)?,
+                None => observe(scanner, &mut self.records, &data, Side::Client)?,
+            }
             let input = data.len();
             self.queue(data, input);
             return Ok(None);
@@ -692,6 +708,48 @@ fn observe(
         records.truncate(before);
         PgError { side, error }
     })
+}
+
+/// Scan `data` in observe mode for the stream's own audit; on error the
+/// chunk is not relayed, so the statements it started are forgotten.
+fn follow(
+    scanner: &mut pg::Scanner,
+    audit: &mut SessionStatements,
+    data: &[u8],
+    side: Side,
+) -> Result<(), PgError> {
+    let before = audit.statements.len();
+    let mut sink = Follower {
+        audit,
+        at: sys::monotonic(),
+        from_tunnel: side == Side::Client,
+    };
+    let result = scanner.feed(data, &mut sink);
+    result.map_err(|error| {
+        if side == Side::Client {
+            audit.statements.truncate(before);
+        }
+        PgError { side, error }
+    })
+}
+
+/// Hands a scanner's reports to the stream's own audit.
+struct Follower<'a> {
+    audit: &'a mut SessionStatements,
+    at: f64,
+    from_tunnel: bool,
+}
+
+impl pg::Sink for Follower<'_> {
+    fn pass(&mut self, _bytes: &[u8]) {}
+
+    fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
+        if self.from_tunnel {
+            self.audit.client(tag, raw, self.at);
+        } else {
+            self.audit.statements.server(tag, raw, self.at);
+        }
+    }
 }
 
 /// Collects a scanner's reports as tap records.
@@ -1128,7 +1186,26 @@ impl Engine {
         if spec.pooled.is_some() && !(guard.is_empty() && back_guard.is_empty()) {
             return Err(invalid("a pooled stream holds nothing for a verdict"));
         }
-        let pooled = spec.pooled.map(Pooled::new);
+        let audit = match (&spec.pooled, spec.audit) {
+            (_, None) => None,
+            (Some(_), author) => author,
+            (None, Some(author)) => {
+                if frontend.is_none()
+                    || backend.is_none()
+                    || !guard.is_empty()
+                    || !back_guard.is_empty()
+                {
+                    return Err(invalid(
+                        "a stream's own audit needs both scanners and no guard",
+                    ));
+                }
+                Some(author)
+            }
+        };
+        let (pooled, audit) = match spec.pooled {
+            Some(pooled) => (Some(Pooled::new(pooled, audit)), None),
+            None => (None, audit.map(SessionStatements::new)),
+        };
         let (frontend, backend) = match pooled {
             None => (frontend, backend),
             Some(_) => {
@@ -1169,6 +1246,7 @@ impl Engine {
                 .then(|| (pg::MessageCursor::new(), spec.tap.farewell)),
             tls: spec.tls.map(|handover| TlsLink::new(handover.0)),
             pooled,
+            audit,
             credited_inside: 0,
             discount: 0,
         };

@@ -14,6 +14,7 @@ pub mod notify;
 pub mod pool;
 mod pooled;
 mod reactor;
+mod statements;
 mod sys;
 pub mod tls;
 
@@ -28,6 +29,7 @@ pub use http::{
 };
 pub use notify::Notifier;
 pub use pool::{Lease, Prepared, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
-pub use pooled::{OwedAnswer, PooledEnd, PooledSpec, STATEMENT_RUNNING};
+pub use pooled::{OwedAnswer, PooledEnd, PooledSpec};
 pub use reactor::engine_threads;
+pub use statements::STATEMENT_RUNNING;
 pub use sys::monotonic;

@@ -35,7 +35,6 @@
 //! transactions again, unpinned, with the client's statements
 //! ([`PooledSpec::statements`]).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,13 +44,7 @@ use qmesh_pg as pg;
 use crate::audit::AuditAuthor;
 use crate::engine::TapRecord;
 use crate::pool::{Lease, Prepared, Shelf};
-
-/// The tap record kind a pooled stream makes itself (never a Postgres type
-/// byte): a statement still running when the engine's part ended, which
-/// Python's relay follows from there (`at` is when it started; `raw` is
-/// [`Statement::record`]'s layout). Finished statements go to the audit's
-/// queue from the engine.
-pub const STATEMENT_RUNNING: u8 = 0x02;
+use crate::statements::{Statement, Statements};
 
 /// What makes a native stream a pooled one.
 pub struct PooledSpec {
@@ -59,8 +52,6 @@ pub struct PooledSpec {
     /// How long the client may wait in line before its session ends
     /// ([`crate::Ending::PoolTimeout`]).
     pub wait_limit: Duration,
-    /// Where each finished statement is recorded, if the audit is on.
-    pub audit: Option<AuditAuthor>,
     /// Past this many statements prepared on a connection, a client's
     /// Close reaches the server, and the connection is closed when it
     /// comes back (a long loan must not gather them without bound).
@@ -277,17 +268,9 @@ pub(crate) struct Pooled {
     pub(crate) server_fatal: bool,
     /// Connections given back between transactions.
     pub(crate) transactions: u64,
-    /// The audit's statements on their way (with an author), and the
-    /// bytes of their texts (a shared text counted for each).
-    pub(crate) statements: VecDeque<Statement>,
-    pending_text: usize,
-    pub(crate) audit: Option<AuditAuthor>,
+    /// The audit's statements on their way (with an author).
+    pub(crate) statements: Statements,
 }
-
-/// The most text the audit's statements on their way may count: a client
-/// that pipelines Execute after Execute of a long statement moves to
-/// Python's relay past it, so what is handed over stays bounded.
-const MAX_PENDING_TEXT: usize = 8 << 20;
 
 /// Answers one client's messages may await at once in the engine: a longer
 /// pipeline moves to Python's relay, which bounds it with an error (54000).
@@ -413,64 +396,6 @@ pub(crate) fn messages(mut buffer: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
-/// One statement for the audit: a simple Query (`b'Q'`) or an Execute
-/// (`b'E'`) from relayed to its end, or a Sync (`b'S'`) that bounds the
-/// Executes an error makes the server skip.
-pub(crate) struct Statement {
-    kind: u8,
-    /// Shared: the Executes of one statement hold its one text.
-    text: Arc<[u8]>,
-    started: f64,
-    rows: Option<u64>,
-    sqlstate: Option<[u8; 5]>,
-}
-
-impl Statement {
-    fn new(kind: u8, text: Arc<[u8]>, started: f64) -> Statement {
-        Statement {
-            kind,
-            text,
-            started,
-            rows: None,
-            sqlstate: None,
-        }
-    }
-
-    /// A tap record: started (`f64`), rows (`i64`, -1 for none), SQLSTATE
-    /// (5 bytes, zeros for none), the kind (`Q`, `E` or `S`; `P` and `B`
-    /// for the texts of the unnamed statement and portal), then the text.
-    fn record(self, at: f64) -> TapRecord {
-        let mut raw = Vec::with_capacity(22 + self.text.len());
-        raw.extend_from_slice(&self.started.to_be_bytes());
-        let rows = self
-            .rows
-            .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
-        raw.extend_from_slice(&rows.to_be_bytes());
-        raw.extend_from_slice(&self.sqlstate.unwrap_or([0; 5]));
-        raw.push(self.kind);
-        raw.extend_from_slice(&self.text);
-        TapRecord {
-            at,
-            from_tunnel: true,
-            tag: STATEMENT_RUNNING,
-            raw,
-            hold: false,
-        }
-    }
-
-    /// Recorded, ended at `at`: rows and outcome (`skipped`, else "ok", or
-    /// "error:" and the first error's SQLSTATE), as Python's relay records them.
-    fn finish(self, author: &AuditAuthor, at: f64, skipped: bool) {
-        let outcome = match self.sqlstate {
-            _ if skipped => Cow::Borrowed("skipped"),
-            None => Cow::Borrowed("ok"),
-            Some(state) => Cow::Owned(format!("error:{}", String::from_utf8_lossy(&state))),
-        };
-        let rows = self.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
-        author.record(self.text, at - self.started, rows, outcome);
-    }
-}
-
 /// What the engine does with one client message.
 enum Step {
     /// Relayed (what goes to the server is written out).
@@ -482,7 +407,7 @@ enum Step {
 }
 
 impl Pooled {
-    pub(crate) fn new(spec: PooledSpec) -> Pooled {
+    pub(crate) fn new(spec: PooledSpec, audit: Option<AuditAuthor>) -> Pooled {
         // What the client prepared before (in Python's relay); a Parse that
         // does not parse is left to the server's own error when it is bound.
         let text = |parse: &[u8]| match pg::Frontend::parse(b'P', &parse[pg::HEADER_LEN..]) {
@@ -529,9 +454,7 @@ impl Pooled {
             terminated: false,
             server_fatal: false,
             transactions: 0,
-            statements: VecDeque::new(),
-            pending_text: 0,
-            audit: spec.audit,
+            statements: Statements::new(audit),
         }
     }
 
@@ -539,7 +462,7 @@ impl Pooled {
     /// statement and portal, and the audit's statements still running.
     pub(crate) fn running(&mut self) -> Vec<TapRecord> {
         let mut records = Vec::new();
-        if self.audit.is_some() {
+        if self.statements.is_on() {
             if let Some(unnamed) = &self.unnamed {
                 records.push(Statement::new(b'P', unnamed.text.clone(), 0.0).record(0.0));
             }
@@ -547,11 +470,7 @@ impl Pooled {
                 records.push(Statement::new(b'B', text.clone(), 0.0).record(0.0));
             }
         }
-        self.pending_text = 0;
-        records.extend(self.statements.drain(..).map(|statement| {
-            let at = statement.started;
-            statement.record(at)
-        }));
+        records.extend(self.statements.running());
         records
     }
 
@@ -580,27 +499,6 @@ impl Pooled {
     /// statements than a connection may keep.
     pub(crate) fn over_prepared(&self, lease: &Lease) -> bool {
         lease.prepared.len() > self.max_prepared
-    }
-
-    /// Note a statement for the audit (with one on); false past
-    /// [`MAX_PENDING_TEXT`]: the session moves to Python's relay.
-    fn pending(&mut self, kind: u8, text: Arc<[u8]>, at: f64) -> bool {
-        if self.audit.is_none() {
-            return true;
-        }
-        if self.pending_text + text.len() > MAX_PENDING_TEXT {
-            return false;
-        }
-        self.pending_text += text.len();
-        self.statements.push_back(Statement::new(kind, text, at));
-        true
-    }
-
-    /// The first statement on its way, done.
-    fn done(&mut self) -> Option<Statement> {
-        let statement = self.statements.pop_front()?;
-        self.pending_text -= statement.text.len();
-        Some(statement)
     }
 
     /// The connection, given back: what this loan made on it stays there.
@@ -808,7 +706,7 @@ impl Pooled {
                 let Some(text) = self.portal.clone().filter(|_| portal.is_empty()) else {
                     return Step::Python;
                 };
-                if !self.pending(b'E', text, at) {
+                if !self.statements.push(b'E', text, at) {
                     return Step::Python;
                 }
                 out.extend_from_slice(raw);
@@ -860,7 +758,7 @@ impl Pooled {
                 out.extend_from_slice(raw); // no answer of its own
             }
             pg::Frontend::Sync => {
-                if !self.pending(b'S', Arc::from(&b""[..]), at) {
+                if !self.statements.push(b'S', Arc::from(&b""[..]), at) {
                     return Step::Python;
                 }
                 self.status = 0;
@@ -946,7 +844,7 @@ impl pg::Sink for Front<'_> {
         let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let text = text.strip_suffix(b"\0").unwrap_or(text);
         let step = match tag {
-            b'Q' if native_text(text) && pooled.pending(tag, text.into(), self.at) => {
+            b'Q' if native_text(text) && pooled.statements.push(tag, text.into(), self.at) => {
                 self.out.extend_from_slice(raw);
                 pooled.owed.push_back(Owed::plain(tag));
                 pooled.status = 0;
@@ -1004,15 +902,7 @@ impl pg::Sink for Back<'_> {
                     }
                 }
                 pooled.status = pg::backend::ready_for_query(body).unwrap_or(b'E');
-                while let Some(statement) = pooled.done() {
-                    let kind = statement.kind;
-                    if let (b'Q' | b'E', Some(author)) = (kind, &pooled.audit) {
-                        statement.finish(author, self.at, kind == b'E');
-                    }
-                    if kind != b'E' {
-                        break;
-                    }
-                }
+                pooled.statements.server(tag, raw, self.at);
             }
             b'E' => {
                 let fields = pg::backend::notice_fields(body).unwrap_or_default();
@@ -1035,16 +925,7 @@ impl pg::Sink for Back<'_> {
                 }
                 // With no Sync sent yet, it skips what the client sends next.
                 pooled.skipping |= extended && pooled.owed.is_empty();
-                let state = field(b'C').and_then(|c| <[u8; 5]>::try_from(c).ok());
-                if let Some(statement) = pooled.statements.front_mut() {
-                    statement.sqlstate = statement.sqlstate.or(state.or(Some(*b"XX000")));
-                    if statement.kind == b'E' {
-                        let failed = pooled.done().expect("the front one");
-                        if let Some(author) = &pooled.audit {
-                            failed.finish(author, self.at, false);
-                        }
-                    }
-                }
+                pooled.statements.server(tag, raw, self.at);
             }
             _ => {
                 let ends = pooled
@@ -1067,24 +948,7 @@ impl pg::Sink for Back<'_> {
                     }
                     _ => {}
                 }
-                let rows = if tag == b'C' {
-                    pg::backend::command_complete(body)
-                        .ok()
-                        .and_then(pg::command_rows)
-                } else {
-                    None
-                };
-                if let Some(statement) = pooled.statements.front_mut() {
-                    if let Some(rows) = rows {
-                        statement.rows = Some(statement.rows.unwrap_or(0) + rows);
-                    }
-                    if statement.kind == b'E' && matches!(tag, b'C' | b'I' | b's') {
-                        let done = pooled.done().expect("the front one");
-                        if let Some(author) = &pooled.audit {
-                            done.finish(author, self.at, false);
-                        }
-                    }
-                }
+                pooled.statements.server(tag, raw, self.at);
             }
         }
         self.out.extend_from_slice(raw);
@@ -1095,6 +959,7 @@ impl pg::Sink for Back<'_> {
 mod tests {
     use super::*;
     use crate::audit::{AuditLimits, AuditQueue, Who};
+    use crate::statements::MAX_PENDING_TEXT;
 
     fn query(sql: &str) -> Vec<u8> {
         let mut raw = vec![b'Q'];
@@ -1199,17 +1064,18 @@ mod tests {
             session: None,
             keep_text: true,
         });
-        let mut pooled = Pooled::new(PooledSpec {
+        let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),
-            audit: Some(AuditAuthor {
-                queue: queue.clone(),
-                who,
-            }),
             max_prepared: 2,
             statements: Vec::new(),
             unnamed: None,
-        });
+        };
+        let author = AuditAuthor {
+            queue: queue.clone(),
+            who,
+        };
+        let mut pooled = Pooled::new(spec, Some(author));
         pooled.lease = Some(lease());
         (pooled, queue)
     }
@@ -1589,22 +1455,23 @@ mod tests {
     fn statements_prepared_before_are_the_clients_in_the_engine() {
         let (_, queue) = audited();
         let target_parse = msg(b'P', &[TARGET, b"\0SELECT $1\0\0\0"].concat());
-        let mut pooled = Pooled::new(PooledSpec {
+        let author = AuditAuthor {
+            queue: queue.clone(),
+            who: Arc::new(Who {
+                app: "shop".into(),
+                alias: "orders".into(),
+                session: None,
+                keep_text: true,
+            }),
+        };
+        let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),
-            audit: Some(AuditAuthor {
-                queue: queue.clone(),
-                who: Arc::new(Who {
-                    app: "shop".into(),
-                    alias: "orders".into(),
-                    session: None,
-                    keep_text: true,
-                }),
-            }),
             max_prepared: 2,
             statements: vec![(b"s1".to_vec(), TARGET.to_vec(), target_parse.clone())],
             unnamed: Some(parse("", "SELECT 2")),
-        });
+        };
+        let mut pooled = Pooled::new(spec, Some(author));
         pooled.lease = Some(lease());
         let sent = client(&mut pooled, &[bind("", "s1"), execute(), msg(b'S', b"")]);
         let expected = [target_parse, renamed_bind(), execute(), msg(b'S', b"")];

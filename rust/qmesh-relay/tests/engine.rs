@@ -178,6 +178,7 @@ fn native(stream_id: u32, fd: RawFd) -> NativeSpec {
         tap: PgTap::default(),
         tls: None,
         pooled: None,
+        audit: None,
     }
 }
 
