@@ -20,6 +20,7 @@ from psycopg.pq import DiagnosticField
 from qmesh import _core
 from qmesh.pg.audit import list_audit
 from qmesh.pg.guard import Refusal
+from qmesh.pg.relay import Relay
 from qmesh.pg.watch import SessionWatch
 
 DIAG_SQLSTATE = DiagnosticField.SQLSTATE
@@ -108,8 +109,9 @@ async def test_statements_that_name_nothing_guarded_skip_the_python_check(
 ) -> None:
     """The relay engine holds for the guard only the statements that name a
     word the guard looks for: the others reach the server without a trip
-    through Python (and are still audited); the named ones are still
-    checked and refused."""
+    through Python; the named ones are still checked and refused. The
+    engine audits them all itself, the held ones as the client sent them:
+    Python sees nothing but what it must judge."""
     checked: list[str] = []
     original = SessionWatch._refusal
 
@@ -117,7 +119,15 @@ async def test_statements_that_name_nothing_guarded_skip_the_python_check(
         checked.append(text)
         return original(self, text, what)
 
+    handed_to_python: list[bool] = []
+    on_tap = Relay._on_tap
+
+    def seen(relay: Relay, records: list[_core.TapRecord]) -> bytes | None:
+        handed_to_python.extend(held for _, _, _, _, held in records)
+        return on_tap(relay, records)
+
     monkeypatch.setattr(SessionWatch, "_refusal", counting)
+    monkeypatch.setattr(Relay, "_on_tap", seen)
     ghost = await read_only_ghost(nursery, db, tmp_path)
 
     def work() -> None:
@@ -134,9 +144,15 @@ async def test_statements_that_name_nothing_guarded_skip_the_python_check(
         await ghost.audit_settled()
     # The Parse of SHOW and of the SET (psycopg's extended protocol).
     assert checked == ["SHOW transaction_read_only", "SET default_TRANSACTION_read_only = off"]
-    statements = [r.statement for r in list_audit(ghost.store, app=ghost.app_id, limit=200)]
-    assert statements.count("SELECT $1::int + 1") == 20
-    assert statements.count("SELECT count(*) FROM ledger") == 20
+    assert handed_to_python == [True, True]  # only what the guard held
+    records = reversed(list_audit(ghost.store, app=ghost.app_id, limit=200))
+    assert [(r.statement, r.rows, r.outcome) for r in records] == [
+        ("SELECT $1::int + 1", 1, "ok"),
+        ("SELECT count(*) FROM ledger", 1, "ok"),
+    ] * 20 + [
+        ("SHOW transaction_read_only", None, "ok"),
+        ("SET default_TRANSACTION_read_only = off", None, "error:25006"),
+    ]
 
 
 async def test_guarded_statements_larger_than_the_stream_window(

@@ -189,10 +189,10 @@ class Relay:
         """Relay in the tunnel engine: no Python per message. The engine
         checks the client's framing and limits and, with the audit on,
         records each statement with its outcome itself. With a statement
-        guard it holds each Query, Parse and FunctionCall (and what follows)
-        until :meth:`_on_tap` says what to send in its place, and hands the
-        messages the audit needs to :meth:`_on_tap` in batches: one trip
-        through Python per statement, none per row or reply."""
+        guard it holds each Query, Parse and FunctionCall that its screen
+        cannot clear (and what follows) until :meth:`_on_tap` says what to
+        send in its place: one trip through Python for those statements,
+        none per row or reply."""
         tls: _core.TlsSession | None = None
         if isinstance(self.upstream, TlsStream):
             upstream: trio.abc.Stream = self.upstream.transport
@@ -225,9 +225,9 @@ class Relay:
             end_on_socket_eof=True,
             tap=Tap(spec, self._on_tap),
             tls=tls,
-            # Without a guard the engine follows the audit's statements
-            # itself: no trip through Python per statement.
-            audit=None if self.guard else self.watch.author(),
+            # The engine follows the audit's statements itself: Python sees
+            # only the messages the guard holds.
+            audit=self.watch.hand_audit_to_engine(),
         )
         if outcome.ending == _core.RelayEnding.POSTGRES:
             self._end(SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
@@ -236,8 +236,8 @@ class Relay:
                       outcome.detail)  # fmt: skip
 
     def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
-        """Audit (and guard) what the engine saw, in order; the replacement
-        for a held message, which ends the batch."""
+        """Guard what the engine held (it audits the session itself); the
+        replacement for a held message, which ends the batch."""
         replacement = None
         try:
             for at, from_client, tag, raw, held in records:

@@ -234,6 +234,14 @@ class SessionWatch:
             app=self.app_id, alias=self.alias, mode=self.audit_mode, session=self.session
         )
 
+    def hand_audit_to_engine(self) -> _core.AuditAuthor | None:
+        """The author through which the session's engine records its
+        statements itself from now on (None with the audit off); this watch
+        then only guards."""
+        author = self.author()
+        self.audit = None
+        return author
+
     def engine_statements(self, records: list[_core.TapRecord]) -> None:
         """Statements that were still running when the engine's part ended,
         and the texts of the client's unnamed statement and portal

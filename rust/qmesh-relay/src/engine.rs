@@ -217,7 +217,8 @@ pub struct NativeSpec {
     /// Where the stream records each finished statement itself, with its
     /// rows and outcome, instead of reporting the messages to Python (see
     /// [`crate::statements`]). A stream that is not pooled needs both
-    /// scanners, reporting the kinds the audit reads, and no guard.
+    /// scanners, reporting the kinds the audit reads; with a guard, a held
+    /// message is followed as the client sent it once its verdict is in.
     pub audit: Option<AuditAuthor>,
 }
 
@@ -280,6 +281,9 @@ struct Native {
     /// is what followed it.
     awaiting: Option<usize>,
     held: VecDeque<Segment>,
+    /// The message awaiting a verdict, for the stream's own audit: it
+    /// follows the message as the client sent it, once the verdict is in.
+    awaiting_statement: Option<TapRecord>,
     /// The same for the server's side.
     back_guard: pg::TagSet,
     back_tapped: pg::TagSet,
@@ -382,7 +386,10 @@ impl Native {
             }
             match segment {
                 Segment::Data(data) => send.push(data),
-                Segment::Record(record) => self.records.push(record),
+                Segment::Record(record) => match self.audit.as_mut() {
+                    Some(audit) => audit.statements.server(record.tag, &record.raw, record.at),
+                    None => self.records.push(record),
+                },
                 Segment::Hold(record) => {
                     self.back_awaiting = Some(record.raw.len());
                     hold = Some(record);
@@ -551,9 +558,15 @@ impl Native {
                     let input = data.len();
                     self.queue(data, input);
                 }
-                Segment::Record(record) => self.records.push(record),
+                Segment::Record(record) => match self.audit.as_mut() {
+                    Some(audit) => audit.client(record.tag, &record.raw, record.at),
+                    None => self.records.push(record),
+                },
                 Segment::Hold(record) => {
                     self.awaiting = Some(record.raw.len());
+                    if self.audit.is_some() {
+                        self.awaiting_statement = Some(record.clone());
+                    }
                     hold = Some(record);
                 }
             }
@@ -1190,14 +1203,8 @@ impl Engine {
             (_, None) => None,
             (Some(_), author) => author,
             (None, Some(author)) => {
-                if frontend.is_none()
-                    || backend.is_none()
-                    || !guard.is_empty()
-                    || !back_guard.is_empty()
-                {
-                    return Err(invalid(
-                        "a stream's own audit needs both scanners and no guard",
-                    ));
+                if frontend.is_none() || backend.is_none() {
+                    return Err(invalid("a stream's own audit needs both scanners"));
                 }
                 Some(author)
             }
@@ -1236,6 +1243,7 @@ impl Engine {
             guard: pg::TagSet::from_bytes(guard),
             awaiting: None,
             held: VecDeque::new(),
+            awaiting_statement: None,
             back_guard: pg::TagSet::from_bytes(back_guard),
             back_tapped,
             back_awaiting: None,
@@ -1862,6 +1870,11 @@ impl State {
         let Some(input) = native.awaiting.take() else {
             return Err(invalid(format!("stream {sid} holds no message")));
         };
+        // The audit follows what the client sent (a refused statement is
+        // recorded as itself, with the refusal's error as its outcome).
+        if let (Some(audit), Some(held)) = (&mut native.audit, native.awaiting_statement.take()) {
+            audit.client(held.tag, &held.raw, held.at);
+        }
         native.queue(replacement, input);
         let held: Vec<Segment> = native.held.drain(..).collect();
         let hold = native.release(held);
