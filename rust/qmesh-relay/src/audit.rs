@@ -237,6 +237,41 @@ impl Entry {
     }
 }
 
+/// For the tests of those who record: an author whose records go to a
+/// queue of its own, and the records as stored.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Text kept, up to 100 records and `max_bytes` of statements.
+    pub(crate) fn author(max_bytes: usize) -> (AuditAuthor, Arc<AuditQueue>) {
+        let limits = AuditLimits {
+            max_records: 100,
+            max_bytes,
+            max_statement_chars: 100,
+        };
+        let queue = AuditQueue::new(limits).unwrap();
+        let who = Arc::new(Who {
+            app: "shop".into(),
+            alias: "orders".into(),
+            session: None,
+            keep_text: true,
+        });
+        let author = AuditAuthor {
+            queue: queue.clone(),
+            who,
+        };
+        (author, queue)
+    }
+
+    /// (text, rows, outcome) of each record taken off `queue`.
+    pub(crate) fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
+        let rows = queue.take(100).into_iter().map(|e| e.into_row(100));
+        rows.map(|r| (r.text.unwrap_or_default(), r.rows, r.outcome.into_owned()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -958,7 +958,8 @@ impl pg::Sink for Back<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditLimits, AuditQueue, Who};
+    use crate::audit::testing::{self, recorded};
+    use crate::audit::AuditQueue;
     use crate::statements::MAX_PENDING_TEXT;
 
     fn query(sql: &str) -> Vec<u8> {
@@ -1052,28 +1053,13 @@ mod tests {
 
     /// A pooled stream with the audit on, holding a connection, and its queue.
     fn audited() -> (Pooled, Arc<AuditQueue>) {
-        let limits = AuditLimits {
-            max_records: 100,
-            max_bytes: 1 << 20,
-            max_statement_chars: 100,
-        };
-        let queue = AuditQueue::new(limits).unwrap();
-        let who = Arc::new(Who {
-            app: "shop".into(),
-            alias: "orders".into(),
-            session: None,
-            keep_text: true,
-        });
+        let (author, queue) = testing::author(1 << 20);
         let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),
             max_prepared: 2,
             statements: Vec::new(),
             unnamed: None,
-        };
-        let author = AuditAuthor {
-            queue: queue.clone(),
-            who,
         };
         let mut pooled = Pooled::new(spec, Some(author));
         pooled.lease = Some(lease());
@@ -1123,12 +1109,6 @@ mod tests {
             pg::Sink::message(&mut back, raw[0], raw, true);
         }
         back.out
-    }
-
-    fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
-        let rows = queue.take(100).into_iter().map(|e| e.into_row(100));
-        rows.map(|r| (r.text.unwrap_or_default(), r.rows, r.outcome.into_owned()))
-            .collect()
     }
 
     #[test]
@@ -1453,17 +1433,8 @@ mod tests {
 
     #[test]
     fn statements_prepared_before_are_the_clients_in_the_engine() {
-        let (_, queue) = audited();
+        let (author, queue) = testing::author(1 << 20);
         let target_parse = msg(b'P', &[TARGET, b"\0SELECT $1\0\0\0"].concat());
-        let author = AuditAuthor {
-            queue: queue.clone(),
-            who: Arc::new(Who {
-                app: "shop".into(),
-                alias: "orders".into(),
-                session: None,
-                keep_text: true,
-            }),
-        };
         let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),

@@ -349,33 +349,13 @@ fn remember(names: &mut HashMap<Box<[u8]>, Arc<[u8]>>, name: &[u8], text: Arc<[u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditLimits, AuditQueue, Who};
+    use crate::audit::testing::{self, recorded};
+    use crate::audit::AuditQueue;
     use pg::encode;
 
     fn session() -> (SessionStatements, Arc<AuditQueue>) {
-        let limits = AuditLimits {
-            max_records: 100,
-            max_bytes: 4 * MAX_PENDING_TEXT,
-            max_statement_chars: 100,
-        };
-        let queue = AuditQueue::new(limits).unwrap();
-        let who = Arc::new(Who {
-            app: "shop".into(),
-            alias: "orders".into(),
-            session: None,
-            keep_text: true,
-        });
-        let author = AuditAuthor {
-            queue: queue.clone(),
-            who,
-        };
+        let (author, queue) = testing::author(4 * MAX_PENDING_TEXT);
         (SessionStatements::new(author), queue)
-    }
-
-    fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
-        let rows = queue.take(100).into_iter().map(|e| e.into_row(100));
-        rows.map(|r| (r.text.unwrap_or_default(), r.rows, r.outcome.into_owned()))
-            .collect()
     }
 
     fn client(session: &mut SessionStatements, messages: &[Vec<u8>]) {
