@@ -10,8 +10,9 @@ core from requests in flight for milliseconds at a time (measured with
 p99 10.6 ms with the writes in Trio's worker threads, about 18,000 req/s
 and 7.8 ms with them niced). Niced, the writes take the time the loop
 leaves idle, and the loop's requests go first. If they fall behind all the
-same, the ledger's bound on rows waiting (``MAX_PENDING``) refuses new
-requests until they are written.
+same (the HTTP engine on the engine threads relays faster than the writer's
+share of a saturated core writes), the HTTP server waits for the ledger's
+next batch before taking more requests (``Ledger.backlog``).
 
 Not for: work a request waits on (it would wait longer), or anything that
 must run at a given time.

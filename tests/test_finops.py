@@ -3,6 +3,7 @@ hard and soft limits, and the hash-chained ledger's verification."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sqlite3
 import threading
@@ -442,6 +443,49 @@ async def ledger_keeps_failed_rows(store: StateStore, monkeypatch: pytest.Monkey
     assert ledger.pending == 2
     await ledger.flush()
     assert [r["request_id"] for r in read_rows(store)] == ["r0"] and ledger.pending == 0
+
+
+async def test_a_ledger_behind_its_rows_says_so_until_a_batch_is_written(
+    monkeypatch: pytest.MonkeyPatch, state_location: Path | str
+) -> None:
+    """Past ``BACKLOG_ROWS`` rows waiting, the ledger hands out what to wait
+    for (the next batch written); not while its writes fail, when waiting
+    would only hold requests the full ledger must refuse."""
+    monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 3)
+    with StateStore.open(state_location) as store:
+        ledger = Ledger(store, master_key=MASTER_KEY)
+        for n in range(2):
+            ledger.record(ledger_entry(n))
+        assert ledger.backlog() is None
+        ledger.record(ledger_entry(2))
+        behind = ledger.backlog()
+        assert behind is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ledger.flush)
+            with trio.fail_after(10):
+                await behind
+        assert ledger.pending == 0 and ledger.backlog() is None
+
+        monkeypatch.setattr(ledger, "_write", _database_away)
+        for n in range(3, 6):
+            ledger.record(ledger_entry(n))
+        assert _behind(ledger)
+        with pytest.raises(sqlite3.OperationalError):
+            await ledger.flush()
+        assert ledger.pending == 3 and not _behind(ledger)
+
+
+def _database_away(*args: object) -> None:
+    raise sqlite3.OperationalError("the database is away")
+
+
+def _behind(ledger: Ledger) -> bool:
+    behind = ledger.backlog()
+    if behind is None:
+        return False
+    assert inspect.iscoroutine(behind)
+    behind.close()  # not awaited here
+    return True
 
 
 async def test_a_write_that_committed_but_failed_is_not_written_twice(

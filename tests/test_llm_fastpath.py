@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import openai
@@ -26,9 +29,13 @@ from llmkit import (
 from openai.types.chat import ChatCompletionMessageParam
 from pgkit import in_thread
 from testca import make_ca_and_server
+from tunnelkit import until
 
 from qmesh import _core
-from qmesh.config import BudgetConfig, RoutingConfig
+from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
+from qmesh.finops import ledger as ledger_module
+from qmesh.finops.ledger import Ledger
+from qmesh.web import native as native_module
 from qmesh.web.tls import GateTls
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
@@ -246,3 +253,55 @@ async def test_an_https_provider_is_relayed_by_the_engine_and_verified(
     first, *served = await flushed_rows(api, 5)
     assert first["outcome"] == "error" and "certificate" in first["hops"].lower()
     assert [(r["tokens_in"], r["tokens_out"], r["outcome"]) for r in served] == [(3, 4, "ok")] * 4
+
+
+async def test_on_the_engine_threads_booking_waits_for_a_ledger_behind(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gate on the engine threads whose ledger writer has fallen behind
+    takes no more of the fast path's reports until a batch is written (the
+    engine then holds new requests once its reports reach their bound):
+    requests slow down to what the books keep, and none is refused."""
+    monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 2)
+    monkeypatch.setattr(native_module, "BACKLOG_WAIT_S", 60.0)
+    paused = trio.Event()
+    backlog = Ledger.backlog
+
+    def watched(ledger: Ledger) -> Awaitable[None] | None:
+        behind = backlog(ledger)
+        if behind is not None:
+            paused.set()
+        return behind
+
+    monkeypatch.setattr(Ledger, "backlog", watched)
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])],
+        http=HttpConfig(engine_threads=True),
+    )  # fmt: skip
+    ledger = api.service.ledger
+    write, written = ledger._write, threading.Event()
+
+    def held(*args: Any) -> None:  # in the ledger's writer thread
+        written.wait()
+        write(*args)
+
+    monkeypatch.setattr(ledger, "_write", held)
+    c = client(api)
+    try:
+        answer = ("answer from acme", "provider:acme/p")
+        assert await chat(c, "p") == answer  # decided by Python: a route
+        assert await chat(c, "p") == answer  # on the route
+        with trio.fail_after(10):
+            await until(lambda: fast_relayed(api) == 1)
+        assert ledger.pending == 2 and not paused.is_set()
+        assert await chat(c, "p") == answer  # relayed all the same...
+        with trio.fail_after(10):
+            await paused.wait()
+        assert fast_relayed(api) == 1  # ...but not booked while the books are behind
+    finally:
+        written.set()
+    with trio.fail_after(10):
+        await until(lambda: fast_relayed(api) == 2)
+    rows = await flushed_rows(api, 3)
+    assert [r["outcome"] for r in rows] == ["ok"] * 3

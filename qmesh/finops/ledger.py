@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -36,6 +36,7 @@ from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
 
 __all__ = [
+    "BACKLOG_ROWS",
     "FLUSH_INTERVAL_S",
     "AuditEvent",
     "Hop",
@@ -54,6 +55,8 @@ MAX_BATCH: Final = 1024
 MAX_PENDING: Final = 100_000
 """Ledger rows a Gate keeps waiting for its database (a few tens of MB);
 past it, new LLM requests are refused until they are written."""
+BACKLOG_ROWS: Final = 8 * MAX_BATCH
+"""Rows waiting past which the writer is behind (:meth:`Ledger.backlog`)."""
 _WRITER: Final = BackgroundThread("qmesh ledger writer")
 """Where every ledger of the process writes its batches: one thread at a
 lower priority, so that a batch takes the time requests leave idle."""
@@ -145,6 +148,8 @@ class Ledger:
         self.written = 0
         self._uncertain = False
         """The last write failed: it may have committed all the same."""
+        self._progress = trio.Event()
+        """Set when a batch is written (then replaced)."""
         self.observers: list[Callable[[LedgerEntry, Sequence[Hop]], None]] = []
         """Told of every entry as it is recorded, with its hops as objects
         (the Gate's metrics and dashboard): called on the request path, so
@@ -177,6 +182,21 @@ class Ledger:
     @property
     def pending(self) -> int:
         return len(self._entries) + len(self._events) + len(self._prompts)
+
+    def backlog(self) -> Awaitable[None] | None:
+        """What to await before serving more requests while the writer is
+        behind: the next batch written. None while it keeps up, and while
+        its writes fail (the database is away: :attr:`full` then refuses
+        requests, where waiting would only hold them).
+
+        Why: under a load that saturates the Gate's cores, the writer (at
+        a lower priority, see :mod:`qmesh.background`) gets less time than
+        its rows need. Waiting here slows the requests to what the books
+        can keep, rather than refusing them once :data:`MAX_PENDING` rows
+        wait."""
+        if self.pending < BACKLOG_ROWS or self._uncertain:
+            return None
+        return self._progress.wait()
 
     @property
     def full(self) -> bool:
@@ -223,6 +243,8 @@ class Ledger:
                 del self._events[: len(events)]
                 del self._prompts[: len(prompts)]
                 self.written += len(entries)
+                progress, self._progress = self._progress, trio.Event()
+                progress.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush ``FLUSH_INTERVAL_S`` after rows arrive in an empty buffer

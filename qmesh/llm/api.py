@@ -369,6 +369,7 @@ class LlmApi:
 
 def add_llm_routes(router: Router, service: LlmService, auth: AppAuthenticator) -> LlmApi:
     api = LlmApi(service, auth)
+    router.backlog = service.ledger.backlog
     router.add("POST", "/v1/chat/completions", api.chat)
     router.add("POST", "/v1/completions", api.completions)
     router.add("POST", "/v1/embeddings", api.embeddings)

@@ -219,6 +219,11 @@ class Router:
         ``{name}`` segments and all, so per-route figures stay few; ``-``
         when nothing matched), status and seconds until the response was
         ready (for a stream: until its head). For metrics: keep it cheap."""
+        self.backlog: Callable[[], Awaitable[None] | None] | None = None
+        """Asked before a server on the engine threads takes more of its
+        engine's reports: what to await while the books of the requests
+        answered are behind (new requests then wait in the engine), else
+        None."""
 
     def route_of(self, handler: Handler | None) -> str:
         return "-" if handler is None else self._routes.get(handler, "-")

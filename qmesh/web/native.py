@@ -51,6 +51,9 @@ __all__ = ["NativeHttpServer", "serve_http"]
 log = logging.getLogger(__name__)
 
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
+BACKLOG_WAIT_S: Final = 1.0
+"""The longest the engine's reports wait for the books at a time (a write
+that hangs holds requests no longer)."""
 
 
 def host_of(peer: str) -> str:
@@ -117,11 +120,21 @@ class NativeHttpServer:
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         engine, exchanges = self.engine, self._exchanges
         fd = engine.poll_fd
+        # An inline engine relays only when polled: waiting for the books
+        # would hold the answers in flight too, and it relays no faster
+        # than Python books anyway.
+        backlog = self.router.backlog if self.limits.engine_threads else None
         while True:
             # Readable with work, and when an inline engine's timeouts are
             # due: no timeout here (a cancel scope per round costs more than
             # the rest of the round's Python).
             await trio.lowlevel.wait_readable(fd)
+            behind = None if backlog is None else backlog()
+            if behind is not None:
+                # The engine goes on relaying the answers in flight, and
+                # holds new requests once its reports reach their bound.
+                with trio.move_on_after(BACKLOG_WAIT_S):
+                    await behind
             for event in engine.poll():
                 if isinstance(event, _core.HttpRequest):
                     exchange = NativeExchange(engine, event.exchange, self.fast)
