@@ -521,6 +521,37 @@ mod tests {
         assert_eq!(session.statements.text, 0);
     }
 
+    proptest::proptest! {
+        /// Whatever a hostile client and server send (the scanners check
+        /// only framing), following it never panics, and the text counted
+        /// against the bound is the text held.
+        #[test]
+        fn any_messages_are_followed_and_the_count_holds(
+            messages in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    proptest::sample::select(b"QPBECSFXZIsT12n".to_vec()),
+                    // Few symbols: NULs and repeated names hit every path.
+                    proptest::collection::vec(proptest::sample::select(b"\0\0abSP\x01".to_vec()), 0..24),
+                ),
+                0..80,
+            )
+        ) {
+            let (mut session, _queue) = session();
+            for (from_client, tag, body) in messages {
+                let length = u32::try_from(body.len() + 4).unwrap().to_be_bytes();
+                let raw = [&[tag][..], &length, &body].concat();
+                if from_client {
+                    session.client(tag, &raw, 1.0);
+                } else {
+                    session.statements.server(tag, &raw, 2.0);
+                }
+                let held: usize = session.statements.queue.iter().map(|s| s.counted).sum();
+                proptest::prop_assert_eq!(held, session.statements.text);
+            }
+        }
+    }
+
     #[test]
     fn the_names_remembered_are_bounded() {
         let (mut session, _queue) = session();
