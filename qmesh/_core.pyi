@@ -718,7 +718,8 @@ class TunnelEngine:
         connections from the spec's shelf per transaction. With ``audit``
         the engine records each finished statement there itself, with its
         rows and outcome; a stream that is not pooled then needs a ``tap``
-        whose scanners report what the audit reads, and no guard.
+        whose scanners report what the audit reads (a message its guard
+        holds is followed once the verdict is in).
         ValueError if the stream is native already, or for such an
         ``audit`` without such a ``tap``."""
 

@@ -274,7 +274,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         bytes the engine did not relay (``outcome.pooled.leftover``) are this
         stream's to read again. With ``audit`` the engine records each
         finished statement there itself (a stream that is not pooled needs
-        a ``tap`` whose scanners report what the audit reads, and no guard).
+        a ``tap`` whose scanners report what the audit reads).
 
         Cancelling takes the stream back at once (its outcome is then
         :attr:`native_outcome`, if the engine had not ended it already). The

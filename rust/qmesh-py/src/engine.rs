@@ -673,7 +673,8 @@ impl TunnelEngine {
     /// transaction-mode client session. With ``audit`` (an
     /// :class:`AuditAuthor`) the engine records each finished statement
     /// there itself; a stream that is not pooled then needs a tap with
-    /// both scanners reporting what the audit reads, and no guard.
+    /// both scanners reporting what the audit reads (a message its guard
+    /// holds is followed once the verdict is in).
     #[pyo3(signature = (
         stream_id,
         fd,
