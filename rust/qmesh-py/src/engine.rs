@@ -117,8 +117,6 @@ pub struct RelayOutcome {
     pooled: Option<PooledEnd>,
 }
 
-/// A pooled stream's state at its end: what Python's relay carries on
-/// from, or cleans up.
 /// What makes a native stream a transaction-mode client session: its
 /// pool's shelf, the longest wait in line (seconds), the most statements a
 /// connection keeps prepared, and what the client prepared so far (a
@@ -169,6 +167,8 @@ type StatementTuple<'py> = (
     Bound<'py, PyBytes>,
 );
 
+/// A pooled stream's state at its end: what Python's relay carries on
+/// from, or cleans up.
 #[pyclass(module = "qmesh._core", name = "PooledEnd", frozen)]
 #[derive(Debug, Clone)]
 pub struct PooledEnd {

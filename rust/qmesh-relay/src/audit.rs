@@ -206,14 +206,8 @@ impl Entry {
     /// is kept, the text as UTF-8 (invalid bytes replaced), cut after
     /// `max_chars` characters with a note of the whole length.
     pub fn into_row(self, max_chars: usize) -> Row {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = ring::digest::digest(&ring::digest::SHA256, &self.statement);
-        let sha256: String = digest
-            .as_ref()
-            .iter()
-            .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]])
-            .map(char::from)
-            .collect();
+        let sha256: String = hex_digits(digest.as_ref()).map(char::from).collect();
         let text = self.who.keep_text.then(|| {
             let text = String::from_utf8_lossy(&self.statement);
             match text.char_indices().nth(max_chars) {
@@ -235,6 +229,15 @@ impl Entry {
             outcome: self.outcome,
         }
     }
+}
+
+/// `bytes` as lowercase hexadecimal digits, two a byte (by table: this runs
+/// for every statement audited).
+pub(crate) fn hex_digits(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|byte| [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]])
 }
 
 /// For the tests of those who record: an author whose records go to a

@@ -325,6 +325,14 @@ enum Segment {
 }
 
 impl Native {
+    /// Where this stream's reported messages go.
+    fn reports(&mut self) -> Reports<'_> {
+        Reports {
+            records: &mut self.records,
+            audit: self.audit.as_mut(),
+        }
+    }
+
     /// Bytes read from the socket: scan them (if asked) and return what to
     /// send now, in DATA frames, and the record of a message that now awaits
     /// a verdict (what follows it is held). On a scan error nothing of
@@ -357,10 +365,11 @@ impl Native {
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         };
         if self.back_guard.is_empty() {
-            match self.audit.as_mut() {
-                Some(audit) => follow(scanner, audit, data, Side::Server)?,
-                None => observe(scanner, &mut self.records, data, Side::Server)?,
-            }
+            let reports = Reports {
+                records: &mut self.records,
+                audit: self.audit.as_mut(),
+            };
+            observe(scanner, reports, data, Side::Server)?;
             return Ok((vec![Bytes::copy_from_slice(data)], None));
         }
         let mut sink = Splitter::new(self.back_tapped, self.back_guard, &[], false);
@@ -386,10 +395,7 @@ impl Native {
             }
             match segment {
                 Segment::Data(data) => send.push(data),
-                Segment::Record(record) => match self.audit.as_mut() {
-                    Some(audit) => audit.statements.server(record.tag, &record.raw, record.at),
-                    None => self.records.push(record),
-                },
+                Segment::Record(record) => self.reports().keep(record),
                 Segment::Hold(record) => {
                     self.back_awaiting = Some(record.raw.len());
                     hold = Some(record);
@@ -410,10 +416,11 @@ impl Native {
         };
         if self.guard.is_empty() {
             // Observe mode: the input is relayed as it is.
-            match self.audit.as_mut() {
-                Some(audit) => follow(scanner, audit, &data, Side::Client)?,
-                None => observe(scanner, &mut self.records, &data, Side::Client)?,
-            }
+            let reports = Reports {
+                records: &mut self.records,
+                audit: self.audit.as_mut(),
+            };
+            observe(scanner, reports, &data, Side::Client)?;
             let input = data.len();
             self.queue(data, input);
             return Ok(None);
@@ -558,10 +565,7 @@ impl Native {
                     let input = data.len();
                     self.queue(data, input);
                 }
-                Segment::Record(record) => match self.audit.as_mut() {
-                    Some(audit) => audit.client(record.tag, &record.raw, record.at),
-                    None => self.records.push(record),
-                },
+                Segment::Record(record) => self.reports().keep(record),
                 Segment::Hold(record) => {
                     self.awaiting = Some(record.raw.len());
                     if self.audit.is_some() {
@@ -703,86 +707,78 @@ impl Native {
     }
 }
 
-/// Scan `data` in observe mode, appending the reports to `records`; on
-/// error the chunk is not relayed, so nothing it reported is kept.
-fn observe(
-    scanner: &mut pg::Scanner,
-    records: &mut Vec<TapRecord>,
-    data: &[u8],
-    side: Side,
-) -> Result<(), PgError> {
-    let before = records.len();
-    let mut sink = Recorder {
-        records,
-        at: sys::monotonic(),
-        from_tunnel: side == Side::Client,
-    };
-    scanner.feed(data, &mut sink).map_err(|error| {
-        records.truncate(before);
-        PgError { side, error }
-    })
+/// Where a stream's reported messages go: its own audit (see
+/// [`crate::statements`]), else up to Python as tap records.
+struct Reports<'a> {
+    records: &'a mut Vec<TapRecord>,
+    audit: Option<&'a mut SessionStatements>,
 }
 
-/// Scan `data` in observe mode for the stream's own audit; on error the
-/// chunk is not relayed, so the statements it started are forgotten.
-fn follow(
+impl Reports<'_> {
+    /// A message (`raw`, type `tag`) seen at `at`, from the client when
+    /// `from_tunnel`.
+    fn note(&mut self, tag: u8, raw: &[u8], at: f64, from_tunnel: bool) {
+        match self.audit.as_deref_mut() {
+            Some(audit) if from_tunnel => audit.client(tag, raw, at),
+            Some(audit) => audit.statements.server(tag, raw, at),
+            None => self.records.push(TapRecord {
+                at,
+                from_tunnel,
+                tag,
+                raw: raw.to_vec(),
+                hold: false,
+            }),
+        }
+    }
+
+    /// A relay-mode scanner's record, released in order.
+    fn keep(&mut self, record: TapRecord) {
+        if self.audit.is_some() {
+            self.note(record.tag, &record.raw, record.at, record.from_tunnel);
+        } else {
+            self.records.push(record);
+        }
+    }
+}
+
+/// Scan `data` in observe mode, noting the reports; on error the chunk is
+/// not relayed, so nothing it reported is kept (the statements it started
+/// are forgotten).
+fn observe(
     scanner: &mut pg::Scanner,
-    audit: &mut SessionStatements,
+    mut reports: Reports<'_>,
     data: &[u8],
     side: Side,
 ) -> Result<(), PgError> {
-    let before = audit.statements.len();
-    let mut sink = Follower {
-        audit,
+    let records = reports.records.len();
+    let statements = reports.audit.as_ref().map(|audit| audit.statements.len());
+    let mut sink = Observer {
+        reports: &mut reports,
         at: sys::monotonic(),
         from_tunnel: side == Side::Client,
     };
     let result = scanner.feed(data, &mut sink);
     result.map_err(|error| {
-        if side == Side::Client {
-            audit.statements.truncate(before);
+        reports.records.truncate(records);
+        if let (Some(audit), Some(len)) = (reports.audit.as_deref_mut(), statements) {
+            audit.statements.truncate(len);
         }
         PgError { side, error }
     })
 }
 
-/// Hands a scanner's reports to the stream's own audit.
-struct Follower<'a> {
-    audit: &'a mut SessionStatements,
+/// Notes an observe-mode scanner's reports.
+struct Observer<'a, 'r> {
+    reports: &'a mut Reports<'r>,
     at: f64,
     from_tunnel: bool,
 }
 
-impl pg::Sink for Follower<'_> {
+impl pg::Sink for Observer<'_, '_> {
     fn pass(&mut self, _bytes: &[u8]) {}
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
-        if self.from_tunnel {
-            self.audit.client(tag, raw, self.at);
-        } else {
-            self.audit.statements.server(tag, raw, self.at);
-        }
-    }
-}
-
-/// Collects a scanner's reports as tap records.
-struct Recorder<'a> {
-    records: &'a mut Vec<TapRecord>,
-    at: f64,
-    from_tunnel: bool,
-}
-
-impl pg::Sink for Recorder<'_> {
-    fn pass(&mut self, _bytes: &[u8]) {}
-
-    fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
-        self.records.push(TapRecord {
-            at: self.at,
-            from_tunnel: self.from_tunnel,
-            tag,
-            raw: raw.to_vec(),
-            hold: false,
-        });
+        self.reports.note(tag, raw, self.at, self.from_tunnel);
     }
 }
 

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use qmesh_pg as pg;
 
-use crate::audit::AuditAuthor;
+use crate::audit::{hex_digits, AuditAuthor};
 use crate::engine::TapRecord;
 use crate::pool::{Lease, Prepared, Shelf};
 use crate::statements::{Statement, Statements};
@@ -363,11 +363,8 @@ fn server_name(statement: &[u8]) -> Arc<[u8]> {
     hasher
         .finalize_variable(&mut digest)
         .expect("the size asked for");
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut name = SERVER_PREFIX.to_vec();
-    for byte in digest {
-        name.extend([HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]]);
-    }
+    name.extend(hex_digits(&digest));
     name.into()
 }
 
@@ -758,7 +755,7 @@ impl Pooled {
                 out.extend_from_slice(raw); // no answer of its own
             }
             pg::Frontend::Sync => {
-                if !self.statements.push(b'S', Arc::from(&b""[..]), at) {
+                if !self.statements.push_sync(at) {
                     return Step::Python;
                 }
                 self.status = 0;
@@ -1053,13 +1050,22 @@ mod tests {
 
     /// A pooled stream with the audit on, holding a connection, and its queue.
     fn audited() -> (Pooled, Arc<AuditQueue>) {
+        audited_with(Vec::new(), None)
+    }
+
+    /// The same, for a client that prepared these statements before (its
+    /// named ones, and its unnamed statement's Parse).
+    fn audited_with(
+        statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+        unnamed: Option<Vec<u8>>,
+    ) -> (Pooled, Arc<AuditQueue>) {
         let (author, queue) = testing::author(1 << 20);
         let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),
             max_prepared: 2,
-            statements: Vec::new(),
-            unnamed: None,
+            statements,
+            unnamed,
         };
         let mut pooled = Pooled::new(spec, Some(author));
         pooled.lease = Some(lease());
@@ -1433,17 +1439,9 @@ mod tests {
 
     #[test]
     fn statements_prepared_before_are_the_clients_in_the_engine() {
-        let (author, queue) = testing::author(1 << 20);
         let target_parse = msg(b'P', &[TARGET, b"\0SELECT $1\0\0\0"].concat());
-        let spec = PooledSpec {
-            shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
-            wait_limit: Duration::from_secs(1),
-            max_prepared: 2,
-            statements: vec![(b"s1".to_vec(), TARGET.to_vec(), target_parse.clone())],
-            unnamed: Some(parse("", "SELECT 2")),
-        };
-        let mut pooled = Pooled::new(spec, Some(author));
-        pooled.lease = Some(lease());
+        let statements = vec![(b"s1".to_vec(), TARGET.to_vec(), target_parse.clone())];
+        let (mut pooled, queue) = audited_with(statements, Some(parse("", "SELECT 2")));
         let sent = client(&mut pooled, &[bind("", "s1"), execute(), msg(b'S', b"")]);
         let expected = [target_parse, renamed_bind(), execute(), msg(b'S', b"")];
         assert_eq!(sent, expected.concat());

@@ -103,6 +103,8 @@ pub(crate) struct Statements {
     /// Bytes of the texts in `queue`, a shared text counted for each.
     text: usize,
     author: Option<AuditAuthor>,
+    /// The text of every Sync.
+    empty: Arc<[u8]>,
 }
 
 impl Statements {
@@ -111,6 +113,7 @@ impl Statements {
             queue: VecDeque::new(),
             text: 0,
             author,
+            empty: Arc::from(&b""[..]),
         }
     }
 
@@ -134,6 +137,12 @@ impl Statements {
         self.text += text.len();
         self.queue.push_back(Statement::new(kind, text, at));
         true
+    }
+
+    /// Note a Sync (or what ends a batch as one does).
+    pub(crate) fn push_sync(&mut self, at: f64) -> bool {
+        let empty = self.empty.clone();
+        self.push(b'S', empty, at)
     }
 
     /// Note a statement whose (shared) text is not counted.
@@ -235,9 +244,11 @@ impl Statements {
 }
 
 /// Names the audit remembers per session (statements, and portals
-/// apart): past it, one is forgotten for each new one (only its text for
-/// the audit is lost; the server still has it).
+/// apart), and the bytes of their names and texts: past either, one is
+/// forgotten for each new one (only its text for the audit is lost; the
+/// server still has it).
 const MAX_TRACKED_NAMES: usize = 10_000;
+const MAX_TRACKED_BYTES: usize = 16 << 20;
 
 /// The text of a statement or portal prepared where the audit could not see it.
 const UNKNOWN_STATEMENT: &[u8] = b"<statement prepared before the audit could see it>";
@@ -252,8 +263,8 @@ const TEXT_NOT_KEPT: &[u8] = b"<text not kept: too many statements waiting for t
 /// tells apart); Sync and FunctionCall, which each end a batch.
 pub(crate) struct SessionStatements {
     pub(crate) statements: Statements,
-    prepared: HashMap<Box<[u8]>, Arc<[u8]>>,
-    portals: HashMap<Box<[u8]>, Arc<[u8]>>,
+    prepared: Names,
+    portals: Names,
     unknown: Arc<[u8]>,
     dropped: Arc<[u8]>,
 }
@@ -262,8 +273,8 @@ impl SessionStatements {
     pub(crate) fn new(author: AuditAuthor) -> SessionStatements {
         SessionStatements {
             statements: Statements::new(Some(author)),
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
+            prepared: Names::default(),
+            portals: Names::default(),
             unknown: Arc::from(UNKNOWN_STATEMENT),
             dropped: Arc::from(TEXT_NOT_KEPT),
         }
@@ -281,7 +292,7 @@ impl SessionStatements {
             }
             b'P' => {
                 if let Ok(pg::Frontend::Parse { name, sql, .. }) = pg::Frontend::parse(tag, body) {
-                    remember(&mut self.prepared, name, sql.into());
+                    self.prepared.remember(name, sql.into());
                 }
             }
             b'B' => {
@@ -291,7 +302,7 @@ impl SessionStatements {
                         .get(statement)
                         .unwrap_or(&self.unknown)
                         .clone();
-                    remember(&mut self.portals, portal, text);
+                    self.portals.remember(portal, text);
                 }
             }
             b'E' => {
@@ -313,7 +324,10 @@ impl SessionStatements {
                     }
                 }
             }
-            b'S' | b'F' => self.push(b'S', Arc::from(&b""[..]), at),
+            b'S' | b'F' => {
+                // A Sync's text is empty: it is always noted.
+                self.statements.push_sync(at);
+            }
             _ => {}
         }
     }
@@ -337,13 +351,43 @@ fn leading_name(body: &[u8]) -> Option<&[u8]> {
     Some(&body[..end])
 }
 
-fn remember(names: &mut HashMap<Box<[u8]>, Arc<[u8]>>, name: &[u8], text: Arc<[u8]>) {
-    if names.len() >= MAX_TRACKED_NAMES && !names.contains_key(name) {
-        if let Some(old) = names.keys().next().cloned() {
-            names.remove(&old);
+/// The texts behind one kind of the client's names (statements, or
+/// portals), bounded by [`MAX_TRACKED_NAMES`] and [`MAX_TRACKED_BYTES`].
+#[derive(Default)]
+struct Names {
+    texts: HashMap<Box<[u8]>, Arc<[u8]>>,
+    /// Bytes of the names and their texts (a shared text counted for each).
+    bytes: usize,
+}
+
+impl Names {
+    fn get(&self, name: &[u8]) -> Option<&Arc<[u8]>> {
+        self.texts.get(name)
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if let Some((name, text)) = self.texts.remove_entry(name) {
+            self.bytes -= name.len() + text.len();
         }
     }
-    names.insert(name.into(), text);
+
+    /// `name` stands for `text` from now on; one larger than the whole
+    /// bound is forgotten instead.
+    fn remember(&mut self, name: &[u8], text: Arc<[u8]>) {
+        self.remove(name);
+        let size = name.len() + text.len();
+        if size > MAX_TRACKED_BYTES {
+            return;
+        }
+        while self.texts.len() >= MAX_TRACKED_NAMES || self.bytes + size > MAX_TRACKED_BYTES {
+            let Some(old) = self.texts.keys().next().cloned() else {
+                break;
+            };
+            self.remove(&old);
+        }
+        self.bytes += size;
+        self.texts.insert(name.into(), text);
+    }
 }
 
 #[cfg(test)]
@@ -560,8 +604,28 @@ mod tests {
             let parse = encode::parse(name.as_bytes(), b"SELECT 1", &[]).unwrap();
             client(&mut session, &[parse.clone(), bind(&name, &name)]);
         }
-        assert_eq!(session.prepared.len(), MAX_TRACKED_NAMES);
-        assert_eq!(session.portals.len(), MAX_TRACKED_NAMES);
-        assert!(session.prepared.contains_key(&b"s10009"[..]));
+        assert_eq!(session.prepared.texts.len(), MAX_TRACKED_NAMES);
+        assert_eq!(session.portals.texts.len(), MAX_TRACKED_NAMES);
+        assert!(session.prepared.get(b"s10009").is_some());
+        // And their bytes: long texts push the oldest out.
+        let long = "x".repeat(MAX_TRACKED_BYTES / 8);
+        for i in 0..20 {
+            let parse = encode::parse(format!("l{i}").as_bytes(), long.as_bytes(), &[]).unwrap();
+            client(&mut session, &[parse]);
+        }
+        let held: usize = session
+            .prepared
+            .texts
+            .iter()
+            .map(|(n, t)| n.len() + t.len())
+            .sum();
+        assert_eq!(held, session.prepared.bytes);
+        assert!(held <= MAX_TRACKED_BYTES && session.prepared.get(b"l19").is_some());
+        let huge = "x".repeat(MAX_TRACKED_BYTES + 1);
+        client(
+            &mut session,
+            &[encode::parse(b"huge", huge.as_bytes(), &[]).unwrap()],
+        );
+        assert!(session.prepared.get(b"huge").is_none());
     }
 }
