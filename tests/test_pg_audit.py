@@ -13,7 +13,11 @@ import pytest
 import trio
 from statekit import stored_bytes
 
+from qmesh import _core
+from qmesh.config import GateAppConfig
 from qmesh.pg.audit import AuditLog, list_audit
+from qmesh.pg.policy import AppPolicy
+from qmesh.pg.watch import MAX_TRACKED_BYTES, SessionWatch
 from qmesh.state import StateStore
 
 
@@ -260,3 +264,31 @@ async def test_list_audit_filters(store: StateStore) -> None:
     assert list_audit(store, since=1e12) == []
     error = list_audit(store, alias="billing")[0]
     assert (error.outcome, error.rows) == ("error 42P01", None)
+
+
+async def test_a_sessions_prepared_texts_are_bounded_in_bytes(store: StateStore) -> None:
+    """A client that prepares large statements under many names cannot make
+    the audit hold them all: past the byte bound the oldest is forgotten,
+    and only its text is lost to the audit (the engine's bounds, alike)."""
+    audit = AuditLog(store)
+    watch = SessionWatch(audit, "shop", "orders", AppPolicy.of(GateAppConfig()))
+    size = MAX_TRACKED_BYTES // 4  # the fourth and fifth push the first two out
+    texts = {f"s{i}".encode(): f"SELECT '{i}' || '{'x' * size}'" for i in range(5)}
+    for name, text in texts.items():
+        watch.frontend(ord("P"), _core.encode_parse(name, text), 0.0)
+    assert watch.statements.bytes <= MAX_TRACKED_BYTES
+    for name in (b"s0", b"s4"):
+        bind = name + b"\0" + name + b"\0" + b"\0\0" * 3
+        watch.frontend(ord("B"), _core.encode_message(ord("B"), bind), 0.0)
+        execute = name + b"\0" + b"\0\0\0\0"
+        watch.frontend(ord("E"), _core.encode_message(ord("E"), execute), 0.0)
+        watch.backend(ord("C"), _core.encode_message(ord("C"), b"SELECT 1\0"), 0.001)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        with trio.fail_after(30):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    newest, oldest = list_audit(store, limit=10)
+    assert oldest.statement == "<statement prepared before the audit could see it>"
+    assert newest.statement_sha256 == sha(texts[b"s4"])
+    assert (newest.rows, newest.outcome) == (1, "ok")

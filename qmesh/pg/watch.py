@@ -27,12 +27,16 @@ from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sq
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.policy import AppPolicy
 
-__all__ = ["MAX_TRACKED_STATEMENTS", "SessionOver", "SessionWatch"]
+__all__ = ["MAX_TRACKED_BYTES", "MAX_TRACKED_STATEMENTS", "SessionOver", "SessionWatch"]
 
 log = logging.getLogger(__name__)
 
 MAX_TRACKED_STATEMENTS: Final = 10_000
 """Prepared statement and portal names remembered per session for the audit."""
+MAX_TRACKED_BYTES: Final = 16 << 20
+"""Bytes of those names and their texts, statements and portals apart (a
+text shared by a statement and its portals counted for each): the engine's
+bounds (``statements.rs``), so a session audits alike on either path."""
 
 _Q, _P, _B, _E, _C, _S, _F = (ord(c) for c in "QPBECSF")
 _Z, _I, _SUSPENDED = (ord(c) for c in "ZIs")
@@ -78,6 +82,41 @@ def statement_record(raw: bytes) -> _Pending:
     return _Pending(kind, text, started, None if rows < 0 else rows, error)
 
 
+class _Names:
+    """The texts behind one kind of the client's names (statements, or
+    portals). Past either bound the oldest is forgotten for each new one:
+    only its text for the audit is lost; the server still has it."""
+
+    __slots__ = ("bytes", "texts")
+
+    def __init__(self) -> None:
+        self.texts: dict[bytes, bytes] = {}
+        self.bytes = 0
+
+    def text(self, name: bytes) -> bytes:
+        """The text behind ``name``, or a marker for one the audit never saw."""
+        return self.texts.get(name, _UNKNOWN_STATEMENT)
+
+    def forget(self, name: bytes) -> None:
+        text = self.texts.pop(name, None)
+        if text is not None:
+            self.bytes -= len(name) + len(text)
+
+    def remember(self, name: bytes, text: bytes) -> None:
+        """``name`` stands for ``text`` from now on; one larger than the
+        whole bound is forgotten instead."""
+        self.forget(name)
+        size = len(name) + len(text)
+        if size > MAX_TRACKED_BYTES:
+            return
+        while self.texts and (
+            len(self.texts) >= MAX_TRACKED_STATEMENTS or self.bytes + size > MAX_TRACKED_BYTES
+        ):
+            self.forget(next(iter(self.texts)))  # oldest first
+        self.texts[name] = text
+        self.bytes += size
+
+
 class SessionWatch:
     """The guard and the audit of one session."""
 
@@ -100,8 +139,8 @@ class SessionWatch:
         self.audit_mode = policy.audit_statements
         self.audit = audit if self.audit_mode != "off" else None
         self.pending: deque[_Pending] = deque()
-        self.statements: dict[bytes, bytes] = {}
-        self.portals: dict[bytes, bytes] = {}
+        self.statements = _Names()
+        self.portals = _Names()
 
     def frontend(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
         """Look at one reported client message, seen at ``now``
@@ -125,22 +164,22 @@ class SessionWatch:
                 if guard:
                     raw = self._guard_parse(name, sql, len(declared), raw)
                 if self.audit is not None:
-                    self._remember(self.statements, name, sql)
+                    self.statements.remember(name, sql)
             elif tag == _B:
                 names = _core.parse_bind_names(raw[5:])
                 if names is not None and self.audit is not None:
                     portal, statement = names
-                    text = self.statements.get(statement, _UNKNOWN_STATEMENT)
-                    self._remember(self.portals, portal, text)
+                    text = self.statements.text(statement)
+                    self.portals.remember(portal, text)
             elif tag == _E:
                 if self.audit is not None:
                     portal, _ = _core.parse_execute(raw[5:])
-                    text = self.portals.get(portal, _UNKNOWN_STATEMENT)
+                    text = self.portals.text(portal)
                     self.pending.append(_Pending(_E, text, now))
             elif tag == _C:
                 if self.audit is not None:
                     kind, name = _core.parse_close(raw[5:])
-                    (self.statements if kind == "S" else self.portals).pop(name, None)
+                    (self.statements if kind == "S" else self.portals).forget(name)
             elif tag == _S:
                 if self.audit is not None:
                     self.pending.append(_Pending(_S, b"", now))
@@ -156,11 +195,6 @@ class SessionWatch:
                 PgSessionError("08P01", f"qmesh: malformed client message: {exc}")
             ) from None
         return raw
-
-    def _remember(self, names: dict[bytes, bytes], name: bytes, text: bytes) -> None:
-        if name not in names and len(names) >= MAX_TRACKED_STATEMENTS:
-            names.pop(next(iter(names)))  # oldest first; only the audit text is lost
-        names[name] = text
 
     def _refusal(self, text: str, what: str) -> Refusal | None:
         """The guard's refusal of statement ``text`` (logged), or None."""
@@ -254,9 +288,9 @@ class SessionWatch:
                 continue
             item = statement_record(raw)
             if item.kind == _P:
-                self._remember(self.statements, b"", item.text)
+                self.statements.remember(b"", item.text)
             elif item.kind == _B:
-                self._remember(self.portals, b"", item.text)
+                self.portals.remember(b"", item.text)
             else:
                 self.pending.append(item)
 
@@ -264,7 +298,7 @@ class SessionWatch:
         """A named statement the client prepared while the engine relayed
         its session: followed here from now on."""
         if self.audit is not None:
-            self._remember(self.statements, name, text)
+            self.statements.remember(name, text)
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""
