@@ -1948,7 +1948,6 @@ impl State {
                 break;
             }
             let size = chunk_size.min(native.credit as usize);
-            let short_means_drained = native.tls.is_none();
             match native.read_socket(&mut buf[..size]) {
                 Ok(0) if native.pooled.is_some() => {
                     // The server ended the connection: Python tells the client.
@@ -1969,6 +1968,12 @@ impl State {
                 }
                 Ok(n) => {
                     native.credit -= n as u64;
+                    // A short read of a plain socket emptied it; a TLS
+                    // layer's plaintext says nothing of its socket.
+                    let drained = match &native.tls {
+                        None => n < size,
+                        Some(tls) => tls.drained(),
+                    };
                     let (send, hold) = match native.outbound(&buf[..n]) {
                         Ok(result) => result,
                         Err(err) => {
@@ -1978,7 +1983,7 @@ impl State {
                     };
                     self.out
                         .extend(send.into_iter().map(|data| (DATA, sid, data)));
-                    if self.hand_up(sid, hold) || (n < size && short_means_drained) {
+                    if self.hand_up(sid, hold) || drained {
                         break; // holding, or drained for now
                     }
                 }

@@ -536,6 +536,9 @@ fn receive(socket: &Socket, tls: Option<&mut TlsLink>, rbuf: &mut Vec<u8>) -> io
             Err(err) => return Err(err),
         }
         total += rbuf.len() - len;
+        if link.drained() {
+            break; // another read would find the socket empty
+        }
     }
     link.flush(fd)?;
     Ok(total)

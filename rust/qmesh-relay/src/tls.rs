@@ -293,14 +293,26 @@ pub struct TlsLink {
     conn: Box<Connection>,
     /// Plaintext decrypted and not yet taken.
     pending: usize,
+    /// The last read from the socket got less than it asked for: the
+    /// socket held nothing more then.
+    socket_drained: bool,
     close_sent: bool,
 }
 
 struct Fd(RawFd);
 
-impl Read for Fd {
+/// Reads the socket for rustls and remembers whether a read came back
+/// short, which on a stream socket means it was emptied.
+struct SocketReader {
+    fd: RawFd,
+    short: bool,
+}
+
+impl Read for SocketReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        sys::read(self.0, buf)
+        let n = sys::read(self.fd, buf)?;
+        self.short = n < buf.len();
+        Ok(n)
     }
 }
 
@@ -319,6 +331,7 @@ impl TlsLink {
         TlsLink {
             conn: Box::new(conn),
             pending: 0,
+            socket_drained: false,
             close_sent: false,
         }
     }
@@ -333,11 +346,21 @@ impl TlsLink {
         self.conn.wants_write()
     }
 
+    /// Whether everything the socket had was read and taken: no plaintext
+    /// is left inside, and the last read from the socket came back short.
+    /// Then another read would only find the socket empty (the engine
+    /// watches it level-triggered, so what arrives later is announced).
+    pub fn drained(&self) -> bool {
+        self.pending == 0 && self.socket_drained
+    }
+
     /// Up to `buf.len()` bytes of plaintext, reading records from `fd` as
     /// needed: `Ok(0)` at the end of the stream, `WouldBlock` when the
     /// socket has nothing more for now. Records that need an answer (a key
     /// update) queue it; [`TlsLink::flush`] writes it.
     pub fn read(&mut self, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        let mut socket = SocketReader { fd, short: false };
+        let mut read_socket = false;
         loop {
             match self.conn.reader().read(buf) {
                 Ok(n) => {
@@ -351,7 +374,19 @@ impl TlsLink {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if self.conn.read_tls(&mut Fd(fd))? == 0 {
+            if read_socket && socket.short {
+                // A short read emptied the socket and left no plaintext (a
+                // record cut short, or one that carries none): reading
+                // again would only find it empty.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let got = self.conn.read_tls(&mut socket);
+            self.socket_drained = match &got {
+                Ok(_) => socket.short,
+                Err(e) => sys::would_block(e),
+            };
+            read_socket = true;
+            if got? == 0 {
                 let state = self.process()?;
                 if state == 0 {
                     return Ok(0);
