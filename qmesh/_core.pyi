@@ -495,10 +495,19 @@ class PoolShelf:
     @property
     def notify_fd(self) -> int:
         """Readable while :meth:`take_events` has something."""
-    def give(self, lease: int, fd: int, expires_in: float, prepared: PreparedNames) -> None:
-        """Connection ``lease`` (socket ``fd``, its statements ``prepared``),
-        ready for use, to the first in line or idle; closed when it comes
-        back after ``expires_in`` s."""
+    def give(
+        self,
+        lease: int,
+        fd: int,
+        expires_in: float,
+        prepared: PreparedNames,
+        *,
+        tls: TlsSession | None = None,
+    ) -> None:
+        """Connection ``lease`` (socket ``fd``, its statements ``prepared``,
+        its TLS connection ``tls`` if it has one: an engine takes that along
+        while it holds the connection), ready for use, to the first in line
+        or idle; closed when it comes back after ``expires_in`` s."""
     def take(self) -> tuple[int, bool] | None:
         """``(lease, touched)`` of an idle connection if one is here and
         nobody waits, else None."""
@@ -855,7 +864,8 @@ class TlsSession:
     startup packet), then hands it to a native relay
     (:meth:`TunnelEngine.attach_native`), which carries on with the same
     connection; after that every method but :attr:`handed_over` raises
-    ValueError."""
+    ValueError. A pooled server connection's is lent instead, with the
+    connection (:meth:`PoolShelf.give`): while an engine holds it, the same."""
 
     @staticmethod
     def client(
@@ -896,7 +906,8 @@ class TlsSession:
         """The protocol agreed by ALPN, if any."""
     @property
     def handed_over(self) -> bool:
-        """The connection belongs to a native relay now."""
+        """The connection belongs to a native relay now (or, lent with a
+        pooled connection, to the engine that holds that)."""
 
 PgEvent: TypeAlias = tuple[int, bytes]
 """What :meth:`PgScanner.feed` reports: ``(tag, raw)`` for a message of a kind

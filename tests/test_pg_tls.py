@@ -10,6 +10,7 @@ import os
 import pwd
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from testca import make_ca_and_server
 from tunnelkit import until
 
 from qmesh import _core
+from qmesh.config import GateAppConfig
 from qmesh.pg import login as gate_login
 from qmesh.pg.edge import tls_config
 from qmesh.pg.scram import ScramClient, tls_server_end_point
@@ -209,6 +211,70 @@ async def test_tls_to_the_server_is_relayed_in_the_engine(
     assert values == [blob] * 3
     assert copied == 3
     await until(lambda: gate_session.native_streams == 0)
+
+
+async def test_a_transaction_pool_over_tls_is_lent_by_the_engine(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, server_tls: Path
+) -> None:
+    """A transaction-mode pool whose server connections use TLS: the engine
+    lends them with their TLS connection, loan by loan, and Python's relay
+    uses the same connections between (COPY is Python's), so each TLS
+    connection passes between the two many times. Six clients on two
+    connections: every answer right, every statement run over TLS."""
+    dsn = db.dsn("verify-full", sslrootcert=str(server_tls))
+    policy = GateAppConfig(databases=("main",), pool_mode="transaction", pool_size=2)
+    ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn, policy=policy)
+    await ghost.edge.wait_connected()
+
+    def setup() -> None:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS pooled_tls (client int, n int)")
+            conn.execute("TRUNCATE pooled_tls")
+
+    def client(i: int, failures: list[BaseException]) -> None:
+        try:
+            kwargs = {**ghost.kwargs(), "autocommit": True, "prepare_threshold": 0}
+            with psycopg.connect(**kwargs) as conn:
+                for n in range(10):
+                    row = conn.execute(
+                        "SELECT ssl, %s::int FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        (i * 100 + n,),
+                    ).fetchone()
+                    assert row == (True, i * 100 + n)
+                    with conn.transaction():
+                        conn.execute("INSERT INTO pooled_tls VALUES (%s, %s)", (i, n))
+                    if n % 3 == 0:
+                        with (
+                            conn.cursor() as cur,
+                            cur.copy(
+                                "COPY (SELECT n FROM pooled_tls WHERE client = %s) TO STDOUT", (i,)
+                            ) as copy,
+                        ):
+                            assert sum(1 for _ in copy.rows()) == n + 1
+        except BaseException as exc:  # the test's thread: reported in the test
+            failures.append(exc)
+
+    def work() -> list[BaseException]:
+        failures: list[BaseException] = []
+        threads = [threading.Thread(target=client, args=(i, failures)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return failures
+
+    def count() -> object:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM pooled_tls").fetchone()
+
+    await in_thread(setup)
+    (before,) = ghost.service.pools.stats()
+    with trio.fail_after(90):
+        assert await in_thread(work) == []
+        assert await in_thread(count) == (60,)
+    (pool,) = ghost.service.pools.stats()
+    assert pool.engine_loans - before.engine_loans >= 120  # each statement's, at least
+    assert pool.open <= 2 and pool.timeouts == 0 and pool.checks_failed == 0
 
 
 async def test_gate_binds_its_scram_login_to_the_tls_channel(

@@ -181,7 +181,7 @@ class PooledSession:
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
         self._in_engine = False
-        self._engine_fits = bool(pool.plain and not watch.guard)
+        self._engine_fits = not watch.guard
         self._back_to_engine = False  # this relay stopped for the engine to carry on
         self._done_here = 0  # transactions this relay ended since it (re)started
         self._backoff = 0  # ... and those it ends before the engine takes over again

@@ -38,8 +38,9 @@ import trio
 
 from qmesh import _core
 from qmesh.config import PgPoolConfig
-from qmesh.fastsocket import FastSocketStream, fast
+from qmesh.fastsocket import fast
 from qmesh.pg.login import PgSessionError, Upstream
+from qmesh.tls import TlsStream
 
 __all__ = ["PoolBook", "PoolKey", "PoolStats", "ServerConn", "ServerPool"]
 
@@ -98,9 +99,19 @@ class ServerConn:
         return sock
 
     @property
-    def plain(self) -> bool:
-        """Plain TCP (no TLS): the tunnel engine can relay it."""
-        return isinstance(self.stream, FastSocketStream | trio.SocketStream)
+    def tls(self) -> _core.TlsSession | None:
+        """Its TLS connection, if it has one: an engine it is lent to takes
+        the connection along (``PoolShelf.give``)."""
+        stream = self.stream
+        return stream.tls if isinstance(stream, TlsStream) else None
+
+    @property
+    def unread(self) -> bool:
+        """Server bytes were read and not yet relayed (past the login's
+        ReadyForQuery, or plaintext TLS has buffered): an engine reading
+        its socket would miss them."""
+        stream = self.stream
+        return bool(self.leftover) or (isinstance(stream, TlsStream) and bool(stream.buffered))
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -202,9 +213,6 @@ class ServerPool:
         self.hello: list[bytes] | None = None
         """The ParameterStatus (and notice) messages of the pool's newest
         login: what a client is told at its own login."""
-        self.plain: bool | None = None
-        """The newest login's connection is plain TCP: the engine may relay
-        the pool's sessions (None before the first login)."""
         self.timeouts = self.opened = self.closed = self.checks_failed = 0
         self.open_failure: PgSessionError | None = None
         """Why the newest login failed, if it did: what a client of the
@@ -316,7 +324,6 @@ class ServerPool:
             opened_at=now,
             leftover=upstream.leftover,
         )
-        self.plain = conn.plain
         self._conns[conn.id] = conn
         return conn
 
@@ -361,11 +368,11 @@ class ServerPool:
         now = trio.current_time()
         too_old = now - conn.opened_at > self.settings.server_lifetime_s
         too_many = len(conn.prepared) > self.settings.max_prepared_per_server
-        if not reusable or too_old or too_many or self.count > self.size:
+        if not reusable or too_old or too_many or conn.unread or self.count > self.size:
             self._close(conn)
             return
         expires_in = conn.opened_at + self.settings.server_lifetime_s - now
-        self.shelf.give(conn.id, conn.socket.fileno(), expires_in, conn.prepared)
+        self.shelf.give(conn.id, conn.socket.fileno(), expires_in, conn.prepared, tls=conn.tls)
 
     async def release_dirty(self, conn: ServerConn) -> None:
         """Roll back and reset ``conn`` (``DISCARD ALL``), then give it back;

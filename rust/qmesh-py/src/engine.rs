@@ -702,7 +702,7 @@ impl TunnelEngine {
         eof_received: bool,
         end_on_socket_eof: bool,
         tap: Option<PyRef<'_, TapSpec>>,
-        tls: Option<PyRefMut<'_, TlsSession>>,
+        tls: Option<PyRef<'_, TlsSession>>,
         pooled: Option<PyRef<'_, PooledSpec>>,
         audit: Option<PyRef<'_, AuditAuthor>>,
     ) -> Result<()> {
@@ -714,7 +714,7 @@ impl TunnelEngine {
             unnamed: spec.unnamed.clone(),
         });
         let tls = match tls {
-            Some(mut client) => Some(client.hand_over()?),
+            Some(client) => Some(client.hand_over()?),
             None => None,
         };
         let spec = relay::NativeSpec {

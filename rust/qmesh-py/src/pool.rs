@@ -10,6 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use qmesh_relay as relay;
 
+use crate::tls::TlsSession;
 use crate::Result;
 
 /// ``(kind, lease, touched, ticket)``: ``"delivered"`` (``lease`` for the
@@ -94,10 +95,19 @@ impl PoolShelf {
         self.inner.notify_fd()
     }
 
-    /// Connection ``lease`` (socket ``fd``, its statements ``prepared``),
-    /// ready for use, to the first in line or idle; closed when it comes
-    /// back after ``expires_in`` seconds.
-    fn give(&self, lease: u64, fd: RawFd, expires_in: f64, prepared: &PreparedNames) -> Result<()> {
+    /// Connection ``lease`` (socket ``fd``, its statements ``prepared``,
+    /// its TLS connection ``tls`` if it has one), ready for use, to the
+    /// first in line or idle; closed when it comes back after
+    /// ``expires_in`` seconds.
+    #[pyo3(signature = (lease, fd, expires_in, prepared, *, tls = None))]
+    fn give(
+        &self,
+        lease: u64,
+        fd: RawFd,
+        expires_in: f64,
+        prepared: &PreparedNames,
+        tls: Option<PyRef<'_, TlsSession>>,
+    ) -> Result<()> {
         let now = Instant::now();
         let expires = now
             + seconds(expires_in, "expires_in")
@@ -109,6 +119,7 @@ impl PoolShelf {
             touched: false,
             expires,
             prepared: prepared.inner.clone(),
+            tls: tls.map(|session| session.slot()),
         });
         Ok(())
     }

@@ -2,7 +2,8 @@
 //! that Python drives through its handshake and what precedes the relay (a
 //! login, a startup packet), then hands to a native relay
 //! (`TunnelEngine.attach_native(..., tls=...)`), which carries on with the
-//! same connection without Python. `TlsServerConfig`: a server's
+//! same connection without Python, or lends it to the engines a pooled
+//! server connection goes to (`PoolShelf.give(..., tls=...)`). `TlsServerConfig`: a server's
 //! certificate and key, loaded once.
 
 use std::sync::Arc;
@@ -10,12 +11,12 @@ use std::sync::Arc;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use qmesh_relay::tls::{self, Verify};
+use qmesh_relay::tls::{self, TlsSlot, Verify};
 use qmesh_relay::TlsHandover;
 
 use crate::Result;
 
-const HANDED_OVER: &str = "the TLS connection was handed to a relay";
+const HANDED_OVER: &str = "the TLS connection was handed to a relay, or is lent to one";
 
 /// A server's certificate chain and key (see ``qmesh/_core.pyi``).
 #[pyclass(module = "qmesh._core", name = "TlsServerConfig", frozen)]
@@ -53,32 +54,41 @@ impl TlsClientConfig {
     }
 }
 
-/// A TLS connection, sans-IO (see ``qmesh/_core.pyi``).
-#[pyclass(module = "qmesh._core", name = "TlsSession")]
+/// A TLS connection, sans-IO (see ``qmesh/_core.pyi``). Its connection
+/// sits in a slot shared with a pool's engine loans (``PoolShelf.give``).
+#[pyclass(module = "qmesh._core", name = "TlsSession", frozen)]
 pub struct TlsSession {
-    inner: Option<tls::TlsSession>,
+    slot: Arc<TlsSlot>,
 }
 
 impl TlsSession {
-    fn live(&mut self) -> PyResult<&mut tls::TlsSession> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))
+    fn new(conn: rustls::Connection) -> Self {
+        TlsSession {
+            slot: Arc::new(TlsSlot::new(tls::TlsSession::new(conn))),
+        }
     }
 
-    fn live_ref(&self) -> PyResult<&tls::TlsSession> {
-        self.inner
-            .as_ref()
-            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))
+    /// Run `f` on the connection; an error while it is out of its slot.
+    fn with<R>(&self, f: impl FnOnce(&mut tls::TlsSession) -> R) -> PyResult<R> {
+        let mut session = self.slot.lock();
+        let live = session
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err(HANDED_OVER))?;
+        Ok(f(live))
     }
 
     /// The connection, for a native relay; the object is spent afterwards.
-    pub fn hand_over(&mut self) -> PyResult<TlsHandover> {
-        let session = self
-            .inner
+    pub fn hand_over(&self) -> PyResult<TlsHandover> {
+        let conn = self
+            .slot
             .take()
             .ok_or_else(|| PyValueError::new_err(HANDED_OVER))?;
-        Ok(TlsHandover(session.into_connection()))
+        Ok(TlsHandover(conn))
+    }
+
+    /// The slot a pooled connection's loans take the connection out of.
+    pub fn slot(&self) -> Arc<TlsSlot> {
+        Arc::clone(&self.slot)
     }
 }
 
@@ -106,64 +116,59 @@ impl TlsSession {
             root_certificates.unwrap_or_default(),
             alpn.unwrap_or_default(),
         )?;
-        let conn = tls::connect(config, server_name)?;
-        Ok(TlsSession {
-            inner: Some(tls::TlsSession::new(conn)),
-        })
+        Ok(TlsSession::new(tls::connect(config, server_name)?))
     }
 
     #[staticmethod]
     fn server(config: &TlsServerConfig) -> Result<Self> {
-        let conn = tls::accept(config.inner.clone())?;
-        Ok(TlsSession {
-            inner: Some(tls::TlsSession::new(conn)),
-        })
+        Ok(TlsSession::new(tls::accept(config.inner.clone())?))
     }
 
-    fn receive<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Result<Bound<'py, PyBytes>> {
-        let plain = self.live()?.receive(data)?;
+    fn receive<'py>(&self, py: Python<'py>, data: &[u8]) -> Result<Bound<'py, PyBytes>> {
+        let plain = self.with(|s| s.receive(data))??;
         Ok(PyBytes::new(py, &plain))
     }
 
-    fn send(&mut self, data: &[u8]) -> Result<()> {
-        Ok(self.live()?.send(data)?)
+    fn send(&self, data: &[u8]) -> Result<()> {
+        Ok(self.with(|s| s.send(data))??)
     }
 
-    fn outgoing<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let out = self.live()?.outgoing();
+    fn outgoing<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.with(tls::TlsSession::outgoing)?;
         Ok(PyBytes::new(py, &out))
     }
 
-    fn close(&mut self) -> PyResult<()> {
-        self.live()?.close();
-        Ok(())
+    fn close(&self) -> PyResult<()> {
+        self.with(tls::TlsSession::close)
     }
 
     #[getter]
     fn handshaking(&self) -> PyResult<bool> {
-        Ok(self.live_ref()?.handshaking())
+        self.with(|s| s.handshaking())
     }
 
     #[getter]
     fn peer_certificate<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let cert = self.live_ref()?.peer_certificate();
+        let cert = self.with(|s| s.peer_certificate())?;
         Ok(cert.map(|c| PyBytes::new(py, &c)))
     }
 
     #[getter]
     fn protocol_version(&self) -> PyResult<Option<&'static str>> {
-        Ok(self.live_ref()?.protocol_version())
+        self.with(|s| s.protocol_version())
     }
 
     #[getter]
     fn alpn_protocol<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let alpn = self.live_ref()?.alpn_protocol();
+        let alpn = self.with(|s| s.alpn_protocol())?;
         Ok(alpn.map(|a| PyBytes::new(py, &a)))
     }
 
+    /// Out of this object: handed over to a native relay, or lent with a
+    /// pooled connection to an engine.
     #[getter]
     fn handed_over(&self) -> bool {
-        self.inner.is_none()
+        self.slot.lock().is_none()
     }
 }
 

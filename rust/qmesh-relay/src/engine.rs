@@ -310,6 +310,19 @@ struct Native {
     discount: usize,
 }
 
+/// A pooled server connection's TLS goes back into `lease`'s slot, for
+/// its next holder. True if plaintext the server sent is still inside it:
+/// the server spoke past its last answer, and the connection is not to be
+/// lent again.
+fn tls_back_to(tls: &mut Option<TlsLink>, lease: &Lease) -> bool {
+    let (Some(link), Some(slot)) = (tls.take(), lease.tls.as_ref()) else {
+        return false;
+    };
+    let spoke = link.has_pending();
+    slot.put(link.into_connection());
+    spoke
+}
+
 /// Bytes for the socket, and how many input bytes they stand for (a
 /// guard's replacement differs in length from what it replaces).
 struct Chunk {
@@ -530,9 +543,13 @@ impl Native {
             // boundary's worth of bytes, never a message half passed on.
             leftover.extend(scanner.take_partial().unwrap_or_default());
         }
+        let lease = pooled.lease.take();
+        if let Some(lease) = &lease {
+            tls_back_to(&mut self.tls, lease);
+        }
         Some(PooledEnd {
-            unnamed_held: pooled.unnamed_here && pooled.lease.is_some(),
-            lease: pooled.lease.take(),
+            unnamed_held: pooled.unnamed_here && lease.is_some(),
+            lease,
             owed: pooled.owed.drain(..).map(pooled::Owed::answer).collect(),
             statements: pooled.take_named(),
             skipping: pooled.skipping,
@@ -2111,7 +2128,8 @@ impl State {
                 native.interest = 0;
             }
             native.fd = -1;
-            if pooled.over_prepared(&lease) {
+            let spoke = tls_back_to(&mut native.tls, &lease);
+            if spoke || pooled.over_prepared(&lease) {
                 pooled.shelf.return_to_python(lease, ReturnWhy::Close);
             } else {
                 pooled.shelf.give_back(lease);
@@ -2162,8 +2180,22 @@ impl State {
         let Some(pooled) = native.pooled.as_mut() else {
             return;
         };
+        let tls = match &lease.tls {
+            None => None,
+            Some(slot) => match slot.take() {
+                Some(conn) => Some(TlsLink::new(conn)),
+                None => {
+                    // Out of its slot, so in use elsewhere: never lent
+                    // like that. Python closes it; the stream takes another.
+                    pooled.shelf.return_to_python(lease, ReturnWhy::Close);
+                    self.pooled_step(sid);
+                    return;
+                }
+            },
+        };
         lease.touched = true;
         native.fd = lease.fd;
+        native.tls = tls;
         native.interest = 0;
         pooled.lease = Some(lease);
         native.replay_deferred();

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::notify::Notifier;
 use crate::sys;
+use crate::tls::TlsSlot;
 
 /// A server connection on loan from the shelf.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct Lease {
     /// The statements prepared on it under their server names, shared
     /// with Python's relay (see the `pooled` module).
     pub prepared: Arc<Prepared>,
+    /// Its TLS connection, if it has one, shared with Python: the engine
+    /// that holds the lease has it out of the slot.
+    pub tls: Option<Arc<TlsSlot>>,
 }
 
 /// The names of the statements prepared on one server connection: read
@@ -477,6 +481,7 @@ mod tests {
             fd,
             touched: false,
             expires: Instant::now() + Duration::from_secs(3600),
+            tls: None,
         }
     }
 

@@ -1080,6 +1080,7 @@ mod tests {
             touched: true,
             expires: Instant::now() + Duration::from_secs(60),
             prepared: Arc::default(),
+            tls: None,
         }
     }
 

@@ -17,7 +17,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -288,6 +288,59 @@ impl TlsSession {
     }
 }
 
+/// A TLS connection shared by whoever holds its socket: Python (its
+/// handshake, a login, a pool's checks and resets, a session relayed in
+/// Python) or an engine that borrowed a pooled server connection, which
+/// takes the connection out for the loan ([`TlsSlot::take`]) and puts it
+/// back at the end ([`TlsSlot::put`]). One holder at a time, by the pool's
+/// rules, so the lock is never contended for long.
+#[derive(Default)]
+pub struct TlsSlot {
+    session: Mutex<Option<TlsSession>>,
+}
+
+impl TlsSlot {
+    pub fn new(session: TlsSession) -> Self {
+        TlsSlot {
+            session: Mutex::new(Some(session)),
+        }
+    }
+
+    /// The session, None while it is out (lent to an engine, or handed
+    /// over for good).
+    pub fn lock(&self) -> MutexGuard<'_, Option<TlsSession>> {
+        // A session is whole after any panic: keep using it.
+        self.session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The connection, taken out; None if it is out already.
+    pub fn take(&self) -> Option<Connection> {
+        self.lock().take().map(TlsSession::into_connection)
+    }
+
+    /// Put back a connection [`TlsSlot::take`] took.
+    pub fn put(&self, conn: Connection) {
+        *self.lock() = Some(TlsSession::new(conn));
+    }
+}
+
+/// A slot is itself (as a pooled connection's [`crate::pool::Prepared`]).
+impl PartialEq for TlsSlot {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for TlsSlot {}
+
+impl fmt::Debug for TlsSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsSlot")
+    }
+}
+
 /// A socket's TLS layer inside a native relay.
 pub struct TlsLink {
     conn: Box<Connection>,
@@ -422,6 +475,11 @@ impl TlsLink {
             }
         }
         Ok(())
+    }
+
+    /// The connection, for its next holder.
+    pub fn into_connection(self) -> Connection {
+        *self.conn
     }
 
     /// Queue close_notify, once.
