@@ -72,11 +72,11 @@ far: what :meth:`Executor.relay` falls back to for a candidate the HTTP
 engine cannot reach."""
 
 
-def stream_tokens(call: Call, usage: Usage) -> tuple[int, int]:
-    """A stream's tokens: its usage, else estimates (≈ 4 bytes of text per
-    token in ≈ 64-byte events)."""
+def stream_tokens(estimated_in: int, usage: Usage) -> tuple[int, int]:
+    """A stream's tokens: its usage, else estimates (``estimated_in`` from
+    the request; ≈ 4 bytes of text per token in ≈ 64-byte events)."""
     tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
-    return usage.tokens_in or call.tokens_in, tokens_out
+    return usage.tokens_in or estimated_in, tokens_out
 
 
 def _release(exchange: NativeExchange, outcome: _core.HttpProxied) -> None:
@@ -206,7 +206,6 @@ class Executor:
         decision: Decision,
         ctx: RequestContext,
         candidate: Candidate | None,
-        call: Call,
         tokens: tuple[int, int],
         cost: float,
         outcome: str,
@@ -244,7 +243,7 @@ class Executor:
         )
 
     def _exhausted(self, decision: Decision, ctx: RequestContext, call: Call) -> NoRoute:
-        self._record(decision, ctx, None, call, (0, 0), 0.0, "error")
+        self._record(decision, ctx, None, (0, 0), 0.0, "error")
         summary = "; ".join(f"{h['candidate']}: {h['outcome']}" for h in ctx.hops[-5:])
         if ctx.hops and all(h["outcome"] == "budget" for h in ctx.hops):
             return NoRoute(
@@ -287,13 +286,13 @@ class Executor:
             except ClientFault:
                 await reservation.settle(0.0)
                 ctx.hops.append({"candidate": candidate.id, "outcome": "client_error", "ms": 0.0})
-                self._record(decision, ctx, candidate, call, (0, 0), 0.0, "client_error")
+                self._record(decision, ctx, candidate, (0, 0), 0.0, "client_error")
                 raise
             except BaseException:
                 await reservation.settle(0.0)
                 raise
             tokens = (answer.tokens_in, answer.tokens_out)
-            await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
+            await self._settle(decision, ctx, candidate, tokens, started, reservation)
             return answer
         raise self._exhausted(decision, ctx, call)
 
@@ -302,7 +301,6 @@ class Executor:
         decision: Decision,
         ctx: RequestContext,
         candidate: Candidate,
-        call: Call,
         tokens: tuple[int, int],
         started: float,
         reservation: Reservation,
@@ -312,14 +310,13 @@ class Executor:
         seconds = time.monotonic() - started
         cost = self.cost(candidate, *tokens, seconds)
         await reservation.settle(cost)
-        self.book_answer(decision, ctx, candidate, call, tokens, cost, seconds, outcome)
+        self.book_answer(decision, ctx, candidate, tokens, cost, seconds, outcome)
 
     def book_answer(
         self,
         decision: Decision,
         ctx: RequestContext,
         candidate: Candidate,
-        call: Call,
         tokens: tuple[int, int],
         cost: float,
         seconds: float,
@@ -333,7 +330,7 @@ class Executor:
             ctx.hops.append(
                 {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
             )
-        self._record(decision, ctx, candidate, call, tokens, cost, outcome)
+        self._record(decision, ctx, candidate, tokens, cost, outcome)
 
     def stream_broke(self, candidate: Candidate, ctx: RequestContext, reason: str) -> None:
         """A stream broke off after bytes reached the client."""
@@ -389,9 +386,9 @@ class Executor:
             finally:
                 await events.aclose()
                 if not reservation.settled:
-                    tokens = stream_tokens(call, usage)
+                    tokens = stream_tokens(call.tokens_in, usage)
                     await self._settle(
-                        decision, ctx, candidate, call, tokens, started, reservation, outcome
+                        decision, ctx, candidate, tokens, started, reservation, outcome
                     )
             # Written to the ledger before the client hears how it ended.
             for event in tail:
@@ -468,7 +465,7 @@ class Executor:
                 )
             else:
                 tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
-                await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
+                await self._settle(decision, ctx, candidate, tokens, started, reservation)
                 _release(exchange, outcome)
             if install is not None and self._may_skip_python(decision, ctx, candidate, outcome):
                 install(candidate, target, headers)
@@ -513,7 +510,7 @@ class Executor:
         """The provider said the request itself is wrong: the client hears
         it as the provider put it (in a stream, as its one error event)."""
         ctx.hops.append({"candidate": candidate.id, "outcome": "client_error", "ms": 0.0})
-        self._record(decision, ctx, candidate, call, (0, 0), 0.0, "client_error")
+        self._record(decision, ctx, candidate, (0, 0), 0.0, "client_error")
         if not call.stream:
             return Response(fault.status, fault.body, _JSON)
         message = fault.body[:500].decode("utf-8", "replace")
@@ -536,14 +533,14 @@ class Executor:
         with an error event once the ledger has it, as :meth:`stream` does."""
         reason = outcome.reason
         if reason is None or outcome.client_gone:
-            tokens = stream_tokens(call, usage)
-            await self._settle(decision, ctx, candidate, call, tokens, started, reservation)
+            tokens = stream_tokens(call.tokens_in, usage)
+            await self._settle(decision, ctx, candidate, tokens, started, reservation)
             _release(exchange, outcome)
             return
         self.stream_broke(candidate, ctx, reason)
-        tokens = stream_tokens(call, usage)
+        tokens = stream_tokens(call.tokens_in, usage)
         await self._settle(
-            decision, ctx, candidate, call, tokens, started, reservation, "stream_broken"
+            decision, ctx, candidate, tokens, started, reservation, "stream_broken"
         )
         if outcome.open:
             tail = error_event(f"the model's stream broke off: {reason}", code="stream_broken")

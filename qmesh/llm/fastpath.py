@@ -70,7 +70,6 @@ class RouteOwner:
         self.candidate = candidate
         self.app = ctx.app
         self.budget_state = ctx.budget_state
-        self.endpoint = call.endpoint
         self.stream = call.stream
         self.who = who
         self.request_ids = request_ids
@@ -84,23 +83,20 @@ class RouteOwner:
         executor, candidate = self.executor, self.candidate
         executor.relayed += 1
         ctx = self._context()
-        call = Call(
-            endpoint=self.endpoint, body={}, raw=b"", stream=self.stream,
-            request_id=ctx.request_id, tokens_in=tokens_for_body(event.body_len), max_tokens=0,
-        )  # fmt: skip
         relayed = event.outcome
-        usage = Usage(relayed.tokens_in, relayed.tokens_out, relayed.bytes_out)
         seconds = time.monotonic() - event.started_at
         broken = relayed.reason is not None and not relayed.client_gone
+        estimated_in = tokens_for_body(event.body_len)
         if self.stream:
-            tokens = stream_tokens(call, usage)
+            usage = Usage(relayed.tokens_in, relayed.tokens_out, relayed.bytes_out)
+            tokens = stream_tokens(estimated_in, usage)
         else:
-            tokens = (usage.tokens_in or call.tokens_in, usage.tokens_out)
+            tokens = (relayed.tokens_in or estimated_in, relayed.tokens_out)
         if broken and self.stream:
             executor.stream_broke(candidate, ctx, str(relayed.reason))
         cost = executor.cost(candidate, *tokens, seconds)
         outcome = "stream_broken" if broken and self.stream else "ok"
-        executor.book_answer(self.decision, ctx, candidate, call, tokens, cost, seconds, outcome)
+        executor.book_answer(self.decision, ctx, candidate, tokens, cost, seconds, outcome)
         if executor.ledger.full:
             executor.forget_fast_routes()
         if outcome == "ok" or not relayed.open:

@@ -21,6 +21,7 @@ Not for: routing or handlers (:mod:`qmesh.web.http`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -158,25 +159,26 @@ class NativeHttpServer:
     def _fast_done(self, event: _core.HttpFastDone, nursery: trio.Nursery) -> None:
         """Book a request the fast path relayed; one that broke off and
         waits for its closing words gets them in a task of its own."""
-        exchange = NativeExchange(self.engine, event.exchange, self.fast)
-
-        async def finish(words: bytes) -> None:
-            self._exchanges[exchange.id] = exchange  # for its "drained" notices
-            try:
-                await exchange.write(words, self.limits.request_timeout_s)
-                exchange.finish()
-            except ClientGone:
-                pass
-            finally:
-                self._exchanges.pop(exchange.id, None)
-
         closing = None
+        finish = functools.partial(self._finish_fast, event.exchange)
         with peer_boundary(f"booking a fast-path request (route {event.route})", log):
             closing = self.fast.done(event, finish)
         if closing is not None:
             nursery.start_soon(_settle, closing, event.route)
         elif event.outcome.open:
-            exchange.abort()  # nothing else would end it
+            NativeExchange(self.engine, event.exchange).abort()  # nothing else would end it
+
+    async def _finish_fast(self, exchange_id: int, words: bytes) -> None:
+        """The closing words of a fast-path answer that broke off, then its end."""
+        exchange = NativeExchange(self.engine, exchange_id, self.fast)
+        self._exchanges[exchange_id] = exchange  # for its "drained" notices
+        try:
+            await exchange.write(words, self.limits.request_timeout_s)
+            exchange.finish()
+        except ClientGone:
+            pass
+        finally:
+            self._exchanges.pop(exchange_id, None)
 
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:
         request = _request(event, exchange, self.source_of(event.peer))
