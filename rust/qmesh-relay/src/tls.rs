@@ -294,7 +294,6 @@ impl TlsSession {
 /// takes the connection out for the loan ([`TlsSlot::take`]) and puts it
 /// back at the end ([`TlsSlot::put`]). One holder at a time, by the pool's
 /// rules, so the lock is never contended for long.
-#[derive(Default)]
 pub struct TlsSlot {
     session: Mutex<Option<TlsSession>>,
 }
