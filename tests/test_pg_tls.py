@@ -277,6 +277,46 @@ async def test_a_transaction_pool_over_tls_is_lent_by_the_engine(
     assert pool.open <= 2 and pool.timeouts == 0 and pool.checks_failed == 0
 
 
+async def test_a_tls_pools_connections_killed_by_the_server_are_replaced_or_end_one_client(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, server_tls: Path
+) -> None:
+    """Killed while idle on the pool (their TLS inside the slot), the next
+    transaction gets a fresh connection unnoticed; killed while an engine
+    holds it inside a transaction, its client gets the server's reason and
+    the other clients carry on."""
+    dsn = db.dsn("require", sslrootcert=str(server_tls))
+    policy = GateAppConfig(databases=("main",), pool_mode="transaction", pool_size=2)
+    ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=dsn, policy=policy)
+
+    def kill(where: str) -> None:
+        db.superuser(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}")
+
+    def work() -> tuple[int, int, str]:
+        simple = {**ghost.kwargs(), "cursor_factory": psycopg.ClientCursor}
+        with (
+            psycopg.connect(**simple) as victim,
+            psycopg.connect(**simple, autocommit=True) as bystander,
+        ):
+            before = bystander.execute("SELECT pg_backend_pid()").fetchone()
+            kill(f"usename = '{db.name}'")  # the pool's, all idle now
+            after = bystander.execute("SELECT pg_backend_pid()").fetchone()
+            row = victim.execute("SELECT pg_backend_pid()").fetchone()  # holds it: no commit
+            assert before is not None and after is not None and row is not None
+            kill(f"pid = {row[0]}")
+            with pytest.raises(psycopg.OperationalError) as lost:
+                victim.execute("SELECT 1")
+            ssl = bystander.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert ssl.fetchone() == (True,)
+            return before[0], after[0], str(lost.value)
+
+    with trio.fail_after(30):
+        before, after, message = await in_thread(work)
+    assert before != after
+    assert "terminating connection due to administrator command" in message
+    (pool,) = ghost.service.pools.stats()
+    assert pool.engine_loans > 0
+
+
 async def test_gate_binds_its_scram_login_to_the_tls_channel(
     nursery: trio.Nursery,
     db: RealDb,
