@@ -107,11 +107,11 @@ class ServerConn:
 
     @property
     def unread(self) -> bool:
-        """Server bytes were read and not yet relayed (past the login's
-        ReadyForQuery, or plaintext TLS has buffered): an engine reading
-        its socket would miss them."""
+        """Its TLS layer holds plaintext nobody relayed: the server spoke
+        past its last answer, and an engine reading the socket would never
+        see it."""
         stream = self.stream
-        return bool(self.leftover) or (isinstance(stream, TlsStream) and bool(stream.buffered))
+        return isinstance(stream, TlsStream) and bool(stream.buffered)
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
