@@ -73,9 +73,10 @@ class NativeHttpServer:
     ``limits.engine_threads`` puts it on the engine threads instead, where
     answers being relayed keep flowing while the event loop is busy, but the
     relaying runs ahead of the booking, which then comes in batches of
-    hundreds (``bench/gateway.py``, 64 connections, the Gate on one core:
-    inline about 20,000 req/s, p50 2.8 ms, p99 6.5 ms; on the engine threads
-    22,000–25,000 req/s, p50 1.5 ms, p99 10–23 ms).
+    hundreds (``bench/gateway.py``, 64 connections, the Gate on one core, in
+    one session on one machine: inline 26,700–29,400 req/s, p50 1.7–2.2 ms,
+    p99 4.6–4.9 ms; on the engine threads 31,500 req/s, p50 1.0 ms, p99
+    14 ms).
     """
 
     def __init__(
