@@ -885,8 +885,10 @@ class TlsSession:
     def server(config: TlsServerConfig) -> TlsSession:
         """A server, with ``config``'s certificate."""
     def receive(self, data: bytes) -> bytes:
-        """Ciphertext from the peer; the plaintext it completed. TlsError
-        when it is not acceptable (a bad certificate, a bad record, an alert)."""
+        """Ciphertext from the peer; the plaintext it completed, after any a
+        pooled connection's engine left inside (``b""`` takes only that).
+        TlsError when it is not acceptable (a bad certificate, a bad record,
+        an alert)."""
     def send(self, data: bytes) -> None:
         """Plaintext for the peer, sealed with the next :meth:`outgoing`."""
     def outgoing(self) -> bytes:

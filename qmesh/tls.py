@@ -78,6 +78,12 @@ class TlsStream(trio.abc.Stream):
         del self._plain[:n]
         return data
 
+    def take_back(self) -> None:
+        """The connection is back from a native relay: plaintext it
+        decrypted and did not relay (the server's answers, past what the
+        relay could pass on) is read from here first."""
+        self._plain += self.tls.receive(b"")
+
     @property
     def buffered(self) -> bytes:
         """Plaintext received and not yet read (a relay must not take the

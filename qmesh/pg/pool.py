@@ -295,6 +295,8 @@ class ServerPool:
         conn = self._conns[lease]
         if touched:
             conn.unnamed_owner = None
+        if isinstance(conn.stream, TlsStream):
+            conn.stream.take_back()
         return conn
 
     async def _new(self, *, wake: bool = True) -> ServerConn:

@@ -216,9 +216,12 @@ impl TlsSession {
         TlsSession { conn }
     }
 
-    /// Take ciphertext from the peer; returns the plaintext it completed.
+    /// Take ciphertext from the peer; returns the plaintext it completed,
+    /// after any a relay left inside (records a [`TlsLink`] decrypted and
+    /// did not hand out before the connection came back).
     pub fn receive(&mut self, mut ciphertext: &[u8]) -> Result<Vec<u8>, TlsError> {
         let mut plain = Vec::new();
+        self.drain_plaintext(&mut plain)?;
         while !ciphertext.is_empty() {
             self.conn
                 .read_tls(&mut ciphertext)
@@ -487,5 +490,81 @@ impl TlsLink {
             self.close_sent = true;
             self.conn.send_close_notify();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A client and a server session, handshaken in memory.
+    fn pair() -> (TlsSession, TlsSession) {
+        let rcgen::CertifiedKey { cert, key_pair } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let server_config = server_config(
+            cert.pem().as_bytes(),
+            key_pair.serialize_pem().as_bytes(),
+            vec![],
+        )
+        .unwrap();
+        let client_config = client_config(Verify::None, b"", vec![]).unwrap();
+        let mut client = TlsSession::new(connect(client_config, "localhost").unwrap());
+        let mut server = TlsSession::new(accept(server_config).unwrap());
+        while client.handshaking() || server.handshaking() {
+            server.receive(&client.outgoing()).unwrap();
+            client.receive(&server.outgoing()).unwrap();
+        }
+        (client, server)
+    }
+
+    #[test]
+    fn plaintext_a_link_left_inside_comes_out_of_the_session_it_goes_back_to() {
+        let (client, mut server) = pair();
+        let sent: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        for piece in sent.chunks(1000) {
+            server.send(piece).unwrap(); // a record each
+        }
+        let (mut socket, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        socket.write_all(&server.outgoing()).unwrap();
+
+        // The engine's read takes less than the records hold...
+        let mut link = TlsLink::new(client.into_connection());
+        let mut buf = [0u8; 100];
+        let n = link.read(theirs.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &sent[..100]);
+        assert!(link.has_pending() && !link.drained());
+
+        // ...and the rest is Python's once the connection is back.
+        let mut session = TlsSession::new(link.into_connection());
+        let rest = session.receive(b"").unwrap();
+        assert_eq!(rest, &sent[100..]);
+        assert!(session.receive(b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_short_read_of_the_socket_leaves_it_drained() {
+        let (client, mut server) = pair();
+        server.send(b"one record").unwrap();
+        let (mut socket, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        socket.write_all(&server.outgoing()).unwrap();
+        let mut link = TlsLink::new(client.into_connection());
+        let mut buf = [0u8; 4096];
+        let n = link.read(theirs.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one record");
+        assert!(link.drained(), "nothing more: no read should follow");
+        // Half a record: the read that finds it gives no plaintext and does
+        // not read again.
+        server.send(b"two").unwrap();
+        let record = server.outgoing();
+        socket.write_all(&record[..record.len() / 2]).unwrap();
+        let err = link.read(theirs.as_raw_fd(), &mut buf).unwrap_err();
+        assert!(sys::would_block(&err));
+        socket.write_all(&record[record.len() / 2..]).unwrap();
+        let n = link.read(theirs.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"two");
     }
 }
