@@ -48,8 +48,11 @@ pub const SMALL_PAYLOAD: usize = 1024;
 /// stops trying on small payloads...
 const SMALL_MISSES_TO_SKIP: u32 = 4;
 /// ...except every this many, to notice when small payloads start to
-/// compress again.
+/// compress again; each probe that fails doubles the interval, up to the
+/// most (a probe is a compression's full fixed cost: one in 16 was still
+/// a tenth of what sealing a Postgres round trip costs).
 const SMALL_PROBE_EVERY: u32 = 16;
+const SMALL_PROBE_MOST: u32 = 256;
 /// The encoder keeps at most this much scratch capacity between batches, so
 /// one 16 MiB frame does not pin 16 MiB per connection for its lifetime.
 const SCRATCH_RETAIN: usize = 256 * 1024;
@@ -150,6 +153,8 @@ pub struct FrameEncoder {
     small_misses: u32,
     /// Small payloads sent plain without trying, since the last probe.
     small_skipped: u32,
+    /// Small payloads sent plain between two probes.
+    small_probe_every: u32,
 }
 
 impl std::fmt::Debug for FrameEncoder {
@@ -188,6 +193,7 @@ impl FrameEncoder {
             min_compress: config.min_compress,
             small_misses: 0,
             small_skipped: 0,
+            small_probe_every: SMALL_PROBE_EVERY,
         })
     }
 
@@ -277,26 +283,36 @@ impl FrameEncoder {
     /// shrinking: an interactive protocol's short messages (a Postgres
     /// round trip's 60-byte reply) almost never do, and trying costs more
     /// than sealing them. While they keep failing, one in
-    /// `SMALL_PROBE_EVERY` is still tried.
+    /// `SMALL_PROBE_EVERY` is still tried, then one in twice as many after
+    /// each probe that failed, up to `SMALL_PROBE_MOST`.
     fn compress(&mut self, payload: &[u8]) -> Body {
         if payload.is_empty() || payload.len() < self.min_compress || looks_incompressible(payload)
         {
             return Body::Plain;
         }
         let small = payload.len() < SMALL_PAYLOAD;
-        if small && self.small_misses >= SMALL_MISSES_TO_SKIP {
+        let probe = small && self.small_misses >= SMALL_MISSES_TO_SKIP;
+        if probe {
             self.small_skipped += 1;
-            if self.small_skipped < SMALL_PROBE_EVERY {
+            if self.small_skipped < self.small_probe_every {
                 return Body::Plain;
             }
             self.small_skipped = 0;
         }
         let body = self.try_compress(payload);
         if small {
-            self.small_misses = match body {
-                Body::Plain => self.small_misses.saturating_add(1),
-                Body::Compressed { .. } => 0,
-            };
+            match body {
+                Body::Plain => {
+                    self.small_misses = self.small_misses.saturating_add(1);
+                    if probe {
+                        self.small_probe_every = (self.small_probe_every * 2).min(SMALL_PROBE_MOST);
+                    }
+                }
+                Body::Compressed { .. } => {
+                    self.small_misses = 0;
+                    self.small_probe_every = SMALL_PROBE_EVERY;
+                }
+            }
         }
         body
     }
@@ -667,13 +683,27 @@ mod tests {
             assert!(!compressed(&mut enc, reply));
         }
         assert_eq!(enc.small_misses, SMALL_MISSES_TO_SKIP);
-        // Now skipping: a compressible small payload is sent plain until the
-        // probe, which succeeds and turns small compression back on.
-        for _ in 1..SMALL_PROBE_EVERY {
+        // Now skipping, and probing less often after each probe that fails.
+        let tries = |enc: &mut FrameEncoder, count: u32| {
+            let misses = enc.small_misses;
+            (0..count).for_each(|_| assert!(!compressed(enc, reply)));
+            enc.small_misses - misses // the tries: each one missed
+        };
+        assert_eq!(tries(&mut enc, SMALL_PROBE_EVERY), 1);
+        assert_eq!(tries(&mut enc, SMALL_PROBE_EVERY * 2), 1);
+        assert_eq!(tries(&mut enc, SMALL_PROBE_EVERY * 4 - 1), 0);
+        assert_eq!(tries(&mut enc, 1), 1);
+        for _ in 0..8 {
+            tries(&mut enc, SMALL_PROBE_MOST);
+        }
+        assert_eq!(enc.small_probe_every, SMALL_PROBE_MOST);
+        // A compressible small payload is sent plain until the probe, which
+        // succeeds and turns small compression back on.
+        for _ in 1..SMALL_PROBE_MOST - enc.small_skipped {
             assert!(!compressed(&mut enc, &text));
         }
         assert!(compressed(&mut enc, &text));
-        assert_eq!(enc.small_misses, 0);
+        assert_eq!((enc.small_misses, enc.small_probe_every), (0, SMALL_PROBE_EVERY));
         assert!(compressed(&mut enc, &text));
         // Large payloads are always tried, whatever small ones did.
         for _ in 0..SMALL_MISSES_TO_SKIP {
