@@ -113,14 +113,13 @@ impl PoolShelf {
             + seconds(expires_in, "expires_in")
                 .unwrap_or(NEVER)
                 .min(NEVER);
-        self.inner.give(relay::Lease {
-            id: lease,
+        self.inner.give(relay::Lease::new(
+            lease,
             fd,
-            touched: false,
             expires,
-            prepared: prepared.inner.clone(),
-            tls: tls.map(|session| session.slot()),
-        });
+            prepared.inner.clone(),
+            tls.map(|session| session.slot()),
+        ));
         Ok(())
     }
 

@@ -51,7 +51,7 @@ use crate::error::{Error, PgError, Result, Side, SocketError, Violation};
 use crate::notify::Notifier;
 use crate::pool::{Lease, LeaseTaker, ReturnWhy, Shelf};
 use crate::pooled::{self, Pooled, PooledEnd, PooledSpec};
-use crate::reactor::{self, Driven, Registration};
+use crate::reactor::{self, Driven, Registration, Roaming};
 use crate::statements::SessionStatements;
 use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
@@ -512,6 +512,22 @@ impl Native {
         sink.replay_deferred();
         let (out, input, dropped) = sink.into_parts();
         self.queue_front(out, input, dropped);
+    }
+
+    /// The socket of the lease this pooled stream holds, if it holds one.
+    fn roaming(&self) -> Option<&Roaming> {
+        let lease = self.pooled.as_ref()?.lease.as_ref()?;
+        Some(&lease.roaming)
+    }
+
+    /// The engine thread no longer watches the socket when this returns.
+    fn unwatch(&mut self, registration: &Registration) {
+        match self.roaming() {
+            Some(roaming) => roaming.release(),
+            None if self.interest != 0 => registration.unwatch(self.fd),
+            None => {}
+        }
+        self.interest = 0;
     }
 
     /// The stream is dropped without an outcome (the session is over): a
@@ -1340,9 +1356,7 @@ impl Engine {
         st.retained_bytes = 0;
         st.out.clear();
         for (_, mut native) in std::mem::take(&mut st.natives) {
-            if native.interest != 0 {
-                self.shared.registration.unwatch(native.fd);
-            }
+            native.unwatch(&self.shared.registration);
             native.say_farewell();
             native.give_up_lease();
         }
@@ -1357,9 +1371,7 @@ impl Engine {
             self.shared.registration.unwatch(conn.fd);
         }
         for (_, mut native) in std::mem::take(&mut st.natives) {
-            if native.interest != 0 {
-                self.shared.registration.unwatch(native.fd);
-            }
+            native.unwatch(&self.shared.registration);
             native.give_up_lease();
         }
         drop(st);
@@ -1663,7 +1675,10 @@ impl State {
                     want |= WRITABLE;
                 }
                 let token = TOKEN_FIRST_STREAM + u64::from(sid);
-                watch.set_interest(native.fd, token, &mut native.interest, want);
+                match native.pooled.as_ref().and_then(|p| p.lease.as_ref()) {
+                    Some(lease) => watch.hold(&lease.roaming, token, &mut native.interest, want),
+                    None => watch.set_interest(native.fd, token, &mut native.interest, want),
+                }
             }
         }
         if !may_read && !self.natives.is_empty() {
@@ -1922,8 +1937,10 @@ impl State {
     }
 
     fn native_ready(&mut self, sid: u32, flags: u32) {
-        if !self.natives.contains_key(&sid) {
-            return; // ended since epoll reported it
+        // Ended, or a pooled stream between connections, since epoll
+        // reported it.
+        if self.natives.get(&sid).is_none_or(|native| native.fd < 0) {
+            return;
         }
         if flags & WRITABLE != 0 {
             self.write_native(sid);
@@ -2071,8 +2088,12 @@ impl State {
     /// Forget a native stream; its socket is unwatched by the round's finish().
     fn remove_native(&mut self, sid: u32, ending: Ending) -> Option<Outcome> {
         let mut native = self.natives.remove(&sid)?;
-        if native.interest != 0 {
-            self.unwatch.push(native.fd);
+        match native.roaming() {
+            // At once: its events would otherwise keep coming to this
+            // engine until Python took the lease back.
+            Some(roaming) => roaming.release(),
+            None if native.interest != 0 => self.unwatch.push(native.fd),
+            None => {}
         }
         let pooled = native.pooled_end();
         if !native.records.is_empty() {
@@ -2123,7 +2144,7 @@ impl State {
                 // Now, not at the round's end: the shelf may lend it to a
                 // stream of an engine on this thread before then.
                 if let Some(shared) = self.me.upgrade() {
-                    shared.registration.unwatch(native.fd);
+                    shared.registration.park(&lease.roaming);
                 }
                 native.interest = 0;
             }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::notify::Notifier;
+use crate::reactor::Roaming;
 use crate::sys;
 use crate::tls::TlsSlot;
 
@@ -45,6 +46,29 @@ pub struct Lease {
     /// Its TLS connection, if it has one, shared with Python: the engine
     /// that holds the lease has it out of the slot.
     pub tls: Option<Arc<TlsSlot>>,
+    /// Its socket's place in an engine thread's epoll, kept between loans;
+    /// left when the lease is dropped (back with Python).
+    pub(crate) roaming: Roaming,
+}
+
+impl Lease {
+    pub fn new(
+        id: u64,
+        fd: RawFd,
+        expires: Instant,
+        prepared: Arc<Prepared>,
+        tls: Option<Arc<TlsSlot>>,
+    ) -> Lease {
+        Lease {
+            id,
+            fd,
+            touched: false,
+            expires,
+            prepared,
+            tls,
+            roaming: Roaming::new(fd),
+        }
+    }
 }
 
 /// The names of the statements prepared on one server connection: read
@@ -475,14 +499,8 @@ mod tests {
     }
 
     fn lease(id: u64, fd: RawFd) -> Lease {
-        Lease {
-            prepared: Arc::default(),
-            id,
-            fd,
-            touched: false,
-            expires: Instant::now() + Duration::from_secs(3600),
-            tls: None,
-        }
+        let expires = Instant::now() + Duration::from_secs(3600);
+        Lease::new(id, fd, expires, Arc::default(), None)
     }
 
     /// A connected socket whose peer has said nothing (so the shelf's

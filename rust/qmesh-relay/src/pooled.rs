@@ -1074,14 +1074,15 @@ mod tests {
 
     /// A connection with no statements prepared on it.
     fn lease() -> Lease {
-        Lease {
-            id: 1,
-            fd: -1,
-            touched: true,
-            expires: Instant::now() + Duration::from_secs(60),
-            prepared: Arc::default(),
-            tls: None,
-        }
+        let mut lease = Lease::new(
+            1,
+            -1,
+            Instant::now() + Duration::from_secs(60),
+            Arc::default(),
+            None,
+        );
+        lease.touched = true;
+        lease
     }
 
     /// The kinds of the answers owed, in order.

@@ -11,9 +11,19 @@
 //! to the engines they belong to, one engine at a time, and fires their
 //! timers from one heap.
 //!
+//! A pooled server connection moves from engine to engine, one transaction
+//! at a time. Registering its socket for each loan and deleting it after
+//! cost two `epoll_ctl` calls a transaction, as much as the rest of the
+//! engine's work on the socket. So such a socket is a [`Roaming`] one: it
+//! stays in the thread's epoll between loans under a token of its own, and
+//! the thread hands its events to whichever engine holds it now. Between
+//! loans nobody holds it: an event then (the server spoke, or hung up, while
+//! idle) only takes it out of the epoll, and its next holder finds out.
+//!
 //! Locks: the thread never holds the engine table or the timer heap while it
 //! calls into an engine, and an engine may schedule a timer while it holds
-//! its own state, so the order is always engine state, then timers.
+//! its own state, so the order is always engine state, then timers. A
+//! roaming socket's place is locked before the table of roaming sockets.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -36,6 +46,8 @@ const TOKEN_TIMER: u64 = u64::MAX - 1;
 const EVENTS_PER_WAIT: usize = 1024;
 /// Engine threads per process at most, whatever the core count.
 const MAX_THREADS: usize = 64;
+/// The engine part of a roaming socket's token (engine ids start at 1).
+const ROAMING: u64 = 0;
 
 /// What an engine thread drives.
 pub(crate) trait Driven: Send + Sync {
@@ -50,6 +62,8 @@ struct Rounds {
     ready: Vec<libc::epoll_event>,
     batch: Vec<(u64, u64, u32)>,
     group: Vec<(u64, u32)>,
+    /// Roaming sockets that reported while nobody held them.
+    strays: Vec<u64>,
 }
 
 impl Default for Rounds {
@@ -58,8 +72,41 @@ impl Default for Rounds {
             ready: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
             batch: Vec::new(),
             group: Vec::new(),
+            strays: Vec::new(),
         }
     }
+}
+
+/// A roaming socket registered with this thread's epoll.
+struct Roamer {
+    /// The engine and the local token its events go to; none between loans.
+    holder: Option<(u64, u64)>,
+    socket: Weak<RoamingSocket>,
+}
+
+#[derive(Default)]
+struct Roamers {
+    by_key: HashMap<u64, Roamer>,
+    next_key: u64,
+}
+
+impl Roamers {
+    fn insert(&mut self, roamer: Roamer) -> u64 {
+        // Keys are reused only after 2^34 registrations, and never while
+        // still in use.
+        loop {
+            let key = self.next_key;
+            self.next_key = (self.next_key + 1) & LOCAL_MASK;
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.by_key.entry(key) {
+                slot.insert(roamer);
+                return key;
+            }
+        }
+    }
+}
+
+fn roaming_token(key: u64) -> u64 {
+    (ROAMING << LOCAL_BITS) | key
 }
 
 struct Timers {
@@ -79,6 +126,7 @@ pub(crate) struct Reactor {
     /// A manual reactor's buffers, kept between polls.
     rounds: Mutex<Rounds>,
     engines: Mutex<HashMap<u64, Weak<dyn Driven>>>,
+    roamers: Mutex<Roamers>,
     timers: Mutex<Timers>,
     load: AtomicUsize,
     next_id: AtomicU64,
@@ -114,6 +162,7 @@ impl Reactor {
             timer,
             rounds: Mutex::new(Rounds::default()),
             engines: Mutex::new(HashMap::new()),
+            roamers: Mutex::new(Roamers::default()),
             timers: Mutex::new(Timers {
                 heap: BinaryHeap::new(),
                 sleeping_until: None,
@@ -166,11 +215,13 @@ impl Reactor {
             ready,
             batch,
             group,
+            strays,
         } = rounds;
         {
             // EBADF/EINVAL cannot happen on our own epoll.
             let n = self.epoll.wait(ready, timeout).unwrap_or(0);
             batch.clear();
+            let mut roamers = None;
             for event in &ready[..n] {
                 // epoll_event is packed: copy the fields out, never borrow them.
                 let (token, flags) = (event.u64, event.events);
@@ -180,10 +231,20 @@ impl Reactor {
                     if let Some(timer) = &self.timer {
                         timer.drain();
                     }
+                } else if token >> LOCAL_BITS == ROAMING {
+                    let key = token & LOCAL_MASK;
+                    let roamers = roamers.get_or_insert_with(|| lock(&self.roamers));
+                    // A key no longer there: released meanwhile.
+                    match roamers.by_key.get(&key).map(|r| r.holder) {
+                        Some(Some((id, local))) => batch.push((id, local, flags)),
+                        Some(None) => strays.push(key),
+                        None => {}
+                    }
                 } else {
                     batch.push((token >> LOCAL_BITS, token & LOCAL_MASK, flags));
                 }
             }
+            drop(roamers);
             // One call per engine per round, as when each had a thread.
             batch.sort_by_key(|&(id, _, _)| id);
             for events in batch.chunk_by(|a, b| a.0 == b.0) {
@@ -192,6 +253,9 @@ impl Reactor {
                     group.extend(events.iter().map(|&(_, local, flags)| (local, flags)));
                     engine.ready(group);
                 }
+            }
+            for key in strays.drain(..) {
+                self.release_stray(key);
             }
             let now = Instant::now();
             let mut due = Vec::new();
@@ -217,6 +281,30 @@ impl Reactor {
 
     fn engine(&self, id: u64) -> Option<Arc<dyn Driven>> {
         lock(&self.engines).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// A roaming socket reported while nobody held it: out of the epoll,
+    /// unless a holder took it meanwhile (its events are then its own).
+    fn release_stray(&self, key: u64) {
+        let socket = lock(&self.roamers)
+            .by_key
+            .get(&key)
+            .and_then(|r| r.socket.upgrade());
+        let Some(socket) = socket else {
+            return;
+        };
+        let mut place = socket.lock();
+        let here = place
+            .as_ref()
+            .is_some_and(|p| p.key == key && std::ptr::eq(p.reactor.as_ptr(), self));
+        if here
+            && lock(&self.roamers)
+                .by_key
+                .get(&key)
+                .is_some_and(|r| r.holder.is_none())
+        {
+            socket.release(&mut place);
+        }
     }
 }
 
@@ -303,6 +391,88 @@ impl Registration {
         self.reactor.epoll.delete(fd);
     }
 
+    /// [`Registration::set_interest`] for a roaming socket, which this
+    /// engine holds from now on under `local`: kept in the thread's epoll
+    /// if it is there already (no system call unless the interest changes),
+    /// else moved here.
+    pub(crate) fn hold(&self, socket: &Roaming, local: u64, current: &mut u32, want: u32) {
+        if want == *current {
+            return; // held here already (or not watched at all)
+        }
+        let socket = &socket.0;
+        let mut place = socket.lock();
+        *current = 0;
+        if want == 0 {
+            socket.release(&mut place);
+            return;
+        }
+        let reactor = &self.reactor;
+        if let Some(p) = place
+            .as_mut()
+            .filter(|p| std::ptr::eq(p.reactor.as_ptr(), Arc::as_ptr(reactor)))
+        {
+            if p.interest != want {
+                if reactor
+                    .epoll
+                    .modify(socket.fd, roaming_token(p.key), want)
+                    .is_err()
+                {
+                    socket.release(&mut place);
+                    return;
+                }
+                p.interest = want;
+            }
+            // A place and its table entry change together, under the place's
+            // lock: the entry is there.
+            let mut roamers = lock(&reactor.roamers);
+            let roamer = roamers.by_key.get_mut(&p.key);
+            debug_assert!(roamer.is_some(), "a registered roaming socket is in the table");
+            if let Some(roamer) = roamer {
+                roamer.holder = Some((self.id, local));
+                *current = want;
+            }
+            return;
+        }
+        socket.release(&mut place);
+        // In the table before the epoll: an event is never for a key unknown.
+        let key = lock(&reactor.roamers).insert(Roamer {
+            holder: Some((self.id, local)),
+            socket: Arc::downgrade(socket),
+        });
+        if reactor
+            .epoll
+            .add(socket.fd, roaming_token(key), want)
+            .is_err()
+        {
+            lock(&reactor.roamers).by_key.remove(&key);
+            return;
+        }
+        *place = Some(Place {
+            reactor: Arc::downgrade(reactor),
+            key,
+            interest: want,
+        });
+        *current = want;
+    }
+
+    /// This engine lets go of a roaming socket between loans. It stays in
+    /// the epoll for its next holder if it is watched for reading only
+    /// (anything else would report at once).
+    pub(crate) fn park(&self, socket: &Roaming) {
+        let socket = &socket.0;
+        let mut place = socket.lock();
+        let Some(p) = place.as_ref() else {
+            return;
+        };
+        if p.interest == READABLE && std::ptr::eq(p.reactor.as_ptr(), Arc::as_ptr(&self.reactor)) {
+            if let Some(roamer) = lock(&self.reactor.roamers).by_key.get_mut(&p.key) {
+                roamer.holder = None;
+                return;
+            }
+        }
+        socket.release(&mut place);
+    }
+
     /// Call the engine's [`Driven::timer`] at `deadline` (or soon after).
     pub(crate) fn schedule(&self, deadline: Instant) {
         let mut timers = lock(&self.reactor.timers);
@@ -322,9 +492,229 @@ impl Registration {
     }
 }
 
+/// A socket that may be watched by one engine after another (a pooled
+/// server connection, lent for one transaction at a time): see the module
+/// documentation. Dropping it takes it out of any epoll, so it is dropped
+/// before its owner closes the socket (as a [`crate::Lease`] is, when it
+/// goes back to Python).
+pub struct Roaming(Arc<RoamingSocket>);
+
+impl std::fmt::Debug for Roaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Roaming({})", self.0.fd)
+    }
+}
+
+impl Roaming {
+    pub fn new(fd: RawFd) -> Roaming {
+        Roaming(Arc::new(RoamingSocket {
+            fd,
+            place: Mutex::new(None),
+        }))
+    }
+
+    /// Out of any engine thread's epoll.
+    pub(crate) fn release(&self) {
+        self.0.release(&mut self.0.lock());
+    }
+}
+
+impl Drop for Roaming {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// One socket's roaming is equal only to itself.
+impl PartialEq for Roaming {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Roaming {}
+
+pub(crate) struct RoamingSocket {
+    fd: RawFd,
+    place: Mutex<Option<Place>>,
+}
+
+/// Where a roaming socket is registered: which thread's epoll, under
+/// which key, for what.
+struct Place {
+    reactor: Weak<Reactor>,
+    key: u64,
+    interest: u32,
+}
+
+impl RoamingSocket {
+    fn lock(&self) -> MutexGuard<'_, Option<Place>> {
+        lock(&self.place)
+    }
+
+    fn release(&self, place: &mut Option<Place>) {
+        let Some(p) = place.take() else {
+            return;
+        };
+        // A reactor gone took its epoll with it.
+        if let Some(reactor) = p.reactor.upgrade() {
+            lock(&reactor.roamers).by_key.remove(&p.key);
+            reactor.epoll.delete(self.fd);
+        }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.reactor.engines).remove(&self.id);
         self.reactor.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    const NONE: Vec<RawFd> = Vec::new();
+
+    /// An engine stand-in that keeps the events it is handed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, u32)>>);
+
+    impl Driven for Recorder {
+        fn ready(&self, events: &[(u64, u32)]) {
+            lock(&self.0).extend_from_slice(events);
+        }
+        fn timer(&self, _now: Instant) {}
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<u64> {
+            std::mem::take(&mut *lock(&self.0))
+                .into_iter()
+                .map(|(local, _)| local)
+                .collect()
+        }
+    }
+
+    fn engine(reactor: &Arc<Reactor>) -> (Arc<Recorder>, Registration) {
+        let recorder = Arc::new(Recorder::default());
+        let weak = Arc::downgrade(&recorder) as Weak<dyn Driven>;
+        (recorder, Registration::on(Arc::clone(reactor), weak))
+    }
+
+    /// The descriptors `reactor`'s epoll watches, from the kernel's own
+    /// account (each ADD of one is a new entry; a MOD keeps it).
+    fn watched(reactor: &Reactor) -> Vec<RawFd> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd()))
+            .expect("fdinfo of an epoll");
+        let mut fds: Vec<RawFd> = info
+            .lines()
+            .filter_map(|line| line.strip_prefix("tfd:"))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        fds.retain(|&fd| {
+            fd != reactor.wake.fd() && Some(fd) != reactor.timer.as_ref().map(TimerFd::fd)
+        });
+        fds
+    }
+
+    /// The server end speaks once; the reactor runs a round; the byte is
+    /// read back out so the socket is quiet again.
+    fn speak(peer: &mut UnixStream, server: &mut UnixStream, reactor: &Reactor) {
+        peer.write_all(b"x").unwrap();
+        reactor.poll();
+        server.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 8];
+        let _ = server.read(&mut byte);
+    }
+
+    #[test]
+    fn a_roaming_socket_stays_registered_between_holders_of_one_thread() {
+        let reactor = Reactor::manual().unwrap();
+        let (a, reg_a) = engine(&reactor);
+        let (b, reg_b) = engine(&reactor);
+        let (mut server, mut peer) = UnixStream::pair().unwrap();
+        let fd = server.as_raw_fd();
+        let roaming = Roaming::new(fd);
+
+        let (mut interest_a, mut interest_b) = (0, 0);
+        reg_a.hold(&roaming, 7, &mut interest_a, READABLE);
+        assert_eq!((interest_a, watched(&reactor)), (READABLE, vec![fd]));
+        speak(&mut peer, &mut server, &reactor);
+        assert_eq!((a.take(), b.take()), (vec![7], vec![]));
+
+        // A lets go; B takes it on the same thread: the same registration.
+        reg_a.park(&roaming);
+        let info_before =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd())).unwrap();
+        reg_b.hold(&roaming, 9, &mut interest_b, READABLE);
+        let info_after =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd())).unwrap();
+        assert_eq!(
+            info_before, info_after,
+            "no epoll_ctl for a change of holder"
+        );
+        speak(&mut peer, &mut server, &reactor);
+        assert_eq!((a.take(), b.take()), (vec![], vec![9u64]));
+
+        // Nobody holds it and it speaks: it leaves the epoll, and nobody
+        // is told (its next holder finds the bytes).
+        reg_b.park(&roaming);
+        peer.write_all(b"x").unwrap();
+        reactor.poll();
+        assert_eq!(
+            (a.take(), b.take(), watched(&reactor)),
+            (vec![], vec![], NONE)
+        );
+        let mut interest = 0;
+        reg_a.hold(&roaming, 7, &mut interest, READABLE);
+        reactor.poll();
+        assert_eq!((a.take(), watched(&reactor)), (vec![7], vec![fd]));
+
+        // Dropped (back with Python): out of the epoll before it is closed.
+        drop(roaming);
+        assert_eq!(watched(&reactor), NONE);
+        assert!(lock(&reactor.roamers).by_key.is_empty());
+    }
+
+    #[test]
+    fn a_roaming_socket_moves_to_the_thread_of_its_new_holder() {
+        let (first, second) = (Reactor::manual().unwrap(), Reactor::manual().unwrap());
+        let (a, reg_a) = engine(&first);
+        let (c, reg_c) = engine(&second);
+        let (mut server, mut peer) = UnixStream::pair().unwrap();
+        let fd = server.as_raw_fd();
+        let roaming = Roaming::new(fd);
+
+        let (mut interest_a, mut interest_c) = (0, 0);
+        reg_a.hold(&roaming, 7, &mut interest_a, READABLE);
+        reg_a.park(&roaming);
+        reg_c.hold(&roaming, 3, &mut interest_c, READABLE);
+        assert_eq!((watched(&first), watched(&second)), (NONE, vec![fd]));
+        speak(&mut peer, &mut server, &second);
+        first.poll();
+        assert_eq!((a.take(), c.take()), (vec![], vec![3u64]));
+
+        // Watched for nothing: out of every epoll.
+        reg_c.hold(&roaming, 3, &mut interest_c, 0);
+        assert_eq!((interest_c, watched(&second)), (0, NONE));
+    }
+
+    #[test]
+    fn a_socket_parked_while_watched_for_writing_leaves_the_epoll() {
+        let reactor = Reactor::manual().unwrap();
+        let (_a, reg_a) = engine(&reactor);
+        let (server, _peer) = UnixStream::pair().unwrap();
+        let roaming = Roaming::new(server.as_raw_fd());
+        let mut interest = 0;
+        reg_a.hold(&roaming, 7, &mut interest, READABLE | crate::sys::WRITABLE);
+        assert_eq!(watched(&reactor).len(), 1);
+        reg_a.park(&roaming);
+        assert_eq!(watched(&reactor), NONE);
     }
 }
