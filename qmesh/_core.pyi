@@ -135,6 +135,7 @@ __all__ = [
     "parse_sasl_initial_response",
     "parse_sasl_mechanisms",
     "parse_startup",
+    "request_time_slice",
     "seal_row",
     "seal_rows",
 ]
@@ -615,6 +616,12 @@ def engine_threads() -> int:
     """How many engine threads run in this process (0 before the first
     :class:`TunnelEngine`): about one per core, each serving the sessions of
     many engines, so a Gate with thousands of edges holds a few threads."""
+
+def request_time_slice(seconds: float) -> bool:
+    """Ask the kernel for a time slice of ``seconds`` for the calling thread
+    (Linux 6.12 on, clamped to 0.1–100 ms): woken, a thread with a shorter
+    slice than the running one preempts it at once. False where the kernel
+    keeps no such slice; OSError if it refused."""
 
 @final
 class EngineNotifier:

@@ -774,6 +774,22 @@ fn engine_threads() -> usize {
     relay::engine_threads()
 }
 
+/// Ask the kernel for a time slice of ``seconds`` for the calling thread
+/// (Linux 6.12 on, clamped to 0.1–100 ms): woken, a thread with a shorter
+/// slice than the running one preempts it at once. False where the kernel
+/// keeps no such slice; OSError if it refused.
+#[pyfunction]
+fn request_time_slice(seconds: f64) -> PyResult<bool> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "a time slice is a positive number of seconds, not {seconds}"
+        )));
+    }
+    Ok(relay::request_time_slice(
+        std::time::Duration::from_secs_f64(seconds.min(1.0)),
+    )?)
+}
+
 /// One descriptor for the wake-ups of many engines: ``fd`` turns readable
 /// when an engine created with this notifier has something to take, and
 /// :meth:`take` names them by the ``key`` each was given.
@@ -804,6 +820,7 @@ impl EngineNotifier {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(engine_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(request_time_slice, m)?)?;
     m.add_class::<EngineNotifier>()?;
     m.add_class::<TunnelEngine>()?;
     m.add_class::<RelayEnding>()?;

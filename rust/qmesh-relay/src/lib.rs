@@ -32,4 +32,4 @@ pub use pool::{Lease, Prepared, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
 pub use pooled::{OwedAnswer, PooledEnd, PooledSpec};
 pub use reactor::engine_threads;
 pub use statements::STATEMENT_RUNNING;
-pub use sys::monotonic;
+pub use sys::{monotonic, request_time_slice};

@@ -426,7 +426,10 @@ impl Registration {
             // lock: the entry is there.
             let mut roamers = lock(&reactor.roamers);
             let roamer = roamers.by_key.get_mut(&p.key);
-            debug_assert!(roamer.is_some(), "a registered roaming socket is in the table");
+            debug_assert!(
+                roamer.is_some(),
+                "a registered roaming socket is in the table"
+            );
             if let Some(roamer) = roamer {
                 roamer.holder = Some((self.id, local));
                 *current = want;

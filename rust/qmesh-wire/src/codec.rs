@@ -703,7 +703,10 @@ mod tests {
             assert!(!compressed(&mut enc, &text));
         }
         assert!(compressed(&mut enc, &text));
-        assert_eq!((enc.small_misses, enc.small_probe_every), (0, SMALL_PROBE_EVERY));
+        assert_eq!(
+            (enc.small_misses, enc.small_probe_every),
+            (0, SMALL_PROBE_EVERY)
+        );
         assert!(compressed(&mut enc, &text));
         // Large payloads are always tried, whatever small ones did.
         for _ in 0..SMALL_MISSES_TO_SKIP {
