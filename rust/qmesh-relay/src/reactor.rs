@@ -613,9 +613,7 @@ mod tests {
     /// The descriptors `reactor`'s epoll watches, from the kernel's own
     /// account (each ADD of one is a new entry; a MOD keeps it).
     fn watched(reactor: &Reactor) -> Vec<RawFd> {
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd()))
-            .expect("fdinfo of an epoll");
-        let mut fds: Vec<RawFd> = info
+        let mut fds: Vec<RawFd> = epoll_info(reactor)
             .lines()
             .filter_map(|line| line.strip_prefix("tfd:"))
             .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -624,6 +622,20 @@ mod tests {
             fd != reactor.wake.fd() && Some(fd) != reactor.timer.as_ref().map(TimerFd::fd)
         });
         fds
+    }
+
+    /// A connected pair, the first end roaming.
+    fn roaming_socket() -> (UnixStream, UnixStream, Roaming) {
+        let (server, peer) = UnixStream::pair().unwrap();
+        let roaming = Roaming::new(server.as_raw_fd());
+        (server, peer, roaming)
+    }
+
+    /// The kernel's account of `reactor`'s epoll: a line per descriptor,
+    /// with what it is watched for and its token.
+    fn epoll_info(reactor: &Reactor) -> String {
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd()))
+            .expect("fdinfo of an epoll")
     }
 
     /// The server end speaks once; the reactor runs a round; the byte is
@@ -641,9 +653,8 @@ mod tests {
         let reactor = Reactor::manual().unwrap();
         let (a, reg_a) = engine(&reactor);
         let (b, reg_b) = engine(&reactor);
-        let (mut server, mut peer) = UnixStream::pair().unwrap();
+        let (mut server, mut peer, roaming) = roaming_socket();
         let fd = server.as_raw_fd();
-        let roaming = Roaming::new(fd);
 
         let (mut interest_a, mut interest_b) = (0, 0);
         reg_a.hold(&roaming, 7, &mut interest_a, READABLE);
@@ -653,14 +664,12 @@ mod tests {
 
         // A lets go; B takes it on the same thread: the same registration.
         reg_a.park(&roaming);
-        let info_before =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd())).unwrap();
+        let before = epoll_info(&reactor);
         reg_b.hold(&roaming, 9, &mut interest_b, READABLE);
-        let info_after =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", reactor.fd())).unwrap();
         assert_eq!(
-            info_before, info_after,
-            "no epoll_ctl for a change of holder"
+            before,
+            epoll_info(&reactor),
+            "no epoll_ctl for a new holder"
         );
         speak(&mut peer, &mut server, &reactor);
         assert_eq!((a.take(), b.take()), (vec![], vec![9u64]));
@@ -690,9 +699,8 @@ mod tests {
         let (first, second) = (Reactor::manual().unwrap(), Reactor::manual().unwrap());
         let (a, reg_a) = engine(&first);
         let (c, reg_c) = engine(&second);
-        let (mut server, mut peer) = UnixStream::pair().unwrap();
+        let (mut server, mut peer, roaming) = roaming_socket();
         let fd = server.as_raw_fd();
-        let roaming = Roaming::new(fd);
 
         let (mut interest_a, mut interest_c) = (0, 0);
         reg_a.hold(&roaming, 7, &mut interest_a, READABLE);
@@ -712,8 +720,7 @@ mod tests {
     fn a_socket_parked_while_watched_for_writing_leaves_the_epoll() {
         let reactor = Reactor::manual().unwrap();
         let (_a, reg_a) = engine(&reactor);
-        let (server, _peer) = UnixStream::pair().unwrap();
-        let roaming = Roaming::new(server.as_raw_fd());
+        let (_server, _peer, roaming) = roaming_socket();
         let mut interest = 0;
         reg_a.hold(&roaming, 7, &mut interest, READABLE | crate::sys::WRITABLE);
         assert_eq!(watched(&reactor).len(), 1);
