@@ -52,11 +52,12 @@ class PeerBoundary:
     request on the LLM fast path, where a generator's context manager cost
     several times as much."""
 
-    __slots__ = ("logger", "what")
+    __slots__ = ("args", "logger", "what")
 
-    def __init__(self, what: str, logger: logging.Logger) -> None:
+    def __init__(self, what: str, logger: logging.Logger, args: tuple[object, ...] = ()) -> None:
         self.what = what
         self.logger = logger
+        self.args = args
 
     def __enter__(self) -> None:
         return None
@@ -68,8 +69,10 @@ class PeerBoundary:
             return False
         passed, caught = split_failure(exc)
         if caught is not None:
+            # Formatted only now: no work per connection that ends well.
+            what = self.what % self.args if self.args else self.what
             self.logger.error(
-                "%s ended by an unexpected %s", self.what, type(caught).__name__, exc_info=caught
+                "%s ended by an unexpected %s", what, type(caught).__name__, exc_info=caught
             )
         if passed is exc:
             return False
@@ -78,9 +81,12 @@ class PeerBoundary:
         return True
 
 
-def peer_boundary(what: str, logger: logging.Logger = log) -> PeerBoundary:
-    """Ends whatever ``what`` (one connection) raised, with a logged reason."""
-    return PeerBoundary(what, logger)
+def peer_boundary(what: str, logger: logging.Logger = log, *args: object) -> PeerBoundary:
+    """Ends whatever ``what`` (one connection) raised, with a logged reason.
+    With ``args``, ``what`` is a %-format for them, formatted only if the
+    connection fails (a text from a peer belongs in ``args``, never in
+    ``what``)."""
+    return PeerBoundary(what, logger, args)
 
 
 def guarded(

@@ -41,3 +41,23 @@ def test_nothing_raised_nothing_said(caplog: pytest.LogCaptureFixture) -> None:
     with peer_boundary("client 4", log):
         pass
     assert caplog.records == []
+
+
+def test_a_description_with_arguments_is_formatted_only_for_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Peer:
+        formatted = 0
+
+        def __str__(self) -> str:
+            Peer.formatted += 1
+            return "50%s"  # a peer's text: never read as a format
+
+    with peer_boundary("client %s on %d%%", log, Peer(), 7):
+        pass
+    assert Peer.formatted == 0
+    with peer_boundary("client %s on %d%%", log, Peer(), 7):
+        raise ValueError("bad input")
+    (record,) = caplog.records
+    assert record.getMessage() == "client 50%s on 7% ended by an unexpected ValueError"
+    assert Peer.formatted == 1

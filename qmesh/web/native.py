@@ -162,7 +162,7 @@ class NativeHttpServer:
         waits for its closing words gets them in a task of its own."""
         closing = None
         finish = functools.partial(self._finish_fast, event.exchange)
-        with peer_boundary(f"booking a fast-path request (route {event.route})", log):
+        with peer_boundary("booking a fast-path request (route %d)", log, event.route):
             closing = self.fast.done(event, finish)
         if closing is not None:
             nursery.start_soon(_settle, closing, event.route)
@@ -184,7 +184,7 @@ class NativeHttpServer:
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:
         request = _request(event, exchange, self.source_of(event.peer))
         try:
-            with peer_boundary(f"http request from {request.client}", log):
+            with peer_boundary("http request from %s", log, request.client):
                 if event.failed_route is not None and event.failed is not None:
                     # Its attempt on the fast path, told to the route's owner
                     # inside this request's boundary, not the dispatcher's.
@@ -198,7 +198,7 @@ class NativeHttpServer:
 
 
 async def _settle(pending: Awaitable[None], route: int) -> None:
-    with peer_boundary(f"closing a fast-path answer (route {route})", log):
+    with peer_boundary("closing a fast-path answer (route %d)", log, route):
         await pending
 
 

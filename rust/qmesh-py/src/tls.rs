@@ -3,8 +3,8 @@
 //! login, a startup packet), then hands to a native relay
 //! (`TunnelEngine.attach_native(..., tls=...)`), which carries on with the
 //! same connection without Python, or lends it to the engines a pooled
-//! server connection goes to (`PoolShelf.give(..., tls=...)`). `TlsServerConfig`: a server's
-//! certificate and key, loaded once.
+//! server connection goes to (`PoolShelf.give(..., tls=...)`).
+//! `TlsServerConfig`: a server's certificate and key, loaded once.
 
 use std::sync::Arc;
 

@@ -926,9 +926,6 @@ struct State {
     natives: HashMap<u32, Native>,
     /// Native streams whose socket interest may have changed this round.
     dirty: Vec<u32>,
-    /// Sockets of native streams that ended this round, to stop watching
-    /// before the lock is released (Python closes them once it learns).
-    unwatch: Vec<RawFd>,
     /// Natives stopped reading (no usable connection, or a backlog).
     reading_paused: bool,
     tap_deadline: Option<Instant>,
@@ -1043,7 +1040,6 @@ impl Engine {
                 error_unreported: false,
                 natives: HashMap::new(),
                 dirty: Vec::new(),
-                unwatch: Vec::new(),
                 reading_paused: false,
                 tap_deadline: None,
                 scheduled: None,
@@ -1622,9 +1618,6 @@ impl State {
             // Control frames belong to a connection; reliable ones wait.
             self.out.retain(|(t, _, _)| *t < CONTROL_TYPE_MIN);
         }
-        for fd in self.unwatch.drain(..) {
-            shared.registration.unwatch(fd);
-        }
         self.update_interests(&shared.registration);
         self.prune_pool_deadlines();
         if let Some(deadline) = self.next_deadline() {
@@ -2085,15 +2078,12 @@ impl State {
         }
     }
 
-    /// Forget a native stream; its socket is unwatched by the round's finish().
+    /// Forget a native stream; its socket is no longer watched when this
+    /// returns (Python closes it once it learns).
     fn remove_native(&mut self, sid: u32, ending: Ending) -> Option<Outcome> {
         let mut native = self.natives.remove(&sid)?;
-        match native.roaming() {
-            // At once: its events would otherwise keep coming to this
-            // engine until Python took the lease back.
-            Some(roaming) => roaming.release(),
-            None if native.interest != 0 => self.unwatch.push(native.fd),
-            None => {}
+        if let Some(shared) = self.me.upgrade() {
+            native.unwatch(&shared.registration);
         }
         let pooled = native.pooled_end();
         if !native.records.is_empty() {
@@ -2215,7 +2205,7 @@ impl State {
             },
         };
         lease.touched = true;
-        native.fd = lease.fd;
+        native.fd = lease.fd();
         native.tls = tls;
         native.interest = 0;
         pooled.lease = Some(lease);

@@ -33,7 +33,6 @@ use crate::tls::TlsSlot;
 pub struct Lease {
     /// Python's name for the connection.
     pub id: u64,
-    pub fd: RawFd,
     /// An engine ran statements on it since Python last had it (the
     /// server then holds no client's unnamed statement: a simple Query
     /// drops it).
@@ -61,13 +60,17 @@ impl Lease {
     ) -> Lease {
         Lease {
             id,
-            fd,
             touched: false,
             expires,
             prepared,
             tls,
             roaming: Roaming::new(fd),
         }
+    }
+
+    /// Its socket.
+    pub fn fd(&self) -> RawFd {
+        self.roaming.fd()
     }
 }
 
@@ -327,7 +330,7 @@ impl Shelf {
         let now = Instant::now();
         while let Some(idle) = st.idle.pop() {
             let stale = now.duration_since(idle.since) > st.check_after;
-            if stale || sys::readable_now(idle.lease.fd) {
+            if stale || sys::readable_now(idle.lease.fd()) {
                 self.return_locked(st, idle.lease, ReturnWhy::Check);
                 continue;
             }

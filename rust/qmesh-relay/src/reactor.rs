@@ -516,6 +516,10 @@ impl Roaming {
         }))
     }
 
+    pub fn fd(&self) -> RawFd {
+        self.0.fd
+    }
+
     /// Out of any engine thread's epoll.
     pub(crate) fn release(&self) {
         self.0.release(&mut self.0.lock());

@@ -519,6 +519,15 @@ mod tests {
         (client, server)
     }
 
+    /// The client's side as an engine's link, reading a socket that holds
+    /// what the server sent so far: (link, the server's end, the link's).
+    fn linked(client: TlsSession, server: &mut TlsSession) -> (TlsLink, UnixStream, UnixStream) {
+        let (mut socket, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        socket.write_all(&server.outgoing()).unwrap();
+        (TlsLink::new(client.into_connection()), socket, theirs)
+    }
+
     #[test]
     fn plaintext_a_link_left_inside_comes_out_of_the_session_it_goes_back_to() {
         let (client, mut server) = pair();
@@ -526,12 +535,8 @@ mod tests {
         for piece in sent.chunks(1000) {
             server.send(piece).unwrap(); // a record each
         }
-        let (mut socket, theirs) = UnixStream::pair().unwrap();
-        theirs.set_nonblocking(true).unwrap();
-        socket.write_all(&server.outgoing()).unwrap();
-
         // The engine's read takes less than the records hold...
-        let mut link = TlsLink::new(client.into_connection());
+        let (mut link, _socket, theirs) = linked(client, &mut server);
         let mut buf = [0u8; 100];
         let n = link.read(theirs.as_raw_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], &sent[..100]);
@@ -548,10 +553,7 @@ mod tests {
     fn a_short_read_of_the_socket_leaves_it_drained() {
         let (client, mut server) = pair();
         server.send(b"one record").unwrap();
-        let (mut socket, theirs) = UnixStream::pair().unwrap();
-        theirs.set_nonblocking(true).unwrap();
-        socket.write_all(&server.outgoing()).unwrap();
-        let mut link = TlsLink::new(client.into_connection());
+        let (mut link, mut socket, theirs) = linked(client, &mut server);
         let mut buf = [0u8; 4096];
         let n = link.read(theirs.as_raw_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b"one record");
