@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar, Final, Literal, Self, TypeAlias, final
 
 __all__ = [
-    "AUDIT_ROW_WIDTH",
+    "AUDIT_BLOCK_RECORDS",
     "CONTROL_TYPE_MIN",
     "FLAG_COMPRESSED",
     "FRAME_TYPES",
@@ -51,6 +51,7 @@ __all__ = [
     "STATEMENT_RUNNING",
     "TAG_LEN",
     "AuditAuthor",
+    "AuditBlockError",
     "AuditQueue",
     "BufferLike",
     "EngineNotifier",
@@ -95,6 +96,7 @@ __all__ = [
     "TlsSession",
     "Truncated",
     "TunnelEngine",
+    "audit_block_records",
     "canonical_row",
     "decode_reason",
     "encode_authentication",
@@ -539,8 +541,8 @@ class PoolShelf:
     def engine_waiters(self) -> int:
         """Engines' clients waiting in line."""
 
-AUDIT_ROW_WIDTH: Final[int]
-"""Values per row in :meth:`AuditQueue.take`."""
+AUDIT_BLOCK_RECORDS: Final[int]
+"""Records an audit block holds at most (:meth:`AuditQueue.take_blocks`)."""
 
 @final
 class AuditQueue:
@@ -573,11 +575,27 @@ class AuditQueue:
         ended now; those that do not fit are dropped."""
     def author(self, app: str, alias: str, session: str | None, keep_text: bool) -> AuditAuthor:
         """What an engine's pooled stream records its statements with."""
-    def take(self, max_records: int) -> tuple[int, list[object]]:
-        """``(count, values)``: up to ``max_records`` records, oldest first,
-        as rows laid end to end — ``ts, app, alias, statement (None where
-        only the hash is kept), statement_sha256, duration_ms, rows,
-        outcome, session`` each."""
+    def take_blocks(
+        self, max_records: int
+    ) -> tuple[int, list[tuple[str, str, float, float, int, bytes]]]:
+        """``(count, blocks)``: up to ``max_records`` records, oldest first,
+        encoded as the stored blocks, ``(app, alias, first_ts, last_ts,
+        records, body)`` each: one per (app, alias) and batch, unless it
+        holds more than :data:`AUDIT_BLOCK_RECORDS`. Hashed, encoded and
+        compressed without the GIL."""
+
+def audit_block_records(
+    body: bytes,
+) -> list[tuple[float, str | None, str, float, int | None, str, str | None]]:
+    """The records of a block :meth:`AuditQueue.take_blocks` made, in the
+    order they were recorded: ``(ts, statement (None where only the hash
+    is kept), statement_sha256, duration_ms, rows, outcome, session)``
+    each. Raises :class:`AuditBlockError` for a body that is not such a
+    block."""
+
+class AuditBlockError(Exception):
+    """A stored statement-audit block that cannot be read: damaged, or not
+    one the audit wrote."""
 
 @final
 class AuditAuthor:

@@ -185,14 +185,14 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(
 async def test_a_failed_batch_is_counted_and_the_service_goes_on(store: StateStore) -> None:
     audit = AuditLog(store)
     with store._write() as conn:  # the database refuses the batch: no such table
-        conn.execute("ALTER TABLE pg_audit RENAME TO pg_audit_away")
+        conn.execute("ALTER TABLE pg_audit_blocks RENAME TO pg_audit_away")
     async with trio.open_nursery() as nursery:
         await nursery.start(audit.run)
         record(audit, 1)
         with trio.fail_after(10):
             await audit.flush()
         with store._write() as conn:
-            conn.execute("ALTER TABLE pg_audit_away RENAME TO pg_audit")
+            conn.execute("ALTER TABLE pg_audit_away RENAME TO pg_audit_blocks")
         record(audit, 2)
         with trio.fail_after(10):
             await audit.flush()
@@ -292,3 +292,88 @@ async def test_a_sessions_prepared_texts_are_bounded_in_bytes(store: StateStore)
     assert oldest.statement == "<statement prepared before the audit could see it>"
     assert newest.statement_sha256 == sha(texts[b"s4"])
     assert (newest.rows, newest.outcome) == (1, "ok")
+
+
+async def test_records_of_earlier_versions_a_row_each_are_read_with_the_blocks(
+    state_location: Path | str,
+) -> None:
+    """A state written before blocks keeps its rows: they are listed with the
+    records written since, newest first, and no id is given twice."""
+    with StateStore.open(state_location, migrate=False) as old:
+        blocks = next(i for i, step in enumerate(old.migrations) if "pg_audit_blocks" in step[0])
+        with old._write() as conn:
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (blocks,))
+            for statements in old.migrations[:blocks]:
+                for statement in statements:
+                    conn.execute(statement)
+            for row_id, ts, text in ((5000, 1.0, "SELECT 'oldest'"), (5001, 4e9, "SELECT 'ahead'")):
+                conn.execute(
+                    "INSERT INTO pg_audit (id, ts, app, alias, statement, statement_sha256,"
+                    " duration_ms, rows, outcome, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row_id, ts, "shop", "orders", text, sha(text), 2.0, 1, "ok", "edge-1/7"),
+                )
+    with StateStore.open(state_location) as store:
+        audit = AuditLog(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(audit.run)
+            record(audit, 1)
+            with trio.fail_after(10):
+                await audit.flush()
+            nursery.cancel_scope.cancel()
+        records = list_audit(store)
+        assert [r.statement for r in records] == ["SELECT 'ahead'", "SELECT 1", "SELECT 'oldest'"]
+        assert records[1].id > 5001
+        assert records[0].session == "edge-1/7"
+        assert [r.statement for r in list_audit(store, limit=2)] == ["SELECT 'ahead'", "SELECT 1"]
+        assert [r.statement for r in list_audit(store, since=2.0)] == ["SELECT 'ahead'", "SELECT 1"]
+
+
+async def test_a_damaged_block_is_skipped_with_an_error_and_the_rest_is_read(
+    store: StateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = AuditLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1)
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    with store._write() as conn:
+        conn.execute(
+            "INSERT INTO pg_audit_blocks (id, app, alias, first_ts, last_ts, records, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (10**6, "shop", "orders", 4e9, 4e9, 1, b"not a block"),
+        )
+    with caplog.at_level(logging.ERROR, logger="qmesh.pg.audit"):
+        assert [r.statement for r in list_audit(store)] == ["SELECT 1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "audit: block 1000000 skipped: damaged audit block: not a zstd frame"
+    ]
+
+
+async def test_the_newest_records_come_from_the_newest_blocks(store: StateStore) -> None:
+    """With records in many blocks, a short listing (which stops reading at
+    the first block too old to matter) is the start of the whole one."""
+    audit = CountingAuditLog(store, batch_size=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in range(100):
+            record(audit, i, app=("shop", "etl")[i % 2])
+            if i % 10 == 0:
+                await trio.lowlevel.checkpoint()
+        with trio.fail_after(30):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+    assert len(audit.batches) > 10
+    everything = list_audit(store, limit=1000)
+    assert len(everything) == 100
+    assert len({r.id for r in everything}) == 100
+    keys = [(r.ts, r.id) for r in everything]
+    assert keys == sorted(keys, reverse=True)
+    for limit in (1, 5, 13, 99):
+        assert list_audit(store, limit=limit) == everything[:limit]
+    etl = [r for r in everything if r.app == "etl"]
+    assert list_audit(store, app="etl", limit=9) == etl[:9]
+    since = everything[20].ts
+    assert list_audit(store, since=since, limit=1000) == [r for r in everything if r.ts >= since]

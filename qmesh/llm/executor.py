@@ -539,9 +539,7 @@ class Executor:
             return
         self.stream_broke(candidate, ctx, reason)
         tokens = stream_tokens(call.tokens_in, usage)
-        await self._settle(
-            decision, ctx, candidate, tokens, started, reservation, "stream_broken"
-        )
+        await self._settle(decision, ctx, candidate, tokens, started, reservation, "stream_broken")
         if outcome.open:
             tail = error_event(f"the model's stream broke off: {reason}", code="stream_broken")
             try:

@@ -7,7 +7,12 @@ for ``qmesh audit``.
 
 :meth:`AuditLog.record` only appends to a bounded in-memory queue; the
 service :meth:`AuditLog.run` writes what has queued up in batches, one
-transaction each, in a worker thread. When the queue is full (the disk is
+transaction each, in a worker thread. A batch is stored as compressed
+blocks, one per (app, alias), not a row per statement: a row cost SQLite
+more CPU than the Gate's engine spends relaying the statement, and 230
+bytes of disk (``_core.AuditQueue.take_blocks`` encodes them, without the
+GIL). Records written by earlier versions, a row each, stay in
+``pg_audit`` and are read with the rest. When the queue is full (the disk is
 slower than the traffic) records are dropped, counted and reported in a
 rate-limited warning: an audit log that stalls the database path would turn
 a slow disk into an outage. That trade is deliberate; a deployment that
@@ -20,6 +25,7 @@ lines, or deciding what counts as a statement (the relay calls
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -31,7 +37,7 @@ import trio
 from qmesh import _core
 from qmesh.config import AUDIT_MODES
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
-from qmesh.state.db import insert_many
+from qmesh.state.db import Connection
 
 __all__ = ["AUDIT_MODES", "AuditLog", "AuditRecord", "list_audit"]
 
@@ -47,6 +53,7 @@ _DROP_REPORT_INTERVAL_S: Final = 10.0
 LINGER_S = 0.05
 _CLOSE_TIMEOUT_S: Final = 5.0
 _MAX_ROWS: Final = 2**63 - 1
+_BLOCKS_A_FETCH: Final = 16
 
 
 @attrs.frozen
@@ -54,6 +61,8 @@ class AuditRecord:
     """One stored audit record."""
 
     id: int
+    """Unique; later records have larger ids. A record stored in a block
+    has its block's id times ``_core.AUDIT_BLOCK_RECORDS`` plus its place."""
     ts: float
     """When the statement finished (Unix time)."""
     app: str
@@ -222,17 +231,15 @@ class AuditLog:
 
     def _write_batch(self) -> tuple[int, int]:
         """(written, taken): one batch off the queue, into the store."""
-        taken, values = self.queue.take(self.batch_size)
+        taken, blocks = self.queue.take_blocks(self.batch_size)
         if not taken:
             return 0, 0
         try:
             with self.store._write(announce=False) as conn:
-                insert_many(
-                    conn,
-                    "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256,"
-                    " duration_ms, rows, outcome, session)",
-                    values,
-                    _core.AUDIT_ROW_WIDTH,
+                conn.executemany(
+                    "INSERT INTO pg_audit_blocks (app, alias, first_ts, last_ts, records, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    blocks,
                 )
         except (*DATABASE_ERRORS, StateError) as exc:
             logger.error("audit: could not write %d records: %s", taken, exc)
@@ -274,8 +281,27 @@ def list_audit(
     since: float | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
-    """Stored records, newest first, optionally only one app's, one alias's,
-    or those at or after ``since``."""
+    """Stored records, newest first (by end time, then id), optionally only
+    one app's, one alias's, or those at or after ``since``. A block that
+    cannot be read is skipped with a logged error naming it: the rest of
+    the audit stays readable."""
+    limit = max(0, limit)
+    if not limit:
+        return []
+    with store._read() as conn:
+        found = _from_blocks(conn, app, alias, since, limit)
+        found += _from_rows(conn, app, alias, since, limit)
+    return heapq.nlargest(limit, found, key=_newest_first)
+
+
+def _newest_first(record: AuditRecord) -> tuple[float, int]:
+    return record.ts, record.id
+
+
+def _filters(
+    app: str | None, alias: str | None, since: float | None, ts_column: str
+) -> tuple[str, list[object]]:
+    """`` WHERE …`` (or nothing) and its parameters."""
     where: list[str] = []
     params: list[object] = []
     for column, value in (("app", app), ("alias", alias)):
@@ -283,18 +309,68 @@ def list_audit(
             where.append(f"{column} = ?")
             params.append(value)
     if since is not None:
-        where.append("ts >= ?")
+        where.append(f"{ts_column} >= ?")
         params.append(since)
-    sql = (
-        "SELECT id, ts, app, alias, statement, statement_sha256, duration_ms, rows, outcome,"
-        " session FROM pg_audit"
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+def _from_blocks(
+    conn: Connection, app: str | None, alias: str | None, since: float | None, limit: int
+) -> list[AuditRecord]:
+    """The newest ``limit`` records of the blocks. Blocks are read newest
+    end first, and no further once one ends before the records kept."""
+    where, params = _filters(app, alias, since, "last_ts")
+    cursor = conn.execute(
+        f"SELECT id, app, alias, last_ts, body FROM pg_audit_blocks{where}"
+        " ORDER BY last_ts DESC, id DESC",
+        params,
     )
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
-    params.append(max(0, limit))
-    with store._read() as conn:
-        rows = conn.execute(sql, params).fetchall()
+    kept: list[tuple[tuple[float, int], AuditRecord]] = []  # a heap, oldest first
+    while blocks := cursor.fetchmany(_BLOCKS_A_FETCH):
+        for block_id, block_app, block_alias, last_ts, body in blocks:
+            if len(kept) == limit and last_ts < kept[0][0][0]:
+                return [record for _, record in kept]
+            try:
+                records = _core.audit_block_records(bytes(body))
+            except _core.AuditBlockError as exc:
+                logger.error("audit: block %d skipped: %s", block_id, exc)
+                continue
+            first_id = block_id * _core.AUDIT_BLOCK_RECORDS
+            for place, (ts, statement, sha256, duration_ms, rows, outcome, session) in enumerate(
+                records
+            ):
+                if since is not None and ts < since:
+                    continue
+                record = AuditRecord(
+                    id=first_id + place,
+                    ts=ts,
+                    app=block_app,
+                    alias=block_alias,
+                    statement=statement,
+                    statement_sha256=sha256,
+                    duration_ms=duration_ms,
+                    rows=rows,
+                    outcome=outcome,
+                    session=session,
+                )
+                entry = (_newest_first(record), record)
+                if len(kept) < limit:
+                    heapq.heappush(kept, entry)
+                elif entry[0] > kept[0][0]:
+                    heapq.heapreplace(kept, entry)
+    return [record for _, record in kept]
+
+
+def _from_rows(
+    conn: Connection, app: str | None, alias: str | None, since: float | None, limit: int
+) -> list[AuditRecord]:
+    """The newest ``limit`` records of earlier versions, a row each."""
+    where, params = _filters(app, alias, since, "ts")
+    rows = conn.execute(
+        "SELECT id, ts, app, alias, statement, statement_sha256, duration_ms, rows, outcome,"
+        f" session FROM pg_audit{where} ORDER BY ts DESC, id DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
     return [
         AuditRecord(
             id=row[0],

@@ -40,6 +40,7 @@ SHARED_TABLES: Final = (
     "app_old_verifiers",
     "vault_secrets",
     "pg_audit",
+    "pg_audit_blocks",
     "qg_ledger",
     "qg_audit",
     "qg_prompts",
@@ -59,6 +60,7 @@ _INSERTION_ORDER: Final = {"app_old_verifiers": "rowid"}
 """Tables without an id whose SQLite insertion order carries meaning."""
 _GENERATED_IDS: Final = {
     "pg_audit": "id",
+    "pg_audit_blocks": "id",
     "memory_sentences": "seq",
     "memory_entities": "id",
     "memory_relations": "id",

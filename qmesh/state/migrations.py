@@ -232,4 +232,27 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # Which client session ran each audited statement (qmesh.pg.audit).
     ("ALTER TABLE pg_audit ADD COLUMN session TEXT NULL",),
+    # The statement audit in compressed blocks, one per (app, alias) and
+    # batch (qmesh.pg.audit); pg_audit keeps the records written before.
+    # A record's id is its block's times 1,024 (_core.AUDIT_BLOCK_RECORDS)
+    # plus its place, so block ids start past pg_audit's last id.
+    (
+        """
+        CREATE TABLE pg_audit_blocks (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            app       TEXT NOT NULL,
+            alias     TEXT NOT NULL,
+            first_ts  REAL NOT NULL,
+            last_ts   REAL NOT NULL,
+            records   INTEGER NOT NULL,
+            body      BLOB NOT NULL
+        )
+        """,
+        "CREATE INDEX pg_audit_blocks_last_ts ON pg_audit_blocks (last_ts)",
+        "CREATE INDEX pg_audit_blocks_app_last_ts ON pg_audit_blocks (app, last_ts)",
+        """
+        INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'pg_audit_blocks', COALESCE(MAX(id), 0) / 1024 + 1 FROM pg_audit
+        """,
+    ),
 )

@@ -3,14 +3,12 @@
 //! relay record statements and the audit's writer takes them.
 
 use std::borrow::Cow;
-use std::collections::hash_map::{Entry, HashMap};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
-use pyo3::IntoPyObjectExt;
+use pyo3::types::PyBytes;
 use qmesh_relay as relay;
 
 use crate::Result;
@@ -98,65 +96,74 @@ impl AuditQueue {
         }
     }
 
-    /// ``(count, values)``: up to ``max_records`` records, oldest first, as
-    /// rows laid end to end for an INSERT — ``ts, app, alias, statement
-    /// (the text, None where only the hash is kept), statement_sha256,
-    /// duration_ms, rows, outcome, session`` each. Hashed without the GIL.
-    fn take<'py>(
+    /// ``(count, blocks)``: up to ``max_records`` records, oldest first,
+    /// encoded as the stored blocks, ``(app, alias, first_ts, last_ts,
+    /// records, body)`` each: one per (app, alias) and batch, unless it
+    /// holds more than :data:`AUDIT_BLOCK_RECORDS`. Hashed, encoded and
+    /// compressed without the GIL.
+    fn take_blocks<'py>(
         &self,
         py: Python<'py>,
         max_records: usize,
-    ) -> Result<(usize, Bound<'py, PyList>)> {
+    ) -> Result<(usize, Vec<StoredBlock<'py>>)> {
         let limit = self.inner.limits().max_statement_chars;
-        let rows: Vec<relay::AuditRow> = py.detach(|| {
+        let (count, blocks) = py.detach(|| {
             let taken = self.inner.take(max_records);
-            taken
-                .into_iter()
-                .map(|entry| entry.into_row(limit))
-                .collect()
+            (taken.len(), relay::encode_blocks(taken, limit))
         });
-        let mut values: Vec<Bound<'py, PyAny>> = Vec::with_capacity(rows.len() * ROW_WIDTH);
-        // A session's names are made once a batch, however its records
-        // interleave with other sessions'.
-        let mut names: HashMap<*const relay::Who, [Bound<'py, PyAny>; 3]> = HashMap::new();
-        // Most rows of a batch share their outcome ("ok"): made once a run.
-        let mut outcome: Option<(&str, Bound<'py, PyAny>)> = None;
-        for row in &rows {
-            let [app, alias, session] = match names.entry(Arc::as_ptr(&row.who)) {
-                Entry::Occupied(made) => made.into_mut(),
-                Entry::Vacant(place) => place.insert([
-                    (*row.who.app).into_bound_py_any(py)?,
-                    (*row.who.alias).into_bound_py_any(py)?,
-                    row.who.session.as_deref().into_bound_py_any(py)?,
-                ]),
-            };
-            values.push(row.ts.into_bound_py_any(py)?);
-            values.push(app.clone());
-            values.push(alias.clone());
-            values.push(row.text.as_deref().into_bound_py_any(py)?);
-            values.push(row.sha256.as_str().into_bound_py_any(py)?);
-            values.push(row.duration_ms.into_bound_py_any(py)?);
-            values.push(row.rows.into_bound_py_any(py)?);
-            let same = outcome
-                .as_ref()
-                .filter(|(text, _)| *text == row.outcome.as_ref());
-            let made = match same {
-                Some((_, made)) => made.clone(),
-                None => {
-                    let made = row.outcome.as_ref().into_bound_py_any(py)?;
-                    outcome = Some((row.outcome.as_ref(), made.clone()));
-                    made
-                }
-            };
-            values.push(made);
-            values.push(session.clone());
-        }
-        Ok((rows.len(), PyList::new(py, values)?))
+        let blocks = blocks
+            .into_iter()
+            .map(|block| {
+                (
+                    block.app.to_string(),
+                    block.alias.to_string(),
+                    block.first_ts,
+                    block.last_ts,
+                    block.records,
+                    PyBytes::new(py, &block.body),
+                )
+            })
+            .collect();
+        Ok((count, blocks))
     }
 }
 
-/// Values per row in :meth:`AuditQueue.take`.
-const ROW_WIDTH: usize = 9;
+/// ``(app, alias, first_ts, last_ts, records, body)``: one block to store.
+type StoredBlock<'py> = (String, String, f64, f64, usize, Bound<'py, PyBytes>);
+
+/// ``(ts, statement, statement_sha256, duration_ms, rows, outcome,
+/// session)``: one record of a stored block.
+type StoredRecord = (
+    f64,
+    Option<String>,
+    String,
+    f64,
+    Option<i64>,
+    String,
+    Option<String>,
+);
+
+/// The records of a block :meth:`AuditQueue.take_blocks` made, in the
+/// order they were recorded. Raises :class:`AuditBlockError` for a body
+/// that is not such a block.
+#[pyfunction]
+fn audit_block_records(py: Python<'_>, body: &[u8]) -> Result<Vec<StoredRecord>> {
+    let records = py.detach(|| relay::decode_block(body))?;
+    Ok(records
+        .into_iter()
+        .map(|r| {
+            (
+                r.ts,
+                r.text,
+                r.sha256,
+                r.duration_ms,
+                r.rows,
+                r.outcome,
+                r.session,
+            )
+        })
+        .collect())
+}
 
 impl AuditQueue {
     fn author_for(
@@ -187,5 +194,6 @@ pub struct AuditAuthor {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<AuditQueue>()?;
     m.add_class::<AuditAuthor>()?;
-    m.add("AUDIT_ROW_WIDTH", ROW_WIDTH)
+    m.add_function(wrap_pyfunction!(audit_block_records, m)?)?;
+    m.add("AUDIT_BLOCK_RECORDS", relay::audit_block::MAX_BLOCK_RECORDS)
 }

@@ -11,7 +11,8 @@
 //! the peer's Postgres bytes (`PgWireError` and its kinds), the peer's use of
 //! the tunnel protocol (`ProtocolViolation`), the connection
 //! (`PeerClosed`, and `OSError` with its errno for a failed system call);
-//! our own caller's mistakes are `ValueError`.
+//! a damaged block of our own stored audit (`AuditBlockError`); our own
+//! caller's mistakes are `ValueError`.
 
 use std::io;
 
@@ -116,6 +117,14 @@ create_exception!(
      (an OSError, as Python's ssl.SSLError is)."
 );
 
+create_exception!(
+    qmesh._core,
+    AuditBlockError,
+    PyException,
+    "A stored statement-audit block that cannot be read: damaged, or not \
+     one the audit wrote."
+);
+
 /// The binding's one error type: an error of one of the crates it wraps, an
 /// OS error, or a Python error raised while converting arguments.
 #[derive(Debug)]
@@ -125,6 +134,7 @@ pub enum Error {
     Relay(relay::Error),
     Os(io::Error),
     Tls(relay::tls::TlsError),
+    AuditBlock(relay::AuditBlockError),
     Python(PyErr),
 }
 
@@ -161,6 +171,12 @@ impl From<relay::tls::TlsError> for Error {
     }
 }
 
+impl From<relay::AuditBlockError> for Error {
+    fn from(err: relay::AuditBlockError) -> Self {
+        Error::AuditBlock(err)
+    }
+}
+
 impl From<PyErr> for Error {
     fn from(err: PyErr) -> Self {
         Error::Python(err)
@@ -175,6 +191,7 @@ impl From<Error> for PyErr {
             Error::Pg(err) => pg_error(&err),
             Error::Os(err) => os_error(err),
             Error::Tls(err) => TlsError::new_err(err.to_string()),
+            Error::AuditBlock(err) => AuditBlockError::new_err(err.to_string()),
             Error::Relay(err) => relay_error(err),
         }
     }
@@ -253,5 +270,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PgMessageTooLarge", py.get_type::<PgMessageTooLarge>())?;
     m.add("PgTruncated", py.get_type::<PgTruncated>())?;
     m.add("TlsError", py.get_type::<TlsError>())?;
+    m.add("AuditBlockError", py.get_type::<AuditBlockError>())?;
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! record is dropped and counted (an audit that stalled the database path
 //! would turn a slow disk into an outage). The statement's SHA-256 and its
 //! stored text (truncated) are made when the writer takes it, in the
-//! writer's thread.
+//! writer's thread, as it encodes the stored blocks (`audit_block.rs`).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -50,20 +50,6 @@ pub struct Entry {
     pub who: Arc<Who>,
     /// Shared: the Executes of one prepared statement hold its one text.
     pub statement: Arc<[u8]>,
-    pub duration_ms: f64,
-    pub rows: Option<i64>,
-    pub outcome: Cow<'static, str>,
-}
-
-/// One record as stored: [`Entry`] with its hash and stored text.
-#[derive(Debug)]
-pub struct Row {
-    pub ts: f64,
-    pub who: Arc<Who>,
-    /// None where only the hash is kept.
-    pub text: Option<String>,
-    /// Hex SHA-256 of the whole statement.
-    pub sha256: String,
     pub duration_ms: f64,
     pub rows: Option<i64>,
     pub outcome: Cow<'static, str>,
@@ -201,36 +187,6 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-impl Entry {
-    /// The stored form: the hash of the whole statement and, where the text
-    /// is kept, the text as UTF-8 (invalid bytes replaced), cut after
-    /// `max_chars` characters with a note of the whole length.
-    pub fn into_row(self, max_chars: usize) -> Row {
-        let digest = ring::digest::digest(&ring::digest::SHA256, &self.statement);
-        let sha256: String = hex_digits(digest.as_ref()).map(char::from).collect();
-        let text = self.who.keep_text.then(|| {
-            let text = String::from_utf8_lossy(&self.statement);
-            match text.char_indices().nth(max_chars) {
-                None => text.into_owned(),
-                Some((cut, _)) => format!(
-                    "{}… [truncated: {} characters in all]",
-                    &text[..cut],
-                    text.chars().count()
-                ),
-            }
-        });
-        Row {
-            ts: self.ts,
-            who: self.who,
-            text,
-            sha256,
-            duration_ms: self.duration_ms,
-            rows: self.rows,
-            outcome: self.outcome,
-        }
-    }
-}
-
 /// `bytes` as lowercase hexadecimal digits, two a byte (by table: this runs
 /// for every statement audited).
 pub(crate) fn hex_digits(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
@@ -269,8 +225,12 @@ pub(crate) mod testing {
 
     /// (text, rows, outcome) of each record taken off `queue`.
     pub(crate) fn recorded(queue: &AuditQueue) -> Vec<(String, Option<i64>, String)> {
-        let rows = queue.take(100).into_iter().map(|e| e.into_row(100));
-        rows.map(|r| (r.text.unwrap_or_default(), r.rows, r.outcome.into_owned()))
+        let taken = queue.take(100).into_iter();
+        taken
+            .map(|e| {
+                let text = String::from_utf8_lossy(&e.statement).into_owned();
+                (text, e.rows, e.outcome.into_owned())
+            })
             .collect()
     }
 }
@@ -331,24 +291,5 @@ mod tests {
             [b"b".as_slice(), b"SELECT 3"]
         );
         assert_eq!(queue.counts().queued, 0);
-    }
-
-    #[test]
-    fn a_row_hashes_the_whole_statement_and_cuts_long_texts() {
-        let row = entry(b"SELECT 1", true).into_row(100);
-        // sha256("SELECT 1")
-        assert_eq!(
-            row.sha256,
-            "e004ebd5b5532a4b85984a62f8ad48a81aa3460c1ca07701f386135d72cdecf5"
-        );
-        assert_eq!(row.text.as_deref(), Some("SELECT 1"));
-        assert_eq!(entry(b"SELECT 1", false).into_row(100).text, None);
-        let long = entry("é".repeat(12).as_bytes(), true).into_row(10);
-        assert_eq!(
-            long.text.as_deref(),
-            Some("éééééééééé… [truncated: 12 characters in all]")
-        );
-        let bad = entry(b"SELECT '\xff'", true).into_row(100);
-        assert_eq!(bad.text.as_deref(), Some("SELECT '\u{fffd}'"));
     }
 }

@@ -6,6 +6,7 @@
 //! to a database server, an application to the MiniGate).
 
 pub mod audit;
+pub mod audit_block;
 pub mod engine;
 pub mod error;
 mod fastroute;
@@ -18,7 +19,11 @@ mod statements;
 mod sys;
 pub mod tls;
 
-pub use audit::{AuditAuthor, AuditCounts, AuditLimits, AuditQueue, Row as AuditRow, Who};
+pub use audit::{AuditAuthor, AuditCounts, AuditLimits, AuditQueue, Who};
+pub use audit_block::{
+    decode_block, encode_blocks, Block as AuditBlock, BlockError as AuditBlockError,
+    StoredRecord as AuditRecord,
+};
 pub use engine::{
     Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
 };
