@@ -88,6 +88,7 @@ runs on; the run is never a pass/fail test.
     python bench/pg_compare.py --only direct,qmesh,qmesh-guard
     python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
     python bench/pg_compare.py --pool transaction [--only pgbouncer-txn,qmesh-txn] [--rounds 5]
+    python bench/pg_compare.py --server-tls --engine-poll-us 200   # engine threads that poll
 """
 
 from __future__ import annotations
@@ -204,8 +205,10 @@ class Stack:
         statement_timeout_ms: int = 0,
         server_tls: bool = False,
         pool: str | None = None,
+        engine_poll_us: int = 0,
     ) -> None:
         self.base = base
+        self.engine_poll_us = engine_poll_us  # both qmesh processes' tunnel.engine_poll_us
         self.server_tls = server_tls
         self.pool = pool  # "transaction": --pool's server and targets
         self.scale = scale
@@ -409,6 +412,9 @@ class Stack:
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
         # qmesh-guard: a statement_timeout_ms policy, so its sessions take the guard.
         timeout = GUARD_TIMEOUT_MS if target == "qmesh-guard" else self.statement_timeout_ms
+        tunnel = (
+            f"[tunnel]\nengine_poll_us = {self.engine_poll_us}\n" if self.engine_poll_us else ""
+        )
         (directory / "gate.toml").write_text(
             f'data_dir = "{gate_dir}"\n[log]\nlevel = "warning"\n'
             f'[gate]\ntunnel_listen = "127.0.0.1:{tunnel_port}"\n'
@@ -423,11 +429,12 @@ class Stack:
                 if target == "qmesh-txn"
                 else ""
             )
+            + tunnel
         )
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
             f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
-            f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n'
+            f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n' + tunnel
         )
         for role in ("gate", "minigate"):
             self.spawn(
@@ -623,6 +630,11 @@ def pgbench_pooled(
     )
 
 
+def polling(args: argparse.Namespace) -> str:
+    """The table heading's word on --engine-poll-us, if set."""
+    return f", qmesh tunnel.engine_poll_us {args.engine_poll_us}" if args.engine_poll_us else ""
+
+
 @contextlib.contextmanager
 def stack_in(
     base: Path,
@@ -632,8 +644,9 @@ def stack_in(
     statement_timeout_ms: int,
     server_tls: bool,
     pool: str | None = None,
+    engine_poll_us: int = 0,
 ) -> Iterator[Stack]:
-    stack = Stack(base, scale, audit, statement_timeout_ms, server_tls, pool)
+    stack = Stack(base, scale, audit, statement_timeout_ms, server_tls, pool, engine_poll_us)
     try:
         stack.start(targets)
         yield stack
@@ -667,7 +680,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
     try:
         with stack_in(
             base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
-            args.pool,
+            args.pool, args.engine_poll_us,
         ) as stack:  # fmt: skip
             assert stack.pg is not None
             sampler = ServerConnections(stack.pg.dsn)
@@ -685,7 +698,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
         f"pgbench -j 2, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
         f"server max_connections = {POOL_MAX_CONNECTIONS}, transaction pooling with "
         f"{POOL_SIZE} server connections (pgbouncer-txn default_pool_size, qmesh-txn "
-        f"pool_size), qmesh audit {args.audit}"
+        f"pool_size), qmesh audit {args.audit}{polling(args)}"
         + (
             f", {args.rounds} rounds (cells: the run of median TPS; ratios: median "
             "[min–max] of the rounds')"
@@ -839,6 +852,11 @@ def main() -> int:
         "clients (simple, extended, prepared) and 200 with -C",
     )  # fmt: skip
     parser.add_argument(
+        "--engine-poll-us", type=int, default=0, metavar="US",
+        help="qmesh's tunnel.engine_poll_us in both processes (default 0: the engine threads "
+        "never poll)",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=1,
         help="--pool: run the pools' cases this many times, their order turning each round; "
         "cells show the run of median TPS, ratios the median of the rounds'",
@@ -884,8 +902,9 @@ def main() -> int:
     results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
     try:
         with stack_in(
-            base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls
-        ) as stack:
+            base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
+            engine_poll_us=args.engine_poll_us,
+        ) as stack:  # fmt: skip
             for case in cases:
                 for target in targets:
                     results[(*case, target)] = pgbench(stack, target, *case, args.duration)
@@ -894,7 +913,7 @@ def main() -> int:
         leave_work_directory(base, keep=args.keep)
     print(
         f"pgbench, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
-        f"qmesh audit {args.audit}"
+        f"qmesh audit {args.audit}{polling(args)}"
         + (
             f", statement_timeout_ms {args.statement_timeout_ms}"
             if args.statement_timeout_ms

@@ -112,6 +112,8 @@ __all__ = [
     "encode_reason",
     "encode_sasl_initial_response",
     "encode_startup",
+    "engine_poll",
+    "engine_polls",
     "engine_threads",
     "json_nesting_depth",
     "parse_authentication",
@@ -140,6 +142,7 @@ __all__ = [
     "request_time_slice",
     "seal_row",
     "seal_rows",
+    "set_engine_poll",
 ]
 
 BufferLike: TypeAlias = bytes | bytearray | memoryview
@@ -634,6 +637,19 @@ def engine_threads() -> int:
     """How many engine threads run in this process (0 before the first
     :class:`TunnelEngine`): about one per core, each serving the sessions of
     many engines, so a Gate with thousands of edges holds a few threads."""
+
+def set_engine_poll(seconds: float) -> None:
+    """Let the engine threads poll for work for up to ``seconds`` (at most
+    1 ms) before they sleep, each sizing its window from its own idle
+    spells; 0: never (the default). Trades CPU for the wake-up of a sleeping
+    thread; see ``tunnel.engine_poll_us``. ValueError outside 0–1 ms."""
+
+def engine_poll() -> float:
+    """The longest poll window the engine threads use now, in seconds."""
+
+def engine_polls() -> tuple[int, int]:
+    """``(caught, missed)``: the engine threads' polls that found work, and
+    those that ran out of their window and slept."""
 
 def request_time_slice(seconds: float) -> bool:
     """Ask the kernel for a time slice of ``seconds`` for the calling thread

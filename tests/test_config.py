@@ -90,6 +90,7 @@ def test_full_file(tmp_path: Path) -> None:
         heartbeat_interval_s = 1
         dead_after_s = 2.5
         resume_grace_s = 0
+        engine_poll_us = 200
 
         [gate]
         name = "gate-eu.1"
@@ -118,6 +119,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.tunnel.heartbeat_interval_s == 1.0
     assert isinstance(config.tunnel.heartbeat_interval_s, float)
     assert config.tunnel.resume_grace_s == 0.0
+    assert config.tunnel.engine_poll_us == 200
     assert config.gate.name == "gate-eu.1"
     assert config.gate.tunnel_listen == "[::]:9000"
     assert config.gate.forward_allow == ("db.internal:5432", "10.0.0.0/24:*", "[fd00::1]:80")
@@ -155,6 +157,8 @@ INVALID = [
     ("[tunnel]\nmax_frame_payload = 512", "tunnel.max_frame_payload", 3, "1024"),
     ("[tunnel]\nmax_frame_payload = 16777217", "tunnel.max_frame_payload", 3, "16777216"),
     ("[tunnel]\nstream_window = 65535", "tunnel.stream_window", 3, "at least 65536"),
+    ("[tunnel]\nengine_poll_us = 1001", "tunnel.engine_poll_us", 3, "from 0 to 1000"),
+    ("[tunnel]\nengine_poll_us = -1", "tunnel.engine_poll_us", 3, "from 0 to 1000"),
     ("[tunnel]\nchunk_size = 1000", "tunnel.chunk_size", 3, "1024"),
     (
         "[tunnel]\nmax_frame_payload = 2048\nchunk_size = 4096",

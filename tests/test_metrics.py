@@ -13,7 +13,7 @@ from daemonkit import http_json, make_gate_dir
 from llmkit import start_provider
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmesh import __version__
+from qmesh import __version__, _core
 from qmesh.config import load_config
 from qmesh.gate.role import run_gate
 from qmesh.ops.metrics import BurnDown, History
@@ -207,3 +207,29 @@ async def _metrics(http: str, bearer: str) -> str:
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
         data = await response.read()
     return data.decode()
+
+
+async def test_the_engine_threads_poll_window_and_polls_are_exported(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    gate_dir = make_gate_dir(tmp_path)
+    config_file = tmp_path / "gate.toml"
+    config_file.write_text(gate_dir.config_text())
+    gate = await nursery.start(run_gate, load_config(config_file, env={}))
+    http, bearer = gate["http"], gate_dir.bearer
+    scraped = parse(await _metrics(http, bearer))
+    assert scraped["qmesh_engine_poll_window_seconds"][()] == 0, "off by default"
+    assert set(scraped["qmesh_engine_polls_total"]) == {
+        (("outcome", "caught"),),
+        (("outcome", "missed"),),
+    }
+    try:
+        _core.set_engine_poll(0.0002)
+        scraped = parse(await _metrics(http, bearer))
+        assert scraped["qmesh_engine_poll_window_seconds"][()] == pytest.approx(0.0002)
+        for wrong in (0.0011, -1e-6, math.nan):
+            with pytest.raises(ValueError, match="engine poll window"):
+                _core.set_engine_poll(wrong)
+        assert _core.engine_poll() == pytest.approx(0.0002)
+    finally:
+        _core.set_engine_poll(0)

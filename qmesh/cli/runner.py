@@ -95,6 +95,7 @@ async def run_roles(
             # it: 5 ms by default, 0.5 ms here.
             sys.setswitchinterval(SWITCH_INTERVAL_S)
             _shorten_time_slice()
+            _core.set_engine_poll(config.tunnel.engine_poll_us / 1e6)
             task_status.started(endpoints)
     except BaseExceptionGroup as group:
         operator_errors = _operator_errors(group)

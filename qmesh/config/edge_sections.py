@@ -109,6 +109,7 @@ def read_tunnel(r: Reader, root: Mapping[str, object]) -> TunnelConfig:
         max_streams_per_session=r.integer(
             t, path, "max_streams_per_session", d.max_streams_per_session, lo=1
         ),
+        engine_poll_us=r.integer(t, path, "engine_poll_us", d.engine_poll_us, lo=0, hi=1000),
     )
 
 

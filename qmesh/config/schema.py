@@ -88,6 +88,10 @@ class TunnelConfig:
     descriptors in use reach into that reserve."""
     max_streams_per_session: int = 4096
     """Streams the peer may have open in one session; more OPENs are refused."""
+    engine_poll_us: int = 0
+    """How long, at most, this process's engine threads poll for the next
+    message before they sleep (0..1000 µs; 0: they never poll). Trades CPU
+    for latency: see docs/pg.md, "Engine threads that poll"."""
 
 
 @attrs.frozen

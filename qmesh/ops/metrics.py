@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from qmesh import __version__
+from qmesh import __version__, _core
 from qmesh.finops.ledger import Hop, LedgerEntry
 from qmesh.fleet.inventory import NODE_STATES, Inventory
 from qmesh.tunnel import TunnelServer
@@ -460,6 +460,20 @@ class GateMetrics:
                 for s in sessions
                 if s.rtt is not None
             ],
+        )
+
+        caught, missed = _core.engine_polls()
+        yield gauge_family(
+            "qmesh_engine_poll_window_seconds",
+            "The longest the engine threads poll for work before they sleep"
+            " (tunnel.engine_poll_us; 0: they never poll).",
+            [({}, _core.engine_poll())],
+        )
+        yield gauge_family(
+            "qmesh_engine_polls_total",
+            "Engine threads' polls, by whether they found work or ran out and slept.",
+            [({"outcome": "caught"}, caught), ({"outcome": "missed"}, missed)],
+            kind="counter",
         )
 
     def _collect_inventory(self) -> Iterable[Family]:

@@ -790,6 +790,35 @@ fn request_time_slice(seconds: f64) -> PyResult<bool> {
     )?)
 }
 
+/// Let the engine threads poll for work for up to ``seconds`` (at most 1 ms)
+/// before they sleep, each sizing its window from its own idle spells; 0:
+/// never (the default). Trades CPU for the wake-up of a sleeping thread;
+/// see ``tunnel.engine_poll_us``.
+#[pyfunction]
+fn set_engine_poll(seconds: f64) -> PyResult<()> {
+    let most = relay::MAX_POLL.as_secs_f64();
+    if !(seconds.is_finite() && (0.0..=most).contains(&seconds)) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "an engine poll window is 0 to {most} seconds, not {seconds}"
+        )));
+    }
+    relay::set_engine_poll(std::time::Duration::from_secs_f64(seconds));
+    Ok(())
+}
+
+/// The longest poll window the engine threads use now, in seconds.
+#[pyfunction]
+fn engine_poll() -> f64 {
+    relay::engine_poll().as_secs_f64()
+}
+
+/// ``(caught, missed)``: the engine threads' polls that found work, and
+/// those that ran out of their window and slept.
+#[pyfunction]
+fn engine_polls() -> (u64, u64) {
+    relay::engine_polls()
+}
+
 /// One descriptor for the wake-ups of many engines: ``fd`` turns readable
 /// when an engine created with this notifier has something to take, and
 /// :meth:`take` names them by the ``key`` each was given.
@@ -821,6 +850,9 @@ impl EngineNotifier {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(engine_threads, m)?)?;
     m.add_function(wrap_pyfunction!(request_time_slice, m)?)?;
+    m.add_function(wrap_pyfunction!(set_engine_poll, m)?)?;
+    m.add_function(wrap_pyfunction!(engine_poll, m)?)?;
+    m.add_function(wrap_pyfunction!(engine_polls, m)?)?;
     m.add_class::<EngineNotifier>()?;
     m.add_class::<TunnelEngine>()?;
     m.add_class::<RelayEnding>()?;

@@ -35,6 +35,6 @@ pub use http::{
 pub use notify::Notifier;
 pub use pool::{Lease, Prepared, ReturnWhy, Shelf, ShelfEvent, ShelfStats};
 pub use pooled::{OwedAnswer, PooledEnd, PooledSpec};
-pub use reactor::engine_threads;
+pub use reactor::{engine_poll, engine_polls, engine_threads, set_engine_poll, MAX_POLL};
 pub use statements::STATEMENT_RUNNING;
 pub use sys::{monotonic, request_time_slice};

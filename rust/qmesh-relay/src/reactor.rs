@@ -30,7 +30,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::sys::{Epoll, EventFd, TimerFd, READABLE};
 
@@ -46,6 +46,11 @@ const TOKEN_TIMER: u64 = u64::MAX - 1;
 const EVENTS_PER_WAIT: usize = 1024;
 /// Engine threads per process at most, whatever the core count.
 const MAX_THREADS: usize = 64;
+/// The longest poll window a process may set ([`set_engine_poll`]).
+pub const MAX_POLL: Duration = Duration::from_millis(1);
+/// A poll window starts at, and shrinks to nothing below, this share of
+/// the longest (as cpuidle-haltpoll's grow start).
+const POLL_START_SHARE: u32 = 4;
 /// The engine part of a roaming socket's token (engine ids start at 1).
 const ROAMING: u64 = 0;
 
@@ -130,6 +135,12 @@ pub(crate) struct Reactor {
     timers: Mutex<Timers>,
     load: AtomicUsize,
     next_id: AtomicU64,
+    /// The longest this thread polls for work before it sleeps, in
+    /// nanoseconds (0: it never polls); see [`set_engine_poll`].
+    poll_max_ns: AtomicU64,
+    /// Polls that found work, and polls that ran out and slept.
+    polls_caught: AtomicU64,
+    polls_missed: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,6 +180,9 @@ impl Reactor {
             }),
             load: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            poll_max_ns: AtomicU64::new(POLL_MAX_NS.load(Ordering::Relaxed)),
+            polls_caught: AtomicU64::new(0),
+            polls_missed: AtomicU64::new(0),
         });
         reactor.epoll.add(reactor.wake.fd(), TOKEN_WAKE, READABLE)?;
         if let Some(timer) = &reactor.timer {
@@ -185,7 +199,7 @@ impl Reactor {
     /// One round without waiting: what is ready, then what is due.
     pub(crate) fn poll(&self) {
         let mut rounds = lock(&self.rounds);
-        self.round(&mut rounds, Some(std::time::Duration::ZERO));
+        self.round(&mut rounds, Some(Duration::ZERO));
         if let Some(timer) = &self.timer {
             // Set for the next deadline, the ones this round added included.
             let mut timers = lock(&self.timers);
@@ -199,27 +213,62 @@ impl Reactor {
 
     fn run(&self) {
         let mut rounds = lock(&self.rounds);
+        let mut window = PollWindow::default();
         loop {
+            let idle_since = Instant::now();
+            let poll = window.get(self.poll_max());
+            if !poll.is_zero() && self.poll_for(&mut rounds, poll) {
+                continue;
+            }
             let timeout = {
                 let mut timers = lock(&self.timers);
                 let next = timers.heap.peek().map(|Reverse((at, _))| *at);
                 timers.sleeping_until = next;
                 next.map(|at| at.saturating_duration_since(Instant::now()))
             };
-            self.round(&mut rounds, timeout);
+            if self.round(&mut rounds, timeout) > 0 {
+                // The setting now: it may have changed while the thread slept.
+                window.woke_after(idle_since.elapsed(), self.poll_max());
+            }
         }
     }
 
-    fn round(&self, rounds: &mut Rounds, timeout: Option<std::time::Duration>) {
+    fn poll_max(&self) -> Duration {
+        Duration::from_nanos(self.poll_max_ns.load(Ordering::Relaxed))
+    }
+
+    /// Rounds that do not sleep, until one finds work or `window` has
+    /// passed, giving the CPU to any other runnable thread between them.
+    /// Whether one found work.
+    fn poll_for(&self, rounds: &mut Rounds, window: Duration) -> bool {
+        let until = Instant::now() + window;
+        loop {
+            if self.round(rounds, Some(Duration::ZERO)) > 0 {
+                self.polls_caught.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            if Instant::now() >= until {
+                self.polls_missed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            crate::sys::yield_now();
+        }
+    }
+
+    /// One wait for events (at most `timeout`) and what they and the due
+    /// timers call for; the number of events.
+    fn round(&self, rounds: &mut Rounds, timeout: Option<Duration>) -> usize {
         let Rounds {
             ready,
             batch,
             group,
             strays,
         } = rounds;
+        let found;
         {
             // EBADF/EINVAL cannot happen on our own epoll.
             let n = self.epoll.wait(ready, timeout).unwrap_or(0);
+            found = n;
             batch.clear();
             let mut roamers = None;
             for event in &ready[..n] {
@@ -277,6 +326,7 @@ impl Reactor {
                 }
             }
         }
+        found
     }
 
     fn engine(&self, id: u64) -> Option<Arc<dyn Driven>> {
@@ -330,6 +380,79 @@ pub(crate) fn start_pool() -> std::io::Result<()> {
 /// How many engine threads run (0 before the first engine).
 pub fn engine_threads() -> usize {
     POOL.get().map_or(0, Vec::len)
+}
+
+/// The process's longest poll window, for engine threads started later.
+static POLL_MAX_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Let the engine threads poll for work for up to `max` (at most
+/// [`MAX_POLL`]) before they sleep; zero: they never poll (the default).
+///
+/// A thread that sleeps in `epoll_wait` and is woken by the next message
+/// pays the kernel's wake-up, and on a virtual machine the virtual CPU's
+/// halt and its wake-up by the hypervisor, often tens of microseconds: at
+/// one client that is most of a round trip through both proxies. Polling
+/// trades CPU for that: while the window lasts, the thread asks the epoll
+/// without waiting and yields the CPU to any other runnable thread between
+/// asks. Each thread sizes its window from its own sleeps, as Linux's
+/// cpuidle-haltpoll does for a virtual CPU's halt ([`PollWindow`]), so a
+/// thread whose traffic comes in gaps longer than `max` stops polling.
+pub fn set_engine_poll(max: Duration) {
+    let nanos = u64::try_from(max.min(MAX_POLL).as_nanos()).unwrap_or(u64::MAX);
+    POLL_MAX_NS.store(nanos, Ordering::Relaxed);
+    for reactor in POOL.get().into_iter().flatten() {
+        reactor.poll_max_ns.store(nanos, Ordering::Relaxed);
+    }
+}
+
+/// The longest poll window the engine threads use now.
+pub fn engine_poll() -> Duration {
+    Duration::from_nanos(POLL_MAX_NS.load(Ordering::Relaxed))
+}
+
+/// `(caught, missed)`: the engine threads' polls that found work, and
+/// those that ran out of their window and slept.
+pub fn engine_polls() -> (u64, u64) {
+    POOL.get()
+        .into_iter()
+        .flatten()
+        .fold((0, 0), |(caught, missed), r| {
+            (
+                caught + r.polls_caught.load(Ordering::Relaxed),
+                missed + r.polls_missed.load(Ordering::Relaxed),
+            )
+        })
+}
+
+/// One thread's poll window: how long it polls before it sleeps.
+///
+/// After an idle spell ended by an event: if the spell (its poll and its
+/// sleep) was no longer than the longest window, polling that long would
+/// have caught the event, so the window doubles (from a quarter of the
+/// longest, up to it); if it was longer, the window halves, and below a
+/// quarter of the longest it closes. Polls that find work leave it as it
+/// is. Timers that end a sleep say nothing of the traffic.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct PollWindow(Duration);
+
+impl PollWindow {
+    /// The window now, under the longest `max` (which may have changed).
+    fn get(self, max: Duration) -> Duration {
+        self.0.min(max)
+    }
+
+    fn woke_after(&mut self, idle: Duration, max: Duration) {
+        let start = max / POLL_START_SHARE;
+        self.0 = if max.is_zero() {
+            Duration::ZERO
+        } else if idle <= max {
+            (self.0 * 2).clamp(start, max)
+        } else if self.0 / 2 < start {
+            Duration::ZERO
+        } else {
+            self.0 / 2
+        };
+    }
 }
 
 /// An engine's place on an engine thread: its sockets' tokens, its timers.
@@ -650,6 +773,134 @@ mod tests {
         server.set_nonblocking(true).unwrap();
         let mut byte = [0u8; 8];
         let _ = server.read(&mut byte);
+    }
+
+    #[test]
+    fn a_poll_window_grows_with_short_idle_spells_and_closes_with_long_ones() {
+        let us = Duration::from_micros;
+        let max = us(200);
+        let mut window = PollWindow::default();
+        assert_eq!(window.get(max), Duration::ZERO, "closed until a spell says");
+        window.woke_after(us(60), max);
+        assert_eq!(window.get(max), us(50), "opened at a quarter");
+        window.woke_after(us(60), max);
+        window.woke_after(us(150), max);
+        assert_eq!(window.get(max), us(200), "doubled, up to the longest");
+        window.woke_after(us(900), max);
+        assert_eq!(window.get(max), us(100), "halved after a long spell");
+        assert_eq!(window.get(us(80)), us(80), "held to a lowered longest");
+        window.woke_after(us(900), max);
+        assert_eq!(window.get(max), us(50));
+        window.woke_after(us(900), max);
+        assert_eq!(window.get(max), Duration::ZERO, "closed below a quarter");
+        window.woke_after(us(10), Duration::ZERO);
+        assert_eq!(
+            window.get(us(200)),
+            Duration::ZERO,
+            "no polling when it is off"
+        );
+    }
+
+    /// An engine stand-in that reads its socket whenever it is ready.
+    struct Reader {
+        socket: UnixStream,
+        bytes: AtomicUsize,
+    }
+
+    impl Driven for Reader {
+        fn ready(&self, _events: &[(u64, u32)]) {
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = (&self.socket).read(&mut buf) {
+                self.bytes.fetch_add(n, Ordering::SeqCst);
+            }
+        }
+        fn timer(&self, _now: Instant) {}
+    }
+
+    /// Wait (at most 10 s) until `done`.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_thread_allowed_to_poll_takes_the_next_message_without_sleeping() {
+        let reactor = Reactor::start(MAX_THREADS).unwrap();
+        let polls = || {
+            let caught = reactor.polls_caught.load(Ordering::SeqCst);
+            (caught, reactor.polls_missed.load(Ordering::SeqCst))
+        };
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let reader = Arc::new(Reader {
+            socket: server,
+            bytes: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&reader) as Weak<dyn Driven>;
+        let registration = Registration::on(Arc::clone(&reactor), weak);
+        let mut interest = 0;
+        registration.set_interest(fd, 1, &mut interest, READABLE);
+        let read =
+            |bytes: usize, what: &str| until(what, || reader.bytes.load(Ordering::SeqCst) == bytes);
+        peer.write_all(b"a").unwrap();
+        read(1, "a message while polling is off");
+        assert_eq!(polls(), (0, 0));
+
+        // A window far longer than the test: the message after the one
+        // that wakes the thread is taken by a poll, whatever the timing.
+        let max = Duration::from_secs(60).as_nanos() as u64;
+        reactor.poll_max_ns.store(max, Ordering::SeqCst);
+        peer.write_all(b"b").unwrap();
+        read(2, "the message that wakes the thread");
+        peer.write_all(b"c").unwrap();
+        read(3, "the next message");
+        // Counted just after the round that read it.
+        until("a message taken by a poll", || polls().0 >= 1);
+        assert_eq!(polls().1, 0, "no poll ran out");
+
+        // A window cut short runs out, and the thread sleeps again.
+        reactor.poll_max_ns.store(1_000_000, Ordering::SeqCst);
+        peer.write_all(b"d").unwrap();
+        until("a poll run out", || polls().1 >= 1);
+        reactor.poll_max_ns.store(0, Ordering::SeqCst);
+        peer.write_all(b"e").unwrap();
+        read(5, "a message after polling is off again");
+    }
+
+    #[test]
+    fn a_thread_not_allowed_to_poll_never_does() {
+        let reactor = Reactor::start(MAX_THREADS + 1).unwrap();
+        assert_eq!(
+            reactor.poll_max_ns.load(Ordering::SeqCst),
+            0,
+            "off by default"
+        );
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let reader = Arc::new(Reader {
+            socket: server,
+            bytes: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&reader) as Weak<dyn Driven>;
+        let registration = Registration::on(Arc::clone(&reactor), weak);
+        let mut interest = 0;
+        registration.set_interest(fd, 1, &mut interest, READABLE);
+        for (i, byte) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            peer.write_all(byte).unwrap();
+            until("a message read", || {
+                reader.bytes.load(Ordering::SeqCst) == i + 1
+            });
+        }
+        let caught = reactor.polls_caught.load(Ordering::SeqCst);
+        assert_eq!(
+            (caught, reactor.polls_missed.load(Ordering::SeqCst)),
+            (0, 0)
+        );
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Give the CPU to another runnable thread, if any; back at once if none.
+pub fn yield_now() {
+    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+    unsafe { libc::sched_yield() };
+}
+
 /// Whether `fd` has something to read (or hung up) right now; never blocks.
 pub fn readable_now(fd: RawFd) -> bool {
     let mut poll = libc::pollfd {
