@@ -294,6 +294,17 @@ async def test_a_sessions_prepared_texts_are_bounded_in_bytes(store: StateStore)
     assert (newest.rows, newest.outcome) == (1, "ok")
 
 
+async def written(audit: AuditLog, *ids: int) -> None:
+    """Record ``SELECT i`` for each of ``ids`` and wait until they are stored."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in ids:
+            record(audit, i)
+        with trio.fail_after(10):
+            await audit.flush()
+        nursery.cancel_scope.cancel()
+
+
 async def test_records_of_earlier_versions_a_row_each_are_read_with_the_blocks(
     state_location: Path | str,
 ) -> None:
@@ -314,13 +325,7 @@ async def test_records_of_earlier_versions_a_row_each_are_read_with_the_blocks(
                     (row_id, ts, "shop", "orders", text, sha(text), 2.0, 1, "ok", "edge-1/7"),
                 )
     with StateStore.open(state_location) as store:
-        audit = AuditLog(store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(audit.run)
-            record(audit, 1)
-            with trio.fail_after(10):
-                await audit.flush()
-            nursery.cancel_scope.cancel()
+        await written(AuditLog(store), 1)
         records = list_audit(store)
         assert [r.statement for r in records] == ["SELECT 'ahead'", "SELECT 1", "SELECT 'oldest'"]
         assert records[1].id > 5001
@@ -332,13 +337,7 @@ async def test_records_of_earlier_versions_a_row_each_are_read_with_the_blocks(
 async def test_a_damaged_block_is_skipped_with_an_error_and_the_rest_is_read(
     store: StateStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    audit = AuditLog(store)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(audit.run)
-        record(audit, 1)
-        with trio.fail_after(10):
-            await audit.flush()
-        nursery.cancel_scope.cancel()
+    await written(AuditLog(store), 1)
     with store._write() as conn:
         conn.execute(
             "INSERT INTO pg_audit_blocks (id, app, alias, first_ts, last_ts, records, body)"

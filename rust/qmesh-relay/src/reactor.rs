@@ -817,6 +817,22 @@ mod tests {
         fn timer(&self, _now: Instant) {}
     }
 
+    /// A [`Reader`] on `reactor`, watching its end of a pair; the other end.
+    fn reading(reactor: &Arc<Reactor>) -> (Arc<Reader>, Registration, UnixStream) {
+        let (server, peer) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let reader = Arc::new(Reader {
+            socket: server,
+            bytes: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&reader) as Weak<dyn Driven>;
+        let registration = Registration::on(Arc::clone(reactor), weak);
+        let mut interest = 0;
+        registration.set_interest(fd, 1, &mut interest, READABLE);
+        (reader, registration, peer)
+    }
+
     /// Wait (at most 10 s) until `done`.
     fn until(what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -833,17 +849,7 @@ mod tests {
             let caught = reactor.polls_caught.load(Ordering::SeqCst);
             (caught, reactor.polls_missed.load(Ordering::SeqCst))
         };
-        let (server, mut peer) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let fd = server.as_raw_fd();
-        let reader = Arc::new(Reader {
-            socket: server,
-            bytes: AtomicUsize::new(0),
-        });
-        let weak = Arc::downgrade(&reader) as Weak<dyn Driven>;
-        let registration = Registration::on(Arc::clone(&reactor), weak);
-        let mut interest = 0;
-        registration.set_interest(fd, 1, &mut interest, READABLE);
+        let (reader, _registration, mut peer) = reading(&reactor);
         let read =
             |bytes: usize, what: &str| until(what, || reader.bytes.load(Ordering::SeqCst) == bytes);
         peer.write_all(b"a").unwrap();
@@ -879,17 +885,7 @@ mod tests {
             0,
             "off by default"
         );
-        let (server, mut peer) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let fd = server.as_raw_fd();
-        let reader = Arc::new(Reader {
-            socket: server,
-            bytes: AtomicUsize::new(0),
-        });
-        let weak = Arc::downgrade(&reader) as Weak<dyn Driven>;
-        let registration = Registration::on(Arc::clone(&reactor), weak);
-        let mut interest = 0;
-        registration.set_interest(fd, 1, &mut interest, READABLE);
+        let (reader, _registration, mut peer) = reading(&reactor);
         for (i, byte) in [b"a", b"b", b"c"].into_iter().enumerate() {
             peer.write_all(byte).unwrap();
             until("a message read", || {
