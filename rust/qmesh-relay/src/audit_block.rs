@@ -191,7 +191,7 @@ impl BlockWriter {
         if let Some(id) = self.string_ids.get(text) {
             return *id;
         }
-        let id = u32::try_from(self.string_ids.len()).expect("at most two strings a record");
+        let id = len_u32(self.string_ids.len());
         put_bytes(&mut self.strings, text.as_bytes());
         self.string_ids.insert(text.into(), id);
         id

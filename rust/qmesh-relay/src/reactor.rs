@@ -264,11 +264,9 @@ impl Reactor {
             group,
             strays,
         } = rounds;
-        let found;
+        // EBADF/EINVAL cannot happen on our own epoll.
+        let n = self.epoll.wait(ready, timeout).unwrap_or(0);
         {
-            // EBADF/EINVAL cannot happen on our own epoll.
-            let n = self.epoll.wait(ready, timeout).unwrap_or(0);
-            found = n;
             batch.clear();
             let mut roamers = None;
             for event in &ready[..n] {
@@ -326,7 +324,7 @@ impl Reactor {
                 }
             }
         }
-        found
+        n
     }
 
     fn engine(&self, id: u64) -> Option<Arc<dyn Driven>> {
