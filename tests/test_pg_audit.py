@@ -164,12 +164,17 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(audit.run)
-            record(audit, 0)
-            await trio.sleep(0.1)  # the writer has taken a batch and waits for the lock
-            for i in range(1, 100):
-                record(audit, i)  # returns at once: the queue is bounded
-            assert audit.dropped == 100 - 1 - audit.max_queue
-            release.set()
+            try:
+                record(audit, 0)
+                with trio.fail_after(30):
+                    while audit.queue.queued:  # the writer took a batch; it waits for the lock
+                        await trio.sleep(0.01)
+                for i in range(1, 100):
+                    record(audit, i)  # returns at once: the queue is bounded
+                assert audit.dropped == 100 - 1 - audit.max_queue
+            finally:
+                # Before the writer's shielded last flush: it waits for the lock.
+                release.set()
             with trio.fail_after(10):
                 await audit.flush()
             nursery.cancel_scope.cancel()
