@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from daemonkit import wait_until
 from statekit import stored_bytes
 
 from qmesh import _core
@@ -166,9 +167,8 @@ async def test_a_full_queue_drops_and_reports_but_never_blocks(
             await nursery.start(audit.run)
             try:
                 record(audit, 0)
-                with trio.fail_after(30):
-                    while audit.queue.queued:  # the writer took a batch; it waits for the lock
-                        await trio.sleep(0.01)
+                # The writer has taken a batch and waits for the lock.
+                await wait_until(lambda: not audit.queue.queued, 30)
                 for i in range(1, 100):
                     record(audit, i)  # returns at once: the queue is bounded
                 assert audit.dropped == 100 - 1 - audit.max_queue
