@@ -371,18 +371,5 @@ def _from_rows(
         f" session FROM pg_audit{where} ORDER BY ts DESC, id DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
-    return [
-        AuditRecord(
-            id=row[0],
-            ts=row[1],
-            app=row[2],
-            alias=row[3],
-            statement=row[4],
-            statement_sha256=row[5],
-            duration_ms=row[6],
-            rows=row[7],
-            outcome=row[8],
-            session=row[9],
-        )
-        for row in rows
-    ]
+    # The columns in AuditRecord's order.
+    return [AuditRecord(*row) for row in rows]

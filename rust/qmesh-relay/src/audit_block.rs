@@ -31,7 +31,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use zstd::bulk::{Compressor, Decompressor};
-use zstd::zstd_safe;
 
 use crate::audit::{hex_digits, Entry};
 
@@ -324,25 +323,11 @@ pub fn decode_block(body: &[u8]) -> Result<Vec<StoredRecord>, BlockError> {
     Ok(records)
 }
 
-/// Decompress a body, allocating no more than its frame declares, and only
-/// within [`MAX_BODY_BYTES`].
+/// Decompress a body within [`MAX_BODY_BYTES`], allocating no more than
+/// its frame declares.
 fn decompress(body: &[u8]) -> Result<Vec<u8>, BlockError> {
-    let size = zstd_safe::get_frame_content_size(body)
-        .map_err(|_| BlockError("not a zstd frame".into()))?
-        .ok_or_else(|| BlockError("a zstd frame without its size".into()))?;
-    if size > MAX_BODY_BYTES as u64 {
-        return Err(BlockError(format!("{size} bytes decompressed")));
-    }
-    let size = size as usize;
-    let mut out = Vec::with_capacity(size);
-    let written = Decompressor::new()
-        .map_err(|e| BlockError(format!("zstd: {e}")))?
-        .decompress_to_buffer(body, &mut out)
-        .map_err(|e| BlockError(format!("zstd: {e}")))?;
-    if written != size {
-        return Err(BlockError(format!("{written} bytes, {size} declared")));
-    }
-    Ok(out)
+    let mut decompressor = Decompressor::new().map_err(|e| BlockError(format!("zstd: {e}")))?;
+    qmesh_wire::decompress_within(&mut decompressor, body, MAX_BODY_BYTES).map_err(BlockError)
 }
 
 struct Cursor<'a> {

@@ -595,31 +595,40 @@ impl FrameDecoder {
         }))
     }
 
-    /// Decompress an authenticated payload, allocating no more than the size
-    /// its zstd header declares, and only if that is within `max_payload`.
+    /// Decompress an authenticated payload within `max_payload`.
     fn decompress(&mut self, data: &[u8]) -> Result<Vec<u8>> {
-        let size = zstd_safe::get_frame_content_size(data)
-            .map_err(|_| Error::Malformed("corrupt zstd frame header".into()))?
-            .ok_or_else(|| Error::Malformed("zstd frame without a content size".into()))?;
-        if size > self.max_payload as u64 {
-            return Err(Error::Malformed(format!(
-                "decompressed size {size} exceeds max_payload ({})",
-                self.max_payload
-            )));
-        }
-        let size = size as usize;
-        let mut out = Vec::with_capacity(size);
-        let written = self
-            .decompressor
-            .decompress_to_buffer(data, &mut out)
-            .map_err(|e| Error::Malformed(format!("zstd: {e}")))?;
-        if written != size || out.len() != size {
-            return Err(Error::Malformed(format!(
-                "zstd frame declared {size} bytes but produced {written}"
-            )));
-        }
-        Ok(out)
+        decompress_within(&mut self.decompressor, data, self.max_payload).map_err(Error::Malformed)
     }
+}
+
+/// Decompress one zstd frame, allocating no more than the size its header
+/// declares, and only if that is at most `max` bytes: a frame cannot make
+/// its reader allocate what it will not fill. The error says why, as text
+/// for the caller's own error type.
+pub fn decompress_within(
+    decompressor: &mut Decompressor<'_>,
+    data: &[u8],
+    max: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let size = zstd_safe::get_frame_content_size(data)
+        .map_err(|_| "not a zstd frame".to_owned())?
+        .ok_or_else(|| "zstd frame without a content size".to_owned())?;
+    if size > max as u64 {
+        return Err(format!(
+            "{size} bytes decompressed, more than the limit of {max}"
+        ));
+    }
+    let size = size as usize;
+    let mut out = Vec::with_capacity(size);
+    let written = decompressor
+        .decompress_to_buffer(data, &mut out)
+        .map_err(|e| format!("zstd: {e}"))?;
+    if written != size || out.len() != size {
+        return Err(format!(
+            "zstd frame declared {size} bytes but produced {written}"
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

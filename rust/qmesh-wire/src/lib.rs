@@ -24,7 +24,8 @@ pub mod handshake;
 pub mod protocol;
 
 pub use codec::{
-    DecoderConfig, EncoderConfig, Frame, FrameDecoder, FrameEncoder, FrameRef, PreparedBatch,
+    decompress_within, DecoderConfig, EncoderConfig, Frame, FrameDecoder, FrameEncoder, FrameRef,
+    PreparedBatch,
 };
 pub use error::{Error, Result};
 pub use frame::{
