@@ -349,6 +349,9 @@ class RelayEnding:
     outcome's ``pooled`` says where Python's relay takes over."""
     POOL_TIMEOUT: ClassVar[RelayEnding]
     """A pooled stream's client waited its pool's limit for a connection."""
+    READ_ONLY_OFF: ClassVar[RelayEnding]
+    """A read-only pooled stream's server reported the read-only setting
+    turned off: the session ends, and its connection must be closed."""
     def __int__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
@@ -464,7 +467,11 @@ class PooledSpec:
     back with more goes to Python to be closed), and what the client
     prepared so far (a session back from Python's relay): its named
     ``statements``, ``(name, server name, Parse)`` each, and its
-    ``unnamed`` statement's Parse."""
+    ``unnamed`` statement's Parse. With a statement guard, its
+    ``guard_screen`` (as :class:`TapSpec`'s): a Query or Parse that names
+    one of the words goes to Python's relay. ``read_only``: the server
+    reporting ``default_transaction_read_only`` off ends the stream
+    (``RelayEnding.READ_ONLY_OFF``)."""
 
     def __new__(
         cls,
@@ -474,6 +481,8 @@ class PooledSpec:
         *,
         statements: list[tuple[bytes, bytes, bytes]] = ...,
         unnamed: bytes | None = None,
+        guard_screen: list[bytes] = ...,
+        read_only: bool = False,
     ) -> Self: ...
 
 @final

@@ -162,11 +162,21 @@ async def start_ghost(
 
 
 async def pooled_ghost(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path, size: int = 1, wait_ms: int = 10_000
+    nursery: trio.Nursery,
+    db: RealDb,
+    tmp_path: Path,
+    size: int = 1,
+    wait_ms: int = 10_000,
+    *,
+    read_only: bool = False,
 ) -> Ghost:
     """A Gate and an edge whose app is in transaction mode."""
     policy = GateAppConfig(
-        databases=("main",), pool_mode="transaction", pool_size=size, pool_wait_ms=wait_ms
+        databases=("main",),
+        pool_mode="transaction",
+        pool_size=size,
+        pool_wait_ms=wait_ms,
+        read_only=read_only,
     )
     return await start_ghost(nursery, db, tmp_path, policy=policy)
 

@@ -24,9 +24,11 @@ from qmesh import _core
 from qmesh.fleet.inventory import Inventory
 from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
+from qmesh.pg.guard import Refusal
 from qmesh.pg.policy import policy_to_json
 from qmesh.pg.pool import PoolStats
 from qmesh.pg.pool_cli import format_pools
+from qmesh.pg.watch import SessionWatch
 from qmesh.tunnel.errors import SessionLost
 
 
@@ -699,3 +701,81 @@ async def test_a_lost_tunnel_session_gives_back_what_its_clients_held(
     assert stats(ghost).closed == 1
     for client in clients:
         client.close()
+
+
+async def test_a_read_only_app_stays_in_the_engine_and_its_guard_holds(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only app in transaction mode: statements that name none of the
+    guard's words are relayed by the engine, a loan each; those that do move
+    to Python's relay, where the guard judges (and refuses) them, and the
+    session comes back to the engine after. The server refuses writes."""
+    checked: list[str] = []
+    original = SessionWatch._refusal
+
+    def counting(self: SessionWatch, text: str, what: str) -> Refusal | None:
+        checked.append(text)
+        return original(self, text, what)
+
+    monkeypatch.setattr(SessionWatch, "_refusal", counting)
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=2, read_only=True)
+    refused = [
+        "SET default_transaction_read_only = off",
+        "BEGIN READ WRITE",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+    ]
+
+    def selects(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        for i in range(20):
+            assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+
+    def work() -> tuple[int, int]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            before = stats(ghost).engine_loans
+            selects(conn)
+            first = stats(ghost).engine_loans - before
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("CREATE TABLE ro_pool_t (i int)")
+            for sql in refused:
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only"):
+                    conn.execute(sql)
+            assert conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+            before = stats(ghost).engine_loans
+            selects(conn)
+            return first, stats(ghost).engine_loans - before
+
+    with trio.fail_after(60):
+        first, after = await in_thread(work)
+    # Back from Python's relay, a session whose part in the engine ended no
+    # transaction (the SHOW came first) finishes a few more there first.
+    assert first >= 20 and after >= 15, (first, after)
+    assert checked == [*refused, "SHOW transaction_read_only"]
+
+
+async def test_a_read_only_session_whose_server_turns_it_off_ends_and_its_connection_closes(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A function the text check cannot see into turns the read-only
+    setting off. The engine sees the server report it: the client gets
+    25006 instead of the statement's answer, and the connection, which keeps
+    the setting, is closed rather than lent to the next client."""
+    db.superuser(
+        "CREATE OR REPLACE FUNCTION lift_guard() RETURNS int LANGUAGE plpgsql AS"
+        " $$BEGIN PERFORM set_config('default_transaction_' || 'rea' || 'd_only',"
+        " 'off', false); RETURN 1; END$$"
+    )
+    ghost = await pooled_ghost(nursery, db, tmp_path, size=1, read_only=True)
+
+    def work() -> object:
+        with simple(ghost) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="has been ended"):
+                conn.execute("SELECT lift_guard()")
+        with simple(ghost) as conn:
+            return conn.execute("SHOW default_transaction_read_only").fetchone()
+
+    with trio.fail_after(30):
+        assert await in_thread(work) == ("on",)
+    assert stats(ghost).closed == 1
+    # Seen by the engine, not by Python's relay.
+    assert "the server reported read-only turned off" in caplog.text

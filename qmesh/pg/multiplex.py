@@ -46,8 +46,8 @@ session state; see ``rust/qmesh-relay/src/pooled.rs``); from the first
 message it does not (a named portal, a FunctionCall, COPY, a statement that
 may pin), here, with the engine's statements and the answers it still
 awaits, until the session stands unpinned between transactions again: then
-back in the engine. Sessions with a statement guard or read-only policy, and
-pools whose server connections speak TLS, run here from the start.
+back in the engine. With a statement guard, a statement that names one of
+the guard's words moves the session here too, where the guard judges it.
 
 Not for: the pool itself (:mod:`qmesh.pg.pool`), the guard and the audit
 (:mod:`qmesh.pg.watch`, used here as in session mode), logins.
@@ -69,7 +69,7 @@ from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
 from qmesh.pg.relay import Tap, end_client
 from qmesh.pg.session_state import session_state_of
-from qmesh.pg.watch import SessionOver, SessionWatch
+from qmesh.pg.watch import SessionOver, SessionWatch, read_only_turned_off
 from qmesh.tunnel.stream import TunnelStream
 
 __all__ = ["PooledSession"]
@@ -181,7 +181,6 @@ class PooledSession:
         self.scope: trio.CancelScope | None = None
         self.ending: SessionOver | None = None
         self._in_engine = False
-        self._engine_fits = not watch.guard
         self._back_to_engine = False  # this relay stopped for the engine to carry on
         self._done_here = 0  # transactions this relay ended since it (re)started
         self._backoff = 0  # ... and those it ends before the engine takes over again
@@ -216,7 +215,7 @@ class PooledSession:
         connection back in the state it is in."""
         try:
             with trio.CancelScope() as self.scope:
-                engine = self._engine_fits and not client_leftover
+                engine = not client_leftover
                 while not engine or await self._run_in_engine():
                     self._back_to_engine, self._done_here = False, 0
                     async with trio.open_nursery() as nursery:
@@ -259,6 +258,8 @@ class PooledSession:
                     self.pool.settings.max_prepared_per_server,
                     statements=statements,
                     unnamed=self._unnamed,
+                    guard_screen=self.watch.guard_screen(),
+                    read_only=self.watch.read_only,
                 ),
                 audit=self.watch.author(),
             )
@@ -297,6 +298,14 @@ class PooledSession:
             )
             # After a FATAL the server has told the client why.
             self.ending = self.ending or SessionOver(None if pooled.server_fatal else lost)
+        elif ending == _core.RelayEnding.READ_ONLY_OFF:
+            # The connection keeps the setting: no other client may get it.
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                self.pool.release(conn, reusable=False)
+            log.warning("ended a read-only pg session of app %r: the server reported "
+                        "read-only turned off", self.watch.app_id)  # fmt: skip
+            self.ending = self.ending or SessionOver(read_only_turned_off())
         elif ending == _core.RelayEnding.POSTGRES:
             error = PgSessionError("08P01", f"qmesh: {outcome.detail}")
             self.ending = self.ending or SessionOver(error)
@@ -343,8 +352,7 @@ class PooledSession:
     def _may_go_back(self) -> bool:
         """Whether the engine may carry the session on from here (unpinned, idle)."""
         return (
-            self._engine_fits
-            and self._done_here > self._backoff
+            self._done_here > self._backoff
             and self._conn is None
             and not self.pinned
             and not self._requests

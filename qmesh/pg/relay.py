@@ -26,7 +26,6 @@ import trio
 from qmesh import _core
 from qmesh.fastsocket import FastSocketStream, fast
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.guard import screen_words
 from qmesh.pg.login import PgSessionError, Upstream, error_response
 from qmesh.pg.policy import AppPolicy
 from qmesh.pg.watch import SessionOver, SessionWatch
@@ -217,7 +216,7 @@ class Relay:
             backend=AUDIT_OUTCOMES if audit else (b"" if self.read_only else None),
             guard=GUARDED if self.guard else None,
             backend_guard=READ_ONLY_WATCH if self.read_only else None,
-            guard_screen=screen_words(read_only=self.read_only, guard_timeout=self.guard_timeout),
+            guard_screen=self.watch.guard_screen(),
         )
         outcome = await self.client.relay_native(
             upstream,

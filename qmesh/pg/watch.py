@@ -23,7 +23,7 @@ import attrs
 
 from qmesh import _core
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql
+from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql, screen_words
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.policy import AppPolicy
 
@@ -117,6 +117,16 @@ class _Names:
         self.bytes += size
 
 
+def read_only_turned_off() -> PgSessionError:
+    """The error that ends a read-only session whose server reported the
+    setting turned off (by something the statement guard could not see)."""
+    return PgSessionError(
+        "25006",
+        "qmesh: this application's sessions are read-only and the session "
+        "tried to turn that off; it has been ended",
+    )
+
+
 class SessionWatch:
     """The guard and the audit of one session."""
 
@@ -141,6 +151,11 @@ class SessionWatch:
         self.pending: deque[_Pending] = deque()
         self.statements = _Names()
         self.portals = _Names()
+
+    def guard_screen(self) -> list[bytes]:
+        """The words a statement must name for the guard to judge it (none
+        without a guard): the relay engine lets the others through itself."""
+        return screen_words(read_only=self.read_only, guard_timeout=self.guard_timeout)
 
     def frontend(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
         """Look at one reported client message, seen at ``now``
@@ -228,13 +243,7 @@ class SessionWatch:
             if self.read_only:
                 name, value = _core.parse_parameter_status(raw[5:])
                 if name == "default_transaction_read_only" and value != "on":
-                    raise SessionOver(
-                        PgSessionError(
-                            "25006",
-                            "qmesh: this application's sessions are read-only and the session "
-                            "tried to turn that off; it has been ended",
-                        )
-                    )
+                    raise SessionOver(read_only_turned_off())
             return
         pending = self.pending
         if tag == _Z:

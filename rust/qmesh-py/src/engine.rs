@@ -70,6 +70,10 @@ pub enum RelayEnding {
     /// A pooled stream's client waited its pool's limit for a connection.
     #[pyo3(name = "POOL_TIMEOUT")]
     PoolTimeout = 8,
+    /// A read-only pooled stream's server reported the read-only setting
+    /// turned off: the session ends, and its connection must be closed.
+    #[pyo3(name = "READ_ONLY_OFF")]
+    ReadOnlyOff = 9,
 }
 
 impl RelayEnding {
@@ -85,6 +89,7 @@ impl RelayEnding {
             RelayEnding::Aborted => "ABORTED",
             RelayEnding::Handback => "HANDBACK",
             RelayEnding::PoolTimeout => "POOL_TIMEOUT",
+            RelayEnding::ReadOnlyOff => "READ_ONLY_OFF",
         }
     }
 }
@@ -121,7 +126,11 @@ pub struct RelayOutcome {
 /// pool's shelf, the longest wait in line (seconds), the most statements a
 /// connection keeps prepared, and what the client prepared so far (a
 /// session back from Python's relay): its named statements, ``(name,
-/// server name, Parse)`` each, and its unnamed statement's Parse.
+/// server name, Parse)`` each, and its unnamed statement's Parse. With a
+/// statement guard, ``guard_screen`` (as :class:`TapSpec`'s): a Query or
+/// Parse that names one of its words goes to Python's relay. ``read_only``:
+/// the server reporting ``default_transaction_read_only`` off ends the
+/// stream (``RelayEnding.READ_ONLY_OFF``).
 #[pyclass(module = "qmesh._core", name = "PooledSpec", frozen)]
 pub struct PooledSpec {
     shelf: Arc<relay::Shelf>,
@@ -129,18 +138,26 @@ pub struct PooledSpec {
     max_prepared: usize,
     statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     unnamed: Option<Vec<u8>>,
+    guard_screen: Vec<Vec<u8>>,
+    read_only: bool,
 }
 
 #[pymethods]
 impl PooledSpec {
     #[new]
-    #[pyo3(signature = (shelf, wait_s, max_prepared, *, statements = Vec::new(), unnamed = None))]
+    #[pyo3(signature = (
+        shelf, wait_s, max_prepared, *, statements = Vec::new(), unnamed = None,
+        guard_screen = Vec::new(), read_only = false
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         shelf: PyRef<'_, PoolShelf>,
         wait_s: f64,
         max_prepared: usize,
         statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
         unnamed: Option<Vec<u8>>,
+        guard_screen: Vec<Vec<u8>>,
+        read_only: bool,
     ) -> Result<Self> {
         let wait_limit = Duration::try_from_secs_f64(wait_s).map_err(|_| {
             PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
@@ -151,6 +168,8 @@ impl PooledSpec {
             max_prepared,
             statements,
             unnamed,
+            guard_screen,
+            read_only,
         })
     }
 }
@@ -312,6 +331,7 @@ impl From<relay::Outcome> for RelayOutcome {
             relay::Ending::Aborted => (RelayEnding::Aborted, 0, String::new()),
             relay::Ending::Handback => (RelayEnding::Handback, 0, String::new()),
             relay::Ending::PoolTimeout => (RelayEnding::PoolTimeout, 0, String::new()),
+            relay::Ending::ReadOnlyOff => (RelayEnding::ReadOnlyOff, 0, String::new()),
         };
         RelayOutcome {
             ending,
@@ -712,6 +732,8 @@ impl TunnelEngine {
             max_prepared: spec.max_prepared,
             statements: spec.statements.clone(),
             unnamed: spec.unnamed.clone(),
+            guard_screen: spec.guard_screen.clone(),
+            read_only: spec.read_only,
         });
         let tls = match tls {
             Some(client) => Some(client.hand_over()?),

@@ -124,6 +124,10 @@ pub enum Ending {
     Handback,
     /// A pooled stream's client waited its pool's limit for a connection.
     PoolTimeout,
+    /// A read-only pooled stream's server reported the read-only setting
+    /// turned off ([`crate::PooledSpec::read_only`]): the connection holds
+    /// a session setting no other client may get, and the client's session ends.
+    ReadOnlyOff,
 }
 
 /// A native stream's end, with what Python needs to carry on with the stream.
@@ -832,7 +836,7 @@ struct Splitter<'s> {
 const SQL_TEXT_KINDS: &[u8] = b"QP";
 
 /// Whether `raw` contains one of `words`, ASCII letters compared in any case.
-fn mentions_any(raw: &[u8], words: &[Vec<u8>]) -> bool {
+pub(crate) fn mentions_any(raw: &[u8], words: &[Vec<u8>]) -> bool {
     words.iter().any(|word| {
         !word.is_empty()
             && raw
@@ -1234,6 +1238,7 @@ impl Engine {
                 Some(author)
             }
         };
+        let read_only = spec.pooled.as_ref().is_some_and(|p| p.read_only);
         let (pooled, audit) = match spec.pooled {
             Some(pooled) => (Some(Pooled::new(pooled, audit)), None),
             None => (None, audit.map(SessionStatements::new)),
@@ -1245,8 +1250,14 @@ impl Engine {
                 // the server's in relay mode, following the ends of the
                 // answers owed, errors and (for the audit's records) rows,
                 // and answering for what the engine sent in the client's stead.
+                // A read-only session's ParameterStatus reports too.
                 let frontend = scanner(pg::Direction::Frontend, pg::FRONTEND_TAGS, &[], true)?;
-                let backend = scanner(pg::Direction::Backend, b"ZECIs123n", b"T", true)?;
+                let kinds: &[u8] = if read_only {
+                    b"ZECIs123nS"
+                } else {
+                    b"ZECIs123n"
+                };
+                let backend = scanner(pg::Direction::Backend, kinds, b"T", true)?;
                 (Some(frontend), Some(backend))
             }
         };
@@ -2008,8 +2019,13 @@ impl State {
                             break;
                         }
                     };
+                    let read_only_off = native.pooled.as_ref().is_some_and(|p| p.read_only_off);
                     self.out
                         .extend(send.into_iter().map(|data| (DATA, sid, data)));
+                    if read_only_off {
+                        self.end_native(sid, Ending::ReadOnlyOff);
+                        break;
+                    }
                     if self.hand_up(sid, hold) || drained {
                         break; // holding, or drained for now
                     }

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use qmesh_pg as pg;
 
 use crate::audit::{hex_digits, AuditAuthor};
-use crate::engine::TapRecord;
+use crate::engine::{mentions_any, TapRecord};
 use crate::pool::{Lease, Prepared, Shelf};
 use crate::statements::{Statement, Statements};
 
@@ -61,6 +61,16 @@ pub struct PooledSpec {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     /// The client's unnamed statement so far (its Parse), if any.
     pub unnamed: Option<Vec<u8>>,
+    /// A statement guard's words (see [`crate::PgTap::guard_screen`]): a
+    /// Query or Parse whose text names one goes to Python's relay, where
+    /// the guard judges it. Empty: no guard.
+    pub guard_screen: Vec<Vec<u8>>,
+    /// The session is read-only: a ParameterStatus that reports
+    /// `default_transaction_read_only` other than `on` (a function the
+    /// text check cannot see into turned it off) ends the session
+    /// ([`crate::Ending::ReadOnlyOff`]) before the client gets anything
+    /// more of that answer.
+    pub read_only: bool,
 }
 
 impl std::fmt::Debug for PooledSpec {
@@ -270,6 +280,11 @@ pub(crate) struct Pooled {
     pub(crate) transactions: u64,
     /// The audit's statements on their way (with an author).
     pub(crate) statements: Statements,
+    guard_screen: Vec<Vec<u8>>,
+    pub(crate) read_only: bool,
+    /// The server reported the read-only setting turned off: nothing more
+    /// of its reaches the client, and the session ends.
+    pub(crate) read_only_off: bool,
 }
 
 /// Answers one client's messages may await at once in the engine: a longer
@@ -452,7 +467,17 @@ impl Pooled {
             server_fatal: false,
             transactions: 0,
             statements: Statements::new(audit),
+            guard_screen: spec.guard_screen,
+            read_only: spec.read_only,
+            read_only_off: false,
         }
+    }
+
+    /// Whether the engine may relay a statement of this text (a Query's or
+    /// a Parse's): nothing in it may leave session state, and a guard has
+    /// nothing in it to judge.
+    fn relays(&self, text: &[u8]) -> bool {
+        native_text(text) && !mentions_any(text, &self.guard_screen)
     }
 
     /// What Python's relay follows from here: the texts of the unnamed
@@ -597,7 +622,7 @@ impl Pooled {
         };
         match message {
             pg::Frontend::Parse { name: b"", sql, .. } => {
-                if !native_text(sql) {
+                if !self.relays(sql) {
                     return Step::Python;
                 }
                 self.unnamed = Some(Unnamed {
@@ -614,7 +639,7 @@ impl Pooled {
                 };
                 // An open name again (42P05), or past the bounds (53400):
                 // Python's relay says so.
-                if !native_text(sql)
+                if !self.relays(sql)
                     || self.named.contains_key(name)
                     || self.named.len() >= MAX_CLIENT_STATEMENTS
                 {
@@ -841,7 +866,7 @@ impl pg::Sink for Front<'_> {
         let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let text = text.strip_suffix(b"\0").unwrap_or(text);
         let step = match tag {
-            b'Q' if native_text(text) && pooled.statements.push(tag, text.into(), self.at) => {
+            b'Q' if pooled.relays(text) && pooled.statements.push(tag, text.into(), self.at) => {
                 self.out.extend_from_slice(raw);
                 pooled.owed.push_back(Owed::plain(tag));
                 pooled.status = 0;
@@ -883,13 +908,37 @@ pub(crate) struct Back<'a> {
 
 impl pg::Sink for Back<'_> {
     fn pass(&mut self, bytes: &[u8]) {
+        if self.pooled.read_only_off {
+            self.swallowed += bytes.len();
+            return;
+        }
         self.out.extend_from_slice(bytes);
     }
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let pooled = &mut *self.pooled;
+        if pooled.read_only_off {
+            self.swallowed += raw.len();
+            return;
+        }
         match tag {
+            b'S' => {
+                // Reported only to a read-only session's scanner. A server
+                // may report the setting only as on or off; anything but on
+                // is taken as off.
+                let off = pg::backend::parameter_status(body).map_or(true, |(name, value)| {
+                    name == b"default_transaction_read_only" && value != b"on"
+                });
+                if pooled.read_only && off {
+                    // Not even what came before it in this read: the
+                    // statement that did it must not look as if it ran.
+                    pooled.read_only_off = true;
+                    self.swallowed += self.out.len() + raw.len();
+                    self.out.clear();
+                    return;
+                }
+            }
             b'Z' => {
                 // It ends the first Query or Sync owed, and whatever the
                 // server skipped before it after an error.
@@ -1066,10 +1115,37 @@ mod tests {
             max_prepared: 2,
             statements,
             unnamed,
+            guard_screen: Vec::new(),
+            read_only: false,
         };
         let mut pooled = Pooled::new(spec, Some(author));
         pooled.lease = Some(lease());
         (pooled, queue)
+    }
+
+    /// A read-only session's stream, with the guard's words (as Python's
+    /// guard gives them), holding a connection.
+    fn read_only() -> Pooled {
+        let spec = PooledSpec {
+            shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
+            wait_limit: Duration::from_secs(1),
+            max_prepared: 2,
+            statements: Vec::new(),
+            unnamed: None,
+            guard_screen: [
+                "read",
+                "set_config",
+                "pg_settings",
+                "characteristics",
+                "u&'",
+            ]
+            .map(|word| word.as_bytes().to_vec())
+            .to_vec(),
+            read_only: true,
+        };
+        let mut pooled = Pooled::new(spec, None);
+        pooled.lease = Some(lease());
+        pooled
     }
 
     /// A connection with no statements prepared on it.
@@ -1463,5 +1539,60 @@ mod tests {
         assert!(pooled.unnamed.is_some() && !pooled.unnamed_here);
         client(&mut pooled, &[bind("", "")]);
         assert!(pooled.handback.is_some());
+    }
+
+    #[test]
+    fn statements_that_name_a_guarded_word_go_to_python() {
+        let plain = query("SELECT count(*) FROM ledger");
+        let mut pooled = read_only();
+        assert_eq!(client(&mut pooled, std::slice::from_ref(&plain)), plain);
+        assert!(pooled.handback.is_none());
+        for guarded in [
+            query("BEGIN READ WRITE"),
+            query("SELECT pg_catalog.SET_CONFIG('x', 'y', false)"),
+            parse("", "UPDATE pg_settings SET setting = 'off'"),
+            parse(
+                "s1",
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            ),
+            query("SELECT U&'\\0072ead'"),
+        ] {
+            let mut pooled = read_only();
+            assert_eq!(client(&mut pooled, std::slice::from_ref(&guarded)), b"");
+            assert_eq!(pooled.handback.as_deref(), Some(guarded.as_slice()));
+        }
+        // Without a guard, the same words are only words.
+        let (mut unguarded, _) = audited();
+        let text = query("SELECT 'read'");
+        assert_eq!(client(&mut unguarded, std::slice::from_ref(&text)), text);
+    }
+
+    #[test]
+    fn a_read_only_session_told_the_setting_is_off_gets_nothing_more() {
+        let mut pooled = read_only();
+        client(&mut pooled, &[query("SELECT lift()")]);
+        let reported = |name: &str, value: &str| msg(b'S', format!("{name}\0{value}\0").as_bytes());
+        let other = reported("application_name", "shop");
+        let on = reported("default_transaction_read_only", "on");
+        let answer = [
+            msg(b'T', b"\0\0"),
+            msg(b'C', b"SELECT 1\0"),
+            other.clone(),
+            on.clone(),
+        ];
+        assert_eq!(server(&mut pooled, &answer), answer.concat());
+        assert!(!pooled.read_only_off);
+        let off = reported("default_transaction_read_only", "off");
+        let rest = [msg(b'C', b"SELECT 1\0"), off, msg(b'Z', b"I")];
+        assert_eq!(server(&mut pooled, &rest), b"");
+        assert!(pooled.read_only_off);
+        // Still owed: the connection is not idle, and goes back to be closed.
+        assert_eq!(owed(&pooled), b"Q");
+        assert_eq!(server(&mut pooled, &[msg(b'Z', b"I")]), b"");
+        // A session that is not read-only is told as the server tells it.
+        let (mut writable, _) = audited();
+        client(&mut writable, &[query("SELECT lift()")]);
+        let off = reported("default_transaction_read_only", "off");
+        assert_eq!(server(&mut writable, std::slice::from_ref(&off)), off);
     }
 }
