@@ -97,6 +97,9 @@ def test_full_file(tmp_path: Path) -> None:
         tunnel_listen = "[::]:9000"
         forward_allow = ["db.internal:5432", "10.0.0.0/24:*", "[fd00::1]:80"]
 
+        [gate.pg_audit]
+        retention_days = 90
+
         [minigate]
         credential_file = "~/edge.cred"
 
@@ -123,6 +126,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.gate.name == "gate-eu.1"
     assert config.gate.tunnel_listen == "[::]:9000"
     assert config.gate.forward_allow == ("db.internal:5432", "10.0.0.0/24:*", "[fd00::1]:80")
+    assert config.gate.pg_audit.retention_days == 90.0
     assert config.minigate.credential_file == Path("/home/op/edge.cred")
     assert config.minigate.forwards == (
         ForwardConfig(listen="127.0.0.1:15432", target="db.internal:5432"),
@@ -158,6 +162,14 @@ INVALID = [
     ("[tunnel]\nmax_frame_payload = 16777217", "tunnel.max_frame_payload", 3, "16777216"),
     ("[tunnel]\nstream_window = 65535", "tunnel.stream_window", 3, "at least 65536"),
     ("[tunnel]\nengine_poll_us = 1001", "tunnel.engine_poll_us", 3, "from 0 to 1000"),
+    ("[gate.pg_audit]\nretention_days = -1", "gate.pg_audit.retention_days", 3, "at least 0"),
+    (
+        '[gate.pg_audit]\nretention_days = "30d"',
+        "gate.pg_audit.retention_days",
+        3,
+        "expected a number of days",
+    ),
+    ("[gate.pg_audit]\nkeep_days = 3", "gate.pg_audit.keep_days", 3, "unknown"),
     ("[tunnel]\nengine_poll_us = -1", "tunnel.engine_poll_us", 3, "from 0 to 1000"),
     ("[tunnel]\nchunk_size = 1000", "tunnel.chunk_size", 3, "1024"),
     (

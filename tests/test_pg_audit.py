@@ -6,6 +6,7 @@ import functools
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,14 @@ import pytest
 import trio
 from daemonkit import wait_until
 from statekit import stored_bytes
+from tunnelkit import until
 
 from qmesh import _core
-from qmesh.config import GateAppConfig
+from qmesh.config import Config, GateAppConfig, GateConfig, PgAuditConfig
+from qmesh.pg import audit as audit_module
 from qmesh.pg.audit import AuditLog, list_audit
 from qmesh.pg.policy import AppPolicy
+from qmesh.pg.service import PgService
 from qmesh.pg.watch import MAX_TRACKED_BYTES, SessionWatch
 from qmesh.state import StateStore
 
@@ -381,3 +385,97 @@ async def test_the_newest_records_come_from_the_newest_blocks(store: StateStore)
     assert list_audit(store, app="etl", limit=9) == etl[:9]
     since = everything[20].ts
     assert list_audit(store, since=since, limit=1000) == [r for r in everything if r.ts >= since]
+
+
+DAY = 86_400.0
+
+
+def block_ids(store: StateStore) -> list[int]:
+    with store._read() as conn:
+        return [i for (i,) in conn.execute("SELECT id FROM pg_audit_blocks ORDER BY id")]
+
+
+def age(store: StateStore, block: int, *, first: float, last: float) -> None:
+    """Move a block's first and last end times back by ``first`` and ``last`` seconds."""
+    with store._write(announce=False) as conn:
+        conn.execute(
+            "UPDATE pg_audit_blocks SET first_ts = first_ts - ?, last_ts = last_ts - ?"
+            " WHERE id = ?",
+            (first, last, block),
+        )
+
+
+async def test_records_past_the_retention_are_deleted_a_block_at_a_time(
+    store: StateStore,
+) -> None:
+    """A block goes once its newest record is past the retention; one that
+    also holds newer records stays whole. Rows of earlier versions go by
+    their own time. Nothing newer is touched."""
+    audit = AuditLog(store)
+    await written(audit, 1, 2)  # all past the retention
+    await written(audit, 3)  # its first record past it, its last not
+    await written(audit, 4)
+    old, straddling, _ = block_ids(store)
+    age(store, old, first=10 * DAY, last=10 * DAY)
+    age(store, straddling, first=10 * DAY, last=0)
+    now = time.time()
+    with store._write(announce=False) as conn:
+        for ts, text in ((now - 10 * DAY, "SELECT 'old row'"), (now, "SELECT 'new row'")):
+            conn.execute(
+                "INSERT INTO pg_audit (ts, app, alias, statement, statement_sha256, duration_ms,"
+                " rows, outcome, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ts, "shop", "orders", text, sha(text), 2.0, 1, "ok", None),
+            )
+    assert audit.prune_some(now - DAY) == (3, False)
+    assert audit.pruned == 3
+    kept = [r.statement or "" for r in list_audit(store)]
+    assert sorted(kept) == ["SELECT 'new row'", "SELECT 3", "SELECT 4"]
+    assert audit.prune_some(now - DAY) == (0, False)
+    with pytest.raises(ValueError, match="retention must be > 0"):
+        AuditLog(store, retention_s=0)
+
+
+async def test_a_long_prune_goes_in_short_transactions(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call deletes at most a chunk of blocks, in its own transaction,
+    and says whether more may be left."""
+    monkeypatch.setattr(audit_module, "_PRUNE_CHUNK", 2)
+    audit = AuditLog(store)
+    for i in range(5):
+        await written(audit, i)
+    for block in block_ids(store):
+        age(store, block, first=10 * DAY, last=10 * DAY)
+    before = time.time() - DAY
+    assert [audit.prune_some(before) for _ in range(3)] == [(2, True), (2, True), (1, False)]
+    assert list_audit(store) == []
+
+
+async def test_the_service_applies_the_retention_while_it_writes(
+    store: StateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="qmesh.pg.audit")
+    audit = AuditLog(store, retention_s=DAY, prune_every_s=0.01)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        record(audit, 1)
+        record(audit, 2)
+        with trio.fail_after(10):
+            await audit.flush()
+        for block in block_ids(store):
+            age(store, block, first=2 * DAY, last=2 * DAY)
+        record(audit, 3)
+        with trio.fail_after(10):
+            await audit.flush()
+            await until(lambda: "audit: deleted 2 records older than 1.0 days" in caplog.text)
+        nursery.cancel_scope.cancel()
+    assert [r.statement for r in list_audit(store)] == ["SELECT 3"]
+    assert audit.pruned == 2
+
+
+def test_the_gates_retention_setting_reaches_its_audit(store: StateStore) -> None:
+    kept = PgService(Config(), store, vault=None)
+    assert kept.audit.retention_s is None
+    gate = GateConfig(pg_audit=PgAuditConfig(retention_days=30))
+    pruned = PgService(Config(gate=gate), store, vault=None)
+    assert pruned.audit.retention_s == 30 * DAY

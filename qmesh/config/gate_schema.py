@@ -34,6 +34,7 @@ __all__ = [
     "LlmPolicyConfig",
     "MemoryConfig",
     "OidcConfig",
+    "PgAuditConfig",
     "PgPoolConfig",
     "ProviderConfig",
     "ProviderModelConfig",
@@ -426,6 +427,17 @@ class PgPoolConfig:
 
 
 @attrs.frozen
+class PgAuditConfig:
+    """``[gate.pg_audit]``: how long the statement audit keeps its records
+    (what it keeps of each is the apps' ``audit_statements`` policy)."""
+
+    retention_days: float = 0.0
+    """Records older than this are deleted, a stored block at a time once
+    the newest record in it is that old (blocks hold one batch, so at most
+    a few seconds apart under load). 0: kept for ever."""
+
+
+@attrs.frozen
 class GateConfig:
     """``[gate]``: the central Gate."""
 
@@ -478,3 +490,5 @@ class GateConfig:
     """From ``[gate.cluster]``: see :class:`ClusterConfig`."""
     pg_pool: PgPoolConfig = PgPoolConfig()
     """From ``[gate.pg_pool]``: see :class:`PgPoolConfig`."""
+    pg_audit: PgAuditConfig = PgAuditConfig()
+    """From ``[gate.pg_audit]``: see :class:`PgAuditConfig`."""

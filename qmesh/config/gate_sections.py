@@ -29,6 +29,7 @@ from qmesh.config.gate_schema import (
     LlmPolicyConfig,
     MemoryConfig,
     OidcConfig,
+    PgAuditConfig,
     PgPoolConfig,
     parse_llm_policy,
 )
@@ -71,6 +72,7 @@ def read_gate(r: Reader, root: Mapping[str, object]) -> GateConfig:
         oidc=_read_oidc(r, t, path),
         cluster=_read_cluster(r, t, path),
         pg_pool=_read_pg_pool(r, t, path),
+        pg_audit=_read_pg_audit(r, t, path),
         **_read_daemon_thresholds(r, t, path),
     )
 
@@ -432,3 +434,12 @@ def _read_pg_pool(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> 
             t, path, "max_prepared_per_server", d.max_prepared_per_server, lo=1
         ),
     )
+
+
+def _read_pg_audit(r: Reader, gate: Mapping[str, object], gate_path: KeyPath) -> PgAuditConfig:
+    path: KeyPath = (*gate_path, "pg_audit")
+    t = r.table(gate, path)
+    r.check_keys(t, path, field_names(PgAuditConfig))
+    d = PgAuditConfig()
+    retention = r.number(t, path, "retention_days", d.retention_days, positive=False, unit="days")
+    return PgAuditConfig(retention_days=retention)

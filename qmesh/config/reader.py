@@ -206,13 +206,14 @@ class Reader:
         default: float,
         *,
         positive: bool,
+        unit: str = "seconds",
     ) -> float:
         if key not in table:
             return default
         value = table[key]
         where = (*path, key)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(where, f"expected a number of seconds, got {describe(value)}")
+            raise self.error(where, f"expected a number of {unit}, got {describe(value)}")
         if not math.isfinite(value):
             raise self.error(where, f"expected a finite number, got {value}")
         if positive and value <= 0:

@@ -18,6 +18,10 @@ rate-limited warning: an audit log that stalls the database path would turn
 a slow disk into an outage. That trade is deliberate; a deployment that
 must never lose a record needs a synchronous log, which this is not.
 
+With a retention (``[gate.pg_audit] retention_days``) the service also
+deletes what is older, a block at a time once its newest record is that
+old, in short transactions that let the writer in between.
+
 Not for: the tamper-evident audit chain of the Gate's own actions, log
 lines, or deciding what counts as a statement (the relay calls
 :meth:`~AuditLog.record` for each Query and each Execute).
@@ -54,6 +58,10 @@ LINGER_S = 0.05
 _CLOSE_TIMEOUT_S: Final = 5.0
 _MAX_ROWS: Final = 2**63 - 1
 _BLOCKS_A_FETCH: Final = 16
+PRUNE_EVERY_S: Final = 600.0
+"""How often the retention is applied: records live at most this much past it."""
+_PRUNE_CHUNK: Final = 500
+"""Blocks (or rows of earlier versions) deleted in one write transaction."""
 
 
 @attrs.frozen
@@ -97,10 +105,19 @@ class AuditLog:
         max_queue_chars: int = DEFAULT_MAX_QUEUE_CHARS,
         batch_size: int = DEFAULT_BATCH,
         max_statement_chars: int = DEFAULT_MAX_STATEMENT_CHARS,
+        retention_s: float | None = None,
+        prune_every_s: float = PRUNE_EVERY_S,
     ) -> None:
         _check_mode(mode)
+        if retention_s is not None and retention_s <= 0:
+            raise ValueError(f"an audit retention must be > 0 s, got {retention_s}")
         self.store = store
         self.mode = mode
+        self.retention_s = retention_s
+        """Records older than this many seconds are deleted; None: kept for ever."""
+        self.prune_every_s = prune_every_s
+        self.pruned = 0
+        """Records deleted for their age since the start."""
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.queue = _core.AuditQueue(max_queue, max_queue_chars, max_statement_chars)
@@ -196,23 +213,70 @@ class AuditLog:
         self._running = True
         task_status.started()
         try:
-            while True:
-                if not self.queue.queued:
-                    # Readable once a record arrives in the empty queue.
-                    await trio.lowlevel.wait_readable(self.queue.notify_fd)
-                # Let records gather, also under steady load: one worker
-                # thread hand-off and one transaction (and fsync) per linger,
-                # not per statement, keeps the audit off the relay's CPU and
-                # latency. A full batch is written at once.
-                if self.queue.queued < self.batch_size:
-                    await trio.sleep(LINGER_S)
-                await self._write_some()
+            async with trio.open_nursery() as nursery:
+                if self.retention_s is not None:
+                    nursery.start_soon(self._prune_forever, self.retention_s)
+                await self._write_forever()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
                 while await self._write_some():
                     pass
             self._running = False
             self._report_drops(force=True)
+
+    async def _write_forever(self) -> None:
+        while True:
+            if not self.queue.queued:
+                # Readable once a record arrives in the empty queue.
+                await trio.lowlevel.wait_readable(self.queue.notify_fd)
+            # Let records gather, also under steady load: one worker
+            # thread hand-off and one transaction (and fsync) per linger,
+            # not per statement, keeps the audit off the relay's CPU and
+            # latency. A full batch is written at once.
+            if self.queue.queued < self.batch_size:
+                await trio.sleep(LINGER_S)
+            await self._write_some()
+
+    async def _prune_forever(self, retention_s: float) -> None:
+        while True:
+            before, pruned, more = time.time() - retention_s, 0, True
+            try:
+                while more:
+                    # A chunk a thread hand-off: cancellable between chunks.
+                    deleted, more = await trio.to_thread.run_sync(self.prune_some, before)
+                    pruned += deleted
+            except (*DATABASE_ERRORS, StateError) as exc:
+                logger.error("audit: could not delete records past the retention: %s", exc)
+            if pruned:
+                logger.info(
+                    "audit: deleted %d records older than %.1f days", pruned, retention_s / 86_400
+                )
+            await trio.sleep(self.prune_every_s)
+
+    def prune_some(self, before: float) -> tuple[int, bool]:
+        """Delete some of the blocks whose newest record ended before
+        ``before`` (a Unix time), and of the rows of earlier versions that
+        did, in one short write transaction (the writer, and every other
+        writer of the state, waits little): the records deleted, and whether
+        there may be more."""
+        with self.store._write(announce=False) as conn:
+            blocks = conn.execute(
+                "SELECT id, records FROM pg_audit_blocks WHERE last_ts < ?"
+                " ORDER BY last_ts LIMIT ?",
+                (before, _PRUNE_CHUNK),
+            ).fetchall()
+            if blocks:
+                conn.executemany(
+                    "DELETE FROM pg_audit_blocks WHERE id = ?", [(i,) for i, _ in blocks]
+                )
+            rows = conn.execute(
+                "SELECT id FROM pg_audit WHERE ts < ? ORDER BY ts LIMIT ?", (before, _PRUNE_CHUNK)
+            ).fetchall()
+            if rows:
+                conn.executemany("DELETE FROM pg_audit WHERE id = ?", rows)
+        deleted = sum(records for _, records in blocks) + len(rows)
+        self.pruned += deleted
+        return deleted, len(blocks) == _PRUNE_CHUNK or len(rows) == _PRUNE_CHUNK
 
     async def _write_some(self) -> bool:
         """Write one batch if any is queued; False if the queue was empty."""

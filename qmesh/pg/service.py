@@ -203,7 +203,12 @@ class PgService:
         """Every app's policy, the state's over the config's: reloaded on each change."""
         self.vault = vault
         self.vault_problem = vault_problem
-        self.audit = audit if audit is not None else AuditLog(store)
+        retention_days = config.gate.pg_audit.retention_days
+        self.audit = (
+            audit
+            if audit is not None
+            else AuditLog(store, retention_s=retention_days * 86_400 if retention_days else None)
+        )
         self._mock_secret = mock_secret or secrets.token_bytes(32)
         self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
         self._registered: set[str] = set()
