@@ -662,6 +662,13 @@ async def test_statements_the_engine_relays_are_audited(
     moving = records["audited_moving"]
     assert (moving.rows, moving.outcome) == (1, "ok") and moving.duration_ms >= 100
     assert stats(ghost).engine_loans >= 3
+    # What an operator reads.
+    audit = ghost.service.audit
+    metrics = GateMetrics(server=ghost.gate.server, inventory=Inventory(), pg_audit=audit).render()
+    assert audit.written >= 3
+    for outcome, count in (("written", audit.written), ("dropped", 0), ("pruned", 0)):
+        assert f'qmesh_pg_audit_records_total{{outcome="{outcome}"}} {count}' in metrics
+    assert "qmesh_pg_audit_queued_records 0" in metrics
 
 
 async def test_a_lost_tunnel_session_gives_back_what_its_clients_held(

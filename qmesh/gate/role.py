@@ -151,6 +151,7 @@ async def run_gate(
             llm=llm,
             store=store,
             pg_pools=pg.pools.stats,
+            pg_audit=pg.audit,
         )
         host, port = parse_hostport(config.gate.tunnel_listen)
         http_host, http_port = parse_hostport(config.gate.http_listen)

@@ -50,6 +50,7 @@ from qmesh.web.prom import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from qmesh.llm.service import LlmService
+    from qmesh.pg.audit import AuditLog
     from qmesh.pg.pool import PoolStats
     from qmesh.state import StateStore
 
@@ -103,11 +104,18 @@ def start_ops(
     llm: LlmService | None,
     store: StateStore | None,
     pg_pools: Callable[[], Sequence[PoolStats]] | None = None,
+    pg_audit: AuditLog | None = None,
 ) -> Ops:
     """Build the metrics and the dashboard, hook the metrics into the router
     and the ledger, and add the routes."""
     metrics = GateMetrics(
-        server=server, inventory=inventory, llm=llm, scanner=scanner, store=store, pg_pools=pg_pools
+        server=server,
+        inventory=inventory,
+        llm=llm,
+        scanner=scanner,
+        store=store,
+        pg_pools=pg_pools,
+        pg_audit=pg_audit,
     )
     metrics.attach(router)
     overview = Overview(

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from qmesh.finops.budgets import Budget
     from qmesh.fleet.discovery import Scanner
     from qmesh.llm.service import LlmService
+    from qmesh.pg.audit import AuditLog
     from qmesh.pg.pool import PoolStats
     from qmesh.state import StateStore
 
@@ -196,6 +197,7 @@ class GateMetrics:
         scanner: Scanner | None = None,
         store: StateStore | None = None,
         pg_pools: Callable[[], Sequence[PoolStats]] | None = None,
+        pg_audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.server = server
@@ -204,6 +206,7 @@ class GateMetrics:
         self.scanner = scanner
         self.store = store
         self.pg_pools = pg_pools
+        self.pg_audit = pg_audit
         self.clock = clock
         self.started_at = clock()
         self.history = History()
@@ -255,6 +258,7 @@ class GateMetrics:
             self._collect_budgets,
             self._collect_discovery,
             self._collect_pg_pools,
+            self._collect_pg_audit,
         ):
             r.collector(collect)
 
@@ -424,6 +428,28 @@ class GateMetrics:
                     [({"app": p.app_id, "alias": p.alias}, getattr(p, field)) for p in pools],
                     kind=kind,
                 )
+
+    def _collect_pg_audit(self) -> Iterable[Family]:
+        audit = self.pg_audit
+        if audit is None:
+            return
+        yield gauge_family(
+            "qmesh_pg_audit_records_total",
+            "Statement audit records: written to the state, dropped (the queue was full),"
+            " failed (the database refused their batch), pruned (past the retention).",
+            [
+                ({"outcome": "written"}, audit.written),
+                ({"outcome": "dropped"}, audit.dropped),
+                ({"outcome": "failed"}, audit.failed),
+                ({"outcome": "pruned"}, audit.pruned),
+            ],
+            kind="counter",
+        )
+        yield gauge_family(
+            "qmesh_pg_audit_queued_records",
+            "Audit records waiting for the writer.",
+            [({}, audit.queue.queued)],
+        )
 
     def _collect_tunnel(self) -> Iterable[Family]:
         server = self.server
