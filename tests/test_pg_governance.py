@@ -6,7 +6,7 @@ rotated by another process is picked up at the next login."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -21,6 +21,7 @@ from qmesh import _core
 from qmesh.pg.audit import list_audit
 from qmesh.pg.guard import Refusal
 from qmesh.pg.relay import Relay
+from qmesh.pg.vault import DatabaseSecret
 from qmesh.pg.watch import SessionWatch
 
 DIAG_SQLSTATE = DiagnosticField.SQLSTATE
@@ -415,3 +416,42 @@ async def test_rotation_during_pgbench_fails_no_transaction(
         return True
 
     assert not await in_thread(old_password_logs_in)
+
+
+async def test_a_rotation_ending_between_the_gates_vault_reads_is_followed(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """The server already has the rotation's new password; the Gate's login
+    with the current one gets 28P01, and the rotation finishes (its pending
+    password promoted) between the Gate's two reads of the vault. The login
+    still finds the new password, whichever slot holds it by then."""
+    other = RealDb(db.cluster, "rotend")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    vault = ghost.vault
+    new_password = "rotated-" + secrets.token_urlsafe(12)
+    vault.begin_rotation(ghost.alias, new_password, stale_after_s=60)
+    other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
+    reads: list[str] = []
+
+    def reading(
+        read: Callable[[str], DatabaseSecret | None],
+    ) -> Callable[[str], DatabaseSecret | None]:
+        def wrapped(alias: str) -> DatabaseSecret | None:
+            value = read(alias)
+            reads.append(read.__name__)
+            if len(reads) == 2:  # the first read after the 28P01
+                vault.finish_rotation(alias, promote=True)
+            return value
+
+        return wrapped
+
+    vault.get = reading(vault.get)  # type: ignore[method-assign,assignment]
+    vault.get_pending = reading(vault.get_pending)  # type: ignore[method-assign,assignment]
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert reads[:2] == ["get", "get_pending"]

@@ -39,7 +39,7 @@ import attrs
 import trio
 
 from qmesh import _core
-from qmesh.config import AUDIT_MODES
+from qmesh.config import AUDIT_MODES, PgAuditConfig
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
 
@@ -130,6 +130,12 @@ class AuditLog:
         self._reported_at = -_DROP_REPORT_INTERVAL_S
         self._progress = trio.Event()
         self._running = False
+
+    @classmethod
+    def for_gate(cls, store: StateStore, config: PgAuditConfig) -> AuditLog:
+        """The Gate's audit, as its ``[gate.pg_audit]`` says."""
+        days = config.retention_days
+        return cls(store, retention_s=days * 86_400 if days else None)
 
     @property
     def recorded(self) -> int:

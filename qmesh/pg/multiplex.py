@@ -65,6 +65,7 @@ from typing import Final
 import trio
 
 from qmesh import _core
+from qmesh._core import RelayEnding
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
 from qmesh.pg.relay import Tap, end_client
@@ -252,14 +253,8 @@ class PooledSession:
             outcome = await self.client.relay_native(
                 None,
                 tap=Tap(_core.TapSpec(), self._on_tap),
-                pooled=_core.PooledSpec(
-                    self.pool.shelf,
-                    self.pool.wait_s,
-                    self.pool.settings.max_prepared_per_server,
-                    statements=statements,
-                    unnamed=self._unnamed,
-                    guard_screen=self.watch.guard_screen(),
-                    read_only=self.watch.read_only,
+                pooled=self.pool.engine_spec(
+                    statements, self._unnamed, self.watch.guard_screen(), self.watch.read_only
                 ),
                 audit=self.watch.author(),
             )
@@ -282,31 +277,26 @@ class PooledSession:
             self.watch.engine_prepared(name, _core.parse_parse(parse[5:])[1])
         self._take_over(pooled)
         ending = outcome.ending
-        if ending == _core.RelayEnding.HANDBACK:
+        if ending == RelayEnding.HANDBACK:
             # An engine part that ended no transaction bounced: end more here first.
             self._backoff = 0 if pooled.transactions else min(2 * self._backoff + 1, 63)
             return True
-        if ending == _core.RelayEnding.POOL_TIMEOUT:
+        if ending == RelayEnding.POOL_TIMEOUT:
             error = self.pool.open_failure or self.pool.timed_out()
             self.ending = self.ending or SessionOver(error)
-        elif ending in (_core.RelayEnding.SOCKET_EOF, _core.RelayEnding.SOCKET):
+        elif ending in (RelayEnding.SOCKET_EOF, RelayEnding.SOCKET, RelayEnding.READ_ONLY_OFF):
+            # Broken, or keeping a setting (read-only turned off) no other client may get.
             conn, self._conn = self._conn, None
             if conn is not None:
                 self.pool.release(conn, reusable=False)
+            if ending == RelayEnding.READ_ONLY_OFF:
+                self.ending = self.ending or SessionOver(read_only_turned_off())
             lost = PgSessionError(
                 "08006", f"qmesh: the connection to the database server was lost ({outcome.detail})"
             )
             # After a FATAL the server has told the client why.
             self.ending = self.ending or SessionOver(None if pooled.server_fatal else lost)
-        elif ending == _core.RelayEnding.READ_ONLY_OFF:
-            # The connection keeps the setting: no other client may get it.
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                self.pool.release(conn, reusable=False)
-            log.warning("ended a read-only pg session of app %r: the server reported "
-                        "read-only turned off", self.watch.app_id)  # fmt: skip
-            self.ending = self.ending or SessionOver(read_only_turned_off())
-        elif ending == _core.RelayEnding.POSTGRES:
+        elif ending == RelayEnding.POSTGRES:
             error = PgSessionError("08P01", f"qmesh: {outcome.detail}")
             self.ending = self.ending or SessionOver(error)
         return False

@@ -203,12 +203,7 @@ class PgService:
         """Every app's policy, the state's over the config's: reloaded on each change."""
         self.vault = vault
         self.vault_problem = vault_problem
-        retention_days = config.gate.pg_audit.retention_days
-        self.audit = (
-            audit
-            if audit is not None
-            else AuditLog(store, retention_s=retention_days * 86_400 if retention_days else None)
-        )
+        self.audit = audit if audit is not None else AuditLog.for_gate(store, config.gate.pg_audit)
         self._mock_secret = mock_secret or secrets.token_bytes(32)
         self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
         self._registered: set[str] = set()
@@ -600,10 +595,10 @@ class PgService:
             )
         except UpstreamAuthRejected:
             pass
-        # The password may have just been rotated by another process: the
-        # vault's current value, then a rotation's pending one.
+        # Rotated meanwhile by another process? A rotation's pending value
+        # first (one that ends between the reads moves it to current), twice over.
         assert self.vault is not None
-        for get in (self.vault.get, self.vault.get_pending):
+        for get in (self.vault.get_pending, self.vault.get) * 2:
             candidate = await self._read_vault(get, alias)
             if candidate is None or candidate.password in tried:
                 continue
