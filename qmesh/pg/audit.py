@@ -267,20 +267,16 @@ class AuditLog:
         there may be more."""
         with self.store._write(announce=False) as conn:
             blocks = conn.execute(
-                "SELECT id, records FROM pg_audit_blocks WHERE last_ts < ?"
-                " ORDER BY last_ts LIMIT ?",
+                "DELETE FROM pg_audit_blocks WHERE id IN (SELECT id FROM pg_audit_blocks"
+                " WHERE last_ts < ? ORDER BY last_ts LIMIT ?) RETURNING records",
                 (before, _PRUNE_CHUNK),
             ).fetchall()
-            if blocks:
-                conn.executemany(
-                    "DELETE FROM pg_audit_blocks WHERE id = ?", [(i,) for i, _ in blocks]
-                )
             rows = conn.execute(
-                "SELECT id FROM pg_audit WHERE ts < ? ORDER BY ts LIMIT ?", (before, _PRUNE_CHUNK)
+                "DELETE FROM pg_audit WHERE id IN (SELECT id FROM pg_audit"
+                " WHERE ts < ? ORDER BY ts LIMIT ?) RETURNING id",
+                (before, _PRUNE_CHUNK),
             ).fetchall()
-            if rows:
-                conn.executemany("DELETE FROM pg_audit WHERE id = ?", rows)
-        deleted = sum(records for _, records in blocks) + len(rows)
+        deleted = sum(records for (records,) in blocks) + len(rows)
         self.pruned += deleted
         return deleted, len(blocks) == _PRUNE_CHUNK or len(rows) == _PRUNE_CHUNK
 
