@@ -283,7 +283,7 @@ pub(crate) struct Pooled {
     guard_screen: Vec<Vec<u8>>,
     pub(crate) read_only: bool,
     /// The server reported the read-only setting turned off: nothing more
-    /// of its reaches the client, and the session ends.
+    /// of what it sends reaches the client, and the session ends.
     pub(crate) read_only_off: bool,
 }
 
@@ -904,6 +904,8 @@ pub(crate) struct Back<'a> {
     /// Bytes of the server's that the client does not get (the answers
     /// to Parses the engine added).
     pub(crate) swallowed: usize,
+    /// How much of `out` ends at a ReadyForQuery: whole answers.
+    pub(crate) answered: usize,
 }
 
 impl pg::Sink for Back<'_> {
@@ -925,17 +927,17 @@ impl pg::Sink for Back<'_> {
         match tag {
             b'S' => {
                 // Reported only to a read-only session's scanner. A server
-                // may report the setting only as on or off; anything but on
-                // is taken as off.
+                // reports the setting as on or off: anything but on, or a
+                // report that does not parse, is taken as off.
                 let off = pg::backend::parameter_status(body).map_or(true, |(name, value)| {
                     name == b"default_transaction_read_only" && value != b"on"
                 });
                 if pooled.read_only && off {
-                    // Not even what came before it in this read: the
-                    // statement that did it must not look as if it ran.
+                    // Nor what came of the answer before it in this read:
+                    // the statement that did it must not look as if it ran.
                     pooled.read_only_off = true;
-                    self.swallowed += self.out.len() + raw.len();
-                    self.out.clear();
+                    self.swallowed += self.out.len() - self.answered + raw.len();
+                    self.out.truncate(self.answered);
                     return;
                 }
             }
@@ -998,6 +1000,9 @@ impl pg::Sink for Back<'_> {
             }
         }
         self.out.extend_from_slice(raw);
+        if tag == b'Z' {
+            self.answered = self.out.len();
+        }
     }
 }
 
@@ -1188,6 +1193,7 @@ mod tests {
             at: 1.5,
             out: Vec::new(),
             swallowed: 0,
+            answered: 0,
         };
         for raw in messages {
             pg::Sink::message(&mut back, raw[0], raw, true);
@@ -1579,12 +1585,21 @@ mod tests {
             msg(b'C', b"SELECT 1\0"),
             other.clone(),
             on.clone(),
+            msg(b'Z', b"I"),
         ];
         assert_eq!(server(&mut pooled, &answer), answer.concat());
         assert!(!pooled.read_only_off);
+        // Two pipelined: the first's whole answer, in the same read as the
+        // report, still goes.
+        client(&mut pooled, &[query("SELECT 1"), query("SELECT lift()")]);
         let off = reported("default_transaction_read_only", "off");
-        let rest = [msg(b'C', b"SELECT 1\0"), off, msg(b'Z', b"I")];
-        assert_eq!(server(&mut pooled, &rest), b"");
+        let earlier = [msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")];
+        let rest = [
+            &earlier[..],
+            &[msg(b'C', b"SELECT 1\0"), off, msg(b'Z', b"I")],
+        ]
+        .concat();
+        assert_eq!(server(&mut pooled, &rest), earlier.concat());
         assert!(pooled.read_only_off);
         // Still owed: the connection is not idle, and goes back to be closed.
         assert_eq!(owed(&pooled), b"Q");
