@@ -794,3 +794,8 @@ async def test_a_read_only_session_whose_server_turns_it_off_ends_and_its_connec
     assert stats(ghost).closed == 1
     # Seen by the engine: Python's relay never got the server's report.
     assert ord("S") not in seen_by_python
+    # The statement that did it is in the audit, ended by it.
+    with trio.fail_after(10):
+        await ghost.audit_settled()
+    records = [(r.statement, r.outcome) for r in list_audit(ghost.store, limit=10)]
+    assert ("SELECT lift_guard()", "error:25006") in records

@@ -70,7 +70,7 @@ from qmesh.pg.login import PgSessionError
 from qmesh.pg.pool import ServerConn, ServerPool
 from qmesh.pg.relay import Tap, end_client
 from qmesh.pg.session_state import session_state_of
-from qmesh.pg.watch import SessionOver, SessionWatch, read_only_turned_off
+from qmesh.pg.watch import SessionOver, SessionWatch
 from qmesh.tunnel.stream import TunnelStream
 
 __all__ = ["PooledSession"]
@@ -290,7 +290,7 @@ class PooledSession:
             if conn is not None:
                 self.pool.release(conn, reusable=False)
             if ending == RelayEnding.READ_ONLY_OFF:
-                self.ending = self.ending or SessionOver(read_only_turned_off())
+                self.ending = self.ending or self.watch.read_only_lifted(time.monotonic())
             lost = PgSessionError(
                 "08006", f"qmesh: the connection to the database server was lost ({outcome.detail})"
             )

@@ -243,7 +243,7 @@ class SessionWatch:
             if self.read_only:
                 name, value = _core.parse_parameter_status(raw[5:])
                 if name == "default_transaction_read_only" and value != "on":
-                    raise SessionOver(read_only_turned_off())
+                    raise self.read_only_lifted(now)
             return
         pending = self.pending
         if tag == _Z:
@@ -308,6 +308,17 @@ class SessionWatch:
         its session: followed here from now on."""
         if self.audit is not None:
             self.statements.remember(name, text)
+
+    def read_only_lifted(self, now: float) -> SessionOver:
+        """The server reported this read-only session's setting turned off:
+        the statements still running are recorded as ended by it (25006),
+        and the session ends with the reason."""
+        if self.audit is not None:
+            for item in self.pending:
+                if item.kind != _S:
+                    self._finish(item, "error:25006", now)
+        self.pending.clear()
+        return SessionOver(read_only_turned_off())
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""

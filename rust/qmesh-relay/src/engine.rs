@@ -363,7 +363,7 @@ impl Native {
                 at: sys::monotonic(),
                 out: Vec::with_capacity(data.len()),
                 swallowed: 0,
-                answered: 0,
+                answered: None,
             };
             if let Err(error) = scanner.feed(data, &mut sink) {
                 let side = Side::Server;

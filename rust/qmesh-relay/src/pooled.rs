@@ -25,7 +25,8 @@
 //!
 //! The first message it cannot relay (a named portal, a Bind of an unnamed
 //! statement parsed on another loan, a re-Parse of an open name, a
-//! FunctionCall, COPY, a statement that could pin the session) ends the
+//! FunctionCall, COPY, a statement that could pin the session or that names
+//! one of a statement guard's words) ends the
 //! engine's part as soon as the server's bytes are between two messages:
 //! that message and all that follows go to Python's relay
 //! ([`PooledEnd::leftover`]), with the connection if the client holds one
@@ -904,8 +905,11 @@ pub(crate) struct Back<'a> {
     /// Bytes of the server's that the client does not get (the answers
     /// to Parses the engine added).
     pub(crate) swallowed: usize,
-    /// How much of `out` ends at a ReadyForQuery: whole answers.
-    pub(crate) answered: usize,
+    /// How much of `out` may go if the answer is cut short: up to the last
+    /// ReadyForQuery, else up to the first message boundary of this read
+    /// (before it may be the rest of a message the client has begun). None
+    /// until the first whole message of this read.
+    pub(crate) answered: Option<usize>,
 }
 
 impl pg::Sink for Back<'_> {
@@ -924,6 +928,7 @@ impl pg::Sink for Back<'_> {
             self.swallowed += raw.len();
             return;
         }
+        let boundary = *self.answered.get_or_insert(self.out.len());
         match tag {
             b'S' => {
                 // Reported only to a read-only session's scanner. A server
@@ -933,11 +938,14 @@ impl pg::Sink for Back<'_> {
                     name == b"default_transaction_read_only" && value != b"on"
                 });
                 if pooled.read_only && off {
-                    // Nor what came of the answer before it in this read:
-                    // the statement that did it must not look as if it ran.
+                    // Nor the whole messages of the answer before it in this
+                    // read (its CommandComplete): the client is not to take
+                    // it for a success. The session ends; what the server
+                    // ran is done (a pipelined write after it included: the
+                    // role's privileges are the guarantee, see guard.py).
                     pooled.read_only_off = true;
-                    self.swallowed += self.out.len() - self.answered + raw.len();
-                    self.out.truncate(self.answered);
+                    self.swallowed += self.out.len() - boundary + raw.len();
+                    self.out.truncate(boundary);
                     return;
                 }
             }
@@ -1001,7 +1009,7 @@ impl pg::Sink for Back<'_> {
         }
         self.out.extend_from_slice(raw);
         if tag == b'Z' {
-            self.answered = self.out.len();
+            self.answered = Some(self.out.len());
         }
     }
 }
@@ -1143,6 +1151,7 @@ mod tests {
                 "pg_settings",
                 "characteristics",
                 "u&'",
+                "u&\"",
             ]
             .map(|word| word.as_bytes().to_vec())
             .to_vec(),
@@ -1193,7 +1202,7 @@ mod tests {
             at: 1.5,
             out: Vec::new(),
             swallowed: 0,
-            answered: 0,
+            answered: None,
         };
         for raw in messages {
             pg::Sink::message(&mut back, raw[0], raw, true);
@@ -1609,5 +1618,29 @@ mod tests {
         client(&mut writable, &[query("SELECT lift()")]);
         let off = reported("default_transaction_read_only", "off");
         assert_eq!(server(&mut writable, std::slice::from_ref(&off)), off);
+    }
+
+    #[test]
+    fn the_rest_of_a_message_the_client_has_begun_still_goes() {
+        let mut pooled = read_only();
+        client(&mut pooled, &[query("SELECT lift()")]);
+        let mut back = Back {
+            pooled: &mut pooled,
+            at: 1.5,
+            out: Vec::new(),
+            swallowed: 0,
+            answered: None,
+        };
+        // The end of a row whose start went to the client with the last read.
+        pg::Sink::pass(&mut back, b"end of a row");
+        for raw in [
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'S', b"default_transaction_read_only\0off\0"),
+            msg(b'Z', b"I"),
+        ] {
+            pg::Sink::message(&mut back, raw[0], &raw, true);
+        }
+        assert_eq!(back.out, b"end of a row");
+        assert!(pooled.read_only_off);
     }
 }
