@@ -117,16 +117,6 @@ class _Names:
         self.bytes += size
 
 
-def read_only_turned_off() -> PgSessionError:
-    """The error that ends a read-only session whose server reported the
-    setting turned off (by something the statement guard could not see)."""
-    return PgSessionError(
-        "25006",
-        "qmesh: this application's sessions are read-only and the session "
-        "tried to turn that off; it has been ended",
-    )
-
-
 class SessionWatch:
     """The guard and the audit of one session."""
 
@@ -318,7 +308,13 @@ class SessionWatch:
                 if item.kind != _S:
                     self._finish(item, "error:25006", now)
         self.pending.clear()
-        return SessionOver(read_only_turned_off())
+        return SessionOver(
+            PgSessionError(
+                "25006",
+                "qmesh: this application's sessions are read-only and the session "
+                "tried to turn that off; it has been ended",
+            )
+        )
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""
