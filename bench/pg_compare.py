@@ -837,8 +837,9 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--statement-timeout-ms", type=int, default=0,
-        help="give the benchmark app a statement_timeout_ms policy: its sessions then take "
-        f"the statement guard's (Python) relay (qmesh-guard's is always {GUARD_TIMEOUT_MS})",
+        help="give the benchmark app a statement_timeout_ms policy: its sessions then have "
+        "a statement guard, which judges in Python only the statements that name a guarded "
+        f"word (qmesh-guard's is always {GUARD_TIMEOUT_MS})",
     )  # fmt: skip
     parser.add_argument(
         "--server-tls", action="store_true",

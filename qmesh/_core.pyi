@@ -296,7 +296,7 @@ for a peeked kind), held for a verdict)``."""
 class TapSpec:
     """The scanners of a native relay (:meth:`TunnelEngine.attach_native`):
     which Postgres message kinds the engine reports as :data:`TapRecord` and
-    which it holds for a verdict, each way. Built by the code that knows the
+    which client kinds it holds for a verdict. Built by the code that knows the
     bytes are Postgres; the tunnel passes it through."""
 
     def __new__(
@@ -305,7 +305,7 @@ class TapSpec:
         frontend: tuple[bytes, bytes] | None = None,
         backend: bytes | None = None,
         guard: bytes | None = None,
-        backend_guard: bytes | None = None,
+        read_only: bool = False,
         farewell: bytes | None = None,
         guard_screen: list[bytes] | None = None,
     ) -> Self:
@@ -315,16 +315,19 @@ class TapSpec:
         size are checked even when nothing is reported. ``guard`` kinds (with
         ``frontend``) are held: each is reported whole, as a record with
         ``held`` set, and nothing more reaches the socket until
-        :meth:`TunnelEngine.verdict`; ``backend_guard`` kinds (with
-        ``backend``) likewise on the server's side. With ``guard_screen``, a
-        held Query or Parse (the kinds that carry SQL text) is only held if
-        it contains one of those words (ASCII letters in any case); one that
-        names none is relayed at once and reported unheld if its kind is in
-        ``frontend``. A ``farewell`` (a server message of the relay's own, for
-        the MiniGate's side, where the tunnel brings a server's messages) is
-        written to the socket if the session is lost while the socket stands
-        between two messages: the engine follows the framing of what it
-        writes there to know. ValueError for a guard without its scanner."""
+        :meth:`TunnelEngine.verdict`. With ``guard_screen``, a held Query or
+        Parse (the kinds that carry SQL text) is only held if it contains one
+        of those words (ASCII letters in any case); one that names none is
+        relayed at once and reported unheld if its kind is in ``frontend``
+        (a pooled stream's goes to Python's relay if it names one).
+        ``read_only``: the server reporting ``default_transaction_read_only``
+        off ends the stream (:attr:`RelayEnding.READ_ONLY_OFF`) before the
+        client gets anything more of that answer. A ``farewell`` (a server
+        message of the relay's own, for the MiniGate's side, where the tunnel
+        brings a server's messages) is written to the socket if the session
+        is lost while the socket stands between two messages: the engine
+        follows the framing of what it writes there to know. ValueError for a
+        guard without its scanner."""
 
 @final
 class RelayEnding:
@@ -350,8 +353,8 @@ class RelayEnding:
     POOL_TIMEOUT: ClassVar[RelayEnding]
     """A pooled stream's client waited its pool's limit for a connection."""
     READ_ONLY_OFF: ClassVar[RelayEnding]
-    """A read-only pooled stream's server reported the read-only setting
-    turned off: the session ends, and its connection must be closed."""
+    """A read-only session's server reported the read-only setting turned
+    off: the session ends, and its connection must be closed."""
     def __int__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
@@ -467,11 +470,8 @@ class PooledSpec:
     back with more goes to Python to be closed), and what the client
     prepared so far (a session back from Python's relay): its named
     ``statements``, ``(name, server name, Parse)`` each, and its
-    ``unnamed`` statement's Parse. With a statement guard, its
-    ``guard_screen`` (as :class:`TapSpec`'s): a Query or Parse that names
-    one of the words goes to Python's relay. ``read_only``: the server
-    reporting ``default_transaction_read_only`` off ends the stream
-    (``RelayEnding.READ_ONLY_OFF``)."""
+    ``unnamed`` statement's Parse. Its guard's words and read-only flag are
+    its :class:`TapSpec`'s."""
 
     def __new__(
         cls,
@@ -481,8 +481,6 @@ class PooledSpec:
         *,
         statements: list[tuple[bytes, bytes, bytes]] = ...,
         unnamed: bytes | None = None,
-        guard_screen: list[bytes] = ...,
-        read_only: bool = False,
     ) -> Self: ...
 
 @final
@@ -782,10 +780,10 @@ class TunnelEngine:
         ValueError if the stream is native already, or for such an
         ``audit`` without such a ``tap``."""
 
-    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool = True) -> None:
-        """The verdict on the message a native stream holds (the client's when
-        ``from_tunnel``, else the server's): relay ``replacement`` in its
-        place (the message itself, or another), then carry on."""
+    def verdict(self, stream_id: int, replacement: bytes) -> None:
+        """The verdict on the client message a native stream holds: relay
+        ``replacement`` in its place (the message itself, or another), then
+        carry on."""
 
     def pooled_lease(self, stream_id: int) -> int | None:
         """The connection a pooled stream holds now (its pool's id), or None."""

@@ -28,6 +28,7 @@ from pgcluster import PgCluster
 from pgkit import Ghost, RealDb, in_thread, start_ghost
 
 from qmesh.config import GateAppConfig
+from qmesh.pg.audit import list_audit
 from qmesh.pg.policy import policy_to_json
 from qmesh.pg.service import KEY_REVOKED
 from qmesh.state import StateStore
@@ -64,8 +65,14 @@ async def until(condition: Callable[[], bool]) -> None:
             await trio.sleep(0.01)
 
 
-async def start(nursery: trio.Nursery, db: RealDb, tmp_path: Path, state: Path | str) -> Watched:
-    ghost = await start_ghost(nursery, db, tmp_path, state=state)
+async def start(
+    nursery: trio.Nursery,
+    db: RealDb,
+    tmp_path: Path,
+    state: Path | str,
+    policy: GateAppConfig | None = None,
+) -> Watched:
+    ghost = await start_ghost(nursery, db, tmp_path, state=state, policy=policy)
     watcher = StateWatcher(ghost.store, interval_s=0.02)
     watched = Watched(ghost, watcher, state)
     watcher.subscribe("app keys (pg)", ghost.service.refresh_apps)
@@ -102,12 +109,14 @@ def stop_sleepers(db: RealDb) -> None:
     )
 
 
-async def ended_while_sleeping(ghost: Ghost, key: str, started: trio.Event) -> psycopg.Error:
-    """Log in with ``key``, run SLEEP; the error that ended it."""
+async def ended_while_sleeping(
+    ghost: Ghost, key: str, started: trio.Event, first: str = "SELECT 1"
+) -> psycopg.Error:
+    """Log in with ``key``, run ``first`` then SLEEP; the error that ended it."""
 
     def session() -> psycopg.Error:
         with connect(ghost, key) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+            conn.execute(first)
             trio.from_thread.run_sync(started.set)
             try:
                 conn.execute(SLEEP)
@@ -118,10 +127,24 @@ async def ended_while_sleeping(ghost: Ghost, key: str, started: trio.Event) -> p
     return await in_thread(session)
 
 
+@pytest.mark.parametrize(
+    ("pool_mode", "first"),
+    [
+        ("session", "SELECT 1"),
+        ("transaction", "SELECT 1"),  # relayed by the engine
+        ("transaction", "LISTEN ch"),  # pinned: relayed by Python
+    ],
+)
 async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path, state_location: Path | str
+    nursery: trio.Nursery,
+    db: RealDb,
+    tmp_path: Path,
+    state_location: Path | str,
+    pool_mode: str,
+    first: str,
 ) -> None:
-    watched = await start(nursery, db, tmp_path, state_location)
+    policy = GateAppConfig(databases=("main",), pool_mode=pool_mode, pool_size=2)
+    watched = await start(nursery, db, tmp_path, state_location, policy)
     ghost = watched.ghost
     errors: list[psycopg.Error] = []
     try:
@@ -130,7 +153,7 @@ async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
                 started = trio.Event()
 
                 async def one(started: trio.Event = started) -> None:
-                    errors.append(await ended_while_sleeping(ghost, ghost.app_key, started))
+                    errors.append(await ended_while_sleeping(ghost, ghost.app_key, started, first))
 
                 sessions.start_soon(one)
                 await started.wait()
@@ -144,6 +167,12 @@ async def test_disabling_an_app_ends_its_live_sessions_with_a_fatal(
         assert error.sqlstate == KEY_REVOKED, error
         assert f'app "{ghost.app_id}" was disabled' in str(error)
     assert ghost.service.sessions_ended == 2
+    # The server was running them: the audit keeps them, unanswered.
+    await ghost.audit_settled()
+    records = list_audit(ghost.store, app=ghost.app_id, limit=20)
+    assert [(r.statement, r.outcome) for r in records if r.statement == SLEEP] == [
+        (SLEEP, "unanswered")
+    ] * 2
     # A new login with the right key is refused, saying why …
     with pytest.raises(psycopg.OperationalError) as info:
         await in_thread(lambda: connect(ghost, ghost.app_key).close())

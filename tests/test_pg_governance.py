@@ -180,10 +180,20 @@ async def test_guarded_statements_larger_than_the_stream_window(
 
 
 async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check(
-    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dynamic SQL the text check cannot see turns the setting off; the
-    server reports it (ParameterStatus) and the Gate ends the session."""
+    server reports it (ParameterStatus) and the Gate ends the session. The
+    relay engine decides it without Python seeing the server's side, and
+    the audit records the statement that did it with the session's error."""
+    python_saw: list[int] = []
+    backend = SessionWatch.backend
+
+    def watched(self: SessionWatch, tag: int, raw: bytes, now: float) -> None:
+        python_saw.append(tag)
+        backend(self, tag, raw, now)
+
+    monkeypatch.setattr(SessionWatch, "backend", watched)
     ghost = await read_only_ghost(nursery, db, tmp_path)
     before = rows_in_ledger(db)
     sneaky = (
@@ -199,7 +209,11 @@ async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check
 
     with trio.fail_after(30):
         await in_thread(work)
+        await ghost.audit_settled()
     assert rows_in_ledger(db) == before
+    assert python_saw == []
+    records = list_audit(ghost.store, app=ghost.app_id, limit=10)
+    assert (sneaky, "error:25006") in [(r.statement, r.outcome) for r in records]
 
 
 async def test_startup_options_cannot_lift_read_only(

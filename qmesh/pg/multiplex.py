@@ -227,6 +227,7 @@ class PooledSession:
                     engine, client_leftover = True, b""
             self.scope = None
         finally:
+            self.watch.close(time.monotonic())
             await self._give_back()
         ending = self.ending
         error = ending.error if ending is not None else None
@@ -252,10 +253,8 @@ class PooledSession:
         try:
             outcome = await self.client.relay_native(
                 None,
-                tap=Tap(_core.TapSpec(), self._on_tap),
-                pooled=self.pool.engine_spec(
-                    statements, self._unnamed, self.watch.guard_screen(), self.watch.read_only
-                ),
+                tap=Tap(self.watch.tap_spec(), self._on_tap),
+                pooled=self.pool.engine_spec(statements, self._unnamed),
                 audit=self.watch.author(),
             )
         except BaseException:

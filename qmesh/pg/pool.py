@@ -252,21 +252,16 @@ class ServerPool:
         self,
         statements: list[tuple[bytes, bytes, bytes]],
         unnamed: bytes | None,
-        guard_screen: list[bytes],
-        read_only: bool,
     ) -> _core.PooledSpec:
         """What the tunnel engine needs to relay a client's transactions on
         this pool's connections: the client's named statements (``(name,
-        server name, Parse)`` each) and unnamed one, and its guard's words
-        and read-only flag (:class:`_core.PooledSpec`)."""
+        server name, Parse)`` each) and unnamed one (:class:`_core.PooledSpec`)."""
         return _core.PooledSpec(
             self.shelf,
             self.wait_s,
             self.settings.max_prepared_per_server,
             statements=statements,
             unnamed=unnamed,
-            guard_screen=guard_screen,
-            read_only=read_only,
         )
 
     def timed_out(self) -> PgSessionError:

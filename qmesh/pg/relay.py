@@ -56,7 +56,8 @@ AUDIT_OUTCOMES: Final = b"CEIZs"
 ErrorResponse, EmptyQueryResponse, ReadyForQuery, PortalSuspended."""
 READ_ONLY_WATCH: Final = b"S"
 """ParameterStatus: a read-only session is ended if the server reports that
-``default_transaction_read_only`` was turned off."""
+``default_transaction_read_only`` was turned off (Python's relay watches for
+it; the engine, told the session is read-only, watches itself)."""
 
 
 async def send_quietly(stream: TunnelStream, data: bytes) -> None:
@@ -165,6 +166,7 @@ class Relay:
             else:
                 await self._run_in_python(client_leftover)
         self.scope = None
+        self.watch.close(time.monotonic())
         ending = self.ending
         await end_client(
             self.client,
@@ -208,15 +210,10 @@ class Relay:
             frontend = (AUDIT_STATEMENTS, AUDIT_NAMES + AUDIT_FASTPATH)
         else:
             frontend = (b"", b"")
-        # A read-only session's ParameterStatus reports are held until
-        # checked: a session that got its read-only setting turned off is
-        # ended before the client sees the statement succeed.
-        spec = _core.TapSpec(
+        spec = self.watch.tap_spec(
             frontend=frontend,
-            backend=AUDIT_OUTCOMES if audit else (b"" if self.read_only else None),
+            backend=AUDIT_OUTCOMES if audit else None,
             guard=GUARDED if self.guard else None,
-            backend_guard=READ_ONLY_WATCH if self.read_only else None,
-            guard_screen=self.watch.guard_screen(),
         )
         outcome = await self.client.relay_native(
             upstream,
@@ -230,23 +227,23 @@ class Relay:
         )
         if outcome.ending == _core.RelayEnding.POSTGRES:
             self._end(SessionOver(PgSessionError("08P01", f"qmesh: {outcome.detail}")))
+        elif outcome.ending == _core.RelayEnding.READ_ONLY_OFF:
+            # The engine recorded the statements it ended on (error:25006).
+            self._end(self.watch.read_only_lifted(time.monotonic()))
         elif outcome.failed:
             log.debug("pg relay for app %r ended: %s %s", self.app_id, outcome.ending,
                       outcome.detail)  # fmt: skip
 
     def _on_tap(self, records: list[_core.TapRecord]) -> bytes | None:
-        """Guard what the engine held (it audits the session itself); the
-        replacement for a held message, which ends the batch."""
+        """Guard the client's statements the engine held (it audits the
+        session and watches the server's side itself); the replacement for
+        a held message, which ends the batch."""
         replacement = None
         try:
-            for at, from_client, tag, raw, held in records:
-                if from_client:
-                    # Only held statements need the guard: the engine's
-                    # screen passed the others (they name nothing guarded).
-                    replacement = self.watch.frontend(tag, raw, at, check=held)
-                else:
-                    self.watch.backend(tag, raw, at)
-                    replacement = raw if held else None
+            for at, _from_client, tag, raw, held in records:
+                # Only held statements need the guard: the engine's screen
+                # passed the others (they name nothing guarded).
+                replacement = self.watch.frontend(tag, raw, at, check=held)
         except SessionOver as exc:
             self._end(exc)
             return None

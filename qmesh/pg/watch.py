@@ -23,7 +23,14 @@ import attrs
 
 from qmesh import _core
 from qmesh.pg.audit import AuditLog
-from qmesh.pg.guard import Refusal, check_statement, parameter_count, refusal_sql, screen_words
+from qmesh.pg.guard import (
+    READ_ONLY_SQLSTATE,
+    Refusal,
+    check_statement,
+    parameter_count,
+    refusal_sql,
+    screen_words,
+)
 from qmesh.pg.login import PgSessionError
 from qmesh.pg.policy import AppPolicy
 
@@ -34,6 +41,9 @@ log = logging.getLogger(__name__)
 MAX_TRACKED_STATEMENTS: Final = 10_000
 """Prepared statement and portal names remembered per session for the audit."""
 MAX_TRACKED_BYTES: Final = 16 << 20
+UNANSWERED: Final = "unanswered"
+"""The audit's outcome for a statement the server was sent and had not
+answered when the session ended: it may have run."""
 """Bytes of those names and their texts, statements and portals apart (a
 text shared by a statement and its portals counted for each): the engine's
 bounds (``statements.rs``), so a session audits alike on either path."""
@@ -142,10 +152,24 @@ class SessionWatch:
         self.statements = _Names()
         self.portals = _Names()
 
-    def guard_screen(self) -> list[bytes]:
-        """The words a statement must name for the guard to judge it (none
-        without a guard): the relay engine lets the others through itself."""
-        return screen_words(read_only=self.read_only, guard_timeout=self.guard_timeout)
+    def tap_spec(
+        self,
+        *,
+        frontend: tuple[bytes, bytes] | None = None,
+        backend: bytes | None = None,
+        guard: bytes | None = None,
+    ) -> _core.TapSpec:
+        """The relay engine's scanners for this session, reporting these
+        kinds: with the words a statement must name for the guard to judge
+        it (the engine lets the others through itself), and the read-only
+        watch of the server's side, decided in the engine."""
+        return _core.TapSpec(
+            frontend=frontend,
+            backend=backend,
+            guard=guard,
+            guard_screen=screen_words(read_only=self.read_only, guard_timeout=self.guard_timeout),
+            read_only=self.read_only,
+        )
 
     def frontend(self, tag: int, raw: bytes, now: float, *, check: bool = True) -> bytes:
         """Look at one reported client message, seen at ``now``
@@ -303,18 +327,26 @@ class SessionWatch:
         """The server reported this read-only session's setting turned off:
         the statements still running are recorded as ended by it (25006),
         and the session ends with the reason."""
-        if self.audit is not None:
-            for item in self.pending:
-                if item.kind != _S:
-                    self._finish(item, "error:25006", now)
-        self.pending.clear()
+        self._end_pending(f"error:{READ_ONLY_SQLSTATE}", now)
         return SessionOver(
             PgSessionError(
-                "25006",
+                READ_ONLY_SQLSTATE,
                 "qmesh: this application's sessions are read-only and the session "
                 "tried to turn that off; it has been ended",
             )
         )
+
+    def close(self, now: float) -> None:
+        """The session is over: the statements the server was sent and had
+        not answered are recorded as ``unanswered`` (it may have run them)."""
+        self._end_pending(UNANSWERED, now)
+
+    def _end_pending(self, outcome: str, now: float) -> None:
+        if self.audit is not None:
+            for item in self.pending:
+                if item.kind != _S:
+                    self._finish(item, outcome, now)
+        self.pending.clear()
 
     def _ready(self, now: float) -> None:
         """ReadyForQuery ends a simple query, or everything up to a Sync."""

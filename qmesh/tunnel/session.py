@@ -369,8 +369,8 @@ class Session:
             audit=audit,
         )
 
-    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
-        self._engine.verdict(stream_id, replacement, from_tunnel=from_tunnel)
+    def verdict(self, stream_id: int, replacement: bytes) -> None:
+        self._engine.verdict(stream_id, replacement)
 
     def abort_native(self, stream_id: int) -> _core.RelayOutcome | None:
         return self._engine.abort_native(stream_id)

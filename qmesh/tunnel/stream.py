@@ -94,8 +94,8 @@ class StreamHost(Protocol):
     def pooled_lease(self, stream_id: int) -> int | None:
         """The connection a pooled native stream holds now, or None."""
 
-    def verdict(self, stream_id: int, replacement: bytes, *, from_tunnel: bool) -> None:
-        """Relay ``replacement`` in place of the message the stream holds."""
+    def verdict(self, stream_id: int, replacement: bytes) -> None:
+        """Relay ``replacement`` in place of the client message the stream holds."""
 
 
 class NativeTap(Protocol):
@@ -394,9 +394,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 self.on_native_end(outcome)
             self.reset(ResetCode.INTERNAL, "the relay failed")
             return
-        _at, from_tunnel, _tag, _raw, held = records[-1]
+        _at, _from_tunnel, _tag, _raw, held = records[-1]
         if verdict is not None and held:
-            self.session.verdict(self.id, verdict, from_tunnel=from_tunnel)
+            self.session.verdict(self.id, verdict)
 
     def on_native_end(self, outcome: RelayOutcome) -> None:
         """The engine gave the stream back: carry on from its state."""

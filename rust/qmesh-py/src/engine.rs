@@ -126,11 +126,8 @@ pub struct RelayOutcome {
 /// pool's shelf, the longest wait in line (seconds), the most statements a
 /// connection keeps prepared, and what the client prepared so far (a
 /// session back from Python's relay): its named statements, ``(name,
-/// server name, Parse)`` each, and its unnamed statement's Parse. With a
-/// statement guard, ``guard_screen`` (as :class:`TapSpec`'s): a Query or
-/// Parse that names one of its words goes to Python's relay. ``read_only``:
-/// the server reporting ``default_transaction_read_only`` off ends the
-/// stream (``RelayEnding.READ_ONLY_OFF``).
+/// server name, Parse)`` each, and its unnamed statement's Parse. Its
+/// guard's words and read-only flag are its :class:`TapSpec`'s.
 #[pyclass(module = "qmesh._core", name = "PooledSpec", frozen)]
 pub struct PooledSpec {
     shelf: Arc<relay::Shelf>,
@@ -138,26 +135,20 @@ pub struct PooledSpec {
     max_prepared: usize,
     statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     unnamed: Option<Vec<u8>>,
-    guard_screen: Vec<Vec<u8>>,
-    read_only: bool,
 }
 
 #[pymethods]
 impl PooledSpec {
     #[new]
     #[pyo3(signature = (
-        shelf, wait_s, max_prepared, *, statements = Vec::new(), unnamed = None,
-        guard_screen = Vec::new(), read_only = false
+        shelf, wait_s, max_prepared, *, statements = Vec::new(), unnamed = None
     ))]
-    #[allow(clippy::too_many_arguments)]
     fn new(
         shelf: PyRef<'_, PoolShelf>,
         wait_s: f64,
         max_prepared: usize,
         statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
         unnamed: Option<Vec<u8>>,
-        guard_screen: Vec<Vec<u8>>,
-        read_only: bool,
     ) -> Result<Self> {
         let wait_limit = Duration::try_from_secs_f64(wait_s).map_err(|_| {
             PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
@@ -168,8 +159,6 @@ impl PooledSpec {
             max_prepared,
             statements,
             unnamed,
-            guard_screen,
-            read_only,
         })
     }
 }
@@ -397,7 +386,8 @@ impl RelayOutcome {
 }
 
 /// The scanners of a native relay: which Postgres message kinds the engine
-/// reports (as tap records) and holds for a verdict, each way. Built by the
+/// reports (as tap records), each way, and which client kinds it holds for
+/// a verdict. Built by the
 /// code that knows the bytes are Postgres; the tunnel passes it through.
 #[pyclass(module = "qmesh._core", name = "TapSpec", frozen)]
 pub struct TapSpec {
@@ -411,9 +401,12 @@ impl TapSpec {
     /// ``backend=full`` scans the socket's bytes as a server's. ``guard``
     /// kinds (with ``frontend``) are held: each is reported as a record
     /// with ``held`` set, and nothing more reaches the socket until
-    /// ``TunnelEngine.verdict``; ``backend_guard`` kinds (with ``backend``)
-    /// likewise on the server's side; ``guard_screen`` words let a Query or
-    /// Parse that names none of them through without a verdict. A
+    /// ``TunnelEngine.verdict``; ``guard_screen`` words let a Query or
+    /// Parse that names none of them through without a verdict (for a
+    /// pooled stream: through the engine, not Python's relay).
+    /// ``read_only``: the server reporting ``default_transaction_read_only``
+    /// off ends the stream (``RelayEnding.READ_ONLY_OFF``) before the client
+    /// gets that answer. A
     /// ``farewell`` (the MiniGate's side, where the tunnel brings a server's
     /// messages) is written to the socket if the session is lost between
     /// two messages.
@@ -423,7 +416,7 @@ impl TapSpec {
         frontend = None,
         backend = None,
         guard = None,
-        backend_guard = None,
+        read_only = false,
         farewell = None,
         guard_screen = None,
     ))]
@@ -431,27 +424,22 @@ impl TapSpec {
         frontend: Option<(Vec<u8>, Vec<u8>)>,
         backend: Option<Vec<u8>>,
         guard: Option<Vec<u8>>,
-        backend_guard: Option<Vec<u8>>,
+        read_only: bool,
         farewell: Option<Vec<u8>>,
         guard_screen: Option<Vec<Vec<u8>>>,
     ) -> Result<Self> {
         let guard = guard.unwrap_or_default();
-        let backend_guard = backend_guard.unwrap_or_default();
         // Checked here, where the mistake is made, rather than when a
         // stream is handed over.
         if !guard.is_empty() && frontend.is_none() {
             return Err(PyValueError::new_err("a guard needs the frontend scanner").into());
-        }
-        if !backend_guard.is_empty() && backend.is_none() {
-            let why = "a backend guard needs the backend scanner";
-            return Err(PyValueError::new_err(why).into());
         }
         Ok(TapSpec {
             inner: relay::PgTap {
                 frontend,
                 backend,
                 guard,
-                backend_guard,
+                read_only,
                 farewell: farewell.unwrap_or_default(),
                 guard_screen: guard_screen.unwrap_or_default(),
             },
@@ -467,9 +455,9 @@ impl TapSpec {
         });
         let backend = tap.backend.as_deref().map_or("None".into(), tags);
         format!(
-            "TapSpec(frontend={frontend}, backend={backend}, guard={}, backend_guard={})",
+            "TapSpec(frontend={frontend}, backend={backend}, guard={}, read_only={})",
             tags(&tap.guard),
-            tags(&tap.backend_guard),
+            if tap.read_only { "True" } else { "False" },
         )
     }
 }
@@ -732,8 +720,6 @@ impl TunnelEngine {
             max_prepared: spec.max_prepared,
             statements: spec.statements.clone(),
             unnamed: spec.unnamed.clone(),
-            guard_screen: spec.guard_screen.clone(),
-            read_only: spec.read_only,
         });
         let tls = match tls {
             Some(client) => Some(client.hand_over()?),
@@ -756,13 +742,11 @@ impl TunnelEngine {
         Ok(self.inner.attach_native(spec)?)
     }
 
-    /// The verdict on the message a native stream holds (the client's when
-    /// ``from_tunnel``, else the server's): relay ``replacement`` in its
-    /// place (the message itself, or another), then carry on.
-    #[pyo3(signature = (stream_id, replacement, *, from_tunnel = true))]
-    fn verdict(&self, stream_id: u32, replacement: &[u8], from_tunnel: bool) -> Result<()> {
-        let replacement = replacement.to_vec();
-        Ok(self.inner.verdict(stream_id, replacement, from_tunnel)?)
+    /// The verdict on the client message a native stream holds: relay
+    /// ``replacement`` in its place (the message itself, or another), then
+    /// carry on.
+    fn verdict(&self, stream_id: u32, replacement: &[u8]) -> Result<()> {
+        Ok(self.inner.verdict(stream_id, replacement.to_vec())?)
     }
 
     /// The connection a pooled stream holds now (its pool's id), or None.

@@ -52,7 +52,8 @@ use crate::notify::Notifier;
 use crate::pool::{Lease, LeaseTaker, ReturnWhy, Shelf};
 use crate::pooled::{self, Pooled, PooledEnd, PooledSpec};
 use crate::reactor::{self, Driven, Registration, Roaming};
-use crate::statements::SessionStatements;
+use crate::readonly::{self, AnswerCut};
+use crate::statements::{SessionStatements, UNANSWERED};
 use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
 
@@ -124,9 +125,9 @@ pub enum Ending {
     Handback,
     /// A pooled stream's client waited its pool's limit for a connection.
     PoolTimeout,
-    /// A read-only pooled stream's server reported the read-only setting
-    /// turned off ([`crate::PooledSpec::read_only`]): the connection holds
-    /// a session setting no other client may get, and the client's session ends.
+    /// A read-only session's server reported the read-only setting turned
+    /// off ([`PgTap::read_only`]): the connection holds a session setting
+    /// no other client may get, and the client's session ends.
     ReadOnlyOff,
 }
 
@@ -175,9 +176,10 @@ pub struct PgTap {
     /// follows wait until Python sends what to relay in its place. Needs
     /// `frontend`.
     pub guard: Vec<u8>,
-    /// Server message kinds held for a verdict the same way (what the
-    /// server sends after one waits). Needs `backend`.
-    pub backend_guard: Vec<u8>,
+    /// The session is read-only: the server's side is watched for the
+    /// setting turned off (see [`crate::readonly`]), which ends the stream
+    /// ([`Ending::ReadOnlyOff`]) before the client gets that answer.
+    pub read_only: bool,
     /// Words that a held Query or Parse (the kinds that carry SQL text) must
     /// contain, one of them at least (ASCII letters in any case), to be held:
     /// a statement that names none of them cannot touch what the guard
@@ -288,11 +290,10 @@ struct Native {
     /// The message awaiting a verdict, for the stream's own audit: it
     /// follows the message as the client sent it, once the verdict is in.
     awaiting_statement: Option<TapRecord>,
-    /// The same for the server's side.
-    back_guard: pg::TagSet,
-    back_tapped: pg::TagSet,
-    back_awaiting: Option<usize>,
-    back_held: VecDeque<Segment>,
+    /// The session is read-only (see [`crate::readonly`])...
+    read_only: bool,
+    /// ...and its server reported the setting turned off: the stream ends.
+    read_only_off: bool,
     /// See [`PgTap::guard_screen`].
     guard_screen: Vec<Vec<u8>>,
     records: Vec<TapRecord>,
@@ -351,76 +352,44 @@ impl Native {
     }
 
     /// Bytes read from the socket: scan them (if asked) and return what to
-    /// send now, in DATA frames, and the record of a message that now awaits
-    /// a verdict (what follows it is held). On a scan error nothing of
-    /// `data` is sent or recorded.
-    fn outbound(&mut self, data: &[u8]) -> Result<(Vec<Bytes>, Option<TapRecord>), PgError> {
-        if let (Some(pooled), Some(scanner)) = (self.pooled.as_mut(), self.backend.as_mut()) {
-            // Statements the server finished before an error stay
-            // recorded: they ran.
-            let mut sink = pooled::Back {
-                pooled,
-                at: sys::monotonic(),
-                out: Vec::with_capacity(data.len()),
-                swallowed: 0,
-                answered: None,
-            };
-            if let Err(error) = scanner.feed(data, &mut sink) {
-                let side = Side::Server;
-                return Err(PgError { side, error });
-            }
-            // Read bytes were paid for with the client's credit; those it
-            // does not get are not its to count.
-            self.credit += sink.swallowed as u64;
-            let send = if sink.out.is_empty() {
-                Vec::new()
+    /// send now, in DATA frames. On a scan error nothing of `data` is sent
+    /// or recorded.
+    fn outbound(&mut self, data: &[u8]) -> Result<Vec<Bytes>, PgError> {
+        let side = Side::Server;
+        let cut =
+            if let (Some(pooled), Some(scanner)) = (self.pooled.as_mut(), self.backend.as_mut()) {
+                // Statements the server finished before an error stay
+                // recorded: they ran.
+                let mut sink = pooled::Back::new(pooled, sys::monotonic(), data.len());
+                scanner
+                    .feed(data, &mut sink)
+                    .map_err(|error| PgError { side, error })?;
+                sink.cut
             } else {
-                vec![Bytes::from(sink.out)]
-            };
-            return Ok((send, None));
-        }
-        let Some(scanner) = self.backend.as_mut() else {
-            return Ok((vec![Bytes::copy_from_slice(data)], None));
-        };
-        if self.back_guard.is_empty() {
-            let reports = Reports {
-                records: &mut self.records,
-                audit: self.audit.as_mut(),
-            };
-            observe(scanner, reports, data, Side::Server)?;
-            return Ok((vec![Bytes::copy_from_slice(data)], None));
-        }
-        let mut sink = Splitter::new(self.back_tapped, self.back_guard, &[], false);
-        scanner.feed(data, &mut sink).map_err(|error| PgError {
-            side: Side::Server,
-            error,
-        })?;
-        sink.flush();
-        Ok(self.release_back(sink.segments))
-    }
-
-    /// The server's scanned segments: what may be sent now, and a new hold.
-    fn release_back(
-        &mut self,
-        segments: impl IntoIterator<Item = Segment>,
-    ) -> (Vec<Bytes>, Option<TapRecord>) {
-        let mut send = Vec::new();
-        let mut hold = None;
-        for segment in segments {
-            if self.back_awaiting.is_some() {
-                self.back_held.push_back(segment);
-                continue;
-            }
-            match segment {
-                Segment::Data(data) => send.push(data),
-                Segment::Record(record) => self.reports().keep(record),
-                Segment::Hold(record) => {
-                    self.back_awaiting = Some(record.raw.len());
-                    hold = Some(record);
+                let Some(scanner) = self.backend.as_mut() else {
+                    return Ok(vec![Bytes::copy_from_slice(data)]);
+                };
+                let reports = Reports {
+                    records: &mut self.records,
+                    audit: self.audit.as_mut(),
+                };
+                if !self.read_only {
+                    observe(scanner, reports, data, side, None)?;
+                    return Ok(vec![Bytes::copy_from_slice(data)]);
                 }
-            }
-        }
-        (send, hold)
+                let mut cut = AnswerCut::new(data.len(), true, self.read_only_off);
+                observe(scanner, reports, data, side, Some(&mut cut))?;
+                cut
+            };
+        // Read bytes were paid for with the client's credit; those it does
+        // not get are not its to count.
+        self.credit += cut.swallowed as u64;
+        self.read_only_off = cut.off;
+        Ok(if cut.out.is_empty() {
+            Vec::new()
+        } else {
+            vec![Bytes::from(cut.out)]
+        })
     }
 
     /// Take bytes from the tunnel: scan them (if asked) and queue them for
@@ -438,12 +407,12 @@ impl Native {
                 records: &mut self.records,
                 audit: self.audit.as_mut(),
             };
-            observe(scanner, reports, &data, Side::Client)?;
+            observe(scanner, reports, &data, Side::Client, None)?;
             let input = data.len();
             self.queue(data, input);
             return Ok(None);
         }
-        let mut sink = Splitter::new(self.tapped, self.guard, &self.guard_screen, true);
+        let mut sink = Splitter::new(self.tapped, self.guard, &self.guard_screen);
         let before = scanner.buffered();
         scanner.feed(&data, &mut sink).map_err(|error| PgError {
             side: Side::Client,
@@ -539,7 +508,7 @@ impl Native {
     /// connection it holds goes to Python to be closed (it may be inside a
     /// transaction), its place in line is given up.
     fn give_up_lease(&mut self) {
-        if let Some(end) = self.pooled_end() {
+        if let Some(end) = self.pooled_end(false) {
             if let (Some(lease), Some(pooled)) = (end.lease, self.pooled.as_ref()) {
                 pooled.shelf.return_to_python(lease, ReturnWhy::Close);
             }
@@ -547,14 +516,19 @@ impl Native {
     }
 
     /// A pooled stream's state as it ends; its lease (if any) goes with it.
-    fn pooled_end(&mut self) -> Option<PooledEnd> {
+    /// The audit's statements still running go up to Python's relay if it
+    /// `carries_on` with the session, else they are recorded unanswered.
+    fn pooled_end(&mut self, carries_on: bool) -> Option<PooledEnd> {
         let pooled = self.pooled.as_mut()?;
         if let Some((ticket, _)) = pooled.waiting.take() {
             // Served meanwhile: the connection in the mailbox goes back.
             pooled.shelf.cancel(ticket);
         }
-        // The audit's statements still running: Python's relay follows them.
-        self.records.extend(pooled.running());
+        if carries_on {
+            self.records.extend(pooled.running());
+        } else {
+            pooled.statements.end_all(sys::monotonic(), UNANSWERED);
+        }
         // Messages waiting for a connection came first; then those from
         // the first the engine does not relay.
         let mut leftover = std::mem::take(&mut pooled.deferred);
@@ -781,12 +755,14 @@ impl Reports<'_> {
 
 /// Scan `data` in observe mode, noting the reports; on error the chunk is
 /// not relayed, so nothing it reported is kept (the statements it started
-/// are forgotten).
+/// are forgotten). With a `cut` (a read-only session's server bytes, the
+/// scanner in relay mode), the bytes for the client are gathered there.
 fn observe(
     scanner: &mut pg::Scanner,
     mut reports: Reports<'_>,
     data: &[u8],
     side: Side,
+    cut: Option<&mut AnswerCut>,
 ) -> Result<(), PgError> {
     let records = reports.records.len();
     let statements = reports.audit.as_ref().map(|audit| audit.statements.len());
@@ -794,6 +770,7 @@ fn observe(
         reports: &mut reports,
         at: sys::monotonic(),
         from_tunnel: side == Side::Client,
+        cut,
     };
     let result = scanner.feed(data, &mut sink);
     result.map_err(|error| {
@@ -810,18 +787,32 @@ struct Observer<'a, 'r> {
     reports: &'a mut Reports<'r>,
     at: f64,
     from_tunnel: bool,
+    cut: Option<&'a mut AnswerCut>,
 }
 
 impl pg::Sink for Observer<'_, '_> {
-    fn pass(&mut self, _bytes: &[u8]) {}
+    fn pass(&mut self, bytes: &[u8]) {
+        if let Some(cut) = self.cut.as_deref_mut() {
+            cut.pass(bytes);
+        }
+    }
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
+        if let Some(cut) = self.cut.as_deref_mut() {
+            if cut.withheld(tag, raw) {
+                return;
+            }
+            cut.push(tag, raw);
+            if tag == readonly::REPORT {
+                return; // scanned for the cut alone
+            }
+        }
         self.reports.note(tag, raw, self.at, self.from_tunnel);
     }
 }
 
-/// A relay-mode scanner's output as segments: bytes to forward, records for
-/// the tap, and guarded messages to hold.
+/// A guarded client's relay-mode scanner output as segments: bytes to
+/// forward, records for the tap, and guarded messages to hold.
 struct Splitter<'s> {
     segments: Vec<Segment>,
     pending: Vec<u8>,
@@ -829,7 +820,6 @@ struct Splitter<'s> {
     guard: pg::TagSet,
     screen: &'s [Vec<u8>],
     at: f64,
-    from_tunnel: bool,
 }
 
 /// The message kinds that carry SQL text (Query, Parse): the ones a guard
@@ -847,12 +837,7 @@ pub(crate) fn mentions_any(raw: &[u8], words: &[Vec<u8>]) -> bool {
 }
 
 impl<'s> Splitter<'s> {
-    fn new(
-        tapped: pg::TagSet,
-        guard: pg::TagSet,
-        screen: &'s [Vec<u8>],
-        from_tunnel: bool,
-    ) -> Splitter<'s> {
+    fn new(tapped: pg::TagSet, guard: pg::TagSet, screen: &'s [Vec<u8>]) -> Splitter<'s> {
         Splitter {
             segments: Vec::new(),
             pending: Vec::new(),
@@ -860,7 +845,6 @@ impl<'s> Splitter<'s> {
             guard,
             screen,
             at: sys::monotonic(),
-            from_tunnel,
         }
     }
 
@@ -882,7 +866,7 @@ impl<'s> Splitter<'s> {
     fn record(&self, tag: u8, raw: &[u8], hold: bool) -> TapRecord {
         TapRecord {
             at: self.at,
-            from_tunnel: self.from_tunnel,
+            from_tunnel: true,
             tag,
             raw: raw.to_vec(),
             hold,
@@ -1214,19 +1198,21 @@ impl Engine {
             None if guard.is_empty() => (None, pg::TagSet::EMPTY),
             None => return Err(invalid("a guard needs the frontend scanner")),
         };
-        let back_guard = &spec.tap.backend_guard;
-        let (backend, back_tapped) = match &spec.tap.backend {
-            Some(full) => {
-                let all_full = [full.as_slice(), back_guard].concat();
-                let relay = !back_guard.is_empty();
-                let scanner = scanner(pg::Direction::Backend, &all_full, &[], relay)?;
-                (Some(scanner), pg::TagSet::from_bytes(full))
+        // A read-only session's server side is scanned for the setting's
+        // reports too, in relay mode: what the client gets is cut there.
+        let read_only = spec.tap.read_only;
+        let backend = match (&spec.tap.backend, read_only) {
+            (None, false) => None,
+            (kinds, _) => {
+                let mut full = kinds.clone().unwrap_or_default();
+                if read_only {
+                    full.push(readonly::REPORT);
+                }
+                Some(scanner(pg::Direction::Backend, &full, &[], read_only)?)
             }
-            None if back_guard.is_empty() => (None, pg::TagSet::EMPTY),
-            None => return Err(invalid("a backend guard needs the backend scanner")),
         };
         let sid = spec.stream_id;
-        if spec.pooled.is_some() && !(guard.is_empty() && back_guard.is_empty()) {
+        if spec.pooled.is_some() && !guard.is_empty() {
             return Err(invalid("a pooled stream holds nothing for a verdict"));
         }
         let audit = match (&spec.pooled, spec.audit) {
@@ -1239,9 +1225,11 @@ impl Engine {
                 Some(author)
             }
         };
-        let read_only = spec.pooled.as_ref().is_some_and(|p| p.read_only);
         let (pooled, audit) = match spec.pooled {
-            Some(pooled) => (Some(Pooled::new(pooled, audit)), None),
+            Some(pooled) => {
+                let screen = spec.tap.guard_screen.clone();
+                (Some(Pooled::new(pooled, audit, screen, read_only)), None)
+            }
             None => (None, audit.map(SessionStatements::new)),
         };
         let (frontend, backend) = match pooled {
@@ -1281,10 +1269,8 @@ impl Engine {
             awaiting: None,
             held: VecDeque::new(),
             awaiting_statement: None,
-            back_guard: pg::TagSet::from_bytes(back_guard),
-            back_tapped,
-            back_awaiting: None,
-            back_held: VecDeque::new(),
+            read_only: read_only && pooled.is_none(),
+            read_only_off: false,
             guard_screen: spec.tap.guard_screen,
             records: Vec::new(),
             written: (!spec.tap.farewell.is_empty())
@@ -1328,12 +1314,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Python's verdict on a held message (the client's when `from_tunnel`,
-    /// else the server's): relay `replacement` in its place (the message
-    /// itself, or something else), then carry on.
-    pub fn verdict(&self, stream_id: u32, replacement: Vec<u8>, from_tunnel: bool) -> Result<()> {
+    /// Python's verdict on a held client message: relay `replacement` in
+    /// its place (the message itself, or something else), then carry on.
+    pub fn verdict(&self, stream_id: u32, replacement: Vec<u8>) -> Result<()> {
         let mut st = self.shared.lock();
-        let result = st.verdict(stream_id, Bytes::from(replacement), from_tunnel);
+        let result = st.verdict(stream_id, Bytes::from(replacement));
         st.finish(&self.shared);
         result
     }
@@ -1669,11 +1654,7 @@ impl State {
                     continue; // a pooled stream between connections
                 }
                 let mut want = 0;
-                if may_read
-                    && !native.socket_eof
-                    && native.credit > 0
-                    && native.back_awaiting.is_none()
-                {
+                if may_read && !native.socket_eof && native.credit > 0 {
                     want |= READABLE;
                 }
                 if native.wants_write() {
@@ -1893,10 +1874,7 @@ impl State {
         true
     }
 
-    fn verdict(&mut self, sid: u32, replacement: Bytes, from_tunnel: bool) -> Result<()> {
-        if !from_tunnel {
-            return self.verdict_from_socket(sid, replacement);
-        }
+    fn verdict(&mut self, sid: u32, replacement: Bytes) -> Result<()> {
         let Some(native) = self.natives.get_mut(&sid) else {
             return Ok(()); // ended meanwhile
         };
@@ -1912,32 +1890,6 @@ impl State {
         let held: Vec<Segment> = native.held.drain(..).collect();
         let hold = native.release(held);
         self.after_release(sid, hold);
-        Ok(())
-    }
-
-    fn verdict_from_socket(&mut self, sid: u32, replacement: Bytes) -> Result<()> {
-        let Some(native) = self.natives.get_mut(&sid) else {
-            return Ok(()); // ended meanwhile
-        };
-        let Some(held_len) = native.back_awaiting.take() else {
-            return Err(invalid(format!("stream {sid} holds no server message")));
-        };
-        // The held message's bytes were paid for with credit when read.
-        let credit = native.credit + held_len as u64;
-        if (replacement.len() as u64) > credit {
-            return Err(invalid("the replacement exceeds the stream's send credit"));
-        }
-        native.credit = credit - replacement.len() as u64;
-        if !replacement.is_empty() {
-            self.out.push((DATA, sid, replacement));
-        }
-        let held: Vec<Segment> = native.back_held.drain(..).collect();
-        let (send, hold) = native.release_back(held);
-        self.out
-            .extend(send.into_iter().map(|data| (DATA, sid, data)));
-        self.hand_up(sid, hold);
-        self.dirty.push(sid); // reading may resume
-        self.resume_tls_reads(sid);
         Ok(())
     }
 
@@ -1983,7 +1935,7 @@ impl State {
             let Some(native) = self.natives.get_mut(&sid) else {
                 break;
             };
-            if native.socket_eof || native.credit == 0 || native.back_awaiting.is_some() {
+            if native.socket_eof || native.credit == 0 {
                 break;
             }
             let size = chunk_size.min(native.credit as usize);
@@ -2013,22 +1965,23 @@ impl State {
                         None => n < size,
                         Some(tls) => tls.drained(),
                     };
-                    let (send, hold) = match native.outbound(&buf[..n]) {
-                        Ok(result) => result,
+                    let send = match native.outbound(&buf[..n]) {
+                        Ok(send) => send,
                         Err(err) => {
                             self.end_native(sid, Ending::Postgres(err));
                             break;
                         }
                     };
-                    let read_only_off = native.pooled.as_ref().is_some_and(|p| p.read_only_off);
+                    let read_only_off = native.read_only_off;
                     self.out
                         .extend(send.into_iter().map(|data| (DATA, sid, data)));
                     if read_only_off {
                         self.end_native(sid, Ending::ReadOnlyOff);
                         break;
                     }
-                    if self.hand_up(sid, hold) || drained {
-                        break; // holding, or drained for now
+                    self.note_records(sid);
+                    if drained {
+                        break; // drained for now
                     }
                 }
                 Err(err) if sys::would_block(&err) => break,
@@ -2102,7 +2055,16 @@ impl State {
         if let Some(shared) = self.me.upgrade() {
             native.unwatch(&shared.registration);
         }
-        let pooled = native.pooled_end();
+        if let (Ending::ReadOnlyOff, Some(audit)) = (&ending, native.audit.as_mut()) {
+            // What the session ended on: the statement that turned the
+            // setting off (and any pipelined behind it). A pooled stream's go
+            // to Python's relay, which records them the same way.
+            audit
+                .statements
+                .end_all(sys::monotonic(), readonly::ENDED_OUTCOME);
+        }
+        // Python takes a stream back only as its relay ends.
+        let pooled = native.pooled_end(ending != Ending::Aborted);
         if !native.records.is_empty() {
             self.events.push_back(Event::Tap {
                 stream_id: sid,

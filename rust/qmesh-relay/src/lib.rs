@@ -15,6 +15,7 @@ pub mod notify;
 pub mod pool;
 mod pooled;
 mod reactor;
+mod readonly;
 mod statements;
 mod sys;
 pub mod tls;

@@ -45,6 +45,7 @@ use qmesh_pg as pg;
 use crate::audit::{hex_digits, AuditAuthor};
 use crate::engine::{mentions_any, TapRecord};
 use crate::pool::{Lease, Prepared, Shelf};
+use crate::readonly::AnswerCut;
 use crate::statements::{Statement, Statements};
 
 /// What makes a native stream a pooled one.
@@ -62,16 +63,6 @@ pub struct PooledSpec {
     pub statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     /// The client's unnamed statement so far (its Parse), if any.
     pub unnamed: Option<Vec<u8>>,
-    /// A statement guard's words (see [`crate::PgTap::guard_screen`]): a
-    /// Query or Parse whose text names one goes to Python's relay, where
-    /// the guard judges it. Empty: no guard.
-    pub guard_screen: Vec<Vec<u8>>,
-    /// The session is read-only: a ParameterStatus that reports
-    /// `default_transaction_read_only` other than `on` (a function the
-    /// text check cannot see into turned it off) ends the session
-    /// ([`crate::Ending::ReadOnlyOff`]) before the client gets anything
-    /// more of that answer.
-    pub read_only: bool,
 }
 
 impl std::fmt::Debug for PooledSpec {
@@ -420,7 +411,14 @@ enum Step {
 }
 
 impl Pooled {
-    pub(crate) fn new(spec: PooledSpec, audit: Option<AuditAuthor>) -> Pooled {
+    /// A pooled stream's state; `guard_screen` and `read_only` are its
+    /// tap's (see [`crate::PgTap`]).
+    pub(crate) fn new(
+        spec: PooledSpec,
+        audit: Option<AuditAuthor>,
+        guard_screen: Vec<Vec<u8>>,
+        read_only: bool,
+    ) -> Pooled {
         // What the client prepared before (in Python's relay); a Parse that
         // does not parse is left to the server's own error when it is bound.
         let text = |parse: &[u8]| match pg::Frontend::parse(b'P', &parse[pg::HEADER_LEN..]) {
@@ -468,8 +466,8 @@ impl Pooled {
             server_fatal: false,
             transactions: 0,
             statements: Statements::new(audit),
-            guard_screen: spec.guard_screen,
-            read_only: spec.read_only,
+            guard_screen,
+            read_only,
             read_only_off: false,
         }
     }
@@ -900,55 +898,31 @@ impl pg::Sink for Front<'_> {
 pub(crate) struct Back<'a> {
     pub(crate) pooled: &'a mut Pooled,
     pub(crate) at: f64,
-    /// Bytes for the client.
-    pub(crate) out: Vec<u8>,
-    /// Bytes of the server's that the client does not get (the answers
-    /// to Parses the engine added).
-    pub(crate) swallowed: usize,
-    /// How much of `out` may go if the answer is cut short: up to the last
-    /// ReadyForQuery, else up to the first message boundary of this read
-    /// (before it may be the rest of a message the client has begun). None
-    /// until the first whole message of this read.
-    pub(crate) answered: Option<usize>,
+    /// What the client gets of the read; the answers to Parses the engine
+    /// added are swallowed.
+    pub(crate) cut: AnswerCut,
+}
+
+impl<'a> Back<'a> {
+    pub(crate) fn new(pooled: &'a mut Pooled, at: f64, capacity: usize) -> Back<'a> {
+        let cut = AnswerCut::new(capacity, pooled.read_only, pooled.read_only_off);
+        Back { pooled, at, cut }
+    }
 }
 
 impl pg::Sink for Back<'_> {
     fn pass(&mut self, bytes: &[u8]) {
-        if self.pooled.read_only_off {
-            self.swallowed += bytes.len();
-            return;
-        }
-        self.out.extend_from_slice(bytes);
+        self.cut.pass(bytes);
     }
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let pooled = &mut *self.pooled;
-        if pooled.read_only_off {
-            self.swallowed += raw.len();
+        if self.cut.withheld(tag, raw) {
+            pooled.read_only_off = self.cut.off;
             return;
         }
-        let boundary = *self.answered.get_or_insert(self.out.len());
         match tag {
-            b'S' => {
-                // Reported only to a read-only session's scanner. A server
-                // reports the setting as on or off: anything but on, or a
-                // report that does not parse, is taken as off.
-                let off = pg::backend::parameter_status(body).map_or(true, |(name, value)| {
-                    name == b"default_transaction_read_only" && value != b"on"
-                });
-                if pooled.read_only && off {
-                    // Nor the whole messages of the answer before it in this
-                    // read (its CommandComplete): the client is not to take
-                    // it for a success. The session ends; what the server
-                    // ran is done (a pipelined write after it included: the
-                    // role's privileges are the guarantee, see guard.py).
-                    pooled.read_only_off = true;
-                    self.swallowed += self.out.len() - boundary + raw.len();
-                    self.out.truncate(boundary);
-                    return;
-                }
-            }
             b'Z' => {
                 // It ends the first Query or Sync owed, and whatever the
                 // server skipped before it after an error.
@@ -994,12 +968,12 @@ impl pg::Sink for Back<'_> {
                 }
                 match ends {
                     Some(b'i') => {
-                        self.swallowed += raw.len();
+                        self.cut.swallowed += raw.len();
                         return;
                     }
                     Some(b'p') => {
                         // Both are bodiless: the client's credit is unchanged.
-                        self.out.extend_from_slice(PARSE_COMPLETE);
+                        self.cut.out.extend_from_slice(PARSE_COMPLETE);
                         return;
                     }
                     _ => {}
@@ -1007,10 +981,7 @@ impl pg::Sink for Back<'_> {
                 pooled.statements.server(tag, raw, self.at);
             }
         }
-        self.out.extend_from_slice(raw);
-        if tag == b'Z' {
-            self.answered = Some(self.out.len());
-        }
+        self.cut.push(tag, raw);
     }
 }
 
@@ -1128,10 +1099,8 @@ mod tests {
             max_prepared: 2,
             statements,
             unnamed,
-            guard_screen: Vec::new(),
-            read_only: false,
         };
-        let mut pooled = Pooled::new(spec, Some(author));
+        let mut pooled = Pooled::new(spec, Some(author), Vec::new(), false);
         pooled.lease = Some(lease());
         (pooled, queue)
     }
@@ -1145,19 +1114,18 @@ mod tests {
             max_prepared: 2,
             statements: Vec::new(),
             unnamed: None,
-            guard_screen: [
-                "read",
-                "set_config",
-                "pg_settings",
-                "characteristics",
-                "u&'",
-                "u&\"",
-            ]
-            .map(|word| word.as_bytes().to_vec())
-            .to_vec(),
-            read_only: true,
         };
-        let mut pooled = Pooled::new(spec, None);
+        let screen = [
+            "read",
+            "set_config",
+            "pg_settings",
+            "characteristics",
+            "u&'",
+            "u&\"",
+        ]
+        .map(|word| word.as_bytes().to_vec())
+        .to_vec();
+        let mut pooled = Pooled::new(spec, None, screen, true);
         pooled.lease = Some(lease());
         pooled
     }
@@ -1197,17 +1165,11 @@ mod tests {
 
     /// What the client gets for these server messages.
     fn server(pooled: &mut Pooled, messages: &[Vec<u8>]) -> Vec<u8> {
-        let mut back = Back {
-            pooled,
-            at: 1.5,
-            out: Vec::new(),
-            swallowed: 0,
-            answered: None,
-        };
+        let mut back = Back::new(pooled, 1.5, 0);
         for raw in messages {
             pg::Sink::message(&mut back, raw[0], raw, true);
         }
-        back.out
+        back.cut.out
     }
 
     #[test]
@@ -1618,29 +1580,5 @@ mod tests {
         client(&mut writable, &[query("SELECT lift()")]);
         let off = reported("default_transaction_read_only", "off");
         assert_eq!(server(&mut writable, std::slice::from_ref(&off)), off);
-    }
-
-    #[test]
-    fn the_rest_of_a_message_the_client_has_begun_still_goes() {
-        let mut pooled = read_only();
-        client(&mut pooled, &[query("SELECT lift()")]);
-        let mut back = Back {
-            pooled: &mut pooled,
-            at: 1.5,
-            out: Vec::new(),
-            swallowed: 0,
-            answered: None,
-        };
-        // The end of a row whose start went to the client with the last read.
-        pg::Sink::pass(&mut back, b"end of a row");
-        for raw in [
-            msg(b'C', b"SELECT 1\0"),
-            msg(b'S', b"default_transaction_read_only\0off\0"),
-            msg(b'Z', b"I"),
-        ] {
-            pg::Sink::message(&mut back, raw[0], &raw, true);
-        }
-        assert_eq!(back.out, b"end of a row");
-        assert!(pooled.read_only_off);
     }
 }

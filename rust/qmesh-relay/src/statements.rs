@@ -35,6 +35,10 @@ pub const STATEMENT_RUNNING: u8 = 0x02;
 /// without reading its answers can make the engine keep is bounded.
 pub(crate) const MAX_PENDING_TEXT: usize = 8 << 20;
 
+/// The outcome of a statement the server was sent but had not answered when
+/// the stream ended (the client left, the session was ended): it may have run.
+pub(crate) const UNANSWERED: &str = "unanswered";
+
 /// One statement for the audit: a simple Query (`b'Q'`) or an Execute
 /// (`b'E'`) from relayed to its end, or a Sync (`b'S'`) that bounds the
 /// Executes an error makes the server skip.
@@ -91,6 +95,10 @@ impl Statement {
             None => Cow::Borrowed("ok"),
             Some(state) => Cow::Owned(format!("error:{}", String::from_utf8_lossy(&state))),
         };
+        self.record_as(author, at, outcome);
+    }
+
+    fn record_as(self, author: &AuditAuthor, at: f64, outcome: Cow<'static, str>) {
         let rows = self.rows.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
         author.record(self.text, at - self.started, rows, outcome);
     }
@@ -174,6 +182,23 @@ impl Statements {
         })
     }
 
+    /// The stream ends with these statements sent and not answered: each
+    /// is recorded, ended at `at`, as `outcome` ([`UNANSWERED`], or the
+    /// error the session ended with). The server may have run them, so the
+    /// audit must not lose them.
+    pub(crate) fn end_all(&mut self, at: f64, outcome: &'static str) {
+        self.text = 0;
+        let queue = std::mem::take(&mut self.queue);
+        let Some(author) = &self.author else {
+            return;
+        };
+        for statement in queue {
+            if statement.kind == b'Q' || statement.kind == b'E' {
+                statement.record_as(author, at, Cow::Borrowed(outcome));
+            }
+        }
+    }
+
     fn pop(&mut self) -> Option<Statement> {
         let statement = self.queue.pop_front()?;
         self.text -= statement.counted;
@@ -240,6 +265,13 @@ impl Statements {
             }
             _ => {}
         }
+    }
+}
+
+impl Drop for Statements {
+    /// Whatever way the stream ends, what it sent is not lost from the audit.
+    fn drop(&mut self) {
+        self.end_all(crate::sys::monotonic(), UNANSWERED);
     }
 }
 
@@ -483,6 +515,39 @@ mod tests {
             ]
         );
         assert_eq!(session.statements.len(), 0);
+    }
+
+    #[test]
+    fn statements_unanswered_when_the_stream_ends_are_recorded_as_such() {
+        let (mut session, queue) = session();
+        let q = |sql: &str| encode::query(sql.as_bytes()).unwrap();
+        client(
+            &mut session,
+            &[
+                q("DELETE FROM orders"),
+                encode::parse(b"", b"UPDATE t SET x = 1", &[]).unwrap(),
+                bind("", ""),
+                execute(""),
+                sync(),
+            ],
+        );
+        // The DELETE's rows came, not its ReadyForQuery.
+        server(&mut session, &[complete("DELETE 7")]);
+        session.statements.end_all(2.0, "error:25006");
+        assert_eq!(
+            recorded(&queue),
+            [
+                owned("DELETE FROM orders", Some(7), "error:25006"),
+                owned("UPDATE t SET x = 1", None, "error:25006"),
+            ]
+        );
+        // However the stream goes, what it sent is recorded.
+        client(&mut session, &[q("SELECT pg_sleep(60)")]);
+        drop(session);
+        assert_eq!(
+            recorded(&queue),
+            [owned("SELECT pg_sleep(60)", None, UNANSWERED)]
+        );
     }
 
     #[test]
