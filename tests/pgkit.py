@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import pytest
 import trio
 from pgcluster import PgCluster
 from statekit import close_after_the_test
@@ -30,6 +31,7 @@ from qmesh.pg.edge import serve_pg
 from qmesh.pg.scram import ScramClient
 from qmesh.pg.service import PgService
 from qmesh.pg.vault import Vault
+from qmesh.pg.watch import SessionWatch
 from qmesh.state import StateStore
 from qmesh.tunnel import TunnelClient
 
@@ -179,6 +181,20 @@ async def pooled_ghost(
         read_only=read_only,
     )
     return await start_ghost(nursery, db, tmp_path, policy=policy)
+
+
+def server_messages_seen_by_python(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The kinds of the server messages Python's session watch is shown
+    from now on (the engine relays and checks the rest itself)."""
+    seen: list[int] = []
+    backend = SessionWatch.backend
+
+    def watched(self: SessionWatch, tag: int, raw: bytes, now: float) -> None:
+        seen.append(tag)
+        backend(self, tag, raw, now)
+
+    monkeypatch.setattr(SessionWatch, "backend", watched)
+    return seen
 
 
 async def in_thread(fn: Callable[[], T]) -> T:

@@ -14,7 +14,15 @@ import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import Ghost, RawClient, RealDb, app_policy, in_thread, start_ghost
+from pgkit import (
+    Ghost,
+    RawClient,
+    RealDb,
+    app_policy,
+    in_thread,
+    server_messages_seen_by_python,
+    start_ghost,
+)
 from psycopg.pq import DiagnosticField
 
 from qmesh import _core
@@ -186,14 +194,7 @@ async def test_read_only_backstop_ends_a_session_that_gets_around_the_text_check
     server reports it (ParameterStatus) and the Gate ends the session. The
     relay engine decides it without Python seeing the server's side, and
     the audit records the statement that did it with the session's error."""
-    python_saw: list[int] = []
-    backend = SessionWatch.backend
-
-    def watched(self: SessionWatch, tag: int, raw: bytes, now: float) -> None:
-        python_saw.append(tag)
-        backend(self, tag, raw, now)
-
-    monkeypatch.setattr(SessionWatch, "backend", watched)
+    python_saw = server_messages_seen_by_python(monkeypatch)
     ghost = await read_only_ghost(nursery, db, tmp_path)
     before = rows_in_ledger(db)
     sneaky = (
@@ -469,3 +470,40 @@ async def test_a_rotation_ending_between_the_gates_vault_reads_is_followed(
     with trio.fail_after(30):
         await in_thread(work)
     assert reads[:2] == ["get", "get_pending"]
+
+
+async def test_rotations_following_each_other_during_a_login_are_followed(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Each time the Gate reads a rotation's pending password, the next
+    rotation has already changed the server's (twice): the login keeps
+    reading the vault while it finds passwords it has not tried."""
+    other = RealDb(db.cluster, "rotchain")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    vault, alias = ghost.vault, ghost.alias
+
+    def rotate() -> str:
+        new_password = "rotated-" + secrets.token_urlsafe(12)
+        vault.begin_rotation(alias, new_password, stale_after_s=60)
+        other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
+        return new_password
+
+    passwords = [rotate()]
+    get_pending = vault.get_pending
+
+    def overtaken(alias: str) -> DatabaseSecret | None:
+        value = get_pending(alias)
+        if value is not None and len(passwords) < 3:
+            vault.finish_rotation(alias, promote=True)
+            passwords.append(rotate())
+        return value
+
+    vault.get_pending = overtaken  # type: ignore[method-assign]
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert len(passwords) == 3

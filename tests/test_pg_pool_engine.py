@@ -17,7 +17,14 @@ import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import Ghost, RawClient, RealDb, in_thread, pooled_ghost
+from pgkit import (
+    Ghost,
+    RawClient,
+    RealDb,
+    in_thread,
+    pooled_ghost,
+    server_messages_seen_by_python,
+)
 from tunnelkit import until
 
 from qmesh import _core
@@ -771,14 +778,7 @@ async def test_a_read_only_session_whose_server_turns_it_off_ends_and_its_connec
         " $$BEGIN PERFORM set_config('default_transaction_' || 'rea' || 'd_only',"
         " 'off', false); RETURN 1; END$$"
     )
-    seen_by_python: list[int] = []
-    original = SessionWatch.backend
-
-    def backend(self: SessionWatch, tag: int, raw: bytes, now: float) -> None:
-        seen_by_python.append(tag)
-        original(self, tag, raw, now)
-
-    monkeypatch.setattr(SessionWatch, "backend", backend)
+    seen_by_python = server_messages_seen_by_python(monkeypatch)
     ghost = await pooled_ghost(nursery, db, tmp_path, size=1, read_only=True)
 
     def work() -> object:

@@ -104,6 +104,9 @@ LOGIN_TIMEOUT_S: Final = 30.0
 """The whole login: the app's SCRAM exchange and the Gate's login upstream."""
 CANCEL_TIMEOUT_S: Final = 10.0
 MAX_STARTUP_PARAMS: Final = 64
+MAX_LOGIN_ROUNDS: Final = 8
+"""Vault re-reads after the server refused the Gate's password, while each
+finds one not yet tried (password rotations following each other)."""
 
 _AUTH_RESPONSE = ord("p")
 
@@ -588,28 +591,25 @@ class PgService:
         client_params: Sequence[tuple[str, str]],
         policy: AppPolicy,
     ) -> Upstream:
-        tried = {secret.password}
-        try:
-            return await open_upstream(
-                secret, upstream_params(secret, client_params, policy), alias
-            )
-        except UpstreamAuthRejected:
-            pass
-        # Rotated meanwhile by another process? A rotation's pending value
-        # first (one that ends between the reads moves it to current), twice over.
+        candidates, tried = {secret.password: secret}, set[str]()
         assert self.vault is not None
-        for get in (self.vault.get_pending, self.vault.get) * 2:
-            candidate = await self._read_vault(get, alias)
-            if candidate is None or candidate.password in tried:
-                continue
-            tried.add(candidate.password)
-            log.info("the server of alias %r refused the stored password; retrying", alias)
-            try:
-                return await open_upstream(
-                    candidate, upstream_params(candidate, client_params, policy), alias
-                )
-            except UpstreamAuthRejected:
-                continue
+        for _ in range(MAX_LOGIN_ROUNDS):
+            for password, candidate in candidates.items():
+                tried.add(password)
+                params = upstream_params(candidate, client_params, policy)
+                try:
+                    return await open_upstream(candidate, params, alias)
+                except UpstreamAuthRejected:
+                    log.info("the server of alias %r refused a stored password", alias)
+            # Rotated by another process? A rotation writes its pending value
+            # before the server changes: read it first (then it may be current).
+            candidates = {}
+            for get in (self.vault.get_pending, self.vault.get):
+                found = await self._read_vault(get, alias)
+                if found is not None and found.password not in tried:
+                    candidates[found.password] = found
+            if not candidates:
+                break
         log.error("the server of alias %r refuses the vault's credentials (28P01)", alias)
         raise UpstreamFailed(
             "08004",

@@ -106,10 +106,7 @@ mod tests {
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut raw = vec![tag];
-        raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        raw.extend_from_slice(body);
-        raw
+        pg::encode::message(tag, body).unwrap()
     }
 
     fn reported(name: &str, value: &str) -> Vec<u8> {
