@@ -80,13 +80,13 @@ async def test_a_cancel_request_at_another_gate_stops_the_query(
 
     thread = threading.Thread(target=sleep_a_minute, daemon=True)
     thread.start()
-    await wait_until(lambda: started.is_set() and len(gate_a["pg"]._cancel_keys) == 1, 30)
+    await wait_until(lambda: started.is_set() and len(gate_a["pg"].cancel_keys.keys()) == 1, 30)
     await wait_until(lambda: orders.superuser(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
     ).strip() == "1", 30)  # fmt: skip
-    ((pid, key),) = gate_a["pg"]._cancel_keys
-    assert not gate_b["pg"]._cancel_keys
+    ((pid, key),) = gate_a["pg"].cancel_keys.keys()
+    assert not gate_b["pg"].cancel_keys.keys()
 
     # The same edge identity, at Gate B.
     b_host, b_port = gate_b["tunnel"].rsplit(":", 1)
@@ -107,8 +107,8 @@ async def test_a_cancel_request_at_another_gate_stops_the_query(
         await trio.to_thread.run_sync(thread.join)
     (error,) = outcome
     assert isinstance(error, psycopg.errors.QueryCanceled), error
-    assert gate_a["pg"].cancels_forwarded == 1
-    assert gate_b["pg"].cancels_forwarded == 0
+    assert gate_a["pg"].cancel_keys.forwarded == 1
+    assert gate_b["pg"].cancel_keys.forwarded == 0
     # A key unknown everywhere stays unanswered, and cancels nothing.
     stray = await other.open_stream(
         {"service": "pg-cancel", "pid": pid + 1, "secret": secrets.token_hex(4)}
@@ -117,4 +117,4 @@ async def test_a_cancel_request_at_another_gate_stops_the_query(
     with trio.fail_after(30):
         while await stray.receive_some():
             pass
-    assert gate_a["pg"].cancels_forwarded == 1
+    assert gate_a["pg"].cancel_keys.forwarded == 1

@@ -255,7 +255,7 @@ async def test_asyncpg_cancel_reaches_the_real_server(ghost: Ghost) -> None:
         (value,), real_pid = await in_asyncio(work)
         assert time.monotonic() - started < 10  # not 60 s: the sleep was cancelled
     assert value == "42"
-    assert ghost.service.cancels_forwarded == 1
+    assert ghost.service.cancel_keys.forwarded == 1
     active = ghost.db.superuser(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'"
         " AND state = 'active'"

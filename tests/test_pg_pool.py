@@ -269,7 +269,7 @@ async def test_cancel_reaches_the_connection_running_the_query(ghost: Ghost) -> 
 
     with trio.fail_after(30):
         assert await in_asyncio(work) == 42
-    assert ghost.service.cancels_forwarded == 1
+    assert ghost.service.cancel_keys.forwarded == 1
     sleeping = ghost.db.superuser(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'"
         " AND state = 'active'"

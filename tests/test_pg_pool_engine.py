@@ -605,7 +605,7 @@ async def test_cancel_reaches_the_query_the_engine_relays(
     with trio.fail_after(30):
         error, after = await in_thread(work)
     assert isinstance(error, psycopg.errors.QueryCanceled) and after == (42,)
-    assert ghost.service.cancels_forwarded == 1
+    assert ghost.service.cancel_keys.forwarded == 1
 
 
 async def test_session_state_through_a_simple_query_pins_and_is_reset(

@@ -51,11 +51,11 @@ import trio
 
 from qmesh import _core
 from qmesh.config import Config
-from qmesh.fastsocket import connect_tcp
 from qmesh.logs import register_secret
 from qmesh.masterkey import MasterKeyError
 from qmesh.operator_roles import Right, describe_role, rights_of
 from qmesh.pg.audit import AuditLog
+from qmesh.pg.cancel import CancelKeys
 from qmesh.pg.errors import VaultError
 from qmesh.pg.login import (
     AUTH_OK,
@@ -69,7 +69,6 @@ from qmesh.pg.login import (
     UpstreamAuthRejected,
     UpstreamFailed,
     error_response,
-    negotiate_tls,
     open_upstream,
     upstream_params,
 )
@@ -102,27 +101,12 @@ log = logging.getLogger(__name__)
 
 LOGIN_TIMEOUT_S: Final = 30.0
 """The whole login: the app's SCRAM exchange and the Gate's login upstream."""
-CANCEL_TIMEOUT_S: Final = 10.0
 MAX_STARTUP_PARAMS: Final = 64
 MAX_LOGIN_ROUNDS: Final = 8
 """Vault re-reads after the server refused the Gate's password, while each
 finds one not yet tried (password rotations following each other)."""
 
 _AUTH_RESPONSE = ord("p")
-
-
-@attrs.frozen
-class _CancelTarget:
-    edge: str
-    host: str
-    port: int
-    sslmode: str
-    sslrootcert: str | None
-    alias: str
-    real_key: Callable[[], tuple[int, bytes] | None] = attrs.field(repr=False)
-    """The server's BackendKeyData for the session's query now: fixed in
-    session mode; in transaction mode that of the connection lent to the
-    client at the moment (None between its transactions)."""
 
 
 def _startup_params(request: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
@@ -208,11 +192,11 @@ class PgService:
         self.vault_problem = vault_problem
         self.audit = audit if audit is not None else AuditLog.for_gate(store, config.gate.pg_audit)
         self._mock_secret = mock_secret or secrets.token_bytes(32)
-        self._cancel_keys: dict[tuple[int, bytes], _CancelTarget] = {}
+        self.cancel_keys = CancelKeys()
+        """The BackendKeyData minted for the sessions open now."""
         self._registered: set[str] = set()
         self.active: dict[str, int] = {}
         """Open sessions per app id."""
-        self.cancels_forwarded = 0
         self.ask_other_gates: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         """Where a cancel request whose key this Gate did not mint goes: the
         other Gates of the cluster (qmesh.cluster.fabric), each of which
@@ -656,7 +640,7 @@ class PgService:
     ) -> None:
         app_id, alias = pool.key.app_id, pool.key.alias
         edge = stream.session.peer
-        minted = self._mint_key(edge, secret, alias, lambda: session.server_key())
+        minted = self.cancel_keys.mint(edge, secret, alias, lambda: session.server_key())
         watch = SessionWatch(self.audit, app_id, alias, policy, session=f"{edge}/{minted[0]}")
         session = PooledSession(stream, pool, watch)
         try:
@@ -670,7 +654,7 @@ class PgService:
             live.relay = session  # no checkpoint until run() has its scope
             await session.run(client_leftover)
         finally:
-            self._cancel_keys.pop(minted, None)
+            self.cancel_keys.forget(minted)
 
     async def _run_session(
         self,
@@ -688,7 +672,7 @@ class PgService:
             hello = [*upstream.notices, *upstream.statuses]
             if upstream.key is not None:
                 real = upstream.key
-                minted = self._mint_key(stream.session.peer, secret, alias, lambda: real)
+                minted = self.cancel_keys.mint(stream.session.peer, secret, alias, lambda: real)
                 hello.append(_core.encode_backend_key_data(*minted))
             hello.append(upstream.ready)
             await stream.send_all(b"".join(hello))
@@ -706,30 +690,8 @@ class PgService:
             await relay.run(client_leftover)
         finally:
             if minted is not None:
-                self._cancel_keys.pop(minted, None)
+                self.cancel_keys.forget(minted)
             await trio.aclose_forcefully(upstream.stream)
-
-    def _mint_key(
-        self,
-        edge: str,
-        secret: DatabaseSecret,
-        alias: str,
-        real_key: Callable[[], tuple[int, bytes] | None],
-    ) -> tuple[int, bytes]:
-        while True:
-            minted = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
-            if minted not in self._cancel_keys:
-                break
-        self._cancel_keys[minted] = _CancelTarget(
-            edge=edge,
-            host=secret.host,
-            port=secret.port,
-            sslmode=secret.sslmode,
-            sslrootcert=secret.sslrootcert,
-            alias=alias,
-            real_key=real_key,
-        )
-        return minted
 
     # -- pg-cancel -----------------------------------------------------------------
 
@@ -752,9 +714,9 @@ class PgService:
         except (KeyError, ValueError, TypeError, OverflowError):  # Overflow: a pid of Infinity
             stream.reset(ResetCode.REFUSED, "malformed cancel request")
             return
-        target = self._cancel_keys.get((pid, key))
+        target = self.cancel_keys.target(pid, key)
         if target is not None and target.edge == edge:
-            await self._forward_cancel(target)
+            await self.cancel_keys.forward(target)
         elif target is None and not from_gate and self.ask_other_gates is not None:
             await self.ask_other_gates(
                 {"service": "pg-cancel", "pid": pid, "secret": key.hex(), "edge": edge}
@@ -765,36 +727,3 @@ class PgService:
             await stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-    async def _forward_cancel(self, target: _CancelTarget) -> None:
-        real = target.real_key()
-        if real is None:
-            log.info("ignored a cancel request for alias %r: no query in progress", target.alias)
-            return
-        conn: trio.abc.Stream | None = None
-        try:
-            with trio.fail_after(CANCEL_TIMEOUT_S):
-                tcp = await connect_tcp(target.host, target.port)
-                conn = tcp
-                if target.sslmode != "disable":
-                    conn = await negotiate_tls(
-                        tcp, target.sslmode, target.sslrootcert, target.host, target.alias
-                    )
-                if target.real_key() != real:
-                    # Transaction mode: the client's transaction ended while
-                    # this connected, and the connection may now run another
-                    # client's. (The window left is that of any pooler.)
-                    log.info("dropped a cancel request for alias %r: the query ended",
-                             target.alias)  # fmt: skip
-                    return
-                await conn.send_all(_core.encode_cancel_request(*real))
-                # The server answers nothing and closes once it has acted.
-                while await conn.receive_some(1024):
-                    pass
-            self.cancels_forwarded += 1
-            log.info("forwarded a cancel request for alias %r", target.alias)
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, UpstreamFailed) as exc:
-            log.warning("cannot forward a cancel request for alias %r: %s", target.alias, exc)
-        finally:
-            if conn is not None:
-                await trio.aclose_forcefully(conn)
