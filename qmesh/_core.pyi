@@ -772,13 +772,14 @@ class TunnelEngine:
         now on (the object is spent: :attr:`TlsSession.handed_over`).
         With ``pooled`` (a :class:`PooledSpec`) the stream is a
         transaction-mode client: ``fd`` is ignored, and it borrows server
-        connections from the spec's shelf per transaction. With ``audit``
+        connections from the spec's shelf per transaction; its ``tap``
+        (required) gives its guard's words and read-only flag. With ``audit``
         the engine records each finished statement there itself, with its
         rows and outcome; a stream that is not pooled then needs a ``tap``
         whose scanners report what the audit reads (a message its guard
         holds is followed once the verdict is in).
-        ValueError if the stream is native already, or for such an
-        ``audit`` without such a ``tap``."""
+        ValueError if the stream is native already, for such an ``audit``
+        without such a ``tap``, or for ``pooled`` without one."""
 
     def verdict(self, stream_id: int, replacement: bytes) -> None:
         """The verdict on the client message a native stream holds: relay

@@ -507,3 +507,37 @@ async def test_rotations_following_each_other_during_a_login_are_followed(
     with trio.fail_after(30):
         await in_thread(work)
     assert len(passwords) == 3
+
+
+async def test_a_login_that_tries_a_rotations_password_too_early_tries_it_again(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """The server refuses the Gate's stored password, and the rotation in
+    flight has not yet given the server its new one when the Gate tries it;
+    then it does. Seeing the rotation still in flight, the login tries again
+    and gets in."""
+    other = RealDb(db.cluster, "rotearly")
+    ghost = await start_ghost(nursery, other, tmp_path)
+    vault, alias = ghost.vault, ghost.alias
+    other.superuser(f"ALTER ROLE {other.name} PASSWORD 'interim-{secrets.token_urlsafe(12)}'")
+    new_password = "rotated-" + secrets.token_urlsafe(12)
+    vault.begin_rotation(alias, new_password, stale_after_s=60)
+    reads = 0
+    get_pending = vault.get_pending
+
+    def late(alias: str) -> DatabaseSecret | None:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the Gate has tried the new password once, too early
+            other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
+        return get_pending(alias)
+
+    vault.get_pending = late  # type: ignore[method-assign]
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+    assert reads >= 2

@@ -160,13 +160,15 @@ class Relay:
             self.scope.cancel()
 
     async def run(self, client_leftover: bytes) -> None:
-        with trio.CancelScope() as self.scope:
-            if self._native(client_leftover):
-                await self._run_native()
-            else:
-                await self._run_in_python(client_leftover)
+        try:
+            with trio.CancelScope() as self.scope:
+                if self._native(client_leftover):
+                    await self._run_native()
+                else:
+                    await self._run_in_python(client_leftover)
+        finally:
+            self.watch.close(time.monotonic())
         self.scope = None
-        self.watch.close(time.monotonic())
         ending = self.ending
         await end_client(
             self.client,

@@ -104,7 +104,10 @@ LOGIN_TIMEOUT_S: Final = 30.0
 MAX_STARTUP_PARAMS: Final = 64
 MAX_LOGIN_ROUNDS: Final = 8
 """Vault re-reads after the server refused the Gate's password, while each
-finds one not yet tried (password rotations following each other)."""
+finds one not yet tried or a rotation is in flight."""
+ROTATION_WAIT_S: Final = 0.05
+"""Between rounds while a rotation is in flight and nothing new was found:
+its pending password becomes the server's any moment."""
 
 _AUTH_RESPONSE = ord("p")
 
@@ -577,7 +580,7 @@ class PgService:
     ) -> Upstream:
         candidates, tried = {secret.password: secret}, set[str]()
         assert self.vault is not None
-        for _ in range(MAX_LOGIN_ROUNDS):
+        for attempt in range(MAX_LOGIN_ROUNDS):
             for password, candidate in candidates.items():
                 tried.add(password)
                 params = upstream_params(candidate, client_params, policy)
@@ -585,15 +588,19 @@ class PgService:
                     return await open_upstream(candidate, params, alias)
                 except UpstreamAuthRejected:
                     log.info("the server of alias %r refused a stored password", alias)
+            if attempt == MAX_LOGIN_ROUNDS - 1:
+                break
             # Rotated by another process? A rotation writes its pending value
             # before the server changes: read it first (then it may be current).
-            candidates = {}
-            for get in (self.vault.get_pending, self.vault.get):
-                found = await self._read_vault(get, alias)
-                if found is not None and found.password not in tried:
-                    candidates[found.password] = found
-            if not candidates:
-                break
+            pending = await self._read_vault(self.vault.get_pending, alias)
+            current = await self._read_vault(self.vault.get, alias)
+            candidates = {s.password: s for s in (pending, current) if s is not None}
+            if candidates.keys() <= tried:
+                if pending is None:
+                    break  # nothing new, and no rotation that could make it so
+                # A rotation in flight: tried too early, its password may
+                # be the server's by the next round.
+                await trio.sleep(ROTATION_WAIT_S)
         log.error("the server of alias %r refuses the vault's credentials (28P01)", alias)
         raise UpstreamFailed(
             "08004",

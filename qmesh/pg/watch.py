@@ -41,12 +41,12 @@ log = logging.getLogger(__name__)
 MAX_TRACKED_STATEMENTS: Final = 10_000
 """Prepared statement and portal names remembered per session for the audit."""
 MAX_TRACKED_BYTES: Final = 16 << 20
-UNANSWERED: Final = "unanswered"
-"""The audit's outcome for a statement the server was sent and had not
-answered when the session ended: it may have run."""
 """Bytes of those names and their texts, statements and portals apart (a
 text shared by a statement and its portals counted for each): the engine's
 bounds (``statements.rs``), so a session audits alike on either path."""
+UNANSWERED: Final = "unanswered"
+"""The audit's outcome for a statement that had no answer when the session
+ended: it may have reached the server and run."""
 
 _Q, _P, _B, _E, _C, _S, _F = (ord(c) for c in "QPBECSF")
 _Z, _I, _SUSPENDED = (ord(c) for c in "ZIs")
@@ -325,9 +325,10 @@ class SessionWatch:
 
     def read_only_lifted(self, now: float) -> SessionOver:
         """The server reported this read-only session's setting turned off:
-        the statements still running are recorded as ended by it (25006),
-        and the session ends with the reason."""
-        self._end_pending(f"error:{READ_ONLY_SQLSTATE}", now)
+        the statement being answered is recorded as ended by it (25006),
+        and the session ends with the reason (those behind it: :meth:`close`)."""
+        if self.audit is not None and self.pending and self.pending[0].kind != _S:
+            self._finish(self.pending.popleft(), f"error:{READ_ONLY_SQLSTATE}", now)
         return SessionOver(
             PgSessionError(
                 READ_ONLY_SQLSTATE,
@@ -337,15 +338,12 @@ class SessionWatch:
         )
 
     def close(self, now: float) -> None:
-        """The session is over: the statements the server was sent and had
-        not answered are recorded as ``unanswered`` (it may have run them)."""
-        self._end_pending(UNANSWERED, now)
-
-    def _end_pending(self, outcome: str, now: float) -> None:
+        """The session is over: the statements that had no answer are
+        recorded as ``unanswered`` (they may have reached the server and run)."""
         if self.audit is not None:
             for item in self.pending:
                 if item.kind != _S:
-                    self._finish(item, outcome, now)
+                    self._finish(item, UNANSWERED, now)
         self.pending.clear()
 
     def _ready(self, now: float) -> None:

@@ -714,6 +714,11 @@ impl TunnelEngine {
         pooled: Option<PyRef<'_, PooledSpec>>,
         audit: Option<PyRef<'_, AuditAuthor>>,
     ) -> Result<()> {
+        if pooled.is_some() && tap.is_none() {
+            // A default would drop its guard's words and read-only watch.
+            let why = "a pooled stream needs its tap (its guard's words and read-only flag)";
+            return Err(PyValueError::new_err(why).into());
+        }
         let pooled = pooled.map(|spec| relay::PooledSpec {
             shelf: spec.shelf.clone(),
             wait_limit: spec.wait_limit,

@@ -53,7 +53,7 @@ use crate::pool::{Lease, LeaseTaker, ReturnWhy, Shelf};
 use crate::pooled::{self, Pooled, PooledEnd, PooledSpec};
 use crate::reactor::{self, Driven, Registration, Roaming};
 use crate::readonly::{self, AnswerCut};
-use crate::statements::{SessionStatements, UNANSWERED};
+use crate::statements::SessionStatements;
 use crate::sys::{self, BROKEN, READABLE, WRITABLE};
 use crate::tls::TlsLink;
 
@@ -290,6 +290,8 @@ struct Native {
     /// The message awaiting a verdict, for the stream's own audit: it
     /// follows the message as the client sent it, once the verdict is in.
     awaiting_statement: Option<TapRecord>,
+    /// The server kinds the tap asks for.
+    back_tapped: pg::TagSet,
     /// The session is read-only (see [`crate::readonly`])...
     read_only: bool,
     /// ...and its server reported the setting turned off: the stream ends.
@@ -378,7 +380,8 @@ impl Native {
                     return Ok(vec![Bytes::copy_from_slice(data)]);
                 }
                 let mut cut = AnswerCut::new(data.len(), true, self.read_only_off);
-                observe(scanner, reports, data, side, Some(&mut cut))?;
+                let watch = Some((&mut cut, self.back_tapped));
+                observe(scanner, reports, data, side, watch)?;
                 cut
             };
         // Read bytes were paid for with the client's credit; those it does
@@ -527,7 +530,7 @@ impl Native {
         if carries_on {
             self.records.extend(pooled.running());
         } else {
-            pooled.statements.end_all(sys::monotonic(), UNANSWERED);
+            pooled.statements.end_unanswered(sys::monotonic());
         }
         // Messages waiting for a connection came first; then those from
         // the first the engine does not relay.
@@ -756,13 +759,14 @@ impl Reports<'_> {
 /// Scan `data` in observe mode, noting the reports; on error the chunk is
 /// not relayed, so nothing it reported is kept (the statements it started
 /// are forgotten). With a `cut` (a read-only session's server bytes, the
-/// scanner in relay mode), the bytes for the client are gathered there.
+/// scanner in relay mode, reporting [`readonly::WATCHED`] too), the bytes
+/// for the client are gathered there, and only the kinds it names are noted.
 fn observe(
     scanner: &mut pg::Scanner,
     mut reports: Reports<'_>,
     data: &[u8],
     side: Side,
-    cut: Option<&mut AnswerCut>,
+    cut: Option<(&mut AnswerCut, pg::TagSet)>,
 ) -> Result<(), PgError> {
     let records = reports.records.len();
     let statements = reports.audit.as_ref().map(|audit| audit.statements.len());
@@ -787,23 +791,27 @@ struct Observer<'a, 'r> {
     reports: &'a mut Reports<'r>,
     at: f64,
     from_tunnel: bool,
-    cut: Option<&'a mut AnswerCut>,
+    cut: Option<(&'a mut AnswerCut, pg::TagSet)>,
 }
 
 impl pg::Sink for Observer<'_, '_> {
     fn pass(&mut self, bytes: &[u8]) {
-        if let Some(cut) = self.cut.as_deref_mut() {
+        if let Some((cut, _)) = self.cut.as_mut() {
             cut.pass(bytes);
         }
     }
 
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
-        if let Some(cut) = self.cut.as_deref_mut() {
-            if cut.withheld(tag, raw) {
-                return;
+        if let Some((cut, tapped)) = self.cut.as_mut() {
+            let was_off = cut.off;
+            if !cut.withheld(tag, raw) {
+                cut.push(tag, raw);
+            } else if !was_off {
+                if let Some(audit) = self.reports.audit.as_deref_mut() {
+                    audit.statements.ends_on_front(readonly::SQLSTATE);
+                }
             }
-            cut.push(tag, raw);
-            if tag == readonly::REPORT {
+            if !tapped.contains(tag) {
                 return; // scanned for the cut alone
             }
         }
@@ -1201,12 +1209,13 @@ impl Engine {
         // A read-only session's server side is scanned for the setting's
         // reports too, in relay mode: what the client gets is cut there.
         let read_only = spec.tap.read_only;
+        let back_tapped = pg::TagSet::from_bytes(spec.tap.backend.as_deref().unwrap_or_default());
         let backend = match (&spec.tap.backend, read_only) {
             (None, false) => None,
             (kinds, _) => {
                 let mut full = kinds.clone().unwrap_or_default();
                 if read_only {
-                    full.push(readonly::REPORT);
+                    full.extend_from_slice(readonly::WATCHED);
                 }
                 Some(scanner(pg::Direction::Backend, &full, &[], read_only)?)
             }
@@ -1269,6 +1278,7 @@ impl Engine {
             awaiting: None,
             held: VecDeque::new(),
             awaiting_statement: None,
+            back_tapped,
             read_only: read_only && pooled.is_none(),
             read_only_off: false,
             guard_screen: spec.tap.guard_screen,
@@ -2055,16 +2065,10 @@ impl State {
         if let Some(shared) = self.me.upgrade() {
             native.unwatch(&shared.registration);
         }
-        if let (Ending::ReadOnlyOff, Some(audit)) = (&ending, native.audit.as_mut()) {
-            // What the session ended on: the statement that turned the
-            // setting off (and any pipelined behind it). A pooled stream's go
-            // to Python's relay, which records them the same way.
-            audit
-                .statements
-                .end_all(sys::monotonic(), readonly::ENDED_OUTCOME);
-        }
-        // Python takes a stream back only as its relay ends.
-        let pooled = native.pooled_end(ending != Ending::Aborted);
+        // Python's relay carries on with the session only after a handback;
+        // any other end is the session's, and what is left unanswered is
+        // recorded here (a session-mode stream's audit, when it is dropped).
+        let pooled = native.pooled_end(ending == Ending::Handback);
         if !native.records.is_empty() {
             self.events.push_back(Event::Tap {
                 stream_id: sid,

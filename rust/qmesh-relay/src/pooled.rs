@@ -45,7 +45,7 @@ use qmesh_pg as pg;
 use crate::audit::{hex_digits, AuditAuthor};
 use crate::engine::{mentions_any, TapRecord};
 use crate::pool::{Lease, Prepared, Shelf};
-use crate::readonly::AnswerCut;
+use crate::readonly::{self, AnswerCut};
 use crate::statements::{Statement, Statements};
 
 /// What makes a native stream a pooled one.
@@ -918,8 +918,14 @@ impl pg::Sink for Back<'_> {
     fn message(&mut self, tag: u8, raw: &[u8], _complete: bool) {
         let body = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let pooled = &mut *self.pooled;
+        let was_off = self.cut.off;
         if self.cut.withheld(tag, raw) {
-            pooled.read_only_off = self.cut.off;
+            pooled.read_only_off = true;
+            if !was_off {
+                pooled.statements.ends_on_front(readonly::SQLSTATE);
+            }
+            // The connection is to be closed: only the audit follows the rest.
+            pooled.statements.server(tag, raw, self.at);
             return;
         }
         match tag {

@@ -4,19 +4,26 @@
 //! `default_transaction_read_only=on`, and the statement guard refuses the
 //! texts that could turn it off. A function's body can still turn it off
 //! where no text check sees; PostgreSQL then reports the new value in a
-//! ParameterStatus. [`AnswerCut`] watches one read of the server's bytes
-//! for that report: from it on, the client gets nothing more, and the
-//! stream ends ([`crate::Ending::ReadOnlyOff`]) with the connection's
-//! setting still off, never to be lent again.
+//! ParameterStatus, just before the ReadyForQuery that ends the statement's
+//! answer. [`AnswerCut`] watches one read of the server's bytes for that
+//! report: from it on, the client gets nothing more, and the stream ends
+//! ([`crate::Ending::ReadOnlyOff`]) with the connection's setting still
+//! off, never to be lent again. The audit still follows what the server
+//! answered; the statement being answered is recorded with [`SQLSTATE`].
 
 use qmesh_pg as pg;
 
 /// The kind of the server's reports of a setting (ParameterStatus).
-pub(crate) const REPORT: u8 = b'S';
+const REPORT: u8 = b'S';
 
-/// The audit's outcome for the statements a session ended on
-/// (read_only_sql_transaction), as Python's relay records them.
-pub(crate) const ENDED_OUTCOME: &str = "error:25006";
+/// What a read-only session's server scanner reports, besides what its tap
+/// asks for: the report, and the messages that end answers, so that the
+/// cut falls before the completion of the answer the report is in.
+pub(crate) const WATCHED: &[u8] = b"SCEIZs";
+
+/// The error the session ends with (read_only_sql_transaction), the
+/// audit's outcome for the statement whose answer turned the setting off.
+pub(crate) const SQLSTATE: [u8; 5] = *b"25006";
 
 /// Whether a ParameterStatus body tells a read-only session its setting is
 /// off: a server reports it as on or off, so anything but on (or a report
@@ -28,12 +35,14 @@ fn turned_off(body: &[u8]) -> bool {
 }
 
 /// One read of the server's bytes on their way to the client (from a
-/// relay-mode scanner, every byte in order), cut where the setting is
-/// reported off: the answer that turned it off is held back whole, so the
-/// client never takes it for a success. What came before it stays: whole
-/// answers before it in the same read (a pipelining client's), and the rest
-/// of a message the client began to receive with the read before, so the
-/// session's closing error is never read as the end of a torn message.
+/// relay-mode scanner, every byte in order, reporting [`WATCHED`]), cut
+/// where the setting is reported off: from the start of the answer it is
+/// in, as far as this read holds it, so the client never takes that answer
+/// for a success (it never gets its completion; rows that came before it
+/// in this read, or in an earlier one, it may). What came before stays:
+/// whole answers before it in the same read (a pipelining client's), and
+/// the rest of a message the client began to receive with the read before,
+/// so the session's closing error is never read as the end of a torn one.
 pub(crate) struct AnswerCut {
     /// Bytes for the client.
     pub(crate) out: Vec<u8>,
@@ -72,7 +81,8 @@ impl AnswerCut {
 
     /// Before a whole reported message `raw` (type `tag`) is passed on:
     /// whether it is held back, the setting being off (from this message
-    /// on, or before it). A held message is counted as swallowed.
+    /// on, or before it). A held message is counted as swallowed; the
+    /// caller still shows it to the audit.
     pub(crate) fn withheld(&mut self, tag: u8, raw: &[u8]) -> bool {
         if self.off {
             self.swallowed += raw.len();

@@ -35,8 +35,8 @@ pub const STATEMENT_RUNNING: u8 = 0x02;
 /// without reading its answers can make the engine keep is bounded.
 pub(crate) const MAX_PENDING_TEXT: usize = 8 << 20;
 
-/// The outcome of a statement the server was sent but had not answered when
-/// the stream ended (the client left, the session was ended): it may have run.
+/// The outcome of a statement that had no answer when the stream ended (the
+/// client left, the session was ended): it may have reached the server and run.
 pub(crate) const UNANSWERED: &str = "unanswered";
 
 /// One statement for the audit: a simple Query (`b'Q'`) or an Execute
@@ -182,11 +182,10 @@ impl Statements {
         })
     }
 
-    /// The stream ends with these statements sent and not answered: each
-    /// is recorded, ended at `at`, as `outcome` ([`UNANSWERED`], or the
-    /// error the session ended with). The server may have run them, so the
-    /// audit must not lose them.
-    pub(crate) fn end_all(&mut self, at: f64, outcome: &'static str) {
+    /// The stream ends with these statements unanswered: each is recorded,
+    /// ended at `at`, as [`UNANSWERED`]. The server may have run them, so
+    /// the audit must not lose them.
+    pub(crate) fn end_unanswered(&mut self, at: f64) {
         self.text = 0;
         let queue = std::mem::take(&mut self.queue);
         let Some(author) = &self.author else {
@@ -194,8 +193,17 @@ impl Statements {
         };
         for statement in queue {
             if statement.kind == b'Q' || statement.kind == b'E' {
-                statement.record_as(author, at, Cow::Borrowed(outcome));
+                statement.record_as(author, at, Cow::Borrowed(UNANSWERED));
             }
+        }
+    }
+
+    /// The session ends on the answer coming now: the statement it answers
+    /// (not one already finished) is recorded with `sqlstate`, whatever
+    /// the rest of its answer says.
+    pub(crate) fn ends_on_front(&mut self, sqlstate: [u8; 5]) {
+        if let Some(front) = self.queue.front_mut().filter(|s| s.kind != b'S') {
+            front.sqlstate = Some(sqlstate);
         }
     }
 
@@ -271,7 +279,7 @@ impl Statements {
 impl Drop for Statements {
     /// Whatever way the stream ends, what it sent is not lost from the audit.
     fn drop(&mut self) {
-        self.end_all(crate::sys::monotonic(), UNANSWERED);
+        self.end_unanswered(crate::sys::monotonic());
     }
 }
 
@@ -533,12 +541,12 @@ mod tests {
         );
         // The DELETE's rows came, not its ReadyForQuery.
         server(&mut session, &[complete("DELETE 7")]);
-        session.statements.end_all(2.0, "error:25006");
+        session.statements.end_unanswered(2.0);
         assert_eq!(
             recorded(&queue),
             [
-                owned("DELETE FROM orders", Some(7), "error:25006"),
-                owned("UPDATE t SET x = 1", None, "error:25006"),
+                owned("DELETE FROM orders", Some(7), UNANSWERED),
+                owned("UPDATE t SET x = 1", None, UNANSWERED),
             ]
         );
         // However the stream goes, what it sent is recorded.
@@ -548,6 +556,32 @@ mod tests {
             recorded(&queue),
             [owned("SELECT pg_sleep(60)", None, UNANSWERED)]
         );
+    }
+
+    #[test]
+    fn the_statement_a_session_ends_on_is_marked_and_those_after_keep_their_outcomes() {
+        let (mut session, queue) = session();
+        let q = |sql: &str| encode::query(sql.as_bytes()).unwrap();
+        client(
+            &mut session,
+            &[
+                q("SELECT lift()"),
+                q("INSERT INTO t VALUES (1)"),
+                q("SELECT 2"),
+            ],
+        );
+        server(&mut session, &[complete("SELECT 1")]);
+        session.statements.ends_on_front(*b"25006");
+        server(&mut session, &[ready(), complete("INSERT 0 1"), ready()]);
+        assert_eq!(
+            recorded(&queue),
+            [
+                owned("SELECT lift()", Some(1), "error:25006"),
+                owned("INSERT INTO t VALUES (1)", Some(1), "ok"),
+            ]
+        );
+        drop(session);
+        assert_eq!(recorded(&queue), [owned("SELECT 2", None, UNANSWERED)]);
     }
 
     #[test]

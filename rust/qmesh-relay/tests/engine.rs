@@ -693,6 +693,49 @@ fn postgres_tap_reports_queries_and_rejects_bad_framing() {
     assert_eq!(read_to_eof(&srv_b), b"", "bad bytes reached the server");
 }
 
+/// A read-only session's server reports the setting turned off: the
+/// client gets the whole answer before it in the same read and nothing of
+/// the one it is in, and the stream ends for Python to end the session.
+#[test]
+fn a_read_only_stream_ends_where_the_server_turns_the_setting_off() {
+    let link = Link::new();
+    let (sock_a, app_a) = link.native_socket();
+    let (sock_b, srv_b) = link.native_socket();
+    link.a.attach_native(native(1, sock_a)).expect("native A");
+    let tap = PgTap {
+        read_only: true,
+        ..PgTap::default()
+    };
+    link.b
+        .attach_native(NativeSpec {
+            tap,
+            ..native(1, sock_b)
+        })
+        .expect("native B");
+
+    let earlier = [pg_message(b'C', b"SELECT 1\0"), pg_message(b'Z', b"I")].concat();
+    let lifting = [
+        pg_message(b'D', b"\0\x01\0\0\0\x011"),
+        pg_message(b'C', b"SELECT 1\0"),
+        pg_message(b'S', b"default_transaction_read_only\0off\0"),
+        pg_message(b'Z', b"I"),
+    ]
+    .concat();
+    (&srv_b)
+        .write_all(&[earlier.clone(), lifting].concat())
+        .expect("write");
+
+    let mut b = Inbox::new(&link.b);
+    b.wait_until("the end of stream 1", |events| ended(events, 1).is_some());
+    assert_eq!(b.ended(1).expect("checked").ending, Ending::ReadOnlyOff);
+    // What Python sends next follows whatever the engine sent: nothing of
+    // the lifting answer may come between.
+    let farewell = pg_message(b'E', b"SFATAL\0C25006\0\0");
+    link.b.send(vec![frame(DATA, 1, &farewell)]);
+    let got = read_up_to(&app_a, earlier.len() + farewell.len());
+    assert_eq!(got, [earlier, farewell].concat());
+}
+
 /// A statement guard: each guarded message is held, with everything behind
 /// it, until the verdict; the socket gets the verdict's bytes in its place,
 /// the consumed input is credited back, and order is kept.
