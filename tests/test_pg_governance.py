@@ -48,6 +48,17 @@ def rows_in_ledger(db: RealDb) -> int:
     return int(db.superuser("SELECT count(*) FROM ledger"))
 
 
+async def logs_in_as(ghost: Ghost, role: str) -> None:
+    """A client of ``ghost`` logs in, and the server's session is ``role``'s."""
+
+    def work() -> None:
+        with psycopg.connect(**ghost.kwargs()) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+
+    with trio.fail_after(30):
+        await in_thread(work)
+
+
 async def read_only_ghost(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> Ghost:
     return await start_ghost(
         nursery, db, tmp_path, policy=app_policy(databases=("main",), read_only=True)
@@ -304,17 +315,10 @@ async def test_login_retries_with_a_rotation_in_flight(
     new_password = "rotated-" + secrets.token_urlsafe(12)
     ghost.vault.begin_rotation(ghost.alias, new_password, stale_after_s=60)
     other.superuser(f"ALTER ROLE {other.name} PASSWORD '{new_password}'")
-
-    def work() -> None:
-        with psycopg.connect(**ghost.kwargs()) as conn:
-            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
-
-    with trio.fail_after(30):
-        await in_thread(work)
+    await logs_in_as(ghost, other.name)
     # The vault promoted afterwards: the current value works at once.
     ghost.vault.finish_rotation(ghost.alias, promote=True)
-    with trio.fail_after(30):
-        await in_thread(work)
+    await logs_in_as(ghost, other.name)
 
 
 async def test_login_rereads_a_vault_changed_by_another_process(
@@ -462,13 +466,7 @@ async def test_a_rotation_ending_between_the_gates_vault_reads_is_followed(
 
     vault.get = reading(vault.get)  # type: ignore[method-assign,assignment]
     vault.get_pending = reading(vault.get_pending)  # type: ignore[method-assign,assignment]
-
-    def work() -> None:
-        with psycopg.connect(**ghost.kwargs()) as conn:
-            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
-
-    with trio.fail_after(30):
-        await in_thread(work)
+    await logs_in_as(ghost, other.name)
     assert reads[:2] == ["get", "get_pending"]
 
 
@@ -499,13 +497,7 @@ async def test_rotations_following_each_other_during_a_login_are_followed(
         return value
 
     vault.get_pending = overtaken  # type: ignore[method-assign]
-
-    def work() -> None:
-        with psycopg.connect(**ghost.kwargs()) as conn:
-            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
-
-    with trio.fail_after(30):
-        await in_thread(work)
+    await logs_in_as(ghost, other.name)
     assert len(passwords) == 3
 
 
@@ -533,11 +525,5 @@ async def test_a_login_that_tries_a_rotations_password_too_early_tries_it_again(
         return get_pending(alias)
 
     vault.get_pending = late  # type: ignore[method-assign]
-
-    def work() -> None:
-        with psycopg.connect(**ghost.kwargs()) as conn:
-            assert conn.execute("SELECT current_user").fetchone() == (other.name,)
-
-    with trio.fail_after(30):
-        await in_thread(work)
+    await logs_in_as(ghost, other.name)
     assert reads >= 2
