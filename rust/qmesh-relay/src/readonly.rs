@@ -17,9 +17,12 @@ use qmesh_pg as pg;
 const REPORT: u8 = b'S';
 
 /// What a read-only session's server scanner reports, besides what its tap
-/// asks for: the report, and the messages that end answers, so that the
-/// cut falls before the completion of the answer the report is in.
-pub(crate) const WATCHED: &[u8] = b"SCEIZs";
+/// asks for: the report, and the completions of answers (CommandComplete,
+/// ReadyForQuery), so that the cut falls before the completion of the
+/// answer the report is in. All three are short: a relay-mode scanner
+/// collects what it reports whole before passing it on, and a message
+/// longer than the stream's credit would stall it.
+pub(crate) const WATCHED: &[u8] = b"SCZ";
 
 /// The error the session ends with (read_only_sql_transaction), the
 /// audit's outcome for the statement whose answer turned the setting off.
