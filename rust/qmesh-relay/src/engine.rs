@@ -358,11 +358,14 @@ impl Native {
     /// or recorded.
     fn outbound(&mut self, data: &[u8]) -> Result<Vec<Bytes>, PgError> {
         let side = Side::Server;
+        let (read_only, off) = (self.read_only, self.read_only_off);
         let cut =
             if let (Some(pooled), Some(scanner)) = (self.pooled.as_mut(), self.backend.as_mut()) {
                 // Statements the server finished before an error stay
                 // recorded: they ran.
-                let mut sink = pooled::Back::new(pooled, sys::monotonic(), data.len());
+                let at = sys::monotonic();
+                let cut = AnswerCut::new(data.len(), read_only, off);
+                let mut sink = pooled::Back { pooled, at, cut };
                 scanner
                     .feed(data, &mut sink)
                     .map_err(|error| PgError { side, error })?;
@@ -375,11 +378,11 @@ impl Native {
                     records: &mut self.records,
                     audit: self.audit.as_mut(),
                 };
-                if !self.read_only {
+                if !read_only {
                     observe(scanner, reports, data, side, None)?;
                     return Ok(vec![Bytes::copy_from_slice(data)]);
                 }
-                let mut cut = AnswerCut::new(data.len(), true, self.read_only_off);
+                let mut cut = AnswerCut::new(data.len(), true, off);
                 let watch = Some((&mut cut, self.back_tapped));
                 observe(scanner, reports, data, side, watch)?;
                 cut
@@ -1237,7 +1240,7 @@ impl Engine {
         let (pooled, audit) = match spec.pooled {
             Some(pooled) => {
                 let screen = spec.tap.guard_screen.clone();
-                (Some(Pooled::new(pooled, audit, screen, read_only)), None)
+                (Some(Pooled::new(pooled, audit, screen)), None)
             }
             None => (None, audit.map(SessionStatements::new)),
         };
@@ -1279,7 +1282,7 @@ impl Engine {
             held: VecDeque::new(),
             awaiting_statement: None,
             back_tapped,
-            read_only: read_only && pooled.is_none(),
+            read_only,
             read_only_off: false,
             guard_screen: spec.tap.guard_screen,
             records: Vec::new(),

@@ -273,10 +273,6 @@ pub(crate) struct Pooled {
     /// The audit's statements on their way (with an author).
     pub(crate) statements: Statements,
     guard_screen: Vec<Vec<u8>>,
-    pub(crate) read_only: bool,
-    /// The server reported the read-only setting turned off: nothing more
-    /// of what it sends reaches the client, and the session ends.
-    pub(crate) read_only_off: bool,
 }
 
 /// Answers one client's messages may await at once in the engine: a longer
@@ -411,13 +407,12 @@ enum Step {
 }
 
 impl Pooled {
-    /// A pooled stream's state; `guard_screen` and `read_only` are its
-    /// tap's (see [`crate::PgTap`]).
+    /// A pooled stream's state; `guard_screen` is its tap's (see
+    /// [`crate::PgTap`]).
     pub(crate) fn new(
         spec: PooledSpec,
         audit: Option<AuditAuthor>,
         guard_screen: Vec<Vec<u8>>,
-        read_only: bool,
     ) -> Pooled {
         // What the client prepared before (in Python's relay); a Parse that
         // does not parse is left to the server's own error when it is bound.
@@ -467,8 +462,6 @@ impl Pooled {
             transactions: 0,
             statements: Statements::new(audit),
             guard_screen,
-            read_only,
-            read_only_off: false,
         }
     }
 
@@ -903,13 +896,6 @@ pub(crate) struct Back<'a> {
     pub(crate) cut: AnswerCut,
 }
 
-impl<'a> Back<'a> {
-    pub(crate) fn new(pooled: &'a mut Pooled, at: f64, capacity: usize) -> Back<'a> {
-        let cut = AnswerCut::new(capacity, pooled.read_only, pooled.read_only_off);
-        Back { pooled, at, cut }
-    }
-}
-
 impl pg::Sink for Back<'_> {
     fn pass(&mut self, bytes: &[u8]) {
         self.cut.pass(bytes);
@@ -920,7 +906,6 @@ impl pg::Sink for Back<'_> {
         let pooled = &mut *self.pooled;
         let was_off = self.cut.off;
         if self.cut.withheld(tag, raw) {
-            pooled.read_only_off = true;
             if !was_off {
                 pooled.statements.ends_on_front(readonly::SQLSTATE);
             }
@@ -1106,14 +1091,14 @@ mod tests {
             statements,
             unnamed,
         };
-        let mut pooled = Pooled::new(spec, Some(author), Vec::new(), false);
+        let mut pooled = Pooled::new(spec, Some(author), Vec::new());
         pooled.lease = Some(lease());
         (pooled, queue)
     }
 
     /// A read-only session's stream, with the guard's words (as Python's
     /// guard gives them), holding a connection.
-    fn read_only() -> Pooled {
+    fn guarded() -> Pooled {
         let spec = PooledSpec {
             shelf: Shelf::new(Duration::from_secs(60)).unwrap(),
             wait_limit: Duration::from_secs(1),
@@ -1131,7 +1116,7 @@ mod tests {
         ]
         .map(|word| word.as_bytes().to_vec())
         .to_vec();
-        let mut pooled = Pooled::new(spec, None, screen, true);
+        let mut pooled = Pooled::new(spec, None, screen);
         pooled.lease = Some(lease());
         pooled
     }
@@ -1171,11 +1156,20 @@ mod tests {
 
     /// What the client gets for these server messages.
     fn server(pooled: &mut Pooled, messages: &[Vec<u8>]) -> Vec<u8> {
-        let mut back = Back::new(pooled, 1.5, 0);
+        server_cut(pooled, messages, AnswerCut::new(0, false, false)).out
+    }
+
+    /// The same through `cut`, returned with what it kept for the client.
+    fn server_cut(pooled: &mut Pooled, messages: &[Vec<u8>], cut: AnswerCut) -> AnswerCut {
+        let mut back = Back {
+            pooled,
+            at: 1.5,
+            cut,
+        };
         for raw in messages {
             pg::Sink::message(&mut back, raw[0], raw, true);
         }
-        back.cut.out
+        back.cut
     }
 
     #[test]
@@ -1527,10 +1521,10 @@ mod tests {
     #[test]
     fn statements_that_name_a_guarded_word_go_to_python() {
         let plain = query("SELECT count(*) FROM ledger");
-        let mut pooled = read_only();
+        let mut pooled = guarded();
         assert_eq!(client(&mut pooled, std::slice::from_ref(&plain)), plain);
         assert!(pooled.handback.is_none());
-        for guarded in [
+        for words in [
             query("BEGIN READ WRITE"),
             query("SELECT pg_catalog.SET_CONFIG('x', 'y', false)"),
             parse("", "UPDATE pg_settings SET setting = 'off'"),
@@ -1540,9 +1534,9 @@ mod tests {
             ),
             query("SELECT U&'\\0072ead'"),
         ] {
-            let mut pooled = read_only();
-            assert_eq!(client(&mut pooled, std::slice::from_ref(&guarded)), b"");
-            assert_eq!(pooled.handback.as_deref(), Some(guarded.as_slice()));
+            let mut pooled = guarded();
+            assert_eq!(client(&mut pooled, std::slice::from_ref(&words)), b"");
+            assert_eq!(pooled.handback.as_deref(), Some(words.as_slice()));
         }
         // Without a guard, the same words are only words.
         let (mut unguarded, _) = audited();
@@ -1552,7 +1546,7 @@ mod tests {
 
     #[test]
     fn a_read_only_session_told_the_setting_is_off_gets_nothing_more() {
-        let mut pooled = read_only();
+        let mut pooled = guarded();
         client(&mut pooled, &[query("SELECT lift()")]);
         let reported = |name: &str, value: &str| msg(b'S', format!("{name}\0{value}\0").as_bytes());
         let other = reported("application_name", "shop");
@@ -1564,8 +1558,11 @@ mod tests {
             on.clone(),
             msg(b'Z', b"I"),
         ];
-        assert_eq!(server(&mut pooled, &answer), answer.concat());
-        assert!(!pooled.read_only_off);
+        let read = |pooled: &mut Pooled, off: bool, messages: &[Vec<u8>]| {
+            server_cut(pooled, messages, AnswerCut::new(0, true, off))
+        };
+        let cut = read(&mut pooled, false, &answer);
+        assert_eq!((cut.out, cut.off), (answer.concat(), false));
         // Two pipelined: the first's whole answer, in the same read as the
         // report, still goes.
         client(&mut pooled, &[query("SELECT 1"), query("SELECT lift()")]);
@@ -1576,11 +1573,11 @@ mod tests {
             &[msg(b'C', b"SELECT 1\0"), off, msg(b'Z', b"I")],
         ]
         .concat();
-        assert_eq!(server(&mut pooled, &rest), earlier.concat());
-        assert!(pooled.read_only_off);
+        let cut = read(&mut pooled, false, &rest);
+        assert_eq!((cut.out, cut.off), (earlier.concat(), true));
         // Still owed: the connection is not idle, and goes back to be closed.
         assert_eq!(owed(&pooled), b"Q");
-        assert_eq!(server(&mut pooled, &[msg(b'Z', b"I")]), b"");
+        assert_eq!(read(&mut pooled, true, &[msg(b'Z', b"I")]).out, b"");
         // A session that is not read-only is told as the server tells it.
         let (mut writable, _) = audited();
         client(&mut writable, &[query("SELECT lift()")]);
