@@ -322,7 +322,10 @@ class TapSpec:
         (a pooled stream's goes to Python's relay if it names one).
         ``read_only``: the server reporting ``default_transaction_read_only``
         off ends the stream (:attr:`RelayEnding.READ_ONLY_OFF`) before the
-        client gets anything more of that answer. A ``farewell`` (a server
+        client gets anything more of that answer; its ``backend`` reports
+        ErrorResponse and NoticeResponse by their first 1024 body bytes when
+        longer (their texts have no bound, and the engine passes on what it
+        reports only once it is all in). A ``farewell`` (a server
         message of the relay's own, for the MiniGate's side, where the tunnel
         brings a server's messages) is written to the socket if the session
         is lost while the socket stands between two messages: the engine

@@ -198,13 +198,19 @@ def server_messages_seen_by_python(monkeypatch: pytest.MonkeyPatch) -> list[int]
 
 
 async def in_thread(fn: Callable[[], T]) -> T:
-    """Run a blocking client (psycopg) in a worker thread."""
-    return await trio.to_thread.run_sync(fn)
+    """Run a blocking client (psycopg) in a worker thread. Cancelled (a
+    test's deadline), the thread is left to itself: a client that hangs
+    fails its test instead of holding the whole run."""
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
 
 async def in_asyncio(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an asyncio client (asyncpg) on its own loop in a worker thread."""
-    return await trio.to_thread.run_sync(lambda: asyncio.run(fn()))  # type: ignore[arg-type]
+    """Run an asyncio client (asyncpg) on its own loop in a worker thread
+    (left to itself when cancelled, as :func:`in_thread`)."""
+    return await trio.to_thread.run_sync(
+        lambda: asyncio.run(fn()),  # type: ignore[arg-type]
+        abandon_on_cancel=True,
+    )
 
 
 async def run(

@@ -21,13 +21,16 @@ from pgkit import (
     Ghost,
     RawClient,
     RealDb,
+    app_policy,
     in_thread,
     pooled_ghost,
     server_messages_seen_by_python,
+    start_ghost,
 )
 from tunnelkit import until
 
 from qmesh import _core
+from qmesh.config import GateAppConfig
 from qmesh.fleet.inventory import Inventory
 from qmesh.ops.metrics import GateMetrics
 from qmesh.pg.audit import list_audit
@@ -507,6 +510,40 @@ async def test_a_query_larger_than_the_stream_window_moves_to_python(
 
     with trio.fail_after(30):
         assert await in_thread(work) == [b"3000000", b"7"]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        app_policy(databases=("main",), pool_mode="transaction"),
+        app_policy(databases=("main",), pool_mode="transaction", read_only=True),
+        app_policy(databases=("main",), read_only=True),
+    ],
+    ids=["transaction", "transaction-read-only", "session-read-only"],
+)
+async def test_a_server_error_larger_than_the_stream_window_reaches_the_client(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, policy: GateAppConfig
+) -> None:
+    """The engine reads the server's errors in these sessions (a pool
+    follows its answers; a read-only session's cut falls between them).
+    PostgreSQL quotes a bad value whole in its error: one of 3 MB (three
+    stream windows) reaches the client, the audit has its SQLSTATE, and the
+    session goes on."""
+    ghost = await start_ghost(nursery, db, tmp_path, policy=policy)
+
+    def work() -> tuple[int, object]:
+        with simple(ghost) as conn:
+            with pytest.raises(psycopg.errors.InvalidTextRepresentation) as caught:
+                conn.execute("SELECT repeat('x', 3000000)::int")
+            return len(str(caught.value)), conn.execute("SELECT 7").fetchone()
+
+    with trio.fail_after(30):
+        length, row = await in_thread(work)
+    assert length > 3_000_000 and row == (7,)
+    with trio.fail_after(10):
+        await ghost.audit_settled()
+    records = [(r.statement, r.outcome) for r in list_audit(ghost.store, limit=2)]
+    assert records == [("SELECT 7", "ok"), ("SELECT repeat('x', 3000000)::int", "error:22P02")]
 
 
 async def test_a_client_waiting_in_the_engine_past_the_pool_wait_is_refused_alone(

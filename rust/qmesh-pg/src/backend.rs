@@ -332,6 +332,25 @@ pub fn command_rows(tag: &[u8]) -> Option<u64> {
     text.rsplit(' ').next()?.parse().ok()
 }
 
+/// The value of field `code` of an ErrorResponse or NoticeResponse body, or
+/// of its first bytes: a relay reads a long error by its start, where
+/// PostgreSQL puts the severity and the SQLSTATE (before the message,
+/// whose length has no bound). None if the field is not wholly there.
+pub fn notice_field(body: &[u8], code: u8) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, value)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = value.iter().position(|&b| b == 0)?;
+        if field == code {
+            return Some(&value[..end]);
+        }
+        rest = &value[end + 1..];
+    }
+    None
+}
+
 /// The fields of an ErrorResponse or NoticeResponse body.
 pub fn notice_fields(body: &[u8]) -> Result<Vec<(u8, &[u8])>> {
     let mut r = Reader::new(body, "ErrorResponse");
@@ -410,6 +429,15 @@ mod tests {
         let fields = notice_fields(&raw[5..]).unwrap();
         assert_eq!(fields[1], (b'C', &b"28P01"[..]));
         assert!(notice_fields(b"Sx\0").is_err()); // no terminator
+                                                  // A prefix: the fields wholly in it, and none after the terminator.
+        assert_eq!(
+            notice_field(b"SERROR\0C22P02\0Minvalid inp", b'C'),
+            Some(&b"22P02"[..])
+        );
+        assert_eq!(notice_field(b"SERROR\0C22P02\0Minvalid inp", b'M'), None);
+        assert_eq!(notice_field(b"SERROR\0C22P", b'C'), None);
+        assert_eq!(notice_field(b"SERROR\0\0C22P02\0", b'C'), None);
+        assert_eq!(notice_field(b"", b'S'), None);
     }
 
     #[test]

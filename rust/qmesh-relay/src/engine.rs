@@ -67,6 +67,13 @@ const UNSENT_HIGH_WATER: usize = 4 * 1024 * 1024;
 /// delay the others' turns.
 const NATIVE_READS_PER_ROUND: usize = 4;
 
+/// The server's kinds whose texts have no bound (ErrorResponse,
+/// NoticeResponse). A relay-mode scanner passes on a message it reports
+/// whole only once all of it is in, and one longer than the stream's credit
+/// never would be: it reads these by their first bytes (a peek), where
+/// PostgreSQL puts the severity and the SQLSTATE.
+const LONG_SERVER_KINDS: &[u8] = b"EN";
+
 /// Tuning, fixed for an engine's life.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1190,6 +1197,13 @@ impl Engine {
             let mut config = pg::ScannerConfig::new(direction);
             config.full = pg::TagSet::from_bytes(full);
             config.peek = pg::TagSet::from_bytes(peek);
+            if relay && direction == pg::Direction::Backend {
+                let (long, short): (Vec<u8>, Vec<u8>) = full
+                    .iter()
+                    .partition(|kind| LONG_SERVER_KINDS.contains(kind));
+                config.full = pg::TagSet::from_bytes(&short);
+                config.peek = pg::TagSet::from_bytes(&[peek, &long].concat());
+            }
             config.relay = relay;
             pg::Scanner::new(config).map_err(|e| invalid(e.to_string()))
         };

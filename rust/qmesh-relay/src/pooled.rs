@@ -926,9 +926,11 @@ impl pg::Sink for Back<'_> {
                 pooled.statements.server(tag, raw, self.at);
             }
             b'E' => {
-                let fields = pg::backend::notice_fields(body).unwrap_or_default();
-                let field = |code: u8| fields.iter().find(|(c, _)| *c == code).map(|f| f.1);
-                pooled.server_fatal |= matches!(field(b'S'), Some(b"FATAL" | b"PANIC"));
+                // The severity as sent, not translated (PostgreSQL 9.6 on),
+                // else as shown.
+                let severity = pg::backend::notice_field(body, b'V')
+                    .or_else(|| pg::backend::notice_field(body, b'S'));
+                pooled.server_fatal |= matches!(severity, Some(b"FATAL" | b"PANIC"));
                 // In the extended protocol the server skips to the next
                 // Sync: the answers of what it skipped are owed no more,
                 // and what was booked for them did not happen.

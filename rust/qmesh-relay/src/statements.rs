@@ -221,7 +221,8 @@ impl Statements {
 
     /// The server's message `raw` (type `tag`), seen at `at`: what it ends.
     /// Other kinds than ReadyForQuery, ErrorResponse, CommandComplete,
-    /// EmptyQueryResponse and PortalSuspended change nothing.
+    /// EmptyQueryResponse and PortalSuspended change nothing. An
+    /// ErrorResponse may be its first bytes alone (its SQLSTATE is there).
     pub(crate) fn server(&mut self, tag: u8, raw: &[u8], at: f64) {
         if self.queue.is_empty() {
             return;
@@ -242,11 +243,8 @@ impl Statements {
                 }
             }
             b'E' => {
-                let fields = pg::backend::notice_fields(body).unwrap_or_default();
-                let state = fields
-                    .iter()
-                    .find(|(code, _)| *code == b'C')
-                    .and_then(|(_, value)| <[u8; 5]>::try_from(*value).ok());
+                let state = pg::backend::notice_field(body, b'C')
+                    .and_then(|value| <[u8; 5]>::try_from(value).ok());
                 let front = self.queue.front_mut().expect("not empty");
                 front.sqlstate = front.sqlstate.or(state.or(Some(*b"XX000")));
                 if front.kind == b'E' {
