@@ -156,7 +156,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchkit import stop  # noqa: E402
+from benchkit import cpu_seconds, stop  # noqa: E402
 from pgcluster import PgCluster  # noqa: E402
 
 MODEL = "qg://task=keywords"
@@ -1063,14 +1063,6 @@ def node_seen(http_port: int, admin_key: str) -> tuple[str, str | None] | None:
     return None
 
 
-def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
-    """User + system CPU seconds of a running process (Linux /proc)."""
-    if process is None:
-        return 0.0
-    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @attrs.define
 class RemoteRun:
     paths: list[ChatPath]
@@ -1141,7 +1133,7 @@ def run_remote(base: Path, args: argparse.Namespace) -> RemoteRun:
             path.seconds.clear()
             path.errors.clear()
         processes = {"gate-a": gate_a.process, "gate-b": gate_b.process, "daemon": daemon}
-        cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}
+        cpu_before = {name: cpu_seconds(p.pid if p else None) for name, p in processes.items()}
         calls_before = runtime.counts.copy()
         offsets = {log: log.stat().st_size for log in base.glob("*.log")}
         pairs: list[float] = []
@@ -1154,7 +1146,7 @@ def run_remote(base: Path, args: argparse.Namespace) -> RemoteRun:
             if len(local.seconds) > done[id(local)] and len(remote.seconds) > done[id(remote)]:
                 pairs.append(remote.seconds[-1] - local.seconds[-1])
         cpu_ms = {
-            name: 1000 * (cpu_seconds(p) - cpu_before[name]) / args.requests
+            name: 1000 * (cpu_seconds(p.pid if p else None) - cpu_before[name]) / args.requests
             for name, p in processes.items()
         }
         calls = runtime.counts - calls_before

@@ -99,7 +99,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from benchkit import stop
+from benchkit import cpu_seconds, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -566,12 +566,6 @@ def measure(work: Path, backend_port: int, edges: int, args: argparse.Namespace)
     result["gate_errors"] = sum(1 for line in lines if " ERROR " in line or "Traceback" in line)
     result["gate_warnings"] = sum(1 for line in lines if " WARNING " in line)
     return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _soft_fd_limit(pid: int) -> int:

@@ -89,7 +89,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchkit import stop
+from benchkit import cpu_seconds, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -278,23 +278,6 @@ def taskset(cpu: int) -> list[str]:
 _WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """CPU time of a process and its children (LiteLLM may fork a worker)."""
-    if pid is None:
-        return 0.0
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        total = 0.0
-        for process in (root, *root.children(recursive=True)):
-            times = process.cpu_times()
-            total += times.user + times.system
-        return total
-    except psutil.Error:
-        return 0.0
-
-
 def wrk(
     url: str, token: str, connections: int, seconds: float, lua: Path, pid: int | None = None
 ) -> dict[str, float]:
@@ -310,9 +293,9 @@ def wrk(
         url,
     ]
     env = {**os.environ, "BENCH_TOKEN": token}
-    cpu_before = cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid, children=True)
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(pid, children=True) - cpu_before
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
     latency: dict[str, float] = {}
     for pct, value, unit in _WRK_LATENCY.findall(out):
@@ -380,9 +363,9 @@ def oha(
         *OHA_JSON,
         url,
     ]
-    cpu_before = cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid, children=True)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(pid, children=True) - cpu_before
     report = json.loads(out)
     elapsed = float(report["summary"]["total"])
     percentiles = report["latencyPercentiles"]

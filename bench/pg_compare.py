@@ -73,7 +73,12 @@ each run goes on a superuser connection of the benchmark's own samples
 pg_stat_activity's client backends (itself counted out) every 0.5 s: a second
 table has the most the target held at once and the most on the whole server.
 Direct's runs go first, then the pools' case by case, so that direct's
-clients never meet the pools' idle server connections.
+clients never meet the pools' idle server connections. A third table has
+the CPU time per transaction (user + system, from /proc) of each process
+between pgbench and the server (PgBouncer; qmesh's Gate and MiniGate) and of
+the whole machine, and the Gate's against PgBouncer's: the Gate is what
+stands where PgBouncer stands, beside the server, while the MiniGate runs
+on the application's host in a deployment (here it shares the two CPUs).
 
 The "logins" rows run pgbench with -C: a new connection, and so a whole
 login through the stack (SCRAM, the vault, the server's authentication),
@@ -116,6 +121,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import benchkit  # noqa: E402
+from benchkit import cpu_seconds  # noqa: E402
 from pgcluster import PgCluster  # noqa: E402
 
 TARGETS = (
@@ -135,6 +141,9 @@ POOL_MAX_PREPARED = 200  # PgBouncer's max_prepared_statements (PgBouncer 1.21+)
 POOL_CASES = (("select-only", 64, "simple"), ("logins", 200, "simple"),
               ("select-only", 64, "extended"), ("select-only", 64, "prepared"))  # fmt: skip
 SAMPLE_EVERY = 0.5  # seconds between two samples of the server's connections
+MACHINE = "machine"  # PoolRun.cpu's key for the whole machine's CPU
+# --pool: the process that stands where PgBouncer stands, beside the server.
+POOL_CPU_PAIR = (("qmesh-txn", "Gate"), ("pgbouncer-txn", "PgBouncer"))
 GUARD_TIMEOUT_MS = 60_000  # qmesh-guard's statement_timeout_ms
 APP_USER = "benchapp"
 # The issue's targets: (target, baseline, minimum TPS ratio target/baseline).
@@ -215,6 +224,7 @@ class Stack:
         self.audit = audit
         self.statement_timeout_ms = statement_timeout_ms
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}  # a spawned process's name: its pid
         self.ports: dict[str, int] = {}
         self.real_password = "real-" + secrets.token_urlsafe(16)
         self.app_key = "app-" + secrets.token_urlsafe(16)  # PgBouncer's client password
@@ -226,6 +236,25 @@ class Stack:
         log = (self.base / f"{name}.log").open("wb")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
         self.processes.append(process)
+        self.pids[name] = process.pid
+
+    def proxies(self, target: str) -> dict[str, int]:
+        """The processes a target's transactions cross between pgbench and
+        the server, by what they are: their pids."""
+        if target in QMESH_TARGETS:
+            return {
+                "Gate": self.pids[f"{target}-gate"],
+                "MiniGate": self.pids[f"{target}-minigate"],
+            }
+        if target == "stunnel+pgb":
+            return {
+                "stunnel client": self.pids["stunnel-client"],
+                "stunnel server": self.pids["stunnel-server"],
+                "PgBouncer": self.pids["pgbouncer"],
+            }
+        if target in ("pgbouncer", "pgbouncer-txn"):
+            return {"PgBouncer": self.pids[target]}
+        return {}
 
     def server_user(self, target: str) -> str:
         """The role a target's server sessions log in as: with --pool, each
@@ -579,6 +608,9 @@ class PoolRun(NamedTuple):
     own: int  # the most server backends of the target's own role in one sample
     total: int  # the most client backends on the whole server in one sample
     samples: int
+    # CPU µs per transaction (user + system): each proxy process's by what it
+    # is (Stack.proxies), and MACHINE's, every process's and the kernel's.
+    cpu: dict[str, float]
 
     @property
     def clean(self) -> bool:
@@ -606,8 +638,15 @@ def pgbench_pooled(
     exceptions, and the server's connections are sampled meanwhile."""
     if target == "direct":
         clients = min(clients, POOL_SIZE)  # more would not fit in max_connections
+    proxies = stack.proxies(target)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in proxies.items()}
+    cpu_before[MACHINE] = machine_cpu_seconds()
     with sampler.sampling() as samples:
         result = run_pgbench(stack, target, script, clients, mode, duration)
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in proxies.items()}
+    used[MACHINE] = machine_cpu_seconds() - cpu_before[MACHINE]
+    processed = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
+    transactions = int(processed.group(1)) if processed else 0
     tps = re.search(r"tps = ([0-9.]+)", result.stdout)
     latency = re.search(r"latency average = ([0-9.]+) ms", result.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
@@ -627,7 +666,18 @@ def pgbench_pooled(
         own=max((sample.get(role, 0) for sample in samples), default=0),
         total=max((sum(sample.values()) for sample in samples), default=0),
         samples=len(samples),
+        cpu={name: seconds * 1e6 / transactions for name, seconds in used.items()}
+        if transactions
+        else {},
     )
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far (/proc/stat: every
+    CPU's time but idle and I/O wait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def polling(args: argparse.Namespace) -> str:
@@ -752,6 +802,8 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
             )
         )
     print()
+    print_cpu_table(targets, runs, results)
+    print()
     print(
         "server connections: the most in one sample (every "
         f"{SAMPLE_EVERY:g} s) of the target's own backends / all client backends; "
@@ -795,6 +847,47 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
     for note in stack.notes:
         print(f"note: {note}")
     return 0
+
+
+def print_cpu_table(
+    targets: tuple[str, ...],
+    runs: dict[tuple[str, int, str, str], list[PoolRun]],
+    results: dict[tuple[str, int, str, str], PoolRun],
+) -> None:
+    """--pool: CPU per transaction of each target's processes and of the
+    whole machine, and the Gate's against PgBouncer's (paired by round)."""
+    (ours, our_process), (theirs, their_process) = POOL_CPU_PAIR
+    paired = ours in targets and theirs in targets
+    print(
+        "CPU per transaction, µs (user + system, from /proc; the run of median TPS): each "
+        "process between pgbench and the server, and the whole machine's (pgbench, the "
+        "server, every process and the kernel: on saturated CPUs the TPS goes as its inverse)"
+    )
+    header = ["script", "-c", "protocol", *targets]
+    if paired:
+        header.append(f"{our_process}/{their_process}")
+    rows = [header]
+    for case in POOL_CASES:
+        row = [case[0], str(case[1]), case[2]]
+        for target in targets:
+            cpu = results[(*case, target)].cpu
+            parts = [f"{name} {us:.1f}" for name, us in cpu.items() if name != MACHINE]
+            row.append(
+                " + ".join(parts) + (" · " if parts else "") + f"machine {cpu.get(MACHINE, 0):.1f}"
+            )
+        if paired:
+            ratios = [
+                run.cpu[our_process] / base.cpu[their_process]
+                for run, base in zip(runs[(*case, ours)], runs[(*case, theirs)], strict=False)
+                if run.clean and base.clean and run.cpu and base.cpu
+            ]
+            row.append(
+                f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]"
+                if ratios
+                else "n/a"
+            )
+        rows.append(row)
+    print_table(rows)
 
 
 def _median_run(found: list[PoolRun]) -> PoolRun:
