@@ -16,6 +16,7 @@ import pytest
 import trio
 from daemonkit import http_json, make_gate_dir
 from processkit import free_port as closed_port
+from processkit import wait_for
 
 from qmesh.config import ConfigError, DiscoveryConfig, load_config
 from qmesh.fleet.discovery import Scanner, Target, probe_target, targets_from_config
@@ -70,11 +71,16 @@ async def start_http(nursery: trio.Nursery, routes: dict[str, Any]) -> int:
     return port
 
 
-async def start_tcp(nursery: trio.Nursery, behaviour: str) -> int:
+async def start_tcp(
+    nursery: trio.Nursery, behaviour: str, accepted: trio.Event | None = None
+) -> int:
     """``garbage``: sends noise and hangs up; ``silent``: accepts and says
-    nothing; ``reset``: accepts and resets the connection."""
+    nothing; ``reset``: accepts and resets the connection. ``accepted`` is
+    set when a connection arrives."""
 
     async def handler(stream: trio.SocketStream) -> None:
+        if accepted is not None:
+            accepted.set()
         try:
             if behaviour == "garbage":
                 await stream.send_all(b"\x8f\x00\x17garbage\xff\xfe\r\n\r\nnot http at all")
@@ -93,6 +99,15 @@ async def start_tcp(nursery: trio.Nursery, behaviour: str) -> int:
     return port
 
 
+def accept_queue_full(server: socket.socket) -> bool:
+    """Whether a listener's accept queue is full, so that Linux drops new
+    SYNs: for a listening socket, TCP_INFO's ``tcpi_unacked`` is the queue's
+    length and ``tcpi_sacked`` its backlog."""
+    info = server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    queued, backlog = struct.unpack_from("II", info, 24)
+    return bool(queued > backlog)
+
+
 @pytest.fixture
 def blackhole() -> Iterator[int]:
     """A port whose accept queue is full: connects to it time out (SYNs are dropped)."""
@@ -109,7 +124,7 @@ def blackhole() -> Iterator[int]:
         except BlockingIOError:
             pass
         fillers.append(filler)
-    time.sleep(0.1)
+    wait_for("the black hole's accept queue to fill", lambda: accept_queue_full(server), 10)
     yield port
     for filler in fillers:
         filler.close()
@@ -122,11 +137,12 @@ def blackhole() -> Iterator[int]:
 async def test_scan_records_each_kind_and_nothing_stalls(
     nursery: trio.Nursery, tmp_path: Path, blackhole: int
 ) -> None:
+    silent_probed = trio.Event()
     ports = {
         "ollama": await start_http(nursery, OLLAMA),
         "llama.cpp": await start_http(nursery, LLAMA_CPP),
         "garbage": await start_tcp(nursery, "garbage"),
-        "silent": await start_tcp(nursery, "silent"),
+        "silent": await start_tcp(nursery, "silent", silent_probed),
         "reset": await start_tcp(nursery, "reset"),
         "blackhole": blackhole,
         "closed": closed_port(),
@@ -157,10 +173,13 @@ async def test_scan_records_each_kind_and_nothing_stalls(
             result["seconds"] = time.monotonic() - started
 
         inner.start_soon(scan)
-        await trio.sleep(0.1)
+        # A scan holds the silent target's connection for its exchange timeouts.
+        with trio.fail_after(10):
+            await silent_probed.wait()
         started = time.monotonic()
         status, _ = await http_json("GET", http + "/healthz")
         assert status == 200 and time.monotonic() - started < 0.5
+        assert "status" not in result  # answered while the scan still ran
     assert result["status"] == 200, result
     report = result["body"]["scan"]
     # The silent one costs two exchange timeouts (HTTP, then PostgreSQL), the

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from llmkit import (
     MASTER_KEY,
     GateApi,
@@ -385,17 +386,33 @@ async def test_ledger_flush_waits_for_a_background_write_in_flight(
     ledger = Ledger(store, master_key=MASTER_KEY)
     write = ledger._write
     in_thread = threading.Event()
+    release = threading.Event()
 
-    def slow_write(*args: Any) -> None:
+    def held_write(*args: Any) -> None:
         in_thread.set()
-        time.sleep(0.3)  # the background flush holds its rows in a worker thread
+        release.wait(timeout=60)  # the background flush holds its rows in a worker thread
         write(*args)
 
-    monkeypatch.setattr(ledger, "_write", slow_write)
+    monkeypatch.setattr(ledger, "_write", held_write)
     await nursery.start(ledger.run)
     ledger.record(ledger_entry(0))
     await trio.to_thread.run_sync(in_thread.wait)
-    await ledger.flush()  # nothing is buffered, but r0 is not written yet
+    flushed = trio.Event()
+
+    async def flush() -> None:
+        await ledger.flush()  # nothing is buffered, but r0 is not written yet
+        flushed.set()
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as flushing:
+                flushing.start_soon(flush)
+                # Every task waits: the flush must be waiting for the write in flight.
+                await trio.testing.wait_all_tasks_blocked()
+                assert not flushed.is_set()
+                release.set()
+    finally:
+        release.set()
     assert [r["request_id"] for r in read_rows(store)] == ["r0"]
 
 

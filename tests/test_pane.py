@@ -388,7 +388,8 @@ def test_dashboard_in_chromium(mesh: Mesh) -> None:
             assert page.is_visible("[data-budget=ops]")
             health = page.get_attribute("#health-pill", "data-health")
             assert health == "ok", page.inner_text("#problems")
-            time.sleep(2.0)  # a few stream updates, so the charts have points
+            # The three routing charts have points (two or more draw a line).
+            page.locator("#routing polyline.chart-line").nth(2).wait_for(state="attached")
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
             # kill -9 one daemon: stale on the page within the threshold, no reload.

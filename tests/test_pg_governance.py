@@ -410,18 +410,45 @@ async def test_rotation_during_pgbench_fails_no_transaction(
     assert code == 0, err
     outputs: list[str] = []
 
-    async def bench(*extra: str) -> None:
-        code, out, err = await run(["pgbench", "-n", "-S", "-T", "4", *extra, *args], env=env)
+    async def bench(name: str, *extra: str) -> None:
+        # Long enough to outlast the rotations on a slow machine; the test
+        # checks below that it did.
+        command = ["pgbench", "-n", "-S", "-T", "6", *extra, *args]
+        code, out, err = await run(command, env={**env, "PGAPPNAME": name})
         assert code == 0, err
         outputs.append(out)
 
+    def server_now() -> str:
+        return other.superuser("SELECT clock_timestamp()").strip()
+
+    async def sessions(name: str, since: str = "-infinity") -> int:
+        """The Gate's sessions at the real server for bench ``name`` (the
+        Gate passes the client's application_name on) that began after ``since``."""
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity"
+            f" WHERE application_name = '{name}' AND backend_start > '{since}'"
+        )
+        return int((await in_thread(lambda: other.superuser(sql))).strip() or 0)
+
+    async def until_sessions(name: str, count: int, since: str = "-infinity") -> None:
+        while await sessions(name, since) < count:  # the server's view, polled
+            assert not outputs, "pgbench ended before the rotations did: nothing was tested"
+            await trio.sleep(0.01)
+
     with trio.fail_after(60):
         async with trio.open_nursery() as inner:
-            inner.start_soon(bench, "-c", "4")
-            inner.start_soon(bench, "-c", "2", "-C")
+            inner.start_soon(bench, "held", "-c", "4")
+            inner.start_soon(bench, "relogin", "-c", "2", "-C")
+            await until_sessions("held", 4)
+            since = "-infinity"
             for _ in range(3):
-                await trio.sleep(0.8)
+                # Each rotation comes after a login with the password before it.
+                await until_sessions("relogin", 1, since)
                 await trio.to_thread.run_sync(rotate_password, ghost.vault, ghost.alias)
+                since = await in_thread(server_now)
+            await until_sessions("relogin", 1, since)  # and with the last one
+            assert await sessions("held") == 4  # opened before the first rotation
+            assert not outputs, "pgbench ended before the rotations did: nothing was tested"
     for out in outputs:
         assert "number of failed transactions: 0 (0.000%)" in out, out
     current = ghost.vault.get(ghost.alias)

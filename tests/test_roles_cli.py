@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processkit import LoopbackServer, echo, free_port, start_role, stop
+from processkit import LoopbackServer, echo, free_port, start_role, stop, wait_for
 
 from qmesh import _core
 
@@ -148,9 +148,10 @@ def test_unenrolled_minigate_is_refused(tmp_path: Path) -> None:
         f'data_dir = "{tmp_path / "edge"}"\n'
         f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
     )
-    gate = start_role("gate", gate_config, tmp_path / "gate.log")
+    gate_log = tmp_path / "gate.log"
+    gate = start_role("gate", gate_config, gate_log)
     try:
-        time.sleep(1.0)
+        wait_for("the Gate's tunnel", lambda: "tunnel listening" in gate_log.read_text(), 60)
         edge = start_role("minigate", edge_config, tmp_path / "minigate.log")
         assert edge.wait(timeout=30) == 2
         assert "not enrolled" in (tmp_path / "minigate.log").read_text()

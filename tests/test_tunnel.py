@@ -45,11 +45,12 @@ async def test_streams_echo_and_close_cleanly(nursery: trio.Nursery) -> None:
             for i in range(len(payloads)):
                 inner.start_soon(run, i)
     assert [results[i] for i in range(len(payloads))] == payloads
-    await trio.sleep(0.1)
     session = edge.session
-    assert session is not None and session.stream_count == 0
+    assert session is not None
     (gate_session,) = gate.server.sessions.values()
-    assert gate_session.stream_count == 0
+    # The Gate forgets a stream when the edge's close reaches it.
+    with trio.fail_after(5):
+        await until(lambda: session.stream_count == 0 and gate_session.stream_count == 0)
 
 
 async def test_unknown_service_is_reset(nursery: trio.Nursery) -> None:
@@ -79,13 +80,16 @@ async def test_slow_consumer_stalls_only_its_own_stream(nursery: trio.Nursery) -
             sent += len(chunk)
 
     nursery.start_soon(flood)
-    await trio.sleep(0.5)
     window = gate.server.settings.stream_window
-    # The sender is blocked by the receiver's window, not by the connection.
-    assert window <= sent <= window + 16384 * 2
+    with trio.fail_after(5):
+        await until(lambda: sent >= window)
+    # The sender is blocked by the receiver's window, not by the connection:
+    # another stream flows, and all the while the flood stays where it stopped.
+    assert sent <= window + 16384 * 2
     other = await edge.open_stream({"service": "echo"})
     with trio.fail_after(5):
         assert await roundtrip(other, b"still flowing" * 1000) == b"still flowing" * 1000
+    assert window <= sent <= window + 16384 * 2
     never_read.set()
 
 
@@ -130,9 +134,9 @@ async def test_wrong_gate_key_never_connects(nursery: trio.Nursery) -> None:
     private, _ = gate.registry.enroll("edge-w")
     _, wrong_public = keypair()
     edge = await start_edge(nursery, gate, "edge-w", private_key=private, gate_public=wrong_public)
-    await trio.sleep(1.0)
+    with trio.fail_after(10):  # it keeps trying, with backoff
+        await until(lambda: gate.server.handshake_failures >= 2)
     assert not edge.connected
-    assert gate.server.handshake_failures >= 2  # and it keeps trying, with backoff
     assert not gate.server.sessions
 
 
@@ -228,12 +232,15 @@ async def test_expired_session_resets_streams(nursery: trio.Nursery) -> None:
     assert await roundtrip(stream, b"a") == b"a"
     stream2 = await edge.open_stream({"service": "echo"})
     await stream2.send_all(b"pending")
-    await trio.sleep(0.1)
-    # Keep the edge away longer than the grace period.
+    session = edge.session
+    assert session is not None
+    with trio.fail_after(5):  # the Gate has the stream and its bytes
+        await until(lambda: not session.retained_frames)
+    # Keep the edge away longer than the grace period: the Gate ends the session.
     proxy.blocked = True
     proxy.reset_all()
-    await trio.sleep(1.0)
-    assert not gate.server.sessions
+    with trio.fail_after(10):
+        await until(lambda: not gate.server.sessions)
     proxy.blocked = False
     with trio.fail_after(5), pytest.raises(StreamReset):
         while True:
