@@ -455,12 +455,14 @@ async def test_one_way_traffic_is_acknowledged_without_data_going_back(
             return session.send_next > sent_before and not session.retained_frames
 
         await stream.send_all(b"one small message")
-        with trio.fail_after(1):  # ACK_DELAY is 10 ms
+        # ACK_DELAY is 10 ms; without the timer, only a PONG, a minute
+        # away, would carry the ACK.
+        with trio.fail_after(10):
             await until(sent_and_acknowledged)
         await trio.sleep(0.1)  # long enough for the timer to park
     for _ in range(200):  # past ACK_EVERY frames in one burst
         await stream.send_all(b"x")
-    with trio.fail_after(1):
+    with trio.fail_after(10):
         await until(lambda: not session.retained_frames)
 
 

@@ -120,10 +120,15 @@ async def start_edge(nursery: trio.Nursery, gate: Gate, name: str, **options: An
     return client
 
 
-async def until(condition: Callable[[], bool], poll_s: float = 0.005) -> None:
-    """Wait for a condition on session internals that no event announces."""
-    while not condition():  # noqa: ASYNC110 - there is no event to wait on
-        await trio.sleep(poll_s)
+async def until(
+    condition: Callable[[], bool], poll_s: float = 0.005, timeout_s: float = 60.0
+) -> None:
+    """Wait for a condition on session internals that no event announces.
+    ``trio.TooSlowError`` past ``timeout_s`` (a caller's own deadline may be
+    shorter): a condition that never comes fails its test, never hangs the run."""
+    with trio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - there is no event to wait on
+            await trio.sleep(poll_s)
 
 
 async def roundtrip(stream: TunnelStream, payload: bytes) -> bytes:
