@@ -661,11 +661,12 @@ def engine_polls() -> tuple[int, int]:
     """``(caught, missed)``: the engine threads' polls that found work, and
     those that ran out of their window and slept."""
 
-def request_time_slice(seconds: float) -> bool:
+def request_time_slice(seconds: float | None) -> bool:
     """Ask the kernel for a time slice of ``seconds`` for the calling thread
-    (Linux 6.12 on, clamped to 0.1–100 ms): woken, a thread with a shorter
-    slice than the running one preempts it at once. False where the kernel
-    keeps no such slice; OSError if it refused."""
+    (Linux 6.12 on, clamped to 0.1–100 ms), or its own again (None): woken,
+    a thread with a shorter slice than the running one preempts it at once.
+    A thread inherits the slice of the one that started it. False where the
+    kernel keeps no slice per thread; OSError if it refused."""
 
 @final
 class EngineNotifier:

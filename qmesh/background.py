@@ -30,6 +30,8 @@ from typing import Final, TypeVar
 import outcome
 import trio
 
+from qmesh import _core
+
 __all__ = ["BackgroundThread"]
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class BackgroundThread:
             # Relative to the process's own: a Gate started niced stays below.
             niceness = min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICENESS)
             os.setpriority(os.PRIO_PROCESS, tid, niceness)
+            # Not the event loop's short time slice, which the thread
+            # inherits from it: bulk work is what the loop's preempts.
+            _core.request_time_slice(None)
         except OSError as exc:  # a platform without per-thread priorities
             log.debug("%s: could not lower its priority: %s", self.name, exc)
         while True:

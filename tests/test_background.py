@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from qmesh import _core
 from qmesh.background import NICENESS, BackgroundThread
 
 
@@ -24,6 +26,25 @@ async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result()
     assert tid != threading.get_native_id()
     assert niceness == min(19, ours + NICENESS)
     assert (await worker.run(where))[0] == tid, "one thread, kept"
+
+
+async def test_the_thread_has_the_kernels_time_slice_not_its_starters() -> None:
+    """The event loop's thread asks for a short time slice, so that woken it
+    preempts bulk work; the thread it starts for that work gives it up."""
+    if not _core.request_time_slice(0.0005):
+        pytest.skip("the kernel keeps no time slice of a thread's own (Linux 6.12 on)")
+    try:
+        worker = BackgroundThread("test worker")
+
+        def own_slice() -> int:
+            sched = Path(f"/proc/self/task/{threading.get_native_id()}/sched").read_text()
+            (line,) = (line for line in sched.splitlines() if line.startswith("se.slice"))
+            return int(line.split(":")[1])
+
+        assert own_slice() == 500_000
+        assert await worker.run(own_slice) != 500_000
+    finally:
+        _core.request_time_slice(None)
 
 
 async def test_a_jobs_exception_reaches_its_caller_and_the_thread_serves_on() -> None:

@@ -62,12 +62,23 @@ def kernel_keeps_time_slices() -> bool:
     return answer == [True]
 
 
-def time_slice_ns(pid: int) -> int:
-    """The time slice of a process's main thread, as its scheduler shows it."""
-    for line in Path(f"/proc/{pid}/task/{pid}/sched").read_text().splitlines():
+def time_slice_ns(pid: int, tid: int | None = None) -> int:
+    """The time slice of a process's thread (its main thread by default),
+    as its scheduler shows it."""
+    for line in Path(f"/proc/{pid}/task/{tid or pid}/sched").read_text().splitlines():
         if line.startswith("se.slice"):
             return int(line.split(":")[1])
-    raise AssertionError(f"no se.slice for {pid}")
+    raise AssertionError(f"no se.slice for {pid}/{tid}")
+
+
+def engine_threads(pid: int) -> list[int]:
+    """The thread ids of a process's relay engine threads."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [
+        int(task.name)
+        for task in tasks.iterdir()
+        if (task / "comm").read_text().startswith("qmesh-engine")
+    ]
 
 
 def test_forward_enroll_revoke_across_processes(
@@ -107,6 +118,12 @@ def test_forward_enroll_revoke_across_processes(
         if kernel_keeps_time_slices():
             # The event loops serve requests: woken, they preempt bulk work.
             assert time_slice_ns(gate.pid) == time_slice_ns(edge.pid) == 100_000
+            # Their engine threads, which serve many streams a wake-up,
+            # keep the kernel's own.
+            for role in (gate, edge):
+                engines = engine_threads(role.pid)
+                assert engines
+                assert all(time_slice_ns(role.pid, tid) != 100_000 for tid in engines)
 
         # Revocation takes effect at the next handshake: restart the Gate.
         assert qmesh(gate_dir, "revoke", "edge-1").returncode == 0

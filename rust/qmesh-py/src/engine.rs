@@ -786,19 +786,24 @@ fn engine_threads() -> usize {
 }
 
 /// Ask the kernel for a time slice of ``seconds`` for the calling thread
-/// (Linux 6.12 on, clamped to 0.1–100 ms): woken, a thread with a shorter
-/// slice than the running one preempts it at once. False where the kernel
-/// keeps no such slice; OSError if it refused.
+/// (Linux 6.12 on, clamped to 0.1–100 ms), or its own again (None): woken,
+/// a thread with a shorter slice than the running one preempts it at once.
+/// A thread inherits the slice of the one that started it. False where the
+/// kernel keeps no slice per thread; OSError if it refused.
 #[pyfunction]
-fn request_time_slice(seconds: f64) -> PyResult<bool> {
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "a time slice is a positive number of seconds, not {seconds}"
-        )));
-    }
-    Ok(relay::request_time_slice(
-        std::time::Duration::from_secs_f64(seconds.min(1.0)),
-    )?)
+fn request_time_slice(seconds: Option<f64>) -> PyResult<bool> {
+    let slice = match seconds {
+        None => None,
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+            Some(std::time::Duration::from_secs_f64(seconds.min(1.0)))
+        }
+        Some(seconds) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "a time slice is a positive number of seconds, not {seconds}"
+            )))
+        }
+    };
+    Ok(relay::request_time_slice(slice)?)
 }
 
 /// Let the engine threads poll for work for up to ``seconds`` (at most 1 ms)

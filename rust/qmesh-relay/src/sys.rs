@@ -276,17 +276,20 @@ fn sched_getattr() -> io::Result<SchedAttr> {
 }
 
 /// Ask for a time slice of `slice` for the calling thread, its policy and
-/// nice value kept. Under Linux's fair scheduler (6.12 on), a thread woken
-/// with a shorter slice than the one running preempts it at once, rather
-/// than waiting for the running one's slice (1.5 ms or more) to end: the
-/// event loop's thread asks for a short one, so the bulk work of other
-/// threads (an audit batch into SQLite) does not hold up the requests it
-/// serves. The kernel clamps it to 0.1–100 ms. `Ok(false)`: the kernel
-/// took the call but keeps no such slice (before 6.12).
-pub fn request_time_slice(slice: Duration) -> io::Result<bool> {
+/// nice value kept; `None`: the kernel's own again. Under Linux's fair
+/// scheduler (6.12 on), a thread woken with a shorter slice than the one
+/// running preempts it at once, rather than waiting for the running one's
+/// slice (1.5 ms or more) to end: the event loop's thread asks for a short
+/// one, so the bulk work of other threads (an audit batch into SQLite) does
+/// not hold up the requests it serves. A thread inherits the slice of the
+/// one that created it. The kernel clamps it to 0.1–100 ms. `Ok(false)`:
+/// the kernel keeps no slice per thread (before 6.12).
+pub fn request_time_slice(slice: Option<Duration>) -> io::Result<bool> {
     let mut attr = sched_getattr()?;
     attr.size = std::mem::size_of::<SchedAttr>() as u32;
-    attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+    attr.runtime = slice.map_or(0, |slice| {
+        u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX)
+    });
     // SAFETY: `attr` is a valid sched_attr of `attr.size` bytes; 0 names the
     // calling thread.
     let ret = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0) };
@@ -303,11 +306,25 @@ mod tests {
         std::thread::spawn(|| {
             // SAFETY: plain system calls on the calling thread.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 3) };
-            let took = request_time_slice(Duration::from_micros(500)).expect("sched_setattr");
+            let took = request_time_slice(Some(Duration::from_micros(500))).expect("sched_setattr");
             let attr = sched_getattr().unwrap();
             assert_eq!((attr.policy, attr.nice), (libc::SCHED_OTHER as u32, 3));
             // Kernels before 6.12 keep no slice of a fair thread's own.
             assert_eq!(attr.runtime, if took { 500_000 } else { 0 });
+            // A thread it starts inherits the slice, and can give it up.
+            std::thread::spawn(move || {
+                assert_eq!(
+                    sched_getattr().unwrap().runtime,
+                    if took { 500_000 } else { 0 }
+                );
+                assert_eq!(request_time_slice(None).expect("sched_setattr"), took);
+                // The kernel shows its own slice, whatever it is here.
+                let attr = sched_getattr().unwrap();
+                assert_ne!(attr.runtime, 500_000);
+                assert_eq!(attr.nice, 3);
+            })
+            .join()
+            .unwrap();
         })
         .join()
         .unwrap();
