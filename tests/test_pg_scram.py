@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections import OrderedDict
 
 import pytest
 
+from qmesh.pg import scram
 from qmesh.pg.scram import ScramClient, ScramError, ScramServer, md5_password
 from qmesh.state import AppVerifier, scram_keys
 
@@ -112,3 +114,33 @@ def test_md5_answer() -> None:
     inner = hashlib.md5(b"secretalice").hexdigest().encode()
     expected = b"md5" + hashlib.md5(inner + b"\x01\x02\x03\x04").hexdigest().encode()
     assert md5_password("alice", "secret", b"\x01\x02\x03\x04") == expected
+
+
+def test_the_client_computes_a_passwords_keys_once_per_salt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL keeps a role's salt until its password changes: the Gate's
+    logins after the first take the keys from memory, each proof still
+    right, and a new password or salt computes them afresh. What is kept is
+    bounded and holds no password."""
+    monkeypatch.setattr(scram, "_SALTED_KEYS", OrderedDict())
+    server, other = (ScramServer([verifier()], "user", b"m" * 32) for _ in range(2))
+    rounds: list[int] = []
+    pbkdf2 = hashlib.pbkdf2_hmac
+
+    def counted(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        rounds.append(iterations)
+        return pbkdf2(name, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counted)
+    for _ in range(3):
+        exchange(server, PASSWORD)
+    assert rounds == [4096]
+    with pytest.raises(ScramError, match="wrong proof"):
+        exchange(other, "rotated")
+    assert rounds == [4096, 4096]
+    assert all(PASSWORD.encode() not in b"".join(k[:2]) for k in scram._SALTED_KEYS)
+    for n in range(scram.SALTED_KEYS_KEPT + 10):
+        client = ScramClient(PASSWORD, nonce="abc")
+        client.client_final(f"r=abcd,s={base64.b64encode(b'salt%d' % n).decode()},i=1".encode())
+    assert len(scram._SALTED_KEYS) == scram.SALTED_KEYS_KEPT

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final
 
@@ -48,6 +49,8 @@ _MAX_MESSAGE: Final = 2048
 # A server asking for more rounds than this is refused: each round costs the
 # Gate CPU, and PostgreSQL's default is 4096.
 MAX_CLIENT_ITERATIONS: Final = 1_000_000
+# How many (password, salt, iterations) the client keeps the keys of.
+SALTED_KEYS_KEPT: Final = 256
 
 
 class ScramError(Exception):
@@ -187,6 +190,32 @@ class ScramServer:
         raise ScramError("wrong proof")
 
 
+# (SHA-256 of the password, salt, iterations): (ClientKey, ServerKey), the
+# least recently used first. Keyed by a digest, so it holds no password.
+_SALTED_KEYS: OrderedDict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
+
+
+def _client_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """``(ClientKey, ServerKey)`` for a password, a salt and an iteration
+    count, from PBKDF2 once and then from memory: PostgreSQL keeps a role's
+    salt until its password changes, so each of the Gate's logins to a
+    server would otherwise spend the same rounds again (4096 by default:
+    about 2 ms of the event loop's thread), which PgBouncer also avoids.
+    At most SALTED_KEYS_KEPT sets are kept."""
+    password_bytes = password.encode("utf-8")
+    key = (hashlib.sha256(password_bytes).digest(), salt, iterations)
+    keys = _SALTED_KEYS.get(key)
+    if keys is None:
+        salted = hashlib.pbkdf2_hmac("sha256", password_bytes, salt, iterations)
+        keys = _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+        _SALTED_KEYS[key] = keys
+        while len(_SALTED_KEYS) > SALTED_KEYS_KEPT:
+            _SALTED_KEYS.popitem(last=False)
+    else:
+        _SALTED_KEYS.move_to_end(key)
+    return keys
+
+
 class ScramClient:
     """One SCRAM-SHA-256 exchange on the client side (the Gate logging in).
 
@@ -249,12 +278,8 @@ class ScramClient:
         salt = _unb64(salt_b64, "salt")
         if not iterations_text.isdigit() or not 1 <= int(iterations_text) <= MAX_CLIENT_ITERATIONS:
             raise ScramError("unacceptable iteration count")
-        salted = hashlib.pbkdf2_hmac(
-            "sha256", self._password.encode("utf-8"), salt, int(iterations_text)
-        )
-        client_key = _hmac(salted, b"Client Key")
+        client_key, server_key = _client_keys(self._password, salt, int(iterations_text))
         stored_key = hashlib.sha256(client_key).digest()
-        server_key = _hmac(salted, b"Server Key")
         binding = _b64(self._gs2_header.encode("ascii") + self._binding_data)
         without_proof = f"c={binding},r={nonce}"
         auth_message = f"{self._client_first_bare},{text},{without_proof}".encode("ascii")
