@@ -97,10 +97,13 @@ class BackgroundThread:
             # Relative to the process's own: a Gate started niced stays below.
             niceness = min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICENESS)
             os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError as exc:  # a platform without per-thread priorities
+            log.debug("%s: could not lower its priority: %s", self.name, exc)
+        try:
             # Not the event loop's short time slice, which the thread
             # inherits from it: bulk work is what the loop's preempts.
             _core.request_time_slice(None)
-        except OSError as exc:  # a platform without per-thread priorities
-            log.debug("%s: could not lower its priority: %s", self.name, exc)
+        except OSError as exc:  # a kernel without sched_setattr
+            log.debug("%s: could not take the kernel's time slice: %s", self.name, exc)
         while True:
             self._jobs.get()()

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final
@@ -193,6 +194,7 @@ class ScramServer:
 # (SHA-256 of the password, salt, iterations): (ClientKey, ServerKey), the
 # least recently used first. Keyed by a digest, so it holds no password.
 _SALTED_KEYS: OrderedDict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
+_SALTED_KEYS_LOCK: Final = threading.Lock()
 
 
 def _client_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
@@ -204,15 +206,17 @@ def _client_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, by
     At most SALTED_KEYS_KEPT sets are kept."""
     password_bytes = password.encode("utf-8")
     key = (hashlib.sha256(password_bytes).digest(), salt, iterations)
-    keys = _SALTED_KEYS.get(key)
-    if keys is None:
-        salted = hashlib.pbkdf2_hmac("sha256", password_bytes, salt, iterations)
-        keys = _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+    with _SALTED_KEYS_LOCK:
+        keys = _SALTED_KEYS.get(key)
+        if keys is not None:
+            _SALTED_KEYS.move_to_end(key)
+            return keys
+    salted = hashlib.pbkdf2_hmac("sha256", password_bytes, salt, iterations)
+    keys = _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+    with _SALTED_KEYS_LOCK:
         _SALTED_KEYS[key] = keys
         while len(_SALTED_KEYS) > SALTED_KEYS_KEPT:
             _SALTED_KEYS.popitem(last=False)
-    else:
-        _SALTED_KEYS.move_to_end(key)
     return keys
 
 

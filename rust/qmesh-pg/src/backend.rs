@@ -429,7 +429,11 @@ mod tests {
         let fields = notice_fields(&raw[5..]).unwrap();
         assert_eq!(fields[1], (b'C', &b"28P01"[..]));
         assert!(notice_fields(b"Sx\0").is_err()); // no terminator
-                                                  // A prefix: the fields wholly in it, and none after the terminator.
+    }
+
+    #[test]
+    fn a_notice_field_is_read_from_the_start_of_a_message() {
+        // A prefix: the fields wholly in it, and none after the terminator.
         assert_eq!(
             notice_field(b"SERROR\0C22P02\0Minvalid inp", b'C'),
             Some(&b"22P02"[..])
