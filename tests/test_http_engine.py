@@ -117,6 +117,68 @@ async def test_chunked_bodies_and_pipelined_requests_are_read_whole(
     assert raw.endswith(b"abc")
 
 
+
+def held_router(entered: trio.Event, release: trio.Event) -> Router:
+    """``GET /held``: answered once ``release`` is set; ``POST /echo``."""
+    router = echo_router()
+
+    async def held(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return Response(200, b"held", (("content-type", "text/plain"),))
+
+    router.add("GET", "/held", held)
+    return router
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "engine-threads"])
+async def test_a_request_sent_while_another_is_answered_waits_its_turn(
+    nursery: trio.Nursery, threads: bool
+) -> None:
+    entered, release = trio.Event(), trio.Event()
+    port = await start(nursery, held_router(entered, release), HttpConfig(engine_threads=threads))
+    body = bytes(range(256)) * 1200  # more than the engine reads ahead
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            await entered.wait()
+        next_request = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        next_request += b"Content-Length: %d\r\n\r\n" % len(body)
+        async with trio.open_nursery() as sending:
+            sending.start_soon(stream.send_all, next_request + body)
+            release.set()
+            raw = await read_to_end(stream)
+    first, _, second = raw.partition(b"held")
+    assert status_of(first) == 200 and status_of(second) == 200
+    assert second.endswith(b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "engine-threads"])
+async def test_a_client_that_half_closes_after_its_request_gets_the_whole_answer(
+    nursery: trio.Nursery, threads: bool
+) -> None:
+    big = bytes(range(256)) * 16384  # 4 MiB: most of it still queued when the answer is done
+    router = Router()
+
+    async def answer(request: Request) -> Response:
+        return Response(200, big, (("content-type", "application/octet-stream"),))
+
+    router.add("GET", "/big", answer)
+    port = await start(nursery, router, HttpConfig(engine_threads=threads))
+    sock = trio.socket.socket()
+    # A small window: the engine cannot write the answer before it sees the end.
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 16384)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    async with stream:
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send_eof()
+        raw = await read_to_end(stream)
+    assert status_of(raw) == 200
+    assert raw.partition(b"\r\n\r\n")[2] == big
+
+
 HOSTILE = {
     "chunked size not hexadecimal": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",

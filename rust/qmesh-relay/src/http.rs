@@ -59,6 +59,11 @@ use crate::tls::{self, TlsLink};
 const TICK: Duration = Duration::from_millis(100);
 /// Bytes read from one socket per call.
 const READ_SIZE: usize = 65536;
+/// While a request is in flight its client's socket stays watched, and
+/// what the client sends meanwhile (a pipelined request, its end) is read
+/// ahead up to this much: taking the socket out of the epoll for the
+/// request and putting it back cost two `epoll_ctl` a request.
+const READ_AHEAD: usize = READ_SIZE;
 /// A client's unsent output above which its upstream is not read (and a
 /// Python producer is told to wait) …
 const HIGH_WATER: usize = 256 * 1024;
@@ -282,6 +287,8 @@ struct Client {
     stalled_since: Option<Instant>,
     /// What a request's deadline means when it passes.
     deadline_is_idle: bool,
+    /// The client sent its last byte: nothing more is read.
+    read_closed: bool,
     tls: Option<TlsLink>,
 }
 
@@ -686,6 +693,7 @@ impl HttpEngine {
                     deadline,
                     stalled_since: None,
                     deadline_is_idle: true,
+                    read_closed: false,
                     tls: link,
                 },
             );
@@ -936,10 +944,14 @@ impl State {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let reading = matches!(
-            client.phase,
-            Phase::Idle | Phase::Reading { .. } | Phase::Lingering { .. }
-        );
+        let reading = match client.phase {
+            Phase::Lingering { .. } => true,
+            Phase::Idle | Phase::Reading { .. } => !client.read_closed,
+            Phase::Python | Phase::Relaying { .. } | Phase::Streaming | Phase::Held { .. } => {
+                !client.read_closed && client.rbuf.len() < READ_AHEAD
+            }
+            Phase::Closing => false,
+        };
         let want = if reading { READABLE } else { 0 } | if client.unsent() { WRITABLE } else { 0 };
         reg.set_interest(client.socket.as_raw_fd(), id, &mut client.interest, want);
     }
@@ -1002,18 +1014,25 @@ impl State {
             return;
         }
         if !matches!(client.phase, Phase::Idle | Phase::Reading { .. }) {
+            // A request in flight: read ahead, parsed once it is answered.
+            if matches!(client.phase, Phase::Closing) || client.read_closed {
+                return;
+            }
+            match client.receive() {
+                Ok(0) => client.read_closed = true,
+                Ok(_) => {}
+                Err(err) if sys::would_block(&err) => {}
+                Err(_) => {
+                    self.drop_client(reg, id);
+                    return;
+                }
+            }
+            self.update_client(reg, id);
             return;
         }
         match client.receive() {
             Ok(0) => {
-                // The peer is done: quietly between requests, or mid-request.
-                if matches!(client.phase, Phase::Reading { .. }) {
-                    let error = HttpError::new(400, "connection closed inside the request");
-                    self.refuse(reg, id, &error);
-                    self.drop_client(reg, id);
-                } else {
-                    self.drop_client(reg, id);
-                }
+                self.peer_closed(reg, id);
                 return;
             }
             Ok(_) => {}
@@ -1116,7 +1135,36 @@ impl State {
             self.dispatch(reg, request);
             break 'parse;
         }
+        let Some(client) = self.clients.get(&id) else {
+            return;
+        };
+        if client.read_closed && matches!(client.phase, Phase::Idle | Phase::Reading { .. }) {
+            self.peer_closed(reg, id);
+            return;
+        }
         self.flush_client(reg, id);
+    }
+
+    /// The client sent its last byte, and what it sent before is taken: a
+    /// request it cut short is refused; between requests, the connection
+    /// ends once the last answer is out.
+    fn peer_closed(&mut self, reg: &Registration, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        client.read_closed = true;
+        if matches!(client.phase, Phase::Reading { .. }) {
+            let error = HttpError::new(400, "connection closed inside the request");
+            self.refuse(reg, id, &error);
+            self.drop_client(reg, id);
+        } else if client.unsent() {
+            client.phase = Phase::Closing;
+            client.deadline = Some(Instant::now() + self.config.request_timeout);
+            client.deadline_is_idle = true;
+            self.flush_client(reg, id);
+        } else {
+            self.drop_client(reg, id);
+        }
     }
 
     /// The end of a relayed answer that waited for its booking: a held
