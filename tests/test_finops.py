@@ -31,6 +31,7 @@ from qmesh.finops.budgets import BudgetBook, Reservation
 from qmesh.finops.chain import load_chain_key, verify_chain
 from qmesh.finops.ledger import Ledger, LedgerEntry, read_rows
 from qmesh.finops.totals import BudgetTotals
+from qmesh.llm import executor as executor_module
 from qmesh.qg.router import BUDGET_BLOCK, BUDGET_OK, BUDGET_SHIFT
 from qmesh.state import StateStore
 from qmesh.web.pool import HttpPool, parse_url
@@ -565,3 +566,21 @@ async def test_requests_are_refused_while_the_ledger_cannot_keep_more(
     await pool.aclose()
     await api.service.ledger.flush()
     assert len(read_rows(api.store)) == 4
+
+
+@pytest.mark.parametrize(
+    "hops",
+    [
+        [],
+        [{"candidate": "provider:acme/p", "outcome": "ok", "ms": 1.234}],
+        [
+            {"candidate": "daemon:n1/m", "outcome": "failed", "ms": 0.0, "error": 'bad "µ"\n'},
+            {"candidate": "provider:x/y", "outcome": "ok", "ms": 12, "extra": None},
+        ],
+    ],
+)
+def test_a_rows_hops_are_the_json_python_writes(hops: list[dict[str, object]]) -> None:
+    # The ledger's hops column, as readers parse it and the chain seals it.
+    assert executor_module._compact_json(hops) == json.dumps(hops, separators=(",", ":"))
+    with pytest.raises(TypeError):
+        executor_module._compact_json([{"ms": object()}])

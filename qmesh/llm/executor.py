@@ -34,7 +34,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -59,8 +59,26 @@ log = logging.getLogger(__name__)
 JOULES_PER_KWH: Final = 3_600_000.0
 _JSON: Final = (("content-type", "application/json"),)
 _EVENT_STREAM_HEADERS: Final = b"cache-control: no-cache\r\n"
-# One encoder for every row: json.dumps with separators builds a new one each call.
-_compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_encoder() -> Callable[[object], str]:
+    """``json.dumps(value, separators=(",", ":"))``, with one C encoder for
+    every row: ``JSONEncoder.encode`` makes a new one each call, which cost
+    as much as encoding a row's hops (2 of 4 µs). No check for cycles:
+    hops are flat dicts made here."""
+    make: Any = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator
+        return json.JSONEncoder(separators=(",", ":")).encode
+    encoder = make(None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",",
+                   False, False, True)  # fmt: skip
+    return lambda value: "".join(encoder(value, 0))
+
+
+_compact_json: Final = _compact_encoder()
 
 InstallRoute = Callable[[Candidate, ProxyTarget, bytes], None]
 """Installs a fast-path route for requests like the one being relayed:
