@@ -14,70 +14,68 @@
 //! about a millisecond per batch at 1,000 requests a second, and every
 //! request that arrived then waited for it.
 
+use std::io::Write;
+
 use ring::hmac;
 
-/// One column's value, as the ledger stores it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Value {
+/// One column's value, as the ledger stores it (a string borrowed: the
+/// caller's own, written as it is read).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value<'a> {
     Null,
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
+    Str(&'a str),
 }
 
 /// A row's seal: 32 bytes.
 pub type Seal = [u8; 32];
 
-/// Append the canonical JSON of `[row_id, *values]` to `out`.
-pub fn canonical(row_id: i64, values: &[Value], out: &mut Vec<u8>) {
+/// The canonical JSON of `[row_id, *values]`: this, then [`push_value`]
+/// for each value and [`end_row`].
+pub fn begin_row(row_id: i64, out: &mut Vec<u8>) {
     out.push(b'[');
     push_int(row_id, out);
-    for value in values {
-        out.push(b',');
-        match value {
-            Value::Null => out.extend_from_slice(b"null"),
-            Value::Bool(true) => out.extend_from_slice(b"true"),
-            Value::Bool(false) => out.extend_from_slice(b"false"),
-            Value::Int(n) => push_int(*n, out),
-            Value::Float(x) => push_float(*x, out),
-            Value::Str(s) => push_str(s, out),
-        }
+}
+
+/// One more value of the row [`begin_row`] started.
+pub fn push_value(value: Value<'_>, out: &mut Vec<u8>) {
+    out.push(b',');
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Int(n) => push_int(n, out),
+        Value::Float(x) => push_float(x, out),
+        Value::Str(s) => push_str(s, out),
     }
+}
+
+/// The end of the row [`begin_row`] started.
+pub fn end_row(out: &mut Vec<u8>) {
     out.push(b']');
 }
 
-/// The seal of one row, chained to `prev` (the row before's seal).
-pub fn seal(key: &hmac::Key, prev: &[u8], row_id: i64, values: &[Value]) -> Seal {
-    let mut buffer = Vec::with_capacity(256);
-    seal_with(key, prev, row_id, values, &mut buffer)
-}
-
-/// The seals of consecutive rows with ids from `first_id`, the first
-/// chained to `prev`, each next one to the one before.
-pub fn seal_rows(key: &hmac::Key, prev: &[u8], first_id: i64, rows: &[Vec<Value>]) -> Vec<Seal> {
-    let mut buffer = Vec::with_capacity(256);
-    let mut seals: Vec<Seal> = Vec::with_capacity(rows.len());
-    for (offset, values) in rows.iter().enumerate() {
+/// The seals of consecutive rows given in canonical form, laid end to end
+/// in `encoded` (row `i` ends at `ends[i]`), the first chained to `prev`,
+/// each next one to the one before.
+pub fn seal_encoded(key: &hmac::Key, prev: &[u8], encoded: &[u8], ends: &[usize]) -> Vec<Seal> {
+    let mut seals: Vec<Seal> = Vec::with_capacity(ends.len());
+    let mut start = 0;
+    for &end in ends {
         let before = seals.last().map_or(prev, |last| &last[..]);
-        let sealed = seal_with(key, before, first_id + offset as i64, values, &mut buffer);
+        let sealed = seal_canonical(key, before, &encoded[start..end]);
         seals.push(sealed);
+        start = end;
     }
     seals
 }
 
-fn seal_with(
-    key: &hmac::Key,
-    prev: &[u8],
-    row_id: i64,
-    values: &[Value],
-    buffer: &mut Vec<u8>,
-) -> Seal {
-    buffer.clear();
-    canonical(row_id, values, buffer);
+fn seal_canonical(key: &hmac::Key, prev: &[u8], canonical: &[u8]) -> Seal {
     let mut context = hmac::Context::with_key(key);
     context.update(prev);
-    context.update(buffer);
+    context.update(canonical);
     let mut out = [0u8; 32];
     out.copy_from_slice(context.sign().as_ref());
     out
@@ -89,7 +87,24 @@ pub fn key(bytes: &[u8]) -> hmac::Key {
 }
 
 fn push_int(n: i64, out: &mut Vec<u8>) {
-    out.extend_from_slice(n.to_string().as_bytes());
+    let _ = write!(out, "{n}"); // a Vec takes every byte
+}
+
+/// A float's `{:e}` form, written without a heap allocation (this runs
+/// for three columns of every ledger row).
+struct Scientific {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl std::fmt::Write for Scientific {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// Python's `float.__repr__`: the shortest digits that read back as the
@@ -106,9 +121,15 @@ fn push_float(x: f64, out: &mut Vec<u8>) {
         return;
     }
     // Rust's `{:e}` gives the same shortest round-trip digits, as
-    // `[-]d[.ddd]e<exp>`; only the layout differs.
-    let scientific = format!("{x:e}");
-    let (mantissa, exponent) = scientific
+    // `[-]d[.ddd]e<exp>` (at most 24 bytes); only the layout differs.
+    let mut scientific = Scientific {
+        bytes: [0; 32],
+        len: 0,
+    };
+    std::fmt::Write::write_fmt(&mut scientific, format_args!("{x:e}"))
+        .expect("a float's `{:e}` fits 32 bytes");
+    let text = std::str::from_utf8(&scientific.bytes[..scientific.len]).expect("ASCII");
+    let (mantissa, exponent) = text
         .split_once('e')
         .expect("`{:e}` always writes an exponent");
     let exponent: i32 = exponent.parse().expect("`{:e}` writes a decimal exponent");
@@ -116,15 +137,20 @@ fn push_float(x: f64, out: &mut Vec<u8>) {
         Some(rest) => (true, rest),
         None => (false, mantissa),
     };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut digit_bytes = [0u8; 24];
+    let mut count = 0;
+    for &byte in mantissa.as_bytes().iter().filter(|b| **b != b'.') {
+        digit_bytes[count] = byte;
+        count += 1;
+    }
+    let digits = &digit_bytes[..count];
     if negative {
         out.push(b'-');
     }
     // Python's decpt: where the decimal point falls in `digits`.
     let decpt = exponent + 1;
     if (-3..=16).contains(&decpt) {
-        let digits = digits.as_bytes();
-        let count = digits.len() as i32;
+        let count = count as i32;
         if decpt <= 0 {
             out.extend_from_slice(b"0.");
             out.extend(std::iter::repeat_n(b'0', (-decpt) as usize));
@@ -139,13 +165,13 @@ fn push_float(x: f64, out: &mut Vec<u8>) {
             out.extend_from_slice(&digits[decpt as usize..]);
         }
     } else {
-        out.extend_from_slice(&digits.as_bytes()[..1]);
+        out.extend_from_slice(&digits[..1]);
         if digits.len() > 1 {
             out.push(b'.');
-            out.extend_from_slice(&digits.as_bytes()[1..]);
+            out.extend_from_slice(&digits[1..]);
         }
         let sign = if exponent < 0 { '-' } else { '+' };
-        out.extend_from_slice(format!("e{sign}{:02}", exponent.unsigned_abs()).as_bytes());
+        let _ = write!(out, "e{sign}{:02}", exponent.unsigned_abs());
     }
 }
 
@@ -168,7 +194,9 @@ fn push_str(s: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(&s.as_bytes()[start..i]);
         match escape {
             Some(escaped) => out.extend_from_slice(escaped),
-            None => out.extend_from_slice(format!("\\u{byte:04x}").as_bytes()),
+            None => {
+                let _ = write!(out, "\\u{byte:04x}");
+            }
         }
         start = i + 1;
     }
@@ -180,6 +208,20 @@ fn push_str(s: &str, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn canonical(row_id: i64, values: &[Value<'_>], out: &mut Vec<u8>) {
+        begin_row(row_id, out);
+        for value in values {
+            push_value(*value, out);
+        }
+        end_row(out);
+    }
+
+    fn seal(key: &hmac::Key, prev: &[u8], row_id: i64, values: &[Value<'_>]) -> Seal {
+        let mut encoded = Vec::new();
+        canonical(row_id, values, &mut encoded);
+        seal_canonical(key, prev, &encoded)
+    }
 
     fn json(row_id: i64, values: &[Value]) -> String {
         let mut out = Vec::new();
@@ -229,7 +271,7 @@ mod tests {
     #[test]
     fn strings_are_escaped_as_python_escapes_them() {
         let row = [
-            Value::Str("a\"b\\c\n\r\t\u{8}\u{c}\u{1b}\u{0}\u{1f} é€😀\u{7f}".into()),
+            Value::Str("a\"b\\c\n\r\t\u{8}\u{c}\u{1b}\u{0}\u{1f} é€😀\u{7f}"),
             Value::Null,
             Value::Bool(true),
             Value::Int(-42),
@@ -244,8 +286,14 @@ mod tests {
     #[test]
     fn a_chain_links_each_row_to_the_one_before() {
         let key = key(b"k");
-        let rows = vec![vec![Value::Int(1)], vec![Value::Str("x".into())]];
-        let seals = seal_rows(&key, &[0; 32], 5, &rows);
+        let rows = [vec![Value::Int(1)], vec![Value::Str("x")]];
+        let mut encoded = Vec::new();
+        let mut ends = Vec::new();
+        for (offset, row) in rows.iter().enumerate() {
+            canonical(5 + offset as i64, row, &mut encoded);
+            ends.push(encoded.len());
+        }
+        let seals = seal_encoded(&key, &[0; 32], &encoded, &ends);
         assert_eq!(seals[0], seal(&key, &[0; 32], 5, &rows[0]));
         assert_eq!(seals[1], seal(&key, &seals[0], 6, &rows[1]));
         // The same row sealed after another row, or under another id, differs.

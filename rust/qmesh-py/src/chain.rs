@@ -3,37 +3,56 @@
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use qmesh_chain::{Seal, Value};
 
-/// A column's value: what `json.dumps` would write for it. Anything else
-/// is a `TypeError`, as `json.dumps` raises for it.
-fn value(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
-    if obj.is_none() {
-        return Ok(Value::Null);
-    }
-    // bool before int: True is an int to Python, `true` to JSON.
-    if let Ok(flag) = obj.cast::<PyBool>() {
-        return Ok(Value::Bool(flag.is_true()));
-    }
-    if obj.is_instance_of::<PyInt>() {
-        return obj.extract::<i64>().map(Value::Int);
-    }
-    if let Ok(float) = obj.cast::<PyFloat>() {
-        return Ok(Value::Float(float.value()));
-    }
-    if let Ok(text) = obj.cast::<PyString>() {
-        return Ok(Value::Str(text.to_str()?.to_owned()));
-    }
-    Err(PyTypeError::new_err(format!(
-        "a chained row holds None, bool, int, float or str, not {}",
-        obj.get_type().name()?
-    )))
+/// Rows encoded at a time with the GIL held: the writer thread gives the
+/// GIL back between groups (sealing them), so the event loop waits for at
+/// most one group's encoding (tens of microseconds), not a whole batch's
+/// (a millisecond or more for a thousand rows).
+const ROWS_PER_GIL_HOLD: usize = 64;
+
+/// Append `obj` to the row being encoded, as `json.dumps` writes it.
+/// Anything but None, bool, int, float or str is a `TypeError`, as
+/// `json.dumps` raises for it.
+fn push_value(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
+    let value = if obj.is_none() {
+        Value::Null
+    } else if let Ok(flag) = obj.cast::<PyBool>() {
+        // bool before int: True is an int to Python, `true` to JSON.
+        Value::Bool(flag.is_true())
+    } else if obj.is_instance_of::<PyInt>() {
+        Value::Int(obj.extract::<i64>()?)
+    } else if let Ok(float) = obj.cast::<PyFloat>() {
+        Value::Float(float.value())
+    } else if let Ok(text) = obj.cast::<PyString>() {
+        qmesh_chain::push_value(Value::Str(text.to_str()?), out);
+        return Ok(());
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "a chained row holds None, bool, int, float or str, not {}",
+            obj.get_type().name()?
+        )));
+    };
+    qmesh_chain::push_value(value, out);
+    Ok(())
 }
 
-fn row(values: &Bound<'_, PyAny>) -> PyResult<Vec<Value>> {
-    values.try_iter()?.map(|item| value(&item?)).collect()
+/// Append the canonical JSON of `[row_id, *values]` to `out`.
+fn encode_row(row_id: i64, values: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
+    qmesh_chain::begin_row(row_id, out);
+    if let Ok(tuple) = values.cast::<PyTuple>() {
+        for item in tuple.iter_borrowed() {
+            push_value(&item, out)?;
+        }
+    } else {
+        for item in values.try_iter()? {
+            push_value(&item?, out)?;
+        }
+    }
+    qmesh_chain::end_row(out);
+    Ok(())
 }
 
 fn prev_seal(prev: &[u8]) -> PyResult<Seal> {
@@ -51,13 +70,25 @@ pub fn seal_rows<'py>(
     first_id: i64,
     rows: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let prev = prev_seal(prev)?;
-    let rows = rows
-        .try_iter()?
-        .map(|values| row(&values?))
-        .collect::<PyResult<Vec<_>>>()?;
+    let mut prev = prev_seal(prev)?;
+    let rows = rows.try_iter()?.collect::<PyResult<Vec<_>>>()?;
     let key = qmesh_chain::key(key);
-    let seals = py.detach(|| qmesh_chain::seal_rows(&key, &prev, first_id, &rows));
+    let mut seals: Vec<Seal> = Vec::with_capacity(rows.len());
+    let mut encoded = Vec::with_capacity(ROWS_PER_GIL_HOLD * 512);
+    let mut ends = Vec::with_capacity(ROWS_PER_GIL_HOLD);
+    let mut row_id = first_id;
+    for group in rows.chunks(ROWS_PER_GIL_HOLD) {
+        encoded.clear();
+        ends.clear();
+        for values in group {
+            encode_row(row_id, values, &mut encoded)?;
+            ends.push(encoded.len());
+            row_id += 1;
+        }
+        let sealed = py.detach(|| qmesh_chain::seal_encoded(&key, &prev, &encoded, &ends));
+        prev = *sealed.last().expect("a group has rows");
+        seals.extend(sealed);
+    }
     PyList::new(py, seals.iter().map(|seal| PyBytes::new(py, seal)))
 }
 
@@ -71,9 +102,10 @@ pub fn seal_row<'py>(
     values: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let prev = prev_seal(prev)?;
-    let values = row(values)?;
-    let seal = qmesh_chain::seal(&qmesh_chain::key(key), &prev, row_id, &values);
-    Ok(PyBytes::new(py, &seal))
+    let mut encoded = Vec::with_capacity(512);
+    encode_row(row_id, values, &mut encoded)?;
+    let seal = qmesh_chain::seal_encoded(&qmesh_chain::key(key), &prev, &encoded, &[encoded.len()]);
+    Ok(PyBytes::new(py, &seal[0]))
 }
 
 /// The canonical JSON a row is sealed over (the tests hold it to
@@ -85,7 +117,7 @@ pub fn canonical_row<'py>(
     values: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let mut out = Vec::new();
-    qmesh_chain::canonical(row_id, &row(values)?, &mut out);
+    encode_row(row_id, values, &mut out)?;
     Ok(PyBytes::new(py, &out))
 }
 
