@@ -117,7 +117,6 @@ async def test_chunked_bodies_and_pipelined_requests_are_read_whole(
     assert raw.endswith(b"abc")
 
 
-
 def held_router(entered: trio.Event, release: trio.Event) -> Router:
     """``GET /held``: answered once ``release`` is set; ``POST /echo``."""
     router = echo_router()
