@@ -13,7 +13,13 @@ import attrs
 import pytest
 from daemonkit import gemma_path
 
-from qmesh.daemon.calibration import CACHE_ENV, Calibration, CalibrationKey, DeviceRates
+from qmesh.daemon.calibration import (
+    CACHE_ENV,
+    TIMEOUT_S,
+    Calibration,
+    CalibrationKey,
+    DeviceRates,
+)
 from qmesh.daemon.catalog import ModelInfo, describe_gguf
 from qmesh.daemon.quant import NodeSpec, PlanError, Variant, place, plan, variants_for
 from qmesh.daemon.speedbook import Measured, SpeedBook
@@ -214,13 +220,13 @@ def fake_calibration(key: CalibrationKey, layout: str | None) -> Calibration:
 
 
 def qmesh(
-    *args: str, data_dir: Path, env: dict[str, str] | None = None
+    *args: str, data_dir: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "qmesh", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env=None if env is None else {**os.environ, **env},
     )
 
@@ -262,7 +268,10 @@ def test_quant_plan_cli(tmp_path: Path) -> None:
     assert "model gemma3:270m, context 8192 tokens, target 10 tok/s" in out
     assert "→ Q4_K_M" in out and "GPU (all 18 layers)" in out and "chose Q4_K_M" in out
     # Local: this machine's telemetry, CPU-only, bandwidth measured and cached.
-    result = qmesh("quant", "plan", gguf, "--json", "--target-tps", "1", data_dir=tmp_path)
+    # The first local plan on a machine calibrates it (minutes on a busy
+    # 2-core runner, bounded by the calibration's own timeout).
+    result = qmesh("quant", "plan", gguf, "--json", "--target-tps", "1", data_dir=tmp_path,
+                   timeout=TIMEOUT_S + 120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["choice"]["quantization"] == "Q4_K_M"

@@ -113,7 +113,14 @@ def test_the_readme_walk_runs_verbatim(tmp_path: Path) -> None:
     assert "[1] brindle [" in output
     assert "qmesh-memory: Mara Quill founded the Brindle Fish Market in 1921. [1]" in output
     # 8. The quantization plan; 9. the books, and their chains verified.
-    assert "chose Q4_K_M: the highest quality that fits and reaches 20 tok/s" in output
+    # The one variant there is, whether this machine's calibration says it
+    # reaches 20 tok/s or not (a busy runner measures it slower).
+    assert re.search(
+        r"^chose Q4_K_M: the highest quality that fits and reaches 20 tok/s"
+        r"|^no variant reaches 20 tok/s; chose the fastest that fits, Q4_K_M",
+        output,
+        re.M,
+    )
     # Five answered requests (the 503 ran nothing), all on the demo app's account.
     assert re.search(r"^demo\s+5\s", output, re.M)
     assert "ledger: 5 rows, ok" in output
