@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 from daemonkit import gemma_path, require_llama
-from llmkit import GateApi, paid_model, provider_config, start_api
+from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api
 from processkit import stop
 
 from qmesh.config import BudgetConfig, RoutingConfig
@@ -111,8 +111,9 @@ async def test_real_openai_compatible_server_as_a_priced_provider(
 
     text, streamed = await trio.to_thread.run_sync(run)
     assert len(text.split()) >= 3 and streamed.strip()
-    await api.service.ledger.flush()
-    rows = read_rows(api.store)
+    # The streamed request's row is written as its stream closes, which can
+    # be just after the client saw its [DONE].
+    rows = await flushed_rows(api, 2)
     assert [r["candidate"] for r in rows] == ["provider:llama-remote/gemma-remote"] * 2
     for row in rows:
         assert row["tokens_in"] > 5 and row["tokens_out"] > 0  # the server's own counts
