@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeAlias
+from typing import Final
 
 import trio
 
@@ -52,13 +52,6 @@ __all__ = ["NativeHttpServer", "serve_http"]
 log = logging.getLogger(__name__)
 
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
-EngineEvent: TypeAlias = (
-    _core.HttpRequest
-    | _core.HttpProxied
-    | _core.HttpFastDone
-    | _core.HttpRouteReleased
-    | _core.HttpNotice
-)
 BACKLOG_WAIT_S: Final = 1.0
 """The longest the engine's reports wait for the books at a time (a write
 that hangs holds requests no longer)."""
@@ -127,8 +120,7 @@ class NativeHttpServer:
             self.engine.close()
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
-        engine = self.engine
-        fd = engine.poll_fd
+        fd = self.engine.poll_fd
         # An inline engine relays only when polled: waiting for the books
         # would hold the answers in flight too, and it relays no faster
         # than Python books anyway.
@@ -143,7 +135,7 @@ class NativeHttpServer:
                 # polled after a checkpoint, not after a wait for the
                 # descriptor: under load that wait (trio's I/O bookkeeping
                 # and an epoll_ctl to re-arm) took a tenth of this thread.
-                while self._round(engine.poll(), nursery):
+                while self._round(nursery):
                     await trio.lowlevel.checkpoint()
                 continue
             behind = backlog()
@@ -152,11 +144,12 @@ class NativeHttpServer:
                 # holds new requests once its reports reach their bound.
                 with trio.move_on_after(BACKLOG_WAIT_S):
                     await behind
-            self._round(engine.poll(), nursery)
+            self._round(nursery)
 
-    def _round(self, events: list[EngineEvent], nursery: trio.Nursery) -> bool:
-        """Act on one poll's events; whether there were any."""
+    def _round(self, nursery: trio.Nursery) -> bool:
+        """Poll the engine and act on its events; whether there were any."""
         engine, exchanges = self.engine, self._exchanges
+        events = engine.poll()
         for event in events:
             if isinstance(event, _core.HttpRequest):
                 exchange = NativeExchange(engine, event.exchange, self.fast)

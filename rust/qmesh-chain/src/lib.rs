@@ -72,7 +72,8 @@ pub fn seal_encoded(key: &hmac::Key, prev: &[u8], encoded: &[u8], ends: &[usize]
     seals
 }
 
-fn seal_canonical(key: &hmac::Key, prev: &[u8], canonical: &[u8]) -> Seal {
+/// The seal of one row, given in canonical form, chained to `prev`.
+pub fn seal_canonical(key: &hmac::Key, prev: &[u8], canonical: &[u8]) -> Seal {
     let mut context = hmac::Context::with_key(key);
     context.update(prev);
     context.update(canonical);

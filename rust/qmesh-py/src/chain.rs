@@ -104,8 +104,8 @@ pub fn seal_row<'py>(
     let prev = prev_seal(prev)?;
     let mut encoded = Vec::with_capacity(512);
     encode_row(row_id, values, &mut encoded)?;
-    let seal = qmesh_chain::seal_encoded(&qmesh_chain::key(key), &prev, &encoded, &[encoded.len()]);
-    Ok(PyBytes::new(py, &seal[0]))
+    let seal = qmesh_chain::seal_canonical(&qmesh_chain::key(key), &prev, &encoded);
+    Ok(PyBytes::new(py, &seal))
 }
 
 /// The canonical JSON a row is sealed over (the tests hold it to
