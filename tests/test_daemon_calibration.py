@@ -9,12 +9,17 @@ the way a daemon calibrates itself."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from daemonkit import require_llama
+import trio
+from daemonkit import require_llama, wait_until
 
 from qmesh.daemon import calibrate, calibration
 from qmesh.daemon.calibrate import OVERHEAD_SHAPES, PROMPT_TOKENS, TYPE_SHAPE, gpu_stream_shape
@@ -470,3 +475,52 @@ def test_a_stream_that_coalesced_its_tokens_gives_no_per_token_speed() -> None:
     coalesced = _end(finished, 0.0, 0.0, 1.99, 3, 2.0)["timings"]
     assert coalesced["per_token"] is False
     assert coalesced["decode_tps"] == pytest.approx(101 / 2.0)  # never 10 000 tok/s
+
+
+async def start_calibrator(temp: Path, *options: str) -> trio.Process:
+    """The measuring subprocess, its temporary directory ``temp``."""
+    require_llama()
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-m", "qmesh.daemon.calibrate", "--out", str(temp / "out.json"),
+         "--threads", "1", "--threads-batch", "1", *options],
+        env={**os.environ, "TMPDIR": str(temp)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def scratch_in(temp: Path) -> list[str]:
+    return sorted(p.name for p in temp.iterdir() if p.name.startswith(calibrate.SCRATCH_PREFIX))
+
+
+async def test_a_calibration_past_its_timeout_leaves_no_models_behind(tmp_path: Path) -> None:
+    # Its synthetic models take gigabytes: calibrations that daemons gave
+    # up on used to leave them in /tmp, and dozens filled a disk.
+    process = await start_calibrator(tmp_path, "--timeout", "1")
+    with trio.fail_after(120):
+        assert await process.wait() == calibrate.TIMED_OUT
+    assert scratch_in(tmp_path) == []
+
+
+async def test_a_calibration_ended_by_sigterm_leaves_no_models_behind(tmp_path: Path) -> None:
+    # And what one killed outright (SIGKILL) left, the next one removes: a
+    # scratch directory of a pid past Linux's largest.
+    dead = tmp_path / f"{calibrate.SCRATCH_PREFIX}999999999-abc"
+    dead.mkdir()
+    (dead / "stream-cpu.gguf").write_bytes(b"GGUF")
+    process = await start_calibrator(tmp_path)
+    own = f"{calibrate.SCRATCH_PREFIX}{process.pid}-"
+
+    def writing_models() -> bool:
+        assert process.poll() is None
+        names = scratch_in(tmp_path)  # the dead one's is swept first
+        return (
+            len(names) == 1
+            and names[0].startswith(own)
+            and any((tmp_path / names[0]).glob("*.gguf"))
+        )
+
+    await wait_until(writing_models, seconds=120)
+    process.terminate()
+    with trio.fail_after(120):
+        assert await process.wait() == 128 + signal.SIGTERM
+    assert scratch_in(tmp_path) == []

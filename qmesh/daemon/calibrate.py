@@ -48,16 +48,20 @@ Not for: fitting or caching (:mod:`qmesh.daemon.calibration`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import json
 import os
+import select
+import shutil
 import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -73,7 +77,17 @@ from qmesh.daemon.synth import (
     write_model,
 )
 
-__all__ = ["CALIBRATED_TYPES", "PROMPT_TOKENS", "TYPE_SHAPE", "main", "measure"]
+__all__ = [
+    "CALIBRATED_TYPES", "PROMPT_TOKENS", "SCRATCH_PREFIX", "TIMED_OUT", "TYPE_SHAPE", "main",
+    "measure",
+]  # fmt: skip
+
+SCRATCH_PREFIX: Final = "qmesh-calibrate-"
+"""The synthetic models' directory in the temporary one is
+``qmesh-calibrate-PID-…``: a later calibration removes a dead one's."""
+TIMED_OUT: Final = 124
+"""The exit status past ``--timeout``."""
+ENDING_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 CALIBRATED_TYPES: Final = (
     "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K",
@@ -514,8 +528,79 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="probe this file's block layout (its header only is read); repeatable",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.timeout:
-        signal.alarm(max(1, int(args.timeout)))  # the default action ends the process
+    with _scratch_directory(args.timeout) as scratch:
+        _sweep_scratch(scratch.parent)
+        return _calibrate(args, scratch)
+
+
+@contextlib.contextmanager
+def _scratch_directory(timeout: float | None) -> Iterator[Path]:
+    """A directory for the synthetic models (gigabytes) that goes with this
+    process however it ends but SIGKILL: with the block, on SIGTERM, SIGINT
+    or SIGHUP (status 128 + the signal), or past ``timeout`` seconds
+    (:data:`TIMED_OUT`).
+
+    A thread of its own ends the process on a signal or the timeout: the
+    main thread may be inside llama.cpp for seconds, and an exception
+    raised in it can land in a ctypes callback (llama.cpp's log), which
+    ignores it — the calibration would go on."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def wake(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(wake_write, bytes([signum]))
+
+    def reap() -> None:
+        ready, _, _ = select.select([wake_read], [], [], timeout)
+        signum = os.read(wake_read, 1)[0] if ready else None
+        if signum == 0:
+            return  # the block is over
+        # Moved away first: a model the main thread goes on writing there
+        # fails instead of outliving the removal.
+        gone = scratch.with_name(f"{scratch.name}.gone")
+        with contextlib.suppress(OSError):
+            scratch.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(TIMED_OUT if signum is None else 128 + signum)
+
+    previous = {signum: signal.signal(signum, wake) for signum in ENDING_SIGNALS}
+    reaper = threading.Thread(target=reap, name="calibration reaper", daemon=True)
+    reaper.start()
+    try:
+        yield scratch
+    finally:
+        os.write(wake_write, b"\0")
+        reaper.join()  # forever, when it is ending the process
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.set_blocking(wake_read, False)
+        with contextlib.suppress(BlockingIOError):
+            for late in os.read(wake_read, len(ENDING_SIGNALS)):
+                signal.raise_signal(late)  # came too late for the reaper
+        os.close(wake_read)
+        os.close(wake_write)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sweep_scratch(directory: Path) -> None:
+    """Remove what calibrations killed outright (SIGKILL) left: the scratch
+    directories of processes that are gone."""
+    for path in directory.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive: another user's
+
+
+def _calibrate(args: argparse.Namespace, scratch: Path) -> int:
     key = json.loads(args.key)
     lock = None
     cached_file = None
@@ -535,11 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out.write_text(json.dumps({**data, "cached": True}))
                 return 0
     keep = _quiet_llama()
-    with tempfile.TemporaryDirectory(prefix="qmesh-calibrate-") as tmp:
-        raw = measure(
-            Path(tmp), threads=args.threads, threads_batch=args.threads_batch, gpu=args.gpu,
-            serve=not args.no_serve, layouts=args.layout,
-        )  # fmt: skip
+    raw = measure(
+        scratch, threads=args.threads, threads_batch=args.threads_batch, gpu=args.gpu,
+        serve=not args.no_serve, layouts=args.layout,
+    )  # fmt: skip
     raw["key"] = key
     calibration: Calibration = fit(raw)
     text = json.dumps({**calibration.to_json(), "raw": raw})

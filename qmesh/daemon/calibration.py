@@ -71,6 +71,9 @@ CACHE_ENV: Final = "QMESH_CALIBRATION_CACHE"
 TIMEOUT_S: Final = 180.0
 """A calibration takes seconds; a stuck one is abandoned (the planner then
 falls back to the memory-bound ceiling)."""
+KILL_GRACE_S: Final = 10.0
+"""How long past its own timeout a calibration subprocess is waited for
+before it is killed."""
 RELIABLE_SHARE: Final = 0.25
 """A type's matrix time must be at least this share of its token time to
 give a rate: below it the fixed costs swamp it (a GPU doing a small model)."""
@@ -492,14 +495,21 @@ def load_cached(
 
 
 def command(
-    key: CalibrationKey, out: Path, *, remeasure: bool = False, models: Sequence[Path] = ()
+    key: CalibrationKey,
+    out: Path,
+    *,
+    timeout_s: float,
+    remeasure: bool = False,
+    models: Sequence[Path] = (),
 ) -> list[str]:
     """The subprocess that measures (or finds in the machine cache) a
-    calibration, probing the block layouts of ``models``."""
+    calibration, probing the block layouts of ``models``, and gives up
+    (removing its synthetic models) after ``timeout_s``."""
     args = [
         sys.executable, "-m", "qmesh.daemon.calibrate", "--out", str(out),
         "--threads", str(key.threads), "--threads-batch", str(key.threads_batch),
         "--cache", str(machine_cache()), "--key", json.dumps(key.to_json()),
+        "--timeout", str(timeout_s),
     ]  # fmt: skip
     if key.gpus:
         args.append("--gpu")
@@ -546,10 +556,12 @@ def obtain(
         out = Path(tmp) / "calibration.json"
         try:
             done = subprocess.run(
-                command(key, out, remeasure=remeasure, models=models),
+                command(key, out, timeout_s=timeout_s, remeasure=remeasure, models=models),
                 capture_output=True,
                 text=True,
-                timeout=timeout_s,
+                # Its own timeout first: a SIGKILL leaves its models behind
+                # until the next calibration sweeps them.
+                timeout=timeout_s + KILL_GRACE_S,
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -586,7 +598,7 @@ async def obtain_async(
     out = directory / "calibration.out.json"
     with (directory / "calibration.log").open("ab") as log_file:
         process = await trio.lowlevel.open_process(
-            [*command(key, out, models=models), "--timeout", str(timeout_s)],
+            command(key, out, timeout_s=timeout_s, models=models),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
