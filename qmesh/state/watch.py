@@ -13,13 +13,17 @@ processes; a PostgreSQL backend would use LISTEN/NOTIFY behind the same
 interface.
 
 Not for: deciding anything. Subscribers own their policy; this only wakes
-them, one at a time, and a failing subscriber is logged and never stops the
-others or the Gate.
+them, one at a time. A failing subscriber never stops the others or the
+Gate: it is logged and called again, without another change, until it
+succeeds (backing off to :data:`RETRY_MAX_S`) — what it failed on (a key
+file it could not open while the process was out of descriptors) may pass
+in a moment, and the change it missed will not come again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 Subscriber = Callable[[], Awaitable[None]]
 
 DEFAULT_INTERVAL_S = 0.1
+RETRY_MAX_S = 5.0
 
 
 class StateWatcher:
@@ -58,6 +63,9 @@ class StateWatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         marker = await self._marker()
         task_status.started()
+        failing: list[tuple[str, Subscriber]] = []
+        retry_s = self.interval_s
+        retry_at = math.inf
         while True:
             with trio.move_on_after(self.interval_s):
                 await self._poke.wait()
@@ -66,15 +74,36 @@ class StateWatcher:
             if current != marker:
                 marker = current
                 self.changes_seen += 1
-                await self.notify()
+                failing = await self._call(self._subscribers, failing)
+                retry_s = self.interval_s
+            elif trio.current_time() >= retry_at:
+                failing = await self._call(failing, failing)
+                retry_s = min(RETRY_MAX_S, retry_s * 2)
+            else:
+                continue
+            retry_at = trio.current_time() + retry_s if failing else math.inf
 
-    async def notify(self) -> None:
-        """Run every subscriber once, in the order they subscribed."""
-        for name, callback in self._subscribers:
+    async def _call(
+        self, subscribers: list[tuple[str, Subscriber]], failing: list[tuple[str, Subscriber]]
+    ) -> list[tuple[str, Subscriber]]:
+        """Run each of ``subscribers`` once, in order; those that failed."""
+        failed = []
+        for subscriber in subscribers:
+            name, callback = subscriber
             try:
                 await callback()
-            except Exception:
-                log.exception("state change subscriber %s failed", name)
+            except Exception as exc:
+                failed.append(subscriber)
+                if subscriber not in failing:
+                    log.warning(
+                        "state change subscriber %s failed (%s: %s); it is called again until"
+                        " it succeeds", name, type(exc).__name__, exc,
+                    )  # fmt: skip
+                log.debug("state change subscriber %s failed", name, exc_info=True)
+            else:
+                if subscriber in failing:
+                    log.info("state change subscriber %s succeeded again", name)
+        return failed
 
     async def _marker(self) -> tuple[int, int]:
         return await trio.to_thread.run_sync(self.store.change_marker, limiter=self._limiter)
