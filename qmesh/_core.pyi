@@ -1136,13 +1136,16 @@ def seal_rows(
     key: bytes,
     prev: bytes,
     first_id: int,
-    rows: Iterable[Iterable[bool | int | float | str | None]],
-) -> list[bytes]:
-    """HMAC-SHA256 seals of consecutive rows with ids from ``first_id``, each
-    over the one before's seal (``prev``, 32 bytes, for the first) and the
-    row's canonical JSON (:func:`canonical_row`); the GIL is released while
-    sealing. Another value type is a ``TypeError``, an int outside i64 an
-    ``OverflowError``, a ``prev`` not 32 bytes long a ``ValueError``."""
+    rows: Sequence[Sequence[bool | int | float | str | None]],
+) -> tuple[list[bool | int | float | str | bytearray | None], bytes]:
+    """Consecutive rows with ids from ``first_id``, sealed and laid out for
+    one INSERT: each row's id, its values, the seal before it and its own,
+    end to end; and the last seal (``prev`` without rows). A seal is the
+    HMAC-SHA256 of the one before's (``prev``, 32 bytes, for the first) and
+    the row's canonical JSON (:func:`canonical_row`); the GIL is released
+    while sealing. Seals are bytearrays, which sqlite3 binds without looking
+    for an adapter. Another value type is a ``TypeError``, an int outside
+    i64 an ``OverflowError``, a ``prev`` not 32 bytes long a ``ValueError``."""
 
 def seal_row(
     key: bytes, prev: bytes, row_id: int, values: Iterable[bool | int | float | str | None]

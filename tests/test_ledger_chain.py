@@ -53,16 +53,19 @@ def test_a_row_is_sealed_over_the_bytes_json_dumps_writes(
 def test_a_batch_is_sealed_as_a_chain_of_hmacs(
     key: bytes, first_id: int, batch: list[Sequence[Column]]
 ) -> None:
-    prev = GENESIS
-    expected = []
-    for offset, values in enumerate(batch):
-        message = prev + python_canonical(first_id + offset, values)
-        prev = hmac.new(key, message, hashlib.sha256).digest()
-        expected.append(prev)
-    assert _core.seal_rows(key, GENESIS, first_id, batch) == expected
+    seals = [GENESIS]
+    expected: list[object] = []
+    for row_id, values in enumerate(batch, start=first_id):
+        message = seals[-1] + python_canonical(row_id, values)
+        seals.append(hmac.new(key, message, hashlib.sha256).digest())
+        expected += [row_id, *values, seals[-2], seals[-1]]
+    sealed, last = _core.seal_rows(key, GENESIS, first_id, batch)
+    # Each row as an INSERT takes it: its id, values, the seal before it and its own.
+    assert sealed == expected and last == seals[-1]
+    assert {type(value) for value in sealed[-2:]} == {bytearray}
     assert (
-        _core.seal_row(key, expected[0], first_id + 1, [1])
-        == hmac.new(key, expected[0] + python_canonical(first_id + 1, [1]), hashlib.sha256).digest()
+        _core.seal_row(key, seals[1], first_id + 1, [1])
+        == hmac.new(key, seals[1] + python_canonical(first_id + 1, [1]), hashlib.sha256).digest()
     )
 
 

@@ -218,6 +218,8 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
     """Insert ``rows`` (data columns in :data:`CHAINS` order) into the
     chain's table, sealed, and move the head. Call inside a write
     transaction: the head read here must not change until it commits."""
+    if not rows:
+        return
     table, columns = CHAINS[chain]
     head = conn.execute(
         "SELECT last_id, last_hash, rows FROM qg_chain_heads WHERE chain = ?", (chain,)
@@ -228,20 +230,15 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
     next_id = max(next_id, last_id) + 1
     # Sealed in Rust with the GIL released: this runs in a worker thread
     # beside the event loop, which would otherwise wait for the GIL.
-    seals = _core.seal_rows(key, prev, next_id, rows)
-    sealed: list[object] = []
-    for values, digest in zip(rows, seals, strict=True):
-        sealed.extend((next_id, *values, prev, digest))
-        prev = digest
-        last_id = next_id
-        next_id += 1
-        count += 1
+    sealed, prev = _core.seal_rows(key, prev, next_id, rows)
+    width = len(columns) + 3
+    if len(sealed) != width * len(rows):
+        raise ValueError(f"rows of the {chain} chain have {len(columns)} columns")
     insert_many(
-        conn,
-        f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash)",
-        sealed,
-        len(columns) + 3,
+        conn, f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash)", sealed, width
     )
+    last_id = next_id + len(rows) - 1
+    count += len(rows)
     mac = _head_mac(key, chain, last_id, prev, count)
     conn.execute(
         "INSERT INTO qg_chain_heads (chain, last_id, last_hash, rows, mac) VALUES (?, ?, ?, ?, ?)"
