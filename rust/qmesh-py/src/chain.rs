@@ -92,10 +92,11 @@ fn seal_all(
 
 /// `rows` sealed (ids from `first_id`, the first chained to `prev`) and
 /// laid out for one INSERT: each row's id, its values, the seal before it
-/// and its own, end to end; and the last seal. Seals are bytearrays because sqlite3 binds
-/// those at once, where it first looks bytes up among its adapters. With
-/// the Python loop this replaces: a ledger row's write in the writer
-/// thread took 12.9 µs of CPU, now 11.0 (medians of 14 paired batches).
+/// and its own, end to end; and the last seal. Seals are bytearrays
+/// because sqlite3 binds those at once, where it first looks bytes up
+/// among its adapters. With the Python loop this replaces: a ledger row's
+/// write in the writer thread took 12.9 µs of CPU, now 11.0 (medians of
+/// 14 paired batches).
 #[pyfunction]
 pub fn seal_rows<'py>(
     py: Python<'py>,
