@@ -501,6 +501,20 @@ async def test_a_calibration_past_its_timeout_leaves_no_models_behind(tmp_path: 
     assert scratch_in(tmp_path) == []
 
 
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_a_timeout_that_is_no_time_is_refused(
+    timeout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Once ``--timeout 0`` meant none; taken as a time, it would end the
+    # calibration at once.
+    argv = ["--out", str(tmp_path / "out.json"), "--threads", "1", "--threads-batch", "1",
+            "--timeout", timeout]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        calibrate.main(argv)
+    assert exited.value.code == 2
+    assert f"a timeout is a positive number of seconds, not {timeout}" in capsys.readouterr().err
+
+
 async def test_a_calibration_ended_by_sigterm_leaves_no_models_behind(tmp_path: Path) -> None:
     # And what one killed outright (SIGKILL) left, the next one removes: a
     # scratch directory of a pid past Linux's largest.

@@ -52,6 +52,7 @@ import contextlib
 import ctypes
 import fcntl
 import json
+import math
 import os
 import select
 import shutil
@@ -522,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key", default="{}", help="what the calibration is for (JSON)")
     parser.add_argument("--remeasure", action="store_true")
     parser.add_argument("--no-serve", action="store_true", help="skip the serving path")
-    parser.add_argument("--timeout", type=float, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=_seconds, help="give up after this many seconds")
     parser.add_argument(
         "--layout", type=Path, action="append", default=[], metavar="GGUF",
         help="probe this file's block layout (its header only is read); repeatable",
@@ -574,15 +575,25 @@ def _scratch_directory(timeout: float | None) -> Iterator[Path]:
     finally:
         os.write(wake_write, b"\0")
         reaper.join()  # forever, when it is ending the process
+        shutil.rmtree(scratch, ignore_errors=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         os.set_blocking(wake_read, False)
-        with contextlib.suppress(BlockingIOError):
-            for late in os.read(wake_read, len(ENDING_SIGNALS)):
-                signal.raise_signal(late)  # came too late for the reaper
+        try:
+            late = os.read(wake_read, len(ENDING_SIGNALS))
+        except BlockingIOError:
+            late = b""
         os.close(wake_read)
         os.close(wake_write)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for number in late:
+            signal.raise_signal(number)  # too late for the reaper: to whoever handles it now
+
+
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"a timeout is a positive number of seconds, not {text}")
+    return seconds
 
 
 def _sweep_scratch(directory: Path) -> None:
