@@ -85,13 +85,19 @@ login through the stack (SCRAM, the vault, the server's authentication),
 for every transaction; their TPS is logins per second.
 
 Prints TPS and average latency per cell, and qmesh's TPS ratio to each
-(latency: what qmesh adds over direct at -c 1). Needs pgbench, pgbouncer and
-stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the machine it
-runs on; the run is never a pass/fail test.
+(latency: what qmesh adds over direct at -c 1); then a table of the CPU
+each transaction cost, per process between pgbench and the server, pgbench's
+own, the server's and the whole machine's. On a shared machine one run of a
+cell moves by ±15 %: with --rounds N every case runs N times, the targets'
+order turning each round, each cell is the run of median TPS and each ratio
+the median [min–max] of the rounds' paired ratios (a round pairs the two
+targets' runs of a case, minutes apart at most). Needs pgbench, pgbouncer
+and stunnel4 (apt-get install pgbouncer stunnel4). Numbers are for the
+machine it runs on; the run is never a pass/fail test.
 
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
     python bench/pg_compare.py --only direct,qmesh,qmesh-guard
-    python bench/pg_compare.py --server-tls [--only direct,stunnel+pgb,qmesh,qmesh-plain]
+    python bench/pg_compare.py --server-tls --rounds 3 [--only direct,stunnel+pgb,qmesh,qmesh-plain]
     python bench/pg_compare.py --pool transaction [--only pgbouncer-txn,qmesh-txn] [--rounds 5]
     python bench/pg_compare.py --server-tls --engine-poll-us 200   # engine threads that poll
 """
@@ -104,6 +110,7 @@ import datetime
 import os
 import pwd
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -113,7 +120,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,7 +148,8 @@ POOL_MAX_PREPARED = 200  # PgBouncer's max_prepared_statements (PgBouncer 1.21+)
 POOL_CASES = (("select-only", 64, "simple"), ("logins", 200, "simple"),
               ("select-only", 64, "extended"), ("select-only", 64, "prepared"))  # fmt: skip
 SAMPLE_EVERY = 0.5  # seconds between two samples of the server's connections
-MACHINE = "machine"  # PoolRun.cpu's key for the whole machine's CPU
+MACHINE = "machine"  # Run.cpu's key for the whole machine's CPU
+PGBENCH = "pgbench"  # Run.cpu's key for pgbench's own CPU
 # --pool: the process that stands where PgBouncer stands, beside the server.
 POOL_CPU_PAIR = (("qmesh-txn", "Gate"), ("pgbouncer-txn", "PgBouncer"))
 GUARD_TIMEOUT_MS = 60_000  # qmesh-guard's statement_timeout_ms
@@ -538,19 +546,6 @@ def run_pgbench(
     )  # fmt: skip
 
 
-def pgbench(
-    stack: Stack, target: str, script: str, clients: int, mode: str, duration: int
-) -> tuple[float, float]:
-    """TPS and average latency (ms); any error or failed transaction raises."""
-    result = run_pgbench(stack, target, script, clients, mode, duration)
-    failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
-    tps = re.search(r"tps = ([0-9.]+)", result.stdout)
-    latency = re.search(r"latency average = ([0-9.]+) ms", result.stdout)
-    if result.returncode or not tps or not latency or (failed and int(failed.group(1))):
-        raise RuntimeError(f"pgbench against {target} failed:\n{result.stdout}\n{result.stderr}")
-    return float(tps.group(1)), float(latency.group(1))
-
-
 class ServerConnections:
     """The server's client backends per role, sampled every SAMPLE_EVERY
     seconds while a run goes on, from a superuser session of its own (it gets
@@ -596,8 +591,8 @@ class ServerConnections:
             raise RuntimeError(f"sampling pg_stat_activity failed: {errors[0]}") from errors[0]
 
 
-class PoolRun(NamedTuple):
-    """One pgbench run of --pool transaction, whatever came of it."""
+class Run(NamedTuple):
+    """One pgbench run, whatever came of it."""
 
     clients: int
     tps: float | None  # None: pgbench printed no result
@@ -605,11 +600,12 @@ class PoolRun(NamedTuple):
     failed: int | None  # pgbench's "number of failed transactions" (PG15+), None if absent
     aborted: int  # clients pgbench ended on an error
     error: str  # pgbench's first error line, "" if it exited 0
-    own: int  # the most server backends of the target's own role in one sample
-    total: int  # the most client backends on the whole server in one sample
-    samples: int
+    own: int  # --pool: the most server backends of the target's own role in one sample
+    total: int  # --pool: the most client backends on the whole server in one sample
+    samples: int  # --pool: samples of the server's backends (0 without --pool)
     # CPU µs per transaction (user + system): each proxy process's by what it
-    # is (Stack.proxies), and MACHINE's, every process's and the kernel's.
+    # is (Stack.proxies), PGBENCH's, and MACHINE's, every process's and the
+    # kernel's.
     cpu: dict[str, float]
 
     @property
@@ -625,25 +621,32 @@ class PoolRun(NamedTuple):
         return f"{self.tps:,.0f} ({self.latency:.3f}) {failed} failed{aborted}"
 
 
-def pgbench_pooled(
+def measure(
     stack: Stack,
-    sampler: ServerConnections,
     target: str,
     script: str,
     clients: int,
     mode: str,
     duration: int,
-) -> PoolRun:
-    """pgbench as --pool runs it: errors and failures are results, not
-    exceptions, and the server's connections are sampled meanwhile."""
-    if target == "direct":
+    sampler: ServerConnections | None = None,
+) -> Run:
+    """One pgbench run and the CPU it cost: errors and failures are results,
+    not exceptions. With a ``sampler`` (--pool), the server's connections
+    are sampled meanwhile."""
+    if stack.pool and target == "direct":
         clients = min(clients, POOL_SIZE)  # more would not fit in max_connections
     proxies = stack.proxies(target)
     cpu_before = {name: cpu_seconds(pid) for name, pid in proxies.items()}
+    cpu_before[PGBENCH] = children_cpu_seconds()
     cpu_before[MACHINE] = machine_cpu_seconds()
-    with sampler.sampling() as samples:
+    sampling: contextlib.AbstractContextManager[list[dict[str, int]]] = (
+        sampler.sampling() if sampler else contextlib.nullcontext([])
+    )
+    with sampling as samples:
         result = run_pgbench(stack, target, script, clients, mode, duration)
     used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in proxies.items()}
+    # pgbench is the only child reaped meanwhile (the proxies run on).
+    used[PGBENCH] = children_cpu_seconds() - cpu_before[PGBENCH]
     used[MACHINE] = machine_cpu_seconds() - cpu_before[MACHINE]
     processed = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
     transactions = int(processed.group(1)) if processed else 0
@@ -656,7 +659,7 @@ def pgbench_pooled(
         lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
         error = (lines or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[0]
     role = stack.server_user(target)
-    return PoolRun(
+    return Run(
         clients=clients,
         tps=float(tps.group(1)) if tps else None,
         latency=float(latency.group(1)) if latency else None,
@@ -670,6 +673,13 @@ def pgbench_pooled(
         if transactions
         else {},
     )
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's children that ended
+    and were waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine_cpu_seconds() -> float:
@@ -716,7 +726,7 @@ def print_table(rows: list[list[str]]) -> None:
 def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> int:
     """--pool transaction: POOL_CASES against ``targets``; the results and the
     server connections, a table each."""
-    runs: dict[tuple[str, int, str, str], list[PoolRun]] = {}
+    runs: dict[tuple[str, int, str, str], list[Run]] = {}
     # direct's runs first (once): by the pools' turn their idle server
     # connections (up to POOL_SIZE each) hold slots direct's clients could
     # not have. Then --rounds rounds of the pools, case by case, the pools'
@@ -725,8 +735,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
     pools = [t for t in targets if t != "direct"]
     order = [(case, t) for case in POOL_CASES for t in targets if t == "direct"]
     for r in range(args.rounds):
-        turned = pools[r % len(pools) :] + pools[: r % len(pools)] if pools else []
-        order += [(case, t) for case in POOL_CASES for t in turned]
+        order += [(case, t) for case in POOL_CASES for t in turned(pools, r)]
     try:
         with stack_in(
             base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
@@ -736,7 +745,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
             sampler = ServerConnections(stack.pg.dsn)
             for case, target in order:
                 runs.setdefault((*case, target), []).append(
-                    pgbench_pooled(stack, sampler, target, *case, args.duration)
+                    measure(stack, target, *case, args.duration, sampler)
                 )
                 print(".", end="", flush=True, file=sys.stderr)
     finally:
@@ -749,12 +758,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
         f"server max_connections = {POOL_MAX_CONNECTIONS}, transaction pooling with "
         f"{POOL_SIZE} server connections (pgbouncer-txn default_pool_size, qmesh-txn "
         f"pool_size), qmesh audit {args.audit}{polling(args)}"
-        + (
-            f", {args.rounds} rounds (cells: the run of median TPS; ratios: median "
-            "[min–max] of the rounds')"
-            if args.rounds > 1
-            else ""
-        )
+        + rounds_heading(args.rounds)
         + (", server TLS (sslmode=require)" if args.server_tls else "")
         + "; TPS (average latency ms) failed transactions[, clients aborted on an error]"
     )
@@ -767,15 +771,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
         row = [case[0], str(case[1]), case[2]]
         row += [results[(*case, target)].cell() for target in targets]
         for target, baseline in ratios:
-            paired = _ratios(runs[(*case, target)], runs[(*case, baseline)])
-            if not paired:
-                row.append("n/a")
-            elif len(paired) == 1:
-                row.append(f"{paired[0]:.2f}x")
-            else:
-                row.append(
-                    f"{statistics.median(paired):.2f}x [{min(paired):.2f}–{max(paired):.2f}]"
-                )
+            row.append(ratio_cell(_ratios(runs[(*case, target)], runs[(*case, baseline)])))
         rows.append(row)
     print_table(rows)
     for target, baseline, goal in POOL_GOALS:
@@ -802,7 +798,7 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
             )
         )
     print()
-    print_cpu_table(targets, runs, results)
+    print_cpu_table(targets, POOL_CASES, runs, results, POOL_CPU_PAIR)
     print()
     print(
         "server connections: the most in one sample (every "
@@ -851,30 +847,31 @@ def pool_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> 
 
 def print_cpu_table(
     targets: tuple[str, ...],
-    runs: dict[tuple[str, int, str, str], list[PoolRun]],
-    results: dict[tuple[str, int, str, str], PoolRun],
+    cases: Sequence[tuple[str, int, str]],
+    runs: dict[tuple[str, int, str, str], list[Run]],
+    results: dict[tuple[str, int, str, str], Run],
+    pair: tuple[tuple[str, str], tuple[str, str]] | None = None,
 ) -> None:
-    """--pool: CPU per transaction of each target's processes and of the
-    whole machine, and the Gate's against PgBouncer's (paired by round)."""
-    (ours, our_process), (theirs, their_process) = POOL_CPU_PAIR
+    """CPU per transaction of each target's processes, of pgbench, of the
+    rest (the server and the kernel) and of the whole machine; with a
+    ``pair`` ((target, process) twice), the first process's against the
+    second's, paired by round."""
+    (ours, our_process), (theirs, their_process) = pair or (("", ""), ("", ""))
     paired = ours in targets and theirs in targets
     print(
         "CPU per transaction, µs (user + system, from /proc; the run of median TPS): each "
-        "process between pgbench and the server, and the whole machine's (pgbench, the "
-        "server, every process and the kernel: on saturated CPUs the TPS goes as its inverse)"
+        "process between pgbench and the server, pgbench's, the server's (the machine's less "
+        "those: PostgreSQL, and the kernel's own threads) and the whole machine's (on "
+        "saturated CPUs the TPS goes as its inverse)"
     )
     header = ["script", "-c", "protocol", *targets]
     if paired:
         header.append(f"{our_process}/{their_process}")
     rows = [header]
-    for case in POOL_CASES:
+    for case in cases:
         row = [case[0], str(case[1]), case[2]]
         for target in targets:
-            cpu = results[(*case, target)].cpu
-            parts = [f"{name} {us:.1f}" for name, us in cpu.items() if name != MACHINE]
-            row.append(
-                " + ".join(parts) + (" · " if parts else "") + f"machine {cpu.get(MACHINE, 0):.1f}"
-            )
+            row.append(cpu_cell(results[(*case, target)].cpu))
         if paired:
             ratios = [
                 run.cpu[our_process] / base.cpu[their_process]
@@ -890,13 +887,52 @@ def print_cpu_table(
     print_table(rows)
 
 
-def _median_run(found: list[PoolRun]) -> PoolRun:
+def cpu_cell(cpu: dict[str, float]) -> str:
+    if not cpu:
+        return "n/a"
+    proxies = {name: us for name, us in cpu.items() if name not in (PGBENCH, MACHINE)}
+    # Per-process times and the machine's are sampled apart (ticks, steal):
+    # where the server did next to nothing (logins, pgbench's own SCRAM
+    # dominating), the difference can come out below zero.
+    server = max(0.0, cpu[MACHINE] - cpu[PGBENCH] - sum(proxies.values()))
+    parts = [" + ".join(f"{name} {us:.1f}" for name, us in proxies.items())] if proxies else []
+    parts += [f"pgbench {cpu[PGBENCH]:.1f}", f"server {server:.1f}", f"machine {cpu[MACHINE]:.1f}"]
+    return " · ".join(parts)
+
+
+def turned(targets: Sequence[str], round_: int) -> list[str]:
+    """``targets`` in round ``round_``'s order: each round starts one later,
+    so that a slow moment of the shared machine is not always one target's."""
+    if not targets:
+        return []
+    first = round_ % len(targets)
+    return [*targets[first:], *targets[:first]]
+
+
+def rounds_heading(rounds: int) -> str:
+    return (
+        f", {rounds} rounds (cells: the run of median TPS; ratios: median [min–max] of the rounds')"
+        if rounds > 1
+        else ""
+    )
+
+
+def ratio_cell(paired: list[float]) -> str:
+    """The rounds' paired ratios: one, or their median [min–max]."""
+    if not paired:
+        return "n/a"
+    if len(paired) == 1:
+        return f"{paired[0]:.2f}x"
+    return f"{statistics.median(paired):.2f}x [{min(paired):.2f}–{max(paired):.2f}]"
+
+
+def _median_run(found: list[Run]) -> Run:
     """The run of median TPS (the lower middle one of an even count)."""
     measured = sorted((run for run in found if run.tps is not None), key=lambda r: r.tps or 0.0)
     return measured[(len(measured) - 1) // 2] if measured else found[0]
 
 
-def _ratios(runs: list[PoolRun], baselines: list[PoolRun]) -> list[float]:
+def _ratios(runs: list[Run], baselines: list[Run]) -> list[float]:
     """TPS ratios of the rounds where both completed cleanly."""
     return [
         run.tps / base.tps
@@ -952,8 +988,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=1,
-        help="--pool: run the pools' cases this many times, their order turning each round; "
-        "cells show the run of median TPS, ratios the median of the rounds'",
+        help="run every case this many times, the targets' order turning each round; cells "
+        "show the run of median TPS, ratios the median of the rounds' paired ratios",
     )  # fmt: skip
     args = parser.parse_args()
     names = TARGETS + POOL_ONLY
@@ -987,24 +1023,43 @@ def main() -> int:
     os.chmod(base, 0o755)
     if args.pool:
         return pool_run(args, targets, base)
-    cases = [
-        (script, clients, mode)
-        for script in ("select-only", "tpcb-like")
-        for clients in (1, 16)
-        for mode in ("simple", "prepared")
-    ] + [("logins", clients, "simple") for clients in (1, 8)]
-    results: dict[tuple[str, int, str, str], tuple[float, float]] = {}
+    return session_run(args, targets, base)
+
+
+SESSION_CASES = [
+    (script, clients, mode)
+    for script in ("select-only", "tpcb-like")
+    for clients in (1, 16)
+    for mode in ("simple", "prepared")
+] + [("logins", clients, "simple") for clients in (1, 8)]
+
+
+def session_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) -> int:
+    """Without --pool: SESSION_CASES against ``targets``, --rounds times
+    (the targets' order turning each round); the results and the CPU they
+    cost, a table each. Every run must complete cleanly."""
+    runs: dict[tuple[str, int, str, str], list[Run]] = {}
     try:
         with stack_in(
             base, args.scale, targets, args.audit, args.statement_timeout_ms, args.server_tls,
             engine_poll_us=args.engine_poll_us,
         ) as stack:  # fmt: skip
-            for case in cases:
-                for target in targets:
-                    results[(*case, target)] = pgbench(stack, target, *case, args.duration)
-                    print(".", end="", flush=True, file=sys.stderr)
+            for r in range(args.rounds):
+                for case in SESSION_CASES:
+                    for target in turned(targets, r):
+                        run = measure(stack, target, *case, args.duration)
+                        if not run.clean:
+                            why = run.error or f"{run.failed} failed, {run.aborted} aborted"
+                            raise RuntimeError(f"pgbench against {target} {case} failed: {why}")
+                        runs.setdefault((*case, target), []).append(run)
+                        print(".", end="", flush=True, file=sys.stderr)
     finally:
         leave_work_directory(base, keep=args.keep)
+    results = {key: _median_run(found) for key, found in runs.items()}
+
+    def paired(case: tuple[str, int, str], target: str, baseline: str) -> list[float]:
+        return _ratios(runs[(*case, target)], runs[(*case, baseline)])
+
     print(
         f"pgbench, {args.duration} s per run, scale {args.scale}, {os.cpu_count()} CPUs, "
         f"qmesh audit {args.audit}{polling(args)}"
@@ -1019,54 +1074,45 @@ def main() -> int:
             else ""
         )
         + (", server TLS (sslmode=require; the -plain targets: disable)" if args.server_tls else "")
+        + rounds_heading(args.rounds)
         + "; TPS (average latency ms)"
     )
-    header = ["script", "-c", "protocol", *targets]
     # qmesh-guard is measured against qmesh (qmesh-guard/qmesh), not qmesh against it.
     others = [t for t in targets if t not in ("qmesh", "qmesh-guard")]
-    guard = "qmesh" in targets and "qmesh-guard" in targets
-    if "qmesh" in targets:
-        header += [f"qmesh/{t}" for t in others]
-        if guard:
-            header.append("qmesh-guard/qmesh")
-        if "direct" in targets:
-            header.append("qmesh +µs")
-    server_cost = "direct" in targets and "direct-plain" in targets
-    if server_cost:
-        header.append("direct/direct-plain")
-    rows = [header]
-    for script, clients, mode in cases:
-        row = [script, str(clients), mode]
-        for target in targets:
-            tps, latency = results[(script, clients, mode, target)]
-            row.append(f"{tps:,.0f} ({latency:.3f})")
-        if "qmesh" in targets:
-            q_tps, q_lat = results[(script, clients, mode, "qmesh")]
-            for target in others:
-                row.append(f"{q_tps / results[(script, clients, mode, target)][0]:.2f}x")
-            if guard:
-                row.append(f"{results[(script, clients, mode, 'qmesh-guard')][0] / q_tps:.2f}x")
-            if "direct" in targets:
-                added = (q_lat - results[(script, clients, mode, "direct")][1]) * 1000
-                row.append(f"{added:+.0f}")
-        if server_cost:
-            plain = results[(script, clients, mode, "direct-plain")][0]
-            row.append(f"{results[(script, clients, mode, 'direct')][0] / plain:.2f}x")
+    ratios = [("qmesh", t) for t in others] if "qmesh" in targets else []
+    if "qmesh" in targets and "qmesh-guard" in targets:
+        ratios.append(("qmesh-guard", "qmesh"))
+    added = "qmesh" in targets and "direct" in targets
+    if "direct" in targets and "direct-plain" in targets:
+        ratios.append(("direct", "direct-plain"))  # what TLS costs the server and pgbench
+    header = ["script", "-c", "protocol", *targets, *(f"{t}/{b}" for t, b in ratios)]
+    rows = [header + (["qmesh +µs"] if added else [])]
+    for case in SESSION_CASES:
+        row = [case[0], str(case[1]), case[2]]
+        # Every run is clean here: TPS and latency say it all.
+        row += [
+            f"{results[(*case, t)].tps:,.0f} ({results[(*case, t)].latency:.3f})" for t in targets
+        ]
+        row += [ratio_cell(paired(case, target, baseline)) for target, baseline in ratios]
+        if added:
+            ours, direct = results[(*case, "qmesh")].latency, results[(*case, "direct")].latency
+            row.append(f"{((ours or 0.0) - (direct or 0.0)) * 1000:+.0f}")
         rows.append(row)
     print_table(rows)
     for target, baseline, goal in (TLS_GOALS if args.server_tls else ()) + GUARD_GOALS:
         if target not in targets or baseline not in targets:
             continue
         missed = [
-            f"{script} -c {clients} {mode}"
-            for script, clients, mode in cases
-            if results[(script, clients, mode, target)][0]
-            < goal * results[(script, clients, mode, baseline)][0]
+            f"{case[0]} -c {case[1]} {case[2]}"
+            for case in SESSION_CASES
+            if statistics.median(paired(case, target, baseline)) < goal
         ]
         print(
             f"target {target}/{baseline} >= {goal:.2f}x: "
             + ("met in every row" if not missed else f"NOT met in {', '.join(missed)}")
         )
+    print()
+    print_cpu_table(targets, SESSION_CASES, runs, results)
     return 0
 
 
