@@ -39,6 +39,27 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// `sendmsg(2)` of several buffers in one call, with MSG_NOSIGNAL, retried
+/// on EINTR: how many bytes of them, in order, were taken. Sockets only.
+pub fn send_vectored(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // The kernel takes at most IOV_MAX (1024) buffers a call.
+    let bufs = &bufs[..bufs.len().min(1024)];
+    loop {
+        // SAFETY: an all-zero msghdr is valid (no address, no control data).
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix; the kernel only
+        // reads through these pointers.
+        message.msg_iov = bufs.as_ptr().cast_mut().cast();
+        message.msg_iovlen = bufs.len() as _;
+        // SAFETY: `message` points at `bufs.len()` valid, readable iovecs.
+        let ret = unsafe { libc::sendmsg(fd, &message, libc::MSG_NOSIGNAL) };
+        match check(ret) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// `shutdown(fd, SHUT_WR)`; a socket already disconnected is not an error.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain system call on a descriptor number.

@@ -14,6 +14,7 @@
 //! signatures are checked, so the server proves it holds the key of the
 //! certificate it sent (what channel binding relies on).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
@@ -352,28 +353,35 @@ pub struct TlsLink {
     /// socket held nothing more then.
     socket_drained: bool,
     close_sent: bool,
+    /// Ciphertext read from the socket that rustls did not take (it held
+    /// as much plaintext as it takes): given to it before the socket is
+    /// read again.
+    staged: Vec<u8>,
 }
 
 struct Fd(RawFd);
 
-/// Reads the socket for rustls and remembers whether a read came back
-/// short, which on a stream socket means it was emptied.
-struct SocketReader {
-    fd: RawFd,
-    short: bool,
-}
+/// Ciphertext read from a socket per system call, at most. rustls alone
+/// reads 4 KiB a call: a large result cost a call per 4 KiB, four per
+/// full record. Not more than rustls' limit on plaintext waiting to be read
+/// (16 KiB): the socket is read only when none waits, so rustls takes all
+/// of a read but where it completes a record begun by an earlier one.
+const SOCKET_READ: usize = 16 * 1024;
 
-impl Read for SocketReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = sys::read(self.fd, buf)?;
-        self.short = n < buf.len();
-        Ok(n)
-    }
+thread_local! {
+    /// Where a thread's reads land before rustls takes them.
+    static CIPHERTEXT: RefCell<Box<[u8]>> = RefCell::new(vec![0; SOCKET_READ].into_boxed_slice());
 }
 
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         sys::send(self.0, buf)
+    }
+
+    /// rustls hands every record waiting at once: one system call for all
+    /// (the default would send only the first, a call per record).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        sys::send_vectored(self.0, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -388,12 +396,14 @@ impl TlsLink {
             pending: 0,
             socket_drained: false,
             close_sent: false,
+            staged: Vec::new(),
         }
     }
 
-    /// Plaintext is waiting inside the TLS layer (no socket event will say so).
+    /// Data is waiting inside the TLS layer, plaintext or ciphertext read
+    /// from the socket (no socket event will say so).
     pub fn has_pending(&self) -> bool {
-        self.pending > 0
+        self.pending > 0 || !self.staged.is_empty()
     }
 
     /// Ciphertext is waiting to be written.
@@ -406,7 +416,7 @@ impl TlsLink {
     /// Then another read would only find the socket empty (the engine
     /// watches it level-triggered, so what arrives later is announced).
     pub fn drained(&self) -> bool {
-        self.pending == 0 && self.socket_drained
+        !self.has_pending() && self.socket_drained
     }
 
     /// Up to `buf.len()` bytes of plaintext, reading records from `fd` as
@@ -414,7 +424,6 @@ impl TlsLink {
     /// socket has nothing more for now. Records that need an answer (a key
     /// update) queue it; [`TlsLink::flush`] writes it.
     pub fn read(&mut self, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-        let mut socket = SocketReader { fd, short: false };
         let mut read_socket = false;
         loop {
             match self.conn.reader().read(buf) {
@@ -429,27 +438,67 @@ impl TlsLink {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if read_socket && socket.short {
+            if !self.staged.is_empty() {
+                // No plaintext waits: rustls takes some of it now.
+                let staged = std::mem::take(&mut self.staged);
+                let mut rest = staged.as_slice();
+                self.give(&mut rest)?;
+                self.staged = rest.to_vec();
+                continue;
+            }
+            if read_socket && self.socket_drained {
                 // A short read emptied the socket and left no plaintext (a
                 // record cut short, or one that carries none): reading
                 // again would only find it empty.
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let got = self.conn.read_tls(&mut socket);
+            let got = self.read_socket(fd);
+            read_socket = true;
+            if got? == 0 && self.pending == 0 {
+                return Ok(0);
+            }
+        }
+    }
+
+    /// One read of the socket, given to rustls and processed (what it does
+    /// not take is staged): how many bytes (0: the stream ended).
+    fn read_socket(&mut self, fd: RawFd) -> io::Result<usize> {
+        CIPHERTEXT.with_borrow_mut(|ciphertext| {
+            let got = sys::read(fd, ciphertext);
             self.socket_drained = match &got {
-                Ok(_) => socket.short,
+                Ok(n) => *n < ciphertext.len(),
                 Err(e) => sys::would_block(e),
             };
-            read_socket = true;
-            if got? == 0 {
-                let state = self.process()?;
-                if state == 0 {
-                    return Ok(0);
-                }
-                continue;
+            let n = got?;
+            if n == 0 {
+                self.conn.read_tls(&mut &b""[..])?; // tells rustls the stream ended
+                self.process()?;
+                return Ok(0);
             }
-            self.process()?;
+            let mut rest = &ciphertext[..n];
+            self.give(&mut rest)?;
+            self.staged.extend_from_slice(rest);
+            Ok(n)
+        })
+    }
+
+    /// Give rustls ciphertext, processing as it goes, until all is taken
+    /// or it holds as much plaintext as it takes; `rest` is left with what
+    /// it did not take.
+    fn give(&mut self, rest: &mut &[u8]) -> io::Result<()> {
+        while !rest.is_empty() {
+            match self.conn.read_tls(rest) {
+                // A close_notify came: what follows is not the peer's data.
+                Ok(0) => *rest = &[],
+                Ok(_) => {
+                    self.process()?;
+                }
+                // Its plaintext is full: the rest waits until it is read.
+                Err(_) if self.pending > 0 => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 
     fn process(&mut self) -> io::Result<usize> {
@@ -547,6 +596,109 @@ mod tests {
         let rest = session.receive(b"").unwrap();
         assert_eq!(rest, &sent[100..]);
         assert!(session.receive(b"").unwrap().is_empty());
+    }
+
+    /// Everything the link reads until the socket has no more, `size`
+    /// bytes a read at most.
+    fn read_all(link: &mut TlsLink, fd: RawFd, size: usize, into: &mut Vec<u8>) {
+        let mut buf = vec![0u8; size];
+        loop {
+            match link.read(fd, &mut buf) {
+                Ok(0) => panic!("the stream ended"),
+                Ok(n) => into.extend_from_slice(&buf[..n]),
+                Err(e) if sys::would_block(&e) => return,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ciphertext_rustls_cannot_take_yet_waits_in_the_link_and_none_is_lost() {
+        let (client, mut server) = pair();
+        let (mut link, _socket, theirs) = linked(client, &mut server);
+        let sent: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        let mut ciphertext = Vec::new();
+        for piece in sent.chunks(4_000) {
+            server.send(piece).unwrap(); // a record each
+            ciphertext.extend(server.outgoing());
+        }
+        // More than rustls takes before its plaintext is full (16 KiB)...
+        let mut rest = ciphertext.as_slice();
+        link.give(&mut rest).unwrap();
+        assert!(!rest.is_empty() && rest.len() < ciphertext.len());
+        link.staged = rest.to_vec();
+        assert!(link.has_pending() && !link.drained());
+        // ...the rest waits in the link, and reads take it all, in order,
+        // with nothing more on the socket.
+        let mut got = Vec::new();
+        read_all(&mut link, theirs.as_raw_fd(), 5_000, &mut got);
+        assert!(
+            got == sent,
+            "the plaintext came out changed or out of order"
+        );
+        assert!(link.staged.is_empty() && link.drained());
+    }
+
+    #[test]
+    fn records_cut_anywhere_come_out_whole_and_in_order() {
+        let (client, mut server) = pair();
+        let (mut link, mut socket, theirs) = linked(client, &mut server);
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut ciphertext = Vec::new();
+        let mut at = 0;
+        for size in [16_384, 5, 16_384, 4_000, 900, 16_384, 16_384, 1]
+            .iter()
+            .cycle()
+        {
+            let end = (at + size).min(sent.len());
+            server.send(&sent[at..end]).unwrap();
+            ciphertext.extend(server.outgoing());
+            at = end;
+            if at == sent.len() {
+                break;
+            }
+        }
+        let mut got = Vec::new();
+        // Cuts that fall anywhere in records, reads of several sizes.
+        let mut cut = 0;
+        for (i, step) in [16_000, 700, 33_000, 3, 20_000, 16_406]
+            .iter()
+            .cycle()
+            .enumerate()
+        {
+            let end = (cut + step).min(ciphertext.len());
+            socket.write_all(&ciphertext[cut..end]).unwrap();
+            cut = end;
+            read_all(
+                &mut link,
+                theirs.as_raw_fd(),
+                [65_536, 100, 16_384][i % 3],
+                &mut got,
+            );
+            if cut == ciphertext.len() {
+                break;
+            }
+        }
+        assert_eq!(got.len(), sent.len());
+        assert!(
+            got == sent,
+            "the plaintext came out changed or out of order"
+        );
+    }
+
+    #[test]
+    fn records_waiting_together_leave_in_one_write() {
+        let (client, mut server) = pair();
+        let (mut link, mut socket, theirs) = linked(client, &mut server);
+        for piece in [b"one".as_slice(), b"two", b"three"] {
+            assert_eq!(link.write(piece).unwrap(), piece.len()); // a record each
+        }
+        // One write hands the socket all three, not the first alone.
+        link.conn.write_tls(&mut Fd(theirs.as_raw_fd())).unwrap();
+        assert!(!link.wants_write());
+        let mut got = vec![0u8; 4096];
+        let n = socket.read(&mut got).unwrap();
+        assert_eq!(server.receive(&got[..n]).unwrap(), b"onetwothree");
     }
 
     #[test]
