@@ -6,6 +6,7 @@ Usage:
     .venv/bin/python bench/gateway.py [--seconds 10] [--connections 1,64]
         [--litellm PATH] [--skip-litellm] [--pg-state] [--engine-threads]
         [--rate 1000] [--rate-connections 16] [--ttfb-requests 500] [--https-upstream]
+        [--rounds 3]
 
 What runs (all on loopback, each a separate process):
 - backend: a small asyncio server (below) that answers every
@@ -62,6 +63,13 @@ process pinned to CPU 0): from the request's send to the first ``data:``
 after the response head; each stream is read to its end before the next
 request.
 
+On a shared machine one run's p99 moves by more than the targets' margins:
+``--rounds N`` measures everything N times, round after round (wrk, oha and
+the streams, each target in turn); each figure printed is the median of the
+rounds', an added latency or a share of direct the median of the rounds'
+paired differences or ratios, and the streams' percentiles are of all their
+samples.
+
 Targets, printed with met / NOT met under the tables; nothing is asserted:
 added p50 ≤ 0.5 ms at 1 client; ≥ 4 % of the direct backend's req/s; ≥ 25×
 LiteLLM's req/s; peak ≥ 5,000 req/s with the Gate on one core; p99 ≤ 5 ms at
@@ -79,6 +87,7 @@ import re
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -446,6 +455,23 @@ def _one_stream(sock: socket.socket, request: bytes) -> float:
     return (first - start) * 1000
 
 
+def over_rounds(found: list[dict[str, float]], direct: list[dict[str, float]]) -> dict[str, float]:
+    """A target's rounds as one row: each figure the rounds' median, errors
+    their sum; ``added50``/``added99`` (latency over the direct backend's)
+    and ``share`` (its req/s as a fraction of direct's) the median of the
+    rounds' paired differences and ratios, so that a slow round moves both
+    sides of a pair alike."""
+    row = {key: statistics.median(r[key] for r in found) for key in found[0]}
+    for key in ("non2xx", "socket_errors", "errors"):
+        if key in row:
+            row[key] = sum(r[key] for r in found)
+    pairs = list(zip(found, direct, strict=True))
+    row["added50"] = statistics.median(r["p50"] - d["p50"] for r, d in pairs)
+    row["added99"] = statistics.median(r["p99"] - d["p99"] for r, d in pairs)
+    row["share"] = statistics.median(r["rps"] / d["rps"] for r, d in pairs)
+    return row
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -583,6 +609,13 @@ def main() -> None:
         action="store_true",
         help="also a Gate whose provider is the backend over https (its own CA)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure everything this many times, round after round; each figure is the "
+        "median of the rounds', each added latency the median of the rounds' differences",
+    )
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend-tls", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -600,8 +633,8 @@ def main() -> None:
     lua.write_text(LUA % REQUEST)
     processes: list[subprocess.Popen[bytes]] = []
     cleanups: list[Any] = []
-    rows: list[tuple[str, int, dict[str, float]]] = []
-    rate_rows: list[tuple[str, dict[str, float]]] = []
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}  # (target, conns): each round's
+    rate_runs: dict[str, list[dict[str, float]]] = {}
     first_bytes: list[list[float]] = []
     contenders_names: list[str] = []
     try:
@@ -667,12 +700,6 @@ def main() -> None:
                 processes.append(litellm)
                 post_once(lite_url, lite_key)
                 contenders.append(("LiteLLM proxy", lite_url, lite_key, litellm.pid))
-        for name, url, token, pid in contenders:
-            for connections in counts:
-                # A short warm-up, then the measured run.
-                wrk(url, token, connections, min(2.0, args.seconds), lua)
-                result = wrk(url, token, connections, args.seconds, lua, pid)
-                rows.append((name, connections, result))
         # The same backend on the gateway's CPU: what crossing CPUs alone
         # costs (direct crosses none, a request through the gateway four).
         across_port = free_port()
@@ -682,46 +709,67 @@ def main() -> None:
         wait_http(across_url, timeout=20)
         across_row = ("direct on CPU 1", across_url, "none", across.pid)
         with_across = [*contenders[:1], across_row, *contenders[1:]]
-        if oha_path is not None:
-            for name, url, token, pid in with_across:
-                result = oha(
-                    oha_path, url, token, args.rate, args.rate_connections, args.seconds, pid
-                )
-                rate_rows.append((name, result))
+        contenders_names.extend(name for name, _, _, _ in with_across)
+        targets = [(url, token) for _, url, token, _ in with_across]
         if args.ttfb_requests > 0:
-            targets = [(url, token) for _, url, token, _ in with_across]
-            contenders_names.extend(name for name, _, _, _ in with_across)
-            ttfb(targets, min(50, args.ttfb_requests))  # warm-up
-            # The client shares CPU 0 with the backend, like wrk.
-            affinity = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {0})
-            try:
-                first_bytes = ttfb(targets, args.ttfb_requests)
-            finally:
-                os.sched_setaffinity(0, affinity)
+            first_bytes = [[] for _ in targets]
+        for round_ in range(args.rounds):
+            for name, url, token, pid in contenders:
+                for connections in counts:
+                    if round_ == 0:  # a short warm-up, then the measured runs
+                        wrk(url, token, connections, min(2.0, args.seconds), lua)
+                    result = wrk(url, token, connections, args.seconds, lua, pid)
+                    runs.setdefault((name, connections), []).append(result)
+            if oha_path is not None:
+                for name, url, token, pid in with_across:
+                    result = oha(
+                        oha_path, url, token, args.rate, args.rate_connections, args.seconds, pid
+                    )
+                    rate_runs.setdefault(name, []).append(result)
+            if args.ttfb_requests > 0:
+                if round_ == 0:
+                    ttfb(targets, min(50, args.ttfb_requests))  # warm-up
+                # The client shares CPU 0 with the backend, like wrk.
+                affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {0})
+                try:
+                    for times, more in zip(
+                        first_bytes, ttfb(targets, args.ttfb_requests), strict=True
+                    ):
+                        times.extend(more)
+                finally:
+                    os.sched_setaffinity(0, affinity)
     finally:
         for process in reversed(processes):
             stop(process)
         for cleanup in reversed(cleanups):
             cleanup()
-    direct = {c: r for n, c, r in rows if n == "direct backend"}
+    rows = [
+        (name, connections, over_rounds(found, runs[("direct backend", connections)]))
+        for (name, connections), found in runs.items()
+    ]
+    rate_rows = [
+        (name, over_rounds(found, rate_runs["direct backend"])) for name, found in rate_runs.items()
+    ]
+    rounds = (
+        f"; the median of {args.rounds} rounds (added latency and share of direct: the median "
+        "of the rounds' paired differences and ratios)"
+        if args.rounds > 1
+        else ""
+    )
     print(
         f"wrk -t1, {args.seconds:g} s per run; wrk + backend on CPU 0, the gateway on CPU 1; "
-        f"POST /v1/chat/completions ({len(REQUEST)} B body)"
+        f"POST /v1/chat/completions ({len(REQUEST)} B body){rounds}"
     )
     print(
         f"{'target':<16} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'+p50 ms':>8} {'+p99 ms':>8} {'of direct':>9} {'req/CPU-s':>10} {'errors':>7}"
     )
     for name, connections, r in rows:
-        base = direct[connections]
-        added50 = r["p50"] - base["p50"] if name != "direct backend" else 0.0
-        added99 = r["p99"] - base["p99"] if name != "direct backend" else 0.0
-        share = r["rps"] / base["rps"] * 100
         print(
             f"{name:<16} {connections:>5} {r['rps']:>10,.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
-            f"{added50:>8.3f} {added99:>8.3f} {share:>8.2f}% {r['cpu_rps']:>10,.0f} "
-            f"{int(r['non2xx']):>7}"
+            f"{r['added50']:>8.3f} {r['added99']:>8.3f} {r['share'] * 100:>8.2f}% "
+            f"{r['cpu_rps']:>10,.0f} {int(r['non2xx']):>7}"
         )
     print(
         "req/CPU-s: requests served per CPU-second the target process (and its children) "
@@ -747,19 +795,16 @@ def main() -> None:
         print()
         print(
             f"oha -q {args.rate:g} --latency-correction -c {args.rate_connections}, "
-            f"{args.seconds:g} s per run, on CPU 0; latency from when each request was due"
+            f"{args.seconds:g} s per run, on CPU 0; latency from when each request was due" + rounds
         )
         print(
             f"{'target':<16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} "
             f"{'+p50 ms':>8} {'+p99 ms':>8} {'CPU %':>6} {'errors':>7}"
         )
         for name, r in rate_rows:
-            direct_row = name == "direct backend"
-            added50 = 0.0 if direct_row else r["p50"] - rate_direct["p50"]
-            added99 = 0.0 if direct_row else r["p99"] - rate_direct["p99"]
             print(
                 f"{name:<16} {r['rps']:>8,.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
-                f"{r['p999']:>9.3f} {added50:>8.3f} {added99:>8.3f} {r['cpu']:>6.1f} "
+                f"{r['p999']:>9.3f} {r['added50']:>8.3f} {r['added99']:>8.3f} {r['cpu']:>6.1f} "
                 f"{int(r['errors']):>7}"
             )
         print("CPU %: of one core, the target process (and its children) over the run")
@@ -772,8 +817,9 @@ def main() -> None:
         print(
             f"streamed completion ({len(STREAM_EVENTS)} SSE events, the first at once, then one "
             f"every {STREAM_GAP_S * 1000:g} ms), {args.ttfb_requests} sequential requests per "
-            "target on one keep-alive connection each, client on CPU 0; time from the request "
-            "sent to the first data: event"
+            "target on one keep-alive connection each"
+            + (f" in each of {args.rounds} rounds (percentiles of all)" if args.rounds > 1 else "")
+            + ", client on CPU 0; time from the request sent to the first data: event"
         )
         print(f"{'target':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}")
         base50, base99 = (percentile(first_bytes[0], q) for q in (0.5, 0.99))
@@ -794,13 +840,12 @@ def main() -> None:
         )
 
     if 1 in gate_rows:
-        added = gate_rows[1]["p50"] - direct[1]["p50"]
-        verdict("wrk, 1 connection: added p50", added, 0.5, "ms", True)
+        verdict("wrk, 1 connection: added p50", gate_rows[1]["added50"], 0.5, "ms", True)
     if gate_rows:
         peak = max(r["rps"] for r in gate_rows.values())
         verdict("wrk: peak req/s", peak, 5000, "req/s", False)
     for connections, r in gate_rows.items():
-        share = r["rps"] / direct[connections]["rps"] * 100
+        share = r["share"] * 100
         verdict(f"wrk, {connections} connection(s): of direct req/s", share, 4, "%", False)
     if 64 in gate_rows:
         verdict("wrk, 64 connections: p99", gate_rows[64]["p99"], 5, "ms", True)
@@ -811,8 +856,8 @@ def main() -> None:
     gate_rate = next((r for n, r in rate_rows if n == "qmesh Gate"), None)
     if rate_direct is not None and gate_rate is not None:
         label = f"oha, {args.rate:g} req/s offered: added"
-        verdict(f"{label} p50", gate_rate["p50"] - rate_direct["p50"], 0.3, "ms", True)
-        verdict(f"{label} p99", gate_rate["p99"] - rate_direct["p99"], 1, "ms", True)
+        verdict(f"{label} p50", gate_rate["added50"], 0.3, "ms", True)
+        verdict(f"{label} p99", gate_rate["added99"], 1, "ms", True)
     elif oha_path is None:
         print(f"  oha, {args.rate:g} req/s offered: not measured (no oha: {OHA_INSTALL})")
     if len(first_bytes) > 2:
