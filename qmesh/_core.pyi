@@ -903,11 +903,22 @@ class TlsServerConfig:
 
 @final
 class TlsClientConfig:
-    """A TLS client's trust, loaded once and shared by its connections:
-    servers are verified against ``root_certificates`` (PEM) and must carry
-    the name they are reached by. TlsError when no root is usable."""
+    """A TLS client's trust, loaded once and shared by its connections
+    (parsing a bundle of a hundred roots takes most of a millisecond).
+    ``verify``: ``"full"`` (the chain up to ``root_certificates``, PEM, and
+    the name the server is reached by), ``"ca"`` (the chain only) or
+    ``"none"`` (only the handshake's signatures: the server holds the key of
+    the certificate it sent; ``root_certificates`` is ignored). ``alpn``:
+    the protocols offered. TlsError when no root is usable, ValueError for a
+    bad ``verify``."""
 
-    def __new__(cls, root_certificates: bytes, *, alpn: list[bytes] | None = None) -> Self: ...
+    def __new__(
+        cls,
+        root_certificates: bytes,
+        *,
+        verify: str = "full",
+        alpn: list[bytes] | None = None,
+    ) -> Self: ...
 
 @final
 class TlsSession:
@@ -921,19 +932,9 @@ class TlsSession:
     connection (:meth:`PoolShelf.give`): while an engine holds it, the same."""
 
     @staticmethod
-    def client(
-        server_name: str,
-        *,
-        verify: str,
-        root_certificates: bytes | None = None,
-        alpn: list[bytes] | None = None,
-    ) -> TlsSession:
-        """A client. ``verify``: ``"full"`` (the chain up to
-        ``root_certificates``, PEM, and ``server_name``), ``"ca"`` (the chain
-        only) or ``"none"`` (only the handshake's signatures: the server holds
-        the key of the certificate it sent). ``server_name`` is a DNS name
-        (sent as SNI) or an IP address. TlsError for unusable certificates,
-        ValueError for a bad ``verify``."""
+    def client(server_name: str, *, config: TlsClientConfig) -> TlsSession:
+        """A client trusting as ``config`` says. ``server_name`` is a DNS name
+        (sent as SNI) or an IP address; TlsError when it is neither."""
     @staticmethod
     def server(config: TlsServerConfig) -> TlsSession:
         """A server, with ``config``'s certificate."""

@@ -31,6 +31,7 @@ from qmesh.config import GateAppConfig
 from qmesh.pg import login as gate_login
 from qmesh.pg.edge import tls_config
 from qmesh.pg.scram import ScramClient, tls_server_end_point
+from qmesh.pg.server_tls import _trust
 from qmesh.pg.vault import DatabaseSecret
 
 
@@ -61,6 +62,25 @@ def server_tls(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) 
         for setting in ("ssl", "ssl_cert_file", "ssl_key_file"):
             pg_cluster.psql(f"ALTER SYSTEM RESET {setting}")
         pg_cluster.psql("SELECT pg_reload_conf()")
+
+
+def test_a_trust_is_loaded_once_per_file_and_again_once_the_file_changes(tmp_path: Path) -> None:
+    ca, _, _ = make_ca_and_server(tmp_path / "ca", "server")
+    bundle = tmp_path / "roots.pem"
+    bundle.write_bytes(ca.read_bytes())
+    first = _trust("full", str(bundle))
+    assert _trust("full", str(bundle)) is first, "a login parsed the bundle again"
+    assert _trust("ca", str(bundle)) is not first  # another verification
+    # A rotated bundle is read on the next login, without a restart.
+    other, _, _ = make_ca_and_server(tmp_path / "other", "server")
+    bundle.write_bytes(other.read_bytes())
+    modified = bundle.stat().st_mtime_ns + 1_000_000_000  # whatever the clock's grain
+    os.utime(bundle, ns=(modified, modified))
+    assert _trust("full", str(bundle)) is not first
+    # Verifying nothing needs no bundle.
+    assert _trust("none", None) is _trust("none", str(bundle))
+    with pytest.raises(FileNotFoundError):
+        _trust("full", str(tmp_path / "missing.pem"))
 
 
 async def test_minigate_tls_for_the_app(nursery: trio.Nursery, db: RealDb, tmp_path: Path) -> None:

@@ -47,23 +47,33 @@ def verification(sslmode: str, sslrootcert: str | None) -> str:
     return "none"
 
 
+_TRUST_NOTHING: Final = _core.TlsClientConfig(b"", verify="none", alpn=[ALPN])
+"""``verify="none"``'s trust, the same for every server."""
+
+
 @lru_cache(maxsize=16)
-def _read_roots(path: str, _mtime_ns: int) -> bytes:
-    return Path(path).read_bytes()
+def _load_trust(verify: str, path: str | None, _mtime_ns: int) -> _core.TlsClientConfig:
+    roots = Path(path).read_bytes() if path is not None else b""
+    return _core.TlsClientConfig(roots, verify=verify, alpn=[ALPN])
 
 
-def _roots(sslrootcert: str | None) -> bytes:
-    """The trusted certificates (PEM): ``sslrootcert``, else the system's.
-    Cached per file and modification time: a login must not re-read a
-    bundle of a hundred certificates."""
+def _trust(verify: str, sslrootcert: str | None) -> _core.TlsClientConfig:
+    """What a connection verifying as ``verify`` trusts: ``sslrootcert``,
+    else the system's certificates. Cached per file and modification time:
+    reading and parsing a bundle of a hundred certificates takes most of a
+    millisecond, which a login must not pay again."""
+    if verify == "none":
+        return _TRUST_NOTHING
     candidates = [sslrootcert] if sslrootcert else _system_bundles()
     for path in candidates:
         try:
-            return _read_roots(path, os.stat(path).st_mtime_ns)
+            modified = os.stat(path).st_mtime_ns
         except OSError:
             if sslrootcert:
                 raise
-    return b""
+            continue
+        return _load_trust(verify, path, modified)
+    return _load_trust(verify, None, 0)  # no bundle: TlsError, no root to verify against
 
 
 def _system_bundles() -> list[str]:
@@ -78,8 +88,8 @@ async def start_tls(
     """The TLS handshake with the server at ``host``; raises ``_core.TlsError``
     (an OSError) or ``trio.BrokenResourceError`` when it fails."""
     verify = verification(sslmode, sslrootcert)
-    roots = await trio.to_thread.run_sync(_roots, sslrootcert) if verify != "none" else None
-    tls = _core.TlsSession.client(host, verify=verify, root_certificates=roots, alpn=[ALPN])
+    trust = await trio.to_thread.run_sync(_trust, verify, sslrootcert)
+    tls = _core.TlsSession.client(host, config=trust)
     stream = TlsStream(tcp, tls)
     await stream.handshake()
     return stream

@@ -47,9 +47,18 @@ pub struct TlsClientConfig {
 #[pymethods]
 impl TlsClientConfig {
     #[new]
-    #[pyo3(signature = (root_certificates, *, alpn = None))]
-    fn new(root_certificates: &[u8], alpn: Option<Vec<Vec<u8>>>) -> Result<Self> {
-        let inner = tls::client_config(Verify::Full, root_certificates, alpn.unwrap_or_default())?;
+    #[pyo3(signature = (root_certificates, *, verify = "full", alpn = None))]
+    fn new(root_certificates: &[u8], verify: &str, alpn: Option<Vec<Vec<u8>>>) -> Result<Self> {
+        let verify = match verify {
+            "none" => Verify::None,
+            "ca" => Verify::Chain,
+            "full" => Verify::Full,
+            other => {
+                let why = format!("verify must be 'none', 'ca' or 'full', not {other:?}");
+                return Err(PyValueError::new_err(why).into());
+            }
+        };
+        let inner = tls::client_config(verify, root_certificates, alpn.unwrap_or_default())?;
         Ok(TlsClientConfig { inner })
     }
 }
@@ -95,28 +104,12 @@ impl TlsSession {
 #[pymethods]
 impl TlsSession {
     #[staticmethod]
-    #[pyo3(signature = (server_name, *, verify, root_certificates = None, alpn = None))]
-    fn client(
-        server_name: &str,
-        verify: &str,
-        root_certificates: Option<&[u8]>,
-        alpn: Option<Vec<Vec<u8>>>,
-    ) -> Result<Self> {
-        let verify = match verify {
-            "none" => Verify::None,
-            "ca" => Verify::Chain,
-            "full" => Verify::Full,
-            other => {
-                let why = format!("verify must be 'none', 'ca' or 'full', not {other:?}");
-                return Err(PyValueError::new_err(why).into());
-            }
-        };
-        let config = tls::client_config(
-            verify,
-            root_certificates.unwrap_or_default(),
-            alpn.unwrap_or_default(),
-        )?;
-        Ok(TlsSession::new(tls::connect(config, server_name)?))
+    #[pyo3(signature = (server_name, *, config))]
+    fn client(server_name: &str, config: &TlsClientConfig) -> Result<Self> {
+        Ok(TlsSession::new(tls::connect(
+            Arc::clone(&config.inner),
+            server_name,
+        )?))
     }
 
     #[staticmethod]
