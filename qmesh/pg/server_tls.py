@@ -88,7 +88,12 @@ async def start_tls(
     """The TLS handshake with the server at ``host``; raises ``_core.TlsError``
     (an OSError) or ``trio.BrokenResourceError`` when it fails."""
     verify = verification(sslmode, sslrootcert)
-    trust = await trio.to_thread.run_sync(_trust, verify, sslrootcert)
+    # No file to look at for verify-nothing: no trip to a worker thread.
+    trust = (
+        _TRUST_NOTHING
+        if verify == "none"
+        else await trio.to_thread.run_sync(_trust, verify, sslrootcert)
+    )
     tls = _core.TlsSession.client(host, config=trust)
     stream = TlsStream(tcp, tls)
     await stream.handshake()
