@@ -25,6 +25,7 @@ Reliable sequences continue across reconnects of one session; control
 sequences restart at 0 on every connection. Keys are fresh per connection.
 """
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import ClassVar, Final, Literal, Self, TypeAlias, final
 
@@ -115,7 +116,9 @@ __all__ = [
     "engine_poll",
     "engine_polls",
     "engine_threads",
+    "insert_sealed",
     "json_nesting_depth",
+    "native_sqlite",
     "parse_authentication",
     "parse_backend_key_data",
     "parse_bind",
@@ -1152,6 +1155,30 @@ def seal_row(
     key: bytes, prev: bytes, row_id: int, values: Iterable[bool | int | float | str | None]
 ) -> bytes:
     """The seal of one row (see :func:`seal_rows`)."""
+
+def insert_sealed(
+    conn: sqlite3.Connection,
+    insert: str,
+    key: bytes,
+    prev: bytes,
+    first_id: int,
+    rows: Iterable[Sequence[bool | int | float | str | None]],
+) -> bytes:
+    """Seal ``rows`` as :func:`seal_rows` does (ids from ``first_id``, the
+    first chained to ``prev``) and insert them with ``insert`` (``INSERT
+    INTO table (columns)``: an id, the values, the seal before and the row's
+    own) on ``conn``, inside a transaction the caller began and keeps to
+    itself; the last seal. Only reading the rows holds the GIL: the
+    statements (64 rows each) run on the connection's own SQLite handle,
+    through the library the ``sqlite3`` module loaded. Values are stored as
+    the module binds them (a bool as an int). Database errors are the
+    module's (``IntegrityError``, ``OperationalError``); rows of differing
+    lengths a ``ValueError``; outside a transaction, on a closed connection
+    or where :func:`native_sqlite` is false, ``RuntimeError``."""
+
+def native_sqlite() -> bool:
+    """Whether :func:`insert_sealed` works in this interpreter (CPython 3.11
+    to 3.14, whose ``sqlite3.Connection`` starts with its handle)."""
 
 def canonical_row(row_id: int, values: Iterable[bool | int | float | str | None]) -> bytes:
     """``json.dumps([row_id, *values], separators=(",", ":"),

@@ -7,10 +7,13 @@ accepts them only if Rust writes exactly those bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -18,6 +21,7 @@ from hypothesis import strategies as st
 
 from qmesh import _core
 from qmesh.finops.chain import GENESIS, Column
+from qmesh.state.db import insert_many
 
 columns = st.one_of(
     st.none(),
@@ -78,3 +82,66 @@ def test_what_json_cannot_write_is_refused() -> None:
         _core.canonical_row(1, ["\ud800"])  # json.dumps(...).encode() fails alike
     with pytest.raises(ValueError, match="32 bytes"):
         _core.seal_rows(b"k", b"short", 1, [[1]])
+
+
+def _table(conn: sqlite3.Connection, name: str, width: int) -> str:
+    names = ", ".join(f"c{i}" for i in range(width))
+    conn.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {names}, prev_hash, hash)")
+    return f"INSERT INTO {name} (id, {names}, prev_hash, hash)"
+
+
+def _stored(conn: sqlite3.Connection, name: str, width: int) -> list[tuple[object, ...]]:
+    # Each value with the type SQLite stored it as: the seal is over Python's
+    # value, so both writers must store the same.
+    cells = ", ".join(f"c{i}, typeof(c{i})" for i in range(width))
+    return conn.execute(f"SELECT id, {cells}, prev_hash, hash FROM {name} ORDER BY id").fetchall()
+
+
+@settings(max_examples=60, derandomize=True)
+@given(st.integers(min_value=1, max_value=6).flatmap(
+    lambda width: st.lists(st.lists(columns, min_size=width, max_size=width), min_size=1,
+                           max_size=80)))  # fmt: skip
+# Past one statement's 64 rows, every type in every column.
+@example([[i, f"row {i}", i / 7, i % 2 == 0, None][i % 5 :] + [i, "x", 0.5, True, None][: i % 5]
+          for i in range(150)])  # fmt: skip
+def test_sqlite_rows_inserted_natively_are_those_the_sqlite3_module_inserts(
+    batch: list[list[Column]],
+) -> None:
+    width = len(batch[0])
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        by_module, natively = _table(conn, "by_module", width), _table(conn, "natively", width)
+        conn.execute("BEGIN IMMEDIATE")
+        sealed, last = _core.seal_rows(b"key", GENESIS, 7, batch)
+        insert_many(conn, by_module, sealed, width + 3)
+        assert _core.insert_sealed(conn, natively, b"key", GENESIS, 7, batch) == last
+        conn.execute("COMMIT")
+        assert _stored(conn, "natively", width) == _stored(conn, "by_module", width)
+
+
+def test_a_native_insert_that_fails_raises_the_sqlite3_modules_error_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    assert _core.native_sqlite()  # CPython 3.11 to 3.14: the ledger takes this path
+    with contextlib.closing(sqlite3.connect(tmp_path / "t.db", isolation_level=None)) as conn:
+        insert = _table(conn, "t", 1)
+        with pytest.raises(RuntimeError, match="inside the caller's transaction"):
+            _core.insert_sealed(conn, insert, b"k", GENESIS, 1, [[1]])
+        conn.execute("BEGIN IMMEDIATE")
+        _core.insert_sealed(conn, insert, b"k", GENESIS, 1, [[1], [2], [3]])
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed"):
+            _core.insert_sealed(conn, insert, b"k", GENESIS, 3, [[3]])  # id 3 is taken
+        with pytest.raises(sqlite3.OperationalError, match="5 values for 4 columns"):
+            _core.insert_sealed(conn, insert, b"k", GENESIS, 9, [[1, 2]])
+        with pytest.raises(ValueError, match="differ in length"):
+            _core.insert_sealed(conn, insert, b"k", GENESIS, 9, [[1], [1, 2]])
+        with pytest.raises(TypeError, match="not bytes"):
+            _core.insert_sealed(conn, insert, b"k", GENESIS, 9, [[b"raw"]])  # type: ignore[list-item]
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            gone = "INSERT INTO gone (id, c0, prev_hash, hash)"
+            _core.insert_sealed(conn, gone, b"k", GENESIS, 9, [[1]])
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    with pytest.raises(RuntimeError, match="closed"):
+        _core.insert_sealed(conn, insert, b"k", GENESIS, 1, [[1]])
+    with pytest.raises(RuntimeError, match=r"not a sqlite3\.Connection"):
+        _core.insert_sealed(object(), insert, b"k", GENESIS, 1, [[1]])  # type: ignore[arg-type]

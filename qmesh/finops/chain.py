@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,9 @@ GENESIS: Final = b"\x00" * 32
 Column: TypeAlias = bool | int | float | str | None
 """What a chained table's data column holds (what its seal is computed over)."""
 KEY_FILE: Final = "chain.key"
+_NATIVE_SQLITE: Final = _core.native_sqlite()
+"""Whether :func:`qmesh._core.insert_sealed` can write through this
+interpreter's ``sqlite3`` connections (CPython 3.11 to 3.14)."""
 CHAINS: Final = {
     "ledger": (
         "qg_ledger",
@@ -228,15 +232,18 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
     # Ids are assigned here, not by the database, so the sealed id is the stored one.
     next_id = int(conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
     next_id = max(next_id, last_id) + 1
-    # Sealed in Rust with the GIL released: this runs in a worker thread
-    # beside the event loop, which would otherwise wait for the GIL.
-    sealed, prev = _core.seal_rows(key, prev, next_id, rows)
+    insert = f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash)"
     width = len(columns) + 3
-    if len(sealed) != width * len(rows):
-        raise ValueError(f"rows of the {chain} chain have {len(columns)} columns")
-    insert_many(
-        conn, f"INSERT INTO {table} (id, {', '.join(columns)}, prev_hash, hash)", sealed, width
-    )
+    # This runs in a worker thread beside the event loop, which waits for
+    # the GIL whenever this thread holds it: the rows are sealed in Rust with
+    # the GIL released, and on SQLite inserted there too.
+    if _NATIVE_SQLITE and isinstance(conn, sqlite3.Connection):
+        prev = _core.insert_sealed(conn, insert, key, prev, next_id, rows)
+    else:
+        sealed, prev = _core.seal_rows(key, prev, next_id, rows)
+        if len(sealed) != width * len(rows):
+            raise ValueError(f"rows of the {chain} chain have {len(columns)} columns")
+        insert_many(conn, insert, sealed, width)
     last_id = next_id + len(rows) - 1
     count += len(rows)
     mac = _head_mac(key, chain, last_id, prev, count)

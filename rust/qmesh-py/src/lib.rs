@@ -51,6 +51,7 @@ mod error;
 mod http;
 mod pg;
 mod pool;
+mod sqlite;
 mod tls;
 
 pub use error::{Error, Result};
