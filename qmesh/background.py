@@ -45,15 +45,6 @@ ledger's writer needs about a seventh at 18,000 requests a second, so it
 keeps up; at 10 (a tenth) it fell behind in a sustained run until the
 ledger was full and refused requests."""
 
-TIME_SLICE_S: Final = 0.0001
-"""The longest the thread runs before the scheduler may hand its core on.
-The event loop of a saturated Gate is never idle, so it never preempts on
-waking: the thread's share (above) came in turns of the kernel's own slice,
-1.5 ms or more on two cores, and requests stalled for each. ``bench/gateway.py``
-setup, the Gate on one core, wrk at 64 connections, three paired rounds:
-p99 4.6-6.2 ms with the kernel's slice, 4.1-4.6 ms with 0.1 ms, at the same
-req/s."""
-
 
 class BackgroundThread:
     """One daemon thread running jobs in order; started on first use and
@@ -109,9 +100,10 @@ class BackgroundThread:
         except OSError as exc:  # a platform without per-thread priorities
             log.debug("%s: could not lower its priority: %s", self.name, exc)
         try:
-            # Short turns, so the event loop never waits long for its own.
-            _core.request_time_slice(TIME_SLICE_S)
+            # Not the event loop's short time slice, which the thread
+            # inherits from it: bulk work is what the loop's preempts.
+            _core.request_time_slice(None)
         except OSError as exc:  # a kernel without sched_setattr
-            log.debug("%s: could not shorten its time slice: %s", self.name, exc)
+            log.debug("%s: could not take the kernel's time slice: %s", self.name, exc)
         while True:
             self._jobs.get()()

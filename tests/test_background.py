@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from qmesh import _core
-from qmesh.background import NICENESS, TIME_SLICE_S, BackgroundThread
+from qmesh.background import NICENESS, BackgroundThread
 
 
 async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result() -> None:
@@ -28,9 +28,9 @@ async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result()
     assert (await worker.run(where))[0] == tid, "one thread, kept"
 
 
-async def test_the_thread_takes_short_turns_whatever_its_starters_slice() -> None:
-    """A saturated event loop is never idle, so it never preempts the thread
-    on waking: the thread's turns must be short of themselves."""
+async def test_the_thread_has_the_kernels_time_slice_not_its_starters() -> None:
+    """The event loop's thread asks for a short time slice, so that woken it
+    preempts bulk work; the thread it starts for that work gives it up."""
     if not _core.request_time_slice(0.0005):
         pytest.skip("the kernel keeps no time slice of a thread's own (Linux 6.12 on)")
     try:
@@ -42,7 +42,7 @@ async def test_the_thread_takes_short_turns_whatever_its_starters_slice() -> Non
             return int(line.split(":")[1])
 
         assert own_slice() == 500_000
-        assert await worker.run(own_slice) == round(TIME_SLICE_S * 1e9) == 100_000
+        assert await worker.run(own_slice) != 500_000
     finally:
         _core.request_time_slice(None)
 
