@@ -20,10 +20,10 @@
 //!   version, and the caller keeps the `sqlite3` module's path.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::OnceLock;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
 /// Opaque `sqlite3` and `sqlite3_stmt`.
 type Db = c_void;
@@ -72,7 +72,8 @@ struct Api {
     get_autocommit: DbFn,
 }
 
-static API: OnceLock<Option<Api>> = OnceLock::new();
+/// Looked up once, with the GIL held (the lookup imports `_sqlite3`).
+static API: PyOnceLock<Option<Api>> = PyOnceLock::new();
 
 /// Look the functions up in the library `_sqlite3` was loaded with.
 fn load(module_file: &str) -> Option<Api> {
@@ -112,7 +113,7 @@ fn load(module_file: &str) -> Option<Api> {
 }
 
 fn api(py: Python<'_>) -> Option<&'static Api> {
-    API.get_or_init(|| {
+    API.get_or_init(py, || {
         let version = py.version_info();
         if !LAYOUT_KNOWN.contains(&(version.major, version.minor)) {
             return None;
