@@ -5,9 +5,10 @@
 //! code that never lets it go: the event loop's thread, wanting the GIL to
 //! serve a request, waited behind each statement's binding (a quarter of a
 //! millisecond for 64 rows): wrk's p99 at 64 connections, the Gate on one
-//! core, was 6.2-7.0 ms that way and 4.9-5.4 ms this way. Here the same
-//! statements run on the same connection (so its transaction, locks and
-//! `PRAGMA data_version` are untouched) with the GIL released.
+//! core, five paired runs, had a median of 6.2 ms that way and 5.6 ms this
+//! way (docs/http.md). Here the same statements run on the same connection
+//! (so its transaction, locks and `PRAGMA data_version` are untouched) with
+//! the GIL released.
 //!
 //! Two things are borrowed from the interpreter rather than linked:
 //! - the library: `sqlite3_*` are looked up through the `_sqlite3`
