@@ -163,7 +163,10 @@ def insert_many(conn: Connection, insert: str, values: Sequence[object], width: 
     is one GIL hand-over per row, each of which stalls the event loop's
     thread (the ledger under wrk, 64 connections, the Gate on one core,
     paired rounds: p99 7.2–7.9 ms with rows inserted one by one, 6.4–7.0 ms
-    with these statements; 4.3–4.9 ms with no ledger writes at all)."""
+    with these statements; 4.3–4.9 ms with no ledger writes at all). The
+    ledger on SQLite now binds in Rust with the GIL released instead
+    (``_core.insert_sealed``); this serves PostgreSQL, and SQLite under an
+    interpreter that path does not know."""
     one = "(" + ", ".join(["?"] * width) + ")"
     rows = len(values) // width
     done = 0
