@@ -30,8 +30,8 @@ columns = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(),  # every code point but lone surrogates, control characters too
 )
-# Lists and tuples (the writer's rows); batches past the rows the Rust side
-# encodes per hold of the GIL (64), so the chain crosses its groups.
+# Lists and tuples (the writer's rows) of differing lengths in one batch,
+# up to 150 rows.
 rows = st.lists(
     st.one_of(st.lists(columns, max_size=8), st.tuples(columns, columns, columns)),
     min_size=1,

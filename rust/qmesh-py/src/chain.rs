@@ -1,5 +1,6 @@
-//! The ledger's hash chain (`qmesh-chain`): rows sealed with the GIL
-//! released, so the ledger's writer thread does not hold up the event loop.
+//! The ledger's hash chain (`qmesh-chain`): rows sealed (and on SQLite
+//! inserted) with the GIL released, so the ledger's writer thread does not
+//! hold up the event loop.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -8,12 +9,6 @@ use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyString
 use qmesh_chain::{Seal, Value};
 
 use crate::sqlite;
-
-/// Rows encoded at a time with the GIL held: the writer thread gives the
-/// GIL back between groups (sealing them), so the event loop waits for at
-/// most one group's encoding (tens of microseconds), not a whole batch's
-/// (a millisecond or more for a thousand rows).
-const ROWS_PER_GIL_HOLD: usize = 64;
 
 /// `obj` as a chained row's value. Anything but None, bool, int, float or
 /// str is a `TypeError`, as `json.dumps` raises for it.
@@ -37,110 +32,9 @@ fn value<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Value<'a>> {
     })
 }
 
-/// Append `obj` to the row being encoded, as `json.dumps` writes it.
-fn push_value(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
-    qmesh_chain::push_value(value(obj)?, out);
-    Ok(())
-}
-
-/// Append the canonical JSON of `[row_id, *values]` to `out`.
-fn encode_row(row_id: i64, values: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
-    qmesh_chain::begin_row(row_id, out);
-    if let Ok(tuple) = values.cast::<PyTuple>() {
-        for item in tuple.iter_borrowed() {
-            push_value(&item, out)?;
-        }
-    } else {
-        for item in values.try_iter()? {
-            push_value(&item?, out)?;
-        }
-    }
-    qmesh_chain::end_row(out);
-    Ok(())
-}
-
 fn prev_seal(prev: &[u8]) -> PyResult<Seal> {
     prev.try_into()
         .map_err(|_| PyValueError::new_err("a seal is 32 bytes"))
-}
-
-/// The seals of `rows` (each a sequence of column values) with ids from
-/// `first_id`, the first chained to `prev`.
-fn seal_all(
-    py: Python<'_>,
-    key: &[u8],
-    prev: &[u8],
-    first_id: i64,
-    rows: &[Bound<'_, PyAny>],
-) -> PyResult<Vec<Seal>> {
-    let mut prev = prev_seal(prev)?;
-    let key = qmesh_chain::key(key);
-    let mut seals: Vec<Seal> = Vec::with_capacity(rows.len());
-    let mut encoded = Vec::with_capacity(ROWS_PER_GIL_HOLD * 512);
-    let mut ends = Vec::with_capacity(ROWS_PER_GIL_HOLD);
-    let mut row_id = first_id;
-    for group in rows.chunks(ROWS_PER_GIL_HOLD) {
-        encoded.clear();
-        ends.clear();
-        for values in group {
-            encode_row(row_id, values, &mut encoded)?;
-            ends.push(encoded.len());
-            row_id += 1;
-        }
-        let sealed = py.detach(|| qmesh_chain::seal_encoded(&key, &prev, &encoded, &ends));
-        prev = *sealed.last().expect("a group has rows");
-        seals.extend(sealed);
-    }
-    Ok(seals)
-}
-
-/// `rows` sealed (ids from `first_id`, the first chained to `prev`) and
-/// laid out for one INSERT: each row's id, its values, the seal before it
-/// and its own, end to end; and the last seal. Seals are bytearrays
-/// because sqlite3 binds those at once, where it first looks bytes up
-/// among its adapters. With the Python loop this replaces: a ledger row's
-/// write in the writer thread took 12.9 µs of CPU, now 11.0 (medians of
-/// 14 paired batches).
-#[pyfunction]
-pub fn seal_rows<'py>(
-    py: Python<'py>,
-    key: &[u8],
-    prev: &[u8],
-    first_id: i64,
-    rows: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyBytes>)> {
-    let rows = rows.try_iter()?.collect::<PyResult<Vec<_>>>()?;
-    let seals = seal_all(py, key, prev, first_id, &rows)?;
-    let out = PyList::empty(py);
-    let mut before = PyByteArray::new(py, prev).into_any();
-    for ((row, seal), row_id) in rows.iter().zip(&seals).zip(first_id..) {
-        out.append(row_id)?;
-        for value in row.try_iter()? {
-            out.append(value?)?;
-        }
-        let sealed = PyByteArray::new(py, seal).into_any();
-        out.append(&before)?;
-        out.append(&sealed)?;
-        before = sealed;
-    }
-    let last = seals.last().map_or(prev, |seal| seal.as_slice());
-    Ok((out, PyBytes::new(py, last)))
-}
-
-/// The seal of one row chained to `prev`.
-#[pyfunction]
-pub fn seal_row<'py>(
-    py: Python<'py>,
-    key: &[u8],
-    prev: &[u8],
-    row_id: i64,
-    values: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyBytes>> {
-    let prev = prev_seal(prev)?;
-    let mut encoded = Vec::with_capacity(512);
-    encode_row(row_id, values, &mut encoded)?;
-    let seal = qmesh_chain::seal_canonical(&qmesh_chain::key(key), &prev, &encoded);
-    Ok(PyBytes::new(py, &seal))
 }
 
 /// A value read out of Python, its text in the batch's arena.
@@ -152,13 +46,16 @@ enum Cell {
     Text(std::ops::Range<usize>),
 }
 
-/// Rows read out of Python (the only part of [`insert_sealed`] that holds
-/// the GIL: a copy of each value, nothing encoded), `width` values each.
+/// Rows read out of Python: a copy of each value, so that encoding,
+/// sealing and inserting them can run with the GIL released. Reading is
+/// the only part that holds it (about half a millisecond for a thousand
+/// ledger rows).
 #[derive(Default)]
 struct ReadRows {
     cells: Vec<Cell>,
+    /// Where each row's cells end.
+    ends: Vec<usize>,
     text: String,
-    width: usize,
 }
 
 /// Rows per INSERT statement: one statement of many rows costs SQLite far
@@ -166,43 +63,54 @@ struct ReadRows {
 const ROWS_PER_STATEMENT: usize = 64;
 
 impl ReadRows {
-    fn read(rows: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn read<'py>(rows: impl IntoIterator<Item = &'py Bound<'py, PyAny>>) -> PyResult<Self> {
         let mut read = Self::default();
-        for (index, row) in rows.try_iter()?.enumerate() {
-            let before = read.cells.len();
-            for item in row?.try_iter()? {
-                let item = item?;
-                let cell = match value(&item)? {
-                    Value::Null => Cell::Null,
-                    Value::Bool(flag) => Cell::Bool(flag),
-                    Value::Int(number) => Cell::Int(number),
-                    Value::Float(number) => Cell::Real(number),
-                    Value::Str(text) => {
-                        let start = read.text.len();
-                        read.text.push_str(text);
-                        Cell::Text(start..read.text.len())
-                    }
-                };
-                read.cells.push(cell);
+        for row in rows {
+            if let Ok(tuple) = row.cast::<PyTuple>() {
+                for item in tuple.iter_borrowed() {
+                    read.push(&item)?;
+                }
+            } else {
+                for item in row.try_iter()? {
+                    read.push(&item?)?;
+                }
             }
-            let width = read.cells.len() - before;
-            if index == 0 {
-                read.width = width;
-            } else if width != read.width {
-                return Err(PyValueError::new_err(
-                    "the rows of a batch differ in length",
-                ));
-            }
+            read.ends.push(read.cells.len());
         }
         Ok(read)
     }
 
+    fn push(&mut self, item: &Bound<'_, PyAny>) -> PyResult<()> {
+        let cell = match value(item)? {
+            Value::Null => Cell::Null,
+            Value::Bool(flag) => Cell::Bool(flag),
+            Value::Int(number) => Cell::Int(number),
+            Value::Float(number) => Cell::Real(number),
+            Value::Str(text) => {
+                let start = self.text.len();
+                self.text.push_str(text);
+                Cell::Text(start..self.text.len())
+            }
+        };
+        self.cells.push(cell);
+        Ok(())
+    }
+
     fn rows(&self) -> usize {
-        self.cells.len().checked_div(self.width).unwrap_or(0)
+        self.ends.len()
     }
 
     fn row(&self, row: usize) -> &[Cell] {
-        &self.cells[row * self.width..(row + 1) * self.width]
+        let start = if row == 0 { 0 } else { self.ends[row - 1] };
+        &self.cells[start..self.ends[row]]
+    }
+
+    /// How many values every row has; None if they differ (or none are).
+    fn width(&self) -> Option<usize> {
+        let first = self.ends.first().copied()?;
+        (0..self.rows())
+            .all(|row| self.row(row).len() == first)
+            .then_some(first)
     }
 
     /// `cell` as sealed: as `json.dumps` writes the Python value.
@@ -227,35 +135,39 @@ impl ReadRows {
         }
     }
 
-    /// Each row's seal, chained from `prev`, ids from `first_id`.
-    fn seal(&self, key: &[u8], prev: Seal, first_id: i64) -> Vec<Seal> {
-        let key = qmesh_chain::key(key);
-        let mut encoded = Vec::with_capacity(512);
-        let mut seals: Vec<Seal> = Vec::with_capacity(self.rows());
-        for (row, row_id) in (0..self.rows()).zip(first_id..) {
-            encoded.clear();
-            qmesh_chain::begin_row(row_id, &mut encoded);
-            for cell in self.row(row) {
-                qmesh_chain::push_value(self.sealed_value(cell), &mut encoded);
-            }
-            qmesh_chain::end_row(&mut encoded);
-            let before = seals.last().unwrap_or(&prev);
-            seals.push(qmesh_chain::seal_canonical(&key, before, &encoded));
+    /// Append the canonical JSON of `[row_id, *row]` to `out`.
+    fn encode(&self, row: usize, row_id: i64, out: &mut Vec<u8>) {
+        qmesh_chain::begin_row(row_id, out);
+        for cell in self.row(row) {
+            qmesh_chain::push_value(self.sealed_value(cell), out);
         }
-        seals
+        qmesh_chain::end_row(out);
     }
 
-    /// Insert the rows with `insert` (`INSERT INTO table (columns)`), each
-    /// as its id, values, the seal before it and its own.
+    /// Each row's seal, chained from `prev`, ids from `first_id`.
+    fn seal(&self, key: &[u8], prev: &Seal, first_id: i64) -> Vec<Seal> {
+        let mut encoded = Vec::with_capacity(self.rows() * 512);
+        let mut ends = Vec::with_capacity(self.rows());
+        for (row, row_id) in (0..self.rows()).zip(first_id..) {
+            self.encode(row, row_id, &mut encoded);
+            ends.push(encoded.len());
+        }
+        qmesh_chain::seal_encoded(&qmesh_chain::key(key), prev, &encoded, &ends)
+    }
+
+    /// Insert the rows, `width` values each, with `insert` (`INSERT INTO
+    /// table (columns)`), each as its id, values, the seal before it and
+    /// its own.
     fn insert(
         &self,
         conn: &sqlite::Connection,
         insert: &str,
+        width: usize,
         seals: &[Seal],
         prev: &Seal,
         first_id: i64,
     ) -> Result<(), sqlite::SqliteError> {
-        let one = format!("({})", vec!["?"; self.width + 3].join(", "));
+        let one = format!("({})", vec!["?"; width + 3].join(", "));
         let statement_for = |rows: usize| {
             conn.prepare(&format!(
                 "{insert} VALUES {}",
@@ -263,7 +175,7 @@ impl ReadRows {
             ))
         };
         let mut full = None;
-        let mut params = Vec::with_capacity(ROWS_PER_STATEMENT * (self.width + 3));
+        let mut params = Vec::with_capacity(ROWS_PER_STATEMENT * (width + 3));
         let mut start = 0;
         while start < self.rows() {
             let rows = ROWS_PER_STATEMENT.min(self.rows() - start);
@@ -292,6 +204,55 @@ impl ReadRows {
     }
 }
 
+/// `rows` sealed (ids from `first_id`, the first chained to `prev`) and
+/// laid out for one INSERT: each row's id, its values, the seal before it
+/// and its own, end to end; and the last seal. Seals are bytearrays
+/// because sqlite3 binds those at once, where it first looks bytes up
+/// among its adapters. With the Python loop this replaces: a ledger row's
+/// write in the writer thread took 12.9 µs of CPU, now 11.0 (medians of
+/// 14 paired batches).
+#[pyfunction]
+pub fn seal_rows<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    prev: &[u8],
+    first_id: i64,
+    rows: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyBytes>)> {
+    let prev = prev_seal(prev)?;
+    let rows = rows.try_iter()?.collect::<PyResult<Vec<_>>>()?;
+    let read = ReadRows::read(&rows)?;
+    let seals = py.detach(|| read.seal(key, &prev, first_id));
+    let out = PyList::empty(py);
+    let mut before = PyByteArray::new(py, &prev).into_any();
+    for ((row, seal), row_id) in rows.iter().zip(&seals).zip(first_id..) {
+        out.append(row_id)?;
+        for value in row.try_iter()? {
+            out.append(value?)?;
+        }
+        let sealed = PyByteArray::new(py, seal).into_any();
+        out.append(&before)?;
+        out.append(&sealed)?;
+        before = sealed;
+    }
+    let last = seals.last().unwrap_or(&prev);
+    Ok((out, PyBytes::new(py, last)))
+}
+
+/// The seal of one row chained to `prev`.
+#[pyfunction]
+pub fn seal_row<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    prev: &[u8],
+    row_id: i64,
+    values: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let prev = prev_seal(prev)?;
+    let seals = ReadRows::read([values])?.seal(key, &prev, row_id);
+    Ok(PyBytes::new(py, &seals[0]))
+}
+
 /// `rows` sealed as [`seal_rows`] seals them (ids from `first_id`, the
 /// first chained to `prev`) and inserted by `insert` (`INSERT INTO table
 /// (columns)`, the columns: an id, the values, the seal before and the
@@ -310,11 +271,18 @@ pub fn insert_sealed<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let prev = prev_seal(prev)?;
     let connection = sqlite::Connection::borrow(conn)?;
-    let read = ReadRows::read(rows)?;
+    let rows = rows.try_iter()?.collect::<PyResult<Vec<_>>>()?;
+    let read = ReadRows::read(&rows)?;
+    if read.rows() == 0 {
+        return Ok(PyBytes::new(py, &prev));
+    }
+    let width = read
+        .width()
+        .ok_or_else(|| PyValueError::new_err("the rows of a batch differ in length"))?;
     let last = py
         .detach(move || {
-            let seals = read.seal(key, prev, first_id);
-            read.insert(&connection, insert, &seals, &prev, first_id)?;
+            let seals = read.seal(key, &prev, first_id);
+            read.insert(&connection, insert, width, &seals, &prev, first_id)?;
             Ok(seals.last().copied().unwrap_or(prev))
         })
         .map_err(|err: sqlite::SqliteError| err.into_py(py))?;
@@ -336,7 +304,7 @@ pub fn canonical_row<'py>(
     values: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let mut out = Vec::new();
-    encode_row(row_id, values, &mut out)?;
+    ReadRows::read([values])?.encode(0, row_id, &mut out);
     Ok(PyBytes::new(py, &out))
 }
 
