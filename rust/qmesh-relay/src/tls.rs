@@ -440,10 +440,12 @@ impl TlsLink {
             }
             if !self.staged.is_empty() {
                 // No plaintext waits: rustls takes some of it now.
-                let staged = std::mem::take(&mut self.staged);
+                let mut staged = std::mem::take(&mut self.staged);
                 let mut rest = staged.as_slice();
                 self.give(&mut rest)?;
-                self.staged = rest.to_vec();
+                let taken = staged.len() - rest.len();
+                staged.drain(..taken); // the rest stays, in its buffer
+                self.staged = staged;
                 continue;
             }
             if read_socket && self.socket_drained {
