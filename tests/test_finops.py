@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -15,6 +16,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from llmkit import (
     MASTER_KEY,
     GateApi,
@@ -577,10 +580,24 @@ async def test_requests_are_refused_while_the_ledger_cannot_keep_more(
             {"candidate": "daemon:n1/m", "outcome": "failed", "ms": 0.0, "error": 'bad "µ"\n'},
             {"candidate": "provider:x/y", "outcome": "ok", "ms": 12, "extra": None},
         ],
+        [{"candidate": 'provider:ä/"q"\n', "outcome": "ok", "ms": 1e-05}],
+        [{"outcome": "ok", "candidate": "provider:acme/p", "ms": 1.5e16}],
+        [{"candidate": "provider:acme/p", "outcome": "ok", "ms": math.inf}],
+        [{"candidate": "provider:acme/p", "outcome": "ok", "ms": True}],
+        [{"candidate": "provider:acme/p", "outcome": "ok", "ms": 2}],
+        [{"candidate": "provider:acme/p", "outcome": "busy", "ms": 0.5}],
     ],
 )
 def test_a_rows_hops_are_the_json_python_writes(hops: list[dict[str, object]]) -> None:
     # The ledger's hops column, as readers parse it and the chain seals it.
-    assert executor_module._compact_json(hops) == json.dumps(hops, separators=(",", ":"))
+    expected = json.dumps(hops, separators=(",", ":"))
+    assert executor_module._compact_json(hops) == expected
+    assert executor_module._hops_json(hops) == expected
     with pytest.raises(TypeError):
         executor_module._compact_json([{"ms": object()}])
+
+
+@given(candidate=st.text(), ms=st.floats())
+def test_an_answered_hop_is_written_as_the_encoder_writes_it(candidate: str, ms: float) -> None:
+    hops: list[dict[str, object]] = [{"candidate": candidate, "outcome": "ok", "ms": ms}]
+    assert executor_module._hops_json(hops) == json.dumps(hops, separators=(",", ":"))

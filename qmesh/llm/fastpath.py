@@ -28,7 +28,7 @@ Not for: matching requests to routes (the engine, ``fastroute.rs``).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 from qmesh import _core
@@ -77,9 +77,7 @@ class RouteOwner:
     def _context(self) -> RequestContext:
         return RequestContext(self.app, self.request_ids(), None, self.budget_state)
 
-    def done(
-        self, event: _core.HttpFastDone, finish: Callable[[bytes], Awaitable[None]]
-    ) -> Awaitable[None] | None:
+    def done(self, event: _core.HttpFastDone) -> bytes | None:
         executor, candidate = self.executor, self.candidate
         executor.relayed += 1
         ctx = self._context()
@@ -102,7 +100,7 @@ class RouteOwner:
         if outcome == "ok" or not relayed.open:
             return None
         words = error_event(f"the model's stream broke off: {relayed.reason}", code=outcome)
-        return finish(words + DONE_EVENT)
+        return words + DONE_EVENT
 
     def failed(self, outcome: _core.HttpProxied) -> list[dict[str, object]]:
         if outcome.kind == "failed":

@@ -36,7 +36,7 @@ from qmesh.finops.ledger import Hop, LedgerEntry
 from qmesh.fleet.inventory import NODE_STATES, Inventory
 from qmesh.tunnel import TunnelServer
 from qmesh.web.http import Router
-from qmesh.web.prom import Family, Registry, gauge_family
+from qmesh.web.prom import CounterCell, Family, HistogramSeries, Registry, gauge_family
 
 if TYPE_CHECKING:
     from qmesh.finops.budgets import Budget
@@ -58,6 +58,7 @@ BURN_BUCKETS: Final = 96
 LLM_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _FAILED_HOPS: Final = frozenset({"failed", "busy", "stream_broken"})
 Rows = list[tuple[dict[str, str], float]]
+
 _NODE_FAMILIES: Final = (
     ("qmesh_node_up", "1 when the inventory entry is fresh, else 0."),
     ("qmesh_node_last_seen_age_seconds", "Seconds since the entry last reported or answered."),
@@ -187,6 +188,17 @@ def _seed_burn(
 # -- the Gate's metrics -------------------------------------------------------------------------
 
 
+@attrs.frozen
+class _LlmSeries:
+    """What one kind of worker's entries with one outcome update."""
+
+    requests: CounterCell
+    tokens_in: CounterCell
+    tokens_out: CounterCell
+    cost: CounterCell
+    latency: HistogramSeries
+
+
 class GateMetrics:
     def __init__(
         self,
@@ -212,6 +224,10 @@ class GateMetrics:
         self.history = History()
         self.failovers: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILOVERS)
         self.burn: dict[str, BurnDown] = {}
+        # The series the hooks update, looked up once per label set: the
+        # hooks run for every request.
+        self._http_series: dict[tuple[str, str, int], tuple[CounterCell, HistogramSeries]] = {}
+        self._llm_series: dict[tuple[str, str], _LlmSeries] = {}
         r = self.registry = Registry()
         self.http_requests = r.counter(
             "qmesh_http_requests_total",
@@ -266,18 +282,34 @@ class GateMetrics:
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         # Clients choose the method: an unknown one must not mint new series.
-        self.http_requests.inc(method if method in _METHODS else "other", route, str(status))
-        self.http_latency.observe(seconds, route)
+        key = (method if method in _METHODS else "other", route, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = self._http_series[key] = (
+                self.http_requests.cell(key[0], route, str(status)),
+                self.http_latency.series(route),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_entry(self, entry: LedgerEntry, hops: Sequence[Hop]) -> None:
         kind = entry.kind or "none"
-        self.llm_requests.inc(kind, entry.outcome)
+        series = self._llm_series.get((kind, entry.outcome))
+        if series is None:
+            series = self._llm_series[kind, entry.outcome] = _LlmSeries(
+                self.llm_requests.cell(kind, entry.outcome),
+                self.llm_tokens.cell(kind, "in"),
+                self.llm_tokens.cell(kind, "out"),
+                self.llm_cost.cell(kind),
+                self.llm_latency.series(kind),
+            )
+        series.requests.inc()
         if entry.tokens_in:
-            self.llm_tokens.inc(kind, "in", amount=entry.tokens_in)
+            series.tokens_in.inc(entry.tokens_in)
         if entry.tokens_out:
-            self.llm_tokens.inc(kind, "out", amount=entry.tokens_out)
+            series.tokens_out.inc(entry.tokens_out)
         if entry.cost_usd > 0:
-            self.llm_cost.inc(kind, amount=entry.cost_usd)
+            series.cost.inc(entry.cost_usd)
         if entry.avoided_usd > 0:
             self.llm_avoided.inc(amount=entry.avoided_usd)
         if entry.budget is not None:
@@ -289,7 +321,7 @@ class GateMetrics:
             outcome = hop.get("outcome")
             if outcome == "ok" and entry.outcome == "ok":
                 ms = hop.get("ms")
-                self.llm_latency.observe((ms if isinstance(ms, int | float) else 0.0) / 1000, kind)
+                series.latency.observe((ms if isinstance(ms, int | float) else 0.0) / 1000)
             elif outcome in _FAILED_HOPS:
                 self.failover_hops.inc(str(outcome))
                 failed.append(hop)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -37,12 +37,10 @@ Observe = Callable[[str, str, int, float], None]
 class FastOwner(Protocol):
     """Books the requests relayed by one route."""
 
-    def done(
-        self, event: _core.HttpFastDone, finish: Callable[[bytes], Awaitable[None]]
-    ) -> Awaitable[None] | None:
-        """Book a relayed request. An answer that broke off and waits for
-        its end (``event.open``) is ended with ``finish(closing_words)``,
-        which the owner returns (awaited in a task of its own)."""
+    def done(self, event: _core.HttpFastDone) -> bytes | None:
+        """Book a relayed request. For an answer that broke off and waits
+        for its end (``event.outcome.open``): the words that close it, sent
+        before it ends, if any."""
 
     def failed(self, outcome: _core.HttpProxied) -> list[dict[str, object]]:
         """The route's upstream failed before a byte reached the client;
@@ -111,9 +109,7 @@ class FastRoutes:
     def released(self, route: int) -> None:
         self._owners.pop(route, None)
 
-    def done(
-        self, event: _core.HttpFastDone, finish: Callable[[bytes], Awaitable[None]]
-    ) -> Awaitable[None] | None:
+    def done(self, event: _core.HttpFastDone) -> bytes | None:
         owned = self._owners.get(event.route)
         if owned is None:  # cannot happen: a route outlives its requests
             log.error("fast path: a report for unknown route %d", event.route)
@@ -123,7 +119,7 @@ class FastRoutes:
         observe = self.observer()
         if observe is not None:
             observe("POST", path, 200, time.monotonic() - event.started_at)
-        return owner.done(event, finish)
+        return owner.done(event)
 
     def failed(self, route: int, outcome: _core.HttpProxied) -> list[dict[str, object]]:
         owned = self._owners.get(route)

@@ -21,9 +21,8 @@ Not for: routing or handlers (:mod:`qmesh.web.http`).
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -175,25 +174,25 @@ class NativeHttpServer:
         """Book a request the fast path relayed; one that broke off and
         waits for its closing words gets them in a task of its own."""
         closing = None
-        finish = functools.partial(self._finish_fast, event.exchange)
         with peer_boundary("booking a fast-path request (route %d)", log, event.route):
-            closing = self.fast.done(event, finish)
+            closing = self.fast.done(event)
         if closing is not None:
-            nursery.start_soon(_settle, closing, event.route)
+            nursery.start_soon(self._finish_fast, event.exchange, event.route, closing)
         elif event.outcome.open:
             NativeExchange(self.engine, event.exchange).abort()  # nothing else would end it
 
-    async def _finish_fast(self, exchange_id: int, words: bytes) -> None:
+    async def _finish_fast(self, exchange_id: int, route: int, words: bytes) -> None:
         """The closing words of a fast-path answer that broke off, then its end."""
-        exchange = NativeExchange(self.engine, exchange_id, self.fast)
-        self._exchanges[exchange_id] = exchange  # for its "drained" notices
-        try:
-            await exchange.write(words, self.limits.request_timeout_s)
-            exchange.finish()
-        except ClientGone:
-            pass
-        finally:
-            self._exchanges.pop(exchange_id, None)
+        with peer_boundary("closing a fast-path answer (route %d)", log, route):
+            exchange = NativeExchange(self.engine, exchange_id, self.fast)
+            self._exchanges[exchange_id] = exchange  # for its "drained" notices
+            try:
+                await exchange.write(words, self.limits.request_timeout_s)
+                exchange.finish()
+            except ClientGone:
+                pass
+            finally:
+                self._exchanges.pop(exchange_id, None)
 
     async def _serve_request(self, exchange: NativeExchange, event: _core.HttpRequest) -> None:
         request = _request(event, exchange, self.source_of(event.peer))
@@ -209,11 +208,6 @@ class NativeHttpServer:
             self._exchanges.pop(exchange.id, None)
             exchange.abort()  # an answer left unfinished ends its connection (else a no-op)
             request.scope.close()
-
-
-async def _settle(pending: Awaitable[None], route: int) -> None:
-    with peer_boundary("closing a fast-path answer (route %d)", log, route):
-        await pending
 
 
 async def serve_http(
