@@ -2,9 +2,29 @@
 //! the last `"prompt_tokens": N` and `"completion_tokens": N` seen, whether
 //! in a whole JSON body or in a stream's final usage event.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 /// Bytes kept from the end of one piece, so a figure split between two
 /// pieces is still found.
 const CARRY: usize = 64;
+
+/// The searchers for what the scan looks for, built once: building one
+/// costs more than searching a piece of an answer with it.
+struct Searchers {
+    tokens: Finder<'static>,
+    tok: Finder<'static>,
+    prompt: Finder<'static>,
+    completion: Finder<'static>,
+}
+
+static SEARCHERS: LazyLock<Searchers> = LazyLock::new(|| Searchers {
+    tokens: Finder::new(b"_tokens"),
+    tok: Finder::new(b"_tok"),
+    prompt: Finder::new(b"\"prompt_tokens\""),
+    completion: Finder::new(b"\"completion_tokens\""),
+});
 
 #[derive(Debug, Default, Clone)]
 pub struct UsageScan {
@@ -16,9 +36,7 @@ pub struct UsageScan {
 impl UsageScan {
     /// Look at the next piece of the body.
     pub fn absorb(&mut self, piece: &[u8]) {
-        if memchr::memmem::find(piece, b"_tokens").is_some()
-            || memchr::memmem::find(&self.carry, b"_tok").is_some()
-        {
+        if SEARCHERS.tokens.find(piece).is_some() || SEARCHERS.tok.find(&self.carry).is_some() {
             let mut joined = std::mem::take(&mut self.carry);
             joined.extend_from_slice(piece);
             self.scan(&joined);
@@ -35,20 +53,20 @@ impl UsageScan {
     }
 
     fn scan(&mut self, data: &[u8]) {
-        if let Some(n) = last_number(data, b"\"prompt_tokens\"") {
+        if let Some(n) = last_number(data, &SEARCHERS.prompt) {
             self.tokens_in = n;
         }
-        if let Some(n) = last_number(data, b"\"completion_tokens\"") {
+        if let Some(n) = last_number(data, &SEARCHERS.completion) {
             self.tokens_out = n;
         }
     }
 }
 
 /// The number after the last `key` (then optional spaces, `:`, optional spaces).
-fn last_number(data: &[u8], key: &[u8]) -> Option<u64> {
+fn last_number(data: &[u8], key: &Finder<'static>) -> Option<u64> {
     let mut found = None;
-    for start in memchr::memmem::find_iter(data, key) {
-        let rest = &data[start + key.len()..];
+    for start in key.find_iter(data) {
+        let rest = &data[start + key.needle().len()..];
         let rest = rest.trim_ascii_start();
         let Some(rest) = rest.strip_prefix(b":") else {
             continue;

@@ -23,7 +23,10 @@
 //! no route). Without that, every request that arrived between the expiry
 //! and the new route's install would have taken the slow way at once.
 
-use std::collections::{HashMap, HashSet};
+// Foldhash, not SipHash: a request's key is looked up on every request,
+// and only routes Python installed are in the table, so a peer cannot
+// fill it with keys that collide.
+use foldhash::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

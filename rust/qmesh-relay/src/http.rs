@@ -36,7 +36,12 @@
 //! mutex, and the engine thread never touches the GIL. Unlike the tunnel
 //! engine, this one owns its sockets (it closes them).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// Foldhash, not SipHash: every key here is the engine's own id or the
+// config's upstream, so no peer chooses what collides, and these maps are
+// looked up several times per request.
+use foldhash::{HashMap, HashMapExt};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
