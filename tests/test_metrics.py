@@ -39,9 +39,9 @@ def test_registry_renders_what_prometheus_parses() -> None:
     latency = registry.histogram("demo_seconds", "Latency.", ("route",), buckets=(0.1, 1.0))
     temperature = registry.gauge("demo_temperature_celsius", "Temperature.", ("where",))
     requests.inc('/a"b\\c\nd')
-    requests.inc('/a"b\\c\nd', amount=2)
+    requests.cell('/a"b\\c\nd').inc(2)  # the same series as inc's
     latency.observe(0.05, "/x")
-    latency.observe(0.5, "/x")
+    latency.series("/x").observe(0.5)
     latency.observe(5.0, "/x")
     temperature.set(-3.5, "outside")
     registry.collector(lambda: [gauge_family("demo_up", "Up.", [({"node": "a"}, 1)])])
@@ -68,6 +68,12 @@ def test_registry_refuses_mistakes() -> None:
         counter.inc("1", "2")
     with pytest.raises(ValueError):
         counter.inc("1", amount=-1)
+    with pytest.raises(ValueError):
+        counter.cell("2").inc(-1)
+    with pytest.raises(ValueError):
+        counter.cell("1", "2")
+    # A refused amount leaves no series behind; a cell's refusal leaves it at 0.
+    assert parse(registry.render())["ok_total"] == {(("a", "2"),): 0.0}
     with pytest.raises(ValueError):
         registry.counter("ok_total", "x")
     with pytest.raises(ValueError):

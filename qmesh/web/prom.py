@@ -158,7 +158,9 @@ class Counter(_Metric):
         return cell
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        self.cell(*labels).inc(amount)
+        if amount < 0:  # before the series exists: a refused amount leaves none
+            raise ValueError("a counter cannot go down")
+        self.cell(*labels).value += amount
 
     def value(self, *labels: str) -> float:
         cell = self._cells.get(tuple(labels))
