@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from qmesh import _core
-from qmesh.background import NICENESS, BackgroundThread
+from qmesh.background import NICENESS, BackgroundThread, make_way
 
 
 async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result() -> None:
@@ -98,3 +98,34 @@ async def test_jobs_run_in_the_order_they_were_given() -> None:
             nursery.start_soon(worker.run, lambda n=n: order.append(n))
             await trio.lowlevel.checkpoint()
     assert order == list(range(20))
+
+
+async def test_an_event_loop_makes_way_only_while_a_job_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop that never sleeps calls make_way between rounds: it hands the
+    core on (sched_yield) while a background job runs, and costs nothing
+    otherwise."""
+    yields: list[bool] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(True))
+    worker = BackgroundThread("test worker")
+    await worker.run(lambda: None)
+    assert not worker.running
+    make_way()
+    assert yields == []
+    started, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        started.set()
+        release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run, held)
+        await trio.to_thread.run_sync(started.wait)
+        assert worker.running
+        make_way()
+        assert yields == [True]
+        release.set()
+    assert not worker.running
+    make_way()
+    assert yields == [True]

@@ -28,6 +28,7 @@ from typing import Final
 import trio
 
 from qmesh import _core
+from qmesh.background import make_way
 from qmesh.boundary import peer_boundary
 from qmesh.config import HttpConfig
 from qmesh.fastsocket import accept, open_listeners
@@ -135,6 +136,7 @@ class NativeHttpServer:
                 # descriptor: under load that wait (trio's I/O bookkeeping
                 # and an epoll_ctl to re-arm) took a tenth of this thread.
                 while self._round(nursery):
+                    make_way()
                     await trio.lowlevel.checkpoint()
                 continue
             behind = backlog()

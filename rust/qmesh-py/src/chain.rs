@@ -6,7 +6,10 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+use std::ops::Range;
+
 use qmesh_chain::{Seal, Value};
+use ring::hmac;
 
 use crate::sqlite;
 
@@ -144,29 +147,36 @@ impl ReadRows {
         qmesh_chain::end_row(out);
     }
 
-    /// Each row's seal, chained from `prev`, ids from `first_id`.
-    fn seal(&self, key: &[u8], prev: &Seal, first_id: i64) -> Vec<Seal> {
-        let mut encoded = Vec::with_capacity(self.rows() * 512);
-        let mut ends = Vec::with_capacity(self.rows());
-        for (row, row_id) in (0..self.rows()).zip(first_id..) {
-            self.encode(row, row_id, &mut encoded);
+    /// The seals of the rows in `range`, the first chained to `prev`; row
+    /// `i`'s id is `first_id + i`.
+    fn seal(&self, key: &hmac::Key, prev: &Seal, range: Range<usize>, first_id: i64) -> Vec<Seal> {
+        let mut encoded = Vec::with_capacity(range.len() * 512);
+        let mut ends = Vec::with_capacity(range.len());
+        for row in range {
+            self.encode(row, first_id + row as i64, &mut encoded);
             ends.push(encoded.len());
         }
-        qmesh_chain::seal_encoded(&qmesh_chain::key(key), prev, &encoded, &ends)
+        qmesh_chain::seal_encoded(key, prev, &encoded, &ends)
     }
 
-    /// Insert the rows, `width` values each, with `insert` (`INSERT INTO
+    /// Seal the rows (the first chained to `prev`, ids from `first_id`)
+    /// and insert them, `width` values each, with `insert` (`INSERT INTO
     /// table (columns)`), each as its id, values, the seal before it and
-    /// its own.
+    /// its own; returns the last seal. A statement at a time, the core
+    /// handed on after each (`yield_now`): the ledger's writer shares it
+    /// with the event loop, and the kernel (a 250 Hz tick, no preemption
+    /// between ticks) would otherwise let it run a whole batch, or 4 ms,
+    /// while every request waits. With nothing else to run, a yield
+    /// returns at once.
     fn insert(
         &self,
         conn: &sqlite::Connection,
         insert: &str,
         width: usize,
-        seals: &[Seal],
-        prev: &Seal,
+        key: &hmac::Key,
+        prev: Seal,
         first_id: i64,
-    ) -> Result<(), sqlite::SqliteError> {
+    ) -> Result<Seal, sqlite::SqliteError> {
         let one = format!("({})", vec!["?"; width + 3].join(", "));
         let statement_for = |rows: usize| {
             conn.prepare(&format!(
@@ -175,20 +185,21 @@ impl ReadRows {
             ))
         };
         let mut full = None;
-        let mut params = Vec::with_capacity(ROWS_PER_STATEMENT * (width + 3));
+        let mut last = prev;
         let mut start = 0;
         while start < self.rows() {
             let rows = ROWS_PER_STATEMENT.min(self.rows() - start);
-            params.clear();
-            for row in start..start + rows {
+            let seals = self.seal(key, &last, start..start + rows, first_id);
+            let mut params = Vec::with_capacity(rows * (width + 3));
+            for (i, row) in (start..start + rows).enumerate() {
                 params.push(sqlite::Param::Int(first_id + row as i64));
                 params.extend(self.row(row).iter().map(|cell| self.bound_value(cell)));
-                params.push(sqlite::Param::Blob(if row == 0 {
-                    prev
+                params.push(sqlite::Param::Blob(if i == 0 {
+                    &last
                 } else {
-                    &seals[row - 1]
+                    &seals[i - 1]
                 }));
-                params.push(sqlite::Param::Blob(&seals[row]));
+                params.push(sqlite::Param::Blob(&seals[i]));
             }
             if rows == ROWS_PER_STATEMENT {
                 if full.is_none() {
@@ -198,9 +209,11 @@ impl ReadRows {
             } else {
                 statement_for(rows)?.execute(&params)?;
             }
+            last = *seals.last().expect("a statement has rows");
             start += rows;
+            std::thread::yield_now();
         }
-        Ok(())
+        Ok(last)
     }
 }
 
@@ -222,7 +235,7 @@ pub fn seal_rows<'py>(
     let prev = prev_seal(prev)?;
     let rows = rows.try_iter()?.collect::<PyResult<Vec<_>>>()?;
     let read = ReadRows::read(&rows)?;
-    let seals = py.detach(|| read.seal(key, &prev, first_id));
+    let seals = py.detach(|| read.seal(&qmesh_chain::key(key), &prev, 0..read.rows(), first_id));
     let out = PyList::empty(py);
     let mut before = PyByteArray::new(py, &prev).into_any();
     for ((row, seal), row_id) in rows.iter().zip(&seals).zip(first_id..) {
@@ -249,7 +262,7 @@ pub fn seal_row<'py>(
     values: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let prev = prev_seal(prev)?;
-    let seals = ReadRows::read([values])?.seal(key, &prev, row_id);
+    let seals = ReadRows::read([values])?.seal(&qmesh_chain::key(key), &prev, 0..1, row_id);
     Ok(PyBytes::new(py, &seals[0]))
 }
 
@@ -279,12 +292,9 @@ pub fn insert_sealed<'py>(
     let width = read
         .width()
         .ok_or_else(|| PyValueError::new_err("the rows of a batch differ in length"))?;
+    let key = qmesh_chain::key(key);
     let last = py
-        .detach(move || {
-            let seals = read.seal(key, &prev, first_id);
-            read.insert(&connection, insert, width, &seals, &prev, first_id)?;
-            Ok(seals.last().copied().unwrap_or(prev))
-        })
+        .detach(move || read.insert(&connection, insert, width, &key, prev, first_id))
         .map_err(|err: sqlite::SqliteError| err.into_py(py))?;
     Ok(PyBytes::new(py, &last))
 }
