@@ -1163,6 +1163,8 @@ def insert_sealed(
     prev: bytes,
     first_id: int,
     rows: Iterable[Sequence[bool | int | float | str | None]],
+    *,
+    take_turns: bool = False,
 ) -> bytes:
     """Seal ``rows`` as :func:`seal_rows` does (ids from ``first_id``, the
     first chained to ``prev``) and insert them with ``insert`` (``INSERT
@@ -1170,7 +1172,9 @@ def insert_sealed(
     own) on ``conn``, inside a transaction the caller began and keeps to
     itself; the last seal. Only reading the rows holds the GIL: the
     statements (64 rows each) run on the connection's own SQLite handle,
-    through the library the ``sqlite3`` module loaded. Values are stored as
+    through the library the ``sqlite3`` module loaded; with ``take_turns``
+    the thread yields the core after each (to an event loop that makes way
+    between its rounds, :func:`qmesh.background.make_way`). Values are stored as
     the module binds them (a bool as an int). Database errors are the
     module's (``IntegrityError``, ``OperationalError``); rows of differing
     lengths a ``ValueError``; outside a transaction, on a closed connection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 
 from qmesh import _core
-from qmesh.background import NICENESS, BackgroundThread, make_way
+from qmesh.background import NICENESS, TURNS_WINDOW_S, BackgroundThread, loop_takes_turns, make_way
 
 
 async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result() -> None:
@@ -113,6 +114,7 @@ async def test_an_event_loop_makes_way_only_while_a_job_runs(
     assert not worker.running
     make_way()
     assert yields == []
+    assert loop_takes_turns(), "a loop made way just now"
     started, release = threading.Event(), threading.Event()
 
     def held() -> None:
@@ -129,3 +131,12 @@ async def test_an_event_loop_makes_way_only_while_a_job_runs(
     assert not worker.running
     make_way()
     assert yields == [True]
+
+
+def test_a_job_takes_turns_only_while_a_loop_makes_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    make_way()
+    assert loop_takes_turns()
+    now[0] += TURNS_WINDOW_S
+    assert not loop_takes_turns(), "no loop made way lately: the engine is on threads"

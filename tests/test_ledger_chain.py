@@ -110,12 +110,18 @@ def test_sqlite_rows_inserted_natively_are_those_the_sqlite3_module_inserts(
     width = len(batch[0])
     with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
         by_module, natively = _table(conn, "by_module", width), _table(conn, "natively", width)
+        in_turns = _table(conn, "in_turns", width)
         conn.execute("BEGIN IMMEDIATE")
         sealed, last = _core.seal_rows(b"key", GENESIS, 7, batch)
         insert_many(conn, by_module, sealed, width + 3)
         assert _core.insert_sealed(conn, natively, b"key", GENESIS, 7, batch) == last
+        # Yielding the core between statements changes nothing written.
+        assert (
+            _core.insert_sealed(conn, in_turns, b"key", GENESIS, 7, batch, take_turns=True) == last
+        )
         conn.execute("COMMIT")
         assert _stored(conn, "natively", width) == _stored(conn, "by_module", width)
+        assert _stored(conn, "in_turns", width) == _stored(conn, "by_module", width)
 
 
 def test_a_native_insert_that_fails_raises_the_sqlite3_modules_error_and_writes_nothing(

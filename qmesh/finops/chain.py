@@ -218,10 +218,19 @@ def _head_mac(key: bytes, chain: str, last_id: int, last_hash: bytes, rows: int)
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
-def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequence[Column]]) -> None:
+def append_rows(
+    conn: Connection,
+    key: bytes,
+    chain: str,
+    rows: Sequence[Sequence[Column]],
+    *,
+    take_turns: bool = False,
+) -> None:
     """Insert ``rows`` (data columns in :data:`CHAINS` order) into the
     chain's table, sealed, and move the head. Call inside a write
-    transaction: the head read here must not change until it commits."""
+    transaction: the head read here must not change until it commits.
+    ``take_turns``: hand the core on between statements (on SQLite; see
+    :func:`qmesh.background.loop_takes_turns`)."""
     if not rows:
         return
     table, columns = CHAINS[chain]
@@ -238,7 +247,7 @@ def append_rows(conn: Connection, key: bytes, chain: str, rows: Sequence[Sequenc
     # the GIL whenever this thread holds it: the rows are sealed in Rust with
     # the GIL released, and on SQLite inserted there too.
     if _NATIVE_SQLITE and isinstance(conn, sqlite3.Connection):
-        prev = _core.insert_sealed(conn, insert, key, prev, next_id, rows)
+        prev = _core.insert_sealed(conn, insert, key, prev, next_id, rows, take_turns=take_turns)
     else:
         sealed, prev = _core.seal_rows(key, prev, next_id, rows)
         if len(sealed) != width * len(rows):

@@ -30,7 +30,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import trio
 
-from qmesh.background import BackgroundThread
+from qmesh.background import BackgroundThread, loop_takes_turns
 from qmesh.finops.chain import Column, append_rows, load_chain_key
 from qmesh.state import DATABASE_ERRORS, StateError, StateStore
 from qmesh.state.db import Connection
@@ -221,12 +221,12 @@ class Ledger:
                 # database fails over): rows it stored are not stored twice.
                 entries, events = _not_yet_written(conn, entries, events)
                 prompts = _prompts_not_yet_written(conn, prompts)
-            if entries:
-                append_rows(conn, self._key, "ledger", [e.values() for e in entries])
-            if events:
-                append_rows(conn, self._key, "audit", [e.values() for e in events])
-            if prompts:
-                append_rows(conn, self._key, "prompts", [p.values() for p in prompts])
+            # Short turns on the core, when an event loop makes way for them.
+            turns = loop_takes_turns()
+            for chain, rows in (("ledger", entries), ("audit", events), ("prompts", prompts)):
+                if rows:
+                    values = [row.values() for row in rows]
+                    append_rows(conn, self._key, chain, values, take_turns=turns)
 
     async def flush(self) -> None:
         """Write everything buffered now; rows leave the buffer only once

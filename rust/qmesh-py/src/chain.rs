@@ -162,12 +162,14 @@ impl ReadRows {
     /// Seal the rows (the first chained to `prev`, ids from `first_id`)
     /// and insert them, `width` values each, with `insert` (`INSERT INTO
     /// table (columns)`), each as its id, values, the seal before it and
-    /// its own; returns the last seal. A statement at a time, the core
-    /// handed on after each (`yield_now`): the ledger's writer shares it
-    /// with the event loop, and the kernel (a 250 Hz tick, no preemption
-    /// between ticks) would otherwise let it run a whole batch, or 4 ms,
-    /// while every request waits. With nothing else to run, a yield
-    /// returns at once.
+    /// its own; returns the last seal. A statement at a time; with
+    /// `take_turns`, the core handed on after each (`yield_now`): the
+    /// ledger's writer shares it with an event loop that makes way between
+    /// its rounds (`qmesh.background.make_way`), and the kernel (a 250 Hz
+    /// tick, no preemption between ticks) would otherwise let it run a
+    /// whole batch, or 4 ms, while every request waits. With nothing else
+    /// to run, a yield returns at once.
+    #[allow(clippy::too_many_arguments)] // each is the statement's own
     fn insert(
         &self,
         conn: &sqlite::Connection,
@@ -176,6 +178,7 @@ impl ReadRows {
         key: &hmac::Key,
         prev: Seal,
         first_id: i64,
+        take_turns: bool,
     ) -> Result<Seal, sqlite::SqliteError> {
         let one = format!("({})", vec!["?"; width + 3].join(", "));
         let statement_for = |rows: usize| {
@@ -211,7 +214,9 @@ impl ReadRows {
             }
             last = *seals.last().expect("a statement has rows");
             start += rows;
-            std::thread::yield_now();
+            if take_turns {
+                std::thread::yield_now();
+            }
         }
         Ok(last)
     }
@@ -270,9 +275,12 @@ pub fn seal_row<'py>(
 /// first chained to `prev`) and inserted by `insert` (`INSERT INTO table
 /// (columns)`, the columns: an id, the values, the seal before and the
 /// row's own) on `conn`, a `sqlite3.Connection` inside a transaction that
-/// the caller keeps to itself. Only reading the rows holds the GIL. Returns
-/// the last seal.
+/// the caller keeps to itself. Only reading the rows holds the GIL. With
+/// `take_turns`, the core is handed on after each statement. Returns the
+/// last seal.
 #[pyfunction]
+#[pyo3(signature = (conn, insert, key, prev, first_id, rows, *, take_turns = false))]
+#[allow(clippy::too_many_arguments)] // Python's signature, keyword and all
 pub fn insert_sealed<'py>(
     py: Python<'py>,
     conn: &Bound<'py, PyAny>,
@@ -281,6 +289,7 @@ pub fn insert_sealed<'py>(
     prev: &[u8],
     first_id: i64,
     rows: &Bound<'py, PyAny>,
+    take_turns: bool,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let prev = prev_seal(prev)?;
     let connection = sqlite::Connection::borrow(conn)?;
@@ -294,7 +303,7 @@ pub fn insert_sealed<'py>(
         .ok_or_else(|| PyValueError::new_err("the rows of a batch differ in length"))?;
     let key = qmesh_chain::key(key);
     let last = py
-        .detach(move || read.insert(&connection, insert, width, &key, prev, first_id))
+        .detach(move || read.insert(&connection, insert, width, &key, prev, first_id, take_turns))
         .map_err(|err: sqlite::SqliteError| err.into_py(py))?;
     Ok(PyBytes::new(py, &last))
 }
