@@ -51,6 +51,11 @@ keeps up; at 10 (a tenth) it fell behind in a sustained run until the
 ledger was full and refused requests."""
 
 
+SATURATED_S: Final = 0.001
+"""How long an event loop must have worked without waiting for its turns
+to start (:func:`make_way`): a loop that waits more often than that gives
+a job the core while it waits, and wakes it with a short time slice that
+preempts the job (``qmesh/cli/runner.py``)."""
 TURNS_WINDOW_S: Final = 0.1
 """How recently an event loop must have made way for a job to count on
 getting the core between its rounds (:func:`loop_takes_turns`)."""
@@ -69,9 +74,11 @@ class _Turns:
 _TURNS: Final = _Turns()
 
 
-def make_way() -> None:
+def make_way(busy_s: float) -> None:
     """Give up the core once if a background thread is running a job: for
-    an event loop that never sleeps, between two rounds of its work.
+    an event loop between two rounds of its work, ``busy_s`` since it last
+    waited for work; before :data:`SATURATED_S`, it keeps the core (a
+    request that just woke it is not held up behind a job's turn).
 
     Why: a kernel that ticks at 250 Hz (this project's test machines') does
     not preempt a thread that never sleeps between ticks, so a niced thread
@@ -80,6 +87,8 @@ def make_way() -> None:
     that hands the core back after each short piece of work (the ledger's
     inserts, a statement at a time, while :func:`loop_takes_turns`) runs one
     piece here, between rounds."""
+    if busy_s < SATURATED_S:
+        return
     _TURNS.last = time.monotonic()
     for thread in _THREADS:
         if thread.running:
@@ -88,7 +97,7 @@ def make_way() -> None:
 
 
 def loop_takes_turns() -> bool:
-    """Whether an event loop made way lately: a job may then hand the core
+    """Whether a saturated event loop made way lately: a job may then hand the core
     back after each short piece of its work and get the next piece between
     the loop's rounds. Without one (the HTTP engine on threads of its own,
     which never make way), a job that hands the core back waits for the

@@ -12,7 +12,14 @@ import trio
 import trio.testing
 
 from qmesh import _core
-from qmesh.background import NICENESS, TURNS_WINDOW_S, BackgroundThread, loop_takes_turns, make_way
+from qmesh.background import (
+    NICENESS,
+    SATURATED_S,
+    TURNS_WINDOW_S,
+    BackgroundThread,
+    loop_takes_turns,
+    make_way,
+)
 
 
 async def test_a_job_runs_in_a_thread_of_lower_priority_and_returns_its_result() -> None:
@@ -104,15 +111,15 @@ async def test_jobs_run_in_the_order_they_were_given() -> None:
 async def test_an_event_loop_makes_way_only_while_a_job_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A loop that never sleeps calls make_way between rounds: it hands the
-    core on (sched_yield) while a background job runs, and costs nothing
-    otherwise."""
+    """A loop calls make_way between rounds: once it has worked a while
+    without waiting, it hands the core on (sched_yield) while a background
+    job runs, and costs nothing otherwise."""
     yields: list[bool] = []
     monkeypatch.setattr(os, "sched_yield", lambda: yields.append(True))
     worker = BackgroundThread("test worker")
     await worker.run(lambda: None)
     assert not worker.running
-    make_way()
+    make_way(SATURATED_S)
     assert yields == []
     assert loop_takes_turns(), "a loop made way just now"
     started, release = threading.Event(), threading.Event()
@@ -125,18 +132,22 @@ async def test_an_event_loop_makes_way_only_while_a_job_runs(
         nursery.start_soon(worker.run, held)
         await trio.to_thread.run_sync(started.wait)
         assert worker.running
-        make_way()
+        make_way(SATURATED_S / 2)
+        assert yields == [], "a loop that waited just now keeps the core"
+        make_way(SATURATED_S)
         assert yields == [True]
         release.set()
     assert not worker.running
-    make_way()
+    make_way(SATURATED_S)
     assert yields == [True]
 
 
 def test_a_job_takes_turns_only_while_a_loop_makes_way(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    make_way()
+    make_way(SATURATED_S)
     assert loop_takes_turns()
     now[0] += TURNS_WINDOW_S
     assert not loop_takes_turns(), "no loop made way lately: the engine is on threads"
+    make_way(SATURATED_S / 2)
+    assert not loop_takes_turns(), "a loop that waits often takes no turns"

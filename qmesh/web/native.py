@@ -22,6 +22,7 @@ Not for: routing or handlers (:mod:`qmesh.web.http`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -135,8 +136,9 @@ class NativeHttpServer:
                 # polled after a checkpoint, not after a wait for the
                 # descriptor: under load that wait (trio's I/O bookkeeping
                 # and an epoll_ctl to re-arm) took a tenth of this thread.
+                busy_since = time.monotonic()
                 while self._round(nursery):
-                    make_way()
+                    make_way(time.monotonic() - busy_since)
                     await trio.lowlevel.checkpoint()
                 continue
             behind = backlog()
