@@ -614,13 +614,19 @@ impl Pooled {
         };
         match message {
             pg::Frontend::Parse { name: b"", sql, .. } => {
-                if !self.relays(sql) {
-                    return Step::Python;
+                // A client that parses the same unnamed statement in every
+                // transaction (libpq's PQexecParams, pgbench -M extended)
+                // has it judged and copied once.
+                let again = self.unnamed.as_ref().is_some_and(|u| *u.parse == *raw);
+                if !again {
+                    if !self.relays(sql) {
+                        return Step::Python;
+                    }
+                    self.unnamed = Some(Unnamed {
+                        parse: raw.to_vec(),
+                        text: sql.into(),
+                    });
                 }
-                self.unnamed = Some(Unnamed {
-                    parse: raw.to_vec(),
-                    text: sql.into(),
-                });
                 self.unnamed_here = true;
                 out.extend_from_slice(raw);
                 self.owe(Owed::plain(tag));
@@ -1214,6 +1220,37 @@ mod tests {
         pooled.end_loan();
         assert!(client(&mut pooled, &[bind("", ""), execute()]).is_empty());
         assert_eq!(pooled.handback, Some([bind("", ""), execute()].concat()));
+    }
+
+    #[test]
+    fn the_same_unnamed_parse_again_is_relayed_and_recorded_without_a_new_copy() {
+        let (mut pooled, queue) = audited();
+        let transaction = [
+            parse("", "SELECT $1"),
+            bind("", ""),
+            execute(),
+            msg(b'S', b""),
+        ];
+        let answers = [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ];
+        assert_eq!(client(&mut pooled, &transaction), transaction.concat());
+        server(&mut pooled, &answers);
+        let first = pooled.unnamed.as_ref().unwrap().text.clone();
+        pooled.end_loan();
+        pooled.lease = Some(lease());
+        assert_eq!(client(&mut pooled, &transaction), transaction.concat());
+        assert!(pooled.handback.is_none());
+        assert!(Arc::ptr_eq(&first, &pooled.unnamed.as_ref().unwrap().text));
+        server(&mut pooled, &answers);
+        let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
+        assert_eq!(recorded(&queue), [ok.clone(), ok]);
+        // Another text is a new statement, judged as the first was.
+        client(&mut pooled, &[parse("", "LISTEN x")]);
+        assert!(pooled.handback.is_some());
     }
 
     #[test]

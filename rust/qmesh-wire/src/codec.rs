@@ -56,6 +56,17 @@ const SMALL_PROBE_MOST: u32 = 256;
 /// The encoder keeps at most this much scratch capacity between batches, so
 /// one 16 MiB frame does not pin 16 MiB per connection for its lifetime.
 const SCRATCH_RETAIN: usize = 256 * 1024;
+/// A compressed body is sent only if it saves at least this many bytes and
+/// at least 1/`WORTH_FRACTION` of the payload. Anything less buys the link
+/// next to nothing (a 109-byte Parse, Bind, Execute and Sync shrinks by 1
+/// to 5 bytes) and costs the receiver a decompression.
+const WORTH_BYTES: usize = 16;
+const WORTH_FRACTION: usize = 16;
+
+/// Whether `packed` bytes in place of `plain` are worth a decompression.
+fn worth_sending(plain: usize, packed: usize) -> bool {
+    packed + WORTH_BYTES.max(plain / WORTH_FRACTION) <= plain
+}
 
 fn check_max_payload(max_payload: usize) -> Result<()> {
     if max_payload > MAX_PAYLOAD_LIMIT {
@@ -276,8 +287,8 @@ impl FrameEncoder {
     }
 
     /// Compress `payload` onto the end of `scratch` if it is long enough,
-    /// does not look like noise, and the result is strictly smaller;
-    /// otherwise leave `scratch` as it was.
+    /// does not look like noise, and the result is worth sending
+    /// ([`worth_sending`]); otherwise leave `scratch` as it was.
     ///
     /// Small payloads are tried only while small payloads have been
     /// shrinking: an interactive protocol's short messages (a Postgres
@@ -319,15 +330,15 @@ impl FrameEncoder {
 
     fn try_compress(&mut self, payload: &[u8]) -> Body {
         let start = self.scratch.len();
-        // Room for an output of up to len - 1 bytes (anything longer is not
-        // worth sending); zstd fails cleanly if its output would not fit.
+        // Room for an output of up to len - 1 bytes; zstd fails cleanly if
+        // its output would not fit.
         self.scratch.reserve(payload.len() - 1);
         let mut out = Cursor::new(&mut self.scratch);
         out.set_position(start as u64);
         // One-shot compression records the content size in the frame header,
         // which the decoder needs to bound its allocation.
         match self.compressor.compress_to_buffer(payload, &mut out) {
-            Ok(len) if len < payload.len() => Body::Compressed { start, len },
+            Ok(len) if worth_sending(payload.len(), len) => Body::Compressed { start, len },
             _ => {
                 self.scratch.truncate(start);
                 Body::Plain
@@ -722,6 +733,34 @@ mod tests {
             compressed(&mut enc, reply);
         }
         assert!(compressed(&mut enc, &b"{\"k\": \"value\"} ".repeat(100)));
+    }
+
+    #[test]
+    fn a_payload_that_barely_shrinks_is_sent_plain_and_counts_as_a_miss() {
+        let mut enc = FrameEncoder::new(&[1u8; KEY_LEN], EncoderConfig::default()).unwrap();
+        // pgbench -M extended's transaction: Parse, Bind, Describe, Execute,
+        // Sync. zstd shrinks it by a few bytes at most.
+        let mut request = b"P\x00\x00\x00\x3d\x00SELECT abalance FROM pgbench_accounts WHERE aid = $1;\x00\x00\x00".to_vec();
+        request.extend_from_slice(
+            b"B\x00\x00\x00\x18\x00\x00\x00\x00\x00\x01\x00\x00\x00\x06116493\x00\x01\x00\x00",
+        );
+        request.extend_from_slice(
+            b"D\x00\x00\x00\x06P\x00E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04",
+        );
+        let packed = zstd::bulk::compress(&request, DEFAULT_LEVEL).unwrap();
+        assert!(packed.len() < request.len(), "zstd shrinks it a little");
+        assert!(!compressed(&mut enc, &request));
+        assert_eq!(enc.small_misses, 1);
+        assert!(enc.scratch.is_empty());
+    }
+
+    #[test]
+    fn worth_sending_asks_for_sixteen_bytes_and_a_sixteenth() {
+        assert!(worth_sending(100, 84));
+        assert!(!worth_sending(100, 85));
+        assert!(worth_sending(1600, 1500));
+        assert!(!worth_sending(1600, 1501));
+        assert!(!worth_sending(10, 0), "nothing under 16 bytes is worth it");
     }
 
     #[test]
