@@ -119,6 +119,12 @@ struct Timers {
     /// What the thread sleeps until (a manual reactor: what its timer
     /// descriptor is set for), so that an earlier deadline wakes it.
     sleeping_until: Option<Instant>,
+    /// The thread is in a round: it looks at the heap before it sleeps
+    /// again, so a deadline added meanwhile needs no wake-up. (A pool's
+    /// connection given back between transactions schedules one on the
+    /// thread's own round: an eventfd write, and a round that wakes only
+    /// to drain it, each time.)
+    awake: bool,
 }
 
 /// One engine thread.
@@ -187,6 +193,7 @@ impl Reactor {
             timers: Mutex::new(Timers {
                 heap: BinaryHeap::new(),
                 sleeping_until: None,
+                awake: false,
             }),
             load: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -213,6 +220,7 @@ impl Reactor {
         if let Some(timer) = &self.timer {
             // Set for the next deadline, the ones this round added included.
             let mut timers = lock(&self.timers);
+            timers.awake = false;
             let next = timers.heap.peek().map(|Reverse((at, _))| *at);
             if next != timers.sleeping_until {
                 timers.sleeping_until = next;
@@ -230,17 +238,22 @@ impl Reactor {
             if !poll.is_zero() && self.poll_for(&mut rounds, poll) {
                 continue;
             }
-            let timeout = {
-                let mut timers = lock(&self.timers);
-                let next = timers.heap.peek().map(|Reverse((at, _))| *at);
-                timers.sleeping_until = next;
-                next.map(|at| at.saturating_duration_since(Instant::now()))
-            };
+            let timeout = self.before_sleep();
             if self.round(&mut rounds, timeout) > 0 {
                 // The setting now: it may have changed while the thread slept.
                 window.woke_after(idle_since.elapsed(), self.poll_max());
             }
         }
+    }
+
+    /// How long the thread may sleep: until the next deadline. From here
+    /// until its next round, a deadline added earlier than that wakes it.
+    fn before_sleep(&self) -> Option<Duration> {
+        let mut timers = lock(&self.timers);
+        timers.awake = false;
+        let next = timers.heap.peek().map(|Reverse((at, _))| *at);
+        timers.sleeping_until = next;
+        next.map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     fn poll_max(&self) -> Duration {
@@ -276,6 +289,7 @@ impl Reactor {
         } = rounds;
         // EBADF/EINVAL cannot happen on our own epoll.
         let n = self.epoll.wait(ready, timeout).unwrap_or(0);
+        lock(&self.timers).awake = true;
         {
             batch.clear();
             let mut roamers = None;
@@ -611,9 +625,10 @@ impl Registration {
     pub(crate) fn schedule(&self, deadline: Instant) {
         let mut timers = lock(&self.reactor.timers);
         timers.heap.push(Reverse((deadline, self.id)));
-        if timers
-            .sleeping_until
-            .is_none_or(|sleeping| deadline < sleeping)
+        if !timers.awake
+            && timers
+                .sleeping_until
+                .is_none_or(|sleeping| deadline < sleeping)
         {
             timers.sleeping_until = Some(deadline);
             match &self.reactor.timer {
@@ -883,6 +898,45 @@ mod tests {
         reactor.poll_max_ns.store(0, Ordering::SeqCst);
         peer.write_all(b"e").unwrap();
         read(5, "a message after polling is off again");
+    }
+
+    /// An engine that sets a deadline whenever it is handed events.
+    #[derive(Default)]
+    struct Scheduler(OnceLock<Registration>);
+
+    impl Driven for Scheduler {
+        fn ready(&self, _events: &[(u64, u32)]) {
+            let registration = self.0.get().expect("registered");
+            registration.schedule(Instant::now() + Duration::from_secs(60));
+        }
+        fn timer(&self, _now: Instant) {}
+    }
+
+    #[test]
+    fn a_deadline_set_in_a_round_wakes_nobody_and_bounds_the_next_sleep() {
+        let reactor = Reactor::new(None).unwrap();
+        let scheduler = Arc::new(Scheduler::default());
+        let weak = Arc::downgrade(&scheduler) as Weak<dyn Driven>;
+        let registration = scheduler
+            .0
+            .get_or_init(|| Registration::on(Arc::clone(&reactor), weak));
+        let (socket, mut peer) = UnixStream::pair().unwrap();
+        let mut interest = 0;
+        registration.set_interest(socket.as_raw_fd(), 1, &mut interest, READABLE);
+        let woken = || sys::readable_now(reactor.wake.fd());
+
+        assert_eq!(reactor.before_sleep(), None);
+        peer.write_all(b"x").unwrap();
+        let mut rounds = Rounds::default();
+        assert_eq!(reactor.round(&mut rounds, Some(Duration::ZERO)), 1);
+        assert!(!woken(), "the thread sets the deadline itself: no wake-up");
+        let sleep = reactor.before_sleep().expect("a deadline");
+        assert!(sleep > Duration::from_secs(59), "{sleep:?}");
+
+        // Asleep (or about to be), an earlier deadline from elsewhere wakes it.
+        registration.schedule(Instant::now() + Duration::from_secs(1));
+        assert!(woken());
+        registration.unwatch(socket.as_raw_fd());
     }
 
     #[test]
