@@ -1076,6 +1076,16 @@ mod tests {
         msg(b'E', b"\0\0\0\0\0")
     }
 
+    /// The server's answers to a Parse, Bind, Execute and Sync of one row.
+    fn answered() -> [Vec<u8>; 4] {
+        [
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+    }
+
     fn error(state: &str) -> Vec<u8> {
         msg(b'E', format!("SERROR\0C{state}\0Mno\0\0").as_bytes())
     }
@@ -1231,12 +1241,7 @@ mod tests {
             execute(),
             msg(b'S', b""),
         ];
-        let answers = [
-            msg(b'1', b""),
-            msg(b'2', b""),
-            msg(b'C', b"SELECT 1\0"),
-            msg(b'Z', b"I"),
-        ];
+        let answers = answered();
         assert_eq!(client(&mut pooled, &transaction), transaction.concat());
         server(&mut pooled, &answers);
         let first = pooled.unnamed.as_ref().unwrap().text.clone();
@@ -1383,12 +1388,7 @@ mod tests {
         ];
         assert_eq!(sent, expected.concat());
         assert_eq!(owed(&pooled), b"PBES");
-        let answers = [
-            msg(b'1', b""),
-            msg(b'2', b""),
-            msg(b'C', b"SELECT 1\0"),
-            msg(b'Z', b"I"),
-        ];
+        let answers = answered();
         assert_eq!(server(&mut pooled, &answers), answers.concat());
         assert!(pooled.between_transactions(false));
         let ok = ("SELECT $1".to_string(), Some(1), "ok".to_string());
