@@ -58,6 +58,7 @@ BURN_BUCKETS: Final = 96
 LLM_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _FAILED_HOPS: Final = frozenset({"failed", "busy", "stream_broken"})
 Rows = list[tuple[dict[str, str], float]]
+
 _NODE_FAMILIES: Final = (
     ("qmesh_node_up", "1 when the inventory entry is fresh, else 0."),
     ("qmesh_node_last_seen_age_seconds", "Seconds since the entry last reported or answered."),
