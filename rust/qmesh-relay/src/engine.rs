@@ -35,8 +35,13 @@
 //! and closes it only after the engine has stopped watching it
 //! ([`Engine::detach`], a native stream's end or [`Engine::abort_native`]).
 
+// Foldhash, not SipHash: `natives` is looked up for every message of a
+// native stream; its keys are stream ids, at most a session's
+// `max_streams_per_session`, so even keys chosen to collide cost little.
+use foldhash::{HashMap, HashMapExt};
+
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};

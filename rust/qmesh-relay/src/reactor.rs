@@ -25,8 +25,12 @@
 //! its own state, so the order is always engine state, then timers. A
 //! roaming socket's place is locked before the table of roaming sockets.
 
+// Foldhash, not SipHash: the keys are the reactor's own ids and keys,
+// which no peer chooses, looked up for every event of a round.
+use foldhash::{HashMap, HashMapExt};
+
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
