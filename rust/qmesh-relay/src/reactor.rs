@@ -131,6 +131,16 @@ struct Timers {
     awake: bool,
 }
 
+impl Timers {
+    /// The round is over: the next deadline is what the thread sleeps
+    /// until, and from here an earlier one added wakes it.
+    fn settle(&mut self) -> Option<Instant> {
+        self.awake = false;
+        self.sleeping_until = self.heap.peek().map(|Reverse((at, _))| *at);
+        self.sleeping_until
+    }
+}
+
 /// One engine thread.
 pub(crate) struct Reactor {
     epoll: Epoll,
@@ -222,12 +232,12 @@ impl Reactor {
         let mut rounds = lock(&self.rounds);
         self.round(&mut rounds, Some(Duration::ZERO));
         if let Some(timer) = &self.timer {
-            // Set for the next deadline, the ones this round added included.
+            // Set for the next deadline, the ones this round added included,
+            // under the lock: an earlier one scheduled meanwhile is not undone.
             let mut timers = lock(&self.timers);
-            timers.awake = false;
-            let next = timers.heap.peek().map(|Reverse((at, _))| *at);
-            if next != timers.sleeping_until {
-                timers.sleeping_until = next;
+            let before = timers.sleeping_until;
+            let next = timers.settle();
+            if next != before {
                 timer.set(next.map(|at| at.saturating_duration_since(Instant::now())));
             }
         }
@@ -253,10 +263,7 @@ impl Reactor {
     /// How long the thread may sleep: until the next deadline. From here
     /// until its next round, a deadline added earlier than that wakes it.
     fn before_sleep(&self) -> Option<Duration> {
-        let mut timers = lock(&self.timers);
-        timers.awake = false;
-        let next = timers.heap.peek().map(|Reverse((at, _))| *at);
-        timers.sleeping_until = next;
+        let next = lock(&self.timers).settle();
         next.map(|at| at.saturating_duration_since(Instant::now()))
     }
 
