@@ -64,6 +64,7 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeError",
     "HttpEngine",
+    "HttpFastBatch",
     "HttpFastDone",
     "HttpNotice",
     "HttpProxied",
@@ -1238,6 +1239,18 @@ class HttpProxied:
     """When the answer's head came (``time.monotonic()``'s clock)."""
 
 @final
+class HttpFastBatch:
+    """The requests one fast-path route (:meth:`HttpEngine.route`) relayed
+    whole since the last poll, for booking together: each is
+    ``(started_at, body_len, tokens_in, tokens_out, bytes_out)`` — when
+    it was read (``time.monotonic()``'s clock), the request body's size and
+    the answer's usage as :class:`HttpProxied` gives it. Answers that broke
+    off come one by one, as :class:`HttpFastDone`."""
+
+    route: int
+    requests: list[tuple[float, int, int, int, int]]
+
+@final
 class HttpFastDone:
     """A request the fast path relayed (:meth:`HttpEngine.route`), for
     booking: its ``route``, what came of it (``outcome``, always
@@ -1297,7 +1310,7 @@ class HttpEngine:
         """On the process's engine threads, or with ``inline`` on none: its
         owner then calls :meth:`poll` when ``poll_fd`` is readable (which it
         also is when one of its timeouts is due). On the engine threads,
-        at most ``max_fast_reports`` :class:`HttpFastDone` wait for
+        at most ``max_fast_reports`` fast-path requests' reports wait for
         :meth:`take`; past that, whole requests wait in the engine until
         the next :meth:`take`, so the fast path never runs ahead of its
         bookkeeping by more."""
@@ -1313,7 +1326,9 @@ class HttpEngine:
 
     def poll(
         self,
-    ) -> list[HttpRequest | HttpProxied | HttpFastDone | HttpRouteReleased | HttpNotice]:
+    ) -> list[
+        HttpRequest | HttpProxied | HttpFastBatch | HttpFastDone | HttpRouteReleased | HttpNotice
+    ]:
         """Run an inline engine's ready work and due timeouts, then :meth:`take`."""
 
     def adopt(self, fd: int, peer: str, *, tls: TlsServerConfig | None = None) -> None:
@@ -1395,9 +1410,11 @@ class HttpEngine:
         requests in flight. The upstream request is ``request_head`` (request
         line and headers) with its length and the body, renamed to
         ``upstream_model`` (a stream asks for usage); ``headers`` are added
-        to the answer's head. Each is reported by an :class:`HttpFastDone`;
-        one whose upstream fails before a byte reached the client comes as
-        an :class:`HttpRequest` with ``failed`` set. Replaces the key's
+        to the answer's head. Each is reported for booking: in an
+        :class:`HttpFastBatch` with the others its route relayed whole since
+        the last poll, or as an :class:`HttpFastDone` when it broke off; one
+        whose upstream fails before a byte reached the client comes as an
+        :class:`HttpRequest` with ``failed`` set. Replaces the key's
         route (an :class:`HttpRouteReleased` says when ``route`` is done
         with). A body the engine might read otherwise than Python is left
         to Python."""
@@ -1410,7 +1427,9 @@ class HttpEngine:
 
     def take(
         self,
-    ) -> list[HttpRequest | HttpProxied | HttpFastDone | HttpRouteReleased | HttpNotice]: ...
+    ) -> list[
+        HttpRequest | HttpProxied | HttpFastBatch | HttpFastDone | HttpRouteReleased | HttpNotice
+    ]: ...
     def stats(self) -> tuple[int, int, int, int, int, int, int]:
         """``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast)``."""
 

@@ -6,6 +6,7 @@ sockets, with a real upstream)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -97,17 +98,28 @@ async def test_requests_wait_while_the_reports_wait_for_python(
     await listener.bind(("127.0.0.1", 0))
     listener.listen()
     first, second, third = [await connect(engine, listener) for _ in range(3)]
+    answered = []
     for client in (first, second):
         await client.send_all(REQUEST)
         status, body = await read_answer(client)
         assert status == 200 and b"answer from acme" in body
+        answered.append(len(body))
     # Two reports wait for Python, as many as allowed: the third request is
     # read, then held (the engine counts it read and relays nothing).
     await third.send_all(REQUEST)
     await until(lambda: stats.requests == 3)
     assert stats.fast == 2
+    before = time.monotonic()
     reports = engine.take()
-    assert [type(r) for r in reports] == [_core.HttpFastDone] * 2
+    # Both in one batch, as Python books them: each with when it was read,
+    # its body's size and the answer's usage.
+    assert [type(r) for r in reports] == [_core.HttpFastBatch]
+    batch = reports[0]
+    assert isinstance(batch, _core.HttpFastBatch) and batch.route == 1
+    assert [request[1:] for request in batch.requests] == [
+        (len(BODY), provider.prompt_tokens, provider.completion_tokens, size) for size in answered
+    ]
+    assert all(0 < request[0] < before for request in batch.requests)
     # Taken: the held request goes on.
     status, body = await read_answer(third)
     assert status == 200 and b"answer from acme" in body
@@ -120,7 +132,8 @@ async def test_requests_wait_while_the_reports_wait_for_python(
         await client.send_all(REQUEST)
     await until(lambda: stats.requests == 6)
     assert stats.fast == 4
-    assert sum(isinstance(r, _core.HttpFastDone) for r in engine.take()) == 2
+    batches = [r for r in engine.take() if isinstance(r, _core.HttpFastBatch)]
+    assert [len(batch.requests) for batch in batches] == [2]
     for client in (second, third):
         status, _ = await read_answer(client)
         assert status == 200

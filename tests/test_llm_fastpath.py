@@ -35,6 +35,7 @@ from qmesh import _core
 from qmesh.config import BudgetConfig, HttpConfig, RoutingConfig
 from qmesh.finops import ledger as ledger_module
 from qmesh.finops.ledger import Ledger
+from qmesh.llm import fastpath as llm_fastpath
 from qmesh.web import native as native_module
 from qmesh.web.tls import GateTls
 
@@ -111,6 +112,45 @@ async def test_requests_like_a_decided_one_skip_python_and_are_booked_alike(
         assert (row["tokens_in"], row["tokens_out"]) == (1000, 500)
         assert row["cost_usd"] == pytest.approx(1000 * 1.0 / 1e6 + 500 * 2.0 / 1e6)
         assert [h["outcome"] for h in json.loads(row["hops"])] == ["ok"]
+    # The fast path's rows say what Python's says, but for when and which request.
+    decided, *relayed = (booked_columns(row) for row in rows)
+    assert relayed == [decided] * 5
+
+
+def booked_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as it would be for any request decided alike: without
+    its id, time, request id and each hop's milliseconds."""
+    hops = [{k: v for k, v in hop.items() if k != "ms"} for hop in json.loads(row["hops"])]
+    assert all(hop["ms"] >= 0 for hop in json.loads(row["hops"]))
+    return {k: v for k, v in row.items() if k not in ("id", "ts", "request_id")} | {"hops": hops}
+
+
+async def test_requests_relayed_together_are_booked_one_by_one(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests the engine relays in the same round are reported to Python
+    together: each still gets its own row, request id, latency and metrics."""
+    # One route for them all, however slow the machine: none is renewed.
+    monkeypatch.setattr(llm_fastpath, "ROUTE_TTL_S", 600.0)
+    acme, api = await routed(nursery, tmp_path)
+    told: list[tuple[str, list[str]]] = []
+    api.service.ledger.observers.append(
+        lambda entries, hops: told.extend(
+            (entry.request_id, [str(h["outcome"]) for h in entry_hops])
+            for entry, entry_hops in zip(entries, hops, strict=True)
+        )
+    )
+    c = client(api)
+    async with trio.open_nursery() as clients:
+        for _ in range(16):
+            clients.start_soon(chat, c, "p")
+    assert fast_relayed(api) == 17 and acme.requests == 18
+    rows = await flushed_rows(api, 18)
+    assert len(rows) == 18 and len({r["request_id"] for r in rows}) == 18
+    decided, *relayed = (booked_columns(row) for row in rows)
+    assert relayed == [decided] * 17
+    # Observers were told of each request once, with its one hop.
+    assert sorted(told) == sorted((r["request_id"], ["ok"]) for r in rows[2:])
 
 
 async def test_what_the_decision_did_not_cover_goes_to_python(

@@ -184,6 +184,43 @@ async def test_metrics_move_with_requests(nursery: trio.Nursery, tmp_path: Path)
     assert snapshot["budgets"]["note"] is None
 
 
+async def test_requests_the_engine_relays_itself_move_the_metrics_alike(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """After the first, an app's calls like it take the HTTP engine's fast
+    path (nothing holds this app to a budget): counted all the same."""
+    steady = await start_provider(nursery, "steady")
+    gate_dir = make_gate_dir(tmp_path)
+    config_file = tmp_path / "gate.toml"
+    config_file.write_text(
+        gate_dir.config_text() + '[[gate.providers]]\nname = "steady"\n'
+        f'base_url = "http://127.0.0.1:{steady.port}/v1"\n'
+        '[[gate.providers.models]]\nid = "m"\ntasks = ["chat"]\nprice_in = 1.0\n'
+        "price_out = 2.0\n"
+    )  # fmt: skip
+    gate = await nursery.start(run_gate, load_config(config_file, env={}))
+    http, bearer = gate["http"], gate_dir.bearer
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+    for _ in range(5):
+        status, answer = await http_json(
+            "POST", http + "/v1/chat/completions", bearer=bearer, body=chat
+        )
+        assert status == 200 and answer["choices"][0]["message"]["content"] == "answer from steady"
+
+    after = parse(await _metrics(http, bearer))
+    route = (("route", "/v1/chat/completions"),)
+    assert after["qmesh_http_requests_total"][(("method", "POST"), *route, ("status", "200"))] == 5
+    assert after["qmesh_http_request_duration_seconds_count"][route] == 5
+    provider = (("kind", "provider"),)
+    assert after["qmesh_llm_requests_total"][(*provider, ("outcome", "ok"))] == 5
+    assert after["qmesh_llm_tokens_total"][(("direction", "in"), *provider)] == 5 * 100
+    assert after["qmesh_llm_tokens_total"][(("direction", "out"), *provider)] == 5 * 20
+    cost = after["qmesh_llm_cost_usd_total"][provider]
+    assert math.isclose(cost, 5 * (100 * 1.0 + 20 * 2.0) / 1e6)
+    assert after["qmesh_llm_request_duration_seconds_count"][provider] == 5
+    assert after["qmesh_llm_request_duration_seconds_sum"][provider] > 0
+
+
 async def test_dashboard_notes_when_parts_are_missing(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

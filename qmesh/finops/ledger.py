@@ -43,6 +43,7 @@ __all__ = [
     "KeptPrompt",
     "Ledger",
     "LedgerEntry",
+    "Observer",
     "read_prompts",
     "read_rows",
     "spent_since",
@@ -104,6 +105,11 @@ class LedgerEntry:
         )  # fmt: skip
 
 
+Observer: TypeAlias = Callable[[Sequence[LedgerEntry], Sequence[Sequence[Hop]]], None]
+"""Told of entries as they are recorded (:attr:`Ledger.observers`): the
+entries, and each one's hops as objects."""
+
+
 @attrs.frozen
 class AuditEvent:
     ts: float
@@ -154,7 +160,7 @@ class Ledger:
         """The last write failed: it may have committed all the same."""
         self._progress = trio.Event()
         """Set when a batch is written (then replaced)."""
-        self.observers: list[Callable[[LedgerEntry, Sequence[Hop]], None]] = []
+        self.observers: list[Observer] = []
         """Told of every entry as it is recorded, with its hops as objects
         (the Gate's metrics and dashboard): called on the request path, so
         they must be cheap."""
@@ -162,13 +168,18 @@ class Ledger:
     def record(self, entry: LedgerEntry, hops: Sequence[Hop] | None = None) -> None:
         """Buffer ``entry``. ``hops``: what its ``hops`` column says, as
         objects, when the caller has them (else observers get them parsed)."""
-        self._entries.append(entry)
+        if hops is None and self.observers:
+            hops = _parse_hops(entry.hops)
+        self.record_many((entry,), (hops or (),))
+
+    def record_many(self, entries: Sequence[LedgerEntry], hops: Sequence[Sequence[Hop]]) -> None:
+        """Buffer ``entries``, ``hops`` holding each one's as objects."""
+        if not entries:
+            return
+        self._entries.extend(entries)
         self._buffered.set()
-        if self.observers:
-            if hops is None:
-                hops = _parse_hops(entry.hops)
-            for observer in self.observers:
-                observer(entry, hops)
+        for observer in self.observers:
+            observer(entries, hops)
         if len(self._entries) >= MAX_BATCH:
             self._wakeup.set()
 

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import attrs
@@ -42,7 +42,7 @@ import attrs
 from qmesh import _core
 from qmesh.config import RoutingConfig
 from qmesh.finops.budgets import Budget, BudgetBook, Reservation
-from qmesh.finops.ledger import Ledger, LedgerEntry
+from qmesh.finops.ledger import Hop, Ledger, LedgerEntry
 from qmesh.llm.backends import Backend, ClientFault
 from qmesh.llm.calls import DONE_EVENT, Answer, Call, Usage, error_event
 from qmesh.llm.providers import CHUNK_TIMEOUT_S, FIRST_BYTE_TIMEOUT_S, status_error
@@ -53,7 +53,14 @@ from qmesh.web.exchange import ClientGone, NativeExchange, ProxyTarget
 from qmesh.web.fastpath import FastRoutes
 from qmesh.web.http import Response
 
-__all__ = ["Executor", "InstallRoute", "PythonAnswer", "RequestContext", "stream_tokens"]
+__all__ = [
+    "Executor",
+    "InstallRoute",
+    "PythonAnswer",
+    "RequestContext",
+    "relayed_tokens",
+    "stream_tokens",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +122,18 @@ engine cannot reach."""
 def stream_tokens(estimated_in: int, usage: Usage) -> tuple[int, int]:
     """A stream's tokens: its usage, else estimates (``estimated_in`` from
     the request; ≈ 4 bytes of text per token in ≈ 64-byte events)."""
-    tokens_out = usage.tokens_out or max(1, usage.bytes_out // 64)
-    return usage.tokens_in or estimated_in, tokens_out
+    return relayed_tokens(True, estimated_in, usage.tokens_in, usage.tokens_out, usage.bytes_out)
+
+
+def relayed_tokens(
+    stream: bool, estimated_in: int, tokens_in: int, tokens_out: int, bytes_out: int
+) -> tuple[int, int]:
+    """An answer's tokens from its usage (0: not given), else estimates:
+    ``estimated_in`` from the request, and for a stream ≈ 4 bytes of text
+    per token in ≈ 64-byte events."""
+    if stream and not tokens_out:
+        tokens_out = max(1, bytes_out // 64)
+    return tokens_in or estimated_in, tokens_out
 
 
 def _release(exchange: NativeExchange, outcome: _core.HttpProxied) -> None:
@@ -371,6 +388,41 @@ class Executor:
                 {"candidate": candidate.id, "outcome": "ok", "ms": round(seconds * 1000, 3)}
             )
         self._record(decision, ctx, candidate, tokens, cost, outcome)
+
+    def book_relayed(
+        self,
+        decision: Decision,
+        app: str,
+        candidate: Candidate,
+        answers: Sequence[tuple[float, int, int]],
+        request_ids: Callable[[], str],
+    ) -> None:
+        """Book answers the HTTP engine relayed whole by a fast-path route
+        (``(seconds, tokens_in, tokens_out)`` each) as :meth:`book_answer`
+        books one answered at the first try: its latency, one ``ok`` hop and
+        a ledger row each. Together, as this runs for every request of the
+        fast path: what is the same for all of them is worked out once."""
+        cid, kind, model = candidate.id, candidate.kind, candidate.model
+        provider = candidate.node if kind == PROVIDER else None
+        task, reason = decision.dsn.task, _reason(decision)
+        hop_json = f'[{{"candidate":{_JSON_STRING(cid)},"outcome":"ok","ms":'
+        ts = time.time()
+        entries: list[LedgerEntry] = []
+        hops: list[tuple[Hop]] = []
+        for seconds, tokens_in, tokens_out in answers:
+            ms = round(seconds * 1000, 3)
+            candidate.observe_latency(seconds * 1000)
+            # Positional: with keywords, the entry costs three times as much.
+            cost = self.cost(candidate, tokens_in, tokens_out, seconds)
+            entry = LedgerEntry(
+                ts, request_ids(), app, None, task, cid, kind, model, provider,
+                tokens_in, tokens_out, cost, None, 0.0, "ok", f"{hop_json}{ms!r}}}]", reason,
+            )  # fmt: skip
+            entries.append(entry)
+            hops.append(({"candidate": cid, "outcome": "ok", "ms": ms},))
+        self.relayed += len(entries)
+        self.router.telemetry_changed()
+        self.ledger.record_many(entries, hops)
 
     def stream_broke(self, candidate: Candidate, ctx: RequestContext, reason: str) -> None:
         """A stream broke off after bytes reached the client."""

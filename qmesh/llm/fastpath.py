@@ -28,19 +28,19 @@ Not for: matching requests to routes (the engine, ``fastroute.rs``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from qmesh import _core
 from qmesh.llm.backends import ClientFault
-from qmesh.llm.calls import DONE_EVENT, Call, Usage, error_event, tokens_for_body
-from qmesh.llm.executor import Executor, RequestContext, stream_tokens
+from qmesh.llm.calls import DONE_EVENT, Call, error_event, tokens_for_body
+from qmesh.llm.executor import Executor, RequestContext, relayed_tokens
 from qmesh.llm.providers import CHUNK_TIMEOUT_S, FIRST_BYTE_TIMEOUT_S, status_error
 from qmesh.qg.candidates import Candidate
 from qmesh.qg.errors import UpstreamFailed
 from qmesh.qg.router import Decision
 from qmesh.web.exchange import NativeExchange, ProxyTarget
-from qmesh.web.fastpath import RouteSpec
+from qmesh.web.fastpath import FastRelayed, RouteSpec
 
 __all__ = ["ROUTE_TTL_S", "RouteOwner", "route_installer"]
 
@@ -77,6 +77,16 @@ class RouteOwner:
     def _context(self) -> RequestContext:
         return RequestContext(self.app, self.request_ids(), None, self.budget_state)
 
+    def done_many(self, requests: Sequence[FastRelayed], now: float) -> None:
+        executor, stream = self.executor, self.stream
+        answers = [
+            (now - started, *relayed_tokens(stream, tokens_for_body(size), t_in, t_out, out))
+            for started, size, t_in, t_out, out in requests
+        ]
+        executor.book_relayed(self.decision, self.app, self.candidate, answers, self.request_ids)
+        if executor.ledger.full:
+            executor.forget_fast_routes()
+
     def done(self, event: _core.HttpFastDone) -> bytes | None:
         executor, candidate = self.executor, self.candidate
         executor.relayed += 1
@@ -84,12 +94,10 @@ class RouteOwner:
         relayed = event.outcome
         seconds = time.monotonic() - event.started_at
         broken = relayed.reason is not None and not relayed.client_gone
-        estimated_in = tokens_for_body(event.body_len)
-        if self.stream:
-            usage = Usage(relayed.tokens_in, relayed.tokens_out, relayed.bytes_out)
-            tokens = stream_tokens(estimated_in, usage)
-        else:
-            tokens = (relayed.tokens_in or estimated_in, relayed.tokens_out)
+        tokens = relayed_tokens(
+            self.stream, tokens_for_body(event.body_len),
+            relayed.tokens_in, relayed.tokens_out, relayed.bytes_out,
+        )  # fmt: skip
         if broken and self.stream:
             executor.stream_broke(candidate, ctx, str(relayed.reason))
         cost = executor.cost(candidate, *tokens, seconds)

@@ -3,7 +3,7 @@
 For: :class:`GateMetrics`, which owns a :class:`~qmesh.web.prom.Registry`
 and is fed by two hooks set up in :mod:`qmesh.gate.role` — every HTTP
 request (:meth:`GateMetrics.observe_http`, the router's ``observe``) and
-every request-ledger entry (:meth:`GateMetrics.observe_entry`, the
+every request-ledger entry (:meth:`GateMetrics.observe_entries`, the
 ledger's ``observers``: tokens, cost, outcome, latency, failover hops) —
 and which reads everything else at scrape time from where it already
 lives: the tunnel server (sessions, resumptions), the inventory (entries
@@ -280,7 +280,9 @@ class GateMetrics:
 
     # -- hooks --------------------------------------------------------------------------------
 
-    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+    def _http_cells(
+        self, method: str, route: str, status: int
+    ) -> tuple[CounterCell, HistogramSeries]:
         # Clients choose the method: an unknown one must not mint new series.
         key = (method if method in _METHODS else "other", route, status)
         series = self._http_series.get(key)
@@ -289,10 +291,28 @@ class GateMetrics:
                 self.http_requests.cell(key[0], route, str(status)),
                 self.http_latency.series(route),
             )
-        series[0].inc()
-        series[1].observe(seconds)
+        return series
 
-    def observe_entry(self, entry: LedgerEntry, hops: Sequence[Hop]) -> None:
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        requests, latency = self._http_cells(method, route, status)
+        requests.inc()
+        latency.observe(seconds)
+
+    def observe_http_many(
+        self, method: str, route: str, status: int, seconds: Sequence[float]
+    ) -> None:
+        requests, latency = self._http_cells(method, route, status)
+        requests.inc(len(seconds))
+        for value in seconds:
+            latency.observe(value)
+
+    def observe_entries(
+        self, entries: Sequence[LedgerEntry], hops: Sequence[Sequence[Hop]]
+    ) -> None:
+        for entry, entry_hops in zip(entries, hops, strict=True):
+            self._observe_entry(entry, entry_hops)
+
+    def _observe_entry(self, entry: LedgerEntry, hops: Sequence[Hop]) -> None:
         kind = entry.kind or "none"
         series = self._llm_series.get((kind, entry.outcome))
         if series is None:
@@ -303,13 +323,13 @@ class GateMetrics:
                 self.llm_cost.cell(kind),
                 self.llm_latency.series(kind),
             )
-        series.requests.inc()
-        if entry.tokens_in:
-            series.tokens_in.inc(entry.tokens_in)
-        if entry.tokens_out:
-            series.tokens_out.inc(entry.tokens_out)
+        # The cells' values directly: what a ledger entry holds is never
+        # negative, and this runs for every request.
+        series.requests.value += 1
+        series.tokens_in.value += entry.tokens_in
+        series.tokens_out.value += entry.tokens_out
         if entry.cost_usd > 0:
-            series.cost.inc(entry.cost_usd)
+            series.cost.value += entry.cost_usd
         if entry.avoided_usd > 0:
             self.llm_avoided.inc(amount=entry.avoided_usd)
         if entry.budget is not None:
@@ -342,8 +362,9 @@ class GateMetrics:
     def attach(self, router: Router) -> None:
         """Hook into the Gate's HTTP router and the request ledger."""
         router.observe = self.observe_http
+        router.observe_many = self.observe_http_many
         if self.llm is not None:
-            self.llm.ledger.observers.append(self.observe_entry)
+            self.llm.ledger.observers.append(self.observe_entries)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -378,7 +399,7 @@ class GateMetrics:
         if burn is not None and burn.start == budget.period_start:
             return burn
         # A new period (or the first look): entries from now on arrive
-        # through observe_entry; the ledger table has the ones before.
+        # through observe_entries; the ledger table has the ones before.
         burn = BurnDown.for_period(budget.name, budget.period_start, budget.period_end)
         self.burn[budget.name] = burn
         if self.store is not None:

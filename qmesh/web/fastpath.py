@@ -19,28 +19,37 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeAlias
 
 import attrs
 
 from qmesh import _core
 
-__all__ = ["FastOwner", "FastRoutes", "RouteSpec"]
+__all__ = ["FastOwner", "FastRelayed", "FastRoutes", "RouteSpec"]
 
 log = logging.getLogger(__name__)
 
-Observe = Callable[[str, str, int, float], None]
-"""``(method, route, status, seconds)``: the server's request metrics."""
+FastRelayed: TypeAlias = tuple[float, int, int, int, int]
+"""A request a route relayed whole: ``(started_at, body_len, tokens_in,
+tokens_out, bytes_out)``, as :class:`qmesh._core.HttpFastBatch` has it."""
+
+Observe = Callable[[str, str, int, Sequence[float]], None]
+"""``(method, route, status, seconds)``: the server's request metrics, for
+requests answered alike (:attr:`qmesh.web.http.Router.observe_many`)."""
 
 
 class FastOwner(Protocol):
     """Books the requests relayed by one route."""
 
     def done(self, event: _core.HttpFastDone) -> bytes | None:
-        """Book a relayed request. For an answer that broke off and waits
-        for its end (``event.outcome.open``): the words that close it, sent
-        before it ends, if any."""
+        """Book a relayed request whose answer broke off. For one that
+        waits for its end (``event.outcome.open``): the words that close
+        it, sent before it ends, if any."""
+
+    def done_many(self, requests: Sequence[FastRelayed], now: float) -> None:
+        """Book requests relayed whole (:class:`qmesh._core.HttpFastBatch`),
+        ``now`` on ``time.monotonic()``'s clock."""
 
     def failed(self, outcome: _core.HttpProxied) -> list[dict[str, object]]:
         """The route's upstream failed before a byte reached the client;
@@ -110,16 +119,28 @@ class FastRoutes:
         self._owners.pop(route, None)
 
     def done(self, event: _core.HttpFastDone) -> bytes | None:
-        owned = self._owners.get(event.route)
+        owner = self._observed(event.route, (event.started_at,), time.monotonic())
+        return None if owner is None else owner.done(event)
+
+    def done_many(self, batch: _core.HttpFastBatch) -> None:
+        now = time.monotonic()
+        requests = batch.requests
+        owner = self._observed(batch.route, [started for started, *_ in requests], now)
+        if owner is not None:
+            owner.done_many(requests, now)
+
+    def _observed(self, route: int, started: Sequence[float], now: float) -> FastOwner | None:
+        """Count and observe requests relayed by ``route``; who books them."""
+        owned = self._owners.get(route)
         if owned is None:  # cannot happen: a route outlives its requests
-            log.error("fast path: a report for unknown route %d", event.route)
+            log.error("fast path: a report for unknown route %d", route)
             return None
         owner, path = owned
-        self.relayed += 1
+        self.relayed += len(started)
         observe = self.observer()
         if observe is not None:
-            observe("POST", path, 200, time.monotonic() - event.started_at)
-        return owner.done(event)
+            observe("POST", path, 200, [now - at for at in started])
+        return owner
 
     def failed(self, route: int, outcome: _core.HttpProxied) -> list[dict[str, object]]:
         owned = self._owners.get(route)

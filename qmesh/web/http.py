@@ -29,7 +29,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -219,6 +219,8 @@ class Router:
         ``{name}`` segments and all, so per-route figures stay few; ``-``
         when nothing matched), status and seconds until the response was
         ready (for a stream: until its head). For metrics: keep it cheap."""
+        self.observe_many: Callable[[str, str, int, Sequence[float]], None] | None = None
+        """As :attr:`observe`, for requests answered alike: the seconds of each."""
         self.backlog: Callable[[], Awaitable[None] | None] | None = None
         """Asked before a server on the engine threads takes more of its
         engine's reports: what to await while the books of the requests

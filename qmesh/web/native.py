@@ -99,7 +99,7 @@ class NativeHttpServer:
             request_timeout=self.limits.request_timeout_s,
             inline=not self.limits.engine_threads,
         )
-        self.fast = FastRoutes(self.engine, lambda: router.observe)
+        self.fast = FastRoutes(self.engine, lambda: router.observe_many)
         self._exchanges: dict[int, NativeExchange] = {}
 
     @property
@@ -159,6 +159,10 @@ class NativeHttpServer:
                 exchanges[event.exchange] = exchange
                 nursery.start_soon(self._serve_request, exchange, event)
                 continue
+            if isinstance(event, _core.HttpFastBatch):
+                with peer_boundary("booking fast-path requests (route %d)", log, event.route):
+                    self.fast.done_many(event)
+                continue
             if isinstance(event, _core.HttpFastDone):
                 self._fast_done(event, nursery)
                 continue
@@ -175,7 +179,7 @@ class NativeHttpServer:
         return bool(events)
 
     def _fast_done(self, event: _core.HttpFastDone, nursery: trio.Nursery) -> None:
-        """Book a request the fast path relayed; one that broke off and
+        """Book a request whose answer broke off on the fast path; one that
         waits for its closing words gets them in a task of its own."""
         closing = None
         with peer_boundary("booking a fast-path request (route %d)", log, event.route):
