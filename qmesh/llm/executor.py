@@ -412,8 +412,8 @@ class Executor:
         for seconds, tokens_in, tokens_out in answers:
             ms = round(seconds * 1000, 3)
             candidate.observe_latency(seconds * 1000)
-            # Positional: with keywords, the entry costs three times as much.
             cost = self.cost(candidate, tokens_in, tokens_out, seconds)
+            # Positional: with keywords, the entry costs three times as much.
             entry = LedgerEntry(
                 ts, request_ids(), app, None, task, cid, kind, model, provider,
                 tokens_in, tokens_out, cost, None, 0.0, "ok", f"{hop_json}{ms!r}}}]", reason,

@@ -323,11 +323,13 @@ class GateMetrics:
                 self.llm_cost.cell(kind),
                 self.llm_latency.series(kind),
             )
-        # The cells' values directly: what a ledger entry holds is never
-        # negative, and this runs for every request.
+        # The cells' values directly, as this runs for every request: only
+        # positive amounts, so no counter goes down.
         series.requests.value += 1
-        series.tokens_in.value += entry.tokens_in
-        series.tokens_out.value += entry.tokens_out
+        if entry.tokens_in > 0:
+            series.tokens_in.value += entry.tokens_in
+        if entry.tokens_out > 0:
+            series.tokens_out.value += entry.tokens_out
         if entry.cost_usd > 0:
             series.cost.value += entry.cost_usd
         if entry.avoided_usd > 0:

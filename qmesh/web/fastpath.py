@@ -125,7 +125,7 @@ class FastRoutes:
     def done_many(self, batch: _core.HttpFastBatch) -> None:
         now = time.monotonic()
         requests = batch.requests
-        owner = self._observed(batch.route, [started for started, *_ in requests], now)
+        owner = self._observed(batch.route, [request[0] for request in requests], now)
         if owner is not None:
             owner.done_many(requests, now)
 
