@@ -201,9 +201,10 @@ fn request(
 fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>> {
     enum Slot {
         Ready(Py<PyAny>),
-        Batch(u64, Vec<Relayed>),
+        Batch(usize),
     }
     let mut slots = Vec::with_capacity(events.len());
+    let mut batches: Vec<(u64, Vec<Relayed>)> = Vec::new();
     let mut batch_of_route: HashMap<u64, usize> = HashMap::new();
     for event in events {
         let object: Py<PyAny> = match event {
@@ -227,13 +228,12 @@ fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>>
                     usage.tokens_out,
                     usage.bytes_out,
                 );
-                let slot = *batch_of_route.entry(route).or_insert_with(|| {
-                    slots.push(Slot::Batch(route, Vec::new()));
-                    slots.len() - 1
+                let batch = *batch_of_route.entry(route).or_insert_with(|| {
+                    batches.push((route, Vec::new()));
+                    slots.push(Slot::Batch(batches.len() - 1));
+                    batches.len() - 1
                 });
-                if let Slot::Batch(_, requests) = &mut slots[slot] {
-                    requests.push(relayed);
-                }
+                batches[batch].1.push(relayed);
                 continue;
             }
             HttpEvent::Request {
@@ -301,7 +301,8 @@ fn to_python(py: Python<'_>, events: Vec<HttpEvent>) -> PyResult<Vec<Py<PyAny>>>
         .into_iter()
         .map(|slot| match slot {
             Slot::Ready(object) => Ok(object),
-            Slot::Batch(route, requests) => {
+            Slot::Batch(batch) => {
+                let (route, requests) = std::mem::take(&mut batches[batch]);
                 let requests = PyList::new(py, requests)?.unbind();
                 Ok(Py::new(py, HttpFastBatch { route, requests })?.into_any())
             }
