@@ -36,6 +36,18 @@ a vault DSN of sslmode=require; and one more target runs on the same server:
                     and pgbench themselves on this machine's CPUs: the floor
                     under qmesh/qmesh-plain
 
+With --unix two more targets connect over Unix-domain sockets instead of
+TCP, as an application beside its database or beside its sidecar would:
+
+  (u) direct-unix   pgbench → PostgreSQL's own socket (-h its directory)
+  (u') qmesh-unix   pgbench → the MiniGate's socket (minigate.pg_unix_socket_dir;
+                    the same qmesh processes as qmesh) ═sealed tunnel═ Gate
+                    → PostgreSQL over TCP
+
+and the table adds qmesh-unix/direct (the application's side on a socket,
+the server where it was) and qmesh-unix/direct-unix (both on sockets where
+they can be: the Gate still reaches the server over TCP).
+
 Before the first pgbench, a psql through each target checks pg_stat_ssl: TLS
 on the server's hop for every target but the plain ones. The issue's targets
 (qmesh with server TLS ≥ 0.9× qmesh-plain and ≥ 1.0× stunnel+pgb) are
@@ -98,6 +110,7 @@ machine it runs on; the run is never a pass/fail test.
     python bench/pg_compare.py [--duration 5] [--scale 10] [--only qmesh,qmesh-pgstate,direct]
     python bench/pg_compare.py --only direct,qmesh,qmesh-guard
     python bench/pg_compare.py --server-tls --rounds 3 [--only direct,stunnel+pgb,qmesh,qmesh-plain]
+    python bench/pg_compare.py --unix --rounds 3 --only direct,qmesh,direct-unix,qmesh-unix
     python bench/pg_compare.py --pool transaction [--only pgbouncer-txn,qmesh-txn] [--rounds 5]
     python bench/pg_compare.py --server-tls --engine-poll-us 200   # engine threads that poll
 """
@@ -133,10 +146,11 @@ from pgcluster import PgCluster  # noqa: E402
 
 TARGETS = (
     "direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain",
-    "direct-plain",
+    "direct-plain", "direct-unix", "qmesh-unix",
 )  # fmt: skip
 QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain", "qmesh-txn")
 TLS_ONLY = ("qmesh-plain", "direct-plain")  # targets that run only with --server-tls
+UNIX_ONLY = ("direct-unix", "qmesh-unix")  # targets that run only with --unix
 # --pool transaction: its targets (direct for reference) and nothing else.
 POOL_TARGETS = ("direct", "pgbouncer-txn", "qmesh-txn")
 POOL_ONLY = ("pgbouncer-txn", "qmesh-txn")  # targets that run only with --pool
@@ -234,6 +248,7 @@ class Stack:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.pids: dict[str, int] = {}  # a spawned process's name: its pid
         self.ports: dict[str, int] = {}
+        self.hosts: dict[str, str] = {}  # a Unix-domain socket's directory; else 127.0.0.1
         self.real_password = "real-" + secrets.token_urlsafe(16)
         self.app_key = "app-" + secrets.token_urlsafe(16)  # PgBouncer's client password
         self.qmesh_keys: dict[str, str] = {}
@@ -249,6 +264,8 @@ class Stack:
     def proxies(self, target: str) -> dict[str, int]:
         """The processes a target's transactions cross between pgbench and
         the server, by what they are: their pids."""
+        if target == "qmesh-unix":
+            target = "qmesh"  # the same processes, on the MiniGate's socket
         if target in QMESH_TARGETS:
             return {
                 "Gate": self.pids[f"{target}-gate"],
@@ -277,7 +294,8 @@ class Stack:
             self._max_connections(POOL_MAX_CONNECTIONS)
         if self.server_tls:
             self._server_tls()
-        self.ports["direct"] = self.ports["direct-plain"] = pg.port
+        self.ports["direct"] = self.ports["direct-plain"] = self.ports["direct-unix"] = pg.port
+        self.hosts["direct-unix"] = str(pg.run_dir)
         pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{self.real_password}'")
         pg.psql("CREATE DATABASE bench OWNER bench")
         for role in sorted({self.server_user(t) for t in targets} - {"bench"}):
@@ -295,8 +313,8 @@ class Stack:
         if "pgbouncer-txn" in targets:
             self._pgbouncer("pgbouncer-txn")
         for target in QMESH_TARGETS:
-            if target in targets:
-                self._qmesh(target)
+            if target in targets or (target == "qmesh" and "qmesh-unix" in targets):
+                self._qmesh(target, unix="qmesh-unix" in targets)
         if self.server_tls:
             self._check_server_tls(targets)
 
@@ -410,7 +428,7 @@ class Stack:
         wait_port(client_port)
         self.ports["stunnel+pgb"] = client_port
 
-    def _qmesh(self, target: str) -> None:
+    def _qmesh(self, target: str, *, unix: bool = False) -> None:
         assert self.pg is not None
         directory = self.base / target
         state = ""
@@ -468,10 +486,16 @@ class Stack:
             )
             + tunnel
         )
+        sockets = directory / "run"  # qmesh-unix: the MiniGate's socket
+        if unix and target == "qmesh":
+            sockets.mkdir()
+            os.chmod(sockets, 0o755)  # pgbench runs as this user; the mode is for show
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
             f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
-            f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n' + tunnel
+            f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n'
+            + (f'pg_unix_socket_dir = "{sockets}"\n' if unix and target == "qmesh" else "")
+            + tunnel
         )
         for role in ("gate", "minigate"):
             self.spawn(
@@ -483,6 +507,10 @@ class Stack:
         roles = self.processes[-2:]
         logs = [self.base / f"{target}-{role}.log" for role in ("gate", "minigate")]
         self.ports[target] = pg_port
+        if unix and target == "qmesh":
+            self.ports["qmesh-unix"] = pg_port
+            self.hosts["qmesh-unix"] = str(sockets)
+            self.qmesh_keys["qmesh-unix"] = self.qmesh_keys[target]
         # The MiniGate listens before its tunnel is up: wait for a real login.
         end = time.monotonic() + 60
         while True:
@@ -501,7 +529,7 @@ class Stack:
             time.sleep(0.2)
 
     def user_password(self, target: str) -> tuple[str, str]:
-        if target in ("direct", "direct-plain"):
+        if target in ("direct", "direct-plain", "direct-unix"):
             return "bench", self.real_password
         if target in self.qmesh_keys:
             return APP_USER, self.qmesh_keys[target]
@@ -514,10 +542,10 @@ class Stack:
 
     def dsn(self, target: str) -> str:
         user, password = self.user_password(target)
-        return (
-            f"postgresql://{user}:{password}@127.0.0.1:{self.ports[target]}/bench"
-            f"?sslmode={self.sslmode(target)}"
-        )
+        port, query = self.ports[target], f"sslmode={self.sslmode(target)}"
+        if target in self.hosts:  # a socket's directory goes in the query
+            return f"postgresql://{user}:{password}@/bench?host={self.hosts[target]}&port={port}&{query}"
+        return f"postgresql://{user}:{password}@127.0.0.1:{port}/bench?{query}"
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -532,7 +560,8 @@ def run_pgbench(
     user, password = stack.user_password(target)
     command = [
         "pgbench", "-n", "-T", str(duration), "-c", str(clients), "-j", str(min(clients, 2)),
-        "-M", mode, "-h", "127.0.0.1", "-p", str(stack.ports[target]), "-U", user, "bench",
+        "-M", mode, "-h", stack.hosts.get(target, "127.0.0.1"), "-p", str(stack.ports[target]),
+        "-U", user, "bench",
     ]  # fmt: skip
     if script in ("select-only", "logins"):
         command.insert(1, "-S")
@@ -976,6 +1005,11 @@ def main() -> int:
         "server_tls_sslmode = require), plus qmesh-plain: qmesh without it, same server",
     )  # fmt: skip
     parser.add_argument(
+        "--unix", action="store_true",
+        help=f"add {', '.join(UNIX_ONLY)}: pgbench on PostgreSQL's and the MiniGate's "
+        "Unix-domain sockets (not with --server-tls or --pool)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pool", choices=["transaction"], default=None,
         help=f"transaction pooling instead: a server with max_connections = "
         f"{POOL_MAX_CONNECTIONS}, targets {', '.join(POOL_TARGETS)}, select-only with 64 "
@@ -1001,12 +1035,22 @@ def main() -> int:
         if not targets or any(t not in POOL_TARGETS for t in args.only.split(",")):
             print(f"pg_compare: --pool runs {', '.join(POOL_TARGETS)}", file=sys.stderr)
             return 2
+    elif args.unix and (args.server_tls or args.pool):
+        print("pg_compare: --unix goes with neither --server-tls nor --pool", file=sys.stderr)
+        return 2
     elif args.only is None:
-        targets = tuple(t for t in TARGETS if args.server_tls or t not in TLS_ONLY)
+        targets = tuple(
+            t
+            for t in TARGETS
+            if (args.server_tls or t not in TLS_ONLY) and (args.unix or t not in UNIX_ONLY)
+        )
     else:
         targets = tuple(t for t in names if t in args.only.split(","))
         if not args.server_tls and any(t in TLS_ONLY for t in targets):
             print(f"pg_compare: {', '.join(TLS_ONLY)} needs --server-tls", file=sys.stderr)
+            return 2
+        if not args.unix and any(t in UNIX_ONLY for t in targets):
+            print(f"pg_compare: {', '.join(UNIX_ONLY)} needs --unix", file=sys.stderr)
             return 2
         if any(t in POOL_ONLY for t in targets):
             print(f"pg_compare: {', '.join(POOL_ONLY)} need --pool transaction", file=sys.stderr)
@@ -1078,8 +1122,10 @@ def session_run(args: argparse.Namespace, targets: tuple[str, ...], base: Path) 
         + "; TPS (average latency ms)"
     )
     # qmesh-guard is measured against qmesh (qmesh-guard/qmesh), not qmesh against it.
-    others = [t for t in targets if t not in ("qmesh", "qmesh-guard")]
+    others = [t for t in targets if t not in ("qmesh", "qmesh-guard", *UNIX_ONLY)]
     ratios = [("qmesh", t) for t in others] if "qmesh" in targets else []
+    if "qmesh-unix" in targets:
+        ratios += [("qmesh-unix", t) for t in ("direct", "direct-unix") if t in targets]
     if "qmesh" in targets and "qmesh-guard" in targets:
         ratios.append(("qmesh-guard", "qmesh"))
     added = "qmesh" in targets and "direct" in targets

@@ -2,7 +2,9 @@
 :class:`FastSocketStream` (below), :func:`connect_tcp` (no resolver thread
 for IP literals), :func:`runnable_counter` (is anything else about to run?)
 and :func:`open_listeners` (a listener that cannot bind says where and what
-to do about it), :func:`serve_listeners`, :func:`out_of_descriptors` and
+to do about it), :func:`unix_listener` (a Unix-domain socket file, a stale
+one replaced, removed again at the end), :func:`serve_listeners`,
+:func:`out_of_descriptors` and
 :func:`raise_open_file_limit` (running out of a resource refuses new work,
 it never ends the process).
 
@@ -24,14 +26,17 @@ closed by another task fails cleanly instead of touching a reused number.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
 import resource
 import socket
+import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Final, TypeVar
 
 import trio
@@ -52,6 +57,7 @@ __all__ = [
     "raise_open_file_limit",
     "runnable_counter",
     "serve_listeners",
+    "unix_listener",
     "within_descriptor_reserve",
 ]
 
@@ -329,3 +335,85 @@ async def open_listeners(host: str, port: int, *, purpose: str) -> list[trio.Soc
         error = ListenError(f"cannot listen on {address} for {purpose}: {why}")
         error.errno = exc.errno
         raise error from None
+
+
+UNIX_PATH_MAX: Final = 107
+"""The longest path a Unix-domain socket can have on Linux (``sun_path`` less its NUL)."""
+_LISTENED: Final = "another program listens there; stop it, or choose another directory"
+
+
+@contextlib.contextmanager
+def unix_listener(path: Path, *, mode: int, purpose: str) -> Iterator[trio.SocketListener]:
+    """A listener on the Unix-domain socket ``path`` with permissions
+    ``mode``, for as long as the ``with`` lasts; then the socket file is
+    removed, unless something else has taken its place meanwhile.
+
+    A socket file already there that nothing listens on (a process that
+    died without removing it) is replaced. One that something still
+    answers on, or a file that is not a socket, is left alone and
+    reported: a :class:`ListenError` that says which path, for what, and
+    why."""
+
+    def refused(why: str) -> ListenError:
+        return ListenError(f"cannot listen on {path} for {purpose}: {why}")
+
+    encoded = os.fsencode(path)
+    if len(encoded) > UNIX_PATH_MAX:
+        raise refused(
+            f"the path is {len(encoded)} bytes long and a Unix-domain socket's can be "
+            f"{UNIX_PATH_MAX} at most; choose a shorter directory"
+        )
+    _clear_stale_socket(path, refused)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(encoded)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENOENT:
+            raise refused(f"the directory {path.parent} does not exist") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise refused("another process created it meanwhile") from None
+        raise refused(exc.strerror or str(exc)) from None
+    ours = None
+    try:
+        found = os.lstat(path)
+        ours = (found.st_dev, found.st_ino)
+        os.chmod(path, mode)
+        sock.listen(socket.SOMAXCONN)
+        yield trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            found = os.lstat(path)
+            if (found.st_dev, found.st_ino) == ours:
+                os.unlink(path)
+
+
+def _clear_stale_socket(path: Path, refused: Callable[[str], ListenError]) -> None:
+    """Remove ``path`` if it is a socket file nothing listens on."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise refused(exc.strerror or str(exc)) from None
+    if not stat.S_ISSOCK(found.st_mode):
+        raise refused("a file that is not a socket is there; remove it or choose another directory")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Without blocking: a live listener whose backlog is full answers
+        # EAGAIN, and is as alive as one that accepts.
+        probe.setblocking(False)
+        try:
+            probe.connect(os.fsencode(path))
+        except ConnectionRefusedError:
+            pass  # nothing listens: a dead process's socket
+        except FileNotFoundError:
+            return  # removed meanwhile
+        except BlockingIOError:
+            raise refused(_LISTENED) from None
+        except OSError as exc:
+            raise refused(exc.strerror or str(exc)) from None
+        else:
+            raise refused(_LISTENED)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -135,10 +135,13 @@ async def start_ghost(
     tls: _core.TlsServerConfig | None = None,
     audit: AuditLog | None = None,
     state: Path | str | None = None,
+    unix_socket_dir: Path | None = None,
 ) -> Ghost:
     """Everything in ``nursery``. ``edge_port`` may put a proxy between the
     MiniGate and the Gate: it gets the Gate and returns the port to dial.
-    ``state``: where the Gate's state lives (default: a SQLite file)."""
+    ``state``: where the Gate's state lives (default: a SQLite file).
+    ``unix_socket_dir``: the MiniGate listens on a Unix-domain socket there
+    too (mode 0o700)."""
     store = StateStore.open(state or tmp_path / f"state-{secrets.token_hex(3)}.db")
     close_after_the_test(store)
     app_id = f"app-{secrets.token_hex(3)}"
@@ -158,7 +161,14 @@ async def start_ghost(
     port = await edge_port(gate) if edge_port is not None else None
     edge = await start_edge(nursery, gate, "edge-pg", port=port, settings=settings)
     pg_port = await nursery.start(
-        lambda task_status: serve_pg(edge, "127.0.0.1:0", tls=tls, task_status=task_status)
+        lambda task_status: serve_pg(
+            edge,
+            "127.0.0.1:0",
+            tls=tls,
+            unix_socket_dir=unix_socket_dir,
+            unix_socket_mode=0o700,
+            task_status=task_status,
+        )
     )
     return Ghost(db, store, vault, service, gate, edge, pg_port, app_id, app_key, alias)
 

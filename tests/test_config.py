@@ -543,3 +543,21 @@ def test_forward_allowed() -> None:
     assert not forward_allowed(rules, "10.0.0.7.evil.com", 80)
     assert forward_allowed(rules, "fd00::1", 443)
     assert not forward_allowed([], "db.internal", 5432)
+
+
+def test_the_minigates_unix_socket_directory_and_mode(tmp_path: Path) -> None:
+    assert load_config(None, env={}).minigate.pg_unix_socket_dir is None
+    path = write(tmp_path, '[minigate]\npg_unix_socket_dir = "run"\npg_unix_socket_mode = 0o770\n')
+    config = load_config(path, env={}).minigate
+    assert config.pg_unix_socket_dir == tmp_path / "run"  # from the file's directory
+    assert config.pg_unix_socket_mode == 0o770
+    # As chmod takes it, in the file or the environment: octal digits.
+    path = write(tmp_path, '[minigate]\npg_unix_socket_mode = "0700"\n')
+    assert load_config(path, env={}).minigate.pg_unix_socket_mode == 0o700
+    env = {"QMESH_MINIGATE__PG_UNIX_SOCKET_MODE": "770"}
+    assert load_config(None, env=env).minigate.pg_unix_socket_mode == 0o770
+    for bad, fragment in (('"0789"', "octal digits"), ('""', "octal digits"),
+                          ("0o1777", "from \"0000\" to \"0777\""), ("true", "0777")):  # fmt: skip
+        err = load_error(write(tmp_path, f"[minigate]\npg_unix_socket_mode = {bad}\n"))
+        assert err.key == "minigate.pg_unix_socket_mode"
+        assert fragment in err.problem, err.problem

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import socket
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 import trio
 
-from qmesh.fastsocket import FastSocketStream, connect_tcp, fast, runnable_counter
+from qmesh.fastsocket import (
+    FastSocketStream,
+    ListenError,
+    connect_tcp,
+    fast,
+    runnable_counter,
+    unix_listener,
+)
 
 
 async def connected_pair() -> tuple[FastSocketStream, trio.SocketStream]:
@@ -134,3 +143,64 @@ async def test_connect_tcp_to_literals_and_names() -> None:
     listener.close()
     with pytest.raises(OSError):
         await connect_tcp("127.0.0.1", port)  # nobody listens any more
+
+
+async def test_a_unix_listener_serves_its_socket_file_and_removes_it(tmp_path: Path) -> None:
+    path = tmp_path / ".s.PGSQL.5432"
+    with unix_listener(path, mode=0o770, purpose="the test") as listener:
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o770
+        client = await trio.open_unix_socket(str(path))
+        accepted = await listener.accept()
+        await client.send_all(b"hello")
+        assert await accepted.receive_some() == b"hello"
+        await client.aclose()
+        await accepted.aclose()
+    assert not path.exists(), "the socket file outlived its listener"
+
+
+async def test_a_dead_processs_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, and nothing listens on it
+    with unix_listener(path, mode=0o777, purpose="the test") as listener:
+        client = await trio.open_unix_socket(str(path))
+        await (await listener.accept()).aclose()
+        await client.aclose()
+
+
+async def test_a_unix_listener_leaves_what_is_not_its_own_alone(tmp_path: Path) -> None:
+    # Something listening there already: it keeps its socket.
+    live_path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(live_path))
+        live.listen(1)
+        with pytest.raises(ListenError, match=r"live\.sock for the test: another program listens"):
+            with unix_listener(live_path, mode=0o777, purpose="the test"):
+                pass
+        assert stat.S_ISSOCK(live_path.lstat().st_mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(live_path))  # still served
+    # A file that is not a socket is never removed.
+    regular = tmp_path / "notes.txt"
+    regular.write_text("keep me")
+    with pytest.raises(ListenError, match="a file that is not a socket is there"):
+        with unix_listener(regular, mode=0o777, purpose="the test"):
+            pass
+    assert regular.read_text() == "keep me"
+    # What the kernel cannot do is said before it is tried.
+    with pytest.raises(ListenError, match="does not exist"):
+        with unix_listener(tmp_path / "missing" / "s.sock", mode=0o777, purpose="the test"):
+            pass
+    with pytest.raises(ListenError, match="bytes long and a Unix-domain socket's can be 107"):
+        with unix_listener(tmp_path / ("x" * 120), mode=0o777, purpose="the test"):
+            pass
+
+
+async def test_a_socket_file_replaced_meanwhile_is_not_removed(tmp_path: Path) -> None:
+    path = tmp_path / "moved.sock"
+    with unix_listener(path, mode=0o777, purpose="the test"):
+        path.unlink()
+        path.write_text("another program's file")
+    assert path.read_text() == "another program's file"

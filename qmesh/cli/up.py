@@ -181,6 +181,7 @@ def _summary(
         "minigate": {
             "name": minigate["name"],
             "pg": minigate["pg"],
+            "pg_socket": minigate["pg_socket"],
             "llm": minigate["llm"],
             "forwards": minigate["forwards"],
         },
@@ -210,6 +211,11 @@ def _print_banner(summary: dict[str, Any], up_json: Path) -> None:
         ),
         f"  minigate  {summary['minigate']['name']}, connected to the gate",
         f"            Postgres  postgresql://{DEMO_APP}:APP_KEY@{summary['minigate']['pg']}/ALIAS",
+        *(
+            [f"                      or the Unix-domain socket {socket}"]
+            if (socket := summary["minigate"]["pg_socket"])
+            else []
+        ),
         f"            LLM API   {summary['minigate']['llm']}  (Bearer {DEMO_APP}:APP_KEY,"
         " model='qg://task=summarize')",
     ]

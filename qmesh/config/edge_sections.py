@@ -138,6 +138,26 @@ def _read_forwards(r: Reader, t: Mapping[str, object], path: KeyPath) -> tuple[F
     return tuple(forwards)
 
 
+def _read_mode(
+    r: Reader, table: Mapping[str, object], path: KeyPath, key: str, default: int
+) -> int:
+    """File permissions: a TOML integer (``0o770``) or a string of octal
+    digits (``"0770"``, as chmod takes them and an environment variable
+    gives them)."""
+    if key not in table:
+        return default
+    where = (*path, key)
+    value = table[key]
+    if isinstance(value, str) or where in r.env_raw:
+        text = r.string(table, path, key, "")
+        if not text or any(c not in "01234567" for c in text):
+            raise r.error(where, f'expected octal digits such as "0770", got {describe(text)}')
+        value = int(text, 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise r.error(where, f'expected permissions from "0000" to "0777", got {describe(value)}')
+    return value
+
+
 def read_minigate(r: Reader, root: Mapping[str, object]) -> MiniGateConfig:
     path: KeyPath = ("minigate",)
     t = r.table(root, path)
@@ -146,7 +166,8 @@ def read_minigate(r: Reader, root: Mapping[str, object]) -> MiniGateConfig:
         path,
         (
             "gate", "credential_file", "join_token_file", "forward", "pg_listen",
-            "llm_listen", "pg_tls_cert", "pg_tls_key",
+            "llm_listen", "pg_tls_cert", "pg_tls_key", "pg_unix_socket_dir",
+            "pg_unix_socket_mode",
         ),
     )  # fmt: skip
     d = MiniGateConfig()
@@ -159,6 +180,8 @@ def read_minigate(r: Reader, root: Mapping[str, object]) -> MiniGateConfig:
         llm_listen=r.address(t, path, "llm_listen", d.llm_listen),
         pg_tls_cert=r.path(t, path, "pg_tls_cert"),
         pg_tls_key=r.path(t, path, "pg_tls_key"),
+        pg_unix_socket_dir=r.path(t, path, "pg_unix_socket_dir"),
+        pg_unix_socket_mode=_read_mode(r, t, path, "pg_unix_socket_mode", d.pg_unix_socket_mode),
     )
     if (result.pg_tls_cert is None) != (result.pg_tls_key is None):
         given, missing = ("pg_tls_cert", "pg_tls_key")

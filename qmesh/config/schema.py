@@ -122,6 +122,12 @@ class MiniGateConfig:
     """PEM certificate (chain) for TLS on ``pg_listen``; without it SSLRequest gets 'N'."""
     pg_tls_key: Path | None = None
     """PEM private key of ``pg_tls_cert`` (both or neither)."""
+    pg_unix_socket_dir: Path | None = None
+    """Also listen on the Unix-domain socket ``.s.PGSQL.PORT`` in this
+    (existing) directory, PORT being ``pg_listen``'s; None: TCP only."""
+    pg_unix_socket_mode: int = 0o777
+    """The socket file's permissions (PostgreSQL's and PgBouncer's default:
+    anyone on the host may connect, and must still log in with an app key)."""
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.forward.edge import serve_forward
 from qmesh.identity import credential_or_join, dial_addresses
 from qmesh.llm.edge import serve_llm
-from qmesh.pg.edge import serve_pg, tls_config
+from qmesh.pg.edge import serve_pg, tls_config, unix_socket_path
 from qmesh.renewal import keep_joined_credential, keep_renewed, remember_gate_key
 from qmesh.tunnel import TunnelClient
 
@@ -62,9 +62,15 @@ async def run_minigate(
             port = await nursery.start(serve_forward, client, forward.listen, forward.target)
             forwards.append({"listen": format_hostport(host, port), "target": forward.target})
         pg_host, _ = parse_hostport(config.minigate.pg_listen)
+        unix_dir = config.minigate.pg_unix_socket_dir
         pg_port = await nursery.start(
             lambda task_status: serve_pg(
-                client, config.minigate.pg_listen, tls=pg_tls, task_status=task_status
+                client,
+                config.minigate.pg_listen,
+                tls=pg_tls,
+                unix_socket_dir=unix_dir,
+                unix_socket_mode=config.minigate.pg_unix_socket_mode,
+                task_status=task_status,
             )
         )
         llm_host, _ = parse_hostport(config.minigate.llm_listen)
@@ -75,6 +81,8 @@ async def run_minigate(
                 "gate": ",".join(format_hostport(*a) for a in addresses),
                 "forwards": forwards,
                 "pg": format_hostport(pg_host, pg_port),
+                # None: no Unix-domain socket (minigate.pg_unix_socket_dir).
+                "pg_socket": None if unix_dir is None else str(unix_socket_path(unix_dir, pg_port)),
                 "llm": f"http://{format_hostport(llm_host, llm_port)}/v1",
                 "client": client,
             }
