@@ -36,17 +36,17 @@ a vault DSN of sslmode=require; and one more target runs on the same server:
                     and pgbench themselves on this machine's CPUs: the floor
                     under qmesh/qmesh-plain
 
-With --unix two more targets connect over Unix-domain sockets instead of
-TCP, as an application beside its database or beside its sidecar would:
+With --unix two more targets use Unix-domain sockets wherever a hop can be
+one, as an application beside its sidecar and a Gate (or PgBouncer) beside
+its database would:
 
   (u) direct-unix   pgbench → PostgreSQL's own socket (-h its directory)
-  (u') qmesh-unix   pgbench → the MiniGate's socket (minigate.pg_unix_socket_dir;
-                    the same qmesh processes as qmesh) ═sealed tunnel═ Gate
-                    → PostgreSQL over TCP
+  (u') qmesh-unix   pgbench → the MiniGate's socket (minigate.pg_unix_socket_dir)
+                    ═sealed tunnel, TCP═ Gate → PostgreSQL's socket (a vault
+                    DSN whose host is its directory)
 
-and the table adds qmesh-unix/direct (the application's side on a socket,
-the server where it was) and qmesh-unix/direct-unix (both on sockets where
-they can be: the Gate still reaches the server over TCP).
+and the table adds qmesh-unix/direct-unix (each on sockets where it can be)
+and qmesh-unix/direct.
 
 Before the first pgbench, a psql through each target checks pg_stat_ssl: TLS
 on the server's hop for every target but the plain ones. The issue's targets
@@ -148,7 +148,7 @@ TARGETS = (
     "direct", "pgbouncer", "stunnel+pgb", "qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain",
     "direct-plain", "direct-unix", "qmesh-unix",
 )  # fmt: skip
-QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain", "qmesh-txn")
+QMESH_TARGETS = ("qmesh", "qmesh-pgstate", "qmesh-guard", "qmesh-plain", "qmesh-txn", "qmesh-unix")
 TLS_ONLY = ("qmesh-plain", "direct-plain")  # targets that run only with --server-tls
 UNIX_ONLY = ("direct-unix", "qmesh-unix")  # targets that run only with --unix
 # --pool transaction: its targets (direct for reference) and nothing else.
@@ -264,8 +264,6 @@ class Stack:
     def proxies(self, target: str) -> dict[str, int]:
         """The processes a target's transactions cross between pgbench and
         the server, by what they are: their pids."""
-        if target == "qmesh-unix":
-            target = "qmesh"  # the same processes, on the MiniGate's socket
         if target in QMESH_TARGETS:
             return {
                 "Gate": self.pids[f"{target}-gate"],
@@ -313,8 +311,8 @@ class Stack:
         if "pgbouncer-txn" in targets:
             self._pgbouncer("pgbouncer-txn")
         for target in QMESH_TARGETS:
-            if target in targets or (target == "qmesh" and "qmesh-unix" in targets):
-                self._qmesh(target, unix="qmesh-unix" in targets)
+            if target in targets:
+                self._qmesh(target)
         if self.server_tls:
             self._check_server_tls(targets)
 
@@ -428,7 +426,7 @@ class Stack:
         wait_port(client_port)
         self.ports["stunnel+pgb"] = client_port
 
-    def _qmesh(self, target: str, *, unix: bool = False) -> None:
+    def _qmesh(self, target: str) -> None:
         assert self.pg is not None
         directory = self.base / target
         state = ""
@@ -463,7 +461,10 @@ class Stack:
         # qmesh-plain: qmesh as without --server-tls, on the same (TLS) server.
         sslmode = "require" if self.server_tls and target not in TLS_ONLY else "disable"
         user = self.server_user(target)
-        dsn = f"postgresql://{user}:{self.real_password}@127.0.0.1:{self.pg.port}/bench?sslmode={sslmode}"
+        server = "127.0.0.1"
+        if target == "qmesh-unix":  # the server's socket: libpq's %2F-encoded directory
+            server = str(self.pg.run_dir).replace("/", "%2F")
+        dsn = f"postgresql://{user}:{self.real_password}@{server}:{self.pg.port}/bench?sslmode={sslmode}"
         cli("secrets", "set", "db.bench", "--dsn-stdin", stdin=dsn)
         # qmesh-guard: a statement_timeout_ms policy, so its sessions take the guard.
         timeout = GUARD_TIMEOUT_MS if target == "qmesh-guard" else self.statement_timeout_ms
@@ -487,14 +488,14 @@ class Stack:
             + tunnel
         )
         sockets = directory / "run"  # qmesh-unix: the MiniGate's socket
-        if unix and target == "qmesh":
+        if target == "qmesh-unix":
             sockets.mkdir()
             os.chmod(sockets, 0o755)  # pgbench runs as this user; the mode is for show
         (directory / "minigate.toml").write_text(
             f'data_dir = "{directory / "edge"}"\n[log]\nlevel = "warning"\n'
             f'[minigate]\ngate = "127.0.0.1:{tunnel_port}"\ncredential_file = "{credential}"\n'
             f'pg_listen = "127.0.0.1:{pg_port}"\nllm_listen = "127.0.0.1:0"\n'
-            + (f'pg_unix_socket_dir = "{sockets}"\n' if unix and target == "qmesh" else "")
+            + (f'pg_unix_socket_dir = "{sockets}"\n' if target == "qmesh-unix" else "")
             + tunnel
         )
         for role in ("gate", "minigate"):
@@ -507,10 +508,8 @@ class Stack:
         roles = self.processes[-2:]
         logs = [self.base / f"{target}-{role}.log" for role in ("gate", "minigate")]
         self.ports[target] = pg_port
-        if unix and target == "qmesh":
-            self.ports["qmesh-unix"] = pg_port
-            self.hosts["qmesh-unix"] = str(sockets)
-            self.qmesh_keys["qmesh-unix"] = self.qmesh_keys[target]
+        if target == "qmesh-unix":
+            self.hosts[target] = str(sockets)
         # The MiniGate listens before its tunnel is up: wait for a real login.
         end = time.monotonic() + 60
         while True:

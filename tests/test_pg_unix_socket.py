@@ -1,8 +1,14 @@
-"""The MiniGate's Postgres port on a Unix-domain socket
-(``minigate.pg_unix_socket_dir``): real clients (psql, psycopg, asyncpg)
-connect with ``host=DIR``, as to PostgreSQL's own socket, and get the same
-sessions as on the TCP port: SCRAM login with the app key, native relay,
-prepared statements, cancel."""
+"""Unix-domain sockets at both ends of the ghost wire.
+
+The MiniGate's Postgres port (``minigate.pg_unix_socket_dir``): real clients
+(psql, psycopg, asyncpg) connect with ``host=DIR``, as to PostgreSQL's own
+socket, and get the same sessions as on the TCP port: SCRAM login with the
+app key, native relay, prepared statements, cancel.
+
+The Gate's way to the server (a vault DSN whose host is a directory, as
+libpq reads it): sessions, a transaction pool and a cancel reach the real
+server through its socket, which the server itself confirms
+(``inet_client_addr()`` is NULL only on a socket)."""
 
 from __future__ import annotations
 
@@ -17,10 +23,11 @@ import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import RealDb, in_asyncio, in_thread, run, start_ghost
+from pgkit import Ghost, RealDb, in_asyncio, in_thread, run, start_ghost
 from tunnelkit import until
 
-from qmesh.pg.edge import unix_socket_path
+from qmesh.config import GateAppConfig
+from qmesh.pg.dsn import unix_socket_path
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +107,90 @@ async def test_asyncpg_prepares_and_cancels_over_the_unix_socket(
     assert doubled == [0, 2, 4, 6, 8]
     assert after == 42
     assert ghost.service.cancel_keys.forwarded == 1
+
+
+def socket_dsn(db: RealDb) -> str:
+    """The vault's DSN for ``db`` through the server's own socket."""
+    cluster = db.cluster
+    return (
+        f"host={cluster.run_dir} port={cluster.port} user={db.name} "
+        f"password={db.password} dbname={db.name}"
+    )
+
+
+async def test_the_gate_reaches_the_server_through_its_socket(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    ghost = await start_ghost(nursery, db, tmp_path, vault_dsn=socket_dsn(db))
+    await ghost.edge.wait_connected()
+    (gate_session,) = ghost.gate.server.sessions.values()
+
+    def work() -> tuple[object, int, list[int]]:
+        with psycopg.connect(**ghost.kwargs(), autocommit=True) as conn:
+            (client_address,) = conn.execute("SELECT inet_client_addr()").fetchone() or (0,)
+            native = trio.from_thread.run_sync(lambda: gate_session.native_streams)
+            doubled = [
+                (conn.execute("SELECT %s::int * 2", (i,)).fetchone() or (0,))[0] for i in range(50)
+            ]
+            return client_address, native, doubled
+
+    with trio.fail_after(60):
+        client_address, native, doubled = await in_thread(work)
+    assert client_address is None, "the Gate reached the server over TCP"
+    assert native == 1, "the session left the engine"
+    assert doubled == [i * 2 for i in range(50)]
+    await until(lambda: gate_session.native_streams == 0)
+    await cancel_through(ghost)
+
+
+async def cancel_through(ghost: Ghost) -> None:
+    """A query cancelled by asyncpg; the Gate's CancelRequest reaches the
+    server the way the session's connection did."""
+
+    async def work() -> int:
+        conn = await asyncpg.connect(**ghost.asyncpg_kwargs())
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(60)"), timeout=0.5)
+            value: int = await conn.fetchval("SELECT 41 + 1")
+        finally:
+            await conn.close()
+        return value
+
+    forwarded = ghost.service.cancel_keys.forwarded
+    with trio.fail_after(30):
+        started = time.monotonic()
+        assert await in_asyncio(work) == 42
+        assert time.monotonic() - started < 20  # not 60 s: the sleep was cancelled
+    assert ghost.service.cancel_keys.forwarded == forwarded + 1
+
+
+async def test_a_transaction_pool_on_the_servers_socket(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """Two clients take turns on the pool's one server connection, opened
+    through the socket; a cancel finds it there too."""
+    policy = GateAppConfig(databases=("main",), pool_mode="transaction", pool_size=1)
+    ghost = await start_ghost(nursery, db, tmp_path, policy=policy, vault_dsn=socket_dsn(db))
+
+    def work() -> tuple[set[object], set[int]]:
+        addresses: set[object] = set()
+        backends: set[int] = set()
+        with (
+            psycopg.connect(**ghost.kwargs(), autocommit=True) as first,
+            psycopg.connect(**ghost.kwargs(), autocommit=True) as second,
+        ):
+            for i in range(20):
+                conn = (first, second)[i % 2]
+                address, backend = conn.execute(
+                    "SELECT inet_client_addr(), pg_backend_pid()"
+                ).fetchone() or (0, 0)
+                addresses.add(address)
+                backends.add(backend)
+        return addresses, backends
+
+    with trio.fail_after(60):
+        addresses, backends = await in_thread(work)
+    assert addresses == {None}, "a pooled connection went over TCP"
+    assert len(backends) == 1, "the pool of one opened more than one connection"
+    await cancel_through(ghost)

@@ -20,7 +20,7 @@ from qmesh.masterkey import (
     ensure_master_key,
     load_master_key,
 )
-from qmesh.pg.dsn import parse_dsn
+from qmesh.pg.dsn import is_socket_directory, parse_dsn, unix_socket_path
 from qmesh.pg.errors import DsnError, VaultError
 from qmesh.pg.vault import DatabaseSecret, Vault, delete_secret, list_aliases
 from qmesh.state import StateStore
@@ -73,6 +73,24 @@ def test_dsn_defaults_and_special_characters() -> None:
     assert quoted["sslrootcert"] == str(Path.cwd() / "ca.pem")
 
 
+def test_a_host_that_is_a_directory_is_the_servers_unix_socket() -> None:
+    """As libpq reads it: the socket is .s.PGSQL.PORT in that directory."""
+    for dsn in (
+        f"host=/var/run/postgresql port=6432 user=u password={PASSWORD} dbname=shop",
+        f"postgresql://u:{PASSWORD}@%2Fvar%2Frun%2Fpostgresql:6432/shop",
+        f"postgresql://u:{PASSWORD}@/shop?host=/var/run/postgresql&port=6432&sslmode=disable",
+    ):
+        parsed = parse_dsn(dsn)
+        assert (parsed["host"], parsed["port"], parsed["dbname"]) == (
+            "/var/run/postgresql", 6432, "shop"
+        ), dsn  # fmt: skip
+        assert is_socket_directory(parsed["host"])
+        assert unix_socket_path(parsed["host"], parsed["port"]) == Path(
+            "/var/run/postgresql/.s.PGSQL.6432"
+        )
+    assert not is_socket_directory(parse_dsn(f"host=db user=u password={PASSWORD}")["host"])
+
+
 @pytest.mark.parametrize(
     ("dsn", "named"),
     [
@@ -99,7 +117,11 @@ def test_dsn_defaults_and_special_characters() -> None:
         (f"postgresql://u:{PASSWORD}@h/db?{PASSWORD}", "port: expected a number"),
         (f"postgresql://u:{PASSWORD}@/db", "host is missing"),
         (f"postgresql://u:pa%zzss{PASSWORD}@h/db", "password: '%' must be followed"),
-        (f"postgresql://u:{PASSWORD}@/db?host=/tmp", "Unix-domain sockets"),
+        (f"postgresql://u:{PASSWORD}@/db?host=/run&sslmode=require", "no TLS is used on a Unix"),
+        (f"host=/run user=u password={PASSWORD} sslmode=verify-full", "verify-full: no TLS"),
+        (f"host=/run user=u password={PASSWORD} channel_binding=require", "which a Unix-domain"),
+        (f"host=/{'d' * 100} user=u password={PASSWORD}", "longer than 107 bytes"),
+        (f"host=/run,/tmp user=u password={PASSWORD}", "several hosts"),
         (f"postgresql://u:{PASSWORD}@h/db?host=h2", "host is given twice"),
         (f"mysql://u:{PASSWORD}@h/db", "scheme must be postgresql://"),
         (f"host=h user=u password={PASSWORD} user=v", "user is given twice"),

@@ -10,7 +10,8 @@ from qmesh.config import Config, ConfigError, format_hostport, parse_hostport
 from qmesh.forward.edge import serve_forward
 from qmesh.identity import credential_or_join, dial_addresses
 from qmesh.llm.edge import serve_llm
-from qmesh.pg.edge import serve_pg, tls_config, unix_socket_path
+from qmesh.pg.dsn import unix_socket_path
+from qmesh.pg.edge import serve_pg, tls_config
 from qmesh.renewal import keep_joined_credential, keep_renewed, remember_gate_key
 from qmesh.tunnel import TunnelClient
 

@@ -24,8 +24,8 @@ import attrs
 import trio
 
 from qmesh import _core
-from qmesh.fastsocket import connect_tcp
-from qmesh.pg.login import UpstreamFailed, negotiate_tls
+from qmesh.pg.dsn import is_socket_directory
+from qmesh.pg.login import UpstreamFailed, connect_server, negotiate_tls
 from qmesh.pg.vault import DatabaseSecret
 
 __all__ = ["CANCEL_TIMEOUT_S", "CancelKeys", "CancelTarget"]
@@ -104,9 +104,9 @@ class CancelKeys:
         conn: trio.abc.Stream | None = None
         try:
             with trio.fail_after(CANCEL_TIMEOUT_S):
-                tcp = await connect_tcp(target.host, target.port)
+                tcp = await connect_server(target.host, target.port)
                 conn = tcp
-                if target.sslmode != "disable":
+                if target.sslmode != "disable" and not is_socket_directory(target.host):
                     conn = await negotiate_tls(
                         tcp, target.sslmode, target.sslrootcert, target.host, target.alias
                     )

@@ -8,9 +8,16 @@ position and never repeat a value from the DSN, because the text around a
 typo is often the password.
 
 Not for: connecting, or every libpq option. Options the vault does not keep
-(``connect_timeout``, ``sslcert``, several hosts, Unix sockets, ...) are
-refused by name rather than dropped, so a stored secret always means what
-the operator wrote.
+(``connect_timeout``, ``sslcert``, several hosts, ...) are refused by name
+rather than dropped, so a stored secret always means what the operator
+wrote.
+
+A host that starts with ``/`` is, as for libpq, the directory of the
+server's Unix-domain socket (``.s.PGSQL.PORT`` in it): a Gate on the
+database's own host reaches it without the TCP stack, as PgBouncer usually
+does. libpq uses no TLS on a socket whatever ``sslmode`` says; here an
+``sslmode`` or ``channel_binding`` that demands TLS with a socket is
+refused, not ignored.
 
 Where libpq would guess, this parser is stricter: a key given twice is an
 error (libpq keeps the last), the user and password are required (libpq
@@ -24,14 +31,23 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import urllib.parse
 from pathlib import Path
 from typing import Final, TypedDict
 
+from qmesh.fastsocket import UNIX_PATH_MAX
 from qmesh.pg.errors import DsnError
 
-__all__ = ["DEFAULT_PORT", "SSLMODES", "DsnFields", "parse_dsn"]
+__all__ = [
+    "DEFAULT_PORT",
+    "SSLMODES",
+    "DsnFields",
+    "is_socket_directory",
+    "parse_dsn",
+    "unix_socket_path",
+]
 
 DEFAULT_PORT: Final = 5432
 SSLMODES: Final = ("disable", "prefer", "require", "verify-ca", "verify-full")
@@ -244,10 +260,10 @@ def _parse_uri(text: str, scheme: str) -> dict[str, str]:
 
 
 def _check_host(host: str) -> str:
-    if host.startswith("/"):
-        raise DsnError("host: Unix-domain sockets are not supported; give a TCP host name")
     if "," in host:
         raise DsnError("host: several hosts are not supported; give one host")
+    if is_socket_directory(host):
+        return host
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -260,6 +276,18 @@ def _check_port(text: str) -> int:
     if not _PORT_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise DsnError("port: expected a number from 1 to 65535")
     return int(text)
+
+
+def unix_socket_path(directory: str | Path, port: int) -> Path:
+    """The socket file of a server listening on ``port`` in ``directory``:
+    ``.s.PGSQL.PORT``, the name libpq and every driver look for."""
+    return Path(directory) / f".s.PGSQL.{port}"
+
+
+def is_socket_directory(host: str) -> bool:
+    """Whether a DSN's ``host`` names a Unix-domain socket's directory
+    (libpq: it starts with ``/``) rather than a TCP host."""
+    return host.startswith("/")
 
 
 def parse_dsn(text: str) -> DsnFields:
@@ -296,15 +324,34 @@ def parse_dsn(text: str) -> DsnFields:
         raise DsnError(f"channel_binding: expected one of {', '.join(CHANNEL_BINDINGS)}")
     if channel_binding == "require" and sslmode == "disable":
         raise DsnError("channel_binding=require needs TLS: sslmode=disable cannot give it")
+    if is_socket_directory(fields["host"]):
+        if sslmode not in ("disable", "prefer"):
+            raise DsnError(
+                f"sslmode={sslmode}: no TLS is used on a Unix-domain socket (the host is a "
+                "directory); give sslmode=disable or prefer, or a TCP host"
+            )
+        if channel_binding == "require":
+            raise DsnError(
+                "channel_binding=require needs TLS, which a Unix-domain socket (the host is a "
+                "directory) does not use"
+            )
     sslrootcert: str | None = None
     if fields.get("sslrootcert"):
         sslrootcert = str(Path(fields["sslrootcert"]).expanduser().absolute())
     dbname = fields.get("dbname") or fields["user"]
     if "\x00" in "".join(fields.values()):
         raise DsnError("the DSN contains a NUL character")
+    host = _check_host(fields["host"])
+    port = _check_port(fields["port"]) if "port" in fields else DEFAULT_PORT
+    socket_path = unix_socket_path(host, port) if is_socket_directory(host) else None
+    if socket_path is not None and len(os.fsencode(socket_path)) > UNIX_PATH_MAX:
+        raise DsnError(
+            f"host: the socket's path (the directory and .s.PGSQL.{port}) is longer than "
+            f"{UNIX_PATH_MAX} bytes, the most a Unix-domain socket's can be"
+        )
     return DsnFields(
-        host=_check_host(fields["host"]),
-        port=_check_port(fields["port"]) if "port" in fields else DEFAULT_PORT,
+        host=host,
+        port=port,
         dbname=dbname,
         user=fields["user"],
         password=fields["password"],

@@ -38,6 +38,7 @@ from qmesh import _core
 from qmesh.boundary import guarded
 from qmesh.config import parse_hostport
 from qmesh.fastsocket import FastSocketStream, open_listeners, serve_listeners, unix_listener
+from qmesh.pg.dsn import unix_socket_path
 from qmesh.pg.server_tls import ALPN
 from qmesh.tls import TlsStream
 from qmesh.tunnel.client import TunnelClient
@@ -45,7 +46,7 @@ from qmesh.tunnel.errors import TunnelError
 from qmesh.tunnel.frames import ResetCode
 from qmesh.tunnel.stream import TunnelStream
 
-__all__ = ["serve_pg", "tls_config", "unix_socket_path"]
+__all__ = ["serve_pg", "tls_config"]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,6 @@ class _ServerToClient:
 
     def on_records(self, records: list[_core.TapRecord]) -> bytes | None:
         return None
-
-
-def unix_socket_path(directory: Path, port: int) -> Path:
-    """Where a client finds the Postgres port ``port`` in ``directory``:
-    libpq's (and every driver's) name for it, ``.s.PGSQL.PORT``."""
-    return directory / f".s.PGSQL.{port}"
 
 
 async def serve_pg(

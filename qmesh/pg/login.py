@@ -18,6 +18,7 @@ is passed on.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -27,6 +28,7 @@ import trio
 
 from qmesh import _core
 from qmesh.fastsocket import connect_tcp
+from qmesh.pg.dsn import is_socket_directory, unix_socket_path
 from qmesh.pg.policy import AppPolicy
 from qmesh.pg.scram import (
     MECHANISM,
@@ -151,6 +153,14 @@ def _scrub(text: str, secret: DatabaseSecret) -> str:
     return text
 
 
+async def connect_server(host: str, port: int) -> trio.SocketStream:
+    """A connection to the server at ``host`` (a TCP host, or the directory
+    of its Unix-domain socket) and ``port``. Raises OSError."""
+    if is_socket_directory(host):
+        return await trio.open_unix_socket(os.fsencode(unix_socket_path(host, port)))
+    return await connect_tcp(host, port)
+
+
 async def negotiate_tls(
     tcp: trio.SocketStream, sslmode: str, sslrootcert: str | None, host: str, alias: str
 ) -> trio.abc.Stream:
@@ -198,7 +208,7 @@ async def open_upstream(
     UpstreamAuthRejected (28P01)."""
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            tcp = await connect_tcp(secret.host, secret.port)
+            tcp = await connect_server(secret.host, secret.port)
     except (OSError, trio.TooSlowError) as exc:
         log.warning("cannot connect to the server of alias %r: %s", alias, exc or "timeout")
         raise UpstreamFailed(
@@ -206,7 +216,7 @@ async def open_upstream(
         ) from None
     stream: trio.abc.Stream = tcp
     try:
-        if secret.sslmode != "disable":
+        if secret.sslmode != "disable" and not is_socket_directory(secret.host):
             stream = await negotiate_tls(
                 tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
             )
