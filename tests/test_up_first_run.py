@@ -163,12 +163,17 @@ def test_the_demo_database_answers_psql_through_the_minigate_and_keeps_its_data(
 ) -> None:
     cache = tmp_path / "models"
     data_dir = tmp_path / "data"
+    sockets = tmp_path / "run"
+    sockets.mkdir()
     try:
-        for sql, expected in (
-            ("CREATE TABLE notes (body text); INSERT INTO notes VALUES ('kept')", "INSERT 0 1"),
-            ("SELECT body FROM notes", "kept"),
-        ):
-            process, data_dir, log = run_up(tmp_path, cache, "--no-discovery")
+        # The first start also puts the MiniGate's Postgres port on a socket.
+        for sql, expected, socket_dir in (
+            ("CREATE TABLE notes (body text); INSERT INTO notes VALUES ('kept')", "INSERT 0 1",
+             sockets),
+            ("SELECT body FROM notes", "kept", None),
+        ):  # fmt: skip
+            env = {"QMESH_MINIGATE__PG_UNIX_SOCKET_DIR": str(socket_dir)} if socket_dir else {}
+            process, data_dir, log = run_up(tmp_path, cache, "--no-discovery", env=env)
             try:
                 wait_for_banner(log)
                 summary = up_json(data_dir)
@@ -178,9 +183,21 @@ def test_the_demo_database_answers_psql_through_the_minigate_and_keeps_its_data(
                 assert dsn.endswith(f"@{summary['minigate']['pg']}/demo")
                 assert psql(dsn, "SELECT 1") == "1"
                 assert psql(dsn, sql).splitlines()[-1] == expected
+                socket_file = summary["minigate"]["pg_socket"]
+                if socket_dir is None:
+                    assert socket_file is None
+                else:
+                    port = summary["minigate"]["pg"].rpartition(":")[2]
+                    assert socket_file == str(socket_dir / f".s.PGSQL.{port}")
+                    key = summary["demo_app"]["app_key"]
+                    on_socket = f"postgresql://demo:{key}@/demo?host={socket_dir}&port={port}"
+                    assert psql(on_socket, "SELECT count(*) FROM notes") == "1"
             finally:
                 stop(process)
             assert "database  psql 'postgresql://demo:APP_KEY@" in log.read_text()
+            if socket_dir is not None:
+                assert f"or the Unix-domain socket {socket_file}" in log.read_text()
+                assert not Path(socket_file).exists(), "the socket outlived the MiniGate"
             log.unlink()  # the next start writes its own
             (data_dir / "up.json").unlink()
     finally:
