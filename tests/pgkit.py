@@ -223,6 +223,28 @@ async def in_asyncio(fn: Callable[[], Awaitable[T]]) -> T:
     )
 
 
+async def cancel_a_sleep(ghost: Ghost, **overrides: Any) -> int:
+    """asyncpg runs ``pg_sleep(60)`` through ``ghost`` and gives up after
+    0.5 s, which sends a CancelRequest on a connection of its own; then the
+    same session answers ``SELECT 41 + 1``. Returns that answer. Raises
+    ``trio.TooSlowError`` if the sleep was not cancelled within 30 s.
+    ``overrides``: asyncpg's connection keywords (a socket's ``host``)."""
+    import asyncpg
+
+    async def work() -> int:
+        conn = await asyncpg.connect(**ghost.asyncpg_kwargs(**overrides))
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(60)"), timeout=0.5)
+            value: int = await conn.fetchval("SELECT 41 + 1")
+        finally:
+            await conn.close()
+        return value
+
+    with trio.fail_after(30):
+        return await in_asyncio(work)
+
+
 async def run(
     command: Sequence[str], *, stdin: bytes = b"", env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import trio
 from pgcluster import PgCluster
-from pgkit import Ghost, RealDb, in_asyncio, in_thread, run, start_ghost
+from pgkit import Ghost, RealDb, cancel_a_sleep, in_asyncio, in_thread, run, start_ghost
 from tunnelkit import until
 
 from qmesh.config import GateAppConfig
@@ -255,20 +255,7 @@ async def test_session_state_pins_and_is_reset_before_the_next_client(
 
 
 async def test_cancel_reaches_the_connection_running_the_query(ghost: Ghost) -> None:
-    import asyncio
-
-    async def work() -> int:
-        conn = await asyncpg.connect(**ghost.asyncpg_kwargs())
-        try:
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(60)"), timeout=0.5)
-            value: int = await conn.fetchval("SELECT 41 + 1")
-        finally:
-            await conn.close()
-        return value
-
-    with trio.fail_after(30):
-        assert await in_asyncio(work) == 42
+    assert await cancel_a_sleep(ghost) == 42
     assert ghost.service.cancel_keys.forwarded == 1
     sleeping = ghost.db.superuser(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'"
