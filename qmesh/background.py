@@ -10,9 +10,10 @@ core from requests in flight for milliseconds at a time (measured with
 p99 10.6 ms with the writes in Trio's worker threads, about 18,000 req/s
 and 7.8 ms with them niced). Niced, the writes take the time the loop
 leaves idle, and the loop's requests go first. If they fall behind all the
-same (the HTTP engine on the engine threads relays faster than the writer's
-share of a saturated core writes), the HTTP server waits for the ledger's
-next batch before taking more requests (``Ledger.backlog``). And
+same (the HTTP fast path relays faster than the writer's share of a
+saturated core writes), the HTTP server waits for the ledger's next batch
+before taking more requests (``Ledger.backlog``; an inline engine's rounds
+for a moment each). And
 :func:`make_way`, which an event loop that never sleeps calls between
 rounds of its work, so that a job running here gets the core in short
 turns rather than the kernel's ticks.

@@ -295,6 +295,55 @@ async def test_an_https_provider_is_relayed_by_the_engine_and_verified(
     assert [(r["tokens_in"], r["tokens_out"], r["outcome"]) for r in served] == [(3, 4, "ok")] * 4
 
 
+async def test_an_inline_engine_gives_a_ledger_behind_its_turns_and_serves_on(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline engine (the default) whose ledger writer has fallen behind
+    gives it the core for a moment after each round (a bounded wait for
+    the next batch), rather than relaying on until the ledger is full and
+    requests are refused; the answers in flight are not held meanwhile."""
+    monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 3)
+    turns: list[bool] = []
+    backlog = Ledger.backlog
+
+    def watched(ledger: Ledger) -> Awaitable[None] | None:
+        behind = backlog(ledger)
+        if behind is not None:
+            turns.append(True)
+        return behind
+
+    monkeypatch.setattr(Ledger, "backlog", watched)
+    acme = await start_provider(nursery, "acme")
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+    )  # fmt: skip
+    ledger = api.service.ledger
+    write, written = ledger._write, threading.Event()
+
+    def held(*args: Any) -> None:  # in the ledger's writer thread
+        written.wait()
+        write(*args)
+
+    monkeypatch.setattr(ledger, "_write", held)
+    c = client(api)
+    try:
+        answer = ("answer from acme", "provider:acme/p")
+        for _ in range(2):
+            assert await chat(c, "p") == answer  # a route, then on it
+        with trio.fail_after(10):
+            await until(lambda: ledger.pending == 2)
+        assert not turns, "the books were given turns while they kept up"
+        with trio.fail_after(10):
+            for _ in range(3):  # behind, and answered all the same
+                assert await chat(c, "p") == answer
+        assert turns, "the books were never given a turn"
+        assert fast_relayed(api) == 4
+    finally:
+        written.set()
+    rows = await flushed_rows(api, 5)
+    assert [r["outcome"] for r in rows] == ["ok"] * 5
+
+
 async def test_on_the_engine_threads_booking_waits_for_a_ledger_behind(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

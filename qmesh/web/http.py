@@ -222,10 +222,10 @@ class Router:
         self.observe_many: Callable[[str, str, int, Sequence[float]], None] | None = None
         """As :attr:`observe`, for requests answered alike: the seconds of each."""
         self.backlog: Callable[[], Awaitable[None] | None] | None = None
-        """Asked before a server on the engine threads takes more of its
-        engine's reports: what to await while the books of the requests
-        answered are behind (new requests then wait in the engine), else
-        None."""
+        """Asked before the HTTP engine's server takes more of its engine's
+        reports: what to await while the books of the requests answered are
+        behind (new requests then wait in the engine; an inline engine waits
+        a moment a round), else None."""
 
     def route_of(self, handler: Handler | None) -> str:
         return "-" if handler is None else self._routes.get(handler, "-")
