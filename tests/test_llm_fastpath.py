@@ -295,27 +295,37 @@ async def test_an_https_provider_is_relayed_by_the_engine_and_verified(
     assert [(r["tokens_in"], r["tokens_out"], r["outcome"]) for r in served] == [(3, 4, "ok")] * 4
 
 
-async def test_an_inline_engine_gives_a_ledger_behind_its_turns_and_serves_on(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An inline engine (the default) whose ledger writer has fallen behind
-    gives it the core for a moment after each round (a bounded wait for
-    the next batch), rather than relaying on until the ledger is full and
-    requests are refused; the answers in flight are not held meanwhile."""
-    monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 3)
-    turns: list[bool] = []
+@attrs.define
+class HeldBooks:
+    """A Gate with one provider whose ledger writer waits for :attr:`written`
+    before each batch; :attr:`behind` counts the times the books were
+    found behind (``Ledger.backlog`` had something to await)."""
+
+    api: GateApi
+    written: threading.Event
+    behind: list[bool]
+
+
+async def held_books(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    http: HttpConfig | None = None,
+) -> HeldBooks:
+    behind: list[bool] = []
     backlog = Ledger.backlog
 
     def watched(ledger: Ledger) -> Awaitable[None] | None:
-        behind = backlog(ledger)
-        if behind is not None:
-            turns.append(True)
-        return behind
+        awaitable = backlog(ledger)
+        if awaitable is not None:
+            behind.append(True)
+        return awaitable
 
     monkeypatch.setattr(Ledger, "backlog", watched)
     acme = await start_provider(nursery, "acme")
     api = await start_api(
-        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])]
+        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])],
+        http=http,
     )  # fmt: skip
     ledger = api.service.ledger
     write, written = ledger._write, threading.Event()
@@ -325,21 +335,33 @@ async def test_an_inline_engine_gives_a_ledger_behind_its_turns_and_serves_on(
         write(*args)
 
     monkeypatch.setattr(ledger, "_write", held)
-    c = client(api)
+    return HeldBooks(api, written, behind)
+
+
+async def test_an_inline_engine_gives_a_ledger_behind_its_turns_and_serves_on(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline engine (the default) whose ledger writer has fallen behind
+    gives it the core for a moment after each round (a bounded wait for
+    the next batch), rather than relaying on until the ledger is full and
+    requests are refused; the answers in flight are not held meanwhile."""
+    monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 3)
+    books = await held_books(nursery, tmp_path, monkeypatch)
+    api, c = books.api, client(books.api)
     try:
         answer = ("answer from acme", "provider:acme/p")
         for _ in range(2):
             assert await chat(c, "p") == answer  # a route, then on it
         with trio.fail_after(10):
-            await until(lambda: ledger.pending == 2)
-        assert not turns, "the books were given turns while they kept up"
+            await until(lambda: api.service.ledger.pending == 2)
+        assert not books.behind, "the books were given turns while they kept up"
         with trio.fail_after(10):
             for _ in range(3):  # behind, and answered all the same
                 assert await chat(c, "p") == answer
-        assert turns, "the books were never given a turn"
+        assert books.behind, "the books were never given a turn"
         assert fast_relayed(api) == 4
     finally:
-        written.set()
+        books.written.set()
     rows = await flushed_rows(api, 5)
     assert [r["outcome"] for r in rows] == ["ok"] * 5
 
@@ -353,43 +375,21 @@ async def test_on_the_engine_threads_booking_waits_for_a_ledger_behind(
     requests slow down to what the books keep, and none is refused."""
     monkeypatch.setattr(ledger_module, "BACKLOG_ROWS", 2)
     monkeypatch.setattr(native_module, "BACKLOG_WAIT_S", 60.0)
-    paused = trio.Event()
-    backlog = Ledger.backlog
-
-    def watched(ledger: Ledger) -> Awaitable[None] | None:
-        behind = backlog(ledger)
-        if behind is not None:
-            paused.set()
-        return behind
-
-    monkeypatch.setattr(Ledger, "backlog", watched)
-    acme = await start_provider(nursery, "acme")
-    api = await start_api(
-        nursery, tmp_path, providers=[provider_config("acme", acme.port, [paid_model("p")])],
-        http=HttpConfig(engine_threads=True),
-    )  # fmt: skip
-    ledger = api.service.ledger
-    write, written = ledger._write, threading.Event()
-
-    def held(*args: Any) -> None:  # in the ledger's writer thread
-        written.wait()
-        write(*args)
-
-    monkeypatch.setattr(ledger, "_write", held)
-    c = client(api)
+    books = await held_books(nursery, tmp_path, monkeypatch, HttpConfig(engine_threads=True))
+    api, c = books.api, client(books.api)
     try:
         answer = ("answer from acme", "provider:acme/p")
         assert await chat(c, "p") == answer  # decided by Python: a route
         assert await chat(c, "p") == answer  # on the route
         with trio.fail_after(10):
             await until(lambda: fast_relayed(api) == 1)
-        assert ledger.pending == 2 and not paused.is_set()
+        assert api.service.ledger.pending == 2 and not books.behind
         assert await chat(c, "p") == answer  # relayed all the same...
         with trio.fail_after(10):
-            await paused.wait()
+            await until(lambda: bool(books.behind))
         assert fast_relayed(api) == 1  # ...but not booked while the books are behind
     finally:
-        written.set()
+        books.written.set()
     with trio.fail_after(10):
         await until(lambda: fast_relayed(api) == 2)
     rows = await flushed_rows(api, 3)
