@@ -219,6 +219,13 @@ async def test_requests_the_engine_relays_itself_move_the_metrics_alike(
     assert math.isclose(cost, 5 * (100 * 1.0 + 20 * 2.0) / 1e6)
     assert after["qmesh_llm_request_duration_seconds_count"][provider] == 5
     assert after["qmesh_llm_request_duration_seconds_sum"][provider] > 0
+    # The books: every request's row is written within the writer's linger.
+    with trio.fail_after(10):
+        while after["qmesh_ledger_written_rows_total"][()] < 5:  # the writer has no event to await
+            await trio.sleep(0.01)
+            after = parse(await _metrics(http, bearer))
+    assert after["qmesh_ledger_written_rows_total"][()] == 5
+    assert after["qmesh_ledger_pending_rows"][()] == 0
 
 
 async def test_dashboard_notes_when_parts_are_missing(

@@ -631,6 +631,20 @@ class GateMetrics:
             [({}, self.llm.executor.failovers)],
             kind="counter",
         )
+        ledger = self.llm.ledger
+        yield gauge_family(
+            "qmesh_ledger_pending_rows",
+            "Request ledger rows, control audit events and kept prompts waiting for the"
+            " writer: from 8192 the Gate paces new requests to the writer; at 100000 it"
+            " refuses them (503 ledger_unavailable).",
+            [({}, ledger.pending)],
+        )
+        yield gauge_family(
+            "qmesh_ledger_written_rows_total",
+            "Request ledger rows written to the state.",
+            [({}, ledger.written)],
+            kind="counter",
+        )
         yield gauge_family(
             "qmesh_route_candidates",
             "Candidates the router can choose from, by kind.",
