@@ -24,8 +24,7 @@ import attrs
 import trio
 
 from qmesh import _core
-from qmesh.pg.dsn import is_socket_directory
-from qmesh.pg.login import UpstreamFailed, connect_server, negotiate_tls
+from qmesh.pg.login import UpstreamFailed, asks_for_tls, connect_server, negotiate_tls
 from qmesh.pg.vault import DatabaseSecret
 
 __all__ = ["CANCEL_TIMEOUT_S", "CancelKeys", "CancelTarget"]
@@ -106,7 +105,7 @@ class CancelKeys:
             with trio.fail_after(CANCEL_TIMEOUT_S):
                 tcp = await connect_server(target.host, target.port)
                 conn = tcp
-                if target.sslmode != "disable" and not is_socket_directory(target.host):
+                if asks_for_tls(target.sslmode, target.host):
                     conn = await negotiate_tls(
                         tcp, target.sslmode, target.sslrootcert, target.host, target.alias
                     )

@@ -161,6 +161,13 @@ async def connect_server(host: str, port: int) -> trio.SocketStream:
     return await connect_tcp(host, port)
 
 
+def asks_for_tls(sslmode: str, host: str) -> bool:
+    """Whether a connection to ``host`` asks the server for TLS (SSLRequest):
+    unless ``sslmode`` is ``disable``, and never on a Unix-domain socket
+    (as libpq)."""
+    return sslmode != "disable" and not is_socket_directory(host)
+
+
 async def negotiate_tls(
     tcp: trio.SocketStream, sslmode: str, sslrootcert: str | None, host: str, alias: str
 ) -> trio.abc.Stream:
@@ -216,7 +223,7 @@ async def open_upstream(
         ) from None
     stream: trio.abc.Stream = tcp
     try:
-        if secret.sslmode != "disable" and not is_socket_directory(secret.host):
+        if asks_for_tls(secret.sslmode, secret.host):
             stream = await negotiate_tls(
                 tcp, secret.sslmode, secret.sslrootcert, secret.host, alias
             )

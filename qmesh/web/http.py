@@ -202,6 +202,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 _INTERNAL_ERROR: Final = HttpError(500, "internal error", kind="server_error")
 
 
+def _never_behind() -> None:
+    """A router's books before any are kept (the admin API alone, tests)."""
+    return None
+
+
 class Router:
     """Method + path → handler. Paths are exact, or have ``{name}`` segments.
 
@@ -221,7 +226,7 @@ class Router:
         ready (for a stream: until its head). For metrics: keep it cheap."""
         self.observe_many: Callable[[str, str, int, Sequence[float]], None] | None = None
         """As :attr:`observe`, for requests answered alike: the seconds of each."""
-        self.backlog: Callable[[], Awaitable[None] | None] | None = None
+        self.backlog: Callable[[], Awaitable[None] | None] = _never_behind
         """Asked before the HTTP engine's server takes more of its engine's
         reports: what to await while the books of the requests answered are
         behind (new requests then wait in the engine; an inline engine waits

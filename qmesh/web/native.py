@@ -63,11 +63,6 @@ short beside a request's own time in a saturated Gate (1.2 ms at 64
 connections)."""
 
 
-def _never_behind() -> None:
-    """A router without books to keep (tests, the admin API alone)."""
-    return None
-
-
 def host_of(peer: str) -> str:
     """``host`` of a ``host:port`` peer: failed authentications are counted
     per address, whatever the port."""
@@ -132,7 +127,7 @@ class NativeHttpServer:
 
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         fd = self.engine.poll_fd
-        backlog = self.router.backlog or _never_behind
+        backlog = self.router.backlog
         while True:
             # Readable with work, and when an inline engine's timeouts are
             # due: no timeout here (a cancel scope per round costs more than
