@@ -73,6 +73,7 @@ __all__ = [
     "Malformed",
     "NoiseHandshake",
     "PeerClosed",
+    "PeerSilent",
     "PgEvent",
     "PgMalformed",
     "PgMessageTooLarge",
@@ -214,6 +215,10 @@ class HandshakeError(Exception):
 
 class PeerClosed(Exception):
     """The peer closed the tunnel connection between frames; the session may resume."""
+
+class PeerSilent(PeerClosed):
+    """Nothing arrived on the tunnel connection past the heartbeat's
+    ``dead_after``: the peer is hung or cut off. The session may resume."""
 
 class ProtocolViolation(Exception):
     """The peer broke the tunnel protocol in authentic frames; the session cannot go on.
@@ -646,6 +651,9 @@ class EngineStats:
     @property
     def attached(self) -> bool:
         """Whether a connection is attached."""
+    @property
+    def rtt(self) -> float | None:
+        """The latest heartbeat's round trip in seconds (None before the first PONG)."""
 
 def engine_threads() -> int:
     """How many engine threads run in this process (0 before the first
@@ -692,6 +700,11 @@ class TunnelEngine:
     Owns, while attached, the connection's socket (Python keeps the socket
     object and closes it after :meth:`detach`), the codec, retention of
     unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
+    With ``heartbeat_interval`` and ``dead_after`` (both or neither), also the
+    heartbeat: a PING every ``min(heartbeat_interval, dead_after / 3)``, its
+    round trip in :meth:`stats`, and at each PING the connection's end when
+    nothing arrived for longer than ``dead_after`` (:class:`PeerSilent`) or the
+    oldest unacknowledged frame stayed so that long (:class:`ProtocolViolation`).
     Everything else arrives through :meth:`take`. With a ``notifier``, the
     engine posts ``key`` to it when there is something to take (many
     sessions, one descriptor); without, ``notify_fd`` is its own and becomes
@@ -708,6 +721,8 @@ class TunnelEngine:
         chunk_size: int = 65536,
         tap_delay: float = 0.02,
         tap_batch: int = 256,
+        heartbeat_interval: float | None = None,
+        dead_after: float | None = None,
         notifier: EngineNotifier | None = None,
         key: int = 0,
     ) -> Self: ...
@@ -715,9 +730,6 @@ class TunnelEngine:
     def notify_fd(self) -> int: ...
     def stats(self) -> EngineStats:
         """The counters, all from one moment."""
-
-    def silent_for(self) -> float:
-        """Seconds since the tunnel socket last delivered bytes."""
 
     def acknowledge(self, peer_recv_next: int) -> None:
         """Apply the peer's ``recv_next`` from a handshake
@@ -748,7 +760,8 @@ class TunnelEngine:
         """``(frames, taps, ended, error)``: frames for Python to dispatch,
         ``(stream_id, records)`` from native streams' scanners, ``(stream_id,
         outcome)`` of native streams that ended, and why the current
-        connection failed, as an exception (not raised): :class:`PeerClosed`;
+        connection failed, as an exception (not raised): :class:`PeerClosed`
+        (:class:`PeerSilent`: nothing arrived past ``dead_after``);
         an ``OSError`` (with ``errno``) from the socket; a :class:`FrameError`
         subclass for bad bytes (the connection's fault: the session may
         resume); :class:`ProtocolViolation` (the peer's: the session is over);

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import socket
 import struct
@@ -164,9 +165,13 @@ class Peer:
     """A tunnel peer in plain Python (the sans-IO codec over a socketpair)
     facing a :class:`qmesh._core.TunnelEngine` with one native stream."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, heartbeat_interval: float | None = None, dead_after: float | None = None
+    ) -> None:
         to_engine, to_peer = os.urandom(32), os.urandom(32)
-        self.engine = _core.TunnelEngine(ack_delay=0.001)
+        self.engine = _core.TunnelEngine(
+            ack_delay=0.001, heartbeat_interval=heartbeat_interval, dead_after=dead_after
+        )
         self.tunnel, engine_end = socket.socketpair()
         self.app, native_end = socket.socketpair()
         self.sockets = [engine_end, native_end]
@@ -192,6 +197,24 @@ class Peer:
                     return payload
             self.decoder.feed(self.tunnel.recv(65536))
         raise AssertionError(f"no frame of type {frame_type:#x} from the engine")
+
+    def answer_pings_until_error(self) -> BaseException:
+        """Answer every PING with its PONG (and acknowledge nothing) until
+        the engine hands up the connection's error."""
+        deadline = time.monotonic() + DEADLINE
+        self.tunnel.settimeout(0.01)
+        while time.monotonic() < deadline:
+            _frames, _taps, _ended, error = self.engine.take()
+            if error is not None:
+                return error
+            for kind, _sid, _seq, _flags, payload in self.decoder.next_frames():
+                if kind == FrameType.PING:
+                    self.send(FrameType.PONG, payload, stream_id=0)
+            try:
+                self.decoder.feed(self.tunnel.recv(65536))
+            except TimeoutError:
+                pass
+        raise AssertionError("the engine never gave up on the connection")
 
     def take(self) -> tuple[list[tuple[int, _core.RelayOutcome]], BaseException | None]:
         """What the engine hands up first: endings, or the connection's error."""
@@ -290,13 +313,55 @@ def test_stats_are_named(peer: Peer) -> None:
         time.sleep(0.001)
     assert (stats.recv_next, stats.native_streams, stats.attached) == (1, 1, True)
     assert stats.bytes_received > 0 and stats.retained_frames == 0
+    assert stats.rtt is None  # no heartbeat
     assert "recv_next=1" in repr(stats)
 
 
-def test_a_tap_spec_is_checked_where_it_is_built() -> None:
-    spec = _core.TapSpec(frontend=(b"QP", b"BECS"), backend=b"CEIZs", guard=b"QPF", read_only=True)
-    assert repr(spec) == (
-        "TapSpec(frontend=(b'QP', b'BECS'), backend=b'CEIZs', guard=b'QPF', read_only=True)"
-    )
-    with pytest.raises(ValueError, match="frontend"):
-        _core.TapSpec(guard=b"Q")
+def test_the_engine_pings_and_takes_the_round_trip_from_the_pong() -> None:
+    peer = Peer(heartbeat_interval=0.02, dead_after=DEADLINE)
+    try:
+        ids = [struct.unpack(">Q", peer.frame(FrameType.PING))[0] for _ in range(2)]
+        assert ids == [1, 2]
+        assert peer.engine.stats().rtt is None
+        # Answer PINGs until a PONG comes back before the next PING replaces
+        # the one it answers (an old PING's PONG gives no round trip).
+        deadline = time.monotonic() + DEADLINE
+        while (rtt := peer.engine.stats().rtt) is None:
+            assert time.monotonic() < deadline, "no round trip from the PONGs"
+            peer.send(FrameType.PONG, peer.frame(FrameType.PING), stream_id=0)
+        assert 0 < rtt < DEADLINE
+        assert re.search(r" rtt=0\.\d{6}>$", repr(peer.engine.stats()))
+    finally:
+        peer.close()
+
+
+def test_a_silent_peer_ends_the_connection_as_peer_silent() -> None:
+    peer = Peer(heartbeat_interval=0.02, dead_after=0.2)
+    try:
+        _, error = peer.take()
+        assert type(error) is _core.PeerSilent
+        assert isinstance(error, _core.PeerClosed)  # the session may resume
+        assert re.fullmatch(r"peer silent for \d+\.\ds", str(error))
+    finally:
+        peer.close()
+
+
+def test_a_peer_that_answers_pings_but_never_acknowledges_is_a_violation() -> None:
+    # A second of leeway: a PONG is what keeps the peer from being silent.
+    peer = Peer(heartbeat_interval=0.02, dead_after=1.0)
+    try:
+        peer.app.sendall(b"retained until acknowledged")  # a reliable DATA to the peer
+        error = peer.answer_pings_until_error()
+        assert type(error) is _core.ProtocolViolation
+        assert re.fullmatch(r"peer acknowledged nothing for \d+\.\ds", str(error))
+    finally:
+        peer.close()
+
+
+def test_a_heartbeat_needs_both_settings() -> None:
+    with pytest.raises(ValueError, match="heartbeat_interval and dead_after"):
+        _core.TunnelEngine(heartbeat_interval=1.0)
+    with pytest.raises(ValueError, match="heartbeat_interval and dead_after"):
+        _core.TunnelEngine(dead_after=3.0)
+    with pytest.raises(ValueError, match="heartbeat_interval and dead_after"):
+        _core.TunnelEngine(heartbeat_interval=0.0, dead_after=3.0)

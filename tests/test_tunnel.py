@@ -205,6 +205,19 @@ async def test_silent_peer_is_detected_and_the_session_resumes(nursery: trio.Nur
     assert edge.resumptions == 1 and edge.sessions_lost == 0
 
 
+async def test_both_ends_time_their_heartbeats(nursery: trio.Nursery) -> None:
+    settings = fast_settings(heartbeat_interval_s=0.05, dead_after_s=2.0)
+    gate = await start_gate(nursery, settings=settings)
+    edge = await start_edge(nursery, gate, "edge-rtt", settings=settings)
+    await edge.wait_connected()
+    (gate_side,) = gate.server.sessions.values()
+    edge_side = edge.session
+    assert edge_side is not None
+    await until(lambda: gate_side.rtt is not None and edge_side.rtt is not None, timeout_s=10)
+    assert 0 < (gate_side.rtt or 0) < 2 and 0 < (edge_side.rtt or 0) < 2
+    assert edge.resumptions == 0  # beating is not resuming
+
+
 async def test_forward_policy_and_unreachable_targets(nursery: trio.Nursery) -> None:
     from qmesh.forward.service import ForwardService
 

@@ -55,7 +55,6 @@ class ResetCode(enum.IntEnum):
 INITIAL_WINDOW = 256 * 1024
 
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _MAX_OPEN = 16 * 1024
 # An OPEN names a service and a few flat fields; a little nesting is allowed
 # for options, none of the depth a hostile peer would need to hurt a parser.
@@ -66,21 +65,10 @@ def encode_u32(value: int) -> bytes:
     return _U32.pack(value)
 
 
-def encode_u64(value: int) -> bytes:
-    return _U64.pack(value)
-
-
 def decode_u32(payload: bytes, what: str) -> int:
     if len(payload) != _U32.size:
         raise PeerProtocolError(f"{what} frame: expected 4 bytes, got {len(payload)}")
     value: int = _U32.unpack(payload)[0]
-    return value
-
-
-def decode_u64(payload: bytes, what: str) -> int:
-    if len(payload) != _U64.size:
-        raise PeerProtocolError(f"{what} frame: expected 8 bytes, got {len(payload)}")
-    value: int = _U64.unpack(payload)[0]
     return value
 
 

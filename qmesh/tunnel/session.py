@@ -15,11 +15,12 @@ Invariants (both ends keep them, which is what makes resumption exact):
 The per-message work lives in a :class:`qmesh._core.TunnelEngine` (Rust, run
 by one of the process's few engine threads, each serving many sessions):
 the connection's socket, sealing and opening, retention,
-ACKs and PONGs, and *native* streams, whose bytes go between the tunnel and a
-plain socket without Python (see :meth:`TunnelStream.relay_native`). This
-module keeps the meaning: which streams exist, opening and accepting them,
-heartbeats, and the connection's lifetime. Frames for Python streams arrive
-from the engine through :meth:`_pump`.
+ACKs, heartbeats (PINGs, PONGs, the silent or never-acknowledging peer), and
+*native* streams, whose bytes go between the tunnel and a plain socket
+without Python (see :meth:`TunnelStream.relay_native`): an idle session
+costs Python nothing. This module keeps the meaning: which streams exist,
+opening and accepting them, and the connection's lifetime. Frames for
+Python streams arrive from the engine through :meth:`_pump`.
 
 This module is not for handshakes: a caller (client or server) makes the
 connection, runs the handshake and hands the socket and resulting codec to
@@ -52,10 +53,8 @@ from qmesh.tunnel.frames import (
     decode_open,
     decode_reason,
     decode_u32,
-    decode_u64,
     encode_open,
     encode_reason,
-    encode_u64,
 )
 from qmesh.tunnel.stream import TunnelStream
 from qmesh.tunnel.wakeups import engine_wakeups
@@ -121,7 +120,6 @@ class Session:
         self._connection_scope: trio.CancelScope | None = None
         self._connection_done: trio.Event | None = None
         self._connection_error: BaseException | None = None
-        self._ping_sent_at: dict[int, float] = {}
         self._lost: SessionLost | None = None
         self._pump_scope = trio.CancelScope()
         self.closed = trio.Event()
@@ -130,7 +128,6 @@ class Session:
         self.address = ""  # the peer's address on the latest connection
         self.connections = 0
         self.resumptions = 0
-        self.rtt: float | None = None
         handler_nursery.start_soon(self._pump)
 
     def _new_engine(
@@ -143,6 +140,8 @@ class Session:
             read_size=RECEIVE_SIZE,
             chunk_size=self.settings.chunk_size,
             tap_delay=TAP_DELAY,
+            heartbeat_interval=self.settings.heartbeat_interval_s,
+            dead_after=self.settings.dead_after_s,
             notifier=self._wakeups.notifier,
             key=self._wakeup_key,
         )
@@ -175,6 +174,11 @@ class Session:
     @property
     def native_streams(self) -> int:
         return self._engine.stats().native_streams
+
+    @property
+    def rtt(self) -> float | None:
+        """The latest heartbeat's round trip in seconds (None before the first)."""
+        return self._engine.stats().rtt
 
     @property
     def attached(self) -> bool:
@@ -258,15 +262,12 @@ class Session:
             self._attached = True
             self._send_pending()  # what was queued while detached
             with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeat)
+                await self._writer()
             error = self._connection_error or ConnectionLost("connection detached")
         except BaseException as exc:
             # Our owner is shutting down (not a detach, which cancels only
-            # ``scope``): tell the peer not to keep the session for us. The
-            # nursery above hands its tasks' Cancelled up in a group.
-            if _is_cancellation(exc):
+            # ``scope``): tell the peer not to keep the session for us.
+            if isinstance(exc, trio.Cancelled):
                 self._say_goodbye("peer shutting down", 0)
             raise
         finally:
@@ -411,37 +412,6 @@ class Session:
         if self._connection_scope is not None:
             self._connection_scope.cancel()
 
-    async def _heartbeat(self) -> None:
-        interval = self.settings.heartbeat_interval_s
-        dead_after = self.settings.dead_after_s
-        ping_id = 0
-        # The oldest frame still unacknowledged, and since when. A live peer
-        # acknowledges within ACK_DELAY; one that keeps answering PINGs but
-        # never acknowledges would make us retain frames forever (below
-        # MAX_UNACKED_BYTES when it also grants no window): like TCP's user
-        # timeout, it loses the session after dead_after_s.
-        oldest, since = -1, trio.current_time()
-        while True:
-            await trio.sleep(min(interval, dead_after / 3))
-            silent = self._engine.silent_for()
-            if silent > dead_after:
-                self._fail_connection(PeerSilent(f"peer silent for {silent:.1f}s"))
-                return
-            now = trio.current_time()
-            stats = self._engine.stats()  # one consistent snapshot
-            retained = stats.retained_frames
-            first_unacked = stats.send_next - retained
-            if not retained or first_unacked != oldest:
-                oldest, since = first_unacked, now
-            elif now - since > dead_after:
-                self._fail_connection(
-                    PeerProtocolError(f"peer acknowledged nothing for {now - since:.1f}s")
-                )
-                return
-            ping_id += 1
-            self._ping_sent_at = {ping_id: trio.current_time()}
-            self.queue_frame(FrameType.PING, 0, encode_u64(ping_id))
-
     # -- receiving ----------------------------------------------------------------
 
     async def _pump(self) -> None:
@@ -489,6 +459,8 @@ class Session:
             log.log(level, "session %s: rejected frame from %s: %s: %s",
                     self.id.hex()[:12], self.peer, type(error).__name__, error)  # fmt: skip
             return ConnectionLost(f"bad frame: {error}")
+        if isinstance(error, _core.PeerSilent):
+            return PeerSilent(str(error))
         if isinstance(error, _core.PeerClosed | OSError):
             return ConnectionLost(str(error))
         if isinstance(error, _core.ProtocolViolation):
@@ -520,10 +492,6 @@ class Session:
             stream = self._streams.get(stream_id)
             if stream is not None:
                 stream.on_reset(code, reason)
-        elif frame_type == FrameType.PONG:
-            sent = self._ping_sent_at.pop(decode_u64(payload, "PONG"), None)
-            if sent is not None:
-                self.rtt = trio.current_time() - sent
         elif frame_type == FrameType.GOAWAY:
             code, reason = decode_reason(payload, "GOAWAY")
             raise SessionLost(
@@ -566,10 +534,3 @@ class Session:
             stream.reset(ResetCode.INTERNAL, "the service failed")
         finally:
             await stream.aclose()
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    """``exc`` is trio.Cancelled, or a group of nothing else."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return isinstance(exc, trio.Cancelled)

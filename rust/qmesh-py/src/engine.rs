@@ -481,6 +481,8 @@ pub struct EngineStats {
     native_streams: usize,
     /// Whether a connection is attached.
     attached: bool,
+    /// The latest heartbeat's round trip in seconds (None before the first PONG).
+    rtt: Option<f64>,
 }
 
 #[pymethods]
@@ -488,7 +490,7 @@ impl EngineStats {
     fn __repr__(&self) -> String {
         format!(
             "<EngineStats recv_next={} send_next={} retained_frames={} retained_bytes={} \
-             bytes_sent={} bytes_received={} native_streams={} attached={}>",
+             bytes_sent={} bytes_received={} native_streams={} attached={} rtt={}>",
             self.recv_next,
             self.send_next,
             self.retained_frames,
@@ -497,6 +499,8 @@ impl EngineStats {
             self.bytes_received,
             self.native_streams,
             py_bool(self.attached),
+            self.rtt
+                .map_or("None".to_owned(), |rtt| format!("{rtt:.6}")),
         )
     }
 }
@@ -506,6 +510,11 @@ impl EngineStats {
 /// Owns, while attached, the connection's socket (Python keeps the socket
 /// object and closes it after :meth:`detach`), the codec, retention of
 /// unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
+/// With ``heartbeat_interval`` and ``dead_after`` (both or neither), also the
+/// heartbeat: a PING every ``min(heartbeat_interval, dead_after / 3)``, its
+/// round trip in :meth:`stats`, and at each PING the connection's end when
+/// nothing arrived for longer than ``dead_after`` (:class:`PeerSilent`) or the
+/// oldest unacknowledged frame stayed so that long (:class:`ProtocolViolation`).
 /// Everything else arrives through :meth:`take`. With a ``notifier``, the
 /// engine posts ``key`` to it when there is something to take (many
 /// sessions, one descriptor); without, ``notify_fd`` is its own and becomes
@@ -527,6 +536,8 @@ impl TunnelEngine {
         chunk_size = 65536,
         tap_delay = 0.02,
         tap_batch = 256,
+        heartbeat_interval = None,
+        dead_after = None,
         notifier = None,
         key = 0,
     ))]
@@ -539,6 +550,8 @@ impl TunnelEngine {
         chunk_size: usize,
         tap_delay: f64,
         tap_batch: usize,
+        heartbeat_interval: Option<f64>,
+        dead_after: Option<f64>,
         notifier: Option<PyRef<'_, EngineNotifier>>,
         key: u64,
     ) -> Result<Self> {
@@ -558,6 +571,19 @@ impl TunnelEngine {
             chunk_size,
             tap_delay: seconds(tap_delay, "tap_delay")?,
             tap_batch: tap_batch.max(1),
+            heartbeat: match (heartbeat_interval, dead_after) {
+                (None, None) => None,
+                (Some(every), Some(dead_after)) if every > 0.0 && dead_after > 0.0 => {
+                    Some(relay::Heartbeat {
+                        every: seconds(every, "heartbeat_interval")?,
+                        dead_after: seconds(dead_after, "dead_after")?,
+                    })
+                }
+                _ => {
+                    let why = "heartbeat_interval and dead_after go together, both positive";
+                    return Err(PyValueError::new_err(why).into());
+                }
+            },
         };
         Ok(TunnelEngine {
             inner: relay::Engine::new(config, notifier.map(|n| (n.inner.clone(), key)))?,
@@ -581,12 +607,8 @@ impl TunnelEngine {
             bytes_received: s.bytes_received,
             native_streams: s.native_streams,
             attached: s.attached,
+            rtt: s.rtt.map(|rtt| rtt.as_secs_f64()),
         }
-    }
-
-    /// Seconds since the tunnel socket last delivered bytes.
-    fn silent_for(&self) -> f64 {
-        self.inner.silent_for().as_secs_f64()
     }
 
     /// Apply the peer's ``recv_next`` from a handshake

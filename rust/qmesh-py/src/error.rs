@@ -80,6 +80,13 @@ create_exception!(
 );
 create_exception!(
     qmesh._core,
+    PeerSilent,
+    PeerClosed,
+    "Nothing arrived on the tunnel connection past the heartbeat's dead_after: the peer \
+     is hung or cut off. The session may resume."
+);
+create_exception!(
+    qmesh._core,
     ProtocolViolation,
     PyException,
     "The peer broke the tunnel protocol in authentic frames; the session cannot go on."
@@ -242,6 +249,7 @@ fn relay_error(err: relay::Error) -> PyErr {
     let msg = err.to_string();
     match err {
         relay::Error::Lost => PeerClosed::new_err(msg),
+        relay::Error::Silent(_) => PeerSilent::new_err(msg),
         // The kind's own text: the class already says it is a bad frame.
         relay::Error::Frame(err) => wire_error(&err),
         relay::Error::Protocol(_) => ProtocolViolation::new_err(msg),
@@ -264,6 +272,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Malformed", py.get_type::<Malformed>())?;
     m.add("HandshakeError", py.get_type::<HandshakeError>())?;
     m.add("PeerClosed", py.get_type::<PeerClosed>())?;
+    m.add("PeerSilent", py.get_type::<PeerSilent>())?;
     m.add("ProtocolViolation", py.get_type::<ProtocolViolation>())?;
     m.add("PgWireError", py.get_type::<PgWireError>())?;
     m.add("PgMalformed", py.get_type::<PgMalformed>())?;

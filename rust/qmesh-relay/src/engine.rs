@@ -3,13 +3,18 @@
 //! many sessions).
 //!
 //! Python (Trio) keeps the session's meaning: handshakes, which streams exist,
-//! services, policy, heartbeats. The engine keeps what every message touches:
+//! services, policy. The engine keeps what every message touches, and what
+//! every idle session needs:
 //!
 //! * the tunnel socket of the current connection (reads, opens, dispatches;
 //!   seals and writes, batching everything that became ready in one round);
 //! * the reliable counters: retention of sealed frames until acknowledged,
 //!   `recv_next`, and ACKs (piggybacked, or alone after `ack_delay`);
-//! * PING → PONG;
+//! * PING → PONG, and the heartbeat: a PING of its own every period while
+//!   attached (the round-trip time comes back in the PONG), and the end of
+//!   the connection when the peer went silent, or kept talking but stopped
+//!   acknowledging ([`Heartbeat`]). A Gate holding thousands of idle edges
+//!   runs no Python for them;
 //! * **native streams**: a tunnel stream whose other end is a plain socket
 //!   (a relayed Postgres connection, a TCP forward). Their DATA, WINDOW,
 //!   CLOSE and RESET frames never reach Python: bytes go from the tunnel to
@@ -96,6 +101,38 @@ pub struct Config {
     pub tap_delay: Duration,
     /// ...or until this many are waiting.
     pub tap_batch: usize,
+    /// Liveness of attached connections; none: the caller's business.
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// The engine's watch over an attached connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// A PING this often...
+    pub every: Duration,
+    /// ...and the connection fails ([`Error::Silent`]) when nothing arrived
+    /// for longer than this, or ([`Violation::NeverAcknowledged`]) when the
+    /// oldest unacknowledged frame stayed so for longer than this (a peer
+    /// that answers PINGs but never acknowledges would have its frames
+    /// retained forever: like TCP's user timeout). Checked at each PING.
+    pub dead_after: Duration,
+}
+
+impl Heartbeat {
+    /// Time between checks: at least three within `dead_after`.
+    fn period(&self) -> Duration {
+        self.every.min(self.dead_after / 3)
+    }
+}
+
+/// The heartbeat's state on one connection.
+#[derive(Debug)]
+struct Beat {
+    next: Instant,
+    /// The latest PING's id and when it was sent.
+    ping: Option<(u64, Instant)>,
+    /// The oldest unacknowledged frame at a check, and since when.
+    oldest_unacked: Option<(u64, Instant)>,
 }
 
 /// A Postgres message a native stream's scanner reported.
@@ -948,6 +985,12 @@ struct State {
     bytes_sent: u64,
     bytes_received: u64,
     last_heard: Instant,
+    /// While attached with a heartbeat.
+    beat: Option<Beat>,
+    /// PINGs sent over the engine's life (their ids).
+    pings: u64,
+    /// The latest PING's round trip.
+    rtt: Option<Duration>,
     closed: bool,
     /// Natives whose TLS layer holds plaintext that a read may now take
     /// (credit came back, or a verdict): read at the end of the round, not
@@ -1016,6 +1059,8 @@ pub struct Stats {
     pub bytes_received: u64,
     pub native_streams: usize,
     pub attached: bool,
+    /// The latest heartbeat's round trip (none before the first PONG).
+    pub rtt: Option<Duration>,
 }
 
 impl Engine {
@@ -1059,6 +1104,9 @@ impl Engine {
                 bytes_sent: 0,
                 bytes_received: 0,
                 last_heard: Instant::now(),
+                beat: None,
+                pings: 0,
+                rtt: None,
                 closed: false,
                 tls_resume: Vec::new(),
             }),
@@ -1083,12 +1131,8 @@ impl Engine {
             bytes_received: st.bytes_received,
             native_streams: st.natives.len(),
             attached: st.conn.is_some(),
+            rtt: st.rtt,
         }
-    }
-
-    /// Time since the tunnel socket last delivered bytes.
-    pub fn silent_for(&self) -> Duration {
-        self.shared.lock().last_heard.elapsed()
     }
 
     /// Apply the peer's `recv_next` from a handshake; the encoder for the
@@ -1140,7 +1184,13 @@ impl Engine {
         });
         st.ack_sent = st.recv_next; // the handshake told the peer
         st.ack_deadline = None;
-        st.last_heard = Instant::now();
+        let now = Instant::now();
+        st.last_heard = now;
+        st.beat = st.config.heartbeat.map(|heartbeat| Beat {
+            next: now + heartbeat.period(),
+            ping: None,
+            oldest_unacked: None,
+        });
         st.out.retain(|(t, _, _)| *t < CONTROL_TYPE_MIN);
         st.resend();
         if !initial.is_empty() {
@@ -1161,6 +1211,7 @@ impl Engine {
                 self.shared.registration.unwatch(conn.fd);
             }
         }
+        st.beat = None;
         st.ack_deadline = None;
         st.mark_all_dirty();
         st.finish(&self.shared);
@@ -1791,6 +1842,15 @@ impl State {
                 self.out.push((PONG, 0, payload));
                 Ok(())
             }
+            PONG => {
+                let id = u64::from_be_bytes(int_payload(&payload, PONG)?);
+                if let Some((sent_id, at)) = self.beat.as_ref().and_then(|b| b.ping) {
+                    if sent_id == id {
+                        self.rtt = Some(at.elapsed());
+                    }
+                }
+                Ok(())
+            }
             DATA..=WINDOW if self.natives.contains_key(&stream_id) => {
                 self.native_frame(stream_id, frame_type, payload)
             }
@@ -2241,6 +2301,7 @@ impl State {
     // -- timers -----------------------------------------------------------
 
     fn on_timers(&mut self, now: Instant) {
+        self.heartbeat(now);
         if self.tap_deadline.is_some_and(|d| d <= now) {
             self.flush_taps();
         }
@@ -2259,13 +2320,52 @@ impl State {
         }
     }
 
+    /// When a beat is due: judge the peer, then PING it.
+    fn heartbeat(&mut self, now: Instant) {
+        let (Some(heartbeat), true) = (self.config.heartbeat, self.conn_usable()) else {
+            return;
+        };
+        let Some(beat) = self.beat.as_mut().filter(|beat| beat.next <= now) else {
+            return;
+        };
+        beat.next = now + heartbeat.period();
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent > heartbeat.dead_after {
+            self.fail(Error::Silent(silent));
+            return;
+        }
+        let oldest = self.retained.front().map(|r| r.seq);
+        match (oldest, beat.oldest_unacked) {
+            (Some(seq), Some((held, since))) if seq == held => {
+                let for_ = now.saturating_duration_since(since);
+                if for_ > heartbeat.dead_after {
+                    self.fail(Violation::NeverAcknowledged { for_ }.into());
+                    return;
+                }
+            }
+            (Some(seq), _) => beat.oldest_unacked = Some((seq, now)),
+            (None, _) => beat.oldest_unacked = None,
+        }
+        self.pings += 1;
+        beat.ping = Some((self.pings, now));
+        self.out
+            .push((PING, 0, Bytes::copy_from_slice(&self.pings.to_be_bytes())));
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let ack = if self.conn_usable() {
             self.ack_deadline
         } else {
             None
         };
+        let beat = match &self.beat {
+            Some(beat) if self.conn_usable() => Some(beat.next),
+            _ => None,
+        };
         let pool = self.pool_deadlines.peek().map(|Reverse((at, _, _))| *at);
-        [ack, self.tap_deadline, pool].into_iter().flatten().min()
+        [ack, self.tap_deadline, pool, beat]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }

@@ -20,6 +20,7 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use qmesh_pg as pg;
 use qmesh_wire as wire;
@@ -53,6 +54,9 @@ pub enum Violation {
     Unacknowledged { bytes: usize },
     /// DATA beyond a stream's window, or after its CLOSE.
     FlowControl,
+    /// The same oldest frame unacknowledged for longer than the heartbeat's
+    /// `dead_after`, while the peer kept talking (it answers PINGs, say).
+    NeverAcknowledged { for_: Duration },
 }
 
 /// A failed system call on a socket.
@@ -92,6 +96,10 @@ pub struct PgError {
 pub enum Error {
     /// The peer closed the tunnel connection between frames.
     Lost,
+    /// Nothing arrived on the connection for this long, past the
+    /// heartbeat's `dead_after`: the peer is hung or cut off (a dead one
+    /// refuses or resets). The session may resume elsewhere.
+    Silent(Duration),
     /// The peer's bytes are not a valid frame stream; the wire error says how.
     /// Bytes damaged or injected in transit look exactly like this, so it
     /// ends the connection, not the session.
@@ -160,6 +168,13 @@ impl fmt::Display for Violation {
                 write!(f, "peer left {} MiB unacknowledged", bytes >> 20)
             }
             Violation::FlowControl => f.write_str("flow-control window exceeded"),
+            Violation::NeverAcknowledged { for_ } => {
+                write!(
+                    f,
+                    "peer acknowledged nothing for {:.1}s",
+                    for_.as_secs_f64()
+                )
+            }
         }
     }
 }
@@ -188,6 +203,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Lost => f.write_str("peer closed the connection"),
+            Error::Silent(for_) => write!(f, "peer silent for {:.1}s", for_.as_secs_f64()),
             Error::Frame(err) => write!(f, "bad frame: {err}"),
             Error::Protocol(violation) => violation.fmt(f),
             Error::Socket(err) => err.fmt(f),

@@ -26,7 +26,8 @@ pub use audit_block::{
     StoredRecord as AuditRecord,
 };
 pub use engine::{
-    Config, Ending, Engine, Event, NativeSpec, Outcome, PgTap, Stats, TapRecord, TlsHandover,
+    Config, Ending, Engine, Event, Heartbeat, NativeSpec, Outcome, PgTap, Stats, TapRecord,
+    TlsHandover,
 };
 pub use error::{Error, PgError, Result, Side, SocketError, Violation};
 pub use fastroute::{FastRoute, RouteKey};

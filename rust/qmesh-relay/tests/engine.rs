@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use qmesh_pg as pg;
 use qmesh_relay::{
-    monotonic, Config, Ending, Engine, Error, Event, NativeSpec, Notifier, Outcome, PgError, PgTap,
-    Side, Stats, TapRecord, Violation,
+    monotonic, Config, Ending, Engine, Error, Event, Heartbeat, NativeSpec, Notifier, Outcome,
+    PgError, PgTap, Side, Stats, TapRecord, Violation,
 };
-use qmesh_wire::frame_type::{ACK, CLOSE, DATA, OPEN, PING, PONG, RESET, WINDOW};
+use qmesh_wire::frame_type::{ACK, CLOSE, DATA, OPEN, PING, RESET, WINDOW};
 use qmesh_wire::{DecoderConfig, EncoderConfig, FrameDecoder, FrameEncoder};
 
 /// Every wait gives up (and fails the test) after this long.
@@ -59,6 +59,7 @@ fn config() -> Config {
         chunk_size: 64 << 10,
         tap_delay: Duration::from_millis(20),
         tap_batch: 256,
+        heartbeat: None,
     }
 }
 
@@ -111,8 +112,17 @@ impl Link {
     }
 
     fn with_notifiers(a: Option<(Arc<Notifier>, u64)>, b: Option<(Arc<Notifier>, u64)>) -> Link {
+        Link::with_configs(config(), a, b)
+    }
+
+    /// A with `config_a`, B with the tests' usual one.
+    fn with_configs(
+        config_a: Config,
+        a: Option<(Arc<Notifier>, u64)>,
+        b: Option<(Arc<Notifier>, u64)>,
+    ) -> Link {
         let link = Link {
-            a: Engine::new(config(), a).expect("engine A"),
+            a: Engine::new(config_a, a).expect("engine A"),
             b: Engine::new(config(), b).expect("engine B"),
             borrowed: RefCell::new(Vec::new()),
         };
@@ -435,21 +445,34 @@ fn a_shared_notifier_names_the_engines_with_events() {
     assert!(inbox.settle().is_empty());
 }
 
-/// PING is answered by the engine: the PONG echoes the payload, and the
-/// PING never reaches B's Python.
+/// A's heartbeat PINGs B; B's engine answers, A's engine takes the round
+/// trip from the PONG. Neither Python sees a frame of it.
 #[test]
-fn ping_is_answered_with_pong() {
-    let link = Link::new();
-    link.a.send(vec![frame(PING, 0, &7u64.to_be_bytes())]);
-
-    let mut a = Inbox::new(&link.a);
-    a.wait_until("PONG at A", |events| !frames(events).is_empty());
-    assert_eq!(a.frames(), vec![(PONG, 0, 7u64.to_be_bytes().to_vec())]);
-
-    let mut b = Inbox::new(&link.b);
-    assert!(b.settle().is_empty(), "B's Python saw {:#?}", b.events);
-    // Control frames are neither counted nor retained.
-    for stats in [link.a.stats(), link.b.stats()] {
+fn heartbeats_are_the_engines_alone() {
+    let beating = Config {
+        heartbeat: Some(Heartbeat {
+            every: Duration::from_millis(20),
+            dead_after: DEADLINE,
+        }),
+        ..config()
+    };
+    let link = Link::with_configs(beating, None, None);
+    assert_eq!(link.a.stats().rtt, None);
+    let start = Instant::now();
+    let rtt = loop {
+        if let Some(rtt) = link.a.stats().rtt {
+            break rtt;
+        }
+        assert!(start.elapsed() < DEADLINE, "no round trip at A");
+        thread::sleep(Duration::from_millis(1));
+    };
+    assert!(rtt > Duration::ZERO && rtt < DEADLINE, "{rtt:?}");
+    assert_eq!(link.b.stats().rtt, None, "B has no heartbeat of its own");
+    for engine in [&link.a, &link.b] {
+        let mut inbox = Inbox::new(engine);
+        assert!(inbox.settle().is_empty(), "Python saw {:#?}", inbox.events);
+        // Control frames are neither counted nor retained.
+        let stats = engine.stats();
         assert_eq!(
             (stats.send_next, stats.recv_next, stats.retained_frames),
             (0, 0, 0)
