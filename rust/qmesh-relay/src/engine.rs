@@ -48,7 +48,7 @@ use foldhash::{HashMap, HashMapExt};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -123,7 +123,25 @@ impl Heartbeat {
     fn period(&self) -> Duration {
         self.every.min(self.dead_after / 3)
     }
+
+    /// When the beat after one at `now` is due: a period later, rounded up
+    /// to a grid of 1/[`BEAT_GRID_SHARE`] of the period, the same for every
+    /// engine of the process. An engine thread then fires the beats of many
+    /// idle sessions in one wake-up, not one wake-up each (thousands a
+    /// second at a Gate with many edges).
+    fn next_after(&self, now: Instant) -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        let period = self.period();
+        let grid = (period / BEAT_GRID_SHARE).as_nanos().max(1);
+        let since = (now + period).saturating_duration_since(epoch).as_nanos();
+        epoch + Duration::from_nanos((since.div_ceil(grid) * grid) as u64)
+    }
 }
+
+/// See [`Heartbeat::next_after`]: beats come at most this share of a
+/// period late (5 s: 78 ms), which liveness measured in seconds allows.
+const BEAT_GRID_SHARE: u32 = 64;
 
 /// The heartbeat's state on one connection.
 #[derive(Debug)]
@@ -1187,7 +1205,7 @@ impl Engine {
         let now = Instant::now();
         st.last_heard = now;
         st.beat = st.config.heartbeat.map(|heartbeat| Beat {
-            next: now + heartbeat.period(),
+            next: heartbeat.next_after(now),
             ping: None,
             oldest_unacked: None,
         });
@@ -2328,7 +2346,7 @@ impl State {
         let Some(beat) = self.beat.as_mut().filter(|beat| beat.next <= now) else {
             return;
         };
-        beat.next = now + heartbeat.period();
+        beat.next = heartbeat.next_after(now);
         let silent = now.saturating_duration_since(self.last_heard);
         if silent > heartbeat.dead_after {
             self.fail(Error::Silent(silent));
@@ -2367,5 +2385,42 @@ impl State {
             .into_iter()
             .flatten()
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_fall_on_one_grid_a_period_on() {
+        let heartbeat = Heartbeat {
+            every: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+        };
+        let grid = Duration::from_secs(5) / BEAT_GRID_SHARE;
+        let now = Instant::now();
+        let next = heartbeat.next_after(now);
+        assert!(next >= now + Duration::from_secs(5), "{next:?}");
+        assert!(next < now + Duration::from_secs(5) + grid, "{next:?}");
+        // Sessions beating within one grid step beat together.
+        let mut together = 0;
+        for offset_ms in 0..200 {
+            let later = heartbeat.next_after(now + Duration::from_millis(offset_ms));
+            assert!(later >= next);
+            together += usize::from(later == next);
+        }
+        assert!((1..200).contains(&together), "{together}");
+        let steps = heartbeat.next_after(now + Duration::from_millis(200)) - next;
+        assert_eq!(steps.as_nanos() % grid.as_nanos(), 0, "{steps:?}");
+    }
+
+    #[test]
+    fn the_period_checks_three_times_within_dead_after() {
+        let heartbeat = Heartbeat {
+            every: Duration::from_secs(5),
+            dead_after: Duration::from_secs(3),
+        };
+        assert_eq!(heartbeat.period(), Duration::from_secs(1));
     }
 }
