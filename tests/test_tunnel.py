@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -216,6 +217,37 @@ async def test_both_ends_time_their_heartbeats(nursery: trio.Nursery) -> None:
     await until(lambda: gate_side.rtt is not None and edge_side.rtt is not None, timeout_s=10)
     assert 0 < (gate_side.rtt or 0) < 2 and 0 < (edge_side.rtt or 0) < 2
     assert edge.resumptions == 0  # beating is not resuming
+
+
+async def test_an_idle_session_beats_without_python(nursery: trio.Nursery) -> None:
+    """Heartbeats are the engines' own: while idle, neither end's Python is
+    woken to take anything, however many PINGs and PONGs go by."""
+    settings = fast_settings(heartbeat_interval_s=0.02, dead_after_s=2.0)
+    gate = await start_gate(nursery, settings=settings)
+    edge = await start_edge(nursery, gate, "edge-idle", settings=settings)
+    await edge.wait_connected()
+    (gate_side,) = gate.server.sessions.values()
+    edge_side = edge.session
+    assert edge_side is not None
+    await until(lambda: gate_side.rtt is not None and edge_side.rtt is not None, timeout_s=10)
+    takes = {"gate": 0, "edge": 0}
+    for name, session in (("gate", gate_side), ("edge", edge_side)):
+
+        def counted(name: str = name, take: Callable[[], None] = session._take) -> None:
+            takes[name] += 1
+            take()
+
+        session._take = counted  # type: ignore[method-assign]
+    received = gate_side.bytes_received, edge_side.bytes_received
+    # Several beats' worth of PINGs and PONGs each way (a sealed one is 40-odd bytes).
+    await until(
+        lambda: (
+            gate_side.bytes_received > received[0] + 600
+            and edge_side.bytes_received > received[1] + 600
+        ),
+        timeout_s=10,
+    )
+    assert takes == {"gate": 0, "edge": 0}
 
 
 async def test_forward_policy_and_unreachable_targets(nursery: trio.Nursery) -> None:
