@@ -28,6 +28,7 @@ from tunnelkit import (
 from qmesh import _core
 from qmesh.tunnel import HandshakeRefused, StreamReset, TunnelStream
 from qmesh.tunnel.frames import INITIAL_WINDOW
+from qmesh.tunnel.session import Session
 
 
 async def test_streams_echo_and_close_cleanly(nursery: trio.Nursery) -> None:
@@ -206,30 +207,30 @@ async def test_silent_peer_is_detected_and_the_session_resumes(nursery: trio.Nur
     assert edge.resumptions == 1 and edge.sessions_lost == 0
 
 
-async def test_both_ends_time_their_heartbeats(nursery: trio.Nursery) -> None:
-    settings = fast_settings(heartbeat_interval_s=0.05, dead_after_s=2.0)
+async def beating(nursery: trio.Nursery, name: str, interval_s: float) -> tuple[Session, Session]:
+    """A Gate's and an edge's ends of one session beating every
+    ``interval_s``, once both have timed a heartbeat's round trip."""
+    settings = fast_settings(heartbeat_interval_s=interval_s, dead_after_s=2.0)
     gate = await start_gate(nursery, settings=settings)
-    edge = await start_edge(nursery, gate, "edge-rtt", settings=settings)
+    edge = await start_edge(nursery, gate, name, settings=settings)
     await edge.wait_connected()
     (gate_side,) = gate.server.sessions.values()
     edge_side = edge.session
     assert edge_side is not None
     await until(lambda: gate_side.rtt is not None and edge_side.rtt is not None, timeout_s=10)
-    assert 0 < (gate_side.rtt or 0) < 2 and 0 < (edge_side.rtt or 0) < 2
     assert edge.resumptions == 0  # beating is not resuming
+    return gate_side, edge_side
+
+
+async def test_both_ends_time_their_heartbeats(nursery: trio.Nursery) -> None:
+    gate_side, edge_side = await beating(nursery, "edge-rtt", 0.05)
+    assert 0 < (gate_side.rtt or 0) < 2 and 0 < (edge_side.rtt or 0) < 2
 
 
 async def test_an_idle_session_beats_without_python(nursery: trio.Nursery) -> None:
     """Heartbeats are the engines' own: while idle, neither end's Python is
     woken to take anything, however many PINGs and PONGs go by."""
-    settings = fast_settings(heartbeat_interval_s=0.02, dead_after_s=2.0)
-    gate = await start_gate(nursery, settings=settings)
-    edge = await start_edge(nursery, gate, "edge-idle", settings=settings)
-    await edge.wait_connected()
-    (gate_side,) = gate.server.sessions.values()
-    edge_side = edge.session
-    assert edge_side is not None
-    await until(lambda: gate_side.rtt is not None and edge_side.rtt is not None, timeout_s=10)
+    gate_side, edge_side = await beating(nursery, "edge-idle", 0.02)
     takes = {"gate": 0, "edge": 0}
     for name, session in (("gate", gate_side), ("edge", edge_side)):
 
