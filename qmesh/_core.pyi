@@ -701,8 +701,10 @@ class TunnelEngine:
     object and closes it after :meth:`detach`), the codec, retention of
     unacknowledged frames, ACKs and PONGs, and the sockets of native streams.
     With ``heartbeat_interval`` and ``dead_after`` (both or neither), also the
-    heartbeat: a PING every ``min(heartbeat_interval, dead_after / 3)``, its
-    round trip in :meth:`stats`, and at each PING the connection's end when
+    heartbeat: a PING every ``min(heartbeat_interval, dead_after / 3)`` (at
+    most an hour; a step of 1/1024 of it late at most, so that the beats of
+    many sessions share an engine thread's wake-up), its round trip in
+    :meth:`stats`, and at each PING the connection's end when
     nothing arrived for longer than ``dead_after`` (:class:`PeerSilent`) or the
     oldest unacknowledged frame stayed so that long (:class:`ProtocolViolation`).
     Everything else arrives through :meth:`take`. With a ``notifier``, the
