@@ -273,3 +273,66 @@ async def test_a_connection_held_long_does_not_gather_statements(
     with trio.fail_after(30):
         held = await in_thread(work)
     assert held and int(held[0] or b"0") <= 4
+
+
+async def test_a_query_in_a_pipeline_is_skipped_with_it_after_an_error(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path
+) -> None:
+    """After an error in the extended protocol the server skips every
+    message up to the Sync, a Query among them: the answers the Gate awaits
+    must match, or the connection would go back with answers still coming
+    (to the next client) or stay held."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
+
+    def work() -> None:
+        a, b = login(ghost), login(ghost)
+        a.send(parse(b"", b"SELECT 1/0") + bind(b"") + EXECUTE + msg("Q", b"SELECT 5\0") + SYNC)
+        got = a.until_ready()
+        assert tags(got) == ["1", "E", "Z"] and sqlstates(got) == ["22012"]
+        # The only connection went back: the other client is served, and
+        # each gets its own answers.
+        got = ask(b, msg("Q", b"SELECT 6\0"))
+        assert tags(got) == ["T", "D", "C", "Z"] and values(got) == [b"6"]
+        got = ask(a, parse(b"", b"SELECT 7") + bind(b"") + EXECUTE + SYNC)
+        assert tags(got) == ["1", "2", "D", "C", "Z"] and values(got) == [b"7"]
+        assert values(ask(b, msg("Q", b"SELECT 8\0"))) == [b"8"]
+
+    with trio.fail_after(30):
+        await in_thread(work)
+
+
+@pytest.mark.parametrize("relay", ["engine", "python"])
+async def test_what_an_error_skips_is_undone_last_first(
+    nursery: trio.Nursery, db: RealDb, tmp_path: Path, relay: str
+) -> None:
+    """A Close that reaches the server and the Parse the Gate adds for a
+    Bind of the same server statement, both skipped after an error: the
+    connection still holds the statement. Undone first to last, the Gate
+    would believe it gone, and the next client to prepare that text on the
+    connection would get 42P05 (already exists)."""
+    ghost = await pooled_ghost(nursery, db, tmp_path, wait_ms=2000)
+    ghost.service.pools.settings = attrs.evolve(
+        ghost.service.pools.settings, max_prepared_per_server=2
+    )
+    # A word that may leave session state moves the transaction to Python's relay.
+    begin = b"BEGIN\0" if relay == "engine" else b"BEGIN; SELECT 'temp'\0"
+
+    def work() -> None:
+        a, b = login(ghost), login(ghost)
+        ask(a, msg("Q", begin))
+        # s1 and s2 share a server statement: three on the connection, one
+        # past max_prepared_per_server, so the Close of s1 reaches the server.
+        got = ask(
+            a,
+            parse(b"a", b"SELECT 1") + parse(b"b", b"SELECT 2")
+            + parse(b"s1", b"SELECT 7") + parse(b"s2", b"SELECT 7") + SYNC,
+        )  # fmt: skip
+        assert tags(got) == ["1", "1", "1", "1", "Z"]
+        got = ask(a, parse(b"", b"SELEC") + close_statement(b"s1") + bind(b"s2") + EXECUTE + SYNC)
+        assert sqlstates(got) == ["42601"] and tags(got)[-1] == "Z"
+        ask(a, msg("Q", b"ROLLBACK\0"))
+        got = ask(b, parse(b"x", b"SELECT 7") + bind(b"x") + EXECUTE + SYNC)
+        assert tags(got) == ["1", "2", "D", "C", "Z"] and values(got) == [b"7"], got
+
+    with trio.fail_after(30):
+        await in_thread(work)

@@ -745,13 +745,18 @@ class PooledSession:
         """An ErrorResponse: in a simple Query or FunctionCall the server
         carries on to its ReadyForQuery; in the extended protocol it skips
         every message up to the next Sync, and so do the answers due, undoing
-        what was booked for them."""
+        what was booked for them: last first, so that each undo restores the
+        state the request before it left (a Close and a Parse of the same
+        server statement, undone in order, would leave it forgotten)."""
         self._copy_in = False
         requests = self._requests
         if requests and requests[0][0] in (_SYNC, _QUERY):
             return
+        skipped: list[_Request] = []
         while requests and requests[0][0] != _SYNC:
-            self._undo(conn, requests.popleft())
+            skipped.append(requests.popleft())
+        for request in reversed(skipped):
+            self._undo(conn, request)
         if not requests:
             self._skipping = True
 

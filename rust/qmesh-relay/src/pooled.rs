@@ -223,6 +223,12 @@ fn sets_session(text: &[u8]) -> bool {
 
 /// A byte of an identifier (PostgreSQL's: letters, digits, `_`, `$`, and
 /// anything not ASCII).
+/// Whether the engine may relay a statement of this text: nothing in it
+/// may leave session state, and a guard has nothing in it to judge.
+fn relayable(text: &[u8], guard_screen: &[Vec<u8>]) -> bool {
+    native_text(text) && !mentions_any(text, guard_screen)
+}
+
 fn is_word_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
 }
@@ -302,15 +308,20 @@ const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 pub(crate) struct Unnamed {
     pub(crate) parse: Vec<u8>,
     text: Arc<[u8]>,
+    /// Whether the engine may relay the statement ([`Pooled::relays`]): a
+    /// statement Python's relay prepared may be one it may not.
+    relays: bool,
 }
 
 /// A client's named statement: its server name, the Parse that makes it on
-/// a connection, and its text for the audit.
+/// a connection, its text for the audit, and whether the engine may relay
+/// it (as [`Unnamed::relays`]).
 #[derive(Clone)]
 pub(crate) struct Named {
     target: Arc<[u8]>,
     parse: Arc<[u8]>,
     text: Arc<[u8]>,
+    relays: bool,
 }
 
 /// An answer owed (see [`OwedAnswer`], whose fields these are).
@@ -425,9 +436,11 @@ impl Pooled {
             .into_iter()
             .filter(|(_, _, parse)| parse.len() > pg::HEADER_LEN)
             .map(|(name, target, parse)| {
+                let text = text(&parse);
                 let statement = Named {
                     target: target.into(),
-                    text: text(&parse),
+                    relays: relayable(&text, &guard_screen),
+                    text,
                     parse: parse.into(),
                 };
                 (name.into_boxed_slice(), statement)
@@ -436,9 +449,13 @@ impl Pooled {
         let unnamed = spec
             .unnamed
             .filter(|parse| parse.len() > pg::HEADER_LEN)
-            .map(|parse| Unnamed {
-                text: text(&parse),
-                parse,
+            .map(|parse| {
+                let text = text(&parse);
+                Unnamed {
+                    relays: relayable(&text, &guard_screen),
+                    text,
+                    parse,
+                }
             });
         Pooled {
             shelf: spec.shelf,
@@ -466,10 +483,9 @@ impl Pooled {
     }
 
     /// Whether the engine may relay a statement of this text (a Query's or
-    /// a Parse's): nothing in it may leave session state, and a guard has
-    /// nothing in it to judge.
+    /// a Parse's), with this stream's guard ([`relayable`]).
     fn relays(&self, text: &[u8]) -> bool {
-        native_text(text) && !mentions_any(text, &self.guard_screen)
+        relayable(text, &self.guard_screen)
     }
 
     /// What Python's relay follows from here: the texts of the unnamed
@@ -617,7 +633,10 @@ impl Pooled {
                 // A client that parses the same unnamed statement in every
                 // transaction (libpq's PQexecParams, pgbench -M extended)
                 // has it judged and copied once.
-                let again = self.unnamed.as_ref().is_some_and(|u| *u.parse == *raw);
+                let again = self
+                    .unnamed
+                    .as_ref()
+                    .is_some_and(|u| u.relays && *u.parse == *raw);
                 if !again {
                     if !self.relays(sql) {
                         return Step::Python;
@@ -625,6 +644,7 @@ impl Pooled {
                     self.unnamed = Some(Unnamed {
                         parse: raw.to_vec(),
                         text: sql.into(),
+                        relays: true,
                     });
                 }
                 self.unnamed_here = true;
@@ -654,6 +674,7 @@ impl Pooled {
                     target: target.clone(),
                     parse: parse.clone(),
                     text: sql.into(),
+                    relays: true,
                 };
                 self.remember(name, named);
                 let name = Some(name.into());
@@ -687,11 +708,13 @@ impl Pooled {
                     let Some(prepared) = self.prepared() else {
                         return Step::Deferred;
                     };
-                    // A name the client never prepared: the server's 26000,
-                    // through Python's relay.
-                    let Some(statement) = self.named.get(bind.statement).cloned() else {
+                    // A name the client never prepared (the server's 26000),
+                    // or a statement only Python's relay may follow.
+                    let Some(statement) = self.named.get(bind.statement).filter(|s| s.relays)
+                    else {
                         return Step::Python;
                     };
+                    let statement = statement.clone();
                     self.prepare_here(&prepared, &statement, out);
                     let rest = &body[bind.statement.len() + 2..];
                     out.extend(frame(b'B', &[b"\0", &statement.target, b"\0", rest]));
@@ -714,7 +737,7 @@ impl Pooled {
                     let Some(prepared) = self.prepared() else {
                         return Step::Deferred;
                     };
-                    let Some(statement) = self.named.get(name).cloned() else {
+                    let Some(statement) = self.named.get(name).filter(|s| s.relays).cloned() else {
                         return Step::Python;
                     };
                     self.prepare_here(&prepared, &statement, out);
@@ -864,7 +887,12 @@ impl pg::Sink for Front<'_> {
         let text = raw.get(pg::HEADER_LEN..).unwrap_or_default();
         let text = text.strip_suffix(b"\0").unwrap_or(text);
         let step = match tag {
-            b'Q' if pooled.relays(text) && pooled.statements.push(tag, text.into(), self.at) => {
+            // A Query inside an open pipeline is skipped with it after an
+            // error: Python's relay follows such mixes.
+            b'Q' if !pooled.open_pipeline
+                && pooled.relays(text)
+                && pooled.statements.push(tag, text.into(), self.at) =>
+            {
                 self.out.extend_from_slice(raw);
                 pooled.owed.push_back(Owed::plain(tag));
                 pooled.status = 0;
@@ -937,20 +965,24 @@ impl pg::Sink for Back<'_> {
                 let severity = pg::backend::notice_field(body, b'V')
                     .or_else(|| pg::backend::notice_field(body, b'S'));
                 pooled.server_fatal |= matches!(severity, Some(b"FATAL" | b"PANIC"));
-                // In the extended protocol the server skips to the next
-                // Sync: the answers of what it skipped are owed no more,
-                // and what was booked for them did not happen.
+                // In the extended protocol the server skips every message
+                // up to the next Sync, Queries too: the answers of what it
+                // skipped are owed no more, and what was booked for them
+                // did not happen. Undone last first, each restores the
+                // state the one before it left.
                 let extended = !pooled
                     .owed
                     .front()
                     .is_some_and(|o| o.kind == b'Q' || o.kind == b'S');
-                while pooled
-                    .owed
-                    .front()
-                    .is_some_and(|o| o.kind != b'Q' && o.kind != b'S')
-                {
-                    let owed = pooled.owed.pop_front().expect("the front one");
-                    pooled.undo(owed);
+                if extended {
+                    let ends = pooled.owed.iter().position(|o| o.kind == b'S');
+                    let skipped: Vec<Owed> = pooled
+                        .owed
+                        .drain(..ends.unwrap_or(pooled.owed.len()))
+                        .collect();
+                    for owed in skipped.into_iter().rev() {
+                        pooled.undo(owed);
+                    }
                 }
                 // With no Sync sent yet, it skips what the client sends next.
                 pooled.skipping |= extended && pooled.owed.is_empty();
@@ -1517,6 +1549,109 @@ mod tests {
         server(&mut pooled, &[error("22012")]);
         assert!(prepared.contains(TARGET) && pooled.named.contains_key(&b"s1"[..]));
         assert!(pooled.over_prepared(pooled.lease.as_ref().unwrap()));
+    }
+
+    #[test]
+    fn what_an_error_skips_is_undone_last_first() {
+        let (mut pooled, _queue) = audited();
+        // s1 and s2 share a server statement; with three prepared the
+        // connection is past max_prepared (2), so a Close reaches the server.
+        client(
+            &mut pooled,
+            &[
+                parse("a", "SELECT 1"),
+                parse("b", "SELECT 2"),
+                parse("s1", "SELECT $1"),
+                parse("s2", "SELECT $1"),
+                msg(b'S', b""),
+            ],
+        );
+        let parsed = msg(b'1', b"");
+        let answers = [&parsed, &parsed, &parsed, &msg(b'3', b""), &msg(b'Z', b"I")];
+        server(&mut pooled, &answers.map(Vec::clone));
+        let prepared = pooled.prepared().unwrap();
+        assert_eq!(prepared.len(), 3);
+        // The Close removes the server statement; the Bind of s2 then
+        // prepares it again. The failed Parse makes the server skip both.
+        let sent = client(
+            &mut pooled,
+            &[
+                parse("", "SELEC"),
+                msg(b'C', b"Ss1\0"),
+                bind("", "s2"),
+                msg(b'S', b""),
+            ],
+        );
+        assert!(sent.ends_with(&[renamed_bind(), msg(b'S', b"")].concat()));
+        assert_eq!(owed(&pooled), b"PCiBS");
+        server(&mut pooled, &[error("42601")]);
+        assert_eq!(owed(&pooled), b"S");
+        // Undone in order, the Close would put it back and the Parse take
+        // it out again: the set would lack what the server still has.
+        assert!(prepared.contains(TARGET), "the server still has it");
+        assert!(pooled.named.contains_key(&b"s1"[..]) && pooled.named.contains_key(&b"s2"[..]));
+    }
+
+    #[test]
+    fn a_query_inside_an_open_pipeline_goes_to_python() {
+        let (mut pooled, _queue) = audited();
+        // After an error the server skips to the Sync, the Query too: the
+        // engine does not follow such a mix.
+        let sent = client(
+            &mut pooled,
+            &[
+                parse("", "SELECT 1 / 0"),
+                bind("", ""),
+                execute(),
+                query("SELECT 1"),
+                msg(b'S', b""),
+            ],
+        );
+        assert_eq!(
+            sent,
+            [parse("", "SELECT 1 / 0"), bind("", ""), execute()].concat()
+        );
+        assert_eq!(
+            pooled.handback,
+            Some([query("SELECT 1"), msg(b'S', b"")].concat())
+        );
+        // Between pipelines a Query is the engine's.
+        let (mut pooled, _queue) = audited();
+        let pipeline = [
+            parse("", "SELECT 1"),
+            bind("", ""),
+            execute(),
+            msg(b'S', b""),
+        ];
+        client(&mut pooled, &pipeline);
+        assert_eq!(client(&mut pooled, &[query("SELECT 2")]), query("SELECT 2"));
+        assert!(pooled.handback.is_none());
+        assert_eq!(owed(&pooled), b"PBESQ");
+    }
+
+    #[test]
+    fn statements_python_prepared_that_the_engine_may_not_relay_stay_with_python() {
+        let copy = parse("", "COPY t FROM STDIN");
+        let statements = vec![(
+            b"c".to_vec(),
+            b"qmesh_c".to_vec(),
+            parse("c", "COPY t FROM STDIN"),
+        )];
+        let (mut pooled, _queue) = audited_with(statements, Some(copy.clone()));
+        assert!(client(&mut pooled, &[bind("", "c")]).is_empty());
+        assert_eq!(pooled.handback, Some(bind("", "c")));
+        let (mut pooled, _queue) = audited_with(Vec::new(), Some(copy.clone()));
+        // The same Parse again is judged anew, not waved through.
+        assert!(client(&mut pooled, std::slice::from_ref(&copy)).is_empty());
+        assert_eq!(pooled.handback, Some(copy));
+        let statements = vec![(
+            b"c".to_vec(),
+            b"qmesh_c".to_vec(),
+            parse("c", "COPY t FROM STDIN"),
+        )];
+        let (mut pooled, _queue) = audited_with(statements, None);
+        assert!(client(&mut pooled, &[msg(b'D', b"Sc\0")]).is_empty());
+        assert!(pooled.handback.is_some());
     }
 
     #[test]
