@@ -742,7 +742,8 @@ class TunnelEngine:
         (the Python objects are unusable afterwards); resends what the peer
         has not acknowledged; ``initial`` is what was read past the handshake.
         ValueError if a connection is attached, or the encoder does not
-        start at the oldest unacknowledged frame."""
+        start at the oldest unacknowledged frame, or the decoder at the next
+        frame to receive."""
 
     def detach(self) -> None:
         """Stop using the current connection's socket (safe to close after this)."""

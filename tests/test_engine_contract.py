@@ -166,7 +166,10 @@ class Peer:
     facing a :class:`qmesh._core.TunnelEngine` with one native stream."""
 
     def __init__(
-        self, heartbeat_interval: float | None = None, dead_after: float | None = None
+        self,
+        heartbeat_interval: float | None = None,
+        dead_after: float | None = None,
+        max_payload: int = _core.MAX_PAYLOAD_LIMIT,
     ) -> None:
         to_engine, to_peer = os.urandom(32), os.urandom(32)
         self.engine = _core.TunnelEngine(
@@ -181,7 +184,10 @@ class Peer:
         self.encoder = _core.FrameEncoder(to_engine)
         self.decoder = _core.FrameDecoder(to_peer)
         self.engine.attach(
-            engine_end.fileno(), _core.FrameEncoder(to_peer), _core.FrameDecoder(to_engine), b""
+            engine_end.fileno(),
+            _core.FrameEncoder(to_peer),
+            _core.FrameDecoder(to_engine, max_payload=max_payload),
+            b"",
         )
         self.engine.attach_native(STREAM, native_end.fileno(), credit=WINDOW, window=WINDOW)
 
@@ -278,6 +284,53 @@ def test_an_ack_of_the_wrong_size_names_its_frame(peer: Peer) -> None:
     _, error = peer.take()
     assert isinstance(error, _core.ProtocolViolation)
     assert str(error) == "ACK frame: expected 8 bytes, got 2"
+
+
+def test_a_ping_is_its_id_alone(peer: Peer) -> None:
+    # Echoed whole, a larger PING would let a peer that never reads grow
+    # the PONGs waiting for it as it pleased.
+    peer.send(FrameType.PING, bytes(4096), stream_id=0)
+    _, error = peer.take()
+    assert isinstance(error, _core.ProtocolViolation)
+    assert str(error) == "PING frame: expected 8 bytes, got 4096"
+
+
+def test_an_authentic_frame_that_does_not_decompress_ends_the_session() -> None:
+    # Resent on the next connection it would fail again: not a connection's
+    # loss, which the session would resume from, but the peer's violation.
+    peer = Peer(max_payload=1024)
+    try:
+        peer.send(FrameType.DATA, bytes(4096))  # compressed to far less than 1024
+        _, error = peer.take()
+        assert type(error) is _core.ProtocolViolation
+        assert str(error) == (
+            "peer sent an undecodable frame: 4096 bytes decompressed, more than the limit of 1024"
+        )
+    finally:
+        peer.close()
+
+
+def test_compressed_frames_are_decoded_no_faster_than_python_takes_them(peer: Peer) -> None:
+    # A MiB of zeros is some 100 bytes on the wire: one read could hold
+    # thousands of them. The engine decodes while less than 16 MiB waits
+    # for Python, and goes on as Python takes them.
+    mib, count = 1 << 20, 48
+    wire = b"".join(peer.encoder.encode(FrameType.DATA, 5, bytes(mib)) for _ in range(count))
+    assert len(wire) < 256 * 1024  # one read's worth
+    peer.tunnel.sendall(wire)
+    deadline = time.monotonic() + DEADLINE
+    while peer.engine.stats().bytes_received < len(wire):
+        assert time.monotonic() < deadline, "the engine did not read the frames"
+        time.sleep(0.001)
+    taken: list[tuple[int, int, bytes]] = []
+    while len(taken) < count:
+        assert time.monotonic() < deadline, f"{len(taken)} frames of {count} taken"
+        select.select([peer.engine.notify_fd], [], [], 0.05)
+        frames_now, _taps, _ended, error = peer.engine.take()
+        assert error is None
+        assert len(frames_now) <= 17, "more than 16 MiB decoded ahead of Python"
+        taken += frames_now
+    assert taken == [(FrameType.DATA, 5, bytes(mib))] * count
 
 
 def test_damaged_bytes_are_the_wire_errors_kind(peer: Peer) -> None:

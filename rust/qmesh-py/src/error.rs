@@ -228,7 +228,7 @@ fn wire_error(err: &wire::Error) -> PyErr {
         wire::Error::Reordered => Reordered::new_err(msg),
         wire::Error::Truncated => Truncated::new_err(msg),
         wire::Error::FrameTooLarge => FrameTooLarge::new_err(msg),
-        wire::Error::Malformed(_) => Malformed::new_err(msg),
+        wire::Error::Malformed(_) | wire::Error::Undecodable(_) => Malformed::new_err(msg),
         wire::Error::Handshake(_) => HandshakeError::new_err(msg),
         wire::Error::InvalidArgument(_) => PyValueError::new_err(msg),
     }

@@ -73,6 +73,18 @@ const TOKEN_FIRST_STREAM: u64 = 2;
 /// While this much sealed data waits for the tunnel socket, native streams
 /// stop reading their sockets (credit alone would allow a window per stream).
 const UNSENT_HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Payload bytes one round decodes from the tunnel: the rest waits in the
+/// decoder (and the socket is not read) for the next round, so that a
+/// peer's compressed frames cannot make one round hold, or spend the
+/// engine thread on, more than this (a frame that decompresses to 1 MiB
+/// can be under 100 bytes on the wire).
+const DECODED_PER_ROUND: usize = 4 * 1024 * 1024;
+/// While frames for Python hold this many bytes, the engine decodes no
+/// more of the tunnel: Python's taking them is the tunnel's pace.
+const EVENTS_HIGH_WATER: usize = 16 * 1024 * 1024;
+/// What an event costs beyond its payload, counted against
+/// [`EVENTS_HIGH_WATER`] (so that empty frames count too).
+const EVENT_OVERHEAD: usize = 64;
 /// Bytes read from one native socket per round, so one busy stream cannot
 /// delay the others' turns.
 const NATIVE_READS_PER_ROUND: usize = 4;
@@ -993,6 +1005,12 @@ struct State {
     /// connection), sealed together at the end of the round.
     out: Vec<OutFrame>,
     events: VecDeque<Event>,
+    /// What the frames among `events` hold ([`EVENTS_HIGH_WATER`]).
+    events_bytes: usize,
+    /// Whole frames may wait in the decoder: a round stopped decoding at
+    /// [`DECODED_PER_ROUND`] or [`EVENTS_HIGH_WATER`]. The tunnel socket
+    /// is not read meanwhile.
+    undecoded: bool,
     notified: bool,
     /// The connection failed and Python has not been told.
     error_unreported: bool,
@@ -1117,6 +1135,8 @@ impl Engine {
                 ack_deadline: None,
                 out: Vec::new(),
                 events: VecDeque::new(),
+                events_bytes: 0,
+                undecoded: false,
                 notified: false,
                 error_unreported: false,
                 natives: HashMap::new(),
@@ -1197,6 +1217,12 @@ impl Engine {
                 "the encoder does not start at the oldest unacknowledged frame",
             ));
         }
+        // Else the peer's resent frames would be delivered twice, or skipped.
+        if decoder.next_reliable_seq() != st.recv_next {
+            return Err(invalid(
+                "the decoder does not start at the next frame to receive",
+            ));
+        }
         st.conn = Some(Conn {
             fd,
             encoder,
@@ -1208,6 +1234,7 @@ impl Engine {
         });
         st.ack_sent = st.recv_next; // the handshake told the peer
         st.ack_deadline = None;
+        st.undecoded = false;
         let now = Instant::now();
         st.last_heard = now;
         st.beat = st.config.heartbeat.map(|heartbeat| Beat {
@@ -1258,7 +1285,12 @@ impl Engine {
         st.notified = false;
         st.error_unreported = false;
         let events = st.events.drain(..).collect();
+        st.events_bytes = 0;
         let error = st.conn.as_ref().and_then(|c| c.error.clone());
+        if st.undecoded {
+            // The frames Python's pace held back are decoded next.
+            st.finish(&self.shared);
+        }
         (events, error)
     }
 
@@ -1400,6 +1432,7 @@ impl Engine {
                     if *stream_id == sid && (DATA..=WINDOW).contains(frame_type))
         });
         st.events = rest;
+        st.events_bytes -= mine.iter().map(event_bytes).sum::<usize>();
         for event in mine {
             if let Event::Frame {
                 frame_type,
@@ -1509,6 +1542,9 @@ impl Driven for Shared {
             return;
         }
         st.scheduled = None;
+        if st.may_decode() {
+            st.decode_tunnel();
+        }
         st.on_timers(now);
         st.finish(self);
     }
@@ -1543,7 +1579,15 @@ fn invalid(why: impl Into<String>) -> Error {
     Error::InvalidArgument(why.into())
 }
 
-/// The fixed-size integer payload of an ACK or WINDOW frame.
+/// What an event counts against [`EVENTS_HIGH_WATER`].
+fn event_bytes(event: &Event) -> usize {
+    match event {
+        Event::Frame { payload, .. } => EVENT_OVERHEAD + payload.len(),
+        _ => 0,
+    }
+}
+
+/// The fixed-size integer payload of an ACK, WINDOW, PING or PONG frame.
 fn int_payload<const N: usize>(payload: &[u8], frame_type: u8) -> Result<[u8; N], Violation> {
     <[u8; N]>::try_from(payload).map_err(|_| Violation::PayloadSize {
         frame_type,
@@ -1742,7 +1786,10 @@ impl State {
             _ => (false, 0),
         };
         if let Some(conn) = self.conn.as_mut() {
+            // While frames wait in the decoder the socket is not watched:
+            // the rounds that decode them watch it again.
             let want = match &conn.error {
+                None if self.undecoded => 0,
                 None if backlog > 0 => READABLE | WRITABLE,
                 None => READABLE,
                 Some(_) => 0,
@@ -1825,28 +1872,46 @@ impl State {
             self.fail(Error::Frame(err));
             return;
         }
-        loop {
-            let conn = self.conn.as_mut().expect("attached");
-            // Until empty: a bad frame behind good ones fails on the call
-            // after the one that returned the good ones.
-            let frames = match conn.decoder.next_frames(0) {
-                Ok(frames) if frames.is_empty() => break,
-                Ok(frames) => frames,
+        self.decode_tunnel();
+    }
+
+    /// Whether frames held back in the decoder may be decoded now.
+    fn may_decode(&self) -> bool {
+        self.undecoded && self.events_bytes < EVENTS_HIGH_WATER && self.conn_usable()
+    }
+
+    /// Decode and dispatch the frames the decoder holds, one at a time (a
+    /// payload is handed on or dropped before the next is decompressed),
+    /// until none is whole, or this round's share is decoded, or Python
+    /// has enough waiting ([`State::undecoded`]).
+    fn decode_tunnel(&mut self) {
+        let mut decoded = 0;
+        self.undecoded = false;
+        while let Some(conn) = self.conn.as_mut().filter(|c| c.error.is_none()) {
+            if decoded >= DECODED_PER_ROUND || self.events_bytes >= EVENTS_HIGH_WATER {
+                self.undecoded = true;
+                break;
+            }
+            let frame = match conn.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(qmesh_wire::Error::Undecodable(why)) => {
+                    self.fail(Violation::Undecodable(why).into());
+                    return;
+                }
                 Err(err) => {
                     self.fail(Error::Frame(err));
                     return;
                 }
             };
-            for frame in frames {
-                if let Err(violation) =
-                    self.dispatch(frame.frame_type, frame.stream_id, frame.payload)
-                {
-                    self.fail(violation.into());
-                    return;
-                }
-                if frame.frame_type < CONTROL_TYPE_MIN {
-                    self.recv_next = frame.seq + 1;
-                }
+            decoded += frame.payload.len();
+            let (frame_type, seq) = (frame.frame_type, frame.seq);
+            if let Err(violation) = self.dispatch(frame_type, frame.stream_id, frame.payload) {
+                self.fail(violation.into());
+                return;
+            }
+            if frame_type < CONTROL_TYPE_MIN {
+                self.recv_next = seq + 1;
             }
         }
         if self.recv_next > self.ack_sent && self.ack_deadline.is_none() {
@@ -1863,6 +1928,9 @@ impl State {
         match frame_type {
             ACK => self.on_ack(u64::from_be_bytes(int_payload(&payload, ACK)?)),
             PING => {
+                // Its id, echoed: a PING of any other size would make the
+                // PONGs a peer that never reads gets grow as it pleases.
+                int_payload::<8>(&payload, PING)?;
                 self.out.push((PONG, 0, payload));
                 Ok(())
             }
@@ -1879,11 +1947,13 @@ impl State {
                 self.native_frame(stream_id, frame_type, payload)
             }
             _ => {
-                self.events.push_back(Event::Frame {
+                let event = Event::Frame {
                     frame_type,
                     stream_id,
                     payload,
-                });
+                };
+                self.events_bytes += event_bytes(&event);
+                self.events.push_back(event);
                 Ok(())
             }
         }
@@ -1909,7 +1979,8 @@ impl State {
                 self.inbound(sid, payload);
             }
             WINDOW => {
-                native.credit += u64::from(u32::from_be_bytes(int_payload(&payload, WINDOW)?));
+                let grant = u32::from_be_bytes(int_payload(&payload, WINDOW)?);
+                native.credit = native.credit.saturating_add(u64::from(grant));
                 self.dirty.push(sid);
                 self.resume_tls_reads(sid);
             }
@@ -2353,6 +2424,10 @@ impl State {
             return;
         };
         beat.next = heartbeat.next_after(now);
+        if self.undecoded {
+            // Frames held back in the decoder are news from the peer.
+            self.last_heard = now;
+        }
         let silent = now.saturating_duration_since(self.last_heard);
         if silent > heartbeat.dead_after {
             self.fail(Error::Silent(silent));
@@ -2387,7 +2462,8 @@ impl State {
             _ => None,
         };
         let pool = self.pool_deadlines.peek().map(|Reverse((at, _, _))| *at);
-        [ack, self.tap_deadline, pool, beat]
+        let decode = self.may_decode().then(Instant::now);
+        [ack, self.tap_deadline, pool, beat, decode]
             .into_iter()
             .flatten()
             .min()

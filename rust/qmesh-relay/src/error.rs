@@ -57,6 +57,9 @@ pub enum Violation {
     /// The same oldest frame unacknowledged for longer than the heartbeat's
     /// `dead_after`, while the peer kept talking (it answers PINGs, say).
     NeverAcknowledged { for_: Duration },
+    /// An authentic frame that does not decode ([`wire::Error::Undecodable`]):
+    /// resent on the next connection, it would fail again.
+    Undecodable(String),
 }
 
 /// A failed system call on a socket.
@@ -175,6 +178,7 @@ impl fmt::Display for Violation {
                     for_.as_secs_f64()
                 )
             }
+            Violation::Undecodable(why) => write!(f, "peer sent an undecodable frame: {why}"),
         }
     }
 }

@@ -262,7 +262,7 @@ impl Statements {
                 };
                 let front = self.queue.front_mut().expect("not empty");
                 if let Some(rows) = rows {
-                    front.rows = Some(front.rows.unwrap_or(0) + rows);
+                    front.rows = Some(front.rows.unwrap_or(0).saturating_add(rows));
                 }
                 if front.kind == b'E' {
                     let done = self.pop().expect("the front one");

@@ -590,7 +590,7 @@ impl FrameDecoder {
         // this only fails for a peer that is misbehaving anyway.
         *counter = counter
             .checked_add(1)
-            .ok_or_else(|| Error::Malformed("sequence numbers exhausted".into()))?;
+            .ok_or_else(|| Error::Undecodable("sequence numbers exhausted".into()))?;
 
         let payload = if header.flags & FLAG_COMPRESSED != 0 {
             Bytes::from(self.decompress(&frame)?)
@@ -608,7 +608,8 @@ impl FrameDecoder {
 
     /// Decompress an authenticated payload within `max_payload`.
     fn decompress(&mut self, data: &[u8]) -> Result<Vec<u8>> {
-        decompress_within(&mut self.decompressor, data, self.max_payload).map_err(Error::Malformed)
+        decompress_within(&mut self.decompressor, data, self.max_payload)
+            .map_err(Error::Undecodable)
     }
 }
 

@@ -28,8 +28,13 @@ pub enum Error {
     Truncated,
     /// A header announced more bytes than the decoder's limit.
     FrameTooLarge,
-    /// Bad version, frame type, flags or reserved bits, or an undecodable payload.
+    /// Bad version, frame type, flags or reserved bits: judged before the
+    /// frame is authenticated, so the line may be at fault.
     Malformed(String),
+    /// An authentic frame that does not decode (a payload that does not
+    /// decompress within the limit, sequence numbers exhausted): its
+    /// sender is at fault, and sending it again would fail again.
+    Undecodable(String),
     /// The Noise handshake failed: bad message, failed decryption, or misuse.
     Handshake(String),
     /// The caller passed a value outside the allowed range.
@@ -48,6 +53,7 @@ impl fmt::Display for Error {
             Error::Truncated => f.write_str("byte stream ended inside a frame"),
             Error::FrameTooLarge => f.write_str("frame length exceeds the decoder's limit"),
             Error::Malformed(why) => write!(f, "malformed frame: {why}"),
+            Error::Undecodable(why) => write!(f, "undecodable frame: {why}"),
             Error::Handshake(why) => write!(f, "noise handshake failed: {why}"),
             Error::InvalidArgument(why) => f.write_str(why),
         }

@@ -308,7 +308,7 @@ fn length_over_decoder_limit_is_too_large() {
 }
 
 #[test]
-fn compressed_size_over_decoder_limit_is_malformed() {
+fn compressed_size_over_decoder_limit_is_undecodable() {
     let mut enc = encoder();
     let wire = enc.encode(0, 0, &vec![0u8; 100_000]).unwrap();
     assert_eq!(wire[2], FLAG_COMPRESSED);
@@ -321,7 +321,8 @@ fn compressed_size_over_decoder_limit_is_malformed() {
     )
     .unwrap();
     dec.feed(&wire).unwrap();
-    assert!(matches!(dec.next_frames(0), Err(Error::Malformed(_))));
+    // Authentic: the sender is at fault, not the line.
+    assert!(matches!(dec.next_frames(0), Err(Error::Undecodable(_))));
 }
 
 #[test]
