@@ -240,6 +240,24 @@ async def test_header_and_body_limits_are_configurable(nursery: trio.Nursery) ->
     assert status_of(await exchange(port, get("/ok"))) == 200
 
 
+async def test_a_head_sent_a_byte_at_a_time_is_read_whole(nursery: trio.Nursery) -> None:
+    """A head is parsed again only once a line ends past what was parsed:
+    one that arrives a byte at a time is still read, and its limit held."""
+    port = await start(nursery, make_router(), HttpConfig(max_header_bytes=2048))
+
+    async def trickle(request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            for i in range(len(request)):
+                await stream.send_all(request[i : i + 1])
+            return await read_to_end(stream)
+
+    with trio.fail_after(30):
+        assert status_of(await trickle(get("/ok"))) == 200
+        long_line = b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096
+        assert status_of(await trickle(long_line)) == 431
+
+
 # The engine keeps real time (Trio's fake clock cannot reach it): the
 # timeouts below are short, and only their lower bound is exact.
 

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from httpkit import exchange, read_to_end, start, status_of
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
+from testca import make_ca_and_server
 
 from qmesh.config import HttpConfig
 from qmesh.web.http import Request, Response, Router
@@ -79,9 +82,9 @@ def completion(text: str, prompt_tokens: int = 5, completion_tokens: int = 3) ->
     return head % len(data) + data
 
 
-def chat_request(api: GateApi, model: str, *, stream: bool = False) -> bytes:
+def chat_request(api: GateApi, model: str, *, stream: bool = False, content: str = "hi") -> bytes:
     body = json.dumps(
-        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": content}]}
     ).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\n"
@@ -349,6 +352,57 @@ async def test_a_broken_answer_moves_to_the_next_candidate(
     assert api.service.executor.relayed == 1
 
 
+async def test_a_tls_answer_cut_without_close_notify_is_not_taken_as_whole(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https upstream's answer delimited by the connection's end, which
+    then ends without TLS's close_notify: anyone on the path could have cut
+    it there, so it is a broken answer, not a whole one."""
+    ca, cert, key = make_ca_and_server(tmp_path / "upstream-tls", "upstream")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def cut(transport: trio.SocketStream) -> None:
+        stream = trio.SSLStream(transport, context, server_side=True)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(65536)
+        answer = completion("cut anywhere")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        delimited_by_the_end = head.replace(b"content-length", b"x-length")
+        await stream.send_all(delimited_by_the_end + b"\r\n\r\n" + body)
+        await transport.aclose()  # the TCP connection, without close_notify
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, cut, listeners)
+    good = await start_provider(nursery, "good")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the roots the Gate trusts
+    tls_upstream = provider_config("cut", port, [paid_model("m-cut", quality=5)])
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[
+            attrs.evolve(tls_upstream, base_url=f"https://127.0.0.1:{port}/v1"),
+            provider_config("good", good.port, [paid_model("m-good", quality=4)]),
+        ],
+    )
+    answer = await exchange(
+        api.port,
+        chat_request(api, "qg://task=chat;prefer=quality").replace(
+            b"Host: gate\r\n", b"Host: gate\r\nConnection: close\r\n"
+        ),
+    )
+    assert status_of(answer) == 200, answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == (
+        "answer from good"
+    )
+    row = (await flushed_rows(api, 1))[-1]
+    hops = json.loads(str(row["hops"]))
+    assert [h["outcome"] for h in hops] == ["failed", "ok"]
+    assert "close_notify" in str(row["hops"])
+
+
 async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -374,6 +428,56 @@ async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
     rows = await flushed_rows(api, 3)
     assert [r["outcome"] for r in rows] == ["ok"] * 3
     assert api.service.executor.relayed == 3
+
+
+async def test_an_upstream_that_answered_before_reading_the_whole_request_is_not_reused(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A backend may answer before it has read all of a large request (a body
+    it refuses early) and keep the connection: the rest of the body would be
+    read as the next request on it, another client's perhaps."""
+    answered = trio.Event()
+    heads: list[bytes] = []
+
+    async def answer_at_the_head(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+            heads.append(buffer.partition(b"\r\n")[0])
+            await stream.send_all(completion("early"))
+            # Read on only once the Gate had the answer: until then the
+            # body's rest cannot have gone out.
+            await answered.wait()
+            while await stream.receive_some(65536):
+                pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    # A small window: most of a large body stays unsent while unread.
+    listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, answer_at_the_head, listeners)
+    api = await start_api(
+        nursery,
+        tmp_path,
+        providers=[provider_config("raw", port, [paid_model("m", context=4_000_000)])],
+    )
+    large = chat_request(api, "m", content="x" * (8 << 20))
+    client = await trio.open_tcp_stream("127.0.0.1", api.port)
+    async with client:
+        for request in (large, chat_request(api, "m")):
+            await client.send_all(request)
+            received = b""
+            with trio.move_on_after(10):
+                while b"\r\n\r\n" not in received:
+                    received += await client.receive_some(65536)
+            assert status_of(received) == 200, (received[:300], heads)
+            answered.set()
+    assert heads == [b"POST /v1/chat/completions HTTP/1.1"] * 2, "a connection was reused"
+    assert api.service.executor.relayed == 2
 
 
 @pytest.mark.parametrize("threads", [False, True], ids=["inline", "engine-threads"])

@@ -5,6 +5,7 @@
 //! a Python thread waiting for the mutex while holding the GIL only waits
 //! for a round of pure Rust work to end.
 
+use crate::seconds;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,9 +151,7 @@ impl PooledSpec {
         statements: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
         unnamed: Option<Vec<u8>>,
     ) -> Result<Self> {
-        let wait_limit = Duration::try_from_secs_f64(wait_s).map_err(|_| {
-            PyValueError::new_err(format!("a pool's wait must be >= 0, got {wait_s}"))
-        })?;
+        let wait_limit = crate::seconds(wait_s, "a pool's wait")?;
         Ok(PooledSpec {
             shelf: shelf.inner.clone(),
             wait_limit,
@@ -557,10 +556,6 @@ impl TunnelEngine {
         notifier: Option<PyRef<'_, EngineNotifier>>,
         key: u64,
     ) -> Result<Self> {
-        let seconds = |value: f64, what: &str| {
-            Duration::try_from_secs_f64(value)
-                .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0")))
-        };
         if read_size == 0 || chunk_size == 0 || ack_every == 0 {
             let why = "read_size, chunk_size and ack_every must be positive";
             return Err(PyValueError::new_err(why).into());

@@ -2,11 +2,11 @@
 //! and what it reports: `HttpRequest`, `HttpProxied`, `HttpFastBatch`,
 //! `HttpFastDone`, `HttpRouteReleased`, `HttpNotice`.
 
+use crate::seconds;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -39,11 +39,6 @@ fn upstream_tls(
         })),
         (Some(_), None) => Err(PyValueError::new_err("tls needs a server_name")),
     }
-}
-
-fn seconds(value: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a number of seconds >= 0")))
 }
 
 /// A whole request for Python to answer (see ``qmesh/_core.pyi``).

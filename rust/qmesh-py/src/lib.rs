@@ -44,6 +44,23 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMemoryView, PyString, P
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Far enough to mean never, near enough not to overflow an `Instant`.
+const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A duration given in seconds by Python: at least 0; one of [`NEVER`] or
+/// more (infinity too) is [`NEVER`], since a longer one would overflow a
+/// deadline on an engine thread.
+fn seconds(value: f64, what: &str) -> PyResult<std::time::Duration> {
+    if value >= NEVER.as_secs_f64() {
+        return Ok(NEVER);
+    }
+    std::time::Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a number of seconds >= 0, got {value}"
+        ))
+    })
+}
+
 mod audit;
 mod chain;
 mod engine;

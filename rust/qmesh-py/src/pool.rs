@@ -6,26 +6,22 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use qmesh_relay as relay;
 
 use crate::tls::TlsSession;
 use crate::Result;
+use crate::NEVER;
 
 /// ``(kind, lease, touched, ticket)``: ``"delivered"`` (``lease`` for the
 /// waiter ``ticket``), ``"check"`` or ``"close"`` (``lease`` needs Python),
 /// ``"wanted"`` (an engine's client waits: open one if there is room).
 type PyShelfEvent = (&'static str, u64, bool, u64);
 
+/// Seconds from Python, a negative number meaning none.
 fn seconds(value: f64, what: &str) -> Result<Duration> {
-    Ok(Duration::try_from_secs_f64(value.max(0.0)).map_err(|_| {
-        PyValueError::new_err(format!("{what} must be a number of seconds, got {value}"))
-    })?)
+    Ok(crate::seconds(value.max(0.0), what)?)
 }
-
-/// Far enough to mean never, near enough not to overflow an ``Instant``.
-const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The names of the statements prepared on one server connection, under
 /// their server names: a set of ``bytes``, shared with the engine that

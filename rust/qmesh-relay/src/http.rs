@@ -280,6 +280,10 @@ struct Client {
     interest: u32,
     peer: Arc<str>,
     rbuf: Vec<u8>,
+    /// How much of `rbuf` a parse found to be an incomplete head: it is
+    /// parsed again only once a line ends past it (a head sent a byte at a
+    /// time would otherwise be parsed from its start at every byte).
+    head_parsed: usize,
     out: Vec<u8>,
     phase: Phase,
     exchange: u64,
@@ -689,6 +693,7 @@ impl HttpEngine {
                     interest: 0,
                     peer: Arc::from(peer),
                     rbuf: Vec::new(),
+                    head_parsed: 0,
                     out: Vec::new(),
                     phase: Phase::Idle,
                     exchange: 0,
@@ -979,7 +984,9 @@ impl State {
             self.drop_client(reg, id);
             return;
         };
-        if written > 0 || !client.unsent() {
+        // The clock runs from the last progress while anything is unsent,
+        // and starts at a write that took nothing (the socket was full).
+        if written > 0 || !client.unsent() || client.stalled_since.is_none() {
             client.stalled_since = client.unsent().then(Instant::now);
         }
         if client.drain_wanted && client.out.len() < LOW_WATER {
@@ -1076,9 +1083,20 @@ impl State {
                 break 'parse;
             };
             if head.is_none() {
+                let fresh = client.rbuf.get(client.head_parsed..).unwrap_or_default();
+                if client.head_parsed > 0
+                    && !fresh.contains(&b'\n')
+                    && client.rbuf.len() <= limits.max_head
+                {
+                    break 'parse;
+                }
                 match parse_request(&client.rbuf, &limits) {
-                    Ok(None) => break 'parse,
+                    Ok(None) => {
+                        client.head_parsed = client.rbuf.len();
+                        break 'parse;
+                    }
                     Ok(Some(parsed)) => {
+                        client.head_parsed = 0;
                         client.rbuf.drain(..parsed.length);
                         let decoder = BodyDecoder::new(parsed.framing);
                         if parsed.expect_continue && !decoder.done() {
@@ -1369,6 +1387,7 @@ impl State {
         data.extend_from_slice(&body);
         client.out.extend_from_slice(&data);
         client.rbuf = Vec::new();
+        client.head_parsed = 0;
         client.phase = Phase::Closing;
         client.deadline = Some(Instant::now() + self.config.request_timeout);
         client.deadline_is_idle = true;
@@ -1608,8 +1627,11 @@ impl State {
         }
         match receive(&up.socket, up.tls.as_mut(), &mut up.rbuf) {
             Ok(0) => {
-                let whole = up.head.as_ref().is_some_and(|(_, d, _)| d.until_close());
-                if whole {
+                let until_close = up.head.as_ref().is_some_and(|(_, d, _)| d.until_close());
+                if up.tls.as_ref().is_some_and(TlsLink::cut_short) {
+                    let why = "the upstream's TLS stream ended without close_notify";
+                    self.upstream_lost(reg, id, why.into());
+                } else if until_close {
                     self.upstream_body(reg, id, true);
                 } else {
                     self.upstream_lost(reg, id, "the upstream closed the connection".into());
@@ -1878,8 +1900,12 @@ impl State {
         let Some(up) = self.upstreams.get_mut(&id) else {
             return;
         };
+        // A backend may answer before it read the whole request (a large
+        // body refused early): the rest would be read as the next request.
+        let request_sent =
+            up.sent == up.spec.request.len() && !up.tls.as_ref().is_some_and(TlsLink::wants_write);
         let pool = self.idle.entry(up.key.clone()).or_default();
-        if !reusable || !up.rbuf.is_empty() || pool.len() >= max_idle {
+        if !reusable || !request_sent || !up.rbuf.is_empty() || pool.len() >= max_idle {
             self.close_upstream(reg, id);
             return;
         }

@@ -353,6 +353,10 @@ pub struct TlsLink {
     /// socket held nothing more then.
     socket_drained: bool,
     close_sent: bool,
+    /// The socket's stream ended...
+    ended: bool,
+    /// ...and the peer's close_notify had come (else anyone could have cut it).
+    peer_closed: bool,
     /// Ciphertext read from the socket that rustls did not take (it held
     /// as much plaintext as it takes): given to it before the socket is
     /// read again.
@@ -395,6 +399,8 @@ impl TlsLink {
             conn: Box::new(conn),
             pending: 0,
             socket_drained: false,
+            ended: false,
+            peer_closed: false,
             close_sent: false,
             staged: Vec::new(),
         }
@@ -404,6 +410,13 @@ impl TlsLink {
     /// from the socket (no socket event will say so).
     pub fn has_pending(&self) -> bool {
         self.pending > 0 || !self.staged.is_empty()
+    }
+
+    /// The stream ended without the peer's close_notify: what it carried
+    /// may have been cut short by anyone on the path (a body delimited by
+    /// the connection's end cannot be taken as whole).
+    pub fn cut_short(&self) -> bool {
+        self.ended && !self.peer_closed
     }
 
     /// Ciphertext is waiting to be written.
@@ -473,6 +486,7 @@ impl TlsLink {
             };
             let n = got?;
             if n == 0 {
+                self.ended = true;
                 self.conn.read_tls(&mut &b""[..])?; // tells rustls the stream ended
                 self.process()?;
                 return Ok(0);
@@ -509,6 +523,7 @@ impl TlsLink {
             .process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.pending = state.plaintext_bytes_to_read();
+        self.peer_closed = state.peer_has_closed();
         Ok(self.pending)
     }
 
