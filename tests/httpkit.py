@@ -37,3 +37,15 @@ async def exchange(port: int, raw: bytes) -> bytes:
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
+
+
+def dechunked(response: bytes) -> bytes:
+    """The body of a whole response in chunked transfer coding."""
+    body = response.split(b"\r\n\r\n", 1)[1]
+    data = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return data
+        data, body = data + body[:size], body[size + 2 :]

@@ -15,11 +15,12 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from httpkit import exchange, read_to_end, start, status_of
+from httpkit import dechunked, exchange, read_to_end, start, status_of
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 from testca import make_ca_and_server
 
 from qmesh.config import HttpConfig
+from qmesh.llm import executor as executor_module
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
 
@@ -304,6 +305,52 @@ async def test_server_sent_events_pass_through_as_they_come(
     # The Gate asked the upstream for usage in the stream.
     sent = json.loads(upstream.requests[0].split(b"\r\n\r\n", 1)[1])
     assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_an_upstream_held_back_by_a_slow_client_is_not_blamed(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its client does not read, the engine stops reading the upstream:
+    the upstream's silence then is the client's doing, and must not end the
+    answer as the upstream's failure (which would cool the provider down for
+    every app)."""
+    monkeypatch.setattr(executor_module, "CHUNK_TIMEOUT_S", 0.3)
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 1000}}]}).encode()
+    events = 6000  # some 6 MB: more than the sockets between hold
+
+    async def script(stream: trio.SocketStream, request: bytes) -> bool:
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        chunk = b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event)
+        for _ in range(events):
+            await stream.send_all(chunk)
+        done = b"data: [DONE]\n\n"
+        await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        return True
+
+    upstream = RawUpstream(script)
+    await nursery.start(upstream.serve)
+    api = await start_api(
+        nursery, tmp_path, providers=[provider_config("raw", upstream.port, [paid_model("m")])]
+    )
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", api.port))
+    client = trio.SocketStream(sock)
+    async with client:
+        await client.send_all(chat_request(api, "m", stream=True))
+        # Not reading, for several of the upstream's chunk timeouts.
+        await trio.sleep(1.5)
+        received = b""
+        with trio.fail_after(30):
+            while not received.endswith(b"0\r\n\r\n"):
+                received += await client.receive_some(1 << 20)
+    body = dechunked(received)
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"x" * 1000) == events
+    row = (await flushed_rows(api, 1))[-1]
+    assert row["outcome"] == "ok", row
 
 
 BROKEN_ANSWERS: dict[str, Callable[[], bytes]] = {

@@ -1972,8 +1972,20 @@ impl State {
             let Some(up) = self.upstreams.get(&id) else {
                 continue;
             };
+            // Paused by its client's backlog, the upstream's silence is the
+            // client's doing: its own stall clock judges it.
+            let held_back = self
+                .clients
+                .get(&up.client)
+                .is_some_and(|c| c.out.len() >= HIGH_WATER);
             match (up.phase, up.relaying) {
                 (UpPhase::Idle, _) => self.close_upstream(reg, id),
+                (_, true) if held_back => {
+                    let chunk_timeout = up.spec.chunk_timeout;
+                    if let Some(up) = self.upstreams.get_mut(&id) {
+                        up.deadline = Some(now + chunk_timeout);
+                    }
+                }
                 (_, true) => {
                     let reason =
                         format!("the upstream sent nothing for {:?}", up.spec.chunk_timeout);
