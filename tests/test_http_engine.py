@@ -19,7 +19,7 @@ from httpkit import dechunked, exchange, read_to_end, start, status_of
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 from testca import make_ca_and_server
 
-from qmesh.config import HttpConfig
+from qmesh.config import HttpConfig, ProviderConfig
 from qmesh.llm import executor as executor_module
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
@@ -373,14 +373,23 @@ async def test_a_broken_answer_moves_to_the_next_candidate(
 
     broken = RawUpstream(broken_answer)
     await nursery.start(broken.serve)
+    first = provider_config("broken", broken.port, [paid_model("m-broken", quality=5)])
+    api, _ = await answered_by_the_next(nursery, tmp_path, first)
+    assert broken.requests
+    assert api.service.executor.relayed == 1
+
+
+async def answered_by_the_next(
+    nursery: trio.Nursery, tmp_path: Path, first: ProviderConfig
+) -> tuple[GateApi, str]:
+    """A Gate whose best candidate is ``first``, then a good provider: a
+    request answered by the good one after ``first`` failed; the Gate, and
+    the ledger's account of the hops."""
     good = await start_provider(nursery, "good")
     api = await start_api(
         nursery,
         tmp_path,
-        providers=[
-            provider_config("broken", broken.port, [paid_model("m-broken", quality=5)]),
-            provider_config("good", good.port, [paid_model("m-good", quality=4)]),
-        ],
+        providers=[first, provider_config("good", good.port, [paid_model("m-good", quality=4)])],
     )
     answer = await exchange(
         api.port,
@@ -392,11 +401,10 @@ async def test_a_broken_answer_moves_to_the_next_candidate(
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == (
         "answer from good"
     )
-    assert broken.requests and good.requests == 1
-    row = (await flushed_rows(api, 1))[-1]
-    hops = json.loads(str(row["hops"]))
-    assert [h["outcome"] for h in hops] == ["failed", "ok"]
-    assert api.service.executor.relayed == 1
+    assert good.requests == 1
+    hops = str((await flushed_rows(api, 1))[-1]["hops"])
+    assert [h["outcome"] for h in json.loads(hops)] == ["failed", "ok"]
+    return api, hops
 
 
 async def test_a_tls_answer_cut_without_close_notify_is_not_taken_as_whole(
@@ -423,31 +431,11 @@ async def test_a_tls_answer_cut_without_close_notify_is_not_taken_as_whole(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     nursery.start_soon(trio.serve_listeners, cut, listeners)
-    good = await start_provider(nursery, "good")
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the roots the Gate trusts
-    tls_upstream = provider_config("cut", port, [paid_model("m-cut", quality=5)])
-    api = await start_api(
-        nursery,
-        tmp_path,
-        providers=[
-            attrs.evolve(tls_upstream, base_url=f"https://127.0.0.1:{port}/v1"),
-            provider_config("good", good.port, [paid_model("m-good", quality=4)]),
-        ],
-    )
-    answer = await exchange(
-        api.port,
-        chat_request(api, "qg://task=chat;prefer=quality").replace(
-            b"Host: gate\r\n", b"Host: gate\r\nConnection: close\r\n"
-        ),
-    )
-    assert status_of(answer) == 200, answer
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["message"]["content"] == (
-        "answer from good"
-    )
-    row = (await flushed_rows(api, 1))[-1]
-    hops = json.loads(str(row["hops"]))
-    assert [h["outcome"] for h in hops] == ["failed", "ok"]
-    assert "close_notify" in str(row["hops"])
+    first = provider_config("cut", port, [paid_model("m-cut", quality=5)])
+    first = attrs.evolve(first, base_url=f"https://127.0.0.1:{port}/v1")
+    _, hops = await answered_by_the_next(nursery, tmp_path, first)
+    assert "close_notify" in hops
 
 
 async def test_a_kept_alive_upstream_connection_the_server_closed_is_replaced(
