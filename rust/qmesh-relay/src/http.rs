@@ -310,7 +310,15 @@ enum UpPhase {
 
 /// Where an idle upstream connection may be reused: its address, and the
 /// name its TLS was verified for (None: plain).
-type PoolKey = (SocketAddr, Option<Arc<str>>);
+/// Pooled connections are told apart by address, and for TLS by server
+/// name and client configuration (its identity: two providers at one
+/// address may present different client certificates).
+type PoolKey = (SocketAddr, Option<(Arc<str>, usize)>);
+
+fn pool_key(addr: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
+    let tls = tls.map(|t| (Arc::clone(&t.server_name), Arc::as_ptr(&t.config) as usize));
+    (addr, tls)
+}
 
 struct Upstream {
     socket: Socket,
@@ -1447,7 +1455,7 @@ impl State {
         deadline: Instant,
     ) {
         let addr = spec.addr;
-        let key = (addr, spec.tls.as_ref().map(|t| Arc::clone(&t.server_name)));
+        let key = pool_key(addr, spec.tls.as_ref());
         let pooled = self.idle.get_mut(&key).and_then(Vec::pop);
         let (id, reused) = match pooled {
             Some(id) => {
