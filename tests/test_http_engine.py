@@ -9,12 +9,13 @@ import functools
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 from httpkit import dechunked, exchange, read_to_end, start, status_of
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 from testca import make_ca_and_server
@@ -255,6 +256,35 @@ async def test_expect_continue_gets_the_go_ahead(nursery: trio.Nursery) -> None:
         await stream.send_all(b"body")
         rest = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :] + await read_to_end(stream)
     assert status_of(rest) == 200 and rest.endswith(b"body")
+
+
+async def test_an_http_1_0_client_gets_no_go_ahead_and_no_chunks(nursery: trio.Nursery) -> None:
+    """HTTP/1.0 knows neither 100 Continue nor chunked answers: a streamed
+    answer to such a client ends with the connection instead."""
+    router = echo_router()
+
+    async def events(request: Request) -> Response:
+        async def pieces() -> AsyncIterator[bytes]:
+            for piece in (b"data: one\n\n", b"data: two\n\n"):
+                yield piece
+                await trio.lowlevel.checkpoint()
+
+        return Response.event_stream(pieces())
+
+    router.add("GET", "/events", events)
+    port = await start(nursery, router)
+    with trio.fail_after(10):
+        echoed = await exchange(
+            port,
+            b"POST /echo HTTP/1.0\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\nbody",
+        )
+        streamed = await exchange(port, b"GET /events HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert status_of(echoed) == 200 and echoed.endswith(b"\r\n\r\nbody")
+    assert b"100 Continue" not in echoed
+    head, _, body = streamed.partition(b"\r\n\r\n")
+    assert status_of(streamed) == 200
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert body == b"data: one\n\ndata: two\n\n"
 
 
 # -- relaying upstream answers -----------------------------------------------------------

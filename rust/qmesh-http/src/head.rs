@@ -37,6 +37,9 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for a go-ahead before its body.
     pub expect_continue: bool,
+    /// An HTTP/1.0 request: its client knows no chunked answers, nor 100
+    /// Continue.
+    pub http10: bool,
     /// Bytes of the head, its blank line included.
     pub length: usize,
 }
@@ -192,7 +195,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         headers,
         framing,
         keep_alive,
-        expect_continue,
+        expect_continue: expect_continue && version == 1,
+        http10: version == 0,
         length,
     }))
 }

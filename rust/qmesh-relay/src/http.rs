@@ -289,6 +289,8 @@ struct Client {
     exchange: u64,
     keep_alive: bool,
     head_only: bool,
+    /// The request is HTTP/1.0 ([`Client::streamed`]).
+    http10: bool,
     /// Python was told it may write again once output falls below LOW_WATER.
     drain_wanted: bool,
     deadline: Option<Instant>,
@@ -442,17 +444,21 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A response head: status line, the given headers, then framing.
-fn response_head(status: u16, headers: &[u8], framing: Option<usize>, close: bool) -> Vec<u8> {
+/// A response head: status line, the given headers, then framing (an
+/// answer that ends with the connection closes it).
+fn response_head(status: u16, headers: &[u8], framing: Framing, close: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + headers.len());
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
     out.extend_from_slice(headers);
     out.extend_from_slice(b"server: qmesh\r\n");
     match framing {
-        Some(length) => out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes()),
-        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(length) => {
+            out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::UntilClose => {}
     }
-    if close {
+    if close || framing == Framing::UntilClose {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -487,6 +493,26 @@ impl Client {
     /// Output not yet on the wire (plaintext, or records TLS sealed).
     fn unsent(&self) -> bool {
         !self.out.is_empty() || self.tls.as_ref().is_some_and(TlsLink::wants_write)
+    }
+
+    /// The framing of an answer of unknown length: chunked, or for an
+    /// HTTP/1.0 client (which knows no chunks) the connection's end.
+    fn streamed(&mut self) -> Framing {
+        if self.http10 {
+            self.keep_alive = false;
+            Framing::UntilClose
+        } else {
+            Framing::Chunked
+        }
+    }
+
+    /// A piece of an answer of unknown length, framed as [`Client::streamed`].
+    fn push_piece(&mut self, data: &[u8]) {
+        if self.http10 {
+            self.out.extend_from_slice(data);
+        } else {
+            encode_chunk(data, &mut self.out);
+        }
     }
 
     fn transmit(&mut self) -> io::Result<usize> {
@@ -707,6 +733,7 @@ impl HttpEngine {
                     exchange: 0,
                     keep_alive: true,
                     head_only: false,
+                    http10: false,
                     drain_wanted: false,
                     deadline,
                     stalled_since: None,
@@ -739,7 +766,8 @@ impl HttpEngine {
                 .get_mut(&id)
                 .expect("exchanges name live clients");
             let close = close || !client.keep_alive;
-            let mut data = response_head(status, headers, Some(body.len()), close);
+            let length = Framing::Length(body.len() as u64);
+            let mut data = response_head(status, headers, length, close);
             if !client.head_only {
                 data.extend_from_slice(body);
             }
@@ -760,7 +788,8 @@ impl HttpEngine {
                 .clients
                 .get_mut(&id)
                 .expect("exchanges name live clients");
-            let head = response_head(status, headers, None, !client.keep_alive);
+            let framing = client.streamed();
+            let head = response_head(status, headers, framing, !client.keep_alive);
             client.out.extend_from_slice(&head);
             if client.head_only {
                 st.answered(reg, id); // a HEAD answer has no body, not even an empty one
@@ -782,7 +811,7 @@ impl HttpEngine {
                 .clients
                 .get_mut(&id)
                 .expect("exchanges name live clients");
-            encode_chunk(data, &mut client.out);
+            client.push_piece(data);
             st.flush_client(reg, id);
             let client = st.clients.get_mut(&id)?;
             if client.out.len() >= HIGH_WATER {
@@ -1149,6 +1178,7 @@ impl State {
             client.exchange = exchange;
             client.keep_alive = head.keep_alive;
             client.head_only = head.method == "HEAD";
+            client.http10 = head.http10;
             client.deadline = None;
             if client.rbuf.capacity() > 4 * READ_SIZE && client.rbuf.len() < READ_SIZE {
                 client.rbuf.shrink_to(READ_SIZE);
@@ -1209,6 +1239,7 @@ impl State {
             return false;
         };
         match std::mem::replace(&mut client.phase, Phase::Python) {
+            Phase::Streaming if client.http10 => {} // it ends with the connection
             Phase::Streaming => client.out.extend_from_slice(LAST_CHUNK),
             Phase::Held { answer } => client.out.extend_from_slice(&answer),
             other => {
@@ -1391,7 +1422,8 @@ impl State {
         };
         let body = error_body(error);
         let headers = b"content-type: application/json\r\n";
-        let mut data = response_head(error.status, headers, Some(body.len()), true);
+        let length = Framing::Length(body.len() as u64);
+        let mut data = response_head(error.status, headers, length, true);
         data.extend_from_slice(&body);
         client.out.extend_from_slice(&data);
         client.rbuf = Vec::new();
@@ -1688,13 +1720,14 @@ impl State {
         let Some(up) = self.upstreams.get_mut(&id) else {
             return Vec::new();
         };
-        let keep_alive = self.clients.get(&up.client).is_some_and(|c| c.keep_alive);
         up.relaying = true;
-        let length = match framing {
-            Framing::Length(n) => usize::try_from(n).ok(),
-            _ => None,
+        let client = self.clients.get_mut(&up.client);
+        let framing = match framing {
+            Framing::Length(n) => Framing::Length(n),
+            _ => client.map_or(Framing::Chunked, Client::streamed),
         };
-        up.chunked_out = length.is_none();
+        let keep_alive = self.clients.get(&up.client).is_some_and(|c| c.keep_alive);
+        up.chunked_out = !matches!(framing, Framing::Length(_));
         let mut headers = Vec::with_capacity(64 + up.spec.headers.len());
         if let Some(ct) = &up.content_type {
             headers.extend_from_slice(b"content-type: ");
@@ -1702,7 +1735,7 @@ impl State {
             headers.extend_from_slice(b"\r\n");
         }
         headers.extend_from_slice(&up.spec.headers);
-        response_head(200, &headers, length, !keep_alive)
+        response_head(200, &headers, framing, !keep_alive)
     }
 
     /// Relaying starts: the head goes to the client.
@@ -1768,7 +1801,7 @@ impl State {
             let client_id = up.client;
             if let Some(client) = self.clients.get_mut(&client_id) {
                 if chunked {
-                    encode_chunk(&piece, &mut client.out);
+                    client.push_piece(&piece);
                     if done {
                         // Its last chunk waits for Python's `finish`, once
                         // the cost is booked.
