@@ -23,6 +23,9 @@ pub enum Error {
     /// The caller passed a value the protocol cannot carry (a NUL inside a
     /// string, a body over 2 GiB, ...).
     InvalidArgument(String),
+    /// More messages await their answers than a relay following the
+    /// stream keeps track of (a client pipelining without reading them).
+    Unanswered { waiting: usize, limit: usize },
 }
 
 /// `Result` with this crate's [`Error`].
@@ -38,6 +41,10 @@ impl fmt::Display for Error {
             Error::Malformed(why) => write!(f, "malformed message: {why}"),
             Error::Truncated => f.write_str("stream ended inside a message"),
             Error::InvalidArgument(why) => f.write_str(why),
+            Error::Unanswered { waiting, limit } => write!(
+                f,
+                "{waiting} statements await their answers, more than the limit of {limit}"
+            ),
         }
     }
 }

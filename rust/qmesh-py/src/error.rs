@@ -239,7 +239,7 @@ fn pg_error(err: &pg::Error) -> PyErr {
     let msg = err.to_string();
     match err {
         pg::Error::TooLarge { .. } => PgMessageTooLarge::new_err(msg),
-        pg::Error::Malformed(_) => PgMalformed::new_err(msg),
+        pg::Error::Malformed(_) | pg::Error::Unanswered { .. } => PgMalformed::new_err(msg),
         pg::Error::Truncated => PgTruncated::new_err(msg),
         pg::Error::InvalidArgument(_) => PyValueError::new_err(msg),
     }

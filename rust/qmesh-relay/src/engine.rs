@@ -85,6 +85,11 @@ const EVENTS_HIGH_WATER: usize = 16 * 1024 * 1024;
 /// What an event costs beyond its payload, counted against
 /// [`EVENTS_HIGH_WATER`] (so that empty frames count too).
 const EVENT_OVERHEAD: usize = 64;
+/// Statements awaiting their answers that a session's audit follows: each
+/// is a record (some 100 bytes), and a client that pipelines without
+/// reading the answers is otherwise bounded only by the sockets' buffers
+/// (millions of 5-byte Syncs). Past it the session ends.
+const MAX_UNANSWERED: usize = 100_000;
 /// Bytes read from one native socket per round, so one busy stream cannot
 /// delay the others' turns.
 const NATIVE_READS_PER_ROUND: usize = 4;
@@ -864,7 +869,15 @@ fn observe(
         from_tunnel: side == Side::Client,
         cut,
     };
-    let result = scanner.feed(data, &mut sink);
+    let result = scanner.feed(data, &mut sink).and_then(|()| {
+        match reports.audit.as_ref().map(|audit| audit.statements.len()) {
+            Some(waiting) if waiting > MAX_UNANSWERED => Err(pg::Error::Unanswered {
+                waiting,
+                limit: MAX_UNANSWERED,
+            }),
+            _ => Ok(()),
+        }
+    });
     result.map_err(|error| {
         reports.records.truncate(records);
         if let (Some(audit), Some(len)) = (reports.audit.as_deref_mut(), statements) {
@@ -2473,6 +2486,38 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_ends_past_the_statements_awaiting_answers_its_audit_follows() {
+        let (author, _queue) = crate::audit::testing::author(1 << 20);
+        let mut audit = SessionStatements::new(author);
+        let mut config = pg::ScannerConfig::new(pg::Direction::Frontend);
+        config.full = pg::TagSet::from_bytes(b"QPBECSF");
+        let mut scanner = pg::Scanner::new(config).unwrap();
+        let mut records = Vec::new();
+        let mut feed = |syncs: usize, audit: &mut SessionStatements| {
+            let reports = Reports {
+                records: &mut records,
+                audit: Some(audit),
+            };
+            observe(
+                &mut scanner,
+                reports,
+                &b"S\0\0\0\x04".repeat(syncs),
+                Side::Client,
+                None,
+            )
+        };
+        assert_eq!(feed(MAX_UNANSWERED, &mut audit), Ok(()));
+        let error = feed(1, &mut audit).unwrap_err();
+        assert_eq!(error.side, Side::Client);
+        assert_eq!(
+            error.to_string(),
+            "100001 statements await their answers, more than the limit of 100000"
+        );
+        // The chunk that went past it is neither relayed nor followed.
+        assert_eq!(audit.statements.len(), MAX_UNANSWERED);
+    }
 
     #[test]
     fn beats_fall_on_one_grid_a_period_on() {
