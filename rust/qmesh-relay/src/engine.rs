@@ -1845,7 +1845,9 @@ impl State {
         if !self.conn_usable() {
             return;
         }
-        if flags & (READABLE | BROKEN) != 0 {
+        // Not while frames wait in the decoder (an event from before the
+        // socket stopped being watched): they are decoded first.
+        if flags & (READABLE | BROKEN) != 0 && !self.undecoded {
             self.read_tunnel();
         }
         if flags & WRITABLE != 0 {
