@@ -138,6 +138,22 @@ async def test_a_stream_that_fails_half_way_ends_only_its_own_connection(
     assert status_of(await exchange(port, get("/ok"))) == 200
 
 
+async def test_a_stream_that_fails_half_way_to_an_http_1_0_client_is_reset(
+    nursery: trio.Nursery,
+) -> None:
+    """An HTTP/1.0 client's streamed answer ends with the connection: cut
+    short, it ends with a reset, or the client would take it as whole."""
+    port = await start(nursery, make_router())
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /broken-stream HTTP/1.0\r\n\r\n")
+        received = b""
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+            while data := await stream.receive_some(65536):
+                received += data
+    assert status_of(received) == 200 and received.endswith(b"data: first\n\n")
+
+
 async def test_deeply_nested_json_is_a_400_not_a_crash(nursery: trio.Nursery) -> None:
     port = await start(nursery, make_router())
     limit = sys.getrecursionlimit()

@@ -2440,8 +2440,10 @@ impl State {
         };
         beat.next = heartbeat.next_after(now);
         if self.undecoded {
-            // Frames held back in the decoder are news from the peer.
+            // Frames held back in the decoder are news from the peer, and
+            // may hold the acknowledgement the check below waits for.
             self.last_heard = now;
+            beat.oldest_unacked = None;
         }
         let silent = now.saturating_duration_since(self.last_heard);
         if silent > heartbeat.dead_after {

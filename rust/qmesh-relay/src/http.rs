@@ -1461,6 +1461,11 @@ impl State {
             return;
         };
         reg.unwatch(client.socket.as_raw_fd());
+        if client.http10 && matches!(client.phase, Phase::Streaming | Phase::Relaying { .. }) {
+            // An answer that ends with the connection: a reset, not a
+            // close, or the client would take what it has for all of it.
+            let _ = client.socket.set_linger(Some(Duration::ZERO));
+        }
         let exchange = client.exchange;
         if self.exchanges.remove(&exchange).is_some() {
             match client.phase {

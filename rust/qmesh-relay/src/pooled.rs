@@ -221,14 +221,14 @@ fn sets_session(text: &[u8]) -> bool {
     false
 }
 
-/// A byte of an identifier (PostgreSQL's: letters, digits, `_`, `$`, and
-/// anything not ASCII).
 /// Whether the engine may relay a statement of this text: nothing in it
 /// may leave session state, and a guard has nothing in it to judge.
 fn relayable(text: &[u8], guard_screen: &[Vec<u8>]) -> bool {
     native_text(text) && !mentions_any(text, guard_screen)
 }
 
+/// A byte of an identifier (PostgreSQL's: letters, digits, `_`, `$`, and
+/// anything not ASCII).
 fn is_word_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
 }
