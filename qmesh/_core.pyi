@@ -1446,8 +1446,10 @@ class HttpEngine:
     ) -> list[
         HttpRequest | HttpProxied | HttpFastBatch | HttpFastDone | HttpRouteReleased | HttpNotice
     ]: ...
-    def stats(self) -> tuple[int, int, int, int, int, int, int]:
-        """``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast)``."""
+    def stats(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast,
+        held_back)``: ``held_back`` counts upstream silences past their deadline
+        not held against the upstream, since its client was not reading."""
 
     def close(self) -> None:
         """Close every connection; the engine serves nothing more."""

@@ -11,6 +11,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -19,9 +20,12 @@ import trio.lowlevel
 from httpkit import dechunked, exchange, read_to_end, start, status_of
 from llmkit import GateApi, flushed_rows, paid_model, provider_config, start_api, start_provider
 from testca import make_ca_and_server
+from tunnelkit import until
 
+from qmesh import _core
 from qmesh.config import HttpConfig, ProviderConfig
 from qmesh.llm import executor as executor_module
+from qmesh.web import native as native_module
 from qmesh.web.http import Request, Response, Router
 from qmesh.web.native import serve_http
 
@@ -360,6 +364,14 @@ async def test_an_upstream_held_back_by_a_slow_client_is_not_blamed(
         await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         return True
 
+    engines: list[_core.HttpEngine] = []
+    serve = native_module.NativeHttpServer.__init__
+
+    def serving(server: native_module.NativeHttpServer, *args: Any, **kwargs: Any) -> None:
+        serve(server, *args, **kwargs)
+        engines.append(server.engine)
+
+    monkeypatch.setattr(native_module.NativeHttpServer, "__init__", serving)
     upstream = RawUpstream(script)
     await nursery.start(upstream.serve)
     api = await start_api(
@@ -371,8 +383,9 @@ async def test_an_upstream_held_back_by_a_slow_client_is_not_blamed(
     client = trio.SocketStream(sock)
     async with client:
         await client.send_all(chat_request(api, "m", stream=True))
-        # Not reading, for several of the upstream's chunk timeouts.
-        await trio.sleep(1.5)
+        # Not reading, while the upstream's chunk timeout passes three times.
+        (engine,) = engines
+        await until(lambda: engine.stats()[7] >= 3, timeout_s=30)
         received = b""
         with trio.fail_after(30):
             while not received.endswith(b"0\r\n\r\n"):

@@ -498,8 +498,9 @@ impl HttpEngine {
         to_python(py, self.inner.poll())
     }
 
-    /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast)``.
-    fn stats(&self) -> (usize, usize, usize, u64, u64, u64, u64) {
+    /// ``(clients, upstreams, idle_upstreams, requests, proxied, reused, fast,
+    /// held_back)``.
+    fn stats(&self) -> (usize, usize, usize, u64, u64, u64, u64, u64) {
         let s = self.inner.stats();
         (
             s.clients,
@@ -509,6 +510,7 @@ impl HttpEngine {
             s.proxied,
             s.reused,
             s.fast,
+            s.held_back,
         )
     }
 

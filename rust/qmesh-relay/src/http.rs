@@ -248,6 +248,9 @@ pub struct HttpStats {
     pub reused: u64,
     /// Requests that took the fast path.
     pub fast: u64,
+    /// Upstream silences past their deadline not held against the upstream:
+    /// its client held it back by not reading.
+    pub held_back: u64,
 }
 
 #[derive(Debug)]
@@ -2027,6 +2030,7 @@ impl State {
             match (up.phase, up.relaying) {
                 (UpPhase::Idle, _) => self.close_upstream(reg, id),
                 (_, true) if held_back => {
+                    self.stats.held_back += 1;
                     let chunk_timeout = up.spec.chunk_timeout;
                     if let Some(up) = self.upstreams.get_mut(&id) {
                         up.deadline = Some(now + chunk_timeout);
